@@ -1,0 +1,44 @@
+"""xrdpipe: operando X-ray diffraction of battery cathodes, from 2D frames to numbers and figures.
+
+The public API is small; everything else lives in private-by-convention stage modules.
+
+>>> import xrdpipe
+>>> exp = xrdpipe.load_experiment("experiment.toml")       # doctest: +SKIP
+>>> summary = xrdpipe.integrate_experiment(exp)             # doctest: +SKIP
+>>> patterns = xrdpipe.open_run(exp.run.run_file)           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .calibration import Calibration, load_calibration
+from .config import Experiment, load_experiment
+from .errors import (
+    CalibrationError,
+    ConfigError,
+    FrameReadError,
+    PatternReadError,
+    StoreError,
+    XrdpipeError,
+)
+from .integration import Integrator
+from .pipeline import integrate_experiment
+from .store import open_run
+
+__all__ = [
+    "__version__",
+    "Calibration",
+    "CalibrationError",
+    "ConfigError",
+    "Experiment",
+    "FrameReadError",
+    "Integrator",
+    "PatternReadError",
+    "StoreError",
+    "XrdpipeError",
+    "integrate_experiment",
+    "load_calibration",
+    "load_experiment",
+    "open_run",
+]

@@ -1,0 +1,194 @@
+"""Pure crystallography: no I/O, no state. Lengths in Å, angles in degrees.
+
+Conversions between 2θ, d and Q at a wavelength, d-spacings of hexagonal cells (also the
+hexagonal setting of rhombohedral ones) and the reflections allowed by the space groups of the
+layered sodium oxides.
+
+>>> round(d_from_tth(tth_from_d(2.5, 0.6209), 0.6209), 12)
+2.5
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+__all__ = [
+    "tth_from_d",
+    "d_from_tth",
+    "q_from_d",
+    "d_from_q",
+    "q_from_tth",
+    "tth_from_q",
+    "d_hexagonal",
+    "hexagonal_volume",
+    "is_allowed",
+    "reflections",
+    "multiplicity",
+    "SPACE_GROUPS",
+]
+
+
+def tth_from_d(d_A, wavelength_A):
+    """Bragg angle 2θ (degrees) of a d-spacing; NaN where λ > 2d."""
+    s = np.asarray(wavelength_A / (2.0 * np.asarray(d_A, dtype=float)))
+    with np.errstate(invalid="ignore"):
+        out = 2.0 * np.degrees(np.arcsin(np.where(np.abs(s) <= 1, s, np.nan)))
+    return out if out.ndim else float(out)
+
+
+def d_from_tth(tth_deg, wavelength_A):
+    """d-spacing (Å) at a diffraction angle 2θ (degrees)."""
+    out = np.asarray(wavelength_A / (2.0 * np.sin(np.radians(np.asarray(tth_deg, dtype=float)) / 2.0)))
+    return out if out.ndim else float(out)
+
+
+def q_from_d(d_A):
+    """Q = 2π/d (Å⁻¹)."""
+    out = np.asarray(2.0 * np.pi / np.asarray(d_A, dtype=float))
+    return out if out.ndim else float(out)
+
+
+def d_from_q(q_invA):
+    """d = 2π/Q (Å)."""
+    return q_from_d(q_invA)
+
+
+def q_from_tth(tth_deg, wavelength_A):
+    """Q = 4π sin θ / λ (Å⁻¹)."""
+    out = np.asarray(4.0 * np.pi * np.sin(np.radians(np.asarray(tth_deg, dtype=float)) / 2.0) / wavelength_A)
+    return out if out.ndim else float(out)
+
+
+def tth_from_q(q_invA, wavelength_A):
+    """2θ (degrees) of a momentum transfer Q (Å⁻¹); NaN beyond 4π/λ."""
+    s = np.asarray(np.asarray(q_invA, dtype=float) * wavelength_A / (4.0 * np.pi))
+    with np.errstate(invalid="ignore"):
+        out = 2.0 * np.degrees(np.arcsin(np.where(np.abs(s) <= 1, s, np.nan)))
+    return out if out.ndim else float(out)
+
+
+def d_hexagonal(h, k, l, a_A, c_A):
+    """d-spacing of (hkl) in a hexagonal cell: 1/d² = 4/3 (h² + hk + k²)/a² + l²/c²."""
+    h, k, l = (np.asarray(v, dtype=float) for v in (h, k, l))
+    inv_d2 = 4.0 / 3.0 * (h * h + h * k + k * k) / a_A**2 + l * l / c_A**2
+    with np.errstate(divide="ignore"):
+        out = np.asarray(1.0 / np.sqrt(inv_d2))
+    return out if out.ndim else float(out)
+
+
+def hexagonal_volume(a_A, c_A):
+    """Volume (Å³) of a hexagonal cell: √3/2 a² c."""
+    return np.sqrt(3.0) / 2.0 * np.asarray(a_A) ** 2 * np.asarray(c_A)
+
+
+# Reflection conditions in the hexagonal setting (obverse for the rhombohedral groups).
+def _rhombohedral_obverse(h: int, k: int, l: int) -> bool:
+    return (-h + k + l) % 3 == 0
+
+
+def _p63mmc(h: int, k: int, l: int) -> bool:
+    # P6_3/mmc (and P6_3mc): hh-2hl (any two of h, k, i equal) and 000l need l = 2n.
+    i = -h - k
+    if h == k or k == i or h == i:
+        return l % 2 == 0
+    return True
+
+
+SPACE_GROUPS = {
+    "P63/mmc": _p63mmc,   # P2, P''2
+    "P63mc": _p63mmc,     # O2
+    "R-3m": _rhombohedral_obverse,  # O3
+    "R3m": _rhombohedral_obverse,   # P3
+    "P-6m2": lambda h, k, l: True,  # OP4 (no systematic absences)
+}
+
+
+def is_allowed(space_group: str, h: int, k: int, l: int) -> bool:
+    """Whether (hkl) is allowed by the space group's reflection conditions (hexagonal axes)."""
+    try:
+        rule = SPACE_GROUPS[space_group]
+    except KeyError:
+        raise ValueError(
+            f"unknown space group {space_group!r}; expected one of {', '.join(SPACE_GROUPS)}"
+        ) from None
+    if h == k == l == 0:
+        return False
+    return rule(h, k, l)
+
+
+def _equivalents(h: int, k: int, l: int, laue: str) -> set[tuple[int, int, int]]:
+    """All (h, k, l) equivalent to (hkl) in the Laue class, hexagonal axes."""
+    # generators acting on (h, k, l): 3-fold, inversion, and a mirror / 2-fold
+    def rot3(v):
+        h, k, l = v
+        return (k, -h - k, l)
+
+    def inv(v):
+        return (-v[0], -v[1], -v[2])
+
+    def two_fold_110(v):  # (hkl) -> (k h -l), present in -3m (hexagonal axes, 'm1' setting)
+        return (v[1], v[0], -v[2])
+
+    gens = [rot3, inv, two_fold_110]
+    if laue == "6/mmm":
+        gens.append(lambda v: (-v[0], -v[1], v[2]))  # 6-fold-related 2-fold along c
+    orbit = {(h, k, l)}
+    frontier = [(h, k, l)]
+    while frontier:
+        v = frontier.pop()
+        for g in gens:
+            w = g(v)
+            if w not in orbit:
+                orbit.add(w)
+                frontier.append(w)
+    return orbit
+
+
+def multiplicity(h: int, k: int, l: int, laue: str = "6/mmm") -> int:
+    """Powder multiplicity of (hkl), hexagonal axes, Laue class ``"6/mmm"`` or ``"-3m"``."""
+    return len(_equivalents(h, k, l, laue))
+
+
+def _unique_representatives(hmax: int, lmax: int, laue: str) -> Iterator[tuple[int, int, int]]:
+    done: set[tuple[int, int, int]] = set()
+    for h in range(-hmax, hmax + 1):
+        for k in range(-hmax, hmax + 1):
+            for l in range(-lmax, lmax + 1):
+                if (h, k, l) in done or h == k == l == 0:
+                    continue
+                orbit = _equivalents(h, k, l, laue)
+                done |= orbit
+                yield max(orbit, key=lambda v: (v[2] >= 0, v[0] >= 0, v[1] >= 0, v))
+
+
+def reflections(space_group: str, a_A: float, c_A: float, d_min_A: float):
+    """Allowed unique reflections with d >= d_min.
+
+    Returns a list of ``(h, k, l, d_A, multiplicity)`` sorted by decreasing d. For the
+    rhombohedral groups the hexagonal axes and the obverse setting are used; Friedel pairs
+    are merged (powder diffraction).
+    """
+    if space_group not in SPACE_GROUPS:
+        raise ValueError(
+            f"unknown space group {space_group!r}; expected one of {', '.join(SPACE_GROUPS)}"
+        )
+    laue = "-3m" if space_group in ("R-3m", "R3m") else "6/mmm"
+    hmax = int(np.ceil(a_A / d_min_A)) + 1
+    lmax = int(np.ceil(c_A / d_min_A)) + 1
+    out = []
+    for h, k, l in _unique_representatives(hmax, lmax, laue):
+        d = d_hexagonal(h, k, l, a_A, c_A)
+        if d < d_min_A:
+            continue
+        # a reflection family is allowed if any member is (conditions are symmetry-invariant
+        # for these groups, but the obverse rule is only invariant within the family)
+        members = _equivalents(h, k, l, laue)
+        if not any(is_allowed(space_group, *m) for m in members):
+            continue
+        allowed = [m for m in members if is_allowed(space_group, *m)]
+        rep = max(allowed, key=lambda v: (v[2] >= 0, v[0] >= 0, v[1] >= 0, v))
+        out.append((rep[0], rep[1], rep[2], float(d), len(allowed)))
+    out.sort(key=lambda r: -r[3])
+    return out

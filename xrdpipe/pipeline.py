@@ -1,0 +1,211 @@
+"""Composes the stages for a whole experiment. Each stage gets only its own config section."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .config import Experiment
+from .errors import CalibrationError, ConfigError, FrameReadError, PatternReadError
+from .frames import FrameRef, FrameTime, frame_times, list_frames, read_frame
+from .store import DONE, FAILED, RunFile
+
+__all__ = ["IntegrationSummary", "integrate_experiment", "package_versions"]
+
+
+@dataclass
+class IntegrationSummary:
+    """What an integration run did."""
+
+    run_file: Path
+    total: int
+    integrated: int = 0
+    skipped: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    untimed: int = 0
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        lines = [
+            f"{self.total} frame(s): {self.integrated} integrated now, {self.skipped} already done, "
+            f"{len(self.failed)} failed ({self.seconds:.1f} s)",
+            f"run file: {self.run_file}",
+        ]
+        if self.untimed:
+            lines.append(f"{self.untimed} frame(s) have no time (no entry in the time source)")
+        for key, msg in self.failed[:10]:
+            lines.append(f"  failed {key}: {msg}")
+        if len(self.failed) > 10:
+            lines.append(f"  ... and {len(self.failed) - 10} more (see /entry/frames/message)")
+        return "\n".join(lines)
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("xrdpipe", "numpy", "scipy", "pyFAI", "fabio", "h5py", "hdf5plugin", "lmfit"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _digest(*arrays_or_text) -> str:
+    h = hashlib.sha1()
+    for a in arrays_or_text:
+        if a is None:
+            h.update(b"none")
+        elif isinstance(a, str):
+            h.update(a.encode())
+        else:
+            h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _detector_shape(cal, refs: list[FrameRef]) -> tuple[int, int]:
+    if cal.shape is not None:
+        return tuple(cal.shape)
+    for ref in refs:
+        if ref.error:
+            continue
+        try:
+            return tuple(read_frame(ref).shape)
+        except FrameReadError:
+            continue
+    raise CalibrationError("no frame could be read, so the detector's shape is unknown (and the PONI does not say)")
+
+
+def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bool = True,
+                         readers: int | None = None) -> IntegrationSummary:
+    """Integrate (or, for ``[patterns]``, import) every frame not yet in the run file."""
+    if exp.patterns is not None:
+        return _import_patterns(exp, restart=restart, progress=progress)
+    import time
+
+    from .calibration import load_calibration
+    from .integration import Integrator, integrate_frames
+
+    t_start = time.perf_counter()
+    fspec, cspec, ispec = exp.frames, exp.calibration, exp.integration
+    where = str(exp.source or "experiment")
+    cal = load_calibration(cspec.poni, mask=cspec.mask, dark=cspec.dark, flat=cspec.flat)
+    refs = list_frames(fspec.files, dataset=fspec.dataset)
+    times = frame_times(refs, fspec.times, timezone=fspec.timezone, where=where)
+    shape = _detector_shape(cal, refs)
+    integ = Integrator(cal, shape, npt=ispec.npt, unit=ispec.unit, radial_range=ispec.range,
+                       azimuth_range=ispec.azimuth_range, polarization_factor=ispec.polarization_factor,
+                       solid_angle=ispec.solid_angle, error_model=ispec.error_model,
+                       splitting=ispec.splitting)
+    fingerprint = {
+        "integration": ispec.model_dump(mode="json", exclude={"workers"}),
+        "poni": _digest(cal.poni_text),
+        "mask": _digest(cal.mask), "dark": _digest(cal.dark), "flat": _digest(cal.flat),
+        "dataset": fspec.dataset,
+    }
+    provenance = {
+        "experiment": exp.text,
+        "experiment_file": str(exp.source or ""),
+        "poni": cal.poni_text,
+        "poni_file": str(cal.poni_path),
+        "method": "pyFAI integrate1d " + "/".join(integ.method),
+        "packages": json.dumps(package_versions(), sort_keys=True),
+    }
+    summary = IntegrationSummary(exp.run.run_file, len(refs))
+    summary.untimed = sum(t is None for t in times) if fspec.times is not None else 0
+    with RunFile.open_for_writing(exp.run.run_file, radial=integ.radial, unit=ispec.unit,
+                                  wavelength_A=cal.wavelength_A, fingerprint=fingerprint,
+                                  provenance=provenance, title=exp.run.name, restart=restart) as run:
+        rows = run.add_frames(refs, times)
+        status = run.status
+        jobs = [(row, ref) for row, ref in zip(rows, refs) if status[row] != DONE]
+        summary.skipped = len(refs) - len(jobs)
+        bar = _progress(len(jobs), "integrate", progress)
+        try:
+            for res in integrate_frames(jobs, integ, readers=readers or ispec.workers):
+                if res.error is None:
+                    run.write_pattern(res.position, res.intensity, res.sigma)
+                    summary.integrated += 1
+                else:
+                    run.write_failure(res.position, res.error)
+                    summary.failed.append((res.ref.key, res.error))
+                bar.update(1)
+        finally:
+            bar.close()
+    summary.seconds = time.perf_counter() - t_start
+    return summary
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="frame", disable=not enabled or total == 0,
+                dynamic_ncols=True, leave=False)
+
+
+def _import_patterns(exp: Experiment, *, restart: bool, progress: bool) -> IntegrationSummary:
+    """Bring 1D patterns into the run file on the grid of the first readable file."""
+    import time
+
+    from .patterns import read_pattern
+
+    t_start = time.perf_counter()
+    pspec = exp.patterns
+    where = str(exp.source or "experiment")
+    refs = [FrameRef(Path(f)) for f in pspec.files]
+    times = frame_times(refs, pspec.times, where=where)
+    grid = None
+    first_error = None
+    for ref in refs:
+        try:
+            grid = read_pattern(ref.file)[0]
+            break
+        except PatternReadError as exc:
+            first_error = exc
+    if grid is None:
+        raise ConfigError(where, [("patterns.files", f"no pattern file could be read ({first_error})")])
+    fingerprint = {"radial_unit": pspec.radial_unit, "wavelength_A": pspec.wavelength_A,
+                   "grid": _digest(grid)}
+    provenance = {"experiment": exp.text, "experiment_file": str(exp.source or ""),
+                  "method": "imported 1D patterns", "packages": json.dumps(package_versions(), sort_keys=True)}
+    summary = IntegrationSummary(exp.run.run_file, len(refs))
+    summary.untimed = sum(t is None for t in times) if pspec.times is not None else 0
+    with RunFile.open_for_writing(exp.run.run_file, radial=grid, unit=pspec.radial_unit,
+                                  wavelength_A=pspec.wavelength_A, fingerprint=fingerprint,
+                                  provenance=provenance, title=exp.run.name, restart=restart) as run:
+        rows = run.add_frames(refs, times)
+        status = run.status
+        bar = _progress(len(refs), "import", progress)
+        try:
+            for row, ref in zip(rows, refs):
+                bar.update(1)
+                if status[row] == DONE:
+                    summary.skipped += 1
+                    continue
+                try:
+                    x, y, e = read_pattern(ref.file)
+                except PatternReadError as exc:
+                    run.write_failure(row, exc.reason)
+                    summary.failed.append((ref.key, exc.reason))
+                    continue
+                if e is None:
+                    e = np.sqrt(np.clip(y, 0, None))  # counts: Poisson
+                if x.shape != grid.shape or not np.allclose(x, grid, rtol=0, atol=1e-9 * max(1.0, abs(grid[-1]))):
+                    inside = (grid >= x[0]) & (grid <= x[-1])
+                    y = np.where(inside, np.interp(grid, x, y), np.nan)
+                    e = np.where(inside, np.interp(grid, x, e), np.nan)
+                run.write_pattern(row, y.astype(np.float32), e.astype(np.float32))
+                summary.integrated += 1
+        finally:
+            bar.close()
+    summary.seconds = time.perf_counter() - t_start
+    return summary
+
+
+

@@ -1,0 +1,311 @@
+"""The run file: one NeXus/HDF5 file per run, written frame by frame and resumable.
+
+Layout (``@default`` chain set so silx view and h5web show the pattern stack as an image)::
+
+    /                       @default = "entry"
+    /entry                  NXentry   @default = "patterns"
+      patterns              NXdata    @signal = "intensity", @axes = ["frame", <radial>]
+        intensity           (frame, radial) float32, NaN until written
+        intensity_errors    (frame, radial) float32 (Poisson esd)
+        frame               (frame,)  row number
+        tth, q              (radial,) 2θ in degrees and Q in 1/Å (one is the primary axis)
+        time_s              (frame,)  seconds since the earliest timed frame (NaN if untimed)
+      frames                NXcollection: key, file, index, start, end, timestamp, status, message
+      instrument/monochromator/wavelength
+      process               NXprocess: program, version, date, experiment text, PONI, package
+                            versions, and the fingerprint of the settings the patterns depend on
+
+``status`` is 0 (pending), 1 (done) or -1 (failed, ``message`` says why). A rerun reopens the
+file, checks the fingerprint and integrates only the rows that are not done.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .crystallography import q_from_tth, tth_from_q
+from .errors import StoreError
+from .frames import FrameRef, FrameTime, utc_seconds
+
+__all__ = ["RunFile", "open_run", "PENDING", "DONE", "FAILED", "Patterns"]
+
+PENDING, DONE, FAILED = 0, 1, -1
+_FORMAT = "xrdpipe-run-1"
+_AXIS_NAME = {"2th_deg": "tth", "q_A^-1": "q"}
+
+
+def _str_dtype():
+    import h5py
+
+    return h5py.string_dtype("utf-8")
+
+
+@dataclass(frozen=True)
+class Patterns:
+    """The pattern stack read back from a run file (labelled: frame x radial)."""
+
+    radial: np.ndarray
+    unit: str
+    wavelength_A: float | None
+    intensity: np.ndarray
+    sigma: np.ndarray
+    frames: dict[str, np.ndarray]
+
+    @property
+    def tth_deg(self) -> np.ndarray:
+        return self.radial if self.unit == "2th_deg" else tth_from_q(self.radial, self.wavelength_A)
+
+    @property
+    def q_invA(self) -> np.ndarray:
+        return self.radial if self.unit == "q_A^-1" else q_from_tth(self.radial, self.wavelength_A)
+
+
+class RunFile:
+    """A run file open for writing (see the module docstring for its layout).
+
+    Use :meth:`open_for_writing` to create or resume one; as a context manager it is flushed
+    and closed on exit, also on Ctrl-C, so nothing written is lost.
+    """
+
+    def __init__(self, h5, path: Path):
+        self._h5 = h5
+        self.path = path
+        self._last_flush = time.monotonic()
+        self._keys: dict[str, int] = {
+            k.decode() if isinstance(k, bytes) else k: i
+            for i, k in enumerate(h5["/entry/frames/key"][()])
+        }
+
+    # -- creation ------------------------------------------------------------------------
+    @classmethod
+    def open_for_writing(cls, path: Path | str, *, radial: np.ndarray, unit: str,
+                         wavelength_A: float | None, fingerprint: dict[str, Any],
+                         provenance: dict[str, str], title: str = "", restart: bool = False) -> "RunFile":
+        """Create the run file, or reopen it to resume.
+
+        Raises
+        ------
+        StoreError
+            The existing file was made with other settings (named), unless ``restart`` is True,
+            in which case it is replaced.
+        """
+        import h5py
+
+        path = Path(path)
+        if path.exists() and not restart:
+            try:
+                h5 = h5py.File(path, "r+")
+            except OSError as exc:
+                raise StoreError(
+                    f"run file {path} cannot be reopened ({exc}); it may be damaged: "
+                    "rerun with --restart to start it again"
+                ) from None
+            try:
+                old = json.loads(h5["/entry/process/fingerprint"][()])
+            except KeyError:
+                h5.close()
+                raise StoreError(f"{path} is not an xrdpipe run file; choose another run name or --restart") from None
+            changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+            if changed:
+                h5.close()
+                raise StoreError(
+                    f"run file {path} holds patterns made with other settings (changed: {', '.join(changed)}); "
+                    "rerun with --restart to discard them and integrate again"
+                )
+            return cls(h5, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".part")
+        with h5py.File(tmp, "w") as h5:
+            _create_layout(h5, radial=np.asarray(radial, float), unit=unit, wavelength_A=wavelength_A,
+                           fingerprint=fingerprint, provenance=provenance, title=title)
+        tmp.replace(path)
+        return cls(h5py.File(path, "r+"), path)
+
+    # -- frames --------------------------------------------------------------------------
+    def add_frames(self, refs: Sequence[FrameRef], times: Sequence[FrameTime | None]) -> list[int]:
+        """Register frames (new ones are appended); returns each frame's row."""
+        fr = self._h5["/entry/frames"]
+        new = [(r, t) for r, t in zip(refs, times) if r.key not in self._keys]
+        if new:
+            n0 = fr["key"].shape[0]
+            n1 = n0 + len(new)
+            for name in ("key", "file", "index", "start", "end", "timestamp", "status", "message"):
+                fr[name].resize((n1,))
+            pat = self._h5["/entry/patterns"]
+            for name in ("intensity", "intensity_errors"):
+                pat[name].resize((n1, pat[name].shape[1]))
+            for name in ("frame", "time_s"):
+                pat[name].resize((n1,))
+            fr["key"][n0:n1] = [r.key for r, _ in new]
+            fr["file"][n0:n1] = [str(r.file) for r, _ in new]
+            fr["index"][n0:n1] = [r.index for r, _ in new]
+            fr["start"][n0:n1] = [t.start.isoformat() if t else "" for _, t in new]
+            fr["end"][n0:n1] = [t.end.isoformat() if t else "" for _, t in new]
+            fr["timestamp"][n0:n1] = [utc_seconds(t.mid) if t else np.nan for _, t in new]
+            fr["status"][n0:n1] = PENDING
+            fr["message"][n0:n1] = [r.error or "" for r, _ in new]
+            pat["frame"][n0:n1] = np.arange(n0, n1)
+            for i, (r, _) in enumerate(new):
+                self._keys[r.key] = n0 + i
+            stamps = fr["timestamp"][()]
+            t0 = np.nanmin(stamps) if np.isfinite(stamps).any() else np.nan
+            pat["time_s"][...] = stamps - t0
+        else:  # times may have been fixed (e.g. a corrected scan log)
+            pass
+        return [self._keys[r.key] for r in refs]
+
+    @property
+    def status(self) -> np.ndarray:
+        return self._h5["/entry/frames/status"][()]
+
+    def write_pattern(self, row: int, intensity: np.ndarray, sigma: np.ndarray | None) -> None:
+        pat = self._h5["/entry/patterns"]
+        pat["intensity"][row] = intensity
+        if sigma is not None:
+            pat["intensity_errors"][row] = sigma
+        fr = self._h5["/entry/frames"]
+        fr["message"][row] = ""
+        fr["status"][row] = DONE  # written last: a row is done only once its data are in
+        self._maybe_flush()
+
+    def write_failure(self, row: int, message: str) -> None:
+        fr = self._h5["/entry/frames"]
+        fr["message"][row] = message
+        fr["status"][row] = FAILED
+        self._maybe_flush()
+
+    def _maybe_flush(self, every_s: float = 2.0) -> None:
+        now = time.monotonic()
+        if now - self._last_flush >= every_s:
+            self._h5.flush()
+            self._last_flush = now
+
+    def flush(self) -> None:
+        self._h5.flush()
+
+    def close(self) -> None:
+        if self._h5.id.valid:
+            self._h5.attrs["file_update_time"] = datetime.now(timezone.utc).isoformat()
+            self._h5.flush()
+            self._h5.close()
+
+    def __enter__(self) -> "RunFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _create_layout(h5, *, radial, unit, wavelength_A, fingerprint, provenance, title) -> None:
+    import h5py
+
+    from . import __version__
+
+    s = _str_dtype()
+    now = datetime.now(timezone.utc).isoformat()
+    npt = radial.size
+    h5.attrs.update({"NX_class": "NXroot", "default": "entry", "creator": f"xrdpipe {__version__}",
+                     "file_time": now, "format": _FORMAT, "HDF5_Version": h5py.version.hdf5_version,
+                     "h5py_version": h5py.version.version})
+    entry = h5.create_group("entry")
+    entry.attrs.update({"NX_class": "NXentry", "default": "patterns"})
+    entry.create_dataset("title", data=title or "xrdpipe run")
+    entry.create_dataset("start_time", data=now)
+
+    axis = _AXIS_NAME[unit]
+    pat = entry.create_group("patterns")
+    pat.attrs.update({"NX_class": "NXdata", "signal": "intensity", "axes": ["frame", axis],
+                      "frame_indices": 0, "tth_indices": 1, "q_indices": 1, "time_s_indices": 0})
+    kw = dict(shape=(0, npt), maxshape=(None, npt), chunks=(1, npt), dtype="f4", fillvalue=np.nan)
+    d = pat.create_dataset("intensity", **kw)
+    d.attrs.update({"units": "counts", "long_name": "intensity (counts, corrected)", "interpretation": "spectrum"})
+    e = pat.create_dataset("intensity_errors", **kw)
+    e.attrs.update({"units": "counts", "long_name": "esd of intensity (Poisson)"})
+    f = pat.create_dataset("frame", shape=(0,), maxshape=(None,), dtype="i8", chunks=(1024,))
+    f.attrs["long_name"] = "frame"
+    t = pat.create_dataset("time_s", shape=(0,), maxshape=(None,), dtype="f8", chunks=(1024,), fillvalue=np.nan)
+    t.attrs.update({"units": "s", "long_name": "time since the first frame (s)"})
+    if unit == "2th_deg":
+        tth, q = radial, (q_from_tth(radial, wavelength_A) if wavelength_A else np.full(npt, np.nan))
+    else:
+        q, tth = radial, (tth_from_q(radial, wavelength_A) if wavelength_A else np.full(npt, np.nan))
+    a = pat.create_dataset("tth", data=np.asarray(tth, float))
+    a.attrs.update({"units": "degree", "long_name": "2θ (degrees)"})
+    b = pat.create_dataset("q", data=np.asarray(q, float))
+    b.attrs.update({"units": "1/angstrom", "long_name": "Q (1/Å)"})
+
+    fr = entry.create_group("frames")
+    fr.attrs["NX_class"] = "NXcollection"
+    for name, dtype, fill in (("key", s, None), ("file", s, None), ("index", "i8", None),
+                              ("start", s, None), ("end", s, None), ("timestamp", "f8", np.nan),
+                              ("status", "i1", PENDING), ("message", s, None)):
+        kw = dict(shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1024,))
+        if fill is not None:
+            kw["fillvalue"] = fill
+        fr.create_dataset(name, **kw)
+    fr["timestamp"].attrs.update({"units": "s", "long_name": "middle of the exposure, POSIX seconds (UTC)"})
+    fr["status"].attrs["long_name"] = "0 pending, 1 done, -1 failed"
+
+    ins = entry.create_group("instrument")
+    ins.attrs["NX_class"] = "NXinstrument"
+    mono = ins.create_group("monochromator")
+    mono.attrs["NX_class"] = "NXmonochromator"
+    if wavelength_A:
+        w = mono.create_dataset("wavelength", data=float(wavelength_A))
+        w.attrs["units"] = "angstrom"
+
+    proc = entry.create_group("process")
+    proc.attrs["NX_class"] = "NXprocess"
+    proc.create_dataset("program", data="xrdpipe")
+    proc.create_dataset("version", data=__version__)
+    proc.create_dataset("date", data=now)
+    proc.create_dataset("fingerprint", data=json.dumps(fingerprint, sort_keys=True))
+    for key, value in provenance.items():
+        proc.create_dataset(key, data=value)
+
+
+def _decode(arr) -> np.ndarray:
+    return np.array([v.decode() if isinstance(v, bytes) else v for v in arr], dtype=object)
+
+
+def open_run(path: Path | str) -> Patterns:
+    """Read the pattern stack and frame table of a run file (read-only).
+
+    Example
+    -------
+    >>> p = open_run("results/nfm-cell2.nxs")                  # doctest: +SKIP
+    >>> p.intensity.shape                                       # doctest: +SKIP
+    (50, 3000)
+    """
+    import h5py
+
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"run file {path} does not exist; run 'xrdpipe integrate' first")
+    try:
+        with h5py.File(path, "r") as h5:
+            if h5.attrs.get("format") != _FORMAT:
+                raise StoreError(f"{path} is not an xrdpipe run file")
+            pat = h5["/entry/patterns"]
+            axis = pat.attrs["axes"][1]
+            axis = axis.decode() if isinstance(axis, bytes) else str(axis)
+            unit = "2th_deg" if axis == "tth" else "q_A^-1"
+            wl = h5["/entry/instrument/monochromator"].get("wavelength")
+            fr = h5["/entry/frames"]
+            frames = {
+                "key": _decode(fr["key"][()]), "file": _decode(fr["file"][()]),
+                "index": fr["index"][()], "start": _decode(fr["start"][()]), "end": _decode(fr["end"][()]),
+                "timestamp": fr["timestamp"][()], "status": fr["status"][()],
+                "message": _decode(fr["message"][()]), "time_s": pat["time_s"][()],
+            }
+            return Patterns(pat[axis][()], unit, float(wl[()]) if wl is not None else None,
+                            pat["intensity"][()], pat["intensity_errors"][()], frames)
+    except OSError as exc:
+        raise StoreError(f"cannot read run file {path}: {exc}") from None

@@ -1,0 +1,561 @@
+"""Synthetic operando experiments with known truth, for tests, benchmarks and the demo.
+
+A forward model of a sodium layered-oxide cathode in an operando cell:
+
+* phases (O3, P3, P2, P''2) whose lattice parameters follow the sodium content x, with
+  solid-solution ranges and a two-phase coexistence region (lever rule);
+* reflections from the space group (allowed hkl, multiplicities) and the cell; intensities from
+  a simple structure-factor model (atoms with Z-scaled form factors, Na occupancy = x), a Lorentz
+  factor and a Debye-Waller term: rough but plausible;
+* Caglioti peak widths (pseudo-Voigt), a background with an amorphous hump, aluminium
+  current-collector rings;
+* 2D frames rendered through a real pyFAI geometry (tilted detector, polarization, solid angle,
+  module gaps flagged like an EIGER, Poisson noise), written as EIGER-like HDF5 stacks with
+  bitshuffle-LZ4, or as CBF / TIFF / EDF, or 1D .xye patterns;
+* a galvanostatic cycler record (time, voltage, current) of the same cell and the frame times.
+
+``make_experiment(folder)`` writes a whole experiment folder (frames, PONI, mask, cycler file,
+experiment.toml, truth.csv, truth_peaks.csv) and returns a :class:`SyntheticExperiment`.
+
+Example
+-------
+>>> exp = make_experiment("demo", n_frames=50, seed=1)          # doctest: +SKIP
+>>> exp.experiment_file                                          # doctest: +SKIP
+PosixPath('demo/experiment.toml')
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+
+from .crystallography import d_hexagonal, reflections, tth_from_d
+
+__all__ = [
+    "Structure",
+    "SyntheticPhase",
+    "Scenario",
+    "nfm_scenario",
+    "mcm_scenario",
+    "phase_state",
+    "pattern_1d",
+    "peak_list",
+    "SyntheticExperiment",
+    "make_experiment",
+    "demo_geometry",
+    "FARADAY",
+]
+
+FARADAY = 96485.33212  # C/mol
+_R_CENTRING = [(0.0, 0.0, 0.0), (2 / 3, 1 / 3, 1 / 3), (1 / 3, 2 / 3, 2 / 3)]
+_Z = {"Na": 11, "O": 8, "TM": 26, "Al": 13}
+_B_FORM = {"Na": 6.0, "O": 8.0, "TM": 4.0, "Al": 5.0}  # Å², crude Gaussian fall-off of f(s)
+
+
+@dataclass(frozen=True)
+class Structure:
+    """Atoms of a layered oxide in the hexagonal setting: (element, (x, y, z), occupancy).
+
+    Na occupancies are relative (scaled by the sodium content x of the frame).
+    """
+
+    name: str
+    space_group: str
+    atoms: tuple[tuple[str, tuple[float, float, float], float], ...]
+
+    def structure_factor_sq(self, h: int, k: int, l: int, d_A: float, x_na: float, b_iso: float = 1.0) -> float:
+        s2 = 1.0 / (4.0 * d_A * d_A)  # (sin θ / λ)²
+        f = 0.0j
+        for el, (u, v, w), occ in self.atoms:
+            if el == "Na":
+                occ = occ * x_na
+            fj = _Z[el] * np.exp(-_B_FORM[el] * s2) * np.exp(-b_iso * s2)
+            f += occ * fj * np.exp(2j * np.pi * (h * u + k * v + l * w))
+        return float(abs(f) ** 2)
+
+
+def _centred(atoms):
+    out = []
+    for el, (u, v, w), occ in atoms:
+        for cu, cv, cw in _R_CENTRING:
+            out.append((el, ((u + cu) % 1, (v + cv) % 1, (w + cw) % 1), occ))
+    return tuple(out)
+
+
+def o3_structure(z_o: float = 0.2326) -> Structure:
+    """O3 (R-3m): Na 3a, TM 3b, O 6c (z from the NFM study's Rietveld, Table S7)."""
+    return Structure("O3", "R-3m", _centred([
+        ("Na", (0, 0, 0), 1.0), ("TM", (0, 0, 0.5), 1.0), ("O", (0, 0, z_o), 1.0), ("O", (0, 0, -z_o), 1.0)]))
+
+
+def p3_structure(dz_o: float = 0.057) -> Structure:
+    """P3 (R3m): TM at z=0, O at ±dz around it, Na prismatic at z=1/6."""
+    return Structure("P3", "R3m", _centred([
+        ("TM", (0, 0, 0), 1.0), ("O", (0, 0, 1 / 3 + dz_o), 1.0),
+        ("O", (0, 0, 2 / 3 - dz_o), 1.0), ("Na", (0, 0, 1 / 6), 1.0)]))
+
+
+def p2_structure(z_o: float = 0.09) -> Structure:
+    """P2 (P6_3/mmc): TM 2a, O 4f, Na on 2b (1/3) and 2d (2/3)."""
+    atoms = [("TM", (0, 0, 0), 1.0), ("TM", (0, 0, 0.5), 1.0),
+             ("O", (1 / 3, 2 / 3, z_o), 1.0), ("O", (2 / 3, 1 / 3, z_o + 0.5), 1.0),
+             ("O", (2 / 3, 1 / 3, -z_o), 1.0), ("O", (1 / 3, 2 / 3, 0.5 - z_o), 1.0),
+             ("Na", (0, 0, 0.25), 1 / 3), ("Na", (0, 0, 0.75), 1 / 3),
+             ("Na", (1 / 3, 2 / 3, 0.75), 2 / 3), ("Na", (2 / 3, 1 / 3, 0.25), 2 / 3)]
+    return Structure("P2", "P63/mmc", tuple(atoms))
+
+
+@dataclass(frozen=True)
+class SyntheticPhase:
+    """A phase whose a and c follow x piecewise-linearly through ``(x, a, c)`` nodes."""
+
+    name: str
+    structure: Structure
+    nodes: tuple[tuple[float, float, float], ...]
+
+    @property
+    def space_group(self) -> str:
+        return self.structure.space_group
+
+    def cell(self, x: float) -> tuple[float, float]:
+        xs = np.array([n[0] for n in self.nodes])
+        order = np.argsort(xs)
+        a = float(np.interp(x, xs[order], np.array([n[1] for n in self.nodes])[order]))
+        c = float(np.interp(x, xs[order], np.array([n[2] for n in self.nodes])[order]))
+        return a, c
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A two-phase operando story: ``high`` phase above ``coexistence``, ``low`` below it.
+
+    Inside the coexistence interval (x_low, x_high) both phases are present with fractions
+    from the lever rule and cells frozen at the boundaries.
+    """
+
+    name: str
+    wavelength_A: float
+    formula: str
+    molar_mass: float
+    x0: float
+    x_min: float
+    high: SyntheticPhase
+    low: SyntheticPhase
+    coexistence: tuple[float, float]
+    voltage_nodes: tuple[tuple[float, float], ...]
+    tth_range: tuple[float, float] = (3.0, 24.0)
+
+    def voltage(self, x: float, charging: bool) -> float:
+        xs, vs = zip(*sorted(self.voltage_nodes))
+        v = float(np.interp(x, xs, vs))
+        return v + (0.03 if charging else -0.03)
+
+    @property
+    def capacity_per_x_mAh_g(self) -> float:
+        """Charge per unit of x per gram: F / (3.6 M)."""
+        return FARADAY / (3.6 * self.molar_mass)
+
+
+def nfm_scenario() -> Scenario:
+    """NaNi1/3Fe1/3Mn1/3O2: O3 <-> P3 with coexistence near Na0.66 (the NFM study), λ = 0.6209 Å."""
+    o3 = SyntheticPhase("O3", o3_structure(), ((1.0, 2.9852, 15.997), (0.68, 2.9540, 16.215)))
+    p3 = SyntheticPhase("P3", p3_structure(), ((0.64, 2.9300, 16.690), (0.40, 2.8700, 16.930)))
+    m = 22.98977 + (58.6934 + 55.845 + 54.938044) / 3 + 2 * 15.999
+    return Scenario("nfm", 0.6209, "NaNi1/3Fe1/3Mn1/3O2", m, 1.0, 0.45, o3, p3, (0.64, 0.68),
+                    ((1.0, 2.40), (0.9, 2.75), (0.68, 3.05), (0.64, 3.08), (0.5, 3.55), (0.4, 4.0)))
+
+
+def mcm_scenario() -> Scenario:
+    """P2-Na0.8Mg0.13[Mn0.6Co0.2Mg0.07]O2: P2 -> P''2 then solid solution (the MCM study), λ = 0.6884 Å."""
+    p2 = SyntheticPhase("P2", p2_structure(), ((0.80, 2.8520, 11.190), (0.62, 2.8380, 11.260)))
+    pp2 = SyntheticPhase("P''2", Structure("P''2", "P63/mmc", p2_structure(0.092).atoms),
+                         ((0.56, 2.8300, 11.340), (0.30, 2.8150, 11.420)))
+    m = 22.98977 * 0.8 + 24.305 * 0.2 + 54.938044 * 0.6 + 58.933194 * 0.2 + 2 * 15.999
+    return Scenario("mcm", 0.6884, "Na0.8Mg0.2Mn0.6Co0.2O2", m, 0.8, 0.35, p2, pp2, (0.56, 0.62),
+                    ((0.8, 2.9), (0.62, 3.6), (0.56, 3.75), (0.35, 4.3)))
+
+
+def phase_state(scenario: Scenario, x: float) -> list[tuple[SyntheticPhase, float, float, float]]:
+    """``(phase, a, c, fraction)`` of every phase present at sodium content ``x``."""
+    lo, hi = scenario.coexistence
+    if x >= hi:
+        return [(scenario.high, *scenario.high.cell(x), 1.0)]
+    if x <= lo:
+        return [(scenario.low, *scenario.low.cell(x), 1.0)]
+    f_high = (x - lo) / (hi - lo)
+    return [(scenario.high, *scenario.high.cell(hi), f_high),
+            (scenario.low, *scenario.low.cell(lo), 1.0 - f_high)]
+
+
+@dataclass(frozen=True)
+class ProfileModel:
+    """Caglioti widths (deg²) and pseudo-Voigt mixing of the synthetic instrument."""
+
+    u: float = 0.004
+    v: float = -0.002
+    w: float = 0.005
+    eta: float = 0.4
+
+    def fwhm(self, tth_deg):
+        t = np.tan(np.radians(np.asarray(tth_deg)) / 2)
+        return np.sqrt(np.maximum(self.u * t * t + self.v * t + self.w, 1e-6))
+
+
+def _pseudo_voigt(x, center, fwhm, eta):
+    """Area-normalised pseudo-Voigt."""
+    g = np.sqrt(4 * np.log(2) / np.pi) / fwhm * np.exp(-4 * np.log(2) * ((x - center) / fwhm) ** 2)
+    lz = (2 / (np.pi * fwhm)) / (1 + 4 * ((x - center) / fwhm) ** 2)
+    return eta * lz + (1 - eta) * g
+
+
+_AL_A = 4.0495  # Å, aluminium at room temperature
+_AL_LINES = ((1, 1, 1, 100.0), (2, 0, 0, 47.0), (2, 2, 0, 22.0), (3, 1, 1, 24.0), (2, 2, 2, 7.0))
+
+
+def peak_list(states, wavelength_A: float, tth_range: tuple[float, float], *, scale: float = 1.0,
+              include_al: bool = True, al_scale: float = 0.15):
+    """Reflections of the phases present: list of dicts (phase, hkl, d_A, tth_deg, area)."""
+    d_min = wavelength_A / (2 * np.sin(np.radians(tth_range[1] + 1) / 2))
+    peaks = []
+    for phase, a, c, frac in states:
+        for h, k, l, d, mult in reflections(phase.space_group, a, c, d_min):
+            tth = tth_from_d(d, wavelength_A)
+            if not np.isfinite(tth) or tth < tth_range[0] - 1:
+                continue
+            th = np.radians(tth / 2)
+            lorentz = 1.0 / (np.sin(th) ** 2 * np.cos(th))
+            f2 = phase.structure.structure_factor_sq(h, k, l, d, x_na=1.0)
+            area = scale * frac * mult * f2 * lorentz * 1e-4
+            peaks.append({"phase": phase.name, "hkl": f"{h}{k}{l}" if min(h, k, l) >= 0 else f"{h},{k},{l}",
+                          "h": h, "k": k, "l": l, "d_A": float(d), "tth_deg": float(tth), "area": float(area)})
+    if include_al:
+        for h, k, l, rel in _AL_LINES:
+            d = _AL_A / np.sqrt(h * h + k * k + l * l)
+            tth = tth_from_d(d, wavelength_A)
+            if np.isfinite(tth):
+                peaks.append({"phase": "Al", "hkl": f"{h}{k}{l}", "h": h, "k": k, "l": l, "d_A": float(d),
+                              "tth_deg": float(tth), "area": float(scale * al_scale * rel * 0.05)})
+    return peaks
+
+
+def pattern_1d(tth_deg: np.ndarray, peaks, *, profile: ProfileModel = ProfileModel(),
+               background: float = 40.0) -> np.ndarray:
+    """Noise-free intensity at ``tth_deg`` from a peak list plus background."""
+    tth = np.asarray(tth_deg, dtype=float)
+    y = background * (1.0 + 0.8 * np.exp(-tth / 6.0)) + 0.6 * background * np.exp(-0.5 * ((tth - 5.5) / 1.8) ** 2)
+    for p in peaks:
+        fw = float(profile.fwhm(p["tth_deg"]))
+        sel = np.abs(tth - p["tth_deg"]) < 25 * fw
+        if sel.any():
+            y[sel] += p["area"] * _pseudo_voigt(tth[sel], p["tth_deg"], fw, profile.eta)
+    return y
+
+
+def demo_geometry(shape=(512, 512), wavelength_A: float = 0.6209):
+    """The synthetic demo detector: 512 x 512 pixels of 75 µm, 130 mm away, tilted, beam off the corner."""
+    import pyFAI
+    from pyFAI.detectors import Detector
+
+    det = Detector(pixel1=75e-6, pixel2=75e-6, max_shape=shape)
+    return pyFAI.load({"detector": det, "dist": 0.130, "poni1": -0.004, "poni2": -0.003,
+                       "rot1": 0.020, "rot2": -0.015, "rot3": 0.0, "wavelength": wavelength_A * 1e-10})
+
+
+def demo_mask(shape=(512, 512), seed: int = 7) -> np.ndarray:
+    """Module gaps (a horizontal and a vertical band) and a few dead pixels; True = masked."""
+    mask = np.zeros(shape, bool)
+    r0 = shape[0] // 2 - 4
+    c0 = shape[1] // 2 - 2
+    mask[r0:r0 + 8, :] = True
+    mask[:, c0:c0 + 4] = True
+    rng = np.random.default_rng(seed)
+    mask[rng.integers(0, shape[0], 25), rng.integers(0, shape[1], 25)] = True
+    return mask
+
+
+@dataclass
+class SyntheticExperiment:
+    """Paths and truth of a synthetic experiment written by :func:`make_experiment`."""
+
+    folder: Path
+    experiment_file: Path
+    frame_files: list[Path]
+    poni_file: Path | None
+    mask_file: Path | None
+    cycler_file: Path
+    truth_file: Path
+    truth_peaks_file: Path
+    scenario: Scenario
+    times: list[tuple[datetime, datetime]]
+    x: np.ndarray
+    truth: list[dict] = field(default_factory=list)
+    peaks: list[list[dict]] = field(default_factory=list)
+
+
+def _schedule(n_frames: int, n_rest: int, frac_charge: float) -> tuple[int, int]:
+    """Frames spent charging and discharging after ``n_rest`` frames at open circuit."""
+    n_active = n_frames - n_rest
+    n_ch = max(1, int(round(frac_charge * n_active)))
+    n_dis = n_active - n_ch
+    return n_ch, n_dis
+
+
+def make_experiment(folder: Path | str, *, scenario: Scenario | str = "nfm", n_frames: int = 50,
+                    shape: tuple[int, int] = (512, 512), frame_format: str = "h5",
+                    frames_per_file: int = 25, period_s: float = 20.0, exposure_s: float | None = None,
+                    n_rest: int = 3, frac_charge: float = 0.6, active_mass_mg: float = 7.2,
+                    counts: float = 1.0, seed: int = 0, npt: int = 2000,
+                    start: datetime = datetime(2025, 7, 2, 19, 5, 59, tzinfo=timezone(timedelta(hours=8))),
+                    run_name: str | None = None) -> SyntheticExperiment:
+    """Write a synthetic operando experiment folder and return its truth.
+
+    Parameters
+    ----------
+    folder : where to write (created)
+    scenario : ``"nfm"`` (O3 <-> P3), ``"mcm"`` (P2 -> P''2) or a :class:`Scenario`
+    n_frames : number of frames (the first ``n_rest`` at open circuit)
+    shape : detector shape for 2D frames
+    frame_format : ``"h5"`` (EIGER-like, bitshuffle-LZ4), ``"cbf"``, ``"tiff"``, ``"edf"``, or
+        ``"xye"`` for 1D patterns (no detector)
+    frames_per_file : frames per HDF5 stack
+    period_s, exposure_s : frame period and exposure (default exposure: the whole period)
+    frac_charge : share of the active frames spent charging (then discharging)
+    counts : scale of the intensities (photon counts)
+    seed : random seed (Poisson noise, dead pixels)
+    """
+    import fabio
+    import h5py
+    import hdf5plugin
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sc = {"nfm": nfm_scenario, "mcm": mcm_scenario}[scenario]() if isinstance(scenario, str) else scenario
+    rng = np.random.default_rng(seed)
+    exposure_s = period_s if exposure_s is None else exposure_s
+    run_name = run_name or f"synthetic-{sc.name}"
+
+    # --- electrochemistry: constant current, charge from x0 to x_min, then discharge ----------
+    n_ch, n_dis = _schedule(n_frames, n_rest, frac_charge)
+    t_rest = n_rest * period_s
+    t_ch = n_ch * period_s
+    t_dis = n_dis * period_s
+    dxdt = (sc.x0 - sc.x_min) / t_ch  # per second
+    moles = active_mass_mg * 1e-3 / sc.molar_mass
+    current_mA = dxdt * moles * FARADAY * 1e3
+
+    def x_at(t: float) -> float:
+        if t <= t_rest:
+            return sc.x0
+        if t <= t_rest + t_ch:
+            return sc.x0 - dxdt * (t - t_rest)
+        return sc.x_min + dxdt * min(t - t_rest - t_ch, t_dis)
+
+    def current_at(t: float) -> float:
+        if t < t_rest:
+            return 0.0
+        if t < t_rest + t_ch:
+            return current_mA
+        if t < t_rest + t_ch + t_dis:
+            return -current_mA
+        return 0.0
+
+    # cycler record: starts 60 s before the first frame, ends 60 s after the last
+    cyc_start = start - timedelta(seconds=60)
+    cycler_file = folder / "cycler.csv"
+    t_end = n_frames * period_s + 60
+    with open(cycler_file, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["datetime", "time/s", "Ewe/V", "I/mA"])
+        for tc in np.arange(0.0, t_end + 60 + 1e-9, 2.0):
+            t = tc - 60.0
+            i = current_at(t)
+            x = x_at(max(t, 0.0))
+            v = sc.voltage(x, charging=i > 0) if i != 0 else sc.voltage(x, True) - 0.03
+            w.writerow([(cyc_start + timedelta(seconds=float(tc))).isoformat(), f"{tc:.1f}", f"{v:.5f}", f"{i:.6f}"])
+
+    # --- frames ---------------------------------------------------------------------------------
+    times, xs, truth_rows, peak_rows = [], [], [], []
+    for i in range(n_frames):
+        s = start + timedelta(seconds=i * period_s)
+        e = s + timedelta(seconds=exposure_s)
+        mid_t = i * period_s + exposure_s / 2
+        times.append((s, e))
+        xs.append(x_at(mid_t))
+    xs = np.array(xs)
+
+    is_2d = frame_format != "xye"
+    if is_2d:
+        ai = demo_geometry(shape, sc.wavelength_A)
+        tth_px = np.degrees(ai.twoThetaArray(shape))
+        weight = (ai.polarization(shape, 0.99) * ai.solidAngleArray(shape)).astype(np.float64)
+        tth_range = (float(np.floor(tth_px.min())), float(np.ceil(tth_px.max())))
+        grid = np.arange(tth_range[0] - 0.5, tth_range[1] + 0.5, 0.0005)
+        mask = demo_mask(shape, seed=7)
+    else:
+        tth_range = sc.tth_range
+        grid = np.linspace(tth_range[0], tth_range[1], npt)
+
+    frame_files: list[Path] = []
+    raw = folder / "raw" if is_2d else folder / "patterns"
+    raw.mkdir(exist_ok=True)
+    h5_handle = None
+    h5_ds = None
+    try:
+        for i in range(n_frames):
+            states = phase_state(sc, float(xs[i]))
+            peaks = peak_list(states, sc.wavelength_A, tth_range, scale=counts * 3000.0)
+            for p in peaks:
+                peak_rows.append({"frame": i, **{k: p[k] for k in ("phase", "hkl", "d_A", "tth_deg", "area")}})
+            for ph, a, c, frac in states:
+                truth_rows.append({"frame": i, "time": (times[i][0] + (times[i][1] - times[i][0]) / 2).isoformat(),
+                                   "time_s": i * period_s + exposure_s / 2, "x": float(xs[i]), "phase": ph.name,
+                                   "a": a, "c": c, "fraction": frac})
+            y1 = pattern_1d(grid, peaks, background=40.0 * counts)
+            if not is_2d:
+                y = rng.poisson(np.clip(y1, 0, None)).astype(float)
+                path = raw / f"{run_name}_{i:05d}.xye"
+                np.savetxt(path, np.column_stack([grid, y, np.sqrt(np.maximum(y, 1))]), fmt="%.6f",
+                           header=f"synthetic pattern {i}, 2theta_deg counts esd, lambda={sc.wavelength_A}")
+                frame_files.append(path)
+                continue
+            lam = np.interp(tth_px, grid, y1) * weight
+            img = rng.poisson(lam).astype(np.uint32)
+            img[mask] = np.iinfo(np.uint32).max  # like an EIGER: flagged, and masked
+            if frame_format == "h5":
+                j = i % frames_per_file
+                if j == 0:
+                    if h5_handle is not None:
+                        h5_handle.close()
+                    n_here = min(frames_per_file, n_frames - i)
+                    path = raw / f"{run_name}_data_{i // frames_per_file + 1:06d}.h5"
+                    h5_handle = h5py.File(path, "w")
+                    _eiger_header(h5_handle, times[i][0], period_s, exposure_s, shape, sc.wavelength_A)
+                    h5_ds = h5_handle.create_dataset(
+                        "/entry/data/data", shape=(n_here, *shape), dtype=np.uint32,
+                        chunks=(1, *shape), **hdf5plugin.Bitshuffle(cname="lz4"))
+                    h5_ds.attrs["units"] = "counts"
+                    frame_files.append(path)
+                h5_ds[j] = img
+            else:
+                path = _write_fabio(raw, i, img, times[i][0], exposure_s, frame_format, run_name)
+                frame_files.append(path)
+    finally:
+        if h5_handle is not None:
+            h5_handle.close()
+
+    # --- calibration, truth, experiment file ----------------------------------------------------
+    poni_file = mask_file = None
+    if is_2d:
+        poni_file = folder / "demo.poni"
+        ai.write(str(poni_file))
+        mask_file = folder / "mask.edf"
+        fabio.edfimage.EdfImage(data=mask.astype(np.int8), header={"title": "xrdpipe demo mask: 1 = masked"}).write(str(mask_file))
+
+    truth_file = folder / "truth.csv"
+    with open(truth_file, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["frame", "time", "time_s", "x", "phase", "a", "c", "fraction"])
+        w.writeheader()
+        for r in truth_rows:
+            w.writerow({**r, "x": f"{r['x']:.6f}", "a": f"{r['a']:.6f}", "c": f"{r['c']:.6f}",
+                        "fraction": f"{r['fraction']:.6f}"})
+    truth_peaks_file = folder / "truth_peaks.csv"
+    with open(truth_peaks_file, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["frame", "phase", "hkl", "d_A", "tth_deg", "area"])
+        w.writeheader()
+        w.writerows(peak_rows)
+
+    exp_file = folder / "experiment.toml"
+    exp_file.write_text(_experiment_toml(run_name, sc, frame_format, start, period_s, exposure_s,
+                                         npt, active_mass_mg, cyc_start))
+    peaks_by_frame: list[list[dict]] = [[] for _ in range(n_frames)]
+    for r in peak_rows:
+        peaks_by_frame[r["frame"]].append(r)
+    return SyntheticExperiment(folder, exp_file, frame_files, poni_file, mask_file, cycler_file, truth_file,
+                               truth_peaks_file, sc, times, xs, truth_rows, peaks_by_frame)
+
+
+def _eiger_header(h5, start: datetime, period_s: float, exposure_s: float, shape, wavelength_A: float) -> None:
+    entry = h5.create_group("entry")
+    entry.attrs["NX_class"] = "NXentry"
+    data = entry.create_group("data")
+    data.attrs["NX_class"] = "NXdata"
+    det = entry.create_group("instrument/detector")
+    det.attrs["NX_class"] = "NXdetector"
+    det["count_time"] = exposure_s
+    det["frame_time"] = period_s
+    det["x_pixel_size"] = 75e-6
+    det["y_pixel_size"] = 75e-6
+    det["description"] = "synthetic EIGER-like detector (xrdpipe.testing)"
+    spec = det.create_group("detectorSpecific")
+    spec["data_collection_date"] = start.isoformat(timespec="milliseconds")
+    spec["x_pixels_in_detector"] = shape[1]
+    spec["y_pixels_in_detector"] = shape[0]
+    beam = entry.create_group("instrument/beam")
+    beam["incident_wavelength"] = wavelength_A
+    beam["incident_wavelength"].attrs["units"] = "angstrom"
+
+
+def _write_fabio(folder: Path, i: int, img: np.ndarray, start: datetime, exposure_s: float, fmt: str,
+                 run_name: str) -> Path:
+    import fabio
+
+    stamp = start.isoformat(timespec="milliseconds")
+    if fmt == "cbf":
+        path = folder / f"{run_name}_{i:05d}.cbf"
+        header = {"_array_data.header_convention": "PILATUS_1.2",
+                  "_array_data.header_contents": f"# Detector: synthetic\r\n# {stamp}\r\n# Exposure_time {exposure_s:.6f} s\r\n"}
+        fabio.cbfimage.CbfImage(data=img.astype(np.int32), header=header).write(str(path))
+    elif fmt == "edf":
+        path = folder / f"{run_name}_{i:05d}.edf"
+        fabio.edfimage.EdfImage(data=img, header={"time": stamp, "count_time": str(exposure_s)}).write(str(path))
+    elif fmt == "tiff":
+        path = folder / f"{run_name}_{i:05d}.tif"
+        fabio.tifimage.TifImage(data=img).write(str(path))
+    else:
+        raise ValueError(f"unknown frame_format {fmt!r}; expected h5, cbf, edf, tiff or xye")
+    return path
+
+
+def _experiment_toml(run_name, sc, frame_format, start, period_s, exposure_s, npt, active_mass_mg, cyc_start) -> str:
+    head = f"""# Synthetic operando experiment written by xrdpipe.testing ({sc.name} scenario).
+# Truth: truth.csv (frame, time, x, phase, a, c, fraction) and truth_peaks.csv.
+# Cycler record: cycler.csv (datetime, time/s, Ewe/V, I/mA), active mass {active_mass_mg} mg,
+# {sc.formula}, x0 = {sc.x0}, record starts {cyc_start.isoformat()}.
+schema_version = 1
+
+[run]
+name = "{run_name}"
+output = "results"
+"""
+    if frame_format == "xye":
+        return head + f"""
+[patterns]
+files = "patterns/*.xye"
+radial_unit = "2th_deg"
+wavelength_A = {sc.wavelength_A}
+times = {{ start = "{start.isoformat()}", period_s = {period_s}, exposure_s = {exposure_s} }}
+"""
+    suffix = {"h5": "h5", "cbf": "cbf", "edf": "edf", "tiff": "tif"}[frame_format]
+    times = '"header"' if frame_format in ("h5", "cbf", "edf") else (
+        f'{{ start = "{start.isoformat()}", period_s = {period_s}, exposure_s = {exposure_s} }}')
+    dataset = 'dataset = "/entry/data/data"\n' if frame_format == "h5" else ""
+    return head + f"""
+[frames]
+files = "raw/*.{suffix}"
+{dataset}times = {times}
+
+[calibration]
+poni = "demo.poni"
+mask = "mask.edf"
+
+[integration]
+npt = {npt}
+unit = "2th_deg"
+polarization_factor = 0.99
+error_model = "poisson"
+splitting = "full"
+"""
