@@ -37,7 +37,7 @@ class ConfigError(XrdpipeError):
         self.source = source
         self.problems = list(problems)
         n = len(self.problems)
-        lines = [f"{source}: {n} error{'s' if n != 1 else ''} in the experiment file"]
+        lines = [f"{source}: {n} error{'s' if n != 1 else ''}"]
         lines += [f"  {key}: {msg}" if key else f"  {msg}" for key, msg in self.problems]
         super().__init__("\n".join(lines))
 

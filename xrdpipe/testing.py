@@ -390,7 +390,7 @@ def make_experiment(folder: Path | str, *, scenario: Scenario | str = "nfm", n_f
     is_2d = frame_format != "xye"
     if is_2d:
         ai = demo_geometry(shape, sc.wavelength_A)
-        tth_px = np.degrees(ai.twoThetaArray(shape))
+        tth_px = ai.center_array(shape, unit="2th_deg")
         weight = (ai.polarization(shape, 0.99) * ai.solidAngleArray(shape)).astype(np.float64)
         tth_range = (float(np.floor(tth_px.min())), float(np.ceil(tth_px.max())))
         grid = np.arange(tth_range[0] - 0.5, tth_range[1] + 0.5, 0.0005)
