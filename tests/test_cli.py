@@ -1,0 +1,51 @@
+"""The command line and the public API surface."""
+
+import subprocess
+import sys
+
+import numpy as np
+from click.testing import CliRunner
+
+import xrdpipe
+from xrdpipe.cli import main
+
+
+def test_public_api_is_curated():
+    assert sorted(xrdpipe.__all__) == sorted([
+        "__version__", "Calibration", "CalibrationError", "ConfigError", "Experiment", "FrameReadError",
+        "Integrator", "PatternReadError", "StoreError", "XrdpipeError", "integrate_experiment",
+        "load_calibration", "load_experiment", "open_run"])
+    for name in xrdpipe.__all__:
+        assert hasattr(xrdpipe, name)
+
+
+def test_help_does_not_import_pyfai():
+    code = "import sys; from xrdpipe.cli import main; assert 'pyFAI' not in sys.modules; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_demo_then_integrate_resumes_with_nothing_to_do(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "demo"
+    res = runner.invoke(main, ["demo", str(out), "--frames", "8", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "8 frame(s): 8 integrated now" in res.output
+    run_file = out / "results" / "demo-nfm.nxs"
+    assert run_file.exists()
+    p = xrdpipe.open_run(run_file)
+    assert p.intensity.shape == (8, 2000) and np.isfinite(p.intensity[:, 500]).all()
+    res = runner.invoke(main, ["integrate", str(out / "experiment.toml"), "-q"])
+    assert res.exit_code == 0 and "0 integrated now, 8 already done" in res.output
+
+
+def test_integrate_reports_calibration_errors_in_one_line(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "demo"
+    assert runner.invoke(main, ["demo", str(out), "--frames", "5", "-q"]).exit_code == 0
+    poni = out / "demo.poni"
+    poni.write_text("\n".join(l for l in poni.read_text().splitlines() if not l.startswith("Wavelength")))
+    res = runner.invoke(main, ["integrate", str(out / "experiment.toml"), "--restart", "-q"])
+    assert res.exit_code == 2
+    assert res.output.strip().startswith("error: PONI file") and "has no wavelength" in res.output
+    assert "Traceback" not in res.output

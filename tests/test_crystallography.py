@@ -1,0 +1,61 @@
+"""Pure crystallography: round trips and reflection lists against known tables."""
+
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+from xrdpipe import crystallography as cr
+
+wavelengths = st.floats(0.1, 1.6)
+d_values = st.floats(0.9, 20.0)
+
+
+@given(d=d_values, lam=wavelengths)
+def test_d_tth_q_round_trip(d, lam):
+    tth = cr.tth_from_d(d, lam)
+    if np.isnan(tth):
+        assert lam > 2 * d
+        return
+    assert np.isclose(cr.d_from_tth(tth, lam), d, rtol=1e-10)
+    q = cr.q_from_tth(tth, lam)
+    assert np.isclose(q, 2 * np.pi / d, rtol=1e-10)
+    assert np.isclose(cr.tth_from_q(q, lam), tth, rtol=1e-9, atol=1e-9)
+
+
+@given(h=st.integers(0, 4), k=st.integers(0, 4), l=st.integers(0, 12),
+       a=st.floats(2.5, 3.2), c=st.floats(10.0, 18.0))
+def test_hexagonal_d_spacing(h, k, l, a, c):
+    if h == k == l == 0:
+        return
+    d = cr.d_hexagonal(h, k, l, a, c)
+    # against the metric tensor of the hexagonal cell
+    g = np.array([[a * a, -a * a / 2, 0], [-a * a / 2, a * a, 0], [0, 0, c * c]])
+    hkl = np.array([h, k, l], float)
+    assert np.isclose(d, 1 / np.sqrt(hkl @ np.linalg.inv(g) @ hkl), rtol=1e-12)
+
+
+def test_r3m_reflections_match_known_o3_list():
+    # O3/alpha-NaFeO2-type pattern (hexagonal axes, obverse): the classic LiCoO2/NaTMO2 indexing
+    refl = cr.reflections("R-3m", 2.9852, 15.9967, 1.40)
+    hkls = [(h, k, l) for h, k, l, _, _ in refl]
+    assert hkls[:10] == [(0, 0, 3), (0, 0, 6), (1, 0, 1), (0, 1, 2), (1, 0, 4), (0, 1, 5),
+                         (0, 0, 9), (1, 0, 7), (0, 1, 8), (1, 1, 0)]
+    mult = {(h, k, l): m for h, k, l, _, m in refl}
+    assert mult[(0, 0, 3)] == 2 and mult[(1, 0, 4)] == 6 and mult[(1, 1, 0)] == 6
+    assert (1, 1, 3) in mult and mult[(1, 1, 3)] == 12
+    # (003) at λ = 0.6209 Å: d = c/3
+    assert np.isclose(refl[0][3], 15.9967 / 3)
+
+
+def test_p63mmc_reflections_of_p2():
+    refl = cr.reflections("P63/mmc", 2.88, 11.2, 1.4)
+    hkls = [(h, k, l) for h, k, l, _, _ in refl]
+    assert hkls[:6] == [(0, 0, 2), (0, 0, 4), (1, 0, 0), (1, 0, 1), (1, 0, 2), (1, 0, 3)]
+    assert (0, 0, 1) not in hkls and (0, 0, 3) not in hkls and (1, 1, 1) not in hkls
+    mult = {(h, k, l): m for h, k, l, _, m in refl}
+    assert mult[(1, 0, 0)] == 6 and mult[(1, 0, 1)] == 12 and mult[(0, 0, 2)] == 2 and mult[(1, 1, 0)] == 6
+
+
+def test_volume_of_nfm_cell():
+    # Table S5 of the NFM study: a = 2.9852, c = 15.9967 -> V = 123.457 Å3
+    assert np.isclose(cr.hexagonal_volume(2.9852, 15.9967), 123.457, atol=2e-3)
