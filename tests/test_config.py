@@ -66,6 +66,12 @@ def test_good_file_resolves_paths_and_sorts_naturally(folder):
     assert exp.frames.times == "header"
 
 
+def test_default_output_is_beside_the_experiment_file(folder):
+    text = GOOD.format(times='"header"').replace('output = "results"\n', "")
+    exp = load_experiment(write(folder, text))
+    assert exp.run.output == folder / "results"
+
+
 def test_times_variants(folder):
     exp = load_experiment(write(folder, GOOD.format(times='{ log = "scans.csv" }')))
     assert isinstance(exp.frames.times, TimesFromLog)

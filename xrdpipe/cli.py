@@ -54,10 +54,10 @@ def validate(experiment: str) -> None:
 @main.command()
 @click.argument("experiment", type=click.Path(dir_okay=False))
 @click.option("--restart", is_flag=True, help="Discard the run file's patterns and integrate everything again.")
-@click.option("--readers", type=click.IntRange(1, 64), default=None,
-              help="Threads reading frames ahead (default: the number of cores, at most 4).")
+@click.option("--workers", type=click.IntRange(1, 64), default=None,
+              help="Frames integrated at once (default: [integration] workers, else the number of cores).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def integrate(experiment: str, restart: bool, readers: int | None, quiet: bool) -> None:
+def integrate(experiment: str, restart: bool, workers: int | None, quiet: bool) -> None:
     """Integrate the frames of EXPERIMENT into 1D patterns (or import its 1D patterns).
 
     The run file is written frame by frame; an interrupted run resumes where it stopped.
@@ -67,7 +67,7 @@ def integrate(experiment: str, restart: bool, readers: int | None, quiet: bool) 
 
     try:
         exp = _load(experiment)
-        summary = integrate_experiment(exp, restart=restart, progress=not quiet, readers=readers)
+        summary = integrate_experiment(exp, restart=restart, progress=not quiet, workers=workers)
     except XrdpipeError as exc:
         _fail(exc)
     except KeyboardInterrupt:

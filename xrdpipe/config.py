@@ -90,7 +90,7 @@ class RunSpec(_Spec):
     """``[run]``: the run's name and its output folder."""
 
     name: str = Field(min_length=1)
-    output: Path = Path("results")
+    output: Path = Field(default=Path("results"), validate_default=True)
 
     @field_validator("output", mode="before")
     @classmethod
@@ -286,6 +286,7 @@ class IntegrationSpec(_Spec):
     error_model: Literal["poisson", "none"] = "poisson"
     splitting: Literal["no", "bbox", "full"] = "full"
     workers: int | None = Field(default=None, ge=1, le=64)
+    engine: Literal["xrdpipe", "pyfai"] = "xrdpipe"
 
     @field_validator("range", "azimuth_range")
     @classmethod

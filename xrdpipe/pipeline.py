@@ -83,7 +83,7 @@ def _detector_shape(cal, refs: list[FrameRef]) -> tuple[int, int]:
 
 
 def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bool = True,
-                         readers: int | None = None) -> IntegrationSummary:
+                         workers: int | None = None) -> IntegrationSummary:
     """Integrate (or, for ``[patterns]``, import) every frame not yet in the run file."""
     if exp.patterns is not None:
         return _import_patterns(exp, restart=restart, progress=progress)
@@ -102,9 +102,9 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
     integ = Integrator(cal, shape, npt=ispec.npt, unit=ispec.unit, radial_range=ispec.range,
                        azimuth_range=ispec.azimuth_range, polarization_factor=ispec.polarization_factor,
                        solid_angle=ispec.solid_angle, error_model=ispec.error_model,
-                       splitting=ispec.splitting)
+                       splitting=ispec.splitting, engine=ispec.engine)
     fingerprint = {
-        "integration": ispec.model_dump(mode="json", exclude={"workers"}),
+        "integration": ispec.model_dump(mode="json", exclude={"workers", "engine"}),
         "poni": _digest(cal.poni_text),
         "mask": _digest(cal.mask), "dark": _digest(cal.dark), "flat": _digest(cal.flat),
         "dataset": fspec.dataset,
@@ -128,7 +128,7 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
         summary.skipped = len(refs) - len(jobs)
         bar = _progress(len(jobs), "integrate", progress)
         try:
-            for res in integrate_frames(jobs, integ, readers=readers or ispec.workers):
+            for res in integrate_frames(jobs, integ, workers=workers or ispec.workers):
                 if res.error is None:
                     run.write_pattern(res.position, res.intensity, res.sigma)
                     summary.integrated += 1
