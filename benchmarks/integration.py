@@ -72,14 +72,14 @@ def write_stack(folder: Path, shape, n_frames: int, distinct: int = 4):
         for i in range(n_frames):
             filter_mask, data = chunks[i % distinct]
             ds.id.write_direct_chunk((i, 0, 0), data, filter_mask)
-    (folder / "experiment.toml").write_text(f"""schema_version = 1
+    (folder / "experiment.toml").write_text("""schema_version = 1
 [run]
 name = "bench"
 output = "results"
 [frames]
 files = "raw/*.h5"
 dataset = "/entry/data/data"
-times = {{ start = "2025-07-02T19:05:59+08:00", period_s = 20.0 }}
+times = { start = "2025-07-02T19:05:59+08:00", period_s = 20.0 }
 [calibration]
 poni = "bench.poni"
 mask = "mask.edf"

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from xrdpipe.calibration import Calibration
-from xrdpipe.integration import Integrator, integrate_frames
 from xrdpipe.frames import FrameRef
+from xrdpipe.integration import Integrator, integrate_frames
 from xrdpipe.testing import demo_geometry, demo_mask
 
 

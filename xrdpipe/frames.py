@@ -14,7 +14,8 @@ from __future__ import annotations
 import csv
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone as _utc_tz
+from datetime import datetime, timedelta
+from datetime import timezone as _utc_tz
 from pathlib import Path
 from typing import Sequence
 from zoneinfo import ZoneInfo

@@ -105,8 +105,13 @@ class Integrator:
             error_model="poisson" if error_model == "poisson" else None,
         )
         self._lock = threading.Lock()
-        # pyFAI builds its sparse matrix now, once; this also fixes the radial axis
-        probe = ai.integrate1d(np.zeros(self.shape, np.float32), self.npt, **self._kwargs)
+        # pyFAI builds its sparse matrix now, once; this also fixes the radial axis. The
+        # matrix does not depend on the intensity corrections, which the fast engine computes
+        # itself, once.
+        probe_kwargs = self._kwargs if engine == "pyfai" else dict(
+            self._kwargs, polarization_factor=None, correctSolidAngle=False, dark=None, flat=None,
+            error_model=None)
+        probe = ai.integrate1d(np.zeros(self.shape, np.float32), self.npt, **probe_kwargs)
         self.radial = np.asarray(probe.radial, dtype=np.float64)
         self.engine = engine
         if engine == "xrdpipe":
@@ -125,19 +130,21 @@ class Integrator:
             return
         data, indices, indptr = (np.asarray(a) for a in lut)
         n_pix = self.shape[0] * self.shape[1]
-        self._A = sp.csr_matrix((data.astype(np.float32), indices, indptr), shape=(len(indptr) - 1, n_pix))
-        self._A2 = self._A.multiply(self._A).tocsr() if self.error_model == "poisson" else None
+        shape = (len(indptr) - 1, n_pix)
+        coef = data.astype(np.float32)
+        self._A = sp.csr_matrix((coef, indices, indptr), shape=shape)
+        self._A2 = sp.csr_matrix((coef * coef, indices, indptr), shape=shape) if self.error_model == "poisson" else None
         self._A_csc = None  # built on demand, for frames with flagged pixels
         self._static_mask = None if self.calibration.mask is None else self.calibration.mask.ravel()
-        norm = np.ones(n_pix, np.float64)
+        norm = np.ones(n_pix, np.float32)
         if solid_angle:
             norm *= self._ai.solidAngleArray(self.shape).ravel()
         if polarization_factor is not None:
             norm *= self._ai.polarization(self.shape, polarization_factor).ravel()
         if self.calibration.flat is not None:
             norm *= self.calibration.flat.ravel()
-        self._norm = norm
-        self._den = self._A @ norm
+        self._norm = norm.astype(np.float32)
+        self._den = (self._A @ self._norm).astype(np.float64)
         self._dark = None if self.calibration.dark is None else self.calibration.dark.ravel()
 
     @property

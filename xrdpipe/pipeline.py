@@ -12,8 +12,8 @@ import numpy as np
 
 from .config import Experiment
 from .errors import CalibrationError, ConfigError, FrameReadError, PatternReadError
-from .frames import FrameRef, FrameTime, frame_times, list_frames, read_frame
-from .store import DONE, FAILED, RunFile
+from .frames import FrameRef, frame_times, list_frames, read_frame
+from .store import DONE, RunFile
 
 __all__ = ["IntegrationSummary", "integrate_experiment", "package_versions"]
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .crystallography import d_hexagonal, reflections, tth_from_d
+from .crystallography import reflections, tth_from_d
 
 __all__ = [
     "Structure",

@@ -1,0 +1,27 @@
+"""Imports go one way: the bottom layers never import the upper ones."""
+
+import ast
+from pathlib import Path
+
+import xrdpipe
+
+RANK = {"errors": 0, "crystallography": 0, "config": 1, "frames": 2, "patterns": 2, "calibration": 2,
+        "store": 3, "integration": 3, "testing": 3, "pipeline": 4, "cli": 5}
+
+
+def test_imports_go_one_way():
+    pkg = Path(xrdpipe.__file__).parent
+    for path in pkg.glob("*.py"):
+        if path.stem == "__init__":
+            continue
+        assert path.stem in RANK, f"add {path.stem} to RANK"
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                target = node.module.split(".")[0]
+                assert RANK[target] <= RANK[path.stem], f"{path.stem} imports {target}"
+
+
+def test_pyfai_only_at_its_seams():
+    pkg = Path(xrdpipe.__file__).parent
+    users = {p.stem for p in pkg.glob("*.py") if "import pyFAI" in p.read_text()}
+    assert users <= {"calibration", "integration", "testing"}
