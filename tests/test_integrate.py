@@ -159,15 +159,20 @@ def test_unreadable_cbf_frame(tmp_path):
     syn = make_experiment(tmp_path / "cbf", n_frames=4, frame_format="cbf", seed=2)
     bad = syn.frame_files[2]
     bad.write_bytes(bad.read_bytes()[:2000])
-    exp = xrdpipe.load_experiment(syn.experiment_file)
-    # header times are read first; a corrupt header is a problem of the time source
-    toml = syn.experiment_file
-    toml.write_text(toml.read_text().replace('times = "header"',
-                    'times = { start = "2025-07-02T19:05:59+08:00", period_s = 20.0 }'))
-    exp = xrdpipe.load_experiment(toml)
+    exp = xrdpipe.load_experiment(syn.experiment_file)  # times from the CBF headers
     summary = xrdpipe.integrate_experiment(exp, progress=False)
     assert summary.integrated == 3
     assert len(summary.failed) == 1 and bad.name in summary.failed[0][0]
+    assert summary.untimed == 1
+
+
+def test_header_times_missing_everywhere_is_a_config_error(tmp_path):
+    syn = make_experiment(tmp_path / "tif", n_frames=2, frame_format="tiff", seed=2)
+    toml = syn.experiment_file
+    toml.write_text(toml.read_text().replace("times = {", 'times = "header"\n#times = {'))
+    exp = xrdpipe.load_experiment(toml)
+    with pytest.raises(xrdpipe.ConfigError, match=r"frames.times: times = \"header\" but .*tif gives no frame time"):
+        xrdpipe.integrate_experiment(exp, progress=False)
 
 
 @pytest.mark.parametrize("fmt", ["cbf", "edf", "tiff"])
@@ -197,7 +202,7 @@ def test_missing_poni_wavelength_and_mask_shape(synthetic_h5, tmp_path):
     import fabio
 
     fabio.edfimage.EdfImage(data=np.zeros((100, 100), np.int8)).write(str(folder / "small.edf"))
-    with pytest.raises(CalibrationError, match=r"mask image is 100 x 100 pixels, not the detector's 512 x 512"):
+    with pytest.raises(CalibrationError, match=r"mask image .*small.edf is 100 x 100 pixels, not the detector's 512 x 512 \(from the detector in"):
         xrdpipe.load_calibration(poni, mask=folder / "small.edf")
 
 

@@ -53,8 +53,8 @@ class Calibration:
             arr = getattr(self, name)
             if arr is not None and arr.shape != shape:
                 raise CalibrationError(
-                    f"{name} image is {arr.shape[0]} x {arr.shape[1]} pixels, not the detector's "
-                    f"{shape[0]} x {shape[1]} (frames such as {origin})"
+                    f"{name} image is {arr.shape[0]} x {arr.shape[1]} pixels, but {origin} are "
+                    f"{shape[0]} x {shape[1]}"
                 )
 
 
@@ -117,8 +117,13 @@ def load_calibration(poni: Path | str, *, mask: Path | str | None = None, dark: 
             if arrays[name] is not None:
                 shape = tuple(arrays[name].shape)
                 break
-    cal = Calibration(poni, geometry, float(geometry.wavelength) * 1e10, shape,
-                      arrays["mask"], arrays["dark"], arrays["flat"], text)
-    if shape is not None:
-        cal.check_shape(shape, origin=f"the detector of {poni}")
-    return cal
+    paths = {"mask": mask, "dark": dark, "flat": flat}
+    for name, arr in arrays.items():
+        if arr is not None and shape is not None and tuple(arr.shape) != tuple(shape):
+            source = f"the detector in {poni}" if det_shape is not None else "the other calibration images"
+            raise CalibrationError(
+                f"{name} image {paths[name]} is {arr.shape[0]} x {arr.shape[1]} pixels, not the detector's "
+                f"{shape[0]} x {shape[1]} (from {source})"
+            )
+    return Calibration(poni, geometry, float(geometry.wavelength) * 1e10, shape,
+                       arrays["mask"], arrays["dark"], arrays["flat"], text)

@@ -36,7 +36,8 @@ __all__ = [
 ]
 
 HDF5_SUFFIXES = {".h5", ".hdf5", ".hdf", ".nxs", ".nx5", ".nexus"}
-FABIO_SUFFIXES = {".cbf", ".edf", ".tif", ".tiff", ".img", ".mccd", ".sfrm", ".gz", ".bz2"}
+#: formats that hold one frame per file (multi-frame EDF and others are opened to count frames)
+SINGLE_FRAME_SUFFIXES = {".cbf", ".tif", ".tiff", ".mccd", ".img", ".sfrm"}
 #: where an HDF5 stack is looked for when ``frames.dataset`` is not given
 DEFAULT_DATASETS = ("/entry/data/data", "/entry/instrument/detector/data", "/entry/data/data_000001")
 
@@ -117,6 +118,10 @@ def list_frames(files: Sequence[Path], *, dataset: str | None = None) -> list[Fr
                 refs.append(FrameRef(path, 0, dataset, error=exc.reason))
             except (OSError, KeyError, ValueError) as exc:
                 refs.append(FrameRef(path, 0, dataset, error=f"cannot open as HDF5: {exc}"))
+        elif path.suffix.lower() in SINGLE_FRAME_SUFFIXES:
+            # one frame per file: not opened here (that would read every image twice); a
+            # damaged file is found, and recorded, when its frame is read
+            refs.append(FrameRef(path, 0))
         else:
             try:
                 import fabio
@@ -348,6 +353,7 @@ def frame_times(refs: Sequence[FrameRef], times, *, timezone: str | None = None,
         return out
     # "header"
     out: list[FrameTime | None] = []
+    first_problem = None
     cache: dict[Path, list[tuple[datetime, float, float]]] = {}
     for r in refs:
         if r.error:
@@ -367,12 +373,15 @@ def frame_times(refs: Sequence[FrameRef], times, *, timezone: str | None = None,
                 out.append(FrameTime(s, s + timedelta(seconds=exposure)))
         except ConfigError:
             raise
-        except Exception as exc:
-            raise ConfigError(where, [(
-                "frames.times",
-                f"times = \"header\" but {r.file} gives no frame time ({exc}); "
-                "use times = { log = \"scans.csv\" } or { start = ..., period_s = ... }",
-            )]) from None
+        except Exception as exc:  # this frame stays untimed (it is probably unreadable too)
+            first_problem = first_problem or f"{r.file} gives no frame time ({exc})"
+            out.append(None)
+    if refs and all(t is None for t in out):
+        raise ConfigError(where, [(
+            "frames.times",
+            f"times = \"header\" but {first_problem or 'no file could be read'}; "
+            "use times = { log = \"scans.csv\" } or { start = ..., period_s = ... }",
+        )])
     return out
 
 

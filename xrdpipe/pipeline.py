@@ -29,6 +29,7 @@ class IntegrationSummary:
     failed: list[tuple[str, str]] = field(default_factory=list)
     untimed: int = 0
     seconds: float = 0.0
+    setup_seconds: float = 0.0
 
     def __str__(self) -> str:
         lines = [
@@ -103,6 +104,7 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
                        azimuth_range=ispec.azimuth_range, polarization_factor=ispec.polarization_factor,
                        solid_angle=ispec.solid_angle, error_model=ispec.error_model,
                        splitting=ispec.splitting, engine=ispec.engine)
+    t_setup = time.perf_counter() - t_start
     fingerprint = {
         "integration": ispec.model_dump(mode="json", exclude={"workers", "engine"}),
         "poni": _digest(cal.poni_text),
@@ -117,7 +119,7 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
         "method": "pyFAI integrate1d " + "/".join(integ.method),
         "packages": json.dumps(package_versions(), sort_keys=True),
     }
-    summary = IntegrationSummary(exp.run.run_file, len(refs))
+    summary = IntegrationSummary(exp.run.run_file, len(refs), setup_seconds=t_setup)
     summary.untimed = sum(t is None for t in times) if fspec.times is not None else 0
     with RunFile.open_for_writing(exp.run.run_file, radial=integ.radial, unit=ispec.unit,
                                   wavelength_A=cal.wavelength_A, fingerprint=fingerprint,
