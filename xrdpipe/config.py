@@ -211,6 +211,7 @@ class FramesSpec(_Spec):
     @classmethod
     def _files(cls, v: Any, info: ValidationInfo) -> Any:
         return _expand_files(v, info)
+
     @field_validator("timezone")
     @classmethod
     def _tz(cls, v: str | None) -> str | None:

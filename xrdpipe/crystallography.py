@@ -21,6 +21,7 @@ __all__ = [
     "d_from_q",
     "q_from_tth",
     "tth_from_q",
+    "convert_radial",
     "d_hexagonal",
     "hexagonal_volume",
     "is_allowed",
@@ -67,6 +68,19 @@ def tth_from_q(q_invA, wavelength_A):
     with np.errstate(invalid="ignore"):
         out = 2.0 * np.degrees(np.arcsin(np.where(np.abs(s) <= 1, s, np.nan)))
     return out if out.ndim else float(out)
+
+
+def convert_radial(values, from_unit: str, to_unit: str, wavelength_A: float | None):
+    """Convert a radial axis between ``"2th_deg"`` and ``"q_A^-1"`` (NaN without a wavelength)."""
+    if from_unit == to_unit:
+        return np.asarray(values, dtype=float)
+    if not wavelength_A:
+        return np.full(np.shape(values), np.nan)
+    if (from_unit, to_unit) == ("2th_deg", "q_A^-1"):
+        return np.asarray(q_from_tth(values, wavelength_A))
+    if (from_unit, to_unit) == ("q_A^-1", "2th_deg"):
+        return np.asarray(tth_from_q(values, wavelength_A))
+    raise ValueError(f"cannot convert {from_unit!r} to {to_unit!r}; units are '2th_deg' and 'q_A^-1'")
 
 
 def d_hexagonal(h, k, l, a_A, c_A):

@@ -21,7 +21,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .calibration import Calibration
-from .crystallography import q_from_tth, tth_from_q
+from .crystallography import convert_radial
 from .errors import FrameReadError
 from .frames import FrameRef, read_frame
 
@@ -150,12 +150,12 @@ class Integrator:
     @property
     def tth_deg(self) -> np.ndarray:
         """The radial axis as 2θ (degrees)."""
-        return self.radial if self.unit == "2th_deg" else tth_from_q(self.radial, self.wavelength_A)
+        return convert_radial(self.radial, self.unit, "2th_deg", self.wavelength_A)
 
     @property
     def q_invA(self) -> np.ndarray:
         """The radial axis as Q (Å⁻¹)."""
-        return self.radial if self.unit == "q_A^-1" else q_from_tth(self.radial, self.wavelength_A)
+        return convert_radial(self.radial, self.unit, "q_A^-1", self.wavelength_A)
 
     def integrate(self, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Integrate one frame; returns (intensity, sigma) on :attr:`radial`.

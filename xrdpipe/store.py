@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .crystallography import q_from_tth, tth_from_q
+from .crystallography import convert_radial
 from .errors import StoreError
 from .frames import FrameRef, FrameTime, utc_seconds
 
@@ -60,11 +60,11 @@ class Patterns:
 
     @property
     def tth_deg(self) -> np.ndarray:
-        return self.radial if self.unit == "2th_deg" else tth_from_q(self.radial, self.wavelength_A)
+        return convert_radial(self.radial, self.unit, "2th_deg", self.wavelength_A)
 
     @property
     def q_invA(self) -> np.ndarray:
-        return self.radial if self.unit == "q_A^-1" else q_from_tth(self.radial, self.wavelength_A)
+        return convert_radial(self.radial, self.unit, "q_A^-1", self.wavelength_A)
 
 
 class RunFile:
@@ -232,10 +232,8 @@ def _create_layout(h5, *, radial, unit, wavelength_A, fingerprint, provenance, t
     f.attrs["long_name"] = "frame"
     t = pat.create_dataset("time_s", shape=(0,), maxshape=(None,), dtype="f8", chunks=(1024,), fillvalue=np.nan)
     t.attrs.update({"units": "s", "long_name": "time since the first frame (s)"})
-    if unit == "2th_deg":
-        tth, q = radial, (q_from_tth(radial, wavelength_A) if wavelength_A else np.full(npt, np.nan))
-    else:
-        q, tth = radial, (tth_from_q(radial, wavelength_A) if wavelength_A else np.full(npt, np.nan))
+    tth = convert_radial(radial, unit, "2th_deg", wavelength_A)
+    q = convert_radial(radial, unit, "q_A^-1", wavelength_A)
     a = pat.create_dataset("tth", data=np.asarray(tth, float))
     a.attrs.update({"units": "degree", "long_name": "2θ (degrees)"})
     b = pat.create_dataset("q", data=np.asarray(q, float))
