@@ -20,7 +20,6 @@ from __future__ import annotations
 import difflib
 import glob
 import tomllib
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -471,12 +470,3 @@ def _times_text(t: Any) -> str:
     if isinstance(t, TimesFromLog):
         return f"from log {t.log}" + (f" ({t.timezone})" if t.timezone else "")
     return f"start {t.start.isoformat()}, every {t.period_s} s"
-
-
-def to_datetime(value: datetime, timezone: str | None) -> datetime:
-    """Make a naive datetime aware in ``timezone``; aware ones pass through."""
-    if value.tzinfo is not None:
-        return value
-    if timezone is None:
-        raise ValueError("time has no UTC offset and no timezone is configured")
-    return value.replace(tzinfo=ZoneInfo(timezone))
