@@ -202,7 +202,7 @@ def _parse_time(text: str) -> datetime | None:
     return None
 
 
-def _header_times_hdf5(path: Path, n: int) -> list[tuple[datetime, float, float]]:
+def _header_times_hdf5(path: Path) -> tuple[datetime, float, float]:
     """(start of the series, frame period, exposure) from an EIGER/NeXus master file."""
     import h5py
 
@@ -223,7 +223,7 @@ def _header_times_hdf5(path: Path, n: int) -> list[tuple[datetime, float, float]
     if t0 is None:
         raise ValueError(f"cannot parse the start time {start!r}")
     count = float(count if count is not None else period)
-    return [(t0, float(period), count)] * n
+    return t0, float(period), count
 
 
 def _header_time_fabio(path: Path) -> tuple[datetime, float]:
@@ -354,7 +354,7 @@ def frame_times(refs: Sequence[FrameRef], times, *, timezone: str | None = None,
     # "header"
     out: list[FrameTime | None] = []
     first_problem = None
-    cache: dict[Path, list[tuple[datetime, float, float]]] = {}
+    cache: dict[Path, tuple[datetime, float, float]] = {}
     for r in refs:
         if r.error:
             out.append(None)
@@ -362,9 +362,8 @@ def frame_times(refs: Sequence[FrameRef], times, *, timezone: str | None = None,
         try:
             if _is_hdf5(r.file):
                 if r.file not in cache:
-                    n = sum(1 for x in refs if x.file == r.file)
-                    cache[r.file] = _header_times_hdf5(r.file, n)
-                t0, period, count = cache[r.file][0]
+                    cache[r.file] = _header_times_hdf5(r.file)
+                t0, period, count = cache[r.file]
                 s = _aware(t0, timezone, where, "frames.timezone") + timedelta(seconds=r.index * period)
                 out.append(FrameTime(s, s + timedelta(seconds=count)))
             else:

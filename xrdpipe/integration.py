@@ -27,7 +27,13 @@ from .frames import FrameRef, read_frame
 
 __all__ = ["Integrator", "IntegratedFrame", "integrate_frames"]
 
-_PYFAI_UNIT = {"2th_deg": "2th_deg", "q_A^-1": "q_A^-1"}
+
+
+def _flag_value(frame: np.ndarray) -> int | None:
+    """The value that marks invalid pixels in an integer frame (EIGER: the dtype's maximum)."""
+    if np.issubdtype(frame.dtype, np.integer) and frame.dtype.itemsize >= 2:
+        return int(np.iinfo(frame.dtype).max)
+    return None
 
 
 @dataclass(frozen=True)
@@ -94,7 +100,7 @@ class Integrator:
         self._ai = ai
         self.method = (splitting, "csr", "cython")
         self._kwargs = dict(
-            unit=_PYFAI_UNIT[unit],
+            unit=unit,
             method=self.method,
             radial_range=tuple(radial_range) if radial_range else None,
             azimuth_range=tuple(azimuth_range) if azimuth_range else None,
@@ -169,8 +175,9 @@ class Integrator:
             return self._integrate_pyfai(frame)
         flat_frame = frame.ravel()
         flagged = None
-        if np.issubdtype(frame.dtype, np.integer) and frame.dtype.itemsize >= 2:
-            hit = flat_frame == np.iinfo(frame.dtype).max
+        flag = _flag_value(frame)
+        if flag is not None:
+            hit = flat_frame == flag
             if hit.any():
                 flagged = np.flatnonzero(hit)
                 if self._static_mask is not None:  # already outside the matrix
@@ -208,8 +215,8 @@ class Integrator:
 
     def _integrate_pyfai(self, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         kwargs = self._kwargs
-        if np.issubdtype(frame.dtype, np.integer) and frame.dtype.itemsize >= 2:
-            flag = np.iinfo(frame.dtype).max
+        flag = _flag_value(frame)
+        if flag is not None:
             kwargs = dict(kwargs, dummy=float(flag), delta_dummy=0.5)
         with self._lock:  # pyFAI engines are not re-entrant; OpenMP already uses every core
             res = self._ai.integrate1d(frame, self.npt, **kwargs)

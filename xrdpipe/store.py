@@ -157,8 +157,6 @@ class RunFile:
             stamps = fr["timestamp"][()]
             t0 = np.nanmin(stamps) if np.isfinite(stamps).any() else np.nan
             pat["time_s"][...] = stamps - t0
-        else:  # times may have been fixed (e.g. a corrected scan log)
-            pass
         return [self._keys[r.key] for r in refs]
 
     @property
