@@ -148,9 +148,9 @@ def test_patterns_in_2theta_need_wavelength(folder):
 
 
 def test_future_section_is_named_not_yet_supported(folder):
-    text = GOOD.format(times='"header"') + '\n[[phases]]\nname = "O3"\n'
+    text = GOOD.format(times='"header"') + '\n[refine]\nphases = ["O3"]\n'
     err = errors_of(write(folder, text))
-    assert err.problems[0][0] == "phases"
+    assert err.problems[0][0] == "refine"
     assert "not supported by this version" in err.problems[0][1]
 
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import xrdpipe
 
-RANK = {"errors": 0, "crystallography": 0, "config": 1, "frames": 2, "patterns": 2, "calibration": 2,
-        "store": 3, "integration": 3, "testing": 3, "pipeline": 4, "cli": 5}
+RANK = {"errors": 0, "crystallography": 0, "lineshapes": 0, "batchfit": 0, "config": 1, "frames": 2, "patterns": 2, "calibration": 2,
+        "store": 3, "integration": 3, "testing": 3, "peaks": 3, "pipeline": 4, "cli": 5}
 
 
 def test_imports_go_one_way():
@@ -25,3 +25,9 @@ def test_pyfai_only_at_its_seams():
     pkg = Path(xrdpipe.__file__).parent
     users = {p.stem for p in pkg.glob("*.py") if "import pyFAI" in p.read_text()}
     assert users <= {"calibration", "integration", "testing"}
+
+
+def test_lmfit_only_in_peaks():
+    pkg = Path(xrdpipe.__file__).parent
+    users = {p.stem for p in pkg.glob("*.py") if "from lmfit" in p.read_text() or "import lmfit" in p.read_text()}
+    assert users <= {"peaks"}

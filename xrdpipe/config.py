@@ -50,6 +50,9 @@ __all__ = [
     "IntegrationSpec",
     "TimesFromLog",
     "TimesPeriodic",
+    "PhaseSpec",
+    "WindowSpec",
+    "FitSpec",
     "load_experiment",
     "parse_experiment",
     "RADIAL_UNITS",
@@ -296,6 +299,116 @@ class IntegrationSpec(_Spec):
         return v
 
 
+class PhaseSpec(_Spec):
+    """``[[phases]]``: a phase to follow, with its hexagonal cell (Å) as the starting point."""
+
+    name: str = Field(min_length=1)
+    space_group: str
+    a: float = Field(gt=0, lt=100)
+    c: float = Field(gt=0, lt=200)
+
+    @field_validator("space_group")
+    @classmethod
+    def _sg(cls, v: str) -> str:
+        from .crystallography import SPACE_GROUPS
+
+        if v not in SPACE_GROUPS:
+            close = difflib.get_close_matches(v, list(SPACE_GROUPS), n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown space group {v!r}{hint} (known: {', '.join(SPACE_GROUPS)})")
+        return v
+
+
+PROFILE_NAMES = ("pseudo_voigt", "pearson7", "split_pseudo_voigt")
+
+
+class PolynomialBackground(_Spec):
+    """``background = { polynomial = 2 }``."""
+
+    polynomial: int = Field(ge=0, le=4)
+
+
+class WindowSpec(_Spec):
+    """``[[windows]]``: a radial range fitted with one peak per listed ``"phase hkl"``.
+
+    ``range`` and every width or shift are in the run's radial unit (2θ degrees or 1/Å).
+    """
+
+    name: str = Field(min_length=1)
+    range: tuple[float, float]
+    peaks: list[str] = Field(min_length=1, max_length=8)
+    profile: Literal["pseudo_voigt", "pearson7", "split_pseudo_voigt"] = "pseudo_voigt"
+    background: Literal["constant", "linear", "quadratic"] | PolynomialBackground = "linear"
+    seed: Literal["previous", "config"] = "previous"
+    share: list[Literal["fwhm", "shape"]] = []
+    fwhm: float | None = Field(default=None, gt=0)
+    fwhm_range: tuple[float, float] | None = None
+    max_shift: float | None = Field(default=None, gt=0)
+    center_bounds: dict[str, tuple[float, float]] = {}
+    presence: Literal["bic", "ftest", "always"] | None = None
+
+    @field_validator("range", "fwhm_range")
+    @classmethod
+    def _increasing(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0 <= v[0] < v[1]:
+            raise ValueError(f"expected [low, high] with low < high, got {list(v)}")
+        return v
+
+    @field_validator("peaks")
+    @classmethod
+    def _peaks(cls, v: list[str]) -> list[str]:
+        from .crystallography import parse_hkl
+
+        out = []
+        for item in v:
+            phase, _, hkl = item.strip().rpartition(" ")
+            if not phase.strip():
+                raise ValueError(f'expected "phase hkl" such as "O3 003", got {item!r}')
+            try:
+                h, k, l = parse_hkl(hkl)
+            except ValueError as exc:
+                raise ValueError(f"{item!r}: {exc}") from None
+            out.append(f"{phase.strip()} {hkl}")
+        if len(set(out)) != len(out):
+            raise ValueError(f"a peak is listed twice in {v}")
+        return out
+
+    @property
+    def background_degree(self) -> int:
+        if isinstance(self.background, PolynomialBackground):
+            return self.background.polynomial
+        return {"constant": 0, "linear": 1, "quadratic": 2}[self.background]
+
+    def split_peak(self, label: str) -> tuple[str, tuple[int, int, int]]:
+        """``"O3 003"`` -> ``("O3", (0, 0, 3))``."""
+        from .crystallography import parse_hkl
+
+        phase, _, hkl = label.rpartition(" ")
+        return phase, parse_hkl(hkl)
+
+
+class FitSpec(_Spec):
+    """``[fit]``: how every window is fitted in every frame.
+
+    ``engine = "batched"`` fits a block of frames at once (vectorised Levenberg-Marquardt with
+    analytic derivatives); ``"lmfit"`` fits frame by frame with lmfit, the reference.
+    ``presence`` decides whether each component is there: ``"bic"`` keeps it when removing it
+    raises the Bayesian information criterion by more than ``bic_threshold``; ``"ftest"`` when
+    the F-test rejects its absence at ``ftest_alpha``; ``"always"`` never removes one. Beside
+    other components, one with less than ``min_fraction`` of the window's peak area is absent,
+    and so is any whose centre ends on the edge of its allowed range.
+    """
+
+    engine: Literal["batched", "lmfit"] = "batched"
+    presence: Literal["bic", "ftest", "always"] = "bic"
+    bic_threshold: float = Field(default=10.0, ge=0)
+    ftest_alpha: float = Field(default=1e-3, gt=0, lt=1)
+    min_fraction: float = Field(default=0.01, ge=0, lt=1)
+    block_frames: int = Field(default=128, ge=1, le=100_000)
+    workers: int | None = Field(default=None, ge=1, le=64)
+    max_iter: int = Field(default=200, ge=5, le=10_000)
+
+
 class Experiment(_Spec):
     """A whole validated experiment. ``source`` is the file it came from, ``text`` its content."""
 
@@ -305,6 +418,9 @@ class Experiment(_Spec):
     patterns: PatternsSpec | None = None
     calibration: CalibrationSpec | None = None
     integration: IntegrationSpec = IntegrationSpec()
+    phases: list[PhaseSpec] = []
+    windows: list[WindowSpec] = []
+    fit: FitSpec = FitSpec()
     source: Path | None = Field(default=None, exclude=True)
     text: str = Field(default="", exclude=True, repr=False)
 
@@ -318,12 +434,57 @@ class Experiment(_Spec):
             raise ValueError("[frames] needs a [calibration] section with at least poni = \"...\"")
         return self
 
+    @property
+    def radial_unit(self) -> str:
+        """The radial unit of the run's patterns (and of every window range)."""
+        return self.patterns.radial_unit if self.patterns is not None else self.integration.unit
+
+
+def _cross_check(exp: Experiment) -> list[tuple[str, str]]:
+    """Problems that span sections: windows must name known phases and allowed reflections."""
+    from .crystallography import is_allowed
+
+    problems: list[tuple[str, str]] = []
+    phases: dict[str, PhaseSpec] = {}
+    for i, ph in enumerate(exp.phases):
+        if ph.name in phases:
+            problems.append((f"phases.{i}.name", f"phase {ph.name!r} is defined twice"))
+        phases[ph.name] = ph
+    seen: set[str] = set()
+    top = 180.0 if exp.radial_unit == "2th_deg" else 40.0
+    for i, w in enumerate(exp.windows):
+        if w.name in seen:
+            problems.append((f"windows.{i}.name", f"window {w.name!r} is defined twice"))
+        seen.add(w.name)
+        if w.range[0] < 0 or w.range[1] > top:
+            problems.append((f"windows.{i}.range", f"{list(w.range)} is not a range of {exp.radial_unit}"))
+        for label in w.peaks:
+            name, (h, k, l) = w.split_peak(label)
+            if name not in phases:
+                close = difflib.get_close_matches(name, list(phases), n=1, cutoff=0.5)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                known = ", ".join(phases) or "none: add a [[phases]] table"
+                problems.append((f"windows.{i}.peaks",
+                                 f"window {w.name!r} names phase {name!r}, which is not in [[phases]]{hint} "
+                                 f"(phases: {known})"))
+            elif not is_allowed(phases[name].space_group, h, k, l):
+                problems.append((f"windows.{i}.peaks",
+                                 f"window {w.name!r}: ({h} {k} {l}) is not allowed in {phases[name].space_group} "
+                                 f"(phase {name})"))
+        for label, (lo, hi) in w.center_bounds.items():
+            if label not in w.peaks:
+                problems.append((f"windows.{i}.center_bounds",
+                                 f"{label!r} is not one of the window's peaks {w.peaks}"))
+            elif not lo < hi:
+                problems.append((f"windows.{i}.center_bounds", f"{label!r}: expected [low, high], got {[lo, hi]}"))
+    return problems
+
 
 # --------------------------------------------------------------------------------------------
 # loading and error reporting
 
 _SECTION_HINTS = {
-    "phases": "peak fitting", "windows": "peak fitting", "electrochemistry": "state of charge",
+    "electrochemistry": "state of charge",
     "refine": "whole-pattern refinement", "lattice": "lattice refinement",
     "plots": "figures", "export": "exports",
 }
@@ -406,6 +567,9 @@ def parse_experiment(data: dict[str, Any], *, base: Path | str = ".", source: st
         exp = Experiment.model_validate(data, context={"base": Path(base)})
     except ValidationError as exc:
         raise ConfigError(source, [_describe(e) for e in exc.errors()]) from None
+    problems = _cross_check(exp)
+    if problems:
+        raise ConfigError(source, problems)
     return exp.model_copy(update={"source": Path(source) if source != "<experiment>" else None,
                                   "text": text})
 

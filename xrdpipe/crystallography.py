@@ -10,6 +10,7 @@ layered sodium oxides.
 
 from __future__ import annotations
 
+import re
 from typing import Iterator
 
 import numpy as np
@@ -25,6 +26,7 @@ __all__ = [
     "d_hexagonal",
     "hexagonal_volume",
     "is_allowed",
+    "parse_hkl",
     "reflections",
     "multiplicity",
     "SPACE_GROUPS",
@@ -130,6 +132,30 @@ def is_allowed(space_group: str, h: int, k: int, l: int) -> bool:
     if h == k == l == 0:
         return False
     return rule(h, k, l)
+
+
+def parse_hkl(text: str) -> tuple[int, int, int]:
+    """Miller indices from ``"104"``, ``"1 0 4"``, ``"1,0,4"``, ``"0 0 12"`` or ``"1-14"``.
+
+    Without separators every index is one digit, optionally signed (``"1-14"`` is 1 -1 4).
+
+    >>> parse_hkl("0 0 12")
+    (0, 0, 12)
+    """
+    s = str(text).strip().strip("()")
+    if any(ch in s for ch in " ,;"):
+        parts = [p for p in re.split(r"[\s,;]+", s) if p]
+    else:
+        parts = re.findall(r"[-+]?\d", s)
+        if "".join(parts) != s:
+            parts = []
+    if len(parts) != 3:
+        raise ValueError(f"cannot read Miller indices from {text!r}; expected e.g. \"104\" or \"0 0 12\"")
+    try:
+        h, k, l = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"cannot read Miller indices from {text!r}; expected e.g. \"104\" or \"0 0 12\"") from None
+    return h, k, l
 
 
 def _equivalents(h: int, k: int, l: int, laue: str) -> set[tuple[int, int, int]]:

@@ -45,6 +45,8 @@ __all__ = [
     "pattern_1d",
     "peak_list",
     "SyntheticExperiment",
+    "PatternSeries",
+    "pattern_series",
     "make_experiment",
     "demo_geometry",
     "FARADAY",
@@ -275,6 +277,61 @@ def demo_mask(shape=(512, 512), seed: int = 7) -> np.ndarray:
     rng = np.random.default_rng(seed)
     mask[rng.integers(0, shape[0], 25), rng.integers(0, shape[1], 25)] = True
     return mask
+
+
+@dataclass
+class PatternSeries:
+    """In-memory 1D operando series with Poisson noise: ``intensity`` and ``sigma`` (frames x
+    points) on ``tth_deg``, the sodium content ``x`` per frame and the true ``peaks`` per frame."""
+
+    tth_deg: np.ndarray
+    intensity: np.ndarray
+    sigma: np.ndarray
+    x: np.ndarray
+    peaks: list[list[dict]]
+    scenario: Scenario
+
+    def truth(self, phase: str, hkl: str, key: str = "tth_deg") -> np.ndarray:
+        """One reflection's true ``tth_deg`` or ``area`` per frame (NaN / 0 where absent)."""
+        fill = 0.0 if key == "area" else np.nan
+        out = np.full(len(self.peaks), fill)
+        for i, frame in enumerate(self.peaks):
+            for p in frame:
+                if p["phase"] == phase and p["hkl"] == hkl:
+                    out[i] = p[key]
+        return out
+
+    def as_patterns(self, *, with_errors: bool = True):
+        """The series as a :class:`~xrdpipe.store.Patterns` stack (what ``open_run`` returns)."""
+        from .store import Patterns
+
+        n = len(self.x)
+        frames = {"status": np.ones(n, int), "message": np.array([""] * n, dtype=object),
+                  "time_s": np.arange(n) * 20.0 + 10.0}
+        sigma = self.sigma if with_errors else np.full_like(self.sigma, np.nan)
+        return Patterns(self.tth_deg, "2th_deg", self.scenario.wavelength_A, self.intensity, sigma, frames)
+
+
+def pattern_series(n_frames: int, *, scenario: Scenario | str = "nfm", x_range: tuple[float, float] | None = None,
+                   tth_range: tuple[float, float] = (3.0, 24.0), npt: int = 5000, counts: float = 1.0,
+                   background: float | None = None, seed: int = 0) -> PatternSeries:
+    """Patterns of a charge from ``x_range[0]`` to ``x_range[1]`` (default: the whole scenario),
+    evenly spaced in x, with Poisson noise. ``counts`` scales the peaks, ``background`` sets the
+    background level (default ``40 * counts``, a far higher peak-to-background ratio than a
+    coin cell gives; a few thousand at ``counts=0.05`` is closer to beamline data)."""
+    sc = {"nfm": nfm_scenario, "mcm": mcm_scenario}[scenario]() if isinstance(scenario, str) else scenario
+    lo, hi = x_range if x_range is not None else (sc.x0, sc.x_min)
+    xs = np.linspace(lo, hi, n_frames)
+    grid = np.linspace(*tth_range, npt)
+    rng = np.random.default_rng(seed)
+    out = np.empty((n_frames, npt))
+    peaks = []
+    for i, x in enumerate(xs):
+        pk = peak_list(phase_state(sc, float(x)), sc.wavelength_A, tth_range, scale=counts * 3000.0)
+        peaks.append(pk)
+        bg = 40.0 * counts if background is None else background
+        out[i] = rng.poisson(np.clip(pattern_1d(grid, pk, background=bg), 0, None))
+    return PatternSeries(grid, out, np.sqrt(np.maximum(out, 1.0)), xs, peaks, sc)
 
 
 @dataclass

@@ -1,0 +1,853 @@
+"""Per-frame peak fitting: named reflections, one component per coexisting phase.
+
+A ``[[windows]]`` table becomes a :class:`WindowModel`: one profile per listed ``"phase hkl"``
+(its start centre from the phase's cell at the run's wavelength) plus a polynomial background.
+:class:`PeakFitter` fits every window in a block of frames at once and carries the results
+forward as the next block's start values; a component whose removal does not worsen the fit
+enough (BIC or F-test) is declared absent and gets area 0 and ``present = False``.
+
+Two engines give the same answers: ``"batched"`` (:mod:`xrdpipe.batchfit`, vectorised
+Levenberg-Marquardt with analytic derivatives, all frames of a block at once) and ``"lmfit"``
+(an lmfit composite model fitted frame by frame: the reference, and the user-facing definition
+of every model through :meth:`WindowModel.lmfit_model`). This is the only module that imports
+lmfit.
+
+Failures are data: every (frame, window) gets ``success`` and a ``message``; nothing raises
+inside the loop over frames.
+
+Example
+-------
+>>> table = fit_peaks(open_run("results/run.nxs"), exp.phases, exp.windows)   # doctest: +SKIP
+>>> table.write_csv("results/peaks.csv")                                       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from scipy.ndimage import uniform_filter1d
+
+from .batchfit import BatchResult, least_squares_batch
+from .config import FitSpec, PhaseSpec, WindowSpec
+from .crystallography import d_from_q, d_from_tth, d_hexagonal, q_from_d, tth_from_d
+from .lineshapes import PROFILES, height
+
+__all__ = ["WindowModel", "PeakFitter", "PeakTable", "fit_peaks", "PEAK_COLUMNS"]
+
+#: The columns of peaks.csv (a public interface: extend, never rename).
+PEAK_COLUMNS = ("frame", "time_s", "window", "phase", "hkl", "center", "center_err", "fwhm", "fwhm_err",
+                "eta", "area", "area_err", "height", "redchi", "present", "success", "message",
+                "d_A", "d_err_A", "shape", "fwhm_left", "fwhm_right", "profile")
+
+#: Per-component quantities kept for every frame (frame x peak arrays).
+PEAK_FIELDS = ("center", "center_err", "fwhm", "fwhm_err", "fwhm_left", "fwhm_right", "shape", "shape_err",
+               "area", "area_err", "height", "d_A", "d_err_A")
+_SHAPE_START = {"pseudo_voigt": 0.5, "pearson7": 2.0, "split_pseudo_voigt": 0.5}
+_SHAPE_BOUNDS = {"pseudo_voigt": (0.0, 1.0), "pearson7": (0.6, 30.0), "split_pseudo_voigt": (0.0, 1.0)}
+
+
+@dataclass(frozen=True)
+class Component:
+    """One peak of a window: ``label`` ``"O3 003"``, its phase, hkl and start centre."""
+
+    label: str
+    phase: str
+    hkl: tuple[int, int, int]
+    center0: float
+
+
+def radial_from_d(d_A, unit: str, wavelength_A: float | None):
+    """Position of a d-spacing on the radial axis (2θ degrees or Q in 1/Å)."""
+    if unit == "q_A^-1":
+        return q_from_d(d_A)
+    return tth_from_d(d_A, wavelength_A) if wavelength_A else np.full(np.shape(d_A), np.nan)
+
+
+def d_from_radial(center, err, unit: str, wavelength_A: float | None):
+    """d-spacing (Å) and its esd from a centre on the radial axis and the centre's esd."""
+    center = np.asarray(center, float)
+    if unit == "q_A^-1":
+        with np.errstate(all="ignore"):
+            d = d_from_q(center)
+            return d, np.abs(d / center) * err
+    if not wavelength_A:
+        nan = np.full(center.shape, np.nan)
+        return nan, nan
+    with np.errstate(all="ignore"):
+        d = d_from_tth(center, wavelength_A)
+        half = np.radians(center) / 2
+        return d, np.abs(d / np.tan(half) / 2 * np.radians(err))
+
+
+class WindowModel:
+    """A window's model on the run's radial grid: components + background, parameter layout,
+    bounds and start values.
+
+    The parameters of component ``j`` are ``p{j}_center, p{j}_fwhm (or _fwhm_left, _fwhm_right),
+    p{j}_area, p{j}_eta (or _m)``; the background is ``bg_c0 ... bg_cN`` in the reduced
+    abscissa ``t = (x - x_mid) / half`` (-1 to 1 across the window). ``share = ["fwhm"]`` ties the
+    widths of all components to component 0's, ``"shape"`` the eta or m.
+    """
+
+    def __init__(self, spec: WindowSpec, phases: Mapping[str, PhaseSpec], radial: np.ndarray, unit: str,
+                 wavelength_A: float | None):
+        self.spec = spec
+        self.name = spec.name
+        self.profile = spec.profile
+        self.degree = spec.background_degree
+        self.unit = unit
+        self.wavelength_A = wavelength_A
+        radial = np.asarray(radial, float)
+        lo, hi = spec.range
+        idx = np.flatnonzero((radial >= lo) & (radial <= hi))
+        self.columns = slice(int(idx[0]), int(idx[-1]) + 1) if idx.size else slice(0, 0)
+        self.x = radial[self.columns]
+        self.x_mid, self.half = (lo + hi) / 2, (hi - lo) / 2
+        self.t = (self.x - self.x_mid) / self.half
+        self.step = float(np.median(np.diff(radial))) if radial.size > 1 else 1.0
+        self.data_span = (float(radial.min()), float(radial.max())) if radial.size else (np.nan, np.nan)
+        comps = []
+        for label in spec.peaks:
+            phase, hkl = spec.split_peak(label)
+            ph = phases[phase]
+            c0 = float(radial_from_d(d_hexagonal(*hkl, ph.a, ph.c), unit, wavelength_A))
+            if not spec.range[0] < c0 < spec.range[1]:
+                where = f"{c0:.4g} {unit}" if np.isfinite(c0) else "nowhere (beyond the reach of the wavelength)"
+                raise ValueError(f"{label} of a = {ph.a}, c = {ph.c} Å lies at {where}, outside the window's range "
+                                 f"{list(spec.range)}; check the cell, the window or the wavelength")
+            comps.append(Component(label, phase, hkl, c0))
+        self.components = tuple(comps)
+        shape_names = PROFILES[self.profile][2]
+        self.block = len(shape_names)
+        self._fn, self._jac = PROFILES[self.profile][:2]
+        # full layout and ties
+        full, tie, free_names = [], [], []
+        first: dict[str, int] = {}
+        for j in range(len(comps)):
+            for name in shape_names:
+                full.append(f"p{j}_{name}")
+                kind = "shape" if name in ("eta", "m") else ("fwhm" if name.startswith("fwhm") else name)
+                if kind in spec.share and j > 0:
+                    tie.append(first[name])
+                    continue
+                first.setdefault(name, len(free_names))
+                tie.append(len(free_names))
+                free_names.append(f"p{j}_{name}")
+        for d in range(self.degree + 1):
+            full.append(f"bg_c{d}")
+            tie.append(len(free_names))
+            free_names.append(f"bg_c{d}")
+        self.full_names = tuple(full)
+        self.names = tuple(free_names)
+        self.tie = np.array(tie)
+        self._t_matrix = np.zeros((len(full), len(free_names)))
+        self._t_matrix[np.arange(len(full)), self.tie] = 1.0
+        self.n_free = len(free_names)
+        # hard limits per component: the window and any center_bounds; by default each component
+        # also keeps to its territory, between the midpoints to its neighbours' start centres, so
+        # two components never swap phases (with ``max_shift`` the box follows the seed instead)
+        lo_w, hi_w = spec.range
+        self.limits = np.array([[max(lo_w, spec.center_bounds.get(k.label, (lo_w, hi_w))[0]),
+                                 min(hi_w, spec.center_bounds.get(k.label, (lo_w, hi_w))[1])] for k in comps])
+        self.territory = self.limits.copy()
+        c0 = np.array([k.center0 for k in comps])
+        for j, c in enumerate(c0):
+            below, above = c0[c0 < c], c0[c0 > c]
+            if below.size:
+                self.territory[j, 0] = max(self.territory[j, 0], (c + below.max()) / 2)
+            if above.size:
+                self.territory[j, 1] = min(self.territory[j, 1], (c + above.min()) / 2)
+
+    # -- layout helpers ------------------------------------------------------------------------
+    @property
+    def amplitudes(self) -> list[tuple[int, tuple[int, ...]]]:
+        """(area column, columns only this component uses) per component, for the solver."""
+        out = []
+        counts = np.bincount(self.tie, minlength=self.n_free)
+        for j in range(len(self.components)):
+            cols = self.component_columns(j)
+            area = self.index(j, "area")
+            own = tuple(int(c) for c in cols if c != area and counts[c] == 1)
+            out.append((area, own))
+        return out
+
+    def index(self, j: int, name: str) -> int:
+        """Free-parameter column of component ``j``'s ``name`` (``"center"``, ``"area"``...)."""
+        return int(self.tie[j * self.block + PROFILES[self.profile][2].index(name)])
+
+    def component_columns(self, j: int) -> np.ndarray:
+        return self.tie[j * self.block:(j + 1) * self.block]
+
+    def drop_mask(self, dropped: Sequence[int]) -> np.ndarray:
+        """Free columns to hold when ``dropped`` components are removed (shared ones stay free
+        while a kept component uses them)."""
+        used_by_kept = set()
+        for j in range(len(self.components)):
+            if j not in dropped:
+                used_by_kept.update(self.component_columns(j).tolist())
+        mask = np.zeros(self.n_free, bool)
+        for j in dropped:
+            for col in self.component_columns(j):
+                if col not in used_by_kept:
+                    mask[col] = True
+        return mask
+
+    # -- model ---------------------------------------------------------------------------------
+    def value_jac(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Model (r, m) and Jacobian (r, n_free, m) for parameters ``theta`` (r, n_free)."""
+        full = theta[:, self.tie]
+        r, m = theta.shape[0], self.x.size
+        jac = np.empty((r, full.shape[1], m))
+        base = len(self.components) * self.block
+        f = full[:, base:base + 1] * np.ones(m)
+        jac[:, base] = 1.0
+        for d in range(1, self.degree + 1):
+            td = self.t ** d
+            f += full[:, base + d:base + d + 1] * td
+            jac[:, base + d] = td
+        for j in range(len(self.components)):
+            cols = full[:, j * self.block:(j + 1) * self.block]
+            val, parts = self._jac(self.x, *(cols[:, i:i + 1] for i in range(self.block)))
+            f += val
+            for i, part in enumerate(parts):
+                jac[:, j * self.block + i] = part
+        if self.n_free != full.shape[1]:
+            jac = np.matmul(self._t_matrix.T, jac)
+        return f, jac
+
+    def value(self, theta: np.ndarray) -> np.ndarray:
+        return self.value_jac(np.atleast_2d(theta))[0]
+
+    # -- start values and bounds -----------------------------------------------------------------
+    def start(self, y: np.ndarray, valid: np.ndarray, seeds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Start values and bounds (each (n, n_free)) for data ``y`` (n, m).
+
+        ``seeds`` (K, block) holds each component's carried parameters (NaN: use the phase cell
+        and estimates from the data). A carried value stuck at a bound is not used.
+        """
+        n, m = y.shape
+        k = len(self.components)
+        edge = max(2, m // 10)
+        yv = np.where(valid, y, np.nan)
+        with np.errstate(all="ignore"):
+            left = np.nanmedian(yv[:, :edge], axis=1) if m else np.zeros(n)
+            right = np.nanmedian(yv[:, -edge:], axis=1) if m else np.zeros(n)
+        left = np.where(np.isfinite(left), left, 0.0)
+        right = np.where(np.isfinite(right), right, left)
+        bg = left[:, None] + (right - left)[:, None] * (self.t + 1) / 2 if m else np.zeros((n, 0))
+        net = np.where(valid, y - bg, 0.0)
+        width = self.spec.range[1] - self.spec.range[0]
+        fw_guess = np.full(n, self.spec.fwhm if self.spec.fwhm else np.nan)
+        if self.spec.fwhm is None and m:
+            top = net.max(axis=1)
+            above = np.count_nonzero(net > top[:, None] / 2, axis=1)
+            fw_guess = np.clip(above * abs(self.step), 2 * abs(self.step), width / 4)
+        if self.spec.fwhm_range is not None:
+            fw_lo, fw_hi = (np.full(n, v) for v in self.spec.fwhm_range)
+            fw_guess = np.clip(fw_guess, fw_lo, fw_hi)
+        else:
+            # narrower than a bin is noise; far broader than the window's main peak is background
+            fw_lo = np.full(n, abs(self.step))
+            fw_hi = np.minimum(width / 3, 4 * fw_guess)
+        smooth = net
+        if m:
+            size = int(max(1, round(0.3 * np.nanmedian(fw_guess) / abs(self.step))))
+            if size > 1:
+                smooth = uniform_filter1d(net, size, axis=1, mode="nearest")
+        theta = np.zeros((n, self.n_free))
+        lo = np.full((n, self.n_free), -np.inf)
+        hi = np.full((n, self.n_free), np.inf)
+        names = PROFILES[self.profile][2]
+        s_lo, s_hi = _SHAPE_BOUNDS[self.profile]
+        for j, comp in enumerate(self.components):
+            seed = seeds[j] if seeds is not None else np.full(self.block, np.nan)
+            sd = dict(zip(names, seed))
+            c_seed = sd["center"]
+            ms = self.spec.max_shift
+            t_lo, t_hi = self.territory[j] if ms is None else self.limits[j]
+            if not np.isfinite(c_seed) or not t_lo < c_seed < t_hi:
+                c_seed = comp.center0
+            if ms is not None:
+                t_lo, t_hi = max(t_lo, c_seed - ms), min(t_hi, c_seed + ms)
+            c_lo, c_hi = t_lo, t_hi
+            c_start = np.full(n, min(max(c_seed, c_lo), c_hi))
+            if m:
+                # start at the tallest point of the component's box unless the seed still sits
+                # on a peak at least half as tall (a peak that moved since the seed was taken)
+                inbox = (self.x >= c_lo) & (self.x <= c_hi)
+                if inbox.any():
+                    cand = np.where(inbox, smooth, -np.inf)
+                    best = cand.argmax(axis=1)
+                    at_seed = np.clip(np.searchsorted(self.x, c_start), 0, m - 1)
+                    keep = np.isfinite(sd["center"]) & (smooth[np.arange(n), at_seed] >= 0.5 * cand[np.arange(n), best])
+                    c_start = np.where(keep, c_start, self.x[best])
+            for name in names:
+                col = self.index(j, name)
+                if name == "center":
+                    theta[:, col], lo[:, col], hi[:, col] = c_start, c_lo, c_hi
+                elif name.startswith("fwhm"):
+                    v = sd[name]
+                    use = np.isfinite(v) & (fw_lo < v) & (v < fw_hi)
+                    theta[:, col] = np.where(use, v, fw_guess)
+                    lo[:, col], hi[:, col] = fw_lo, fw_hi
+                elif name == "area":
+                    lo[:, col] = 0.0
+                else:
+                    v = sd[name]
+                    theta[:, col] = v if (np.isfinite(v) and s_lo < v < s_hi) else _SHAPE_START[self.profile]
+                    lo[:, col], hi[:, col] = s_lo, s_hi
+            # area from the net height at the start centre
+            if m:
+                at = np.clip(np.searchsorted(self.x, c_start), 0, m - 1)
+                h = smooth[np.arange(n), at]
+                fw = theta[:, self.index(j, names[1])]
+                a = np.maximum(h, 0.02 * np.maximum(net.max(axis=1), 0) + 1e-12) * fw * 1.2
+                theta[:, self.index(j, "area")] = a
+        base = self.index(k - 1, names[-1]) + 1 if k else 0
+        if m:
+            theta[:, base] = (left + right) / 2
+            if self.degree >= 1:
+                theta[:, base + 1] = (right - left) / 2
+        np.clip(theta, lo, hi, out=theta)
+        return theta, lo, hi
+
+    # -- lmfit, the reference and the user-facing definition -------------------------------------
+    def lmfit_model(self):
+        """The window as an lmfit composite model (components with ``prefix="p{j}_"``)."""
+        from lmfit import Model
+
+        model = None
+        for j in range(len(self.components)):
+            part = Model(self._fn, prefix=f"p{j}_")
+            model = part if model is None else model + part
+        bg = Model(_background, prefix="bg_")
+        return bg if model is None else model + bg
+
+    def lmfit_params(self, model, theta: np.ndarray, lo: np.ndarray, hi: np.ndarray, hold: np.ndarray):
+        """lmfit Parameters equivalent to a free vector, its bounds and held columns."""
+        params = model.make_params()
+        for i, name in enumerate(self.full_names):
+            col = self.tie[i]
+            owner = self.names[col]
+            if owner != name:
+                params[name].set(expr=owner)
+                continue
+            vlo = lo[col] if np.isfinite(lo[col]) else -np.inf
+            vhi = hi[col] if np.isfinite(hi[col]) else np.inf
+            params[name].set(value=theta[col], min=vlo, max=vhi, vary=not hold[col])
+        for d in range(5):
+            name = f"bg_c{d}"
+            if d > self.degree:
+                params[name].set(value=0.0, vary=False)
+        params["bg_x_mid"].set(value=self.x_mid, vary=False)
+        params["bg_half"].set(value=self.half, vary=False)
+        return params
+
+
+def _background(x, c0=0.0, c1=0.0, c2=0.0, c3=0.0, c4=0.0, x_mid=0.0, half=1.0):
+    """Polynomial background in the reduced abscissa (for the lmfit model)."""
+    t = (x - x_mid) / half
+    return c0 + t * (c1 + t * (c2 + t * (c3 + t * c4)))
+
+
+# ----------------------------------------------------------------------------------------------
+# one window over a block of frames
+
+@dataclass
+class _Fit:
+    """Solutions on a set of rows, in the free layout of a window model."""
+
+    p: np.ndarray
+    cov: np.ndarray
+    chi2: np.ndarray
+    n_points: np.ndarray
+    n_vary: int
+    ok: np.ndarray
+    message: np.ndarray
+
+    def take(self, rows: np.ndarray) -> "_Fit":
+        return _Fit(self.p[rows], self.cov[rows], self.chi2[rows], self.n_points[rows], self.n_vary,
+                    self.ok[rows], self.message[rows])
+
+
+def _optimize_batched(model: WindowModel, theta, lo, hi, hold, y, w, *, max_iter: int, has_errors: bool,
+                      weak_z: float = 2.0) -> _Fit:
+    res: BatchResult = least_squares_batch(model.value_jac, theta, y, w, lower=lo, upper=hi, fixed=hold,
+                                           max_iter=max_iter, amplitudes=model.amplitudes, weak_z=weak_z)
+    msg = np.full(len(theta), "", dtype=object)
+    msg[res.status == 0] = f"no convergence in {max_iter} iterations"
+    msg[res.status < 0] = "fit diverged (non-finite chi-square)"
+    return _Fit(res.p, res.cov, res.chi2, res.n_points, int(model.n_free - np.count_nonzero(hold)),
+                res.success, msg)
+
+
+def _optimize_lmfit(model: WindowModel, theta, lo, hi, hold, y, w, *, max_iter: int, has_errors: bool,
+                   weak_z: float = 0.0) -> _Fit:
+    if getattr(model, "_lmfit", None) is None:
+        model._lmfit = model.lmfit_model()
+    lm = model._lmfit
+    n, k = theta.shape
+    out = _Fit(theta.copy(), np.full((n, k, k), np.nan), np.full(n, np.nan), np.zeros(n, int),
+               int(k - np.count_nonzero(hold)), np.zeros(n, bool), np.full(n, "", dtype=object))
+    col = {name: i for i, name in enumerate(model.names)}
+    for i in range(n):
+        keep = w[i] > 0
+        out.n_points[i] = np.count_nonzero(keep)
+        params = model.lmfit_params(lm, theta[i], lo[i], hi[i], hold)
+        try:
+            res = lm.fit(y[i, keep], params, x=model.x[keep], weights=w[i, keep] if has_errors else None,
+                         scale_covar=False, max_nfev=max_iter * (k + 1))
+        except (ValueError, TypeError, FloatingPointError) as exc:
+            out.message[i] = f"lmfit: {exc}"
+            continue
+        out.p[i] = [res.params[name].value for name in model.names]
+        out.chi2[i] = res.chisqr
+        out.ok[i] = bool(res.success) and np.isfinite(res.chisqr)
+        if not out.ok[i]:
+            out.message[i] = f"lmfit: {res.message}"
+        if res.covar is not None:
+            idx = [col[v] for v in res.var_names]
+            out.cov[i][np.ix_(idx, idx)] = res.covar
+        at = (out.p[i] <= lo[i]) | (out.p[i] >= hi[i])  # like the batched path: no esd at a bound
+        out.cov[i][at, :] = np.nan
+        out.cov[i][:, at] = np.nan
+    return out
+
+
+_ENGINES = {"batched": _optimize_batched, "lmfit": _optimize_lmfit}
+
+
+@dataclass
+class WindowResult:
+    """One window fitted in n frames: per-component arrays (n, K) and per-frame ones (n,)."""
+
+    values: dict[str, np.ndarray]
+    present: np.ndarray
+    success: np.ndarray
+    redchi: np.ndarray
+    message: np.ndarray
+    full_params: np.ndarray = field(repr=False)
+
+
+def fit_window(model: WindowModel, y: np.ndarray, sigma: np.ndarray | None, *, seeds: np.ndarray | None = None,
+               fit: FitSpec = FitSpec(), usable: np.ndarray | None = None) -> WindowResult:
+    """Fit one window in a block of frames (rows of ``y``, on the window's grid ``model.x``).
+
+    ``sigma`` (same shape, or None) weights the points; without it every valid point has unit
+    weight and the esds are scaled by the reduced chi-square. ``usable`` marks the frames to fit
+    at all. Components whose presence is not supported by the data are removed (``presence``).
+    """
+    y = np.asarray(y, float)
+    n, m = y.shape
+    k_comp = len(model.components)
+    usable = np.ones(n, bool) if usable is None else np.asarray(usable, bool)
+    has_errors = sigma is not None and bool(np.isfinite(sigma[usable]).any())
+    valid = np.isfinite(y)
+    if has_errors:
+        valid &= np.isfinite(sigma) & (sigma > 0)
+        w = np.where(valid, 1.0 / np.where(valid, sigma, 1.0), 0.0)
+    else:
+        w = valid.astype(float)
+    y0 = np.where(valid, y, 0.0)
+    theta, lo, hi = model.start(y, valid, seeds)
+    n_valid = valid.sum(axis=1)
+    message = np.full(n, "", dtype=object)
+    success = np.zeros(n, bool)
+    present = np.zeros((n, k_comp), bool)
+    final = np.full((n, model.n_free), np.nan)
+    final_cov = np.full((n, model.n_free, model.n_free), np.nan)
+    chi2 = np.full(n, np.nan)
+    npts = np.zeros(n, int)
+    nvary = np.zeros(n, int)
+    if m == 0:
+        message[usable] = (f"window {model.name!r} {list(model.spec.range)} has no data points "
+                           f"(the data span {model.data_span[0]:g} to {model.data_span[1]:g} {model.unit})")
+        rows = np.zeros(0, int)
+    else:
+        few = usable & (n_valid < model.n_free + 2)
+        message[few] = [f"only {v} valid points in the window (NaN or no esd); {model.n_free + 2} needed"
+                        for v in n_valid[few]]
+        rows = np.flatnonzero(usable & ~few)
+    opt = _ENGINES[fit.engine]
+    # a component too weak to pass the presence test even at its best stops moving (batched path)
+    k_own = max((len(own) + 1 for _, own in model.amplitudes), default=1)
+    weak_z = np.sqrt(fit.bic_threshold + k_own * np.log(max(m, 2))) if fit.presence == "bic" else 2.0
+    kw = dict(max_iter=fit.max_iter, has_errors=has_errors, weak_z=weak_z)
+    no_hold = np.zeros(model.n_free, bool)
+    if rows.size:
+        full = opt(model, theta[rows], lo[rows], hi[rows], no_hold, y0[rows], w[rows], **kw)
+        message[rows] = full.message
+        good = rows[full.ok]
+        fg = full.take(full.ok)
+        presence = model.spec.presence or fit.presence
+        decided = np.ones((good.size, k_comp), bool)
+        reduced: dict[int, _Fit] = {}
+        if presence != "always" and good.size:
+            veto = _vetoed(model, fg.p, lo[good], hi[good], fit.min_fraction)
+            for j in range(k_comp):
+                decided[:, j], reduced[j] = _test_component(model, j, fg, lo[good], hi[good], y0[good], w[good],
+                                                            opt, kw, presence, fit, veto[:, j])
+        # final parameters: the full fit, or the fit without the absent components
+        sol_p, sol_cov, sol_chi2, sol_nv = fg.p.copy(), fg.cov.copy(), fg.chi2.copy(), np.full(good.size, fg.n_vary)
+        absent_sets = [tuple(np.flatnonzero(~r)) for r in decided]
+        for pattern in set(absent_sets):
+            if not pattern:
+                continue
+            sel = np.array([s == pattern for s in absent_sets])
+            if len(pattern) == 1 and pattern[0] in reduced:
+                red = reduced[pattern[0]]
+                use = sel & red.ok
+                sol_p[use], sol_cov[use], sol_chi2[use], sol_nv[use] = red.p[use], red.cov[use], red.chi2[use], red.n_vary
+                sel &= ~use
+            if not sel.any():
+                continue
+            hold = model.drop_mask(pattern)
+            start = fg.p[sel].copy()
+            for j in pattern:
+                start[:, model.index(j, "area")] = 0.0
+            red = opt(model, start, lo[good[sel]], hi[good[sel]], hold, y0[good[sel]], w[good[sel]], **kw)
+            idx = np.flatnonzero(sel)
+            use = idx[red.ok]
+            sol_p[use], sol_cov[use], sol_chi2[use], sol_nv[use] = red.p[red.ok], red.cov[red.ok], red.chi2[red.ok], red.n_vary
+        final[good], final_cov[good], chi2[good], nvary[good] = sol_p, sol_cov, sol_chi2, sol_nv
+        npts[good] = fg.n_points
+        present[good] = decided
+        success[good] = True
+        none = good[~decided.any(axis=1)]
+        message[none] = "no component present"
+    with np.errstate(all="ignore"):
+        redchi = chi2 / (npts - nvary)
+    if not has_errors:
+        final_cov = final_cov * redchi[:, None, None]
+    values = _component_values(model, final, final_cov, present, success)
+    return WindowResult(values, present, success, redchi, message, final)
+
+
+def _vetoed(model: WindowModel, p: np.ndarray, lo: np.ndarray, hi: np.ndarray, min_fraction: float) -> np.ndarray:
+    """(n, K): components that are not peaks whatever the statistics say: the centre ended on
+    the edge of its box or within half a FWHM of the window's edge (it is chasing something
+    outside), or, beside other components, the area is below ``min_fraction`` of the window's
+    peak area."""
+    k = len(model.components)
+    areas = np.stack([p[:, model.index(j, "area")] for j in range(k)], axis=1)
+    total = areas.sum(axis=1, keepdims=True)
+    out = np.zeros(areas.shape, bool)
+    for j in range(k):
+        c = model.index(j, "center")
+        span = hi[:, c] - lo[:, c]
+        tol = 1e-6 * np.where(np.isfinite(span), span, 1.0)
+        edge = np.maximum(0.5 * p[:, model.index(j, PROFILES[model.profile][2][1])], 2 * abs(model.step))
+        w_lo, w_hi = model.spec.range
+        out[:, j] = ((p[:, c] <= lo[:, c] + tol) | (p[:, c] >= hi[:, c] - tol)
+                     | (p[:, c] < w_lo + edge) | (p[:, c] > w_hi - edge))
+        if k > 1:
+            with np.errstate(all="ignore"):
+                out[:, j] |= areas[:, j] < min_fraction * total[:, 0]
+    return out
+
+
+def _test_component(model: WindowModel, j: int, fg: _Fit, lo, hi, y, w, opt, kw, presence: str, fit: FitSpec,
+                    veto: np.ndarray):
+    """Is component ``j`` present in each row of a successful full fit? Returns the decision and
+    the fits without ``j`` (``ok`` only on the rows where one was made)."""
+    from scipy.special import fdtrc, fdtri
+
+    n = fg.p.shape[0]
+    a_col = model.index(j, "area")
+    hold = model.drop_mask([j])
+    k_j = int(np.count_nonzero(hold))
+    area = fg.p[:, a_col]
+    with np.errstate(all="ignore"):
+        z2 = area**2 / np.diagonal(fg.cov, axis1=1, axis2=2)[:, a_col]
+        rc = fg.chi2 / fg.n_points
+        nfree = fg.n_points - fg.n_vary
+    decision = np.zeros(n, bool)
+    at_zero = (area <= lo[:, a_col]) | veto
+    if presence == "bic":
+        margin = 4 * (fit.bic_threshold + k_j * np.log(np.maximum(fg.n_points, 2)))
+        sure = z2 / rc > margin
+    else:
+        f_crit = fdtri(k_j, np.maximum(nfree, 1), 1 - fit.ftest_alpha)
+        sure = z2 / (k_j * fg.chi2 / np.maximum(nfree, 1)) > 4 * f_crit
+    if fit.engine == "lmfit":
+        sure = np.zeros(n, bool)  # the reference tests every component the long way
+    sure &= np.isfinite(z2) & ~at_zero
+    decision[sure] = True
+    test = np.flatnonzero(~sure & ~at_zero)
+    reduced = _Fit(fg.p.copy(), fg.cov.copy(), fg.chi2.copy(), fg.n_points, fg.n_vary - k_j, np.zeros(n, bool),
+                   fg.message)
+    if test.size == 0:
+        return decision, reduced
+    start = fg.p[test].copy()
+    start[:, a_col] = 0.0
+    red = opt(model, start, lo[test], hi[test], hold, y[test], w[test], **kw)
+    f_chi2 = fg.chi2[test]
+    r_chi2 = np.where(red.ok, red.chi2, np.inf)
+    npts = fg.n_points[test]
+    with np.errstate(all="ignore"):
+        if presence == "bic":
+            delta = npts * np.log(r_chi2 / f_chi2) - k_j * np.log(npts)
+            keep = delta > fit.bic_threshold
+        else:
+            nf = np.maximum(npts - fg.n_vary, 1)
+            fstat = ((r_chi2 - f_chi2) / k_j) / (f_chi2 / nf)
+            keep = fdtrc(k_j, nf, fstat) < fit.ftest_alpha
+    decision[test] = keep & np.isfinite(f_chi2)
+    reduced.p[test], reduced.cov[test], reduced.chi2[test], reduced.ok[test] = red.p, red.cov, red.chi2, red.ok
+    return decision, reduced
+
+
+def _component_values(model: WindowModel, p, cov, present, success) -> dict[str, np.ndarray]:
+    """Per-component quantities (n, K) from the free parameters and their covariance."""
+    n, k = p.shape[0], len(model.components)
+    out = {name: np.full((n, k), np.nan) for name in PEAK_FIELDS}
+    names = PROFILES[model.profile][2]
+    var = np.diagonal(cov, axis1=1, axis2=2)
+    with np.errstate(all="ignore"):
+        err = np.sqrt(var)
+    for j in range(k):
+        c = {name: model.index(j, name) for name in names}
+        live = success & present[:, j]
+        out["center"][:, j] = p[:, c["center"]]
+        out["center_err"][:, j] = err[:, c["center"]]
+        out["area"][:, j] = p[:, c["area"]]
+        out["area_err"][:, j] = err[:, c["area"]]
+        shape = names[-1]
+        out["shape"][:, j] = p[:, c[shape]]
+        out["shape_err"][:, j] = err[:, c[shape]]
+        if model.profile == "split_pseudo_voigt":
+            fl, fr = p[:, c["fwhm_left"]], p[:, c["fwhm_right"]]
+            il, ir = c["fwhm_left"], c["fwhm_right"]
+            with np.errstate(all="ignore"):
+                fw_err = np.sqrt(var[:, il] + var[:, ir] + 2 * cov[:, il, ir]) / 2
+            out["fwhm"][:, j] = (fl + fr) / 2
+            out["fwhm_err"][:, j] = fw_err
+            out["fwhm_left"][:, j], out["fwhm_right"][:, j] = fl, fr
+            out["height"][:, j] = height(model.profile, out["area"][:, j], fl, out["shape"][:, j], fr)
+        else:
+            out["fwhm"][:, j] = p[:, c["fwhm"]]
+            out["fwhm_err"][:, j] = err[:, c["fwhm"]]
+            out["fwhm_left"][:, j] = out["fwhm_right"][:, j] = out["fwhm"][:, j]
+            out["height"][:, j] = height(model.profile, out["area"][:, j], out["fwhm"][:, j], out["shape"][:, j])
+        out["d_A"][:, j], out["d_err_A"][:, j] = d_from_radial(out["center"][:, j], out["center_err"][:, j],
+                                                               model.unit, model.wavelength_A)
+        # an absent component has area 0 and nothing else; a failed window has nothing at all
+        gone = success & ~present[:, j]
+        for name in PEAK_FIELDS:
+            out[name][~live, j] = np.nan
+        out["area"][gone, j] = 0.0
+        out["height"][gone, j] = 0.0
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# every window, frame block by frame block
+
+@dataclass
+class PeakTable:
+    """Fitted peaks of n frames: ``values[field]`` (n, P) per component (``labels``), ``present``
+    (n, P), and per window ``success``, ``redchi``, ``message`` (n, W)."""
+
+    frame: np.ndarray
+    time_s: np.ndarray
+    windows: tuple[str, ...]
+    peaks: tuple[tuple[str, str, str, str], ...]  # (window, phase, hkl, profile) per component
+    values: dict[str, np.ndarray]
+    present: np.ndarray
+    success: np.ndarray
+    redchi: np.ndarray
+    message: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def column(self, name: str, label: str) -> np.ndarray:
+        """One component's series, e.g. ``table.column("center", "O3 003")``."""
+        for i, (_, phase, hkl, _) in enumerate(self.peaks):
+            if f"{phase} {hkl}" == label:
+                return self.present[:, i] if name == "present" else self.values[name][:, i]
+        raise KeyError(f"no peak {label!r}; peaks: {[f'{p} {h}' for _, p, h, _ in self.peaks]}")
+
+    def rows(self):
+        """peaks.csv rows (dicts keyed by :data:`PEAK_COLUMNS`), frame by frame."""
+        win_index = {w: i for i, w in enumerate(self.windows)}
+        for r in range(len(self.frame)):
+            for i, (window, phase, hkl, profile) in enumerate(self.peaks):
+                wi = win_index[window]
+                v = {k: self.values[k][r, i] for k in PEAK_FIELDS}
+                yield {
+                    "frame": int(self.frame[r]), "time_s": _num(self.time_s[r]), "window": window, "phase": phase,
+                    "hkl": hkl, "center": _num(v["center"]), "center_err": _num(v["center_err"]),
+                    "fwhm": _num(v["fwhm"]), "fwhm_err": _num(v["fwhm_err"]),
+                    "eta": _num(v["shape"]) if profile != "pearson7" else "",
+                    "area": _num(v["area"]), "area_err": _num(v["area_err"]), "height": _num(v["height"]),
+                    "redchi": _num(self.redchi[r, wi]), "present": int(bool(self.present[r, i])),
+                    "success": int(bool(self.success[r, wi])), "message": self.message[r, wi] or "",
+                    "d_A": _num(v["d_A"]), "d_err_A": _num(v["d_err_A"]), "shape": _num(v["shape"]),
+                    "fwhm_left": _num(v["fwhm_left"]), "fwhm_right": _num(v["fwhm_right"]), "profile": profile,
+                }
+
+    def write_csv(self, path: Path | str) -> Path:
+        """Write ``peaks.csv`` (one row per frame and component; centre and FWHM in the run's unit)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".part")
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=PEAK_COLUMNS)
+            w.writeheader()
+            w.writerows(self.rows())
+        tmp.replace(path)
+        return path
+
+
+def _num(v) -> str:
+    v = float(v)
+    return "" if not np.isfinite(v) else f"{v:.10g}"
+
+
+class PeakFitter:
+    """Fits every window of an experiment, a block of frames at a time, carrying start values.
+
+    ``seeds`` (one (K, block) array per window) is the whole state between blocks: each
+    component's parameters in the last frame where it was found. Set it to resume a run.
+    """
+
+    def __init__(self, phases: Sequence[PhaseSpec], windows: Sequence[WindowSpec], fit: FitSpec = FitSpec(), *,
+                 radial: np.ndarray, unit: str, wavelength_A: float | None):
+        phase_map = {p.name: p for p in phases}
+        self.fit = fit
+        self.models = [WindowModel(w, phase_map, radial, unit, wavelength_A) for w in windows]
+        self.windows = tuple(m.name for m in self.models)
+        self.peaks = tuple((m.name, c.phase, " ".join(map(str, c.hkl)) if max(map(abs, c.hkl)) > 9 else
+                            "".join(map(str, c.hkl)), m.profile) for m in self.models for c in m.components)
+        self.seeds = [np.full((len(m.components), m.block), np.nan) for m in self.models]
+
+    def fit_block(self, intensity: np.ndarray, sigma: np.ndarray | None, *, frame: np.ndarray,
+                  time_s: np.ndarray | None = None, usable: np.ndarray | None = None,
+                  reasons: Sequence[str] | None = None) -> PeakTable:
+        """Fit frames ``intensity`` (n, npt) (``sigma`` alike or None); rows not ``usable`` are
+        recorded as failures with their ``reasons``."""
+        n = intensity.shape[0]
+        usable = np.ones(n, bool) if usable is None else np.asarray(usable, bool)
+        values = {k: np.full((n, len(self.peaks)), np.nan) for k in PEAK_FIELDS}
+        present = np.zeros((n, len(self.peaks)), bool)
+        success = np.zeros((n, len(self.models)), bool)
+        redchi = np.full((n, len(self.models)), np.nan)
+        message = np.full((n, len(self.models)), "", dtype=object)
+        results = self._fit_windows(intensity, sigma, usable)
+        col = 0
+        for wi, (model, res) in enumerate(zip(self.models, results)):
+            k = len(model.components)
+            for name in PEAK_FIELDS:
+                values[name][:, col:col + k] = res.values[name]
+            present[:, col:col + k] = res.present
+            success[:, wi], redchi[:, wi], message[:, wi] = res.success, res.redchi, res.message
+            col += k
+        if reasons is not None:
+            for r in np.flatnonzero(~usable):
+                message[r, :] = reasons[r] or "frame not integrated"
+        return PeakTable(np.asarray(frame), np.full(n, np.nan) if time_s is None else np.asarray(time_s, float),
+                         self.windows, self.peaks, values, present, success, redchi, message)
+
+    def _fit_windows(self, intensity, sigma, usable) -> list[WindowResult]:
+        """Every window over the block. The batched engine splits the frames between threads
+        (NumPy releases the GIL in the heavy loops); lmfit goes frame by frame."""
+        n = intensity.shape[0]
+        if self.fit.engine == "lmfit":
+            out = []
+            for wi, model in enumerate(self.models):
+                s = sigma[:, model.columns] if sigma is not None else None
+                out.append(self._sequential(wi, model, intensity[:, model.columns], s, usable))
+            return out
+        workers = self.fit.workers or os.cpu_count() or 1
+        parts = max(1, min(workers, n // 32))
+        bounds = np.linspace(0, n, parts + 1).astype(int)
+        jobs = [(wi, slice(a, b)) for wi in range(len(self.models)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+        def run(job):
+            wi, rows = job
+            model = self.models[wi]
+            s = sigma[rows, model.columns] if sigma is not None else None
+            return fit_window(model, intensity[rows, model.columns], s, seeds=self._seed(wi), fit=self.fit,
+                              usable=usable[rows])
+
+        if parts > 1 or len(jobs) > 1 and workers > 1:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                done = list(pool.map(run, jobs))
+        else:
+            done = [run(j) for j in jobs]
+        out = []
+        for wi in range(len(self.models)):
+            pieces = [r for (w, _), r in zip(jobs, done) if w == wi]
+            res = pieces[0] if len(pieces) == 1 else _join_results(pieces)
+            self._carry(wi, res)
+            out.append(res)
+        return out
+
+    def _seed(self, wi: int) -> np.ndarray | None:
+        return self.seeds[wi] if self.models[wi].spec.seed == "previous" else None
+
+    def _carry(self, wi: int, res: WindowResult) -> None:
+        """Keep each component's parameters from the last frame where its window succeeded and it
+        was present (a failed frame never seeds the next)."""
+        model = self.models[wi]
+        for j in range(len(model.components)):
+            ok = np.flatnonzero(res.success & res.present[:, j])
+            if ok.size:
+                self.seeds[wi][j] = res.full_params[ok[-1]][model.component_columns(j)]
+
+    def _sequential(self, wi: int, model: WindowModel, y, s, usable) -> WindowResult:
+        parts = []
+        for r in range(y.shape[0]):
+            res = fit_window(model, y[r:r + 1], None if s is None else s[r:r + 1], seeds=self._seed(wi),
+                             fit=self.fit, usable=usable[r:r + 1])
+            self._carry(wi, res)
+            parts.append(res)
+        return _join_results(parts)
+
+
+def _join_results(parts: Sequence[WindowResult]) -> WindowResult:
+    return WindowResult({k: np.concatenate([p.values[k] for p in parts]) for k in PEAK_FIELDS},
+                        np.concatenate([p.present for p in parts]), np.concatenate([p.success for p in parts]),
+                        np.concatenate([p.redchi for p in parts]), np.concatenate([p.message for p in parts]),
+                        np.concatenate([p.full_params for p in parts]))
+
+
+def concat_tables(tables: Sequence[PeakTable]) -> PeakTable:
+    """Join consecutive blocks."""
+    t0 = tables[0]
+    return PeakTable(np.concatenate([t.frame for t in tables]), np.concatenate([t.time_s for t in tables]),
+                     t0.windows, t0.peaks, {k: np.concatenate([t.values[k] for t in tables]) for k in PEAK_FIELDS},
+                     np.concatenate([t.present for t in tables]), np.concatenate([t.success for t in tables]),
+                     np.concatenate([t.redchi for t in tables]), np.concatenate([t.message for t in tables]))
+
+
+def fit_peaks(patterns, phases: Sequence[PhaseSpec], windows: Sequence[WindowSpec], fit: FitSpec = FitSpec(), *,
+              progress: bool = False) -> PeakTable:
+    """Fit ``windows`` in every frame of an in-memory :class:`~xrdpipe.store.Patterns` stack.
+
+    Frames that failed integration are kept as failed rows. For a run file on disk (streamed,
+    resumable, written as it goes) use :func:`xrdpipe.pipeline.fit_experiment`.
+    """
+    status = np.asarray(patterns.frames.get("status", np.ones(len(patterns.intensity))))
+    fitter = PeakFitter(phases, windows, fit, radial=patterns.radial, unit=patterns.unit,
+                        wavelength_A=patterns.wavelength_A)
+    sigma = patterns.sigma
+    n = patterns.intensity.shape[0]
+    usable = status == 1
+    reasons = [("frame not integrated: " + str(m)) if not u else "" for u, m in
+               zip(usable, patterns.frames.get("message", [""] * n))]
+    blocks = []
+    step = fit.block_frames
+    for b in range(0, n, step):
+        sl = slice(b, min(n, b + step))
+        blocks.append(fitter.fit_block(patterns.intensity[sl], None if sigma is None else sigma[sl],
+                                       frame=np.arange(n)[sl], time_s=patterns.frames.get("time_s", np.full(n, np.nan))[sl],
+                                       usable=usable[sl], reasons=reasons[sl]))
+    return concat_tables(blocks)
