@@ -111,7 +111,7 @@ def least_squares_batch(fun: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray
             for amp, shape in amplitudes:
                 weak = np.abs(pa[:, amp]) * np.sqrt(np.maximum(diag[:, amp], 0)) < weak_z
                 hold[:, list(shape)] |= weak[:, None]
-        scale = np.maximum(diag, 1e-12 * np.maximum(diag.max(axis=1, keepdims=True), 1e-300))
+        scale = np.where(diag > 0, diag, 1.0)  # Marquardt's scaling; parameters span many decades
         free = ~hold
         damped = (h + (lam[active, None] * scale)[:, :, None] * eye) * (free[:, :, None] & free[:, None, :])
         damped += eye * hold[:, :, None]
@@ -164,7 +164,7 @@ def _covariance(hess: np.ndarray, held: np.ndarray) -> np.ndarray:
     """inv(JᵀWJ) over the parameters that are free and have influence; NaN elsewhere."""
     n, k, _ = hess.shape
     diag = np.diagonal(hess, axis1=1, axis2=2)
-    dead = held | (diag <= 1e-14 * np.maximum(diag.max(axis=1, keepdims=True), 1e-300))
+    dead = held | ~(diag > 0)
     live = ~dead
     eye = np.eye(k)
     h = hess * (live[:, :, None] & live[:, None, :]) + eye * dead[:, :, None]

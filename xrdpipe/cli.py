@@ -78,6 +78,33 @@ def integrate(experiment: str, restart: bool, workers: int | None, quiet: bool) 
 
 
 @main.command()
+@click.argument("experiment", type=click.Path(dir_okay=False))
+@click.option("--restart", is_flag=True, help="Discard the fitted peaks and fit every frame again.")
+@click.option("--engine", type=click.Choice(["batched", "lmfit"]), default=None,
+              help="Override [fit] engine: batched (fast) or lmfit (frame by frame, the reference).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def fit(experiment: str, restart: bool, engine: str | None, quiet: bool) -> None:
+    """Fit the [[windows]] of EXPERIMENT in every integrated frame; write peaks.csv.
+
+    Results are written block by block into the run file; an interrupted fit resumes, and
+    changed phases, windows or [fit] settings fit every frame again.
+    """
+    from .errors import XrdpipeError
+    from .pipeline import fit_experiment
+
+    try:
+        exp = _load(experiment)
+        summary = fit_experiment(exp, restart=restart, progress=not quiet, engine=engine)
+    except XrdpipeError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: every block fitted so far is in the run file; "
+                   "run the same command again to resume", err=True)
+        sys.exit(130)
+    click.echo(str(summary))
+
+
+@main.command()
 @click.argument("out", type=click.Path(file_okay=False), default="xrdpipe-demo")
 @click.option("--frames", "n_frames", type=click.IntRange(5, 100_000), default=50, show_default=True,
               help="Number of frames to simulate.")
@@ -86,27 +113,29 @@ def integrate(experiment: str, restart: bool, workers: int | None, quiet: bool) 
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def demo(out: str, n_frames: int, scenario: str, seed: int, quiet: bool) -> None:
-    """Simulate a small operando experiment of 2D frames in OUT and integrate it."""
+    """Simulate a small operando experiment of 2D frames in OUT, integrate it and fit its peaks."""
     import time
 
     from .config import load_experiment
     from .errors import XrdpipeError
-    from .pipeline import integrate_experiment
+    from .pipeline import fit_experiment, integrate_experiment
     from .testing import make_experiment
 
     t0 = time.perf_counter()
     folder = Path(out)
     click.echo(f"simulating {n_frames} frames ({scenario} scenario) in {folder}/ ...")
-    syn = make_experiment(folder, scenario=scenario, n_frames=n_frames, seed=seed,
+    syn = make_experiment(folder, scenario=scenario, n_frames=n_frames, seed=seed, counts=0.002, background=100.0,
                           run_name=f"demo-{scenario}")
     click.echo(f"  wrote {len(syn.frame_files)} EIGER-like HDF5 file(s), demo.poni, mask.edf, cycler.csv, "
                f"truth.csv and experiment.toml ({time.perf_counter() - t0:.1f} s)")
     try:
         exp = load_experiment(syn.experiment_file)
         summary = integrate_experiment(exp, progress=not quiet)
+        click.echo(str(summary))
+        fitted = fit_experiment(exp, progress=not quiet)
     except XrdpipeError as exc:
         _fail(exc)
-    click.echo(str(summary))
+    click.echo(str(fitted))
     click.echo(f"experiment file: {syn.experiment_file}")
     click.echo(f"look at the patterns: silx view {summary.run_file}   (or h5web)")
 

@@ -37,8 +37,9 @@ from .batchfit import BatchResult, least_squares_batch
 from .config import FitSpec, PhaseSpec, WindowSpec
 from .crystallography import d_from_q, d_from_tth, d_hexagonal, q_from_d, tth_from_d
 from .lineshapes import PROFILES, height
+from .store import PEAK_ARRAYS
 
-__all__ = ["WindowModel", "PeakFitter", "PeakTable", "fit_peaks", "PEAK_COLUMNS"]
+__all__ = ["WindowModel", "PeakFitter", "PeakTable", "WindowSetupError", "fit_peaks", "fit_window", "PEAK_COLUMNS"]
 
 #: The columns of peaks.csv (a public interface: extend, never rename).
 PEAK_COLUMNS = ("frame", "time_s", "window", "phase", "hkl", "center", "center_err", "fwhm", "fwhm_err",
@@ -46,8 +47,7 @@ PEAK_COLUMNS = ("frame", "time_s", "window", "phase", "hkl", "center", "center_e
                 "d_A", "d_err_A", "shape", "fwhm_left", "fwhm_right", "profile")
 
 #: Per-component quantities kept for every frame (frame x peak arrays).
-PEAK_FIELDS = ("center", "center_err", "fwhm", "fwhm_err", "fwhm_left", "fwhm_right", "shape", "shape_err",
-               "area", "area_err", "height", "d_A", "d_err_A")
+PEAK_FIELDS = PEAK_ARRAYS
 _SHAPE_START = {"pseudo_voigt": 0.5, "pearson7": 2.0, "split_pseudo_voigt": 0.5}
 _SHAPE_BOUNDS = {"pseudo_voigt": (0.0, 1.0), "pearson7": (0.6, 30.0), "split_pseudo_voigt": (0.0, 1.0)}
 
@@ -149,20 +149,27 @@ class WindowModel:
         self._t_matrix = np.zeros((len(full), len(free_names)))
         self._t_matrix[np.arange(len(full)), self.tie] = 1.0
         self.n_free = len(free_names)
-        # hard limits per component: the window and any center_bounds; by default each component
-        # also keeps to its territory, between the midpoints to its neighbours' start centres, so
-        # two components never swap phases (with ``max_shift`` the box follows the seed instead)
+        # hard limits per component: the window and any center_bounds
         lo_w, hi_w = spec.range
         self.limits = np.array([[max(lo_w, spec.center_bounds.get(k.label, (lo_w, hi_w))[0]),
                                  min(hi_w, spec.center_bounds.get(k.label, (lo_w, hi_w))[1])] for k in comps])
-        self.territory = self.limits.copy()
-        c0 = np.array([k.center0 for k in comps])
-        for j, c in enumerate(c0):
-            below, above = c0[c0 < c], c0[c0 > c]
-            if below.size:
-                self.territory[j, 0] = max(self.territory[j, 0], (c + below.max()) / 2)
-            if above.size:
-                self.territory[j, 1] = min(self.territory[j, 1], (c + above.min()) / 2)
+
+    def boxes(self, centers: np.ndarray) -> np.ndarray:
+        """(K, 2) centre bounds for the seed ``centers``. By default each component keeps to its
+        territory, between the midpoints to its neighbours' seeds (neighbours in the order of the
+        start centres), so two components never swap phases; with ``max_shift`` the box is the
+        seed ± max_shift instead. Always inside the window and any ``center_bounds``."""
+        box = self.limits.copy()
+        if self.spec.max_shift is not None:
+            box[:, 0] = np.maximum(box[:, 0], centers - self.spec.max_shift)
+            box[:, 1] = np.minimum(box[:, 1], centers + self.spec.max_shift)
+            return box
+        order = np.argsort([k.center0 for k in self.components])
+        for a, b in zip(order[:-1], order[1:]):
+            mid = (centers[a] + centers[b]) / 2
+            box[a, 1] = min(box[a, 1], mid)
+            box[b, 0] = max(box[b, 0], mid)
+        return box
 
     # -- layout helpers ------------------------------------------------------------------------
     @property
@@ -265,17 +272,14 @@ class WindowModel:
         hi = np.full((n, self.n_free), np.inf)
         names = PROFILES[self.profile][2]
         s_lo, s_hi = _SHAPE_BOUNDS[self.profile]
+        seeds = np.full((k, self.block), np.nan) if seeds is None else np.asarray(seeds, float)
+        c_seeds = np.array([c if np.isfinite(c) and lim[0] < c < lim[1] else comp.center0
+                            for c, lim, comp in zip(seeds[:, 0], self.limits, self.components)])
+        boxes = self.boxes(c_seeds)
         for j, comp in enumerate(self.components):
-            seed = seeds[j] if seeds is not None else np.full(self.block, np.nan)
-            sd = dict(zip(names, seed))
-            c_seed = sd["center"]
-            ms = self.spec.max_shift
-            t_lo, t_hi = self.territory[j] if ms is None else self.limits[j]
-            if not np.isfinite(c_seed) or not t_lo < c_seed < t_hi:
-                c_seed = comp.center0
-            if ms is not None:
-                t_lo, t_hi = max(t_lo, c_seed - ms), min(t_hi, c_seed + ms)
-            c_lo, c_hi = t_lo, t_hi
+            sd = dict(zip(names, seeds[j]))
+            c_seed = c_seeds[j]
+            c_lo, c_hi = boxes[j]
             c_start = np.full(n, min(max(c_seed, c_lo), c_hi))
             if m:
                 # start at the tallest point of the component's box unless the seed still sits
@@ -530,21 +534,25 @@ def fit_window(model: WindowModel, y: np.ndarray, sigma: np.ndarray | None, *, s
 
 
 def _vetoed(model: WindowModel, p: np.ndarray, lo: np.ndarray, hi: np.ndarray, min_fraction: float) -> np.ndarray:
-    """(n, K): components that are not peaks whatever the statistics say: the centre ended on
-    the edge of its box or within half a FWHM of the window's edge (it is chasing something
-    outside), or, beside other components, the area is below ``min_fraction`` of the window's
-    peak area."""
+    """(n, K): components that are not peaks whatever the statistics say: the centre ended on a
+    hard limit (``center_bounds``, the ``max_shift`` box) or within half a FWHM of the window's
+    edge (it is chasing something outside the window), or, beside other components, the area is
+    below ``min_fraction`` of the window's peak area. A centre pressed against the territory of
+    a neighbour is not vetoed: overlapping peaks legitimately sit there."""
     k = len(model.components)
     areas = np.stack([p[:, model.index(j, "area")] for j in range(k)], axis=1)
     total = areas.sum(axis=1, keepdims=True)
     out = np.zeros(areas.shape, bool)
+    w_lo, w_hi = model.spec.range
     for j in range(k):
         c = model.index(j, "center")
-        span = hi[:, c] - lo[:, c]
-        tol = 1e-6 * np.where(np.isfinite(span), span, 1.0)
+        if model.spec.max_shift is not None:
+            hard_lo, hard_hi = lo[:, c], hi[:, c]
+        else:
+            hard_lo, hard_hi = np.full(len(p), model.limits[j, 0]), np.full(len(p), model.limits[j, 1])
+        tol = 1e-6 * (hard_hi - hard_lo)
         edge = np.maximum(0.5 * p[:, model.index(j, PROFILES[model.profile][2][1])], 2 * abs(model.step))
-        w_lo, w_hi = model.spec.range
-        out[:, j] = ((p[:, c] <= lo[:, c] + tol) | (p[:, c] >= hi[:, c] - tol)
+        out[:, j] = ((p[:, c] <= hard_lo + tol) | (p[:, c] >= hard_hi - tol)
                      | (p[:, c] < w_lo + edge) | (p[:, c] > w_hi - edge))
         if k > 1:
             with np.errstate(all="ignore"):
@@ -711,6 +719,14 @@ def _num(v) -> str:
     return "" if not np.isfinite(v) else f"{v:.10g}"
 
 
+class WindowSetupError(ValueError):
+    """Windows that cannot be set up on this run's data: ``problems`` is [(window index, why)]."""
+
+    def __init__(self, problems: list[tuple[int, str]]):
+        super().__init__("; ".join(f"window {i}: {m}" for i, m in problems))
+        self.problems = problems
+
+
 class PeakFitter:
     """Fits every window of an experiment, a block of frames at a time, carrying start values.
 
@@ -722,7 +738,14 @@ class PeakFitter:
                  radial: np.ndarray, unit: str, wavelength_A: float | None):
         phase_map = {p.name: p for p in phases}
         self.fit = fit
-        self.models = [WindowModel(w, phase_map, radial, unit, wavelength_A) for w in windows]
+        self.models, problems = [], []
+        for i, w in enumerate(windows):
+            try:
+                self.models.append(WindowModel(w, phase_map, radial, unit, wavelength_A))
+            except (ValueError, KeyError) as exc:
+                problems.append((i, f"window {w.name!r}: {exc}"))
+        if problems:
+            raise WindowSetupError(problems)
         self.windows = tuple(m.name for m in self.models)
         self.peaks = tuple((m.name, c.phase, " ".join(map(str, c.hkl)) if max(map(abs, c.hkl)) > 9 else
                             "".join(map(str, c.hkl)), m.profile) for m in self.models for c in m.components)
@@ -801,6 +824,20 @@ class PeakFitter:
             ok = np.flatnonzero(res.success & res.present[:, j])
             if ok.size:
                 self.seeds[wi][j] = res.full_params[ok[-1]][model.component_columns(j)]
+
+    def resume(self, stored: Mapping[str, np.ndarray]) -> None:
+        """Take the start values from results already written (rows before the resumed ones):
+        ``stored`` holds the (frame, peak) arrays and ``success`` (frame, window)."""
+        col = 0
+        for wi, model in enumerate(self.models):
+            names = PROFILES[model.profile][2]
+            for j in range(len(model.components)):
+                ok = np.flatnonzero(stored["success"][:, wi] & stored["present"][:, col + j])
+                if ok.size:
+                    r = ok[-1]
+                    src = {"fwhm": "fwhm", "eta": "shape", "m": "shape"}
+                    self.seeds[wi][j] = [stored[src.get(name, name)][r, col + j] for name in names]
+            col += len(model.components)
 
     def _sequential(self, wi: int, model: WindowModel, y, s, usable) -> WindowResult:
         parts = []

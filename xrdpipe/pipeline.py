@@ -15,7 +15,7 @@ from .errors import CalibrationError, ConfigError, FrameReadError, PatternReadEr
 from .frames import FrameRef, frame_times, list_frames, read_frame
 from .store import DONE, RunFile
 
-__all__ = ["IntegrationSummary", "integrate_experiment", "package_versions"]
+__all__ = ["IntegrationSummary", "integrate_experiment", "package_versions", "FitSummary", "fit_experiment"]
 
 
 @dataclass
@@ -211,3 +211,129 @@ def _import_patterns(exp: Experiment, *, restart: bool, progress: bool) -> Integ
 
 
 
+
+
+@dataclass
+class FitSummary:
+    """What a peak-fitting run did."""
+
+    run_file: Path
+    csv_file: Path | None
+    total: int
+    fitted: int = 0
+    skipped: int = 0
+    waiting: int = 0
+    restarted: bool = False
+    seconds: float = 0.0
+    present: dict[str, int] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"{self.total} frame(s): {self.fitted} fitted now, {self.skipped} already done"
+                 + (f", {self.waiting} not integrated yet" if self.waiting else "")
+                 + f" ({self.seconds:.1f} s)"]
+        if self.restarted:
+            lines.append("the fit settings changed since the last run: every frame was fitted again")
+        if self.present:
+            lines.append("frames with each peak present: "
+                         + ", ".join(f"{k} {v}" for k, v in self.present.items()))
+        for msg, count in sorted(self.failures.items(), key=lambda kv: -kv[1])[:8]:
+            lines.append(f"  {count} window fit(s) failed: {msg}")
+        lines.append(f"run file: {self.run_file}")
+        if self.csv_file:
+            lines.append(f"peaks: {self.csv_file}")
+        return "\n".join(lines)
+
+
+def fit_experiment(exp: Experiment, *, restart: bool = False, progress: bool = True,
+                   engine: str | None = None) -> FitSummary:
+    """Fit the ``[[windows]]`` of an experiment in every integrated frame of its run file.
+
+    Results go into ``/entry/peaks`` block by block (an interrupted fit resumes where it
+    stopped; changed settings start it again) and to ``peaks.csv`` beside the run file.
+    """
+    import time
+
+    from .peaks import PeakFitter, WindowSetupError
+    from .store import FAILED, PENDING, PeakStore, open_run_info
+
+    t_start = time.perf_counter()
+    where = str(exp.source or "experiment")
+    if not exp.windows:
+        raise ConfigError(where, [("windows", "no [[windows]] to fit; add at least one (see README)")])
+    fit = exp.fit if engine is None else exp.fit.model_copy(update={"engine": engine})
+    info = open_run_info(exp.run.run_file)
+    try:
+        fitter = PeakFitter(exp.phases, exp.windows, fit, radial=info["radial"], unit=info["unit"],
+                            wavelength_A=info["wavelength_A"])
+    except WindowSetupError as exc:
+        raise ConfigError(where, [(f"windows.{i}.peaks", msg) for i, msg in exc.problems]) from None
+    from . import __version__
+
+    fingerprint = {"xrdpipe": __version__, "phases": [p.model_dump(mode="json") for p in exp.phases],
+                   "windows": [w.model_dump(mode="json") for w in exp.windows],
+                   "fit": fit.model_dump(mode="json", exclude={"workers", "block_frames"}),
+                   "patterns": info["fingerprint"]}
+    status = info["status"]
+    n = status.size
+    summary = FitSummary(exp.run.run_file, None, n)
+    store, kept = PeakStore.open(exp.run.run_file, windows=fitter.windows, peaks=fitter.peaks,
+                                 fingerprint=fingerprint, restart=restart)
+    summary.restarted = not kept and not restart and info["had_peaks"]
+    with store:
+        done = store.done
+        todo = ~done & (status != PENDING)
+        summary.skipped = int(done.sum())
+        summary.waiting = int((status == PENDING).sum())
+        rows = np.flatnonzero(todo)
+        if rows.size and rows[0] > 0:
+            fitter.resume(store.stored(int(rows[0])))
+        bar = _progress(int(rows.size), "fit", progress)
+        try:
+            for chunk in _runs(rows, fit.block_frames):
+                a, b = int(chunk[0]), int(chunk[-1]) + 1
+                intensity, sigma = store.read_patterns(a, b)
+                pick = chunk - a
+                usable = status[chunk] != FAILED
+                reasons = [("frame not integrated: " + str(info["message"][r])) if status[r] == FAILED else ""
+                           for r in chunk]
+                table = fitter.fit_block(intensity[pick], sigma[pick], frame=chunk, time_s=info["time_s"][chunk],
+                                         usable=usable, reasons=reasons)
+                store.write(chunk, table.values, table.present, table.success, table.redchi, table.message)
+                summary.fitted += chunk.size
+                bar.update(chunk.size)
+        finally:
+            bar.close()
+    table = _stored_table(exp.run.run_file)
+    summary.csv_file = table.write_csv(exp.run.output / "peaks.csv")
+    for i, (w, ph, hkl, _) in enumerate(table.peaks):
+        summary.present[f"{ph} {hkl}"] = int(table.present[:, i].sum())
+    for msg in table.message[~table.success]:
+        if msg:
+            key = msg if len(msg) < 90 else msg[:87] + "..."
+            summary.failures[key] = summary.failures.get(key, 0) + 1
+    summary.seconds = time.perf_counter() - t_start
+    return summary
+
+
+def _stored_table(run_file: Path):
+    """The fitted peaks of a run file as a :class:`~xrdpipe.peaks.PeakTable` (done rows only)."""
+    from .peaks import PeakTable
+    from .store import PEAK_ARRAYS, read_peaks
+
+    d = read_peaks(run_file)
+    rows = np.flatnonzero(d["done"])
+    peaks = tuple(zip(d["peak_window"], d["peak_phase"], d["peak_hkl"], d["peak_profile"]))
+    return PeakTable(rows, d["time_s"][rows], d["window"], peaks, {k: d[k][rows] for k in PEAK_ARRAYS},
+                     d["present"][rows].astype(bool), d["success"][rows].astype(bool), d["redchi"][rows],
+                     d["message"][rows])
+
+
+def _runs(rows: np.ndarray, size: int):
+    """Split ascending rows into blocks of at most ``size`` consecutive rows."""
+    if rows.size == 0:
+        return
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    for run in np.split(rows, breaks):
+        for i in range(0, run.size, size):
+            yield run[i:i + size]

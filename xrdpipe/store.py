@@ -34,7 +34,8 @@ from .crystallography import convert_radial
 from .errors import StoreError
 from .frames import FrameRef, FrameTime, utc_seconds
 
-__all__ = ["RunFile", "open_run", "PENDING", "DONE", "FAILED", "Patterns"]
+__all__ = ["RunFile", "open_run", "PENDING", "DONE", "FAILED", "Patterns", "PeakStore", "read_peaks",
+           "open_run_info", "PEAK_ARRAYS"]
 
 PENDING, DONE, FAILED = 0, 1, -1
 _FORMAT = "xrdpipe-run-1"
@@ -305,3 +306,181 @@ def open_run(path: Path | str) -> Patterns:
                             pat["intensity"][()], pat["intensity_errors"][()], frames)
     except OSError as exc:
         raise StoreError(f"cannot read run file {path}: {exc}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# /entry/peaks: fitted peaks, frame x peak, written block by block
+
+PEAK_ARRAYS = ("center", "center_err", "fwhm", "fwhm_err", "fwhm_left", "fwhm_right", "shape", "shape_err",
+               "area", "area_err", "height", "d_A", "d_err_A")
+_PEAK_UNITS = {"d_A": "angstrom", "d_err_A": "angstrom", "area": "counts x radial unit",
+               "area_err": "counts x radial unit", "height": "counts"}
+
+
+class PeakStore:
+    """The ``/entry/peaks`` group of a run file, open for writing.
+
+    Layout: one (frame, peak) dataset per quantity (``center``, ``center_err``, ``fwhm``, ...,
+    ``present``), one (frame, window) dataset for ``success``, ``redchi`` and ``message``, the
+    labels ``peak_window``, ``peak_phase``, ``peak_hkl``, ``peak_profile`` (peak,) and ``window``
+    (window,), and ``done`` (frame,), set once a frame's results are written. ``@fingerprint``
+    holds the settings; other settings start the group again.
+    """
+
+    def __init__(self, h5, path: Path):
+        self._h5 = h5
+        self.path = path
+        self._g = h5["/entry/peaks"]
+        self._last_flush = time.monotonic()
+
+    @classmethod
+    def open(cls, path: Path | str, *, windows: Sequence[str], peaks: Sequence[tuple[str, str, str, str]],
+             fingerprint: dict[str, Any], restart: bool = False) -> tuple["PeakStore", bool]:
+        """Open (or create) the group; returns the store and whether earlier results were kept."""
+        import h5py
+
+        path = Path(path)
+        try:
+            h5 = h5py.File(path, "r+")
+        except OSError as exc:
+            raise StoreError(f"cannot open run file {path} for writing: {exc}") from None
+        try:
+            n = h5["/entry/frames/key"].shape[0]
+            entry = h5["/entry"]
+            kept = False
+            text = json.dumps(fingerprint, sort_keys=True)
+            if "peaks" in entry:
+                same = entry["peaks"].attrs.get("fingerprint") == text
+                if same and not restart:
+                    kept = True
+                else:
+                    del entry["peaks"]
+            if not kept:
+                _create_peaks(entry, n, windows, peaks, text)
+            store = cls(h5, path)
+            store._grow(n)
+            return store, kept
+        except Exception:
+            h5.close()
+            raise
+
+    def _grow(self, n: int) -> None:
+        g = self._g
+        if g["done"].shape[0] < n:
+            for name, ds in g.items():
+                if isinstance(ds, type(g["done"])) and ds.maxshape and ds.maxshape[0] is None:
+                    ds.resize((n, *ds.shape[1:]))
+
+    @property
+    def done(self) -> np.ndarray:
+        return self._g["done"][()].astype(bool)
+
+    def read_patterns(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``start:stop`` of the pattern stack: intensity and its esd (NaN if none)."""
+        pat = self._h5["/entry/patterns"]
+        return pat["intensity"][start:stop].astype(float), pat["intensity_errors"][start:stop].astype(float)
+
+    def stored(self, stop: int) -> dict[str, np.ndarray]:
+        """Results of rows ``0:stop`` (to carry start values into a resumed fit)."""
+        g = self._g
+        out = {name: g[name][:stop] for name in PEAK_ARRAYS}
+        out.update(present=g["present"][:stop].astype(bool), success=g["success"][:stop].astype(bool),
+                   done=g["done"][:stop].astype(bool))
+        return out
+
+    def write(self, rows: np.ndarray, values: dict[str, np.ndarray], present: np.ndarray, success: np.ndarray,
+              redchi: np.ndarray, message: np.ndarray) -> None:
+        """Write the results of ``rows`` (ascending) and mark them done."""
+        rows = np.asarray(rows)
+        g = self._g
+        sel = slice(int(rows[0]), int(rows[-1]) + 1) if np.all(np.diff(rows) == 1) else rows
+        for name in PEAK_ARRAYS:
+            g[name][sel] = values[name]
+        g["present"][sel] = present.astype(np.int8)
+        g["success"][sel] = success.astype(np.int8)
+        g["redchi"][sel] = redchi
+        g["message"][sel] = message.astype(str).astype(object)
+        g["done"][sel] = 1  # last: a row is done only once its results are in
+        now = time.monotonic()
+        if now - self._last_flush >= 2.0:
+            self._h5.flush()
+            self._last_flush = now
+
+    def close(self) -> None:
+        if self._h5.id.valid:
+            self._h5.flush()
+            self._h5.close()
+
+    def __enter__(self) -> "PeakStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _create_peaks(entry, n: int, windows, peaks, fingerprint: str) -> None:
+    s = _str_dtype()
+    g = entry.create_group("peaks")
+    g.attrs.update({"NX_class": "NXcollection", "fingerprint": fingerprint})
+    p, w = len(peaks), len(windows)
+    for name in PEAK_ARRAYS:
+        d = g.create_dataset(name, shape=(n, p), maxshape=(None, p), dtype="f8", fillvalue=np.nan,
+                             chunks=(min(max(n, 1), 1024), max(p, 1)))
+        if name in _PEAK_UNITS:
+            d.attrs["units"] = _PEAK_UNITS[name]
+    g.create_dataset("present", shape=(n, p), maxshape=(None, p), dtype="i1", chunks=(1024, max(p, 1)))
+    g.create_dataset("success", shape=(n, w), maxshape=(None, w), dtype="i1", chunks=(1024, max(w, 1)))
+    g.create_dataset("redchi", shape=(n, w), maxshape=(None, w), dtype="f8", fillvalue=np.nan,
+                     chunks=(1024, max(w, 1)))
+    g.create_dataset("message", shape=(n, w), maxshape=(None, w), dtype=s, chunks=(1024, max(w, 1)))
+    g.create_dataset("done", shape=(n,), maxshape=(None,), dtype="i1", chunks=(1024,))
+    g.create_dataset("window", data=np.array(list(windows), dtype=object), dtype=s)
+    for i, name in enumerate(("peak_window", "peak_phase", "peak_hkl", "peak_profile")):
+        g.create_dataset(name, data=np.array([pk[i] for pk in peaks], dtype=object), dtype=s)
+
+
+def open_run_info(path: Path | str) -> dict[str, Any]:
+    """Everything about a run file's patterns except the pattern stack itself: ``radial``,
+    ``unit``, ``wavelength_A``, per-frame ``status``, ``message``, ``time_s``, the patterns'
+    ``fingerprint`` and ``had_peaks``."""
+    import h5py
+
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"run file {path} does not exist; run 'xrdpipe integrate' first")
+    try:
+        with h5py.File(path, "r") as h5:
+            if h5.attrs.get("format") != _FORMAT:
+                raise StoreError(f"{path} is not an xrdpipe run file")
+            pat = h5["/entry/patterns"]
+            axis = pat.attrs["axes"][1]
+            axis = axis.decode() if isinstance(axis, bytes) else str(axis)
+            wl = h5["/entry/instrument/monochromator"].get("wavelength")
+            return {"radial": pat[axis][()], "unit": "2th_deg" if axis == "tth" else "q_A^-1",
+                    "wavelength_A": float(wl[()]) if wl is not None else None,
+                    "status": h5["/entry/frames/status"][()], "message": _decode(h5["/entry/frames/message"][()]),
+                    "time_s": pat["time_s"][()], "fingerprint": json.loads(h5["/entry/process/fingerprint"][()]),
+                    "had_peaks": "peaks" in h5["/entry"]}
+    except OSError as exc:
+        raise StoreError(f"cannot read run file {path}: {exc}") from None
+
+
+def read_peaks(path: Path | str) -> dict[str, Any]:
+    """``/entry/peaks`` of a run file as arrays (see :class:`PeakStore`), with ``time_s``."""
+    import h5py
+
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"run file {path} does not exist; run 'xrdpipe integrate' first")
+    with h5py.File(path, "r") as h5:
+        if "peaks" not in h5["/entry"]:
+            raise StoreError(f"{path} holds no fitted peaks yet; run 'xrdpipe fit' first")
+        g = h5["/entry/peaks"]
+        out: dict[str, Any] = {name: g[name][()] for name in (*PEAK_ARRAYS, "present", "success", "redchi", "done")}
+        out["message"] = np.array([[v.decode() if isinstance(v, bytes) else v for v in row]
+                                   for row in g["message"][()]], dtype=object).reshape(g["message"].shape)
+        for name in ("window", "peak_window", "peak_phase", "peak_hkl", "peak_profile"):
+            out[name] = tuple(_decode(g[name][()]))
+        out["time_s"] = h5["/entry/patterns/time_s"][()]
+        out["fingerprint"] = json.loads(g.attrs["fingerprint"])
+    return out

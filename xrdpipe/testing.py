@@ -365,7 +365,7 @@ def make_experiment(folder: Path | str, *, scenario: Scenario | str = "nfm", n_f
                     shape: tuple[int, int] = (512, 512), frame_format: str = "h5",
                     frames_per_file: int = 25, period_s: float = 20.0, exposure_s: float | None = None,
                     n_rest: int = 3, frac_charge: float = 0.6, active_mass_mg: float = 7.2,
-                    counts: float = 1.0, seed: int = 0, npt: int = 2000,
+                    counts: float = 1.0, background: float | None = None, seed: int = 0, npt: int = 2000,
                     start: datetime = datetime(2025, 7, 2, 19, 5, 59, tzinfo=timezone(timedelta(hours=8))),
                     run_name: str | None = None) -> SyntheticExperiment:
     """Write a synthetic operando experiment folder and return its truth.
@@ -381,7 +381,9 @@ def make_experiment(folder: Path | str, *, scenario: Scenario | str = "nfm", n_f
     frames_per_file : frames per HDF5 stack
     period_s, exposure_s : frame period and exposure (default exposure: the whole period)
     frac_charge : share of the active frames spent charging (then discharging)
-    counts : scale of the intensities (photon counts)
+    counts : scale of the peak intensities (photon counts)
+    background : background level per pixel (default ``40 * counts``: very strong peaks over a
+        low background; ``counts=0.002, background=100`` looks more like a coin cell on an EIGER)
     seed : random seed (Poisson noise, dead pixels)
     """
     import fabio
@@ -471,7 +473,7 @@ def make_experiment(folder: Path | str, *, scenario: Scenario | str = "nfm", n_f
                 truth_rows.append({"frame": i, "time": (times[i][0] + (times[i][1] - times[i][0]) / 2).isoformat(),
                                    "time_s": i * period_s + exposure_s / 2, "x": float(xs[i]), "phase": ph.name,
                                    "a": a, "c": c, "fraction": frac})
-            y1 = pattern_1d(grid, peaks, background=40.0 * counts)
+            y1 = pattern_1d(grid, peaks, background=40.0 * counts if background is None else background)
             if not is_2d:
                 y = rng.poisson(np.clip(y1, 0, None)).astype(float)
                 path = raw / f"{run_name}_{i:05d}.xye"
@@ -527,7 +529,7 @@ def make_experiment(folder: Path | str, *, scenario: Scenario | str = "nfm", n_f
 
     exp_file = folder / "experiment.toml"
     exp_file.write_text(_experiment_toml(run_name, sc, frame_format, start, period_s, exposure_s,
-                                         npt, active_mass_mg, cyc_start))
+                                         npt, active_mass_mg, cyc_start) + _fit_toml(sc))
     peaks_by_frame: list[list[dict]] = [[] for _ in range(n_frames)]
     for r in peak_rows:
         peaks_by_frame[r["frame"]].append(r)
@@ -575,6 +577,27 @@ def _write_fabio(folder: Path, i: int, img: np.ndarray, start: datetime, exposur
     else:
         raise ValueError(f"unknown frame_format {fmt!r}; expected h5, cbf, edf, tiff or xye")
     return path
+
+
+#: Fit windows of the synthetic scenarios: (name, range in 2θ, reflection).
+_WINDOWS = {
+    "nfm": (("003", (6.0, 7.1), "003"), ("006", (12.4, 13.8), "006")),
+    "mcm": (("002", (6.6, 7.4), "002"), ("004", (13.5, 14.5), "004"), ("100", (15.6, 16.6), "100")),
+}
+
+
+def _fit_toml(sc: Scenario) -> str:
+    """[[phases]] (start cells: the high phase at x0, the low one where it appears) and
+    [[windows]] with one component per phase."""
+    lo, _ = sc.coexistence
+    out = ["", "# Peak fitting: start cells and windows (2θ, degrees). One component per phase."]
+    for ph, (a, c) in ((sc.high, sc.high.cell(sc.x0)), (sc.low, sc.low.cell(lo))):
+        out += ["[[phases]]", f'name = "{ph.name}"', f'space_group = "{ph.space_group}"', f"a = {a:.4f}",
+                f"c = {c:.3f}", ""]
+    for name, (w0, w1), hkl in _WINDOWS.get(sc.name, ()):
+        peaks = ", ".join(f'"{ph.name} {hkl}"' for ph in (sc.high, sc.low))
+        out += ["[[windows]]", f'name = "{name}"', f"range = [{w0}, {w1}]", f"peaks = [{peaks}]", ""]
+    return "\n".join(out)
 
 
 def _experiment_toml(run_name, sc, frame_format, start, period_s, exposure_s, npt, active_mass_mg, cyc_start) -> str:
