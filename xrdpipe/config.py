@@ -361,14 +361,14 @@ class WindowSpec(_Spec):
 
         out = []
         for item in v:
-            phase, _, hkl = item.strip().rpartition(" ")
-            if not phase.strip():
+            phase, _, hkl = item.strip().partition(" ")
+            if not hkl.strip():
                 raise ValueError(f'expected "phase hkl" such as "O3 003", got {item!r}')
             try:
                 h, k, l = parse_hkl(hkl)
             except ValueError as exc:
                 raise ValueError(f"{item!r}: {exc}") from None
-            out.append(f"{phase.strip()} {hkl}")
+            out.append(f"{phase} {hkl.strip()}")
         if len(set(out)) != len(out):
             raise ValueError(f"a peak is listed twice in {v}")
         return out
@@ -383,7 +383,7 @@ class WindowSpec(_Spec):
         """``"O3 003"`` -> ``("O3", (0, 0, 3))``."""
         from .crystallography import parse_hkl
 
-        phase, _, hkl = label.rpartition(" ")
+        phase, _, hkl = label.partition(" ")
         return phase, parse_hkl(hkl)
 
 

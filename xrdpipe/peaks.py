@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,7 +243,8 @@ class WindowModel:
         k = len(self.components)
         edge = max(2, m // 10)
         yv = np.where(valid, y, np.nan)
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN frames fail later, with a message
             left = np.nanmedian(yv[:, :edge], axis=1) if m else np.zeros(n)
             right = np.nanmedian(yv[:, -edge:], axis=1) if m else np.zeros(n)
         left = np.where(np.isfinite(left), left, 0.0)

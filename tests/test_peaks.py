@@ -1,0 +1,188 @@
+"""Per-frame peak fitting against synthetic series with known centres, areas and phases."""
+
+import numpy as np
+import pytest
+
+from xrdpipe.config import FitSpec, PhaseSpec, WindowSpec
+from xrdpipe.lineshapes import pearson7, split_pseudo_voigt
+from xrdpipe.peaks import WindowModel, WindowSetupError, fit_peaks, fit_window
+from xrdpipe.store import Patterns
+from xrdpipe.testing import pattern_series
+
+PHASES = [PhaseSpec(name="O3", space_group="R-3m", a=2.985, c=16.0),
+          PhaseSpec(name="P3", space_group="R3m", a=2.93, c=16.7)]
+W003 = WindowSpec(name="003", range=(6.1, 7.0), peaks=["O3 003", "P3 003"])
+
+
+@pytest.fixture(scope="module")
+def coexistence():
+    """O3 -> P3 through the two-phase region (x 0.68 to 0.64), beamline-like counts."""
+    return pattern_series(48, x_range=(0.72, 0.60), counts=0.05, background=3000.0, seed=5)
+
+
+@pytest.fixture(scope="module")
+def batched(coexistence):
+    return fit_peaks(coexistence.as_patterns(), PHASES, [W003])
+
+
+@pytest.fixture(scope="module")
+def reference(coexistence):
+    return fit_peaks(coexistence.as_patterns(), PHASES, [W003], FitSpec(engine="lmfit"))
+
+
+def _truth(series, label):
+    phase, hkl = label.split()
+    return series.truth(phase, hkl), series.truth(phase, hkl, "area")
+
+
+def test_centres_are_at_the_noise_limit_with_honest_esds(coexistence, batched):
+    z = []
+    for label in ("O3 003", "P3 003"):
+        tc, _ = _truth(coexistence, label)
+        c, e = batched.column("center", label), batched.column("center_err", label)
+        ok = batched.column("present", label) & np.isfinite(tc)
+        assert ok.sum() >= 20
+        assert np.sqrt(np.mean((c - tc)[ok] ** 2)) < 1e-4  # degrees; FWHM is 0.07
+        z.extend(((c - tc) / e)[ok])
+    within = np.mean(np.abs(z) < 1)
+    assert 0.55 < within < 0.82, within  # ~68 % of the truths within one esd
+    assert 0.7 < np.std(z) < 1.35
+
+
+def test_batched_and_lmfit_find_the_same_peaks(coexistence, batched, reference):
+    for label in ("O3 003", "P3 003"):
+        tc, _ = _truth(coexistence, label)
+        pb, pl = batched.column("present", label), reference.column("present", label)
+        assert np.mean(pb == pl) >= 0.97
+        both = pb & pl & np.isfinite(tc)
+        cb, cl = batched.column("center", label)[both], reference.column("center", label)[both]
+        rms_b = np.sqrt(np.mean((cb - tc[both]) ** 2))
+        rms_l = np.sqrt(np.mean((cl - tc[both]) ** 2))
+        assert rms_b <= 1.2 * rms_l
+        esd = reference.column("center_err", label)[both]
+        assert np.median(np.abs(cb - cl) / esd) < 0.05  # the same minimum
+        eb, el = batched.column("area_err", label)[both], reference.column("area_err", label)[both]
+        np.testing.assert_allclose(eb, el, rtol=0.02)
+
+
+def test_presence_is_detected_where_the_minor_phase_has_5_percent(coexistence, batched):
+    areas = {label: _truth(coexistence, label)[1] for label in ("O3 003", "P3 003")}
+    total = sum(areas.values())
+    right = []
+    for label, a in areas.items():
+        decidable = (a == 0) | (a >= 0.05 * total)
+        right.extend((batched.column("present", label) == (a > 0))[decidable])
+    assert np.mean(right) >= 0.95
+    assert np.isnan(batched.column("center", "P3 003")[areas["P3 003"] == 0]).mean() > 0.9
+    absent = ~batched.column("present", "P3 003")
+    assert (batched.column("area", "P3 003")[absent] == 0).all()  # absent: area 0, not a garbage fit
+
+
+def test_areas_recover_the_phase_fractions(coexistence, batched):
+    a_o3, a_p3 = (batched.column("area", label) for label in ("O3 003", "P3 003"))
+    t_o3, t_p3 = (_truth(coexistence, label)[1] for label in ("O3 003", "P3 003"))
+    both = (t_o3 > 0) & (t_p3 > 0) & np.isfinite(a_o3) & np.isfinite(a_p3)
+    np.testing.assert_allclose((a_o3 / (a_o3 + a_p3))[both], (t_o3 / (t_o3 + t_p3))[both], atol=0.01)
+
+
+def _patterns(x, y, sigma, status=None, messages=None):
+    n = len(y)
+    frames = {"status": np.ones(n, int) if status is None else np.asarray(status),
+              "message": np.array(messages or [""] * n, dtype=object), "time_s": np.arange(n) * 20.0}
+    return Patterns(x, "2th_deg", 0.6209, np.asarray(y, float), np.asarray(sigma, float), frames)
+
+
+def test_failures_are_recorded_and_the_run_completes(coexistence):
+    y = coexistence.intensity[:6].copy()
+    s = coexistence.sigma[:6].copy()
+    y[1] = np.nan                          # a NaN frame
+    y[2] = 3000.0                          # a flat frame
+    s[2] = np.sqrt(3000.0)
+    y[3, :] = y[3, ::-1]                   # garbage, but numbers
+    status = [1, 1, 1, 1, -1, 1]           # frame 4 failed integration
+    pat = _patterns(coexistence.tth_deg, y, s, status, ["", "", "", "", "truncated file", ""])
+    windows = [W003,
+               WindowSpec(name="outside", range=(30.0, 31.0), peaks=["O3 110"]),
+               WindowSpec(name="empty", range=(13.3708, 13.3711), peaks=["O3 006"])]
+    table = fit_peaks(pat, PHASES, windows[:1], FitSpec())
+    assert table.success[[0, 5], 0].all()
+    assert not table.success[1, 0] and "valid points" in table.message[1, 0]
+    assert table.success[2, 0] and table.message[2, 0] == "no component present"
+    assert not table.present[2].any()
+    assert not table.success[4, 0] and table.message[4, 0] == "frame not integrated: truncated file"
+    with pytest.raises(WindowSetupError, match="outside the window"):
+        fit_peaks(pat, PHASES, [windows[1]])
+    outside = WindowSpec(name="outside", range=(30.0, 31.0), peaks=["O3 0 0 33"])
+    table = fit_peaks(pat, [PhaseSpec(name="O3", space_group="R-3m", a=2.985, c=38.96)], [outside])
+    assert not table.success.any() and "has no data points" in table.message[0, 0]
+    table = fit_peaks(pat, PHASES, [windows[2]])  # narrower than one step of the grid
+    assert not table.success.any() and "has no data points" in table.message[0, 0]
+
+
+def test_pearson7_and_split_pseudo_voigt_recover_their_parameters():
+    rng = np.random.default_rng(3)
+    x = np.linspace(13.0, 13.8, 400)
+    phases = {"O3": PHASES[0]}
+    for profile, fn, truth in (("pearson7", pearson7, dict(center=13.37, fwhm=0.06, area=400.0, m=1.8)),
+                               ("split_pseudo_voigt", split_pseudo_voigt,
+                                dict(center=13.37, fwhm_left=0.05, fwhm_right=0.08, area=400.0, eta=0.3))):
+        clean = fn(x, *truth.values()) + 200.0 + 30 * (x - 13.4)
+        y = rng.poisson(np.tile(clean, (30, 1))).astype(float)
+        model = WindowModel(WindowSpec(name="006", range=(13.0, 13.8), peaks=["O3 006"], profile=profile),
+                            phases, x, "2th_deg", 0.6209)
+        res = fit_window(model, y, np.sqrt(y))
+        assert res.success.all() and res.present.all()
+        for name, value in truth.items():
+            col = model.index(0, name)
+            got = res.full_params[:, col]
+            if name == "center":
+                z = (res.values["center"][:, 0] - value) / res.values["center_err"][:, 0]
+                assert np.mean(np.abs(z) < 2) > 0.85
+            assert np.mean(got) == pytest.approx(value, rel=0.03), (profile, name)
+
+
+def test_shared_fwhm_is_one_parameter(coexistence):
+    w = WindowSpec(name="003", range=(6.1, 7.0), peaks=["O3 003", "P3 003"], share=["fwhm", "shape"],
+                   presence="always")
+    pat = coexistence.as_patterns()
+    table = fit_peaks(pat, PHASES, [w])
+    np.testing.assert_array_equal(table.column("fwhm", "O3 003"), table.column("fwhm", "P3 003"))
+    model = WindowModel(w, {p.name: p for p in PHASES}, pat.radial, "2th_deg", 0.6209)
+    assert model.n_free == 8  # 2 centres, 2 areas, one FWHM, one eta, 2 background
+
+
+def test_fitting_in_q():
+    series = pattern_series(12, x_range=(0.9, 0.8), counts=0.05, background=3000.0, seed=2)
+    from xrdpipe.crystallography import q_from_tth
+
+    q = q_from_tth(series.tth_deg, 0.6209)
+    pat = Patterns(q, "q_A^-1", 0.6209, series.intensity, series.sigma,
+                   {"status": np.ones(12, int), "message": np.array([""] * 12, dtype=object)})
+    w = WindowSpec(name="003", range=(1.08, 1.22), peaks=["O3 003"])
+    table = fit_peaks(pat, PHASES, [w])
+    truth_q = q_from_tth(series.truth("O3", "003"), 0.6209)
+    z = (table.column("center", "O3 003") - truth_q) / table.column("center_err", "O3 003")
+    assert np.all(np.abs(z) < 4)
+    np.testing.assert_allclose(table.column("d_A", "O3 003"), 2 * np.pi / truth_q, rtol=2e-5)
+
+
+def test_without_errors_the_esd_is_scaled_by_the_reduced_chi_square():
+    rng = np.random.default_rng(7)
+    x = np.linspace(6.3, 7.0, 300)
+    from xrdpipe.lineshapes import pseudo_voigt
+
+    clean = pseudo_voigt(x, 6.675, 0.07, 50.0, 0.4) + 100.0
+    y = clean + rng.normal(0, 5.0, (80, x.size))  # errors the fit is not told about
+    model = WindowModel(WindowSpec(name="003", range=(6.3, 7.0), peaks=["O3 003"]), {"O3": PHASES[0]},
+                        x, "2th_deg", 0.6209)
+    res = fit_window(model, y, None)
+    z = (res.values["center"][:, 0] - 6.675) / res.values["center_err"][:, 0]
+    assert 0.55 < np.mean(np.abs(z) < 1) < 0.82
+    assert np.median(res.redchi) == pytest.approx(25.0, rel=0.15)  # sigma² in the data's units
+
+
+def test_window_setup_errors_name_the_reflection():
+    x = np.linspace(3, 24, 1000)
+    with pytest.raises(WindowSetupError, match=r"O3 003 of a = 2.985, c = 16.0 Å lies at 6.674"):
+        fit_peaks(_patterns(x, np.ones((1, 1000)), np.ones((1, 1000))), PHASES,
+                  [WindowSpec(name="w", range=(7.0, 8.0), peaks=["O3 003"])])
