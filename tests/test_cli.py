@@ -13,14 +13,15 @@ from xrdpipe.cli import main
 def test_public_api_is_curated():
     assert sorted(xrdpipe.__all__) == sorted([
         "__version__", "Calibration", "CalibrationError", "ConfigError", "Experiment", "FrameReadError",
-        "Integrator", "PatternReadError", "StoreError", "XrdpipeError", "integrate_experiment",
-        "load_calibration", "load_experiment", "open_run"])
+        "Integrator", "PatternReadError", "StoreError", "WindowModel", "XrdpipeError", "fit_experiment", "fit_peaks",
+        "integrate_experiment", "load_calibration", "load_experiment", "open_run"])
     for name in xrdpipe.__all__:
         assert hasattr(xrdpipe, name)
 
 
 def test_help_does_not_import_pyfai():
-    code = "import sys; from xrdpipe.cli import main; assert 'pyFAI' not in sys.modules; print('ok')"
+    code = ("import sys; from xrdpipe.cli import main; "
+            "assert 'pyFAI' not in sys.modules and 'lmfit' not in sys.modules; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
@@ -31,6 +32,7 @@ def test_demo_then_integrate_resumes_with_nothing_to_do(tmp_path):
     res = runner.invoke(main, ["demo", str(out), "--frames", "8", "--quiet"])
     assert res.exit_code == 0, res.output
     assert "8 frame(s): 8 integrated now" in res.output
+    assert "8 frame(s): 8 fitted now" in res.output and (out / "results" / "peaks.csv").exists()
     run_file = out / "results" / "demo-nfm.nxs"
     assert run_file.exists()
     p = xrdpipe.open_run(run_file)

@@ -186,3 +186,85 @@ def test_window_setup_errors_name_the_reflection():
     with pytest.raises(WindowSetupError, match=r"O3 003 of a = 2.985, c = 16.0 Å lies at 6.674"):
         fit_peaks(_patterns(x, np.ones((1, 1000)), np.ones((1, 1000))), PHASES,
                   [WindowSpec(name="w", range=(7.0, 8.0), peaks=["O3 003"])])
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage on a run file: xrdpipe fit, peaks.csv, resuming
+
+REQUIRED_COLUMNS = ["frame", "time_s", "window", "phase", "hkl", "center", "center_err", "fwhm", "fwhm_err", "eta",
+                    "area", "area_err", "height", "redchi", "present", "success", "message"]
+
+
+@pytest.fixture()
+def xye_experiment(tmp_path):
+    from xrdpipe.testing import make_experiment
+
+    return make_experiment(tmp_path / "exp", n_frames=16, frame_format="xye", counts=0.05, background=3000.0,
+                           npt=5000, seed=4, frac_charge=0.9)
+
+
+def _csv(path):
+    import csv
+
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_fit_command_writes_peaks_csv_and_resumes(xye_experiment):
+    import h5py
+    from click.testing import CliRunner
+
+    from xrdpipe.cli import main
+
+    runner = CliRunner()
+    exp_file = str(xye_experiment.experiment_file)
+    assert runner.invoke(main, ["integrate", exp_file, "-q"]).exit_code == 0
+    res = runner.invoke(main, ["fit", exp_file, "-q"])
+    assert res.exit_code == 0, res.output
+    assert "16 frame(s): 16 fitted now" in res.output
+    csv_file = xye_experiment.folder / "results" / "peaks.csv"
+    rows = _csv(csv_file)
+    assert list(rows[0])[:17] == REQUIRED_COLUMNS
+    assert len(rows) == 16 * 4  # two windows, two components each
+    first = _csv(csv_file)
+    truth = {(int(r["frame"]), r["phase"], r["hkl"]): float(r["tth_deg"]) for r in _csv(xye_experiment.truth_peaks_file)}
+    for r in rows:
+        key = (int(r["frame"]), r["phase"], r["hkl"])
+        assert (r["present"] == "1") == (key in truth)
+        if key in truth:
+            assert abs(float(r["center"]) - truth[key]) < 4 * float(r["center_err"]) + 1e-5
+    # nothing to do the second time
+    res = runner.invoke(main, ["fit", exp_file, "-q"])
+    assert "0 fitted now, 16 already done" in res.output
+    # an interrupted fit (rows not marked done) resumes with the same answers
+    with h5py.File(xye_experiment.folder / "results" / "synthetic-nfm.nxs", "r+") as h5:
+        h5["/entry/peaks/done"][9:] = 0
+    res = runner.invoke(main, ["fit", exp_file, "-q"])
+    assert "7 fitted now, 9 already done" in res.output
+    again = _csv(csv_file)
+    for a, b in zip(first, again):
+        if a["center"]:
+            assert float(a["center"]) == pytest.approx(float(b["center"]), abs=0.05 * float(a["center_err"]))
+        assert a["present"] == b["present"]
+    # other settings: every frame again
+    text = xye_experiment.experiment_file.read_text().replace('range = [6.0, 7.1]', 'range = [6.05, 7.1]')
+    xye_experiment.experiment_file.write_text(text)
+    res = runner.invoke(main, ["fit", exp_file, "-q"])
+    assert "16 fitted now" in res.output and "settings changed" in res.output
+
+
+def test_fit_before_integrate_and_bad_windows_are_clean_errors(xye_experiment):
+    from click.testing import CliRunner
+
+    from xrdpipe.cli import main
+
+    runner = CliRunner()
+    exp_file = str(xye_experiment.experiment_file)
+    res = runner.invoke(main, ["fit", exp_file, "-q"])
+    assert res.exit_code == 2 and "run 'xrdpipe integrate' first" in res.output
+    assert runner.invoke(main, ["integrate", exp_file, "-q"]).exit_code == 0
+    text = xye_experiment.experiment_file.read_text().replace('range = [6.0, 7.1]', 'range = [7.5, 8.1]')
+    xye_experiment.experiment_file.write_text(text)
+    res = runner.invoke(main, ["fit", exp_file, "-q"])
+    assert res.exit_code == 2 and "windows.0.peaks" in res.output and "outside the window's range" in res.output
+    assert "Traceback" not in res.output

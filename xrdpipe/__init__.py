@@ -6,6 +6,7 @@ The public API is small; everything else lives in private-by-convention stage mo
 >>> exp = xrdpipe.load_experiment("experiment.toml")       # doctest: +SKIP
 >>> summary = xrdpipe.integrate_experiment(exp)             # doctest: +SKIP
 >>> patterns = xrdpipe.open_run(exp.run.run_file)           # doctest: +SKIP
+>>> peaks = xrdpipe.fit_experiment(exp)                     # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from .errors import (
     XrdpipeError,
 )
 from .integration import Integrator
-from .pipeline import integrate_experiment
+from .peaks import WindowModel, fit_peaks
+from .pipeline import fit_experiment, integrate_experiment
 from .store import open_run
 
 __all__ = [
@@ -36,7 +38,10 @@ __all__ = [
     "Integrator",
     "PatternReadError",
     "StoreError",
+    "WindowModel",
     "XrdpipeError",
+    "fit_experiment",
+    "fit_peaks",
     "integrate_experiment",
     "load_calibration",
     "load_experiment",

@@ -175,7 +175,7 @@ TimesSpec = Annotated[
         ),
     ),
 ]
-_TAGS = {"header", "log", "periodic", "str"}
+_TAGS = {"header", "log", "periodic", "str", "poly"}
 
 
 def _expand_files(v: Any, info: ValidationInfo) -> Any:
@@ -338,7 +338,15 @@ class WindowSpec(_Spec):
     range: tuple[float, float]
     peaks: list[str] = Field(min_length=1, max_length=8)
     profile: Literal["pseudo_voigt", "pearson7", "split_pseudo_voigt"] = "pseudo_voigt"
-    background: Literal["constant", "linear", "quadratic"] | PolynomialBackground = "linear"
+    background: Annotated[
+        Union[Annotated[Literal["constant", "linear", "quadratic"], Tag("str")],
+              Annotated[PolynomialBackground, Tag("poly")]],
+        Discriminator(
+            lambda v: "str" if isinstance(v, str) else ("poly" if isinstance(v, (dict, PolynomialBackground)) else None),
+            custom_error_type="background_kind",
+            custom_error_message='expected "constant", "linear", "quadratic" or { polynomial = 0 to 4 }',
+        ),
+    ] = "linear"
     seed: Literal["previous", "config"] = "previous"
     share: list[Literal["fwhm", "shape"]] = []
     fwhm: float | None = Field(default=None, gt=0)
@@ -546,7 +554,7 @@ def _describe(err: dict[str, Any]) -> tuple[str, str]:
     for prefix in ("Value error, ", "Assertion failed, "):
         if msg.startswith(prefix):
             msg = msg[len(prefix):]
-    if etype not in ("value_error", "times_kind") and "input" in err and not isinstance(
+    if etype not in ("value_error", "times_kind", "background_kind") and "input" in err and not isinstance(
         err["input"], (dict, list)
     ):
         msg = f"{msg[0].lower()}{msg[1:]}, got {err['input']!r}"
