@@ -117,6 +117,18 @@ def least_squares_batch(fun: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray
         damped += eye * hold[:, :, None]
         step = _solve(damped, np.where(hold, 0.0, g))
         trial = np.clip(pa + step, lo_a, hi_a)
+        # a nearly undamped step that promises (Gauss-Newton) less than the tolerance: done,
+        # without spending an evaluation to confirm it
+        d = trial - pa
+        promise = 2 * np.einsum("rk,rk->r", d, g) - np.einsum("rk,rkl,rl->r", d, h, d)
+        settled = (lam[active] <= 1e-2) & (promise <= stop[active] * chi2[active]) & (it > 0)
+        if settled.any():
+            status[active[settled]] = CONVERGED
+            keep = ~settled
+            active, g, pa, h, trial = active[keep], g[keep], pa[keep], h[keep], trial[keep]
+            diag = diag[keep]
+            if active.size == 0:
+                break
         f_t, jac_t = fun(trial)
         chi2_t, hess_t, grad_t = _normal(y[active], w[active], f_t, jac_t)
         n_iter[active] += 1

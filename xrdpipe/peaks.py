@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
-from scipy.ndimage import uniform_filter1d
+from scipy.ndimage import maximum_filter1d, uniform_filter1d
 
 from .batchfit import BatchResult, least_squares_batch
 from .config import FitSpec, PhaseSpec, WindowSpec
@@ -264,11 +264,15 @@ class WindowModel:
             # narrower than a bin is noise; far broader than the window's main peak is background
             fw_lo = np.full(n, abs(self.step))
             fw_hi = np.minimum(width / 3, 4 * fw_guess)
-        smooth = net
+        smooth, peak_top = net, np.zeros_like(net, bool)
         if m:
-            size = int(max(1, round(0.3 * np.nanmedian(fw_guess) / abs(self.step))))
+            bins = np.nanmedian(fw_guess) / abs(self.step)
+            size = int(max(1, round(0.3 * bins)))
             if size > 1:
                 smooth = uniform_filter1d(net, size, axis=1, mode="nearest")
+            reach = 2 * int(max(1, round(0.5 * bins))) + 1
+            peak_top = (maximum_filter1d(smooth, reach, axis=1, mode="nearest") == smooth) & (smooth > 0)
+            peak_top[:, [0, -1]] = False  # a window edge is not a peak top
         theta = np.zeros((n, self.n_free))
         lo = np.full((n, self.n_free), -np.inf)
         hi = np.full((n, self.n_free), np.inf)
@@ -284,15 +288,17 @@ class WindowModel:
             c_lo, c_hi = boxes[j]
             c_start = np.full(n, min(max(c_seed, c_lo), c_hi))
             if m:
-                # start at the tallest point of the component's box unless the seed still sits
-                # on a peak at least half as tall (a peak that moved since the seed was taken)
+                # start at the tallest local maximum in the component's box (the flank of a
+                # neighbour is not one) unless the seed still sits on a peak at least half as
+                # tall (a peak that moved since the seed was taken); no maximum: the seed
                 inbox = (self.x >= c_lo) & (self.x <= c_hi)
-                if inbox.any():
-                    cand = np.where(inbox, smooth, -np.inf)
-                    best = cand.argmax(axis=1)
-                    at_seed = np.clip(np.searchsorted(self.x, c_start), 0, m - 1)
-                    keep = np.isfinite(sd["center"]) & (smooth[np.arange(n), at_seed] >= 0.5 * cand[np.arange(n), best])
-                    c_start = np.where(keep, c_start, self.x[best])
+                cand = np.where(inbox & peak_top, smooth, -np.inf)
+                best = cand.argmax(axis=1)
+                rows = np.arange(n)
+                found = np.isfinite(cand[rows, best])
+                at_seed = np.clip(np.searchsorted(self.x, c_start), 0, m - 1)
+                keep = ~found | (np.isfinite(sd["center"]) & (smooth[rows, at_seed] >= 0.5 * cand[rows, best]))
+                c_start = np.where(keep, c_start, self.x[best])
             for name in names:
                 col = self.index(j, name)
                 if name == "center":
@@ -386,6 +392,17 @@ def _optimize_batched(model: WindowModel, theta, lo, hi, hold, y, w, *, max_iter
                       weak_z: float = 2.0) -> _Fit:
     res: BatchResult = least_squares_batch(model.value_jac, theta, y, w, lower=lo, upper=hi, fixed=hold,
                                            max_iter=max_iter, amplitudes=model.amplitudes, weak_z=weak_z)
+    # components near the presence threshold were held still while weak: polish those rows
+    # without the hold, so that the presence test compares true minima (as lmfit would)
+    areas = [a for a, _ in model.amplitudes]
+    with np.errstate(all="ignore"):
+        z = res.p[:, areas] / np.sqrt(np.diagonal(res.cov, axis1=1, axis2=2)[:, areas])
+    near = np.flatnonzero((np.isfinite(z) & (z > 0.3 * weak_z) & (z < 2 * weak_z)).any(axis=1) & res.success)
+    if near.size and weak_z > 0:
+        again = least_squares_batch(model.value_jac, res.p[near], y[near], w[near], lower=lo[near], upper=hi[near],
+                                    fixed=hold if np.ndim(hold) == 1 else hold[near], max_iter=max_iter)
+        for name in ("p", "cov", "chi2", "n_iter", "status", "at_bound"):
+            getattr(res, name)[near] = getattr(again, name)
     msg = np.full(len(theta), "", dtype=object)
     msg[res.status == 0] = f"no convergence in {max_iter} iterations"
     msg[res.status < 0] = "fit diverged (non-finite chi-square)"
@@ -581,13 +598,15 @@ def _test_component(model: WindowModel, j: int, fg: _Fit, lo, hi, y, w, opt, kw,
     at_zero = (area <= lo[:, a_col]) | veto
     if presence == "bic":
         margin = 4 * (fit.bic_threshold + k_j * np.log(np.maximum(fg.n_points, 2)))
-        sure = z2 / rc > margin
+        with np.errstate(all="ignore"):
+            sure = z2 / rc > margin
     else:
         f_crit = fdtri(k_j, np.maximum(nfree, 1), 1 - fit.ftest_alpha)
-        sure = z2 / (k_j * fg.chi2 / np.maximum(nfree, 1)) > 4 * f_crit
+        with np.errstate(all="ignore"):
+            sure = z2 / (k_j * fg.chi2 / np.maximum(nfree, 1)) > 4 * f_crit
     if fit.engine == "lmfit":
         sure = np.zeros(n, bool)  # the reference tests every component the long way
-    sure &= np.isfinite(z2) & ~at_zero
+    sure &= np.isfinite(z2) & ~at_zero & (fg.chi2 > 0)
     decision[sure] = True
     test = np.flatnonzero(~sure & ~at_zero)
     reduced = _Fit(fg.p.copy(), fg.cov.copy(), fg.chi2.copy(), fg.n_points, fg.n_vary - k_j, np.zeros(n, bool),
