@@ -157,7 +157,7 @@ def least_squares_batch(fun: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray
 def _normal(y, w, f, jac):
     """chi², JᵀWJ and JᵀW r for residuals of a batch; ``jac`` is (r, k, m)."""
     r = w * (y - f)
-    jw = jac * w[:, None, :]
+    jw = np.multiply(jac, w[:, None, :], out=jac)  # the Jacobian is ours: weight it in place
     chi2 = np.einsum("ij,ij->i", r, r)
     return chi2, np.matmul(jw, jw.transpose(0, 2, 1)), np.matmul(jw, r[:, :, None])[:, :, 0]
 

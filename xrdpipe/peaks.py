@@ -528,9 +528,14 @@ def fit_window(model: WindowModel, y: np.ndarray, sigma: np.ndarray | None, *, s
                 use = sel & red.ok
                 sol_p[use], sol_cov[use], sol_chi2[use], sol_nv[use] = red.p[use], red.cov[use], red.chi2[use], red.n_vary
                 sel &= ~use
+            hold = model.drop_mask(pattern)
+            # where every absent component already rests at area 0, the full fit is the fit
+            # without them: nothing to refit
+            empty = sel & np.all([fg.p[:, model.index(j, "area")] <= 0 for j in pattern], axis=0)
+            sol_nv[empty] = fg.n_vary - int(np.count_nonzero(hold))
+            sel &= ~empty
             if not sel.any():
                 continue
-            hold = model.drop_mask(pattern)
             start = fg.p[sel].copy()
             for j in pattern:
                 start[:, model.index(j, "area")] = 0.0
