@@ -230,3 +230,13 @@ def test_unknown_space_group_suggests_one(folder):
     text = GOOD.format(times='"header"') + PHASES.replace('"R3m"', '"R3-m"')
     err = errors_of(write(folder, text))
     assert err.problems[0][0] == "phases.1.space_group" and "did you mean 'R3m'" in err.problems[0][1]
+
+
+def test_the_readme_peak_fitting_example_is_valid(folder):
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("### Peak fitting")[1].split("```toml")[1].split("```")[0]
+    exp = load_experiment(write(folder, GOOD.format(times='"header"') + block))
+    assert [w.name for w in exp.windows] == ["003"] and exp.windows[0].center_bounds["P3 003"] == (6.2, 6.5)
+    assert exp.fit.block_frames == 128
