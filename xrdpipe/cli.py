@@ -26,6 +26,21 @@ def _load(path: str):
     return load_experiment(path)
 
 
+def _stage(experiment: str, run, kept: str) -> None:
+    """Load EXPERIMENT, run one stage on it and print its summary; a domain error is one line
+    (exit 2), Ctrl-C says what was kept and how to resume (exit 130)."""
+    from .errors import XrdpipeError
+
+    try:
+        summary = run(_load(experiment))
+    except XrdpipeError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: {kept}; run the same command again to resume", err=True)
+        sys.exit(130)
+    click.echo(str(summary))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="xrdpipe")
 def main() -> None:
@@ -62,19 +77,10 @@ def integrate(experiment: str, restart: bool, workers: int | None, quiet: bool) 
 
     The run file is written frame by frame; an interrupted run resumes where it stopped.
     """
-    from .errors import XrdpipeError
     from .pipeline import integrate_experiment
 
-    try:
-        exp = _load(experiment)
-        summary = integrate_experiment(exp, restart=restart, progress=not quiet, workers=workers)
-    except XrdpipeError as exc:
-        _fail(exc)
-    except KeyboardInterrupt:
-        click.echo("\ninterrupted: everything integrated so far is in the run file; "
-                   "run the same command again to resume", err=True)
-        sys.exit(130)
-    click.echo(str(summary))
+    _stage(experiment, lambda exp: integrate_experiment(exp, restart=restart, progress=not quiet, workers=workers),
+           "everything integrated so far is in the run file")
 
 
 @main.command()
@@ -89,19 +95,10 @@ def fit(experiment: str, restart: bool, engine: str | None, quiet: bool) -> None
     Results are written block by block into the run file; an interrupted fit resumes, and
     changed phases, windows or [fit] settings fit every frame again.
     """
-    from .errors import XrdpipeError
     from .pipeline import fit_experiment
 
-    try:
-        exp = _load(experiment)
-        summary = fit_experiment(exp, restart=restart, progress=not quiet, engine=engine)
-    except XrdpipeError as exc:
-        _fail(exc)
-    except KeyboardInterrupt:
-        click.echo("\ninterrupted: every block fitted so far is in the run file; "
-                   "run the same command again to resume", err=True)
-        sys.exit(130)
-    click.echo(str(summary))
+    _stage(experiment, lambda exp: fit_experiment(exp, restart=restart, progress=not quiet, engine=engine),
+           "every block fitted so far is in the run file")
 
 
 @main.command()

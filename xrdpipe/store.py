@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -281,31 +282,43 @@ def open_run(path: Path | str) -> Patterns:
     >>> p.intensity.shape                                       # doctest: +SKIP
     (50, 3000)
     """
+    with _reading(path) as h5:
+        pat = h5["/entry/patterns"]
+        axis, unit, wl = _axis(h5)
+        fr = h5["/entry/frames"]
+        frames = {
+            "key": _decode(fr["key"][()]), "file": _decode(fr["file"][()]),
+            "index": fr["index"][()], "start": _decode(fr["start"][()]), "end": _decode(fr["end"][()]),
+            "timestamp": fr["timestamp"][()], "status": fr["status"][()],
+            "message": _decode(fr["message"][()]), "time_s": pat["time_s"][()],
+        }
+        return Patterns(pat[axis][()], unit, wl, pat["intensity"][()], pat["intensity_errors"][()], frames)
+
+
+@contextmanager
+def _reading(path: Path | str):
+    """A run file open read-only, checked; errors name the file."""
     import h5py
 
     path = Path(path)
     if not path.exists():
         raise StoreError(f"run file {path} does not exist; run 'xrdpipe integrate' first")
     try:
-        with h5py.File(path, "r") as h5:
-            if h5.attrs.get("format") != _FORMAT:
-                raise StoreError(f"{path} is not an xrdpipe run file")
-            pat = h5["/entry/patterns"]
-            axis = pat.attrs["axes"][1]
-            axis = axis.decode() if isinstance(axis, bytes) else str(axis)
-            unit = "2th_deg" if axis == "tth" else "q_A^-1"
-            wl = h5["/entry/instrument/monochromator"].get("wavelength")
-            fr = h5["/entry/frames"]
-            frames = {
-                "key": _decode(fr["key"][()]), "file": _decode(fr["file"][()]),
-                "index": fr["index"][()], "start": _decode(fr["start"][()]), "end": _decode(fr["end"][()]),
-                "timestamp": fr["timestamp"][()], "status": fr["status"][()],
-                "message": _decode(fr["message"][()]), "time_s": pat["time_s"][()],
-            }
-            return Patterns(pat[axis][()], unit, float(wl[()]) if wl is not None else None,
-                            pat["intensity"][()], pat["intensity_errors"][()], frames)
+        h5 = h5py.File(path, "r")
     except OSError as exc:
         raise StoreError(f"cannot read run file {path}: {exc}") from None
+    with h5:
+        if h5.attrs.get("format") != _FORMAT:
+            raise StoreError(f"{path} is not an xrdpipe run file")
+        yield h5
+
+
+def _axis(h5) -> tuple[str, str, float | None]:
+    """The pattern axis dataset name, its radial unit and the wavelength (Å) of a run file."""
+    axis = h5["/entry/patterns"].attrs["axes"][1]
+    axis = axis.decode() if isinstance(axis, bytes) else str(axis)
+    wl = h5["/entry/instrument/monochromator"].get("wavelength")
+    return axis, "2th_deg" if axis == "tth" else "q_A^-1", float(wl[()]) if wl is not None else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -443,36 +456,18 @@ def open_run_info(path: Path | str) -> dict[str, Any]:
     """Everything about a run file's patterns except the pattern stack itself: ``radial``,
     ``unit``, ``wavelength_A``, per-frame ``status``, ``message``, ``time_s``, the patterns'
     ``fingerprint`` and ``had_peaks``."""
-    import h5py
-
-    path = Path(path)
-    if not path.exists():
-        raise StoreError(f"run file {path} does not exist; run 'xrdpipe integrate' first")
-    try:
-        with h5py.File(path, "r") as h5:
-            if h5.attrs.get("format") != _FORMAT:
-                raise StoreError(f"{path} is not an xrdpipe run file")
-            pat = h5["/entry/patterns"]
-            axis = pat.attrs["axes"][1]
-            axis = axis.decode() if isinstance(axis, bytes) else str(axis)
-            wl = h5["/entry/instrument/monochromator"].get("wavelength")
-            return {"radial": pat[axis][()], "unit": "2th_deg" if axis == "tth" else "q_A^-1",
-                    "wavelength_A": float(wl[()]) if wl is not None else None,
-                    "status": h5["/entry/frames/status"][()], "message": _decode(h5["/entry/frames/message"][()]),
-                    "time_s": pat["time_s"][()], "fingerprint": json.loads(h5["/entry/process/fingerprint"][()]),
-                    "had_peaks": "peaks" in h5["/entry"]}
-    except OSError as exc:
-        raise StoreError(f"cannot read run file {path}: {exc}") from None
+    with _reading(path) as h5:
+        pat = h5["/entry/patterns"]
+        axis, unit, wl = _axis(h5)
+        return {"radial": pat[axis][()], "unit": unit, "wavelength_A": wl,
+                "status": h5["/entry/frames/status"][()], "message": _decode(h5["/entry/frames/message"][()]),
+                "time_s": pat["time_s"][()], "fingerprint": json.loads(h5["/entry/process/fingerprint"][()]),
+                "had_peaks": "peaks" in h5["/entry"]}
 
 
 def read_peaks(path: Path | str) -> dict[str, Any]:
     """``/entry/peaks`` of a run file as arrays (see :class:`PeakStore`), with ``time_s``."""
-    import h5py
-
-    path = Path(path)
-    if not path.exists():
-        raise StoreError(f"run file {path} does not exist; run 'xrdpipe integrate' first")
-    with h5py.File(path, "r") as h5:
+    with _reading(path) as h5:
         if "peaks" not in h5["/entry"]:
             raise StoreError(f"{path} holds no fitted peaks yet; run 'xrdpipe fit' first")
         g = h5["/entry/peaks"]
