@@ -214,9 +214,11 @@ def fit_window(model: WindowModel, y: np.ndarray, sigma: np.ndarray | None, *, s
                         for v in n_valid[few]]
         rows = np.flatnonzero(usable & ~few)
     opt = _ENGINES[fit.engine]
-    # a component too weak to pass the presence test even at its best stops moving (batched path)
+    presence = model.spec.presence or fit.presence
+    # a component too weak to pass the presence test even at its best stops moving (batched path;
+    # near the threshold it is polished without the hold); "always" keeps every one moving
     k_own = max((len(own) + 1 for _, own in model.amplitudes), default=1)
-    weak_z = np.sqrt(fit.bic_threshold + k_own * np.log(max(m, 2))) if fit.presence == "bic" else 2.0
+    weak_z = {"bic": np.sqrt(fit.bic_threshold + k_own * np.log(max(m, 2))), "ftest": 2.0, "always": 0.0}[presence]
     kw = dict(max_iter=fit.max_iter, has_errors=has_errors, weak_z=weak_z)
     no_hold = np.zeros(model.n_free, bool)
     if rows.size:
@@ -224,7 +226,6 @@ def fit_window(model: WindowModel, y: np.ndarray, sigma: np.ndarray | None, *, s
         message[rows] = full.message
         good = rows[full.ok]
         fg = full.take(full.ok)
-        presence = model.spec.presence or fit.presence
         decided = np.ones((good.size, k_comp), bool)
         reduced: dict[int, _Fit] = {}
         if presence != "always" and good.size:
