@@ -62,7 +62,7 @@ def run_xrdpipe(series, engine: str):
     windows = [WindowSpec(name=n, range=r, peaks=list(p)) for n, r, p in WINDOWS]
     pat = series.as_patterns()
     t0 = time.perf_counter()
-    table = fit_peaks(pat, phases, windows, FitSpec(engine=engine, block_frames=1000))
+    table = fit_peaks(pat, phases, windows, FitSpec(engine=engine))
     dt = time.perf_counter() - t0
     found = {}
     for _, _, labs in WINDOWS:

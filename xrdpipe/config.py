@@ -412,7 +412,7 @@ class FitSpec(_Spec):
     bic_threshold: float = Field(default=10.0, ge=0)
     ftest_alpha: float = Field(default=1e-3, gt=0, lt=1)
     min_fraction: float = Field(default=0.01, ge=0, lt=1)
-    block_frames: int = Field(default=128, ge=1, le=100_000)
+    block_frames: int = Field(default=1024, ge=1, le=100_000)
     workers: int | None = Field(default=None, ge=1, le=64)
     max_iter: int = Field(default=200, ge=5, le=10_000)
 

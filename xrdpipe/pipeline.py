@@ -290,7 +290,9 @@ def fit_experiment(exp: Experiment, *, restart: bool = False, progress: bool = T
             fitter.resume(store.stored(int(rows[0])))
         bar = _progress(int(rows.size), "fit", progress)
         try:
-            for chunk in _runs(rows, fit.block_frames):
+            # memory stays bounded: at most ~160 MB of patterns (and their esds) at a time
+            block = max(16, min(fit.block_frames, 10_000_000 // max(info["radial"].size, 1)))
+            for chunk in _runs(rows, block):
                 a, b = int(chunk[0]), int(chunk[-1]) + 1
                 intensity, sigma = store.read_patterns(a, b)
                 pick = chunk - a
