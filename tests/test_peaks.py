@@ -268,3 +268,12 @@ def test_fit_before_integrate_and_bad_windows_are_clean_errors(xye_experiment):
     res = runner.invoke(main, ["fit", exp_file, "-q"])
     assert res.exit_code == 2 and "windows.0.peaks" in res.output and "outside the window's range" in res.output
     assert "Traceback" not in res.output
+
+
+def test_esd_scale_redchi_scales_measured_errors(coexistence):
+    pat = coexistence.as_patterns()
+    plain = fit_peaks(pat, PHASES, [W003])
+    scaled = fit_peaks(pat, PHASES, [W003], FitSpec(esd_scale="redchi"))
+    ok = plain.column("present", "O3 003")
+    ratio = scaled.column("center_err", "O3 003")[ok] / plain.column("center_err", "O3 003")[ok]
+    np.testing.assert_allclose(ratio, np.sqrt(plain.redchi[ok, 0]), rtol=1e-9)

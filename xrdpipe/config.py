@@ -404,7 +404,9 @@ class FitSpec(_Spec):
     raises the Bayesian information criterion by more than ``bic_threshold``; ``"ftest"`` when
     the F-test rejects its absence at ``ftest_alpha``; ``"always"`` never removes one. Beside
     other components, one with less than ``min_fraction`` of the window's peak area is absent,
-    and so is any whose centre ends on the edge of its allowed range.
+    and so is any whose centre ends on the edge of its allowed range. ``esd_scale = "auto"``
+    scales the esds by the reduced chi-square only when the data carry no errors; ``"redchi"``
+    always does (as lmfit does by default), for data whose errors understate the misfit.
     """
 
     engine: Literal["batched", "lmfit"] = "batched"
@@ -412,6 +414,7 @@ class FitSpec(_Spec):
     bic_threshold: float = Field(default=10.0, ge=0)
     ftest_alpha: float = Field(default=1e-3, gt=0, lt=1)
     min_fraction: float = Field(default=0.01, ge=0, lt=1)
+    esd_scale: Literal["auto", "redchi"] = "auto"
     block_frames: int = Field(default=1024, ge=1, le=100_000)
     workers: int | None = Field(default=None, ge=1, le=64)
     max_iter: int = Field(default=200, ge=5, le=10_000)

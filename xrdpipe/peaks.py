@@ -268,7 +268,7 @@ def fit_window(model: WindowModel, y: np.ndarray, sigma: np.ndarray | None, *, s
         message[none] = "no component present"
     with np.errstate(all="ignore"):
         redchi = chi2 / (npts - nvary)
-    if not has_errors:
+    if not has_errors or fit.esd_scale == "redchi":
         final_cov = final_cov * redchi[:, None, None]
     values = _component_values(model, final, final_cov, present, success)
     return WindowResult(values, present, success, redchi, message, final)
