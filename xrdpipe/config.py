@@ -300,12 +300,35 @@ class IntegrationSpec(_Spec):
 
 
 class PhaseSpec(_Spec):
-    """``[[phases]]``: a phase to follow, with its hexagonal cell (Å) as the starting point."""
+    """``[[phases]]``: a phase to follow, with its cell (Å, degrees) as the starting point.
+
+    A name from the library (P2, P''2, O3, P3, O2, OP4, P'2, O'3) fills every key not given:
+    ``name = "O3"`` alone is a whole phase. ``b`` is needed for orthorhombic cells, ``b`` and
+    ``beta`` for monoclinic ones; ``z_o`` (oxygen z) enables the layer geometry of O3/P3/P2.
+    ``kind`` names the structure type of a phase with another name (``kind = "P2"``).
+    """
 
     name: str = Field(min_length=1)
     space_group: str
     a: float = Field(gt=0, lt=100)
     c: float = Field(gt=0, lt=200)
+    b: float | None = Field(default=None, gt=0, lt=100)
+    beta: float | None = Field(default=None, gt=60, lt=150)
+    z_o: float | None = Field(default=None, gt=-1, lt=1)
+    kind: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _library(cls, data: Any) -> Any:
+        from .phases import LIBRARY
+
+        if isinstance(data, dict):
+            lib = LIBRARY.get(str(data.get("kind") or data.get("name", "")))
+            if lib is not None:
+                defaults = {"space_group": lib.space_group, "a": lib.a, "c": lib.c, "b": lib.b, "beta": lib.beta,
+                            "z_o": lib.z_o}
+                data = {**{k: v for k, v in defaults.items() if v is not None}, **data}
+        return data
 
     @field_validator("space_group")
     @classmethod
@@ -317,6 +340,27 @@ class PhaseSpec(_Spec):
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"unknown space group {v!r}{hint} (known: {', '.join(SPACE_GROUPS)})")
         return v
+
+    @model_validator(mode="after")
+    def _cell(self) -> "PhaseSpec":
+        from .crystallography import crystal_system
+
+        system = crystal_system(self.space_group)
+        if system in ("orthorhombic", "monoclinic") and self.b is None:
+            raise ValueError(f"{self.space_group} is {system}: give b (Å)")
+        if system == "monoclinic" and self.beta is None:
+            raise ValueError(f"{self.space_group} is monoclinic: give beta (degrees)")
+        return self
+
+    @property
+    def structure_kind(self) -> str:
+        """The structure type for the layer geometry (``kind``, else the name)."""
+        return self.kind or self.name
+
+    def d_spacing(self, h, k, l):
+        from .crystallography import d_spacing
+
+        return d_spacing(self.space_group, h, k, l, self.a, self.c, self.b, self.beta)
 
 
 PROFILE_NAMES = ("pseudo_voigt", "pearson7", "split_pseudo_voigt")

@@ -24,6 +24,12 @@ __all__ = [
     "tth_from_q",
     "convert_radial",
     "d_hexagonal",
+    "d_orthorhombic",
+    "d_monoclinic",
+    "d_spacing",
+    "cell_volume",
+    "CRYSTAL_SYSTEMS",
+    "crystal_system",
     "hexagonal_volume",
     "is_allowed",
     "parse_hkl",
@@ -94,6 +100,46 @@ def d_hexagonal(h, k, l, a_A, c_A):
     return out if out.ndim else float(out)
 
 
+def d_orthorhombic(h, k, l, a_A, b_A, c_A):
+    """d-spacing of (hkl) in an orthorhombic cell: 1/d² = h²/a² + k²/b² + l²/c²."""
+    h, k, l = (np.asarray(v, dtype=float) for v in (h, k, l))
+    with np.errstate(divide="ignore"):
+        out = np.asarray(1.0 / np.sqrt(h * h / a_A**2 + k * k / b_A**2 + l * l / c_A**2))
+    return out if out.ndim else float(out)
+
+
+def d_monoclinic(h, k, l, a_A, b_A, c_A, beta_deg):
+    """d-spacing of (hkl) in a monoclinic cell with unique axis b (angle β between a and c)."""
+    h, k, l = (np.asarray(v, dtype=float) for v in (h, k, l))
+    beta = np.radians(beta_deg)
+    s2, cb = np.sin(beta) ** 2, np.cos(beta)
+    inv_d2 = (h * h / a_A**2 + k * k * s2 / b_A**2 + l * l / c_A**2 - 2 * h * l * cb / (a_A * c_A)) / s2
+    with np.errstate(divide="ignore"):
+        out = np.asarray(1.0 / np.sqrt(inv_d2))
+    return out if out.ndim else float(out)
+
+
+def d_spacing(space_group: str, h, k, l, a_A, c_A, b_A=None, beta_deg=None):
+    """d-spacing of (hkl) in the crystal system of ``space_group`` (hexagonal axes for the
+    hexagonal and rhombohedral groups; ``b_A`` for orthorhombic, also ``beta_deg`` for monoclinic)."""
+    system = crystal_system(space_group)
+    if system == "hexagonal":
+        return d_hexagonal(h, k, l, a_A, c_A)
+    if system == "orthorhombic":
+        return d_orthorhombic(h, k, l, a_A, b_A, c_A)
+    return d_monoclinic(h, k, l, a_A, b_A, c_A, beta_deg)
+
+
+def cell_volume(space_group: str, a_A, c_A, b_A=None, beta_deg=None):
+    """Cell volume (Å³) in the crystal system of ``space_group``."""
+    system = crystal_system(space_group)
+    if system == "hexagonal":
+        return hexagonal_volume(a_A, c_A)
+    if system == "orthorhombic":
+        return np.asarray(a_A) * b_A * c_A
+    return np.asarray(a_A) * b_A * c_A * np.sin(np.radians(beta_deg))
+
+
 def hexagonal_volume(a_A, c_A):
     """Volume (Å³) of a hexagonal cell: √3/2 a² c."""
     return np.sqrt(3.0) / 2.0 * np.asarray(a_A) ** 2 * np.asarray(c_A)
@@ -112,13 +158,45 @@ def _p63mmc(h: int, k: int, l: int) -> bool:
     return True
 
 
+def _cmcm(h: int, k: int, l: int) -> bool:
+    # C-centring h+k=2n; 0kl: k=2n; h0l: h,l=2n; 00l: l=2n (International Tables, No. 63)
+    if (h + k) % 2:
+        return False
+    if k == 0 and (h % 2 or l % 2):
+        return False
+    if h == 0 and k % 2:
+        return False
+    if h == 0 and k == 0 and l % 2:
+        return False
+    return True
+
+
+def _c2m(h: int, k: int, l: int) -> bool:
+    # C-centring h+k=2n (unique axis b; No. 12): covers h0l h=2n, 0kl k=2n, 0k0 k=2n, h00 h=2n
+    return (h + k) % 2 == 0
+
+
 SPACE_GROUPS = {
     "P63/mmc": _p63mmc,   # P2, P''2
     "P63mc": _p63mmc,     # O2
     "R-3m": _rhombohedral_obverse,  # O3
     "R3m": _rhombohedral_obverse,   # P3
     "P-6m2": lambda h, k, l: True,  # OP4 (no systematic absences)
+    "Cmcm": _cmcm,        # P'2 (orthorhombic)
+    "C2/m": _c2m,         # O'3 (monoclinic, unique axis b)
 }
+CRYSTAL_SYSTEMS = {"P63/mmc": "hexagonal", "P63mc": "hexagonal", "R-3m": "hexagonal", "R3m": "hexagonal",
+                   "P-6m2": "hexagonal", "Cmcm": "orthorhombic", "C2/m": "monoclinic"}
+
+
+def crystal_system(space_group: str) -> str:
+    """``"hexagonal"`` (also rhombohedral, hexagonal axes), ``"orthorhombic"`` or ``"monoclinic"``."""
+    try:
+        return CRYSTAL_SYSTEMS[space_group]
+    except KeyError:
+        raise ValueError(
+            f"unknown space group {space_group!r}; expected one of {', '.join(SPACE_GROUPS)}"
+        ) from None
 
 
 def is_allowed(space_group: str, h: int, k: int, l: int) -> bool:
@@ -203,17 +281,47 @@ def _unique_representatives(hmax: int, lmax: int, laue: str) -> Iterator[tuple[i
                 yield max(orbit, key=lambda v: (v[2] >= 0, v[0] >= 0, v[1] >= 0, v))
 
 
-def reflections(space_group: str, a_A: float, c_A: float, d_min_A: float):
+def _lower_symmetry_reflections(space_group, a_A, c_A, d_min_A, b_A, beta_deg):
+    system = crystal_system(space_group)
+    hmax = int(np.ceil(a_A / d_min_A)) + 1
+    kmax = int(np.ceil(b_A / d_min_A)) + 1
+    lmax = int(np.ceil(c_A / d_min_A)) + 1
+    seen: set[tuple[int, int, int]] = set()
+    out = []
+    for h in range(-hmax, hmax + 1):
+        for k in range(-kmax, kmax + 1):
+            for l in range(-lmax, lmax + 1):
+                if (h, k, l) in seen or h == k == l == 0:
+                    continue
+                if system == "orthorhombic":
+                    orbit = {(sh * h, sk * k, sl * l) for sh in (1, -1) for sk in (1, -1) for sl in (1, -1)}
+                else:  # 2/m, unique axis b
+                    orbit = {(h, k, l), (-h, -k, -l), (-h, k, -l), (h, -k, l)}
+                seen |= orbit
+                if not is_allowed(space_group, h, k, l):
+                    continue
+                d = float(d_spacing(space_group, h, k, l, a_A, c_A, b_A, beta_deg))
+                if d < d_min_A:
+                    continue
+                rep = max(orbit, key=lambda v: (v[2] >= 0, v[0] >= 0, v[1] >= 0, v))
+                out.append((rep[0], rep[1], rep[2], d, len(orbit)))
+    out.sort(key=lambda r: -r[3])
+    return out
+
+
+def reflections(space_group: str, a_A: float, c_A: float, d_min_A: float, b_A: float | None = None,
+                beta_deg: float | None = None):
     """Allowed unique reflections with d >= d_min.
 
     Returns a list of ``(h, k, l, d_A, multiplicity)`` sorted by decreasing d. For the
     rhombohedral groups the hexagonal axes and the obverse setting are used; Friedel pairs
-    are merged (powder diffraction).
+    are merged (powder diffraction). Orthorhombic and monoclinic groups need ``b_A`` (and
+    ``beta_deg``).
     """
-    if space_group not in SPACE_GROUPS:
-        raise ValueError(
-            f"unknown space group {space_group!r}; expected one of {', '.join(SPACE_GROUPS)}"
-        )
+    if crystal_system(space_group) != "hexagonal":
+        if b_A is None or (crystal_system(space_group) == "monoclinic" and beta_deg is None):
+            raise ValueError(f"{space_group} needs b (and beta for monoclinic cells)")
+        return _lower_symmetry_reflections(space_group, a_A, c_A, d_min_A, b_A, beta_deg)
     laue = "-3m" if space_group in ("R-3m", "R3m") else "6/mmm"
     hmax = int(np.ceil(a_A / d_min_A)) + 1
     lmax = int(np.ceil(c_A / d_min_A)) + 1

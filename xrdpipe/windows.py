@@ -16,7 +16,7 @@ import numpy as np
 from scipy.ndimage import maximum_filter1d, uniform_filter1d
 
 from .config import PhaseSpec, WindowSpec
-from .crystallography import d_from_q, d_from_tth, d_hexagonal, q_from_d, tth_from_d
+from .crystallography import d_from_q, d_from_tth, q_from_d, tth_from_d
 from .lineshapes import PROFILES
 
 __all__ = ["Component", "WindowModel", "radial_from_d", "d_from_radial"]
@@ -89,7 +89,7 @@ class WindowModel:
         for label in spec.peaks:
             phase, hkl = spec.split_peak(label)
             ph = phases[phase]
-            c0 = float(radial_from_d(d_hexagonal(*hkl, ph.a, ph.c), unit, wavelength_A))
+            c0 = float(radial_from_d(ph.d_spacing(*hkl), unit, wavelength_A))
             if not spec.range[0] < c0 < spec.range[1]:
                 where = f"{c0:.4g} {unit}" if np.isfinite(c0) else "nowhere (beyond the reach of the wavelength)"
                 raise ValueError(f"{label} of a = {ph.a}, c = {ph.c} Å lies at {where}, outside the window's range "
