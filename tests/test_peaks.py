@@ -225,7 +225,7 @@ def test_fit_command_writes_peaks_csv_and_resumes(xye_experiment):
     csv_file = xye_experiment.folder / "results" / "peaks.csv"
     rows = _csv(csv_file)
     assert list(rows[0])[:17] == REQUIRED_COLUMNS
-    assert len(rows) == 16 * 4  # two windows, two components each
+    assert len(rows) == 16 * 8  # four windows, two components each
     first = _csv(csv_file)
     truth = {(int(r["frame"]), r["phase"], r["hkl"]): float(r["tth_deg"]) for r in _csv(xye_experiment.truth_peaks_file)}
     for r in rows:

@@ -102,6 +102,19 @@ def fit(experiment: str, restart: bool, engine: str | None, quiet: bool) -> None
 
 
 @main.command()
+@click.argument("experiment", type=click.Path(dir_okay=False))
+def lattice(experiment: str) -> None:
+    """Refine the cell of every phase in every frame from the fitted peaks; write lattice.csv.
+
+    Also the cell volumes, the layer geometry of O3/P3/P2 phases with an oxygen z, and the
+    phase fractions (see [lattice] in the README).
+    """
+    from .pipeline import lattice_experiment
+
+    _stage(experiment, lattice_experiment, "nothing is lost: the lattice is recomputed from the peaks")
+
+
+@main.command()
 @click.argument("out", type=click.Path(file_okay=False), default="xrdpipe-demo")
 @click.option("--frames", "n_frames", type=click.IntRange(5, 100_000), default=50, show_default=True,
               help="Number of frames to simulate.")
@@ -115,7 +128,7 @@ def demo(out: str, n_frames: int, scenario: str, seed: int, quiet: bool) -> None
 
     from .config import load_experiment
     from .errors import XrdpipeError
-    from .pipeline import fit_experiment, integrate_experiment
+    from .pipeline import fit_experiment, integrate_experiment, lattice_experiment
     from .testing import make_experiment
 
     t0 = time.perf_counter()
@@ -130,9 +143,10 @@ def demo(out: str, n_frames: int, scenario: str, seed: int, quiet: bool) -> None
         summary = integrate_experiment(exp, progress=not quiet)
         click.echo(str(summary))
         fitted = fit_experiment(exp, progress=not quiet)
+        click.echo(str(fitted))
+        click.echo(str(lattice_experiment(exp)))
     except XrdpipeError as exc:
         _fail(exc)
-    click.echo(str(fitted))
     click.echo(f"experiment file: {syn.experiment_file}")
     click.echo(f"look at the patterns: silx view {summary.run_file}   (or h5web)")
 

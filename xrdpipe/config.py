@@ -53,6 +53,7 @@ __all__ = [
     "PhaseSpec",
     "WindowSpec",
     "FitSpec",
+    "LatticeSpec",
     "load_experiment",
     "parse_experiment",
     "RADIAL_UNITS",
@@ -464,6 +465,20 @@ class FitSpec(_Spec):
     max_iter: int = Field(default=200, ge=5, le=10_000)
 
 
+class LatticeSpec(_Spec):
+    """``[lattice]``: how cells and phase fractions come from the fitted peaks.
+
+    ``correction`` adds a 2θ zero shift (``"zero"``) or a sample-displacement term
+    (``"displacement"``, ∝ cos θ) shared by the phases of a frame. Fractions come from the areas
+    of corresponding peaks of coexisting phases, or, with ``fraction_window``, from that window's
+    area of each phase against the whole window in ``reference_frame``.
+    """
+
+    correction: Literal["none", "zero", "displacement"] = "none"
+    fraction_window: str | None = None
+    reference_frame: int = Field(default=0, ge=0)
+
+
 class Experiment(_Spec):
     """A whole validated experiment. ``source`` is the file it came from, ``text`` its content."""
 
@@ -476,6 +491,7 @@ class Experiment(_Spec):
     phases: list[PhaseSpec] = []
     windows: list[WindowSpec] = []
     fit: FitSpec = FitSpec()
+    lattice: LatticeSpec = LatticeSpec()
     source: Path | None = Field(default=None, exclude=True)
     text: str = Field(default="", exclude=True, repr=False)
 
@@ -532,6 +548,9 @@ def _cross_check(exp: Experiment) -> list[tuple[str, str]]:
                                  f"{label!r} is not one of the window's peaks {w.peaks}"))
             elif not lo < hi:
                 problems.append((f"windows.{i}.center_bounds", f"{label!r}: expected [low, high], got {[lo, hi]}"))
+    fw = exp.lattice.fraction_window
+    if fw is not None and fw not in seen:
+        problems.append(("lattice.fraction_window", f"{fw!r} is not one of the windows {sorted(seen)}"))
     return problems
 
 
@@ -540,7 +559,7 @@ def _cross_check(exp: Experiment) -> list[tuple[str, str]]:
 
 _SECTION_HINTS = {
     "electrochemistry": "state of charge",
-    "refine": "whole-pattern refinement", "lattice": "lattice refinement",
+    "refine": "whole-pattern refinement",
     "plots": "figures", "export": "exports",
 }
 

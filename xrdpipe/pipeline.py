@@ -15,7 +15,8 @@ from .errors import CalibrationError, ConfigError, FrameReadError, PatternReadEr
 from .frames import FrameRef, frame_times, list_frames, read_frame
 from .store import DONE, RunFile
 
-__all__ = ["IntegrationSummary", "integrate_experiment", "package_versions", "FitSummary", "fit_experiment"]
+__all__ = ["IntegrationSummary", "integrate_experiment", "package_versions", "FitSummary", "fit_experiment",
+           "LatticeSummary", "lattice_experiment"]
 
 
 @dataclass
@@ -339,3 +340,45 @@ def _runs(rows: np.ndarray, size: int):
     for run in np.split(rows, breaks):
         for i in range(0, run.size, size):
             yield run[i:i + size]
+
+
+@dataclass
+class LatticeSummary:
+    """What a lattice run did."""
+
+    run_file: Path
+    csv_file: Path
+    frames: int
+    cells: dict[str, int] = field(default_factory=dict)
+    flagged: dict[str, int] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"{self.frames} frame(s); cells refined per phase: "
+                 + ", ".join(f"{k} {v}" for k, v in self.cells.items())]
+        for msg, count in sorted(self.flagged.items(), key=lambda kv: -kv[1])[:6]:
+            lines.append(f"  {count} frame-phase pair(s): {msg}")
+        lines.append(f"lattice: {self.csv_file}")
+        return "\n".join(lines)
+
+
+def lattice_experiment(exp: Experiment) -> LatticeSummary:
+    """Cells, volumes, layer geometry and phase fractions from the fitted peaks of a run file:
+    written to ``/entry/lattice`` and ``<output>/lattice.csv`` (recomputed whole; it is quick)."""
+    from .lattice import refine_lattice
+    from .store import open_run_info, write_table
+
+    if not exp.phases:
+        raise ConfigError(str(exp.source or "experiment"), [("phases", "no [[phases]] to refine")])
+    info = open_run_info(exp.run.run_file)
+    table = _stored_table(exp.run.run_file)
+    lat = refine_lattice(table, exp.phases, exp.lattice, unit=info["unit"], wavelength_A=info["wavelength_A"])
+    arrays = {"frame": lat.frame, "time_s": lat.time_s, "phase": np.array(lat.phases, dtype=object),
+              "message": lat.message, **lat.values}
+    write_table(exp.run.run_file, "lattice", arrays, {"correction": exp.lattice.correction})
+    summary = LatticeSummary(exp.run.run_file, lat.write_csv(exp.run.output / "lattice.csv"), len(lat.frame))
+    for i, name in enumerate(lat.phases):
+        summary.cells[name] = int(np.isfinite(lat.values["c_A"][:, i]).sum())
+    for msg in lat.message.ravel():
+        if msg:
+            summary.flagged[msg] = summary.flagged.get(msg, 0) + 1
+    return summary

@@ -36,7 +36,7 @@ from .errors import StoreError
 from .frames import FrameRef, FrameTime, utc_seconds
 
 __all__ = ["RunFile", "open_run", "PENDING", "DONE", "FAILED", "Patterns", "PeakStore", "read_peaks",
-           "open_run_info", "PEAK_ARRAYS"]
+           "open_run_info", "write_table", "PEAK_ARRAYS"]
 
 PENDING, DONE, FAILED = 0, 1, -1
 _FORMAT = "xrdpipe-run-1"
@@ -479,3 +479,25 @@ def read_peaks(path: Path | str) -> dict[str, Any]:
         out["time_s"] = h5["/entry/patterns/time_s"][()]
         out["fingerprint"] = json.loads(g.attrs["fingerprint"])
     return out
+
+
+def write_table(path: Path | str, group: str, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
+    """Replace ``/entry/<group>`` of a run file with the given arrays (an NXcollection)."""
+    import h5py
+
+    try:
+        h5 = h5py.File(Path(path), "r+")
+    except OSError as exc:
+        raise StoreError(f"cannot open run file {path} for writing: {exc}") from None
+    with h5:
+        entry = h5["/entry"]
+        if group in entry:
+            del entry[group]
+        g = entry.create_group(group)
+        g.attrs.update({"NX_class": "NXcollection", **attrs})
+        for name, value in arrays.items():
+            value = np.asarray(value)
+            if value.dtype.kind in "OU":
+                g.create_dataset(name, data=value.astype(object), dtype=_str_dtype())
+            else:
+                g.create_dataset(name, data=value)

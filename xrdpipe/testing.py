@@ -581,7 +581,8 @@ def _write_fabio(folder: Path, i: int, img: np.ndarray, start: datetime, exposur
 
 #: Fit windows of the synthetic scenarios: (name, range in 2θ, reflection).
 _WINDOWS = {
-    "nfm": (("003", (6.0, 7.1), "003"), ("006", (12.4, 13.8), "006")),
+    "nfm": (("003", (6.0, 7.1), "003"), ("006", (12.4, 13.8), "006"), ("107", (20.35, 21.1), "107"),
+            ("018", (21.95, 22.9), "018")),
     "mcm": (("002", (6.6, 7.4), "002"), ("004", (13.5, 14.5), "004"), ("100", (15.6, 16.6), "100")),
 }
 

@@ -1,0 +1,371 @@
+"""Lattice parameters, phase fractions and layer geometry per frame, from fitted peaks.
+
+For every frame and phase, the cell (a, c; also b, β for orthorhombic and monoclinic phases) is
+refined by weighted least squares from the centres of all the phase's reflections found in that
+frame, each weighted by its esd; the esds of the cell follow from the centre esds (not
+rescaled). ``correction = "zero"`` adds a 2θ zero shift, ``"displacement"`` a sample-displacement
+term (∝ cos θ), shared by the phases of the frame. A cell parameter that no reflection sees (a,
+when a phase shows only 00l peaks) is not refined: it is reported as NaN and flagged.
+
+Phase fractions: from the areas of corresponding peaks of coexisting phases in the same window
+(e.g. the (003) of O3 against the (003) of P3), each scaled by its area in the nearest frame
+where that phase was alone (the same reflection is not equally strong in two structures),
+inverse-variance averaged over such windows; or, with ``fraction_window``, the window's area of
+each phase against that of the whole window in a reference frame.
+
+Example
+-------
+>>> lat = refine_lattice(peak_table, exp.phases, exp.lattice, unit="2th_deg", wavelength_A=0.6209)  # doctest: +SKIP
+>>> lat.write_csv("results/lattice.csv")                                                            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from scipy.optimize import least_squares
+
+from .config import LatticeSpec, PhaseSpec
+from .crystallography import cell_volume, crystal_system, d_spacing, q_from_tth, tth_from_d
+from .phases import GEOMETRY_KEYS, layer_geometry
+
+__all__ = ["LatticeTable", "refine_lattice", "trend", "LATTICE_COLUMNS", "LATTICE_FIELDS"]
+
+#: The columns of lattice.csv (a public interface: extend, never rename).
+LATTICE_COLUMNS = ("frame", "time_s", "voltage_V", "x", "phase", "a_A", "a_err_A", "c_A", "c_err_A", "volume_A3",
+                   "fraction", "fraction_err", "b_A", "b_err_A", "beta_deg", "beta_err_deg", "volume_err_A3",
+                   "n_reflections", "correction_deg", "correction_err_deg", *GEOMETRY_KEYS, "message")
+#: Per (frame, phase) quantities.
+LATTICE_FIELDS = ("a_A", "a_err_A", "b_A", "b_err_A", "c_A", "c_err_A", "beta_deg", "beta_err_deg", "volume_A3",
+                  "volume_err_A3", "fraction", "fraction_err", "n_reflections", "correction_deg",
+                  "correction_err_deg", *GEOMETRY_KEYS)
+_CELL = {"hexagonal": ("a", "c"), "orthorhombic": ("a", "b", "c"), "monoclinic": ("a", "b", "c", "beta")}
+
+
+@dataclass
+class LatticeTable:
+    """Cells and fractions of n frames: ``values[field]`` (n, P) for the phases ``phases``,
+    ``message`` (n, P); ``voltage_V`` and ``x`` stay NaN until the state of charge is known."""
+
+    frame: np.ndarray
+    time_s: np.ndarray
+    phases: tuple[str, ...]
+    values: dict[str, np.ndarray]
+    message: np.ndarray
+    voltage_V: np.ndarray | None = None
+    x: np.ndarray | None = None
+
+    def column(self, name: str, phase: str) -> np.ndarray:
+        """One phase's series, e.g. ``lat.column("c_A", "O3")``."""
+        return self.values[name][:, self.phases.index(phase)]
+
+    def rows(self):
+        n = len(self.frame)
+        volt = self.voltage_V if self.voltage_V is not None else np.full(n, np.nan)
+        x = self.x if self.x is not None else np.full(n, np.nan)
+        for r in range(n):
+            for i, phase in enumerate(self.phases):
+                row = {"frame": int(self.frame[r]), "time_s": _num(self.time_s[r]), "voltage_V": _num(volt[r]),
+                       "x": _num(x[r]), "phase": phase, "message": self.message[r, i] or ""}
+                for name in LATTICE_FIELDS:
+                    v = self.values[name][r, i]
+                    row[name] = (str(int(v)) if name == "n_reflections" else _num(v))
+                yield row
+
+    def write_csv(self, path: Path | str) -> Path:
+        """Write ``lattice.csv``: one row per frame and phase."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".part")
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=LATTICE_COLUMNS)
+            w.writeheader()
+            w.writerows(self.rows())
+        tmp.replace(path)
+        return path
+
+
+def _num(v) -> str:
+    v = float(v)
+    return "" if not np.isfinite(v) else f"{v:.10g}"
+
+
+# ----------------------------------------------------------------------------------------------
+# one frame
+
+def _observations(table, r: int, phase: str):
+    """(hkl (k, 3), centre, esd) of the phase's reflections found in frame row ``r``."""
+    from .crystallography import parse_hkl
+
+    hkl, c, e = [], [], []
+    for i, (_, ph, h, _) in enumerate(table.peaks):
+        if ph != phase or not table.present[r, i]:
+            continue
+        ci, ei = table.values["center"][r, i], table.values["center_err"][r, i]
+        if np.isfinite(ci) and np.isfinite(ei) and ei > 0:
+            hkl.append(parse_hkl(h))
+            c.append(ci)
+            e.append(ei)
+    return np.array(hkl, float).reshape(-1, 3), np.array(c), np.array(e)
+
+
+def _identifiable(system: str, hkl: np.ndarray) -> list[str]:
+    """Cell parameters that the reflections constrain."""
+    h, k, l = hkl.T
+    if system == "hexagonal":
+        out = (["a"] if np.any((h != 0) | (k != 0)) else []) + (["c"] if np.any(l != 0) else [])
+    else:
+        out = [n for n, col in (("a", h), ("b", k), ("c", l)) if np.any(col != 0)]
+        if system == "monoclinic" and np.any(h * l != 0) and {"a", "c"} <= set(out):
+            out.append("beta")
+    return out
+
+
+def _refine_frame(obs, specs: Sequence[PhaseSpec], start: dict, *, unit: str, wavelength_A: float | None,
+                  correction: str):
+    """Joint least squares of the phases' cells (and one correction) in a frame.
+
+    ``obs[p]`` = (hkl, centre, esd) in the run's radial unit. Returns, per phase, the refined
+    parameters, their esds, the covariance block and a message; and the correction (value, esd).
+    """
+    to_tth = unit == "2th_deg"
+    use_corr = correction != "none" and wavelength_A
+    layout: list[tuple[int, str]] = []
+    for p, spec in enumerate(specs):
+        hkl = obs[p][0]
+        if len(hkl):
+            for name in _identifiable(crystal_system(spec.space_group), hkl):
+                layout.append((p, name))
+    n_obs = sum(len(o[0]) for o in obs)
+    n_par = len(layout) + (1 if use_corr else 0)
+    if not layout or n_obs < n_par:
+        return None
+    x0 = np.array([start[p][name] for p, name in layout] + ([0.0] if use_corr else []))
+
+    def cells(x):
+        cur = [dict(start[p]) for p in range(len(specs))]
+        for (p, name), v in zip(layout, x):
+            cur[p][name] = v
+        return cur
+
+    def model(x):
+        out = []
+        cur = cells(x)
+        for p, spec in enumerate(specs):
+            hkl = obs[p][0]
+            if not len(hkl):
+                continue
+            cp = cur[p]
+            d = d_spacing(spec.space_group, hkl[:, 0], hkl[:, 1], hkl[:, 2], cp["a"], cp["c"], cp.get("b"),
+                          cp.get("beta"))
+            if use_corr:
+                tth = tth_from_d(d, wavelength_A)
+                shift = x[-1] * (np.cos(np.radians(tth) / 2) if correction == "displacement" else 1.0)
+                tth = tth + shift
+                out.append(tth if to_tth else q_from_tth(tth, wavelength_A))
+            elif to_tth:
+                out.append(tth_from_d(d, wavelength_A))
+            else:
+                out.append(2 * np.pi / np.asarray(d))
+        return np.concatenate(out)
+
+    centres = np.concatenate([o[1] for o in obs if len(o[0])])
+    errs = np.concatenate([o[2] for o in obs if len(o[0])])
+
+    def resid(x):
+        return (centres - model(x)) / errs
+
+    try:
+        res = least_squares(resid, x0, method="trf", x_scale=np.maximum(np.abs(x0), 1e-3), xtol=1e-12, ftol=1e-12)
+    except (ValueError, FloatingPointError) as exc:
+        return f"cell refinement failed: {exc}"
+    if not res.success or not np.all(np.isfinite(res.x)):
+        return f"cell refinement failed: {res.message}"
+    jac = res.jac
+    try:
+        cov = np.linalg.inv(jac.T @ jac)
+    except np.linalg.LinAlgError:
+        cov = np.full((n_par, n_par), np.nan)
+    cur = cells(res.x)
+    per_phase = []
+    for p, spec in enumerate(specs):
+        idx = {name: i for i, (q, name) in enumerate(layout) if q == p}
+        per_phase.append((cur[p], idx))
+    corr = (res.x[-1], float(np.sqrt(cov[-1, -1]))) if use_corr else (np.nan, np.nan)
+    return per_phase, cov, corr
+
+
+def refine_lattice(table, phases: Sequence[PhaseSpec], spec: LatticeSpec | None = None, *, unit: str,
+                   wavelength_A: float | None) -> LatticeTable:
+    """Cells, volumes, layer geometry and fractions of every phase in every frame of a peak table.
+
+    Frames where a phase shows no reflection have NaN cells for it (and fraction 0 when another
+    phase is there); a phase whose reflections leave a parameter undetermined is flagged.
+    """
+    spec = spec or LatticeSpec()
+    n, names = len(table.frame), tuple(p.name for p in phases)
+    vals = {k: np.full((n, len(phases)), np.nan) for k in LATTICE_FIELDS}
+    vals["n_reflections"][:] = 0
+    msg = np.full((n, len(phases)), "", dtype=object)
+    start = [{"a": p.a, "b": p.b, "c": p.c, "beta": p.beta} for p in phases]
+    for r in range(n):
+        obs = [_observations(table, r, p.name) for p in phases]
+        for i, o in enumerate(obs):
+            vals["n_reflections"][r, i] = len(o[0])
+        out = _refine_frame(obs, phases, start, unit=unit, wavelength_A=wavelength_A, correction=spec.correction)
+        if isinstance(out, str):
+            msg[r, [i for i, o in enumerate(obs) if len(o[0])]] = out
+            continue
+        if out is None:
+            for i, o in enumerate(obs):
+                if len(o[0]):
+                    msg[r, i] = "too few reflections for the cell and the correction"
+            continue
+        per_phase, cov, corr = out
+        for i, (spec_i, (cell, idx)) in enumerate(zip(phases, per_phase)):
+            if not len(obs[i][0]):
+                continue
+            system = crystal_system(spec_i.space_group)
+            missing = [nm for nm in _CELL[system] if nm not in idx]
+            vals["correction_deg"][r, i], vals["correction_err_deg"][r, i] = corr
+            for nm, key in (("a", "a_A"), ("b", "b_A"), ("c", "c_A"), ("beta", "beta_deg")):
+                if nm in idx:
+                    vals[key][r, i] = cell[nm]
+                    with np.errstate(invalid="ignore"):
+                        vals[key.replace("_A", "_err_A").replace("_deg", "_err_deg")][r, i] = np.sqrt(cov[idx[nm], idx[nm]])
+            if missing:
+                msg[r, i] = f"{', '.join(missing)} not determined (only {_families(obs[i][0])} reflections)"
+                continue
+            _volume(vals, r, i, spec_i, cell, idx, cov)
+            if spec_i.z_o is not None and system == "hexagonal" and spec_i.structure_kind in ("O3", "P3", "P2"):
+                for key, v in layer_geometry(spec_i.structure_kind, cell["a"], cell["c"], spec_i.z_o).items():
+                    vals[key][r, i] = v
+            start[i] = {**start[i], **{nm: cell[nm] for nm in idx}}  # the next frame starts here
+    frac, frac_err = _fractions(table, phases, spec)
+    vals["fraction"], vals["fraction_err"] = frac, frac_err
+    return LatticeTable(np.asarray(table.frame), np.asarray(table.time_s, float), names, vals, msg)
+
+
+def _families(hkl: np.ndarray) -> str:
+    return "00l" if np.all(hkl[:, :2] == 0) else "some"
+
+
+def _volume(vals, r, i, spec: PhaseSpec, cell, idx, cov) -> None:
+    """Cell volume and its esd (gradient by central differences on the refined parameters)."""
+    names = [nm for nm in idx]
+    v0 = float(cell_volume(spec.space_group, cell["a"], cell["c"], cell.get("b"), cell.get("beta")))
+    grad = []
+    for nm in names:
+        h = 1e-6 * max(abs(cell[nm]), 1.0)
+        up, dn = dict(cell), dict(cell)
+        up[nm] += h
+        dn[nm] -= h
+        grad.append((cell_volume(spec.space_group, up["a"], up["c"], up.get("b"), up.get("beta"))
+                     - cell_volume(spec.space_group, dn["a"], dn["c"], dn.get("b"), dn.get("beta"))) / (2 * h))
+    sub = cov[np.ix_([idx[nm] for nm in names], [idx[nm] for nm in names])]
+    g = np.array(grad, float)
+    vals["volume_A3"][r, i] = v0
+    with np.errstate(invalid="ignore"):
+        vals["volume_err_A3"][r, i] = float(np.sqrt(g @ sub @ g))
+
+
+def _fractions(table, phases: Sequence[PhaseSpec], spec: LatticeSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Phase fractions (n, P) with esds, from peak areas."""
+    n, names = len(table.frame), [p.name for p in phases]
+    frac = np.full((n, len(names)), np.nan)
+    err = np.full((n, len(names)), np.nan)
+    area, aerr, present = table.values["area"], table.values["area_err"], table.present
+    col_phase = [ph for _, ph, _, _ in table.peaks]
+    col_window = [w for w, _, _, _ in table.peaks]
+    if spec.fraction_window is not None:
+        cols = [i for i, w in enumerate(col_window) if w == spec.fraction_window]
+        ref = int(np.searchsorted(table.frame, spec.reference_frame))
+        total_ref = np.nansum(area[ref, cols]) if ref < n else np.nan
+        for p, name in enumerate(names):
+            mine = [i for i in cols if col_phase[i] == name]
+            if mine and total_ref > 0:
+                frac[:, p] = np.nansum(np.where(present[:, mine], area[:, mine], 0.0), axis=1) / total_ref
+                err[:, p] = np.sqrt(np.nansum(np.where(present[:, mine], aerr[:, mine], 0.0) ** 2, axis=1)) / total_ref
+        return frac, err
+    # (i) areas of corresponding peaks of coexisting phases, window by window
+    num = np.zeros((n, len(names)))
+    wsum = np.zeros((n, len(names)))
+    for window in dict.fromkeys(col_window):
+        cols = [i for i, w in enumerate(col_window) if w == window]
+        phs = [col_phase[i] for i in cols]
+        if len(set(phs)) < 2:
+            continue
+        a = np.where(present[:, cols], area[:, cols], 0.0)
+        e = np.where(present[:, cols], aerr[:, cols], 0.0)
+        # the same reflection is not equally strong in two phases: scale each phase's area by
+        # its area in the nearest frame where it was alone in the window (if there is one)
+        for j in range(len(cols)):
+            alone = np.flatnonzero(present[:, cols[j]] & (present[:, cols].sum(axis=1) == 1) & np.isfinite(a[:, j]))
+            if alone.size:
+                pos = np.clip(np.searchsorted(alone, np.arange(n)), 0, alone.size - 1)
+                prev = alone[np.maximum(pos - 1, 0)]
+                near = np.where(np.abs(alone[pos] - np.arange(n)) <= np.abs(prev - np.arange(n)), alone[pos], prev)
+                ref = a[near, j]
+                a[:, j], e[:, j] = a[:, j] / ref, e[:, j] / ref
+        tot = a.sum(axis=1)
+        ok = (tot > 0) & np.all(np.isfinite(a), axis=1) & np.all(np.isfinite(e) | (a == 0), axis=1)
+        for j, i in enumerate(cols):
+            p = names.index(col_phase[i]) if col_phase[i] in names else None
+            if p is None:
+                continue
+            with np.errstate(all="ignore"):
+                f = a[:, j] / tot
+                # d f_j / d a_k = (δjk tot - a_j) / tot²
+                var = ((tot - a[:, j]) ** 2 * e[:, j] ** 2 + (a[:, j] ** 2) * (np.sum(e**2, axis=1) - e[:, j] ** 2)) / tot**4
+            with np.errstate(divide="ignore"):
+                wgt = np.where(var > 0, 1.0 / var, 1e12)
+            use = ok & np.isfinite(f)
+            num[use, p] += (f * wgt)[use]
+            wsum[use, p] += wgt[use]
+    seen = wsum > 0
+    with np.errstate(all="ignore"):
+        frac[seen] = num[seen] / wsum[seen]
+        err[seen] = np.where(wsum[seen] >= 1e12, 0.0, 1.0 / np.sqrt(wsum[seen]))
+    # frames where only one phase shows up anywhere: it is all there is
+    shows = np.stack([present[:, [i for i, ph in enumerate(col_phase) if ph == name]].any(axis=1)
+                      if name in col_phase else np.zeros(n, bool) for name in names], axis=1)
+    alone = shows.sum(axis=1) == 1
+    for p in range(len(names)):
+        frac[alone & shows[:, p], p], err[alone & shows[:, p], p] = 1.0, 0.0
+        frac[alone & ~shows[:, p], p], err[alone & ~shows[:, p], p] = 0.0, 0.0
+        gone = ~shows[:, p] & shows.any(axis=1) & np.isnan(frac[:, p])
+        frac[gone, p], err[gone, p] = 0.0, 0.0
+    return frac, err
+
+
+def trend(x, y, y_err=None, *, x_range: tuple[float, float] | None = None) -> dict[str, float]:
+    """Weighted straight line ``y = intercept + slope * x`` over ``x_range``: slope, intercept,
+    their esds (scaled by the reduced chi-square when it exceeds 1) and the points used.
+
+    For a slope per mAh/g give capacity as ``x``; against sodium content give ``x``.
+
+    >>> t = trend([0, 1, 2, 3], [1.0, 3.0, 5.0, 7.0])
+    >>> round(t["slope"], 6), round(t["intercept"], 6)
+    (2.0, 1.0)
+    """
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    e = np.ones_like(y) if y_err is None else np.asarray(y_err, float)
+    use = np.isfinite(x) & np.isfinite(y) & np.isfinite(e) & (e > 0)
+    if x_range is not None:
+        use &= (x >= min(x_range)) & (x <= max(x_range))
+    if use.sum() < 3:
+        raise ValueError(f"a trend needs at least 3 points with values, got {int(use.sum())}")
+    w = 1 / e[use] ** 2
+    a = np.column_stack([np.ones(use.sum()), x[use]])
+    cov = np.linalg.inv(a.T @ (a * w[:, None]))
+    coef = cov @ (a.T @ (w * y[use]))
+    chi2 = float(np.sum(w * (y[use] - a @ coef) ** 2))
+    redchi = chi2 / (use.sum() - 2) if use.sum() > 2 else np.nan
+    scale = max(redchi, 1.0) if (y_err is not None and np.isfinite(redchi)) else (redchi if np.isfinite(redchi) else 1.0)
+    return {"slope": float(coef[1]), "slope_err": float(np.sqrt(cov[1, 1] * scale)),
+            "intercept": float(coef[0]), "intercept_err": float(np.sqrt(cov[0, 0] * scale)),
+            "redchi": float(redchi), "n": int(use.sum())}
