@@ -240,3 +240,14 @@ def test_the_readme_peak_fitting_example_is_valid(folder):
     exp = load_experiment(write(folder, GOOD.format(times='"header"') + block))
     assert [w.name for w in exp.windows] == ["003"] and exp.windows[0].center_bounds["P3 003"] == (6.2, 6.5)
     assert exp.fit.block_frames == 1024
+
+
+def test_the_readme_lattice_example_is_valid(folder):
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("### Lattice parameters")[1].split("```toml")[1].split("```")[0]
+    text = GOOD.format(times='"header"') + block + '\n[[windows]]\nname = "104"\nrange = [16.2, 16.7]\npeaks = ["O3 104"]\n'
+    exp = load_experiment(write(folder, text))
+    assert [p.name for p in exp.phases] == ["O3", "P3", "P2-Mg"] and exp.phases[1].c == 16.7
+    assert exp.phases[2].space_group == "P63/mmc" and exp.lattice.fraction_window == "104"
