@@ -21,7 +21,6 @@ Example
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -32,6 +31,7 @@ from scipy.optimize import least_squares
 from .config import LatticeSpec, PhaseSpec
 from .crystallography import cell_volume, crystal_system, d_spacing, q_from_tth, tth_from_d
 from .phases import GEOMETRY_KEYS, layer_geometry
+from .store import csv_number, write_csv
 
 __all__ = ["LatticeTable", "refine_lattice", "trend", "LATTICE_COLUMNS", "LATTICE_FIELDS"]
 
@@ -69,29 +69,16 @@ class LatticeTable:
         x = self.x if self.x is not None else np.full(n, np.nan)
         for r in range(n):
             for i, phase in enumerate(self.phases):
-                row = {"frame": int(self.frame[r]), "time_s": _num(self.time_s[r]), "voltage_V": _num(volt[r]),
-                       "x": _num(x[r]), "phase": phase, "message": self.message[r, i] or ""}
+                row = {"frame": int(self.frame[r]), "time_s": csv_number(self.time_s[r]), "voltage_V": csv_number(volt[r]),
+                       "x": csv_number(x[r]), "phase": phase, "message": self.message[r, i] or ""}
                 for name in LATTICE_FIELDS:
                     v = self.values[name][r, i]
-                    row[name] = (str(int(v)) if name == "n_reflections" else _num(v))
+                    row[name] = (str(int(v)) if name == "n_reflections" else csv_number(v))
                 yield row
 
     def write_csv(self, path: Path | str) -> Path:
         """Write ``lattice.csv``: one row per frame and phase."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".part")
-        with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=LATTICE_COLUMNS)
-            w.writeheader()
-            w.writerows(self.rows())
-        tmp.replace(path)
-        return path
-
-
-def _num(v) -> str:
-    v = float(v)
-    return "" if not np.isfinite(v) else f"{v:.10g}"
+        return write_csv(path, LATTICE_COLUMNS, self.rows())
 
 
 # ----------------------------------------------------------------------------------------------

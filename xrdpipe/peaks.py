@@ -23,7 +23,6 @@ Example
 
 from __future__ import annotations
 
-import csv
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ import numpy as np
 from .batchfit import BatchResult, least_squares_batch
 from .config import FitSpec, PhaseSpec, WindowSpec
 from .lineshapes import PROFILES, height
-from .store import PEAK_ARRAYS
+from .store import PEAK_ARRAYS, csv_number, write_csv
 from .windows import WindowModel, d_from_radial
 
 __all__ = ["WindowModel", "PeakFitter", "PeakTable", "WindowSetupError", "fit_peaks", "fit_window", "lmfit_model",
@@ -433,33 +432,20 @@ class PeakTable:
                 wi = win_index[window]
                 v = {k: self.values[k][r, i] for k in PEAK_FIELDS}
                 yield {
-                    "frame": int(self.frame[r]), "time_s": _num(self.time_s[r]), "window": window, "phase": phase,
-                    "hkl": hkl, "center": _num(v["center"]), "center_err": _num(v["center_err"]),
-                    "fwhm": _num(v["fwhm"]), "fwhm_err": _num(v["fwhm_err"]),
-                    "eta": _num(v["shape"]) if profile != "pearson7" else "",
-                    "area": _num(v["area"]), "area_err": _num(v["area_err"]), "height": _num(v["height"]),
-                    "redchi": _num(self.redchi[r, wi]), "present": int(bool(self.present[r, i])),
+                    "frame": int(self.frame[r]), "time_s": csv_number(self.time_s[r]), "window": window, "phase": phase,
+                    "hkl": hkl, "center": csv_number(v["center"]), "center_err": csv_number(v["center_err"]),
+                    "fwhm": csv_number(v["fwhm"]), "fwhm_err": csv_number(v["fwhm_err"]),
+                    "eta": csv_number(v["shape"]) if profile != "pearson7" else "",
+                    "area": csv_number(v["area"]), "area_err": csv_number(v["area_err"]), "height": csv_number(v["height"]),
+                    "redchi": csv_number(self.redchi[r, wi]), "present": int(bool(self.present[r, i])),
                     "success": int(bool(self.success[r, wi])), "message": self.message[r, wi] or "",
-                    "d_A": _num(v["d_A"]), "d_err_A": _num(v["d_err_A"]), "shape": _num(v["shape"]),
-                    "fwhm_left": _num(v["fwhm_left"]), "fwhm_right": _num(v["fwhm_right"]), "profile": profile,
+                    "d_A": csv_number(v["d_A"]), "d_err_A": csv_number(v["d_err_A"]), "shape": csv_number(v["shape"]),
+                    "fwhm_left": csv_number(v["fwhm_left"]), "fwhm_right": csv_number(v["fwhm_right"]), "profile": profile,
                 }
 
     def write_csv(self, path: Path | str) -> Path:
         """Write ``peaks.csv`` (one row per frame and component; centre and FWHM in the run's unit)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".part")
-        with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=PEAK_COLUMNS)
-            w.writeheader()
-            w.writerows(self.rows())
-        tmp.replace(path)
-        return path
-
-
-def _num(v) -> str:
-    v = float(v)
-    return "" if not np.isfinite(v) else f"{v:.10g}"
+        return write_csv(path, PEAK_COLUMNS, self.rows())
 
 
 class WindowSetupError(ValueError):

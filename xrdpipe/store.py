@@ -36,7 +36,7 @@ from .errors import StoreError
 from .frames import FrameRef, FrameTime, utc_seconds
 
 __all__ = ["RunFile", "open_run", "PENDING", "DONE", "FAILED", "Patterns", "PeakStore", "read_peaks",
-           "open_run_info", "write_table", "PEAK_ARRAYS"]
+           "open_run_info", "write_table", "write_csv", "csv_number", "PEAK_ARRAYS"]
 
 PENDING, DONE, FAILED = 0, 1, -1
 _FORMAT = "xrdpipe-run-1"
@@ -501,3 +501,24 @@ def write_table(path: Path | str, group: str, arrays: dict[str, np.ndarray], att
                 g.create_dataset(name, data=value.astype(object), dtype=_str_dtype())
             else:
                 g.create_dataset(name, data=value)
+
+
+def write_csv(path: Path | str, columns: Sequence[str], rows) -> Path:
+    """Write dict rows to a CSV file atomically (a reader never sees half a file)."""
+    import csv
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".part")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(columns))
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
+    return path
+
+
+def csv_number(v) -> str:
+    """A number for a CSV cell: empty when not finite, else 10 significant digits."""
+    v = float(v)
+    return "" if not np.isfinite(v) else f"{v:.10g}"
