@@ -29,7 +29,14 @@ import numpy as np
 from scipy.optimize import least_squares
 
 from .config import LatticeSpec, PhaseSpec
-from .crystallography import cell_volume, crystal_system, d_spacing, q_from_tth, tth_from_d
+from .crystallography import (
+    cell_volume,
+    crystal_system,
+    d_spacing,
+    q_from_d,
+    q_from_tth,
+    tth_from_d,
+)
 from .phases import GEOMETRY_KEYS, layer_geometry
 from .store import csv_number, write_csv
 
@@ -84,20 +91,23 @@ class LatticeTable:
 # ----------------------------------------------------------------------------------------------
 # one frame
 
-def _observations(table, r: int, phase: str):
-    """(hkl (k, 3), centre, esd) of the phase's reflections found in frame row ``r``."""
+def _columns_by_phase(table, phases: Sequence[PhaseSpec]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per phase: the peak-table columns of its reflections and their (h, k, l), parsed once."""
     from .crystallography import parse_hkl
 
-    hkl, c, e = [], [], []
-    for i, (_, ph, h, _) in enumerate(table.peaks):
-        if ph != phase or not table.present[r, i]:
-            continue
-        ci, ei = table.values["center"][r, i], table.values["center_err"][r, i]
-        if np.isfinite(ci) and np.isfinite(ei) and ei > 0:
-            hkl.append(parse_hkl(h))
-            c.append(ci)
-            e.append(ei)
-    return np.array(hkl, float).reshape(-1, 3), np.array(c), np.array(e)
+    out = []
+    for p in phases:
+        cols = [i for i, (_, ph, _, _) in enumerate(table.peaks) if ph == p.name]
+        hkl = np.array([parse_hkl(table.peaks[i][2]) for i in cols], float).reshape(-1, 3)
+        out.append((np.array(cols, int), hkl))
+    return out
+
+
+def _observations(table, r: int, cols: np.ndarray, hkl: np.ndarray):
+    """(hkl (k, 3), centre, esd) of one phase's reflections found in frame row ``r``."""
+    c, e = table.values["center"][r, cols], table.values["center_err"][r, cols]
+    use = table.present[r, cols] & np.isfinite(c) & np.isfinite(e) & (e > 0)
+    return hkl[use], c[use], e[use]
 
 
 def _identifiable(system: str, hkl: np.ndarray) -> list[str]:
@@ -157,7 +167,7 @@ def _refine_frame(obs, specs: Sequence[PhaseSpec], start: dict, *, unit: str, wa
             elif to_tth:
                 out.append(tth_from_d(d, wavelength_A))
             else:
-                out.append(2 * np.pi / np.asarray(d))
+                out.append(q_from_d(d))
         return np.concatenate(out)
 
     centres = np.concatenate([o[1] for o in obs if len(o[0])])
@@ -199,8 +209,9 @@ def refine_lattice(table, phases: Sequence[PhaseSpec], spec: LatticeSpec | None 
     vals["n_reflections"][:] = 0
     msg = np.full((n, len(phases)), "", dtype=object)
     start = [{"a": p.a, "b": p.b, "c": p.c, "beta": p.beta} for p in phases]
+    columns = _columns_by_phase(table, phases)
     for r in range(n):
-        obs = [_observations(table, r, p.name) for p in phases]
+        obs = [_observations(table, r, cols, hkl) for cols, hkl in columns]
         for i, o in enumerate(obs):
             vals["n_reflections"][r, i] = len(o[0])
         out = _refine_frame(obs, phases, start, unit=unit, wavelength_A=wavelength_A, correction=spec.correction)

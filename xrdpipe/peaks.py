@@ -24,6 +24,7 @@ Example
 from __future__ import annotations
 
 import os
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,11 +126,14 @@ def _optimize_batched(model: WindowModel, theta, lo, hi, hold, y, w, *, max_iter
                 res.success, msg)
 
 
+_LMFIT_MODELS: "weakref.WeakKeyDictionary[WindowModel, object]" = weakref.WeakKeyDictionary()
+
+
 def _optimize_lmfit(model: WindowModel, theta, lo, hi, hold, y, w, *, max_iter: int, has_errors: bool,
                    weak_z: float = 0.0) -> _Fit:
-    if getattr(model, "_lmfit", None) is None:
-        model._lmfit = lmfit_model(model)
-    lm = model._lmfit
+    lm = _LMFIT_MODELS.get(model)
+    if lm is None:
+        lm = _LMFIT_MODELS[model] = lmfit_model(model)
     n, k = theta.shape
     out = _Fit(theta.copy(), np.full((n, k, k), np.nan), np.full(n, np.nan), np.zeros(n, int),
                int(k - np.count_nonzero(hold)), np.zeros(n, bool), np.full(n, "", dtype=object))

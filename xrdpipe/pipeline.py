@@ -255,6 +255,7 @@ def fit_experiment(exp: Experiment, *, restart: bool = False, progress: bool = T
     """
     import time
 
+    from . import __version__
     from .peaks import PeakFitter, WindowSetupError
     from .store import FAILED, PENDING, PeakStore, open_run_info
 
@@ -269,8 +270,6 @@ def fit_experiment(exp: Experiment, *, restart: bool = False, progress: bool = T
                             wavelength_A=info["wavelength_A"])
     except WindowSetupError as exc:
         raise ConfigError(where, [(f"windows.{i}.peaks", msg) for i, msg in exc.problems]) from None
-    from . import __version__
-
     fingerprint = {"xrdpipe": __version__, "phases": [p.model_dump(mode="json") for p in exp.phases],
                    "windows": [w.model_dump(mode="json") for w in exp.windows],
                    "fit": fit.model_dump(mode="json", exclude={"workers", "block_frames"}),

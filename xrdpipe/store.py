@@ -69,7 +69,37 @@ class Patterns:
         return convert_radial(self.radial, self.unit, "q_A^-1", self.wavelength_A)
 
 
-class RunFile:
+class _Writer:
+    """A run file open for writing: flushed every few seconds, flushed and closed on exit (also on
+    Ctrl-C), so nothing written is lost."""
+
+    def __init__(self, h5, path: Path):
+        self._h5 = h5
+        self.path = path
+        self._last_flush = time.monotonic()
+
+    def _maybe_flush(self, every_s: float = 2.0) -> None:
+        now = time.monotonic()
+        if now - self._last_flush >= every_s:
+            self._h5.flush()
+            self._last_flush = now
+
+    def flush(self) -> None:
+        self._h5.flush()
+
+    def close(self) -> None:
+        if self._h5.id.valid:
+            self._h5.flush()
+            self._h5.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class RunFile(_Writer):
     """A run file open for writing (see the module docstring for its layout).
 
     Use :meth:`open_for_writing` to create or resume one; as a context manager it is flushed
@@ -77,9 +107,7 @@ class RunFile:
     """
 
     def __init__(self, h5, path: Path):
-        self._h5 = h5
-        self.path = path
-        self._last_flush = time.monotonic()
+        super().__init__(h5, path)
         self._keys: dict[str, int] = {
             k.decode() if isinstance(k, bytes) else k: i
             for i, k in enumerate(h5["/entry/frames/key"][()])
@@ -181,26 +209,10 @@ class RunFile:
         fr["status"][row] = FAILED
         self._maybe_flush()
 
-    def _maybe_flush(self, every_s: float = 2.0) -> None:
-        now = time.monotonic()
-        if now - self._last_flush >= every_s:
-            self._h5.flush()
-            self._last_flush = now
-
-    def flush(self) -> None:
-        self._h5.flush()
-
     def close(self) -> None:
         if self._h5.id.valid:
             self._h5.attrs["file_update_time"] = datetime.now(timezone.utc).isoformat()
-            self._h5.flush()
-            self._h5.close()
-
-    def __enter__(self) -> "RunFile":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        super().close()
 
 
 def _create_layout(h5, *, radial, unit, wavelength_A, fingerprint, provenance, title) -> None:
@@ -330,7 +342,7 @@ _PEAK_UNITS = {"d_A": "angstrom", "d_err_A": "angstrom", "area": "counts x radia
                "area_err": "counts x radial unit", "height": "counts"}
 
 
-class PeakStore:
+class PeakStore(_Writer):
     """The ``/entry/peaks`` group of a run file, open for writing.
 
     Layout: one (frame, peak) dataset per quantity (``center``, ``center_err``, ``fwhm``, ...,
@@ -341,10 +353,8 @@ class PeakStore:
     """
 
     def __init__(self, h5, path: Path):
-        self._h5 = h5
-        self.path = path
+        super().__init__(h5, path)
         self._g = h5["/entry/peaks"]
-        self._last_flush = time.monotonic()
 
     @classmethod
     def open(cls, path: Path | str, *, windows: Sequence[str], peaks: Sequence[tuple[str, str, str, str]],
@@ -414,21 +424,7 @@ class PeakStore:
         g["redchi"][sel] = redchi
         g["message"][sel] = message.astype(str).astype(object)
         g["done"][sel] = 1  # last: a row is done only once its results are in
-        now = time.monotonic()
-        if now - self._last_flush >= 2.0:
-            self._h5.flush()
-            self._last_flush = now
-
-    def close(self) -> None:
-        if self._h5.id.valid:
-            self._h5.flush()
-            self._h5.close()
-
-    def __enter__(self) -> "PeakStore":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        self._maybe_flush()
 
 
 def _create_peaks(entry, n: int, windows, peaks, fingerprint: str) -> None:
