@@ -14,7 +14,8 @@ def test_public_api_is_curated():
     assert sorted(xrdpipe.__all__) == sorted([
         "__version__", "Calibration", "CalibrationError", "ConfigError", "Experiment", "FrameReadError",
         "Integrator", "PatternReadError", "StoreError", "WindowModel", "XrdpipeError", "fit_experiment", "fit_peaks",
-        "integrate_experiment", "load_calibration", "load_experiment", "open_run"])
+        "integrate_experiment", "load_calibration", "load_experiment", "open_run", "CyclerReadError",
+        "echem_experiment", "read_cycler"])
     for name in xrdpipe.__all__:
         assert hasattr(xrdpipe, name)
 

@@ -29,9 +29,9 @@ def test_real_mythen_patterns_with_scan_log(data_dir, tmp_path):
     np.testing.assert_allclose(p.intensity[0], y, rtol=1e-6)
     np.testing.assert_allclose(p.sigma[0], e, rtol=1e-6)
     # log: 19:05:59.614-19:06:56.167 and 19:15:03.582-19:15:59.280 (BST = UTC+1)
-    mid0 = (pytest.approx(0))
-    assert p.frames["time_s"][0] == mid0
-    expected = ((15 * 60 + 3.582 + 15 * 60 + 59.280) - (5 * 60 + 59.614 + 6 * 60 + 56.167)) / 2
+    # time_s: the middle of the exposure, in seconds since the first frame's start
+    assert p.frames["time_s"][0] == pytest.approx((56.167 - 59.614 + 60) / 2, abs=1e-3)
+    expected = (15 * 60 + 3.582 + 15 * 60 + 59.280) / 2 - (5 * 60 + 59.614)
     assert p.frames["time_s"][1] == pytest.approx(expected, abs=1e-3)
     assert p.frames["start"][0] == "2025-07-02T19:05:59.614000+01:00"
 

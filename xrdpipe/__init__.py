@@ -7,6 +7,7 @@ The public API is small; everything else lives in private-by-convention stage mo
 >>> summary = xrdpipe.integrate_experiment(exp)             # doctest: +SKIP
 >>> patterns = xrdpipe.open_run(exp.run.run_file)           # doctest: +SKIP
 >>> peaks = xrdpipe.fit_experiment(exp)                     # doctest: +SKIP
+>>> states = xrdpipe.echem_experiment(exp)                  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ __version__ = "0.1.0"
 
 from .calibration import Calibration, load_calibration
 from .config import Experiment, load_experiment
+from .cyclers import read_cycler
 from .errors import (
     CalibrationError,
     ConfigError,
+    CyclerReadError,
     FrameReadError,
     PatternReadError,
     StoreError,
@@ -25,7 +28,7 @@ from .errors import (
 )
 from .integration import Integrator
 from .peaks import WindowModel, fit_peaks
-from .pipeline import fit_experiment, integrate_experiment
+from .pipeline import echem_experiment, fit_experiment, integrate_experiment
 from .store import open_run
 
 __all__ = [
@@ -33,6 +36,7 @@ __all__ = [
     "Calibration",
     "CalibrationError",
     "ConfigError",
+    "CyclerReadError",
     "Experiment",
     "FrameReadError",
     "Integrator",
@@ -40,10 +44,12 @@ __all__ = [
     "StoreError",
     "WindowModel",
     "XrdpipeError",
+    "echem_experiment",
     "fit_experiment",
     "fit_peaks",
     "integrate_experiment",
     "load_calibration",
     "load_experiment",
     "open_run",
+    "read_cycler",
 ]

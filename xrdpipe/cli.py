@@ -115,6 +115,20 @@ def lattice(experiment: str) -> None:
 
 
 @main.command()
+@click.argument("experiment", type=click.Path(dir_okay=False))
+def echem(experiment: str) -> None:
+    """Line the frames up with the cycler record: voltage, current, capacity, x and half-cycle
+    of every frame (averaged over its exposure); write frames.csv.
+
+    Needs an [electrochemistry] section and a run file with the frames' times (after
+    `xrdpipe integrate`). Also fills voltage_V and x of lattice.csv when there is one.
+    """
+    from .pipeline import echem_experiment
+
+    _stage(experiment, echem_experiment, "nothing is lost: the state of charge is recomputed from the record")
+
+
+@main.command()
 @click.argument("out", type=click.Path(file_okay=False), default="xrdpipe-demo")
 @click.option("--frames", "n_frames", type=click.IntRange(5, 100_000), default=50, show_default=True,
               help="Number of frames to simulate.")
@@ -123,12 +137,13 @@ def lattice(experiment: str) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def demo(out: str, n_frames: int, scenario: str, seed: int, quiet: bool) -> None:
-    """Simulate a small operando experiment of 2D frames in OUT, integrate it and fit its peaks."""
+    """Simulate a small operando experiment of 2D frames in OUT, integrate it, line it up with its
+    cycler record, fit its peaks and refine its cells."""
     import time
 
     from .config import load_experiment
     from .errors import XrdpipeError
-    from .pipeline import fit_experiment, integrate_experiment, lattice_experiment
+    from .pipeline import echem_experiment, fit_experiment, integrate_experiment, lattice_experiment
     from .testing import make_experiment
 
     t0 = time.perf_counter()
@@ -142,6 +157,7 @@ def demo(out: str, n_frames: int, scenario: str, seed: int, quiet: bool) -> None
         exp = load_experiment(syn.experiment_file)
         summary = integrate_experiment(exp, progress=not quiet)
         click.echo(str(summary))
+        click.echo(str(echem_experiment(exp)))
         fitted = fit_experiment(exp, progress=not quiet)
         click.echo(str(fitted))
         click.echo(str(lattice_experiment(exp)))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import glob
 import tomllib
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -54,6 +55,7 @@ __all__ = [
     "WindowSpec",
     "FitSpec",
     "LatticeSpec",
+    "ElectrochemistrySpec",
     "load_experiment",
     "parse_experiment",
     "RADIAL_UNITS",
@@ -479,6 +481,99 @@ class LatticeSpec(_Spec):
     reference_frame: int = Field(default=0, ge=0)
 
 
+_UNIT_NAMES = {"time": ("s", "ms", "min", "h", "d"), "voltage": ("V", "mV"), "current": ("A", "mA", "uA", "µA", "nA")}
+
+
+class ElectrochemistrySpec(_Spec):
+    """``[electrochemistry]``: the cycler file of the cell and what is needed for x.
+
+    ``format`` is ``auto`` (from the extension and content) or one of ``csv`` (any CSV/TSV/Excel
+    table; name its ``columns``), ``biologic``, ``neware``, ``arbin``, ``land``. ``start`` is
+    when the file's time 0 was, for files with relative times only (it also overrides a file's
+    own clock); ``timezone`` places local times stored without UTC offset (default: the
+    timezone of the frame times). ``x`` is ``x0 - Q M / (F m)`` with ``Q`` the net charge
+    passed since the record began; ``inventory_loss_mAh_g`` (or ``inventory_loss_from``:
+    earlier cycler files of the same cell) shifts it by the loss of alkali inventory of earlier
+    cycles.
+    """
+
+    file: Path
+    format: Literal["auto", "csv", "biologic", "neware", "arbin", "land"] = "auto"
+    columns: dict[Literal["time", "voltage", "current", "datetime"], str] = {}
+    units: dict[Literal["time", "voltage", "current"], str] = {}
+    sheet: str | None = None
+    start: datetime | None = None
+    timezone: str | None = None
+    active_mass_mg: float | None = Field(default=None, gt=0)
+    formula: str | None = None
+    x0: float | None = Field(default=None, ge=0)
+    ion: Literal["Na", "Li", "K", "Mg", "Zn"] | None = None
+    charge_current: Literal["positive", "negative"] = "positive"
+    rest_current_mA: float | None = Field(default=None, ge=0)
+    inventory_loss_mAh_g: float | None = None
+    inventory_loss_from: list[Path] = []
+
+    @field_validator("file", mode="before")
+    @classmethod
+    def _file(cls, v: Any, info: ValidationInfo) -> Any:
+        return _resolve(v, info)
+
+    @field_validator("file")
+    @classmethod
+    def _exists(cls, v: Path) -> Path:
+        if not v.exists():
+            raise ValueError(f"no such cycler file: {v}")
+        return v
+
+    @field_validator("inventory_loss_from", mode="before")
+    @classmethod
+    def _history(cls, v: Any, info: ValidationInfo) -> Any:
+        v = [v] if isinstance(v, str) else v
+        out = [_resolve(p, info) for p in v]
+        missing = [str(p) for p in out if not Path(p).exists()]
+        if missing:
+            raise ValueError(f"no such cycler file(s): {', '.join(missing)}")
+        return out
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str | None) -> str | None:
+        return _check_timezone(v)
+
+    @field_validator("units")
+    @classmethod
+    def _units(cls, v: dict[str, str]) -> dict[str, str]:
+        for kind, unit in v.items():
+            if unit.replace("μ", "µ") not in _UNIT_NAMES[kind] and unit.lower() not in {
+                    u.lower() for u in _UNIT_NAMES[kind]}:
+                raise ValueError(f"unknown {kind} unit {unit!r}; expected one of {', '.join(_UNIT_NAMES[kind])}")
+        return v
+
+    @field_validator("formula")
+    @classmethod
+    def _formula(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        from .composition import parse_formula
+
+        parse_formula(v)
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ElectrochemistrySpec":
+        if self.start is not None and self.start.tzinfo is None and self.timezone is None:
+            raise ValueError("start has no UTC offset: write it as 2025-07-02T19:00:00+08:00 or set timezone")
+        if self.inventory_loss_mAh_g is not None and self.inventory_loss_from:
+            raise ValueError("give inventory_loss_mAh_g or inventory_loss_from, not both")
+        if self.inventory_loss_from and self.active_mass_mg is None:
+            raise ValueError("inventory_loss_from needs active_mass_mg")
+        if self.formula is not None and self.ion is None:
+            from .composition import carrier_ion
+
+            carrier_ion(self.formula)
+        return self
+
+
 class Experiment(_Spec):
     """A whole validated experiment. ``source`` is the file it came from, ``text`` its content."""
 
@@ -492,6 +587,7 @@ class Experiment(_Spec):
     windows: list[WindowSpec] = []
     fit: FitSpec = FitSpec()
     lattice: LatticeSpec = LatticeSpec()
+    electrochemistry: ElectrochemistrySpec | None = None
     source: Path | None = Field(default=None, exclude=True)
     text: str = Field(default="", exclude=True, repr=False)
 
@@ -558,7 +654,6 @@ def _cross_check(exp: Experiment) -> list[tuple[str, str]]:
 # loading and error reporting
 
 _SECTION_HINTS = {
-    "electrochemistry": "state of charge",
     "refine": "whole-pattern refinement",
     "plots": "figures", "export": "exports",
 }
@@ -697,6 +792,17 @@ def experiment_summary(exp: Experiment) -> str:
         f"polarization_factor = {i.polarization_factor}, solid_angle = {i.solid_angle}, "
         f"error_model = {i.error_model}, splitting = {i.splitting}"
     )
+    e = exp.electrochemistry
+    if e is not None:
+        lines.append(f"[electrochemistry] file = {e.file} (format {e.format})"
+                     + (f", start = {e.start.isoformat()}" if e.start else "")
+                     + (f", timezone = {e.timezone}" if e.timezone else ""))
+        if e.formula:
+            from .composition import molar_mass, theoretical_capacity
+
+            lines.append(f"  {e.formula}: M = {molar_mass(e.formula):.3f} g/mol, theoretical capacity "
+                         f"{theoretical_capacity(e.formula, ion=e.ion):.1f} mAh/g; x0 = "
+                         f"{e.x0 if e.x0 is not None else 'from the formula'}, active mass = {e.active_mass_mg} mg")
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ clean line. The hierarchy::
      ├── CalibrationError   PONI, mask, dark or flat unusable for the run as a whole
      ├── FrameReadError     one frame could not be read (recorded as data, the run goes on)
      ├── PatternReadError   one 1D pattern file could not be read (recorded as data)
+     ├── CyclerReadError    the cycler file cannot be read (names the optional extra it needs)
      └── StoreError         the run file is missing, foreign or incompatible with the request
 
 Failures inside a loop over frames are not raised to the user: they are stored per frame
@@ -22,6 +23,7 @@ __all__ = [
     "CalibrationError",
     "FrameReadError",
     "PatternReadError",
+    "CyclerReadError",
     "StoreError",
 ]
 
@@ -63,6 +65,17 @@ class PatternReadError(XrdpipeError):
     def __init__(self, file: str, reason: str):
         self.file = str(file)
         self.reason = reason
+        super().__init__(f"{self.file}: {reason}")
+
+
+class CyclerReadError(XrdpipeError):
+    """A cycler file could not be read. ``extra`` names the optional extra that would read it,
+    when that is what is missing."""
+
+    def __init__(self, file: str, reason: str, *, extra: str | None = None):
+        self.file = str(file)
+        self.reason = reason
+        self.extra = extra
         super().__init__(f"{self.file}: {reason}")
 
 

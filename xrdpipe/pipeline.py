@@ -16,7 +16,7 @@ from .frames import FrameRef, frame_times, list_frames, read_frame
 from .store import DONE, RunFile
 
 __all__ = ["IntegrationSummary", "integrate_experiment", "package_versions", "FitSummary", "fit_experiment",
-           "LatticeSummary", "lattice_experiment"]
+           "LatticeSummary", "lattice_experiment", "EchemSummary", "echem_experiment"]
 
 
 @dataclass
@@ -364,7 +364,7 @@ def lattice_experiment(exp: Experiment) -> LatticeSummary:
     """Cells, volumes, layer geometry and phase fractions from the fitted peaks of a run file:
     written to ``/entry/lattice`` and ``<output>/lattice.csv`` (recomputed whole; it is quick)."""
     from .lattice import refine_lattice
-    from .store import open_run_info, write_table
+    from .store import open_run_info, read_table, write_table
 
     if not exp.phases:
         raise ConfigError(str(exp.source or "experiment"), [("phases", "no [[phases]] to refine")])
@@ -374,6 +374,9 @@ def lattice_experiment(exp: Experiment) -> LatticeSummary:
     arrays = {"frame": lat.frame, "time_s": lat.time_s, "phase": np.array(lat.phases, dtype=object),
               "message": lat.message, **lat.values}
     write_table(exp.run.run_file, "lattice", arrays, {"correction": exp.lattice.correction})
+    states = read_table(exp.run.run_file, "electrochemistry")
+    if states is not None:
+        lat.voltage_V, lat.x = states["voltage_V"][lat.frame], states["x"][lat.frame]
     summary = LatticeSummary(exp.run.run_file, lat.write_csv(exp.run.output / "lattice.csv"), len(lat.frame))
     for i, name in enumerate(lat.phases):
         summary.cells[name] = int(np.isfinite(lat.values["c_A"][:, i]).sum())
@@ -381,3 +384,128 @@ def lattice_experiment(exp: Experiment) -> LatticeSummary:
         if msg:
             summary.flagged[msg] = summary.flagged.get(msg, 0) + 1
     return summary
+
+
+@dataclass
+class EchemSummary:
+    """What an electrochemistry run did."""
+
+    run_file: Path
+    csv_file: Path
+    record_file: Path
+    record_rows: int
+    record_start: str
+    record_end: str
+    frames: int
+    status: dict[str, int] = field(default_factory=dict)
+    x_range: tuple[float, float] | None = None
+    theoretical_capacity_mAh_g: float | None = None
+    inventory_loss_mAh_g: float = 0.0
+    notes: tuple[str, ...] = ()
+    lattice_updated: bool = False
+
+    def __str__(self) -> str:
+        lines = [f"cycler record {self.record_file.name}: {self.record_rows} rows, {self.record_start} to "
+                 f"{self.record_end}"]
+        lines += [f"  {n}" for n in self.notes]
+        if self.theoretical_capacity_mAh_g is not None:
+            lines.append(f"theoretical capacity {self.theoretical_capacity_mAh_g:.1f} mAh/g"
+                         + (f"; inventory loss {self.inventory_loss_mAh_g:.2f} mAh/g" if self.inventory_loss_mAh_g else ""))
+        lines.append(f"{self.frames} frame(s): " + ", ".join(f"{k} {v}" for k, v in sorted(self.status.items())))
+        if self.x_range is not None:
+            lines.append(f"x from {self.x_range[0]:.4f} to {self.x_range[1]:.4f}")
+        lines.append(f"frames: {self.csv_file}" + ("  (lattice.csv updated with voltage and x)"
+                                                   if self.lattice_updated else ""))
+        return "\n".join(lines)
+
+
+def _frame_timezone(exp: Experiment) -> str | None:
+    """The timezone the frame times were read in, if one was given."""
+    from .config import TimesFromLog
+
+    spec = exp.frames if exp.frames is not None else exp.patterns
+    times = getattr(spec, "times", None)
+    if isinstance(times, TimesFromLog) and times.timezone:
+        return times.timezone
+    return getattr(spec, "timezone", None)
+
+
+def _posix(iso: np.ndarray) -> np.ndarray:
+    from datetime import datetime
+
+    return np.array([datetime.fromisoformat(v).timestamp() if v else np.nan for v in iso], dtype=float)
+
+
+def echem_experiment(exp: Experiment) -> EchemSummary:
+    """Read the cycler file of ``[electrochemistry]``, integrate capacity and x, and give every
+    frame of the run file its voltage, current, capacity, x and half-cycle (averaged over its
+    exposure): ``/entry/electrochemistry`` (with the whole record in ``record``) and
+    ``<output>/frames.csv``. Recomputed whole; it takes seconds."""
+    from datetime import datetime, timezone
+
+    from .cyclers import read_cycler
+    from .echem import analyse_record, frame_states, inventory_loss
+    from .store import read_frames, write_table
+
+    spec = exp.electrochemistry
+    if spec is None:
+        raise ConfigError(str(exp.source or "experiment"), [(
+            "electrochemistry", "no [electrochemistry] section; add one with file = \"cycler.csv\" (see the README)")])
+    tz = spec.timezone or _frame_timezone(exp)
+    read = dict(format=spec.format, columns=spec.columns, units=spec.units, sheet=spec.sheet, timezone=tz)
+    rec = read_cycler(spec.file, start=spec.start, **read)
+    loss = spec.inventory_loss_mAh_g or 0.0
+    notes = list(rec.notes)
+    if spec.inventory_loss_from:
+        epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)   # only durations matter here
+        history = [read_cycler(p, start=epoch, **{**read, "format": "auto", "columns": {}, "units": {}, "sheet": None})
+                   for p in spec.inventory_loss_from]
+        loss, n_cycles = inventory_loss(history, active_mass_mg=spec.active_mass_mg,
+                                        charge_current=spec.charge_current)
+        notes.append(f"inventory loss {loss:.2f} mAh/g from {n_cycles} earlier cycle(s) in "
+                     f"{', '.join(p.name for p in spec.inventory_loss_from)}")
+    ec = analyse_record(rec, active_mass_mg=spec.active_mass_mg, formula=spec.formula, x0=spec.x0, ion=spec.ion,
+                        inventory_loss_mAh_g=loss, charge_current=spec.charge_current,
+                        rest_current_mA=spec.rest_current_mA)
+    notes += list(ec.notes)
+    fr = read_frames(exp.run.run_file)
+    start_s, end_s = _posix(fr["start"]), _posix(fr["end"])
+    states = frame_states(ec, start_s, end_s, start=fr["start"], end=fr["end"], keys=fr["key"])
+    timed = np.isfinite(start_s)
+    t_first = float(np.nanmin(start_s)) if timed.any() else float(rec.time[0])
+    per_frame = {name: getattr(states, name) for name in (
+        "time_s", "start_s", "end_s", "voltage_V", "current_mA", "capacity_mAh_g", "x", "segment", "status",
+        "half_cycle", "cycle", "mode", "half_cycle_capacity_mAh_g")}
+    record = {"arrays": {
+        "time": rec.time, "time_s": rec.time - t_first, "voltage_V": rec.voltage_V, "current_mA": rec.current_mA,
+        "capacity_mAh_g": ec.capacity_mAh_g, "x": ec.x, "segment": ec.segment, "mode": ec.mode,
+        "half_cycle": ec.half_cycle, "cycle": ec.cycle, "half_cycle_capacity_mAh_g": ec.half_cycle_capacity_mAh_g},
+        "attrs": {"time_units": "POSIX s (UTC)", "time_s_origin": "the first frame's start"}}
+    attrs = {
+        "file": str(spec.file), "format": rec.format, "notes": "\n".join(notes),
+        "record_start": rec.start.isoformat(), "record_end": rec.end.isoformat(),
+        "active_mass_mg": spec.active_mass_mg if spec.active_mass_mg else np.nan,
+        "formula": spec.formula or "", "ion": ec.ion or "",
+        "molar_mass_g_mol": ec.molar_mass if ec.molar_mass else np.nan,
+        "theoretical_capacity_mAh_g": ec.theoretical_capacity_mAh_g if ec.theoretical_capacity_mAh_g else np.nan,
+        "x0": ec.x0 if ec.x0 is not None else np.nan, "inventory_loss_mAh_g": loss, "x_loss": ec.x_loss,
+        "charge_current": spec.charge_current, "rest_current_mA": ec.rest_current_mA,
+        "capacity": "net charge passed since the record began, per gram of active material (mAh/g)",
+    }
+    write_table(exp.run.run_file, "electrochemistry", {**per_frame, "record": record}, attrs)
+    csv_file = states.write_csv(exp.run.output / "frames.csv")
+    xs = states.x[np.isfinite(states.x)]
+    summary = EchemSummary(exp.run.run_file, csv_file, spec.file, len(rec), rec.start.isoformat(), rec.end.isoformat(),
+                           int(states.frame.size), states.counts(),
+                           (float(xs.max()), float(xs.min())) if xs.size else None,
+                           ec.theoretical_capacity_mAh_g, loss, tuple(notes))
+    if exp.phases and _has_group(exp.run.run_file, "lattice"):
+        lattice_experiment(exp)
+        summary.lattice_updated = True
+    return summary
+
+
+def _has_group(run_file: Path, group: str) -> bool:
+    from .store import read_table
+
+    return read_table(run_file, group) is not None

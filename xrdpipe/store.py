@@ -9,7 +9,8 @@ Layout (``@default`` chain set so silx view and h5web show the pattern stack as 
         intensity_errors    (frame, radial) float32 (Poisson esd)
         frame               (frame,)  row number
         tth, q              (radial,) 2θ in degrees and Q in 1/Å (one is the primary axis)
-        time_s              (frame,)  seconds since the earliest timed frame (NaN if untimed)
+        time_s              (frame,)  middle of the exposure, seconds since the earliest frame's
+                                      start (NaN if untimed)
       frames                NXcollection: key, file, index, start, end, timestamp, status, message
       instrument/monochromator/wavelength
       process               NXprocess: program, version, date, experiment text, PONI, package
@@ -185,7 +186,9 @@ class RunFile(_Writer):
             for i, (r, _) in enumerate(new):
                 self._keys[r.key] = n0 + i
             stamps = fr["timestamp"][()]
-            t0 = np.nanmin(stamps) if np.isfinite(stamps).any() else np.nan
+            starts = np.array([datetime.fromisoformat(v).timestamp() if v else np.nan
+                               for v in _decode(fr["start"][()])], dtype=float)
+            t0 = np.nanmin(starts) if np.isfinite(starts).any() else np.nan
             pat["time_s"][...] = stamps - t0
         return [self._keys[r.key] for r in refs]
 
@@ -243,7 +246,7 @@ def _create_layout(h5, *, radial, unit, wavelength_A, fingerprint, provenance, t
     f = pat.create_dataset("frame", shape=(0,), maxshape=(None,), dtype="i8", chunks=(1024,))
     f.attrs["long_name"] = "frame"
     t = pat.create_dataset("time_s", shape=(0,), maxshape=(None,), dtype="f8", chunks=(1024,), fillvalue=np.nan)
-    t.attrs.update({"units": "s", "long_name": "time since the first frame (s)"})
+    t.attrs.update({"units": "s", "long_name": "time since the first frame's start (s)"})
     tth = convert_radial(radial, unit, "2th_deg", wavelength_A)
     q = convert_radial(radial, unit, "q_A^-1", wavelength_A)
     a = pat.create_dataset("tth", data=np.asarray(tth, float))
@@ -297,14 +300,24 @@ def open_run(path: Path | str) -> Patterns:
     with _reading(path) as h5:
         pat = h5["/entry/patterns"]
         axis, unit, wl = _axis(h5)
-        fr = h5["/entry/frames"]
-        frames = {
-            "key": _decode(fr["key"][()]), "file": _decode(fr["file"][()]),
-            "index": fr["index"][()], "start": _decode(fr["start"][()]), "end": _decode(fr["end"][()]),
-            "timestamp": fr["timestamp"][()], "status": fr["status"][()],
-            "message": _decode(fr["message"][()]), "time_s": pat["time_s"][()],
-        }
-        return Patterns(pat[axis][()], unit, wl, pat["intensity"][()], pat["intensity_errors"][()], frames)
+        return Patterns(pat[axis][()], unit, wl, pat["intensity"][()], pat["intensity_errors"][()], _frames(h5))
+
+
+def read_frames(path: Path | str) -> dict[str, np.ndarray]:
+    """The frame table of a run file (key, file, index, start, end, timestamp, status, message,
+    time_s) without the pattern stack."""
+    with _reading(path) as h5:
+        return _frames(h5)
+
+
+def _frames(h5) -> dict[str, np.ndarray]:
+    fr = h5["/entry/frames"]
+    return {
+        "key": _decode(fr["key"][()]), "file": _decode(fr["file"][()]),
+        "index": fr["index"][()], "start": _decode(fr["start"][()]), "end": _decode(fr["end"][()]),
+        "timestamp": fr["timestamp"][()], "status": fr["status"][()],
+        "message": _decode(fr["message"][()]), "time_s": h5["/entry/patterns/time_s"][()],
+    }
 
 
 @contextmanager
@@ -478,7 +491,8 @@ def read_peaks(path: Path | str) -> dict[str, Any]:
 
 
 def write_table(path: Path | str, group: str, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
-    """Replace ``/entry/<group>`` of a run file with the given arrays (an NXcollection)."""
+    """Replace ``/entry/<group>`` of a run file with the given arrays (an NXcollection); a dict
+    value becomes a subgroup (``{"arrays": {...}, "attrs": {...}}``)."""
     import h5py
 
     try:
@@ -489,14 +503,21 @@ def write_table(path: Path | str, group: str, arrays: dict[str, np.ndarray], att
         entry = h5["/entry"]
         if group in entry:
             del entry[group]
-        g = entry.create_group(group)
-        g.attrs.update({"NX_class": "NXcollection", **attrs})
-        for name, value in arrays.items():
-            value = np.asarray(value)
-            if value.dtype.kind in "OU":
-                g.create_dataset(name, data=value.astype(object), dtype=_str_dtype())
-            else:
-                g.create_dataset(name, data=value)
+        _fill(entry.create_group(group), arrays, attrs)
+
+
+def _fill(g, arrays: dict[str, Any], attrs: dict[str, Any]) -> None:
+    g.attrs.update({"NX_class": "NXcollection", **attrs})
+    for name, value in arrays.items():
+        if isinstance(value, dict):       # a subgroup: {"arrays": {...}, "attrs": {...}} or plain arrays
+            sub = value if "arrays" not in value else value["arrays"]
+            _fill(g.create_group(name), sub, value.get("attrs", {}) if "arrays" in value else {})
+            continue
+        value = np.asarray(value)
+        if value.dtype.kind in "OU":
+            g.create_dataset(name, data=value.astype(object), dtype=_str_dtype())
+        else:
+            g.create_dataset(name, data=value)
 
 
 def write_csv(path: Path | str, columns: Sequence[str], rows) -> Path:
@@ -518,3 +539,18 @@ def csv_number(v) -> str:
     """A number for a CSV cell: empty when not finite, else 10 significant digits."""
     v = float(v)
     return "" if not np.isfinite(v) else f"{v:.10g}"
+
+
+def read_table(path: Path | str, group: str) -> dict[str, Any] | None:
+    """``/entry/<group>`` of a run file as arrays (strings decoded) with its attributes under
+    ``"attrs"``; None when the run file has no such group."""
+    with _reading(path) as h5:
+        if group not in h5["/entry"]:
+            return None
+        g = h5["/entry"][group]
+        out: dict[str, Any] = {"attrs": dict(g.attrs)}
+        for name, item in g.items():
+            if hasattr(item, "dtype"):
+                v = item[()]
+                out[name] = _decode(v) if v.dtype.kind in "OS" else v
+        return out

@@ -604,13 +604,22 @@ def _fit_toml(sc: Scenario) -> str:
 def _experiment_toml(run_name, sc, frame_format, start, period_s, exposure_s, npt, active_mass_mg, cyc_start) -> str:
     head = f"""# Synthetic operando experiment written by xrdpipe.testing ({sc.name} scenario).
 # Truth: truth.csv (frame, time, x, phase, a, c, fraction) and truth_peaks.csv.
-# Cycler record: cycler.csv (datetime, time/s, Ewe/V, I/mA), active mass {active_mass_mg} mg,
-# {sc.formula}, x0 = {sc.x0}, record starts {cyc_start.isoformat()}.
 schema_version = 1
 
 [run]
 name = "{run_name}"
 output = "results"
+
+# The cycler record: time since its start, voltage and current (constant-current cycling).
+[electrochemistry]
+file = "cycler.csv"
+format = "csv"
+columns = {{ time = "time/s", voltage = "Ewe/V", current = "I/mA" }}
+start = "{cyc_start.isoformat()}"
+timezone = "Asia/Shanghai"
+active_mass_mg = {active_mass_mg}
+formula = "{sc.formula}"
+x0 = {sc.x0}
 """
     if frame_format == "xye":
         return head + f"""
