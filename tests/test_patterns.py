@@ -22,7 +22,7 @@ def test_real_mythen_patterns_with_scan_log(data_dir, tmp_path):
         'times = { log = "log_operando_coincell8_LDE2_reduced.csv", timezone = "Europe/London" }\n')
     exp = xrdpipe.load_experiment(tmp_path / "exp.toml")
     summary = xrdpipe.integrate_experiment(exp, progress=False)
-    assert summary.integrated == 2 and not summary.failed and summary.untimed == 0
+    assert summary.integrated == 5 and not summary.failed and summary.untimed == 0
     p = xrdpipe.open_run(exp.run.run_file)
     x, y, e = read_pattern(src / "1355639_summed_mythen3.xye")
     np.testing.assert_allclose(p.radial, x)

@@ -494,7 +494,8 @@ class ElectrochemistrySpec(_Spec):
     timezone of the frame times). ``x`` is ``x0 - Q M / (F m)`` with ``Q`` the net charge
     passed since the record began; ``inventory_loss_mAh_g`` (or ``inventory_loss_from``:
     earlier cycler files of the same cell) shifts it by the loss of alkali inventory of earlier
-    cycles.
+    cycles. ``capacity_source = "cycler"`` takes the charge from the cycler's own counter instead
+    of integrating the recorded current (for records too sparse for a pulsed current).
     """
 
     file: Path
@@ -510,6 +511,7 @@ class ElectrochemistrySpec(_Spec):
     ion: Literal["Na", "Li", "K", "Mg", "Zn"] | None = None
     charge_current: Literal["positive", "negative"] = "positive"
     rest_current_mA: float | None = Field(default=None, ge=0)
+    capacity_source: Literal["current", "cycler"] = "current"
     inventory_loss_mAh_g: float | None = None
     inventory_loss_from: list[Path] = []
 

@@ -66,7 +66,9 @@ class CyclerRecord:
     ``time`` is POSIX seconds (UTC); ``voltage_V`` in volts; ``current_mA`` in milliamperes,
     positive on charge when the cycler follows the usual sign (see ``[electrochemistry]
     charge_current``); ``step`` the cycler's step number where the file has one. ``notes`` says
-    how times and units were read.
+    how times and units were read. ``counter_mAh`` is the cycler's own count of the net charge
+    passed since the first row (mAh, charge positive), where the file keeps one: a cycler counts
+    at its internal rate, which a sparse record of a pulsed current does not resolve.
     """
 
     file: Path
@@ -76,6 +78,7 @@ class CyclerRecord:
     current_mA: np.ndarray
     step: np.ndarray | None = None
     notes: tuple[str, ...] = ()
+    counter_mAh: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.time.size)
@@ -102,6 +105,7 @@ class _Raw:
     naive: bool = False
     step: np.ndarray | None = None
     notes: list[str] = field(default_factory=list)
+    counter_mAh: np.ndarray | None = None
 
 
 def detect_format(path: Path | str) -> str:
@@ -122,12 +126,12 @@ def detect_format(path: Path | str) -> str:
             raise CyclerReadError(path, f"cannot read the file: {exc}") from None
         return "biologic" if head.lstrip().upper().startswith(b"EC-LAB") else "csv"
     if ext in _EXCEL:
-        names = [n.lower() for n in _sheet_names(path)]
-        if "record" in names:
+        names = _sheet_names(path)
+        if "record" in names:                      # Neware: 'record' beside 'unit', 'test', 'cycle'...
             return "neware"
-        if any(n.startswith("channel") and "chart" not in n for n in names):
+        if any(n.lower().startswith("channel") and "chart" not in n.lower() for n in names):
             return "arbin"
-        if any(n.startswith("record") for n in names):
+        if any(n.lower().startswith("record") for n in names):    # LAND: 'Record', 'Record1'...
             return "land"
         return "csv"
     raise CyclerReadError(path, f"cannot tell the cycler format from the extension {ext or '(none)'!r}; "
@@ -216,12 +220,14 @@ def _finish(path: Path, fmt: str, raw: _Raw, *, start: datetime | None, tz: str 
     if (~keep).sum():
         notes.append(f"{int((~keep).sum())} row(s) without time, voltage or current dropped")
     step = raw.step[keep] if raw.step is not None else None
+    counter = raw.counter_mAh[keep] if raw.counter_mAh is not None else None
     t, v, i = t[keep], v[keep], i[keep]
     back = np.flatnonzero(np.diff(t) < 0)
     if back.size > max(3, t.size // 100):
         order = np.argsort(t, kind="stable")
         t, v, i = t[order], v[order], i[order]
         step = step[order] if step is not None else None
+        counter = counter[order] if counter is not None else None
         notes.append("rows were not in time order and were sorted")
     elif back.size:
         # a few backward jumps: the cycler's clock was corrected. Rows are in acquisition order;
@@ -233,7 +239,18 @@ def _finish(path: Path, fmt: str, raw: _Raw, *, start: datetime | None, tz: str 
         notes.append(f"{int((~keep).sum())} row(s) overlapped by the corrected clock dropped")
         t, v, i = t[keep], v[keep], i[keep]
         step = step[keep] if step is not None else None
-    return CyclerRecord(path, fmt, t, v, i, step, tuple(notes))
+        counter = counter[keep] if counter is not None else None
+    if counter is not None:
+        counter = counter - counter[0]
+    return CyclerRecord(path, fmt, t, v, i, step, tuple(notes), counter)
+
+
+def _accumulate(counter: np.ndarray, segment: np.ndarray) -> np.ndarray:
+    """A continuous count from one that restarts at 0 in each segment (step or cycle)."""
+    new = np.r_[True, segment[1:] != segment[:-1]]
+    ends = np.flatnonzero(np.r_[new[1:], True])
+    before = np.r_[0.0, np.cumsum(counter[ends])]     # the finals of the earlier segments
+    return before[np.cumsum(new) - 1] + counter
 
 
 def _need_tz(path: Path, tz: str | None) -> ZoneInfo:
@@ -287,8 +304,12 @@ def _read_neware_binary(path: Path) -> _Raw:
     import logging
 
     logging.getLogger("newarenda").setLevel(logging.WARNING)
+    import warnings
+
     try:
-        df = NewareNDA.read(str(path))
+        with warnings.catch_warnings():       # the library's own deprecation warnings are not the user's
+            warnings.simplefilter("ignore")
+            df = NewareNDA.read(str(path))
     except Exception as exc:  # the library raises many kinds on a damaged file
         raise CyclerReadError(path, f"NewareNDA cannot read it: {exc}") from None
     ts = df["Timestamp"]
@@ -300,8 +321,10 @@ def _read_neware_binary(path: Path) -> _Raw:
     wall = (stamps.to_numpy(dtype="datetime64[ns]").astype("int64") / 1e9).astype(float)
     wall[stamps.isna().to_numpy()] = np.nan
     notes = ["Neware time stamps " + ("with UTC offset" if aware else "in the cycler's local time")]
+    step = df["Step_Index"].to_numpy(int)
+    net = df["Charge_Capacity(mAh)"].to_numpy(float) - np.abs(df["Discharge_Capacity(mAh)"].to_numpy(float))
     return _Raw(df["Voltage"].to_numpy(float), df["Current(mA)"].to_numpy(float), abs_s=wall, naive=not aware,
-                step=df["Step_Index"].to_numpy(int), notes=notes)
+                step=step, notes=notes, counter_mAh=_accumulate(net, step))
 
 
 def _read_mpr(path: Path) -> _Raw:
@@ -352,7 +375,10 @@ def _biologic_columns(path: Path, cols: dict[str, np.ndarray]) -> _Raw:
         cur = cols["control/V/mA"]
         notes.append("current from control/V/mA (the set point)")
     step = cols["Ns"].astype(int) if "Ns" in cols else None
-    return _Raw(volt, cur, rel_s=t, step=step, notes=notes)
+    counter = cols.get("(Q-Qo)/mA.h")
+    if counter is None and "dq/mA.h" in cols:
+        counter = np.cumsum(cols["dq/mA.h"])
+    return _Raw(volt, cur, rel_s=t, step=step, notes=notes, counter_mAh=counter)
 
 
 def _read_mpt(path: Path) -> _Raw:
@@ -427,7 +453,12 @@ def _read_arbin_res(path: Path) -> _Raw:
         dt = np.asarray(data["DateTime"], float)[first][order]
         origin = _ole_date(float(dt[0])) - timedelta(seconds=float(t[0]))
     notes.append("Arbin .res: Test_Time (s) from Start_DateTime (local time); Current in A")
-    return _Raw(v, i, rel_s=t, origin=origin, step=step, notes=notes)
+    counter = None
+    if "Charge_Capacity" in data and "Discharge_Capacity" in data:
+        net = (np.asarray(data["Charge_Capacity"], float) - np.asarray(data["Discharge_Capacity"], float))[first][order]
+        cycle = np.asarray(data.get("Cycle_Index", np.ones(test_id.size)), int)[first][order]
+        counter = _accumulate(net * 1e3, cycle)      # Arbin counts per cycle, in Ah
+    return _Raw(v, i, rel_s=t, origin=origin, step=step, notes=notes, counter_mAh=counter)
 
 
 def _ole_date(days: float) -> datetime:
@@ -597,7 +628,7 @@ def _read_table(path: Path, fmt: str, columns: Mapping[str, str], units: Mapping
         f"{role} = {header[j]!r}" for role, j in (("time", c_time), ("datetime", c_abs), ("voltage", c_volt),
                                                   ("current", c_cur)) if j is not None)]
     volt = _scaled(path, _numbers(column(c_volt), strict=True, where=header[c_volt], path=path), "voltage",
-                   header[c_volt], units, default="v" if fmt != "csv" else None, notes=notes)
+                   header[c_volt], units, default="v", notes=notes)
     cur = _scaled(path, _numbers(column(c_cur), strict=True, where=header[c_cur], path=path), "current",
                   header[c_cur], units, default="ma" if fmt == "land" else None, notes=notes)
     raw = _Raw(volt, cur, notes=notes)

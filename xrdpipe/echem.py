@@ -84,6 +84,7 @@ class Electrochemistry:
     sign: int = 1
     hold: np.ndarray = field(default=None, repr=False)   # interval k held at row k's current (a step change)
     notes: tuple[str, ...] = ()
+    counted: bool = False                                 # charge from the cycler's counter
 
     @property
     def time(self) -> np.ndarray:
@@ -105,7 +106,8 @@ def _direction(current: np.ndarray, sign: int, rest_mA: float) -> np.ndarray:
 
 def analyse_record(record: CyclerRecord, *, active_mass_mg: float | None = None, formula: str | None = None,
                    x0: float | None = None, ion: str | None = None, inventory_loss_mAh_g: float = 0.0,
-                   charge_current: str = "positive", rest_current_mA: float | None = None) -> Electrochemistry:
+                   charge_current: str = "positive", rest_current_mA: float | None = None,
+                   capacity_source: str = "current") -> Electrochemistry:
     """Capacity, half-cycles and x of a cycler record.
 
     Parameters
@@ -118,6 +120,8 @@ def analyse_record(record: CyclerRecord, *, active_mass_mg: float | None = None,
     inventory_loss_mAh_g : charge minus discharge capacity of earlier cycles not in the record
     charge_current : ``"positive"`` (the usual convention) or ``"negative"``
     rest_current_mA : currents at or below this are rest (default: 0.1 % of the largest)
+    capacity_source : ``"current"`` (integrate the recorded current) or ``"cycler"`` (the
+        cycler's own charge counter, for records too sparse to resolve a pulsed current)
 
     The current is integrated by the trapezoid rule inside a half-cycle or step; across a
     change of direction or step, the previous current is held until the row that starts the
@@ -136,6 +140,19 @@ def analyse_record(record: CyclerRecord, *, active_mass_mg: float | None = None,
     i_eff = sign * cur
     dq = np.where(same, 0.5 * (i_eff[1:] + i_eff[:-1]), i_eff[:-1]) * dt
     charge_mAs = np.concatenate([[0.0], np.cumsum(dq)])
+    counter = record.counter_mAh
+    if counter is not None and t.size > 1:
+        throughput = float(np.sum(np.abs(dq))) / 3600.0
+        gap = float(np.max(np.abs(charge_mAs / 3600.0 - counter)))
+        if throughput > 0 and gap > 0.02 * throughput:
+            notes.append(f"the integrated current differs from the cycler's own charge count by up to {gap:.4g} mAh "
+                         f"({100 * gap / throughput:.0f} % of the charge passed): the record is too sparse for its "
+                         "current (pulses?); capacity_source = \"cycler\" uses the cycler's count")
+    counted = capacity_source == "cycler"
+    if counted:
+        if counter is None:
+            raise ValueError(f"{record.file}: capacity_source = 'cycler', but this file keeps no charge counter")
+        charge_mAs = counter * 3600.0
     mass_g = active_mass_mg * 1e-3 if active_mass_mg else None
     cap = charge_mAs / 3600.0 / mass_g if mass_g else np.full(t.size, np.nan)
     if not mass_g:
@@ -197,7 +214,7 @@ def analyse_record(record: CyclerRecord, *, active_mass_mg: float | None = None,
     elif x0 is not None:
         notes.append("x0 without a formula: x is not computed (the molar mass is needed)")
     return Electrochemistry(record, cap, charge_mAs, segment, mode, hc, cycle, hcap, x, active_mass_mg, formula,
-                            ion, mm, theo, x0, inventory_loss_mAh_g, x_loss, rest, sign, ~same, tuple(notes))
+                            ion, mm, theo, x0, inventory_loss_mAh_g, x_loss, rest, sign, ~same, tuple(notes), counted)
 
 
 def inventory_loss(records: Sequence[CyclerRecord], *, active_mass_mg: float,
@@ -291,6 +308,8 @@ def _charge_at(ec: Electrochemistry, tq: np.ndarray) -> np.ndarray:
     t, i = ec.time, ec.sign * ec.current_mA
     if t.size == 1:
         return np.zeros(np.shape(tq))
+    if ec.counted:
+        return _at(t, ec.charge_mAs, tq)
     k = np.clip(np.searchsorted(t, tq, side="right") - 1, 0, t.size - 2)
     i_q = _at(t, i, tq, ec.hold)
     return ec.charge_mAs[k] + (np.minimum(tq, t[k + 1]) - t[k]) * 0.5 * (i[k] + i_q) + \

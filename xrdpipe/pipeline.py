@@ -464,9 +464,12 @@ def echem_experiment(exp: Experiment) -> EchemSummary:
                                         charge_current=spec.charge_current)
         notes.append(f"inventory loss {loss:.2f} mAh/g from {n_cycles} earlier cycle(s) in "
                      f"{', '.join(p.name for p in spec.inventory_loss_from)}")
-    ec = analyse_record(rec, active_mass_mg=spec.active_mass_mg, formula=spec.formula, x0=spec.x0, ion=spec.ion,
-                        inventory_loss_mAh_g=loss, charge_current=spec.charge_current,
-                        rest_current_mA=spec.rest_current_mA)
+    try:
+        ec = analyse_record(rec, active_mass_mg=spec.active_mass_mg, formula=spec.formula, x0=spec.x0, ion=spec.ion,
+                            inventory_loss_mAh_g=loss, charge_current=spec.charge_current,
+                            rest_current_mA=spec.rest_current_mA, capacity_source=spec.capacity_source)
+    except ValueError as exc:
+        raise ConfigError(str(exp.source or "experiment"), [("electrochemistry.capacity_source", str(exc))]) from None
     notes += list(ec.notes)
     fr = read_frames(exp.run.run_file)
     start_s, end_s = _posix(fr["start"]), _posix(fr["end"])
