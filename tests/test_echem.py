@@ -218,3 +218,17 @@ def test_electrochemistry_keys_are_validated(tmp_path):
     assert "unknown current unit 'furlong'" in text
     with pytest.raises(ConfigError, match="start has no UTC offset"):
         load('[electrochemistry]\nfile = "c.csv"\nstart = "2025-07-02T19:00:00"\n')
+
+
+def test_the_readme_electrochemistry_example_is_valid(tmp_path):
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("### Electrochemistry")[1].split("```toml")[1].split("```")[0]
+    (tmp_path / "cycler.csv").write_text("time/s,Ewe/V,I/mA\n0,3,0\n")
+    (tmp_path / "p.xy").write_text("1 2\n")
+    (tmp_path / "e.toml").write_text('schema_version = 1\n[run]\nname = "r"\n[patterns]\nfiles = "p.xy"\n'
+                                     'wavelength_A = 0.6209\n' + block)
+    e = xrdpipe.load_experiment(tmp_path / "e.toml").electrochemistry
+    assert e.columns["current"] == "I/mA" and e.timezone == "Asia/Shanghai" and e.x0 == 1.0
+    assert e.start == datetime(2025, 7, 2, 11, 0, tzinfo=timezone.utc) and e.inventory_loss_mAh_g == 12.5
