@@ -17,3 +17,25 @@ def synthetic_h5(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("syn_h5")
     return make_experiment(folder, n_frames=12, frames_per_file=5, seed=11, counts=1.0)
+
+
+@pytest.fixture
+def coincell8(tmp_path):
+    """The datalab coin cell (five Mythen patterns, scan log, Neware record) copied into a fresh
+    folder with an experiment file; ``coincell8(extra)`` appends ``extra`` to it and loads it."""
+    import shutil
+
+    import xrdpipe
+
+    for f in (DATA / "datalab-coincell8").iterdir():
+        shutil.copy(f, tmp_path)
+
+    def make(extra: str = ""):
+        (tmp_path / "exp.toml").write_text(
+            'schema_version = 1\n[run]\nname = "cc8"\n'
+            # the wavelength only sets the Q axis here (the Mythen's is not given with the data)
+            '[patterns]\nfiles = "*_summed_mythen3.xye"\nradial_unit = "2th_deg"\nwavelength_A = 0.825\n'
+            'times = { log = "log_operando_coincell8_LDE2_reduced.csv", timezone = "Europe/London" }\n' + extra)
+        return xrdpipe.load_experiment(tmp_path / "exp.toml")
+
+    return make

@@ -1,7 +1,6 @@
 """State of charge: formulas, capacity integration, half-cycles, x per frame and time alignment."""
 
 import csv
-import shutil
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -161,16 +160,9 @@ def test_synthetic_experiment_x_within_0p002_and_lattice_gets_voltage_and_x(tmp_
     assert stored["attrs"]["theoretical_capacity_mAh_g"] == pytest.approx(240.4, rel=1e-3)
 
 
-def test_datalab_coin_cell_scans_matched_by_absolute_time(data_dir, tmp_path):
+def test_datalab_coin_cell_scans_matched_by_absolute_time(data_dir, coincell8):
     src = data_dir / "datalab-coincell8"
-    for f in src.iterdir():
-        shutil.copy(f, tmp_path)
-    (tmp_path / "exp.toml").write_text(
-        'schema_version = 1\n[run]\nname = "cc8"\n'
-        '[patterns]\nfiles = "*_summed_mythen3.xye"\nradial_unit = "2th_deg"\nwavelength_A = 0.825\n'
-        'times = { log = "log_operando_coincell8_LDE2_reduced.csv", timezone = "Europe/London" }\n'
-        '[electrochemistry]\nfile = "cc8.ndax"\n')          # local times: the frames' timezone is used
-    exp = xrdpipe.load_experiment(tmp_path / "exp.toml")
+    exp = coincell8('[electrochemistry]\nfile = "cc8.ndax"\n')     # local times: the frames' timezone is used
     xrdpipe.integrate_experiment(exp, progress=False)
     summary = xrdpipe.echem_experiment(exp)
     rows = list(csv.DictReader(open(summary.csv_file)))

@@ -1,6 +1,5 @@
 """1D input: real Mythen patterns with their scan log, synthetic .xye, GSAS .fxye."""
 
-import shutil
 
 import numpy as np
 import pytest
@@ -11,16 +10,9 @@ from xrdpipe.patterns import read_pattern
 from xrdpipe.testing import make_experiment
 
 
-def test_real_mythen_patterns_with_scan_log(data_dir, tmp_path):
+def test_real_mythen_patterns_with_scan_log(data_dir, coincell8):
     src = data_dir / "datalab-coincell8"
-    for f in src.iterdir():
-        shutil.copy(f, tmp_path)
-    (tmp_path / "exp.toml").write_text(
-        'schema_version = 1\n[run]\nname = "cc8"\n'
-        # the wavelength only sets the Q axis here; this test checks values and times
-        '[patterns]\nfiles = "*_summed_mythen3.xye"\nradial_unit = "2th_deg"\nwavelength_A = 0.825\n'
-        'times = { log = "log_operando_coincell8_LDE2_reduced.csv", timezone = "Europe/London" }\n')
-    exp = xrdpipe.load_experiment(tmp_path / "exp.toml")
+    exp = coincell8()
     summary = xrdpipe.integrate_experiment(exp, progress=False)
     assert summary.integrated == 5 and not summary.failed and summary.untimed == 0
     p = xrdpipe.open_run(exp.run.run_file)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-__all__ = ["FARADAY", "parse_formula", "molar_mass", "carrier_ion", "capacity_per_x", "theoretical_capacity"]
+__all__ = ["FARADAY", "parse_formula", "molar_mass", "carrier_ion", "electrons", "capacity_per_x",
+           "theoretical_capacity"]
 
 FARADAY = 96485.33212  # C/mol (CODATA 2018)
 _CARRIERS = ("Na", "Li", "K", "Mg", "Zn")
@@ -61,6 +62,11 @@ def carrier_ion(formula: str) -> str:
     raise ValueError(f"the formula {formula!r} holds no Na, Li, K, Mg or Zn; set ion explicitly")
 
 
+def electrons(ion: str) -> int:
+    """Electrons per mobile ion: 2 for Mg and Zn, else 1."""
+    return 2 if ion in ("Mg", "Zn") else 1
+
+
 def capacity_per_x(formula: str, *, electrons: int = 1) -> float:
     """Capacity (mAh/g) for a change of one unit of x: n F / (3.6 M)."""
     return electrons * FARADAY / (3.6 * molar_mass(formula))
@@ -70,5 +76,4 @@ def theoretical_capacity(formula: str, *, ion: str | None = None) -> float:
     """Capacity (mAh/g) to extract all of the mobile ion in the formula, one electron each
     (two for Mg and Zn): e.g. 240.4 mAh/g for NaNi1/3Fe1/3Mn1/3O2."""
     ion = ion or carrier_ion(formula)
-    electrons = 2 if ion in ("Mg", "Zn") else 1
-    return parse_formula(formula).get(ion, 0.0) * capacity_per_x(formula, electrons=electrons)
+    return parse_formula(formula).get(ion, 0.0) * capacity_per_x(formula, electrons=electrons(ion))

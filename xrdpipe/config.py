@@ -27,8 +27,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from natsort import natsorted
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -91,16 +93,26 @@ def _check_timezone(value: str | None) -> str | None:
     return value
 
 
+def _existing(value: Any, info: ValidationInfo) -> Any:
+    p = _resolve(value, info)
+    if p is not None and not Path(p).exists():
+        raise ValueError(f"no such file: {str(p)!r}")
+    return p
+
+
+#: a path resolved against the experiment file's folder
+ResolvedPath = Annotated[Path, BeforeValidator(_resolve)]
+#: the same, which must exist
+ExistingPath = Annotated[Path, BeforeValidator(_existing)]
+#: an IANA timezone name
+Timezone = Annotated[str, AfterValidator(_check_timezone)]
+
+
 class RunSpec(_Spec):
     """``[run]``: the run's name and its output folder."""
 
     name: str = Field(min_length=1)
-    output: Path = Field(default=Path("results"), validate_default=True)
-
-    @field_validator("output", mode="before")
-    @classmethod
-    def _output(cls, v: Any, info: ValidationInfo) -> Any:
-        return _resolve(v, info)
+    output: ResolvedPath = Field(default=Path("results"), validate_default=True)
 
     @property
     def run_file(self) -> Path:
@@ -114,18 +126,8 @@ class TimesFromLog(_Spec):
     The row is matched to the frame by file name, or by a scan number found in the file name.
     """
 
-    log: Path
-    timezone: str | None = None
-
-    @field_validator("log", mode="before")
-    @classmethod
-    def _log(cls, v: Any, info: ValidationInfo) -> Any:
-        return _resolve(v, info)
-
-    @field_validator("timezone")
-    @classmethod
-    def _tz(cls, v: str | None) -> str | None:
-        return _check_timezone(v)
+    log: ResolvedPath
+    timezone: Timezone | None = None
 
 
 class TimesPeriodic(_Spec):
@@ -210,17 +212,12 @@ class FramesSpec(_Spec):
     files: list[Path]
     dataset: str | None = None
     times: TimesSpec | None = None
-    timezone: str | None = None
+    timezone: Timezone | None = None
 
     @field_validator("files", mode="before")
     @classmethod
     def _files(cls, v: Any, info: ValidationInfo) -> Any:
         return _expand_files(v, info)
-
-    @field_validator("timezone")
-    @classmethod
-    def _tz(cls, v: str | None) -> str | None:
-        return _check_timezone(v)
 
     @field_validator("dataset")
     @classmethod
@@ -266,18 +263,10 @@ class PatternsSpec(_Spec):
 class CalibrationSpec(_Spec):
     """``[calibration]``: the PONI geometry and optional mask, dark and flat images."""
 
-    poni: Path
-    mask: Path | None = None
-    dark: Path | None = None
-    flat: Path | None = None
-
-    @field_validator("poni", "mask", "dark", "flat", mode="before")
-    @classmethod
-    def _paths(cls, v: Any, info: ValidationInfo) -> Any:
-        p = _resolve(v, info)
-        if p is not None and not Path(p).exists():
-            raise ValueError(f"no such file: {str(p)!r}")
-        return p
+    poni: ExistingPath
+    mask: ExistingPath | None = None
+    dark: ExistingPath | None = None
+    flat: ExistingPath | None = None
 
 
 class IntegrationSpec(_Spec):
@@ -498,13 +487,13 @@ class ElectrochemistrySpec(_Spec):
     of integrating the recorded current (for records too sparse for a pulsed current).
     """
 
-    file: Path
+    file: ResolvedPath
     format: Literal["auto", "csv", "biologic", "neware", "arbin", "land"] = "auto"
     columns: dict[Literal["time", "voltage", "current", "datetime"], str] = {}
     units: dict[Literal["time", "voltage", "current"], str] = {}
     sheet: str | None = None
     start: datetime | None = None
-    timezone: str | None = None
+    timezone: Timezone | None = None
     active_mass_mg: float | None = Field(default=None, gt=0)
     formula: str | None = None
     x0: float | None = Field(default=None, ge=0)
@@ -514,11 +503,6 @@ class ElectrochemistrySpec(_Spec):
     capacity_source: Literal["current", "cycler"] = "current"
     inventory_loss_mAh_g: float | None = None
     inventory_loss_from: list[Path] = []
-
-    @field_validator("file", mode="before")
-    @classmethod
-    def _file(cls, v: Any, info: ValidationInfo) -> Any:
-        return _resolve(v, info)
 
     @field_validator("file")
     @classmethod
@@ -536,11 +520,6 @@ class ElectrochemistrySpec(_Spec):
         if missing:
             raise ValueError(f"no such cycler file(s): {', '.join(missing)}")
         return out
-
-    @field_validator("timezone")
-    @classmethod
-    def _tz(cls, v: str | None) -> str | None:
-        return _check_timezone(v)
 
     @field_validator("units")
     @classmethod

@@ -33,6 +33,7 @@ from .composition import (
     FARADAY,
     capacity_per_x,
     carrier_ion,
+    electrons,
     molar_mass,
     parse_formula,
     theoretical_capacity,
@@ -85,6 +86,8 @@ class Electrochemistry:
     hold: np.ndarray = field(default=None, repr=False)   # interval k held at row k's current (a step change)
     notes: tuple[str, ...] = ()
     counted: bool = False                                 # charge from the cycler's counter
+    half_cycle_start: np.ndarray = field(default=None, repr=False)  # first active row of half-cycle h (-1 for 0)
+    capacity_per_x_mAh_g: float | None = None             # mAh/g per unit of x (with a formula)
 
     @property
     def time(self) -> np.ndarray:
@@ -173,23 +176,22 @@ def analyse_record(record: CyclerRecord, *, active_mass_mg: float | None = None,
         hc_dir = {int(h): int(d) for h, d in zip(hc_active[starts], act_dir[starts])}
     else:
         hc_dir = {}
-    cycle_of = {}
-    cyc, prev = 1, None
+    cycle_of = np.ones(len(hc_dir) + 1, dtype=np.int32)        # half-cycle -> cycle
+    prev = None
     for h in sorted(hc_dir):
-        if hc_dir[h] > 0 and prev is not None and prev < 0:
-            cyc += 1
-        cycle_of[h] = cyc
+        cycle_of[h] = cycle_of[h - 1] + (1 if hc_dir[h] > 0 and prev is not None and prev < 0 else 0)
         prev = hc_dir[h]
-    cycle = np.array([cycle_of.get(int(h), 1) for h in hc], dtype=np.int32) if hc_dir else np.ones(t.size, np.int32)
+    cycle = cycle_of[hc]
 
     segment = np.where(direction > 0, "charge", np.where(direction < 0, "discharge", "rest")).astype(object)
     mode = np.where(active, "CC", "rest").astype(object)
     hcap = np.zeros(t.size)
+    hc_start = np.full(len(hc_dir) + 1, -1, dtype=np.int64)
     volt = record.voltage_V
     for h, d in hc_dir.items():
-        rows = np.flatnonzero(hc == h)
+        rows = np.arange(np.searchsorted(hc, h, side="left"), np.searchsorted(hc, h, side="right"))  # hc ascends
         act = rows[active[rows]]
-        first = act[0]
+        first = hc_start[h] = act[0]
         hcap[rows] = d * (cap[rows] - cap[first]) if mass_g else np.nan
         i_ref = np.percentile(np.abs(cur[act]), 95)
         v_lim = volt[act].max() if d > 0 else volt[act].min()
@@ -200,21 +202,22 @@ def analyse_record(record: CyclerRecord, *, active_mass_mg: float | None = None,
         hcap[:] = np.nan
 
     x = np.full(t.size, np.nan)
-    mm = theo = None
+    mm = theo = per_x = None
     x_loss = 0.0
     if formula:
         ion = ion or carrier_ion(formula)
         mm = molar_mass(formula)
         theo = theoretical_capacity(formula, ion=ion)
         x0 = parse_formula(formula).get(ion, 0.0) if x0 is None else x0
-        per_x = capacity_per_x(formula, electrons=2 if ion in ("Mg", "Zn") else 1)
+        per_x = capacity_per_x(formula, electrons=electrons(ion))
         x_loss = inventory_loss_mAh_g / per_x
         if mass_g:
             x = x0 - x_loss - cap / per_x
     elif x0 is not None:
         notes.append("x0 without a formula: x is not computed (the molar mass is needed)")
     return Electrochemistry(record, cap, charge_mAs, segment, mode, hc, cycle, hcap, x, active_mass_mg, formula,
-                            ion, mm, theo, x0, inventory_loss_mAh_g, x_loss, rest, sign, ~same, tuple(notes), counted)
+                            ion, mm, theo, x0, inventory_loss_mAh_g, x_loss, rest, sign, ~same, tuple(notes), counted,
+                            hc_start, per_x)
 
 
 def inventory_loss(records: Sequence[CyclerRecord], *, active_mass_mg: float,
@@ -225,8 +228,7 @@ def inventory_loss(records: Sequence[CyclerRecord], *, active_mass_mg: float,
     for rec in records:
         ec = analyse_record(rec, active_mass_mg=active_mass_mg, charge_current=charge_current)
         total += float(ec.capacity_mAh_g[-1])
-        cycles += int(sum(1 for h in np.unique(ec.half_cycle) if h > 0
-                          and ec.segment[np.flatnonzero(ec.half_cycle == h)[0]] == "charge"))
+        cycles += int(np.sum(ec.segment[ec.half_cycle_start[1:]] == "charge"))
     return total, cycles
 
 
@@ -350,9 +352,7 @@ def frame_states(ec: Electrochemistry, start_s: np.ndarray, end_s: np.ndarray, *
     half = np.full(n, -1, dtype=np.int32)
     cyc = np.full(n, -1, dtype=np.int32)
     mass = ec.active_mass_mg * 1e-3 if ec.active_mass_mg else None
-    per_x = None
-    if ec.formula and mass:
-        per_x = capacity_per_x(ec.formula, electrons=2 if ec.ion in ("Mg", "Zn") else 1)
+    per_x = ec.capacity_per_x_mAh_g if mass else None
     volt = ec.voltage_V
     for r in np.flatnonzero(timed):
         a, b, m = start_s[r], end_s[r], mid[r]
@@ -381,8 +381,7 @@ def frame_states(ec: Electrochemistry, start_s: np.ndarray, end_s: np.ndarray, *
         segment[r], mode[r] = ec.segment[k], ec.mode[k]
         half[r], cyc[r] = ec.half_cycle[k], ec.cycle[k]
         if mass and ec.half_cycle[k] > 0:
-            h = ec.half_cycle[k]
-            row0 = np.flatnonzero((ec.half_cycle == h) & (ec.segment != "rest"))[0]
+            row0 = ec.half_cycle_start[ec.half_cycle[k]]
             d = 1 if ec.segment[row0] == "charge" else -1
             out["half_cycle_capacity_mAh_g"][r] = d * (out["capacity_mAh_g"][r] - ec.capacity_mAh_g[row0])
         elif mass:

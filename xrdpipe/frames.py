@@ -387,3 +387,8 @@ def frame_times(refs: Sequence[FrameRef], times, *, timezone: str | None = None,
 def utc_seconds(t: datetime | None) -> float:
     """POSIX seconds of an aware datetime; NaN for None."""
     return float("nan") if t is None else t.astimezone(_utc_tz.utc).timestamp()
+
+
+def iso_seconds(values) -> np.ndarray:
+    """POSIX seconds of ISO 8601 times with UTC offset (as the run file stores them); NaN for ''."""
+    return np.array([datetime.fromisoformat(v).timestamp() if v else np.nan for v in values], dtype=float)

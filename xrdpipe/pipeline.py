@@ -430,12 +430,6 @@ def _frame_timezone(exp: Experiment) -> str | None:
     return getattr(spec, "timezone", None)
 
 
-def _posix(iso: np.ndarray) -> np.ndarray:
-    from datetime import datetime
-
-    return np.array([datetime.fromisoformat(v).timestamp() if v else np.nan for v in iso], dtype=float)
-
-
 def echem_experiment(exp: Experiment) -> EchemSummary:
     """Read the cycler file of ``[electrochemistry]``, integrate capacity and x, and give every
     frame of the run file its voltage, current, capacity, x and half-cycle (averaged over its
@@ -445,7 +439,8 @@ def echem_experiment(exp: Experiment) -> EchemSummary:
 
     from .cyclers import read_cycler
     from .echem import analyse_record, frame_states, inventory_loss
-    from .store import read_frames, write_table
+    from .frames import iso_seconds
+    from .store import has_group, read_frames, write_table
 
     spec = exp.electrochemistry
     if spec is None:
@@ -472,7 +467,7 @@ def echem_experiment(exp: Experiment) -> EchemSummary:
         raise ConfigError(str(exp.source or "experiment"), [("electrochemistry.capacity_source", str(exc))]) from None
     notes += list(ec.notes)
     fr = read_frames(exp.run.run_file)
-    start_s, end_s = _posix(fr["start"]), _posix(fr["end"])
+    start_s, end_s = iso_seconds(fr["start"]), iso_seconds(fr["end"])
     states = frame_states(ec, start_s, end_s, start=fr["start"], end=fr["end"], keys=fr["key"])
     timed = np.isfinite(start_s)
     t_first = float(np.nanmin(start_s)) if timed.any() else float(rec.time[0])
@@ -502,13 +497,7 @@ def echem_experiment(exp: Experiment) -> EchemSummary:
                            int(states.frame.size), states.counts(),
                            (float(xs.max()), float(xs.min())) if xs.size else None,
                            ec.theoretical_capacity_mAh_g, loss, tuple(notes))
-    if exp.phases and _has_group(exp.run.run_file, "lattice"):
+    if exp.phases and has_group(exp.run.run_file, "lattice"):
         lattice_experiment(exp)
         summary.lattice_updated = True
     return summary
-
-
-def _has_group(run_file: Path, group: str) -> bool:
-    from .store import read_table
-
-    return read_table(run_file, group) is not None

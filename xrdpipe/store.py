@@ -34,7 +34,7 @@ import numpy as np
 
 from .crystallography import convert_radial
 from .errors import StoreError
-from .frames import FrameRef, FrameTime, utc_seconds
+from .frames import FrameRef, FrameTime, iso_seconds, utc_seconds
 
 __all__ = ["RunFile", "open_run", "PENDING", "DONE", "FAILED", "Patterns", "PeakStore", "read_peaks",
            "open_run_info", "write_table", "write_csv", "csv_number", "PEAK_ARRAYS"]
@@ -186,8 +186,7 @@ class RunFile(_Writer):
             for i, (r, _) in enumerate(new):
                 self._keys[r.key] = n0 + i
             stamps = fr["timestamp"][()]
-            starts = np.array([datetime.fromisoformat(v).timestamp() if v else np.nan
-                               for v in _decode(fr["start"][()])], dtype=float)
+            starts = iso_seconds(_decode(fr["start"][()]))
             t0 = np.nanmin(starts) if np.isfinite(starts).any() else np.nan
             pat["time_s"][...] = stamps - t0
         return [self._keys[r.key] for r in refs]
@@ -554,3 +553,9 @@ def read_table(path: Path | str, group: str) -> dict[str, Any] | None:
                 v = item[()]
                 out[name] = _decode(v) if v.dtype.kind in "OS" else v
         return out
+
+
+def has_group(path: Path | str, group: str) -> bool:
+    """Whether the run file holds ``/entry/<group>``."""
+    with _reading(path) as h5:
+        return group in h5["/entry"]
