@@ -129,41 +129,138 @@ def echem(experiment: str) -> None:
 
 
 @main.command()
+@click.argument("experiment", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Run every stage, even those whose inputs have not changed.")
+@click.option("--workers", type=click.IntRange(1, 64), default=None, help="Frames integrated at once.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def run(experiment: str, force: bool, workers: int | None, quiet: bool) -> None:
+    """Run every configured stage of EXPERIMENT in order: integrate, echem, fit, lattice, plots,
+    export. A stage whose inputs have not changed since it last finished is skipped; an
+    interrupted run resumes. Ends with a summary: frames, failures, phases and their x ranges,
+    and where the outputs are."""
+    from .workflow import run_experiment
+
+    _stage(experiment, lambda exp: run_experiment(exp, force=force, progress=not quiet, workers=workers,
+                                                  echo=click.echo),
+           "every stage finished so far is kept, and the interrupted one resumes")
+
+
+_KIND_HELP = "contour, lattice, fractions, fit or waterfall (repeat for several; default: [plots] kinds)"
+
+
+@main.command()
+@click.argument("experiment", type=click.Path(dir_okay=False))
+@click.option("--kind", "kinds", multiple=True, type=click.Choice(["contour", "lattice", "fractions", "fit", "waterfall"]),
+              help=_KIND_HELP)
+@click.option("--format", "formats", multiple=True, type=click.Choice(["png", "pdf", "svg"]),
+              help="Output formats (repeat; default: [plots] formats).")
+@click.option("--window", "windows", multiple=True, help="contour/fit: a [[windows]] name (repeat).")
+@click.option("--axis", type=click.Choice(["tth", "q", "d"]), default=None, help="contour/waterfall: the radial axis.")
+@click.option("--vertical", type=click.Choice(["time", "x", "frame"]), default=None, help="contour: down the map.")
+@click.option("--scale", type=click.Choice(["linear", "sqrt", "log"]), default=None, help="contour: intensity scale.")
+@click.option("--against", type=click.Choice(["x", "capacity", "time"]), default=None,
+              help="lattice/fractions: the abscissa.")
+@click.option("--frames", default=None, help="fit/waterfall: frame numbers, e.g. 0,25,49.")
+@click.option("--width-mm", type=click.FloatRange(20, 500), default=None)
+@click.option("--height-mm", type=click.FloatRange(20, 500), default=None)
+@click.option("--dpi", type=click.IntRange(50, 1200), default=None)
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
+              help="File name without extension (one kind only; default: <output>/figures/<run>_<kind>).")
+def plot(experiment: str, kinds, formats, windows, axis, vertical, scale, against, frames, width_mm, height_mm,
+         dpi, output) -> None:
+    """Draw figures of EXPERIMENT from its run file alone (PNG plus PDF or SVG). Options
+    override the [plots] section of the experiment file."""
+    from .workflow import plot_experiment
+
+    if output and len(kinds) != 1:
+        _fail(ValueError("-o/--output needs exactly one --kind"))
+    try:
+        frame_list = [int(f) for f in frames.split(",") if f.strip()] if frames else None
+    except ValueError:
+        _fail(ValueError(f"--frames: expected frame numbers such as 0,25,49, got {frames!r}"))
+
+    def draw(exp):
+        spec = exp.plots
+        top = {k: v for k, v in (("formats", list(formats)), ("dpi", dpi)) if v}
+        for kind in kinds or spec.kinds or ["contour", "lattice", "fractions", "fit", "waterfall"]:
+            sub = getattr(spec, kind)
+            upd = {"width_mm": width_mm, "height_mm": height_mm}
+            if kind in ("contour", "fit") and windows:
+                upd["windows"] = list(windows)
+            if kind in ("contour", "waterfall"):
+                upd["axis"] = axis
+            if kind == "contour":
+                upd.update(vertical=vertical, scale=scale)
+            if kind in ("lattice", "fractions"):
+                upd["against"] = against
+            if kind in ("fit", "waterfall") and frame_list is not None:
+                upd["frames"] = frame_list
+            upd = {k: v for k, v in upd.items() if v is not None}
+            top[kind] = type(sub).model_validate({**sub.model_dump(), **upd})
+        return plot_experiment(exp, kinds=list(kinds) or None, plots=spec.model_copy(update=top), stem=output,
+                               strict=bool(kinds))
+
+    _stage(experiment, draw, "figures already written are kept")
+
+
+@main.command()
+@click.argument("experiment", type=click.Path(dir_okay=False))
+@click.option("--format", "formats", multiple=True, type=click.Choice(["xye", "fxye", "topas"]),
+              help="xye (x y esd with a header), fxye (GSAS-II, with an .instprm), topas (2θ y esd); "
+                   "repeat for several (default: [export] formats).")
+@click.option("--frames", default=None, help="Frame numbers, e.g. 0,25,49 (default: every integrated frame).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def export(experiment: str, formats, frames, quiet: bool) -> None:
+    """Write every integrated pattern of EXPERIMENT for refinement elsewhere (GSAS-II, TOPAS...),
+    with index.csv (frame, time, x, voltage per file)."""
+    from .workflow import export_experiment
+
+    try:
+        frame_list = [int(f) for f in frames.split(",") if f.strip()] if frames else None
+    except ValueError:
+        _fail(ValueError(f"--frames: expected frame numbers such as 0,25,49, got {frames!r}"))
+    _stage(experiment, lambda exp: export_experiment(exp, formats=list(formats) or None, frames=frame_list,
+                                                     progress=not quiet),
+           "files already written are complete")
+
+
+@main.command()
 @click.argument("out", type=click.Path(file_okay=False), default="xrdpipe-demo")
-@click.option("--frames", "n_frames", type=click.IntRange(5, 100_000), default=50, show_default=True,
+@click.option("--frames", "n_frames", type=click.IntRange(5, 100_000), default=120, show_default=True,
               help="Number of frames to simulate.")
 @click.option("--scenario", type=click.Choice(["nfm", "mcm"]), default="nfm", show_default=True,
               help="nfm: O3 <-> P3 (NaNi1/3Fe1/3Mn1/3O2); mcm: P2 -> P''2.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def demo(out: str, n_frames: int, scenario: str, seed: int, quiet: bool) -> None:
-    """Simulate a small operando experiment of 2D frames in OUT, integrate it, line it up with its
-    cycler record, fit its peaks and refine its cells."""
+    """Simulate a small operando experiment in OUT (EIGER-like HDF5 frames, PONI, mask, cycler
+    file, experiment.toml) and run the whole chain on it: integrate, echem, fit, lattice,
+    figures and exports. A second call reuses the simulated data and does no work."""
     import time
 
     from .config import load_experiment
     from .errors import XrdpipeError
-    from .pipeline import echem_experiment, fit_experiment, integrate_experiment, lattice_experiment
     from .testing import make_experiment
+    from .workflow import run_experiment
 
     t0 = time.perf_counter()
     folder = Path(out)
-    click.echo(f"simulating {n_frames} frames ({scenario} scenario) in {folder}/ ...")
-    syn = make_experiment(folder, scenario=scenario, n_frames=n_frames, seed=seed, counts=0.002, background=100.0,
-                          run_name=f"demo-{scenario}")
-    click.echo(f"  wrote {len(syn.frame_files)} EIGER-like HDF5 file(s), demo.poni, mask.edf, cycler.csv, "
-               f"truth.csv and experiment.toml ({time.perf_counter() - t0:.1f} s)")
+    exp_file = folder / "experiment.toml"
+    if exp_file.exists() and (folder / "truth.csv").exists():
+        click.echo(f"using the experiment already simulated in {folder}/ (delete the folder to simulate again)")
+    else:
+        click.echo(f"simulating {n_frames} frames ({scenario} scenario) in {folder}/ ...")
+        syn = make_experiment(folder, scenario=scenario, n_frames=n_frames, seed=seed, counts=0.002,
+                              background=100.0, run_name=f"demo-{scenario}")
+        exp_file = syn.experiment_file
+        click.echo(f"  wrote {len(syn.frame_files)} EIGER-like HDF5 file(s), demo.poni, mask.edf, cycler.csv, "
+                   f"truth.csv and experiment.toml ({time.perf_counter() - t0:.1f} s)")
     try:
-        exp = load_experiment(syn.experiment_file)
-        summary = integrate_experiment(exp, progress=not quiet)
-        click.echo(str(summary))
-        click.echo(str(echem_experiment(exp)))
-        fitted = fit_experiment(exp, progress=not quiet)
-        click.echo(str(fitted))
-        click.echo(str(lattice_experiment(exp)))
+        summary = run_experiment(load_experiment(exp_file), progress=not quiet, echo=click.echo)
     except XrdpipeError as exc:
         _fail(exc)
-    click.echo(f"experiment file: {syn.experiment_file}")
+    click.echo(str(summary))
+    click.echo(f"experiment file: {exp_file}; the truth is in {folder / 'truth.csv'}")
     click.echo(f"look at the patterns: silx view {summary.run_file}   (or h5web)")
 
 

@@ -42,6 +42,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError
+from .plotspec import ExportSpec, PlotsSpec
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -58,6 +59,8 @@ __all__ = [
     "FitSpec",
     "LatticeSpec",
     "ElectrochemistrySpec",
+    "PlotsSpec",
+    "ExportSpec",
     "load_experiment",
     "parse_experiment",
     "RADIAL_UNITS",
@@ -569,6 +572,8 @@ class Experiment(_Spec):
     fit: FitSpec = FitSpec()
     lattice: LatticeSpec = LatticeSpec()
     electrochemistry: ElectrochemistrySpec | None = None
+    plots: PlotsSpec = PlotsSpec()
+    export: ExportSpec = ExportSpec()
     source: Path | None = Field(default=None, exclude=True)
     text: str = Field(default="", exclude=True, repr=False)
 
@@ -628,16 +633,22 @@ def _cross_check(exp: Experiment) -> list[tuple[str, str]]:
     fw = exp.lattice.fraction_window
     if fw is not None and fw not in seen:
         problems.append(("lattice.fraction_window", f"{fw!r} is not one of the windows {sorted(seen)}"))
+    for key, names in (("plots.contour.windows", exp.plots.contour.windows), ("plots.fit.windows", exp.plots.fit.windows)):
+        for i, w in enumerate(names):
+            if isinstance(w, str) and w not in seen:
+                close = difflib.get_close_matches(w, sorted(seen), n=1, cutoff=0.5)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                also = " (or give a range [low, high] in the run's unit)" if "contour" in key else ""
+                problems.append((f"{key}.{i}", f"{w!r} is not one of the windows {sorted(seen)}{hint}{also}"))
+            elif not isinstance(w, str) and not w[0] < w[1]:
+                problems.append((f"{key}.{i}", f"expected [low, high], got {list(w)}"))
     return problems
 
 
 # --------------------------------------------------------------------------------------------
 # loading and error reporting
 
-_SECTION_HINTS = {
-    "refine": "whole-pattern refinement",
-    "plots": "figures", "export": "exports",
-}
+_SECTION_HINTS = {"refine": "whole-pattern refinement"}
 
 
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
@@ -784,6 +795,10 @@ def experiment_summary(exp: Experiment) -> str:
             lines.append(f"  {e.formula}: M = {molar_mass(e.formula):.3f} g/mol, theoretical capacity "
                          f"{theoretical_capacity(e.formula, ion=e.ion):.1f} mAh/g; x0 = "
                          f"{e.x0 if e.x0 is not None else 'from the formula'}, active mass = {e.active_mass_mg} mg")
+    pl = exp.plots
+    lines.append(f"[plots] {', '.join(pl.kinds) if pl.kinds is not None else 'every kind the data allows'} "
+                 f"as {'+'.join(pl.formats)} at {pl.dpi} dpi in {exp.run.output / pl.folder}")
+    lines.append(f"[export] {', '.join(exp.export.formats)} in {exp.run.output / exp.export.folder}")
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from .config import Experiment
 from .errors import CalibrationError, ConfigError, FrameReadError, PatternReadError
 from .frames import FrameRef, frame_times, list_frames, read_frame
-from .store import DONE, RunFile
+from .store import DONE, RunFile, mark_stage
 
 __all__ = ["IntegrationSummary", "integrate_experiment", "package_versions", "FitSummary", "fit_experiment",
            "LatticeSummary", "lattice_experiment", "EchemSummary", "echem_experiment"]
@@ -122,6 +122,7 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
     }
     summary = IntegrationSummary(exp.run.run_file, len(refs), setup_seconds=t_setup)
     summary.untimed = sum(t is None for t in times) if fspec.times is not None else 0
+    mark_stage(exp.run.run_file, "integrate", None)
     with RunFile.open_for_writing(exp.run.run_file, radial=integ.radial, unit=ispec.unit,
                                   wavelength_A=cal.wavelength_A, fingerprint=fingerprint,
                                   provenance=provenance, title=exp.run.name, restart=restart) as run:
@@ -179,6 +180,7 @@ def _import_patterns(exp: Experiment, *, restart: bool, progress: bool) -> Integ
                   "method": "imported 1D patterns", "packages": json.dumps(package_versions(), sort_keys=True)}
     summary = IntegrationSummary(exp.run.run_file, len(refs))
     summary.untimed = sum(t is None for t in times) if pspec.times is not None else 0
+    mark_stage(exp.run.run_file, "integrate", None)
     with RunFile.open_for_writing(exp.run.run_file, radial=grid, unit=pspec.radial_unit,
                                   wavelength_A=pspec.wavelength_A, fingerprint=fingerprint,
                                   provenance=provenance, title=exp.run.name, restart=restart) as run:
@@ -277,6 +279,7 @@ def fit_experiment(exp: Experiment, *, restart: bool = False, progress: bool = T
     status = info["status"]
     n = status.size
     summary = FitSummary(exp.run.run_file, None, n)
+    mark_stage(exp.run.run_file, "fit", None)
     store, kept = PeakStore.open(exp.run.run_file, windows=fitter.windows, peaks=fitter.peaks,
                                  fingerprint=fingerprint, restart=restart)
     summary.restarted = not kept and not restart and info["had_peaks"]
@@ -370,6 +373,7 @@ def lattice_experiment(exp: Experiment) -> LatticeSummary:
         raise ConfigError(str(exp.source or "experiment"), [("phases", "no [[phases]] to refine")])
     info = open_run_info(exp.run.run_file)
     table = _stored_table(exp.run.run_file)
+    mark_stage(exp.run.run_file, "lattice", None)
     lat = refine_lattice(table, exp.phases, exp.lattice, unit=info["unit"], wavelength_A=info["wavelength_A"])
     arrays = {"frame": lat.frame, "time_s": lat.time_s, "phase": np.array(lat.phases, dtype=object),
               "message": lat.message, **lat.values}
@@ -430,11 +434,12 @@ def _frame_timezone(exp: Experiment) -> str | None:
     return getattr(spec, "timezone", None)
 
 
-def echem_experiment(exp: Experiment) -> EchemSummary:
+def echem_experiment(exp: Experiment, *, update_lattice: bool = True) -> EchemSummary:
     """Read the cycler file of ``[electrochemistry]``, integrate capacity and x, and give every
     frame of the run file its voltage, current, capacity, x and half-cycle (averaged over its
     exposure): ``/entry/electrochemistry`` (with the whole record in ``record``) and
-    ``<output>/frames.csv``. Recomputed whole; it takes seconds."""
+    ``<output>/frames.csv``. Recomputed whole; it takes seconds. With ``update_lattice`` (and a
+    lattice table in the run file) the lattice is recomputed to carry the new voltage and x."""
     from datetime import datetime, timezone
 
     from .cyclers import read_cycler
@@ -467,6 +472,7 @@ def echem_experiment(exp: Experiment) -> EchemSummary:
         raise ConfigError(str(exp.source or "experiment"), [("electrochemistry.capacity_source", str(exc))]) from None
     notes += list(ec.notes)
     fr = read_frames(exp.run.run_file)
+    mark_stage(exp.run.run_file, "echem", None)
     start_s, end_s = iso_seconds(fr["start"]), iso_seconds(fr["end"])
     states = frame_states(ec, start_s, end_s, start=fr["start"], end=fr["end"], keys=fr["key"])
     timed = np.isfinite(start_s)
@@ -497,7 +503,7 @@ def echem_experiment(exp: Experiment) -> EchemSummary:
                            int(states.frame.size), states.counts(),
                            (float(xs.max()), float(xs.min())) if xs.size else None,
                            ec.theoretical_capacity_mAh_g, loss, tuple(notes))
-    if exp.phases and has_group(exp.run.run_file, "lattice"):
+    if update_lattice and exp.phases and has_group(exp.run.run_file, "lattice"):
         lattice_experiment(exp)
         summary.lattice_updated = True
     return summary

@@ -15,6 +15,7 @@ Layout (``@default`` chain set so silx view and h5web show the pattern stack as 
       instrument/monochromator/wavelength
       process               NXprocess: program, version, date, experiment text, PONI, package
                             versions, and the fingerprint of the settings the patterns depend on
+        stages/<stage>      @key, @finished, @summary of each stage `xrdpipe run` finished
 
 ``status`` is 0 (pending), 1 (done) or -1 (failed, ``message`` says why). A rerun reopens the
 file, checks the fingerprint and integrates only the rows that are not done.
@@ -37,7 +38,8 @@ from .errors import StoreError
 from .frames import FrameRef, FrameTime, iso_seconds, utc_seconds
 
 __all__ = ["RunFile", "open_run", "PENDING", "DONE", "FAILED", "Patterns", "PeakStore", "read_peaks",
-           "open_run_info", "write_table", "write_csv", "csv_number", "PEAK_ARRAYS"]
+           "open_run_info", "write_table", "write_csv", "csv_number", "PEAK_ARRAYS", "read_stages", "mark_stage",
+           "read_pattern_block"]
 
 PENDING, DONE, FAILED = 0, 1, -1
 _FORMAT = "xrdpipe-run-1"
@@ -559,3 +561,64 @@ def has_group(path: Path | str, group: str) -> bool:
     """Whether the run file holds ``/entry/<group>``."""
     with _reading(path) as h5:
         return group in h5["/entry"]
+
+
+# ----------------------------------------------------------------------------------------------
+# /entry/process/stages: what each stage of `xrdpipe run` last finished, from which inputs
+
+def read_stages(path: Path | str) -> dict[str, dict[str, str]]:
+    """The finished stages of a run file: ``{stage: {"key", "finished", "summary"}}``. A stage
+    appears only once it has finished; empty for a run file that does not exist yet."""
+    if not Path(path).exists():
+        return {}
+    with _reading(path) as h5:
+        g = h5["/entry/process"].get("stages")
+        if g is None:
+            return {}
+        return {name: {k: (v.decode() if isinstance(v, bytes) else str(v)) for k, v in sub.attrs.items()}
+                for name, sub in g.items()}
+
+
+def mark_stage(path: Path | str, stage: str, key: str | None, summary: str = "",
+               outputs: Sequence[Path | str] = ()) -> None:
+    """Record that ``stage`` finished from inputs ``key``, writing ``outputs`` (or, with None,
+    forget it: the stage has started and its outputs are in flux until it finishes)."""
+    import h5py
+
+    if not Path(path).exists():
+        return
+    try:
+        h5 = h5py.File(Path(path), "r+")
+    except OSError as exc:
+        raise StoreError(f"cannot open run file {path} for writing: {exc}") from None
+    with h5:
+        if h5.attrs.get("format") != _FORMAT or "/entry/process" not in h5:
+            return                       # not a run file: whoever opens it next says so
+        g = h5["/entry/process"].require_group("stages")
+        if stage in g:
+            del g[stage]
+        if key is not None:
+            sub = g.create_group(stage)
+            sub.attrs.update({"key": key, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                              "summary": summary, "outputs": json.dumps([str(p) for p in outputs])})
+
+
+def read_pattern_block(path: Path | str, rows: Sequence[int] | np.ndarray | None = None,
+                       columns: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+    """Intensities and esds of some frames (``rows``, default every frame) over some radial
+    ``columns`` only, so that a map of a window never reads the whole stack."""
+    with _reading(path) as h5:
+        pat = h5["/entry/patterns"]
+        n = pat["intensity"].shape[0]
+        if rows is None:
+            return pat["intensity"][:, columns], pat["intensity_errors"][:, columns]
+        rows = np.asarray(rows, int)
+        bad = rows[(rows < 0) | (rows >= n)]
+        if bad.size:
+            raise StoreError(f"{path} has frames 0 to {n - 1}; there is no frame {int(bad[0])}")
+        order = np.argsort(rows)
+        uniq, inverse = np.unique(rows[order], return_inverse=True)
+        inten, sig = pat["intensity"][uniq, columns], pat["intensity_errors"][uniq, columns]
+        back = np.empty_like(order)
+        back[order] = inverse
+        return inten[back], sig[back]

@@ -598,6 +598,10 @@ def _fit_toml(sc: Scenario) -> str:
     for name, (w0, w1), hkl in _WINDOWS.get(sc.name, ()):
         peaks = ", ".join(f'"{ph.name} {hkl}"' for ph in (sc.high, sc.low))
         out += ["[[windows]]", f'name = "{name}"', f"range = [{w0}, {w1}]", f"peaks = [{peaks}]", ""]
+    names = ", ".join(f'"{name}"' for name, _, _ in _WINDOWS.get(sc.name, ()))
+    out += ["# Figures of `xrdpipe run` (in results/figures) and exports (in results/export).",
+            "[plots]", 'formats = ["png", "pdf"]', "[plots.contour]", f"windows = [{names}]",
+            'vertical = "time"', 'scale = "sqrt"', "", "[export]", 'formats = ["xye", "fxye", "topas"]', ""]
     return "\n".join(out)
 
 

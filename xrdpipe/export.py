@@ -1,0 +1,195 @@
+"""Every integrated pattern in the text formats other programs read, so that a user can refine
+elsewhere (GSAS-II, TOPAS, FullProf, Jana...).
+
+- ``xye``: ``x y esd`` columns in the run's radial unit, with a ``#`` header (run, frame, time,
+  wavelength, unit, x and voltage when known).
+- ``fxye``: GSAS ``FXYE`` (one bank; 2θ in centidegrees, intensity, esd), read by GSAS-II and
+  GSAS; with one GSAS-II instrument parameter file (``.instprm``: type, wavelength, polarization)
+  for the whole run.
+- ``topas``: TOPAS ``.xye``, purely numeric ``2θ y esd`` (TOPAS takes no header line).
+
+NaN points (masked, outside the detector) are left out. A point without an esd (patterns
+integrated with ``error_model = "none"``) gets the counting esd ``sqrt(max(y, 1))``, and the
+header says so. An ``index.csv`` lists every file written with its frame, time, x and voltage,
+for sequential refinements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .crystallography import convert_radial
+from .store import (
+    DONE,
+    csv_number,
+    open_run_info,
+    read_frames,
+    read_pattern_block,
+    read_table,
+    write_csv,
+)
+
+__all__ = ["export_patterns", "ExportResult", "write_fxye", "write_instprm", "EXPORT_SUFFIX"]
+
+EXPORT_SUFFIX = {"xye": ".xye", "fxye": ".fxye", "topas": ".xye"}
+_FOLDER = {"xye": "xye", "fxye": "gsas2", "topas": "topas"}
+INDEX_COLUMNS = ("frame", "time_s", "time", "x", "voltage_V", "format", "file")
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote."""
+
+    folder: Path
+    files: dict[str, int] = field(default_factory=dict)   # format -> number of files
+    skipped: dict[str, str] = field(default_factory=dict)  # format -> why not written
+    index: Path | None = None
+    instprm: Path | None = None
+    frames: int = 0
+
+    def __str__(self) -> str:
+        parts = [f"{n} {fmt}" for fmt, n in self.files.items()]
+        lines = [f"exported {self.frames} pattern(s) as " + (", ".join(parts) or "nothing") + f" in {self.folder}"]
+        lines += [f"  {fmt} not written: {why}" for fmt, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.part")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _columns(x: np.ndarray, y: np.ndarray, e: np.ndarray, fmt: str) -> str:
+    return "".join(fmt % row for row in zip(x, y, e))
+
+
+def write_fxye(path: Path | str, tth_deg: np.ndarray, y: np.ndarray, esd: np.ndarray, *, title: str,
+               instprm: str | None = None) -> Path:
+    """A GSAS ``FXYE`` file of one bank: 2θ in centidegrees, intensity and esd per line."""
+    path = Path(path)
+    n = tth_deg.size
+    step = float(np.median(np.diff(tth_deg))) if n > 1 else 0.0
+    head = [title[:80]]
+    if instprm:
+        head.append(f"Instrument parameter file:{instprm}")
+    head.append(f"BANK 1 {n} {n} CONS {tth_deg[0] * 100:.5f} {step * 100:.7f} 0 0 FXYE")
+    _atomic_text(path, "\n".join(head) + "\n" + _columns(tth_deg * 100, y, esd, "%15.6f %15.6f %15.6f\n"))
+    return path
+
+
+def write_instprm(path: Path | str, *, wavelength_A: float, polarization: float | None = None,
+                  zero_deg: float = 0.0) -> Path:
+    """A GSAS-II instrument parameter file for a constant-wavelength X-ray pattern. The profile
+    terms are GSAS-II's defaults, to be refined there; GSAS-II's polarization is the fraction
+    of the beam polarized in the horizontal plane (0.99 at a synchrotron)."""
+    path = Path(path)
+    pol = 0.99 if polarization is None else polarization
+    lines = ["#GSAS-II instrument parameter file; do not add/delete items!", "Type:PXC", "Bank:1.0",
+             f"Lam:{wavelength_A:.6f}", f"Polariz.:{pol:.4f}", "Azimuth:0.0", f"Zero:{zero_deg:.5f}",
+             "U:2.0", "V:-2.0", "W:5.0", "X:0.0", "Y:0.0", "Z:0.0", "SH/L:0.002"]
+    _atomic_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def export_patterns(run_file: Path | str, folder: Path | str, *, formats: Sequence[str] = ("xye", "fxye", "topas"),
+                    frames: Sequence[int] | None = None, polarization: float | None = None,
+                    progress: bool = False, block: int = 256) -> ExportResult:
+    """Write the integrated frames of ``run_file`` (all, or ``frames``) into ``folder``: one
+    sub-folder per format (``xye/``, ``gsas2/``, ``topas/``) and ``index.csv``.
+
+    Example
+    -------
+    >>> export_patterns("results/nfm.nxs", "results/export", formats=["fxye"])   # doctest: +SKIP
+    """
+    from tqdm import tqdm
+
+    run_file, folder = Path(run_file), Path(folder)
+    info = open_run_info(run_file)
+    radial, unit, wl = info["radial"], info["unit"], info["wavelength_A"]
+    status = info["status"]
+    fr = read_frames(run_file)
+    ec = read_table(run_file, "electrochemistry")
+    name = run_file.stem
+    rows = np.flatnonzero(status == DONE)
+    if frames is not None:
+        rows = np.array([f for f in frames if 0 <= f < status.size and status[f] == DONE], int)
+    result = ExportResult(folder)
+    tth = radial if unit == "2th_deg" else (convert_radial(radial, unit, "2th_deg", wl) if wl else None)
+    todo = []
+    for fmt in formats:
+        if fmt in ("fxye", "topas") and tth is None:
+            result.skipped[fmt] = "the run is in Q and has no wavelength, so 2θ is unknown"
+            continue
+        (folder / _FOLDER[fmt]).mkdir(parents=True, exist_ok=True)
+        result.files[fmt] = 0
+        todo.append(fmt)
+    instprm_name = f"{name}.instprm"
+    if "fxye" in todo:
+        result.instprm = write_instprm(folder / _FOLDER["fxye"] / instprm_name, wavelength_A=wl,
+                                       polarization=polarization)
+    index = []
+    x_of = ec["x"] if ec is not None else np.full(status.size, np.nan)
+    v_of = ec["voltage_V"] if ec is not None else np.full(status.size, np.nan)
+    width = max(5, len(str(status.size - 1)))
+    bar = tqdm(total=int(rows.size), desc="export", unit="frame", disable=not progress or rows.size == 0, leave=False)
+    try:
+        for b in range(0, rows.size, block):
+            chunk = rows[b:b + block]
+            inten, sigma = read_pattern_block(run_file, chunk)
+            for k, f in enumerate(chunk):
+                y, e = inten[k].astype(float), sigma[k].astype(float)
+                ok = np.isfinite(y)
+                counted = ok & ~(np.isfinite(e) & (e > 0))
+                e = np.where(counted, np.sqrt(np.maximum(y, 1.0)), e)
+                stem = f"{name}_{int(f):0{width}d}"
+                start, end = fr["start"][f], fr["end"][f]
+                when = {"frame": int(f), "time_s": csv_number(info["time_s"][f]),
+                        "time": _middle(start, end) if start and end else "", "x": csv_number(x_of[f]),
+                        "voltage_V": csv_number(v_of[f])}
+                for fmt in todo:
+                    path = folder / _FOLDER[fmt] / (stem + EXPORT_SUFFIX[fmt])
+                    if fmt == "xye":
+                        head = _xye_header(name, f, info["time_s"][f], fr["key"][f], unit, wl, x_of[f], v_of[f],
+                                           counted.any())
+                        _atomic_text(path, head + _columns(radial[ok], y[ok], e[ok], "%.6f %.6f %.6f\n"))
+                    elif fmt == "fxye":
+                        write_fxye(path, tth[ok], y[ok], e[ok], title=f"{name} frame {int(f)} ({fr['key'][f]})",
+                                   instprm=instprm_name)
+                    else:
+                        _atomic_text(path, _columns(tth[ok], y[ok], e[ok], "%.6f %.6f %.6f\n"))
+                    result.files[fmt] += 1
+                    index.append({**when, "format": fmt, "file": str(path.relative_to(folder))})
+                bar.update(1)
+    finally:
+        bar.close()
+    result.frames = int(rows.size)
+    result.index = write_csv(folder / "index.csv", INDEX_COLUMNS, index)
+    return result
+
+
+def _middle(start: str, end: str) -> str:
+    from datetime import datetime
+
+    a, b = datetime.fromisoformat(start), datetime.fromisoformat(end)
+    return (a + (b - a) / 2).isoformat()
+
+
+def _xye_header(name, f, time_s, key, unit, wl, x, volt, counted: bool) -> str:
+    axis = "2theta_deg" if unit == "2th_deg" else "q_A^-1"
+    lines = [f"xrdpipe run {name}, frame {int(f)} ({key})", f"columns: {axis} intensity esd"]
+    if wl:
+        lines.append(f"wavelength_A: {wl:.6f}")
+    if np.isfinite(time_s):
+        lines.append(f"time_s: {time_s:.3f} (middle of the exposure, from the first frame's start)")
+    if np.isfinite(x):
+        lines.append(f"x: {x:.5f}")
+    if np.isfinite(volt):
+        lines.append(f"voltage_V: {volt:.5f}")
+    if counted:
+        lines.append("esd: sqrt(max(y, 1)) where the run file has none")
+    return "".join(f"# {line}\n" for line in lines)

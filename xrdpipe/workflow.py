@@ -1,0 +1,325 @@
+"""The whole run: every configured stage in order, each skipped when its inputs have not changed.
+
+``run_experiment(exp)`` runs integrate (or import), echem, fit, lattice, plots and export.
+Each stage has a key: a digest of its own settings, the files it reads (path, size and
+modification time) and the keys of the stages it depends on. A stage whose key matches the one
+recorded when it last finished (in ``/entry/process/stages`` of the run file), and whose output
+files all exist, is skipped. A stage clears its record when it starts, so an interrupted stage
+always runs again (and resumes where it can). ``plot_experiment`` and ``export_experiment`` are
+the last two stages on their own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .config import Experiment, TimesFromLog
+from .errors import XrdpipeError
+from .plotspec import PLOT_KINDS, PlotsSpec
+from .store import FAILED, mark_stage, read_stages
+
+__all__ = ["run_experiment", "RunSummary", "plot_experiment", "PlotSummary", "export_experiment", "stage_keys"]
+
+
+# ----------------------------------------------------------------------------------------------
+# figures and exports of a whole experiment
+
+@dataclass
+class PlotSummary:
+    """The figures written (kind -> files) and the kinds that could not be drawn (kind -> why)."""
+
+    folder: Path
+    files: dict[str, list[Path]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def paths(self) -> list[Path]:
+        return [p for files in self.files.values() for p in files]
+
+    def __str__(self) -> str:
+        lines = [f"{len(self.files)} figure(s) in {self.folder}"]
+        lines += [f"  {kind}: {', '.join(p.name for p in files)}" for kind, files in self.files.items()]
+        lines += [f"  {kind} not drawn: {why}" for kind, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def _possible_kinds(exp: Experiment, run_file: Path) -> list[str]:
+    from .store import has_group
+
+    kinds = ["contour", "waterfall"]
+    if exp.windows and has_group(run_file, "peaks"):
+        kinds.insert(1, "fit")
+    if has_group(run_file, "lattice"):
+        kinds[1:1] = ["lattice", "fractions"]
+    return [k for k in PLOT_KINDS if k in kinds]
+
+
+def _contour_windows(exp: Experiment, spec, radial: np.ndarray) -> list[tuple[str, float, float]]:
+    named = {w.name: w.range for w in exp.windows}
+    chosen = spec.windows or list(named)
+    if not chosen:
+        return [("pattern", float(radial[0]), float(radial[-1]))]
+    out = []
+    for w in chosen:
+        if isinstance(w, str):
+            out.append((w, *named[w]))
+        else:
+            out.append((f"{w[0]:g}–{w[1]:g}", float(w[0]), float(w[1])))
+    return out
+
+
+def plot_experiment(exp: Experiment, *, kinds: Sequence[str] | None = None, plots: PlotsSpec | None = None,
+                    stem: Path | str | None = None, strict: bool | None = None) -> PlotSummary:
+    """Draw the figures of ``kinds`` (default: ``[plots] kinds``, else every kind the run file
+    can give) from the run file, as ``<output>/<folder>/<run>_<kind>.<format>``.
+
+    With ``strict`` (the default when ``kinds`` are named) a figure that cannot be drawn is an
+    error; otherwise it is skipped and the reason kept.
+    """
+    from .plots import (
+        PlotError,
+        plot_contour,
+        plot_fit_check,
+        plot_fractions,
+        plot_lattice,
+        plot_waterfall,
+    )
+    from .store import open_run_info
+
+    spec = plots or exp.plots
+    run_file = exp.run.run_file
+    info = open_run_info(run_file)
+    wanted = list(kinds or spec.kinds or _possible_kinds(exp, run_file))
+    strict = bool(kinds) if strict is None else strict
+    folder = exp.run.output / spec.folder
+    summary = PlotSummary(folder)
+    common = dict(dpi=spec.dpi, font_size=spec.font_size)
+    makers: dict[str, Callable] = {
+        "contour": lambda: plot_contour(run_file, windows=_contour_windows(exp, spec.contour, info["radial"]),
+                                        spec=spec.contour, **common),
+        "lattice": lambda: plot_lattice(run_file, spec=spec.lattice, **common),
+        "fractions": lambda: plot_fractions(run_file, spec=spec.fractions, **common),
+        "fit": lambda: plot_fit_check(run_file, phases=exp.phases, windows=exp.windows, spec=spec.fit, **common),
+        "waterfall": lambda: plot_waterfall(run_file, spec=spec.waterfall, **common),
+    }
+    from .plots import save_figure
+
+    for kind in wanted:
+        try:
+            fig = makers[kind]()
+        except (PlotError, XrdpipeError) as exc:
+            if strict:
+                raise
+            summary.skipped[kind] = str(exc)
+            continue
+        target = Path(stem) if stem is not None and len(wanted) == 1 else folder / f"{exp.run.name}_{kind}"
+        summary.files[kind] = save_figure(fig, target, formats=spec.formats, dpi=spec.dpi)
+    return summary
+
+
+def export_experiment(exp: Experiment, *, formats: Sequence[str] | None = None, frames: Sequence[int] | None = None,
+                      progress: bool = False):
+    """Every integrated pattern (or ``frames``) as ``[export] formats`` in ``<output>/<folder>``;
+    see :mod:`xrdpipe.export`."""
+    from .export import export_patterns
+
+    spec = exp.export
+    pol = exp.integration.polarization_factor if exp.frames is not None else None
+    return export_patterns(exp.run.run_file, exp.run.output / spec.folder, formats=formats or spec.formats,
+                           frames=frames if frames is not None else spec.frames, polarization=pol, progress=progress)
+
+
+# ----------------------------------------------------------------------------------------------
+# stage keys
+
+def _stat(path: Path | str) -> list:
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        return [str(p), "missing"]
+    return [str(p), st.st_size, st.st_mtime_ns]
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stage_keys(exp: Experiment) -> dict[str, str]:
+    """The key of every configured stage, in run order (see the module docstring)."""
+    from . import __version__
+
+    keys: dict[str, str] = {}
+    if exp.frames is not None:
+        f, c = exp.frames, exp.calibration
+        inputs = [f.model_dump(mode="json"), [_stat(p) for p in f.files],
+                  c.model_dump(mode="json"), [_stat(p) for p in (c.poni, c.mask, c.dark, c.flat) if p],
+                  exp.integration.model_dump(mode="json", exclude={"workers", "engine"})]
+        times = f.times
+    else:
+        p = exp.patterns
+        inputs = [p.model_dump(mode="json"), [_stat(x) for x in p.files]]
+        times = p.times
+    if isinstance(times, TimesFromLog):
+        inputs.append(_stat(times.log))
+    keys["integrate"] = _digest(__version__, inputs)
+    if exp.electrochemistry is not None:
+        e = exp.electrochemistry
+        keys["echem"] = _digest(__version__, e.model_dump(mode="json"), _stat(e.file),
+                                [_stat(p) for p in e.inventory_loss_from], keys["integrate"])
+    if exp.windows:
+        keys["fit"] = _digest(__version__, [p.model_dump(mode="json") for p in exp.phases],
+                              [w.model_dump(mode="json") for w in exp.windows],
+                              exp.fit.model_dump(mode="json", exclude={"workers", "block_frames"}), keys["integrate"])
+        if exp.phases:
+            keys["lattice"] = _digest(__version__, exp.lattice.model_dump(mode="json"), keys["fit"], keys.get("echem"))
+    upstream = [keys.get(k) for k in ("integrate", "echem", "fit", "lattice")]
+    keys["plots"] = _digest(__version__, exp.plots.model_dump(mode="json"), upstream)
+    if exp.export.formats:
+        keys["export"] = _digest(__version__, exp.export.model_dump(mode="json"), keys["integrate"], keys.get("echem"))
+    return keys
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole run
+
+@dataclass
+class RunSummary:
+    """What ``xrdpipe run`` did: per stage ``"ran"`` or ``"skipped"``, and the run's state."""
+
+    run_file: Path
+    stages: dict[str, str] = field(default_factory=dict)
+    frames: int = 0
+    integrated: int = 0
+    failed_frames: list[str] = field(default_factory=list)
+    failed_fits: int = 0
+    window_fits: int = 0
+    phases: dict[str, tuple[int, float, float, str]] = field(default_factory=dict)  # frames, lo, hi, over
+    outputs: dict[str, str] = field(default_factory=dict)
+    figures: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def did_work(self) -> bool:
+        return any(v == "ran" for v in self.stages.values())
+
+    def __str__(self) -> str:
+        lines = []
+        if not self.did_work:
+            lines.append("nothing changed since the last run: every stage is up to date, no work done")
+        else:
+            ran = [k for k, v in self.stages.items() if v == "ran"]
+            kept = [k for k, v in self.stages.items() if v == "skipped"]
+            lines.append(f"ran {', '.join(ran)}" + (f"; unchanged, skipped: {', '.join(kept)}" if kept else "")
+                         + f" ({self.seconds:.1f} s)")
+        lines.append(f"frames: {self.frames}, integrated {self.integrated}, failed {len(self.failed_frames)}"
+                     + (f" ({', '.join(self.failed_frames[:3])}{' ...' if len(self.failed_frames) > 3 else ''})"
+                        if self.failed_frames else ""))
+        if self.window_fits:
+            lines.append(f"window fits: {self.window_fits}, failed {self.failed_fits}")
+        for name, (count, lo, hi, over) in self.phases.items():
+            span = f"{over} {lo:.3f} to {hi:.3f}" if np.isfinite(lo) else "no state of charge"
+            lines.append(f"phase {name}: in {count} frame(s), {span}")
+        for what, where in self.outputs.items():
+            lines.append(f"{what}: {where}")
+        for p in self.figures:
+            lines.append(f"figure: {p}")
+        return "\n".join(lines)
+
+
+def run_experiment(exp: Experiment, *, force: bool = False, progress: bool = True, workers: int | None = None,
+                   echo: Callable[[str], None] | None = None) -> RunSummary:
+    """Run every configured stage of ``exp`` in order, skipping those whose inputs have not
+    changed since they last finished (``force`` runs them all). ``echo`` receives a line per
+    stage as it goes."""
+    from .pipeline import echem_experiment, fit_experiment, integrate_experiment, lattice_experiment
+
+    t0 = time.perf_counter()
+    say = echo or (lambda _line: None)
+    run_file = exp.run.run_file
+    keys = stage_keys(exp)
+    done = {} if force else read_stages(run_file)
+    summary = RunSummary(run_file)
+    stages: dict[str, Callable[[], object]] = {
+        "integrate": lambda: integrate_experiment(exp, progress=progress, workers=workers),
+        "echem": lambda: echem_experiment(exp, update_lattice=False),
+        "fit": lambda: fit_experiment(exp, progress=progress),
+        "lattice": lambda: lattice_experiment(exp),
+        "plots": lambda: plot_experiment(exp, strict=False),
+        "export": lambda: export_experiment(exp, progress=progress),
+    }
+    order = [s for s in stages if s in keys]
+    for i, stage in enumerate(order, start=1):
+        prior = done.get(stage)
+        outputs_ok = prior is not None and all(Path(p).exists() for p in json.loads(prior.get("outputs", "[]") or "[]"))
+        if prior is not None and prior.get("key") == keys[stage] and outputs_ok:
+            summary.stages[stage] = "skipped"
+            say(f"[{i}/{len(order)}] {stage}: unchanged since {prior.get('finished', '?')}, skipped")
+            continue
+        say(f"[{i}/{len(order)}] {stage} ...")
+        result = stages[stage]()
+        text = str(result)
+        say("\n".join("    " + line for line in text.splitlines()))
+        mark_stage(run_file, stage, keys[stage], text, outputs=_outputs_of(result))
+        summary.stages[stage] = "ran"
+    _fill_state(summary, exp)
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _outputs_of(result) -> list[str]:
+    """The files a stage wrote, kept with its record so that deleting one reruns the stage."""
+    files: list[Path] = []
+    for name in ("csv_file", "index", "instprm"):
+        v = getattr(result, name, None)
+        if v:
+            files.append(Path(v))
+    if isinstance(result, PlotSummary):
+        files += result.paths
+    return [str(p) for p in files]
+
+
+def _fill_state(summary: RunSummary, exp: Experiment) -> None:
+    """Frames, failures, phases and their x ranges, and where the outputs are, from the run file."""
+    from .store import has_group, read_frames, read_peaks, read_table
+
+    run_file = exp.run.run_file
+    fr = read_frames(run_file)
+    status = fr["status"]
+    summary.frames = int(status.size)
+    summary.integrated = int((status == 1).sum())
+    summary.failed_frames = [str(k) for k in fr["key"][status == FAILED]]
+    summary.outputs["run file"] = str(run_file)
+    if has_group(run_file, "peaks"):
+        d = read_peaks(run_file)
+        usable = d["done"].astype(bool) & (status == 1)
+        summary.window_fits = int(usable.sum() * len(d["window"]))
+        summary.failed_fits = int((~d["success"].astype(bool))[usable].sum())
+        summary.outputs["peaks"] = str(exp.run.output / "peaks.csv")
+    ec = read_table(run_file, "electrochemistry")
+    if ec is not None:
+        summary.outputs["frames"] = str(exp.run.output / "frames.csv")
+    lat = read_table(run_file, "lattice")
+    if lat is not None:
+        summary.outputs["lattice"] = str(exp.run.output / "lattice.csv")
+        x = ec["x"][lat["frame"]] if ec is not None else None
+        for i, name in enumerate(lat["phase"]):
+            seen = np.isfinite(lat["c_A"][:, i]) | (np.nan_to_num(lat["fraction"][:, i]) > 0)
+            xs = x[seen] if x is not None else np.array([])
+            xs = xs[np.isfinite(xs)]
+            if seen.any():
+                summary.phases[str(name)] = (int(seen.sum()), float(xs.min()) if xs.size else np.nan,
+                                             float(xs.max()) if xs.size else np.nan, "x")
+    stages = read_stages(run_file)
+    if "plots" in stages:
+        summary.figures = [Path(p) for p in json.loads(stages["plots"].get("outputs", "[]") or "[]")]
+        summary.outputs["figures"] = str(exp.run.output / exp.plots.folder)
+    if "export" in stages:
+        summary.outputs["exports"] = str(exp.run.output / exp.export.folder)
