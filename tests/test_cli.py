@@ -15,7 +15,7 @@ def test_public_api_is_curated():
         "__version__", "Calibration", "CalibrationError", "ConfigError", "Experiment", "FrameReadError",
         "Integrator", "PatternReadError", "StoreError", "WindowModel", "XrdpipeError", "fit_experiment", "fit_peaks",
         "integrate_experiment", "load_calibration", "load_experiment", "open_run", "CyclerReadError",
-        "echem_experiment", "read_cycler"])
+        "echem_experiment", "read_cycler", "run_experiment", "plot_experiment", "export_experiment"])
     for name in xrdpipe.__all__:
         assert hasattr(xrdpipe, name)
 
@@ -34,6 +34,7 @@ def test_demo_then_integrate_resumes_with_nothing_to_do(tmp_path):
     assert res.exit_code == 0, res.output
     assert "8 frame(s): 8 integrated now" in res.output
     assert "8 frame(s): 8 fitted now" in res.output and (out / "results" / "peaks.csv").exists()
+    assert "figure: " in res.output and (out / "results" / "figures" / "demo-nfm_contour.png").exists()
     run_file = out / "results" / "demo-nfm.nxs"
     assert run_file.exists()
     p = xrdpipe.open_run(run_file)

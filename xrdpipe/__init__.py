@@ -8,6 +8,7 @@ The public API is small; everything else lives in private-by-convention stage mo
 >>> patterns = xrdpipe.open_run(exp.run.run_file)           # doctest: +SKIP
 >>> peaks = xrdpipe.fit_experiment(exp)                     # doctest: +SKIP
 >>> states = xrdpipe.echem_experiment(exp)                  # doctest: +SKIP
+>>> print(xrdpipe.run_experiment(exp))                      # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from .integration import Integrator
 from .peaks import WindowModel, fit_peaks
 from .pipeline import echem_experiment, fit_experiment, integrate_experiment
 from .store import open_run
+from .workflow import export_experiment, plot_experiment, run_experiment
 
 __all__ = [
     "__version__",
@@ -52,4 +54,7 @@ __all__ = [
     "load_experiment",
     "open_run",
     "read_cycler",
+    "run_experiment",
+    "plot_experiment",
+    "export_experiment",
 ]

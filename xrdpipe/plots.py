@@ -133,7 +133,7 @@ def _to_axis(values, axis: str, unit: str, wavelength_A: float | None) -> np.nda
 
 def _axis_label(axis: str, wavelength_A: float | None) -> str:
     if axis == "tth" and wavelength_A:
-        return f"2θ (°, λ = {wavelength_A:.4f} Å)"
+        return f"2θ (°), λ = {wavelength_A:.4f} Å"
     return _AXIS_LABEL[axis]
 
 
@@ -240,6 +240,8 @@ def plot_contour(run_file: Path | str, *, windows: Sequence[tuple[str, float, fl
             if peaks is not None:
                 _overlay_centres(ax, peaks, lo, hi, vert, spec.axis, unit, wl)
         axes[0].set_ylabel(_VERTICAL_LABEL[spec.vertical])
+        if spec.axis == "tth" and wl:
+            axes[0].set_xlabel(f"2θ (°), λ = {wl:.4f} Å")
         axes[0].set_ylim(v_edges[0], v_edges[-1])
         if spec.vertical == "time":
             axes[0].invert_yaxis()     # time runs down, as in operando papers
@@ -249,8 +251,7 @@ def plot_contour(run_file: Path | str, *, windows: Sequence[tuple[str, float, fl
             _voltage_panel(axes[-1], st, spec.vertical, vert, use)
         if mesh is not None:
             cbar = fig.colorbar(mesh, ax=list(axes), location="top", shrink=0.35, aspect=30, pad=0.01)
-            cbar.set_label(f"Intensity (each window scaled to its maximum; {spec.scale} scale)"
-                           + (f";  λ = {wl:.4f} Å" if wl else ""), labelpad=2)
+            cbar.set_label(f"Intensity ({spec.scale} scale, per window)", labelpad=2)
             cbar.ax.tick_params(labelsize=font_size - 1.5, length=2)
             if spec.scale != "log":
                 cbar.set_ticks([0, 0.5, 1])
@@ -521,9 +522,12 @@ def plot_fit_check(run_file: Path | str, *, phases: Sequence[PhaseSpec], windows
     run_file = Path(run_file)
     info = open_run_info(run_file)
     d = read_peaks(run_file)
+    unknown = [name for name in spec.windows if name not in {w.name for w in windows}]
+    if unknown:
+        raise PlotError(f"fit check: {unknown[0]!r} is not one of the [[windows]] {[w.name for w in windows]}")
     chosen = [w for w in windows if not spec.windows or w.name in spec.windows]
     if not chosen:
-        raise PlotError("no windows to show")
+        raise PlotError("fit check: the experiment has no [[windows]]")
     frames = list(spec.frames) or default_fit_frames(run_file)
     n_frames = info["status"].size
     for f in frames:

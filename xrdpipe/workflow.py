@@ -11,6 +11,7 @@ the last two stages on their own.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import time
@@ -45,7 +46,8 @@ class PlotSummary:
 
     def __str__(self) -> str:
         lines = [f"{len(self.files)} figure(s) in {self.folder}"]
-        lines += [f"  {kind}: {', '.join(p.name for p in files)}" for kind, files in self.files.items()]
+        lines += [f"  {kind}: {', '.join(p.name if p.parent == self.folder else str(p) for p in files)}"
+                  for kind, files in self.files.items()]
         lines += [f"  {kind} not drawn: {why}" for kind, why in self.skipped.items()]
         return "\n".join(lines)
 
@@ -69,6 +71,12 @@ def _contour_windows(exp: Experiment, spec, radial: np.ndarray) -> list[tuple[st
     out = []
     for w in chosen:
         if isinstance(w, str):
+            if w not in named:
+                from .plots import PlotError
+
+                close = difflib.get_close_matches(w, list(named), n=1, cutoff=0.5)
+                raise PlotError(f"contour window {w!r} is not one of the [[windows]] {list(named)}"
+                                + (f"; did you mean {close[0]!r}?" if close else ""))
             out.append((w, *named[w]))
         else:
             out.append((f"{w[0]:g}–{w[1]:g}", float(w[0]), float(w[1])))
