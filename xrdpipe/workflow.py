@@ -65,6 +65,7 @@ def _possible_kinds(exp: Experiment, run_file: Path) -> list[str]:
 
 def _contour_windows(exp: Experiment, spec, radial: np.ndarray) -> list[tuple[str, float, float]]:
     named = {w.name: w.range for w in exp.windows}
+    unit = "°" if exp.radial_unit == "2th_deg" else " Å$^{-1}$"
     chosen = spec.windows or list(named)
     if not chosen:
         return [("pattern", float(radial[0]), float(radial[-1]))]
@@ -79,7 +80,7 @@ def _contour_windows(exp: Experiment, spec, radial: np.ndarray) -> list[tuple[st
                                 + (f"; did you mean {close[0]!r}?" if close else ""))
             out.append((w, *named[w]))
         else:
-            out.append((f"{w[0]:g}–{w[1]:g}", float(w[0]), float(w[1])))
+            out.append((f"{w[0]:g}–{w[1]:g}{unit}", float(w[0]), float(w[1])))
     return out
 
 
