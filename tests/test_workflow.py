@@ -219,3 +219,18 @@ def test_plots_config_names_unknown_windows(tmp_path):
     msgs = dict(err.value.problems)
     assert "did you mean '003'?" in msgs["plots.contour.windows.0"]
     assert msgs["plots.contour.windows.1"] == "expected [low, high], got [7.0, 6.0]"
+
+
+def test_the_readme_plots_example_is_valid(tmp_path):
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("### The whole run, figures and exports")[1].split("```toml")[1].split("```")[0]
+    (tmp_path / "p.xy").write_text("1 2\n2 3\n")
+    (tmp_path / "e.toml").write_text(
+        'schema_version = 1\n[run]\nname = "r"\n[patterns]\nfiles = "p.xy"\nwavelength_A = 0.6209\n'
+        '[[phases]]\nname = "O3"\n[[windows]]\nname = "003"\nrange = [6.0, 7.1]\npeaks = ["O3 003"]\n'
+        '[[windows]]\nname = "104"\nrange = [16.0, 16.8]\npeaks = ["O3 104"]\n' + block)
+    exp = load_experiment(tmp_path / "e.toml")
+    assert exp.plots.contour.windows == ["003", "104", (16.0, 16.8)] and exp.plots.contour.height_mm == 90
+    assert exp.plots.fit.frames == [0, 44, 119] and exp.export.formats == ["xye", "fxye", "topas"]
