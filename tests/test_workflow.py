@@ -188,6 +188,15 @@ def test_a_map_against_x_of_a_charge_and_discharge_is_refused(whole_run):
         plot_contour(exp.run.run_file, windows=[("003", 6.0, 7.1)], spec=ContourSpec(vertical="x"))
     fig = plot_contour(exp.run.run_file, windows=[("003", 6.0, 7.1)], spec=ContourSpec(vertical="frame", scale="log"))
     assert len(fig.axes) == 3        # map, voltage panel, colour bar
+    # within the first charge x only falls: the map is drawn, the first frame (highest x) at the top
+    frames = {int(r["frame"]): r for r in csv.DictReader(open(exp.run.output / "frames.csv"))}
+    charge = [f for f, r in frames.items() if r["segment"] == "charge"]
+    fig = plot_contour(exp.run.run_file, windows=[("003", 6.0, 7.1)],
+                       spec=ContourSpec(vertical="x", frame_range=(min(charge), max(charge))))
+    bottom, top = fig.axes[0].get_ylim()
+    assert top > bottom and top >= float(frames[min(charge)]["x"]) > float(frames[max(charge)]["x"]) >= bottom
+    voltage = fig.axes[1].lines[0].get_xdata()
+    assert voltage.max() <= max(float(frames[f]["voltage_V"]) for f in charge) + 0.05     # the charge only
 
 
 def test_plot_and_export_commands(whole_run, tmp_path):

@@ -160,7 +160,8 @@ _KIND_HELP = "contour, lattice, fractions, fit or waterfall (repeat for several;
 @click.option("--scale", type=click.Choice(["linear", "sqrt", "log"]), default=None, help="contour: intensity scale.")
 @click.option("--against", type=click.Choice(["x", "capacity", "time"]), default=None,
               help="lattice/fractions: the abscissa.")
-@click.option("--frames", default=None, help="fit/waterfall: frame numbers, e.g. 0,25,49.")
+@click.option("--frames", default=None,
+              help="fit/waterfall: frame numbers, e.g. 0,25,49; contour: the first and last frame shown.")
 @click.option("--width-mm", type=click.FloatRange(20, 500), default=None)
 @click.option("--height-mm", type=click.FloatRange(20, 500), default=None)
 @click.option("--dpi", type=click.IntRange(50, 1200), default=None)
@@ -170,6 +171,9 @@ def plot(experiment: str, kinds, formats, windows, axis, vertical, scale, agains
          dpi, output) -> None:
     """Draw figures of EXPERIMENT from its run file alone (PNG plus PDF or SVG). Options
     override the [plots] section of the experiment file."""
+    from pydantic import ValidationError
+
+    from .errors import ConfigError
     from .workflow import plot_experiment
 
     if output and len(kinds) != 1:
@@ -191,12 +195,19 @@ def plot(experiment: str, kinds, formats, windows, axis, vertical, scale, agains
                 upd["axis"] = axis
             if kind == "contour":
                 upd.update(vertical=vertical, scale=scale)
+                if frame_list is not None:
+                    upd["frame_range"] = (min(frame_list), max(frame_list))
             if kind in ("lattice", "fractions"):
                 upd["against"] = against
             if kind in ("fit", "waterfall") and frame_list is not None:
                 upd["frames"] = frame_list
             upd = {k: v for k, v in upd.items() if v is not None}
-            top[kind] = type(sub).model_validate({**sub.model_dump(), **upd})
+            try:
+                top[kind] = type(sub).model_validate({**sub.model_dump(), **upd})
+            except ValidationError as exc:
+                raise ConfigError("the command line", [
+                    (f"plots.{kind}." + ".".join(map(str, e["loc"])), e["msg"].removeprefix("Value error, "))
+                    for e in exc.errors()]) from None
         return plot_experiment(exp, kinds=list(kinds) or None, plots=spec.model_copy(update=top), stem=output,
                                strict=bool(kinds))
 

@@ -184,8 +184,11 @@ def plot_contour(run_file: Path | str, *, windows: Sequence[tuple[str, float, fl
     n = status.size
     st = _states(run_file, n, info["time_s"])
     done = np.flatnonzero(status == DONE)
+    if spec.frame_range is not None:
+        done = done[(done >= spec.frame_range[0]) & (done <= spec.frame_range[1])]
     if done.size < 2:
-        raise PlotError(f"{run_file} has {done.size} integrated frame(s); a map needs at least 2")
+        raise PlotError(f"{run_file} has {done.size} integrated frame(s)"
+                        + (f" in frames {list(spec.frame_range)}" if spec.frame_range else "") + "; a map needs at least 2")
     if spec.vertical == "time":
         vert = st.time_h
     elif spec.vertical == "x":
@@ -201,8 +204,9 @@ def plot_contour(run_file: Path | str, *, windows: Sequence[tuple[str, float, fl
     order = np.argsort(vert[use], kind="stable")
     steps = np.diff(vert[use])
     if spec.vertical == "x" and not (np.all(steps <= 1e-6) or np.all(steps >= -1e-6)):
-        raise PlotError("x goes down and up again in this run (charge, then discharge), so a map against x "
-                        "would fold onto itself; use vertical = \"time\" (the voltage panel shows the cycling)")
+        raise PlotError("x goes down and up again in these frames (charge, then discharge), so a map against x "
+                        "would fold onto itself; use vertical = \"time\" (the voltage panel shows the cycling) or "
+                        "frame_range = [first, last] within one half-cycle")
     rows_sorted = use[order]
     v_sorted = vert[rows_sorted]
     v_rows, frame_rows = _with_gaps(v_sorted, rows_sorted)
@@ -238,15 +242,15 @@ def plot_contour(run_file: Path | str, *, windows: Sequence[tuple[str, float, fl
             ax.tick_params(axis="x", labelrotation=0)
             ax.locator_params(axis="x", nbins=4)
             if peaks is not None:
-                _overlay_centres(ax, peaks, lo, hi, vert, spec.axis, unit, wl)
+                _overlay_centres(ax, peaks, lo, hi, vert, use, spec.axis, unit, wl)
         axes[0].set_ylabel(_VERTICAL_LABEL[spec.vertical])
         if spec.axis == "tth" and wl:
             axes[0].set_xlabel(f"2θ (°), λ = {wl:.4f} Å")
         axes[0].set_ylim(v_edges[0], v_edges[-1])
         if spec.vertical == "time":
             axes[0].invert_yaxis()     # time runs down, as in operando papers
-        elif spec.vertical == "x" and v_sorted[0] < v_sorted[-1] and np.all(np.diff(vert[use]) <= 1e-6):
-            axes[0].invert_yaxis()     # a charge (x falling) runs down
+        elif spec.vertical == "x" and np.all(steps >= -1e-6):
+            axes[0].invert_yaxis()     # x rising (a discharge): the first frame at the top
         if have_voltage:
             _voltage_panel(axes[-1], st, spec.vertical, vert, use)
         if mesh is not None:
@@ -316,8 +320,10 @@ def _phase_colour(phases: Sequence[str], phase: str) -> str:
     return PHASE_COLOURS[list(phases).index(phase) % len(PHASE_COLOURS)] if phase in phases else "k"
 
 
-def _overlay_centres(ax, peaks: dict, lo: float, hi: float, vert, axis: str, unit: str, wl) -> None:
-    present = peaks["present"].astype(bool) & peaks["done"].astype(bool)[:, None]
+def _overlay_centres(ax, peaks: dict, lo: float, hi: float, vert, use, axis: str, unit: str, wl) -> None:
+    shown = np.zeros(vert.size, bool)
+    shown[use] = True
+    present = peaks["present"].astype(bool) & peaks["done"].astype(bool)[:, None] & shown[:, None]
     for i, phase in enumerate(peaks["peak_phase"]):
         c = peaks["center"][:, i]
         sel = present[:, i] & np.isfinite(c) & (c >= lo) & (c <= hi) & np.isfinite(vert)
@@ -340,12 +346,12 @@ def _phase_legend(ax, phases: Sequence[str]) -> None:
 def _voltage_panel(ax, st: _States, vertical: str, vert, use) -> None:
     rec = st.record
     if rec is not None and vertical in ("time", "x"):
-        key = "time_s" if vertical == "time" else "x"
-        v = rec[key] / 3600 if vertical == "time" else rec[key]
-        lo, hi = np.nanmin(vert[use]), np.nanmax(vert[use])
-        pad = 0.02 * (hi - lo)
-        sel = (v >= lo - pad) & (v <= hi + pad)
-        ax.plot(rec["voltage_V"][sel], v[sel], color="k", lw=0.8)
+        # the record over the time the shown frames span (half a frame step either side)
+        t = rec["time_s"] / 3600
+        first, last = np.nanmin(st.time_h[use]), np.nanmax(st.time_h[use])
+        pad = 0.5 * np.nanmedian(np.diff(np.sort(st.time_h[use]))) if use.size > 1 else 0.0
+        sel = (t >= first - pad) & (t <= last + pad)
+        ax.plot(rec["voltage_V"][sel], (t if vertical == "time" else rec["x"])[sel], color="k", lw=0.8)
     else:
         ax.plot(st.voltage_V[use], vert[use], color="k", lw=0.8, marker="o", ms=1.5)
     ax.set_xlabel("Voltage (V)")
@@ -541,12 +547,17 @@ def plot_fit_check(run_file: Path | str, *, phases: Sequence[PhaseSpec], windows
         fig = _figure(spec.width_mm, spec.height_mm, dpi)
         outer = fig.add_gridspec(len(frames), len(chosen))
         for c, w in enumerate(chosen):
-            model = WindowModel(w, phase_map, info["radial"], info["unit"], info["wavelength_A"])
+            if w.name not in d["window"]:
+                raise PlotError(f"window {w.name!r} has not been fitted; run 'xrdpipe fit' (or 'xrdpipe run') first")
+            try:
+                model = WindowModel(w, phase_map, info["radial"], info["unit"], info["wavelength_A"])
+            except (ValueError, KeyError) as exc:
+                raise PlotError(f"fit check of window {w.name!r}: {exc}") from None
             cols = [i for i, pw in enumerate(d["peak_window"]) if pw == w.name]
             wi = list(d["window"]).index(w.name)
             for r, f in enumerate(frames):
                 inner = outer[r, c].subgridspec(2, 1, height_ratios=[3, 1], hspace=0.0)
-                ax, axr = fig.add_subplot(inner[0]), None
+                ax = fig.add_subplot(inner[0])
                 axr = fig.add_subplot(inner[1], sharex=ax)
                 y = inten[r, model.columns].astype(float)
                 s = sigma[r, model.columns].astype(float)

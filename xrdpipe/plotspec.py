@@ -35,12 +35,20 @@ class ContourSpec(_Figure):
     windows: list[str | tuple[float, float]] = []   # [[windows]] names or [low, high] in the run's unit
     axis: Axis = "tth"
     vertical: Literal["time", "x", "frame"] = "time"
+    frame_range: tuple[int, int] | None = None    # first and last frame shown (e.g. one half-cycle for x)
     scale: Literal["linear", "sqrt", "log"] = "sqrt"
     centres: bool = True
     voltage: bool = True
     cmap: str = "viridis"
     width_mm: float = Field(default=180.0, ge=20, le=500)
     height_mm: float = Field(default=90.0, ge=20, le=500)
+
+    @field_validator("frame_range")
+    @classmethod
+    def _ordered(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and not 0 <= v[0] <= v[1]:
+            raise ValueError(f"expected [first, last] frame numbers, got {list(v)}")
+        return v
 
 
 class LatticePlotSpec(_Figure):

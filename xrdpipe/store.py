@@ -616,9 +616,5 @@ def read_pattern_block(path: Path | str, rows: Sequence[int] | np.ndarray | None
         bad = rows[(rows < 0) | (rows >= n)]
         if bad.size:
             raise StoreError(f"{path} has frames 0 to {n - 1}; there is no frame {int(bad[0])}")
-        order = np.argsort(rows)
-        uniq, inverse = np.unique(rows[order], return_inverse=True)
-        inten, sig = pat["intensity"][uniq, columns], pat["intensity_errors"][uniq, columns]
-        back = np.empty_like(order)
-        back[order] = inverse
-        return inten[back], sig[back]
+        uniq, inverse = np.unique(rows, return_inverse=True)     # h5py reads increasing rows only
+        return pat["intensity"][uniq, columns][inverse], pat["intensity_errors"][uniq, columns][inverse]

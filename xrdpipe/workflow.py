@@ -2,10 +2,11 @@
 
 ``run_experiment(exp)`` runs integrate (or import), echem, fit, lattice, plots and export.
 Each stage has a key: a digest of its own settings, the files it reads (path, size and
-modification time) and the keys of the stages it depends on. A stage whose key matches the one
-recorded when it last finished (in ``/entry/process/stages`` of the run file), and whose output
-files all exist, is skipped. A stage clears its record when it starts, so an interrupted stage
-always runs again (and resumes where it can). ``plot_experiment`` and ``export_experiment`` are
+modification time) and the keys of the stages it depends on (:data:`DEPENDS`). A stage whose key
+matches the one recorded when it last finished (in ``/entry/process/stages`` of the run file),
+whose output files all exist and none of whose upstream stages ran in this run, is skipped. A
+stage clears its record when it starts, so an interrupted stage always runs again (and resumes
+where it can), and so do the stages that read its results. ``plot_experiment`` and ``export_experiment`` are
 the last two stages on their own.
 """
 
@@ -161,11 +162,15 @@ def _digest(*parts) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+#: The stages each stage reads the results of (a stage reruns when one of them ran).
+DEPENDS = {"integrate": (), "echem": ("integrate",), "fit": ("integrate",), "lattice": ("fit", "echem"),
+           "plots": ("integrate", "echem", "fit", "lattice"), "export": ("integrate", "echem")}
+
+
 def stage_keys(exp: Experiment) -> dict[str, str]:
     """The key of every configured stage, in run order (see the module docstring)."""
     from . import __version__
 
-    keys: dict[str, str] = {}
     if exp.frames is not None:
         f, c = exp.frames, exp.calibration
         inputs = [f.model_dump(mode="json"), [_stat(p) for p in f.files],
@@ -178,21 +183,22 @@ def stage_keys(exp: Experiment) -> dict[str, str]:
         times = p.times
     if isinstance(times, TimesFromLog):
         inputs.append(_stat(times.log))
-    keys["integrate"] = _digest(__version__, inputs)
+    own: dict[str, object] = {"integrate": inputs}
     if exp.electrochemistry is not None:
         e = exp.electrochemistry
-        keys["echem"] = _digest(__version__, e.model_dump(mode="json"), _stat(e.file),
-                                [_stat(p) for p in e.inventory_loss_from], keys["integrate"])
+        own["echem"] = [e.model_dump(mode="json"), _stat(e.file), [_stat(p) for p in e.inventory_loss_from]]
     if exp.windows:
-        keys["fit"] = _digest(__version__, [p.model_dump(mode="json") for p in exp.phases],
-                              [w.model_dump(mode="json") for w in exp.windows],
-                              exp.fit.model_dump(mode="json", exclude={"workers", "block_frames"}), keys["integrate"])
+        own["fit"] = [[p.model_dump(mode="json") for p in exp.phases], [w.model_dump(mode="json") for w in exp.windows],
+                      exp.fit.model_dump(mode="json", exclude={"workers", "block_frames"})]
         if exp.phases:
-            keys["lattice"] = _digest(__version__, exp.lattice.model_dump(mode="json"), keys["fit"], keys.get("echem"))
-    upstream = [keys.get(k) for k in ("integrate", "echem", "fit", "lattice")]
-    keys["plots"] = _digest(__version__, exp.plots.model_dump(mode="json"), upstream)
+            own["lattice"] = exp.lattice.model_dump(mode="json")
+    own["plots"] = exp.plots.model_dump(mode="json")
     if exp.export.formats:
-        keys["export"] = _digest(__version__, exp.export.model_dump(mode="json"), keys["integrate"], keys.get("echem"))
+        own["export"] = exp.export.model_dump(mode="json")
+    keys: dict[str, str] = {}
+    for stage in DEPENDS:
+        if stage in own:
+            keys[stage] = _digest(__version__, own[stage], [keys.get(d) for d in DEPENDS[stage]])
     return keys
 
 
@@ -268,7 +274,8 @@ def run_experiment(exp: Experiment, *, force: bool = False, progress: bool = Tru
     for i, stage in enumerate(order, start=1):
         prior = done.get(stage)
         outputs_ok = prior is not None and all(Path(p).exists() for p in json.loads(prior.get("outputs", "[]") or "[]"))
-        if prior is not None and prior.get("key") == keys[stage] and outputs_ok:
+        upstream_ran = any(summary.stages.get(d) == "ran" for d in DEPENDS[stage])
+        if prior is not None and prior.get("key") == keys[stage] and outputs_ok and not upstream_ran:
             summary.stages[stage] = "skipped"
             say(f"[{i}/{len(order)}] {stage}: unchanged since {prior.get('finished', '?')}, skipped")
             continue
