@@ -26,6 +26,16 @@ def _load(path: str):
     return load_experiment(path)
 
 
+def _frame_list(option: str, text: str | None) -> list[int] | None:
+    """Frame numbers given as ``0,25,49``; a clear one-line error otherwise."""
+    if not text:
+        return None
+    try:
+        return [int(f) for f in text.split(",") if f.strip()]
+    except ValueError:
+        _fail(ValueError(f"{option}: expected frame numbers such as 0,25,49, got {text!r}"))
+
+
 def _stage(experiment: str, run, kept: str) -> None:
     """Load EXPERIMENT, run one stage on it and print its summary; a domain error is one line
     (exit 2), Ctrl-C says what was kept and how to resume (exit 130)."""
@@ -178,10 +188,7 @@ def plot(experiment: str, kinds, formats, windows, axis, vertical, scale, agains
 
     if output and len(kinds) != 1:
         _fail(ValueError("-o/--output needs exactly one --kind"))
-    try:
-        frame_list = [int(f) for f in frames.split(",") if f.strip()] if frames else None
-    except ValueError:
-        _fail(ValueError(f"--frames: expected frame numbers such as 0,25,49, got {frames!r}"))
+    frame_list = _frame_list("--frames", frames)
 
     def draw(exp):
         spec = exp.plots
@@ -226,10 +233,7 @@ def export(experiment: str, formats, frames, quiet: bool) -> None:
     with index.csv (frame, time, x, voltage per file)."""
     from .workflow import export_experiment
 
-    try:
-        frame_list = [int(f) for f in frames.split(",") if f.strip()] if frames else None
-    except ValueError:
-        _fail(ValueError(f"--frames: expected frame numbers such as 0,25,49, got {frames!r}"))
+    frame_list = _frame_list("--frames", frames)
     _stage(experiment, lambda exp: export_experiment(exp, formats=list(formats) or None, frames=frame_list,
                                                      progress=not quiet),
            "files already written are complete")

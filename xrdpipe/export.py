@@ -23,6 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from .crystallography import convert_radial
+from .errors import StoreError
 from .store import (
     DONE,
     csv_number,
@@ -50,11 +51,15 @@ class ExportResult:
     index: Path | None = None
     instprm: Path | None = None
     frames: int = 0
+    not_integrated: list[int] = field(default_factory=list)   # asked for, but pending or failed
 
     def __str__(self) -> str:
         parts = [f"{n} {fmt}" for fmt, n in self.files.items()]
         lines = [f"exported {self.frames} pattern(s) as " + (", ".join(parts) or "nothing") + f" in {self.folder}"]
         lines += [f"  {fmt} not written: {why}" for fmt, why in self.skipped.items()]
+        if self.not_integrated:
+            shown = ", ".join(map(str, self.not_integrated[:10])) + (" ..." if len(self.not_integrated) > 10 else "")
+            lines.append(f"  frame(s) not integrated, so not exported: {shown}")
         return "\n".join(lines)
 
 
@@ -116,9 +121,15 @@ def export_patterns(run_file: Path | str, folder: Path | str, *, formats: Sequen
     ec = read_table(run_file, "electrochemistry")
     name = run_file.stem
     rows = np.flatnonzero(status == DONE)
-    if frames is not None:
-        rows = np.array([f for f in frames if 0 <= f < status.size and status[f] == DONE], int)
     result = ExportResult(folder)
+    if frames is not None:
+        asked = np.unique(np.asarray(frames, int))
+        outside = asked[(asked < 0) | (asked >= status.size)]
+        if outside.size:
+            raise StoreError(f"{run_file} has frames 0 to {status.size - 1}; there is no frame {int(outside[0])} "
+                             "to export")
+        rows = asked[status[asked] == DONE]
+        result.not_integrated = [int(f) for f in asked[status[asked] != DONE]]
     tth = radial if unit == "2th_deg" else (convert_radial(radial, unit, "2th_deg", wl) if wl else None)
     todo = []
     for fmt in formats:

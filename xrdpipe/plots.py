@@ -106,7 +106,7 @@ def _states(run_file: Path, n: int, time_s: np.ndarray) -> _States:
         return _States(time_s / 3600, nan, nan, nan, np.full(n, "rest", dtype=object), None)
     direction = np.full(n, "rest", dtype=object)
     hc, seg = ec["half_cycle"], ec["segment"]
-    for h in np.unique(hc[hc >= 0]) if hc.dtype.kind in "iu" else ():
+    for h in np.unique(hc[hc >= 0]):
         sel = hc == h
         moving = [s for s in seg[sel] if s in ("charge", "discharge")]
         if moving:
@@ -373,13 +373,28 @@ def _against(st: _States, against: str, frames: np.ndarray) -> tuple[np.ndarray,
         "  (no state of charge: run 'xrdpipe echem')" if against != "time" else "")
 
 
-def _lattice(run_file: Path):
+@dataclass
+class _LatticeView:
+    """The lattice table with what both lattice figures draw it against."""
+
+    lat: dict
+    phases: list[str]
+    xv: np.ndarray             # the abscissa per lattice row
+    xlabel: str
+    direction: np.ndarray      # charge / discharge / rest per lattice row
+    together: np.ndarray       # two or more phases with a fraction above zero, per row
+
+
+def _lattice_view(run_file: Path, against: str) -> _LatticeView:
     lat = read_table(run_file, "lattice")
     if lat is None:
         raise PlotError(f"{run_file} holds no lattice parameters yet; run 'xrdpipe lattice' (after 'xrdpipe fit')")
     info = open_run_info(run_file)
     st = _states(run_file, info["status"].size, info["time_s"])
-    return lat, st
+    frames = lat["frame"]
+    xv, xlabel = _against(st, against, frames)
+    together = (np.nan_to_num(lat["fraction"]) > 0).sum(axis=1) >= 2
+    return _LatticeView(lat, list(lat["phase"]), xv, xlabel, st.direction[frames], together)
 
 
 def _first_moves_down(xv: np.ndarray, direction: np.ndarray) -> bool:
@@ -436,12 +451,9 @@ def plot_lattice(run_file: Path | str, *, spec: LatticePlotSpec = LatticePlotSpe
     """a, c and V of every phase against x (or capacity, or time) with esd bars; filled markers
     on charge, open on discharge."""
     run_file = Path(run_file)
-    lat, st = _lattice(run_file)
-    frames = lat["frame"]
-    phases = list(lat["phase"])
-    xv, xlabel = _against(st, spec.against, frames)
-    direction = st.direction[frames]
-    together = _together_in_lattice(lat)
+    view = _lattice_view(run_file, spec.against)
+    lat, phases, xv, xlabel, direction, together = (view.lat, view.phases, view.xv, view.xlabel, view.direction,
+                                                    view.together)
     with style(font_size):
         fig = _figure(spec.width_mm, spec.height_mm, dpi)
         axes = fig.subplots(3, 1, sharex=True)
@@ -469,23 +481,15 @@ def plot_lattice(run_file: Path | str, *, spec: LatticePlotSpec = LatticePlotSpe
     return fig
 
 
-def _together_in_lattice(lat: dict) -> np.ndarray:
-    """Per lattice row, whether two or more phases have a fraction above zero."""
-    return (np.nan_to_num(lat["fraction"]) > 0).sum(axis=1) >= 2
-
-
 def plot_fractions(run_file: Path | str, *, spec: FractionsPlotSpec = FractionsPlotSpec(), dpi: int = 300,
                    font_size: float = 7.0):
     """The fraction of every phase against x (or capacity, or time) with esd bars."""
     run_file = Path(run_file)
-    lat, st = _lattice(run_file)
-    frames = lat["frame"]
-    phases = list(lat["phase"])
-    xv, xlabel = _against(st, spec.against, frames)
-    direction = st.direction[frames]
+    view = _lattice_view(run_file, spec.against)
+    lat, phases, xv, xlabel, direction, together = (view.lat, view.phases, view.xv, view.xlabel, view.direction,
+                                                    view.together)
     if not np.isfinite(lat["fraction"]).any():
         raise PlotError(f"{run_file}: no phase fractions (no frame has a fitted peak of any phase)")
-    together = _together_in_lattice(lat)
     with style(font_size):
         fig = _figure(spec.width_mm, spec.height_mm, dpi)
         ax = fig.subplots()

@@ -43,6 +43,21 @@ class ContourSpec(_Figure):
     width_mm: float = Field(default=180.0, ge=20, le=500)
     height_mm: float = Field(default=90.0, ge=20, le=500)
 
+    @field_validator("cmap")
+    @classmethod
+    def _known_cmap(cls, v: str) -> str:
+        if v == "viridis":
+            return v
+        from matplotlib import colormaps  # only when another map is asked for
+
+        if v not in colormaps:
+            import difflib
+
+            close = difflib.get_close_matches(v, list(colormaps), n=1, cutoff=0.6)
+            raise ValueError(f"unknown matplotlib colour map {v!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                             + " (e.g. viridis, cividis, magma, inferno, gray)")
+        return v
+
     @field_validator("frame_range")
     @classmethod
     def _ordered(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:

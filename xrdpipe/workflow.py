@@ -65,6 +65,8 @@ def _possible_kinds(exp: Experiment, run_file: Path) -> list[str]:
 
 
 def _contour_windows(exp: Experiment, spec, radial: np.ndarray) -> list[tuple[str, float, float]]:
+    from .plots import PlotError
+
     named = {w.name: w.range for w in exp.windows}
     unit = "°" if exp.radial_unit == "2th_deg" else " Å$^{-1}$"
     chosen = spec.windows or list(named)
@@ -74,8 +76,6 @@ def _contour_windows(exp: Experiment, spec, radial: np.ndarray) -> list[tuple[st
     for w in chosen:
         if isinstance(w, str):
             if w not in named:
-                from .plots import PlotError
-
                 close = difflib.get_close_matches(w, list(named), n=1, cutoff=0.5)
                 raise PlotError(f"contour window {w!r} is not one of the [[windows]] {list(named)}"
                                 + (f"; did you mean {close[0]!r}?" if close else ""))
@@ -94,12 +94,12 @@ def plot_experiment(exp: Experiment, *, kinds: Sequence[str] | None = None, plot
     error; otherwise it is skipped and the reason kept.
     """
     from .plots import (
-        PlotError,
         plot_contour,
         plot_fit_check,
         plot_fractions,
         plot_lattice,
         plot_waterfall,
+        save_figure,
     )
     from .store import open_run_info
 
@@ -119,12 +119,10 @@ def plot_experiment(exp: Experiment, *, kinds: Sequence[str] | None = None, plot
         "fit": lambda: plot_fit_check(run_file, phases=exp.phases, windows=exp.windows, spec=spec.fit, **common),
         "waterfall": lambda: plot_waterfall(run_file, spec=spec.waterfall, **common),
     }
-    from .plots import save_figure
-
     for kind in wanted:
         try:
             fig = makers[kind]()
-        except (PlotError, XrdpipeError) as exc:
+        except XrdpipeError as exc:
             if strict:
                 raise
             summary.skipped[kind] = str(exc)
