@@ -163,12 +163,17 @@ def _normal(y, w, f, jac):
 
 
 def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Solve each system; a singular one falls back to least squares on its own, so a row's
+    result never depends on the other rows of the batch."""
     try:
         return np.linalg.solve(a, b[..., None])[..., 0]
     except np.linalg.LinAlgError:
         out = np.zeros_like(b)
         for i in range(a.shape[0]):
-            out[i] = np.linalg.lstsq(a[i], b[i], rcond=None)[0]
+            try:
+                out[i] = np.linalg.solve(a[i:i + 1], b[i:i + 1, :, None])[0, :, 0]
+            except np.linalg.LinAlgError:
+                out[i] = np.linalg.lstsq(a[i], b[i], rcond=None)[0]
         return out
 
 
@@ -185,8 +190,13 @@ def _covariance(hess: np.ndarray, held: np.ndarray) -> np.ndarray:
     hs = h / (d[:, :, None] * d[:, None, :])
     try:
         inv = np.linalg.inv(hs)
-    except np.linalg.LinAlgError:
-        inv = np.linalg.pinv(hs)
+    except np.linalg.LinAlgError:     # row by row, so one singular row leaves the others alone
+        inv = np.empty_like(hs)
+        for i in range(n):
+            try:
+                inv[i] = np.linalg.inv(hs[i:i + 1])[0]
+            except np.linalg.LinAlgError:
+                inv[i] = np.linalg.pinv(hs[i])
     cov = inv / (d[:, :, None] * d[:, None, :])
     bad = ~np.isfinite(cov).all(axis=(1, 2)) | (np.diagonal(cov, axis1=1, axis2=2) < 0).any(axis=1)
     cov[bad] = np.nan

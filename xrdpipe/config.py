@@ -116,6 +116,18 @@ class RunSpec(_Spec):
 
     name: str = Field(min_length=1)
     output: ResolvedPath = Field(default=Path("results"), validate_default=True)
+    #: seconds between publications of the run file during a long stage (what kill -9 can cost)
+    checkpoint_s: float = Field(default=30.0, gt=0, le=3600)
+    #: where per-frame work runs: "processes" (a local pool), "threads", "serial", or the address
+    #: of a Dask distributed scheduler ("tcp://host:8786")
+    scheduler: str = "processes"
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, v: str) -> str:
+        from .parallel import check_scheduler
+
+        return check_scheduler(v)
 
     @property
     def run_file(self) -> Path:

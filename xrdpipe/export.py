@@ -64,9 +64,9 @@ class ExportResult:
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.part")
-    tmp.write_text(text)
-    tmp.replace(path)
+    from .safeio import write_text_atomic
+
+    write_text_atomic(path, text)
 
 
 def _columns(x: np.ndarray, y: np.ndarray, e: np.ndarray, fmt: str) -> str:

@@ -4,17 +4,15 @@
 for every frame. :func:`integrate_frames` streams frames through it: frames are read ahead on
 worker threads (h5py decompression and fabio release the GIL) while pyFAI's OpenMP engine
 integrates on the cores, and each result goes straight to a sink (the run file), so memory
-stays bounded however many frames there are. A frame that cannot be read becomes a failure
+stays bounded however many frames there are. Frames can also be integrated on a local process
+pool or a Dask cluster (:mod:`xrdpipe.parallel`): the integrator pickles as its matrices only. A frame that cannot be read becomes a failure
 record, never an exception.
 """
 
 from __future__ import annotations
 
 import copy
-import os
 import threading
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -111,6 +109,10 @@ class Integrator:
             error_model="poisson" if error_model == "poisson" else None,
         )
         self._lock = threading.Lock()
+        self._args = (calibration, shape, dict(npt=npt, unit=unit, radial_range=radial_range,
+                                               azimuth_range=azimuth_range, polarization_factor=polarization_factor,
+                                               solid_angle=solid_angle, error_model=error_model,
+                                               splitting=splitting, engine=engine))
         # pyFAI builds its sparse matrix now, once; this also fixes the radial axis. The
         # matrix does not depend on the intensity corrections, which the fast engine computes
         # itself, once.
@@ -152,6 +154,25 @@ class Integrator:
         self._norm = norm.astype(np.float32)
         self._den = (self._A @ self._norm).astype(np.float64)
         self._dark = None if self.calibration.dark is None else self.calibration.dark.ravel()
+
+    def __getstate__(self) -> dict:
+        """What a worker process needs. The fast engine needs only the matrices (pyFAI's
+        integrator stays here); the pyFAI engine is rebuilt in the worker from the calibration."""
+        if self.engine == "pyfai":
+            return {"_rebuild": self._args}
+        state = dict(self.__dict__)
+        for name in ("_lock", "_ai", "calibration", "_A_csc", "_args", "_kwargs"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if "_rebuild" in state:
+            calibration, shape, kwargs = state["_rebuild"]
+            self.__init__(calibration, shape, **kwargs)
+            return
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._A_csc = None
 
     @property
     def tth_deg(self) -> np.ndarray:
@@ -234,7 +255,8 @@ class Integrator:
         return intensity, sigma
 
 
-def _process(pos: int, ref: FrameRef, integrator: Integrator) -> IntegratedFrame:
+def _process(job: tuple[int, FrameRef], integrator: Integrator) -> IntegratedFrame:
+    pos, ref = job
     try:
         data = read_frame(ref, shape=integrator.shape)
     except FrameReadError as exc:
@@ -247,33 +269,17 @@ def _process(pos: int, ref: FrameRef, integrator: Integrator) -> IntegratedFrame
 
 
 def integrate_frames(jobs: Iterable[tuple[int, FrameRef]], integrator: Integrator, *,
-                     workers: int | None = None, prefetch: int | None = None) -> Iterator[IntegratedFrame]:
+                     workers: int | None = None, prefetch: int | None = None,
+                     scheduler: str | object = "threads") -> Iterator[IntegratedFrame]:
     """Stream ``(position, ref)`` jobs through the integrator, yielding results in order.
 
-    ``workers`` threads (default: the number of cores) each read and integrate whole frames;
-    reading, decompression and the sparse products release the GIL, so frames overlap on the
-    cores. At most ``prefetch`` frames (default 2 x workers) are in flight, so memory is
-    bounded. A frame that cannot be read yields an :class:`IntegratedFrame` with ``error`` set.
+    ``workers`` (default: the number of cores) read and integrate whole frames at once on the
+    ``scheduler`` (see :mod:`xrdpipe.parallel`: ``"processes"``, ``"threads"``, ``"serial"`` or a
+    Dask scheduler address); the integrator is sent once to each worker. At most ``prefetch``
+    frames (default 2 x workers) are in flight, so memory is bounded. A frame that cannot be
+    read yields an :class:`IntegratedFrame` with ``error`` set.
     """
-    workers = workers or max(1, os.cpu_count() or 1)
-    prefetch = prefetch or 2 * workers
-    pending: deque[Future] = deque()
-    it = iter(jobs)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xrdpipe-integrate") as pool:
-        def fill():
-            while len(pending) < prefetch:
-                try:
-                    pos, ref = next(it)
-                except StopIteration:
-                    return
-                pending.append(pool.submit(_process, pos, ref, integrator))
+    from .parallel import map_ordered
 
-        fill()
-        try:
-            while pending:
-                out = pending.popleft().result()
-                fill()
-                yield out
-        finally:
-            for fut in pending:
-                fut.cancel()
+    yield from map_ordered(_process, jobs, context=integrator, scheduler=scheduler, workers=workers,
+                           prefetch=prefetch)

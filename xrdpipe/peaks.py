@@ -560,7 +560,10 @@ class PeakFitter:
 
     def resume(self, stored: Mapping[str, np.ndarray]) -> None:
         """Take the start values from results already written (rows before the resumed ones):
-        ``stored`` holds the (frame, peak) arrays and ``success`` (frame, window)."""
+        ``stored`` holds the (frame, peak) arrays and ``success`` (frame, window). Components not
+        found there start afresh."""
+        for seeds in self.seeds:
+            seeds[:] = np.nan
         col = 0
         for wi, model in enumerate(self.models):
             names = PROFILES[model.profile][2]

@@ -7,12 +7,14 @@ import json
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from .config import Experiment
 from .errors import CalibrationError, ConfigError, FrameReadError, PatternReadError
 from .frames import FrameRef, frame_times, list_frames, read_frame
+from .safeio import transaction
 from .store import DONE, RunFile, mark_stage
 
 __all__ = ["IntegrationSummary", "integrate_experiment", "package_versions", "FitSummary", "fit_experiment",
@@ -29,13 +31,15 @@ class IntegrationSummary:
     skipped: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     untimed: int = 0
+    waiting: int = 0
     seconds: float = 0.0
     setup_seconds: float = 0.0
 
     def __str__(self) -> str:
         lines = [
             f"{self.total} frame(s): {self.integrated} integrated now, {self.skipped} already done, "
-            f"{len(self.failed)} failed ({self.seconds:.1f} s)",
+            f"{len(self.failed)} failed" + (f", {self.waiting} still being written (retried next time)"
+                                            if self.waiting else "") + f" ({self.seconds:.1f} s)",
             f"run file: {self.run_file}",
         ]
         if self.untimed:
@@ -85,8 +89,16 @@ def _detector_shape(cal, refs: list[FrameRef]) -> tuple[int, int]:
 
 
 def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bool = True,
-                         workers: int | None = None) -> IntegrationSummary:
-    """Integrate (or, for ``[patterns]``, import) every frame not yet in the run file."""
+                         workers: int | None = None, scheduler: str | None = None,
+                         ready: Callable[[list[FrameRef]], list[FrameRef]] | None = None,
+                         retry_s: float | None = None) -> IntegrationSummary:
+    """Integrate (or, for ``[patterns]``, import) every frame not yet in the run file.
+
+    ``scheduler`` (default ``[run] scheduler``) says where frames are integrated
+    (:mod:`xrdpipe.parallel`). For live processing, ``ready`` picks the frames that are complete
+    (the others are left for later), and a frame that cannot be read while its file changed less
+    than ``retry_s`` seconds ago stays pending, to be retried, instead of being recorded as failed.
+    """
     if exp.patterns is not None:
         return _import_patterns(exp, restart=restart, progress=progress)
     import time
@@ -99,6 +111,8 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
     where = str(exp.source or "experiment")
     cal = load_calibration(cspec.poni, mask=cspec.mask, dark=cspec.dark, flat=cspec.flat)
     refs = list_frames(fspec.files, dataset=fspec.dataset)
+    if ready is not None:
+        refs = ready(refs)
     times = frame_times(refs, fspec.times, timezone=fspec.timezone, where=where)
     shape = _detector_shape(cal, refs)
     integ = Integrator(cal, shape, npt=ispec.npt, unit=ispec.unit, radial_range=ispec.range,
@@ -122,28 +136,42 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
     }
     summary = IntegrationSummary(exp.run.run_file, len(refs), setup_seconds=t_setup)
     summary.untimed = sum(t is None for t in times) if fspec.times is not None else 0
-    mark_stage(exp.run.run_file, "integrate", None)
-    with RunFile.open_for_writing(exp.run.run_file, radial=integ.radial, unit=ispec.unit,
-                                  wavelength_A=cal.wavelength_A, fingerprint=fingerprint,
-                                  provenance=provenance, title=exp.run.name, restart=restart) as run:
-        rows = run.add_frames(refs, times)
-        status = run.status
-        jobs = [(row, ref) for row, ref in zip(rows, refs) if status[row] != DONE]
-        summary.skipped = len(refs) - len(jobs)
-        bar = _progress(len(jobs), "integrate", progress)
-        try:
-            for res in integrate_frames(jobs, integ, workers=workers or ispec.workers):
-                if res.error is None:
-                    run.write_pattern(res.position, res.intensity, res.sigma)
-                    summary.integrated += 1
-                else:
-                    run.write_failure(res.position, res.error)
-                    summary.failed.append((res.ref.key, res.error))
-                bar.update(1)
-        finally:
-            bar.close()
+    with transaction(exp.run.run_file, checkpoint_s=exp.run.checkpoint_s):
+        mark_stage(exp.run.run_file, "integrate", None)
+        with RunFile.open_for_writing(exp.run.run_file, radial=integ.radial, unit=ispec.unit,
+                                      wavelength_A=cal.wavelength_A, fingerprint=fingerprint,
+                                      provenance=provenance, title=exp.run.name, restart=restart) as run:
+            rows = run.add_frames(refs, times)
+            status = run.status
+            jobs = [(row, ref) for row, ref in zip(rows, refs) if status[row] != DONE]
+            summary.skipped = len(refs) - len(jobs)
+            bar = _progress(len(jobs), "integrate", progress)
+            try:
+                for res in integrate_frames(jobs, integ, workers=workers or ispec.workers,
+                                            scheduler=scheduler or exp.run.scheduler):
+                    if res.error is None:
+                        run.write_pattern(res.position, res.intensity, res.sigma)
+                        summary.integrated += 1
+                    elif retry_s is not None and _recent(res.ref.file, retry_s):
+                        summary.waiting += 1          # probably still being written: next time
+                    else:
+                        run.write_failure(res.position, res.error)
+                        summary.failed.append((res.ref.key, res.error))
+                    bar.update(1)
+            finally:
+                bar.close()
     summary.seconds = time.perf_counter() - t_start
     return summary
+
+
+def _recent(path: Path, seconds: float) -> bool:
+    """Whether ``path`` changed less than ``seconds`` ago (or has vanished)."""
+    import time
+
+    try:
+        return time.time() - path.stat().st_mtime < seconds
+    except OSError:
+        return True
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -180,10 +208,11 @@ def _import_patterns(exp: Experiment, *, restart: bool, progress: bool) -> Integ
                   "method": "imported 1D patterns", "packages": json.dumps(package_versions(), sort_keys=True)}
     summary = IntegrationSummary(exp.run.run_file, len(refs))
     summary.untimed = sum(t is None for t in times) if pspec.times is not None else 0
-    mark_stage(exp.run.run_file, "integrate", None)
-    with RunFile.open_for_writing(exp.run.run_file, radial=grid, unit=pspec.radial_unit,
-                                  wavelength_A=pspec.wavelength_A, fingerprint=fingerprint,
-                                  provenance=provenance, title=exp.run.name, restart=restart) as run:
+    with transaction(exp.run.run_file, checkpoint_s=exp.run.checkpoint_s), \
+            RunFile.open_for_writing(exp.run.run_file, radial=grid, unit=pspec.radial_unit,
+                                     wavelength_A=pspec.wavelength_A, fingerprint=fingerprint,
+                                     provenance=provenance, title=exp.run.name, restart=restart) as run:
+        mark_stage(exp.run.run_file, "integrate", None)
         rows = run.add_frames(refs, times)
         status = run.status
         bar = _progress(len(refs), "import", progress)
@@ -272,43 +301,50 @@ def fit_experiment(exp: Experiment, *, restart: bool = False, progress: bool = T
                             wavelength_A=info["wavelength_A"])
     except WindowSetupError as exc:
         raise ConfigError(where, [(f"windows.{i}.peaks", msg) for i, msg in exc.problems]) from None
+    # memory stays bounded: at most ~160 MB of patterns (and their esds) at a time. The block
+    # decides the start values (below), so it is part of the fingerprint.
+    block = max(16, min(fit.block_frames, 10_000_000 // max(info["radial"].size, 1)))
     fingerprint = {"xrdpipe": __version__, "phases": [p.model_dump(mode="json") for p in exp.phases],
                    "windows": [w.model_dump(mode="json") for w in exp.windows],
                    "fit": fit.model_dump(mode="json", exclude={"workers", "block_frames"}),
-                   "patterns": info["fingerprint"]}
+                   "block": block, "patterns": info["fingerprint"]}
     status = info["status"]
     n = status.size
     summary = FitSummary(exp.run.run_file, None, n)
-    mark_stage(exp.run.run_file, "fit", None)
-    store, kept = PeakStore.open(exp.run.run_file, windows=fitter.windows, peaks=fitter.peaks,
-                                 fingerprint=fingerprint, restart=restart)
-    summary.restarted = not kept and not restart and info["had_peaks"]
-    with store:
-        done = store.done
-        todo = ~done & (status != PENDING)
-        summary.skipped = int(done.sum())
-        summary.waiting = int((status == PENDING).sum())
-        rows = np.flatnonzero(todo)
-        if rows.size and rows[0] > 0:
-            fitter.resume(store.stored(int(rows[0])))
-        bar = _progress(int(rows.size), "fit", progress)
-        try:
-            # memory stays bounded: at most ~160 MB of patterns (and their esds) at a time
-            block = max(16, min(fit.block_frames, 10_000_000 // max(info["radial"].size, 1)))
-            for chunk in _runs(rows, block):
-                a, b = int(chunk[0]), int(chunk[-1]) + 1
-                intensity, sigma = store.read_patterns(a, b)
-                pick = chunk - a
-                usable = status[chunk] != FAILED
-                reasons = [("frame not integrated: " + str(info["message"][r])) if status[r] == FAILED else ""
-                           for r in chunk]
-                table = fitter.fit_block(intensity[pick], sigma[pick], frame=chunk, time_s=info["time_s"][chunk],
-                                         usable=usable, reasons=reasons)
-                store.write(chunk, table.values, table.present, table.success, table.redchi, table.message)
-                summary.fitted += chunk.size
-                bar.update(chunk.size)
-        finally:
-            bar.close()
+    with transaction(exp.run.run_file, checkpoint_s=exp.run.checkpoint_s):
+        mark_stage(exp.run.run_file, "fit", None)
+        store, kept = PeakStore.open(exp.run.run_file, windows=fitter.windows, peaks=fitter.peaks,
+                                     fingerprint=fingerprint, restart=restart)
+        summary.restarted = not kept and not restart and info["had_peaks"]
+        with store:
+            done = store.done
+            # frames are fitted in order, up to the first one not integrated yet: a frame's start
+            # values then never depend on when it was fitted (see below)
+            pending = np.flatnonzero(status == PENDING)
+            reach = int(pending[0]) if pending.size else n
+            todo = ~done & (np.arange(n) < reach)
+            summary.skipped = int(done.sum())
+            summary.waiting = int((~done & (np.arange(n) >= reach)).sum())
+            rows = np.flatnonzero(todo)
+            bar = _progress(int(rows.size), "fit", progress)
+            try:
+                for start, chunk in _blocks(rows, block):
+                    # start values come from the results before the block's fixed start only, so a
+                    # resumed, interrupted or live run fits every frame exactly as one straight run
+                    fitter.resume(store.stored(start))
+                    a, b = int(chunk[0]), int(chunk[-1]) + 1
+                    intensity, sigma = store.read_patterns(a, b)
+                    pick = chunk - a
+                    usable = status[chunk] != FAILED
+                    reasons = [("frame not integrated: " + str(info["message"][r])) if status[r] == FAILED else ""
+                               for r in chunk]
+                    table = fitter.fit_block(intensity[pick], sigma[pick], frame=chunk,
+                                             time_s=info["time_s"][chunk], usable=usable, reasons=reasons)
+                    store.write(chunk, table.values, table.present, table.success, table.redchi, table.message)
+                    summary.fitted += chunk.size
+                    bar.update(chunk.size)
+            finally:
+                bar.close()
     table = _stored_table(exp.run.run_file)
     summary.csv_file = table.write_csv(exp.run.output / "peaks.csv")
     for i, (w, ph, hkl, _) in enumerate(table.peaks):
@@ -334,14 +370,14 @@ def _stored_table(run_file: Path):
                      d["message"][rows])
 
 
-def _runs(rows: np.ndarray, size: int):
-    """Split ascending rows into blocks of at most ``size`` consecutive rows."""
+def _blocks(rows: np.ndarray, size: int):
+    """Ascending rows grouped by the fixed blocks ``[k*size, (k+1)*size)``: (block start, rows)."""
     if rows.size == 0:
         return
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    for run in np.split(rows, breaks):
-        for i in range(0, run.size, size):
-            yield run[i:i + size]
+    key = rows // size
+    breaks = np.flatnonzero(np.diff(key)) + 1
+    for part in np.split(rows, breaks):
+        yield int(part[0] // size * size), part
 
 
 @dataclass
@@ -373,11 +409,12 @@ def lattice_experiment(exp: Experiment) -> LatticeSummary:
         raise ConfigError(str(exp.source or "experiment"), [("phases", "no [[phases]] to refine")])
     info = open_run_info(exp.run.run_file)
     table = _stored_table(exp.run.run_file)
-    mark_stage(exp.run.run_file, "lattice", None)
     lat = refine_lattice(table, exp.phases, exp.lattice, unit=info["unit"], wavelength_A=info["wavelength_A"])
     arrays = {"frame": lat.frame, "time_s": lat.time_s, "phase": np.array(lat.phases, dtype=object),
               "message": lat.message, **lat.values}
-    write_table(exp.run.run_file, "lattice", arrays, {"correction": exp.lattice.correction})
+    with transaction(exp.run.run_file, checkpoint_s=exp.run.checkpoint_s):
+        mark_stage(exp.run.run_file, "lattice", None)
+        write_table(exp.run.run_file, "lattice", arrays, {"correction": exp.lattice.correction})
     states = read_table(exp.run.run_file, "electrochemistry")
     if states is not None:
         lat.voltage_V, lat.x = states["voltage_V"][lat.frame], states["x"][lat.frame]
@@ -472,7 +509,6 @@ def echem_experiment(exp: Experiment, *, update_lattice: bool = True) -> EchemSu
         raise ConfigError(str(exp.source or "experiment"), [("electrochemistry.capacity_source", str(exc))]) from None
     notes += list(ec.notes)
     fr = read_frames(exp.run.run_file)
-    mark_stage(exp.run.run_file, "echem", None)
     start_s, end_s = iso_seconds(fr["start"]), iso_seconds(fr["end"])
     states = frame_states(ec, start_s, end_s, start=fr["start"], end=fr["end"], keys=fr["key"])
     timed = np.isfinite(start_s)
@@ -496,7 +532,9 @@ def echem_experiment(exp: Experiment, *, update_lattice: bool = True) -> EchemSu
         "charge_current": spec.charge_current, "rest_current_mA": ec.rest_current_mA,
         "capacity": "net charge passed since the record began, per gram of active material (mAh/g)",
     }
-    write_table(exp.run.run_file, "electrochemistry", {**per_frame, "record": record}, attrs)
+    with transaction(exp.run.run_file, checkpoint_s=exp.run.checkpoint_s):
+        mark_stage(exp.run.run_file, "echem", None)
+        write_table(exp.run.run_file, "electrochemistry", {**per_frame, "record": record}, attrs)
     csv_file = states.write_csv(exp.run.output / "frames.csv")
     xs = states.x[np.isfinite(states.x)]
     summary = EchemSummary(exp.run.run_file, csv_file, spec.file, len(rec), rec.start.isoformat(), rec.end.isoformat(),

@@ -69,17 +69,17 @@ def save_figure(fig, stem: Path | str, *, formats: Sequence[str] = ("png", "pdf"
     """Write ``fig`` as ``stem.png``, ``stem.pdf``... (each written beside, then renamed: a reader
     never sees half a file). The size is the figure's own; a PNG is ``size x dpi`` pixels."""
     from . import __version__
+    from .safeio import atomic_output
 
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     out = []
     for fmt in formats:
         path = stem.with_name(f"{stem.name}.{fmt}")
-        tmp = path.with_name(f".{path.name}.part")
         meta = {"Creator": f"xrdpipe {__version__}"} if fmt == "pdf" else (
             {"Software": f"xrdpipe {__version__}"} if fmt == "png" else {})
-        fig.savefig(tmp, format=fmt, dpi=dpi, metadata=meta)
-        tmp.replace(path)
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=dpi, metadata=meta)
         out.append(path)
     return out
 

@@ -24,7 +24,6 @@ file, checks the fingerprint and integrates only the rows that are not done.
 from __future__ import annotations
 
 import json
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -73,33 +72,45 @@ class Patterns:
 
 
 class _Writer:
-    """A run file open for writing: flushed every few seconds, flushed and closed on exit (also on
-    Ctrl-C), so nothing written is lost."""
+    """A run file open for writing inside a :func:`~xrdpipe.safeio.transaction`: results are
+    published every ``checkpoint_s`` and when it closes (also on Ctrl-C), so nothing written is
+    lost; the published file is never half-written (see :mod:`xrdpipe.safeio`)."""
 
-    def __init__(self, h5, path: Path):
-        self._h5 = h5
+    def __init__(self, session, stack, path: Path):
+        self._session = session
+        self._stack = stack
+        self._h5 = session.writable()
         self.path = path
-        self._last_flush = time.monotonic()
 
-    def _maybe_flush(self, every_s: float = 2.0) -> None:
-        now = time.monotonic()
-        if now - self._last_flush >= every_s:
-            self._h5.flush()
-            self._last_flush = now
+    def _maybe_flush(self) -> None:
+        self._session.maybe_publish()
 
     def flush(self) -> None:
-        self._h5.flush()
+        self._session.publish()
+
+    def _on_close(self) -> None:
+        pass
 
     def close(self) -> None:
-        if self._h5.id.valid:
-            self._h5.flush()
-            self._h5.close()
+        self._on_close()
+        self._stack.close()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        self._on_close()
+        self._stack.__exit__(*exc)
+
+
+def _enter(path: Path):
+    """A transaction on ``path``, entered on an ExitStack the writer owns."""
+    from contextlib import ExitStack
+
+    from .safeio import transaction
+
+    stack = ExitStack()
+    return stack, stack.enter_context(transaction(path))
 
 
 class RunFile(_Writer):
@@ -109,11 +120,11 @@ class RunFile(_Writer):
     and closed on exit, also on Ctrl-C, so nothing written is lost.
     """
 
-    def __init__(self, h5, path: Path):
-        super().__init__(h5, path)
+    def __init__(self, session, stack, path: Path):
+        super().__init__(session, stack, path)
         self._keys: dict[str, int] = {
             k.decode() if isinstance(k, bytes) else k: i
-            for i, k in enumerate(h5["/entry/frames/key"][()])
+            for i, k in enumerate(self._h5["/entry/frames/key"][()])
         }
 
     # -- creation ------------------------------------------------------------------------
@@ -129,37 +140,28 @@ class RunFile(_Writer):
             The existing file was made with other settings (named), unless ``restart`` is True,
             in which case it is replaced.
         """
-        import h5py
-
         path = Path(path)
-        if path.exists() and not restart:
-            try:
-                h5 = h5py.File(path, "r+")
-            except OSError as exc:
-                raise StoreError(
-                    f"run file {path} cannot be reopened ({exc}); it may be damaged: "
-                    "rerun with --restart to start it again"
-                ) from None
-            try:
+        stack, session = _enter(path)
+        try:
+            if (path.exists() or session.readable() is not None) and not restart:
+                h5 = session.writable()
+                if h5.attrs.get("format") != _FORMAT or "/entry/process/fingerprint" not in h5:
+                    raise StoreError(f"{path} is not an xrdpipe run file; choose another run name or --restart")
                 old = json.loads(h5["/entry/process/fingerprint"][()])
-            except KeyError:
-                h5.close()
-                raise StoreError(f"{path} is not an xrdpipe run file; choose another run name or --restart") from None
-            changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-            if changed:
-                h5.close()
-                raise StoreError(
-                    f"run file {path} holds patterns made with other settings (changed: {', '.join(changed)}); "
-                    "rerun with --restart to discard them and integrate again"
-                )
-            return cls(h5, path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".part")
-        with h5py.File(tmp, "w") as h5:
-            _create_layout(h5, radial=np.asarray(radial, float), unit=unit, wavelength_A=wavelength_A,
-                           fingerprint=fingerprint, provenance=provenance, title=title)
-        tmp.replace(path)
-        return cls(h5py.File(path, "r+"), path)
+                changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+                if changed:
+                    raise StoreError(
+                        f"run file {path} holds patterns made with other settings (changed: {', '.join(changed)}); "
+                        "rerun with --restart to discard them and integrate again"
+                    )
+            else:
+                session.create(lambda h5: _create_layout(
+                    h5, radial=np.asarray(radial, float), unit=unit, wavelength_A=wavelength_A,
+                    fingerprint=fingerprint, provenance=provenance, title=title))
+            return cls(session, stack, path)
+        except BaseException:
+            stack.close()
+            raise
 
     # -- frames --------------------------------------------------------------------------
     def add_frames(self, refs: Sequence[FrameRef], times: Sequence[FrameTime | None]) -> list[int]:
@@ -213,10 +215,9 @@ class RunFile(_Writer):
         fr["status"][row] = FAILED
         self._maybe_flush()
 
-    def close(self) -> None:
+    def _on_close(self) -> None:
         if self._h5.id.valid:
             self._h5.attrs["file_update_time"] = datetime.now(timezone.utc).isoformat()
-        super().close()
 
 
 def _create_layout(h5, *, radial, unit, wavelength_A, fingerprint, provenance, title) -> None:
@@ -326,7 +327,13 @@ def _reading(path: Path | str):
     """A run file open read-only, checked; errors name the file."""
     import h5py
 
+    from .safeio import active
+
     path = Path(path)
+    session = active(path)
+    if session is not None and session.readable() is not None:   # our own work in progress
+        yield session.readable()
+        return
     if not path.exists():
         raise StoreError(f"run file {path} does not exist; run 'xrdpipe integrate' first")
     try:
@@ -366,22 +373,18 @@ class PeakStore(_Writer):
     holds the settings; other settings start the group again.
     """
 
-    def __init__(self, h5, path: Path):
-        super().__init__(h5, path)
-        self._g = h5["/entry/peaks"]
+    def __init__(self, session, stack, path: Path):
+        super().__init__(session, stack, path)
+        self._g = self._h5["/entry/peaks"]
 
     @classmethod
     def open(cls, path: Path | str, *, windows: Sequence[str], peaks: Sequence[tuple[str, str, str, str]],
              fingerprint: dict[str, Any], restart: bool = False) -> tuple["PeakStore", bool]:
         """Open (or create) the group; returns the store and whether earlier results were kept."""
-        import h5py
-
         path = Path(path)
+        stack, session = _enter(path)
         try:
-            h5 = h5py.File(path, "r+")
-        except OSError as exc:
-            raise StoreError(f"cannot open run file {path} for writing: {exc}") from None
-        try:
+            h5 = session.writable()
             n = h5["/entry/frames/key"].shape[0]
             entry = h5["/entry"]
             kept = False
@@ -394,11 +397,11 @@ class PeakStore(_Writer):
                     del entry["peaks"]
             if not kept:
                 _create_peaks(entry, n, windows, peaks, text)
-            store = cls(h5, path)
+            store = cls(session, stack, path)
             store._grow(n)
             return store, kept
-        except Exception:
-            h5.close()
+        except BaseException:
+            stack.close()
             raise
 
     def _grow(self, n: int) -> None:
@@ -494,14 +497,10 @@ def read_peaks(path: Path | str) -> dict[str, Any]:
 def write_table(path: Path | str, group: str, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
     """Replace ``/entry/<group>`` of a run file with the given arrays (an NXcollection); a dict
     value becomes a subgroup (``{"arrays": {...}, "attrs": {...}}``)."""
-    import h5py
+    from .safeio import transaction
 
-    try:
-        h5 = h5py.File(Path(path), "r+")
-    except OSError as exc:
-        raise StoreError(f"cannot open run file {path} for writing: {exc}") from None
-    with h5:
-        entry = h5["/entry"]
+    with transaction(path) as session:
+        entry = session.writable()["/entry"]
         if group in entry:
             del entry[group]
         _fill(entry.create_group(group), arrays, attrs)
@@ -525,14 +524,13 @@ def write_csv(path: Path | str, columns: Sequence[str], rows) -> Path:
     """Write dict rows to a CSV file atomically (a reader never sees half a file)."""
     import csv
 
+    from .safeio import atomic_output
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".part")
-    with open(tmp, "w", newline="") as fh:
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(columns))
         w.writeheader()
         w.writerows(rows)
-    tmp.replace(path)
     return path
 
 
@@ -569,7 +567,10 @@ def has_group(path: Path | str, group: str) -> bool:
 def read_stages(path: Path | str) -> dict[str, dict[str, str]]:
     """The finished stages of a run file: ``{stage: {"key", "finished", "summary"}}``. A stage
     appears only once it has finished; empty for a run file that does not exist yet."""
-    if not Path(path).exists():
+    from .safeio import active
+
+    session = active(path)
+    if not Path(path).exists() and (session is None or session.readable() is None):
         return {}
     with _reading(path) as h5:
         g = h5["/entry/process"].get("stages")
@@ -583,15 +584,13 @@ def mark_stage(path: Path | str, stage: str, key: str | None, summary: str = "",
                outputs: Sequence[Path | str] = ()) -> None:
     """Record that ``stage`` finished from inputs ``key``, writing ``outputs`` (or, with None,
     forget it: the stage has started and its outputs are in flux until it finishes)."""
-    import h5py
+    from .safeio import active, transaction
 
-    if not Path(path).exists():
+    session = active(path)
+    if not Path(path).exists() and (session is None or session.readable() is None):
         return
-    try:
-        h5 = h5py.File(Path(path), "r+")
-    except OSError as exc:
-        raise StoreError(f"cannot open run file {path} for writing: {exc}") from None
-    with h5:
+    with transaction(path) as session:
+        h5 = session.writable()
         if h5.attrs.get("format") != _FORMAT or "/entry/process" not in h5:
             return                       # not a run file: whoever opens it next says so
         g = h5["/entry/process"].require_group("stages")

@@ -187,7 +187,7 @@ def stage_keys(exp: Experiment) -> dict[str, str]:
         own["echem"] = [e.model_dump(mode="json"), _stat(e.file), [_stat(p) for p in e.inventory_loss_from]]
     if exp.windows:
         own["fit"] = [[p.model_dump(mode="json") for p in exp.phases], [w.model_dump(mode="json") for w in exp.windows],
-                      exp.fit.model_dump(mode="json", exclude={"workers", "block_frames"})]
+                      exp.fit.model_dump(mode="json", exclude={"workers"})]
         if exp.phases:
             own["lattice"] = exp.lattice.model_dump(mode="json")
     own["plots"] = exp.plots.model_dump(mode="json")
@@ -218,6 +218,7 @@ class RunSummary:
     outputs: dict[str, str] = field(default_factory=dict)
     figures: list[Path] = field(default_factory=list)
     seconds: float = 0.0
+    results: dict[str, object] = field(default_factory=dict, repr=False)   # each stage's own summary
 
     @property
     def did_work(self) -> bool:
@@ -248,20 +249,27 @@ class RunSummary:
 
 
 def run_experiment(exp: Experiment, *, force: bool = False, progress: bool = True, workers: int | None = None,
-                   echo: Callable[[str], None] | None = None) -> RunSummary:
+                   echo: Callable[[str], None] | None = None, scheduler: str | None = None,
+                   ready: Callable | None = None, retry_s: float | None = None) -> RunSummary:
     """Run every configured stage of ``exp`` in order, skipping those whose inputs have not
     changed since they last finished (``force`` runs them all). ``echo`` receives a line per
-    stage as it goes."""
+    stage as it goes. ``scheduler`` overrides ``[run] scheduler``; ``ready`` and ``retry_s`` are
+    for live processing (see :func:`~xrdpipe.pipeline.integrate_experiment`).
+
+    The run file is written in one transaction (:mod:`xrdpipe.safeio`): it is published at
+    the end of every stage and every ``[run] checkpoint_s`` within one, never half-written.
+    """
     from .pipeline import echem_experiment, fit_experiment, integrate_experiment, lattice_experiment
+    from .safeio import transaction
 
     t0 = time.perf_counter()
     say = echo or (lambda _line: None)
     run_file = exp.run.run_file
     keys = stage_keys(exp)
-    done = {} if force else read_stages(run_file)
     summary = RunSummary(run_file)
     stages: dict[str, Callable[[], object]] = {
-        "integrate": lambda: integrate_experiment(exp, progress=progress, workers=workers),
+        "integrate": lambda: integrate_experiment(exp, progress=progress, workers=workers, scheduler=scheduler,
+                                                  ready=ready, retry_s=retry_s),
         "echem": lambda: echem_experiment(exp, update_lattice=False),
         "fit": lambda: fit_experiment(exp, progress=progress),
         "lattice": lambda: lattice_experiment(exp),
@@ -269,21 +277,26 @@ def run_experiment(exp: Experiment, *, force: bool = False, progress: bool = Tru
         "export": lambda: export_experiment(exp, progress=progress),
     }
     order = [s for s in stages if s in keys]
-    for i, stage in enumerate(order, start=1):
-        prior = done.get(stage)
-        outputs_ok = prior is not None and all(Path(p).exists() for p in json.loads(prior.get("outputs", "[]") or "[]"))
-        upstream_ran = any(summary.stages.get(d) == "ran" for d in DEPENDS[stage])
-        if prior is not None and prior.get("key") == keys[stage] and outputs_ok and not upstream_ran:
-            summary.stages[stage] = "skipped"
-            say(f"[{i}/{len(order)}] {stage}: unchanged since {prior.get('finished', '?')}, skipped")
-            continue
-        say(f"[{i}/{len(order)}] {stage} ...")
-        result = stages[stage]()
-        text = str(result)
-        say("\n".join("    " + line for line in text.splitlines()))
-        mark_stage(run_file, stage, keys[stage], text, outputs=_outputs_of(result))
-        summary.stages[stage] = "ran"
-    _fill_state(summary, exp)
+    with transaction(run_file, checkpoint_s=exp.run.checkpoint_s) as session:
+        done = {} if force else read_stages(run_file)
+        for i, stage in enumerate(order, start=1):
+            prior = done.get(stage)
+            outputs_ok = prior is not None and all(Path(p).exists()
+                                                   for p in json.loads(prior.get("outputs", "[]") or "[]"))
+            upstream_ran = any(summary.stages.get(d) == "ran" for d in DEPENDS[stage])
+            if prior is not None and prior.get("key") == keys[stage] and outputs_ok and not upstream_ran:
+                summary.stages[stage] = "skipped"
+                say(f"[{i}/{len(order)}] {stage}: unchanged since {prior.get('finished', '?')}, skipped")
+                continue
+            say(f"[{i}/{len(order)}] {stage} ...")
+            result = stages[stage]()
+            text = str(result)
+            say("\n".join("    " + line for line in text.splitlines()))
+            mark_stage(run_file, stage, keys[stage], text, outputs=_outputs_of(result))
+            session.publish()
+            summary.stages[stage] = "ran"
+            summary.results[stage] = result
+        _fill_state(summary, exp)
     summary.seconds = time.perf_counter() - t0
     return summary
 

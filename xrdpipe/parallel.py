@@ -1,0 +1,146 @@
+"""Where per-frame work runs: a local process pool (the default), threads, serially, or a Dask
+distributed cluster.
+
+:func:`map_ordered` streams jobs through ``fn(job, context)`` and yields the results in job order,
+with at most ``prefetch`` jobs in flight, so memory stays bounded however many jobs there are.
+``context`` (the integrator, with its sparse matrix) is sent once to each worker, not once per
+job. The caller stays the only writer of the run file: workers compute, the caller stores.
+
+Schedulers (``[run] scheduler`` or ``--scheduler``):
+
+``"processes"``
+    a pool of ``workers`` processes on this machine, started by a fork server (a clean process,
+    so OpenMP and threads of the caller are never forked); with one worker the jobs run here.
+``"threads"``
+    ``workers`` threads (the integrator's sparse products release the GIL).
+``"serial"``
+    one after the other, in this process (for debugging and as the reference).
+``"tcp://host:port"`` (or ``tls://``...)
+    a running Dask distributed scheduler; its workers must see the frame files under the same
+    paths. Needs the ``dask`` extra: ``pip install "xrdpipe[dask]"``.
+
+Every scheduler runs the same function on the same inputs, so the results are identical; the
+test-suite checks it bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from collections import deque
+from typing import Any, Callable, Iterable, Iterator
+
+__all__ = ["LOCAL_SCHEDULERS", "check_scheduler", "map_ordered", "default_workers"]
+
+LOCAL_SCHEDULERS = ("processes", "threads", "serial")
+_ADDRESS = re.compile(r"^(tcp|tls|ucx|inproc|ws|wss)://\S+$")
+
+_CONTEXT: Any = None          # the context of this worker process
+
+
+def check_scheduler(value: str) -> str:
+    """``value`` if it names a scheduler, else a ValueError saying what is accepted."""
+    if value in LOCAL_SCHEDULERS or _ADDRESS.match(value):
+        return value
+    raise ValueError(f"expected \"processes\", \"threads\", \"serial\" or a Dask scheduler address such as "
+                     f"\"tcp://host:8786\", got {value!r}")
+
+
+def default_workers() -> int:
+    """The cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _init_worker(blob: bytes) -> None:
+    global _CONTEXT
+    _CONTEXT = pickle.loads(blob)
+
+
+def _call(fn: Callable, job) -> Any:
+    return fn(job, _CONTEXT)
+
+
+def map_ordered(fn: Callable[[Any, Any], Any], jobs: Iterable, *, context: Any = None,
+                scheduler: str | Any = "processes", workers: int | None = None,
+                prefetch: int | None = None) -> Iterator:
+    """Yield ``fn(job, context)`` for every job, in order.
+
+    ``fn`` must be a module-level function (it is sent to other processes by reference);
+    ``scheduler`` is a name or address (see the module docstring) or a ``distributed.Client``.
+
+    Example
+    -------
+    >>> list(map_ordered(pow, [1, 2, 3], context=2, scheduler="serial"))
+    [1, 4, 9]
+    """
+    workers = workers or default_workers()
+    prefetch = prefetch or 2 * workers
+    if isinstance(scheduler, str) and scheduler in LOCAL_SCHEDULERS:
+        if scheduler == "serial" or (scheduler == "processes" and workers == 1):
+            for job in jobs:
+                yield fn(job, context)
+            return
+        if scheduler == "threads":
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xrdpipe") as pool:
+                yield from _stream(lambda job: pool.submit(fn, job, context), jobs, prefetch)
+            return
+        yield from _processes(fn, jobs, context, workers, prefetch)
+        return
+    yield from _dask(fn, jobs, context, scheduler, prefetch)
+
+
+def _stream(submit: Callable, jobs: Iterable, prefetch: int) -> Iterator:
+    """Keep ``prefetch`` jobs in flight; yield their results in order."""
+    pending: deque = deque()
+    it = iter(jobs)
+    try:
+        for job in it:
+            pending.append(submit(job))
+            if len(pending) >= prefetch:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for fut in pending:
+            fut.cancel()
+
+
+def _processes(fn, jobs, context, workers: int, prefetch: int) -> Iterator:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    ctx = multiprocessing.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(["xrdpipe.integration"])
+    blob = pickle.dumps(context, protocol=pickle.HIGHEST_PROTOCOL)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(blob,)) as pool:
+        yield from _stream(lambda job: pool.submit(_call, fn, job), jobs, prefetch)
+
+
+def _dask(fn, jobs, context, scheduler, prefetch: int) -> Iterator:
+    from .errors import XrdpipeError
+
+    try:
+        from distributed import Client
+    except ImportError:
+        raise XrdpipeError(f"scheduler {scheduler!r} is a Dask cluster, which needs the dask extra: "
+                           "pip install \"xrdpipe[dask]\"") from None
+    own = isinstance(scheduler, str)
+    try:
+        client = Client(scheduler, timeout="20s", set_as_default=False) if own else scheduler
+    except OSError as exc:
+        raise XrdpipeError(f"cannot reach the Dask scheduler {scheduler}: {exc}") from None
+    try:
+        shared = client.scatter(context, broadcast=True, hash=False)
+        yield from _stream(lambda job: client.submit(fn, job, shared, pure=False), jobs, prefetch)
+    finally:
+        if own:
+            client.close()
