@@ -51,6 +51,23 @@ def _stage(experiment: str, run, kept: str) -> None:
     click.echo(str(summary))
 
 
+def _check_scheduler(ctx, param, value):
+    if value is None:
+        return None
+    from .parallel import check_scheduler
+
+    try:
+        return check_scheduler(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+_SCHEDULER = click.option(
+    "--scheduler", default=None, callback=_check_scheduler, metavar="NAME|ADDRESS",
+    help="Where frames are integrated: processes (default), threads, serial, or a Dask scheduler such as "
+         "tcp://host:8786 (overrides [run] scheduler).")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="xrdpipe")
 def main() -> None:
@@ -81,15 +98,17 @@ def validate(experiment: str) -> None:
 @click.option("--restart", is_flag=True, help="Discard the run file's patterns and integrate everything again.")
 @click.option("--workers", type=click.IntRange(1, 64), default=None,
               help="Frames integrated at once (default: [integration] workers, else the number of cores).")
+@_SCHEDULER
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def integrate(experiment: str, restart: bool, workers: int | None, quiet: bool) -> None:
+def integrate(experiment: str, restart: bool, workers: int | None, scheduler: str | None, quiet: bool) -> None:
     """Integrate the frames of EXPERIMENT into 1D patterns (or import its 1D patterns).
 
     The run file is written frame by frame; an interrupted run resumes where it stopped.
     """
     from .pipeline import integrate_experiment
 
-    _stage(experiment, lambda exp: integrate_experiment(exp, restart=restart, progress=not quiet, workers=workers),
+    _stage(experiment, lambda exp: integrate_experiment(exp, restart=restart, progress=not quiet, workers=workers,
+                                                        scheduler=scheduler),
            "everything integrated so far is in the run file")
 
 
@@ -142,8 +161,9 @@ def echem(experiment: str) -> None:
 @click.argument("experiment", type=click.Path(dir_okay=False))
 @click.option("--force", is_flag=True, help="Run every stage, even those whose inputs have not changed.")
 @click.option("--workers", type=click.IntRange(1, 64), default=None, help="Frames integrated at once.")
+@_SCHEDULER
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def run(experiment: str, force: bool, workers: int | None, quiet: bool) -> None:
+def run(experiment: str, force: bool, workers: int | None, scheduler: str | None, quiet: bool) -> None:
     """Run every configured stage of EXPERIMENT in order: integrate, echem, fit, lattice, plots,
     export. A stage whose inputs have not changed since it last finished is skipped; an
     interrupted run resumes. Ends with a summary: frames, failures, phases and their x ranges,
@@ -151,7 +171,7 @@ def run(experiment: str, force: bool, workers: int | None, quiet: bool) -> None:
     from .workflow import run_experiment
 
     _stage(experiment, lambda exp: run_experiment(exp, force=force, progress=not quiet, workers=workers,
-                                                  echo=click.echo),
+                                                  scheduler=scheduler, echo=click.echo),
            "every stage finished so far is kept, and the interrupted one resumes")
 
 
