@@ -159,6 +159,40 @@ def echem(experiment: str) -> None:
 
 @main.command()
 @click.argument("experiment", type=click.Path(dir_okay=False))
+@click.option("--interval", type=click.FloatRange(0.05, 3600), default=2.0, show_default=True,
+              help="Seconds between polls for new frames.")
+@click.option("--settle", type=click.FloatRange(0, 3600), default=1.0, show_default=True,
+              help="A file is complete once unchanged for this long (a growing HDF5 stack: all but its last frame).")
+@click.option("--retry", type=click.FloatRange(0, 86400), default=30.0, show_default=True,
+              help="A frame that cannot be read is retried until its file has been unchanged this long.")
+@click.option("--stop-after-idle", type=click.FloatRange(0, None), default=None,
+              help="Stop after this many seconds without a new frame (default: run until Ctrl-C).")
+@click.option("--workers", type=click.IntRange(1, 64), default=None, help="Frames integrated at once.")
+@_SCHEDULER
+def watch(experiment: str, interval: float, settle: float, retry: float, stop_after_idle: float | None,
+          workers: int | None, scheduler: str | None) -> None:
+    """Follow EXPERIMENT live: poll for new frames (new files, or frames appended to an HDF5
+    stack) and run every configured stage on them; figures and the run file are updated
+    atomically. Stop with Ctrl-C; `xrdpipe run` or `xrdpipe watch` goes on from there."""
+    from .errors import XrdpipeError
+    from .watch import watch_experiment
+
+    click.echo(f"watching {experiment} every {interval:g} s (Ctrl-C to stop)")
+    try:
+        summary = watch_experiment(experiment, interval_s=interval, settle_s=settle, retry_s=retry,
+                                   idle_stop_s=stop_after_idle, scheduler=scheduler, workers=workers,
+                                   echo=click.echo)
+    except XrdpipeError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        click.echo("\nstopped: everything processed so far is in the run file; `xrdpipe run` or "
+                   "`xrdpipe watch` goes on from there")
+        return
+    click.echo(str(summary))
+
+
+@main.command()
+@click.argument("experiment", type=click.Path(dir_okay=False))
 @click.option("--force", is_flag=True, help="Run every stage, even those whose inputs have not changed.")
 @click.option("--workers", type=click.IntRange(1, 64), default=None, help="Frames integrated at once.")
 @_SCHEDULER

@@ -207,15 +207,18 @@ def _expand_files(v: Any, info: ValidationInfo) -> Any:
     else:
         raise ValueError("expected a glob such as \"raw/*.h5\" or a non-empty list of paths")
     files: list[Path] = []
+    live = bool((info.context or {}).get("live"))      # `xrdpipe watch`: files may not exist yet
     for item in items:
         p = _resolve(item, info)
         if glob.has_magic(str(p)):
             hits = natsorted(glob.glob(str(p)))
-            if not hits:
+            if not hits and not live:
                 raise ValueError(f"the glob {str(p)!r} matches no file")
             files.extend(Path(h) for h in hits)
         else:
             if not p.exists():
+                if live:
+                    continue
                 raise ValueError(f"no such file: {str(p)!r}")
             files.append(p)
     return files
@@ -726,7 +729,7 @@ def _describe(err: dict[str, Any]) -> tuple[str, str]:
     return key, msg
 
 
-def parse_experiment(data: dict[str, Any], *, base: Path | str = ".", source: str = "<experiment>",
+def parse_experiment(data: dict[str, Any], *, base: Path | str = ".", source: str = "<experiment>", live: bool = False,
                      text: str = "") -> Experiment:
     """Validate an already-parsed experiment mapping; relative paths resolve against ``base``."""
     if "schema_version" not in data:
@@ -737,7 +740,7 @@ def parse_experiment(data: dict[str, Any], *, base: Path | str = ".", source: st
             f"this xrdpipe reads schema_version = {SCHEMA_VERSION}, the file says {data['schema_version']!r}",
         )])
     try:
-        exp = Experiment.model_validate(data, context={"base": Path(base)})
+        exp = Experiment.model_validate(data, context={"base": Path(base), "live": live})
     except ValidationError as exc:
         raise ConfigError(source, [_describe(e) for e in exc.errors()]) from None
     problems = _cross_check(exp)
@@ -747,8 +750,9 @@ def parse_experiment(data: dict[str, Any], *, base: Path | str = ".", source: st
                                   "text": text})
 
 
-def load_experiment(path: str | Path) -> Experiment:
-    """Read and validate an experiment file.
+def load_experiment(path: str | Path, *, live: bool = False) -> Experiment:
+    """Read and validate an experiment file. With ``live`` (``xrdpipe watch``), frame files
+    that do not exist yet are not an error: they are waited for.
 
     Raises
     ------
@@ -766,7 +770,7 @@ def load_experiment(path: str | Path) -> Experiment:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), [("", f"not valid TOML: {exc}")]) from None
-    return parse_experiment(data, base=path.resolve().parent, source=str(path), text=text)
+    return parse_experiment(data, base=path.resolve().parent, source=str(path), text=text, live=live)
 
 
 def experiment_summary(exp: Experiment) -> str:

@@ -16,6 +16,8 @@ for sequential refinements.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -38,7 +40,7 @@ __all__ = ["export_patterns", "ExportResult", "write_fxye", "write_instprm", "EX
 
 EXPORT_SUFFIX = {"xye": ".xye", "fxye": ".fxye", "topas": ".xye"}
 _FOLDER = {"xye": "xye", "fxye": "gsas2", "topas": "topas"}
-INDEX_COLUMNS = ("frame", "time_s", "time", "x", "voltage_V", "format", "file")
+INDEX_COLUMNS = ("frame", "time_s", "time", "x", "voltage_V", "format", "file", "source")
 
 
 @dataclass
@@ -51,11 +53,13 @@ class ExportResult:
     index: Path | None = None
     instprm: Path | None = None
     frames: int = 0
+    kept: int = 0                                           # files already up to date, not rewritten
     not_integrated: list[int] = field(default_factory=list)   # asked for, but pending or failed
 
     def __str__(self) -> str:
         parts = [f"{n} {fmt}" for fmt, n in self.files.items()]
-        lines = [f"exported {self.frames} pattern(s) as " + (", ".join(parts) or "nothing") + f" in {self.folder}"]
+        lines = [f"exported {self.frames} pattern(s) as " + (", ".join(parts) or "nothing") + f" in {self.folder}"
+                 + (f" ({self.kept} file(s) already up to date)" if self.kept else "")]
         lines += [f"  {fmt} not written: {why}" for fmt, why in self.skipped.items()]
         if self.not_integrated:
             shown = ", ".join(map(str, self.not_integrated[:10])) + (" ..." if len(self.not_integrated) > 10 else "")
@@ -144,6 +148,8 @@ def export_patterns(run_file: Path | str, folder: Path | str, *, formats: Sequen
         result.instprm = write_instprm(folder / _FOLDER["fxye"] / instprm_name, wavelength_A=wl,
                                        polarization=polarization)
     index = []
+    source = hashlib.sha1(json.dumps(info["fingerprint"], sort_keys=True).encode()).hexdigest()[:12]
+    before = _previous_index(folder / "index.csv")
     x_of = ec["x"] if ec is not None else np.full(status.size, np.nan)
     v_of = ec["voltage_V"] if ec is not None else np.full(status.size, np.nan)
     width = max(5, len(str(status.size - 1)))
@@ -164,6 +170,12 @@ def export_patterns(run_file: Path | str, folder: Path | str, *, formats: Sequen
                         "voltage_V": csv_number(v_of[f])}
                 for fmt in todo:
                     path = folder / _FOLDER[fmt] / (stem + EXPORT_SUFFIX[fmt])
+                    row = {**when, "format": fmt, "file": str(path.relative_to(folder)), "source": source}
+                    result.files[fmt] += 1
+                    index.append(row)
+                    if before.get((row["frame"], fmt)) == row and path.exists():
+                        result.kept += 1               # same pattern, same time, x and V: as written
+                        continue
                     if fmt == "xye":
                         head = _xye_header(name, f, info["time_s"][f], fr["key"][f], unit, wl, x_of[f], v_of[f],
                                            counted.any())
@@ -173,14 +185,30 @@ def export_patterns(run_file: Path | str, folder: Path | str, *, formats: Sequen
                                    instprm=instprm_name)
                     else:
                         _atomic_text(path, _columns(tth[ok], y[ok], e[ok], "%.6f %.6f %.6f\n"))
-                    result.files[fmt] += 1
-                    index.append({**when, "format": fmt, "file": str(path.relative_to(folder))})
                 bar.update(1)
     finally:
         bar.close()
     result.frames = int(rows.size)
     result.index = write_csv(folder / "index.csv", INDEX_COLUMNS, index)
     return result
+
+
+def _previous_index(path: Path) -> dict[tuple[int, str], dict[str, object]]:
+    """The rows of an earlier ``index.csv`` by (frame, format), to leave up-to-date files alone."""
+    import csv
+
+    try:
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, csv.Error):
+        return {}
+    out = {}
+    for r in rows:
+        try:
+            out[(int(r["frame"]), r["format"])] = {**r, "frame": int(r["frame"])}
+        except (KeyError, ValueError):
+            return {}
+    return out
 
 
 def _middle(start: str, end: str) -> str:

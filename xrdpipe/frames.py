@@ -77,6 +77,20 @@ def _is_hdf5(path: Path) -> bool:
     return path.suffix.lower() in HDF5_SUFFIXES
 
 
+def _open_hdf5(path: Path):
+    """Open an HDF5 file to read, also while a detector is still writing it (SWMR or not: such a
+    file is opened without HDF5's file lock, and what it holds so far is read)."""
+    import h5py
+    import hdf5plugin  # noqa: F401  (registers the compression filters)
+
+    try:
+        return h5py.File(path, "r")
+    except OSError:
+        if not path.exists():
+            raise
+        return h5py.File(path, "r", swmr=True, locking=False)
+
+
 def _find_dataset(h5, dataset: str | None, path: Path):
     if dataset is not None:
         if dataset not in h5:
@@ -98,15 +112,12 @@ def _find_dataset(h5, dataset: str | None, path: Path):
 
 def list_frames(files: Sequence[Path], *, dataset: str | None = None) -> list[FrameRef]:
     """Every frame of every file, in order. Unlistable files give one failed reference."""
-    import h5py
-    import hdf5plugin  # noqa: F401  (registers the compression filters)
-
     refs: list[FrameRef] = []
     for path in files:
         path = Path(path)
         if _is_hdf5(path):
             try:
-                with h5py.File(path, "r") as h5:
+                with _open_hdf5(path) as h5:
                     ds = _find_dataset(h5, dataset, path)
                     if ds.ndim == 2:
                         refs.append(FrameRef(path, 0, ds.name))
@@ -147,10 +158,7 @@ def read_frame(ref: FrameRef, *, shape: tuple[int, int] | None = None) -> np.nda
         raise FrameReadError(str(ref.file), ref.index, ref.error)
     try:
         if _is_hdf5(ref.file):
-            import h5py
-            import hdf5plugin  # noqa: F401
-
-            with h5py.File(ref.file, "r") as h5:
+            with _open_hdf5(ref.file) as h5:
                 ds = _find_dataset(h5, ref.dataset, ref.file)
                 data = ds[ref.index] if ds.ndim == 3 else ds[()]
         else:
@@ -204,9 +212,7 @@ def _parse_time(text: str) -> datetime | None:
 
 def _header_times_hdf5(path: Path) -> tuple[datetime, float, float]:
     """(start of the series, frame period, exposure) from an EIGER/NeXus master file."""
-    import h5py
-
-    with h5py.File(path, "r") as h5:
+    with _open_hdf5(path) as h5:
         def first(*names):
             for name in names:
                 if name in h5:

@@ -14,6 +14,7 @@ import numpy as np
 from .config import Experiment
 from .errors import CalibrationError, ConfigError, FrameReadError, PatternReadError
 from .frames import FrameRef, frame_times, list_frames, read_frame
+from .parallel import default_workers
 from .safeio import transaction
 from .store import DONE, RunFile, mark_stage
 
@@ -32,8 +33,14 @@ class IntegrationSummary:
     failed: list[tuple[str, str]] = field(default_factory=list)
     untimed: int = 0
     waiting: int = 0
+    added: int = 0
     seconds: float = 0.0
     setup_seconds: float = 0.0
+
+    @property
+    def changed(self) -> bool:
+        """Whether the run file's frames or patterns changed (else the stages after need not run)."""
+        return bool(self.integrated or self.failed or self.added)
 
     def __str__(self) -> str:
         lines = [
@@ -91,16 +98,17 @@ def _detector_shape(cal, refs: list[FrameRef]) -> tuple[int, int]:
 def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bool = True,
                          workers: int | None = None, scheduler: str | None = None,
                          ready: Callable[[list[FrameRef]], list[FrameRef]] | None = None,
-                         retry_s: float | None = None) -> IntegrationSummary:
+                         retry_s: float | None = None, cache: dict | None = None) -> IntegrationSummary:
     """Integrate (or, for ``[patterns]``, import) every frame not yet in the run file.
 
     ``scheduler`` (default ``[run] scheduler``) says where frames are integrated
     (:mod:`xrdpipe.parallel`). For live processing, ``ready`` picks the frames that are complete
     (the others are left for later), and a frame that cannot be read while its file changed less
-    than ``retry_s`` seconds ago stays pending, to be retried, instead of being recorded as failed.
+    than ``retry_s`` seconds ago stays pending, to be retried, instead of being recorded as failed;
+    ``cache`` (a dict the caller keeps) holds the integrator from one call to the next.
     """
     if exp.patterns is not None:
-        return _import_patterns(exp, restart=restart, progress=progress)
+        return _import_patterns(exp, restart=restart, progress=progress, ready=ready)
     import time
 
     from .calibration import load_calibration
@@ -109,16 +117,24 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
     t_start = time.perf_counter()
     fspec, cspec, ispec = exp.frames, exp.calibration, exp.integration
     where = str(exp.source or "experiment")
-    cal = load_calibration(cspec.poni, mask=cspec.mask, dark=cspec.dark, flat=cspec.flat)
     refs = list_frames(fspec.files, dataset=fspec.dataset)
     if ready is not None:
         refs = ready(refs)
     times = frame_times(refs, fspec.times, timezone=fspec.timezone, where=where)
-    shape = _detector_shape(cal, refs)
-    integ = Integrator(cal, shape, npt=ispec.npt, unit=ispec.unit, radial_range=ispec.range,
-                       azimuth_range=ispec.azimuth_range, polarization_factor=ispec.polarization_factor,
-                       solid_angle=ispec.solid_angle, error_model=ispec.error_model,
-                       splitting=ispec.splitting, engine=ispec.engine)
+    setup_key = json.dumps([cspec.model_dump(mode="json"), [_file_stat(p) for p in (cspec.poni, cspec.mask, cspec.dark,
+                                                                                    cspec.flat) if p],
+                            ispec.model_dump(mode="json", exclude={"workers"})])
+    if cache is not None and cache.get("integrator_key") == setup_key:
+        cal, integ = cache["integrator"]                 # live processing: built once, kept
+    else:
+        cal = load_calibration(cspec.poni, mask=cspec.mask, dark=cspec.dark, flat=cspec.flat)
+        shape = _detector_shape(cal, refs)
+        integ = Integrator(cal, shape, npt=ispec.npt, unit=ispec.unit, radial_range=ispec.range,
+                           azimuth_range=ispec.azimuth_range, polarization_factor=ispec.polarization_factor,
+                           solid_angle=ispec.solid_angle, error_model=ispec.error_model,
+                           splitting=ispec.splitting, engine=ispec.engine)
+        if cache is not None:
+            cache.update(integrator_key=setup_key, integrator=(cal, integ))
     t_setup = time.perf_counter() - t_start
     fingerprint = {
         "integration": ispec.model_dump(mode="json", exclude={"workers", "engine"}),
@@ -141,14 +157,19 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
         with RunFile.open_for_writing(exp.run.run_file, radial=integ.radial, unit=ispec.unit,
                                       wavelength_A=cal.wavelength_A, fingerprint=fingerprint,
                                       provenance=provenance, title=exp.run.name, restart=restart) as run:
+            known = run.frame_count
             rows = run.add_frames(refs, times)
+            summary.added = run.frame_count - known
             status = run.status
             jobs = [(row, ref) for row, ref in zip(rows, refs) if status[row] != DONE]
             summary.skipped = len(refs) - len(jobs)
+            n_workers = workers or ispec.workers or default_workers()
+            where_to = scheduler or exp.run.scheduler
+            if where_to == "processes" and len(jobs) < 4 * n_workers:
+                where_to = "threads"        # a few frames: starting a pool costs more than it saves
             bar = _progress(len(jobs), "integrate", progress)
             try:
-                for res in integrate_frames(jobs, integ, workers=workers or ispec.workers,
-                                            scheduler=scheduler or exp.run.scheduler):
+                for res in integrate_frames(jobs, integ, workers=n_workers, scheduler=where_to):
                     if res.error is None:
                         run.write_pattern(res.position, res.intensity, res.sigma)
                         summary.integrated += 1
@@ -162,6 +183,14 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
                 bar.close()
     summary.seconds = time.perf_counter() - t_start
     return summary
+
+
+def _file_stat(path: Path) -> list:
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return [str(path), "missing"]
+    return [str(path), st.st_size, st.st_mtime_ns]
 
 
 def _recent(path: Path, seconds: float) -> bool:
@@ -181,7 +210,8 @@ def _progress(total: int, desc: str, enabled: bool):
                 dynamic_ncols=True, leave=False)
 
 
-def _import_patterns(exp: Experiment, *, restart: bool, progress: bool) -> IntegrationSummary:
+def _import_patterns(exp: Experiment, *, restart: bool, progress: bool,
+                     ready: Callable[[list[FrameRef]], list[FrameRef]] | None = None) -> IntegrationSummary:
     """Bring 1D patterns into the run file on the grid of the first readable file."""
     import time
 
@@ -191,6 +221,8 @@ def _import_patterns(exp: Experiment, *, restart: bool, progress: bool) -> Integ
     pspec = exp.patterns
     where = str(exp.source or "experiment")
     refs = [FrameRef(Path(f)) for f in pspec.files]
+    if ready is not None:
+        refs = ready(refs)
     times = frame_times(refs, pspec.times, where=where)
     grid = None
     first_error = None
@@ -213,7 +245,9 @@ def _import_patterns(exp: Experiment, *, restart: bool, progress: bool) -> Integ
                                      wavelength_A=pspec.wavelength_A, fingerprint=fingerprint,
                                      provenance=provenance, title=exp.run.name, restart=restart) as run:
         mark_stage(exp.run.run_file, "integrate", None)
+        known = run.frame_count
         rows = run.add_frames(refs, times)
+        summary.added = run.frame_count - known
         status = run.status
         bar = _progress(len(refs), "import", progress)
         try:

@@ -199,6 +199,10 @@ class RunFile(_Writer):
     def status(self) -> np.ndarray:
         return self._h5["/entry/frames/status"][()]
 
+    @property
+    def frame_count(self) -> int:
+        return len(self._keys)
+
     def write_pattern(self, row: int, intensity: np.ndarray, sigma: np.ndarray | None) -> None:
         pat = self._h5["/entry/patterns"]
         pat["intensity"][row] = intensity

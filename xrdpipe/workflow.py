@@ -165,8 +165,9 @@ DEPENDS = {"integrate": (), "echem": ("integrate",), "fit": ("integrate",), "lat
            "plots": ("integrate", "echem", "fit", "lattice"), "export": ("integrate", "echem")}
 
 
-def stage_keys(exp: Experiment) -> dict[str, str]:
-    """The key of every configured stage, in run order (see the module docstring)."""
+def stage_keys(exp: Experiment, *, live_key: str | None = None) -> dict[str, str]:
+    """The key of every configured stage, in run order (see the module docstring). ``live_key``
+    (from ``xrdpipe watch``: which frames are complete) joins the integrate stage's inputs."""
     from . import __version__
 
     if exp.frames is not None:
@@ -181,6 +182,8 @@ def stage_keys(exp: Experiment) -> dict[str, str]:
         times = p.times
     if isinstance(times, TimesFromLog):
         inputs.append(_stat(times.log))
+    if live_key is not None:
+        inputs.append(live_key)
     own: dict[str, object] = {"integrate": inputs}
     if exp.electrochemistry is not None:
         e = exp.electrochemistry
@@ -230,7 +233,7 @@ class RunSummary:
             lines.append("nothing changed since the last run: every stage is up to date, no work done")
         else:
             ran = [k for k, v in self.stages.items() if v == "ran"]
-            kept = [k for k, v in self.stages.items() if v == "skipped"]
+            kept = [k for k, v in self.stages.items() if v != "ran"]
             lines.append(f"ran {', '.join(ran)}" + (f"; unchanged, skipped: {', '.join(kept)}" if kept else "")
                          + f" ({self.seconds:.1f} s)")
         lines.append(f"frames: {self.frames}, integrated {self.integrated}, failed {len(self.failed_frames)}"
@@ -250,11 +253,14 @@ class RunSummary:
 
 def run_experiment(exp: Experiment, *, force: bool = False, progress: bool = True, workers: int | None = None,
                    echo: Callable[[str], None] | None = None, scheduler: str | None = None,
-                   ready: Callable | None = None, retry_s: float | None = None) -> RunSummary:
+                   ready: Callable | None = None, retry_s: float | None = None,
+                   cache: dict | None = None, live_key: str | None = None) -> RunSummary:
     """Run every configured stage of ``exp`` in order, skipping those whose inputs have not
     changed since they last finished (``force`` runs them all). ``echo`` receives a line per
-    stage as it goes. ``scheduler`` overrides ``[run] scheduler``; ``ready`` and ``retry_s`` are
-    for live processing (see :func:`~xrdpipe.pipeline.integrate_experiment`).
+    stage as it goes. ``scheduler`` overrides ``[run] scheduler``; ``ready``, ``retry_s`` and
+    ``cache`` are for live processing (see :func:`~xrdpipe.pipeline.integrate_experiment`), as is
+    ``live_key`` (see :func:`stage_keys`). A stage that ran but changed nothing (integrate with no
+    new frame) is ``"checked"``: the stages after it do not run for it.
 
     The run file is written in one transaction (:mod:`xrdpipe.safeio`): it is published at
     the end of every stage and every ``[run] checkpoint_s`` within one, never half-written.
@@ -265,11 +271,11 @@ def run_experiment(exp: Experiment, *, force: bool = False, progress: bool = Tru
     t0 = time.perf_counter()
     say = echo or (lambda _line: None)
     run_file = exp.run.run_file
-    keys = stage_keys(exp)
+    keys = stage_keys(exp, live_key=live_key)
     summary = RunSummary(run_file)
     stages: dict[str, Callable[[], object]] = {
         "integrate": lambda: integrate_experiment(exp, progress=progress, workers=workers, scheduler=scheduler,
-                                                  ready=ready, retry_s=retry_s),
+                                                  ready=ready, retry_s=retry_s, cache=cache),
         "echem": lambda: echem_experiment(exp, update_lattice=False),
         "fit": lambda: fit_experiment(exp, progress=progress),
         "lattice": lambda: lattice_experiment(exp),
@@ -294,7 +300,7 @@ def run_experiment(exp: Experiment, *, force: bool = False, progress: bool = Tru
             say("\n".join("    " + line for line in text.splitlines()))
             mark_stage(run_file, stage, keys[stage], text, outputs=_outputs_of(result))
             session.publish()
-            summary.stages[stage] = "ran"
+            summary.stages[stage] = "ran" if getattr(result, "changed", True) else "checked"
             summary.results[stage] = result
         _fill_state(summary, exp)
     summary.seconds = time.perf_counter() - t0

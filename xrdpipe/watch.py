@@ -1,0 +1,167 @@
+"""Live processing: ``xrdpipe watch`` follows an experiment while its frames arrive.
+
+It polls (file-system events are not used: network file systems drop them). Every
+``interval_s`` seconds it
+
+1. rereads the experiment file, so frame globs see new files (an edit of the file takes effect
+   at the next poll; an invalid edit is reported once and the last good version is kept);
+2. picks the frames that are complete: every frame of a file unchanged for ``settle_s``
+   seconds and, in an HDF5 stack still being written, every frame but the last;
+3. runs every configured stage (:func:`~xrdpipe.workflow.run_experiment`) on what is new:
+   the new frames are integrated and fitted, the lattice, electrochemistry, figures and exports
+   are brought up to date. The integrator is built once and kept.
+
+The run file is published whole at the end of every stage (a reader, such as a notebook or
+``xrdpipe plot``, never sees a half-written file) and figures are replaced atomically. A frame
+that cannot be read while its file is still changing is retried at the next poll; it is
+recorded as failed only once its file has not changed for ``retry_s`` seconds. Ctrl-C stops at
+once, keeping everything published, and ``xrdpipe run`` or ``xrdpipe watch`` goes on from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .config import load_experiment
+from .errors import ConfigError, XrdpipeError
+from .frames import FrameRef, list_frames
+from .workflow import RunSummary, run_experiment
+
+__all__ = ["watch_experiment", "WatchSummary", "ready_frames"]
+
+
+def ready_frames(refs: Sequence[FrameRef], *, settle_s: float, now: float | None = None) -> list[FrameRef]:
+    """The frames of ``refs`` that are complete: all frames of a file unchanged for ``settle_s``
+    seconds, and all but the last frame of a stack still growing."""
+    now = time.time() if now is None else now
+    out: list[FrameRef] = []
+    groups: dict[Path, list[FrameRef]] = {}
+    for r in refs:
+        groups.setdefault(r.file, []).append(r)
+    for path, group in groups.items():
+        try:
+            age = now - path.stat().st_mtime
+        except OSError:
+            continue
+        if age >= settle_s:
+            out.extend(group)
+        elif len(group) > 1 and not group[0].error:
+            out.extend(group[:-1])
+    return out
+
+
+@dataclass
+class WatchSummary:
+    """What a watch did: polls, the polls that found work, frames at the end, why it stopped."""
+
+    polls: int = 0
+    busy: int = 0
+    frames: int = 0
+    stopped: str = ""
+    last: RunSummary | None = None
+    latencies_s: list[float] = field(default_factory=list)   # per busy poll: frame seen -> all stages done
+
+    def __str__(self) -> str:
+        lines = [f"watched {self.polls} poll(s), {self.busy} with new work; {self.frames} frame(s) in the run; "
+                 f"stopped: {self.stopped}"]
+        if self.last is not None:
+            lines.append(str(self.last))
+        return "\n".join(lines)
+
+
+def watch_experiment(path: Path | str, *, interval_s: float = 2.0, settle_s: float = 1.0, retry_s: float = 30.0,
+                     idle_stop_s: float | None = None, max_polls: int | None = None, scheduler: str | None = None,
+                     workers: int | None = None, echo: Callable[[str], None] | None = None,
+                     on_poll: Callable[[RunSummary | None], None] | None = None) -> WatchSummary:
+    """Follow the experiment file ``path`` until Ctrl-C, ``idle_stop_s`` seconds without a new
+    frame, or ``max_polls`` polls (see the module docstring).
+
+    Example
+    -------
+    >>> watch_experiment("nfm-cell2.toml", interval_s=5, idle_stop_s=3600)   # doctest: +SKIP
+    """
+    say = echo or (lambda _line: None)
+    summary = WatchSummary()
+    cache: dict = {}
+    exp = None
+    reported = ""
+    waiting_for_files = False
+    retry_poll = False
+    idle_since = time.monotonic()
+    while True:
+        summary.polls += 1
+        t_poll = time.monotonic()
+        try:
+            exp = load_experiment(path, live=True)
+            reported = ""
+        except ConfigError as exc:
+            if str(exc) != reported:
+                say(f"{_now()} the experiment file is not valid; "
+                    + ("waiting for it to be fixed" if exp is None else "keeping its last valid version")
+                    + f":\n{exc}")
+                reported = str(exc)
+        result = None
+        if exp is not None:
+            spec = exp.frames if exp.frames is not None else exp.patterns
+            if not spec.files:
+                if not waiting_for_files:
+                    say(f"{_now()} waiting for the first frame file")
+                    waiting_for_files = True
+            else:
+                waiting_for_files = False
+                refs = list_frames(spec.files, dataset=exp.frames.dataset) if exp.frames is not None else \
+                    [FrameRef(Path(f)) for f in spec.files]
+                chosen = {r.key for r in ready_frames(refs, settle_s=settle_s)}
+                live_key = hashlib.sha1("\n".join(sorted(chosen)).encode()).hexdigest()[:16]
+                if retry_poll:                    # frames still being written: look again
+                    live_key += f"+retry{summary.polls}"
+                if chosen:
+                    try:
+                        result = run_experiment(exp, progress=False, scheduler=scheduler, workers=workers,
+                                                ready=lambda rs: [r for r in rs if r.key in chosen], retry_s=retry_s,
+                                                cache=cache, live_key=live_key)
+                    except XrdpipeError as exc:   # e.g. a full disk: said once, tried again next poll
+                        if str(exc) != reported:
+                            say(f"{_now()} error (retried at every poll): {exc}")
+                            reported = str(exc)
+                        result = None
+                if result is not None:
+                    reported = ""
+                    integ = result.results.get("integrate")
+                    retry_poll = bool(getattr(integ, "waiting", 0))
+                    summary.frames = result.frames
+                    summary.last = result
+                    if result.did_work:
+                        summary.busy += 1
+                        summary.latencies_s.append(time.monotonic() - t_poll)
+                        idle_since = time.monotonic()
+                        say(_line(result, integ))
+        if on_poll is not None:
+            on_poll(result)
+        if idle_stop_s is not None and time.monotonic() - idle_since >= idle_stop_s:
+            summary.stopped = f"no new frame for {idle_stop_s:g} s"
+            return summary
+        if max_polls is not None and summary.polls >= max_polls:
+            summary.stopped = f"{max_polls} poll(s) done"
+            return summary
+        time.sleep(max(0.0, interval_s - (time.monotonic() - t_poll)))
+
+
+def _now() -> str:
+    return datetime.now().strftime("%H:%M:%S")
+
+
+def _line(result: RunSummary, integ) -> str:
+    """One line per poll with new work: what is new, the phases now, what was redone."""
+    new = getattr(integ, "integrated", 0) if integ is not None else 0
+    failed = len(getattr(integ, "failed", []) or []) if integ is not None else 0
+    phases = ", ".join(f"{k} {v[0]}" for k, v in result.phases.items())
+    ran = [k for k, v in result.stages.items() if v == "ran"]
+    return (f"{_now()} +{new} frame(s)" + (f", {failed} failed" if failed else "")
+            + f"; {result.frames} in the run" + (f"; phases (frames): {phases}" if phases else "")
+            + f"; updated {', '.join(ran)} ({result.seconds:.1f} s)")
