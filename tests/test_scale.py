@@ -18,8 +18,8 @@ from xrdpipe.config import load_experiment
 from xrdpipe.errors import StoreError
 from xrdpipe.pipeline import fit_experiment, integrate_experiment
 from xrdpipe.safeio import transaction
-from xrdpipe.store import open_run, read_peaks, read_table
-from xrdpipe.testing import make_experiment
+from xrdpipe.store import open_run, read_peaks
+from xrdpipe.testing import assert_same_results, make_experiment
 from xrdpipe.workflow import run_experiment
 
 LIGHT = """
@@ -27,6 +27,8 @@ LIGHT = """
 kinds = ["contour"]
 formats = ["png"]
 dpi = 60
+[plots.contour]
+windows = ["003"]
 
 [export]
 formats = ["xye"]
@@ -54,24 +56,6 @@ def _with_output(syn, name: str, **run_keys) -> Path:
     return path
 
 
-def _same_results(a: Path, b: Path) -> None:
-    """Two run files hold the same frames, patterns, peaks, lattice and electrochemistry, bit for bit."""
-    pa, pb = open_run(a), open_run(b)
-    assert list(pa.frames["key"]) == list(pb.frames["key"])
-    assert len(set(pa.frames["key"])) == len(pa.frames["key"])              # no frame twice
-    np.testing.assert_array_equal(pa.frames["status"], pb.frames["status"])
-    np.testing.assert_array_equal(pa.intensity, pb.intensity)
-    np.testing.assert_array_equal(pa.sigma, pb.sigma)
-    qa, qb = read_peaks(a), read_peaks(b)
-    for name in ("center", "center_err", "fwhm", "area", "area_err", "present", "success", "redchi", "done"):
-        np.testing.assert_array_equal(qa[name], qb[name], err_msg=name)
-    for group in ("lattice", "electrochemistry"):
-        ta, tb = read_table(a, group), read_table(b, group)
-        for name, value in ta.items():
-            if name != "attrs" and not isinstance(value, dict):
-                np.testing.assert_array_equal(value, tb[name], err_msg=f"{group}/{name}")
-
-
 @pytest.fixture(scope="module")
 def series(tmp_path_factory):
     syn = _experiment(tmp_path_factory.mktemp("scale") / "exp")
@@ -85,7 +69,7 @@ def test_schedulers_give_identical_results(series, scheduler):
     syn, reference = series
     exp = load_experiment(_with_output(syn, scheduler, scheduler=scheduler))
     run_experiment(exp, progress=False, workers=2)
-    _same_results(reference.run.run_file, exp.run.run_file)
+    assert_same_results(reference.run.run_file, exp.run.run_file)
 
 
 def test_dask_local_cluster_gives_identical_results(series):
@@ -96,7 +80,7 @@ def test_dask_local_cluster_gives_identical_results(series):
         exp = load_experiment(_with_output(syn, "dask", scheduler=cluster.scheduler_address))
         summary = run_experiment(exp, progress=False)
     assert summary.integrated == summary.frames == 30
-    _same_results(reference.run.run_file, exp.run.run_file)
+    assert_same_results(reference.run.run_file, exp.run.run_file)
 
 
 def test_fit_does_not_depend_on_how_it_was_cut(series):
@@ -152,7 +136,7 @@ def test_kill_9_at_random_points_then_rerun_gives_the_straight_result(tmp_path):
         proc = _cli(["run", str(path), "--quiet"])
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
-        _same_results(reference, load_experiment(path).run.run_file)
+        assert_same_results(reference, load_experiment(path).run.run_file)
         run_dir = load_experiment(path).run.output
         assert not list(run_dir.glob("*.work")) and not list(run_dir.glob("*.part"))
         for csv in ("peaks.csv", "lattice.csv", "frames.csv"):

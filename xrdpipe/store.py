@@ -168,6 +168,13 @@ class RunFile(_Writer):
         """Register frames (new ones are appended); returns each frame's row."""
         fr = self._h5["/entry/frames"]
         new = [(r, t) for r, t in zip(refs, times) if r.key not in self._keys]
+        # a frame registered without a time (its file was still being written) gets it now
+        starts = fr["start"][()]
+        late = [(self._keys[r.key], t) for r, t in zip(refs, times)
+                if t is not None and r.key in self._keys and not starts[self._keys[r.key]]]
+        for row, t in late:
+            fr["start"][row], fr["end"][row] = t.start.isoformat(), t.end.isoformat()
+            fr["timestamp"][row] = utc_seconds(t.mid)
         if new:
             n0 = fr["key"].shape[0]
             n1 = n0 + len(new)
@@ -189,6 +196,8 @@ class RunFile(_Writer):
             pat["frame"][n0:n1] = np.arange(n0, n1)
             for i, (r, _) in enumerate(new):
                 self._keys[r.key] = n0 + i
+        if new or late:
+            pat = self._h5["/entry/patterns"]
             stamps = fr["timestamp"][()]
             starts = iso_seconds(_decode(fr["start"][()]))
             t0 = np.nanmin(starts) if np.isfinite(starts).any() else np.nan

@@ -236,14 +236,19 @@ class WindowModel:
             # narrower than a bin is noise; far broader than the window's main peak is background
             fw_lo = np.full(n, abs(self.step))
             fw_hi = np.minimum(width / 3, 4 * fw_guess)
-        smooth, peak_top = net, np.zeros_like(net, bool)
+        smooth, peak_top = net.copy(), np.zeros_like(net, bool)
         if m:
-            bins = np.nanmedian(fw_guess) / abs(self.step)
-            size = int(max(1, round(0.3 * bins)))
-            if size > 1:
-                smooth = uniform_filter1d(net, size, axis=1, mode="nearest")
-            reach = 2 * int(max(1, round(0.5 * bins))) + 1
-            peak_top = (maximum_filter1d(smooth, reach, axis=1, mode="nearest") == smooth) & (smooth > 0)
+            # smoothing and peak-top search on each frame's own width: a frame's start values never
+            # depend on the other frames of its block (live, resumed and straight runs agree)
+            bins = np.where(np.isfinite(fw_guess), fw_guess, width / 10) / abs(self.step)
+            size = np.maximum(1, np.round(0.3 * bins)).astype(int)
+            reach = 2 * np.maximum(1, np.round(0.5 * bins)).astype(int) + 1
+            for sz, rc in set(zip(size.tolist(), reach.tolist())):
+                rows = np.flatnonzero((size == sz) & (reach == rc))
+                if sz > 1:
+                    smooth[rows] = uniform_filter1d(net[rows], sz, axis=1, mode="nearest")
+                peak_top[rows] = (maximum_filter1d(smooth[rows], rc, axis=1, mode="nearest") == smooth[rows]) \
+                    & (smooth[rows] > 0)
             peak_top[:, [0, -1]] = False  # a window edge is not a peak top
         theta = np.zeros((n, self.n_free))
         lo = np.full((n, self.n_free), -np.inf)
