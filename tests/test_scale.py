@@ -190,3 +190,20 @@ def test_a_second_writer_is_refused(series):
         out = subprocess.run([sys.executable, "-c", code, str(reference.run.run_file)], capture_output=True,
                              text=True, timeout=60).stdout
     assert f"being written by another xrdpipe process (pid {os.getpid()})" in out
+
+
+def test_the_readme_scheduler_example_is_valid_and_a_bad_scheduler_is_named(tmp_path):
+    from xrdpipe.errors import ConfigError
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("### Live processing, clusters and crashes")[1].split("```toml")[1].split("```")[0]
+    (tmp_path / "p.xy").write_text("1 2\n2 3\n")
+    tail = '[patterns]\nfiles = "p.xy"\nwavelength_A = 0.6209\n'
+    (tmp_path / "e.toml").write_text("schema_version = 1\n" + block + tail)
+    exp = load_experiment(tmp_path / "e.toml")
+    assert exp.run.scheduler == "processes" and exp.run.checkpoint_s == 30
+    (tmp_path / "e.toml").write_text("schema_version = 1\n" + block.replace('"processes"', '"proceses"') + tail)
+    with pytest.raises(ConfigError) as err:
+        load_experiment(tmp_path / "e.toml")
+    assert err.value.problems[0][0] == "run.scheduler"
+    assert "\"processes\", \"threads\", \"serial\" or a Dask scheduler address" in err.value.problems[0][1]

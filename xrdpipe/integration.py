@@ -161,8 +161,9 @@ class Integrator:
         if self.engine == "pyfai":
             return {"_rebuild": self._args}
         state = dict(self.__dict__)
-        for name in ("_lock", "_ai", "calibration", "_A_csc", "_args", "_kwargs"):
-            state.pop(name, None)
+        for name in ("_lock", "_ai", "calibration", "_A_csc", "_args", "_kwargs", "_A2"):
+            state.pop(name, None)      # _A2 is rebuilt from _A: half the bytes to send
+        state["_has_A2"] = self._A2 is not None
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -170,9 +171,14 @@ class Integrator:
             calibration, shape, kwargs = state["_rebuild"]
             self.__init__(calibration, shape, **kwargs)
             return
+        has_a2 = state.pop("_has_A2", False)
         self.__dict__.update(state)
         self._lock = threading.Lock()
         self._A_csc = None
+        self._A2 = None
+        if has_a2:
+            self._A2 = self._A.copy()
+            self._A2.data = self._A2.data * self._A2.data
 
     @property
     def tth_deg(self) -> np.ndarray:

@@ -165,8 +165,12 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
             summary.skipped = len(refs) - len(jobs)
             n_workers = workers or ispec.workers or default_workers()
             where_to = scheduler or exp.run.scheduler
-            if where_to == "processes" and len(jobs) < 4 * n_workers:
-                where_to = "threads"        # a few frames: starting a pool costs more than it saves
+            chosen = scheduler is not None or "scheduler" in exp.run.model_fields_set
+            if where_to == "processes" and not chosen and len(jobs) < 32 * n_workers:
+                # the default, on a short batch (and every poll of `watch`): starting a pool and
+                # sending it the integrator costs more than it saves (benchmarks/scale.py);
+                # threads give the same numbers. A scheduler chosen by name is always obeyed.
+                where_to = "threads"
             bar = _progress(len(jobs), "integrate", progress)
             try:
                 for res in integrate_frames(jobs, integ, workers=n_workers, scheduler=where_to):

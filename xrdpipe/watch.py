@@ -116,13 +116,20 @@ def watch_experiment(path: Path | str, *, interval_s: float = 2.0, settle_s: flo
                 waiting_for_files = False
                 refs = list_frames(spec.files, dataset=exp.frames.dataset) if exp.frames is not None else \
                     [FrameRef(Path(f)) for f in spec.files]
-                chosen = {r.key for r in ready_frames(refs, settle_s=settle_s)}
+                ready = ready_frames(refs, settle_s=settle_s)
+                chosen = {r.key for r in ready}
+                # only files with complete frames take part: a file still being written changes
+                # no stage key, so it causes no work until it is ready
+                files = {r.file for r in ready}
+                part = "frames" if exp.frames is not None else "patterns"
+                current = exp.model_copy(update={part: spec.model_copy(
+                    update={"files": [f for f in spec.files if Path(f) in files]})})
                 live_key = hashlib.sha1("\n".join(sorted(chosen)).encode()).hexdigest()[:16]
                 if retry_poll:                    # frames still being written: look again
                     live_key += f"+retry{summary.polls}"
                 if chosen:
                     try:
-                        result = run_experiment(exp, progress=False, scheduler=scheduler, workers=workers,
+                        result = run_experiment(current, progress=False, scheduler=scheduler, workers=workers,
                                                 ready=lambda rs: [r for r in rs if r.key in chosen], retry_s=retry_s,
                                                 cache=cache, live_key=live_key)
                     except XrdpipeError as exc:   # e.g. a full disk: said once, tried again next poll
