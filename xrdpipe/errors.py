@@ -9,7 +9,8 @@ clean line. The hierarchy::
      ├── FrameReadError     one frame could not be read (recorded as data, the run goes on)
      ├── PatternReadError   one 1D pattern file could not be read (recorded as data)
      ├── CyclerReadError    the cycler file cannot be read (names the optional extra it needs)
-     └── StoreError         the run file is missing, foreign or incompatible with the request
+     └── StoreError         the run file is missing, foreign or incompatible with the request,
+                            or a file cannot be written (full disk, no permission: named)
 
 Failures inside a loop over frames are not raised to the user: they are stored per frame
 (``success=False`` and a message) and summarised once at the end.
@@ -80,4 +81,4 @@ class CyclerReadError(XrdpipeError):
 
 
 class StoreError(XrdpipeError):
-    """The run file cannot be used as asked."""
+    """The run file cannot be used as asked, or an output cannot be written."""

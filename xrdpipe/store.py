@@ -19,6 +19,9 @@ Layout (``@default`` chain set so silx view and h5web show the pattern stack as 
 
 ``status`` is 0 (pending), 1 (done) or -1 (failed, ``message`` says why). A rerun reopens the
 file, checks the fingerprint and integrates only the rows that are not done.
+
+Every write goes through a :func:`~xrdpipe.safeio.transaction` (copy-on-write): the file itself
+is only ever replaced whole, so readers never see it half-written and ``kill -9`` cannot damage it.
 """
 
 from __future__ import annotations
