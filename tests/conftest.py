@@ -19,6 +19,25 @@ def synthetic_h5(tmp_path_factory):
     return make_experiment(folder, n_frames=12, frames_per_file=5, seed=11, counts=1.0)
 
 
+@pytest.fixture(scope="session")
+def quick_experiment():
+    """``quick_experiment(folder, **make_experiment_options)``: a synthetic experiment with light
+    outputs (one contour map of the 003 window as PNG, .xye exports) and faint, beamline-like
+    counts, for tests that run the whole chain many times."""
+    from xrdpipe.testing import make_experiment
+
+    light = ('[plots]\nkinds = ["contour"]\nformats = ["png"]\ndpi = 60\n[plots.contour]\nwindows = ["003"]\n\n'
+             '[export]\nformats = ["xye"]\n')
+
+    def make(folder: Path, **options):
+        syn = make_experiment(folder, **{"counts": 0.02, "background": 20.0, **options})
+        text = syn.experiment_file.read_text()
+        syn.experiment_file.write_text(text[:text.index("# Figures of")] + light)
+        return syn
+
+    return make
+
+
 @pytest.fixture
 def coincell8(tmp_path):
     """The datalab coin cell (five Mythen patterns, scan log, Neware record) copied into a fresh

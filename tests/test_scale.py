@@ -19,46 +19,37 @@ from xrdpipe.errors import StoreError
 from xrdpipe.pipeline import fit_experiment, integrate_experiment
 from xrdpipe.safeio import transaction
 from xrdpipe.store import open_run, read_peaks
-from xrdpipe.testing import assert_same_results, make_experiment
+from xrdpipe.testing import assert_same_results
 from xrdpipe.workflow import run_experiment
 
-LIGHT = """
-[plots]
-kinds = ["contour"]
-formats = ["png"]
-dpi = 60
-[plots.contour]
-windows = ["003"]
 
-[export]
-formats = ["xye"]
-"""
+@pytest.fixture(scope="module")
+def experiment(quick_experiment):
+    """A 192 x 192 experiment in 8-frame stacks; ``checkpoint_s`` joins [run] when given."""
+    def make(folder: Path, *, n_frames: int = 30, checkpoint_s: float | None = None, seed: int = 3):
+        syn = quick_experiment(folder, n_frames=n_frames, shape=(192, 192), frames_per_file=8, seed=seed, npt=800,
+                               run_name="scale")
+        if checkpoint_s is not None:
+            text = syn.experiment_file.read_text()
+            syn.experiment_file.write_text(text.replace('output = "results"\n',
+                                                        f'output = "results"\ncheckpoint_s = {checkpoint_s}\n'))
+        return syn
 
-
-def _experiment(folder: Path, *, n_frames: int = 30, checkpoint_s: float | None = None, seed: int = 3):
-    syn = make_experiment(folder, n_frames=n_frames, shape=(192, 192), frames_per_file=8, counts=0.02,
-                          background=20.0, seed=seed, npt=800, run_name="scale")
-    text = syn.experiment_file.read_text()
-    text = text[:text.index("# Figures of")] + LIGHT
-    if checkpoint_s is not None:
-        text = text.replace('output = "results"\n', f'output = "results"\ncheckpoint_s = {checkpoint_s}\n')
-    syn.experiment_file.write_text(text)
-    return syn
+    return make
 
 
 def _with_output(syn, name: str, **run_keys) -> Path:
     """A copy of the experiment file writing to ``results-<name>`` (same frames)."""
-    text = syn.experiment_file.read_text().replace('output = "results"', f'output = "results-{name}"')
-    for k, v in run_keys.items():
-        text = text.replace(f'output = "results-{name}"\n', f'output = "results-{name}"\n{k} = {v!r}\n'.replace("'", '"'))
+    keys = "".join(f'\n{k} = "{v}"' for k, v in run_keys.items())
+    text = syn.experiment_file.read_text().replace('output = "results"', f'output = "results-{name}"{keys}')
     path = syn.experiment_file.with_name(f"{name}.toml")
     path.write_text(text)
     return path
 
 
 @pytest.fixture(scope="module")
-def series(tmp_path_factory):
-    syn = _experiment(tmp_path_factory.mktemp("scale") / "exp")
+def series(tmp_path_factory, experiment):
+    syn = experiment(tmp_path_factory.mktemp("scale") / "exp")
     reference = load_experiment(_with_output(syn, "serial", scheduler="serial"))
     run_experiment(reference, progress=False)
     return syn, reference
@@ -111,8 +102,8 @@ def _cli(args, **kw):
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
-def test_kill_9_at_random_points_then_rerun_gives_the_straight_result(tmp_path):
-    syn = _experiment(tmp_path / "exp", n_frames=40, checkpoint_s=0.3)
+def test_kill_9_at_random_points_then_rerun_gives_the_straight_result(tmp_path, experiment):
+    syn = experiment(tmp_path / "exp", n_frames=40, checkpoint_s=0.3)
     straight = _with_output(syn, "straight")
     t0 = time.monotonic()
     proc = _cli(["run", str(straight), "--quiet"])
@@ -148,8 +139,8 @@ def _digest(path: Path) -> str:
     return hashlib.sha1(path.read_bytes()).hexdigest()
 
 
-def test_full_disk_is_a_clear_error_and_the_run_file_is_kept(tmp_path):
-    syn = _experiment(tmp_path / "exp", n_frames=16)
+def test_full_disk_is_a_clear_error_and_the_run_file_is_kept(tmp_path, experiment):
+    syn = experiment(tmp_path / "exp", n_frames=16)
     exp = load_experiment(syn.experiment_file)
     run_experiment(exp, progress=False)
     run_file = exp.run.run_file
@@ -172,8 +163,8 @@ def test_full_disk_is_a_clear_error_and_the_run_file_is_kept(tmp_path):
     assert summary.stages["echem"] == "ran" and summary.stages["integrate"] == "skipped"
 
 
-def test_unwritable_output_folder_is_a_clear_error(tmp_path):
-    syn = _experiment(tmp_path / "exp", n_frames=8)
+def test_unwritable_output_folder_is_a_clear_error(tmp_path, experiment):
+    syn = experiment(tmp_path / "exp", n_frames=8)
     blocker = syn.experiment_file.parent / "not-a-folder"
     blocker.write_text("a file where the output folder should be")
     path = syn.experiment_file

@@ -15,33 +15,26 @@ import pytest
 
 from xrdpipe.config import load_experiment
 from xrdpipe.store import read_frames, read_peaks
-from xrdpipe.testing import assert_same_results, make_experiment
+from xrdpipe.testing import assert_same_results
 from xrdpipe.watch import ready_frames, watch_experiment
 from xrdpipe.workflow import run_experiment
 
-LIGHT = """
-[plots]
-kinds = ["contour"]
-formats = ["png"]
-dpi = 60
-[plots.contour]
-windows = ["003"]
-
-[export]
-formats = ["xye"]
-"""
 BOUND_S = 10.0          # frame complete -> integrated, fitted, lattice and figure updated
 
 
-def _live_experiment(folder: Path, frame_format: str, n_frames: int, **kw):
-    syn = make_experiment(folder, n_frames=n_frames, shape=(160, 160), frame_format=frame_format, counts=0.02,
-                          background=20.0, seed=5, npt=700, run_name="live", **kw)
-    text = syn.experiment_file.read_text()
-    syn.experiment_file.write_text(text[:text.index("# Figures of")] + LIGHT)
-    staging = folder / "staging"
-    (folder / "raw").rename(staging)
-    (folder / "raw").mkdir()
-    return syn, staging
+@pytest.fixture
+def live_experiment(quick_experiment):
+    """A 160 x 160 experiment whose frames wait in ``staging/`` for a "detector" to write them
+    into the (empty) ``raw/`` folder the experiment file reads."""
+    def make(folder: Path, frame_format: str, n_frames: int, **options):
+        syn = quick_experiment(folder, n_frames=n_frames, shape=(160, 160), frame_format=frame_format, seed=5,
+                               npt=700, run_name="live", **options)
+        staging = folder / "staging"
+        (folder / "raw").rename(staging)
+        (folder / "raw").mkdir()
+        return syn, staging
+
+    return make
 
 
 def _reader(run_file: Path, seconds: float) -> subprocess.Popen:
@@ -68,7 +61,7 @@ def _reader(run_file: Path, seconds: float) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
 
 
-def _watch(syn, *, written: dict, idle_stop_s: float):
+def _watch(syn, *, idle_stop_s: float):
     """Watch until idle; returns the summary and, per frame key, when it was seen fully processed."""
     exp = load_experiment(syn.experiment_file, live=True)
     processed: dict[str, float] = {}
@@ -90,9 +83,9 @@ def _watch(syn, *, written: dict, idle_stop_s: float):
     return exp, summary, processed, figure
 
 
-def test_frames_written_into_a_folder_are_processed_live(tmp_path):
+def test_frames_written_into_a_folder_are_processed_live(tmp_path, live_experiment):
     n = 10
-    syn, staging = _live_experiment(tmp_path / "exp", "cbf", n)
+    syn, staging = live_experiment(tmp_path / "exp", "cbf", n)
     files = sorted(staging.glob("*.cbf"))
     written: dict[str, float] = {}
 
@@ -116,7 +109,7 @@ def test_frames_written_into_a_folder_are_processed_live(tmp_path):
     reader = _reader(exp0.run.run_file, seconds=8)
     thread = threading.Thread(target=detector)
     thread.start()
-    exp, summary, processed, figure = _watch(syn, written=written, idle_stop_s=4.0)
+    exp, summary, processed, figure = _watch(syn, idle_stop_s=4.0)
     thread.join()
     reads, errors, first = reader.communicate(timeout=60)[0].split(maxsplit=2)
     assert int(errors) == 0, first
@@ -157,14 +150,14 @@ with h5py.File(src, "r") as s, h5py.File(dst, "w", libver="latest") as d:
 """
 
 
-def test_frames_appended_to_an_hdf5_stack_are_processed_live(tmp_path):
+def test_frames_appended_to_an_hdf5_stack_are_processed_live(tmp_path, live_experiment):
     n = 10
-    syn, staging = _live_experiment(tmp_path / "exp", "h5", n, frames_per_file=n)
+    syn, staging = live_experiment(tmp_path / "exp", "h5", n, frames_per_file=n)
     src = next(staging.glob("*.h5"))
     dst = syn.folder / "raw" / src.name
     log = tmp_path / "written.jsonl"
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(src), str(dst), str(log), "0.6"])
-    exp, summary, processed, figure = _watch(syn, written={}, idle_stop_s=4.0)
+    exp, summary, processed, figure = _watch(syn, idle_stop_s=4.0)
     assert writer.wait(timeout=60) == 0
     written = {f"{src.name}:{i}": t for i, t in (json.loads(line) for line in log.read_text().splitlines())}
     assert set(processed) == set(written)
@@ -195,8 +188,8 @@ def test_ready_frames_holds_back_what_may_be_incomplete(tmp_path):
     assert len(ready_frames(refs, settle_s=1.0, now=now + 5)) == 5
 
 
-def test_watch_waits_for_the_first_file_and_stops_when_idle(tmp_path):
-    syn, _ = _live_experiment(tmp_path / "exp", "cbf", 4)
+def test_watch_waits_for_the_first_file_and_stops_when_idle(tmp_path, live_experiment):
+    syn, _ = live_experiment(tmp_path / "exp", "cbf", 4)
     lines = []
     t0 = time.monotonic()
     summary = watch_experiment(syn.experiment_file, interval_s=0.1, idle_stop_s=0.5, echo=lines.append)

@@ -158,7 +158,7 @@ def echem(experiment: str) -> None:
 
 
 @main.command()
-@click.argument("experiment", type=click.Path(dir_okay=False))
+@click.argument("experiment", type=click.Path(dir_okay=False, exists=True))
 @click.option("--interval", type=click.FloatRange(0.05, 3600), default=2.0, show_default=True,
               help="Seconds between polls for new frames.")
 @click.option("--settle", type=click.FloatRange(0, 3600), default=1.0, show_default=True,

@@ -26,6 +26,7 @@ import numpy as np
 
 from .crystallography import convert_radial
 from .errors import StoreError
+from .safeio import write_text_atomic
 from .store import (
     DONE,
     csv_number,
@@ -67,12 +68,6 @@ class ExportResult:
         return "\n".join(lines)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    from .safeio import write_text_atomic
-
-    write_text_atomic(path, text)
-
-
 def _columns(x: np.ndarray, y: np.ndarray, e: np.ndarray, fmt: str) -> str:
     return "".join(fmt % row for row in zip(x, y, e))
 
@@ -87,7 +82,7 @@ def write_fxye(path: Path | str, tth_deg: np.ndarray, y: np.ndarray, esd: np.nda
     if instprm:
         head.append(f"Instrument parameter file:{instprm}")
     head.append(f"BANK 1 {n} {n} CONS {tth_deg[0] * 100:.5f} {step * 100:.7f} 0 0 FXYE")
-    _atomic_text(path, "\n".join(head) + "\n" + _columns(tth_deg * 100, y, esd, "%15.6f %15.6f %15.6f\n"))
+    write_text_atomic(path, "\n".join(head) + "\n" + _columns(tth_deg * 100, y, esd, "%15.6f %15.6f %15.6f\n"))
     return path
 
 
@@ -101,7 +96,7 @@ def write_instprm(path: Path | str, *, wavelength_A: float, polarization: float 
     lines = ["#GSAS-II instrument parameter file; do not add/delete items!", "Type:PXC", "Bank:1.0",
              f"Lam:{wavelength_A:.6f}", f"Polariz.:{pol:.4f}", "Azimuth:0.0", f"Zero:{zero_deg:.5f}",
              "U:2.0", "V:-2.0", "W:5.0", "X:0.0", "Y:0.0", "Z:0.0", "SH/L:0.002"]
-    _atomic_text(path, "\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -179,12 +174,12 @@ def export_patterns(run_file: Path | str, folder: Path | str, *, formats: Sequen
                     if fmt == "xye":
                         head = _xye_header(name, f, info["time_s"][f], fr["key"][f], unit, wl, x_of[f], v_of[f],
                                            counted.any())
-                        _atomic_text(path, head + _columns(radial[ok], y[ok], e[ok], "%.6f %.6f %.6f\n"))
+                        write_text_atomic(path, head + _columns(radial[ok], y[ok], e[ok], "%.6f %.6f %.6f\n"))
                     elif fmt == "fxye":
                         write_fxye(path, tth[ok], y[ok], e[ok], title=f"{name} frame {int(f)} ({fr['key'][f]})",
                                    instprm=instprm_name)
                     else:
-                        _atomic_text(path, _columns(tth[ok], y[ok], e[ok], "%.6f %.6f %.6f\n"))
+                        write_text_atomic(path, _columns(tth[ok], y[ok], e[ok], "%.6f %.6f %.6f\n"))
                 bar.update(1)
     finally:
         bar.close()

@@ -15,7 +15,7 @@ from .config import Experiment
 from .errors import CalibrationError, ConfigError, FrameReadError, PatternReadError
 from .frames import FrameRef, frame_times, list_frames, read_frame
 from .parallel import default_workers
-from .safeio import transaction
+from .safeio import file_stat, transaction
 from .store import DONE, RunFile, mark_stage
 
 __all__ = ["IntegrationSummary", "integrate_experiment", "package_versions", "FitSummary", "fit_experiment",
@@ -121,7 +121,7 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
     if ready is not None:
         refs = ready(refs)
     times = frame_times(refs, fspec.times, timezone=fspec.timezone, where=where)
-    setup_key = json.dumps([cspec.model_dump(mode="json"), [_file_stat(p) for p in (cspec.poni, cspec.mask, cspec.dark,
+    setup_key = json.dumps([cspec.model_dump(mode="json"), [file_stat(p) for p in (cspec.poni, cspec.mask, cspec.dark,
                                                                                     cspec.flat) if p],
                             ispec.model_dump(mode="json", exclude={"workers"})])
     if cache is not None and cache.get("integrator_key") == setup_key:
@@ -187,14 +187,6 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
                 bar.close()
     summary.seconds = time.perf_counter() - t_start
     return summary
-
-
-def _file_stat(path: Path) -> list:
-    try:
-        st = Path(path).stat()
-    except OSError:
-        return [str(path), "missing"]
-    return [str(path), st.st_size, st.st_mtime_ns]
 
 
 def _recent(path: Path, seconds: float) -> bool:

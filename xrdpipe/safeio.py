@@ -32,7 +32,7 @@ from typing import Iterator
 
 from .errors import StoreError
 
-__all__ = ["transaction", "Session", "active", "atomic_output", "write_text_atomic", "io_problem"]
+__all__ = ["transaction", "Session", "active", "atomic_output", "write_text_atomic", "io_problem", "file_stat"]
 
 _SESSIONS: dict[Path, "Session"] = {}
 _GUARD = threading.Lock()
@@ -48,6 +48,20 @@ def io_problem(exc: BaseException) -> str:
     if code in (errno.EACCES, errno.EPERM, errno.EROFS) or "Permission denied" in text or "Read-only" in text:
         return "permission denied (the folder is read-only or not yours)"
     return text
+
+
+def file_stat(path: Path | str) -> list:
+    """``[path, size, mtime_ns]`` (``[path, "missing"]``): what says a file has changed."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return [str(path), "missing"]
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def _kept(path: Path, exc: BaseException) -> StoreError:
+    return StoreError(f"cannot write run file {path}: {io_problem(exc)}; it still holds the last checkpoint, "
+                      "and a rerun resumes from there")
 
 
 def _fsync(path: Path) -> None:
@@ -105,8 +119,6 @@ class Session:
         self.lock = path.with_name(path.name + ".lock")
         self.checkpoint_s = float(checkpoint_s)
         self.h5 = None
-        self.depth = 0
-        self.publishes = 0
         self._fd: int | None = None
         self._last = time.monotonic()
 
@@ -197,9 +209,7 @@ class Session:
             os.replace(self.part, self.path)
         except OSError as exc:
             self.part.unlink(missing_ok=True)
-            raise StoreError(f"cannot update run file {self.path}: {io_problem(exc)}; it still holds the "
-                             "last checkpoint, and a rerun resumes from there") from None
-        self.publishes += 1
+            raise _kept(self.path, exc) from None
         self._last = time.monotonic()
 
     def maybe_publish(self) -> None:
@@ -214,7 +224,6 @@ class Session:
         self.h5 = None
         _fsync(self.work)
         os.replace(self.work, self.path)
-        self.publishes += 1
 
     def abort(self) -> None:
         try:
@@ -249,21 +258,18 @@ def transaction(path: Path | str, *, checkpoint_s: float | None = None) -> Itera
             _SESSIONS[key] = session
         elif checkpoint_s is not None:
             session.checkpoint_s = min(session.checkpoint_s, checkpoint_s)
-    session.depth += 1
     failure: BaseException | None = None
     try:
         yield session
     except OSError as exc:
         failure = exc
         if owner:
-            raise StoreError(f"cannot write run file {session.path}: {io_problem(exc)}; it still holds the "
-                             "last checkpoint, and a rerun resumes from there") from None
+            raise _kept(session.path, exc) from None
         raise
     except BaseException as exc:
         failure = exc
         raise
     finally:
-        session.depth -= 1
         if owner:
             try:
                 _finish(session, failure)
@@ -282,5 +288,4 @@ def _finish(session: Session, failure: BaseException | None) -> None:
     except OSError as exc:
         session.abort()
         if failure is None:
-            raise StoreError(f"cannot write run file {session.path}: {io_problem(exc)}; it still holds the "
-                             "last checkpoint, and a rerun resumes from there") from None
+            raise _kept(session.path, exc) from None

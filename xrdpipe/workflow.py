@@ -25,6 +25,7 @@ import numpy as np
 from .config import Experiment, TimesFromLog
 from .errors import XrdpipeError
 from .plotspec import PLOT_KINDS, PlotsSpec
+from .safeio import file_stat
 from .store import FAILED, mark_stage, read_stages
 
 __all__ = ["run_experiment", "RunSummary", "plot_experiment", "PlotSummary", "export_experiment", "stage_keys"]
@@ -147,15 +148,6 @@ def export_experiment(exp: Experiment, *, formats: Sequence[str] | None = None, 
 # ----------------------------------------------------------------------------------------------
 # stage keys
 
-def _stat(path: Path | str) -> list:
-    p = Path(path)
-    try:
-        st = p.stat()
-    except OSError:
-        return [str(p), "missing"]
-    return [str(p), st.st_size, st.st_mtime_ns]
-
-
 def _digest(*parts) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -172,22 +164,22 @@ def stage_keys(exp: Experiment, *, live_key: str | None = None) -> dict[str, str
 
     if exp.frames is not None:
         f, c = exp.frames, exp.calibration
-        inputs = [f.model_dump(mode="json"), [_stat(p) for p in f.files],
-                  c.model_dump(mode="json"), [_stat(p) for p in (c.poni, c.mask, c.dark, c.flat) if p],
+        inputs = [f.model_dump(mode="json"), [file_stat(p) for p in f.files],
+                  c.model_dump(mode="json"), [file_stat(p) for p in (c.poni, c.mask, c.dark, c.flat) if p],
                   exp.integration.model_dump(mode="json", exclude={"workers", "engine"})]
         times = f.times
     else:
         p = exp.patterns
-        inputs = [p.model_dump(mode="json"), [_stat(x) for x in p.files]]
+        inputs = [p.model_dump(mode="json"), [file_stat(x) for x in p.files]]
         times = p.times
     if isinstance(times, TimesFromLog):
-        inputs.append(_stat(times.log))
+        inputs.append(file_stat(times.log))
     if live_key is not None:
         inputs.append(live_key)
     own: dict[str, object] = {"integrate": inputs}
     if exp.electrochemistry is not None:
         e = exp.electrochemistry
-        own["echem"] = [e.model_dump(mode="json"), _stat(e.file), [_stat(p) for p in e.inventory_loss_from]]
+        own["echem"] = [e.model_dump(mode="json"), file_stat(e.file), [file_stat(p) for p in e.inventory_loss_from]]
     if exp.windows:
         own["fit"] = [[p.model_dump(mode="json") for p in exp.phases], [w.model_dump(mode="json") for w in exp.windows],
                       exp.fit.model_dump(mode="json", exclude={"workers"})]
