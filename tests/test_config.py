@@ -239,7 +239,7 @@ def test_the_readme_peak_fitting_example_is_valid(folder):
     block = readme.split("### Peak fitting")[1].split("```toml")[1].split("```")[0]
     exp = load_experiment(write(folder, GOOD.format(times='"header"') + block))
     assert [w.name for w in exp.windows] == ["003"] and exp.windows[0].center_bounds["P3 003"] == (6.2, 6.5)
-    assert exp.fit.block_frames == 1024
+    assert exp.fit.block_frames == 256
 
 
 def test_the_readme_lattice_example_is_valid(folder):

@@ -199,6 +199,33 @@ def test_a_map_against_x_of_a_charge_and_discharge_is_refused(whole_run):
     assert voltage.max() <= max(float(frames[f]["voltage_V"]) for f in charge) + 0.05     # the charge only
 
 
+def test_a_map_of_more_frames_than_pixel_rows_shows_their_means_and_keeps_pauses_blank(whole_run):
+    from xrdpipe.plots import _binned_image, _pixel_rows
+    from xrdpipe.store import read_pattern_block
+
+    # 7 frames, a pause (-1), 3 frames; at most 4 image rows: frames go in runs of 3, the pause stays alone
+    frame_rows = np.array([0, 1, 2, 3, 4, 5, 6, -1, 7, 8, 9])
+    group, edges = _pixel_rows(frame_rows, np.arange(12.0), max_rows=4)
+    assert group.tolist() == [0, 0, 0, 1, 1, 1, 2, 3, 4, 4, 4]
+    assert edges.tolist() == [0, 3, 6, 7, 8, 11]
+    _, exp, _, _ = whole_run
+    cols = slice(200, 260)
+    z = _binned_image(exp.run.run_file, frame_rows, group, 5, cols, chunk=4)    # chunks cut across rows
+    inten, _ = read_pattern_block(exp.run.run_file, rows=np.arange(10), columns=cols)
+    np.testing.assert_allclose(z[0], inten[0:3].mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(z[2], inten[6], rtol=1e-6)
+    np.testing.assert_allclose(z[4], inten[7:10].mean(axis=0), rtol=1e-6)
+    assert np.isnan(z[3]).all()
+    # in a figure: no more image rows than pixel rows (48 frames, 25 px high), the same extent
+    fig = plot_contour(exp.run.run_file, windows=[("003", 6.0, 7.1)],
+                       spec=ContourSpec(vertical="frame", voltage=False, height_mm=25.4), dpi=25)
+    full = plot_contour(exp.run.run_file, windows=[("003", 6.0, 7.1)],
+                        spec=ContourSpec(vertical="frame", voltage=False, height_mm=25.4), dpi=300)
+    rows = fig.axes[0].collections[0].get_array().shape[0]
+    assert rows <= 25 < full.axes[0].collections[0].get_array().shape[0] == 48
+    assert fig.axes[0].get_ylim() == full.axes[0].get_ylim()
+
+
 def test_plot_and_export_commands(whole_run, tmp_path):
     _, exp, _, _ = whole_run
     runner = CliRunner()

@@ -469,7 +469,7 @@ class FitSpec(_Spec):
     ftest_alpha: float = Field(default=1e-3, gt=0, lt=1)
     min_fraction: float = Field(default=0.01, ge=0, lt=1)
     esd_scale: Literal["auto", "redchi"] = "auto"
-    block_frames: int = Field(default=1024, ge=1, le=100_000)
+    block_frames: int = Field(default=256, ge=1, le=100_000)
     workers: int | None = Field(default=None, ge=1, le=64)
     max_iter: int = Field(default=200, ge=5, le=10_000)
 

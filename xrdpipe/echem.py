@@ -183,8 +183,9 @@ def analyse_record(record: CyclerRecord, *, active_mass_mg: float | None = None,
         prev = hc_dir[h]
     cycle = cycle_of[hc]
 
-    segment = np.where(direction > 0, "charge", np.where(direction < 0, "discharge", "rest")).astype(object)
-    mode = np.where(active, "CC", "rest").astype(object)
+    # labels per cycler row as references to three shared strings (8 bytes a row, not a string each)
+    segment = np.array(["discharge", "rest", "charge"], dtype=object)[np.sign(direction).astype(int) + 1]
+    mode = np.array(["rest", "CC"], dtype=object)[active.astype(int)]
     hcap = np.zeros(t.size)
     hc_start = np.full(len(hc_dir) + 1, -1, dtype=np.int64)
     volt = record.voltage_V

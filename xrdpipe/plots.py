@@ -100,7 +100,7 @@ class _States:
 
 
 def _states(run_file: Path, n: int, time_s: np.ndarray) -> _States:
-    ec = read_table(run_file, "electrochemistry")
+    ec = read_table(run_file, "electrochemistry", names=("half_cycle", "segment", "x", "voltage_V", "capacity_mAh_g"))
     nan = np.full(n, np.nan)
     if ec is None:
         return _States(time_s / 3600, nan, nan, nan, np.full(n, "rest", dtype=object), None)
@@ -111,7 +111,7 @@ def _states(run_file: Path, n: int, time_s: np.ndarray) -> _States:
         moving = [s for s in seg[sel] if s in ("charge", "discharge")]
         if moving:
             direction[sel] = max(set(moving), key=moving.count)
-    record = read_table(run_file, "electrochemistry/record")
+    record = read_table(run_file, "electrochemistry/record", names=("time_s", "voltage_V", "x"))
     return _States(time_s / 3600, ec["x"], ec["voltage_V"], ec["capacity_mAh_g"], direction, record)
 
 
@@ -167,6 +167,47 @@ def _with_gaps(v: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return np.array(out_v), np.array(out_r)
 
 
+def _pixel_rows(frame_rows: np.ndarray, v_edges: np.ndarray, max_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image rows for map rows ``frame_rows`` (a frame, or -1 for a gap) with edges ``v_edges``:
+    when there are more map rows than ``max_rows`` (the figure's pixel rows), runs of k
+    consecutive frames share one image row (their mean), so the image stays the size of the
+    figure however many frames there are; a gap stays a row of its own, so a pause in data
+    collection is still blank. Returns the image row of each map row and the image rows' edges."""
+    n = frame_rows.size
+    k = max(1, int(np.ceil(n / max(max_rows, 1))))
+    if k == 1:
+        return np.arange(n), v_edges
+    group = np.empty(n, int)
+    g, fill = -1, k
+    for i, r in enumerate(frame_rows):
+        if r < 0 or fill >= k or (i and frame_rows[i - 1] < 0):
+            g, fill = g + 1, 0
+        group[i] = g
+        fill += 1
+    starts = np.flatnonzero(np.diff(group, prepend=-1))
+    return group, np.concatenate([v_edges[starts], v_edges[-1:]])
+
+
+def _binned_image(run_file: Path, frame_rows: np.ndarray, group: np.ndarray, n_groups: int, columns: slice,
+                  chunk: int = 256) -> np.ndarray:
+    """The map image of one window: per image row, the mean intensity of its frames (NaN for
+    gaps), read ``chunk`` frames at a time (memory: the image plus one chunk)."""
+    real = np.flatnonzero(frame_rows >= 0)
+    real = real[np.argsort(frame_rows[real], kind="stable")]        # file order, for reading
+    total = count = None
+    for a in range(0, real.size, chunk):
+        sel = real[a:a + chunk]
+        inten, _ = read_pattern_block(run_file, rows=frame_rows[sel], columns=columns)
+        if total is None:
+            total = np.zeros((n_groups, inten.shape[1]))
+            count = np.zeros((n_groups, inten.shape[1]))
+        ok = np.isfinite(inten)
+        np.add.at(total, group[sel], np.where(ok, inten, 0.0))
+        np.add.at(count, group[sel], ok)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
 # ----------------------------------------------------------------------------------------------
 # 1. contour maps beside the voltage curve
 
@@ -211,6 +252,9 @@ def plot_contour(run_file: Path | str, *, windows: Sequence[tuple[str, float, fl
     v_sorted = vert[rows_sorted]
     v_rows, frame_rows = _with_gaps(v_sorted, rows_sorted)
     v_edges = _edges(v_rows)
+    # one image row per pixel row of the figure at most: memory does not grow with the frames
+    group, g_edges = _pixel_rows(frame_rows, v_edges, max_rows=int(np.ceil(spec.height_mm / 25.4 * dpi)))
+    n_groups = g_edges.size - 1
 
     have_voltage = spec.voltage and (st.record is not None or np.isfinite(st.voltage_V).any())
     peaks = _peaks_or_none(run_file) if spec.centres else None
@@ -227,14 +271,10 @@ def plot_contour(run_file: Path | str, *, windows: Sequence[tuple[str, float, fl
                 raise PlotError(f"window {title!r} [{lo:g}, {hi:g}] holds fewer than 2 points of the run's radial "
                                 f"axis ({radial[0]:g} to {radial[-1]:g} {unit})")
             sl = slice(int(cols[0]), int(cols[-1]) + 1)
-            inten, _ = read_pattern_block(run_file, columns=sl)
-            z = np.full((frame_rows.size, cols.size), np.nan)
-            real = frame_rows >= 0
-            z[real] = inten[frame_rows[real]]
-            z = _normalise(z, spec.scale)
+            z = _normalise(_binned_image(run_file, frame_rows, group, n_groups, sl), spec.scale)
             xa = _to_axis(radial[sl], spec.axis, unit, wl)
             x_edges = _edges(xa) if xa[0] < xa[-1] else _edges(xa[::-1])[::-1]
-            mesh = ax.pcolormesh(x_edges, v_edges, np.ma.masked_invalid(z), cmap=cmap, norm=norm,
+            mesh = ax.pcolormesh(x_edges, g_edges, np.ma.masked_invalid(z), cmap=cmap, norm=norm,
                                  shading="flat", rasterized=True)
             ax.set_xlim(min(x_edges[0], x_edges[-1]), max(x_edges[0], x_edges[-1]))
             ax.set_title(_window_title(title), pad=2)
@@ -306,10 +346,11 @@ def _normalise(z: np.ndarray, scale: str) -> np.ndarray:
 
 
 def _peaks_or_none(run_file: Path) -> dict | None:
+    """The fitted centres the maps draw (not the whole peak table), or None before a fit."""
     from .store import StoreError
 
     try:
-        d = read_peaks(run_file)
+        d = read_peaks(run_file, arrays=("center", "present", "done"))
     except StoreError:
         return None
     phases = list(dict.fromkeys(d["peak_phase"]))

@@ -494,15 +494,19 @@ def open_run_info(path: Path | str) -> dict[str, Any]:
                 "had_peaks": "peaks" in h5["/entry"]}
 
 
-def read_peaks(path: Path | str) -> dict[str, Any]:
-    """``/entry/peaks`` of a run file as arrays (see :class:`PeakStore`), with ``time_s``."""
+def read_peaks(path: Path | str, arrays: Sequence[str] | None = None) -> dict[str, Any]:
+    """``/entry/peaks`` of a run file as arrays (see :class:`PeakStore`), with ``time_s``;
+    ``arrays`` names the per-frame arrays wanted (default all, ``message`` included), so that a
+    figure of thousands of frames reads only what it draws."""
     with _reading(path) as h5:
         if "peaks" not in h5["/entry"]:
             raise StoreError(f"{path} holds no fitted peaks yet; run 'xrdpipe fit' first")
         g = h5["/entry/peaks"]
-        out: dict[str, Any] = {name: g[name][()] for name in (*PEAK_ARRAYS, "present", "success", "redchi", "done")}
-        out["message"] = np.array([[v.decode() if isinstance(v, bytes) else v for v in row]
-                                   for row in g["message"][()]], dtype=object).reshape(g["message"].shape)
+        wanted = (*PEAK_ARRAYS, "present", "success", "redchi", "done", "message") if arrays is None else arrays
+        out: dict[str, Any] = {name: g[name][()] for name in wanted if name != "message"}
+        if "message" in wanted:
+            out["message"] = np.array([[v.decode() if isinstance(v, bytes) else v for v in row]
+                                       for row in g["message"][()]], dtype=object).reshape(g["message"].shape)
         for name in ("window", "peak_window", "peak_phase", "peak_hkl", "peak_profile"):
             out[name] = tuple(_decode(g[name][()]))
         out["time_s"] = h5["/entry/patterns/time_s"][()]
@@ -556,16 +560,16 @@ def csv_number(v) -> str:
     return "" if not np.isfinite(v) else f"{v:.10g}"
 
 
-def read_table(path: Path | str, group: str) -> dict[str, Any] | None:
+def read_table(path: Path | str, group: str, names: Sequence[str] | None = None) -> dict[str, Any] | None:
     """``/entry/<group>`` of a run file as arrays (strings decoded) with its attributes under
-    ``"attrs"``; None when the run file has no such group."""
+    ``"attrs"``; only the arrays in ``names`` when given; None when the run file has no such group."""
     with _reading(path) as h5:
         if group not in h5["/entry"]:
             return None
         g = h5["/entry"][group]
         out: dict[str, Any] = {"attrs": dict(g.attrs)}
         for name, item in g.items():
-            if hasattr(item, "dtype"):
+            if hasattr(item, "dtype") and (names is None or name in names):
                 v = item[()]
                 out[name] = _decode(v) if v.dtype.kind in "OS" else v
         return out
