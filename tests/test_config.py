@@ -147,11 +147,11 @@ def test_patterns_in_2theta_need_wavelength(folder):
     assert "wavelength_A is required" in str(errors_of(write(folder, text)))
 
 
-def test_future_section_is_named_not_yet_supported(folder):
+def test_a_misspelt_section_is_named_with_the_right_one(folder):
     text = GOOD.format(times='"header"') + '\n[refine]\nphases = ["O3"]\n'
     err = errors_of(write(folder, text))
     assert err.problems[0][0] == "refine"
-    assert "not supported by this version" in err.problems[0][1]
+    assert "did you mean 'refinement'?" in err.problems[0][1]
 
 
 def test_toml_syntax_error_names_file(folder):

@@ -132,6 +132,61 @@ def fit(experiment: str, restart: bool, engine: str | None, quiet: bool) -> None
 
 @main.command()
 @click.argument("experiment", type=click.Path(dir_okay=False))
+@click.option("--frames", "frame_range", default=None, metavar="FIRST,LAST",
+              help="Refine these frames only (overrides [refinement] frames).")
+@click.option("--restart", is_flag=True, help="Discard earlier refinement results and refine again.")
+@click.option("--compare", is_flag=True,
+              help="Refine the base model and every [[refinement.models]] on one frame; print them side by side.")
+@click.option("--frame", type=int, default=None, help="The frame --compare refines (default: the first).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def refine(experiment: str, frame_range: str | None, restart: bool, compare: bool, frame: int | None,
+           quiet: bool) -> None:
+    """Whole-pattern refinement ([refinement]: Le Bail or Rietveld) of every integrated frame.
+
+    Frames are refined in order, each starting from the last successful one; a frame that
+    fails is recorded and the run goes on. Results: /entry/refinement of the run file and
+    refine.csv (cells, weight fractions, Rwp/Rexp/GOF and esds per frame and phase). With
+    --compare: the alternative models of [[refinement.models]] on one frame, side by side
+    (refine_compare.csv).
+    """
+    from .refining import compare_models, refine_experiment
+
+    if compare:
+        def run(exp):
+            f, results, path = compare_models(exp, frame)
+            return _comparison_text(f, results, path)
+
+        _stage(experiment, run, "nothing is written before the comparison ends")
+        return
+    rng = _frame_list("--frames", frame_range)
+    if rng is not None and len(rng) != 2:
+        _fail(ValueError(f"--frames: expected FIRST,LAST, got {frame_range!r}"))
+    _stage(experiment, lambda exp: refine_experiment(exp, progress=not quiet, restart=restart,
+                                                     frames=tuple(rng) if rng else None),
+           "every frame refined so far is in the run file")
+
+
+def _comparison_text(frame: int, results, path) -> str:
+    names = [n for n, _ in results]
+    width = max(12, *(len(n) + 2 for n in names))
+    lines = [f"frame {frame}: " + ", ".join(names), f"{'':<26}" + "".join(f"{n:>{width}}" for n in names)]
+    for label, get in (("Rwp (%)", lambda r: f"{100 * r.rwp:.3f}"), ("Rexp (%)", lambda r: f"{100 * r.rexp:.3f}"),
+                       ("GOF", lambda r: f"{r.gof:.4f}"), ("parameters", lambda r: str(r.n_params))):
+        lines.append(f"{label:<26}" + "".join(f"{get(r):>{width}}" for _, r in results))
+    params = list(dict.fromkeys(n for _, r in results for n, f in zip(r.names, r.refined)
+                                if f and not n.startswith("bkg_") and ("occ:" in n or "z:" in n or "b:" in n)))
+    for p in params:
+        cells = []
+        for _, r in results:
+            cells.append(f"{r.value(p):.4f}({r.esd(p):.1g})" if p in r.names and r.refined[r.names.index(p)] else "-")
+        lines.append(f"{p:<26}" + "".join(f"{c:>{width}}" for c in cells))
+    best = min(results, key=lambda nr: nr[1].rwp)[0]
+    lines.append(f"lowest Rwp: {best}; table: {path}")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("experiment", type=click.Path(dir_okay=False))
 def lattice(experiment: str) -> None:
     """Refine the cell of every phase in every frame from the fitted peaks; write lattice.csv.
 
@@ -209,12 +264,14 @@ def run(experiment: str, force: bool, workers: int | None, scheduler: str | None
            "every stage finished so far is kept, and the interrupted one resumes")
 
 
-_KIND_HELP = "contour, lattice, fractions, fit or waterfall (repeat for several; default: [plots] kinds)"
+_KIND_HELP = ("contour, lattice, fractions, fit, waterfall or refinement (the last refined frame) "
+              "(repeat for several; default: [plots] kinds)")
 
 
 @main.command()
 @click.argument("experiment", type=click.Path(dir_okay=False))
-@click.option("--kind", "kinds", multiple=True, type=click.Choice(["contour", "lattice", "fractions", "fit", "waterfall"]),
+@click.option("--kind", "kinds", multiple=True,
+              type=click.Choice(["contour", "lattice", "fractions", "fit", "waterfall", "refinement"]),
               help=_KIND_HELP)
 @click.option("--format", "formats", multiple=True, type=click.Choice(["png", "pdf", "svg"]),
               help="Output formats (repeat; default: [plots] formats).")

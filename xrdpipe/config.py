@@ -573,6 +573,81 @@ class ElectrochemistrySpec(_Spec):
         return self
 
 
+class RefineAtomSpec(_Spec):
+    """An atom added to a refined structure (``sites`` of a phase or a model)."""
+
+    label: str = Field(min_length=1)
+    element: str = Field(min_length=1, max_length=2)
+    xyz: tuple[float, float, float]
+    occupancy: float = Field(default=1.0, ge=0, le=1)
+    b_iso: float = Field(default=0.5, ge=-1, le=20)
+
+
+class OccupancySpec(_Spec):
+    """Occupancies of ``atoms`` (labels) that keep their number per cell (or ``total`` per
+    formula unit): the first ones are refined, the last takes what is left."""
+
+    atoms: list[str] = Field(min_length=2)
+    total: float | None = Field(default=None, ge=0)
+
+
+class RefinePhaseSpec(_Spec):
+    """``[[refinement.phases]]``: a phase of ``[[phases]]`` (space group, starting cell) to refine.
+
+    ``structure``: ``"template"`` (P2, O3, P3: Na, TM and O sites) or a CIF file (Rietveld only).
+    ``composition``: the TM site's elements per formula unit; ``na``: sodium per formula unit.
+    ``refine``: structural parameters (``z:O``, ``occ:LABEL``, ``b:LABEL``, ``b:*``); the default
+    for a template is its oxygen z. ``profile``: starting U, V, W (deg²), X, Y (deg);
+    ``refine_profile``: which are refined.
+    """
+
+    name: str = Field(min_length=1)
+    structure: str = "template"
+    composition: dict[str, float] = {"Mn": 1.0}
+    na: float = Field(default=1.0, ge=0, le=1.2)
+    b_iso: dict[Literal["Na", "TM", "O"], float] = {}
+    refine: list[str] | None = None
+    sites: list[RefineAtomSpec] = []
+    occupancy: list[OccupancySpec] = []
+    profile: dict[Literal["U", "V", "W", "X", "Y"], float] = {}
+    refine_profile: list[Literal["U", "V", "W", "X", "Y"]] = ["W", "Y"]
+    formula_units: int | None = Field(default=None, ge=1, le=64)
+
+
+class RefineModelSpec(_Spec):
+    """``[[refinement.models]]``: an alternative to compare (``xrdpipe refine --compare``): the
+    phase ``phase`` with atoms added, occupancy constraints and refined parameters changed."""
+
+    name: str = Field(min_length=1)
+    phase: str
+    sites: list[RefineAtomSpec] = []
+    occupancy: list[OccupancySpec] = []
+    refine: list[str] | None = None
+
+
+class RefinementSpec(_Spec):
+    """``[refinement]``: whole-pattern refinement of every frame (Le Bail or Rietveld)."""
+
+    method: Literal["lebail", "rietveld"] = "lebail"
+    range: tuple[float, float] | None = None
+    frames: tuple[int, int] | None = None
+    background_terms: int = Field(default=6, ge=1, le=24)
+    correction: Literal["none", "zero", "displacement", "both"] = "zero"
+    asymmetry: bool = True
+    polarization: Literal["corrected", "unpolarised"] = "corrected"
+    max_iter: int = Field(default=60, ge=2, le=1000)
+    phases: list[RefinePhaseSpec] = Field(min_length=1)
+    models: list[RefineModelSpec] = []
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "RefinementSpec":
+        if self.range is not None and not self.range[0] < self.range[1]:
+            raise ValueError(f"range: expected [low, high], got {list(self.range)}")
+        if self.frames is not None and not 0 <= self.frames[0] <= self.frames[1]:
+            raise ValueError(f"frames: expected [first, last], got {list(self.frames)}")
+        return self
+
+
 class Experiment(_Spec):
     """A whole validated experiment. ``source`` is the file it came from, ``text`` its content."""
 
@@ -589,6 +664,7 @@ class Experiment(_Spec):
     electrochemistry: ElectrochemistrySpec | None = None
     plots: PlotsSpec = PlotsSpec()
     export: ExportSpec = ExportSpec()
+    refinement: RefinementSpec | None = None
     source: Path | None = Field(default=None, exclude=True)
     text: str = Field(default="", exclude=True, repr=False)
 
@@ -645,6 +721,8 @@ def _cross_check(exp: Experiment) -> list[tuple[str, str]]:
                                  f"{label!r} is not one of the window's peaks {w.peaks}"))
             elif not lo < hi:
                 problems.append((f"windows.{i}.center_bounds", f"{label!r}: expected [low, high], got {[lo, hi]}"))
+    if exp.refinement is not None:
+        problems += _refinement_problems(exp, phases)
     fw = exp.lattice.fraction_window
     if fw is not None and fw not in seen:
         problems.append(("lattice.fraction_window", f"{fw!r} is not one of the windows {sorted(seen)}"))
@@ -660,10 +738,43 @@ def _cross_check(exp: Experiment) -> list[tuple[str, str]]:
     return problems
 
 
+def _refinement_problems(exp: Experiment, phases: dict[str, PhaseSpec]) -> list[tuple[str, str]]:
+    from .structure import TEMPLATES
+
+    ref = exp.refinement
+    problems: list[tuple[str, str]] = []
+    names = [p.name for p in ref.phases]
+    for i, rp in enumerate(ref.phases):
+        if rp.name not in phases:
+            close = difflib.get_close_matches(rp.name, list(phases), n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append((f"refinement.phases.{i}.name", f"{rp.name!r} is not in [[phases]]{hint} "
+                             f"(phases: {', '.join(phases) or 'none'})"))
+            continue
+        kind = phases[rp.name].structure_kind
+        if ref.method == "rietveld" and rp.structure == "template" and kind not in TEMPLATES:
+            problems.append((f"refinement.phases.{i}.structure",
+                             f"no built-in structure for {kind!r} (templates: {', '.join(TEMPLATES)}); "
+                             "give a CIF file: structure = \"file.cif\""))
+        if rp.structure != "template":
+            path = Path(rp.structure)
+            if not path.is_absolute() and exp.source is not None:
+                path = exp.source.parent / path
+            if not path.exists():
+                problems.append((f"refinement.phases.{i}.structure", f"no such CIF file: {path}"))
+    for i, m in enumerate(ref.models):
+        if m.phase not in names:
+            problems.append((f"refinement.models.{i}.phase",
+                             f"{m.phase!r} is not one of the [[refinement.phases]] ({', '.join(names)})"))
+    if exp.radial_unit != "2th_deg" and ref.range is not None and ref.range[1] > 40:
+        problems.append(("refinement.range", f"{list(ref.range)} is not a range of {exp.radial_unit}"))
+    return problems
+
+
 # --------------------------------------------------------------------------------------------
 # loading and error reporting
 
-_SECTION_HINTS = {"refine": "whole-pattern refinement"}
+_SECTION_HINTS: dict[str, str] = {}      # sections of later versions: name -> what they are
 
 
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:

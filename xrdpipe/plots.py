@@ -29,7 +29,7 @@ from .plotspec import ContourSpec, FitCheckSpec, FractionsPlotSpec, LatticePlotS
 from .store import DONE, open_run_info, read_pattern_block, read_peaks, read_table
 from .windows import WindowModel
 
-__all__ = ["PlotError", "plot_contour", "plot_lattice", "plot_fractions", "plot_fit_check", "plot_waterfall",
+__all__ = ["PlotError", "plot_contour", "plot_lattice", "plot_fractions", "plot_fit_check", "plot_waterfall", "plot_refinement",
            "save_figure", "PHASE_COLOURS", "style"]
 
 PHASE_COLOURS = ("#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
@@ -730,4 +730,60 @@ def plot_waterfall(run_file: Path | str, *, spec: WaterfallSpec = WaterfallSpec(
         ax.set_yticks([])
         cbar = fig.colorbar(ScalarMappable(norm, cmap), ax=ax, pad=0.01, aspect=30)
         cbar.set_label(clabel)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# refinement: observed, calculated, difference, tick marks per phase
+
+def plot_refinement(run_file: Path | str, frame: int, *, width_mm: float = 180.0, height_mm: float = 100.0,
+                    dpi: int = 300, font_size: float = 7.0):
+    """The whole-pattern refinement of one frame: observed (points), calculated and background
+    (lines), the difference below, and a row of tick marks per phase, with Rwp and GOF."""
+    run_file = Path(run_file)
+    d = read_table(run_file, "refinement", names=("tth", "status", "message", "rwp", "gof", "phase", "tick_phase"))
+    if d is None:
+        raise PlotError(f"{run_file} holds no refinement yet; run 'xrdpipe refine' first")
+    n = d["status"].size
+    if not 0 <= frame < n or d["status"][frame] != 1:
+        ok = np.flatnonzero(d["status"] == 1)
+        why = f"its refinement failed: {d['message'][frame]}" if 0 <= frame < n and d["status"][frame] == 2 else (
+            "it was not refined")
+        raise PlotError(f"frame {frame} of {run_file}: {why} (refined frames: "
+                        f"{', '.join(map(str, ok[:10])) or 'none'}{' ...' if ok.size > 10 else ''})")
+    import h5py  # noqa: F401  (read through the store's reader below)
+
+    from .store import _reading
+
+    with _reading(run_file) as h5:
+        g = h5["/entry/refinement"]
+        calc, bkg, ticks = g["calculated"][frame], g["background"][frame], g["ticks"][frame]
+    info = open_run_info(run_file)
+    tth = d["tth"]
+    radial = info["radial"]
+    lo = int(np.argmin(np.abs(_to_axis(radial, "tth", info["unit"], info["wavelength_A"]) - tth[0])))
+    obs, _ = read_pattern_block(run_file, rows=[frame], columns=slice(lo, lo + tth.size))
+    obs = obs[0]
+    phases = list(d["phase"])
+    with style(font_size):
+        fig = _figure(width_mm, height_mm, dpi)
+        top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+        top.plot(tth, obs, ls="none", marker="o", ms=1.2, mew=0, color="k", label="observed")
+        top.plot(tth, calc, color="#d62728", lw=0.7, label="calculated")
+        top.plot(tth, bkg, color="0.5", lw=0.5, label="background")
+        span = np.nanmax(obs) - np.nanmin(obs) if np.isfinite(obs).any() else 1.0
+        for p, ph in enumerate(phases):
+            t = ticks[(d["tick_phase"][:ticks.size] == p) & np.isfinite(ticks)]
+            t = t[(t >= tth[0]) & (t <= tth[-1])]
+            ylev = np.nanmin(obs) - (0.06 + 0.06 * p) * span
+            top.plot(t, np.full(t.size, ylev), ls="none", marker="|", ms=4, mew=0.6,
+                     color=_phase_colour(phases, ph), label=f"{ph} reflections")
+        top.set_ylabel("Intensity (counts)")
+        top.legend(loc="upper right", fontsize="x-small")
+        top.set_title(f"frame {frame}: Rwp {100 * d['rwp'][frame]:.2f} %, GOF {d['gof'][frame]:.3f}", pad=2)
+        bottom.plot(tth, obs - calc, color="#1f77b4", lw=0.5)
+        bottom.axhline(0, color="0.6", lw=0.4)
+        bottom.set_ylabel("obs − calc")
+        bottom.set_xlabel(_AXIS_LABEL["tth"])
+        bottom.set_xlim(tth[0], tth[-1])
     return fig

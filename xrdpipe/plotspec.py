@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 __all__ = ["PLOT_KINDS", "PlotsSpec", "ContourSpec", "LatticePlotSpec", "FractionsPlotSpec", "FitCheckSpec",
            "WaterfallSpec", "ExportSpec", "EXPORT_FORMATS"]
 
-PLOT_KINDS = ("contour", "lattice", "fractions", "fit", "waterfall")
+PLOT_KINDS = ("contour", "lattice", "fractions", "fit", "waterfall", "refinement")
 EXPORT_FORMATS = ("xye", "fxye", "topas")
 Axis = Literal["tth", "q", "d"]
 
@@ -118,7 +118,7 @@ class WaterfallSpec(_Figure):
 class PlotsSpec(_Spec):
     """``[plots]``: the figures ``xrdpipe run`` draws (and the defaults of ``xrdpipe plot``)."""
 
-    kinds: list[Literal["contour", "lattice", "fractions", "fit", "waterfall"]] | None = None
+    kinds: list[Literal["contour", "lattice", "fractions", "fit", "waterfall", "refinement"]] | None = None
     formats: list[Literal["png", "pdf", "svg"]] = ["png", "pdf"]
     dpi: int = Field(default=300, ge=50, le=1200)
     folder: str = "figures"

@@ -38,10 +38,17 @@ from typing import Literal, Sequence
 import numpy as np
 
 from .errors import XrdpipeError
-from .structure import Atom, Reflections, Structure, reflections, site_multiplicity, space_group_ops, \
-    structure_factors_sq, _expand
+from .structure import (
+    Reflections,
+    Structure,
+    _expand,
+    reflections,
+    site_multiplicity,
+    space_group_ops,
+    structure_factors_sq,
+)
 
-__all__ = ["PhaseModel", "RefinementModel", "RefinementResult", "RefinementError", "refine_pattern",
+__all__ = ["PhaseModel", "RefinementModel", "RefinementResult", "RefinementError", "refine_pattern", "Refiner",
            "calculate_pattern", "cell_parameters", "OccupancyConstraint"]
 
 _LN2 = math.log(2.0)
@@ -80,11 +87,13 @@ def _full_cell(system: str, p: dict[str, float]) -> tuple[float, ...]:
 
 @dataclass(frozen=True)
 class OccupancyConstraint:
-    """The occupancies of ``atoms`` (labels) of one phase sum to ``total``: the first ones are
-    refined, the last takes what is left."""
+    """The atoms ``atoms`` (labels) of one phase keep their number per cell: ``per_cell``, or
+    (None) the number at the start occupancies, counted with each site's multiplicity. The
+    occupancies of the first ones are refined; the last takes what is left (Fe moving from
+    the TM layer to the Na layer keeps the composition)."""
 
     atoms: tuple[str, ...]
-    total: float
+    per_cell: float | None = None
 
 
 @dataclass
@@ -165,7 +174,7 @@ class _Layout:
         for j in range(model.background_terms):
             ps.append(_Param(f"bkg_{j}", 0.0, True, 1.0, "bkg", key=str(j)))
         self.struct_links: list[list[tuple[int, str, float]]] = []    # per phase: (param index, what, sign)
-        self.constraints: list[list[tuple[list[int], int, float]]] = []
+        self.constraints: list[list[tuple[list[tuple[int, int]], tuple[int, int], float]]] = []
         for p, ph in enumerate(model.phases):
             st = ph.structure
             cell = dict(zip(("a", "b", "c", "alpha", "beta", "gamma"), st.cell))
@@ -188,7 +197,7 @@ class _Layout:
     def _structural(self, ph: PhaseModel, p: int, ps: list[_Param], method: str):
         labels = [a.label for a in ph.structure.atoms]
         links: list[tuple[int, str, float]] = []
-        cons: list[tuple[list[int], int, float]] = []
+        cons: list[tuple[list[tuple[int, int]], tuple[int, int], float]] = []
         if method != "rietveld":
             return links, cons
 
@@ -242,14 +251,18 @@ class _Layout:
                     raise RefinementError(f"phase {ph.name}: occupancy constraint names {lab!r}, which is not an atom "
                                           f"(atoms: {', '.join(labels)})")
                 idx.append(hit[0])
+            ops = space_group_ops(ph.structure.space_group)
+            mult = [site_multiplicity(ops, ph.structure.atoms[i].xyz) for i in idx]
+            total = c.per_cell if c.per_cell is not None else sum(
+                m * ph.structure.atoms[i].occupancy for m, i in zip(mult, idx))
             free = []
-            for i in idx[:-1]:
+            for i, m in zip(idx[:-1], mult):
                 k = len(ps)
                 ps.append(_Param(f"{ph.name}.occ:{labels[i]}", ph.structure.atoms[i].occupancy, True, 1e-6,
                                  "struct", p, f"occ:{labels[i]}"))
                 links.append((k, f"occ:{i}", 1.0))
-                free.append(k)
-            cons.append((free, idx[-1], float(c.total)))
+                free.append((k, m))
+            cons.append((free, (idx[-1], mult[-1]), float(total)))
         return links, cons
 
     def start(self) -> np.ndarray:
@@ -277,8 +290,8 @@ class _Layout:
                     occ[i] = theta[k]
                 else:
                     b[i] = theta[k]
-            for free, last, total in self.constraints[p]:
-                occ[last] = total - sum(occ[self._atom_of(p, k)] for k in free)
+            for free, (last, m_last), total in self.constraints[p]:
+                occ[last] = (total - sum(m * occ[self._atom_of(p, k)] for k, m in free)) / m_last
             atoms = [replace(a, xyz=tuple(xyz[i]), occupancy=occ[i], b_iso=b[i]) for i, a in enumerate(atoms)]
         return replace(st, cell=_full_cell(ph.system, {**dict(zip(("a", "b", "c", "alpha", "beta", "gamma"), st.cell)),
                                                       **vals}), atoms=tuple(atoms))
@@ -329,6 +342,7 @@ class _Calculator:
         t = (2 * self.x - (self.lo + self.hi)) / max(self.hi - self.lo, 1e-12)
         self.cheb = np.polynomial.chebyshev.chebvander(t, max(model.background_terms - 1, 0))[:, :model.background_terms]
         self.step = float(np.median(np.diff(self.x))) if self.x.size > 1 else 1.0
+        self.valid = np.ones(self.x.size, bool)
         L = self.layout
         self.profile_index = [np.array([L.index[f"{ph.name}.{k}"] for k in "UVWXY"]) for ph in model.phases]
         self.scale_index = [L.index.get(f"{ph.name}.scale", -1) for ph in model.phases]
@@ -340,7 +354,6 @@ class _Calculator:
         from .structure import d_spacings
 
         L = self.layout
-        ph = self.model.phases[p]
         st = L.structure(p, theta)
         refl = self.refl[p]
         d = d_spacings(refl.hkl, st.cell)
@@ -539,23 +552,50 @@ class RefinementResult:
         return "\n".join(lines)
 
 
-def _scaled_residual(y, yc, sig):
-    return (y - yc) / sig
-
-
 def refine_pattern(model: RefinementModel, tth: np.ndarray, y: np.ndarray, sigma: np.ndarray | None = None, *,
                    start: RefinementResult | None = None, tol: float = 1e-7) -> RefinementResult:
     """Refine ``model`` against one pattern (2θ in degrees, intensities, esds; NaN points are
     left out). ``start``: a previous result of the same model (sequential refinement) whose
-    values (and Le Bail intensities) are the starting point."""
+    values (and Le Bail intensities) are the starting point. To refine many patterns on one
+    grid, make a :class:`Refiner` once instead."""
     tth = np.asarray(tth, float)
-    y = np.asarray(y, float)
-    sig = np.sqrt(np.maximum(y, 1.0)) if sigma is None else np.asarray(sigma, float)
-    keep = np.isfinite(tth) & np.isfinite(y) & np.isfinite(sig) & (sig > 0)
-    tth, y, sig = tth[keep], y[keep], sig[keep]
-    if tth.size < 20:
-        raise RefinementError(f"only {tth.size} usable points in the refined range")
-    calc = _Calculator(model, tth)
+    keep = np.isfinite(tth)
+    sig = None if sigma is None else np.asarray(sigma, float)[keep]
+    return Refiner(model, tth[keep]).refine(np.asarray(y, float)[keep], sig, start=start, tol=tol)
+
+
+class Refiner:
+    """A :class:`RefinementModel` set up on one 2θ grid (reflection lists, background basis),
+    to refine pattern after pattern on it."""
+
+    def __init__(self, model: RefinementModel, tth: np.ndarray):
+        tth = np.asarray(tth, float)
+        if tth.size < 20:
+            raise RefinementError(f"only {tth.size} points in the refined range; 20 at least are needed")
+        self.model = model
+        self.calc = _Calculator(model, tth)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.calc.layout.names)
+
+    def refine(self, y: np.ndarray, sigma: np.ndarray | None = None, *, start: RefinementResult | None = None,
+               tol: float = 1e-7) -> RefinementResult:
+        """Refine against ``y`` (on the grid; NaN points and points without a positive esd get
+        no weight), from ``start`` (a previous result) or from the model's start values."""
+        return _refine(self.calc, np.asarray(y, float), sigma, start, tol)
+
+
+def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol) -> RefinementResult:
+    model = calc.model
+    sig = np.sqrt(np.maximum(np.nan_to_num(y), 1.0)) if sigma is None else np.asarray(sigma, float)
+    valid = np.isfinite(y) & np.isfinite(sig) & (sig > 0)
+    n_valid = int(valid.sum())
+    if n_valid < 20:
+        raise RefinementError(f"only {n_valid} usable points in the refined range")
+    y = np.where(valid, y, 0.0)
+    wt = np.where(valid, 1.0 / np.where(valid, sig, 1.0), 0.0)
+    calc.valid = valid
     L = calc.layout
     theta = L.start()
     lebail = model.method == "lebail"
@@ -566,7 +606,7 @@ def refine_pattern(model: RefinementModel, tth: np.ndarray, y: np.ndarray, sigma
         if lebail and start.lebail_I is not None and start.lebail_I.size == n_refl:
             I = start.lebail_I.copy()
     if start is None or start.theta is None:
-        theta = _initial_guess(calc, theta, y, lebail)
+        theta = _initial_guess(calc, theta, y[valid] if n_valid else y, lebail)
     if lebail and I is None:
         I = _lebail_start(calc, theta, y)
     free = L.free.copy()
@@ -578,8 +618,8 @@ def refine_pattern(model: RefinementModel, tth: np.ndarray, y: np.ndarray, sigma
         yc, J, I_used = calc.jacobian(theta, I, free, extract_from=y if lebail else None, cycles=LEBAIL_CYCLES)
         if lebail:
             I = I_used
-        r = (y - yc) / sig
-        Jw = J / sig[:, None]
+        r = (y - yc) * wt
+        Jw = J * wt[:, None]
         chi2_now = float(r @ r)
         if chi2 is not None and abs(chi2 - chi2_now) <= tol * chi2_now and outer > 1:
             converged = True
@@ -603,7 +643,7 @@ def refine_pattern(model: RefinementModel, tth: np.ndarray, y: np.ndarray, sigma
             t_new[free] += step
             t_new = _clip(calc, t_new)
             yn = calc.pattern(t_new, I)
-            rn = (y - yn) / sig
+            rn = (y - yn) * wt
             c_new = float(rn @ rn)
             if np.isfinite(c_new) and c_new < chi2_now:
                 theta = t_new
@@ -617,7 +657,7 @@ def refine_pattern(model: RefinementModel, tth: np.ndarray, y: np.ndarray, sigma
             break
         # converged when every shift is a small fraction of its esd (as Rietveld programs do)
         try:
-            var = np.diag(np.linalg.inv(As)) / dscale**2 * c_new / max(y.size - free.size, 1)
+            var = np.diag(np.linalg.inv(As)) / dscale**2 * c_new / max(n_valid - free.size, 1)
             if outer >= (2 if lebail else 1) and np.all(np.abs(step) <= SHIFT_ESD * np.sqrt(np.maximum(var, 1e-300))):
                 converged = True
                 break
@@ -627,12 +667,12 @@ def refine_pattern(model: RefinementModel, tth: np.ndarray, y: np.ndarray, sigma
     yc, J, I_used = calc.jacobian(theta, I, free, extract_from=y if lebail else None, cycles=1)
     if lebail:
         I = I_used
-    r = (y - yc) / sig
-    Jw = J / sig[:, None]
+    r = (y - yc) * wt
+    Jw = J * wt[:, None]
     chi2 = float(r @ r)
     n_p = int(free.size)
-    dof = max(y.size - n_p, 1)
-    sw = float(np.sum((y / sig) ** 2))
+    dof = max(n_valid - n_p, 1)
+    sw = float(np.sum((y * wt) ** 2))
     rwp = math.sqrt(chi2 / sw)
     rexp = math.sqrt(dof / sw)
     gof = rwp / rexp
@@ -649,9 +689,9 @@ def refine_pattern(model: RefinementModel, tth: np.ndarray, y: np.ndarray, sigma
     ticks = [st["pos"][calc.offsets[p]:calc.offsets[p + 1]] for p in range(len(model.phases))]
     refined = np.zeros(theta.size, bool)
     refined[free] = True
-    res = RefinementResult(list(L.names), theta.copy(), esd, refined, rwp, rexp, gof, int(y.size), n_p, n_iter,
+    res = RefinementResult(list(L.names), theta.copy(), esd, refined, rwp, rexp, gof, n_valid, n_p, n_iter,
                            converged, "" if converged else f"not converged in {model.max_iter} iterations",
-                           tth, y, yc, bkg, parts, ticks, None if I is None else I.copy(),
+                           calc.x, np.where(valid, y, np.nan), yc, bkg, parts, ticks, None if I is None else I.copy(),
                            [ph.name for ph in model.phases], theta=theta.copy())
     if not lebail:
         res.weight_fractions = _weight_fractions(calc, theta, cov, free, gof)
@@ -696,7 +736,7 @@ def _initial_guess(calc: _Calculator, theta: np.ndarray, y: np.ndarray, lebail: 
 
 def _lebail_start(calc: _Calculator, theta: np.ndarray, y: np.ndarray) -> np.ndarray:
     st = calc.reflection_state(theta, np.ones(int(calc.offsets[-1])))
-    net = float(np.sum(np.maximum(y - calc.background(theta), 0.0)) * calc.step)
+    net = float(np.sum(np.maximum(y - calc.background(theta), 0.0)[calc.valid]) * calc.step)
     inside = (st["pos"] >= calc.lo) & (st["pos"] <= calc.hi)
     I = np.where(inside, net / max(int(inside.sum()), 1), 0.0)
     return _lebail_cycle(calc, theta, I, y, cycles=5)
@@ -716,6 +756,7 @@ def _extract(calc: _Calculator, pr: dict, theta: np.ndarray, I: np.ndarray, y: n
         contrib = pr["P"] * I[:, None]
         yc_net = np.bincount(flat, weights=contrib.ravel(), minlength=calc.x.size)
         ratio = np.where(yc_net > 1e-12 * max(yc_net.max(), 1e-300), net / np.maximum(yc_net, 1e-300), 0.0)
+        ratio = np.where(calc.valid, ratio, 1.0)          # no data: the model keeps its share
         share = (contrib * ratio[pr["idx"]]).sum(axis=1) * calc.step
         I = np.maximum(np.where(area > 0.05, share / np.maximum(area, 1e-12), I), 0.0)
     return I
@@ -759,4 +800,3 @@ def calculate_pattern(model: RefinementModel, tth: np.ndarray, *, background: fl
     return calc.pattern(theta)
 
 
-_ = (Atom, Sequence)

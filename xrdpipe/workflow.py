@@ -62,7 +62,21 @@ def _possible_kinds(exp: Experiment, run_file: Path) -> list[str]:
         kinds.insert(1, "fit")
     if has_group(run_file, "lattice"):
         kinds[1:1] = ["lattice", "fractions"]
+    if has_group(run_file, "refinement"):
+        kinds.append("refinement")
     return [k for k in PLOT_KINDS if k in kinds]
+
+
+def _last_refined(run_file: Path) -> int:
+    """The last frame whose refinement succeeded (the refinement figure's default)."""
+    from .plots import PlotError
+    from .store import read_table
+
+    d = read_table(run_file, "refinement", names=("status",))
+    ok = np.flatnonzero(d["status"] == 1) if d is not None else np.zeros(0, int)
+    if not ok.size:
+        raise PlotError(f"{run_file} has no successfully refined frame; run 'xrdpipe refine'")
+    return int(ok[-1])
 
 
 def _contour_windows(exp: Experiment, spec, radial: np.ndarray) -> list[tuple[str, float, float]]:
@@ -99,6 +113,7 @@ def plot_experiment(exp: Experiment, *, kinds: Sequence[str] | None = None, plot
         plot_fit_check,
         plot_fractions,
         plot_lattice,
+        plot_refinement,
         plot_waterfall,
         save_figure,
     )
@@ -119,6 +134,7 @@ def plot_experiment(exp: Experiment, *, kinds: Sequence[str] | None = None, plot
         "fractions": lambda: plot_fractions(run_file, spec=spec.fractions, **common),
         "fit": lambda: plot_fit_check(run_file, phases=exp.phases, windows=exp.windows, spec=spec.fit, **common),
         "waterfall": lambda: plot_waterfall(run_file, spec=spec.waterfall, **common),
+        "refinement": lambda: plot_refinement(run_file, _last_refined(run_file), **common),
     }
     for kind in wanted:
         try:
@@ -154,7 +170,8 @@ def _digest(*parts) -> str:
 
 #: The stages each stage reads the results of (a stage reruns when one of them ran).
 DEPENDS = {"integrate": (), "echem": ("integrate",), "fit": ("integrate",), "lattice": ("fit", "echem"),
-           "plots": ("integrate", "echem", "fit", "lattice"), "export": ("integrate", "echem")}
+           "refine": ("integrate", "echem"), "plots": ("integrate", "echem", "fit", "lattice", "refine"),
+           "export": ("integrate", "echem")}
 
 
 def stage_keys(exp: Experiment, *, live_key: str | None = None) -> dict[str, str]:
@@ -185,6 +202,11 @@ def stage_keys(exp: Experiment, *, live_key: str | None = None) -> dict[str, str
                       exp.fit.model_dump(mode="json", exclude={"workers"})]
         if exp.phases:
             own["lattice"] = exp.lattice.model_dump(mode="json")
+    if exp.refinement is not None:
+        cifs = [Path(p.structure) if Path(p.structure).is_absolute() or exp.source is None
+                else exp.source.parent / p.structure for p in exp.refinement.phases if p.structure != "template"]
+        own["refine"] = [exp.refinement.model_dump(mode="json"), [p.model_dump(mode="json") for p in exp.phases],
+                         [file_stat(c) for c in cifs]]
     own["plots"] = exp.plots.model_dump(mode="json")
     if exp.export.formats:
         own["export"] = exp.export.model_dump(mode="json")
@@ -271,6 +293,7 @@ def run_experiment(exp: Experiment, *, force: bool = False, progress: bool = Tru
         "echem": lambda: echem_experiment(exp, update_lattice=False),
         "fit": lambda: fit_experiment(exp, progress=progress),
         "lattice": lambda: lattice_experiment(exp),
+        "refine": lambda: _refine(exp, progress),
         "plots": lambda: plot_experiment(exp, strict=False),
         "export": lambda: export_experiment(exp, progress=progress),
     }
@@ -297,6 +320,12 @@ def run_experiment(exp: Experiment, *, force: bool = False, progress: bool = Tru
         _fill_state(summary, exp)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _refine(exp: Experiment, progress: bool):
+    from .refining import refine_experiment
+
+    return refine_experiment(exp, progress=progress)
 
 
 def _outputs_of(result) -> list[str]:

@@ -1,0 +1,312 @@
+"""Whole-pattern refinement against patterns calculated by an independent program (pymatgen's
+XRDCalculator: its own form factors, multiplicities and Lorentz-polarization), with exact
+pseudo-Voigt profiles and Poisson noise written here."""
+
+import csv
+import warnings
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("pymatgen")
+
+from pymatgen.analysis.diffraction.xrd import XRDCalculator  # noqa: E402
+from pymatgen.core import Lattice  # noqa: E402
+from pymatgen.core import Structure as PmgStructure  # noqa: E402
+
+from xrdpipe.cli import main  # noqa: E402
+from xrdpipe.config import ConfigError, load_experiment  # noqa: E402
+from xrdpipe.refinement import OccupancyConstraint, PhaseModel, RefinementModel, refine_pattern  # noqa: E402
+from xrdpipe.structure import Atom, read_cif, reflections, structure_factors_sq, template  # noqa: E402
+
+WL = 0.6209
+TM = {"Ni": 1 / 3, "Fe": 1 / 3, "Mn": 1 / 3}
+B = {"Na": 1.0, "Ni": 0.3, "Fe": 0.3, "Mn": 0.3, "O": 0.6}
+X = np.linspace(5.0, 30.0, 3000)
+
+
+def o3(a=2.9852, c=15.9967, z=0.23257, fe_tet=0.0):
+    species = [{"Na": 1.0}, {"Ni": 1 / 3, "Fe": 1 / 3 - 2 * fe_tet, "Mn": 1 / 3}, {"O": 1.0}]
+    coords = [[0, 0, 0], [0, 0, 0.5], [0, 0, z]]
+    if fe_tet:
+        species.append({"Fe": fe_tet})
+        coords.append([0, 0, 0.5 - z / 2])
+    return PmgStructure.from_spacegroup("R-3m", Lattice.hexagonal(a, c), species, coords)
+
+
+def p3(a=2.93, c=16.72, dz=0.057, na=0.6):
+    return PmgStructure.from_spacegroup("R3m", Lattice.hexagonal(a, c), [TM, {"O": 1.0}, {"O": 1.0}, {"Na": na}],
+                                        [[0, 0, 0], [0, 0, 1 / 3 + dz], [0, 0, 2 / 3 - dz], [0, 0, 1 / 6]])
+
+
+def p2(a=2.866, c=11.19, z=0.0903):
+    return PmgStructure.from_spacegroup("P6_3/mmc", Lattice.hexagonal(a, c),
+                                        [{"Mn": 0.6, "Co": 0.2, "Mg": 0.07}, {"Na": 0.8 / 3}, {"Na": 1.6 / 3},
+                                         {"O": 1.0}],
+                                        [[0, 0, 0], [0, 0, 0.25], [1 / 3, 2 / 3, 0.75], [1 / 3, 2 / 3, z]])
+
+
+def sticks(structure):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pat = XRDCalculator(wavelength=WL, debye_waller_factors=B).get_pattern(structure, scaled=False,
+                                                                               two_theta_range=(2, 40))
+    return np.array(pat.x), np.array(pat.y)
+
+
+def profile(structure, scale, fwhm=0.03, eta=0.4, x=X):
+    """Every pymatgen reflection as an exact (untruncated) pseudo-Voigt of area scale * I."""
+    t, inten = sticks(structure)
+    u = x[:, None] - t[None, :]
+    g = 2 / fwhm * np.sqrt(np.log(2) / np.pi) * np.exp(-4 * np.log(2) * u**2 / fwhm**2)
+    lor = 2 / (np.pi * fwhm) / (1 + 4 * u**2 / fwhm**2)
+    return ((eta * lor + (1 - eta) * g) * (scale * inten)).sum(axis=1)
+
+
+def noisy(y, seed=0):
+    obs = np.random.default_rng(seed).poisson(y).astype(float)
+    return obs, np.sqrt(np.maximum(obs, 1.0))
+
+
+def test_positions_and_intensities_agree_with_pymatgen():
+    st = template("O3", a=2.9852, c=15.9967, z_o=0.23257, composition=TM, b_iso={"Na": 1.0, "TM": 0.3, "O": 0.6})
+    refl = reflections(st.space_group, st.cell, d_min=WL / (2 * np.sin(np.radians(20))))
+    th = np.arcsin(WL / (2 * refl.d))
+    ours = refl.multiplicity * structure_factors_sq(st, refl.hkl) * (1 + np.cos(2 * th) ** 2) / (
+        np.sin(th) ** 2 * np.cos(th))
+    t, inten = sticks(o3())
+    t, inten = t[t < 40], inten[t < 40]
+    # pymatgen merges reflections closer than 1e-5 deg; so do we, then compare peak by peak
+    assert len(t) == len(np.unique(np.round(np.degrees(2 * th), 4)))
+    for t0, i0 in zip(t, inten):
+        near = np.abs(np.degrees(2 * th) - t0) < 1e-4
+        assert near.any(), t0
+        # two tables of form factors (IT92 here, pymatgen's own): within 3 % reflection by
+        # reflection, give or take 0.5 % of the strongest (weak reflections are differences)
+        assert abs(ours[near].sum() - i0) < 0.03 * i0 + 0.005 * inten.max()
+
+
+def _o3_model(**kw):
+    st = template("O3", a=2.98, c=16.03, z_o=0.236, composition=TM, b_iso={"Na": 1.0, "TM": 0.3, "O": 0.6})
+    return RefinementModel([PhaseModel("O3", st, refine=["z:O"])], wavelength_A=WL, polarization="unpolarised", **kw)
+
+
+@pytest.mark.parametrize("kind", ["O3", "P2"])
+def test_rietveld_recovers_cell_and_oxygen_z(kind):
+    if kind == "O3":
+        truth, a, c, z = o3(), 2.9852, 15.9967, 0.23257
+        model = _o3_model()
+    else:
+        truth, a, c, z = p2(), 2.866, 11.19, 0.0903
+        st = template("P2", a=2.86, c=11.22, z_o=0.094, composition={"Mn": 0.6, "Co": 0.2, "Mg": 0.07}, na=0.8,
+                      b_iso={"Na": 1.0, "TM": 0.3, "O": 0.6})
+        model = RefinementModel([PhaseModel("P2", st, refine=["z:O"])], wavelength_A=WL, polarization="unpolarised")
+    y, s = noisy(profile(truth, 1e-3) + 200.0)
+    r = refine_pattern(model, X, y, s)
+    assert r.converged and r.gof < 1.2
+    assert abs(r.value(f"{kind}.a") / a - 1) < 1e-4
+    assert abs(r.value(f"{kind}.c") / c - 1) < 1e-4
+    assert abs(r.value(f"{kind}.z:O") - z) < 0.002
+    assert 0 < r.esd(f"{kind}.z:O") < 0.002 and 0 < r.esd(f"{kind}.a") < 1e-3
+
+
+def test_rietveld_weight_fractions_of_a_two_phase_mixture():
+    s_o3, s_p3 = o3(), p3()
+    w_true = {"O3": 0.3, "P3": 0.7}
+    # intensity scale of each phase: volume fraction / V²; volume fraction = weight fraction / density
+    dens = {k: float(st.density) for k, st in (("O3", s_o3), ("P3", s_p3))}
+    vol = {k: float(st.volume) for k, st in (("O3", s_o3), ("P3", s_p3))}
+    scale = {k: 4e3 * (w_true[k] / dens[k]) / vol[k] ** 2 for k in w_true}
+    y, s = noisy(profile(s_o3, scale["O3"]) + profile(s_p3, scale["P3"], fwhm=0.04, eta=0.3) + 200.0, seed=3)
+    models = [PhaseModel("O3", template("O3", a=2.98, c=16.0, z_o=0.2326, composition=TM,
+                                        b_iso={"Na": 1.0, "TM": 0.3, "O": 0.6})),
+              PhaseModel("P3", template("P3", a=2.935, c=16.70, z_o=0.057, composition=TM, na=0.6,
+                                        b_iso={"Na": 1.0, "TM": 0.3, "O": 0.6}))]
+    r = refine_pattern(RefinementModel(models, wavelength_A=WL, polarization="unpolarised"), X, y, s)
+    for k in w_true:
+        w, e = r.weight_fractions[k]
+        assert abs(w - w_true[k]) < 0.02 and 0 < e < 0.02
+    assert abs(r.value("P3.c") / 16.72 - 1) < 1e-4 and abs(r.value("O3.a") / 2.9852 - 1) < 1e-4
+
+
+def test_le_bail_recovers_both_cells_of_coexisting_phases():
+    y, s = noisy(profile(o3(), 0.6e-3) + profile(p3(), 0.5e-3, fwhm=0.04, eta=0.3) + 200.0, seed=5)
+    models = [PhaseModel("O3", template("O3", a=2.98, c=16.02)), PhaseModel("P3", template("P3", a=2.935, c=16.70))]
+    r = refine_pattern(RefinementModel(models, wavelength_A=WL, method="lebail"), X, y, s)
+    assert r.converged and r.gof < 1.2
+    for name, truth in (("O3.a", 2.9852), ("O3.c", 15.9967), ("P3.a", 2.93), ("P3.c", 16.72)):
+        assert abs(r.value(name) / truth - 1) < 1e-4, name
+    assert r.weight_fractions == {}          # no structure, no weight fractions
+
+
+def test_occupancy_constraint_finds_fe_in_the_tetrahedral_sites():
+    """The NFM study's question: O3 with no Fe in the Na layer, Fe on its octahedral sites, or Fe
+    on its tetrahedral sites. Truth: 0.02 Fe per tetrahedral site (0.04 per formula unit)."""
+    y, s = noisy(profile(o3(fe_tet=0.02), 2e-3) + 200.0, seed=7)
+    st = template("O3", a=2.985, c=16.0, z_o=0.2326, composition=TM, b_iso={"Na": 1.0, "TM": 0.3, "O": 0.6})
+    tet = st.with_atoms([*st.atoms, Atom("Fe_tet", "Fe", (0.0, 0.0, 0.5 - 0.2326 / 2), 0.005, 0.3)])
+    octa = st.with_atoms([*st.atoms, Atom("Fe_Na", "Fe", (0.0, 0.0, 0.0), 0.005, 0.3)])
+    results = {}
+    for name, structure, cons in (("none", st, ()), ("oct", octa, (OccupancyConstraint(("Fe_Na", "Fe")),)),
+                                  ("tet", tet, (OccupancyConstraint(("Fe_tet", "Fe")),))):
+        model = RefinementModel([PhaseModel("O3", structure, refine=["z:O"], constraints=cons)], wavelength_A=WL,
+                                polarization="unpolarised")
+        results[name] = refine_pattern(model, X, y, s)
+    assert results["tet"].rwp < results["oct"].rwp and results["tet"].rwp < results["none"].rwp
+    occ, esd = results["tet"].value("O3.occ:Fe_tet"), results["tet"].esd("O3.occ:Fe_tet")
+    assert abs(occ - 0.02) < 0.004 and esd < 0.004
+    assert results["tet"].gof < 1.2 < results["none"].gof
+
+
+def test_a_cif_file_gives_the_same_structure_factors_as_the_template(tmp_path):
+    cif = tmp_path / "nfm.cif"
+    cif.write_text("""data_nfm
+_cell_length_a 2.9852
+_cell_length_b 2.9852
+_cell_length_c 15.9967
+_cell_angle_alpha 90
+_cell_angle_beta 90
+_cell_angle_gamma 120
+_symmetry_space_group_name_H-M 'R -3 m'
+loop_
+_atom_site_label
+_atom_site_type_symbol
+_atom_site_fract_x
+_atom_site_fract_y
+_atom_site_fract_z
+_atom_site_occupancy
+_atom_site_B_iso_or_equiv
+Na1 Na 0 0 0 1.0 1.0
+Ni1 Ni 0 0 0.5 0.33333 0.3
+Fe1 Fe 0 0 0.5 0.33333 0.3
+Mn1 Mn 0 0 0.5 0.33333 0.3
+O1 O 0 0 0.23257 1.0 0.6
+""")
+    from_cif = read_cif(cif)
+    st = template("O3", a=2.9852, c=15.9967, z_o=0.23257, composition={k: 0.33333 for k in TM},
+                  b_iso={"Na": 1.0, "TM": 0.3, "O": 0.6})
+    refl = reflections(st.space_group, st.cell, d_min=1.0)
+    np.testing.assert_allclose(structure_factors_sq(from_cif, refl.hkl), structure_factors_sq(st, refl.hkl),
+                               rtol=1e-6)
+    assert from_cif.cell_mass() == pytest.approx(3 * (22.990 + (58.693 + 55.845 + 54.938) * 0.33333 + 2 * 15.999),
+                                                 rel=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# the stage: a synthetic operando series through `xrdpipe refine`
+
+def _series(tmp_path, n=8):
+    """O3 shrinking in a and growing in c over n frames (truth.csv), one frame with no counts."""
+    a = np.linspace(2.9852, 2.9700, n)
+    c = np.linspace(15.9967, 16.0800, n)
+    for i in range(n):
+        y, s = noisy(profile(o3(a[i], c[i]), 1e-3) + 200.0, seed=10 + i)
+        if i == 3:
+            y, s = np.zeros_like(y), np.zeros_like(y)        # a dead frame
+        np.savetxt(tmp_path / f"p_{i:03d}.xye", np.column_stack([X, y, s]))
+    (tmp_path / "exp.toml").write_text(f"""schema_version = 1
+[run]
+name = "seq"
+output = "out"
+[patterns]
+files = "p_*.xye"
+wavelength_A = {WL}
+[[phases]]
+name = "O3"
+[refinement]
+method = "lebail"
+range = [6.0, 29.0]
+[[refinement.phases]]
+name = "O3"
+""")
+    return a, c
+
+
+def test_sequential_refinement_tracks_the_cell_in_every_frame(tmp_path):
+    a, c = _series(tmp_path)
+    runner = CliRunner()
+    res = runner.invoke(main, ["integrate", str(tmp_path / "exp.toml"), "-q"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(main, ["refine", str(tmp_path / "exp.toml"), "-q"])
+    assert res.exit_code == 0, res.output
+    assert "refined 8 frame(s) (lebail)" in res.output and "1 failed" in res.output and "frame 3:" in res.output
+    rows = list(csv.DictReader(open(tmp_path / "out" / "refine.csv")))
+    assert [r["frame"] for r in rows] == [str(i) for i in range(8)]
+    for r in rows:
+        i = int(r["frame"])
+        if i == 3:
+            assert r["status"] == "failed" and "usable points" in r["message"] and r["a_A"] == ""
+            continue
+        assert r["status"] == "ok" and float(r["gof"]) < 1.3
+        assert abs(float(r["a_A"]) / a[i] - 1) < 1e-4 and abs(float(r["c_A"]) / c[i] - 1) < 1e-4
+        v = np.sqrt(3) / 2 * a[i] ** 2 * c[i]
+        assert abs(float(r["volume_A3"]) / v - 1) < 3e-4 and float(r["volume_err_A3"]) > 0
+    # a second call finds everything done
+    res = runner.invoke(main, ["refine", str(tmp_path / "exp.toml"), "-q"])
+    assert "refined 0 frame(s)" in res.output and "8 already done" in res.output
+    # the refinement figure: observed, calculated, difference and tick marks
+    from xrdpipe.plots import plot_refinement
+
+    fig = plot_refinement(tmp_path / "out" / "seq.nxs", frame=5)
+    assert len(fig.axes) == 2
+
+
+def test_model_comparison_from_the_experiment_file(tmp_path):
+    y, s = noisy(profile(o3(fe_tet=0.02), 2e-3) + 200.0, seed=7)
+    np.savetxt(tmp_path / "p_000.xye", np.column_stack([X, y, s]))
+    (tmp_path / "exp.toml").write_text(f"""schema_version = 1
+[run]
+name = "cmp"
+output = "out"
+[patterns]
+files = "p_*.xye"
+wavelength_A = {WL}
+[[phases]]
+name = "O3"
+a = 2.985
+c = 16.0
+[refinement]
+method = "rietveld"
+polarization = "unpolarised"
+[[refinement.phases]]
+name = "O3"
+composition = {{ Ni = 0.3333333, Fe = 0.3333333, Mn = 0.3333333 }}
+b_iso = {{ Na = 1.0, TM = 0.3, O = 0.6 }}
+[[refinement.models]]
+name = "Fe octahedral"
+phase = "O3"
+sites = [{{ label = "Fe_Na", element = "Fe", xyz = [0, 0, 0], occupancy = 0.005, b_iso = 0.3 }}]
+occupancy = [{{ atoms = ["Fe_Na", "Fe"] }}]
+[[refinement.models]]
+name = "Fe tetrahedral"
+phase = "O3"
+sites = [{{ label = "Fe_tet", element = "Fe", xyz = [0, 0, 0.3837], occupancy = 0.005, b_iso = 0.3 }}]
+occupancy = [{{ atoms = ["Fe_tet", "Fe"], total = 0.3333333 }}]
+""")
+    runner = CliRunner()
+    assert runner.invoke(main, ["integrate", str(tmp_path / "exp.toml"), "-q"]).exit_code == 0
+    res = runner.invoke(main, ["refine", str(tmp_path / "exp.toml"), "--compare"])
+    assert res.exit_code == 0, res.output
+    assert "lowest Rwp: Fe tetrahedral" in res.output
+    table = {r[0]: r[1:] for r in csv.reader(open(tmp_path / "out" / "refine_compare.csv"))}
+    assert table["quantity"] == ["base", "Fe octahedral", "Fe tetrahedral"]
+    assert abs(float(table["O3.occ:Fe_tet"][2]) - 0.02) < 0.004
+
+
+def test_refinement_config_errors_name_the_key(tmp_path):
+    _series(tmp_path, n=2)
+    text = (tmp_path / "exp.toml").read_text()
+    (tmp_path / "bad.toml").write_text(text.replace('[[refinement.phases]]\nname = "O3"',
+                                                    '[[refinement.phases]]\nname = "O2x"'))
+    with pytest.raises(ConfigError, match=r"refinement\.phases\.0\.name.*'O2x' is not in \[\[phases\]\]"):
+        load_experiment(tmp_path / "bad.toml")
+    (tmp_path / "bad.toml").write_text(text.replace('name = "O3"\n[refinement]', 'name = "OP4"\n[refinement]')
+                                       .replace('method = "lebail"', 'method = "rietveld"')
+                                       .replace('[[refinement.phases]]\nname = "O3"', '[[refinement.phases]]\nname = "OP4"'))
+    with pytest.raises(ConfigError, match="no built-in structure for 'OP4'.*CIF"):
+        load_experiment(tmp_path / "bad.toml")
+    (tmp_path / "bad.toml").write_text(text.replace('[[refinement.phases]]\nname = "O3"',
+                                                    '[[refinement.phases]]\nname = "O3"\nstructure = "missing.cif"'))
+    with pytest.raises(ConfigError, match="no such CIF file"):
+        load_experiment(tmp_path / "bad.toml")

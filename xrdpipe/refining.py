@@ -1,0 +1,488 @@
+"""The refinement stage: ``[refinement]`` of an experiment, refined frame after frame.
+
+:func:`build_model` turns ``[refinement]`` (and ``[[phases]]`` for space groups and starting
+cells) into a :class:`~xrdpipe.refinement.RefinementModel`; :func:`refine_experiment` refines
+every integrated frame in order, each from the last successful one, into ``/entry/refinement``
+of the run file and ``<output>/refine.csv`` (one row per frame and phase). A frame that fails
+is recorded (status and message) and the next one starts from the last success; an interrupted
+run resumes where it stopped. :func:`compare_models` refines ``[[refinement.models]]`` side by
+side on one frame.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .config import ConfigError, Experiment, OccupancySpec, RefineAtomSpec, RefineModelSpec
+from .refinement import (
+    OccupancyConstraint,
+    PhaseModel,
+    RefinementError,
+    RefinementModel,
+    RefinementResult,
+    Refiner,
+)
+from .store import DONE, open_run_info, read_pattern_block, read_table
+from .structure import Atom, Structure, StructureError, read_cif, template
+
+__all__ = ["build_model", "refine_experiment", "compare_models", "RefineSummary", "REFINE_COLUMNS",
+           "read_refinement"]
+
+#: Columns of ``refine.csv`` (then one value and one esd column per structural parameter).
+REFINE_COLUMNS = ("frame", "time_s", "voltage_V", "x", "phase", "status", "message", "rwp", "rexp", "gof",
+                  "n_iter", "a_A", "a_err_A", "b_A", "b_err_A", "c_A", "c_err_A", "beta_deg", "beta_err_deg",
+                  "volume_A3", "volume_err_A3", "weight_fraction", "weight_fraction_err", "scale", "scale_err",
+                  "U", "V", "W", "X", "Y", "zero_deg", "zero_err_deg", "displacement_deg", "displacement_err_deg")
+_FORMULA_UNITS = {"P2": 2, "O3": 3, "P3": 3}
+_DEFAULT_REFINE = {"P2": ["z:O"], "O3": ["z:O"], "P3": ["z:O1,-O2"]}
+OK, FAILED = 1, 2
+
+
+# ----------------------------------------------------------------------------------------------
+# the model from the experiment file
+
+def build_model(exp: Experiment, *, model: str | None = None) -> RefinementModel:
+    """The refinement of ``exp`` (``model``: the name of a ``[[refinement.models]]`` entry to
+    apply to its phase)."""
+    ref = exp.refinement
+    where = str(exp.source or "experiment")
+    if ref is None:
+        raise ConfigError(where, [("refinement", "no [refinement] section; add one (see the README)")])
+    alt: RefineModelSpec | None = None
+    if model is not None:
+        hits = [m for m in ref.models if m.name == model]
+        if not hits:
+            raise ConfigError(where, [("refinement.models", f"no model named {model!r} "
+                                       f"(models: {', '.join(m.name for m in ref.models) or 'none'})")])
+        alt = hits[0]
+    phases = {p.name: p for p in exp.phases}
+    out = []
+    for i, rp in enumerate(ref.phases):
+        ph = phases[rp.name]
+        kind = ph.structure_kind
+        sites = list(rp.sites) + (list(alt.sites) if alt is not None and alt.phase == rp.name else [])
+        occupancy = list(rp.occupancy) + (list(alt.occupancy) if alt is not None and alt.phase == rp.name else [])
+        refine = rp.refine
+        if alt is not None and alt.phase == rp.name and alt.refine is not None:
+            refine = alt.refine
+        try:
+            st = _structure(exp, rp, ph, sites)
+        except StructureError as exc:
+            raise ConfigError(where, [(f"refinement.phases.{i}.structure", str(exc))]) from None
+        if refine is None:
+            refine = _DEFAULT_REFINE.get(kind, []) if rp.structure == "template" else []
+        z = rp.formula_units or _FORMULA_UNITS.get(kind)
+        cons = [_constraint(c, z, where, i) for c in occupancy]
+        profile = {"U": 0.0, "V": 0.0, "W": 2e-4, "X": 0.0, "Y": 0.01, **rp.profile}
+        out.append(PhaseModel(rp.name, st, refine=tuple(refine) if ref.method == "rietveld" else (),
+                              constraints=tuple(cons) if ref.method == "rietveld" else (), profile=profile,
+                              refine_profile=tuple(rp.refine_profile)))
+    return RefinementModel(out, wavelength_A=_wavelength(exp), method=ref.method,
+                           background_terms=ref.background_terms, correction=ref.correction,
+                           asymmetry=ref.asymmetry, polarization=ref.polarization, max_iter=ref.max_iter)
+
+
+def _constraint(c: OccupancySpec, z: int | None, where: str, i: int) -> OccupancyConstraint:
+    if c.total is not None and z is None:
+        raise ConfigError(where, [(f"refinement.phases.{i}.formula_units",
+                                   "an occupancy total per formula unit needs formula_units (Z) for this phase")])
+    return OccupancyConstraint(tuple(c.atoms), None if c.total is None else c.total * z)
+
+
+def _structure(exp: Experiment, rp, ph, sites: list[RefineAtomSpec]) -> Structure:
+    extra = [Atom(s.label, s.element, tuple(s.xyz), s.occupancy, s.b_iso) for s in sites]
+    if rp.structure != "template":
+        path = Path(rp.structure)
+        if not path.is_absolute() and exp.source is not None:
+            path = exp.source.parent / path
+        st = read_cif(path)
+        return st.with_atoms(list(st.atoms) + extra)
+    kind = ph.structure_kind
+    if kind in _FORMULA_UNITS:
+        return template(kind, a=ph.a, c=ph.c, z_o=ph.z_o, composition=rp.composition, na=rp.na,
+                        b_iso=rp.b_iso, extra=extra)
+    b = ph.b if ph.b is not None else ph.a
+    sg = ph.space_group
+    from .crystallography import crystal_system
+
+    system = crystal_system(sg)
+    cell = {"hexagonal": (ph.a, ph.a, ph.c, 90.0, 90.0, 120.0), "orthorhombic": (ph.a, b, ph.c, 90.0, 90.0, 90.0),
+            "monoclinic": (ph.a, b, ph.c, 90.0, ph.beta or 90.0, 90.0)}[system]
+    return Structure(sg, cell, tuple(extra), name=ph.name)
+
+
+def _wavelength(exp: Experiment) -> float:
+    info_wl = None
+    try:
+        info_wl = open_run_info(exp.run.run_file)["wavelength_A"]
+    except Exception:
+        pass
+    if not info_wl:
+        raise ConfigError(str(exp.source or "experiment"), [(
+            "refinement", f"the run file {exp.run.run_file} has no wavelength; refinement needs one "
+                          "(integrate first, or give [patterns] wavelength_A)")])
+    return float(info_wl)
+
+
+# ----------------------------------------------------------------------------------------------
+# the sequential stage
+
+@dataclass
+class RefineSummary:
+    """What ``xrdpipe refine`` did."""
+
+    run_file: Path
+    csv_file: Path | None
+    method: str
+    frames: int = 0
+    refined: int = 0
+    skipped: int = 0
+    failed: dict[int, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    last: str = ""
+
+    def __str__(self) -> str:
+        per = f", {self.seconds / self.refined:.3f} s per frame" if self.refined else ""
+        lines = [f"refined {self.refined} frame(s) ({self.method}) in {self.seconds:.1f} s{per}; "
+                 f"{self.skipped} already done; {len(self.failed)} failed"]
+        for frame, msg in list(self.failed.items())[:5]:
+            lines.append(f"  frame {frame}: {msg}")
+        if self.last:
+            lines.append("last frame: " + self.last.replace("\n", "\n  "))
+        if self.csv_file:
+            lines.append(f"results: {self.csv_file}")
+        return "\n".join(lines)
+
+
+def _grid(exp: Experiment) -> tuple[np.ndarray, slice, dict]:
+    """The run's radial axis in 2θ and the columns of the refined range."""
+    from .crystallography import tth_from_q
+
+    info = open_run_info(exp.run.run_file)
+    radial, unit = np.asarray(info["radial"], float), info["unit"]
+    tth = radial if unit == "2th_deg" else tth_from_q(radial, info["wavelength_A"])
+    rng = exp.refinement.range
+    lo, hi = (rng if rng is not None else (radial[0], radial[-1]))
+    cols = np.flatnonzero((radial >= lo) & (radial <= hi))
+    if cols.size < 20:
+        raise ConfigError(str(exp.source or "experiment"), [(
+            "refinement.range", f"{[lo, hi]} holds {cols.size} points of the run's axis "
+                                f"({radial[0]:g} to {radial[-1]:g} {unit}); 20 at least are needed")])
+    return tth, slice(int(cols[0]), int(cols[-1]) + 1), info
+
+
+def _fingerprint(exp: Experiment) -> str:
+    from . import __version__
+
+    info = open_run_info(exp.run.run_file)
+    return json.dumps({"xrdpipe": __version__, "refinement": exp.refinement.model_dump(mode="json"),
+                       "phases": [p.model_dump(mode="json") for p in exp.phases],
+                       "patterns": info["fingerprint"]}, sort_keys=True)
+
+
+def refine_experiment(exp: Experiment, *, progress: bool = True, restart: bool = False,
+                      frames: tuple[int, int] | None = None) -> RefineSummary:
+    """Refine every integrated frame of the run (``[refinement] frames`` or ``frames``: first
+    and last), in order, each from the last successful one; results in ``/entry/refinement``
+    and ``<output>/refine.csv``. Frames already refined with the same settings are kept."""
+    from .pipeline import _progress
+    from .safeio import transaction
+
+    t0 = time.perf_counter()
+    model = build_model(exp)
+    tth, cols, info = _grid(exp)
+    try:
+        refiner = Refiner(model, tth[cols])
+    except (RefinementError, StructureError) as exc:
+        raise ConfigError(str(exp.source or "experiment"), [("refinement", str(exc))]) from None
+    status = info["status"]
+    n = status.size
+    first, last = frames or exp.refinement.frames or (0, n - 1)
+    todo_all = np.flatnonzero((status == DONE) & (np.arange(n) >= first) & (np.arange(n) <= last))
+    summary = RefineSummary(exp.run.run_file, None, model.method, frames=int(todo_all.size))
+    names = refiner.names
+    n_refl = int(refiner.calc.offsets[-1])
+    with transaction(exp.run.run_file, checkpoint_s=exp.run.checkpoint_s):
+        store = _RefineStore.open(exp.run.run_file, n=n, names=names, n_points=cols.stop - cols.start,
+                                  n_refl=n_refl, phases=[p.name for p in model.phases],
+                                  fingerprint=_fingerprint(exp), restart=restart, tth=tth[cols])
+        with store:
+            done = store.done()
+            todo = todo_all[~done[todo_all]]
+            summary.skipped = int(todo_all.size - todo.size)
+            prev = store.last_success(before=int(todo[0]) if todo.size else n)
+            bar = _progress(int(todo.size), "refine", progress)
+            try:
+                for a in range(0, todo.size, 128):
+                    block = todo[a:a + 128]
+                    inten, sigma = read_pattern_block(exp.run.run_file, rows=block, columns=cols)
+                    for row, y, s in zip(block, inten, sigma):
+                        s = None if not np.isfinite(s).any() else s
+                        try:
+                            res = refiner.refine(y, s, start=prev)
+                            if not (np.isfinite(res.gof) and res.converged):
+                                raise RefinementError(res.message or f"GOF {res.gof}")
+                        except (RefinementError, np.linalg.LinAlgError, FloatingPointError, ValueError) as exc:
+                            store.write_failure(int(row), str(exc))
+                            summary.failed[int(row)] = str(exc)
+                        else:
+                            store.write(int(row), res)
+                            prev = res
+                            summary.last = res.table()
+                        summary.refined += 1
+                        bar.update(1)
+            finally:
+                bar.close()
+    summary.csv_file = write_refine_csv(exp)
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+class _RefineStore:
+    """``/entry/refinement`` of a run file, open for writing (one row per frame)."""
+
+    def __init__(self, writer, g):
+        self._w, self._g = writer, g
+
+    @classmethod
+    def open(cls, path: Path, *, n: int, names: list[str], n_points: int, n_refl: int, phases: list[str],
+             fingerprint: str, restart: bool, tth: np.ndarray) -> "_RefineStore":
+        from .store import _enter, _str_dtype, _Writer
+
+        stack, session = _enter(Path(path))
+        try:
+            h5 = session.writable()
+            entry = h5["/entry"]
+            if "refinement" in entry and (restart or entry["refinement"].attrs.get("fingerprint") != fingerprint):
+                del entry["refinement"]
+            if "refinement" not in entry:
+                g = entry.create_group("refinement")
+                g.attrs.update({"NX_class": "NXcollection", "fingerprint": fingerprint})
+                p = len(names)
+                for name in ("values", "esds"):
+                    g.create_dataset(name, shape=(n, p), maxshape=(None, p), dtype="f8", fillvalue=np.nan,
+                                     chunks=(min(max(n, 1), 256), p))
+                for name in ("calculated", "background"):
+                    g.create_dataset(name, shape=(n, n_points), maxshape=(None, n_points), dtype="f4",
+                                     fillvalue=np.nan, chunks=(1, n_points))
+                g.create_dataset("lebail_intensity", shape=(n, max(n_refl, 1)), maxshape=(None, max(n_refl, 1)),
+                                 dtype="f8", fillvalue=np.nan, chunks=(1, max(n_refl, 1)))
+                g.create_dataset("ticks", shape=(n, max(n_refl, 1)), maxshape=(None, max(n_refl, 1)), dtype="f4",
+                                 fillvalue=np.nan, chunks=(1, max(n_refl, 1)))
+                g.create_dataset("weight_fraction", shape=(n, len(phases)), maxshape=(None, len(phases)),
+                                 dtype="f8", fillvalue=np.nan)
+                g.create_dataset("weight_fraction_err", shape=(n, len(phases)), maxshape=(None, len(phases)),
+                                 dtype="f8", fillvalue=np.nan)
+                for name in ("rwp", "rexp", "gof"):
+                    g.create_dataset(name, shape=(n,), maxshape=(None,), dtype="f8", fillvalue=np.nan)
+                g.create_dataset("n_iter", shape=(n,), maxshape=(None,), dtype="i4")
+                g.create_dataset("status", shape=(n,), maxshape=(None,), dtype="i1")
+                g.create_dataset("message", shape=(n,), maxshape=(None,), dtype=_str_dtype())
+                g.create_dataset("refined", data=np.zeros(p, "i1"))
+                g.create_dataset("parameter", data=np.array(names, dtype=object), dtype=_str_dtype())
+                g.create_dataset("phase", data=np.array(phases, dtype=object), dtype=_str_dtype())
+                g.create_dataset("tick_phase", shape=(max(n_refl, 1),), dtype="i2")
+                g.create_dataset("tth", data=np.asarray(tth, float)).attrs["units"] = "degrees"
+            g = entry["refinement"]
+            if g["status"].shape[0] < n:
+                for ds in g.values():
+                    if hasattr(ds, "maxshape") and ds.maxshape and ds.maxshape[0] is None:
+                        ds.resize((n, *ds.shape[1:]))
+            return cls(_Writer(session, stack, Path(path)), g)
+        except BaseException:
+            stack.close()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._w.__exit__(*exc)
+
+    def done(self) -> np.ndarray:
+        return self._g["status"][()] > 0
+
+    def last_success(self, before: int) -> RefinementResult | None:
+        """The last successful row before ``before`` as a start (values and Le Bail intensities)."""
+        st = self._g["status"][:before]
+        ok = np.flatnonzero(st == OK)
+        if not ok.size:
+            return None
+        r = int(ok[-1])
+        theta = self._g["values"][r]
+        I = self._g["lebail_intensity"][r]
+        names = [v.decode() if isinstance(v, bytes) else v for v in self._g["parameter"][()]]
+        return RefinementResult(names, theta, np.full(theta.size, np.nan), np.zeros(theta.size, bool), np.nan,
+                                np.nan, np.nan, 0, 0, 0, True, "", np.zeros(0), np.zeros(0), np.zeros(0),
+                                np.zeros(0), [], [], None if np.isnan(I).all() else I, [], theta=theta)
+
+    def write(self, row: int, res: RefinementResult) -> None:
+        g = self._g
+        g["values"][row] = res.values
+        g["esds"][row] = res.esds
+        g["refined"][...] = res.refined.astype("i1")
+        g["calculated"][row] = res.calculated
+        g["background"][row] = res.background
+        ticks = np.concatenate(res.ticks) if res.ticks else np.zeros(0)
+        g["ticks"][row, :ticks.size] = ticks
+        if row == 0 or not g["tick_phase"][()].any():
+            g["tick_phase"][:ticks.size] = np.concatenate([np.full(t.size, p) for p, t in enumerate(res.ticks)])
+        if res.lebail_I is not None:
+            g["lebail_intensity"][row, :res.lebail_I.size] = res.lebail_I
+        for p, name in enumerate(res.phase_names):
+            w = res.weight_fractions.get(name)
+            if w is not None:
+                g["weight_fraction"][row, p], g["weight_fraction_err"][row, p] = w
+        g["rwp"][row], g["rexp"][row], g["gof"][row], g["n_iter"][row] = res.rwp, res.rexp, res.gof, res.n_iter
+        g["message"][row] = res.message
+        g["status"][row] = OK          # last: a row counts once its results are in
+        self._w._maybe_flush()
+
+    def write_failure(self, row: int, message: str) -> None:
+        self._g["message"][row] = message[:500]
+        self._g["status"][row] = FAILED
+        self._w._maybe_flush()
+
+
+def read_refinement(run_file: Path | str) -> dict | None:
+    """``/entry/refinement`` of a run file as arrays (None before ``xrdpipe refine``)."""
+    return read_table(run_file, "refinement")
+
+
+def write_refine_csv(exp: Experiment) -> Path | None:
+    """``<output>/refine.csv``: one row per refined frame and phase (see :data:`REFINE_COLUMNS`)."""
+    from .safeio import atomic_output
+
+    d = read_table(exp.run.run_file, "refinement", names=(
+        "values", "esds", "refined", "status", "message", "rwp", "rexp", "gof", "n_iter", "parameter", "phase",
+        "weight_fraction", "weight_fraction_err"))
+    if d is None:
+        return None
+    info = open_run_info(exp.run.run_file)
+    ec = read_table(exp.run.run_file, "electrochemistry", names=("x", "voltage_V"))
+    names = list(d["parameter"])
+    phases = list(d["phase"])
+    specs = {p.name: p for p in exp.phases}
+    struct_cols: list[str] = []
+    for nm in names:
+        ph, _, rest = nm.partition(".")
+        if ph in phases and ":" in rest and rest not in struct_cols:
+            struct_cols.append(rest)
+    header = list(REFINE_COLUMNS) + [c for s in struct_cols for c in (s, s + "_err")]
+    rows = np.flatnonzero(d["status"] > 0)
+    path = exp.run.output / "refine.csv"
+    idx = {nm: i for i, nm in enumerate(names)}
+
+    def fmt(v) -> str:
+        return "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.8g}"
+
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        for r in rows:
+            vals, esds = d["values"][r], d["esds"][r]
+            ok = d["status"][r] == OK
+
+            def get(name, err=False):
+                i = idx.get(name)
+                if i is None or not ok:
+                    return None
+                v = (esds if err else vals)[i]
+                return float(v) if (not err or d["refined"][i]) else None
+
+            for p, ph in enumerate(phases):
+                spec = specs.get(ph)
+                system = "hexagonal"
+                if spec is not None:
+                    from .crystallography import crystal_system
+
+                    system = crystal_system(spec.space_group)
+                cell = {k: get(f"{ph}.{k}") for k in ("a", "b", "c", "beta")}
+                cerr = {k: get(f"{ph}.{k}", True) for k in ("a", "b", "c", "beta")}
+                vol, verr = _volume(system, cell, cerr)
+                row = [int(r), fmt(float(info["time_s"][r])), fmt(float(ec["voltage_V"][r]) if ec else None),
+                       fmt(float(ec["x"][r]) if ec else None), ph, "ok" if ok else "failed", d["message"][r],
+                       fmt(float(d["rwp"][r])), fmt(float(d["rexp"][r])), fmt(float(d["gof"][r])), int(d["n_iter"][r]),
+                       fmt(cell["a"]), fmt(cerr["a"]), fmt(cell["b"]), fmt(cerr["b"]), fmt(cell["c"]), fmt(cerr["c"]),
+                       fmt(cell["beta"]), fmt(cerr["beta"]), fmt(vol), fmt(verr),
+                       fmt(float(d["weight_fraction"][r, p]) if ok else None),
+                       fmt(float(d["weight_fraction_err"][r, p]) if ok else None),
+                       fmt(get(f"{ph}.scale")), fmt(get(f"{ph}.scale", True)),
+                       *[fmt(get(f"{ph}.{k}")) for k in "UVWXY"],
+                       fmt(get("zero")), fmt(get("zero", True)), fmt(get("displacement")), fmt(get("displacement", True))]
+                for s in struct_cols:
+                    row += [fmt(get(f"{ph}.{s}")), fmt(get(f"{ph}.{s}", True))]
+                w.writerow(row)
+    return path
+
+
+def _volume(system: str, cell: dict, err: dict) -> tuple[float | None, float | None]:
+    """Cell volume and its esd (esds of the cell parameters taken as independent)."""
+    a, c = cell.get("a"), cell.get("c")
+    if a is None or c is None:
+        return None, None
+    b = cell.get("b") or a
+    if system == "hexagonal":
+        v = math.sqrt(3) / 2 * a * a * c
+        parts = [2 * v / a * (err.get("a") or 0.0), v / c * (err.get("c") or 0.0)]
+    elif system == "orthorhombic":
+        v = a * b * c
+        parts = [v / a * (err.get("a") or 0.0), v / b * (err.get("b") or 0.0), v / c * (err.get("c") or 0.0)]
+    else:
+        beta = math.radians(cell.get("beta") or 90.0)
+        v = a * b * c * math.sin(beta)
+        parts = [v / a * (err.get("a") or 0.0), v / b * (err.get("b") or 0.0), v / c * (err.get("c") or 0.0),
+                 v / math.tan(beta) * math.radians(err.get("beta") or 0.0)]
+    return v, math.sqrt(sum(x * x for x in parts))
+
+
+# ----------------------------------------------------------------------------------------------
+# model comparison
+
+def compare_models(exp: Experiment, frame: int | None = None) -> tuple[int, list[tuple[str, RefinementResult]], Path]:
+    """Refine the base model and every ``[[refinement.models]]`` entry on one frame (default:
+    the first integrated frame of the refined range); returns the frame, ``(name, result)``
+    pairs and ``<output>/refine_compare.csv`` (statistics and parameters side by side)."""
+    from .safeio import atomic_output
+
+    tth, cols, info = _grid(exp)
+    status = info["status"]
+    if frame is None:
+        lo = (exp.refinement.frames or (0, status.size - 1))[0]
+        ok = np.flatnonzero((status == DONE) & (np.arange(status.size) >= lo))
+        if not ok.size:
+            raise ConfigError(str(exp.source or "experiment"), [("refinement", "no integrated frame to refine")])
+        frame = int(ok[0])
+    if not 0 <= frame < status.size or status[frame] != DONE:
+        raise ConfigError(str(exp.source or "experiment"), [(
+            "refinement", f"frame {frame} is not an integrated frame of {exp.run.run_file} (0 to {status.size - 1})")])
+    y, s = read_pattern_block(exp.run.run_file, rows=[frame], columns=cols)
+    sig = s[0] if np.isfinite(s[0]).any() else None
+    results = []
+    for name in [None] + [m.name for m in exp.refinement.models]:
+        model = build_model(exp, model=name)
+        results.append((name or "base", Refiner(model, tth[cols]).refine(y[0], sig)))
+    path = exp.run.output / "refine_compare.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    params = list(dict.fromkeys(n for _, r in results for n, f in zip(r.names, r.refined) if f
+                                and not n.startswith("bkg_")))
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["quantity"] + [n for n, _ in results])
+        for label, get in (("rwp", lambda r: r.rwp), ("rexp", lambda r: r.rexp), ("gof", lambda r: r.gof),
+                           ("n_params", lambda r: r.n_params)):
+            w.writerow([label] + [f"{get(r):.6g}" for _, r in results])
+        for p in params:
+            w.writerow([p] + [(f"{r.value(p):.6g}" if p in r.names and r.refined[r.names.index(p)] else "")
+                              for _, r in results])
+            w.writerow([p + "_err"] + [(f"{r.esd(p):.2g}" if p in r.names and r.refined[r.names.index(p)] else "")
+                                       for _, r in results])
+    return frame, results, path
+
