@@ -751,8 +751,6 @@ def plot_refinement(run_file: Path | str, frame: int, *, width_mm: float = 180.0
             "it was not refined")
         raise PlotError(f"frame {frame} of {run_file}: {why} (refined frames: "
                         f"{', '.join(map(str, ok[:10])) or 'none'}{' ...' if ok.size > 10 else ''})")
-    import h5py  # noqa: F401  (read through the store's reader below)
-
     from .store import _reading
 
     with _reading(run_file) as h5:

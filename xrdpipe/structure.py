@@ -18,7 +18,7 @@ Example
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -299,11 +299,3 @@ def template(kind: str, *, a: float, c: float, z_o: float | None = None,
                              "(or give a CIF file)")
     return Structure(sg, (a, a, c, 90.0, 90.0, 120.0), tuple(atoms) + tuple(extra), name=kind)
 
-
-@dataclass
-class CoordinateLink:
-    """How a refined oxygen parameter moves atoms: ``xyz = base + z_o * direction``."""
-
-    atom: int
-    base: np.ndarray
-    direction: np.ndarray = field(default_factory=lambda: np.array([0.0, 0.0, 1.0]))
