@@ -196,6 +196,18 @@ O1 O 0 0 0.23257 1.0 0.6
 # ----------------------------------------------------------------------------------------------
 # the stage: a synthetic operando series through `xrdpipe refine`
 
+def _experiment(tmp_path, name, sections):
+    """exp.toml for the .xye patterns p_*.xye in tmp_path, results in out/, then ``sections``."""
+    (tmp_path / "exp.toml").write_text(f"""schema_version = 1
+[run]
+name = "{name}"
+output = "out"
+[patterns]
+files = "p_*.xye"
+wavelength_A = {WL}
+""" + sections)
+
+
 def _series(tmp_path, n=8):
     """O3 shrinking in a and growing in c over n frames (truth.csv), one frame with no counts."""
     a = np.linspace(2.9852, 2.9700, n)
@@ -205,14 +217,7 @@ def _series(tmp_path, n=8):
         if i == 3:
             y, s = np.zeros_like(y), np.zeros_like(y)        # a dead frame
         np.savetxt(tmp_path / f"p_{i:03d}.xye", np.column_stack([X, y, s]))
-    (tmp_path / "exp.toml").write_text(f"""schema_version = 1
-[run]
-name = "seq"
-output = "out"
-[patterns]
-files = "p_*.xye"
-wavelength_A = {WL}
-[[phases]]
+    _experiment(tmp_path, "seq", """[[phases]]
 name = "O3"
 [refinement]
 method = "lebail"
@@ -255,14 +260,7 @@ def test_sequential_refinement_tracks_the_cell_in_every_frame(tmp_path):
 def test_model_comparison_from_the_experiment_file(tmp_path):
     y, s = noisy(profile(o3(fe_tet=0.02), 2e-3) + 200.0, seed=7)
     np.savetxt(tmp_path / "p_000.xye", np.column_stack([X, y, s]))
-    (tmp_path / "exp.toml").write_text(f"""schema_version = 1
-[run]
-name = "cmp"
-output = "out"
-[patterns]
-files = "p_*.xye"
-wavelength_A = {WL}
-[[phases]]
+    _experiment(tmp_path, "cmp", """[[phases]]
 name = "O3"
 a = 2.985
 c = 16.0
@@ -271,18 +269,18 @@ method = "rietveld"
 polarization = "unpolarised"
 [[refinement.phases]]
 name = "O3"
-composition = {{ Ni = 0.3333333, Fe = 0.3333333, Mn = 0.3333333 }}
-b_iso = {{ Na = 1.0, TM = 0.3, O = 0.6 }}
+composition = { Ni = 0.3333333, Fe = 0.3333333, Mn = 0.3333333 }
+b_iso = { Na = 1.0, TM = 0.3, O = 0.6 }
 [[refinement.models]]
 name = "Fe octahedral"
 phase = "O3"
-sites = [{{ label = "Fe_Na", element = "Fe", xyz = [0, 0, 0], occupancy = 0.005, b_iso = 0.3 }}]
-occupancy = [{{ atoms = ["Fe_Na", "Fe"] }}]
+sites = [{ label = "Fe_Na", element = "Fe", xyz = [0, 0, 0], occupancy = 0.005, b_iso = 0.3 }]
+occupancy = [{ atoms = ["Fe_Na", "Fe"] }]
 [[refinement.models]]
 name = "Fe tetrahedral"
 phase = "O3"
-sites = [{{ label = "Fe_tet", element = "Fe", xyz = [0, 0, 0.3837], occupancy = 0.005, b_iso = 0.3 }}]
-occupancy = [{{ atoms = ["Fe_tet", "Fe"], total = 0.3333333 }}]
+sites = [{ label = "Fe_tet", element = "Fe", xyz = [0, 0, 0.3837], occupancy = 0.005, b_iso = 0.3 }]
+occupancy = [{ atoms = ["Fe_tet", "Fe"], total = 0.3333333 }]
 """)
     runner = CliRunner()
     assert runner.invoke(main, ["integrate", str(tmp_path / "exp.toml"), "-q"]).exit_code == 0

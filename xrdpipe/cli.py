@@ -159,8 +159,8 @@ def refine(experiment: str, frame_range: str | None, restart: bool, compare: boo
         _stage(experiment, run, "nothing is written before the comparison ends")
         return
     rng = _frame_list("--frames", frame_range)
-    if rng is not None and len(rng) != 2:
-        _fail(ValueError(f"--frames: expected FIRST,LAST, got {frame_range!r}"))
+    if rng is not None and (len(rng) != 2 or not 0 <= rng[0] <= rng[1]):
+        _fail(ValueError(f"--frames: expected FIRST,LAST with 0 <= FIRST <= LAST, got {frame_range!r}"))
     _stage(experiment, lambda exp: refine_experiment(exp, progress=not quiet, restart=restart,
                                                      frames=tuple(rng) if rng else None),
            "every frame refined so far is in the run file")
@@ -305,7 +305,9 @@ def plot(experiment: str, kinds, formats, windows, axis, vertical, scale, agains
         spec = exp.plots
         top = {k: v for k, v in (("formats", list(formats)), ("dpi", dpi)) if v}
         for kind in kinds or spec.kinds or ["contour", "lattice", "fractions", "fit", "waterfall"]:
-            sub = getattr(spec, kind)
+            sub = getattr(spec, kind, None)
+            if sub is None:          # refinement: no options of its own yet (the last refined frame)
+                continue
             upd = {"width_mm": width_mm, "height_mm": height_mm}
             if kind in ("contour", "fit") and windows:
                 upd["windows"] = list(windows)

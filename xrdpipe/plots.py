@@ -756,10 +756,8 @@ def plot_refinement(run_file: Path | str, frame: int, *, width_mm: float = 180.0
     with _reading(run_file) as h5:
         g = h5["/entry/refinement"]
         calc, bkg, ticks = g["calculated"][frame], g["background"][frame], g["ticks"][frame]
-    info = open_run_info(run_file)
     tth = d["tth"]
-    radial = info["radial"]
-    lo = int(np.argmin(np.abs(_to_axis(radial, "tth", info["unit"], info["wavelength_A"]) - tth[0])))
+    lo = int(d["attrs"]["first_column"])
     obs, _ = read_pattern_block(run_file, rows=[frame], columns=slice(lo, lo + tth.size))
     obs = obs[0]
     phases = list(d["phase"])

@@ -48,9 +48,10 @@ OK, FAILED = 1, 2
 # ----------------------------------------------------------------------------------------------
 # the model from the experiment file
 
-def build_model(exp: Experiment, *, model: str | None = None) -> RefinementModel:
+def build_model(exp: Experiment, *, model: str | None = None, info: dict | None = None) -> RefinementModel:
     """The refinement of ``exp`` (``model``: the name of a ``[[refinement.models]]`` entry to
-    apply to its phase)."""
+    apply to its phase; ``info``: the run file's :func:`~xrdpipe.store.open_run_info`, read
+    here when not given, for the wavelength)."""
     ref = exp.refinement
     where = str(exp.source or "experiment")
     if ref is None:
@@ -84,7 +85,8 @@ def build_model(exp: Experiment, *, model: str | None = None) -> RefinementModel
         out.append(PhaseModel(rp.name, st, refine=tuple(refine) if ref.method == "rietveld" else (),
                               constraints=tuple(cons) if ref.method == "rietveld" else (), profile=profile,
                               refine_profile=tuple(rp.refine_profile)))
-    return RefinementModel(out, wavelength_A=_wavelength(exp), method=ref.method,
+    info = info or _run_info(exp)
+    return RefinementModel(out, wavelength_A=float(info["wavelength_A"]), method=ref.method,
                            background_terms=ref.background_terms, correction=ref.correction,
                            asymmetry=ref.asymmetry, polarization=ref.polarization, max_iter=ref.max_iter)
 
@@ -118,17 +120,22 @@ def _structure(exp: Experiment, rp, ph, sites: list[RefineAtomSpec]) -> Structur
     return Structure(sg, cell, tuple(extra), name=ph.name)
 
 
-def _wavelength(exp: Experiment) -> float:
-    info_wl = None
+def _run_info(exp: Experiment) -> dict:
+    """The run file's axis, wavelength and frame status; a clear error before integration."""
+    from .store import StoreError
+
+    where = str(exp.source or "experiment")
+    if not Path(exp.run.run_file).exists():
+        raise ConfigError(where, [("refinement", f"no run file {exp.run.run_file} yet; run 'xrdpipe integrate' first")])
     try:
-        info_wl = open_run_info(exp.run.run_file)["wavelength_A"]
-    except Exception:
-        pass
-    if not info_wl:
-        raise ConfigError(str(exp.source or "experiment"), [(
+        info = open_run_info(exp.run.run_file)
+    except StoreError as exc:
+        raise ConfigError(where, [("refinement", str(exc))]) from None
+    if not info["wavelength_A"]:
+        raise ConfigError(where, [(
             "refinement", f"the run file {exp.run.run_file} has no wavelength; refinement needs one "
-                          "(integrate first, or give [patterns] wavelength_A)")])
-    return float(info_wl)
+                          "(give [patterns] wavelength_A, or a PONI with the wavelength)")])
+    return info
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,11 +168,10 @@ class RefineSummary:
         return "\n".join(lines)
 
 
-def _grid(exp: Experiment) -> tuple[np.ndarray, slice, dict]:
+def _grid(exp: Experiment, info: dict) -> tuple[np.ndarray, slice]:
     """The run's radial axis in 2θ and the columns of the refined range."""
     from .crystallography import tth_from_q
 
-    info = open_run_info(exp.run.run_file)
     radial, unit = np.asarray(info["radial"], float), info["unit"]
     tth = radial if unit == "2th_deg" else tth_from_q(radial, info["wavelength_A"])
     rng = exp.refinement.range
@@ -175,13 +181,12 @@ def _grid(exp: Experiment) -> tuple[np.ndarray, slice, dict]:
         raise ConfigError(str(exp.source or "experiment"), [(
             "refinement.range", f"{[lo, hi]} holds {cols.size} points of the run's axis "
                                 f"({radial[0]:g} to {radial[-1]:g} {unit}); 20 at least are needed")])
-    return tth, slice(int(cols[0]), int(cols[-1]) + 1), info
+    return tth, slice(int(cols[0]), int(cols[-1]) + 1)
 
 
-def _fingerprint(exp: Experiment) -> str:
+def _fingerprint(exp: Experiment, info: dict) -> str:
     from . import __version__
 
-    info = open_run_info(exp.run.run_file)
     return json.dumps({"xrdpipe": __version__, "refinement": exp.refinement.model_dump(mode="json"),
                        "phases": [p.model_dump(mode="json") for p in exp.phases],
                        "patterns": info["fingerprint"]}, sort_keys=True)
@@ -196,8 +201,9 @@ def refine_experiment(exp: Experiment, *, progress: bool = True, restart: bool =
     from .safeio import transaction
 
     t0 = time.perf_counter()
-    model = build_model(exp)
-    tth, cols, info = _grid(exp)
+    info = _run_info(exp)
+    model = build_model(exp, info=info)
+    tth, cols = _grid(exp, info)
     try:
         refiner = Refiner(model, tth[cols])
     except (RefinementError, StructureError) as exc:
@@ -208,11 +214,12 @@ def refine_experiment(exp: Experiment, *, progress: bool = True, restart: bool =
     todo_all = np.flatnonzero((status == DONE) & (np.arange(n) >= first) & (np.arange(n) <= last))
     summary = RefineSummary(exp.run.run_file, None, model.method, frames=int(todo_all.size))
     names = refiner.names
-    n_refl = int(refiner.calc.offsets[-1])
     with transaction(exp.run.run_file, checkpoint_s=exp.run.checkpoint_s):
-        store = _RefineStore.open(exp.run.run_file, n=n, names=names, n_points=cols.stop - cols.start,
-                                  n_refl=n_refl, phases=[p.name for p in model.phases],
-                                  fingerprint=_fingerprint(exp), restart=restart, tth=tth[cols])
+        offsets = refiner.calc.offsets
+        store = _RefineStore.open(exp.run.run_file, n=n, names=names, columns=cols,
+                                  tick_phase=np.repeat(np.arange(offsets.size - 1), np.diff(offsets)),
+                                  phases=[p.name for p in model.phases], fingerprint=_fingerprint(exp, info),
+                                  restart=restart, tth=tth[cols])
         with store:
             done = store.done()
             todo = todo_all[~done[todo_all]]
@@ -252,10 +259,11 @@ class _RefineStore:
         self._w, self._g = writer, g
 
     @classmethod
-    def open(cls, path: Path, *, n: int, names: list[str], n_points: int, n_refl: int, phases: list[str],
-             fingerprint: str, restart: bool, tth: np.ndarray) -> "_RefineStore":
+    def open(cls, path: Path, *, n: int, names: list[str], columns: slice, tick_phase: np.ndarray,
+             phases: list[str], fingerprint: str, restart: bool, tth: np.ndarray) -> "_RefineStore":
         from .store import _enter, _str_dtype, _Writer
 
+        n_points, n_refl = columns.stop - columns.start, int(tick_phase.size)
         stack, session = _enter(Path(path))
         try:
             h5 = session.writable()
@@ -264,7 +272,8 @@ class _RefineStore:
                 del entry["refinement"]
             if "refinement" not in entry:
                 g = entry.create_group("refinement")
-                g.attrs.update({"NX_class": "NXcollection", "fingerprint": fingerprint})
+                g.attrs.update({"NX_class": "NXcollection", "fingerprint": fingerprint,
+                                "first_column": columns.start})   # of the pattern stack
                 p = len(names)
                 for name in ("values", "esds"):
                     g.create_dataset(name, shape=(n, p), maxshape=(None, p), dtype="f8", fillvalue=np.nan,
@@ -288,7 +297,7 @@ class _RefineStore:
                 g.create_dataset("refined", data=np.zeros(p, "i1"))
                 g.create_dataset("parameter", data=np.array(names, dtype=object), dtype=_str_dtype())
                 g.create_dataset("phase", data=np.array(phases, dtype=object), dtype=_str_dtype())
-                g.create_dataset("tick_phase", shape=(max(n_refl, 1),), dtype="i2")
+                g.create_dataset("tick_phase", data=tick_phase.astype("i2"))
                 g.create_dataset("tth", data=np.asarray(tth, float)).attrs["units"] = "degrees"
             g = entry["refinement"]
             if g["status"].shape[0] < n:
@@ -332,8 +341,6 @@ class _RefineStore:
         g["background"][row] = res.background
         ticks = np.concatenate(res.ticks) if res.ticks else np.zeros(0)
         g["ticks"][row, :ticks.size] = ticks
-        if row == 0 or not g["tick_phase"][()].any():
-            g["tick_phase"][:ticks.size] = np.concatenate([np.full(t.size, p) for p, t in enumerate(res.ticks)])
         if res.lebail_I is not None:
             g["lebail_intensity"][row, :res.lebail_I.size] = res.lebail_I
         for p, name in enumerate(res.phase_names):
@@ -369,7 +376,10 @@ def write_refine_csv(exp: Experiment) -> Path | None:
     ec = read_table(exp.run.run_file, "electrochemistry", names=("x", "voltage_V"))
     names = list(d["parameter"])
     phases = list(d["phase"])
+    from .crystallography import crystal_system
+
     specs = {p.name: p for p in exp.phases}
+    systems = {ph: crystal_system(specs[ph].space_group) if ph in specs else "hexagonal" for ph in phases}
     struct_cols: list[str] = []
     for nm in names:
         ph, _, rest = nm.partition(".")
@@ -398,12 +408,7 @@ def write_refine_csv(exp: Experiment) -> Path | None:
                 return float(v) if (not err or d["refined"][i]) else None
 
             for p, ph in enumerate(phases):
-                spec = specs.get(ph)
-                system = "hexagonal"
-                if spec is not None:
-                    from .crystallography import crystal_system
-
-                    system = crystal_system(spec.space_group)
+                system = systems[ph]
                 cell = {k: get(f"{ph}.{k}") for k in ("a", "b", "c", "beta")}
                 cerr = {k: get(f"{ph}.{k}", True) for k in ("a", "b", "c", "beta")}
                 vol, verr = _volume(system, cell, cerr)
@@ -452,7 +457,8 @@ def compare_models(exp: Experiment, frame: int | None = None) -> tuple[int, list
     pairs and ``<output>/refine_compare.csv`` (statistics and parameters side by side)."""
     from .safeio import atomic_output
 
-    tth, cols, info = _grid(exp)
+    info = _run_info(exp)
+    tth, cols = _grid(exp, info)
     status = info["status"]
     if frame is None:
         lo = (exp.refinement.frames or (0, status.size - 1))[0]
@@ -467,7 +473,7 @@ def compare_models(exp: Experiment, frame: int | None = None) -> tuple[int, list
     sig = s[0] if np.isfinite(s[0]).any() else None
     results = []
     for name in [None] + [m.name for m in exp.refinement.models]:
-        model = build_model(exp, model=name)
+        model = build_model(exp, model=name, info=info)
         results.append((name or "base", Refiner(model, tth[cols]).refine(y[0], sig)))
     path = exp.run.output / "refine_compare.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
