@@ -308,3 +308,115 @@ def test_refinement_config_errors_name_the_key(tmp_path):
                                                     '[[refinement.phases]]\nname = "O3"\nstructure = "missing.cif"'))
     with pytest.raises(ConfigError, match="no such CIF file"):
         load_experiment(tmp_path / "bad.toml")
+
+
+def test_rietveld_weight_fractions_become_the_phase_fractions_of_the_lattice(tmp_path):
+    """O3 turning into P3 over four frames: `xrdpipe run` fits the (003) peaks and refines the
+    whole patterns; lattice.csv takes the weight fractions (within 0.02 of the truth) and keeps
+    the peak-area fractions beside them; `fractions = "peaks"` gives the area fractions back."""
+    s_o3, s_p3 = o3(), p3()
+    dens = {k: float(st.density) for k, st in (("O3", s_o3), ("P3", s_p3))}
+    vol = {k: float(st.volume) for k, st in (("O3", s_o3), ("P3", s_p3))}
+    w_o3 = np.array([0.8, 0.6, 0.4, 0.2])
+    for i, w in enumerate(w_o3):
+        y = (profile(s_o3, 4e3 * w / dens["O3"] / vol["O3"] ** 2)
+             + profile(s_p3, 4e3 * (1 - w) / dens["P3"] / vol["P3"] ** 2, fwhm=0.04, eta=0.3) + 200.0)
+        y, s = noisy(y, seed=20 + i)
+        np.savetxt(tmp_path / f"p_{i:03d}.xye", np.column_stack([X, y, s]))
+    sections = """[[phases]]
+name = "O3"
+space_group = "R-3m"
+a = 2.98
+c = 16.0
+[[phases]]
+name = "P3"
+space_group = "R3m"
+a = 2.935
+c = 16.70
+z_o = 0.057
+[[windows]]
+name = "003"
+range = [6.2, 6.9]
+peaks = ["P3 003", "O3 003"]
+[refinement]
+method = "rietveld"
+polarization = "unpolarised"
+[[refinement.phases]]
+name = "O3"
+composition = { Ni = 0.3333333, Fe = 0.3333333, Mn = 0.3333333 }
+b_iso = { Na = 1.0, TM = 0.3, O = 0.6 }
+[[refinement.phases]]
+name = "P3"
+composition = { Ni = 0.3333333, Fe = 0.3333333, Mn = 0.3333333 }
+na = 0.6
+b_iso = { Na = 1.0, TM = 0.3, O = 0.6 }
+"""
+    _experiment(tmp_path, "wf", sections)
+    runner = CliRunner()
+    res = runner.invoke(main, ["run", str(tmp_path / "exp.toml"), "-q"])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(open(tmp_path / "out" / "lattice.csv")))
+    assert len(rows) == 8
+    for r in rows:
+        i, truth = int(r["frame"]), {"O3": w_o3[int(r["frame"])], "P3": 1 - w_o3[int(r["frame"])]}[r["phase"]]
+        assert r["fraction_source"] == "refinement"
+        assert float(r["fraction"]) == float(r["weight_fraction"])
+        assert abs(float(r["fraction"]) - truth) < 0.02 and 0 < float(r["fraction_err"]) < 0.02
+        assert r["area_fraction"] != "" and float(r["area_fraction"]) != float(r["fraction"])
+    # the same numbers as refine.csv
+    ref = {(r["frame"], r["phase"]): r for r in csv.DictReader(open(tmp_path / "out" / "refine.csv"))}
+    assert all(float(ref[r["frame"], r["phase"]]["weight_fraction"]) == pytest.approx(float(r["fraction"]), rel=1e-6)
+               for r in rows)
+    # peak areas only, on request
+    _experiment(tmp_path, "wf", sections + '[lattice]\nfractions = "peaks"\n')
+    res = runner.invoke(main, ["lattice", str(tmp_path / "exp.toml")])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(open(tmp_path / "out" / "lattice.csv")))
+    assert all(r["fraction_source"] == "peaks" and r["fraction"] == r["area_fraction"] and r["weight_fraction"] == ""
+               for r in rows)
+
+
+def test_le_bail_from_the_previous_frame_follows_a_jump_of_both_cells():
+    """Two phases, both cells 0.4 % away from the previous frame's (4 peak widths at the top of
+    the range): the previous intensities are held while the cells move, then re-extracted."""
+    models = [PhaseModel("O3", template("O3", a=2.98, c=16.02)), PhaseModel("P3", template("P3", a=2.935, c=16.70))]
+    model = RefinementModel(models, wavelength_A=WL, method="lebail")
+    y0, s0 = noisy(profile(o3(), 0.6e-3) + profile(p3(), 0.5e-3, fwhm=0.04, eta=0.3) + 200.0, seed=1)
+    k = 0.004
+    truth = {"O3.a": 2.9852 * (1 - k), "O3.c": 15.9967 * (1 + k), "P3.a": 2.93 * (1 + k), "P3.c": 16.72 * (1 - k)}
+    y1, s1 = noisy(profile(o3(truth["O3.a"], truth["O3.c"]), 0.6e-3)
+                   + profile(p3(truth["P3.a"], truth["P3.c"]), 0.5e-3, fwhm=0.04, eta=0.3) + 200.0, seed=2)
+    r0 = refine_pattern(model, X, y0, s0)
+    r1 = refine_pattern(model, X, y1, s1, start=r0)
+    assert r1.converged and r1.gof < 1.2
+    for name, v in truth.items():
+        assert abs(r1.value(name) / v - 1) < 1e-4, name
+
+
+def test_a_frame_that_diverges_is_recorded_failed_and_the_next_starts_from_the_last_good_one(tmp_path):
+    """Frame 2 has a cell 1 % away from frames 1 and 3: beyond any start the run has, so it is
+    refined twice (from frame 1, from the start values), recorded failed as diverged, and frame 3
+    refines from frame 1 again."""
+    cells = [(2.9852, 15.9967), (2.9850, 15.9980), (2.9852 * 0.99, 15.9967 * 1.01), (2.9848, 15.9990)]
+    for i, (a, c) in enumerate(cells):
+        y, s = noisy(profile(o3(a, c), 1e-3) + 200.0, seed=30 + i)
+        np.savetxt(tmp_path / f"p_{i:03d}.xye", np.column_stack([X, y, s]))
+    _experiment(tmp_path, "div", """[[phases]]
+name = "O3"
+a = 2.985
+c = 16.0
+[refinement]
+range = [6.0, 29.0]
+[[refinement.phases]]
+name = "O3"
+""")
+    runner = CliRunner()
+    assert runner.invoke(main, ["integrate", str(tmp_path / "exp.toml"), "-q"]).exit_code == 0
+    res = runner.invoke(main, ["refine", str(tmp_path / "exp.toml"), "-q"])
+    assert res.exit_code == 0, res.output
+    rows = {int(r["frame"]): r for r in csv.DictReader(open(tmp_path / "out" / "refine.csv"))}
+    assert rows[2]["status"] == "failed" and rows[2]["message"].startswith("diverged: GOF")
+    assert "frame 1, the last good one" in rows[2]["message"] and rows[2]["a_A"] == ""
+    for i in (0, 1, 3):
+        assert rows[i]["status"] == "ok" and float(rows[i]["gof"]) < 1.3
+        assert abs(float(rows[i]["a_A"]) / cells[i][0] - 1) < 1e-4 and abs(float(rows[i]["c_A"]) / cells[i][1] - 1) < 1e-4

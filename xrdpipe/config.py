@@ -478,12 +478,16 @@ class LatticeSpec(_Spec):
     """``[lattice]``: how cells and phase fractions come from the fitted peaks.
 
     ``correction`` adds a 2θ zero shift (``"zero"``) or a sample-displacement term
-    (``"displacement"``, ∝ cos θ) shared by the phases of a frame. Fractions come from the areas
-    of corresponding peaks of coexisting phases, or, with ``fraction_window``, from that window's
-    area of each phase against the whole window in ``reference_frame``.
+    (``"displacement"``, ∝ cos θ) shared by the phases of a frame. Peak-area fractions come from
+    the areas of corresponding peaks of coexisting phases, or, with ``fraction_window``, from that
+    window's area of each phase against the whole window in ``reference_frame``. ``fractions``
+    says which fraction the ``fraction`` column holds: ``"auto"`` (default) the Rietveld weight
+    fractions of ``xrdpipe refine`` in the frames it refined, peak areas elsewhere;
+    ``"refinement"`` weight fractions only; ``"peaks"`` peak areas only.
     """
 
     correction: Literal["none", "zero", "displacement"] = "none"
+    fractions: Literal["auto", "refinement", "peaks"] = "auto"
     fraction_window: str | None = None
     reference_frame: int = Field(default=0, ge=0)
 
@@ -626,7 +630,12 @@ class RefineModelSpec(_Spec):
 
 
 class RefinementSpec(_Spec):
-    """``[refinement]``: whole-pattern refinement of every frame (Le Bail or Rietveld)."""
+    """``[refinement]``: whole-pattern refinement of every frame (Le Bail or Rietveld).
+
+    ``gof_jump``: a frame whose GOF, refined from the last good frame, exceeds this multiple of
+    that frame's GOF is refined again from the start values (``[[phases]]``); when that does no
+    better, it is recorded as failed (diverged) and the next frame starts from the last good one.
+    """
 
     method: Literal["lebail", "rietveld"] = "lebail"
     range: tuple[float, float] | None = None
@@ -636,6 +645,7 @@ class RefinementSpec(_Spec):
     asymmetry: bool = True
     polarization: Literal["corrected", "unpolarised"] = "corrected"
     max_iter: int = Field(default=60, ge=2, le=1000)
+    gof_jump: float = Field(default=3.0, gt=1)
     phases: list[RefinePhaseSpec] = Field(min_length=1)
     models: list[RefineModelSpec] = []
 

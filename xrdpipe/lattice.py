@@ -11,7 +11,10 @@ Phase fractions: from the areas of corresponding peaks of coexisting phases in t
 (e.g. the (003) of O3 against the (003) of P3), each scaled by its area in the nearest frame
 where that phase was alone (the same reflection is not equally strong in two structures),
 inverse-variance averaged over such windows; or, with ``fraction_window``, the window's area of
-each phase against that of the whole window in a reference frame.
+each phase against that of the whole window in a reference frame. Where a Rietveld refinement of
+the frame succeeded (``xrdpipe refine``), ``fraction`` is its Hill-Howard weight fraction instead
+(``[lattice] fractions``); ``area_fraction`` and ``weight_fraction`` keep both, and
+``fraction_source`` says which one ``fraction`` is.
 
 Example
 -------
@@ -40,23 +43,26 @@ from .crystallography import (
 from .phases import GEOMETRY_KEYS, layer_geometry
 from .store import csv_number, write_csv
 
-__all__ = ["LatticeTable", "refine_lattice", "trend", "LATTICE_COLUMNS", "LATTICE_FIELDS"]
+__all__ = ["LatticeTable", "WeightFractions", "refine_lattice", "trend", "LATTICE_COLUMNS", "LATTICE_FIELDS"]
 
 #: The columns of lattice.csv (a public interface: extend, never rename).
 LATTICE_COLUMNS = ("frame", "time_s", "voltage_V", "x", "phase", "a_A", "a_err_A", "c_A", "c_err_A", "volume_A3",
                    "fraction", "fraction_err", "b_A", "b_err_A", "beta_deg", "beta_err_deg", "volume_err_A3",
-                   "n_reflections", "correction_deg", "correction_err_deg", *GEOMETRY_KEYS, "message")
+                   "n_reflections", "correction_deg", "correction_err_deg", *GEOMETRY_KEYS, "message",
+                   "fraction_source", "area_fraction", "area_fraction_err", "weight_fraction", "weight_fraction_err")
 #: Per (frame, phase) quantities.
 LATTICE_FIELDS = ("a_A", "a_err_A", "b_A", "b_err_A", "c_A", "c_err_A", "beta_deg", "beta_err_deg", "volume_A3",
                   "volume_err_A3", "fraction", "fraction_err", "n_reflections", "correction_deg",
-                  "correction_err_deg", *GEOMETRY_KEYS)
+                  "correction_err_deg", *GEOMETRY_KEYS, "area_fraction", "area_fraction_err", "weight_fraction",
+                  "weight_fraction_err")
 _CELL = {"hexagonal": ("a", "c"), "orthorhombic": ("a", "b", "c"), "monoclinic": ("a", "b", "c", "beta")}
 
 
 @dataclass
 class LatticeTable:
     """Cells and fractions of n frames: ``values[field]`` (n, P) for the phases ``phases``,
-    ``message`` (n, P); ``voltage_V`` and ``x`` stay NaN until the state of charge is known."""
+    ``message`` and ``fraction_source`` (n, P: ``"peaks"``, ``"refinement"`` or ``""``);
+    ``voltage_V`` and ``x`` stay NaN until the state of charge is known."""
 
     frame: np.ndarray
     time_s: np.ndarray
@@ -65,6 +71,7 @@ class LatticeTable:
     message: np.ndarray
     voltage_V: np.ndarray | None = None
     x: np.ndarray | None = None
+    fraction_source: np.ndarray | None = None
 
     def column(self, name: str, phase: str) -> np.ndarray:
         """One phase's series, e.g. ``lat.column("c_A", "O3")``."""
@@ -74,10 +81,12 @@ class LatticeTable:
         n = len(self.frame)
         volt = self.voltage_V if self.voltage_V is not None else np.full(n, np.nan)
         x = self.x if self.x is not None else np.full(n, np.nan)
+        source = self.fraction_source if self.fraction_source is not None else np.full(self.message.shape, "")
         for r in range(n):
             for i, phase in enumerate(self.phases):
                 row = {"frame": int(self.frame[r]), "time_s": csv_number(self.time_s[r]), "voltage_V": csv_number(volt[r]),
-                       "x": csv_number(x[r]), "phase": phase, "message": self.message[r, i] or ""}
+                       "x": csv_number(x[r]), "phase": phase, "message": self.message[r, i] or "",
+                       "fraction_source": source[r, i] or ""}
                 for name in LATTICE_FIELDS:
                     v = self.values[name][r, i]
                     row[name] = (str(int(v)) if name == "n_reflections" else csv_number(v))
@@ -197,11 +206,13 @@ def _refine_frame(obs, specs: Sequence[PhaseSpec], start: dict, *, unit: str, wa
 
 
 def refine_lattice(table, phases: Sequence[PhaseSpec], spec: LatticeSpec | None = None, *, unit: str,
-                   wavelength_A: float | None) -> LatticeTable:
+                   wavelength_A: float | None, weights: "WeightFractions | None" = None) -> LatticeTable:
     """Cells, volumes, layer geometry and fractions of every phase in every frame of a peak table.
 
     Frames where a phase shows no reflection have NaN cells for it (and fraction 0 when another
     phase is there); a phase whose reflections leave a parameter undetermined is flagged.
+    ``weights``: the weight fractions of a whole-pattern refinement of the same run, which
+    ``fraction`` takes where ``spec.fractions`` allows (see the module docstring).
     """
     spec = spec or LatticeSpec()
     n, names = len(table.frame), tuple(p.name for p in phases)
@@ -244,8 +255,55 @@ def refine_lattice(table, phases: Sequence[PhaseSpec], spec: LatticeSpec | None 
                     vals[key][r, i] = v
             start[i] = {**start[i], **{nm: cell[nm] for nm in idx}}  # the next frame starts here
     frac, frac_err = _fractions(table, phases, spec)
-    vals["fraction"], vals["fraction_err"] = frac, frac_err
-    return LatticeTable(np.asarray(table.frame), np.asarray(table.time_s, float), names, vals, msg)
+    vals["area_fraction"], vals["area_fraction_err"] = frac, frac_err
+    frames = np.asarray(table.frame)
+    source = _choose_fractions(vals, frames, names, weights, spec.fractions)
+    return LatticeTable(frames, np.asarray(table.time_s, float), names, vals, msg, fraction_source=source)
+
+
+@dataclass
+class WeightFractions:
+    """Weight fractions of a whole-pattern refinement: ``fraction`` and ``esd`` (rows, R) for
+    the run-file rows ``0..rows-1`` and the refined phases ``phases``; NaN where a frame was not
+    refined, failed, or was refined without a structure (Le Bail)."""
+
+    phases: tuple[str, ...]
+    fraction: np.ndarray
+    esd: np.ndarray
+
+
+def _choose_fractions(vals, frames: np.ndarray, names: Sequence[str], weights: WeightFractions | None,
+                      mode: str) -> np.ndarray:
+    """Fill ``weight_fraction`` and choose ``fraction`` per frame; returns its source (n, P).
+
+    A frame takes the refinement's fractions when every refined phase has one there; phases of
+    the experiment that the refinement left out are 0 in such a frame (the refinement says what
+    the pattern is made of)."""
+    n, p = len(frames), len(names)
+    use = np.zeros(n, bool)
+    if weights is not None and mode != "peaks":
+        inside = (frames >= 0) & (frames < weights.fraction.shape[0])
+        rows = np.where(inside, frames, 0)
+        wf, we = weights.fraction[rows], weights.esd[rows]
+        wf[~inside], we[~inside] = np.nan, np.nan
+        use = np.isfinite(wf).all(axis=1) if wf.shape[1] else use
+        for i, name in enumerate(names):
+            if name in weights.phases:
+                j = weights.phases.index(name)
+                vals["weight_fraction"][:, i], vals["weight_fraction_err"][:, i] = wf[:, j], we[:, j]
+            else:
+                vals["weight_fraction"][use, i], vals["weight_fraction_err"][use, i] = 0.0, 0.0
+    source = np.full((n, p), "", dtype=object)
+    if mode == "refinement":
+        vals["fraction"], vals["fraction_err"] = vals["weight_fraction"].copy(), vals["weight_fraction_err"].copy()
+        source[use] = "refinement"
+        return source
+    peaks = ~use
+    vals["fraction"] = np.where(use[:, None], vals["weight_fraction"], vals["area_fraction"])
+    vals["fraction_err"] = np.where(use[:, None], vals["weight_fraction_err"], vals["area_fraction_err"])
+    source[use] = "refinement"
+    source[peaks[:, None] & np.isfinite(vals["area_fraction"])] = "peaks"
+    return source
 
 
 def _families(hkl: np.ndarray) -> str:

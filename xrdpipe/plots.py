@@ -405,11 +405,13 @@ def _voltage_panel(ax, st: _States, vertical: str, vert, use) -> None:
 
 def _against(st: _States, against: str, frames: np.ndarray) -> tuple[np.ndarray, str]:
     """The abscissa of the lattice figures per frame (x, capacity or time), falling back to time
-    when the state of charge is unknown."""
+    when the state of charge is unknown, and to the frame number when the frames have no time."""
     if against == "x" and np.isfinite(st.x[frames]).any():
         return st.x[frames], _AGAINST_LABEL["x"]
     if against == "capacity" and np.isfinite(st.capacity[frames]).any():
         return st.capacity[frames], _AGAINST_LABEL["capacity"]
+    if not np.isfinite(st.time_h[frames]).any():
+        return np.asarray(frames, float), "Frame" + ("  (the frames have no times)" if against != "frame" else "")
     return st.time_h[frames], _AGAINST_LABEL["time"] + (
         "  (no state of charge: run 'xrdpipe echem')" if against != "time" else "")
 
@@ -516,7 +518,8 @@ def plot_lattice(run_file: Path | str, *, spec: LatticePlotSpec = LatticePlotSpe
         axes[-1].set_xlabel(xlabel)
         if xlabel == _AGAINST_LABEL["x"] and _first_moves_down(xv, direction):
             axes[-1].invert_xaxis()
-        axes[0].legend(loc="best", fontsize="small", handletextpad=0.1, ncol=min(4, len(phases)))
+        labelled = next((ax for ax in axes if ax.get_legend_handles_labels()[0]), axes[0])
+        labelled.legend(loc="best", fontsize="small", handletextpad=0.1, ncol=min(4, len(phases)))
         if (direction == "discharge").any() or together.any():
             _direction_legend(axes[-1])
     return fig
@@ -538,7 +541,9 @@ def plot_fractions(run_file: Path | str, *, spec: FractionsPlotSpec = FractionsP
         for i, ph in enumerate(phases):
             _series(ax, xv, lat["fraction"][:, i], lat["fraction_err"][:, i], _phase_colour(phases, ph), direction, ph)
         ax.set_ylim(-0.04, 1.04)
-        ax.set_ylabel("Phase fraction")
+        source = set(lat["fraction_source"][np.isfinite(lat["fraction"])]) if "fraction_source" in lat else {"peaks"}
+        ax.set_ylabel({frozenset({"refinement"}): "Weight fraction (Rietveld)",
+                       frozenset({"peaks"}): "Phase fraction (peak areas)"}.get(frozenset(source), "Phase fraction"))
         ax.set_xlabel(xlabel)
         if xlabel == _AGAINST_LABEL["x"] and _first_moves_down(xv, direction):
             ax.invert_xaxis()

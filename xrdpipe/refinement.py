@@ -59,6 +59,8 @@ LEBAIL_CYCLES = 8             # Le Bail extractions per least-squares iteration
 SHIFT_ESD = 0.01              # converged when every shift is below 1 % of its esd (Rietveld)
 LEBAIL_TOL = 1e-3
 SHIFT_ESD_LEBAIL = 0.05       # ... 5 % in Le Bail, whose intensities are re-extracted every step
+HOLD_ITERATIONS = 20          # Le Bail from a previous frame: at most this many steps with its intensities held
+HOLD_TOL = 5e-2               # ... and fewer once χ² falls by less than 5 % in a step
 
 
 class RefinementError(XrdpipeError):
@@ -588,6 +590,26 @@ class Refiner:
         return _refine(self.calc, np.asarray(y, float), sigma, start, tol)
 
 
+def _lm_step(calc, theta, I, free, As, gs, dscale, wt, y, chi2_now, lam):
+    """One Levenberg-Marquardt step on the scaled normal equations ``As``, ``gs`` (scaled by
+    ``dscale``): (step, θ, λ, χ²) after it, or step None (θ unchanged) when no damping lowers χ²."""
+    for _ in range(12):
+        try:
+            step = np.linalg.solve(As + lam * np.eye(As.shape[0]), gs) / dscale
+        except np.linalg.LinAlgError:
+            lam *= 10
+            continue
+        t_new = theta.copy()
+        t_new[free] += step
+        t_new = _clip(calc, t_new)
+        rn = (y - calc.pattern(t_new, I)) * wt
+        c_new = float(rn @ rn)
+        if np.isfinite(c_new) and c_new < chi2_now:
+            return step, t_new, max(lam / 5, 1e-9), c_new
+        lam *= 8
+    return None, theta, lam, chi2_now
+
+
 def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol) -> RefinementResult:
     model = calc.model
     sig = np.sqrt(np.maximum(np.nan_to_num(y), 1.0)) if sigma is None else np.asarray(sigma, float)
@@ -616,48 +638,43 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol) -> Refinement
     converged = False
     lam = 1e-3
     chi2 = None
-    for outer in range(model.max_iter):
-        yc, J, I_used = calc.jacobian(theta, I, free, extract_from=y if lebail else None, cycles=LEBAIL_CYCLES)
-        if lebail:
+    # Le Bail from a previous frame: its intensities are first held fixed (a structure-like model)
+    # while the cell and profile follow the pattern; extracting at positions that are off by more
+    # than a peak width would give the peaks away to the background and the cell would wander
+    hold = lebail and start is not None and start.lebail_I is not None and I is not None
+    held = 0
+    outer = 0
+    while outer < model.max_iter:
+        extracting = lebail and not hold
+        yc, J, I_used = calc.jacobian(theta, I, free, extract_from=y if extracting else None, cycles=LEBAIL_CYCLES)
+        if extracting:
             I = I_used
         r = (y - yc) * wt
         Jw = J * wt[:, None]
         chi2_now = float(r @ r)
+        if hold:
+            if held >= HOLD_ITERATIONS or (chi2 is not None and chi2 - chi2_now <= HOLD_TOL * chi2_now):
+                hold, chi2, lam = False, None, 1e-3     # the held stage is done: now extract
+                continue
         # Le Bail: the re-extracted intensities converge slowly (a fixed point), so it stops,
         # as GSAS-II does, once χ² changes by less than 0.1 % in an iteration
-        if chi2 is not None and abs(chi2 - chi2_now) <= (max(tol, LEBAIL_TOL) if lebail else tol) * chi2_now \
+        elif chi2 is not None and abs(chi2 - chi2_now) <= (max(tol, LEBAIL_TOL) if lebail else tol) * chi2_now \
                 and outer > 1:
             converged = True
             chi2 = chi2_now
             break
         chi2 = chi2_now
-        # Levenberg-Marquardt step on the scaled normal equations
         A = Jw.T @ Jw
-        g = Jw.T @ r
         dscale = np.sqrt(np.maximum(np.diag(A), 1e-300))
         As = A / np.outer(dscale, dscale)
-        gs = g / dscale
-        improved = False
-        for _ in range(12):
-            try:
-                step = np.linalg.solve(As + lam * np.eye(As.shape[0]), gs) / dscale
-            except np.linalg.LinAlgError:
-                lam *= 10
-                continue
-            t_new = theta.copy()
-            t_new[free] += step
-            t_new = _clip(calc, t_new)
-            yn = calc.pattern(t_new, I)
-            rn = (y - yn) * wt
-            c_new = float(rn @ rn)
-            if np.isfinite(c_new) and c_new < chi2_now:
-                theta = t_new
-                lam = max(lam / 5, 1e-9)
-                improved = True
-                break
-            lam *= 8
+        step, theta, lam, c_new = _lm_step(calc, theta, I, free, As, (Jw.T @ r) / dscale, dscale, wt, y, chi2_now, lam)
         n_iter += 1
-        if not improved:
+        if hold:
+            held += 1
+            if step is None:
+                held = HOLD_ITERATIONS
+            continue
+        if step is None:
             converged = not lebail or outer > 2
             break
         # converged when every shift is a small fraction of its esd (as Rietveld programs do)
@@ -669,6 +686,7 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol) -> Refinement
                 break
         except np.linalg.LinAlgError:
             pass
+        outer += 1
     # final statistics and esds
     yc, J, I_used = calc.jacobian(theta, I, free, extract_from=y if lebail else None, cycles=1)
     if lebail:

@@ -154,6 +154,7 @@ class RefineSummary:
     failed: dict[int, str] = field(default_factory=dict)
     seconds: float = 0.0
     last: str = ""
+    lattice_file: Path | None = None
 
     def __str__(self) -> str:
         per = f", {self.seconds / self.refined:.3f} s per frame" if self.refined else ""
@@ -165,6 +166,9 @@ class RefineSummary:
             lines.append("last frame: " + self.last.replace("\n", "\n  "))
         if self.csv_file:
             lines.append(f"results: {self.csv_file}")
+        if self.lattice_file:
+            lines.append(f"lattice: {self.lattice_file}" + ("  (phase fractions: the weight fractions where refined)"
+                                                             if self.method == "rietveld" else "  (updated)"))
         return "\n".join(lines)
 
 
@@ -193,12 +197,15 @@ def _fingerprint(exp: Experiment, info: dict) -> str:
 
 
 def refine_experiment(exp: Experiment, *, progress: bool = True, restart: bool = False,
-                      frames: tuple[int, int] | None = None) -> RefineSummary:
+                      frames: tuple[int, int] | None = None, update_lattice: bool = True) -> RefineSummary:
     """Refine every integrated frame of the run (``[refinement] frames`` or ``frames``: first
     and last), in order, each from the last successful one; results in ``/entry/refinement``
-    and ``<output>/refine.csv``. Frames already refined with the same settings are kept."""
-    from .pipeline import _progress
+    and ``<output>/refine.csv``. Frames already refined with the same settings are kept. With
+    ``update_lattice`` (and a lattice table in the run file) the lattice is recomputed, so that
+    its phase fractions take the new weight fractions (``[lattice] fractions``)."""
+    from .pipeline import _progress, lattice_experiment
     from .safeio import transaction
+    from .store import has_group
 
     t0 = time.perf_counter()
     info = _run_info(exp)
@@ -224,7 +231,8 @@ def refine_experiment(exp: Experiment, *, progress: bool = True, restart: bool =
             done = store.done()
             todo = todo_all[~done[todo_all]]
             summary.skipped = int(todo_all.size - todo.size)
-            prev = store.last_success(before=int(todo[0]) if todo.size else n)
+            before = int(todo[0]) if todo.size else n
+            prev, prev_row = store.last_success(before=before)
             bar = _progress(int(todo.size), "refine", progress)
             try:
                 for a in range(0, todo.size, 128):
@@ -233,23 +241,47 @@ def refine_experiment(exp: Experiment, *, progress: bool = True, restart: bool =
                     for row, y, s in zip(block, inten, sigma):
                         s = None if not np.isfinite(s).any() else s
                         try:
-                            res = refiner.refine(y, s, start=prev)
-                            if not (np.isfinite(res.gof) and res.converged):
-                                raise RefinementError(res.message or f"GOF {res.gof}")
+                            res = _refine_frame(refiner, y, s, prev, prev_row, exp.refinement.gof_jump)
                         except (RefinementError, np.linalg.LinAlgError, FloatingPointError, ValueError) as exc:
                             store.write_failure(int(row), str(exc))
                             summary.failed[int(row)] = str(exc)
                         else:
                             store.write(int(row), res)
-                            prev = res
+                            prev, prev_row = res, int(row)
                             summary.last = res.table()
                         summary.refined += 1
                         bar.update(1)
             finally:
                 bar.close()
     summary.csv_file = write_refine_csv(exp)
+    if update_lattice and exp.phases and exp.lattice.fractions != "peaks" and has_group(exp.run.run_file, "lattice"):
+        lattice_experiment(exp)
+        summary.lattice_file = exp.run.output / "lattice.csv"
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _refine_frame(refiner: Refiner, y, sigma, prev: RefinementResult | None, prev_row: int | None,
+                  gof_jump: float) -> RefinementResult:
+    """One frame from the last good one; refined again from the start values when its GOF jumps
+    above ``gof_jump`` times the last good one's (a fit that lost its way), failed when that does
+    no better either."""
+    res = refiner.refine(y, sigma, start=prev)
+    if prev is not None and not (np.isfinite(res.gof) and res.gof <= gof_jump * prev.gof):
+        try:
+            fresh = refiner.refine(y, sigma)
+        except RefinementError:
+            fresh = None
+        if fresh is not None and np.isfinite(fresh.gof) and not fresh.gof >= res.gof:
+            res = fresh
+        if not (np.isfinite(res.gof) and res.gof <= gof_jump * prev.gof):
+            raise RefinementError(
+                f"diverged: GOF {res.gof:.3g} against {prev.gof:.3g} in frame {prev_row}, the last good one, "
+                f"also when refined from the start values ([refinement] gof_jump = {gof_jump:g}); "
+                f"a change too large for one frame, or a phase the model lacks")
+    if not (np.isfinite(res.gof) and res.converged):
+        raise RefinementError(res.message or f"GOF {res.gof}")
+    return res
 
 
 class _RefineStore:
@@ -318,19 +350,22 @@ class _RefineStore:
     def done(self) -> np.ndarray:
         return self._g["status"][()] > 0
 
-    def last_success(self, before: int) -> RefinementResult | None:
-        """The last successful row before ``before`` as a start (values and Le Bail intensities)."""
+    def last_success(self, before: int) -> tuple[RefinementResult | None, int | None]:
+        """The last successful row before ``before`` as a start (values, Le Bail intensities
+        and GOF) and its row; (None, None) when there is none."""
         st = self._g["status"][:before]
         ok = np.flatnonzero(st == OK)
         if not ok.size:
-            return None
+            return None, None
         r = int(ok[-1])
         theta = self._g["values"][r]
         I = self._g["lebail_intensity"][r]
-        names = [v.decode() if isinstance(v, bytes) else v for v in self._g["parameter"][()]]
-        return RefinementResult(names, theta, np.full(theta.size, np.nan), np.zeros(theta.size, bool), np.nan,
-                                np.nan, np.nan, 0, 0, 0, True, "", np.zeros(0), np.zeros(0), np.zeros(0),
-                                np.zeros(0), [], [], None if np.isnan(I).all() else I, [], theta=theta)
+        g = self._g
+        names = [v.decode() if isinstance(v, bytes) else v for v in g["parameter"][()]]
+        return RefinementResult(names, theta, np.full(theta.size, np.nan), np.zeros(theta.size, bool),
+                                float(g["rwp"][r]), float(g["rexp"][r]), float(g["gof"][r]), 0, 0, 0, True, "",
+                                np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0), [], [],
+                                None if np.isnan(I).all() else I, [], theta=theta), r
 
     def write(self, row: int, res: RefinementResult) -> None:
         g = self._g

@@ -303,7 +303,11 @@ def _create_layout(h5, *, radial, unit, wavelength_A, fingerprint, provenance, t
 
 
 def _decode(arr) -> np.ndarray:
-    return np.array([v.decode() if isinstance(v, bytes) else v for v in arr], dtype=object)
+    """Strings of any shape as str objects (h5py hands back bytes)."""
+    arr = np.asarray(arr)
+    out = np.empty(arr.shape, dtype=object)
+    out.ravel()[:] = [v.decode() if isinstance(v, bytes) else v for v in arr.ravel()]
+    return out
 
 
 def open_run(path: Path | str) -> Patterns:

@@ -169,8 +169,8 @@ def _digest(*parts) -> str:
 
 
 #: The stages each stage reads the results of (a stage reruns when one of them ran).
-DEPENDS = {"integrate": (), "echem": ("integrate",), "fit": ("integrate",), "lattice": ("fit", "echem"),
-           "refine": ("integrate", "echem"), "plots": ("integrate", "echem", "fit", "lattice", "refine"),
+DEPENDS = {"integrate": (), "echem": ("integrate",), "fit": ("integrate",), "refine": ("integrate", "echem"),
+           "lattice": ("fit", "echem", "refine"), "plots": ("integrate", "echem", "fit", "lattice", "refine"),
            "export": ("integrate", "echem")}
 
 
@@ -292,8 +292,8 @@ def run_experiment(exp: Experiment, *, force: bool = False, progress: bool = Tru
                                                   ready=ready, retry_s=retry_s, cache=cache),
         "echem": lambda: echem_experiment(exp, update_lattice=False),
         "fit": lambda: fit_experiment(exp, progress=progress),
-        "lattice": lambda: lattice_experiment(exp),
         "refine": lambda: _refine(exp, progress),
+        "lattice": lambda: lattice_experiment(exp),
         "plots": lambda: plot_experiment(exp, strict=False),
         "export": lambda: export_experiment(exp, progress=progress),
     }
@@ -325,7 +325,7 @@ def run_experiment(exp: Experiment, *, force: bool = False, progress: bool = Tru
 def _refine(exp: Experiment, progress: bool):
     from .refining import refine_experiment
 
-    return refine_experiment(exp, progress=progress)
+    return refine_experiment(exp, progress=progress, update_lattice=False)   # the lattice stage follows
 
 
 def _outputs_of(result) -> list[str]:
