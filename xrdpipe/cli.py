@@ -352,6 +352,91 @@ def export(experiment: str, formats, frames, quiet: bool) -> None:
            "files already written are complete")
 
 
+def _pair(option: str, text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        a, b = (float(v) for v in text.split(","))
+    except ValueError:
+        _fail(ValueError(f"{option}: expected two numbers ROW,COLUMN such as 1200,1100, got {text!r}"))
+    return a, b
+
+
+def _mask_file(path: str | None):
+    if path is None:
+        return None
+    from .calibration import _read_image
+
+    try:
+        return _read_image(Path(path), "mask") != 0
+    except Exception as exc:  # CalibrationError names the file
+        _fail(exc)
+
+
+@main.command()
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--calibrant", required=True, help="A calibrant of pyFAI's library: CeO2, LaB6, Si, alpha_Al2O3...")
+@click.option("--wavelength-A", "wavelength_a", type=click.FloatRange(min=0, min_open=True), required=True,
+              help="X-ray wavelength in Å.")
+@click.option("--detector", default=None, help="pyFAI detector name, e.g. eiger2_16m, pilatus1m, perkin.")
+@click.option("--pixel-um", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Pixel size in µm, for a detector pyFAI does not know.")
+@click.option("--guess-distance-mm", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Starting sample-detector distance (searched within ±15 %).")
+@click.option("--guess-center", default=None, help="Starting beam centre ROW,COLUMN in pixels (default: the "
+                                                   "image centre; searched within 60 pixels).")
+@click.option("--mask", default=None, type=click.Path(dir_okay=False),
+              help="Mask image (non-zero = excluded), added to the detector's own (module gaps).")
+@click.option("--frame", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Frame of a multi-frame image file.")
+@click.option("--refine-wavelength", is_flag=True, help="Refine the wavelength too (needs rings at high angle).")
+@click.option("--output", "-o", default="geometry.poni", show_default=True, type=click.Path(dir_okay=False),
+              help="The PONI to write; the report, ring table and figure go beside it.")
+def calibrate(image: str, calibrant: str, wavelength_a: float, detector: str | None, pixel_um: float | None,
+              guess_distance_mm: float | None, guess_center: str | None, mask: str | None, frame: int,
+              refine_wavelength: bool, output: str) -> None:
+    """Find the rings of a calibrant on IMAGE and refine the detector geometry (distance, beam
+    centre, tilts; the wavelength with --refine-wavelength): writes the PONI, <stem>_report.txt
+    (rings, points per ring, residual 2θ per ring), <stem>_rings.csv and <stem>_rings.png."""
+    from .calibrate import calibrate as run
+    from .errors import XrdpipeError
+
+    try:
+        res = run(image, calibrant=calibrant, wavelength_A=wavelength_a, detector=detector, pixel_um=pixel_um,
+                  guess_distance_mm=guess_distance_mm, guess_center=_pair("--guess-center", guess_center),
+                  mask=_mask_file(mask), refine_wavelength=refine_wavelength, frame=frame)
+        paths = res.write(output)
+    except XrdpipeError as exc:
+        _fail(exc)
+    click.echo(res.report())
+    click.echo("wrote " + ", ".join(str(p) for p in paths))
+
+
+@main.command("check-calibration")
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--poni", required=True, type=click.Path(dir_okay=False), help="The geometry to check.")
+@click.option("--calibrant", required=True, help="The calibrant on IMAGE (pyFAI's library: CeO2, LaB6, Si...).")
+@click.option("--tolerance-deg", type=click.FloatRange(min=0, min_open=True), default=0.005, show_default=True,
+              help="Largest acceptable offset of a ring, in degrees 2θ.")
+@click.option("--mask", default=None, type=click.Path(dir_okay=False), help="Mask image (non-zero = excluded).")
+@click.option("--frame", type=click.IntRange(min=0), default=0, show_default=True)
+def check_calibration(image: str, poni: str, calibrant: str, tolerance_deg: float, mask: str | None,
+                      frame: int) -> None:
+    """Integrate the calibrant IMAGE with PONI, fit every expected ring and report its 2θ offset
+    and a verdict. Exit status 0 when every ring is within the tolerance, 1 when not (or when
+    the image does not match the calibrant), 2 on an error."""
+    from .calibrate import check_calibration as run
+    from .errors import XrdpipeError
+
+    try:
+        chk = run(image, poni=poni, calibrant=calibrant, tolerance_deg=tolerance_deg, mask=_mask_file(mask),
+                  frame=frame)
+    except XrdpipeError as exc:
+        _fail(exc)
+    click.echo(str(chk))
+    sys.exit(0 if chk.passed else 1)
+
+
 @main.command()
 @click.argument("out", type=click.Path(file_okay=False), default="xrdpipe-demo")
 @click.option("--frames", "n_frames", type=click.IntRange(5, 100_000), default=120, show_default=True,

@@ -788,3 +788,48 @@ def plot_refinement(run_file: Path | str, frame: int, *, width_mm: float = 180.0
         bottom.set_xlabel(_AXIS_LABEL["tth"])
         bottom.set_xlim(tth[0], tth[-1])
     return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. calibration: the calibrant image with the fitted rings
+
+def plot_calibration(image: np.ndarray, mask: np.ndarray | None, tth_deg: np.ndarray, rings_deg, points: np.ndarray,
+                     *, title: str = "", width_mm: float = 120.0, dpi: int = 150, font_size: float = 7.0,
+                     max_pixels: int = 1200):
+    """The calibrant image (log scale, masked pixels grey) with the refined rings drawn over it
+    (``tth_deg``: 2θ of every pixel from the refined geometry; ``rings_deg``: the rings used) and
+    the control points. Images larger than ``max_pixels`` are shown binned."""
+    import matplotlib
+
+    img = np.asarray(image, float)
+    bin_ = max(1, int(np.ceil(max(img.shape) / max_pixels)))
+    shape = (img.shape[0] // bin_, img.shape[1] // bin_)
+
+    def binned(a, how):
+        a = a[:shape[0] * bin_, :shape[1] * bin_].reshape(shape[0], bin_, shape[1], bin_)
+        return how(a, axis=(1, 3))
+
+    bad = np.zeros(img.shape, bool) if mask is None else np.asarray(mask, bool)
+    with np.errstate(invalid="ignore"):
+        shown = binned(np.where(bad, np.nan, img), np.nanmean) if bin_ > 1 else np.where(bad, np.nan, img)
+    tth = binned(tth_deg, np.mean) if bin_ > 1 else tth_deg
+    positive = shown[np.isfinite(shown) & (shown > 0)]
+    lo, hi = (np.percentile(positive, 1), np.percentile(positive, 99.9)) if positive.size else (1, 10)
+    height = width_mm * shape[0] / shape[1]
+    with style(font_size):
+        from matplotlib.colors import LogNorm
+
+        fig = _figure(width_mm, height + 10, dpi)
+        ax = fig.subplots()
+        cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.6")
+        ax.imshow(np.where(shown > 0, shown, np.nan), cmap=cmap, norm=LogNorm(max(lo, 1e-3), max(hi, lo * 10)),
+                  origin="upper", interpolation="nearest", extent=(0, img.shape[1], img.shape[0], 0))
+        ax.contour(np.linspace(0, img.shape[1], shape[1]), np.linspace(0, img.shape[0], shape[0]), tth,
+                   levels=sorted(rings_deg), colors="red", linewidths=0.5)
+        if len(points):
+            ax.plot(points[:, 1], points[:, 0], ls="none", marker=".", ms=1.0, color="white", alpha=0.7)
+        ax.set_xlabel("Column (pixels)")
+        ax.set_ylabel("Row (pixels)")
+        if title:
+            ax.set_title(title, fontsize=font_size)
+    return fig
