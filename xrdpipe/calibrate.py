@@ -49,8 +49,11 @@ __all__ = ["calibrate", "check_calibration", "CalibrationResult", "CalibrationCh
 SECTORS = 72
 #: A sector's radial peak must stand this many noise esds above its surroundings.
 PEAK_SIGMA = 6.0
-#: How far (pixels) a peak may lie from a ring and still match it, in the ring search.
+#: How far (pixels) a peak may lie from a ring and still match it, in the ring search: at least
+#: MATCH_PX, and MATCH_REL of the radius (a tilted detector turns rings into ellipses whose
+#: departure from the shifted circles grows with the radius).
 MATCH_PX = 3.0
+MATCH_REL = 0.004
 #: Fewer matched rings than this, or a smaller share of the peaks matched: no calibrant there.
 MIN_RINGS = 3
 MIN_MATCHED_SHARE = 0.5
@@ -155,9 +158,9 @@ def _sector_peaks(image: np.ndarray, bad: np.ndarray, c1: float, c2: float) -> _
     from scipy.ndimage import minimum_filter1d, uniform_filter1d
     from scipy.signal import find_peaks
 
-    rows, cols = np.indices(image.shape, dtype=np.float64)
-    d1, d2 = rows - c1, cols - c2
-    r = np.hypot(d1, d2)
+    d1 = (np.arange(image.shape[0], dtype=np.float32) - np.float32(c1))[:, None]
+    d2 = (np.arange(image.shape[1], dtype=np.float32) - np.float32(c2))[None, :]
+    r = np.hypot(d1, d2)            # float32: a 16-Mpixel image costs 64 MB per array
     phi = np.arctan2(d1, d2)
     good = ~bad
     nr = int(np.ceil(r[good].max())) + 2 if good.any() else 2
@@ -168,7 +171,7 @@ def _sector_peaks(image: np.ndarray, bad: np.ndarray, c1: float, c2: float) -> _
     n = np.bincount(idx, minlength=SECTORS * nr).reshape(SECTORS, nr)
     s = np.bincount(idx, weights=val, minlength=SECTORS * nr).reshape(SECTORS, nr)
     sr = np.bincount(idx, weights=rv, minlength=SECTORS * nr).reshape(SECTORS, nr)
-    del rows, cols, d1, d2, r, phi, idx, val, rv
+    del d1, d2, r, phi, idx, val, rv
     out_phi, out_r, out_s, out_k = [], [], [], []
     centres = -np.pi + (np.arange(SECTORS) + 0.5) * 2 * np.pi / SECTORS
     for k in range(SECTORS):
@@ -212,7 +215,8 @@ def _match(peaks: _SectorPeaks, tan_tth: np.ndarray, d_guess_px: float, search: 
     best = (-1.0, None, None)
     secs = np.unique(peaks.sector)
     by_sec = [np.flatnonzero(peaks.sector == k) for k in secs]
-    kernel = np.ones(int(2 * MATCH_PX) + 1)
+    tol = int(round(max(MATCH_PX, MATCH_REL * float(np.median(peaks.r)))))
+    kernel = np.ones(2 * tol + 1)
     for scale in scales:
         D = d_guess_px * scale
         radii = D * tan_tth
@@ -220,12 +224,12 @@ def _match(peaks: _SectorPeaks, tan_tth: np.ndarray, d_guess_px: float, search: 
         offs = np.full(secs.size, np.nan)
         for j, sel in enumerate(by_sec):
             diff = peaks.r[sel, None] - radii[None, :]
-            diff = diff[np.abs(diff) <= max_shift_px + MATCH_PX]
+            diff = diff[np.abs(diff) <= max_shift_px + tol]
             if diff.size == 0:
                 continue
-            hist = np.bincount(np.round(diff + max_shift_px + MATCH_PX).astype(int),
-                               minlength=shifts.size + 2 * int(MATCH_PX) + 1).astype(float)
-            # each shift counts the peaks within ±MATCH_PX of it
+            hist = np.bincount(np.round(diff + max_shift_px + tol).astype(int),
+                               minlength=shifts.size + 2 * tol + 1).astype(float)
+            # each shift counts the peaks within ±tol of it
             score = np.convolve(hist, kernel, mode="valid")[:shifts.size]
             i = int(np.argmax(score))
             total += score[i]
@@ -279,7 +283,7 @@ def _find_rings(image, bad, c1, c2, tan_tth: np.ndarray, d_guess_px: float, sear
         if np.isfinite(own) and abs(own - off) <= SECTOR_SLACK_PX:
             off = own
         k = int(np.argmin(np.abs(peaks.r[i] - off - pred)))
-        if abs(peaks.r[i] - off - pred[k]) <= MATCH_PX:
+        if abs(peaks.r[i] - off - pred[k]) <= max(MATCH_PX, MATCH_REL * peaks.r[i]):
             rr = peaks.r[i]
             pts.append((c1 + rr * math.sin(peaks.phi[i]), c2 + rr * math.cos(peaks.phi[i]), k))
             rings.add(k)

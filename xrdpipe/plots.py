@@ -809,8 +809,11 @@ def plot_calibration(image: np.ndarray, mask: np.ndarray | None, tth_deg: np.nda
         a = a[:shape[0] * bin_, :shape[1] * bin_].reshape(shape[0], bin_, shape[1], bin_)
         return how(a, axis=(1, 3))
 
+    import warnings
+
     bad = np.zeros(img.shape, bool) if mask is None else np.asarray(mask, bool)
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)     # bins wholly in a module gap: NaN
         shown = binned(np.where(bad, np.nan, img), np.nanmean) if bin_ > 1 else np.where(bad, np.nan, img)
     tth = binned(tth_deg, np.mean) if bin_ > 1 else tth_deg
     positive = shown[np.isfinite(shown) & (shown > 0)]
