@@ -106,3 +106,13 @@ def test_clear_errors_no_rings_wrong_calibrant_unknown_names(tmp_path):
         calibrate(img, calibrant="LaB6", wavelength_A=0.6209, detector="pilatus1m")
     with pytest.raises(CalibrationError, match="missing.cbf does not exist"):
         calibrate(tmp_path / "missing.cbf", calibrant="LaB6", wavelength_A=0.6209, detector="pilatus1m")
+
+
+def test_the_wavelength_is_refined_when_asked():
+    img, truth = calibrant_image("pilatus1m", seed=5, calibrant="LaB6", dist_m=0.2, center_px=(640, 380),
+                                 rot1_deg=-1.2, rot2_deg=2.5)
+    row, col = _beam_centre(truth)
+    res = calibrate(img, calibrant="LaB6", wavelength_A=0.6209 * 1.003, detector="pilatus1m", guess_distance_mm=210,
+                    guess_center=(row - 20, col + 15), refine_wavelength=True)
+    assert res.geometry.wavelength * 1e10 == pytest.approx(0.6209, rel=2e-4)
+    assert res.geometry.dist == pytest.approx(truth.dist, rel=1e-3) and "(refined)" in res.report()

@@ -463,8 +463,11 @@ def calibrate(image: np.ndarray | Path | str, *, calibrant: str, wavelength_A: f
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        gr.refine3(fix=fix + ["rot1", "rot2"])     # distance and centre first, then the tilts
-        gr.refine3(fix=fix)
+        gr.refine3(fix=["rot3", "wavelength", "rot1", "rot2"])     # distance and centre first, then the tilts
+        gr.refine3(fix=["rot3", "wavelength"])
+        if refine_wavelength:
+            gr.refine3(fix=fix)
+            cal.setWavelength_change2th(gr.wavelength)
         points = coarse.points
         for _ in range(6):
             sg = SingleGeometry("calibrant", image=np.where(bad, 0, img), calibrant=cal, detector=det,
@@ -478,14 +481,14 @@ def calibrate(image: np.ndarray | Path | str, *, calibrant: str, wavelength_A: f
             gr.data = new
             points = new
             gr.refine3(fix=fix)
+            if refine_wavelength:
+                cal.setWavelength_change2th(gr.wavelength)     # pyFAI checks the two agree
             after = np.array([gr.dist, gr.poni1, gr.poni2, gr.rot1, gr.rot2, gr.wavelength])
             moved = np.abs(after - before) / np.array([gr.dist, p1, p2, 1e-4, 1e-4, gr.wavelength])
             if moved[0] < 1e-5 and moved[1] < 0.01 and moved[2] < 0.01 and moved[3] < 0.01 and moved[4] < 0.01:
                 break
     finally:
         quiet.setLevel(level)
-    if refine_wavelength:
-        cal.wavelength = gr.wavelength
     from pyFAI.integrator.azimuthal import AzimuthalIntegrator
 
     ai = AzimuthalIntegrator(dist=gr.dist, poni1=gr.poni1, poni2=gr.poni2, rot1=gr.rot1, rot2=gr.rot2, rot3=gr.rot3,

@@ -270,7 +270,7 @@ def _refine_frame(refiner: Refiner, y, sigma, prev: RefinementResult | None, pre
     if prev is not None and not (np.isfinite(res.gof) and res.gof <= gof_jump * prev.gof):
         try:
             fresh = refiner.refine(y, sigma)
-        except RefinementError:
+        except (RefinementError, np.linalg.LinAlgError, FloatingPointError, ValueError):
             fresh = None
         if fresh is not None and np.isfinite(fresh.gof) and not fresh.gof >= res.gof:
             res = fresh
