@@ -469,8 +469,9 @@ def calibrate(image: np.ndarray | Path | str, *, calibrant: str, wavelength_A: f
             gr.refine3(fix=fix)
             cal.setWavelength_change2th(gr.wavelength)
         points = coarse.points
+        clean = np.where(bad, 0.0, img)
         for _ in range(6):
-            sg = SingleGeometry("calibrant", image=np.where(bad, 0, img), calibrant=cal, detector=det,
+            sg = SingleGeometry("calibrant", image=clean, calibrant=cal, detector=det,
                                 geometry=gr)
             sg.geometry_refinement = gr
             cp = sg.extract_cp(max_rings=max_rings, pts_per_deg=1.0)
