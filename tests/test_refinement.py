@@ -208,6 +208,14 @@ wavelength_A = {WL}
 """ + sections)
 
 
+#: The NFM O3 phase of a Rietveld [refinement] (composition and B_iso of the pymatgen truth).
+NFM_O3 = """[[refinement.phases]]
+name = "O3"
+composition = { Ni = 0.3333333, Fe = 0.3333333, Mn = 0.3333333 }
+b_iso = { Na = 1.0, TM = 0.3, O = 0.6 }
+"""
+
+
 def _series(tmp_path, n=8):
     """O3 shrinking in a and growing in c over n frames (truth.csv), one frame with no counts."""
     a = np.linspace(2.9852, 2.9700, n)
@@ -267,11 +275,7 @@ c = 16.0
 [refinement]
 method = "rietveld"
 polarization = "unpolarised"
-[[refinement.phases]]
-name = "O3"
-composition = { Ni = 0.3333333, Fe = 0.3333333, Mn = 0.3333333 }
-b_iso = { Na = 1.0, TM = 0.3, O = 0.6 }
-[[refinement.models]]
+""" + NFM_O3 + """[[refinement.models]]
 name = "Fe octahedral"
 phase = "O3"
 sites = [{ label = "Fe_Na", element = "Fe", xyz = [0, 0, 0], occupancy = 0.005, b_iso = 0.3 }]
@@ -341,11 +345,7 @@ peaks = ["P3 003", "O3 003"]
 [refinement]
 method = "rietveld"
 polarization = "unpolarised"
-[[refinement.phases]]
-name = "O3"
-composition = { Ni = 0.3333333, Fe = 0.3333333, Mn = 0.3333333 }
-b_iso = { Na = 1.0, TM = 0.3, O = 0.6 }
-[[refinement.phases]]
+""" + NFM_O3 + """[[refinement.phases]]
 name = "P3"
 composition = { Ni = 0.3333333, Fe = 0.3333333, Mn = 0.3333333 }
 na = 0.6

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from .errors import CalibrationError
+from .lineshapes import pseudo_voigt
 
 __all__ = ["calibrate", "check_calibration", "CalibrationResult", "CalibrationCheck", "RingCheck",
            "read_calibrant_image", "calibrant_names"]
@@ -121,17 +122,24 @@ def read_calibrant_image(path: Path | str, *, frame: int = 0) -> np.ndarray:
         raise CalibrationError(str(exc)) from None
 
 
-def _full_mask(image: np.ndarray, detector, mask: np.ndarray | None) -> np.ndarray:
-    """True where a pixel is excluded: the detector's own mask (module gaps), the user's, and
-    pixels that are not finite, negative or at the counter's overflow value."""
+def _full_mask(image: np.ndarray, detector, mask: np.ndarray | Path | str | None, path: Path) -> np.ndarray:
+    """True where a pixel is excluded: the detector's own mask (module gaps), the user's (an
+    array, True where excluded, or an image file, non-zero where excluded), and pixels that are
+    not finite, negative or at the counter's overflow value."""
+    from .calibration import _read_image
+
     bad = ~np.isfinite(image) | (image < 0)
     det_mask = detector.mask if getattr(detector, "mask", None) is not None else None
     if det_mask is not None and det_mask.shape == image.shape:
         bad |= det_mask.astype(bool)
     if mask is not None:
+        where = "the mask"
+        if not isinstance(mask, np.ndarray):
+            where = f"mask {mask}"
+            mask = _read_image(Path(mask), "mask") != 0
         if mask.shape != image.shape:
-            raise CalibrationError(f"the mask is {mask.shape[0]} x {mask.shape[1]} pixels, the image "
-                                   f"{image.shape[0]} x {image.shape[1]}")
+            raise CalibrationError(f"{where} is {mask.shape[0]} x {mask.shape[1]} pixels, the image {path} "
+                                   f"is {image.shape[0]} x {image.shape[1]}")
         bad |= mask.astype(bool)
     finite = image[np.isfinite(image)]
     if finite.size:
@@ -409,7 +417,7 @@ def _residuals(gr, points: np.ndarray, calibrant) -> list[RingResidual]:
 
 def calibrate(image: np.ndarray | Path | str, *, calibrant: str, wavelength_A: float, detector: str | None = None,
               pixel_um: float | None = None, guess_distance_mm: float | None = None,
-              guess_center: tuple[float, float] | None = None, mask: np.ndarray | None = None,
+              guess_center: tuple[float, float] | None = None, mask: np.ndarray | Path | str | None = None,
               refine_wavelength: bool = False, search: float = 0.15, max_shift_px: float = 60.0,
               max_rings: int | None = None, frame: int = 0) -> CalibrationResult:
     """Refine a detector geometry from a calibrant image (see the module docstring).
@@ -417,7 +425,8 @@ def calibrate(image: np.ndarray | Path | str, *, calibrant: str, wavelength_A: f
     ``guess_center`` is (row, column) of the direct beam in pixels (default: the image centre);
     ``guess_distance_mm`` defaults to a distance that puts the calibrant's first ring a quarter
     of the detector from the centre. ``search`` is how far (relative) the distance may be from
-    the guess; ``max_shift_px`` how far the centre may be. ``mask``: True where excluded.
+    the guess; ``max_shift_px`` how far the centre may be. ``mask``: an array, True where
+    excluded, or a mask image file (non-zero where excluded).
 
     Raises
     ------
@@ -436,7 +445,7 @@ def calibrate(image: np.ndarray | Path | str, *, calibrant: str, wavelength_A: f
         raise CalibrationError(f"{path}: expected a 2D image, got shape {img.shape}")
     cal = _calibrant(calibrant, wavelength_A)
     det = _detector(detector, img.shape, pixel_um)
-    bad = _full_mask(img, det, mask)
+    bad = _full_mask(img, det, mask, path)
     if bad.all():
         raise CalibrationError(f"{path}: every pixel is masked")
     tth = np.array([t for t in cal.get_2th() if t is not None], float)
@@ -584,13 +593,12 @@ class CalibrationCheck:
 
 
 def _pv(x, area, centre, fwhm, eta, b0, b1):
-    g = math.sqrt(4 * math.log(2) / math.pi) / fwhm * np.exp(-4 * math.log(2) * (x - centre) ** 2 / fwhm**2)
-    lor = 2 / (math.pi * fwhm) / (1 + 4 * (x - centre) ** 2 / fwhm**2)
-    return area * (eta * lor + (1 - eta) * g) + b0 + b1 * (x - centre)
+    """One ring in the 1D pattern: the project's area-normalised pseudo-Voigt on a sloping line."""
+    return pseudo_voigt(x, centre, fwhm, area, eta) + b0 + b1 * (x - centre)
 
 
 def check_calibration(image: np.ndarray | Path | str, *, poni: Path | str, calibrant: str,
-                      tolerance_deg: float = 0.005, mask: np.ndarray | None = None, frame: int = 0,
+                      tolerance_deg: float = 0.005, mask: np.ndarray | Path | str | None = None, frame: int = 0,
                       npt: int | None = None) -> CalibrationCheck:
     """Integrate a calibrant image with ``poni`` and fit every expected ring's 2θ (see the
     module docstring). A ring is ``off`` when its offset exceeds ``tolerance_deg`` by more than
@@ -609,7 +617,7 @@ def check_calibration(image: np.ndarray | Path | str, *, poni: Path | str, calib
     if det.max_shape is not None and tuple(det.max_shape) != img.shape:
         raise CalibrationError(f"{path} is {img.shape[0]} x {img.shape[1]} pixels but the detector in {poni} is "
                                f"{det.max_shape[0]} x {det.max_shape[1]}")
-    bad = _full_mask(img, det, mask)
+    bad = _full_mask(img, det, mask, path)
     tth_img = ai.center_array(img.shape, unit="2th_deg")
     lo, hi = float(np.nanmin(tth_img[~bad])), float(np.nanmax(tth_img[~bad]))
     # bins of about a third of a pixel's 2θ at the middle of the pattern

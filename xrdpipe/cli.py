@@ -253,8 +253,8 @@ def watch(experiment: str, interval: float, settle: float, retry: float, stop_af
 @_SCHEDULER
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def run(experiment: str, force: bool, workers: int | None, scheduler: str | None, quiet: bool) -> None:
-    """Run every configured stage of EXPERIMENT in order: integrate, echem, fit, lattice, plots,
-    export. A stage whose inputs have not changed since it last finished is skipped; an
+    """Run every configured stage of EXPERIMENT in order: integrate, echem, fit, refine, lattice,
+    plots, export. A stage whose inputs have not changed since it last finished is skipped; an
     interrupted run resumes. Ends with a summary: frames, failures, phases and their x ranges,
     and where the outputs are."""
     from .workflow import run_experiment
@@ -362,17 +362,6 @@ def _pair(option: str, text: str | None) -> tuple[float, float] | None:
     return a, b
 
 
-def _mask_file(path: str | None):
-    if path is None:
-        return None
-    from .calibration import _read_image
-
-    try:
-        return _read_image(Path(path), "mask") != 0
-    except Exception as exc:  # CalibrationError names the file
-        _fail(exc)
-
-
 @main.command()
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("--calibrant", required=True, help="A calibrant of pyFAI's library: CeO2, LaB6, Si, alpha_Al2O3...")
@@ -404,7 +393,7 @@ def calibrate(image: str, calibrant: str, wavelength_a: float, detector: str | N
     try:
         res = run(image, calibrant=calibrant, wavelength_A=wavelength_a, detector=detector, pixel_um=pixel_um,
                   guess_distance_mm=guess_distance_mm, guess_center=_pair("--guess-center", guess_center),
-                  mask=_mask_file(mask), refine_wavelength=refine_wavelength, frame=frame)
+                  mask=mask, refine_wavelength=refine_wavelength, frame=frame)
         paths = res.write(output)
     except XrdpipeError as exc:
         _fail(exc)
@@ -429,7 +418,7 @@ def check_calibration(image: str, poni: str, calibrant: str, tolerance_deg: floa
     from .errors import XrdpipeError
 
     try:
-        chk = run(image, poni=poni, calibrant=calibrant, tolerance_deg=tolerance_deg, mask=_mask_file(mask),
+        chk = run(image, poni=poni, calibrant=calibrant, tolerance_deg=tolerance_deg, mask=mask,
                   frame=frame)
     except XrdpipeError as exc:
         _fail(exc)

@@ -433,6 +433,7 @@ def lattice_experiment(exp: Experiment) -> LatticeSummary:
     """Cells, volumes, layer geometry and phase fractions from the fitted peaks of a run file:
     written to ``/entry/lattice`` and ``<output>/lattice.csv`` (recomputed whole; it is quick)."""
     from .lattice import refine_lattice
+    from .refining import read_weight_fractions
     from .store import open_run_info, read_table, write_table
 
     if not exp.phases:
@@ -440,7 +441,7 @@ def lattice_experiment(exp: Experiment) -> LatticeSummary:
     info = open_run_info(exp.run.run_file)
     table = _stored_table(exp.run.run_file)
     lat = refine_lattice(table, exp.phases, exp.lattice, unit=info["unit"], wavelength_A=info["wavelength_A"],
-                         weights=_weight_fractions(exp.run.run_file))
+                         weights=read_weight_fractions(exp.run.run_file))
     arrays = {"frame": lat.frame, "time_s": lat.time_s, "phase": np.array(lat.phases, dtype=object),
               "message": lat.message, "fraction_source": lat.fraction_source, **lat.values}
     with transaction(exp.run.run_file, checkpoint_s=exp.run.checkpoint_s):
@@ -456,20 +457,6 @@ def lattice_experiment(exp: Experiment) -> LatticeSummary:
         if msg:
             summary.flagged[msg] = summary.flagged.get(msg, 0) + 1
     return summary
-
-
-def _weight_fractions(run_file: Path):
-    """The weight fractions of ``/entry/refinement`` (None before ``xrdpipe refine``)."""
-    from .lattice import WeightFractions
-    from .refining import OK
-    from .store import read_table
-
-    d = read_table(run_file, "refinement", names=("phase", "status", "weight_fraction", "weight_fraction_err"))
-    if d is None:
-        return None
-    ok = (d["status"] == OK)[:, None]
-    return WeightFractions(tuple(d["phase"]), np.where(ok, d["weight_fraction"], np.nan),
-                           np.where(ok, d["weight_fraction_err"], np.nan))
 
 
 @dataclass

@@ -33,7 +33,7 @@ from .store import DONE, open_run_info, read_pattern_block, read_table
 from .structure import Atom, Structure, StructureError, read_cif, template
 
 __all__ = ["build_model", "refine_experiment", "compare_models", "RefineSummary", "REFINE_COLUMNS",
-           "read_refinement"]
+           "read_refinement", "read_weight_fractions"]
 
 #: Columns of ``refine.csv`` (then one value and one esd column per structural parameter).
 REFINE_COLUMNS = ("frame", "time_s", "voltage_V", "x", "phase", "status", "message", "rwp", "rexp", "gof",
@@ -396,6 +396,19 @@ class _RefineStore:
 def read_refinement(run_file: Path | str) -> dict | None:
     """``/entry/refinement`` of a run file as arrays (None before ``xrdpipe refine``)."""
     return read_table(run_file, "refinement")
+
+
+def read_weight_fractions(run_file: Path | str):
+    """The weight fractions of ``/entry/refinement`` as a :class:`~xrdpipe.lattice.WeightFractions`
+    (NaN in frames not refined successfully); None before ``xrdpipe refine``."""
+    from .lattice import WeightFractions
+
+    d = read_table(run_file, "refinement", names=("phase", "status", "weight_fraction", "weight_fraction_err"))
+    if d is None:
+        return None
+    ok = (d["status"] == OK)[:, None]
+    return WeightFractions(tuple(d["phase"]), np.where(ok, d["weight_fraction"], np.nan),
+                           np.where(ok, d["weight_fraction_err"], np.nan))
 
 
 def write_refine_csv(exp: Experiment) -> Path | None:

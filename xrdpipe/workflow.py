@@ -1,6 +1,6 @@
 """The whole run: every configured stage in order, each skipped when its inputs have not changed.
 
-``run_experiment(exp)`` runs integrate (or import), echem, fit, lattice, plots and export.
+``run_experiment(exp)`` runs integrate (or import), echem, fit, refine, lattice, plots and export.
 Each stage has a key: a digest of its own settings, the files it reads (path, size and
 modification time) and the keys of the stages it depends on (:data:`DEPENDS`). A stage whose key
 matches the one recorded when it last finished (in ``/entry/process/stages`` of the run file),
