@@ -59,3 +59,41 @@ def test_p63mmc_reflections_of_p2():
 def test_volume_of_nfm_cell():
     # Table S5 of the NFM study: a = 2.9852, c = 15.9967 -> V = 123.457 Å3
     assert np.isclose(cr.hexagonal_volume(2.9852, 15.9967), 123.457, atol=2e-3)
+
+
+def test_any_space_group_from_gemmi():
+    """Al (Fm-3m), spinel (Fd-3m), LiFePO4 (Pnma), a tetragonal and a triclinic cell: allowed
+    reflections and d-spacings against hand-computed values."""
+    from xrdpipe.crystallography import cell_volume, crystal_system, d_spacing, is_allowed, reflections
+
+    al = reflections("Fm-3m", 4.0495, None, 1.1)
+    assert [r[:3] for r in al] == [(1, 1, 1), (2, 0, 0), (2, 2, 0), (3, 1, 1), (2, 2, 2)]
+    assert [r[4] for r in al] == [8, 6, 12, 24, 8]
+    assert abs(al[0][3] - 4.0495 / 3**0.5) < 1e-12
+    assert not is_allowed("Fm-3m", 1, 0, 0) and is_allowed("Fm-3m", 2, 0, 0)
+    assert not is_allowed("Fd-3m", 2, 0, 0) and is_allowed("Fd-3m", 4, 0, 0) and is_allowed("Fd-3m", 3, 1, 1)
+    # Pnma: 0kl k+l = 2n, hk0 h = 2n
+    assert not is_allowed("Pnma", 0, 1, 0) and is_allowed("Pnma", 0, 1, 1) and not is_allowed("Pnma", 1, 0, 0)
+    assert crystal_system("I4/mmm") == "tetragonal" and crystal_system("P-3m1") == "hexagonal"
+    assert abs(d_spacing("I4/mmm", 1, 0, 3, 3.9, 12.0) - 1 / (1 / 3.9**2 + 9 / 12.0**2) ** 0.5) < 1e-12
+    # triclinic with right angles is orthorhombic
+    assert abs(d_spacing("P-1", 1, 2, 3, 5.0, 7.0, 6.0, 90.0, 90.0, 90.0)
+               - d_spacing("Pmmm", 1, 2, 3, 5.0, 7.0, 6.0)) < 1e-12
+    assert abs(cell_volume("P-1", 5.0, 7.0, 6.0, 90.0, 90.0, 90.0) - 210.0) < 1e-9
+    assert abs(cell_volume("Fm-3m", 4.0495) - 4.0495**3) < 1e-9
+
+
+def test_phase_of_any_crystal_system_needs_only_its_parameters():
+    import pytest
+
+    from xrdpipe.config import PhaseSpec
+
+    al = PhaseSpec(name="Al", space_group="Fm-3m", a=4.0495)
+    assert al.cell == (4.0495, 4.0495, 4.0495, 90.0, 90.0, 90.0) and al.cell_parameters == ("a",)
+    assert PhaseSpec(name="Al").a == 4.0495          # from the library
+    with pytest.raises(ValueError, match="orthorhombic: give b"):
+        PhaseSpec(name="LFP", space_group="Pnma", a=10.33, c=4.69)
+    with pytest.raises(ValueError, match="tetragonal: give c"):
+        PhaseSpec(name="T", space_group="I4/mmm", a=3.9)
+    with pytest.raises(ValueError, match="unknown space group 'Fm-3x'"):
+        PhaseSpec(name="X", space_group="Fm-3x", a=4.0)

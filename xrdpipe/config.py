@@ -312,20 +312,28 @@ class IntegrationSpec(_Spec):
 class PhaseSpec(_Spec):
     """``[[phases]]``: a phase to follow, with its cell (Å, degrees) as the starting point.
 
-    A name from the library (P2, P''2, O3, P3, O2, OP4, P'2, O'3) fills every key not given:
-    ``name = "O3"`` alone is a whole phase. ``b`` is needed for orthorhombic cells, ``b`` and
-    ``beta`` for monoclinic ones; ``z_o`` (oxygen z) enables the layer geometry of O3/P3/P2.
-    ``kind`` names the structure type of a phase with another name (``kind = "P2"``).
+    A name from the library (P2, P''2, O3, P3, O2, OP4, P'2, O'3, Al) fills every key not
+    given: ``name = "O3"`` alone is a whole phase. Any space group gemmi knows is accepted; give
+    the cell parameters its crystal system has: ``a`` (cubic), ``a`` and ``c`` (tetragonal,
+    hexagonal and trigonal in hexagonal axes), ``a``, ``b``, ``c`` (orthorhombic), also ``beta``
+    (monoclinic, unique axis b), all six (triclinic). ``z_o`` (oxygen z) enables the layer
+    geometry of O3/P3/P2. ``kind`` names the structure type of a phase with another name
+    (``kind = "P2"``). ``search`` is how far (relative, ±) the phase-model fit looks for the
+    phase's cell around the configured one before calling it absent: ``{ a = 0.015, c = 0.03 }``
+    by default (b as a, angles ±2°).
     """
 
     name: str = Field(min_length=1)
     space_group: str
     a: float = Field(gt=0, lt=100)
-    c: float = Field(gt=0, lt=200)
+    c: float | None = Field(default=None, gt=0, lt=200)
     b: float | None = Field(default=None, gt=0, lt=100)
     beta: float | None = Field(default=None, gt=60, lt=150)
+    alpha: float | None = Field(default=None, gt=30, lt=150)
+    gamma: float | None = Field(default=None, gt=30, lt=150)
     z_o: float | None = Field(default=None, gt=-1, lt=1)
     kind: str | None = None
+    search: dict[Literal["a", "b", "c", "alpha", "beta", "gamma"], Annotated[float, Field(ge=0, le=0.2)]] = {}
 
     @model_validator(mode="before")
     @classmethod
@@ -343,23 +351,27 @@ class PhaseSpec(_Spec):
     @field_validator("space_group")
     @classmethod
     def _sg(cls, v: str) -> str:
-        from .crystallography import SPACE_GROUPS
+        from .crystallography import SPACE_GROUPS, crystal_system
 
-        if v not in SPACE_GROUPS:
-            close = difflib.get_close_matches(v, list(SPACE_GROUPS), n=1, cutoff=0.5)
+        try:
+            crystal_system(v)
+        except ValueError:
+            close = difflib.get_close_matches(v, list(SPACE_GROUPS) + ["Fm-3m", "Fd-3m", "Pnma", "Pm-3m", "P-3m1"],
+                                              n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"unknown space group {v!r}{hint} (known: {', '.join(SPACE_GROUPS)})")
+            raise ValueError(f"unknown space group {v!r}{hint} (a Hermann-Mauguin symbol gemmi knows, such as "
+                             f"'R-3m', 'P63/mmc', 'Fm-3m', 'Pnma' or 'C2/m')") from None
         return v
 
     @model_validator(mode="after")
     def _cell(self) -> "PhaseSpec":
-        from .crystallography import crystal_system
+        from .crystallography import CELL_PARAMETERS, crystal_system
 
         system = crystal_system(self.space_group)
-        if system in ("orthorhombic", "monoclinic") and self.b is None:
-            raise ValueError(f"{self.space_group} is {system}: give b (Å)")
-        if system == "monoclinic" and self.beta is None:
-            raise ValueError(f"{self.space_group} is monoclinic: give beta (degrees)")
+        units = {"a": "Å", "b": "Å", "c": "Å", "alpha": "degrees", "beta": "degrees", "gamma": "degrees"}
+        missing = [f"{k} ({units[k]})" for k in CELL_PARAMETERS[system] if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"{self.space_group} is {system}: give {', '.join(missing)}")
         return self
 
     @property
@@ -367,10 +379,30 @@ class PhaseSpec(_Spec):
         """The structure type for the layer geometry (``kind``, else the name)."""
         return self.kind or self.name
 
+    @property
+    def crystal_system(self) -> str:
+        from .crystallography import crystal_system
+
+        return crystal_system(self.space_group)
+
+    @property
+    def cell_parameters(self) -> tuple[str, ...]:
+        """The cell parameters this phase's crystal system leaves free, e.g. ``("a", "c")``."""
+        from .crystallography import CELL_PARAMETERS
+
+        return CELL_PARAMETERS[self.crystal_system]
+
+    @property
+    def cell(self) -> tuple[float, float, float, float, float, float]:
+        """All six cell parameters (a, b, c, α, β, γ) implied by the given ones."""
+        from .crystallography import full_cell
+
+        return full_cell(self.space_group, self.a, self.c, self.b, self.beta, self.alpha, self.gamma)
+
     def d_spacing(self, h, k, l):
         from .crystallography import d_spacing
 
-        return d_spacing(self.space_group, h, k, l, self.a, self.c, self.b, self.beta)
+        return d_spacing(self.space_group, h, k, l, self.a, self.c, self.b, self.beta, self.alpha, self.gamma)
 
 
 PROFILE_NAMES = ("pseudo_voigt", "pearson7", "split_pseudo_voigt")

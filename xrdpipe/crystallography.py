@@ -1,8 +1,9 @@
 """Pure crystallography: no I/O, no state. Lengths in Å, angles in degrees.
 
-Conversions between 2θ, d and Q at a wavelength, d-spacings of hexagonal cells (also the
-hexagonal setting of rhombohedral ones) and the reflections allowed by the space groups of the
-layered sodium oxides.
+Conversions between 2θ, d and Q at a wavelength; d-spacings, volumes and allowed reflections of
+any space group gemmi knows (every crystal system: cubic, tetragonal, hexagonal and trigonal in
+hexagonal axes, orthorhombic, monoclinic with unique axis b, triclinic). The cell parameters a
+phase refines are those its crystal system leaves free (:data:`CELL_PARAMETERS`).
 
 >>> round(d_from_tth(tth_from_d(2.5, 0.6209), 0.6209), 12)
 2.5
@@ -11,6 +12,7 @@ layered sodium oxides.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Iterator
 
 import numpy as np
@@ -36,6 +38,10 @@ __all__ = [
     "reflections",
     "multiplicity",
     "SPACE_GROUPS",
+    "CELL_PARAMETERS",
+    "full_cell",
+    "d_from_cell",
+    "space_group_name",
 ]
 
 
@@ -119,25 +125,75 @@ def d_monoclinic(h, k, l, a_A, b_A, c_A, beta_deg):
     return out if out.ndim else float(out)
 
 
-def d_spacing(space_group: str, h, k, l, a_A, c_A, b_A=None, beta_deg=None):
+def d_spacing(space_group: str, h, k, l, a_A, c_A=None, b_A=None, beta_deg=None, alpha_deg=None, gamma_deg=None):
     """d-spacing of (hkl) in the crystal system of ``space_group`` (hexagonal axes for the
-    hexagonal and rhombohedral groups; ``b_A`` for orthorhombic, also ``beta_deg`` for monoclinic)."""
+    hexagonal and trigonal groups): give the cell parameters the system has (``c_A`` for
+    tetragonal and hexagonal cells, also ``b_A`` for orthorhombic, ``beta_deg`` for monoclinic,
+    all six for triclinic; a cubic cell needs only ``a_A``)."""
     system = crystal_system(space_group)
     if system == "hexagonal":
         return d_hexagonal(h, k, l, a_A, c_A)
     if system == "orthorhombic":
         return d_orthorhombic(h, k, l, a_A, b_A, c_A)
-    return d_monoclinic(h, k, l, a_A, b_A, c_A, beta_deg)
+    if system == "monoclinic":
+        return d_monoclinic(h, k, l, a_A, b_A, c_A, beta_deg)
+    return d_from_cell(h, k, l, full_cell(space_group, a_A, c_A, b_A, beta_deg, alpha_deg, gamma_deg))
 
 
-def cell_volume(space_group: str, a_A, c_A, b_A=None, beta_deg=None):
-    """Cell volume (Å³) in the crystal system of ``space_group``."""
+def cell_volume(space_group: str, a_A, c_A=None, b_A=None, beta_deg=None, alpha_deg=None, gamma_deg=None):
+    """Cell volume (Å³) in the crystal system of ``space_group`` (parameters as :func:`d_spacing`)."""
     system = crystal_system(space_group)
     if system == "hexagonal":
         return hexagonal_volume(a_A, c_A)
     if system == "orthorhombic":
         return np.asarray(a_A) * b_A * c_A
-    return np.asarray(a_A) * b_A * c_A * np.sin(np.radians(beta_deg))
+    if system == "monoclinic":
+        return np.asarray(a_A) * b_A * c_A * np.sin(np.radians(beta_deg))
+    a, b, c, al, be, ga = full_cell(space_group, a_A, c_A, b_A, beta_deg, alpha_deg, gamma_deg)
+    ca, cb, cg = (np.cos(np.radians(v)) for v in (al, be, ga))
+    return a * b * c * np.sqrt(np.maximum(1 - ca**2 - cb**2 - cg**2 + 2 * ca * cb * cg, 0.0))
+
+
+#: The cell parameters each crystal system leaves free (hexagonal axes for trigonal groups).
+CELL_PARAMETERS = {"cubic": ("a",), "tetragonal": ("a", "c"), "hexagonal": ("a", "c"),
+                   "orthorhombic": ("a", "b", "c"), "monoclinic": ("a", "b", "c", "beta"),
+                   "triclinic": ("a", "b", "c", "alpha", "beta", "gamma")}
+
+
+def full_cell(space_group: str, a_A, c_A=None, b_A=None, beta_deg=None, alpha_deg=None, gamma_deg=None):
+    """The six cell parameters (a, b, c, α, β, γ) implied by the crystal system's free ones.
+
+    >>> full_cell("Fm-3m", 4.0495)
+    (4.0495, 4.0495, 4.0495, 90.0, 90.0, 90.0)
+    """
+    system = crystal_system(space_group)
+    if system == "cubic":
+        return (a_A, a_A, a_A, 90.0, 90.0, 90.0)
+    if system == "tetragonal":
+        return (a_A, a_A, c_A, 90.0, 90.0, 90.0)
+    if system == "hexagonal":
+        return (a_A, a_A, c_A, 90.0, 90.0, 120.0)
+    if system == "orthorhombic":
+        return (a_A, b_A, c_A, 90.0, 90.0, 90.0)
+    if system == "monoclinic":
+        return (a_A, b_A, c_A, 90.0, beta_deg, 90.0)
+    return (a_A, b_A, c_A, alpha_deg, beta_deg, gamma_deg)
+
+
+def d_from_cell(h, k, l, cell):
+    """d-spacing of (hkl) from the six cell parameters (any crystal system), via the reciprocal
+    metric tensor. Arrays of cell parameters broadcast against the indices."""
+    a, b, c, al, be, ga = (np.asarray(v, dtype=float) for v in cell)
+    h, k, l = (np.asarray(v, dtype=float) for v in (h, k, l))
+    ca, cb, cg = np.cos(np.radians(al)), np.cos(np.radians(be)), np.cos(np.radians(ga))
+    sa, sb, sg = np.sin(np.radians(al)), np.sin(np.radians(be)), np.sin(np.radians(ga))
+    vol2 = 1 - ca**2 - cb**2 - cg**2 + 2 * ca * cb * cg
+    inv_d2 = (h * h * sa**2 / a**2 + k * k * sb**2 / b**2 + l * l * sg**2 / c**2
+              + 2 * k * l * (cb * cg - ca) / (b * c) + 2 * h * l * (cg * ca - cb) / (a * c)
+              + 2 * h * k * (ca * cb - cg) / (a * b)) / vol2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.asarray(1.0 / np.sqrt(inv_d2))
+    return out if out.ndim else float(out)
 
 
 def hexagonal_volume(a_A, c_A):
@@ -189,27 +245,43 @@ CRYSTAL_SYSTEMS = {"P63/mmc": "hexagonal", "P63mc": "hexagonal", "R-3m": "hexago
                    "P-6m2": "hexagonal", "Cmcm": "orthorhombic", "C2/m": "monoclinic"}
 
 
-def crystal_system(space_group: str) -> str:
-    """``"hexagonal"`` (also rhombohedral, hexagonal axes), ``"orthorhombic"`` or ``"monoclinic"``."""
+@lru_cache(maxsize=256)
+def _gemmi_group(space_group: str):
+    import gemmi
+
     try:
+        sg = gemmi.find_spacegroup_by_name(str(space_group))
+    except (ValueError, RuntimeError):
+        sg = None
+    if sg is None:
+        raise ValueError(f"unknown space group {space_group!r}; expected a Hermann-Mauguin symbol such as "
+                         f"'R-3m', 'P63/mmc', 'Fm-3m', 'Pnma' or 'C2/m'")
+    return sg
+
+
+def space_group_name(space_group: str) -> str:
+    """gemmi's full Hermann-Mauguin name of a space group (raises ValueError if unknown)."""
+    return _gemmi_group(space_group).xhm()
+
+
+def crystal_system(space_group: str) -> str:
+    """``"cubic"``, ``"tetragonal"``, ``"hexagonal"`` (also trigonal and rhombohedral, in
+    hexagonal axes), ``"orthorhombic"``, ``"monoclinic"`` (unique axis b) or ``"triclinic"``."""
+    if space_group in CRYSTAL_SYSTEMS:
         return CRYSTAL_SYSTEMS[space_group]
-    except KeyError:
-        raise ValueError(
-            f"unknown space group {space_group!r}; expected one of {', '.join(SPACE_GROUPS)}"
-        ) from None
+    system = _gemmi_group(space_group).crystal_system_str()
+    return "hexagonal" if system == "trigonal" else system
 
 
 def is_allowed(space_group: str, h: int, k: int, l: int) -> bool:
-    """Whether (hkl) is allowed by the space group's reflection conditions (hexagonal axes)."""
-    try:
-        rule = SPACE_GROUPS[space_group]
-    except KeyError:
-        raise ValueError(
-            f"unknown space group {space_group!r}; expected one of {', '.join(SPACE_GROUPS)}"
-        ) from None
+    """Whether (hkl) is allowed by the space group's reflection conditions (hexagonal axes for
+    hexagonal and trigonal groups, the obverse setting for rhombohedral ones)."""
     if h == k == l == 0:
         return False
-    return rule(h, k, l)
+    rule = SPACE_GROUPS.get(space_group)
+    if rule is not None:
+        return rule(h, k, l)
+    return not _gemmi_group(space_group).operations().is_systematically_absent([int(h), int(k), int(l)])
 
 
 def parse_hkl(text: str) -> tuple[int, int, int]:
@@ -309,17 +381,21 @@ def _lower_symmetry_reflections(space_group, a_A, c_A, d_min_A, b_A, beta_deg):
     return out
 
 
-def reflections(space_group: str, a_A: float, c_A: float, d_min_A: float, b_A: float | None = None,
-                beta_deg: float | None = None):
+def reflections(space_group: str, a_A: float, c_A: float | None, d_min_A: float, b_A: float | None = None,
+                beta_deg: float | None = None, alpha_deg: float | None = None, gamma_deg: float | None = None):
     """Allowed unique reflections with d >= d_min.
 
     Returns a list of ``(h, k, l, d_A, multiplicity)`` sorted by decreasing d. For the
     rhombohedral groups the hexagonal axes and the obverse setting are used; Friedel pairs
     are merged (powder diffraction). Orthorhombic and monoclinic groups need ``b_A`` (and
-    ``beta_deg``).
+    ``beta_deg``); any other space group gemmi knows is listed from its symmetry operations.
     """
-    if crystal_system(space_group) != "hexagonal":
-        if b_A is None or (crystal_system(space_group) == "monoclinic" and beta_deg is None):
+    system = crystal_system(space_group)
+    if space_group not in SPACE_GROUPS:
+        return _general_reflections(space_group, full_cell(space_group, a_A, c_A, b_A, beta_deg, alpha_deg,
+                                                           gamma_deg), d_min_A)
+    if system != "hexagonal":
+        if b_A is None or (system == "monoclinic" and beta_deg is None):
             raise ValueError(f"{space_group} needs b (and beta for monoclinic cells)")
         return _lower_symmetry_reflections(space_group, a_A, c_A, d_min_A, b_A, beta_deg)
     laue = "-3m" if space_group in ("R-3m", "R3m") else "6/mmm"
@@ -339,4 +415,36 @@ def reflections(space_group: str, a_A: float, c_A: float, d_min_A: float, b_A: f
         rep = max(allowed, key=lambda v: (v[2] >= 0, v[0] >= 0, v[1] >= 0, v))
         out.append((rep[0], rep[1], rep[2], float(d), len(allowed)))
     out.sort(key=lambda r: -r[3])
+    return out
+
+
+def _general_reflections(space_group: str, cell, d_min_A: float):
+    """Reflections of any space group from gemmi's operations: equivalents and Friedel mates
+    merged, the representative the largest in (l, h, k) order for hexagonal axes, (h, k, l) else."""
+    sg = _gemmi_group(space_group)
+    ops = sg.operations()
+    a, b, c, al, be, ga = cell
+    lim = [int(np.floor(v / d_min_A)) + 1 for v in (a, b, c)]
+    grid = np.stack(np.meshgrid(*[np.arange(-n, n + 1) for n in lim], indexing="ij"), axis=-1).reshape(-1, 3)
+    grid = grid[np.any(grid != 0, axis=1)]
+    d = d_from_cell(grid[:, 0], grid[:, 1], grid[:, 2], cell)
+    grid, d = grid[d >= d_min_A], d[d >= d_min_A]
+    if grid.size == 0:
+        return []
+    absent = np.asarray(ops.systematic_absences(grid.astype(np.int32)), bool)
+    grid, d = grid[~absent], d[~absent]
+    rot = np.array([np.array(op.rot, float) / op.DEN for op in ops.sym_ops])
+    eq = np.rint(np.einsum("ni,gij->gnj", grid, rot)).astype(np.int64)
+    eq = np.concatenate([eq, -eq])
+    base = 2 * max(lim) + 3
+    if crystal_system(space_group) == "hexagonal":   # (l, h, k): 0 0 l, 1 0 l... as for the layered oxides
+        keys = ((eq[..., 2] + base) * base + (eq[..., 0] + base)) * base + (eq[..., 1] + base)
+    else:                                            # (h, k, l): 2 0 0, 3 1 1, 1 1 -1...
+        keys = ((eq[..., 0] + base) * base + (eq[..., 1] + base)) * base + (eq[..., 2] + base)
+    best = keys.argmax(axis=0)
+    canon = keys[best, np.arange(grid.shape[0])]
+    _, first, count = np.unique(canon, return_index=True, return_counts=True)
+    out = [(int(eq[best[i], i, 0]), int(eq[best[i], i, 1]), int(eq[best[i], i, 2]), float(d[i]), int(n))
+           for i, n in zip(first, count)]
+    out.sort(key=lambda r: (-r[3], -r[0], -r[1], -r[2]))
     return out

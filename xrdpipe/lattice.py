@@ -33,6 +33,7 @@ from scipy.optimize import least_squares
 
 from .config import LatticeSpec, PhaseSpec
 from .crystallography import (
+    CELL_PARAMETERS,
     cell_volume,
     crystal_system,
     d_spacing,
@@ -49,13 +50,15 @@ __all__ = ["LatticeTable", "WeightFractions", "refine_lattice", "trend", "LATTIC
 LATTICE_COLUMNS = ("frame", "time_s", "voltage_V", "x", "phase", "a_A", "a_err_A", "c_A", "c_err_A", "volume_A3",
                    "fraction", "fraction_err", "b_A", "b_err_A", "beta_deg", "beta_err_deg", "volume_err_A3",
                    "n_reflections", "correction_deg", "correction_err_deg", *GEOMETRY_KEYS, "message",
-                   "fraction_source", "area_fraction", "area_fraction_err", "weight_fraction", "weight_fraction_err")
+                   "fraction_source", "area_fraction", "area_fraction_err", "weight_fraction", "weight_fraction_err",
+                   "alpha_deg", "alpha_err_deg", "gamma_deg", "gamma_err_deg")
 #: Per (frame, phase) quantities.
 LATTICE_FIELDS = ("a_A", "a_err_A", "b_A", "b_err_A", "c_A", "c_err_A", "beta_deg", "beta_err_deg", "volume_A3",
                   "volume_err_A3", "fraction", "fraction_err", "n_reflections", "correction_deg",
                   "correction_err_deg", *GEOMETRY_KEYS, "area_fraction", "area_fraction_err", "weight_fraction",
-                  "weight_fraction_err")
-_CELL = {"hexagonal": ("a", "c"), "orthorhombic": ("a", "b", "c"), "monoclinic": ("a", "b", "c", "beta")}
+                  "weight_fraction_err", "alpha_deg", "alpha_err_deg", "gamma_deg", "gamma_err_deg")
+_CELL = CELL_PARAMETERS
+_KEYS = (("a", "a_A"), ("b", "b_A"), ("c", "c_A"), ("alpha", "alpha_deg"), ("beta", "beta_deg"), ("gamma", "gamma_deg"))
 
 
 @dataclass
@@ -122,12 +125,16 @@ def _observations(table, r: int, cols: np.ndarray, hkl: np.ndarray):
 def _identifiable(system: str, hkl: np.ndarray) -> list[str]:
     """Cell parameters that the reflections constrain."""
     h, k, l = hkl.T
-    if system == "hexagonal":
+    if system == "cubic":
+        out = ["a"] if len(hkl) else []
+    elif system in ("hexagonal", "tetragonal"):
         out = (["a"] if np.any((h != 0) | (k != 0)) else []) + (["c"] if np.any(l != 0) else [])
     else:
         out = [n for n, col in (("a", h), ("b", k), ("c", l)) if np.any(col != 0)]
         if system == "monoclinic" and np.any(h * l != 0) and {"a", "c"} <= set(out):
             out.append("beta")
+        if system == "triclinic" and {"a", "b", "c"} <= set(out):
+            out += [n for n, prod in (("alpha", k * l), ("beta", h * l), ("gamma", h * k)) if np.any(prod != 0)]
     return out
 
 
@@ -167,7 +174,7 @@ def _refine_frame(obs, specs: Sequence[PhaseSpec], start: dict, *, unit: str, wa
                 continue
             cp = cur[p]
             d = d_spacing(spec.space_group, hkl[:, 0], hkl[:, 1], hkl[:, 2], cp["a"], cp["c"], cp.get("b"),
-                          cp.get("beta"))
+                          cp.get("beta"), cp.get("alpha"), cp.get("gamma"))
             if use_corr:
                 tth = tth_from_d(d, wavelength_A)
                 shift = x[-1] * (np.cos(np.radians(tth) / 2) if correction == "displacement" else 1.0)
@@ -219,7 +226,7 @@ def refine_lattice(table, phases: Sequence[PhaseSpec], spec: LatticeSpec | None 
     vals = {k: np.full((n, len(phases)), np.nan) for k in LATTICE_FIELDS}
     vals["n_reflections"][:] = 0
     msg = np.full((n, len(phases)), "", dtype=object)
-    start = [{"a": p.a, "b": p.b, "c": p.c, "beta": p.beta} for p in phases]
+    start = [{"a": p.a, "b": p.b, "c": p.c, "alpha": p.alpha, "beta": p.beta, "gamma": p.gamma} for p in phases]
     columns = _columns_by_phase(table, phases)
     for r in range(n):
         obs = [_observations(table, r, cols, hkl) for cols, hkl in columns]
@@ -241,7 +248,7 @@ def refine_lattice(table, phases: Sequence[PhaseSpec], spec: LatticeSpec | None 
             system = crystal_system(spec_i.space_group)
             missing = [nm for nm in _CELL[system] if nm not in idx]
             vals["correction_deg"][r, i], vals["correction_err_deg"][r, i] = corr
-            for nm, key in (("a", "a_A"), ("b", "b_A"), ("c", "c_A"), ("beta", "beta_deg")):
+            for nm, key in _KEYS:
                 if nm in idx:
                     vals[key][r, i] = cell[nm]
                     with np.errstate(invalid="ignore"):
@@ -313,15 +320,17 @@ def _families(hkl: np.ndarray) -> str:
 def _volume(vals, r, i, spec: PhaseSpec, cell, idx, cov) -> None:
     """Cell volume and its esd (gradient by central differences on the refined parameters)."""
     names = [nm for nm in idx]
-    v0 = float(cell_volume(spec.space_group, cell["a"], cell["c"], cell.get("b"), cell.get("beta")))
+    def vol(c):
+        return cell_volume(spec.space_group, c["a"], c.get("c"), c.get("b"), c.get("beta"), c.get("alpha"), c.get("gamma"))
+
+    v0 = float(vol(cell))
     grad = []
     for nm in names:
         h = 1e-6 * max(abs(cell[nm]), 1.0)
         up, dn = dict(cell), dict(cell)
         up[nm] += h
         dn[nm] -= h
-        grad.append((cell_volume(spec.space_group, up["a"], up["c"], up.get("b"), up.get("beta"))
-                     - cell_volume(spec.space_group, dn["a"], dn["c"], dn.get("b"), dn.get("beta"))) / (2 * h))
+        grad.append((vol(up) - vol(dn)) / (2 * h))
     sub = cov[np.ix_([idx[nm] for nm in names], [idx[nm] for nm in names])]
     g = np.array(grad, float)
     vals["volume_A3"][r, i] = v0

@@ -1,7 +1,7 @@
 """The phase library of layered sodium oxides and the geometry of their layers.
 
 ``LIBRARY`` holds sensible defaults (space group, typical cell, layers per cell, oxygen z where
-the structure is simple enough) for P2, P''2, O3, P3, O2, OP4, P'2 and O'3: a ``[[phases]]``
+the structure is simple enough) for P2, P''2, O3, P3, O2, OP4, P'2 and O'3, and the aluminium current collector (Al): a ``[[phases]]``
 table that gives only ``name = "O3"`` starts from them, and any key it gives wins.
 
 :func:`layer_geometry` computes, from fractional coordinates, the TM-O, Na-O and Na-TM
@@ -26,7 +26,7 @@ class LibraryPhase:
 
     space_group: str
     a: float
-    c: float
+    c: float | None
     layers: int
     b: float | None = None
     beta: float | None = None
@@ -44,6 +44,7 @@ LIBRARY: dict[str, LibraryPhase] = {
     "OP4": LibraryPhase("P-6m2", 2.84, 20.20, 4, note="intergrowth of O2 and P2 layers"),
     "P'2": LibraryPhase("Cmcm", 2.87, 11.20, 2, b=5.28, note="orthorhombic P2 (Jahn-Teller Mn3+)"),
     "O'3": LibraryPhase("C2/m", 5.67, 5.80, 1, b=2.86, beta=113.2, note="monoclinic O3 (alpha-NaMnO2)"),
+    "Al": LibraryPhase("Fm-3m", 4.0495, None, 0, note="aluminium current collector (room temperature)"),
 }
 
 _R = [(0.0, 0.0, 0.0), (2 / 3, 1 / 3, 1 / 3), (1 / 3, 2 / 3, 2 / 3)]
