@@ -1,0 +1,839 @@
+"""The phase model: every window of a frame fitted at once, peak centres from each phase's cell.
+
+Where :mod:`xrdpipe.peaks` fits one free peak per listed ``"phase hkl"``, the phase model
+(``[fit] model = "phases"``, the default) fits, in one least-squares problem per frame:
+
+* every allowed reflection of every ``[[phases]]`` phase that falls in a window (listed or not:
+  a weak line of one phase under another's window is explained by its own phase), its centre
+  computed from the phase's cell (the parameters its crystal system leaves free) and one zero
+  shift shared by the frame (held: 0 unless ``[lattice] correction`` asks for one, then
+  estimated once on the first frames and held for the run);
+* a free area per reflection (>= 0), a FWHM per phase and window, an eta per phase;
+* a polynomial background per window.
+
+The cells with their esds come straight out of this fit. Phases are tracked frame by frame: a
+phase present in the previous frame starts from its cell there; a phase that is not is looked for
+over a grid of cells around the configured one (``[[phases]] search``, default c ±3 %, a ±1.5 %),
+the areas and background solved linearly at every trial (variable projection), and the best
+trial refined. Presence is decided by model selection over the phases (BIC, the same threshold
+as the peak engine) plus a minimum area fraction; how it was decided is recorded per frame and
+phase. Two phases whose search ranges overlap keep the order of their configured cells (in the
+parameter where they differ most), so their names never swap.
+
+A frame's fit depends only on its own data and the state of the frame before it (cells, widths,
+presence), which is stored with the results: a resumed or live run fits every frame exactly as
+one straight run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .batchfit import least_squares_batch
+from .config import FitSpec, LatticeSpec, PhaseSpec, WindowSpec
+from .crystallography import (
+    CELL_PARAMETERS,
+    crystal_system,
+    d_from_cell,
+    full_cell,
+    parse_hkl,
+    q_from_tth,
+    reflections,
+    tth_from_d,
+)
+from .lineshapes import pseudo_voigt_jac
+from .windows import d_from_radial
+
+__all__ = ["PhaseModel", "PhaseState", "DEFAULT_SEARCH", "PHASE_ARRAYS"]
+
+#: Default search half-ranges: relative for lengths, degrees for angles.
+DEFAULT_SEARCH = {"a": 0.015, "b": 0.015, "c": 0.03, "alpha": 2.0, "beta": 2.0, "gamma": 2.0}
+_CELL_INDEX = {"a": 0, "b": 1, "c": 2, "alpha": 3, "beta": 4, "gamma": 5}
+_ANGLES = ("alpha", "beta", "gamma")
+#: The local search around a tracked phase's last cell, in search half-ranges.
+_LOCAL = 0.2
+#: How far a tracked cell may move from the configured one, in search half-ranges: a phase is
+#: found within its search range and then followed wherever it goes within this reach.
+_REACH = 3.0
+#: Per (frame, phase[, window]) arrays the phase model stores beside the peaks.
+PHASE_ARRAYS = ("phase_cell", "phase_cell_err", "phase_present", "phase_area", "phase_area_err", "phase_fwhm",
+                "phase_eta", "zero")
+
+
+@dataclass
+class PhaseState:
+    """What one frame hands to the next: per phase its cell (P, 6), presence (P,), FWHM per
+    window (P, W) and eta (P,); the run's zero shift."""
+
+    cell: np.ndarray
+    present: np.ndarray
+    fwhm: np.ndarray
+    eta: np.ndarray
+    zero: float = 0.0
+
+    def copy(self) -> "PhaseState":
+        return PhaseState(self.cell.copy(), self.present.copy(), self.fwhm.copy(), self.eta.copy(), self.zero)
+
+
+@dataclass(frozen=True)
+class _Window:
+    name: str
+    columns: slice
+    x: np.ndarray
+    t: np.ndarray
+    degree: int
+    points: slice      # its part of the concatenated abscissa
+
+
+class PhaseModel:
+    """Phases x windows on a run's radial grid: reflections, parameter layout, model, search.
+
+    Parameters
+    ----------
+    phases, windows : the experiment's ``[[phases]]`` and ``[[windows]]``
+    fit, lattice : ``[fit]`` (presence test, iterations) and ``[lattice]`` (zero correction)
+    radial, unit, wavelength_A : the run's radial axis
+    """
+
+    def __init__(self, phases: Sequence[PhaseSpec], windows: Sequence[WindowSpec], fit: FitSpec = FitSpec(),
+                 lattice: LatticeSpec = LatticeSpec(), *, radial: np.ndarray, unit: str, wavelength_A: float | None):
+        if unit == "2th_deg" and not wavelength_A:
+            raise ValueError("the phase model needs the wavelength of a 2θ axis")
+        self.phases = tuple(phases)
+        self.fit = fit
+        self.correction = lattice.correction
+        self.unit, self.wavelength_A = unit, wavelength_A
+        radial = np.asarray(radial, float)
+        self.step = float(np.median(np.abs(np.diff(radial)))) if radial.size > 1 else 1.0
+        wins, start = [], 0
+        for w in windows:
+            idx = np.flatnonzero((radial >= w.range[0]) & (radial <= w.range[1]))
+            cols = slice(int(idx[0]), int(idx[-1]) + 1) if idx.size else slice(0, 0)
+            x = radial[cols]
+            mid, half = (w.range[0] + w.range[1]) / 2, (w.range[1] - w.range[0]) / 2
+            wins.append(_Window(w.name, cols, x, (x - mid) / half, w.background_degree, slice(start, start + x.size)))
+            start += x.size
+        self.windows = tuple(wins)
+        self.specs = tuple(windows)
+        self.n_points = start
+        self.P, self.W = len(self.phases), len(self.windows)
+        self.system = [crystal_system(p.space_group) for p in self.phases]
+        self.free = [CELL_PARAMETERS[s] for s in self.system]
+        self.cell0 = np.array([p.cell for p in self.phases], float).reshape(self.P, 6)
+        self.box = np.array([[self._half_range(p, name) for name in ("a", "b", "c", "alpha", "beta", "gamma")]
+                             for p in self.phases], float).reshape(self.P, 6)
+        self._reflections()
+        self._layout()
+        self._order_pairs()
+
+    # -- set-up -------------------------------------------------------------------------------
+    def _half_range(self, phase: PhaseSpec, name: str) -> float:
+        v = phase.search.get(name, DEFAULT_SEARCH[name])
+        if name in _ANGLES:
+            return float(v)
+        return float(v) * float(self.cell0_of(phase)[_CELL_INDEX[name]])
+
+    @staticmethod
+    def cell0_of(phase: PhaseSpec) -> tuple:
+        return phase.cell
+
+    def radial_of_d(self, d: np.ndarray, zero: float = 0.0) -> np.ndarray:
+        """Position on the run's axis of d-spacings (with the zero shift or displacement, 2θ deg)."""
+        tth = tth_from_d(d, self.wavelength_A) if self.wavelength_A else np.full(np.shape(d), np.nan)
+        if self.correction == "displacement":
+            tth = tth + zero * np.cos(np.radians(tth) / 2)
+        else:
+            tth = tth + zero
+        if self.unit == "q_A^-1":
+            return q_from_tth(tth, self.wavelength_A) if self.wavelength_A else 2 * np.pi / np.asarray(d)
+        return tth
+
+    def _reflections(self) -> None:
+        """Every allowed reflection of every phase whose position over the search box reaches a
+        window; reflections at the same d for every cell (e.g. 1 0 1 and 0 1 1 in P-3m1) merged."""
+        lo_all = min((w.x.min() for w in self.windows if w.x.size), default=np.nan)
+        hi_all = max((w.x.max() for w in self.windows if w.x.size), default=np.nan)
+        phase, window, hkl, mult = [], [], [], []
+        for p, spec in enumerate(self.phases):
+            grow = np.array(self.cell0[p])
+            for i in range(3):
+                grow[i] += self.box[p, i] * 1.05 * _REACH
+            d_min = self._d_of_radial(hi_all) * 0.98
+            if not np.isfinite(d_min):
+                continue
+            # list at the largest cell the fit can reach so that no reflection it can bring into
+            # a window is missed
+            listed = reflections(spec.space_group, grow[0], grow[2], d_min, b_A=grow[1], beta_deg=grow[4],
+                                 alpha_deg=grow[3], gamma_deg=grow[5])
+            seen: dict[tuple, int] = {}
+            for h, k, l, _, m in listed:
+                key = tuple(np.round([self._d(p, (h, k, l), self.cell0[p]),
+                                      self._d(p, (h, k, l), self.cell0[p] * [1.01, 1.02, 0.99, 1, 1, 1])], 10))
+                lo_d, hi_d = self._d_range(p, (h, k, l))
+                r_lo, r_hi = sorted(np.atleast_1d(self.radial_of_d(np.array([hi_d, lo_d]))))
+                for wi, w in enumerate(self.windows):
+                    if not w.x.size or r_hi < w.x[0] or r_lo > w.x[-1]:
+                        continue
+                    if (key, wi) in seen:
+                        mult[seen[(key, wi)]] += m
+                        continue
+                    seen[(key, wi)] = len(phase)
+                    phase.append(p)
+                    window.append(wi)
+                    hkl.append((h, k, l))
+                    mult.append(m)
+        del lo_all
+        self.r_phase = np.array(phase, int)
+        self.r_window = np.array(window, int)
+        self.r_hkl = np.array(hkl, int).reshape(-1, 3)
+        self.r_mult = np.array(mult, int)
+        self.R = len(phase)
+
+    def _d_of_radial(self, v: float) -> float:
+        if self.unit == "q_A^-1":
+            return 2 * np.pi / v
+        return float(self.wavelength_A / (2 * np.sin(np.radians(v) / 2)))
+
+    def _d(self, p: int, hkl, cell) -> float:
+        return float(d_from_cell(hkl[0], hkl[1], hkl[2], cell))
+
+    def _d_range(self, p: int, hkl) -> tuple[float, float]:
+        """Smallest and largest d of (hkl) over the phase's search box (corners)."""
+        names = self.free[p]
+        corners = np.array(np.meshgrid(*[[-1.0, 1.0]] * len(names))).reshape(len(names), -1).T
+        ds = []
+        for c in corners:
+            cell = self._cell_from(p, {n: self.cell0[p, _CELL_INDEX[n]] + s * self.box[p, _CELL_INDEX[n]] * _REACH
+                                       for n, s in zip(names, c)})
+            ds.append(self._d(p, hkl, cell))
+        return min(ds), max(ds)
+
+    def _cell_from(self, p: int, values: dict) -> np.ndarray:
+        sg = self.phases[p].space_group
+        v = {n: values.get(n) for n in ("a", "b", "c", "alpha", "beta", "gamma")}
+        return np.array(full_cell(sg, v["a"], v["c"], v["b"], v["beta"], v["alpha"], v["gamma"]), float)
+
+    def _layout(self) -> None:
+        """Free-parameter columns of a frame's vector."""
+        names: list[str] = []
+        self.cell_cols: list[list[int]] = []
+        for p, spec in enumerate(self.phases):
+            cols = []
+            for n in self.free[p]:
+                cols.append(len(names))
+                names.append(f"{spec.name}.{n}")
+            self.cell_cols.append(cols)
+        self.zero_col = len(names)
+        names.append("zero")
+        self.has = np.zeros((self.P, self.W), bool)
+        self.has[self.r_phase, self.r_window] = True
+        self.fwhm_col = np.full((self.P, self.W), -1)
+        for p in range(self.P):
+            for w in range(self.W):
+                if self.has[p, w]:
+                    self.fwhm_col[p, w] = len(names)
+                    names.append(f"{self.phases[p].name}.fwhm.{self.windows[w].name}")
+        self.eta_col = np.arange(self.P) + len(names)
+        names += [f"{p.name}.eta" for p in self.phases]
+        self.area_col = np.arange(self.R) + len(names)
+        names += [f"{self.phases[p].name}.{''.join(map(str, h))}.{self.windows[w].name}"
+                  for p, h, w in zip(self.r_phase, self.r_hkl, self.r_window)]
+        self.bg_col = []
+        for w in self.windows:
+            self.bg_col.append(np.arange(w.degree + 1) + len(names))
+            names += [f"bg.{w.name}.{d}" for d in range(w.degree + 1)]
+        self.names = tuple(names)
+        self.k = len(names)
+        # bounds of the nonlinear parameters
+        self.lower = np.full(self.k, -np.inf)
+        self.upper = np.full(self.k, np.inf)
+        for p in range(self.P):
+            for n, col in zip(self.free[p], self.cell_cols[p]):
+                i = _CELL_INDEX[n]
+                self.lower[col] = self.cell0[p, i] - _REACH * self.box[p, i]
+                self.upper[col] = self.cell0[p, i] + _REACH * self.box[p, i]
+        for w, spec in enumerate(self.specs):
+            width = spec.range[1] - spec.range[0]
+            lo, hi = (spec.fwhm_range if spec.fwhm_range is not None else (self.step, width / 3))
+            for p in range(self.P):
+                if self.fwhm_col[p, w] >= 0:
+                    self.lower[self.fwhm_col[p, w]], self.upper[self.fwhm_col[p, w]] = lo, hi
+        self.lower[self.eta_col], self.upper[self.eta_col] = 0.0, 1.0
+        self.lower[self.area_col] = 0.0
+        self.x_all = np.concatenate([w.x for w in self.windows]) if self.W else np.zeros(0)
+        self.point_window = np.concatenate([np.full(w.x.size, i) for i, w in enumerate(self.windows)]) \
+            if self.W else np.zeros(0, int)
+        self._refl_of = [[np.flatnonzero((self.r_phase == p) & (self.r_window == w)) for w in range(self.W)]
+                         for p in range(self.P)]
+
+    def _order_pairs(self) -> None:
+        """Pairs of phases of one crystal system whose search boxes overlap: the parameter where
+        their configured cells differ most (relative to the box) and the sign of that difference."""
+        self.order: list[tuple[int, int, int, float]] = []
+        for p in range(self.P):
+            for q in range(self.P):
+                if p == q or self.system[p] != self.system[q]:
+                    continue
+                idx = [_CELL_INDEX[n] for n in self.free[p]]
+                gap = np.abs(self.cell0[p, idx] - self.cell0[q, idx])
+                reach = self.box[p, idx] + self.box[q, idx]
+                if np.all(gap < reach):
+                    j = idx[int(np.argmax(gap / np.maximum(self.box[p, idx], 1e-12)))]
+                    sign = np.sign(self.cell0[p, j] - self.cell0[q, j])
+                    if sign != 0:
+                        self.order.append((p, q, j, float(sign)))
+
+    def inside(self, cells: np.ndarray, zero: float) -> np.ndarray:
+        """(R,) reflections whose centre at ``cells`` (P, 6) lies inside their window."""
+        cen = self.centres(cells[None], np.array([zero]))[0]
+        lo = np.array([w.x[0] if w.x.size else np.inf for w in self.windows])[self.r_window]
+        hi = np.array([w.x[-1] if w.x.size else -np.inf for w in self.windows])[self.r_window]
+        return (cen >= lo) & (cen <= hi)
+
+    def label_index(self, window: int, phase_name: str, hkl_text: str) -> int:
+        """The reflection of a listed ``"phase hkl"`` in a window (an equivalent one counts)."""
+        p = [s.name for s in self.phases].index(phase_name)
+        h = parse_hkl(hkl_text)
+        probe = [self.cell0[p], self.cell0[p] * [1.01, 1.02, 0.99, 1, 1, 1]]
+        want = [self._d(p, h, c) for c in probe]
+        for r in self._refl_of[p][window]:
+            if all(abs(self._d(p, self.r_hkl[r], c) - v) < 1e-9 * v for c, v in zip(probe, want)):
+                return int(r)
+        raise ValueError(f"{phase_name} {hkl_text} does not fall in window {self.windows[window].name!r} "
+                         f"{list(self.specs[window].range)} for any cell within the phase's search range")
+
+    # -- the model ----------------------------------------------------------------------------
+    def cells(self, theta: np.ndarray, base: np.ndarray) -> np.ndarray:
+        """Full cells (r, P, 6) from parameter rows (r, k); ``base`` (P, 6) fills fixed values."""
+        out = np.broadcast_to(base, (theta.shape[0], self.P, 6)).copy()
+        for p in range(self.P):
+            sg = self.phases[p].space_group
+            v = {n: theta[:, c] for n, c in zip(self.free[p], self.cell_cols[p])}
+            full = full_cell(sg, v.get("a"), v.get("c"), v.get("b"), v.get("beta"), v.get("alpha"), v.get("gamma"))
+            for i, val in enumerate(full):
+                out[:, p, i] = val
+        return out
+
+    def centres(self, cells: np.ndarray, zero: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """Centres (r, R) of every reflection for cells (r, P, 6) and zero shifts (r,)."""
+        r_sel = np.arange(self.R) if rows is None else rows
+        c = cells[:, self.r_phase[r_sel], :]                     # (r, R', 6)
+        h = self.r_hkl[r_sel]
+        d = d_from_cell(h[:, 0], h[:, 1], h[:, 2], [c[..., i] for i in range(6)])
+        return self.radial_of_d(np.asarray(d), zero[:, None])
+
+    def value_jac(self, theta: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Model (r, M) on the concatenated windows and its Jacobian (r, k, M)."""
+        r = theta.shape[0]
+        f = np.zeros((r, self.n_points))
+        jac = np.zeros((r, self.k, self.n_points))
+        cells = self.cells(theta, base)
+        zero = theta[:, self.zero_col]
+        cen = self.centres(cells, zero)
+        # d centre / d (cell parameter, zero) by central differences on the tiny parameter vector
+        dcen = {}
+        for p in range(self.P):
+            for n, col in zip(self.free[p], self.cell_cols[p]):
+                h = 1e-6 * max(abs(float(np.nanmax(np.abs(theta[:, col])))), 1.0)
+                up, dn = theta.copy(), theta.copy()
+                up[:, col] += h
+                dn[:, col] -= h
+                rows = np.flatnonzero(self.r_phase == p)
+                dcen[col] = (rows, (self.centres(self.cells(up, base), zero, rows)
+                                    - self.centres(self.cells(dn, base), zero, rows)) / (2 * h))
+        hz = 1e-4
+        dzero = (self.centres(cells, zero + hz) - self.centres(cells, zero - hz)) / (2 * hz)
+        for w, win in enumerate(self.windows):
+            sl = win.points
+            for d in range(win.degree + 1):
+                td = win.t ** d
+                f[:, sl] += theta[:, self.bg_col[w][d]][:, None] * td
+                jac[:, self.bg_col[w][d], sl] = td
+        for i in range(self.R):
+            p, w = self.r_phase[i], self.r_window[i]
+            sl = self.windows[w].points
+            x = self.windows[w].x
+            fw_col, eta_col, a_col = self.fwhm_col[p, w], self.eta_col[p], self.area_col[i]
+            val, (d_c, d_f, unit, d_eta) = pseudo_voigt_jac(x, cen[:, i:i + 1], theta[:, fw_col:fw_col + 1],
+                                                            theta[:, a_col:a_col + 1], theta[:, eta_col:eta_col + 1])
+            f[:, sl] += val
+            jac[:, a_col, sl] = unit
+            jac[:, fw_col, sl] += d_f
+            jac[:, eta_col, sl] += d_eta
+            for col in self.cell_cols[p]:
+                rows, dc = dcen[col]
+                jac[:, col, sl] += d_c * dc[:, np.searchsorted(rows, i)][:, None]
+            jac[:, self.zero_col, sl] += d_c * dzero[:, i:i + 1]
+        return f, jac
+
+    # -- linear part: areas and background at fixed cells and widths ----------------------------
+    def basis(self, cen: np.ndarray, fwhm: np.ndarray, eta: np.ndarray, window: int, refl: np.ndarray):
+        """Unit-area profiles (T, m, len(refl)) of reflections ``refl`` in ``window`` for trial
+        centres ``cen`` (T, len(refl)); widths per reflection ``fwhm`` and ``eta`` (len(refl),)."""
+        x = self.windows[window].x
+        u = (x[None, :, None] - cen[:, None, :]) / fwhm
+        g = np.sqrt(4 * np.log(2) / np.pi) * np.exp(-4 * np.log(2) * u * u)
+        lo = (2 / np.pi) / (1 + 4 * u * u)
+        return (eta * lo + (1 - eta) * g) / fwhm
+
+
+def _nonneg_lstsq(a: np.ndarray, b: np.ndarray, w: np.ndarray, n_area: int) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted least squares for many trials at once: ``a`` (T, m, k), ``b`` (m,), weights
+    ``w`` (m,). The first ``n_area`` coefficients must not be negative: those that come out
+    negative are dropped and the system solved again (twice). Returns coefficients (T, k) and
+    chi² (T,)."""
+    aw = a * w[None, :, None]
+    bw = b * w
+    t, m, k = a.shape
+    keep = np.any(aw != 0, axis=1)
+    coef = np.zeros((t, k))
+    for _ in range(3):
+        am = aw * keep[:, None, :]
+        hess = np.matmul(am.transpose(0, 2, 1), am) + np.eye(k) * (~keep)[:, :, None]
+        rhs = np.matmul(bw, am)
+        diag = np.sqrt(np.maximum(np.diagonal(hess, axis1=1, axis2=2), 1e-300))
+        hs = hess / (diag[:, :, None] * diag[:, None, :])
+        try:
+            coef = np.linalg.solve(hs, (rhs / diag)[..., None])[..., 0] / diag
+        except np.linalg.LinAlgError:
+            coef = np.stack([np.linalg.lstsq(hs[i], rhs[i] / diag[i], rcond=None)[0] / diag[i] for i in range(t)])
+        coef = np.where(keep, coef, 0.0)
+        neg = coef[:, :n_area] < 0
+        if not neg.any():
+            break
+        keep[:, :n_area] &= ~neg
+    coef[:, :n_area] = np.maximum(coef[:, :n_area], 0.0)
+    resid = bw[None, :] - np.matmul(aw, coef[:, :, None])[:, :, 0]
+    return coef, np.einsum("tm,tm->t", resid, resid)
+
+
+@dataclass
+class FrameResult:
+    """One frame's phase-model solution."""
+
+    success: bool
+    message: str
+    theta: np.ndarray            # (k,) final parameters
+    err: np.ndarray              # (k,) esds (NaN where held or at a bound)
+    cov: np.ndarray              # (k, k)
+    present: np.ndarray          # (P,)
+    decision: list[str]          # per phase: how presence was decided
+    chi2_window: np.ndarray      # (W,)
+    n_window: np.ndarray         # (W,) valid points
+    nvary_window: np.ndarray     # (W,) parameters that touch the window
+    state: PhaseState
+
+
+class _Frame:
+    """The fit of one frame (data on the concatenated windows) from a carried state."""
+
+    def __init__(self, model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state: PhaseState):
+        self.m = model
+        self.y = y
+        valid = np.isfinite(y)
+        if sigma is not None and np.isfinite(sigma).any():
+            valid &= np.isfinite(sigma) & (sigma > 0)
+            self.w = np.where(valid, 1.0 / np.where(valid, sigma, 1.0), 0.0)
+            self.has_errors = True
+        else:
+            self.w = valid.astype(float)
+            self.has_errors = False
+        self.y0 = np.where(valid, y, 0.0)
+        self.valid = valid
+        self.state = state.copy()
+
+    # -- start widths from the data ----------------------------------------------------------
+    def width_guess(self, w: int) -> float:
+        spec = self.m.specs[w]
+        if spec.fwhm is not None:
+            return float(spec.fwhm)
+        win = self.m.windows[w]
+        y = self.y0[win.points]
+        v = self.valid[win.points]
+        if not v.any():
+            return 5 * self.m.step
+        edge = max(2, y.size // 10)
+        base = np.median(np.concatenate([y[:edge][v[:edge]], y[-edge:][v[-edge:]]]) if v[:edge].any() else y[v])
+        net = np.where(v, y - base, 0.0)
+        top = net.max()
+        above = np.count_nonzero(net > top / 2)
+        width = spec.range[1] - spec.range[0]
+        return float(np.clip(above * self.m.step, 2 * self.m.step, width / 6))
+
+    def fwhm_of(self, p: int, w: int) -> float:
+        v = self.state.fwhm[p, w]
+        if np.isfinite(v) and v > 0:
+            return float(v)
+        others = [self.state.fwhm[q, w] for q in range(self.m.P) if self.state.present[q] and q != p
+                  and np.isfinite(self.state.fwhm[q, w])]
+        return float(np.median(others)) if others else self.width_guess(w)
+
+    # -- linear solve of areas + background in every window at given nonlinear values ---------
+    def linear(self, cells: np.ndarray, phases: Sequence[int], zero: float) -> tuple[np.ndarray, np.ndarray]:
+        """Areas and backgrounds (as a full parameter row) at fixed cells (P, 6) for ``phases``;
+        returns the row and the chi² of every window."""
+        m = self.m
+        theta = np.zeros(m.k)
+        self.fill_nonlinear(theta, cells, zero)
+        cen = m.centres(cells[None], np.array([zero]))[0]
+        chi2 = np.zeros(m.W)
+        on = np.isin(m.r_phase, list(phases))
+        for w, win in enumerate(m.windows):
+            refl = np.flatnonzero(on & (m.r_window == w))
+            cols = self._window_basis(w, refl, cen[refl][None], theta)
+            coef, c2 = _nonneg_lstsq(cols, self.y0[win.points], self.w[win.points], refl.size)
+            theta[m.area_col[refl]] = coef[0, :refl.size]
+            theta[m.bg_col[w]] = coef[0, refl.size:]
+            chi2[w] = float(c2[0])
+        return theta, chi2
+
+    def _window_basis(self, w: int, refl: np.ndarray, cen: np.ndarray, theta: np.ndarray) -> np.ndarray:
+        """(T, m, len(refl) + degree + 1): profiles of ``refl`` at trial centres, then background."""
+        m = self.m
+        win = m.windows[w]
+        fw = theta[m.fwhm_col[m.r_phase[refl], w]] if refl.size else np.zeros(0)
+        eta = theta[m.eta_col[m.r_phase[refl]]] if refl.size else np.zeros(0)
+        prof = m.basis(cen, fw, eta, w, refl) if refl.size else np.zeros((cen.shape[0], win.x.size, 0))
+        # a reflection whose centre lies outside the window is not fitted there (its tail would
+        # only imitate the background): its column is empty
+        if refl.size:
+            prof = prof * ((cen >= win.x[0]) & (cen <= win.x[-1]))[:, None, :]
+        bg = np.stack([win.t ** d for d in range(win.degree + 1)], axis=1)
+        return np.concatenate([prof, np.broadcast_to(bg, (cen.shape[0], *bg.shape))], axis=2)
+
+    def fill_nonlinear(self, theta: np.ndarray, cells: np.ndarray, zero: float) -> None:
+        m = self.m
+        for p in range(m.P):
+            for n, col in zip(m.free[p], m.cell_cols[p]):
+                theta[col] = cells[p, _CELL_INDEX[n]]
+            for w in range(m.W):
+                if m.fwhm_col[p, w] >= 0:
+                    theta[m.fwhm_col[p, w]] = self.fwhm_of(p, w)
+            eta = self.state.eta[p]
+            theta[m.eta_col[p]] = eta if np.isfinite(eta) else 0.5
+        theta[m.zero_col] = zero
+
+    # -- the search for a phase not present --------------------------------------------------
+    def search(self, p: int, present: Sequence[int], *, around: np.ndarray | None = None,
+               scale: float = 1.0) -> tuple[np.ndarray, float, float]:
+        """Grid search of phase ``p``'s cell (coordinate by coordinate, twice) with the phases
+        ``present`` (p excluded) held at their state: over ``scale`` times its search range around
+        ``around`` (default the configured cell). Returns the best cell (6,), the chi² with p
+        there and the chi² without p."""
+        m = self.m
+        others = [q for q in present if q != p]
+        cells = self.state.cell.copy()
+        centre = m.cell0[p] if around is None else np.asarray(around, float)
+        cells[p] = centre
+        zero = self.state.zero
+        theta, chi2_w = self.linear(cells, others, zero)
+        chi2_without = float(chi2_w.sum())
+        cen_all = m.centres(cells[None], np.array([zero]))[0]
+        windows = [w for w in range(m.W) if m._refl_of[p][w].size]
+        if not windows:
+            return cells[p], chi2_without, chi2_without
+        rest = float(chi2_w[[w for w in range(m.W) if w not in windows]].sum())
+        fixed = {w: np.flatnonzero(np.isin(m.r_phase, others) & (m.r_window == w)) for w in windows}
+        best_cell, best = centre.copy(), np.inf
+        for name in list(m.free[p]) * 2:
+            i = _CELL_INDEX[name]
+            grid = self._grid(p, name, theta, centre[i], scale)
+            trial = np.broadcast_to(best_cell, (grid.size, 6)).copy()
+            trial[:, i] = grid
+            trial = np.stack([np.asarray(v, float) * np.ones(grid.size) for v in full_cell(
+                m.phases[p].space_group, *[trial[:, _CELL_INDEX[n]] if n in m.free[p] else None
+                                           for n in ("a", "c", "b", "beta", "alpha", "gamma")])], axis=1)
+            ok = self._ordered(p, trial, others)
+            chi2 = np.zeros(grid.size)
+            for w in windows:
+                win = m.windows[w]
+                mine = m._refl_of[p][w]
+                hkl = m.r_hkl[mine]
+                d = d_from_cell(hkl[:, 0][None], hkl[:, 1][None], hkl[:, 2][None],
+                                [trial[:, j][:, None] for j in range(6)])
+                cen_p = m.radial_of_d(np.asarray(d), zero)                           # (T, n_mine)
+                cen_f = np.broadcast_to(cen_all[fixed[w]], (grid.size, fixed[w].size))
+                refl = np.concatenate([mine, fixed[w]])
+                cols = self._window_basis(w, refl, np.concatenate([cen_p, cen_f], axis=1), theta)
+                _, c2 = _nonneg_lstsq(cols, self.y0[win.points], self.w[win.points], refl.size)
+                chi2 += c2
+            sel = m.box[p] > 0
+            rel = (trial[:, sel] - m.cell0[p, sel]) / m.box[p, sel]
+            prior = np.sum(rel ** 2, axis=1)          # a weak pull to the configured cell, for ties
+            score = np.where(ok, chi2 + prior, np.inf)
+            j = int(np.argmin(score))
+            if np.isfinite(score[j]):
+                best_cell = trial[j]
+                best = float(chi2[j])
+        return best_cell, best + rest, chi2_without
+
+    def _grid(self, p: int, name: str, theta: np.ndarray, centre: float, scale: float) -> np.ndarray:
+        """Trial values of one cell parameter: steps that move the most sensitive reflection by
+        about a quarter of its width, over ``scale`` times the phase's search range."""
+        m = self.m
+        i = _CELL_INDEX[name]
+        c0, half = centre, m.box[p, i] * scale
+        if half <= 0:
+            return np.array([c0])
+        rows = np.flatnonzero(m.r_phase == p)
+        cell = self.state.cell[p].copy() if np.all(np.isfinite(self.state.cell[p])) else m.cell0[p].copy()
+        cell = m.cell0[p].copy() if not np.all(np.isfinite(cell)) else cell
+        h = 1e-4 * max(abs(c0), 1.0)
+        up, dn = cell.copy(), cell.copy()
+        up[i] += h
+        dn[i] -= h
+        hkl = m.r_hkl[rows]
+        shift = np.abs(m.radial_of_d(np.asarray(d_from_cell(hkl[:, 0], hkl[:, 1], hkl[:, 2], up)))
+                       - m.radial_of_d(np.asarray(d_from_cell(hkl[:, 0], hkl[:, 1], hkl[:, 2], dn)))) / (2 * h)
+        fw = theta[m.fwhm_col[p, m.r_window[rows]]]
+        ratio = np.nanmax(shift / fw) if rows.size else 0.0
+        step = 0.25 / ratio if ratio > 0 else half
+        n = int(min(400, max(3, np.ceil(half / step))))
+        return c0 + np.linspace(-half, half, 2 * n + 1)
+
+    def _ordered(self, p: int, trial: np.ndarray, present: Sequence[int]) -> np.ndarray:
+        """Trials that keep the configured order of ``p`` against every present phase it could
+        be confused with."""
+        ok = np.ones(trial.shape[0], bool)
+        for a, b, j, sign in self.m.order:
+            if a == p and b in present:
+                ok &= np.sign(trial[:, j] - self.state.cell[b, j]) == sign
+        return ok
+
+
+def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state: PhaseState,
+              fit: FitSpec) -> FrameResult:
+    """Fit one frame (``y`` on the concatenated windows) starting from the previous ``state``.
+
+    1. Phases present in the previous frame: a local cell search around their last cell, then a
+       fit of those phases alone (the null model for what follows).
+    2. Every other phase: a grid search over its search range against that null model; the one
+       that improves the fit most plausibly (BIC, then nearest its configured cell) joins, and
+       the others are searched again beside it.
+    3. One fit of all candidate phases at once, with, in the same batch, the fits without each
+       of them; a phase whose removal does not raise the BIC by ``bic_threshold``, or with less
+       than ``min_fraction`` of the area where it has reflections, or whose cell ends at the
+       edge of its reach, is dropped (the weakest first) and the rest fitted again.
+    """
+    m = model
+    fr = _Frame(m, y, sigma, state)
+    n_valid = int(np.count_nonzero(fr.w > 0))
+    decision = [""] * m.P
+    if n_valid < m.k // 2 + 2:
+        return _failed(m, state, f"only {n_valid} valid points in the windows")
+    st = fr.state
+    present = [p for p in range(m.P) if st.present[p] and np.all(np.isfinite(st.cell[p]))]
+    for p in range(m.P):
+        if p not in present:
+            st.cell[p] = m.cell0[p]
+    n_log = np.log(max(n_valid, 2))
+    if present:
+        for p in present:
+            st.cell[p], _, _ = fr.search(p, present, around=st.cell[p], scale=_LOCAL)
+        sol = _fit_rows(m, fr, [tuple(present)], fit)
+        if sol is not None and np.isfinite(sol.chi2[0]):
+            _adopt(m, st, sol.p[0], present)
+    absent = [p for p in range(m.P) if p not in present]
+    found_now: set[int] = set()
+    while absent:
+        found = []
+        for p in absent:
+            cell, chi2_with, chi2_without = fr.search(p, present)
+            gain = n_valid * np.log(max(chi2_without, 1e-300) / max(chi2_with, 1e-300)) - _n_params(m, p) * n_log
+            if gain > fit.bic_threshold:
+                dist = np.sqrt(np.mean(((cell - m.cell0[p])[m.box[p] > 0] / m.box[p][m.box[p] > 0]) ** 2))
+                found.append((dist, p, cell))
+            else:
+                decision[p] = f"absent: not found over the search range (ΔBIC {gain:.1f})"
+        if not found:
+            break
+        found.sort(key=lambda t: t[0])
+        _, p, cell = found[0]
+        st.cell[p] = cell
+        present.append(p)
+        absent.remove(p)
+        found_now.add(p)
+    present.sort()
+    while present:
+        rows = [tuple(present)] + [tuple(q for q in present if q != p) for p in present]
+        res = _fit_rows(m, fr, rows, fit)
+        if res is None:
+            return _failed(m, state, "fit diverged (non-finite chi-square)")
+        chi2 = res.chi2
+        total_area = np.array([res.p[0, m.area_col[m.r_window == w]].sum() for w in range(m.W)])
+        gains, fails = {}, {}
+        for i, p in enumerate(present):
+            gain = n_valid * np.log(max(chi2[i + 1], 1e-300) / max(chi2[0], 1e-300)) - _n_params(m, p) * n_log
+            mine = res.p[0, m.area_col[m.r_phase == p]].sum()
+            touched = total_area[m.has[p]].sum()
+            share = mine / touched if touched > 0 else 0.0
+            at_edge = any(res.p[0, c] <= m.lower[c] + 1e-9 * abs(m.lower[c])
+                          or res.p[0, c] >= m.upper[c] - 1e-9 * abs(m.upper[c]) for c in m.cell_cols[p])
+            gains[p] = gain
+            if gain <= fit.bic_threshold:
+                fails[p] = f"absent: ΔBIC {gain:.1f} <= {fit.bic_threshold:g}"
+            elif share < fit.min_fraction:
+                fails[p] = f"absent: {100 * share:.2g} % of the area < min_fraction"
+            elif at_edge:
+                fails[p] = "absent: cell at the edge of its reach"
+            else:
+                decision[p] = f"present: ΔBIC {gain:.0f}" + (", found by the cell search" if p in found_now else "")
+        if not fails:
+            break
+        worst = min(fails, key=lambda q: gains[q])
+        decision[worst] = fails[worst]
+        present.remove(worst)
+    keep = np.zeros(m.P, bool)
+    keep[present] = True
+    if not present:
+        theta, _ = fr.linear(st.cell, [], st.zero)
+        return _result(m, fr, theta, np.full((m.k, m.k), np.nan), keep, decision, True, "no phase present")
+    ok = bool(res.status[0] != -1)
+    message = "" if res.status[0] == 1 else f"no convergence in {fit.max_iter} iterations"
+    return _result(m, fr, res.p[0], res.cov[0], keep, decision, ok, message)
+
+
+def _n_params(m: PhaseModel, p: int) -> int:
+    """Parameters a phase adds: its free cell, widths per window, eta and areas."""
+    return len(m.free[p]) + int(m.has[p].sum()) + 1 + int(np.count_nonzero(m.r_phase == p))
+
+
+def _adopt(m: PhaseModel, st: PhaseState, theta: np.ndarray, phases: Sequence[int]) -> None:
+    """Take the cells, widths and eta of ``phases`` from a solution into the working state."""
+    cells = m.cells(theta[None], st.cell)[0]
+    for p in phases:
+        st.cell[p] = cells[p]
+        for w in range(m.W):
+            if m.fwhm_col[p, w] >= 0 and theta[m.area_col[m._refl_of[p][w]]].sum() > 0:
+                st.fwhm[p, w] = theta[m.fwhm_col[p, w]]
+        st.eta[p] = theta[m.eta_col[p]]
+
+
+def _fit_rows(m: PhaseModel, fr: "_Frame", rows: list[tuple[int, ...]], fit: FitSpec):
+    """Least squares of the frame for each phase subset in ``rows`` at once (one batch), from
+    the working state's cells, areas and background solved linearly. The first row is the
+    largest model: if it ends above a nested one (a local minimum), it is started again from
+    that one. None if the first row diverged."""
+    st = fr.state
+    outside = ~m.inside(st.cell, st.zero)
+    starts, holds = [], []
+    for subset in rows:
+        theta, _ = fr.linear(st.cell, subset, st.zero)
+        hold = _held(m, subset)
+        hold[m.area_col[outside]] = True
+        theta[m.area_col[outside]] = 0.0
+        starts.append(theta)
+        holds.append(hold)
+    theta0, hold = np.array(starts), np.array(holds)
+    amps = [(int(m.area_col[r]), (int(m.fwhm_col[m.r_phase[r], m.r_window[r]]),)) for r in range(m.R)
+            if len(m._refl_of[m.r_phase[r]][m.r_window[r]]) == 1]
+    base = st.cell.copy()
+
+    def run(theta, hold_rows):
+        return least_squares_batch(lambda t: m.value_jac(t, base), theta, np.broadcast_to(fr.y0, theta.shape[:1] + fr.y0.shape),
+                                   np.broadcast_to(fr.w, theta.shape[:1] + fr.w.shape), lower=m.lower, upper=m.upper,
+                                   fixed=hold_rows, max_iter=fit.max_iter, amplitudes=amps, weak_z=2.0)
+
+    res = run(theta0, hold)
+    res.chi2 = np.where(res.status >= 0, res.chi2, np.inf)
+    if len(rows) > 1 and np.isfinite(res.chi2[1:]).any() and res.chi2[1:].min() < res.chi2[0]:
+        j = 1 + int(np.argmin(res.chi2[1:]))
+        theta = res.p[j].copy()
+        lin, _ = fr.linear(m.cells(theta[None], base)[0], rows[0], st.zero)
+        dropped = ~np.isin(m.r_phase, rows[j])
+        theta[m.area_col[dropped]] = np.where(outside[dropped], 0.0, lin[m.area_col[dropped]])
+        again = run(theta[None], hold[:1])
+        if again.status[0] >= 0 and again.chi2[0] < res.chi2[0]:
+            for name in ("p", "cov", "chi2", "status"):
+                getattr(res, name)[0] = getattr(again, name)[0]
+    if not np.isfinite(res.chi2[0]):
+        return None
+    return res
+
+
+def _held(m: PhaseModel, subset: Sequence[int]) -> np.ndarray:
+    """Columns held for a fit of the phases ``subset``: the others' cells, widths and areas, and
+    the zero shift (estimated once per run, not per frame)."""
+    hold = np.zeros(m.k, bool)
+    hold[m.zero_col] = True
+    for p in range(m.P):
+        if p in subset:
+            continue
+        hold[m.cell_cols[p]] = True
+        hold[m.fwhm_col[p][m.fwhm_col[p] >= 0]] = True
+        hold[m.eta_col[p]] = True
+        hold[m.area_col[m.r_phase == p]] = True
+    return hold
+
+
+def _failed(m: PhaseModel, state: PhaseState, message: str) -> FrameResult:
+    nan = np.full(m.k, np.nan)
+    return FrameResult(False, message, nan, nan, np.full((m.k, m.k), np.nan), np.zeros(m.P, bool), [""] * m.P,
+                       np.full(m.W, np.nan), np.zeros(m.W, int), np.zeros(m.W, int), state.copy())
+
+
+def _result(m: PhaseModel, fr: _Frame, theta: np.ndarray, cov: np.ndarray, present: np.ndarray, decision, ok: bool,
+            message: str) -> FrameResult:
+    f, jac = m.value_jac(theta[None], fr.state.cell)
+    resid = (fr.y0 - f[0]) * fr.w
+    chi2_w = np.array([float(resid[w.points] @ resid[w.points]) for w in m.windows])
+    n_w = np.array([int(np.count_nonzero(fr.w[w.points] > 0)) for w in m.windows])
+    touched = np.abs(jac[0]) * (fr.w > 0) > 0
+    free = np.isfinite(np.diagonal(cov))
+    nv = np.array([int(np.count_nonzero(free & touched[:, w.points].any(axis=1))) for w in m.windows])
+    with np.errstate(invalid="ignore"):
+        err = np.sqrt(np.diagonal(cov))
+    if not fr.has_errors or m.fit.esd_scale == "redchi":
+        redchi = chi2_w.sum() / max(n_w.sum() - int(free.sum()), 1)
+        cov = cov * redchi
+        err = err * np.sqrt(redchi)
+    new = fr.state.copy()
+    cells = m.cells(theta[None], fr.state.cell)[0]
+    for p in range(m.P):
+        if present[p]:
+            new.cell[p] = cells[p]
+            for w in range(m.W):
+                if m.fwhm_col[p, w] >= 0 and theta[m.area_col[m._refl_of[p][w]]].sum() > 0:
+                    new.fwhm[p, w] = theta[m.fwhm_col[p, w]]
+            new.eta[p] = theta[m.eta_col[p]]
+    new.present = present.copy()
+    if not ok:
+        new = fr.state.copy()
+    return FrameResult(ok, message, theta, err, cov, present, decision, chi2_w, n_w, nv, new)
+
+
+def initial_state(m: PhaseModel, zero: float = 0.0) -> PhaseState:
+    """The state before the first frame: configured cells, nothing present, widths unknown."""
+    return PhaseState(m.cell0.copy(), np.zeros(m.P, bool), np.full((m.P, m.W), np.nan), np.full(m.P, np.nan), zero)
+
+
+def centre_esd(m: PhaseModel, theta: np.ndarray, cov: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Centres (R,) of every reflection and their esds from the cell covariance."""
+    cells = m.cells(theta[None], base)
+    zero = np.array([theta[m.zero_col]])
+    cen = m.centres(cells, zero)[0]
+    err = np.full(m.R, np.nan)
+    for p in range(m.P):
+        cols = m.cell_cols[p]
+        rows = np.flatnonzero(m.r_phase == p)
+        if not rows.size:
+            continue
+        jac = np.zeros((rows.size, len(cols)))
+        for j, col in enumerate(cols):
+            h = 1e-6 * max(abs(theta[col]), 1.0)
+            up, dn = theta.copy(), theta.copy()
+            up[col] += h
+            dn[col] -= h
+            jac[:, j] = (m.centres(m.cells(up[None], base), zero, rows)[0]
+                         - m.centres(m.cells(dn[None], base), zero, rows)[0]) / (2 * h)
+        sub = cov[np.ix_(cols, cols)]
+        with np.errstate(invalid="ignore"):
+            err[rows] = np.sqrt(np.einsum("ri,ij,rj->r", jac, sub, jac))
+    return cen, err
+
+
+def d_of(m: PhaseModel, cen: np.ndarray, err: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return d_from_radial(cen, err, m.unit, m.wavelength_A)
