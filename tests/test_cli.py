@@ -13,7 +13,7 @@ from xrdpipe.cli import main
 def test_public_api_is_curated():
     assert sorted(xrdpipe.__all__) == sorted([
         "__version__", "Calibration", "CalibrationError", "ConfigError", "Experiment", "FrameReadError",
-        "Integrator", "PatternReadError", "StoreError", "WindowModel", "XrdpipeError", "fit_experiment", "fit_peaks",
+        "Integrator", "PatternReadError", "StoreError", "WindowModel", "XrdpipeError", "fit_experiment", "fit_peaks", "fit_phases",
         "integrate_experiment", "load_calibration", "load_experiment", "open_run", "CyclerReadError",
         "echem_experiment", "read_cycler", "run_experiment", "plot_experiment", "export_experiment"])
     for name in xrdpipe.__all__:

@@ -29,6 +29,7 @@ from .errors import (
 )
 from .integration import Integrator
 from .peaks import WindowModel, fit_peaks
+from .phasefit import fit_phases
 from .pipeline import echem_experiment, fit_experiment, integrate_experiment
 from .store import open_run
 from .workflow import export_experiment, plot_experiment, run_experiment
@@ -49,6 +50,7 @@ __all__ = [
     "echem_experiment",
     "fit_experiment",
     "fit_peaks",
+    "fit_phases",
     "integrate_experiment",
     "load_calibration",
     "load_experiment",

@@ -320,7 +320,8 @@ class PhaseSpec(_Spec):
     geometry of O3/P3/P2. ``kind`` names the structure type of a phase with another name
     (``kind = "P2"``). ``search`` is how far (relative, ±) the phase-model fit looks for the
     phase's cell around the configured one before calling it absent: ``{ a = 0.015, c = 0.03 }``
-    by default (b as a, angles ±2°).
+    by default (b as a, angles ±2°). ``fraction = false`` keeps a phase out of the phase
+    fractions (the library's Al current collector, an internal standard).
     """
 
     name: str = Field(min_length=1)
@@ -333,6 +334,7 @@ class PhaseSpec(_Spec):
     gamma: float | None = Field(default=None, gt=30, lt=150)
     z_o: float | None = Field(default=None, gt=-1, lt=1)
     kind: str | None = None
+    fraction: bool = True
     search: dict[Literal["a", "b", "c", "alpha", "beta", "gamma"], Annotated[float, Field(ge=0, le=0.2)]] = {}
 
     @model_validator(mode="before")
@@ -344,7 +346,7 @@ class PhaseSpec(_Spec):
             lib = LIBRARY.get(str(data.get("kind") or data.get("name", "")))
             if lib is not None:
                 defaults = {"space_group": lib.space_group, "a": lib.a, "c": lib.c, "b": lib.b, "beta": lib.beta,
-                            "z_o": lib.z_o}
+                            "z_o": lib.z_o, "fraction": lib.fraction}
                 data = {**{k: v for k, v in defaults.items() if v is not None}, **data}
         return data
 
@@ -484,8 +486,14 @@ class WindowSpec(_Spec):
 class FitSpec(_Spec):
     """``[fit]``: how every window is fitted in every frame.
 
-    ``engine = "batched"`` fits a block of frames at once (vectorised Levenberg-Marquardt with
-    analytic derivatives); ``"lmfit"`` fits frame by frame with lmfit, the reference.
+    ``model = "phases"`` (default) fits every window of a frame at once with each peak's centre
+    computed from its phase's cell (:mod:`xrdpipe.phasefit`: every allowed reflection of every
+    phase in the windows, phases found by a search over their cell, cells with esds straight
+    from the fit); ``"peaks"`` fits each listed peak as an independent profile, window by window
+    (:mod:`xrdpipe.peaks`), and the lattice stage refines the cells from the fitted centres.
+    For the independent peaks, ``engine = "batched"`` fits a block of frames at once (vectorised
+    Levenberg-Marquardt with analytic derivatives); ``"lmfit"`` fits frame by frame with lmfit,
+    the reference.
     ``presence`` decides whether each component is there: ``"bic"`` keeps it when removing it
     raises the Bayesian information criterion by more than ``bic_threshold``; ``"ftest"`` when
     the F-test rejects its absence at ``ftest_alpha``; ``"always"`` never removes one. Beside
@@ -495,6 +503,7 @@ class FitSpec(_Spec):
     always does (as lmfit does by default), for data whose errors understate the misfit.
     """
 
+    model: Literal["phases", "peaks"] = "phases"
     engine: Literal["batched", "lmfit"] = "batched"
     presence: Literal["bic", "ftest", "always"] = "bic"
     bic_threshold: float = Field(default=10.0, ge=0)

@@ -51,7 +51,7 @@ LATTICE_COLUMNS = ("frame", "time_s", "voltage_V", "x", "phase", "a_A", "a_err_A
                    "fraction", "fraction_err", "b_A", "b_err_A", "beta_deg", "beta_err_deg", "volume_err_A3",
                    "n_reflections", "correction_deg", "correction_err_deg", *GEOMETRY_KEYS, "message",
                    "fraction_source", "area_fraction", "area_fraction_err", "weight_fraction", "weight_fraction_err",
-                   "alpha_deg", "alpha_err_deg", "gamma_deg", "gamma_err_deg")
+                   "alpha_deg", "alpha_err_deg", "gamma_deg", "gamma_err_deg", "fraction_method", "presence")
 #: Per (frame, phase) quantities.
 LATTICE_FIELDS = ("a_A", "a_err_A", "b_A", "b_err_A", "c_A", "c_err_A", "beta_deg", "beta_err_deg", "volume_A3",
                   "volume_err_A3", "fraction", "fraction_err", "n_reflections", "correction_deg",
@@ -75,6 +75,8 @@ class LatticeTable:
     voltage_V: np.ndarray | None = None
     x: np.ndarray | None = None
     fraction_source: np.ndarray | None = None
+    fraction_method: np.ndarray | None = None
+    presence: np.ndarray | None = None
 
     def column(self, name: str, phase: str) -> np.ndarray:
         """One phase's series, e.g. ``lat.column("c_A", "O3")``."""
@@ -85,11 +87,14 @@ class LatticeTable:
         volt = self.voltage_V if self.voltage_V is not None else np.full(n, np.nan)
         x = self.x if self.x is not None else np.full(n, np.nan)
         source = self.fraction_source if self.fraction_source is not None else np.full(self.message.shape, "")
+        method = self.fraction_method if self.fraction_method is not None else np.full(self.message.shape, "")
+        presence = self.presence if self.presence is not None else np.full(self.message.shape, "")
         for r in range(n):
             for i, phase in enumerate(self.phases):
                 row = {"frame": int(self.frame[r]), "time_s": csv_number(self.time_s[r]), "voltage_V": csv_number(volt[r]),
                        "x": csv_number(x[r]), "phase": phase, "message": self.message[r, i] or "",
-                       "fraction_source": source[r, i] or ""}
+                       "fraction_source": source[r, i] or "", "fraction_method": method[r, i] or "",
+                       "presence": presence[r, i] or ""}
                 for name in LATTICE_FIELDS:
                     v = self.values[name][r, i]
                     row[name] = (str(int(v)) if name == "n_reflections" else csv_number(v))
@@ -226,6 +231,8 @@ def refine_lattice(table, phases: Sequence[PhaseSpec], spec: LatticeSpec | None 
     vals = {k: np.full((n, len(phases)), np.nan) for k in LATTICE_FIELDS}
     vals["n_reflections"][:] = 0
     msg = np.full((n, len(phases)), "", dtype=object)
+    if getattr(table, "phase", None) is not None:
+        return _from_phase_model(table, phases, spec, vals, msg, weights)
     start = [{"a": p.a, "b": p.b, "c": p.c, "alpha": p.alpha, "beta": p.beta, "gamma": p.gamma} for p in phases]
     columns = _columns_by_phase(table, phases)
     for r in range(n):
@@ -265,7 +272,117 @@ def refine_lattice(table, phases: Sequence[PhaseSpec], spec: LatticeSpec | None 
     vals["area_fraction"], vals["area_fraction_err"] = frac, frac_err
     frames = np.asarray(table.frame)
     source = _choose_fractions(vals, frames, names, weights, spec.fractions)
-    return LatticeTable(frames, np.asarray(table.time_s, float), names, vals, msg, fraction_source=source)
+    method = np.where(source == "peaks", "area", source)
+    return LatticeTable(frames, np.asarray(table.time_s, float), names, vals, msg, fraction_source=source,
+                        fraction_method=method)
+
+
+def _from_phase_model(table, phases: Sequence[PhaseSpec], spec: LatticeSpec, vals, msg,
+                      weights: "WeightFractions | None") -> LatticeTable:
+    """Cells straight from the phase model's fit (with their esds), the layer geometry, and the
+    fractions from the phases' areas (:func:`phase_fractions`)."""
+    ph, model_names = table.phase, tuple(table.phase_names)
+    n, names = len(table.frame), tuple(p.name for p in phases)
+    ok = np.asarray(table.success).any(axis=1)
+    present = np.zeros((n, len(phases)), bool)
+    presence = np.full((n, len(phases)), "", dtype=object)
+    for i, spec_i in enumerate(phases):
+        if spec_i.name not in model_names:
+            msg[:, i] = "not in the phase model's fit"
+            continue
+        j = model_names.index(spec_i.name)
+        here = ok & ph["phase_present"][:, j].astype(bool)
+        present[:, i] = here
+        presence[:, i] = ph["phase_decision"][:, j]
+        cell, err = ph["phase_cell"][:, j], ph["phase_cell_err"][:, j]
+        free = CELL_PARAMETERS[crystal_system(spec_i.space_group)]
+        for k, (nm, key) in enumerate(_KEYS):
+            if nm in free:
+                vals[key][here, i] = cell[here, k]
+                vals[key.replace("_A", "_err_A").replace("_deg", "_err_deg")][here, i] = err[here, k]
+        if "phase_volume" in ph:
+            vals["volume_A3"][here, i] = ph["phase_volume"][here, j]
+            vals["volume_err_A3"][here, i] = ph["phase_volume_err"][here, j]
+        vals["correction_deg"][here, i] = ph["zero"][here]
+        cols = [c for c, (_, name, _, _) in enumerate(table.peaks) if name == spec_i.name]
+        vals["n_reflections"][:, i] = np.asarray(table.present)[:, cols].sum(axis=1) if cols else 0
+        if spec_i.z_o is not None and crystal_system(spec_i.space_group) == "hexagonal" \
+                and spec_i.structure_kind in ("O3", "P3", "P2"):
+            for r in np.flatnonzero(here):
+                for key, v in layer_geometry(spec_i.structure_kind, cell[r, 0], cell[r, 2], spec_i.z_o).items():
+                    vals[key][r, i] = v
+    frac, err, method = phase_fractions(table, phases, spec)
+    vals["area_fraction"], vals["area_fraction_err"] = frac, err
+    frames = np.asarray(table.frame)
+    source = _choose_fractions(vals, frames, names, weights, spec.fractions)
+    method = np.where(source == "refinement", "refinement", method)
+    return LatticeTable(frames, np.asarray(table.time_s, float), names, vals, msg, fraction_source=source,
+                        fraction_method=method, presence=presence)
+
+
+def phase_fractions(table, phases: Sequence[PhaseSpec], spec: LatticeSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Phase fractions (n, P), their esds and the method, from the phase model's areas.
+
+    A phase's scale in a frame is the sum of its fitted areas over the windows divided by the
+    same sum in the nearest frame where it was the only phase present (its intensities as that
+    structure gives them): ``"scale"``. A phase never seen alone has its raw area sum instead
+    (``"area"``: the fraction of diffracted intensity, not of the phase). The fractions are the
+    scales normalised over the phases present that take part (``fraction = true``); esds from the
+    fit's area covariance (the reference frames' errors neglected). A frame with one such phase
+    has fraction 1 (``"single phase"``); an absent phase has 0.
+    """
+    ph, model_names = table.phase, tuple(table.phase_names)
+    n = len(table.frame)
+    frac = np.full((n, len(phases)), np.nan)
+    err = np.full((n, len(phases)), np.nan)
+    method = np.full((n, len(phases)), "", dtype=object)
+    ok = np.asarray(table.success).any(axis=1)
+    win = list(table.windows)
+    use_w = np.ones(len(win), bool) if spec.fraction_window is None else np.array([w == spec.fraction_window for w in win])
+    part = [i for i, p in enumerate(phases) if p.fraction and p.name in model_names]
+    cols = [model_names.index(phases[i].name) for i in part]
+    if not part:
+        return frac, err, method
+    present = ph["phase_present"][:, cols].astype(bool) & ok[:, None]
+    area = np.where(use_w[None, None, :], np.nan_to_num(ph["phase_area"][:, cols]), 0.0)
+    var = np.where(use_w[None, None, :], np.nan_to_num(ph["phase_area_err"][:, cols]) ** 2, 0.0)
+    scale = np.zeros((n, len(part)))
+    scale_var = np.zeros((n, len(part)))
+    how = np.full(len(part), "scale", dtype=object)
+    for k in range(len(part)):
+        alone = np.flatnonzero(present[:, k] & (present.sum(axis=1) == 1))
+        if alone.size:
+            pos = np.clip(np.searchsorted(alone, np.arange(n)), 0, alone.size - 1)
+            prev = alone[np.maximum(pos - 1, 0)]
+            near = np.where(np.abs(alone[pos] - np.arange(n)) <= np.abs(prev - np.arange(n)), alone[pos], prev)
+            ref = area[near, k, :]                                   # (n, W)
+            keep = ref > 0
+            denom = np.where(keep, ref, 0.0).sum(axis=1)
+            with np.errstate(all="ignore"):
+                scale[:, k] = np.where(keep, area[:, k, :], 0.0).sum(axis=1) / denom
+                scale_var[:, k] = np.where(keep, var[:, k, :], 0.0).sum(axis=1) / denom**2
+        else:
+            how[k] = "area"
+            scale[:, k] = area[:, k, :].sum(axis=1)
+            scale_var[:, k] = var[:, k, :].sum(axis=1)
+    scale = np.where(present, scale, 0.0)
+    scale_var = np.where(present, scale_var, 0.0)
+    total = scale.sum(axis=1)
+    several = present.sum(axis=1) > 1
+    for k, i in enumerate(part):
+        with np.errstate(all="ignore"):
+            f = scale[:, k] / total
+            # d f_k / d s_j = (δ_kj S - s_k) / S²
+            v = ((total - scale[:, k]) ** 2 * scale_var[:, k]
+                 + scale[:, k] ** 2 * (scale_var.sum(axis=1) - scale_var[:, k])) / total**4
+        rows = several & np.isfinite(f)
+        frac[rows, i], err[rows, i] = f[rows], np.sqrt(v[rows])
+        method[rows & present[:, k], i] = how[k]
+        single = ok & (present.sum(axis=1) == 1)
+        frac[single, i] = np.where(present[single, k], 1.0, 0.0)
+        err[single, i] = 0.0
+        method[single & present[:, k], i] = "single phase"
+    return frac, err, method
 
 
 @dataclass

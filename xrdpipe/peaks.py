@@ -417,6 +417,10 @@ class PeakTable:
     success: np.ndarray
     redchi: np.ndarray
     message: np.ndarray
+    #: the phase model's per (frame, phase[, window]) arrays (:data:`xrdpipe.phasefit.PHASE_ARRAYS`)
+    #: and the phases they belong to; None for independent peaks
+    phase: dict[str, np.ndarray] | None = None
+    phase_names: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.frame)
@@ -595,15 +599,19 @@ def _join_results(parts: Sequence[WindowResult]) -> WindowResult:
 def concat_tables(tables: Sequence[PeakTable]) -> PeakTable:
     """Join consecutive blocks."""
     t0 = tables[0]
+    phase = None if t0.phase is None else {k: np.concatenate([t.phase[k] for t in tables]) for k in t0.phase}
     return PeakTable(np.concatenate([t.frame for t in tables]), np.concatenate([t.time_s for t in tables]),
                      t0.windows, t0.peaks, {k: np.concatenate([t.values[k] for t in tables]) for k in PEAK_FIELDS},
                      np.concatenate([t.present for t in tables]), np.concatenate([t.success for t in tables]),
-                     np.concatenate([t.redchi for t in tables]), np.concatenate([t.message for t in tables]))
+                     np.concatenate([t.redchi for t in tables]), np.concatenate([t.message for t in tables]),
+                     phase, t0.phase_names)
 
 
 def fit_peaks(patterns, phases: Sequence[PhaseSpec], windows: Sequence[WindowSpec], fit: FitSpec = FitSpec(), *,
               progress: bool = False) -> PeakTable:
-    """Fit ``windows`` in every frame of an in-memory :class:`~xrdpipe.store.Patterns` stack.
+    """Fit ``windows`` as independent peaks in every frame of an in-memory
+    :class:`~xrdpipe.store.Patterns` stack (whatever ``fit.model`` says; the phase model is
+    :func:`xrdpipe.phasefit.fit_phases`).
 
     Frames that failed integration are kept as failed rows. For a run file on disk (streamed,
     resumable, written as it goes) use :func:`xrdpipe.pipeline.fit_experiment`.

@@ -32,6 +32,8 @@ from typing import Sequence
 
 import numpy as np
 
+from threadpoolctl import threadpool_limits
+
 from .batchfit import least_squares_batch
 from .config import FitSpec, LatticeSpec, PhaseSpec, WindowSpec
 from .crystallography import (
@@ -45,9 +47,10 @@ from .crystallography import (
     tth_from_d,
 )
 from .lineshapes import pseudo_voigt_jac
+from .peaks import PEAK_FIELDS, PeakTable, WindowSetupError, concat_tables
 from .windows import d_from_radial
 
-__all__ = ["PhaseModel", "PhaseState", "DEFAULT_SEARCH", "PHASE_ARRAYS"]
+__all__ = ["PhaseModel", "PhaseFitter", "PhaseState", "fit_phases", "fit_frame", "DEFAULT_SEARCH", "PHASE_ARRAYS"]
 
 #: Default search half-ranges: relative for lengths, degrees for angles.
 DEFAULT_SEARCH = {"a": 0.015, "b": 0.015, "c": 0.03, "alpha": 2.0, "beta": 2.0, "gamma": 2.0}
@@ -55,12 +58,15 @@ _CELL_INDEX = {"a": 0, "b": 1, "c": 2, "alpha": 3, "beta": 4, "gamma": 5}
 _ANGLES = ("alpha", "beta", "gamma")
 #: The local search around a tracked phase's last cell, in search half-ranges.
 _LOCAL = 0.2
+#: How far a cell may move within one frame's least squares from where the search put it, in
+#: search half-ranges (a larger move is another phase, or a jump the search must confirm).
+_STEP = 0.3
 #: How far a tracked cell may move from the configured one, in search half-ranges: a phase is
 #: found within its search range and then followed wherever it goes within this reach.
 _REACH = 3.0
 #: Per (frame, phase[, window]) arrays the phase model stores beside the peaks.
 PHASE_ARRAYS = ("phase_cell", "phase_cell_err", "phase_present", "phase_area", "phase_area_err", "phase_fwhm",
-                "phase_eta", "zero")
+                "phase_eta", "zero", "phase_decision", "phase_volume", "phase_volume_err")
 
 
 @dataclass
@@ -128,6 +134,7 @@ class PhaseModel:
         self._reflections()
         self._layout()
         self._order_pairs()
+        self._search_order()
 
     # -- set-up -------------------------------------------------------------------------------
     def _half_range(self, phase: PhaseSpec, name: str) -> float:
@@ -269,6 +276,27 @@ class PhaseModel:
         self._refl_of = [[np.flatnonzero((self.r_phase == p) & (self.r_window == w)) for w in range(self.W)]
                          for p in range(self.P)]
 
+    def _search_order(self) -> None:
+        """Per phase, its cell parameters in the order the search takes them: first the one that
+        alone places the most reflections (c for 00l lines), so that the first pass is not
+        misled by the others' start values."""
+        self.search_order = []
+        #: (R, 6): whether a reflection's position depends on each cell parameter
+        self.r_dep = np.zeros((self.R, 6), bool)
+        for p in range(self.P):
+            rows = np.flatnonzero(self.r_phase == p)
+            hkl = self.r_hkl[rows]
+            dep = []
+            for n in self.free[p]:
+                i = _CELL_INDEX[n]
+                up = self._cell_from(p, {k: self.cell0[p, _CELL_INDEX[k]] * (1 + 1e-4 * (k == n)) for k in self.free[p]})
+                dep.append(np.abs(d_from_cell(hkl[:, 0], hkl[:, 1], hkl[:, 2], up)
+                                  - d_from_cell(hkl[:, 0], hkl[:, 1], hkl[:, 2], self.cell0[p])) > 1e-12)
+                self.r_dep[rows, i] = dep[-1]
+            dep = np.array(dep).reshape(len(self.free[p]), -1)
+            alone = [(int(np.sum(dep[j] & (dep.sum(axis=0) == 1))), -j) for j in range(len(self.free[p]))]
+            self.search_order.append(tuple(self.free[p][-j] for _, j in sorted(alone, reverse=True)))
+
     def _order_pairs(self) -> None:
         """Pairs of phases of one crystal system whose search boxes overlap: the parameter where
         their configured cells differ most (relative to the box) and the sign of that difference."""
@@ -279,7 +307,7 @@ class PhaseModel:
                     continue
                 idx = [_CELL_INDEX[n] for n in self.free[p]]
                 gap = np.abs(self.cell0[p, idx] - self.cell0[q, idx])
-                reach = self.box[p, idx] + self.box[q, idx]
+                reach = _REACH * (self.box[p, idx] + self.box[q, idx])
                 if np.all(gap < reach):
                     j = idx[int(np.argmax(gap / np.maximum(self.box[p, idx], 1e-12)))]
                     sign = np.sign(self.cell0[p, j] - self.cell0[q, j])
@@ -538,9 +566,31 @@ class _Frame:
         rest = float(chi2_w[[w for w in range(m.W) if w not in windows]].sum())
         fixed = {w: np.flatnonzero(np.isin(m.r_phase, others) & (m.r_window == w)) for w in windows}
         best_cell, best = centre.copy(), np.inf
-        for name in list(m.free[p]) * 2:
+        # half-width steps over the range, then fifth-width steps around the best; a tracked
+        # phase (small range) gets one pass
+        order = m.search_order[p]
+        if scale < 1:
+            schedule = [(n, 0.4, None, False) for n in order]
+        else:
+            schedule = ([(n, 0.5, None, True) for n in order] + [(n, 0.5, None, False) for n in order]
+                        + [(n, 0.2, 1.5, False) for n in order])
+        coarse: dict[str, float] = {}
+        known: set[int] = set()
+        for name, frac, around_best, first in schedule:
             i = _CELL_INDEX[name]
-            grid = self._grid(p, name, theta, centre[i], scale)
+            known.add(i)
+            use = windows
+            if first:
+                # the first round listens only to the windows whose reflections of p depend on
+                # nothing but the parameters searched so far (the 00l lines for c): a strong
+                # line placed by a parameter not yet searched must not pull this one astray
+                unknown = [_CELL_INDEX[n] for n in m.free[p] if _CELL_INDEX[n] not in known]
+                pure = [w for w in windows if not m.r_dep[np.ix_(m._refl_of[p][w], unknown)].any()]
+                use = pure or windows
+            if around_best is None:
+                grid, coarse[name] = self._grid(p, name, theta, centre[i], m.box[p, i] * scale, frac)
+            else:
+                grid, _ = self._grid(p, name, theta, best_cell[i], around_best * coarse[name], frac)
             trial = np.broadcast_to(best_cell, (grid.size, 6)).copy()
             trial[:, i] = grid
             trial = np.stack([np.asarray(v, float) * np.ones(grid.size) for v in full_cell(
@@ -548,7 +598,7 @@ class _Frame:
                                            for n in ("a", "c", "b", "beta", "alpha", "gamma")])], axis=1)
             ok = self._ordered(p, trial, others)
             chi2 = np.zeros(grid.size)
-            for w in windows:
+            for w in use:
                 win = m.windows[w]
                 mine = m._refl_of[p][w]
                 hkl = m.r_hkl[mine]
@@ -567,17 +617,18 @@ class _Frame:
             j = int(np.argmin(score))
             if np.isfinite(score[j]):
                 best_cell = trial[j]
-                best = float(chi2[j])
+                best = float(chi2[j]) + float(chi2_w[[w for w in windows if w not in use]].sum())
         return best_cell, best + rest, chi2_without
 
-    def _grid(self, p: int, name: str, theta: np.ndarray, centre: float, scale: float) -> np.ndarray:
-        """Trial values of one cell parameter: steps that move the most sensitive reflection by
-        about a quarter of its width, over ``scale`` times the phase's search range."""
+    def _grid(self, p: int, name: str, theta: np.ndarray, centre: float, half: float,
+              frac: float) -> tuple[np.ndarray, float]:
+        """Trial values of one cell parameter over ``centre ± half``: steps that move the most
+        sensitive reflection by ``frac`` of its width. Returns the values and the step."""
         m = self.m
         i = _CELL_INDEX[name]
-        c0, half = centre, m.box[p, i] * scale
+        c0 = centre
         if half <= 0:
-            return np.array([c0])
+            return np.array([c0]), 0.0
         rows = np.flatnonzero(m.r_phase == p)
         cell = self.state.cell[p].copy() if np.all(np.isfinite(self.state.cell[p])) else m.cell0[p].copy()
         cell = m.cell0[p].copy() if not np.all(np.isfinite(cell)) else cell
@@ -590,9 +641,9 @@ class _Frame:
                        - m.radial_of_d(np.asarray(d_from_cell(hkl[:, 0], hkl[:, 1], hkl[:, 2], dn)))) / (2 * h)
         fw = theta[m.fwhm_col[p, m.r_window[rows]]]
         ratio = np.nanmax(shift / fw) if rows.size else 0.0
-        step = 0.25 / ratio if ratio > 0 else half
-        n = int(min(400, max(3, np.ceil(half / step))))
-        return c0 + np.linspace(-half, half, 2 * n + 1)
+        step = frac / ratio if ratio > 0 else half
+        n = int(min(400, max(2, np.ceil(half / step))))
+        return c0 + np.linspace(-half, half, 2 * n + 1), half / n
 
     def _ordered(self, p: int, trial: np.ndarray, present: Sequence[int]) -> np.ndarray:
         """Trials that keep the configured order of ``p`` against every present phase it could
@@ -636,11 +687,22 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
         sol = _fit_rows(m, fr, [tuple(present)], fit)
         if sol is not None and np.isfinite(sol.chi2[0]):
             _adopt(m, st, sol.p[0], present)
+            # a cell that runs to the end of its step has jumped, or is chasing another phase:
+            # search for it afresh
+            for p in [q for q in present if _at_edge(m, sol, q)]:
+                present.remove(p)
+                st.cell[p] = m.cell0[p]
     absent = [p for p in range(m.P) if p not in present]
     found_now: set[int] = set()
+    null_chi2 = float(fr.linear(st.cell, present, st.zero)[1].sum()) if present else np.inf
     while absent:
         found = []
         for p in absent:
+            if fr.has_errors and null_chi2 - n_valid - 3 * np.sqrt(2 * n_valid) < _n_params(m, p) * n_log + fit.bic_threshold:
+                # with Poisson esds, the fit without it leaves too little misfit for any phase to
+                # pass the test: no need to search
+                decision[p] = f"absent: nothing left to explain (χ²/ν {null_chi2 / max(n_valid, 1):.2f})"
+                continue
             cell, chi2_with, chi2_without = fr.search(p, present)
             gain = n_valid * np.log(max(chi2_without, 1e-300) / max(chi2_with, 1e-300)) - _n_params(m, p) * n_log
             if gain > fit.bic_threshold:
@@ -656,10 +718,11 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
         present.append(p)
         absent.remove(p)
         found_now.add(p)
+        null_chi2 = np.inf
     present.sort()
     while present:
         rows = [tuple(present)] + [tuple(q for q in present if q != p) for p in present]
-        res = _fit_rows(m, fr, rows, fit)
+        res = _fit_rows(m, fr, rows, fit, found_now)
         if res is None:
             return _failed(m, state, "fit diverged (non-finite chi-square)")
         chi2 = res.chi2
@@ -670,8 +733,10 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
             mine = res.p[0, m.area_col[m.r_phase == p]].sum()
             touched = total_area[m.has[p]].sum()
             share = mine / touched if touched > 0 else 0.0
-            at_edge = any(res.p[0, c] <= m.lower[c] + 1e-9 * abs(m.lower[c])
-                          or res.p[0, c] >= m.upper[c] - 1e-9 * abs(m.upper[c]) for c in m.cell_cols[p])
+            at_edge = _at_edge(m, res, p)
+            cells = m.cells(res.p[:1], st.cell)[0]
+            swapped = [m.phases[q].name for a, q, j, sign in m.order
+                       if a == p and q in present and np.sign(cells[p, j] - cells[q, j]) != sign]
             gains[p] = gain
             if gain <= fit.bic_threshold:
                 fails[p] = f"absent: ΔBIC {gain:.1f} <= {fit.bic_threshold:g}"
@@ -679,6 +744,9 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
                 fails[p] = f"absent: {100 * share:.2g} % of the area < min_fraction"
             elif at_edge:
                 fails[p] = "absent: cell at the edge of its reach"
+            elif swapped and (p in found_now or gain < min(gains.get(q, np.inf) for q in range(m.P)
+                                                           if m.phases[q].name in swapped)):
+                fails[p] = f"absent: would take the place of {', '.join(swapped)}"
             else:
                 decision[p] = f"present: ΔBIC {gain:.0f}" + (", found by the cell search" if p in found_now else "")
         if not fails:
@@ -712,7 +780,7 @@ def _adopt(m: PhaseModel, st: PhaseState, theta: np.ndarray, phases: Sequence[in
         st.eta[p] = theta[m.eta_col[p]]
 
 
-def _fit_rows(m: PhaseModel, fr: "_Frame", rows: list[tuple[int, ...]], fit: FitSpec):
+def _fit_rows(m: PhaseModel, fr: "_Frame", rows: list[tuple[int, ...]], fit: FitSpec, found: set[int] = frozenset()):
     """Least squares of the frame for each phase subset in ``rows`` at once (one batch), from
     the working state's cells, areas and background solved linearly. The first row is the
     largest model: if it ends above a nested one (a local minimum), it is started again from
@@ -731,10 +799,17 @@ def _fit_rows(m: PhaseModel, fr: "_Frame", rows: list[tuple[int, ...]], fit: Fit
     amps = [(int(m.area_col[r]), (int(m.fwhm_col[m.r_phase[r], m.r_window[r]]),)) for r in range(m.R)
             if len(m._refl_of[m.r_phase[r]][m.r_window[r]]) == 1]
     base = st.cell.copy()
+    lower, upper = m.lower.copy(), m.upper.copy()
+    for p in range(m.P):
+        step = 1.0 if p in found else _STEP     # a phase just found: its search range
+        for n, col in zip(m.free[p], m.cell_cols[p]):
+            i = _CELL_INDEX[n]
+            lower[col] = max(lower[col], st.cell[p, i] - step * m.box[p, i])
+            upper[col] = min(upper[col], st.cell[p, i] + step * m.box[p, i])
 
     def run(theta, hold_rows):
         return least_squares_batch(lambda t: m.value_jac(t, base), theta, np.broadcast_to(fr.y0, theta.shape[:1] + fr.y0.shape),
-                                   np.broadcast_to(fr.w, theta.shape[:1] + fr.w.shape), lower=m.lower, upper=m.upper,
+                                   np.broadcast_to(fr.w, theta.shape[:1] + fr.w.shape), lower=lower, upper=upper,
                                    fixed=hold_rows, max_iter=fit.max_iter, amplitudes=amps, weak_z=2.0)
 
     res = run(theta0, hold)
@@ -751,7 +826,14 @@ def _fit_rows(m: PhaseModel, fr: "_Frame", rows: list[tuple[int, ...]], fit: Fit
                 getattr(res, name)[0] = getattr(again, name)[0]
     if not np.isfinite(res.chi2[0]):
         return None
+    res.lower, res.upper = lower, upper
     return res
+
+
+def _at_edge(m: PhaseModel, res, p: int, row: int = 0) -> bool:
+    """Whether a phase's cell ended on the bound of a frame's fit."""
+    return any(res.p[row, c] <= res.lower[c] + 1e-9 * abs(res.lower[c]) or res.p[row, c] >= res.upper[c] - 1e-9 * abs(res.upper[c])
+               for c in m.cell_cols[p])
 
 
 def _held(m: PhaseModel, subset: Sequence[int]) -> np.ndarray:
@@ -810,6 +892,26 @@ def initial_state(m: PhaseModel, zero: float = 0.0) -> PhaseState:
     return PhaseState(m.cell0.copy(), np.zeros(m.P, bool), np.full((m.P, m.W), np.nan), np.full(m.P, np.nan), zero)
 
 
+def _volume(m: PhaseModel, p: int, theta: np.ndarray, cov: np.ndarray, base: np.ndarray) -> tuple[float, float]:
+    """A phase's cell volume and its esd (gradient by central differences, full covariance)."""
+    from .crystallography import cell_volume
+
+    def vol(t):
+        c = m.cells(t[None], base)[0, p]
+        return float(cell_volume("P1", c[0], c[2], c[1], c[4], c[3], c[5]))
+
+    cols = m.cell_cols[p]
+    grad = np.zeros(len(cols))
+    for j, col in enumerate(cols):
+        h = 1e-6 * max(abs(theta[col]), 1.0)
+        up, dn = theta.copy(), theta.copy()
+        up[col] += h
+        dn[col] -= h
+        grad[j] = (vol(up) - vol(dn)) / (2 * h)
+    with np.errstate(invalid="ignore"):
+        return vol(theta), float(np.sqrt(grad @ cov[np.ix_(cols, cols)] @ grad))
+
+
 def centre_esd(m: PhaseModel, theta: np.ndarray, cov: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Centres (R,) of every reflection and their esds from the cell covariance."""
     cells = m.cells(theta[None], base)
@@ -837,3 +939,204 @@ def centre_esd(m: PhaseModel, theta: np.ndarray, cov: np.ndarray, base: np.ndarr
 
 def d_of(m: PhaseModel, cen: np.ndarray, err: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return d_from_radial(cen, err, m.unit, m.wavelength_A)
+
+
+# ----------------------------------------------------------------------------------------------
+# every frame of a block, in order, into a peak table
+
+class PhaseFitter:
+    """Fits the phase model frame after frame, carrying the state from each frame to the next;
+    ``fit_block`` returns a :class:`~xrdpipe.peaks.PeakTable` whose listed peaks (the windows'
+    ``peaks``) are read off the phase model, with the phase results in ``table.phase``.
+
+    ``state`` is the whole memory between frames; :meth:`resume` sets it from stored results.
+    """
+
+    def __init__(self, phases: Sequence[PhaseSpec], windows: Sequence[WindowSpec], fit: FitSpec = FitSpec(),
+                 lattice: LatticeSpec = LatticeSpec(), *, radial: np.ndarray, unit: str, wavelength_A: float | None):
+        self.fit = fit
+        try:
+            self.model = PhaseModel(phases, windows, fit, lattice, radial=radial, unit=unit, wavelength_A=wavelength_A)
+        except ValueError as exc:
+            raise WindowSetupError([(0, str(exc))]) from None
+        m = self.model
+        self.windows = tuple(w.name for w in windows)
+        problems, comps, peaks = [], [], []
+        for wi, w in enumerate(windows):
+            for label in w.peaks:
+                phase, hkl = label.split(" ", 1)
+                try:
+                    comps.append(m.label_index(wi, phase, hkl))
+                except ValueError as exc:
+                    problems.append((wi, f"window {w.name!r}: {exc}"))
+                    continue
+                h = parse_hkl(hkl)
+                peaks.append((w.name, phase, " ".join(map(str, h)) if max(map(abs, h)) > 9 else "".join(map(str, h)),
+                              "pseudo_voigt"))
+        if problems:
+            raise WindowSetupError(problems)
+        self.components = np.array(comps, int)
+        self.peaks = tuple(peaks)
+        self.comp_window = np.array([self.windows.index(p[0]) for p in peaks], int)
+        self.phase_names = tuple(p.name for p in phases)
+        self.state = initial_state(m)
+        self._zero_known = lattice.correction == "none"
+
+    def resume(self, stored: dict | None) -> None:
+        """Take the state after the last stored row (``stored`` holds the phase arrays of rows
+        before the ones to fit), or start afresh."""
+        m = self.model
+        self.state = initial_state(m)
+        self._zero_known = self.model.correction == "none"
+        if not stored or "phase_cell" not in stored or not len(stored["phase_cell"]):
+            return
+        done = np.flatnonzero(stored["done"])
+        if not done.size:
+            return
+        r = done[-1]
+        self.state = PhaseState(np.array(stored["phase_cell"][r], float), np.array(stored["phase_present"][r], bool),
+                                np.array(stored["phase_fwhm"][r], float), np.array(stored["phase_eta"][r], float),
+                                float(stored["zero"][r]) if np.isfinite(stored["zero"][r]) else 0.0)
+        self._zero_known = self._zero_known or bool(np.isfinite(stored["zero"][r]))
+
+    def fit_block(self, intensity: np.ndarray, sigma: np.ndarray | None, *, frame: np.ndarray,
+                  time_s: np.ndarray | None = None, usable: np.ndarray | None = None,
+                  reasons: Sequence[str] | None = None, progress=None):
+        """Fit frames ``intensity`` (n, npt) in order (``sigma`` alike or None); rows not
+        ``usable`` are recorded as failures with their ``reasons`` and change nothing."""
+        m = self.model
+        n = intensity.shape[0]
+        usable = np.ones(n, bool) if usable is None else np.asarray(usable, bool)
+        cols = np.concatenate([np.arange(w.columns.start, w.columns.stop) for w in m.windows]) if m.W else np.zeros(0, int)
+        n_c, P, W = len(self.peaks), m.P, m.W
+        values = {k: np.full((n, n_c), np.nan) for k in PEAK_FIELDS}
+        present = np.zeros((n, n_c), bool)
+        success = np.zeros((n, W), bool)
+        redchi = np.full((n, W), np.nan)
+        message = np.full((n, W), "", dtype=object)
+        ph = {"phase_cell": np.full((n, P, 6), np.nan), "phase_cell_err": np.full((n, P, 6), np.nan),
+              "phase_present": np.zeros((n, P), bool), "phase_area": np.full((n, P, W), np.nan),
+              "phase_area_err": np.full((n, P, W), np.nan), "phase_fwhm": np.full((n, P, W), np.nan),
+              "phase_eta": np.full((n, P), np.nan), "zero": np.full(n, np.nan),
+              "phase_decision": np.full((n, P), "", dtype=object), "phase_volume": np.full((n, P), np.nan),
+              "phase_volume_err": np.full((n, P), np.nan)}
+        if not self._zero_known and usable.any():
+            self.state.zero = self._estimate_zero(intensity[usable][:8][:, cols],
+                                                  None if sigma is None else sigma[usable][:8][:, cols])
+            self._zero_known = True
+        with threadpool_limits(1):        # small matrices: BLAS threads only get in each other's way
+            for i in range(n):
+                if usable[i]:
+                    res = fit_frame(m, intensity[i, cols], None if sigma is None else sigma[i, cols], self.state,
+                                    self.fit)
+                    self._record(i, res, values, present, success, redchi, message, ph)
+                    self.state = res.state
+                else:
+                    message[i, :] = (reasons[i] if reasons is not None and reasons[i] else "frame not integrated")
+                self._store_state(i, ph)
+                if progress is not None:
+                    progress.update(1)
+        table = PeakTable(np.asarray(frame), np.full(n, np.nan) if time_s is None else np.asarray(time_s, float),
+                          self.windows, self.peaks, values, present, success, redchi, message)
+        table.phase = ph
+        table.phase_names = self.phase_names
+        return table
+
+    def _store_state(self, i: int, ph: dict) -> None:
+        st = self.state
+        ph["phase_cell"][i] = st.cell
+        ph["phase_present"][i] = st.present
+        ph["phase_fwhm"][i] = st.fwhm
+        ph["phase_eta"][i] = st.eta
+        ph["zero"][i] = st.zero
+
+    def _record(self, i, res: FrameResult, values, present, success, redchi, message, ph) -> None:
+        m = self.model
+        success[i, :] = res.success
+        message[i, :] = res.message
+        ph["phase_decision"][i] = res.decision
+        if not res.success:
+            return
+        with np.errstate(all="ignore"):
+            redchi[i] = res.chi2_window / np.maximum(res.n_window - res.nvary_window, 1)
+        theta, err, cov = res.theta, res.err, res.cov
+        cen, cen_err = centre_esd(m, theta, cov, res.state.cell)
+        d, d_err = d_of(m, cen, cen_err)
+        for p in range(m.P):
+            if not res.present[p]:
+                continue
+            for n, col in zip(m.free[p], m.cell_cols[p]):
+                ph["phase_cell_err"][i, p, _CELL_INDEX[n]] = err[col]
+            ph["phase_volume"][i, p], ph["phase_volume_err"][i, p] = _volume(m, p, theta, cov, res.state.cell)
+            for w in range(m.W):
+                rows = m._refl_of[p][w]
+                if not rows.size:
+                    continue
+                a_cols = m.area_col[rows]
+                ph["phase_area"][i, p, w] = theta[a_cols].sum()
+                sub = np.nan_to_num(cov[np.ix_(a_cols, a_cols)])
+                ph["phase_area_err"][i, p, w] = np.sqrt(max(float(sub.sum()), 0.0))
+        for j, r in enumerate(self.components):
+            p, w = m.r_phase[r], m.r_window[r]
+            area = theta[m.area_col[r]]
+            if not res.present[p]:
+                values["area"][i, j] = 0.0
+                values["height"][i, j] = 0.0
+                continue
+            fw_col = m.fwhm_col[p, w]
+            fw, eta = theta[fw_col], theta[m.eta_col[p]]
+            present[i, j] = area > 0
+            values["center"][i, j], values["center_err"][i, j] = cen[r], cen_err[r]
+            values["fwhm"][i, j], values["fwhm_err"][i, j] = fw, err[fw_col]
+            values["fwhm_left"][i, j] = values["fwhm_right"][i, j] = fw
+            values["shape"][i, j], values["shape_err"][i, j] = eta, err[m.eta_col[p]]
+            values["area"][i, j], values["area_err"][i, j] = area, err[m.area_col[r]]
+            values["height"][i, j] = area / fw * (eta * 2 / np.pi + (1 - eta) * np.sqrt(4 * np.log(2) / np.pi))
+            values["d_A"][i, j], values["d_err_A"][i, j] = d[r], d_err[r]
+
+    def _estimate_zero(self, y: np.ndarray, sigma: np.ndarray | None) -> float:
+        """The run's zero shift (or displacement): the median over the first frames of a fit in
+        which it is free, each frame started afresh."""
+        m = self.model
+        zeros = []
+        for i in range(y.shape[0]):
+            state = initial_state(m)
+            res = fit_frame(m, y[i], None if sigma is None else sigma[i], state, self.fit)
+            if not res.success or not res.present.any():
+                continue
+            fr = _Frame(m, y[i], None if sigma is None else sigma[i], res.state)
+            present = tuple(np.flatnonzero(res.present))
+            theta = res.theta.copy()
+            hold = _held(m, present)
+            hold[m.zero_col] = False
+            hold[m.area_col[~m.inside(res.state.cell, 0.0)]] = True
+            lo, hi = m.lower.copy(), m.upper.copy()
+            lo[m.zero_col], hi[m.zero_col] = -0.5, 0.5
+            again = least_squares_batch(lambda t: m.value_jac(t, res.state.cell), theta[None], fr.y0[None],
+                                        fr.w[None], lower=lo, upper=hi, fixed=hold[None], max_iter=self.fit.max_iter)
+            if again.success[0] and abs(again.p[0, m.zero_col]) < 0.5:
+                zeros.append(float(again.p[0, m.zero_col]))
+        return float(np.median(zeros)) if zeros else 0.0
+
+
+def fit_phases(patterns, phases: Sequence[PhaseSpec], windows: Sequence[WindowSpec], fit: FitSpec = FitSpec(),
+               lattice: LatticeSpec = LatticeSpec()) -> PeakTable:
+    """The phase model in every frame of an in-memory :class:`~xrdpipe.store.Patterns` stack,
+    frame after frame; frames that failed integration are kept as failed rows. For a run file
+    on disk (streamed, resumable) use :func:`xrdpipe.pipeline.fit_experiment`.
+
+    Example
+    -------
+    >>> table = fit_phases(series.as_patterns(), phases, windows)          # doctest: +SKIP
+    >>> table.phase["phase_cell"][:, 0, 2]                                  # doctest: +SKIP
+    """
+    n = patterns.intensity.shape[0]
+    status = np.asarray(patterns.frames.get("status", np.ones(n)))
+    fitter = PhaseFitter(phases, windows, fit, lattice, radial=patterns.radial, unit=patterns.unit,
+                         wavelength_A=patterns.wavelength_A)
+    usable = status == 1
+    reasons = [("frame not integrated: " + str(msg)) if not u else "" for u, msg in
+               zip(usable, patterns.frames.get("message", [""] * n))]
+    table = fitter.fit_block(patterns.intensity, patterns.sigma, frame=np.arange(n),
+                             time_s=patterns.frames.get("time_s", np.full(n, np.nan)), usable=usable, reasons=reasons)
+    return concat_tables([table])

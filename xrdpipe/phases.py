@@ -32,6 +32,7 @@ class LibraryPhase:
     beta: float | None = None
     z_o: float | None = None
     note: str = ""
+    fraction: bool = True
 
 
 #: Typical cells of sodium layered oxides NaxTMO2 (hexagonal axes where hexagonal).
@@ -44,7 +45,8 @@ LIBRARY: dict[str, LibraryPhase] = {
     "OP4": LibraryPhase("P-6m2", 2.84, 20.20, 4, note="intergrowth of O2 and P2 layers"),
     "P'2": LibraryPhase("Cmcm", 2.87, 11.20, 2, b=5.28, note="orthorhombic P2 (Jahn-Teller Mn3+)"),
     "O'3": LibraryPhase("C2/m", 5.67, 5.80, 1, b=2.86, beta=113.2, note="monoclinic O3 (alpha-NaMnO2)"),
-    "Al": LibraryPhase("Fm-3m", 4.0495, None, 0, note="aluminium current collector (room temperature)"),
+    "Al": LibraryPhase("Fm-3m", 4.0495, None, 0, note="aluminium current collector (room temperature)",
+                       fraction=False),
 }
 
 _R = [(0.0, 0.0, 0.0), (2 / 3, 1 / 3, 1 / 3), (1 / 3, 2 / 3, 2 / 3)]

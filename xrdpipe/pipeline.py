@@ -318,6 +318,7 @@ def fit_experiment(exp: Experiment, *, restart: bool = False, progress: bool = T
 
     from . import __version__
     from .peaks import PeakFitter, WindowSetupError
+    from .phasefit import PhaseFitter
     from .store import FAILED, PENDING, PeakStore, open_run_info
 
     t_start = time.perf_counter()
@@ -326,9 +327,14 @@ def fit_experiment(exp: Experiment, *, restart: bool = False, progress: bool = T
         raise ConfigError(where, [("windows", "no [[windows]] to fit; add at least one (see README)")])
     fit = exp.fit if engine is None else exp.fit.model_copy(update={"engine": engine})
     info = open_run_info(exp.run.run_file)
+    phase_model = fit.model == "phases"
     try:
-        fitter = PeakFitter(exp.phases, exp.windows, fit, radial=info["radial"], unit=info["unit"],
-                            wavelength_A=info["wavelength_A"])
+        if phase_model:
+            fitter = PhaseFitter(exp.phases, exp.windows, fit, exp.lattice, radial=info["radial"], unit=info["unit"],
+                                 wavelength_A=info["wavelength_A"])
+        else:
+            fitter = PeakFitter(exp.phases, exp.windows, fit, radial=info["radial"], unit=info["unit"],
+                                wavelength_A=info["wavelength_A"])
     except WindowSetupError as exc:
         raise ConfigError(where, [(f"windows.{i}.peaks", msg) for i, msg in exc.problems]) from None
     # memory stays bounded: at most ~160 MB of patterns (and their esds) at a time. The block
@@ -338,13 +344,16 @@ def fit_experiment(exp: Experiment, *, restart: bool = False, progress: bool = T
                    "windows": [w.model_dump(mode="json") for w in exp.windows],
                    "fit": fit.model_dump(mode="json", exclude={"workers", "block_frames"}),
                    "block": block, "patterns": info["fingerprint"]}
+    if phase_model:   # frames carry their state one to the next: the block plays no part
+        fingerprint.update(block=None, correction=exp.lattice.correction)
     status = info["status"]
     n = status.size
     summary = FitSummary(exp.run.run_file, None, n)
     with transaction(exp.run.run_file, checkpoint_s=exp.run.checkpoint_s):
         mark_stage(exp.run.run_file, "fit", None)
         store, kept = PeakStore.open(exp.run.run_file, windows=fitter.windows, peaks=fitter.peaks,
-                                     fingerprint=fingerprint, restart=restart)
+                                     fingerprint=fingerprint, restart=restart,
+                                     phases=[p.name for p in exp.phases] if phase_model else None)
         summary.restarted = not kept and not restart and info["had_peaks"]
         with store:
             done = store.done
@@ -359,20 +368,24 @@ def fit_experiment(exp: Experiment, *, restart: bool = False, progress: bool = T
             bar = _progress(int(rows.size), "fit", progress)
             try:
                 for start, chunk in _blocks(rows, block):
-                    # start values come from the results before the block's fixed start only, so a
-                    # resumed, interrupted or live run fits every frame exactly as one straight run
-                    fitter.resume(store.stored(start))
+                    # start values come from the results before the block's fixed start only (the
+                    # phase model: from the frame before the first one to fit), so a resumed,
+                    # interrupted or live run fits every frame exactly as one straight run
+                    fitter.resume(store.stored(int(chunk[0]) if phase_model else start))
                     a, b = int(chunk[0]), int(chunk[-1]) + 1
                     intensity, sigma = store.read_patterns(a, b)
                     pick = chunk - a
                     usable = status[chunk] != FAILED
                     reasons = [("frame not integrated: " + str(info["message"][r])) if status[r] == FAILED else ""
                                for r in chunk]
+                    kw = {"progress": bar} if phase_model else {}
                     table = fitter.fit_block(intensity[pick], sigma[pick], frame=chunk,
-                                             time_s=info["time_s"][chunk], usable=usable, reasons=reasons)
-                    store.write(chunk, table.values, table.present, table.success, table.redchi, table.message)
+                                             time_s=info["time_s"][chunk], usable=usable, reasons=reasons, **kw)
+                    store.write(chunk, table.values, table.present, table.success, table.redchi, table.message,
+                                table.phase)
                     summary.fitted += chunk.size
-                    bar.update(chunk.size)
+                    if not phase_model:
+                        bar.update(chunk.size)
             finally:
                 bar.close()
     table = _stored_table(exp.run.run_file)
@@ -392,12 +405,15 @@ def _stored_table(run_file: Path):
     from .peaks import PeakTable
     from .store import PEAK_ARRAYS, read_peaks
 
+    from .store import PHASE_DATASETS
+
     d = read_peaks(run_file)
     rows = np.flatnonzero(d["done"])
     peaks = tuple(zip(d["peak_window"], d["peak_phase"], d["peak_hkl"], d["peak_profile"]))
+    phase = {k: d[k][rows] for k in PHASE_DATASETS} if "phase" in d else None
     return PeakTable(rows, d["time_s"][rows], d["window"], peaks, {k: d[k][rows] for k in PEAK_ARRAYS},
                      d["present"][rows].astype(bool), d["success"][rows].astype(bool), d["redchi"][rows],
-                     d["message"][rows])
+                     d["message"][rows], phase, d.get("phase"))
 
 
 def _blocks(rows: np.ndarray, size: int):
@@ -444,6 +460,9 @@ def lattice_experiment(exp: Experiment) -> LatticeSummary:
                          weights=read_weight_fractions(exp.run.run_file))
     arrays = {"frame": lat.frame, "time_s": lat.time_s, "phase": np.array(lat.phases, dtype=object),
               "message": lat.message, "fraction_source": lat.fraction_source, **lat.values}
+    for name in ("fraction_method", "presence"):
+        if getattr(lat, name) is not None:
+            arrays[name] = getattr(lat, name)
     with transaction(exp.run.run_file, checkpoint_s=exp.run.checkpoint_s):
         mark_stage(exp.run.run_file, "lattice", None)
         write_table(exp.run.run_file, "lattice", arrays, {"correction": exp.lattice.correction})

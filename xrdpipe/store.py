@@ -40,7 +40,7 @@ from .errors import StoreError
 from .frames import FrameRef, FrameTime, iso_seconds, utc_seconds
 
 __all__ = ["RunFile", "open_run", "PENDING", "DONE", "FAILED", "Patterns", "PeakStore", "read_peaks",
-           "open_run_info", "write_table", "write_csv", "csv_number", "PEAK_ARRAYS", "read_stages", "mark_stage",
+           "open_run_info", "write_table", "write_csv", "csv_number", "PEAK_ARRAYS", "PHASE_DATASETS", "read_stages", "mark_stage",
            "read_pattern_block"]
 
 PENDING, DONE, FAILED = 0, 1, -1
@@ -399,8 +399,11 @@ class PeakStore(_Writer):
 
     @classmethod
     def open(cls, path: Path | str, *, windows: Sequence[str], peaks: Sequence[tuple[str, str, str, str]],
-             fingerprint: dict[str, Any], restart: bool = False) -> tuple["PeakStore", bool]:
-        """Open (or create) the group; returns the store and whether earlier results were kept."""
+             fingerprint: dict[str, Any], restart: bool = False,
+             phases: Sequence[str] | None = None) -> tuple["PeakStore", bool]:
+        """Open (or create) the group; returns the store and whether earlier results were kept.
+        ``phases``: the phase model's phases, whose per-frame arrays (:data:`PHASE_DATASETS`)
+        are kept beside the peaks."""
         path = Path(path)
         stack, session = _enter(path)
         try:
@@ -416,7 +419,7 @@ class PeakStore(_Writer):
                 else:
                     del entry["peaks"]
             if not kept:
-                _create_peaks(entry, n, windows, peaks, text)
+                _create_peaks(entry, n, windows, peaks, text, phases)
             store = cls(session, stack, path)
             store._grow(n)
             return store, kept
@@ -446,16 +449,25 @@ class PeakStore(_Writer):
         out = {name: g[name][:stop] for name in PEAK_ARRAYS}
         out.update(present=g["present"][:stop].astype(bool), success=g["success"][:stop].astype(bool),
                    done=g["done"][:stop].astype(bool))
+        for name in PHASE_DATASETS:
+            if name in g and name != "phase_decision":
+                out[name] = g[name][:stop]
         return out
 
     def write(self, rows: np.ndarray, values: dict[str, np.ndarray], present: np.ndarray, success: np.ndarray,
-              redchi: np.ndarray, message: np.ndarray) -> None:
-        """Write the results of ``rows`` (ascending) and mark them done."""
+              redchi: np.ndarray, message: np.ndarray, phase: dict[str, np.ndarray] | None = None) -> None:
+        """Write the results of ``rows`` (ascending) and mark them done (``phase``: the phase
+        model's arrays of the same rows)."""
         rows = np.asarray(rows)
         g = self._g
         sel = slice(int(rows[0]), int(rows[-1]) + 1) if np.all(np.diff(rows) == 1) else rows
         for name in PEAK_ARRAYS:
             g[name][sel] = values[name]
+        for name, value in (phase or {}).items():
+            if name == "phase_decision":
+                g[name][sel] = np.asarray(value).astype(str).astype(object)
+            else:
+                g[name][sel] = value.astype(g[name].dtype)
         g["present"][sel] = present.astype(np.int8)
         g["success"][sel] = success.astype(np.int8)
         g["redchi"][sel] = redchi
@@ -464,7 +476,12 @@ class PeakStore(_Writer):
         self._maybe_flush()
 
 
-def _create_peaks(entry, n: int, windows, peaks, fingerprint: str) -> None:
+#: The phase model's per-frame datasets in ``/entry/peaks`` (frame x phase [x window or cell]).
+PHASE_DATASETS = ("phase_cell", "phase_cell_err", "phase_present", "phase_area", "phase_area_err", "phase_fwhm",
+                  "phase_eta", "zero", "phase_decision", "phase_volume", "phase_volume_err")
+
+
+def _create_peaks(entry, n: int, windows, peaks, fingerprint: str, phases=None) -> None:
     s = _str_dtype()
     g = entry.create_group("peaks")
     g.attrs.update({"NX_class": "NXcollection", "fingerprint": fingerprint})
@@ -483,6 +500,19 @@ def _create_peaks(entry, n: int, windows, peaks, fingerprint: str) -> None:
     g.create_dataset("window", data=np.array(list(windows), dtype=object), dtype=s)
     for i, name in enumerate(("peak_window", "peak_phase", "peak_hkl", "peak_profile")):
         g.create_dataset(name, data=np.array([pk[i] for pk in peaks], dtype=object), dtype=s)
+    if phases:
+        q = len(phases)
+        g.create_dataset("phase", data=np.array(list(phases), dtype=object), dtype=s)
+        shapes = {"phase_cell": (q, 6), "phase_cell_err": (q, 6), "phase_present": (q,), "phase_area": (q, w),
+                  "phase_area_err": (q, w), "phase_fwhm": (q, w), "phase_eta": (q,), "zero": (), "phase_decision": (q,),
+                  "phase_volume": (q,), "phase_volume_err": (q,)}
+        for name, shape in shapes.items():
+            kind = {"phase_present": "i1", "phase_decision": s}.get(name, "f8")
+            extra = {} if kind != "f8" else {"fillvalue": np.nan}
+            g.create_dataset(name, shape=(n, *shape), maxshape=(None, *shape), dtype=kind,
+                             chunks=(min(max(n, 1), 1024), *[max(v, 1) for v in shape]), **extra)
+        g["phase_cell"].attrs["columns"] = "a b c (angstrom) alpha beta gamma (degrees)"
+        g["zero"].attrs["units"] = "degree (2theta)"
 
 
 def open_run_info(path: Path | str) -> dict[str, Any]:
@@ -513,6 +543,12 @@ def read_peaks(path: Path | str, arrays: Sequence[str] | None = None) -> dict[st
                                        for row in g["message"][()]], dtype=object).reshape(g["message"].shape)
         for name in ("window", "peak_window", "peak_phase", "peak_hkl", "peak_profile"):
             out[name] = tuple(_decode(g[name][()]))
+        if "phase" in g and (arrays is None or any(a in PHASE_DATASETS for a in wanted)):
+            out["phase"] = tuple(_decode(g["phase"][()]))
+            for name in PHASE_DATASETS:
+                if arrays is not None and name not in arrays:
+                    continue
+                out[name] = _decode(g[name][()]) if name == "phase_decision" else g[name][()]
         out["time_s"] = h5["/entry/patterns/time_s"][()]
         out["fingerprint"] = json.loads(g.attrs["fingerprint"])
     return out

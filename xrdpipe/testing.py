@@ -41,6 +41,7 @@ __all__ = [
     "Structure",
     "SyntheticPhase",
     "Scenario",
+    "Difficulty",
     "nfm_scenario",
     "mcm_scenario",
     "phase_state",
@@ -216,13 +217,73 @@ def _pseudo_voigt(x, center, fwhm, eta):
     return eta * lz + (1 - eta) * g
 
 
+@dataclass(frozen=True)
+class Difficulty:
+    """Knobs that make a synthetic operando series harder than the demo's (whose defaults these
+    are): what a real experiment and a new user bring.
+
+    start_error : relative errors (a, c) of the start cells written to the experiment file, for
+        the high phase (at the start) and the low phase (where it first appears); both signs
+    separation_fwhm : the coexisting phases' basal reflections this many FWHM apart at the
+        two-phase boundary (the low phase's c shifted to make it so; None: the scenario's own)
+    broadening : FWHM factor of every peak in the two-phase region
+    intensity_jitter : log-normal spread of a per-(phase, reflection) intensity factor, fixed for
+        the run: relative intensities the fitting model cannot assume
+    al_scale : strength of the aluminium current-collector lines (0: none)
+    hard_windows : write windows that hold a weak reflection of the other phase and an Al line
+        (with Al as a phase, ``fraction = false``) instead of the demo's basal-only set
+    seed : seed of the intensity factors
+    """
+
+    start_error: tuple[tuple[float, float], tuple[float, float]] = ((0.0, 0.0), (0.0, 0.0))
+    separation_fwhm: float | None = None
+    broadening: float = 1.0
+    intensity_jitter: float = 0.0
+    al_scale: float = 0.15
+    hard_windows: bool = False
+    seed: int = 0
+
+    def intensity_factor(self, phase: str, hkl: tuple[int, int, int]) -> float:
+        if self.intensity_jitter <= 0:
+            return 1.0
+        import zlib
+
+        key = zlib.crc32(f"{phase} {' '.join(str(int(v)) for v in hkl)}".encode())
+        return float(np.exp(self.intensity_jitter * np.random.default_rng((self.seed, key)).standard_normal()))
+
+    def scenario(self, sc: "Scenario") -> "Scenario":
+        """The scenario with the coexisting basal reflections ``separation_fwhm`` apart."""
+        if self.separation_fwhm is None:
+            return sc
+        from dataclasses import replace
+
+        lo, hi = sc.coexistence
+        hkl = _BASAL[sc.name]
+        a_h, c_h = sc.high.cell(hi)
+        a_l, c_l = sc.low.cell(lo)
+        tth_h = tth_from_d(c_h / hkl, sc.wavelength_A)
+        fw = float(ProfileModel().fwhm(tth_h))
+        sign = 1.0 if c_l > c_h else -1.0
+        target = tth_h - sign * self.separation_fwhm * fw
+        c_new = hkl * sc.wavelength_A / (2 * np.sin(np.radians(target) / 2))
+        shift = c_new - c_l
+        low = replace(sc.low, nodes=tuple((x, a, c + shift) for x, a, c in sc.low.nodes))
+        return replace(sc, low=low)
+
+
+#: The basal reflection's l of each scenario (003 of O3/P3, 002 of P2/P''2).
+_BASAL = {"nfm": 3, "mcm": 2}
 _AL_A = 4.0495  # Å, aluminium at room temperature
 _AL_LINES = ((1, 1, 1, 100.0), (2, 0, 0, 47.0), (2, 2, 0, 22.0), (3, 1, 1, 24.0), (2, 2, 2, 7.0))
 
 
 def peak_list(states, wavelength_A: float, tth_range: tuple[float, float], *, scale: float = 1.0,
-              include_al: bool = True, al_scale: float = 0.15):
-    """Reflections of the phases present: list of dicts (phase, hkl, d_A, tth_deg, area)."""
+              include_al: bool = True, al_scale: float = 0.15, difficulty: "Difficulty | None" = None):
+    """Reflections of the phases present: list of dicts (phase, hkl, d_A, tth_deg, area, and
+    ``fwhm_scale``: the broadening of the two-phase region when ``difficulty`` asks for it)."""
+    dif = difficulty or Difficulty()
+    broad = dif.broadening if len(states) > 1 else 1.0
+    al_scale = dif.al_scale if difficulty is not None else al_scale
     d_min = wavelength_A / (2 * np.sin(np.radians(tth_range[1] + 1) / 2))
     peaks = []
     for phase, a, c, frac in states:
@@ -233,9 +294,10 @@ def peak_list(states, wavelength_A: float, tth_range: tuple[float, float], *, sc
             th = np.radians(tth / 2)
             lorentz = 1.0 / (np.sin(th) ** 2 * np.cos(th))
             f2 = phase.structure.structure_factor_sq(h, k, l, d, x_na=1.0)
-            area = scale * frac * mult * f2 * lorentz * 1e-4
+            area = scale * frac * mult * f2 * lorentz * 1e-4 * dif.intensity_factor(phase.name, (h, k, l))
             peaks.append({"phase": phase.name, "hkl": f"{h}{k}{l}" if min(h, k, l) >= 0 else f"{h},{k},{l}",
-                          "h": h, "k": k, "l": l, "d_A": float(d), "tth_deg": float(tth), "area": float(area)})
+                          "h": h, "k": k, "l": l, "d_A": float(d), "tth_deg": float(tth), "area": float(area),
+                          "fwhm_scale": broad})
     if include_al:
         for h, k, l, rel in _AL_LINES:
             d = _AL_A / np.sqrt(h * h + k * k + l * l)
@@ -252,7 +314,7 @@ def pattern_1d(tth_deg: np.ndarray, peaks, *, profile: ProfileModel = ProfileMod
     tth = np.asarray(tth_deg, dtype=float)
     y = background * (1.0 + 0.8 * np.exp(-tth / 6.0)) + 0.6 * background * np.exp(-0.5 * ((tth - 5.5) / 1.8) ** 2)
     for p in peaks:
-        fw = float(profile.fwhm(p["tth_deg"]))
+        fw = float(profile.fwhm(p["tth_deg"])) * p.get("fwhm_scale", 1.0)
         sel = np.abs(tth - p["tth_deg"]) < 25 * fw
         if sel.any():
             y[sel] += p["area"] * _pseudo_voigt(tth[sel], p["tth_deg"], fw, profile.eta)
@@ -316,12 +378,16 @@ class PatternSeries:
 
 def pattern_series(n_frames: int, *, scenario: Scenario | str = "nfm", x_range: tuple[float, float] | None = None,
                    tth_range: tuple[float, float] = (3.0, 24.0), npt: int = 5000, counts: float = 1.0,
-                   background: float | None = None, seed: int = 0) -> PatternSeries:
+                   background: float | None = None, seed: int = 0,
+                   difficulty: Difficulty | None = None) -> PatternSeries:
     """Patterns of a charge from ``x_range[0]`` to ``x_range[1]`` (default: the whole scenario),
     evenly spaced in x, with Poisson noise. ``counts`` scales the peaks, ``background`` sets the
     background level (default ``40 * counts``, a far higher peak-to-background ratio than a
-    coin cell gives; a few thousand at ``counts=0.05`` is closer to beamline data)."""
+    coin cell gives; a few thousand at ``counts=0.05`` is closer to beamline data).
+    ``difficulty`` (:class:`Difficulty`) makes it harder."""
     sc = {"nfm": nfm_scenario, "mcm": mcm_scenario}[scenario]() if isinstance(scenario, str) else scenario
+    if difficulty is not None:
+        sc = difficulty.scenario(sc)
     lo, hi = x_range if x_range is not None else (sc.x0, sc.x_min)
     xs = np.linspace(lo, hi, n_frames)
     grid = np.linspace(*tth_range, npt)
@@ -329,7 +395,8 @@ def pattern_series(n_frames: int, *, scenario: Scenario | str = "nfm", x_range: 
     out = np.empty((n_frames, npt))
     peaks = []
     for i, x in enumerate(xs):
-        pk = peak_list(phase_state(sc, float(x)), sc.wavelength_A, tth_range, scale=counts * 3000.0)
+        pk = peak_list(phase_state(sc, float(x)), sc.wavelength_A, tth_range, scale=counts * 3000.0,
+                       difficulty=difficulty)
         peaks.append(pk)
         bg = 40.0 * counts if background is None else background
         out[i] = rng.poisson(np.clip(pattern_1d(grid, pk, background=bg), 0, None))
@@ -369,7 +436,7 @@ def make_experiment(folder: Path | str, *, scenario: Scenario | str = "nfm", n_f
                     n_rest: int = 3, frac_charge: float = 0.6, active_mass_mg: float = 7.2,
                     counts: float = 1.0, background: float | None = None, seed: int = 0, npt: int = 2000,
                     start: datetime = datetime(2025, 7, 2, 19, 5, 59, tzinfo=timezone(timedelta(hours=8))),
-                    run_name: str | None = None) -> SyntheticExperiment:
+                    run_name: str | None = None, difficulty: Difficulty | None = None) -> SyntheticExperiment:
     """Write a synthetic operando experiment folder and return its truth.
 
     Parameters
@@ -387,6 +454,8 @@ def make_experiment(folder: Path | str, *, scenario: Scenario | str = "nfm", n_f
     background : background level per pixel (default ``40 * counts``: very strong peaks over a
         low background; ``counts=0.002, background=100`` looks more like a coin cell on an EIGER)
     seed : random seed (Poisson noise, dead pixels)
+    difficulty : :class:`Difficulty` knobs (start-cell errors in the experiment file, overlap,
+        broadening, intensities, Al lines, windows); None: the demo's settings
     """
     import fabio
     import h5py
@@ -395,6 +464,8 @@ def make_experiment(folder: Path | str, *, scenario: Scenario | str = "nfm", n_f
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     sc = {"nfm": nfm_scenario, "mcm": mcm_scenario}[scenario]() if isinstance(scenario, str) else scenario
+    if difficulty is not None:
+        sc = difficulty.scenario(sc)
     rng = np.random.default_rng(seed)
     exposure_s = period_s if exposure_s is None else exposure_s
     run_name = run_name or f"synthetic-{sc.name}"
@@ -468,7 +539,7 @@ def make_experiment(folder: Path | str, *, scenario: Scenario | str = "nfm", n_f
     try:
         for i in range(n_frames):
             states = phase_state(sc, float(xs[i]))
-            peaks = peak_list(states, sc.wavelength_A, tth_range, scale=counts * 3000.0)
+            peaks = peak_list(states, sc.wavelength_A, tth_range, scale=counts * 3000.0, difficulty=difficulty)
             for p in peaks:
                 peak_rows.append({"frame": i, **{k: p[k] for k in ("phase", "hkl", "d_A", "tth_deg", "area")}})
             for ph, a, c, frac in states:
@@ -531,7 +602,7 @@ def make_experiment(folder: Path | str, *, scenario: Scenario | str = "nfm", n_f
 
     exp_file = folder / "experiment.toml"
     exp_file.write_text(_experiment_toml(run_name, sc, frame_format, start, period_s, exposure_s,
-                                         npt, active_mass_mg, cyc_start) + _fit_toml(sc))
+                                         npt, active_mass_mg, cyc_start) + _fit_toml(sc, difficulty))
     peaks_by_frame: list[list[dict]] = [[] for _ in range(n_frames)]
     for r in peak_rows:
         peaks_by_frame[r["frame"]].append(r)
@@ -589,18 +660,37 @@ _WINDOWS = {
 }
 
 
-def _fit_toml(sc: Scenario) -> str:
-    """[[phases]] (start cells: the high phase at x0, the low one where it appears) and
-    [[windows]] with one component per phase."""
+#: Harder windows: a weak reflection of the other phase under one phase's window, an Al line
+#: under another: (name, range, listed peaks).
+_HARD_WINDOWS = {
+    "nfm": (("003", (6.0, 7.1), ("O3 003", "P3 003")), ("104", (16.0, 16.9), ("O3 104", "P3 104")),
+            ("015", (17.2, 18.2), ("O3 015", "P3 015", "Al 200")), ("107", (20.35, 21.1), ("O3 107", "P3 107")),
+            ("018", (21.95, 22.9), ("O3 018", "P3 018"))),
+    "mcm": (("002", (6.6, 7.4), ("P2 002", "P''2 002")), ("004", (13.5, 14.5), ("P2 004", "P''2 004")),
+            ("100", (15.6, 17.3), ("P2 100", "P''2 100", "Al 111"))),
+}
+
+
+def _fit_toml(sc: Scenario, difficulty: Difficulty | None = None) -> str:
+    """[[phases]] (start cells: the high phase at x0, the low one where it appears, each off by
+    the difficulty's start errors) and [[windows]] with one component per phase."""
     lo, _ = sc.coexistence
+    dif = difficulty or Difficulty()
     out = ["", "# Peak fitting: start cells and windows (2θ, degrees). One component per phase."]
-    for ph, (a, c) in ((sc.high, sc.high.cell(sc.x0)), (sc.low, sc.low.cell(lo))):
-        out += ["[[phases]]", f'name = "{ph.name}"', f'space_group = "{ph.space_group}"', f"a = {a:.4f}",
-                f"c = {c:.3f}", ""]
-    for name, (w0, w1), hkl in _WINDOWS.get(sc.name, ()):
-        peaks = ", ".join(f'"{ph.name} {hkl}"' for ph in (sc.high, sc.low))
+    for ph, (a, c), (ea, ec) in ((sc.high, sc.high.cell(sc.x0), dif.start_error[0]),
+                                 (sc.low, sc.low.cell(lo), dif.start_error[1])):
+        out += ["[[phases]]", f'name = "{ph.name}"', f'space_group = "{ph.space_group}"', f"a = {a * (1 + ea):.4f}",
+                f"c = {c * (1 + ec):.3f}", ""]
+    if dif.hard_windows:
+        out += ["[[phases]]", 'name = "Al"   # the current collector: space group, cell and fraction = false from the library', ""]
+        windows = _HARD_WINDOWS[sc.name]
+    else:
+        windows = tuple((name, rng, tuple(f"{ph.name} {hkl}" for ph in (sc.high, sc.low)))
+                        for name, rng, hkl in _WINDOWS.get(sc.name, ()))
+    for name, (w0, w1), labels in windows:
+        peaks = ", ".join(f'"{label}"' for label in labels)
         out += ["[[windows]]", f'name = "{name}"', f"range = [{w0}, {w1}]", f"peaks = [{peaks}]", ""]
-    names = ", ".join(f'"{name}"' for name, _, _ in _WINDOWS.get(sc.name, ()))
+    names = ", ".join(f'"{name}"' for name, _, _ in windows)
     out += ["# Figures of `xrdpipe run` (in results/figures) and exports (in results/export).",
             "[plots]", 'formats = ["png", "pdf"]', "[plots.contour]", f"windows = [{names}]",
             'vertical = "time"', 'scale = "sqrt"', "", "[export]", 'formats = ["xye", "fxye", "topas"]', ""]
