@@ -298,8 +298,12 @@ def _from_phase_model(table, phases: Sequence[PhaseSpec], spec: LatticeSpec, val
         free = CELL_PARAMETERS[crystal_system(spec_i.space_group)]
         for k, (nm, key) in enumerate(_KEYS):
             if nm in free:
-                vals[key][here, i] = cell[here, k]
-                vals[key.replace("_A", "_err_A").replace("_deg", "_err_deg")][here, i] = err[here, k]
+                # a parameter the fit had to hold (its lines under another phase's) is not reported
+                held = np.array([f"{nm} not determined" in str(d) for d in presence[:, i]], bool)
+                use = here & ~held
+                vals[key][use, i] = cell[use, k]
+                vals[key.replace("_A", "_err_A").replace("_deg", "_err_deg")][use, i] = err[use, k]
+                msg[here & held, i] = f"{nm} not determined (its lines lie under another phase's)"
         if "phase_volume" in ph:
             vals["volume_A3"][here, i] = ph["phase_volume"][here, j]
             vals["volume_err_A3"][here, i] = ph["phase_volume_err"][here, j]
@@ -345,7 +349,8 @@ def phase_fractions(table, phases: Sequence[PhaseSpec], spec: LatticeSpec) -> tu
         return frac, err, method
     present = ph["phase_present"][:, cols].astype(bool) & ok[:, None]
     area = np.where(use_w[None, None, :], np.nan_to_num(ph["phase_area"][:, cols]), 0.0)
-    var = np.where(use_w[None, None, :], np.nan_to_num(ph["phase_area_err"][:, cols]) ** 2, 0.0)
+    sd = np.where(use_w[None, None, :], ph["phase_area_err"][:, cols], np.nan)
+    var = np.nan_to_num(sd) ** 2
     scale = np.zeros((n, len(part)))
     scale_var = np.zeros((n, len(part)))
     how = np.full(len(part), "scale", dtype=object)
@@ -356,11 +361,19 @@ def phase_fractions(table, phases: Sequence[PhaseSpec], spec: LatticeSpec) -> tu
             prev = alone[np.maximum(pos - 1, 0)]
             near = np.where(np.abs(alone[pos] - np.arange(n)) <= np.abs(prev - np.arange(n)), alone[pos], prev)
             ref = area[near, k, :]                                   # (n, W)
-            keep = ref > 0
-            denom = np.where(keep, ref, 0.0).sum(axis=1)
+            # each window's ratio to the reference, inverse-variance weighted: a window where
+            # the phase's lines cannot be told from another phase's has a large esd and little
+            # say, and one where its area rests at 0 without an esd has none
             with np.errstate(all="ignore"):
-                scale[:, k] = np.where(keep, area[:, k, :], 0.0).sum(axis=1) / denom
-                scale_var[:, k] = np.where(keep, var[:, k, :], 0.0).sum(axis=1) / denom**2
+                ratio = area[:, k, :] / ref
+                r_var = var[:, k, :] / ref**2
+                good = (ref > 0) & np.isfinite(sd[:, k, :]) & (sd[:, k, :] > 0) & np.isfinite(ratio)
+                wgt = np.where(good, 1.0 / np.where(good, r_var, 1.0), 0.0)
+                scale[:, k] = (wgt * np.where(good, ratio, 0.0)).sum(axis=1) / wgt.sum(axis=1)
+                scale_var[:, k] = 1.0 / wgt.sum(axis=1)
+            # the reference frame itself has ratio 1 and no spread: it is its own scale
+            single = present[:, k] & (present.sum(axis=1) == 1)
+            scale[single, k], scale_var[single, k] = 1.0, 0.0
         else:
             how[k] = "area"
             scale[:, k] = area[:, k, :].sum(axis=1)

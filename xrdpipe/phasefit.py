@@ -58,6 +58,13 @@ _CELL_INDEX = {"a": 0, "b": 1, "c": 2, "alpha": 3, "beta": 4, "gamma": 5}
 _ANGLES = ("alpha", "beta", "gamma")
 #: The local search around a tracked phase's last cell, in search half-ranges.
 _LOCAL = 0.2
+#: A line of a placed phase outside a window but within this many FWHM of it is fitted by its
+#: tail; reflections are listed for a window within this share of its width beyond its edges.
+_TAIL_FWHM = 4.0
+_TAIL_REACH = 0.25
+#: Weight of the pull to the configured cell in the search, relative to the chi-square the phase
+#: explains, per search half-range squared.
+_PRIOR = 0.02
 #: How far a cell may move within one frame's least squares from where the search put it, in
 #: search half-ranges (a larger move is another phase, or a jump the search must confirm).
 _STEP = 0.3
@@ -182,7 +189,8 @@ class PhaseModel:
                 lo_d, hi_d = self._d_range(p, (h, k, l))
                 r_lo, r_hi = sorted(np.atleast_1d(self.radial_of_d(np.array([hi_d, lo_d]))))
                 for wi, w in enumerate(self.windows):
-                    if not w.x.size or r_hi < w.x[0] or r_lo > w.x[-1]:
+                    reach = _TAIL_REACH * (w.x[-1] - w.x[0]) if w.x.size else 0.0
+                    if not w.x.size or r_hi < w.x[0] - reach or r_lo > w.x[-1] + reach:
                         continue
                     if (key, wi) in seen:
                         mult[seen[(key, wi)]] += m
@@ -298,8 +306,9 @@ class PhaseModel:
             self.search_order.append(tuple(self.free[p][-j] for _, j in sorted(alone, reverse=True)))
 
     def _order_pairs(self) -> None:
-        """Pairs of phases of one crystal system whose search boxes overlap: the parameter where
-        their configured cells differ most (relative to the box) and the sign of that difference."""
+        """Pairs of phases of one crystal system whose reaches overlap: each parameter in which
+        their configured cells differ by more than a quarter of the search range (else the one
+        where they differ most), and the sign of that difference."""
         self.order: list[tuple[int, int, int, float]] = []
         for p in range(self.P):
             for q in range(self.P):
@@ -309,17 +318,24 @@ class PhaseModel:
                 gap = np.abs(self.cell0[p, idx] - self.cell0[q, idx])
                 reach = _REACH * (self.box[p, idx] + self.box[q, idx])
                 if np.all(gap < reach):
-                    j = idx[int(np.argmax(gap / np.maximum(self.box[p, idx], 1e-12)))]
-                    sign = np.sign(self.cell0[p, j] - self.cell0[q, j])
-                    if sign != 0:
-                        self.order.append((p, q, j, float(sign)))
+                    # every parameter in which the configured cells differ clearly keeps its order
+                    rel = gap / np.maximum(self.box[p, idx], 1e-12)
+                    for j in [i for i, r in zip(idx, rel) if r > 0.25] or [idx[int(np.argmax(rel))]]:
+                        sign = np.sign(self.cell0[p, j] - self.cell0[q, j])
+                        if sign != 0:
+                            self.order.append((p, q, j, float(sign)))
 
-    def inside(self, cells: np.ndarray, zero: float) -> np.ndarray:
-        """(R,) reflections whose centre at ``cells`` (P, 6) lies inside their window."""
+    def inside(self, cells: np.ndarray, zero: float, fwhm: np.ndarray | None = None, tails: bool = False) -> np.ndarray:
+        """(R,) reflections whose centre at ``cells`` (P, 6) lies inside their window, at least
+        half a FWHM (``fwhm`` (P, W)) from its edges: a line cut by the edge cannot be fitted;
+        with ``tails``, also those within :data:`_TAIL_FWHM` widths outside it."""
         cen = self.centres(cells[None], np.array([zero]))[0]
+        margin = 0.0 if fwhm is None else np.nan_to_num(0.5 * fwhm[self.r_phase, self.r_window])
+        if tails and fwhm is not None:
+            margin = -_TAIL_FWHM * np.nan_to_num(fwhm[self.r_phase, self.r_window])
         lo = np.array([w.x[0] if w.x.size else np.inf for w in self.windows])[self.r_window]
         hi = np.array([w.x[-1] if w.x.size else -np.inf for w in self.windows])[self.r_window]
-        return (cen >= lo) & (cen <= hi)
+        return (cen >= lo + margin) & (cen <= hi - margin)
 
     def label_index(self, window: int, phase_name: str, hkl_text: str) -> int:
         """The reflection of a listed ``"phase hkl"`` in a window (an equivalent one counts)."""
@@ -511,24 +527,32 @@ class _Frame:
         on = np.isin(m.r_phase, list(phases))
         for w, win in enumerate(m.windows):
             refl = np.flatnonzero(on & (m.r_window == w))
-            cols = self._window_basis(w, refl, cen[refl][None], theta)
+            cols = self._window_basis(w, refl, cen[refl][None], theta, np.ones(refl.size, bool))
             coef, c2 = _nonneg_lstsq(cols, self.y0[win.points], self.w[win.points], refl.size)
             theta[m.area_col[refl]] = coef[0, :refl.size]
             theta[m.bg_col[w]] = coef[0, refl.size:]
             chi2[w] = float(c2[0])
         return theta, chi2
 
-    def _window_basis(self, w: int, refl: np.ndarray, cen: np.ndarray, theta: np.ndarray) -> np.ndarray:
-        """(T, m, len(refl) + degree + 1): profiles of ``refl`` at trial centres, then background."""
+    def _window_basis(self, w: int, refl: np.ndarray, cen: np.ndarray, theta: np.ndarray,
+                      tails: np.ndarray | None = None) -> np.ndarray:
+        """(T, m, len(refl) + degree + 1): profiles of ``refl`` at trial centres, then background.
+
+        A reflection whose centre lies outside the window, or within half a width of its edge, is
+        not fitted there (a line cut by the edge cannot be placed): its column is empty. Where
+        ``tails`` (len(refl),) allows it, a line of a phase already placed by its other lines keeps
+        its tail within :data:`_TAIL_FWHM` widths of the window (it is in the data)."""
         m = self.m
         win = m.windows[w]
         fw = theta[m.fwhm_col[m.r_phase[refl], w]] if refl.size else np.zeros(0)
         eta = theta[m.eta_col[m.r_phase[refl]]] if refl.size else np.zeros(0)
         prof = m.basis(cen, fw, eta, w, refl) if refl.size else np.zeros((cen.shape[0], win.x.size, 0))
-        # a reflection whose centre lies outside the window is not fitted there (its tail would
-        # only imitate the background): its column is empty
         if refl.size:
-            prof = prof * ((cen >= win.x[0]) & (cen <= win.x[-1]))[:, None, :]
+            keep = (cen >= win.x[0] + fw / 2) & (cen <= win.x[-1] - fw / 2)
+            if tails is not None:
+                near = (cen >= win.x[0] - _TAIL_FWHM * fw) & (cen <= win.x[-1] + _TAIL_FWHM * fw)
+                keep |= near & tails
+            prof = prof * keep[:, None, :]
         bg = np.stack([win.t ** d for d in range(win.degree + 1)], axis=1)
         return np.concatenate([prof, np.broadcast_to(bg, (cen.shape[0], *bg.shape))], axis=2)
 
@@ -588,9 +612,9 @@ class _Frame:
                 pure = [w for w in windows if not m.r_dep[np.ix_(m._refl_of[p][w], unknown)].any()]
                 use = pure or windows
             if around_best is None:
-                grid, coarse[name] = self._grid(p, name, theta, centre[i], m.box[p, i] * scale, frac)
+                grid, coarse[name] = self._grid(p, name, theta, centre[i], m.box[p, i] * scale, frac, use)
             else:
-                grid, _ = self._grid(p, name, theta, best_cell[i], around_best * coarse[name], frac)
+                grid, _ = self._grid(p, name, theta, best_cell[i], around_best * coarse[name], frac, use)
             trial = np.broadcast_to(best_cell, (grid.size, 6)).copy()
             trial[:, i] = grid
             trial = np.stack([np.asarray(v, float) * np.ones(grid.size) for v in full_cell(
@@ -607,12 +631,17 @@ class _Frame:
                 cen_p = m.radial_of_d(np.asarray(d), zero)                           # (T, n_mine)
                 cen_f = np.broadcast_to(cen_all[fixed[w]], (grid.size, fixed[w].size))
                 refl = np.concatenate([mine, fixed[w]])
-                cols = self._window_basis(w, refl, np.concatenate([cen_p, cen_f], axis=1), theta)
+                tails = np.concatenate([np.zeros(mine.size, bool), np.ones(fixed[w].size, bool)])
+                cols = self._window_basis(w, refl, np.concatenate([cen_p, cen_f], axis=1), theta, tails)
                 _, c2 = _nonneg_lstsq(cols, self.y0[win.points], self.w[win.points], refl.size)
                 chi2 += c2
-            sel = m.box[p] > 0
-            rel = (trial[:, sel] - m.cell0[p, sel]) / m.box[p, sel]
-            prior = np.sum(rel ** 2, axis=1)          # a weak pull to the configured cell, for ties
+            free = [_CELL_INDEX[n] for n in m.free[p]]
+            rel = (trial[:, free] - m.cell0[p, free]) / m.box[p, free]
+            # a weak pull to the configured cell, in proportion to what the phase explains: where
+            # two cells explain the lines equally (another reflection of the same phase on the
+            # line, areas being free) the nearer one names them
+            explained = max(float(chi2_w[use].sum()) - float(chi2.min()), 0.0)
+            prior = _PRIOR * explained * np.sum(rel ** 2, axis=1)
             score = np.where(ok, chi2 + prior, np.inf)
             j = int(np.argmin(score))
             if np.isfinite(score[j]):
@@ -621,15 +650,16 @@ class _Frame:
         return best_cell, best + rest, chi2_without
 
     def _grid(self, p: int, name: str, theta: np.ndarray, centre: float, half: float,
-              frac: float) -> tuple[np.ndarray, float]:
+              frac: float, windows: Sequence[int]) -> tuple[np.ndarray, float]:
         """Trial values of one cell parameter over ``centre ± half``: steps that move the most
-        sensitive reflection by ``frac`` of its width. Returns the values and the step."""
+        sensitive reflection (in ``windows``) by ``frac`` of its width. Returns the values and
+        the step."""
         m = self.m
         i = _CELL_INDEX[name]
         c0 = centre
         if half <= 0:
             return np.array([c0]), 0.0
-        rows = np.flatnonzero(m.r_phase == p)
+        rows = np.flatnonzero((m.r_phase == p) & np.isin(m.r_window, list(windows)))
         cell = self.state.cell[p].copy() if np.all(np.isfinite(self.state.cell[p])) else m.cell0[p].copy()
         cell = m.cell0[p].copy() if not np.all(np.isfinite(cell)) else cell
         h = 1e-4 * max(abs(c0), 1.0)
@@ -707,50 +737,76 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
             gain = n_valid * np.log(max(chi2_without, 1e-300) / max(chi2_with, 1e-300)) - _n_params(m, p) * n_log
             if gain > fit.bic_threshold:
                 dist = np.sqrt(np.mean(((cell - m.cell0[p])[m.box[p] > 0] / m.box[p][m.box[p] > 0]) ** 2))
-                found.append((dist, p, cell))
+                found.append((dist, p, cell, gain))
             else:
                 decision[p] = f"absent: not found over the search range (ΔBIC {gain:.1f})"
         if not found:
             break
-        found.sort(key=lambda t: t[0])
-        _, p, cell = found[0]
+        # the phase that explains the most joins first; between phases that explain the lines
+        # about equally well (similar structures), the one whose configured cell is nearer
+        top = max(g for _, _, _, g in found)
+        _, p, cell, _ = min((t for t in found if t[3] >= 0.98 * top), key=lambda t: t[0])
         st.cell[p] = cell
         present.append(p)
         absent.remove(p)
         found_now.add(p)
         null_chi2 = np.inf
     present.sort()
+    held: set[int] = set()      # cell columns the data do not determine, held where the search put them
     while present:
         rows = [tuple(present)] + [tuple(q for q in present if q != p) for p in present]
-        res = _fit_rows(m, fr, rows, fit, found_now)
+        res = _fit_rows(m, fr, rows, fit, found_now, held)
         if res is None:
             return _failed(m, state, "fit diverged (non-finite chi-square)")
         chi2 = res.chi2
-        total_area = np.array([res.p[0, m.area_col[m.r_window == w]].sum() for w in range(m.W)])
+        # shares of the area of the lines inside the windows (a tail's area is not a line's)
+        cells_now = m.cells(res.p[:1], st.cell)[0]
+        inner = m.inside(cells_now, st.zero, _fwhm_table(m, fr))
+        areas = np.where(inner, res.p[0, m.area_col], 0.0)
+        total_area = np.array([areas[m.r_window == w].sum() for w in range(m.W)])
         gains, fails = {}, {}
         for i, p in enumerate(present):
             gain = n_valid * np.log(max(chi2[i + 1], 1e-300) / max(chi2[0], 1e-300)) - _n_params(m, p) * n_log
-            mine = res.p[0, m.area_col[m.r_phase == p]].sum()
-            touched = total_area[m.has[p]].sum()
+            mine = areas[m.r_phase == p].sum()
+            touched = total_area[np.unique(m.r_window[(m.r_phase == p) & inner])].sum()
             share = mine / touched if touched > 0 else 0.0
             at_edge = _at_edge(m, res, p)
             cells = m.cells(res.p[:1], st.cell)[0]
-            swapped = [m.phases[q].name for a, q, j, sign in m.order
+            crossed = [(q, j) for a, q, j, sign in m.order
                        if a == p and q in present and np.sign(cells[p, j] - cells[q, j]) != sign]
+            swapped = [m.phases[q].name for q, _ in crossed]
             gains[p] = gain
             if gain <= fit.bic_threshold:
                 fails[p] = f"absent: ΔBIC {gain:.1f} <= {fit.bic_threshold:g}"
             elif share < fit.min_fraction:
                 fails[p] = f"absent: {100 * share:.2g} % of the area < min_fraction"
             elif at_edge:
-                fails[p] = "absent: cell at the edge of its reach"
+                edge = [c for c in m.cell_cols[p] if c not in held and _at_bound(res, c)]
+                if edge and len(edge) < len(m.cell_cols[p]):
+                    # the phase is there, but a cell parameter runs away (its lines lie under
+                    # another phase's): hold it and fit again
+                    held.update(edge)
+                    fails[p] = "refit"
+                else:
+                    fails[p] = "absent: cell at the edge of its reach"
             elif swapped and (p in found_now or gain < min(gains.get(q, np.inf) for q in range(m.P)
                                                            if m.phases[q].name in swapped)):
-                fails[p] = f"absent: would take the place of {', '.join(swapped)}"
+                cols = [m.cell_cols[p][m.free[p].index(n)] for n in m.free[p]
+                        if _CELL_INDEX[n] in {j for _, j in crossed}]
+                cols = [c for c in cols if c not in held]
+                if cols and len(cols) < len(m.cell_cols[p]):
+                    # a parameter of a minor phase crossed another phase's (its lines lie
+                    # under the other's): hold it where the search put it and fit again
+                    held.update(cols)
+                    fails[p] = "refit"
+                else:
+                    fails[p] = f"absent: would take the place of {', '.join(swapped)}"
             else:
                 decision[p] = f"present: ΔBIC {gain:.0f}" + (", found by the cell search" if p in found_now else "")
         if not fails:
             break
+        if "refit" in fails.values():
+            continue
         worst = min(fails, key=lambda q: gains[q])
         decision[worst] = fails[worst]
         present.remove(worst)
@@ -759,6 +815,10 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
     if not present:
         theta, _ = fr.linear(st.cell, [], st.zero)
         return _result(m, fr, theta, np.full((m.k, m.k), np.nan), keep, decision, True, "no phase present")
+    for c in held:
+        p = next(q for q in range(m.P) if c in m.cell_cols[q])
+        if keep[p]:
+            decision[p] += f"; {m.names[c].split('.')[-1]} not determined (held)"
     ok = bool(res.status[0] != -1)
     message = "" if res.status[0] == 1 else f"no convergence in {fit.max_iter} iterations"
     return _result(m, fr, res.p[0], res.cov[0], keep, decision, ok, message)
@@ -780,17 +840,29 @@ def _adopt(m: PhaseModel, st: PhaseState, theta: np.ndarray, phases: Sequence[in
         st.eta[p] = theta[m.eta_col[p]]
 
 
-def _fit_rows(m: PhaseModel, fr: "_Frame", rows: list[tuple[int, ...]], fit: FitSpec, found: set[int] = frozenset()):
+def _fwhm_table(m: PhaseModel, fr: "_Frame") -> np.ndarray:
+    """(P, W) the widths the frame's fit starts from."""
+    return np.array([[fr.fwhm_of(p, w) if m.has[p, w] else np.nan for w in range(m.W)] for p in range(m.P)])
+
+
+def _at_bound(res, c: int, row: int = 0) -> bool:
+    return bool(res.p[row, c] <= res.lower[c] + 1e-9 * abs(res.lower[c])
+                or res.p[row, c] >= res.upper[c] - 1e-9 * abs(res.upper[c]))
+
+
+def _fit_rows(m: PhaseModel, fr: "_Frame", rows: list[tuple[int, ...]], fit: FitSpec, found: set[int] = frozenset(),
+              held: set[int] = frozenset()):
     """Least squares of the frame for each phase subset in ``rows`` at once (one batch), from
     the working state's cells, areas and background solved linearly. The first row is the
     largest model: if it ends above a nested one (a local minimum), it is started again from
     that one. None if the first row diverged."""
     st = fr.state
-    outside = ~m.inside(st.cell, st.zero)
+    outside = ~m.inside(st.cell, st.zero, _fwhm_table(m, fr), tails=True)
     starts, holds = [], []
     for subset in rows:
         theta, _ = fr.linear(st.cell, subset, st.zero)
         hold = _held(m, subset)
+        hold[list(held)] = True
         hold[m.area_col[outside]] = True
         theta[m.area_col[outside]] = 0.0
         starts.append(theta)
@@ -1062,6 +1134,8 @@ class PhaseFitter:
         theta, err, cov = res.theta, res.err, res.cov
         cen, cen_err = centre_esd(m, theta, cov, res.state.cell)
         d, d_err = d_of(m, cen, cen_err)
+        fw_table = np.where(m.fwhm_col >= 0, theta[np.maximum(m.fwhm_col, 0)], np.nan)
+        inner = m.inside(m.cells(theta[None], res.state.cell)[0], theta[m.zero_col], fw_table)
         for p in range(m.P):
             if not res.present[p]:
                 continue
@@ -1070,6 +1144,7 @@ class PhaseFitter:
             ph["phase_volume"][i, p], ph["phase_volume_err"][i, p] = _volume(m, p, theta, cov, res.state.cell)
             for w in range(m.W):
                 rows = m._refl_of[p][w]
+                rows = rows[inner[rows]]          # lines in the window; a tail's area is not one
                 if not rows.size:
                     continue
                 a_cols = m.area_col[rows]

@@ -289,6 +289,7 @@ class FitSummary:
     seconds: float = 0.0
     present: dict[str, int] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
+    phases: dict[str, int] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"{self.total} frame(s): {self.fitted} fitted now, {self.skipped} already done"
@@ -296,6 +297,9 @@ class FitSummary:
                  + f" ({self.seconds:.1f} s)"]
         if self.restarted:
             lines.append("the fit settings changed since the last run: every frame was fitted again")
+        if self.phases:
+            lines.append("frames with each phase present (phase model): "
+                         + ", ".join(f"{k} {v}" for k, v in self.phases.items()))
         if self.present:
             lines.append("frames with each peak present: "
                          + ", ".join(f"{k} {v}" for k, v in self.present.items()))
@@ -390,6 +394,9 @@ def fit_experiment(exp: Experiment, *, restart: bool = False, progress: bool = T
                 bar.close()
     table = _stored_table(exp.run.run_file)
     summary.csv_file = table.write_csv(exp.run.output / "peaks.csv")
+    if table.phase is not None:
+        for i, name in enumerate(table.phase_names):
+            summary.phases[name] = int((table.phase["phase_present"][:, i].astype(bool) & table.success.any(axis=1)).sum())
     for i, (w, ph, hkl, _) in enumerate(table.peaks):
         summary.present[f"{ph} {hkl}"] = int(table.present[:, i].sum())
     for msg in table.message[~table.success]:
