@@ -65,6 +65,9 @@ _TAIL_REACH = 0.25
 #: Weight of the pull to the configured cell in the search, relative to the chi-square the phase
 #: explains, per search half-range squared.
 _PRIOR = 0.02
+#: The joint search of two coexisting similar phases, in search half-ranges around each.
+_JOINT = 0.3
+_WIDTH_FACTORS = (0.8, 1.0, 1.25, 1.6, 2.0)
 #: How far a cell may move within one frame's least squares from where the search put it, in
 #: search half-ranges (a larger move is another phase, or a jump the search must confirm).
 _STEP = 0.3
@@ -418,6 +421,7 @@ class PhaseModel:
         """Unit-area profiles (T, m, len(refl)) of reflections ``refl`` in ``window`` for trial
         centres ``cen`` (T, len(refl)); widths per reflection ``fwhm`` and ``eta`` (len(refl),)."""
         x = self.windows[window].x
+        fwhm = fwhm[:, None, :] if np.ndim(fwhm) == 2 else fwhm
         u = (x[None, :, None] - cen[:, None, :]) / fwhm
         g = np.sqrt(4 * np.log(2) / np.pi) * np.exp(-4 * np.log(2) * u * u)
         lo = (2 / np.pi) / (1 + 4 * u * u)
@@ -535,7 +539,7 @@ class _Frame:
         return theta, chi2
 
     def _window_basis(self, w: int, refl: np.ndarray, cen: np.ndarray, theta: np.ndarray,
-                      tails: np.ndarray | None = None) -> np.ndarray:
+                      tails: np.ndarray | None = None, fw: np.ndarray | None = None) -> np.ndarray:
         """(T, m, len(refl) + degree + 1): profiles of ``refl`` at trial centres, then background.
 
         A reflection whose centre lies outside the window, or within half a width of its edge, is
@@ -544,7 +548,8 @@ class _Frame:
         its tail within :data:`_TAIL_FWHM` widths of the window (it is in the data)."""
         m = self.m
         win = m.windows[w]
-        fw = theta[m.fwhm_col[m.r_phase[refl], w]] if refl.size else np.zeros(0)
+        if fw is None:
+            fw = theta[m.fwhm_col[m.r_phase[refl], w]] if refl.size else np.zeros(0)
         eta = theta[m.eta_col[m.r_phase[refl]]] if refl.size else np.zeros(0)
         prof = m.basis(cen, fw, eta, w, refl) if refl.size else np.zeros((cen.shape[0], win.x.size, 0))
         if refl.size:
@@ -649,6 +654,63 @@ class _Frame:
                 best = float(chi2[j]) + float(chi2_w[[w for w in windows if w not in use]].sum())
         return best_cell, best + rest, chi2_without
 
+    def pair_search(self, p: int, q: int, j: int, present: Sequence[int], widths: np.ndarray) -> None:
+        """A joint grid over cell parameter ``j`` of two present phases whose lines overlap
+        (coexisting similar structures): one at a time, each can only settle between the two
+        true positions; together they split the lines. The state's cells are updated."""
+        m = self.m
+        others = [r for r in present if r not in (p, q)]
+        zero = self.state.zero
+        theta = np.zeros(m.k)
+        self.fill_nonlinear(theta, self.state.cell, zero)
+        cen_all = m.centres(self.state.cell[None], np.array([zero]))[0]
+        name = {v: k for k, v in _CELL_INDEX.items()}[j]
+        windows = [w for w in range(m.W) if m._refl_of[p][w].size and m._refl_of[q][w].size]
+        if not windows or name not in m.free[p] or name not in m.free[q]:
+            return
+        grids = []
+        for r in (p, q):
+            g, _ = self._grid(r, name, theta, self.state.cell[r, j], _JOINT * m.box[r, j], 0.4, windows)
+            grids.append(g)
+        # and a common factor on both phases' widths (coexisting phases are often broadened,
+        # and a phase fitted alone over both lines is too broad)
+        gp, gq, gs = (v.ravel() for v in np.meshgrid(*grids, _WIDTH_FACTORS, indexing="ij"))
+        sign = next((sg for a, b, jj, sg in m.order if a == p and b == q and jj == j), 0.0)
+        ok = np.sign(gp - gq) == sign if sign else np.ones(gp.size, bool)
+        trials = {}
+        for r, g in ((p, gp), (q, gq)):
+            t = np.broadcast_to(self.state.cell[r], (g.size, 6)).copy()
+            t[:, j] = g
+            trials[r] = np.stack([np.asarray(v, float) * np.ones(g.size) for v in full_cell(
+                m.phases[r].space_group, *[t[:, _CELL_INDEX[n]] if n in m.free[r] else None
+                                           for n in ("a", "c", "b", "beta", "alpha", "gamma")])], axis=1)
+        chi2 = np.zeros(gp.size)
+        for w in windows:
+            win = m.windows[w]
+            cens, refl = [], []
+            for r in (p, q):
+                mine = m._refl_of[r][w]
+                hkl = m.r_hkl[mine]
+                d = d_from_cell(hkl[:, 0][None], hkl[:, 1][None], hkl[:, 2][None],
+                                [trials[r][:, i][:, None] for i in range(6)])
+                cens.append(m.radial_of_d(np.asarray(d), zero))
+                refl.append(mine)
+            fixed = np.flatnonzero(np.isin(m.r_phase, others) & (m.r_window == w))
+            cens.append(np.broadcast_to(cen_all[fixed], (gp.size, fixed.size)))
+            pair = np.concatenate(refl)
+            refl = np.concatenate(refl + [fixed])
+            fw = np.concatenate([np.outer(gs, widths[m.r_phase[pair], w]),
+                                 np.broadcast_to(theta[m.fwhm_col[m.r_phase[fixed], w]], (gp.size, fixed.size))], axis=1)
+            tails = np.ones(refl.size, bool)
+            cols = self._window_basis(w, refl, np.concatenate(cens, axis=1), theta, tails, fw)
+            _, c2 = _nonneg_lstsq(cols, self.y0[win.points], self.w[win.points], refl.size)
+            chi2 += c2
+        k = int(np.argmin(np.where(ok, chi2, np.inf)))
+        if np.isfinite(chi2[k]) and ok[k]:
+            self.state.cell[p], self.state.cell[q] = trials[p][k], trials[q][k]
+            for r in (p, q):
+                self.state.fwhm[r, windows] = gs[k] * widths[r, windows]
+
     def _grid(self, p: int, name: str, theta: np.ndarray, centre: float, half: float,
               frac: float, windows: Sequence[int]) -> tuple[np.ndarray, float]:
         """Trial values of one cell parameter over ``centre ± half``: steps that move the most
@@ -711,9 +773,11 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
         if p not in present:
             st.cell[p] = m.cell0[p]
     n_log = np.log(max(n_valid, 2))
+    before = _fwhm_table(m, fr)            # the widths of the frame before, for the pair searches
     if present:
         for p in present:
             st.cell[p], _, _ = fr.search(p, present, around=st.cell[p], scale=_LOCAL)
+        _pair_searches(m, fr, present, before)
         sol = _fit_rows(m, fr, [tuple(present)], fit)
         if sol is not None and np.isfinite(sol.chi2[0]):
             _adopt(m, st, sol.p[0], present)
@@ -752,6 +816,8 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
         found_now.add(p)
         null_chi2 = np.inf
     present.sort()
+    if found_now:
+        _pair_searches(m, fr, present, np.where(np.isfinite(before), before, _fwhm_table(m, fr)))
     held: set[int] = set()      # cell columns the data do not determine, held where the search put them
     while present:
         rows = [tuple(present)] + [tuple(q for q in present if q != p) for p in present]
@@ -822,6 +888,19 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
     ok = bool(res.status[0] != -1)
     message = "" if res.status[0] == 1 else f"no convergence in {fit.max_iter} iterations"
     return _result(m, fr, res.p[0], res.cov[0], keep, decision, ok, message)
+
+
+def _pair_searches(m: PhaseModel, fr: "_Frame", present: Sequence[int], widths: np.ndarray) -> None:
+    """Joint searches of every present pair of phases that could be confused, over each
+    parameter in which their configured cells differ."""
+    done = set()
+    for p, q, _, _ in m.order:
+        if p in present and q in present and (q, p) not in done and (p, q) not in done:
+            ordered = {jj for a, b, jj, _ in m.order if a == p and b == q}
+            for name in m.search_order[p]:          # c before a, as in the search
+                if _CELL_INDEX[name] in ordered:
+                    fr.pair_search(p, q, _CELL_INDEX[name], present, widths)
+            done.add((p, q))
 
 
 def _n_params(m: PhaseModel, p: int) -> int:

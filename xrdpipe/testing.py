@@ -42,6 +42,7 @@ __all__ = [
     "SyntheticPhase",
     "Scenario",
     "Difficulty",
+    "score_phases",
     "nfm_scenario",
     "mcm_scenario",
     "phase_state",
@@ -365,6 +366,10 @@ class PatternSeries:
                     out[i] = p[key]
         return out
 
+    def states(self) -> list[dict[str, tuple[float, float, float]]]:
+        """Per frame: ``{phase: (a, c, fraction)}`` of the phases present."""
+        return [{ph.name: (a, c, f) for ph, a, c, f in phase_state(self.scenario, float(x))} for x in self.x]
+
     def as_patterns(self, *, with_errors: bool = True):
         """The series as a :class:`~xrdpipe.store.Patterns` stack (what ``open_run`` returns)."""
         from .store import Patterns
@@ -420,6 +425,62 @@ class SyntheticExperiment:
     x: np.ndarray
     truth: list[dict] = field(default_factory=list)
     peaks: list[list[dict]] = field(default_factory=list)
+
+    def states(self) -> list[dict[str, tuple[float, float, float]]]:
+        """Per frame: ``{phase: (a, c, fraction)}`` of the phases present."""
+        out: list[dict] = [{} for _ in range(len(self.x))]
+        for r in self.truth:
+            out[r["frame"]][r["phase"]] = (r["a"], r["c"], r["fraction"])
+        return out
+
+
+def score_phases(lattice, table, states, peaks, *, threshold: float = 0.05, major: float = 0.3) -> dict[str, float]:
+    """How well a fit recovered a synthetic series: ``lattice`` (a LatticeTable) and ``table``
+    (the PeakTable) against the true ``states`` (:meth:`PatternSeries.states`) and ``peaks``.
+
+    Returns ``presence`` (share of phase-frames whose presence is right, a phase counting as
+    present from ``threshold`` of fraction, frames below it but above 0 left out),
+    ``basal_rms_deg`` (rms error of each phase's first listed reflection where it holds at
+    least ``major``), ``median_da``, ``median_dc``, ``max_dc`` (Å, same frames),
+    ``fraction_mae`` over the frames where two phases coexist, ``within_1esd`` (share of cell
+    errors within one esd) and the counts ``n_phase_frames``, ``n_coexistence``.
+    """
+    names = [p for p in lattice.phases if any(p in st for st in states)]
+    right = total = 0
+    da, dc, z, fe, basal = [], [], [], [], []
+    labels = {}
+    for _, ph, hkl, _ in table.peaks:
+        labels.setdefault(ph, hkl)
+    for r, frame in enumerate(np.asarray(lattice.frame)):
+        st = states[frame]
+        for name in names:
+            i = lattice.phases.index(name)
+            a, c, f = st.get(name, (np.nan, np.nan, 0.0))
+            found = bool(np.isfinite(lattice.values["c_A"][r, i]) or np.isfinite(lattice.values["a_A"][r, i]))
+            if 0 < f < threshold:
+                continue
+            total += 1
+            right += found == (f >= threshold)
+            if found and f >= major:
+                da.append(lattice.values["a_A"][r, i] - a)
+                dc.append(lattice.values["c_A"][r, i] - c)
+                z += [abs(da[-1]) / lattice.values["a_err_A"][r, i], abs(dc[-1]) / lattice.values["c_err_A"][r, i]]
+                if name in labels:
+                    want = next((p["tth_deg"] for p in peaks[frame] if p["phase"] == name and p["hkl"] == labels[name]),
+                                np.nan)
+                    basal.append(table.column("center", f"{name} {labels[name]}")[r] - want)
+        if sum(1 for v in st.values() if v[2] > 0) >= 2:
+            for name in names:
+                fe.append(abs(lattice.values["fraction"][r, lattice.phases.index(name)] - st.get(name, (0, 0, 0.0))[2]))
+    z = np.array(z, float)
+    with np.errstate(all="ignore"):
+        return {"presence": right / max(total, 1), "n_phase_frames": total,
+                "basal_rms_deg": float(np.sqrt(np.nanmean(np.square(basal)))) if basal else np.nan,
+                "median_da": float(np.nanmedian(np.abs(da))) if da else np.nan,
+                "median_dc": float(np.nanmedian(np.abs(dc))) if dc else np.nan,
+                "max_dc": float(np.nanmax(np.abs(dc))) if dc else np.nan,
+                "fraction_mae": float(np.nanmean(fe)) if fe else np.nan, "n_coexistence": len(fe) // max(len(names), 1),
+                "within_1esd": float(np.mean(z[np.isfinite(z)] < 1)) if np.isfinite(z).any() else np.nan}
 
 
 def _schedule(n_frames: int, n_rest: int, frac_charge: float) -> tuple[int, int]:
