@@ -499,8 +499,10 @@ class FitSpec(_Spec):
     the F-test rejects its absence at ``ftest_alpha``; ``"always"`` never removes one. Beside
     other components, one with less than ``min_fraction`` of the window's peak area is absent,
     and so is any whose centre ends on the edge of its allowed range. ``esd_scale = "auto"``
-    scales the esds by the reduced chi-square only when the data carry no errors; ``"redchi"``
-    always does (as lmfit does by default), for data whose errors understate the misfit.
+    scales the esds by the reduced chi-square only when the data carry no errors (the phase
+    model: also when it exceeds 1, a misfit the model cannot remove); ``"redchi"`` always does
+    (as lmfit does by default), for data whose errors understate the misfit. The phase model
+    uses ``presence`` "bic" (the F-test and "always" apply to independent peaks only).
     """
 
     model: Literal["phases", "peaks"] = "phases"

@@ -57,7 +57,7 @@ DEFAULT_SEARCH = {"a": 0.015, "b": 0.015, "c": 0.03, "alpha": 2.0, "beta": 2.0, 
 _CELL_INDEX = {"a": 0, "b": 1, "c": 2, "alpha": 3, "beta": 4, "gamma": 5}
 _ANGLES = ("alpha", "beta", "gamma")
 #: The local search around a tracked phase's last cell, in search half-ranges.
-_LOCAL = 0.2
+_LOCAL = 0.15
 #: A line of a placed phase outside a window but within this many FWHM of it is fitted by its
 #: tail; reflections are listed for a window within this share of its width beyond its edges.
 _TAIL_FWHM = 4.0
@@ -70,7 +70,7 @@ _JOINT = 0.3
 _WIDTH_FACTORS = (0.8, 1.0, 1.25, 1.6, 2.0)
 #: How far a cell may move within one frame's least squares from where the search put it, in
 #: search half-ranges (a larger move is another phase, or a jump the search must confirm).
-_STEP = 0.3
+_STEP = 0.15
 #: How far a tracked cell may move from the configured one, in search half-ranges: a phase is
 #: found within its search range and then followed wherever it goes within this reach.
 _REACH = 3.0
@@ -124,6 +124,7 @@ class PhaseModel:
         self.unit, self.wavelength_A = unit, wavelength_A
         radial = np.asarray(radial, float)
         self.step = float(np.median(np.abs(np.diff(radial)))) if radial.size > 1 else 1.0
+        self.data_span = (float(radial.min()), float(radial.max())) if radial.size else (np.nan, np.nan)
         wins, start = [], 0
         for w in windows:
             idx = np.flatnonzero((radial >= w.range[0]) & (radial <= w.range[1]))
@@ -171,8 +172,7 @@ class PhaseModel:
     def _reflections(self) -> None:
         """Every allowed reflection of every phase whose position over the search box reaches a
         window; reflections at the same d for every cell (e.g. 1 0 1 and 0 1 1 in P-3m1) merged."""
-        lo_all = min((w.x.min() for w in self.windows if w.x.size), default=np.nan)
-        hi_all = max((w.x.max() for w in self.windows if w.x.size), default=np.nan)
+        hi_all = max(w.range[1] for w in self.specs) if self.specs else np.nan
         phase, window, hkl, mult = [], [], [], []
         for p, spec in enumerate(self.phases):
             grow = np.array(self.cell0[p])
@@ -192,8 +192,9 @@ class PhaseModel:
                 lo_d, hi_d = self._d_range(p, (h, k, l))
                 r_lo, r_hi = sorted(np.atleast_1d(self.radial_of_d(np.array([hi_d, lo_d]))))
                 for wi, w in enumerate(self.windows):
-                    reach = _TAIL_REACH * (w.x[-1] - w.x[0]) if w.x.size else 0.0
-                    if not w.x.size or r_hi < w.x[0] - reach or r_lo > w.x[-1] + reach:
+                    lo_w, hi_w = self.specs[wi].range          # the window as configured,
+                    reach = _TAIL_REACH * (hi_w - lo_w)           # whether the data reach it or not
+                    if r_hi < lo_w - reach or r_lo > hi_w + reach:
                         continue
                     if (key, wi) in seen:
                         mult[seen[(key, wi)]] += m
@@ -203,7 +204,6 @@ class PhaseModel:
                     window.append(wi)
                     hkl.append((h, k, l))
                     mult.append(m)
-        del lo_all
         self.r_phase = np.array(phase, int)
         self.r_window = np.array(window, int)
         self.r_hkl = np.array(hkl, int).reshape(-1, 3)
@@ -548,6 +548,8 @@ class _Frame:
         its tail within :data:`_TAIL_FWHM` widths of the window (it is in the data)."""
         m = self.m
         win = m.windows[w]
+        if not win.x.size:                      # a window beyond the data
+            return np.zeros((cen.shape[0], 0, refl.size + win.degree + 1))
         if fw is None:
             fw = theta[m.fwhm_col[m.r_phase[refl], w]] if refl.size else np.zeros(0)
         eta = theta[m.eta_col[m.r_phase[refl]]] if refl.size else np.zeros(0)
@@ -1019,8 +1021,11 @@ def _result(m: PhaseModel, fr: _Frame, theta: np.ndarray, cov: np.ndarray, prese
     nv = np.array([int(np.count_nonzero(free & touched[:, w.points].any(axis=1))) for w in m.windows])
     with np.errstate(invalid="ignore"):
         err = np.sqrt(np.diagonal(cov))
-    if not fr.has_errors or m.fit.esd_scale == "redchi":
-        redchi = chi2_w.sum() / max(n_w.sum() - int(free.sum()), 1)
+    # esds scaled by the reduced chi-square: always without data esds or with esd_scale =
+    # "redchi"; with Poisson esds ("auto") when it exceeds 1, so that a misfit the model cannot
+    # remove (background shape, profile) widens them rather than being ignored
+    redchi = chi2_w.sum() / max(n_w.sum() - int(free.sum()), 1)
+    if not fr.has_errors or m.fit.esd_scale == "redchi" or redchi > 1:
         cov = cov * redchi
         err = err * np.sqrt(redchi)
     new = fr.state.copy()
@@ -1205,6 +1210,11 @@ class PhaseFitter:
         m = self.model
         success[i, :] = res.success
         message[i, :] = res.message
+        for w, win in enumerate(m.windows):
+            if not win.x.size:      # a window beyond the data: failed, the others go on
+                success[i, w] = False
+                message[i, w] = (f"window {win.name!r} {list(m.specs[w].range)} has no data points "
+                                 f"(the data span {m.data_span[0]:g} to {m.data_span[1]:g} {m.unit})")
         ph["phase_decision"][i] = res.decision
         if not res.success:
             return
@@ -1232,6 +1242,8 @@ class PhaseFitter:
                 ph["phase_area_err"][i, p, w] = np.sqrt(max(float(sub.sum()), 0.0))
         for j, r in enumerate(self.components):
             p, w = m.r_phase[r], m.r_window[r]
+            if not m.windows[w].x.size:
+                continue
             area = theta[m.area_col[r]]
             if not res.present[p]:
                 values["area"][i, j] = 0.0

@@ -43,6 +43,7 @@ __all__ = [
     "Scenario",
     "Difficulty",
     "score_phases",
+    "fit_config",
     "nfm_scenario",
     "mcm_scenario",
     "phase_state",
@@ -756,6 +757,21 @@ def _fit_toml(sc: Scenario, difficulty: Difficulty | None = None) -> str:
             "[plots]", 'formats = ["png", "pdf"]', "[plots.contour]", f"windows = [{names}]",
             'vertical = "time"', 'scale = "sqrt"', "", "[export]", 'formats = ["xye", "fxye", "topas"]', ""]
     return "\n".join(out)
+
+
+def fit_config(scenario: Scenario | str, difficulty: Difficulty | None = None):
+    """The ``[[phases]]`` and ``[[windows]]`` that :func:`make_experiment` writes for a scenario
+    (start cells off by the difficulty's errors), as specs: ``(phases, windows)``."""
+    import tomllib
+
+    from .config import PhaseSpec, WindowSpec
+
+    sc = {"nfm": nfm_scenario, "mcm": mcm_scenario}[scenario]() if isinstance(scenario, str) else scenario
+    if difficulty is not None:
+        sc = difficulty.scenario(sc)
+    text = _fit_toml(sc, difficulty)
+    data = tomllib.loads(text[:text.index("# Figures of")])
+    return [PhaseSpec(**p) for p in data["phases"]], [WindowSpec(**w) for w in data["windows"]]
 
 
 def _experiment_toml(run_name, sc, frame_format, start, period_s, exposure_s, npt, active_mass_mg, cyc_start) -> str:
