@@ -300,10 +300,13 @@ def _from_phase_model(table, phases: Sequence[PhaseSpec], spec: LatticeSpec, val
             if nm in free:
                 # a parameter the fit had to hold (its lines under another phase's) is not reported
                 held = np.array([f"{nm} not determined" in str(d) for d in presence[:, i]], bool)
-                use = here & ~held
+                blind = not np.isfinite(err[here, k]).any() and here.any()
+                use = here & ~held & ~blind
                 vals[key][use, i] = cell[use, k]
                 vals[key.replace("_A", "_err_A").replace("_deg", "_err_deg")][use, i] = err[use, k]
                 msg[here & held, i] = f"{nm} not determined (its lines lie under another phase's)"
+                if blind:
+                    msg[here, i] = f"{nm} not determined (no line in the windows depends on it)"
         if "phase_volume" in ph:
             vals["volume_A3"][here, i] = ph["phase_volume"][here, j]
             vals["volume_err_A3"][here, i] = ph["phase_volume_err"][here, j]

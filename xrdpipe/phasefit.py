@@ -292,6 +292,7 @@ class PhaseModel:
         alone places the most reflections (c for 00l lines), so that the first pass is not
         misled by the others' start values."""
         self.search_order = []
+        self.undetermined: dict[int, tuple[str, ...]] = {}
         #: (R, 6): whether a reflection's position depends on each cell parameter
         self.r_dep = np.zeros((self.R, 6), bool)
         for p in range(self.P):
@@ -305,8 +306,12 @@ class PhaseModel:
                                   - d_from_cell(hkl[:, 0], hkl[:, 1], hkl[:, 2], self.cell0[p])) > 1e-12)
                 self.r_dep[rows, i] = dep[-1]
             dep = np.array(dep).reshape(len(self.free[p]), -1)
+            # parameters no line in a window with data depends on (a, with 00l lines only)
+            seen = np.array([self.windows[w].x.size > 0 for w in self.r_window[rows]], bool)
+            self.undetermined[p] = tuple(n for n, d in zip(self.free[p], dep) if not (d & seen).any())
             alone = [(int(np.sum(dep[j] & (dep.sum(axis=0) == 1))), -j) for j in range(len(self.free[p]))]
-            self.search_order.append(tuple(self.free[p][-j] for _, j in sorted(alone, reverse=True)))
+            order = tuple(self.free[p][-j] for _, j in sorted(alone, reverse=True))
+            self.search_order.append(tuple(n for n in order if n not in self.undetermined[p]))
 
     def _order_pairs(self) -> None:
         """Pairs of phases of one crystal system whose reaches overlap: each parameter in which
@@ -349,8 +354,12 @@ class PhaseModel:
         for r in self._refl_of[p][window]:
             if all(abs(self._d(p, self.r_hkl[r], c) - v) < 1e-9 * v for c, v in zip(probe, want)):
                 return int(r)
-        raise ValueError(f"{phase_name} {hkl_text} does not fall in window {self.windows[window].name!r} "
-                         f"{list(self.specs[window].range)} for any cell within the phase's search range")
+        spec = self.phases[p]
+        where = float(self.radial_of_d(np.array(spec.d_spacing(*h))))
+        at = f"{where:.4g} {self.unit}" if np.isfinite(where) else "nowhere (beyond the reach of the wavelength)"
+        raise ValueError(f"{phase_name} {hkl_text} of a = {spec.a}, c = {spec.c} Å lies at {at}, outside the window's "
+                         f"range {list(self.specs[window].range)}, and no cell within the phase's search range "
+                         f"brings it in; check the cell, the window or the wavelength")
 
     # -- the model ----------------------------------------------------------------------------
     def cells(self, theta: np.ndarray, base: np.ndarray) -> np.ndarray:
@@ -995,6 +1004,8 @@ def _held(m: PhaseModel, subset: Sequence[int]) -> np.ndarray:
     hold = np.zeros(m.k, bool)
     hold[m.zero_col] = True
     for p in range(m.P):
+        for n in m.undetermined.get(p, ()):
+            hold[m.cell_cols[p][m.free[p].index(n)]] = True
         if p in subset:
             continue
         hold[m.cell_cols[p]] = True
