@@ -103,3 +103,27 @@ def test_every_reflection_in_a_window_is_in_the_model():
     have = {(m.phases[p].name, "".join(map(str, h)), m.windows[w].name) for p, h, w in zip(m.r_phase, m.r_hkl, m.r_window)}
     assert {("P3", "104", "104"), ("O3", "015", "015"), ("P3", "015", "015"), ("Al", "200", "015"),
             ("O3", "003", "003"), ("P3", "003", "003")} <= have
+
+
+def test_hard_series_as_2d_frames_through_the_run_file(tmp_path):
+    """The same physics rendered as 2D EIGER-like frames (pixel splitting, polarization, module
+    gaps), integrated, fitted and refined through the run file."""
+    from xrdpipe.config import load_experiment
+    from xrdpipe.pipeline import _stored_table, fit_experiment, integrate_experiment
+    from xrdpipe.testing import make_experiment
+
+    dif = Difficulty(start_error=((0.01, 0.02), (0.01, 0.02)), separation_fwhm=1.5, broadening=1.6,
+                     intensity_jitter=0.3, hard_windows=True, seed=4)
+    syn = make_experiment(tmp_path / "exp", n_frames=40, n_rest=0, frac_charge=1.0, counts=0.05, background=300.0,
+                          seed=6, difficulty=dif)
+    exp = load_experiment(syn.experiment_file)
+    integrate_experiment(exp, progress=False)
+    fit_experiment(exp, progress=False)
+    table = _stored_table(exp.run.run_file)
+    lat = refine_lattice(table, exp.phases, exp.lattice, unit="2th_deg", wavelength_A=syn.scenario.wavelength_A)
+    s = score_phases(lat, table, syn.states(), syn.peaks)
+    assert s["n_coexistence"] >= 2
+    assert s["presence"] >= 0.98, s
+    assert s["basal_rms_deg"] <= 0.002, s
+    assert s["median_da"] <= 3e-4 and s["median_dc"] <= 1e-3, s
+    assert s["fraction_mae"] <= 0.02, s

@@ -301,7 +301,7 @@ def _from_phase_model(table, phases: Sequence[PhaseSpec], spec: LatticeSpec, val
                 # a parameter the fit had to hold (its lines under another phase's) is not reported
                 held = np.array([f"{nm} not determined" in str(d) for d in presence[:, i]], bool)
                 blind = not np.isfinite(err[here, k]).any() and here.any()
-                use = here & ~held & ~blind
+                use = here & ~held & (not blind)
                 vals[key][use, i] = cell[use, k]
                 vals[key.replace("_A", "_err_A").replace("_deg", "_err_deg")][use, i] = err[use, k]
                 msg[here & held, i] = f"{nm} not determined (its lines lie under another phase's)"

@@ -56,8 +56,9 @@ __all__ = ["PhaseModel", "PhaseFitter", "PhaseState", "fit_phases", "fit_frame",
 DEFAULT_SEARCH = {"a": 0.015, "b": 0.015, "c": 0.03, "alpha": 2.0, "beta": 2.0, "gamma": 2.0}
 _CELL_INDEX = {"a": 0, "b": 1, "c": 2, "alpha": 3, "beta": 4, "gamma": 5}
 _ANGLES = ("alpha", "beta", "gamma")
-#: The local search around a tracked phase's last cell, in search half-ranges.
-_LOCAL = 0.15
+#: How far a tracked phase may move in one frame, at its most sensitive line, in FWHM (twice:
+#: the local search, then the least squares); a larger move is a jump, searched for afresh.
+_TRACK_FWHM = 0.6
 #: A line of a placed phase outside a window but within this many FWHM of it is fitted by its
 #: tail; reflections are listed for a window within this share of its width beyond its edges.
 _TAIL_FWHM = 4.0
@@ -586,7 +587,7 @@ class _Frame:
 
     # -- the search for a phase not present --------------------------------------------------
     def search(self, p: int, present: Sequence[int], *, around: np.ndarray | None = None,
-               scale: float = 1.0) -> tuple[np.ndarray, float, float]:
+               scale: float = 1.0, halves: np.ndarray | None = None) -> tuple[np.ndarray, float, float]:
         """Grid search of phase ``p``'s cell (coordinate by coordinate, twice) with the phases
         ``present`` (p excluded) held at their state: over ``scale`` times its search range around
         ``around`` (default the configured cell). Returns the best cell (6,), the chi² with p
@@ -594,6 +595,7 @@ class _Frame:
         m = self.m
         others = [q for q in present if q != p]
         cells = self.state.cell.copy()
+        prior_at = self.state.cell[p].copy()          # the phase's last cell (or the configured one)
         centre = m.cell0[p] if around is None else np.asarray(around, float)
         cells[p] = centre
         zero = self.state.zero
@@ -628,7 +630,8 @@ class _Frame:
                 pure = [w for w in windows if not m.r_dep[np.ix_(m._refl_of[p][w], unknown)].any()]
                 use = pure or windows
             if around_best is None:
-                grid, coarse[name] = self._grid(p, name, theta, centre[i], m.box[p, i] * scale, frac, use)
+                half = m.box[p, i] * scale if halves is None else halves[i]
+                grid, coarse[name] = self._grid(p, name, theta, centre[i], half, frac, use)
             else:
                 grid, _ = self._grid(p, name, theta, best_cell[i], around_best * coarse[name], frac, use)
             trial = np.broadcast_to(best_cell, (grid.size, 6)).copy()
@@ -652,10 +655,11 @@ class _Frame:
                 _, c2 = _nonneg_lstsq(cols, self.y0[win.points], self.w[win.points], refl.size)
                 chi2 += c2
             free = [_CELL_INDEX[n] for n in m.free[p]]
-            rel = (trial[:, free] - m.cell0[p, free]) / m.box[p, free]
-            # a weak pull to the configured cell, in proportion to what the phase explains: where
-            # two cells explain the lines equally (another reflection of the same phase on the
-            # line, areas being free) the nearer one names them
+            rel = (trial[:, free] - prior_at[free]) / m.box[p, free]
+            # a weak pull to the phase's last cell (the configured one until it is seen), in
+            # proportion to what the phase explains: where two cells explain the lines equally
+            # (another reflection of the same phase on the line, areas being free) the nearer
+            # one names them
             explained = max(float(chi2_w[use].sum()) - float(chi2.min()), 0.0)
             prior = _PRIOR * explained * np.sum(rel ** 2, axis=1)
             score = np.where(ok, chi2 + prior, np.inf)
@@ -664,6 +668,32 @@ class _Frame:
                 best_cell = trial[j]
                 best = float(chi2[j]) + float(chi2_w[[w for w in windows if w not in use]].sum())
         return best_cell, best + rest, chi2_without
+
+    def track_halves(self, p: int, limit: float) -> np.ndarray:
+        """(6,) how far each cell parameter of a tracked phase may move in one frame: ``limit``
+        FWHM at its most sensitive line in a window with data, at most its tracking share of
+        the search range (a larger move is a jump: the phase is searched for afresh)."""
+        m = self.m
+        out = m.box[p] * _STEP
+        rows = np.flatnonzero((m.r_phase == p) & np.array([m.windows[w].x.size > 0 for w in m.r_window], bool))
+        if not rows.size:
+            return out
+        fw = np.array([self.fwhm_of(p, w) for w in m.r_window[rows]])
+        hkl = m.r_hkl[rows]
+        for n in m.free[p]:
+            i = _CELL_INDEX[n]
+            h = 1e-4 * max(abs(self.state.cell[p, i]), 1.0)
+            up, dn = self.state.cell[p].copy(), self.state.cell[p].copy()
+            up[i] += h
+            dn[i] -= h
+            up = m._cell_from(p, {k: up[_CELL_INDEX[k]] for k in m.free[p]})
+            dn = m._cell_from(p, {k: dn[_CELL_INDEX[k]] for k in m.free[p]})
+            sens = np.abs(m.radial_of_d(np.asarray(d_from_cell(hkl[:, 0], hkl[:, 1], hkl[:, 2], up)))
+                          - m.radial_of_d(np.asarray(d_from_cell(hkl[:, 0], hkl[:, 1], hkl[:, 2], dn)))) / (2 * h)
+            ratio = np.nanmax(sens / fw)
+            if ratio > 0:
+                out[i] = min(out[i], limit / ratio)
+        return out
 
     def pair_search(self, p: int, q: int, j: int, present: Sequence[int], widths: np.ndarray) -> None:
         """A joint grid over cell parameter ``j`` of two present phases whose lines overlap
@@ -780,14 +810,14 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
         return _failed(m, state, f"only {n_valid} valid points in the windows")
     st = fr.state
     present = [p for p in range(m.P) if st.present[p] and np.all(np.isfinite(st.cell[p]))]
-    for p in range(m.P):
-        if p not in present:
+    for p in range(m.P):                # an absent phase keeps its last cell (the prior of its search)
+        if not np.all(np.isfinite(st.cell[p])):
             st.cell[p] = m.cell0[p]
     n_log = np.log(max(n_valid, 2))
     before = _fwhm_table(m, fr)            # the widths of the frame before, for the pair searches
     if present:
         for p in present:
-            st.cell[p], _, _ = fr.search(p, present, around=st.cell[p], scale=_LOCAL)
+            st.cell[p], _, _ = fr.search(p, present, around=st.cell[p], halves=fr.track_halves(p, _TRACK_FWHM))
         _pair_searches(m, fr, present, before)
         sol = _fit_rows(m, fr, [tuple(present)], fit)
         if sol is not None and np.isfinite(sol.chi2[0]):
@@ -796,7 +826,6 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
             # search for it afresh
             for p in [q for q in present if _at_edge(m, sol, q)]:
                 present.remove(p)
-                st.cell[p] = m.cell0[p]
     absent = [p for p in range(m.P) if p not in present]
     found_now: set[int] = set()
     null_chi2 = float(fr.linear(st.cell, present, st.zero)[1].sum()) if present else np.inf
@@ -811,16 +840,19 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
             cell, chi2_with, chi2_without = fr.search(p, present)
             gain = n_valid * np.log(max(chi2_without, 1e-300) / max(chi2_with, 1e-300)) - _n_params(m, p) * n_log
             if gain > fit.bic_threshold:
-                dist = np.sqrt(np.mean(((cell - m.cell0[p])[m.box[p] > 0] / m.box[p][m.box[p] > 0]) ** 2))
-                found.append((dist, p, cell, gain))
+                free = [_CELL_INDEX[n] for n in m.free[p]]
+                dist = np.sqrt(np.mean(((cell - st.cell[p])[free] / m.box[p][free]) ** 2))
+                found.append((dist, p, cell, chi2_with))
             else:
                 decision[p] = f"absent: not found over the search range (ΔBIC {gain:.1f})"
         if not found:
             break
         # the phase that explains the most joins first; between phases that explain the lines
-        # about equally well (similar structures), the one whose configured cell is nearer
-        top = max(g for _, _, _, g in found)
-        _, p, cell, _ = min((t for t in found if t[3] >= 0.98 * top), key=lambda t: t[0])
+        # equally well within the noise (similar structures), the one whose cell (its last one,
+        # else the configured one) is nearer
+        best = min(c for _, _, _, c in found)
+        tie = best + 2 * np.sqrt(2 * n_valid) + fit.bic_threshold
+        _, p, cell, _ = min((t for t in found if t[3] <= tie), key=lambda t: t[0])
         st.cell[p] = cell
         present.append(p)
         absent.remove(p)
@@ -848,6 +880,7 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
             touched = total_area[np.unique(m.r_window[(m.r_phase == p) & inner])].sum()
             share = mine / touched if touched > 0 else 0.0
             at_edge = _at_edge(m, res, p)
+            pressed = [c for c in m.cell_cols[p] if c in res.order_cols and c not in held and _at_bound(res, c)]
             cells = m.cells(res.p[:1], st.cell)[0]
             crossed = [(q, j) for a, q, j, sign in m.order
                        if a == p and q in present and np.sign(cells[p, j] - cells[q, j]) != sign]
@@ -857,6 +890,11 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
                 fails[p] = f"absent: ΔBIC {gain:.1f} <= {fit.bic_threshold:g}"
             elif share < fit.min_fraction:
                 fails[p] = f"absent: {100 * share:.2g} % of the area < min_fraction"
+            elif pressed and len(pressed) < len(m.cell_cols[p]):
+                # pressed against another phase it could be confused with: the lines do not tell
+                # them apart in this parameter; hold it and fit again
+                held.update(pressed)
+                fails[p] = "refit"
             elif at_edge:
                 edge = [c for c in m.cell_cols[p] if c not in held and _at_bound(res, c)]
                 if edge and len(edge) < len(m.cell_cols[p]):
@@ -963,11 +1001,26 @@ def _fit_rows(m: PhaseModel, fr: "_Frame", rows: list[tuple[int, ...]], fit: Fit
     base = st.cell.copy()
     lower, upper = m.lower.copy(), m.upper.copy()
     for p in range(m.P):
-        step = 1.0 if p in found else _STEP     # a phase just found: its search range
+        # a phase just found may move over its search range; a tracked one a line width or so
+        steps = m.box[p] if p in found else fr.track_halves(p, _TRACK_FWHM)
         for n, col in zip(m.free[p], m.cell_cols[p]):
             i = _CELL_INDEX[n]
-            lower[col] = max(lower[col], st.cell[p, i] - step * m.box[p, i])
-            upper[col] = min(upper[col], st.cell[p, i] + step * m.box[p, i])
+            lower[col] = max(lower[col], st.cell[p, i] - steps[i])
+            upper[col] = min(upper[col], st.cell[p, i] + steps[i])
+    # two phases that could be confused do not cross in the least squares either: each stays on
+    # its side of the midpoint between their start values
+    order_cols: set[int] = set()
+    for p, q, j, sign in m.order:
+        n = {v: k for k, v in _CELL_INDEX.items()}[j]
+        if n in m.free[p] and sign and p in rows[0] and q in rows[0]:
+            col = m.cell_cols[p][m.free[p].index(n)]
+            mid = 0.5 * (st.cell[p, j] + st.cell[q, j])
+            if sign > 0 and mid > lower[col]:
+                lower[col] = min(mid, upper[col])
+                order_cols.add(col)
+            elif sign < 0 and mid < upper[col]:
+                upper[col] = max(mid, lower[col])
+                order_cols.add(col)
 
     def run(theta, hold_rows):
         return least_squares_batch(lambda t: m.value_jac(t, base), theta, np.broadcast_to(fr.y0, theta.shape[:1] + fr.y0.shape),
@@ -988,14 +1041,14 @@ def _fit_rows(m: PhaseModel, fr: "_Frame", rows: list[tuple[int, ...]], fit: Fit
                 getattr(res, name)[0] = getattr(again, name)[0]
     if not np.isfinite(res.chi2[0]):
         return None
-    res.lower, res.upper = lower, upper
+    res.lower, res.upper, res.order_cols = lower, upper, order_cols
     return res
 
 
 def _at_edge(m: PhaseModel, res, p: int, row: int = 0) -> bool:
-    """Whether a phase's cell ended on the bound of a frame's fit."""
-    return any(res.p[row, c] <= res.lower[c] + 1e-9 * abs(res.lower[c]) or res.p[row, c] >= res.upper[c] - 1e-9 * abs(res.upper[c])
-               for c in m.cell_cols[p])
+    """Whether a phase's cell ended on the bound of its reach in a frame's fit (a bound that
+    keeps it from crossing another phase is not its reach)."""
+    return any(_at_bound(res, c, row) for c in m.cell_cols[p] if c not in res.order_cols)
 
 
 def _held(m: PhaseModel, subset: Sequence[int]) -> np.ndarray:
