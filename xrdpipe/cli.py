@@ -287,7 +287,8 @@ _KIND_HELP = ("contour, lattice, fractions, fit, waterfall or refinement (the la
 @click.option("--height-mm", type=click.FloatRange(20, 500), default=None)
 @click.option("--dpi", type=click.IntRange(50, 1200), default=None)
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
-              help="File name without extension (one kind only; default: <output>/figures/<run>_<kind>).")
+              help="The figure's file (one kind only): x.png, x.pdf or x.svg, or a name without suffix for "
+                   "[plots] formats (default: <output>/figures/<run>_<kind>).")
 def plot(experiment: str, kinds, formats, windows, axis, vertical, scale, against, frames, width_mm, height_mm,
          dpi, output) -> None:
     """Draw figures of EXPERIMENT from its run file alone (PNG plus PDF or SVG). Options
@@ -299,6 +300,18 @@ def plot(experiment: str, kinds, formats, windows, axis, vertical, scale, agains
 
     if output and len(kinds) != 1:
         _fail(ValueError("-o/--output needs exactly one --kind"))
+    if output:
+        # the name the user gave is the file written: its suffix chooses the format (no suffix:
+        # [plots] formats, each added to the name); a folder is never created on a guess
+        target = Path(output)
+        suffix = target.suffix.lower().lstrip(".")
+        if suffix in ("png", "pdf", "svg"):
+            if formats and set(formats) != {suffix}:
+                _fail(ValueError(f"-o {output} is a {suffix.upper()} file, but --format asks for "
+                                 f"{', '.join(formats)}; give one or the other"))
+            formats, output = (suffix,), str(target.with_suffix(""))
+        if not target.parent.is_dir():
+            _fail(ValueError(f"-o {output}: no folder {str(target.parent)!r}; create it first"))
     frame_list = _frame_list("--frames", frames)
 
     def draw(exp):
