@@ -16,7 +16,17 @@ from . import __version__
 
 
 def _fail(exc: Exception) -> None:
+    from .safeio import hdf5_write_failed
+
     click.echo(f"error: {exc}", err=True)
+    if hdf5_write_failed():
+        # HDF5 cannot close a file it failed to write (a full disk) and may crash while the
+        # interpreter exits: end here, the message said it all and the work copy is gone
+        import os
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
     sys.exit(2)
 
 
@@ -76,6 +86,9 @@ def main() -> None:
     Start with `xrdpipe demo`, then point `xrdpipe validate` and `xrdpipe integrate` at your
     own experiment file.
     """
+    from .safeio import quiet_h5py_write_noise
+
+    quiet_h5py_write_noise()
 
 
 @main.command()

@@ -32,7 +32,8 @@ from typing import Iterator
 
 from .errors import StoreError
 
-__all__ = ["transaction", "Session", "active", "atomic_output", "write_text_atomic", "io_problem", "file_stat"]
+__all__ = ["transaction", "Session", "active", "atomic_output", "write_text_atomic", "io_problem", "file_stat",
+           "write_failed", "hdf5_write_failed", "quiet_h5py_write_noise"]
 
 _SESSIONS: dict[Path, "Session"] = {}
 _GUARD = threading.Lock()
@@ -59,9 +60,75 @@ def file_stat(path: Path | str) -> list:
     return [str(path), st.st_size, st.st_mtime_ns]
 
 
+#: what HDF5 says (as a RuntimeError or ValueError from h5py, not an OSError) when a write failed
+_WRITE_FAILED = ("file write failed", "File too large", "No space left", "Disk quota", "errno = 27", "errno = 28",
+                 "truncate request failed")
+_HDF5_WRITE_FAILED = False
+
+
+def write_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failed write: an ``OSError``, or h5py's RuntimeError for an HDF5
+    file it could not write (a full disk, a file-size limit)."""
+    if isinstance(exc, OSError) or getattr(exc, "write_failed", False):
+        return True
+    return isinstance(exc, (RuntimeError, ValueError, KeyError)) and any(s in str(exc) for s in _WRITE_FAILED)
+
+
+def hdf5_write_failed() -> bool:
+    """Whether HDF5 failed to write a run file in this process. The HDF5 library cannot close
+    such a file cleanly, and may crash when the interpreter exits: the command line then ends
+    its process at once after its one-line message (the work copy is already removed)."""
+    return _HDF5_WRITE_FAILED
+
+
+def _h5py_noise(hook):
+    """An unraisable-exception hook that drops h5py's 'Exception ignored in ... dealloc'
+    reports of a failed write (the failure itself is reported once, as a StoreError)."""
+    def quiet(unraisable):
+        exc = unraisable.exc_value
+        if exc is not None and write_failed(exc) and "h5py" in repr(unraisable.object):
+            global _HDF5_WRITE_FAILED
+            _HDF5_WRITE_FAILED = True
+            return
+        hook(unraisable)
+
+    return quiet
+
+
+def quiet_h5py_write_noise() -> None:
+    """Install :func:`_h5py_noise` as this process's unraisable-exception hook (the command
+    line does, once)."""
+    import sys
+
+    sys.unraisablehook = _h5py_noise(sys.unraisablehook)
+    sys.excepthook = _h5py_dealloc_noise(sys.excepthook)
+
+
+def _h5py_dealloc_noise(hook):
+    """An exception hook that drops the tracebacks h5py's object deallocation prints (through
+    this hook) for a file HDF5 failed to write; every other exception is shown as before."""
+    def quiet(kind, value, tb):
+        last = tb
+        while last is not None and last.tb_next is not None:
+            last = last.tb_next
+        where = last.tb_frame.f_code.co_filename if last is not None else ""
+        if value is not None and write_failed(value) and "h5py" in where and "_objects" in where:
+            global _HDF5_WRITE_FAILED
+            _HDF5_WRITE_FAILED = True
+            return
+        hook(kind, value, tb)
+
+    return quiet
+
+
 def _kept(path: Path, exc: BaseException) -> StoreError:
-    return StoreError(f"cannot write run file {path}: {io_problem(exc)}; it still holds the last checkpoint, "
-                      "and a rerun resumes from there")
+    global _HDF5_WRITE_FAILED
+    _HDF5_WRITE_FAILED = True
+    kept = ("it still holds the last checkpoint, and a rerun resumes from there" if path.exists() else
+            "nothing was published, and a rerun starts again")
+    err = StoreError(f"cannot write run file {path}: {io_problem(exc)}; {kept}")
+    err.write_failed = True
+    return err
 
 
 def _fsync(path: Path) -> None:
@@ -168,6 +235,7 @@ class Session:
             try:
                 self.h5 = h5py.File(self.work, "r+")
             except OSError as exc:
+                self.work.unlink(missing_ok=True)
                 raise StoreError(f"run file {self.path} cannot be opened ({exc}); it may be damaged: "
                                  "rerun with --restart to start it again") from None
         return self.h5
@@ -183,9 +251,15 @@ class Session:
             with h5py.File(self.work, "w", fs_strategy="fsm", fs_persist=True) as h5:
                 build(h5)
             self.h5 = h5py.File(self.work, "r+")
-        except OSError as exc:
+        except Exception as exc:
+            if not write_failed(exc):
+                raise
+            global _HDF5_WRITE_FAILED
+            _HDF5_WRITE_FAILED = True
             self.abort()
-            raise StoreError(f"cannot create run file {self.path}: {io_problem(exc)}") from None
+            err = StoreError(f"cannot create run file {self.path}: {io_problem(exc)}")
+            err.write_failed = True
+            raise err from None
 
     def readable(self):
         """The open work copy, or None while nothing was written (read the published file)."""
@@ -207,7 +281,9 @@ class Session:
             shutil.copyfile(self.work, self.part)
             _fsync(self.part)
             os.replace(self.part, self.path)
-        except OSError as exc:
+        except Exception as exc:
+            if not write_failed(exc):
+                raise
             self.part.unlink(missing_ok=True)
             raise _kept(self.path, exc) from None
         self._last = time.monotonic()
@@ -261,13 +337,10 @@ def transaction(path: Path | str, *, checkpoint_s: float | None = None) -> Itera
     failure: BaseException | None = None
     try:
         yield session
-    except OSError as exc:
-        failure = exc
-        if owner:
-            raise _kept(session.path, exc) from None
-        raise
     except BaseException as exc:
         failure = exc
+        if owner and write_failed(exc) and not isinstance(exc, StoreError):
+            raise _kept(session.path, exc) from None
         raise
     finally:
         if owner:
@@ -280,12 +353,14 @@ def transaction(path: Path | str, *, checkpoint_s: float | None = None) -> Itera
 
 
 def _finish(session: Session, failure: BaseException | None) -> None:
-    if isinstance(failure, OSError):
+    if failure is not None and write_failed(failure):
         session.abort()
         return
     try:
         session.commit()
-    except OSError as exc:
+    except Exception as exc:
         session.abort()
+        if not (write_failed(exc) or _HDF5_WRITE_FAILED):
+            raise
         if failure is None:
             raise _kept(session.path, exc) from None
