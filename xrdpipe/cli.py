@@ -46,19 +46,43 @@ def _frame_list(option: str, text: str | None) -> list[int] | None:
         _fail(ValueError(f"{option}: expected frame numbers such as 0,25,49, got {text!r}"))
 
 
+def _interrupted(kept: str) -> None:
+    click.echo(f"\ninterrupted: {kept}; run the same command again to resume", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(130)
+
+
 def _stage(experiment: str, run, kept: str) -> None:
     """Load EXPERIMENT, run one stage on it and print its summary; a domain error is one line
     (exit 2), Ctrl-C says what was kept and how to resume (exit 130)."""
     from .errors import XrdpipeError
+    from .parallel import interrupted
 
     try:
         summary = run(_load(experiment))
-    except XrdpipeError as exc:
-        _fail(exc)
     except KeyboardInterrupt:
-        click.echo(f"\ninterrupted: {kept}; run the same command again to resume", err=True)
-        sys.exit(130)
+        _interrupted(kept)
+    except Exception as exc:
+        if interrupted():               # whatever broke after Ctrl-C (a pool losing its workers...)
+            _interrupted(kept)
+        if isinstance(exc, XrdpipeError):
+            _fail(exc)
+        raise
+    if interrupted():                   # a Ctrl-C that something swallowed
+        _interrupted(kept)
     click.echo(str(summary))
+
+
+class _Main(click.Group):
+    """The command group: Ctrl-C anywhere (loading modules, reading the experiment) is the
+    clean "interrupted" line and exit status 130, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            _interrupted("nothing is lost")
 
 
 def _check_scheduler(ctx, param, value):
@@ -78,7 +102,7 @@ _SCHEDULER = click.option(
          "tcp://host:8786 (overrides [run] scheduler).")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="xrdpipe")
 def main() -> None:
     """Operando X-ray diffraction of battery cathodes: 2D frames in, numbers and figures out.
@@ -86,9 +110,11 @@ def main() -> None:
     Start with `xrdpipe demo`, then point `xrdpipe validate` and `xrdpipe integrate` at your
     own experiment file.
     """
+    from .parallel import catch_interrupts
     from .safeio import quiet_h5py_write_noise
 
     quiet_h5py_write_noise()
+    catch_interrupts()
 
 
 @main.command()

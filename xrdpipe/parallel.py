@@ -28,15 +28,48 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import threading
 from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
-__all__ = ["LOCAL_SCHEDULERS", "check_scheduler", "map_ordered", "default_workers"]
+__all__ = ["LOCAL_SCHEDULERS", "check_scheduler", "map_ordered", "default_workers", "catch_interrupts",
+           "interrupted", "stop_if_interrupted"]
 
 LOCAL_SCHEDULERS = ("processes", "threads", "serial")
 _ADDRESS = re.compile(r"^(tcp|tls|ucx|inproc|ws|wss)://\S+$")
 
 _CONTEXT: Any = None          # the context of this worker process
+_INTERRUPTED = threading.Event()
+
+
+def catch_interrupts() -> None:
+    """Make Ctrl-C (SIGINT) stop this process wherever it lands (the command line calls it).
+
+    Python raises KeyboardInterrupt wherever the main thread happens to be, and where that is
+    a weakref callback or a ``__del__`` (a process pool starting, for example) it is printed
+    and dropped. So the signal is also remembered: :func:`stop_if_interrupted`, called after
+    every frame and between stages, raises it again, and the command line counts any error
+    that follows an interrupt as the interrupt.
+    """
+    import signal
+
+    def on_sigint(signum, frame):
+        _INTERRUPTED.set()
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, on_sigint)
+
+
+def interrupted() -> bool:
+    """Whether Ctrl-C was pressed (see :func:`catch_interrupts`)."""
+    return _INTERRUPTED.is_set()
+
+
+def stop_if_interrupted() -> None:
+    """Raise KeyboardInterrupt if Ctrl-C was pressed, even if the first one was swallowed."""
+    if _INTERRUPTED.is_set():
+        raise KeyboardInterrupt
 
 
 def check_scheduler(value: str) -> str:
@@ -56,7 +89,10 @@ def default_workers() -> int:
 
 
 def _init_worker(blob: bytes) -> None:
+    import signal
+
     global _CONTEXT
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the caller's to handle: it stops the pool
     _CONTEXT = pickle.loads(blob)
 
 
@@ -82,6 +118,7 @@ def map_ordered(fn: Callable[[Any, Any], Any], jobs: Iterable, *, context: Any =
     if isinstance(scheduler, str) and scheduler in LOCAL_SCHEDULERS:
         if scheduler == "serial" or (scheduler == "processes" and workers == 1):
             for job in jobs:
+                stop_if_interrupted()
                 yield fn(job, context)
             return
         if scheduler == "threads":
@@ -101,10 +138,12 @@ def _stream(submit: Callable, jobs: Iterable, prefetch: int) -> Iterator:
     it = iter(jobs)
     try:
         for job in it:
+            stop_if_interrupted()
             pending.append(submit(job))
             if len(pending) >= prefetch:
                 yield pending.popleft().result()
         while pending:
+            stop_if_interrupted()
             yield pending.popleft().result()
     finally:
         for fut in pending:
@@ -118,7 +157,7 @@ def _processes(fn, jobs, context, workers: int, prefetch: int) -> Iterator:
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     ctx = multiprocessing.get_context(method)
     if method == "forkserver":
-        ctx.set_forkserver_preload(["xrdpipe.integration"])
+        ctx.set_forkserver_preload(["xrdpipe._forkserver"])
     blob = pickle.dumps(context, protocol=pickle.HIGHEST_PROTOCOL)
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
                              initargs=(blob,)) as pool:
