@@ -180,6 +180,11 @@ class Integrator:
             self._A2 = self._A.copy()
             self._A2.data = self._A2.data * self._A2.data
 
+    def detector_tth_span_deg(self) -> tuple[float, float]:
+        """The smallest and largest 2θ (degrees) of the detector's pixel centres."""
+        tth = np.degrees(self._ai.twoThetaArray(self.shape))
+        return float(np.nanmin(tth)), float(np.nanmax(tth))
+
     @property
     def tth_deg(self) -> np.ndarray:
         """The radial axis as 2θ (degrees)."""

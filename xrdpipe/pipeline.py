@@ -34,8 +34,20 @@ class IntegrationSummary:
     untimed: int = 0
     waiting: int = 0
     added: int = 0
+    suspicious: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     setup_seconds: float = 0.0
+
+    @property
+    def warnings(self) -> list[str]:
+        """What deserves a look: suspicious frames, scan-log times out of order..."""
+        out = list(self.notes)
+        if self.suspicious:
+            shown = ", ".join(self.suspicious[:5]) + (" ..." if len(self.suspicious) > 5 else "")
+            out.append(f"{len(self.suspicious)} frame(s) are mostly negative after dark subtraction, so the dark "
+                       f"is probably not for these frames (recorded as suspicious: {shown})")
+        return out
 
     @property
     def changed(self) -> bool:
@@ -51,6 +63,7 @@ class IntegrationSummary:
         ]
         if self.untimed:
             lines.append(f"{self.untimed} frame(s) have no time (no entry in the time source)")
+        lines += [f"warning: {n}" for n in self.warnings]
         for key, msg in self.failed[:10]:
             lines.append(f"  failed {key}: {msg}")
         if len(self.failed) > 10:
@@ -133,6 +146,7 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
                            azimuth_range=ispec.azimuth_range, polarization_factor=ispec.polarization_factor,
                            solid_angle=ispec.solid_angle, error_model=ispec.error_model,
                            splitting=ispec.splitting, engine=ispec.engine)
+        _check_reach(integ, cal, cspec, ispec, where)
         if cache is not None:
             cache.update(integrator_key=setup_key, integrator=(cal, integ))
     t_setup = time.perf_counter() - t_start
@@ -174,19 +188,54 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
             bar = _progress(len(jobs), "integrate", progress)
             try:
                 for res in integrate_frames(jobs, integ, workers=n_workers, scheduler=where_to):
-                    if res.error is None:
-                        run.write_pattern(res.position, res.intensity, res.sigma)
+                    error = res.error
+                    if error is None and not np.isfinite(res.intensity).any():
+                        error = ("empty pattern: no valid pixel (every pixel is masked, NaN or at the "
+                                 "integer maximum, which marks gaps and overflows)")
+                    if error is None:
+                        remark = _dark_remark(res.intensity) if cal.dark is not None else ""
+                        run.write_pattern(res.position, res.intensity, res.sigma, message=remark)
                         summary.integrated += 1
+                        if remark:
+                            summary.suspicious.append(res.ref.key)
                     elif retry_s is not None and _recent(res.ref.file, retry_s):
                         summary.waiting += 1          # probably still being written: next time
                     else:
-                        run.write_failure(res.position, res.error)
-                        summary.failed.append((res.ref.key, res.error))
+                        run.write_failure(res.position, error)
+                        summary.failed.append((res.ref.key, error))
                     bar.update(1)
             finally:
                 bar.close()
     summary.seconds = time.perf_counter() - t_start
     return summary
+
+
+def _check_reach(integ, cal, cspec, ispec, where: str) -> None:
+    """A mask that hides every pixel, or an ``[integration] range`` that holds none, is an error
+    of the set-up (every frame would give an empty pattern), said once, naming the key."""
+    if cal.mask is not None and np.asarray(cal.mask).all():
+        raise CalibrationError(f"the mask {cspec.mask} masks every pixel of the detector; nothing can be integrated")
+    probe, _ = integ.integrate(np.ones(integ.shape, np.float32))
+    if np.isfinite(probe).any():
+        return
+    lo, hi = integ.detector_tth_span_deg()
+    if ispec.range is not None:
+        unit = "°" if ispec.unit == "2th_deg" else " Å⁻¹"
+        raise ConfigError(where, [("integration.range", f"{list(ispec.range)}{unit} holds no pixel of the detector, "
+                                   f"whose 2θ span is {lo:.2f} to {hi:.2f}°")])
+    raise CalibrationError(f"no pixel of the detector can be integrated (2θ span {lo:.2f} to {hi:.2f}°; check "
+                           f"the mask {cspec.mask} and the azimuth range)")
+
+
+def _dark_remark(intensity: np.ndarray) -> str:
+    """"suspicious: ..." when most of a dark-subtracted pattern is negative (a dark taken with a
+    longer exposure or another gain than the data), else ""."""
+    ok = np.isfinite(intensity)
+    negative = float(np.mean(intensity[ok] < 0)) if ok.any() else 0.0
+    if negative <= 0.5:
+        return ""
+    return (f"suspicious: {100 * negative:.0f} % of the pattern is negative after dark subtraction "
+            "(is the dark for this exposure?)")
 
 
 def _recent(path: Path, seconds: float) -> bool:

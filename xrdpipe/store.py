@@ -215,13 +215,14 @@ class RunFile(_Writer):
     def frame_count(self) -> int:
         return len(self._keys)
 
-    def write_pattern(self, row: int, intensity: np.ndarray, sigma: np.ndarray | None) -> None:
+    def write_pattern(self, row: int, intensity: np.ndarray, sigma: np.ndarray | None, *, message: str = "") -> None:
+        """Store a frame's pattern (``message``: a remark on a frame kept, e.g. "suspicious: ...")."""
         pat = self._h5["/entry/patterns"]
         pat["intensity"][row] = intensity
         if sigma is not None:
             pat["intensity_errors"][row] = sigma
         fr = self._h5["/entry/frames"]
-        fr["message"][row] = ""
+        fr["message"][row] = message
         fr["status"][row] = DONE  # written last: a row is done only once its data are in
         self._maybe_flush()
 
