@@ -92,12 +92,14 @@ def _detector(name: str | None, shape: tuple[int, int], pixel_um: float | None):
     from pyFAI.detectors import Detector, detector_factory
 
     if name:
+        from pyFAI.detectors import ALL_DETECTORS
+
         try:
+            if name.lower() not in ALL_DETECTORS and not Path(name).exists():
+                raise KeyError(name)          # pyFAI would log its whole list of detectors
             det = detector_factory(name)
         except Exception as exc:
-            from pyFAI.detectors import ALL_DETECTORS
-
-            if name.lower() in ALL_DETECTORS:
+            if name.lower() in ALL_DETECTORS or Path(name).exists():
                 raise CalibrationError(f"detector {name!r} cannot be set up: "
                                        f"{str(exc).splitlines()[0][:200]}") from None
             import difflib

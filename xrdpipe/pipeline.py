@@ -166,6 +166,7 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
     }
     summary = IntegrationSummary(exp.run.run_file, len(refs), setup_seconds=t_setup)
     summary.untimed = sum(t is None for t in times) if fspec.times is not None else 0
+    summary.notes += _time_order(refs, times, fspec.times)
     with transaction(exp.run.run_file, checkpoint_s=exp.run.checkpoint_s):
         mark_stage(exp.run.run_file, "integrate", None)
         with RunFile.open_for_writing(exp.run.run_file, radial=integ.radial, unit=ispec.unit,
@@ -208,6 +209,20 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
                 bar.close()
     summary.seconds = time.perf_counter() - t_start
     return summary
+
+
+def _time_order(refs, times, source) -> list[str]:
+    """A warning when frame times go back in frame order (a scan log whose rows do not follow
+    the files): each frame keeps its own time and its place, and the frames are named."""
+    back = [k for k in range(1, len(times)) if times[k] is not None and times[k - 1] is not None
+            and times[k].start < times[k - 1].start]
+    if not back:
+        return []
+    where = f"the scan log {source.log.name}" if getattr(source, "log", None) is not None else "the frame times"
+    shown = "; ".join(f"frame {k} ({refs[k].key}) starts at {times[k].start.isoformat()}, before frame {k - 1} "
+                      f"({refs[k - 1].key}) at {times[k - 1].start.isoformat()}" for k in back[:3])
+    return [f"{where}: times are not in frame order at {len(back)} frame(s) ({shown}{' ...' if len(back) > 3 else ''}); "
+            "every frame keeps its own time and its place in the file order"]
 
 
 def _check_reach(integ, cal, cspec, ispec, where: str) -> None:
@@ -285,6 +300,7 @@ def _import_patterns(exp: Experiment, *, restart: bool, progress: bool,
                   "method": "imported 1D patterns", "packages": json.dumps(package_versions(), sort_keys=True)}
     summary = IntegrationSummary(exp.run.run_file, len(refs))
     summary.untimed = sum(t is None for t in times) if pspec.times is not None else 0
+    summary.notes += _time_order(refs, times, pspec.times)
     with transaction(exp.run.run_file, checkpoint_s=exp.run.checkpoint_s), \
             RunFile.open_for_writing(exp.run.run_file, radial=grid, unit=pspec.radial_unit,
                                      wavelength_A=pspec.wavelength_A, fingerprint=fingerprint,
@@ -525,6 +541,7 @@ class EchemSummary:
     inventory_loss_mAh_g: float = 0.0
     notes: tuple[str, ...] = ()
     lattice_updated: bool = False
+    warnings: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         lines = [f"cycler record {self.record_file.name}: {self.record_rows} rows, {self.record_start} to "
@@ -536,6 +553,7 @@ class EchemSummary:
         lines.append(f"{self.frames} frame(s): " + ", ".join(f"{k} {v}" for k, v in sorted(self.status.items())))
         if self.x_range is not None:
             lines.append(f"x from {self.x_range[0]:.4f} to {self.x_range[1]:.4f}")
+        lines += [f"warning: {w}" for w in self.warnings]
         lines.append(f"frames: {self.csv_file}" + ("  (lattice.csv updated with voltage and x)"
                                                    if self.lattice_updated else ""))
         return "\n".join(lines)
@@ -550,6 +568,34 @@ def _frame_timezone(exp: Experiment) -> str | None:
     if isinstance(times, TimesFromLog) and times.timezone:
         return times.timezone
     return getattr(spec, "timezone", None)
+
+
+def _implausible(states, ec, spec) -> list[str]:
+    """Frames whose x or capacity no cell can reach (x below 0 or above x0 + 0.2, a capacity
+    above 1.5 times the formula's theoretical one) get the status ``implausible``; the warning
+    names the likely causes (a current in A read as mA, the active mass)."""
+    x, cap = states.x, states.capacity_mAh_g
+    bad = np.zeros(x.size, dtype=bool)
+    why = []
+    with np.errstate(invalid="ignore"):
+        if ec.x0 is not None:
+            out = np.isfinite(x) & ((x < 0) | (x > ec.x0 + 0.2))
+            if out.any():
+                why.append(f"x reaches {np.nanmin(x):.4g} to {np.nanmax(x):.4g}, outside 0 to x0 + 0.2 = "
+                           f"{ec.x0 + 0.2:.3g}")
+            bad |= out
+        theo = ec.theoretical_capacity_mAh_g
+        if theo:
+            over = np.isfinite(cap) & (np.abs(cap) > 1.5 * theo)
+            if over.any():
+                why.append(f"the capacity reaches {np.nanmax(np.abs(cap)):.4g} mAh/g, above 1.5 x the theoretical "
+                           f"{theo:.1f} mAh/g of {spec.formula}")
+            bad |= over
+    if not bad.any():
+        return []
+    states.status[bad] = "implausible"
+    return [f"{'; '.join(why)} in {int(bad.sum())} frame(s) (status 'implausible'): check the current's unit "
+            f"(header or units = {{ current = \"A\" }}), active_mass_mg ({spec.active_mass_mg}) and x0"]
 
 
 def echem_experiment(exp: Experiment, *, update_lattice: bool = True) -> EchemSummary:
@@ -592,6 +638,9 @@ def echem_experiment(exp: Experiment, *, update_lattice: bool = True) -> EchemSu
     fr = read_frames(exp.run.run_file)
     start_s, end_s = iso_seconds(fr["start"]), iso_seconds(fr["end"])
     states = frame_states(ec, start_s, end_s, start=fr["start"], end=fr["end"], keys=fr["key"])
+    warnings = [n.removeprefix("warning: ") for n in notes if n.startswith("warning: ")]
+    notes = [n for n in notes if not n.startswith("warning: ")]
+    warnings += _implausible(states, ec, spec)
     timed = np.isfinite(start_s)
     t_first = float(np.nanmin(start_s)) if timed.any() else float(rec.time[0])
     per_frame = {name: getattr(states, name) for name in (
@@ -621,7 +670,7 @@ def echem_experiment(exp: Experiment, *, update_lattice: bool = True) -> EchemSu
     summary = EchemSummary(exp.run.run_file, csv_file, spec.file, len(rec), rec.start.isoformat(), rec.end.isoformat(),
                            int(states.frame.size), states.counts(),
                            (float(xs.max()), float(xs.min())) if xs.size else None,
-                           ec.theoretical_capacity_mAh_g, loss, tuple(notes))
+                           ec.theoretical_capacity_mAh_g, loss, tuple(notes), warnings=tuple(warnings))
     if update_lattice and exp.phases and has_group(exp.run.run_file, "lattice"):
         lattice_experiment(exp)
         summary.lattice_updated = True

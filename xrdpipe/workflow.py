@@ -262,6 +262,8 @@ class RunSummary:
             lines.append(f"{what}: {where}")
         for p in self.figures:
             lines.append(f"figure: {p}")
+        for stage, result in self.results.items():
+            lines += [f"warning ({stage}): {w}" for w in getattr(result, "warnings", ())]
         return "\n".join(lines)
 
 
