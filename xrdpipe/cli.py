@@ -350,7 +350,7 @@ def plot(experiment: str, kinds, formats, windows, axis, vertical, scale, agains
                                  f"{', '.join(formats)}; give one or the other"))
             formats, output = (suffix,), str(target.with_suffix(""))
         if not target.parent.is_dir():
-            _fail(ValueError(f"-o {output}: no folder {str(target.parent)!r}; create it first"))
+            _fail(ValueError(f"-o {target}: no folder {str(target.parent)!r}; create it first"))
     frame_list = _frame_list("--frames", frames)
 
     def draw(exp):

@@ -902,11 +902,11 @@ def parse_experiment(data: dict[str, Any], *, base: Path | str = ".", source: st
         exp = Experiment.model_validate(data, context={"base": Path(base), "live": live})
     except ValidationError as exc:
         raise ConfigError(source, [_describe(e) for e in exc.errors()]) from None
-    problems = _cross_check(exp)
+    exp = exp.model_copy(update={"source": Path(source) if source != "<experiment>" else None, "text": text})
+    problems = _cross_check(exp)       # with the source known: relative CIF paths are the file's
     if problems:
         raise ConfigError(source, problems)
-    return exp.model_copy(update={"source": Path(source) if source != "<experiment>" else None,
-                                  "text": text})
+    return exp
 
 
 def load_experiment(path: str | Path, *, live: bool = False) -> Experiment:

@@ -182,7 +182,7 @@ class Integrator:
 
     def detector_tth_span_deg(self) -> tuple[float, float]:
         """The smallest and largest 2θ (degrees) of the detector's pixel centres."""
-        tth = np.degrees(self._ai.twoThetaArray(self.shape))
+        tth = self._ai.center_array(self.shape, unit="2th_deg")
         return float(np.nanmin(tth)), float(np.nanmax(tth))
 
     @property

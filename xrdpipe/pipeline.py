@@ -142,10 +142,11 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
     else:
         cal = load_calibration(cspec.poni, mask=cspec.mask, dark=cspec.dark, flat=cspec.flat)
         shape = _detector_shape(cal, refs)
-        integ = Integrator(cal, shape, npt=ispec.npt, unit=ispec.unit, radial_range=ispec.range,
-                           azimuth_range=ispec.azimuth_range, polarization_factor=ispec.polarization_factor,
-                           solid_angle=ispec.solid_angle, error_model=ispec.error_model,
-                           splitting=ispec.splitting, engine=ispec.engine)
+        with _quiet_empty_matrix():       # a range holding no pixel: said below, once, naming the key
+            integ = Integrator(cal, shape, npt=ispec.npt, unit=ispec.unit, radial_range=ispec.range,
+                               azimuth_range=ispec.azimuth_range, polarization_factor=ispec.polarization_factor,
+                               solid_angle=ispec.solid_angle, error_model=ispec.error_model,
+                               splitting=ispec.splitting, engine=ispec.engine)
         _check_reach(integ, cal, cspec, ispec, where)
         if cache is not None:
             cache.update(integrator_key=setup_key, integrator=(cal, integ))
@@ -223,6 +224,21 @@ def _time_order(refs, times, source) -> list[str]:
                       f"({refs[k - 1].key}) at {times[k - 1].start.isoformat()}" for k in back[:3])
     return [f"{where}: times are not in frame order at {len(back)} frame(s) ({shown}{' ...' if len(back) > 3 else ''}); "
             "every frame keeps its own time and its place in the file order"]
+
+
+class _quiet_empty_matrix:
+    """Drop pyFAI's "Sparse matrix is empty" warning while the integrator is built (the empty
+    range it means is reported by :func:`_check_reach` as an error naming the key)."""
+
+    def __enter__(self):
+        import logging
+
+        self.logger = logging.getLogger("pyFAI.ext.sparse_builder")
+        self.drop = lambda record: "Sparse matrix is empty" not in record.getMessage()
+        self.logger.addFilter(self.drop)
+
+    def __exit__(self, *exc):
+        self.logger.removeFilter(self.drop)
 
 
 def _check_reach(integ, cal, cspec, ispec, where: str) -> None:
