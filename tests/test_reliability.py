@@ -86,15 +86,17 @@ def test_1_an_empty_frame_is_recorded_and_every_export_skips_an_empty_pattern(ba
     with h5py.File(raw, "r+") as h5:                   # frame 1: every pixel at the integer maximum
         ds = h5["/entry/data/data"]
         ds[1] = np.iinfo(ds.dtype).max
-    _edit(exp_file, 'formats = ["xye"]', 'formats = ["xye", "fxye", "topas"]')
-    proc = _cli("run", exp_file, "-q")
+    proc = _cli("integrate", exp_file, "-q")
     assert proc.returncode == 0, proc.stderr
-    assert "failed 1 (rel_data_000001.h5:1)" in proc.stdout
+    assert "failed rel_data_000001.h5:1: empty pattern: no valid pixel (every pixel is masked, NaN or at the " \
+           "integer maximum, which marks gaps and overflows)" in proc.stdout
     exp = load_experiment(exp_file)
     fr = open_run(exp.run.run_file).frames
     assert fr["status"][1] == -1 and fr["message"][1].startswith("empty pattern: no valid pixel")
     _good_frames_equal(exp.run.run_file, base[1], {1})
-    assert len(list((exp.run.output / "export" / "gsas2").glob("*.fxye"))) == 7
+    proc = _cli("export", exp_file, "--format", "xye", "--format", "fxye", "--format", "topas", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert "exported 7 pattern(s) as 7 xye, 7 fxye, 7 topas" in proc.stdout
 
     # a pattern that is empty in the run file (an import, an older run) is skipped by every export
     from xrdpipe.export import export_patterns
@@ -159,52 +161,54 @@ def _limited(limit: int):
 
 
 @pytest.mark.parametrize("scheduler", [SCHEDULERS[0], SCHEDULERS[2]], ids=["default", "serial"])
-def test_3_a_full_disk_is_one_line_early_and_late_and_a_rerun_gives_the_clean_result(base, tmp_path, scheduler):
-    exp_file = _copy(base, tmp_path / "e")
+def test_3_a_full_disk_is_one_line_early_and_late_and_a_rerun_gives_the_clean_result(long_run, scheduler):
+    syn, clean = long_run
+    exp_file = _with_output(syn, f"disk{len(scheduler)}")
     run_file = load_experiment(exp_file).run.run_file
-    size = base[1].stat().st_size
-    # early: the new run file cannot even be laid out; later: patterns fill it; late: it is
-    # almost whole when the disk fills
-    for limit, what in ((20_000, "cannot create run file"), (size // 2, "cannot write run file"),
-                        (size - 2000, "cannot write run file")):
+    size = clean.stat().st_size
+    # early: the new run file cannot even be laid out; then: the disk fills while frames are
+    # integrated, half way and near the end
+    limits = [(int(0.6 * size), "cannot write run file"), (int(0.95 * size), "cannot write run file")]
+    if not scheduler:
+        limits.insert(0, (20_000, "cannot create run file"))
+    for limit, what in limits:
         proc = _cli("integrate", exp_file, "-q", *scheduler, preexec_fn=_limited(limit))
         line = _error_line(proc)
         assert line.startswith(f"error: {what} {run_file}: the disk is full (or a quota or file-size limit "
                                "was reached)"), line
         assert not list(run_file.parent.glob("*.work")) and not list(run_file.parent.glob("*.part"))
-        if run_file.exists():
-            before = run_file.read_bytes()
-            assert open_run(run_file).intensity.shape[0] == 8       # a whole HDF5 file, the last checkpoint
-    proc = _cli("integrate", exp_file, "-q", *scheduler)
+        assert not run_file.exists()                         # nothing was ever published (checkpoint_s 30)
+    proc = _cli("integrate", exp_file, "-q", *scheduler)     # with room again: the clean result
     assert proc.returncode == 0, proc.stderr
-    _good_frames_equal(run_file, base[1], set())
-    # with a run file published, a full disk leaves it as it was, byte for byte
-    before = run_file.read_bytes()
-    proc = _cli("integrate", exp_file, "-q", "--restart", *scheduler, preexec_fn=_limited(size // 2))
-    assert "the disk is full" in _error_line(proc)
-    assert run_file.read_bytes() == before
+    assert_same_results(clean, run_file)
+    # (a published run file is left as it was, byte for byte: test_scale.py checks it)
 
 
 # -- 4. Ctrl-C -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def long_run(tmp_path_factory, quick_experiment):
-    """48 frames of 192 x 192: integration lasts long enough to be interrupted; its clean run."""
-    folder = tmp_path_factory.mktemp("ctrlc") / "exp"
-    syn = quick_experiment(folder, n_frames=48, shape=(192, 192), frames_per_file=8, seed=6, npt=600,
+    """48 frames of 192 x 192 and 1500 points: an integration that lasts long enough to be
+    interrupted, and a run file larger than the room xrdpipe keeps free; its clean run."""
+    folder = tmp_path_factory.mktemp("long") / "exp"
+    syn = quick_experiment(folder, n_frames=48, shape=(192, 192), frames_per_file=8, seed=6, npt=1500,
                            run_name="long")
-    clean = syn.experiment_file.with_name("clean.toml")
-    clean.write_text(syn.experiment_file.read_text().replace('output = "results"', 'output = "results-clean"'))
-    integrate_experiment(load_experiment(clean), progress=False, scheduler="serial")
-    return syn, load_experiment(clean).run.run_file
+    exp = load_experiment(_with_output(syn, "clean"))
+    integrate_experiment(exp, progress=False, scheduler="serial")
+    return syn, exp.run.run_file
+
+
+def _with_output(syn, name: str) -> Path:
+    """A copy of the experiment file writing to ``results-<name>`` (the same frames)."""
+    path = syn.experiment_file.with_name(f"{name}.toml")
+    path.write_text(syn.experiment_file.read_text().replace('output = "results"', f'output = "results-{name}"'))
+    return path
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS, ids=SCHEDULER_IDS)
 def test_4_ctrl_c_during_integration_stops_at_once_and_a_rerun_resumes(long_run, tmp_path, scheduler):
     syn, clean = long_run
-    exp_file = syn.experiment_file.with_name(f"c{len(scheduler)}{scheduler[-1] if scheduler else ''}.toml")
-    out = f"results-{exp_file.stem}"
-    exp_file.write_text(syn.experiment_file.read_text().replace('output = "results"', f'output = "{out}"'))
+    exp_file = _with_output(syn, f"ctrlc-{scheduler[-1] if scheduler else 'default'}")
     proc = subprocess.Popen([sys.executable, "-m", "xrdpipe", "run", str(exp_file), "-q", *scheduler],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     assert "[1/" in proc.stdout.readline()            # "[1/5] integrate ...": the integration has begun

@@ -47,10 +47,21 @@ def _frame_list(option: str, text: str | None) -> list[int] | None:
 
 
 def _interrupted(kept: str) -> None:
+    import signal
+
+    from .parallel import forget_interrupt
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # said once: a second Ctrl-C or a late echo of
+    forget_interrupt()                               # the first must not turn the exit into a traceback
     click.echo(f"\ninterrupted: {kept}; run the same command again to resume", err=True)
     sys.stdout.flush()
     sys.stderr.flush()
-    sys.exit(130)
+    # everything is closed and published by now (the transaction ended as the interrupt passed
+    # through it). The interpreter's own exit can still end in SIGINT instead of status 130 (it
+    # remembers a KeyboardInterrupt that reached any code it ran with PyRun_String), so end here.
+    import os
+
+    os._exit(130)
 
 
 def _stage(experiment: str, run, kept: str) -> None:

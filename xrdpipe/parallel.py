@@ -33,7 +33,7 @@ from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
 __all__ = ["LOCAL_SCHEDULERS", "check_scheduler", "map_ordered", "default_workers", "catch_interrupts",
-           "interrupted", "stop_if_interrupted"]
+           "interrupted", "stop_if_interrupted", "forget_interrupt"]
 
 LOCAL_SCHEDULERS = ("processes", "threads", "serial")
 _ADDRESS = re.compile(r"^(tcp|tls|ucx|inproc|ws|wss)://\S+$")
@@ -64,6 +64,11 @@ def catch_interrupts() -> None:
 def interrupted() -> bool:
     """Whether Ctrl-C was pressed (see :func:`catch_interrupts`)."""
     return _INTERRUPTED.is_set()
+
+
+def forget_interrupt() -> None:
+    """Clear the Ctrl-C remembered by :func:`catch_interrupts` (once it has been handled)."""
+    _INTERRUPTED.clear()
 
 
 def stop_if_interrupted() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -188,24 +189,27 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
                 # threads give the same numbers. A scheduler chosen by name is always obeyed.
                 where_to = "threads"
             bar = _progress(len(jobs), "integrate", progress)
+            # closed before the run file is: on an error (a full disk) no worker still reads a
+            # frame while the run file is closed (HDF5 is one library for both)
             try:
-                for res in integrate_frames(jobs, integ, workers=n_workers, scheduler=where_to):
-                    error = res.error
-                    if error is None and not np.isfinite(res.intensity).any():
-                        error = ("empty pattern: no valid pixel (every pixel is masked, NaN or at the "
-                                 "integer maximum, which marks gaps and overflows)")
-                    if error is None:
-                        remark = _dark_remark(res.intensity) if cal.dark is not None else ""
-                        run.write_pattern(res.position, res.intensity, res.sigma, message=remark)
-                        summary.integrated += 1
-                        if remark:
-                            summary.suspicious.append(res.ref.key)
-                    elif retry_s is not None and _recent(res.ref.file, retry_s):
-                        summary.waiting += 1          # probably still being written: next time
-                    else:
-                        run.write_failure(res.position, error)
-                        summary.failed.append((res.ref.key, error))
-                    bar.update(1)
+                with closing(integrate_frames(jobs, integ, workers=n_workers, scheduler=where_to)) as results:
+                    for res in results:
+                        error = res.error
+                        if error is None and not np.isfinite(res.intensity).any():
+                            error = ("empty pattern: no valid pixel (every pixel is masked, NaN or at the "
+                                     "integer maximum, which marks gaps and overflows)")
+                        if error is None:
+                            remark = _dark_remark(res.intensity) if cal.dark is not None else ""
+                            run.write_pattern(res.position, res.intensity, res.sigma, message=remark)
+                            summary.integrated += 1
+                            if remark:
+                                summary.suspicious.append(res.ref.key)
+                        elif retry_s is not None and _recent(res.ref.file, retry_s):
+                            summary.waiting += 1          # probably still being written: next time
+                        else:
+                            run.write_failure(res.position, error)
+                            summary.failed.append((res.ref.key, error))
+                        bar.update(1)
             finally:
                 bar.close()
     summary.seconds = time.perf_counter() - t_start

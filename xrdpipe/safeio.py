@@ -33,6 +33,7 @@ from typing import Iterator
 from .errors import StoreError
 
 __all__ = ["transaction", "Session", "active", "atomic_output", "write_text_atomic", "io_problem", "file_stat",
+           "ensure_room",
            "write_failed", "hdf5_write_failed", "quiet_h5py_write_noise"]
 
 _SESSIONS: dict[Path, "Session"] = {}
@@ -49,6 +50,38 @@ def io_problem(exc: BaseException) -> str:
     if code in (errno.EACCES, errno.EPERM, errno.EROFS) or "Permission denied" in text or "Read-only" in text:
         return "permission denied (the folder is read-only or not yours)"
     return text
+
+
+#: room kept free beyond what a write asks for: HDF5 allocates chunks and writes its metadata
+#: (object headers, B-trees, free-space records) when it likes, not only where asked
+ROOM_SLACK = 256 * 1024
+
+
+def ensure_room(path: Path | str, need: int = 0) -> None:
+    """Raise ``OSError`` (ENOSPC or EFBIG) unless ``need`` more bytes (plus :data:`ROOM_SLACK`)
+    fit in the file ``path``: on its file system, and under this process's file-size limit.
+
+    HDF5 does not survive a write that fails: the error surfaces later, anywhere (a chunk
+    evicted from its cache, another file's close), and the library can crash. So a full disk is
+    found before HDF5 writes, and reported by the caller as one line.
+    """
+    import resource
+
+    path = Path(path)
+    need = int(need) + ROOM_SLACK
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = 0
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and size + need > limit:
+        raise OSError(errno.EFBIG, f"File too large: {path} would pass the file-size limit of {limit} bytes")
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return
+    if st.f_blocks and st.f_bavail * st.f_frsize < need:
+        raise OSError(errno.ENOSPC, f"No space left on device: {st.f_bavail * st.f_frsize} bytes free for {path}")
 
 
 def file_stat(path: Path | str) -> list:
@@ -227,6 +260,7 @@ class Session:
             if not self.path.exists():
                 raise StoreError(f"run file {self.path} does not exist; run 'xrdpipe integrate' first")
             try:
+                ensure_room(self.work, self.path.stat().st_size)
                 shutil.copyfile(self.path, self.work)
             except OSError as exc:
                 self.work.unlink(missing_ok=True)
@@ -238,7 +272,12 @@ class Session:
                 self.work.unlink(missing_ok=True)
                 raise StoreError(f"run file {self.path} cannot be opened ({exc}); it may be damaged: "
                                  "rerun with --restart to start it again") from None
+        self.check_room()
         return self.h5
+
+    def check_room(self, need: int = 0) -> None:
+        """:func:`ensure_room` for the work copy: every writer asks before it writes."""
+        ensure_room(self.work, need)
 
     def create(self, build) -> None:
         """Start a new run file: ``build(h5)`` lays it out in a fresh work copy."""
@@ -246,6 +285,7 @@ class Session:
 
         self.close_work()
         try:
+            ensure_room(self.work)
             # free space is tracked in the file, so tables rewritten again and again (lattice,
             # electrochemistry) reuse it instead of growing the file
             with h5py.File(self.work, "w", fs_strategy="fsm", fs_persist=True) as h5:
@@ -277,7 +317,9 @@ class Session:
         if self.h5 is None:
             return
         try:
+            self.check_room()
             self.h5.flush()
+            ensure_room(self.part, self.work.stat().st_size)
             shutil.copyfile(self.work, self.part)
             _fsync(self.part)
             os.replace(self.part, self.path)
@@ -289,6 +331,7 @@ class Session:
         self._last = time.monotonic()
 
     def maybe_publish(self) -> None:
+        self.check_room()
         if time.monotonic() - self._last >= self.checkpoint_s:
             self.publish()
 

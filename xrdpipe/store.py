@@ -526,9 +526,22 @@ def write_table(path: Path | str, group: str, arrays: dict[str, np.ndarray], att
 
     with transaction(path) as session:
         entry = session.writable()["/entry"]
+        session.check_room(_nbytes(arrays))
         if group in entry:
             del entry[group]
         _fill(entry.create_group(group), arrays, attrs)
+
+
+def _nbytes(arrays: dict[str, Any]) -> int:
+    """Roughly the bytes a table takes (strings counted at 64 bytes), for the room check."""
+    total = 0
+    for v in arrays.values():
+        if isinstance(v, dict):
+            total += _nbytes(v.get("arrays", {}))
+            continue
+        a = np.asarray(v)
+        total += a.size * 64 if a.dtype == object or a.dtype.kind in "US" else a.nbytes
+    return total
 
 
 def _fill(g, arrays: dict[str, Any], attrs: dict[str, Any]) -> None:
