@@ -32,6 +32,18 @@ def _cli(*args, **kw) -> subprocess.CompletedProcess:
                           timeout=300, **kw)
 
 
+def _run(*args) -> subprocess.CompletedProcess:
+    """The command run in this process (click's runner): as :func:`_cli`, without the start-up."""
+    from click.testing import CliRunner
+
+    from xrdpipe.cli import main
+
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    return subprocess.CompletedProcess(args, res.exit_code, res.stdout, res.stderr)
+
+
 def _error_line(proc) -> str:
     """The one line of a failed command (exit status 2): nothing else on stderr (an error of the
     experiment file is its usual form: the file, then one line per key)."""
@@ -166,11 +178,10 @@ def test_3_a_full_disk_is_one_line_early_and_late_and_a_rerun_gives_the_clean_re
     exp_file = _with_output(syn, f"disk{len(scheduler)}")
     run_file = load_experiment(exp_file).run.run_file
     size = clean.stat().st_size
-    # early: the new run file cannot even be laid out; then: the disk fills while frames are
-    # integrated, half way and near the end
-    limits = [(int(0.6 * size), "cannot write run file"), (int(0.95 * size), "cannot write run file")]
-    if not scheduler:
-        limits.insert(0, (20_000, "cannot create run file"))
+    # early: the new run file cannot even be laid out; later: the disk fills while frames are
+    # integrated (near the end; half way with the serial scheduler)
+    limits = ([(20_000, "cannot create run file"), (int(0.95 * size), "cannot write run file")] if not scheduler
+              else [(int(0.6 * size), "cannot write run file")])
     for limit, what in limits:
         proc = _cli("integrate", exp_file, "-q", *scheduler, preexec_fn=_limited(limit))
         line = _error_line(proc)
@@ -259,7 +270,7 @@ def test_5_a_file_listed_twice_or_two_files_of_one_name_are_errors(base, tmp_pat
 def test_6_a_run_name_is_a_file_name(base, tmp_path, name):
     exp_file = _copy(base, tmp_path / "e")
     _edit(exp_file, 'name = "rel"', f"name = '{name}'")        # a TOML literal string: no escapes
-    line = _error_line(_cli("validate", exp_file))
+    line = _error_line(_run("validate", exp_file))
     assert line.startswith(f"error: {exp_file}: 1 error\n  run.name: a run name is a file name")
     with pytest.raises(ConfigError) as err:
         load_experiment(exp_file)
@@ -386,7 +397,7 @@ def test_9_refine_frames_outside_the_run_are_refused(base, tmp_path):
     exp_file = _copy(base, tmp_path / "e")
     exp_file.write_text(exp_file.read_text() + '[refinement]\nmethod = "lebail"\n[[refinement.phases]]\nname = "O3"\n')
     shutil.copytree(base[1].parent, tmp_path / "e" / "results")
-    line = _error_line(_cli("refine", exp_file, "--frames", "500,600", "-q"))
+    line = _error_line(_run("refine", exp_file, "--frames", "500,600", "-q"))
     assert line == (f"error: {load_experiment(exp_file).run.run_file} has frames 0 to 7; there are no frames 500 "
                     "to 600 to refine")
 
@@ -394,15 +405,15 @@ def test_9_refine_frames_outside_the_run_are_refused(base, tmp_path):
 def test_10_plot_output_keeps_the_name_given(base, tmp_path):
     exp_file = _copy(base, tmp_path / "e")
     shutil.copytree(base[1].parent, tmp_path / "e" / "results")
-    line = _error_line(_cli("plot", exp_file, "--kind", "waterfall", "-o", tmp_path / "nodir" / "sub" / "x.png"))
+    line = _error_line(_run("plot", exp_file, "--kind", "waterfall", "-o", tmp_path / "nodir" / "sub" / "x.png"))
     assert line == f"error: -o {tmp_path / 'nodir' / 'sub' / 'x.png'}: no folder {str(tmp_path / 'nodir' / 'sub')!r}; create it first"
     assert not (tmp_path / "nodir").exists()
     target = tmp_path / "x.png"
-    proc = _cli("plot", exp_file, "--kind", "waterfall", "-o", target)
+    proc = _run("plot", exp_file, "--kind", "waterfall", "-o", target)
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in tmp_path.glob("x*")) == ["x.png"]
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    line = _error_line(_cli("plot", exp_file, "--kind", "waterfall", "--format", "svg", "-o", target))
+    line = _error_line(_run("plot", exp_file, "--kind", "waterfall", "--format", "svg", "-o", target))
     assert line == f"error: -o {target} is a PNG file, but --format asks for svg; give one or the other"
 
 
@@ -412,7 +423,7 @@ def test_14_a_cif_without_cell_or_atoms_is_named(base, tmp_path):
     exp_file.write_text(exp_file.read_text() + '[refinement]\nmethod = "rietveld"\n[[refinement.phases]]\n'
                         'name = "O3"\nstructure = "empty.cif"\n')
     shutil.copytree(base[1].parent, tmp_path / "e" / "results")
-    line = _error_line(_cli("refine", exp_file, "-q"))
+    line = _error_line(_run("refine", exp_file, "-q"))
     assert line.endswith(f"{tmp_path / 'e' / 'empty.cif'}: no unit cell (_cell_length_a, _cell_length_b, "
                          "_cell_length_c, _cell_angle_alpha, _cell_angle_beta, _cell_angle_gamma) and no atom sites "
                          "(_atom_site_label, _atom_site_fract_x, _atom_site_fract_y, _atom_site_fract_z) in the CIF "
@@ -423,7 +434,7 @@ def test_14_a_cif_without_cell_or_atoms_is_named(base, tmp_path):
 
 def test_13_an_unknown_detector_is_one_line_with_the_closest_name(base):
     image = sorted((base[0].experiment_file.parent / "raw").glob("*.h5"))[0]
-    proc = _cli("calibrate", image, "--calibrant", "CeO2", "--wavelength-A", "0.62", "--detector", "eiger99_16m")
+    proc = _run("calibrate", image, "--calibrant", "CeO2", "--wavelength-A", "0.62", "--detector", "eiger99_16m")
     assert _error_line(proc) == (
         "error: unknown detector 'eiger99_16m'; did you mean 'eiger_16m'? (list pyFAI's detectors with: "
         "python -c \"import pyFAI.detectors as d; print(*sorted(d.ALL_DETECTORS))\")")
