@@ -162,6 +162,20 @@ def test_2_a_corrupt_compressed_frame_is_recorded_and_the_run_goes_on(base, tmp_
     _good_frames_equal(load_experiment(exp_file).run.run_file, base[1], {6})
 
 
+def test_2_a_worker_that_dies_is_replaced_and_only_its_job_is_recorded():
+    """Whatever else kills a pool worker (another filter, a library, the memory killer): the pool
+    is started again, the jobs in flight run again one at a time, and the one that kills a worker
+    twice gets ``on_crash``; every other job's result is as in a serial run."""
+    import operator
+
+    from xrdpipe.parallel import map_ordered
+
+    jobs = [abs] * 5 + [signal.raise_signal] + [abs] * 6        # job 5 kills its worker (SIGSEGV)
+    out = list(map_ordered(operator.call, jobs, context=signal.SIGSEGV, scheduler="processes", workers=2,
+                           on_crash=lambda job: f"crashed in {job.__name__}"))
+    assert out == [signal.SIGSEGV] * 5 + ["crashed in raise_signal"] + [signal.SIGSEGV] * 6
+
+
 # -- 3. a full disk ----------------------------------------------------------------------------
 
 def _limited(limit: int):

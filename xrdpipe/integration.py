@@ -293,4 +293,11 @@ def integrate_frames(jobs: Iterable[tuple[int, FrameRef]], integrator: Integrato
     from .parallel import map_ordered
 
     yield from map_ordered(_process, jobs, context=integrator, scheduler=scheduler, workers=workers,
-                           prefetch=prefetch)
+                           prefetch=prefetch, on_crash=_crashed)
+
+
+def _crashed(job: tuple[int, FrameRef]) -> IntegratedFrame:
+    """The record of a frame whose reading or integration killed a worker process, twice."""
+    pos, ref = job
+    return IntegratedFrame(pos, ref, None, None, "the worker process reading and integrating this frame died "
+                                                 "(twice: a crash in a decompression filter or a library)")

@@ -107,11 +107,15 @@ def _call(fn: Callable, job) -> Any:
 
 def map_ordered(fn: Callable[[Any, Any], Any], jobs: Iterable, *, context: Any = None,
                 scheduler: str | Any = "processes", workers: int | None = None,
-                prefetch: int | None = None) -> Iterator:
+                prefetch: int | None = None, on_crash: Callable[[Any], Any] | None = None) -> Iterator:
     """Yield ``fn(job, context)`` for every job, in order.
 
     ``fn`` must be a module-level function (it is sent to other processes by reference);
     ``scheduler`` is a name or address (see the module docstring) or a ``distributed.Client``.
+    With the process pool, a worker that dies (a crash in a C library, the system's memory
+    killer) breaks the pool: it is started again and the jobs in flight are run again, one at a
+    time, so that the one that kills a worker twice is found; ``on_crash(job)`` gives its result
+    (without ``on_crash`` the pool's BrokenProcessPool is raised).
 
     Example
     -------
@@ -132,7 +136,7 @@ def map_ordered(fn: Callable[[Any, Any], Any], jobs: Iterable, *, context: Any =
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xrdpipe") as pool:
                 yield from _stream(lambda job: pool.submit(fn, job, context), jobs, prefetch)
             return
-        yield from _processes(fn, jobs, context, workers, prefetch)
+        yield from _processes(fn, jobs, context, workers, prefetch, on_crash)
         return
     yield from _dask(fn, jobs, context, scheduler, prefetch)
 
@@ -155,18 +159,61 @@ def _stream(submit: Callable, jobs: Iterable, prefetch: int) -> Iterator:
             fut.cancel()
 
 
-def _processes(fn, jobs, context, workers: int, prefetch: int) -> Iterator:
+def _processes(fn, jobs, context, workers: int, prefetch: int, on_crash: Callable | None = None) -> Iterator:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     ctx = multiprocessing.get_context(method)
     if method == "forkserver":
         ctx.set_forkserver_preload(["xrdpipe._forkserver"])
     blob = pickle.dumps(context, protocol=pickle.HIGHEST_PROTOCOL)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(blob,)) as pool:
-        yield from _stream(lambda job: pool.submit(_call, fn, job), jobs, prefetch)
+
+    def start() -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(blob,))
+
+    pool = start()
+    pending: deque = deque()                       # (job, future), in job order
+    it = iter(jobs)
+
+    def restart() -> None:
+        nonlocal pool
+        pool.shutdown(wait=True, cancel_futures=True)
+        pool = start()
+
+    def next_result():
+        job, fut = pending.popleft()
+        try:
+            return fut.result()
+        except BrokenProcessPool:
+            if on_crash is None:
+                raise
+        # a worker died: run this job alone in a new pool; if it kills that one too, it is the
+        # culprit. The jobs behind it were lost with the pool: they are sent again.
+        restart()
+        try:
+            result = pool.submit(_call, fn, job).result()
+        except BrokenProcessPool:
+            restart()
+            result = on_crash(job)
+        for k, (other, _) in enumerate(pending):
+            pending[k] = (other, pool.submit(_call, fn, other))
+        return result
+
+    try:
+        for job in it:
+            stop_if_interrupted()
+            pending.append((job, pool.submit(_call, fn, job)))
+            if len(pending) >= prefetch:
+                yield next_result()
+        while pending:
+            stop_if_interrupted()
+            yield next_result()
+    finally:
+        for _, fut in pending:
+            fut.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _dask(fn, jobs, context, scheduler, prefetch: int) -> Iterator:
