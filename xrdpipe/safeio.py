@@ -97,6 +97,7 @@ def file_stat(path: Path | str) -> list:
 _WRITE_FAILED = ("file write failed", "File too large", "No space left", "Disk quota", "errno = 27", "errno = 28",
                  "truncate request failed")
 _HDF5_WRITE_FAILED = False
+_QUIET = False
 
 
 def write_failed(exc: BaseException) -> bool:
@@ -133,6 +134,11 @@ def quiet_h5py_write_noise() -> None:
     line does, once)."""
     import sys
 
+    global _HDF5_WRITE_FAILED, _QUIET
+    _HDF5_WRITE_FAILED = False                       # a new command: only its own failures count
+    if _QUIET:
+        return
+    _QUIET = True
     sys.unraisablehook = _h5py_noise(sys.unraisablehook)
     sys.excepthook = _h5py_dealloc_noise(sys.excepthook)
 
@@ -154,9 +160,15 @@ def _h5py_dealloc_noise(hook):
     return quiet
 
 
-def _kept(path: Path, exc: BaseException) -> StoreError:
+def _mark_hdf5(exc: BaseException) -> None:
+    """Remember a write that failed inside HDF5 (not one :func:`ensure_room` refused before it)."""
     global _HDF5_WRITE_FAILED
-    _HDF5_WRITE_FAILED = True
+    if not isinstance(exc, OSError) or any(t in str(exc) for t in ("Unable to", "Can't", "file write failed")):
+        _HDF5_WRITE_FAILED = True
+
+
+def _kept(path: Path, exc: BaseException) -> StoreError:
+    _mark_hdf5(exc)
     kept = ("it still holds the last checkpoint, and a rerun resumes from there" if path.exists() else
             "nothing was published, and a rerun starts again")
     err = StoreError(f"cannot write run file {path}: {io_problem(exc)}; {kept}")
@@ -294,8 +306,7 @@ class Session:
         except Exception as exc:
             if not write_failed(exc):
                 raise
-            global _HDF5_WRITE_FAILED
-            _HDF5_WRITE_FAILED = True
+            _mark_hdf5(exc)
             self.abort()
             err = StoreError(f"cannot create run file {self.path}: {io_problem(exc)}")
             err.write_failed = True
