@@ -15,24 +15,41 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .calibration import Calibration, load_calibration
-from .config import Experiment, load_experiment
-from .cyclers import read_cycler
-from .errors import (
-    CalibrationError,
-    ConfigError,
-    CyclerReadError,
-    FrameReadError,
-    PatternReadError,
-    StoreError,
-    XrdpipeError,
-)
-from .integration import Integrator
-from .peaks import WindowModel, fit_peaks
-from .phasefit import fit_phases
-from .pipeline import echem_experiment, fit_experiment, integrate_experiment
-from .store import open_run
-from .workflow import export_experiment, plot_experiment, run_experiment
+import importlib
+
+#: the public names and the module each lives in; imported when first used, so that the
+#: command line starts (and answers Ctrl-C) at once
+_HOME = {
+    "Calibration": "calibration", "load_calibration": "calibration",
+    "Experiment": "config", "load_experiment": "config",
+    "read_cycler": "cyclers",
+    "CalibrationError": "errors", "ConfigError": "errors", "CyclerReadError": "errors", "FrameReadError": "errors",
+    "PatternReadError": "errors", "StoreError": "errors", "XrdpipeError": "errors",
+    "Integrator": "integration",
+    "WindowModel": "peaks", "fit_peaks": "peaks", "fit_phases": "phasefit",
+    "echem_experiment": "pipeline", "fit_experiment": "pipeline", "integrate_experiment": "pipeline",
+    "open_run": "store",
+    "export_experiment": "workflow", "plot_experiment": "workflow", "run_experiment": "workflow",
+}
+
+
+def __getattr__(name: str):
+    home = _HOME.get(name)
+    if home is None:
+        try:                                   # a submodule: xrdpipe.testing, xrdpipe.plots...
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOME))
+
 
 __all__ = [
     "__version__",

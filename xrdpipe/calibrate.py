@@ -92,10 +92,23 @@ def _detector(name: str | None, shape: tuple[int, int], pixel_um: float | None):
     from pyFAI.detectors import Detector, detector_factory
 
     if name:
+        from pyFAI.detectors import ALL_DETECTORS
+
         try:
+            if name.lower() not in ALL_DETECTORS and not Path(name).exists():
+                raise KeyError(name)          # pyFAI would log its whole list of detectors
             det = detector_factory(name)
         except Exception as exc:
-            raise CalibrationError(f"unknown detector {name!r}: {exc}") from None
+            if name.lower() in ALL_DETECTORS or Path(name).exists():
+                raise CalibrationError(f"detector {name!r} cannot be set up: "
+                                       f"{str(exc).splitlines()[0][:200]}") from None
+            import difflib
+
+            close = difflib.get_close_matches(name.lower(), [k for k in ALL_DETECTORS if "_" in k],
+                                              n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise CalibrationError(f"unknown detector {name!r}{hint} (list pyFAI's detectors with: python -c "
+                                   "\"import pyFAI.detectors as d; print(*sorted(d.ALL_DETECTORS))\")") from None
         if det.max_shape is not None and tuple(det.max_shape) != tuple(shape):
             raise CalibrationError(f"the image is {shape[0]} x {shape[1]} pixels, but the {det.name} is "
                                    f"{det.max_shape[0]} x {det.max_shape[1]}")

@@ -16,7 +16,17 @@ from . import __version__
 
 
 def _fail(exc: Exception) -> None:
+    from .safeio import hdf5_write_failed
+
     click.echo(f"error: {exc}", err=True)
+    if hdf5_write_failed():
+        # HDF5 cannot close a file it failed to write (a full disk) and may crash while the
+        # interpreter exits: end here, the message said it all and the work copy is gone
+        import os
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
     sys.exit(2)
 
 
@@ -36,19 +46,54 @@ def _frame_list(option: str, text: str | None) -> list[int] | None:
         _fail(ValueError(f"{option}: expected frame numbers such as 0,25,49, got {text!r}"))
 
 
+def _interrupted(kept: str) -> None:
+    import signal
+
+    from .parallel import forget_interrupt
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # said once: a second Ctrl-C or a late echo of
+    forget_interrupt()                               # the first must not turn the exit into a traceback
+    click.echo(f"\ninterrupted: {kept}; run the same command again to resume", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # everything is closed and published by now (the transaction ended as the interrupt passed
+    # through it). The interpreter's own exit can still end in SIGINT instead of status 130 (it
+    # remembers a KeyboardInterrupt that reached any code it ran with PyRun_String), so end here.
+    import os
+
+    os._exit(130)
+
+
 def _stage(experiment: str, run, kept: str) -> None:
     """Load EXPERIMENT, run one stage on it and print its summary; a domain error is one line
     (exit 2), Ctrl-C says what was kept and how to resume (exit 130)."""
     from .errors import XrdpipeError
+    from .parallel import interrupted
 
     try:
         summary = run(_load(experiment))
-    except XrdpipeError as exc:
-        _fail(exc)
     except KeyboardInterrupt:
-        click.echo(f"\ninterrupted: {kept}; run the same command again to resume", err=True)
-        sys.exit(130)
+        _interrupted(kept)
+    except Exception as exc:
+        if interrupted():               # whatever broke after Ctrl-C (a pool losing its workers...)
+            _interrupted(kept)
+        if isinstance(exc, XrdpipeError):
+            _fail(exc)
+        raise
+    if interrupted():                   # a Ctrl-C that something swallowed
+        _interrupted(kept)
     click.echo(str(summary))
+
+
+class _Main(click.Group):
+    """The command group: Ctrl-C anywhere (loading modules, reading the experiment) is the
+    clean "interrupted" line and exit status 130, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            _interrupted("nothing is lost")
 
 
 def _check_scheduler(ctx, param, value):
@@ -68,7 +113,7 @@ _SCHEDULER = click.option(
          "tcp://host:8786 (overrides [run] scheduler).")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="xrdpipe")
 def main() -> None:
     """Operando X-ray diffraction of battery cathodes: 2D frames in, numbers and figures out.
@@ -76,6 +121,11 @@ def main() -> None:
     Start with `xrdpipe demo`, then point `xrdpipe validate` and `xrdpipe integrate` at your
     own experiment file.
     """
+    from .parallel import catch_interrupts
+    from .safeio import quiet_h5py_write_noise
+
+    quiet_h5py_write_noise()
+    catch_interrupts()
 
 
 @main.command()
@@ -287,7 +337,8 @@ _KIND_HELP = ("contour, lattice, fractions, fit, waterfall or refinement (the la
 @click.option("--height-mm", type=click.FloatRange(20, 500), default=None)
 @click.option("--dpi", type=click.IntRange(50, 1200), default=None)
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
-              help="File name without extension (one kind only; default: <output>/figures/<run>_<kind>).")
+              help="The figure's file (one kind only): x.png, x.pdf or x.svg, or a name without suffix for "
+                   "[plots] formats (default: <output>/figures/<run>_<kind>).")
 def plot(experiment: str, kinds, formats, windows, axis, vertical, scale, against, frames, width_mm, height_mm,
          dpi, output) -> None:
     """Draw figures of EXPERIMENT from its run file alone (PNG plus PDF or SVG). Options
@@ -299,6 +350,18 @@ def plot(experiment: str, kinds, formats, windows, axis, vertical, scale, agains
 
     if output and len(kinds) != 1:
         _fail(ValueError("-o/--output needs exactly one --kind"))
+    if output:
+        # the name the user gave is the file written: its suffix chooses the format (no suffix:
+        # [plots] formats, each added to the name); a folder is never created on a guess
+        target = Path(output)
+        suffix = target.suffix.lower().lstrip(".")
+        if suffix in ("png", "pdf", "svg"):
+            if formats and set(formats) != {suffix}:
+                _fail(ValueError(f"-o {output} is a {suffix.upper()} file, but --format asks for "
+                                 f"{', '.join(formats)}; give one or the other"))
+            formats, output = (suffix,), str(target.with_suffix(""))
+        if not target.parent.is_dir():
+            _fail(ValueError(f"-o {target}: no folder {str(target.parent)!r}; create it first"))
     frame_list = _frame_list("--frames", frames)
 
     def draw(exp):

@@ -42,7 +42,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError
-from .plotspec import ExportSpec, PlotsSpec
+from .plotspec import ExportSpec, PlotsSpec, strict_numbers
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -73,6 +73,12 @@ RadialUnit = Literal["2th_deg", "q_A^-1"]
 
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # numbers are numbers: npt = "2000" is an error (pydantic's strict mode for numbers)
+        return strict_numbers(cls, value, info)
 
 
 def _resolve(value: Any, info: ValidationInfo) -> Any:
@@ -121,6 +127,15 @@ class RunSpec(_Spec):
     #: where per-frame work runs: "processes" (a local pool), "threads", "serial", or the address
     #: of a Dask distributed scheduler ("tcp://host:8786")
     scheduler: str = "processes"
+
+    @field_validator("name")
+    @classmethod
+    def _file_name(cls, v: str) -> str:
+        # the run file is <output>/<name>.nxs and the figures <name>_<kind>: a file name, never a path
+        if "/" in v or "\\" in v or "\0" in v or v in (".", "..") or v.startswith(".."):
+            raise ValueError(f"a run name is a file name (the run file is <output>/<name>.nxs): expected no "
+                             f"'/', '\\' or '..', got {v!r}")
+        return v
 
     @field_validator("scheduler")
     @classmethod
@@ -207,6 +222,7 @@ def _expand_files(v: Any, info: ValidationInfo) -> Any:
     else:
         raise ValueError("expected a glob such as \"raw/*.h5\" or a non-empty list of paths")
     files: list[Path] = []
+    origin: list[str] = []
     live = bool((info.context or {}).get("live"))      # `xrdpipe watch`: files may not exist yet
     for item in items:
         p = _resolve(item, info)
@@ -215,13 +231,35 @@ def _expand_files(v: Any, info: ValidationInfo) -> Any:
             if not hits and not live:
                 raise ValueError(f"the glob {str(p)!r} matches no file")
             files.extend(Path(h) for h in hits)
+            origin.extend(item for _ in hits)
         else:
             if not p.exists():
                 if live:
                     continue
                 raise ValueError(f"no such file: {str(p)!r}")
             files.append(p)
+            origin.append(item)
+    _check_unique(files, origin)
     return files
+
+
+def _check_unique(files: list[Path], origin: list[str]) -> None:
+    """Every file once, and no two with the same name: a frame is known in the run file by its
+    file's name and index, so a file listed twice, or a namesake in another folder, would be
+    taken for the first one (half a run, silently)."""
+    seen: dict[Path, str] = {}
+    names: dict[str, Path] = {}
+    for f, item in zip(files, origin):
+        real = Path(f).resolve()
+        if real in seen:
+            how = f" (by {seen[real]!r} and by {item!r})" if seen[real] != item else ""
+            raise ValueError(f"{str(f)!r} is listed twice{how}; list every file once")
+        seen[real] = item
+        other = names.get(f.name)
+        if other is not None:
+            raise ValueError(f"two files are named {f.name!r}: {str(other)!r} and {str(f)!r}; frames are known by "
+                             "file name and index in the run file, so give every file its own name (a link will do)")
+        names[f.name] = f
 
 
 class FramesSpec(_Spec):
@@ -907,11 +945,11 @@ def parse_experiment(data: dict[str, Any], *, base: Path | str = ".", source: st
         exp = Experiment.model_validate(data, context={"base": Path(base), "live": live})
     except ValidationError as exc:
         raise ConfigError(source, [_describe(e) for e in exc.errors()]) from None
-    problems = _cross_check(exp)
+    exp = exp.model_copy(update={"source": Path(source) if source != "<experiment>" else None, "text": text})
+    problems = _cross_check(exp)       # with the source known: relative CIF paths are the file's
     if problems:
         raise ConfigError(source, problems)
-    return exp.model_copy(update={"source": Path(source) if source != "<experiment>" else None,
-                                  "text": text})
+    return exp
 
 
 def load_experiment(path: str | Path, *, live: bool = False) -> Experiment:

@@ -222,6 +222,22 @@ def _finish(path: Path, fmt: str, raw: _Raw, *, start: datetime | None, tz: str 
         t, v, i = t[keep], v[keep], i[keep]
         step = step[keep] if step is not None else None
         counter = counter[keep] if counter is not None else None
+    # one time stamp twice with two voltages in one step: a row written twice (a logger's retry, a
+    # merge of two exports). Kept: the later row, as the cycler's last word at that instant.
+    same = (np.diff(t) == 0) & (np.abs(np.diff(v)) > 1e-4)
+    if step is not None:
+        same &= step[1:] == step[:-1]
+    if same.any():
+        k = np.flatnonzero(same)
+        shown = "; ".join(f"rows {j + 1} and {j + 2} at {t[j] - t[0]:.6g} s: {v[j]:.5g} V and {v[j + 1]:.5g} V"
+                          for j in k[:5]) + (" ..." if k.size > 5 else "")
+        notes.append(f"warning: {k.size} time stamp(s) appear twice with different voltages ({shown}); "
+                     "the later row of each pair is kept")
+        keep = np.ones(t.size, dtype=bool)
+        keep[k] = False
+        t, v, i = t[keep], v[keep], i[keep]
+        step = step[keep] if step is not None else None
+        counter = counter[keep] if counter is not None else None
     if counter is not None:
         counter = counter - counter[0]
     return CyclerRecord(path, fmt, t, v, i, step, tuple(notes), counter)

@@ -56,6 +56,7 @@ class ExportResult:
     frames: int = 0
     kept: int = 0                                           # files already up to date, not rewritten
     not_integrated: list[int] = field(default_factory=list)   # asked for, but pending or failed
+    empty: list[int] = field(default_factory=list)            # integrated, but no valid point: not written
 
     def __str__(self) -> str:
         parts = [f"{n} {fmt}" for fmt, n in self.files.items()]
@@ -65,6 +66,9 @@ class ExportResult:
         if self.not_integrated:
             shown = ", ".join(map(str, self.not_integrated[:10])) + (" ..." if len(self.not_integrated) > 10 else "")
             lines.append(f"  frame(s) not integrated, so not exported: {shown}")
+        if self.empty:
+            shown = ", ".join(map(str, self.empty[:10])) + (" ..." if len(self.empty) > 10 else "")
+            lines.append(f"  frame(s) with an empty pattern (no valid point), not exported: {shown}")
         return "\n".join(lines)
 
 
@@ -77,6 +81,8 @@ def write_fxye(path: Path | str, tth_deg: np.ndarray, y: np.ndarray, esd: np.nda
     """A GSAS ``FXYE`` file of one bank: 2θ in centidegrees, intensity and esd per line."""
     path = Path(path)
     n = tth_deg.size
+    if n == 0:
+        raise ValueError(f"{path}: an empty pattern (no valid point) has no FXYE file")
     step = float(np.median(np.diff(tth_deg))) if n > 1 else 0.0
     head = [title[:80]]
     if instprm:
@@ -156,6 +162,10 @@ def export_patterns(run_file: Path | str, folder: Path | str, *, formats: Sequen
             for k, f in enumerate(chunk):
                 y, e = inten[k].astype(float), sigma[k].astype(float)
                 ok = np.isfinite(y)
+                if not ok.any():                      # nothing to write in any format
+                    result.empty.append(int(f))
+                    bar.update(1)
+                    continue
                 counted = ok & ~(np.isfinite(e) & (e > 0))
                 e = np.where(counted, np.sqrt(np.maximum(y, 1.0)), e)
                 stem = f"{name}_{int(f):0{width}d}"
@@ -183,7 +193,7 @@ def export_patterns(run_file: Path | str, folder: Path | str, *, formats: Sequen
                 bar.update(1)
     finally:
         bar.close()
-    result.frames = int(rows.size)
+    result.frames = int(rows.size) - len(result.empty)
     result.index = write_csv(folder / "index.csv", INDEX_COLUMNS, index)
     return result
 

@@ -160,6 +160,9 @@ def read_frame(ref: FrameRef, *, shape: tuple[int, int] | None = None) -> np.nda
         if _is_hdf5(ref.file):
             with _open_hdf5(ref.file) as h5:
                 ds = _find_dataset(h5, ref.dataset, ref.file)
+                problem = check_chunks(ds, ref.index if ds.ndim == 3 else None)
+                if problem:
+                    raise FrameReadError(str(ref.file), ref.index, problem)
                 data = ds[ref.index] if ds.ndim == 3 else ds[()]
         else:
             import fabio
@@ -178,6 +181,96 @@ def read_frame(ref: FrameRef, *, shape: tuple[int, int] | None = None) -> np.nda
             f"shape {data.shape[0]} x {data.shape[1]} is not the detector's {shape[0]} x {shape[1]}",
         )
     return data
+
+
+# --------------------------------------------------------------------------------------------
+# compressed chunks checked before HDF5 decompresses them
+
+_BITSHUFFLE = 32008
+_BSHUF_LZ4 = 2
+
+
+def check_chunks(ds, index: int | None) -> str | None:
+    """Why a frame of the HDF5 dataset ``ds`` (``index`` along its first axis, or None for a 2D
+    dataset) cannot be decompressed safely, or None.
+
+    The bitshuffle filter decompresses LZ4 blocks with a decoder that trusts its input: a
+    corrupt chunk (a bad disk block, a transfer cut short) crashes the process instead of
+    raising. So every bitshuffle-LZ4 chunk of the frame is first read raw
+    (``read_direct_chunk``) and walked block by block with the bounds-checked decoder of the
+    ``lz4`` package: the header's sizes must match the chunk's shape, and every block must
+    decompress to exactly its size and the blocks fill the chunk. Other filters (gzip, LZF,
+    Blosc, bitshuffle-zstd...) check their input themselves and are left to HDF5.
+    """
+    if ds.chunks is None or ds.compression in ("gzip", "lzf", "szip"):      # contiguous, or HDF5's own
+        return None
+    dcpl = ds.id.get_create_plist()
+    filters = [dcpl.get_filter(i) for i in range(dcpl.get_nfilters())]
+    position = next((k for k, f in enumerate(filters) if f[0] == _BITSHUFFLE), None)
+    if position is None:
+        return None
+    cd = tuple(filters[position][2])
+    if len(cd) < 5 or cd[4] != _BSHUF_LZ4:
+        return None
+    chunks = ds.chunks
+    lead = () if index is None else (index // chunks[0] * chunks[0],)
+    plane = ds.shape[-2:]
+    for r in range(0, plane[0], chunks[-2]):
+        for c in range(0, plane[1], chunks[-1]):
+            offset = (*lead, r, c)
+            try:
+                mask, raw = ds.id.read_direct_chunk(offset)
+            except (KeyError, ValueError, OSError, RuntimeError):
+                continue                         # not written (fill value), or not there: HDF5's business
+            if mask & (1 << position):
+                continue                         # stored without this filter
+            expected = int(np.prod(chunks)) * ds.dtype.itemsize
+            problem = _bitshuffle_lz4_problem(raw, expected, ds.dtype.itemsize)
+            if problem:
+                return f"cannot decompress chunk {list(offset)} of {ds.name} (bitshuffle-LZ4): {problem}"
+    return None
+
+
+def _bitshuffle_lz4_problem(raw: bytes, expected: int, itemsize: int) -> str | None:
+    """What is wrong with one bitshuffle-LZ4 chunk as the HDF5 filter writes it (a 12-byte
+    header: total bytes, block bytes; then per block a 4-byte size and an LZ4 block; the last
+    elements that do not fill 8 are stored as they are), or None."""
+    import lz4.block
+
+    if len(raw) < 12:
+        return f"the chunk has {len(raw)} bytes, fewer than its 12-byte header"
+    total = int.from_bytes(raw[:8], "big")
+    block = int.from_bytes(raw[8:12], "big")
+    if total != expected:
+        return f"its header says {total} bytes, the chunk holds {expected}"
+    if block <= 0 or block % itemsize or (block // itemsize) % 8:
+        return f"its header gives an impossible block size ({block} bytes)"
+    n_elem, per = total // itemsize, block // itemsize
+    sizes = [per] * (n_elem // per)
+    rest = n_elem % per
+    if rest - rest % 8:
+        sizes.append(rest - rest % 8)
+    view = memoryview(raw)
+    pos = 12
+    for k, elems in enumerate(sizes):
+        want = elems * itemsize
+        if pos + 4 > len(raw):
+            return f"it ends before block {k} of {len(sizes)}"
+        size = int.from_bytes(view[pos:pos + 4], "big")
+        pos += 4
+        if size <= 0 or pos + size > len(raw):
+            return f"block {k} of {len(sizes)} claims {size} bytes, past the end of the chunk"
+        try:
+            out = lz4.block.decompress(view[pos:pos + size], uncompressed_size=want)
+        except Exception as exc:        # lz4.block.LZ4BlockError
+            return f"block {k} of {len(sizes)} is corrupt ({exc})"
+        if len(out) != want:
+            return f"block {k} of {len(sizes)} gives {len(out)} bytes, not {want}"
+        pos += size
+    tail = (rest % 8) * itemsize
+    if pos + tail != len(raw):
+        return f"{len(raw) - pos - tail} unexpected byte(s) after the last block"
+    return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -180,6 +180,11 @@ class Integrator:
             self._A2 = self._A.copy()
             self._A2.data = self._A2.data * self._A2.data
 
+    def detector_tth_span_deg(self) -> tuple[float, float]:
+        """The smallest and largest 2θ (degrees) of the detector's pixel centres."""
+        tth = self._ai.center_array(self.shape, unit="2th_deg")
+        return float(np.nanmin(tth)), float(np.nanmax(tth))
+
     @property
     def tth_deg(self) -> np.ndarray:
         """The radial axis as 2θ (degrees)."""
@@ -288,4 +293,11 @@ def integrate_frames(jobs: Iterable[tuple[int, FrameRef]], integrator: Integrato
     from .parallel import map_ordered
 
     yield from map_ordered(_process, jobs, context=integrator, scheduler=scheduler, workers=workers,
-                           prefetch=prefetch)
+                           prefetch=prefetch, on_crash=_crashed)
+
+
+def _crashed(job: tuple[int, FrameRef]) -> IntegratedFrame:
+    """The record of a frame whose reading or integration killed a worker process, twice."""
+    pos, ref = job
+    return IntegratedFrame(pos, ref, None, None, "the worker process reading and integrating this frame died "
+                                                 "(twice: a crash in a decompression filter or a library)")

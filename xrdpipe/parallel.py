@@ -28,15 +28,53 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import threading
 from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
-__all__ = ["LOCAL_SCHEDULERS", "check_scheduler", "map_ordered", "default_workers"]
+__all__ = ["LOCAL_SCHEDULERS", "check_scheduler", "map_ordered", "default_workers", "catch_interrupts",
+           "interrupted", "stop_if_interrupted", "forget_interrupt"]
 
 LOCAL_SCHEDULERS = ("processes", "threads", "serial")
 _ADDRESS = re.compile(r"^(tcp|tls|ucx|inproc|ws|wss)://\S+$")
 
 _CONTEXT: Any = None          # the context of this worker process
+_INTERRUPTED = threading.Event()
+
+
+def catch_interrupts() -> None:
+    """Make Ctrl-C (SIGINT) stop this process wherever it lands (the command line calls it).
+
+    Python raises KeyboardInterrupt wherever the main thread happens to be, and where that is
+    a weakref callback or a ``__del__`` (a process pool starting, for example) it is printed
+    and dropped. So the signal is also remembered: :func:`stop_if_interrupted`, called after
+    every frame and between stages, raises it again, and the command line counts any error
+    that follows an interrupt as the interrupt.
+    """
+    import signal
+
+    def on_sigint(signum, frame):
+        _INTERRUPTED.set()
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, on_sigint)
+
+
+def interrupted() -> bool:
+    """Whether Ctrl-C was pressed (see :func:`catch_interrupts`)."""
+    return _INTERRUPTED.is_set()
+
+
+def forget_interrupt() -> None:
+    """Clear the Ctrl-C remembered by :func:`catch_interrupts` (once it has been handled)."""
+    _INTERRUPTED.clear()
+
+
+def stop_if_interrupted() -> None:
+    """Raise KeyboardInterrupt if Ctrl-C was pressed, even if the first one was swallowed."""
+    if _INTERRUPTED.is_set():
+        raise KeyboardInterrupt
 
 
 def check_scheduler(value: str) -> str:
@@ -56,7 +94,10 @@ def default_workers() -> int:
 
 
 def _init_worker(blob: bytes) -> None:
+    import signal
+
     global _CONTEXT
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the caller's to handle: it stops the pool
     _CONTEXT = pickle.loads(blob)
 
 
@@ -66,11 +107,15 @@ def _call(fn: Callable, job) -> Any:
 
 def map_ordered(fn: Callable[[Any, Any], Any], jobs: Iterable, *, context: Any = None,
                 scheduler: str | Any = "processes", workers: int | None = None,
-                prefetch: int | None = None) -> Iterator:
+                prefetch: int | None = None, on_crash: Callable[[Any], Any] | None = None) -> Iterator:
     """Yield ``fn(job, context)`` for every job, in order.
 
     ``fn`` must be a module-level function (it is sent to other processes by reference);
     ``scheduler`` is a name or address (see the module docstring) or a ``distributed.Client``.
+    With the process pool, a worker that dies (a crash in a C library, the system's memory
+    killer) breaks the pool: it is started again and the jobs in flight are run again, one at a
+    time, so that the one that kills a worker twice is found; ``on_crash(job)`` gives its result
+    (without ``on_crash`` the pool's BrokenProcessPool is raised).
 
     Example
     -------
@@ -82,6 +127,7 @@ def map_ordered(fn: Callable[[Any, Any], Any], jobs: Iterable, *, context: Any =
     if isinstance(scheduler, str) and scheduler in LOCAL_SCHEDULERS:
         if scheduler == "serial" or (scheduler == "processes" and workers == 1):
             for job in jobs:
+                stop_if_interrupted()
                 yield fn(job, context)
             return
         if scheduler == "threads":
@@ -90,7 +136,7 @@ def map_ordered(fn: Callable[[Any, Any], Any], jobs: Iterable, *, context: Any =
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xrdpipe") as pool:
                 yield from _stream(lambda job: pool.submit(fn, job, context), jobs, prefetch)
             return
-        yield from _processes(fn, jobs, context, workers, prefetch)
+        yield from _processes(fn, jobs, context, workers, prefetch, on_crash)
         return
     yield from _dask(fn, jobs, context, scheduler, prefetch)
 
@@ -101,28 +147,73 @@ def _stream(submit: Callable, jobs: Iterable, prefetch: int) -> Iterator:
     it = iter(jobs)
     try:
         for job in it:
+            stop_if_interrupted()
             pending.append(submit(job))
             if len(pending) >= prefetch:
                 yield pending.popleft().result()
         while pending:
+            stop_if_interrupted()
             yield pending.popleft().result()
     finally:
         for fut in pending:
             fut.cancel()
 
 
-def _processes(fn, jobs, context, workers: int, prefetch: int) -> Iterator:
+def _processes(fn, jobs, context, workers: int, prefetch: int, on_crash: Callable | None = None) -> Iterator:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     ctx = multiprocessing.get_context(method)
     if method == "forkserver":
-        ctx.set_forkserver_preload(["xrdpipe.integration"])
+        ctx.set_forkserver_preload(["xrdpipe._forkserver"])
     blob = pickle.dumps(context, protocol=pickle.HIGHEST_PROTOCOL)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(blob,)) as pool:
-        yield from _stream(lambda job: pool.submit(_call, fn, job), jobs, prefetch)
+
+    def start() -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(blob,))
+
+    pool = start()
+    pending: deque = deque()                       # (job, future), in job order
+    it = iter(jobs)
+
+    def restart() -> None:
+        nonlocal pool
+        pool.shutdown(wait=True, cancel_futures=True)
+        pool = start()
+
+    def next_result():
+        job, fut = pending.popleft()
+        try:
+            return fut.result()
+        except BrokenProcessPool:
+            if on_crash is None:
+                raise
+        # a worker died: run this job alone in a new pool; if it kills that one too, it is the
+        # culprit. The jobs behind it were lost with the pool: they are sent again.
+        restart()
+        try:
+            result = pool.submit(_call, fn, job).result()
+        except BrokenProcessPool:
+            restart()
+            result = on_crash(job)
+        for k, (other, _) in enumerate(pending):
+            pending[k] = (other, pool.submit(_call, fn, other))
+        return result
+
+    try:
+        for job in it:
+            stop_if_interrupted()
+            pending.append((job, pool.submit(_call, fn, job)))
+            if len(pending) >= prefetch:
+                yield next_result()
+        while pending:
+            stop_if_interrupted()
+            yield next_result()
+    finally:
+        for _, fut in pending:
+            fut.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _dask(fn, jobs, context, scheduler, prefetch: int) -> Iterator:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -34,8 +35,20 @@ class IntegrationSummary:
     untimed: int = 0
     waiting: int = 0
     added: int = 0
+    suspicious: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     setup_seconds: float = 0.0
+
+    @property
+    def warnings(self) -> list[str]:
+        """What deserves a look: suspicious frames, scan-log times out of order..."""
+        out = list(self.notes)
+        if self.suspicious:
+            shown = ", ".join(self.suspicious[:5]) + (" ..." if len(self.suspicious) > 5 else "")
+            out.append(f"{len(self.suspicious)} frame(s) are mostly negative after dark subtraction, so the dark "
+                       f"is probably not for these frames (recorded as suspicious: {shown})")
+        return out
 
     @property
     def changed(self) -> bool:
@@ -51,6 +64,7 @@ class IntegrationSummary:
         ]
         if self.untimed:
             lines.append(f"{self.untimed} frame(s) have no time (no entry in the time source)")
+        lines += [f"warning: {n}" for n in self.warnings]
         for key, msg in self.failed[:10]:
             lines.append(f"  failed {key}: {msg}")
         if len(self.failed) > 10:
@@ -129,10 +143,12 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
     else:
         cal = load_calibration(cspec.poni, mask=cspec.mask, dark=cspec.dark, flat=cspec.flat)
         shape = _detector_shape(cal, refs)
-        integ = Integrator(cal, shape, npt=ispec.npt, unit=ispec.unit, radial_range=ispec.range,
-                           azimuth_range=ispec.azimuth_range, polarization_factor=ispec.polarization_factor,
-                           solid_angle=ispec.solid_angle, error_model=ispec.error_model,
-                           splitting=ispec.splitting, engine=ispec.engine)
+        with _quiet_empty_matrix():       # a range holding no pixel: said below, once, naming the key
+            integ = Integrator(cal, shape, npt=ispec.npt, unit=ispec.unit, radial_range=ispec.range,
+                               azimuth_range=ispec.azimuth_range, polarization_factor=ispec.polarization_factor,
+                               solid_angle=ispec.solid_angle, error_model=ispec.error_model,
+                               splitting=ispec.splitting, engine=ispec.engine)
+        _check_reach(integ, cal, cspec, ispec, where)
         if cache is not None:
             cache.update(integrator_key=setup_key, integrator=(cal, integ))
     t_setup = time.perf_counter() - t_start
@@ -152,6 +168,7 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
     }
     summary = IntegrationSummary(exp.run.run_file, len(refs), setup_seconds=t_setup)
     summary.untimed = sum(t is None for t in times) if fspec.times is not None else 0
+    summary.notes += _time_order(refs, times, fspec.times)
     with transaction(exp.run.run_file, checkpoint_s=exp.run.checkpoint_s):
         mark_stage(exp.run.run_file, "integrate", None)
         with RunFile.open_for_writing(exp.run.run_file, radial=integ.radial, unit=ispec.unit,
@@ -172,21 +189,88 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
                 # threads give the same numbers. A scheduler chosen by name is always obeyed.
                 where_to = "threads"
             bar = _progress(len(jobs), "integrate", progress)
+            # closed before the run file is: on an error (a full disk) no worker still reads a
+            # frame while the run file is closed (HDF5 is one library for both)
             try:
-                for res in integrate_frames(jobs, integ, workers=n_workers, scheduler=where_to):
-                    if res.error is None:
-                        run.write_pattern(res.position, res.intensity, res.sigma)
-                        summary.integrated += 1
-                    elif retry_s is not None and _recent(res.ref.file, retry_s):
-                        summary.waiting += 1          # probably still being written: next time
-                    else:
-                        run.write_failure(res.position, res.error)
-                        summary.failed.append((res.ref.key, res.error))
-                    bar.update(1)
+                with closing(integrate_frames(jobs, integ, workers=n_workers, scheduler=where_to)) as results:
+                    for res in results:
+                        error = res.error
+                        if error is None and not np.isfinite(res.intensity).any():
+                            error = ("empty pattern: no valid pixel (every pixel is masked, NaN or at the "
+                                     "integer maximum, which marks gaps and overflows)")
+                        if error is None:
+                            remark = _dark_remark(res.intensity) if cal.dark is not None else ""
+                            run.write_pattern(res.position, res.intensity, res.sigma, message=remark)
+                            summary.integrated += 1
+                            if remark:
+                                summary.suspicious.append(res.ref.key)
+                        elif retry_s is not None and _recent(res.ref.file, retry_s):
+                            summary.waiting += 1          # probably still being written: next time
+                        else:
+                            run.write_failure(res.position, error)
+                            summary.failed.append((res.ref.key, error))
+                        bar.update(1)
             finally:
                 bar.close()
     summary.seconds = time.perf_counter() - t_start
     return summary
+
+
+def _time_order(refs, times, source) -> list[str]:
+    """A warning when frame times go back in frame order (a scan log whose rows do not follow
+    the files): each frame keeps its own time and its place, and the frames are named."""
+    back = [k for k in range(1, len(times)) if times[k] is not None and times[k - 1] is not None
+            and times[k].start < times[k - 1].start]
+    if not back:
+        return []
+    where = f"the scan log {source.log.name}" if getattr(source, "log", None) is not None else "the frame times"
+    shown = "; ".join(f"frame {k} ({refs[k].key}) starts at {times[k].start.isoformat()}, before frame {k - 1} "
+                      f"({refs[k - 1].key}) at {times[k - 1].start.isoformat()}" for k in back[:3])
+    return [f"{where}: times are not in frame order at {len(back)} frame(s) ({shown}{' ...' if len(back) > 3 else ''}); "
+            "every frame keeps its own time and its place in the file order"]
+
+
+class _quiet_empty_matrix:
+    """Drop pyFAI's "Sparse matrix is empty" warning while the integrator is built (the empty
+    range it means is reported by :func:`_check_reach` as an error naming the key)."""
+
+    def __enter__(self):
+        import logging
+
+        self.logger = logging.getLogger("pyFAI.ext.sparse_builder")
+        self.drop = lambda record: "Sparse matrix is empty" not in record.getMessage()
+        self.logger.addFilter(self.drop)
+
+    def __exit__(self, *exc):
+        self.logger.removeFilter(self.drop)
+
+
+def _check_reach(integ, cal, cspec, ispec, where: str) -> None:
+    """A mask that hides every pixel, or an ``[integration] range`` that holds none, is an error
+    of the set-up (every frame would give an empty pattern), said once, naming the key."""
+    if cal.mask is not None and np.asarray(cal.mask).all():
+        raise CalibrationError(f"the mask {cspec.mask} masks every pixel of the detector; nothing can be integrated")
+    probe, _ = integ.integrate(np.ones(integ.shape, np.float32))
+    if np.isfinite(probe).any():
+        return
+    lo, hi = integ.detector_tth_span_deg()
+    if ispec.range is not None:
+        unit = "°" if ispec.unit == "2th_deg" else " Å⁻¹"
+        raise ConfigError(where, [("integration.range", f"{list(ispec.range)}{unit} holds no pixel of the detector, "
+                                   f"whose 2θ span is {lo:.2f} to {hi:.2f}°")])
+    raise CalibrationError(f"no pixel of the detector can be integrated (2θ span {lo:.2f} to {hi:.2f}°; check "
+                           f"the mask {cspec.mask} and the azimuth range)")
+
+
+def _dark_remark(intensity: np.ndarray) -> str:
+    """"suspicious: ..." when most of a dark-subtracted pattern is negative (a dark taken with a
+    longer exposure or another gain than the data), else ""."""
+    ok = np.isfinite(intensity)
+    negative = float(np.mean(intensity[ok] < 0)) if ok.any() else 0.0
+    if negative <= 0.5:
+        return ""
+    return (f"suspicious: {100 * negative:.0f} % of the pattern is negative after dark subtraction "
+            "(is the dark for this exposure?)")
 
 
 def _recent(path: Path, seconds: float) -> bool:
@@ -236,6 +320,7 @@ def _import_patterns(exp: Experiment, *, restart: bool, progress: bool,
                   "method": "imported 1D patterns", "packages": json.dumps(package_versions(), sort_keys=True)}
     summary = IntegrationSummary(exp.run.run_file, len(refs))
     summary.untimed = sum(t is None for t in times) if pspec.times is not None else 0
+    summary.notes += _time_order(refs, times, pspec.times)
     with transaction(exp.run.run_file, checkpoint_s=exp.run.checkpoint_s), \
             RunFile.open_for_writing(exp.run.run_file, radial=grid, unit=pspec.radial_unit,
                                      wavelength_A=pspec.wavelength_A, fingerprint=fingerprint,
@@ -502,6 +587,7 @@ class EchemSummary:
     inventory_loss_mAh_g: float = 0.0
     notes: tuple[str, ...] = ()
     lattice_updated: bool = False
+    warnings: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         lines = [f"cycler record {self.record_file.name}: {self.record_rows} rows, {self.record_start} to "
@@ -513,6 +599,7 @@ class EchemSummary:
         lines.append(f"{self.frames} frame(s): " + ", ".join(f"{k} {v}" for k, v in sorted(self.status.items())))
         if self.x_range is not None:
             lines.append(f"x from {self.x_range[0]:.4f} to {self.x_range[1]:.4f}")
+        lines += [f"warning: {w}" for w in self.warnings]
         lines.append(f"frames: {self.csv_file}" + ("  (lattice.csv updated with voltage and x)"
                                                    if self.lattice_updated else ""))
         return "\n".join(lines)
@@ -527,6 +614,34 @@ def _frame_timezone(exp: Experiment) -> str | None:
     if isinstance(times, TimesFromLog) and times.timezone:
         return times.timezone
     return getattr(spec, "timezone", None)
+
+
+def _implausible(states, ec, spec) -> list[str]:
+    """Frames whose x or capacity no cell can reach (x below 0 or above x0 + 0.2, a capacity
+    above 1.5 times the formula's theoretical one) get the status ``implausible``; the warning
+    names the likely causes (a current in A read as mA, the active mass)."""
+    x, cap = states.x, states.capacity_mAh_g
+    bad = np.zeros(x.size, dtype=bool)
+    why = []
+    with np.errstate(invalid="ignore"):
+        if ec.x0 is not None:
+            out = np.isfinite(x) & ((x < 0) | (x > ec.x0 + 0.2))
+            if out.any():
+                why.append(f"x reaches {np.nanmin(x):.4g} to {np.nanmax(x):.4g}, outside 0 to x0 + 0.2 = "
+                           f"{ec.x0 + 0.2:.3g}")
+            bad |= out
+        theo = ec.theoretical_capacity_mAh_g
+        if theo:
+            over = np.isfinite(cap) & (np.abs(cap) > 1.5 * theo)
+            if over.any():
+                why.append(f"the capacity reaches {np.nanmax(np.abs(cap)):.4g} mAh/g, above 1.5 x the theoretical "
+                           f"{theo:.1f} mAh/g of {spec.formula}")
+            bad |= over
+    if not bad.any():
+        return []
+    states.status[bad] = "implausible"
+    return [f"{'; '.join(why)} in {int(bad.sum())} frame(s) (status 'implausible'): check the current's unit "
+            f"(header or units = {{ current = \"A\" }}), active_mass_mg ({spec.active_mass_mg}) and x0"]
 
 
 def echem_experiment(exp: Experiment, *, update_lattice: bool = True) -> EchemSummary:
@@ -569,6 +684,9 @@ def echem_experiment(exp: Experiment, *, update_lattice: bool = True) -> EchemSu
     fr = read_frames(exp.run.run_file)
     start_s, end_s = iso_seconds(fr["start"]), iso_seconds(fr["end"])
     states = frame_states(ec, start_s, end_s, start=fr["start"], end=fr["end"], keys=fr["key"])
+    warnings = [n.removeprefix("warning: ") for n in notes if n.startswith("warning: ")]
+    notes = [n for n in notes if not n.startswith("warning: ")]
+    warnings += _implausible(states, ec, spec)
     timed = np.isfinite(start_s)
     t_first = float(np.nanmin(start_s)) if timed.any() else float(rec.time[0])
     per_frame = {name: getattr(states, name) for name in (
@@ -598,7 +716,7 @@ def echem_experiment(exp: Experiment, *, update_lattice: bool = True) -> EchemSu
     summary = EchemSummary(exp.run.run_file, csv_file, spec.file, len(rec), rec.start.isoformat(), rec.end.isoformat(),
                            int(states.frame.size), states.counts(),
                            (float(xs.max()), float(xs.min())) if xs.size else None,
-                           ec.theoretical_capacity_mAh_g, loss, tuple(notes))
+                           ec.theoretical_capacity_mAh_g, loss, tuple(notes), warnings=tuple(warnings))
     if update_lattice and exp.phases and has_group(exp.run.run_file, "lattice"):
         lattice_experiment(exp)
         summary.lattice_updated = True

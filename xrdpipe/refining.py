@@ -203,6 +203,7 @@ def refine_experiment(exp: Experiment, *, progress: bool = True, restart: bool =
     and ``<output>/refine.csv``. Frames already refined with the same settings are kept. With
     ``update_lattice`` (and a lattice table in the run file) the lattice is recomputed, so that
     its phase fractions take the new weight fractions (``[lattice] fractions``)."""
+    from .errors import StoreError
     from .pipeline import _progress, lattice_experiment
     from .safeio import transaction
     from .store import has_group
@@ -217,6 +218,9 @@ def refine_experiment(exp: Experiment, *, progress: bool = True, restart: bool =
         raise ConfigError(str(exp.source or "experiment"), [("refinement", str(exc))]) from None
     status = info["status"]
     n = status.size
+    if frames is not None and not 0 <= frames[0] <= frames[1] < n:
+        raise StoreError(f"{exp.run.run_file} has frames 0 to {n - 1}; there are no frames {frames[0]} to "
+                         f"{frames[1]} to refine")
     first, last = frames or exp.refinement.frames or (0, n - 1)
     todo_all = np.flatnonzero((status == DONE) & (np.arange(n) >= first) & (np.arange(n) <= last))
     summary = RefineSummary(exp.run.run_file, None, model.method, frames=int(todo_all.size))

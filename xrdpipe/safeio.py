@@ -32,7 +32,9 @@ from typing import Iterator
 
 from .errors import StoreError
 
-__all__ = ["transaction", "Session", "active", "atomic_output", "write_text_atomic", "io_problem", "file_stat"]
+__all__ = ["transaction", "Session", "active", "atomic_output", "write_text_atomic", "io_problem", "file_stat",
+           "ensure_room",
+           "write_failed", "hdf5_write_failed", "quiet_h5py_write_noise"]
 
 _SESSIONS: dict[Path, "Session"] = {}
 _GUARD = threading.Lock()
@@ -50,6 +52,38 @@ def io_problem(exc: BaseException) -> str:
     return text
 
 
+#: room kept free beyond what a write asks for: HDF5 allocates chunks and writes its metadata
+#: (object headers, B-trees, free-space records) when it likes, not only where asked
+ROOM_SLACK = 256 * 1024
+
+
+def ensure_room(path: Path | str, need: int = 0) -> None:
+    """Raise ``OSError`` (ENOSPC or EFBIG) unless ``need`` more bytes (plus :data:`ROOM_SLACK`)
+    fit in the file ``path``: on its file system, and under this process's file-size limit.
+
+    HDF5 does not survive a write that fails: the error surfaces later, anywhere (a chunk
+    evicted from its cache, another file's close), and the library can crash. So a full disk is
+    found before HDF5 writes, and reported by the caller as one line.
+    """
+    import resource
+
+    path = Path(path)
+    need = int(need) + ROOM_SLACK
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = 0
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and size + need > limit:
+        raise OSError(errno.EFBIG, f"File too large: {path} would pass the file-size limit of {limit} bytes")
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return
+    if st.f_blocks and st.f_bavail * st.f_frsize < need:
+        raise OSError(errno.ENOSPC, f"No space left on device: {st.f_bavail * st.f_frsize} bytes free for {path}")
+
+
 def file_stat(path: Path | str) -> list:
     """``[path, size, mtime_ns]`` (``[path, "missing"]``): what says a file has changed."""
     try:
@@ -59,9 +93,87 @@ def file_stat(path: Path | str) -> list:
     return [str(path), st.st_size, st.st_mtime_ns]
 
 
+#: what HDF5 says (as a RuntimeError or ValueError from h5py, not an OSError) when a write failed
+_WRITE_FAILED = ("file write failed", "File too large", "No space left", "Disk quota", "errno = 27", "errno = 28",
+                 "truncate request failed")
+_HDF5_WRITE_FAILED = False
+_QUIET = False
+
+
+def write_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failed write: an ``OSError``, or h5py's RuntimeError for an HDF5
+    file it could not write (a full disk, a file-size limit)."""
+    if isinstance(exc, OSError) or getattr(exc, "write_failed", False):
+        return True
+    return isinstance(exc, (RuntimeError, ValueError, KeyError)) and any(s in str(exc) for s in _WRITE_FAILED)
+
+
+def hdf5_write_failed() -> bool:
+    """Whether HDF5 failed to write a run file in this process. The HDF5 library cannot close
+    such a file cleanly, and may crash when the interpreter exits: the command line then ends
+    its process at once after its one-line message (the work copy is already removed)."""
+    return _HDF5_WRITE_FAILED
+
+
+def _h5py_noise(hook):
+    """An unraisable-exception hook that drops h5py's 'Exception ignored in ... dealloc'
+    reports of a failed write (the failure itself is reported once, as a StoreError)."""
+    def quiet(unraisable):
+        exc = unraisable.exc_value
+        if exc is not None and write_failed(exc) and "h5py" in repr(unraisable.object):
+            global _HDF5_WRITE_FAILED
+            _HDF5_WRITE_FAILED = True
+            return
+        hook(unraisable)
+
+    return quiet
+
+
+def quiet_h5py_write_noise() -> None:
+    """Install :func:`_h5py_noise` as this process's unraisable-exception hook (the command
+    line does, once)."""
+    import sys
+
+    global _HDF5_WRITE_FAILED, _QUIET
+    _HDF5_WRITE_FAILED = False                       # a new command: only its own failures count
+    if _QUIET:
+        return
+    _QUIET = True
+    sys.unraisablehook = _h5py_noise(sys.unraisablehook)
+    sys.excepthook = _h5py_dealloc_noise(sys.excepthook)
+
+
+def _h5py_dealloc_noise(hook):
+    """An exception hook that drops the tracebacks h5py's object deallocation prints (through
+    this hook) for a file HDF5 failed to write; every other exception is shown as before."""
+    def quiet(kind, value, tb):
+        last = tb
+        while last is not None and last.tb_next is not None:
+            last = last.tb_next
+        where = last.tb_frame.f_code.co_filename if last is not None else ""
+        if value is not None and write_failed(value) and "h5py" in where and "_objects" in where:
+            global _HDF5_WRITE_FAILED
+            _HDF5_WRITE_FAILED = True
+            return
+        hook(kind, value, tb)
+
+    return quiet
+
+
+def _mark_hdf5(exc: BaseException) -> None:
+    """Remember a write that failed inside HDF5 (not one :func:`ensure_room` refused before it)."""
+    global _HDF5_WRITE_FAILED
+    if not isinstance(exc, OSError) or any(t in str(exc) for t in ("Unable to", "Can't", "file write failed")):
+        _HDF5_WRITE_FAILED = True
+
+
 def _kept(path: Path, exc: BaseException) -> StoreError:
-    return StoreError(f"cannot write run file {path}: {io_problem(exc)}; it still holds the last checkpoint, "
-                      "and a rerun resumes from there")
+    _mark_hdf5(exc)
+    kept = ("it still holds the last checkpoint, and a rerun resumes from there" if path.exists() else
+            "nothing was published, and a rerun starts again")
+    err = StoreError(f"cannot write run file {path}: {io_problem(exc)}; {kept}")
+    err.write_failed = True
+    return err
 
 
 def _fsync(path: Path) -> None:
@@ -160,6 +272,7 @@ class Session:
             if not self.path.exists():
                 raise StoreError(f"run file {self.path} does not exist; run 'xrdpipe integrate' first")
             try:
+                ensure_room(self.work, self.path.stat().st_size)
                 shutil.copyfile(self.path, self.work)
             except OSError as exc:
                 self.work.unlink(missing_ok=True)
@@ -168,9 +281,15 @@ class Session:
             try:
                 self.h5 = h5py.File(self.work, "r+")
             except OSError as exc:
+                self.work.unlink(missing_ok=True)
                 raise StoreError(f"run file {self.path} cannot be opened ({exc}); it may be damaged: "
                                  "rerun with --restart to start it again") from None
+        self.check_room()
         return self.h5
+
+    def check_room(self, need: int = 0) -> None:
+        """:func:`ensure_room` for the work copy: every writer asks before it writes."""
+        ensure_room(self.work, need)
 
     def create(self, build) -> None:
         """Start a new run file: ``build(h5)`` lays it out in a fresh work copy."""
@@ -178,14 +297,20 @@ class Session:
 
         self.close_work()
         try:
+            ensure_room(self.work)
             # free space is tracked in the file, so tables rewritten again and again (lattice,
             # electrochemistry) reuse it instead of growing the file
             with h5py.File(self.work, "w", fs_strategy="fsm", fs_persist=True) as h5:
                 build(h5)
             self.h5 = h5py.File(self.work, "r+")
-        except OSError as exc:
+        except Exception as exc:
+            if not write_failed(exc):
+                raise
+            _mark_hdf5(exc)
             self.abort()
-            raise StoreError(f"cannot create run file {self.path}: {io_problem(exc)}") from None
+            err = StoreError(f"cannot create run file {self.path}: {io_problem(exc)}")
+            err.write_failed = True
+            raise err from None
 
     def readable(self):
         """The open work copy, or None while nothing was written (read the published file)."""
@@ -203,16 +328,21 @@ class Session:
         if self.h5 is None:
             return
         try:
+            self.check_room()
             self.h5.flush()
+            ensure_room(self.part, self.work.stat().st_size)
             shutil.copyfile(self.work, self.part)
             _fsync(self.part)
             os.replace(self.part, self.path)
-        except OSError as exc:
+        except Exception as exc:
+            if not write_failed(exc):
+                raise
             self.part.unlink(missing_ok=True)
             raise _kept(self.path, exc) from None
         self._last = time.monotonic()
 
     def maybe_publish(self) -> None:
+        self.check_room()
         if time.monotonic() - self._last >= self.checkpoint_s:
             self.publish()
 
@@ -261,13 +391,10 @@ def transaction(path: Path | str, *, checkpoint_s: float | None = None) -> Itera
     failure: BaseException | None = None
     try:
         yield session
-    except OSError as exc:
-        failure = exc
-        if owner:
-            raise _kept(session.path, exc) from None
-        raise
     except BaseException as exc:
         failure = exc
+        if owner and write_failed(exc) and not isinstance(exc, StoreError):
+            raise _kept(session.path, exc) from None
         raise
     finally:
         if owner:
@@ -280,12 +407,14 @@ def transaction(path: Path | str, *, checkpoint_s: float | None = None) -> Itera
 
 
 def _finish(session: Session, failure: BaseException | None) -> None:
-    if isinstance(failure, OSError):
+    if failure is not None and write_failed(failure):
         session.abort()
         return
     try:
         session.commit()
-    except OSError as exc:
+    except Exception as exc:
         session.abort()
+        if not (write_failed(exc) or _HDF5_WRITE_FAILED):
+            raise
         if failure is None:
             raise _kept(session.path, exc) from None

@@ -215,13 +215,14 @@ class RunFile(_Writer):
     def frame_count(self) -> int:
         return len(self._keys)
 
-    def write_pattern(self, row: int, intensity: np.ndarray, sigma: np.ndarray | None) -> None:
+    def write_pattern(self, row: int, intensity: np.ndarray, sigma: np.ndarray | None, *, message: str = "") -> None:
+        """Store a frame's pattern (``message``: a remark on a frame kept, e.g. "suspicious: ...")."""
         pat = self._h5["/entry/patterns"]
         pat["intensity"][row] = intensity
         if sigma is not None:
             pat["intensity_errors"][row] = sigma
         fr = self._h5["/entry/frames"]
-        fr["message"][row] = ""
+        fr["message"][row] = message
         fr["status"][row] = DONE  # written last: a row is done only once its data are in
         self._maybe_flush()
 
@@ -561,9 +562,22 @@ def write_table(path: Path | str, group: str, arrays: dict[str, np.ndarray], att
 
     with transaction(path) as session:
         entry = session.writable()["/entry"]
+        session.check_room(_nbytes(arrays))
         if group in entry:
             del entry[group]
         _fill(entry.create_group(group), arrays, attrs)
+
+
+def _nbytes(arrays: dict[str, Any]) -> int:
+    """Roughly the bytes a table takes (strings counted at 64 bytes), for the room check."""
+    total = 0
+    for v in arrays.values():
+        if isinstance(v, dict):
+            total += _nbytes(v.get("arrays", {}))
+            continue
+        a = np.asarray(v)
+        total += a.size * 64 if a.dtype == object or a.dtype.kind in "US" else a.nbytes
+    return total
 
 
 def _fill(g, arrays: dict[str, Any], attrs: dict[str, Any]) -> None:

@@ -242,12 +242,17 @@ def read_cif(path: Path | str) -> Structure:
         small = gemmi.read_small_structure(str(path))
     except Exception as exc:
         raise StructureError(f"{path}: cannot read it as a CIF file: {exc}") from None
-    if not small.sites:
-        raise StructureError(f"{path}: no atom sites (_atom_site_fract_x ...) in the CIF file")
+    cell = small.cell
+    missing = [what for what, gone in (
+        ("no unit cell (_cell_length_a, _cell_length_b, _cell_length_c, _cell_angle_alpha, _cell_angle_beta, "
+         "_cell_angle_gamma)", not cell.is_crystal() or min(cell.a, cell.b, cell.c) <= 0),
+        ("no atom sites (_atom_site_label, _atom_site_fract_x, _atom_site_fract_y, _atom_site_fract_z)",
+         not small.sites)) if gone]
+    if missing:
+        raise StructureError(f"{path}: {' and '.join(missing)} in the CIF file; a structure needs both")
     sg = small.spacegroup_hm or (small.spacegroup.xhm() if small.spacegroup else "")
     if not sg:
         raise StructureError(f"{path}: no space group (_symmetry_space_group_name_H-M or _space_group_name_H-M_alt)")
-    cell = small.cell
     atoms = []
     for site in small.sites:
         el = site.element.name if site.element.atomic_number else site.type_symbol

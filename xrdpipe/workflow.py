@@ -262,6 +262,8 @@ class RunSummary:
             lines.append(f"{what}: {where}")
         for p in self.figures:
             lines.append(f"figure: {p}")
+        for stage, result in self.results.items():
+            lines += [f"warning ({stage}): {w}" for w in getattr(result, "warnings", ())]
         return "\n".join(lines)
 
 
@@ -279,6 +281,7 @@ def run_experiment(exp: Experiment, *, force: bool = False, progress: bool = Tru
     The run file is written in one transaction (:mod:`xrdpipe.safeio`): it is published at
     the end of every stage and every ``[run] checkpoint_s`` within one, never half-written.
     """
+    from .parallel import stop_if_interrupted
     from .pipeline import echem_experiment, fit_experiment, integrate_experiment, lattice_experiment
     from .safeio import transaction
 
@@ -301,6 +304,7 @@ def run_experiment(exp: Experiment, *, force: bool = False, progress: bool = Tru
     with transaction(run_file, checkpoint_s=exp.run.checkpoint_s) as session:
         done = {} if force else read_stages(run_file)
         for i, stage in enumerate(order, start=1):
+            stop_if_interrupted()
             prior = done.get(stage)
             outputs_ok = prior is not None and all(Path(p).exists()
                                                    for p in json.loads(prior.get("outputs", "[]") or "[]"))
