@@ -36,6 +36,8 @@ class IntegrationSummary:
     added: int = 0
     seconds: float = 0.0
     setup_seconds: float = 0.0
+    cache_hit: bool = False
+    cache_file: Path | None = None
 
     @property
     def changed(self) -> bool:
@@ -49,6 +51,11 @@ class IntegrationSummary:
                                             if self.waiting else "") + f" ({self.seconds:.1f} s)",
             f"run file: {self.run_file}",
         ]
+        if self.integrated or self.failed:
+            source = ("integrator reused" if self.cache_hit else
+                      "integrator built" + (" and cached" if self.cache_file else ""))
+            lines.append(f"setup {self.setup_seconds:.1f} s ({source}), then "
+                         f"{self.seconds - self.setup_seconds:.1f} s for the frames")
         if self.untimed:
             lines.append(f"{self.untimed} frame(s) have no time (no entry in the time source)")
         for key, msg in self.failed[:10]:
@@ -124,7 +131,8 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
     setup_key = json.dumps([cspec.model_dump(mode="json"), [file_stat(p) for p in (cspec.poni, cspec.mask, cspec.dark,
                                                                                     cspec.flat) if p],
                             ispec.model_dump(mode="json", exclude={"workers"})])
-    if cache is not None and cache.get("integrator_key") == setup_key:
+    kept = cache is not None and cache.get("integrator_key") == setup_key
+    if kept:
         cal, integ = cache["integrator"]                 # live processing: built once, kept
     else:
         cal = load_calibration(cspec.poni, mask=cspec.mask, dark=cspec.dark, flat=cspec.flat)
@@ -132,7 +140,8 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
         integ = Integrator(cal, shape, npt=ispec.npt, unit=ispec.unit, radial_range=ispec.range,
                            azimuth_range=ispec.azimuth_range, polarization_factor=ispec.polarization_factor,
                            solid_angle=ispec.solid_angle, error_model=ispec.error_model,
-                           splitting=ispec.splitting, engine=ispec.engine)
+                           splitting=ispec.splitting, engine=ispec.engine,
+                           cache=(exp.run.cache_dir or True) if exp.run.cache else None)
         if cache is not None:
             cache.update(integrator_key=setup_key, integrator=(cal, integ))
     t_setup = time.perf_counter() - t_start
@@ -150,7 +159,8 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
         "method": "pyFAI integrate1d " + "/".join(integ.method),
         "packages": json.dumps(package_versions(), sort_keys=True),
     }
-    summary = IntegrationSummary(exp.run.run_file, len(refs), setup_seconds=t_setup)
+    summary = IntegrationSummary(exp.run.run_file, len(refs), setup_seconds=t_setup,
+                                 cache_hit=kept or integ.cache_hit, cache_file=integ.cache_file)
     summary.untimed = sum(t is None for t in times) if fspec.times is not None else 0
     with transaction(exp.run.run_file, checkpoint_s=exp.run.checkpoint_s):
         mark_stage(exp.run.run_file, "integrate", None)
