@@ -286,9 +286,15 @@ class Integrator:
             raise ValueError(f"the integrator matrix has {len(indptr) - 1} pixels, expected {n_pix}")
         self._blocks = _blocks(data, indices, indptr, n_bins)
         self._blocks2 = None
-        if self.error_model == "poisson":
-            self._blocks2 = [(a, b, _csc((m.data * m.data, m.indices, m.indptr), m.shape))
-                             for a, b, m in self._blocks]
+        if self.error_model == "poisson":   # c², block by block on every core
+            from concurrent.futures import ThreadPoolExecutor
+
+            def square(block):
+                a, b, m = block
+                return a, b, _csc((np.square(m.data), m.indices, m.indptr), m.shape)
+
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                self._blocks2 = list(pool.map(square, self._blocks))
         self._norm = np.asarray(arrays["norm"])
         self._den = np.array(arrays["den"], dtype=np.float64)
         self._arrays = {k: arrays[k] for k in ("data", "indices", "indptr", "radial", "norm", "den")}
@@ -440,8 +446,9 @@ def _blocks(data, indices, indptr, n_bins: int) -> list:
     for a in range(0, n_pix, _BLOCK_PIX):
         b = min(n_pix, a + _BLOCK_PIX)
         lo, hi = int(indptr[a]), int(indptr[b])
-        ptr = np.asarray(indptr[a:b + 1], dtype=np.int64) - lo
-        ptr = ptr.astype(np.int32) if hi - lo <= np.iinfo(np.int32).max else ptr
+        ptr = np.subtract(indptr[a:b + 1], indptr[a])
+        if ptr.dtype != np.int32 and hi - lo <= np.iinfo(np.int32).max:
+            ptr = ptr.astype(np.int32)
         out.append((a, b, _csc((data[lo:hi], indices[lo:hi], ptr), (n_bins, b - a))))
     return out
 
