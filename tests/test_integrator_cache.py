@@ -52,7 +52,7 @@ def test_changed_mask_poni_or_npt_never_hits_a_stale_entry(parts, tmp_path):
     import copy
 
     ai, mask, frame = parts
-    Integrator(_cal(ai, mask), SHAPE, npt=400, cache=tmp_path)
+    assert Integrator(_cal(ai, mask), SHAPE, npt=400, cache=tmp_path).cache_file is not None
     mask2 = mask.copy()
     mask2[80:90, 100:110] = True
     ai2 = copy.deepcopy(ai)
@@ -60,7 +60,7 @@ def test_changed_mask_poni_or_npt_never_hits_a_stale_entry(parts, tmp_path):
     variants = [(_cal(ai, mask2), 400), (_cal(ai2, mask), 400), (_cal(ai, mask), 401)]
     for cal, npt in variants:
         cached = Integrator(cal, SHAPE, npt=npt, cache=tmp_path)
-        assert not cached.cache_hit
+        assert not cached.cache_hit and cached.cache_file is not None   # (waits for the file)
         fresh = Integrator(cal, SHAPE, npt=npt)
         np.testing.assert_array_equal(cached.radial, fresh.radial)
         np.testing.assert_array_equal(cached.integrate(frame)[0], fresh.integrate(frame)[0])
@@ -83,22 +83,25 @@ def test_truncated_corrupt_or_foreign_entries_are_rebuilt(parts, tmp_path):
         rebuilt = Integrator(cal, SHAPE, npt=400, cache=tmp_path)
     assert not rebuilt.cache_hit
     np.testing.assert_array_equal(rebuilt.integrate(frame)[0], expected)
-    assert path.read_bytes() == whole                           # written whole again
+    assert rebuilt.cache_file == path and path.read_bytes() == whole   # written whole again
 
     damaged = bytearray(whole)
     damaged[-1000] ^= 0xFF                                      # a flipped byte in the arrays
     path.write_bytes(bytes(damaged))
     with pytest.warns(CacheWarning, match=r"checksum of \w+ does not match \(corrupt\)"):
-        assert not Integrator(cal, SHAPE, npt=400, cache=tmp_path).cache_hit
+        integ = Integrator(cal, SHAPE, npt=400, cache=tmp_path)
+    assert not integ.cache_hit and integ.cache_file == path
 
     other = Integrator(cal, SHAPE, npt=300, cache=tmp_path)     # another key's entry under this name
     path.write_bytes(other.cache_file.read_bytes())
     with pytest.warns(CacheWarning, match="its key is not the one asked for"):
-        assert not Integrator(cal, SHAPE, npt=400, cache=tmp_path).cache_hit
+        integ = Integrator(cal, SHAPE, npt=400, cache=tmp_path)
+    assert not integ.cache_hit and integ.cache_file == path
 
     path.write_bytes(b"PK\x03\x04 not ours")
     with pytest.warns(CacheWarning, match="not an xrdpipe integrator cache file"):
-        assert not Integrator(cal, SHAPE, npt=400, cache=tmp_path).cache_hit
+        integ = Integrator(cal, SHAPE, npt=400, cache=tmp_path)
+    assert not integ.cache_hit and integ.cache_file == path
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert Integrator(cal, SHAPE, npt=400, cache=tmp_path).cache_hit

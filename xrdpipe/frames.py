@@ -122,7 +122,7 @@ def _bshuf_decompress():
         return _bshuf_fn[0]
 
 
-def _read_bitshuffle_lz4(ds, index: int) -> np.ndarray | None:
+def _read_bitshuffle_lz4(ds, index: int, reuse: dict | None = None) -> np.ndarray | None:
     """One frame of a bitshuffle-LZ4 dataset chunked frame by frame (EIGER), decompressed here
     rather than inside HDF5: h5py holds one lock over every HDF5 call, so frames decompressed
     through it are decompressed one at a time, while this call releases the GIL and lets each
@@ -152,7 +152,11 @@ def _read_bitshuffle_lz4(ds, index: int) -> np.ndarray | None:
         if filter_mask != 0 or len(chunk) < 12 or int.from_bytes(chunk[:8], "big") != n * itemsize:
             return None
         block = int.from_bytes(chunk[8:12], "big") // itemsize
-        out = np.empty(shape, ds.dtype)
+        out = None if reuse is None else reuse.get((shape, ds.dtype.str))
+        if out is None:
+            out = np.empty(shape, ds.dtype)
+            if reuse is not None:
+                reuse[(shape, ds.dtype.str)] = out
         import ctypes
 
         start = ctypes.cast(ctypes.c_char_p(chunk), ctypes.c_void_p).value + 12
@@ -219,8 +223,13 @@ def list_frames(files: Sequence[Path], *, dataset: str | None = None) -> list[Fr
     return refs
 
 
-def read_frame(ref: FrameRef, *, shape: tuple[int, int] | None = None) -> np.ndarray:
+def read_frame(ref: FrameRef, *, shape: tuple[int, int] | None = None,
+               reuse: dict | None = None) -> np.ndarray:
     """Read one frame as a 2D array (the file's dtype).
+
+    ``reuse``, a dict the caller keeps (one per thread), lets a frame be decompressed into an
+    array kept there from the previous frame instead of a new one: the frame returned is then
+    overwritten by the next read with the same dict.
 
     Raises
     ------
@@ -233,7 +242,7 @@ def read_frame(ref: FrameRef, *, shape: tuple[int, int] | None = None) -> np.nda
         if _is_hdf5(ref.file):
             with _open_hdf5(ref.file) as h5:
                 ds = _find_dataset(h5, ref.dataset, ref.file)
-                data = _read_bitshuffle_lz4(ds, ref.index)
+                data = _read_bitshuffle_lz4(ds, ref.index, reuse)
                 if data is None:
                     data = ds[ref.index] if ds.ndim == 3 else ds[()]
         else:

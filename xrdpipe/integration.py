@@ -116,7 +116,7 @@ class Integrator:
         self.error_model = error_model
         self.splitting = splitting
         self.cache_hit = False
-        self.cache_file: Path | None = None
+        self._cache_file: Path | None = None
         ai = copy.deepcopy(calibration.geometry)  # the calibration stays untouched
         if ai.detector.max_shape is None:
             ai.detector.max_shape = self.shape
@@ -155,11 +155,14 @@ class Integrator:
             arrays = load_entry(folder, key) if folder is not None else None
             if arrays is not None:
                 self.cache_hit = True
-                self.cache_file = entry_path(folder, key)
+                self._cache_file = entry_path(folder, key)
             else:
                 arrays = self._build(mask, polarization_factor, solid_angle)
                 if arrays is not None and folder is not None:
-                    self.cache_file = save_entry(folder, key, arrays)
+                    # written in the background while the first frames are integrated
+                    self._saving = threading.Thread(target=self._save, args=(folder, key, arrays),
+                                                    name="xrdpipe-cache-write")
+                    self._saving.start()
             if arrays is None:  # an unexpected pyFAI: its own per-frame path
                 self.engine = "pyfai"
                 probe = ai.integrate1d(np.zeros(self.shape, np.float32), self.npt, **self._kwargs)
@@ -167,6 +170,18 @@ class Integrator:
             else:
                 self._adopt(arrays)
         self.setup_seconds = time.perf_counter() - t_start
+
+    def _save(self, folder: Path, key: dict, arrays: dict) -> None:
+        self._cache_file = save_entry(folder, key, arrays)
+
+    @property
+    def cache_file(self) -> Path | None:
+        """The integrator's entry in the cache, or None (waits for a new entry to be written)."""
+        saving = getattr(self, "_saving", None)
+        if saving is not None:
+            saving.join()
+            self._saving = None
+        return self._cache_file
 
     # ---------------------------------------------------------------- building the matrix
 
@@ -308,11 +323,12 @@ class Integrator:
         memory-maps the same file); the pyFAI engine is rebuilt in the worker."""
         if self.engine == "pyfai":
             return {"_rebuild": self._args}
+        cache_file = self.cache_file
         keep = ("shape", "unit", "npt", "wavelength_A", "error_model", "splitting", "method", "engine",
-                "_dark", "_static_mask", "cache_hit", "cache_file", "setup_seconds")
+                "_dark", "_static_mask", "cache_hit", "_cache_file", "setup_seconds")
         state = {k: self.__dict__[k] for k in keep}
-        if self.cache_file is not None:
-            state["_cache_ref"] = (self.cache_file, self._key)
+        if cache_file is not None:
+            state["_cache_ref"] = (cache_file, self._key)
         else:
             state["_arrays"] = {k: np.asarray(v) for k, v in self._arrays.items()}
         return state
@@ -346,6 +362,16 @@ class Integrator:
         """The radial axis as Q (Å⁻¹)."""
         return convert_radial(self.radial, self.unit, "q_A^-1", self.wavelength_A)
 
+    def _read_buffers(self) -> dict:
+        """This thread's arrays that frames are read into (see :func:`~xrdpipe.frames.read_frame`)."""
+        local = getattr(self, "_local", None)
+        if local is None:
+            local = self._local = threading.local()
+        buf = getattr(local, "read", None)
+        if buf is None:
+            buf = local.read = {}
+        return buf
+
     def _buffers(self) -> dict:
         """Per-thread work arrays, reused frame after frame (no page faults per frame)."""
         buf = getattr(self._local, "buf", None)
@@ -374,12 +400,10 @@ class Integrator:
         flag = _flag_value(frame)
         if flag is not None:
             hit = np.equal(flat_frame, flag, out=buf["hit"])
+            if hit.any() and self._static_mask is not None:   # masked pixels are outside the matrix
+                hit = np.greater(hit, self._static_mask, out=hit)
             if hit.any():
                 flagged = np.flatnonzero(hit)
-                if self._static_mask is not None:  # already outside the matrix
-                    flagged = flagged[~self._static_mask[flagged]]
-                if flagged.size == 0:
-                    flagged = None
         x = buf["x"]
         np.copyto(x, flat_frame, casting="unsafe")
         signal = x if self._dark is None else np.subtract(x, self._dark, out=buf["signal"])
@@ -484,7 +508,7 @@ def _cache_folder(cache) -> Path | None:
 def _process(job: tuple[int, FrameRef], integrator: Integrator) -> IntegratedFrame:
     pos, ref = job
     try:
-        data = read_frame(ref, shape=integrator.shape)
+        data = read_frame(ref, shape=integrator.shape, reuse=integrator._read_buffers())
     except FrameReadError as exc:
         return IntegratedFrame(pos, ref, None, None, exc.reason)
     try:

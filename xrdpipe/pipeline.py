@@ -160,7 +160,7 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
         "packages": json.dumps(package_versions(), sort_keys=True),
     }
     summary = IntegrationSummary(exp.run.run_file, len(refs), setup_seconds=t_setup,
-                                 cache_hit=kept or integ.cache_hit, cache_file=integ.cache_file)
+                                 cache_hit=kept or integ.cache_hit)
     summary.untimed = sum(t is None for t in times) if fspec.times is not None else 0
     with transaction(exp.run.run_file, checkpoint_s=exp.run.checkpoint_s):
         mark_stage(exp.run.run_file, "integrate", None)
@@ -195,6 +195,7 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
                     bar.update(1)
             finally:
                 bar.close()
+    summary.cache_file = getattr(integ, "cache_file", None)   # a new entry is written meanwhile
     summary.seconds = time.perf_counter() - t_start
     return summary
 
