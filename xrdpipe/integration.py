@@ -211,7 +211,7 @@ class Integrator:
 
         workers = default_workers()
         ai_norm = copy.deepcopy(self._ai)  # pyFAI's array caches are not for two threads
-        with ThreadPoolExecutor(max_workers=max(2, workers), thread_name_prefix="xrdpipe-setup") as pool:
+        with ThreadPoolExecutor(max_workers=workers + 1, thread_name_prefix="xrdpipe-setup") as pool:
             norm_future = pool.submit(_normalisation, ai_norm, self.shape, solid_angle, polarization_factor,
                                       self.calibration.flat)
             matrix = None
@@ -268,7 +268,8 @@ class Integrator:
         offsets = np.cumsum([0] + [int(e.lut[2][-1]) for e in engines])
         idx_type = np.int64 if offsets[-1] > np.iinfo(np.int32).max else np.int32
         indptr = np.concatenate([np.asarray(engines[0].lut[2][:1], dtype=idx_type)]
-                                + [np.asarray(e.lut[2][1:], dtype=idx_type) + off for e, off in zip(engines, offsets)])
+                                + [np.asarray(e.lut[2][1:]).astype(idx_type) + idx_type(off)
+                                   for e, off in zip(engines, offsets)])
         return data, indices, indptr, radial
 
     def _probe_matrix(self):
@@ -458,9 +459,17 @@ _BLOCK_PIX = 1 << 20   # pixels per block of the product: float32 sums over a bl
 
 
 def _csc(arrays, shape):
+    """A CSC matrix on these very arrays (views of a memory-mapped file stay views: SciPy's
+    constructor would copy a view of a larger array). ``indices`` and ``indptr`` share a dtype."""
     import scipy.sparse as sp
 
-    return sp.csc_matrix(arrays, shape=shape, copy=False)
+    data, indices, indptr = arrays
+    if indptr.dtype != indices.dtype:
+        indptr = indptr.astype(indices.dtype) if int(indptr[-1]) <= np.iinfo(indices.dtype).max else indptr
+        indices = indices.astype(indptr.dtype, copy=False)
+    m = sp.csc_matrix(shape, dtype=data.dtype)
+    m.data, m.indices, m.indptr = data, indices, indptr
+    return m
 
 
 def _blocks(data, indices, indptr, n_bins: int) -> list:
@@ -471,8 +480,8 @@ def _blocks(data, indices, indptr, n_bins: int) -> list:
         b = min(n_pix, a + _BLOCK_PIX)
         lo, hi = int(indptr[a]), int(indptr[b])
         ptr = np.subtract(indptr[a:b + 1], indptr[a])
-        if ptr.dtype != np.int32 and hi - lo <= np.iinfo(np.int32).max:
-            ptr = ptr.astype(np.int32)
+        if ptr.dtype != indices.dtype and hi - lo <= np.iinfo(indices.dtype).max:
+            ptr = ptr.astype(indices.dtype)
         out.append((a, b, _csc((data[lo:hi], indices[lo:hi], ptr), (n_bins, b - a))))
     return out
 
