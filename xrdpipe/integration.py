@@ -234,22 +234,38 @@ class Integrator:
         """pyFAI's full-splitting kernel on bands of rows, in parallel: the same matrix as
         ``integrate1d`` builds (pyFAI's bin boundaries are computed first, on the whole detector)."""
         from pyFAI import units
-        from pyFAI.ext.splitpixel_common import calc_boundaries
         from pyFAI.ext.splitPixelFullCSC import FullSplitCSC_1d
 
         ai = self._ai
         unit = units.to_unit(self.unit)
         pos0_range = ai._normalize_range(self._kwargs["radial_range"], unit)
         pos1_range = ai._normalize_azimuth_range(self._kwargs["azimuth_range"])
-        pos = ai.array_from_unit(self.shape, "corner", unit, scale=False)
-        pos = np.ascontiguousarray(pos, dtype=np.float64)      # the kernel's type
+        pos = ai.array_from_unit(self.shape, "corner", unit, scale=False)   # float32 (rows, cols, 4, 2)
         cmask = None if mask is None else np.ascontiguousarray(np.asarray(mask).ravel(), dtype=np.int8)
-        bounds = calc_boundaries(pos.reshape(-1, 4, 2), cmask, pos0_range, pos1_range, not unit.positive,
-                                 ai.chiDiscAtPi, True)
-        full_range = (bounds[0], bounds[1])
-        rows = self.shape[0]
-        cuts = [rows * i // workers for i in range(workers + 1)]
-        cols = self.shape[1]
+        rows, cols = self.shape
+        n_bands = max(workers, -(-rows * cols // _BAND_PIX))      # bands of ~2 Mpixel: memory stays small
+        cuts = [rows * i // n_bands for i in range(n_bands + 1)]
+
+        def extent(i: int):
+            """pyFAI's radial boundaries over a band (calc_boundaries: corners of unmasked pixels)."""
+            a, b = cuts[i], cuts[i + 1]
+            p0 = pos[a:b, :, :, 0]
+            valid = None if cmask is None else (cmask[a * cols:b * cols] == 0).reshape(b - a, cols)
+            if valid is not None and not valid.any():
+                return None
+            return (float(np.min(p0.min(axis=-1), where=valid, initial=np.inf)),
+                    float(np.max(p0.max(axis=-1), where=valid, initial=-np.inf)))
+
+        if pos0_range is None:
+            found = [e for e in pool.map(extent, range(n_bands)) if e is not None]
+            if not found:
+                return None
+            low, high = min(e[0] for e in found), max(e[1] for e in found)
+            if unit.positive:                    # pyFAI clips at 0 unless the unit may be negative
+                low, high = max(0.0, low), max(0.0, high)
+            full_range = (low, high)
+        else:
+            full_range = (min(pos0_range), max(pos0_range))
 
         def band(i: int):
             a, b = cuts[i], cuts[i + 1]
@@ -258,7 +274,7 @@ class Integrator:
                                    allow_pos0_neg=not unit.positive, unit=unit, empty=ai._empty,
                                    chiDiscAtPi=ai.chiDiscAtPi, orientation=int(ai.detector.orientation))
 
-        engines = list(pool.map(band, range(workers)))
+        engines = list(pool.map(band, range(n_bands)))
         radial = np.asarray(engines[0].bin_centers, dtype=np.float64) * unit.scale
         for e in engines[1:]:
             if not np.array_equal(np.asarray(e.bin_centers) * unit.scale, radial):
@@ -455,6 +471,7 @@ class Integrator:
         return intensity, sigma
 
 
+_BAND_PIX = 1 << 21    # pixels per band of the full-splitting build
 _BLOCK_PIX = 1 << 20   # pixels per block of the product: float32 sums over a block, float64 across
 
 
