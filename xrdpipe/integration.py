@@ -249,12 +249,16 @@ class Integrator:
         def extent(i: int):
             """pyFAI's radial boundaries over a band (calc_boundaries: corners of unmasked pixels)."""
             a, b = cuts[i], cuts[i + 1]
-            p0 = pos[a:b, :, :, 0]
-            valid = None if cmask is None else (cmask[a * cols:b * cols] == 0).reshape(b - a, cols)
-            if valid is not None and not valid.any():
+            corners = [pos[a:b, :, k, 0] for k in range(4)]
+            low = np.minimum(np.minimum(corners[0], corners[1]), np.minimum(corners[2], corners[3]))
+            high = np.maximum(np.maximum(corners[0], corners[1]), np.maximum(corners[2], corners[3]))
+            if cmask is None:
+                return float(low.min()), float(high.max())
+            valid = (cmask[a * cols:b * cols] == 0).reshape(b - a, cols)
+            if not valid.any():
                 return None
-            return (float(np.min(p0.min(axis=-1), where=valid, initial=np.inf)),
-                    float(np.max(p0.max(axis=-1), where=valid, initial=-np.inf)))
+            return (float(np.min(low, where=valid, initial=np.inf)),
+                    float(np.max(high, where=valid, initial=-np.inf)))
 
         if pos0_range is None:
             found = [e for e in pool.map(extent, range(n_bands)) if e is not None]
