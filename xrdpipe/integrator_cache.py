@@ -127,6 +127,8 @@ def save_entry(folder: Path | str, key: dict[str, Any], arrays: dict[str, np.nda
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.stem[:16] + ".", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), 0o644)   # a shared beamtime cache: readable like the run files
             f.write(MAGIC)
             f.write(len(header).to_bytes(8, "little"))
             f.write(header)
