@@ -41,7 +41,9 @@ def test_hit_is_memory_mapped_and_bit_identical(parts, tmp_path):
     assert again.cache_hit and again.cache_file == first.cache_file
     assert isinstance(again._arrays["data"], np.memmap)
     plain = Integrator(cal, SHAPE, npt=400)
-    for integ in (first, again, pickle.loads(pickle.dumps(again))):   # a worker process memory-maps it too
+    in_worker = pickle.loads(pickle.dumps(again))          # a worker process memory-maps it too
+    passed_on = pickle.loads(pickle.dumps(in_worker))      # and hands it on (Dask replicates data)
+    for integ in (first, again, in_worker, passed_on):
         np.testing.assert_array_equal(integ.radial, plain.radial)
         for a, b in zip(integ.integrate(frame), plain.integrate(frame)):
             np.testing.assert_array_equal(a, b)

@@ -346,7 +346,7 @@ class Integrator:
             return {"_rebuild": self._args}
         cache_file = self.cache_file
         keep = ("shape", "unit", "npt", "wavelength_A", "error_model", "splitting", "method", "engine",
-                "_dark", "_static_mask", "cache_hit", "_cache_file", "setup_seconds")
+                "_dark", "_static_mask", "cache_hit", "_cache_file", "_key", "setup_seconds")
         state = {k: self.__dict__[k] for k in keep}
         if cache_file is not None:
             state["_cache_ref"] = (cache_file, self._key)
