@@ -5,6 +5,14 @@ import pytest
 DATA = Path(__file__).parent / "data"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _integrator_cache_in_tmp(tmp_path_factory):
+    """The tests never touch the user's integrator cache: the default one is a temporary folder."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return DATA

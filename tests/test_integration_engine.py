@@ -61,3 +61,21 @@ def test_streaming_keeps_order_and_reports_failures(setup, tmp_path):
     assert all(o.error is None for o in out[:5])
     assert out[5].intensity is None and "cannot read the frame" in out[5].error
     np.testing.assert_array_equal(out[0].intensity, out[4].intensity)
+
+
+@pytest.mark.parametrize("radial_range, azimuth_range", [(None, None), ((5.0, 20.0), (-90.0, 45.0))])
+def test_parallel_full_split_is_pyfais_own_matrix(setup, monkeypatch, radial_range, azimuth_range):
+    """Built band by band (here 7 bands), the matrix is exactly the one pyFAI's integrate1d uses."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import xrdpipe.integration as integration
+
+    cal, frame, shape = setup
+    monkeypatch.setattr(integration, "_BAND_PIX", 10_000)
+    integ = Integrator(cal, shape, npt=500, radial_range=radial_range, azimuth_range=azimuth_range)
+    with ThreadPoolExecutor(2) as pool:
+        ours = integ._full_split(integ._ai.detector.mask, pool, 2)
+    theirs = integ._probe_matrix()        # pyFAI's integrate1d, its CSR matrix transposed
+    for a, b in zip(ours, theirs):
+        np.testing.assert_array_equal(a, b)
+    assert ours[0].size > 50_000

@@ -127,6 +127,10 @@ class RunSpec(_Spec):
     #: where per-frame work runs: "processes" (a local pool), "threads", "serial", or the address
     #: of a Dask distributed scheduler ("tcp://host:8786")
     scheduler: str = "processes"
+    #: keep integrators (their sparse matrices) in the integrator cache, to reuse across runs
+    cache: bool = True
+    #: the integrator cache's folder (default: the user's cache folder, honouring XDG_CACHE_HOME)
+    cache_dir: ResolvedPath | None = None
 
     @field_validator("name")
     @classmethod

@@ -6,13 +6,16 @@
 start and end as timezone-aware datetimes (a frame's time is the middle of its exposure).
 
 Readers: EIGER/NeXus HDF5 stacks (bitshuffle-LZ4 and the other filters of ``hdf5plugin``)
-through h5py, CBF, EDF and TIFF through fabio.
+through h5py, CBF, EDF and TIFF through fabio. Bitshuffle-LZ4 frames chunked frame by frame
+(EIGER) are decompressed by bitshuffle's own function outside HDF5's global lock, so several
+frames decompress at once on the cores.
 """
 
 from __future__ import annotations
 
 import csv
 import re
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from datetime import timezone as _utc_tz
@@ -91,6 +94,80 @@ def _open_hdf5(path: Path):
         return h5py.File(path, "r", swmr=True, locking=False)
 
 
+_BSHUF_FILTER = 32008          # bitshuffle, with LZ4 when its 5th parameter is 2
+_bshuf_lock = threading.Lock()
+_bshuf_fn: list = []           # [the C function, or None when it cannot be used]
+
+
+def _bshuf_decompress():
+    """bitshuffle's own ``bshuf_decompress_lz4`` from the filter library of hdf5plugin (the one
+    HDF5 would call), or None where that library or symbol is missing."""
+    with _bshuf_lock:
+        if not _bshuf_fn:
+            fn = None
+            try:
+                import ctypes
+
+                import hdf5plugin
+
+                libs = sorted(Path(hdf5plugin.PLUGIN_PATH).glob("*h5bshuf*"))
+                if libs:
+                    fn = ctypes.CDLL(str(libs[0])).bshuf_decompress_lz4
+                    fn.restype = ctypes.c_int64
+                    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t,
+                                   ctypes.c_size_t]
+            except (ImportError, OSError, AttributeError):
+                fn = None
+            _bshuf_fn.append(fn)
+        return _bshuf_fn[0]
+
+
+def _read_bitshuffle_lz4(ds, index: int, reuse: dict | None = None) -> np.ndarray | None:
+    """One frame of a bitshuffle-LZ4 dataset chunked frame by frame (EIGER), decompressed here
+    rather than inside HDF5: h5py holds one lock over every HDF5 call, so frames decompressed
+    through it are decompressed one at a time, while this call releases the GIL and lets each
+    core decompress its own frame. None when the dataset is not such a dataset or anything is
+    unexpected (h5py then reads it, and reports what is wrong)."""
+    try:
+        if ds.ndim == 3:
+            if ds.chunks != (1, *ds.shape[1:]) or not 0 <= index < ds.shape[0]:
+                return None
+            offset, shape = (index, 0, 0), ds.shape[1:]
+        elif ds.ndim == 2 and ds.chunks == ds.shape:
+            offset, shape = (0, 0), ds.shape
+        else:
+            return None
+        plist = ds.id.get_create_plist()
+        if plist.get_nfilters() != 1:
+            return None
+        code, _flags, values, _name = plist.get_filter(0)
+        itemsize = ds.dtype.itemsize
+        if code != _BSHUF_FILTER or len(values) < 5 or values[4] != 2 or values[2] != itemsize:
+            return None
+        fn = _bshuf_decompress()
+        if fn is None:
+            return None
+        filter_mask, chunk = ds.id.read_direct_chunk(offset)
+        n = int(np.prod(shape))
+        if filter_mask != 0 or len(chunk) < 12 or int.from_bytes(chunk[:8], "big") != n * itemsize:
+            return None
+        block = int.from_bytes(chunk[8:12], "big") // itemsize
+        out = None if reuse is None else reuse.get((shape, ds.dtype.str))
+        if out is None:
+            out = np.empty(shape, ds.dtype)
+            if reuse is not None:
+                reuse[(shape, ds.dtype.str)] = out
+        import ctypes
+
+        start = ctypes.cast(ctypes.c_char_p(chunk), ctypes.c_void_p).value + 12
+        used = fn(start, out.ctypes.data, n, itemsize, block)
+        if used != len(chunk) - 12:
+            return None
+        return out
+    except Exception:
+        return None
+
+
 def _find_dataset(h5, dataset: str | None, path: Path):
     if dataset is not None:
         if dataset not in h5:
@@ -146,8 +223,13 @@ def list_frames(files: Sequence[Path], *, dataset: str | None = None) -> list[Fr
     return refs
 
 
-def read_frame(ref: FrameRef, *, shape: tuple[int, int] | None = None) -> np.ndarray:
+def read_frame(ref: FrameRef, *, shape: tuple[int, int] | None = None,
+               reuse: dict | None = None) -> np.ndarray:
     """Read one frame as a 2D array (the file's dtype).
+
+    ``reuse``, a dict the caller keeps (one per thread), lets a frame be decompressed into an
+    array kept there from the previous frame instead of a new one: the frame returned is then
+    overwritten by the next read with the same dict.
 
     Raises
     ------
@@ -163,7 +245,9 @@ def read_frame(ref: FrameRef, *, shape: tuple[int, int] | None = None) -> np.nda
                 problem = check_chunks(ds, ref.index if ds.ndim == 3 else None)
                 if problem:
                     raise FrameReadError(str(ref.file), ref.index, problem)
-                data = ds[ref.index] if ds.ndim == 3 else ds[()]
+                data = _read_bitshuffle_lz4(ds, ref.index, reuse)    # chunks checked: safe to decode
+                if data is None:
+                    data = ds[ref.index] if ds.ndim == 3 else ds[()]
         else:
             import fabio
 

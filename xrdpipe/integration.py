@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -22,9 +24,19 @@ from .calibration import Calibration
 from .crystallography import convert_radial
 from .errors import FrameReadError
 from .frames import FrameRef, read_frame
+from .integrator_cache import default_cache_dir, digest_array, entry_path, load_entry, save_entry
 
 __all__ = ["Integrator", "IntegratedFrame", "integrate_frames"]
 
+
+
+def _xrdpipe_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("xrdpipe")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _flag_value(frame: np.ndarray) -> int | None:
@@ -48,17 +60,27 @@ class IntegratedFrame:
 class Integrator:
     """One integrator bound to a detector shape and the integration settings.
 
-    pyFAI builds the sparse (CSR) pixel-to-bin matrix once, from the geometry, mask, ranges and
-    pixel splitting. With ``engine="xrdpipe"`` (the default) every frame is then integrated
-    by applying that matrix with SciPy, which releases the GIL, so several frames are integrated
-    at once on the cores (frame parallelism) and the per-pixel normalisation (solid angle,
-    polarization, flat) is summed once instead of per frame. The formulas are pyFAI's own
-    (``integrate1d`` with the CSR engine and ``error_model="poisson"``)::
+    The pixel-to-bin matrix of pyFAI's full (or bbox, or no) pixel splitting is built once, from
+    the geometry, mask, ranges and splitting, and kept pixel by pixel (CSC: one column per pixel).
+    With ``engine="xrdpipe"`` (the default) every frame is then integrated by streaming that
+    matrix once for the intensity and once for the Poisson variance with SciPy, which releases
+    the GIL, so several frames are integrated at once on the cores; the per-pixel normalisation
+    (solid angle, polarization, flat) is summed once instead of per frame. The formulas are
+    pyFAI's own (``integrate1d`` with the CSR engine and ``error_model="poisson"``)::
 
         I = Σ c (x - dark) / Σ c n        σ = sqrt(Σ c² max(x, 1)) / Σ c n
 
     with ``c`` the splitting coefficients and ``n`` = solid angle × polarization × flat; the
-    test-suite checks the two agree. ``engine="pyfai"`` calls pyFAI's ``integrate1d`` per frame.
+    products run in float32 over blocks of 2²⁰ pixels whose sums are added in float64, and the
+    test-suite checks the result agrees with pyFAI to 1e-5. ``engine="pyfai"`` calls pyFAI's
+    ``integrate1d`` per frame.
+
+    With full splitting the matrix is built by pyFAI's own full-splitting kernel, one band of
+    detector rows per core, while the normalisation is computed on the side. With ``cache``
+    (a folder, or True for :func:`~xrdpipe.integrator_cache.default_cache_dir`) the matrix is
+    looked up in, or else saved to, the content-addressed integrator cache
+    (:mod:`xrdpipe.integrator_cache`) and memory-mapped from it. :attr:`setup_seconds` says how
+    long the set-up took and :attr:`cache_hit` whether it came from the cache.
 
     Parameters
     ----------
@@ -66,6 +88,7 @@ class Integrator:
     shape : (rows, cols) of the frames
     npt, unit, radial_range, azimuth_range, polarization_factor, solid_angle, error_model,
     splitting : see ``[integration]`` in the experiment file.
+    cache : folder of the integrator cache, True for the default one, None/False for none.
 
     Example
     -------
@@ -77,9 +100,11 @@ class Integrator:
                  unit: str = "2th_deg", radial_range: tuple[float, float] | None = None,
                  azimuth_range: tuple[float, float] | None = None,
                  polarization_factor: float | None = 0.99, solid_angle: bool = True,
-                 error_model: str = "poisson", splitting: str = "full", engine: str = "xrdpipe"):
+                 error_model: str = "poisson", splitting: str = "full", engine: str = "xrdpipe",
+                 cache: Path | str | bool | None = None):
         import pyFAI  # noqa: F401
 
+        t_start = time.perf_counter()
         if engine not in ("xrdpipe", "pyfai"):
             raise ValueError(f"engine must be 'xrdpipe' or 'pyfai', not {engine!r}")
         calibration.check_shape(shape, origin="the frames")
@@ -89,6 +114,9 @@ class Integrator:
         self.npt = int(npt)
         self.wavelength_A = calibration.wavelength_A
         self.error_model = error_model
+        self.splitting = splitting
+        self.cache_hit = False
+        self._cache_file: Path | None = None
         ai = copy.deepcopy(calibration.geometry)  # the calibration stays untouched
         if ai.detector.max_shape is None:
             ai.detector.max_shape = self.shape
@@ -109,61 +137,221 @@ class Integrator:
             error_model="poisson" if error_model == "poisson" else None,
         )
         self._lock = threading.Lock()
+        self._local = threading.local()
         self._args = (calibration, shape, dict(npt=npt, unit=unit, radial_range=radial_range,
                                                azimuth_range=azimuth_range, polarization_factor=polarization_factor,
                                                solid_angle=solid_angle, error_model=error_model,
                                                splitting=splitting, engine=engine))
-        # pyFAI builds its sparse matrix now, once; this also fixes the radial axis. The
-        # matrix does not depend on the intensity corrections, which the fast engine computes
-        # itself, once.
-        probe_kwargs = self._kwargs if engine == "pyfai" else dict(
-            self._kwargs, polarization_factor=None, correctSolidAngle=False, dark=None, flat=None,
-            error_model=None)
-        probe = ai.integrate1d(np.zeros(self.shape, np.float32), self.npt, **probe_kwargs)
-        self.radial = np.asarray(probe.radial, dtype=np.float64)
         self.engine = engine
-        if engine == "xrdpipe":
-            self._setup_sparse(polarization_factor, solid_angle)
+        self._dark = None if calibration.dark is None else calibration.dark.ravel()
+        mask = ai.detector.mask            # the calibration's, else the detector's own (gaps)
+        self._static_mask = None if mask is None else np.asarray(mask).ravel().astype(bool)
+        if engine == "pyfai":
+            probe = ai.integrate1d(np.zeros(self.shape, np.float32), self.npt, **self._kwargs)
+            self.radial = np.asarray(probe.radial, dtype=np.float64)
+        else:
+            folder = _cache_folder(cache)
+            key = self._key = self._cache_key(mask, polarization_factor, solid_angle) if folder is not None else None
+            arrays = load_entry(folder, key) if folder is not None else None
+            if arrays is not None:
+                self.cache_hit = True
+                self._cache_file = entry_path(folder, key)
+            else:
+                arrays = self._build(mask, polarization_factor, solid_angle)
+                if arrays is not None and folder is not None:
+                    # written in the background while the first frames are integrated
+                    self._saving = threading.Thread(target=self._save, args=(folder, key, arrays),
+                                                    name="xrdpipe-cache-write")
+                    self._saving.start()
+            if arrays is None:  # an unexpected pyFAI: its own per-frame path
+                self.engine = "pyfai"
+                probe = ai.integrate1d(np.zeros(self.shape, np.float32), self.npt, **self._kwargs)
+                self.radial = np.asarray(probe.radial, dtype=np.float64)
+            else:
+                self._adopt(arrays)
+        self.setup_seconds = time.perf_counter() - t_start
 
-    def _setup_sparse(self, polarization_factor, solid_angle) -> None:
+    def _save(self, folder: Path, key: dict, arrays: dict) -> None:
+        self._cache_file = save_entry(folder, key, arrays)
+
+    @property
+    def cache_file(self) -> Path | None:
+        """The integrator's entry in the cache, or None (waits for a new entry to be written)."""
+        saving = getattr(self, "_saving", None)
+        if saving is not None:
+            saving.join()
+            self._saving = None
+        return self._cache_file
+
+    # ---------------------------------------------------------------- building the matrix
+
+    def _cache_key(self, mask, polarization_factor, solid_angle) -> dict:
+        """Everything the matrix and the normalisation depend on."""
+        import pyFAI
+
+        cal = self.calibration
+        geometry = self._ai.get_config()
+        return {
+            "kind": "xrdpipe integrator", "layout": "csc float32 v1",
+            "xrdpipe": _xrdpipe_version(), "pyFAI": str(pyFAI.version),
+            "geometry": geometry, "shape": list(self.shape),
+            "mask": digest_array(None if mask is None else np.asarray(mask) != 0),
+            "dark": digest_array(cal.dark), "flat": digest_array(cal.flat),
+            "npt": self.npt, "unit": self.unit, "radial_range": self._kwargs["radial_range"],
+            "azimuth_range": self._kwargs["azimuth_range"], "splitting": self.splitting,
+            "polarization_factor": polarization_factor, "solid_angle": bool(solid_angle),
+            "error_model": self.error_model,
+        }
+
+    def _build(self, mask, polarization_factor, solid_angle) -> dict | None:
+        """The matrix (CSC), radial axis and normalisation, built on every core."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .parallel import default_workers
+
+        workers = default_workers()
+        ai_norm = copy.deepcopy(self._ai)  # pyFAI's array caches are not for two threads
+        with ThreadPoolExecutor(max_workers=workers + 1, thread_name_prefix="xrdpipe-setup") as pool:
+            norm_future = pool.submit(_normalisation, ai_norm, self.shape, solid_angle, polarization_factor,
+                                      self.calibration.flat)
+            matrix = None
+            if self.splitting == "full":
+                try:
+                    matrix = self._full_split(mask, pool, workers)
+                except Exception:  # an unexpected pyFAI: build it the slow, documented way
+                    matrix = None
+            if matrix is None:
+                matrix = self._probe_matrix()
+            norm = norm_future.result()
+        if matrix is None:
+            return None
+        data, indices, indptr, radial = matrix
+        arrays = {"data": data, "indices": indices, "indptr": indptr, "radial": radial, "norm": norm}
+        arrays["den"] = _product(_blocks(data, indices, indptr, len(radial)), norm)
+        return arrays
+
+    def _full_split(self, mask, pool, workers: int):
+        """pyFAI's full-splitting kernel on bands of rows, in parallel: the same matrix as
+        ``integrate1d`` builds (pyFAI's bin boundaries are computed first, on the whole detector)."""
+        from pyFAI import units
+        from pyFAI.ext.splitPixelFullCSC import FullSplitCSC_1d
+
+        ai = self._ai
+        unit = units.to_unit(self.unit)
+        pos0_range = ai._normalize_range(self._kwargs["radial_range"], unit)
+        pos1_range = ai._normalize_azimuth_range(self._kwargs["azimuth_range"])
+        pos = ai.array_from_unit(self.shape, "corner", unit, scale=False)   # float32 (rows, cols, 4, 2)
+        cmask = None if mask is None else np.ascontiguousarray(np.asarray(mask).ravel(), dtype=np.int8)
+        rows, cols = self.shape
+        n_bands = max(workers, -(-rows * cols // _BAND_PIX))      # bands of ~2 Mpixel: memory stays small
+        cuts = [rows * i // n_bands for i in range(n_bands + 1)]
+
+        def extent(i: int):
+            """pyFAI's radial boundaries over a band (calc_boundaries: corners of unmasked pixels)."""
+            a, b = cuts[i], cuts[i + 1]
+            corners = [pos[a:b, :, k, 0] for k in range(4)]
+            low = np.minimum(np.minimum(corners[0], corners[1]), np.minimum(corners[2], corners[3]))
+            high = np.maximum(np.maximum(corners[0], corners[1]), np.maximum(corners[2], corners[3]))
+            if cmask is None:
+                return float(low.min()), float(high.max())
+            valid = (cmask[a * cols:b * cols] == 0).reshape(b - a, cols)
+            if not valid.any():
+                return None
+            return (float(np.min(low, where=valid, initial=np.inf)),
+                    float(np.max(high, where=valid, initial=-np.inf)))
+
+        if pos0_range is None:
+            found = [e for e in pool.map(extent, range(n_bands)) if e is not None]
+            if not found:
+                return None
+            low, high = min(e[0] for e in found), max(e[1] for e in found)
+            if unit.positive:                    # pyFAI clips at 0 unless the unit may be negative
+                low, high = max(0.0, low), max(0.0, high)
+            full_range = (low, high)
+        else:
+            full_range = (min(pos0_range), max(pos0_range))
+
+        def band(i: int):
+            a, b = cuts[i], cuts[i + 1]
+            return FullSplitCSC_1d(pos[a:b], bins=self.npt, pos0_range=full_range, pos1_range=pos1_range,
+                                   mask=None if cmask is None else cmask[a * cols:b * cols],
+                                   allow_pos0_neg=not unit.positive, unit=unit, empty=ai._empty,
+                                   chiDiscAtPi=ai.chiDiscAtPi, orientation=int(ai.detector.orientation))
+
+        engines = list(pool.map(band, range(n_bands)))
+        radial = np.asarray(engines[0].bin_centers, dtype=np.float64) * unit.scale
+        for e in engines[1:]:
+            if not np.array_equal(np.asarray(e.bin_centers) * unit.scale, radial):
+                return None
+        data = np.concatenate([np.asarray(e.lut[0], dtype=np.float32) for e in engines])
+        indices = np.concatenate([np.asarray(e.lut[1]) for e in engines]).astype(np.int32, copy=False)
+        offsets = np.cumsum([0] + [int(e.lut[2][-1]) for e in engines])
+        idx_type = np.int64 if offsets[-1] > np.iinfo(np.int32).max else np.int32
+        indptr = np.concatenate([np.asarray(engines[0].lut[2][:1], dtype=idx_type)]
+                                + [np.asarray(e.lut[2][1:]).astype(idx_type) + idx_type(off)
+                                   for e, off in zip(engines, offsets)])
+        return data, indices, indptr, radial
+
+    def _probe_matrix(self):
+        """pyFAI's integrate1d builds its CSR matrix; transposed to one column per pixel."""
         import scipy.sparse as sp
 
+        kwargs = dict(self._kwargs, polarization_factor=None, correctSolidAngle=False, dark=None, flat=None,
+                      error_model=None)
+        probe = self._ai.integrate1d(np.zeros(self.shape, np.float32), self.npt, **kwargs)
         lut = None
         for key, value in self._ai.engines.items():
             eng = getattr(value, "engine", None)
             if getattr(key, "dim", 1) == 1 and hasattr(eng, "lut"):
                 lut = eng.lut
-        if lut is None:  # an unexpected pyFAI: fall back to its own per-frame path
-            self.engine = "pyfai"
-            return
+        if lut is None:
+            return None
         data, indices, indptr = (np.asarray(a) for a in lut)
         n_pix = self.shape[0] * self.shape[1]
-        shape = (len(indptr) - 1, n_pix)
-        coef = data.astype(np.float32)
-        self._A = sp.csr_matrix((coef, indices, indptr), shape=shape)
-        self._A2 = sp.csr_matrix((coef * coef, indices, indptr), shape=shape) if self.error_model == "poisson" else None
-        self._A_csc = None  # built on demand, for frames with flagged pixels
-        self._static_mask = None if self.calibration.mask is None else self.calibration.mask.ravel()
-        norm = np.ones(n_pix, np.float32)
-        if solid_angle:
-            norm *= self._ai.solidAngleArray(self.shape).ravel()
-        if polarization_factor is not None:
-            norm *= self._ai.polarization(self.shape, polarization_factor).ravel()
-        if self.calibration.flat is not None:
-            norm *= self.calibration.flat.ravel()
-        self._norm = norm.astype(np.float32)
-        self._den = (self._A @ self._norm).astype(np.float64)
-        self._dark = None if self.calibration.dark is None else self.calibration.dark.ravel()
+        csc = sp.csr_matrix((data.astype(np.float32), indices, indptr), shape=(len(indptr) - 1, n_pix)).tocsc()
+        return (csc.data.astype(np.float32, copy=False), csc.indices.astype(np.int32, copy=False), csc.indptr,
+                np.asarray(probe.radial, dtype=np.float64))
+
+    def _adopt(self, arrays: dict) -> None:
+        """Take the matrix, radial axis and normalisation (arrays maybe memory-mapped)."""
+        data, indices, indptr = (np.asarray(arrays[k]) for k in ("data", "indices", "indptr"))
+        self.radial = np.array(arrays["radial"], dtype=np.float64)
+        n_bins = len(self.radial)
+        n_pix = self.shape[0] * self.shape[1]
+        if len(indptr) != n_pix + 1:
+            raise ValueError(f"the integrator matrix has {len(indptr) - 1} pixels, expected {n_pix}")
+        self._blocks = _blocks(data, indices, indptr, n_bins)
+        self._blocks2 = None
+        if self.error_model == "poisson":   # c², block by block on every core
+            from concurrent.futures import ThreadPoolExecutor
+
+            def square(block):
+                a, b, m = block
+                return a, b, _csc((np.square(m.data), m.indices, m.indptr), m.shape)
+
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                self._blocks2 = list(pool.map(square, self._blocks))
+        self._norm = np.asarray(arrays["norm"])
+        self._den = np.array(arrays["den"], dtype=np.float64)
+        self._arrays = {k: arrays[k] for k in ("data", "indices", "indptr", "radial", "norm", "den")}
+        self._A_csc = None
+
+    # ---------------------------------------------------------------- pickling (worker processes)
 
     def __getstate__(self) -> dict:
         """What a worker process needs. The fast engine needs only the matrices (pyFAI's
-        integrator stays here); the pyFAI engine is rebuilt in the worker from the calibration."""
+        integrator stays here) or, when they are in the cache, where they are (the worker
+        memory-maps the same file); the pyFAI engine is rebuilt in the worker."""
         if self.engine == "pyfai":
             return {"_rebuild": self._args}
-        state = dict(self.__dict__)
-        for name in ("_lock", "_ai", "calibration", "_A_csc", "_args", "_kwargs", "_A2"):
-            state.pop(name, None)      # _A2 is rebuilt from _A: half the bytes to send
-        state["_has_A2"] = self._A2 is not None
+        cache_file = self.cache_file
+        keep = ("shape", "unit", "npt", "wavelength_A", "error_model", "splitting", "method", "engine",
+                "_dark", "_static_mask", "cache_hit", "_cache_file", "_key", "setup_seconds")
+        state = {k: self.__dict__[k] for k in keep}
+        if cache_file is not None:
+            state["_cache_ref"] = (cache_file, self._key)
+        else:
+            state["_arrays"] = {k: np.asarray(v) for k, v in self._arrays.items()}
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -171,14 +359,19 @@ class Integrator:
             calibration, shape, kwargs = state["_rebuild"]
             self.__init__(calibration, shape, **kwargs)
             return
-        has_a2 = state.pop("_has_A2", False)
+        ref = state.pop("_cache_ref", None)
+        arrays = state.pop("_arrays", None)
         self.__dict__.update(state)
         self._lock = threading.Lock()
-        self._A_csc = None
-        self._A2 = None
-        if has_a2:
-            self._A2 = self._A.copy()
-            self._A2.data = self._A2.data * self._A2.data
+        self._local = threading.local()
+        if ref is not None:
+            path, key = ref
+            arrays = load_entry(path.parent, key)
+            if arrays is None:
+                raise RuntimeError(f"the integrator cache entry {path} vanished or changed while in use")
+        self._adopt(arrays)
+
+    # ---------------------------------------------------------------- integrating
 
     def detector_tth_span_deg(self) -> tuple[float, float]:
         """The smallest and largest 2θ (degrees) of the detector's pixel centres."""
@@ -195,6 +388,28 @@ class Integrator:
         """The radial axis as Q (Å⁻¹)."""
         return convert_radial(self.radial, self.unit, "q_A^-1", self.wavelength_A)
 
+    def _read_buffers(self) -> dict:
+        """This thread's arrays that frames are read into (see :func:`~xrdpipe.frames.read_frame`)."""
+        local = getattr(self, "_local", None)
+        if local is None:
+            local = self._local = threading.local()
+        buf = getattr(local, "read", None)
+        if buf is None:
+            buf = local.read = {}
+        return buf
+
+    def _buffers(self) -> dict:
+        """Per-thread work arrays, reused frame after frame (no page faults per frame)."""
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            n = self.shape[0] * self.shape[1]
+            buf = self._local.buf = {"x": np.empty(n, np.float32), "hit": np.empty(n, bool)}
+            if self._dark is not None:
+                buf["signal"] = np.empty(n, np.float32)
+            if self._blocks2 is not None:
+                buf["var"] = np.empty(n, np.float32)
+        return buf
+
     def integrate(self, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Integrate one frame; returns (intensity, sigma) on :attr:`radial`.
 
@@ -205,44 +420,43 @@ class Integrator:
             raise ValueError(f"frame shape {frame.shape} is not {self.shape}")
         if self.engine == "pyfai":
             return self._integrate_pyfai(frame)
-        flat_frame = frame.ravel()
+        buf = self._buffers()
+        flat_frame = frame.reshape(-1)
         flagged = None
         flag = _flag_value(frame)
         if flag is not None:
-            hit = flat_frame == flag
+            hit = np.equal(flat_frame, flag, out=buf["hit"])
+            if hit.any() and self._static_mask is not None:   # masked pixels are outside the matrix
+                hit = np.greater(hit, self._static_mask, out=hit)
             if hit.any():
                 flagged = np.flatnonzero(hit)
-                if self._static_mask is not None:  # already outside the matrix
-                    flagged = flagged[~self._static_mask[flagged]]
-                if flagged.size == 0:
-                    flagged = None
-        x = flat_frame.astype(np.float32)
-        if self._dark is not None:
-            signal = x - self._dark
-        else:
-            signal = x
+        x = buf["x"]
+        np.copyto(x, flat_frame, casting="unsafe")
+        signal = x if self._dark is None else np.subtract(x, self._dark, out=buf["signal"])
         den = self._den
         if flagged is not None:
-            if signal is x:
-                signal = x.copy()
             signal[flagged] = 0.0
             x[flagged] = 0.0
-            den = den - self._csc()[:, flagged] @ self._norm[flagged]
+            den = den - self._csc()[:, flagged] @ self._norm[flagged].astype(np.float64)
+        numerator = _product(self._blocks, signal)
         with np.errstate(invalid="ignore", divide="ignore"):
             empty = den <= 0
-            intensity = np.where(empty, np.nan, (self._A @ signal) / np.where(empty, 1, den))
+            safe_den = np.where(empty, 1, den)
+            intensity = np.where(empty, np.nan, numerator / safe_den)
             sigma = None
-            if self._A2 is not None:
-                var = np.maximum(x, 1.0)
+            if self._blocks2 is not None:
+                var = np.maximum(x, 1.0, out=buf["var"])
                 if flagged is not None:
                     var[flagged] = 0.0
-                sigma = np.where(empty, np.nan, np.sqrt(self._A2 @ var) / np.where(empty, 1, den))
+                sigma = np.where(empty, np.nan, np.sqrt(_product(self._blocks2, var)) / safe_den)
         return intensity.astype(np.float32), None if sigma is None else sigma.astype(np.float32)
 
     def _csc(self):
         with self._lock:
             if self._A_csc is None:
-                self._A_csc = self._A.tocsc()
+                a = self._arrays
+                self._A_csc = _csc((np.asarray(a["data"]), np.asarray(a["indices"]), np.asarray(a["indptr"])),
+                                   (len(self.radial), self.shape[0] * self.shape[1]))
         return self._A_csc
 
     def _integrate_pyfai(self, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -266,10 +480,70 @@ class Integrator:
         return intensity, sigma
 
 
+_BAND_PIX = 1 << 21    # pixels per band of the full-splitting build
+_BLOCK_PIX = 1 << 20   # pixels per block of the product: float32 sums over a block, float64 across
+
+
+def _csc(arrays, shape):
+    """A CSC matrix on these very arrays (views of a memory-mapped file stay views: SciPy's
+    constructor would copy a view of a larger array). ``indices`` and ``indptr`` share a dtype."""
+    import scipy.sparse as sp
+
+    data, indices, indptr = arrays
+    if indptr.dtype != indices.dtype:
+        indptr = indptr.astype(indices.dtype) if int(indptr[-1]) <= np.iinfo(indices.dtype).max else indptr
+        indices = indices.astype(indptr.dtype, copy=False)
+    m = sp.csc_matrix(shape, dtype=data.dtype)
+    m.data, m.indices, m.indptr = data, indices, indptr
+    return m
+
+
+def _blocks(data, indices, indptr, n_bins: int) -> list:
+    """The matrix cut into blocks of columns (pixels), each a CSC matrix sharing the arrays."""
+    n_pix = len(indptr) - 1
+    out = []
+    for a in range(0, n_pix, _BLOCK_PIX):
+        b = min(n_pix, a + _BLOCK_PIX)
+        lo, hi = int(indptr[a]), int(indptr[b])
+        ptr = np.subtract(indptr[a:b + 1], indptr[a])
+        if ptr.dtype != indices.dtype and hi - lo <= np.iinfo(indices.dtype).max:
+            ptr = ptr.astype(indices.dtype)
+        out.append((a, b, _csc((data[lo:hi], indices[lo:hi], ptr), (n_bins, b - a))))
+    return out
+
+
+def _product(blocks: list, vector: np.ndarray) -> np.ndarray:
+    """Σ over pixels of matrix × vector: float32 within a block, float64 across blocks."""
+    out = np.zeros(blocks[0][2].shape[0] if blocks else 0, np.float64)
+    for a, b, m in blocks:
+        out += m @ vector[a:b]
+    return out
+
+
+def _normalisation(ai, shape, solid_angle: bool, polarization_factor, flat) -> np.ndarray:
+    """n = solid angle × polarization × flat, per pixel (float32)."""
+    norm = np.ones(shape[0] * shape[1], np.float32)
+    if solid_angle:
+        norm *= ai.solidAngleArray(shape).ravel()
+    if polarization_factor is not None:
+        norm *= ai.polarization(shape, polarization_factor).ravel()
+    if flat is not None:
+        norm *= flat.ravel()
+    return norm
+
+
+def _cache_folder(cache) -> Path | None:
+    if cache is None or cache is False:
+        return None
+    if cache is True:
+        return default_cache_dir()
+    return Path(cache)
+
+
 def _process(job: tuple[int, FrameRef], integrator: Integrator) -> IntegratedFrame:
     pos, ref = job
     try:
-        data = read_frame(ref, shape=integrator.shape)
+        data = read_frame(ref, shape=integrator.shape, reuse=integrator._read_buffers())
     except FrameReadError as exc:
         return IntegratedFrame(pos, ref, None, None, exc.reason)
     try:

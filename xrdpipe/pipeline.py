@@ -39,6 +39,8 @@ class IntegrationSummary:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     setup_seconds: float = 0.0
+    cache_hit: bool = False
+    cache_file: Path | None = None
 
     @property
     def warnings(self) -> list[str]:
@@ -62,6 +64,11 @@ class IntegrationSummary:
                                             if self.waiting else "") + f" ({self.seconds:.1f} s)",
             f"run file: {self.run_file}",
         ]
+        if self.integrated or self.failed:
+            source = ("integrator reused" if self.cache_hit else
+                      "integrator built" + (" and cached" if self.cache_file else ""))
+            lines.append(f"setup {self.setup_seconds:.1f} s ({source}), then "
+                         f"{self.seconds - self.setup_seconds:.1f} s for the frames")
         if self.untimed:
             lines.append(f"{self.untimed} frame(s) have no time (no entry in the time source)")
         lines += [f"warning: {n}" for n in self.warnings]
@@ -138,7 +145,8 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
     setup_key = json.dumps([cspec.model_dump(mode="json"), [file_stat(p) for p in (cspec.poni, cspec.mask, cspec.dark,
                                                                                     cspec.flat) if p],
                             ispec.model_dump(mode="json", exclude={"workers"})])
-    if cache is not None and cache.get("integrator_key") == setup_key:
+    kept = cache is not None and cache.get("integrator_key") == setup_key
+    if kept:
         cal, integ = cache["integrator"]                 # live processing: built once, kept
     else:
         cal = load_calibration(cspec.poni, mask=cspec.mask, dark=cspec.dark, flat=cspec.flat)
@@ -147,7 +155,8 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
             integ = Integrator(cal, shape, npt=ispec.npt, unit=ispec.unit, radial_range=ispec.range,
                                azimuth_range=ispec.azimuth_range, polarization_factor=ispec.polarization_factor,
                                solid_angle=ispec.solid_angle, error_model=ispec.error_model,
-                               splitting=ispec.splitting, engine=ispec.engine)
+                               splitting=ispec.splitting, engine=ispec.engine,
+                               cache=(exp.run.cache_dir or True) if exp.run.cache else None)
         _check_reach(integ, cal, cspec, ispec, where)
         if cache is not None:
             cache.update(integrator_key=setup_key, integrator=(cal, integ))
@@ -166,7 +175,8 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
         "method": "pyFAI integrate1d " + "/".join(integ.method),
         "packages": json.dumps(package_versions(), sort_keys=True),
     }
-    summary = IntegrationSummary(exp.run.run_file, len(refs), setup_seconds=t_setup)
+    summary = IntegrationSummary(exp.run.run_file, len(refs), setup_seconds=t_setup,
+                                 cache_hit=kept or integ.cache_hit)
     summary.untimed = sum(t is None for t in times) if fspec.times is not None else 0
     summary.notes += _time_order(refs, times, fspec.times)
     with transaction(exp.run.run_file, checkpoint_s=exp.run.checkpoint_s):
@@ -212,6 +222,7 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
                         bar.update(1)
             finally:
                 bar.close()
+    summary.cache_file = getattr(integ, "cache_file", None)   # a new entry is written meanwhile
     summary.seconds = time.perf_counter() - t_start
     return summary
 

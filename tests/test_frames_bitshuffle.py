@@ -1,0 +1,55 @@
+"""Bitshuffle-LZ4 frames decompressed outside HDF5's lock: the same pixels as h5py, and h5py's
+own path (and error) for anything else."""
+
+import h5py
+import hdf5plugin
+import numpy as np
+import pytest
+
+from xrdpipe.errors import FrameReadError
+from xrdpipe.frames import FrameRef, _read_bitshuffle_lz4, read_frame
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    rng = np.random.default_rng(5)
+    frames = rng.poisson(30, (3, 96, 80)).astype(np.uint32)
+    frames[:, 10, :] = np.iinfo(np.uint32).max
+    path = tmp_path_factory.mktemp("bshuf") / "stack.h5"
+    with h5py.File(path, "w") as h5:
+        h5.create_dataset("/entry/data/data", data=frames, chunks=(1, 96, 80), **hdf5plugin.Bitshuffle(cname="lz4"))
+        h5.create_dataset("/entry/data/gzip", data=frames, chunks=(1, 96, 80), compression="gzip")
+        h5.create_dataset("/entry/data/u16", data=frames.astype(np.uint16), chunks=(1, 96, 80),
+                          **hdf5plugin.Bitshuffle(cname="lz4"))
+    return path, frames
+
+
+def test_same_pixels_as_h5py(stack):
+    path, frames = stack
+    with h5py.File(path, "r") as h5:
+        for name, dtype in (("data", np.uint32), ("u16", np.uint16)):
+            ds = h5["/entry/data/" + name]
+            for i in range(3):
+                fast = _read_bitshuffle_lz4(ds, i)
+                assert fast is not None and fast.dtype == dtype
+                np.testing.assert_array_equal(fast, frames[i].astype(dtype))
+        assert _read_bitshuffle_lz4(h5["/entry/data/gzip"], 0) is None      # not bitshuffle: h5py's path
+        assert _read_bitshuffle_lz4(h5["/entry/data/data"], 3) is None       # no such frame
+    for i in range(3):
+        np.testing.assert_array_equal(read_frame(FrameRef(path, i, "/entry/data/gzip")), frames[i])
+        np.testing.assert_array_equal(read_frame(FrameRef(path, i, "/entry/data/data")), frames[i])
+
+
+def test_damaged_chunk_is_left_to_h5py(stack, tmp_path):
+    path, frames = stack
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(path.read_bytes())
+    with h5py.File(bad, "r+") as h5:
+        ds = h5["/entry/data/data"]
+        mask, chunk = ds.id.read_direct_chunk((1, 0, 0))
+        ds.id.write_direct_chunk((1, 0, 0), chunk[:12] + b"\xff" * (len(chunk) - 12), mask)
+    with h5py.File(bad, "r") as h5:
+        assert _read_bitshuffle_lz4(h5["/entry/data/data"], 1) is None
+    with pytest.raises(FrameReadError, match=r"bad\.h5.*1.*cannot read the frame"):
+        read_frame(FrameRef(bad, 1, "/entry/data/data"))
+    np.testing.assert_array_equal(read_frame(FrameRef(bad, 2, "/entry/data/data")), frames[2])
