@@ -420,3 +420,80 @@ name = "O3"
     for i in (0, 1, 3):
         assert rows[i]["status"] == "ok" and float(rows[i]["gof"]) < 1.3
         assert abs(float(rows[i]["a_A"]) / cells[i][0] - 1) < 1e-4 and abs(float(rows[i]["c_A"]) / cells[i][1] - 1) < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# convergence from typical start values, and the verdict
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_sequential_le_bail_of_o3_p3_and_al_from_typical_start_values(sign):
+    """An O3 -> P3 series with Al lines (xrdpipe.testing), Le Bail of O3 + P3 + Al started from
+    cells 1 % (a) and 2 % (c) away from the truth (O3: the first frame's, P3: its first
+    appearance's), widths 5x too narrow: every frame where a phase holds >= 30 % recovers its
+    cell (|da| <= 5e-4, |dc| <= 2e-3 A) with status ok."""
+    from xrdpipe.refinement import Refiner
+    from xrdpipe.structure import Structure
+    from xrdpipe.testing import pattern_series, phase_state
+
+    n = 12
+    ps = pattern_series(n, seed=2, counts=0.05, background=2000.0)
+    sc = ps.scenario
+    o, p = sc.high.cell(1.0), sc.low.cell(sc.coexistence[0])
+    prof = {"W": 0.0002, "Y": 0.01}
+    al = Structure("Fm-3m", (4.0495,) * 3 + (90.0,) * 3, ())
+    model = RefinementModel([
+        PhaseModel("O3", template("O3", a=o[0] * (1 + sign * 0.01), c=o[1] * (1 + sign * 0.02)), profile=prof),
+        PhaseModel("P3", template("P3", a=p[0] * (1 + sign * 0.01), c=p[1] * (1 + sign * 0.02)), profile=prof),
+        PhaseModel("Al", al, profile=prof)], wavelength_A=0.6209, method="lebail", background_terms=12)
+    refiner = Refiner(model, ps.tth_deg)
+    prev, rwp, status = None, [], []
+    for i in range(n):
+        res = refiner.refine(ps.intensity[i], ps.sigma[i], start=prev,
+                             gof_limit=None if prev is None else 3 * prev.gof)
+        rwp.append(res.rwp)
+        status.append(res.status)
+        for ph, a, c, frac in phase_state(sc, float(ps.x[i])):
+            if frac >= 0.3:
+                assert res.status == "ok", (i, res.message)
+                assert abs(res.value(f"{ph.name}.a") - a) <= 5e-4, (i, ph.name)
+                assert abs(res.value(f"{ph.name}.c") - c) <= 2e-3, (i, ph.name)
+                assert ph.name not in res.absent
+        if res.status != "failed":
+            prev = res
+    med = np.median(rwp)
+    assert not any(s == "ok" and r > 2.5 * med for s, r in zip(status, rwp))
+
+
+def test_a_pattern_the_model_cannot_describe_is_never_ok():
+    """A P3 pattern refined as O3 alone (wrong phase, no search): GOF far above gof_max, so
+    failed with the reason; parameters at a bound are reported without an esd."""
+    y, s = noisy(profile(p3(), 1e-3) + 200.0, seed=4)
+    model = RefinementModel([PhaseModel("O3", template("O3", a=2.98, c=16.02))], wavelength_A=WL,
+                            method="lebail", search=False)
+    r = refine_pattern(model, X, y, s)
+    assert r.status == "failed" and "above gof_max = 5" in r.message and r.gof > 5
+    for name in r.at_bound:
+        assert np.isnan(r.esd(name))
+    assert np.all(np.isfinite(r.esds[r.refined]) | np.isin(np.array(r.names)[r.refined], list(r.at_bound)))
+
+
+def test_u_v_w_x_y_refined_together_recover_the_generating_values():
+    """A pattern calculated with known TCH widths (U, V, W, X, Y), refined from widths 2x off
+    with all five free: each within 10 %, Rwp within 1.05x of the generating model's."""
+    from xrdpipe.refinement import Refiner, calculate_pattern
+
+    x = np.linspace(4.0, 40.0, 4000)
+    truth = {"U": 0.02, "V": -0.004, "W": 0.001, "X": 0.02, "Y": 0.01}
+    st = template("O3", a=2.9852, c=15.9967, z_o=0.2326, composition=TM, b_iso={"Na": 1.0, "TM": 0.3, "O": 0.6})
+    gen = RefinementModel([PhaseModel("O3", st, profile=truth, scale=2e-2)], wavelength_A=WL, asymmetry=False)
+    y0 = calculate_pattern(gen, x, background=300.0)
+    y, s = noisy(y0, seed=9)
+    start = {k: v * (2.0 if k != "V" else 0.5) for k, v in truth.items()}
+    model = RefinementModel([PhaseModel("O3", st, profile=start, refine_profile=("U", "V", "W", "X", "Y"))],
+                            wavelength_A=WL, asymmetry=False, correction="none", search=False)
+    r = Refiner(model, x).refine(y, s)
+    assert r.status == "ok", r.message
+    for k, v in truth.items():
+        assert abs(r.value(f"O3.{k}") / v - 1) < 0.10, (k, r.value(f"O3.{k}"))
+    ref = float(np.sqrt(np.sum(((y - y0) / s) ** 2) / np.sum((y / s) ** 2)))
+    assert r.rwp < 1.05 * ref
