@@ -446,7 +446,7 @@ def read_weight_fractions(run_file: Path | str):
     d = read_table(run_file, "refinement", names=("phase", "status", "weight_fraction", "weight_fraction_err"))
     if d is None:
         return None
-    ok = (d["status"] == OK)[:, None]
+    ok = np.isin(d["status"], (OK, FLAGGED))[:, None]
     return WeightFractions(tuple(d["phase"]), np.where(ok, d["weight_fraction"], np.nan),
                            np.where(ok, d["weight_fraction_err"], np.nan))
 
