@@ -157,7 +157,7 @@ class RefinementModel:
     ``"displacement"``, ``"both"`` or ``"none"``. ``strategy``: ``"staged"`` (from the start
     values: background and scales, then cells and zero, then widths, then everything, as a
     careful GSAS-II user does) or ``"direct"`` (everything at once). ``gof_max``: a result is
-    ``ok`` only with GOF = Rwp/Rexp at most this. ``search``: where a start does not fit, each
+    ``ok`` only with GOF = Rwp/Rexp at most this (else ``flagged``). ``search``: where a start does not fit, each
     phase's cell is searched on a grid (intensities and background solved linearly at every
     trial) before least squares.
     """
@@ -662,7 +662,9 @@ class Refiner:
         staged = model.strategy == "staged"
 
         def good(r: RefinementResult) -> bool:
-            return r.ok and (gof_limit is None or r.gof <= gof_limit)
+            # flagged is good enough where the previous frame was flagged too (no restart every frame)
+            fine = r.ok or (r.status == "flagged" and start is not None and start.status == "flagged")
+            return fine and (gof_limit is None or r.gof <= gof_limit)
 
         tried: list[RefinementResult] = []
         if start is not None and start.theta is not None:
@@ -1023,9 +1025,9 @@ def _result(calc, y, wt, valid, theta, I, free, n_iter, converged, absent, bound
 
 
 def _verdict(calc, res: RefinementResult, absent: list[int], bounds) -> None:
-    """``ok``, ``flagged`` (a refined parameter at a bound) or ``failed`` (not finite, not
-    converged, GOF above ``gof_max``, a cell at the edge of its searched range), the reasons
-    in ``message``."""
+    """``ok``, ``flagged`` (GOF above ``gof_max``, a refined parameter at a bound) or
+    ``failed`` (not finite, not converged, a cell at the edge of its searched range), the
+    reasons in ``message``."""
     model = calc.model
     L = calc.layout
     fail: list[str] = []
@@ -1036,8 +1038,8 @@ def _verdict(calc, res: RefinementResult, absent: list[int], bounds) -> None:
     elif not res.converged:
         fail.append(f"not converged in {model.max_iter} iterations")
     if np.isfinite(res.gof) and res.gof > model.gof_max:
-        fail.append(f"GOF {res.gof:.3g} above gof_max = {model.gof_max:g} (Rwp {100 * res.rwp:.2f} %, "
-                    f"Rexp {100 * res.rexp:.2f} %): the model does not describe this pattern")
+        flag.append(f"GOF {res.gof:.3g} above gof_max = {model.gof_max:g} (Rwp {100 * res.rwp:.2f} %, "
+                    f"Rexp {100 * res.rexp:.2f} %): the model does not describe this pattern well")
     skip = {model.phases[p].name for p in absent}
     for name, side in res.at_bound.items():
         j = L.index[name]

@@ -381,10 +381,13 @@ class _RefineStore:
         I = self._g["lebail_intensity"][r]
         g = self._g
         names = [v.decode() if isinstance(v, bytes) else v for v in g["parameter"][()]]
+        phases = [v.decode() if isinstance(v, bytes) else v for v in g["phase"][()]]
+        gone = [ph for ph, a in zip(phases, g["absent"][r]) if a] if "absent" in g else []
         return RefinementResult(names, theta, np.full(theta.size, np.nan), np.zeros(theta.size, bool),
                                 float(g["rwp"][r]), float(g["rexp"][r]), float(g["gof"][r]), 0, 0, 0, True, "",
                                 np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0), [], [],
-                                None if np.isnan(I).all() else I, [], theta=theta), r
+                                None if np.isnan(I).all() else I, phases, theta=theta,
+                                status="flagged" if st[r] == FLAGGED else "ok", absent=gone), r
 
     def write(self, row: int, res: RefinementResult) -> None:
         g = self._g
