@@ -425,8 +425,7 @@ name = "O3"
 # ----------------------------------------------------------------------------------------------
 # convergence from typical start values, and the verdict
 
-@pytest.mark.parametrize("sign", [1, pytest.param(-1, marks=pytest.mark.xfail(
-    reason="known: from cells 1 %/2 % below, P3 in frame 19 of 24 ends ok but outside the cell tolerance", strict=False))])
+@pytest.mark.parametrize("sign", [1, -1])
 def test_sequential_le_bail_of_o3_p3_and_al_from_typical_start_values(sign):
     """An O3 -> P3 series with Al lines (xrdpipe.testing), Le Bail of O3 + P3 + Al started from
     cells 1 % (a) and 2 % (c) away from the truth (O3: the first frame's, P3: its first

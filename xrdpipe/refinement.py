@@ -896,6 +896,9 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol, *, staged: bo
         theta = start.theta.copy()
         if lebail and start.lebail_I is not None and start.lebail_I.size == n_refl:
             I = start.lebail_I.copy()
+            for p, ph in enumerate(model.phases):          # absent in the previous frame: held absent
+                if ph.name in start.absent:
+                    I[int(calc.offsets[p]):int(calc.offsets[p + 1])] = 0.0
     elif theta0 is not None:
         theta = theta0.copy()
         if lebail and I0 is not None:
@@ -1018,6 +1021,9 @@ def _result(calc, y, wt, valid, theta, I, free, n_iter, converged, absent, bound
     if lebail and len(model.phases) > 1:
         gone |= set(_absent(calc, theta, I, y, wt))
     res.absent = [model.phases[p].name for p in sorted(gone)]
+    if res.lebail_I is not None:
+        for p in gone:                       # the next frame starts with them absent
+            res.lebail_I[int(calc.offsets[p]):int(calc.offsets[p + 1])] = 0.0
     if not lebail:
         res.weight_fractions = _weight_fractions(calc, theta, cov, free, gof)
     _verdict(calc, res, sorted(gone), bounds)
