@@ -918,7 +918,10 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol, *, staged: bo
     # a Le Bail phase with (next to) no intensity at the start is absent: its cell and widths are held
     absent: list[int] = []
     if lebail and len(model.phases) > 1:
-        absent = _absent(calc, theta, I, y, wt)
+        empty = [p for p in range(len(model.phases))
+                 if not np.any(I[int(calc.offsets[p]):int(calc.offsets[p + 1])] > 0)]
+        # from a frame with one phase left, the others stay absent (no test needed)
+        absent = empty if from_previous and len(empty) >= len(model.phases) - 1 else _absent(calc, theta, I, y, wt)
         if absent:
             hold_idx = {i for p in absent for i in _phase_params(calc, p)}
             free = np.array([i for i in free if int(i) not in hold_idx], int)
@@ -1016,10 +1019,8 @@ def _result(calc, y, wt, valid, theta, I, free, n_iter, converged, absent, bound
                            converged, "", calc.x, np.where(valid, y, np.nan), yc, bkg, parts, ticks,
                            None if I is None else I.copy(), [ph.name for ph in model.phases], theta=theta.copy(),
                            at_bound=bound, shares={ph.name: float(share[p]) for p, ph in enumerate(model.phases)})
-    # phases absent at the start, and (Le Bail) phases left without intensity at the end
+    # phases absent at the start or found absent at the end (see _refine)
     gone = set(absent)
-    if lebail and len(model.phases) > 1:
-        gone |= set(_absent(calc, theta, I, y, wt))
     res.absent = [model.phases[p].name for p in sorted(gone)]
     if res.lebail_I is not None:
         for p in gone:                       # the next frame starts with them absent
