@@ -517,3 +517,25 @@ def test_instprm_carries_the_refined_profile_in_gsas2_units(tmp_path):
     ours = np.sqrt(0.02 * t * t - 0.004 * t + 0.001)
     gsas = 2.3548 * np.sqrt(float(got["U"]) * t * t + float(got["V"]) * t + float(got["W"])) / 100
     assert gsas == pytest.approx(ours, rel=1e-4)
+
+
+def test_aluminium_as_a_le_bail_phase_beside_a_rietveld_phase():
+    """O3 (Rietveld) plus the Al current collector's lines (Fm-3m, only a; Le Bail: no structure
+    needed): both cells recovered, O3's oxygen z too; the weight fractions are the Rietveld phases'."""
+    from pymatgen.core import Structure as Pmg
+
+    from xrdpipe.structure import Structure
+
+    al = Pmg.from_spacegroup("Fm-3m", Lattice.cubic(4.0495), ["Al"], [[0, 0, 0]])
+    y, s = noisy(profile(o3(), 1e-3) + profile(al, 3e-4, fwhm=0.025, eta=0.2) + 200.0, seed=11)
+    st = template("O3", a=2.98, c=16.03, z_o=0.236, composition=TM, b_iso={"Na": 1.0, "TM": 0.3, "O": 0.6})
+    model = RefinementModel([PhaseModel("O3", st, refine=["z:O"]),
+                             PhaseModel("Al", Structure("Fm-3m", (4.045,) * 3 + (90.0,) * 3, ()), lebail=True)],
+                            wavelength_A=WL, polarization="unpolarised")
+    r = refine_pattern(model, X, y, s)
+    assert r.status == "ok", r.message
+    assert abs(r.value("O3.a") / 2.9852 - 1) < 1e-4 and abs(r.value("O3.c") / 15.9967 - 1) < 1e-4
+    assert abs(r.value("O3.z:O") - 0.23257) < 0.002
+    assert abs(r.value("Al.a") - 4.0495) < 2e-4
+    assert list(r.weight_fractions) == ["O3"] and r.weight_fractions["O3"][0] == pytest.approx(1.0)
+    assert "Al.scale" not in r.names

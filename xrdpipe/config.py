@@ -634,7 +634,9 @@ class RefinePhaseSpec(_Spec):
     ``composition``: the TM site's elements per formula unit; ``na``: sodium per formula unit.
     ``refine``: structural parameters (``z:O``, ``occ:LABEL``, ``b:LABEL``, ``b:*``); the default
     for a template is its oxygen z. ``profile``: starting U, V, W (deg²), X, Y (deg);
-    ``refine_profile``: which are refined.
+    ``refine_profile``: which are refined. ``lebail = true``: in a Rietveld refinement, this
+    phase's intensities are extracted (Le Bail), no structure needed: the Al current collector
+    (``name = "Al"``) beside Rietveld phases.
     """
 
     name: str = Field(min_length=1)
@@ -648,6 +650,7 @@ class RefinePhaseSpec(_Spec):
     profile: dict[Literal["U", "V", "W", "X", "Y"], float] = {}
     refine_profile: list[Literal["U", "V", "W", "X", "Y"]] = ["W", "Y"]
     formula_units: int | None = Field(default=None, ge=1, le=64)
+    lebail: bool = False
 
 
 class RefineModelSpec(_Spec):
@@ -813,7 +816,7 @@ def _refinement_problems(exp: Experiment, phases: dict[str, PhaseSpec]) -> list[
                              f"(phases: {', '.join(phases) or 'none'})"))
             continue
         kind = phases[rp.name].structure_kind
-        if ref.method == "rietveld" and rp.structure == "template" and kind not in TEMPLATES:
+        if ref.method == "rietveld" and rp.structure == "template" and kind not in TEMPLATES and not rp.lebail:
             problems.append((f"refinement.phases.{i}.structure",
                              f"no built-in structure for {kind!r} (templates: {', '.join(TEMPLATES)}); "
                              "give a CIF file: structure = \"file.cif\""))

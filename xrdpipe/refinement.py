@@ -115,7 +115,10 @@ class PhaseModel:
     special position line move together when given as ``"z:O1,O2"`` with opposite signs written
     ``"z:O1,-O2"``), ``"occ:Fe_tet"``, ``"b:Na"``, ``"b:*"`` (one B_iso shared by every atom).
     ``constraints``: :class:`OccupancyConstraint`. ``profile``: starting U, V, W, X, Y (deg²,
-    deg², deg², deg, deg); ``refine_profile`` which of them are refined.
+    deg², deg², deg, deg); ``refine_profile`` which of them are refined. ``lebail``: in a
+    Rietveld model, this phase's intensities are extracted (Le Bail) rather than computed from a
+    structure (the Al current collector beside Rietveld phases); it has no scale and no weight
+    fraction. ``search``: relative half-ranges of the cell search (see :meth:`search_range`).
     """
 
     name: str
@@ -127,6 +130,7 @@ class PhaseModel:
     refine_cell: bool = True
     scale: float = 1.0
     search: dict[str, float] = field(default_factory=dict)
+    lebail: bool = False
 
     def search_range(self, name: str) -> tuple[float, float]:
         """The interval the cell parameter ``name`` is searched (and must stay) in: the
@@ -214,9 +218,10 @@ class _Layout:
             for name in ("U", "V", "W", "X", "Y"):
                 ps.append(_Param(f"{ph.name}.{name}", float(ph.profile.get(name, 0.0)), name in ph.refine_profile,
                                  1e-7, "profile", p, name))
-            if model.method == "rietveld":
+            computed = model.method == "rietveld" and not ph.lebail
+            if computed:
                 ps.append(_Param(f"{ph.name}.scale", ph.scale, True, 0.0, "scale", p))
-            links, cons = self._structural(ph, p, ps, model.method)
+            links, cons = self._structural(ph, p, ps, "rietveld" if computed else "lebail")
             self.struct_links.append(links)
             self.constraints.append(cons)
         self.params = ps
@@ -382,7 +387,12 @@ class _Calculator:
             self.refl.append(r)
         self.sizes = [len(r) for r in self.refl]
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
-        self.expanded = [_expand(ph.structure) if model.method == "rietveld" else None for ph in model.phases]
+        self.computed = [model.method == "rietveld" and not ph.lebail for ph in model.phases]
+        self.expanded = [_expand(ph.structure) if c else None for ph, c in zip(model.phases, self.computed)]
+        # reflections whose intensities are extracted (Le Bail): every one in a Le Bail model,
+        # those of Le Bail phases in a Rietveld one
+        self.extracted = np.concatenate([np.full(n, not c) for n, c in zip(self.sizes, self.computed)])
+        self.any_extracted = bool(self.extracted.any())
         t = (2 * self.x - (self.lo + self.hi)) / max(self.hi - self.lo, 1e-12)
         self.cheb = np.polynomial.chebyshev.chebvander(t, max(model.background_terms - 1, 0))[:, :model.background_terms]
         self.step = float(np.median(np.diff(self.x))) if self.x.size > 1 else 1.0
@@ -406,7 +416,7 @@ class _Calculator:
         U, V, W, X, Y = theta[self.profile_index[p]]
         h, e = _tch(U * tn**2 + V * tn + W, X * tn + Y / cs)
         out = {"pos": np.degrees(2 * th), "fwhm": h, "eta": e, "tan": tn, "cos": cs}
-        if self.model.method == "rietveld":
+        if self.computed[p]:
             fsq = structure_factors_sq(st, refl.hkl, expanded=_moved(self.expanded[p], st))
             lp = 1.0 / (np.sin(th) ** 2 * cs)
             if self.model.polarization == "unpolarised":
@@ -421,8 +431,14 @@ class _Calculator:
         parts = phases if phases is not None else [self.phase_state(p, theta) for p in range(len(self.model.phases))]
         out = {k: np.concatenate([q[k] for q in parts]) for k in ("pos", "fwhm", "eta", "tan", "cos")}
         out["pos"] = out["pos"] + theta[L.index["zero"]] + theta[L.index["displacement"]] * out["cos"]
-        out["I"] = (np.concatenate([q["I"] for q in parts]) if self.model.method == "rietveld"
-                    else np.asarray(lebail_I, float))
+        if not self.any_extracted:
+            out["I"] = np.concatenate([q["I"] for q in parts])
+        else:
+            I = np.zeros(int(self.offsets[-1])) if lebail_I is None else np.array(lebail_I, float)
+            for p, q in enumerate(parts):
+                if "I" in q:
+                    I[int(self.offsets[p]):int(self.offsets[p + 1])] = q["I"]
+            out["I"] = I
         return out
 
     # the pattern ---------------------------------------------------------------------------
@@ -531,7 +547,7 @@ class _Calculator:
             de = (s2["eta"] - s1["eta"]) / h
             w = I[rows] * (pr["dx0"][rows] * dx0[:, None] + pr["dH"][rows] * dH[:, None]
                            + pr["deta"][rows] * de[:, None])
-            if self.model.method == "rietveld":
+            if "I" in s1:
                 w = w + pr["P"][rows] * ((s2["I"] - s1["I"]) / h)[:, None]
             J[:, c] = np.bincount(pr["idx"][rows].ravel(), weights=w.ravel(), minlength=self.x.size)
         return y, J, st["I"]
@@ -730,7 +746,7 @@ def _lm(calc, y, wt, theta, I, free, *, max_iter, tol, hold, n_valid, bounds):
     every step, or first held at ``I`` with ``hold``). A parameter at a bound that the gradient
     pushes outward is left out of a step. Returns θ, I, converged, steps taken."""
     lower, upper = bounds
-    lebail = calc.model.method == "lebail"
+    lebail = calc.any_extracted
     n_iter = 0
     converged = False
     lam = 1e-3
@@ -888,7 +904,8 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol, *, staged: bo
     calc.valid = valid
     L = calc.layout
     theta = L.start()
-    lebail = model.method == "lebail"
+    lebail = calc.any_extracted
+    all_lebail = model.method == "lebail"
     n_refl = int(calc.offsets[-1])
     I = None
     from_previous = start is not None and start.theta is not None and len(start.theta) == len(theta)
@@ -903,10 +920,10 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol, *, staged: bo
         theta = theta0.copy()
         if lebail and I0 is not None:
             I = I0.copy()
-        if not lebail:
-            theta = _initial_guess(calc, theta, y[valid], lebail, background=False)
+        if not all_lebail:
+            theta = _initial_guess(calc, theta, y[valid], all_lebail, background=False)
     else:
-        theta = _initial_guess(calc, theta, y[valid], lebail)
+        theta = _initial_guess(calc, theta, y[valid], all_lebail)
     # bounds: the cells within their searched range around the start (the configured cell, or
     # the previous frame's)
     lower, upper = _cell_bounds(calc, start.theta if from_previous else centre)
@@ -917,7 +934,7 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol, *, staged: bo
     free = L.free.copy()
     # a Le Bail phase with (next to) no intensity at the start is absent: its cell and widths are held
     absent: list[int] = []
-    if lebail and len(model.phases) > 1:
+    if all_lebail and len(model.phases) > 1:
         empty = [p for p in range(len(model.phases))
                  if not np.any(I[int(calc.offsets[p]):int(calc.offsets[p + 1])] > 0)]
         # from a frame with one phase left, the others stay absent (no test needed)
@@ -935,7 +952,7 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol, *, staged: bo
                                       tol=tol, hold=hold and k == 0, n_valid=n_valid, bounds=bounds)
         n_iter += it
     # phases the converged fit does not need: removed, and the last stage refined again without them
-    if lebail and len(model.phases) > 1:
+    if all_lebail and len(model.phases) > 1:
         gone = [p for p in _absent(calc, theta, I, y, wt) if p not in absent]
         if gone and len(gone) + len(absent) < len(model.phases):
             hold_idx = {i for p in gone for i in _phase_params(calc, p)}
@@ -951,7 +968,7 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol, *, staged: bo
     # misfit: refined again without it, the better verdict kept
     pinned = sorted({L.params[L.index[nm]].phase for nm in res.at_bound if L.params[L.index[nm]].kind == "cell"}
                     - set(absent))
-    if lebail and pinned and len(pinned) + len(absent) < len(model.phases) and res.status != "ok":
+    if all_lebail and pinned and len(pinned) + len(absent) < len(model.phases) and res.status != "ok":
         hold_idx = {i for p in pinned for i in _phase_params(calc, p)}
         free2 = np.array([i for i in free if int(i) not in hold_idx], int)
         I2 = I.copy()
@@ -971,7 +988,7 @@ def _result(calc, y, wt, valid, theta, I, free, n_iter, converged, absent, bound
     """Statistics, esds (parameters at a bound left out) and the verdict of a refined θ."""
     model = calc.model
     L = calc.layout
-    lebail = model.method == "lebail"
+    lebail = calc.any_extracted
     n_valid = int(valid.sum())
     yc, J, I_used = calc.jacobian(theta, I, free, extract_from=y if lebail else None, cycles=1)
     if lebail:
@@ -1025,7 +1042,7 @@ def _result(calc, y, wt, valid, theta, I, free, n_iter, converged, absent, bound
     if res.lebail_I is not None:
         for p in gone:                       # the next frame starts with them absent
             res.lebail_I[int(calc.offsets[p]):int(calc.offsets[p + 1])] = 0.0
-    if not lebail:
+    if model.method == "rietveld":
         res.weight_fractions = _weight_fractions(calc, theta, cov, free, gof)
     _verdict(calc, res, sorted(gone), bounds)
     return res
@@ -1302,14 +1319,17 @@ def _initial_guess(calc: _Calculator, theta: np.ndarray, y: np.ndarray, lebail: 
         net = float(np.sum(np.maximum(y - np.percentile(y, 10), 0.0)) * calc.step)
         t = theta.copy()
         for p, ph in enumerate(calc.model.phases):
-            t[L.index[f"{ph.name}.scale"]] = 1.0
+            if calc.computed[p]:
+                t[L.index[f"{ph.name}.scale"]] = 1.0
         st = calc.reflection_state(t)
         for p, ph in enumerate(calc.model.phases):
+            if not calc.computed[p]:
+                continue
             a, b = calc.offsets[p], calc.offsets[p + 1]
             inside = (st["pos"][a:b] >= calc.lo) & (st["pos"][a:b] <= calc.hi)
             tot = float(np.sum(st["I"][a:b][inside]))
             if tot > 0 and ph.scale == 1.0:
-                theta[L.index[f"{ph.name}.scale"]] = net / tot / len(calc.model.phases)
+                theta[L.index[f"{ph.name}.scale"]] = net / tot / len(calc.model.phases)     # Le Bail phases: a share too
     return theta
 
 
@@ -1324,7 +1344,8 @@ def _lebail_start(calc: _Calculator, theta: np.ndarray, y: np.ndarray) -> np.nda
 def _lebail_cycle(calc: _Calculator, theta: np.ndarray, I: np.ndarray, y: np.ndarray, cycles: int = 1) -> np.ndarray:
     """Le Bail extraction: each reflection takes its share of the observed net intensity
     (``cycles`` times; the profiles do not change in between, so they are computed once)."""
-    return _extract(calc, calc.profiles(calc.reflection_state(theta, I), theta), theta, I, y, cycles)
+    st = calc.reflection_state(theta, I)          # computed (Rietveld) intensities filled in
+    return _extract(calc, calc.profiles(st, theta), theta, st["I"], y, cycles)
 
 
 def _extract(calc: _Calculator, pr: dict, theta: np.ndarray, I: np.ndarray, y: np.ndarray, cycles: int) -> np.ndarray:
@@ -1337,14 +1358,17 @@ def _extract(calc: _Calculator, pr: dict, theta: np.ndarray, I: np.ndarray, y: n
         ratio = np.where(yc_net > 1e-12 * max(yc_net.max(), 1e-300), net / np.maximum(yc_net, 1e-300), 0.0)
         ratio = np.where(calc.valid, ratio, 1.0)          # no data: the model keeps its share
         share = (contrib * ratio[pr["idx"]]).sum(axis=1) * calc.step
-        I = np.maximum(np.where(area > 0.05, share / np.maximum(area, 1e-12), I), 0.0)
+        I = np.where(calc.extracted, np.maximum(np.where(area > 0.05, share / np.maximum(area, 1e-12), I), 0.0), I)
     return I
 
 
 def _weight_fractions(calc: _Calculator, theta, cov, free, gof) -> dict[str, tuple[float, float]]:
     L = calc.layout
     zmv, s_idx = [], []
-    for p, ph in enumerate(calc.model.phases):
+    phases = [(p, ph) for p, ph in enumerate(calc.model.phases) if calc.computed[p]]
+    if not phases:
+        return {}
+    for p, ph in phases:
         st = L.structure(p, theta)
         zmv.append(st.cell_mass() * st.volume)
         s_idx.append(L.index[f"{ph.name}.scale"])
@@ -1356,14 +1380,14 @@ def _weight_fractions(calc: _Calculator, theta, cov, free, gof) -> dict[str, tup
     frac = w / total
     out = {}
     pos = {int(j): c for c, j in enumerate(free)}
-    for p, ph in enumerate(calc.model.phases):
+    for k, (_, ph) in enumerate(phases):
         err = np.nan
         if cov is not None and all(i in pos for i in s_idx):
-            # dW_p/dS_q = (δpq zmv_p total - w_p zmv_q) / total²
-            grad = np.array([((p == q) * zmv[p] * total - w[p] * zmv[q]) / total**2 for q in range(len(s_idx))])
+            # dW_k/dS_q = (δkq zmv_k total - w_k zmv_q) / total²
+            grad = np.array([((k == q) * zmv[k] * total - w[k] * zmv[q]) / total**2 for q in range(len(s_idx))])
             sub = cov[np.ix_([pos[i] for i in s_idx], [pos[i] for i in s_idx])]
             err = float(np.sqrt(max(grad @ sub @ grad, 0.0)) * gof)
-        out[ph.name] = (float(frac[p]), err)
+        out[ph.name] = (float(frac[k]), err)
     return out
 
 

@@ -83,8 +83,9 @@ def build_model(exp: Experiment, *, model: str | None = None, info: dict | None 
         z = rp.formula_units or _FORMULA_UNITS.get(kind)
         cons = [_constraint(c, z, where, i) for c in occupancy]
         profile = {"U": 0.0, "V": 0.0, "W": 2e-4, "X": 0.0, "Y": 0.01, **rp.profile}
-        out.append(PhaseModel(rp.name, st, refine=tuple(refine) if ref.method == "rietveld" else (),
-                              constraints=tuple(cons) if ref.method == "rietveld" else (), profile=profile,
+        computed = ref.method == "rietveld" and not rp.lebail
+        out.append(PhaseModel(rp.name, st, refine=tuple(refine) if computed else (),
+                              constraints=tuple(cons) if computed else (), profile=profile, lebail=rp.lebail,
                               refine_profile=tuple(rp.refine_profile), search=dict(getattr(ph, "search", {}) or {})))
     info = info or _run_info(exp)
     return RefinementModel(out, wavelength_A=float(info["wavelength_A"]), method=ref.method,
