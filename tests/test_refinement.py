@@ -539,3 +539,44 @@ def test_aluminium_as_a_le_bail_phase_beside_a_rietveld_phase():
     assert abs(r.value("Al.a") - 4.0495) < 2e-4
     assert list(r.weight_fractions) == ["O3"] and r.weight_fractions["O3"][0] == pytest.approx(1.0)
     assert "Al.scale" not in r.names
+
+
+def test_rietveld_with_the_al_collector_as_le_bail_and_an_excluded_region(tmp_path):
+    """`xrdpipe refine`: O3 by Rietveld, Al (library phase: Fm-3m, only a) by Le Bail beside it,
+    a spurious line (a cell window) left out with `excluded`: refine.csv has both cells, status
+    ok, no c for the cubic phase."""
+    from pymatgen.core import Structure as Pmg
+
+    al = Pmg.from_spacegroup("Fm-3m", Lattice.cubic(4.0495), ["Al"], [[0, 0, 0]])
+    spike = 3000 * np.exp(-0.5 * ((X - 20.0) / 0.02) ** 2)
+    for i in range(2):
+        y, s = noisy(profile(o3(), 1e-3) + profile(al, 3e-4, fwhm=0.025, eta=0.2) + spike + 200.0, seed=40 + i)
+        np.savetxt(tmp_path / f"p_{i:03d}.xye", np.column_stack([X, y, s]))
+    _experiment(tmp_path, "al", """[[phases]]
+name = "O3"
+a = 2.98
+c = 16.03
+[[phases]]
+name = "Al"
+a = 4.045
+[refinement]
+method = "rietveld"
+polarization = "unpolarised"
+range = [6.0, 29.0]
+excluded = [[19.8, 20.2]]
+""" + NFM_O3 + """[[refinement.phases]]
+name = "Al"
+lebail = true
+""")
+    runner = CliRunner()
+    assert runner.invoke(main, ["integrate", str(tmp_path / "exp.toml"), "-q"]).exit_code == 0
+    res = runner.invoke(main, ["refine", str(tmp_path / "exp.toml"), "-q"])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(open(tmp_path / "out" / "refine.csv")))
+    assert len(rows) == 4
+    for r in rows:
+        assert r["status"] == "ok" and float(r["gof"]) < 1.3, r["message"]
+        if r["phase"] == "Al":
+            assert abs(float(r["a_A"]) - 4.0495) < 2e-4 and r["c_A"] == "" and r["weight_fraction"] == ""
+        else:
+            assert abs(float(r["a_A"]) / 2.9852 - 1) < 1e-4 and abs(float(r["c_A"]) / 15.9967 - 1) < 1e-4
