@@ -580,3 +580,25 @@ lebail = true
             assert abs(float(r["a_A"]) - 4.0495) < 2e-4 and r["c_A"] == "" and r["weight_fraction"] == ""
         else:
             assert abs(float(r["a_A"]) / 2.9852 - 1) < 1e-4 and abs(float(r["c_A"]) / 15.9967 - 1) < 1e-4
+
+
+def test_one_refiner_refines_in_several_threads_at_once():
+    """The valid-point mask is per call (per thread): two patterns, one with a masked gap,
+    refined at once in two threads give the results of refining them one after the other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from xrdpipe.refinement import Refiner
+
+    model = RefinementModel([PhaseModel("O3", template("O3", a=2.98, c=16.02))], wavelength_A=WL, method="lebail",
+                            search=False)
+    refiner = Refiner(model, X)
+    y1, s1 = noisy(profile(o3(), 1e-3) + 200.0, seed=50)
+    y2, s2 = noisy(profile(o3(2.9800, 16.01), 1e-3) + 200.0, seed=51)
+    y2[1000:1400] = np.nan
+    serial = [refiner.refine(y1, s1), refiner.refine(y2, s2)]
+    with ThreadPoolExecutor(2) as pool:
+        both = list(pool.map(lambda a: refiner.refine(*a), [(y1, s1), (y2, s2)]))
+    for a, b in zip(serial, both):
+        np.testing.assert_allclose(a.values, b.values, rtol=1e-9, atol=1e-12)
+        assert a.n_points == b.n_points
+    assert serial[1].n_points == X.size - 400

@@ -32,6 +32,7 @@ Example
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field, replace
 from typing import Literal, Sequence
 
@@ -396,10 +397,21 @@ class _Calculator:
         t = (2 * self.x - (self.lo + self.hi)) / max(self.hi - self.lo, 1e-12)
         self.cheb = np.polynomial.chebyshev.chebvander(t, max(model.background_terms - 1, 0))[:, :model.background_terms]
         self.step = float(np.median(np.diff(self.x))) if self.x.size > 1 else 1.0
-        self.valid = np.ones(self.x.size, bool)
+        self._local = threading.local()       # the valid-point mask of the refinement running in this thread
         L = self.layout
         self.profile_index = [np.array([L.index[f"{ph.name}.{k}"] for k in "UVWXY"]) for ph in model.phases]
         self.scale_index = [L.index.get(f"{ph.name}.scale", -1) for ph in model.phases]
+
+    @property
+    def valid(self) -> np.ndarray:
+        """The points with a weight in the refinement running in this thread (all by default):
+        one Refiner can refine patterns in several threads at once."""
+        v = getattr(self._local, "valid", None)
+        return np.ones(self.x.size, bool) if v is None else v
+
+    @valid.setter
+    def valid(self, mask: np.ndarray) -> None:
+        self._local.valid = mask
 
     # per-reflection quantities ------------------------------------------------------------
     def phase_state(self, p: int, theta: np.ndarray) -> dict[str, np.ndarray]:
