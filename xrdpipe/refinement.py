@@ -22,6 +22,17 @@ Statistics: Rwp, Rexp, GOF = Rwp/Rexp; each refined parameter's esd is sqrt(C_jj
 C = (JᵀJ)⁻¹. Weight fractions from the scale factors (Hill & Howard):
 W_p = S_p (ZMV)_p / Σ S (ZMV).
 
+Start values need not be close (:meth:`Refiner.refine`): without a previous result, or where
+the refinement from it is not ``ok``, each phase's cell is searched on a grid (a matched filter,
+then linear fits with one non-negative intensity per reflection and the background), and least
+squares is staged (background and scales; cells and zero; W, Y; U, V, X; everything).
+Parameters stay within bounds (widths and scales positive, cells inside their searched range,
+shifts within ±1°); one at a bound is reported in :attr:`RefinementResult.at_bound` without an
+esd. :attr:`RefinementResult.status` is ``ok``, ``flagged`` (GOF above ``gof_max``, a parameter
+at a bound) or ``failed`` (no convergence, a cell at the edge of its range), the reasons in
+``message``. In Le Bail, a phase the fit does not need is *absent* (:attr:`RefinementResult.absent`):
+its cell is held and not reported.
+
 Example
 -------
 >>> model = RefinementModel([PhaseModel("O3", o3_structure)], wavelength_A=0.6209, method="rietveld")
