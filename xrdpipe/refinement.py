@@ -75,6 +75,8 @@ HOLD_ITERATIONS = 20          # Le Bail from a previous frame: at most this many
 HOLD_TOL = 5e-2               # ... and fewer once χ² falls by less than 5 % in a step
 STAGE_ITER = 12               # least-squares steps of each stage but the last (staged strategy)
 ABSENT_CHI2 = 3.0             # a Le Bail phase lowering χ² by less than this per reflection ...
+GOF_RISE = 1.5                # a frame whose GOF rose by more than this since the previous one is also restarted
+FOLLOW = 0.5                  # a phase followed from the previous frame: half its searched range around it
 ABSENT_REL = 0.05             # ... or than this fraction of χ² is absent
 SEARCH_DEFAULT = {"a": 0.015, "b": 0.015, "c": 0.03}    # relative half-ranges of the cell search
 SEARCH_ANGLE_DEG = 2.0        # ... and of angles (degrees); angles are searched by least squares only
@@ -703,7 +705,9 @@ class Refiner:
         def good(r: RefinementResult) -> bool:
             # flagged is good enough where the previous frame was flagged too (no restart every frame)
             fine = r.ok or (r.status == "flagged" and start is not None and start.status == "flagged")
-            return fine and (gof_limit is None or r.gof <= gof_limit)
+            # a GOF that rose notably since the previous frame is worth a second start
+            rose = start is not None and np.isfinite(start.gof) and start.gof > 0 and r.gof > GOF_RISE * start.gof
+            return fine and not rose and (gof_limit is None or r.gof <= gof_limit)
 
         tried: list[RefinementResult] = []
         if start is not None and start.theta is not None:
@@ -717,17 +721,19 @@ class Refiner:
             r.start_from = "configured"
         else:
             # the search compares the configured cells with its own best trials (linear fits)
-            centre = None
+            centre, followed = None, []
             if start is not None and start.theta is not None:
                 # around the previous frame's cells (the configured ones for phases it lacked)
                 centre = calc.layout.start()
                 gone = set(start.absent)
                 for p, ph in enumerate(model.phases):
                     if ph.name not in gone:
+                        followed.append(p)
                         for i in _cell_idx(calc, p):
                             centre[i] = start.theta[i]
-            theta0, I0, source = _search(calc, y, sigma, centre)
-            r = _refine(calc, y, sigma, None, tol, staged=staged, theta0=theta0, I0=I0, centre=centre)
+            theta0, I0, source = _search(calc, y, sigma, centre, followed)
+            r = _refine(calc, y, sigma, None, tol, staged=staged, theta0=theta0, I0=I0, centre=centre,
+                        followed=followed)
             r.start_from = source
         tried.append(r)
         return _best(tried, gof_limit)
@@ -896,16 +902,25 @@ def _phase_params(calc, p: int) -> list[int]:
     return [i for i, q in enumerate(calc.layout.params) if q.phase == p and q.kind in ("cell", "profile", "struct")]
 
 
-def _cell_bounds(calc, centre: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def _cell_bounds(calc, centre: np.ndarray | None, followed: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
     """The bounds of every parameter; the cells' searched range around ``centre``'s cells
-    (default: the configured ones), as wide as around the configured cells."""
+    (default: the configured ones), as wide as around the configured cells, and half as wide
+    for the phases ``followed`` from a previous frame (a cell moves little from frame to frame;
+    a wider range would let two phases of one lattice type swap their cells)."""
     L = calc.layout
     lower, upper = L.lower.copy(), L.upper.copy()
     if centre is None:
         return lower, upper
     c0 = L.start()
     for i, q in enumerate(L.params):
-        if q.kind == "cell":
+        if q.kind == "cell" and q.phase in followed:
+            if q.key in ("a", "b", "c"):
+                lower[i] = centre[i] * (1 - FOLLOW * (1 - L.lower[i] / c0[i]))
+                upper[i] = centre[i] * (1 + FOLLOW * (L.upper[i] / c0[i] - 1))
+            else:
+                lower[i] = centre[i] - FOLLOW * (c0[i] - L.lower[i])
+                upper[i] = centre[i] + FOLLOW * (L.upper[i] - c0[i])
+        elif q.kind == "cell":
             if q.key in ("a", "b", "c"):
                 lower[i], upper[i] = L.lower[i] * centre[i] / c0[i], L.upper[i] * centre[i] / c0[i]
             else:
@@ -915,7 +930,7 @@ def _cell_bounds(calc, centre: np.ndarray | None) -> tuple[np.ndarray, np.ndarra
 
 def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol, *, staged: bool = False,
             theta0: np.ndarray | None = None, I0: np.ndarray | None = None,
-            centre: np.ndarray | None = None) -> RefinementResult:
+            centre: np.ndarray | None = None, followed: Sequence[int] = ()) -> RefinementResult:
     model = calc.model
     sig = np.sqrt(np.maximum(np.nan_to_num(y), 1.0)) if sigma is None else np.asarray(sigma, float)
     valid = np.isfinite(y) & np.isfinite(sig) & (sig > 0)
@@ -949,7 +964,11 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol, *, staged: bo
         theta = _initial_guess(calc, theta, y[valid], all_lebail)
     # bounds: the cells within their searched range around the start (the configured cell, or
     # the previous frame's)
-    lower, upper = _cell_bounds(calc, start.theta if from_previous else centre)
+    if from_previous:
+        lower, upper = _cell_bounds(calc, start.theta, [p for p, ph in enumerate(model.phases)
+                                                          if ph.name not in start.absent])
+    else:
+        lower, upper = _cell_bounds(calc, centre, followed)
     bounds = (lower, upper)
     theta = np.clip(theta, lower, upper)
     if lebail and I is None:
@@ -962,9 +981,13 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol, *, staged: bo
                  if not np.any(I[int(calc.offsets[p]):int(calc.offsets[p + 1])] > 0)]
         # from a frame with one phase left, the others stay absent (no test needed)
         absent = empty if from_previous and len(empty) >= len(model.phases) - 1 else _absent(calc, theta, I, y, wt)
-        if absent:
+        if absent and len(absent) < len(model.phases):
             hold_idx = {i for p in absent for i in _phase_params(calc, p)}
             free = np.array([i for i in free if int(i) not in hold_idx], int)
+            for p in absent:                 # no intensity: they take none from the others' peaks
+                I[int(calc.offsets[p]):int(calc.offsets[p + 1])] = 0.0
+        else:
+            absent = []
     stages = _stages(calc, free) if staged else [free]
     hold = lebail and from_previous and I is not None and start.lebail_I is not None
     n_iter = 0
@@ -1168,7 +1191,8 @@ def _set_width(calc, theta: np.ndarray, fwhm_deg: float | None = None, factor: f
     return t
 
 
-def _search(calc, y: np.ndarray, sigma, centre: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+def _search(calc, y: np.ndarray, sigma, centre: np.ndarray | None = None,
+            followed: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray, str]:
     """A start from a search of every phase's cell around the configured one (the searched
     range of :meth:`PhaseModel.search_range`). Phase after phase (the best-matching first), a
     fine grid of trial cells is scored by a matched filter (how many reflections fall on peaks
@@ -1183,7 +1207,7 @@ def _search(calc, y: np.ndarray, sigma, centre: np.ndarray | None = None) -> tup
     wt = np.where(valid, 1.0 / np.where(valid, sig, 1.0), 0.0)
     y0 = np.where(valid, y, 0.0)
     yw = y0 * wt
-    lower, upper = _cell_bounds(calc, centre)
+    lower, upper = _cell_bounds(calc, centre, followed)
     theta = np.clip(L.start() if centre is None else centre, lower, upper)
     rows = np.flatnonzero(valid)
     # the widths: the configured ones scaled by the best of a few factors (at the configured cells)
