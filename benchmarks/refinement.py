@@ -164,7 +164,8 @@ def typical(n: int, sign: float) -> None:
         model = RefinementModel([
             PhaseModel("O3", template("O3", a=o[0] * (1 + sign * 0.01), c=o[1] * (1 + sign * 0.02)), profile=prof),
             PhaseModel("P3", template("P3", a=p[0] * (1 + sign * 0.01), c=p[1] * (1 + sign * 0.02)), profile=prof),
-            PhaseModel("Al", Structure("Fm-3m", (4.0495,) * 3 + (90.0,) * 3, ()), profile=prof)],
+            PhaseModel("Al", Structure("Fm-3m", (4.0495,) * 3 + (90.0,) * 3, ()), profile=prof,
+                       refine_profile=("W",))],
             wavelength_A=WL, method="lebail", background_terms=12, **kw)
         refiner = Refiner(model, ps.tth_deg)
         prev, da, dc, rwp, ok = None, [0.0], [0.0], [], 0

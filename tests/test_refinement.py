@@ -444,7 +444,8 @@ def test_sequential_le_bail_of_o3_p3_and_al_from_typical_start_values(sign):
     model = RefinementModel([
         PhaseModel("O3", template("O3", a=o[0] * (1 + sign * 0.01), c=o[1] * (1 + sign * 0.02)), profile=prof),
         PhaseModel("P3", template("P3", a=p[0] * (1 + sign * 0.01), c=p[1] * (1 + sign * 0.02)), profile=prof),
-        PhaseModel("Al", al, profile=prof)], wavelength_A=0.6209, method="lebail", background_terms=12)
+        PhaseModel("Al", al, profile=prof, refine_profile=("W",))],      # weak lines: one width
+        wavelength_A=0.6209, method="lebail", background_terms=12)
     refiner = Refiner(model, ps.tth_deg)
     prev, rwp, status = None, [], []
     for i in range(n):
