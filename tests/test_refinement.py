@@ -479,23 +479,27 @@ def test_a_pattern_the_model_cannot_describe_is_never_ok():
 
 
 def test_u_v_w_x_y_refined_together_recover_the_generating_values():
-    """A pattern calculated with known TCH widths (U, V, W, X, Y), refined from widths 2x off
-    with all five free: each within 10 %, Rwp within 1.05x of the generating model's."""
+    """A pattern calculated with known TCH widths (U, V, W, X, Y) and asymmetry, refined from
+    widths 2x off (asymmetry from 0) with all seven free: each within 10 %, Rwp within 1.05x of
+    the generating model's."""
     from xrdpipe.refinement import Refiner, calculate_pattern
 
     x = np.linspace(4.0, 40.0, 4000)
     truth = {"U": 0.02, "V": -0.004, "W": 0.001, "X": 0.02, "Y": 0.01}
     st = template("O3", a=2.9852, c=15.9967, z_o=0.2326, composition=TM, b_iso={"Na": 1.0, "TM": 0.3, "O": 0.6})
-    gen = RefinementModel([PhaseModel("O3", st, profile=truth, scale=2e-2)], wavelength_A=WL, asymmetry=False)
-    y0 = calculate_pattern(gen, x, background=300.0)
+    gen = RefinementModel([PhaseModel("O3", st, profile=truth, scale=2e-2)], wavelength_A=WL)
+    asym = {"asym_P1": 0.002, "asym_P2": 0.0005}
+    y0 = calculate_pattern(gen, x, background=300.0, values=asym)
     y, s = noisy(y0, seed=9)
     start = {k: v * (2.0 if k != "V" else 0.5) for k, v in truth.items()}
     model = RefinementModel([PhaseModel("O3", st, profile=start, refine_profile=("U", "V", "W", "X", "Y"))],
-                            wavelength_A=WL, asymmetry=False, correction="none", search=False)
+                            wavelength_A=WL, correction="none", search=False)
     r = Refiner(model, x).refine(y, s)
     assert r.status == "ok", r.message
     for k, v in truth.items():
         assert abs(r.value(f"O3.{k}") / v - 1) < 0.10, (k, r.value(f"O3.{k}"))
+    for k, v in asym.items():
+        assert abs(r.value(k) / v - 1) < 0.10, k
     ref = float(np.sqrt(np.sum(((y - y0) / s) ** 2) / np.sum((y / s) ** 2)))
     assert r.rwp < 1.05 * ref
 
