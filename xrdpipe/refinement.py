@@ -148,13 +148,13 @@ class PhaseModel:
 
     def search_range(self, name: str) -> tuple[float, float]:
         """The interval the cell parameter ``name`` is searched (and must stay) in: the
-        configured value ± ``search[name]`` (relative; angles: degrees), default ±1.5 % for a
-        and b, ±3 % for c, ±2° for angles."""
+        configured value ± ``search[name]`` (relative, as ``[[phases]] search``), default ±1.5 %
+        for a, b as a, ±3 % for c, ±2° for angles."""
         v = dict(zip(("a", "b", "c", "alpha", "beta", "gamma"), self.structure.cell))[name]
-        if name in ("alpha", "beta", "gamma"):
-            h = self.search.get(name, SEARCH_ANGLE_DEG)
-            return v - h, v + h
-        h = self.search.get(name, SEARCH_DEFAULT.get(name, 0.015))
+        if name in ("alpha", "beta", "gamma") and name not in self.search:
+            return v - SEARCH_ANGLE_DEG, v + SEARCH_ANGLE_DEG
+        default = self.search.get("a", SEARCH_DEFAULT["b"]) if name == "b" else SEARCH_DEFAULT.get(name, 0.015)
+        h = self.search.get(name, default)
         return v * (1 - h), v * (1 + h)
 
     @property
