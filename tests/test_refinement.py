@@ -607,3 +607,21 @@ def test_one_refiner_refines_in_several_threads_at_once():
         np.testing.assert_allclose(a.values, b.values, rtol=1e-9, atol=1e-12)
         assert a.n_points == b.n_points
     assert serial[1].n_points == X.size - 400
+
+
+def test_le_bail_of_a_monoclinic_cell_from_off_start_values():
+    """O'3 (C2/m): a, b, c and beta, constrained by the system, from lengths 0.4 % off (the
+    search covers lengths; beta starts at its value and is refined by least squares): all four
+    recovered."""
+    truth = (5.67, 2.86, 5.80, 113.2)
+    mono = PmgStructure.from_spacegroup("C2/m", Lattice.monoclinic(*truth), ["Na", "Mn", "O"],
+                                        [[0, 0, 0.5], [0, 0, 0], [0.28, 0, 0.79]])
+    y, s = noisy(profile(mono, 2e-3) + 200.0, seed=60)
+    from xrdpipe.structure import Structure
+
+    start = Structure("C2/m", (5.67 * 1.004, 2.86 * 0.996, 5.80 * 1.004, 90.0, 113.2, 90.0), ())
+    r = refine_pattern(RefinementModel([PhaseModel("O'3", start)], wavelength_A=WL, method="lebail"), X, y, s)
+    assert r.status == "ok", r.message
+    for name, v in zip(("a", "b", "c"), truth):
+        assert abs(r.value(f"O'3.{name}") / v - 1) < 1e-4, name
+    assert abs(r.value("O'3.beta") - truth[3]) < 0.01
