@@ -625,3 +625,32 @@ def test_le_bail_of_a_monoclinic_cell_from_off_start_values():
     for name, v in zip(("a", "b", "c"), truth):
         assert abs(r.value(f"O'3.{name}") / v - 1) < 1e-4, name
     assert abs(r.value("O'3.beta") - truth[3]) < 0.01
+
+
+def test_a_frame_whose_rwp_is_far_above_the_runs_median_is_flagged(tmp_path):
+    """Frame 2 has an unmodelled line: its fit converges with GOF under gof_max and under
+    gof_jump, but its Rwp is 3x the run's median, so the run flags it (never `ok`)."""
+    for i in range(5):
+        spike = 700 * np.exp(-0.5 * ((X - 20.0) / 0.05) ** 2) if i == 2 else 0.0
+        y, s = noisy(profile(o3(), 1e-3) + spike + 200.0, seed=70 + i)
+        np.savetxt(tmp_path / f"p_{i:03d}.xye", np.column_stack([X, y, s]))
+    _experiment(tmp_path, "out", """[[phases]]
+name = "O3"
+a = 2.985
+c = 16.0
+[refinement]
+method = "lebail"
+gof_jump = 5.0
+[[refinement.phases]]
+name = "O3"
+""")
+    runner = CliRunner()
+    assert runner.invoke(main, ["integrate", str(tmp_path / "exp.toml"), "-q"]).exit_code == 0
+    res = runner.invoke(main, ["refine", str(tmp_path / "exp.toml"), "-q"])
+    assert res.exit_code == 0, res.output
+    rows = {int(r["frame"]): r for r in csv.DictReader(open(tmp_path / "out" / "refine.csv"))}
+    med = np.median([float(r["rwp"]) for r in rows.values()])
+    assert float(rows[2]["rwp"]) > 2.5 * med and float(rows[2]["gof"]) < 5
+    assert rows[2]["status"] == "flagged" and "above 2.5 x the run's median" in rows[2]["message"]
+    assert rows[2]["a_A"] != ""                                    # flagged: the values are kept
+    assert all(rows[i]["status"] == "ok" for i in (0, 1, 3, 4))
