@@ -711,11 +711,17 @@ class Refiner:
 
         tried: list[RefinementResult] = []
         if start is not None and start.theta is not None:
-            r = _refine(calc, y, sigma, start, tol)
-            r.start_from = "previous"
-            if good(r) or not restart:
-                return r
-            tried.append(r)
+            # Le Bail with several phases: from the previous cells with the intensities extracted
+            # afresh (phase fractions change from frame to frame), then with the previous
+            # intensities held while the cells move (a cell that jumped by peak widths)
+            variants = [True, False] if (calc.any_extracted and len(model.phases) > 1
+                                         and start.lebail_I is not None) else [False]
+            for fresh in variants:
+                r = _refine(calc, y, sigma, start, tol, fresh=fresh)
+                r.start_from = "previous"
+                if good(r) or not restart:
+                    return r
+                tried.append(r)
         if not model.search:
             r = _refine(calc, y, sigma, None, tol, staged=staged)
             r.start_from = "configured"
@@ -930,7 +936,8 @@ def _cell_bounds(calc, centre: np.ndarray | None, followed: Sequence[int] = ()) 
 
 def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol, *, staged: bool = False,
             theta0: np.ndarray | None = None, I0: np.ndarray | None = None,
-            centre: np.ndarray | None = None, followed: Sequence[int] = ()) -> RefinementResult:
+            centre: np.ndarray | None = None, followed: Sequence[int] = (),
+            fresh: bool = False) -> RefinementResult:
     model = calc.model
     sig = np.sqrt(np.maximum(np.nan_to_num(y), 1.0)) if sigma is None else np.asarray(sigma, float)
     valid = np.isfinite(y) & np.isfinite(sig) & (sig > 0)
@@ -951,6 +958,8 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol, *, staged: bo
         theta = start.theta.copy()
         if lebail and start.lebail_I is not None and start.lebail_I.size == n_refl:
             I = start.lebail_I.copy()
+            if fresh:                        # the previous cells, intensities extracted afresh
+                I = _lebail_start(calc, theta, y)
             for p, ph in enumerate(model.phases):          # absent in the previous frame: held absent
                 if ph.name in start.absent:
                     I[int(calc.offsets[p]):int(calc.offsets[p + 1])] = 0.0
@@ -989,7 +998,7 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol, *, staged: bo
         else:
             absent = []
     stages = _stages(calc, free) if staged else [free]
-    hold = lebail and from_previous and I is not None and start.lebail_I is not None
+    hold = lebail and from_previous and I is not None and start.lebail_I is not None and not fresh
     n_iter = 0
     converged = False
     for k, cols in enumerate(stages):
