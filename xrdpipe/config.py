@@ -687,7 +687,9 @@ class RefinePhaseSpec(_Spec):
     ``composition``: the TM site's elements per formula unit; ``na``: sodium per formula unit.
     ``refine``: structural parameters (``z:O``, ``occ:LABEL``, ``b:LABEL``, ``b:*``); the default
     for a template is its oxygen z. ``profile``: starting U, V, W (deg²), X, Y (deg);
-    ``refine_profile``: which are refined.
+    ``refine_profile``: which are refined. ``lebail = true``: in a Rietveld refinement, this
+    phase's intensities are extracted (Le Bail), no structure needed: the Al current collector
+    (``name = "Al"``) beside Rietveld phases.
     """
 
     name: str = Field(min_length=1)
@@ -701,6 +703,7 @@ class RefinePhaseSpec(_Spec):
     profile: dict[Literal["U", "V", "W", "X", "Y"], float] = {}
     refine_profile: list[Literal["U", "V", "W", "X", "Y"]] = ["W", "Y"]
     formula_units: int | None = Field(default=None, ge=1, le=64)
+    lebail: bool = False
 
 
 class RefineModelSpec(_Spec):
@@ -720,6 +723,13 @@ class RefinementSpec(_Spec):
     ``gof_jump``: a frame whose GOF, refined from the last good frame, exceeds this multiple of
     that frame's GOF is refined again from the start values (``[[phases]]``); when that does no
     better, it is recorded as failed (diverged) and the next frame starts from the last good one.
+    ``strategy``: ``"staged"`` (from start values: background, then cells and zero, then widths,
+    then everything) or ``"direct"``. ``search``: search each phase's cell (``[[phases]] search``
+    ranges) where a start does not fit. A frame is ``ok`` only with GOF <= ``gof_max``, every
+    cell inside its searched range and no refined parameter at a bound (else ``flagged`` or
+    ``failed``, with the reason); after the run, frames whose Rwp exceeds ``rwp_outlier`` times
+    the run's median are flagged. ``ranges``: several 2θ ranges instead of ``range``;
+    ``excluded``: ``[[low, high], ...]`` left out.
     """
 
     method: Literal["lebail", "rietveld"] = "lebail"
@@ -731,6 +741,12 @@ class RefinementSpec(_Spec):
     polarization: Literal["corrected", "unpolarised"] = "corrected"
     max_iter: int = Field(default=60, ge=2, le=1000)
     gof_jump: float = Field(default=3.0, gt=1)
+    strategy: Literal["staged", "direct"] = "staged"
+    search: bool = True
+    gof_max: float = Field(default=5.0, gt=1)
+    rwp_outlier: float = Field(default=2.5, gt=1)
+    ranges: list[tuple[float, float]] = []
+    excluded: list[tuple[float, float]] = []
     phases: list[RefinePhaseSpec] = Field(min_length=1)
     models: list[RefineModelSpec] = []
 
@@ -738,6 +754,12 @@ class RefinementSpec(_Spec):
     def _ranges(self) -> "RefinementSpec":
         if self.range is not None and not self.range[0] < self.range[1]:
             raise ValueError(f"range: expected [low, high], got {list(self.range)}")
+        if self.range is not None and self.ranges:
+            raise ValueError("give range (one) or ranges (several), not both")
+        for key in ("ranges", "excluded"):
+            for r in getattr(self, key):
+                if not r[0] < r[1]:
+                    raise ValueError(f"{key}: expected [[low, high], ...], got {list(r)}")
         if self.frames is not None and not 0 <= self.frames[0] <= self.frames[1]:
             raise ValueError(f"frames: expected [first, last], got {list(self.frames)}")
         return self
@@ -847,7 +869,7 @@ def _refinement_problems(exp: Experiment, phases: dict[str, PhaseSpec]) -> list[
                              f"(phases: {', '.join(phases) or 'none'})"))
             continue
         kind = phases[rp.name].structure_kind
-        if ref.method == "rietveld" and rp.structure == "template" and kind not in TEMPLATES:
+        if ref.method == "rietveld" and rp.structure == "template" and kind not in TEMPLATES and not rp.lebail:
             problems.append((f"refinement.phases.{i}.structure",
                              f"no built-in structure for {kind!r} (templates: {', '.join(TEMPLATES)}); "
                              "give a CIF file: structure = \"file.cif\""))

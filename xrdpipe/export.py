@@ -37,7 +37,7 @@ from .store import (
     write_csv,
 )
 
-__all__ = ["export_patterns", "ExportResult", "write_fxye", "write_instprm", "EXPORT_SUFFIX"]
+__all__ = ["export_patterns", "ExportResult", "write_fxye", "write_instprm", "gsas2_profile", "EXPORT_SUFFIX"]
 
 EXPORT_SUFFIX = {"xye": ".xye", "fxye": ".fxye", "topas": ".xye"}
 _FOLDER = {"xye": "xye", "fxye": "gsas2", "topas": "topas"}
@@ -92,23 +92,39 @@ def write_fxye(path: Path | str, tth_deg: np.ndarray, y: np.ndarray, esd: np.nda
     return path
 
 
+def gsas2_profile(profile: dict[str, float]) -> dict[str, float]:
+    """xrdpipe's Thompson-Cox-Hastings widths (U, V, W: Gaussian FWHM² in deg²; X tan θ +
+    Y / cos θ: Lorentzian FWHM in deg) as GSAS-II's (U, V, W: Gaussian *variance* in centideg²,
+    FWHM² / (8 ln 2); X / cos θ + Y tan θ in centideg: GSAS-II's X is xrdpipe's Y and the
+    other way round)."""
+    k = 1e4 / (8 * np.log(2))
+    return {"U": profile.get("U", 0.0) * k, "V": profile.get("V", 0.0) * k, "W": profile.get("W", 0.0) * k,
+            "X": profile.get("Y", 0.0) * 100, "Y": profile.get("X", 0.0) * 100}
+
+
 def write_instprm(path: Path | str, *, wavelength_A: float, polarization: float | None = None,
-                  zero_deg: float = 0.0) -> Path:
-    """A GSAS-II instrument parameter file for a constant-wavelength X-ray pattern. The profile
-    terms are GSAS-II's defaults, to be refined there; GSAS-II's polarization is the fraction
-    of the beam polarized in the horizontal plane (0.99 at a synchrotron)."""
+                  zero_deg: float = 0.0, profile: dict[str, float] | None = None) -> Path:
+    """A GSAS-II instrument parameter file for a constant-wavelength X-ray pattern.
+    ``polarization``: GSAS-II's ``Polariz.``, the fraction of the beam polarized in the
+    horizontal plane (0.99 at a synchrotron, the default; 1.0 applies no correction: give it
+    when pyFAI has already corrected the polarization). ``profile``: xrdpipe's refined U, V,
+    W, X, Y (see :func:`gsas2_profile`), else GSAS-II's defaults; SH/L is GSAS-II's default
+    (xrdpipe's asymmetry is Bérar-Baldinozzi's, which GSAS-II has not). ``zero_deg``: the zero
+    shift, same sign in both programs (2θ = 2θ_Bragg + Zero)."""
     path = Path(path)
     pol = 0.99 if polarization is None else polarization
+    g = gsas2_profile(profile) if profile else {"U": 2.0, "V": -2.0, "W": 5.0, "X": 0.0, "Y": 0.0}
     lines = ["#GSAS-II instrument parameter file; do not add/delete items!", "Type:PXC", "Bank:1.0",
              f"Lam:{wavelength_A:.6f}", f"Polariz.:{pol:.4f}", "Azimuth:0.0", f"Zero:{zero_deg:.5f}",
-             "U:2.0", "V:-2.0", "W:5.0", "X:0.0", "Y:0.0", "Z:0.0", "SH/L:0.002"]
+             *[f"{k}:{g[k]:.6g}" for k in "UVWXY"], "Z:0.0", "SH/L:0.002"]
     write_text_atomic(path, "\n".join(lines) + "\n")
     return path
 
 
 def export_patterns(run_file: Path | str, folder: Path | str, *, formats: Sequence[str] = ("xye", "fxye", "topas"),
                     frames: Sequence[int] | None = None, polarization: float | None = None,
-                    progress: bool = False, block: int = 256) -> ExportResult:
+                    progress: bool = False, block: int = 256, profile: dict[str, float] | None = None,
+                    zero_deg: float = 0.0) -> ExportResult:
     """Write the integrated frames of ``run_file`` (all, or ``frames``) into ``folder``: one
     sub-folder per format (``xye/``, ``gsas2/``, ``topas/``) and ``index.csv``.
 
@@ -147,7 +163,7 @@ def export_patterns(run_file: Path | str, folder: Path | str, *, formats: Sequen
     instprm_name = f"{name}.instprm"
     if "fxye" in todo:
         result.instprm = write_instprm(folder / _FOLDER["fxye"] / instprm_name, wavelength_A=wl,
-                                       polarization=polarization)
+                                       polarization=polarization, profile=profile, zero_deg=zero_deg)
     index = []
     source = hashlib.sha1(json.dumps(info["fingerprint"], sort_keys=True).encode()).hexdigest()[:12]
     before = _previous_index(folder / "index.csv")

@@ -22,6 +22,17 @@ Statistics: Rwp, Rexp, GOF = Rwp/Rexp; each refined parameter's esd is sqrt(C_jj
 C = (JᵀJ)⁻¹. Weight fractions from the scale factors (Hill & Howard):
 W_p = S_p (ZMV)_p / Σ S (ZMV).
 
+Start values need not be close (:meth:`Refiner.refine`): without a previous result, or where
+the refinement from it is not ``ok``, each phase's cell is searched on a grid (a matched filter,
+then linear fits with one non-negative intensity per reflection and the background), and least
+squares is staged (background and scales; cells and zero; W, Y; U, V, X; everything).
+Parameters stay within bounds (widths and scales positive, cells inside their searched range,
+shifts within ±1°); one at a bound is reported in :attr:`RefinementResult.at_bound` without an
+esd. :attr:`RefinementResult.status` is ``ok``, ``flagged`` (GOF above ``gof_max``, a parameter
+at a bound) or ``failed`` (no convergence, a cell at the edge of its range), the reasons in
+``message``. In Le Bail, a phase the fit does not need is *absent* (:attr:`RefinementResult.absent`):
+its cell is held and not reported.
+
 Example
 -------
 >>> model = RefinementModel([PhaseModel("O3", o3_structure)], wavelength_A=0.6209, method="rietveld")
@@ -32,6 +43,7 @@ Example
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field, replace
 from typing import Literal, Sequence
 
@@ -61,6 +73,14 @@ LEBAIL_TOL = 1e-3
 SHIFT_ESD_LEBAIL = 0.05       # ... 5 % in Le Bail, whose intensities are re-extracted every step
 HOLD_ITERATIONS = 20          # Le Bail from a previous frame: at most this many steps with its intensities held
 HOLD_TOL = 5e-2               # ... and fewer once χ² falls by less than 5 % in a step
+STAGE_ITER = 12               # least-squares steps of each stage but the last (staged strategy)
+ABSENT_CHI2 = 3.0             # a Le Bail phase lowering χ² by less than this per reflection ...
+GOF_RISE = 1.5                # a frame whose GOF rose by more than this since the previous one is also restarted
+FOLLOW = 0.5                  # a phase followed from the previous frame: half its searched range around it
+ABSENT_REL = 0.05             # ... or than this fraction of χ² is absent
+SEARCH_DEFAULT = {"a": 0.015, "b": 0.015, "c": 0.03}    # relative half-ranges of the cell search
+SEARCH_ANGLE_DEG = 2.0        # ... and of angles (degrees); angles are searched by least squares only
+SHIFT_BOUND_DEG = 1.0         # the zero shift and the displacement term stay within ±1°
 
 
 class RefinementError(XrdpipeError):
@@ -109,7 +129,10 @@ class PhaseModel:
     special position line move together when given as ``"z:O1,O2"`` with opposite signs written
     ``"z:O1,-O2"``), ``"occ:Fe_tet"``, ``"b:Na"``, ``"b:*"`` (one B_iso shared by every atom).
     ``constraints``: :class:`OccupancyConstraint`. ``profile``: starting U, V, W, X, Y (deg²,
-    deg², deg², deg, deg); ``refine_profile`` which of them are refined.
+    deg², deg², deg, deg); ``refine_profile`` which of them are refined. ``lebail``: in a
+    Rietveld model, this phase's intensities are extracted (Le Bail) rather than computed from a
+    structure (the Al current collector beside Rietveld phases); it has no scale and no weight
+    fraction. ``search``: relative half-ranges of the cell search (see :meth:`search_range`).
     """
 
     name: str
@@ -120,6 +143,19 @@ class PhaseModel:
     refine_profile: Sequence[str] = ("W", "Y")
     refine_cell: bool = True
     scale: float = 1.0
+    search: dict[str, float] = field(default_factory=dict)
+    lebail: bool = False
+
+    def search_range(self, name: str) -> tuple[float, float]:
+        """The interval the cell parameter ``name`` is searched (and must stay) in: the
+        configured value ± ``search[name]`` (relative, as ``[[phases]] search``), default ±1.5 %
+        for a, b as a, ±3 % for c, ±2° for angles."""
+        v = dict(zip(("a", "b", "c", "alpha", "beta", "gamma"), self.structure.cell))[name]
+        if name in ("alpha", "beta", "gamma") and name not in self.search:
+            return v - SEARCH_ANGLE_DEG, v + SEARCH_ANGLE_DEG
+        default = self.search.get("a", SEARCH_DEFAULT["b"]) if name == "b" else SEARCH_DEFAULT.get(name, 0.015)
+        h = self.search.get(name, default)
+        return v * (1 - h), v * (1 + h)
 
     @property
     def system(self) -> str:
@@ -136,7 +172,12 @@ class RefinementModel:
     ``method``: ``"lebail"`` (intensities extracted, no structure needed) or ``"rietveld"``.
     ``polarization``: ``"corrected"`` (pyFAI already divided it out: Lorentz factor only) or
     ``"unpolarised"`` (a laboratory tube: (1 + cos² 2θ)/2). ``correction``: ``"zero"``,
-    ``"displacement"``, ``"both"`` or ``"none"``.
+    ``"displacement"``, ``"both"`` or ``"none"``. ``strategy``: ``"staged"`` (from the start
+    values: background and scales, then cells and zero, then widths, then everything, as a
+    careful GSAS-II user does) or ``"direct"`` (everything at once). ``gof_max``: a result is
+    ``ok`` only with GOF = Rwp/Rexp at most this (else ``flagged``). ``search``: where a start does not fit, each
+    phase's cell is searched on a grid (intensities and background solved linearly at every
+    trial) before least squares.
     """
 
     phases: list[PhaseModel]
@@ -147,6 +188,9 @@ class RefinementModel:
     asymmetry: bool = True
     polarization: Literal["corrected", "unpolarised"] = "corrected"
     max_iter: int = 60
+    strategy: Literal["staged", "direct"] = "staged"
+    gof_max: float = 5.0
+    search: bool = True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,13 +232,28 @@ class _Layout:
             for name in ("U", "V", "W", "X", "Y"):
                 ps.append(_Param(f"{ph.name}.{name}", float(ph.profile.get(name, 0.0)), name in ph.refine_profile,
                                  1e-7, "profile", p, name))
-            if model.method == "rietveld":
+            computed = model.method == "rietveld" and not ph.lebail
+            if computed:
                 ps.append(_Param(f"{ph.name}.scale", ph.scale, True, 0.0, "scale", p))
-            links, cons = self._structural(ph, p, ps, model.method)
+            links, cons = self._structural(ph, p, ps, "rietveld" if computed else "lebail")
             self.struct_links.append(links)
             self.constraints.append(cons)
         self.params = ps
         self.names = [q.name for q in ps]
+        # bounds: widths and scales positive, cells inside their searched range, shifts within ±1°
+        self.lower = np.full(len(ps), -np.inf)
+        self.upper = np.full(len(ps), np.inf)
+        for i, q in enumerate(ps):
+            if q.kind == "profile" and q.key in ("U", "W", "X", "Y"):
+                self.lower[i] = 0.0
+            elif q.kind == "scale":
+                self.lower[i] = 0.0
+            elif q.kind == "cell":
+                self.lower[i], self.upper[i] = model.phases[q.phase].search_range(q.key)
+            elif q.kind in ("zero", "disp"):
+                self.lower[i], self.upper[i] = -SHIFT_BOUND_DEG, SHIFT_BOUND_DEG
+            elif q.kind == "struct" and q.key.startswith("occ:"):
+                self.lower[i], self.upper[i] = 0.0, 1.0
         self.free = np.array([i for i, q in enumerate(ps) if q.refined], int)
         self.index = {n: i for i, n in enumerate(self.names)}
 
@@ -342,14 +401,30 @@ class _Calculator:
             self.refl.append(r)
         self.sizes = [len(r) for r in self.refl]
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
-        self.expanded = [_expand(ph.structure) if model.method == "rietveld" else None for ph in model.phases]
+        self.computed = [model.method == "rietveld" and not ph.lebail for ph in model.phases]
+        self.expanded = [_expand(ph.structure) if c else None for ph, c in zip(model.phases, self.computed)]
+        # reflections whose intensities are extracted (Le Bail): every one in a Le Bail model,
+        # those of Le Bail phases in a Rietveld one
+        self.extracted = np.concatenate([np.full(n, not c) for n, c in zip(self.sizes, self.computed)])
+        self.any_extracted = bool(self.extracted.any())
         t = (2 * self.x - (self.lo + self.hi)) / max(self.hi - self.lo, 1e-12)
         self.cheb = np.polynomial.chebyshev.chebvander(t, max(model.background_terms - 1, 0))[:, :model.background_terms]
         self.step = float(np.median(np.diff(self.x))) if self.x.size > 1 else 1.0
-        self.valid = np.ones(self.x.size, bool)
+        self._local = threading.local()       # the valid-point mask of the refinement running in this thread
         L = self.layout
         self.profile_index = [np.array([L.index[f"{ph.name}.{k}"] for k in "UVWXY"]) for ph in model.phases]
         self.scale_index = [L.index.get(f"{ph.name}.scale", -1) for ph in model.phases]
+
+    @property
+    def valid(self) -> np.ndarray:
+        """The points with a weight in the refinement running in this thread (all by default):
+        one Refiner can refine patterns in several threads at once."""
+        v = getattr(self._local, "valid", None)
+        return np.ones(self.x.size, bool) if v is None else v
+
+    @valid.setter
+    def valid(self, mask: np.ndarray) -> None:
+        self._local.valid = mask
 
     # per-reflection quantities ------------------------------------------------------------
     def phase_state(self, p: int, theta: np.ndarray) -> dict[str, np.ndarray]:
@@ -366,7 +441,7 @@ class _Calculator:
         U, V, W, X, Y = theta[self.profile_index[p]]
         h, e = _tch(U * tn**2 + V * tn + W, X * tn + Y / cs)
         out = {"pos": np.degrees(2 * th), "fwhm": h, "eta": e, "tan": tn, "cos": cs}
-        if self.model.method == "rietveld":
+        if self.computed[p]:
             fsq = structure_factors_sq(st, refl.hkl, expanded=_moved(self.expanded[p], st))
             lp = 1.0 / (np.sin(th) ** 2 * cs)
             if self.model.polarization == "unpolarised":
@@ -381,8 +456,14 @@ class _Calculator:
         parts = phases if phases is not None else [self.phase_state(p, theta) for p in range(len(self.model.phases))]
         out = {k: np.concatenate([q[k] for q in parts]) for k in ("pos", "fwhm", "eta", "tan", "cos")}
         out["pos"] = out["pos"] + theta[L.index["zero"]] + theta[L.index["displacement"]] * out["cos"]
-        out["I"] = (np.concatenate([q["I"] for q in parts]) if self.model.method == "rietveld"
-                    else np.asarray(lebail_I, float))
+        if not self.any_extracted:
+            out["I"] = np.concatenate([q["I"] for q in parts])
+        else:
+            I = np.zeros(int(self.offsets[-1])) if lebail_I is None else np.array(lebail_I, float)
+            for p, q in enumerate(parts):
+                if "I" in q:
+                    I[int(self.offsets[p]):int(self.offsets[p + 1])] = q["I"]
+            out["I"] = I
         return out
 
     # the pattern ---------------------------------------------------------------------------
@@ -491,7 +572,7 @@ class _Calculator:
             de = (s2["eta"] - s1["eta"]) / h
             w = I[rows] * (pr["dx0"][rows] * dx0[:, None] + pr["dH"][rows] * dH[:, None]
                            + pr["deta"][rows] * de[:, None])
-            if self.model.method == "rietveld":
+            if "I" in s1:
                 w = w + pr["P"][rows] * ((s2["I"] - s1["I"]) / h)[:, None]
             J[:, c] = np.bincount(pr["idx"][rows].ravel(), weights=w.ravel(), minlength=self.x.size)
         return y, J, st["I"]
@@ -537,20 +618,33 @@ class RefinementResult:
     phase_names: list[str]
     weight_fractions: dict[str, tuple[float, float]] = field(default_factory=dict)
     theta: np.ndarray | None = None
+    status: str = "ok"
+    at_bound: dict[str, str] = field(default_factory=dict)
+    absent: list[str] = field(default_factory=list)
+    shares: dict[str, float] = field(default_factory=dict)
+    start_from: str = ""
 
     def value(self, name: str) -> float:
         return float(self.values[self.names.index(name)])
 
     def esd(self, name: str) -> float:
+        """The esd of a refined parameter; NaN when not refined or held at a bound (see
+        :attr:`at_bound`: parameter name -> ``"lower"`` or ``"upper"``)."""
         return float(self.esds[self.names.index(name)])
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
 
     def table(self) -> str:
         """The refined parameters, one per line, value(esd)."""
         lines = [f"Rwp {100 * self.rwp:.2f} %, Rexp {100 * self.rexp:.2f} %, GOF {self.gof:.3f} "
-                 f"({self.n_params} parameters, {self.n_points} points, {self.n_iter} iterations)"]
+                 f"({self.n_params} parameters, {self.n_points} points, {self.n_iter} iterations): {self.status}"
+                 + (f" ({self.message})" if self.message else "")]
         for n, v, e, r in zip(self.names, self.values, self.esds, self.refined):
             if r and not n.startswith("bkg_"):
-                lines.append(f"  {n:<24} {v:.6g} ± {e:.2g}")
+                lines.append(f"  {n:<24} {v:.6g} " + (f"at its {self.at_bound[n]} bound" if n in self.at_bound
+                                                       else f"± {e:.2g}"))
         for ph, (w, e) in self.weight_fractions.items():
             lines.append(f"  {ph + ' weight fraction':<24} {w:.4f} ± {e:.4f}")
         return "\n".join(lines)
@@ -579,20 +673,93 @@ class Refiner:
         self.model = model
         self.calc = _Calculator(model, tth)
 
+    def refine(self, y: np.ndarray, sigma: np.ndarray | None = None, *, start: RefinementResult | None = None,
+               tol: float = 1e-7, gof_limit: float | None = None, restart: bool = True) -> RefinementResult:
+        """Refine against ``y`` (on the grid; NaN points and points without a positive esd get
+        no weight).
+
+        From ``start`` (a previous result, e.g. the last frame) all parameters are refined at
+        once. Where that result is not ``ok`` (or its GOF exceeds ``gof_limit``), and always
+        without ``start``, the pattern is refined again (staged, see :class:`RefinementModel`)
+        from the better of the configured cells and a cell search around them (``search``;
+        compared by a linear fit), and the better result (``ok`` first, then the lowest Rwp)
+        is returned; :attr:`~RefinementResult.start_from` says which start won (``previous``,
+        ``configured`` or ``searched``). ``restart=False``: only the first attempt.
+        """
+        from threadpoolctl import threadpool_limits
+
+        # small dense matrices: BLAS threads only contend with each other (and with other processes)
+        with threadpool_limits(limits=1, user_api="blas"):
+            return self._refine(y, sigma, start=start, tol=tol, gof_limit=gof_limit, restart=restart)
+
     @property
     def names(self) -> list[str]:
         return list(self.calc.layout.names)
 
-    def refine(self, y: np.ndarray, sigma: np.ndarray | None = None, *, start: RefinementResult | None = None,
-               tol: float = 1e-7) -> RefinementResult:
-        """Refine against ``y`` (on the grid; NaN points and points without a positive esd get
-        no weight), from ``start`` (a previous result) or from the model's start values."""
-        return _refine(self.calc, np.asarray(y, float), sigma, start, tol)
+    def _refine(self, y, sigma, *, start, tol, gof_limit, restart) -> RefinementResult:
+        calc = self.calc
+        model = self.model
+        y = np.asarray(y, float)
+        staged = model.strategy == "staged"
+
+        def good(r: RefinementResult) -> bool:
+            # flagged is good enough where the previous frame was flagged too (no restart every frame)
+            fine = r.ok or (r.status == "flagged" and start is not None and start.status == "flagged")
+            # a GOF that rose notably since the previous frame is worth a second start
+            rose = start is not None and np.isfinite(start.gof) and start.gof > 0 and r.gof > GOF_RISE * start.gof
+            return fine and not rose and (gof_limit is None or r.gof <= gof_limit)
+
+        tried: list[RefinementResult] = []
+        if start is not None and start.theta is not None:
+            # Le Bail with several phases: from the previous cells with the intensities extracted
+            # afresh (phase fractions change from frame to frame), then with the previous
+            # intensities held while the cells move (a cell that jumped by peak widths)
+            variants = [True, False] if (calc.any_extracted and len(model.phases) > 1
+                                         and start.lebail_I is not None) else [False]
+            for fresh in variants:
+                r = _refine(calc, y, sigma, start, tol, fresh=fresh)
+                r.start_from = "previous"
+                if good(r) or not restart:
+                    return r
+                tried.append(r)
+        if not model.search:
+            r = _refine(calc, y, sigma, None, tol, staged=staged)
+            r.start_from = "configured"
+        else:
+            # the search compares the configured cells with its own best trials (linear fits)
+            centre, followed = None, []
+            if start is not None and start.theta is not None:
+                # around the previous frame's cells (the configured ones for phases it lacked)
+                centre = calc.layout.start()
+                gone = set(start.absent)
+                for p, ph in enumerate(model.phases):
+                    if ph.name not in gone:
+                        followed.append(p)
+                        for i in _cell_idx(calc, p):
+                            centre[i] = start.theta[i]
+            theta0, I0, source = _search(calc, y, sigma, centre, followed)
+            r = _refine(calc, y, sigma, None, tol, staged=staged, theta0=theta0, I0=I0, centre=centre,
+                        followed=followed)
+            r.start_from = source
+        tried.append(r)
+        return _best(tried, gof_limit)
 
 
-def _lm_step(calc, theta, I, free, As, gs, dscale, wt, y, chi2_now, lam):
+def _best(tried: list[RefinementResult], gof_limit: float | None) -> RefinementResult:
+    rank = {"ok": 0, "flagged": 1, "failed": 2}
+
+    def key(r: RefinementResult):
+        over = gof_limit is not None and not r.gof <= gof_limit
+        return (rank[r.status] + (2 if over else 0), r.rwp if np.isfinite(r.rwp) else np.inf)
+
+    return min(tried, key=key)
+
+
+def _lm_step(calc, theta, I, free, As, gs, dscale, wt, y, chi2_now, lam, bounds):
     """One Levenberg-Marquardt step on the scaled normal equations ``As``, ``gs`` (scaled by
-    ``dscale``): (step, θ, λ, χ²) after it, or step None (θ unchanged) when no damping lowers χ²."""
+    ``dscale``), kept inside the bounds: (step, θ, λ, χ²) after it, or step None (θ unchanged)
+    when no damping lowers χ²."""
+    lower, upper = bounds
     for _ in range(12):
         try:
             step = np.linalg.solve(As + lam * np.eye(As.shape[0]), gs) / dscale
@@ -600,51 +767,30 @@ def _lm_step(calc, theta, I, free, As, gs, dscale, wt, y, chi2_now, lam):
             lam *= 10
             continue
         t_new = theta.copy()
-        t_new[free] += step
-        t_new = _clip(calc, t_new)
+        t_new[free] = np.clip(t_new[free] + step, lower[free], upper[free])
         rn = (y - calc.pattern(t_new, I)) * wt
         c_new = float(rn @ rn)
         if np.isfinite(c_new) and c_new < chi2_now:
-            return step, t_new, max(lam / 5, 1e-9), c_new
+            return t_new[free] - theta[free], t_new, max(lam / 5, 1e-9), c_new
         lam *= 8
     return None, theta, lam, chi2_now
 
 
-def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol) -> RefinementResult:
-    model = calc.model
-    sig = np.sqrt(np.maximum(np.nan_to_num(y), 1.0)) if sigma is None else np.asarray(sigma, float)
-    valid = np.isfinite(y) & np.isfinite(sig) & (sig > 0)
-    n_valid = int(valid.sum())
-    if n_valid < 20:
-        raise RefinementError(f"only {n_valid} usable points in the refined range")
-    y = np.where(valid, y, 0.0)
-    wt = np.where(valid, 1.0 / np.where(valid, sig, 1.0), 0.0)
-    calc.valid = valid
-    L = calc.layout
-    theta = L.start()
-    lebail = model.method == "lebail"
-    n_refl = int(calc.offsets[-1])
-    I = None
-    if start is not None and start.theta is not None and len(start.theta) == len(theta):
-        theta = start.theta.copy()
-        if lebail and start.lebail_I is not None and start.lebail_I.size == n_refl:
-            I = start.lebail_I.copy()
-    if start is None or start.theta is None:
-        theta = _initial_guess(calc, theta, y[valid] if n_valid else y, lebail)
-    if lebail and I is None:
-        I = _lebail_start(calc, theta, y)
-    free = L.free.copy()
+def _lm(calc, y, wt, theta, I, free, *, max_iter, tol, hold, n_valid, bounds):
+    """Levenberg-Marquardt over the parameters ``free`` (Le Bail: intensities re-extracted at
+    every step, or first held at ``I`` with ``hold``). A parameter at a bound that the gradient
+    pushes outward is left out of a step. Returns θ, I, converged, steps taken."""
+    lower, upper = bounds
+    lebail = calc.any_extracted
     n_iter = 0
     converged = False
     lam = 1e-3
     chi2 = None
-    # Le Bail from a previous frame: its intensities are first held fixed (a structure-like model)
-    # while the cell and profile follow the pattern; extracting at positions that are off by more
-    # than a peak width would give the peaks away to the background and the cell would wander
-    hold = lebail and start is not None and start.lebail_I is not None and I is not None
     held = 0
     outer = 0
-    while outer < model.max_iter:
+    if free.size == 0:
+        return theta, I, True, 0
+    while outer < max_iter:
         extracting = lebail and not hold
         yc, J, I_used = calc.jacobian(theta, I, free, extract_from=y if extracting else None, cycles=LEBAIL_CYCLES)
         if extracting:
@@ -661,13 +807,21 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol) -> Refinement
         elif chi2 is not None and abs(chi2 - chi2_now) <= (max(tol, LEBAIL_TOL) if lebail else tol) * chi2_now \
                 and outer > 1:
             converged = True
-            chi2 = chi2_now
             break
         chi2 = chi2_now
-        A = Jw.T @ Jw
+        g = Jw.T @ r
+        tf = theta[free]
+        pinned = ((tf <= lower[free]) & (g < 0)) | ((tf >= upper[free]) & (g > 0))
+        move = np.flatnonzero(~pinned)
+        if move.size == 0:
+            converged = True
+            break
+        Jm = Jw[:, move]
+        A = Jm.T @ Jm
         dscale = np.sqrt(np.maximum(np.diag(A), 1e-300))
         As = A / np.outer(dscale, dscale)
-        step, theta, lam, c_new = _lm_step(calc, theta, I, free, As, (Jw.T @ r) / dscale, dscale, wt, y, chi2_now, lam)
+        step, theta, lam, c_new = _lm_step(calc, theta, I, free[move], As, g[move] / dscale, dscale, wt, y,
+                                           chi2_now, lam, bounds)
         n_iter += 1
         if hold:
             held += 1
@@ -687,7 +841,210 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol) -> Refinement
         except np.linalg.LinAlgError:
             pass
         outer += 1
-    # final statistics and esds
+    return theta, I, converged, n_iter
+
+
+def _stages(calc, free: np.ndarray) -> list[np.ndarray]:
+    """The staged release of ``free``: background and scales; + cells and zero; + the main
+    widths (W, Y); + the other widths (U, V, X); + everything else (asymmetry, structure)."""
+    L = calc.layout
+    groups = [
+        lambda q: q.kind in ("bkg", "scale"),
+        lambda q: q.kind in ("cell", "zero", "disp"),
+        lambda q: q.kind == "profile" and q.key in ("W", "Y"),
+        lambda q: q.kind == "profile",
+        lambda q: True,
+    ]
+    stages: list[np.ndarray] = []
+    acc: set[int] = set()
+    for test in groups:
+        acc |= {int(i) for i in free if test(L.params[i])}
+        if acc and (not stages or len(acc) > stages[-1].size):
+            stages.append(np.array(sorted(acc), int))
+    return stages or [free]
+
+
+def _shares(calc, theta: np.ndarray, I: np.ndarray | None) -> np.ndarray:
+    """Each phase's share of the calculated intensity inside the range."""
+    st = calc.reflection_state(theta, I)
+    inside = (st["pos"] >= calc.lo) & (st["pos"] <= calc.hi)
+    tot = np.array([float(np.sum(np.maximum(st["I"][a:b], 0.0)[inside[a:b]]))
+                    for a, b in zip(calc.offsets[:-1], calc.offsets[1:])])
+    s = tot.sum()
+    return tot / s if s > 0 and np.isfinite(s) else np.full(tot.size, np.nan)
+
+
+def _absent(calc, theta: np.ndarray, I: np.ndarray, y: np.ndarray, wt: np.ndarray) -> list[int]:
+    """Le Bail phases that do not improve the fit: with their intensities removed and the other
+    phases' re-extracted, χ² rises by less than ABSENT_CHI2 per reflection (at least 25) or than
+    ABSENT_REL of χ² (a phase that only takes over another's misfit)."""
+    st = calc.reflection_state(theta, I)
+    pr = calc.profiles(st, theta)
+    flat = pr["idx"].ravel()
+    bkg = calc.background(theta)
+
+    def chi2(inten):
+        yc = bkg + np.bincount(flat, weights=(pr["P"] * inten[:, None]).ravel(), minlength=calc.x.size)
+        r = (y - yc) * wt
+        return float(r @ r)
+
+    base = chi2(I)
+    out = []
+    for p in range(len(calc.model.phases)):
+        a, b = int(calc.offsets[p]), int(calc.offsets[p + 1])
+        if not np.any(I[a:b] > 0):
+            out.append(p)
+            continue
+        I2 = I.copy()
+        I2[a:b] = 0.0
+        I2 = _extract(calc, pr, theta, I2, y, 3)
+        if chi2(I2) - base <= max(25.0, ABSENT_CHI2 * (b - a), ABSENT_REL * base):
+            out.append(p)
+    return out
+
+
+def _phase_params(calc, p: int) -> list[int]:
+    """The cell and width parameters of phase ``p`` (held while it is absent)."""
+    return [i for i, q in enumerate(calc.layout.params) if q.phase == p and q.kind in ("cell", "profile", "struct")]
+
+
+def _cell_bounds(calc, centre: np.ndarray | None, followed: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """The bounds of every parameter; the cells' searched range around ``centre``'s cells
+    (default: the configured ones), as wide as around the configured cells, and half as wide
+    for the phases ``followed`` from a previous frame (a cell moves little from frame to frame;
+    a wider range would let two phases of one lattice type swap their cells)."""
+    L = calc.layout
+    lower, upper = L.lower.copy(), L.upper.copy()
+    if centre is None:
+        return lower, upper
+    c0 = L.start()
+    for i, q in enumerate(L.params):
+        if q.kind == "cell" and q.phase in followed:
+            if q.key in ("a", "b", "c"):
+                lower[i] = centre[i] * (1 - FOLLOW * (1 - L.lower[i] / c0[i]))
+                upper[i] = centre[i] * (1 + FOLLOW * (L.upper[i] / c0[i] - 1))
+            else:
+                lower[i] = centre[i] - FOLLOW * (c0[i] - L.lower[i])
+                upper[i] = centre[i] + FOLLOW * (L.upper[i] - c0[i])
+        elif q.kind == "cell":
+            if q.key in ("a", "b", "c"):
+                lower[i], upper[i] = L.lower[i] * centre[i] / c0[i], L.upper[i] * centre[i] / c0[i]
+            else:
+                lower[i], upper[i] = L.lower[i] + centre[i] - c0[i], L.upper[i] + centre[i] - c0[i]
+    return lower, upper
+
+
+def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol, *, staged: bool = False,
+            theta0: np.ndarray | None = None, I0: np.ndarray | None = None,
+            centre: np.ndarray | None = None, followed: Sequence[int] = (),
+            fresh: bool = False) -> RefinementResult:
+    model = calc.model
+    sig = np.sqrt(np.maximum(np.nan_to_num(y), 1.0)) if sigma is None else np.asarray(sigma, float)
+    valid = np.isfinite(y) & np.isfinite(sig) & (sig > 0)
+    n_valid = int(valid.sum())
+    if n_valid < 20:
+        raise RefinementError(f"only {n_valid} usable points in the refined range")
+    y = np.where(valid, y, 0.0)
+    wt = np.where(valid, 1.0 / np.where(valid, sig, 1.0), 0.0)
+    calc.valid = valid
+    L = calc.layout
+    theta = L.start()
+    lebail = calc.any_extracted
+    all_lebail = model.method == "lebail"
+    n_refl = int(calc.offsets[-1])
+    I = None
+    from_previous = start is not None and start.theta is not None and len(start.theta) == len(theta)
+    if from_previous:
+        theta = start.theta.copy()
+        if lebail and start.lebail_I is not None and start.lebail_I.size == n_refl:
+            I = start.lebail_I.copy()
+            if fresh:                        # the previous cells, intensities extracted afresh
+                I = _lebail_start(calc, theta, y)
+            for p, ph in enumerate(model.phases):          # absent in the previous frame: held absent
+                if ph.name in start.absent:
+                    I[int(calc.offsets[p]):int(calc.offsets[p + 1])] = 0.0
+    elif theta0 is not None:
+        theta = theta0.copy()
+        if lebail and I0 is not None:
+            I = I0.copy()
+        if not all_lebail:
+            theta = _initial_guess(calc, theta, y[valid], all_lebail, background=False)
+    else:
+        theta = _initial_guess(calc, theta, y[valid], all_lebail)
+    # bounds: the cells within their searched range around the start (the configured cell, or
+    # the previous frame's)
+    if from_previous:
+        lower, upper = _cell_bounds(calc, start.theta, [p for p, ph in enumerate(model.phases)
+                                                          if ph.name not in start.absent])
+    else:
+        lower, upper = _cell_bounds(calc, centre, followed)
+    bounds = (lower, upper)
+    theta = np.clip(theta, lower, upper)
+    if lebail and I is None:
+        I = _lebail_start(calc, theta, y)
+    free = L.free.copy()
+    # a Le Bail phase with (next to) no intensity at the start is absent: its cell and widths are held
+    absent: list[int] = []
+    if all_lebail and len(model.phases) > 1:
+        empty = [p for p in range(len(model.phases))
+                 if not np.any(I[int(calc.offsets[p]):int(calc.offsets[p + 1])] > 0)]
+        # from a frame with one phase left, the others stay absent (no test needed)
+        absent = empty if from_previous and len(empty) >= len(model.phases) - 1 else _absent(calc, theta, I, y, wt)
+        if absent and len(absent) < len(model.phases):
+            hold_idx = {i for p in absent for i in _phase_params(calc, p)}
+            free = np.array([i for i in free if int(i) not in hold_idx], int)
+            for p in absent:                 # no intensity: they take none from the others' peaks
+                I[int(calc.offsets[p]):int(calc.offsets[p + 1])] = 0.0
+        else:
+            absent = []
+    stages = _stages(calc, free) if staged else [free]
+    hold = lebail and from_previous and I is not None and start.lebail_I is not None and not fresh
+    n_iter = 0
+    converged = False
+    for k, cols in enumerate(stages):
+        last = k == len(stages) - 1
+        theta, I, converged, it = _lm(calc, y, wt, theta, I, cols, max_iter=model.max_iter if last else STAGE_ITER,
+                                      tol=tol, hold=hold and k == 0, n_valid=n_valid, bounds=bounds)
+        n_iter += it
+    # phases the converged fit does not need: removed, and the last stage refined again without them
+    if all_lebail and len(model.phases) > 1:
+        gone = [p for p in _absent(calc, theta, I, y, wt) if p not in absent]
+        if gone and len(gone) + len(absent) < len(model.phases):
+            hold_idx = {i for p in gone for i in _phase_params(calc, p)}
+            free = np.array([i for i in free if int(i) not in hold_idx], int)
+            for p in gone:
+                I[int(calc.offsets[p]):int(calc.offsets[p + 1])] = 0.0
+            absent = sorted(absent + gone)
+            theta, I, converged, it = _lm(calc, y, wt, theta, I, free, max_iter=model.max_iter, tol=tol, hold=False,
+                                          n_valid=n_valid, bounds=bounds)
+            n_iter += it
+    res = _result(calc, y, wt, valid, theta, I, free, n_iter, converged, absent, bounds)
+    # a Le Bail phase pinned at the edge of its searched range may be a ghost taking another's
+    # misfit: refined again without it, the better verdict kept
+    pinned = sorted({L.params[L.index[nm]].phase for nm in res.at_bound if L.params[L.index[nm]].kind == "cell"}
+                    - set(absent))
+    if all_lebail and pinned and len(pinned) + len(absent) < len(model.phases) and res.status != "ok":
+        hold_idx = {i for p in pinned for i in _phase_params(calc, p)}
+        free2 = np.array([i for i in free if int(i) not in hold_idx], int)
+        I2 = I.copy()
+        for p in pinned:
+            I2[int(calc.offsets[p]):int(calc.offsets[p + 1])] = 0.0
+        t2 = theta.copy()
+        for p in pinned:
+            t2[_cell_idx(calc, p)] = np.clip(L.start(), lower, upper)[_cell_idx(calc, p)]
+        t2, I2, conv2, it = _lm(calc, y, wt, t2, I2, free2, max_iter=model.max_iter, tol=tol, hold=False,
+                                n_valid=n_valid, bounds=bounds)
+        alt = _result(calc, y, wt, valid, t2, I2, free2, n_iter + it, conv2, sorted(absent + pinned), bounds)
+        res = _best([res, alt], None)
+    return res
+
+
+def _result(calc, y, wt, valid, theta, I, free, n_iter, converged, absent, bounds) -> RefinementResult:
+    """Statistics, esds (parameters at a bound left out) and the verdict of a refined θ."""
+    model = calc.model
+    L = calc.layout
+    lebail = calc.any_extracted
+    n_valid = int(valid.sum())
     yc, J, I_used = calc.jacobian(theta, I, free, extract_from=y if lebail else None, cycles=1)
     if lebail:
         I = I_used
@@ -697,64 +1054,338 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol) -> Refinement
     n_p = int(free.size)
     dof = max(n_valid - n_p, 1)
     sw = float(np.sum((y * wt) ** 2))
-    rwp = math.sqrt(chi2 / sw)
-    rexp = math.sqrt(dof / sw)
-    gof = rwp / rexp
+    rwp = math.sqrt(chi2 / sw) if sw > 0 else math.nan
+    rexp = math.sqrt(dof / sw) if sw > 0 else math.nan
+    gof = rwp / rexp if rexp > 0 else math.nan
+    # parameters at a bound: reported as such, without an esd, and out of the covariance
+    bound: dict[str, str] = {}
+    inner = []
+    lower, upper = bounds
+    for c, j in enumerate(free):
+        if theta[j] <= lower[j]:
+            bound[L.names[j]] = "lower"
+        elif theta[j] >= upper[j]:
+            bound[L.names[j]] = "upper"
+        else:
+            inner.append(c)
+    inner = np.array(inner, int)
     esd = np.full(theta.size, np.nan)
     cov = None
-    try:
-        A = Jw.T @ Jw
-        dscale = np.sqrt(np.maximum(np.diag(A), 1e-300))
-        cov = np.linalg.pinv(A / np.outer(dscale, dscale), rcond=1e-12) / np.outer(dscale, dscale)
-        esd[free] = np.sqrt(np.maximum(np.diag(cov), 0.0)) * gof
-    except np.linalg.LinAlgError:
-        pass
+    if inner.size:
+        try:
+            Ji = Jw[:, inner]
+            A = Ji.T @ Ji
+            dscale = np.sqrt(np.maximum(np.diag(A), 1e-300))
+            ci = np.linalg.pinv(A / np.outer(dscale, dscale), rcond=1e-12) / np.outer(dscale, dscale)
+            cov = np.full((free.size, free.size), np.nan)
+            cov[np.ix_(inner, inner)] = ci
+            esd[free[inner]] = np.sqrt(np.maximum(np.diag(ci), 0.0)) * gof
+        except np.linalg.LinAlgError:
+            cov = None
     _, bkg, parts, st = calc.pattern(theta, I, per_phase=True)
     ticks = [st["pos"][calc.offsets[p]:calc.offsets[p + 1]] for p in range(len(model.phases))]
     refined = np.zeros(theta.size, bool)
     refined[free] = True
+    share = _shares(calc, theta, I)
     res = RefinementResult(list(L.names), theta.copy(), esd, refined, rwp, rexp, gof, n_valid, n_p, n_iter,
-                           converged, "" if converged else f"not converged in {model.max_iter} iterations",
-                           calc.x, np.where(valid, y, np.nan), yc, bkg, parts, ticks, None if I is None else I.copy(),
-                           [ph.name for ph in model.phases], theta=theta.copy())
-    if not lebail:
+                           converged, "", calc.x, np.where(valid, y, np.nan), yc, bkg, parts, ticks,
+                           None if I is None else I.copy(), [ph.name for ph in model.phases], theta=theta.copy(),
+                           at_bound=bound, shares={ph.name: float(share[p]) for p, ph in enumerate(model.phases)})
+    # phases absent at the start or found absent at the end (see _refine)
+    gone = set(absent)
+    res.absent = [model.phases[p].name for p in sorted(gone)]
+    if res.lebail_I is not None:
+        for p in gone:                       # the next frame starts with them absent
+            res.lebail_I[int(calc.offsets[p]):int(calc.offsets[p + 1])] = 0.0
+    if model.method == "rietveld":
         res.weight_fractions = _weight_fractions(calc, theta, cov, free, gof)
+    _verdict(calc, res, sorted(gone), bounds)
     return res
 
 
-def _clip(calc: _Calculator, theta: np.ndarray) -> np.ndarray:
-    """Keep widths and cells physical during a step."""
+def _verdict(calc, res: RefinementResult, absent: list[int], bounds) -> None:
+    """``ok``, ``flagged`` (GOF above ``gof_max``, a refined parameter at a bound) or
+    ``failed`` (not finite, not converged, a cell at the edge of its searched range), the
+    reasons in ``message``."""
+    model = calc.model
     L = calc.layout
-    for i, q in enumerate(L.params):
-        if q.kind == "profile" and q.refined:
-            if q.key in ("X", "Y"):
-                theta[i] = max(theta[i], 0.0)
-            elif q.key == "W":
-                theta[i] = max(theta[i], 1e-8)      # a Gaussian width at every angle
+    fail: list[str] = []
+    flag: list[str] = []
+    notes: list[str] = []
+    if not (np.isfinite(res.gof) and np.all(np.isfinite(res.values))):
+        fail.append("no finite result")
+    elif not res.converged:
+        fail.append(f"not converged in {model.max_iter} iterations")
+    if np.isfinite(res.gof) and res.gof > model.gof_max:
+        flag.append(f"GOF {res.gof:.3g} above gof_max = {model.gof_max:g} (Rwp {100 * res.rwp:.2f} %, "
+                    f"Rexp {100 * res.rexp:.2f} %): the model does not describe this pattern well")
+    skip = {model.phases[p].name for p in absent}
+    for name, side in res.at_bound.items():
+        j = L.index[name]
+        q = L.params[j]
+        if q.phase >= 0 and model.phases[q.phase].name in skip and q.kind != "scale":
+            continue
+        b = bounds[0][j] if side == "lower" else bounds[1][j]
         if q.kind == "cell":
-            theta[i] = max(theta[i], 1e-3)
-    return theta
+            lo, hi = bounds[0][j], bounds[1][j]
+            fail.append(f"{name} = {res.values[j]:.5g} at the edge of its searched range [{lo:.5g}, {hi:.5g}]")
+        elif q.kind == "scale" and model.phases[q.phase].name in skip:
+            continue
+        else:
+            flag.append(f"{name} at its {side} bound {b:g}")
+    for p in absent:
+        ph = model.phases[p].name
+        notes.append(f"{ph} absent (the fit does not need it; {100 * max(res.shares.get(ph, 0.0), 0.0):.1f} % of "
+                     "the intensity): its cell is not determined")
+    res.status = "failed" if fail else "flagged" if flag else "ok"
+    res.message = "; ".join(fail + flag + notes)
 
 
-def _initial_guess(calc: _Calculator, theta: np.ndarray, y: np.ndarray, lebail: bool) -> np.ndarray:
+# ----------------------------------------------------------------------------------------------
+# the cell search: a grid of trial cells, intensities (Pawley-like, non-negative) and background
+# solved linearly at every trial
+
+
+
+def _linear_fit(calc, theta: np.ndarray, yw: np.ndarray, wt: np.ndarray, rows: np.ndarray,
+                phases: Sequence[int] | None = None):
+    """χ² of the best pattern at ``theta`` with free non-negative reflection intensities and a
+    free background (the points ``rows`` only), the intensities and the background terms."""
+    import scipy.sparse as sp
+    from scipy.optimize import nnls
+
+    n_refl = int(calc.offsets[-1])
+    st = calc.reflection_state(theta, np.ones(n_refl))
+    pr = calc.profiles(st, theta)
+    rowmap = np.full(calc.x.size, -1)
+    rowmap[rows] = np.arange(rows.size)
+    sel = pr["ok"] & (rowmap[pr["idx"]] >= 0)
+    if phases is not None:
+        use = np.zeros(n_refl, bool)
+        for p in phases:
+            use[int(calc.offsets[p]):int(calc.offsets[p + 1])] = True
+        sel &= use[:, None]
+    r_i = rowmap[pr["idx"][sel]]
+    c_i = np.nonzero(sel)[0]
+    M = sp.csr_matrix((pr["P"][sel] * wt[pr["idx"][sel]], (r_i, c_i)), shape=(rows.size, n_refl))
+    B = calc.cheb[rows] * wt[rows, None]
+    yv = yw[rows]
+    amm = (M.T @ M).toarray()
+    amb = np.asarray(M.T @ B)
+    abb = B.T @ B
+    bm = np.asarray(M.T @ yv).ravel()
+    bb = B.T @ yv
+    try:
+        S = np.linalg.solve(abb + 1e-12 * np.trace(abb) * np.eye(abb.shape[0]), np.column_stack([amb.T, bb]))
+        ar = amm - amb @ S[:, :n_refl]
+        br = bm - amb @ S[:, n_refl]
+        ridge = 1e-10 * max(np.trace(ar) / max(n_refl, 1), 1e-300)
+        lc = np.linalg.cholesky(ar + ridge * np.eye(n_refl))
+        inten, _ = nnls(lc.T, np.linalg.solve(lc, br), maxiter=20 * n_refl)
+    except (np.linalg.LinAlgError, RuntimeError):
+        return np.inf, np.zeros(n_refl), np.zeros(B.shape[1])
+    bk = S[:, n_refl] - S[:, :n_refl] @ inten
+    res = yv - M @ inten - B @ bk
+    return float(res @ res), inten, bk
+
+
+def _set_width(calc, theta: np.ndarray, fwhm_deg: float | None = None, factor: float = 1.0) -> np.ndarray:
+    """θ with every phase's widths replaced by a constant Gaussian FWHM, or scaled by ``factor``."""
+    t = theta.copy()
+    for idx in calc.profile_index:
+        if fwhm_deg is not None:
+            t[idx] = [0.0, 0.0, fwhm_deg**2, 0.0, 0.0]
+        else:
+            t[idx] = t[idx] * np.array([factor**2, factor**2, factor**2, factor, factor])
+    return t
+
+
+def _search(calc, y: np.ndarray, sigma, centre: np.ndarray | None = None,
+            followed: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray, str]:
+    """A start from a search of every phase's cell around the configured one (the searched
+    range of :meth:`PhaseModel.search_range`). Phase after phase (the best-matching first), a
+    fine grid of trial cells is scored by a matched filter (how many reflections fall on peaks
+    of what the phases already placed leave unexplained); the best few trials are compared by a
+    linear fit (intensities non-negative, one per reflection, and the background solved at each
+    trial, the configured cell among them); then the widths are scaled to the pattern. Returns
+    θ, the intensities and ``"searched"`` (or ``"configured"`` when no configured cell moved)."""
+    model = calc.model
+    L = calc.layout
+    sig = np.sqrt(np.maximum(np.nan_to_num(y), 1.0)) if sigma is None else np.asarray(sigma, float)
+    valid = np.isfinite(y) & np.isfinite(sig) & (sig > 0)
+    wt = np.where(valid, 1.0 / np.where(valid, sig, 1.0), 0.0)
+    y0 = np.where(valid, y, 0.0)
+    yw = y0 * wt
+    lower, upper = _cell_bounds(calc, centre, followed)
+    theta = np.clip(L.start() if centre is None else centre, lower, upper)
+    rows = np.flatnonzero(valid)
+    # the widths: the configured ones scaled by the best of a few factors (at the configured cells)
+    theta = _scale_widths(calc, theta, yw, wt, rows[::2])
+    remaining = [p for p, ph in enumerate(model.phases) if ph.refine_cell]
+    placed = [p for p, ph in enumerate(model.phases) if not ph.refine_cell]
+    resid = y0.copy()
+    searched = False
+    missing: list[int] = []
+    if placed:
+        resid = y0 - _phase_fit(calc, theta, yw, wt, rows, placed)
+    while remaining:
+        scored = [(_match(calc, p, theta, resid, sig, valid, (lower, upper)), p) for p in remaining]
+        (best_score, cands, steps_rel), p = max(scored, key=lambda t: t[0][0])
+        remaining.remove(p)
+        idx = _cell_idx(calc, p)
+        if not np.isfinite(best_score) or not len(cands):
+            missing.append(p)
+            continue
+        chosen, low = theta[idx].copy(), np.inf
+        configured = np.clip(L.start() if centre is None else centre, lower, upper)[idx]
+        for cell in [configured] + list(cands):
+            t = theta.copy()
+            t[idx] = cell
+            c2 = _linear_fit(calc, t, yw, wt, rows[::2], placed + [p])[0]
+            if c2 < low:
+                chosen, low = cell, c2
+        # then closer: a third of the grid step around the best, twice
+        grid = np.array(np.meshgrid(*[[-1.0, 0.0, 1.0]] * len(idx), indexing="ij")).reshape(len(idx), -1).T
+        for _ in range(2):
+            best_here = chosen
+            for d in grid:
+                if not d.any():
+                    continue
+                t = theta.copy()
+                t[idx] = np.clip(chosen * (1 + d * steps_rel / 3), lower[idx], upper[idx])
+                c2 = _linear_fit(calc, t, yw, wt, rows[::2], placed + [p])[0]
+                if c2 < low:
+                    best_here, low = t[idx].copy(), c2
+            chosen = best_here
+        if np.any(chosen != configured):
+            searched = True
+        theta[idx] = chosen
+        placed.append(p)
+        resid = y0 - _phase_fit(calc, theta, yw, wt, rows, placed)
+    theta = _scale_widths(calc, theta, yw, wt, rows[::2])
+    _, inten, bk = _linear_fit(calc, theta, yw, wt, rows, [p for p in range(len(model.phases)) if p not in missing])
+    if model.background_terms:
+        theta[[L.index[f"bkg_{j}"] for j in range(model.background_terms)]] = bk
+    return theta, inten, "searched" if searched else "configured"
+
+
+def _scale_widths(calc, theta, yw, wt, rows) -> np.ndarray:
+    best = (np.inf, theta)
+    for f in (0.25, 0.5, 1.0, 2.0, 4.0, 8.0):
+        t = _set_width(calc, theta, factor=f)
+        c2 = _linear_fit(calc, t, yw, wt, rows)[0]
+        if c2 < best[0]:
+            best = (c2, t)
+    return best[1]
+
+
+def _phase_fit(calc, theta, yw, wt, rows, phases) -> np.ndarray:
+    """The pattern of ``phases`` (no background) in their best linear fit at ``theta``."""
+    _, inten, _ = _linear_fit(calc, theta, yw, wt, rows, phases)
+    return calc.pattern(theta, inten) - calc.background(theta)
+
+
+def _match(calc, p: int, theta: np.ndarray, resid: np.ndarray, sig: np.ndarray, valid: np.ndarray, bounds,
+           n_best: int = 6):
+    """Phase ``p``'s trial cells (a grid of its lengths over the searched range) scored by a
+    matched filter of ``resid``: Σ log(1 + z) over its reflections, z the significance of a peak
+    at the reflection's position. Returns the best score and the best few distinct cells."""
+    L = calc.layout
+    ph = calc.model.phases[p]
+    lam = calc.model.wavelength_A
+    keys = [k for k in cell_parameters(ph.system) if k in ("a", "b", "c")]
+    idx = _cell_idx(calc, p)
+    # the matched filter: a peak of the phase's width minus a three times broader one (blind to
+    # a smooth background), on a uniform grid
+    st = calc.phase_state(p, theta)
+    inside = (st["pos"] >= calc.lo) & (st["pos"] <= calc.hi)
+    H = float(np.median(st["fwhm"][inside])) if inside.any() else 0.05
+    step = max(calc.step, 1e-6)
+    H = max(H, 3 * step)
+    u = np.arange(calc.lo, calc.hi + step / 2, step)
+    yu = np.interp(u, calc.x, np.where(valid, resid, 0.0))
+    vu = np.interp(u, calc.x, np.where(valid, sig**2, 0.0))
+    half = int(math.ceil(3 * 3 * H / step))
+    k = np.arange(-half, half + 1) * step
+    g1 = np.exp(-4 * _LN2 * (k / H) ** 2)
+    g3 = np.exp(-4 * _LN2 * (k / (3 * H)) ** 2)
+    kern = g1 / g1.sum() - g3 / g3.sum()
+    num = np.convolve(yu, kern, mode="same")
+    den = np.sqrt(np.maximum(np.convolve(vu, kern**2, mode="same"), 1e-300))
+    z = np.where(den > 0, num / den, 0.0)
+    # trial cells: relative step so that a step moves the highest reflection by H / 3
+    t_hi = math.radians(calc.hi / 2)
+    rel = max(math.radians(H) / 3 / (2 * math.tan(t_hi)), 1e-4)
+    axes = []
+    for key, i in zip(keys, idx):
+        lo, hi = float(bounds[0][i]), float(bounds[1][i])
+        n = max(int(math.ceil((hi - lo) / (rel * theta[i]))) + 1, 2)
+        axes.append(np.linspace(lo, hi, n))
+    while math.prod(len(a) for a in axes) > 40000:
+        axes = [np.linspace(a[0], a[-1], max(len(a) * 2 // 3, 2)) for a in axes]
+    mesh = np.meshgrid(*axes, indexing="ij")
+    trials = np.column_stack([m.ravel() for m in mesh])
+    base = dict(zip(("a", "b", "c", "alpha", "beta", "gamma"), L.structure(p, theta).cell))
+    hkl = calc.refl[p].hkl.astype(float)
+    scores = np.empty(len(trials))
+    zero = theta[L.index["zero"]]
+    for s0 in range(0, len(trials), 4000):
+        chunk = trials[s0:s0 + 4000]
+        cells = []
+        for row in chunk:
+            v = {**base, **dict(zip(keys, row))}
+            cells.append(_full_cell(ph.system, v))
+        gstar = np.linalg.inv(np.array([_metric(c) for c in cells]))
+        q2 = np.einsum("ni,tij,nj->tn", hkl, gstar, hkl)
+        sin_t = np.clip(lam * np.sqrt(np.maximum(q2, 0)) / 2, 0, 1)
+        pos = np.degrees(2 * np.arcsin(sin_t)) + zero
+        zs = np.interp(pos, u, z, left=0.0, right=0.0)
+        scores[s0:s0 + 4000] = np.log1p(np.maximum(zs, 0.0)).sum(axis=1)
+    order = np.argsort(scores)[::-1]
+    chosen: list[np.ndarray] = []
+    steps = np.array([(a[1] - a[0]) if len(a) > 1 else 1.0 for a in axes])
+    for j in order:
+        if all(np.any(np.abs(trials[j] - c) > 2.5 * steps) for c in chosen):
+            chosen.append(trials[j])
+            if len(chosen) >= n_best:
+                break
+    return float(scores[order[0]]), chosen, steps / np.array([theta[i] for i in idx])
+
+
+def _metric(cell) -> np.ndarray:
+    a, b, c, al, be, ga = cell
+    ca, cb, cg = (math.cos(math.radians(v)) for v in (al, be, ga))
+    return np.array([[a * a, a * b * cg, a * c * cb], [a * b * cg, b * b, b * c * ca], [a * c * cb, b * c * ca, c * c]])
+
+
+def _cell_idx(calc, p: int) -> list[int]:
+    ph = calc.model.phases[p]
+    return [calc.layout.index[f"{ph.name}.{k}"] for k in cell_parameters(ph.system) if k in ("a", "b", "c")]
+
+
+def _initial_guess(calc: _Calculator, theta: np.ndarray, y: np.ndarray, lebail: bool, *,
+                   background: bool = True) -> np.ndarray:
     """Background from the low percentiles; Rietveld scales from the pattern's area."""
     L = calc.layout
     nb = calc.model.background_terms
-    if nb:
+    if nb and background:
         base = np.percentile(y, 10)
         theta[L.index["bkg_0"]] = base
     if not lebail:
         net = float(np.sum(np.maximum(y - np.percentile(y, 10), 0.0)) * calc.step)
         t = theta.copy()
         for p, ph in enumerate(calc.model.phases):
-            t[L.index[f"{ph.name}.scale"]] = 1.0
+            if calc.computed[p]:
+                t[L.index[f"{ph.name}.scale"]] = 1.0
         st = calc.reflection_state(t)
         for p, ph in enumerate(calc.model.phases):
+            if not calc.computed[p]:
+                continue
             a, b = calc.offsets[p], calc.offsets[p + 1]
             inside = (st["pos"][a:b] >= calc.lo) & (st["pos"][a:b] <= calc.hi)
             tot = float(np.sum(st["I"][a:b][inside]))
             if tot > 0 and ph.scale == 1.0:
-                theta[L.index[f"{ph.name}.scale"]] = net / tot / len(calc.model.phases)
+                theta[L.index[f"{ph.name}.scale"]] = net / tot / len(calc.model.phases)     # Le Bail phases: a share too
     return theta
 
 
@@ -769,7 +1400,8 @@ def _lebail_start(calc: _Calculator, theta: np.ndarray, y: np.ndarray) -> np.nda
 def _lebail_cycle(calc: _Calculator, theta: np.ndarray, I: np.ndarray, y: np.ndarray, cycles: int = 1) -> np.ndarray:
     """Le Bail extraction: each reflection takes its share of the observed net intensity
     (``cycles`` times; the profiles do not change in between, so they are computed once)."""
-    return _extract(calc, calc.profiles(calc.reflection_state(theta, I), theta), theta, I, y, cycles)
+    st = calc.reflection_state(theta, I)          # computed (Rietveld) intensities filled in
+    return _extract(calc, calc.profiles(st, theta), theta, st["I"], y, cycles)
 
 
 def _extract(calc: _Calculator, pr: dict, theta: np.ndarray, I: np.ndarray, y: np.ndarray, cycles: int) -> np.ndarray:
@@ -782,14 +1414,17 @@ def _extract(calc: _Calculator, pr: dict, theta: np.ndarray, I: np.ndarray, y: n
         ratio = np.where(yc_net > 1e-12 * max(yc_net.max(), 1e-300), net / np.maximum(yc_net, 1e-300), 0.0)
         ratio = np.where(calc.valid, ratio, 1.0)          # no data: the model keeps its share
         share = (contrib * ratio[pr["idx"]]).sum(axis=1) * calc.step
-        I = np.maximum(np.where(area > 0.05, share / np.maximum(area, 1e-12), I), 0.0)
+        I = np.where(calc.extracted, np.maximum(np.where(area > 0.05, share / np.maximum(area, 1e-12), I), 0.0), I)
     return I
 
 
 def _weight_fractions(calc: _Calculator, theta, cov, free, gof) -> dict[str, tuple[float, float]]:
     L = calc.layout
     zmv, s_idx = [], []
-    for p, ph in enumerate(calc.model.phases):
+    phases = [(p, ph) for p, ph in enumerate(calc.model.phases) if calc.computed[p]]
+    if not phases:
+        return {}
+    for p, ph in phases:
         st = L.structure(p, theta)
         zmv.append(st.cell_mass() * st.volume)
         s_idx.append(L.index[f"{ph.name}.scale"])
@@ -801,14 +1436,14 @@ def _weight_fractions(calc: _Calculator, theta, cov, free, gof) -> dict[str, tup
     frac = w / total
     out = {}
     pos = {int(j): c for c, j in enumerate(free)}
-    for p, ph in enumerate(calc.model.phases):
+    for k, (_, ph) in enumerate(phases):
         err = np.nan
         if cov is not None and all(i in pos for i in s_idx):
-            # dW_p/dS_q = (δpq zmv_p total - w_p zmv_q) / total²
-            grad = np.array([((p == q) * zmv[p] * total - w[p] * zmv[q]) / total**2 for q in range(len(s_idx))])
+            # dW_k/dS_q = (δkq zmv_k total - w_k zmv_q) / total²
+            grad = np.array([((k == q) * zmv[k] * total - w[k] * zmv[q]) / total**2 for q in range(len(s_idx))])
             sub = cov[np.ix_([pos[i] for i in s_idx], [pos[i] for i in s_idx])]
             err = float(np.sqrt(max(grad @ sub @ grad, 0.0)) * gof)
-        out[ph.name] = (float(frac[p]), err)
+        out[ph.name] = (float(frac[k]), err)
     return out
 
 

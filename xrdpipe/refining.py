@@ -42,7 +42,8 @@ REFINE_COLUMNS = ("frame", "time_s", "voltage_V", "x", "phase", "status", "messa
                   "U", "V", "W", "X", "Y", "zero_deg", "zero_err_deg", "displacement_deg", "displacement_err_deg")
 _FORMULA_UNITS = {"P2": 2, "O3": 3, "P3": 3}
 _DEFAULT_REFINE = {"P2": ["z:O"], "O3": ["z:O"], "P3": ["z:O1,-O2"]}
-OK, FAILED = 1, 2
+OK, FAILED, FLAGGED = 1, 2, 3
+_STATUS = {OK: "ok", FAILED: "failed", FLAGGED: "flagged"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,13 +83,15 @@ def build_model(exp: Experiment, *, model: str | None = None, info: dict | None 
         z = rp.formula_units or _FORMULA_UNITS.get(kind)
         cons = [_constraint(c, z, where, i) for c in occupancy]
         profile = {"U": 0.0, "V": 0.0, "W": 2e-4, "X": 0.0, "Y": 0.01, **rp.profile}
-        out.append(PhaseModel(rp.name, st, refine=tuple(refine) if ref.method == "rietveld" else (),
-                              constraints=tuple(cons) if ref.method == "rietveld" else (), profile=profile,
-                              refine_profile=tuple(rp.refine_profile)))
+        computed = ref.method == "rietveld" and not rp.lebail
+        out.append(PhaseModel(rp.name, st, refine=tuple(refine) if computed else (),
+                              constraints=tuple(cons) if computed else (), profile=profile, lebail=rp.lebail,
+                              refine_profile=tuple(rp.refine_profile), search=dict(getattr(ph, "search", {}) or {})))
     info = info or _run_info(exp)
     return RefinementModel(out, wavelength_A=float(info["wavelength_A"]), method=ref.method,
                            background_terms=ref.background_terms, correction=ref.correction,
-                           asymmetry=ref.asymmetry, polarization=ref.polarization, max_iter=ref.max_iter)
+                           asymmetry=ref.asymmetry, polarization=ref.polarization, max_iter=ref.max_iter,
+                           strategy=ref.strategy, gof_max=ref.gof_max, search=ref.search)
 
 
 def _constraint(c: OccupancySpec, z: int | None, where: str, i: int) -> OccupancyConstraint:
@@ -110,14 +113,7 @@ def _structure(exp: Experiment, rp, ph, sites: list[RefineAtomSpec]) -> Structur
     if kind in _FORMULA_UNITS:
         return template(kind, a=ph.a, c=ph.c, z_o=ph.z_o, composition=rp.composition, na=rp.na,
                         b_iso=rp.b_iso, extra=extra)
-    b = ph.b if ph.b is not None else ph.a
-    sg = ph.space_group
-    from .crystallography import crystal_system
-
-    system = crystal_system(sg)
-    cell = {"hexagonal": (ph.a, ph.a, ph.c, 90.0, 90.0, 120.0), "orthorhombic": (ph.a, b, ph.c, 90.0, 90.0, 90.0),
-            "monoclinic": (ph.a, b, ph.c, 90.0, ph.beta or 90.0, 90.0)}[system]
-    return Structure(sg, cell, tuple(extra), name=ph.name)
+    return Structure(ph.space_group, tuple(float(v) for v in ph.cell), tuple(extra), name=ph.name)
 
 
 def _run_info(exp: Experiment) -> dict:
@@ -152,6 +148,8 @@ class RefineSummary:
     refined: int = 0
     skipped: int = 0
     failed: dict[int, str] = field(default_factory=dict)
+    flagged: dict[int, str] = field(default_factory=dict)
+    outliers: list[int] = field(default_factory=list)
     seconds: float = 0.0
     last: str = ""
     lattice_file: Path | None = None
@@ -159,9 +157,14 @@ class RefineSummary:
     def __str__(self) -> str:
         per = f", {self.seconds / self.refined:.3f} s per frame" if self.refined else ""
         lines = [f"refined {self.refined} frame(s) ({self.method}) in {self.seconds:.1f} s{per}; "
-                 f"{self.skipped} already done; {len(self.failed)} failed"]
+                 f"{self.skipped} already done; {len(self.failed)} failed"
+                 + (f"; {len(self.flagged)} flagged" if self.flagged else "")]
         for frame, msg in list(self.failed.items())[:5]:
             lines.append(f"  frame {frame}: {msg}")
+        for frame, msg in list(self.flagged.items())[:3]:
+            lines.append(f"  frame {frame} (flagged): {msg}")
+        if self.outliers:
+            lines.append(f"  Rwp outliers (flagged): frames {', '.join(map(str, self.outliers[:10]))}")
         if self.last:
             lines.append("last frame: " + self.last.replace("\n", "\n  "))
         if self.csv_file:
@@ -179,13 +182,28 @@ def _grid(exp: Experiment, info: dict) -> tuple[np.ndarray, slice]:
     radial, unit = np.asarray(info["radial"], float), info["unit"]
     tth = radial if unit == "2th_deg" else tth_from_q(radial, info["wavelength_A"])
     rng = exp.refinement.range
-    lo, hi = (rng if rng is not None else (radial[0], radial[-1]))
+    ranges = list(exp.refinement.ranges) or [rng if rng is not None else (radial[0], radial[-1])]
+    lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
     cols = np.flatnonzero((radial >= lo) & (radial <= hi))
     if cols.size < 20:
         raise ConfigError(str(exp.source or "experiment"), [(
             "refinement.range", f"{[lo, hi]} holds {cols.size} points of the run's axis "
                                 f"({radial[0]:g} to {radial[-1]:g} {unit}); 20 at least are needed")])
     return tth, slice(int(cols[0]), int(cols[-1]) + 1)
+
+
+def _kept(exp: Experiment, info: dict, cols: slice) -> np.ndarray:
+    """Which points of the refined columns lie inside one of ``ranges`` and outside ``excluded``."""
+    radial = np.asarray(info["radial"], float)[cols]
+    ref = exp.refinement
+    keep = np.ones(radial.size, bool)
+    if ref.ranges:
+        keep = np.zeros(radial.size, bool)
+        for lo, hi in ref.ranges:
+            keep |= (radial >= lo) & (radial <= hi)
+    for lo, hi in ref.excluded:
+        keep &= ~((radial >= lo) & (radial <= hi))
+    return keep
 
 
 def _fingerprint(exp: Experiment, info: dict) -> str:
@@ -216,6 +234,7 @@ def refine_experiment(exp: Experiment, *, progress: bool = True, restart: bool =
         refiner = Refiner(model, tth[cols])
     except (RefinementError, StructureError) as exc:
         raise ConfigError(str(exp.source or "experiment"), [("refinement", str(exc))]) from None
+    keep = _kept(exp, info, cols)
     status = info["status"]
     n = status.size
     if frames is not None and not 0 <= frames[0] <= frames[1] < n:
@@ -244,6 +263,7 @@ def refine_experiment(exp: Experiment, *, progress: bool = True, restart: bool =
                     inten, sigma = read_pattern_block(exp.run.run_file, rows=block, columns=cols)
                     for row, y, s in zip(block, inten, sigma):
                         s = None if not np.isfinite(s).any() else s
+                        y = np.where(keep, y, np.nan)
                         try:
                             res = _refine_frame(refiner, y, s, prev, prev_row, exp.refinement.gof_jump)
                         except (RefinementError, np.linalg.LinAlgError, FloatingPointError, ValueError) as exc:
@@ -253,10 +273,13 @@ def refine_experiment(exp: Experiment, *, progress: bool = True, restart: bool =
                             store.write(int(row), res)
                             prev, prev_row = res, int(row)
                             summary.last = res.table()
+                            if res.status == "flagged":
+                                summary.flagged[int(row)] = res.message
                         summary.refined += 1
                         bar.update(1)
             finally:
                 bar.close()
+            summary.outliers = store.flag_outliers(exp.refinement.rwp_outlier)
     summary.csv_file = write_refine_csv(exp)
     if update_lattice and exp.phases and exp.lattice.fractions != "peaks" and has_group(exp.run.run_file, "lattice"):
         lattice_experiment(exp)
@@ -267,23 +290,19 @@ def refine_experiment(exp: Experiment, *, progress: bool = True, restart: bool =
 
 def _refine_frame(refiner: Refiner, y, sigma, prev: RefinementResult | None, prev_row: int | None,
                   gof_jump: float) -> RefinementResult:
-    """One frame from the last good one; refined again from the start values when its GOF jumps
-    above ``gof_jump`` times the last good one's (a fit that lost its way), failed when that does
-    no better either."""
-    res = refiner.refine(y, sigma, start=prev)
-    if prev is not None and not (np.isfinite(res.gof) and res.gof <= gof_jump * prev.gof):
-        try:
-            fresh = refiner.refine(y, sigma)
-        except (RefinementError, np.linalg.LinAlgError, FloatingPointError, ValueError):
-            fresh = None
-        if fresh is not None and np.isfinite(fresh.gof) and not fresh.gof >= res.gof:
-            res = fresh
-        if not (np.isfinite(res.gof) and res.gof <= gof_jump * prev.gof):
-            raise RefinementError(
-                f"diverged: GOF {res.gof:.3g} against {prev.gof:.3g} in frame {prev_row}, the last good one, "
-                f"also when refined from the start values ([refinement] gof_jump = {gof_jump:g}); "
-                f"a change too large for one frame, or a phase the model lacks")
-    if not (np.isfinite(res.gof) and res.converged):
+    """One frame from the last good one. Where that result is not ``ok`` or its GOF jumps above
+    ``gof_jump`` times the last good one's (a fit that lost its way), the frame is refined again
+    from the configured start and a cell search (:meth:`Refiner.refine`), the better kept. A
+    result that is still ``failed`` or above ``gof_jump`` raises (the frame is recorded failed,
+    with the reason); ``flagged`` results are kept with their reason."""
+    limit = None if prev is None or not np.isfinite(prev.gof) else gof_jump * prev.gof
+    res = refiner.refine(y, sigma, start=prev, gof_limit=limit)
+    if limit is not None and not (np.isfinite(res.gof) and res.gof <= limit):
+        raise RefinementError(
+            f"diverged: GOF {res.gof:.3g} against {prev.gof:.3g} in frame {prev_row}, the last good one, "
+            f"also when refined from the start values and a cell search ([refinement] gof_jump = {gof_jump:g}); "
+            f"a change too large for one frame, or a phase the model lacks")
+    if res.status == "failed":
         raise RefinementError(res.message or f"GOF {res.gof}")
     return res
 
@@ -325,6 +344,7 @@ class _RefineStore:
                                  dtype="f8", fillvalue=np.nan)
                 g.create_dataset("weight_fraction_err", shape=(n, len(phases)), maxshape=(None, len(phases)),
                                  dtype="f8", fillvalue=np.nan)
+                g.create_dataset("absent", shape=(n, len(phases)), maxshape=(None, len(phases)), dtype="i1")
                 for name in ("rwp", "rexp", "gof"):
                     g.create_dataset(name, shape=(n,), maxshape=(None,), dtype="f8", fillvalue=np.nan)
                 g.create_dataset("n_iter", shape=(n,), maxshape=(None,), dtype="i4")
@@ -358,7 +378,7 @@ class _RefineStore:
         """The last successful row before ``before`` as a start (values, Le Bail intensities
         and GOF) and its row; (None, None) when there is none."""
         st = self._g["status"][:before]
-        ok = np.flatnonzero(st == OK)
+        ok = np.flatnonzero((st == OK) | (st == FLAGGED))
         if not ok.size:
             return None, None
         r = int(ok[-1])
@@ -366,10 +386,13 @@ class _RefineStore:
         I = self._g["lebail_intensity"][r]
         g = self._g
         names = [v.decode() if isinstance(v, bytes) else v for v in g["parameter"][()]]
+        phases = [v.decode() if isinstance(v, bytes) else v for v in g["phase"][()]]
+        gone = [ph for ph, a in zip(phases, g["absent"][r]) if a] if "absent" in g else []
         return RefinementResult(names, theta, np.full(theta.size, np.nan), np.zeros(theta.size, bool),
                                 float(g["rwp"][r]), float(g["rexp"][r]), float(g["gof"][r]), 0, 0, 0, True, "",
                                 np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0), [], [],
-                                None if np.isnan(I).all() else I, [], theta=theta), r
+                                None if np.isnan(I).all() else I, phases, theta=theta,
+                                status="flagged" if st[r] == FLAGGED else "ok", absent=gone), r
 
     def write(self, row: int, res: RefinementResult) -> None:
         g = self._g
@@ -387,9 +410,30 @@ class _RefineStore:
             if w is not None:
                 g["weight_fraction"][row, p], g["weight_fraction_err"][row, p] = w
         g["rwp"][row], g["rexp"][row], g["gof"][row], g["n_iter"][row] = res.rwp, res.rexp, res.gof, res.n_iter
-        g["message"][row] = res.message
-        g["status"][row] = OK          # last: a row counts once its results are in
+        g["message"][row] = res.message[:500]
+        if "absent" in g:
+            g["absent"][row] = [name in res.absent for name in res.phase_names]
+        g["status"][row] = FLAGGED if res.status == "flagged" else OK     # last: a row counts once its results are in
         self._w._maybe_flush()
+
+    def flag_outliers(self, factor: float) -> list[int]:
+        """Flag the ``ok`` frames whose Rwp exceeds ``factor`` times the median Rwp of the
+        run's refined frames; their rows."""
+        g = self._g
+        st = g["status"][()]
+        rwp = g["rwp"][()]
+        done = np.flatnonzero(((st == OK) | (st == FLAGGED)) & np.isfinite(rwp))
+        if done.size < 3:
+            return []
+        med = float(np.median(rwp[done]))
+        out = [int(r) for r in done if st[r] == OK and rwp[r] > factor * med]
+        for r in out:
+            msg = g["message"][r]
+            msg = msg.decode() if isinstance(msg, bytes) else msg
+            g["message"][r] = ((msg + "; ") if msg else "") + (
+                f"Rwp {100 * rwp[r]:.2f} % above {factor:g} x the run's median ({100 * med:.2f} %)")
+            g["status"][r] = FLAGGED
+        return out
 
     def write_failure(self, row: int, message: str) -> None:
         self._g["message"][row] = message[:500]
@@ -410,7 +454,7 @@ def read_weight_fractions(run_file: Path | str):
     d = read_table(run_file, "refinement", names=("phase", "status", "weight_fraction", "weight_fraction_err"))
     if d is None:
         return None
-    ok = (d["status"] == OK)[:, None]
+    ok = np.isin(d["status"], (OK, FLAGGED))[:, None]
     return WeightFractions(tuple(d["phase"]), np.where(ok, d["weight_fraction"], np.nan),
                            np.where(ok, d["weight_fraction_err"], np.nan))
 
@@ -424,6 +468,10 @@ def write_refine_csv(exp: Experiment) -> Path | None:
         "weight_fraction", "weight_fraction_err"))
     if d is None:
         return None
+    try:
+        absent = read_table(exp.run.run_file, "refinement", names=("absent",))["absent"]
+    except Exception:          # a run file refined before absent phases were recorded
+        absent = None
     info = open_run_info(exp.run.run_file)
     ec = read_table(exp.run.run_file, "electrochemistry", names=("x", "voltage_V"))
     names = list(d["parameter"])
@@ -450,7 +498,7 @@ def write_refine_csv(exp: Experiment) -> Path | None:
         w.writerow(header)
         for r in rows:
             vals, esds = d["values"][r], d["esds"][r]
-            ok = d["status"][r] == OK
+            ok = d["status"][r] in (OK, FLAGGED)
 
             def get(name, err=False):
                 i = idx.get(name)
@@ -461,11 +509,12 @@ def write_refine_csv(exp: Experiment) -> Path | None:
 
             for p, ph in enumerate(phases):
                 system = systems[ph]
-                cell = {k: get(f"{ph}.{k}") for k in ("a", "b", "c", "beta")}
-                cerr = {k: get(f"{ph}.{k}", True) for k in ("a", "b", "c", "beta")}
+                gone = absent is not None and bool(absent[r, p])     # absent: its cell is not determined
+                cell = {k: None if gone else get(f"{ph}.{k}") for k in ("a", "b", "c", "beta")}
+                cerr = {k: None if gone else get(f"{ph}.{k}", True) for k in ("a", "b", "c", "beta")}
                 vol, verr = _volume(system, cell, cerr)
                 row = [int(r), fmt(float(info["time_s"][r])), fmt(float(ec["voltage_V"][r]) if ec else None),
-                       fmt(float(ec["x"][r]) if ec else None), ph, "ok" if ok else "failed", d["message"][r],
+                       fmt(float(ec["x"][r]) if ec else None), ph, _STATUS.get(int(d["status"][r]), "failed"), d["message"][r],
                        fmt(float(d["rwp"][r])), fmt(float(d["rexp"][r])), fmt(float(d["gof"][r])), int(d["n_iter"][r]),
                        fmt(cell["a"]), fmt(cerr["a"]), fmt(cell["b"]), fmt(cerr["b"]), fmt(cell["c"]), fmt(cerr["c"]),
                        fmt(cell["beta"]), fmt(cerr["beta"]), fmt(vol), fmt(verr),

@@ -156,9 +156,36 @@ def export_experiment(exp: Experiment, *, formats: Sequence[str] | None = None, 
     from .export import export_patterns
 
     spec = exp.export
-    pol = exp.integration.polarization_factor if exp.frames is not None else None
+    # pyFAI corrected the polarization (frames integrated with a polarization factor): GSAS-II
+    # must apply none (Polariz. 1.0)
+    pol = 1.0 if exp.frames is not None and exp.integration.polarization_factor is not None else None
+    profile, zero = _refined_profile(exp)
     return export_patterns(exp.run.run_file, exp.run.output / spec.folder, formats=formats or spec.formats,
-                           frames=frames if frames is not None else spec.frames, polarization=pol, progress=progress)
+                           frames=frames if frames is not None else spec.frames, polarization=pol, progress=progress,
+                           profile=profile, zero_deg=zero)
+
+
+def _refined_profile(exp: Experiment) -> tuple[dict[str, float] | None, float]:
+    """U, V, W, X, Y of the first phase and the zero shift of the last successfully refined
+    frame, where ``xrdpipe refine`` has run (else None and 0)."""
+    from .refining import FLAGGED, OK, read_refinement
+
+    try:
+        d = read_refinement(exp.run.run_file) if Path(exp.run.run_file).exists() else None
+    except Exception:          # noqa: BLE001 - no usable refinement: GSAS-II's defaults
+        d = None
+    if d is None:
+        return None, 0.0
+    good = np.flatnonzero(np.isin(d["status"], (OK, FLAGGED)))
+    if not good.size:
+        return None, 0.0
+    r = int(good[-1])
+    names = list(d["parameter"])
+    ph = list(d["phase"])[0]
+    vals = d["values"][r]
+    prof = {k: float(vals[names.index(f"{ph}.{k}")]) for k in "UVWXY" if f"{ph}.{k}" in names}
+    zero = float(vals[names.index("zero")]) if "zero" in names else 0.0
+    return prof, zero if np.isfinite(zero) else 0.0
 
 
 # ----------------------------------------------------------------------------------------------
