@@ -64,7 +64,13 @@ def test_volume_of_nfm_cell():
 def test_any_space_group_from_gemmi():
     """Al (Fm-3m), spinel (Fd-3m), LiFePO4 (Pnma), a tetragonal and a triclinic cell: allowed
     reflections and d-spacings against hand-computed values."""
-    from xrdpipe.crystallography import cell_volume, crystal_system, d_spacing, is_allowed, reflections
+    from xrdpipe.crystallography import (
+        cell_volume,
+        crystal_system,
+        d_spacing,
+        is_allowed,
+        reflections,
+    )
 
     al = reflections("Fm-3m", 4.0495, None, 1.1)
     assert [r[:3] for r in al] == [(1, 1, 1), (2, 0, 0), (2, 2, 0), (3, 1, 1), (2, 2, 2)]

@@ -18,9 +18,9 @@ from xrdpipe.phasefit import PhaseModel, fit_phases
 from xrdpipe.testing import Difficulty, fit_config, pattern_series, score_phases
 
 
-def _hard(sign: float, separation: float) -> Difficulty:
-    return Difficulty(start_error=((0.01 * sign, 0.02 * sign), (0.01 * sign, 0.02 * sign)),
-                      separation_fwhm=separation, broadening=1.6, intensity_jitter=0.3, hard_windows=True, seed=2)
+def _hard(sign: float, separation: float, *, windows: bool = True, c_error: float = 0.02) -> Difficulty:
+    return Difficulty(start_error=((0.01 * sign, c_error * sign), (0.01 * sign, c_error * sign)),
+                      separation_fwhm=separation, broadening=1.6, intensity_jitter=0.3, hard_windows=windows, seed=2)
 
 
 def _run(scenario: str, dif: Difficulty, n: int = 48, seed: int = 5):

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-
 from threadpoolctl import threadpool_limits
 
 from .batchfit import least_squares_batch

@@ -506,9 +506,7 @@ def fit_experiment(exp: Experiment, *, restart: bool = False, progress: bool = T
 def _stored_table(run_file: Path):
     """The fitted peaks of a run file as a :class:`~xrdpipe.peaks.PeakTable` (done rows only)."""
     from .peaks import PeakTable
-    from .store import PEAK_ARRAYS, read_peaks
-
-    from .store import PHASE_DATASETS
+    from .store import PEAK_ARRAYS, PHASE_DATASETS, read_peaks
 
     d = read_peaks(run_file)
     rows = np.flatnonzero(d["done"])
