@@ -440,7 +440,8 @@ class Integrator:
             den = den - self._csc()[:, flagged] @ self._norm[flagged].astype(np.float64)
         numerator = _product(self._blocks, signal)
         with np.errstate(invalid="ignore", divide="ignore"):
-            empty = den <= 0
+            # a bin whose every pixel is flagged keeps only the rounding of the subtraction
+            empty = (den <= 1e-6 * self._den) | (self._den <= 0)
             safe_den = np.where(empty, 1, den)
             intensity = np.where(empty, np.nan, numerator / safe_den)
             sigma = None

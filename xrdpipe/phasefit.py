@@ -633,6 +633,9 @@ class _Frame:
                 grid, coarse[name] = self._grid(p, name, theta, centre[i], half, frac, use)
             else:
                 grid, _ = self._grid(p, name, theta, best_cell[i], around_best * coarse[name], frac, use)
+                # the fine pass stays within the range searched (a phase is not found outside it)
+                span = m.box[p, i] * scale if halves is None else halves[i]
+                grid = np.unique(np.clip(grid, centre[i] - span, centre[i] + span))
             trial = np.broadcast_to(best_cell, (grid.size, 6)).copy()
             trial[:, i] = grid
             trial = np.stack([np.asarray(v, float) * np.ones(grid.size) for v in full_cell(
@@ -924,6 +927,7 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
         worst = min(fails, key=lambda q: gains[q])
         decision[worst] = fails[worst]
         present.remove(worst)
+        held.clear()            # what was held against the dropped phase is free again
     keep = np.zeros(m.P, bool)
     keep[present] = True
     if not present:
@@ -1000,12 +1004,17 @@ def _fit_rows(m: PhaseModel, fr: "_Frame", rows: list[tuple[int, ...]], fit: Fit
     base = st.cell.copy()
     lower, upper = m.lower.copy(), m.upper.copy()
     for p in range(m.P):
-        # a phase just found may move over its search range; a tracked one a line width or so
-        steps = m.box[p] if p in found else fr.track_halves(p, _TRACK_FWHM)
+        # a phase just found stays within the range it was searched over; a tracked one moves
+        # a line width or so
+        steps = fr.track_halves(p, _TRACK_FWHM)
         for n, col in zip(m.free[p], m.cell_cols[p]):
             i = _CELL_INDEX[n]
-            lower[col] = max(lower[col], st.cell[p, i] - steps[i])
-            upper[col] = min(upper[col], st.cell[p, i] + steps[i])
+            if p in found:
+                lower[col] = max(lower[col], m.cell0[p, i] - m.box[p, i])
+                upper[col] = min(upper[col], m.cell0[p, i] + m.box[p, i])
+            else:
+                lower[col] = max(lower[col], st.cell[p, i] - steps[i])
+                upper[col] = min(upper[col], st.cell[p, i] + steps[i])
     # two phases that could be confused do not cross in the least squares either: each stays on
     # its side of the midpoint between their start values
     order_cols: set[int] = set()
