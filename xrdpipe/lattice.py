@@ -381,6 +381,12 @@ def phase_fractions(table, phases: Sequence[PhaseSpec], spec: LatticeSpec) -> tu
             how[k] = "area"
             scale[:, k] = area[:, k, :].sum(axis=1)
             scale_var[:, k] = var[:, k, :].sum(axis=1)
+    # one method per frame: where a present phase was never seen alone, every phase of that
+    # frame takes its raw area sum (a scale and an area cannot be normalised together)
+    raw = (present & (how == "area")[None, :]).any(axis=1)
+    if raw.any():
+        scale[raw] = area[raw].sum(axis=2)
+        scale_var[raw] = var[raw].sum(axis=2)
     scale = np.where(present, scale, 0.0)
     scale_var = np.where(present, scale_var, 0.0)
     total = scale.sum(axis=1)
@@ -393,7 +399,7 @@ def phase_fractions(table, phases: Sequence[PhaseSpec], spec: LatticeSpec) -> tu
                  + scale[:, k] ** 2 * (scale_var.sum(axis=1) - scale_var[:, k])) / total**4
         rows = several & np.isfinite(f)
         frac[rows, i], err[rows, i] = f[rows], np.sqrt(v[rows])
-        method[rows & present[:, k], i] = how[k]
+        method[rows & present[:, k], i] = np.where(raw[rows & present[:, k]], "area", how[k])
         single = ok & (present.sum(axis=1) == 1)
         frac[single, i] = np.where(present[single, k], 1.0, 0.0)
         err[single, i] = 0.0

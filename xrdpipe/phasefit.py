@@ -501,6 +501,7 @@ class _Frame:
         self.y0 = np.where(valid, y, 0.0)
         self.valid = valid
         self.state = state.copy()
+        self.centre = self.state.cell.copy()   # where absent phases are searched for (fit_frame sets it)
 
     # -- start widths from the data ----------------------------------------------------------
     def width_guess(self, w: int) -> float:
@@ -817,6 +818,9 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
             st.cell[p] = m.cell0[p]
     n_log = np.log(max(n_valid, 2))
     before = _fwhm_table(m, fr)            # the widths of the frame before, for the pair searches
+    # where each phase is looked for: around its last cell once it has been seen (it may have
+    # drifted far from the configured one before it was lost), else around the configured cell
+    fr.centre = st.cell.copy()
     if present:
         for p in present:
             st.cell[p], _, _ = fr.search(p, present, around=st.cell[p], halves=fr.track_halves(p, _TRACK_FWHM))
@@ -839,7 +843,7 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
                 # pass the test: no need to search
                 decision[p] = f"absent: nothing left to explain (χ²/ν {null_chi2 / max(n_valid, 1):.2f})"
                 continue
-            cell, chi2_with, chi2_without = fr.search(p, present)
+            cell, chi2_with, chi2_without = fr.search(p, present, around=fr.centre[p])
             gain = n_valid * np.log(max(chi2_without, 1e-300) / max(chi2_with, 1e-300)) - _n_params(m, p) * n_log
             if gain > fit.bic_threshold:
                 free = [_CELL_INDEX[n] for n in m.free[p]]
@@ -1010,8 +1014,8 @@ def _fit_rows(m: PhaseModel, fr: "_Frame", rows: list[tuple[int, ...]], fit: Fit
         for n, col in zip(m.free[p], m.cell_cols[p]):
             i = _CELL_INDEX[n]
             if p in found:
-                lower[col] = max(lower[col], m.cell0[p, i] - m.box[p, i])
-                upper[col] = min(upper[col], m.cell0[p, i] + m.box[p, i])
+                lower[col] = max(lower[col], fr.centre[p, i] - m.box[p, i])
+                upper[col] = min(upper[col], fr.centre[p, i] + m.box[p, i])
             else:
                 lower[col] = max(lower[col], st.cell[p, i] - steps[i])
                 upper[col] = min(upper[col], st.cell[p, i] + steps[i])
