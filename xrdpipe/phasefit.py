@@ -818,9 +818,9 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
             st.cell[p] = m.cell0[p]
     n_log = np.log(max(n_valid, 2))
     before = _fwhm_table(m, fr)            # the widths of the frame before, for the pair searches
-    # where each phase is looked for: around its last cell once it has been seen (it may have
-    # drifted far from the configured one before it was lost), else around the configured cell
-    fr.centre = st.cell.copy()
+    # where each phase is looked for: around its configured cell (a last cell from a frame where
+    # it was wrongly there would lead the search astray for good)
+    fr.centre = m.cell0.copy()
     if present:
         for p in present:
             st.cell[p], _, _ = fr.search(p, present, around=st.cell[p], halves=fr.track_halves(p, _TRACK_FWHM))
