@@ -115,6 +115,6 @@ def test_the_wavelength_is_refined_when_asked():
     res = calibrate(img, calibrant="LaB6", wavelength_A=0.6209 * 1.003, detector="pilatus1m", guess_distance_mm=210,
                     guess_center=(row - 20, col + 15), refine_wavelength=True)
     # 2.5e-4 was seen once in a full CI run (pyFAI's multithreaded refinement is not
-    # bit-reproducible from run to run); alone it lands within 1e-4
+    # bit-reproducible from run to run); alone it passed within 2e-4
     assert res.geometry.wavelength * 1e10 == pytest.approx(0.6209, rel=3e-4)
     assert res.geometry.dist == pytest.approx(truth.dist, rel=1e-3) and "(refined)" in res.report()
