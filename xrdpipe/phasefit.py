@@ -15,10 +15,13 @@ The cells with their esds come straight out of this fit. Phases are tracked fram
 phase present in the previous frame starts from its cell there; a phase that is not is looked for
 over a grid of cells around the configured one (``[[phases]] search``, default c ±3 %, a ±1.5 %),
 the areas and background solved linearly at every trial (variable projection), and the best
-trial refined. Presence is decided by model selection over the phases (BIC, the same threshold
-as the peak engine) plus a minimum area fraction; how it was decided is recorded per frame and
-phase. Two phases whose search ranges overlap keep the order of their configured cells (in the
-parameter where they differ most), so their names never swap.
+trial refined; a tracked phase moves about a line width per frame at most (a larger move is a
+jump, searched for afresh). Two coexisting phases of one crystal system are also searched
+jointly (both cells and a common width factor). Presence is decided by model selection over
+the phases (BIC, the same threshold as the peak engine) plus a minimum area fraction; how it was
+decided is recorded per frame and phase. Two phases whose reaches overlap keep the order of
+their configured cells in every parameter where those differ (in the searches, and by midpoint
+bounds in the least squares), so their names do not swap.
 
 A frame's fit depends only on its own data and the state of the frame before it (cells, widths,
 presence), which is stored with the results: a resumed or live run fits every frame exactly as
