@@ -410,11 +410,7 @@ range = [6.0, 29.0]
 [[refinement.phases]]
 name = "O3"
 """)
-    runner = CliRunner()
-    assert runner.invoke(main, ["integrate", str(tmp_path / "exp.toml"), "-q"]).exit_code == 0
-    res = runner.invoke(main, ["refine", str(tmp_path / "exp.toml"), "-q"])
-    assert res.exit_code == 0, res.output
-    rows = {int(r["frame"]): r for r in csv.DictReader(open(tmp_path / "out" / "refine.csv"))}
+    rows = _integrate_and_refine(tmp_path)
     assert rows[2]["status"] == "failed" and rows[2]["message"].startswith("diverged: GOF")
     assert "frame 1, the last good one" in rows[2]["message"] and rows[2]["a_A"] == ""
     for i in (0, 1, 3):
@@ -644,13 +640,24 @@ gof_jump = 5.0
 [[refinement.phases]]
 name = "O3"
 """)
-    runner = CliRunner()
-    assert runner.invoke(main, ["integrate", str(tmp_path / "exp.toml"), "-q"]).exit_code == 0
-    res = runner.invoke(main, ["refine", str(tmp_path / "exp.toml"), "-q"])
-    assert res.exit_code == 0, res.output
-    rows = {int(r["frame"]): r for r in csv.DictReader(open(tmp_path / "out" / "refine.csv"))}
+    rows = _integrate_and_refine(tmp_path)
     med = np.median([float(r["rwp"]) for r in rows.values()])
     assert float(rows[2]["rwp"]) > 2.5 * med and float(rows[2]["gof"]) < 5
     assert rows[2]["status"] == "flagged" and "above 2.5 x the run's median" in rows[2]["message"]
     assert rows[2]["a_A"] != ""                                    # flagged: the values are kept
     assert all(rows[i]["status"] == "ok" for i in (0, 1, 3, 4))
+
+
+def _integrate_and_refine(tmp_path):
+    """``xrdpipe integrate`` then ``xrdpipe refine`` on ``tmp_path/exp.toml``: refine.csv rows by frame."""
+    import csv
+
+    from click.testing import CliRunner
+
+    from xrdpipe.cli import main
+
+    runner = CliRunner()
+    assert runner.invoke(main, ["integrate", str(tmp_path / "exp.toml"), "-q"]).exit_code == 0
+    res = runner.invoke(main, ["refine", str(tmp_path / "exp.toml"), "-q"])
+    assert res.exit_code == 0, res.output
+    return {int(r["frame"]): r for r in csv.DictReader(open(tmp_path / "out" / "refine.csv"))}

@@ -155,11 +155,7 @@ class PhaseModel:
         v = phase.search.get(name, DEFAULT_SEARCH[name])
         if name in _ANGLES:
             return float(v)
-        return float(v) * float(self.cell0_of(phase)[_CELL_INDEX[name]])
-
-    @staticmethod
-    def cell0_of(phase: PhaseSpec) -> tuple:
-        return phase.cell
+        return float(v) * float(phase.cell[_CELL_INDEX[name]])
 
     def radial_of_d(self, d: np.ndarray, zero: float = 0.0) -> np.ndarray:
         """Position on the run's axis of d-spacings (with the zero shift or displacement, 2θ deg)."""
@@ -231,6 +227,15 @@ class PhaseModel:
                                        for n, s in zip(names, c)})
             ds.append(self._d(p, hkl, cell))
         return min(ds), max(ds)
+
+    def trial_cells(self, p: int, base: np.ndarray, i: int, values: np.ndarray) -> np.ndarray:
+        """(T, 6) full cells of phase ``p``: ``base`` with cell parameter ``i`` set to each of
+        ``values``, the dependent ones (b = a, ...) following by its crystal system."""
+        t = np.broadcast_to(base, (values.size, 6)).copy()
+        t[:, i] = values
+        return np.stack([np.asarray(v, float) * np.ones(values.size) for v in full_cell(
+            self.phases[p].space_group, *[t[:, _CELL_INDEX[n]] if n in self.free[p] else None
+                                          for n in ("a", "c", "b", "beta", "alpha", "gamma")])], axis=1)
 
     def _cell_from(self, p: int, values: dict) -> np.ndarray:
         sg = self.phases[p].space_group
@@ -640,11 +645,7 @@ class _Frame:
                 # the fine pass stays within the range searched (a phase is not found outside it)
                 span = m.box[p, i] * scale if halves is None else halves[i]
                 grid = np.unique(np.clip(grid, centre[i] - span, centre[i] + span))
-            trial = np.broadcast_to(best_cell, (grid.size, 6)).copy()
-            trial[:, i] = grid
-            trial = np.stack([np.asarray(v, float) * np.ones(grid.size) for v in full_cell(
-                m.phases[p].space_group, *[trial[:, _CELL_INDEX[n]] if n in m.free[p] else None
-                                           for n in ("a", "c", "b", "beta", "alpha", "gamma")])], axis=1)
+            trial = m.trial_cells(p, best_cell, i, grid)
             ok = self._ordered(p, trial, others)
             chi2 = np.zeros(grid.size)
             for w in use:
@@ -726,11 +727,7 @@ class _Frame:
         ok = np.sign(gp - gq) == sign if sign else np.ones(gp.size, bool)
         trials = {}
         for r, g in ((p, gp), (q, gq)):
-            t = np.broadcast_to(self.state.cell[r], (g.size, 6)).copy()
-            t[:, j] = g
-            trials[r] = np.stack([np.asarray(v, float) * np.ones(g.size) for v in full_cell(
-                m.phases[r].space_group, *[t[:, _CELL_INDEX[n]] if n in m.free[r] else None
-                                           for n in ("a", "c", "b", "beta", "alpha", "gamma")])], axis=1)
+            trials[r] = m.trial_cells(r, self.state.cell[r], j, g)
         chi2 = np.zeros(gp.size)
         for w in windows:
             win = m.windows[w]
