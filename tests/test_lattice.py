@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from xrdpipe.config import FitSpec, LatticeSpec, PhaseSpec, WindowSpec
 from xrdpipe.crystallography import d_from_tth, d_spacing, is_allowed, reflections, tth_from_d
-from xrdpipe.lattice import LATTICE_COLUMNS, refine_lattice, trend
+from xrdpipe.lattice import LATTICE_COLUMNS, combine_ratios, refine_lattice, trend
 from xrdpipe.peaks import PeakTable, fit_peaks
 from xrdpipe.phases import LIBRARY, layer_geometry
 from xrdpipe.store import PEAK_ARRAYS
@@ -237,3 +237,30 @@ def test_fraction_from_a_window_against_a_reference_frame(series_lattice):
     coexist = (series.x > 0.64) & (series.x < 0.68)
     assert np.max(np.abs(f - tf)[coexist]) < 0.05  # the O3 (003) intensity drifts a little with x
     assert np.all(lat.column("fraction_err", "O3")[coexist] > 0)
+
+
+def test_window_scales_combine_robustly():
+    """Windows agree on a phase's scale to within more than their esds, and one window's line
+    is swallowed by another phase's (its area pressed to 0 with a small esd): the scale is the
+    others' mean, with an esd as large as their spread, not the swallowed window's 0."""
+    rng = np.random.default_rng(3)
+    truth = 0.67
+    n, w = 400, 5
+    spread = 0.01                                    # between windows, beyond their esds
+    var = np.full((n, w), 0.002**2)
+    ratio = truth + rng.normal(0, spread, (n, w)) + rng.normal(0, 0.002, (n, w))
+    ratio[:, 2] = 0.0005                             # the swallowed window
+    var[:, 2] = 0.0013**2
+    scale, scale_var = combine_ratios(ratio, var)
+    assert abs(np.mean(scale) - truth) < 0.002
+    # the esd reflects the windows' disagreement: about spread / 2 for four windows
+    assert 0.6 < np.median(np.sqrt(scale_var)) / (spread / 2) < 1.6
+    within = np.abs(scale - truth) < np.sqrt(scale_var)
+    assert 0.5 < within.mean() < 0.9
+    # no window, no scale; one window: its own value and variance
+    one = np.full((2, 3), np.nan)
+    one[1, 0] = 0.4
+    v1 = np.full((2, 3), np.nan)
+    v1[1, 0] = 1e-4
+    s, v = combine_ratios(one, v1)
+    assert np.isnan(s[0]) and s[1] == pytest.approx(0.4) and v[1] == pytest.approx(1e-4)

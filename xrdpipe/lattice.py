@@ -327,6 +327,46 @@ def _from_phase_model(table, phases: Sequence[PhaseSpec], spec: LatticeSpec, val
                         fraction_method=method, presence=presence)
 
 
+def combine_ratios(ratio: np.ndarray, var: np.ndarray, *, cut: float = 4.0) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, one scale from several windows' estimates ``ratio`` (n, W) with variances
+    ``var`` (NaN: no estimate); returns the scale (n,) and its variance.
+
+    The windows' esds come from the fit's noise alone, and the windows disagree by more than
+    that (profile mismatch, overlapping lines), so the estimates are combined as a random-effects
+    mean (DerSimonian-Laird: weights 1 / (var + τ²), τ² the spread between windows beyond their
+    esds), after leaving out, where three or more windows agree, a window more than ``cut``
+    robust deviations from their median (a phase's line swallowed by another phase's line, its
+    area pressed to 0 with a small esd). The variance includes τ²: it is as large as the
+    windows' disagreement says."""
+    r = np.asarray(ratio, float)
+    v = np.asarray(var, float)
+    good = np.isfinite(r) & np.isfinite(v) & (v >= 0)
+    n_good = good.sum(axis=1)
+    rm = np.where(good, r, np.nan)
+    out_s = np.full(r.shape[0], np.nan)
+    out_v = np.full(r.shape[0], np.nan)
+    rows = n_good > 0
+    if not rows.any():
+        return out_s, out_v
+    with np.errstate(all="ignore"):
+        med = np.nanmedian(rm[rows], axis=1)
+        dev = np.abs(rm[rows] - med[:, None])
+        mad = 1.4826 * np.nanmedian(dev, axis=1)
+        outlier = (n_good[rows, None] >= 3) & (dev > cut * np.sqrt(mad[:, None] ** 2 + v[rows]))
+        use = good[rows] & ~outlier
+        vv = np.where(use, np.maximum(v[rows], 1e-300), np.inf)
+        w = 1.0 / vv
+        sw = w.sum(axis=1)
+        mean_fe = (w * np.where(use, rm[rows], 0.0)).sum(axis=1) / sw
+        q = (w * np.where(use, rm[rows] - mean_fe[:, None], 0.0) ** 2).sum(axis=1)
+        dof = use.sum(axis=1) - 1
+        tau2 = np.where(dof > 0, np.maximum(0.0, (q - dof) / (sw - (w ** 2).sum(axis=1) / sw)), 0.0)
+        w2 = np.where(use, 1.0 / (vv + tau2[:, None]), 0.0)
+        out_s[rows] = (w2 * np.where(use, rm[rows], 0.0)).sum(axis=1) / w2.sum(axis=1)
+        out_v[rows] = 1.0 / w2.sum(axis=1)
+    return out_s, out_v
+
+
 def phase_fractions(table, phases: Sequence[PhaseSpec], spec: LatticeSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Phase fractions (n, P), their esds and the method, from the phase model's areas.
 
@@ -364,16 +404,14 @@ def phase_fractions(table, phases: Sequence[PhaseSpec], spec: LatticeSpec) -> tu
             prev = alone[np.maximum(pos - 1, 0)]
             near = np.where(np.abs(alone[pos] - np.arange(n)) <= np.abs(prev - np.arange(n)), alone[pos], prev)
             ref = area[near, k, :]                                   # (n, W)
-            # each window's ratio to the reference, inverse-variance weighted: a window where
-            # the phase's lines cannot be told from another phase's has a large esd and little
-            # say, and one where its area rests at 0 without an esd has none
+            # each window's ratio to the reference, combined robustly (a window where the
+            # phase's lines are swallowed by another phase's disagrees with the rest and is
+            # left out; one where its area rests at 0 without an esd has no say)
             with np.errstate(all="ignore"):
                 ratio = area[:, k, :] / ref
                 r_var = var[:, k, :] / ref**2
                 good = (ref > 0) & np.isfinite(sd[:, k, :]) & (sd[:, k, :] > 0) & np.isfinite(ratio)
-                wgt = np.where(good, 1.0 / np.where(good, r_var, 1.0), 0.0)
-                scale[:, k] = (wgt * np.where(good, ratio, 0.0)).sum(axis=1) / wgt.sum(axis=1)
-                scale_var[:, k] = 1.0 / wgt.sum(axis=1)
+            scale[:, k], scale_var[:, k] = combine_ratios(np.where(good, ratio, np.nan), np.where(good, r_var, np.nan))
             # the reference frame itself has ratio 1 and no spread: it is its own scale
             single = present[:, k] & (present.sum(axis=1) == 1)
             scale[single, k], scale_var[single, k] = 1.0, 0.0

@@ -702,10 +702,16 @@ class _Frame:
                 out[i] = min(out[i], limit / ratio)
         return out
 
-    def pair_search(self, p: int, q: int, j: int, present: Sequence[int], widths: np.ndarray) -> None:
+    def pair_search(self, p: int, q: int, j: int, present: Sequence[int], widths: np.ndarray,
+                    tracked: bool = False) -> None:
         """A joint grid over cell parameter ``j`` of two present phases whose lines overlap
         (coexisting similar structures): one at a time, each can only settle between the two
-        true positions; together they split the lines. The state's cells are updated."""
+        true positions; together they split the lines. The state's cells are updated.
+
+        Over :data:`_JOINT` search ranges around each (a pair that was already split in the
+        frame before, ``tracked``: over three tracking steps), with a common factor on both
+        widths; coarse steps first (0.7 of a width at the most sensitive line), then fine ones
+        (0.2) around the best."""
         m = self.m
         others = [r for r in present if r not in (p, q)]
         zero = self.state.zero
@@ -716,18 +722,50 @@ class _Frame:
         windows = [w for w in range(m.W) if m._refl_of[p][w].size and m._refl_of[q][w].size]
         if not windows or name not in m.free[p] or name not in m.free[q]:
             return
-        grids = []
+        halves = []
         for r in (p, q):
-            g, _ = self._grid(r, name, theta, self.state.cell[r, j], _JOINT * m.box[r, j], 0.4, windows)
-            grids.append(g)
-        # and a common factor on both phases' widths (coexisting phases are often broadened,
-        # and a phase fitted alone over both lines is too broad)
-        gp, gq, gs = (v.ravel() for v in np.meshgrid(*grids, _WIDTH_FACTORS, indexing="ij"))
+            half = _JOINT * m.box[r, j]
+            if tracked:
+                half = min(half, 3 * self.track_halves(r, _TRACK_FWHM)[j])
+            halves.append(half)
         sign = next((sg for a, b, jj, sg in m.order if a == p and b == q and jj == j), 0.0)
+        # coarse: the whole span and every width factor
+        grids, steps = [], []
+        for r, half in zip((p, q), halves):
+            g, step = self._grid(r, name, theta, self.state.cell[r, j], half, 0.7, windows)
+            grids.append(g)
+            steps.append(step)
+        best = self._pair_trials(p, q, j, grids, np.array(_WIDTH_FACTORS), windows, others, widths, theta,
+                                 cen_all, sign)
+        if best is None:
+            return
+        # fine: around the best, steps of 0.2 of a width, the neighbouring width factors
+        vp, vq, s = best
+        fine = []
+        for r, v, half, step in zip((p, q), (vp, vq), halves, steps):
+            g, _ = self._grid(r, name, theta, v, step, 0.2, windows)
+            fine.append(np.clip(g, self.state.cell[r, j] - half, self.state.cell[r, j] + half))
+        k = _WIDTH_FACTORS.index(s)
+        factors = np.array(_WIDTH_FACTORS[max(k - 1, 0):k + 2])
+        best = self._pair_trials(p, q, j, fine, factors, windows, others, widths, theta, cen_all, sign) or best
+        vp, vq, s = best
+        self.state.cell[p] = m.trial_cells(p, self.state.cell[p], j, np.array([vp]))[0]
+        self.state.cell[q] = m.trial_cells(q, self.state.cell[q], j, np.array([vq]))[0]
+        for r in (p, q):
+            self.state.fwhm[r, windows] = s * widths[r, windows]
+
+    def _pair_trials(self, p: int, q: int, j: int, grids: list[np.ndarray], factors: np.ndarray,
+                     windows: Sequence[int], others: Sequence[int], widths: np.ndarray, theta: np.ndarray,
+                     cen_all: np.ndarray, sign: float) -> tuple[float, float, float] | None:
+        """The best (value of p, value of q, width factor) over the joint grid, or None."""
+        m = self.m
+        zero = self.state.zero
+        gp, gq, gs = (v.ravel() for v in np.meshgrid(*grids, factors, indexing="ij"))
         ok = np.sign(gp - gq) == sign if sign else np.ones(gp.size, bool)
-        trials = {}
-        for r, g in ((p, gp), (q, gq)):
-            trials[r] = m.trial_cells(r, self.state.cell[r], j, g)
+        if not ok.any():
+            return None
+        gp, gq, gs = gp[ok], gq[ok], gs[ok]
+        trials = {p: m.trial_cells(p, self.state.cell[p], j, gp), q: m.trial_cells(q, self.state.cell[q], j, gq)}
         chi2 = np.zeros(gp.size)
         for w in windows:
             win = m.windows[w]
@@ -749,11 +787,10 @@ class _Frame:
             cols = self._window_basis(w, refl, np.concatenate(cens, axis=1), theta, tails, fw)
             _, c2 = _nonneg_lstsq(cols, self.y0[win.points], self.w[win.points], refl.size)
             chi2 += c2
-        k = int(np.argmin(np.where(ok, chi2, np.inf)))
-        if np.isfinite(chi2[k]) and ok[k]:
-            self.state.cell[p], self.state.cell[q] = trials[p][k], trials[q][k]
-            for r in (p, q):
-                self.state.fwhm[r, windows] = gs[k] * widths[r, windows]
+        k = int(np.argmin(chi2))
+        if not np.isfinite(chi2[k]):
+            return None
+        return float(gp[k]), float(gq[k]), float(gs[k])
 
     def _grid(self, p: int, name: str, theta: np.ndarray, centre: float, half: float,
               frac: float, windows: Sequence[int]) -> tuple[np.ndarray, float]:
@@ -824,7 +861,7 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
     if present:
         for p in present:
             st.cell[p], _, _ = fr.search(p, present, around=st.cell[p], halves=fr.track_halves(p, _TRACK_FWHM))
-        _pair_searches(m, fr, present, before)
+        _pair_searches(m, fr, present, before, tracked=True)
         sol = _fit_rows(m, fr, [tuple(present)], fit)
         if sol is not None and np.isfinite(sol.chi2[0]):
             _adopt(m, st, sol.p[0], present)
@@ -946,16 +983,18 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
     return _result(m, fr, res.p[0], res.cov[0], keep, decision, ok, message)
 
 
-def _pair_searches(m: PhaseModel, fr: "_Frame", present: Sequence[int], widths: np.ndarray) -> None:
+def _pair_searches(m: PhaseModel, fr: "_Frame", present: Sequence[int], widths: np.ndarray,
+                   tracked: bool = False) -> None:
     """Joint searches of every present pair of phases that could be confused, over each
-    parameter in which their configured cells differ."""
+    parameter in which their configured cells differ (``tracked``: both were there in the
+    frame before, a narrower search)."""
     done = set()
     for p, q, _, _ in m.order:
         if p in present and q in present and (q, p) not in done and (p, q) not in done:
             ordered = {jj for a, b, jj, _ in m.order if a == p and b == q}
             for name in m.search_order[p]:          # c before a, as in the search
                 if _CELL_INDEX[name] in ordered:
-                    fr.pair_search(p, q, _CELL_INDEX[name], present, widths)
+                    fr.pair_search(p, q, _CELL_INDEX[name], present, widths, tracked)
             done.add((p, q))
 
 
