@@ -539,7 +539,9 @@ class FitSpec(_Spec):
     ``presence`` decides whether each component is there: ``"bic"`` keeps it when removing it
     raises the Bayesian information criterion by more than ``bic_threshold``; ``"ftest"`` when
     the F-test rejects its absence at ``ftest_alpha``; ``"always"`` never removes one. Beside
-    other components, one with less than ``min_fraction`` of the window's peak area is absent,
+    other components, one with less than ``min_fraction`` of the window's peak area is absent
+    (in the phase model: of the area of the windows its lines reach, except for a phase with
+    ``fraction = false``, the current collector, whose presence the BIC alone decides),
     and so is any whose centre ends on the edge of its allowed range. ``esd_scale = "auto"``
     scales the esds by the reduced chi-square only when the data carry no errors (the phase
     model: also when it exceeds 1, a misfit the model cannot remove); ``"redchi"`` always does

@@ -149,6 +149,17 @@ class PhaseModel:
         self._layout()
         self._order_pairs()
         self._search_order()
+        #: (R,) reflections listed as a window's peaks ("phase hkl")
+        self.r_listed = np.zeros(self.R, bool)
+        names = [p.name for p in self.phases]
+        for wi, w in enumerate(self.specs):
+            for label in w.peaks:
+                phase, _, hkl = label.partition(" ")
+                if phase in names:
+                    try:
+                        self.r_listed[self.label_index(wi, phase, hkl)] = True
+                    except ValueError:
+                        pass                # reported by the fitter that lists the peaks
 
     # -- set-up -------------------------------------------------------------------------------
     def _half_range(self, phase: PhaseSpec, name: str) -> float:
@@ -475,6 +486,31 @@ def _nonneg_lstsq(a: np.ndarray, b: np.ndarray, w: np.ndarray, n_area: int) -> t
     return coef, np.einsum("tm,tm->t", resid, resid)
 
 
+def _polish(value: float, step: float, evaluate, scored) -> tuple[float, np.ndarray, float, float]:
+    """The minimum of a search score near grid point ``value`` (grid ``step``): five finer
+    points over ± one step, then the vertex of the parabola through the best and its
+    neighbours, kept if it scores better. Returns (value, trial cell (6,), chi², score)."""
+    if step <= 0:
+        trial, chi2 = evaluate(np.array([value]))
+        return value, trial[0], float(chi2[0]), float(scored(trial, chi2)[0])
+    values = value + step * np.linspace(-1, 1, 9)
+    trial, chi2 = evaluate(values)
+    score = scored(trial, chi2)
+    k = int(np.argmin(score))
+    best = (float(values[k]), trial[k], float(chi2[k]), float(score[k]))
+    if 0 < k < values.size - 1 and np.all(np.isfinite(score[k - 1:k + 2])):
+        s0, s1, s2 = score[k - 1:k + 2]
+        curv = s0 - 2 * s1 + s2
+        if curv > 0:
+            h = values[1] - values[0]
+            v = float(values[k] + 0.5 * h * (s0 - s2) / curv)
+            t, c = evaluate(np.array([v]))
+            s = float(scored(t, c)[0])
+            if s < best[3]:
+                best = (v, t[0], float(c[0]), s)
+    return best
+
+
 @dataclass
 class FrameResult:
     """One frame's phase-model solution."""
@@ -645,35 +681,52 @@ class _Frame:
                 # the fine pass stays within the range searched (a phase is not found outside it)
                 span = m.box[p, i] * scale if halves is None else halves[i]
                 grid = np.unique(np.clip(grid, centre[i] - span, centre[i] + span))
-            trial = m.trial_cells(p, best_cell, i, grid)
-            ok = self._ordered(p, trial, others)
-            chi2 = np.zeros(grid.size)
-            for w in use:
-                win = m.windows[w]
-                mine = m._refl_of[p][w]
-                hkl = m.r_hkl[mine]
-                d = d_from_cell(hkl[:, 0][None], hkl[:, 1][None], hkl[:, 2][None],
-                                [trial[:, j][:, None] for j in range(6)])
-                cen_p = m.radial_of_d(np.asarray(d), zero)                           # (T, n_mine)
-                cen_f = np.broadcast_to(cen_all[fixed[w]], (grid.size, fixed[w].size))
-                refl = np.concatenate([mine, fixed[w]])
-                tails = np.concatenate([np.zeros(mine.size, bool), np.ones(fixed[w].size, bool)])
-                cols = self._window_basis(w, refl, np.concatenate([cen_p, cen_f], axis=1), theta, tails)
-                _, c2 = _nonneg_lstsq(cols, self.y0[win.points], self.w[win.points], refl.size)
-                chi2 += c2
             free = [_CELL_INDEX[n] for n in m.free[p]]
-            rel = (trial[:, free] - prior_at[free]) / m.box[p, free]
+
+            def evaluate(values: np.ndarray, base=best_cell, i=i, use=use) -> tuple[np.ndarray, np.ndarray]:
+                trial = m.trial_cells(p, base, i, values)
+                chi2 = np.zeros(values.size)
+                for w in use:
+                    win = m.windows[w]
+                    mine = m._refl_of[p][w]
+                    hkl = m.r_hkl[mine]
+                    d = d_from_cell(hkl[:, 0][None], hkl[:, 1][None], hkl[:, 2][None],
+                                    [trial[:, j][:, None] for j in range(6)])
+                    cen_p = m.radial_of_d(np.asarray(d), zero)                           # (T, n_mine)
+                    cen_f = np.broadcast_to(cen_all[fixed[w]], (values.size, fixed[w].size))
+                    refl = np.concatenate([mine, fixed[w]])
+                    tails = np.concatenate([np.zeros(mine.size, bool), np.ones(fixed[w].size, bool)])
+                    cols = self._window_basis(w, refl, np.concatenate([cen_p, cen_f], axis=1), theta, tails)
+                    _, c2 = _nonneg_lstsq(cols, self.y0[win.points], self.w[win.points], refl.size)
+                    chi2 += c2
+                return trial, chi2
+
+            trial, chi2 = evaluate(grid)
             # a weak pull to the phase's last cell (the configured one until it is seen), in
             # proportion to what the phase explains: where two cells explain the lines equally
             # (another reflection of the same phase on the line, areas being free) the nearer
             # one names them
             explained = max(float(chi2_w[use].sum()) - float(chi2.min()), 0.0)
-            prior = _PRIOR * explained * np.sum(rel ** 2, axis=1)
-            score = np.where(ok, chi2 + prior, np.inf)
-            j = int(np.argmin(score))
-            if np.isfinite(score[j]):
-                best_cell = trial[j]
-                best = float(chi2[j]) + float(chi2_w[[w for w in windows if w not in use]].sum())
+
+            def scored(trial: np.ndarray, chi2: np.ndarray) -> np.ndarray:
+                rel = (trial[:, free] - prior_at[free]) / m.box[p, free]
+                prior = _PRIOR * explained * np.sum(rel ** 2, axis=1)
+                return np.where(self._ordered(p, trial, others), chi2 + prior, np.inf)
+
+            score = scored(trial, chi2)
+            # at high counts a basin of chi-square is narrower than a grid step, and which basin
+            # looks best on the grid depends on where its points happen to fall: the best few
+            # local minima are each searched finely before one is chosen
+            step = float(np.median(np.diff(grid))) if grid.size > 1 else 0.0
+            cands = [j for j in np.argsort(score)[:8] if np.isfinite(score[j])
+                     and (j == 0 or score[j] <= score[j - 1]) and (j == grid.size - 1 or score[j] <= score[j + 1])]
+            cands = cands[:3 if scale >= 1 else 1]
+            best_s = np.inf
+            for j in cands:
+                v, t1, c1, s1 = _polish(grid[j], step, evaluate, scored)
+                if s1 < best_s:
+                    best_s, best_cell = s1, t1
+                    best = c1 + float(chi2_w[[w for w in windows if w not in use]].sum())
         return best_cell, best + rest, chi2_without
 
     def track_halves(self, p: int, limit: float) -> np.ndarray:
@@ -871,6 +924,7 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
                 present.remove(p)
     absent = [p for p in range(m.P) if p not in present]
     found_now: set[int] = set()
+    joined: list[int] = []
     null_chi2 = float(fr.linear(st.cell, present, st.zero)[1].sum()) if present else np.inf
     while absent:
         found = []
@@ -900,7 +954,19 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
         present.append(p)
         absent.remove(p)
         found_now.add(p)
+        joined.append(p)
         null_chi2 = np.inf
+    if len(joined) > 1:
+        # phases found one after another in this frame: the first was placed before the others
+        # explained their own lines (an Al line, a second phase), and may sit on an alias. Each
+        # is searched again in the order they joined, beside the phases there before, those it
+        # cannot be confused with, and those already placed again
+        settled = [q for q in present if q not in found_now]
+        for p in joined:
+            similar = {b for a, b, _, _ in m.order if a == p}
+            beside = settled + [q for q in joined if q != p and q not in similar and q not in settled]
+            st.cell[p], _, _ = fr.search(p, beside, around=fr.centre[p])
+            settled.append(p)
     present.sort()
     if found_now:
         _pair_searches(m, fr, present, np.where(np.isfinite(before), before, _fwhm_table(m, fr)))
@@ -917,6 +983,17 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
         areas = np.where(inner, res.p[0, m.area_col], 0.0)
         total_area = np.array([areas[m.r_window == w].sum() for w in range(m.W)])
         gains, fails = {}, {}
+
+        def lines_missing(p: int) -> str:
+            # a phase that is there shows its listed reflections: one that explains a line of
+            # another phase with one reflection while its listed ones (its basal line) stay
+            # empty is not the phase the user named
+            listed = np.flatnonzero(m.r_listed & (m.r_phase == p) & inner)
+            shown = int(np.count_nonzero(areas[listed] > 0))
+            if listed.size >= 2 and shown < (listed.size + 1) // 2:
+                return f"absent: no line at {listed.size - shown} of its {listed.size} listed reflections"
+            return ""
+
         for i, p in enumerate(present):
             gain = n_valid * np.log(max(chi2[i + 1], 1e-300) / max(chi2[0], 1e-300)) - _n_params(m, p) * n_log
             mine = areas[m.r_phase == p].sum()
@@ -931,7 +1008,11 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
             gains[p] = gain
             if gain <= fit.bic_threshold:
                 fails[p] = f"absent: ΔBIC {gain:.1f} <= {fit.bic_threshold:g}"
-            elif share < fit.min_fraction:
+            elif lines_missing(p):
+                fails[p] = lines_missing(p)
+            elif share < fit.min_fraction and m.phases[p].fraction:
+                # (a phase kept out of the fractions, the current collector, is there when the
+                # data say so: its lines are narrow and weak, and left out they pull others')
                 fails[p] = f"absent: {100 * share:.2g} % of the area < min_fraction"
             elif pressed and len(pressed) < len(m.cell_cols[p]):
                 # pressed against another phase it could be confused with: the lines do not tell
