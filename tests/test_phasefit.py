@@ -33,9 +33,9 @@ def _run(scenario: str, dif: Difficulty, n: int = 48, seed: int = 5):
 
 @pytest.mark.parametrize("scenario, sign, separation, windows", [
     ("nfm", 1, 1.1, True), ("nfm", -1, 1.0, True),
-    # P2 -> P''2 with the basal-window set (an Al line inside the 100 window, and typed cells 2 %
-    # below, are not handled yet: see the README's limits)
-    ("mcm", 1, 2.4, False)])
+    # P2 -> P''2: the Al 111 line inside the 100 window (P2's a once settled on an alias there),
+    # typed cells 2 % below both phases (nearer the other phase's truth), and 1 FWHM apart
+    ("mcm", -1, 2.4, True), ("mcm", 1, 1.0, True)])
 def test_phases_cells_and_fractions_from_typical_start_cells(scenario, sign, separation, windows):
     series, table, lat, s = _run(scenario, _hard(sign, separation, windows=windows))
     assert s["n_coexistence"] >= 3

@@ -362,8 +362,9 @@ class PhaseSpec(_Spec):
     geometry of O3/P3/P2. ``kind`` names the structure type of a phase with another name
     (``kind = "P2"``). ``search`` is how far (relative, ±) the phase-model fit looks for the
     phase's cell around the configured one before calling it absent: ``{ a = 0.015, c = 0.03 }``
-    by default (b as a, angles ±2°). ``fraction = false`` keeps a phase out of the phase
-    fractions (the library's Al current collector, an internal standard).
+    by default (b as a, angles ±2°; the library's Al: ``{ a = 0.003 }``). ``fraction = false``
+    keeps a phase out of the phase fractions (the library's Al current collector, an internal
+    standard).
     """
 
     name: str = Field(min_length=1)
@@ -388,7 +389,7 @@ class PhaseSpec(_Spec):
             lib = LIBRARY.get(str(data.get("kind") or data.get("name", "")))
             if lib is not None:
                 defaults = {"space_group": lib.space_group, "a": lib.a, "c": lib.c, "b": lib.b, "beta": lib.beta,
-                            "z_o": lib.z_o, "fraction": lib.fraction}
+                            "z_o": lib.z_o, "fraction": lib.fraction, "search": dict(lib.search) or None}
                 data = {**{k: v for k, v in defaults.items() if v is not None}, **data}
         return data
 

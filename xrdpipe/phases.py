@@ -33,6 +33,8 @@ class LibraryPhase:
     z_o: float | None = None
     note: str = ""
     fraction: bool = True
+    #: the phase model's search half-ranges, where the defaults do not suit the phase
+    search: tuple[tuple[str, float], ...] = ()
 
 
 #: Typical cells of sodium layered oxides NaxTMO2 (hexagonal axes where hexagonal).
@@ -45,8 +47,11 @@ LIBRARY: dict[str, LibraryPhase] = {
     "OP4": LibraryPhase("P-6m2", 2.84, 20.20, 4, note="intergrowth of O2 and P2 layers"),
     "P'2": LibraryPhase("Cmcm", 2.87, 11.20, 2, b=5.28, note="orthorhombic P2 (Jahn-Teller Mn3+)"),
     "O'3": LibraryPhase("C2/m", 5.67, 5.80, 1, b=2.86, beta=113.2, note="monoclinic O3 (alpha-NaMnO2)"),
+    # the current collector's cell does not change with the state of charge (a sample
+    # displacement moves its lines, and that is the shared zero's job): a narrow search keeps
+    # its weak lines from wandering under the cathode's
     "Al": LibraryPhase("Fm-3m", 4.0495, None, 0, note="aluminium current collector (room temperature)",
-                       fraction=False),
+                       fraction=False, search=(("a", 0.003),)),
 }
 
 _R = [(0.0, 0.0, 0.0), (2 / 3, 1 / 3, 1 / 3), (1 / 3, 2 / 3, 2 / 3)]
