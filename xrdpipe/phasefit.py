@@ -720,9 +720,14 @@ class _Frame:
             step = float(np.median(np.diff(grid))) if grid.size > 1 else 0.0
             cands = [j for j in np.argsort(score)[:8] if np.isfinite(score[j])
                      and (j == 0 or score[j] <= score[j - 1]) and (j == grid.size - 1 or score[j] <= score[j + 1])]
-            cands = cands[:3 if scale >= 1 else 1]
             best_s = np.inf
-            for j in cands:
+            for j in cands[:3]:
+                if halves is not None:
+                    # tracking: the grid only has to find the basin; the least squares that
+                    # follows finds its bottom
+                    best_cell, best_s = trial[j], score[j]
+                    best = float(chi2[j]) + float(chi2_w[[w for w in windows if w not in use]].sum())
+                    break
                 v, t1, c1, s1 = _polish(grid[j], step, evaluate, scored)
                 if s1 < best_s:
                     best_s, best_cell = s1, t1
