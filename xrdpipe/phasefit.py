@@ -711,7 +711,9 @@ class _Frame:
             def scored(trial: np.ndarray, chi2: np.ndarray) -> np.ndarray:
                 rel = (trial[:, free] - prior_at[free]) / m.box[p, free]
                 prior = _PRIOR * explained * np.sum(rel ** 2, axis=1)
-                return np.where(self._ordered(p, trial, others), chi2 + prior, np.inf)
+                # the order is kept in the parameter searched now (the others' start values may
+                # not keep it yet: P3's configured a above the O3 a tracked so far)
+                return np.where(self._ordered(p, trial, others, only=i), chi2 + prior, np.inf)
 
             score = scored(trial, chi2)
             # at high counts a basin of chi-square is narrower than a grid step, and which basin
@@ -876,12 +878,12 @@ class _Frame:
         n = int(min(400, max(2, np.ceil(half / step))))
         return c0 + np.linspace(-half, half, 2 * n + 1), half / n
 
-    def _ordered(self, p: int, trial: np.ndarray, present: Sequence[int]) -> np.ndarray:
+    def _ordered(self, p: int, trial: np.ndarray, present: Sequence[int], only: int | None = None) -> np.ndarray:
         """Trials that keep the configured order of ``p`` against every present phase it could
-        be confused with."""
+        be confused with (in cell parameter ``only``, or in all)."""
         ok = np.ones(trial.shape[0], bool)
         for a, b, j, sign in self.m.order:
-            if a == p and b in present:
+            if a == p and b in present and (only is None or j == only):
                 ok &= np.sign(trial[:, j] - self.state.cell[b, j]) == sign
         return ok
 
@@ -1052,6 +1054,15 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
         if "refit" in fails.values():
             continue
         worst = min(fails, key=lambda q: gains[q])
+        redundant = [(a, b) for a, b, _, _ in m.order if a < b and fails.get(a, "").startswith("absent: ΔBIC")
+                     and fails.get(b, "").startswith("absent: ΔBIC")]
+        if redundant:
+            # two phases that could be confused, each redundant beside the other (one line
+            # left, both can fit it): the one that stays where it was in the frame before is
+            # kept, the other would have to jump onto its line (no label swap)
+            a, b = redundant[0]
+            worst = b if _moved(m, res, present, st, state, keep=a, drop=b) <= \
+                _moved(m, res, present, st, state, keep=b, drop=a) else a
         decision[worst] = fails[worst]
         present.remove(worst)
         held.clear()            # what was held against the dropped phase is free again
@@ -1082,6 +1093,19 @@ def _pair_searches(m: PhaseModel, fr: "_Frame", present: Sequence[int], widths: 
                 if _CELL_INDEX[name] in ordered:
                     fr.pair_search(p, q, _CELL_INDEX[name], present, widths, tracked)
             done.add((p, q))
+
+
+def _moved(m: PhaseModel, res, present: Sequence[int], st: PhaseState, before: PhaseState, *, keep: int,
+           drop: int) -> float:
+    """How far (in search half-ranges, rms) phase ``keep`` moves from its cell in the frame
+    before when ``drop`` is left out of the fit; infinite if it was not there."""
+    row = 1 + present.index(drop)
+    cell = m.cells(res.p[row:row + 1], st.cell)[0][keep]
+    prev = before.cell[keep]
+    free = [_CELL_INDEX[n] for n in m.free[keep]]
+    if not (before.present[keep] and np.all(np.isfinite(prev[free]))):
+        return np.inf
+    return float(np.sqrt(np.mean(((cell - prev)[free] / m.box[keep][free]) ** 2)))
 
 
 def _n_params(m: PhaseModel, p: int) -> int:
