@@ -795,8 +795,9 @@ class _Frame:
             g, step = self._grid(r, name, theta, self.state.cell[r, j], half, 0.7, windows)
             grids.append(g)
             steps.append(step)
-        best = self._pair_trials(p, q, j, grids, np.array(_WIDTH_FACTORS), windows, others, widths, theta,
-                                 cen_all, sign)
+        start = self.state.cell[[p, q], j].copy()
+        best, weight = self._pair_trials(p, q, j, grids, np.array(_WIDTH_FACTORS), windows, others, widths, theta,
+                                         cen_all, sign, start)
         if best is None:
             return
         # fine: around the best, steps of 0.2 of a width, the neighbouring width factors
@@ -807,7 +808,8 @@ class _Frame:
             fine.append(np.clip(g, self.state.cell[r, j] - half, self.state.cell[r, j] + half))
         k = _WIDTH_FACTORS.index(s)
         factors = np.array(_WIDTH_FACTORS[max(k - 1, 0):k + 2])
-        best = self._pair_trials(p, q, j, fine, factors, windows, others, widths, theta, cen_all, sign) or best
+        best = self._pair_trials(p, q, j, fine, factors, windows, others, widths, theta, cen_all, sign, start,
+                                 weight)[0] or best
         vp, vq, s = best
         self.state.cell[p] = m.trial_cells(p, self.state.cell[p], j, np.array([vp]))[0]
         self.state.cell[q] = m.trial_cells(q, self.state.cell[q], j, np.array([vq]))[0]
@@ -816,14 +818,16 @@ class _Frame:
 
     def _pair_trials(self, p: int, q: int, j: int, grids: list[np.ndarray], factors: np.ndarray,
                      windows: Sequence[int], others: Sequence[int], widths: np.ndarray, theta: np.ndarray,
-                     cen_all: np.ndarray, sign: float) -> tuple[float, float, float] | None:
-        """The best (value of p, value of q, width factor) over the joint grid, or None."""
+                     cen_all: np.ndarray, sign: float, start: np.ndarray, weight: float | None = None):
+        """The best (value of p, value of q, width factor) over the joint grid, or None, and the
+        weight of the pull to the ``start`` values: where two splits explain the lines equally
+        (one line left, either phase can take it) the phases stay where they were."""
         m = self.m
         zero = self.state.zero
         gp, gq, gs = (v.ravel() for v in np.meshgrid(*grids, factors, indexing="ij"))
         ok = np.sign(gp - gq) == sign if sign else np.ones(gp.size, bool)
         if not ok.any():
-            return None
+            return None, weight
         gp, gq, gs = gp[ok], gq[ok], gs[ok]
         trials = {p: m.trial_cells(p, self.state.cell[p], j, gp), q: m.trial_cells(q, self.state.cell[q], j, gq)}
         chi2 = np.zeros(gp.size)
@@ -847,10 +851,14 @@ class _Frame:
             cols = self._window_basis(w, refl, np.concatenate(cens, axis=1), theta, tails, fw)
             _, c2 = _nonneg_lstsq(cols, self.y0[win.points], self.w[win.points], refl.size)
             chi2 += c2
-        k = int(np.argmin(chi2))
-        if not np.isfinite(chi2[k]):
-            return None
-        return float(gp[k]), float(gq[k]), float(gs[k])
+        if weight is None:
+            weight = _PRIOR * float(np.ptp(chi2)) if np.all(np.isfinite(chi2)) else 0.0
+        rel = ((gp - start[0]) / m.box[p, j]) ** 2 + ((gq - start[1]) / m.box[q, j]) ** 2
+        score = chi2 + weight * rel
+        k = int(np.argmin(score))
+        if not np.isfinite(score[k]):
+            return None, weight
+        return (float(gp[k]), float(gq[k]), float(gs[k])), weight
 
     def _grid(self, p: int, name: str, theta: np.ndarray, centre: float, half: float,
               frac: float, windows: Sequence[int]) -> tuple[np.ndarray, float]:
