@@ -79,22 +79,29 @@ _STEP = 0.15
 _REACH = 3.0
 #: Per (frame, phase[, window]) arrays the phase model stores beside the peaks.
 PHASE_ARRAYS = ("phase_cell", "phase_cell_err", "phase_present", "phase_area", "phase_area_err", "phase_fwhm",
-                "phase_eta", "zero", "phase_decision", "phase_volume", "phase_volume_err")
+                "phase_eta", "zero", "phase_decision", "phase_volume", "phase_volume_err", "phase_ref_area")
+#: A phase whose areas over the windows leave more than this share (of their sum of squares)
+#: unexplained by the relative intensities it had alone is not that phase.
+_UNLIKE = 0.5
 
 
 @dataclass
 class PhaseState:
     """What one frame hands to the next: per phase its cell (P, 6), presence (P,), FWHM per
-    window (P, W) and eta (P,); the run's zero shift."""
+    window (P, W) and eta (P,); the run's zero shift; per phase and window the area of its
+    lines in the last frame where it was the only phase (of those with fractions) present,
+    ``ref_area`` (P, W), NaN until then: its own relative intensities, learned from the data."""
 
     cell: np.ndarray
     present: np.ndarray
     fwhm: np.ndarray
     eta: np.ndarray
     zero: float = 0.0
+    ref_area: np.ndarray | None = None
 
     def copy(self) -> "PhaseState":
-        return PhaseState(self.cell.copy(), self.present.copy(), self.fwhm.copy(), self.eta.copy(), self.zero)
+        return PhaseState(self.cell.copy(), self.present.copy(), self.fwhm.copy(), self.eta.copy(), self.zero,
+                          None if self.ref_area is None else self.ref_area.copy())
 
 
 @dataclass(frozen=True)
@@ -898,7 +905,34 @@ class _Frame:
 
 def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state: PhaseState,
               fit: FitSpec) -> FrameResult:
-    """Fit one frame (``y`` on the concatenated windows) starting from the previous ``state``.
+    """Fit one frame (``y`` on the concatenated windows) starting from the previous ``state``;
+    see :func:`_fit_frame_once`. A phase dropped because it is not what it claims to be (its
+    listed lines empty, or its areas unlike its own intensities) may have misled the searches
+    of the others while it was there: the frame is then fitted again without it, and the better
+    of the two (BIC) is kept."""
+    first = _fit_frame_once(model, y, sigma, state, fit, frozenset())
+    impostors = frozenset(p for p, d in enumerate(first.decision)
+                          if d.startswith(("absent: no line at", "absent: its areas are unlike")))
+    if not impostors or not first.success:
+        return first
+    second = _fit_frame_once(model, y, sigma, state, fit, impostors)
+    if not second.success or _bic(model, second) >= _bic(model, first):
+        return first
+    for p in impostors:
+        second.decision[p] = first.decision[p]
+    return second
+
+
+def _bic(m: PhaseModel, res: FrameResult) -> float:
+    """The BIC of a frame's solution: its chi-square and the parameters of its phases."""
+    n = max(int(res.n_window.sum()), 2)
+    k = sum(_n_params(m, p) for p in range(m.P) if res.present[p])
+    return n * np.log(max(float(res.chi2_window.sum()), 1e-300) / n) + k * np.log(n)
+
+
+def _fit_frame_once(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state: PhaseState,
+                    fit: FitSpec, banned: frozenset) -> FrameResult:
+    """One attempt at a frame (``banned`` phases left out), from the previous ``state``.
 
     1. Phases present in the previous frame: a local cell search around their last cell, then a
        fit of those phases alone (the null model for what follows).
@@ -917,7 +951,7 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
     if n_valid < m.k // 2 + 2:
         return _failed(m, state, f"only {n_valid} valid points in the windows")
     st = fr.state
-    present = [p for p in range(m.P) if st.present[p] and np.all(np.isfinite(st.cell[p]))]
+    present = [p for p in range(m.P) if st.present[p] and np.all(np.isfinite(st.cell[p])) and p not in banned]
     for p in range(m.P):                # an absent phase keeps its last cell (the prior of its search)
         if not np.all(np.isfinite(st.cell[p])):
             st.cell[p] = m.cell0[p]
@@ -937,7 +971,7 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
             # search for it afresh
             for p in [q for q in present if _at_edge(m, sol, q)]:
                 present.remove(p)
-    absent = [p for p in range(m.P) if p not in present]
+    absent = [p for p in range(m.P) if p not in present and p not in banned]
     found_now: set[int] = set()
     joined: list[int] = []
     null_chi2 = float(fr.linear(st.cell, present, st.zero)[1].sum()) if present else np.inf
@@ -1003,10 +1037,32 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
             # a phase that is there shows its listed reflections: one that explains a line of
             # another phase with one reflection while its listed ones (its basal line) stay
             # empty is not the phase the user named
-            listed = np.flatnonzero(m.r_listed & (m.r_phase == p) & inner)
-            shown = int(np.count_nonzero(areas[listed] > 0))
+            # (a listed line that left its window, or sits on its edge, counts as not shown)
+            has_data = np.array([m.windows[w].x.size > 0 for w in m.r_window], bool)
+            listed = np.flatnonzero(m.r_listed & (m.r_phase == p) & has_data)
+            shown = int(np.count_nonzero((areas[listed] > 0) & inner[listed]))
             if listed.size >= 2 and shown < (listed.size + 1) // 2:
                 return f"absent: no line at {listed.size - shown} of its {listed.size} listed reflections"
+            return ""
+
+        def unlike(p: int) -> str:
+            # a phase seen alone before has its relative intensities: one whose areas over the
+            # windows are far from a multiple of them explains fragments of other phases' lines
+            # (areas are free per line) and is not that phase
+            ref = None if st.ref_area is None else st.ref_area[p]
+            if ref is None or not m.phases[p].fraction:
+                return ""
+            mine = np.array([areas[(m.r_phase == p) & (m.r_window == w)].sum() for w in range(m.W)])
+            use = np.isfinite(ref) & (ref > 0) & np.array([bool(((m.r_phase == p) & (m.r_window == w) & inner).any())
+                                                           for w in range(m.W)])
+            if use.sum() < 2 or mine[use].sum() <= 0:
+                return ""
+            r, a = ref[use], mine[use]
+            s = float(a @ r) / float(r @ r)
+            left = float(np.sum((a - s * r) ** 2)) / float(a @ a)
+            if left > _UNLIKE:
+                return (f"absent: its areas are unlike those it had alone ({100 * (1 - left):.0f} % explained "
+                        f"by its own intensities)")
             return ""
 
         for i, p in enumerate(present):
@@ -1025,6 +1081,8 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
                 fails[p] = f"absent: ΔBIC {gain:.1f} <= {fit.bic_threshold:g}"
             elif lines_missing(p):
                 fails[p] = lines_missing(p)
+            elif unlike(p):
+                fails[p] = unlike(p)
             elif share < fit.min_fraction and m.phases[p].fraction:
                 # (a phase kept out of the fractions, the current collector, is there when the
                 # data say so: its lines are narrow and weak, and left out they pull others')
@@ -1085,7 +1143,20 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
             decision[p] += f"; {m.names[c].split('.')[-1]} not determined (held)"
     ok = bool(res.status[0] != -1)
     message = "" if res.status[0] == 1 else f"no convergence in {fit.max_iter} iterations"
-    return _result(m, fr, res.p[0], res.cov[0], keep, decision, ok, message)
+    out = _result(m, fr, res.p[0], res.cov[0], keep, decision, ok, message)
+    alone = [p for p in present if m.phases[p].fraction]
+    if ok and len(alone) == 1:
+        # the only phase (with a fraction) present: its areas are its own relative intensities
+        p = alone[0]
+        ref = np.full(m.W, np.nan)
+        for w in range(m.W):
+            rows = np.flatnonzero((m.r_phase == p) & (m.r_window == w) & inner)
+            if rows.size:
+                ref[w] = areas[rows].sum()
+        if out.state.ref_area is None:
+            out.state.ref_area = np.full((m.P, m.W), np.nan)
+        out.state.ref_area[p] = ref
+    return out
 
 
 def _pair_searches(m: PhaseModel, fr: "_Frame", present: Sequence[int], widths: np.ndarray,
@@ -1278,7 +1349,8 @@ def _result(m: PhaseModel, fr: _Frame, theta: np.ndarray, cov: np.ndarray, prese
 
 def initial_state(m: PhaseModel, zero: float = 0.0) -> PhaseState:
     """The state before the first frame: configured cells, nothing present, widths unknown."""
-    return PhaseState(m.cell0.copy(), np.zeros(m.P, bool), np.full((m.P, m.W), np.nan), np.full(m.P, np.nan), zero)
+    return PhaseState(m.cell0.copy(), np.zeros(m.P, bool), np.full((m.P, m.W), np.nan), np.full(m.P, np.nan), zero,
+                      np.full((m.P, m.W), np.nan))
 
 
 def _volume(m: PhaseModel, p: int, theta: np.ndarray, cov: np.ndarray, base: np.ndarray) -> tuple[float, float]:
@@ -1385,7 +1457,9 @@ class PhaseFitter:
         r = done[-1]
         self.state = PhaseState(np.array(stored["phase_cell"][r], float), np.array(stored["phase_present"][r], bool),
                                 np.array(stored["phase_fwhm"][r], float), np.array(stored["phase_eta"][r], float),
-                                float(stored["zero"][r]) if np.isfinite(stored["zero"][r]) else 0.0)
+                                float(stored["zero"][r]) if np.isfinite(stored["zero"][r]) else 0.0,
+                                np.array(stored["phase_ref_area"][r], float) if "phase_ref_area" in stored
+                                else np.full((m.P, m.W), np.nan))
         self._zero_known = self._zero_known or bool(np.isfinite(stored["zero"][r]))
 
     def fit_block(self, intensity: np.ndarray, sigma: np.ndarray | None, *, frame: np.ndarray,
@@ -1408,7 +1482,7 @@ class PhaseFitter:
               "phase_area_err": np.full((n, P, W), np.nan), "phase_fwhm": np.full((n, P, W), np.nan),
               "phase_eta": np.full((n, P), np.nan), "zero": np.full(n, np.nan),
               "phase_decision": np.full((n, P), "", dtype=object), "phase_volume": np.full((n, P), np.nan),
-              "phase_volume_err": np.full((n, P), np.nan)}
+              "phase_volume_err": np.full((n, P), np.nan), "phase_ref_area": np.full((n, P, W), np.nan)}
         if not self._zero_known and usable.any():
             self.state.zero = self._estimate_zero(intensity[usable][:8][:, cols],
                                                   None if sigma is None else sigma[usable][:8][:, cols])
@@ -1438,6 +1512,8 @@ class PhaseFitter:
         ph["phase_fwhm"][i] = st.fwhm
         ph["phase_eta"][i] = st.eta
         ph["zero"][i] = st.zero
+        if st.ref_area is not None:
+            ph["phase_ref_area"][i] = st.ref_area
 
     def _record(self, i, res: FrameResult, values, present, success, redchi, message, ph) -> None:
         m = self.model
