@@ -693,6 +693,7 @@ class _Frame:
             def evaluate(values: np.ndarray, base=best_cell, i=i, use=use) -> tuple[np.ndarray, np.ndarray]:
                 trial = m.trial_cells(p, base, i, values)
                 chi2 = np.zeros(values.size)
+                per_w.clear()
                 for w in use:
                     win = m.windows[w]
                     mine = m._refl_of[p][w]
@@ -706,14 +707,18 @@ class _Frame:
                     cols = self._window_basis(w, refl, np.concatenate([cen_p, cen_f], axis=1), theta, tails)
                     _, c2 = _nonneg_lstsq(cols, self.y0[win.points], self.w[win.points], refl.size)
                     chi2 += c2
+                    per_w[w] = c2
                 return trial, chi2
 
+            per_w: dict[int, np.ndarray] = {}
             trial, chi2 = evaluate(grid)
             # a weak pull to the phase's last cell (the configured one until it is seen), in
-            # proportion to what the phase explains: where two cells explain the lines equally
-            # (another reflection of the same phase on the line, areas being free) the nearer
-            # one names them
-            explained = max(float(chi2_w[use].sum()) - float(chi2.min()), 0.0)
+            # proportion to what the phase explains in the windows whose lines this parameter
+            # moves: where two cells explain the lines equally (another reflection of the same
+            # phase on the line, areas being free) the nearer one names them
+            moved = [w for w in use if m.r_dep[m._refl_of[p][w], i].any()] or list(use)
+            in_moved = np.sum([per_w[w] for w in moved], axis=0)
+            explained = max(float(chi2_w[moved].sum()) - float(np.min(in_moved)), 0.0)
 
             def scored(trial: np.ndarray, chi2: np.ndarray) -> np.ndarray:
                 rel = (trial[:, free] - prior_at[free]) / m.box[p, free]
@@ -729,6 +734,10 @@ class _Frame:
             step = float(np.median(np.diff(grid))) if grid.size > 1 else 0.0
             cands = [j for j in np.argsort(score)[:8] if np.isfinite(score[j])
                      and (j == 0 or score[j] <= score[j - 1]) and (j == grid.size - 1 or score[j] <= score[j + 1])]
+            # a minimum on the edge of the range is a basin cut by it (its bottom is outside, or
+            # it is the slope of one): an interior one is preferred
+            inner_c = [j for j in cands if 0 < j < grid.size - 1]
+            cands = inner_c or cands
             best_s = np.inf
             for j in cands[:3]:
                 if halves is not None:
