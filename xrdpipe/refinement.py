@@ -45,6 +45,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Literal, Sequence
 
 import numpy as np
@@ -159,17 +160,24 @@ class PhaseModel:
 
     @property
     def system(self) -> str:
-        import gemmi
+        return _crystal_system(self.structure.space_group)
 
-        s = gemmi.find_spacegroup_by_name(self.structure.space_group).crystal_system_str()
-        return "hexagonal" if s == "trigonal" else s
+
+@lru_cache(maxsize=256)
+def _crystal_system(space_group: str) -> str:
+    import gemmi
+
+    s = gemmi.find_spacegroup_by_name(space_group).crystal_system_str()
+    return "hexagonal" if s == "trigonal" else s
 
 
 @dataclass
 class RefinementModel:
     """Phases plus the instrument and the pattern's range.
 
-    ``method``: ``"lebail"`` (intensities extracted, no structure needed) or ``"rietveld"``.
+    ``method``: ``"lebail"`` (intensities extracted, no structure needed), ``"pawley"``
+    (intensities least-squares parameters, non-negative, solved linearly with the background at
+    every step: variable projection; no structure needed) or ``"rietveld"``.
     ``polarization``: ``"corrected"`` (pyFAI already divided it out: Lorentz factor only) or
     ``"unpolarised"`` (a laboratory tube: (1 + cos² 2θ)/2). ``correction``: ``"zero"``,
     ``"displacement"``, ``"both"`` or ``"none"``. ``strategy``: ``"staged"`` (from the start
@@ -182,7 +190,7 @@ class RefinementModel:
 
     phases: list[PhaseModel]
     wavelength_A: float
-    method: Literal["lebail", "rietveld"] = "rietveld"
+    method: Literal["lebail", "pawley", "rietveld"] = "rietveld"
     background_terms: int = 6
     correction: Literal["none", "zero", "displacement", "both"] = "zero"
     asymmetry: bool = True
@@ -407,6 +415,9 @@ class _Calculator:
         # those of Le Bail phases in a Rietveld one
         self.extracted = np.concatenate([np.full(n, not c) for n, c in zip(self.sizes, self.computed)])
         self.any_extracted = bool(self.extracted.any())
+        # Pawley: intensities are least-squares parameters, solved linearly (with the background)
+        self.pawley = model.method == "pawley"
+        self.groups = _overlap_groups(model, self.refl, self.sizes) if self.pawley else None
         t = (2 * self.x - (self.lo + self.hi)) / max(self.hi - self.lo, 1e-12)
         self.cheb = np.polynomial.chebyshev.chebvander(t, max(model.background_terms - 1, 0))[:, :model.background_terms]
         self.step = float(np.median(np.diff(self.x))) if self.x.size > 1 else 1.0
@@ -623,6 +634,7 @@ class RefinementResult:
     absent: list[str] = field(default_factory=list)
     shares: dict[str, float] = field(default_factory=dict)
     start_from: str = ""
+    intensity_esd: np.ndarray | None = None
 
     def value(self, name: str) -> float:
         return float(self.values[self.names.index(name)])
@@ -714,7 +726,7 @@ class Refiner:
             # Le Bail with several phases: from the previous cells with the intensities extracted
             # afresh (phase fractions change from frame to frame), then with the previous
             # intensities held while the cells move (a cell that jumped by peak widths)
-            variants = [True, False] if (calc.any_extracted and len(model.phases) > 1
+            variants = [True, False] if (calc.any_extracted and not calc.pawley and len(model.phases) > 1
                                          and start.lebail_I is not None) else [False]
             for fresh in variants:
                 r = _refine(calc, y, sigma, start, tol, fresh=fresh)
@@ -844,6 +856,94 @@ def _lm(calc, y, wt, theta, I, free, *, max_iter, tol, hold, n_valid, bounds):
     return theta, I, converged, n_iter
 
 
+def _pawley_solve(calc, theta: np.ndarray, y: np.ndarray, wt: np.ndarray, phases: Sequence[int] | None):
+    """Pawley's linear part at ``theta``: χ², the intensities, θ with the background terms set,
+    and the basis (see :func:`_linear_core`)."""
+    rows = np.flatnonzero(wt > 0)
+    c2, I, bk, extra = _linear_core(calc, theta, y * wt, wt, rows, phases, calc.groups)
+    t = theta.copy()
+    if calc.model.background_terms and extra is not None:
+        t[[calc.layout.index[f"bkg_{j}"] for j in range(calc.model.background_terms)]] = bk
+    return c2, I, t, extra
+
+
+def _lm_pawley(calc, y, wt, theta, free, *, max_iter, tol, n_valid, bounds, phases):
+    """Pawley by variable projection: Levenberg-Marquardt over the nonlinear parameters of
+    ``free`` (cells, zero, widths, asymmetry); at every trial the intensities (non-negative) and
+    the background are solved linearly, and the step uses the projected Jacobian
+    (:func:`_project`). Returns θ, I, converged, steps taken."""
+    L = calc.layout
+    lower, upper = bounds
+    nl = np.array([i for i in free if L.params[i].kind != "bkg"], int)
+    chi2, I, theta, extra = _pawley_solve(calc, theta, y, wt, phases)
+    if extra is None:
+        return theta, I, False, 0
+    if nl.size == 0:
+        return theta, I, True, 0
+    rows = extra["rows"]
+    lam, n_iter, converged = 1e-3, 0, False
+    for _ in range(max_iter):
+        yc, J, _ = calc.jacobian(theta, I, nl)
+        Jw = _project(extra, (J * wt[:, None])[rows])
+        r = ((y - yc) * wt)[rows]
+        g = Jw.T @ r
+        tf = theta[nl]
+        pinned = ((tf <= lower[nl]) & (g < 0)) | ((tf >= upper[nl]) & (g > 0))
+        move = np.flatnonzero(~pinned)
+        if move.size == 0:
+            converged = True
+            break
+        Jm = Jw[:, move]
+        A = Jm.T @ Jm
+        dscale = np.sqrt(np.maximum(np.diag(A), 1e-300))
+        As = A / np.outer(dscale, dscale)
+        gs = g[move] / dscale
+        accepted = None
+        for _ in range(12):
+            try:
+                step = np.linalg.solve(As + lam * np.eye(As.shape[0]), gs) / dscale
+            except np.linalg.LinAlgError:
+                lam *= 10
+                continue
+            t_new = theta.copy()
+            t_new[nl[move]] = np.clip(t_new[nl[move]] + step, lower[nl[move]], upper[nl[move]])
+            trial = _pawley_solve(calc, t_new, y, wt, phases)
+            if trial[3] is not None and np.isfinite(trial[0]) and trial[0] < chi2:
+                accepted = trial
+                lam = max(lam / 5, 1e-9)
+                break
+            lam *= 8
+        n_iter += 1
+        if accepted is None:                 # no damping lowers χ²: at the minimum
+            converged = True
+            break
+        c_new, I, t_new, extra = accepted
+        shift = t_new[nl[move]] - theta[nl[move]]
+        theta, drop, chi2 = t_new, chi2 - c_new, c_new
+        # converged when every shift is a small fraction of its esd, or χ² no longer moves
+        try:
+            var = np.diag(np.linalg.inv(As)) / dscale**2 * c_new / max(n_valid - free.size, 1)
+            if np.all(np.abs(shift) <= SHIFT_ESD * np.sqrt(np.maximum(var, 1e-300))):
+                converged = True
+                break
+        except np.linalg.LinAlgError:
+            pass
+        if drop <= tol * chi2:
+            converged = True
+            break
+    return theta, I, converged, n_iter
+
+
+def _fit(calc, y, wt, theta, I, cols, *, max_iter, tol, hold, n_valid, bounds, absent: Sequence[int] = ()):
+    """Least squares over ``cols``: Pawley (:func:`_lm_pawley`, the phases not ``absent``) or
+    Le Bail / Rietveld (:func:`_lm`)."""
+    if calc.pawley:
+        phases = [p for p in range(len(calc.model.phases)) if p not in set(absent)]
+        return _lm_pawley(calc, y, wt, theta, cols, max_iter=max_iter, tol=tol, n_valid=n_valid, bounds=bounds,
+                          phases=phases)
+    return _lm(calc, y, wt, theta, I, cols, max_iter=max_iter, tol=tol, hold=hold, n_valid=n_valid, bounds=bounds)
+
+
 def _stages(calc, free: np.ndarray) -> list[np.ndarray]:
     """The staged release of ``free``: background and scales; + cells and zero; + the main
     widths (W, Y); + the other widths (U, V, X); + everything else (asymmetry, structure)."""
@@ -950,7 +1050,7 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol, *, staged: bo
     L = calc.layout
     theta = L.start()
     lebail = calc.any_extracted
-    all_lebail = model.method == "lebail"
+    all_lebail = model.method in ("lebail", "pawley")
     n_refl = int(calc.offsets[-1])
     I = None
     from_previous = start is not None and start.theta is not None and len(start.theta) == len(theta)
@@ -980,7 +1080,10 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol, *, staged: bo
         lower, upper = _cell_bounds(calc, centre, followed)
     bounds = (lower, upper)
     theta = np.clip(theta, lower, upper)
-    if lebail and I is None:
+    if calc.pawley:                          # intensities and background solved at the start cells
+        gone0 = [p for p, ph in enumerate(model.phases) if from_previous and ph.name in start.absent]
+        _, I, theta, _ = _pawley_solve(calc, theta, y, wt, [p for p in range(len(model.phases)) if p not in gone0])
+    elif lebail and I is None:
         I = _lebail_start(calc, theta, y)
     free = L.free.copy()
     # a Le Bail phase with (next to) no intensity at the start is absent: its cell and widths are held
@@ -998,13 +1101,14 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol, *, staged: bo
         else:
             absent = []
     stages = _stages(calc, free) if staged else [free]
-    hold = lebail and from_previous and I is not None and start.lebail_I is not None and not fresh
+    hold = lebail and not calc.pawley and from_previous and I is not None and start.lebail_I is not None \
+        and not fresh
     n_iter = 0
     converged = False
     for k, cols in enumerate(stages):
         last = k == len(stages) - 1
-        theta, I, converged, it = _lm(calc, y, wt, theta, I, cols, max_iter=model.max_iter if last else STAGE_ITER,
-                                      tol=tol, hold=hold and k == 0, n_valid=n_valid, bounds=bounds)
+        theta, I, converged, it = _fit(calc, y, wt, theta, I, cols, max_iter=model.max_iter if last else STAGE_ITER,
+                                       tol=tol, hold=hold and k == 0, n_valid=n_valid, bounds=bounds, absent=absent)
         n_iter += it
     # phases the converged fit does not need: removed, and the last stage refined again without them
     if all_lebail and len(model.phases) > 1:
@@ -1015,8 +1119,8 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol, *, staged: bo
             for p in gone:
                 I[int(calc.offsets[p]):int(calc.offsets[p + 1])] = 0.0
             absent = sorted(absent + gone)
-            theta, I, converged, it = _lm(calc, y, wt, theta, I, free, max_iter=model.max_iter, tol=tol, hold=False,
-                                          n_valid=n_valid, bounds=bounds)
+            theta, I, converged, it = _fit(calc, y, wt, theta, I, free, max_iter=model.max_iter, tol=tol, hold=False,
+                                           n_valid=n_valid, bounds=bounds, absent=absent)
             n_iter += it
     res = _result(calc, y, wt, valid, theta, I, free, n_iter, converged, absent, bounds)
     # a Le Bail phase pinned at the edge of its searched range may be a ghost taking another's
@@ -1032,8 +1136,8 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol, *, staged: bo
         t2 = theta.copy()
         for p in pinned:
             t2[_cell_idx(calc, p)] = np.clip(L.start(), lower, upper)[_cell_idx(calc, p)]
-        t2, I2, conv2, it = _lm(calc, y, wt, t2, I2, free2, max_iter=model.max_iter, tol=tol, hold=False,
-                                n_valid=n_valid, bounds=bounds)
+        t2, I2, conv2, it = _fit(calc, y, wt, t2, I2, free2, max_iter=model.max_iter, tol=tol, hold=False,
+                                 n_valid=n_valid, bounds=bounds, absent=sorted(absent + pinned))
         alt = _result(calc, y, wt, valid, t2, I2, free2, n_iter + it, conv2, sorted(absent + pinned), bounds)
         res = _best([res, alt], None)
     return res
@@ -1045,13 +1149,22 @@ def _result(calc, y, wt, valid, theta, I, free, n_iter, converged, absent, bound
     L = calc.layout
     lebail = calc.any_extracted
     n_valid = int(valid.sum())
-    yc, J, I_used = calc.jacobian(theta, I, free, extract_from=y if lebail else None, cycles=1)
-    if lebail:
+    extra = None
+    if calc.pawley:
+        # the intensities (per overlap group) and the background are least-squares parameters too
+        phases = [p for p in range(len(model.phases)) if p not in set(absent)]
+        _, I, theta, extra = _pawley_solve(calc, theta, y, wt, phases)
+        free = np.array([i for i in free if L.params[i].kind != "bkg"]
+                        + [L.index[f"bkg_{j}"] for j in range(model.background_terms)], int)
+    yc, J, I_used = calc.jacobian(theta, I, free, extract_from=y if lebail and not calc.pawley else None, cycles=1)
+    if lebail and not calc.pawley:
         I = I_used
     r = (y - yc) * wt
     Jw = J * wt[:, None]
     chi2 = float(r @ r)
     n_p = int(free.size)
+    if extra is not None:
+        n_p += int(np.count_nonzero(extra["G"] > 0))
     dof = max(n_valid - n_p, 1)
     sw = float(np.sum((y * wt) ** 2))
     rwp = math.sqrt(chi2 / sw) if sw > 0 else math.nan
@@ -1071,7 +1184,11 @@ def _result(calc, y, wt, valid, theta, I, free, n_iter, converged, absent, bound
     inner = np.array(inner, int)
     esd = np.full(theta.size, np.nan)
     cov = None
-    if inner.size:
+    I_esd = None
+    if extra is not None:
+        cov, I_esd = _pawley_covariance(calc, extra, Jw, free, inner, gof)
+        esd[free[inner]] = np.sqrt(np.maximum(np.diag(cov)[inner], 0.0)) * gof
+    elif inner.size:
         try:
             Ji = Jw[:, inner]
             A = Ji.T @ Ji
@@ -1090,7 +1207,8 @@ def _result(calc, y, wt, valid, theta, I, free, n_iter, converged, absent, bound
     res = RefinementResult(list(L.names), theta.copy(), esd, refined, rwp, rexp, gof, n_valid, n_p, n_iter,
                            converged, "", calc.x, np.where(valid, y, np.nan), yc, bkg, parts, ticks,
                            None if I is None else I.copy(), [ph.name for ph in model.phases], theta=theta.copy(),
-                           at_bound=bound, shares={ph.name: float(share[p]) for p, ph in enumerate(model.phases)})
+                           at_bound=bound, shares={ph.name: float(share[p]) for p, ph in enumerate(model.phases)},
+                           intensity_esd=I_esd)
     # phases absent at the start or found absent at the end (see _refine)
     gone = set(absent)
     res.absent = [model.phases[p].name for p in sorted(gone)]
@@ -1101,6 +1219,33 @@ def _result(calc, y, wt, valid, theta, I, free, n_iter, converged, absent, bound
         res.weight_fractions = _weight_fractions(calc, theta, cov, free, gof)
     _verdict(calc, res, sorted(gone), bounds)
     return res
+
+
+def _pawley_covariance(calc, extra: dict, Jw: np.ndarray, free: np.ndarray, inner: np.ndarray, gof: float):
+    """Pawley's covariance: the nonlinear parameters ``free`` (those not at a bound, ``inner``)
+    together with the intensities above zero and the background. Returns the covariance of
+    ``free`` (NaN where at a bound) and every reflection's intensity esd (NaN at zero: at its
+    bound; reflections sharing a position share the group's esd by multiplicity)."""
+    rows = extra["rows"]
+    act = np.flatnonzero(extra["G"] > 0)
+    Ji = Jw[rows][:, inner]
+    M = extra["M"][:, act]
+    k, n_a = inner.size, act.size
+    N = np.zeros((k + n_a,) * 2)
+    N[:k, :k] = Ji.T @ Ji
+    MJ = np.asarray(M.T @ Ji)
+    N[k:, :k], N[:k, k:] = MJ, MJ.T
+    N[k:, k:] = extra["amm"][np.ix_(act, act)]
+    # the background terms are among ``free`` (their columns in Ji); the intensities' cross terms
+    # with them are amb
+    d = np.sqrt(np.maximum(np.diag(N), 1e-300))
+    C = np.linalg.pinv(N / np.outer(d, d), rcond=1e-12, hermitian=True) / np.outer(d, d)
+    cov = np.full((free.size, free.size), np.nan)
+    cov[np.ix_(inner, inner)] = C[:k, :k]
+    gidx, share, n_col = calc.groups
+    g_esd = np.full(n_col, np.nan)
+    g_esd[act] = np.sqrt(np.maximum(np.diag(C)[k:], 0.0)) * gof
+    return cov, g_esd[gidx] * share
 
 
 def _verdict(calc, res: RefinementResult, absent: list[int], bounds) -> None:
@@ -1151,12 +1296,26 @@ def _linear_fit(calc, theta: np.ndarray, yw: np.ndarray, wt: np.ndarray, rows: n
                 phases: Sequence[int] | None = None):
     """χ² of the best pattern at ``theta`` with free non-negative reflection intensities and a
     free background (the points ``rows`` only), the intensities and the background terms."""
+    c2, inten, bk, _ = _linear_core(calc, theta, yw, wt, rows, phases)
+    return c2, inten, bk
+
+
+def _linear_core(calc, theta: np.ndarray, yw: np.ndarray, wt: np.ndarray, rows: np.ndarray,
+                 phases: Sequence[int] | None = None, groups: tuple | None = None, pr: dict | None = None):
+    """The linear part of a pattern at ``theta``: non-negative intensities (one per reflection,
+    or per overlap group of ``groups`` = (group of each reflection, its share, number of
+    groups), split by the shares) and the background, by least squares over the points
+    ``rows``. Returns χ², the intensity of every reflection, the background terms and what
+    :func:`_project` and the Pawley covariance need (the weighted basis and its normal
+    matrix)."""
     import scipy.sparse as sp
     from scipy.optimize import nnls
 
     n_refl = int(calc.offsets[-1])
-    st = calc.reflection_state(theta, np.ones(n_refl))
-    pr = calc.profiles(st, theta)
+    if pr is None:
+        st = calc.reflection_state(theta, np.ones(n_refl))
+        pr = calc.profiles(st, theta)
+    gidx, share, n_col = (np.arange(n_refl), np.ones(n_refl), n_refl) if groups is None else groups
     rowmap = np.full(calc.x.size, -1)
     rowmap[rows] = np.arange(rows.size)
     sel = pr["ok"] & (rowmap[pr["idx"]] >= 0)
@@ -1167,7 +1326,8 @@ def _linear_fit(calc, theta: np.ndarray, yw: np.ndarray, wt: np.ndarray, rows: n
         sel &= use[:, None]
     r_i = rowmap[pr["idx"][sel]]
     c_i = np.nonzero(sel)[0]
-    M = sp.csr_matrix((pr["P"][sel] * wt[pr["idx"][sel]], (r_i, c_i)), shape=(rows.size, n_refl))
+    vals = pr["P"][sel] * wt[pr["idx"][sel]] * share[c_i]
+    M = sp.csr_matrix((vals, (r_i, gidx[c_i])), shape=(rows.size, n_col))
     B = calc.cheb[rows] * wt[rows, None]
     yv = yw[rows]
     amm = (M.T @ M).toarray()
@@ -1175,18 +1335,69 @@ def _linear_fit(calc, theta: np.ndarray, yw: np.ndarray, wt: np.ndarray, rows: n
     abb = B.T @ B
     bm = np.asarray(M.T @ yv).ravel()
     bb = B.T @ yv
+    fail = (np.inf, np.zeros(n_refl), np.zeros(B.shape[1]), None)
     try:
         S = np.linalg.solve(abb + 1e-12 * np.trace(abb) * np.eye(abb.shape[0]), np.column_stack([amb.T, bb]))
-        ar = amm - amb @ S[:, :n_refl]
-        br = bm - amb @ S[:, n_refl]
-        ridge = 1e-10 * max(np.trace(ar) / max(n_refl, 1), 1e-300)
-        lc = np.linalg.cholesky(ar + ridge * np.eye(n_refl))
-        inten, _ = nnls(lc.T, np.linalg.solve(lc, br), maxiter=20 * n_refl)
+        ar = amm - amb @ S[:, :n_col]
+        br = bm - amb @ S[:, n_col]
+        ridge = 1e-10 * max(np.trace(ar) / max(n_col, 1), 1e-300)
+        lc = np.linalg.cholesky(ar + ridge * np.eye(n_col))
+        inten, _ = nnls(lc.T, np.linalg.solve(lc, br), maxiter=20 * n_col)
     except (np.linalg.LinAlgError, RuntimeError):
-        return np.inf, np.zeros(n_refl), np.zeros(B.shape[1])
-    bk = S[:, n_refl] - S[:, :n_refl] @ inten
+        return fail
+    bk = S[:, n_col] - S[:, :n_col] @ inten
     res = yv - M @ inten - B @ bk
-    return float(res @ res), inten, bk
+    extra = {"M": M, "B": B, "amm": amm, "amb": amb, "abb": abb, "G": inten, "rows": rows}
+    return float(res @ res), inten[gidx] * share, bk, extra
+
+
+def _overlap_groups(model: RefinementModel, refl: list[Reflections], sizes: list[int]):
+    """Pawley: reflections of one phase at the same position for every cell of its crystal
+    system (cubic 333 and 511, hexagonal hkl and khl where they are not equivalent) cannot be
+    told apart; they share one intensity, split by multiplicity. Returns (the group of each
+    reflection, its share of the group's intensity, the number of groups)."""
+    from .structure import d_spacings
+
+    gidx = np.empty(int(sum(sizes)), int)
+    share = np.empty(gidx.size)
+    n, off = 0, 0
+    bumps = {"a": 0.0123, "b": -0.0171, "c": 0.0311, "alpha": 0.7, "beta": -0.9, "gamma": 1.3}
+    for ph, r in zip(model.phases, refl):
+        cell = dict(zip(("a", "b", "c", "alpha", "beta", "gamma"), ph.structure.cell))
+        moved = {k: (v * (1 + bumps[k]) if k in ("a", "b", "c") else v + bumps[k]) for k, v in cell.items()
+                 if k in cell_parameters(ph.system)}
+        d1 = d_spacings(r.hkl, _full_cell(ph.system, cell))
+        d2 = d_spacings(r.hkl, _full_cell(ph.system, {**cell, **moved}))
+        order = np.lexsort((d2, d1))
+        new = np.ones(order.size, bool)
+        new[1:] = (np.abs(np.diff(d1[order])) > 1e-9 * d1[order][1:]) | (np.abs(np.diff(d2[order])) > 1e-9 * d2[order][1:])
+        g = np.empty(order.size, int)
+        g[order] = np.cumsum(new) - 1
+        m = r.multiplicity.astype(float)
+        tot = np.bincount(g, weights=m)
+        gidx[off:off + order.size] = g + n
+        share[off:off + order.size] = m / tot[g]
+        n += int(g.max()) + 1 if g.size else 0
+        off += order.size
+    return gidx, share, n
+
+
+def _project(extra: dict, Jw: np.ndarray) -> np.ndarray:
+    """Variable projection (Kaufman): the weighted Jacobian ``Jw`` (rows of ``extra['rows']``)
+    with its part in the span of the active linear basis (intensities above zero, background)
+    removed, so a Gauss-Newton step accounts for the intensities and background following."""
+    act = np.flatnonzero(extra["G"] > 0)
+    M, B = extra["M"][:, act], extra["B"]
+    n_a = act.size
+    N = np.zeros((n_a + B.shape[1],) * 2)
+    N[:n_a, :n_a] = extra["amm"][np.ix_(act, act)]
+    N[:n_a, n_a:] = extra["amb"][act]
+    N[n_a:, :n_a] = extra["amb"][act].T
+    N[n_a:, n_a:] = extra["abb"]
+    rhs = np.vstack([np.asarray(M.T @ Jw), B.T @ Jw])
+    d = np.sqrt(np.maximum(np.diag(N), 1e-300))
+    coef = np.linalg.lstsq(N / np.outer(d, d), rhs / d[:, None], rcond=1e-12)[0] / d[:, None]
+    return Jw - (M @ coef[:n_a]) - B @ coef[n_a:]
 
 
 def _set_width(calc, theta: np.ndarray, fwhm_deg: float | None = None, factor: float = 1.0) -> np.ndarray:
@@ -1331,11 +1542,9 @@ def _match(calc, p: int, theta: np.ndarray, resid: np.ndarray, sig: np.ndarray, 
     zero = theta[L.index["zero"]]
     for s0 in range(0, len(trials), 4000):
         chunk = trials[s0:s0 + 4000]
-        cells = []
-        for row in chunk:
-            v = {**base, **dict(zip(keys, row))}
-            cells.append(_full_cell(ph.system, v))
-        gstar = np.linalg.inv(np.array([_metric(c) for c in cells]))
+        v = {k: np.full(len(chunk), float(val)) for k, val in base.items()}
+        v.update({k: chunk[:, j] for j, k in enumerate(keys)})
+        gstar = np.linalg.inv(_metrics(np.array(np.broadcast_arrays(*_full_cell(ph.system, v))).T))
         q2 = np.einsum("ni,tij,nj->tn", hkl, gstar, hkl)
         sin_t = np.clip(lam * np.sqrt(np.maximum(q2, 0)) / 2, 0, 1)
         pos = np.degrees(2 * np.arcsin(sin_t)) + zero
@@ -1352,10 +1561,12 @@ def _match(calc, p: int, theta: np.ndarray, resid: np.ndarray, sig: np.ndarray, 
     return float(scores[order[0]]), chosen, steps / np.array([theta[i] for i in idx])
 
 
-def _metric(cell) -> np.ndarray:
-    a, b, c, al, be, ga = cell
-    ca, cb, cg = (math.cos(math.radians(v)) for v in (al, be, ga))
-    return np.array([[a * a, a * b * cg, a * c * cb], [a * b * cg, b * b, b * c * ca], [a * c * cb, b * c * ca, c * c]])
+def _metrics(cells: np.ndarray) -> np.ndarray:
+    """The metric tensors of cells (n, 6): (n, 3, 3)."""
+    a, b, c = cells[:, 0], cells[:, 1], cells[:, 2]
+    ca, cb, cg = (np.cos(np.radians(cells[:, k])) for k in (3, 4, 5))
+    return np.stack([np.stack([a * a, a * b * cg, a * c * cb], -1), np.stack([a * b * cg, b * b, b * c * ca], -1),
+                     np.stack([a * c * cb, b * c * ca, c * c], -1)], 1)
 
 
 def _cell_idx(calc, p: int) -> list[int]:
