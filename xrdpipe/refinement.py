@@ -478,48 +478,69 @@ class _Calculator:
         return out
 
     # the pattern ---------------------------------------------------------------------------
-    def _windows(self, pos: np.ndarray, fwhm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _windows(self, pos: np.ndarray, fwhm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The points within ±WINDOW_FWHM FWHM of every reflection, flat (reflection after
+        reflection): each entry's reflection and point, and where each reflection's entries start."""
         lo = np.searchsorted(self.x, pos - WINDOW_FWHM * fwhm)
-        hi = np.searchsorted(self.x, pos + WINDOW_FWHM * fwhm)
-        width = int(max(1, (hi - lo).max()))
-        idx = lo[:, None] + np.arange(width)[None, :]
-        ok = idx < hi[:, None]
-        return np.minimum(idx, self.x.size - 1), ok
+        hi = np.maximum(np.searchsorted(self.x, pos + WINDOW_FWHM * fwhm), lo)
+        n = hi - lo
+        ptr = np.concatenate([[0], np.cumsum(n)])
+        r = np.repeat(np.arange(pos.size), n)
+        idx = np.arange(int(ptr[-1])) - np.repeat(ptr[:-1] - lo, n)
+        return r, idx, ptr
 
     def profiles(self, st: dict[str, np.ndarray], theta: np.ndarray, derivatives: bool = False):
+        """Every reflection's profile (area 1, asymmetry included) on the points of its window,
+        flat: ``r`` (reflection), ``idx`` (point), ``ptr`` (where each reflection's entries
+        start) and ``P``; with ``derivatives`` also its derivatives in position (``dx0``),
+        FWHM (``dH``), mixing (``deta``) and the asymmetry parameters (``dP1``, ``dP2``)."""
         L = self.layout
         p1, p2 = theta[L.index["asym_P1"]], theta[L.index["asym_P2"]]
-        idx, ok = self._windows(st["pos"], st["fwhm"])
-        u = self.x[idx] - st["pos"][:, None]
-        H = st["fwhm"][:, None]
-        eta = st["eta"][:, None]
-        u2h2 = (u / H) ** 2
-        g = _CG / H * np.exp(-4 * _LN2 * u2h2)
-        q = 1 + 4 * u2h2
-        lor = _CL / H / q
+        r, idx, ptr = self._windows(st["pos"], st["fwhm"])
+        u = self.x[idx] - st["pos"][r]
+        Hr = st["fwhm"][r]
+        eta = st["eta"][r]
+        z = u / Hr
+        z2 = z * z
+        # the exponentials only where they are not below 1e-43 (the Gaussian core, a third of
+        # the window at most); the Lorentzian everywhere
+        g = np.zeros_like(u)
+        np.exp(-4 * _LN2 * z2, out=g, where=z2 < 36.0)
+        g *= _CG / Hr
+        q = 1 + 4 * z2
+        lor = _CL / Hr / q
         prof = eta * lor + (1 - eta) * g
-        z = u / H
-        ez = np.exp(-z * z)
-        fa = 2 * z * ez
-        fb = 2 * (2 * z * z - 3) * fa
-        inv_tan = 1.0 / np.maximum(st["tan"], 1e-6)[:, None]
-        asym = 1 + (p1 * fa + p2 * fb) * inv_tan
-        out = {"idx": idx, "ok": ok, "P": np.where(ok, prof * asym, 0.0)}
+        asym_on = bool(self.model.asymmetry or p1 or p2)
+        out = {"r": r, "idx": idx, "ptr": ptr}
+        if asym_on:
+            ez = np.zeros_like(u)
+            np.exp(-z2, out=ez, where=z2 < 100.0)
+            fa = 2 * z * ez
+            fb = 2 * (2 * z2 - 3) * fa
+            inv_tan = (1.0 / np.maximum(st["tan"], 1e-6))[r]
+            asym = 1 + (p1 * fa + p2 * fb) * inv_tan
+            out["P"] = prof * asym
+        else:
+            asym = 1.0
+            out["P"] = prof
         if derivatives:
-            dg_dx0 = g * 8 * _LN2 * u / H**2
-            dg_dh = g * (-1 / H + 8 * _LN2 * u**2 / H**3)
-            dl_dx0 = lor * (8 * u / H**2) / q
-            dl_dh = -lor / H + lor * (8 * u**2 / H**3) / q
-            dfa = 2 * ez * (1 - 2 * z * z)
-            dfb = 8 * z * fa + 2 * (2 * z * z - 3) * dfa
-            da_dz = (p1 * dfa + p2 * dfb) * inv_tan
-            dp_dx0 = eta * dl_dx0 + (1 - eta) * dg_dx0
-            dp_dh = eta * dl_dh + (1 - eta) * dg_dh
-            out["dx0"] = np.where(ok, asym * dp_dx0 - prof * da_dz / H, 0.0)
-            out["dH"] = np.where(ok, asym * dp_dh - prof * da_dz * u / H**2, 0.0)
-            out["deta"] = np.where(ok, (lor - g) * asym, 0.0)
-            out["dP1"] = np.where(ok, prof * fa * inv_tan, 0.0)
-            out["dP2"] = np.where(ok, prof * fb * inv_tan, 0.0)
+            # d/dx0 of each part; d/dH follows from the scaling f(u; H) = φ(u/H)/H:
+            # df/dH = (u df/dx0 - f)/H
+            dp_dx0 = (eta * lor / q + (1 - eta) * _LN2 * g) * (8 * u / (Hr * Hr))
+            dp_dh = (u * dp_dx0 - prof) / Hr
+            if asym_on:
+                dfa = 2 * ez * (1 - 2 * z2)
+                dfb = 8 * z * fa + 2 * (2 * z2 - 3) * dfa
+                da_dz = (p1 * dfa + p2 * dfb) * inv_tan
+                pa = prof * da_dz / Hr
+                out["dx0"] = asym * dp_dx0 - pa
+                out["dH"] = asym * dp_dh - pa * z
+                out["deta"] = (lor - g) * asym
+                out["dP1"] = prof * fa * inv_tan
+                out["dP2"] = prof * fb * inv_tan
+            else:
+                out["dx0"], out["dH"], out["deta"] = dp_dx0, dp_dh, lor - g
+                out["dP1"] = out["dP2"] = np.zeros_like(u)
         return out
 
     def background(self, theta: np.ndarray) -> np.ndarray:
@@ -530,15 +551,15 @@ class _Calculator:
     def pattern(self, theta: np.ndarray, lebail_I: np.ndarray | None = None, *, per_phase: bool = False):
         st = self.reflection_state(theta, lebail_I)
         pr = self.profiles(st, theta)
-        contrib = pr["P"] * st["I"][:, None]
+        contrib = pr["P"] * st["I"][pr["r"]]
         bkg = self.background(theta)
-        y = bkg + np.bincount(pr["idx"].ravel(), weights=contrib.ravel(), minlength=self.x.size)
+        y = bkg + np.bincount(pr["idx"], weights=contrib, minlength=self.x.size)
         if not per_phase:
             return y
         parts = []
         for p in range(len(self.model.phases)):
-            a, b = self.offsets[p], self.offsets[p + 1]
-            parts.append(np.bincount(pr["idx"][a:b].ravel(), weights=contrib[a:b].ravel(), minlength=self.x.size))
+            a, b = pr["ptr"][self.offsets[p]], pr["ptr"][self.offsets[p + 1]]
+            parts.append(np.bincount(pr["idx"][a:b], weights=contrib[a:b], minlength=self.x.size))
         return y, bkg, parts, st
 
     def jacobian(self, theta: np.ndarray, lebail_I: np.ndarray | None, cols: np.ndarray, *,
@@ -552,11 +573,10 @@ class _Calculator:
         pr = self.profiles(st, theta, derivatives=True)
         if extract_from is not None and cycles:
             st["I"] = _extract(self, pr, theta, st["I"], extract_from, cycles)
-        I = st["I"][:, None]
-        y = self.background(theta) + np.bincount(pr["idx"].ravel(), weights=(pr["P"] * I).ravel(),
-                                                 minlength=self.x.size)
+        I = st["I"][pr["r"]]
+        y = self.background(theta) + np.bincount(pr["idx"], weights=pr["P"] * I, minlength=self.x.size)
         J = np.zeros((self.x.size, cols.size))
-        flat = pr["idx"].ravel()
+        flat = pr["idx"]
         for c, j in enumerate(cols):
             q = L.params[j]
             if q.kind == "bkg":
@@ -564,11 +584,11 @@ class _Calculator:
                 continue
             if q.kind == "asym":
                 w = pr["dP1"] if q.name == "asym_P1" else pr["dP2"]
-                J[:, c] = np.bincount(flat, weights=(w * I).ravel(), minlength=self.x.size)
+                J[:, c] = np.bincount(flat, weights=w * I, minlength=self.x.size)
                 continue
             if q.kind in ("zero", "disp"):       # positions move by 1 or cos θ
                 dx0 = np.ones_like(st["pos"]) if q.kind == "zero" else st["cos"]
-                J[:, c] = np.bincount(flat, weights=(I * pr["dx0"] * dx0[:, None]).ravel(), minlength=self.x.size)
+                J[:, c] = np.bincount(flat, weights=I * pr["dx0"] * dx0[pr["r"]], minlength=self.x.size)
                 continue
             # a phase's parameter: differentiate that phase's reflections numerically
             p = q.phase
@@ -577,15 +597,15 @@ class _Calculator:
             t2[j] += h
             s2 = self.phase_state(p, t2)
             s1 = parts[p]
-            rows = slice(int(self.offsets[p]), int(self.offsets[p + 1]))
+            rows = slice(int(pr["ptr"][self.offsets[p]]), int(pr["ptr"][self.offsets[p + 1]]))
+            k = pr["r"][rows] - int(self.offsets[p])         # the phase's own reflection index
             dx0 = (s2["pos"] - s1["pos"]) / h + theta[L.index["displacement"]] * (s2["cos"] - s1["cos"]) / h
             dH = (s2["fwhm"] - s1["fwhm"]) / h
             de = (s2["eta"] - s1["eta"]) / h
-            w = I[rows] * (pr["dx0"][rows] * dx0[:, None] + pr["dH"][rows] * dH[:, None]
-                           + pr["deta"][rows] * de[:, None])
+            w = I[rows] * (pr["dx0"][rows] * dx0[k] + pr["dH"][rows] * dH[k] + pr["deta"][rows] * de[k])
             if "I" in s1:
-                w = w + pr["P"][rows] * ((s2["I"] - s1["I"]) / h)[:, None]
-            J[:, c] = np.bincount(pr["idx"][rows].ravel(), weights=w.ravel(), minlength=self.x.size)
+                w = w + pr["P"][rows] * ((s2["I"] - s1["I"]) / h)[k]
+            J[:, c] = np.bincount(pr["idx"][rows], weights=w, minlength=self.x.size)
         return y, J, st["I"]
 
 
@@ -980,11 +1000,11 @@ def _absent(calc, theta: np.ndarray, I: np.ndarray, y: np.ndarray, wt: np.ndarra
     ABSENT_REL of χ² (a phase that only takes over another's misfit)."""
     st = calc.reflection_state(theta, I)
     pr = calc.profiles(st, theta)
-    flat = pr["idx"].ravel()
+    flat = pr["idx"]
     bkg = calc.background(theta)
 
     def chi2(inten):
-        yc = bkg + np.bincount(flat, weights=(pr["P"] * inten[:, None]).ravel(), minlength=calc.x.size)
+        yc = bkg + np.bincount(flat, weights=pr["P"] * inten[pr["r"]], minlength=calc.x.size)
         r = (y - yc) * wt
         return float(r @ r)
 
@@ -1318,14 +1338,14 @@ def _linear_core(calc, theta: np.ndarray, yw: np.ndarray, wt: np.ndarray, rows: 
     gidx, share, n_col = (np.arange(n_refl), np.ones(n_refl), n_refl) if groups is None else groups
     rowmap = np.full(calc.x.size, -1)
     rowmap[rows] = np.arange(rows.size)
-    sel = pr["ok"] & (rowmap[pr["idx"]] >= 0)
+    sel = rowmap[pr["idx"]] >= 0
     if phases is not None:
         use = np.zeros(n_refl, bool)
         for p in phases:
             use[int(calc.offsets[p]):int(calc.offsets[p + 1])] = True
-        sel &= use[:, None]
+        sel &= use[pr["r"]]
     r_i = rowmap[pr["idx"][sel]]
-    c_i = np.nonzero(sel)[0]
+    c_i = pr["r"][sel]
     vals = pr["P"][sel] * wt[pr["idx"][sel]] * share[c_i]
     M = sp.csr_matrix((vals, (r_i, gidx[c_i])), shape=(rows.size, n_col))
     B = calc.cheb[rows] * wt[rows, None]
@@ -1617,14 +1637,15 @@ def _lebail_cycle(calc: _Calculator, theta: np.ndarray, I: np.ndarray, y: np.nda
 
 def _extract(calc: _Calculator, pr: dict, theta: np.ndarray, I: np.ndarray, y: np.ndarray, cycles: int) -> np.ndarray:
     net = y - calc.background(theta)
-    area = pr["P"].sum(axis=1) * calc.step
-    flat = pr["idx"].ravel()
+    n_refl = I.size
+    area = np.bincount(pr["r"], weights=pr["P"], minlength=n_refl) * calc.step
+    flat = pr["idx"]
     for _ in range(cycles):
-        contrib = pr["P"] * I[:, None]
-        yc_net = np.bincount(flat, weights=contrib.ravel(), minlength=calc.x.size)
+        contrib = pr["P"] * I[pr["r"]]
+        yc_net = np.bincount(flat, weights=contrib, minlength=calc.x.size)
         ratio = np.where(yc_net > 1e-12 * max(yc_net.max(), 1e-300), net / np.maximum(yc_net, 1e-300), 0.0)
         ratio = np.where(calc.valid, ratio, 1.0)          # no data: the model keeps its share
-        share = (contrib * ratio[pr["idx"]]).sum(axis=1) * calc.step
+        share = np.bincount(pr["r"], weights=contrib * ratio[flat], minlength=n_refl) * calc.step
         I = np.where(calc.extracted, np.maximum(np.where(area > 0.05, share / np.maximum(area, 1e-12), I), 0.0), I)
     return I
 
