@@ -81,6 +81,7 @@ FOLLOW = 0.5                  # a phase followed from the previous frame: half i
 ABSENT_REL = 0.05             # ... or than this fraction of χ² is absent
 SEARCH_DEFAULT = {"a": 0.015, "b": 0.015, "c": 0.03}    # relative half-ranges of the cell search
 SEARCH_ANGLE_DEG = 2.0        # ... and of angles (degrees); angles are searched by least squares only
+PRED_TOL = 0.01               # Pawley: converged once a step would lower χ² by less than this x χ²/dof
 SHIFT_BOUND_DEG = 1.0         # the zero shift and the displacement term stay within ±1°
 
 
@@ -425,6 +426,10 @@ class _Calculator:
         L = self.layout
         self.profile_index = [np.array([L.index[f"{ph.name}.{k}"] for k in "UVWXY"]) for ph in model.phases]
         self.scale_index = [L.index.get(f"{ph.name}.scale", -1) for ph in model.phases]
+        self.systems = [ph.system for ph in model.phases]
+        self.base_cell = [dict(zip(("a", "b", "c", "alpha", "beta", "gamma"), ph.structure.cell)) for ph in model.phases]
+        self.cell_keys = [[(q.key, i) for i, q in enumerate(L.params) if q.phase == p and q.kind == "cell"]
+                          for p in range(len(model.phases))]
 
     @property
     def valid(self) -> np.ndarray:
@@ -443,10 +448,16 @@ class _Calculator:
         intensity of phase ``p``'s reflections."""
         from .structure import d_spacings
 
-        L = self.layout
-        st = L.structure(p, theta)
         refl = self.refl[p]
-        d = d_spacings(refl.hkl, st.cell)
+        if self.computed[p]:
+            st = self.layout.structure(p, theta)
+            cell = st.cell
+        else:                                # no structure: the cell alone
+            v = dict(self.base_cell[p])
+            for k, i in self.cell_keys[p]:
+                v[k] = theta[i]
+            cell = _full_cell(self.systems[p], v)
+        d = d_spacings(refl.hkl, cell)
         th = np.arcsin(np.clip(self.model.wavelength_A / (2 * d), -1.0, 1.0))
         tn, cs = np.tan(th), np.cos(th)
         U, V, W, X, Y = theta[self.profile_index[p]]
@@ -496,6 +507,22 @@ class _Calculator:
         FWHM (``dH``), mixing (``deta``) and the asymmetry parameters (``dP1``, ``dP2``)."""
         L = self.layout
         p1, p2 = theta[L.index["asym_P1"]], theta[L.index["asym_P2"]]
+        # the last profiles computed in this thread, kept with their intermediate arrays: a
+        # least-squares step evaluates the pattern, then its derivatives, at the same point
+        key = (st["pos"], st["fwhm"], st["eta"], st["tan"], float(p1), float(p2))
+        last = getattr(self._local, "profiles", None)
+        if last is not None and all(np.array_equal(a, b) for a, b in zip(last[0], key)):
+            out, keep = last[1], last[2]
+            if not derivatives or "dx0" in out:
+                return out
+        else:
+            out, keep = self._profiles(st, p1, p2)
+            self._local.profiles = (tuple(np.copy(k) if isinstance(k, np.ndarray) else k for k in key), out, keep)
+        if derivatives:
+            self._derivatives(out, keep, p1, p2)
+        return out
+
+    def _profiles(self, st: dict[str, np.ndarray], p1: float, p2: float):
         r, idx, ptr = self._windows(st["pos"], st["fwhm"])
         u = self.x[idx] - st["pos"][r]
         Hr = st["fwhm"][r]
@@ -512,6 +539,8 @@ class _Calculator:
         prof = eta * lor + (1 - eta) * g
         asym_on = bool(self.model.asymmetry or p1 or p2)
         out = {"r": r, "idx": idx, "ptr": ptr}
+        keep = {"u": u, "Hr": Hr, "eta": eta, "z": z, "z2": z2, "g": g, "q": q, "lor": lor, "prof": prof,
+                "asym_on": asym_on}
         if asym_on:
             ez = np.zeros_like(u)
             np.exp(-z2, out=ez, where=z2 < 100.0)
@@ -520,28 +549,35 @@ class _Calculator:
             inv_tan = (1.0 / np.maximum(st["tan"], 1e-6))[r]
             asym = 1 + (p1 * fa + p2 * fb) * inv_tan
             out["P"] = prof * asym
+            keep.update(ez=ez, fa=fa, fb=fb, inv_tan=inv_tan, asym=asym)
         else:
-            asym = 1.0
             out["P"] = prof
-        if derivatives:
-            # d/dx0 of each part; d/dH follows from the scaling f(u; H) = φ(u/H)/H:
-            # df/dH = (u df/dx0 - f)/H
-            dp_dx0 = (eta * lor / q + (1 - eta) * _LN2 * g) * (8 * u / (Hr * Hr))
-            dp_dh = (u * dp_dx0 - prof) / Hr
-            if asym_on:
-                dfa = 2 * ez * (1 - 2 * z2)
-                dfb = 8 * z * fa + 2 * (2 * z2 - 3) * dfa
-                da_dz = (p1 * dfa + p2 * dfb) * inv_tan
-                pa = prof * da_dz / Hr
-                out["dx0"] = asym * dp_dx0 - pa
-                out["dH"] = asym * dp_dh - pa * z
-                out["deta"] = (lor - g) * asym
-                out["dP1"] = prof * fa * inv_tan
-                out["dP2"] = prof * fb * inv_tan
-            else:
-                out["dx0"], out["dH"], out["deta"] = dp_dx0, dp_dh, lor - g
-                out["dP1"] = out["dP2"] = np.zeros_like(u)
-        return out
+        return out, keep
+
+    @staticmethod
+    def _derivatives(out: dict, keep: dict, p1: float, p2: float) -> None:
+        """Add the profiles' derivatives to ``out`` (from the intermediates ``keep``)."""
+        u, Hr, eta, z, z2, g, q, lor, prof = (keep[k] for k in ("u", "Hr", "eta", "z", "z2", "g", "q", "lor", "prof"))
+        asym_on = keep["asym_on"]
+        if asym_on:
+            ez, fa, fb, inv_tan, asym = (keep[k] for k in ("ez", "fa", "fb", "inv_tan", "asym"))
+        # d/dx0 of each part; d/dH follows from the scaling f(u; H) = φ(u/H)/H:
+        # df/dH = (u df/dx0 - f)/H
+        dp_dx0 = (eta * lor / q + (1 - eta) * _LN2 * g) * (8 * u / (Hr * Hr))
+        dp_dh = (u * dp_dx0 - prof) / Hr
+        if asym_on:
+            dfa = 2 * ez * (1 - 2 * z2)
+            dfb = 8 * z * fa + 2 * (2 * z2 - 3) * dfa
+            da_dz = (p1 * dfa + p2 * dfb) * inv_tan
+            pa = prof * da_dz / Hr
+            out["dx0"] = asym * dp_dx0 - pa
+            out["dH"] = asym * dp_dh - pa * z
+            out["deta"] = (lor - g) * asym
+            out["dP1"] = prof * fa * inv_tan
+            out["dP2"] = prof * fb * inv_tan
+        else:
+            out["dx0"], out["dH"], out["deta"] = dp_dx0, dp_dh, lor - g
+            out["dP1"] = out["dP2"] = np.zeros_like(u)
 
     def background(self, theta: np.ndarray) -> np.ndarray:
         L = self.layout
@@ -918,13 +954,20 @@ def _lm_pawley(calc, y, wt, theta, free, *, max_iter, tol, n_valid, bounds, phas
         dscale = np.sqrt(np.maximum(np.diag(A), 1e-300))
         As = A / np.outer(dscale, dscale)
         gs = g[move] / dscale
-        accepted = None
+        accepted, settled = None, False
+        unit = PRED_TOL * max(chi2 / max(n_valid - free.size, 1), 1.0)
         for _ in range(12):
             try:
-                step = np.linalg.solve(As + lam * np.eye(As.shape[0]), gs) / dscale
+                ds = np.linalg.solve(As + lam * np.eye(As.shape[0]), gs)
             except np.linalg.LinAlgError:
                 lam *= 10
                 continue
+            # the fall of χ² the linear model predicts: below a hundredth of a reduced χ², the
+            # minimum is reached (no trial, which would only meet the rounding of χ²)
+            if 2 * gs @ ds - ds @ As @ ds <= unit:
+                settled = True
+                break
+            step = ds / dscale
             t_new = theta.copy()
             t_new[nl[move]] = np.clip(t_new[nl[move]] + step, lower[nl[move]], upper[nl[move]])
             trial = _pawley_solve(calc, t_new, y, wt, phases)
@@ -933,6 +976,9 @@ def _lm_pawley(calc, y, wt, theta, free, *, max_iter, tol, n_valid, bounds, phas
                 lam = max(lam / 5, 1e-9)
                 break
             lam *= 8
+        if settled:
+            converged = True
+            break
         n_iter += 1
         if accepted is None:                 # no damping lowers χ²: at the minimum
             converged = True
@@ -1000,11 +1046,12 @@ def _absent(calc, theta: np.ndarray, I: np.ndarray, y: np.ndarray, wt: np.ndarra
     ABSENT_REL of χ² (a phase that only takes over another's misfit)."""
     st = calc.reflection_state(theta, I)
     pr = calc.profiles(st, theta)
-    flat = pr["idx"]
     bkg = calc.background(theta)
 
+    P = _profile_matrix(calc, pr, I.size)
+
     def chi2(inten):
-        yc = bkg + np.bincount(flat, weights=pr["P"] * inten[pr["r"]], minlength=calc.x.size)
+        yc = bkg + P @ inten
         r = (y - yc) * wt
         return float(r @ r)
 
@@ -1637,17 +1684,29 @@ def _lebail_cycle(calc: _Calculator, theta: np.ndarray, I: np.ndarray, y: np.nda
 
 def _extract(calc: _Calculator, pr: dict, theta: np.ndarray, I: np.ndarray, y: np.ndarray, cycles: int) -> np.ndarray:
     net = y - calc.background(theta)
-    n_refl = I.size
-    area = np.bincount(pr["r"], weights=pr["P"], minlength=n_refl) * calc.step
-    flat = pr["idx"]
+    P = _profile_matrix(calc, pr, I.size)
+    PT = P.T
+    area = np.bincount(pr["r"], weights=pr["P"], minlength=I.size) * calc.step
+    valid = calc.valid
     for _ in range(cycles):
-        contrib = pr["P"] * I[pr["r"]]
-        yc_net = np.bincount(flat, weights=contrib, minlength=calc.x.size)
+        yc_net = P @ I
         ratio = np.where(yc_net > 1e-12 * max(yc_net.max(), 1e-300), net / np.maximum(yc_net, 1e-300), 0.0)
-        ratio = np.where(calc.valid, ratio, 1.0)          # no data: the model keeps its share
-        share = np.bincount(pr["r"], weights=contrib * ratio[flat], minlength=n_refl) * calc.step
+        ratio = np.where(valid, ratio, 1.0)          # no data: the model keeps its share
+        share = I * (PT @ ratio) * calc.step
         I = np.where(calc.extracted, np.maximum(np.where(area > 0.05, share / np.maximum(area, 1e-12), I), 0.0), I)
     return I
+
+
+def _profile_matrix(calc, pr: dict, n_refl: int):
+    """The profiles as a sparse (points x reflections) matrix, built once per profile state
+    (the flat entries are already in its column order)."""
+    import scipy.sparse as sp
+
+    P = pr.get("matrix")
+    if P is None:
+        P = sp.csc_matrix((pr["P"], pr["idx"], pr["ptr"]), shape=(calc.x.size, n_refl))
+        pr["matrix"] = P
+    return P
 
 
 def _weight_fractions(calc: _Calculator, theta, cov, free, gof) -> dict[str, tuple[float, float]]:
