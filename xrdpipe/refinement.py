@@ -69,6 +69,8 @@ _CG = 2.0 * math.sqrt(_LN2 / math.pi)
 _CL = 2.0 / math.pi
 WINDOW_FWHM = 20.0            # each reflection is computed over ±20 FWHM
 LEBAIL_CYCLES = 8             # Le Bail extractions per least-squares iteration
+LEBAIL_CYCLES_FOLLOW = 30     # ... from a previous frame: accelerated, at most this many ...
+LEBAIL_CYCLE_TOL = 1e-5       # ... until the intensities change by less than this (relative)
 SHIFT_ESD = 0.01              # converged when every shift is below 1 % of its esd (Rietveld)
 LEBAIL_TOL = 1e-3
 SHIFT_ESD_LEBAIL = 0.05       # ... 5 % in Le Bail, whose intensities are re-extracted every step
@@ -599,16 +601,17 @@ class _Calculator:
         return y, bkg, parts, st
 
     def jacobian(self, theta: np.ndarray, lebail_I: np.ndarray | None, cols: np.ndarray, *,
-                 extract_from: np.ndarray | None = None, cycles: int = 0):
+                 extract_from: np.ndarray | None = None, cycles: int = 0, tol: float = 0.0):
         """The model and its derivatives in the parameters ``cols`` (N, len(cols)), and the
         intensities used: with ``extract_from`` (the observed pattern), Le Bail intensities are
-        first extracted ``cycles`` times with the same profiles."""
+        first extracted ``cycles`` times with the same profiles (see :func:`_extract` for
+        ``tol``)."""
         L = self.layout
         parts = [self.phase_state(p, theta) for p in range(len(self.model.phases))]
         st = self.reflection_state(theta, lebail_I, parts)
         pr = self.profiles(st, theta, derivatives=True)
         if extract_from is not None and cycles:
-            st["I"] = _extract(self, pr, theta, st["I"], extract_from, cycles)
+            st["I"] = _extract(self, pr, theta, st["I"], extract_from, cycles, tol=tol)
         I = st["I"][pr["r"]]
         y = self.background(theta) + np.bincount(pr["idx"], weights=pr["P"] * I, minlength=self.x.size)
         J = np.zeros((self.x.size, cols.size))
@@ -782,7 +785,9 @@ class Refiner:
             # Le Bail with several phases: from the previous cells with the intensities extracted
             # afresh (phase fractions change from frame to frame), then with the previous
             # intensities held while the cells move (a cell that jumped by peak widths)
-            variants = [True, False] if (calc.any_extracted and not calc.pawley and len(model.phases) > 1
+            # (one phase present before: nothing to share out anew, the held start alone)
+            present = len(model.phases) - len(set(start.absent))
+            variants = [True, False] if (calc.any_extracted and not calc.pawley and present > 1
                                          and start.lebail_I is not None) else [False]
             for fresh in variants:
                 r = _refine(calc, y, sigma, start, tol, fresh=fresh)
@@ -803,7 +808,7 @@ class Refiner:
                 for p, ph in enumerate(model.phases):
                     if ph.name not in gone:
                         followed.append(p)
-                        for i in _cell_idx(calc, p):
+                        for i in _cell_idx(calc, p, angles=True):
                             centre[i] = start.theta[i]
             theta0, I0, source = _search(calc, y, sigma, centre, followed)
             r = _refine(calc, y, sigma, None, tol, staged=staged, theta0=theta0, I0=I0, centre=centre,
@@ -844,7 +849,7 @@ def _lm_step(calc, theta, I, free, As, gs, dscale, wt, y, chi2_now, lam, bounds)
     return None, theta, lam, chi2_now
 
 
-def _lm(calc, y, wt, theta, I, free, *, max_iter, tol, hold, n_valid, bounds):
+def _lm(calc, y, wt, theta, I, free, *, max_iter, tol, hold, n_valid, bounds, follow=False):
     """Levenberg-Marquardt over the parameters ``free`` (Le Bail: intensities re-extracted at
     every step, or first held at ``I`` with ``hold``). A parameter at a bound that the gradient
     pushes outward is left out of a step. Returns θ, I, converged, steps taken."""
@@ -860,7 +865,13 @@ def _lm(calc, y, wt, theta, I, free, *, max_iter, tol, hold, n_valid, bounds):
         return theta, I, True, 0
     while outer < max_iter:
         extracting = lebail and not hold
-        yc, J, I_used = calc.jacobian(theta, I, free, extract_from=y if extracting else None, cycles=LEBAIL_CYCLES)
+        # from a previous frame (cells close), the extraction runs to its fixed point at every
+        # step (accelerated), so overlapping phases no longer creep there step by step; from far
+        # starts a few plain cycles, whose partial extraction keeps a wrong phase from fitting
+        # another's misplaced peaks
+        yc, J, I_used = calc.jacobian(theta, I, free, extract_from=y if extracting else None,
+                                      cycles=LEBAIL_CYCLES_FOLLOW if follow else LEBAIL_CYCLES,
+                                      tol=LEBAIL_CYCLE_TOL if follow else 0.0)
         if extracting:
             I = I_used
         r = (y - yc) * wt
@@ -1000,14 +1011,16 @@ def _lm_pawley(calc, y, wt, theta, free, *, max_iter, tol, n_valid, bounds, phas
     return theta, I, converged, n_iter
 
 
-def _fit(calc, y, wt, theta, I, cols, *, max_iter, tol, hold, n_valid, bounds, absent: Sequence[int] = ()):
+def _fit(calc, y, wt, theta, I, cols, *, max_iter, tol, hold, n_valid, bounds, absent: Sequence[int] = (),
+         follow: bool = False):
     """Least squares over ``cols``: Pawley (:func:`_lm_pawley`, the phases not ``absent``) or
     Le Bail / Rietveld (:func:`_lm`)."""
     if calc.pawley:
         phases = [p for p in range(len(calc.model.phases)) if p not in set(absent)]
         return _lm_pawley(calc, y, wt, theta, cols, max_iter=max_iter, tol=tol, n_valid=n_valid, bounds=bounds,
                           phases=phases)
-    return _lm(calc, y, wt, theta, I, cols, max_iter=max_iter, tol=tol, hold=hold, n_valid=n_valid, bounds=bounds)
+    return _lm(calc, y, wt, theta, I, cols, max_iter=max_iter, tol=tol, hold=hold, n_valid=n_valid, bounds=bounds,
+               follow=follow)
 
 
 def _stages(calc, free: np.ndarray) -> list[np.ndarray]:
@@ -1175,7 +1188,8 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol, *, staged: bo
     for k, cols in enumerate(stages):
         last = k == len(stages) - 1
         theta, I, converged, it = _fit(calc, y, wt, theta, I, cols, max_iter=model.max_iter if last else STAGE_ITER,
-                                       tol=tol, hold=hold and k == 0, n_valid=n_valid, bounds=bounds, absent=absent)
+                                       tol=tol, hold=hold and k == 0, n_valid=n_valid, bounds=bounds, absent=absent,
+                                       follow=from_previous)
         n_iter += it
     # phases the converged fit does not need: removed, and the last stage refined again without them
     if all_lebail and len(model.phases) > 1:
@@ -1187,7 +1201,7 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol, *, staged: bo
                 I[int(calc.offsets[p]):int(calc.offsets[p + 1])] = 0.0
             absent = sorted(absent + gone)
             theta, I, converged, it = _fit(calc, y, wt, theta, I, free, max_iter=model.max_iter, tol=tol, hold=False,
-                                           n_valid=n_valid, bounds=bounds, absent=absent)
+                                           n_valid=n_valid, bounds=bounds, absent=absent, follow=from_previous)
             n_iter += it
     res = _result(calc, y, wt, valid, theta, I, free, n_iter, converged, absent, bounds)
     # a Le Bail phase pinned at the edge of its searched range may be a ghost taking another's
@@ -1204,7 +1218,7 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol, *, staged: bo
         for p in pinned:
             t2[_cell_idx(calc, p)] = np.clip(L.start(), lower, upper)[_cell_idx(calc, p)]
         t2, I2, conv2, it = _fit(calc, y, wt, t2, I2, free2, max_iter=model.max_iter, tol=tol, hold=False,
-                                 n_valid=n_valid, bounds=bounds, absent=sorted(absent + pinned))
+                                 n_valid=n_valid, bounds=bounds, absent=sorted(absent + pinned), follow=from_previous)
         alt = _result(calc, y, wt, valid, t2, I2, free2, n_iter + it, conv2, sorted(absent + pinned), bounds)
         res = _best([res, alt], None)
     return res
@@ -1394,7 +1408,11 @@ def _linear_core(calc, theta: np.ndarray, yw: np.ndarray, wt: np.ndarray, rows: 
     r_i = rowmap[pr["idx"][sel]]
     c_i = pr["r"][sel]
     vals = pr["P"][sel] * wt[pr["idx"][sel]] * share[c_i]
-    M = sp.csr_matrix((vals, (r_i, gidx[c_i])), shape=(rows.size, n_col))
+    if groups is None:                       # the entries are in column order already
+        ptr = np.concatenate([[0], np.cumsum(np.bincount(c_i, minlength=n_col))])
+        M = sp.csc_matrix((vals, r_i, ptr), shape=(rows.size, n_col))
+    else:
+        M = sp.csr_matrix((vals, (r_i, gidx[c_i])), shape=(rows.size, n_col))
     B = calc.cheb[rows] * wt[rows, None]
     yv = yw[rows]
     amm = (M.T @ M).toarray()
@@ -1510,7 +1528,7 @@ def _search(calc, y: np.ndarray, sigma, centre: np.ndarray | None = None,
         scored = [(_match(calc, p, theta, resid, sig, valid, (lower, upper)), p) for p in remaining]
         (best_score, cands, steps_rel), p = max(scored, key=lambda t: t[0][0])
         remaining.remove(p)
-        idx = _cell_idx(calc, p)
+        idx = _cell_idx(calc, p, angles=True)
         if not np.isfinite(best_score) or not len(cands):
             missing.append(p)
             continue
@@ -1571,8 +1589,8 @@ def _match(calc, p: int, theta: np.ndarray, resid: np.ndarray, sig: np.ndarray, 
     L = calc.layout
     ph = calc.model.phases[p]
     lam = calc.model.wavelength_A
-    keys = [k for k in cell_parameters(ph.system) if k in ("a", "b", "c")]
-    idx = _cell_idx(calc, p)
+    keys = _searched(ph.system)
+    idx = _cell_idx(calc, p, angles=True)
     # the matched filter: a peak of the phase's width minus a three times broader one (blind to
     # a smooth background), on a uniform grid
     st = calc.phase_state(p, theta)
@@ -1597,7 +1615,8 @@ def _match(calc, p: int, theta: np.ndarray, resid: np.ndarray, sig: np.ndarray, 
     axes = []
     for key, i in zip(keys, idx):
         lo, hi = float(bounds[0][i]), float(bounds[1][i])
-        n = max(int(math.ceil((hi - lo) / (rel * theta[i]))) + 1, 2)
+        # an angle: a step of rel radians moves d by about rel (relative) at most
+        n = max(int(math.ceil((hi - lo) / (math.degrees(rel) if key == "beta" else rel * theta[i]))) + 1, 2)
         axes.append(np.linspace(lo, hi, n))
     while math.prod(len(a) for a in axes) > 40000:
         axes = [np.linspace(a[0], a[-1], max(len(a) * 2 // 3, 2)) for a in axes]
@@ -1636,9 +1655,19 @@ def _metrics(cells: np.ndarray) -> np.ndarray:
                      np.stack([a * c * cb, b * c * ca, c * c], -1)], 1)
 
 
-def _cell_idx(calc, p: int) -> list[int]:
+def _searched(system: str) -> list[str]:
+    """The cell parameters on the search grid: the lengths, and β of a monoclinic cell (a
+    triclinic cell's three angles are left to least squares: a six-dimensional grid of at most
+    40,000 trials would be too coarse to find anything)."""
+    keys = [k for k in cell_parameters(system) if k in ("a", "b", "c")]
+    return keys + (["beta"] if system == "monoclinic" else [])
+
+
+def _cell_idx(calc, p: int, angles: bool = False) -> list[int]:
+    """Phase ``p``'s cell lengths (with ``angles``: every parameter the search grid covers)."""
     ph = calc.model.phases[p]
-    return [calc.layout.index[f"{ph.name}.{k}"] for k in cell_parameters(ph.system) if k in ("a", "b", "c")]
+    keys = _searched(ph.system) if angles else [k for k in cell_parameters(ph.system) if k in ("a", "b", "c")]
+    return [calc.layout.index[f"{ph.name}.{k}"] for k in keys]
 
 
 def _initial_guess(calc: _Calculator, theta: np.ndarray, y: np.ndarray, lebail: bool, *,
@@ -1682,18 +1711,52 @@ def _lebail_cycle(calc: _Calculator, theta: np.ndarray, I: np.ndarray, y: np.nda
     return _extract(calc, calc.profiles(st, theta), theta, st["I"], y, cycles)
 
 
-def _extract(calc: _Calculator, pr: dict, theta: np.ndarray, I: np.ndarray, y: np.ndarray, cycles: int) -> np.ndarray:
+def _extract(calc: _Calculator, pr: dict, theta: np.ndarray, I: np.ndarray, y: np.ndarray, cycles: int,
+             tol: float = 0.0) -> np.ndarray:
+    """``cycles`` Le Bail extractions from ``I``: each reflection takes its share of the
+    observed net intensity. The extraction is a fixed-point iteration (the EM algorithm of a
+    mixture), slow where reflections overlap. With ``tol``, every three cycles are one SQUAREM
+    step (Varadhan & Roland 2008: two cycles, an extrapolation along them, one cycle from
+    there), which reaches the same fixed point in far fewer cycles (an extrapolation that leaves
+    the fixed point farther than it found it is dropped), and the extraction stops once a step
+    changes the intensities by less than ``tol`` relative; without, plain cycles."""
     net = y - calc.background(theta)
     P = _profile_matrix(calc, pr, I.size)
     PT = P.T
     area = np.bincount(pr["r"], weights=pr["P"], minlength=I.size) * calc.step
     valid = calc.valid
-    for _ in range(cycles):
+    use = calc.extracted & (area > 0.05)
+
+    def cycle(I):
         yc_net = P @ I
         ratio = np.where(yc_net > 1e-12 * max(yc_net.max(), 1e-300), net / np.maximum(yc_net, 1e-300), 0.0)
         ratio = np.where(valid, ratio, 1.0)          # no data: the model keeps its share
         share = I * (PT @ ratio) * calc.step
-        I = np.where(calc.extracted, np.maximum(np.where(area > 0.05, share / np.maximum(area, 1e-12), I), 0.0), I)
+        return np.where(use, np.maximum(share / np.maximum(area, 1e-12), 0.0),
+                        np.where(calc.extracted, np.maximum(I, 0.0), I))
+
+    left = cycles
+    while tol and left >= 3:
+        I1 = cycle(I)
+        I2 = cycle(I1)
+        r = I1 - I
+        v = I2 - I1 - r
+        nv = float(np.sqrt(v @ v))
+        left -= 3
+        if not nv > 0:
+            I = cycle(I2)
+            continue
+        a = min(-float(np.sqrt(r @ r)) / nv, -1.0)
+        # extrapolated, kept positive (an intensity at zero would stay there)
+        Ix = np.where(use, np.maximum(I - 2 * a * r + a * a * v, 0.1 * I2), I2)
+        I3 = cycle(Ix)
+        new = I3 if float(np.sum((I3 - Ix) ** 2)) <= float(np.sum((I2 - I1) ** 2)) else cycle(I2)
+        moved = float(np.sqrt(np.sum((new - I) ** 2)))
+        I = new
+        if tol and moved <= tol * float(np.sqrt(I @ I)):
+            return I
+    for _ in range(left):
+        I = cycle(I)
     return I
 
 
