@@ -601,17 +601,16 @@ class _Calculator:
         return y, bkg, parts, st
 
     def jacobian(self, theta: np.ndarray, lebail_I: np.ndarray | None, cols: np.ndarray, *,
-                 extract_from: np.ndarray | None = None, cycles: int = 0, tol: float = 0.0):
+                 extract_from: np.ndarray | None = None, cycles: int = 0):
         """The model and its derivatives in the parameters ``cols`` (N, len(cols)), and the
         intensities used: with ``extract_from`` (the observed pattern), Le Bail intensities are
-        first extracted ``cycles`` times with the same profiles (see :func:`_extract` for
-        ``tol``)."""
+        first extracted ``cycles`` times with the same profiles."""
         L = self.layout
         parts = [self.phase_state(p, theta) for p in range(len(self.model.phases))]
         st = self.reflection_state(theta, lebail_I, parts)
         pr = self.profiles(st, theta, derivatives=True)
         if extract_from is not None and cycles:
-            st["I"] = _extract(self, pr, theta, st["I"], extract_from, cycles, tol=tol)
+            st["I"] = _extract(self, pr, theta, st["I"], extract_from, cycles)
         I = st["I"][pr["r"]]
         y = self.background(theta) + np.bincount(pr["idx"], weights=pr["P"] * I, minlength=self.x.size)
         J = np.zeros((self.x.size, cols.size))
@@ -785,9 +784,7 @@ class Refiner:
             # Le Bail with several phases: from the previous cells with the intensities extracted
             # afresh (phase fractions change from frame to frame), then with the previous
             # intensities held while the cells move (a cell that jumped by peak widths)
-            # (one phase present before: nothing to share out anew, the held start alone)
-            present = len(model.phases) - len(set(start.absent))
-            variants = [True, False] if (calc.any_extracted and not calc.pawley and present > 1
+            variants = [True, False] if (calc.any_extracted and not calc.pawley and len(model.phases) > 1
                                          and start.lebail_I is not None) else [False]
             for fresh in variants:
                 r = _refine(calc, y, sigma, start, tol, fresh=fresh)
@@ -869,9 +866,10 @@ def _lm(calc, y, wt, theta, I, free, *, max_iter, tol, hold, n_valid, bounds, fo
         # step (accelerated), so overlapping phases no longer creep there step by step; from far
         # starts a few plain cycles, whose partial extraction keeps a wrong phase from fitting
         # another's misplaced peaks
-        yc, J, I_used = calc.jacobian(theta, I, free, extract_from=y if extracting else None,
-                                      cycles=LEBAIL_CYCLES_FOLLOW if follow else LEBAIL_CYCLES,
-                                      tol=LEBAIL_CYCLE_TOL if follow else 0.0)
+        if extracting and follow:            # (the profiles are computed once for both)
+            I = _lebail_cycle(calc, theta, I, y, cycles=LEBAIL_CYCLES_FOLLOW, tol=LEBAIL_CYCLE_TOL)
+        yc, J, I_used = calc.jacobian(theta, I, free, extract_from=y if extracting and not follow else None,
+                                      cycles=LEBAIL_CYCLES)
         if extracting:
             I = I_used
         r = (y - yc) * wt
@@ -1704,11 +1702,13 @@ def _lebail_start(calc: _Calculator, theta: np.ndarray, y: np.ndarray) -> np.nda
     return _lebail_cycle(calc, theta, I, y, cycles=5)
 
 
-def _lebail_cycle(calc: _Calculator, theta: np.ndarray, I: np.ndarray, y: np.ndarray, cycles: int = 1) -> np.ndarray:
+def _lebail_cycle(calc: _Calculator, theta: np.ndarray, I: np.ndarray, y: np.ndarray, cycles: int = 1,
+                  tol: float = 0.0) -> np.ndarray:
     """Le Bail extraction: each reflection takes its share of the observed net intensity
-    (``cycles`` times; the profiles do not change in between, so they are computed once)."""
+    (``cycles`` times; the profiles do not change in between, so they are computed once; see
+    :func:`_extract` for ``tol``)."""
     st = calc.reflection_state(theta, I)          # computed (Rietveld) intensities filled in
-    return _extract(calc, calc.profiles(st, theta), theta, st["I"], y, cycles)
+    return _extract(calc, calc.profiles(st, theta), theta, st["I"], y, cycles, tol=tol)
 
 
 def _extract(calc: _Calculator, pr: dict, theta: np.ndarray, I: np.ndarray, y: np.ndarray, cycles: int,
