@@ -1,4 +1,4 @@
-"""Whole-pattern refinement of one pattern: Le Bail and Rietveld, several phases at once.
+"""Whole-pattern refinement of one pattern: Le Bail, Pawley and Rietveld, several phases at once.
 
 The model of a pattern (2θ in degrees) is
 
@@ -11,8 +11,11 @@ The model of a pattern (2θ in degrees) is
   and H_L = X tan θ + Y / cos θ (per phase, degrees);
 * ``A(z) = 1 + (P1 Fa(z) + P2 Fb(z)) / tan θ``: Bérar-Baldinozzi asymmetry (low angles),
   z = (2θ - 2θ_k)/H;
-* ``I_k``: extracted (Le Bail) or computed (Rietveld) as ``S m_k LP(θ_k) |F_k|²`` with IT92
-  form factors, occupancies and B_iso (see :mod:`xrdpipe.structure`).
+* ``I_k``: extracted (Le Bail), least-squares parameters (Pawley: non-negative, one per group
+  of reflections at the same position, solved with the background by NNLS at every trial of
+  the nonlinear parameters: variable projection) or computed (Rietveld) as
+  ``S m_k LP(θ_k) |F_k|²`` with IT92 form factors, occupancies and B_iso (see
+  :mod:`xrdpipe.structure`).
 
 Least squares: Levenberg-Marquardt on ``(y_obs - y_calc)/σ`` with an analytic Jacobian: the
 profile's derivatives in position, width and mixing are exact; how each parameter moves a
