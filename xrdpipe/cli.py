@@ -191,7 +191,7 @@ def fit(experiment: str, restart: bool, engine: str | None, quiet: bool) -> None
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def refine(experiment: str, frame_range: str | None, restart: bool, compare: bool, frame: int | None,
            quiet: bool) -> None:
-    """Whole-pattern refinement ([refinement]: Le Bail or Rietveld) of every integrated frame.
+    """Whole-pattern refinement ([refinement]: Le Bail, Pawley or Rietveld) of every integrated frame.
 
     Frames are refined in order, each starting from the last successful one; a frame that
     fails is recorded and the run goes on. Results: /entry/refinement of the run file and

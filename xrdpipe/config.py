@@ -721,7 +721,7 @@ class RefineModelSpec(_Spec):
 
 
 class RefinementSpec(_Spec):
-    """``[refinement]``: whole-pattern refinement of every frame (Le Bail or Rietveld).
+    """``[refinement]``: whole-pattern refinement of every frame (Le Bail, Pawley or Rietveld).
 
     ``gof_jump``: a frame whose GOF, refined from the last good frame, exceeds this multiple of
     that frame's GOF is refined again from the start values (``[[phases]]``); when that does no
@@ -735,7 +735,7 @@ class RefinementSpec(_Spec):
     ``excluded``: ``[[low, high], ...]`` left out.
     """
 
-    method: Literal["lebail", "rietveld"] = "lebail"
+    method: Literal["lebail", "pawley", "rietveld"] = "lebail"
     range: tuple[float, float] | None = None
     frames: tuple[int, int] | None = None
     background_terms: int = Field(default=6, ge=1, le=24)

@@ -1,4 +1,4 @@
-"""Whole-pattern refinement of one pattern: Le Bail and Rietveld, several phases at once.
+"""Whole-pattern refinement of one pattern: Le Bail, Pawley and Rietveld, several phases at once.
 
 The model of a pattern (2θ in degrees) is
 
@@ -11,8 +11,11 @@ The model of a pattern (2θ in degrees) is
   and H_L = X tan θ + Y / cos θ (per phase, degrees);
 * ``A(z) = 1 + (P1 Fa(z) + P2 Fb(z)) / tan θ``: Bérar-Baldinozzi asymmetry (low angles),
   z = (2θ - 2θ_k)/H;
-* ``I_k``: extracted (Le Bail) or computed (Rietveld) as ``S m_k LP(θ_k) |F_k|²`` with IT92
-  form factors, occupancies and B_iso (see :mod:`xrdpipe.structure`).
+* ``I_k``: extracted (Le Bail), least-squares parameters (Pawley: non-negative, one per group
+  of reflections at the same position, solved with the background by NNLS at every trial of
+  the nonlinear parameters: variable projection) or computed (Rietveld) as
+  ``S m_k LP(θ_k) |F_k|²`` with IT92 form factors, occupancies and B_iso (see
+  :mod:`xrdpipe.structure`).
 
 Least squares: Levenberg-Marquardt on ``(y_obs - y_calc)/σ`` with an analytic Jacobian: the
 profile's derivatives in position, width and mixing are exact; how each parameter moves a
@@ -45,6 +48,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Literal, Sequence
 
 import numpy as np
@@ -68,6 +72,8 @@ _CG = 2.0 * math.sqrt(_LN2 / math.pi)
 _CL = 2.0 / math.pi
 WINDOW_FWHM = 20.0            # each reflection is computed over ±20 FWHM
 LEBAIL_CYCLES = 8             # Le Bail extractions per least-squares iteration
+LEBAIL_CYCLES_FOLLOW = 30     # ... from a previous frame: accelerated, at most this many ...
+LEBAIL_CYCLE_TOL = 1e-5       # ... until the intensities change by less than this (relative)
 SHIFT_ESD = 0.01              # converged when every shift is below 1 % of its esd (Rietveld)
 LEBAIL_TOL = 1e-3
 SHIFT_ESD_LEBAIL = 0.05       # ... 5 % in Le Bail, whose intensities are re-extracted every step
@@ -80,6 +86,7 @@ FOLLOW = 0.5                  # a phase followed from the previous frame: half i
 ABSENT_REL = 0.05             # ... or than this fraction of χ² is absent
 SEARCH_DEFAULT = {"a": 0.015, "b": 0.015, "c": 0.03}    # relative half-ranges of the cell search
 SEARCH_ANGLE_DEG = 2.0        # ... and of angles (degrees); angles are searched by least squares only
+PRED_TOL = 0.01               # Pawley: converged once a step would lower χ² by less than this x χ²/dof
 SHIFT_BOUND_DEG = 1.0         # the zero shift and the displacement term stay within ±1°
 
 
@@ -159,17 +166,24 @@ class PhaseModel:
 
     @property
     def system(self) -> str:
-        import gemmi
+        return _crystal_system(self.structure.space_group)
 
-        s = gemmi.find_spacegroup_by_name(self.structure.space_group).crystal_system_str()
-        return "hexagonal" if s == "trigonal" else s
+
+@lru_cache(maxsize=256)
+def _crystal_system(space_group: str) -> str:
+    import gemmi
+
+    s = gemmi.find_spacegroup_by_name(space_group).crystal_system_str()
+    return "hexagonal" if s == "trigonal" else s
 
 
 @dataclass
 class RefinementModel:
     """Phases plus the instrument and the pattern's range.
 
-    ``method``: ``"lebail"`` (intensities extracted, no structure needed) or ``"rietveld"``.
+    ``method``: ``"lebail"`` (intensities extracted, no structure needed), ``"pawley"``
+    (intensities least-squares parameters, non-negative, solved linearly with the background at
+    every step: variable projection; no structure needed) or ``"rietveld"``.
     ``polarization``: ``"corrected"`` (pyFAI already divided it out: Lorentz factor only) or
     ``"unpolarised"`` (a laboratory tube: (1 + cos² 2θ)/2). ``correction``: ``"zero"``,
     ``"displacement"``, ``"both"`` or ``"none"``. ``strategy``: ``"staged"`` (from the start
@@ -182,7 +196,7 @@ class RefinementModel:
 
     phases: list[PhaseModel]
     wavelength_A: float
-    method: Literal["lebail", "rietveld"] = "rietveld"
+    method: Literal["lebail", "pawley", "rietveld"] = "rietveld"
     background_terms: int = 6
     correction: Literal["none", "zero", "displacement", "both"] = "zero"
     asymmetry: bool = True
@@ -407,6 +421,9 @@ class _Calculator:
         # those of Le Bail phases in a Rietveld one
         self.extracted = np.concatenate([np.full(n, not c) for n, c in zip(self.sizes, self.computed)])
         self.any_extracted = bool(self.extracted.any())
+        # Pawley: intensities are least-squares parameters, solved linearly (with the background)
+        self.pawley = model.method == "pawley"
+        self.groups = _overlap_groups(model, self.refl, self.sizes) if self.pawley else None
         t = (2 * self.x - (self.lo + self.hi)) / max(self.hi - self.lo, 1e-12)
         self.cheb = np.polynomial.chebyshev.chebvander(t, max(model.background_terms - 1, 0))[:, :model.background_terms]
         self.step = float(np.median(np.diff(self.x))) if self.x.size > 1 else 1.0
@@ -414,6 +431,10 @@ class _Calculator:
         L = self.layout
         self.profile_index = [np.array([L.index[f"{ph.name}.{k}"] for k in "UVWXY"]) for ph in model.phases]
         self.scale_index = [L.index.get(f"{ph.name}.scale", -1) for ph in model.phases]
+        self.systems = [ph.system for ph in model.phases]
+        self.base_cell = [dict(zip(("a", "b", "c", "alpha", "beta", "gamma"), ph.structure.cell)) for ph in model.phases]
+        self.cell_keys = [[(q.key, i) for i, q in enumerate(L.params) if q.phase == p and q.kind == "cell"]
+                          for p in range(len(model.phases))]
 
     @property
     def valid(self) -> np.ndarray:
@@ -432,10 +453,16 @@ class _Calculator:
         intensity of phase ``p``'s reflections."""
         from .structure import d_spacings
 
-        L = self.layout
-        st = L.structure(p, theta)
         refl = self.refl[p]
-        d = d_spacings(refl.hkl, st.cell)
+        if self.computed[p]:
+            st = self.layout.structure(p, theta)
+            cell = st.cell
+        else:                                # no structure: the cell alone
+            v = dict(self.base_cell[p])
+            for k, i in self.cell_keys[p]:
+                v[k] = theta[i]
+            cell = _full_cell(self.systems[p], v)
+        d = d_spacings(refl.hkl, cell)
         th = np.arcsin(np.clip(self.model.wavelength_A / (2 * d), -1.0, 1.0))
         tn, cs = np.tan(th), np.cos(th)
         U, V, W, X, Y = theta[self.profile_index[p]]
@@ -467,49 +494,95 @@ class _Calculator:
         return out
 
     # the pattern ---------------------------------------------------------------------------
-    def _windows(self, pos: np.ndarray, fwhm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _windows(self, pos: np.ndarray, fwhm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The points within ±WINDOW_FWHM FWHM of every reflection, flat (reflection after
+        reflection): each entry's reflection and point, and where each reflection's entries start."""
         lo = np.searchsorted(self.x, pos - WINDOW_FWHM * fwhm)
-        hi = np.searchsorted(self.x, pos + WINDOW_FWHM * fwhm)
-        width = int(max(1, (hi - lo).max()))
-        idx = lo[:, None] + np.arange(width)[None, :]
-        ok = idx < hi[:, None]
-        return np.minimum(idx, self.x.size - 1), ok
+        hi = np.maximum(np.searchsorted(self.x, pos + WINDOW_FWHM * fwhm), lo)
+        n = hi - lo
+        ptr = np.concatenate([[0], np.cumsum(n)])
+        r = np.repeat(np.arange(pos.size), n)
+        idx = np.arange(int(ptr[-1])) - np.repeat(ptr[:-1] - lo, n)
+        return r, idx, ptr
 
     def profiles(self, st: dict[str, np.ndarray], theta: np.ndarray, derivatives: bool = False):
+        """Every reflection's profile (area 1, asymmetry included) on the points of its window,
+        flat: ``r`` (reflection), ``idx`` (point), ``ptr`` (where each reflection's entries
+        start) and ``P``; with ``derivatives`` also its derivatives in position (``dx0``),
+        FWHM (``dH``), mixing (``deta``) and the asymmetry parameters (``dP1``, ``dP2``)."""
         L = self.layout
         p1, p2 = theta[L.index["asym_P1"]], theta[L.index["asym_P2"]]
-        idx, ok = self._windows(st["pos"], st["fwhm"])
-        u = self.x[idx] - st["pos"][:, None]
-        H = st["fwhm"][:, None]
-        eta = st["eta"][:, None]
-        u2h2 = (u / H) ** 2
-        g = _CG / H * np.exp(-4 * _LN2 * u2h2)
-        q = 1 + 4 * u2h2
-        lor = _CL / H / q
-        prof = eta * lor + (1 - eta) * g
-        z = u / H
-        ez = np.exp(-z * z)
-        fa = 2 * z * ez
-        fb = 2 * (2 * z * z - 3) * fa
-        inv_tan = 1.0 / np.maximum(st["tan"], 1e-6)[:, None]
-        asym = 1 + (p1 * fa + p2 * fb) * inv_tan
-        out = {"idx": idx, "ok": ok, "P": np.where(ok, prof * asym, 0.0)}
+        # the last profiles computed in this thread, kept with their intermediate arrays: a
+        # least-squares step evaluates the pattern, then its derivatives, at the same point
+        key = (st["pos"], st["fwhm"], st["eta"], st["tan"], float(p1), float(p2))
+        last = getattr(self._local, "profiles", None)
+        if last is not None and all(np.array_equal(a, b) for a, b in zip(last[0], key)):
+            out, keep = last[1], last[2]
+            if not derivatives or "dx0" in out:
+                return out
+        else:
+            out, keep = self._profiles(st, p1, p2)
+            self._local.profiles = (tuple(np.copy(k) if isinstance(k, np.ndarray) else k for k in key), out, keep)
         if derivatives:
-            dg_dx0 = g * 8 * _LN2 * u / H**2
-            dg_dh = g * (-1 / H + 8 * _LN2 * u**2 / H**3)
-            dl_dx0 = lor * (8 * u / H**2) / q
-            dl_dh = -lor / H + lor * (8 * u**2 / H**3) / q
-            dfa = 2 * ez * (1 - 2 * z * z)
-            dfb = 8 * z * fa + 2 * (2 * z * z - 3) * dfa
-            da_dz = (p1 * dfa + p2 * dfb) * inv_tan
-            dp_dx0 = eta * dl_dx0 + (1 - eta) * dg_dx0
-            dp_dh = eta * dl_dh + (1 - eta) * dg_dh
-            out["dx0"] = np.where(ok, asym * dp_dx0 - prof * da_dz / H, 0.0)
-            out["dH"] = np.where(ok, asym * dp_dh - prof * da_dz * u / H**2, 0.0)
-            out["deta"] = np.where(ok, (lor - g) * asym, 0.0)
-            out["dP1"] = np.where(ok, prof * fa * inv_tan, 0.0)
-            out["dP2"] = np.where(ok, prof * fb * inv_tan, 0.0)
+            self._derivatives(out, keep, p1, p2)
         return out
+
+    def _profiles(self, st: dict[str, np.ndarray], p1: float, p2: float):
+        r, idx, ptr = self._windows(st["pos"], st["fwhm"])
+        u = self.x[idx] - st["pos"][r]
+        Hr = st["fwhm"][r]
+        eta = st["eta"][r]
+        z = u / Hr
+        z2 = z * z
+        # the exponentials only where they are not below 1e-43 (the Gaussian core, a third of
+        # the window at most); the Lorentzian everywhere
+        g = np.zeros_like(u)
+        np.exp(-4 * _LN2 * z2, out=g, where=z2 < 36.0)
+        g *= _CG / Hr
+        q = 1 + 4 * z2
+        lor = _CL / Hr / q
+        prof = eta * lor + (1 - eta) * g
+        asym_on = bool(self.model.asymmetry or p1 or p2)
+        out = {"r": r, "idx": idx, "ptr": ptr}
+        keep = {"u": u, "Hr": Hr, "eta": eta, "z": z, "z2": z2, "g": g, "q": q, "lor": lor, "prof": prof,
+                "asym_on": asym_on}
+        if asym_on:
+            ez = np.zeros_like(u)
+            np.exp(-z2, out=ez, where=z2 < 100.0)
+            fa = 2 * z * ez
+            fb = 2 * (2 * z2 - 3) * fa
+            inv_tan = (1.0 / np.maximum(st["tan"], 1e-6))[r]
+            asym = 1 + (p1 * fa + p2 * fb) * inv_tan
+            out["P"] = prof * asym
+            keep.update(ez=ez, fa=fa, fb=fb, inv_tan=inv_tan, asym=asym)
+        else:
+            out["P"] = prof
+        return out, keep
+
+    @staticmethod
+    def _derivatives(out: dict, keep: dict, p1: float, p2: float) -> None:
+        """Add the profiles' derivatives to ``out`` (from the intermediates ``keep``)."""
+        u, Hr, eta, z, z2, g, q, lor, prof = (keep[k] for k in ("u", "Hr", "eta", "z", "z2", "g", "q", "lor", "prof"))
+        asym_on = keep["asym_on"]
+        if asym_on:
+            ez, fa, fb, inv_tan, asym = (keep[k] for k in ("ez", "fa", "fb", "inv_tan", "asym"))
+        # d/dx0 of each part; d/dH follows from the scaling f(u; H) = φ(u/H)/H:
+        # df/dH = (u df/dx0 - f)/H
+        dp_dx0 = (eta * lor / q + (1 - eta) * _LN2 * g) * (8 * u / (Hr * Hr))
+        dp_dh = (u * dp_dx0 - prof) / Hr
+        if asym_on:
+            dfa = 2 * ez * (1 - 2 * z2)
+            dfb = 8 * z * fa + 2 * (2 * z2 - 3) * dfa
+            da_dz = (p1 * dfa + p2 * dfb) * inv_tan
+            pa = prof * da_dz / Hr
+            out["dx0"] = asym * dp_dx0 - pa
+            out["dH"] = asym * dp_dh - pa * z
+            out["deta"] = (lor - g) * asym
+            out["dP1"] = prof * fa * inv_tan
+            out["dP2"] = prof * fb * inv_tan
+        else:
+            out["dx0"], out["dH"], out["deta"] = dp_dx0, dp_dh, lor - g
+            out["dP1"] = out["dP2"] = np.zeros_like(u)
 
     def background(self, theta: np.ndarray) -> np.ndarray:
         L = self.layout
@@ -519,15 +592,15 @@ class _Calculator:
     def pattern(self, theta: np.ndarray, lebail_I: np.ndarray | None = None, *, per_phase: bool = False):
         st = self.reflection_state(theta, lebail_I)
         pr = self.profiles(st, theta)
-        contrib = pr["P"] * st["I"][:, None]
+        contrib = pr["P"] * st["I"][pr["r"]]
         bkg = self.background(theta)
-        y = bkg + np.bincount(pr["idx"].ravel(), weights=contrib.ravel(), minlength=self.x.size)
+        y = bkg + np.bincount(pr["idx"], weights=contrib, minlength=self.x.size)
         if not per_phase:
             return y
         parts = []
         for p in range(len(self.model.phases)):
-            a, b = self.offsets[p], self.offsets[p + 1]
-            parts.append(np.bincount(pr["idx"][a:b].ravel(), weights=contrib[a:b].ravel(), minlength=self.x.size))
+            a, b = pr["ptr"][self.offsets[p]], pr["ptr"][self.offsets[p + 1]]
+            parts.append(np.bincount(pr["idx"][a:b], weights=contrib[a:b], minlength=self.x.size))
         return y, bkg, parts, st
 
     def jacobian(self, theta: np.ndarray, lebail_I: np.ndarray | None, cols: np.ndarray, *,
@@ -541,11 +614,10 @@ class _Calculator:
         pr = self.profiles(st, theta, derivatives=True)
         if extract_from is not None and cycles:
             st["I"] = _extract(self, pr, theta, st["I"], extract_from, cycles)
-        I = st["I"][:, None]
-        y = self.background(theta) + np.bincount(pr["idx"].ravel(), weights=(pr["P"] * I).ravel(),
-                                                 minlength=self.x.size)
+        I = st["I"][pr["r"]]
+        y = self.background(theta) + np.bincount(pr["idx"], weights=pr["P"] * I, minlength=self.x.size)
         J = np.zeros((self.x.size, cols.size))
-        flat = pr["idx"].ravel()
+        flat = pr["idx"]
         for c, j in enumerate(cols):
             q = L.params[j]
             if q.kind == "bkg":
@@ -553,11 +625,11 @@ class _Calculator:
                 continue
             if q.kind == "asym":
                 w = pr["dP1"] if q.name == "asym_P1" else pr["dP2"]
-                J[:, c] = np.bincount(flat, weights=(w * I).ravel(), minlength=self.x.size)
+                J[:, c] = np.bincount(flat, weights=w * I, minlength=self.x.size)
                 continue
             if q.kind in ("zero", "disp"):       # positions move by 1 or cos θ
                 dx0 = np.ones_like(st["pos"]) if q.kind == "zero" else st["cos"]
-                J[:, c] = np.bincount(flat, weights=(I * pr["dx0"] * dx0[:, None]).ravel(), minlength=self.x.size)
+                J[:, c] = np.bincount(flat, weights=I * pr["dx0"] * dx0[pr["r"]], minlength=self.x.size)
                 continue
             # a phase's parameter: differentiate that phase's reflections numerically
             p = q.phase
@@ -566,15 +638,15 @@ class _Calculator:
             t2[j] += h
             s2 = self.phase_state(p, t2)
             s1 = parts[p]
-            rows = slice(int(self.offsets[p]), int(self.offsets[p + 1]))
+            rows = slice(int(pr["ptr"][self.offsets[p]]), int(pr["ptr"][self.offsets[p + 1]]))
+            k = pr["r"][rows] - int(self.offsets[p])         # the phase's own reflection index
             dx0 = (s2["pos"] - s1["pos"]) / h + theta[L.index["displacement"]] * (s2["cos"] - s1["cos"]) / h
             dH = (s2["fwhm"] - s1["fwhm"]) / h
             de = (s2["eta"] - s1["eta"]) / h
-            w = I[rows] * (pr["dx0"][rows] * dx0[:, None] + pr["dH"][rows] * dH[:, None]
-                           + pr["deta"][rows] * de[:, None])
+            w = I[rows] * (pr["dx0"][rows] * dx0[k] + pr["dH"][rows] * dH[k] + pr["deta"][rows] * de[k])
             if "I" in s1:
-                w = w + pr["P"][rows] * ((s2["I"] - s1["I"]) / h)[:, None]
-            J[:, c] = np.bincount(pr["idx"][rows].ravel(), weights=w.ravel(), minlength=self.x.size)
+                w = w + pr["P"][rows] * ((s2["I"] - s1["I"]) / h)[k]
+            J[:, c] = np.bincount(pr["idx"][rows], weights=w, minlength=self.x.size)
         return y, J, st["I"]
 
 
@@ -623,6 +695,7 @@ class RefinementResult:
     absent: list[str] = field(default_factory=list)
     shares: dict[str, float] = field(default_factory=dict)
     start_from: str = ""
+    intensity_esd: np.ndarray | None = None
 
     def value(self, name: str) -> float:
         return float(self.values[self.names.index(name)])
@@ -714,7 +787,7 @@ class Refiner:
             # Le Bail with several phases: from the previous cells with the intensities extracted
             # afresh (phase fractions change from frame to frame), then with the previous
             # intensities held while the cells move (a cell that jumped by peak widths)
-            variants = [True, False] if (calc.any_extracted and len(model.phases) > 1
+            variants = [True, False] if (calc.any_extracted and not calc.pawley and len(model.phases) > 1
                                          and start.lebail_I is not None) else [False]
             for fresh in variants:
                 r = _refine(calc, y, sigma, start, tol, fresh=fresh)
@@ -735,7 +808,7 @@ class Refiner:
                 for p, ph in enumerate(model.phases):
                     if ph.name not in gone:
                         followed.append(p)
-                        for i in _cell_idx(calc, p):
+                        for i in _cell_idx(calc, p, angles=True):
                             centre[i] = start.theta[i]
             theta0, I0, source = _search(calc, y, sigma, centre, followed)
             r = _refine(calc, y, sigma, None, tol, staged=staged, theta0=theta0, I0=I0, centre=centre,
@@ -776,7 +849,7 @@ def _lm_step(calc, theta, I, free, As, gs, dscale, wt, y, chi2_now, lam, bounds)
     return None, theta, lam, chi2_now
 
 
-def _lm(calc, y, wt, theta, I, free, *, max_iter, tol, hold, n_valid, bounds):
+def _lm(calc, y, wt, theta, I, free, *, max_iter, tol, hold, n_valid, bounds, follow=False):
     """Levenberg-Marquardt over the parameters ``free`` (Le Bail: intensities re-extracted at
     every step, or first held at ``I`` with ``hold``). A parameter at a bound that the gradient
     pushes outward is left out of a step. Returns θ, I, converged, steps taken."""
@@ -792,7 +865,14 @@ def _lm(calc, y, wt, theta, I, free, *, max_iter, tol, hold, n_valid, bounds):
         return theta, I, True, 0
     while outer < max_iter:
         extracting = lebail and not hold
-        yc, J, I_used = calc.jacobian(theta, I, free, extract_from=y if extracting else None, cycles=LEBAIL_CYCLES)
+        # from a previous frame (cells close), the extraction runs to its fixed point at every
+        # step (accelerated), so overlapping phases no longer creep there step by step; from far
+        # starts a few plain cycles, whose partial extraction keeps a wrong phase from fitting
+        # another's misplaced peaks
+        if extracting and follow:            # (the profiles are computed once for both)
+            I = _lebail_cycle(calc, theta, I, y, cycles=LEBAIL_CYCLES_FOLLOW, tol=LEBAIL_CYCLE_TOL)
+        yc, J, I_used = calc.jacobian(theta, I, free, extract_from=y if extracting and not follow else None,
+                                      cycles=LEBAIL_CYCLES)
         if extracting:
             I = I_used
         r = (y - yc) * wt
@@ -844,6 +924,106 @@ def _lm(calc, y, wt, theta, I, free, *, max_iter, tol, hold, n_valid, bounds):
     return theta, I, converged, n_iter
 
 
+def _pawley_solve(calc, theta: np.ndarray, y: np.ndarray, wt: np.ndarray, phases: Sequence[int] | None):
+    """Pawley's linear part at ``theta``: χ², the intensities, θ with the background terms set,
+    and the basis (see :func:`_linear_core`)."""
+    rows = np.flatnonzero(wt > 0)
+    c2, I, bk, extra = _linear_core(calc, theta, y * wt, wt, rows, phases, calc.groups)
+    t = theta.copy()
+    if calc.model.background_terms and extra is not None:
+        t[[calc.layout.index[f"bkg_{j}"] for j in range(calc.model.background_terms)]] = bk
+    return c2, I, t, extra
+
+
+def _lm_pawley(calc, y, wt, theta, free, *, max_iter, tol, n_valid, bounds, phases):
+    """Pawley by variable projection: Levenberg-Marquardt over the nonlinear parameters of
+    ``free`` (cells, zero, widths, asymmetry); at every trial the intensities (non-negative) and
+    the background are solved linearly, and the step uses the projected Jacobian
+    (:func:`_project`). Returns θ, I, converged, steps taken."""
+    L = calc.layout
+    lower, upper = bounds
+    nl = np.array([i for i in free if L.params[i].kind != "bkg"], int)
+    chi2, I, theta, extra = _pawley_solve(calc, theta, y, wt, phases)
+    if extra is None:
+        return theta, I, False, 0
+    if nl.size == 0:
+        return theta, I, True, 0
+    rows = extra["rows"]
+    lam, n_iter, converged = 1e-3, 0, False
+    for _ in range(max_iter):
+        yc, J, _ = calc.jacobian(theta, I, nl)
+        Jw = _project(extra, (J * wt[:, None])[rows])
+        r = ((y - yc) * wt)[rows]
+        g = Jw.T @ r
+        tf = theta[nl]
+        pinned = ((tf <= lower[nl]) & (g < 0)) | ((tf >= upper[nl]) & (g > 0))
+        move = np.flatnonzero(~pinned)
+        if move.size == 0:
+            converged = True
+            break
+        Jm = Jw[:, move]
+        A = Jm.T @ Jm
+        dscale = np.sqrt(np.maximum(np.diag(A), 1e-300))
+        As = A / np.outer(dscale, dscale)
+        gs = g[move] / dscale
+        accepted, settled = None, False
+        unit = PRED_TOL * max(chi2 / max(n_valid - free.size, 1), 1.0)
+        for _ in range(12):
+            try:
+                ds = np.linalg.solve(As + lam * np.eye(As.shape[0]), gs)
+            except np.linalg.LinAlgError:
+                lam *= 10
+                continue
+            # the fall of χ² the linear model predicts: below a hundredth of a reduced χ², the
+            # minimum is reached (no trial, which would only meet the rounding of χ²)
+            if 2 * gs @ ds - ds @ As @ ds <= unit:
+                settled = True
+                break
+            step = ds / dscale
+            t_new = theta.copy()
+            t_new[nl[move]] = np.clip(t_new[nl[move]] + step, lower[nl[move]], upper[nl[move]])
+            trial = _pawley_solve(calc, t_new, y, wt, phases)
+            if trial[3] is not None and np.isfinite(trial[0]) and trial[0] < chi2:
+                accepted = trial
+                lam = max(lam / 5, 1e-9)
+                break
+            lam *= 8
+        if settled:
+            converged = True
+            break
+        n_iter += 1
+        if accepted is None:                 # no damping lowers χ²: at the minimum
+            converged = True
+            break
+        c_new, I, t_new, extra = accepted
+        shift = t_new[nl[move]] - theta[nl[move]]
+        theta, drop, chi2 = t_new, chi2 - c_new, c_new
+        # converged when every shift is a small fraction of its esd, or χ² no longer moves
+        try:
+            var = np.diag(np.linalg.inv(As)) / dscale**2 * c_new / max(n_valid - free.size, 1)
+            if np.all(np.abs(shift) <= SHIFT_ESD * np.sqrt(np.maximum(var, 1e-300))):
+                converged = True
+                break
+        except np.linalg.LinAlgError:
+            pass
+        if drop <= tol * chi2:
+            converged = True
+            break
+    return theta, I, converged, n_iter
+
+
+def _fit(calc, y, wt, theta, I, cols, *, max_iter, tol, hold, n_valid, bounds, absent: Sequence[int] = (),
+         follow: bool = False):
+    """Least squares over ``cols``: Pawley (:func:`_lm_pawley`, the phases not ``absent``) or
+    Le Bail / Rietveld (:func:`_lm`)."""
+    if calc.pawley:
+        phases = [p for p in range(len(calc.model.phases)) if p not in set(absent)]
+        return _lm_pawley(calc, y, wt, theta, cols, max_iter=max_iter, tol=tol, n_valid=n_valid, bounds=bounds,
+                          phases=phases)
+    return _lm(calc, y, wt, theta, I, cols, max_iter=max_iter, tol=tol, hold=hold, n_valid=n_valid, bounds=bounds,
+               follow=follow)
+
+
 def _stages(calc, free: np.ndarray) -> list[np.ndarray]:
     """The staged release of ``free``: background and scales; + cells and zero; + the main
     widths (W, Y); + the other widths (U, V, X); + everything else (asymmetry, structure)."""
@@ -880,11 +1060,12 @@ def _absent(calc, theta: np.ndarray, I: np.ndarray, y: np.ndarray, wt: np.ndarra
     ABSENT_REL of χ² (a phase that only takes over another's misfit)."""
     st = calc.reflection_state(theta, I)
     pr = calc.profiles(st, theta)
-    flat = pr["idx"].ravel()
     bkg = calc.background(theta)
 
+    P = _profile_matrix(calc, pr, I.size)
+
     def chi2(inten):
-        yc = bkg + np.bincount(flat, weights=(pr["P"] * inten[:, None]).ravel(), minlength=calc.x.size)
+        yc = bkg + P @ inten
         r = (y - yc) * wt
         return float(r @ r)
 
@@ -950,7 +1131,7 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol, *, staged: bo
     L = calc.layout
     theta = L.start()
     lebail = calc.any_extracted
-    all_lebail = model.method == "lebail"
+    all_lebail = model.method in ("lebail", "pawley")
     n_refl = int(calc.offsets[-1])
     I = None
     from_previous = start is not None and start.theta is not None and len(start.theta) == len(theta)
@@ -980,7 +1161,10 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol, *, staged: bo
         lower, upper = _cell_bounds(calc, centre, followed)
     bounds = (lower, upper)
     theta = np.clip(theta, lower, upper)
-    if lebail and I is None:
+    if calc.pawley:                          # intensities and background solved at the start cells
+        gone0 = [p for p, ph in enumerate(model.phases) if from_previous and ph.name in start.absent]
+        _, I, theta, _ = _pawley_solve(calc, theta, y, wt, [p for p in range(len(model.phases)) if p not in gone0])
+    elif lebail and I is None:
         I = _lebail_start(calc, theta, y)
     free = L.free.copy()
     # a Le Bail phase with (next to) no intensity at the start is absent: its cell and widths are held
@@ -998,13 +1182,15 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol, *, staged: bo
         else:
             absent = []
     stages = _stages(calc, free) if staged else [free]
-    hold = lebail and from_previous and I is not None and start.lebail_I is not None and not fresh
+    hold = lebail and not calc.pawley and from_previous and I is not None and start.lebail_I is not None \
+        and not fresh
     n_iter = 0
     converged = False
     for k, cols in enumerate(stages):
         last = k == len(stages) - 1
-        theta, I, converged, it = _lm(calc, y, wt, theta, I, cols, max_iter=model.max_iter if last else STAGE_ITER,
-                                      tol=tol, hold=hold and k == 0, n_valid=n_valid, bounds=bounds)
+        theta, I, converged, it = _fit(calc, y, wt, theta, I, cols, max_iter=model.max_iter if last else STAGE_ITER,
+                                       tol=tol, hold=hold and k == 0, n_valid=n_valid, bounds=bounds, absent=absent,
+                                       follow=from_previous)
         n_iter += it
     # phases the converged fit does not need: removed, and the last stage refined again without them
     if all_lebail and len(model.phases) > 1:
@@ -1015,8 +1201,8 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol, *, staged: bo
             for p in gone:
                 I[int(calc.offsets[p]):int(calc.offsets[p + 1])] = 0.0
             absent = sorted(absent + gone)
-            theta, I, converged, it = _lm(calc, y, wt, theta, I, free, max_iter=model.max_iter, tol=tol, hold=False,
-                                          n_valid=n_valid, bounds=bounds)
+            theta, I, converged, it = _fit(calc, y, wt, theta, I, free, max_iter=model.max_iter, tol=tol, hold=False,
+                                           n_valid=n_valid, bounds=bounds, absent=absent, follow=from_previous)
             n_iter += it
     res = _result(calc, y, wt, valid, theta, I, free, n_iter, converged, absent, bounds)
     # a Le Bail phase pinned at the edge of its searched range may be a ghost taking another's
@@ -1032,8 +1218,8 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol, *, staged: bo
         t2 = theta.copy()
         for p in pinned:
             t2[_cell_idx(calc, p)] = np.clip(L.start(), lower, upper)[_cell_idx(calc, p)]
-        t2, I2, conv2, it = _lm(calc, y, wt, t2, I2, free2, max_iter=model.max_iter, tol=tol, hold=False,
-                                n_valid=n_valid, bounds=bounds)
+        t2, I2, conv2, it = _fit(calc, y, wt, t2, I2, free2, max_iter=model.max_iter, tol=tol, hold=False,
+                                 n_valid=n_valid, bounds=bounds, absent=sorted(absent + pinned), follow=from_previous)
         alt = _result(calc, y, wt, valid, t2, I2, free2, n_iter + it, conv2, sorted(absent + pinned), bounds)
         res = _best([res, alt], None)
     return res
@@ -1045,13 +1231,22 @@ def _result(calc, y, wt, valid, theta, I, free, n_iter, converged, absent, bound
     L = calc.layout
     lebail = calc.any_extracted
     n_valid = int(valid.sum())
-    yc, J, I_used = calc.jacobian(theta, I, free, extract_from=y if lebail else None, cycles=1)
-    if lebail:
+    extra = None
+    if calc.pawley:
+        # the intensities (per overlap group) and the background are least-squares parameters too
+        phases = [p for p in range(len(model.phases)) if p not in set(absent)]
+        _, I, theta, extra = _pawley_solve(calc, theta, y, wt, phases)
+        free = np.array([i for i in free if L.params[i].kind != "bkg"]
+                        + [L.index[f"bkg_{j}"] for j in range(model.background_terms)], int)
+    yc, J, I_used = calc.jacobian(theta, I, free, extract_from=y if lebail and not calc.pawley else None, cycles=1)
+    if lebail and not calc.pawley:
         I = I_used
     r = (y - yc) * wt
     Jw = J * wt[:, None]
     chi2 = float(r @ r)
     n_p = int(free.size)
+    if extra is not None:
+        n_p += int(np.count_nonzero(extra["G"] > 0))
     dof = max(n_valid - n_p, 1)
     sw = float(np.sum((y * wt) ** 2))
     rwp = math.sqrt(chi2 / sw) if sw > 0 else math.nan
@@ -1071,7 +1266,11 @@ def _result(calc, y, wt, valid, theta, I, free, n_iter, converged, absent, bound
     inner = np.array(inner, int)
     esd = np.full(theta.size, np.nan)
     cov = None
-    if inner.size:
+    I_esd = None
+    if extra is not None:
+        cov, I_esd = _pawley_covariance(calc, extra, Jw, free, inner, gof)
+        esd[free[inner]] = np.sqrt(np.maximum(np.diag(cov)[inner], 0.0)) * gof
+    elif inner.size:
         try:
             Ji = Jw[:, inner]
             A = Ji.T @ Ji
@@ -1090,7 +1289,8 @@ def _result(calc, y, wt, valid, theta, I, free, n_iter, converged, absent, bound
     res = RefinementResult(list(L.names), theta.copy(), esd, refined, rwp, rexp, gof, n_valid, n_p, n_iter,
                            converged, "", calc.x, np.where(valid, y, np.nan), yc, bkg, parts, ticks,
                            None if I is None else I.copy(), [ph.name for ph in model.phases], theta=theta.copy(),
-                           at_bound=bound, shares={ph.name: float(share[p]) for p, ph in enumerate(model.phases)})
+                           at_bound=bound, shares={ph.name: float(share[p]) for p, ph in enumerate(model.phases)},
+                           intensity_esd=I_esd)
     # phases absent at the start or found absent at the end (see _refine)
     gone = set(absent)
     res.absent = [model.phases[p].name for p in sorted(gone)]
@@ -1101,6 +1301,33 @@ def _result(calc, y, wt, valid, theta, I, free, n_iter, converged, absent, bound
         res.weight_fractions = _weight_fractions(calc, theta, cov, free, gof)
     _verdict(calc, res, sorted(gone), bounds)
     return res
+
+
+def _pawley_covariance(calc, extra: dict, Jw: np.ndarray, free: np.ndarray, inner: np.ndarray, gof: float):
+    """Pawley's covariance: the nonlinear parameters ``free`` (those not at a bound, ``inner``)
+    together with the intensities above zero and the background. Returns the covariance of
+    ``free`` (NaN where at a bound) and every reflection's intensity esd (NaN at zero: at its
+    bound; reflections sharing a position share the group's esd by multiplicity)."""
+    rows = extra["rows"]
+    act = np.flatnonzero(extra["G"] > 0)
+    Ji = Jw[rows][:, inner]
+    M = extra["M"][:, act]
+    k, n_a = inner.size, act.size
+    N = np.zeros((k + n_a,) * 2)
+    N[:k, :k] = Ji.T @ Ji
+    MJ = np.asarray(M.T @ Ji)
+    N[k:, :k], N[:k, k:] = MJ, MJ.T
+    N[k:, k:] = extra["amm"][np.ix_(act, act)]
+    # the background terms are among ``free`` (their columns in Ji); the intensities' cross terms
+    # with them are amb
+    d = np.sqrt(np.maximum(np.diag(N), 1e-300))
+    C = np.linalg.pinv(N / np.outer(d, d), rcond=1e-12, hermitian=True) / np.outer(d, d)
+    cov = np.full((free.size, free.size), np.nan)
+    cov[np.ix_(inner, inner)] = C[:k, :k]
+    gidx, share, n_col = calc.groups
+    g_esd = np.full(n_col, np.nan)
+    g_esd[act] = np.sqrt(np.maximum(np.diag(C)[k:], 0.0)) * gof
+    return cov, g_esd[gidx] * share
 
 
 def _verdict(calc, res: RefinementResult, absent: list[int], bounds) -> None:
@@ -1151,23 +1378,42 @@ def _linear_fit(calc, theta: np.ndarray, yw: np.ndarray, wt: np.ndarray, rows: n
                 phases: Sequence[int] | None = None):
     """χ² of the best pattern at ``theta`` with free non-negative reflection intensities and a
     free background (the points ``rows`` only), the intensities and the background terms."""
+    c2, inten, bk, _ = _linear_core(calc, theta, yw, wt, rows, phases)
+    return c2, inten, bk
+
+
+def _linear_core(calc, theta: np.ndarray, yw: np.ndarray, wt: np.ndarray, rows: np.ndarray,
+                 phases: Sequence[int] | None = None, groups: tuple | None = None, pr: dict | None = None):
+    """The linear part of a pattern at ``theta``: non-negative intensities (one per reflection,
+    or per overlap group of ``groups`` = (group of each reflection, its share, number of
+    groups), split by the shares) and the background, by least squares over the points
+    ``rows``. Returns χ², the intensity of every reflection, the background terms and what
+    :func:`_project` and the Pawley covariance need (the weighted basis and its normal
+    matrix)."""
     import scipy.sparse as sp
     from scipy.optimize import nnls
 
     n_refl = int(calc.offsets[-1])
-    st = calc.reflection_state(theta, np.ones(n_refl))
-    pr = calc.profiles(st, theta)
+    if pr is None:
+        st = calc.reflection_state(theta, np.ones(n_refl))
+        pr = calc.profiles(st, theta)
+    gidx, share, n_col = (np.arange(n_refl), np.ones(n_refl), n_refl) if groups is None else groups
     rowmap = np.full(calc.x.size, -1)
     rowmap[rows] = np.arange(rows.size)
-    sel = pr["ok"] & (rowmap[pr["idx"]] >= 0)
+    sel = rowmap[pr["idx"]] >= 0
     if phases is not None:
         use = np.zeros(n_refl, bool)
         for p in phases:
             use[int(calc.offsets[p]):int(calc.offsets[p + 1])] = True
-        sel &= use[:, None]
+        sel &= use[pr["r"]]
     r_i = rowmap[pr["idx"][sel]]
-    c_i = np.nonzero(sel)[0]
-    M = sp.csr_matrix((pr["P"][sel] * wt[pr["idx"][sel]], (r_i, c_i)), shape=(rows.size, n_refl))
+    c_i = pr["r"][sel]
+    vals = pr["P"][sel] * wt[pr["idx"][sel]] * share[c_i]
+    if groups is None:                       # the entries are in column order already
+        ptr = np.concatenate([[0], np.cumsum(np.bincount(c_i, minlength=n_col))])
+        M = sp.csc_matrix((vals, r_i, ptr), shape=(rows.size, n_col))
+    else:
+        M = sp.csr_matrix((vals, (r_i, gidx[c_i])), shape=(rows.size, n_col))
     B = calc.cheb[rows] * wt[rows, None]
     yv = yw[rows]
     amm = (M.T @ M).toarray()
@@ -1175,18 +1421,69 @@ def _linear_fit(calc, theta: np.ndarray, yw: np.ndarray, wt: np.ndarray, rows: n
     abb = B.T @ B
     bm = np.asarray(M.T @ yv).ravel()
     bb = B.T @ yv
+    fail = (np.inf, np.zeros(n_refl), np.zeros(B.shape[1]), None)
     try:
         S = np.linalg.solve(abb + 1e-12 * np.trace(abb) * np.eye(abb.shape[0]), np.column_stack([amb.T, bb]))
-        ar = amm - amb @ S[:, :n_refl]
-        br = bm - amb @ S[:, n_refl]
-        ridge = 1e-10 * max(np.trace(ar) / max(n_refl, 1), 1e-300)
-        lc = np.linalg.cholesky(ar + ridge * np.eye(n_refl))
-        inten, _ = nnls(lc.T, np.linalg.solve(lc, br), maxiter=20 * n_refl)
+        ar = amm - amb @ S[:, :n_col]
+        br = bm - amb @ S[:, n_col]
+        ridge = 1e-10 * max(np.trace(ar) / max(n_col, 1), 1e-300)
+        lc = np.linalg.cholesky(ar + ridge * np.eye(n_col))
+        inten, _ = nnls(lc.T, np.linalg.solve(lc, br), maxiter=20 * n_col)
     except (np.linalg.LinAlgError, RuntimeError):
-        return np.inf, np.zeros(n_refl), np.zeros(B.shape[1])
-    bk = S[:, n_refl] - S[:, :n_refl] @ inten
+        return fail
+    bk = S[:, n_col] - S[:, :n_col] @ inten
     res = yv - M @ inten - B @ bk
-    return float(res @ res), inten, bk
+    extra = {"M": M, "B": B, "amm": amm, "amb": amb, "abb": abb, "G": inten, "rows": rows}
+    return float(res @ res), inten[gidx] * share, bk, extra
+
+
+def _overlap_groups(model: RefinementModel, refl: list[Reflections], sizes: list[int]):
+    """Pawley: reflections of one phase at the same position for every cell of its crystal
+    system (cubic 333 and 511, hexagonal hkl and khl where they are not equivalent) cannot be
+    told apart; they share one intensity, split by multiplicity. Returns (the group of each
+    reflection, its share of the group's intensity, the number of groups)."""
+    from .structure import d_spacings
+
+    gidx = np.empty(int(sum(sizes)), int)
+    share = np.empty(gidx.size)
+    n, off = 0, 0
+    bumps = {"a": 0.0123, "b": -0.0171, "c": 0.0311, "alpha": 0.7, "beta": -0.9, "gamma": 1.3}
+    for ph, r in zip(model.phases, refl):
+        cell = dict(zip(("a", "b", "c", "alpha", "beta", "gamma"), ph.structure.cell))
+        moved = {k: (v * (1 + bumps[k]) if k in ("a", "b", "c") else v + bumps[k]) for k, v in cell.items()
+                 if k in cell_parameters(ph.system)}
+        d1 = d_spacings(r.hkl, _full_cell(ph.system, cell))
+        d2 = d_spacings(r.hkl, _full_cell(ph.system, {**cell, **moved}))
+        order = np.lexsort((d2, d1))
+        new = np.ones(order.size, bool)
+        new[1:] = (np.abs(np.diff(d1[order])) > 1e-9 * d1[order][1:]) | (np.abs(np.diff(d2[order])) > 1e-9 * d2[order][1:])
+        g = np.empty(order.size, int)
+        g[order] = np.cumsum(new) - 1
+        m = r.multiplicity.astype(float)
+        tot = np.bincount(g, weights=m)
+        gidx[off:off + order.size] = g + n
+        share[off:off + order.size] = m / tot[g]
+        n += int(g.max()) + 1 if g.size else 0
+        off += order.size
+    return gidx, share, n
+
+
+def _project(extra: dict, Jw: np.ndarray) -> np.ndarray:
+    """Variable projection (Kaufman): the weighted Jacobian ``Jw`` (rows of ``extra['rows']``)
+    with its part in the span of the active linear basis (intensities above zero, background)
+    removed, so a Gauss-Newton step accounts for the intensities and background following."""
+    act = np.flatnonzero(extra["G"] > 0)
+    M, B = extra["M"][:, act], extra["B"]
+    n_a = act.size
+    N = np.zeros((n_a + B.shape[1],) * 2)
+    N[:n_a, :n_a] = extra["amm"][np.ix_(act, act)]
+    N[:n_a, n_a:] = extra["amb"][act]
+    N[n_a:, :n_a] = extra["amb"][act].T
+    N[n_a:, n_a:] = extra["abb"]
+    rhs = np.vstack([np.asarray(M.T @ Jw), B.T @ Jw])
+    d = np.sqrt(np.maximum(np.diag(N), 1e-300))
+    coef = np.linalg.lstsq(N / np.outer(d, d), rhs / d[:, None], rcond=1e-12)[0] / d[:, None]
+    return Jw - (M @ coef[:n_a]) - B @ coef[n_a:]
 
 
 def _set_width(calc, theta: np.ndarray, fwhm_deg: float | None = None, factor: float = 1.0) -> np.ndarray:
@@ -1232,7 +1529,7 @@ def _search(calc, y: np.ndarray, sigma, centre: np.ndarray | None = None,
         scored = [(_match(calc, p, theta, resid, sig, valid, (lower, upper)), p) for p in remaining]
         (best_score, cands, steps_rel), p = max(scored, key=lambda t: t[0][0])
         remaining.remove(p)
-        idx = _cell_idx(calc, p)
+        idx = _cell_idx(calc, p, angles=True)
         if not np.isfinite(best_score) or not len(cands):
             missing.append(p)
             continue
@@ -1293,8 +1590,8 @@ def _match(calc, p: int, theta: np.ndarray, resid: np.ndarray, sig: np.ndarray, 
     L = calc.layout
     ph = calc.model.phases[p]
     lam = calc.model.wavelength_A
-    keys = [k for k in cell_parameters(ph.system) if k in ("a", "b", "c")]
-    idx = _cell_idx(calc, p)
+    keys = _searched(ph.system)
+    idx = _cell_idx(calc, p, angles=True)
     # the matched filter: a peak of the phase's width minus a three times broader one (blind to
     # a smooth background), on a uniform grid
     st = calc.phase_state(p, theta)
@@ -1319,7 +1616,8 @@ def _match(calc, p: int, theta: np.ndarray, resid: np.ndarray, sig: np.ndarray, 
     axes = []
     for key, i in zip(keys, idx):
         lo, hi = float(bounds[0][i]), float(bounds[1][i])
-        n = max(int(math.ceil((hi - lo) / (rel * theta[i]))) + 1, 2)
+        # an angle: a step of rel radians moves d by about rel (relative) at most
+        n = max(int(math.ceil((hi - lo) / (math.degrees(rel) if key == "beta" else rel * theta[i]))) + 1, 2)
         axes.append(np.linspace(lo, hi, n))
     while math.prod(len(a) for a in axes) > 40000:
         axes = [np.linspace(a[0], a[-1], max(len(a) * 2 // 3, 2)) for a in axes]
@@ -1331,11 +1629,9 @@ def _match(calc, p: int, theta: np.ndarray, resid: np.ndarray, sig: np.ndarray, 
     zero = theta[L.index["zero"]]
     for s0 in range(0, len(trials), 4000):
         chunk = trials[s0:s0 + 4000]
-        cells = []
-        for row in chunk:
-            v = {**base, **dict(zip(keys, row))}
-            cells.append(_full_cell(ph.system, v))
-        gstar = np.linalg.inv(np.array([_metric(c) for c in cells]))
+        v = {k: np.full(len(chunk), float(val)) for k, val in base.items()}
+        v.update({k: chunk[:, j] for j, k in enumerate(keys)})
+        gstar = np.linalg.inv(_metrics(np.array(np.broadcast_arrays(*_full_cell(ph.system, v))).T))
         q2 = np.einsum("ni,tij,nj->tn", hkl, gstar, hkl)
         sin_t = np.clip(lam * np.sqrt(np.maximum(q2, 0)) / 2, 0, 1)
         pos = np.degrees(2 * np.arcsin(sin_t)) + zero
@@ -1352,15 +1648,27 @@ def _match(calc, p: int, theta: np.ndarray, resid: np.ndarray, sig: np.ndarray, 
     return float(scores[order[0]]), chosen, steps / np.array([theta[i] for i in idx])
 
 
-def _metric(cell) -> np.ndarray:
-    a, b, c, al, be, ga = cell
-    ca, cb, cg = (math.cos(math.radians(v)) for v in (al, be, ga))
-    return np.array([[a * a, a * b * cg, a * c * cb], [a * b * cg, b * b, b * c * ca], [a * c * cb, b * c * ca, c * c]])
+def _metrics(cells: np.ndarray) -> np.ndarray:
+    """The metric tensors of cells (n, 6): (n, 3, 3)."""
+    a, b, c = cells[:, 0], cells[:, 1], cells[:, 2]
+    ca, cb, cg = (np.cos(np.radians(cells[:, k])) for k in (3, 4, 5))
+    return np.stack([np.stack([a * a, a * b * cg, a * c * cb], -1), np.stack([a * b * cg, b * b, b * c * ca], -1),
+                     np.stack([a * c * cb, b * c * ca, c * c], -1)], 1)
 
 
-def _cell_idx(calc, p: int) -> list[int]:
+def _searched(system: str) -> list[str]:
+    """The cell parameters on the search grid: the lengths, and β of a monoclinic cell (a
+    triclinic cell's three angles are left to least squares: a six-dimensional grid of at most
+    40,000 trials would be too coarse to find anything)."""
+    keys = [k for k in cell_parameters(system) if k in ("a", "b", "c")]
+    return keys + (["beta"] if system == "monoclinic" else [])
+
+
+def _cell_idx(calc, p: int, angles: bool = False) -> list[int]:
+    """Phase ``p``'s cell lengths (with ``angles``: every parameter the search grid covers)."""
     ph = calc.model.phases[p]
-    return [calc.layout.index[f"{ph.name}.{k}"] for k in cell_parameters(ph.system) if k in ("a", "b", "c")]
+    keys = _searched(ph.system) if angles else [k for k in cell_parameters(ph.system) if k in ("a", "b", "c")]
+    return [calc.layout.index[f"{ph.name}.{k}"] for k in keys]
 
 
 def _initial_guess(calc: _Calculator, theta: np.ndarray, y: np.ndarray, lebail: bool, *,
@@ -1397,25 +1705,74 @@ def _lebail_start(calc: _Calculator, theta: np.ndarray, y: np.ndarray) -> np.nda
     return _lebail_cycle(calc, theta, I, y, cycles=5)
 
 
-def _lebail_cycle(calc: _Calculator, theta: np.ndarray, I: np.ndarray, y: np.ndarray, cycles: int = 1) -> np.ndarray:
+def _lebail_cycle(calc: _Calculator, theta: np.ndarray, I: np.ndarray, y: np.ndarray, cycles: int = 1,
+                  tol: float = 0.0) -> np.ndarray:
     """Le Bail extraction: each reflection takes its share of the observed net intensity
-    (``cycles`` times; the profiles do not change in between, so they are computed once)."""
+    (``cycles`` times; the profiles do not change in between, so they are computed once; see
+    :func:`_extract` for ``tol``)."""
     st = calc.reflection_state(theta, I)          # computed (Rietveld) intensities filled in
-    return _extract(calc, calc.profiles(st, theta), theta, st["I"], y, cycles)
+    return _extract(calc, calc.profiles(st, theta), theta, st["I"], y, cycles, tol=tol)
 
 
-def _extract(calc: _Calculator, pr: dict, theta: np.ndarray, I: np.ndarray, y: np.ndarray, cycles: int) -> np.ndarray:
+def _extract(calc: _Calculator, pr: dict, theta: np.ndarray, I: np.ndarray, y: np.ndarray, cycles: int,
+             tol: float = 0.0) -> np.ndarray:
+    """``cycles`` Le Bail extractions from ``I``: each reflection takes its share of the
+    observed net intensity. The extraction is a fixed-point iteration (the EM algorithm of a
+    mixture), slow where reflections overlap. With ``tol``, every three cycles are one SQUAREM
+    step (Varadhan & Roland 2008: two cycles, an extrapolation along them, one cycle from
+    there), which reaches the same fixed point in far fewer cycles (an extrapolation that leaves
+    the fixed point farther than it found it is dropped), and the extraction stops once a step
+    changes the intensities by less than ``tol`` relative; without, plain cycles."""
     net = y - calc.background(theta)
-    area = pr["P"].sum(axis=1) * calc.step
-    flat = pr["idx"].ravel()
-    for _ in range(cycles):
-        contrib = pr["P"] * I[:, None]
-        yc_net = np.bincount(flat, weights=contrib.ravel(), minlength=calc.x.size)
+    P = _profile_matrix(calc, pr, I.size)
+    PT = P.T
+    area = np.bincount(pr["r"], weights=pr["P"], minlength=I.size) * calc.step
+    valid = calc.valid
+    use = calc.extracted & (area > 0.05)
+
+    def cycle(I):
+        yc_net = P @ I
         ratio = np.where(yc_net > 1e-12 * max(yc_net.max(), 1e-300), net / np.maximum(yc_net, 1e-300), 0.0)
-        ratio = np.where(calc.valid, ratio, 1.0)          # no data: the model keeps its share
-        share = (contrib * ratio[pr["idx"]]).sum(axis=1) * calc.step
-        I = np.where(calc.extracted, np.maximum(np.where(area > 0.05, share / np.maximum(area, 1e-12), I), 0.0), I)
+        ratio = np.where(valid, ratio, 1.0)          # no data: the model keeps its share
+        share = I * (PT @ ratio) * calc.step
+        return np.where(use, np.maximum(share / np.maximum(area, 1e-12), 0.0),
+                        np.where(calc.extracted, np.maximum(I, 0.0), I))
+
+    left = cycles
+    while tol and left >= 3:
+        I1 = cycle(I)
+        I2 = cycle(I1)
+        r = I1 - I
+        v = I2 - I1 - r
+        nv = float(np.sqrt(v @ v))
+        left -= 3
+        if not nv > 0:
+            I = cycle(I2)
+            continue
+        a = min(-float(np.sqrt(r @ r)) / nv, -1.0)
+        # extrapolated, kept positive (an intensity at zero would stay there)
+        Ix = np.where(use, np.maximum(I - 2 * a * r + a * a * v, 0.1 * I2), I2)
+        I3 = cycle(Ix)
+        new = I3 if float(np.sum((I3 - Ix) ** 2)) <= float(np.sum((I2 - I1) ** 2)) else cycle(I2)
+        moved = float(np.sqrt(np.sum((new - I) ** 2)))
+        I = new
+        if tol and moved <= tol * float(np.sqrt(I @ I)):
+            return I
+    for _ in range(left):
+        I = cycle(I)
     return I
+
+
+def _profile_matrix(calc, pr: dict, n_refl: int):
+    """The profiles as a sparse (points x reflections) matrix, built once per profile state
+    (the flat entries are already in its column order)."""
+    import scipy.sparse as sp
+
+    P = pr.get("matrix")
+    if P is None:
+        P = sp.csc_matrix((pr["P"], pr["idx"], pr["ptr"]), shape=(calc.x.size, n_refl))
+        pr["matrix"] = P
+    return P
 
 
 def _weight_fractions(calc: _Calculator, theta, cov, free, gof) -> dict[str, tuple[float, float]]:

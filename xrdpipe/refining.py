@@ -338,6 +338,8 @@ class _RefineStore:
                                      fillvalue=np.nan, chunks=(1, n_points))
                 g.create_dataset("lebail_intensity", shape=(n, max(n_refl, 1)), maxshape=(None, max(n_refl, 1)),
                                  dtype="f8", fillvalue=np.nan, chunks=(1, max(n_refl, 1)))
+                g.create_dataset("intensity_err", shape=(n, max(n_refl, 1)), maxshape=(None, max(n_refl, 1)),
+                                 dtype="f8", fillvalue=np.nan, chunks=(1, max(n_refl, 1)))
                 g.create_dataset("ticks", shape=(n, max(n_refl, 1)), maxshape=(None, max(n_refl, 1)), dtype="f4",
                                  fillvalue=np.nan, chunks=(1, max(n_refl, 1)))
                 g.create_dataset("weight_fraction", shape=(n, len(phases)), maxshape=(None, len(phases)),
@@ -405,6 +407,8 @@ class _RefineStore:
         g["ticks"][row, :ticks.size] = ticks
         if res.lebail_I is not None:
             g["lebail_intensity"][row, :res.lebail_I.size] = res.lebail_I
+        if res.intensity_esd is not None and "intensity_err" in g:        # Pawley
+            g["intensity_err"][row, :res.intensity_esd.size] = res.intensity_esd
         for p, name in enumerate(res.phase_names):
             w = res.weight_fractions.get(name)
             if w is not None:
