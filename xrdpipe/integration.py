@@ -143,9 +143,8 @@ class Integrator:
                                                solid_angle=solid_angle, error_model=error_model,
                                                splitting=splitting, engine=engine))
         self.engine = engine
-        self._dark = None if calibration.dark is None else calibration.dark.ravel()
+        self._dark = None if calibration.dark is None else np.ascontiguousarray(calibration.dark, np.float32).ravel()
         mask = ai.detector.mask            # the calibration's, else the detector's own (gaps)
-        self._static_mask = None if mask is None else np.asarray(mask).ravel().astype(bool)
         if engine == "pyfai":
             probe = ai.integrate1d(np.zeros(self.shape, np.float32), self.npt, **self._kwargs)
             self.radial = np.asarray(probe.radial, dtype=np.float64)
@@ -316,25 +315,13 @@ class Integrator:
         """Take the matrix, radial axis and normalisation (arrays maybe memory-mapped)."""
         data, indices, indptr = (np.asarray(arrays[k]) for k in ("data", "indices", "indptr"))
         self.radial = np.array(arrays["radial"], dtype=np.float64)
-        n_bins = len(self.radial)
         n_pix = self.shape[0] * self.shape[1]
         if len(indptr) != n_pix + 1:
             raise ValueError(f"the integrator matrix has {len(indptr) - 1} pixels, expected {n_pix}")
-        self._blocks = _blocks(data, indices, indptr, n_bins)
-        self._blocks2 = None
-        if self.error_model == "poisson":   # c², block by block on every core
-            from concurrent.futures import ThreadPoolExecutor
-
-            def square(block):
-                a, b, m = block
-                return a, b, _csc((np.square(m.data), m.indices, m.indptr), m.shape)
-
-            with ThreadPoolExecutor(max_workers=2) as pool:
-                self._blocks2 = list(pool.map(square, self._blocks))
+        self._matrix = (data, indices, indptr)
         self._norm = np.asarray(arrays["norm"])
         self._den = np.array(arrays["den"], dtype=np.float64)
         self._arrays = {k: arrays[k] for k in ("data", "indices", "indptr", "radial", "norm", "den")}
-        self._A_csc = None
 
     # ---------------------------------------------------------------- pickling (worker processes)
 
@@ -346,7 +333,7 @@ class Integrator:
             return {"_rebuild": self._args}
         cache_file = self.cache_file
         keep = ("shape", "unit", "npt", "wavelength_A", "error_model", "splitting", "method", "engine",
-                "_dark", "_static_mask", "cache_hit", "_cache_file", "_key", "setup_seconds")
+                "_dark", "cache_hit", "_cache_file", "_key", "setup_seconds")
         state = {k: self.__dict__[k] for k in keep}
         if cache_file is not None:
             state["_cache_ref"] = (cache_file, self._key)
@@ -398,18 +385,6 @@ class Integrator:
             buf = local.read = {}
         return buf
 
-    def _buffers(self) -> dict:
-        """Per-thread work arrays, reused frame after frame (no page faults per frame)."""
-        buf = getattr(self._local, "buf", None)
-        if buf is None:
-            n = self.shape[0] * self.shape[1]
-            buf = self._local.buf = {"x": np.empty(n, np.float32), "hit": np.empty(n, bool)}
-            if self._dark is not None:
-                buf["signal"] = np.empty(n, np.float32)
-            if self._blocks2 is not None:
-                buf["var"] = np.empty(n, np.float32)
-        return buf
-
     def integrate(self, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Integrate one frame; returns (intensity, sigma) on :attr:`radial`.
 
@@ -420,45 +395,29 @@ class Integrator:
             raise ValueError(f"frame shape {frame.shape} is not {self.shape}")
         if self.engine == "pyfai":
             return self._integrate_pyfai(frame)
-        buf = self._buffers()
+        from .kernels import csc_sums
+
         flat_frame = frame.reshape(-1)
-        flagged = None
+        if flat_frame.dtype not in _KERNEL_DTYPES:       # float16, big-endian... : as float32
+            flat_frame = flat_frame.astype(np.float32)
         flag = _flag_value(frame)
-        if flag is not None:
-            hit = np.equal(flat_frame, flag, out=buf["hit"])
-            if hit.any() and self._static_mask is not None:   # masked pixels are outside the matrix
-                hit = np.greater(hit, self._static_mask, out=hit)
-            if hit.any():
-                flagged = np.flatnonzero(hit)
-        x = buf["x"]
-        np.copyto(x, flat_frame, casting="unsafe")
-        signal = x if self._dark is None else np.subtract(x, self._dark, out=buf["signal"])
-        den = self._den
-        if flagged is not None:
-            signal[flagged] = 0.0
-            x[flagged] = 0.0
-            den = den - self._csc()[:, flagged] @ self._norm[flagged].astype(np.float64)
-        numerator = _product(self._blocks, signal)
+        n_bins = len(self.radial)
+        numerator = np.zeros(n_bins, np.float64)
+        variance = np.zeros(n_bins, np.float64)
+        lost = np.zeros(n_bins, np.float64)
+        with_variance = self.error_model == "poisson"
+        data, indices, indptr = self._matrix
+        csc_sums(flat_frame, _NO_DARK if self._dark is None else self._dark, self._dark is not None,
+                 0 if flag is None else flag, flag is not None, data, indices, indptr, self._norm,
+                 numerator, variance, lost, with_variance)
+        den = self._den - lost
         with np.errstate(invalid="ignore", divide="ignore"):
             # a bin whose every pixel is flagged keeps only the rounding of the subtraction
             empty = (den <= 1e-6 * self._den) | (self._den <= 0)
             safe_den = np.where(empty, 1, den)
             intensity = np.where(empty, np.nan, numerator / safe_den)
-            sigma = None
-            if self._blocks2 is not None:
-                var = np.maximum(x, 1.0, out=buf["var"])
-                if flagged is not None:
-                    var[flagged] = 0.0
-                sigma = np.where(empty, np.nan, np.sqrt(_product(self._blocks2, var)) / safe_den)
+            sigma = np.where(empty, np.nan, np.sqrt(variance) / safe_den) if with_variance else None
         return intensity.astype(np.float32), None if sigma is None else sigma.astype(np.float32)
-
-    def _csc(self):
-        with self._lock:
-            if self._A_csc is None:
-                a = self._arrays
-                self._A_csc = _csc((np.asarray(a["data"]), np.asarray(a["indices"]), np.asarray(a["indptr"])),
-                                   (len(self.radial), self.shape[0] * self.shape[1]))
-        return self._A_csc
 
     def _integrate_pyfai(self, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         kwargs = self._kwargs
@@ -481,6 +440,9 @@ class Integrator:
         return intensity, sigma
 
 
+_NO_DARK = np.zeros(0, np.float32)
+_KERNEL_DTYPES = {np.dtype(t) for t in (np.uint8, np.uint16, np.uint32, np.uint64, np.int8, np.int16, np.int32,
+                                        np.int64, np.float32, np.float64)}
 _BAND_PIX = 1 << 21    # pixels per band of the full-splitting build
 _BLOCK_PIX = 1 << 20   # pixels per block of the product: float32 sums over a block, float64 across
 
