@@ -18,7 +18,7 @@ once.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, uintp
 
 __all__ = ["csc_sums"]
 
@@ -30,26 +30,29 @@ def csc_sums(x, dark, has_dark, flag, has_flag, data, indices, indptr, norm, sig
     ``signal``, ``variance`` and ``lost`` (float64 arrays of the bins)."""
     n_pix = len(indptr) - 1
     one = np.float32(1.0)
+    j = np.int64(indptr[0])
     for p in range(n_pix):
-        j0 = indptr[p]
-        j1 = indptr[p + 1]
-        if j0 == j1:          # masked, or outside the range
+        end = np.int64(indptr[p + 1])
+        if j == end:          # masked, or outside the range
             continue
         xv = x[p]
         if has_flag and xv == flag:
             w = np.float64(norm[p])
-            for j in range(j0, j1):
-                lost[indices[j]] += data[j] * w
+            while j < end:
+                lost[uintp(indices[j])] += data[j] * w
+                j += 1
             continue
         xf = np.float32(xv)
         s = xf - dark[p] if has_dark else xf
         if with_variance:
             v = max(xf, one)
-            for j in range(j0, j1):
-                k = indices[j]
+            while j < end:    # unsigned bin numbers: no wrap-around test for negative indices
+                k = uintp(indices[j])
                 c = data[j]
                 signal[k] += c * s
                 variance[k] += c * c * v
+                j += 1
         else:
-            for j in range(j0, j1):
-                signal[indices[j]] += data[j] * s
+            while j < end:
+                signal[uintp(indices[j])] += data[j] * s
+                j += 1
