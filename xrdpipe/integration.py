@@ -1,12 +1,14 @@
 """Azimuthal integration: 2D frames -> 1D patterns with pyFAI.
 
 :class:`Integrator` is built once per run (pyFAI's sparse matrix is the costly part) and reused
-for every frame. :func:`integrate_frames` streams frames through it: frames are read ahead on
-worker threads (h5py decompression and fabio release the GIL) while pyFAI's OpenMP engine
-integrates on the cores, and each result goes straight to a sink (the run file), so memory
-stays bounded however many frames there are. Frames can also be integrated on a local process
-pool or a Dask cluster (:mod:`xrdpipe.parallel`): the integrator pickles as its matrices only. A frame that cannot be read becomes a failure
-record, never an exception.
+for every frame. :func:`integrate_frames` streams frames through it: each worker thread reads
+(decompresses) a frame and integrates it; the bitshuffle decoder and the integration
+kernel release the GIL, so the cores decompress one frame while integrating another; each result
+goes straight to a sink (the run file), so memory stays bounded however many frames there are.
+While the integrator is first built, :class:`FramePrefetch` reads the first frames on the side.
+Frames can also be integrated on a local process pool or a Dask cluster
+(:mod:`xrdpipe.parallel`): the integrator pickles as its matrices only. A frame that cannot be
+read becomes a failure record, never an exception.
 """
 
 from __future__ import annotations
@@ -62,18 +64,17 @@ class Integrator:
 
     The pixel-to-bin matrix of pyFAI's full (or bbox, or no) pixel splitting is built once, from
     the geometry, mask, ranges and splitting, and kept pixel by pixel (CSC: one column per pixel).
-    With ``engine="xrdpipe"`` (the default) every frame is then integrated by streaming that
-    matrix once for the intensity and once for the Poisson variance with SciPy, which releases
-    the GIL, so several frames are integrated at once on the cores; the per-pixel normalisation
-    (solid angle, polarization, flat) is summed once instead of per frame. The formulas are
-    pyFAI's own (``integrate1d`` with the CSR engine and ``error_model="poisson"``)::
+    With ``engine="xrdpipe"`` (the default) every frame is then integrated in one pass over that
+    matrix, straight from the raw frame, by a compiled kernel (:mod:`xrdpipe.kernels`) that
+    releases the GIL, so several frames are integrated at once on the cores; the per-pixel
+    normalisation (solid angle, polarization, flat) is summed once instead of per frame. The
+    formulas are pyFAI's own (``integrate1d`` with the CSR engine and ``error_model="poisson"``)::
 
         I = Σ c (x - dark) / Σ c n        σ = sqrt(Σ c² max(x, 1)) / Σ c n
 
     with ``c`` the splitting coefficients and ``n`` = solid angle × polarization × flat; the
-    products run in float32 over blocks of 2²⁰ pixels whose sums are added in float64, and the
-    test-suite checks the result agrees with pyFAI to 1e-5. ``engine="pyfai"`` calls pyFAI's
-    ``integrate1d`` per frame.
+    products are float32 and the sums float64, and the test-suite checks the result agrees with
+    pyFAI to 1e-5. ``engine="pyfai"`` calls pyFAI's ``integrate1d`` per frame.
 
     With full splitting the matrix is built by pyFAI's own full-splitting kernel, one band of
     detector rows per core, while the normalisation is computed on the side. With ``cache``
