@@ -96,14 +96,14 @@ def _open_hdf5(path: Path):
 
 _BSHUF_FILTER = 32008          # bitshuffle, with LZ4 when its 5th parameter is 2
 _bshuf_lock = threading.Lock()
-_bshuf_fn: dict = {}           # name -> the C function, or None when it cannot be used
+_bshuf_fn: list = []           # [the C function, or None when it cannot be used]
 
 
-def _bshuf_function(name: str):
-    """A function of bitshuffle's own library, the filter library of hdf5plugin (the one HDF5
-    would call), or None where that library or symbol is missing."""
+def _bshuf_decompress():
+    """bitshuffle's own ``bshuf_decompress_lz4`` from the filter library of hdf5plugin (the one
+    HDF5 would call), or None where that library or symbol is missing."""
     with _bshuf_lock:
-        if name not in _bshuf_fn:
+        if not _bshuf_fn:
             fn = None
             try:
                 import ctypes
@@ -112,30 +112,22 @@ def _bshuf_function(name: str):
 
                 libs = sorted(Path(hdf5plugin.PLUGIN_PATH).glob("*h5bshuf*"))
                 if libs:
-                    fn = getattr(ctypes.CDLL(str(libs[0])), name)
+                    fn = ctypes.CDLL(str(libs[0])).bshuf_decompress_lz4
                     fn.restype = ctypes.c_int64
                     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t,
                                    ctypes.c_size_t]
             except (ImportError, OSError, AttributeError):
                 fn = None
-            _bshuf_fn[name] = fn
-        return _bshuf_fn[name]
-
-
-def _bshuf_decompress():
-    """bitshuffle's ``bshuf_decompress_lz4`` (LZ4 and bit-unshuffle; it trusts its input)."""
-    return _bshuf_function("bshuf_decompress_lz4")
+            _bshuf_fn.append(fn)
+        return _bshuf_fn[0]
 
 
 def _read_bitshuffle_lz4(ds, index: int, reuse: dict | None = None) -> np.ndarray | None:
     """One frame of a bitshuffle-LZ4 dataset chunked frame by frame (EIGER), decompressed here
     rather than inside HDF5: h5py holds one lock over every HDF5 call, so frames decompressed
     through it are decompressed one at a time, while this call releases the GIL and lets each
-    core decompress its own frame. The chunk is read once, its LZ4 blocks are decoded by the
-    bounds-checked decoder of the ``lz4`` package (so a corrupt chunk cannot crash the process)
-    and bit-unshuffled by bitshuffle's own function. None when the dataset is not such a dataset,
-    the chunk is damaged or anything is unexpected (the caller then checks the chunks, which
-    names what is wrong, or lets h5py read it)."""
+    core decompress its own frame. None when the dataset is not such a dataset or anything is
+    unexpected (h5py then reads it, and reports what is wrong)."""
     try:
         if ds.ndim == 3:
             if ds.chunks != (1, *ds.shape[1:]) or not 0 <= index < ds.shape[0]:
@@ -152,8 +144,8 @@ def _read_bitshuffle_lz4(ds, index: int, reuse: dict | None = None) -> np.ndarra
         itemsize = ds.dtype.itemsize
         if code != _BSHUF_FILTER or len(values) < 5 or values[4] != 2 or values[2] != itemsize:
             return None
-        unshuffle = _bshuf_function("bshuf_bitunshuffle")
-        if unshuffle is None:
+        fn = _bshuf_decompress()
+        if fn is None:
             return None
         filter_mask, chunk = ds.id.read_direct_chunk(offset)
         n = int(np.prod(shape))
@@ -161,18 +153,15 @@ def _read_bitshuffle_lz4(ds, index: int, reuse: dict | None = None) -> np.ndarra
             return None
         block = int.from_bytes(chunk[8:12], "big") // itemsize
         out = None if reuse is None else reuse.get((shape, ds.dtype.str))
-        shuffled = None if reuse is None else reuse.get(("bitshuffled", n * itemsize))
         if out is None:
             out = np.empty(shape, ds.dtype)
             if reuse is not None:
                 reuse[(shape, ds.dtype.str)] = out
-        if shuffled is None:
-            shuffled = np.empty(n * itemsize, np.uint8)
-            if reuse is not None:
-                reuse[("bitshuffled", n * itemsize)] = shuffled
-        if _bitshuffle_lz4_problem(chunk, n * itemsize, itemsize, into=shuffled) is not None:
-            return None
-        if unshuffle(shuffled.ctypes.data, out.ctypes.data, n, itemsize, block) != n * itemsize:
+        import ctypes
+
+        start = ctypes.cast(ctypes.c_char_p(chunk), ctypes.c_void_p).value + 12
+        used = fn(start, out.ctypes.data, n, itemsize, block)
+        if used != len(chunk) - 12:
             return None
         return out
     except Exception:
@@ -253,11 +242,11 @@ def read_frame(ref: FrameRef, *, shape: tuple[int, int] | None = None,
         if _is_hdf5(ref.file):
             with _open_hdf5(ref.file) as h5:
                 ds = _find_dataset(h5, ref.dataset, ref.file)
-                data = _read_bitshuffle_lz4(ds, ref.index, reuse)    # checked as it is decoded
+                problem = check_chunks(ds, ref.index if ds.ndim == 3 else None)
+                if problem:
+                    raise FrameReadError(str(ref.file), ref.index, problem)
+                data = _read_bitshuffle_lz4(ds, ref.index, reuse)    # chunks checked: safe to decode
                 if data is None:
-                    problem = check_chunks(ds, ref.index if ds.ndim == 3 else None)
-                    if problem:
-                        raise FrameReadError(str(ref.file), ref.index, problem)
                     data = ds[ref.index] if ds.ndim == 3 else ds[()]
         else:
             import fabio
@@ -326,12 +315,10 @@ def check_chunks(ds, index: int | None) -> str | None:
     return None
 
 
-def _bitshuffle_lz4_problem(raw: bytes, expected: int, itemsize: int, *,
-                            into: np.ndarray | None = None) -> str | None:
+def _bitshuffle_lz4_problem(raw: bytes, expected: int, itemsize: int) -> str | None:
     """What is wrong with one bitshuffle-LZ4 chunk as the HDF5 filter writes it (a 12-byte
     header: total bytes, block bytes; then per block a 4-byte size and an LZ4 block; the last
-    elements that do not fill 8 are stored as they are), or None. ``into`` (``expected`` bytes)
-    receives the decoded blocks and the tail: the still bit-shuffled frame."""
+    elements that do not fill 8 are stored as they are), or None."""
     import lz4.block
 
     if len(raw) < 12:
@@ -349,7 +336,6 @@ def _bitshuffle_lz4_problem(raw: bytes, expected: int, itemsize: int, *,
         sizes.append(rest - rest % 8)
     view = memoryview(raw)
     pos = 12
-    done = 0
     for k, elems in enumerate(sizes):
         want = elems * itemsize
         if pos + 4 > len(raw):
@@ -364,15 +350,10 @@ def _bitshuffle_lz4_problem(raw: bytes, expected: int, itemsize: int, *,
             return f"block {k} of {len(sizes)} is corrupt ({exc})"
         if len(out) != want:
             return f"block {k} of {len(sizes)} gives {len(out)} bytes, not {want}"
-        if into is not None:
-            into[done:done + want] = np.frombuffer(out, np.uint8)
-        done += want
         pos += size
     tail = (rest % 8) * itemsize
     if pos + tail != len(raw):
         return f"{len(raw) - pos - tail} unexpected byte(s) after the last block"
-    if into is not None and tail:
-        into[done:done + tail] = np.frombuffer(view[pos:pos + tail], np.uint8)
     return None
 
 
