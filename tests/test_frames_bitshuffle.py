@@ -21,6 +21,9 @@ def stack(tmp_path_factory):
         h5.create_dataset("/entry/data/gzip", data=frames, chunks=(1, 96, 80), compression="gzip")
         h5.create_dataset("/entry/data/u16", data=frames.astype(np.uint16), chunks=(1, 96, 80),
                           **hdf5plugin.Bitshuffle(cname="lz4"))
+        # many LZ4 blocks, a short last block and 7 elements stored as they are (67 x 301 = 8k + 7)
+        odd = rng.poisson(30, (2, 67, 301)).astype(np.uint32)
+        h5.create_dataset("/entry/data/odd", data=odd, chunks=(1, 67, 301), **hdf5plugin.Bitshuffle(nelems=512, cname="lz4"))
     return path, frames
 
 
@@ -33,6 +36,9 @@ def test_same_pixels_as_h5py(stack):
                 fast = _read_bitshuffle_lz4(ds, i)
                 assert fast is not None and fast.dtype == dtype
                 np.testing.assert_array_equal(fast, frames[i].astype(dtype))
+        odd = h5["/entry/data/odd"]
+        for i in range(2):
+            np.testing.assert_array_equal(_read_bitshuffle_lz4(odd, i, {}), odd[i])   # h5py's own filter
         assert _read_bitshuffle_lz4(h5["/entry/data/gzip"], 0) is None      # not bitshuffle: h5py's path
         assert _read_bitshuffle_lz4(h5["/entry/data/data"], 3) is None       # no such frame
     for i in range(3):

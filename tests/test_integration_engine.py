@@ -79,3 +79,39 @@ def test_parallel_full_split_is_pyfais_own_matrix(setup, monkeypatch, radial_ran
     for a, b in zip(ours, theirs):
         np.testing.assert_array_equal(a, b)
     assert ours[0].size > 50_000
+
+
+def test_frames_read_ahead_give_the_same_patterns(setup, tmp_path):
+    """Frames read ahead while the integrator is built (FramePrefetch) are integrated as if read
+    then: same numbers bit for bit, a missing file still a failure record, the budget obeyed."""
+    import h5py
+
+    from xrdpipe.integration import FramePrefetch
+
+    cal, frame, shape = setup
+    path = tmp_path / "stack.h5"
+    with h5py.File(path, "w") as h5:
+        h5["/entry/data/data"] = np.stack([frame + i for i in range(4)])
+    refs = [FrameRef(path, i, "/entry/data/data") for i in range(4)] + [FrameRef(tmp_path / "gone.h5", 0)]
+    ahead = FramePrefetch(refs, shape)
+    integ = Integrator(cal, shape, npt=300)
+    ahead._thread.join()                         # (here all of them, whatever the timing)
+    ahead.stop()
+    assert ahead.read == 5                       # the four frames and the missing file's error
+    jobs = list(enumerate(refs))
+    read = list(integrate_frames(jobs, integ, workers=2, read_ahead=ahead))
+    plain = list(integrate_frames(jobs, integ, workers=2))
+    assert ahead.take(refs[0]) is None           # taken once
+    for a, b in zip(read, plain):
+        assert a.error == b.error
+        if a.error is None:
+            np.testing.assert_array_equal(a.intensity, b.intensity)
+            np.testing.assert_array_equal(a.sigma, b.sigma)
+    assert read[4].intensity is None and "cannot read the frame" in read[4].error
+    small = FramePrefetch(refs, shape, budget_bytes=frame.nbytes + 1)
+    small._thread.join()
+    assert small.read == 2                        # stops once the budget is held
+    small.close()
+    assert small.take(refs[0]) is None
+    with pytest.raises(ValueError, match="frames read ahead stay in this process: scheduler 'processes'"):
+        next(integrate_frames(jobs, integ, scheduler="processes", read_ahead=FramePrefetch(refs, shape)))

@@ -176,6 +176,24 @@ def test_2_a_worker_that_dies_is_replaced_and_only_its_job_is_recorded():
     assert out == [signal.SIGSEGV] * 5 + ["crashed in raise_signal"] + [signal.SIGSEGV] * 6
 
 
+def test_2_a_worker_that_dies_before_the_next_job_is_sent():
+    """The pool broke before the next job could be sent to it (the dead worker was noticed
+    first): that job waits its turn like the others, and the run goes on as above."""
+    import operator
+    import time
+
+    from xrdpipe.parallel import map_ordered
+
+    def jobs():
+        yield signal.raise_signal                       # kills its worker (SIGSEGV)
+        time.sleep(1.0)                                 # ... and the pool notices it meanwhile
+        yield from [abs] * 3
+
+    out = list(map_ordered(operator.call, jobs(), context=signal.SIGSEGV, scheduler="processes", workers=2,
+                           on_crash=lambda job: f"crashed in {job.__name__}"))
+    assert out == ["crashed in raise_signal"] + [signal.SIGSEGV] * 3
+
+
 # -- 3. a full disk ----------------------------------------------------------------------------
 
 def _limited(limit: int):

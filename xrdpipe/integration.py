@@ -1,12 +1,14 @@
 """Azimuthal integration: 2D frames -> 1D patterns with pyFAI.
 
 :class:`Integrator` is built once per run (pyFAI's sparse matrix is the costly part) and reused
-for every frame. :func:`integrate_frames` streams frames through it: frames are read ahead on
-worker threads (h5py decompression and fabio release the GIL) while pyFAI's OpenMP engine
-integrates on the cores, and each result goes straight to a sink (the run file), so memory
-stays bounded however many frames there are. Frames can also be integrated on a local process
-pool or a Dask cluster (:mod:`xrdpipe.parallel`): the integrator pickles as its matrices only. A frame that cannot be read becomes a failure
-record, never an exception.
+for every frame. :func:`integrate_frames` streams frames through it: each worker thread reads
+(decompresses) a frame and integrates it; the bitshuffle decoder and the integration
+kernel release the GIL, so the cores decompress one frame while integrating another; each result
+goes straight to a sink (the run file), so memory stays bounded however many frames there are.
+While the integrator is first built, :class:`FramePrefetch` reads the first frames on the side.
+Frames can also be integrated on a local process pool or a Dask cluster
+(:mod:`xrdpipe.parallel`): the integrator pickles as its matrices only. A frame that cannot be
+read becomes a failure record, never an exception.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from .errors import FrameReadError
 from .frames import FrameRef, read_frame
 from .integrator_cache import default_cache_dir, digest_array, entry_path, load_entry, save_entry
 
-__all__ = ["Integrator", "IntegratedFrame", "integrate_frames"]
+__all__ = ["Integrator", "IntegratedFrame", "integrate_frames", "FramePrefetch"]
 
 
 
@@ -62,18 +64,17 @@ class Integrator:
 
     The pixel-to-bin matrix of pyFAI's full (or bbox, or no) pixel splitting is built once, from
     the geometry, mask, ranges and splitting, and kept pixel by pixel (CSC: one column per pixel).
-    With ``engine="xrdpipe"`` (the default) every frame is then integrated by streaming that
-    matrix once for the intensity and once for the Poisson variance with SciPy, which releases
-    the GIL, so several frames are integrated at once on the cores; the per-pixel normalisation
-    (solid angle, polarization, flat) is summed once instead of per frame. The formulas are
-    pyFAI's own (``integrate1d`` with the CSR engine and ``error_model="poisson"``)::
+    With ``engine="xrdpipe"`` (the default) every frame is then integrated in one pass over that
+    matrix, straight from the raw frame, by a compiled kernel (:mod:`xrdpipe.kernels`) that
+    releases the GIL, so several frames are integrated at once on the cores; the per-pixel
+    normalisation (solid angle, polarization, flat) is summed once instead of per frame. The
+    formulas are pyFAI's own (``integrate1d`` with the CSR engine and ``error_model="poisson"``)::
 
         I = Σ c (x - dark) / Σ c n        σ = sqrt(Σ c² max(x, 1)) / Σ c n
 
     with ``c`` the splitting coefficients and ``n`` = solid angle × polarization × flat; the
-    products run in float32 over blocks of 2²⁰ pixels whose sums are added in float64, and the
-    test-suite checks the result agrees with pyFAI to 1e-5. ``engine="pyfai"`` calls pyFAI's
-    ``integrate1d`` per frame.
+    products are float32 and the sums float64, and the test-suite checks the result agrees with
+    pyFAI to 1e-5. ``engine="pyfai"`` calls pyFAI's ``integrate1d`` per frame.
 
     With full splitting the matrix is built by pyFAI's own full-splitting kernel, one band of
     detector rows per core, while the normalisation is computed on the side. With ``cache``
@@ -143,9 +144,8 @@ class Integrator:
                                                solid_angle=solid_angle, error_model=error_model,
                                                splitting=splitting, engine=engine))
         self.engine = engine
-        self._dark = None if calibration.dark is None else calibration.dark.ravel()
+        self._dark = None if calibration.dark is None else np.ascontiguousarray(calibration.dark, np.float32).ravel()
         mask = ai.detector.mask            # the calibration's, else the detector's own (gaps)
-        self._static_mask = None if mask is None else np.asarray(mask).ravel().astype(bool)
         if engine == "pyfai":
             probe = ai.integrate1d(np.zeros(self.shape, np.float32), self.npt, **self._kwargs)
             self.radial = np.asarray(probe.radial, dtype=np.float64)
@@ -316,25 +316,13 @@ class Integrator:
         """Take the matrix, radial axis and normalisation (arrays maybe memory-mapped)."""
         data, indices, indptr = (np.asarray(arrays[k]) for k in ("data", "indices", "indptr"))
         self.radial = np.array(arrays["radial"], dtype=np.float64)
-        n_bins = len(self.radial)
         n_pix = self.shape[0] * self.shape[1]
         if len(indptr) != n_pix + 1:
             raise ValueError(f"the integrator matrix has {len(indptr) - 1} pixels, expected {n_pix}")
-        self._blocks = _blocks(data, indices, indptr, n_bins)
-        self._blocks2 = None
-        if self.error_model == "poisson":   # c², block by block on every core
-            from concurrent.futures import ThreadPoolExecutor
-
-            def square(block):
-                a, b, m = block
-                return a, b, _csc((np.square(m.data), m.indices, m.indptr), m.shape)
-
-            with ThreadPoolExecutor(max_workers=2) as pool:
-                self._blocks2 = list(pool.map(square, self._blocks))
+        self._matrix = (data, indices, indptr)
         self._norm = np.asarray(arrays["norm"])
         self._den = np.array(arrays["den"], dtype=np.float64)
         self._arrays = {k: arrays[k] for k in ("data", "indices", "indptr", "radial", "norm", "den")}
-        self._A_csc = None
 
     # ---------------------------------------------------------------- pickling (worker processes)
 
@@ -346,7 +334,7 @@ class Integrator:
             return {"_rebuild": self._args}
         cache_file = self.cache_file
         keep = ("shape", "unit", "npt", "wavelength_A", "error_model", "splitting", "method", "engine",
-                "_dark", "_static_mask", "cache_hit", "_cache_file", "_key", "setup_seconds")
+                "_dark", "cache_hit", "_cache_file", "_key", "setup_seconds")
         state = {k: self.__dict__[k] for k in keep}
         if cache_file is not None:
             state["_cache_ref"] = (cache_file, self._key)
@@ -398,18 +386,6 @@ class Integrator:
             buf = local.read = {}
         return buf
 
-    def _buffers(self) -> dict:
-        """Per-thread work arrays, reused frame after frame (no page faults per frame)."""
-        buf = getattr(self._local, "buf", None)
-        if buf is None:
-            n = self.shape[0] * self.shape[1]
-            buf = self._local.buf = {"x": np.empty(n, np.float32), "hit": np.empty(n, bool)}
-            if self._dark is not None:
-                buf["signal"] = np.empty(n, np.float32)
-            if self._blocks2 is not None:
-                buf["var"] = np.empty(n, np.float32)
-        return buf
-
     def integrate(self, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Integrate one frame; returns (intensity, sigma) on :attr:`radial`.
 
@@ -420,45 +396,29 @@ class Integrator:
             raise ValueError(f"frame shape {frame.shape} is not {self.shape}")
         if self.engine == "pyfai":
             return self._integrate_pyfai(frame)
-        buf = self._buffers()
+        from .kernels import csc_sums
+
         flat_frame = frame.reshape(-1)
-        flagged = None
+        if flat_frame.dtype not in _KERNEL_DTYPES:       # float16, big-endian... : as float32
+            flat_frame = flat_frame.astype(np.float32)
         flag = _flag_value(frame)
-        if flag is not None:
-            hit = np.equal(flat_frame, flag, out=buf["hit"])
-            if hit.any() and self._static_mask is not None:   # masked pixels are outside the matrix
-                hit = np.greater(hit, self._static_mask, out=hit)
-            if hit.any():
-                flagged = np.flatnonzero(hit)
-        x = buf["x"]
-        np.copyto(x, flat_frame, casting="unsafe")
-        signal = x if self._dark is None else np.subtract(x, self._dark, out=buf["signal"])
-        den = self._den
-        if flagged is not None:
-            signal[flagged] = 0.0
-            x[flagged] = 0.0
-            den = den - self._csc()[:, flagged] @ self._norm[flagged].astype(np.float64)
-        numerator = _product(self._blocks, signal)
+        n_bins = len(self.radial)
+        numerator = np.zeros(n_bins, np.float64)
+        variance = np.zeros(n_bins, np.float64)
+        lost = np.zeros(n_bins, np.float64)
+        with_variance = self.error_model == "poisson"
+        data, indices, indptr = self._matrix
+        csc_sums(flat_frame, _NO_DARK if self._dark is None else self._dark, self._dark is not None,
+                 0 if flag is None else flag, flag is not None, data, indices, indptr, self._norm,
+                 numerator, variance, lost, with_variance)
+        den = self._den - lost
         with np.errstate(invalid="ignore", divide="ignore"):
             # a bin whose every pixel is flagged keeps only the rounding of the subtraction
             empty = (den <= 1e-6 * self._den) | (self._den <= 0)
             safe_den = np.where(empty, 1, den)
             intensity = np.where(empty, np.nan, numerator / safe_den)
-            sigma = None
-            if self._blocks2 is not None:
-                var = np.maximum(x, 1.0, out=buf["var"])
-                if flagged is not None:
-                    var[flagged] = 0.0
-                sigma = np.where(empty, np.nan, np.sqrt(_product(self._blocks2, var)) / safe_den)
+            sigma = np.where(empty, np.nan, np.sqrt(variance) / safe_den) if with_variance else None
         return intensity.astype(np.float32), None if sigma is None else sigma.astype(np.float32)
-
-    def _csc(self):
-        with self._lock:
-            if self._A_csc is None:
-                a = self._arrays
-                self._A_csc = _csc((np.asarray(a["data"]), np.asarray(a["indices"]), np.asarray(a["indptr"])),
-                                   (len(self.radial), self.shape[0] * self.shape[1]))
-        return self._A_csc
 
     def _integrate_pyfai(self, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         kwargs = self._kwargs
@@ -481,6 +441,9 @@ class Integrator:
         return intensity, sigma
 
 
+_NO_DARK = np.zeros(0, np.float32)
+_KERNEL_DTYPES = {np.dtype(t) for t in (np.uint8, np.uint16, np.uint32, np.uint64, np.int8, np.int16, np.int32,
+                                        np.int64, np.float32, np.float64)}
 _BAND_PIX = 1 << 21    # pixels per band of the full-splitting build
 _BLOCK_PIX = 1 << 20   # pixels per block of the product: float32 sums over a block, float64 across
 
@@ -541,10 +504,88 @@ def _cache_folder(cache) -> Path | None:
     return Path(cache)
 
 
-def _process(job: tuple[int, FrameRef], integrator: Integrator) -> IntegratedFrame:
-    pos, ref = job
+class FramePrefetch:
+    """Frames read and decompressed ahead, in file order, on one low-priority thread, while the
+    integrator is being built: the set-up leaves a core idle now and then (pyFAI's geometry
+    arrays, the normalisation, joining the bands), and that time goes to the first frames.
+
+    Reading stops at :meth:`stop` (call it when the integrator is ready) or once ``budget_bytes``
+    of frames are held; :func:`integrate_frames` takes the frames read so far (``prefetch=``) and
+    reads the others itself. A frame that cannot be read is kept as its error and reported as
+    usual. Only for integration in this process (threads or serial scheduler): frames are not
+    sent to other processes.
+    """
+
+    def __init__(self, refs: Iterable[FrameRef], shape: tuple[int, int], *, budget_bytes: int = 1 << 30):
+        self._refs = list(refs)
+        self._shape = tuple(shape)
+        self._budget = int(budget_bytes)
+        self._ready: dict[str, np.ndarray | FrameReadError] = {}
+        self._guard = threading.Lock()
+        self._stop = threading.Event()
+        self._closed = False
+        self.read = 0          # frames read ahead so far
+        self._thread = threading.Thread(target=self._run, name="xrdpipe-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        _lower_thread_priority()
+        held = 0
+        for ref in self._refs:
+            if self._stop.is_set() or held >= self._budget:
+                return
+            if ref.error:
+                continue
+            try:
+                data: np.ndarray | FrameReadError = read_frame(ref, shape=self._shape)
+                held += data.nbytes
+            except FrameReadError as exc:
+                data = exc
+            except Exception:      # never the prefetch's to report: the frame is read again later
+                return
+            with self._guard:
+                if self._closed:
+                    return
+                self._ready[ref.key] = data
+                self.read += 1
+
+    def stop(self) -> None:
+        """Read no further frame (the one being read is still kept)."""
+        self._stop.set()
+
+    def take(self, ref: FrameRef) -> np.ndarray | FrameReadError | None:
+        """The frame of ``ref`` if it was read ahead (once), else None."""
+        with self._guard:
+            return self._ready.pop(ref.key, None)
+
+    def close(self) -> None:
+        """Stop and drop the frames not taken."""
+        with self._guard:
+            self._closed = True
+            self._stop.set()
+            self._ready.clear()
+
+
+def _lower_thread_priority() -> None:
+    """This thread only at nice 19 on Linux (elsewhere a thread's priority is not set this way)."""
+    import os
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except OSError:
+            pass
+
+
+def _process(job: tuple, integrator: Integrator) -> IntegratedFrame:
+    pos, ref = job[0], job[1]
+    data = job[2] if len(job) > 2 else None       # read ahead (FramePrefetch)
     try:
-        data = read_frame(ref, shape=integrator.shape, reuse=integrator._read_buffers())
+        if isinstance(data, FrameReadError):
+            raise data
+        if data is None:
+            data = read_frame(ref, shape=integrator.shape, reuse=integrator._read_buffers())
     except FrameReadError as exc:
         return IntegratedFrame(pos, ref, None, None, exc.reason)
     try:
@@ -556,23 +597,29 @@ def _process(job: tuple[int, FrameRef], integrator: Integrator) -> IntegratedFra
 
 def integrate_frames(jobs: Iterable[tuple[int, FrameRef]], integrator: Integrator, *,
                      workers: int | None = None, prefetch: int | None = None,
-                     scheduler: str | object = "threads") -> Iterator[IntegratedFrame]:
+                     scheduler: str | object = "threads",
+                     read_ahead: FramePrefetch | None = None) -> Iterator[IntegratedFrame]:
     """Stream ``(position, ref)`` jobs through the integrator, yielding results in order.
 
     ``workers`` (default: the number of cores) read and integrate whole frames at once on the
     ``scheduler`` (see :mod:`xrdpipe.parallel`: ``"processes"``, ``"threads"``, ``"serial"`` or a
     Dask scheduler address); the integrator is sent once to each worker. At most ``prefetch``
-    frames (default 2 x workers) are in flight, so memory is bounded. A frame that cannot be
-    read yields an :class:`IntegratedFrame` with ``error`` set.
+    frames (default 2 x workers) are in flight, so memory is bounded. Frames already read by
+    ``read_ahead`` (threads and serial only) are integrated without being read again. A frame
+    that cannot be read yields an :class:`IntegratedFrame` with ``error`` set.
     """
     from .parallel import map_ordered
 
+    if read_ahead is not None:
+        if scheduler not in ("threads", "serial"):
+            raise ValueError(f"frames read ahead stay in this process: scheduler {scheduler!r} cannot take them")
+        jobs = ((pos, ref, read_ahead.take(ref)) for pos, ref in jobs)
     yield from map_ordered(_process, jobs, context=integrator, scheduler=scheduler, workers=workers,
                            prefetch=prefetch, on_crash=_crashed)
 
 
-def _crashed(job: tuple[int, FrameRef]) -> IntegratedFrame:
+def _crashed(job: tuple) -> IntegratedFrame:
     """The record of a frame whose reading or integration killed a worker process, twice."""
-    pos, ref = job
+    pos, ref = job[0], job[1]
     return IntegratedFrame(pos, ref, None, None, "the worker process reading and integrating this frame died "
                                                  "(twice: a crash in a decompression filter or a library)")

@@ -182,6 +182,18 @@ def _processes(fn, jobs, context, workers: int, prefetch: int, on_crash: Callabl
         pool.shutdown(wait=True, cancel_futures=True)
         pool = start()
 
+    def submit(job):
+        """The job's future; if the pool broke meanwhile (a worker died before this job was
+        sent), a future holding that error, handled when its turn comes."""
+        try:
+            return pool.submit(_call, fn, job)
+        except BrokenProcessPool as exc:
+            from concurrent.futures import Future
+
+            fut: Future = Future()
+            fut.set_exception(exc)
+            return fut
+
     def next_result():
         job, fut = pending.popleft()
         try:
@@ -198,13 +210,13 @@ def _processes(fn, jobs, context, workers: int, prefetch: int, on_crash: Callabl
             restart()
             result = on_crash(job)
         for k, (other, _) in enumerate(pending):
-            pending[k] = (other, pool.submit(_call, fn, other))
+            pending[k] = (other, submit(other))
         return result
 
     try:
         for job in it:
             stop_if_interrupted()
-            pending.append((job, pool.submit(_call, fn, job)))
+            pending.append((job, submit(job)))
             if len(pending) >= prefetch:
                 yield next_result()
         while pending:

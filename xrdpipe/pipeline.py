@@ -133,7 +133,7 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
     import time
 
     from .calibration import load_calibration
-    from .integration import Integrator, integrate_frames
+    from .integration import Integrator
 
     t_start = time.perf_counter()
     fspec, cspec, ispec = exp.frames, exp.calibration, exp.integration
@@ -146,20 +146,63 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
                                                                                     cspec.flat) if p],
                             ispec.model_dump(mode="json", exclude={"workers"})])
     kept = cache is not None and cache.get("integrator_key") == setup_key
+    read_ahead = None
     if kept:
         cal, integ = cache["integrator"]                 # live processing: built once, kept
     else:
         cal = load_calibration(cspec.poni, mask=cspec.mask, dark=cspec.dark, flat=cspec.flat)
         shape = _detector_shape(cal, refs)
-        with _quiet_empty_matrix():       # a range holding no pixel: said below, once, naming the key
-            integ = Integrator(cal, shape, npt=ispec.npt, unit=ispec.unit, radial_range=ispec.range,
-                               azimuth_range=ispec.azimuth_range, polarization_factor=ispec.polarization_factor,
-                               solid_angle=ispec.solid_angle, error_model=ispec.error_model,
-                               splitting=ispec.splitting, engine=ispec.engine,
-                               cache=(exp.run.cache_dir or True) if exp.run.cache else None)
-        _check_reach(integ, cal, cspec, ispec, where)
+        # the first frames are read and decompressed while the integrator is built
+        read_ahead = _read_ahead(exp, refs, shape, workers=workers, scheduler=scheduler, restart=restart)
+        try:
+            with _quiet_empty_matrix():   # a range holding no pixel: said below, once, naming the key
+                integ = Integrator(cal, shape, npt=ispec.npt, unit=ispec.unit, radial_range=ispec.range,
+                                   azimuth_range=ispec.azimuth_range, polarization_factor=ispec.polarization_factor,
+                                   solid_angle=ispec.solid_angle, error_model=ispec.error_model,
+                                   splitting=ispec.splitting, engine=ispec.engine,
+                                   cache=(exp.run.cache_dir or True) if exp.run.cache else None)
+            if read_ahead is not None:
+                read_ahead.stop()
+            _check_reach(integ, cal, cspec, ispec, where)
+        except BaseException:
+            if read_ahead is not None:
+                read_ahead.close()
+            raise
         if cache is not None:
             cache.update(integrator_key=setup_key, integrator=(cal, integ))
+    try:
+        return _integrate_frames(exp, refs, times, cal, integ, kept=kept, read_ahead=read_ahead, t_start=t_start,
+                                 restart=restart, workers=workers, scheduler=scheduler, progress=progress,
+                                 retry_s=retry_s)
+    finally:
+        if read_ahead is not None:
+            read_ahead.close()
+
+
+def _read_ahead(exp: Experiment, refs: list[FrameRef], shape, *, workers, scheduler, restart: bool):
+    """A :class:`~xrdpipe.integration.FramePrefetch` of the frames, when they will be integrated
+    in this process (threads or serial) and all of them are to be integrated (a new run file,
+    or a restart); else None."""
+    from .integration import FramePrefetch
+
+    n_workers = workers or exp.integration.workers or default_workers()
+    where_to = scheduler or exp.run.scheduler
+    chosen = scheduler is not None or "scheduler" in exp.run.model_fields_set
+    in_process = where_to in ("threads", "serial") or (
+        where_to == "processes" and not chosen and len(refs) < 32 * n_workers)
+    if not in_process or not refs or (exp.run.run_file.exists() and not restart):
+        return None
+    return FramePrefetch(refs, shape)
+
+
+def _integrate_frames(exp: Experiment, refs, times, cal, integ, *, kept: bool, read_ahead, t_start: float,
+                      restart: bool, workers, scheduler, progress, retry_s) -> IntegrationSummary:
+    """The frames of :func:`integrate_experiment` through the integrator, into the run file."""
+    import time
+
+    from .integration import integrate_frames
+
+    fspec, ispec = exp.frames, exp.integration
     t_setup = time.perf_counter() - t_start
     fingerprint = {
         "integration": ispec.model_dump(mode="json", exclude={"workers", "engine"}),
@@ -202,7 +245,11 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
             # closed before the run file is: on an error (a full disk) no worker still reads a
             # frame while the run file is closed (HDF5 is one library for both)
             try:
-                with closing(integrate_frames(jobs, integ, workers=n_workers, scheduler=where_to)) as results:
+                if read_ahead is not None and where_to not in ("threads", "serial"):
+                    read_ahead.close()
+                    read_ahead = None
+                with closing(integrate_frames(jobs, integ, workers=n_workers, scheduler=where_to,
+                                              read_ahead=read_ahead)) as results:
                     for res in results:
                         error = res.error
                         if error is None and not np.isfinite(res.intensity).any():
