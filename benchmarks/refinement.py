@@ -361,6 +361,7 @@ def typical(n: int, sign: float, gsas2: str | None, *, true_start: bool = False)
             with tempfile.TemporaryDirectory(prefix="xrdpipe-gsas2-") as tmp:
                 frames, sec, per_refine = _gsas2_engine(gsas2, ps, cells, Path(tmp))
             per.setdefault("GSAS-II", sec)
+            per[label] = sec
             rows.append((label, frames, sec,
                          f"  (refinement calls {per_refine:.2f} s/frame)" if np.isfinite(per_refine) else ""))
     for engine, frames, sec, note in rows:
@@ -371,8 +372,9 @@ def typical(n: int, sign: float, gsas2: str | None, *, true_start: bool = False)
         print(f"{engine:<20} {sec:>8.3f} {s['ok']:>3}/{n:<4} {s['on_truth']:>4}/{n:<4} {' '.join(cols)} "
               f"{100 * s['rwp']:>10.2f}{note}")
     if "GSAS-II" in per and np.isfinite(per["GSAS-II"]):
-        ratios = ", ".join(f"{e} {per[e] / per['GSAS-II']:.2f}" for e in engines if not e.startswith("direct"))
-        print(f"s/frame ratio xrdpipe / GSAS-II (typed start): {ratios}")
+        for label in [e for e in per if e.startswith("GSAS-II ")] + [e for e in per if e.startswith("GSAS-II,")]:
+            ratios = ", ".join(f"{e} {per[e] / per[label]:.2f}" for e in engines if not e.startswith("direct"))
+            print(f"s/frame ratio xrdpipe / {label}: {ratios}")
         # Rwp frame by frame where both engines are on the truth
         ours = {engine: frames for engine, frames, _, _ in rows if engine.startswith("xrdpipe")}
         for label, gframes, _, _ in rows:
