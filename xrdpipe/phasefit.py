@@ -812,8 +812,10 @@ class _Frame:
             grids.append(g)
             steps.append(step)
         start = self.state.cell[[p, q], j].copy()
+        # (the pull to where the two were holds for a pair followed from the frame before; a
+        # phase just found was placed by a search beside the other, not by the data of both)
         best, weight = self._pair_trials(p, q, j, grids, np.array(_WIDTH_FACTORS), windows, others, widths, theta,
-                                         cen_all, sign, start)
+                                         cen_all, sign, start, None if tracked else 0.0)
         if best is None:
             return
         # fine: around the best, steps of 0.2 of a width, the neighbouring width factors
