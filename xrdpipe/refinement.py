@@ -828,6 +828,21 @@ def _best(tried: list[RefinementResult], gof_limit: float | None) -> RefinementR
     return min(tried, key=key)
 
 
+def _scaled_normal(Jw: np.ndarray, r: np.ndarray, t: np.ndarray, lo: np.ndarray, hi: np.ndarray):
+    """The Levenberg-Marquardt normal equations of the parameters ``t`` not pinned at a bound
+    (at a bound with the gradient pushing outwards): their indices, the scaled normal matrix,
+    the scaled gradient and the scales; None when every parameter is pinned."""
+    g = Jw.T @ r
+    pinned = ((t <= lo) & (g < 0)) | ((t >= hi) & (g > 0))
+    move = np.flatnonzero(~pinned)
+    if move.size == 0:
+        return None
+    Jm = Jw[:, move]
+    A = Jm.T @ Jm
+    dscale = np.sqrt(np.maximum(np.diag(A), 1e-300))
+    return move, A / np.outer(dscale, dscale), g[move] / dscale, dscale
+
+
 def _lm_step(calc, theta, I, free, As, gs, dscale, wt, y, chi2_now, lam, bounds):
     """One Levenberg-Marquardt step on the scaled normal equations ``As``, ``gs`` (scaled by
     ``dscale``), kept inside the bounds: (step, θ, λ, χ²) after it, or step None (θ unchanged)
@@ -889,19 +904,12 @@ def _lm(calc, y, wt, theta, I, free, *, max_iter, tol, hold, n_valid, bounds, fo
             converged = True
             break
         chi2 = chi2_now
-        g = Jw.T @ r
-        tf = theta[free]
-        pinned = ((tf <= lower[free]) & (g < 0)) | ((tf >= upper[free]) & (g > 0))
-        move = np.flatnonzero(~pinned)
-        if move.size == 0:
+        normal = _scaled_normal(Jw, r, theta[free], lower[free], upper[free])
+        if normal is None:
             converged = True
             break
-        Jm = Jw[:, move]
-        A = Jm.T @ Jm
-        dscale = np.sqrt(np.maximum(np.diag(A), 1e-300))
-        As = A / np.outer(dscale, dscale)
-        step, theta, lam, c_new = _lm_step(calc, theta, I, free[move], As, g[move] / dscale, dscale, wt, y,
-                                           chi2_now, lam, bounds)
+        move, As, gs, dscale = normal
+        step, theta, lam, c_new = _lm_step(calc, theta, I, free[move], As, gs, dscale, wt, y, chi2_now, lam, bounds)
         n_iter += 1
         if hold:
             held += 1
@@ -954,18 +962,11 @@ def _lm_pawley(calc, y, wt, theta, free, *, max_iter, tol, n_valid, bounds, phas
         yc, J, _ = calc.jacobian(theta, I, nl)
         Jw = _project(extra, (J * wt[:, None])[rows])
         r = ((y - yc) * wt)[rows]
-        g = Jw.T @ r
-        tf = theta[nl]
-        pinned = ((tf <= lower[nl]) & (g < 0)) | ((tf >= upper[nl]) & (g > 0))
-        move = np.flatnonzero(~pinned)
-        if move.size == 0:
+        normal = _scaled_normal(Jw, r, theta[nl], lower[nl], upper[nl])
+        if normal is None:
             converged = True
             break
-        Jm = Jw[:, move]
-        A = Jm.T @ Jm
-        dscale = np.sqrt(np.maximum(np.diag(A), 1e-300))
-        As = A / np.outer(dscale, dscale)
-        gs = g[move] / dscale
+        move, As, gs, dscale = normal
         accepted, settled = None, False
         unit = PRED_TOL * max(chi2 / max(n_valid - free.size, 1), 1.0)
         for _ in range(12):
