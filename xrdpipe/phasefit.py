@@ -23,9 +23,14 @@ decided is recorded per frame and phase. Two phases whose reaches overlap keep t
 their configured cells in every parameter where those differ (in the searches, and by midpoint
 bounds in the least squares), so their names do not swap.
 
+A phase's relative intensities are learned in the frames where it is the only phase present
+(areas being free per line, a phase can otherwise be made of fragments of another's lines): a
+phase whose listed lines are empty is absent, and one whose areas are unlike its own is a suspect;
+the frame is then fitted again without it and the better BIC kept.
+
 A frame's fit depends only on its own data and the state of the frame before it (cells, widths,
-presence), which is stored with the results: a resumed or live run fits every frame exactly as
-one straight run.
+presence, learned intensities), which is stored with the results: a resumed or live run fits
+every frame exactly as one straight run.
 """
 
 from __future__ import annotations
