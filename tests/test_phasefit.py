@@ -108,17 +108,19 @@ def test_every_reflection_in_a_window_is_in_the_model():
             ("O3", "003", "003"), ("P3", "003", "003")} <= have
 
 
-def test_hard_series_as_2d_frames_through_the_run_file(tmp_path):
+@pytest.mark.parametrize("scenario, sign", [("nfm", 1), ("mcm", -1)])
+def test_hard_series_as_2d_frames_through_the_run_file(tmp_path, scenario, sign):
     """The same physics rendered as 2D EIGER-like frames (pixel splitting, polarization, module
-    gaps), integrated, fitted and refined through the run file."""
+    gaps), integrated, fitted and refined through the run file: O3 <-> P3 from cells typed above,
+    P2 -> P''2 (with the Al line in the 100 window) from cells typed below."""
     from xrdpipe.config import load_experiment
     from xrdpipe.pipeline import _stored_table, fit_experiment, integrate_experiment
     from xrdpipe.testing import make_experiment
 
-    dif = Difficulty(start_error=((0.01, 0.02), (0.01, 0.02)), separation_fwhm=1.5, broadening=1.6,
-                     intensity_jitter=0.3, hard_windows=True, seed=4)
-    syn = make_experiment(tmp_path / "exp", n_frames=40, n_rest=0, frac_charge=1.0, counts=0.05, background=300.0,
-                          seed=6, difficulty=dif)
+    dif = Difficulty(start_error=((0.01 * sign, 0.02 * sign), (0.01 * sign, 0.02 * sign)), separation_fwhm=1.5,
+                     broadening=1.6, intensity_jitter=0.3, hard_windows=True, seed=4)
+    syn = make_experiment(tmp_path / "exp", scenario=scenario, n_frames=40, n_rest=0, frac_charge=1.0, counts=0.05,
+                          background=300.0, seed=6, difficulty=dif)
     exp = load_experiment(syn.experiment_file)
     integrate_experiment(exp, progress=False)
     fit_experiment(exp, progress=False)
