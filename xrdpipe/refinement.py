@@ -70,7 +70,8 @@ __all__ = ["PhaseModel", "RefinementModel", "RefinementResult", "RefinementError
 _LN2 = math.log(2.0)
 _CG = 2.0 * math.sqrt(_LN2 / math.pi)
 _CL = 2.0 / math.pi
-WINDOW_FWHM = 20.0            # each reflection is computed over ±20 FWHM
+WINDOW_FWHM = 20.0            # each reflection is computed over ±20 FWHM at least ...
+TAIL_AREA = 2e-3              # ... and wider where its Lorentzian tail beyond would hold more of its area
 LEBAIL_CYCLES = 8             # Le Bail extractions per least-squares iteration
 LEBAIL_CYCLES_FOLLOW = 30     # ... from a previous frame: accelerated, at most this many ...
 LEBAIL_CYCLE_TOL = 1e-5       # ... until the intensities change by less than this (relative)
@@ -495,11 +496,17 @@ class _Calculator:
         return out
 
     # the pattern ---------------------------------------------------------------------------
-    def _windows(self, pos: np.ndarray, fwhm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The points within ±WINDOW_FWHM FWHM of every reflection, flat (reflection after
-        reflection): each entry's reflection and point, and where each reflection's entries start."""
-        lo = np.searchsorted(self.x, pos - WINDOW_FWHM * fwhm)
-        hi = np.maximum(np.searchsorted(self.x, pos + WINDOW_FWHM * fwhm), lo)
+    def _windows(self, pos: np.ndarray, fwhm: np.ndarray, eta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The points within ±k FWHM of every reflection, flat (reflection after reflection):
+        each entry's reflection and point, and where each reflection's entries start. k is
+        WINDOW_FWHM, or more where the pseudo-Voigt's Lorentzian tail beyond it, a share
+        η (1 - (2/π) atan 2k) of the area, would exceed TAIL_AREA (k = 64 at η = 0.4): a tail
+        cut off is area missing from the model, which the widths and the background then
+        distort themselves to make up for."""
+        k = 0.5 * np.tan(0.5 * np.pi * (1.0 - TAIL_AREA / np.maximum(eta, TAIL_AREA)))
+        half = np.maximum(k, WINDOW_FWHM) * fwhm
+        lo = np.searchsorted(self.x, pos - half)
+        hi = np.maximum(np.searchsorted(self.x, pos + half), lo)
         n = hi - lo
         ptr = np.concatenate([[0], np.cumsum(n)])
         r = np.repeat(np.arange(pos.size), n)
@@ -529,7 +536,7 @@ class _Calculator:
         return out
 
     def _profiles(self, st: dict[str, np.ndarray], p1: float, p2: float):
-        r, idx, ptr = self._windows(st["pos"], st["fwhm"])
+        r, idx, ptr = self._windows(st["pos"], st["fwhm"], st["eta"])
         u = self.x[idx] - st["pos"][r]
         Hr = st["fwhm"][r]
         eta = st["eta"][r]
