@@ -1203,6 +1203,7 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol, *, staged: bo
     free = L.free.copy()
     # a Le Bail phase with (next to) no intensity at the start is absent: its cell and widths are held
     absent: list[int] = []
+    retest: list[int] = []
     if all_lebail and len(model.phases) > 1:
         empty = [p for p in range(len(model.phases))
                  if not np.any(I[int(calc.offsets[p]):int(calc.offsets[p + 1])] > 0)]
