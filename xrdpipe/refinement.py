@@ -70,10 +70,12 @@ __all__ = ["PhaseModel", "RefinementModel", "RefinementResult", "RefinementError
 _LN2 = math.log(2.0)
 _CG = 2.0 * math.sqrt(_LN2 / math.pi)
 _CL = 2.0 / math.pi
-WINDOW_FWHM = 20.0            # each reflection is computed over ±20 FWHM
+WINDOW_FWHM = 20.0            # each reflection is computed over ±20 FWHM at least ...
+TAIL_AREA = 2e-3              # ... and wider where its Lorentzian tail beyond would hold more of its area
 LEBAIL_CYCLES = 8             # Le Bail extractions per least-squares iteration
 LEBAIL_CYCLES_FOLLOW = 30     # ... from a previous frame: accelerated, at most this many ...
 LEBAIL_CYCLE_TOL = 1e-5       # ... until the intensities change by less than this (relative)
+LEBAIL_FLOOR = 1e-9           # an extracted intensity stays above this x the largest (0 only when absent)
 SHIFT_ESD = 0.01              # converged when every shift is below 1 % of its esd (Rietveld)
 LEBAIL_TOL = 1e-3
 SHIFT_ESD_LEBAIL = 0.05       # ... 5 % in Le Bail, whose intensities are re-extracted every step
@@ -494,11 +496,17 @@ class _Calculator:
         return out
 
     # the pattern ---------------------------------------------------------------------------
-    def _windows(self, pos: np.ndarray, fwhm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The points within ±WINDOW_FWHM FWHM of every reflection, flat (reflection after
-        reflection): each entry's reflection and point, and where each reflection's entries start."""
-        lo = np.searchsorted(self.x, pos - WINDOW_FWHM * fwhm)
-        hi = np.maximum(np.searchsorted(self.x, pos + WINDOW_FWHM * fwhm), lo)
+    def _windows(self, pos: np.ndarray, fwhm: np.ndarray, eta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The points within ±k FWHM of every reflection, flat (reflection after reflection):
+        each entry's reflection and point, and where each reflection's entries start. k is
+        WINDOW_FWHM, or more where the pseudo-Voigt's Lorentzian tail beyond it, a share
+        η (1 - (2/π) atan 2k) of the area, would exceed TAIL_AREA (k = 64 at η = 0.4): a tail
+        cut off is area missing from the model, which the widths and the background then
+        distort themselves to make up for."""
+        k = 0.5 * np.tan(0.5 * np.pi * (1.0 - TAIL_AREA / np.maximum(eta, TAIL_AREA)))
+        half = np.maximum(k, WINDOW_FWHM) * fwhm
+        lo = np.searchsorted(self.x, pos - half)
+        hi = np.maximum(np.searchsorted(self.x, pos + half), lo)
         n = hi - lo
         ptr = np.concatenate([[0], np.cumsum(n)])
         r = np.repeat(np.arange(pos.size), n)
@@ -528,7 +536,7 @@ class _Calculator:
         return out
 
     def _profiles(self, st: dict[str, np.ndarray], p1: float, p2: float):
-        r, idx, ptr = self._windows(st["pos"], st["fwhm"])
+        r, idx, ptr = self._windows(st["pos"], st["fwhm"], st["eta"])
         u = self.x[idx] - st["pos"][r]
         Hr = st["fwhm"][r]
         eta = st["eta"][r]
@@ -1085,6 +1093,31 @@ def _absent(calc, theta: np.ndarray, I: np.ndarray, y: np.ndarray, wt: np.ndarra
     return out
 
 
+def _needed(calc, theta: np.ndarray, I: np.ndarray, I_start: np.ndarray, y: np.ndarray, wt: np.ndarray,
+            phases: Sequence[int]) -> list[int]:
+    """Of the absent Le Bail ``phases``, those whose lines (from their start intensities,
+    re-extracted with the others') lower χ² by more than :func:`_absent` asks of a present phase."""
+    st = calc.reflection_state(theta, I)
+    pr = calc.profiles(st, theta)
+    bkg = calc.background(theta)
+    P = _profile_matrix(calc, pr, I.size)
+
+    def chi2(inten):
+        r = (y - bkg - P @ inten) * wt
+        return float(r @ r)
+
+    base = chi2(I)
+    out = []
+    for p in phases:
+        a, b = int(calc.offsets[p]), int(calc.offsets[p + 1])
+        I2 = I.copy()
+        I2[a:b] = I_start[a:b]
+        I2 = _extract(calc, pr, theta, I2, y, 5)
+        if base - chi2(I2) > max(25.0, ABSENT_CHI2 * (b - a), ABSENT_REL * base):
+            out.append(p)
+    return out
+
+
 def _phase_params(calc, p: int) -> list[int]:
     """The cell and width parameters of phase ``p`` (held while it is absent)."""
     return [i for i, q in enumerate(calc.layout.params) if q.phase == p and q.kind in ("cell", "profile", "struct")]
@@ -1170,11 +1203,16 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol, *, staged: bo
     free = L.free.copy()
     # a Le Bail phase with (next to) no intensity at the start is absent: its cell and widths are held
     absent: list[int] = []
+    retest: list[int] = []
     if all_lebail and len(model.phases) > 1:
         empty = [p for p in range(len(model.phases))
                  if not np.any(I[int(calc.offsets[p]):int(calc.offsets[p + 1])] > 0)]
         # from a frame with one phase left, the others stay absent (no test needed)
         absent = empty if from_previous and len(empty) >= len(model.phases) - 1 else _absent(calc, theta, I, y, wt)
+        # judged before the widths and cells are refined, when χ² is mostly their misfit: a weak
+        # phase with narrow lines (the Al current collector) may look absent; tested again below
+        retest = [p for p in absent if p not in empty]
+        I_start = I.copy()
         if absent and len(absent) < len(model.phases):
             hold_idx = {i for p in absent for i in _phase_params(calc, p)}
             free = np.array([i for i in free if int(i) not in hold_idx], int)
@@ -1193,6 +1231,20 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol, *, staged: bo
                                        tol=tol, hold=hold and k == 0, n_valid=n_valid, bounds=bounds, absent=absent,
                                        follow=from_previous)
         n_iter += it
+    # phases found absent at the start that the converged fit does need: refined again with them
+    if all_lebail and not calc.pawley and absent and retest:
+        back = _needed(calc, theta, I, I_start, y, wt, [p for p in retest if p in absent])
+        if back:
+            for p in back:
+                a, b = int(calc.offsets[p]), int(calc.offsets[p + 1])
+                I[a:b] = I_start[a:b]
+            I = _lebail_cycle(calc, theta, I, y, cycles=5)
+            absent = [p for p in absent if p not in back]
+            free = np.array(sorted(set(int(i) for i in free) | {i for p in back for i in _phase_params(calc, p)
+                                                                   if L.params[i].refined}), int)
+            theta, I, converged, it = _fit(calc, y, wt, theta, I, free, max_iter=model.max_iter, tol=tol, hold=False,
+                                           n_valid=n_valid, bounds=bounds, absent=absent, follow=from_previous)
+            n_iter += it
     # phases the converged fit does not need: removed, and the last stage refined again without them
     if all_lebail and len(model.phases) > 1:
         gone = [p for p in _absent(calc, theta, I, y, wt) if p not in absent]
@@ -1730,14 +1782,23 @@ def _extract(calc: _Calculator, pr: dict, theta: np.ndarray, I: np.ndarray, y: n
     area = np.bincount(pr["r"], weights=pr["P"], minlength=I.size) * calc.step
     valid = calc.valid
     use = calc.extracted & (area > 0.05)
+    n_ph = len(calc.sizes)
+    phase_of = np.repeat(np.arange(n_ph), calc.sizes)
 
     def cycle(I):
         yc_net = P @ I
         ratio = np.where(yc_net > 1e-12 * max(yc_net.max(), 1e-300), net / np.maximum(yc_net, 1e-300), 0.0)
         ratio = np.where(valid, ratio, 1.0)          # no data: the model keeps its share
         share = I * (PT @ ratio) * calc.step
-        return np.where(use, np.maximum(share / np.maximum(area, 1e-12), 0.0),
-                        np.where(calc.extracted, np.maximum(I, 0.0), I))
+        # the extraction is multiplicative: an intensity at exactly 0 would stay there for good
+        # (a weak line set to 0 by the cell search's non-negative solution, or whose net
+        # intensity was negative in one cycle under a background not yet refined). The lines of
+        # a present phase are kept above a floor, from which they recover in one cycle where
+        # the data show them; an absent phase's (all 0) stay 0
+        present = (np.bincount(phase_of, weights=(I > 0).astype(float), minlength=n_ph) > 0)[phase_of]
+        floor = LEBAIL_FLOOR * float(np.max(I, initial=0.0))
+        new = np.where(present, np.maximum(share / np.maximum(area, 1e-12), floor), 0.0)
+        return np.where(use, new, np.where(calc.extracted, np.maximum(I, 0.0), I))
 
     left = cycles
     while tol and left >= 3:
