@@ -664,14 +664,12 @@ class _Frame:
         rest = float(chi2_w[[w for w in range(m.W) if w not in windows]].sum())
         fixed = {w: np.flatnonzero(np.isin(m.r_phase, others) & (m.r_window == w)) for w in windows}
         best_cell, best = centre.copy(), np.inf
-        # half-width steps over the range, then fifth-width steps around the best; a tracked
-        # phase (small range) gets one pass
+        # half-width steps over the range, parameter by parameter, twice (the first round
+        # listening only to the windows placed by the parameters searched so far), then
+        # fifth-width steps around the best
         order = m.search_order[p]
-        if scale < 1:
-            schedule = [(n, 0.4, None, False) for n in order]
-        else:
-            schedule = ([(n, 0.5, None, True) for n in order] + [(n, 0.5, None, False) for n in order]
-                        + [(n, 0.2, 1.5, False) for n in order])
+        schedule = ([(n, 0.5, None, True) for n in order] + [(n, 0.5, None, False) for n in order]
+                    + [(n, 0.2, 1.5, False) for n in order])
         coarse: dict[str, float] = {}
         known: set[int] = set()
         for name, frac, around_best, first in schedule:
