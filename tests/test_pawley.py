@@ -6,7 +6,7 @@ import csv
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from refine_run import integrate_and_refine, write_experiment
 
 from xrdpipe.refinement import PhaseModel, RefinementModel, Refiner, _Calculator, calculate_pattern
 from xrdpipe.structure import template
@@ -99,7 +99,6 @@ def test_sequential_pawley_through_xrdpipe_refine(tmp_path):
     """`xrdpipe refine` with method = "pawley" on a drifting O3 series, started 1 % (a) and 2 %
     (c) off: every frame ok within the issue's tolerances, refine.csv keeps its columns, and the
     run file holds each reflection's intensity and esd."""
-    from xrdpipe.cli import main
     from xrdpipe.refining import REFINE_COLUMNS, read_refinement
 
     n = 5
@@ -108,14 +107,7 @@ def test_sequential_pawley_through_xrdpipe_refine(tmp_path):
     for i in range(n):
         y, s, _ = _generated(("O3",), {"O3": (a[i], c[i])}, seed=20 + i)
         np.savetxt(tmp_path / f"p_{i:03d}.xye", np.column_stack([X, y, s]))
-    (tmp_path / "exp.toml").write_text(f"""schema_version = 1
-[run]
-name = "pw"
-output = "out"
-[patterns]
-files = "p_*.xye"
-wavelength_A = {WL}
-[[phases]]
+    write_experiment(tmp_path, "pw", f"""[[phases]]
 name = "O3"
 a = {2.9852 * 0.99}
 c = {15.9967 * 1.02}
@@ -124,12 +116,9 @@ method = "pawley"
 range = [6.0, 29.0]
 [[refinement.phases]]
 name = "O3"
-""")
-    runner = CliRunner()
-    assert runner.invoke(main, ["integrate", str(tmp_path / "exp.toml"), "-q"]).exit_code == 0
-    res = runner.invoke(main, ["refine", str(tmp_path / "exp.toml"), "-q"])
-    assert res.exit_code == 0, res.output
-    assert f"refined {n} frame(s) (pawley)" in res.output and "0 failed" in res.output
+""", WL)
+    _, output = integrate_and_refine(tmp_path)
+    assert f"refined {n} frame(s) (pawley)" in output and "0 failed" in output
     with open(tmp_path / "out" / "refine.csv") as fh:
         header = next(csv.reader(fh))
         fh.seek(0)

@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from refine_run import integrate_and_refine, write_experiment
 
 pytest.importorskip("pymatgen")
 
@@ -198,14 +199,15 @@ O1 O 0 0 0.23257 1.0 0.6
 
 def _experiment(tmp_path, name, sections):
     """exp.toml for the .xye patterns p_*.xye in tmp_path, results in out/, then ``sections``."""
-    (tmp_path / "exp.toml").write_text(f"""schema_version = 1
-[run]
-name = "{name}"
-output = "out"
-[patterns]
-files = "p_*.xye"
-wavelength_A = {WL}
-""" + sections)
+    write_experiment(tmp_path, name, sections, WL)
+
+
+#: The O3 phase as a user types it (its cell rounded).
+O3_TYPED = """[[phases]]
+name = "O3"
+a = 2.985
+c = 16.0
+"""
 
 
 #: The NFM O3 phase of a Rietveld [refinement] (composition and B_iso of the pymatgen truth).
@@ -268,11 +270,7 @@ def test_sequential_refinement_tracks_the_cell_in_every_frame(tmp_path):
 def test_model_comparison_from_the_experiment_file(tmp_path):
     y, s = noisy(profile(o3(fe_tet=0.02), 2e-3) + 200.0, seed=7)
     np.savetxt(tmp_path / "p_000.xye", np.column_stack([X, y, s]))
-    _experiment(tmp_path, "cmp", """[[phases]]
-name = "O3"
-a = 2.985
-c = 16.0
-[refinement]
+    _experiment(tmp_path, "cmp", O3_TYPED + """[refinement]
 method = "rietveld"
 polarization = "unpolarised"
 """ + NFM_O3 + """[[refinement.models]]
@@ -401,11 +399,7 @@ def test_a_frame_that_diverges_is_recorded_failed_and_the_next_starts_from_the_l
     for i, (a, c) in enumerate(cells):
         y, s = noisy((profile(o3(a, c), 1e-3) if i != 2 else profile(p3(), 1e-3)) + 200.0, seed=30 + i)
         np.savetxt(tmp_path / f"p_{i:03d}.xye", np.column_stack([X, y, s]))
-    _experiment(tmp_path, "div", """[[phases]]
-name = "O3"
-a = 2.985
-c = 16.0
-[refinement]
+    _experiment(tmp_path, "div", O3_TYPED + """[refinement]
 range = [6.0, 29.0]
 [[refinement.phases]]
 name = "O3"
@@ -653,11 +647,7 @@ def test_a_frame_whose_rwp_is_far_above_the_runs_median_is_flagged(tmp_path):
         spike = 700 * np.exp(-0.5 * ((X - 20.0) / 0.05) ** 2) if i == 2 else 0.0
         y, s = noisy(profile(o3(), 1e-3) + spike + 200.0, seed=70 + i)
         np.savetxt(tmp_path / f"p_{i:03d}.xye", np.column_stack([X, y, s]))
-    _experiment(tmp_path, "out", """[[phases]]
-name = "O3"
-a = 2.985
-c = 16.0
-[refinement]
+    _experiment(tmp_path, "out", O3_TYPED + """[refinement]
 method = "lebail"
 gof_jump = 5.0
 [[refinement.phases]]
@@ -673,17 +663,7 @@ name = "O3"
 
 def _integrate_and_refine(tmp_path):
     """``xrdpipe integrate`` then ``xrdpipe refine`` on ``tmp_path/exp.toml``: refine.csv rows by frame."""
-    import csv
-
-    from click.testing import CliRunner
-
-    from xrdpipe.cli import main
-
-    runner = CliRunner()
-    assert runner.invoke(main, ["integrate", str(tmp_path / "exp.toml"), "-q"]).exit_code == 0
-    res = runner.invoke(main, ["refine", str(tmp_path / "exp.toml"), "-q"])
-    assert res.exit_code == 0, res.output
-    return {int(r["frame"]): r for r in csv.DictReader(open(tmp_path / "out" / "refine.csv"))}
+    return integrate_and_refine(tmp_path)[0]
 
 
 def test_weak_aluminium_lines_are_kept_in_le_bail():

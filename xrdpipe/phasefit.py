@@ -161,6 +161,8 @@ class PhaseModel:
         self._layout()
         self._order_pairs()
         self._search_order()
+        #: (R,) reflections in a window that has data points
+        self.r_has_data = np.array([self.windows[w].x.size > 0 for w in self.r_window], bool)
         #: (R,) reflections listed as a window's peaks ("phase hkl")
         self.r_listed = np.zeros(self.R, bool)
         names = [p.name for p in self.phases]
@@ -1055,8 +1057,7 @@ def _fit_frame_once(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, 
             # another phase with one reflection while its listed ones (its basal line) stay
             # empty is not the phase the user named
             # (a listed line that left its window, or sits on its edge, counts as not shown)
-            has_data = np.array([m.windows[w].x.size > 0 for w in m.r_window], bool)
-            listed = np.flatnonzero(m.r_listed & (m.r_phase == p) & has_data)
+            listed = np.flatnonzero(m.r_listed & (m.r_phase == p) & m.r_has_data)
             shown = int(np.count_nonzero((areas[listed] > 0) & inner[listed]))
             if listed.size >= 2 and shown < (listed.size + 1) // 2:
                 return f"absent: no line at {listed.size - shown} of its {listed.size} listed reflections"
@@ -1096,8 +1097,8 @@ def _fit_frame_once(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, 
             gains[p] = gain
             if gain <= fit.bic_threshold:
                 fails[p] = f"absent: ΔBIC {gain:.1f} <= {fit.bic_threshold:g}"
-            elif lines_missing(p):
-                fails[p] = lines_missing(p)
+            elif missing := lines_missing(p):
+                fails[p] = missing
             elif share < fit.min_fraction and m.phases[p].fraction:
                 # (a phase kept out of the fractions, the current collector, is there when the
                 # data say so: its lines are narrow and weak, and left out they pull others')
@@ -1132,8 +1133,8 @@ def _fit_frame_once(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, 
                 decision[p] = f"present: ΔBIC {gain:.0f}" + (", found by the cell search" if p in found_now else "")
                 # (a phase whose areas are unlike its own is a suspect: the frame is fitted
                 # again without it, and the better of the two kept, in fit_frame)
-                if unlike(p):
-                    decision[p] += "; " + unlike(p)
+                if suspect := unlike(p):
+                    decision[p] += "; " + suspect
         if not fails:
             break
         if "refit" in fails.values():
