@@ -9,6 +9,7 @@ background of a few thousand counts. The thresholds are those of the project's a
 criteria for the phase model.
 """
 
+import h5py
 import numpy as np
 import pytest
 
@@ -125,6 +126,9 @@ def test_hard_series_as_2d_frames_through_the_run_file(tmp_path, scenario, sign)
     integrate_experiment(exp, progress=False)
     fit_experiment(exp, progress=False)
     table = _stored_table(exp.run.run_file)
+    with h5py.File(exp.run.run_file, "r") as h5:           # the backward pass went over every frame
+        assert h5["/entry/peaks"].attrs["backward_through"] == 40
+        assert np.isfinite(h5["/entry/peaks/phase_bic"][()]).all()
     lat = refine_lattice(table, exp.phases, exp.lattice, unit="2th_deg", wavelength_A=syn.scenario.wavelength_A)
     s = score_phases(lat, table, syn.states(), syn.peaks)
     assert s["n_coexistence"] >= 2
@@ -151,3 +155,47 @@ def test_mcm_demo_fractions_within_003_of_the_truth_in_every_frame(tmp_path):
     err = [abs(lat.values["fraction"][r, lat.phases.index(name)] - states[f].get(name, (0, 0, 0.0))[2])
            for r, f in enumerate(lat.frame) for name in ("P2", "P''2")]
     assert len(err) == 120 and max(err) <= 0.03, max(err)
+
+
+def test_backward_pass_replaces_a_frame_where_the_forward_pass_missed_a_phase():
+    """Decisions over the whole series: an onset frame whose forward solution lacks the new phase
+    (as the forward pass leaves a phase too weak for its search) is fitted again going back from
+    the first frame where that phase is strong, and the better solution (BIC) replaces it, with
+    the phase's cell and fraction near the truth; frames far from the onset are left alone."""
+    from xrdpipe.peaks import PeakTable
+    from xrdpipe.phasefit import PhaseFitter, _fit_frame_once, _replace_rows, _stored_state
+
+    dif = _hard(1, 1.5)
+    series = pattern_series(40, scenario="nfm", counts=0.05, background=2000.0, seed=5, difficulty=dif)
+    phases, windows = fit_config("nfm", dif)
+    pat = series.as_patterns()
+    states = series.states()
+    share = np.array([st.get("P3", (0, 0, 0.0))[2] for st in states])
+    onset = int(np.flatnonzero(share > 0.05)[0])
+    assert 0.05 < share[onset] < 0.3 <= share[onset + 1]          # the weak frame, then a strong one
+    lo, hi = 0, onset + 3
+    fitter = PhaseFitter(phases, windows, FitSpec(), radial=pat.radial, unit=pat.unit, wavelength_A=pat.wavelength_A)
+    table = fitter.fit_block(pat.intensity[lo:hi], pat.sigma[lo:hi], frame=np.arange(lo, hi))
+    m = fitter.model
+    p3 = [p.name for p in phases].index("P3")
+    # the onset frame as the forward pass would leave it with P3 not found
+    cols = np.concatenate([np.arange(w.columns.start, w.columns.stop) for w in m.windows])
+    before = _stored_state(m, table.phase, onset - lo - 1)
+    bad = _fit_frame_once(m, pat.intensity[onset, cols], pat.sigma[onset, cols], before, fitter.fit, frozenset({p3}))
+    assert not bad.present[p3]
+    arrays = fitter._arrays(1)
+    fitter._record(0, bad, *arrays)
+    fitter._store_state(0, arrays[-1], bad.state)
+    _replace_rows(table, np.array([onset - lo]), PeakTable(np.array([onset]), np.full(1, np.nan), fitter.windows,
+                                                           fitter.peaks, *arrays))
+    bic_bad = table.phase["phase_bic"][onset - lo]
+    rows, revised = fitter.backward(table.phase, lambda a, b: (pat.intensity[lo + a:lo + b], pat.sigma[lo + a:lo + b]))
+    assert onset - lo in rows.tolist() and rows.max() < onset + 1 - lo
+    k = rows.tolist().index(onset - lo)
+    assert revised.phase["phase_present"][k, p3]
+    assert revised.phase["phase_bic"][k] < bic_bad - 10
+    assert f"going back from frame {onset + 1 - lo}" in revised.phase["phase_decision"][k, p3]
+    a_true, c_true, _ = states[onset]["P3"]
+    assert abs(revised.phase["phase_cell"][k, p3, 2] - c_true) < 0.01
+    area = np.nansum(revised.phase["phase_area"][k], axis=1)
+    assert abs(area[p3] / (area[p3] + area[1 - p3]) - share[onset]) < 0.03

@@ -548,6 +548,9 @@ class FitSpec(_Spec):
     model: also when it exceeds 1, a misfit the model cannot remove); ``"redchi"`` always does
     (as lmfit does by default), for data whose errors understate the misfit. The phase model
     uses ``presence`` "bic" (the F-test and "always" apply to independent peaks only).
+    ``backward = true`` (default; the phase model) goes back over the frames before each frame
+    where a phase that appeared holds ``backward_share`` of the area, following the phases from
+    there, and keeps in every frame the solution with the lower BIC.
     """
 
     model: Literal["phases", "peaks"] = "phases"
@@ -560,6 +563,8 @@ class FitSpec(_Spec):
     block_frames: int = Field(default=256, ge=1, le=100_000)
     workers: int | None = Field(default=None, ge=1, le=64)
     max_iter: int = Field(default=200, ge=5, le=10_000)
+    backward: bool = True
+    backward_share: float = Field(default=0.3, gt=0, le=1)
 
 
 class LatticeSpec(_Spec):

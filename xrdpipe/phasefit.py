@@ -76,6 +76,8 @@ _PRIOR = 0.02
 #: The joint search of two coexisting similar phases, in search half-ranges around each.
 _JOINT = 0.3
 _WIDTH_FACTORS = (0.8, 1.0, 1.25, 1.6, 2.0)
+#: Width factors of a search for a phase beside others (the widths they had alone, or before).
+_WIDTH_FACTORS_SEARCH = (0.625, 0.8, 1.0, 1.25, 1.6)
 #: How far a cell may move within one frame's least squares from where the search put it, in
 #: search half-ranges (a larger move is another phase, or a jump the search must confirm).
 _STEP = 0.15
@@ -84,7 +86,11 @@ _STEP = 0.15
 _REACH = 3.0
 #: Per (frame, phase[, window]) arrays the phase model stores beside the peaks.
 PHASE_ARRAYS = ("phase_cell", "phase_cell_err", "phase_present", "phase_area", "phase_area_err", "phase_fwhm",
-                "phase_eta", "zero", "phase_decision", "phase_volume", "phase_volume_err", "phase_ref_area")
+                "phase_eta", "zero", "phase_decision", "phase_volume", "phase_volume_err", "phase_ref_area",
+                "phase_bic")
+#: How many frames the backward pass goes back from a frame where a phase that appeared is
+#: strong, at most.
+_BACKWARD_MAX = 60
 #: A phase whose areas over the windows leave more than this share (of their sum of squares)
 #: unexplained by the relative intensities it had alone is not that phase.
 _UNLIKE = 0.5
@@ -666,6 +672,9 @@ class _Frame:
         rest = float(chi2_w[[w for w in range(m.W) if w not in windows]].sum())
         fixed = {w: np.flatnonzero(np.isin(m.r_phase, others) & (m.r_window == w)) for w in windows}
         best_cell, best = centre.copy(), np.inf
+        # a phase looked for beside others (not followed from the frame before): with their
+        # widths and its own scaled together
+        factors = np.array(_WIDTH_FACTORS_SEARCH if others and halves is None else (1.0,))
         # half-width steps over the range, parameter by parameter, twice (the first round
         # listening only to the windows placed by the parameters searched so far), then
         # fifth-width steps around the best
@@ -697,7 +706,7 @@ class _Frame:
 
             def evaluate(values: np.ndarray, base=best_cell, i=i, use=use) -> tuple[np.ndarray, np.ndarray]:
                 trial = m.trial_cells(p, base, i, values)
-                chi2 = np.zeros(values.size)
+                chi2 = np.zeros((factors.size, values.size))
                 per_w.clear()
                 for w in use:
                     win = m.windows[w]
@@ -709,11 +718,19 @@ class _Frame:
                     cen_f = np.broadcast_to(cen_all[fixed[w]], (values.size, fixed[w].size))
                     refl = np.concatenate([mine, fixed[w]])
                     tails = np.concatenate([np.zeros(mine.size, bool), np.ones(fixed[w].size, bool)])
-                    cols = self._window_basis(w, refl, np.concatenate([cen_p, cen_f], axis=1), theta, tails)
-                    _, c2 = _nonneg_lstsq(cols, self.y0[win.points], self.w[win.points], refl.size)
+                    cen = np.concatenate([cen_p, cen_f], axis=1)
+                    fw0 = theta[m.fwhm_col[m.r_phase[refl], w]] if refl.size else np.zeros(0)
+                    c2 = np.stack([_nonneg_lstsq(self._window_basis(w, refl, cen, theta, tails, f * fw0),
+                                                 self.y0[win.points], self.w[win.points], refl.size)[1]
+                                   for f in factors])
                     chi2 += c2
                     per_w[w] = c2
-                return trial, chi2
+                # the widths of the lines there may have changed in this frame (a two-phase
+                # region broadens them): each trial at the width factor that suits it best
+                k = np.argmin(chi2, axis=0)
+                for w in per_w:
+                    per_w[w] = per_w[w][k, np.arange(values.size)]
+                return trial, chi2[k, np.arange(values.size)]
 
             per_w: dict[int, np.ndarray] = {}
             trial, chi2 = evaluate(grid)
@@ -784,15 +801,17 @@ class _Frame:
         return out
 
     def pair_search(self, p: int, q: int, j: int, present: Sequence[int], widths: np.ndarray,
-                    tracked: bool = False) -> None:
+                    tracked: bool = False, pure: bool = False) -> None:
         """A joint grid over cell parameter ``j`` of two present phases whose lines overlap
         (coexisting similar structures): one at a time, each can only settle between the two
         true positions; together they split the lines. The state's cells are updated.
 
         Over :data:`_JOINT` search ranges around each (a pair that was already split in the
         frame before, ``tracked``: over three tracking steps), with a common factor on both
-        widths; coarse steps first (0.7 of a width at the most sensitive line), then fine ones
-        (0.2) around the best."""
+        widths; coarse steps first (0.7 of a width at the most sensitive line), then finer ones
+        around the best few basins. With ``pure``, only the windows whose lines of both depend on
+        nothing but parameter ``j`` are listened to (the 00l lines for c), where there are such:
+        lines placed by another parameter, not yet right, would pull this one astray."""
         m = self.m
         others = [r for r in present if r not in (p, q)]
         zero = self.state.zero
@@ -803,6 +822,10 @@ class _Frame:
         windows = [w for w in range(m.W) if m._refl_of[p][w].size and m._refl_of[q][w].size]
         if not windows or name not in m.free[p] or name not in m.free[q]:
             return
+        if pure:
+            rest = [i for i in range(6) if i != j]
+            windows = [w for w in windows if not m.r_dep[np.ix_(np.concatenate([m._refl_of[p][w], m._refl_of[q][w]]),
+                                                                rest)].any()] or windows
         halves = []
         for r in (p, q):
             half = _JOINT * m.box[r, j]
@@ -819,21 +842,32 @@ class _Frame:
         start = self.state.cell[[p, q], j].copy()
         # (the pull to where the two were holds for a pair followed from the frame before; a
         # phase just found was placed by a search beside the other, not by the data of both)
-        best, weight = self._pair_trials(p, q, j, grids, np.array(_WIDTH_FACTORS), windows, others, widths, theta,
-                                         cen_all, sign, start, None if tracked else 0.0)
-        if best is None:
+        cands, weight = self._pair_trials(p, q, j, grids, np.array(_WIDTH_FACTORS), windows, others, widths, theta,
+                                          cen_all, sign, start, None if tracked else 0.0)
+        if not cands:
             return
-        # fine: around the best, steps of 0.2 of a width, the neighbouring width factors
-        vp, vq, s = best
-        fine = []
-        for r, v, half, step in zip((p, q), (vp, vq), halves, steps):
-            g, _ = self._grid(r, name, theta, v, step, 0.2, windows)
-            fine.append(np.clip(g, self.state.cell[r, j] - half, self.state.cell[r, j] + half))
-        k = _WIDTH_FACTORS.index(s)
-        factors = np.array(_WIDTH_FACTORS[max(k - 1, 0):k + 2])
-        best = self._pair_trials(p, q, j, fine, factors, windows, others, widths, theta, cen_all, sign, start,
-                                 weight)[0] or best
-        vp, vq, s = best
+        # then finer and finer steps (0.2, 0.07, 0.025 of a width) around each of the best few
+        # basins, the neighbouring width factors: at beamline counts a basin is narrower than a
+        # coarse step, and the best coarse point need not lie in the deepest basin
+        best = None
+        for vp, vq, s, _ in cands[:3]:
+            k = _WIDTH_FACTORS.index(s)
+            factors = np.array(_WIDTH_FACTORS[max(k - 1, 0):k + 2])
+            span = list(steps)
+            for frac in (0.2, 0.07, 0.025):
+                fine = []
+                for i, (r, v, half) in enumerate(zip((p, q), (vp, vq), halves)):
+                    g, span[i] = self._grid(r, name, theta, v, span[i], frac, windows)
+                    fine.append(np.clip(g, self.state.cell[r, j] - half, self.state.cell[r, j] + half))
+                found, _ = self._pair_trials(p, q, j, fine, factors, windows, others, widths, theta, cen_all, sign,
+                                             start, weight)
+                if not found:
+                    break
+                vp, vq, s, score = found[0]
+                factors = np.array([s])
+            if best is None or score < best[3]:
+                best = (vp, vq, s, score)
+        vp, vq, s, _ = best
         self.state.cell[p] = m.trial_cells(p, self.state.cell[p], j, np.array([vp]))[0]
         self.state.cell[q] = m.trial_cells(q, self.state.cell[q], j, np.array([vq]))[0]
         for r in (p, q):
@@ -842,18 +876,21 @@ class _Frame:
     def _pair_trials(self, p: int, q: int, j: int, grids: list[np.ndarray], factors: np.ndarray,
                      windows: Sequence[int], others: Sequence[int], widths: np.ndarray, theta: np.ndarray,
                      cen_all: np.ndarray, sign: float, start: np.ndarray, weight: float | None = None):
-        """The best (value of p, value of q, width factor) over the joint grid, or None, and the
-        weight of the pull to the ``start`` values: where two splits explain the lines equally
-        (one line left, either phase can take it) the phases stay where they were."""
+        """The local minima (value of p, value of q, width factor, score) over the joint grid,
+        best first (an empty list if no trial keeps the order), and the weight of the pull to the
+        ``start`` values: where two splits explain the lines equally (one line left, either phase
+        can take it) the phases stay where they were."""
         m = self.m
         zero = self.state.zero
+        shape = (grids[0].size, grids[1].size, factors.size)
         gp, gq, gs = (v.ravel() for v in np.meshgrid(*grids, factors, indexing="ij"))
         ok = np.sign(gp - gq) == sign if sign else np.ones(gp.size, bool)
         if not ok.any():
-            return None, weight
-        gp, gq, gs = gp[ok], gq[ok], gs[ok]
-        trials = {p: m.trial_cells(p, self.state.cell[p], j, gp), q: m.trial_cells(q, self.state.cell[q], j, gq)}
-        chi2 = np.zeros(gp.size)
+            return [], weight
+        chi2 = np.full(gp.size, np.inf)
+        sel = np.flatnonzero(ok)
+        trials = {p: m.trial_cells(p, self.state.cell[p], j, gp[sel]), q: m.trial_cells(q, self.state.cell[q], j, gq[sel])}
+        part = np.zeros(sel.size)
         for w in windows:
             win = m.windows[w]
             cens, refl = [], []
@@ -865,23 +902,33 @@ class _Frame:
                 cens.append(m.radial_of_d(np.asarray(d), zero))
                 refl.append(mine)
             fixed = np.flatnonzero(np.isin(m.r_phase, others) & (m.r_window == w))
-            cens.append(np.broadcast_to(cen_all[fixed], (gp.size, fixed.size)))
+            cens.append(np.broadcast_to(cen_all[fixed], (sel.size, fixed.size)))
             pair = np.concatenate(refl)
             refl = np.concatenate(refl + [fixed])
-            fw = np.concatenate([np.outer(gs, widths[m.r_phase[pair], w]),
-                                 np.broadcast_to(theta[m.fwhm_col[m.r_phase[fixed], w]], (gp.size, fixed.size))], axis=1)
+            fw = np.concatenate([np.outer(gs[sel], widths[m.r_phase[pair], w]),
+                                 np.broadcast_to(theta[m.fwhm_col[m.r_phase[fixed], w]], (sel.size, fixed.size))], axis=1)
             tails = np.ones(refl.size, bool)
             cols = self._window_basis(w, refl, np.concatenate(cens, axis=1), theta, tails, fw)
             _, c2 = _nonneg_lstsq(cols, self.y0[win.points], self.w[win.points], refl.size)
-            chi2 += c2
+            part += c2
+        chi2[sel] = part
         if weight is None:
-            weight = _PRIOR * float(np.ptp(chi2)) if np.all(np.isfinite(chi2)) else 0.0
+            weight = _PRIOR * float(np.ptp(part)) if np.all(np.isfinite(part)) else 0.0
         rel = ((gp - start[0]) / m.box[p, j]) ** 2 + ((gq - start[1]) / m.box[q, j]) ** 2
-        score = chi2 + weight * rel
-        k = int(np.argmin(score))
-        if not np.isfinite(score[k]):
-            return None, weight
-        return (float(gp[k]), float(gq[k]), float(gs[k])), weight
+        score = (chi2 + weight * rel).reshape(shape)
+        best_s = np.argmin(score, axis=2)
+        plane = np.min(score, axis=2)
+        # local minima of the (p, q) plane, each at its best width factor
+        padded = np.pad(plane, 1, constant_values=np.inf)
+        n_p, n_q = plane.shape
+        low = np.isfinite(plane)
+        for dp in (-1, 0, 1):
+            for dq in (-1, 0, 1):
+                if dp or dq:
+                    low &= plane <= padded[1 + dp:1 + dp + n_p, 1 + dq:1 + dq + n_q]
+        out = [(float(grids[0][a]), float(grids[1][b]), float(factors[best_s[a, b]]), float(plane[a, b]))
+               for a, b in zip(*np.nonzero(low))]
+        return sorted(out, key=lambda t: t[3]), weight
 
     def _grid(self, p: int, name: str, theta: np.ndarray, centre: float, half: float,
               frac: float, windows: Sequence[int]) -> tuple[np.ndarray, float]:
@@ -920,18 +967,18 @@ class _Frame:
 
 
 def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state: PhaseState,
-              fit: FitSpec) -> FrameResult:
+              fit: FitSpec, centre: np.ndarray | None = None) -> FrameResult:
     """Fit one frame (``y`` on the concatenated windows) starting from the previous ``state``;
     see :func:`_fit_frame_once`. A phase that may not be what it claims to be (dropped because
     its listed lines are empty, or present with areas unlike its own relative intensities) may
     have misled the searches of the others while it was there: the frame is then fitted again
     without it, and the better of the two (BIC) is kept."""
-    first = _fit_frame_once(model, y, sigma, state, fit, frozenset())
+    first = _fit_frame_once(model, y, sigma, state, fit, frozenset(), centre)
     impostors = frozenset(p for p, d in enumerate(first.decision)
                           if d.startswith("absent: no line at") or "unlike those it had alone" in d)
     if not impostors or not first.success:
         return first
-    second = _fit_frame_once(model, y, sigma, state, fit, impostors)
+    second = _fit_frame_once(model, y, sigma, state, fit, impostors, centre)
     gain = _bic(model, first) - _bic(model, second)
     if not second.success or gain <= 0:
         return first
@@ -950,7 +997,7 @@ def _bic(m: PhaseModel, res: FrameResult) -> float:
 
 
 def _fit_frame_once(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state: PhaseState,
-                    fit: FitSpec, banned: frozenset) -> FrameResult:
+                    fit: FitSpec, banned: frozenset, centre: np.ndarray | None = None) -> FrameResult:
     """One attempt at a frame (``banned`` phases left out), from the previous ``state``.
 
     1. Phases present in the previous frame: a local cell search around their last cell, then a
@@ -978,7 +1025,7 @@ def _fit_frame_once(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, 
     before = _fwhm_table(m, fr)            # the widths of the frame before, for the pair searches
     # where each phase is looked for: around its configured cell (a last cell from a frame where
     # it was wrongly there would lead the search astray for good)
-    fr.centre = m.cell0.copy()
+    fr.centre = m.cell0.copy() if centre is None else np.where(np.isfinite(centre), centre, m.cell0)
     if present:
         for p in present:
             st.cell[p], _, _ = fr.search(p, present, around=st.cell[p], halves=fr.track_halves(p, _TRACK_FWHM))
@@ -1024,12 +1071,19 @@ def _fit_frame_once(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, 
         found_now.add(p)
         joined.append(p)
         null_chi2 = np.inf
-    if len(joined) > 1:
+    settled = [q for q in present if q not in found_now]
+    if joined and settled:
+        # the phases followed from the frame before were placed (and their widths fitted) while
+        # the new ones' lines were not explained: a shoulder of a new line may have pulled them
+        # off their own. Each is followed again beside the new ones, then the new ones searched
+        # again beside them (below)
+        for q in settled:
+            st.cell[q], _, _ = fr.search(q, present, around=st.cell[q], halves=fr.track_halves(q, _TRACK_FWHM))
+    if len(joined) > 1 or (joined and settled):
         # phases found one after another in this frame: the first was placed before the others
         # explained their own lines (an Al line, a second phase), and may sit on an alias. Each
         # is searched again in the order they joined, beside the phases there before, those it
         # cannot be confused with, and those already placed again
-        settled = [q for q in present if q not in found_now]
         for p in joined:
             similar = {b for a, b, _, _ in m.order if a == p}
             beside = settled + [q for q in joined if q != p and q not in similar and q not in settled]
@@ -1037,7 +1091,16 @@ def _fit_frame_once(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, 
             settled.append(p)
     present.sort()
     if found_now:
-        _pair_searches(m, fr, present, np.where(np.isfinite(before), before, _fwhm_table(m, fr)))
+        widths = np.where(np.isfinite(before), before, _fwhm_table(m, fr))
+        _pair_searches(m, fr, present, widths)
+        if any(q in found_now for a, q, _, _ in m.order if a in present):
+            # a new phase beside one it is like: the joint search split their shared line in
+            # the parameter it listens to first (c); the new phase's other parameters were
+            # searched before that split, beside a line not yet split: searched again, over its
+            # whole range, and the pair split again from there
+            for p in joined:
+                st.cell[p], _, _ = fr.search(p, present, around=fr.centre[p])
+            _pair_searches(m, fr, present, widths)
     held: set[int] = set()      # cell columns the data do not determine, held where the search put them
     while present:
         rows = [tuple(present)] + [tuple(q for q in present if q != p) for p in present]
@@ -1190,9 +1253,11 @@ def _pair_searches(m: PhaseModel, fr: "_Frame", present: Sequence[int], widths: 
     for p, q, _, _ in m.order:
         if p in present and q in present and (q, p) not in done and (p, q) not in done:
             ordered = {jj for a, b, jj, _ in m.order if a == p and b == q}
+            first = True
             for name in m.search_order[p]:          # c before a, as in the search
                 if _CELL_INDEX[name] in ordered:
-                    fr.pair_search(p, q, _CELL_INDEX[name], present, widths, tracked)
+                    fr.pair_search(p, q, _CELL_INDEX[name], present, widths, tracked, pure=first)
+                    first = False
             done.add((p, q))
 
 
@@ -1477,11 +1542,7 @@ class PhaseFitter:
         if not done.size:
             return
         r = done[-1]
-        self.state = PhaseState(np.array(stored["phase_cell"][r], float), np.array(stored["phase_present"][r], bool),
-                                np.array(stored["phase_fwhm"][r], float), np.array(stored["phase_eta"][r], float),
-                                float(stored["zero"][r]) if np.isfinite(stored["zero"][r]) else 0.0,
-                                np.array(stored["phase_ref_area"][r], float) if "phase_ref_area" in stored
-                                else np.full((m.P, m.W), np.nan))
+        self.state = _stored_state(m, stored, r)
         self._zero_known = self._zero_known or bool(np.isfinite(stored["zero"][r]))
 
     def fit_block(self, intensity: np.ndarray, sigma: np.ndarray | None, *, frame: np.ndarray,
@@ -1493,18 +1554,7 @@ class PhaseFitter:
         n = intensity.shape[0]
         usable = np.ones(n, bool) if usable is None else np.asarray(usable, bool)
         cols = np.concatenate([np.arange(w.columns.start, w.columns.stop) for w in m.windows]) if m.W else np.zeros(0, int)
-        n_c, P, W = len(self.peaks), m.P, m.W
-        values = {k: np.full((n, n_c), np.nan) for k in PEAK_FIELDS}
-        present = np.zeros((n, n_c), bool)
-        success = np.zeros((n, W), bool)
-        redchi = np.full((n, W), np.nan)
-        message = np.full((n, W), "", dtype=object)
-        ph = {"phase_cell": np.full((n, P, 6), np.nan), "phase_cell_err": np.full((n, P, 6), np.nan),
-              "phase_present": np.zeros((n, P), bool), "phase_area": np.full((n, P, W), np.nan),
-              "phase_area_err": np.full((n, P, W), np.nan), "phase_fwhm": np.full((n, P, W), np.nan),
-              "phase_eta": np.full((n, P), np.nan), "zero": np.full(n, np.nan),
-              "phase_decision": np.full((n, P), "", dtype=object), "phase_volume": np.full((n, P), np.nan),
-              "phase_volume_err": np.full((n, P), np.nan), "phase_ref_area": np.full((n, P, W), np.nan)}
+        values, present, success, redchi, message, ph = self._arrays(n)
         if not self._zero_known and usable.any():
             self.state.zero = self._estimate_zero(intensity[usable][:8][:, cols],
                                                   None if sigma is None else sigma[usable][:8][:, cols])
@@ -1527,8 +1577,24 @@ class PhaseFitter:
         table.phase_names = self.phase_names
         return table
 
-    def _store_state(self, i: int, ph: dict) -> None:
-        st = self.state
+    def _arrays(self, n: int):
+        """Empty result arrays for ``n`` frames: peak values, present, success, redchi, message
+        and the phase arrays."""
+        m = self.model
+        n_c, P, W = len(self.peaks), m.P, m.W
+        values = {k: np.full((n, n_c), np.nan) for k in PEAK_FIELDS}
+        ph = {"phase_cell": np.full((n, P, 6), np.nan), "phase_cell_err": np.full((n, P, 6), np.nan),
+              "phase_present": np.zeros((n, P), bool), "phase_area": np.full((n, P, W), np.nan),
+              "phase_area_err": np.full((n, P, W), np.nan), "phase_fwhm": np.full((n, P, W), np.nan),
+              "phase_eta": np.full((n, P), np.nan), "zero": np.full(n, np.nan),
+              "phase_decision": np.full((n, P), "", dtype=object), "phase_volume": np.full((n, P), np.nan),
+              "phase_volume_err": np.full((n, P), np.nan), "phase_ref_area": np.full((n, P, W), np.nan),
+              "phase_bic": np.full(n, np.nan)}
+        return (values, np.zeros((n, n_c), bool), np.zeros((n, W), bool), np.full((n, W), np.nan),
+                np.full((n, W), "", dtype=object), ph)
+
+    def _store_state(self, i: int, ph: dict, state: PhaseState | None = None) -> None:
+        st = self.state if state is None else state
         ph["phase_cell"][i] = st.cell
         ph["phase_present"][i] = st.present
         ph["phase_fwhm"][i] = st.fwhm
@@ -1549,6 +1615,7 @@ class PhaseFitter:
         ph["phase_decision"][i] = res.decision
         if not res.success:
             return
+        ph["phase_bic"][i] = _bic(m, res)
         with np.errstate(all="ignore"):
             redchi[i] = res.chi2_window / np.maximum(res.n_window - res.nvary_window, 1)
         theta, err, cov = res.theta, res.err, res.cov
@@ -1591,6 +1658,105 @@ class PhaseFitter:
             values["height"][i, j] = area / fw * (eta * 2 / np.pi + (1 - eta) * np.sqrt(4 * np.log(2) / np.pi))
             values["d_A"][i, j], values["d_err_A"][i, j] = d[r], d_err[r]
 
+    def backward(self, stored: dict, read, *, progress=None):
+        """The backward pass: decisions over the whole series.
+
+        A phase that appears is found, in the forward pass, by a search beside phases whose
+        lines it shares, in the frames where it is weakest. From the first frame where it holds
+        ``[fit] backward_share`` of the area (its cell well determined), the frames before it
+        are fitted again going back, each starting from the one after it (every phase followed
+        from there, an absent one searched for around its cell in the forward pass), until the
+        phase is absent in both passes for two frames; every frame keeps the solution with the
+        lower BIC (by more than 2) and says so in its decisions.
+
+        ``stored``: the phase arrays of rows ``0:n`` (``phase_bic`` included, ``done``);
+        ``read(start, stop)``: the intensity and esd (NaN if none) of those rows on the run's
+        radial axis. Returns the revised rows (ascending) and their results as a
+        :class:`~xrdpipe.peaks.PeakTable` (``table.phase`` holds their phase arrays), or
+        ``None`` if no frame changed.
+        """
+        m, fit = self.model, self.fit
+        if "phase_bic" not in stored or not len(stored["phase_bic"]):
+            return None
+        n = len(stored["phase_bic"])
+        done = np.asarray(stored.get("done", np.ones(n, bool)), bool)
+        bic = np.where(done, np.asarray(stored["phase_bic"], float), np.nan)
+        usable = np.isfinite(bic)
+        present = np.asarray(stored["phase_present"], bool) & usable[:, None]
+        cell = np.asarray(stored["phase_cell"], float)
+        area = np.nan_to_num(np.asarray(stored["phase_area"], float)).sum(axis=2)
+        counted = np.array([p.fraction for p in m.phases], bool)
+        total = (area * (present & counted)).sum(axis=1)
+        share = np.where(total[:, None] > 0, area / np.where(total[:, None] > 0, total[:, None], 1.0), 0.0)
+        cols = np.concatenate([np.arange(w.columns.start, w.columns.stop) for w in m.windows]) if m.W else \
+            np.zeros(0, int)
+        starts: dict[int, list[int]] = {}
+        for p in np.flatnonzero(counted):
+            onsets = np.flatnonzero(present[1:, p] & ~present[:-1, p]) + 1
+            for e in onsets:
+                strong = np.flatnonzero(present[e:, p] & (share[e:, p] >= fit.backward_share))
+                if strong.size:
+                    starts.setdefault(int(e + strong[0]), []).append(int(p))
+        if not starts:
+            return None
+        revised: dict[int, FrameResult] = {}
+        states: dict[int, PhaseState] = {}
+        bar = progress
+
+        def hint(j: int) -> np.ndarray:
+            # where an absent phase is looked for: its cell in the nearest frame that has it
+            out = np.full((m.P, 6), np.nan)
+            for p in range(m.P):
+                have = np.flatnonzero(present[:, p])
+                if have.size:
+                    out[p] = cell[have[np.argmin(np.abs(have - j))], p]
+            return out
+
+        with threadpool_limits(1):
+            for s_row in sorted(starts):
+                # the rows this start may revisit, read at once
+                lo = max(0, s_row - _BACKWARD_MAX)
+                intensity, sigma = read(lo, s_row)
+                carry = states.get(s_row) or _stored_state(m, stored, s_row)
+                gone = 0
+                for j in range(s_row - 1, lo - 1, -1):
+                    if not usable[j]:
+                        continue
+                    y = intensity[j - lo, cols]
+                    e = sigma[j - lo, cols]
+                    res = fit_frame(m, y, e if np.isfinite(e).any() else None, carry, fit, hint(j))
+                    new_bic = _bic(m, res) if res.success else np.inf
+                    if new_bic < bic[j] - 2.0:
+                        res.decision = [d + f" (going back from frame {s_row})" if d else d for d in res.decision]
+                        revised[j], states[j] = res, res.state
+                        bic[j], present[j] = new_bic, res.present & usable[j]
+                        cell[j] = np.where(res.present[:, None], res.state.cell, cell[j])
+                        carry = res.state
+                    else:
+                        carry = states.get(j) or _stored_state(m, stored, j)
+                    if bar is not None:
+                        bar.update(1)
+                    followed = starts[s_row]
+                    if not any(res.present[p] or present[j, p] for p in followed):
+                        gone += 1
+                        if gone >= 2:
+                            break
+                    else:
+                        gone = 0
+        if not revised:
+            return None
+        rows = np.array(sorted(revised))
+        values, pres, success, redchi, message, ph = self._arrays(rows.size)
+        for k, j in enumerate(rows):
+            self._record(k, revised[j], values, pres, success, redchi, message, ph)
+            self._store_state(k, ph, revised[j].state)
+        time_s = stored.get("time_s")
+        table = PeakTable(rows, np.full(rows.size, np.nan) if time_s is None else np.asarray(time_s, float)[rows],
+                          self.windows, self.peaks, values, pres, success, redchi, message)
+        table.phase = ph
+        table.phase_names = self.phase_names
+        return rows, table
+
     def _estimate_zero(self, y: np.ndarray, sigma: np.ndarray | None) -> float:
         """The run's zero shift (or displacement): the median over the first frames of a fit in
         which it is free, each frame started afresh."""
@@ -1616,6 +1782,15 @@ class PhaseFitter:
         return float(np.median(zeros)) if zeros else 0.0
 
 
+def _stored_state(m: PhaseModel, stored: dict, r: int) -> PhaseState:
+    """The state after row ``r`` of stored phase arrays."""
+    return PhaseState(np.array(stored["phase_cell"][r], float), np.array(stored["phase_present"][r], bool),
+                      np.array(stored["phase_fwhm"][r], float), np.array(stored["phase_eta"][r], float),
+                      float(stored["zero"][r]) if np.isfinite(stored["zero"][r]) else 0.0,
+                      np.array(stored["phase_ref_area"][r], float) if "phase_ref_area" in stored
+                      else np.full((m.P, m.W), np.nan))
+
+
 def fit_phases(patterns, phases: Sequence[PhaseSpec], windows: Sequence[WindowSpec], fit: FitSpec = FitSpec(),
                lattice: LatticeSpec = LatticeSpec()) -> PeakTable:
     """The phase model in every frame of an in-memory :class:`~xrdpipe.store.Patterns` stack,
@@ -1636,4 +1811,19 @@ def fit_phases(patterns, phases: Sequence[PhaseSpec], windows: Sequence[WindowSp
                zip(usable, patterns.frames.get("message", [""] * n))]
     table = fitter.fit_block(patterns.intensity, patterns.sigma, frame=np.arange(n),
                              time_s=patterns.frames.get("time_s", np.full(n, np.nan)), usable=usable, reasons=reasons)
+    if fit.backward:
+        sigma = patterns.sigma if patterns.sigma is not None else np.full(patterns.intensity.shape, np.nan)
+        back = fitter.backward(table.phase, lambda a, b: (patterns.intensity[a:b], sigma[a:b]))
+        if back is not None:
+            _replace_rows(table, *back)
     return concat_tables([table])
+
+
+def _replace_rows(table: PeakTable, rows: np.ndarray, new: PeakTable) -> None:
+    """Put the results of ``new`` (rows ``rows`` of ``table``) into ``table``."""
+    for name in table.values:
+        table.values[name][rows] = new.values[name]
+    for name in ("present", "success", "redchi", "message"):
+        getattr(table, name)[rows] = getattr(new, name)
+    for name in table.phase:
+        table.phase[name][rows] = new.phase[name]

@@ -433,11 +433,16 @@ class FitSummary:
     present: dict[str, int] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
     phases: dict[str, int] = field(default_factory=dict)
+    #: frames whose solution the phase model's backward pass replaced
+    revised: int = 0
 
     def __str__(self) -> str:
         lines = [f"{self.total} frame(s): {self.fitted} fitted now, {self.skipped} already done"
                  + (f", {self.waiting} not integrated yet" if self.waiting else "")
                  + f" ({self.seconds:.1f} s)"]
+        if self.revised:
+            lines.append(f"backward pass: {self.revised} frame(s) fitted better going back from where a phase "
+                         "that appeared is strong")
         if self.restarted:
             lines.append("the fit settings changed since the last run: every frame was fitted again")
         if self.phases:
@@ -535,6 +540,20 @@ def fit_experiment(exp: Experiment, *, restart: bool = False, progress: bool = T
                         bar.update(chunk.size)
             finally:
                 bar.close()
+            if phase_model and fit.backward and reach == n and store.backward_through < n:
+                # every frame is there: the backward pass over the whole series (once; again
+                # when frames were added)
+                back_bar = _progress(n, "fit (backward pass)", progress)
+                try:
+                    back = fitter.backward(store.stored(n), store.read_patterns, progress=back_bar)
+                finally:
+                    back_bar.close()
+                if back is not None:
+                    rows, revised = back
+                    store.write(rows, revised.values, revised.present, revised.success, revised.redchi,
+                                revised.message, revised.phase)
+                    summary.revised = int(rows.size)
+                store.backward_through = n
     table = _stored_table(exp.run.run_file)
     summary.csv_file = table.write_csv(exp.run.output / "peaks.csv")
     if table.phase is not None:

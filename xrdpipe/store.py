@@ -439,6 +439,15 @@ class PeakStore(_Writer):
     def done(self) -> np.ndarray:
         return self._g["done"][()].astype(bool)
 
+    @property
+    def backward_through(self) -> int:
+        """Rows ``0:n`` the phase model's backward pass has been over (0: none yet)."""
+        return int(self._g.attrs.get("backward_through", 0))
+
+    @backward_through.setter
+    def backward_through(self, n: int) -> None:
+        self._g.attrs["backward_through"] = int(n)
+
     def read_patterns(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """Rows ``start:stop`` of the pattern stack: intensity and its esd (NaN if none)."""
         pat = self._h5["/entry/patterns"]
@@ -481,7 +490,8 @@ class PeakStore(_Writer):
 
 #: The phase model's per-frame datasets in ``/entry/peaks`` (frame x phase [x window or cell]).
 PHASE_DATASETS = ("phase_cell", "phase_cell_err", "phase_present", "phase_area", "phase_area_err", "phase_fwhm",
-                  "phase_eta", "zero", "phase_decision", "phase_volume", "phase_volume_err", "phase_ref_area")
+                  "phase_eta", "zero", "phase_decision", "phase_volume", "phase_volume_err", "phase_ref_area",
+                  "phase_bic")
 
 
 def _create_peaks(entry, n: int, windows, peaks, fingerprint: str, phases=None) -> None:
@@ -508,7 +518,7 @@ def _create_peaks(entry, n: int, windows, peaks, fingerprint: str, phases=None) 
         g.create_dataset("phase", data=np.array(list(phases), dtype=object), dtype=s)
         shapes = {"phase_cell": (q, 6), "phase_cell_err": (q, 6), "phase_present": (q,), "phase_area": (q, w),
                   "phase_area_err": (q, w), "phase_fwhm": (q, w), "phase_eta": (q,), "zero": (), "phase_decision": (q,),
-                  "phase_volume": (q,), "phase_volume_err": (q,), "phase_ref_area": (q, w)}
+                  "phase_volume": (q,), "phase_volume_err": (q,), "phase_ref_area": (q, w), "phase_bic": ()}
         for name, shape in shapes.items():
             kind = {"phase_present": "i1", "phase_decision": s}.get(name, "f8")
             extra = {} if kind != "f8" else {"fillvalue": np.nan}
