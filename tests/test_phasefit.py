@@ -195,6 +195,9 @@ def test_backward_pass_replaces_a_frame_where_the_forward_pass_missed_a_phase():
     assert revised.phase["phase_present"][k, p3]
     assert revised.phase["phase_bic"][k] < bic_bad - 10
     assert f"going back from frame {onset + 1 - lo}" in revised.phase["phase_decision"][k, p3]
+    # an interrupted fit that resumes after this frame goes on from the forward pass's state
+    np.testing.assert_array_equal(revised.phase["forward_present"][k] > 0, bad.state.present)
+    np.testing.assert_array_equal(revised.phase["forward_cell"][k], bad.state.cell)
     a_true, c_true, _ = states[onset]["P3"]
     assert abs(revised.phase["phase_cell"][k, p3, 2] - c_true) < 0.01
     area = np.nansum(revised.phase["phase_area"][k], axis=1)

@@ -103,7 +103,7 @@ def _cli(args, **kw):
 
 
 def test_kill_9_at_random_points_then_rerun_gives_the_straight_result(tmp_path, experiment):
-    syn = experiment(tmp_path / "exp", n_frames=40, checkpoint_s=0.3)
+    syn = experiment(tmp_path / "exp", n_frames=24, checkpoint_s=0.3)
     straight = _with_output(syn, "straight")
     t0 = time.monotonic()
     proc = _cli(["run", str(straight), "--quiet"])
@@ -112,7 +112,7 @@ def test_kill_9_at_random_points_then_rerun_gives_the_straight_result(tmp_path, 
     assert proc.returncode == 0, err
     reference = load_experiment(straight).run.run_file
     killed_at = []
-    for seed in (1, 2, 3):
+    for seed in (1, 2):
         rng = np.random.default_rng(seed)
         path = _with_output(syn, f"killed{seed}")
         for _ in range(2):                                # killed twice, at random moments
@@ -132,7 +132,7 @@ def test_kill_9_at_random_points_then_rerun_gives_the_straight_result(tmp_path, 
         assert not list(run_dir.glob("*.work")) and not list(run_dir.glob("*.part"))
         for csv in ("peaks.csv", "lattice.csv", "frames.csv"):
             assert (run_dir / csv).read_text() == (reference.parent / csv).read_text(), csv
-    assert len(killed_at) >= 3, f"the runs ended before they could be killed ({killed_at}, span {span:.1f} s)"
+    assert len(killed_at) >= 2, f"the runs ended before they could be killed ({killed_at}, span {span:.1f} s)"
 
 
 def _digest(path: Path) -> str:

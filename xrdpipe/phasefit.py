@@ -87,7 +87,7 @@ _REACH = 3.0
 #: Per (frame, phase[, window]) arrays the phase model stores beside the peaks.
 PHASE_ARRAYS = ("phase_cell", "phase_cell_err", "phase_present", "phase_area", "phase_area_err", "phase_fwhm",
                 "phase_eta", "zero", "phase_decision", "phase_volume", "phase_volume_err", "phase_ref_area",
-                "phase_bic")
+                "phase_bic", "forward_cell", "forward_present", "forward_fwhm", "forward_eta", "forward_ref_area")
 #: How many frames the backward pass goes back from a frame where a phase that appeared is
 #: strong, at most.
 _BACKWARD_MAX = 60
@@ -882,9 +882,13 @@ class _Frame:
         can take it) the phases stay where they were."""
         m = self.m
         zero = self.state.zero
+        name = {v: k for k, v in _CELL_INDEX.items()}[j]
         shape = (grids[0].size, grids[1].size, factors.size)
         gp, gq, gs = (v.ravel() for v in np.meshgrid(*grids, factors, indexing="ij"))
         ok = np.sign(gp - gq) == sign if sign else np.ones(gp.size, bool)
+        # two phases on one line is not a split of it (a second component there only follows the
+        # noise or the profile's shape): their lines stay half a width apart at least
+        ok &= np.abs(gp - gq) >= 0.5 * min(self._width(p, name, theta, windows), self._width(q, name, theta, windows))
         if not ok.any():
             return [], weight
         chi2 = np.full(gp.size, np.inf)
@@ -930,20 +934,14 @@ class _Frame:
                for a, b in zip(*np.nonzero(low))]
         return sorted(out, key=lambda t: t[3]), weight
 
-    def _grid(self, p: int, name: str, theta: np.ndarray, centre: float, half: float,
-              frac: float, windows: Sequence[int]) -> tuple[np.ndarray, float]:
-        """Trial values of one cell parameter over ``centre ± half``: steps that move the most
-        sensitive reflection (in ``windows``) by ``frac`` of its width. Returns the values and
-        the step."""
+    def _width(self, p: int, name: str, theta: np.ndarray, windows: Sequence[int]) -> float:
+        """How far cell parameter ``name`` of phase ``p`` moves its most sensitive reflection (in
+        ``windows``) by one width (infinite if it moves none)."""
         m = self.m
         i = _CELL_INDEX[name]
-        c0 = centre
-        if half <= 0:
-            return np.array([c0]), 0.0
         rows = np.flatnonzero((m.r_phase == p) & np.isin(m.r_window, list(windows)))
         cell = self.state.cell[p].copy() if np.all(np.isfinite(self.state.cell[p])) else m.cell0[p].copy()
-        cell = m.cell0[p].copy() if not np.all(np.isfinite(cell)) else cell
-        h = 1e-4 * max(abs(c0), 1.0)
+        h = 1e-4 * max(abs(cell[i]), 1.0)
         up, dn = cell.copy(), cell.copy()
         up[i] += h
         dn[i] -= h
@@ -952,9 +950,19 @@ class _Frame:
                        - m.radial_of_d(np.asarray(d_from_cell(hkl[:, 0], hkl[:, 1], hkl[:, 2], dn)))) / (2 * h)
         fw = theta[m.fwhm_col[p, m.r_window[rows]]]
         ratio = np.nanmax(shift / fw) if rows.size else 0.0
-        step = frac / ratio if ratio > 0 else half
+        return 1.0 / ratio if ratio > 0 else np.inf
+
+    def _grid(self, p: int, name: str, theta: np.ndarray, centre: float, half: float,
+              frac: float, windows: Sequence[int]) -> tuple[np.ndarray, float]:
+        """Trial values of one cell parameter over ``centre ± half``: steps that move the most
+        sensitive reflection (in ``windows``) by ``frac`` of its width. Returns the values and
+        the step."""
+        if half <= 0:
+            return np.array([centre]), 0.0
+        step = frac * self._width(p, name, theta, windows)
+        step = step if np.isfinite(step) else half
         n = int(min(400, max(2, np.ceil(half / step))))
-        return c0 + np.linspace(-half, half, 2 * n + 1), half / n
+        return centre + np.linspace(-half, half, 2 * n + 1), half / n
 
     def _ordered(self, p: int, trial: np.ndarray, present: Sequence[int], only: int | None = None) -> np.ndarray:
         """Trials that keep the configured order of ``p`` against every present phase it could
@@ -1071,19 +1079,12 @@ def _fit_frame_once(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, 
         found_now.add(p)
         joined.append(p)
         null_chi2 = np.inf
-    settled = [q for q in present if q not in found_now]
-    if joined and settled:
-        # the phases followed from the frame before were placed (and their widths fitted) while
-        # the new ones' lines were not explained: a shoulder of a new line may have pulled them
-        # off their own. Each is followed again beside the new ones, then the new ones searched
-        # again beside them (below)
-        for q in settled:
-            st.cell[q], _, _ = fr.search(q, present, around=st.cell[q], halves=fr.track_halves(q, _TRACK_FWHM))
-    if len(joined) > 1 or (joined and settled):
+    if len(joined) > 1:
         # phases found one after another in this frame: the first was placed before the others
         # explained their own lines (an Al line, a second phase), and may sit on an alias. Each
         # is searched again in the order they joined, beside the phases there before, those it
         # cannot be confused with, and those already placed again
+        settled = [q for q in present if q not in found_now]
         for p in joined:
             similar = {b for a, b, _, _ in m.order if a == p}
             beside = settled + [q for q in joined if q != p and q not in similar and q not in settled]
@@ -1098,9 +1099,14 @@ def _fit_frame_once(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, 
             # the parameter it listens to first (c); the new phase's other parameters were
             # searched before that split, beside a line not yet split: searched again, over its
             # whole range, and the pair split again from there
+            # (kept only if the frame is explained better: a phase that may be an impostor must
+            # not be given a second chance to take the other's lines)
+            kept = (st.cell.copy(), st.fwhm.copy(), float(fr.linear(st.cell, present, st.zero)[1].sum()))
             for p in joined:
                 st.cell[p], _, _ = fr.search(p, present, around=fr.centre[p])
             _pair_searches(m, fr, present, widths)
+            if float(fr.linear(st.cell, present, st.zero)[1].sum()) >= kept[2]:
+                st.cell[:], st.fwhm[:] = kept[0], kept[1]
     held: set[int] = set()      # cell columns the data do not determine, held where the search put them
     while present:
         rows = [tuple(present)] + [tuple(q for q in present if q != p) for p in present]
@@ -1542,7 +1548,7 @@ class PhaseFitter:
         if not done.size:
             return
         r = done[-1]
-        self.state = _stored_state(m, stored, r)
+        self.state = _stored_state(m, stored, r, forward=True)
         self._zero_known = self._zero_known or bool(np.isfinite(stored["zero"][r]))
 
     def fit_block(self, intensity: np.ndarray, sigma: np.ndarray | None, *, frame: np.ndarray,
@@ -1589,7 +1595,9 @@ class PhaseFitter:
               "phase_eta": np.full((n, P), np.nan), "zero": np.full(n, np.nan),
               "phase_decision": np.full((n, P), "", dtype=object), "phase_volume": np.full((n, P), np.nan),
               "phase_volume_err": np.full((n, P), np.nan), "phase_ref_area": np.full((n, P, W), np.nan),
-              "phase_bic": np.full(n, np.nan)}
+              "phase_bic": np.full(n, np.nan), "forward_cell": np.full((n, P, 6), np.nan),
+              "forward_present": np.full((n, P), np.nan), "forward_fwhm": np.full((n, P, W), np.nan),
+              "forward_eta": np.full((n, P), np.nan), "forward_ref_area": np.full((n, P, W), np.nan)}
         return (values, np.zeros((n, n_c), bool), np.zeros((n, W), bool), np.full((n, W), np.nan),
                 np.full((n, W), "", dtype=object), ph)
 
@@ -1683,7 +1691,7 @@ class PhaseFitter:
         bic = np.where(done, np.asarray(stored["phase_bic"], float), np.nan)
         usable = np.isfinite(bic)
         present = np.asarray(stored["phase_present"], bool) & usable[:, None]
-        cell = np.asarray(stored["phase_cell"], float)
+        cell = np.array(stored["phase_cell"], float)
         area = np.nan_to_num(np.asarray(stored["phase_area"], float)).sum(axis=2)
         counted = np.array([p.fraction for p in m.phases], bool)
         total = (area * (present & counted)).sum(axis=1)
@@ -1750,6 +1758,12 @@ class PhaseFitter:
         for k, j in enumerate(rows):
             self._record(k, revised[j], values, pres, success, redchi, message, ph)
             self._store_state(k, ph, revised[j].state)
+            # what the forward pass carried on from this frame: an interrupted fit that resumes
+            # after it goes on as the forward pass did
+            fwd = _stored_state(m, stored, j, forward=True)
+            ph["forward_cell"][k], ph["forward_present"][k] = fwd.cell, fwd.present
+            ph["forward_fwhm"][k], ph["forward_eta"][k] = fwd.fwhm, fwd.eta
+            ph["forward_ref_area"][k] = fwd.ref_area if fwd.ref_area is not None else np.nan
         time_s = stored.get("time_s")
         table = PeakTable(rows, np.full(rows.size, np.nan) if time_s is None else np.asarray(time_s, float)[rows],
                           self.windows, self.peaks, values, pres, success, redchi, message)
@@ -1782,8 +1796,14 @@ class PhaseFitter:
         return float(np.median(zeros)) if zeros else 0.0
 
 
-def _stored_state(m: PhaseModel, stored: dict, r: int) -> PhaseState:
-    """The state after row ``r`` of stored phase arrays."""
+def _stored_state(m: PhaseModel, stored: dict, r: int, forward: bool = False) -> PhaseState:
+    """The state after row ``r`` of stored phase arrays (``forward``: the one the forward pass
+    carried on from that row, where the backward pass replaced its solution)."""
+    if forward and "forward_cell" in stored and np.isfinite(stored["forward_present"][r]).all():
+        return PhaseState(np.array(stored["forward_cell"][r], float), np.array(stored["forward_present"][r]) > 0,
+                          np.array(stored["forward_fwhm"][r], float), np.array(stored["forward_eta"][r], float),
+                          float(stored["zero"][r]) if np.isfinite(stored["zero"][r]) else 0.0,
+                          np.array(stored["forward_ref_area"][r], float))
     return PhaseState(np.array(stored["phase_cell"][r], float), np.array(stored["phase_present"][r], bool),
                       np.array(stored["phase_fwhm"][r], float), np.array(stored["phase_eta"][r], float),
                       float(stored["zero"][r]) if np.isfinite(stored["zero"][r]) else 0.0,

@@ -517,6 +517,8 @@ def fit_experiment(exp: Experiment, *, restart: bool = False, progress: bool = T
             summary.skipped = int(done.sum())
             summary.waiting = int((~done & (np.arange(n) >= reach)).sum())
             rows = np.flatnonzero(todo)
+            if phase_model and rows.size:
+                store.backward_through = 0      # the backward pass goes over the series again
             bar = _progress(int(rows.size), "fit", progress)
             try:
                 for start, chunk in _blocks(rows, block):

@@ -491,7 +491,7 @@ class PeakStore(_Writer):
 #: The phase model's per-frame datasets in ``/entry/peaks`` (frame x phase [x window or cell]).
 PHASE_DATASETS = ("phase_cell", "phase_cell_err", "phase_present", "phase_area", "phase_area_err", "phase_fwhm",
                   "phase_eta", "zero", "phase_decision", "phase_volume", "phase_volume_err", "phase_ref_area",
-                  "phase_bic")
+                  "phase_bic", "forward_cell", "forward_present", "forward_fwhm", "forward_eta", "forward_ref_area")
 
 
 def _create_peaks(entry, n: int, windows, peaks, fingerprint: str, phases=None) -> None:
@@ -518,7 +518,11 @@ def _create_peaks(entry, n: int, windows, peaks, fingerprint: str, phases=None) 
         g.create_dataset("phase", data=np.array(list(phases), dtype=object), dtype=s)
         shapes = {"phase_cell": (q, 6), "phase_cell_err": (q, 6), "phase_present": (q,), "phase_area": (q, w),
                   "phase_area_err": (q, w), "phase_fwhm": (q, w), "phase_eta": (q,), "zero": (), "phase_decision": (q,),
-                  "phase_volume": (q,), "phase_volume_err": (q,), "phase_ref_area": (q, w), "phase_bic": ()}
+                  "phase_volume": (q,), "phase_volume_err": (q,), "phase_ref_area": (q, w), "phase_bic": (),
+                  # a frame the backward pass replaced: the state the forward pass carried on from
+                  # it (NaN elsewhere), where an interrupted fit resumes
+                  "forward_cell": (q, 6), "forward_present": (q,), "forward_fwhm": (q, w), "forward_eta": (q,),
+                  "forward_ref_area": (q, w)}
         for name, shape in shapes.items():
             kind = {"phase_present": "i1", "phase_decision": s}.get(name, "f8")
             extra = {} if kind != "f8" else {"fillvalue": np.nan}
