@@ -811,7 +811,9 @@ class _Frame:
         widths; coarse steps first (0.7 of a width at the most sensitive line), then finer ones
         around the best few basins. With ``pure``, only the windows whose lines of both depend on
         nothing but parameter ``j`` are listened to (the 00l lines for c), where there are such:
-        lines placed by another parameter, not yet right, would pull this one astray."""
+        lines placed by another parameter, not yet right, would pull this one astray; and those
+        lines, split, stay half a width apart (in another parameter, as a of P2 and P''2, the
+        two may be nearly equal)."""
         m = self.m
         others = [r for r in present if r not in (p, q)]
         zero = self.state.zero
@@ -843,7 +845,7 @@ class _Frame:
         # (the pull to where the two were holds for a pair followed from the frame before; a
         # phase just found was placed by a search beside the other, not by the data of both)
         cands, weight = self._pair_trials(p, q, j, grids, np.array(_WIDTH_FACTORS), windows, others, widths, theta,
-                                          cen_all, sign, start, None if tracked else 0.0)
+                                          cen_all, sign, start, None if tracked else 0.0, pure)
         if not cands:
             return
         # then finer and finer steps (0.2, 0.07, 0.025 of a width) around each of the best few
@@ -860,7 +862,7 @@ class _Frame:
                     g, span[i] = self._grid(r, name, theta, v, span[i], frac, windows)
                     fine.append(np.clip(g, self.state.cell[r, j] - half, self.state.cell[r, j] + half))
                 found, _ = self._pair_trials(p, q, j, fine, factors, windows, others, widths, theta, cen_all, sign,
-                                             start, weight)
+                                             start, weight, pure)
                 if not found:
                     break
                 vp, vq, s, score = found[0]
@@ -875,20 +877,24 @@ class _Frame:
 
     def _pair_trials(self, p: int, q: int, j: int, grids: list[np.ndarray], factors: np.ndarray,
                      windows: Sequence[int], others: Sequence[int], widths: np.ndarray, theta: np.ndarray,
-                     cen_all: np.ndarray, sign: float, start: np.ndarray, weight: float | None = None):
+                     cen_all: np.ndarray, sign: float, start: np.ndarray, weight: float | None = None,
+                     apart: bool = False):
         """The local minima (value of p, value of q, width factor, score) over the joint grid,
         best first (an empty list if no trial keeps the order), and the weight of the pull to the
         ``start`` values: where two splits explain the lines equally (one line left, either phase
-        can take it) the phases stay where they were."""
+        can take it) the phases stay where they were. ``apart``: the lines the parameter places
+        (the pair's shared lines) stay half a width apart."""
         m = self.m
         zero = self.state.zero
         name = {v: k for k, v in _CELL_INDEX.items()}[j]
         shape = (grids[0].size, grids[1].size, factors.size)
         gp, gq, gs = (v.ravel() for v in np.meshgrid(*grids, factors, indexing="ij"))
         ok = np.sign(gp - gq) == sign if sign else np.ones(gp.size, bool)
-        # two phases on one line is not a split of it (a second component there only follows the
-        # noise or the profile's shape): their lines stay half a width apart at least
-        ok &= np.abs(gp - gq) >= 0.5 * min(self._width(p, name, theta, windows), self._width(q, name, theta, windows))
+        if apart:
+            # two phases on one line is not a split of it (a second component there only follows
+            # the noise or the profile's shape): their lines stay half a width apart at least
+            ok &= np.abs(gp - gq) >= 0.5 * min(self._width(p, name, theta, windows),
+                                               self._width(q, name, theta, windows))
         if not ok.any():
             return [], weight
         chi2 = np.full(gp.size, np.inf)
