@@ -478,6 +478,14 @@ class _Calculator:
             out["I"] = theta[self.scale_index[p]] * refl.multiplicity * lp * fsq
         return out
 
+    def _widths_moved(self, p: int, s1: dict[str, np.ndarray], theta: np.ndarray) -> dict[str, np.ndarray]:
+        """:meth:`phase_state` of phase ``p`` (no computed intensities) at ``theta`` that differs
+        from the θ of ``s1`` in widths only: the positions kept, FWHM and mixing recomputed."""
+        U, V, W, X, Y = theta[self.profile_index[p]]
+        tn, cs = s1["tan"], s1["cos"]
+        h, e = _tch(U * tn**2 + V * tn + W, X * tn + Y / cs)
+        return {**s1, "fwhm": h, "eta": e}
+
     def reflection_state(self, theta: np.ndarray, lebail_I: np.ndarray | None = None,
                          phases: list[dict] | None = None) -> dict[str, np.ndarray]:
         """Position, FWHM, mixing and intensity of every reflection (phases concatenated)."""
@@ -496,101 +504,66 @@ class _Calculator:
         return out
 
     # the pattern ---------------------------------------------------------------------------
-    def _windows(self, pos: np.ndarray, fwhm: np.ndarray, eta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The points within ±k FWHM of every reflection, flat (reflection after reflection):
-        each entry's reflection and point, and where each reflection's entries start. k is
-        WINDOW_FWHM, or more where the pseudo-Voigt's Lorentzian tail beyond it, a share
-        η (1 - (2/π) atan 2k) of the area, would exceed TAIL_AREA (k = 64 at η = 0.4): a tail
-        cut off is area missing from the model, which the widths and the background then
-        distort themselves to make up for."""
+    def _windows(self, pos: np.ndarray, fwhm: np.ndarray, eta: np.ndarray,
+                 empty: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The points within ±k FWHM of every reflection: the first point of each reflection's
+        window and where its entries start in the flat arrays (``ptr``, one more than
+        reflections). k is WINDOW_FWHM, or more where the pseudo-Voigt's Lorentzian tail beyond
+        it, a share η (1 - (2/π) atan 2k) of the area, would exceed TAIL_AREA (k = 64 at
+        η = 0.4): a tail cut off is area missing from the model, which the widths and the
+        background then distort themselves to make up for. Reflections ``empty`` get none."""
         k = 0.5 * np.tan(0.5 * np.pi * (1.0 - TAIL_AREA / np.maximum(eta, TAIL_AREA)))
         half = np.maximum(k, WINDOW_FWHM) * fwhm
         lo = np.searchsorted(self.x, pos - half)
         hi = np.maximum(np.searchsorted(self.x, pos + half), lo)
-        n = hi - lo
-        ptr = np.concatenate([[0], np.cumsum(n)])
-        r = np.repeat(np.arange(pos.size), n)
-        idx = np.arange(int(ptr[-1])) - np.repeat(ptr[:-1] - lo, n)
-        return r, idx, ptr
+        if empty is not None:
+            hi = np.where(empty, lo, hi)
+        ptr = np.zeros(pos.size + 1, np.int64)
+        np.cumsum(hi - lo, out=ptr[1:])
+        return lo.astype(np.int64), ptr
 
     def profiles(self, st: dict[str, np.ndarray], theta: np.ndarray, derivatives: bool = False):
         """Every reflection's profile (area 1, asymmetry included) on the points of its window,
         flat: ``r`` (reflection), ``idx`` (point), ``ptr`` (where each reflection's entries
         start) and ``P``; with ``derivatives`` also its derivatives in position (``dx0``),
-        FWHM (``dH``), mixing (``deta``) and the asymmetry parameters (``dP1``, ``dP2``)."""
+        FWHM (``dH``), mixing (``deta``) and the asymmetry parameters (``dP1``, ``dP2``)
+        (:func:`xrdpipe.kernels.pv_profiles`)."""
         L = self.layout
-        p1, p2 = theta[L.index["asym_P1"]], theta[L.index["asym_P2"]]
-        # the last profiles computed in this thread, kept with their intermediate arrays: a
-        # least-squares step evaluates the pattern, then its derivatives, at the same point
-        key = (st["pos"], st["fwhm"], st["eta"], st["tan"], float(p1), float(p2))
+        p1, p2 = float(theta[L.index["asym_P1"]]), float(theta[L.index["asym_P2"]])
+        # the last profiles computed in this thread: a least-squares step evaluates the
+        # pattern, then its derivatives, at the same point
+        # a phase without intensity (absent) adds nothing to the pattern nor its derivatives:
+        # its reflections get no window
+        I = st.get("I")
+        dead = tuple(bool(I is not None and not np.any(I[a:b] != 0)) for a, b in zip(self.offsets[:-1], self.offsets[1:]))
+        key = (st["pos"], st["fwhm"], st["eta"], st["tan"], p1, p2, dead)
         last = getattr(self._local, "profiles", None)
         if last is not None and all(np.array_equal(a, b) for a, b in zip(last[0], key)):
-            out, keep = last[1], last[2]
+            out = last[1]
             if not derivatives or "dx0" in out:
                 return out
-        else:
-            out, keep = self._profiles(st, p1, p2)
-            self._local.profiles = (tuple(np.copy(k) if isinstance(k, np.ndarray) else k for k in key), out, keep)
-        if derivatives:
-            self._derivatives(out, keep, p1, p2)
+        out = self._profiles(st, p1, p2, derivatives, dead)
+        self._local.profiles = (tuple(np.copy(k) if isinstance(k, np.ndarray) else k for k in key), out)
         return out
 
-    def _profiles(self, st: dict[str, np.ndarray], p1: float, p2: float):
-        r, idx, ptr = self._windows(st["pos"], st["fwhm"], st["eta"])
-        u = self.x[idx] - st["pos"][r]
-        Hr = st["fwhm"][r]
-        eta = st["eta"][r]
-        z = u / Hr
-        z2 = z * z
-        # the exponentials only where they are not below 1e-43 (the Gaussian core, a third of
-        # the window at most); the Lorentzian everywhere
-        g = np.zeros_like(u)
-        np.exp(-4 * _LN2 * z2, out=g, where=z2 < 36.0)
-        g *= _CG / Hr
-        q = 1 + 4 * z2
-        lor = _CL / Hr / q
-        prof = eta * lor + (1 - eta) * g
-        asym_on = bool(self.model.asymmetry or p1 or p2)
-        out = {"r": r, "idx": idx, "ptr": ptr}
-        keep = {"u": u, "Hr": Hr, "eta": eta, "z": z, "z2": z2, "g": g, "q": q, "lor": lor, "prof": prof,
-                "asym_on": asym_on}
-        if asym_on:
-            ez = np.zeros_like(u)
-            np.exp(-z2, out=ez, where=z2 < 100.0)
-            fa = 2 * z * ez
-            fb = 2 * (2 * z2 - 3) * fa
-            inv_tan = (1.0 / np.maximum(st["tan"], 1e-6))[r]
-            asym = 1 + (p1 * fa + p2 * fb) * inv_tan
-            out["P"] = prof * asym
-            keep.update(ez=ez, fa=fa, fb=fb, inv_tan=inv_tan, asym=asym)
-        else:
-            out["P"] = prof
-        return out, keep
+    def _profiles(self, st: dict[str, np.ndarray], p1: float, p2: float, derivatives: bool,
+                  dead: tuple[bool, ...]) -> dict:
+        from .kernels import pv_profiles
 
-    @staticmethod
-    def _derivatives(out: dict, keep: dict, p1: float, p2: float) -> None:
-        """Add the profiles' derivatives to ``out`` (from the intermediates ``keep``)."""
-        u, Hr, eta, z, z2, g, q, lor, prof = (keep[k] for k in ("u", "Hr", "eta", "z", "z2", "g", "q", "lor", "prof"))
-        asym_on = keep["asym_on"]
-        if asym_on:
-            ez, fa, fb, inv_tan, asym = (keep[k] for k in ("ez", "fa", "fb", "inv_tan", "asym"))
-        # d/dx0 of each part; d/dH follows from the scaling f(u; H) = φ(u/H)/H:
-        # df/dH = (u df/dx0 - f)/H
-        dp_dx0 = (eta * lor / q + (1 - eta) * _LN2 * g) * (8 * u / (Hr * Hr))
-        dp_dh = (u * dp_dx0 - prof) / Hr
-        if asym_on:
-            dfa = 2 * ez * (1 - 2 * z2)
-            dfb = 8 * z * fa + 2 * (2 * z2 - 3) * dfa
-            da_dz = (p1 * dfa + p2 * dfb) * inv_tan
-            pa = prof * da_dz / Hr
-            out["dx0"] = asym * dp_dx0 - pa
-            out["dH"] = asym * dp_dh - pa * z
-            out["deta"] = (lor - g) * asym
-            out["dP1"] = prof * fa * inv_tan
-            out["dP2"] = prof * fb * inv_tan
-        else:
-            out["dx0"], out["dH"], out["deta"] = dp_dx0, dp_dh, lor - g
-            out["dP1"] = out["dP2"] = np.zeros_like(u)
+        pos, fwhm, eta = (np.ascontiguousarray(st[k], float) for k in ("pos", "fwhm", "eta"))
+        lo, ptr = self._windows(pos, fwhm, eta, np.repeat(np.array(dead, bool), self.sizes))
+        n = int(ptr[-1])
+        asym_on = bool(self.model.asymmetry or p1 or p2)
+        inv_tan = 1.0 / np.maximum(np.ascontiguousarray(st["tan"], float), 1e-6)
+        r = np.empty(n, np.int64)
+        idx = np.empty(n, np.int64)
+        P = np.empty(n)
+        d = [np.empty(n if derivatives else 0) for _ in range(5)]
+        pv_profiles(self.x, pos, fwhm, eta, inv_tan, lo, ptr, p1, p2, asym_on, derivatives, r, idx, P, *d)
+        out = {"r": r, "idx": idx, "ptr": ptr, "P": P}
+        if derivatives:
+            out.update(zip(("dx0", "dH", "deta", "dP1", "dP2"), d))
+        return out
 
     def background(self, theta: np.ndarray) -> np.ndarray:
         L = self.layout
@@ -622,39 +595,55 @@ class _Calculator:
         pr = self.profiles(st, theta, derivatives=True)
         if extract_from is not None and cycles:
             st["I"] = _extract(self, pr, theta, st["I"], extract_from, cycles)
-        I = st["I"][pr["r"]]
+        from .kernels import profile_columns
+
+        I_r = st["I"]
+        I = I_r[pr["r"]]
         y = self.background(theta) + np.bincount(pr["idx"], weights=pr["P"] * I, minlength=self.x.size)
         J = np.zeros((self.x.size, cols.size))
         flat = pr["idx"]
+        n_refl = I_r.size
+        by_phase: dict[int, list[int]] = {}
+        shift_cols: list[int] = []
         for c, j in enumerate(cols):
             q = L.params[j]
             if q.kind == "bkg":
                 J[:, c] = self.cheb[:, int(q.key)]
-                continue
-            if q.kind == "asym":
+            elif q.kind == "asym":
                 w = pr["dP1"] if q.name == "asym_P1" else pr["dP2"]
                 J[:, c] = np.bincount(flat, weights=w * I, minlength=self.x.size)
-                continue
-            if q.kind in ("zero", "disp"):       # positions move by 1 or cos θ
-                dx0 = np.ones_like(st["pos"]) if q.kind == "zero" else st["cos"]
-                J[:, c] = np.bincount(flat, weights=I * pr["dx0"] * dx0[pr["r"]], minlength=self.x.size)
-                continue
-            # a phase's parameter: differentiate that phase's reflections numerically
-            p = q.phase
-            h = q.step if q.step > 0 else 1e-7 * max(abs(theta[j]), 1e-30)
-            t2 = theta.copy()
-            t2[j] += h
-            s2 = self.phase_state(p, t2)
+            elif q.kind in ("zero", "disp"):       # positions move by 1 or cos θ
+                shift_cols.append(c)
+            else:
+                by_phase.setdefault(q.phase, []).append(c)
+        args = (pr["r"], flat, I_r, pr["P"], pr["dx0"], pr["dH"], pr["deta"])
+        if shift_cols:
+            cx0 = np.column_stack([np.ones(n_refl) if L.params[cols[c]].kind == "zero" else st["cos"]
+                                   for c in shift_cols])
+            zero = np.zeros_like(cx0)
+            profile_columns(0, int(pr["ptr"][-1]), *args[:2], 0, *args[2:], cx0, zero, zero, zero,
+                            np.array(shift_cols, np.int64), J)
+        disp = theta[L.index["displacement"]]
+        for p, cs in by_phase.items():
+            # a phase's parameters: its reflections' positions, widths, mixing (and computed
+            # intensities) differentiated numerically
             s1 = parts[p]
-            rows = slice(int(pr["ptr"][self.offsets[p]]), int(pr["ptr"][self.offsets[p + 1]]))
-            k = pr["r"][rows] - int(self.offsets[p])         # the phase's own reflection index
-            dx0 = (s2["pos"] - s1["pos"]) / h + theta[L.index["displacement"]] * (s2["cos"] - s1["cos"]) / h
-            dH = (s2["fwhm"] - s1["fwhm"]) / h
-            de = (s2["eta"] - s1["eta"]) / h
-            w = I[rows] * (pr["dx0"][rows] * dx0[k] + pr["dH"][rows] * dH[k] + pr["deta"][rows] * de[k])
-            if "I" in s1:
-                w = w + pr["P"][rows] * ((s2["I"] - s1["I"]) / h)[k]
-            J[:, c] = np.bincount(pr["idx"][rows], weights=w, minlength=self.x.size)
+            m = s1["pos"].size
+            coef = np.zeros((4, m, len(cs)))
+            for k, c in enumerate(cs):
+                j = int(cols[c])
+                q = L.params[j]
+                h = q.step if q.step > 0 else 1e-7 * max(abs(theta[j]), 1e-30)
+                t2 = theta.copy()
+                t2[j] += h
+                s2 = self._widths_moved(p, s1, t2) if q.kind == "profile" else self.phase_state(p, t2)
+                coef[0, :, k] = (s2["pos"] - s1["pos"]) / h + disp * (s2["cos"] - s1["cos"]) / h
+                coef[1, :, k] = (s2["fwhm"] - s1["fwhm"]) / h
+                coef[2, :, k] = (s2["eta"] - s1["eta"]) / h
+                if "I" in s1:
+                    coef[3, :, k] = (s2["I"] - s1["I"]) / h
+            a, b = int(pr["ptr"][self.offsets[p]]), int(pr["ptr"][self.offsets[p + 1]])
+            profile_columns(a, b, *args[:2], int(self.offsets[p]), *args[2:], *coef, np.array(cs, np.int64), J)
         return y, J, st["I"]
 
 
@@ -743,6 +732,15 @@ def refine_pattern(model: RefinementModel, tth: np.ndarray, y: np.ndarray, sigma
     return Refiner(model, tth[keep]).refine(np.asarray(y, float)[keep], sig, start=start, tol=tol)
 
 
+@lru_cache(maxsize=1)
+def _blas_controller():
+    """threadpoolctl's view of the loaded BLAS libraries, inspected once (``threadpool_limits``
+    inspects them again at every call: a few ms, as long as a tracked frame's refinement)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
 class Refiner:
     """A :class:`RefinementModel` set up on one 2θ grid (reflection lists, background basis),
     to refine pattern after pattern on it."""
@@ -767,10 +765,8 @@ class Refiner:
         is returned; :attr:`~RefinementResult.start_from` says which start won (``previous``,
         ``configured`` or ``searched``). ``restart=False``: only the first attempt.
         """
-        from threadpoolctl import threadpool_limits
-
         # small dense matrices: BLAS threads only contend with each other (and with other processes)
-        with threadpool_limits(limits=1, user_api="blas"):
+        with _blas_controller().limit(limits=1, user_api="blas"):
             return self._refine(y, sigma, start=start, tol=tol, gof_limit=gof_limit, restart=restart)
 
     @property
@@ -1097,7 +1093,10 @@ def _needed(calc, theta: np.ndarray, I: np.ndarray, I_start: np.ndarray, y: np.n
             phases: Sequence[int]) -> list[int]:
     """Of the absent Le Bail ``phases``, those whose lines (from their start intensities,
     re-extracted with the others') lower χ² by more than :func:`_absent` asks of a present phase."""
-    st = calc.reflection_state(theta, I)
+    with_lines = I.copy()                    # the profiles of the tested phases too
+    for p in phases:
+        with_lines[int(calc.offsets[p]):int(calc.offsets[p + 1])] = I_start[int(calc.offsets[p]):int(calc.offsets[p + 1])]
+    st = calc.reflection_state(theta, with_lines)
     pr = calc.profiles(st, theta)
     bkg = calc.background(theta)
     P = _profile_matrix(calc, pr, I.size)
@@ -1447,8 +1446,13 @@ def _linear_core(calc, theta: np.ndarray, yw: np.ndarray, wt: np.ndarray, rows: 
     from scipy.optimize import nnls
 
     n_refl = int(calc.offsets[-1])
-    if pr is None:
-        st = calc.reflection_state(theta, np.ones(n_refl))
+    if pr is None:                           # the profiles of the phases used only
+        ones = np.ones(n_refl)
+        if phases is not None:
+            ones[:] = 0.0
+            for p in phases:
+                ones[int(calc.offsets[p]):int(calc.offsets[p + 1])] = 1.0
+        st = calc.reflection_state(theta, ones)
         pr = calc.profiles(st, theta)
     gidx, share, n_col = (np.arange(n_refl), np.ones(n_refl), n_refl) if groups is None else groups
     rowmap = np.full(calc.x.size, -1)
