@@ -2,8 +2,11 @@
 
 :func:`csc_sums` is the per-frame kernel of the integrator; :func:`pv_profiles` and
 :func:`profile_columns` are the refinement's (the pseudo-Voigt profiles of every reflection on the
-points of its window with their derivatives, and the Jacobian columns summed from them, in one
-pass each instead of a dozen NumPy temporaries over the same entries).
+points of its near window with their derivatives, and the Jacobian columns summed from them, in
+one pass each instead of a dozen NumPy temporaries over the same entries); the ``tail_*``
+kernels add the far Lorentzian tails (points ``lo_far ... lo_near`` and ``hi_near ... hi_far`` of
+each reflection) to a pattern, a transposed product or Jacobian columns, computed where they are
+used and never stored; :func:`reflection_geometry` gives positions and TCH widths from a cell.
 
 The integrator's kernel: one pass over the pixel-to-bin matrix for the
 intensity and the Poisson variance at once, straight from the raw frame.
@@ -27,7 +30,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, uintp
 
-__all__ = ["csc_sums", "pv_profiles", "profile_columns"]
+__all__ = ["csc_sums", "pv_profiles", "profile_columns", "tail_matvec", "tail_rmatvec", "tail_columns",
+           "reflection_geometry"]
 
 _LN2 = 0.6931471805599453
 _CG = 0.9394372786996513       # 2 sqrt(ln 2 / π)
@@ -146,3 +150,117 @@ def profile_columns(a, b, r, idx, r0, I, P, dx0, dH, deta, cx0, cH, ceta, cI, co
         p = P[e]
         for c in range(nc):
             J[i, cols[c]] += gx * cx0[k, c] + gh * cH[k, c] + ge * ceta[k, c] + p * cI[k, c]
+
+
+@njit(nogil=True, cache=True)
+def tail_matvec(x, pos, fwhm, eta, lo_far, lo_near, hi_near, hi_far, j0, j1, w,
+                out):  # pragma: no cover - compiled
+    """Add Σ_j w[j] η_j L_j(x) over the far points of reflections ``j0 ... j1`` to ``out``
+    (L: the Lorentzian of area 1 and FWHM H, 2/(πH) / (1 + 4u²/H²))."""
+    for j in range(j0, j1):
+        wj = w[j]
+        if wj == 0.0:
+            continue
+        H = fwhm[j]
+        inv_h = 1.0 / H
+        c = wj * eta[j] * _CL * inv_h
+        x0 = pos[j]
+        for i in range(lo_far[j], lo_near[j]):
+            z = (x[i] - x0) * inv_h
+            out[i] += c / (1.0 + 4.0 * z * z)
+        for i in range(hi_near[j], hi_far[j]):
+            z = (x[i] - x0) * inv_h
+            out[i] += c / (1.0 + 4.0 * z * z)
+
+
+@njit(nogil=True, cache=True)
+def tail_rmatvec(x, pos, fwhm, eta, lo_far, lo_near, hi_near, hi_far, v, out):  # pragma: no cover - compiled
+    """``out[j] += Σ_i η_j L_j(x_i) v[i]`` over every reflection's far points."""
+    for j in range(pos.size):
+        H = fwhm[j]
+        inv_h = 1.0 / H
+        x0 = pos[j]
+        acc = 0.0
+        for i in range(lo_far[j], lo_near[j]):
+            z = (x[i] - x0) * inv_h
+            acc += v[i] / (1.0 + 4.0 * z * z)
+        for i in range(hi_near[j], hi_far[j]):
+            z = (x[i] - x0) * inv_h
+            acc += v[i] / (1.0 + 4.0 * z * z)
+        out[j] += acc * eta[j] * _CL * inv_h
+
+
+@njit(nogil=True, cache=True)
+def tail_columns(x, pos, fwhm, eta, lo_far, lo_near, hi_near, hi_far, j0, j1, I, cx0, cH, ceta, cols,
+                 J):  # pragma: no cover - compiled
+    """The far tails' part of :func:`profile_columns` for reflections ``j0 ... j1`` (the rows
+    of the coefficients ``c*`` counted from ``j0``): T = η L, dT/dx0 = η L/q 8u/H²,
+    dT/dH = (u dT/dx0 - T)/H, dT/dη = L (q = 1 + 4u²/H²)."""
+    nc = cols.size
+    for j in range(j0, j1):
+        w = I[j]
+        if w == 0.0:
+            continue
+        k = j - j0
+        H = fwhm[j]
+        inv_h = 1.0 / H
+        e = eta[j]
+        cl = _CL * inv_h
+        x0 = pos[j]
+        for part in range(2):
+            a = lo_far[j] if part == 0 else hi_near[j]
+            b = lo_near[j] if part == 0 else hi_far[j]
+            for i in range(a, b):
+                u = x[i] - x0
+                z = u * inv_h
+                q = 1.0 + 4.0 * z * z
+                lor = cl / q
+                t = e * lor
+                dx = t / q * 8.0 * u * inv_h * inv_h
+                dh = (u * dx - t) * inv_h
+                gx = w * dx
+                gh = w * dh
+                ge = w * lor
+                for c in range(nc):
+                    J[i, cols[c]] += gx * cx0[k, c] + gh * cH[k, c] + ge * ceta[k, c]
+
+
+@njit(nogil=True, cache=True)
+def reflection_geometry(hkl, cell, lam, U, V, W, X, Y, pos, fwhm, eta, tan, cos):  # pragma: no cover - compiled
+    """For reflections ``hkl`` (n, 3) of a cell (a, b, c in Å, α, β, γ in degrees) at the
+    wavelength ``lam``: 2θ (degrees), tan θ, cos θ, and the Thompson-Cox-Hastings pseudo-Voigt
+    FWHM and mixing of the Caglioti Gaussian (U tan²θ + V tan θ + W) and the Lorentzian
+    (X tan θ + Y / cos θ) widths."""
+    a, b, c = cell[0], cell[1], cell[2]
+    ca = np.cos(np.radians(cell[3]))
+    cb = np.cos(np.radians(cell[4]))
+    cg = np.cos(np.radians(cell[5]))
+    g11, g22, g33 = a * a, b * b, c * c
+    g12, g13, g23 = a * b * cg, a * c * cb, b * c * ca
+    # the reciprocal metric: the inverse of the (symmetric) metric by cofactors
+    c11 = g22 * g33 - g23 * g23
+    c12 = g13 * g23 - g12 * g33
+    c13 = g12 * g23 - g13 * g22
+    c22 = g11 * g33 - g13 * g13
+    c23 = g12 * g13 - g11 * g23
+    c33 = g11 * g22 - g12 * g12
+    det = g11 * c11 + g12 * c12 + g13 * c13
+    for n in range(hkl.shape[0]):
+        h, k, l = hkl[n, 0], hkl[n, 1], hkl[n, 2]
+        q = (h * h * c11 + k * k * c22 + l * l * c33 + 2.0 * (h * k * c12 + h * l * c13 + k * l * c23)) / det
+        s = lam * 0.5 * np.sqrt(q)                   # sin θ = λ / 2d
+        s = min(max(s, -1.0), 1.0)
+        th = np.arcsin(s)
+        tn = np.tan(th)
+        cs = np.cos(th)
+        pos[n] = np.degrees(2.0 * th)
+        tan[n] = tn
+        cos[n] = cs
+        hg = np.sqrt(max(U * tn * tn + V * tn + W, 1e-12))
+        hl = max(X * tn + Y / cs, 0.0)
+        h5 = (hg**5 + 2.69269 * hg**4 * hl + 2.42843 * hg**3 * hl**2 + 4.47163 * hg**2 * hl**3
+              + 0.07842 * hg * hl**4 + hl**5)
+        H = h5 ** 0.2
+        qq = hl / H
+        fwhm[n] = H
+        eta[n] = min(max(1.36603 * qq - 0.47719 * qq**2 + 0.11116 * qq**3, 0.0), 1.0)

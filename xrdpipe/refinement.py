@@ -72,6 +72,8 @@ _CG = 2.0 * math.sqrt(_LN2 / math.pi)
 _CL = 2.0 / math.pi
 WINDOW_FWHM = 20.0            # each reflection is computed over ±20 FWHM at least ...
 TAIL_AREA = 2e-3              # ... and wider where its Lorentzian tail beyond would hold more of its area
+NEAR_FWHM = 10.0              # within ±10 FWHM stored with its derivatives; beyond, the Lorentzian tail
+#                               alone (Gaussian < 1e-120, asymmetry < e^-100 there) summed where used
 LEBAIL_CYCLES = 8             # Le Bail extractions per least-squares iteration
 LEBAIL_CYCLES_FOLLOW = 30     # ... from a previous frame: accelerated, at most this many ...
 LEBAIL_CYCLE_TOL = 1e-5       # ... until the intensities change by less than this (relative)
@@ -416,6 +418,7 @@ class _Calculator:
                 raise RefinementError(f"phase {ph.name} has no reflection between {self.lo:g} and {self.hi:g}° 2θ")
             self.refl.append(r)
         self.sizes = [len(r) for r in self.refl]
+        self.hkl = [np.ascontiguousarray(r.hkl, float) for r in self.refl]
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
         self.computed = [model.method == "rietveld" and not ph.lebail for ph in model.phases]
         self.expanded = [_expand(ph.structure) if c else None for ph, c in zip(model.phases, self.computed)]
@@ -453,7 +456,7 @@ class _Calculator:
     def phase_state(self, p: int, theta: np.ndarray) -> dict[str, np.ndarray]:
         """Position (before zero and displacement), FWHM, mixing, tan θ, cos θ and (Rietveld)
         intensity of phase ``p``'s reflections."""
-        from .structure import d_spacings
+        from .kernels import reflection_geometry
 
         refl = self.refl[p]
         if self.computed[p]:
@@ -464,13 +467,13 @@ class _Calculator:
             for k, i in self.cell_keys[p]:
                 v[k] = theta[i]
             cell = _full_cell(self.systems[p], v)
-        d = d_spacings(refl.hkl, cell)
-        th = np.arcsin(np.clip(self.model.wavelength_A / (2 * d), -1.0, 1.0))
-        tn, cs = np.tan(th), np.cos(th)
-        U, V, W, X, Y = theta[self.profile_index[p]]
-        h, e = _tch(U * tn**2 + V * tn + W, X * tn + Y / cs)
-        out = {"pos": np.degrees(2 * th), "fwhm": h, "eta": e, "tan": tn, "cos": cs}
+        n = len(refl.hkl)
+        out = {k: np.empty(n) for k in ("pos", "fwhm", "eta", "tan", "cos")}
+        U, V, W, X, Y = (float(v) for v in theta[self.profile_index[p]])
+        reflection_geometry(self.hkl[p], np.asarray(cell, float), float(self.model.wavelength_A), U, V, W, X, Y,
+                            out["pos"], out["fwhm"], out["eta"], out["tan"], out["cos"])
         if self.computed[p]:
+            th, cs = np.radians(out["pos"]) / 2, out["cos"]
             fsq = structure_factors_sq(st, refl.hkl, expanded=_moved(self.expanded[p], st))
             lp = 1.0 / (np.sin(th) ** 2 * cs)
             if self.model.polarization == "unpolarised":
@@ -505,29 +508,33 @@ class _Calculator:
 
     # the pattern ---------------------------------------------------------------------------
     def _windows(self, pos: np.ndarray, fwhm: np.ndarray, eta: np.ndarray,
-                 empty: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The points within ±k FWHM of every reflection: the first point of each reflection's
-        window and where its entries start in the flat arrays (``ptr``, one more than
-        reflections). k is WINDOW_FWHM, or more where the pseudo-Voigt's Lorentzian tail beyond
-        it, a share η (1 - (2/π) atan 2k) of the area, would exceed TAIL_AREA (k = 64 at
-        η = 0.4): a tail cut off is area missing from the model, which the widths and the
-        background then distort themselves to make up for. Reflections ``empty`` get none."""
+                 empty: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+        """Each reflection's window, the points within ±k FWHM (``lo_far ... hi_far``), and
+        its core within ±NEAR_FWHM (``lo_near ... hi_near``). k is WINDOW_FWHM, or more where
+        the pseudo-Voigt's Lorentzian tail beyond it, a share η (1 - (2/π) atan 2k) of the
+        area, would exceed TAIL_AREA (k = 64 at η = 0.4): a tail cut off is area missing from
+        the model, which the widths and the background then distort themselves to make up
+        for. Reflections ``empty`` get none."""
         k = 0.5 * np.tan(0.5 * np.pi * (1.0 - TAIL_AREA / np.maximum(eta, TAIL_AREA)))
         half = np.maximum(k, WINDOW_FWHM) * fwhm
         lo = np.searchsorted(self.x, pos - half)
         hi = np.maximum(np.searchsorted(self.x, pos + half), lo)
         if empty is not None:
             hi = np.where(empty, lo, hi)
-        ptr = np.zeros(pos.size + 1, np.int64)
-        np.cumsum(hi - lo, out=ptr[1:])
-        return lo.astype(np.int64), ptr
+        lo_n = np.clip(np.searchsorted(self.x, pos - NEAR_FWHM * fwhm), lo, hi)
+        hi_n = np.clip(np.searchsorted(self.x, pos + NEAR_FWHM * fwhm), lo_n, hi)
+        return tuple(a.astype(np.int64) for a in (lo, lo_n, hi_n, hi))
 
-    def profiles(self, st: dict[str, np.ndarray], theta: np.ndarray, derivatives: bool = False):
-        """Every reflection's profile (area 1, asymmetry included) on the points of its window,
-        flat: ``r`` (reflection), ``idx`` (point), ``ptr`` (where each reflection's entries
-        start) and ``P``; with ``derivatives`` also its derivatives in position (``dx0``),
-        FWHM (``dH``), mixing (``deta``) and the asymmetry parameters (``dP1``, ``dP2``)
-        (:func:`xrdpipe.kernels.pv_profiles`)."""
+    def profiles(self, st: dict[str, np.ndarray], theta: np.ndarray, derivatives: bool = False,
+                 full: bool = False):
+        """Every reflection's profile (area 1, asymmetry included) on the points of its near
+        window (its whole window with ``full``), flat: ``r`` (reflection), ``idx`` (point),
+        ``ptr`` (where each reflection's entries start) and ``P``; with ``derivatives`` also
+        its derivatives in position (``dx0``), FWHM (``dH``), mixing (``deta``) and the
+        asymmetry parameters (``dP1``, ``dP2``) (:func:`xrdpipe.kernels.pv_profiles`). Without
+        ``full``, ``far`` holds what the ``tail_*`` kernels of :mod:`xrdpipe.kernels` need for
+        the rest of the window (positions, FWHM, mixing, window bounds): the far Lorentzian
+        tails hold most of a window's points, and are only ever summed."""
         L = self.layout
         p1, p2 = float(theta[L.index["asym_P1"]]), float(theta[L.index["asym_P2"]])
         # the last profiles computed in this thread: a least-squares step evaluates the
@@ -536,22 +543,25 @@ class _Calculator:
         # its reflections get no window
         I = st.get("I")
         dead = tuple(bool(I is not None and not np.any(I[a:b] != 0)) for a, b in zip(self.offsets[:-1], self.offsets[1:]))
-        key = (st["pos"], st["fwhm"], st["eta"], st["tan"], p1, p2, dead)
+        key = (st["pos"], st["fwhm"], st["eta"], st["tan"], p1, p2, dead, full)
         last = getattr(self._local, "profiles", None)
         if last is not None and all(np.array_equal(a, b) for a, b in zip(last[0], key)):
             out = last[1]
             if not derivatives or "dx0" in out:
                 return out
-        out = self._profiles(st, p1, p2, derivatives, dead)
+        out = self._profiles(st, p1, p2, derivatives, dead, full)
         self._local.profiles = (tuple(np.copy(k) if isinstance(k, np.ndarray) else k for k in key), out)
         return out
 
     def _profiles(self, st: dict[str, np.ndarray], p1: float, p2: float, derivatives: bool,
-                  dead: tuple[bool, ...]) -> dict:
+                  dead: tuple[bool, ...], full: bool) -> dict:
         from .kernels import pv_profiles
 
         pos, fwhm, eta = (np.ascontiguousarray(st[k], float) for k in ("pos", "fwhm", "eta"))
-        lo, ptr = self._windows(pos, fwhm, eta, np.repeat(np.array(dead, bool), self.sizes))
+        lo_f, lo_n, hi_n, hi_f = self._windows(pos, fwhm, eta, np.repeat(np.array(dead, bool), self.sizes))
+        lo, hi = (lo_f, hi_f) if full else (lo_n, hi_n)
+        ptr = np.zeros(pos.size + 1, np.int64)
+        np.cumsum(hi - lo, out=ptr[1:])
         n = int(ptr[-1])
         asym_on = bool(self.model.asymmetry or p1 or p2)
         inv_tan = 1.0 / np.maximum(np.ascontiguousarray(st["tan"], float), 1e-6)
@@ -561,6 +571,8 @@ class _Calculator:
         d = [np.empty(n if derivatives else 0) for _ in range(5)]
         pv_profiles(self.x, pos, fwhm, eta, inv_tan, lo, ptr, p1, p2, asym_on, derivatives, r, idx, P, *d)
         out = {"r": r, "idx": idx, "ptr": ptr, "P": P}
+        if not full:
+            out["far"] = (pos, fwhm, eta, lo_f, lo_n, hi_n, hi_f)
         if derivatives:
             out.update(zip(("dx0", "dH", "deta", "dP1", "dP2"), d))
         return out
@@ -572,16 +584,23 @@ class _Calculator:
 
     def pattern(self, theta: np.ndarray, lebail_I: np.ndarray | None = None, *, per_phase: bool = False):
         st = self.reflection_state(theta, lebail_I)
+        from .kernels import tail_matvec
+
         pr = self.profiles(st, theta)
-        contrib = pr["P"] * st["I"][pr["r"]]
+        I = np.ascontiguousarray(st["I"], float)
+        contrib = pr["P"] * I[pr["r"]]
         bkg = self.background(theta)
-        y = bkg + np.bincount(pr["idx"], weights=contrib, minlength=self.x.size)
+        peaks = np.bincount(pr["idx"], weights=contrib, minlength=self.x.size).astype(float)
+        tail_matvec(self.x, *pr["far"], 0, I.size, I, peaks)
+        y = bkg + peaks
         if not per_phase:
             return y
         parts = []
         for p in range(len(self.model.phases)):
             a, b = pr["ptr"][self.offsets[p]], pr["ptr"][self.offsets[p + 1]]
-            parts.append(np.bincount(pr["idx"][a:b], weights=contrib[a:b], minlength=self.x.size))
+            part = np.bincount(pr["idx"][a:b], weights=contrib[a:b], minlength=self.x.size).astype(float)
+            tail_matvec(self.x, *pr["far"], int(self.offsets[p]), int(self.offsets[p + 1]), I, part)
+            parts.append(part)
         return y, bkg, parts, st
 
     def jacobian(self, theta: np.ndarray, lebail_I: np.ndarray | None, cols: np.ndarray, *,
@@ -595,11 +614,14 @@ class _Calculator:
         pr = self.profiles(st, theta, derivatives=True)
         if extract_from is not None and cycles:
             st["I"] = _extract(self, pr, theta, st["I"], extract_from, cycles)
-        from .kernels import profile_columns
+        from .kernels import profile_columns, tail_columns, tail_matvec
 
-        I_r = st["I"]
+        I_r = np.ascontiguousarray(st["I"], float)
         I = I_r[pr["r"]]
-        y = self.background(theta) + np.bincount(pr["idx"], weights=pr["P"] * I, minlength=self.x.size)
+        peaks = np.bincount(pr["idx"], weights=pr["P"] * I, minlength=self.x.size).astype(float)
+        far = pr["far"]
+        tail_matvec(self.x, *far, 0, I_r.size, I_r, peaks)
+        y = self.background(theta) + peaks
         J = np.zeros((self.x.size, cols.size))
         flat = pr["idx"]
         n_refl = I_r.size
@@ -623,6 +645,7 @@ class _Calculator:
             zero = np.zeros_like(cx0)
             profile_columns(0, int(pr["ptr"][-1]), *args[:2], 0, *args[2:], cx0, zero, zero, zero,
                             np.array(shift_cols, np.int64), J)
+            tail_columns(self.x, *far, 0, n_refl, I_r, cx0, zero, zero, np.array(shift_cols, np.int64), J)
         disp = theta[L.index["displacement"]]
         for p, cs in by_phase.items():
             # a phase's parameters: its reflections' positions, widths, mixing (and computed
@@ -644,6 +667,8 @@ class _Calculator:
                     coef[3, :, k] = (s2["I"] - s1["I"]) / h
             a, b = int(pr["ptr"][self.offsets[p]]), int(pr["ptr"][self.offsets[p + 1]])
             profile_columns(a, b, *args[:2], int(self.offsets[p]), *args[2:], *coef, np.array(cs, np.int64), J)
+            tail_columns(self.x, *far, int(self.offsets[p]), int(self.offsets[p + 1]), I_r, *coef[:3],
+                         np.array(cs, np.int64), J)
         return y, J, st["I"]
 
 
@@ -1453,7 +1478,7 @@ def _linear_core(calc, theta: np.ndarray, yw: np.ndarray, wt: np.ndarray, rows: 
             for p in phases:
                 ones[int(calc.offsets[p]):int(calc.offsets[p + 1])] = 1.0
         st = calc.reflection_state(theta, ones)
-        pr = calc.profiles(st, theta)
+        pr = calc.profiles(st, theta, full=True)
     gidx, share, n_col = (np.arange(n_refl), np.ones(n_refl), n_refl) if groups is None else groups
     rowmap = np.full(calc.x.size, -1)
     rowmap[rows] = np.arange(rows.size)
@@ -1783,7 +1808,7 @@ def _extract(calc: _Calculator, pr: dict, theta: np.ndarray, I: np.ndarray, y: n
     net = y - calc.background(theta)
     P = _profile_matrix(calc, pr, I.size)
     PT = P.T
-    area = np.bincount(pr["r"], weights=pr["P"], minlength=I.size) * calc.step
+    area = PT @ np.ones(calc.x.size) * calc.step
     valid = calc.valid
     use = calc.extracted & (area > 0.05)
     n_ph = len(calc.sizes)
@@ -1829,16 +1854,52 @@ def _extract(calc: _Calculator, pr: dict, theta: np.ndarray, I: np.ndarray, y: n
     return I
 
 
-def _profile_matrix(calc, pr: dict, n_refl: int):
-    """The profiles as a sparse (points x reflections) matrix, built once per profile state
-    (the flat entries are already in its column order)."""
-    import scipy.sparse as sp
-
+def _profile_matrix(calc, pr: dict, n_refl: int) -> "_ProfileMatrix":
+    """The profiles as a (points x reflections) matrix, built once per profile state."""
     P = pr.get("matrix")
     if P is None:
-        P = sp.csc_matrix((pr["P"], pr["idx"], pr["ptr"]), shape=(calc.x.size, n_refl))
-        pr["matrix"] = P
+        P = pr["matrix"] = _ProfileMatrix(calc, pr, n_refl)
     return P
+
+
+class _ProfileMatrix:
+    """The profiles of :meth:`_Calculator.profiles` as a (points x reflections) matrix for
+    products ``P @ I`` and ``P.T @ v``: the near windows a sparse matrix (the flat entries
+    are in its column order already), the far Lorentzian tails added by the ``tail_*``
+    kernels."""
+
+    def __init__(self, calc, pr: dict, n_refl: int):
+        import scipy.sparse as sp
+
+        self.near = sp.csc_matrix((pr["P"], pr["idx"], pr["ptr"]), shape=(calc.x.size, n_refl))
+        self.x = calc.x
+        self.far = pr.get("far")
+        self.n_refl = n_refl
+        self.T = _Transposed(self)
+
+    def __matmul__(self, I: np.ndarray) -> np.ndarray:
+        from .kernels import tail_matvec
+
+        I = np.ascontiguousarray(I, float)
+        out = np.asarray(self.near @ I, float)
+        if self.far is not None:
+            tail_matvec(self.x, *self.far, 0, self.n_refl, I, out)
+        return out
+
+
+class _Transposed:
+    def __init__(self, P: _ProfileMatrix):
+        self.P = P
+        self.near_T = P.near.T.tocsr()
+
+    def __matmul__(self, v: np.ndarray) -> np.ndarray:
+        from .kernels import tail_rmatvec
+
+        v = np.ascontiguousarray(v, float)
+        out = np.asarray(self.near_T @ v, float)
+        if self.P.far is not None:
+            tail_rmatvec(self.P.x, *self.P.far, v, out)
+        return out
 
 
 def _weight_fractions(calc: _Calculator, theta, cov, free, gof) -> dict[str, tuple[float, float]]:
