@@ -6,7 +6,9 @@ points of its near window with their derivatives, and the Jacobian columns summe
 one pass each instead of a dozen NumPy temporaries over the same entries); the ``tail_*``
 kernels add the far Lorentzian tails (points ``lo_far ... lo_near`` and ``hi_near ... hi_far`` of
 each reflection) to a pattern, a transposed product or Jacobian columns, computed where they are
-used and never stored; :func:`reflection_geometry` gives positions and TCH widths from a cell.
+used and never stored (:func:`profile_matvec` and :func:`profile_rmatvec`: the products of the
+whole profiles, near entries and far tails, with intensities and with a pattern, for the Le Bail
+extraction); :func:`reflection_geometry` gives positions and TCH widths from a cell.
 
 The integrator's kernel: one pass over the pixel-to-bin matrix for the
 intensity and the Poisson variance at once, straight from the raw frame.
@@ -31,7 +33,7 @@ import numpy as np
 from numba import njit, uintp
 
 __all__ = ["csc_sums", "pv_profiles", "profile_columns", "tail_matvec", "tail_rmatvec", "tail_columns",
-           "reflection_geometry"]
+           "reflection_geometry", "profile_matvec", "profile_rmatvec"]
 
 _LN2 = 0.6931471805599453
 _CG = 0.9394372786996513       # 2 sqrt(ln 2 / π)
@@ -264,3 +266,30 @@ def reflection_geometry(hkl, cell, lam, U, V, W, X, Y, pos, fwhm, eta, tan, cos)
         qq = hl / H
         fwhm[n] = H
         eta[n] = min(max(1.36603 * qq - 0.47719 * qq**2 + 0.11116 * qq**3, 0.0), 1.0)
+
+
+@njit(nogil=True, cache=True)
+def profile_matvec(P, idx, ptr, x, pos, fwhm, eta, lo_far, lo_near, hi_near, hi_far, I,
+                   out):  # pragma: no cover - compiled
+    """``out = Σ_j I[j] profile_j``: the near entries (``P`` at points ``idx``, reflection j's
+    at ``ptr[j] ... ptr[j + 1]``) and the far tails (:func:`tail_matvec`)."""
+    out[:] = 0.0
+    for j in range(I.size):
+        w = I[j]
+        if w == 0.0:
+            continue
+        for k in range(ptr[j], ptr[j + 1]):
+            out[idx[k]] += P[k] * w
+    tail_matvec(x, pos, fwhm, eta, lo_far, lo_near, hi_near, hi_far, 0, I.size, I, out)
+
+
+@njit(nogil=True, cache=True)
+def profile_rmatvec(P, idx, ptr, x, pos, fwhm, eta, lo_far, lo_near, hi_near, hi_far, v,
+                    out):  # pragma: no cover - compiled
+    """``out[j] = Σ_i profile_j(x_i) v[i]`` (near entries and far tails)."""
+    for j in range(out.size):
+        acc = 0.0
+        for k in range(ptr[j], ptr[j + 1]):
+            acc += P[k] * v[idx[k]]
+        out[j] = acc
+    tail_rmatvec(x, pos, fwhm, eta, lo_far, lo_near, hi_near, hi_far, v, out)

@@ -1868,41 +1868,37 @@ def _profile_matrix(calc, pr: dict, n_refl: int) -> "_ProfileMatrix":
 
 class _ProfileMatrix:
     """The profiles of :meth:`_Calculator.profiles` as a (points x reflections) matrix for
-    products ``P @ I`` and ``P.T @ v``: the near windows a sparse matrix (the flat entries
-    are in its column order already), the far Lorentzian tails added by the ``tail_*``
-    kernels."""
+    products ``P @ I`` and ``P.T @ v`` (:func:`xrdpipe.kernels.profile_matvec`,
+    :func:`~xrdpipe.kernels.profile_rmatvec`: the near entries, in column order already, and the
+    far Lorentzian tails)."""
 
     def __init__(self, calc, pr: dict, n_refl: int):
-        import scipy.sparse as sp
-
-        self.near = sp.csc_matrix((pr["P"], pr["idx"], pr["ptr"]), shape=(calc.x.size, n_refl))
-        self.x = calc.x
-        self.far = pr.get("far")
+        far = pr.get("far")
+        if far is None:                      # whole windows: no far tails
+            e = np.zeros(n_refl, np.int64)
+            far = (np.zeros(n_refl), np.ones(n_refl), np.zeros(n_refl), e, e, e, e)
+        self.args = (pr["P"], pr["idx"], pr["ptr"], calc.x, *far)
+        self.n_points = calc.x.size
         self.n_refl = n_refl
         self.T = _Transposed(self)
 
     def __matmul__(self, I: np.ndarray) -> np.ndarray:
-        from .kernels import tail_matvec
+        from .kernels import profile_matvec
 
-        I = np.ascontiguousarray(I, float)
-        out = np.asarray(self.near @ I, float)
-        if self.far is not None:
-            tail_matvec(self.x, *self.far, 0, self.n_refl, I, out)
+        out = np.empty(self.n_points)
+        profile_matvec(*self.args, np.ascontiguousarray(I, float), out)
         return out
 
 
 class _Transposed:
     def __init__(self, P: _ProfileMatrix):
         self.P = P
-        self.near_T = P.near.T.tocsr()
 
     def __matmul__(self, v: np.ndarray) -> np.ndarray:
-        from .kernels import tail_rmatvec
+        from .kernels import profile_rmatvec
 
-        v = np.ascontiguousarray(v, float)
-        out = np.asarray(self.near_T @ v, float)
-        if self.P.far is not None:
-            tail_rmatvec(self.P.x, *self.P.far, v, out)
+        out = np.empty(self.P.n_refl)
+        profile_rmatvec(*self.P.args, np.ascontiguousarray(v, float), out)
         return out
 
 
