@@ -8,7 +8,7 @@ kernels add the far Lorentzian tails (points ``lo_far ... lo_near`` and ``hi_nea
 each reflection) to a pattern, a transposed product or Jacobian columns, computed where they are
 used and never stored (:func:`profile_matvec` and :func:`profile_rmatvec`: the products of the
 whole profiles, near entries and far tails, with intensities and with a pattern, for the Le Bail
-extraction); :func:`reflection_geometry` gives positions and TCH widths from a cell.
+extraction, one cycle of which is :func:`lebail_cycle`); :func:`reflection_geometry` gives positions and TCH widths from a cell.
 
 The integrator's kernel: one pass over the pixel-to-bin matrix for the
 intensity and the Poisson variance at once, straight from the raw frame.
@@ -33,7 +33,7 @@ import numpy as np
 from numba import njit, uintp
 
 __all__ = ["csc_sums", "pv_profiles", "profile_columns", "tail_matvec", "tail_rmatvec", "tail_columns",
-           "reflection_geometry", "profile_matvec", "profile_rmatvec"]
+           "reflection_geometry", "profile_matvec", "profile_rmatvec", "lebail_cycle"]
 
 _LN2 = 0.6931471805599453
 _CG = 0.9394372786996513       # 2 sqrt(ln 2 / π)
@@ -293,3 +293,46 @@ def profile_rmatvec(P, idx, ptr, x, pos, fwhm, eta, lo_far, lo_near, hi_near, hi
             acc += P[k] * v[idx[k]]
         out[j] = acc
     tail_rmatvec(x, pos, fwhm, eta, lo_far, lo_near, hi_near, hi_far, v, out)
+
+
+@njit(nogil=True, cache=True)
+def lebail_cycle(P, idx, ptr, x, pos, fwhm, eta, lo_far, lo_near, hi_near, hi_far, I, net, valid, area, use,
+                 extracted, phase_of, n_ph, step, floor_rel, yc, ratio, out):  # pragma: no cover - compiled
+    """One Le Bail extraction from the intensities ``I`` into ``out``: each reflection ``use``
+    takes its share of the net observed pattern ``net`` (the model's share where a point is not
+    ``valid``), I Σ P (net / Σ I P) step / area, kept above ``floor_rel`` x the largest
+    intensity where its phase has any intensity (0 where none); other extracted reflections
+    keep max(I, 0), computed ones I. ``yc`` and ``ratio`` are work arrays of the points."""
+    profile_matvec(P, idx, ptr, x, pos, fwhm, eta, lo_far, lo_near, hi_near, hi_far, I, yc)
+    top = 1e-300
+    for i in range(yc.size):
+        if yc[i] > top:
+            top = yc[i]
+    thr = 1e-12 * top
+    for i in range(yc.size):
+        if not valid[i]:
+            ratio[i] = 1.0                 # no data: the model keeps its share
+        elif yc[i] > thr:
+            ratio[i] = net[i] / max(yc[i], 1e-300)
+        else:
+            ratio[i] = 0.0
+    profile_rmatvec(P, idx, ptr, x, pos, fwhm, eta, lo_far, lo_near, hi_near, hi_far, ratio, out)
+    present = np.zeros(n_ph, np.bool_)
+    imax = 0.0
+    for j in range(I.size):
+        if I[j] > 0.0:
+            present[phase_of[j]] = True
+        if I[j] > imax:
+            imax = I[j]
+    floor = floor_rel * imax
+    for j in range(I.size):
+        if use[j]:
+            if present[phase_of[j]]:
+                v = I[j] * out[j] * step / max(area[j], 1e-12)
+                out[j] = v if (v != v or v > floor) else floor
+            else:
+                out[j] = 0.0
+        elif extracted[j]:
+            out[j] = max(I[j], 0.0)
+        else:
+            out[j] = I[j]

@@ -1808,7 +1808,10 @@ def _extract(calc: _Calculator, pr: dict, theta: np.ndarray, I: np.ndarray, y: n
     step (Varadhan & Roland 2008: two cycles, an extrapolation along them, one cycle from
     there), which reaches the same fixed point in far fewer cycles (an extrapolation that leaves
     the fixed point farther than it found it is dropped), and the extraction stops once a step
-    changes the intensities by less than ``tol`` relative; without, plain cycles."""
+    changes the intensities by less than ``tol`` relative; without, plain cycles (one is
+    :func:`xrdpipe.kernels.lebail_cycle`)."""
+    from .kernels import lebail_cycle
+
     net = y - calc.background(theta)
     P = _profile_matrix(calc, pr, I.size)
     PT = P.T
@@ -1817,21 +1820,20 @@ def _extract(calc: _Calculator, pr: dict, theta: np.ndarray, I: np.ndarray, y: n
     use = calc.extracted & (area > 0.05)
     n_ph = len(calc.sizes)
     phase_of = np.repeat(np.arange(n_ph), calc.sizes)
+    # the extraction is multiplicative: an intensity at exactly 0 would stay there for good (a
+    # weak line set to 0 by the cell search's non-negative solution, or whose net intensity was
+    # negative in one cycle under a background not yet refined). The lines of a present phase
+    # are kept above a floor, from which they recover in one cycle where the data show them; an
+    # absent phase's (all 0) stay 0
+    net = np.ascontiguousarray(net, float)
+    valid = np.ascontiguousarray(valid, bool)
+    work = (np.empty(calc.x.size), np.empty(calc.x.size))
 
     def cycle(I):
-        yc_net = P @ I
-        ratio = np.where(yc_net > 1e-12 * max(yc_net.max(), 1e-300), net / np.maximum(yc_net, 1e-300), 0.0)
-        ratio = np.where(valid, ratio, 1.0)          # no data: the model keeps its share
-        share = I * (PT @ ratio) * calc.step
-        # the extraction is multiplicative: an intensity at exactly 0 would stay there for good
-        # (a weak line set to 0 by the cell search's non-negative solution, or whose net
-        # intensity was negative in one cycle under a background not yet refined). The lines of
-        # a present phase are kept above a floor, from which they recover in one cycle where
-        # the data show them; an absent phase's (all 0) stay 0
-        present = (np.bincount(phase_of, weights=(I > 0).astype(float), minlength=n_ph) > 0)[phase_of]
-        floor = LEBAIL_FLOOR * float(np.max(I, initial=0.0))
-        new = np.where(present, np.maximum(share / np.maximum(area, 1e-12), floor), 0.0)
-        return np.where(use, new, np.where(calc.extracted, np.maximum(I, 0.0), I))
+        out = np.empty(I.size)
+        lebail_cycle(*P.args, np.ascontiguousarray(I, float), net, valid, area, use, calc.extracted, phase_of, n_ph,
+                     float(calc.step), LEBAIL_FLOOR, *work, out)
+        return out
 
     left = cycles
     while tol and left >= 3:
