@@ -436,6 +436,7 @@ class _Calculator:
         L = self.layout
         self.profile_index = [np.array([L.index[f"{ph.name}.{k}"] for k in "UVWXY"]) for ph in model.phases]
         self.scale_index = [L.index.get(f"{ph.name}.scale", -1) for ph in model.phases]
+        self.bkg_index = np.array([L.index[f"bkg_{j}"] for j in range(model.background_terms)], int)
         self.systems = [ph.system for ph in model.phases]
         self.base_cell = [dict(zip(("a", "b", "c", "alpha", "beta", "gamma"), ph.structure.cell)) for ph in model.phases]
         self.cell_keys = [[(q.key, i) for i, q in enumerate(L.params) if q.phase == p and q.kind == "cell"]
@@ -578,9 +579,7 @@ class _Calculator:
         return out
 
     def background(self, theta: np.ndarray) -> np.ndarray:
-        L = self.layout
-        b = theta[[L.index[f"bkg_{j}"] for j in range(self.model.background_terms)]]
-        return self.cheb @ b
+        return self.cheb @ theta[self.bkg_index]
 
     def pattern(self, theta: np.ndarray, lebail_I: np.ndarray | None = None, *, per_phase: bool = False):
         st = self.reflection_state(theta, lebail_I)
@@ -608,13 +607,14 @@ class _Calculator:
         """The model and its derivatives in the parameters ``cols`` (N, len(cols)), and the
         intensities used: with ``extract_from`` (the observed pattern), Le Bail intensities are
         first extracted ``cycles`` times with the same profiles."""
+        from .kernels import profile_columns, tail_columns, tail_matvec
+
         L = self.layout
         parts = [self.phase_state(p, theta) for p in range(len(self.model.phases))]
         st = self.reflection_state(theta, lebail_I, parts)
         pr = self.profiles(st, theta, derivatives=True)
         if extract_from is not None and cycles:
             st["I"] = _extract(self, pr, theta, st["I"], extract_from, cycles)
-        from .kernels import profile_columns, tail_columns, tail_matvec
 
         I_r = np.ascontiguousarray(st["I"], float)
         I = I_r[pr["r"]]
