@@ -138,7 +138,8 @@ def main() -> None:
         run(eng, warm, 1.0, "lebail")                    # before any timing
     for method in args.method or ["lebail"]:
         for sign in (1, -1):
-            engines = [("baseline", old), ("this", current)] if method == "lebail" else [("this", current)]
+            with_base = method == "lebail" or hasattr(old, "_lm_pawley")      # the baseline has Pawley
+            engines = [("baseline", old), ("this", current)] if with_base else [("this", current)]
             runs: dict[str, list[dict]] = {label: [] for label, _ in engines}
             for _ in range(args.repeat):                 # alternating: the load hits both
                 for label, eng in engines:
