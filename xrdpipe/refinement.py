@@ -387,16 +387,6 @@ class _Layout:
 # ----------------------------------------------------------------------------------------------
 # the calculator
 
-def _tch(hg2: np.ndarray, hl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    hg = np.sqrt(np.maximum(hg2, 1e-12))
-    hl = np.maximum(hl, 0.0)
-    h5 = hg**5 + 2.69269 * hg**4 * hl + 2.42843 * hg**3 * hl**2 + 4.47163 * hg**2 * hl**3 + 0.07842 * hg * hl**4 + hl**5
-    h = h5 ** 0.2
-    q = hl / h
-    eta = np.clip(1.36603 * q - 0.47719 * q**2 + 0.11116 * q**3, 0.0, 1.0)
-    return h, eta
-
-
 class _Calculator:
     """Reflection lists and the pattern model of one :class:`RefinementModel` over one 2θ grid."""
 
@@ -485,9 +475,10 @@ class _Calculator:
     def _widths_moved(self, p: int, s1: dict[str, np.ndarray], theta: np.ndarray) -> dict[str, np.ndarray]:
         """:meth:`phase_state` of phase ``p`` (no computed intensities) at ``theta`` that differs
         from the θ of ``s1`` in widths only: the positions kept, FWHM and mixing recomputed."""
-        U, V, W, X, Y = theta[self.profile_index[p]]
-        tn, cs = s1["tan"], s1["cos"]
-        h, e = _tch(U * tn**2 + V * tn + W, X * tn + Y / cs)
+        from .kernels import tch_widths
+
+        h, e = np.empty(s1["tan"].size), np.empty(s1["tan"].size)
+        tch_widths(s1["tan"], s1["cos"], *(float(v) for v in theta[self.profile_index[p]]), h, e)
         return {**s1, "fwhm": h, "eta": e}
 
     def reflection_state(self, theta: np.ndarray, lebail_I: np.ndarray | None = None,
@@ -543,15 +534,17 @@ class _Calculator:
         # a phase without intensity (absent) adds nothing to the pattern nor its derivatives:
         # its reflections get no window
         I = st.get("I")
-        dead = tuple(bool(I is not None and not np.any(I[a:b] != 0)) for a, b in zip(self.offsets[:-1], self.offsets[1:]))
-        key = (st["pos"], st["fwhm"], st["eta"], st["tan"], p1, p2, dead, full)
+        dead = tuple([False] * len(self.sizes)) if I is None else \
+            tuple(np.add.reduceat(np.asarray(I) != 0, self.offsets[:-1]) == 0)
+        key = b"".join(np.ascontiguousarray(st[k], float).tobytes() for k in ("pos", "fwhm", "eta", "tan")) \
+            + repr((p1, p2, dead, full)).encode()
         last = getattr(self._local, "profiles", None)
-        if last is not None and all(np.array_equal(a, b) for a, b in zip(last[0], key)):
+        if last is not None and last[0] == key:
             out = last[1]
             if not derivatives or "dx0" in out:
                 return out
         out = self._profiles(st, p1, p2, derivatives, dead, full)
-        self._local.profiles = (tuple(np.copy(k) if isinstance(k, np.ndarray) else k for k in key), out)
+        self._local.profiles = (key, out)
         return out
 
     def _profiles(self, st: dict[str, np.ndarray], p1: float, p2: float, derivatives: bool,
@@ -627,10 +620,12 @@ class _Calculator:
         n_refl = I_r.size
         by_phase: dict[int, list[int]] = {}
         shift_cols: list[int] = []
+        bkg_cols, bkg_terms = [], []
         for c, j in enumerate(cols):
             q = L.params[j]
             if q.kind == "bkg":
-                J[:, c] = self.cheb[:, int(q.key)]
+                bkg_cols.append(c)
+                bkg_terms.append(int(q.key))
             elif q.kind == "asym":
                 w = pr["dP1"] if q.name == "asym_P1" else pr["dP2"]
                 J[:, c] = np.bincount(flat, weights=w * I, minlength=self.x.size)
@@ -638,6 +633,8 @@ class _Calculator:
                 shift_cols.append(c)
             else:
                 by_phase.setdefault(q.phase, []).append(c)
+        if bkg_cols:
+            J[:, bkg_cols] = self.cheb[:, bkg_terms]
         args = (pr["r"], flat, I_r, pr["P"], pr["dx0"], pr["dH"], pr["deta"])
         if shift_cols:
             cx0 = np.column_stack([np.ones(n_refl) if L.params[cols[c]].kind == "zero" else st["cos"]
