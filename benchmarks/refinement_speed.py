@@ -8,10 +8,13 @@ one, with the restarts (cell search) the engine decides on. The baseline is the
 ``xrdpipe/refinement.py`` of ``--baseline`` (default: 07417fe, before this work), loaded from
 ``git show`` into this process (same structure module, same numpy, same load), and the two
 engines alternate run by run so that a change of machine load hits both (SciPy's sparse and
-optimize modules are imported before any timing). Printed per engine and method: wall-clock and
+optimize modules are imported, and each engine refines two other frames, before any timing:
+the one-off cost of loading Numba's compiled kernels, about 2 s, is not counted). Printed per engine and method: wall-clock and
 CPU (process) seconds per frame, each the least of ``--repeat`` runs (the machine's other load
 only adds), frames ``ok``, frames converged, the worst |Δa| and |Δc| (Å) over frames where a phase
-holds >= 30 %, the median Rwp, and the ratio baseline / this engine (CPU).
+holds >= 30 %, the median Rwp, the ratio baseline / this engine (CPU), and apart: the cell
+searches (how many, their CPU seconds in all: a fixed cost of the first frame and of restarts)
+and the CPU seconds per frame of everything else.
 
     python benchmarks/refinement_speed.py                       # Le Bail, 40 frames
     python benchmarks/refinement_speed.py --frames 80 --repeat 3 --method lebail --method pawley
@@ -67,6 +70,17 @@ def run(engine, ps, sign: float, method: str) -> dict:
         wavelength_A=WL, method=method, background_terms=12)
     refiner = engine.Refiner(model, ps.tth_deg)
     n = len(ps.x)
+    search, searched = engine._search, [0, 0.0]
+
+    def timed_search(*a, **k):                # the cell searches: counted and timed apart
+        c = time.process_time()
+        try:
+            return search(*a, **k)
+        finally:
+            searched[0] += 1
+            searched[1] += time.process_time() - c
+
+    engine._search = timed_search
     prev, da, dc, rwp, ok, conv = None, [0.0], [0.0], [], 0, 0
     t0, c0 = time.perf_counter(), time.process_time()
     for i in range(n):
@@ -81,8 +95,11 @@ def run(engine, ps, sign: float, method: str) -> dict:
                 dc.append(abs(res.value(f"{ph.name}.c") - c))
         if res.status != "failed":
             prev = res
-    return {"s": (time.perf_counter() - t0) / n, "cpu": (time.process_time() - c0) / n, "ok": ok, "conv": conv, "da": max(da), "dc": max(dc),
-            "rwp": float(np.median(rwp))}
+    cpu = time.process_time() - c0
+    engine._search = search
+    return {"s": (time.perf_counter() - t0) / n, "cpu": cpu / n, "ok": ok, "conv": conv, "da": max(da), "dc": max(dc),
+            "rwp": float(np.median(rwp)), "n_search": searched[0], "search": searched[1],
+            "rest": (cpu - searched[1]) / n}
 
 
 def main() -> None:
@@ -110,14 +127,19 @@ def main() -> None:
                             "/tmp/refinement_speed.prof")
         pstats.Stats("/tmp/refinement_speed.prof").sort_stats("tottime").print_stats(30)
         return
+    warm = pattern_series(2, seed=3, counts=0.05, background=2000.0)
     old = baseline_module(args.baseline)
     print(f"{args.frames} frames of {ps.tth_deg.size} points, O3 + P3 + Al from cells 1 % (a) / 2 % (c) off; "
           f"baseline {args.baseline}")
     print(f"{'method':<7} {'sign':>4} {'engine':<10} {'s/frame':>8} {'CPU s':>7} {'ok':>7} {'conv':>7} "
-          f"{'max |Δa| Å':>11} {'max |Δc| Å':>11} {'Rwp %':>6} {'ratio':>6}")
+          f"{'max |Δa| Å':>11} {'max |Δc| Å':>11} {'Rwp %':>6} {'ratio':>6} {'searches':>8} {'CPU s':>6} "
+          f"{'other CPU s/frame':>17}")
+    for eng in (old, current):       # imports and Numba's compiled kernels (from its disk cache) loaded
+        run(eng, warm, 1.0, "lebail")                    # before any timing
     for method in args.method or ["lebail"]:
         for sign in (1, -1):
-            engines = [("baseline", old), ("this", current)] if method == "lebail" else [("this", current)]
+            with_base = method == "lebail" or hasattr(old, "_lm_pawley")      # the baseline has Pawley
+            engines = [("baseline", old), ("this", current)] if with_base else [("this", current)]
             runs: dict[str, list[dict]] = {label: [] for label, _ in engines}
             for _ in range(args.repeat):                 # alternating: the load hits both
                 for label, eng in engines:
@@ -128,7 +150,7 @@ def main() -> None:
                 wall = min(d["s"] for d in runs[label])
                 print(f"{method:<7} {sign:>+4g} {label:<10} {wall:>8.3f} {r['cpu']:>7.3f} {r['ok']:>3}/{args.frames:<3} "
                       f"{r['conv']:>3}/{args.frames:<3} {r['da']:>11.1e} {r['dc']:>11.1e} {100 * r['rwp']:>6.2f} "
-                      f"{ratio:>6}", flush=True)
+                      f"{ratio:>6} {r['n_search']:>8} {r['search']:>6.2f} {r['rest']:>17.3f}", flush=True)
 
 
 if __name__ == "__main__":

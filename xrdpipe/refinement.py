@@ -72,6 +72,8 @@ _CG = 2.0 * math.sqrt(_LN2 / math.pi)
 _CL = 2.0 / math.pi
 WINDOW_FWHM = 20.0            # each reflection is computed over ±20 FWHM at least ...
 TAIL_AREA = 2e-3              # ... and wider where its Lorentzian tail beyond would hold more of its area
+NEAR_FWHM = 10.0              # within ±10 FWHM stored with its derivatives; beyond, the Lorentzian tail
+#                               alone (Gaussian < 1e-120, asymmetry < e^-100 there) summed where used
 LEBAIL_CYCLES = 8             # Le Bail extractions per least-squares iteration
 LEBAIL_CYCLES_FOLLOW = 30     # ... from a previous frame: accelerated, at most this many ...
 LEBAIL_CYCLE_TOL = 1e-5       # ... until the intensities change by less than this (relative)
@@ -385,16 +387,6 @@ class _Layout:
 # ----------------------------------------------------------------------------------------------
 # the calculator
 
-def _tch(hg2: np.ndarray, hl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    hg = np.sqrt(np.maximum(hg2, 1e-12))
-    hl = np.maximum(hl, 0.0)
-    h5 = hg**5 + 2.69269 * hg**4 * hl + 2.42843 * hg**3 * hl**2 + 4.47163 * hg**2 * hl**3 + 0.07842 * hg * hl**4 + hl**5
-    h = h5 ** 0.2
-    q = hl / h
-    eta = np.clip(1.36603 * q - 0.47719 * q**2 + 0.11116 * q**3, 0.0, 1.0)
-    return h, eta
-
-
 class _Calculator:
     """Reflection lists and the pattern model of one :class:`RefinementModel` over one 2θ grid."""
 
@@ -416,6 +408,7 @@ class _Calculator:
                 raise RefinementError(f"phase {ph.name} has no reflection between {self.lo:g} and {self.hi:g}° 2θ")
             self.refl.append(r)
         self.sizes = [len(r) for r in self.refl]
+        self.hkl = [np.ascontiguousarray(r.hkl, float) for r in self.refl]
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
         self.computed = [model.method == "rietveld" and not ph.lebail for ph in model.phases]
         self.expanded = [_expand(ph.structure) if c else None for ph, c in zip(model.phases, self.computed)]
@@ -433,6 +426,7 @@ class _Calculator:
         L = self.layout
         self.profile_index = [np.array([L.index[f"{ph.name}.{k}"] for k in "UVWXY"]) for ph in model.phases]
         self.scale_index = [L.index.get(f"{ph.name}.scale", -1) for ph in model.phases]
+        self.bkg_index = np.array([L.index[f"bkg_{j}"] for j in range(model.background_terms)], int)
         self.systems = [ph.system for ph in model.phases]
         self.base_cell = [dict(zip(("a", "b", "c", "alpha", "beta", "gamma"), ph.structure.cell)) for ph in model.phases]
         self.cell_keys = [[(q.key, i) for i, q in enumerate(L.params) if q.phase == p and q.kind == "cell"]
@@ -453,7 +447,7 @@ class _Calculator:
     def phase_state(self, p: int, theta: np.ndarray) -> dict[str, np.ndarray]:
         """Position (before zero and displacement), FWHM, mixing, tan θ, cos θ and (Rietveld)
         intensity of phase ``p``'s reflections."""
-        from .structure import d_spacings
+        from .kernels import reflection_geometry
 
         refl = self.refl[p]
         if self.computed[p]:
@@ -464,19 +458,28 @@ class _Calculator:
             for k, i in self.cell_keys[p]:
                 v[k] = theta[i]
             cell = _full_cell(self.systems[p], v)
-        d = d_spacings(refl.hkl, cell)
-        th = np.arcsin(np.clip(self.model.wavelength_A / (2 * d), -1.0, 1.0))
-        tn, cs = np.tan(th), np.cos(th)
-        U, V, W, X, Y = theta[self.profile_index[p]]
-        h, e = _tch(U * tn**2 + V * tn + W, X * tn + Y / cs)
-        out = {"pos": np.degrees(2 * th), "fwhm": h, "eta": e, "tan": tn, "cos": cs}
+        n = len(refl.hkl)
+        out = {k: np.empty(n) for k in ("pos", "fwhm", "eta", "tan", "cos")}
+        U, V, W, X, Y = (float(v) for v in theta[self.profile_index[p]])
+        reflection_geometry(self.hkl[p], np.asarray(cell, float), float(self.model.wavelength_A), U, V, W, X, Y,
+                            out["pos"], out["fwhm"], out["eta"], out["tan"], out["cos"])
         if self.computed[p]:
+            th, cs = np.radians(out["pos"]) / 2, out["cos"]
             fsq = structure_factors_sq(st, refl.hkl, expanded=_moved(self.expanded[p], st))
             lp = 1.0 / (np.sin(th) ** 2 * cs)
             if self.model.polarization == "unpolarised":
                 lp = lp * (1 + np.cos(2 * th) ** 2) / 2
             out["I"] = theta[self.scale_index[p]] * refl.multiplicity * lp * fsq
         return out
+
+    def _widths_moved(self, p: int, s1: dict[str, np.ndarray], theta: np.ndarray) -> dict[str, np.ndarray]:
+        """:meth:`phase_state` of phase ``p`` (no computed intensities) at ``theta`` that differs
+        from the θ of ``s1`` in widths only: the positions kept, FWHM and mixing recomputed."""
+        from .kernels import tch_widths
+
+        h, e = np.empty(s1["tan"].size), np.empty(s1["tan"].size)
+        tch_widths(s1["tan"], s1["cos"], *(float(v) for v in theta[self.profile_index[p]]), h, e)
+        return {**s1, "fwhm": h, "eta": e}
 
     def reflection_state(self, theta: np.ndarray, lebail_I: np.ndarray | None = None,
                          phases: list[dict] | None = None) -> dict[str, np.ndarray]:
@@ -496,119 +499,100 @@ class _Calculator:
         return out
 
     # the pattern ---------------------------------------------------------------------------
-    def _windows(self, pos: np.ndarray, fwhm: np.ndarray, eta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The points within ±k FWHM of every reflection, flat (reflection after reflection):
-        each entry's reflection and point, and where each reflection's entries start. k is
-        WINDOW_FWHM, or more where the pseudo-Voigt's Lorentzian tail beyond it, a share
-        η (1 - (2/π) atan 2k) of the area, would exceed TAIL_AREA (k = 64 at η = 0.4): a tail
-        cut off is area missing from the model, which the widths and the background then
-        distort themselves to make up for."""
+    def _windows(self, pos: np.ndarray, fwhm: np.ndarray, eta: np.ndarray,
+                 empty: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+        """Each reflection's window, the points within ±k FWHM (``lo_far ... hi_far``), and
+        its core within ±NEAR_FWHM (``lo_near ... hi_near``). k is WINDOW_FWHM, or more where
+        the pseudo-Voigt's Lorentzian tail beyond it, a share η (1 - (2/π) atan 2k) of the
+        area, would exceed TAIL_AREA (k = 64 at η = 0.4): a tail cut off is area missing from
+        the model, which the widths and the background then distort themselves to make up
+        for. Reflections ``empty`` get none."""
         k = 0.5 * np.tan(0.5 * np.pi * (1.0 - TAIL_AREA / np.maximum(eta, TAIL_AREA)))
         half = np.maximum(k, WINDOW_FWHM) * fwhm
         lo = np.searchsorted(self.x, pos - half)
         hi = np.maximum(np.searchsorted(self.x, pos + half), lo)
-        n = hi - lo
-        ptr = np.concatenate([[0], np.cumsum(n)])
-        r = np.repeat(np.arange(pos.size), n)
-        idx = np.arange(int(ptr[-1])) - np.repeat(ptr[:-1] - lo, n)
-        return r, idx, ptr
+        if empty is not None:
+            hi = np.where(empty, lo, hi)
+        lo_n = np.clip(np.searchsorted(self.x, pos - NEAR_FWHM * fwhm), lo, hi)
+        hi_n = np.clip(np.searchsorted(self.x, pos + NEAR_FWHM * fwhm), lo_n, hi)
+        return tuple(a.astype(np.int64) for a in (lo, lo_n, hi_n, hi))
 
-    def profiles(self, st: dict[str, np.ndarray], theta: np.ndarray, derivatives: bool = False):
-        """Every reflection's profile (area 1, asymmetry included) on the points of its window,
-        flat: ``r`` (reflection), ``idx`` (point), ``ptr`` (where each reflection's entries
-        start) and ``P``; with ``derivatives`` also its derivatives in position (``dx0``),
-        FWHM (``dH``), mixing (``deta``) and the asymmetry parameters (``dP1``, ``dP2``)."""
+    def profiles(self, st: dict[str, np.ndarray], theta: np.ndarray, derivatives: bool = False,
+                 full: bool = False):
+        """Every reflection's profile (area 1, asymmetry included) on the points of its near
+        window (its whole window with ``full``), flat: ``r`` (reflection), ``idx`` (point),
+        ``ptr`` (where each reflection's entries start) and ``P``; with ``derivatives`` also
+        its derivatives in position (``dx0``), FWHM (``dH``), mixing (``deta``) and the
+        asymmetry parameters (``dP1``, ``dP2``) (:func:`xrdpipe.kernels.pv_profiles`). Without
+        ``full``, ``far`` holds what the ``tail_*`` kernels of :mod:`xrdpipe.kernels` need for
+        the rest of the window (positions, FWHM, mixing, window bounds): the far Lorentzian
+        tails hold most of a window's points, and are only ever summed."""
         L = self.layout
-        p1, p2 = theta[L.index["asym_P1"]], theta[L.index["asym_P2"]]
-        # the last profiles computed in this thread, kept with their intermediate arrays: a
-        # least-squares step evaluates the pattern, then its derivatives, at the same point
-        key = (st["pos"], st["fwhm"], st["eta"], st["tan"], float(p1), float(p2))
+        p1, p2 = float(theta[L.index["asym_P1"]]), float(theta[L.index["asym_P2"]])
+        # the last profiles computed in this thread: a least-squares step evaluates the
+        # pattern, then its derivatives, at the same point
+        # a phase without intensity (absent) adds nothing to the pattern nor its derivatives:
+        # its reflections get no window
+        I = st.get("I")
+        dead = tuple([False] * len(self.sizes)) if I is None else \
+            tuple(np.add.reduceat(np.asarray(I) != 0, self.offsets[:-1]) == 0)
+        key = b"".join(np.ascontiguousarray(st[k], float).tobytes() for k in ("pos", "fwhm", "eta", "tan")) \
+            + repr((p1, p2, dead, full)).encode()
         last = getattr(self._local, "profiles", None)
-        if last is not None and all(np.array_equal(a, b) for a, b in zip(last[0], key)):
-            out, keep = last[1], last[2]
+        if last is not None and last[0] == key:
+            out = last[1]
             if not derivatives or "dx0" in out:
                 return out
-        else:
-            out, keep = self._profiles(st, p1, p2)
-            self._local.profiles = (tuple(np.copy(k) if isinstance(k, np.ndarray) else k for k in key), out, keep)
-        if derivatives:
-            self._derivatives(out, keep, p1, p2)
+        out = self._profiles(st, p1, p2, derivatives, dead, full)
+        self._local.profiles = (key, out)
         return out
 
-    def _profiles(self, st: dict[str, np.ndarray], p1: float, p2: float):
-        r, idx, ptr = self._windows(st["pos"], st["fwhm"], st["eta"])
-        u = self.x[idx] - st["pos"][r]
-        Hr = st["fwhm"][r]
-        eta = st["eta"][r]
-        z = u / Hr
-        z2 = z * z
-        # the exponentials only where they are not below 1e-43 (the Gaussian core, a third of
-        # the window at most); the Lorentzian everywhere
-        g = np.zeros_like(u)
-        np.exp(-4 * _LN2 * z2, out=g, where=z2 < 36.0)
-        g *= _CG / Hr
-        q = 1 + 4 * z2
-        lor = _CL / Hr / q
-        prof = eta * lor + (1 - eta) * g
-        asym_on = bool(self.model.asymmetry or p1 or p2)
-        out = {"r": r, "idx": idx, "ptr": ptr}
-        keep = {"u": u, "Hr": Hr, "eta": eta, "z": z, "z2": z2, "g": g, "q": q, "lor": lor, "prof": prof,
-                "asym_on": asym_on}
-        if asym_on:
-            ez = np.zeros_like(u)
-            np.exp(-z2, out=ez, where=z2 < 100.0)
-            fa = 2 * z * ez
-            fb = 2 * (2 * z2 - 3) * fa
-            inv_tan = (1.0 / np.maximum(st["tan"], 1e-6))[r]
-            asym = 1 + (p1 * fa + p2 * fb) * inv_tan
-            out["P"] = prof * asym
-            keep.update(ez=ez, fa=fa, fb=fb, inv_tan=inv_tan, asym=asym)
-        else:
-            out["P"] = prof
-        return out, keep
+    def _profiles(self, st: dict[str, np.ndarray], p1: float, p2: float, derivatives: bool,
+                  dead: tuple[bool, ...], full: bool) -> dict:
+        from .kernels import pv_profiles
 
-    @staticmethod
-    def _derivatives(out: dict, keep: dict, p1: float, p2: float) -> None:
-        """Add the profiles' derivatives to ``out`` (from the intermediates ``keep``)."""
-        u, Hr, eta, z, z2, g, q, lor, prof = (keep[k] for k in ("u", "Hr", "eta", "z", "z2", "g", "q", "lor", "prof"))
-        asym_on = keep["asym_on"]
-        if asym_on:
-            ez, fa, fb, inv_tan, asym = (keep[k] for k in ("ez", "fa", "fb", "inv_tan", "asym"))
-        # d/dx0 of each part; d/dH follows from the scaling f(u; H) = φ(u/H)/H:
-        # df/dH = (u df/dx0 - f)/H
-        dp_dx0 = (eta * lor / q + (1 - eta) * _LN2 * g) * (8 * u / (Hr * Hr))
-        dp_dh = (u * dp_dx0 - prof) / Hr
-        if asym_on:
-            dfa = 2 * ez * (1 - 2 * z2)
-            dfb = 8 * z * fa + 2 * (2 * z2 - 3) * dfa
-            da_dz = (p1 * dfa + p2 * dfb) * inv_tan
-            pa = prof * da_dz / Hr
-            out["dx0"] = asym * dp_dx0 - pa
-            out["dH"] = asym * dp_dh - pa * z
-            out["deta"] = (lor - g) * asym
-            out["dP1"] = prof * fa * inv_tan
-            out["dP2"] = prof * fb * inv_tan
-        else:
-            out["dx0"], out["dH"], out["deta"] = dp_dx0, dp_dh, lor - g
-            out["dP1"] = out["dP2"] = np.zeros_like(u)
+        pos, fwhm, eta = (np.ascontiguousarray(st[k], float) for k in ("pos", "fwhm", "eta"))
+        lo_f, lo_n, hi_n, hi_f = self._windows(pos, fwhm, eta, np.repeat(np.array(dead, bool), self.sizes))
+        lo, hi = (lo_f, hi_f) if full else (lo_n, hi_n)
+        ptr = np.zeros(pos.size + 1, np.int64)
+        np.cumsum(hi - lo, out=ptr[1:])
+        n = int(ptr[-1])
+        asym_on = bool(self.model.asymmetry or p1 or p2)
+        inv_tan = 1.0 / np.maximum(np.ascontiguousarray(st["tan"], float), 1e-6)
+        r = np.empty(n, np.int64)
+        idx = np.empty(n, np.int64)
+        P = np.empty(n)
+        d = [np.empty(n if derivatives else 0) for _ in range(5)]
+        pv_profiles(self.x, pos, fwhm, eta, inv_tan, lo, ptr, p1, p2, asym_on, derivatives, r, idx, P, *d)
+        out = {"r": r, "idx": idx, "ptr": ptr, "P": P}
+        if not full:
+            out["far"] = (pos, fwhm, eta, lo_f, lo_n, hi_n, hi_f)
+        if derivatives:
+            out.update(zip(("dx0", "dH", "deta", "dP1", "dP2"), d))
+        return out
 
     def background(self, theta: np.ndarray) -> np.ndarray:
-        L = self.layout
-        b = theta[[L.index[f"bkg_{j}"] for j in range(self.model.background_terms)]]
-        return self.cheb @ b
+        return self.cheb @ theta[self.bkg_index]
 
     def pattern(self, theta: np.ndarray, lebail_I: np.ndarray | None = None, *, per_phase: bool = False):
         st = self.reflection_state(theta, lebail_I)
+        from .kernels import tail_matvec
+
         pr = self.profiles(st, theta)
-        contrib = pr["P"] * st["I"][pr["r"]]
+        I = np.ascontiguousarray(st["I"], float)
+        contrib = pr["P"] * I[pr["r"]]
         bkg = self.background(theta)
-        y = bkg + np.bincount(pr["idx"], weights=contrib, minlength=self.x.size)
+        peaks = np.bincount(pr["idx"], weights=contrib, minlength=self.x.size).astype(float)
+        tail_matvec(self.x, *pr["far"], 0, I.size, I, peaks)
+        y = bkg + peaks
         if not per_phase:
             return y
         parts = []
         for p in range(len(self.model.phases)):
             a, b = pr["ptr"][self.offsets[p]], pr["ptr"][self.offsets[p + 1]]
-            parts.append(np.bincount(pr["idx"][a:b], weights=contrib[a:b], minlength=self.x.size))
+            part = np.bincount(pr["idx"][a:b], weights=contrib[a:b], minlength=self.x.size).astype(float)
+            tail_matvec(self.x, *pr["far"], int(self.offsets[p]), int(self.offsets[p + 1]), I, part)
+            parts.append(part)
         return y, bkg, parts, st
 
     def jacobian(self, theta: np.ndarray, lebail_I: np.ndarray | None, cols: np.ndarray, *,
@@ -616,45 +600,72 @@ class _Calculator:
         """The model and its derivatives in the parameters ``cols`` (N, len(cols)), and the
         intensities used: with ``extract_from`` (the observed pattern), Le Bail intensities are
         first extracted ``cycles`` times with the same profiles."""
+        from .kernels import profile_columns, tail_columns, tail_matvec
+
         L = self.layout
         parts = [self.phase_state(p, theta) for p in range(len(self.model.phases))]
         st = self.reflection_state(theta, lebail_I, parts)
         pr = self.profiles(st, theta, derivatives=True)
         if extract_from is not None and cycles:
             st["I"] = _extract(self, pr, theta, st["I"], extract_from, cycles)
-        I = st["I"][pr["r"]]
-        y = self.background(theta) + np.bincount(pr["idx"], weights=pr["P"] * I, minlength=self.x.size)
+
+        I_r = np.ascontiguousarray(st["I"], float)
+        I = I_r[pr["r"]]
+        peaks = np.bincount(pr["idx"], weights=pr["P"] * I, minlength=self.x.size).astype(float)
+        far = pr["far"]
+        tail_matvec(self.x, *far, 0, I_r.size, I_r, peaks)
+        y = self.background(theta) + peaks
         J = np.zeros((self.x.size, cols.size))
         flat = pr["idx"]
+        n_refl = I_r.size
+        by_phase: dict[int, list[int]] = {}
+        shift_cols: list[int] = []
+        bkg_cols, bkg_terms = [], []
         for c, j in enumerate(cols):
             q = L.params[j]
             if q.kind == "bkg":
-                J[:, c] = self.cheb[:, int(q.key)]
-                continue
-            if q.kind == "asym":
+                bkg_cols.append(c)
+                bkg_terms.append(int(q.key))
+            elif q.kind == "asym":
                 w = pr["dP1"] if q.name == "asym_P1" else pr["dP2"]
                 J[:, c] = np.bincount(flat, weights=w * I, minlength=self.x.size)
-                continue
-            if q.kind in ("zero", "disp"):       # positions move by 1 or cos θ
-                dx0 = np.ones_like(st["pos"]) if q.kind == "zero" else st["cos"]
-                J[:, c] = np.bincount(flat, weights=I * pr["dx0"] * dx0[pr["r"]], minlength=self.x.size)
-                continue
-            # a phase's parameter: differentiate that phase's reflections numerically
-            p = q.phase
-            h = q.step if q.step > 0 else 1e-7 * max(abs(theta[j]), 1e-30)
-            t2 = theta.copy()
-            t2[j] += h
-            s2 = self.phase_state(p, t2)
+            elif q.kind in ("zero", "disp"):       # positions move by 1 or cos θ
+                shift_cols.append(c)
+            else:
+                by_phase.setdefault(q.phase, []).append(c)
+        if bkg_cols:
+            J[:, bkg_cols] = self.cheb[:, bkg_terms]
+        args = (pr["r"], flat, I_r, pr["P"], pr["dx0"], pr["dH"], pr["deta"])
+        if shift_cols:
+            cx0 = np.column_stack([np.ones(n_refl) if L.params[cols[c]].kind == "zero" else st["cos"]
+                                   for c in shift_cols])
+            zero = np.zeros_like(cx0)
+            profile_columns(0, int(pr["ptr"][-1]), *args[:2], 0, *args[2:], cx0, zero, zero, zero,
+                            np.array(shift_cols, np.int64), J)
+            tail_columns(self.x, *far, 0, n_refl, I_r, cx0, zero, zero, np.array(shift_cols, np.int64), J)
+        disp = theta[L.index["displacement"]]
+        for p, cs in by_phase.items():
+            # a phase's parameters: its reflections' positions, widths, mixing (and computed
+            # intensities) differentiated numerically
             s1 = parts[p]
-            rows = slice(int(pr["ptr"][self.offsets[p]]), int(pr["ptr"][self.offsets[p + 1]]))
-            k = pr["r"][rows] - int(self.offsets[p])         # the phase's own reflection index
-            dx0 = (s2["pos"] - s1["pos"]) / h + theta[L.index["displacement"]] * (s2["cos"] - s1["cos"]) / h
-            dH = (s2["fwhm"] - s1["fwhm"]) / h
-            de = (s2["eta"] - s1["eta"]) / h
-            w = I[rows] * (pr["dx0"][rows] * dx0[k] + pr["dH"][rows] * dH[k] + pr["deta"][rows] * de[k])
-            if "I" in s1:
-                w = w + pr["P"][rows] * ((s2["I"] - s1["I"]) / h)[k]
-            J[:, c] = np.bincount(pr["idx"][rows], weights=w, minlength=self.x.size)
+            m = s1["pos"].size
+            coef = np.zeros((4, m, len(cs)))
+            for k, c in enumerate(cs):
+                j = int(cols[c])
+                q = L.params[j]
+                h = q.step if q.step > 0 else 1e-7 * max(abs(theta[j]), 1e-30)
+                t2 = theta.copy()
+                t2[j] += h
+                s2 = self._widths_moved(p, s1, t2) if q.kind == "profile" else self.phase_state(p, t2)
+                coef[0, :, k] = (s2["pos"] - s1["pos"]) / h + disp * (s2["cos"] - s1["cos"]) / h
+                coef[1, :, k] = (s2["fwhm"] - s1["fwhm"]) / h
+                coef[2, :, k] = (s2["eta"] - s1["eta"]) / h
+                if "I" in s1:
+                    coef[3, :, k] = (s2["I"] - s1["I"]) / h
+            a, b = int(pr["ptr"][self.offsets[p]]), int(pr["ptr"][self.offsets[p + 1]])
+            profile_columns(a, b, *args[:2], int(self.offsets[p]), *args[2:], *coef, np.array(cs, np.int64), J)
+            tail_columns(self.x, *far, int(self.offsets[p]), int(self.offsets[p + 1]), I_r, *coef[:3],
+                         np.array(cs, np.int64), J)
         return y, J, st["I"]
 
 
@@ -743,6 +754,15 @@ def refine_pattern(model: RefinementModel, tth: np.ndarray, y: np.ndarray, sigma
     return Refiner(model, tth[keep]).refine(np.asarray(y, float)[keep], sig, start=start, tol=tol)
 
 
+@lru_cache(maxsize=1)
+def _blas_controller():
+    """threadpoolctl's view of the loaded BLAS libraries, inspected once (``threadpool_limits``
+    inspects them again at every call: a few ms, as long as a tracked frame's refinement)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
 class Refiner:
     """A :class:`RefinementModel` set up on one 2θ grid (reflection lists, background basis),
     to refine pattern after pattern on it."""
@@ -767,10 +787,8 @@ class Refiner:
         is returned; :attr:`~RefinementResult.start_from` says which start won (``previous``,
         ``configured`` or ``searched``). ``restart=False``: only the first attempt.
         """
-        from threadpoolctl import threadpool_limits
-
         # small dense matrices: BLAS threads only contend with each other (and with other processes)
-        with threadpool_limits(limits=1, user_api="blas"):
+        with _blas_controller().limit(limits=1, user_api="blas"):
             return self._refine(y, sigma, start=start, tol=tol, gof_limit=gof_limit, restart=restart)
 
     @property
@@ -1097,7 +1115,10 @@ def _needed(calc, theta: np.ndarray, I: np.ndarray, I_start: np.ndarray, y: np.n
             phases: Sequence[int]) -> list[int]:
     """Of the absent Le Bail ``phases``, those whose lines (from their start intensities,
     re-extracted with the others') lower χ² by more than :func:`_absent` asks of a present phase."""
-    st = calc.reflection_state(theta, I)
+    with_lines = I.copy()                    # the profiles of the tested phases too
+    for p in phases:
+        with_lines[int(calc.offsets[p]):int(calc.offsets[p + 1])] = I_start[int(calc.offsets[p]):int(calc.offsets[p + 1])]
+    st = calc.reflection_state(theta, with_lines)
     pr = calc.profiles(st, theta)
     bkg = calc.background(theta)
     P = _profile_matrix(calc, pr, I.size)
@@ -1428,28 +1449,37 @@ def _verdict(calc, res: RefinementResult, absent: list[int], bounds) -> None:
 
 
 def _linear_fit(calc, theta: np.ndarray, yw: np.ndarray, wt: np.ndarray, rows: np.ndarray,
-                phases: Sequence[int] | None = None):
+                phases: Sequence[int] | None = None, full: bool = True):
     """χ² of the best pattern at ``theta`` with free non-negative reflection intensities and a
-    free background (the points ``rows`` only), the intensities and the background terms."""
-    c2, inten, bk, _ = _linear_core(calc, theta, yw, wt, rows, phases)
+    free background (the points ``rows`` only), the intensities and the background terms.
+    ``full=False`` (the trial cells of the search): each profile within ±NEAR_FWHM only (the
+    far Lorentzian tail, about 1 % of a profile's area at η = 0.4, is left to the background),
+    at a fraction of the cost."""
+    c2, inten, bk, _ = _linear_core(calc, theta, yw, wt, rows, phases, full=full)
     return c2, inten, bk
 
 
 def _linear_core(calc, theta: np.ndarray, yw: np.ndarray, wt: np.ndarray, rows: np.ndarray,
-                 phases: Sequence[int] | None = None, groups: tuple | None = None, pr: dict | None = None):
+                 phases: Sequence[int] | None = None, groups: tuple | None = None, pr: dict | None = None,
+                 full: bool = True):
     """The linear part of a pattern at ``theta``: non-negative intensities (one per reflection,
     or per overlap group of ``groups`` = (group of each reflection, its share, number of
     groups), split by the shares) and the background, by least squares over the points
     ``rows``. Returns χ², the intensity of every reflection, the background terms and what
     :func:`_project` and the Pawley covariance need (the weighted basis and its normal
-    matrix)."""
+    matrix). ``full=False``: the profiles within ±NEAR_FWHM only."""
     import scipy.sparse as sp
     from scipy.optimize import nnls
 
     n_refl = int(calc.offsets[-1])
-    if pr is None:
-        st = calc.reflection_state(theta, np.ones(n_refl))
-        pr = calc.profiles(st, theta)
+    if pr is None:                           # the profiles of the phases used only
+        ones = np.ones(n_refl)
+        if phases is not None:
+            ones[:] = 0.0
+            for p in phases:
+                ones[int(calc.offsets[p]):int(calc.offsets[p + 1])] = 1.0
+        st = calc.reflection_state(theta, ones)
+        pr = calc.profiles(st, theta, full=full)
     gidx, share, n_col = (np.arange(n_refl), np.ones(n_refl), n_refl) if groups is None else groups
     rowmap = np.full(calc.x.size, -1)
     rowmap[rows] = np.arange(rows.size)
@@ -1591,7 +1621,7 @@ def _search(calc, y: np.ndarray, sigma, centre: np.ndarray | None = None,
         for cell in [configured] + list(cands):
             t = theta.copy()
             t[idx] = cell
-            c2 = _linear_fit(calc, t, yw, wt, rows[::2], placed + [p])[0]
+            c2 = _linear_fit(calc, t, yw, wt, rows[::2], placed + [p], full=False)[0]
             if c2 < low:
                 chosen, low = cell, c2
         # then closer: a third of the grid step around the best, twice
@@ -1603,7 +1633,7 @@ def _search(calc, y: np.ndarray, sigma, centre: np.ndarray | None = None,
                     continue
                 t = theta.copy()
                 t[idx] = np.clip(chosen * (1 + d * steps_rel / 3), lower[idx], upper[idx])
-                c2 = _linear_fit(calc, t, yw, wt, rows[::2], placed + [p])[0]
+                c2 = _linear_fit(calc, t, yw, wt, rows[::2], placed + [p], full=False)[0]
                 if c2 < low:
                     best_here, low = t[idx].copy(), c2
             chosen = best_here
@@ -1775,30 +1805,32 @@ def _extract(calc: _Calculator, pr: dict, theta: np.ndarray, I: np.ndarray, y: n
     step (Varadhan & Roland 2008: two cycles, an extrapolation along them, one cycle from
     there), which reaches the same fixed point in far fewer cycles (an extrapolation that leaves
     the fixed point farther than it found it is dropped), and the extraction stops once a step
-    changes the intensities by less than ``tol`` relative; without, plain cycles."""
+    changes the intensities by less than ``tol`` relative; without, plain cycles (one is
+    :func:`xrdpipe.kernels.lebail_cycle`)."""
+    from .kernels import lebail_cycle
+
     net = y - calc.background(theta)
     P = _profile_matrix(calc, pr, I.size)
     PT = P.T
-    area = np.bincount(pr["r"], weights=pr["P"], minlength=I.size) * calc.step
+    area = PT @ np.ones(calc.x.size) * calc.step
     valid = calc.valid
     use = calc.extracted & (area > 0.05)
     n_ph = len(calc.sizes)
     phase_of = np.repeat(np.arange(n_ph), calc.sizes)
+    # the extraction is multiplicative: an intensity at exactly 0 would stay there for good (a
+    # weak line set to 0 by the cell search's non-negative solution, or whose net intensity was
+    # negative in one cycle under a background not yet refined). The lines of a present phase
+    # are kept above a floor, from which they recover in one cycle where the data show them; an
+    # absent phase's (all 0) stay 0
+    net = np.ascontiguousarray(net, float)
+    valid = np.ascontiguousarray(valid, bool)
+    work = (np.empty(calc.x.size), np.empty(calc.x.size))
 
     def cycle(I):
-        yc_net = P @ I
-        ratio = np.where(yc_net > 1e-12 * max(yc_net.max(), 1e-300), net / np.maximum(yc_net, 1e-300), 0.0)
-        ratio = np.where(valid, ratio, 1.0)          # no data: the model keeps its share
-        share = I * (PT @ ratio) * calc.step
-        # the extraction is multiplicative: an intensity at exactly 0 would stay there for good
-        # (a weak line set to 0 by the cell search's non-negative solution, or whose net
-        # intensity was negative in one cycle under a background not yet refined). The lines of
-        # a present phase are kept above a floor, from which they recover in one cycle where
-        # the data show them; an absent phase's (all 0) stay 0
-        present = (np.bincount(phase_of, weights=(I > 0).astype(float), minlength=n_ph) > 0)[phase_of]
-        floor = LEBAIL_FLOOR * float(np.max(I, initial=0.0))
-        new = np.where(present, np.maximum(share / np.maximum(area, 1e-12), floor), 0.0)
-        return np.where(use, new, np.where(calc.extracted, np.maximum(I, 0.0), I))
+        out = np.empty(I.size)
+        lebail_cycle(*P.args, np.ascontiguousarray(I, float), net, valid, area, use, calc.extracted, phase_of, n_ph,
+                     float(calc.step), LEBAIL_FLOOR, *work, out)
+        return out
 
     left = cycles
     while tol and left >= 3:
@@ -1825,16 +1857,48 @@ def _extract(calc: _Calculator, pr: dict, theta: np.ndarray, I: np.ndarray, y: n
     return I
 
 
-def _profile_matrix(calc, pr: dict, n_refl: int):
-    """The profiles as a sparse (points x reflections) matrix, built once per profile state
-    (the flat entries are already in its column order)."""
-    import scipy.sparse as sp
-
+def _profile_matrix(calc, pr: dict, n_refl: int) -> "_ProfileMatrix":
+    """The profiles as a (points x reflections) matrix, built once per profile state."""
     P = pr.get("matrix")
     if P is None:
-        P = sp.csc_matrix((pr["P"], pr["idx"], pr["ptr"]), shape=(calc.x.size, n_refl))
-        pr["matrix"] = P
+        P = pr["matrix"] = _ProfileMatrix(calc, pr, n_refl)
     return P
+
+
+class _ProfileMatrix:
+    """The profiles of :meth:`_Calculator.profiles` as a (points x reflections) matrix for
+    products ``P @ I`` and ``P.T @ v`` (:func:`xrdpipe.kernels.profile_matvec`,
+    :func:`~xrdpipe.kernels.profile_rmatvec`: the near entries, in column order already, and the
+    far Lorentzian tails)."""
+
+    def __init__(self, calc, pr: dict, n_refl: int):
+        far = pr.get("far")
+        if far is None:                      # whole windows: no far tails
+            e = np.zeros(n_refl, np.int64)
+            far = (np.zeros(n_refl), np.ones(n_refl), np.zeros(n_refl), e, e, e, e)
+        self.args = (pr["P"], pr["idx"], pr["ptr"], calc.x, *far)
+        self.n_points = calc.x.size
+        self.n_refl = n_refl
+        self.T = _Transposed(self)
+
+    def __matmul__(self, I: np.ndarray) -> np.ndarray:
+        from .kernels import profile_matvec
+
+        out = np.empty(self.n_points)
+        profile_matvec(*self.args, np.ascontiguousarray(I, float), out)
+        return out
+
+
+class _Transposed:
+    def __init__(self, P: _ProfileMatrix):
+        self.P = P
+
+    def __matmul__(self, v: np.ndarray) -> np.ndarray:
+        from .kernels import profile_rmatvec
+
+        out = np.empty(self.P.n_refl)
+        profile_rmatvec(*self.P.args, np.ascontiguousarray(v, float), out)
+        return out
 
 
 def _weight_fractions(calc: _Calculator, theta, cov, free, gof) -> dict[str, tuple[float, float]]:
