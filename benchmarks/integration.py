@@ -12,7 +12,8 @@ EIGER-like HDF5 stack, then times side by side in the same run:
 
 Prints frames/s end to end and the ratio to the naive loop (the mean of its two runs) for both,
 the set-up time (everything before the first frame: listing frames, calibration, matrix),
-the steady state (frames / (total - setup)) of the warm run, the largest relative difference
+the steady state (frames / (total - setup)) of the warm run and its CPU time per frame (on a
+shared machine, what two cores of its own would give), the largest relative difference
 of frame 0 to pyFAI's ``integrate1d`` with xrdpipe's method (same accuracy), and the load average
 of the machine before and after.
 
@@ -137,13 +138,22 @@ def pyfai_same_method(path: Path, poni: Path, mask_path: Path):
     return res.radial, res.intensity
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process (every thread) and of its finished children."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def run_xrdpipe(folder: Path):
     import xrdpipe
 
     exp = xrdpipe.load_experiment(folder / "experiment.toml")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     summary = xrdpipe.integrate_experiment(exp, progress=False, restart=True)
     dt = time.perf_counter() - t0
+    run_xrdpipe.cpu_seconds = _cpu_seconds() - c0
     p = xrdpipe.open_run(exp.run.run_file)
     return dt, summary, (p.radial, p.intensity[0])
 
@@ -174,6 +184,7 @@ def main() -> None:
             t_cold, cold, _ = run_xrdpipe(folder)
             assert cold.integrated == args.frames and not cold.failed and not cold.cache_hit, cold
             t_warm, warm, (r_x, i_x) = run_xrdpipe(folder)
+            cpu_warm = run_xrdpipe.cpu_seconds
             assert warm.integrated == args.frames and not warm.failed and warm.cache_hit, warm
             t_naive2, _ = naive_loop(path, poni, mask, args.frames, folder / "naive")
             load_after = os.getloadavg()[0]
@@ -190,6 +201,9 @@ def main() -> None:
                   f"{f_cold / f_naive:>6.2f} {f_warm:>9.2f} {f_warm / f_naive:>6.2f} {cold.setup_seconds:>12.2f} "
                   f"{warm.setup_seconds:>12.2f} {f_steady:>10.2f}  {diff:.1e}{'':>26}{load_before:.1f}/{load_after:.1f}")
             print(f"{'':>20} baseline: fabio -> pyFAI {method} -> np.savetxt (two runs: before/after xrdpipe)")
+            print(f"{'':>20} warm run: {cpu_warm / args.frames * 1e3:.0f} ms of CPU per frame (set-up included, "
+                  f"{cpu_warm / t_warm:.2f} cores busy on average): {2 * args.frames / cpu_warm:.1f} frames/s "
+                  "if it had two cores to itself")
             shutil.rmtree(folder)
     finally:
         if not args.workdir:
