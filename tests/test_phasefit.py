@@ -19,9 +19,9 @@ from xrdpipe.phasefit import PhaseModel, fit_phases
 from xrdpipe.testing import Difficulty, fit_config, pattern_series, score_phases
 
 
-def _hard(sign: float, separation: float, *, windows: bool = True, c_error: float = 0.02) -> Difficulty:
+def _hard(sign: float, separation: float, *, windows: bool = True, c_error: float = 0.02, seed: int = 2) -> Difficulty:
     return Difficulty(start_error=((0.01 * sign, c_error * sign), (0.01 * sign, c_error * sign)),
-                      separation_fwhm=separation, broadening=1.6, intensity_jitter=0.3, hard_windows=windows, seed=2)
+                      separation_fwhm=separation, broadening=1.6, intensity_jitter=0.3, hard_windows=windows, seed=seed)
 
 
 def _run(scenario: str, dif: Difficulty, n: int = 48, seed: int = 5):
@@ -36,9 +36,15 @@ def _run(scenario: str, dif: Difficulty, n: int = 48, seed: int = 5):
     ("nfm", 1, 1.1, True), ("nfm", -1, 1.0, True),
     # P2 -> P''2: the Al 111 line inside the 100 window (P2's a once settled on an alias there),
     # typed cells 2 % below both phases (nearer the other phase's truth), and 1 FWHM apart
-    ("mcm", -1, 2.4, True), ("mcm", 1, 1.0, True)])
+    ("mcm", -1, 2.4, True), ("mcm", 1, 1.0, True),
+    # P3 appears at 11 % 1.2 FWHM from O3's broadened line, in a series of 40 frames: the pair
+    # must be split in c first (00l lines), P3's a searched again beside the split pair
+    ("nfm-onset", -1, 1.2, True)])
 def test_phases_cells_and_fractions_from_typical_start_cells(scenario, sign, separation, windows):
-    series, table, lat, s = _run(scenario, _hard(sign, separation, windows=windows))
+    if scenario == "nfm-onset":
+        series, table, lat, s = _run("nfm", _hard(sign, separation, windows=windows, seed=12), n=40, seed=22)
+    else:
+        series, table, lat, s = _run(scenario, _hard(sign, separation, windows=windows))
     assert s["n_coexistence"] >= 3
     assert s["presence"] >= 0.98, s
     assert s["basal_rms_deg"] <= 0.002, s
