@@ -388,6 +388,23 @@ LZ4_REASONS = {
 
 
 @njit(nogil=True, cache=True)
+def _lz4_length(buf, ip, end, length):  # pragma: no cover - compiled
+    """A sequence's literal or match length: ``length`` from the token, and at 15 the bytes that
+    follow (each added, until one below 255). Returns the length and the position after it, or
+    -1 if the block ends first."""
+    if length == 15:
+        while True:
+            if ip >= end:
+                return np.int64(-1), ip
+            b = np.int64(buf[ip])
+            ip += 1
+            length += b
+            if b != 255:
+                break
+    return np.int64(length), ip
+
+
+@njit(nogil=True, cache=True)
 def _lz4_block_problem(buf, ip, end, want):  # pragma: no cover - compiled
     """0 if ``buf[ip:end]`` is an LZ4 block that decodes to exactly ``want`` bytes, else
     ``-1 - produced`` when it decodes to fewer, else a code of :data:`LZ4_REASONS`.
@@ -402,16 +419,9 @@ def _lz4_block_problem(buf, ip, end, want):  # pragma: no cover - compiled
             return np.int64(1)
         token = np.int64(buf[ip])
         ip += 1
-        length = token >> 4
-        if length == 15:
-            while True:
-                if ip >= end:
-                    return np.int64(1)
-                b = np.int64(buf[ip])
-                ip += 1
-                length += b
-                if b != 255:
-                    break
+        length, ip = _lz4_length(buf, ip, end, token >> 4)
+        if length < 0:
+            return np.int64(1)
         if length > end - ip:
             return np.int64(2)
         ip += length
@@ -428,16 +438,9 @@ def _lz4_block_problem(buf, ip, end, want):  # pragma: no cover - compiled
             return np.int64(7)
         if offset > op:
             return np.int64(4)
-        length = token & 15
-        if length == 15:
-            while True:
-                if ip >= end:
-                    return np.int64(1)
-                b = np.int64(buf[ip])
-                ip += 1
-                length += b
-                if b != 255:
-                    break
+        length, ip = _lz4_length(buf, ip, end, token & 15)
+        if length < 0:
+            return np.int64(1)
         op += length + 4
         if op > want - 5:
             return np.int64(6) if op <= want else np.int64(3)
