@@ -852,7 +852,7 @@ class _Frame:
         # basins, the neighbouring width factors: at beamline counts a basin is narrower than a
         # coarse step, and the best coarse point need not lie in the deepest basin
         best = None
-        for vp, vq, s, _ in cands[:3]:
+        for vp, vq, s, score in cands[:3]:
             k = _WIDTH_FACTORS.index(s)
             factors = np.array(_WIDTH_FACTORS[max(k - 1, 0):k + 2])
             span = list(steps)
