@@ -227,6 +227,26 @@ def test_3_a_full_disk_is_one_line_early_and_late_and_a_rerun_gives_the_clean_re
     # (a published run file is left as it was, byte for byte: test_scale.py checks it)
 
 
+def test_3_a_kernel_whose_compiled_code_cannot_be_written_still_runs(monkeypatch):
+    """Numba's on-disk cache of a kernel on a full disk (or a file-size limit, a read-only
+    install): the kernel runs from memory, nothing raises (a run's own writes report the disk)."""
+    import errno
+
+    from numba.core.caching import FunctionCache
+
+    from xrdpipe.kernels import _kernel
+
+    def full(self, sig, data):
+        raise OSError(errno.EFBIG, "File too large")
+
+    monkeypatch.setattr(FunctionCache, "_save_overload", full)
+
+    def twice(x):
+        return 2.0 * x
+
+    assert _kernel(twice)(1.5) == 3.0
+
+
 # -- 4. Ctrl-C -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

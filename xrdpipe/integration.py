@@ -559,11 +559,14 @@ class FramePrefetch:
             return self._ready.pop(ref.key, None)
 
     def close(self) -> None:
-        """Stop and drop the frames not taken."""
+        """Stop, drop the frames not taken, and wait for the frame being read (a thread left
+        inside a decoder or a kernel's compilation while the interpreter exits can crash it)."""
         with self._guard:
             self._closed = True
             self._stop.set()
             self._ready.clear()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=60)
 
 
 def _lower_thread_priority() -> None:

@@ -33,6 +33,29 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit, uintp
+from numba.core.caching import FunctionCache
+
+
+class _BestEffortCache(FunctionCache):
+    """Numba's on-disk cache of a kernel, best effort: compiled code that cannot be written (a
+    full disk, a file-size limit, a read-only install) is kept in memory for the run only, and
+    the run goes on (its own writes report a full disk, naming its files)."""
+
+    def save_overload(self, sig, data):
+        try:
+            super().save_overload(sig, data)
+        except OSError:
+            pass
+
+
+def _kernel(fn):
+    """``njit(nogil=True)`` with the best-effort disk cache."""
+    compiled = njit(nogil=True)(fn)
+    try:
+        compiled._cache = _BestEffortCache(compiled.py_func)   # what cache=True sets, guarded
+    except RuntimeError:       # no writable cache location at all: compiled at every start
+        pass
+    return compiled
 
 __all__ = ["csc_sums", "pv_profiles", "profile_columns", "tail_matvec", "tail_rmatvec", "tail_columns",
            "reflection_geometry", "tch_widths", "profile_matvec", "profile_rmatvec", "lebail_cycle",
@@ -43,7 +66,7 @@ _CG = 0.9394372786996513       # 2 sqrt(ln 2 / π)
 _CL = 0.6366197723675814       # 2 / π
 
 
-@njit(nogil=True, cache=True)
+@_kernel
 def csc_sums(x, dark, has_dark, flag, has_flag, data, indices, indptr, norm, signal, variance, lost,
              with_variance):  # pragma: no cover - compiled
     """Add Σ c (x - dark), Σ c² max(x, 1) and, over flagged pixels, Σ c n per bin into
@@ -99,7 +122,7 @@ def csc_sums(x, dark, has_dark, flag, has_flag, data, indices, indptr, norm, sig
                 j += 1
 
 
-@njit(nogil=True, cache=True)
+@_kernel
 def pv_profiles(x, pos, fwhm, eta, inv_tan, lo, ptr, p1, p2, asym_on, deriv, r, idx, P, dx0, dH, deta, dP1,
                 dP2):  # pragma: no cover - compiled
     """Every reflection's pseudo-Voigt (area 1, Gaussian and Lorentzian of one FWHM, mixing η)
@@ -158,7 +181,7 @@ def pv_profiles(x, pos, fwhm, eta, inv_tan, lo, ptr, p1, p2, asym_on, deriv, r, 
                     dP2[k] = 0.0
 
 
-@njit(nogil=True, cache=True)
+@_kernel
 def profile_columns(a, b, r, idx, r0, I, P, dx0, dH, deta, cx0, cH, ceta, cI, cols,
                     J):  # pragma: no cover - compiled
     """Add to the columns ``cols`` of ``J`` (points x columns) the derivative of the pattern
@@ -178,7 +201,7 @@ def profile_columns(a, b, r, idx, r0, I, P, dx0, dH, deta, cx0, cH, ceta, cI, co
             J[i, cols[c]] += gx * cx0[k, c] + gh * cH[k, c] + ge * ceta[k, c] + p * cI[k, c]
 
 
-@njit(nogil=True, cache=True)
+@_kernel
 def tail_matvec(x, pos, fwhm, eta, lo_far, lo_near, hi_near, hi_far, j0, j1, w,
                 out):  # pragma: no cover - compiled
     """Add Σ_j w[j] η_j L_j(x) over the far points of reflections ``j0 ... j1`` to ``out``
@@ -199,7 +222,7 @@ def tail_matvec(x, pos, fwhm, eta, lo_far, lo_near, hi_near, hi_far, j0, j1, w,
             out[i] += c / (1.0 + 4.0 * z * z)
 
 
-@njit(nogil=True, cache=True)
+@_kernel
 def tail_rmatvec(x, pos, fwhm, eta, lo_far, lo_near, hi_near, hi_far, v, out):  # pragma: no cover - compiled
     """``out[j] += Σ_i η_j L_j(x_i) v[i]`` over every reflection's far points."""
     for j in range(pos.size):
@@ -216,7 +239,7 @@ def tail_rmatvec(x, pos, fwhm, eta, lo_far, lo_near, hi_near, hi_far, v, out):  
         out[j] += acc * eta[j] * _CL * inv_h
 
 
-@njit(nogil=True, cache=True)
+@_kernel
 def tail_columns(x, pos, fwhm, eta, lo_far, lo_near, hi_near, hi_far, j0, j1, I, cx0, cH, ceta, cols,
                  J):  # pragma: no cover - compiled
     """The far tails' part of :func:`profile_columns` for reflections ``j0 ... j1`` (the rows
@@ -251,7 +274,7 @@ def tail_columns(x, pos, fwhm, eta, lo_far, lo_near, hi_near, hi_far, j0, j1, I,
                     J[i, cols[c]] += gx * cx0[k, c] + gh * cH[k, c] + ge * ceta[k, c]
 
 
-@njit(nogil=True, cache=True)
+@_kernel
 def reflection_geometry(hkl, cell, lam, U, V, W, X, Y, pos, fwhm, eta, tan, cos):  # pragma: no cover - compiled
     """For reflections ``hkl`` (n, 3) of a cell (a, b, c in Å, α, β, γ in degrees) at the
     wavelength ``lam``: 2θ (degrees), tan θ, cos θ, and the Thompson-Cox-Hastings pseudo-Voigt
@@ -285,7 +308,7 @@ def reflection_geometry(hkl, cell, lam, U, V, W, X, Y, pos, fwhm, eta, tan, cos)
     tch_widths(tan, cos, U, V, W, X, Y, fwhm, eta)
 
 
-@njit(nogil=True, cache=True)
+@_kernel
 def profile_matvec(P, idx, ptr, x, pos, fwhm, eta, lo_far, lo_near, hi_near, hi_far, I,
                    out):  # pragma: no cover - compiled
     """``out = Σ_j I[j] profile_j``: the near entries (``P`` at points ``idx``, reflection j's
@@ -300,7 +323,7 @@ def profile_matvec(P, idx, ptr, x, pos, fwhm, eta, lo_far, lo_near, hi_near, hi_
     tail_matvec(x, pos, fwhm, eta, lo_far, lo_near, hi_near, hi_far, 0, I.size, I, out)
 
 
-@njit(nogil=True, cache=True)
+@_kernel
 def profile_rmatvec(P, idx, ptr, x, pos, fwhm, eta, lo_far, lo_near, hi_near, hi_far, v,
                     out):  # pragma: no cover - compiled
     """``out[j] = Σ_i profile_j(x_i) v[i]`` (near entries and far tails)."""
@@ -312,7 +335,7 @@ def profile_rmatvec(P, idx, ptr, x, pos, fwhm, eta, lo_far, lo_near, hi_near, hi
     tail_rmatvec(x, pos, fwhm, eta, lo_far, lo_near, hi_near, hi_far, v, out)
 
 
-@njit(nogil=True, cache=True)
+@_kernel
 def lebail_cycle(P, idx, ptr, x, pos, fwhm, eta, lo_far, lo_near, hi_near, hi_far, I, net, valid, area, use,
                  extracted, phase_of, n_ph, step, floor_rel, yc, ratio, out):  # pragma: no cover - compiled
     """One Le Bail extraction from the intensities ``I`` into ``out``: each reflection ``use``
@@ -355,7 +378,7 @@ def lebail_cycle(P, idx, ptr, x, pos, fwhm, eta, lo_far, lo_near, hi_near, hi_fa
             out[j] = I[j]
 
 
-@njit(nogil=True, cache=True)
+@_kernel
 def tch_widths(tan, cos, U, V, W, X, Y, fwhm, eta):  # pragma: no cover - compiled
     """The Thompson-Cox-Hastings pseudo-Voigt FWHM and mixing of the Caglioti Gaussian width
     (U tan²θ + V tan θ + W, kept above 1e-12) and the Lorentzian (X tan θ + Y / cos θ, kept
@@ -387,7 +410,7 @@ LZ4_REASONS = {
 }
 
 
-@njit(nogil=True, cache=True)
+@_kernel
 def _lz4_length(buf, ip, end, length):  # pragma: no cover - compiled
     """A sequence's literal or match length: ``length`` from the token, and at 15 the bytes that
     follow (each added, until one below 255). Returns the length and the position after it, or
@@ -404,7 +427,7 @@ def _lz4_length(buf, ip, end, length):  # pragma: no cover - compiled
     return np.int64(length), ip
 
 
-@njit(nogil=True, cache=True)
+@_kernel
 def _lz4_block_problem(buf, ip, end, want):  # pragma: no cover - compiled
     """0 if ``buf[ip:end]`` is an LZ4 block that decodes to exactly ``want`` bytes, else
     ``-1 - produced`` when it decodes to fewer, else a code of :data:`LZ4_REASONS`.
@@ -446,7 +469,7 @@ def _lz4_block_problem(buf, ip, end, want):  # pragma: no cover - compiled
             return np.int64(6) if op <= want else np.int64(3)
 
 
-@njit(nogil=True, cache=True)
+@_kernel
 def lz4_blocks_problem(buf, pos, n_full, full_bytes, last_bytes, tail):  # pragma: no cover - compiled
     """Walk the LZ4 blocks of a bitshuffle-LZ4 chunk (``buf``, uint8) from byte ``pos``: each is a
     4-byte big-endian size and that many bytes of LZ4, ``n_full`` blocks that decode to
