@@ -1716,6 +1716,8 @@ class PhaseFitter:
         revised: dict[int, FrameResult] = {}
         states: dict[int, PhaseState] = {}
         bar = progress
+        if bar is not None:         # at most this many frames fitted again
+            bar.reset(total=sum(min(_BACKWARD_MAX, s) for s in starts))
 
         def hint(j: int) -> np.ndarray:
             # where an absent phase is looked for: its cell in the nearest frame that has it

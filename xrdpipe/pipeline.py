@@ -545,7 +545,7 @@ def fit_experiment(exp: Experiment, *, restart: bool = False, progress: bool = T
             if phase_model and fit.backward and reach == n and store.backward_through < n:
                 # every frame is there: the backward pass over the whole series (once; again
                 # when frames were added)
-                back_bar = _progress(n, "fit (backward pass)", progress)
+                back_bar = _progress(n, "fit (backward pass)", progress)     # its total set by the pass
                 try:
                     back = fitter.backward(store.stored(n), store.read_patterns, progress=back_bar)
                 finally:
