@@ -88,6 +88,7 @@ ABSENT_CHI2 = 3.0             # a Le Bail phase lowering χ² by less than this 
 GOF_RISE = 1.5                # a frame whose GOF rose by more than this since the previous one is also restarted
 FOLLOW = 0.5                  # a phase followed from the previous frame: half its searched range around it
 ABSENT_REL = 0.05             # ... or than this fraction of χ² is absent
+GOF_RETEST = 1.1              # a frame this much worse (GOF) than the one before tests its absent phases again
 SEARCH_DEFAULT = {"a": 0.015, "b": 0.015, "c": 0.03}    # relative half-ranges of the cell search
 SEARCH_ANGLE_DEG = 2.0        # ... and of angles (degrees); angles are searched by least squares only
 PRED_TOL = 0.01               # Pawley: converged once a step would lower χ² by less than this x χ²/dof
@@ -1279,6 +1280,30 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol, *, staged: bo
                                            n_valid=n_valid, bounds=bounds, absent=absent, follow=from_previous)
             n_iter += it
     res = _result(calc, y, wt, valid, theta, I, free, n_iter, converged, absent, bounds)
+    # a frame that fits clearly worse than the one before while a phase is held absent: that
+    # phase is refined back in (its intensities extracted afresh, its cell and widths free) and
+    # kept if the fit then needs it as a present phase is needed (a weak phase, the Al current
+    # collector, judged absent from a poor start would otherwise never return)
+    if (all_lebail and not calc.pawley and from_previous and absent and math.isfinite(start.gof)
+            and res.gof > GOF_RETEST * start.gof):
+        fresh = _lebail_start(calc, theta, y)
+        I2 = I.copy()
+        for p in absent:
+            I2[int(calc.offsets[p]):int(calc.offsets[p + 1])] = fresh[int(calc.offsets[p]):int(calc.offsets[p + 1])]
+        free2 = np.array(sorted(set(int(i) for i in free) | {i for p in absent for i in _phase_params(calc, p)
+                                                               if L.params[i].refined}), int)
+        t2, I2, conv2, it = _fit(calc, y, wt, theta.copy(), I2, free2, max_iter=model.max_iter, tol=tol, hold=False,
+                                 n_valid=n_valid, bounds=bounds, absent=[], follow=from_previous)
+        back = [p for p in absent if p not in _absent(calc, t2, I2, y, wt)]
+        if back:
+            still = [p for p in absent if p not in back]
+            for p in still:
+                I2[int(calc.offsets[p]):int(calc.offsets[p + 1])] = 0.0
+            held = {j for p in still for j in _phase_params(calc, p)}
+            free3 = np.array([i for i in free2 if int(i) not in held], int)
+            alt = _result(calc, y, wt, valid, t2, I2, free3, n_iter + it, conv2, still, bounds)
+            if alt.rwp < res.rwp:
+                res, theta, I, absent, free = alt, t2, I2, still, free3
     # a Le Bail phase pinned at the edge of its searched range may be a ghost taking another's
     # misfit: refined again without it, the better verdict kept
     pinned = sorted({L.params[L.index[nm]].phase for nm in res.at_bound if L.params[L.index[nm]].kind == "cell"}
