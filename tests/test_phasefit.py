@@ -185,7 +185,7 @@ def test_backward_pass_replaces_a_frame_where_the_forward_pass_missed_a_phase():
     m = fitter.model
     p3 = [p.name for p in phases].index("P3")
     # the onset frame as the forward pass would leave it with P3 not found
-    cols = np.concatenate([np.arange(w.columns.start, w.columns.stop) for w in m.windows])
+    cols = m.columns
     before = _stored_state(m, table.phase, onset - lo - 1)
     bad = _fit_frame_once(m, pat.intensity[onset, cols], pat.sigma[onset, cols], before, fitter.fit, frozenset({p3}))
     assert not bad.present[p3]

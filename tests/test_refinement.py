@@ -415,17 +415,14 @@ name = "O3"
 # ----------------------------------------------------------------------------------------------
 # convergence from typical start values, and the verdict
 
-@pytest.mark.parametrize("sign", [1, -1])
-def test_sequential_le_bail_of_o3_p3_and_al_from_typical_start_values(sign):
-    """An O3 -> P3 series with Al lines (xrdpipe.testing), Le Bail of O3 + P3 + Al started from
-    cells 1 % (a) and 2 % (c) away from the truth (O3: the first frame's, P3: its first
-    appearance's), widths 5x too narrow: every frame where a phase holds >= 30 % recovers its
-    cell (|da| <= 5e-4, |dc| <= 2e-3 A) with status ok."""
+def _o3_p3_al_series(n: int, sign: int):
+    """An O3 -> P3 series with Al lines (xrdpipe.testing) and a Refiner of O3 + P3 + Al (Le Bail)
+    typed 1 % (a) and 2 % (c) away from the truth (O3: the first frame's, P3: its first
+    appearance's) with ``sign``, widths 5x too narrow."""
     from xrdpipe.refinement import Refiner
     from xrdpipe.structure import Structure
-    from xrdpipe.testing import pattern_series, phase_state
+    from xrdpipe.testing import pattern_series
 
-    n = 24
     ps = pattern_series(n, seed=2, counts=0.05, background=2000.0)
     sc = ps.scenario
     o, p = sc.high.cell(1.0), sc.low.cell(sc.coexistence[0])
@@ -436,7 +433,20 @@ def test_sequential_le_bail_of_o3_p3_and_al_from_typical_start_values(sign):
         PhaseModel("P3", template("P3", a=p[0] * (1 + sign * 0.01), c=p[1] * (1 + sign * 0.02)), profile=prof),
         PhaseModel("Al", al, profile=prof, refine_profile=("W",))],      # weak lines: one width
         wavelength_A=0.6209, method="lebail", background_terms=12)
-    refiner = Refiner(model, ps.tth_deg)
+    return ps, Refiner(model, ps.tth_deg)
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_sequential_le_bail_of_o3_p3_and_al_from_typical_start_values(sign):
+    """An O3 -> P3 series with Al lines (xrdpipe.testing), Le Bail of O3 + P3 + Al started from
+    cells 1 % (a) and 2 % (c) away from the truth (O3: the first frame's, P3: its first
+    appearance's), widths 5x too narrow: every frame where a phase holds >= 30 % recovers its
+    cell (|da| <= 5e-4, |dc| <= 2e-3 A) with status ok."""
+    from xrdpipe.testing import phase_state
+
+    n = 24
+    ps, refiner = _o3_p3_al_series(n, sign)
+    sc = ps.scenario
     prev, rwp, status = None, [], []
     for i in range(n):
         res = refiner.refine(ps.intensity[i], ps.sigma[i], start=prev,
@@ -461,20 +471,7 @@ def test_a_weak_phase_judged_absent_in_a_sequence_comes_back():
     absent, and a phase absent in the frame before was never tested again (GOF 1.58 against
     1.16 for the rest of the run, every frame "ok"). A frame that fits clearly worse than the
     one before refines its absent phases back in: Al is present in every frame."""
-    from xrdpipe.refinement import Refiner
-    from xrdpipe.structure import Structure
-    from xrdpipe.testing import pattern_series
-
-    ps = pattern_series(80, seed=2, counts=0.05, background=2000.0)
-    sc = ps.scenario
-    o, p = sc.high.cell(1.0), sc.low.cell(sc.coexistence[0])
-    prof = {"W": 0.0002, "Y": 0.01}
-    model = RefinementModel([
-        PhaseModel("O3", template("O3", a=o[0] * 1.01, c=o[1] * 1.02), profile=prof),
-        PhaseModel("P3", template("P3", a=p[0] * 1.01, c=p[1] * 1.02), profile=prof),
-        PhaseModel("Al", Structure("Fm-3m", (4.0495,) * 3 + (90.0,) * 3, ()), profile=prof, refine_profile=("W",))],
-        wavelength_A=0.6209, method="lebail", background_terms=12)
-    refiner = Refiner(model, ps.tth_deg)
+    ps, refiner = _o3_p3_al_series(80, 1)
     prev, gof, da = None, [], []
     for i in range(80):
         res = refiner.refine(ps.intensity[i], ps.sigma[i], start=prev, gof_limit=None if prev is None else 3 * prev.gof)

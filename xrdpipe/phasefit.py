@@ -321,6 +321,9 @@ class PhaseModel:
         self.lower[self.eta_col], self.upper[self.eta_col] = 0.0, 1.0
         self.lower[self.area_col] = 0.0
         self.x_all = np.concatenate([w.x for w in self.windows]) if self.W else np.zeros(0)
+        #: (M,) the columns of the run's radial axis that make the concatenated windows
+        self.columns = (np.concatenate([np.arange(w.columns.start, w.columns.stop) for w in self.windows])
+                        if self.W else np.zeros(0, int))
         self.point_window = np.concatenate([np.full(w.x.size, i) for i, w in enumerate(self.windows)]) \
             if self.W else np.zeros(0, int)
         self._refl_of = [[np.flatnonzero((self.r_phase == p) & (self.r_window == w)) for w in range(self.W)]
@@ -1565,7 +1568,7 @@ class PhaseFitter:
         m = self.model
         n = intensity.shape[0]
         usable = np.ones(n, bool) if usable is None else np.asarray(usable, bool)
-        cols = np.concatenate([np.arange(w.columns.start, w.columns.stop) for w in m.windows]) if m.W else np.zeros(0, int)
+        cols = m.columns
         values, present, success, redchi, message, ph = self._arrays(n)
         if not self._zero_known and usable.any():
             self.state.zero = self._estimate_zero(intensity[usable][:8][:, cols],
@@ -1702,8 +1705,7 @@ class PhaseFitter:
         counted = np.array([p.fraction for p in m.phases], bool)
         total = (area * (present & counted)).sum(axis=1)
         share = np.where(total[:, None] > 0, area / np.where(total[:, None] > 0, total[:, None], 1.0), 0.0)
-        cols = np.concatenate([np.arange(w.columns.start, w.columns.stop) for w in m.windows]) if m.W else \
-            np.zeros(0, int)
+        cols = m.columns
         starts: dict[int, list[int]] = {}
         for p in np.flatnonzero(counted):
             onsets = np.flatnonzero(present[1:, p] & ~present[:-1, p]) + 1
