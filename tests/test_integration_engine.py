@@ -65,7 +65,8 @@ def test_streaming_keeps_order_and_reports_failures(setup, tmp_path):
 
 @pytest.mark.parametrize("radial_range, azimuth_range", [(None, None), ((5.0, 20.0), (-90.0, 45.0))])
 def test_parallel_full_split_is_pyfais_own_matrix(setup, monkeypatch, radial_range, azimuth_range):
-    """Built band by band (here 7 bands), the matrix is exactly the one pyFAI's integrate1d uses."""
+    """Built band by band (here 7 bands) by xrdpipe's kernel, the matrix is exactly the one
+    pyFAI's integrate1d uses (masked pixels, the radial and azimuth ranges)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import xrdpipe.integration as integration
@@ -74,11 +75,53 @@ def test_parallel_full_split_is_pyfais_own_matrix(setup, monkeypatch, radial_ran
     monkeypatch.setattr(integration, "_BAND_PIX", 10_000)
     integ = Integrator(cal, shape, npt=500, radial_range=radial_range, azimuth_range=azimuth_range)
     with ThreadPoolExecutor(2) as pool:
-        ours = integ._full_split(integ._ai.detector.mask, pool, 2)
-    theirs = integ._probe_matrix()        # pyFAI's integrate1d, its CSR matrix transposed
-    for a, b in zip(ours, theirs):
-        np.testing.assert_array_equal(a, b)
-    assert ours[0].size > 50_000
+        data, indices, indptr, radial = integ._full_split(integ._ai.detector.mask, pool, 2)
+    p_data, p_indices, p_indptr, p_radial = integ._probe_matrix()   # pyFAI's CSR matrix, transposed
+    np.testing.assert_array_equal(radial, p_radial)
+    np.testing.assert_array_equal(indptr, p_indptr)
+    np.testing.assert_array_equal(indices, p_indices)
+    np.testing.assert_array_equal(data, p_data)
+    split = np.diff(indptr) > 1
+    assert split.sum() > 20_000                  # most pixels are split: the areas were compared
+    assert data.size > 50_000
+
+
+@pytest.mark.parametrize("chi_disc_at_pi", [True, False])
+def test_full_split_around_the_beam_centre(chi_disc_at_pi):
+    """The beam centre on the detector: pixels around it span many bins, and a column of pixels
+    straddles the azimuthal discontinuity (at 180° or at 0°), whose azimuths are unwrapped as
+    pyFAI's full-splitting engine does: exactly its matrix.
+
+    (Compared with the engine itself: pyFAI's ``integrate1d`` hands it ``chiDiscAtPi=True``
+    whatever the geometry says, so with the cut at 0° it splits the pixels across the cut as
+    polygons spanning 2π; xrdpipe keeps the geometry's own cut.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyFAI
+    from pyFAI import units
+    from pyFAI.detectors import Detector
+    from pyFAI.ext.splitPixelFullCSC import FullSplitCSC_1d
+
+    shape = (96, 112)
+    det = Detector(pixel1=75e-6, pixel2=75e-6, max_shape=shape)
+    ai = pyFAI.load({"detector": det, "dist": 0.05, "poni1": 40.3 * 75e-6, "poni2": 61.7 * 75e-6,
+                     "rot1": 0.01, "rot2": -0.02, "wavelength": 0.6209e-10})
+    ai.chiDiscAtPi = chi_disc_at_pi
+    integ = Integrator(Calibration(None, ai, 0.6209, shape), shape, npt=300)
+    with ThreadPoolExecutor(2) as pool:
+        data, indices, indptr, radial = integ._full_split(None, pool, 2)
+    pos = integ._ai.array_from_unit(shape, "corner", units.to_unit("2th_deg"), scale=False)
+    engine = FullSplitCSC_1d(pos, bins=300, pos0_range=(max(0.0, float(pos[..., 0].min())), float(pos[..., 0].max())),
+                             unit=units.to_unit("2th_deg"), chiDiscAtPi=chi_disc_at_pi)
+    p_data, p_indices, p_indptr = engine.lut
+    np.testing.assert_allclose(radial, engine.bin_centers * units.to_unit("2th_deg").scale, rtol=1e-12)
+    np.testing.assert_array_equal(indptr, p_indptr)
+    np.testing.assert_array_equal(indices, p_indices)
+    np.testing.assert_array_equal(data, p_data)
+    chi = pos[..., 1]
+    across = np.ptp(chi, axis=-1) > np.pi                 # corners on both sides of the cut
+    assert across.sum() >= 20
+    assert np.diff(indptr).max() >= 3
 
 
 def test_frames_read_ahead_give_the_same_patterns(setup, tmp_path):
