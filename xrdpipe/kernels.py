@@ -60,7 +60,7 @@ def _kernel(fn):
 
 __all__ = ["csc_sums", "pv_profiles", "profile_columns", "tail_matvec", "tail_rmatvec", "tail_columns",
            "reflection_geometry", "tch_widths", "profile_matvec", "profile_rmatvec", "lebail_cycle",
-           "lz4_blocks_problem", "LZ4_REASONS", "split_count", "split_fill"]
+           "lz4_blocks_problem", "LZ4_REASONS", "split_count", "split_fill", "phase_value_jac"]
 
 _LN2 = 0.6931471805599453
 _CG = 0.9394372786996513       # 2 sqrt(ln 2 / π)
@@ -629,3 +629,37 @@ def split_fill(pos, lo0, delta, bins, check_azim, azim_lo, azim_hi, disc_at_pi, 
             data[j + k] = share[k] * inv
             indices[j + k] = first + k
             share[k] = 0.0
+
+
+@_kernel
+def phase_value_jac(x, lo, hi, cen, theta, fw_col, eta_col, a_col, dcol, dval, f, jac):  # pragma: no cover - compiled
+    """Add the phase model's lines to ``f`` (r, M) and their derivatives to ``jac`` (r, k, M).
+
+    Line ``i`` (area-normalised pseudo-Voigt times its area) lies on points ``lo[i]:hi[i]`` of
+    the abscissa ``x``, at centre ``cen[r, i]``, with its width, eta and area in columns
+    ``fw_col[i]``, ``eta_col[i]``, ``a_col[i]`` of ``theta`` (r, k); its centre moves by
+    ``dval[r, i, q]`` per unit of column ``dcol[i, q]`` (-1: none), the cell and zero columns."""
+    for r in range(theta.shape[0]):
+        for i in range(cen.shape[1]):
+            c = cen[r, i]
+            inv_f = 1.0 / theta[r, fw_col[i]]
+            area = theta[r, a_col[i]]
+            eta = theta[r, eta_col[i]]
+            g_unit = (1.0 - eta) * _CG * inv_f
+            l_unit = eta * _CL * inv_f
+            for j in range(lo[i], hi[i]):
+                u = (x[j] - c) * inv_f
+                u2 = u * u
+                gauss = np.exp(u2 * (-4.0 * _LN2))
+                lor = 1.0 / (1.0 + 4.0 * u2)
+                t1 = area * g_unit * gauss
+                t2 = area * l_unit * lor
+                val = t1 + t2
+                d_c = 8.0 * inv_f * u * (_LN2 * t1 + t2 * lor)
+                f[r, j] += val
+                jac[r, a_col[i], j] += g_unit * gauss + l_unit * lor
+                jac[r, fw_col[i], j] += inv_f * (8.0 * u2 * (_LN2 * t1 + t2 * lor) - val)
+                jac[r, eta_col[i], j] += area * inv_f * (_CL * lor - _CG * gauss)
+                for q in range(dcol.shape[1]):
+                    if dcol[i, q] >= 0:
+                        jac[r, dcol[i, q], j] += d_c * dval[r, i, q]

@@ -41,6 +41,7 @@ from typing import Sequence
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from . import kernels
 from .batchfit import least_squares_batch
 from .config import FitSpec, LatticeSpec, PhaseSpec, WindowSpec
 from .crystallography import (
@@ -53,7 +54,6 @@ from .crystallography import (
     reflections,
     tth_from_d,
 )
-from .lineshapes import pseudo_voigt_jac
 from .peaks import PEAK_FIELDS, PeakTable, WindowSetupError, concat_tables
 from .windows import d_from_radial
 
@@ -275,6 +275,7 @@ class PhaseModel:
 
     def _layout(self) -> None:
         """Free-parameter columns of a frame's vector."""
+        self._lines = None                  # the compiled model's layout, made when first needed
         names: list[str] = []
         self.cell_cols: list[list[int]] = []
         for p, spec in enumerate(self.phases):
@@ -428,44 +429,61 @@ class PhaseModel:
         r = theta.shape[0]
         f = np.zeros((r, self.n_points))
         jac = np.zeros((r, self.k, self.n_points))
-        cells = self.cells(theta, base)
         zero = theta[:, self.zero_col]
-        cen = self.centres(cells, zero)
-        # d centre / d (cell parameter, zero) by central differences on the tiny parameter vector
-        dcen = {}
-        for p in range(self.P):
-            for n, col in zip(self.free[p], self.cell_cols[p]):
-                h = 1e-6 * max(abs(float(np.nanmax(np.abs(theta[:, col])))), 1.0)
-                up, dn = theta.copy(), theta.copy()
-                up[:, col] += h
-                dn[:, col] -= h
-                rows = np.flatnonzero(self.r_phase == p)
-                dcen[col] = (rows, (self.centres(self.cells(up, base), zero, rows)
-                                    - self.centres(self.cells(dn, base), zero, rows)) / (2 * h))
+        # d centre / d (cell parameter, zero) by central differences on the tiny parameter
+        # vector: every shifted row's centres in one call (rows: as given, then +h and -h for
+        # each cell column, then the zero shifted by +-hz)
+        cols = [c for cc in self.cell_cols for c in cc]
+        steps = [1e-6 * max(abs(float(np.nanmax(np.abs(theta[:, c])))), 1.0) for c in cols]
+        shifted = [theta]
+        for c, h in zip(cols, steps):
+            for sign in (1.0, -1.0):
+                t = theta.copy()
+                t[:, c] += sign * h
+                shifted.append(t)
         hz = 1e-4
-        dzero = (self.centres(cells, zero + hz) - self.centres(cells, zero - hz)) / (2 * hz)
+        stack = np.concatenate(shifted + [theta, theta])
+        zeros = np.concatenate([np.tile(zero, 1 + 2 * len(cols)), zero + hz, zero - hz])
+        all_cen = self.centres(self.cells(stack, base), zeros).reshape(-1, r, self.R)
+        cen = all_cen[0]
+        dval_of = {c: (all_cen[1 + 2 * k] - all_cen[2 + 2 * k]) / (2 * h) for k, (c, h) in enumerate(zip(cols, steps))}
+        dzero = (all_cen[-2] - all_cen[-1]) / (2 * hz)
         for w, win in enumerate(self.windows):
             sl = win.points
             for d in range(win.degree + 1):
                 td = win.t ** d
                 f[:, sl] += theta[:, self.bg_col[w][d]][:, None] * td
                 jac[:, self.bg_col[w][d], sl] = td
-        for i in range(self.R):
-            p, w = self.r_phase[i], self.r_window[i]
-            sl = self.windows[w].points
-            x = self.windows[w].x
-            fw_col, eta_col, a_col = self.fwhm_col[p, w], self.eta_col[p], self.area_col[i]
-            val, (d_c, d_f, unit, d_eta) = pseudo_voigt_jac(x, cen[:, i:i + 1], theta[:, fw_col:fw_col + 1],
-                                                            theta[:, a_col:a_col + 1], theta[:, eta_col:eta_col + 1])
-            f[:, sl] += val
-            jac[:, a_col, sl] = unit
-            jac[:, fw_col, sl] += d_f
-            jac[:, eta_col, sl] += d_eta
-            for col in self.cell_cols[p]:
-                rows, dc = dcen[col]
-                jac[:, col, sl] += d_c * dc[:, np.searchsorted(rows, i)][:, None]
-            jac[:, self.zero_col, sl] += d_c * dzero[:, i:i + 1]
+        # the lines, compiled: the centres' derivatives per cell column of the line's phase and
+        # per zero shift, then every line's value and Jacobian columns in one pass
+        lo, hi, fw_col, eta_col, a_col, dcol = self._line_layout()
+        dval = np.zeros((r, self.R, dcol.shape[1]))
+        for q in range(dcol.shape[1] - 1):
+            for i in np.flatnonzero(dcol[:, q] >= 0):
+                dval[:, i, q] = dval_of[int(dcol[i, q])][:, i]
+        dval[:, :, -1] = dzero
+        kernels.phase_value_jac(self.x_all, lo, hi, np.ascontiguousarray(cen), np.ascontiguousarray(theta, dtype=float),
+                                fw_col, eta_col, a_col, dcol, dval, f, jac)
         return f, jac
+
+    def _line_layout(self):
+        """For the compiled model: each line's points (start, stop) on the concatenated
+        abscissa, its width, eta and area columns, and the columns that move its centre (its
+        phase's cell columns, padded with -1, then the zero shift)."""
+        if self._lines is None:
+            lo = np.array([self.windows[w].points.start for w in self.r_window], np.int64)
+            hi = np.array([self.windows[w].points.stop for w in self.r_window], np.int64)
+            fw_col = np.array([self.fwhm_col[p, w] for p, w in zip(self.r_phase, self.r_window)], np.int64)
+            eta_col = np.array([self.eta_col[p] for p in self.r_phase], np.int64)
+            a_col = np.asarray(self.area_col, np.int64)
+            width = max(len(c) for c in self.cell_cols) + 1
+            dcol = np.full((self.R, width), -1, np.int64)
+            for i, p in enumerate(self.r_phase):
+                dcol[i, :len(self.cell_cols[p])] = self.cell_cols[p]
+                dcol[i, -1] = self.zero_col
+            self._lines = (lo, hi, fw_col, eta_col, a_col, dcol)
+            self.x_all = np.concatenate([w.x for w in self.windows]) if self.windows else np.zeros(0)
+        return self._lines
 
     # -- linear part: areas and background at fixed cells and widths ----------------------------
     def basis(self, cen: np.ndarray, fwhm: np.ndarray, eta: np.ndarray, window: int, refl: np.ndarray):
@@ -985,11 +1003,16 @@ class _Frame:
 
 def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state: PhaseState,
               fit: FitSpec, centre: np.ndarray | None = None) -> FrameResult:
-    """Fit one frame (``y`` on the concatenated windows) starting from the previous ``state``;
-    see :func:`_fit_frame_once`. A phase that may not be what it claims to be (dropped because
+    """Fit one frame (``y`` on the concatenated windows) starting from the previous ``state``.
+
+    A frame like the one before (:func:`_fit_steady`: its phases followed by least squares alone
+    explain it to its Poisson noise) is done; else see :func:`_fit_frame_once`. A phase that may not be what it claims to be (dropped because
     its listed lines are empty, or present with areas unlike its own relative intensities) may
     have misled the searches of the others while it was there: the frame is then fitted again
     without it, and the better of the two (BIC) is kept."""
+    steady = _fit_steady(model, y, sigma, state, fit)
+    if steady is not None:
+        return steady
     first = _fit_frame_once(model, y, sigma, state, fit, frozenset(), centre)
     impostors = frozenset(p for p, d in enumerate(first.decision)
                           if d.startswith("absent: no line at") or "unlike those it had alone" in d)
@@ -1004,6 +1027,43 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
         second.decision[p] = (d if d.startswith("absent") else
                               "absent: " + d.split("; ", 1)[-1] + f"; the frame fits better without it (ΔBIC {gain:.0f})")
     return second
+
+
+def _fit_steady(m: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state: PhaseState,
+                fit: FitSpec) -> FrameResult | None:
+    """The frame fitted as a continuation of the one before, without any search: the phases
+    present there, from their cells, widths and eta, in one batch of least squares (all of
+    them, and without each). Accepted only if the frame is then explained to its Poisson noise
+    (χ² - ν below 3 √(2ν) plus what any phase would have to explain to pass the BIC test: no
+    absent phase can be there, no other cell can do much better) and every present phase passes
+    every test of :func:`_fit_frame_once` at once (ΔBIC, lines shown, area share, cell inside its
+    reach, order kept, areas like its own); otherwise None, and the frame gets the full search.
+    Without esds (nothing to measure "explained" against) it is never taken."""
+    fr = _Frame(m, y, sigma, state)
+    st = fr.state
+    present = [p for p in range(m.P) if st.present[p] and np.all(np.isfinite(st.cell[p]))]
+    n_valid = int(np.count_nonzero(fr.w > 0))
+    if not fr.has_errors or not present or n_valid < m.k // 2 + 2:
+        return None
+    for p in range(m.P):
+        if not np.all(np.isfinite(st.cell[p])):
+            st.cell[p] = m.cell0[p]
+    rows = [tuple(present)] + [tuple(q for q in present if q != p) for p in present]
+    res = _fit_rows(m, fr, rows, fit)
+    if res is None or res.status[0] != 1:
+        return None
+    chi2 = float(res.chi2[0])
+    least = min(_n_params(m, p) for p in range(m.P)) * np.log(max(n_valid, 2)) + fit.bic_threshold
+    if chi2 - n_valid - 3 * np.sqrt(2 * n_valid) >= least:
+        return None
+    held: set[int] = set()
+    gains, fails, passed, areas, inner = _judge(m, fr, res, present, held, set(), fit, n_valid)
+    if fails or held or any("unlike those it had alone" in d for d in passed.values()):
+        return None
+    decision = [""] * m.P
+    for p in range(m.P):
+        decision[p] = passed.get(p, f"absent: nothing left to explain (χ²/ν {chi2 / max(n_valid, 1):.2f})")
+    return _finish(m, fr, res, present, decision, held, fit, areas, inner)
 
 
 def _bic(m: PhaseModel, res: FrameResult) -> float:
@@ -1117,102 +1177,15 @@ def _fit_frame_once(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, 
             if float(fr.linear(st.cell, present, st.zero)[1].sum()) >= kept[2]:
                 st.cell[:], st.fwhm[:] = kept[0], kept[1]
     held: set[int] = set()      # cell columns the data do not determine, held where the search put them
+    areas = inner = None
     while present:
         rows = [tuple(present)] + [tuple(q for q in present if q != p) for p in present]
         res = _fit_rows(m, fr, rows, fit, found_now, held)
         if res is None:
             return _failed(m, state, "fit diverged (non-finite chi-square)")
-        chi2 = res.chi2
-        # shares of the area of the lines inside the windows (a tail's area is not a line's)
-        cells_now = m.cells(res.p[:1], st.cell)[0]
-        inner = m.inside(cells_now, st.zero, _fwhm_table(m, fr))
-        areas = np.where(inner, res.p[0, m.area_col], 0.0)
-        total_area = np.array([areas[m.r_window == w].sum() for w in range(m.W)])
-        gains, fails = {}, {}
-
-        def lines_missing(p: int) -> str:
-            # a phase that is there shows its listed reflections: one that explains a line of
-            # another phase with one reflection while its listed ones (its basal line) stay
-            # empty is not the phase the user named
-            # (a listed line that left its window, or sits on its edge, counts as not shown)
-            listed = np.flatnonzero(m.r_listed & (m.r_phase == p) & m.r_has_data)
-            shown = int(np.count_nonzero((areas[listed] > 0) & inner[listed]))
-            if listed.size >= 2 and shown < (listed.size + 1) // 2:
-                return f"absent: no line at {listed.size - shown} of its {listed.size} listed reflections"
-            return ""
-
-        def unlike(p: int) -> str:
-            # a phase seen alone before has its relative intensities: one whose areas over the
-            # windows are far from a multiple of them explains fragments of other phases' lines
-            # (areas are free per line) and is not that phase
-            ref = None if st.ref_area is None else st.ref_area[p]
-            if ref is None or not m.phases[p].fraction:
-                return ""
-            mine = np.array([areas[(m.r_phase == p) & (m.r_window == w)].sum() for w in range(m.W)])
-            use = np.isfinite(ref) & (ref > 0) & np.array([bool(((m.r_phase == p) & (m.r_window == w) & inner).any())
-                                                           for w in range(m.W)])
-            if use.sum() < 2 or mine[use].sum() <= 0:
-                return ""
-            r, a = ref[use], mine[use]
-            s = float(a @ r) / float(r @ r)
-            left = float(np.sum((a - s * r) ** 2)) / float(a @ a)
-            if left > _UNLIKE:
-                return (f"its areas are unlike those it had alone ({100 * (1 - left):.0f} % explained by its "
-                        f"own intensities)")
-            return ""
-
-        for i, p in enumerate(present):
-            gain = n_valid * np.log(max(chi2[i + 1], 1e-300) / max(chi2[0], 1e-300)) - _n_params(m, p) * n_log
-            mine = areas[m.r_phase == p].sum()
-            touched = total_area[np.unique(m.r_window[(m.r_phase == p) & inner])].sum()
-            share = mine / touched if touched > 0 else 0.0
-            at_edge = _at_edge(m, res, p)
-            pressed = [c for c in m.cell_cols[p] if c in res.order_cols and c not in held and _at_bound(res, c)]
-            cells = m.cells(res.p[:1], st.cell)[0]
-            crossed = [(q, j) for a, q, j, sign in m.order
-                       if a == p and q in present and np.sign(cells[p, j] - cells[q, j]) != sign]
-            swapped = [m.phases[q].name for q, _ in crossed]
-            gains[p] = gain
-            if gain <= fit.bic_threshold:
-                fails[p] = f"absent: ΔBIC {gain:.1f} <= {fit.bic_threshold:g}"
-            elif missing := lines_missing(p):
-                fails[p] = missing
-            elif share < fit.min_fraction and m.phases[p].fraction:
-                # (a phase kept out of the fractions, the current collector, is there when the
-                # data say so: its lines are narrow and weak, and left out they pull others')
-                fails[p] = f"absent: {100 * share:.2g} % of the area < min_fraction"
-            elif pressed and len(pressed) < len(m.cell_cols[p]):
-                # pressed against another phase it could be confused with: the lines do not tell
-                # them apart in this parameter; hold it and fit again
-                held.update(pressed)
-                fails[p] = "refit"
-            elif at_edge:
-                edge = [c for c in m.cell_cols[p] if c not in held and _at_bound(res, c)]
-                if edge and len(edge) < len(m.cell_cols[p]):
-                    # the phase is there, but a cell parameter runs away (its lines lie under
-                    # another phase's): hold it and fit again
-                    held.update(edge)
-                    fails[p] = "refit"
-                else:
-                    fails[p] = "absent: cell at the edge of its reach"
-            elif swapped and (p in found_now or gain < min(gains.get(q, np.inf) for q in range(m.P)
-                                                           if m.phases[q].name in swapped)):
-                cols = [m.cell_cols[p][m.free[p].index(n)] for n in m.free[p]
-                        if _CELL_INDEX[n] in {j for _, j in crossed}]
-                cols = [c for c in cols if c not in held]
-                if cols and len(cols) < len(m.cell_cols[p]):
-                    # a parameter of a minor phase crossed another phase's (its lines lie
-                    # under the other's): hold it where the search put it and fit again
-                    held.update(cols)
-                    fails[p] = "refit"
-                else:
-                    fails[p] = f"absent: would take the place of {', '.join(swapped)}"
-            else:
-                decision[p] = f"present: ΔBIC {gain:.0f}" + (", found by the cell search" if p in found_now else "")
-                # (a phase whose areas are unlike its own is a suspect: the frame is fitted
-                # again without it, and the better of the two kept, in fit_frame)
-                if suspect := unlike(p):
-                    decision[p] += "; " + suspect
+        gains, fails, passed, areas, inner = _judge(m, fr, res, present, held, found_now, fit, n_valid)
+        for p, text in passed.items():
+            decision[p] = text
         if not fails:
             break
         if "refit" in fails.values():
@@ -1232,11 +1205,122 @@ def _fit_frame_once(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, 
         decision[worst] = fails[worst]
         present.remove(worst)
         held.clear()            # what was held against the dropped phase is free again
-    keep = np.zeros(m.P, bool)
-    keep[present] = True
     if not present:
         theta, _ = fr.linear(st.cell, [], st.zero)
-        return _result(m, fr, theta, np.full((m.k, m.k), np.nan), keep, decision, True, "no phase present")
+        return _result(m, fr, theta, np.full((m.k, m.k), np.nan), np.zeros(m.P, bool), decision, True,
+                       "no phase present")
+    return _finish(m, fr, res, present, decision, held, fit, areas, inner)
+
+
+def _judge(m: PhaseModel, fr: "_Frame", res, present: list[int], held: set[int], found_now: set[int],
+           fit: FitSpec, n_valid: int):
+    """The verdict on each present phase from a fit of the frame (``res``: row 0 with every
+    phase of ``present``, then one row without each). Returns the gains (ΔBIC of leaving each
+    out), the failures (a phase's "absent: ..." reason, or "refit" where a cell column was added
+    to ``held``), the decisions of the phases that pass, and the line areas with the mask of
+    lines inside the windows (row 0)."""
+    st = fr.state
+    n_log = np.log(max(n_valid, 2))
+    chi2 = res.chi2
+    # shares of the area of the lines inside the windows (a tail's area is not a line's)
+    cells_now = m.cells(res.p[:1], st.cell)[0]
+    inner = m.inside(cells_now, st.zero, _fwhm_table(m, fr))
+    areas = np.where(inner, res.p[0, m.area_col], 0.0)
+    total_area = np.array([areas[m.r_window == w].sum() for w in range(m.W)])
+    gains, fails, passed = {}, {}, {}
+
+    def lines_missing(p: int) -> str:
+        # a phase that is there shows its listed reflections: one that explains a line of
+        # another phase with one reflection while its listed ones (its basal line) stay
+        # empty is not the phase the user named
+        # (a listed line that left its window, or sits on its edge, counts as not shown)
+        listed = np.flatnonzero(m.r_listed & (m.r_phase == p) & m.r_has_data)
+        shown = int(np.count_nonzero((areas[listed] > 0) & inner[listed]))
+        if listed.size >= 2 and shown < (listed.size + 1) // 2:
+            return f"absent: no line at {listed.size - shown} of its {listed.size} listed reflections"
+        return ""
+
+    def unlike(p: int) -> str:
+        # a phase seen alone before has its relative intensities: one whose areas over the
+        # windows are far from a multiple of them explains fragments of other phases' lines
+        # (areas are free per line) and is not that phase
+        ref = None if st.ref_area is None else st.ref_area[p]
+        if ref is None or not m.phases[p].fraction:
+            return ""
+        mine = np.array([areas[(m.r_phase == p) & (m.r_window == w)].sum() for w in range(m.W)])
+        use = np.isfinite(ref) & (ref > 0) & np.array([bool(((m.r_phase == p) & (m.r_window == w) & inner).any())
+                                                       for w in range(m.W)])
+        if use.sum() < 2 or mine[use].sum() <= 0:
+            return ""
+        r, a = ref[use], mine[use]
+        s = float(a @ r) / float(r @ r)
+        left = float(np.sum((a - s * r) ** 2)) / float(a @ a)
+        if left > _UNLIKE:
+            return (f"its areas are unlike those it had alone ({100 * (1 - left):.0f} % explained by its "
+                    f"own intensities)")
+        return ""
+
+    for i, p in enumerate(present):
+        gain = n_valid * np.log(max(chi2[i + 1], 1e-300) / max(chi2[0], 1e-300)) - _n_params(m, p) * n_log
+        mine = areas[m.r_phase == p].sum()
+        touched = total_area[np.unique(m.r_window[(m.r_phase == p) & inner])].sum()
+        share = mine / touched if touched > 0 else 0.0
+        at_edge = _at_edge(m, res, p)
+        pressed = [c for c in m.cell_cols[p] if c in res.order_cols and c not in held and _at_bound(res, c)]
+        cells = cells_now
+        crossed = [(q, j) for a, q, j, sign in m.order
+                   if a == p and q in present and np.sign(cells[p, j] - cells[q, j]) != sign]
+        swapped = [m.phases[q].name for q, _ in crossed]
+        gains[p] = gain
+        if gain <= fit.bic_threshold:
+            fails[p] = f"absent: ΔBIC {gain:.1f} <= {fit.bic_threshold:g}"
+        elif missing := lines_missing(p):
+            fails[p] = missing
+        elif share < fit.min_fraction and m.phases[p].fraction:
+            # (a phase kept out of the fractions, the current collector, is there when the
+            # data say so: its lines are narrow and weak, and left out they pull others')
+            fails[p] = f"absent: {100 * share:.2g} % of the area < min_fraction"
+        elif pressed and len(pressed) < len(m.cell_cols[p]):
+            # pressed against another phase it could be confused with: the lines do not tell
+            # them apart in this parameter; hold it and fit again
+            held.update(pressed)
+            fails[p] = "refit"
+        elif at_edge:
+            edge = [c for c in m.cell_cols[p] if c not in held and _at_bound(res, c)]
+            if edge and len(edge) < len(m.cell_cols[p]):
+                # the phase is there, but a cell parameter runs away (its lines lie under
+                # another phase's): hold it and fit again
+                held.update(edge)
+                fails[p] = "refit"
+            else:
+                fails[p] = "absent: cell at the edge of its reach"
+        elif swapped and (p in found_now or gain < min(gains.get(q, np.inf) for q in range(m.P)
+                                                       if m.phases[q].name in swapped)):
+            cols = [m.cell_cols[p][m.free[p].index(n)] for n in m.free[p]
+                    if _CELL_INDEX[n] in {j for _, j in crossed}]
+            cols = [c for c in cols if c not in held]
+            if cols and len(cols) < len(m.cell_cols[p]):
+                # a parameter of a minor phase crossed another phase's (its lines lie
+                # under the other's): hold it where the search put it and fit again
+                held.update(cols)
+                fails[p] = "refit"
+            else:
+                fails[p] = f"absent: would take the place of {', '.join(swapped)}"
+        else:
+            passed[p] = f"present: ΔBIC {gain:.0f}" + (", found by the cell search" if p in found_now else "")
+            # (a phase whose areas are unlike its own is a suspect: the frame is fitted
+            # again without it, and the better of the two kept, in fit_frame)
+            if suspect := unlike(p):
+                passed[p] += "; " + suspect
+    return gains, fails, passed, areas, inner
+
+
+def _finish(m: PhaseModel, fr: "_Frame", res, present: list[int], decision: list[str], held: set[int],
+            fit: FitSpec, areas: np.ndarray, inner: np.ndarray) -> FrameResult:
+    """The frame's result from its final fit (row 0 of ``res``, the phases ``present``); a
+    phase alone (with a fraction) leaves its areas as its relative intensities."""
+    keep = np.zeros(m.P, bool)
+    keep[present] = True
     for c in held:
         p = next(q for q in range(m.P) if c in m.cell_cols[q])
         if keep[p]:
@@ -1684,7 +1768,8 @@ class PhaseFitter:
         are fitted again going back, each starting from the one after it (every phase followed
         from there, an absent one searched for around its cell in the forward pass), until the
         phase is absent in both passes for two frames; every frame keeps the solution with the
-        lower BIC (by more than 2) and says so in its decisions.
+        lower BIC (by more than 2) and says so in its decisions, unless it swaps a phase for one
+        it could be confused with (one gone, the other come: the same lines under another name).
 
         ``stored``: the phase arrays of rows ``0:n`` (``phase_bic`` included, ``done``);
         ``read(start, stop)``: the intensity and esd (NaN if none) of those rows on the run's
@@ -1744,7 +1829,12 @@ class PhaseFitter:
                     e = sigma[j - lo, cols]
                     res = fit_frame(m, y, e if np.isfinite(e).any() else None, carry, fit, hint(j))
                     new_bic = _bic(m, res) if res.success else np.inf
-                    if new_bic < bic[j] - 2.0:
+                    # a phase that takes the place of one it could be confused with (the one
+                    # there going forward gone, the other come) is a label swap, not a better
+                    # solution: the two explain the same lines
+                    swap = any(res.present[q] and not present[j, q] and present[j, p] and not res.present[p]
+                               for p, q, _, _ in m.order)
+                    if new_bic < bic[j] - 2.0 and not swap:
                         res.decision = [d + f" (going back from frame {s_row})" if d else d for d in res.decision]
                         revised[j], states[j] = res, res.state
                         bic[j], present[j] = new_bic, res.present & usable[j]
