@@ -13,17 +13,26 @@ Side by side in the same run:
 * ``lmfit loop`` (the baseline): per frame and window, lmfit's ``PseudoVoigtModel`` per listed
   peak + ``LinearModel``, started from the configured cells, on ``--loop-frames`` frames.
 
+* ``phase model @ COMMIT`` (with ``--baseline COMMIT``): the same, with the ``xrdpipe`` package
+  of that commit of this repository (``git archive``), in a child process, side by side.
+
 Printed: frames per second (end to end, one process), the ratio to the lmfit loop, and the
 accuracy against the truth (:func:`xrdpipe.testing.score_phases`).
 
     python benchmarks/phases.py                   # 200 frames
-    python benchmarks/phases.py --frames 1000
+    python benchmarks/phases.py --frames 1000 --baseline e7aa8d1
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -33,28 +42,27 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=200)
     ap.add_argument("--loop-frames", type=int, default=40)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--baseline", default=None, help="a commit of this repository whose phase model runs side by side")
+    ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)   # (the baseline's child process)
     args = ap.parse_args()
+    if args.json:
+        rate, score = _phase_model(args.frames, args.seed)
+        print(json.dumps({"rate": rate, "score": score}))
+        return
 
     from xrdpipe.config import FitSpec, LatticeSpec
     from xrdpipe.lattice import refine_lattice
     from xrdpipe.peaks import fit_peaks
-    from xrdpipe.phasefit import fit_phases
-    from xrdpipe.testing import Difficulty, fit_config, pattern_series, score_phases
+    from xrdpipe.testing import fit_config, score_phases
 
-    dif = Difficulty(start_error=((0.01, 0.02), (0.01, 0.02)), separation_fwhm=1.1, broadening=1.6,
-                     intensity_jitter=0.3, hard_windows=True, seed=args.seed)
-    series = pattern_series(args.frames, scenario="nfm", counts=0.05, background=2000.0, seed=args.seed,
-                            difficulty=dif)
+    series, dif = _series(args.frames, args.seed)
     phases, windows = fit_config("nfm", dif)
     pat = series.as_patterns()
     lam = series.scenario.wavelength_A
     rows = []
-
-    t0 = time.perf_counter()
-    table = fit_phases(pat, phases, windows, FitSpec())
-    lat = refine_lattice(table, phases, LatticeSpec(), unit="2th_deg", wavelength_A=lam)
-    dt = time.perf_counter() - t0
-    rows.append(("phase model", args.frames / dt, score_phases(lat, table, series.states(), series.peaks)))
+    if args.baseline:
+        rows.append((f"phase model @ {args.baseline}", *_baseline(args.baseline, args.frames, args.seed)))
+    rows.append(("phase model", *_phase_model(args.frames, args.seed)))
 
     t0 = time.perf_counter()
     table = fit_peaks(pat, phases, windows, FitSpec(model="peaks"))
@@ -75,6 +83,46 @@ def main() -> None:
             return format(v, fmt) if np.isfinite(v) else "-"
         print(f"{name:30s} {rate:9.2f} {rate / loop_rate:8.2f} {f('presence', '9.3f')} {f('basal_rms_deg', '10.2e')} "
               f"{f('median_da', '9.1e')} {f('median_dc', '9.1e')} {f('fraction_mae', '9.4f')} {f('within_1esd', '8.2f')}")
+
+
+def _series(frames: int, seed: int):
+    from xrdpipe.testing import Difficulty, pattern_series
+
+    dif = Difficulty(start_error=((0.01, 0.02), (0.01, 0.02)), separation_fwhm=1.1, broadening=1.6,
+                     intensity_jitter=0.3, hard_windows=True, seed=seed)
+    return pattern_series(frames, scenario="nfm", counts=0.05, background=2000.0, seed=seed, difficulty=dif), dif
+
+
+def _phase_model(frames: int, seed: int) -> tuple[float, dict]:
+    """The phase model end to end (fit_phases, then the cells and fractions): frames/s, score."""
+    from xrdpipe.config import FitSpec, LatticeSpec
+    from xrdpipe.lattice import refine_lattice
+    from xrdpipe.phasefit import fit_phases
+    from xrdpipe.testing import fit_config, score_phases
+
+    series, dif = _series(frames, seed)
+    phases, windows = fit_config("nfm", dif)
+    pat = series.as_patterns()
+    t0 = time.perf_counter()
+    table = fit_phases(pat, phases, windows, FitSpec())
+    lat = refine_lattice(table, phases, LatticeSpec(), unit="2th_deg", wavelength_A=series.scenario.wavelength_A)
+    dt = time.perf_counter() - t0
+    score = {k: float(v) for k, v in score_phases(lat, table, series.states(), series.peaks).items()}
+    return frames / dt, score
+
+
+def _baseline(commit: str, frames: int, seed: int) -> tuple[float, dict]:
+    """:func:`_phase_model` with the ``xrdpipe`` package of ``commit``, in a child process."""
+    repo = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = subprocess.run(["git", "-C", str(repo), "archive", commit, "xrdpipe"], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        env = dict(os.environ, PYTHONPATH=tmp)
+        out = subprocess.run([sys.executable, __file__, "--frames", str(frames), "--seed", str(seed), "--json"],
+                             env=env, check=True, capture_output=True, text=True).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    return got["rate"], got["score"]
 
 
 def _lmfit_loop(series, phases, windows, n: int) -> tuple[float, float]:

@@ -1038,12 +1038,18 @@ def _fit_steady(m: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state: P
     absent phase can be there, no other cell can do much better) and every present phase passes
     every test of :func:`_fit_frame_once` at once (ΔBIC, lines shown, area share, cell inside its
     reach, order kept, areas like its own); otherwise None, and the frame gets the full search.
-    Without esds (nothing to measure "explained" against) it is never taken."""
+    Never taken without esds (nothing to measure "explained" against) or where two phases that
+    could be confused are both present (their shared lines need the joint search)."""
     fr = _Frame(m, y, sigma, state)
     st = fr.state
     present = [p for p in range(m.P) if st.present[p] and np.all(np.isfinite(st.cell[p]))]
     n_valid = int(np.count_nonzero(fr.w > 0))
     if not fr.has_errors or not present or n_valid < m.k // 2 + 2:
+        return None
+    if any(p in present and q in present for p, q, _, _ in m.order):
+        # two similar phases side by side share lines: least squares from where they were can
+        # leave a parameter of the weaker one where its line is hidden under the other's (the
+        # joint search splits them)
         return None
     for p in range(m.P):
         if not np.all(np.isfinite(st.cell[p])):
