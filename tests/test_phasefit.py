@@ -208,3 +208,45 @@ def test_backward_pass_replaces_a_frame_where_the_forward_pass_missed_a_phase():
     assert abs(revised.phase["phase_cell"][k, p3, 2] - c_true) < 0.01
     area = np.nansum(revised.phase["phase_area"][k], axis=1)
     assert abs(area[p3] / (area[p3] + area[1 - p3]) - share[onset]) < 0.03
+
+
+def test_steady_frames_skip_the_searches_and_give_the_searched_answer(monkeypatch):
+    """A frame like the one before is fitted by least squares alone (no search) when that
+    explains it to its noise: on the single-phase stretch of a hard series (O3 + Al, typed
+    cells 1 % and 2 % off, Poisson noise), nearly every frame after the first takes that path,
+    and its cells are those the full search gives, well within their esds."""
+    import dataclasses
+
+    import xrdpipe.phasefit as phasefit
+
+    dif = _hard(1, 1.1)
+    series = pattern_series(40, scenario="nfm", counts=0.05, background=2000.0, seed=5, difficulty=dif)
+    phases, windows = fit_config("nfm", dif)
+    full_run = series.as_patterns()
+    patterns = dataclasses.replace(full_run, intensity=full_run.intensity[:12], sigma=full_run.sigma[:12],
+                                   frames={k: v[:12] for k, v in full_run.frames.items()})   # O3 alone
+    taken = []
+    steady = phasefit._fit_steady
+
+    def counting(*args):
+        out = steady(*args)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(phasefit, "_fit_steady", counting)
+    fast = fit_phases(patterns, phases, windows, FitSpec(backward=False))
+    monkeypatch.setattr(phasefit, "_fit_steady", lambda *args: None)
+    full = fit_phases(patterns, phases, windows, FitSpec(backward=False))
+    assert sum(taken) >= 9, taken                       # frame 0 has nothing to follow
+    np.testing.assert_array_equal(fast.phase["phase_present"], full.phase["phase_present"])
+    o3 = list(fast.phase_names).index("O3")
+    assert fast.phase["phase_present"][:, o3].all()
+    for j in (0, 2):                                    # a and c
+        diff = np.abs(fast.phase["phase_cell"][:, o3, j] - full.phase["phase_cell"][:, o3, j])
+        esd = full.phase["phase_cell_err"][:, o3, j]
+        assert np.all(diff < 0.1 * esd), (j, diff, esd)
+    truth = series.states()
+    c_true = np.array([truth[i]["O3"][1] for i in range(12)])
+    assert np.median(np.abs(fast.phase["phase_cell"][:, o3, 2] - c_true)) < 1e-3
+    decided = [d for row in fast.phase["phase_decision"][1:] for d in row]
+    assert any(d.startswith("absent: nothing left to explain") for d in decided)
