@@ -250,3 +250,44 @@ def test_steady_frames_skip_the_searches_and_give_the_searched_answer(monkeypatc
     assert np.median(np.abs(fast.phase["phase_cell"][:, o3, 2] - c_true)) < 1e-3
     decided = [d for row in fast.phase["phase_decision"][1:] for d in row]
     assert any(d.startswith("absent: nothing left to explain") for d in decided)
+
+
+def test_the_compiled_model_and_its_jacobian():
+    """The phase model's lines (compiled kernel) against the pseudo-Voigt of
+    :mod:`xrdpipe.lineshapes` summed line by line, and its Jacobian against central differences
+    of the model in every column (cells, zero shift, widths, eta, areas, background)."""
+    from xrdpipe.lineshapes import pseudo_voigt
+    from xrdpipe.phasefit import _Frame, initial_state
+
+    dif = _hard(1, 1.1)
+    series = pattern_series(2, scenario="nfm", counts=0.05, background=2000.0, seed=3, difficulty=dif)
+    phases, windows = fit_config("nfm", dif)
+    pat = series.as_patterns()
+    m = PhaseModel(phases, windows, FitSpec(), radial=pat.radial, unit="2th_deg",
+                   wavelength_A=series.scenario.wavelength_A)
+    st = initial_state(m)
+    fr = _Frame(m, pat.intensity[0][m.columns], pat.sigma[0][m.columns], st)
+    theta0, _ = fr.linear(st.cell, range(m.P), 0.0)
+    rng = np.random.default_rng(4)
+    theta = theta0[None] * (1 + rng.normal(0, 1e-3, (2, m.k))) + rng.normal(0, 1e-4, (2, m.k))
+    theta[:, m.area_col] = np.abs(theta[:, m.area_col]) + 1.0
+    f, jac = m.value_jac(theta, st.cell)
+    cen = m.centres(m.cells(theta, st.cell), theta[:, m.zero_col])
+    for r in range(2):
+        want = np.zeros(m.n_points)
+        for w, win in enumerate(m.windows):
+            want[win.points] += sum(theta[r, m.bg_col[w][d]] * win.t ** d for d in range(win.degree + 1))
+        for i in range(m.R):
+            p, w = m.r_phase[i], m.r_window[i]
+            want[m.windows[w].points] += pseudo_voigt(m.windows[w].x, cen[r, i], theta[r, m.fwhm_col[p, w]],
+                                                      theta[r, m.area_col[i]], theta[r, m.eta_col[p]])
+        np.testing.assert_allclose(f[r], want, rtol=1e-12, atol=1e-9 * np.abs(want).max())
+    for c in range(m.k):
+        h = 1e-6 * max(abs(theta[0, c]), 1.0)
+        up, dn = theta.copy(), theta.copy()
+        up[:, c] += h
+        dn[:, c] -= h
+        numeric = (m.value_jac(up, st.cell)[0] - m.value_jac(dn, st.cell)[0]) / (2 * h)
+        # (the difference quotient's own rounding: the model's size over the step)
+        tol = 1e-5 * np.abs(numeric).max() + 1e-14 * np.abs(f).max() / h
+        assert np.abs(jac[:, c] - numeric).max() <= tol, m.names[c]

@@ -482,7 +482,9 @@ class PhaseModel:
                 dcol[i, :len(self.cell_cols[p])] = self.cell_cols[p]
                 dcol[i, -1] = self.zero_col
             self._lines = (lo, hi, fw_col, eta_col, a_col, dcol)
-            self.x_all = np.concatenate([w.x for w in self.windows]) if self.windows else np.zeros(0)
+            self.x_all = np.zeros(self.n_points)
+            for w in self.windows:
+                self.x_all[w.points] = w.x
         return self._lines
 
     # -- linear part: areas and background at fixed cells and widths ----------------------------
@@ -1006,10 +1008,11 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
     """Fit one frame (``y`` on the concatenated windows) starting from the previous ``state``.
 
     A frame like the one before (:func:`_fit_steady`: its phases followed by least squares alone
-    explain it to its Poisson noise) is done; else see :func:`_fit_frame_once`. A phase that may not be what it claims to be (dropped because
-    its listed lines are empty, or present with areas unlike its own relative intensities) may
-    have misled the searches of the others while it was there: the frame is then fitted again
-    without it, and the better of the two (BIC) is kept."""
+    explain it to its Poisson noise) is done; else see :func:`_fit_frame_once`. A phase that may
+    not be what it claims to be (dropped because its listed lines are empty, or present with
+    areas unlike its own relative intensities) may have misled the searches of the others while
+    it was there: the frame is then fitted again without it, and the better of the two (BIC) is
+    kept."""
     steady = _fit_steady(model, y, sigma, state, fit)
     if steady is not None:
         return steady
