@@ -291,3 +291,61 @@ def test_the_compiled_model_and_its_jacobian():
         # (the difference quotient's own rounding: the model's size over the step)
         tol = 1e-5 * np.abs(numeric).max() + 1e-14 * np.abs(f).max() / h
         assert np.abs(jac[:, c] - numeric).max() <= tol, m.names[c]
+
+
+def _reference_trials(x, bg, y, w, cen, fw, eta, keep, n_area):
+    """The window solve in plain NumPy: profiles, weighted normal equations scaled to unit
+    diagonal, negative areas dropped and solved again (twice)."""
+    u = (x[None, :, None] - cen[:, None, :]) / fw[:, None, :]
+    g = np.sqrt(4 * np.log(2) / np.pi) * np.exp(-4 * np.log(2) * u * u)
+    lo = (2 / np.pi) / (1 + 4 * u * u)
+    prof = (eta * lo + (1 - eta) * g) / fw[:, None, :] * keep[:, None, :]
+    a = np.concatenate([prof, np.broadcast_to(bg, (cen.shape[0], *bg.shape))], axis=2)
+    aw, bw = a * w[None, :, None], y * w
+    t, m, k = a.shape
+    on = np.any(aw != 0, axis=1)
+    coef = np.zeros((t, k))
+    for _ in range(3):
+        am = aw * on[:, None, :]
+        hess = np.matmul(am.transpose(0, 2, 1), am) + np.eye(k) * (~on)[:, :, None]
+        rhs = np.matmul(bw, am)
+        diag = np.sqrt(np.maximum(np.diagonal(hess, axis1=1, axis2=2), 1e-300))
+        hs = hess / (diag[:, :, None] * diag[:, None, :])
+        coef = np.stack([np.linalg.lstsq(hs[i], rhs[i] / diag[i], rcond=None)[0] / diag[i] for i in range(t)])
+        coef = np.where(on, coef, 0.0)
+        neg = coef[:, :n_area] < 0
+        if not neg.any():
+            break
+        on[:, :n_area] &= ~neg
+    coef[:, :n_area] = np.maximum(coef[:, :n_area], 0.0)
+    resid = bw[None, :] - np.matmul(aw, coef[:, :, None])[:, :, 0]
+    return coef, np.einsum("tm,tm->t", resid, resid)
+
+
+def test_the_compiled_window_solve():
+    """The cell searches' linear solve (kernels.window_trials) against the same algorithm in
+    NumPy: trials with lines inside, at the edge (empty columns), overlapping (a negative area
+    dropped) and two lines at one place (a singular system)."""
+    from xrdpipe.kernels import window_trials
+    from xrdpipe.lineshapes import pseudo_voigt
+
+    rng = np.random.default_rng(8)
+    x = np.linspace(6.0, 7.0, 200)
+    bg = np.stack([np.ones_like(x), (x - 6.5) / 0.5], axis=1)
+    truth = pseudo_voigt(x, 6.4, 0.05, 300.0, 0.5) + pseudo_voigt(x, 6.7, 0.04, 40.0, 0.3) + 50
+    y = rng.poisson(truth).astype(float)
+    w = 1 / np.sqrt(np.maximum(y, 1))
+    cen = np.array([[6.4, 6.7, 6.9], [6.4, 6.42, 6.7], [6.4, 6.4, 6.7], [5.0, 6.7, 6.4], [6.45, 6.68, 6.99]])
+    fw = np.tile([0.05, 0.04, 0.05], (cen.shape[0], 1))
+    eta = np.array([0.5, 0.3, 0.5])
+    keep = (cen >= x[0] + fw / 2) & (cen <= x[-1] - fw / 2)
+    coef, chi2 = np.zeros((cen.shape[0], 5)), np.zeros(cen.shape[0])
+    window_trials(x, bg, y, w, cen, fw, eta, keep, coef, chi2)
+    want_coef, want_chi2 = _reference_trials(x, bg, y, w, cen, fw, eta, keep, 3)
+    assert np.all(coef[:, :3] >= 0)
+    np.testing.assert_allclose(chi2, want_chi2, rtol=1e-9)
+    ok = np.array([0, 1, 3, 4])                  # (trial 2's two equal lines share their area freely)
+    np.testing.assert_allclose(coef[ok], want_coef[ok], rtol=1e-7, atol=1e-6 * np.abs(want_coef).max())
+    assert abs(coef[2, 0] + coef[2, 1] - want_coef[2, 0] - want_coef[2, 1]) < 1e-6 * want_coef[2, :2].sum()
+    assert coef[3, 0] == 0 and abs(coef[0, 0] / 300 - 1) < 0.05    # a line outside: no area; the line: its area
+    assert coef[1, :2].min() == 0                                    # two lines on one: one kept

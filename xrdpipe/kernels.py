@@ -60,7 +60,8 @@ def _kernel(fn):
 
 __all__ = ["csc_sums", "pv_profiles", "profile_columns", "tail_matvec", "tail_rmatvec", "tail_columns",
            "reflection_geometry", "tch_widths", "profile_matvec", "profile_rmatvec", "lebail_cycle",
-           "lz4_blocks_problem", "LZ4_REASONS", "split_count", "split_fill", "phase_value_jac"]
+           "lz4_blocks_problem", "LZ4_REASONS", "split_count", "split_fill", "phase_value_jac",
+           "window_trials"]
 
 _LN2 = 0.6931471805599453
 _CG = 0.9394372786996513       # 2 sqrt(ln 2 / π)
@@ -663,3 +664,83 @@ def phase_value_jac(x, lo, hi, cen, theta, fw_col, eta_col, a_col, dcol, dval, f
                 for q in range(dcol.shape[1]):
                     if dcol[i, q] >= 0:
                         jac[r, dcol[i, q], j] += d_c * dval[r, i, q]
+
+
+@_kernel
+def window_trials(x, bg, y, w, cen, fw, eta, keep, coef, chi2):  # pragma: no cover - compiled
+    """Weighted least squares of one window at many trials, the areas not negative.
+
+    Trial ``t`` fits ``y`` (m,) with weights ``w`` (m,) by the area-normalised pseudo-Voigt lines
+    at ``cen[t]`` (n,) with widths ``fw[t]`` (n,) and ``eta`` (n,) (a line not ``keep[t, i]``
+    has an empty column) and the background columns ``bg`` (m, nb). Negative areas are dropped
+    and the system solved again (twice); the normal equations are scaled to unit diagonal (a
+    singular system is solved by least squares). Writes the coefficients ``coef[t]`` (n + nb)
+    and ``chi2[t]``."""
+    m = x.size
+    n = cen.shape[1]
+    nb = bg.shape[1]
+    k = n + nb
+    a = np.zeros((m, k))
+    b = y * w
+    on = np.zeros(k, np.bool_)
+    h = np.zeros((k, k))
+    r = np.zeros(k)
+    for t in range(cen.shape[0]):
+        for i in range(n):
+            f = fw[t, i]
+            g_unit = (1.0 - eta[i]) * _CG / f
+            l_unit = eta[i] * _CL / f
+            for j in range(m):
+                if keep[t, i]:
+                    u = (x[j] - cen[t, i]) / f
+                    a[j, i] = w[j] * (l_unit / (1.0 + 4.0 * u * u) + g_unit * np.exp(-4.0 * _LN2 * u * u))
+                else:
+                    a[j, i] = 0.0
+        for d in range(nb):
+            for j in range(m):
+                a[j, n + d] = w[j] * bg[j, d]
+        for i in range(k):
+            on[i] = False
+            for j in range(m):
+                if a[j, i] != 0.0:
+                    on[i] = True
+                    break
+        for _ in range(3):
+            for i in range(k):
+                r[i] = 0.0
+                for j in range(m):
+                    r[i] += a[j, i] * b[j] if on[i] else 0.0
+                for q in range(k):
+                    s = 0.0
+                    if on[i] and on[q]:
+                        for j in range(m):
+                            s += a[j, i] * a[j, q]
+                    h[i, q] = s
+                if not on[i]:
+                    h[i, i] = 1.0
+            diag = np.sqrt(np.maximum(np.diag(h).copy(), 1e-300))
+            hs = h / np.outer(diag, diag)
+            rs = r / diag
+            try:
+                z = np.linalg.solve(hs, rs)
+            except Exception:
+                z = np.linalg.lstsq(hs, rs)[0]
+            negative = False
+            for i in range(k):
+                coef[t, i] = z[i] / diag[i] if on[i] else 0.0
+                if i < n and coef[t, i] < 0:
+                    negative = True
+            if not negative:
+                break
+            for i in range(n):
+                if coef[t, i] < 0:
+                    on[i] = False
+        total = 0.0
+        for i in range(n):
+            coef[t, i] = max(coef[t, i], 0.0)
+        for j in range(m):
+            v = b[j]
+            for i in range(k):
+                v -= a[j, i] * coef[t, i]
+            total += v * v
+        chi2[t] = total

@@ -487,47 +487,6 @@ class PhaseModel:
                 self.x_all[w.points] = w.x
         return self._lines
 
-    # -- linear part: areas and background at fixed cells and widths ----------------------------
-    def basis(self, cen: np.ndarray, fwhm: np.ndarray, eta: np.ndarray, window: int, refl: np.ndarray):
-        """Unit-area profiles (T, m, len(refl)) of reflections ``refl`` in ``window`` for trial
-        centres ``cen`` (T, len(refl)); widths per reflection ``fwhm`` and ``eta`` (len(refl),)."""
-        x = self.windows[window].x
-        fwhm = fwhm[:, None, :] if np.ndim(fwhm) == 2 else fwhm
-        u = (x[None, :, None] - cen[:, None, :]) / fwhm
-        g = np.sqrt(4 * np.log(2) / np.pi) * np.exp(-4 * np.log(2) * u * u)
-        lo = (2 / np.pi) / (1 + 4 * u * u)
-        return (eta * lo + (1 - eta) * g) / fwhm
-
-
-def _nonneg_lstsq(a: np.ndarray, b: np.ndarray, w: np.ndarray, n_area: int) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted least squares for many trials at once: ``a`` (T, m, k), ``b`` (m,), weights
-    ``w`` (m,). The first ``n_area`` coefficients must not be negative: those that come out
-    negative are dropped and the system solved again (twice). Returns coefficients (T, k) and
-    chi² (T,)."""
-    aw = a * w[None, :, None]
-    bw = b * w
-    t, m, k = a.shape
-    keep = np.any(aw != 0, axis=1)
-    coef = np.zeros((t, k))
-    for _ in range(3):
-        am = aw * keep[:, None, :]
-        hess = np.matmul(am.transpose(0, 2, 1), am) + np.eye(k) * (~keep)[:, :, None]
-        rhs = np.matmul(bw, am)
-        diag = np.sqrt(np.maximum(np.diagonal(hess, axis1=1, axis2=2), 1e-300))
-        hs = hess / (diag[:, :, None] * diag[:, None, :])
-        try:
-            coef = np.linalg.solve(hs, (rhs / diag)[..., None])[..., 0] / diag
-        except np.linalg.LinAlgError:
-            coef = np.stack([np.linalg.lstsq(hs[i], rhs[i] / diag[i], rcond=None)[0] / diag[i] for i in range(t)])
-        coef = np.where(keep, coef, 0.0)
-        neg = coef[:, :n_area] < 0
-        if not neg.any():
-            break
-        keep[:, :n_area] &= ~neg
-    coef[:, :n_area] = np.maximum(coef[:, :n_area], 0.0)
-    resid = bw[None, :] - np.matmul(aw, coef[:, :, None])[:, :, 0]
-    return coef, np.einsum("tm,tm->t", resid, resid)
-
 
 def _polish(value: float, step: float, evaluate, scored) -> tuple[float, np.ndarray, float, float]:
     """The minimum of a search score near grid point ``value`` (grid ``step``): five finer
@@ -628,16 +587,18 @@ class _Frame:
         on = np.isin(m.r_phase, list(phases))
         for w, win in enumerate(m.windows):
             refl = np.flatnonzero(on & (m.r_window == w))
-            cols = self._window_basis(w, refl, cen[refl][None], theta, np.ones(refl.size, bool))
-            coef, c2 = _nonneg_lstsq(cols, self.y0[win.points], self.w[win.points], refl.size)
+            coef, c2 = self._window_solve(w, refl, cen[refl][None], theta, np.ones(refl.size, bool))
             theta[m.area_col[refl]] = coef[0, :refl.size]
             theta[m.bg_col[w]] = coef[0, refl.size:]
             chi2[w] = float(c2[0])
         return theta, chi2
 
-    def _window_basis(self, w: int, refl: np.ndarray, cen: np.ndarray, theta: np.ndarray,
-                      tails: np.ndarray | None = None, fw: np.ndarray | None = None) -> np.ndarray:
-        """(T, m, len(refl) + degree + 1): profiles of ``refl`` at trial centres, then background.
+    def _window_solve(self, w: int, refl: np.ndarray, cen: np.ndarray, theta: np.ndarray,
+                      tails: np.ndarray | None = None, fw: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Areas of ``refl`` (not negative) and background of window ``w`` at trial centres
+        ``cen`` (T, len(refl)), and the window's chi² per trial: coefficients (T, len(refl) +
+        degree + 1) and (T,), by :func:`xrdpipe.kernels.window_trials`. Widths ``fw``
+        (len(refl),) or (T, len(refl)), default the frame's.
 
         A reflection whose centre lies outside the window, or within half a width of its edge, is
         not fitted there (a line cut by the edge cannot be placed): its column is empty. Where
@@ -645,20 +606,23 @@ class _Frame:
         its tail within :data:`_TAIL_FWHM` widths of the window (it is in the data)."""
         m = self.m
         win = m.windows[w]
+        n_trials = cen.shape[0]
+        k = refl.size + win.degree + 1
         if not win.x.size:                      # a window beyond the data
-            return np.zeros((cen.shape[0], 0, refl.size + win.degree + 1))
+            return np.zeros((n_trials, k)), np.zeros(n_trials)
         if fw is None:
             fw = theta[m.fwhm_col[m.r_phase[refl], w]] if refl.size else np.zeros(0)
-        eta = theta[m.eta_col[m.r_phase[refl]]] if refl.size else np.zeros(0)
-        prof = m.basis(cen, fw, eta, w, refl) if refl.size else np.zeros((cen.shape[0], win.x.size, 0))
-        if refl.size:
-            keep = (cen >= win.x[0] + fw / 2) & (cen <= win.x[-1] - fw / 2)
-            if tails is not None:
-                near = (cen >= win.x[0] - _TAIL_FWHM * fw) & (cen <= win.x[-1] + _TAIL_FWHM * fw)
-                keep |= near & tails
-            prof = prof * keep[:, None, :]
+        fw = np.ascontiguousarray(np.broadcast_to(fw, cen.shape), dtype=float)
+        eta = np.ascontiguousarray(theta[m.eta_col[m.r_phase[refl]]] if refl.size else np.zeros(0), dtype=float)
+        keep = (cen >= win.x[0] + fw / 2) & (cen <= win.x[-1] - fw / 2)
+        if tails is not None and refl.size:
+            near = (cen >= win.x[0] - _TAIL_FWHM * fw) & (cen <= win.x[-1] + _TAIL_FWHM * fw)
+            keep |= near & tails
         bg = np.stack([win.t ** d for d in range(win.degree + 1)], axis=1)
-        return np.concatenate([prof, np.broadcast_to(bg, (cen.shape[0], *bg.shape))], axis=2)
+        coef, chi2 = np.zeros((n_trials, k)), np.zeros(n_trials)
+        kernels.window_trials(win.x, bg, self.y0[win.points], self.w[win.points],
+                              np.ascontiguousarray(cen, dtype=float), fw, eta, np.ascontiguousarray(keep), coef, chi2)
+        return coef, chi2
 
     def fill_nonlinear(self, theta: np.ndarray, cells: np.ndarray, zero: float) -> None:
         m = self.m
@@ -732,7 +696,6 @@ class _Frame:
                 chi2 = np.zeros((factors.size, values.size))
                 per_w.clear()
                 for w in use:
-                    win = m.windows[w]
                     mine = m._refl_of[p][w]
                     hkl = m.r_hkl[mine]
                     d = d_from_cell(hkl[:, 0][None], hkl[:, 1][None], hkl[:, 2][None],
@@ -743,9 +706,7 @@ class _Frame:
                     tails = np.concatenate([np.zeros(mine.size, bool), np.ones(fixed[w].size, bool)])
                     cen = np.concatenate([cen_p, cen_f], axis=1)
                     fw0 = theta[m.fwhm_col[m.r_phase[refl], w]] if refl.size else np.zeros(0)
-                    c2 = np.stack([_nonneg_lstsq(self._window_basis(w, refl, cen, theta, tails, f * fw0),
-                                                 self.y0[win.points], self.w[win.points], refl.size)[1]
-                                   for f in factors])
+                    c2 = np.stack([self._window_solve(w, refl, cen, theta, tails, f * fw0)[1] for f in factors])
                     chi2 += c2
                     per_w[w] = c2
                 # the widths of the lines there may have changed in this frame (a two-phase
@@ -925,7 +886,6 @@ class _Frame:
         trials = {p: m.trial_cells(p, self.state.cell[p], j, gp[sel]), q: m.trial_cells(q, self.state.cell[q], j, gq[sel])}
         part = np.zeros(sel.size)
         for w in windows:
-            win = m.windows[w]
             cens, refl = [], []
             for r in (p, q):
                 mine = m._refl_of[r][w]
@@ -941,8 +901,7 @@ class _Frame:
             fw = np.concatenate([np.outer(gs[sel], widths[m.r_phase[pair], w]),
                                  np.broadcast_to(theta[m.fwhm_col[m.r_phase[fixed], w]], (sel.size, fixed.size))], axis=1)
             tails = np.ones(refl.size, bool)
-            cols = self._window_basis(w, refl, np.concatenate(cens, axis=1), theta, tails, fw)
-            _, c2 = _nonneg_lstsq(cols, self.y0[win.points], self.w[win.points], refl.size)
+            _, c2 = self._window_solve(w, refl, np.concatenate(cens, axis=1), theta, tails, fw)
             part += c2
         chi2[sel] = part
         if weight is None:
