@@ -1145,6 +1145,26 @@ def _phase_params(calc, p: int) -> list[int]:
     return [i for i, q in enumerate(calc.layout.params) if q.phase == p and q.kind in ("cell", "profile", "struct")]
 
 
+def _put_back(calc, y, wt, theta, I, free, absent: Sequence[int], back: Sequence[int], I_back: np.ndarray, *,
+              cycles: int, tol: float, n_valid: int, bounds, follow: bool):
+    """Refined again with the ``absent`` Le Bail phases ``back`` put back: their intensities from
+    ``I_back`` (then ``cycles`` Le Bail cycles of all), their cell and widths free. Returns θ,
+    intensities, free parameters, the phases still absent, convergence and iterations."""
+    I = I.copy()
+    for p in back:
+        a, b = int(calc.offsets[p]), int(calc.offsets[p + 1])
+        I[a:b] = I_back[a:b]
+    if cycles:
+        I = _lebail_cycle(calc, theta, I, y, cycles=cycles)
+    still = [p for p in absent if p not in back]
+    L = calc.layout
+    free = np.array(sorted(set(int(i) for i in free) | {i for p in back for i in _phase_params(calc, p)
+                                                       if L.params[i].refined}), int)
+    theta, I, converged, it = _fit(calc, y, wt, theta.copy(), I, free, max_iter=calc.model.max_iter, tol=tol,
+                                   hold=False, n_valid=n_valid, bounds=bounds, absent=still, follow=follow)
+    return theta, I, free, still, converged, it
+
+
 def _cell_bounds(calc, centre: np.ndarray | None, followed: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
     """The bounds of every parameter; the cells' searched range around ``centre``'s cells
     (default: the configured ones), as wide as around the configured cells, and half as wide
@@ -1257,15 +1277,9 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol, *, staged: bo
     if all_lebail and not calc.pawley and absent and retest:
         back = _needed(calc, theta, I, I_start, y, wt, [p for p in retest if p in absent])
         if back:
-            for p in back:
-                a, b = int(calc.offsets[p]), int(calc.offsets[p + 1])
-                I[a:b] = I_start[a:b]
-            I = _lebail_cycle(calc, theta, I, y, cycles=5)
-            absent = [p for p in absent if p not in back]
-            free = np.array(sorted(set(int(i) for i in free) | {i for p in back for i in _phase_params(calc, p)
-                                                                   if L.params[i].refined}), int)
-            theta, I, converged, it = _fit(calc, y, wt, theta, I, free, max_iter=model.max_iter, tol=tol, hold=False,
-                                           n_valid=n_valid, bounds=bounds, absent=absent, follow=from_previous)
+            theta, I, free, absent, converged, it = _put_back(calc, y, wt, theta, I, free, absent, back, I_start,
+                                                              cycles=5, tol=tol, n_valid=n_valid, bounds=bounds,
+                                                              follow=from_previous)
             n_iter += it
     # phases the converged fit does not need: removed, and the last stage refined again without them
     if all_lebail and len(model.phases) > 1:
@@ -1286,14 +1300,9 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol, *, staged: bo
     # collector, judged absent from a poor start would otherwise never return)
     if (all_lebail and not calc.pawley and from_previous and absent and math.isfinite(start.gof)
             and res.gof > GOF_RETEST * start.gof):
-        fresh = _lebail_start(calc, theta, y)
-        I2 = I.copy()
-        for p in absent:
-            I2[int(calc.offsets[p]):int(calc.offsets[p + 1])] = fresh[int(calc.offsets[p]):int(calc.offsets[p + 1])]
-        free2 = np.array(sorted(set(int(i) for i in free) | {i for p in absent for i in _phase_params(calc, p)
-                                                               if L.params[i].refined}), int)
-        t2, I2, conv2, it = _fit(calc, y, wt, theta.copy(), I2, free2, max_iter=model.max_iter, tol=tol, hold=False,
-                                 n_valid=n_valid, bounds=bounds, absent=[], follow=from_previous)
+        t2, I2, free2, _, conv2, it = _put_back(calc, y, wt, theta, I, free, absent, absent,
+                                                _lebail_start(calc, theta, y), cycles=0, tol=tol,
+                                                n_valid=n_valid, bounds=bounds, follow=from_previous)
         back = [p for p in absent if p not in _absent(calc, t2, I2, y, wt)]
         if back:
             still = [p for p in absent if p not in back]
