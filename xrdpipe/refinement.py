@@ -89,6 +89,7 @@ ABSENT_CHI2 = 3.0             # a Le Bail phase lowering χ² by less than this 
 GOF_RISE = 1.5                # a frame whose GOF rose by more than this since the previous one is also restarted
 FOLLOW = 0.5                  # a phase followed from the previous frame: half its searched range around it
 ABSENT_REL = 0.05             # ... or than this fraction of χ² is absent
+WEAK_SHARE = 0.1              # a phase with less of the previous frame's intensity is not judged absent before refining
 GOF_RETEST = 1.1              # a frame this much worse (GOF) than the one before tests its absent phases again
 SEARCH_DEFAULT = {"a": 0.015, "b": 0.015, "c": 0.03}    # relative half-ranges of the cell search
 SEARCH_ANGLE_DEG = 2.0        # ... and of angles (degrees); angles are searched by least squares only
@@ -1261,6 +1262,12 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol, *, staged: bo
                  if not np.any(I[int(calc.offsets[p]):int(calc.offsets[p + 1])] > 0)]
         # from a frame with one phase left, the others stay absent (no test needed)
         absent = empty if from_previous and len(empty) >= len(model.phases) - 1 else _absent(calc, theta, I, y, wt)
+        if from_previous and start.lebail_I is not None:
+            # a weak phase of the previous frame (the Al current collector) stays: judged before
+            # the widths and cells are refined, it looked absent in most frames and was refined
+            # back in after (a second refinement); one that is gone is found after convergence
+            weak = _shares(calc, start.theta, start.lebail_I) < WEAK_SHARE
+            absent = [p for p in absent if p in empty or not weak[p]]
         # judged before the widths and cells are refined, when χ² is mostly their misfit: a weak
         # phase with narrow lines (the Al current collector) may look absent; tested again below
         retest = [p for p in absent if p not in empty]
