@@ -1262,10 +1262,11 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol, *, staged: bo
                  if not np.any(I[int(calc.offsets[p]):int(calc.offsets[p + 1])] > 0)]
         # from a frame with one phase left, the others stay absent (no test needed)
         absent = empty if from_previous and len(empty) >= len(model.phases) - 1 else _absent(calc, theta, I, y, wt)
-        if from_previous and start.lebail_I is not None:
+        if from_previous and not calc.pawley and start.lebail_I is not None:
             # a weak phase of the previous frame (the Al current collector) stays: judged before
             # the widths and cells are refined, it looked absent in most frames and was refined
             # back in after (a second refinement); one that is gone is found after convergence
+            # (Pawley refines no phase back in: tested here as before)
             weak = _shares(calc, start.theta, start.lebail_I) < WEAK_SHARE
             absent = [p for p in absent if p in empty or not weak[p]]
         # judged before the widths and cells are refined, when χ² is mostly their misfit: a weak
