@@ -470,7 +470,15 @@ def test_a_weak_phase_judged_absent_in_a_sequence_comes_back():
     at the frame after P3's restart the Al lines, with the widths they had there, were judged
     absent, and a phase absent in the frame before was never tested again (GOF 1.58 against
     1.16 for the rest of the run, every frame "ok"). A frame that fits clearly worse than the
-    one before refines its absent phases back in: Al is present in every frame."""
+    one before refines its absent phases back in: Al is present in every frame.
+
+    O3's 110 line lies 0.1-0.2° (1.5-3 FWHM) beyond the range's end (24°) from frame 17 on, with
+    2-5 % of its area in the range: it was extracted only above 5 %, and below kept whatever the
+    start gave it (the cell search's 7,300, a fresh start's 0), so frames 19-30 had GOF 1.25-1.67
+    from its untold tail, and the restart at frame 46 left Al's cell 0.007 Å off. Now every line
+    with 2 % of its area in the range is extracted, from a fresh start too, and the others are 0.
+    (A weak phase of the previous frame is no longer judged absent before the frame is refined,
+    so this run no longer needs the retest; the next test exercises it.)"""
     ps, refiner = _o3_p3_al_series(80, 1)
     prev, gof, da = None, [], []
     for i in range(80):
@@ -479,9 +487,28 @@ def test_a_weak_phase_judged_absent_in_a_sequence_comes_back():
         gof.append(res.gof)
         da.append(abs(res.value("Al.a") - 4.0495))
         prev = res
-    # (Al's cell was 0.007 A off in P3's restart frame, 46, which is how it came to be judged absent)
-    assert np.count_nonzero(np.array(da) > 2e-3) <= 1, da
-    assert max(gof[47:]) < 1.3, gof[47:]                  # 1.55-1.62 while Al was left out
+    assert max(da) <= 2e-3, da                   # 0.007 A in frame 46 before
+    assert max(gof) < 1.3, gof                   # 1.55-1.62 while Al was left out; 1.25-1.67 in frames 19-30
+
+
+def test_a_phase_left_absent_by_the_previous_frame_comes_back_when_the_fit_worsens():
+    """A frame started from a previous one that held the Al lines absent (as a restart could
+    leave them) fits clearly worse without them (GOF about 1.6 against 1.15): its absent phases
+    are refined back in, and Al is present again with its cell."""
+    from dataclasses import replace
+
+    ps, refiner = _o3_p3_al_series(80, 1)
+    first = refiner.refine(ps.intensity[0], ps.sigma[0])
+    assert first.ok and "Al" not in first.absent
+    calc = refiner.calc
+    al = [p.name for p in refiner.model.phases].index("Al")
+    I = first.lebail_I.copy()
+    I[int(calc.offsets[al]):int(calc.offsets[al + 1])] = 0.0
+    start = replace(first, absent=sorted(first.absent + ["Al"]), lebail_I=I)
+    res = refiner.refine(ps.intensity[1], ps.sigma[1], start=start, gof_limit=3 * start.gof)
+    assert res.ok and "Al" not in res.absent, (res.absent, res.gof)
+    assert abs(res.value("Al.a") - 4.0495) <= 2e-3
+    assert res.gof < 1.3
 
 
 def test_a_pattern_the_model_cannot_describe_is_never_ok():

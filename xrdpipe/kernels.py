@@ -343,8 +343,8 @@ def lebail_cycle(P, idx, ptr, x, pos, fwhm, eta, lo_far, lo_near, hi_near, hi_fa
     """One Le Bail extraction from the intensities ``I`` into ``out``: each reflection ``use``
     takes its share of the net observed pattern ``net`` (the model's share where a point is not
     ``valid``), I Σ P (net / Σ I P) step / area, kept above ``floor_rel`` x the largest
-    intensity where its phase has any intensity (0 where none); other extracted reflections
-    keep max(I, 0), computed ones I. ``yc`` and ``ratio`` are work arrays of the points."""
+    intensity where its phase has any intensity (0 where none); other extracted reflections (too
+    little of their profile in the range to be extracted) get 0, computed ones keep I. ``yc`` and ``ratio`` are work arrays of the points."""
     profile_matvec(P, idx, ptr, x, pos, fwhm, eta, lo_far, lo_near, hi_near, hi_far, I, yc)
     top = 1e-300
     for i in range(yc.size):
@@ -375,7 +375,7 @@ def lebail_cycle(P, idx, ptr, x, pos, fwhm, eta, lo_far, lo_near, hi_near, hi_fa
             else:
                 out[j] = 0.0
         elif extracted[j]:
-            out[j] = max(I[j], 0.0)
+            out[j] = 0.0
         else:
             out[j] = I[j]
 
