@@ -543,6 +543,9 @@ def _split_corners(pos, i, lo0, delta, bins, check_azim, azim_lo, azim_hi, disc_
     x[3] = (d0 - lo0) / delta
     lo = min(min(x[0], x[1]), min(x[2], x[3]))
     hi = max(max(x[0], x[1]), max(x[2], x[3]))
+    for k in range(4):
+        if not (np.isfinite(x[k]) and np.isfinite(y[k])):     # a corner without a position
+            return 0, 0
     if hi < 0 or lo >= bins:
         return 0, 0
     if check_azim and (max(max(y[0], y[1]), max(y[2], y[3])) < azim_lo
