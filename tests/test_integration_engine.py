@@ -38,8 +38,8 @@ def test_same_answers_as_pyfai(setup, splitting, unit):
     ok = np.isfinite(i2)
     assert ok.sum() > 400
     np.testing.assert_array_equal(np.isfinite(i1), ok)
-    np.testing.assert_allclose(i1[ok], i2[ok], rtol=2e-5, atol=1e-4)
-    np.testing.assert_allclose(s1[ok], s2[ok], rtol=2e-5)
+    np.testing.assert_allclose(i1[ok], i2[ok], rtol=1e-5)
+    np.testing.assert_allclose(s1[ok], s2[ok], rtol=1e-5)
     # the hot pixel really was dropped: setting it to a normal value changes nothing much
     clean = frame.copy()
     clean[100, 17] = 50
