@@ -670,6 +670,47 @@ def phase_value_jac(x, lo, hi, cen, theta, fw_col, eta_col, a_col, dcol, dval, f
 
 
 @_kernel
+def _spd_solve(a, b):  # pragma: no cover - compiled
+    """``a x = b`` for a symmetric positive (semi-)definite ``a`` with unit diagonal, by
+    Cholesky; where a pivot vanishes (a singular system), with a ridge of 1e-10 added, then ten
+    times more until it goes through."""
+    k = b.size
+    low = np.zeros((k, k))
+    ridge = 0.0
+    while True:
+        ok = True
+        for i in range(k):
+            for j in range(i + 1):
+                s = a[i, j] + (ridge if i == j else 0.0)
+                for q in range(j):
+                    s -= low[i, q] * low[j, q]
+                if i == j:
+                    if s <= 1e-12:
+                        ok = False
+                        break
+                    low[i, i] = np.sqrt(s)
+                else:
+                    low[i, j] = s / low[j, j]
+            if not ok:
+                break
+        if ok:
+            break
+        ridge = 1e-10 if ridge == 0.0 else ridge * 10.0
+    z = np.zeros(k)
+    for i in range(k):
+        s = b[i]
+        for q in range(i):
+            s -= low[i, q] * z[q]
+        z[i] = s / low[i, i]
+    for i in range(k - 1, -1, -1):
+        s = z[i]
+        for q in range(i + 1, k):
+            s -= low[q, i] * z[q]
+        z[i] = s / low[i, i]
+    return z
+
+
+@_kernel
 def window_trials(x, bg, y, w, cen, fw, eta, keep, coef, chi2):  # pragma: no cover - compiled
     """Weighted least squares of one window at many trials, the areas not negative.
 
@@ -677,8 +718,8 @@ def window_trials(x, bg, y, w, cen, fw, eta, keep, coef, chi2):  # pragma: no co
     at ``cen[t]`` (n,) with widths ``fw[t]`` (n,) and ``eta`` (n,) (a line not ``keep[t, i]``
     has an empty column) and the background columns ``bg`` (m, nb). Negative areas are dropped
     and the system solved again (twice); the normal equations are scaled to unit diagonal (a
-    singular system is solved by least squares). Writes the coefficients ``coef[t]`` (n + nb)
-    and ``chi2[t]``."""
+    singular system gets a ridge of 1e-10 of the diagonal: two equal lines share their area).
+    Writes the coefficients ``coef[t]`` (n + nb) and ``chi2[t]``."""
     m = x.size
     n = cen.shape[1]
     nb = bg.shape[1]
@@ -687,7 +728,10 @@ def window_trials(x, bg, y, w, cen, fw, eta, keep, coef, chi2):  # pragma: no co
     b = y * w
     on = np.zeros(k, np.bool_)
     h = np.zeros((k, k))
+    hs = np.zeros((k, k))
     r = np.zeros(k)
+    rs = np.zeros(k)
+    diag = np.zeros(k)
     for t in range(cen.shape[0]):
         for i in range(n):
             f = fw[t, i]
@@ -721,13 +765,13 @@ def window_trials(x, bg, y, w, cen, fw, eta, keep, coef, chi2):  # pragma: no co
                     h[i, q] = s
                 if not on[i]:
                     h[i, i] = 1.0
-            diag = np.sqrt(np.maximum(np.diag(h).copy(), 1e-300))
-            hs = h / np.outer(diag, diag)
-            rs = r / diag
-            try:
-                z = np.linalg.solve(hs, rs)
-            except Exception:
-                z = np.linalg.lstsq(hs, rs)[0]
+            for i in range(k):
+                diag[i] = np.sqrt(max(h[i, i], 1e-300))
+            for i in range(k):
+                rs[i] = r[i] / diag[i]
+                for q in range(k):
+                    hs[i, q] = h[i, q] / (diag[i] * diag[q])
+            z = _spd_solve(hs, rs)
             negative = False
             for i in range(k):
                 coef[t, i] = z[i] / diag[i] if on[i] else 0.0

@@ -612,7 +612,7 @@ class _Frame:
             return np.zeros((n_trials, k)), np.zeros(n_trials)
         if fw is None:
             fw = theta[m.fwhm_col[m.r_phase[refl], w]] if refl.size else np.zeros(0)
-        fw = np.ascontiguousarray(np.broadcast_to(fw, cen.shape), dtype=float)
+        fw = np.array(np.broadcast_to(fw, cen.shape), dtype=float)       # (a writable copy: one compiled signature)
         eta = np.ascontiguousarray(theta[m.eta_col[m.r_phase[refl]]] if refl.size else np.zeros(0), dtype=float)
         keep = (cen >= win.x[0] + fw / 2) & (cen <= win.x[-1] - fw / 2)
         if tails is not None and refl.size:
