@@ -1245,7 +1245,7 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol, *, staged: bo
     if from_previous:
         theta = start.theta.copy()
         trend = start.cell_trend
-        if trend is not None and trend.shape == theta.shape and start.start_from == "previous":
+        if trend is not None and trend.shape == theta.shape and start.start_from == "previous" and start.ok:
             # the cells moved on by their change in the frame before (linear extrapolation; a
             # cell that keeps moving started one frame's change off costs the alternation of
             # extraction and least squares 7-10 steps instead of 2-3)
