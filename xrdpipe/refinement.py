@@ -90,6 +90,7 @@ GOF_RISE = 1.5                # a frame whose GOF rose by more than this since t
 FOLLOW = 0.5                  # a phase followed from the previous frame: half its searched range around it
 ABSENT_REL = 0.05             # ... or than this fraction of χ² is absent
 WEAK_SHARE = 0.1              # a phase with less of the previous frame's intensity is not judged absent before refining
+TREND_ESD = 2.0              # a cell's change in the frame before, when above this x its esd, is extrapolated
 GOF_RETEST = 1.1              # a frame this much worse (GOF) than the one before tests its absent phases again
 SEARCH_DEFAULT = {"a": 0.015, "b": 0.015, "c": 0.03}    # relative half-ranges of the cell search
 SEARCH_ANGLE_DEG = 2.0        # ... and of angles (degrees); angles are searched by least squares only
@@ -1248,8 +1249,10 @@ def _refine(calc: "_Calculator", y: np.ndarray, sigma, start, tol, *, staged: bo
         if trend is not None and trend.shape == theta.shape and start.start_from == "previous" and start.ok:
             # the cells moved on by their change in the frame before (linear extrapolation; a
             # cell that keeps moving started one frame's change off costs the alternation of
-            # extraction and least squares 7-10 steps instead of 2-3)
-            theta = theta + trend
+            # extraction and least squares 7-10 steps instead of 2-3), where that change was
+            # larger than TREND_ESD esds (a weak phase's cell only scatters)
+            moved = np.abs(trend) > TREND_ESD * np.where(np.isfinite(start.esds), start.esds, np.inf)
+            theta = theta + np.where(moved, trend, 0.0)
         if lebail and start.lebail_I is not None and start.lebail_I.size == n_refl:
             I = start.lebail_I.copy()
             if fresh:                        # the previous cells, intensities extracted afresh
