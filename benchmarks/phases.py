@@ -115,13 +115,17 @@ def _baseline(commit: str, frames: int, seed: int) -> tuple[float, dict]:
     """:func:`_phase_model` with the ``xrdpipe`` package of ``commit``, in a child process."""
     repo = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as tmp:
-        archive = subprocess.run(["git", "-C", str(repo), "archive", commit, "xrdpipe"], check=True,
-                                 capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        archive = subprocess.run(["git", "-C", str(repo), "archive", commit, "xrdpipe"], capture_output=True)
+        if archive.returncode:
+            sys.exit(f"--baseline {commit}: not a commit of {repo} with an xrdpipe package "
+                     f"({archive.stderr.decode(errors='replace').strip()})")
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
         env = dict(os.environ, PYTHONPATH=tmp)
-        out = subprocess.run([sys.executable, __file__, "--frames", str(frames), "--seed", str(seed), "--json"],
-                             env=env, check=True, capture_output=True, text=True).stdout
-    got = json.loads(out.strip().splitlines()[-1])
+        run = subprocess.run([sys.executable, __file__, "--frames", str(frames), "--seed", str(seed), "--json"],
+                             env=env, capture_output=True, text=True)
+    if run.returncode:
+        sys.exit(f"--baseline {commit}: its phase model failed:\n{run.stderr.strip()[-2000:]}")
+    got = json.loads(run.stdout.strip().splitlines()[-1])
     return got["rate"], got["score"]
 
 

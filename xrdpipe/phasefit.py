@@ -446,7 +446,7 @@ class PhaseModel:
         zeros = np.concatenate([np.tile(zero, 1 + 2 * len(cols)), zero + hz, zero - hz])
         all_cen = self.centres(self.cells(stack, base), zeros).reshape(-1, r, self.R)
         cen = all_cen[0]
-        dval_of = {c: (all_cen[1 + 2 * k] - all_cen[2 + 2 * k]) / (2 * h) for k, (c, h) in enumerate(zip(cols, steps))}
+        dcell = (all_cen[1:1 + 2 * len(cols):2] - all_cen[2:2 + 2 * len(cols):2]) / (2 * np.array(steps))[:, None, None]
         dzero = (all_cen[-2] - all_cen[-1]) / (2 * hz)
         for w, win in enumerate(self.windows):
             sl = win.points
@@ -456,11 +456,9 @@ class PhaseModel:
                 jac[:, self.bg_col[w][d], sl] = td
         # the lines, compiled: the centres' derivatives per cell column of the line's phase and
         # per zero shift, then every line's value and Jacobian columns in one pass
-        lo, hi, fw_col, eta_col, a_col, dcol = self._line_layout()
+        lo, hi, fw_col, eta_col, a_col, dcol, (line, slot, which) = self._line_layout()
         dval = np.zeros((r, self.R, dcol.shape[1]))
-        for q in range(dcol.shape[1] - 1):
-            for i in np.flatnonzero(dcol[:, q] >= 0):
-                dval[:, i, q] = dval_of[int(dcol[i, q])][:, i]
+        dval[:, line, slot] = dcell[which, :, line].T
         dval[:, :, -1] = dzero
         kernels.phase_value_jac(self.x_all, lo, hi, np.ascontiguousarray(cen), np.ascontiguousarray(theta, dtype=float),
                                 fw_col, eta_col, a_col, dcol, dval, f, jac)
@@ -469,7 +467,9 @@ class PhaseModel:
     def _line_layout(self):
         """For the compiled model: each line's points (start, stop) on the concatenated
         abscissa, its width, eta and area columns, and the columns that move its centre (its
-        phase's cell columns, padded with -1, then the zero shift)."""
+        phase's cell columns, padded with -1, then the zero shift), and where each line's cell
+        derivatives come from (line, slot, index of the cell column among all phases' cell
+        columns in order)."""
         if self._lines is None:
             lo = np.array([self.windows[w].points.start for w in self.r_window], np.int64)
             hi = np.array([self.windows[w].points.stop for w in self.r_window], np.int64)
@@ -478,13 +478,17 @@ class PhaseModel:
             a_col = np.asarray(self.area_col, np.int64)
             width = max(len(c) for c in self.cell_cols) + 1
             dcol = np.full((self.R, width), -1, np.int64)
+            first = np.cumsum([0] + [len(c) for c in self.cell_cols])
+            line, slot, which = [], [], []
             for i, p in enumerate(self.r_phase):
                 dcol[i, :len(self.cell_cols[p])] = self.cell_cols[p]
                 dcol[i, -1] = self.zero_col
-            self._lines = (lo, hi, fw_col, eta_col, a_col, dcol)
-            self.x_all = np.zeros(self.n_points)
-            for w in self.windows:
-                self.x_all[w.points] = w.x
+                for q in range(len(self.cell_cols[p])):
+                    line.append(i)
+                    slot.append(q)
+                    which.append(first[p] + q)
+            self._lines = (lo, hi, fw_col, eta_col, a_col, dcol,
+                           tuple(np.array(v, np.int64) for v in (line, slot, which)))
         return self._lines
 
 
