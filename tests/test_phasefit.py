@@ -349,3 +349,46 @@ def test_the_compiled_window_solve():
     assert abs(coef[2, 0] + coef[2, 1] - want_coef[2, 0] - want_coef[2, 1]) < 1e-6 * want_coef[2, :2].sum()
     assert coef[3, 0] == 0 and abs(coef[0, 0] / 300 - 1) < 0.05    # a line outside: no area; the line: its area
     assert coef[1, :2].min() == 0                                    # two lines on one: one kept
+
+
+def test_compiled_positions_equal_the_crystallography_functions():
+    """Reflection positions (kernels.radial_positions, used for every centre of the model and
+    the searches) against d_from_cell -> 2θ (or Q) of :mod:`xrdpipe.crystallography`, in every
+    crystal system, with a zero shift and a sample displacement, in 2θ and Q; and the model's
+    full cells from its free parameters against ``full_cell``."""
+    from xrdpipe.crystallography import d_from_cell, full_cell, q_from_tth, tth_from_d
+    from xrdpipe.kernels import radial_positions
+
+    rng = np.random.default_rng(3)
+    hkl = np.array([[0, 0, 3], [1, 0, 4], [1, 1, 0], [2, -1, 3], [1, 2, -2]], float)
+    cells = np.array([[4.05, 4.05, 4.05, 90, 90, 90], [2.96, 2.96, 16.2, 90, 90, 120], [10.3, 6.0, 4.7, 90, 90, 90],
+                      [5.3, 8.9, 5.1, 90, 104.5, 90], [5.1, 5.9, 7.3, 96.0, 101.0, 88.5]])
+    lam, zero = 0.6209, rng.normal(0, 0.01, cells.shape[0])
+    d = np.asarray(d_from_cell(hkl[:, 0][None], hkl[:, 1][None], hkl[:, 2][None], [cells[:, i][:, None] for i in range(6)]))
+    tth = tth_from_d(d, lam)
+    for unit, disp, want in [(0, False, tth + zero[:, None]),
+                             (0, True, tth + zero[:, None] * np.cos(np.radians(tth) / 2)),
+                             (1, False, q_from_tth(tth + zero[:, None], lam))]:
+        out = np.empty((cells.shape[0], hkl.shape[0]))
+        radial_positions(hkl, cells[:, None, :], zero, lam, unit, disp, out)
+        np.testing.assert_allclose(out, want, rtol=1e-13)
+    out = np.empty((cells.shape[0], hkl.shape[0]))
+    radial_positions(hkl, cells[:, None, :], zero, 0.0, 1, False, out)        # Q without a wavelength: 2π/d
+    np.testing.assert_allclose(out, 2 * np.pi / d, rtol=1e-13)
+    radial_positions(np.array([[0, 0, 1.0]]), cells[:1, None, :], zero[:1], 10.0, 0, False, out[:1, :1])
+    assert np.isnan(out[0, 0])                                                  # λ > 2d: no reflection
+
+    dif = _hard(1, 1.1)
+    series = pattern_series(2, scenario="nfm", counts=0.05, background=2000.0, seed=3, difficulty=dif)
+    phases, windows = fit_config("nfm", dif)
+    m = PhaseModel(phases, windows, FitSpec(), radial=series.tth_deg, unit="2th_deg", wavelength_A=lam)
+    theta = np.zeros((2, m.k))
+    for p in range(m.P):
+        for n, col in zip(m.free[p], m.cell_cols[p]):
+            theta[:, col] = m.cell0[p, "abc".index(n)] * np.array([1.01, 0.98])
+    got = m.cells(theta, m.cell0)
+    for p, spec in enumerate(phases):
+        for r in range(2):
+            v = {n: theta[r, col] for n, col in zip(m.free[p], m.cell_cols[p])}
+            np.testing.assert_array_equal(got[r, p], full_cell(spec.space_group, v["a"], v.get("c")))
+

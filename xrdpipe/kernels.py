@@ -732,6 +732,9 @@ def window_trials(x, bg, y, w, cen, fw, eta, keep, coef, chi2):  # pragma: no co
     r = np.zeros(k)
     rs = np.zeros(k)
     diag = np.zeros(k)
+    for d in range(nb):
+        for j in range(m):
+            a[j, n + d] = w[j] * bg[j, d]
     for t in range(cen.shape[0]):
         for i in range(n):
             f = fw[t, i]
@@ -743,34 +746,36 @@ def window_trials(x, bg, y, w, cen, fw, eta, keep, coef, chi2):  # pragma: no co
                     a[j, i] = w[j] * (l_unit / (1.0 + 4.0 * u * u) + g_unit * np.exp(-4.0 * _LN2 * u * u))
                 else:
                     a[j, i] = 0.0
-        for d in range(nb):
-            for j in range(m):
-                a[j, n + d] = w[j] * bg[j, d]
         for i in range(k):
             on[i] = False
             for j in range(m):
                 if a[j, i] != 0.0:
                     on[i] = True
                     break
+        # the normal equations once (a dropped column is masked below, not recomputed)
+        for i in range(k):
+            s = 0.0
+            if on[i]:
+                for j in range(m):
+                    s += a[j, i] * b[j]
+            r[i] = s
+            for q in range(i, k):
+                s = 0.0
+                if on[i] and on[q]:
+                    for j in range(m):
+                        s += a[j, i] * a[j, q]
+                h[i, q] = s
+                h[q, i] = s
         for _ in range(3):
             for i in range(k):
-                r[i] = 0.0
-                for j in range(m):
-                    r[i] += a[j, i] * b[j] if on[i] else 0.0
+                diag[i] = np.sqrt(max(h[i, i], 1e-300)) if on[i] else 1.0
+            for i in range(k):
+                rs[i] = r[i] / diag[i] if on[i] else 0.0
                 for q in range(k):
-                    s = 0.0
                     if on[i] and on[q]:
-                        for j in range(m):
-                            s += a[j, i] * a[j, q]
-                    h[i, q] = s
-                if not on[i]:
-                    h[i, i] = 1.0
-            for i in range(k):
-                diag[i] = np.sqrt(max(h[i, i], 1e-300))
-            for i in range(k):
-                rs[i] = r[i] / diag[i]
-                for q in range(k):
-                    hs[i, q] = h[i, q] / (diag[i] * diag[q])
+                        hs[i, q] = h[i, q] / (diag[i] * diag[q])
+                    else:
+                        hs[i, q] = 1.0 if i == q else 0.0
             z = _spd_solve(hs, rs)
             negative = False
             for i in range(k):
@@ -791,3 +796,41 @@ def window_trials(x, bg, y, w, cen, fw, eta, keep, coef, chi2):  # pragma: no co
                 v -= a[j, i] * coef[t, i]
             total += v * v
         chi2[t] = total
+
+
+@_kernel
+def radial_positions(hkl, cell, zero, wavelength, unit, displacement, out):  # pragma: no cover - compiled
+    """Positions ``out`` (T, n) of reflections ``hkl`` (n, 3) in cells ``cell`` (T, n, 6), or
+    (T, 1, 6) one per trial (a, b, c in Å, α, β, γ in degrees), with zero shifts ``zero`` (T,):
+    the d-spacing from the reciprocal metric tensor (as
+    :func:`xrdpipe.crystallography.d_from_cell`), then 2θ (degrees) at ``wavelength`` (NaN where
+    λ > 2d, and everywhere without a wavelength, ``wavelength`` 0), plus the zero shift (times
+    cos θ with ``displacement``); with ``unit`` 1, Q (Å⁻¹) of that 2θ, or 2π/d without a
+    wavelength."""
+    rad = np.pi / 180.0
+    each = cell.shape[1] > 1
+    for t in range(out.shape[0]):
+        for n in range(hkl.shape[0]):
+            e = n if each else 0
+            h, k, l = hkl[n, 0], hkl[n, 1], hkl[n, 2]
+            a, b, c = cell[t, e, 0], cell[t, e, 1], cell[t, e, 2]
+            ca, cb, cg = np.cos(cell[t, e, 3] * rad), np.cos(cell[t, e, 4] * rad), np.cos(cell[t, e, 5] * rad)
+            sa, sb, sg = np.sin(cell[t, e, 3] * rad), np.sin(cell[t, e, 4] * rad), np.sin(cell[t, e, 5] * rad)
+            vol2 = 1 - ca**2 - cb**2 - cg**2 + 2 * ca * cb * cg
+            inv_d2 = (h * h * sa**2 / a**2 + k * k * sb**2 / b**2 + l * l * sg**2 / c**2
+                      + 2 * k * l * (cb * cg - ca) / (b * c) + 2 * h * l * (cg * ca - cb) / (a * c)
+                      + 2 * h * k * (ca * cb - cg) / (a * b)) / vol2
+            d = 1.0 / np.sqrt(inv_d2) if inv_d2 > 0 else (np.inf if inv_d2 == 0 else np.nan)
+            tth = np.nan
+            if wavelength > 0:
+                s = wavelength / (2.0 * d)
+                if np.abs(s) <= 1:
+                    tth = 2.0 * np.arcsin(s) / rad
+                if displacement:
+                    tth += zero[t] * np.cos(tth * rad / 2)
+                else:
+                    tth += zero[t]
+            if unit == 1:
+                out[t, n] = 4.0 * np.pi * np.sin(tth * rad / 2.0) / wavelength if wavelength > 0 else 2 * np.pi / d
+            else:
+                out[t, n] = tth

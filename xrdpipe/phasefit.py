@@ -165,6 +165,7 @@ class PhaseModel:
                              for p in self.phases], float).reshape(self.P, 6)
         self._reflections()
         self._layout()
+        self._cell_map()
         self._order_pairs()
         self._search_order()
         #: (R,) reflections in a window that has data points
@@ -322,6 +323,8 @@ class PhaseModel:
         self.lower[self.eta_col], self.upper[self.eta_col] = 0.0, 1.0
         self.lower[self.area_col] = 0.0
         self.x_all = np.concatenate([w.x for w in self.windows]) if self.W else np.zeros(0)
+        #: per window, its background's columns (points, degree + 1): powers of the reduced abscissa
+        self.bg_columns = [np.stack([w.t ** d for d in range(w.degree + 1)], axis=1) for w in self.windows]
         #: (M,) the columns of the run's radial axis that make the concatenated windows
         self.columns = (np.concatenate([np.arange(w.columns.start, w.columns.stop) for w in self.windows])
                         if self.W else np.zeros(0, int))
@@ -405,24 +408,49 @@ class PhaseModel:
                          f"brings it in; check the cell, the window or the wavelength")
 
     # -- the model ----------------------------------------------------------------------------
+    def positions(self, hkl: np.ndarray, cells: np.ndarray, zero=0.0) -> np.ndarray:
+        """Positions on the run's axis of reflections ``hkl`` (n, 3) in full cells: (T, n, 6) one
+        per reflection and trial, (T, 1, 6) one per trial, or (6,) one for all (then (n,) out),
+        with zero shifts (T,) or one; (T, n) out. Compiled (:func:`kernels.radial_positions`):
+        the values of :meth:`radial_of_d` of :func:`d_from_cell`."""
+        single = np.ndim(cells) == 1
+        cells = np.asarray(cells, dtype=float).reshape(1, 1, 6) if single else np.asarray(cells, dtype=float)
+        zero = np.asarray(zero, dtype=float).reshape(-1)
+        if zero.size != cells.shape[0]:
+            zero = np.full(cells.shape[0], zero[0])
+        hkl = np.asarray(hkl, dtype=float)
+        out = np.empty((cells.shape[0], hkl.shape[0]))
+        kernels.radial_positions(hkl, cells, zero, float(self.wavelength_A or 0.0), int(self.unit == "q_A^-1"),
+                                 self.correction == "displacement", out)
+        return out[0] if single else out
+
+    def _cell_map(self) -> None:
+        """Where each of a phase's six cell parameters comes from: a free column (b = a follows a
+        in the hexagonal system), a constant of its crystal system (γ = 120°), or the base cell."""
+        self._cell_src = np.full((self.P, 6), -1)
+        self._cell_const = np.full((self.P, 6), np.nan)
+        for p in range(self.P):
+            probe = {n: 1000.0 + j for j, n in enumerate(self.free[p])}
+            full = full_cell(self.phases[p].space_group, *[probe.get(n) for n in ("a", "c", "b", "beta", "alpha", "gamma")])
+            for i, v in enumerate(full):
+                if v is not None and float(v) >= 1000.0:
+                    self._cell_src[p, i] = self.cell_cols[p][int(float(v) - 1000.0)]
+                elif v is not None:
+                    self._cell_const[p, i] = float(v)
+        self._src_at = np.nonzero(self._cell_src >= 0)
+        self._const_at = np.nonzero(np.isfinite(self._cell_const))
+
     def cells(self, theta: np.ndarray, base: np.ndarray) -> np.ndarray:
         """Full cells (r, P, 6) from parameter rows (r, k); ``base`` (P, 6) fills fixed values."""
         out = np.broadcast_to(base, (theta.shape[0], self.P, 6)).copy()
-        for p in range(self.P):
-            sg = self.phases[p].space_group
-            v = {n: theta[:, c] for n, c in zip(self.free[p], self.cell_cols[p])}
-            full = full_cell(sg, v.get("a"), v.get("c"), v.get("b"), v.get("beta"), v.get("alpha"), v.get("gamma"))
-            for i, val in enumerate(full):
-                out[:, p, i] = val
+        out[:, self._const_at[0], self._const_at[1]] = self._cell_const[self._const_at]
+        out[:, self._src_at[0], self._src_at[1]] = theta[:, self._cell_src[self._src_at]]
         return out
 
     def centres(self, cells: np.ndarray, zero: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         """Centres (r, R) of every reflection for cells (r, P, 6) and zero shifts (r,)."""
         r_sel = np.arange(self.R) if rows is None else rows
-        c = cells[:, self.r_phase[r_sel], :]                     # (r, R', 6)
-        h = self.r_hkl[r_sel]
-        d = d_from_cell(h[:, 0], h[:, 1], h[:, 2], [c[..., i] for i in range(6)])
-        return self.radial_of_d(np.asarray(d), zero[:, None])
+        return self.positions(self.r_hkl[r_sel], cells[:, self.r_phase[r_sel], :], zero)
 
     def value_jac(self, theta: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Model (r, M) on the concatenated windows and its Jacobian (r, k, M)."""
@@ -622,9 +650,8 @@ class _Frame:
         if tails is not None and refl.size:
             near = (cen >= win.x[0] - _TAIL_FWHM * fw) & (cen <= win.x[-1] + _TAIL_FWHM * fw)
             keep |= near & tails
-        bg = np.stack([win.t ** d for d in range(win.degree + 1)], axis=1)
         coef, chi2 = np.zeros((n_trials, k)), np.zeros(n_trials)
-        kernels.window_trials(win.x, bg, self.y0[win.points], self.w[win.points],
+        kernels.window_trials(win.x, m.bg_columns[w], self.y0[win.points], self.w[win.points],
                               np.ascontiguousarray(cen, dtype=float), fw, eta, np.ascontiguousarray(keep), coef, chi2)
         return coef, chi2
 
@@ -702,9 +729,7 @@ class _Frame:
                 for w in use:
                     mine = m._refl_of[p][w]
                     hkl = m.r_hkl[mine]
-                    d = d_from_cell(hkl[:, 0][None], hkl[:, 1][None], hkl[:, 2][None],
-                                    [trial[:, j][:, None] for j in range(6)])
-                    cen_p = m.radial_of_d(np.asarray(d), zero)                           # (T, n_mine)
+                    cen_p = m.positions(hkl, trial[:, None, :], zero)                     # (T, n_mine)
                     cen_f = np.broadcast_to(cen_all[fixed[w]], (values.size, fixed[w].size))
                     refl = np.concatenate([mine, fixed[w]])
                     tails = np.concatenate([np.zeros(mine.size, bool), np.ones(fixed[w].size, bool)])
@@ -781,8 +806,7 @@ class _Frame:
             dn[i] -= h
             up = m._cell_from(p, {k: up[_CELL_INDEX[k]] for k in m.free[p]})
             dn = m._cell_from(p, {k: dn[_CELL_INDEX[k]] for k in m.free[p]})
-            sens = np.abs(m.radial_of_d(np.asarray(d_from_cell(hkl[:, 0], hkl[:, 1], hkl[:, 2], up)))
-                          - m.radial_of_d(np.asarray(d_from_cell(hkl[:, 0], hkl[:, 1], hkl[:, 2], dn)))) / (2 * h)
+            sens = np.abs(m.positions(hkl, up) - m.positions(hkl, dn)) / (2 * h)
             ratio = np.nanmax(sens / fw)
             if ratio > 0:
                 out[i] = min(out[i], limit / ratio)
@@ -894,9 +918,7 @@ class _Frame:
             for r in (p, q):
                 mine = m._refl_of[r][w]
                 hkl = m.r_hkl[mine]
-                d = d_from_cell(hkl[:, 0][None], hkl[:, 1][None], hkl[:, 2][None],
-                                [trials[r][:, i][:, None] for i in range(6)])
-                cens.append(m.radial_of_d(np.asarray(d), zero))
+                cens.append(m.positions(hkl, trials[r][:, None, :], zero))
                 refl.append(mine)
             fixed = np.flatnonzero(np.isin(m.r_phase, others) & (m.r_window == w))
             cens.append(np.broadcast_to(cen_all[fixed], (sel.size, fixed.size)))
@@ -938,8 +960,7 @@ class _Frame:
         up[i] += h
         dn[i] -= h
         hkl = m.r_hkl[rows]
-        shift = np.abs(m.radial_of_d(np.asarray(d_from_cell(hkl[:, 0], hkl[:, 1], hkl[:, 2], up)))
-                       - m.radial_of_d(np.asarray(d_from_cell(hkl[:, 0], hkl[:, 1], hkl[:, 2], dn)))) / (2 * h)
+        shift = np.abs(m.positions(hkl, up) - m.positions(hkl, dn)) / (2 * h)
         fw = theta[m.fwhm_col[p, m.r_window[rows]]]
         ratio = np.nanmax(shift / fw) if rows.size else 0.0
         return 1.0 / ratio if ratio > 0 else np.inf
