@@ -416,7 +416,7 @@ class PhaseModel:
         single = np.ndim(cells) == 1
         cells = np.asarray(cells, dtype=float).reshape(1, 1, 6) if single else np.asarray(cells, dtype=float)
         zero = np.asarray(zero, dtype=float).reshape(-1)
-        if zero.size != cells.shape[0]:
+        if zero.size == 1:
             zero = np.full(cells.shape[0], zero[0])
         hkl = np.asarray(hkl, dtype=float)
         out = np.empty((cells.shape[0], hkl.shape[0]))
