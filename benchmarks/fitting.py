@@ -11,6 +11,11 @@ components (O3 003 + P3 003, which coexist near Na0.66), side by side in the sam
 * ``xrdpipe lmfit``: xrdpipe's reference engine on the first frames (same model, frame by frame);
 * ``xrdfit``: if installed (GPL, optional, never a dependency of xrdpipe).
 
+Then the phase model in frames per second (:func:`benchmarks.phases.compare`, ``--phase-frames``
+frames of the hard O3 <-> P3 series: typed cells off, overlapping basal lines, Al in a window;
+five windows, O3 + P3 + Al) side by side with the independent-peak engine and the lmfit loop on
+the same series (``--phase-frames 0`` leaves it out).
+
 Printed: window fits per second, the ratio to the lmfit loop, and the centre rms error against
 the truth over the components that hold at least 5 % of their window's area.
 
@@ -123,6 +128,7 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=1000)
     ap.add_argument("--reference-frames", type=int, default=100,
                     help="frames (every k-th) for the slow engines: the lmfit loop and xrdpipe's lmfit engine")
+    ap.add_argument("--phase-frames", type=int, default=1000, help="frames of the phase-model comparison (0: none)")
     args = ap.parse_args()
     from xrdpipe.testing import pattern_series
 
@@ -160,6 +166,15 @@ def main() -> None:
           "chases noise until lmfit's evaluation limit")
     print("xrdfit: " + ("installed, but not measured (it needs its own file-based workflow)" if _has_xrdfit()
                         else "not installed (optional, GPL)"))
+    if args.phase_frames:
+        import sys
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).parent))
+        from phases import compare
+
+        print("\nThe phase model, frames per second on the hard series of benchmarks/phases.py:")
+        compare(args.phase_frames, 40, 1)
 
 
 def _subset(series, rows):

@@ -50,31 +50,37 @@ def main() -> None:
         print(json.dumps({"rate": rate, "score": score}))
         return
 
+    compare(args.frames, args.loop_frames, args.seed, args.baseline)
+
+
+def compare(frames: int, loop_frames: int, seed: int, baseline: str | None = None) -> None:
+    """The table: the phase model (and that of ``baseline``), independent peaks and the lmfit loop
+    on the hard series of ``frames`` frames (the loop on ``loop_frames`` of them)."""
     from xrdpipe.config import FitSpec, LatticeSpec
     from xrdpipe.lattice import refine_lattice
     from xrdpipe.peaks import fit_peaks
     from xrdpipe.testing import fit_config, score_phases
 
-    series, dif = _series(args.frames, args.seed)
+    series, dif = _series(frames, seed)
     phases, windows = fit_config("nfm", dif)
     pat = series.as_patterns()
     lam = series.scenario.wavelength_A
     rows = []
-    if args.baseline:
-        rows.append((f"phase model @ {args.baseline}", *_baseline(args.baseline, args.frames, args.seed)))
-    rows.append(("phase model", *_phase_model(args.frames, args.seed)))
+    if baseline:
+        rows.append((f"phase model @ {baseline}", *_baseline(baseline, frames, seed)))
+    rows.append(("phase model", *_phase_model(frames, seed)))
 
     t0 = time.perf_counter()
     table = fit_peaks(pat, phases, windows, FitSpec(model="peaks"))
     lat = refine_lattice(table, phases, LatticeSpec(), unit="2th_deg", wavelength_A=lam)
     dt = time.perf_counter() - t0
-    rows.append(("independent peaks (batched)", args.frames / dt, score_phases(lat, table, series.states(),
+    rows.append(("independent peaks (batched)", frames / dt, score_phases(lat, table, series.states(),
                                                                                series.peaks)))
 
-    loop_rate, loop_rms = _lmfit_loop(series, phases, windows, args.loop_frames)
+    loop_rate, loop_rms = _lmfit_loop(series, phases, windows, loop_frames)
     rows.append(("lmfit loop (baseline)", loop_rate, {"basal_rms_deg": loop_rms}))
 
-    print(f"{args.frames} frames, {len(windows)} windows, phases {', '.join(p.name for p in phases)}")
+    print(f"{frames} frames, {len(windows)} windows, phases {', '.join(p.name for p in phases)}")
     print(f"{'engine':30s} {'frames/s':>9s} {'vs loop':>8s} {'presence':>9s} {'basal rms':>10s} "
           f"{'|da| med':>9s} {'|dc| med':>9s} {'frac MAE':>9s} {'in 1 esd':>8s}")
     for name, rate, s in rows:
