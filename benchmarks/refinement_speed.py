@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 import subprocess
 import sys
 import tempfile
@@ -38,11 +39,14 @@ WL = 0.6209
 
 
 def baseline_module(commit: str):
-    """``xrdpipe/refinement.py`` of ``commit`` as the module ``xrdpipe._baseline_refinement``."""
+    """``xrdpipe/refinement.py`` of ``commit`` (the engine before it became the ``refine/``
+    package) as the module ``xrdpipe._baseline_refinement``, on this checkout's structures and
+    kernels (its ``from .structure import`` read as ``from .refine.structures import``)."""
     import xrdpipe
 
     src = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:xrdpipe/refinement.py"], check=True,
                          capture_output=True, text=True).stdout
+    src = re.sub(r"\b_expand\b", "expand_sites", src.replace("from .structure import", "from .refine.structures import"))
     tmp = Path(tempfile.mkdtemp()) / "_baseline_refinement.py"
     tmp.write_text(src)
     spec = importlib.util.spec_from_file_location("xrdpipe._baseline_refinement", tmp,
@@ -56,7 +60,7 @@ def baseline_module(commit: str):
 
 
 def run(engine, ps, sign: float, method: str) -> dict:
-    from xrdpipe.structure import Structure, template
+    from xrdpipe.refine.structures import Structure, template
     from xrdpipe.testing import phase_state
 
     sc = ps.scenario
@@ -70,7 +74,9 @@ def run(engine, ps, sign: float, method: str) -> dict:
         wavelength_A=WL, method=method, background_terms=12)
     refiner = engine.Refiner(model, ps.tth_deg)
     n = len(ps.x)
-    search, searched = engine._search, [0, 0.0]
+    # where Refiner looks the cell search up: this checkout's solver module, or the baseline's one module
+    home, name = (engine.solver, "search_cells") if hasattr(engine, "solver") else (engine, "_search")
+    search, searched = getattr(home, name), [0, 0.0]
 
     def timed_search(*a, **k):                # the cell searches: counted and timed apart
         c = time.process_time()
@@ -80,7 +86,7 @@ def run(engine, ps, sign: float, method: str) -> dict:
             searched[0] += 1
             searched[1] += time.process_time() - c
 
-    engine._search = timed_search
+    setattr(home, name, timed_search)
     prev, da, dc, rwp, ok, conv = None, [0.0], [0.0], [], 0, 0
     t0, c0 = time.perf_counter(), time.process_time()
     for i in range(n):
@@ -96,7 +102,7 @@ def run(engine, ps, sign: float, method: str) -> dict:
         if res.status != "failed":
             prev = res
     cpu = time.process_time() - c0
-    engine._search = search
+    setattr(home, name, search)
     return {"s": (time.perf_counter() - t0) / n, "cpu": cpu / n, "ok": ok, "conv": conv, "da": max(da), "dc": max(dc),
             "rwp": float(np.median(rwp)), "n_search": searched[0], "search": searched[1],
             "rest": (cpu - searched[1]) / n}
@@ -114,7 +120,7 @@ def main() -> None:
     import scipy.sparse  # noqa: F401
     from threadpoolctl import threadpool_limits
 
-    import xrdpipe.refinement as current
+    import xrdpipe.refine as current
     from xrdpipe.testing import pattern_series
 
     ps = pattern_series(args.frames, seed=2, counts=0.05, background=2000.0)

@@ -864,7 +864,7 @@ def _cross_check(exp: Experiment) -> list[tuple[str, str]]:
 
 
 def _refinement_problems(exp: Experiment, phases: dict[str, PhaseSpec]) -> list[tuple[str, str]]:
-    from .structure import TEMPLATES
+    from .refine.structures import TEMPLATES
 
     ref = exp.refinement
     problems: list[tuple[str, str]] = []

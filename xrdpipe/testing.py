@@ -38,7 +38,7 @@ from .crystallography import reflections, tth_from_d
 __all__ = [
     "assert_same_results",
     "calibrant_image",
-    "Structure",
+    "SyntheticSites",
     "SyntheticPhase",
     "Scenario",
     "Difficulty",
@@ -64,10 +64,11 @@ _B_FORM = {"Na": 6.0, "O": 8.0, "TM": 4.0, "Al": 5.0}  # Å², crude Gaussian fa
 
 
 @dataclass(frozen=True)
-class Structure:
-    """Atoms of a layered oxide in the hexagonal setting: (element, (x, y, z), occupancy).
-
-    Na occupancies are relative (scaled by the sodium content x of the frame).
+class SyntheticSites:
+    """The crude atom sites of a synthetic layered oxide, for the forward model's intensities:
+    (element, (x, y, z), occupancy) in the hexagonal setting, Z-scaled Gaussian form factors.
+    Na occupancies are relative (scaled by the sodium content x of the frame). Not a crystal
+    structure for refinement (that is :class:`xrdpipe.refine.structures.Structure`).
     """
 
     name: str
@@ -93,27 +94,27 @@ def _centred(atoms):
     return tuple(out)
 
 
-def o3_structure(z_o: float = 0.2326) -> Structure:
+def o3_sites(z_o: float = 0.2326) -> SyntheticSites:
     """O3 (R-3m): Na 3a, TM 3b, O 6c (z from the NFM study's Rietveld, Table S7)."""
-    return Structure("O3", "R-3m", _centred([
+    return SyntheticSites("O3", "R-3m", _centred([
         ("Na", (0, 0, 0), 1.0), ("TM", (0, 0, 0.5), 1.0), ("O", (0, 0, z_o), 1.0), ("O", (0, 0, -z_o), 1.0)]))
 
 
-def p3_structure(dz_o: float = 0.057) -> Structure:
+def p3_sites(dz_o: float = 0.057) -> SyntheticSites:
     """P3 (R3m): TM at z=0, O at ±dz around it, Na prismatic at z=1/6."""
-    return Structure("P3", "R3m", _centred([
+    return SyntheticSites("P3", "R3m", _centred([
         ("TM", (0, 0, 0), 1.0), ("O", (0, 0, 1 / 3 + dz_o), 1.0),
         ("O", (0, 0, 2 / 3 - dz_o), 1.0), ("Na", (0, 0, 1 / 6), 1.0)]))
 
 
-def p2_structure(z_o: float = 0.09) -> Structure:
+def p2_sites(z_o: float = 0.09) -> SyntheticSites:
     """P2 (P6_3/mmc): TM 2a, O 4f, Na on 2b (1/3) and 2d (2/3)."""
     atoms = [("TM", (0, 0, 0), 1.0), ("TM", (0, 0, 0.5), 1.0),
              ("O", (1 / 3, 2 / 3, z_o), 1.0), ("O", (2 / 3, 1 / 3, z_o + 0.5), 1.0),
              ("O", (2 / 3, 1 / 3, -z_o), 1.0), ("O", (1 / 3, 2 / 3, 0.5 - z_o), 1.0),
              ("Na", (0, 0, 0.25), 1 / 3), ("Na", (0, 0, 0.75), 1 / 3),
              ("Na", (1 / 3, 2 / 3, 0.75), 2 / 3), ("Na", (2 / 3, 1 / 3, 0.25), 2 / 3)]
-    return Structure("P2", "P63/mmc", tuple(atoms))
+    return SyntheticSites("P2", "P63/mmc", tuple(atoms))
 
 
 @dataclass(frozen=True)
@@ -121,12 +122,12 @@ class SyntheticPhase:
     """A phase whose a and c follow x piecewise-linearly through ``(x, a, c)`` nodes."""
 
     name: str
-    structure: Structure
+    sites: SyntheticSites
     nodes: tuple[tuple[float, float, float], ...]
 
     @property
     def space_group(self) -> str:
-        return self.structure.space_group
+        return self.sites.space_group
 
     def cell(self, x: float) -> tuple[float, float]:
         xs = np.array([n[0] for n in self.nodes])
@@ -169,8 +170,8 @@ class Scenario:
 
 def nfm_scenario() -> Scenario:
     """NaNi1/3Fe1/3Mn1/3O2: O3 <-> P3 with coexistence near Na0.66 (the NFM study), λ = 0.6209 Å."""
-    o3 = SyntheticPhase("O3", o3_structure(), ((1.0, 2.9852, 15.997), (0.68, 2.9540, 16.215)))
-    p3 = SyntheticPhase("P3", p3_structure(), ((0.64, 2.9300, 16.690), (0.40, 2.8700, 16.930)))
+    o3 = SyntheticPhase("O3", o3_sites(), ((1.0, 2.9852, 15.997), (0.68, 2.9540, 16.215)))
+    p3 = SyntheticPhase("P3", p3_sites(), ((0.64, 2.9300, 16.690), (0.40, 2.8700, 16.930)))
     m = 22.98977 + (58.6934 + 55.845 + 54.938044) / 3 + 2 * 15.999
     return Scenario("nfm", 0.6209, "NaNi1/3Fe1/3Mn1/3O2", m, 1.0, 0.45, o3, p3, (0.64, 0.68),
                     ((1.0, 2.40), (0.9, 2.75), (0.68, 3.05), (0.64, 3.08), (0.5, 3.55), (0.4, 4.0)))
@@ -178,8 +179,8 @@ def nfm_scenario() -> Scenario:
 
 def mcm_scenario() -> Scenario:
     """P2-Na0.8Mg0.13[Mn0.6Co0.2Mg0.07]O2: P2 -> P''2 then solid solution (the MCM study), λ = 0.6884 Å."""
-    p2 = SyntheticPhase("P2", p2_structure(), ((0.80, 2.8520, 11.190), (0.62, 2.8380, 11.260)))
-    pp2 = SyntheticPhase("P''2", Structure("P''2", "P63/mmc", p2_structure(0.092).atoms),
+    p2 = SyntheticPhase("P2", p2_sites(), ((0.80, 2.8520, 11.190), (0.62, 2.8380, 11.260)))
+    pp2 = SyntheticPhase("P''2", SyntheticSites("P''2", "P63/mmc", p2_sites(0.092).atoms),
                          ((0.56, 2.8300, 11.340), (0.30, 2.8150, 11.420)))
     m = 22.98977 * 0.8 + 24.305 * 0.2 + 54.938044 * 0.6 + 58.933194 * 0.2 + 2 * 15.999
     return Scenario("mcm", 0.6884, "Na0.8Mg0.2Mn0.6Co0.2O2", m, 0.8, 0.35, p2, pp2, (0.56, 0.62),
@@ -295,7 +296,7 @@ def peak_list(states, wavelength_A: float, tth_range: tuple[float, float], *, sc
                 continue
             th = np.radians(tth / 2)
             lorentz = 1.0 / (np.sin(th) ** 2 * np.cos(th))
-            f2 = phase.structure.structure_factor_sq(h, k, l, d, x_na=1.0)
+            f2 = phase.sites.structure_factor_sq(h, k, l, d, x_na=1.0)
             area = scale * frac * mult * f2 * lorentz * 1e-4 * dif.intensity_factor(phase.name, (h, k, l))
             peaks.append({"phase": phase.name, "hkl": f"{h}{k}{l}" if min(h, k, l) >= 0 else f"{h},{k},{l}",
                           "h": h, "k": k, "l": l, "d_A": float(d), "tth_deg": float(tth), "area": float(area),

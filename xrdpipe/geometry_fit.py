@@ -139,7 +139,7 @@ def _full_mask(image: np.ndarray, detector, mask: np.ndarray | Path | str | None
     """True where a pixel is excluded: the detector's own mask (module gaps), the user's (an
     array, True where excluded, or an image file, non-zero where excluded), and pixels that are
     not finite, negative or at the counter's overflow value."""
-    from .calibration import _read_image
+    from .calibration import read_image
 
     bad = ~np.isfinite(image) | (image < 0)
     det_mask = detector.mask if getattr(detector, "mask", None) is not None else None
@@ -149,7 +149,7 @@ def _full_mask(image: np.ndarray, detector, mask: np.ndarray | Path | str | None
         where = "the mask"
         if not isinstance(mask, np.ndarray):
             where = f"mask {mask}"
-            mask = _read_image(Path(mask), "mask") != 0
+            mask = read_image(Path(mask), "mask") != 0
         if mask.shape != image.shape:
             raise CalibrationError(f"{where} is {mask.shape[0]} x {mask.shape[1]} pixels, the image {path} "
                                    f"is {image.shape[0]} x {image.shape[1]}")
