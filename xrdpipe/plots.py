@@ -21,11 +21,18 @@ from typing import Sequence
 
 import numpy as np
 
-from .config import PhaseSpec, WindowSpec
+from .config import (
+    ContourSpec,
+    FitCheckSpec,
+    FractionsPlotSpec,
+    LatticePlotSpec,
+    PhaseSpec,
+    WaterfallSpec,
+    WindowSpec,
+)
 from .crystallography import convert_radial, d_from_q, q_from_tth
 from .errors import PlotError
 from .lineshapes import PROFILES
-from .plotspec import ContourSpec, FitCheckSpec, FractionsPlotSpec, LatticePlotSpec, WaterfallSpec
 from .store import DONE, open_run_info, read_pattern_block, read_peaks, read_table
 from .windows import WindowModel
 
