@@ -38,4 +38,4 @@ def read_neware_binary(path: Path) -> Raw:
     step = df["Step_Index"].to_numpy(int)
     net = df["Charge_Capacity(mAh)"].to_numpy(float) - np.abs(df["Discharge_Capacity(mAh)"].to_numpy(float))
     return Raw(df["Voltage"].to_numpy(float), df["Current(mA)"].to_numpy(float), abs_s=wall, naive=not aware,
-                step=step, notes=notes, counter_mAh=accumulate(net, step))
+               step=step, notes=notes, counter_mAh=accumulate(net, step))

@@ -126,7 +126,7 @@ def _find_header(rows: list[list[Any]], wanted: Mapping[str, str]) -> int | None
 
 
 def read_table(path: Path, fmt: str, columns: Mapping[str, str], units: Mapping[str, str],
-                sheet: str | None) -> Raw:
+               sheet: str | None) -> Raw:
     bad = set(columns) - {"time", "voltage", "current", "datetime"}
     if bad:
         raise CyclerReadError(path, f"unknown column role(s) {sorted(bad)}; expected time, voltage, current, datetime")
@@ -251,7 +251,7 @@ def _scaled(path: Path, values: np.ndarray, kind: str, header: str, units: Mappi
 
 
 def numbers(values: Sequence[Any], *, strict: bool = False, where: str = "", path: Path | None = None
-             ) -> np.ndarray | None:
+            ) -> np.ndarray | None:
     """Floats from cells (numbers or text, decimal point or comma); None (or an error) if not numeric."""
     out = np.full(len(values), np.nan)
     bad = 0

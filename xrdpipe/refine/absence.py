@@ -56,7 +56,7 @@ def find_absent(calc, theta: np.ndarray, I: np.ndarray, y: np.ndarray, wt: np.nd
 
 
 def find_needed(calc, theta: np.ndarray, I: np.ndarray, I_start: np.ndarray, y: np.ndarray, wt: np.ndarray,
-            phases: Sequence[int]) -> list[int]:
+                phases: Sequence[int]) -> list[int]:
     """Of the absent Le Bail ``phases``, those whose lines (from their start intensities,
     re-extracted with the others') lower χ² by more than :func:`find_absent` asks of a present phase."""
     with_lines = I.copy()                    # the profiles of the tested phases too
@@ -89,7 +89,7 @@ def phase_params(calc, p: int) -> list[int]:
 
 
 def put_back(calc, y, wt, theta, I, free, absent: Sequence[int], back: Sequence[int], I_back: np.ndarray, *,
-              cycles: int, tol: float, n_valid: int, bounds, follow: bool):
+             cycles: int, tol: float, n_valid: int, bounds, follow: bool):
     """Refined again with the ``absent`` Le Bail phases ``back`` put back: their intensities from
     ``I_back`` (then ``cycles`` Le Bail cycles of all), their cell and widths free. Returns θ,
     intensities, free parameters, the phases still absent, convergence and iterations."""
@@ -104,5 +104,5 @@ def put_back(calc, y, wt, theta, I, free, absent: Sequence[int], back: Sequence[
     free = np.array(sorted(set(int(i) for i in free) | {i for p in back for i in phase_params(calc, p)
                                                        if L.params[i].refined}), int)
     theta, I, converged, it = minimise(calc, y, wt, theta.copy(), I, free, max_iter=calc.model.max_iter, tol=tol,
-                                   hold=False, n_valid=n_valid, bounds=bounds, absent=still, follow=follow)
+                                       hold=False, n_valid=n_valid, bounds=bounds, absent=still, follow=follow)
     return theta, I, free, still, converged, it

@@ -223,7 +223,7 @@ def _lm_pawley(calc, y, wt, theta, free, *, max_iter, tol, n_valid, bounds, phas
 
 
 def minimise(calc, y, wt, theta, I, cols, *, max_iter, tol, hold, n_valid, bounds, absent: Sequence[int] = (),
-         follow: bool = False):
+             follow: bool = False):
     """Least squares over ``cols``: Pawley (:func:`_lm_pawley`, the phases not ``absent``) or
     Le Bail / Rietveld (:func:`_lm`)."""
     if calc.pawley:
@@ -235,7 +235,7 @@ def minimise(calc, y, wt, theta, I, cols, *, max_iter, tol, hold, n_valid, bound
 
 
 def linear_fit(calc, theta: np.ndarray, yw: np.ndarray, wt: np.ndarray, rows: np.ndarray,
-                phases: Sequence[int] | None = None, full: bool = True):
+               phases: Sequence[int] | None = None, full: bool = True):
     """χ² of the best pattern at ``theta`` with free non-negative reflection intensities and a
     free background (the points ``rows`` only), the intensities and the background terms.
     ``full=False`` (the trial cells of the search): each profile within ±NEAR_FWHM only (the
@@ -246,8 +246,8 @@ def linear_fit(calc, theta: np.ndarray, yw: np.ndarray, wt: np.ndarray, rows: np
 
 
 def linear_core(calc, theta: np.ndarray, yw: np.ndarray, wt: np.ndarray, rows: np.ndarray,
-                 phases: Sequence[int] | None = None, groups: tuple | None = None, pr: dict | None = None,
-                 full: bool = True):
+                phases: Sequence[int] | None = None, groups: tuple | None = None, pr: dict | None = None,
+                full: bool = True):
     """The linear part of a pattern at ``theta``: non-negative intensities (one per reflection,
     or per overlap group of ``groups`` = (group of each reflection, its share, number of
     groups), split by the shares) and the background, by least squares over the points

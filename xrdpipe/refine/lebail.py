@@ -25,7 +25,7 @@ def lebail_start(calc, theta: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def lebail_cycle(calc, theta: np.ndarray, I: np.ndarray, y: np.ndarray, cycles: int = 1,
-                  tol: float = 0.0) -> np.ndarray:
+                 tol: float = 0.0) -> np.ndarray:
     """Le Bail extraction: each reflection takes its share of the observed net intensity
     (``cycles`` times; the profiles do not change in between, so they are computed once; see
     :func:`extract` for ``tol``)."""
@@ -34,7 +34,7 @@ def lebail_cycle(calc, theta: np.ndarray, I: np.ndarray, y: np.ndarray, cycles: 
 
 
 def extract(calc, pr: dict, theta: np.ndarray, I: np.ndarray, y: np.ndarray, cycles: int,
-             tol: float = 0.0) -> np.ndarray:
+            tol: float = 0.0) -> np.ndarray:
     """``cycles`` Le Bail extractions from ``I``: each reflection takes its share of the
     observed net intensity. The extraction is a fixed-point iteration (the EM algorithm of a
     mixture), slow where reflections overlap. With ``tol``, every three cycles are one SQUAREM

@@ -55,7 +55,7 @@ def _set_width(calc, theta: np.ndarray, fwhm_deg: float | None = None, factor: f
 
 
 def search_cells(calc, y: np.ndarray, sigma, centre: np.ndarray | None = None,
-            followed: Sequence[int] = (), hold: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray, str]:
+                 followed: Sequence[int] = (), hold: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray, str]:
     """A start from a search of every phase's cell around the configured one (the searched
     range of :meth:`PhaseModel.search_range`). Phase after phase (the best-matching first), a
     fine grid of trial cells is scored by a matched filter (how many reflections fall on peaks
@@ -233,7 +233,7 @@ def cell_idx(calc, p: int, angles: bool = False) -> list[int]:
 
 
 def initial_guess(calc: Calculator, theta: np.ndarray, y: np.ndarray, lebail: bool, *,
-                   background: bool = True) -> np.ndarray:
+                  background: bool = True) -> np.ndarray:
     """Background from the low percentiles; Rietveld scales from the pattern's area."""
     L = calc.layout
     nb = calc.model.background_terms

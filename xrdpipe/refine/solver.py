@@ -5,6 +5,7 @@ previous result or from a cell search), :func:`refine_pattern`, and the staged s
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
 
@@ -172,27 +173,90 @@ def _stages(calc, free: np.ndarray) -> list[np.ndarray]:
     return stages or [free]
 
 
-def _refine(calc: "Calculator", y: np.ndarray, sigma, start, tol, *, staged: bool = False,
+@dataclass
+class _Problem:
+    """One pattern being refined: the calculator, the weighted data and what every step shares."""
+
+    calc: Calculator
+    y: np.ndarray                 # the observed pattern, 0 where not valid
+    wt: np.ndarray                # 1/σ, 0 where not valid
+    valid: np.ndarray
+    n_valid: int
+    tol: float
+    follow: bool                  # started from the previous frame's result
+    bounds: tuple[np.ndarray, np.ndarray] | None = None
+
+    def minimise(self, theta, I, cols, *, max_iter: int, hold: bool, absent: Sequence[int]):
+        return minimise(self.calc, self.y, self.wt, theta, I, cols, max_iter=max_iter, tol=self.tol, hold=hold,
+                        n_valid=self.n_valid, bounds=self.bounds, absent=absent, follow=self.follow)
+
+    def put_back(self, theta, I, free, absent, back, I_back, *, cycles: int):
+        return put_back(self.calc, self.y, self.wt, theta, I, free, absent, back, I_back, cycles=cycles,
+                        tol=self.tol, n_valid=self.n_valid, bounds=self.bounds, follow=self.follow)
+
+    def result(self, theta, I, free, n_iter, converged, absent) -> RefinementResult:
+        return make_result(self.calc, self.y, self.wt, self.valid, theta, I, free, n_iter, converged, absent,
+                           self.bounds)
+
+
+def _refine(calc: Calculator, y: np.ndarray, sigma, start, tol, *, staged: bool = False,
             theta0: np.ndarray | None = None, I0: np.ndarray | None = None,
             centre: np.ndarray | None = None, followed: Sequence[int] = (),
             fresh: bool = False) -> RefinementResult:
-    model = calc.model
+    """Refine one pattern from ``start`` (the previous frame's result), from ``theta0``/``I0``
+    (a cell search's) or from the model's start values, staged or direct; then phases held
+    absent, found absent, or pinned at the edge of their range are settled."""
+    model, L = calc.model, calc.layout
+    from_previous = start is not None and start.theta is not None and len(start.theta) == len(L.start())
+    pb = _weighted(calc, y, sigma, tol, from_previous)
+    theta, I = _start_values(pb, start, theta0, I0, fresh)
+    # bounds: the cells within their searched range around the start (the configured cell, or
+    # the previous frame's)
+    if from_previous:
+        pb.bounds = cell_bounds(calc, start.theta, [p for p, ph in enumerate(model.phases)
+                                                     if ph.name not in start.absent])
+    else:
+        pb.bounds = cell_bounds(calc, centre, followed)
+    theta = np.clip(theta, *pb.bounds)
+    if calc.pawley:                          # intensities and background solved at the start cells
+        gone0 = [p for p, ph in enumerate(model.phases) if from_previous and ph.name in start.absent]
+        _, I, theta, _ = pawley_solve(calc, theta, pb.y, pb.wt, [p for p in range(len(model.phases)) if p not in gone0])
+    elif calc.any_extracted and I is None:
+        I = lebail_start(calc, theta, pb.y)
+    free, absent, retest, I_start = _held_absent(pb, theta, I, start)
+    hold = calc.any_extracted and not calc.pawley and from_previous and I is not None \
+        and start.lebail_I is not None and not fresh
+    theta, I, free, absent, converged, n_iter = _converge(pb, theta, I, free, absent, retest, I_start,
+                                                          staged=staged, hold=hold)
+    res = pb.result(theta, I, free, n_iter, converged, absent)
+    if (model.method in ("lebail", "pawley") and not calc.pawley and from_previous and absent
+            and math.isfinite(start.gof) and res.gof > GOF_RETEST * start.gof):
+        res, theta, I, absent, free = _retest_absent(pb, res, theta, I, free, absent, n_iter)
+    return _without_pinned(pb, res, theta, I, free, absent, n_iter)
+
+
+def _weighted(calc: Calculator, y: np.ndarray, sigma, tol: float, follow: bool) -> _Problem:
+    """The pattern and its weights (σ from counting statistics when not given); NaN points and
+    those without a positive σ are left out (``calc.valid``)."""
     sig = np.sqrt(np.maximum(np.nan_to_num(y), 1.0)) if sigma is None else np.asarray(sigma, float)
     valid = np.isfinite(y) & np.isfinite(sig) & (sig > 0)
     n_valid = int(valid.sum())
     if n_valid < 20:
         raise RefinementError(f"only {n_valid} usable points in the refined range")
-    y = np.where(valid, y, 0.0)
-    wt = np.where(valid, 1.0 / np.where(valid, sig, 1.0), 0.0)
     calc.valid = valid
-    L = calc.layout
-    theta = L.start()
+    return _Problem(calc, np.where(valid, y, 0.0), np.where(valid, 1.0 / np.where(valid, sig, 1.0), 0.0), valid,
+                    n_valid, tol, follow)
+
+
+def _start_values(pb: _Problem, start, theta0, I0, fresh: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """The start vector and Le Bail intensities: the previous frame's (its cells moved on by
+    their trend), a cell search's, or the model's own refined linearly first."""
+    calc = pb.calc
+    theta = calc.layout.start()
     lebail = calc.any_extracted
-    all_lebail = model.method in ("lebail", "pawley")
-    n_refl = int(calc.offsets[-1])
+    all_lebail = calc.model.method in ("lebail", "pawley")
     I = None
-    from_previous = start is not None and start.theta is not None and len(start.theta) == len(theta)
-    if from_previous:
+    if pb.follow:
         theta = start.theta.copy()
         trend = start.cell_trend
         if trend is not None and trend.shape == theta.shape and start.start_from == "previous" and start.ok:
@@ -202,11 +266,11 @@ def _refine(calc: "Calculator", y: np.ndarray, sigma, start, tol, *, staged: boo
             # larger than TREND_ESD esds (a weak phase's cell only scatters)
             moved = np.abs(trend) > TREND_ESD * np.where(np.isfinite(start.esds), start.esds, np.inf)
             theta = theta + np.where(moved, trend, 0.0)
-        if lebail and start.lebail_I is not None and start.lebail_I.size == n_refl:
+        if lebail and start.lebail_I is not None and start.lebail_I.size == int(calc.offsets[-1]):
             I = start.lebail_I.copy()
             if fresh:                        # the previous cells, intensities extracted afresh
-                I = lebail_start(calc, theta, y)
-            for p, ph in enumerate(model.phases):          # absent in the previous frame: held absent
+                I = lebail_start(calc, theta, pb.y)
+            for p, ph in enumerate(calc.model.phases):     # absent in the previous frame: held absent
                 if ph.name in start.absent:
                     I[int(calc.offsets[p]):int(calc.offsets[p + 1])] = 0.0
     elif theta0 is not None:
@@ -214,116 +278,119 @@ def _refine(calc: "Calculator", y: np.ndarray, sigma, start, tol, *, staged: boo
         if lebail and I0 is not None:
             I = I0.copy()
         if not all_lebail:
-            theta = initial_guess(calc, theta, y[valid], all_lebail, background=False)
+            theta = initial_guess(calc, theta, pb.y[pb.valid], all_lebail, background=False)
     else:
-        theta = initial_guess(calc, theta, y[valid], all_lebail)
-    # bounds: the cells within their searched range around the start (the configured cell, or
-    # the previous frame's)
-    if from_previous:
-        lower, upper = cell_bounds(calc, start.theta, [p for p, ph in enumerate(model.phases)
-                                                          if ph.name not in start.absent])
-    else:
-        lower, upper = cell_bounds(calc, centre, followed)
-    bounds = (lower, upper)
-    theta = np.clip(theta, lower, upper)
-    if calc.pawley:                          # intensities and background solved at the start cells
-        gone0 = [p for p, ph in enumerate(model.phases) if from_previous and ph.name in start.absent]
-        _, I, theta, _ = pawley_solve(calc, theta, y, wt, [p for p in range(len(model.phases)) if p not in gone0])
-    elif lebail and I is None:
-        I = lebail_start(calc, theta, y)
-    free = L.free.copy()
-    # a Le Bail phase with (next to) no intensity at the start is absent: its cell and widths are held
-    absent: list[int] = []
-    retest: list[int] = []
-    if all_lebail and len(model.phases) > 1:
-        empty = [p for p in range(len(model.phases))
-                 if not np.any(I[int(calc.offsets[p]):int(calc.offsets[p + 1])] > 0)]
-        # from a frame with one phase left, the others stay absent (no test needed)
-        absent = empty if from_previous and len(empty) >= len(model.phases) - 1 else find_absent(calc, theta, I, y, wt)
-        if from_previous and not calc.pawley and start.lebail_I is not None:
-            # a weak phase of the previous frame (the Al current collector) stays: judged before
-            # the widths and cells are refined, it looked absent in most frames and was refined
-            # back in after (a second refinement); one that is gone is found after convergence
-            # (Pawley refines no phase back in: tested here as before)
-            weak = shares(calc, start.theta, start.lebail_I) < WEAK_SHARE
-            absent = [p for p in absent if p in empty or not weak[p]]
-        # judged before the widths and cells are refined, when χ² is mostly their misfit: a weak
-        # phase with narrow lines (the Al current collector) may look absent; tested again below
-        retest = [p for p in absent if p not in empty]
-        I_start = I.copy()
-        if absent and len(absent) < len(model.phases):
-            hold_idx = {i for p in absent for i in phase_params(calc, p)}
-            free = np.array([i for i in free if int(i) not in hold_idx], int)
-            for p in absent:                 # no intensity: they take none from the others' peaks
-                I[int(calc.offsets[p]):int(calc.offsets[p + 1])] = 0.0
-        else:
-            absent = []
+        theta = initial_guess(calc, theta, pb.y[pb.valid], all_lebail)
+    return theta, I
+
+
+def _held_absent(pb: _Problem, theta, I, start):
+    """Le Bail / Pawley with several phases: a phase with (next to) no intensity at the start is
+    absent, its cell and widths held and its intensities 0 (``I`` is changed in place). Returns
+    the free columns, the absent phases, those to test again after convergence, and the
+    intensities before any was zeroed."""
+    calc = pb.calc
+    n_ph = len(calc.model.phases)
+    free = calc.layout.free.copy()
+    if calc.model.method not in ("lebail", "pawley") or n_ph <= 1:
+        return free, [], [], None
+    empty = [p for p in range(n_ph) if not np.any(I[int(calc.offsets[p]):int(calc.offsets[p + 1])] > 0)]
+    # from a frame with one phase left, the others stay absent (no test needed)
+    absent = empty if pb.follow and len(empty) >= n_ph - 1 else find_absent(calc, theta, I, pb.y, pb.wt)
+    if pb.follow and not calc.pawley and start.lebail_I is not None:
+        # a weak phase of the previous frame (the Al current collector) stays: judged before
+        # the widths and cells are refined, it looked absent in most frames and was refined
+        # back in after (a second refinement); one that is gone is found after convergence
+        # (Pawley refines no phase back in: tested here as before)
+        weak = shares(calc, start.theta, start.lebail_I) < WEAK_SHARE
+        absent = [p for p in absent if p in empty or not weak[p]]
+    # judged before the widths and cells are refined, when χ² is mostly their misfit: a weak
+    # phase with narrow lines (the Al current collector) may look absent; tested again below
+    retest = [p for p in absent if p not in empty]
+    I_start = I.copy()
+    if not absent or len(absent) >= n_ph:
+        return free, [], retest, I_start
+    free = _without_phases(calc, free, absent)
+    for p in absent:                         # no intensity: they take none from the others' peaks
+        I[int(calc.offsets[p]):int(calc.offsets[p + 1])] = 0.0
+    return free, absent, retest, I_start
+
+
+def _without_phases(calc, free: np.ndarray, phases) -> np.ndarray:
+    """``free`` without the parameters of ``phases`` (cell, widths: held)."""
+    held = {i for p in phases for i in phase_params(calc, p)}
+    return np.array([i for i in free if int(i) not in held], int)
+
+
+def _converge(pb: _Problem, theta, I, free, absent, retest, I_start, *, staged: bool, hold: bool):
+    """Least squares stage after stage; then the phases held absent at the start that the
+    converged fit needs are refined back in, and those it does not need are removed."""
+    calc, model = pb.calc, pb.calc.model
+    all_lebail = model.method in ("lebail", "pawley")
     stages = _stages(calc, free) if staged else [free]
-    hold = lebail and not calc.pawley and from_previous and I is not None and start.lebail_I is not None \
-        and not fresh
     n_iter = 0
     converged = False
     for k, cols in enumerate(stages):
         last = k == len(stages) - 1
-        theta, I, converged, it = minimise(calc, y, wt, theta, I, cols, max_iter=model.max_iter if last else STAGE_ITER,
-                                       tol=tol, hold=hold and k == 0, n_valid=n_valid, bounds=bounds, absent=absent,
-                                       follow=from_previous)
+        theta, I, converged, it = pb.minimise(theta, I, cols, max_iter=model.max_iter if last else STAGE_ITER,
+                                              hold=hold and k == 0, absent=absent)
         n_iter += it
     # phases found absent at the start that the converged fit does need: refined again with them
     if all_lebail and not calc.pawley and absent and retest:
-        back = find_needed(calc, theta, I, I_start, y, wt, [p for p in retest if p in absent])
+        back = find_needed(calc, theta, I, I_start, pb.y, pb.wt, [p for p in retest if p in absent])
         if back:
-            theta, I, free, absent, converged, it = put_back(calc, y, wt, theta, I, free, absent, back, I_start,
-                                                              cycles=5, tol=tol, n_valid=n_valid, bounds=bounds,
-                                                              follow=from_previous)
+            theta, I, free, absent, converged, it = pb.put_back(theta, I, free, absent, back, I_start, cycles=5)
             n_iter += it
     # phases the converged fit does not need: removed, and the last stage refined again without them
     if all_lebail and len(model.phases) > 1:
-        gone = [p for p in find_absent(calc, theta, I, y, wt) if p not in absent]
+        gone = [p for p in find_absent(calc, theta, I, pb.y, pb.wt) if p not in absent]
         if gone and len(gone) + len(absent) < len(model.phases):
-            hold_idx = {i for p in gone for i in phase_params(calc, p)}
-            free = np.array([i for i in free if int(i) not in hold_idx], int)
+            free = _without_phases(calc, free, gone)
             for p in gone:
                 I[int(calc.offsets[p]):int(calc.offsets[p + 1])] = 0.0
             absent = sorted(absent + gone)
-            theta, I, converged, it = minimise(calc, y, wt, theta, I, free, max_iter=model.max_iter, tol=tol, hold=False,
-                                           n_valid=n_valid, bounds=bounds, absent=absent, follow=from_previous)
+            theta, I, converged, it = pb.minimise(theta, I, free, max_iter=model.max_iter, hold=False, absent=absent)
             n_iter += it
-    res = make_result(calc, y, wt, valid, theta, I, free, n_iter, converged, absent, bounds)
-    # a frame that fits clearly worse than the one before while a phase is held absent: that
-    # phase is refined back in (its intensities extracted afresh, its cell and widths free) and
-    # kept if the fit then needs it as a present phase is needed (a weak phase, the Al current
-    # collector, judged absent from a poor start would otherwise never return)
-    if (all_lebail and not calc.pawley and from_previous and absent and math.isfinite(start.gof)
-            and res.gof > GOF_RETEST * start.gof):
-        t2, I2, free2, _, conv2, it = put_back(calc, y, wt, theta, I, free, absent, absent,
-                                                lebail_start(calc, theta, y), cycles=0, tol=tol,
-                                                n_valid=n_valid, bounds=bounds, follow=from_previous)
-        back = [p for p in absent if p not in find_absent(calc, t2, I2, y, wt)]
-        if back:
-            still = [p for p in absent if p not in back]
-            for p in still:
-                I2[int(calc.offsets[p]):int(calc.offsets[p + 1])] = 0.0
-            held = {j for p in still for j in phase_params(calc, p)}
-            free3 = np.array([i for i in free2 if int(i) not in held], int)
-            alt = make_result(calc, y, wt, valid, t2, I2, free3, n_iter + it, conv2, still, bounds)
-            if alt.rwp < res.rwp:
-                res, theta, I, absent, free = alt, t2, I2, still, free3
-    # a Le Bail phase pinned at the edge of its searched range may be a ghost taking another's
-    # misfit: refined again without it, the better verdict kept
+    return theta, I, free, absent, converged, n_iter
+
+
+def _retest_absent(pb: _Problem, res, theta, I, free, absent, n_iter):
+    """A frame that fits clearly worse than the one before while a phase is held absent: that
+    phase is refined back in (its intensities extracted afresh, its cell and widths free) and
+    kept if the fit then needs it as a present phase is needed (a weak phase, the Al current
+    collector, judged absent from a poor start would otherwise never return)."""
+    calc = pb.calc
+    t2, I2, free2, _, conv2, it = pb.put_back(theta, I, free, absent, absent, lebail_start(calc, theta, pb.y),
+                                              cycles=0)
+    back = [p for p in absent if p not in find_absent(calc, t2, I2, pb.y, pb.wt)]
+    if back:
+        still = [p for p in absent if p not in back]
+        for p in still:
+            I2[int(calc.offsets[p]):int(calc.offsets[p + 1])] = 0.0
+        free3 = _without_phases(calc, free2, still)
+        alt = pb.result(t2, I2, free3, n_iter + it, conv2, still)
+        if alt.rwp < res.rwp:
+            return alt, t2, I2, still, free3
+    return res, theta, I, absent, free
+
+
+def _without_pinned(pb: _Problem, res, theta, I, free, absent, n_iter) -> RefinementResult:
+    """A Le Bail phase pinned at the edge of its searched range may be a ghost taking another's
+    misfit: refined again without it, the better verdict kept."""
+    calc, L = pb.calc, pb.calc.layout
     pinned = sorted({L.params[L.index[nm]].phase for nm in res.at_bound if L.params[L.index[nm]].kind == "cell"}
                     - set(absent))
-    if all_lebail and pinned and len(pinned) + len(absent) < len(model.phases) and res.status != "ok":
-        hold_idx = {i for p in pinned for i in phase_params(calc, p)}
-        free2 = np.array([i for i in free if int(i) not in hold_idx], int)
-        I2 = I.copy()
-        for p in pinned:
-            I2[int(calc.offsets[p]):int(calc.offsets[p + 1])] = 0.0
-        t2 = theta.copy()
-        for p in pinned:
-            t2[cell_idx(calc, p)] = np.clip(L.start(), lower, upper)[cell_idx(calc, p)]
-        t2, I2, conv2, it = minimise(calc, y, wt, t2, I2, free2, max_iter=model.max_iter, tol=tol, hold=False,
-                                 n_valid=n_valid, bounds=bounds, absent=sorted(absent + pinned), follow=from_previous)
-        alt = make_result(calc, y, wt, valid, t2, I2, free2, n_iter + it, conv2, sorted(absent + pinned), bounds)
-        res = _best([res, alt], None)
-    return res
+    if not (calc.model.method in ("lebail", "pawley") and pinned and len(pinned) + len(absent) < len(calc.model.phases)
+            and res.status != "ok"):
+        return res
+    free2 = _without_phases(calc, free, pinned)
+    I2 = I.copy()
+    for p in pinned:
+        I2[int(calc.offsets[p]):int(calc.offsets[p + 1])] = 0.0
+    t2 = theta.copy()
+    for p in pinned:
+        t2[cell_idx(calc, p)] = np.clip(L.start(), *pb.bounds)[cell_idx(calc, p)]
+    gone = sorted(absent + pinned)
+    t2, I2, conv2, it = pb.minimise(t2, I2, free2, max_iter=calc.model.max_iter, hold=False, absent=gone)
+    alt = pb.result(t2, I2, free2, n_iter + it, conv2, gone)
+    return _best([res, alt], None)
