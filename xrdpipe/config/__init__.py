@@ -18,7 +18,8 @@ The package, one module per concern (each imports only those above it):
 
 * :mod:`~xrdpipe.config.base`          the strict frozen spec base, resolved paths, timezones, units
 * :mod:`~xrdpipe.config.inputs`        ``[run]``, ``[frames]``/``[patterns]``, ``[calibration]``,
-  ``[integration]``, ``[electrochemistry]``
+  ``[integration]``
+* :mod:`~xrdpipe.config.electrochemistry` ``[electrochemistry]``
 * :mod:`~xrdpipe.config.fitting`       ``[[phases]]``, ``[[windows]]``, ``[fit]``, ``[lattice]``
 * :mod:`~xrdpipe.config.whole_pattern` ``[refinement]``
 * :mod:`~xrdpipe.config.outputs`       ``[plots]``, ``[export]``
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from .base import RADIAL_UNITS
+from .electrochemistry import ElectrochemistrySpec
 from .experiment import SCHEMA_VERSION, Experiment, load_experiment, parse_experiment
 from .fitting import (
     PROFILE_NAMES,
@@ -43,7 +45,6 @@ from .fitting import (
 )
 from .inputs import (
     CalibrationSpec,
-    ElectrochemistrySpec,
     FramesSpec,
     IntegrationSpec,
     PatternsSpec,

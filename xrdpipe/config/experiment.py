@@ -13,15 +13,9 @@ from pydantic import Field, ValidationError, model_validator
 from ..errors import ConfigError
 from .base import Spec
 from .checks import cross_check
+from .electrochemistry import ElectrochemistrySpec
 from .fitting import FitSpec, LatticeSpec, PhaseSpec, WindowSpec
-from .inputs import (
-    CalibrationSpec,
-    ElectrochemistrySpec,
-    FramesSpec,
-    IntegrationSpec,
-    PatternsSpec,
-    RunSpec,
-)
+from .inputs import CalibrationSpec, FramesSpec, IntegrationSpec, PatternsSpec, RunSpec
 from .messages import describe
 from .outputs import ExportSpec, PlotsSpec
 from .whole_pattern import RefinementSpec
