@@ -5,8 +5,9 @@ The case of issue 20: an O3 -> P3 series with Al lines (:func:`xrdpipe.testing.p
 5,000 points 3-24°, beamline-like counts), sequential refinement of O3 + P3 + Al started from
 cells 1 % (a) and 2 % (c) off (both signs), widths 5x too narrow; each frame from the last good
 one, with the restarts (cell search) the engine decides on. The baseline is the
-``xrdpipe/refinement.py`` of ``--baseline`` (default: 07417fe, before this work), loaded from
-``git show`` into this process (same structure module, same numpy, same load), and the two
+engine (``xrdpipe/refine/``, or ``xrdpipe/refinement.py`` before that package) of ``--baseline``
+(default: 07417fe, before this work), loaded from ``git show`` into this process (same kernels,
+same numpy, same load), and the two
 engines alternate run by run so that a change of machine load hits both (SciPy's sparse and
 optimize modules are imported, and each engine refines two other frames, before any timing:
 the one-off cost of loading Numba's compiled kernels, about 2 s, is not counted). Printed per engine and method: wall-clock and
@@ -39,20 +40,32 @@ WL = 0.6209
 
 
 def baseline_module(commit: str):
-    """``xrdpipe/refinement.py`` of ``commit`` (the engine before it became the ``refine/``
-    package) as the module ``xrdpipe._baseline_refinement``, on this checkout's structures and
-    kernels (its ``from .structure import`` read as ``from .refine.structures import``)."""
+    """The refinement engine of ``commit``, loaded into this process beside this checkout's: its
+    ``xrdpipe/refine/`` package as ``xrdpipe._baseline_refine``, or, for a commit before that
+    package, its ``xrdpipe/refinement.py`` as ``xrdpipe._baseline_refinement`` (its
+    ``from .structure import`` read as ``from .refine.structures import``). Either runs on this
+    checkout's kernels (and, for the single module, structures)."""
     import xrdpipe
 
-    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:xrdpipe/refinement.py"], check=True,
-                         capture_output=True, text=True).stdout
-    src = re.sub(r"\b_expand\b", "expand_sites", src.replace("from .structure import", "from .refine.structures import"))
-    tmp = Path(tempfile.mkdtemp()) / "_baseline_refinement.py"
-    tmp.write_text(src)
-    spec = importlib.util.spec_from_file_location("xrdpipe._baseline_refinement", tmp,
-                                                  submodule_search_locations=None)
+    tmp = Path(tempfile.mkdtemp())
+    listed = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", commit, "xrdpipe/refine/"],
+                            check=True, capture_output=True, text=True).stdout.split()
+    if listed:
+        for path in listed:
+            src = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:{path}"], check=True,
+                                 capture_output=True, text=True).stdout
+            (tmp / Path(path).name).write_text(src)
+        spec = importlib.util.spec_from_file_location("xrdpipe._baseline_refine", tmp / "__init__.py",
+                                                      submodule_search_locations=[str(tmp)])
+    else:
+        src = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:xrdpipe/refinement.py"], check=True,
+                             capture_output=True, text=True).stdout
+        src = re.sub(r"\b_expand\b", "expand_sites",
+                     src.replace("from .structure import", "from .refine.structures import"))
+        (tmp / "_baseline_refinement.py").write_text(src)
+        spec = importlib.util.spec_from_file_location("xrdpipe._baseline_refinement", tmp / "_baseline_refinement.py",
+                                                      submodule_search_locations=None)
     mod = importlib.util.module_from_spec(spec)
-    mod.__package__ = "xrdpipe"
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     assert Path(xrdpipe.__file__).resolve().parent == ROOT / "xrdpipe", "run from this checkout's environment"

@@ -42,35 +42,16 @@ def make_result(calc, y, wt, valid, theta, I, free, n_iter, converged, absent, b
     rwp = math.sqrt(chi2 / sw) if sw > 0 else math.nan
     rexp = math.sqrt(dof / sw) if sw > 0 else math.nan
     gof = rwp / rexp if rexp > 0 else math.nan
-    # parameters at a bound: reported as such, without an esd, and out of the covariance
-    bound: dict[str, str] = {}
-    inner = []
-    lower, upper = bounds
-    for c, j in enumerate(free):
-        if theta[j] <= lower[j]:
-            bound[L.names[j]] = "lower"
-        elif theta[j] >= upper[j]:
-            bound[L.names[j]] = "upper"
-        else:
-            inner.append(c)
-    inner = np.array(inner, int)
+    bound, inner = _at_bounds(L.names, theta, free, bounds)
     esd = np.full(theta.size, np.nan)
-    cov = None
     I_esd = None
     if extra is not None:
         cov, I_esd = _pawley_covariance(calc, extra, Jw, free, inner, gof)
         esd[free[inner]] = np.sqrt(np.maximum(np.diag(cov)[inner], 0.0)) * gof
-    elif inner.size:
-        try:
-            Ji = Jw[:, inner]
-            A = Ji.T @ Ji
-            dscale = np.sqrt(np.maximum(np.diag(A), 1e-300))
-            ci = np.linalg.pinv(A / np.outer(dscale, dscale), rcond=1e-12) / np.outer(dscale, dscale)
-            cov = np.full((free.size, free.size), np.nan)
-            cov[np.ix_(inner, inner)] = ci
-            esd[free[inner]] = np.sqrt(np.maximum(np.diag(ci), 0.0)) * gof
-        except np.linalg.LinAlgError:
-            cov = None
+    else:
+        cov = _covariance(Jw, free, inner)
+        if cov is not None:
+            esd[free[inner]] = np.sqrt(np.maximum(np.diag(cov)[inner], 0.0)) * gof
     _, bkg, parts, st = calc.pattern(theta, I, per_phase=True)
     ticks = [st["pos"][calc.offsets[p]:calc.offsets[p + 1]] for p in range(len(model.phases))]
     refined = np.zeros(theta.size, bool)
@@ -91,6 +72,39 @@ def make_result(calc, y, wt, valid, theta, I, free, n_iter, converged, absent, b
         res.weight_fractions = _weight_fractions(calc, theta, cov, free, gof)
     _verdict(calc, res, sorted(gone), bounds)
     return res
+
+
+def _at_bounds(names, theta: np.ndarray, free: np.ndarray, bounds) -> tuple[dict[str, str], np.ndarray]:
+    """Parameters at a bound, reported as such (``{name: "lower" or "upper"}``), without an esd
+    and out of the covariance; and the positions in ``free`` of the others."""
+    bound: dict[str, str] = {}
+    inner = []
+    lower, upper = bounds
+    for c, j in enumerate(free):
+        if theta[j] <= lower[j]:
+            bound[names[j]] = "lower"
+        elif theta[j] >= upper[j]:
+            bound[names[j]] = "upper"
+        else:
+            inner.append(c)
+    return bound, np.array(inner, int)
+
+
+def _covariance(Jw: np.ndarray, free: np.ndarray, inner: np.ndarray) -> np.ndarray | None:
+    """(JᵀJ)⁻¹ of the parameters ``free[inner]`` (scaled to unit diagonal before the
+    pseudo-inverse), NaN for those at a bound; None when there is none or it cannot be made."""
+    if not inner.size:
+        return None
+    try:
+        Ji = Jw[:, inner]
+        A = Ji.T @ Ji
+        dscale = np.sqrt(np.maximum(np.diag(A), 1e-300))
+        ci = np.linalg.pinv(A / np.outer(dscale, dscale), rcond=1e-12) / np.outer(dscale, dscale)
+    except np.linalg.LinAlgError:
+        return None
+    cov = np.full((free.size, free.size), np.nan)
+    cov[np.ix_(inner, inner)] = ci
+    return cov
 
 
 def _pawley_covariance(calc, extra: dict, Jw: np.ndarray, free: np.ndarray, inner: np.ndarray, gof: float):
