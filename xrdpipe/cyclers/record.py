@@ -127,12 +127,25 @@ def read_cycler(path: Path | str, *, format: str = "auto", columns: Mapping[str,
 
 
 def _finish(path: Path, fmt: str, raw: Raw, *, start: datetime | None, tz: str | None) -> CyclerRecord:
-    notes = list(raw.notes)
-    n = raw.voltage_V.size
-    if n == 0:
+    """A reader's raw rows on the absolute clock (:func:`_absolute_times`), cleaned and in time
+    order (:func:`_clean`); the counter starts at 0."""
+    if raw.voltage_V.size == 0:
         raise CyclerReadError(path, "the file holds no data rows")
+    notes = list(raw.notes)
+    t = _absolute_times(path, raw, start, tz, notes)
+    t, v, i, step, counter = _clean(path, [np.asarray(t, float), np.asarray(raw.voltage_V, float),
+                                           np.asarray(raw.current_mA, float), raw.step, raw.counter_mAh], notes)
+    if counter is not None:
+        counter = counter - counter[0]
+    return CyclerRecord(path, fmt, t, v, i, step, tuple(notes), counter)
+
+
+def _absolute_times(path: Path, raw: Raw, start: datetime | None, tz: str | None, notes: list[str]) -> np.ndarray:
+    """POSIX seconds of every row: from ``start`` (which wins over the file's own clock), the
+    file's absolute times (local ones placed in ``tz``), or its origin plus relative times.
+    What was done is added to ``notes``."""
     if start is not None:
-        notes = [n for n in notes if "placed on the clock" not in n]    # start wins over the file's clock
+        notes[:] = [n for n in notes if "placed on the clock" not in n]    # start wins over the file's clock
         if start.tzinfo is None:
             if tz is None:
                 raise CyclerReadError(path, "start has no UTC offset; give one (2025-07-02T19:00:00+08:00) or a timezone")
@@ -143,38 +156,44 @@ def _finish(path: Path, fmt: str, raw: Raw, *, start: datetime | None, tz: str |
             t = start.timestamp() + (raw.abs_s - raw.abs_s[np.isfinite(raw.abs_s)][0])
             notes.append("the file's own time stamps were replaced: its first row is placed at start")
         notes.append(f"time 0 of the file at {start.isoformat()} (start)")
-    elif raw.abs_s is not None:
+        return t
+    if raw.abs_s is not None:
         t = raw.abs_s
         if raw.naive:
             t = _localise(path, t, tz)
             notes.append(f"local times read in {tz}")
-    elif raw.origin is not None:
+        return t
+    if raw.origin is not None:
         origin = raw.origin
         if origin.tzinfo is None:
             origin = _localise_one(path, origin, tz)
             notes.append(f"local times read in {tz}")
-        t = origin.timestamp() + raw.rel_s
         notes.append(f"time 0 of the file at {origin.isoformat()} (from the file)")
-    else:
-        raise CyclerReadError(path, "the file has relative times only; set [electrochemistry] start "
-                                    "(when the file's time 0 was, e.g. \"2025-07-02T19:00:00+08:00\")")
-    v = np.asarray(raw.voltage_V, float)
-    i = np.asarray(raw.current_mA, float)
-    t = np.asarray(t, float)
+        return origin.timestamp() + raw.rel_s
+    raise CyclerReadError(path, "the file has relative times only; set [electrochemistry] start "
+                                "(when the file's time 0 was, e.g. \"2025-07-02T19:00:00+08:00\")")
+
+
+def _clean(path: Path, cols: list, notes: list[str]) -> list:
+    """``cols`` = [time, voltage, current, step or None, counter or None] without the rows that
+    lack a time, voltage or current, in time order (a few backward jumps of the clock: the rows
+    the corrected clock overlaps dropped), a row written twice kept once. What was done is
+    added to ``notes``."""
+
+    def take(sel):
+        return [None if c is None else c[sel] for c in cols]
+
+    t, v, i = cols[:3]
     keep = np.isfinite(t) & np.isfinite(v) & np.isfinite(i)
     if not keep.any():
         raise CyclerReadError(path, "no row has a finite time, voltage and current")
     if (~keep).sum():
         notes.append(f"{int((~keep).sum())} row(s) without time, voltage or current dropped")
-    step = raw.step[keep] if raw.step is not None else None
-    counter = raw.counter_mAh[keep] if raw.counter_mAh is not None else None
-    t, v, i = t[keep], v[keep], i[keep]
+    cols = take(keep)
+    t = cols[0]
     back = np.flatnonzero(np.diff(t) < 0)
     if back.size > max(3, t.size // 100):
-        order = np.argsort(t, kind="stable")
-        t, v, i = t[order], v[order], i[order]
-        step = step[order] if step is not None else None
-        counter = counter[order] if counter is not None else None
+        cols = take(np.argsort(t, kind="stable"))
         notes.append("rows were not in time order and were sorted")
     elif back.size:
         # a few backward jumps: the cycler's clock was corrected. Rows are in acquisition order;
@@ -184,11 +203,10 @@ def _finish(path: Path, fmt: str, raw: Raw, *, start: datetime | None, tz: str |
         for k in back:
             notes.append(f"the cycler clock went back {t[k] - t[k + 1]:.3g} s after row {k + 1}")
         notes.append(f"{int((~keep).sum())} row(s) overlapped by the corrected clock dropped")
-        t, v, i = t[keep], v[keep], i[keep]
-        step = step[keep] if step is not None else None
-        counter = counter[keep] if counter is not None else None
+        cols = take(keep)
     # one time stamp twice with two voltages in one step: a row written twice (a logger's retry, a
     # merge of two exports). Kept: the later row, as the cycler's last word at that instant.
+    t, v, step = cols[0], cols[1], cols[3]
     same = (np.diff(t) == 0) & (np.abs(np.diff(v)) > 1e-4)
     if step is not None:
         same &= step[1:] == step[:-1]
@@ -200,12 +218,8 @@ def _finish(path: Path, fmt: str, raw: Raw, *, start: datetime | None, tz: str |
                      "the later row of each pair is kept")
         keep = np.ones(t.size, dtype=bool)
         keep[k] = False
-        t, v, i = t[keep], v[keep], i[keep]
-        step = step[keep] if step is not None else None
-        counter = counter[keep] if counter is not None else None
-    if counter is not None:
-        counter = counter - counter[0]
-    return CyclerRecord(path, fmt, t, v, i, step, tuple(notes), counter)
+        cols = take(keep)
+    return cols
 
 
 def _need_tz(path: Path, tz: str | None) -> ZoneInfo:

@@ -125,11 +125,10 @@ def _find_header(rows: list[list[Any]], wanted: Mapping[str, str]) -> int | None
     return None
 
 
-def read_table(path: Path, fmt: str, columns: Mapping[str, str], units: Mapping[str, str],
-               sheet: str | None) -> Raw:
-    bad = set(columns) - {"time", "voltage", "current", "datetime"}
-    if bad:
-        raise CyclerReadError(path, f"unknown column role(s) {sorted(bad)}; expected time, voltage, current, datetime")
+def _header_and_rows(path: Path, fmt: str, columns: Mapping[str, str], sheet: str | None
+                     ) -> tuple[list[str], list[list[Any]], str]:
+    """The header row (found by the named or the usual column names), the data rows after it
+    (continuation sheets with or without their own header joined) and where it was found."""
     header: list[Any] | None = None
     data: list[list[Any]] = []
     label = ""
@@ -148,6 +147,13 @@ def read_table(path: Path, fmt: str, columns: Mapping[str, str], units: Mapping[
         want = ", ".join(f"{r} = {c!r}" for r, c in columns.items()) or "time, voltage and current columns"
         raise CyclerReadError(path, f"cannot find a header row with {want} in the first 60 rows; "
                                     "set [electrochemistry] columns = { time = ..., voltage = ..., current = ... }")
+    return header, data, label
+
+
+def _column_indices(path: Path, header: list[str], label: str, columns: Mapping[str, str]
+                    ) -> tuple[int | None, int | None, int, int]:
+    """The columns of time, absolute date-time, voltage and current: named in ``columns``, or
+    recognised from the usual names; a named column that is not there is an error with a hint."""
     normed = [_norm(h) for h in header]
 
     def pick(role: str) -> int | None:
@@ -174,6 +180,18 @@ def read_table(path: Path, fmt: str, columns: Mapping[str, str], units: Mapping[
         raise CyclerReadError(path, f"cannot find the {', '.join(missing)} column(s) in {label} "
                                     f"(columns: {', '.join(h for h in header if h)}); "
                                     "name them in [electrochemistry] columns")
+    return c_time, c_abs, c_volt, c_cur
+
+
+def read_table(path: Path, fmt: str, columns: Mapping[str, str], units: Mapping[str, str],
+               sheet: str | None) -> Raw:
+    """The rows of a table (CSV/TSV/text or Excel, continuation sheets joined) as a :class:`Raw`:
+    voltage and current scaled to V and mA, times relative, absolute or local."""
+    bad = set(columns) - {"time", "voltage", "current", "datetime"}
+    if bad:
+        raise CyclerReadError(path, f"unknown column role(s) {sorted(bad)}; expected time, voltage, current, datetime")
+    header, data, label = _header_and_rows(path, fmt, columns, sheet)
+    c_time, c_abs, c_volt, c_cur = _column_indices(path, header, label, columns)
     rows = [r for r in data if any(c not in (None, "") for c in r)]
 
     def column(j: int) -> list[Any]:
