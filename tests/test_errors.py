@@ -19,6 +19,7 @@ def _modules():
 
 
 def test_every_exception_is_in_the_tree_of_errors_py():
+    """Every module, subpackages included; warnings (integrator_cache.CacheWarning) are not errors."""
     defined = {}
     for module in _modules():
         for name, obj in vars(module).items():
@@ -27,7 +28,6 @@ def test_every_exception_is_in_the_tree_of_errors_py():
                 defined[f"{obj.__module__}.{obj.__qualname__}"] = obj
     outside = sorted(k for k in defined if not k.startswith("xrdpipe.errors."))
     assert outside == []
-    assert len(defined) == 12           # XrdpipeError and the 11 drawn under it
     for cls in defined.values():
         assert issubclass(cls, XrdpipeError)
         assert f" {cls.__name__} " in errors.__doc__ or cls is XrdpipeError
