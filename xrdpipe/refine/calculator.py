@@ -242,6 +242,26 @@ class Calculator:
             parts.append(part)
         return y, bkg, parts, st
 
+    def _phase_coefficients(self, p: int, s1: dict[str, np.ndarray], params: list[int], theta: np.ndarray,
+                            disp: float) -> np.ndarray:
+        """(4, reflections, len(params)): how the positions, widths, mixing (and computed
+        intensities) of phase ``p``'s reflections move with each of its parameters ``params``,
+        differentiated numerically from its state ``s1`` at ``theta``."""
+        L = self.layout
+        coef = np.zeros((4, s1["pos"].size, len(params)))
+        for k, j in enumerate(params):
+            q = L.params[j]
+            h = q.step if q.step > 0 else 1e-7 * max(abs(theta[j]), 1e-30)
+            t2 = theta.copy()
+            t2[j] += h
+            s2 = self._widths_moved(p, s1, t2) if q.kind == "profile" else self.phase_state(p, t2)
+            coef[0, :, k] = (s2["pos"] - s1["pos"]) / h + disp * (s2["cos"] - s1["cos"]) / h
+            coef[1, :, k] = (s2["fwhm"] - s1["fwhm"]) / h
+            coef[2, :, k] = (s2["eta"] - s1["eta"]) / h
+            if "I" in s1:
+                coef[3, :, k] = (s2["I"] - s1["I"]) / h
+        return coef
+
     def jacobian(self, theta: np.ndarray, lebail_I: np.ndarray | None, cols: np.ndarray, *,
                  extract_from: np.ndarray | None = None, cycles: int = 0):
         """The model and its derivatives in the parameters ``cols`` (N, len(cols)), and the
@@ -292,23 +312,7 @@ class Calculator:
             tail_columns(self.x, *far, 0, n_refl, I_r, cx0, zero, zero, np.array(shift_cols, np.int64), J)
         disp = theta[L.index["displacement"]]
         for p, cs in by_phase.items():
-            # a phase's parameters: its reflections' positions, widths, mixing (and computed
-            # intensities) differentiated numerically
-            s1 = parts[p]
-            m = s1["pos"].size
-            coef = np.zeros((4, m, len(cs)))
-            for k, c in enumerate(cs):
-                j = int(cols[c])
-                q = L.params[j]
-                h = q.step if q.step > 0 else 1e-7 * max(abs(theta[j]), 1e-30)
-                t2 = theta.copy()
-                t2[j] += h
-                s2 = self._widths_moved(p, s1, t2) if q.kind == "profile" else self.phase_state(p, t2)
-                coef[0, :, k] = (s2["pos"] - s1["pos"]) / h + disp * (s2["cos"] - s1["cos"]) / h
-                coef[1, :, k] = (s2["fwhm"] - s1["fwhm"]) / h
-                coef[2, :, k] = (s2["eta"] - s1["eta"]) / h
-                if "I" in s1:
-                    coef[3, :, k] = (s2["I"] - s1["I"]) / h
+            coef = self._phase_coefficients(p, parts[p], [int(cols[c]) for c in cs], theta, disp)
             a, b = int(pr["ptr"][self.offsets[p]]), int(pr["ptr"][self.offsets[p + 1]])
             profile_columns(a, b, *args[:2], int(self.offsets[p]), *args[2:], *coef, np.array(cs, np.int64), J)
             tail_columns(self.x, *far, int(self.offsets[p]), int(self.offsets[p + 1]), I_r, *coef[:3],

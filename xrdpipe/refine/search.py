@@ -91,27 +91,9 @@ def search_cells(calc, y: np.ndarray, sigma, centre: np.ndarray | None = None,
         if not np.isfinite(best_score) or not len(cands):
             missing.append(p)
             continue
-        chosen, low = theta[idx].copy(), np.inf
         configured = np.clip(L.start() if centre is None else centre, lower, upper)[idx]
-        for cell in [configured] + list(cands):
-            t = theta.copy()
-            t[idx] = cell
-            c2 = linear_fit(calc, t, yw, wt, rows[::2], placed + [p], full=False)[0]
-            if c2 < low:
-                chosen, low = cell, c2
-        # then closer: a third of the grid step around the best, twice
-        grid = np.array(np.meshgrid(*[[-1.0, 0.0, 1.0]] * len(idx), indexing="ij")).reshape(len(idx), -1).T
-        for _ in range(2):
-            best_here = chosen
-            for d in grid:
-                if not d.any():
-                    continue
-                t = theta.copy()
-                t[idx] = np.clip(chosen * (1 + d * steps_rel / 3), lower[idx], upper[idx])
-                c2 = linear_fit(calc, t, yw, wt, rows[::2], placed + [p], full=False)[0]
-                if c2 < low:
-                    best_here, low = t[idx].copy(), c2
-            chosen = best_here
+        chosen = _best_cell(calc, theta, idx, [configured] + list(cands), steps_rel, (lower, upper),
+                            yw, wt, rows[::2], placed + [p])
         if np.any(chosen != configured):
             searched = True
         theta[idx] = chosen
@@ -122,6 +104,34 @@ def search_cells(calc, y: np.ndarray, sigma, centre: np.ndarray | None = None,
     if model.background_terms:
         theta[[L.index[f"bkg_{j}"] for j in range(model.background_terms)]] = bk
     return theta, inten, "searched" if searched else "configured"
+
+
+def _best_cell(calc, theta: np.ndarray, idx: list[int], cells: list[np.ndarray], steps_rel: np.ndarray, bounds,
+               yw: np.ndarray, wt: np.ndarray, rows: np.ndarray, phases: list[int]) -> np.ndarray:
+    """Of the trial ``cells`` (the parameters ``idx`` of one phase), the one whose linear fit
+    (intensities and background, with ``phases``) has the lowest χ²; then closer: a third of
+    the grid step ``steps_rel`` around it, twice."""
+    lower, upper = bounds
+    chosen, low = theta[idx].copy(), np.inf
+    for cell in cells:
+        t = theta.copy()
+        t[idx] = cell
+        c2 = linear_fit(calc, t, yw, wt, rows, phases, full=False)[0]
+        if c2 < low:
+            chosen, low = cell, c2
+    grid = np.array(np.meshgrid(*[[-1.0, 0.0, 1.0]] * len(idx), indexing="ij")).reshape(len(idx), -1).T
+    for _ in range(2):
+        best_here = chosen
+        for d in grid:
+            if not d.any():
+                continue
+            t = theta.copy()
+            t[idx] = np.clip(chosen * (1 + d * steps_rel / 3), lower[idx], upper[idx])
+            c2 = linear_fit(calc, t, yw, wt, rows, phases, full=False)[0]
+            if c2 < low:
+                best_here, low = t[idx].copy(), c2
+        chosen = best_here
+    return chosen
 
 
 def _scale_widths(calc, theta, yw, wt, rows) -> np.ndarray:
@@ -143,18 +153,10 @@ def _phase_fit(calc, theta, yw, wt, rows, phases) -> np.ndarray:
     return calc.pattern(theta, inten) - calc.background(theta)
 
 
-def _match(calc, p: int, theta: np.ndarray, resid: np.ndarray, sig: np.ndarray, valid: np.ndarray, bounds,
-           n_best: int = 6):
-    """Phase ``p``'s trial cells (a grid of its lengths over the searched range) scored by a
-    matched filter of ``resid``: Σ log(1 + z) over its reflections, z the significance of a peak
-    at the reflection's position. Returns the best score and the best few distinct cells."""
-    L = calc.layout
-    ph = calc.model.phases[p]
-    lam = calc.model.wavelength_A
-    keys = _searched(ph.system)
-    idx = cell_idx(calc, p, angles=True)
-    # the matched filter: a peak of the phase's width minus a three times broader one (blind to
-    # a smooth background), on a uniform grid
+def _matched_filter(calc, p: int, theta: np.ndarray, resid: np.ndarray, sig: np.ndarray, valid: np.ndarray):
+    """The significance ``z`` of a peak of phase ``p``'s width at every point of a uniform grid
+    ``u`` over the range: ``resid`` filtered by a peak of that width (``H``, degrees) minus a
+    three times broader one (blind to a smooth background). Returns u, z, H."""
     st = calc.phase_state(p, theta)
     inside = (st["pos"] >= calc.lo) & (st["pos"] <= calc.hi)
     H = float(np.median(st["fwhm"][inside])) if inside.any() else 0.05
@@ -170,7 +172,20 @@ def _match(calc, p: int, theta: np.ndarray, resid: np.ndarray, sig: np.ndarray, 
     kern = g1 / g1.sum() - g3 / g3.sum()
     num = np.convolve(yu, kern, mode="same")
     den = np.sqrt(np.maximum(np.convolve(vu, kern**2, mode="same"), 1e-300))
-    z = np.where(den > 0, num / den, 0.0)
+    return u, np.where(den > 0, num / den, 0.0), H
+
+
+def _match(calc, p: int, theta: np.ndarray, resid: np.ndarray, sig: np.ndarray, valid: np.ndarray, bounds,
+           n_best: int = 6):
+    """Phase ``p``'s trial cells (a grid of its lengths over the searched range) scored by a
+    matched filter of ``resid``: Σ log(1 + z) over its reflections, z the significance of a peak
+    at the reflection's position. Returns the best score and the best few distinct cells."""
+    L = calc.layout
+    ph = calc.model.phases[p]
+    lam = calc.model.wavelength_A
+    keys = _searched(ph.system)
+    idx = cell_idx(calc, p, angles=True)
+    u, z, H = _matched_filter(calc, p, theta, resid, sig, valid)
     # trial cells: relative step so that a step moves the highest reflection by H / 3
     t_hi = math.radians(calc.hi / 2)
     rel = max(math.radians(H) / 3 / (2 * math.tan(t_hi)), 1e-4)
