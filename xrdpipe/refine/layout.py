@@ -77,47 +77,23 @@ class Layout:
         self.index = {n: i for i, n in enumerate(self.names)}
 
     def _structural(self, ph: PhaseModel, p: int, ps: list[_Param], method: str):
+        """Rietveld: the structural parameters ``ph.refine`` names (appended to ``ps``) and its
+        occupancy constraints. Returns the links (parameter, ``what:atom``, sign) and the
+        constraints ([(free parameter, multiplicity)], (last atom, multiplicity), total)."""
         labels = [a.label for a in ph.structure.atoms]
         links: list[tuple[int, str, float]] = []
         cons: list[tuple[list[tuple[int, int]], tuple[int, int], float]] = []
         if method != "rietveld":
             return links, cons
-
-        def atoms_of(spec: str, what: str) -> list[tuple[int, float]]:
-            out = []
-            for part in spec.split(","):
-                part = part.strip()
-                sign = -1.0 if part.startswith("-") else 1.0
-                part = part.lstrip("-")
-                if part == "*":
-                    out += [(i, 1.0) for i in range(len(labels))]
-                    continue
-                hit = [i for i, lab in enumerate(labels) if lab == part]
-                if not hit:
-                    raise RefinementError(f"phase {ph.name}: refine {what}:{spec}: no atom labelled {part!r} "
-                                          f"(atoms: {', '.join(labels)})")
-                out += [(i, sign) for i in hit]
-            return out
-
         for item in ph.refine:
             what, _, spec = item.partition(":")
             if what not in ("x", "y", "z", "occ", "b") or not spec:
                 raise RefinementError(f"phase {ph.name}: cannot refine {item!r}; expected z:LABEL, x:LABEL, y:LABEL, "
                                       "occ:LABEL or b:LABEL (b:* for one B shared by every atom)")
-            targets = atoms_of(spec, what)
+            targets = _atoms_of(ph, labels, spec, what)
             first = ph.structure.atoms[targets[0][0]]
             if what in "xyz":
-                axis = "xyz".index(what)
-                start = first.xyz[axis]
-                ops = space_group_ops(ph.structure.space_group)
-                for i, _ in targets:
-                    xyz = np.array(ph.structure.atoms[i].xyz, float)
-                    moved = xyz.copy()
-                    moved[axis] += 0.0123
-                    if site_multiplicity(ops, moved) != site_multiplicity(ops, xyz):
-                        raise RefinementError(f"phase {ph.name}: {what} of atom {labels[i]} is fixed by symmetry "
-                                              f"(site {tuple(round(v, 4) for v in xyz)} in {ph.structure.space_group})")
-                step = 1e-6
+                start, step = _free_coordinate(ph, labels, targets, "xyz".index(what), what), 1e-6
             elif what == "occ":
                 start, step = first.occupancy, 1e-6
             else:
@@ -126,25 +102,7 @@ class Layout:
             ps.append(_Param(f"{ph.name}.{what}:{spec}", float(start), True, step, "struct", p, item))
             links += [(k, f"{what}:{i}", s) for i, s in targets]
         for c in ph.constraints:
-            idx = []
-            for lab in c.atoms:
-                hit = [i for i, a in enumerate(labels) if a == lab]
-                if not hit:
-                    raise RefinementError(f"phase {ph.name}: occupancy constraint names {lab!r}, which is not an atom "
-                                          f"(atoms: {', '.join(labels)})")
-                idx.append(hit[0])
-            ops = space_group_ops(ph.structure.space_group)
-            mult = [site_multiplicity(ops, ph.structure.atoms[i].xyz) for i in idx]
-            total = c.per_cell if c.per_cell is not None else sum(
-                m * ph.structure.atoms[i].occupancy for m, i in zip(mult, idx))
-            free = []
-            for i, m in zip(idx[:-1], mult):
-                k = len(ps)
-                ps.append(_Param(f"{ph.name}.occ:{labels[i]}", ph.structure.atoms[i].occupancy, True, 1e-6,
-                                 "struct", p, f"occ:{labels[i]}"))
-                links.append((k, f"occ:{i}", 1.0))
-                free.append((k, m))
-            cons.append((free, (idx[-1], mult[-1]), float(total)))
+            cons.append(_occupancy_constraint(ph, labels, c, p, ps, links))
         return links, cons
 
     def start(self) -> np.ndarray:
@@ -183,3 +141,62 @@ class Layout:
             if kk == k:
                 return int(what.partition(":")[2])
         raise KeyError(k)
+
+
+def _atoms_of(ph: PhaseModel, labels: list[str], spec: str, what: str) -> list[tuple[int, float]]:
+    """The atoms (index, sign) that ``what:spec`` names: labels separated by commas, ``-LABEL``
+    for an opposite sign, ``*`` for every atom."""
+    out = []
+    for part in spec.split(","):
+        part = part.strip()
+        sign = -1.0 if part.startswith("-") else 1.0
+        part = part.lstrip("-")
+        if part == "*":
+            out += [(i, 1.0) for i in range(len(labels))]
+            continue
+        hit = [i for i, lab in enumerate(labels) if lab == part]
+        if not hit:
+            raise RefinementError(f"phase {ph.name}: refine {what}:{spec}: no atom labelled {part!r} "
+                                  f"(atoms: {', '.join(labels)})")
+        out += [(i, sign) for i in hit]
+    return out
+
+
+def _free_coordinate(ph: PhaseModel, labels: list[str], targets: list[tuple[int, float]], axis: int,
+                     what: str) -> float:
+    """The start of a refined coordinate (that of the first atom), after checking that no target
+    atom sits where symmetry fixes it (moving it would change its site's multiplicity)."""
+    ops = space_group_ops(ph.structure.space_group)
+    for i, _ in targets:
+        xyz = np.array(ph.structure.atoms[i].xyz, float)
+        moved = xyz.copy()
+        moved[axis] += 0.0123
+        if site_multiplicity(ops, moved) != site_multiplicity(ops, xyz):
+            raise RefinementError(f"phase {ph.name}: {what} of atom {labels[i]} is fixed by symmetry "
+                                  f"(site {tuple(round(float(v), 4) for v in xyz)} in {ph.structure.space_group})")
+    return ph.structure.atoms[targets[0][0]].xyz[axis]
+
+
+def _occupancy_constraint(ph: PhaseModel, labels: list[str], c, p: int, ps: list[_Param],
+                          links: list[tuple[int, str, float]]):
+    """One occupancy constraint: the occupancies of its atoms but the last become parameters
+    (appended to ``ps``, linked in ``links``); the last takes what is left of the total."""
+    idx = []
+    for lab in c.atoms:
+        hit = [i for i, a in enumerate(labels) if a == lab]
+        if not hit:
+            raise RefinementError(f"phase {ph.name}: occupancy constraint names {lab!r}, which is not an atom "
+                                  f"(atoms: {', '.join(labels)})")
+        idx.append(hit[0])
+    ops = space_group_ops(ph.structure.space_group)
+    mult = [site_multiplicity(ops, ph.structure.atoms[i].xyz) for i in idx]
+    total = c.per_cell if c.per_cell is not None else sum(
+        m * ph.structure.atoms[i].occupancy for m, i in zip(mult, idx))
+    free = []
+    for i, m in zip(idx[:-1], mult):
+        k = len(ps)
+        ps.append(_Param(f"{ph.name}.occ:{labels[i]}", ph.structure.atoms[i].occupancy, True, 1e-6,
+                         "struct", p, f"occ:{labels[i]}"))
+        links.append((k, f"occ:{i}", 1.0))
+        free.append((k, m))
+    return free, (idx[-1], mult[-1]), float(total)
