@@ -129,14 +129,10 @@ def _lm(calc, y, wt, theta, I, free, *, max_iter, tol, hold, n_valid, bounds, fo
             converged = not lebail or outer > 2
             break
         # converged when every shift is a small fraction of its esd (as Rietveld programs do)
-        try:
-            var = np.diag(np.linalg.inv(As)) / dscale**2 * c_new / max(n_valid - free.size, 1)
-            limit = SHIFT_ESD_LEBAIL if lebail else SHIFT_ESD
-            if outer >= (2 if lebail else 1) and np.all(np.abs(step) <= limit * np.sqrt(np.maximum(var, 1e-300))):
-                converged = True
-                break
-        except np.linalg.LinAlgError:
-            pass
+        if outer >= (2 if lebail else 1) and _shifts_below(step, As, dscale, c_new, max(n_valid - free.size, 1),
+                                                           SHIFT_ESD_LEBAIL if lebail else SHIFT_ESD):
+            converged = True
+            break
         outer += 1
     return theta, I, converged, n_iter
 
@@ -150,6 +146,42 @@ def pawley_solve(calc, theta: np.ndarray, y: np.ndarray, wt: np.ndarray, phases:
     if calc.model.background_terms and extra is not None:
         t[[calc.layout.index[f"bkg_{j}"] for j in range(calc.model.background_terms)]] = bk
     return c2, I, t, extra
+
+
+def _shifts_below(shift: np.ndarray, As: np.ndarray, dscale: np.ndarray, chi2: float, dof: int,
+                  limit: float) -> bool:
+    """Every shift at most ``limit`` of its esd (from the scaled normal matrix ``As`` and the
+    reduced χ², ``chi2 / dof``); False when the matrix cannot be inverted."""
+    try:
+        var = np.diag(np.linalg.inv(As)) / dscale**2 * chi2 / dof
+    except np.linalg.LinAlgError:
+        return False
+    return bool(np.all(np.abs(shift) <= limit * np.sqrt(np.maximum(var, 1e-300))))
+
+
+def _pawley_step(calc, y, wt, theta, cols, As, gs, dscale, lam: float, unit: float, chi2: float, bounds, phases):
+    """One damped step of the Pawley parameters ``cols``: the damping raised until χ² (the
+    intensities and background solved again) falls. Returns the accepted trial (None when no
+    damping lowers χ²), whether the minimum was reached before any trial (the fall the linear
+    model predicts is below ``unit``), and the damping for the next step."""
+    lower, upper = bounds
+    for _ in range(12):
+        try:
+            ds = np.linalg.solve(As + lam * np.eye(As.shape[0]), gs)
+        except np.linalg.LinAlgError:
+            lam *= 10
+            continue
+        # the fall of χ² the linear model predicts: below a hundredth of a reduced χ², the
+        # minimum is reached (no trial, which would only meet the rounding of χ²)
+        if 2 * gs @ ds - ds @ As @ ds <= unit:
+            return None, True, lam
+        t_new = theta.copy()
+        t_new[cols] = np.clip(t_new[cols] + ds / dscale, lower[cols], upper[cols])
+        trial = pawley_solve(calc, t_new, y, wt, phases)
+        if trial[3] is not None and np.isfinite(trial[0]) and trial[0] < chi2:
+            return trial, False, max(lam / 5, 1e-9)
+        lam *= 8
+    return None, False, lam
 
 
 def _lm_pawley(calc, y, wt, theta, free, *, max_iter, tol, n_valid, bounds, phases):
@@ -176,28 +208,9 @@ def _lm_pawley(calc, y, wt, theta, free, *, max_iter, tol, n_valid, bounds, phas
             converged = True
             break
         move, As, gs, dscale = normal
-        accepted, settled = None, False
         unit = PRED_TOL * max(chi2 / max(n_valid - free.size, 1), 1.0)
-        for _ in range(12):
-            try:
-                ds = np.linalg.solve(As + lam * np.eye(As.shape[0]), gs)
-            except np.linalg.LinAlgError:
-                lam *= 10
-                continue
-            # the fall of χ² the linear model predicts: below a hundredth of a reduced χ², the
-            # minimum is reached (no trial, which would only meet the rounding of χ²)
-            if 2 * gs @ ds - ds @ As @ ds <= unit:
-                settled = True
-                break
-            step = ds / dscale
-            t_new = theta.copy()
-            t_new[nl[move]] = np.clip(t_new[nl[move]] + step, lower[nl[move]], upper[nl[move]])
-            trial = pawley_solve(calc, t_new, y, wt, phases)
-            if trial[3] is not None and np.isfinite(trial[0]) and trial[0] < chi2:
-                accepted = trial
-                lam = max(lam / 5, 1e-9)
-                break
-            lam *= 8
+        accepted, settled, lam = _pawley_step(calc, y, wt, theta, nl[move], As, gs, dscale, lam, unit, chi2,
+                                              bounds, phases)
         if settled:
             converged = True
             break
@@ -209,14 +222,7 @@ def _lm_pawley(calc, y, wt, theta, free, *, max_iter, tol, n_valid, bounds, phas
         shift = t_new[nl[move]] - theta[nl[move]]
         theta, drop, chi2 = t_new, chi2 - c_new, c_new
         # converged when every shift is a small fraction of its esd, or χ² no longer moves
-        try:
-            var = np.diag(np.linalg.inv(As)) / dscale**2 * c_new / max(n_valid - free.size, 1)
-            if np.all(np.abs(shift) <= SHIFT_ESD * np.sqrt(np.maximum(var, 1e-300))):
-                converged = True
-                break
-        except np.linalg.LinAlgError:
-            pass
-        if drop <= tol * chi2:
+        if _shifts_below(shift, As, dscale, c_new, max(n_valid - free.size, 1), SHIFT_ESD) or drop <= tol * chi2:
             converged = True
             break
     return theta, I, converged, n_iter
