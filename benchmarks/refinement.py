@@ -10,7 +10,7 @@ profiles and Poisson noise:
 
 Side by side, on the same frames:
 
-* ``xrdpipe``: :class:`xrdpipe.refinement.Refiner`, analytic profile Jacobian, each frame
+* ``xrdpipe``: :class:`xrdpipe.refine.Refiner`, analytic profile Jacobian, each frame
   started from the previous one;
 * ``numerical Jacobian``: the baseline a script gets from a general least-squares code: the
   same model and algorithm with a forward-difference Jacobian (one pattern per parameter).
@@ -134,8 +134,8 @@ def series(n: int, two_phase: bool, seed: int = 0):
 
 
 def models(two_phase: bool):
-    from xrdpipe.refinement import PhaseModel, RefinementModel
-    from xrdpipe.structure import template
+    from xrdpipe.refine import PhaseModel, RefinementModel
+    from xrdpipe.refine.structures import template
 
     bb = {"Na": 1.0, "TM": 0.3, "O": 0.6}
     if two_phase:
@@ -165,7 +165,7 @@ def _numerical(refiner):
 
 
 def run(label: str, two_phase: bool, n: int) -> None:
-    from xrdpipe.refinement import Refiner
+    from xrdpipe.refine import Refiner
 
     pats, truth = series(n, two_phase)
     print(f"\n{label}: {n} frames of {X.size} points")
@@ -194,7 +194,7 @@ def run(label: str, two_phase: bool, n: int) -> None:
 
 def _has_pawley() -> bool:
     """Whether this xrdpipe has ``method = "pawley"`` (issue 20's third method)."""
-    from xrdpipe.refinement import RefinementModel
+    from xrdpipe.refine import RefinementModel
 
     return "pawley" in str(RefinementModel.__annotations__.get("method", ""))
 
@@ -243,8 +243,8 @@ def _score(ps, frames) -> dict:
 
 
 def _xrdpipe_engine(ps, start_cells, engine: str) -> tuple[list, float]:
-    from xrdpipe.refinement import PhaseModel, RefinementModel, Refiner
-    from xrdpipe.structure import Structure, template
+    from xrdpipe.refine import PhaseModel, RefinementModel, Refiner
+    from xrdpipe.refine.structures import Structure, template
 
     prof = {"W": 0.0002, "Y": 0.01}             # widths 5x too narrow
     direct = engine.startswith("direct")
@@ -404,8 +404,8 @@ def profiles(gsas2: str | None) -> None:
     from pathlib import Path
 
     from xrdpipe.export import gsas2_profile
-    from xrdpipe.refinement import PhaseModel, RefinementModel, Refiner
-    from xrdpipe.structure import template
+    from xrdpipe.refine import PhaseModel, RefinementModel, Refiner
+    from xrdpipe.refine.structures import template
 
     x = np.linspace(4.0, 40.0, 4000)
     truth = {"U": 0.02, "V": -0.004, "W": 0.001, "X": 0.02, "Y": 0.01}

@@ -5,8 +5,9 @@ The case of issue 20: an O3 -> P3 series with Al lines (:func:`xrdpipe.testing.p
 5,000 points 3-24°, beamline-like counts), sequential refinement of O3 + P3 + Al started from
 cells 1 % (a) and 2 % (c) off (both signs), widths 5x too narrow; each frame from the last good
 one, with the restarts (cell search) the engine decides on. The baseline is the
-``xrdpipe/refinement.py`` of ``--baseline`` (default: 07417fe, before this work), loaded from
-``git show`` into this process (same structure module, same numpy, same load), and the two
+engine (``xrdpipe/refine/``, or ``xrdpipe/refinement.py`` before that package) of ``--baseline``
+(default: 07417fe, before this work), loaded from ``git show`` into this process (same kernels,
+same numpy, same load), and the two
 engines alternate run by run so that a change of machine load hits both (SciPy's sparse and
 optimize modules are imported, and each engine refines two other frames, before any timing:
 the one-off cost of loading Numba's compiled kernels, about 2 s, is not counted). Printed per engine and method: wall-clock and
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 import subprocess
 import sys
 import tempfile
@@ -38,17 +40,32 @@ WL = 0.6209
 
 
 def baseline_module(commit: str):
-    """``xrdpipe/refinement.py`` of ``commit`` as the module ``xrdpipe._baseline_refinement``."""
+    """The refinement engine of ``commit``, loaded into this process beside this checkout's: its
+    ``xrdpipe/refine/`` package as ``xrdpipe._baseline_refine``, or, for a commit before that
+    package, its ``xrdpipe/refinement.py`` as ``xrdpipe._baseline_refinement`` (its
+    ``from .structure import`` read as ``from .refine.structures import``). Either runs on this
+    checkout's kernels (and, for the single module, structures)."""
     import xrdpipe
 
-    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:xrdpipe/refinement.py"], check=True,
-                         capture_output=True, text=True).stdout
-    tmp = Path(tempfile.mkdtemp()) / "_baseline_refinement.py"
-    tmp.write_text(src)
-    spec = importlib.util.spec_from_file_location("xrdpipe._baseline_refinement", tmp,
-                                                  submodule_search_locations=None)
+    tmp = Path(tempfile.mkdtemp())
+    listed = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", commit, "xrdpipe/refine/"],
+                            check=True, capture_output=True, text=True).stdout.split()
+    if listed:
+        for path in listed:
+            src = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:{path}"], check=True,
+                                 capture_output=True, text=True).stdout
+            (tmp / Path(path).name).write_text(src)
+        spec = importlib.util.spec_from_file_location("xrdpipe._baseline_refine", tmp / "__init__.py",
+                                                      submodule_search_locations=[str(tmp)])
+    else:
+        src = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:xrdpipe/refinement.py"], check=True,
+                             capture_output=True, text=True).stdout
+        src = re.sub(r"\b_expand\b", "expand_sites",
+                     src.replace("from .structure import", "from .refine.structures import"))
+        (tmp / "_baseline_refinement.py").write_text(src)
+        spec = importlib.util.spec_from_file_location("xrdpipe._baseline_refinement", tmp / "_baseline_refinement.py",
+                                                      submodule_search_locations=None)
     mod = importlib.util.module_from_spec(spec)
-    mod.__package__ = "xrdpipe"
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     assert Path(xrdpipe.__file__).resolve().parent == ROOT / "xrdpipe", "run from this checkout's environment"
@@ -56,7 +73,7 @@ def baseline_module(commit: str):
 
 
 def run(engine, ps, sign: float, method: str) -> dict:
-    from xrdpipe.structure import Structure, template
+    from xrdpipe.refine.structures import Structure, template
     from xrdpipe.testing import phase_state
 
     sc = ps.scenario
@@ -70,7 +87,9 @@ def run(engine, ps, sign: float, method: str) -> dict:
         wavelength_A=WL, method=method, background_terms=12)
     refiner = engine.Refiner(model, ps.tth_deg)
     n = len(ps.x)
-    search, searched = engine._search, [0, 0.0]
+    # where Refiner looks the cell search up: this checkout's solver module, or the baseline's one module
+    home, name = (engine.solver, "search_cells") if hasattr(engine, "solver") else (engine, "_search")
+    search, searched = getattr(home, name), [0, 0.0]
 
     def timed_search(*a, **k):                # the cell searches: counted and timed apart
         c = time.process_time()
@@ -80,7 +99,7 @@ def run(engine, ps, sign: float, method: str) -> dict:
             searched[0] += 1
             searched[1] += time.process_time() - c
 
-    engine._search = timed_search
+    setattr(home, name, timed_search)
     prev, da, dc, rwp, ok, conv = None, [0.0], [0.0], [], 0, 0
     t0, c0 = time.perf_counter(), time.process_time()
     for i in range(n):
@@ -96,7 +115,7 @@ def run(engine, ps, sign: float, method: str) -> dict:
         if res.status != "failed":
             prev = res
     cpu = time.process_time() - c0
-    engine._search = search
+    setattr(home, name, search)
     return {"s": (time.perf_counter() - t0) / n, "cpu": cpu / n, "ok": ok, "conv": conv, "da": max(da), "dc": max(dc),
             "rwp": float(np.median(rwp)), "n_search": searched[0], "search": searched[1],
             "rest": (cpu - searched[1]) / n}
@@ -114,7 +133,7 @@ def main() -> None:
     import scipy.sparse  # noqa: F401
     from threadpoolctl import threadpool_limits
 
-    import xrdpipe.refinement as current
+    import xrdpipe.refine as current
     from xrdpipe.testing import pattern_series
 
     ps = pattern_series(args.frames, seed=2, counts=0.05, background=2000.0)

@@ -15,7 +15,8 @@ def test_public_api_is_curated():
         "__version__", "Calibration", "CalibrationError", "ConfigError", "Experiment", "FrameReadError",
         "Integrator", "PatternReadError", "StoreError", "WindowModel", "XrdpipeError", "fit_experiment", "fit_peaks", "fit_phases",
         "integrate_experiment", "load_calibration", "load_experiment", "open_run", "CyclerReadError",
-        "echem_experiment", "read_cycler", "run_experiment", "plot_experiment", "export_experiment"])
+        "echem_experiment", "read_cycler", "run_experiment", "plot_experiment", "export_experiment",
+        "PlotError", "RefinementError", "StructureError", "WindowSetupError", "lmfit_model"])
     for name in xrdpipe.__all__:
         assert hasattr(xrdpipe, name)
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from refine_run import integrate_and_refine, write_experiment
 
-from xrdpipe.refinement import PhaseModel, RefinementModel, Refiner, _Calculator, calculate_pattern
-from xrdpipe.structure import template
+from xrdpipe.refine import PhaseModel, RefinementModel, Refiner, calculate_pattern
+from xrdpipe.refine.calculator import Calculator
+from xrdpipe.refine.structures import template
 
 WL = 0.6209
 TM = {"Ni": 1 / 3, "Fe": 1 / 3, "Mn": 1 / 3}
@@ -31,7 +32,7 @@ def _generated(phases=("O3", "P3"), cells=None, seed=1):
     gen = RefinementModel([PhaseModel(k, _structure(k, *cells[k]), profile=PROFILE[k], scale=scales[k])
                            for k in phases], wavelength_A=WL, correction="none")
     y0 = calculate_pattern(gen, X, background=300.0)
-    calc = _Calculator(gen, X)
+    calc = Calculator(gen, X)
     st = calc.reflection_state(calc.layout.start())
     y = np.random.default_rng(seed).poisson(y0).astype(float)
     truth = {}

@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
+import xrdpipe
 from xrdpipe.config import FitSpec, PhaseSpec, WindowSpec
 from xrdpipe.lineshapes import pearson7, split_pseudo_voigt
-from xrdpipe.peaks import WindowModel, WindowSetupError, fit_peaks, fit_window
+from xrdpipe.peaks import WindowModel, WindowSetupError, _lmfit_params, fit_peaks, fit_window
 from xrdpipe.store import Patterns
 from xrdpipe.testing import pattern_series
 
@@ -149,6 +150,22 @@ def test_shared_fwhm_is_one_parameter(coexistence):
     np.testing.assert_array_equal(table.column("fwhm", "O3 003"), table.column("fwhm", "P3 003"))
     model = WindowModel(w, {p.name: p for p in PHASES}, pat.radial, "2th_deg", 0.6209)
     assert model.n_free == 8  # 2 centres, 2 areas, one FWHM, one eta, 2 background
+
+
+def test_lmfit_model_is_the_window_model():
+    """xrdpipe.lmfit_model (built in peaks, the one lmfit module) computes what the window model does,
+    shared widths tied, on a start that is not the truth."""
+    x = np.linspace(6.1, 7.0, 400)
+    w = WindowSpec(name="003", range=(6.1, 7.0), peaks=["O3 003", "P3 003"], share=["fwhm"])
+    model = WindowModel(w, {p.name: p for p in PHASES}, x, "2th_deg", 0.6209)
+    y = 300.0 + 20.0 * np.exp(-0.5 * ((x - 6.66) / 0.03) ** 2)[None, :]
+    theta, lo, hi = model.start(y, np.isfinite(y), None)
+    theta[0, model.index(1, "area")] = 3.0
+    lm = xrdpipe.lmfit_model(model)
+    assert lm.param_names[:len(model.full_names)] == list(model.full_names)
+    params = _lmfit_params(model, lm, theta[0], lo[0], hi[0], np.zeros(model.n_free, bool))
+    assert params["p1_fwhm"].expr == "p0_fwhm"
+    np.testing.assert_allclose(lm.eval(params, x=model.x), model.value(theta[0])[0], rtol=1e-10)
 
 
 def test_fitting_in_q():

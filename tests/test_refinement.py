@@ -18,8 +18,8 @@ from pymatgen.core import Structure as PmgStructure  # noqa: E402
 
 from xrdpipe.cli import main  # noqa: E402
 from xrdpipe.config import ConfigError, load_experiment  # noqa: E402
-from xrdpipe.refinement import OccupancyConstraint, PhaseModel, RefinementModel, refine_pattern  # noqa: E402
-from xrdpipe.structure import Atom, read_cif, reflections, structure_factors_sq, template  # noqa: E402
+from xrdpipe.refine import OccupancyConstraint, PhaseModel, RefinementModel, refine_pattern  # noqa: E402
+from xrdpipe.refine.structures import Atom, read_cif, reflections, structure_factors_sq, template  # noqa: E402
 
 WL = 0.6209
 TM = {"Ni": 1 / 3, "Fe": 1 / 3, "Mn": 1 / 3}
@@ -419,8 +419,8 @@ def _o3_p3_al_series(n: int, sign: int):
     """An O3 -> P3 series with Al lines (xrdpipe.testing) and a Refiner of O3 + P3 + Al (Le Bail)
     typed 1 % (a) and 2 % (c) away from the truth (O3: the first frame's, P3: its first
     appearance's) with ``sign``, widths 5x too narrow."""
-    from xrdpipe.refinement import Refiner
-    from xrdpipe.structure import Structure
+    from xrdpipe.refine import Refiner
+    from xrdpipe.refine.structures import Structure
     from xrdpipe.testing import pattern_series
 
     ps = pattern_series(n, seed=2, counts=0.05, background=2000.0)
@@ -538,9 +538,9 @@ def _untruncated(model: RefinementModel, x: np.ndarray, background: float, value
     """``model``'s pattern with every reflection's TCH pseudo-Voigt (and asymmetry) computed over
     the whole range, whatever window the engine uses: its reflections' positions, widths, mixing
     and intensities from the engine, the profiles here."""
-    from xrdpipe.refinement import _Calculator
+    from xrdpipe.refine.calculator import Calculator
 
-    calc = _Calculator(model, x)
+    calc = Calculator(model, x)
     theta = calc.layout.start()
     for k, v in values.items():
         theta[calc.layout.index[k]] = v
@@ -561,7 +561,7 @@ def test_u_v_w_x_y_refined_together_recover_the_generating_values():
     over the whole range (the Lorentzian tails too, independent of the engine's window), refined
     from widths 2x off (asymmetry from 0) with all seven free: each within 10 %, Rwp within 1.05x
     of the generating model's."""
-    from xrdpipe.refinement import Refiner
+    from xrdpipe.refine import Refiner
 
     x = np.linspace(4.0, 40.0, 4000)
     truth = {"U": 0.02, "V": -0.004, "W": 0.001, "X": 0.02, "Y": 0.01}
@@ -608,7 +608,7 @@ def test_aluminium_as_a_le_bail_phase_beside_a_rietveld_phase():
     needed): both cells recovered, O3's oxygen z too; the weight fractions are the Rietveld phases'."""
     from pymatgen.core import Structure as Pmg
 
-    from xrdpipe.structure import Structure
+    from xrdpipe.refine.structures import Structure
 
     al = Pmg.from_spacegroup("Fm-3m", Lattice.cubic(4.0495), ["Al"], [[0, 0, 0]])
     y, s = noisy(profile(o3(), 1e-3) + profile(al, 3e-4, fwhm=0.025, eta=0.2) + 200.0, seed=11)
@@ -671,7 +671,7 @@ def test_one_refiner_refines_in_several_threads_at_once():
     refined at once in two threads give the results of refining them one after the other."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from xrdpipe.refinement import Refiner
+    from xrdpipe.refine import Refiner
 
     model = RefinementModel([PhaseModel("O3", template("O3", a=2.98, c=16.02))], wavelength_A=WL, method="lebail",
                             search=False)
@@ -696,7 +696,7 @@ def test_le_bail_of_a_monoclinic_cell_from_off_start_values():
     mono = PmgStructure.from_spacegroup("C2/m", Lattice.monoclinic(*truth), ["Na", "Mn", "O"],
                                         [[0, 0, 0.5], [0, 0, 0], [0.28, 0, 0.79]])
     y, s = noisy(profile(mono, 2e-3) + 200.0, seed=60)
-    from xrdpipe.structure import Structure
+    from xrdpipe.refine.structures import Structure
 
     start = Structure("C2/m", (5.67 * 1.004, 2.86 * 0.996, 5.80 * 1.004, 90.0, 113.2, 90.0), ())
     r = refine_pattern(RefinementModel([PhaseModel("O'3", start)], wavelength_A=WL, method="lebail"), X, y, s)
@@ -738,8 +738,9 @@ def test_weak_aluminium_lines_are_kept_in_le_bail():
     widths 3x too narrow, with and without the cell search: Al present, its cell recovered and
     each of its lines' intensities within 4 esds of the truth (an extracted intensity that fell
     to 0 once stayed there; a weak phase tested before the widths were refined looked absent)."""
-    from xrdpipe.refinement import Refiner, _Calculator
-    from xrdpipe.structure import Structure
+    from xrdpipe.refine import Refiner
+    from xrdpipe.refine.calculator import Calculator
+    from xrdpipe.refine.structures import Structure
 
     x = np.linspace(3.0, 23.0, 5000)
     prof = {"U": 0.0, "V": 0.0, "W": 0.0009, "X": 0.0, "Y": 0.01}
@@ -748,7 +749,7 @@ def test_weak_aluminium_lines_are_kept_in_le_bail():
     gen = RefinementModel([PhaseModel("O3", st, profile=prof, scale=0.05),
                            PhaseModel("Al", al, profile=prof, scale=1.6e-4)], wavelength_A=WL)
     y0 = _untruncated(gen, x, 2000.0, {})
-    calc = _Calculator(gen, x)
+    calc = Calculator(gen, x)
     truth = calc.reflection_state(calc.layout.start())
     a, b = int(calc.offsets[1]), int(calc.offsets[2])
     true_I = truth["I"][a:b]
@@ -779,15 +780,16 @@ def test_far_tails_summed_on_the_fly_give_the_whole_profiles_and_their_derivativ
     kernels where used: the pattern, the Le Bail products P @ I and P.T @ v and the extraction
     equal those of the whole windows stored (to rounding), and every Jacobian column (cell,
     widths, zero, displacement, asymmetry), tails included, its central difference."""
-    from xrdpipe.refinement import _Calculator, _extract, _profile_matrix
-    from xrdpipe.structure import Structure
+    from xrdpipe.refine.calculator import Calculator
+    from xrdpipe.refine.lebail import extract, profile_matrix
+    from xrdpipe.refine.structures import Structure
 
     x = np.linspace(3.0, 24.0, 5000)
     prof = {"U": 0.0004, "V": 0.0, "W": 0.0009, "X": 0.004, "Y": 0.02}
     model = RefinementModel([PhaseModel("O3", template("O3", a=2.9852, c=15.9967), profile=prof),
                              PhaseModel("Al", Structure("Fm-3m", (4.0495,) * 3 + (90.0,) * 3, ()), profile=prof)],
                             wavelength_A=WL, method="lebail", correction="both", asymmetry=True)
-    calc = _Calculator(model, x)
+    calc = Calculator(model, x)
     L = calc.layout
     theta = L.start()
     for name, v in {"asym_P1": 0.01, "asym_P2": 0.004, "zero": 0.003, "displacement": 0.002, "bkg_0": 50.0}.items():
@@ -799,13 +801,13 @@ def test_far_tails_summed_on_the_fly_give_the_whole_profiles_and_their_derivativ
     dense = np.zeros((x.size, inten.size))
     np.add.at(dense, (whole["idx"], whole["r"]), whole["P"])
     v = np.random.default_rng(4).uniform(0.5, 2.0, x.size)
-    P = _profile_matrix(calc, split, inten.size)
+    P = profile_matrix(calc, split, inten.size)
     assert np.allclose(P @ inten, dense @ inten, rtol=1e-12, atol=0)
     assert np.allclose(P.T @ v, dense.T @ v, rtol=1e-12, atol=0)
     assert np.allclose(calc.pattern(theta, inten), calc.background(theta) + dense @ inten, rtol=1e-12, atol=0)
     y = calc.pattern(theta, inten * 1.3) + 20.0
-    e1 = _extract(calc, calc.profiles(st, theta), theta, inten, y, 4)
-    e2 = _extract(calc, whole, theta, inten, y, 4)
+    e1 = extract(calc, calc.profiles(st, theta), theta, inten, y, 4)
+    e2 = extract(calc, whole, theta, inten, y, 4)
     assert np.allclose(e1, e2, rtol=1e-10, atol=0)
     names = ["O3.a", "O3.c", "O3.U", "O3.W", "O3.X", "O3.Y", "Al.a", "zero", "displacement", "asym_P1", "asym_P2"]
     cols = np.array([L.index[n] for n in names])
@@ -817,3 +819,31 @@ def test_far_tails_summed_on_the_fly_give_the_whole_profiles_and_their_derivativ
         tm[j] -= h
         num = (calc.pattern(tp, inten) - calc.pattern(tm, inten)) / (2 * h)
         assert np.max(np.abs(J[:, c] - num)) < 2e-4 * np.max(np.abs(num)), name
+
+
+def test_structural_parameters_that_cannot_be_refined_are_named():
+    """Each wrong ``refine`` / constraint entry of a Rietveld phase: one error naming the phase,
+    the entry and what is valid; a valid one becomes a parameter starting at the structure's value."""
+    from xrdpipe.errors import RefinementError
+    from xrdpipe.refine.layout import Layout
+
+    o3 = template("O3", a=2.985, c=16.0)
+
+    def layout(refine=(), constraints=()):
+        return Layout(RefinementModel([PhaseModel("O3", o3, refine=refine, constraints=constraints)],
+                                      wavelength_A=0.6209, method="rietveld"))
+
+    cases = [
+        (dict(refine=["w:O"]), "phase O3: cannot refine 'w:O'; expected z:LABEL"),
+        (dict(refine=["z:Q"]), "phase O3: refine z:Q: no atom labelled 'Q' (atoms: Na, Mn, O)"),
+        (dict(refine=["x:Na"]), "phase O3: x of atom Na is fixed by symmetry (site (0.0, 0.0, 0.0) in R-3m)"),
+        (dict(constraints=[OccupancyConstraint(("Na", "Fe"))]),
+         "phase O3: occupancy constraint names 'Fe', which is not an atom (atoms: Na, Mn, O)"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(RefinementError) as err:
+            layout(**kwargs)
+        assert str(err.value).startswith(message), str(err.value)
+    L = layout(refine=["z:O", "b:*"], constraints=[OccupancyConstraint(("Na", "Mn"))])
+    assert L.params[L.index["O3.z:O"]].value == pytest.approx(0.2326)
+    assert "O3.b:*" in L.index and "O3.occ:Na" in L.index and "O3.occ:Mn" not in L.index

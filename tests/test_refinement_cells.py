@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from xrdpipe.refinement import PhaseModel, RefinementModel, calculate_pattern, refine_pattern
-from xrdpipe.structure import Atom, Structure
+from xrdpipe.refine import PhaseModel, RefinementModel, calculate_pattern, refine_pattern
+from xrdpipe.refine.structures import Atom, Structure
 
 WL = 0.6209
 X = np.linspace(5.0, 30.0, 3000)

@@ -10,10 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 from xrdpipe.cli import main
-from xrdpipe.config import load_experiment
+from xrdpipe.config import ContourSpec, load_experiment
 from xrdpipe.patterns import read_pattern
 from xrdpipe.plots import PlotError, plot_contour
-from xrdpipe.plotspec import ContourSpec
 from xrdpipe.store import mark_stage, open_run, read_stages
 from xrdpipe.testing import make_experiment
 from xrdpipe.workflow import run_experiment

@@ -58,7 +58,7 @@ class Calibration:
                 )
 
 
-def _read_image(path: Path, what: str) -> np.ndarray:
+def read_image(path: Path, what: str) -> np.ndarray:
     import fabio
 
     try:
@@ -101,7 +101,7 @@ def load_calibration(poni: Path | str, *, mask: Path | str | None = None, dark: 
 
     arrays: dict[str, np.ndarray | None] = {}
     for name, path in (("mask", mask), ("dark", dark), ("flat", flat)):
-        arrays[name] = None if path is None else _read_image(Path(path), name)
+        arrays[name] = None if path is None else read_image(Path(path), name)
     if arrays["mask"] is not None:
         arrays["mask"] = arrays["mask"] != 0
     for name in ("dark", "flat"):

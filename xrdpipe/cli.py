@@ -450,8 +450,8 @@ def calibrate(image: str, calibrant: str, wavelength_a: float, detector: str | N
     """Find the rings of a calibrant on IMAGE and refine the detector geometry (distance, beam
     centre, tilts; the wavelength with --refine-wavelength): writes the PONI, <stem>_report.txt
     (rings, points per ring, residual 2θ per ring), <stem>_rings.csv and <stem>_rings.png."""
-    from .calibrate import calibrate as run
     from .errors import XrdpipeError
+    from .geometry_fit import calibrate as run
 
     try:
         res = run(image, calibrant=calibrant, wavelength_A=wavelength_a, detector=detector, pixel_um=pixel_um,
@@ -477,8 +477,8 @@ def check_calibration(image: str, poni: str, calibrant: str, tolerance_deg: floa
     """Integrate the calibrant IMAGE with PONI, fit every expected ring and report its 2θ offset
     and a verdict. Exit status 0 when every ring is within the tolerance, 1 when not (or when
     the image does not match the calibrant), 2 on an error."""
-    from .calibrate import check_calibration as run
     from .errors import XrdpipeError
+    from .geometry_fit import check_calibration as run
 
     try:
         chk = run(image, poni=poni, calibrant=calibrant, tolerance_deg=tolerance_deg, mask=mask,

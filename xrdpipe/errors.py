@@ -8,7 +8,13 @@ clean line. The hierarchy::
      ├── CalibrationError   PONI, mask, dark or flat unusable for the run as a whole
      ├── FrameReadError     one frame could not be read (recorded as data, the run goes on)
      ├── PatternReadError   one 1D pattern file could not be read (recorded as data)
+     ├── ChunkDecodeError   a compressed chunk of a frame must not be decompressed (caught in
+     │                      frames.py, where h5py then reads the frame and names the problem)
      ├── CyclerReadError    the cycler file cannot be read (names the optional extra it needs)
+     ├── WindowSetupError   [[windows]] that cannot be set up on this run's data (per window)
+     ├── StructureError     a crystal structure cannot be built or read (CIF, space group, element)
+     ├── RefinementError    a whole-pattern refinement cannot be set up or did not converge
+     ├── PlotError          a figure cannot be drawn from this run file (and which command makes it)
      └── StoreError         the run file is missing, foreign or incompatible with the request,
                             or a file cannot be written (full disk, no permission: named)
 
@@ -24,7 +30,12 @@ __all__ = [
     "CalibrationError",
     "FrameReadError",
     "PatternReadError",
+    "ChunkDecodeError",
     "CyclerReadError",
+    "WindowSetupError",
+    "StructureError",
+    "RefinementError",
+    "PlotError",
     "StoreError",
 ]
 
@@ -78,6 +89,32 @@ class CyclerReadError(XrdpipeError):
         self.reason = reason
         self.extra = extra
         super().__init__(f"{self.file}: {reason}")
+
+
+class ChunkDecodeError(XrdpipeError):
+    """A compressed chunk of a frame that must not be decompressed (the message says why)."""
+
+
+class WindowSetupError(XrdpipeError):
+    """Windows that cannot be set up on this run's data: ``problems`` is [(window index, why)],
+    each ``why`` naming the window; the run layer turns it into a :class:`ConfigError` on
+    ``windows.<i>.peaks``."""
+
+    def __init__(self, problems: list[tuple[int, str]]):
+        super().__init__("; ".join(f"window {i}: {m}" for i, m in problems))
+        self.problems = problems
+
+
+class StructureError(XrdpipeError):
+    """A structure cannot be built or read (the file or the key, and what was expected)."""
+
+
+class RefinementError(XrdpipeError):
+    """A refinement cannot be set up or did not converge (which frame or key, and why)."""
+
+
+class PlotError(XrdpipeError):
+    """A figure cannot be drawn from this run file (what is missing, and which command makes it)."""
 
 
 class StoreError(XrdpipeError):

@@ -25,7 +25,7 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 
-from .errors import ConfigError, FrameReadError
+from .errors import ChunkDecodeError, ConfigError, FrameReadError
 
 __all__ = [
     "FrameRef",
@@ -122,10 +122,6 @@ def _bshuf_decompress():
         return _bshuf_fn[0]
 
 
-class _CorruptChunk(Exception):
-    """A bitshuffle-LZ4 chunk that must not be decompressed (the message says why)."""
-
-
 def _read_bitshuffle_lz4(ds, index: int, reuse: dict | None = None) -> np.ndarray | None:
     """One frame of a bitshuffle-LZ4 dataset chunked frame by frame (EIGER), decompressed here
     rather than inside HDF5: h5py holds one lock over every HDF5 call, so frames decompressed
@@ -134,12 +130,12 @@ def _read_bitshuffle_lz4(ds, index: int, reuse: dict | None = None) -> np.ndarra
     corrupt or anything is unexpected (h5py then reads it, and reports what is wrong)."""
     try:
         return _decode_bitshuffle_lz4(ds, index, reuse)
-    except _CorruptChunk:
+    except ChunkDecodeError:
         return None
 
 
 def _decode_bitshuffle_lz4(ds, index: int, reuse: dict | None) -> np.ndarray | None:
-    """:func:`_read_bitshuffle_lz4`, but a corrupt chunk raises :class:`_CorruptChunk` (named as
+    """:func:`_read_bitshuffle_lz4`, but a corrupt chunk raises :class:`ChunkDecodeError` (named as
     :func:`check_chunks` names it). The chunk is read once, checked (:func:`_bitshuffle_lz4_problem`)
     and then decoded by bitshuffle's own decoder."""
     try:
@@ -170,7 +166,7 @@ def _decode_bitshuffle_lz4(ds, index: int, reuse: dict | None) -> np.ndarray | N
         n = int(np.prod(shape))
         problem = _bitshuffle_lz4_problem(chunk, n * itemsize, itemsize)
         if problem:
-            raise _CorruptChunk(f"cannot decompress chunk {list(offset)} of {ds.name} (bitshuffle-LZ4): {problem}")
+            raise ChunkDecodeError(f"cannot decompress chunk {list(offset)} of {ds.name} (bitshuffle-LZ4): {problem}")
         block = int.from_bytes(chunk[8:12], "big") // itemsize
         out = None if reuse is None else reuse.get((shape, ds.dtype.str))
         if out is None:
@@ -182,10 +178,10 @@ def _decode_bitshuffle_lz4(ds, index: int, reuse: dict | None) -> np.ndarray | N
         start = ctypes.cast(ctypes.c_char_p(chunk), ctypes.c_void_p).value + 12
         used = fn(start, out.ctypes.data, n, itemsize, block)
         if used != len(chunk) - 12:
-            raise _CorruptChunk(f"cannot decompress chunk {list(offset)} of {ds.name} (bitshuffle-LZ4): "
+            raise ChunkDecodeError(f"cannot decompress chunk {list(offset)} of {ds.name} (bitshuffle-LZ4): "
                                 f"bitshuffle's decoder refused it (it returned {used})")
         return out
-    except _CorruptChunk:
+    except ChunkDecodeError:
         raise
     except Exception:
         return None
@@ -267,7 +263,7 @@ def read_frame(ref: FrameRef, *, shape: tuple[int, int] | None = None,
                 ds = _find_dataset(h5, ref.dataset, ref.file)
                 try:    # one chunk per frame: read once, checked, decoded outside HDF5's lock
                     data = _decode_bitshuffle_lz4(ds, ref.index, reuse)
-                except _CorruptChunk as exc:
+                except ChunkDecodeError as exc:
                     raise FrameReadError(str(ref.file), ref.index, str(exc)) from None
                 if data is None:
                     problem = check_chunks(ds, ref.index if ds.ndim == 3 else None)

@@ -9,8 +9,8 @@ enough (BIC or F-test) is declared absent and gets area 0 and ``present = False`
 Two engines give the same answers: ``"batched"`` (:mod:`xrdpipe.batchfit`, vectorised
 Levenberg-Marquardt with analytic derivatives, all frames of a block at once) and ``"lmfit"``
 (an lmfit composite model fitted frame by frame: the reference, and the user-facing definition
-of every model through :meth:`WindowModel.lmfit_model`). This is the only module that imports
-lmfit.
+of every model through :func:`lmfit_model`, also ``xrdpipe.lmfit_model``). This is the only
+module that imports lmfit.
 
 Failures are data: every (frame, window) gets ``success`` and a ``message``; nothing raises
 inside the loop over frames.
@@ -34,6 +34,7 @@ import numpy as np
 
 from .batchfit import BatchResult, least_squares_batch
 from .config import FitSpec, PhaseSpec, WindowSpec
+from .errors import WindowSetupError
 from .lineshapes import PROFILES, height
 from .store import PEAK_ARRAYS, csv_number, write_csv
 from .windows import WindowModel, d_from_radial
@@ -454,14 +455,6 @@ class PeakTable:
     def write_csv(self, path: Path | str) -> Path:
         """Write ``peaks.csv`` (one row per frame and component; centre and FWHM in the run's unit)."""
         return write_csv(path, PEAK_COLUMNS, self.rows())
-
-
-class WindowSetupError(ValueError):
-    """Windows that cannot be set up on this run's data: ``problems`` is [(window index, why)]."""
-
-    def __init__(self, problems: list[tuple[int, str]]):
-        super().__init__("; ".join(f"window {i}: {m}" for i, m in problems))
-        self.problems = problems
 
 
 class PeakFitter:

@@ -21,11 +21,18 @@ from typing import Sequence
 
 import numpy as np
 
-from .config import PhaseSpec, WindowSpec
+from .config import (
+    ContourSpec,
+    FitCheckSpec,
+    FractionsPlotSpec,
+    LatticePlotSpec,
+    PhaseSpec,
+    WaterfallSpec,
+    WindowSpec,
+)
 from .crystallography import convert_radial, d_from_q, q_from_tth
-from .errors import XrdpipeError
+from .errors import PlotError
 from .lineshapes import PROFILES
-from .plotspec import ContourSpec, FitCheckSpec, FractionsPlotSpec, LatticePlotSpec, WaterfallSpec
 from .store import DONE, open_run_info, read_pattern_block, read_peaks, read_table
 from .windows import WindowModel
 
@@ -36,10 +43,6 @@ PHASE_COLOURS = ("#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b
 _AXIS_LABEL = {"tth": "2θ (°)", "q": "Q (Å$^{-1}$)", "d": "d (Å)"}
 _VERTICAL_LABEL = {"time": "Time (h)", "x": "x in Na$_x$TMO$_2$", "frame": "Frame"}
 _AGAINST_LABEL = {"x": "x in Na$_x$TMO$_2$", "capacity": "Capacity (mAh g$^{-1}$)", "time": "Time (h)"}
-
-
-class PlotError(XrdpipeError):
-    """A figure cannot be drawn from this run file (what is missing, and which command makes it)."""
 
 
 @contextmanager

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ConfigError, Experiment, OccupancySpec, RefineAtomSpec, RefineModelSpec
-from .refinement import (
+from .refine import (
     OccupancyConstraint,
     PhaseModel,
     RefinementError,
@@ -29,8 +29,8 @@ from .refinement import (
     RefinementResult,
     Refiner,
 )
+from .refine.structures import Atom, Structure, StructureError, read_cif, template
 from .store import DONE, open_run_info, read_pattern_block, read_table
-from .structure import Atom, Structure, StructureError, read_cif, template
 
 __all__ = ["build_model", "refine_experiment", "compare_models", "RefineSummary", "REFINE_COLUMNS",
            "read_refinement", "read_weight_fractions"]

@@ -38,7 +38,7 @@ from .crystallography import reflections, tth_from_d
 __all__ = [
     "assert_same_results",
     "calibrant_image",
-    "Structure",
+    "SyntheticSites",
     "SyntheticPhase",
     "Scenario",
     "Difficulty",
@@ -64,10 +64,11 @@ _B_FORM = {"Na": 6.0, "O": 8.0, "TM": 4.0, "Al": 5.0}  # Å², crude Gaussian fa
 
 
 @dataclass(frozen=True)
-class Structure:
-    """Atoms of a layered oxide in the hexagonal setting: (element, (x, y, z), occupancy).
-
-    Na occupancies are relative (scaled by the sodium content x of the frame).
+class SyntheticSites:
+    """The crude atom sites of a synthetic layered oxide, for the forward model's intensities:
+    (element, (x, y, z), occupancy) in the hexagonal setting, Z-scaled Gaussian form factors.
+    Na occupancies are relative (scaled by the sodium content x of the frame). Not a crystal
+    structure for refinement (that is :class:`xrdpipe.refine.structures.Structure`).
     """
 
     name: str
@@ -93,27 +94,27 @@ def _centred(atoms):
     return tuple(out)
 
 
-def o3_structure(z_o: float = 0.2326) -> Structure:
+def o3_sites(z_o: float = 0.2326) -> SyntheticSites:
     """O3 (R-3m): Na 3a, TM 3b, O 6c (z from the NFM study's Rietveld, Table S7)."""
-    return Structure("O3", "R-3m", _centred([
+    return SyntheticSites("O3", "R-3m", _centred([
         ("Na", (0, 0, 0), 1.0), ("TM", (0, 0, 0.5), 1.0), ("O", (0, 0, z_o), 1.0), ("O", (0, 0, -z_o), 1.0)]))
 
 
-def p3_structure(dz_o: float = 0.057) -> Structure:
+def p3_sites(dz_o: float = 0.057) -> SyntheticSites:
     """P3 (R3m): TM at z=0, O at ±dz around it, Na prismatic at z=1/6."""
-    return Structure("P3", "R3m", _centred([
+    return SyntheticSites("P3", "R3m", _centred([
         ("TM", (0, 0, 0), 1.0), ("O", (0, 0, 1 / 3 + dz_o), 1.0),
         ("O", (0, 0, 2 / 3 - dz_o), 1.0), ("Na", (0, 0, 1 / 6), 1.0)]))
 
 
-def p2_structure(z_o: float = 0.09) -> Structure:
+def p2_sites(z_o: float = 0.09) -> SyntheticSites:
     """P2 (P6_3/mmc): TM 2a, O 4f, Na on 2b (1/3) and 2d (2/3)."""
     atoms = [("TM", (0, 0, 0), 1.0), ("TM", (0, 0, 0.5), 1.0),
              ("O", (1 / 3, 2 / 3, z_o), 1.0), ("O", (2 / 3, 1 / 3, z_o + 0.5), 1.0),
              ("O", (2 / 3, 1 / 3, -z_o), 1.0), ("O", (1 / 3, 2 / 3, 0.5 - z_o), 1.0),
              ("Na", (0, 0, 0.25), 1 / 3), ("Na", (0, 0, 0.75), 1 / 3),
              ("Na", (1 / 3, 2 / 3, 0.75), 2 / 3), ("Na", (2 / 3, 1 / 3, 0.25), 2 / 3)]
-    return Structure("P2", "P63/mmc", tuple(atoms))
+    return SyntheticSites("P2", "P63/mmc", tuple(atoms))
 
 
 @dataclass(frozen=True)
@@ -121,12 +122,12 @@ class SyntheticPhase:
     """A phase whose a and c follow x piecewise-linearly through ``(x, a, c)`` nodes."""
 
     name: str
-    structure: Structure
+    sites: SyntheticSites
     nodes: tuple[tuple[float, float, float], ...]
 
     @property
     def space_group(self) -> str:
-        return self.structure.space_group
+        return self.sites.space_group
 
     def cell(self, x: float) -> tuple[float, float]:
         xs = np.array([n[0] for n in self.nodes])
@@ -169,8 +170,8 @@ class Scenario:
 
 def nfm_scenario() -> Scenario:
     """NaNi1/3Fe1/3Mn1/3O2: O3 <-> P3 with coexistence near Na0.66 (the NFM study), λ = 0.6209 Å."""
-    o3 = SyntheticPhase("O3", o3_structure(), ((1.0, 2.9852, 15.997), (0.68, 2.9540, 16.215)))
-    p3 = SyntheticPhase("P3", p3_structure(), ((0.64, 2.9300, 16.690), (0.40, 2.8700, 16.930)))
+    o3 = SyntheticPhase("O3", o3_sites(), ((1.0, 2.9852, 15.997), (0.68, 2.9540, 16.215)))
+    p3 = SyntheticPhase("P3", p3_sites(), ((0.64, 2.9300, 16.690), (0.40, 2.8700, 16.930)))
     m = 22.98977 + (58.6934 + 55.845 + 54.938044) / 3 + 2 * 15.999
     return Scenario("nfm", 0.6209, "NaNi1/3Fe1/3Mn1/3O2", m, 1.0, 0.45, o3, p3, (0.64, 0.68),
                     ((1.0, 2.40), (0.9, 2.75), (0.68, 3.05), (0.64, 3.08), (0.5, 3.55), (0.4, 4.0)))
@@ -178,8 +179,8 @@ def nfm_scenario() -> Scenario:
 
 def mcm_scenario() -> Scenario:
     """P2-Na0.8Mg0.13[Mn0.6Co0.2Mg0.07]O2: P2 -> P''2 then solid solution (the MCM study), λ = 0.6884 Å."""
-    p2 = SyntheticPhase("P2", p2_structure(), ((0.80, 2.8520, 11.190), (0.62, 2.8380, 11.260)))
-    pp2 = SyntheticPhase("P''2", Structure("P''2", "P63/mmc", p2_structure(0.092).atoms),
+    p2 = SyntheticPhase("P2", p2_sites(), ((0.80, 2.8520, 11.190), (0.62, 2.8380, 11.260)))
+    pp2 = SyntheticPhase("P''2", SyntheticSites("P''2", "P63/mmc", p2_sites(0.092).atoms),
                          ((0.56, 2.8300, 11.340), (0.30, 2.8150, 11.420)))
     m = 22.98977 * 0.8 + 24.305 * 0.2 + 54.938044 * 0.6 + 58.933194 * 0.2 + 2 * 15.999
     return Scenario("mcm", 0.6884, "Na0.8Mg0.2Mn0.6Co0.2O2", m, 0.8, 0.35, p2, pp2, (0.56, 0.62),
@@ -295,7 +296,7 @@ def peak_list(states, wavelength_A: float, tth_range: tuple[float, float], *, sc
                 continue
             th = np.radians(tth / 2)
             lorentz = 1.0 / (np.sin(th) ** 2 * np.cos(th))
-            f2 = phase.structure.structure_factor_sq(h, k, l, d, x_na=1.0)
+            f2 = phase.sites.structure_factor_sq(h, k, l, d, x_na=1.0)
             area = scale * frac * mult * f2 * lorentz * 1e-4 * dif.intensity_factor(phase.name, (h, k, l))
             peaks.append({"phase": phase.name, "hkl": f"{h}{k}{l}" if min(h, k, l) >= 0 else f"{h},{k},{l}",
                           "h": h, "k": k, "l": l, "d_A": float(d), "tth_deg": float(tth), "area": float(area),
@@ -519,10 +520,6 @@ def make_experiment(folder: Path | str, *, scenario: Scenario | str = "nfm", n_f
     difficulty : :class:`Difficulty` knobs (start-cell errors in the experiment file, overlap,
         broadening, intensities, Al lines, windows); None: the demo's settings
     """
-    import fabio
-    import h5py
-    import hdf5plugin
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     sc = {"nfm": nfm_scenario, "mcm": mcm_scenario}[scenario]() if isinstance(scenario, str) else scenario
@@ -531,124 +528,179 @@ def make_experiment(folder: Path | str, *, scenario: Scenario | str = "nfm", n_f
     rng = np.random.default_rng(seed)
     exposure_s = period_s if exposure_s is None else exposure_s
     run_name = run_name or f"synthetic-{sc.name}"
-
-    # --- electrochemistry: constant current, charge from x0 to x_min, then discharge ----------
-    n_ch, n_dis = _schedule(n_frames, n_rest, frac_charge)
-    t_rest = n_rest * period_s
-    t_ch = n_ch * period_s
-    t_dis = n_dis * period_s
-    dxdt = (sc.x0 - sc.x_min) / t_ch  # per second
-    moles = active_mass_mg * 1e-3 / sc.molar_mass
-    current_mA = dxdt * moles * FARADAY * 1e3
-
-    def x_at(t: float) -> float:
-        if t <= t_rest:
-            return sc.x0
-        if t <= t_rest + t_ch:
-            return sc.x0 - dxdt * (t - t_rest)
-        return sc.x_min + dxdt * min(t - t_rest - t_ch, t_dis)
-
-    def current_at(t: float) -> float:
-        if t < t_rest:
-            return 0.0
-        if t < t_rest + t_ch:
-            return current_mA
-        if t < t_rest + t_ch + t_dis:
-            return -current_mA
-        return 0.0
-
+    cell = _Cycling(sc, n_frames, n_rest, frac_charge, period_s, active_mass_mg)
     # cycler record: starts 60 s before the first frame, ends 60 s after the last
     cyc_start = start - timedelta(seconds=60)
-    cycler_file = folder / "cycler.csv"
-    t_end = n_frames * period_s + 60
-    with open(cycler_file, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["datetime", "time/s", "Ewe/V", "I/mA"])
-        for tc in np.arange(0.0, t_end + 60 + 1e-9, 2.0):
-            t = tc - 60.0
-            i = current_at(t)
-            x = x_at(max(t, 0.0))
-            v = sc.voltage(x, charging=i > 0) if i != 0 else sc.voltage(x, True) - 0.03
-            w.writerow([(cyc_start + timedelta(seconds=float(tc))).isoformat(), f"{tc:.1f}", f"{v:.5f}", f"{i:.6f}"])
-
-    # --- frames ---------------------------------------------------------------------------------
-    times, xs, truth_rows, peak_rows = [], [], [], []
-    for i in range(n_frames):
-        s = start + timedelta(seconds=i * period_s)
-        e = s + timedelta(seconds=exposure_s)
-        mid_t = i * period_s + exposure_s / 2
-        times.append((s, e))
-        xs.append(x_at(mid_t))
-    xs = np.array(xs)
-
-    is_2d = frame_format != "xye"
-    if is_2d:
-        ai = demo_geometry(shape, sc.wavelength_A)
-        tth_px = ai.center_array(shape, unit="2th_deg")
-        weight = (ai.polarization(shape, 0.99) * ai.solidAngleArray(shape)).astype(np.float64)
-        tth_range = (float(np.floor(tth_px.min())), float(np.ceil(tth_px.max())))
-        grid = np.arange(tth_range[0] - 0.5, tth_range[1] + 0.5, 0.0005)
-        mask = demo_mask(shape, seed=7)
-    else:
-        tth_range = sc.tth_range
-        grid = np.linspace(tth_range[0], tth_range[1], npt)
-
-    frame_files: list[Path] = []
-    raw = folder / "raw" if is_2d else folder / "patterns"
-    raw.mkdir(exist_ok=True)
-    h5_handle = None
-    h5_ds = None
+    cycler_file = cell.write_record(folder / "cycler.csv", cyc_start)
+    begins = [start + timedelta(seconds=i * period_s) for i in range(n_frames)]
+    times = [(s, s + timedelta(seconds=exposure_s)) for s in begins]
+    xs = np.array([cell.x_at(i * period_s + exposure_s / 2) for i in range(n_frames)])
+    camera = _Camera(sc, frame_format, shape, npt)
+    writer = _FrameWriter(folder / ("raw" if camera.is_2d else "patterns"), run_name, frame_format, frames_per_file,
+                          n_frames, period_s, exposure_s, shape, sc.wavelength_A)
+    truth_rows, peak_rows = [], []
     try:
         for i in range(n_frames):
             states = phase_state(sc, float(xs[i]))
-            peaks = peak_list(states, sc.wavelength_A, tth_range, scale=counts * 3000.0, difficulty=difficulty)
+            peaks = peak_list(states, sc.wavelength_A, camera.tth_range, scale=counts * 3000.0, difficulty=difficulty)
             for p in peaks:
                 peak_rows.append({"frame": i, **{k: p[k] for k in ("phase", "hkl", "d_A", "tth_deg", "area")}})
             for ph, a, c, frac in states:
                 truth_rows.append({"frame": i, "time": (times[i][0] + (times[i][1] - times[i][0]) / 2).isoformat(),
                                    "time_s": i * period_s + exposure_s / 2, "x": float(xs[i]), "phase": ph.name,
                                    "a": a, "c": c, "fraction": frac})
-            y1 = pattern_1d(grid, peaks, background=40.0 * counts if background is None else background)
-            if not is_2d:
-                y = rng.poisson(np.clip(y1, 0, None)).astype(float)
-                path = raw / f"{run_name}_{i:05d}.xye"
-                np.savetxt(path, np.column_stack([grid, y, np.sqrt(np.maximum(y, 1))]), fmt="%.6f",
-                           header=f"synthetic pattern {i}, 2theta_deg counts esd, lambda={sc.wavelength_A}")
-                frame_files.append(path)
-                continue
-            lam = np.interp(tth_px, grid, y1) * weight
-            img = rng.poisson(lam).astype(np.uint32)
-            img[mask] = np.iinfo(np.uint32).max  # like an EIGER: flagged, and masked
-            if frame_format == "h5":
-                j = i % frames_per_file
-                if j == 0:
-                    if h5_handle is not None:
-                        h5_handle.close()
-                    n_here = min(frames_per_file, n_frames - i)
-                    path = raw / f"{run_name}_data_{i // frames_per_file + 1:06d}.h5"
-                    h5_handle = h5py.File(path, "w")
-                    _eiger_header(h5_handle, times[i][0], period_s, exposure_s, shape, sc.wavelength_A)
-                    h5_ds = h5_handle.create_dataset(
-                        "/entry/data/data", shape=(n_here, *shape), dtype=np.uint32,
-                        chunks=(1, *shape), **hdf5plugin.Bitshuffle(cname="lz4"))
-                    h5_ds.attrs["units"] = "counts"
-                    frame_files.append(path)
-                h5_ds[j] = img
-            else:
-                path = _write_fabio(raw, i, img, times[i][0], exposure_s, frame_format, run_name)
-                frame_files.append(path)
+            y1 = pattern_1d(camera.grid, peaks, background=40.0 * counts if background is None else background)
+            writer.write(i, camera.grid, camera.counts(y1, rng), times[i][0])
     finally:
-        if h5_handle is not None:
-            h5_handle.close()
+        writer.close()
+    poni_file, mask_file = camera.write_calibration(folder)
+    truth_file, truth_peaks_file = _write_truth(folder, truth_rows, peak_rows)
+    exp_file = folder / "experiment.toml"
+    exp_file.write_text(_experiment_toml(run_name, sc, frame_format, start, period_s, exposure_s,
+                                         npt, active_mass_mg, cyc_start) + _fit_toml(sc, difficulty))
+    peaks_by_frame: list[list[dict]] = [[] for _ in range(n_frames)]
+    for r in peak_rows:
+        peaks_by_frame[r["frame"]].append(r)
+    return SyntheticExperiment(folder, exp_file, writer.files, poni_file, mask_file, cycler_file, truth_file,
+                               truth_peaks_file, sc, times, xs, truth_rows, peaks_by_frame)
 
-    # --- calibration, truth, experiment file ----------------------------------------------------
-    poni_file = mask_file = None
-    if is_2d:
+
+class _Cycling:
+    """Constant current: rest at x0 for ``n_rest`` frames, charge to x_min, then discharge."""
+
+    def __init__(self, sc: Scenario, n_frames: int, n_rest: int, frac_charge: float, period_s: float,
+                 active_mass_mg: float):
+        n_ch, n_dis = _schedule(n_frames, n_rest, frac_charge)
+        self.sc, self.n_frames, self.period_s = sc, n_frames, period_s
+        self.t_rest, self.t_ch, self.t_dis = n_rest * period_s, n_ch * period_s, n_dis * period_s
+        self.dxdt = (sc.x0 - sc.x_min) / self.t_ch  # per second
+        moles = active_mass_mg * 1e-3 / sc.molar_mass
+        self.current_mA = self.dxdt * moles * FARADAY * 1e3
+
+    def x_at(self, t: float) -> float:
+        sc = self.sc
+        if t <= self.t_rest:
+            return sc.x0
+        if t <= self.t_rest + self.t_ch:
+            return sc.x0 - self.dxdt * (t - self.t_rest)
+        return sc.x_min + self.dxdt * min(t - self.t_rest - self.t_ch, self.t_dis)
+
+    def current_at(self, t: float) -> float:
+        if t < self.t_rest:
+            return 0.0
+        if t < self.t_rest + self.t_ch:
+            return self.current_mA
+        if t < self.t_rest + self.t_ch + self.t_dis:
+            return -self.current_mA
+        return 0.0
+
+    def write_record(self, path: Path, cyc_start: datetime) -> Path:
+        """The cycler's CSV (date-time, time, voltage, current every 2 s) from ``cyc_start``, 60 s
+        before the first frame, to 60 s after the last."""
+        t_end = self.n_frames * self.period_s + 60
+        with open(path, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["datetime", "time/s", "Ewe/V", "I/mA"])
+            for tc in np.arange(0.0, t_end + 60 + 1e-9, 2.0):
+                t = tc - 60.0
+                i = self.current_at(t)
+                x = self.x_at(max(t, 0.0))
+                v = self.sc.voltage(x, charging=i > 0) if i != 0 else self.sc.voltage(x, True) - 0.03
+                w.writerow([(cyc_start + timedelta(seconds=float(tc))).isoformat(), f"{tc:.1f}", f"{v:.5f}",
+                            f"{i:.6f}"])
+        return path
+
+
+class _Camera:
+    """What turns a 1D pattern into counts: the demo detector (geometry, polarization and solid
+    angle, EIGER-like gaps) for 2D frames, or the 2θ grid alone for 1D patterns."""
+
+    def __init__(self, sc: Scenario, frame_format: str, shape: tuple[int, int], npt: int):
+        self.is_2d = frame_format != "xye"
+        if self.is_2d:
+            self.ai = demo_geometry(shape, sc.wavelength_A)
+            self.tth_px = self.ai.center_array(shape, unit="2th_deg")
+            self.weight = (self.ai.polarization(shape, 0.99) * self.ai.solidAngleArray(shape)).astype(np.float64)
+            self.tth_range = (float(np.floor(self.tth_px.min())), float(np.ceil(self.tth_px.max())))
+            self.grid = np.arange(self.tth_range[0] - 0.5, self.tth_range[1] + 0.5, 0.0005)
+            self.mask = demo_mask(shape, seed=7)
+        else:
+            self.tth_range = sc.tth_range
+            self.grid = np.linspace(self.tth_range[0], self.tth_range[1], npt)
+
+    def counts(self, y1: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Poisson counts of the pattern ``y1`` (on :attr:`grid`): 1D, or a 2D image whose
+        gaps hold the EIGER's flag value (and are masked)."""
+        if not self.is_2d:
+            return rng.poisson(np.clip(y1, 0, None)).astype(float)
+        img = rng.poisson(np.interp(self.tth_px, self.grid, y1) * self.weight).astype(np.uint32)
+        img[self.mask] = np.iinfo(np.uint32).max  # like an EIGER: flagged, and masked
+        return img
+
+    def write_calibration(self, folder: Path) -> tuple[Path | None, Path | None]:
+        """demo.poni and mask.edf for 2D frames; (None, None) for 1D patterns."""
+        import fabio
+
+        if not self.is_2d:
+            return None, None
         poni_file = folder / "demo.poni"
-        ai.write(str(poni_file))
+        self.ai.write(str(poni_file))
         mask_file = folder / "mask.edf"
-        fabio.edfimage.EdfImage(data=mask.astype(np.int8), header={"title": "xrdpipe demo mask: 1 = masked"}).write(str(mask_file))
+        fabio.edfimage.EdfImage(data=self.mask.astype(np.int8),
+                                header={"title": "xrdpipe demo mask: 1 = masked"}).write(str(mask_file))
+        return poni_file, mask_file
 
+
+class _FrameWriter:
+    """Frames into files: EIGER-like HDF5 stacks of ``frames_per_file`` (bitshuffle-LZ4), one
+    CBF/TIFF/EDF file a frame, or one .xye a 1D pattern. ``files`` lists what was written."""
+
+    def __init__(self, raw: Path, run_name: str, frame_format: str, frames_per_file: int, n_frames: int,
+                 period_s: float, exposure_s: float, shape: tuple[int, int], wavelength_A: float):
+        raw.mkdir(exist_ok=True)
+        self.raw, self.run_name, self.format = raw, run_name, frame_format
+        self.frames_per_file, self.n_frames = frames_per_file, n_frames
+        self.period_s, self.exposure_s, self.shape, self.wavelength_A = period_s, exposure_s, shape, wavelength_A
+        self.files: list[Path] = []
+        self._h5 = None
+        self._ds = None
+
+    def write(self, i: int, grid: np.ndarray, y: np.ndarray, start: datetime) -> None:
+        if self.format == "xye":
+            path = self.raw / f"{self.run_name}_{i:05d}.xye"
+            np.savetxt(path, np.column_stack([grid, y, np.sqrt(np.maximum(y, 1))]), fmt="%.6f",
+                       header=f"synthetic pattern {i}, 2theta_deg counts esd, lambda={self.wavelength_A}")
+            self.files.append(path)
+        elif self.format == "h5":
+            j = i % self.frames_per_file
+            if j == 0:
+                self._open_stack(i, start)
+            self._ds[j] = y
+        else:
+            self.files.append(_write_fabio(self.raw, i, y, start, self.exposure_s, self.format, self.run_name))
+
+    def _open_stack(self, i: int, start: datetime) -> None:
+        import h5py
+        import hdf5plugin
+
+        self.close()
+        n_here = min(self.frames_per_file, self.n_frames - i)
+        path = self.raw / f"{self.run_name}_data_{i // self.frames_per_file + 1:06d}.h5"
+        self._h5 = h5py.File(path, "w")
+        _eiger_header(self._h5, start, self.period_s, self.exposure_s, self.shape, self.wavelength_A)
+        self._ds = self._h5.create_dataset("/entry/data/data", shape=(n_here, *self.shape), dtype=np.uint32,
+                                           chunks=(1, *self.shape), **hdf5plugin.Bitshuffle(cname="lz4"))
+        self._ds.attrs["units"] = "counts"
+        self.files.append(path)
+
+    def close(self) -> None:
+        if self._h5 is not None:
+            self._h5.close()
+            self._h5 = None
+
+
+def _write_truth(folder: Path, truth_rows: list[dict], peak_rows: list[dict]) -> tuple[Path, Path]:
+    """truth.csv (frame, time, x, phase, a, c, fraction) and truth_peaks.csv."""
     truth_file = folder / "truth.csv"
     with open(truth_file, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["frame", "time", "time_s", "x", "phase", "a", "c", "fraction"])
@@ -661,15 +713,7 @@ def make_experiment(folder: Path | str, *, scenario: Scenario | str = "nfm", n_f
         w = csv.DictWriter(fh, fieldnames=["frame", "phase", "hkl", "d_A", "tth_deg", "area"])
         w.writeheader()
         w.writerows(peak_rows)
-
-    exp_file = folder / "experiment.toml"
-    exp_file.write_text(_experiment_toml(run_name, sc, frame_format, start, period_s, exposure_s,
-                                         npt, active_mass_mg, cyc_start) + _fit_toml(sc, difficulty))
-    peaks_by_frame: list[list[dict]] = [[] for _ in range(n_frames)]
-    for r in peak_rows:
-        peaks_by_frame[r["frame"]].append(r)
-    return SyntheticExperiment(folder, exp_file, frame_files, poni_file, mask_file, cycler_file, truth_file,
-                               truth_peaks_file, sc, times, xs, truth_rows, peaks_by_frame)
+    return truth_file, truth_peaks_file
 
 
 def _eiger_header(h5, start: datetime, period_s: float, exposure_s: float, shape, wavelength_A: float) -> None:

@@ -3,7 +3,9 @@ and start values, with the Jacobian the batched solver needs.
 
 The parameters of component ``j`` are ``p{j}_center, p{j}_fwhm (or _fwhm_left, _fwhm_right),
 p{j}_area, p{j}_eta (or _m)``; the background is ``bg_c0 ... bg_cN`` in the reduced abscissa.
-Fitting it is :mod:`xrdpipe.peaks`.
+Fitting it is :mod:`xrdpipe.peaks`, which also builds its lmfit composite model
+(:func:`xrdpipe.peaks.lmfit_model`, the reference definition): this module never imports lmfit
+nor calls back into the fitting.
 """
 
 from __future__ import annotations
@@ -305,10 +307,3 @@ class WindowModel:
                 theta[:, base + 1] = (right - left) / 2
         np.clip(theta, lo, hi, out=theta)
         return theta, lo, hi
-
-    # -- lmfit, the reference and the user-facing definition -------------------------------------
-    def lmfit_model(self):
-        """The window as an lmfit composite model (components with ``prefix="p{j}_"``)."""
-        from .peaks import lmfit_model
-
-        return lmfit_model(self)

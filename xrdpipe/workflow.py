@@ -22,9 +22,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .config import Experiment, TimesFromLog
+from .config import PLOT_KINDS, Experiment, PlotsSpec, TimesFromLog
 from .errors import XrdpipeError
-from .plotspec import PLOT_KINDS, PlotsSpec
 from .safeio import file_stat
 from .store import FAILED, mark_stage, read_stages
 

@@ -139,7 +139,7 @@ def _full_mask(image: np.ndarray, detector, mask: np.ndarray | Path | str | None
     """True where a pixel is excluded: the detector's own mask (module gaps), the user's (an
     array, True where excluded, or an image file, non-zero where excluded), and pixels that are
     not finite, negative or at the counter's overflow value."""
-    from .calibration import _read_image
+    from .calibration import read_image
 
     bad = ~np.isfinite(image) | (image < 0)
     det_mask = detector.mask if getattr(detector, "mask", None) is not None else None
@@ -149,7 +149,7 @@ def _full_mask(image: np.ndarray, detector, mask: np.ndarray | Path | str | None
         where = "the mask"
         if not isinstance(mask, np.ndarray):
             where = f"mask {mask}"
-            mask = _read_image(Path(mask), "mask") != 0
+            mask = read_image(Path(mask), "mask") != 0
         if mask.shape != image.shape:
             raise CalibrationError(f"{where} is {mask.shape[0]} x {mask.shape[1]} pixels, the image {path} "
                                    f"is {image.shape[0]} x {image.shape[1]}")
@@ -447,11 +447,6 @@ def calibrate(image: np.ndarray | Path | str, *, calibrant: str, wavelength_A: f
         Unreadable image, unknown calibrant or detector, no rings, or rings that do not match
         the calibrant.
     """
-    import logging
-
-    from pyFAI.geometryRefinement import GeometryRefinement
-    from pyFAI.goniometer import SingleGeometry
-
     path = Path(image) if not isinstance(image, np.ndarray) else Path("<array>")
     img = read_calibrant_image(path, frame=frame) if not isinstance(image, np.ndarray) else np.asarray(image, float)
     if img.ndim != 2:
@@ -465,7 +460,7 @@ def calibrate(image: np.ndarray | Path | str, *, calibrant: str, wavelength_A: f
     if tth.size < MIN_RINGS:
         raise CalibrationError(f"calibrant {calibrant} has fewer than {MIN_RINGS} rings at {wavelength_A} Å")
     c1, c2 = guess_center if guess_center is not None else ((img.shape[0] - 1) / 2, (img.shape[1] - 1) / 2)
-    p1, p2 = det.pixel1, det.pixel2
+    p1 = det.pixel1
     if guess_distance_mm is None:
         guess_distance_mm = 0.25 * min(img.shape) * p1 * 1e3 / math.tan(tth[0])
     d_px = guess_distance_mm * 1e-3 / p1
@@ -477,8 +472,29 @@ def calibrate(image: np.ndarray | Path | str, *, calibrant: str, wavelength_A: f
     coarse = _find_rings(img, bad, c1, c2, tan_tth, d_px, search, max_shift_px, str(path))
 
     det.mask = bad.astype(np.int8)
-    gr = GeometryRefinement(coarse.points, dist=coarse.distance_px * p1, poni1=(coarse.c1 + 0.5) * p1,
-                            poni2=(coarse.c2 + 0.5) * p2, detector=det, wavelength=wavelength_A * 1e-10,
+    gr, points = _refine_geometry(coarse, img, bad, det, cal, wavelength_A, refine_wavelength, max_rings)
+    from pyFAI.integrator.azimuthal import AzimuthalIntegrator
+
+    ai = AzimuthalIntegrator(dist=gr.dist, poni1=gr.poni1, poni2=gr.poni2, rot1=gr.rot1, rot2=gr.rot2, rot3=gr.rot3,
+                             detector=det, wavelength=gr.wavelength)
+    rings = _residuals(gr, points, cal)
+    return CalibrationResult(path, calibrant, ai, rings, points,
+                             {"dist": guess_distance_mm * 1e-3, "row": c1, "col": c2}, refine_wavelength, img, bad)
+
+
+def _refine_geometry(coarse, img: np.ndarray, bad: np.ndarray, det, cal, wavelength_A: float,
+                     refine_wavelength: bool, max_rings: int | None):
+    """pyFAI's least squares from the rings found: distance and centre, then the tilts (and the
+    wavelength when asked); then control points extracted again on every ring from the refined
+    geometry and refined again, until the geometry stops moving (at most 6 rounds). Returns the
+    refinement and the control points it ended with."""
+    import logging
+
+    from pyFAI.geometryRefinement import GeometryRefinement
+    from pyFAI.goniometer import SingleGeometry
+
+    gr = GeometryRefinement(coarse.points, dist=coarse.distance_px * det.pixel1, poni1=(coarse.c1 + 0.5) * det.pixel1,
+                            poni2=(coarse.c2 + 0.5) * det.pixel2, detector=det, wavelength=wavelength_A * 1e-10,
                             calibrant=cal)
     fix = ["rot3"] + ([] if refine_wavelength else ["wavelength"])
     quiet = logging.getLogger("pyFAI")
@@ -507,18 +523,12 @@ def calibrate(image: np.ndarray | Path | str, *, calibrant: str, wavelength_A: f
             if refine_wavelength:
                 cal.setWavelength_change2th(gr.wavelength)     # pyFAI checks the two agree
             after = np.array([gr.dist, gr.poni1, gr.poni2, gr.rot1, gr.rot2, gr.wavelength])
-            moved = np.abs(after - before) / np.array([gr.dist, p1, p2, 1e-4, 1e-4, gr.wavelength])
+            moved = np.abs(after - before) / np.array([gr.dist, det.pixel1, det.pixel2, 1e-4, 1e-4, gr.wavelength])
             if moved[0] < 1e-5 and moved[1] < 0.01 and moved[2] < 0.01 and moved[3] < 0.01 and moved[4] < 0.01:
                 break
     finally:
         quiet.setLevel(level)
-    from pyFAI.integrator.azimuthal import AzimuthalIntegrator
-
-    ai = AzimuthalIntegrator(dist=gr.dist, poni1=gr.poni1, poni2=gr.poni2, rot1=gr.rot1, rot2=gr.rot2, rot3=gr.rot3,
-                             detector=det, wavelength=gr.wavelength)
-    rings = _residuals(gr, points, cal)
-    return CalibrationResult(path, calibrant, ai, rings, points,
-                             {"dist": guess_distance_mm * 1e-3, "row": c1, "col": c2}, refine_wavelength, img, bad)
+    return gr, points
 
 
 # ----------------------------------------------------------------------------------------------
@@ -617,8 +627,6 @@ def check_calibration(image: np.ndarray | Path | str, *, poni: Path | str, calib
     module docstring). A ring is ``off`` when its offset exceeds ``tolerance_deg`` by more than
     twice its esd; rings too close to a neighbour to fit alone are ``overlapped``, rings with no
     peak above the noise ``not seen``."""
-    from scipy.optimize import curve_fit
-
     from .calibration import load_calibration
 
     path = Path(image) if not isinstance(image, np.ndarray) else Path("<array>")
@@ -643,56 +651,63 @@ def check_calibration(image: np.ndarray | Path | str, *, poni: Path | str, calib
     step = float(np.median(np.diff(x)))
     tth_all = np.degrees(np.array([t for t in cal.get_2th() if t is not None], float))
     d_all = np.asarray(cal.dspacing, float)[:tth_all.size]
-    rings: list[RingCheck] = []
-    for k, t in enumerate(tth_all):
-        if not lo + 0.05 < t < hi - 0.05:
-            continue
-        gap = min(abs(t - tth_all[j]) for j in (k - 1, k + 1) if 0 <= j < tth_all.size)
-        half = min(0.45 * gap, 0.5)
-        if half < 6 * step:
-            rings.append(RingCheck(k, float(d_all[k]), float(t), math.nan, math.nan, math.nan, math.nan, "overlapped"))
-            continue
-        sel = (x > t - half) & (x < t + half) & np.isfinite(y) & (sig > 0)
-        xs, ys, ss = x[sel], y[sel], sig[sel]
-        if xs.size < 10:
-            rings.append(RingCheck(k, float(d_all[k]), float(t), math.nan, math.nan, math.nan, math.nan, "not seen"))
-            continue
-        b0 = float(np.median(np.concatenate([ys[:3], ys[-3:]])))
-        peak = float(ys.max() - b0)
-        noise = float(np.median(ss))
-        if peak < 8 * noise:
-            rings.append(RingCheck(k, float(d_all[k]), float(t), math.nan, math.nan, math.nan, math.nan, "not seen"))
-            continue
-        c0 = float(xs[np.argmax(ys)])
-        w0 = max(3 * step, 0.02)
-        p0 = [peak * w0, c0, w0, 0.5, b0, 0.0]
-        try:
-            popt, pcov = curve_fit(_pv, xs, ys, p0=p0, sigma=ss, absolute_sigma=True, maxfev=4000,
-                                   bounds=([0, t - half, step, 0, -np.inf, -np.inf],
-                                           [np.inf, t + half, half, 1, np.inf, np.inf]))
-        except (RuntimeError, ValueError):
-            rings.append(RingCheck(k, float(d_all[k]), float(t), math.nan, math.nan, math.nan, math.nan, "not seen"))
-            continue
-        chi2 = float(np.sum(((ys - _pv(xs, *popt)) / ss) ** 2) / max(xs.size - 6, 1))
-        esd = float(np.sqrt(max(pcov[1, 1], 0.0)) * math.sqrt(max(chi2, 1.0)))
-        off = float(popt[1] - t)
-        if not esd < half / 4:
-            rings.append(RingCheck(k, float(d_all[k]), float(t), math.nan, math.nan, math.nan, math.nan, "not seen"))
-            continue
-        status = "off" if abs(off) - 2 * esd > tolerance_deg else "ok"
-        rings.append(RingCheck(k, float(d_all[k]), float(t), float(popt[1]), off, esd, float(popt[2]), status))
-    fitted = [r for r in rings if r.status in ("ok", "off")]
-    derr = None
-    if len(fitted) >= 2:
-        # tan 2θ_obs = tan 2θ D_true / D_poni: a relative distance error δ moves 2θ by
-        # δ sin 2θ cos 2θ (radians) to first order
-        g = np.array([math.sin(math.radians(2 * r.expected_deg)) / 2 for r in fitted])
-        o = np.radians([r.offset_deg for r in fitted])
-        w = 1 / np.radians([max(r.esd_deg, 1e-6) for r in fitted]) ** 2
-        delta = float(np.sum(w * g * o) / np.sum(w * g * g))
-        chi2 = float(np.sum(w * (o - delta * g) ** 2) / max(len(fitted) - 1, 1))
-        derr = (delta, float(math.sqrt(max(chi2, 1.0) / np.sum(w * g * g))))
-        left = float(np.degrees(np.sqrt(np.mean((o - delta * g) ** 2))))
-    else:
-        left = math.nan
+    rings = [_check_ring(k, t, tth_all, d_all, x, y, sig, step, tolerance_deg)
+             for k, t in enumerate(tth_all) if lo + 0.05 < t < hi - 0.05]
+    derr, left = _distance_error([r for r in rings if r.status in ("ok", "off")])
     return CalibrationCheck(path, Path(poni), calibrant, tolerance_deg, rings, derr, left)
+
+
+def _check_ring(k: int, t: float, tth_all: np.ndarray, d_all: np.ndarray, x: np.ndarray, y: np.ndarray,
+                sig: np.ndarray, step: float, tolerance_deg: float) -> RingCheck:
+    """Ring ``k`` (expected at ``t`` degrees) in the integrated pattern: a pseudo-Voigt on a
+    line fitted within half the gap to its neighbours, or why it cannot be (overlapped, not seen)."""
+    from scipy.optimize import curve_fit
+
+    def unfit(why: str) -> RingCheck:
+        return RingCheck(k, float(d_all[k]), float(t), math.nan, math.nan, math.nan, math.nan, why)
+
+    gap = min(abs(t - tth_all[j]) for j in (k - 1, k + 1) if 0 <= j < tth_all.size)
+    half = min(0.45 * gap, 0.5)
+    if half < 6 * step:
+        return unfit("overlapped")
+    sel = (x > t - half) & (x < t + half) & np.isfinite(y) & (sig > 0)
+    xs, ys, ss = x[sel], y[sel], sig[sel]
+    if xs.size < 10:
+        return unfit("not seen")
+    b0 = float(np.median(np.concatenate([ys[:3], ys[-3:]])))
+    peak = float(ys.max() - b0)
+    noise = float(np.median(ss))
+    if peak < 8 * noise:
+        return unfit("not seen")
+    c0 = float(xs[np.argmax(ys)])
+    w0 = max(3 * step, 0.02)
+    p0 = [peak * w0, c0, w0, 0.5, b0, 0.0]
+    try:
+        popt, pcov = curve_fit(_pv, xs, ys, p0=p0, sigma=ss, absolute_sigma=True, maxfev=4000,
+                               bounds=([0, t - half, step, 0, -np.inf, -np.inf],
+                                       [np.inf, t + half, half, 1, np.inf, np.inf]))
+    except (RuntimeError, ValueError):
+        return unfit("not seen")
+    chi2 = float(np.sum(((ys - _pv(xs, *popt)) / ss) ** 2) / max(xs.size - 6, 1))
+    esd = float(np.sqrt(max(pcov[1, 1], 0.0)) * math.sqrt(max(chi2, 1.0)))
+    off = float(popt[1] - t)
+    if not esd < half / 4:
+        return unfit("not seen")
+    status = "off" if abs(off) - 2 * esd > tolerance_deg else "ok"
+    return RingCheck(k, float(d_all[k]), float(t), float(popt[1]), off, esd, float(popt[2]), status)
+
+
+def _distance_error(fitted: list[RingCheck]) -> tuple[tuple[float, float] | None, float]:
+    """The relative distance error (and its esd) that best explains the fitted rings' offsets,
+    and the RMS offset (degrees) it leaves; (None, NaN) with fewer than 2 rings."""
+    if len(fitted) < 2:
+        return None, math.nan
+    # tan 2θ_obs = tan 2θ D_true / D_poni: a relative distance error δ moves 2θ by
+    # δ sin 2θ cos 2θ (radians) to first order
+    g = np.array([math.sin(math.radians(2 * r.expected_deg)) / 2 for r in fitted])
+    o = np.radians([r.offset_deg for r in fitted])
+    w = 1 / np.radians([max(r.esd_deg, 1e-6) for r in fitted]) ** 2
+    delta = float(np.sum(w * g * o) / np.sum(w * g * g))
+    chi2 = float(np.sum(w * (o - delta * g) ** 2) / max(len(fitted) - 1, 1))
+    derr = (delta, float(math.sqrt(max(chi2, 1.0) / np.sum(w * g * g))))
+    return derr, float(np.degrees(np.sqrt(np.mean((o - delta * g) ** 2))))

@@ -7,67 +7,18 @@ about 180 mm. A PNG is written at ``dpi``, so its pixel size is ``width_mm / 25.
 
 from __future__ import annotations
 
-import types
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import Field, field_validator, model_validator
 
-__all__ = ["PLOT_KINDS", "PlotsSpec", "ContourSpec", "LatticePlotSpec", "FractionsPlotSpec", "FitCheckSpec",
-           "WaterfallSpec", "ExportSpec", "EXPORT_FORMATS"]
+from .base import Spec
 
 PLOT_KINDS = ("contour", "lattice", "fractions", "fit", "waterfall", "refinement")
 EXPORT_FORMATS = ("xye", "fxye", "topas")
 Axis = Literal["tth", "q", "d"]
 
 
-def _number_type(annotation: Any) -> tuple[type, bool] | None:
-    """``(int or float, is_sequence)`` when a field holds a number, an optional number, or a
-    tuple or list of numbers; else None."""
-    if annotation in (int, float):
-        return annotation, False
-    origin, args = get_origin(annotation), get_args(annotation)
-    if origin in (Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)]
-        return _number_type(inner[0]) if len(inner) == 1 else None
-    if origin in (tuple, list) and args:
-        kinds = {a for a in args if a is not Ellipsis}
-        if kinds and kinds <= {int, float}:
-            return (int if kinds == {int} else float), True
-    return None
-
-
-def strict_numbers(model: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
-    """Refuse a string or a boolean where the field ``info.field_name`` of ``model`` takes a
-    number (pydantic's strict mode for numbers: ``npt = "2000"`` is an error, not 2000), with
-    pydantic's own error type, so that it is reported as every other wrong type."""
-    field = model.model_fields.get(info.field_name or "")
-    kind = _number_type(field.annotation) if field is not None else None
-    if kind is None:
-        return value
-    typ, sequence = kind
-    what = "integer" if typ is int else "number"
-    if sequence:
-        if isinstance(value, (list, tuple)) and any(isinstance(v, (str, bool)) for v in value):
-            raise PydanticCustomError("value_error", "expected {what}s, got {value}",
-                                      {"what": what, "value": repr(list(value))})
-        return value
-    if isinstance(value, (str, bool)):
-        raise PydanticCustomError(f"{'int' if typ is int else 'float'}_type",
-                                  f"Input should be a valid {what} (not {'a string' if isinstance(value, str) else 'a boolean'})")
-    return value
-
-
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _strict_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        return strict_numbers(cls, value, info)
-
-
-class _Figure(_Spec):
+class _Figure(Spec):
     width_mm: float = Field(default=85.0, ge=20, le=500)
     height_mm: float = Field(default=70.0, ge=20, le=500)
 
@@ -159,7 +110,7 @@ class WaterfallSpec(_Figure):
         return self
 
 
-class PlotsSpec(_Spec):
+class PlotsSpec(Spec):
     """``[plots]``: the figures ``xrdpipe run`` draws (and the defaults of ``xrdpipe plot``)."""
 
     kinds: list[Literal["contour", "lattice", "fractions", "fit", "waterfall", "refinement"]] | None = None
@@ -181,7 +132,7 @@ class PlotsSpec(_Spec):
         return list(dict.fromkeys(v))
 
 
-class ExportSpec(_Spec):
+class ExportSpec(Spec):
     """``[export]``: every integrated pattern in formats other programs read."""
 
     formats: list[Literal["xye", "fxye", "topas"]] = ["xye", "fxye", "topas"]

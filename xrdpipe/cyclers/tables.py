@@ -1,5 +1,5 @@
 """Tables of cycler data: CSV/TSV/text and Excel exports, generic or vendor (Neware, Arbin,
-LAND), found by their header row and read into the raw form :mod:`xrdpipe.cyclers` finishes.
+LAND), found by their header row and read into the raw form :mod:`xrdpipe.cyclers.record` finishes.
 
 Private to :mod:`xrdpipe.cyclers`; use :func:`xrdpipe.cyclers.read_cycler`.
 """
@@ -9,33 +9,17 @@ from __future__ import annotations
 import csv
 import io
 import re
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .errors import CyclerReadError
+from ..errors import CyclerReadError
+from .raw import Raw
 
-_EXCEL = (".xlsx", ".xlsm", ".xls", ".xlsb", ".ods")
-_TEXT = (".csv", ".tsv", ".txt", ".dat")
-
-
-# the raw form every reader returns; cyclers._finish turns it into absolute times
-
-@dataclass
-class _Raw:
-    voltage_V: np.ndarray
-    current_mA: np.ndarray
-    rel_s: np.ndarray | None = None          # seconds since ``origin`` (or since the file's time 0)
-    origin: datetime | None = None           # naive (local) or aware
-    abs_s: np.ndarray | None = None          # POSIX seconds; wall clock read as UTC when ``naive``
-    naive: bool = False
-    step: np.ndarray | None = None
-    notes: list[str] = field(default_factory=list)
-    counter_mAh: np.ndarray | None = None
-
+EXCEL = (".xlsx", ".xlsm", ".xls", ".xlsb", ".ods")
+TEXT = (".csv", ".tsv", ".txt", ".dat")
 
 # --------------------------------------------------------------------------------------------
 # tables: CSV/TSV/text and Excel, generic or vendor exports
@@ -71,7 +55,7 @@ def _header_unit(name: str) -> str | None:
     return m.group(1) if m else None
 
 
-def _sheet_names(path: Path) -> list[str]:
+def sheet_names(path: Path) -> list[str]:
     try:
         from python_calamine import CalamineWorkbook
 
@@ -83,7 +67,7 @@ def _sheet_names(path: Path) -> list[str]:
 def _table_blocks(path: Path, fmt: str, sheet: str | None) -> list[tuple[str, list[list[Any]]]]:
     """(label, rows) of the sheets or text table that hold the record."""
     ext = path.suffix.lower()
-    if ext not in _EXCEL:
+    if ext not in EXCEL:
         return [(path.name, _text_rows(path))]
     from python_calamine import CalamineWorkbook
 
@@ -141,11 +125,10 @@ def _find_header(rows: list[list[Any]], wanted: Mapping[str, str]) -> int | None
     return None
 
 
-def _read_table(path: Path, fmt: str, columns: Mapping[str, str], units: Mapping[str, str],
-                sheet: str | None) -> _Raw:
-    bad = set(columns) - {"time", "voltage", "current", "datetime"}
-    if bad:
-        raise CyclerReadError(path, f"unknown column role(s) {sorted(bad)}; expected time, voltage, current, datetime")
+def _header_and_rows(path: Path, fmt: str, columns: Mapping[str, str], sheet: str | None
+                     ) -> tuple[list[str], list[list[Any]], str]:
+    """The header row (found by the named or the usual column names), the data rows after it
+    (continuation sheets with or without their own header joined) and where it was found."""
     header: list[Any] | None = None
     data: list[list[Any]] = []
     label = ""
@@ -164,6 +147,13 @@ def _read_table(path: Path, fmt: str, columns: Mapping[str, str], units: Mapping
         want = ", ".join(f"{r} = {c!r}" for r, c in columns.items()) or "time, voltage and current columns"
         raise CyclerReadError(path, f"cannot find a header row with {want} in the first 60 rows; "
                                     "set [electrochemistry] columns = { time = ..., voltage = ..., current = ... }")
+    return header, data, label
+
+
+def _column_indices(path: Path, header: list[str], label: str, columns: Mapping[str, str]
+                    ) -> tuple[int | None, int | None, int, int]:
+    """The columns of time, absolute date-time, voltage and current: named in ``columns``, or
+    recognised from the usual names; a named column that is not there is an error with a hint."""
     normed = [_norm(h) for h in header]
 
     def pick(role: str) -> int | None:
@@ -190,6 +180,18 @@ def _read_table(path: Path, fmt: str, columns: Mapping[str, str], units: Mapping
         raise CyclerReadError(path, f"cannot find the {', '.join(missing)} column(s) in {label} "
                                     f"(columns: {', '.join(h for h in header if h)}); "
                                     "name them in [electrochemistry] columns")
+    return c_time, c_abs, c_volt, c_cur
+
+
+def read_table(path: Path, fmt: str, columns: Mapping[str, str], units: Mapping[str, str],
+               sheet: str | None) -> Raw:
+    """The rows of a table (CSV/TSV/text or Excel, continuation sheets joined) as a :class:`Raw`:
+    voltage and current scaled to V and mA, times relative, absolute or local."""
+    bad = set(columns) - {"time", "voltage", "current", "datetime"}
+    if bad:
+        raise CyclerReadError(path, f"unknown column role(s) {sorted(bad)}; expected time, voltage, current, datetime")
+    header, data, label = _header_and_rows(path, fmt, columns, sheet)
+    c_time, c_abs, c_volt, c_cur = _column_indices(path, header, label, columns)
     rows = [r for r in data if any(c not in (None, "") for c in r)]
 
     def column(j: int) -> list[Any]:
@@ -198,11 +200,11 @@ def _read_table(path: Path, fmt: str, columns: Mapping[str, str], units: Mapping
     notes = [f"table {label}: " + ", ".join(
         f"{role} = {header[j]!r}" for role, j in (("time", c_time), ("datetime", c_abs), ("voltage", c_volt),
                                                   ("current", c_cur)) if j is not None)]
-    volt = _scaled(path, _numbers(column(c_volt), strict=True, where=header[c_volt], path=path), "voltage",
+    volt = _scaled(path, numbers(column(c_volt), strict=True, where=header[c_volt], path=path), "voltage",
                    header[c_volt], units, default="v", notes=notes)
-    cur = _scaled(path, _numbers(column(c_cur), strict=True, where=header[c_cur], path=path), "current",
+    cur = _scaled(path, numbers(column(c_cur), strict=True, where=header[c_cur], path=path), "current",
                   header[c_cur], units, default="ma" if fmt == "land" else None, notes=notes)
-    raw = _Raw(volt, cur, notes=notes)
+    raw = Raw(volt, cur, notes=notes)
     rel = None
     if c_time is not None:
         kind, vals = _time_values(path, column(c_time), header[c_time])
@@ -266,8 +268,8 @@ def _scaled(path: Path, values: np.ndarray, kind: str, header: str, units: Mappi
     return values * table[unit]
 
 
-def _numbers(values: Sequence[Any], *, strict: bool = False, where: str = "", path: Path | None = None
-             ) -> np.ndarray | None:
+def numbers(values: Sequence[Any], *, strict: bool = False, where: str = "", path: Path | None = None
+            ) -> np.ndarray | None:
     """Floats from cells (numbers or text, decimal point or comma); None (or an error) if not numeric."""
     out = np.full(len(values), np.nan)
     bad = 0
@@ -308,7 +310,7 @@ _DT_FORMATS = ("%Y-%m-%d %H:%M:%S.%f", "%Y-%m-%d %H:%M:%S", "%Y/%m/%d %H:%M:%S.%
                "%Y-%m-%d %H:%M", "%Y/%m/%d %H:%M", "%d.%m.%Y %H:%M:%S.%f", "%d.%m.%Y %H:%M:%S")
 
 
-def _parse_datetime(s: str, *, day_first: bool | None = None) -> datetime | None:
+def parse_datetime(s: str, *, day_first: bool | None = None) -> datetime | None:
     """A date and time in ISO or a common cycler form; None if it is not one.
 
     Slash dates with the year last are read month first (EC-Lab's form) unless ``day_first``.
@@ -344,9 +346,9 @@ def _time_values(path: Path, values: Sequence[Any], header: str, *, absolute: bo
         raise CyclerReadError(path, f"the time column {header!r} is empty")
     if isinstance(first, timedelta):
         return "duration", np.array([v.total_seconds() if isinstance(v, timedelta) else np.nan for v in values])
-    if isinstance(first, datetime) or (isinstance(first, str) and _parse_datetime(first) is not None
+    if isinstance(first, datetime) or (isinstance(first, str) and parse_datetime(first) is not None
                                        and _duration(first) is None and not _is_number_column([first])):
-        stamps = [v if isinstance(v, datetime) else (_parse_datetime(str(v)) if v not in (None, "") else None)
+        stamps = [v if isinstance(v, datetime) else (parse_datetime(str(v)) if v not in (None, "") else None)
                   for v in values]
         bad = next((k for k, v in enumerate(stamps) if v is None and values[k] not in (None, "")), None)
         if bad is not None:
@@ -362,7 +364,7 @@ def _time_values(path: Path, values: Sequence[Any], header: str, *, absolute: bo
         if np.isnan(out[[k for k, v in enumerate(values) if v not in (None, "")]]).any():
             raise CyclerReadError(path, f"column {header!r} mixes durations (h:mm:ss) with other values")
         return "duration", out
-    nums = _numbers(values, strict=True, where=header, path=path)
+    nums = numbers(values, strict=True, where=header, path=path)
     if absolute:
         lo = np.nanmin(nums)
         if lo > 1e8:

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from xrdpipe.calibrate import calibrate, check_calibration
 from xrdpipe.cli import main
 from xrdpipe.errors import CalibrationError
+from xrdpipe.geometry_fit import calibrate, check_calibration
 from xrdpipe.testing import calibrant_image
 
 CASES = {

@@ -25,16 +25,12 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .errors import XrdpipeError
+from ..errors import StructureError
 
 __all__ = ["Atom", "Structure", "StructureError", "Reflections", "template", "read_cif", "reflections",
            "structure_factors_sq", "cell_metric", "TEMPLATES", "space_group_ops"]
 
 TEMPLATES = ("P2", "O3", "P3")
-
-
-class StructureError(XrdpipeError):
-    """A structure cannot be built or read (the file or the key, and what was expected)."""
 
 
 @dataclass(frozen=True)
@@ -207,7 +203,7 @@ class _Expanded:
     elements: list[str]
 
 
-def _expand(structure: Structure) -> _Expanded:
+def expand_sites(structure: Structure) -> _Expanded:
     ops = space_group_ops(structure.space_group)
     xyz = np.array([a.xyz for a in structure.atoms], float).reshape(-1, 3)
     pos = np.einsum("gij,aj->agi", ops.rot, xyz) + ops.tran[None]
@@ -218,7 +214,7 @@ def _expand(structure: Structure) -> _Expanded:
 def structure_factors_sq(structure: Structure, hkl: np.ndarray, *, expanded: _Expanded | None = None) -> np.ndarray:
     """|F(hkl)|² of the unit cell contents (electrons²), IT92 form factors, exp(-B s²)."""
     hkl = np.asarray(hkl, float).reshape(-1, 3)
-    ex = expanded or _expand(structure)
+    ex = expanded or expand_sites(structure)
     s = 0.5 / d_spacings(hkl, structure.cell)
     occ = np.array([a.occupancy for a in structure.atoms])
     b = np.array([a.b_iso for a in structure.atoms])

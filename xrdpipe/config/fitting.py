@@ -1,0 +1,245 @@
+"""What the per-frame fits need: ``[[phases]]``, ``[[windows]]``, ``[fit]`` and ``[lattice]``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
+
+from .base import Spec
+
+
+class PhaseSpec(Spec):
+    """``[[phases]]``: a phase to follow, with its cell (Å, degrees) as the starting point.
+
+    A name from the library (P2, P''2, O3, P3, O2, OP4, P'2, O'3, Al) fills every key not
+    given: ``name = "O3"`` alone is a whole phase. Any space group gemmi knows is accepted; give
+    the cell parameters its crystal system has: ``a`` (cubic), ``a`` and ``c`` (tetragonal,
+    hexagonal and trigonal in hexagonal axes), ``a``, ``b``, ``c`` (orthorhombic), also ``beta``
+    (monoclinic, unique axis b), all six (triclinic). ``z_o`` (oxygen z) enables the layer
+    geometry of O3/P3/P2. ``kind`` names the structure type of a phase with another name
+    (``kind = "P2"``). ``search`` is how far (relative, ±) the phase-model fit looks for the
+    phase's cell around the configured one before calling it absent: ``{ a = 0.015, c = 0.03 }``
+    by default (b as a, angles ±2°; the library's Al: ``{ a = 0.003 }``). ``fraction = false``
+    keeps a phase out of the phase fractions (the library's Al current collector, an internal
+    standard).
+    """
+
+    name: str = Field(min_length=1)
+    space_group: str
+    a: float = Field(gt=0, lt=100)
+    c: float | None = Field(default=None, gt=0, lt=200)
+    b: float | None = Field(default=None, gt=0, lt=100)
+    beta: float | None = Field(default=None, gt=60, lt=150)
+    alpha: float | None = Field(default=None, gt=30, lt=150)
+    gamma: float | None = Field(default=None, gt=30, lt=150)
+    z_o: float | None = Field(default=None, gt=-1, lt=1)
+    kind: str | None = None
+    fraction: bool = True
+    search: dict[Literal["a", "b", "c", "alpha", "beta", "gamma"], Annotated[float, Field(ge=0, le=0.2)]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _library(cls, data: Any) -> Any:
+        from ..phases import LIBRARY
+
+        if isinstance(data, dict):
+            lib = LIBRARY.get(str(data.get("kind") or data.get("name", "")))
+            if lib is not None:
+                defaults = {"space_group": lib.space_group, "a": lib.a, "c": lib.c, "b": lib.b, "beta": lib.beta,
+                            "z_o": lib.z_o, "fraction": lib.fraction, "search": dict(lib.search) or None}
+                data = {**{k: v for k, v in defaults.items() if v is not None}, **data}
+        return data
+
+    @field_validator("space_group")
+    @classmethod
+    def _sg(cls, v: str) -> str:
+        from ..crystallography import SPACE_GROUPS, crystal_system
+
+        try:
+            crystal_system(v)
+        except ValueError:
+            close = difflib.get_close_matches(v, list(SPACE_GROUPS) + ["Fm-3m", "Fd-3m", "Pnma", "Pm-3m", "P-3m1"],
+                                              n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown space group {v!r}{hint} (a Hermann-Mauguin symbol gemmi knows, such as "
+                             f"'R-3m', 'P63/mmc', 'Fm-3m', 'Pnma' or 'C2/m')") from None
+        return v
+
+    @model_validator(mode="after")
+    def _cell(self) -> "PhaseSpec":
+        from ..crystallography import CELL_PARAMETERS, crystal_system
+
+        system = crystal_system(self.space_group)
+        units = {"a": "Å", "b": "Å", "c": "Å", "alpha": "degrees", "beta": "degrees", "gamma": "degrees"}
+        missing = [f"{k} ({units[k]})" for k in CELL_PARAMETERS[system] if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"{self.space_group} is {system}: give {', '.join(missing)}")
+        return self
+
+    @property
+    def structure_kind(self) -> str:
+        """The structure type for the layer geometry (``kind``, else the name)."""
+        return self.kind or self.name
+
+    @property
+    def crystal_system(self) -> str:
+        from ..crystallography import crystal_system
+
+        return crystal_system(self.space_group)
+
+    @property
+    def cell_parameters(self) -> tuple[str, ...]:
+        """The cell parameters this phase's crystal system leaves free, e.g. ``("a", "c")``."""
+        from ..crystallography import CELL_PARAMETERS
+
+        return CELL_PARAMETERS[self.crystal_system]
+
+    @property
+    def cell(self) -> tuple[float, float, float, float, float, float]:
+        """All six cell parameters (a, b, c, α, β, γ) implied by the given ones."""
+        from ..crystallography import full_cell
+
+        return full_cell(self.space_group, self.a, self.c, self.b, self.beta, self.alpha, self.gamma)
+
+    def d_spacing(self, h, k, l):
+        from ..crystallography import d_spacing
+
+        return d_spacing(self.space_group, h, k, l, self.a, self.c, self.b, self.beta, self.alpha, self.gamma)
+
+
+PROFILE_NAMES = ("pseudo_voigt", "pearson7", "split_pseudo_voigt")
+
+
+class PolynomialBackground(Spec):
+    """``background = { polynomial = 2 }``."""
+
+    polynomial: int = Field(ge=0, le=4)
+
+
+class WindowSpec(Spec):
+    """``[[windows]]``: a radial range fitted with one peak per listed ``"phase hkl"``.
+
+    ``range`` and every width or shift are in the run's radial unit (2θ degrees or 1/Å).
+    """
+
+    name: str = Field(min_length=1)
+    range: tuple[float, float]
+    peaks: list[str] = Field(min_length=1, max_length=8)
+    profile: Literal["pseudo_voigt", "pearson7", "split_pseudo_voigt"] = "pseudo_voigt"
+    background: Annotated[
+        Union[Annotated[Literal["constant", "linear", "quadratic"], Tag("str")],
+              Annotated[PolynomialBackground, Tag("poly")]],
+        Discriminator(
+            lambda v: "str" if isinstance(v, str) else ("poly" if isinstance(v, (dict, PolynomialBackground)) else None),
+            custom_error_type="background_kind",
+            custom_error_message='expected "constant", "linear", "quadratic" or { polynomial = 0 to 4 }',
+        ),
+    ] = "linear"
+    seed: Literal["previous", "config"] = "previous"
+    share: list[Literal["fwhm", "shape"]] = []
+    fwhm: float | None = Field(default=None, gt=0)
+    fwhm_range: tuple[float, float] | None = None
+    max_shift: float | None = Field(default=None, gt=0)
+    center_bounds: dict[str, tuple[float, float]] = {}
+    presence: Literal["bic", "ftest", "always"] | None = None
+
+    @field_validator("range", "fwhm_range")
+    @classmethod
+    def _increasing(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0 <= v[0] < v[1]:
+            raise ValueError(f"expected [low, high] with low < high, got {list(v)}")
+        return v
+
+    @field_validator("peaks")
+    @classmethod
+    def _peaks(cls, v: list[str]) -> list[str]:
+        from ..crystallography import parse_hkl
+
+        out = []
+        for item in v:
+            phase, _, hkl = item.strip().partition(" ")
+            if not hkl.strip():
+                raise ValueError(f'expected "phase hkl" such as "O3 003", got {item!r}')
+            try:
+                h, k, l = parse_hkl(hkl)
+            except ValueError as exc:
+                raise ValueError(f"{item!r}: {exc}") from None
+            out.append(f"{phase} {hkl.strip()}")
+        if len(set(out)) != len(out):
+            raise ValueError(f"a peak is listed twice in {v}")
+        return out
+
+    @property
+    def background_degree(self) -> int:
+        if isinstance(self.background, PolynomialBackground):
+            return self.background.polynomial
+        return {"constant": 0, "linear": 1, "quadratic": 2}[self.background]
+
+    def split_peak(self, label: str) -> tuple[str, tuple[int, int, int]]:
+        """``"O3 003"`` -> ``("O3", (0, 0, 3))``."""
+        from ..crystallography import parse_hkl
+
+        phase, _, hkl = label.partition(" ")
+        return phase, parse_hkl(hkl)
+
+
+class FitSpec(Spec):
+    """``[fit]``: how every window is fitted in every frame.
+
+    ``model = "phases"`` (default) fits every window of a frame at once with each peak's centre
+    computed from its phase's cell (:mod:`xrdpipe.phasefit`: every allowed reflection of every
+    phase in the windows, phases found by a search over their cell, cells with esds straight
+    from the fit); ``"peaks"`` fits each listed peak as an independent profile, window by window
+    (:mod:`xrdpipe.peaks`), and the lattice stage refines the cells from the fitted centres.
+    For the independent peaks, ``engine = "batched"`` fits a block of frames at once (vectorised
+    Levenberg-Marquardt with analytic derivatives); ``"lmfit"`` fits frame by frame with lmfit,
+    the reference.
+    ``presence`` decides whether each component is there: ``"bic"`` keeps it when removing it
+    raises the Bayesian information criterion by more than ``bic_threshold``; ``"ftest"`` when
+    the F-test rejects its absence at ``ftest_alpha``; ``"always"`` never removes one. Beside
+    other components, one with less than ``min_fraction`` of the window's peak area is absent
+    (in the phase model: of the area of the windows its lines reach, except for a phase with
+    ``fraction = false``, the current collector, whose presence the BIC alone decides),
+    and so is any whose centre ends on the edge of its allowed range. ``esd_scale = "auto"``
+    scales the esds by the reduced chi-square only when the data carry no errors (the phase
+    model: also when it exceeds 1, a misfit the model cannot remove); ``"redchi"`` always does
+    (as lmfit does by default), for data whose errors understate the misfit. The phase model
+    uses ``presence`` "bic" (the F-test and "always" apply to independent peaks only).
+    ``backward = true`` (default; the phase model) goes back over the frames before each frame
+    where a phase that appeared holds ``backward_share`` of the area, following the phases from
+    there, and keeps in every frame the solution with the lower BIC.
+    """
+
+    model: Literal["phases", "peaks"] = "phases"
+    engine: Literal["batched", "lmfit"] = "batched"
+    presence: Literal["bic", "ftest", "always"] = "bic"
+    bic_threshold: float = Field(default=10.0, ge=0)
+    ftest_alpha: float = Field(default=1e-3, gt=0, lt=1)
+    min_fraction: float = Field(default=0.01, ge=0, lt=1)
+    esd_scale: Literal["auto", "redchi"] = "auto"
+    block_frames: int = Field(default=256, ge=1, le=100_000)
+    workers: int | None = Field(default=None, ge=1, le=64)
+    max_iter: int = Field(default=200, ge=5, le=10_000)
+    backward: bool = True
+    backward_share: float = Field(default=0.3, gt=0, le=1)
+
+
+class LatticeSpec(Spec):
+    """``[lattice]``: how cells and phase fractions come from the fitted peaks.
+
+    ``correction`` adds a 2θ zero shift (``"zero"``) or a sample-displacement term
+    (``"displacement"``, ∝ cos θ) shared by the phases of a frame. Peak-area fractions come from
+    the areas of corresponding peaks of coexisting phases, or, with ``fraction_window``, from that
+    window's area of each phase against the whole window in ``reference_frame``. ``fractions``
+    says which fraction the ``fraction`` column holds: ``"auto"`` (default) the Rietveld weight
+    fractions of ``xrdpipe refine`` in the frames it refined, peak areas elsewhere;
+    ``"refinement"`` weight fractions only; ``"peaks"`` peak areas only.
+    """
+
+    correction: Literal["none", "zero", "displacement"] = "none"
+    fractions: Literal["auto", "refinement", "peaks"] = "auto"
+    fraction_window: str | None = None
+    reference_frame: int = Field(default=0, ge=0)
