@@ -6,7 +6,7 @@ import pytest
 from xrdpipe.config import FitSpec, PhaseSpec, WindowSpec
 from xrdpipe.lineshapes import pearson7, split_pseudo_voigt
 from xrdpipe.peaks import WindowModel, WindowSetupError, fit_peaks, fit_window
-from xrdpipe.store import Patterns
+from xrdpipe.run.store import Patterns
 from xrdpipe.testing import pattern_series
 
 PHASES = [PhaseSpec(name="O3", space_group="R-3m", a=2.985, c=16.0),

@@ -37,8 +37,8 @@ def old_run():
 
 
 def test_a_run_made_before_the_move_does_not_recompute(old_run):
-    from xrdpipe.refining import refine_experiment
-    from xrdpipe.workflow import stage_keys
+    from xrdpipe.run.refine import refine_experiment
+    from xrdpipe.run.workflow import stage_keys
 
     exp, record = old_run
     assert stage_keys(exp) == record["stage_keys"]

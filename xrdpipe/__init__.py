@@ -27,9 +27,9 @@ _HOME = {
     "PatternReadError": "errors", "StoreError": "errors", "XrdpipeError": "errors",
     "Integrator": "integration",
     "WindowModel": "peaks", "fit_peaks": "peaks", "fit_phases": "phasefit",
-    "echem_experiment": "pipeline", "fit_experiment": "pipeline", "integrate_experiment": "pipeline",
-    "open_run": "store",
-    "export_experiment": "workflow", "plot_experiment": "workflow", "run_experiment": "workflow",
+    "echem_experiment": "run.echem", "fit_experiment": "run.fit", "integrate_experiment": "run.integrate",
+    "open_run": "run.store",
+    "export_experiment": "run.output", "plot_experiment": "run.output", "run_experiment": "run.workflow",
 }
 
 

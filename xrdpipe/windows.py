@@ -309,6 +309,6 @@ class WindowModel:
     # -- lmfit, the reference and the user-facing definition -------------------------------------
     def lmfit_model(self):
         """The window as an lmfit composite model (components with ``prefix="p{j}_"``)."""
-        from .peaks import lmfit_model
+        from .lmfit_models import lmfit_model
 
         return lmfit_model(self)

@@ -7,7 +7,7 @@ It polls (file-system events are not used: network file systems drop them). Ever
    at the next poll; an invalid edit is reported once and the last good version is kept);
 2. picks the frames that are complete: every frame of a file unchanged for ``settle_s``
    seconds and, in an HDF5 stack still being written, every frame but the last;
-3. runs every configured stage (:func:`~xrdpipe.workflow.run_experiment`) on what is new:
+3. runs every configured stage (:func:`~xrdpipe.run.workflow.run_experiment`) on what is new:
    the new frames are integrated and fitted, the lattice, electrochemistry, figures and exports
    are brought up to date. The integrator is built once and kept.
 
@@ -27,9 +27,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .config import load_experiment
-from .errors import ConfigError, XrdpipeError
-from .frames import FrameRef, list_frames
+from ..config import load_experiment
+from ..errors import ConfigError, XrdpipeError
+from ..frames import FrameRef, list_frames
 from .workflow import RunSummary, run_experiment
 
 __all__ = ["watch_experiment", "WatchSummary", "ready_frames"]
