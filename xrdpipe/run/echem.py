@@ -11,10 +11,10 @@ import numpy as np
 
 from ..config import Experiment, TimesFromLog
 from ..errors import ConfigError
-from ..safeio import transaction
 from .fit import lattice_experiment
 from .paths import ELECTROCHEMISTRY, LATTICE, RunPaths
-from .store import has_group, mark_stage, read_frames, write_table
+from .stage import stage
+from .store import has_group, read_frames, write_table
 
 __all__ = ["EchemSummary", "echem_experiment"]
 
@@ -97,35 +97,15 @@ def echem_experiment(exp: Experiment, *, update_lattice: bool = True) -> EchemSu
     exposure): ``/entry/electrochemistry`` (with the whole record in ``record``) and
     ``<output>/frames.csv``. Recomputed whole; it takes seconds. With ``update_lattice`` (and a
     lattice table in the run file) the lattice is recomputed to carry the new voltage and x."""
-    from datetime import datetime, timezone
-
-    from ..cyclers import read_cycler
-    from ..echem import analyse_record, frame_states, inventory_loss
+    from ..echem import frame_states
     from ..frames import iso_seconds
 
     spec = exp.electrochemistry
     if spec is None:
         raise ConfigError(str(exp.source or "experiment"), [(
             "electrochemistry", "no [electrochemistry] section; add one with file = \"cycler.csv\" (see the README)")])
-    tz = spec.timezone or _frame_timezone(exp)
-    read = dict(format=spec.format, columns=spec.columns, units=spec.units, sheet=spec.sheet, timezone=tz)
-    rec = read_cycler(spec.file, start=spec.start, **read)
-    loss = spec.inventory_loss_mAh_g or 0.0
-    notes = list(rec.notes)
-    if spec.inventory_loss_from:
-        epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)   # only durations matter here
-        history = [read_cycler(p, start=epoch, **{**read, "format": "auto", "columns": {}, "units": {}, "sheet": None})
-                   for p in spec.inventory_loss_from]
-        loss, n_cycles = inventory_loss(history, active_mass_mg=spec.active_mass_mg,
-                                        charge_current=spec.charge_current)
-        notes.append(f"inventory loss {loss:.2f} mAh/g from {n_cycles} earlier cycle(s) in "
-                     f"{', '.join(p.name for p in spec.inventory_loss_from)}")
-    try:
-        ec = analyse_record(rec, active_mass_mg=spec.active_mass_mg, formula=spec.formula, x0=spec.x0, ion=spec.ion,
-                            inventory_loss_mAh_g=loss, charge_current=spec.charge_current,
-                            rest_current_mA=spec.rest_current_mA, capacity_source=spec.capacity_source)
-    except ValueError as exc:
-        raise ConfigError(str(exp.source or "experiment"), [("electrochemistry.capacity_source", str(exc))]) from None
+    rec, loss, notes = _read_record(exp, spec)
+    ec = _analyse(exp, spec, rec, loss)
     notes += list(ec.notes)
     fr = read_frames(exp.run.run_file)
     start_s, end_s = iso_seconds(fr.start), iso_seconds(fr.end)
@@ -138,25 +118,9 @@ def echem_experiment(exp: Experiment, *, update_lattice: bool = True) -> EchemSu
     per_frame = {name: getattr(states, name) for name in (
         "time_s", "start_s", "end_s", "voltage_V", "current_mA", "capacity_mAh_g", "x", "segment", "status",
         "half_cycle", "cycle", "mode", "half_cycle_capacity_mAh_g")}
-    record = {"arrays": {
-        "time": rec.time, "time_s": rec.time - t_first, "voltage_V": rec.voltage_V, "current_mA": rec.current_mA,
-        "capacity_mAh_g": ec.capacity_mAh_g, "x": ec.x, "segment": ec.segment, "mode": ec.mode,
-        "half_cycle": ec.half_cycle, "cycle": ec.cycle, "half_cycle_capacity_mAh_g": ec.half_cycle_capacity_mAh_g},
-        "attrs": {"time_units": "POSIX s (UTC)", "time_s_origin": "the first frame's start"}}
-    attrs = {
-        "file": str(spec.file), "format": rec.format, "notes": "\n".join(notes),
-        "record_start": rec.start.isoformat(), "record_end": rec.end.isoformat(),
-        "active_mass_mg": spec.active_mass_mg if spec.active_mass_mg else np.nan,
-        "formula": spec.formula or "", "ion": ec.ion or "",
-        "molar_mass_g_mol": ec.molar_mass if ec.molar_mass else np.nan,
-        "theoretical_capacity_mAh_g": ec.theoretical_capacity_mAh_g if ec.theoretical_capacity_mAh_g else np.nan,
-        "x0": ec.x0 if ec.x0 is not None else np.nan, "inventory_loss_mAh_g": loss, "x_loss": ec.x_loss,
-        "charge_current": spec.charge_current, "rest_current_mA": ec.rest_current_mA,
-        "capacity": "net charge passed since the record began, per gram of active material (mAh/g)",
-    }
-    with transaction(exp.run.run_file, checkpoint_s=exp.run.checkpoint_s):
-        mark_stage(exp.run.run_file, "echem", None)
-        write_table(exp.run.run_file, ELECTROCHEMISTRY, {**per_frame, "record": record}, attrs)
+    with stage(exp, "echem"):
+        write_table(exp.run.run_file, ELECTROCHEMISTRY, {**per_frame, "record": _record(rec, ec, t_first)},
+                    _attrs(spec, rec, ec, loss, notes))
     csv_file = states.write_csv(RunPaths.of(exp).frames_csv)
     xs = states.x[np.isfinite(states.x)]
     summary = EchemSummary(exp.run.run_file, csv_file, spec.file, len(rec), rec.start.isoformat(), rec.end.isoformat(),
@@ -167,3 +131,62 @@ def echem_experiment(exp: Experiment, *, update_lattice: bool = True) -> EchemSu
         lattice_experiment(exp)
         summary.lattice_updated = True
     return summary
+
+
+def _read_record(exp: Experiment, spec):
+    """The cycler record, the inventory loss (mAh/g) and notes on both."""
+    from datetime import datetime, timezone
+
+    from ..cyclers import read_cycler
+    from ..echem import inventory_loss
+
+    read = dict(format=spec.format, columns=spec.columns, units=spec.units, sheet=spec.sheet,
+                timezone=spec.timezone or _frame_timezone(exp))
+    rec = read_cycler(spec.file, start=spec.start, **read)
+    loss = spec.inventory_loss_mAh_g or 0.0
+    notes = list(rec.notes)
+    if spec.inventory_loss_from:
+        epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)   # only durations matter here
+        history = [read_cycler(p, start=epoch, **{**read, "format": "auto", "columns": {}, "units": {}, "sheet": None})
+                   for p in spec.inventory_loss_from]
+        loss, n_cycles = inventory_loss(history, active_mass_mg=spec.active_mass_mg,
+                                        charge_current=spec.charge_current)
+        notes.append(f"inventory loss {loss:.2f} mAh/g from {n_cycles} earlier cycle(s) in "
+                     f"{', '.join(p.name for p in spec.inventory_loss_from)}")
+    return rec, loss, notes
+
+
+def _analyse(exp: Experiment, spec, rec, loss: float):
+    """Capacity, x and half-cycles of the record (an impossible capacity source: the key named)."""
+    from ..echem import analyse_record
+
+    try:
+        return analyse_record(rec, active_mass_mg=spec.active_mass_mg, formula=spec.formula, x0=spec.x0, ion=spec.ion,
+                              inventory_loss_mAh_g=loss, charge_current=spec.charge_current,
+                              rest_current_mA=spec.rest_current_mA, capacity_source=spec.capacity_source)
+    except ValueError as exc:
+        raise ConfigError(str(exp.source or "experiment"), [("electrochemistry.capacity_source", str(exc))]) from None
+
+
+def _record(rec, ec, t_first: float) -> dict:
+    """The whole cycler record as the ``record`` subgroup of ``/entry/electrochemistry``."""
+    return {"arrays": {
+        "time": rec.time, "time_s": rec.time - t_first, "voltage_V": rec.voltage_V, "current_mA": rec.current_mA,
+        "capacity_mAh_g": ec.capacity_mAh_g, "x": ec.x, "segment": ec.segment, "mode": ec.mode,
+        "half_cycle": ec.half_cycle, "cycle": ec.cycle, "half_cycle_capacity_mAh_g": ec.half_cycle_capacity_mAh_g},
+        "attrs": {"time_units": "POSIX s (UTC)", "time_s_origin": "the first frame's start"}}
+
+
+def _attrs(spec, rec, ec, loss: float, notes: list[str]) -> dict:
+    """The attributes of ``/entry/electrochemistry``: where the record came from, the cell's numbers."""
+    return {
+        "file": str(spec.file), "format": rec.format, "notes": "\n".join(notes),
+        "record_start": rec.start.isoformat(), "record_end": rec.end.isoformat(),
+        "active_mass_mg": spec.active_mass_mg if spec.active_mass_mg else np.nan,
+        "formula": spec.formula or "", "ion": ec.ion or "",
+        "molar_mass_g_mol": ec.molar_mass if ec.molar_mass else np.nan,
+        "theoretical_capacity_mAh_g": ec.theoretical_capacity_mAh_g if ec.theoretical_capacity_mAh_g else np.nan,
+        "x0": ec.x0 if ec.x0 is not None else np.nan, "inventory_loss_mAh_g": loss, "x_loss": ec.x_loss,
+        "charge_current": spec.charge_current, "rest_current_mA": ec.rest_current_mA,
+        "capacity": "net charge passed since the record began, per gram of active material (mAh/g)",
+    }

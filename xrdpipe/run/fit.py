@@ -13,12 +13,11 @@ import numpy as np
 from .. import __version__
 from ..config import Experiment
 from ..errors import ConfigError
-from ..safeio import transaction
 from .paths import ELECTROCHEMISTRY, LATTICE, RunPaths
 from .peakstore import PeakStore, read_peak_table
 from .refinestore import read_weight_fractions
-from .stage import progress_bar
-from .store import FAILED, PENDING, mark_stage, read_run_info, read_table, write_table
+from .stage import stage
+from .store import FAILED, PENDING, RunInfo, read_run_info, read_table, write_table
 
 __all__ = ["FitSummary", "fit_experiment", "LatticeSummary", "lattice_experiment"]
 
@@ -71,105 +70,119 @@ def fit_experiment(exp: Experiment, *, restart: bool = False, progress: bool = T
     Results go into ``/entry/peaks`` block by block (an interrupted fit resumes where it
     stopped; changed settings start it again) and to ``peaks.csv`` beside the run file.
     """
-    from ..peaks import PeakFitter, WindowSetupError
-    from ..phasefit import PhaseFitter
-
     t_start = time.perf_counter()
-    where = str(exp.source or "experiment")
     if not exp.windows:
-        raise ConfigError(where, [("windows", "no [[windows]] to fit; add at least one (see README)")])
+        raise ConfigError(str(exp.source or "experiment"), [
+            ("windows", "no [[windows]] to fit; add at least one (see README)")])
     fit = exp.fit if engine is None else exp.fit.model_copy(update={"engine": engine})
     info = read_run_info(exp.run.run_file)
     phase_model = fit.model == "phases"
-    try:
-        if phase_model:
-            fitter = PhaseFitter(exp.phases, exp.windows, fit, exp.lattice, radial=info.radial, unit=info.unit,
-                                 wavelength_A=info.wavelength_A)
-        else:
-            fitter = PeakFitter(exp.phases, exp.windows, fit, radial=info.radial, unit=info.unit,
-                                wavelength_A=info.wavelength_A)
-    except WindowSetupError as exc:
-        raise ConfigError(where, [(f"windows.{i}.peaks", msg) for i, msg in exc.problems]) from None
+    fitter = _fitter(exp, fit, info)
     # memory stays bounded: at most ~160 MB of patterns (and their esds) at a time. The block
     # decides the start values (below), so it is part of the fingerprint.
     block = max(16, min(fit.block_frames, 10_000_000 // max(info.radial.size, 1)))
-    fingerprint = {"xrdpipe": __version__, "phases": [p.model_dump(mode="json") for p in exp.phases],
-                   "windows": [w.model_dump(mode="json") for w in exp.windows],
-                   "fit": fit.model_dump(mode="json", exclude={"workers", "block_frames"}),
-                   "block": block, "patterns": info.fingerprint}
-    if phase_model:   # frames carry their state one to the next: the block plays no part
-        fingerprint.update(block=None, correction=exp.lattice.correction)
-    status = info.status
-    n = status.size
+    n = info.frame_count
     summary = FitSummary(exp.run.run_file, None, n)
-    with transaction(exp.run.run_file, checkpoint_s=exp.run.checkpoint_s):
-        mark_stage(exp.run.run_file, "fit", None)
+    with stage(exp, "fit", progress=progress, started=t_start, summary=summary) as st:
         store, kept = PeakStore.open(exp.run.run_file, windows=fitter.windows, peaks=fitter.peaks,
-                                     fingerprint=fingerprint, restart=restart,
+                                     fingerprint=_fingerprint(exp, fit, info, block), restart=restart,
                                      phases=[p.name for p in exp.phases] if phase_model else None)
         summary.restarted = not kept and not restart and info.had_peaks
         with store:
             done = store.done
             # frames are fitted in order, up to the first one not integrated yet: a frame's start
-            # values then never depend on when it was fitted (see below)
-            pending = np.flatnonzero(status == PENDING)
+            # values then never depend on when it was fitted (see _forward)
+            pending = np.flatnonzero(info.status == PENDING)
             reach = int(pending[0]) if pending.size else n
-            todo = ~done & (np.arange(n) < reach)
+            rows = np.flatnonzero(~done & (np.arange(n) < reach))
             summary.skipped = int(done.sum())
             summary.waiting = int((~done & (np.arange(n) >= reach)).sum())
-            rows = np.flatnonzero(todo)
             if phase_model and rows.size:
                 store.backward_through = 0      # the backward pass goes over the series again
-            bar = progress_bar(int(rows.size), "fit", progress)
-            try:
-                for start, chunk in _blocks(rows, block):
-                    # start values come from the results before the block's fixed start only (the
-                    # phase model: from the frame before the first one to fit), so a resumed,
-                    # interrupted or live run fits every frame exactly as one straight run
-                    fitter.resume(store.stored(int(chunk[0]) if phase_model else start))
-                    a, b = int(chunk[0]), int(chunk[-1]) + 1
-                    intensity, sigma = store.read_patterns(a, b)
-                    pick = chunk - a
-                    usable = status[chunk] != FAILED
-                    reasons = [("frame not integrated: " + str(info.message[r])) if status[r] == FAILED else ""
-                               for r in chunk]
-                    kw = {"progress": bar} if phase_model else {}
-                    table = fitter.fit_block(intensity[pick], sigma[pick], frame=chunk,
-                                             time_s=info.time_s[chunk], usable=usable, reasons=reasons, **kw)
-                    store.write(chunk, table.values, table.present, table.success, table.redchi, table.message,
-                                table.phase)
-                    summary.fitted += chunk.size
-                    if not phase_model:
-                        bar.update(chunk.size)
-            finally:
-                bar.close()
+            summary.fitted = _forward(fitter, store, info, rows, block, st.bar(int(rows.size)), phase_model)
             if phase_model and fit.backward and reach == n and store.backward_through < n:
                 # every frame is there: the backward pass over the whole series (once; again
                 # when frames were added)
-                back_bar = progress_bar(n, "fit (backward pass)", progress)     # its total set by the pass
-                try:
-                    back = fitter.backward(store.stored(n), store.read_patterns, progress=back_bar)
-                finally:
-                    back_bar.close()
-                if back is not None:
-                    rows, revised = back
-                    store.write(rows, revised.values, revised.present, revised.success, revised.redchi,
-                                revised.message, revised.phase)
-                    summary.revised = int(rows.size)
+                summary.revised = _backward(fitter, store, st.bar(n, "fit (backward pass)"))
                 store.backward_through = n
-    table = read_peak_table(exp.run.run_file)
-    summary.csv_file = table.write_csv(RunPaths.of(exp).peaks_csv)
+        _count(summary, read_peak_table(exp.run.run_file), RunPaths.of(exp))
+    return summary
+
+
+def _fitter(exp: Experiment, fit, info: RunInfo):
+    """The peak fitter (or, with ``[fit] model = "phases"``, the phase model) of the run's axis."""
+    from ..peaks import PeakFitter, WindowSetupError
+    from ..phasefit import PhaseFitter
+
+    axis = dict(radial=info.radial, unit=info.unit, wavelength_A=info.wavelength_A)
+    try:
+        if fit.model == "phases":
+            return PhaseFitter(exp.phases, exp.windows, fit, exp.lattice, **axis)
+        return PeakFitter(exp.phases, exp.windows, fit, **axis)
+    except WindowSetupError as exc:
+        raise ConfigError(str(exp.source or "experiment"),
+                          [(f"windows.{i}.peaks", msg) for i, msg in exc.problems]) from None
+
+
+def _fingerprint(exp: Experiment, fit, info: RunInfo, block: int) -> dict:
+    """The settings the fitted peaks depend on (others start ``/entry/peaks`` again)."""
+    out = {"xrdpipe": __version__, "phases": [p.model_dump(mode="json") for p in exp.phases],
+           "windows": [w.model_dump(mode="json") for w in exp.windows],
+           "fit": fit.model_dump(mode="json", exclude={"workers", "block_frames"}),
+           "block": block, "patterns": info.fingerprint}
+    if fit.model == "phases":   # frames carry their state one to the next: the block plays no part
+        out.update(block=None, correction=exp.lattice.correction)
+    return out
+
+
+def _forward(fitter, store: PeakStore, info: RunInfo, rows: np.ndarray, block: int, bar, phase_model: bool) -> int:
+    """Fit ``rows`` in order, block by block, into the store; the number of frames fitted."""
+    status, fitted = info.status, 0
+    for start, chunk in _blocks(rows, block):
+        # start values come from the results before the block's fixed start only (the
+        # phase model: from the frame before the first one to fit), so a resumed,
+        # interrupted or live run fits every frame exactly as one straight run
+        fitter.resume(store.stored(int(chunk[0]) if phase_model else start))
+        a, b = int(chunk[0]), int(chunk[-1]) + 1
+        intensity, sigma = store.read_patterns(a, b)
+        pick = chunk - a
+        reasons = [("frame not integrated: " + str(info.message[r])) if status[r] == FAILED else "" for r in chunk]
+        kw = {"progress": bar} if phase_model else {}
+        table = fitter.fit_block(intensity[pick], sigma[pick], frame=chunk, time_s=info.time_s[chunk],
+                                 usable=status[chunk] != FAILED, reasons=reasons, **kw)
+        store.write(chunk, table.values, table.present, table.success, table.redchi, table.message, table.phase)
+        fitted += chunk.size
+        if not phase_model:
+            bar.update(chunk.size)
+    return fitted
+
+
+def _backward(fitter, store: PeakStore, bar) -> int:
+    """The phase model's backward pass over every frame (``bar``: its total set by the pass);
+    the number of frames it revised."""
+    n = store.done.size
+    back = fitter.backward(store.stored(n), store.read_patterns, progress=bar)
+    if back is None:
+        return 0
+    rows, revised = back
+    store.write(rows, revised.values, revised.present, revised.success, revised.redchi, revised.message,
+                revised.phase)
+    return int(rows.size)
+
+
+def _count(summary: FitSummary, table, paths: RunPaths) -> None:
+    """``peaks.csv``, and the frames with each phase and peak and the failures, into ``summary``."""
+    summary.csv_file = table.write_csv(paths.peaks_csv)
     if table.phase is not None:
         for i, name in enumerate(table.phase_names):
-            summary.phases[name] = int((table.phase["phase_present"][:, i].astype(bool) & table.success.any(axis=1)).sum())
+            summary.phases[name] = int((table.phase["phase_present"][:, i].astype(bool)
+                                        & table.success.any(axis=1)).sum())
     for i, (w, ph, hkl, _) in enumerate(table.peaks):
         summary.present[f"{ph} {hkl}"] = int(table.present[:, i].sum())
     for msg in table.message[~table.success]:
         if msg:
             key = msg if len(msg) < 90 else msg[:87] + "..."
             summary.failures[key] = summary.failures.get(key, 0) + 1
-    summary.seconds = time.perf_counter() - t_start
-    return summary
 
 
 def _blocks(rows: np.ndarray, size: int):
@@ -217,8 +230,7 @@ def lattice_experiment(exp: Experiment) -> LatticeSummary:
     for name in ("fraction_method", "presence"):
         if getattr(lat, name) is not None:
             arrays[name] = getattr(lat, name)
-    with transaction(exp.run.run_file, checkpoint_s=exp.run.checkpoint_s):
-        mark_stage(exp.run.run_file, "lattice", None)
+    with stage(exp, "lattice"):
         write_table(exp.run.run_file, LATTICE, arrays, {"correction": exp.lattice.correction})
     states = read_table(exp.run.run_file, ELECTROCHEMISTRY)
     if states is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import time
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +18,9 @@ from ..config import Experiment
 from ..errors import CalibrationError, ConfigError, FrameReadError, PatternReadError
 from ..frames import FrameRef, frame_times, list_frames, read_frame
 from ..parallel import default_workers
-from ..safeio import file_stat, transaction
-from .stage import progress_bar
-from .store import DONE, RunFile, mark_stage
+from ..safeio import file_stat
+from .stage import stage
+from .store import DONE, RunFile
 
 __all__ = ["IntegrationSummary", "integrate_experiment", "package_versions"]
 
@@ -131,53 +132,86 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
     """
     if exp.patterns is not None:
         return _import_patterns(exp, restart=restart, progress=progress, ready=ready)
-    import time
-
-    from ..calibration import load_calibration
-    from ..integration import Integrator
-
     t_start = time.perf_counter()
-    fspec, cspec, ispec = exp.frames, exp.calibration, exp.integration
-    where = str(exp.source or "experiment")
+    fspec = exp.frames
     refs = list_frames(fspec.files, dataset=fspec.dataset)
     if ready is not None:
         refs = ready(refs)
-    times = frame_times(refs, fspec.times, timezone=fspec.timezone, where=where)
-    setup_key = json.dumps([cspec.model_dump(mode="json"), [file_stat(p) for p in (cspec.poni, cspec.mask, cspec.dark,
-                                                                                    cspec.flat) if p],
-                            ispec.model_dump(mode="json", exclude={"workers"})])
-    kept = cache is not None and cache.get("integrator_key") == setup_key
-    read_ahead = None
-    if kept:
-        cal, integ = cache["integrator"]                 # live processing: built once, kept
-    else:
-        cal = load_calibration(cspec.poni, mask=cspec.mask, dark=cspec.dark, flat=cspec.flat)
-        shape = _detector_shape(cal, refs)
-        # the first frames are read and decompressed while the integrator is built
-        read_ahead = _read_ahead(exp, refs, shape, workers=workers, scheduler=scheduler, restart=restart)
-        try:
-            with _quiet_empty_matrix():   # a range holding no pixel: said below, once, naming the key
-                integ = Integrator(cal, shape, npt=ispec.npt, unit=ispec.unit, radial_range=ispec.range,
-                                   azimuth_range=ispec.azimuth_range, polarization_factor=ispec.polarization_factor,
-                                   solid_angle=ispec.solid_angle, error_model=ispec.error_model,
-                                   splitting=ispec.splitting, engine=ispec.engine,
-                                   cache=(exp.run.cache_dir or True) if exp.run.cache else None)
-            if read_ahead is not None:
-                read_ahead.stop()
-            _check_reach(integ, cal, cspec, ispec, where)
-        except BaseException:
-            if read_ahead is not None:
-                read_ahead.close()
-            raise
-        if cache is not None:
-            cache.update(integrator_key=setup_key, integrator=(cal, integ))
+    times = frame_times(refs, fspec.times, timezone=fspec.timezone, where=str(exp.source or "experiment"))
+    cal, integ, kept, read_ahead = _integrator(exp, refs, cache, workers=workers, scheduler=scheduler, restart=restart)
     try:
-        return _integrate_frames(exp, refs, times, cal, integ, kept=kept, read_ahead=read_ahead, t_start=t_start,
-                                 restart=restart, workers=workers, scheduler=scheduler, progress=progress,
-                                 retry_s=retry_s)
+        summary = IntegrationSummary(exp.run.run_file, len(refs), setup_seconds=time.perf_counter() - t_start,
+                                     cache_hit=kept or integ.cache_hit)
+        summary.untimed = sum(t is None for t in times) if fspec.times is not None else 0
+        summary.notes += _time_order(refs, times, fspec.times)
+        with stage(exp, "integrate", progress=progress, started=t_start, summary=summary) as st, \
+                RunFile.open_for_writing(exp.run.run_file, radial=integ.radial, unit=exp.integration.unit,
+                                         wavelength_A=cal.wavelength_A, fingerprint=_fingerprint(exp, cal),
+                                         provenance=_provenance(exp, cal, integ), title=exp.run.name,
+                                         restart=restart) as run:
+            jobs = _jobs(run, refs, times, summary)
+            n_workers = workers or exp.integration.workers or default_workers()
+            where_to = _scheduler(exp, scheduler, n_workers, len(jobs))
+            # closed before the run file is: on an error (a full disk) no worker still reads a
+            # frame while the run file is closed (HDF5 is one library for both)
+            if read_ahead is not None and where_to not in ("threads", "serial"):
+                read_ahead.close()
+                read_ahead = None
+            _integrate_frames(run, jobs, integ, summary, st.bar(len(jobs)), workers=n_workers, scheduler=where_to,
+                              read_ahead=read_ahead, dark=cal.dark is not None, retry_s=retry_s)
+            summary.cache_file = getattr(integ, "cache_file", None)   # a new entry is written meanwhile
+        return summary
     finally:
         if read_ahead is not None:
             read_ahead.close()
+
+
+def _integrator(exp: Experiment, refs: list[FrameRef], cache: dict | None, *, workers, scheduler, restart: bool):
+    """The calibration and the integrator (from ``cache`` when its set-up is unchanged), whether it
+    was kept, and the frames read ahead while it was built (or None)."""
+    from ..calibration import load_calibration
+    from ..integration import Integrator
+
+    cspec, ispec = exp.calibration, exp.integration
+    setup_key = json.dumps([cspec.model_dump(mode="json"), [file_stat(p) for p in (cspec.poni, cspec.mask, cspec.dark,
+                                                                                    cspec.flat) if p],
+                            ispec.model_dump(mode="json", exclude={"workers"})])
+    if cache is not None and cache.get("integrator_key") == setup_key:
+        cal, integ = cache["integrator"]                 # live processing: built once, kept
+        return cal, integ, True, None
+    cal = load_calibration(cspec.poni, mask=cspec.mask, dark=cspec.dark, flat=cspec.flat)
+    shape = _detector_shape(cal, refs)
+    # the first frames are read and decompressed while the integrator is built
+    read_ahead = _read_ahead(exp, refs, shape, workers=workers, scheduler=scheduler, restart=restart)
+    try:
+        with _quiet_empty_matrix():   # a range holding no pixel: said below, once, naming the key
+            integ = Integrator(cal, shape, npt=ispec.npt, unit=ispec.unit, radial_range=ispec.range,
+                               azimuth_range=ispec.azimuth_range, polarization_factor=ispec.polarization_factor,
+                               solid_angle=ispec.solid_angle, error_model=ispec.error_model,
+                               splitting=ispec.splitting, engine=ispec.engine,
+                               cache=(exp.run.cache_dir or True) if exp.run.cache else None)
+        if read_ahead is not None:
+            read_ahead.stop()
+        _check_reach(integ, cal, cspec, ispec, str(exp.source or "experiment"))
+    except BaseException:
+        if read_ahead is not None:
+            read_ahead.close()
+        raise
+    if cache is not None:
+        cache.update(integrator_key=setup_key, integrator=(cal, integ))
+    return cal, integ, False, read_ahead
+
+
+def _scheduler(exp: Experiment, scheduler: str | None, n_workers: int, n_frames: int) -> str:
+    """Where ``n_frames`` frames are integrated: ``scheduler``, else ``[run] scheduler``; the
+    default "processes" on a short batch (and every poll of `watch`) becomes "threads": starting
+    a pool and sending it the integrator costs more than it saves (benchmarks/scale.py), and
+    threads give the same numbers. A scheduler chosen by name is always obeyed."""
+    where_to = scheduler or exp.run.scheduler
+    chosen = scheduler is not None or "scheduler" in exp.run.model_fields_set
+    if where_to == "processes" and not chosen and n_frames < 32 * n_workers:
+        return "threads"
+    return where_to
 
 
 def _read_ahead(exp: Experiment, refs: list[FrameRef], shape, *, workers, scheduler, restart: bool):
@@ -187,92 +221,60 @@ def _read_ahead(exp: Experiment, refs: list[FrameRef], shape, *, workers, schedu
     from ..integration import FramePrefetch
 
     n_workers = workers or exp.integration.workers or default_workers()
-    where_to = scheduler or exp.run.scheduler
-    chosen = scheduler is not None or "scheduler" in exp.run.model_fields_set
-    in_process = where_to in ("threads", "serial") or (
-        where_to == "processes" and not chosen and len(refs) < 32 * n_workers)
+    in_process = _scheduler(exp, scheduler, n_workers, len(refs)) in ("threads", "serial")
     if not in_process or not refs or (exp.run.run_file.exists() and not restart):
         return None
     return FramePrefetch(refs, shape)
 
 
-def _integrate_frames(exp: Experiment, refs, times, cal, integ, *, kept: bool, read_ahead, t_start: float,
-                      restart: bool, workers, scheduler, progress, retry_s) -> IntegrationSummary:
-    """The frames of :func:`integrate_experiment` through the integrator, into the run file."""
-    import time
+def _fingerprint(exp: Experiment, cal) -> dict:
+    """The settings the patterns depend on (others refuse the run file, unless restarted)."""
+    return {"integration": exp.integration.model_dump(mode="json", exclude={"workers", "engine"}),
+            "poni": _digest(cal.poni_text), "mask": _digest(cal.mask), "dark": _digest(cal.dark),
+            "flat": _digest(cal.flat), "dataset": exp.frames.dataset}
 
+
+def _provenance(exp: Experiment, cal, integ) -> dict[str, str]:
+    return {"experiment": exp.text, "experiment_file": str(exp.source or ""), "poni": cal.poni_text,
+            "poni_file": str(cal.poni_path), "method": "pyFAI integrate1d " + "/".join(integ.method),
+            "packages": json.dumps(package_versions(), sort_keys=True)}
+
+
+def _jobs(run: RunFile, refs, times, summary: IntegrationSummary) -> list[tuple[int, FrameRef]]:
+    """Register the frames in the run file; the (row, frame) pairs still to integrate."""
+    known = run.frame_count
+    rows = run.add_frames(refs, times)
+    summary.added = run.frame_count - known
+    status = run.status
+    jobs = [(row, ref) for row, ref in zip(rows, refs) if status[row] != DONE]
+    summary.skipped = len(refs) - len(jobs)
+    return jobs
+
+
+def _integrate_frames(run: RunFile, jobs, integ, summary: IntegrationSummary, bar, *, workers: int, scheduler: str,
+                      read_ahead, dark: bool, retry_s: float | None) -> None:
+    """The frames of :func:`integrate_experiment` through the integrator, into the run file."""
     from ..integration import integrate_frames
 
-    fspec, ispec = exp.frames, exp.integration
-    t_setup = time.perf_counter() - t_start
-    fingerprint = {
-        "integration": ispec.model_dump(mode="json", exclude={"workers", "engine"}),
-        "poni": _digest(cal.poni_text),
-        "mask": _digest(cal.mask), "dark": _digest(cal.dark), "flat": _digest(cal.flat),
-        "dataset": fspec.dataset,
-    }
-    provenance = {
-        "experiment": exp.text,
-        "experiment_file": str(exp.source or ""),
-        "poni": cal.poni_text,
-        "poni_file": str(cal.poni_path),
-        "method": "pyFAI integrate1d " + "/".join(integ.method),
-        "packages": json.dumps(package_versions(), sort_keys=True),
-    }
-    summary = IntegrationSummary(exp.run.run_file, len(refs), setup_seconds=t_setup,
-                                 cache_hit=kept or integ.cache_hit)
-    summary.untimed = sum(t is None for t in times) if fspec.times is not None else 0
-    summary.notes += _time_order(refs, times, fspec.times)
-    with transaction(exp.run.run_file, checkpoint_s=exp.run.checkpoint_s):
-        mark_stage(exp.run.run_file, "integrate", None)
-        with RunFile.open_for_writing(exp.run.run_file, radial=integ.radial, unit=ispec.unit,
-                                      wavelength_A=cal.wavelength_A, fingerprint=fingerprint,
-                                      provenance=provenance, title=exp.run.name, restart=restart) as run:
-            known = run.frame_count
-            rows = run.add_frames(refs, times)
-            summary.added = run.frame_count - known
-            status = run.status
-            jobs = [(row, ref) for row, ref in zip(rows, refs) if status[row] != DONE]
-            summary.skipped = len(refs) - len(jobs)
-            n_workers = workers or ispec.workers or default_workers()
-            where_to = scheduler or exp.run.scheduler
-            chosen = scheduler is not None or "scheduler" in exp.run.model_fields_set
-            if where_to == "processes" and not chosen and len(jobs) < 32 * n_workers:
-                # the default, on a short batch (and every poll of `watch`): starting a pool and
-                # sending it the integrator costs more than it saves (benchmarks/scale.py);
-                # threads give the same numbers. A scheduler chosen by name is always obeyed.
-                where_to = "threads"
-            bar = progress_bar(len(jobs), "integrate", progress)
-            # closed before the run file is: on an error (a full disk) no worker still reads a
-            # frame while the run file is closed (HDF5 is one library for both)
-            try:
-                if read_ahead is not None and where_to not in ("threads", "serial"):
-                    read_ahead.close()
-                    read_ahead = None
-                with closing(integrate_frames(jobs, integ, workers=n_workers, scheduler=where_to,
-                                              read_ahead=read_ahead)) as results:
-                    for res in results:
-                        error = res.error
-                        if error is None and not np.isfinite(res.intensity).any():
-                            error = ("empty pattern: no valid pixel (every pixel is masked, NaN or at the "
-                                     "integer maximum, which marks gaps and overflows)")
-                        if error is None:
-                            remark = _dark_remark(res.intensity) if cal.dark is not None else ""
-                            run.write_pattern(res.position, res.intensity, res.sigma, message=remark)
-                            summary.integrated += 1
-                            if remark:
-                                summary.suspicious.append(res.ref.key)
-                        elif retry_s is not None and _recent(res.ref.file, retry_s):
-                            summary.waiting += 1          # probably still being written: next time
-                        else:
-                            run.write_failure(res.position, error)
-                            summary.failed.append((res.ref.key, error))
-                        bar.update(1)
-            finally:
-                bar.close()
-    summary.cache_file = getattr(integ, "cache_file", None)   # a new entry is written meanwhile
-    summary.seconds = time.perf_counter() - t_start
-    return summary
+    with closing(integrate_frames(jobs, integ, workers=workers, scheduler=scheduler,
+                                  read_ahead=read_ahead)) as results:
+        for res in results:
+            error = res.error
+            if error is None and not np.isfinite(res.intensity).any():
+                error = ("empty pattern: no valid pixel (every pixel is masked, NaN or at the "
+                         "integer maximum, which marks gaps and overflows)")
+            if error is None:
+                remark = _dark_remark(res.intensity) if dark else ""
+                run.write_pattern(res.position, res.intensity, res.sigma, message=remark)
+                summary.integrated += 1
+                if remark:
+                    summary.suspicious.append(res.ref.key)
+            elif retry_s is not None and _recent(res.ref.file, retry_s):
+                summary.waiting += 1          # probably still being written: next time
+            else:
+                run.write_failure(res.position, error)
+                summary.failed.append((res.ref.key, error))
+            bar.update(1)
 
 
 def _time_order(refs, times, source) -> list[str]:
@@ -345,10 +347,6 @@ def _recent(path: Path, seconds: float) -> bool:
 def _import_patterns(exp: Experiment, *, restart: bool, progress: bool,
                      ready: Callable[[list[FrameRef]], list[FrameRef]] | None = None) -> IntegrationSummary:
     """Bring 1D patterns into the run file on the grid of the first readable file."""
-    import time
-
-    from ..patterns import read_pattern
-
     t_start = time.perf_counter()
     pspec = exp.patterns
     where = str(exp.source or "experiment")
@@ -356,16 +354,7 @@ def _import_patterns(exp: Experiment, *, restart: bool, progress: bool,
     if ready is not None:
         refs = ready(refs)
     times = frame_times(refs, pspec.times, where=where)
-    grid = None
-    first_error = None
-    for ref in refs:
-        try:
-            grid = read_pattern(ref.file)[0]
-            break
-        except PatternReadError as exc:
-            first_error = exc
-    if grid is None:
-        raise ConfigError(where, [("patterns.files", f"no pattern file could be read ({first_error})")])
+    grid = _grid(refs, where)
     fingerprint = {"radial_unit": pspec.radial_unit, "wavelength_A": pspec.wavelength_A,
                    "grid": _digest(grid)}
     provenance = {"experiment": exp.text, "experiment_file": str(exp.source or ""),
@@ -373,37 +362,47 @@ def _import_patterns(exp: Experiment, *, restart: bool, progress: bool,
     summary = IntegrationSummary(exp.run.run_file, len(refs))
     summary.untimed = sum(t is None for t in times) if pspec.times is not None else 0
     summary.notes += _time_order(refs, times, pspec.times)
-    with transaction(exp.run.run_file, checkpoint_s=exp.run.checkpoint_s), \
+    with stage(exp, "integrate", progress=progress, started=t_start, summary=summary) as st, \
             RunFile.open_for_writing(exp.run.run_file, radial=grid, unit=pspec.radial_unit,
                                      wavelength_A=pspec.wavelength_A, fingerprint=fingerprint,
                                      provenance=provenance, title=exp.run.name, restart=restart) as run:
-        mark_stage(exp.run.run_file, "integrate", None)
-        known = run.frame_count
-        rows = run.add_frames(refs, times)
-        summary.added = run.frame_count - known
-        status = run.status
-        bar = progress_bar(len(refs), "import", progress)
-        try:
-            for row, ref in zip(rows, refs):
-                bar.update(1)
-                if status[row] == DONE:
-                    summary.skipped += 1
-                    continue
-                try:
-                    x, y, e = read_pattern(ref.file)
-                except PatternReadError as exc:
-                    run.write_failure(row, exc.reason)
-                    summary.failed.append((ref.key, exc.reason))
-                    continue
-                if e is None:
-                    e = np.sqrt(np.clip(y, 0, None))  # counts: Poisson
-                if x.shape != grid.shape or not np.allclose(x, grid, rtol=0, atol=1e-9 * max(1.0, abs(grid[-1]))):
-                    inside = (grid >= x[0]) & (grid <= x[-1])
-                    y = np.where(inside, np.interp(grid, x, y), np.nan)
-                    e = np.where(inside, np.interp(grid, x, e), np.nan)
-                run.write_pattern(row, y.astype(np.float32), e.astype(np.float32))
-                summary.integrated += 1
-        finally:
-            bar.close()
-    summary.seconds = time.perf_counter() - t_start
+        jobs = _jobs(run, refs, times, summary)
+        bar = st.bar(len(refs), "import")
+        bar.update(summary.skipped)
+        for row, ref in jobs:
+            bar.update(1)
+            _import_one(run, row, ref, grid, summary)
     return summary
+
+
+def _grid(refs: list[FrameRef], where: str) -> np.ndarray:
+    """The radial axis of the first readable pattern file (every pattern is put on it)."""
+    from ..patterns import read_pattern
+
+    first_error = None
+    for ref in refs:
+        try:
+            return read_pattern(ref.file)[0]
+        except PatternReadError as exc:
+            first_error = exc
+    raise ConfigError(where, [("patterns.files", f"no pattern file could be read ({first_error})")])
+
+
+def _import_one(run: RunFile, row: int, ref: FrameRef, grid: np.ndarray, summary: IntegrationSummary) -> None:
+    """One pattern file into its row, interpolated onto ``grid`` where its axis differs."""
+    from ..patterns import read_pattern
+
+    try:
+        x, y, e = read_pattern(ref.file)
+    except PatternReadError as exc:
+        run.write_failure(row, exc.reason)
+        summary.failed.append((ref.key, exc.reason))
+        return
+    if e is None:
+        e = np.sqrt(np.clip(y, 0, None))  # counts: Poisson
+    if x.shape != grid.shape or not np.allclose(x, grid, rtol=0, atol=1e-9 * max(1.0, abs(grid[-1]))):
+        inside = (grid >= x[0]) & (grid <= x[-1])
+        y = np.where(inside, np.interp(grid, x, y), np.nan)
+        e = np.where(inside, np.interp(grid, x, e), np.nan)
+    run.write_pattern(row, y.astype(np.float32), e.astype(np.float32))
+    summary.integrated += 1

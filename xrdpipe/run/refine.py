@@ -32,12 +32,12 @@ from ..refinement import (
     RefinementResult,
     Refiner,
 )
-from ..safeio import atomic_output, transaction
+from ..safeio import atomic_output
 from ..structure import Atom, Structure, StructureError, read_cif, template
 from .fit import lattice_experiment
 from .paths import ELECTROCHEMISTRY, LATTICE, REFINEMENT, RunPaths
 from .refinestore import FLAGGED, OK, STATUS, RefineStore
-from .stage import progress_bar
+from .stage import stage
 from .store import DONE, RunInfo, has_group, read_pattern_block, read_run_info, read_table
 
 __all__ = ["build_model", "refine_experiment", "compare_models", "RefineSummary", "REFINE_COLUMNS",
@@ -230,58 +230,60 @@ def refine_experiment(exp: Experiment, *, progress: bool = True, restart: bool =
         refiner = Refiner(model, tth[cols])
     except (RefinementError, StructureError) as exc:
         raise ConfigError(str(exp.source or "experiment"), [("refinement", str(exc))]) from None
-    keep = _kept(exp, info, cols)
-    status = info.status
-    n = status.size
+    n = info.frame_count
+    todo_all = _rows(exp, info, frames)
+    summary = RefineSummary(exp.run.run_file, None, model.method, frames=int(todo_all.size))
+    offsets = refiner.calc.offsets
+    with stage(exp, "refine", progress=progress, started=t0, summary=summary) as st:
+        with RefineStore.open(exp.run.run_file, n=n, names=refiner.names, columns=cols,
+                              tick_phase=np.repeat(np.arange(offsets.size - 1), np.diff(offsets)),
+                              phases=[p.name for p in model.phases], fingerprint=_fingerprint(exp, info),
+                              restart=restart, tth=tth[cols]) as store:
+            todo = todo_all[~store.done()[todo_all]]
+            summary.skipped = int(todo_all.size - todo.size)
+            _refine_rows(exp, refiner, store, todo, cols, _kept(exp, info, cols), summary, st.bar(int(todo.size)))
+            summary.outliers = store.flag_outliers(exp.refinement.rwp_outlier)
+        summary.csv_file = write_refine_csv(exp)
+    if update_lattice and exp.phases and exp.lattice.fractions != "peaks" and has_group(exp.run.run_file, LATTICE):
+        lattice_experiment(exp)
+        summary.lattice_file = RunPaths.of(exp).lattice_csv
+    return summary
+
+
+def _rows(exp: Experiment, info: RunInfo, frames: tuple[int, int] | None) -> np.ndarray:
+    """The integrated frames to refine: ``frames`` (first, last), else ``[refinement] frames``, else all."""
+    n = info.frame_count
     if frames is not None and not 0 <= frames[0] <= frames[1] < n:
         raise StoreError(f"{exp.run.run_file} has frames 0 to {n - 1}; there are no frames {frames[0]} to "
                          f"{frames[1]} to refine")
     first, last = frames or exp.refinement.frames or (0, n - 1)
-    todo_all = np.flatnonzero((status == DONE) & (np.arange(n) >= first) & (np.arange(n) <= last))
-    summary = RefineSummary(exp.run.run_file, None, model.method, frames=int(todo_all.size))
-    names = refiner.names
-    with transaction(exp.run.run_file, checkpoint_s=exp.run.checkpoint_s):
-        offsets = refiner.calc.offsets
-        store = RefineStore.open(exp.run.run_file, n=n, names=names, columns=cols,
-                                  tick_phase=np.repeat(np.arange(offsets.size - 1), np.diff(offsets)),
-                                  phases=[p.name for p in model.phases], fingerprint=_fingerprint(exp, info),
-                                  restart=restart, tth=tth[cols])
-        with store:
-            done = store.done()
-            todo = todo_all[~done[todo_all]]
-            summary.skipped = int(todo_all.size - todo.size)
-            before = int(todo[0]) if todo.size else n
-            prev, prev_row = store.last_success(before=before)
-            bar = progress_bar(int(todo.size), "refine", progress)
+    return np.flatnonzero((info.status == DONE) & (np.arange(n) >= first) & (np.arange(n) <= last))
+
+
+def _refine_rows(exp: Experiment, refiner: Refiner, store: RefineStore, todo: np.ndarray, cols: slice,
+                 keep: np.ndarray, summary: RefineSummary, bar) -> None:
+    """Refine ``todo`` in order, each frame from the last successful one (a failure is recorded
+    and the next frame starts from the last success), 128 patterns read at a time."""
+    prev, prev_row = store.last_success(before=int(todo[0]) if todo.size else store.done().size)
+    for a in range(0, todo.size, 128):
+        block = todo[a:a + 128]
+        inten, sigma = read_pattern_block(exp.run.run_file, rows=block, columns=cols)
+        for row, y, s in zip(block, inten, sigma):
+            s = None if not np.isfinite(s).any() else s
+            y = np.where(keep, y, np.nan)
             try:
-                for a in range(0, todo.size, 128):
-                    block = todo[a:a + 128]
-                    inten, sigma = read_pattern_block(exp.run.run_file, rows=block, columns=cols)
-                    for row, y, s in zip(block, inten, sigma):
-                        s = None if not np.isfinite(s).any() else s
-                        y = np.where(keep, y, np.nan)
-                        try:
-                            res = _refine_frame(refiner, y, s, prev, prev_row, exp.refinement.gof_jump)
-                        except (RefinementError, np.linalg.LinAlgError, FloatingPointError, ValueError) as exc:
-                            store.write_failure(int(row), str(exc))
-                            summary.failed[int(row)] = str(exc)
-                        else:
-                            store.write(int(row), res)
-                            prev, prev_row = res, int(row)
-                            summary.last = res.table()
-                            if res.status == "flagged":
-                                summary.flagged[int(row)] = res.message
-                        summary.refined += 1
-                        bar.update(1)
-            finally:
-                bar.close()
-            summary.outliers = store.flag_outliers(exp.refinement.rwp_outlier)
-    summary.csv_file = write_refine_csv(exp)
-    if update_lattice and exp.phases and exp.lattice.fractions != "peaks" and has_group(exp.run.run_file, LATTICE):
-        lattice_experiment(exp)
-        summary.lattice_file = RunPaths.of(exp).lattice_csv
-    summary.seconds = time.perf_counter() - t0
-    return summary
+                res = _refine_frame(refiner, y, s, prev, prev_row, exp.refinement.gof_jump)
+            except (RefinementError, np.linalg.LinAlgError, FloatingPointError, ValueError) as exc:
+                store.write_failure(int(row), str(exc))
+                summary.failed[int(row)] = str(exc)
+            else:
+                store.write(int(row), res)
+                prev, prev_row = res, int(row)
+                summary.last = res.table()
+                if res.status == "flagged":
+                    summary.flagged[int(row)] = res.message
+            summary.refined += 1
+            bar.update(1)
 
 
 def _refine_frame(refiner: Refiner, y, sigma, prev: RefinementResult | None, prev_row: int | None,
@@ -326,47 +328,52 @@ def write_refine_csv(exp: Experiment) -> Path | None:
         if ph in phases and ":" in rest and rest not in struct_cols:
             struct_cols.append(rest)
     header = list(REFINE_COLUMNS) + [c for s in struct_cols for c in (s, s + "_err")]
-    rows = np.flatnonzero(d["status"] > 0)
     path = RunPaths.of(exp).refine_csv
-    idx = {nm: i for i, nm in enumerate(names)}
-
-    def fmt(v) -> str:
-        return "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.8g}"
-
     with atomic_output(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(header)
-        for r in rows:
-            vals, esds = d["values"][r], d["esds"][r]
-            ok = d["status"][r] in (OK, FLAGGED)
-
-            def get(name, err=False):
-                i = idx.get(name)
-                if i is None or not ok:
-                    return None
-                v = (esds if err else vals)[i]
-                return float(v) if (not err or d["refined"][i]) else None
-
-            for p, ph in enumerate(phases):
-                system = systems[ph]
-                gone = absent is not None and bool(absent[r, p])     # absent: its cell is not determined
-                cell = {k: None if gone else get(f"{ph}.{k}") for k in ("a", "b", "c", "beta")}
-                cerr = {k: None if gone else get(f"{ph}.{k}", True) for k in ("a", "b", "c", "beta")}
-                vol, verr = _volume(system, cell, cerr)
-                row = [int(r), fmt(float(info.time_s[r])), fmt(float(ec["voltage_V"][r]) if ec else None),
-                       fmt(float(ec["x"][r]) if ec else None), ph, STATUS.get(int(d["status"][r]), "failed"), d["message"][r],
-                       fmt(float(d["rwp"][r])), fmt(float(d["rexp"][r])), fmt(float(d["gof"][r])), int(d["n_iter"][r]),
-                       fmt(cell["a"]), fmt(cerr["a"]), fmt(cell["b"]), fmt(cerr["b"]), fmt(cell["c"]), fmt(cerr["c"]),
-                       fmt(cell["beta"]), fmt(cerr["beta"]), fmt(vol), fmt(verr),
-                       fmt(float(d["weight_fraction"][r, p]) if ok else None),
-                       fmt(float(d["weight_fraction_err"][r, p]) if ok else None),
-                       fmt(get(f"{ph}.scale")), fmt(get(f"{ph}.scale", True)),
-                       *[fmt(get(f"{ph}.{k}")) for k in "UVWXY"],
-                       fmt(get("zero")), fmt(get("zero", True)), fmt(get("displacement")), fmt(get("displacement", True))]
-                for s in struct_cols:
-                    row += [fmt(get(f"{ph}.{s}")), fmt(get(f"{ph}.{s}", True))]
-                w.writerow(row)
+        w.writerows(_csv_rows(d, absent, info.time_s, ec, systems, struct_cols))
     return path
+
+
+def _fmt(v) -> str:
+    return "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.8g}"
+
+
+def _csv_rows(d: dict, absent, time_s: np.ndarray, ec: dict | None, systems: dict[str, str], struct_cols: list[str]):
+    """The rows of refine.csv: one per refined frame and phase (values and esds; none for a frame
+    that failed, no cell for a phase absent from it)."""
+    idx = {nm: i for i, nm in enumerate(d["parameter"])}
+    fmt = _fmt
+    for r in np.flatnonzero(d["status"] > 0):
+        vals, esds = d["values"][r], d["esds"][r]
+        ok = d["status"][r] in (OK, FLAGGED)
+
+        def get(name, err=False):
+            i = idx.get(name)
+            if i is None or not ok:
+                return None
+            v = (esds if err else vals)[i]
+            return float(v) if (not err or d["refined"][i]) else None
+
+        for p, ph in enumerate(d["phase"]):
+            gone = absent is not None and bool(absent[r, p])     # absent: its cell is not determined
+            cell = {k: None if gone else get(f"{ph}.{k}") for k in ("a", "b", "c", "beta")}
+            cerr = {k: None if gone else get(f"{ph}.{k}", True) for k in ("a", "b", "c", "beta")}
+            vol, verr = _volume(systems[ph], cell, cerr)
+            row = [int(r), fmt(float(time_s[r])), fmt(float(ec["voltage_V"][r]) if ec else None),
+                   fmt(float(ec["x"][r]) if ec else None), ph, STATUS.get(int(d["status"][r]), "failed"), d["message"][r],
+                   fmt(float(d["rwp"][r])), fmt(float(d["rexp"][r])), fmt(float(d["gof"][r])), int(d["n_iter"][r]),
+                   fmt(cell["a"]), fmt(cerr["a"]), fmt(cell["b"]), fmt(cerr["b"]), fmt(cell["c"]), fmt(cerr["c"]),
+                   fmt(cell["beta"]), fmt(cerr["beta"]), fmt(vol), fmt(verr),
+                   fmt(float(d["weight_fraction"][r, p]) if ok else None),
+                   fmt(float(d["weight_fraction_err"][r, p]) if ok else None),
+                   fmt(get(f"{ph}.scale")), fmt(get(f"{ph}.scale", True)),
+                   *[fmt(get(f"{ph}.{k}")) for k in "UVWXY"],
+                   fmt(get("zero")), fmt(get("zero", True)), fmt(get("displacement")), fmt(get("displacement", True))]
+            for s in struct_cols:
+                row += [fmt(get(f"{ph}.{s}")), fmt(get(f"{ph}.{s}", True))]
+            yield row
 
 
 def _volume(system: str, cell: dict, err: dict) -> tuple[float | None, float | None]:

@@ -255,7 +255,6 @@ def _create_layout(h5, *, radial, unit, wavelength_A, fingerprint, provenance, t
 
     from .. import __version__
 
-    s = str_dtype()
     now = datetime.now(timezone.utc).isoformat()
     npt = radial.size
     h5.attrs.update({"NX_class": "NXroot", "default": "entry", "creator": f"xrdpipe {__version__}",
@@ -286,17 +285,7 @@ def _create_layout(h5, *, radial, unit, wavelength_A, fingerprint, provenance, t
     b = pat.create_dataset("q", data=np.asarray(q, float))
     b.attrs.update({"units": "1/angstrom", "long_name": "Q (1/Å)"})
 
-    fr = entry.create_group(FRAMES)
-    fr.attrs["NX_class"] = "NXcollection"
-    for name, dtype, fill in (("key", s, None), ("file", s, None), ("index", "i8", None),
-                              ("start", s, None), ("end", s, None), ("timestamp", "f8", np.nan),
-                              ("status", "i1", PENDING), ("message", s, None)):
-        kw = dict(shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1024,))
-        if fill is not None:
-            kw["fillvalue"] = fill
-        fr.create_dataset(name, **kw)
-    fr["timestamp"].attrs.update({"units": "s", "long_name": "middle of the exposure, POSIX seconds (UTC)"})
-    fr["status"].attrs["long_name"] = "0 pending, 1 done, -1 failed"
+    _create_frames(entry)
 
     ins = entry.create_group(INSTRUMENT)
     ins.attrs["NX_class"] = "NXinstrument"
@@ -314,6 +303,22 @@ def _create_layout(h5, *, radial, unit, wavelength_A, fingerprint, provenance, t
     proc.create_dataset("fingerprint", data=json.dumps(fingerprint, sort_keys=True))
     for key, value in provenance.items():
         proc.create_dataset(key, data=value)
+
+
+def _create_frames(entry) -> None:
+    """The empty frame table (grown as frames are registered)."""
+    s = str_dtype()
+    fr = entry.create_group(FRAMES)
+    fr.attrs["NX_class"] = "NXcollection"
+    for name, dtype, fill in (("key", s, None), ("file", s, None), ("index", "i8", None),
+                              ("start", s, None), ("end", s, None), ("timestamp", "f8", np.nan),
+                              ("status", "i1", PENDING), ("message", s, None)):
+        kw = dict(shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1024,))
+        if fill is not None:
+            kw["fillvalue"] = fill
+        fr.create_dataset(name, **kw)
+    fr["timestamp"].attrs.update({"units": "s", "long_name": "middle of the exposure, POSIX seconds (UTC)"})
+    fr["status"].attrs["long_name"] = "0 pending, 1 done, -1 failed"
 
 
 def decode(arr) -> np.ndarray:
