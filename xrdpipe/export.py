@@ -150,19 +150,10 @@ def export_patterns(run: ExportSource, folder: Path | str, *, formats: Sequence[
     from tqdm import tqdm
 
     folder = Path(folder)
-    radial, unit, wl, name = run.radial, run.unit, run.wavelength_A, run.name
-    done = np.asarray(run.done, bool)
-    rows = np.flatnonzero(done)
     result = ExportResult(folder)
-    if frames is not None:
-        asked = np.unique(np.asarray(frames, int))
-        outside = asked[(asked < 0) | (asked >= done.size)]
-        if outside.size:
-            raise StoreError(f"{run.where} has frames 0 to {done.size - 1}; there is no frame {int(outside[0])} "
-                             "to export")
-        rows = asked[done[asked]]
-        result.not_integrated = [int(f) for f in asked[~done[asked]]]
-    tth = radial if unit == "2th_deg" else (convert_radial(radial, unit, "2th_deg", wl) if wl else None)
+    rows = _rows(run, frames, result)
+    tth = run.radial if run.unit == "2th_deg" else (
+        convert_radial(run.radial, run.unit, "2th_deg", run.wavelength_A) if run.wavelength_A else None)
     todo = []
     for fmt in formats:
         if fmt in ("fxye", "topas") and tth is None:
@@ -171,57 +162,72 @@ def export_patterns(run: ExportSource, folder: Path | str, *, formats: Sequence[
         (folder / _FOLDER[fmt]).mkdir(parents=True, exist_ok=True)
         result.files[fmt] = 0
         todo.append(fmt)
-    instprm_name = f"{name}.instprm"
     if "fxye" in todo:
-        result.instprm = write_instprm(folder / _FOLDER["fxye"] / instprm_name, wavelength_A=wl,
+        result.instprm = write_instprm(folder / _FOLDER["fxye"] / f"{run.name}.instprm", wavelength_A=run.wavelength_A,
                                        polarization=polarization, profile=profile, zero_deg=zero_deg)
-    index = []
+    index: list[dict] = []
     source = hashlib.sha1(json.dumps(run.fingerprint, sort_keys=True).encode()).hexdigest()[:12]
     before = _previous_index(folder / "index.csv")
-    x_of, v_of = run.x, run.voltage_V
-    width = max(5, len(str(done.size - 1)))
     bar = tqdm(total=int(rows.size), desc="export", unit="frame", disable=not progress or rows.size == 0, leave=False)
     try:
         for b in range(0, rows.size, block):
             chunk = rows[b:b + block]
             inten, sigma = run.read_block(chunk)
             for k, f in enumerate(chunk):
-                y, e = inten[k].astype(float), sigma[k].astype(float)
-                ok = np.isfinite(y)
-                if not ok.any():                      # nothing to write in any format
-                    result.empty.append(int(f))
-                    bar.update(1)
-                    continue
-                counted = ok & ~(np.isfinite(e) & (e > 0))
-                e = np.where(counted, np.sqrt(np.maximum(y, 1.0)), e)
-                stem = f"{name}_{int(f):0{width}d}"
-                start, end = run.start[f], run.end[f]
-                when = {"frame": int(f), "time_s": csv_number(run.time_s[f]),
-                        "time": _middle(start, end) if start and end else "", "x": csv_number(x_of[f]),
-                        "voltage_V": csv_number(v_of[f])}
-                for fmt in todo:
-                    path = folder / _FOLDER[fmt] / (stem + EXPORT_SUFFIX[fmt])
-                    row = {**when, "format": fmt, "file": str(path.relative_to(folder)), "source": source}
-                    result.files[fmt] += 1
-                    index.append(row)
-                    if before.get((row["frame"], fmt)) == row and path.exists():
-                        result.kept += 1               # same pattern, same time, x and V: as written
-                        continue
-                    if fmt == "xye":
-                        head = _xye_header(name, f, run.time_s[f], run.key[f], unit, wl, x_of[f], v_of[f],
-                                           counted.any())
-                        write_text_atomic(path, head + _columns(radial[ok], y[ok], e[ok], "%.6f %.6f %.6f\n"))
-                    elif fmt == "fxye":
-                        write_fxye(path, tth[ok], y[ok], e[ok], title=f"{name} frame {int(f)} ({run.key[f]})",
-                                   instprm=instprm_name)
-                    else:
-                        write_text_atomic(path, _columns(tth[ok], y[ok], e[ok], "%.6f %.6f %.6f\n"))
+                _export_frame(run, int(f), inten[k].astype(float), sigma[k].astype(float), tth, folder, todo,
+                              source, before, index, result)
                 bar.update(1)
     finally:
         bar.close()
     result.frames = int(rows.size) - len(result.empty)
     result.index = write_csv(folder / "index.csv", INDEX_COLUMNS, index)
     return result
+
+
+def _rows(run: ExportSource, frames: Sequence[int] | None, result: ExportResult) -> np.ndarray:
+    """The integrated frames to export (``frames``, else all); the others asked for go to ``result``."""
+    done = np.asarray(run.done, bool)
+    if frames is None:
+        return np.flatnonzero(done)
+    asked = np.unique(np.asarray(frames, int))
+    outside = asked[(asked < 0) | (asked >= done.size)]
+    if outside.size:
+        raise StoreError(f"{run.where} has frames 0 to {done.size - 1}; there is no frame {int(outside[0])} "
+                         "to export")
+    result.not_integrated = [int(f) for f in asked[~done[asked]]]
+    return asked[done[asked]]
+
+
+def _export_frame(run: ExportSource, f: int, y: np.ndarray, e: np.ndarray, tth, folder: Path, todo: list[str],
+                  source: str, before: dict, index: list[dict], result: ExportResult) -> None:
+    """One frame in every format of ``todo`` (a file already as it would be written is left alone)."""
+    ok = np.isfinite(y)
+    if not ok.any():                      # nothing to write in any format
+        result.empty.append(f)
+        return
+    counted = ok & ~(np.isfinite(e) & (e > 0))
+    e = np.where(counted, np.sqrt(np.maximum(y, 1.0)), e)
+    stem = f"{run.name}_{f:0{max(5, len(str(len(run.done) - 1)))}d}"
+    start, end = run.start[f], run.end[f]
+    when = {"frame": f, "time_s": csv_number(run.time_s[f]), "time": _middle(start, end) if start and end else "",
+            "x": csv_number(run.x[f]), "voltage_V": csv_number(run.voltage_V[f])}
+    for fmt in todo:
+        path = folder / _FOLDER[fmt] / (stem + EXPORT_SUFFIX[fmt])
+        row = {**when, "format": fmt, "file": str(path.relative_to(folder)), "source": source}
+        result.files[fmt] += 1
+        index.append(row)
+        if before.get((row["frame"], fmt)) == row and path.exists():
+            result.kept += 1               # same pattern, same time, x and V: as written
+            continue
+        if fmt == "xye":
+            head = _xye_header(run.name, f, run.time_s[f], run.key[f], run.unit, run.wavelength_A, run.x[f],
+                               run.voltage_V[f], counted.any())
+            write_text_atomic(path, head + _columns(run.radial[ok], y[ok], e[ok], "%.6f %.6f %.6f\n"))
+        elif fmt == "fxye":
+            write_fxye(path, tth[ok], y[ok], e[ok], title=f"{run.name} frame {f} ({run.key[f]})",
+                       instprm=f"{run.name}.instprm")
+        else:
+            write_text_atomic(path, _columns(tth[ok], y[ok], e[ok], "%.6f %.6f %.6f\n"))
 
 
 def _previous_index(path: Path) -> dict[tuple[int, str], dict[str, object]]:
