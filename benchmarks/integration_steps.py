@@ -44,7 +44,7 @@ def main() -> None:
         list_frames,
     )
     from xrdpipe.integration import Integrator, _blocks, _product
-    from xrdpipe.store import RunFile
+    from xrdpipe.run.store import RunFile
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="eiger16m", choices=list(SIZES))

@@ -35,7 +35,7 @@ def throughput(base: Path, shape, n_frames: int) -> None:
     from integration import write_stack
 
     import xrdpipe
-    from xrdpipe.pipeline import integrate_experiment
+    from xrdpipe.run.integrate import integrate_experiment
 
     folder = base / "throughput"
     folder.mkdir()
@@ -56,9 +56,10 @@ def throughput(base: Path, shape, n_frames: int) -> None:
 
 
 def latency(base: Path, n_frames: int, period_s: float, shape) -> None:
-    from xrdpipe.store import read_frames, read_peaks
+    from xrdpipe.run.peakstore import read_peaks
+    from xrdpipe.run.store import read_frames
+    from xrdpipe.run.watch import watch_experiment
     from xrdpipe.testing import make_experiment
-    from xrdpipe.watch import watch_experiment
 
     folder = base / "watch"
     syn = make_experiment(folder, n_frames=n_frames, shape=shape, frame_format="cbf", counts=0.02,
@@ -88,7 +89,7 @@ def latency(base: Path, n_frames: int, period_s: float, shape) -> None:
             return
         now = time.time()
         fr, pk = read_frames(run_file), read_peaks(run_file)
-        for key, st, fitted in zip(fr["key"], fr["status"], pk["done"]):
+        for key, st, fitted in zip(fr.key, fr.status, pk["done"]):
             if st == 1 and fitted and key not in done:
                 done[key] = now
 

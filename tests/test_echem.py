@@ -126,7 +126,7 @@ def test_synthetic_experiment_x_within_0p002_and_lattice_gets_voltage_and_x(tmp_
     exp = xrdpipe.load_experiment(syn.experiment_file)
     xrdpipe.integrate_experiment(exp, progress=False)
     xrdpipe.fit_experiment(exp, progress=False)
-    from xrdpipe.pipeline import lattice_experiment
+    from xrdpipe.run.fit import lattice_experiment
 
     lattice_experiment(exp)
     summary = xrdpipe.echem_experiment(exp)
@@ -153,7 +153,7 @@ def test_synthetic_experiment_x_within_0p002_and_lattice_gets_voltage_and_x(tmp_
     for r in lat:
         assert r["x"] == by_frame[int(r["frame"])]["x"] and r["voltage_V"] == by_frame[int(r["frame"])]["voltage_V"]
     # the run file keeps the per-frame states and the whole record
-    from xrdpipe.store import read_table
+    from xrdpipe.run.store import read_table
 
     stored = read_table(exp.run.run_file, "electrochemistry")
     np.testing.assert_allclose(stored["x"], x, rtol=1e-8)

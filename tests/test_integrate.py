@@ -11,7 +11,7 @@ from scipy.optimize import curve_fit
 import xrdpipe
 from xrdpipe.errors import CalibrationError, StoreError
 from xrdpipe.frames import list_frames, read_frame
-from xrdpipe.store import DONE, FAILED, RunFile
+from xrdpipe.run.store import DONE, FAILED, RunFile
 from xrdpipe.testing import make_experiment
 
 

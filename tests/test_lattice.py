@@ -10,7 +10,7 @@ from xrdpipe.crystallography import d_from_tth, d_spacing, is_allowed, reflectio
 from xrdpipe.lattice import LATTICE_COLUMNS, combine_ratios, refine_lattice, trend
 from xrdpipe.peaks import PeakTable, fit_peaks
 from xrdpipe.phases import LIBRARY, layer_geometry
-from xrdpipe.store import PEAK_ARRAYS
+from xrdpipe.tables import PEAK_ARRAYS
 from xrdpipe.testing import pattern_series, phase_state
 
 WL = 0.6209

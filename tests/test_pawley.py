@@ -100,7 +100,8 @@ def test_sequential_pawley_through_xrdpipe_refine(tmp_path):
     """`xrdpipe refine` with method = "pawley" on a drifting O3 series, started 1 % (a) and 2 %
     (c) off: every frame ok within the issue's tolerances, refine.csv keeps its columns, and the
     run file holds each reflection's intensity and esd."""
-    from xrdpipe.refining import REFINE_COLUMNS, read_refinement
+    from xrdpipe.run.refine import REFINE_COLUMNS
+    from xrdpipe.run.refinestore import read_refinement
 
     n = 5
     a = np.linspace(2.9852, 2.9760, n)

@@ -6,8 +6,9 @@ import pytest
 import xrdpipe
 from xrdpipe.config import FitSpec, PhaseSpec, WindowSpec
 from xrdpipe.lineshapes import pearson7, split_pseudo_voigt
-from xrdpipe.peaks import WindowModel, WindowSetupError, _lmfit_params, fit_peaks, fit_window
-from xrdpipe.store import Patterns
+from xrdpipe.lmfit_models import lmfit_params
+from xrdpipe.peaks import WindowModel, WindowSetupError, fit_peaks, fit_window
+from xrdpipe.run.store import Patterns
 from xrdpipe.testing import pattern_series
 
 PHASES = [PhaseSpec(name="O3", space_group="R-3m", a=2.985, c=16.0),
@@ -153,7 +154,7 @@ def test_shared_fwhm_is_one_parameter(coexistence):
 
 
 def test_lmfit_model_is_the_window_model():
-    """xrdpipe.lmfit_model (built in peaks, the one lmfit module) computes what the window model does,
+    """xrdpipe.lmfit_model (built in lmfit_models, the one lmfit module) computes what the window model does,
     shared widths tied, on a start that is not the truth."""
     x = np.linspace(6.1, 7.0, 400)
     w = WindowSpec(name="003", range=(6.1, 7.0), peaks=["O3 003", "P3 003"], share=["fwhm"])
@@ -163,7 +164,7 @@ def test_lmfit_model_is_the_window_model():
     theta[0, model.index(1, "area")] = 3.0
     lm = xrdpipe.lmfit_model(model)
     assert lm.param_names[:len(model.full_names)] == list(model.full_names)
-    params = _lmfit_params(model, lm, theta[0], lo[0], hi[0], np.zeros(model.n_free, bool))
+    params = lmfit_params(model, lm, theta[0], lo[0], hi[0], np.zeros(model.n_free, bool))
     assert params["p1_fwhm"].expr == "p0_fwhm"
     np.testing.assert_allclose(lm.eval(params, x=model.x), model.value(theta[0])[0], rtol=1e-10)
 

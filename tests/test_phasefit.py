@@ -88,7 +88,7 @@ def test_any_crystal_system_orthorhombic_and_cubic():
         peaks.append({"tth_deg": float(tth_from_d(d, lam)), "area": 300.0})
     tth = np.linspace(5, 30, 6000)
     y = rng.poisson(pattern_1d(tth, peaks, background=500.0)).astype(float)
-    from xrdpipe.store import Patterns
+    from xrdpipe.run.store import Patterns
 
     pat = Patterns(tth, "2th_deg", lam, y[None], np.sqrt(np.maximum(y, 1))[None],
                    {"status": np.ones(1, int), "message": np.array([""], dtype=object), "time_s": np.zeros(1)})
@@ -121,7 +121,9 @@ def test_hard_series_as_2d_frames_through_the_run_file(tmp_path, scenario, sign)
     gaps), integrated, fitted and refined through the run file: O3 <-> P3 from cells typed above,
     P2 -> P''2 (with the Al line in the 100 window) from cells typed below."""
     from xrdpipe.config import load_experiment
-    from xrdpipe.pipeline import _stored_table, fit_experiment, integrate_experiment
+    from xrdpipe.run.fit import fit_experiment
+    from xrdpipe.run.integrate import integrate_experiment
+    from xrdpipe.run.peakstore import read_peak_table
     from xrdpipe.testing import make_experiment
 
     dif = Difficulty(start_error=((0.01 * sign, 0.02 * sign), (0.01 * sign, 0.02 * sign)), separation_fwhm=1.5,
@@ -131,7 +133,7 @@ def test_hard_series_as_2d_frames_through_the_run_file(tmp_path, scenario, sign)
     exp = load_experiment(syn.experiment_file)
     integrate_experiment(exp, progress=False)
     fit_experiment(exp, progress=False)
-    table = _stored_table(exp.run.run_file)
+    table = read_peak_table(exp.run.run_file)
     with h5py.File(exp.run.run_file, "r") as h5:           # the backward pass went over every frame
         assert h5["/entry/peaks"].attrs["backward_through"] == 40
         assert np.isfinite(h5["/entry/peaks/phase_bic"][()]).all()
@@ -148,14 +150,16 @@ def test_mcm_demo_fractions_within_003_of_the_truth_in_every_frame(tmp_path):
     """The MCM demo's simulation (P2 -> P''2 and back, faint counts, the demo's own experiment
     file) as 2D frames: the phase fractions within 0.03 of the truth in every frame."""
     from xrdpipe.config import load_experiment
-    from xrdpipe.pipeline import _stored_table, fit_experiment, integrate_experiment
+    from xrdpipe.run.fit import fit_experiment
+    from xrdpipe.run.integrate import integrate_experiment
+    from xrdpipe.run.peakstore import read_peak_table
     from xrdpipe.testing import make_experiment
 
     syn = make_experiment(tmp_path / "mcm", scenario="mcm", n_frames=60, counts=0.002, background=100.0, seed=0)
     exp = load_experiment(syn.experiment_file)
     integrate_experiment(exp, progress=False)
     fit_experiment(exp, progress=False)
-    table = _stored_table(exp.run.run_file)
+    table = read_peak_table(exp.run.run_file)
     lat = refine_lattice(table, exp.phases, exp.lattice, unit="2th_deg", wavelength_A=syn.scenario.wavelength_A)
     states = syn.states()
     err = [abs(lat.values["fraction"][r, lat.phases.index(name)] - states[f].get(name, (0, 0, 0.0))[2])

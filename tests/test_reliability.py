@@ -19,8 +19,9 @@ import pytest
 
 from xrdpipe.config import load_experiment
 from xrdpipe.errors import CalibrationError, ConfigError
-from xrdpipe.pipeline import echem_experiment, integrate_experiment
-from xrdpipe.store import open_run
+from xrdpipe.run.echem import echem_experiment
+from xrdpipe.run.integrate import integrate_experiment
+from xrdpipe.run.store import open_run
 from xrdpipe.testing import assert_same_results
 
 SCHEDULERS = [[], ["--scheduler", "processes"], ["--scheduler", "serial"]]   # default, pool, serial
@@ -111,11 +112,11 @@ def test_1_an_empty_frame_is_recorded_and_every_export_skips_an_empty_pattern(ba
     assert "exported 7 pattern(s) as 7 xye, 7 fxye, 7 topas" in proc.stdout
 
     # a pattern that is empty in the run file (an import, an older run) is skipped by every export
-    from xrdpipe.export import export_patterns
+    from xrdpipe.run.output import export_run_file
 
     with h5py.File(exp.run.run_file, "r+") as h5:
         h5["/entry/patterns/intensity"][3] = np.nan
-    res = export_patterns(exp.run.run_file, tmp_path / "x", formats=["xye", "fxye", "topas"])
+    res = export_run_file(exp.run.run_file, tmp_path / "x", formats=["xye", "fxye", "topas"])
     assert res.empty == [3] and res.files == {"xye": 6, "fxye": 6, "topas": 6}
     assert "frame(s) with an empty pattern (no valid point), not exported: 3" in str(res)
 

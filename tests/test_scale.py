@@ -16,11 +16,13 @@ import pytest
 
 from xrdpipe.config import load_experiment
 from xrdpipe.errors import StoreError
-from xrdpipe.pipeline import fit_experiment, integrate_experiment
+from xrdpipe.run.fit import fit_experiment
+from xrdpipe.run.integrate import integrate_experiment
+from xrdpipe.run.peakstore import read_peaks
+from xrdpipe.run.store import open_run
+from xrdpipe.run.workflow import run_experiment
 from xrdpipe.safeio import transaction
-from xrdpipe.store import open_run, read_peaks
 from xrdpipe.testing import assert_same_results
-from xrdpipe.workflow import run_experiment
 
 
 @pytest.fixture(scope="module")

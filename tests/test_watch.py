@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 
 from xrdpipe.config import load_experiment
-from xrdpipe.store import read_frames, read_peaks
+from xrdpipe.run.peakstore import read_peaks
+from xrdpipe.run.store import read_frames
+from xrdpipe.run.watch import ready_frames, watch_experiment
+from xrdpipe.run.workflow import run_experiment
 from xrdpipe.testing import assert_same_results
-from xrdpipe.watch import ready_frames, watch_experiment
-from xrdpipe.workflow import run_experiment
 
 BOUND_S = 10.0          # frame complete -> integrated, fitted, lattice and figure updated
 
@@ -73,8 +74,8 @@ def _watch(syn, *, idle_stop_s: float):
         fr = read_frames(exp.run.run_file)
         peaks = read_peaks(exp.run.run_file)
         now = time.time()
-        assert figure.exists() or (fr["status"] == 1).sum() < 2, str(result.results.get("plots"))
-        for key, st, fitted in zip(fr["key"], fr["status"], peaks["done"]):
+        assert figure.exists() or (fr.status == 1).sum() < 2, str(result.results.get("plots"))
+        for key, st, fitted in zip(fr.key, fr.status, peaks["done"]):
             if st == 1 and fitted and key not in processed:
                 processed[key] = now
 
@@ -118,7 +119,7 @@ def test_frames_written_into_a_folder_are_processed_live(tmp_path, live_experime
     lags = [processed[k] - written[k] for k in written]
     assert max(lags) < BOUND_S, lags
     fr = read_frames(exp.run.run_file)
-    assert (fr["status"] == 1).all(), fr["message"]          # the slow frames were retried, not failed
+    assert (fr.status == 1).all(), fr.message          # the slow frames were retried, not failed
     assert figure.stat().st_mtime >= max(written.values())
     assert summary.busy >= 3
     # the live result is the batch result

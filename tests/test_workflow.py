@@ -13,9 +13,9 @@ from xrdpipe.cli import main
 from xrdpipe.config import ContourSpec, load_experiment
 from xrdpipe.patterns import read_pattern
 from xrdpipe.plots import PlotError, plot_contour
-from xrdpipe.store import mark_stage, open_run, read_stages
+from xrdpipe.run.store import mark_stage, open_run, read_stages
+from xrdpipe.run.workflow import run_experiment
 from xrdpipe.testing import make_experiment
-from xrdpipe.workflow import run_experiment
 
 # sizes chosen to differ from the defaults, so the test sees that they are obeyed
 PLOTS = """
@@ -200,7 +200,7 @@ def test_a_map_against_x_of_a_charge_and_discharge_is_refused(whole_run):
 
 def test_a_map_of_more_frames_than_pixel_rows_shows_their_means_and_keeps_pauses_blank(whole_run):
     from xrdpipe.plots import _binned_image, _pixel_rows
-    from xrdpipe.store import read_pattern_block
+    from xrdpipe.run.store import read_pattern_block
 
     # 7 frames, a pause (-1), 3 frames; at most 4 image rows: frames go in runs of 3, the pause stays alone
     frame_rows = np.array([0, 1, 2, 3, 4, 5, 6, -1, 7, 8, 9])

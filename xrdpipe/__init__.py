@@ -27,10 +27,10 @@ _HOME = {
     "PatternReadError": "errors", "PlotError": "errors", "RefinementError": "errors", "StoreError": "errors",
     "StructureError": "errors", "WindowSetupError": "errors", "XrdpipeError": "errors",
     "Integrator": "integration",
-    "WindowModel": "peaks", "fit_peaks": "peaks", "lmfit_model": "peaks", "fit_phases": "phasefit",
-    "echem_experiment": "pipeline", "fit_experiment": "pipeline", "integrate_experiment": "pipeline",
-    "open_run": "store",
-    "export_experiment": "workflow", "plot_experiment": "workflow", "run_experiment": "workflow",
+    "WindowModel": "peaks", "fit_peaks": "peaks", "lmfit_model": "lmfit_models", "fit_phases": "phasefit",
+    "echem_experiment": "run.echem", "fit_experiment": "run.fit", "integrate_experiment": "run.integrate",
+    "open_run": "run.store",
+    "export_experiment": "run.output", "plot_experiment": "run.output", "run_experiment": "run.workflow",
 }
 
 

@@ -155,7 +155,7 @@ def integrate(experiment: str, restart: bool, workers: int | None, scheduler: st
 
     The run file is written frame by frame; an interrupted run resumes where it stopped.
     """
-    from .pipeline import integrate_experiment
+    from .run.integrate import integrate_experiment
 
     _stage(experiment, lambda exp: integrate_experiment(exp, restart=restart, progress=not quiet, workers=workers,
                                                         scheduler=scheduler),
@@ -174,7 +174,7 @@ def fit(experiment: str, restart: bool, engine: str | None, quiet: bool) -> None
     Results are written block by block into the run file; an interrupted fit resumes, and
     changed phases, windows or [fit] settings fit every frame again.
     """
-    from .pipeline import fit_experiment
+    from .run.fit import fit_experiment
 
     _stage(experiment, lambda exp: fit_experiment(exp, restart=restart, progress=not quiet, engine=engine),
            "every block fitted so far is in the run file")
@@ -199,7 +199,7 @@ def refine(experiment: str, frame_range: str | None, restart: bool, compare: boo
     --compare: the alternative models of [[refinement.models]] on one frame, side by side
     (refine_compare.csv).
     """
-    from .refining import compare_models, refine_experiment
+    from .run.refine import compare_models, refine_experiment
 
     if compare:
         def run(exp):
@@ -243,7 +243,7 @@ def lattice(experiment: str) -> None:
     Also the cell volumes, the layer geometry of O3/P3/P2 phases with an oxygen z, and the
     phase fractions (see [lattice] in the README).
     """
-    from .pipeline import lattice_experiment
+    from .run.fit import lattice_experiment
 
     _stage(experiment, lattice_experiment, "nothing is lost: the lattice is recomputed from the peaks")
 
@@ -257,7 +257,7 @@ def echem(experiment: str) -> None:
     Needs an [electrochemistry] section and a run file with the frames' times (after
     `xrdpipe integrate`). Also fills voltage_V and x of lattice.csv when there is one.
     """
-    from .pipeline import echem_experiment
+    from .run.echem import echem_experiment
 
     _stage(experiment, echem_experiment, "nothing is lost: the state of charge is recomputed from the record")
 
@@ -280,7 +280,7 @@ def watch(experiment: str, interval: float, settle: float, retry: float, stop_af
     stack) and run every configured stage on them; figures and the run file are updated
     atomically. Stop with Ctrl-C; `xrdpipe run` or `xrdpipe watch` goes on from there."""
     from .errors import XrdpipeError
-    from .watch import watch_experiment
+    from .run.watch import watch_experiment
 
     click.echo(f"watching {experiment} every {interval:g} s (Ctrl-C to stop)")
     try:
@@ -307,7 +307,7 @@ def run(experiment: str, force: bool, workers: int | None, scheduler: str | None
     plots, export. A stage whose inputs have not changed since it last finished is skipped; an
     interrupted run resumes. Ends with a summary: frames, failures, phases and their x ranges,
     and where the outputs are."""
-    from .workflow import run_experiment
+    from .run.workflow import run_experiment
 
     _stage(experiment, lambda exp: run_experiment(exp, force=force, progress=not quiet, workers=workers,
                                                   scheduler=scheduler, echo=click.echo),
@@ -346,7 +346,7 @@ def plot(experiment: str, kinds, formats, windows, axis, vertical, scale, agains
     from pydantic import ValidationError
 
     from .errors import ConfigError
-    from .workflow import plot_experiment
+    from .run.output import plot_experiment
 
     if output and len(kinds) != 1:
         _fail(ValueError("-o/--output needs exactly one --kind"))
@@ -407,7 +407,7 @@ def plot(experiment: str, kinds, formats, windows, axis, vertical, scale, agains
 def export(experiment: str, formats, frames, quiet: bool) -> None:
     """Write every integrated pattern of EXPERIMENT for refinement elsewhere (GSAS-II, TOPAS...),
     with index.csv (frame, time, x, voltage per file)."""
-    from .workflow import export_experiment
+    from .run.output import export_experiment
 
     frame_list = _frame_list("--frames", frames)
     _stage(experiment, lambda exp: export_experiment(exp, formats=list(formats) or None, frames=frame_list,
@@ -505,8 +505,8 @@ def demo(out: str, n_frames: int, scenario: str, seed: int, quiet: bool) -> None
 
     from .config import load_experiment
     from .errors import XrdpipeError
+    from .run.workflow import run_experiment
     from .testing import make_experiment
-    from .workflow import run_experiment
 
     t0 = time.perf_counter()
     folder = Path(out)

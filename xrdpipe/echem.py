@@ -264,7 +264,7 @@ class FrameStates:
     half_cycle_capacity_mAh_g: np.ndarray
 
     def rows(self):
-        from .store import csv_number
+        from .tables import csv_number
 
         for r in range(self.frame.size):
             mid = (self.start_s[r] + self.end_s[r]) / 2
@@ -281,7 +281,7 @@ class FrameStates:
             }
 
     def write_csv(self, path: Path | str) -> Path:
-        from .store import write_csv
+        from .tables import write_csv
 
         return write_csv(path, FRAME_COLUMNS, self.rows())
 

@@ -20,24 +20,16 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from .crystallography import convert_radial
 from .errors import StoreError
 from .safeio import write_text_atomic
-from .store import (
-    DONE,
-    csv_number,
-    open_run_info,
-    read_frames,
-    read_pattern_block,
-    read_table,
-    write_csv,
-)
+from .tables import csv_number, write_csv
 
-__all__ = ["export_patterns", "ExportResult", "write_fxye", "write_instprm", "gsas2_profile", "EXPORT_SUFFIX"]
+__all__ = ["export_patterns", "ExportSource", "ExportResult", "write_fxye", "write_instprm", "gsas2_profile", "EXPORT_SUFFIX"]
 
 EXPORT_SUFFIX = {"xye": ".xye", "fxye": ".fxye", "topas": ".xye"}
 _FOLDER = {"xye": "xye", "fxye": "gsas2", "topas": "topas"}
@@ -121,37 +113,47 @@ def write_instprm(path: Path | str, *, wavelength_A: float, polarization: float 
     return path
 
 
-def export_patterns(run_file: Path | str, folder: Path | str, *, formats: Sequence[str] = ("xye", "fxye", "topas"),
+@dataclass(frozen=True)
+class ExportSource:
+    """What an export needs of a run: its name, axis and per-frame labels (one entry per frame)
+    and ``read_block(rows) -> (intensity, esd)``, which reads the patterns of some frames (so
+    that thousands of frames are never in memory at once). Made by the run layer
+    (:func:`xrdpipe.run.output.export_run_file`)."""
+
+    name: str
+    radial: np.ndarray
+    unit: str
+    wavelength_A: float | None
+    done: np.ndarray             # bool per frame: integrated
+    time_s: np.ndarray
+    key: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+    x: np.ndarray                # NaN where unknown
+    voltage_V: np.ndarray
+    fingerprint: dict
+    read_block: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+    where: str = "the run"       # for messages: the run file
+
+
+def export_patterns(run: ExportSource, folder: Path | str, *, formats: Sequence[str] = ("xye", "fxye", "topas"),
                     frames: Sequence[int] | None = None, polarization: float | None = None,
                     progress: bool = False, block: int = 256, profile: dict[str, float] | None = None,
                     zero_deg: float = 0.0) -> ExportResult:
-    """Write the integrated frames of ``run_file`` (all, or ``frames``) into ``folder``: one
+    """Write the integrated frames of ``run`` (all, or ``frames``) into ``folder``: one
     sub-folder per format (``xye/``, ``gsas2/``, ``topas/``) and ``index.csv``.
 
     Example
     -------
-    >>> export_patterns("results/nfm.nxs", "results/export", formats=["fxye"])   # doctest: +SKIP
+    >>> export_patterns(source, "results/export", formats=["fxye"])   # doctest: +SKIP
     """
     from tqdm import tqdm
 
-    run_file, folder = Path(run_file), Path(folder)
-    info = open_run_info(run_file)
-    radial, unit, wl = info["radial"], info["unit"], info["wavelength_A"]
-    status = info["status"]
-    fr = read_frames(run_file)
-    ec = read_table(run_file, "electrochemistry")
-    name = run_file.stem
-    rows = np.flatnonzero(status == DONE)
+    folder = Path(folder)
     result = ExportResult(folder)
-    if frames is not None:
-        asked = np.unique(np.asarray(frames, int))
-        outside = asked[(asked < 0) | (asked >= status.size)]
-        if outside.size:
-            raise StoreError(f"{run_file} has frames 0 to {status.size - 1}; there is no frame {int(outside[0])} "
-                             "to export")
-        rows = asked[status[asked] == DONE]
-        result.not_integrated = [int(f) for f in asked[status[asked] != DONE]]
-    tth = radial if unit == "2th_deg" else (convert_radial(radial, unit, "2th_deg", wl) if wl else None)
+    rows = _rows(run, frames, result)
+    tth = run.radial if run.unit == "2th_deg" else (
+        convert_radial(run.radial, run.unit, "2th_deg", run.wavelength_A) if run.wavelength_A else None)
     todo = []
     for fmt in formats:
         if fmt in ("fxye", "topas") and tth is None:
@@ -160,58 +162,72 @@ def export_patterns(run_file: Path | str, folder: Path | str, *, formats: Sequen
         (folder / _FOLDER[fmt]).mkdir(parents=True, exist_ok=True)
         result.files[fmt] = 0
         todo.append(fmt)
-    instprm_name = f"{name}.instprm"
     if "fxye" in todo:
-        result.instprm = write_instprm(folder / _FOLDER["fxye"] / instprm_name, wavelength_A=wl,
+        result.instprm = write_instprm(folder / _FOLDER["fxye"] / f"{run.name}.instprm", wavelength_A=run.wavelength_A,
                                        polarization=polarization, profile=profile, zero_deg=zero_deg)
-    index = []
-    source = hashlib.sha1(json.dumps(info["fingerprint"], sort_keys=True).encode()).hexdigest()[:12]
+    index: list[dict] = []
+    source = hashlib.sha1(json.dumps(run.fingerprint, sort_keys=True).encode()).hexdigest()[:12]
     before = _previous_index(folder / "index.csv")
-    x_of = ec["x"] if ec is not None else np.full(status.size, np.nan)
-    v_of = ec["voltage_V"] if ec is not None else np.full(status.size, np.nan)
-    width = max(5, len(str(status.size - 1)))
     bar = tqdm(total=int(rows.size), desc="export", unit="frame", disable=not progress or rows.size == 0, leave=False)
     try:
         for b in range(0, rows.size, block):
             chunk = rows[b:b + block]
-            inten, sigma = read_pattern_block(run_file, chunk)
+            inten, sigma = run.read_block(chunk)
             for k, f in enumerate(chunk):
-                y, e = inten[k].astype(float), sigma[k].astype(float)
-                ok = np.isfinite(y)
-                if not ok.any():                      # nothing to write in any format
-                    result.empty.append(int(f))
-                    bar.update(1)
-                    continue
-                counted = ok & ~(np.isfinite(e) & (e > 0))
-                e = np.where(counted, np.sqrt(np.maximum(y, 1.0)), e)
-                stem = f"{name}_{int(f):0{width}d}"
-                start, end = fr["start"][f], fr["end"][f]
-                when = {"frame": int(f), "time_s": csv_number(info["time_s"][f]),
-                        "time": _middle(start, end) if start and end else "", "x": csv_number(x_of[f]),
-                        "voltage_V": csv_number(v_of[f])}
-                for fmt in todo:
-                    path = folder / _FOLDER[fmt] / (stem + EXPORT_SUFFIX[fmt])
-                    row = {**when, "format": fmt, "file": str(path.relative_to(folder)), "source": source}
-                    result.files[fmt] += 1
-                    index.append(row)
-                    if before.get((row["frame"], fmt)) == row and path.exists():
-                        result.kept += 1               # same pattern, same time, x and V: as written
-                        continue
-                    if fmt == "xye":
-                        head = _xye_header(name, f, info["time_s"][f], fr["key"][f], unit, wl, x_of[f], v_of[f],
-                                           counted.any())
-                        write_text_atomic(path, head + _columns(radial[ok], y[ok], e[ok], "%.6f %.6f %.6f\n"))
-                    elif fmt == "fxye":
-                        write_fxye(path, tth[ok], y[ok], e[ok], title=f"{name} frame {int(f)} ({fr['key'][f]})",
-                                   instprm=instprm_name)
-                    else:
-                        write_text_atomic(path, _columns(tth[ok], y[ok], e[ok], "%.6f %.6f %.6f\n"))
+                _export_frame(run, int(f), inten[k].astype(float), sigma[k].astype(float), tth, folder, todo,
+                              source, before, index, result)
                 bar.update(1)
     finally:
         bar.close()
     result.frames = int(rows.size) - len(result.empty)
     result.index = write_csv(folder / "index.csv", INDEX_COLUMNS, index)
     return result
+
+
+def _rows(run: ExportSource, frames: Sequence[int] | None, result: ExportResult) -> np.ndarray:
+    """The integrated frames to export (``frames``, else all); the others asked for go to ``result``."""
+    done = np.asarray(run.done, bool)
+    if frames is None:
+        return np.flatnonzero(done)
+    asked = np.unique(np.asarray(frames, int))
+    outside = asked[(asked < 0) | (asked >= done.size)]
+    if outside.size:
+        raise StoreError(f"{run.where} has frames 0 to {done.size - 1}; there is no frame {int(outside[0])} "
+                         "to export")
+    result.not_integrated = [int(f) for f in asked[~done[asked]]]
+    return asked[done[asked]]
+
+
+def _export_frame(run: ExportSource, f: int, y: np.ndarray, e: np.ndarray, tth, folder: Path, todo: list[str],
+                  source: str, before: dict, index: list[dict], result: ExportResult) -> None:
+    """One frame in every format of ``todo`` (a file already as it would be written is left alone)."""
+    ok = np.isfinite(y)
+    if not ok.any():                      # nothing to write in any format
+        result.empty.append(f)
+        return
+    counted = ok & ~(np.isfinite(e) & (e > 0))
+    e = np.where(counted, np.sqrt(np.maximum(y, 1.0)), e)
+    stem = f"{run.name}_{f:0{max(5, len(str(len(run.done) - 1)))}d}"
+    start, end = run.start[f], run.end[f]
+    when = {"frame": f, "time_s": csv_number(run.time_s[f]), "time": _middle(start, end) if start and end else "",
+            "x": csv_number(run.x[f]), "voltage_V": csv_number(run.voltage_V[f])}
+    for fmt in todo:
+        path = folder / _FOLDER[fmt] / (stem + EXPORT_SUFFIX[fmt])
+        row = {**when, "format": fmt, "file": str(path.relative_to(folder)), "source": source}
+        result.files[fmt] += 1
+        index.append(row)
+        if before.get((row["frame"], fmt)) == row and path.exists():
+            result.kept += 1               # same pattern, same time, x and V: as written
+            continue
+        if fmt == "xye":
+            head = _xye_header(run.name, f, run.time_s[f], run.key[f], run.unit, run.wavelength_A, run.x[f],
+                               run.voltage_V[f], counted.any())
+            write_text_atomic(path, head + _columns(run.radial[ok], y[ok], e[ok], "%.6f %.6f %.6f\n"))
+        elif fmt == "fxye":
+            write_fxye(path, tth[ok], y[ok], e[ok], title=f"{run.name} frame {f} ({run.key[f]})",
+                       instprm=f"{run.name}.instprm")
+        else:
+            write_text_atomic(path, _columns(tth[ok], y[ok], e[ok], "%.6f %.6f %.6f\n"))
 
 
 def _previous_index(path: Path) -> dict[tuple[int, str], dict[str, object]]:

@@ -42,7 +42,7 @@ from .crystallography import (
     tth_from_d,
 )
 from .phases import GEOMETRY_KEYS, layer_geometry
-from .store import csv_number, write_csv
+from .tables import csv_number, write_csv
 
 __all__ = ["LatticeTable", "WeightFractions", "refine_lattice", "trend", "LATTICE_COLUMNS", "LATTICE_FIELDS"]
 

@@ -9,8 +9,8 @@ enough (BIC or F-test) is declared absent and gets area 0 and ``present = False`
 Two engines give the same answers: ``"batched"`` (:mod:`xrdpipe.batchfit`, vectorised
 Levenberg-Marquardt with analytic derivatives, all frames of a block at once) and ``"lmfit"``
 (an lmfit composite model fitted frame by frame: the reference, and the user-facing definition
-of every model through :func:`lmfit_model`, also ``xrdpipe.lmfit_model``). This is the only
-module that imports lmfit.
+of every model through :meth:`WindowModel.lmfit_model`, built by :mod:`xrdpipe.lmfit_models`,
+the only module that imports lmfit).
 
 Failures are data: every (frame, window) gets ``success`` and a ``message``; nothing raises
 inside the loop over frames.
@@ -36,7 +36,8 @@ from .batchfit import BatchResult, least_squares_batch
 from .config import FitSpec, PhaseSpec, WindowSpec
 from .errors import WindowSetupError
 from .lineshapes import PROFILES, height
-from .store import PEAK_ARRAYS, csv_number, write_csv
+from .lmfit_models import lmfit_model, lmfit_params
+from .tables import PEAK_ARRAYS, csv_number, write_csv
 from .windows import WindowModel, d_from_radial
 
 __all__ = ["WindowModel", "PeakFitter", "PeakTable", "WindowSetupError", "fit_peaks", "fit_window", "lmfit_model",
@@ -49,42 +50,6 @@ PEAK_COLUMNS = ("frame", "time_s", "window", "phase", "hkl", "center", "center_e
 
 #: Per-component quantities kept for every frame (frame x peak arrays).
 PEAK_FIELDS = PEAK_ARRAYS
-def lmfit_model(model: WindowModel):
-    """A window as an lmfit composite model: one line shape per component with
-    ``prefix="p{j}_"`` plus a polynomial background ``bg_``; the user-facing definition."""
-    from lmfit import Model
-
-    out = None
-    for j in range(len(model.components)):
-        part = Model(PROFILES[model.profile][0], prefix=f"p{j}_")
-        out = part if out is None else out + part
-    bg = Model(_background, prefix="bg_")
-    return bg if out is None else out + bg
-
-
-def _lmfit_params(model: WindowModel, lm, theta: np.ndarray, lo: np.ndarray, hi: np.ndarray, hold: np.ndarray):
-    """lmfit Parameters equivalent to a free vector, its bounds and held columns."""
-    params = lm.make_params()
-    for i, name in enumerate(model.full_names):
-        col = model.tie[i]
-        owner = model.names[col]
-        if owner != name:
-            params[name].set(expr=owner)
-            continue
-        params[name].set(value=theta[col], min=lo[col], max=hi[col], vary=not hold[col])
-    for d in range(model.degree + 1, 5):
-        params[f"bg_c{d}"].set(value=0.0, vary=False)
-    params["bg_x_mid"].set(value=model.x_mid, vary=False)
-    params["bg_half"].set(value=model.half, vary=False)
-    return params
-
-
-def _background(x, c0=0.0, c1=0.0, c2=0.0, c3=0.0, c4=0.0, x_mid=0.0, half=1.0):
-    """Polynomial background in the reduced abscissa (for the lmfit model)."""
-    t = (x - x_mid) / half
-    return c0 + t * (c1 + t * (c2 + t * (c3 + t * c4)))
-
-
 # ----------------------------------------------------------------------------------------------
 # one window over a block of frames
 
@@ -142,7 +107,7 @@ def _optimize_lmfit(model: WindowModel, theta, lo, hi, hold, y, w, *, max_iter: 
     for i in range(n):
         keep = w[i] > 0
         out.n_points[i] = np.count_nonzero(keep)
-        params = _lmfit_params(model, lm, theta[i], lo[i], hi[i], hold)
+        params = lmfit_params(model, lm, theta[i], lo[i], hi[i], hold)
         try:
             res = lm.fit(y[i, keep], params, x=model.x[keep], weights=w[i, keep] if has_errors else None,
                          scale_covar=False, max_nfev=max_iter * (k + 1))

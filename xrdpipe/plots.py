@@ -33,7 +33,8 @@ from .config import (
 from .crystallography import convert_radial, d_from_q, q_from_tth
 from .errors import PlotError
 from .lineshapes import PROFILES
-from .store import DONE, open_run_info, read_pattern_block, read_peaks, read_table
+from .run.peakstore import read_peaks
+from .run.store import DONE, open_run_info, read_pattern_block, read_table
 from .windows import WindowModel
 
 __all__ = ["PlotError", "plot_contour", "plot_lattice", "plot_fractions", "plot_fit_check", "plot_waterfall", "plot_refinement",
@@ -350,7 +351,7 @@ def _normalise(z: np.ndarray, scale: str) -> np.ndarray:
 
 def _peaks_or_none(run_file: Path) -> dict | None:
     """The fitted centres the maps draw (not the whole peak table), or None before a fit."""
-    from .store import StoreError
+    from .errors import StoreError
 
     try:
         d = read_peaks(run_file, arrays=("center", "present", "done"))
@@ -759,7 +760,7 @@ def plot_refinement(run_file: Path | str, frame: int, *, width_mm: float = 180.0
             "it was not refined")
         raise PlotError(f"frame {frame} of {run_file}: {why} (refined frames: "
                         f"{', '.join(map(str, ok[:10])) or 'none'}{' ...' if ok.size > 10 else ''})")
-    from .store import _reading
+    from .run.store import reading as _reading
 
     with _reading(run_file) as h5:
         g = h5["/entry/refinement"]

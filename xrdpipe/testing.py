@@ -374,7 +374,7 @@ class PatternSeries:
 
     def as_patterns(self, *, with_errors: bool = True):
         """The series as a :class:`~xrdpipe.store.Patterns` stack (what ``open_run`` returns)."""
-        from .store import Patterns
+        from .run.store import Patterns
 
         n = len(self.x)
         frames = {"status": np.ones(n, int), "message": np.array([""] * n, dtype=object),
@@ -872,7 +872,8 @@ def assert_same_results(a: Path | str, b: Path | str) -> None:
     """Assert that two run files hold the same frames (none twice), patterns, fitted peaks,
     lattice and electrochemistry, bit for bit (NaN equal to NaN). For checking that a resumed,
     live or distributed run gives what a straight serial run gives."""
-    from .store import has_group, open_run, read_peaks, read_table
+    from .run.peakstore import read_peaks
+    from .run.store import has_group, open_run, read_table
 
     pa, pb = open_run(a), open_run(b)
     assert list(pa.frames["key"]) == list(pb.frames["key"]), "not the same frames, in the same order"

@@ -307,3 +307,10 @@ class WindowModel:
                 theta[:, base + 1] = (right - left) / 2
         np.clip(theta, lo, hi, out=theta)
         return theta, lo, hi
+
+    # -- lmfit, the reference and the user-facing definition -------------------------------------
+    def lmfit_model(self):
+        """The window as an lmfit composite model (components with ``prefix="p{j}_"``)."""
+        from .lmfit_models import lmfit_model
+
+        return lmfit_model(self)

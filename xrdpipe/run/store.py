@@ -35,20 +35,32 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .crystallography import convert_radial
-from .errors import StoreError
-from .frames import FrameRef, FrameTime, iso_seconds, utc_seconds
+from ..crystallography import convert_radial
+from ..errors import StoreError
+from ..frames import FrameRef, FrameTime, iso_seconds, utc_seconds
+from .paths import (
+    ENTRY,
+    FINGERPRINT,
+    FORMAT,
+    FRAMES,
+    INSTRUMENT,
+    PATTERNS,
+    PEAKS,
+    PROCESS,
+    STAGES,
+    h5path,
+)
 
-__all__ = ["RunFile", "open_run", "PENDING", "DONE", "FAILED", "Patterns", "PeakStore", "read_peaks",
-           "open_run_info", "write_table", "write_csv", "csv_number", "PEAK_ARRAYS", "PHASE_DATASETS", "read_stages", "mark_stage",
-           "read_pattern_block"]
+__all__ = ["RunFile", "open_run", "PENDING", "DONE", "FAILED", "Patterns", "RunInfo", "FrameTable", "StageRecord",
+           "read_run_info", "open_run_info", "read_frames", "write_table", "read_table", "has_group", "read_stages",
+           "mark_stage", "read_pattern_block", "Writer", "enter_transaction", "reading", "str_dtype", "decode"]
 
 PENDING, DONE, FAILED = 0, 1, -1
-_FORMAT = "xrdpipe-run-1"
 _AXIS_NAME = {"2th_deg": "tth", "q_A^-1": "q"}
 
 
-def _str_dtype():
+def str_dtype():
+    """The HDF5 dtype of the run file's strings (UTF-8, variable length)."""
     import h5py
 
     return h5py.string_dtype("utf-8")
@@ -74,8 +86,9 @@ class Patterns:
         return convert_radial(self.radial, self.unit, "q_A^-1", self.wavelength_A)
 
 
-class _Writer:
-    """A run file open for writing inside a :func:`~xrdpipe.safeio.transaction`: results are
+class Writer:
+    """The base of every writer of a part of the run file (:class:`RunFile`, the peak and
+    refinement stores). A run file open for writing inside a :func:`~xrdpipe.safeio.transaction`: results are
     published every ``checkpoint_s`` and when it closes (also on Ctrl-C), so nothing written is
     lost; the published file is never half-written (see :mod:`xrdpipe.safeio`)."""
 
@@ -85,7 +98,7 @@ class _Writer:
         self._h5 = session.writable()
         self.path = path
 
-    def _maybe_flush(self) -> None:
+    def maybe_flush(self) -> None:
         self._session.maybe_publish()
 
     def flush(self) -> None:
@@ -106,17 +119,17 @@ class _Writer:
         self._stack.__exit__(*exc)
 
 
-def _enter(path: Path):
+def enter_transaction(path: Path):
     """A transaction on ``path``, entered on an ExitStack the writer owns."""
     from contextlib import ExitStack
 
-    from .safeio import transaction
+    from ..safeio import transaction
 
     stack = ExitStack()
     return stack, stack.enter_context(transaction(path))
 
 
-class RunFile(_Writer):
+class RunFile(Writer):
     """A run file open for writing (see the module docstring for its layout).
 
     Use :meth:`open_for_writing` to create or resume one; as a context manager it is flushed
@@ -127,7 +140,7 @@ class RunFile(_Writer):
         super().__init__(session, stack, path)
         self._keys: dict[str, int] = {
             k.decode() if isinstance(k, bytes) else k: i
-            for i, k in enumerate(self._h5["/entry/frames/key"][()])
+            for i, k in enumerate(self._h5[h5path(f"{FRAMES}/key")][()])
         }
 
     # -- creation ------------------------------------------------------------------------
@@ -144,13 +157,13 @@ class RunFile(_Writer):
             in which case it is replaced.
         """
         path = Path(path)
-        stack, session = _enter(path)
+        stack, session = enter_transaction(path)
         try:
             if (path.exists() or session.readable() is not None) and not restart:
                 h5 = session.writable()
-                if h5.attrs.get("format") != _FORMAT or "/entry/process/fingerprint" not in h5:
+                if h5.attrs.get("format") != FORMAT or h5path(FINGERPRINT) not in h5:
                     raise StoreError(f"{path} is not an xrdpipe run file; choose another run name or --restart")
-                old = json.loads(h5["/entry/process/fingerprint"][()])
+                old = json.loads(h5[h5path(FINGERPRINT)][()])
                 changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
                 if changed:
                     raise StoreError(
@@ -169,7 +182,7 @@ class RunFile(_Writer):
     # -- frames --------------------------------------------------------------------------
     def add_frames(self, refs: Sequence[FrameRef], times: Sequence[FrameTime | None]) -> list[int]:
         """Register frames (new ones are appended); returns each frame's row."""
-        fr = self._h5["/entry/frames"]
+        fr = self._h5[h5path(FRAMES)]
         new = [(r, t) for r, t in zip(refs, times) if r.key not in self._keys]
         # a frame registered without a time (its file was still being written) gets it now
         starts = fr["start"][()]
@@ -183,7 +196,7 @@ class RunFile(_Writer):
             n1 = n0 + len(new)
             for name in ("key", "file", "index", "start", "end", "timestamp", "status", "message"):
                 fr[name].resize((n1,))
-            pat = self._h5["/entry/patterns"]
+            pat = self._h5[h5path(PATTERNS)]
             for name in ("intensity", "intensity_errors"):
                 pat[name].resize((n1, pat[name].shape[1]))
             for name in ("frame", "time_s"):
@@ -200,16 +213,16 @@ class RunFile(_Writer):
             for i, (r, _) in enumerate(new):
                 self._keys[r.key] = n0 + i
         if new or late:
-            pat = self._h5["/entry/patterns"]
+            pat = self._h5[h5path(PATTERNS)]
             stamps = fr["timestamp"][()]
-            starts = iso_seconds(_decode(fr["start"][()]))
+            starts = iso_seconds(decode(fr["start"][()]))
             t0 = np.nanmin(starts) if np.isfinite(starts).any() else np.nan
             pat["time_s"][...] = stamps - t0
         return [self._keys[r.key] for r in refs]
 
     @property
     def status(self) -> np.ndarray:
-        return self._h5["/entry/frames/status"][()]
+        return self._h5[h5path(f"{FRAMES}/status")][()]
 
     @property
     def frame_count(self) -> int:
@@ -217,20 +230,20 @@ class RunFile(_Writer):
 
     def write_pattern(self, row: int, intensity: np.ndarray, sigma: np.ndarray | None, *, message: str = "") -> None:
         """Store a frame's pattern (``message``: a remark on a frame kept, e.g. "suspicious: ...")."""
-        pat = self._h5["/entry/patterns"]
+        pat = self._h5[h5path(PATTERNS)]
         pat["intensity"][row] = intensity
         if sigma is not None:
             pat["intensity_errors"][row] = sigma
-        fr = self._h5["/entry/frames"]
+        fr = self._h5[h5path(FRAMES)]
         fr["message"][row] = message
         fr["status"][row] = DONE  # written last: a row is done only once its data are in
-        self._maybe_flush()
+        self.maybe_flush()
 
     def write_failure(self, row: int, message: str) -> None:
-        fr = self._h5["/entry/frames"]
+        fr = self._h5[h5path(FRAMES)]
         fr["message"][row] = message
         fr["status"][row] = FAILED
-        self._maybe_flush()
+        self.maybe_flush()
 
     def _on_close(self) -> None:
         if self._h5.id.valid:
@@ -240,21 +253,20 @@ class RunFile(_Writer):
 def _create_layout(h5, *, radial, unit, wavelength_A, fingerprint, provenance, title) -> None:
     import h5py
 
-    from . import __version__
+    from .. import __version__
 
-    s = _str_dtype()
     now = datetime.now(timezone.utc).isoformat()
     npt = radial.size
     h5.attrs.update({"NX_class": "NXroot", "default": "entry", "creator": f"xrdpipe {__version__}",
-                     "file_time": now, "format": _FORMAT, "HDF5_Version": h5py.version.hdf5_version,
+                     "file_time": now, "format": FORMAT, "HDF5_Version": h5py.version.hdf5_version,
                      "h5py_version": h5py.version.version})
-    entry = h5.create_group("entry")
+    entry = h5.create_group(ENTRY.strip("/"))
     entry.attrs.update({"NX_class": "NXentry", "default": "patterns"})
     entry.create_dataset("title", data=title or "xrdpipe run")
     entry.create_dataset("start_time", data=now)
 
     axis = _AXIS_NAME[unit]
-    pat = entry.create_group("patterns")
+    pat = entry.create_group(PATTERNS)
     pat.attrs.update({"NX_class": "NXdata", "signal": "intensity", "axes": ["frame", axis],
                       "frame_indices": 0, "tth_indices": 1, "q_indices": 1, "time_s_indices": 0})
     kw = dict(shape=(0, npt), maxshape=(None, npt), chunks=(1, npt), dtype="f4", fillvalue=np.nan)
@@ -273,7 +285,30 @@ def _create_layout(h5, *, radial, unit, wavelength_A, fingerprint, provenance, t
     b = pat.create_dataset("q", data=np.asarray(q, float))
     b.attrs.update({"units": "1/angstrom", "long_name": "Q (1/Å)"})
 
-    fr = entry.create_group("frames")
+    _create_frames(entry)
+
+    ins = entry.create_group(INSTRUMENT)
+    ins.attrs["NX_class"] = "NXinstrument"
+    mono = ins.create_group("monochromator")
+    mono.attrs["NX_class"] = "NXmonochromator"
+    if wavelength_A:
+        w = mono.create_dataset("wavelength", data=float(wavelength_A))
+        w.attrs["units"] = "angstrom"
+
+    proc = entry.create_group(PROCESS)
+    proc.attrs["NX_class"] = "NXprocess"
+    proc.create_dataset("program", data="xrdpipe")
+    proc.create_dataset("version", data=__version__)
+    proc.create_dataset("date", data=now)
+    proc.create_dataset("fingerprint", data=json.dumps(fingerprint, sort_keys=True))
+    for key, value in provenance.items():
+        proc.create_dataset(key, data=value)
+
+
+def _create_frames(entry) -> None:
+    """The empty frame table (grown as frames are registered)."""
+    s = str_dtype()
+    fr = entry.create_group(FRAMES)
     fr.attrs["NX_class"] = "NXcollection"
     for name, dtype, fill in (("key", s, None), ("file", s, None), ("index", "i8", None),
                               ("start", s, None), ("end", s, None), ("timestamp", "f8", np.nan),
@@ -285,25 +320,8 @@ def _create_layout(h5, *, radial, unit, wavelength_A, fingerprint, provenance, t
     fr["timestamp"].attrs.update({"units": "s", "long_name": "middle of the exposure, POSIX seconds (UTC)"})
     fr["status"].attrs["long_name"] = "0 pending, 1 done, -1 failed"
 
-    ins = entry.create_group("instrument")
-    ins.attrs["NX_class"] = "NXinstrument"
-    mono = ins.create_group("monochromator")
-    mono.attrs["NX_class"] = "NXmonochromator"
-    if wavelength_A:
-        w = mono.create_dataset("wavelength", data=float(wavelength_A))
-        w.attrs["units"] = "angstrom"
 
-    proc = entry.create_group("process")
-    proc.attrs["NX_class"] = "NXprocess"
-    proc.create_dataset("program", data="xrdpipe")
-    proc.create_dataset("version", data=__version__)
-    proc.create_dataset("date", data=now)
-    proc.create_dataset("fingerprint", data=json.dumps(fingerprint, sort_keys=True))
-    for key, value in provenance.items():
-        proc.create_dataset(key, data=value)
-
-
-def _decode(arr) -> np.ndarray:
+def decode(arr) -> np.ndarray:
     """Strings of any shape as str objects (h5py hands back bytes)."""
     arr = np.asarray(arr)
     out = np.empty(arr.shape, dtype=object)
@@ -320,35 +338,50 @@ def open_run(path: Path | str) -> Patterns:
     >>> p.intensity.shape                                       # doctest: +SKIP
     (50, 3000)
     """
-    with _reading(path) as h5:
-        pat = h5["/entry/patterns"]
-        axis, unit, wl = _axis(h5)
-        return Patterns(pat[axis][()], unit, wl, pat["intensity"][()], pat["intensity_errors"][()], _frames(h5))
+    with reading(path) as h5:
+        pat = h5[h5path(PATTERNS)]
+        axis, unit, wl = axis_of(h5)
+        return Patterns(pat[axis][()], unit, wl, pat["intensity"][()], pat["intensity_errors"][()],
+                        _frames(h5).as_dict())
 
 
-def read_frames(path: Path | str) -> dict[str, np.ndarray]:
-    """The frame table of a run file (key, file, index, start, end, timestamp, status, message,
-    time_s) without the pattern stack."""
-    with _reading(path) as h5:
+@dataclass(frozen=True)
+class FrameTable:
+    """The frame table of a run file (``/entry/frames``), one entry per frame."""
+
+    key: np.ndarray          # str: file[:index] (what identifies a frame across runs)
+    file: np.ndarray         # str
+    index: np.ndarray        # int: the frame's place in its file
+    start: np.ndarray        # str: ISO time of the exposure's start ("" if untimed)
+    end: np.ndarray          # str
+    timestamp: np.ndarray    # float: the middle of the exposure, POSIX seconds (NaN if untimed)
+    status: np.ndarray       # int: PENDING, DONE or FAILED
+    message: np.ndarray      # str: why a frame failed, or a remark on one kept
+    time_s: np.ndarray       # float: seconds since the earliest frame's start
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+def read_frames(path: Path | str) -> FrameTable:
+    """The frame table of a run file without the pattern stack."""
+    with reading(path) as h5:
         return _frames(h5)
 
 
-def _frames(h5) -> dict[str, np.ndarray]:
-    fr = h5["/entry/frames"]
-    return {
-        "key": _decode(fr["key"][()]), "file": _decode(fr["file"][()]),
-        "index": fr["index"][()], "start": _decode(fr["start"][()]), "end": _decode(fr["end"][()]),
-        "timestamp": fr["timestamp"][()], "status": fr["status"][()],
-        "message": _decode(fr["message"][()]), "time_s": h5["/entry/patterns/time_s"][()],
-    }
+def _frames(h5) -> FrameTable:
+    fr = h5[h5path(FRAMES)]
+    return FrameTable(decode(fr["key"][()]), decode(fr["file"][()]), fr["index"][()], decode(fr["start"][()]),
+                      decode(fr["end"][()]), fr["timestamp"][()], fr["status"][()], decode(fr["message"][()]),
+                      h5[h5path(f"{PATTERNS}/time_s")][()])
 
 
 @contextmanager
-def _reading(path: Path | str):
+def reading(path: Path | str):
     """A run file open read-only, checked; errors name the file."""
     import h5py
 
-    from .safeio import active
+    from ..safeio import active
 
     path = Path(path)
     session = active(path)
@@ -362,222 +395,62 @@ def _reading(path: Path | str):
     except OSError as exc:
         raise StoreError(f"cannot read run file {path}: {exc}") from None
     with h5:
-        if h5.attrs.get("format") != _FORMAT:
+        if h5.attrs.get("format") != FORMAT:
             raise StoreError(f"{path} is not an xrdpipe run file")
         yield h5
 
 
-def _axis(h5) -> tuple[str, str, float | None]:
+def axis_of(h5) -> tuple[str, str, float | None]:
     """The pattern axis dataset name, its radial unit and the wavelength (Å) of a run file."""
-    axis = h5["/entry/patterns"].attrs["axes"][1]
+    axis = h5[h5path(PATTERNS)].attrs["axes"][1]
     axis = axis.decode() if isinstance(axis, bytes) else str(axis)
-    wl = h5["/entry/instrument/monochromator"].get("wavelength")
+    wl = h5[h5path("instrument/monochromator")].get("wavelength")
     return axis, "2th_deg" if axis == "tth" else "q_A^-1", float(wl[()]) if wl is not None else None
 
 
-# ----------------------------------------------------------------------------------------------
-# /entry/peaks: fitted peaks, frame x peak, written block by block
+@dataclass(frozen=True)
+class RunInfo:
+    """Everything about a run file's patterns but the pattern stack itself."""
 
-PEAK_ARRAYS = ("center", "center_err", "fwhm", "fwhm_err", "fwhm_left", "fwhm_right", "shape", "shape_err",
-               "area", "area_err", "height", "d_A", "d_err_A")
-_PEAK_UNITS = {"d_A": "angstrom", "d_err_A": "angstrom", "area": "counts x radial unit",
-               "area_err": "counts x radial unit", "height": "counts"}
-
-
-class PeakStore(_Writer):
-    """The ``/entry/peaks`` group of a run file, open for writing.
-
-    Layout: one (frame, peak) dataset per quantity (``center``, ``center_err``, ``fwhm``, ...,
-    ``present``), one (frame, window) dataset for ``success``, ``redchi`` and ``message``, the
-    labels ``peak_window``, ``peak_phase``, ``peak_hkl``, ``peak_profile`` (peak,) and ``window``
-    (window,), and ``done`` (frame,), set once a frame's results are written. ``@fingerprint``
-    holds the settings; other settings start the group again.
-    """
-
-    def __init__(self, session, stack, path: Path):
-        super().__init__(session, stack, path)
-        self._g = self._h5["/entry/peaks"]
-
-    @classmethod
-    def open(cls, path: Path | str, *, windows: Sequence[str], peaks: Sequence[tuple[str, str, str, str]],
-             fingerprint: dict[str, Any], restart: bool = False,
-             phases: Sequence[str] | None = None) -> tuple["PeakStore", bool]:
-        """Open (or create) the group; returns the store and whether earlier results were kept.
-        ``phases``: the phase model's phases, whose per-frame arrays (:data:`PHASE_DATASETS`)
-        are kept beside the peaks."""
-        path = Path(path)
-        stack, session = _enter(path)
-        try:
-            h5 = session.writable()
-            n = h5["/entry/frames/key"].shape[0]
-            entry = h5["/entry"]
-            kept = False
-            text = json.dumps(fingerprint, sort_keys=True)
-            if "peaks" in entry:
-                same = entry["peaks"].attrs.get("fingerprint") == text
-                if same and not restart:
-                    kept = True
-                else:
-                    del entry["peaks"]
-            if not kept:
-                _create_peaks(entry, n, windows, peaks, text, phases)
-            store = cls(session, stack, path)
-            store._grow(n)
-            return store, kept
-        except BaseException:
-            stack.close()
-            raise
-
-    def _grow(self, n: int) -> None:
-        g = self._g
-        if g["done"].shape[0] < n:
-            for name, ds in g.items():
-                if isinstance(ds, type(g["done"])) and ds.maxshape and ds.maxshape[0] is None:
-                    ds.resize((n, *ds.shape[1:]))
+    radial: np.ndarray             # the radial axis (``unit``)
+    unit: str                      # "2th_deg" or "q_A^-1"
+    wavelength_A: float | None
+    status: np.ndarray             # per frame: PENDING, DONE or FAILED
+    message: np.ndarray            # per frame (str)
+    time_s: np.ndarray             # per frame, seconds since the earliest frame's start
+    fingerprint: dict[str, Any]    # the settings the patterns depend on
+    had_peaks: bool                # whether ``/entry/peaks`` exists
 
     @property
-    def done(self) -> np.ndarray:
-        return self._g["done"][()].astype(bool)
-
-    @property
-    def backward_through(self) -> int:
-        """Rows ``0:n`` the phase model's backward pass has been over (0: none yet)."""
-        return int(self._g.attrs.get("backward_through", 0))
-
-    @backward_through.setter
-    def backward_through(self, n: int) -> None:
-        self._g.attrs["backward_through"] = int(n)
-
-    def read_patterns(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        """Rows ``start:stop`` of the pattern stack: intensity and its esd (NaN if none)."""
-        pat = self._h5["/entry/patterns"]
-        return pat["intensity"][start:stop].astype(float), pat["intensity_errors"][start:stop].astype(float)
-
-    def stored(self, stop: int) -> dict[str, np.ndarray]:
-        """Results of rows ``0:stop`` (to carry start values into a resumed fit)."""
-        g = self._g
-        out = {name: g[name][:stop] for name in PEAK_ARRAYS}
-        out.update(present=g["present"][:stop].astype(bool), success=g["success"][:stop].astype(bool),
-                   done=g["done"][:stop].astype(bool))
-        for name in PHASE_DATASETS:
-            if name in g and name != "phase_decision":
-                out[name] = g[name][:stop]
-        return out
-
-    def write(self, rows: np.ndarray, values: dict[str, np.ndarray], present: np.ndarray, success: np.ndarray,
-              redchi: np.ndarray, message: np.ndarray, phase: dict[str, np.ndarray] | None = None) -> None:
-        """Write the results of ``rows`` (ascending) and mark them done (``phase``: the phase
-        model's arrays of the same rows)."""
-        rows = np.asarray(rows)
-        g = self._g
-        sel = slice(int(rows[0]), int(rows[-1]) + 1) if np.all(np.diff(rows) == 1) else rows
-        for name in PEAK_ARRAYS:
-            g[name][sel] = values[name]
-        for name, value in (phase or {}).items():
-            if name not in g:           # a run file written before this array existed
-                continue
-            if name == "phase_decision":
-                g[name][sel] = np.asarray(value).astype(str).astype(object)
-            else:
-                g[name][sel] = value.astype(g[name].dtype)
-        g["present"][sel] = present.astype(np.int8)
-        g["success"][sel] = success.astype(np.int8)
-        g["redchi"][sel] = redchi
-        g["message"][sel] = message.astype(str).astype(object)
-        g["done"][sel] = 1  # last: a row is done only once its results are in
-        self._maybe_flush()
+    def frame_count(self) -> int:
+        return int(self.status.size)
 
 
-#: The phase model's per-frame datasets in ``/entry/peaks`` (frame x phase [x window or cell]).
-PHASE_DATASETS = ("phase_cell", "phase_cell_err", "phase_present", "phase_area", "phase_area_err", "phase_fwhm",
-                  "phase_eta", "zero", "phase_decision", "phase_volume", "phase_volume_err", "phase_ref_area",
-                  "phase_bic", "forward_cell", "forward_present", "forward_fwhm", "forward_eta", "forward_ref_area")
-
-
-def _create_peaks(entry, n: int, windows, peaks, fingerprint: str, phases=None) -> None:
-    s = _str_dtype()
-    g = entry.create_group("peaks")
-    g.attrs.update({"NX_class": "NXcollection", "fingerprint": fingerprint})
-    p, w = len(peaks), len(windows)
-    for name in PEAK_ARRAYS:
-        d = g.create_dataset(name, shape=(n, p), maxshape=(None, p), dtype="f8", fillvalue=np.nan,
-                             chunks=(min(max(n, 1), 1024), max(p, 1)))
-        if name in _PEAK_UNITS:
-            d.attrs["units"] = _PEAK_UNITS[name]
-    g.create_dataset("present", shape=(n, p), maxshape=(None, p), dtype="i1", chunks=(1024, max(p, 1)))
-    g.create_dataset("success", shape=(n, w), maxshape=(None, w), dtype="i1", chunks=(1024, max(w, 1)))
-    g.create_dataset("redchi", shape=(n, w), maxshape=(None, w), dtype="f8", fillvalue=np.nan,
-                     chunks=(1024, max(w, 1)))
-    g.create_dataset("message", shape=(n, w), maxshape=(None, w), dtype=s, chunks=(1024, max(w, 1)))
-    g.create_dataset("done", shape=(n,), maxshape=(None,), dtype="i1", chunks=(1024,))
-    g.create_dataset("window", data=np.array(list(windows), dtype=object), dtype=s)
-    for i, name in enumerate(("peak_window", "peak_phase", "peak_hkl", "peak_profile")):
-        g.create_dataset(name, data=np.array([pk[i] for pk in peaks], dtype=object), dtype=s)
-    if phases:
-        q = len(phases)
-        g.create_dataset("phase", data=np.array(list(phases), dtype=object), dtype=s)
-        shapes = {"phase_cell": (q, 6), "phase_cell_err": (q, 6), "phase_present": (q,), "phase_area": (q, w),
-                  "phase_area_err": (q, w), "phase_fwhm": (q, w), "phase_eta": (q,), "zero": (), "phase_decision": (q,),
-                  "phase_volume": (q,), "phase_volume_err": (q,), "phase_ref_area": (q, w), "phase_bic": (),
-                  # a frame the backward pass replaced: the state the forward pass carried on from
-                  # it (NaN elsewhere), where an interrupted fit resumes
-                  "forward_cell": (q, 6), "forward_present": (q,), "forward_fwhm": (q, w), "forward_eta": (q,),
-                  "forward_ref_area": (q, w)}
-        for name, shape in shapes.items():
-            kind = {"phase_present": "i1", "phase_decision": s}.get(name, "f8")
-            extra = {} if kind != "f8" else {"fillvalue": np.nan}
-            g.create_dataset(name, shape=(n, *shape), maxshape=(None, *shape), dtype=kind,
-                             chunks=(min(max(n, 1), 1024), *[max(v, 1) for v in shape]), **extra)
-        g["phase_cell"].attrs["columns"] = "a b c (angstrom) alpha beta gamma (degrees)"
-        g["zero"].attrs["units"] = "degree (2theta)"
+def read_run_info(path: Path | str) -> RunInfo:
+    """The :class:`RunInfo` of a run file (read-only)."""
+    with reading(path) as h5:
+        pat = h5[h5path(PATTERNS)]
+        axis, unit, wl = axis_of(h5)
+        return RunInfo(pat[axis][()], unit, wl, h5[h5path(f"{FRAMES}/status")][()],
+                       decode(h5[h5path(f"{FRAMES}/message")][()]), pat["time_s"][()],
+                       json.loads(h5[h5path(FINGERPRINT)][()]), PEAKS in h5[ENTRY])
 
 
 def open_run_info(path: Path | str) -> dict[str, Any]:
-    """Everything about a run file's patterns except the pattern stack itself: ``radial``,
-    ``unit``, ``wavelength_A``, per-frame ``status``, ``message``, ``time_s``, the patterns'
-    ``fingerprint`` and ``had_peaks``."""
-    with _reading(path) as h5:
-        pat = h5["/entry/patterns"]
-        axis, unit, wl = _axis(h5)
-        return {"radial": pat[axis][()], "unit": unit, "wavelength_A": wl,
-                "status": h5["/entry/frames/status"][()], "message": _decode(h5["/entry/frames/message"][()]),
-                "time_s": pat["time_s"][()], "fingerprint": json.loads(h5["/entry/process/fingerprint"][()]),
-                "had_peaks": "peaks" in h5["/entry"]}
-
-
-def read_peaks(path: Path | str, arrays: Sequence[str] | None = None) -> dict[str, Any]:
-    """``/entry/peaks`` of a run file as arrays (see :class:`PeakStore`), with ``time_s``;
-    ``arrays`` names the per-frame arrays wanted (default all, ``message`` included), so that a
-    figure of thousands of frames reads only what it draws."""
-    with _reading(path) as h5:
-        if "peaks" not in h5["/entry"]:
-            raise StoreError(f"{path} holds no fitted peaks yet; run 'xrdpipe fit' first")
-        g = h5["/entry/peaks"]
-        wanted = (*PEAK_ARRAYS, "present", "success", "redchi", "done", "message") if arrays is None else arrays
-        out: dict[str, Any] = {name: g[name][()] for name in wanted if name != "message"}
-        if "message" in wanted:
-            out["message"] = np.array([[v.decode() if isinstance(v, bytes) else v for v in row]
-                                       for row in g["message"][()]], dtype=object).reshape(g["message"].shape)
-        for name in ("window", "peak_window", "peak_phase", "peak_hkl", "peak_profile"):
-            out[name] = tuple(_decode(g[name][()]))
-        if "phase" in g and (arrays is None or any(a in PHASE_DATASETS for a in wanted)):
-            out["phase"] = tuple(_decode(g["phase"][()]))
-            for name in PHASE_DATASETS:
-                if arrays is not None and name not in arrays:
-                    continue
-                out[name] = _decode(g[name][()]) if name == "phase_decision" else g[name][()]
-        out["time_s"] = h5["/entry/patterns/time_s"][()]
-        out["fingerprint"] = json.loads(g.attrs["fingerprint"])
-    return out
+    """:func:`read_run_info` as a dict (``radial``, ``unit``, ``wavelength_A``, ``status``,
+    ``message``, ``time_s``, ``fingerprint``, ``had_peaks``), for :mod:`xrdpipe.plots` and
+    :mod:`xrdpipe.export`, which read the run file themselves (yet)."""
+    info = read_run_info(path)
+    return {name: getattr(info, name) for name in info.__dataclass_fields__}
 
 
 def write_table(path: Path | str, group: str, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
     """Replace ``/entry/<group>`` of a run file with the given arrays (an NXcollection); a dict
     value becomes a subgroup (``{"arrays": {...}, "attrs": {...}}``)."""
-    from .safeio import transaction
+    from ..safeio import transaction
 
     with transaction(path) as session:
-        entry = session.writable()["/entry"]
+        entry = session.writable()[ENTRY]
         session.check_room(_nbytes(arrays))
         if group in entry:
             del entry[group]
@@ -605,85 +478,80 @@ def _fill(g, arrays: dict[str, Any], attrs: dict[str, Any]) -> None:
             continue
         value = np.asarray(value)
         if value.dtype.kind in "OU":
-            g.create_dataset(name, data=value.astype(object), dtype=_str_dtype())
+            g.create_dataset(name, data=value.astype(object), dtype=str_dtype())
         else:
             g.create_dataset(name, data=value)
-
-
-def write_csv(path: Path | str, columns: Sequence[str], rows) -> Path:
-    """Write dict rows to a CSV file atomically (a reader never sees half a file)."""
-    import csv
-
-    from .safeio import atomic_output
-
-    path = Path(path)
-    with atomic_output(path) as tmp, open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(columns))
-        w.writeheader()
-        w.writerows(rows)
-    return path
-
-
-def csv_number(v) -> str:
-    """A number for a CSV cell: empty when not finite, else 10 significant digits."""
-    v = float(v)
-    return "" if not np.isfinite(v) else f"{v:.10g}"
 
 
 def read_table(path: Path | str, group: str, names: Sequence[str] | None = None) -> dict[str, Any] | None:
     """``/entry/<group>`` of a run file as arrays (strings decoded) with its attributes under
     ``"attrs"``; only the arrays in ``names`` when given; None when the run file has no such group."""
-    with _reading(path) as h5:
-        if group not in h5["/entry"]:
+    with reading(path) as h5:
+        if group not in h5[ENTRY]:
             return None
-        g = h5["/entry"][group]
+        g = h5[ENTRY][group]
         out: dict[str, Any] = {"attrs": dict(g.attrs)}
         for name, item in g.items():
             if hasattr(item, "dtype") and (names is None or name in names):
                 v = item[()]
-                out[name] = _decode(v) if v.dtype.kind in "OS" else v
+                out[name] = decode(v) if v.dtype.kind in "OS" else v
         return out
 
 
 def has_group(path: Path | str, group: str) -> bool:
     """Whether the run file holds ``/entry/<group>``."""
-    with _reading(path) as h5:
-        return group in h5["/entry"]
+    with reading(path) as h5:
+        return group in h5[ENTRY]
 
 
 # ----------------------------------------------------------------------------------------------
 # /entry/process/stages: what each stage of `xrdpipe run` last finished, from which inputs
 
-def read_stages(path: Path | str) -> dict[str, dict[str, str]]:
-    """The finished stages of a run file: ``{stage: {"key", "finished", "summary"}}``. A stage
-    appears only once it has finished; empty for a run file that does not exist yet."""
-    from .safeio import active
+@dataclass(frozen=True)
+class StageRecord:
+    """What a stage of ``xrdpipe run`` last finished: from which inputs (``key``), when, its
+    summary and the files it wrote."""
+
+    key: str
+    finished: str = ""
+    summary: str = ""
+    outputs: tuple[str, ...] = ()
+
+
+def read_stages(path: Path | str) -> dict[str, StageRecord]:
+    """The finished stages of a run file. A stage appears only once it has finished; empty for a
+    run file that does not exist yet."""
+    from ..safeio import active
 
     session = active(path)
     if not Path(path).exists() and (session is None or session.readable() is None):
         return {}
-    with _reading(path) as h5:
-        g = h5["/entry/process"].get("stages")
+    with reading(path) as h5:
+        g = h5[ENTRY].get(STAGES)
         if g is None:
             return {}
-        return {name: {k: (v.decode() if isinstance(v, bytes) else str(v)) for k, v in sub.attrs.items()}
-                for name, sub in g.items()}
+        out = {}
+        for name, sub in g.items():
+            a = {k: (v.decode() if isinstance(v, bytes) else str(v)) for k, v in sub.attrs.items()}
+            out[name] = StageRecord(a.get("key", ""), a.get("finished", ""), a.get("summary", ""),
+                                    tuple(json.loads(a.get("outputs") or "[]")))
+        return out
 
 
 def mark_stage(path: Path | str, stage: str, key: str | None, summary: str = "",
                outputs: Sequence[Path | str] = ()) -> None:
     """Record that ``stage`` finished from inputs ``key``, writing ``outputs`` (or, with None,
     forget it: the stage has started and its outputs are in flux until it finishes)."""
-    from .safeio import active, transaction
+    from ..safeio import active, transaction
 
     session = active(path)
     if not Path(path).exists() and (session is None or session.readable() is None):
         return
     with transaction(path) as session:
         h5 = session.writable()
-        if h5.attrs.get("format") != _FORMAT or "/entry/process" not in h5:
+        if h5.attrs.get("format") != FORMAT or h5path(PROCESS) not in h5:
             return                       # not a run file: whoever opens it next says so
-        g = h5["/entry/process"].require_group("stages")
+        g = h5[ENTRY].require_group(STAGES)
         if stage in g:
             del g[stage]
         if key is not None:
@@ -696,8 +564,8 @@ def read_pattern_block(path: Path | str, rows: Sequence[int] | np.ndarray | None
                        columns: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
     """Intensities and esds of some frames (``rows``, default every frame) over some radial
     ``columns`` only, so that a map of a window never reads the whole stack."""
-    with _reading(path) as h5:
-        pat = h5["/entry/patterns"]
+    with reading(path) as h5:
+        pat = h5[h5path(PATTERNS)]
         n = pat["intensity"].shape[0]
         if rows is None:
             return pat["intensity"][:, columns], pat["intensity_errors"][:, columns]

@@ -12,179 +12,29 @@ the last two stages on their own.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 
-from .config import PLOT_KINDS, Experiment, PlotsSpec, TimesFromLog
-from .errors import XrdpipeError
-from .safeio import file_stat
-from .store import FAILED, mark_stage, read_stages
+from .. import __version__
+from ..config import Experiment, TimesFromLog
+from ..parallel import stop_if_interrupted
+from ..safeio import file_stat, transaction
+from .echem import echem_experiment
+from .fit import fit_experiment, lattice_experiment
+from .integrate import integrate_experiment
+from .output import PlotSummary, export_experiment, plot_experiment
+from .paths import ELECTROCHEMISTRY, LATTICE, PEAKS, RunPaths
+from .peakstore import read_peaks
+from .refine import refine_experiment
+from .store import FAILED, has_group, mark_stage, read_frames, read_stages, read_table
 
-__all__ = ["run_experiment", "RunSummary", "plot_experiment", "PlotSummary", "export_experiment", "stage_keys"]
-
-
-# ----------------------------------------------------------------------------------------------
-# figures and exports of a whole experiment
-
-@dataclass
-class PlotSummary:
-    """The figures written (kind -> files) and the kinds that could not be drawn (kind -> why)."""
-
-    folder: Path
-    files: dict[str, list[Path]] = field(default_factory=dict)
-    skipped: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def paths(self) -> list[Path]:
-        return [p for files in self.files.values() for p in files]
-
-    def __str__(self) -> str:
-        lines = [f"{len(self.files)} figure(s) in {self.folder}"]
-        lines += [f"  {kind}: {', '.join(p.name if p.parent == self.folder else str(p) for p in files)}"
-                  for kind, files in self.files.items()]
-        lines += [f"  {kind} not drawn: {why}" for kind, why in self.skipped.items()]
-        return "\n".join(lines)
-
-
-def _possible_kinds(exp: Experiment, run_file: Path) -> list[str]:
-    from .store import has_group
-
-    kinds = ["contour", "waterfall"]
-    if exp.windows and has_group(run_file, "peaks"):
-        kinds.insert(1, "fit")
-    if has_group(run_file, "lattice"):
-        kinds[1:1] = ["lattice", "fractions"]
-    if has_group(run_file, "refinement"):
-        kinds.append("refinement")
-    return [k for k in PLOT_KINDS if k in kinds]
-
-
-def _last_refined(run_file: Path) -> int:
-    """The last frame whose refinement succeeded (the refinement figure's default)."""
-    from .plots import PlotError
-    from .store import read_table
-
-    d = read_table(run_file, "refinement", names=("status",))
-    ok = np.flatnonzero(d["status"] == 1) if d is not None else np.zeros(0, int)
-    if not ok.size:
-        raise PlotError(f"{run_file} has no successfully refined frame; run 'xrdpipe refine'")
-    return int(ok[-1])
-
-
-def _contour_windows(exp: Experiment, spec, radial: np.ndarray) -> list[tuple[str, float, float]]:
-    from .plots import PlotError
-
-    named = {w.name: w.range for w in exp.windows}
-    unit = "°" if exp.radial_unit == "2th_deg" else " Å$^{-1}$"
-    chosen = spec.windows or list(named)
-    if not chosen:
-        return [("pattern", float(radial[0]), float(radial[-1]))]
-    out = []
-    for w in chosen:
-        if isinstance(w, str):
-            if w not in named:
-                close = difflib.get_close_matches(w, list(named), n=1, cutoff=0.5)
-                raise PlotError(f"contour window {w!r} is not one of the [[windows]] {list(named)}"
-                                + (f"; did you mean {close[0]!r}?" if close else ""))
-            out.append((w, *named[w]))
-        else:
-            out.append((f"{w[0]:g}–{w[1]:g}{unit}", float(w[0]), float(w[1])))
-    return out
-
-
-def plot_experiment(exp: Experiment, *, kinds: Sequence[str] | None = None, plots: PlotsSpec | None = None,
-                    stem: Path | str | None = None, strict: bool | None = None) -> PlotSummary:
-    """Draw the figures of ``kinds`` (default: ``[plots] kinds``, else every kind the run file
-    can give) from the run file, as ``<output>/<folder>/<run>_<kind>.<format>``.
-
-    With ``strict`` (the default when ``kinds`` are named) a figure that cannot be drawn is an
-    error; otherwise it is skipped and the reason kept.
-    """
-    from .plots import (
-        plot_contour,
-        plot_fit_check,
-        plot_fractions,
-        plot_lattice,
-        plot_refinement,
-        plot_waterfall,
-        save_figure,
-    )
-    from .store import open_run_info
-
-    spec = plots or exp.plots
-    run_file = exp.run.run_file
-    info = open_run_info(run_file)
-    wanted = list(kinds or spec.kinds or _possible_kinds(exp, run_file))
-    strict = bool(kinds) if strict is None else strict
-    folder = exp.run.output / spec.folder
-    summary = PlotSummary(folder)
-    common = dict(dpi=spec.dpi, font_size=spec.font_size)
-    makers: dict[str, Callable] = {
-        "contour": lambda: plot_contour(run_file, windows=_contour_windows(exp, spec.contour, info["radial"]),
-                                        spec=spec.contour, **common),
-        "lattice": lambda: plot_lattice(run_file, spec=spec.lattice, **common),
-        "fractions": lambda: plot_fractions(run_file, spec=spec.fractions, **common),
-        "fit": lambda: plot_fit_check(run_file, phases=exp.phases, windows=exp.windows, spec=spec.fit, **common),
-        "waterfall": lambda: plot_waterfall(run_file, spec=spec.waterfall, **common),
-        "refinement": lambda: plot_refinement(run_file, _last_refined(run_file), **common),
-    }
-    for kind in wanted:
-        try:
-            fig = makers[kind]()
-        except XrdpipeError as exc:
-            if strict:
-                raise
-            summary.skipped[kind] = str(exc)
-            continue
-        target = Path(stem) if stem is not None and len(wanted) == 1 else folder / f"{exp.run.name}_{kind}"
-        summary.files[kind] = save_figure(fig, target, formats=spec.formats, dpi=spec.dpi)
-    return summary
-
-
-def export_experiment(exp: Experiment, *, formats: Sequence[str] | None = None, frames: Sequence[int] | None = None,
-                      progress: bool = False):
-    """Every integrated pattern (or ``frames``) as ``[export] formats`` in ``<output>/<folder>``;
-    see :mod:`xrdpipe.export`."""
-    from .export import export_patterns
-
-    spec = exp.export
-    # pyFAI corrected the polarization (frames integrated with a polarization factor): GSAS-II
-    # must apply none (Polariz. 1.0)
-    pol = 1.0 if exp.frames is not None and exp.integration.polarization_factor is not None else None
-    profile, zero = _refined_profile(exp)
-    return export_patterns(exp.run.run_file, exp.run.output / spec.folder, formats=formats or spec.formats,
-                           frames=frames if frames is not None else spec.frames, polarization=pol, progress=progress,
-                           profile=profile, zero_deg=zero)
-
-
-def _refined_profile(exp: Experiment) -> tuple[dict[str, float] | None, float]:
-    """U, V, W, X, Y of the first phase and the zero shift of the last successfully refined
-    frame, where ``xrdpipe refine`` has run (else None and 0)."""
-    from .refining import FLAGGED, OK, read_refinement
-
-    try:
-        d = read_refinement(exp.run.run_file) if Path(exp.run.run_file).exists() else None
-    except Exception:          # noqa: BLE001 - no usable refinement: GSAS-II's defaults
-        d = None
-    if d is None:
-        return None, 0.0
-    good = np.flatnonzero(np.isin(d["status"], (OK, FLAGGED)))
-    if not good.size:
-        return None, 0.0
-    r = int(good[-1])
-    names = list(d["parameter"])
-    ph = list(d["phase"])[0]
-    vals = d["values"][r]
-    prof = {k: float(vals[names.index(f"{ph}.{k}")]) for k in "UVWXY" if f"{ph}.{k}" in names}
-    zero = float(vals[names.index("zero")]) if "zero" in names else 0.0
-    return prof, zero if np.isfinite(zero) else 0.0
+__all__ = ["run_experiment", "RunSummary", "stage_keys", "DEPENDS"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,8 +53,6 @@ DEPENDS = {"integrate": (), "echem": ("integrate",), "fit": ("integrate",), "ref
 def stage_keys(exp: Experiment, *, live_key: str | None = None) -> dict[str, str]:
     """The key of every configured stage, in run order (see the module docstring). ``live_key``
     (from ``xrdpipe watch``: which frames are complete) joins the integrate stage's inputs."""
-    from . import __version__
-
     if exp.frames is not None:
         f, c = exp.frames, exp.calibration
         inputs = [f.model_dump(mode="json"), [file_stat(p) for p in f.files],
@@ -300,17 +148,13 @@ def run_experiment(exp: Experiment, *, force: bool = False, progress: bool = Tru
     """Run every configured stage of ``exp`` in order, skipping those whose inputs have not
     changed since they last finished (``force`` runs them all). ``echo`` receives a line per
     stage as it goes. ``scheduler`` overrides ``[run] scheduler``; ``ready``, ``retry_s`` and
-    ``cache`` are for live processing (see :func:`~xrdpipe.pipeline.integrate_experiment`), as is
+    ``cache`` are for live processing (see :func:`~xrdpipe.run.integrate.integrate_experiment`), as is
     ``live_key`` (see :func:`stage_keys`). A stage that ran but changed nothing (integrate with no
     new frame) is ``"checked"``: the stages after it do not run for it.
 
     The run file is written in one transaction (:mod:`xrdpipe.safeio`): it is published at
     the end of every stage and every ``[run] checkpoint_s`` within one, never half-written.
     """
-    from .parallel import stop_if_interrupted
-    from .pipeline import echem_experiment, fit_experiment, integrate_experiment, lattice_experiment
-    from .safeio import transaction
-
     t0 = time.perf_counter()
     say = echo or (lambda _line: None)
     run_file = exp.run.run_file
@@ -332,12 +176,11 @@ def run_experiment(exp: Experiment, *, force: bool = False, progress: bool = Tru
         for i, stage in enumerate(order, start=1):
             stop_if_interrupted()
             prior = done.get(stage)
-            outputs_ok = prior is not None and all(Path(p).exists()
-                                                   for p in json.loads(prior.get("outputs", "[]") or "[]"))
+            outputs_ok = prior is not None and all(Path(p).exists() for p in prior.outputs)
             upstream_ran = any(summary.stages.get(d) == "ran" for d in DEPENDS[stage])
-            if prior is not None and prior.get("key") == keys[stage] and outputs_ok and not upstream_ran:
+            if prior is not None and prior.key == keys[stage] and outputs_ok and not upstream_ran:
                 summary.stages[stage] = "skipped"
-                say(f"[{i}/{len(order)}] {stage}: unchanged since {prior.get('finished', '?')}, skipped")
+                say(f"[{i}/{len(order)}] {stage}: unchanged since {prior.finished or '?'}, skipped")
                 continue
             say(f"[{i}/{len(order)}] {stage} ...")
             result = stages[stage]()
@@ -353,8 +196,6 @@ def run_experiment(exp: Experiment, *, force: bool = False, progress: bool = Tru
 
 
 def _refine(exp: Experiment, progress: bool):
-    from .refining import refine_experiment
-
     return refine_experiment(exp, progress=progress, update_lattice=False)   # the lattice stage follows
 
 
@@ -372,27 +213,26 @@ def _outputs_of(result) -> list[str]:
 
 def _fill_state(summary: RunSummary, exp: Experiment) -> None:
     """Frames, failures, phases and their x ranges, and where the outputs are, from the run file."""
-    from .store import has_group, read_frames, read_peaks, read_table
-
     run_file = exp.run.run_file
+    paths = RunPaths.of(exp)
     fr = read_frames(run_file)
-    status = fr["status"]
+    status = fr.status
     summary.frames = int(status.size)
     summary.integrated = int((status == 1).sum())
-    summary.failed_frames = [str(k) for k in fr["key"][status == FAILED]]
+    summary.failed_frames = [str(k) for k in fr.key[status == FAILED]]
     summary.outputs["run file"] = str(run_file)
-    if has_group(run_file, "peaks"):
+    if has_group(run_file, PEAKS):
         d = read_peaks(run_file)
         usable = d["done"].astype(bool) & (status == 1)
         summary.window_fits = int(usable.sum() * len(d["window"]))
         summary.failed_fits = int((~d["success"].astype(bool))[usable].sum())
-        summary.outputs["peaks"] = str(exp.run.output / "peaks.csv")
-    ec = read_table(run_file, "electrochemistry")
+        summary.outputs["peaks"] = str(paths.peaks_csv)
+    ec = read_table(run_file, ELECTROCHEMISTRY)
     if ec is not None:
-        summary.outputs["frames"] = str(exp.run.output / "frames.csv")
-    lat = read_table(run_file, "lattice")
+        summary.outputs["frames"] = str(paths.frames_csv)
+    lat = read_table(run_file, LATTICE)
     if lat is not None:
-        summary.outputs["lattice"] = str(exp.run.output / "lattice.csv")
+        summary.outputs["lattice"] = str(paths.lattice_csv)
         x = ec["x"][lat["frame"]] if ec is not None else None
         for i, name in enumerate(lat["phase"]):
             seen = np.isfinite(lat["c_A"][:, i]) | (np.nan_to_num(lat["fraction"][:, i]) > 0)
@@ -403,7 +243,7 @@ def _fill_state(summary: RunSummary, exp: Experiment) -> None:
                                              float(xs.max()) if xs.size else np.nan, "x")
     stages = read_stages(run_file)
     if "plots" in stages:
-        summary.figures = [Path(p) for p in json.loads(stages["plots"].get("outputs", "[]") or "[]")]
-        summary.outputs["figures"] = str(exp.run.output / exp.plots.folder)
+        summary.figures = [Path(p) for p in stages["plots"].outputs]
+        summary.outputs["figures"] = str(paths.figures)
     if "export" in stages:
-        summary.outputs["exports"] = str(exp.run.output / exp.export.folder)
+        summary.outputs["exports"] = str(paths.exports)

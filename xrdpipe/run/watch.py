@@ -7,7 +7,7 @@ It polls (file-system events are not used: network file systems drop them). Ever
    at the next poll; an invalid edit is reported once and the last good version is kept);
 2. picks the frames that are complete: every frame of a file unchanged for ``settle_s``
    seconds and, in an HDF5 stack still being written, every frame but the last;
-3. runs every configured stage (:func:`~xrdpipe.workflow.run_experiment`) on what is new:
+3. runs every configured stage (:func:`~xrdpipe.run.workflow.run_experiment`) on what is new:
    the new frames are integrated and fitted, the lattice, electrochemistry, figures and exports
    are brought up to date. The integrator is built once and kept.
 
@@ -27,9 +27,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .config import load_experiment
-from .errors import ConfigError, XrdpipeError
-from .frames import FrameRef, list_frames
+from ..config import load_experiment
+from ..errors import ConfigError, XrdpipeError
+from ..frames import FrameRef, list_frames
 from .workflow import RunSummary, run_experiment
 
 __all__ = ["watch_experiment", "WatchSummary", "ready_frames"]
@@ -87,67 +87,20 @@ def watch_experiment(path: Path | str, *, interval_s: float = 2.0, settle_s: flo
     """
     say = echo or (lambda _line: None)
     summary = WatchSummary()
-    cache: dict = {}
-    exp = None
-    reported = ""
-    waiting_for_files = False
-    retry_poll = False
+    poll = _Poller(Path(path), say, dict(scheduler=scheduler, workers=workers, retry_s=retry_s), settle_s)
     idle_since = time.monotonic()
     while True:
         summary.polls += 1
         t_poll = time.monotonic()
-        try:
-            exp = load_experiment(path, live=True)
-            reported = ""
-        except ConfigError as exc:
-            if str(exc) != reported:
-                say(f"{_now()} the experiment file is not valid; "
-                    + ("waiting for it to be fixed" if exp is None else "keeping its last valid version")
-                    + f":\n{exc}")
-                reported = str(exc)
-        result = None
-        if exp is not None:
-            spec = exp.frames if exp.frames is not None else exp.patterns
-            if not spec.files:
-                if not waiting_for_files:
-                    say(f"{_now()} waiting for the first frame file")
-                    waiting_for_files = True
-            else:
-                waiting_for_files = False
-                refs = list_frames(spec.files, dataset=exp.frames.dataset) if exp.frames is not None else \
-                    [FrameRef(Path(f)) for f in spec.files]
-                ready = ready_frames(refs, settle_s=settle_s)
-                chosen = {r.key for r in ready}
-                # only files with complete frames take part: a file still being written changes
-                # no stage key, so it causes no work until it is ready
-                files = {r.file for r in ready}
-                part = "frames" if exp.frames is not None else "patterns"
-                current = exp.model_copy(update={part: spec.model_copy(
-                    update={"files": [f for f in spec.files if Path(f) in files]})})
-                live_key = hashlib.sha1("\n".join(sorted(chosen)).encode()).hexdigest()[:16]
-                if retry_poll:                    # frames still being written: look again
-                    live_key += f"+retry{summary.polls}"
-                if chosen:
-                    try:
-                        result = run_experiment(current, progress=False, scheduler=scheduler, workers=workers,
-                                                ready=lambda rs: [r for r in rs if r.key in chosen], retry_s=retry_s,
-                                                cache=cache, live_key=live_key)
-                    except XrdpipeError as exc:   # e.g. a full disk: said once, tried again next poll
-                        if str(exc) != reported:
-                            say(f"{_now()} error (retried at every poll): {exc}")
-                            reported = str(exc)
-                        result = None
-                if result is not None:
-                    reported = ""
-                    integ = result.results.get("integrate")
-                    retry_poll = bool(getattr(integ, "waiting", 0))
-                    summary.frames = result.frames
-                    summary.last = result
-                    if result.did_work:
-                        summary.busy += 1
-                        summary.latencies_s.append(time.monotonic() - t_poll)
-                        idle_since = time.monotonic()
-                        say(_line(result, integ))
+        result = poll.once(summary.polls)
+        if result is not None:
+            summary.frames = result.frames
+            summary.last = result
+            if result.did_work:
+                summary.busy += 1
+                summary.latencies_s.append(time.monotonic() - t_poll)
+                idle_since = time.monotonic()
+                say(_line(result, result.results.get("integrate")))
         if on_poll is not None:
             on_poll(result)
         if idle_stop_s is not None and time.monotonic() - idle_since >= idle_stop_s:
@@ -157,6 +110,72 @@ def watch_experiment(path: Path | str, *, interval_s: float = 2.0, settle_s: flo
             summary.stopped = f"{max_polls} poll(s) done"
             return summary
         time.sleep(max(0.0, interval_s - (time.monotonic() - t_poll)))
+
+
+class _Poller:
+    """One poll of :func:`watch_experiment` at a time, with what polls carry over: the last valid
+    experiment, the integrator, and what was last said (so that it is said once)."""
+
+    def __init__(self, path: Path, say: Callable[[str], None], options: dict, settle_s: float):
+        self.path, self.say, self.options, self.settle_s = path, say, options, settle_s
+        self.cache: dict = {}
+        self.exp = None
+        self.reported = ""
+        self.waiting_for_files = False
+        self.retry_poll = False
+
+    def once(self, n: int) -> RunSummary | None:
+        """Reread the experiment file and run every stage on the complete frames; the run's
+        summary, or None when there was nothing to run (or it failed, said once)."""
+        self._load()
+        if self.exp is None:
+            return None
+        exp = self.exp
+        spec = exp.frames if exp.frames is not None else exp.patterns
+        if not spec.files:
+            if not self.waiting_for_files:
+                self.say(f"{_now()} waiting for the first frame file")
+                self.waiting_for_files = True
+            return None
+        self.waiting_for_files = False
+        refs = list_frames(spec.files, dataset=exp.frames.dataset) if exp.frames is not None else \
+            [FrameRef(Path(f)) for f in spec.files]
+        ready = ready_frames(refs, settle_s=self.settle_s)
+        chosen = {r.key for r in ready}
+        if not chosen:
+            return None
+        # only files with complete frames take part: a file still being written changes
+        # no stage key, so it causes no work until it is ready
+        files = {r.file for r in ready}
+        part = "frames" if exp.frames is not None else "patterns"
+        current = exp.model_copy(update={part: spec.model_copy(
+            update={"files": [f for f in spec.files if Path(f) in files]})})
+        live_key = hashlib.sha1("\n".join(sorted(chosen)).encode()).hexdigest()[:16]
+        if self.retry_poll:                    # frames still being written: look again
+            live_key += f"+retry{n}"
+        try:
+            result = run_experiment(current, progress=False, ready=lambda rs: [r for r in rs if r.key in chosen],
+                                    cache=self.cache, live_key=live_key, **self.options)
+        except XrdpipeError as exc:   # e.g. a full disk: said once, tried again next poll
+            self._report(f"{_now()} error (retried at every poll): {exc}", str(exc))
+            return None
+        self.reported = ""
+        self.retry_poll = bool(getattr(result.results.get("integrate"), "waiting", 0))
+        return result
+
+    def _load(self) -> None:
+        try:
+            self.exp = load_experiment(self.path, live=True)
+            self.reported = ""
+        except ConfigError as exc:
+            self._report(f"{_now()} the experiment file is not valid; "
+                         + ("waiting for it to be fixed" if self.exp is None else "keeping its last valid version")
+                         + f":\n{exc}", str(exc))
+
+    def _report(self, text: str, key: str) -> None:
+        if key != self.reported:
+            self.say(text)
+            self.reported = key
 
 
 def _now() -> str:

@@ -20,8 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ConfigError, Experiment, OccupancySpec, RefineAtomSpec, RefineModelSpec
-from .refine import (
+from .. import __version__
+from ..config import ConfigError, Experiment, OccupancySpec, RefineAtomSpec, RefineModelSpec
+from ..crystallography import crystal_system, tth_from_q
+from ..errors import StoreError
+from ..refine import (
     OccupancyConstraint,
     PhaseModel,
     RefinementError,
@@ -29,11 +32,16 @@ from .refine import (
     RefinementResult,
     Refiner,
 )
-from .refine.structures import Atom, Structure, StructureError, read_cif, template
-from .store import DONE, open_run_info, read_pattern_block, read_table
+from ..refine.structures import Atom, Structure, StructureError, read_cif, template
+from ..safeio import atomic_output
+from .fit import lattice_experiment
+from .paths import ELECTROCHEMISTRY, LATTICE, REFINEMENT, RunPaths
+from .refinestore import FLAGGED, OK, STATUS, RefineStore
+from .stage import stage
+from .store import DONE, RunInfo, has_group, read_pattern_block, read_run_info, read_table
 
 __all__ = ["build_model", "refine_experiment", "compare_models", "RefineSummary", "REFINE_COLUMNS",
-           "read_refinement", "read_weight_fractions"]
+           "write_refine_csv"]
 
 #: Columns of ``refine.csv`` (then one value and one esd column per structural parameter).
 REFINE_COLUMNS = ("frame", "time_s", "voltage_V", "x", "phase", "status", "message", "rwp", "rexp", "gof",
@@ -42,14 +50,12 @@ REFINE_COLUMNS = ("frame", "time_s", "voltage_V", "x", "phase", "status", "messa
                   "U", "V", "W", "X", "Y", "zero_deg", "zero_err_deg", "displacement_deg", "displacement_err_deg")
 _FORMULA_UNITS = {"P2": 2, "O3": 3, "P3": 3}
 _DEFAULT_REFINE = {"P2": ["z:O"], "O3": ["z:O"], "P3": ["z:O1,-O2"]}
-OK, FAILED, FLAGGED = 1, 2, 3
-_STATUS = {OK: "ok", FAILED: "failed", FLAGGED: "flagged"}
 
 
 # ----------------------------------------------------------------------------------------------
 # the model from the experiment file
 
-def build_model(exp: Experiment, *, model: str | None = None, info: dict | None = None) -> RefinementModel:
+def build_model(exp: Experiment, *, model: str | None = None, info: RunInfo | None = None) -> RefinementModel:
     """The refinement of ``exp`` (``model``: the name of a ``[[refinement.models]]`` entry to
     apply to its phase; ``info``: the run file's :func:`~xrdpipe.store.open_run_info`, read
     here when not given, for the wavelength)."""
@@ -88,7 +94,7 @@ def build_model(exp: Experiment, *, model: str | None = None, info: dict | None 
                               constraints=tuple(cons) if computed else (), profile=profile, lebail=rp.lebail,
                               refine_profile=tuple(rp.refine_profile), search=dict(getattr(ph, "search", {}) or {})))
     info = info or _run_info(exp)
-    return RefinementModel(out, wavelength_A=float(info["wavelength_A"]), method=ref.method,
+    return RefinementModel(out, wavelength_A=float(info.wavelength_A), method=ref.method,
                            background_terms=ref.background_terms, correction=ref.correction,
                            asymmetry=ref.asymmetry, polarization=ref.polarization, max_iter=ref.max_iter,
                            strategy=ref.strategy, gof_max=ref.gof_max, search=ref.search)
@@ -116,18 +122,17 @@ def _structure(exp: Experiment, rp, ph, sites: list[RefineAtomSpec]) -> Structur
     return Structure(ph.space_group, tuple(float(v) for v in ph.cell), tuple(extra), name=ph.name)
 
 
-def _run_info(exp: Experiment) -> dict:
+def _run_info(exp: Experiment) -> RunInfo:
     """The run file's axis, wavelength and frame status; a clear error before integration."""
-    from .store import StoreError
 
     where = str(exp.source or "experiment")
     if not Path(exp.run.run_file).exists():
         raise ConfigError(where, [("refinement", f"no run file {exp.run.run_file} yet; run 'xrdpipe integrate' first")])
     try:
-        info = open_run_info(exp.run.run_file)
+        info = read_run_info(exp.run.run_file)
     except StoreError as exc:
         raise ConfigError(where, [("refinement", str(exc))]) from None
-    if not info["wavelength_A"]:
+    if not info.wavelength_A:
         raise ConfigError(where, [(
             "refinement", f"the run file {exp.run.run_file} has no wavelength; refinement needs one "
                           "(give [patterns] wavelength_A, or a PONI with the wavelength)")])
@@ -175,12 +180,10 @@ class RefineSummary:
         return "\n".join(lines)
 
 
-def _grid(exp: Experiment, info: dict) -> tuple[np.ndarray, slice]:
+def _grid(exp: Experiment, info: RunInfo) -> tuple[np.ndarray, slice]:
     """The run's radial axis in 2θ and the columns of the refined range."""
-    from .crystallography import tth_from_q
-
-    radial, unit = np.asarray(info["radial"], float), info["unit"]
-    tth = radial if unit == "2th_deg" else tth_from_q(radial, info["wavelength_A"])
+    radial, unit = np.asarray(info.radial, float), info.unit
+    tth = radial if unit == "2th_deg" else tth_from_q(radial, info.wavelength_A)
     rng = exp.refinement.range
     ranges = list(exp.refinement.ranges) or [rng if rng is not None else (radial[0], radial[-1])]
     lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
@@ -192,9 +195,9 @@ def _grid(exp: Experiment, info: dict) -> tuple[np.ndarray, slice]:
     return tth, slice(int(cols[0]), int(cols[-1]) + 1)
 
 
-def _kept(exp: Experiment, info: dict, cols: slice) -> np.ndarray:
+def _kept(exp: Experiment, info: RunInfo, cols: slice) -> np.ndarray:
     """Which points of the refined columns lie inside one of ``ranges`` and outside ``excluded``."""
-    radial = np.asarray(info["radial"], float)[cols]
+    radial = np.asarray(info.radial, float)[cols]
     ref = exp.refinement
     keep = np.ones(radial.size, bool)
     if ref.ranges:
@@ -206,12 +209,10 @@ def _kept(exp: Experiment, info: dict, cols: slice) -> np.ndarray:
     return keep
 
 
-def _fingerprint(exp: Experiment, info: dict) -> str:
-    from . import __version__
-
+def _fingerprint(exp: Experiment, info: RunInfo) -> str:
     return json.dumps({"xrdpipe": __version__, "refinement": exp.refinement.model_dump(mode="json"),
                        "phases": [p.model_dump(mode="json") for p in exp.phases],
-                       "patterns": info["fingerprint"]}, sort_keys=True)
+                       "patterns": info.fingerprint}, sort_keys=True)
 
 
 def refine_experiment(exp: Experiment, *, progress: bool = True, restart: bool = False,
@@ -221,11 +222,6 @@ def refine_experiment(exp: Experiment, *, progress: bool = True, restart: bool =
     and ``<output>/refine.csv``. Frames already refined with the same settings are kept. With
     ``update_lattice`` (and a lattice table in the run file) the lattice is recomputed, so that
     its phase fractions take the new weight fractions (``[lattice] fractions``)."""
-    from .errors import StoreError
-    from .pipeline import _progress, lattice_experiment
-    from .safeio import transaction
-    from .store import has_group
-
     t0 = time.perf_counter()
     info = _run_info(exp)
     model = build_model(exp, info=info)
@@ -234,58 +230,60 @@ def refine_experiment(exp: Experiment, *, progress: bool = True, restart: bool =
         refiner = Refiner(model, tth[cols])
     except (RefinementError, StructureError) as exc:
         raise ConfigError(str(exp.source or "experiment"), [("refinement", str(exc))]) from None
-    keep = _kept(exp, info, cols)
-    status = info["status"]
-    n = status.size
+    n = info.frame_count
+    todo_all = _rows(exp, info, frames)
+    summary = RefineSummary(exp.run.run_file, None, model.method, frames=int(todo_all.size))
+    offsets = refiner.calc.offsets
+    with stage(exp, "refine", progress=progress, started=t0, summary=summary) as st:
+        with RefineStore.open(exp.run.run_file, n=n, names=refiner.names, columns=cols,
+                              tick_phase=np.repeat(np.arange(offsets.size - 1), np.diff(offsets)),
+                              phases=[p.name for p in model.phases], fingerprint=_fingerprint(exp, info),
+                              restart=restart, tth=tth[cols]) as store:
+            todo = todo_all[~store.done()[todo_all]]
+            summary.skipped = int(todo_all.size - todo.size)
+            _refine_rows(exp, refiner, store, todo, cols, _kept(exp, info, cols), summary, st.bar(int(todo.size)))
+            summary.outliers = store.flag_outliers(exp.refinement.rwp_outlier)
+        summary.csv_file = write_refine_csv(exp)
+    if update_lattice and exp.phases and exp.lattice.fractions != "peaks" and has_group(exp.run.run_file, LATTICE):
+        lattice_experiment(exp)
+        summary.lattice_file = RunPaths.of(exp).lattice_csv
+    return summary
+
+
+def _rows(exp: Experiment, info: RunInfo, frames: tuple[int, int] | None) -> np.ndarray:
+    """The integrated frames to refine: ``frames`` (first, last), else ``[refinement] frames``, else all."""
+    n = info.frame_count
     if frames is not None and not 0 <= frames[0] <= frames[1] < n:
         raise StoreError(f"{exp.run.run_file} has frames 0 to {n - 1}; there are no frames {frames[0]} to "
                          f"{frames[1]} to refine")
     first, last = frames or exp.refinement.frames or (0, n - 1)
-    todo_all = np.flatnonzero((status == DONE) & (np.arange(n) >= first) & (np.arange(n) <= last))
-    summary = RefineSummary(exp.run.run_file, None, model.method, frames=int(todo_all.size))
-    names = refiner.names
-    with transaction(exp.run.run_file, checkpoint_s=exp.run.checkpoint_s):
-        offsets = refiner.calc.offsets
-        store = _RefineStore.open(exp.run.run_file, n=n, names=names, columns=cols,
-                                  tick_phase=np.repeat(np.arange(offsets.size - 1), np.diff(offsets)),
-                                  phases=[p.name for p in model.phases], fingerprint=_fingerprint(exp, info),
-                                  restart=restart, tth=tth[cols])
-        with store:
-            done = store.done()
-            todo = todo_all[~done[todo_all]]
-            summary.skipped = int(todo_all.size - todo.size)
-            before = int(todo[0]) if todo.size else n
-            prev, prev_row = store.last_success(before=before)
-            bar = _progress(int(todo.size), "refine", progress)
+    return np.flatnonzero((info.status == DONE) & (np.arange(n) >= first) & (np.arange(n) <= last))
+
+
+def _refine_rows(exp: Experiment, refiner: Refiner, store: RefineStore, todo: np.ndarray, cols: slice,
+                 keep: np.ndarray, summary: RefineSummary, bar) -> None:
+    """Refine ``todo`` in order, each frame from the last successful one (a failure is recorded
+    and the next frame starts from the last success), 128 patterns read at a time."""
+    prev, prev_row = store.last_success(before=int(todo[0]) if todo.size else store.done().size)
+    for a in range(0, todo.size, 128):
+        block = todo[a:a + 128]
+        inten, sigma = read_pattern_block(exp.run.run_file, rows=block, columns=cols)
+        for row, y, s in zip(block, inten, sigma):
+            s = None if not np.isfinite(s).any() else s
+            y = np.where(keep, y, np.nan)
             try:
-                for a in range(0, todo.size, 128):
-                    block = todo[a:a + 128]
-                    inten, sigma = read_pattern_block(exp.run.run_file, rows=block, columns=cols)
-                    for row, y, s in zip(block, inten, sigma):
-                        s = None if not np.isfinite(s).any() else s
-                        y = np.where(keep, y, np.nan)
-                        try:
-                            res = _refine_frame(refiner, y, s, prev, prev_row, exp.refinement.gof_jump)
-                        except (RefinementError, np.linalg.LinAlgError, FloatingPointError, ValueError) as exc:
-                            store.write_failure(int(row), str(exc))
-                            summary.failed[int(row)] = str(exc)
-                        else:
-                            store.write(int(row), res)
-                            prev, prev_row = res, int(row)
-                            summary.last = res.table()
-                            if res.status == "flagged":
-                                summary.flagged[int(row)] = res.message
-                        summary.refined += 1
-                        bar.update(1)
-            finally:
-                bar.close()
-            summary.outliers = store.flag_outliers(exp.refinement.rwp_outlier)
-    summary.csv_file = write_refine_csv(exp)
-    if update_lattice and exp.phases and exp.lattice.fractions != "peaks" and has_group(exp.run.run_file, "lattice"):
-        lattice_experiment(exp)
-        summary.lattice_file = exp.run.output / "lattice.csv"
-    summary.seconds = time.perf_counter() - t0
-    return summary
+                res = _refine_frame(refiner, y, s, prev, prev_row, exp.refinement.gof_jump)
+            except (RefinementError, np.linalg.LinAlgError, FloatingPointError, ValueError) as exc:
+                store.write_failure(int(row), str(exc))
+                summary.failed[int(row)] = str(exc)
+            else:
+                store.write(int(row), res)
+                prev, prev_row = res, int(row)
+                summary.last = res.table()
+                if res.status == "flagged":
+                    summary.flagged[int(row)] = res.message
+            summary.refined += 1
+            bar.update(1)
 
 
 def _refine_frame(refiner: Refiner, y, sigma, prev: RefinementResult | None, prev_row: int | None,
@@ -307,181 +305,21 @@ def _refine_frame(refiner: Refiner, y, sigma, prev: RefinementResult | None, pre
     return res
 
 
-class _RefineStore:
-    """``/entry/refinement`` of a run file, open for writing (one row per frame)."""
-
-    def __init__(self, writer, g):
-        self._w, self._g = writer, g
-
-    @classmethod
-    def open(cls, path: Path, *, n: int, names: list[str], columns: slice, tick_phase: np.ndarray,
-             phases: list[str], fingerprint: str, restart: bool, tth: np.ndarray) -> "_RefineStore":
-        from .store import _enter, _str_dtype, _Writer
-
-        n_points, n_refl = columns.stop - columns.start, int(tick_phase.size)
-        stack, session = _enter(Path(path))
-        try:
-            h5 = session.writable()
-            entry = h5["/entry"]
-            if "refinement" in entry and (restart or entry["refinement"].attrs.get("fingerprint") != fingerprint):
-                del entry["refinement"]
-            if "refinement" not in entry:
-                g = entry.create_group("refinement")
-                g.attrs.update({"NX_class": "NXcollection", "fingerprint": fingerprint,
-                                "first_column": columns.start})   # of the pattern stack
-                p = len(names)
-                for name in ("values", "esds"):
-                    g.create_dataset(name, shape=(n, p), maxshape=(None, p), dtype="f8", fillvalue=np.nan,
-                                     chunks=(min(max(n, 1), 256), p))
-                for name in ("calculated", "background"):
-                    g.create_dataset(name, shape=(n, n_points), maxshape=(None, n_points), dtype="f4",
-                                     fillvalue=np.nan, chunks=(1, n_points))
-                g.create_dataset("lebail_intensity", shape=(n, max(n_refl, 1)), maxshape=(None, max(n_refl, 1)),
-                                 dtype="f8", fillvalue=np.nan, chunks=(1, max(n_refl, 1)))
-                g.create_dataset("intensity_err", shape=(n, max(n_refl, 1)), maxshape=(None, max(n_refl, 1)),
-                                 dtype="f8", fillvalue=np.nan, chunks=(1, max(n_refl, 1)))
-                g.create_dataset("ticks", shape=(n, max(n_refl, 1)), maxshape=(None, max(n_refl, 1)), dtype="f4",
-                                 fillvalue=np.nan, chunks=(1, max(n_refl, 1)))
-                g.create_dataset("weight_fraction", shape=(n, len(phases)), maxshape=(None, len(phases)),
-                                 dtype="f8", fillvalue=np.nan)
-                g.create_dataset("weight_fraction_err", shape=(n, len(phases)), maxshape=(None, len(phases)),
-                                 dtype="f8", fillvalue=np.nan)
-                g.create_dataset("absent", shape=(n, len(phases)), maxshape=(None, len(phases)), dtype="i1")
-                for name in ("rwp", "rexp", "gof"):
-                    g.create_dataset(name, shape=(n,), maxshape=(None,), dtype="f8", fillvalue=np.nan)
-                g.create_dataset("n_iter", shape=(n,), maxshape=(None,), dtype="i4")
-                g.create_dataset("status", shape=(n,), maxshape=(None,), dtype="i1")
-                g.create_dataset("message", shape=(n,), maxshape=(None,), dtype=_str_dtype())
-                g.create_dataset("refined", data=np.zeros(p, "i1"))
-                g.create_dataset("parameter", data=np.array(names, dtype=object), dtype=_str_dtype())
-                g.create_dataset("phase", data=np.array(phases, dtype=object), dtype=_str_dtype())
-                g.create_dataset("tick_phase", data=tick_phase.astype("i2"))
-                g.create_dataset("tth", data=np.asarray(tth, float)).attrs["units"] = "degrees"
-            g = entry["refinement"]
-            if g["status"].shape[0] < n:
-                for ds in g.values():
-                    if hasattr(ds, "maxshape") and ds.maxshape and ds.maxshape[0] is None:
-                        ds.resize((n, *ds.shape[1:]))
-            return cls(_Writer(session, stack, Path(path)), g)
-        except BaseException:
-            stack.close()
-            raise
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._w.__exit__(*exc)
-
-    def done(self) -> np.ndarray:
-        return self._g["status"][()] > 0
-
-    def last_success(self, before: int) -> tuple[RefinementResult | None, int | None]:
-        """The last successful row before ``before`` as a start (values, Le Bail intensities
-        and GOF) and its row; (None, None) when there is none."""
-        st = self._g["status"][:before]
-        ok = np.flatnonzero((st == OK) | (st == FLAGGED))
-        if not ok.size:
-            return None, None
-        r = int(ok[-1])
-        theta = self._g["values"][r]
-        I = self._g["lebail_intensity"][r]
-        g = self._g
-        names = [v.decode() if isinstance(v, bytes) else v for v in g["parameter"][()]]
-        phases = [v.decode() if isinstance(v, bytes) else v for v in g["phase"][()]]
-        gone = [ph for ph, a in zip(phases, g["absent"][r]) if a] if "absent" in g else []
-        return RefinementResult(names, theta, np.full(theta.size, np.nan), np.zeros(theta.size, bool),
-                                float(g["rwp"][r]), float(g["rexp"][r]), float(g["gof"][r]), 0, 0, 0, True, "",
-                                np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0), [], [],
-                                None if np.isnan(I).all() else I, phases, theta=theta,
-                                status="flagged" if st[r] == FLAGGED else "ok", absent=gone), r
-
-    def write(self, row: int, res: RefinementResult) -> None:
-        g = self._g
-        g["values"][row] = res.values
-        g["esds"][row] = res.esds
-        g["refined"][...] = res.refined.astype("i1")
-        g["calculated"][row] = res.calculated
-        g["background"][row] = res.background
-        ticks = np.concatenate(res.ticks) if res.ticks else np.zeros(0)
-        g["ticks"][row, :ticks.size] = ticks
-        if res.lebail_I is not None:
-            g["lebail_intensity"][row, :res.lebail_I.size] = res.lebail_I
-        if res.intensity_esd is not None and "intensity_err" in g:        # Pawley
-            g["intensity_err"][row, :res.intensity_esd.size] = res.intensity_esd
-        for p, name in enumerate(res.phase_names):
-            w = res.weight_fractions.get(name)
-            if w is not None:
-                g["weight_fraction"][row, p], g["weight_fraction_err"][row, p] = w
-        g["rwp"][row], g["rexp"][row], g["gof"][row], g["n_iter"][row] = res.rwp, res.rexp, res.gof, res.n_iter
-        g["message"][row] = res.message[:500]
-        if "absent" in g:
-            g["absent"][row] = [name in res.absent for name in res.phase_names]
-        g["status"][row] = FLAGGED if res.status == "flagged" else OK     # last: a row counts once its results are in
-        self._w._maybe_flush()
-
-    def flag_outliers(self, factor: float) -> list[int]:
-        """Flag the ``ok`` frames whose Rwp exceeds ``factor`` times the median Rwp of the
-        run's refined frames; their rows."""
-        g = self._g
-        st = g["status"][()]
-        rwp = g["rwp"][()]
-        done = np.flatnonzero(((st == OK) | (st == FLAGGED)) & np.isfinite(rwp))
-        if done.size < 3:
-            return []
-        med = float(np.median(rwp[done]))
-        out = [int(r) for r in done if st[r] == OK and rwp[r] > factor * med]
-        for r in out:
-            msg = g["message"][r]
-            msg = msg.decode() if isinstance(msg, bytes) else msg
-            g["message"][r] = ((msg + "; ") if msg else "") + (
-                f"Rwp {100 * rwp[r]:.2f} % above {factor:g} x the run's median ({100 * med:.2f} %)")
-            g["status"][r] = FLAGGED
-        return out
-
-    def write_failure(self, row: int, message: str) -> None:
-        self._g["message"][row] = message[:500]
-        self._g["status"][row] = FAILED
-        self._w._maybe_flush()
-
-
-def read_refinement(run_file: Path | str) -> dict | None:
-    """``/entry/refinement`` of a run file as arrays (None before ``xrdpipe refine``)."""
-    return read_table(run_file, "refinement")
-
-
-def read_weight_fractions(run_file: Path | str):
-    """The weight fractions of ``/entry/refinement`` as a :class:`~xrdpipe.lattice.WeightFractions`
-    (NaN in frames not refined successfully); None before ``xrdpipe refine``."""
-    from .lattice import WeightFractions
-
-    d = read_table(run_file, "refinement", names=("phase", "status", "weight_fraction", "weight_fraction_err"))
-    if d is None:
-        return None
-    ok = np.isin(d["status"], (OK, FLAGGED))[:, None]
-    return WeightFractions(tuple(d["phase"]), np.where(ok, d["weight_fraction"], np.nan),
-                           np.where(ok, d["weight_fraction_err"], np.nan))
-
-
 def write_refine_csv(exp: Experiment) -> Path | None:
     """``<output>/refine.csv``: one row per refined frame and phase (see :data:`REFINE_COLUMNS`)."""
-    from .safeio import atomic_output
-
-    d = read_table(exp.run.run_file, "refinement", names=(
+    d = read_table(exp.run.run_file, REFINEMENT, names=(
         "values", "esds", "refined", "status", "message", "rwp", "rexp", "gof", "n_iter", "parameter", "phase",
         "weight_fraction", "weight_fraction_err"))
     if d is None:
         return None
     try:
-        absent = read_table(exp.run.run_file, "refinement", names=("absent",))["absent"]
+        absent = read_table(exp.run.run_file, REFINEMENT, names=("absent",))["absent"]
     except Exception:          # a run file refined before absent phases were recorded
         absent = None
-    info = open_run_info(exp.run.run_file)
-    ec = read_table(exp.run.run_file, "electrochemistry", names=("x", "voltage_V"))
+    info = read_run_info(exp.run.run_file)
+    ec = read_table(exp.run.run_file, ELECTROCHEMISTRY, names=("x", "voltage_V"))
     names = list(d["parameter"])
     phases = list(d["phase"])
-    from .crystallography import crystal_system
-
     specs = {p.name: p for p in exp.phases}
     systems = {ph: crystal_system(specs[ph].space_group) if ph in specs else "hexagonal" for ph in phases}
     struct_cols: list[str] = []
@@ -490,47 +328,52 @@ def write_refine_csv(exp: Experiment) -> Path | None:
         if ph in phases and ":" in rest and rest not in struct_cols:
             struct_cols.append(rest)
     header = list(REFINE_COLUMNS) + [c for s in struct_cols for c in (s, s + "_err")]
-    rows = np.flatnonzero(d["status"] > 0)
-    path = exp.run.output / "refine.csv"
-    idx = {nm: i for i, nm in enumerate(names)}
-
-    def fmt(v) -> str:
-        return "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.8g}"
-
+    path = RunPaths.of(exp).refine_csv
     with atomic_output(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(header)
-        for r in rows:
-            vals, esds = d["values"][r], d["esds"][r]
-            ok = d["status"][r] in (OK, FLAGGED)
-
-            def get(name, err=False):
-                i = idx.get(name)
-                if i is None or not ok:
-                    return None
-                v = (esds if err else vals)[i]
-                return float(v) if (not err or d["refined"][i]) else None
-
-            for p, ph in enumerate(phases):
-                system = systems[ph]
-                gone = absent is not None and bool(absent[r, p])     # absent: its cell is not determined
-                cell = {k: None if gone else get(f"{ph}.{k}") for k in ("a", "b", "c", "beta")}
-                cerr = {k: None if gone else get(f"{ph}.{k}", True) for k in ("a", "b", "c", "beta")}
-                vol, verr = _volume(system, cell, cerr)
-                row = [int(r), fmt(float(info["time_s"][r])), fmt(float(ec["voltage_V"][r]) if ec else None),
-                       fmt(float(ec["x"][r]) if ec else None), ph, _STATUS.get(int(d["status"][r]), "failed"), d["message"][r],
-                       fmt(float(d["rwp"][r])), fmt(float(d["rexp"][r])), fmt(float(d["gof"][r])), int(d["n_iter"][r]),
-                       fmt(cell["a"]), fmt(cerr["a"]), fmt(cell["b"]), fmt(cerr["b"]), fmt(cell["c"]), fmt(cerr["c"]),
-                       fmt(cell["beta"]), fmt(cerr["beta"]), fmt(vol), fmt(verr),
-                       fmt(float(d["weight_fraction"][r, p]) if ok else None),
-                       fmt(float(d["weight_fraction_err"][r, p]) if ok else None),
-                       fmt(get(f"{ph}.scale")), fmt(get(f"{ph}.scale", True)),
-                       *[fmt(get(f"{ph}.{k}")) for k in "UVWXY"],
-                       fmt(get("zero")), fmt(get("zero", True)), fmt(get("displacement")), fmt(get("displacement", True))]
-                for s in struct_cols:
-                    row += [fmt(get(f"{ph}.{s}")), fmt(get(f"{ph}.{s}", True))]
-                w.writerow(row)
+        w.writerows(_csv_rows(d, absent, info.time_s, ec, systems, struct_cols))
     return path
+
+
+def _fmt(v) -> str:
+    return "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.8g}"
+
+
+def _csv_rows(d: dict, absent, time_s: np.ndarray, ec: dict | None, systems: dict[str, str], struct_cols: list[str]):
+    """The rows of refine.csv: one per refined frame and phase (values and esds; none for a frame
+    that failed, no cell for a phase absent from it)."""
+    idx = {nm: i for i, nm in enumerate(d["parameter"])}
+    fmt = _fmt
+    for r in np.flatnonzero(d["status"] > 0):
+        vals, esds = d["values"][r], d["esds"][r]
+        ok = d["status"][r] in (OK, FLAGGED)
+
+        def get(name, err=False):
+            i = idx.get(name)
+            if i is None or not ok:
+                return None
+            v = (esds if err else vals)[i]
+            return float(v) if (not err or d["refined"][i]) else None
+
+        for p, ph in enumerate(d["phase"]):
+            gone = absent is not None and bool(absent[r, p])     # absent: its cell is not determined
+            cell = {k: None if gone else get(f"{ph}.{k}") for k in ("a", "b", "c", "beta")}
+            cerr = {k: None if gone else get(f"{ph}.{k}", True) for k in ("a", "b", "c", "beta")}
+            vol, verr = _volume(systems[ph], cell, cerr)
+            row = [int(r), fmt(float(time_s[r])), fmt(float(ec["voltage_V"][r]) if ec else None),
+                   fmt(float(ec["x"][r]) if ec else None), ph, STATUS.get(int(d["status"][r]), "failed"), d["message"][r],
+                   fmt(float(d["rwp"][r])), fmt(float(d["rexp"][r])), fmt(float(d["gof"][r])), int(d["n_iter"][r]),
+                   fmt(cell["a"]), fmt(cerr["a"]), fmt(cell["b"]), fmt(cerr["b"]), fmt(cell["c"]), fmt(cerr["c"]),
+                   fmt(cell["beta"]), fmt(cerr["beta"]), fmt(vol), fmt(verr),
+                   fmt(float(d["weight_fraction"][r, p]) if ok else None),
+                   fmt(float(d["weight_fraction_err"][r, p]) if ok else None),
+                   fmt(get(f"{ph}.scale")), fmt(get(f"{ph}.scale", True)),
+                   *[fmt(get(f"{ph}.{k}")) for k in "UVWXY"],
+                   fmt(get("zero")), fmt(get("zero", True)), fmt(get("displacement")), fmt(get("displacement", True))]
+            for s in struct_cols:
+                row += [fmt(get(f"{ph}.{s}")), fmt(get(f"{ph}.{s}", True))]
+            yield row
 
 
 def _volume(system: str, cell: dict, err: dict) -> tuple[float | None, float | None]:
@@ -553,6 +396,8 @@ def _volume(system: str, cell: dict, err: dict) -> tuple[float | None, float | N
     return v, math.sqrt(sum(x * x for x in parts))
 
 
+
+
 # ----------------------------------------------------------------------------------------------
 # model comparison
 
@@ -560,11 +405,9 @@ def compare_models(exp: Experiment, frame: int | None = None) -> tuple[int, list
     """Refine the base model and every ``[[refinement.models]]`` entry on one frame (default:
     the first integrated frame of the refined range); returns the frame, ``(name, result)``
     pairs and ``<output>/refine_compare.csv`` (statistics and parameters side by side)."""
-    from .safeio import atomic_output
-
     info = _run_info(exp)
     tth, cols = _grid(exp, info)
-    status = info["status"]
+    status = info.status
     if frame is None:
         lo = (exp.refinement.frames or (0, status.size - 1))[0]
         ok = np.flatnonzero((status == DONE) & (np.arange(status.size) >= lo))
@@ -580,7 +423,7 @@ def compare_models(exp: Experiment, frame: int | None = None) -> tuple[int, list
     for name in [None] + [m.name for m in exp.refinement.models]:
         model = build_model(exp, model=name, info=info)
         results.append((name or "base", Refiner(model, tth[cols]).refine(y[0], sig)))
-    path = exp.run.output / "refine_compare.csv"
+    path = RunPaths.of(exp).refine_compare_csv
     path.parent.mkdir(parents=True, exist_ok=True)
     params = list(dict.fromkeys(n for _, r in results for n, f in zip(r.names, r.refined) if f
                                 and not n.startswith("bkg_")))

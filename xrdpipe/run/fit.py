@@ -1,0 +1,246 @@
+"""The fit and lattice stages on an experiment: the ``[[windows]]`` fitted in every integrated frame
+into ``/entry/peaks`` and ``peaks.csv`` (block by block, resumable), then cells, volumes and
+phase fractions into ``/entry/lattice`` and ``lattice.csv``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..config import Experiment
+from ..errors import ConfigError
+from .paths import ELECTROCHEMISTRY, LATTICE, RunPaths
+from .peakstore import PeakStore, read_peak_table
+from .refinestore import read_weight_fractions
+from .stage import stage
+from .store import FAILED, PENDING, RunInfo, read_run_info, read_table, write_table
+
+__all__ = ["FitSummary", "fit_experiment", "LatticeSummary", "lattice_experiment"]
+
+
+@dataclass
+class FitSummary:
+    """What a peak-fitting run did."""
+
+    run_file: Path
+    csv_file: Path | None
+    total: int
+    fitted: int = 0
+    skipped: int = 0
+    waiting: int = 0
+    restarted: bool = False
+    seconds: float = 0.0
+    present: dict[str, int] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)
+    phases: dict[str, int] = field(default_factory=dict)
+    #: frames whose solution the phase model's backward pass replaced
+    revised: int = 0
+
+    def __str__(self) -> str:
+        lines = [f"{self.total} frame(s): {self.fitted} fitted now, {self.skipped} already done"
+                 + (f", {self.waiting} not integrated yet" if self.waiting else "")
+                 + f" ({self.seconds:.1f} s)"]
+        if self.revised:
+            lines.append(f"backward pass: {self.revised} frame(s) fitted better going back from where a phase "
+                         "that appeared is strong")
+        if self.restarted:
+            lines.append("the fit settings changed since the last run: every frame was fitted again")
+        if self.phases:
+            lines.append("frames with each phase present (phase model): "
+                         + ", ".join(f"{k} {v}" for k, v in self.phases.items()))
+        if self.present:
+            lines.append("frames with each peak present: "
+                         + ", ".join(f"{k} {v}" for k, v in self.present.items()))
+        for msg, count in sorted(self.failures.items(), key=lambda kv: -kv[1])[:8]:
+            lines.append(f"  {count} window fit(s) failed: {msg}")
+        lines.append(f"run file: {self.run_file}")
+        if self.csv_file:
+            lines.append(f"peaks: {self.csv_file}")
+        return "\n".join(lines)
+
+
+def fit_experiment(exp: Experiment, *, restart: bool = False, progress: bool = True,
+                   engine: str | None = None) -> FitSummary:
+    """Fit the ``[[windows]]`` of an experiment in every integrated frame of its run file.
+
+    Results go into ``/entry/peaks`` block by block (an interrupted fit resumes where it
+    stopped; changed settings start it again) and to ``peaks.csv`` beside the run file.
+    """
+    t_start = time.perf_counter()
+    if not exp.windows:
+        raise ConfigError(str(exp.source or "experiment"), [
+            ("windows", "no [[windows]] to fit; add at least one (see README)")])
+    fit = exp.fit if engine is None else exp.fit.model_copy(update={"engine": engine})
+    info = read_run_info(exp.run.run_file)
+    phase_model = fit.model == "phases"
+    fitter = _fitter(exp, fit, info)
+    # memory stays bounded: at most ~160 MB of patterns (and their esds) at a time. The block
+    # decides the start values (below), so it is part of the fingerprint.
+    block = max(16, min(fit.block_frames, 10_000_000 // max(info.radial.size, 1)))
+    n = info.frame_count
+    summary = FitSummary(exp.run.run_file, None, n)
+    with stage(exp, "fit", progress=progress, started=t_start, summary=summary) as st:
+        store, kept = PeakStore.open(exp.run.run_file, windows=fitter.windows, peaks=fitter.peaks,
+                                     fingerprint=_fingerprint(exp, fit, info, block), restart=restart,
+                                     phases=[p.name for p in exp.phases] if phase_model else None)
+        summary.restarted = not kept and not restart and info.had_peaks
+        with store:
+            done = store.done
+            # frames are fitted in order, up to the first one not integrated yet: a frame's start
+            # values then never depend on when it was fitted (see _forward)
+            pending = np.flatnonzero(info.status == PENDING)
+            reach = int(pending[0]) if pending.size else n
+            rows = np.flatnonzero(~done & (np.arange(n) < reach))
+            summary.skipped = int(done.sum())
+            summary.waiting = int((~done & (np.arange(n) >= reach)).sum())
+            if phase_model and rows.size:
+                store.backward_through = 0      # the backward pass goes over the series again
+            summary.fitted = _forward(fitter, store, info, rows, block, st.bar(int(rows.size)), phase_model)
+            if phase_model and fit.backward and reach == n and store.backward_through < n:
+                # every frame is there: the backward pass over the whole series (once; again
+                # when frames were added)
+                summary.revised = _backward(fitter, store, st.bar(n, "fit (backward pass)"))
+                store.backward_through = n
+        _count(summary, read_peak_table(exp.run.run_file), RunPaths.of(exp))
+    return summary
+
+
+def _fitter(exp: Experiment, fit, info: RunInfo):
+    """The peak fitter (or, with ``[fit] model = "phases"``, the phase model) of the run's axis."""
+    from ..peaks import PeakFitter, WindowSetupError
+    from ..phasefit import PhaseFitter
+
+    axis = dict(radial=info.radial, unit=info.unit, wavelength_A=info.wavelength_A)
+    try:
+        if fit.model == "phases":
+            return PhaseFitter(exp.phases, exp.windows, fit, exp.lattice, **axis)
+        return PeakFitter(exp.phases, exp.windows, fit, **axis)
+    except WindowSetupError as exc:
+        raise ConfigError(str(exp.source or "experiment"),
+                          [(f"windows.{i}.peaks", msg) for i, msg in exc.problems]) from None
+
+
+def _fingerprint(exp: Experiment, fit, info: RunInfo, block: int) -> dict:
+    """The settings the fitted peaks depend on (others start ``/entry/peaks`` again)."""
+    out = {"xrdpipe": __version__, "phases": [p.model_dump(mode="json") for p in exp.phases],
+           "windows": [w.model_dump(mode="json") for w in exp.windows],
+           "fit": fit.model_dump(mode="json", exclude={"workers", "block_frames"}),
+           "block": block, "patterns": info.fingerprint}
+    if fit.model == "phases":   # frames carry their state one to the next: the block plays no part
+        out.update(block=None, correction=exp.lattice.correction)
+    return out
+
+
+def _forward(fitter, store: PeakStore, info: RunInfo, rows: np.ndarray, block: int, bar, phase_model: bool) -> int:
+    """Fit ``rows`` in order, block by block, into the store; the number of frames fitted."""
+    status, fitted = info.status, 0
+    for start, chunk in _blocks(rows, block):
+        # start values come from the results before the block's fixed start only (the
+        # phase model: from the frame before the first one to fit), so a resumed,
+        # interrupted or live run fits every frame exactly as one straight run
+        fitter.resume(store.stored(int(chunk[0]) if phase_model else start))
+        a, b = int(chunk[0]), int(chunk[-1]) + 1
+        intensity, sigma = store.read_patterns(a, b)
+        pick = chunk - a
+        reasons = [("frame not integrated: " + str(info.message[r])) if status[r] == FAILED else "" for r in chunk]
+        kw = {"progress": bar} if phase_model else {}
+        table = fitter.fit_block(intensity[pick], sigma[pick], frame=chunk, time_s=info.time_s[chunk],
+                                 usable=status[chunk] != FAILED, reasons=reasons, **kw)
+        store.write(chunk, table.values, table.present, table.success, table.redchi, table.message, table.phase)
+        fitted += chunk.size
+        if not phase_model:
+            bar.update(chunk.size)
+    return fitted
+
+
+def _backward(fitter, store: PeakStore, bar) -> int:
+    """The phase model's backward pass over every frame (``bar``: its total set by the pass);
+    the number of frames it revised."""
+    n = store.done.size
+    back = fitter.backward(store.stored(n), store.read_patterns, progress=bar)
+    if back is None:
+        return 0
+    rows, revised = back
+    store.write(rows, revised.values, revised.present, revised.success, revised.redchi, revised.message,
+                revised.phase)
+    return int(rows.size)
+
+
+def _count(summary: FitSummary, table, paths: RunPaths) -> None:
+    """``peaks.csv``, and the frames with each phase and peak and the failures, into ``summary``."""
+    summary.csv_file = table.write_csv(paths.peaks_csv)
+    if table.phase is not None:
+        for i, name in enumerate(table.phase_names):
+            summary.phases[name] = int((table.phase["phase_present"][:, i].astype(bool)
+                                        & table.success.any(axis=1)).sum())
+    for i, (w, ph, hkl, _) in enumerate(table.peaks):
+        summary.present[f"{ph} {hkl}"] = int(table.present[:, i].sum())
+    for msg in table.message[~table.success]:
+        if msg:
+            key = msg if len(msg) < 90 else msg[:87] + "..."
+            summary.failures[key] = summary.failures.get(key, 0) + 1
+
+
+def _blocks(rows: np.ndarray, size: int):
+    """Ascending rows grouped by the fixed blocks ``[k*size, (k+1)*size)``: (block start, rows)."""
+    if rows.size == 0:
+        return
+    key = rows // size
+    breaks = np.flatnonzero(np.diff(key)) + 1
+    for part in np.split(rows, breaks):
+        yield int(part[0] // size * size), part
+
+
+@dataclass
+class LatticeSummary:
+    """What a lattice run did."""
+
+    run_file: Path
+    csv_file: Path
+    frames: int
+    cells: dict[str, int] = field(default_factory=dict)
+    flagged: dict[str, int] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"{self.frames} frame(s); cells refined per phase: "
+                 + ", ".join(f"{k} {v}" for k, v in self.cells.items())]
+        for msg, count in sorted(self.flagged.items(), key=lambda kv: -kv[1])[:6]:
+            lines.append(f"  {count} frame-phase pair(s): {msg}")
+        lines.append(f"lattice: {self.csv_file}")
+        return "\n".join(lines)
+
+
+def lattice_experiment(exp: Experiment) -> LatticeSummary:
+    """Cells, volumes, layer geometry and phase fractions from the fitted peaks of a run file:
+    written to ``/entry/lattice`` and ``<output>/lattice.csv`` (recomputed whole; it is quick)."""
+    from ..lattice import refine_lattice
+
+    if not exp.phases:
+        raise ConfigError(str(exp.source or "experiment"), [("phases", "no [[phases]] to refine")])
+    info = read_run_info(exp.run.run_file)
+    table = read_peak_table(exp.run.run_file)
+    lat = refine_lattice(table, exp.phases, exp.lattice, unit=info.unit, wavelength_A=info.wavelength_A,
+                         weights=read_weight_fractions(exp.run.run_file))
+    arrays = {"frame": lat.frame, "time_s": lat.time_s, "phase": np.array(lat.phases, dtype=object),
+              "message": lat.message, "fraction_source": lat.fraction_source, **lat.values}
+    for name in ("fraction_method", "presence"):
+        if getattr(lat, name) is not None:
+            arrays[name] = getattr(lat, name)
+    with stage(exp, "lattice"):
+        write_table(exp.run.run_file, LATTICE, arrays, {"correction": exp.lattice.correction})
+    states = read_table(exp.run.run_file, ELECTROCHEMISTRY)
+    if states is not None:
+        lat.voltage_V, lat.x = states["voltage_V"][lat.frame], states["x"][lat.frame]
+    summary = LatticeSummary(exp.run.run_file, lat.write_csv(RunPaths.of(exp).lattice_csv), len(lat.frame))
+    for i, name in enumerate(lat.phases):
+        summary.cells[name] = int(np.isfinite(lat.values["c_A"][:, i]).sum())
+    for msg in lat.message.ravel():
+        if msg:
+            summary.flagged[msg] = summary.flagged.get(msg, 0) + 1
+    return summary
+
+

@@ -1,0 +1,185 @@
+"""The last two stages on an experiment: figures drawn from the run file (``plot_experiment``) and
+patterns exported for other programs (``export_experiment``)."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..config import PLOT_KINDS, Experiment, PlotsSpec
+from ..errors import XrdpipeError
+from .paths import ELECTROCHEMISTRY, LATTICE, PEAKS, REFINEMENT, RunPaths
+from .refinestore import FLAGGED, OK, read_refinement
+from .store import DONE, has_group, read_frames, read_pattern_block, read_run_info, read_table
+
+__all__ = ["plot_experiment", "PlotSummary", "export_experiment", "export_run_file"]
+
+
+# ----------------------------------------------------------------------------------------------
+# figures and exports of a whole experiment
+
+@dataclass
+class PlotSummary:
+    """The figures written (kind -> files) and the kinds that could not be drawn (kind -> why)."""
+
+    folder: Path
+    files: dict[str, list[Path]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def paths(self) -> list[Path]:
+        return [p for files in self.files.values() for p in files]
+
+    def __str__(self) -> str:
+        lines = [f"{len(self.files)} figure(s) in {self.folder}"]
+        lines += [f"  {kind}: {', '.join(p.name if p.parent == self.folder else str(p) for p in files)}"
+                  for kind, files in self.files.items()]
+        lines += [f"  {kind} not drawn: {why}" for kind, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def _possible_kinds(exp: Experiment, run_file: Path) -> list[str]:
+    kinds = ["contour", "waterfall"]
+    if exp.windows and has_group(run_file, PEAKS):
+        kinds.insert(1, "fit")
+    if has_group(run_file, LATTICE):
+        kinds[1:1] = ["lattice", "fractions"]
+    if has_group(run_file, REFINEMENT):
+        kinds.append("refinement")
+    return [k for k in PLOT_KINDS if k in kinds]
+
+
+def _last_refined(run_file: Path) -> int:
+    """The last frame whose refinement succeeded (the refinement figure's default)."""
+    from ..plots import PlotError
+
+    d = read_table(run_file, REFINEMENT, names=("status",))
+    ok = np.flatnonzero(d["status"] == 1) if d is not None else np.zeros(0, int)
+    if not ok.size:
+        raise PlotError(f"{run_file} has no successfully refined frame; run 'xrdpipe refine'")
+    return int(ok[-1])
+
+
+def _contour_windows(exp: Experiment, spec, radial: np.ndarray) -> list[tuple[str, float, float]]:
+    from ..plots import PlotError
+
+    named = {w.name: w.range for w in exp.windows}
+    unit = "°" if exp.radial_unit == "2th_deg" else " Å$^{-1}$"
+    chosen = spec.windows or list(named)
+    if not chosen:
+        return [("pattern", float(radial[0]), float(radial[-1]))]
+    out = []
+    for w in chosen:
+        if isinstance(w, str):
+            if w not in named:
+                close = difflib.get_close_matches(w, list(named), n=1, cutoff=0.5)
+                raise PlotError(f"contour window {w!r} is not one of the [[windows]] {list(named)}"
+                                + (f"; did you mean {close[0]!r}?" if close else ""))
+            out.append((w, *named[w]))
+        else:
+            out.append((f"{w[0]:g}–{w[1]:g}{unit}", float(w[0]), float(w[1])))
+    return out
+
+
+def plot_experiment(exp: Experiment, *, kinds: Sequence[str] | None = None, plots: PlotsSpec | None = None,
+                    stem: Path | str | None = None, strict: bool | None = None) -> PlotSummary:
+    """Draw the figures of ``kinds`` (default: ``[plots] kinds``, else every kind the run file
+    can give) from the run file, as ``<output>/<folder>/<run>_<kind>.<format>``.
+
+    With ``strict`` (the default when ``kinds`` are named) a figure that cannot be drawn is an
+    error; otherwise it is skipped and the reason kept.
+    """
+    from ..plots import (
+        plot_contour,
+        plot_fit_check,
+        plot_fractions,
+        plot_lattice,
+        plot_refinement,
+        plot_waterfall,
+        save_figure,
+    )
+
+    spec = plots or exp.plots
+    run_file = exp.run.run_file
+    info = read_run_info(run_file)
+    wanted = list(kinds or spec.kinds or _possible_kinds(exp, run_file))
+    strict = bool(kinds) if strict is None else strict
+    folder = exp.run.output / spec.folder     # `plots` may name another [plots]
+    summary = PlotSummary(folder)
+    common = dict(dpi=spec.dpi, font_size=spec.font_size)
+    makers: dict[str, Callable] = {
+        "contour": lambda: plot_contour(run_file, windows=_contour_windows(exp, spec.contour, info.radial),
+                                        spec=spec.contour, **common),
+        "lattice": lambda: plot_lattice(run_file, spec=spec.lattice, **common),
+        "fractions": lambda: plot_fractions(run_file, spec=spec.fractions, **common),
+        "fit": lambda: plot_fit_check(run_file, phases=exp.phases, windows=exp.windows, spec=spec.fit, **common),
+        "waterfall": lambda: plot_waterfall(run_file, spec=spec.waterfall, **common),
+        "refinement": lambda: plot_refinement(run_file, _last_refined(run_file), **common),
+    }
+    for kind in wanted:
+        try:
+            fig = makers[kind]()
+        except XrdpipeError as exc:
+            if strict:
+                raise
+            summary.skipped[kind] = str(exc)
+            continue
+        target = Path(stem) if stem is not None and len(wanted) == 1 else RunPaths.of(exp).figure(kind, folder)
+        summary.files[kind] = save_figure(fig, target, formats=spec.formats, dpi=spec.dpi)
+    return summary
+
+
+def export_experiment(exp: Experiment, *, formats: Sequence[str] | None = None, frames: Sequence[int] | None = None,
+                      progress: bool = False):
+    """Every integrated pattern (or ``frames``) as ``[export] formats`` in ``<output>/<folder>``;
+    see :mod:`xrdpipe.export`."""
+    spec = exp.export
+    # pyFAI corrected the polarization (frames integrated with a polarization factor): GSAS-II
+    # must apply none (Polariz. 1.0)
+    pol = 1.0 if exp.frames is not None and exp.integration.polarization_factor is not None else None
+    profile, zero = _refined_profile(exp)
+    return export_run_file(exp.run.run_file, RunPaths.of(exp).exports, formats=formats or spec.formats,
+                           frames=frames if frames is not None else spec.frames, polarization=pol,
+                           progress=progress, profile=profile, zero_deg=zero)
+
+
+def export_run_file(run_file: Path | str, folder: Path | str, **options):
+    """The patterns of a run file exported into ``folder`` (``options``: those of
+    :func:`~xrdpipe.export.export_patterns`)."""
+    from ..export import ExportSource, export_patterns
+
+    run_file = Path(run_file)
+    info = read_run_info(run_file)
+    fr = read_frames(run_file)
+    ec = read_table(run_file, ELECTROCHEMISTRY)
+    unknown = np.full(info.frame_count, np.nan)
+    source = ExportSource(run_file.stem, info.radial, info.unit, info.wavelength_A, info.status == DONE,
+                          info.time_s, fr.key, fr.start, fr.end, ec["x"] if ec is not None else unknown,
+                          ec["voltage_V"] if ec is not None else unknown, info.fingerprint,
+                          lambda rows: read_pattern_block(run_file, rows), where=str(run_file))
+    return export_patterns(source, folder, **options)
+
+
+def _refined_profile(exp: Experiment) -> tuple[dict[str, float] | None, float]:
+    """U, V, W, X, Y of the first phase and the zero shift of the last successfully refined
+    frame, where ``xrdpipe refine`` has run (else None and 0)."""
+    try:
+        d = read_refinement(exp.run.run_file) if Path(exp.run.run_file).exists() else None
+    except Exception:          # noqa: BLE001 - no usable refinement: GSAS-II's defaults
+        d = None
+    if d is None:
+        return None, 0.0
+    good = np.flatnonzero(np.isin(d["status"], (OK, FLAGGED)))
+    if not good.size:
+        return None, 0.0
+    r = int(good[-1])
+    names = list(d["parameter"])
+    ph = list(d["phase"])[0]
+    vals = d["values"][r]
+    prof = {k: float(vals[names.index(f"{ph}.{k}")]) for k in "UVWXY" if f"{ph}.{k}" in names}
+    zero = float(vals[names.index("zero")]) if "zero" in names else 0.0
+    return prof, zero if np.isfinite(zero) else 0.0

@@ -1,0 +1,210 @@
+"""``/entry/peaks`` of the run file: fitted peaks (frame x peak) and the phase model's per-frame
+arrays, written block by block (resumable), and read back (:func:`read_peaks`,
+:func:`read_peak_table`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import StoreError
+from ..tables import PEAK_ARRAYS
+from .paths import ENTRY, FRAMES, PATTERNS, PEAKS, h5path
+from .store import Writer, decode, enter_transaction, reading, str_dtype
+
+__all__ = ["PeakStore", "PHASE_DATASETS", "read_peaks", "read_peak_table"]
+
+_PEAK_UNITS = {"d_A": "angstrom", "d_err_A": "angstrom", "area": "counts x radial unit",
+               "area_err": "counts x radial unit", "height": "counts"}
+
+
+class PeakStore(Writer):
+    """The ``/entry/peaks`` group of a run file, open for writing.
+
+    Layout: one (frame, peak) dataset per quantity (``center``, ``center_err``, ``fwhm``, ...,
+    ``present``), one (frame, window) dataset for ``success``, ``redchi`` and ``message``, the
+    labels ``peak_window``, ``peak_phase``, ``peak_hkl``, ``peak_profile`` (peak,) and ``window``
+    (window,), and ``done`` (frame,), set once a frame's results are written. ``@fingerprint``
+    holds the settings; other settings start the group again.
+    """
+
+    def __init__(self, session, stack, path: Path):
+        super().__init__(session, stack, path)
+        self._g = self._h5[h5path(PEAKS)]
+
+    @classmethod
+    def open(cls, path: Path | str, *, windows: Sequence[str], peaks: Sequence[tuple[str, str, str, str]],
+             fingerprint: dict[str, Any], restart: bool = False,
+             phases: Sequence[str] | None = None) -> tuple["PeakStore", bool]:
+        """Open (or create) the group; returns the store and whether earlier results were kept.
+        ``phases``: the phase model's phases, whose per-frame arrays (:data:`PHASE_DATASETS`)
+        are kept beside the peaks."""
+        path = Path(path)
+        stack, session = enter_transaction(path)
+        try:
+            h5 = session.writable()
+            n = h5[h5path(f"{FRAMES}/key")].shape[0]
+            entry = h5[ENTRY]
+            kept = False
+            text = json.dumps(fingerprint, sort_keys=True)
+            if PEAKS in entry:
+                same = entry[PEAKS].attrs.get("fingerprint") == text
+                if same and not restart:
+                    kept = True
+                else:
+                    del entry[PEAKS]
+            if not kept:
+                _create_peaks(entry, n, windows, peaks, text, phases)
+            store = cls(session, stack, path)
+            store._grow(n)
+            return store, kept
+        except BaseException:
+            stack.close()
+            raise
+
+    def _grow(self, n: int) -> None:
+        g = self._g
+        if g["done"].shape[0] < n:
+            for name, ds in g.items():
+                if isinstance(ds, type(g["done"])) and ds.maxshape and ds.maxshape[0] is None:
+                    ds.resize((n, *ds.shape[1:]))
+
+    @property
+    def done(self) -> np.ndarray:
+        return self._g["done"][()].astype(bool)
+
+    @property
+    def backward_through(self) -> int:
+        """Rows ``0:n`` the phase model's backward pass has been over (0: none yet)."""
+        return int(self._g.attrs.get("backward_through", 0))
+
+    @backward_through.setter
+    def backward_through(self, n: int) -> None:
+        self._g.attrs["backward_through"] = int(n)
+
+    def read_patterns(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``start:stop`` of the pattern stack: intensity and its esd (NaN if none)."""
+        pat = self._h5[h5path(PATTERNS)]
+        return pat["intensity"][start:stop].astype(float), pat["intensity_errors"][start:stop].astype(float)
+
+    def stored(self, stop: int) -> dict[str, np.ndarray]:
+        """Results of rows ``0:stop`` (to carry start values into a resumed fit)."""
+        g = self._g
+        out = {name: g[name][:stop] for name in PEAK_ARRAYS}
+        out.update(present=g["present"][:stop].astype(bool), success=g["success"][:stop].astype(bool),
+                   done=g["done"][:stop].astype(bool))
+        for name in PHASE_DATASETS:
+            if name in g and name != "phase_decision":
+                out[name] = g[name][:stop]
+        return out
+
+    def write(self, rows: np.ndarray, values: dict[str, np.ndarray], present: np.ndarray, success: np.ndarray,
+              redchi: np.ndarray, message: np.ndarray, phase: dict[str, np.ndarray] | None = None) -> None:
+        """Write the results of ``rows`` (ascending) and mark them done (``phase``: the phase
+        model's arrays of the same rows)."""
+        rows = np.asarray(rows)
+        g = self._g
+        sel = slice(int(rows[0]), int(rows[-1]) + 1) if np.all(np.diff(rows) == 1) else rows
+        for name in PEAK_ARRAYS:
+            g[name][sel] = values[name]
+        for name, value in (phase or {}).items():
+            if name not in g:           # a run file written before this array existed
+                continue
+            if name == "phase_decision":
+                g[name][sel] = np.asarray(value).astype(str).astype(object)
+            else:
+                g[name][sel] = value.astype(g[name].dtype)
+        g["present"][sel] = present.astype(np.int8)
+        g["success"][sel] = success.astype(np.int8)
+        g["redchi"][sel] = redchi
+        g["message"][sel] = message.astype(str).astype(object)
+        g["done"][sel] = 1  # last: a row is done only once its results are in
+        self.maybe_flush()
+
+
+#: The phase model's per-frame datasets in ``/entry/peaks`` (frame x phase [x window or cell]).
+PHASE_DATASETS = ("phase_cell", "phase_cell_err", "phase_present", "phase_area", "phase_area_err", "phase_fwhm",
+                  "phase_eta", "zero", "phase_decision", "phase_volume", "phase_volume_err", "phase_ref_area",
+                  "phase_bic", "forward_cell", "forward_present", "forward_fwhm", "forward_eta", "forward_ref_area")
+
+
+def _create_peaks(entry, n: int, windows, peaks, fingerprint: str, phases=None) -> None:
+    s = str_dtype()
+    g = entry.create_group(PEAKS)
+    g.attrs.update({"NX_class": "NXcollection", "fingerprint": fingerprint})
+    p, w = len(peaks), len(windows)
+    for name in PEAK_ARRAYS:
+        d = g.create_dataset(name, shape=(n, p), maxshape=(None, p), dtype="f8", fillvalue=np.nan,
+                             chunks=(min(max(n, 1), 1024), max(p, 1)))
+        if name in _PEAK_UNITS:
+            d.attrs["units"] = _PEAK_UNITS[name]
+    g.create_dataset("present", shape=(n, p), maxshape=(None, p), dtype="i1", chunks=(1024, max(p, 1)))
+    g.create_dataset("success", shape=(n, w), maxshape=(None, w), dtype="i1", chunks=(1024, max(w, 1)))
+    g.create_dataset("redchi", shape=(n, w), maxshape=(None, w), dtype="f8", fillvalue=np.nan,
+                     chunks=(1024, max(w, 1)))
+    g.create_dataset("message", shape=(n, w), maxshape=(None, w), dtype=s, chunks=(1024, max(w, 1)))
+    g.create_dataset("done", shape=(n,), maxshape=(None,), dtype="i1", chunks=(1024,))
+    g.create_dataset("window", data=np.array(list(windows), dtype=object), dtype=s)
+    for i, name in enumerate(("peak_window", "peak_phase", "peak_hkl", "peak_profile")):
+        g.create_dataset(name, data=np.array([pk[i] for pk in peaks], dtype=object), dtype=s)
+    if phases:
+        q = len(phases)
+        g.create_dataset("phase", data=np.array(list(phases), dtype=object), dtype=s)
+        shapes = {"phase_cell": (q, 6), "phase_cell_err": (q, 6), "phase_present": (q,), "phase_area": (q, w),
+                  "phase_area_err": (q, w), "phase_fwhm": (q, w), "phase_eta": (q,), "zero": (), "phase_decision": (q,),
+                  "phase_volume": (q,), "phase_volume_err": (q,), "phase_ref_area": (q, w), "phase_bic": (),
+                  # a frame the backward pass replaced: the state the forward pass carried on from
+                  # it (NaN elsewhere), where an interrupted fit resumes
+                  "forward_cell": (q, 6), "forward_present": (q,), "forward_fwhm": (q, w), "forward_eta": (q,),
+                  "forward_ref_area": (q, w)}
+        for name, shape in shapes.items():
+            kind = {"phase_present": "i1", "phase_decision": s}.get(name, "f8")
+            extra = {} if kind != "f8" else {"fillvalue": np.nan}
+            g.create_dataset(name, shape=(n, *shape), maxshape=(None, *shape), dtype=kind,
+                             chunks=(min(max(n, 1), 1024), *[max(v, 1) for v in shape]), **extra)
+        g["phase_cell"].attrs["columns"] = "a b c (angstrom) alpha beta gamma (degrees)"
+        g["zero"].attrs["units"] = "degree (2theta)"
+
+
+def read_peaks(path: Path | str, arrays: Sequence[str] | None = None) -> dict[str, Any]:
+    """``/entry/peaks`` of a run file as arrays (see :class:`PeakStore`), with ``time_s``;
+    ``arrays`` names the per-frame arrays wanted (default all, ``message`` included), so that a
+    figure of thousands of frames reads only what it draws."""
+    with reading(path) as h5:
+        if PEAKS not in h5[ENTRY]:
+            raise StoreError(f"{path} holds no fitted peaks yet; run 'xrdpipe fit' first")
+        g = h5[h5path(PEAKS)]
+        wanted = (*PEAK_ARRAYS, "present", "success", "redchi", "done", "message") if arrays is None else arrays
+        out: dict[str, Any] = {name: g[name][()] for name in wanted if name != "message"}
+        if "message" in wanted:
+            out["message"] = np.array([[v.decode() if isinstance(v, bytes) else v for v in row]
+                                       for row in g["message"][()]], dtype=object).reshape(g["message"].shape)
+        for name in ("window", "peak_window", "peak_phase", "peak_hkl", "peak_profile"):
+            out[name] = tuple(decode(g[name][()]))
+        if "phase" in g and (arrays is None or any(a in PHASE_DATASETS for a in wanted)):
+            out["phase"] = tuple(decode(g["phase"][()]))
+            for name in PHASE_DATASETS:
+                if arrays is not None and name not in arrays:
+                    continue
+                out[name] = decode(g[name][()]) if name == "phase_decision" else g[name][()]
+        out["time_s"] = h5[h5path(f"{PATTERNS}/time_s")][()]
+        out["fingerprint"] = json.loads(g.attrs["fingerprint"])
+    return out
+
+
+
+
+def read_peak_table(run_file: Path | str):
+    """The fitted peaks of a run file as a :class:`~xrdpipe.peaks.PeakTable` (done rows only)."""
+    from ..peaks import PeakTable
+
+    d = read_peaks(run_file)
+    rows = np.flatnonzero(d["done"])
+    peaks = tuple(zip(d["peak_window"], d["peak_phase"], d["peak_hkl"], d["peak_profile"]))
+    phase = {k: d[k][rows] for k in PHASE_DATASETS} if "phase" in d else None
+    return PeakTable(rows, d["time_s"][rows], d["window"], peaks, {k: d[k][rows] for k in PEAK_ARRAYS},
+                     d["present"][rows].astype(bool), d["success"][rows].astype(bool), d["redchi"][rows],
+                     d["message"][rows], phase, d.get("phase"))

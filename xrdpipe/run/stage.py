@@ -1,0 +1,73 @@
+"""What every stage runner shares, said once: :func:`stage` opens the run file's transaction,
+clears the stage's record while its outputs are in flux, times the stage, closes its progress
+bars, and puts the time into its summary, also when it fails half way."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from ..safeio import transaction
+from .store import mark_stage
+
+__all__ = ["stage", "Stage", "progress_bar"]
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar over ``total`` frames (silent when not ``enabled`` or when there is nothing to do)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="frame", disable=not enabled or total == 0,
+                dynamic_ncols=True, leave=False)
+
+
+@dataclass
+class Stage:
+    """A stage under way (what :func:`stage` yields)."""
+
+    name: str
+    started: float
+    progress: bool = True
+    #: the stage's summary: its ``seconds`` are set when the stage ends
+    summary: Any = None
+    _bars: list = field(default_factory=list)
+
+    def bar(self, total: int, desc: str | None = None):
+        """A progress bar, closed when the stage ends (or earlier, by whoever holds it)."""
+        b = progress_bar(total, desc or self.name, self.progress)
+        self._bars.append(b)
+        return b
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+
+@contextmanager
+def stage(exp, name: str, *, progress: bool = True, started: float | None = None,
+          summary: Any = None) -> Iterator[Stage]:
+    """Run the body as stage ``name`` of ``exp``'s run file: in one transaction (published at
+    every ``[run] checkpoint_s`` and at the end, also on an error or Ctrl-C), with the stage's
+    record cleared first (an interrupted stage runs again), and ``summary.seconds`` set at the
+    end (``started``: when the stage began, if before this, e.g. with the integrator's set-up).
+
+    Example
+    -------
+    >>> with stage(exp, "fit", summary=summary) as st:             # doctest: +SKIP
+    ...     bar = st.bar(n)
+    """
+    st = Stage(name, time.perf_counter() if started is None else started, progress, summary)
+    run_file = exp.run.run_file
+    try:
+        with transaction(run_file, checkpoint_s=exp.run.checkpoint_s):
+            mark_stage(run_file, name, None)
+            try:
+                yield st
+            finally:
+                for b in st._bars:
+                    b.close()
+    finally:
+        if st.summary is not None and hasattr(st.summary, "seconds"):
+            st.summary.seconds = st.seconds
