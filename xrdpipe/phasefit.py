@@ -999,13 +999,15 @@ class _Frame:
     def sign(self, p: int, q: int, j: int) -> float:
         """The order of phases ``p`` and ``q`` (that could be confused) in cell parameter ``j``,
         from the data where they give it: both present in the frame before, the order of their
-        cells there; one of them only, the order of their cells now (the newcomer was placed
-        beside the tracked one's lines, on whichever side the data put it); neither, the order
-        of the configured cells (both appear in this frame: no continuity to follow)."""
+        cells there; one of them only, in the parameter that alone places their shared lines (c
+        for 00l), the order of their cells now (the newcomer was placed beside the tracked one's
+        lines, on whichever side the data put it); otherwise the order of the configured cells
+        (both appear in this frame, or a parameter no line tells apart alone: a of two layered
+        phases, nearly equal, where a newcomer's alias would otherwise pass)."""
         configured = self.m.order_sign.get((p, q, j), 0.0)
         if self.tracked[p] and self.tracked[q]:
             cells = self.before
-        elif self.tracked[p] or self.tracked[q]:
+        elif (self.tracked[p] or self.tracked[q]) and self.m.pure_windows.get((p, q, j)):
             cells = self.state.cell
         else:
             return configured
@@ -1016,20 +1018,19 @@ class _Frame:
                  only: int | None = None) -> np.ndarray:
         """Trials that keep the order (:meth:`sign`) of ``p`` against every present phase it
         could be confused with (in cell parameter ``only``, or in all). A newcomer beside a
-        phase tracked from the frame before is not held to an order but kept off the tracked
-        phase's lines: in the parameter that alone places their shared lines (c for 00l), at
+        phase tracked from the frame before is not held to an order in the parameter that alone
+        places their shared lines (c for 00l) but kept off the tracked phase's lines there: at
         least half a line width away from it, on either side."""
         m = self.m
         ok = np.ones(trial.shape[0], bool)
         for a, b, j, _ in m.order:
             if a != p or b not in present or (only is not None and j != only):
                 continue
-            if self.tracked[b] and not self.tracked[p]:
-                windows = m.pure_windows.get((p, b, j))
-                if windows:
-                    name = {v: k for k, v in _CELL_INDEX.items()}[j]
-                    gap = 0.5 * self._width(b, name, theta, windows)
-                    ok &= np.abs(trial[:, j] - self.state.cell[b, j]) >= gap
+            windows = m.pure_windows.get((p, b, j))
+            if self.tracked[b] and not self.tracked[p] and windows:
+                name = {v: k for k, v in _CELL_INDEX.items()}[j]
+                gap = 0.5 * self._width(b, name, theta, windows)
+                ok &= np.abs(trial[:, j] - self.state.cell[b, j]) >= gap
                 continue
             ok &= np.sign(trial[:, j] - self.state.cell[b, j]) == self.sign(p, b, j)
         return ok
