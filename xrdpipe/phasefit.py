@@ -19,9 +19,15 @@ trial refined; a tracked phase moves about a line width per frame at most (a lar
 jump, searched for afresh). Two coexisting phases of one crystal system are also searched
 jointly (both cells and a common width factor). Presence is decided by model selection over
 the phases (BIC, the same threshold as the peak engine) plus a minimum area fraction; how it was
-decided is recorded per frame and phase. Two phases whose reaches overlap keep the order of
-their configured cells in every parameter where those differ (in the searches, and by midpoint
-bounds in the least squares), so their names do not swap.
+decided is recorded per frame and phase. Two phases whose reaches overlap are named by
+continuity, not by the order of their typed cells: both present in the frame before, they keep
+the order their cells had there (in the searches, by midpoint bounds in the least squares, in
+the test of a phase that would take the other's place, and so going back); a newcomer beside a
+phase present before is kept half a line width off that phase's lines in the parameter that
+alone places their shared lines (c for 00l), on whichever side the data put it, and that order
+holds from then on. The configured order is used where there is no continuity (both appear in
+one frame, the first) and, for a newcomer, in a parameter no line places alone (a of two
+layered phases, nearly equal: an alias of the newcomer's a would otherwise pass).
 
 A phase's relative intensities are learned in the frames where it is the only phase present
 (areas being free per line, a phase can otherwise be made of fragments of another's lines): a
