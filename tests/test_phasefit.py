@@ -57,6 +57,30 @@ def test_phases_cells_and_fractions_from_typical_start_cells(scenario, sign, sep
         assert np.all(np.isnan(lat.values["fraction"][:, al]))
 
 
+@pytest.mark.parametrize("scenario, separation, seed", [("nfm", 1.1, 43), ("mcm", 2.4, 42), ("mcm", 1.2, 41)])
+def test_names_follow_continuity_when_the_typed_cells_invert_the_order(scenario, separation, seed):
+    """The first phase's cell typed 1 % (a) and 2 % (c) above where it first appears, the
+    second's as far below: the typed c order of the pair is the reverse of the true one. The
+    names follow the data (the phase there before keeps its lines, the newcomer takes the new
+    ones), so cells and fractions hold in the coexistence (with the typed order, O3 and P3, or
+    P2 and P''2, swapped there: fraction MAE 0.41, 0.26 and 0.42)."""
+    dif = Difficulty(start_error=((0.01, 0.02), (-0.01, -0.02)), separation_fwhm=separation, broadening=1.6,
+                     intensity_jitter=0.3, hard_windows=True, seed=seed)
+    series, table, lat, s = _run(scenario, dif, n=40, seed=seed + 10)
+    assert s["n_coexistence"] >= 3
+    assert s["presence"] >= 0.98, s
+    assert s["basal_rms_deg"] <= 0.002, s
+    assert s["median_da"] <= 3e-4 and s["median_dc"] <= 1e-3, s
+    assert s["fraction_mae"] <= 0.02, s
+    # the first phase keeps its line where the second appears: no frame has them the other way
+    states = series.states()
+    first, second = lat.phases[0], lat.phases[1]
+    both = [i for i, st in enumerate(states) if min(st.get(first, (0, 0, 0))[2], st.get(second, (0, 0, 0))[2]) >= 0.1]
+    c = lat.values["c_A"]
+    assert len(both) >= 3
+    assert all(np.sign(c[i, 0] - c[i, 1]) == np.sign(states[i][first][1] - states[i][second][1]) for i in both)
+
+
 def test_fractions_in_coexistence_have_esds_and_a_method():
     """Never a quantized fraction with esd 0 where two phases coexist; lattice.csv says how each
     fraction was obtained and how presence was decided."""

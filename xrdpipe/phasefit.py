@@ -19,9 +19,15 @@ trial refined; a tracked phase moves about a line width per frame at most (a lar
 jump, searched for afresh). Two coexisting phases of one crystal system are also searched
 jointly (both cells and a common width factor). Presence is decided by model selection over
 the phases (BIC, the same threshold as the peak engine) plus a minimum area fraction; how it was
-decided is recorded per frame and phase. Two phases whose reaches overlap keep the order of
-their configured cells in every parameter where those differ (in the searches, and by midpoint
-bounds in the least squares), so their names do not swap.
+decided is recorded per frame and phase. Two phases whose reaches overlap are named by
+continuity, not by the order of their typed cells: both present in the frame before, they keep
+the order their cells had there (in the searches, by midpoint bounds in the least squares, in
+the test of a phase that would take the other's place, and so going back); a newcomer beside a
+phase present before is kept half a line width off that phase's lines in the parameter that
+alone places their shared lines (c for 00l), on whichever side the data put it, and that order
+holds from then on. The configured order is used where there is no continuity (both appear in
+one frame, the first) and, for a newcomer, in a parameter no line places alone (a of two
+layered phases, nearly equal: an alias of the newcomer's a would otherwise pass).
 
 A phase's relative intensities are learned in the frames where it is the only phase present
 (areas being free per line, a phase can otherwise be made of fragments of another's lines): a
@@ -168,6 +174,7 @@ class PhaseModel:
         self._cell_map()
         self._order_pairs()
         self._search_order()
+        self._pure_windows()
         #: (R,) reflections in a window that has data points
         self.r_has_data = np.array([self.windows[w].x.size > 0 for w in self.r_window], bool)
         #: (R,) reflections listed as a window's peaks ("phase hkl")
@@ -378,6 +385,20 @@ class PhaseModel:
                         sign = np.sign(self.cell0[p, j] - self.cell0[q, j])
                         if sign != 0:
                             self.order.append((p, q, j, float(sign)))
+        #: the configured order of each pair and parameter
+        self.order_sign = {(p, q, j): s for p, q, j, s in self.order}
+
+    def _pure_windows(self) -> None:
+        """Per ordered pair and parameter ``j``, the windows with data in which both phases have
+        lines and all of them depend on nothing but ``j`` (their 00l lines for c): where a
+        newcomer is kept off a tracked phase's lines."""
+        self.pure_windows: dict[tuple[int, int, int], list[int]] = {}
+        for p, q, j, _ in self.order:
+            rest = [i for i in range(6) if i != j]
+            self.pure_windows[p, q, j] = [
+                w for w in range(self.W) if self.windows[w].x.size and self._refl_of[p][w].size
+                and self._refl_of[q][w].size
+                and not self.r_dep[np.ix_(np.concatenate([self._refl_of[p][w], self._refl_of[q][w]]), rest)].any()]
 
     def inside(self, cells: np.ndarray, zero: float, fwhm: np.ndarray | None = None, tails: bool = False) -> np.ndarray:
         """(R,) reflections whose centre at ``cells`` (P, 6) lies inside their window, at least
@@ -580,6 +601,10 @@ class _Frame:
         self.valid = valid
         self.state = state.copy()
         self.centre = self.state.cell.copy()   # where absent phases are searched for (fit_frame sets it)
+        #: phases present in the frame before (with their cells there): the continuity that
+        #: names two similar phases
+        self.tracked = np.asarray(state.present, bool) & np.all(np.isfinite(state.cell), axis=1)
+        self.before = state.cell.copy()
 
     # -- start widths from the data ----------------------------------------------------------
     def width_guess(self, w: int) -> float:
@@ -760,7 +785,7 @@ class _Frame:
                 prior = _PRIOR * explained * np.sum(rel ** 2, axis=1)
                 # the order is kept in the parameter searched now (the others' start values may
                 # not keep it yet: P3's configured a above the O3 a tracked so far)
-                return np.where(self._ordered(p, trial, others, only=i), chi2 + prior, np.inf)
+                return np.where(self._ordered(p, trial, others, theta, only=i), chi2 + prior, np.inf)
 
             score = scored(trial, chi2)
             # at high counts a basin of chi-square is narrower than a grid step, and which basin
@@ -846,7 +871,7 @@ class _Frame:
             if tracked:
                 half = min(half, 3 * self.track_halves(r, _TRACK_FWHM)[j])
             halves.append(half)
-        sign = next((sg for a, b, jj, sg in m.order if a == p and b == q and jj == j), 0.0)
+        sign = self.sign(p, q, j)
         # coarse: the whole span and every width factor
         grids, steps = [], []
         for r, half in zip((p, q), halves):
@@ -977,13 +1002,43 @@ class _Frame:
         n = int(min(400, max(2, np.ceil(half / step))))
         return centre + np.linspace(-half, half, 2 * n + 1), half / n
 
-    def _ordered(self, p: int, trial: np.ndarray, present: Sequence[int], only: int | None = None) -> np.ndarray:
-        """Trials that keep the configured order of ``p`` against every present phase it could
-        be confused with (in cell parameter ``only``, or in all)."""
+    def sign(self, p: int, q: int, j: int) -> float:
+        """The order of phases ``p`` and ``q`` (that could be confused) in cell parameter ``j``,
+        from the data where they give it: both present in the frame before, the order of their
+        cells there; one of them only, in the parameter that alone places their shared lines (c
+        for 00l), the order of their cells now (the newcomer was placed beside the tracked one's
+        lines, on whichever side the data put it); otherwise the order of the configured cells
+        (both appear in this frame, or a parameter no line tells apart alone: a of two layered
+        phases, nearly equal, where a newcomer's alias would otherwise pass)."""
+        configured = self.m.order_sign.get((p, q, j), 0.0)
+        if self.tracked[p] and self.tracked[q]:
+            cells = self.before
+        elif (self.tracked[p] or self.tracked[q]) and self.m.pure_windows.get((p, q, j)):
+            cells = self.state.cell
+        else:
+            return configured
+        s = float(np.sign(cells[p, j] - cells[q, j]))
+        return s or configured
+
+    def _ordered(self, p: int, trial: np.ndarray, present: Sequence[int], theta: np.ndarray,
+                 only: int | None = None) -> np.ndarray:
+        """Trials that keep the order (:meth:`sign`) of ``p`` against every present phase it
+        could be confused with (in cell parameter ``only``, or in all). A newcomer beside a
+        phase tracked from the frame before is not held to an order in the parameter that alone
+        places their shared lines (c for 00l) but kept off the tracked phase's lines there: at
+        least half a line width away from it, on either side."""
+        m = self.m
         ok = np.ones(trial.shape[0], bool)
-        for a, b, j, sign in self.m.order:
-            if a == p and b in present and (only is None or j == only):
-                ok &= np.sign(trial[:, j] - self.state.cell[b, j]) == sign
+        for a, b, j, _ in m.order:
+            if a != p or b not in present or (only is not None and j != only):
+                continue
+            windows = m.pure_windows.get((p, b, j))
+            if self.tracked[b] and not self.tracked[p] and windows:
+                name = {v: k for k, v in _CELL_INDEX.items()}[j]
+                gap = 0.5 * self._width(b, name, theta, windows)
+                ok &= np.abs(trial[:, j] - self.state.cell[b, j]) >= gap
+                continue
+            ok &= np.sign(trial[:, j] - self.state.cell[b, j]) == self.sign(p, b, j)
         return ok
 
 
@@ -1261,8 +1316,9 @@ def _judge(m: PhaseModel, fr: "_Frame", res, present: list[int], held: set[int],
         at_edge = _at_edge(m, res, p)
         pressed = [c for c in m.cell_cols[p] if c in res.order_cols and c not in held and _at_bound(res, c)]
         cells = cells_now
-        crossed = [(q, j) for a, q, j, sign in m.order
-                   if a == p and q in present and np.sign(cells[p, j] - cells[q, j]) != sign]
+        crossed = [(q, j) for a, q, j, _ in m.order
+                   if a == p and q in present and res.signs[a, q, j]
+                   and np.sign(cells[p, j] - cells[q, j]) != res.signs[a, q, j]]
         swapped = [m.phases[q].name for q, _ in crossed]
         gains[p] = gain
         if gain <= fit.bic_threshold:
@@ -1429,8 +1485,10 @@ def _fit_rows(m: PhaseModel, fr: "_Frame", rows: list[tuple[int, ...]], fit: Fit
     # two phases that could be confused do not cross in the least squares either: each stays on
     # its side of the midpoint between their start values
     order_cols: set[int] = set()
-    for p, q, j, sign in m.order:
+    signs = {}
+    for p, q, j, _ in m.order:
         n = {v: k for k, v in _CELL_INDEX.items()}[j]
+        sign = signs[p, q, j] = fr.sign(p, q, j)
         if n in m.free[p] and sign and p in rows[0] and q in rows[0]:
             col = m.cell_cols[p][m.free[p].index(n)]
             mid = 0.5 * (st.cell[p, j] + st.cell[q, j])
@@ -1460,7 +1518,7 @@ def _fit_rows(m: PhaseModel, fr: "_Frame", rows: list[tuple[int, ...]], fit: Fit
                 getattr(res, name)[0] = getattr(again, name)[0]
     if not np.isfinite(res.chi2[0]):
         return None
-    res.lower, res.upper, res.order_cols = lower, upper, order_cols
+    res.lower, res.upper, res.order_cols, res.signs = lower, upper, order_cols, signs
     return res
 
 
