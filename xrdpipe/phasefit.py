@@ -445,6 +445,19 @@ class PhaseModel:
                                  self.correction == "displacement", out)
         return out[0] if single else out
 
+    def shift_per_unit(self, p: int, cell: np.ndarray, i: int, hkl: np.ndarray, follow: bool = True) -> np.ndarray:
+        """How far reflections ``hkl`` (n, 3) of phase ``p`` move on the run's axis per unit of
+        cell parameter ``i`` at ``cell`` (6,), by central differences; with ``follow`` the
+        parameters its crystal system ties to it move too (b = a in the hexagonal system)."""
+        h = 1e-4 * max(abs(cell[i]), 1.0)
+        up, dn = np.array(cell, float), np.array(cell, float)
+        up[i] += h
+        dn[i] -= h
+        if follow:
+            up = self._cell_from(p, {k: up[_CELL_INDEX[k]] for k in self.free[p]})
+            dn = self._cell_from(p, {k: dn[_CELL_INDEX[k]] for k in self.free[p]})
+        return np.abs(self.positions(hkl, up) - self.positions(hkl, dn)) / (2 * h)
+
     def _cell_map(self) -> None:
         """Where each of a phase's six cell parameters comes from: a free column (b = a follows a
         in the hexagonal system), a constant of its crystal system (γ = 120°), or the base cell."""
@@ -825,14 +838,7 @@ class _Frame:
         hkl = m.r_hkl[rows]
         for n in m.free[p]:
             i = _CELL_INDEX[n]
-            h = 1e-4 * max(abs(self.state.cell[p, i]), 1.0)
-            up, dn = self.state.cell[p].copy(), self.state.cell[p].copy()
-            up[i] += h
-            dn[i] -= h
-            up = m._cell_from(p, {k: up[_CELL_INDEX[k]] for k in m.free[p]})
-            dn = m._cell_from(p, {k: dn[_CELL_INDEX[k]] for k in m.free[p]})
-            sens = np.abs(m.positions(hkl, up) - m.positions(hkl, dn)) / (2 * h)
-            ratio = np.nanmax(sens / fw)
+            ratio = np.nanmax(m.shift_per_unit(p, self.state.cell[p], i, hkl) / fw)
             if ratio > 0:
                 out[i] = min(out[i], limit / ratio)
         return out
@@ -979,13 +985,8 @@ class _Frame:
         m = self.m
         i = _CELL_INDEX[name]
         rows = np.flatnonzero((m.r_phase == p) & np.isin(m.r_window, list(windows)))
-        cell = self.state.cell[p].copy() if np.all(np.isfinite(self.state.cell[p])) else m.cell0[p].copy()
-        h = 1e-4 * max(abs(cell[i]), 1.0)
-        up, dn = cell.copy(), cell.copy()
-        up[i] += h
-        dn[i] -= h
-        hkl = m.r_hkl[rows]
-        shift = np.abs(m.positions(hkl, up) - m.positions(hkl, dn)) / (2 * h)
+        cell = self.state.cell[p] if np.all(np.isfinite(self.state.cell[p])) else m.cell0[p]
+        shift = m.shift_per_unit(p, cell, i, m.r_hkl[rows], follow=False)
         fw = theta[m.fwhm_col[p, m.r_window[rows]]]
         ratio = np.nanmax(shift / fw) if rows.size else 0.0
         return 1.0 / ratio if ratio > 0 else np.inf
