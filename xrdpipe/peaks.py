@@ -568,11 +568,11 @@ def concat_tables(tables: Sequence[PeakTable]) -> PeakTable:
 def fit_peaks(patterns, phases: Sequence[PhaseSpec], windows: Sequence[WindowSpec], fit: FitSpec = FitSpec(), *,
               progress: bool = False) -> PeakTable:
     """Fit ``windows`` as independent peaks in every frame of an in-memory
-    :class:`~xrdpipe.store.Patterns` stack (whatever ``fit.model`` says; the phase model is
+    :class:`~xrdpipe.run.store.Patterns` stack (whatever ``fit.model`` says; the phase model is
     :func:`xrdpipe.phasefit.fit_phases`).
 
     Frames that failed integration are kept as failed rows. For a run file on disk (streamed,
-    resumable, written as it goes) use :func:`xrdpipe.pipeline.fit_experiment`.
+    resumable, written as it goes) use :func:`xrdpipe.run.fit.fit_experiment`.
     """
     status = np.asarray(patterns.frames.get("status", np.ones(len(patterns.intensity))))
     fitter = PeakFitter(phases, windows, fit, radial=patterns.radial, unit=patterns.unit,

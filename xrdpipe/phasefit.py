@@ -1965,9 +1965,9 @@ def _stored_state(m: PhaseModel, stored: dict, r: int, forward: bool = False) ->
 
 def fit_phases(patterns, phases: Sequence[PhaseSpec], windows: Sequence[WindowSpec], fit: FitSpec = FitSpec(),
                lattice: LatticeSpec = LatticeSpec()) -> PeakTable:
-    """The phase model in every frame of an in-memory :class:`~xrdpipe.store.Patterns` stack,
+    """The phase model in every frame of an in-memory :class:`~xrdpipe.run.store.Patterns` stack,
     frame after frame; frames that failed integration are kept as failed rows. For a run file
-    on disk (streamed, resumable) use :func:`xrdpipe.pipeline.fit_experiment`.
+    on disk (streamed, resumable) use :func:`xrdpipe.run.fit.fit_experiment`.
 
     Example
     -------

@@ -373,7 +373,7 @@ class PatternSeries:
         return [{ph.name: (a, c, f) for ph, a, c, f in phase_state(self.scenario, float(x))} for x in self.x]
 
     def as_patterns(self, *, with_errors: bool = True):
-        """The series as a :class:`~xrdpipe.store.Patterns` stack (what ``open_run`` returns)."""
+        """The series as a :class:`~xrdpipe.run.store.Patterns` stack (what ``open_run`` returns)."""
         from .run.store import Patterns
 
         n = len(self.x)

@@ -3,9 +3,9 @@ and start values, with the Jacobian the batched solver needs.
 
 The parameters of component ``j`` are ``p{j}_center, p{j}_fwhm (or _fwhm_left, _fwhm_right),
 p{j}_area, p{j}_eta (or _m)``; the background is ``bg_c0 ... bg_cN`` in the reduced abscissa.
-Fitting it is :mod:`xrdpipe.peaks`, which also builds its lmfit composite model
-(:func:`xrdpipe.peaks.lmfit_model`, the reference definition): this module never imports lmfit
-nor calls back into the fitting.
+Fitting it is :mod:`xrdpipe.peaks`; its lmfit composite model (the reference definition) is
+built by :func:`xrdpipe.lmfit_models.lmfit_model`: this module never imports lmfit nor calls
+back into the fitting.
 """
 
 from __future__ import annotations

@@ -23,6 +23,14 @@ RADIAL_UNITS = ("2th_deg", "q_A^-1")
 RadialUnit = Literal["2th_deg", "q_A^-1"]
 
 
+def did_you_mean(name: str, choices, cutoff: float = 0.6) -> str:
+    """``"; did you mean 'x'?"``, the closest of ``choices`` to a misspelt ``name``, or ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=cutoff)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 class Spec(BaseModel):
     """The base of every section: frozen, unknown keys refused, numbers strict."""
 

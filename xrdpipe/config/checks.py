@@ -4,9 +4,9 @@ reflections, refinement phases and CIF files, plot windows), each with its key p
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 
+from .base import did_you_mean
 from .fitting import PhaseSpec
 
 
@@ -32,8 +32,7 @@ def cross_check(exp) -> list[tuple[str, str]]:
         for label in w.peaks:
             name, (h, k, l) = w.split_peak(label)
             if name not in phases:
-                close = difflib.get_close_matches(name, list(phases), n=1, cutoff=0.5)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
+                hint = did_you_mean(name, phases, 0.5)
                 known = ", ".join(phases) or "none: add a [[phases]] table"
                 problems.append((f"windows.{i}.peaks",
                                  f"window {w.name!r} names phase {name!r}, which is not in [[phases]]{hint} "
@@ -56,8 +55,7 @@ def cross_check(exp) -> list[tuple[str, str]]:
     for key, names in (("plots.contour.windows", exp.plots.contour.windows), ("plots.fit.windows", exp.plots.fit.windows)):
         for i, w in enumerate(names):
             if isinstance(w, str) and w not in seen:
-                close = difflib.get_close_matches(w, sorted(seen), n=1, cutoff=0.5)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
+                hint = did_you_mean(w, sorted(seen), 0.5)
                 also = " (or give a range [low, high] in the run's unit)" if "contour" in key else ""
                 problems.append((f"{key}.{i}", f"{w!r} is not one of the windows {sorted(seen)}{hint}{also}"))
             elif not isinstance(w, str) and not w[0] < w[1]:
@@ -73,8 +71,7 @@ def _refinement_problems(exp, phases: dict[str, PhaseSpec]) -> list[tuple[str, s
     names = [p.name for p in ref.phases]
     for i, rp in enumerate(ref.phases):
         if rp.name not in phases:
-            close = difflib.get_close_matches(rp.name, list(phases), n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(rp.name, phases, 0.5)
             problems.append((f"refinement.phases.{i}.name", f"{rp.name!r} is not in [[phases]]{hint} "
                              f"(phases: {', '.join(phases) or 'none'})"))
             continue

@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import difflib
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
-from .base import Spec
+from .base import Spec, did_you_mean
 
 
 class PhaseSpec(Spec):
@@ -61,9 +60,7 @@ class PhaseSpec(Spec):
         try:
             crystal_system(v)
         except ValueError:
-            close = difflib.get_close_matches(v, list(SPACE_GROUPS) + ["Fm-3m", "Fd-3m", "Pnma", "Pm-3m", "P-3m1"],
-                                              n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(v, list(SPACE_GROUPS) + ["Fm-3m", "Fd-3m", "Pnma", "Pm-3m", "P-3m1"], 0.5)
             raise ValueError(f"unknown space group {v!r}{hint} (a Hermann-Mauguin symbol gemmi knows, such as "
                              f"'R-3m', 'P63/mmc', 'Fm-3m', 'Pnma' or 'C2/m')") from None
         return v

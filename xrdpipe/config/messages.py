@@ -4,11 +4,11 @@ experiment file: what was expected, the valid keys and the closest one ("did you
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
 from pydantic import BaseModel
 
+from .base import did_you_mean
 from .inputs import TAGS
 
 _SECTION_HINTS: dict[str, str] = {}      # sections of later versions: name -> what they are
@@ -58,8 +58,7 @@ def describe(err: dict[str, Any], root: type[BaseModel]) -> tuple[str, str]:
                 f"the [{name}] section ({_SECTION_HINTS[name]}) is not supported by this version "
                 "of xrdpipe yet"
             )
-        close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(name, valid)
         where = f"[{'.'.join(str(p) for p in loc[:-1])}]" if len(loc) > 1 else "the top level"
         return key, f"unknown key{hint} (valid keys in {where}: {', '.join(valid)})"
     if etype == "missing":

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .base import Spec
+from .base import Spec, did_you_mean
 
 PLOT_KINDS = ("contour", "lattice", "fractions", "fit", "waterfall", "refinement")
 EXPORT_FORMATS = ("xye", "fxye", "topas")
@@ -46,10 +46,7 @@ class ContourSpec(_Figure):
         from matplotlib import colormaps  # only when another map is asked for
 
         if v not in colormaps:
-            import difflib
-
-            close = difflib.get_close_matches(v, list(colormaps), n=1, cutoff=0.6)
-            raise ValueError(f"unknown matplotlib colour map {v!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+            raise ValueError(f"unknown matplotlib colour map {v!r}" + did_you_mean(v, colormaps)
                              + " (e.g. viridis, cividis, magma, inferno, gray)")
         return v
 

@@ -38,7 +38,8 @@ its cell is held and not reported.
 
 Example
 -------
->>> model = RefinementModel([PhaseModel("O3", o3_structure)], wavelength_A=0.6209, method="rietveld")
+>>> model = RefinementModel([PhaseModel("O3", template("O3", a=2.985, c=16.0))], wavelength_A=0.6209,
+...                         method="rietveld")
 >>> result = refine_pattern(model, tth, y, sigma)           # doctest: +SKIP
 >>> result.value("O3.a"), result.esd("O3.a"), result.rwp   # doctest: +SKIP
 

@@ -11,6 +11,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 
+from ..crystallography import CELL_PARAMETERS, crystal_system
 from .structures import Structure
 
 SEARCH_DEFAULT = {"a": 0.015, "b": 0.015, "c": 0.03}    # relative half-ranges of the cell search
@@ -18,10 +19,8 @@ SEARCH_ANGLE_DEG = 2.0        # ... and of angles (degrees); angles are searched
 
 
 def cell_parameters(system: str) -> tuple[str, ...]:
-    """The free cell parameters of a crystal system."""
-    return {"cubic": ("a",), "tetragonal": ("a", "c"), "hexagonal": ("a", "c"), "trigonal": ("a", "c"),
-            "orthorhombic": ("a", "b", "c"), "monoclinic": ("a", "b", "c", "beta"),
-            "triclinic": ("a", "b", "c", "alpha", "beta", "gamma")}[system]
+    """The free cell parameters of a crystal system (:data:`xrdpipe.crystallography.CELL_PARAMETERS`)."""
+    return CELL_PARAMETERS[system]
 
 
 def full_cell(system: str, p: dict[str, float]) -> tuple[float, ...]:
@@ -94,10 +93,7 @@ class PhaseModel:
 
 @lru_cache(maxsize=256)
 def _crystal_system(space_group: str) -> str:
-    import gemmi
-
-    s = gemmi.find_spacegroup_by_name(space_group).crystal_system_str()
-    return "hexagonal" if s == "trigonal" else s
+    return crystal_system(space_group)
 
 
 @dataclass

@@ -62,7 +62,7 @@ def make_result(calc, y, wt, valid, theta, I, free, n_iter, converged, absent, b
                            None if I is None else I.copy(), [ph.name for ph in model.phases], theta=theta.copy(),
                            at_bound=bound, shares={ph.name: float(share[p]) for p, ph in enumerate(model.phases)},
                            intensity_esd=I_esd)
-    # phases absent at the start or found absent at the end (see _refine)
+    # phases absent at the start or found absent at the end (see solver._refine)
     gone = set(absent)
     res.absent = [model.phases[p].name for p in sorted(gone)]
     if res.lebail_I is not None:

@@ -336,8 +336,6 @@ def _dark_remark(intensity: np.ndarray) -> str:
 
 def _recent(path: Path, seconds: float) -> bool:
     """Whether ``path`` changed less than ``seconds`` ago (or has vanished)."""
-    import time
-
     try:
         return time.time() - path.stat().st_mtime < seconds
     except OSError:

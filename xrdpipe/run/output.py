@@ -3,7 +3,6 @@ patterns exported for other programs (``export_experiment``)."""
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -11,6 +10,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..config import PLOT_KINDS, Experiment, PlotsSpec
+from ..config.base import did_you_mean
 from ..errors import XrdpipeError
 from .paths import ELECTROCHEMISTRY, LATTICE, PEAKS, REFINEMENT, RunPaths
 from .refinestore import FLAGGED, OK, read_refinement
@@ -58,7 +58,7 @@ def _last_refined(run_file: Path) -> int:
     from ..plots import PlotError
 
     d = read_table(run_file, REFINEMENT, names=("status",))
-    ok = np.flatnonzero(d["status"] == 1) if d is not None else np.zeros(0, int)
+    ok = np.flatnonzero(d["status"] == OK) if d is not None else np.zeros(0, int)
     if not ok.size:
         raise PlotError(f"{run_file} has no successfully refined frame; run 'xrdpipe refine'")
     return int(ok[-1])
@@ -76,9 +76,8 @@ def _contour_windows(exp: Experiment, spec, radial: np.ndarray) -> list[tuple[st
     for w in chosen:
         if isinstance(w, str):
             if w not in named:
-                close = difflib.get_close_matches(w, list(named), n=1, cutoff=0.5)
                 raise PlotError(f"contour window {w!r} is not one of the [[windows]] {list(named)}"
-                                + (f"; did you mean {close[0]!r}?" if close else ""))
+                                + did_you_mean(w, named, 0.5))
             out.append((w, *named[w]))
         else:
             out.append((f"{w[0]:g}–{w[1]:g}{unit}", float(w[0]), float(w[1])))

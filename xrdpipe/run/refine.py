@@ -1,7 +1,7 @@
 """The refinement stage: ``[refinement]`` of an experiment, refined frame after frame.
 
 :func:`build_model` turns ``[refinement]`` (and ``[[phases]]`` for space groups and starting
-cells) into a :class:`~xrdpipe.refinement.RefinementModel`; :func:`refine_experiment` refines
+cells) into a :class:`~xrdpipe.refine.RefinementModel`; :func:`refine_experiment` refines
 every integrated frame in order, each from the last successful one, into ``/entry/refinement``
 of the run file and ``<output>/refine.csv`` (one row per frame and phase). A frame that fails
 is recorded (status and message) and the next one starts from the last success; an interrupted
@@ -57,7 +57,7 @@ _DEFAULT_REFINE = {"P2": ["z:O"], "O3": ["z:O"], "P3": ["z:O1,-O2"]}
 
 def build_model(exp: Experiment, *, model: str | None = None, info: RunInfo | None = None) -> RefinementModel:
     """The refinement of ``exp`` (``model``: the name of a ``[[refinement.models]]`` entry to
-    apply to its phase; ``info``: the run file's :func:`~xrdpipe.store.open_run_info`, read
+    apply to its phase; ``info``: the run file's :func:`~xrdpipe.run.store.read_run_info`, read
     here when not given, for the wavelength)."""
     ref = exp.refinement
     where = str(exp.source or "experiment")
@@ -309,13 +309,10 @@ def write_refine_csv(exp: Experiment) -> Path | None:
     """``<output>/refine.csv``: one row per refined frame and phase (see :data:`REFINE_COLUMNS`)."""
     d = read_table(exp.run.run_file, REFINEMENT, names=(
         "values", "esds", "refined", "status", "message", "rwp", "rexp", "gof", "n_iter", "parameter", "phase",
-        "weight_fraction", "weight_fraction_err"))
+        "weight_fraction", "weight_fraction_err", "absent"))
     if d is None:
         return None
-    try:
-        absent = read_table(exp.run.run_file, REFINEMENT, names=("absent",))["absent"]
-    except Exception:          # a run file refined before absent phases were recorded
-        absent = None
+    absent = d.get("absent")    # (None in a run file refined before absent phases were recorded)
     info = read_run_info(exp.run.run_file)
     ec = read_table(exp.run.run_file, ELECTROCHEMISTRY, names=("x", "voltage_V"))
     names = list(d["parameter"])

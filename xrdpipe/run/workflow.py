@@ -32,7 +32,7 @@ from .output import PlotSummary, export_experiment, plot_experiment
 from .paths import ELECTROCHEMISTRY, LATTICE, PEAKS, RunPaths
 from .peakstore import read_peaks
 from .refine import refine_experiment
-from .store import FAILED, has_group, mark_stage, read_frames, read_stages, read_table
+from .store import DONE, FAILED, has_group, mark_stage, read_frames, read_stages, read_table
 
 __all__ = ["run_experiment", "RunSummary", "stage_keys", "DEPENDS"]
 
@@ -218,12 +218,12 @@ def _fill_state(summary: RunSummary, exp: Experiment) -> None:
     fr = read_frames(run_file)
     status = fr.status
     summary.frames = int(status.size)
-    summary.integrated = int((status == 1).sum())
+    summary.integrated = int((status == DONE).sum())
     summary.failed_frames = [str(k) for k in fr.key[status == FAILED]]
     summary.outputs["run file"] = str(run_file)
     if has_group(run_file, PEAKS):
         d = read_peaks(run_file)
-        usable = d["done"].astype(bool) & (status == 1)
+        usable = d["done"].astype(bool) & (status == DONE)
         summary.window_fits = int(usable.sum() * len(d["window"]))
         summary.failed_fits = int((~d["success"].astype(bool))[usable].sum())
         summary.outputs["peaks"] = str(paths.peaks_csv)
