@@ -126,7 +126,7 @@ def test_synthetic_experiment_x_within_0p002_and_lattice_gets_voltage_and_x(tmp_
     exp = xrdpipe.load_experiment(syn.experiment_file)
     xrdpipe.integrate_experiment(exp, progress=False)
     xrdpipe.fit_experiment(exp, progress=False)
-    from xrdpipe.run.fit import lattice_experiment
+    from xrdpipe.run.lattice import lattice_experiment
 
     lattice_experiment(exp)
     summary = xrdpipe.echem_experiment(exp)

@@ -243,7 +243,7 @@ def lattice(experiment: str) -> None:
     Also the cell volumes, the layer geometry of O3/P3/P2 phases with an oxygen z, and the
     phase fractions (see [lattice] in the README).
     """
-    from .run.fit import lattice_experiment
+    from .run.lattice import lattice_experiment
 
     _stage(experiment, lattice_experiment, "nothing is lost: the lattice is recomputed from the peaks")
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..config import Experiment, TimesFromLog
 from ..errors import ConfigError
-from .fit import lattice_experiment
+from .lattice import lattice_experiment
 from .paths import ELECTROCHEMISTRY, LATTICE, RunPaths
 from .stage import stage
 from .store import has_group, read_frames, write_table

@@ -1,6 +1,6 @@
-"""The fit and lattice stages on an experiment: the ``[[windows]]`` fitted in every integrated frame
-into ``/entry/peaks`` and ``peaks.csv`` (block by block, resumable), then cells, volumes and
-phase fractions into ``/entry/lattice`` and ``lattice.csv``."""
+"""The fit stage on an experiment: the ``[[windows]]`` fitted in every integrated frame into
+``/entry/peaks`` and ``peaks.csv`` (block by block, resumable); cells and fractions from them are
+the lattice stage (:mod:`xrdpipe.run.lattice`)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,12 @@ import numpy as np
 from .. import __version__
 from ..config import Experiment
 from ..errors import ConfigError
-from .paths import ELECTROCHEMISTRY, LATTICE, RunPaths
+from .paths import RunPaths
 from .peakstore import PeakStore, read_peak_table
-from .refinestore import read_weight_fractions
 from .stage import stage
-from .store import FAILED, PENDING, RunInfo, read_run_info, read_table, write_table
+from .store import FAILED, PENDING, RunInfo, read_run_info
 
-__all__ = ["FitSummary", "fit_experiment", "LatticeSummary", "lattice_experiment"]
+__all__ = ["FitSummary", "fit_experiment"]
 
 
 @dataclass
@@ -193,54 +192,3 @@ def _blocks(rows: np.ndarray, size: int):
     breaks = np.flatnonzero(np.diff(key)) + 1
     for part in np.split(rows, breaks):
         yield int(part[0] // size * size), part
-
-
-@dataclass
-class LatticeSummary:
-    """What a lattice run did."""
-
-    run_file: Path
-    csv_file: Path
-    frames: int
-    cells: dict[str, int] = field(default_factory=dict)
-    flagged: dict[str, int] = field(default_factory=dict)
-
-    def __str__(self) -> str:
-        lines = [f"{self.frames} frame(s); cells refined per phase: "
-                 + ", ".join(f"{k} {v}" for k, v in self.cells.items())]
-        for msg, count in sorted(self.flagged.items(), key=lambda kv: -kv[1])[:6]:
-            lines.append(f"  {count} frame-phase pair(s): {msg}")
-        lines.append(f"lattice: {self.csv_file}")
-        return "\n".join(lines)
-
-
-def lattice_experiment(exp: Experiment) -> LatticeSummary:
-    """Cells, volumes, layer geometry and phase fractions from the fitted peaks of a run file:
-    written to ``/entry/lattice`` and ``<output>/lattice.csv`` (recomputed whole; it is quick)."""
-    from ..lattice import refine_lattice
-
-    if not exp.phases:
-        raise ConfigError(str(exp.source or "experiment"), [("phases", "no [[phases]] to refine")])
-    info = read_run_info(exp.run.run_file)
-    table = read_peak_table(exp.run.run_file)
-    lat = refine_lattice(table, exp.phases, exp.lattice, unit=info.unit, wavelength_A=info.wavelength_A,
-                         weights=read_weight_fractions(exp.run.run_file))
-    arrays = {"frame": lat.frame, "time_s": lat.time_s, "phase": np.array(lat.phases, dtype=object),
-              "message": lat.message, "fraction_source": lat.fraction_source, **lat.values}
-    for name in ("fraction_method", "presence"):
-        if getattr(lat, name) is not None:
-            arrays[name] = getattr(lat, name)
-    with stage(exp, "lattice"):
-        write_table(exp.run.run_file, LATTICE, arrays, {"correction": exp.lattice.correction})
-    states = read_table(exp.run.run_file, ELECTROCHEMISTRY)
-    if states is not None:
-        lat.voltage_V, lat.x = states["voltage_V"][lat.frame], states["x"][lat.frame]
-    summary = LatticeSummary(exp.run.run_file, lat.write_csv(RunPaths.of(exp).lattice_csv), len(lat.frame))
-    for i, name in enumerate(lat.phases):
-        summary.cells[name] = int(np.isfinite(lat.values["c_A"][:, i]).sum())
-    for msg in lat.message.ravel():
-        if msg:
-            summary.flagged[msg] = summary.flagged.get(msg, 0) + 1
-    return summary
-
-

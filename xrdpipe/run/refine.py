@@ -34,7 +34,7 @@ from ..refine import (
 )
 from ..refine.structures import Atom, Structure, StructureError, read_cif, template
 from ..safeio import atomic_output
-from .fit import lattice_experiment
+from .lattice import lattice_experiment
 from .paths import ELECTROCHEMISTRY, LATTICE, REFINEMENT, RunPaths
 from .refinestore import FLAGGED, OK, STATUS, RefineStore
 from .stage import stage

@@ -26,8 +26,9 @@ from ..config import Experiment, TimesFromLog
 from ..parallel import stop_if_interrupted
 from ..safeio import file_stat, transaction
 from .echem import echem_experiment
-from .fit import fit_experiment, lattice_experiment
+from .fit import fit_experiment
 from .integrate import integrate_experiment
+from .lattice import lattice_experiment
 from .output import PlotSummary, export_experiment, plot_experiment
 from .paths import ELECTROCHEMISTRY, LATTICE, PEAKS, RunPaths
 from .peakstore import read_peaks

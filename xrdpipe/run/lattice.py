@@ -1,0 +1,72 @@
+"""The lattice stage on an experiment: cells, volumes, layer geometry and phase fractions from the
+fitted peaks (and the refinement's weight fractions, where there are) into ``/entry/lattice`` and
+``lattice.csv``; recomputed whole, also after ``echem`` and ``refine`` bring it voltage, x and
+weight fractions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..config import Experiment
+from ..errors import ConfigError
+from .paths import ELECTROCHEMISTRY, LATTICE, RunPaths
+from .peakstore import read_peak_table
+from .refinestore import read_weight_fractions
+from .stage import stage
+from .store import read_run_info, read_table, write_table
+
+__all__ = ["LatticeSummary", "lattice_experiment"]
+
+
+@dataclass
+class LatticeSummary:
+    """What a lattice run did."""
+
+    run_file: Path
+    csv_file: Path
+    frames: int
+    cells: dict[str, int] = field(default_factory=dict)
+    flagged: dict[str, int] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"{self.frames} frame(s); cells refined per phase: "
+                 + ", ".join(f"{k} {v}" for k, v in self.cells.items())]
+        for msg, count in sorted(self.flagged.items(), key=lambda kv: -kv[1])[:6]:
+            lines.append(f"  {count} frame-phase pair(s): {msg}")
+        lines.append(f"lattice: {self.csv_file}")
+        return "\n".join(lines)
+
+
+def lattice_experiment(exp: Experiment) -> LatticeSummary:
+    """Cells, volumes, layer geometry and phase fractions from the fitted peaks of a run file:
+    written to ``/entry/lattice`` and ``<output>/lattice.csv`` (recomputed whole; it is quick)."""
+    from ..lattice import refine_lattice
+
+    if not exp.phases:
+        raise ConfigError(str(exp.source or "experiment"), [("phases", "no [[phases]] to refine")])
+    info = read_run_info(exp.run.run_file)
+    table = read_peak_table(exp.run.run_file)
+    lat = refine_lattice(table, exp.phases, exp.lattice, unit=info.unit, wavelength_A=info.wavelength_A,
+                         weights=read_weight_fractions(exp.run.run_file))
+    arrays = {"frame": lat.frame, "time_s": lat.time_s, "phase": np.array(lat.phases, dtype=object),
+              "message": lat.message, "fraction_source": lat.fraction_source, **lat.values}
+    for name in ("fraction_method", "presence"):
+        if getattr(lat, name) is not None:
+            arrays[name] = getattr(lat, name)
+    with stage(exp, "lattice"):
+        write_table(exp.run.run_file, LATTICE, arrays, {"correction": exp.lattice.correction})
+    states = read_table(exp.run.run_file, ELECTROCHEMISTRY)
+    if states is not None:
+        lat.voltage_V, lat.x = states["voltage_V"][lat.frame], states["x"][lat.frame]
+    summary = LatticeSummary(exp.run.run_file, lat.write_csv(RunPaths.of(exp).lattice_csv), len(lat.frame))
+    for i, name in enumerate(lat.phases):
+        summary.cells[name] = int(np.isfinite(lat.values["c_A"][:, i]).sum())
+    for msg in lat.message.ravel():
+        if msg:
+            summary.flagged[msg] = summary.flagged.get(msg, 0) + 1
+    return summary
+
+
