@@ -1,0 +1,35 @@
+"""Two runs' results compared to the bit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def assert_same_results(a: Path | str, b: Path | str) -> None:
+    """Assert that two run files hold the same frames (none twice), patterns, fitted peaks,
+    lattice and electrochemistry, bit for bit (NaN equal to NaN). For checking that a resumed,
+    live or distributed run gives what a straight serial run gives."""
+    from ..run.peakstore import read_peaks
+    from ..run.store import has_group, open_run, read_table
+
+    pa, pb = open_run(a), open_run(b)
+    assert list(pa.frames["key"]) == list(pb.frames["key"]), "not the same frames, in the same order"
+    assert len(set(pa.frames["key"])) == len(pa.frames["key"]), "a frame appears twice"
+    np.testing.assert_array_equal(pa.frames["status"], pb.frames["status"])
+    np.testing.assert_array_equal(pa.intensity, pb.intensity)
+    np.testing.assert_array_equal(pa.sigma, pb.sigma)
+    assert has_group(a, "peaks") == has_group(b, "peaks")
+    if has_group(a, "peaks"):
+        qa, qb = read_peaks(a), read_peaks(b)
+        for name in ("center", "center_err", "fwhm", "area", "area_err", "present", "success", "redchi", "done"):
+            np.testing.assert_array_equal(qa[name], qb[name], err_msg=f"peaks/{name}")
+    for group in ("lattice", "electrochemistry"):
+        ta, tb = read_table(a, group), read_table(b, group)
+        assert (ta is None) == (tb is None), group
+        for name, value in (ta or {}).items():
+            if name != "attrs" and not isinstance(value, dict):
+                np.testing.assert_array_equal(value, tb[name], err_msg=f"{group}/{name}")
+
+
