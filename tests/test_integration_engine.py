@@ -5,7 +5,8 @@ import pytest
 
 from xrdpipe.calibration import Calibration
 from xrdpipe.frames import FrameRef
-from xrdpipe.integration import Integrator, integrate_frames
+from xrdpipe.integration import Integrator
+from xrdpipe.streaming import integrate_frames
 from xrdpipe.testing import demo_geometry, demo_mask
 
 
@@ -129,7 +130,7 @@ def test_frames_read_ahead_give_the_same_patterns(setup, tmp_path):
     then: same numbers bit for bit, a missing file still a failure record, the budget obeyed."""
     import h5py
 
-    from xrdpipe.integration import FramePrefetch
+    from xrdpipe.streaming import FramePrefetch
 
     cal, frame, shape = setup
     path = tmp_path / "stack.h5"

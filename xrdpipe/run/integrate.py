@@ -215,10 +215,10 @@ def _scheduler(exp: Experiment, scheduler: str | None, n_workers: int, n_frames:
 
 
 def _read_ahead(exp: Experiment, refs: list[FrameRef], shape, *, workers, scheduler, restart: bool):
-    """A :class:`~xrdpipe.integration.FramePrefetch` of the frames, when they will be integrated
+    """A :class:`~xrdpipe.streaming.FramePrefetch` of the frames, when they will be integrated
     in this process (threads or serial) and all of them are to be integrated (a new run file,
     or a restart); else None."""
-    from ..integration import FramePrefetch
+    from ..streaming import FramePrefetch
 
     n_workers = workers or exp.integration.workers or default_workers()
     in_process = _scheduler(exp, scheduler, n_workers, len(refs)) in ("threads", "serial")
@@ -254,7 +254,7 @@ def _jobs(run: RunFile, refs, times, summary: IntegrationSummary) -> list[tuple[
 def _integrate_frames(run: RunFile, jobs, integ, summary: IntegrationSummary, bar, *, workers: int, scheduler: str,
                       read_ahead, dark: bool, retry_s: float | None) -> None:
     """The frames of :func:`integrate_experiment` through the integrator, into the run file."""
-    from ..integration import integrate_frames
+    from ..streaming import integrate_frames
 
     with closing(integrate_frames(jobs, integ, workers=workers, scheduler=scheduler,
                                   read_ahead=read_ahead)) as results:
