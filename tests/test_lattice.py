@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 
 from xrdpipe.config import FitSpec, LatticeSpec, PhaseSpec, WindowSpec
 from xrdpipe.crystallography import d_from_tth, d_spacing, is_allowed, reflections, tth_from_d
-from xrdpipe.lattice import LATTICE_COLUMNS, combine_ratios, refine_lattice, trend
+from xrdpipe.fractions import combine_ratios
+from xrdpipe.lattice import LATTICE_COLUMNS, refine_lattice, trend
 from xrdpipe.peaks import PeakTable, fit_peaks
 from xrdpipe.phases import LIBRARY, layer_geometry
 from xrdpipe.tables import PEAK_ARRAYS

@@ -7,14 +7,8 @@ rescaled). ``correction = "zero"`` adds a 2θ zero shift, ``"displacement"`` a s
 term (∝ cos θ), shared by the phases of the frame. A cell parameter that no reflection sees (a,
 when a phase shows only 00l peaks) is not refined: it is reported as NaN and flagged.
 
-Phase fractions: from the areas of corresponding peaks of coexisting phases in the same window
-(e.g. the (003) of O3 against the (003) of P3), each scaled by its area in the nearest frame
-where that phase was alone (the same reflection is not equally strong in two structures),
-inverse-variance averaged over such windows; or, with ``fraction_window``, the window's area of
-each phase against that of the whole window in a reference frame. Where a Rietveld refinement of
-the frame succeeded (``xrdpipe refine``), ``fraction`` is its Hill-Howard weight fraction instead
-(``[lattice] fractions``); ``area_fraction`` and ``weight_fraction`` keep both, and
-``fraction_source`` says which one ``fraction`` is.
+Phase fractions (``fraction``, ``area_fraction``, ``weight_fraction``, ``fraction_source``) come
+from :mod:`xrdpipe.fractions`.
 
 Example
 -------
@@ -41,6 +35,7 @@ from .crystallography import (
     q_from_tth,
     tth_from_d,
 )
+from .fractions import WeightFractions, choose_fractions, peak_fractions, phase_fractions
 from .phases import GEOMETRY_KEYS, layer_geometry
 from .tables import csv_number, write_csv
 
@@ -268,10 +263,10 @@ def refine_lattice(table, phases: Sequence[PhaseSpec], spec: LatticeSpec | None 
                 for key, v in layer_geometry(spec_i.structure_kind, cell["a"], cell["c"], spec_i.z_o).items():
                     vals[key][r, i] = v
             start[i] = {**start[i], **{nm: cell[nm] for nm in idx}}  # the next frame starts here
-    frac, frac_err = _fractions(table, phases, spec)
+    frac, frac_err = peak_fractions(table, phases, spec)
     vals["area_fraction"], vals["area_fraction_err"] = frac, frac_err
     frames = np.asarray(table.frame)
-    source = _choose_fractions(vals, frames, names, weights, spec.fractions)
+    source = choose_fractions(vals, frames, names, weights, spec.fractions)
     method = np.where(source == "peaks", "area", source)
     return LatticeTable(frames, np.asarray(table.time_s, float), names, vals, msg, fraction_source=source,
                         fraction_method=method)
@@ -321,173 +316,10 @@ def _from_phase_model(table, phases: Sequence[PhaseSpec], spec: LatticeSpec, val
     frac, err, method = phase_fractions(table, phases, spec)
     vals["area_fraction"], vals["area_fraction_err"] = frac, err
     frames = np.asarray(table.frame)
-    source = _choose_fractions(vals, frames, names, weights, spec.fractions)
+    source = choose_fractions(vals, frames, names, weights, spec.fractions)
     method = np.where(source == "refinement", "refinement", method)
     return LatticeTable(frames, np.asarray(table.time_s, float), names, vals, msg, fraction_source=source,
                         fraction_method=method, presence=presence)
-
-
-def combine_ratios(ratio: np.ndarray, var: np.ndarray, *, cut: float = 4.0) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, one scale from several windows' estimates ``ratio`` (n, W) with variances
-    ``var`` (NaN: no estimate); returns the scale (n,) and its variance.
-
-    The windows' esds come from the fit's noise alone, and the windows disagree by more than
-    that (profile mismatch, overlapping lines), so the estimates are combined as a random-effects
-    mean (DerSimonian-Laird: weights 1 / (var + τ²), τ² the spread between windows beyond their
-    esds), after leaving out, where three or more windows agree, a window more than ``cut``
-    robust deviations from their median (a phase's line swallowed by another phase's line, its
-    area pressed to 0 with a small esd). The variance includes τ²: it is as large as the
-    windows' disagreement says."""
-    r = np.asarray(ratio, float)
-    v = np.asarray(var, float)
-    good = np.isfinite(r) & np.isfinite(v) & (v >= 0)
-    n_good = good.sum(axis=1)
-    rm = np.where(good, r, np.nan)
-    out_s = np.full(r.shape[0], np.nan)
-    out_v = np.full(r.shape[0], np.nan)
-    rows = n_good > 0
-    if not rows.any():
-        return out_s, out_v
-    with np.errstate(all="ignore"):
-        med = np.nanmedian(rm[rows], axis=1)
-        dev = np.abs(rm[rows] - med[:, None])
-        mad = 1.4826 * np.nanmedian(dev, axis=1)
-        outlier = (n_good[rows, None] >= 3) & (dev > cut * np.sqrt(mad[:, None] ** 2 + v[rows]))
-        use = good[rows] & ~outlier
-        vv = np.where(use, np.maximum(v[rows], 1e-300), np.inf)
-        w = 1.0 / vv
-        sw = w.sum(axis=1)
-        mean_fe = (w * np.where(use, rm[rows], 0.0)).sum(axis=1) / sw
-        q = (w * np.where(use, rm[rows] - mean_fe[:, None], 0.0) ** 2).sum(axis=1)
-        dof = use.sum(axis=1) - 1
-        tau2 = np.where(dof > 0, np.maximum(0.0, (q - dof) / (sw - (w ** 2).sum(axis=1) / sw)), 0.0)
-        w2 = np.where(use, 1.0 / (vv + tau2[:, None]), 0.0)
-        out_s[rows] = (w2 * np.where(use, rm[rows], 0.0)).sum(axis=1) / w2.sum(axis=1)
-        out_v[rows] = 1.0 / w2.sum(axis=1)
-    return out_s, out_v
-
-
-def phase_fractions(table, phases: Sequence[PhaseSpec], spec: LatticeSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Phase fractions (n, P), their esds and the method, from the phase model's areas.
-
-    A phase's scale in a frame is the sum of its fitted areas over the windows divided by the
-    same sum in the nearest frame where it was the only phase present (its intensities as that
-    structure gives them): ``"scale"``. A phase never seen alone has its raw area sum instead
-    (``"area"``: the fraction of diffracted intensity, not of the phase). The fractions are the
-    scales normalised over the phases present that take part (``fraction = true``); esds from the
-    fit's area covariance (the reference frames' errors neglected). A frame with one such phase
-    has fraction 1 (``"single phase"``); an absent phase has 0.
-    """
-    ph, model_names = table.phase, tuple(table.phase_names)
-    n = len(table.frame)
-    frac = np.full((n, len(phases)), np.nan)
-    err = np.full((n, len(phases)), np.nan)
-    method = np.full((n, len(phases)), "", dtype=object)
-    ok = np.asarray(table.success).any(axis=1)
-    win = list(table.windows)
-    use_w = np.ones(len(win), bool) if spec.fraction_window is None else np.array([w == spec.fraction_window for w in win])
-    part = [i for i, p in enumerate(phases) if p.fraction and p.name in model_names]
-    cols = [model_names.index(phases[i].name) for i in part]
-    if not part:
-        return frac, err, method
-    present = ph["phase_present"][:, cols].astype(bool) & ok[:, None]
-    area = np.where(use_w[None, None, :], np.nan_to_num(ph["phase_area"][:, cols]), 0.0)
-    sd = np.where(use_w[None, None, :], ph["phase_area_err"][:, cols], np.nan)
-    var = np.nan_to_num(sd) ** 2
-    scale = np.zeros((n, len(part)))
-    scale_var = np.zeros((n, len(part)))
-    how = np.full(len(part), "scale", dtype=object)
-    for k in range(len(part)):
-        alone = np.flatnonzero(present[:, k] & (present.sum(axis=1) == 1))
-        if alone.size:
-            pos = np.clip(np.searchsorted(alone, np.arange(n)), 0, alone.size - 1)
-            prev = alone[np.maximum(pos - 1, 0)]
-            near = np.where(np.abs(alone[pos] - np.arange(n)) <= np.abs(prev - np.arange(n)), alone[pos], prev)
-            ref = area[near, k, :]                                   # (n, W)
-            # each window's ratio to the reference, combined robustly (a window where the
-            # phase's lines are swallowed by another phase's disagrees with the rest and is
-            # left out; one where its area rests at 0 without an esd has no say)
-            with np.errstate(all="ignore"):
-                ratio = area[:, k, :] / ref
-                r_var = var[:, k, :] / ref**2
-                good = (ref > 0) & np.isfinite(sd[:, k, :]) & (sd[:, k, :] > 0) & np.isfinite(ratio)
-            scale[:, k], scale_var[:, k] = combine_ratios(np.where(good, ratio, np.nan), np.where(good, r_var, np.nan))
-            # the reference frame itself has ratio 1 and no spread: it is its own scale
-            single = present[:, k] & (present.sum(axis=1) == 1)
-            scale[single, k], scale_var[single, k] = 1.0, 0.0
-        else:
-            how[k] = "area"
-            scale[:, k] = area[:, k, :].sum(axis=1)
-            scale_var[:, k] = var[:, k, :].sum(axis=1)
-    # one method per frame: where a present phase was never seen alone, every phase of that
-    # frame takes its raw area sum (a scale and an area cannot be normalised together)
-    raw = (present & (how == "area")[None, :]).any(axis=1)
-    if raw.any():
-        scale[raw] = area[raw].sum(axis=2)
-        scale_var[raw] = var[raw].sum(axis=2)
-    scale = np.where(present, scale, 0.0)
-    scale_var = np.where(present, scale_var, 0.0)
-    total = scale.sum(axis=1)
-    several = present.sum(axis=1) > 1
-    for k, i in enumerate(part):
-        with np.errstate(all="ignore"):
-            f = scale[:, k] / total
-            # d f_k / d s_j = (δ_kj S - s_k) / S²
-            v = ((total - scale[:, k]) ** 2 * scale_var[:, k]
-                 + scale[:, k] ** 2 * (scale_var.sum(axis=1) - scale_var[:, k])) / total**4
-        rows = several & np.isfinite(f)
-        frac[rows, i], err[rows, i] = f[rows], np.sqrt(v[rows])
-        method[rows & present[:, k], i] = np.where(raw[rows & present[:, k]], "area", how[k])
-        single = ok & (present.sum(axis=1) == 1)
-        frac[single, i] = np.where(present[single, k], 1.0, 0.0)
-        err[single, i] = 0.0
-        method[single & present[:, k], i] = "single phase"
-    return frac, err, method
-
-
-@dataclass
-class WeightFractions:
-    """Weight fractions of a whole-pattern refinement: ``fraction`` and ``esd`` (rows, R) for
-    the run-file rows ``0..rows-1`` and the refined phases ``phases``; NaN where a frame was not
-    refined, failed, or was refined without a structure (Le Bail)."""
-
-    phases: tuple[str, ...]
-    fraction: np.ndarray
-    esd: np.ndarray
-
-
-def _choose_fractions(vals, frames: np.ndarray, names: Sequence[str], weights: WeightFractions | None,
-                      mode: str) -> np.ndarray:
-    """Fill ``weight_fraction`` and choose ``fraction`` per frame; returns its source (n, P).
-
-    A frame takes the refinement's fractions when every refined phase has one there; phases of
-    the experiment that the refinement left out are 0 in such a frame (the refinement says what
-    the pattern is made of)."""
-    n, p = len(frames), len(names)
-    use = np.zeros(n, bool)
-    if weights is not None and mode != "peaks":
-        inside = (frames >= 0) & (frames < weights.fraction.shape[0])
-        rows = np.where(inside, frames, 0)
-        wf, we = weights.fraction[rows], weights.esd[rows]
-        wf[~inside], we[~inside] = np.nan, np.nan
-        use = np.isfinite(wf).all(axis=1) if wf.shape[1] else use
-        for i, name in enumerate(names):
-            if name in weights.phases:
-                j = weights.phases.index(name)
-                vals["weight_fraction"][:, i], vals["weight_fraction_err"][:, i] = wf[:, j], we[:, j]
-            else:
-                vals["weight_fraction"][use, i], vals["weight_fraction_err"][use, i] = 0.0, 0.0
-    source = np.full((n, p), "", dtype=object)
-    if mode == "refinement":
-        vals["fraction"], vals["fraction_err"] = vals["weight_fraction"].copy(), vals["weight_fraction_err"].copy()
-        source[use] = "refinement"
-        return source
-    peaks = ~use
-    vals["fraction"] = np.where(use[:, None], vals["weight_fraction"], vals["area_fraction"])
-    vals["fraction_err"] = np.where(use[:, None], vals["weight_fraction_err"], vals["area_fraction_err"])
-    source[use] = "refinement"
-    source[peaks[:, None] & np.isfinite(vals["area_fraction"])] = "peaks"
-    return source
 
 
 def _families(hkl: np.ndarray) -> str:
@@ -515,73 +347,6 @@ def _volume(vals, r, i, spec: PhaseSpec, cell, idx, cov) -> None:
         vals["volume_err_A3"][r, i] = float(np.sqrt(g @ sub @ g))
 
 
-def _fractions(table, phases: Sequence[PhaseSpec], spec: LatticeSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Phase fractions (n, P) with esds, from peak areas."""
-    n, names = len(table.frame), [p.name for p in phases]
-    frac = np.full((n, len(names)), np.nan)
-    err = np.full((n, len(names)), np.nan)
-    area, aerr, present = table.values["area"], table.values["area_err"], table.present
-    col_phase = [ph for _, ph, _, _ in table.peaks]
-    col_window = [w for w, _, _, _ in table.peaks]
-    if spec.fraction_window is not None:
-        cols = [i for i, w in enumerate(col_window) if w == spec.fraction_window]
-        ref = int(np.searchsorted(table.frame, spec.reference_frame))
-        total_ref = np.nansum(area[ref, cols]) if ref < n else np.nan
-        for p, name in enumerate(names):
-            mine = [i for i in cols if col_phase[i] == name]
-            if mine and total_ref > 0:
-                frac[:, p] = np.nansum(np.where(present[:, mine], area[:, mine], 0.0), axis=1) / total_ref
-                err[:, p] = np.sqrt(np.nansum(np.where(present[:, mine], aerr[:, mine], 0.0) ** 2, axis=1)) / total_ref
-        return frac, err
-    # (i) areas of corresponding peaks of coexisting phases, window by window
-    num = np.zeros((n, len(names)))
-    wsum = np.zeros((n, len(names)))
-    for window in dict.fromkeys(col_window):
-        cols = [i for i, w in enumerate(col_window) if w == window]
-        phs = [col_phase[i] for i in cols]
-        if len(set(phs)) < 2:
-            continue
-        a = np.where(present[:, cols], area[:, cols], 0.0)
-        e = np.where(present[:, cols], aerr[:, cols], 0.0)
-        # the same reflection is not equally strong in two phases: scale each phase's area by
-        # its area in the nearest frame where it was alone in the window (if there is one)
-        for j in range(len(cols)):
-            alone = np.flatnonzero(present[:, cols[j]] & (present[:, cols].sum(axis=1) == 1) & np.isfinite(a[:, j]))
-            if alone.size:
-                pos = np.clip(np.searchsorted(alone, np.arange(n)), 0, alone.size - 1)
-                prev = alone[np.maximum(pos - 1, 0)]
-                near = np.where(np.abs(alone[pos] - np.arange(n)) <= np.abs(prev - np.arange(n)), alone[pos], prev)
-                ref = a[near, j]
-                a[:, j], e[:, j] = a[:, j] / ref, e[:, j] / ref
-        tot = a.sum(axis=1)
-        ok = (tot > 0) & np.all(np.isfinite(a), axis=1) & np.all(np.isfinite(e) | (a == 0), axis=1)
-        for j, i in enumerate(cols):
-            p = names.index(col_phase[i]) if col_phase[i] in names else None
-            if p is None:
-                continue
-            with np.errstate(all="ignore"):
-                f = a[:, j] / tot
-                # d f_j / d a_k = (δjk tot - a_j) / tot²
-                var = ((tot - a[:, j]) ** 2 * e[:, j] ** 2 + (a[:, j] ** 2) * (np.sum(e**2, axis=1) - e[:, j] ** 2)) / tot**4
-            with np.errstate(divide="ignore"):
-                wgt = np.where(var > 0, 1.0 / var, 1e12)
-            use = ok & np.isfinite(f)
-            num[use, p] += (f * wgt)[use]
-            wsum[use, p] += wgt[use]
-    seen = wsum > 0
-    with np.errstate(all="ignore"):
-        frac[seen] = num[seen] / wsum[seen]
-        err[seen] = np.where(wsum[seen] >= 1e12, 0.0, 1.0 / np.sqrt(wsum[seen]))
-    # frames where only one phase shows up anywhere: it is all there is
-    shows = np.stack([present[:, [i for i, ph in enumerate(col_phase) if ph == name]].any(axis=1)
-                      if name in col_phase else np.zeros(n, bool) for name in names], axis=1)
-    alone = shows.sum(axis=1) == 1
-    for p in range(len(names)):
-        frac[alone & shows[:, p], p], err[alone & shows[:, p], p] = 1.0, 0.0
-        frac[alone & ~shows[:, p], p], err[alone & ~shows[:, p], p] = 0.0, 0.0
-        gone = ~shows[:, p] & shows.any(axis=1) & np.isnan(frac[:, p])
-        frac[gone, p], err[gone, p] = 0.0, 0.0
-    return frac, err
 
 
 def trend(x, y, y_err=None, *, x_range: tuple[float, float] | None = None) -> dict[str, float]:
