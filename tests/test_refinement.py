@@ -18,7 +18,7 @@ from pymatgen.core import Structure as PmgStructure  # noqa: E402
 
 from xrdpipe.cli import main  # noqa: E402
 from xrdpipe.config import ConfigError, load_experiment  # noqa: E402
-from xrdpipe.refine import OccupancyConstraint, PhaseModel, RefinementModel, refine_pattern  # noqa: E402
+from xrdpipe.refine import OccupancyConstraint, PhaseModel, RefinementError, RefinementModel, refine_pattern  # noqa: E402
 from xrdpipe.refine.structures import Atom, read_cif, reflections, structure_factors_sq, template  # noqa: E402
 
 WL = 0.6209
@@ -497,6 +497,7 @@ def test_a_weak_phase_judged_absent_in_a_sequence_comes_back():
         prev = res
     assert max(da) <= 2e-3, da                   # 0.007 A in frame 46 before
     assert max(gof) < 1.3, gof                   # 1.55-1.62 while Al was left out; 1.25-1.67 in frames 19-30
+    assert {i for i, _ in steps} >= set(range(2, 46)), steps     # each of them from the frame before
     assert all(n <= 3 for i, n in steps if 2 <= i <= 45), steps
     assert max(n for _, n in steps) <= 10, steps
 
@@ -517,6 +518,7 @@ def test_a_phase_left_absent_by_the_previous_frame_comes_back_when_the_fit_worse
     start = replace(first, absent=sorted(first.absent + ["Al"]), lebail_I=I)
     res = refiner.refine(ps.intensity[1], ps.sigma[1], start=start, gof_limit=3 * start.gof)
     assert res.ok and "Al" not in res.absent, (res.absent, res.gof)
+    assert res.start_from == "previous"          # brought back by the retest, not by a fresh start
     assert abs(res.value("Al.a") - 4.0495) <= 2e-3
     assert res.gof < 1.3
 
@@ -847,3 +849,11 @@ def test_structural_parameters_that_cannot_be_refined_are_named():
     L = layout(refine=["z:O", "b:*"], constraints=[OccupancyConstraint(("Na", "Mn"))])
     assert L.params[L.index["O3.z:O"]].value == pytest.approx(0.2326)
     assert "O3.b:*" in L.index and "O3.occ:Na" in L.index and "O3.occ:Mn" not in L.index
+
+
+def test_a_pattern_of_another_length_than_the_grid_is_a_clear_error():
+    ps, refiner = _o3_p3_al_series(2, 1)
+    with pytest.raises(RefinementError, match=r"y has shape \(4999,\); the refiner's 2θ grid has 5000 points"):
+        refiner.refine(ps.intensity[0][:-1], ps.sigma[0][:-1])
+    with pytest.raises(RefinementError, match=r"refine_pattern: sigma has shape \(3,\), expected that of tth"):
+        refine_pattern(refiner.model, ps.tth_deg, ps.intensity[0], ps.sigma[0][:3])

@@ -40,6 +40,7 @@ __all__ = [
     "SPACE_GROUPS",
     "CELL_PARAMETERS",
     "full_cell",
+    "system_cell",
     "d_from_cell",
     "space_group_name",
 ]
@@ -160,24 +161,36 @@ CELL_PARAMETERS = {"cubic": ("a",), "tetragonal": ("a", "c"), "hexagonal": ("a",
                    "triclinic": ("a", "b", "c", "alpha", "beta", "gamma")}
 
 
+def system_cell(system: str, p) -> tuple:
+    """The six cell parameters (a, b, c, α, β, γ) of a crystal ``system`` from its free ones in the
+    mapping ``p`` (keys a, b, c, alpha, beta, gamma; only the free ones are read). Values may be
+    arrays.
+
+    >>> system_cell("hexagonal", {"a": 2.9, "c": 16.5})
+    (2.9, 2.9, 16.5, 90.0, 90.0, 120.0)
+    """
+    a = p["a"]
+    if system == "cubic":
+        return (a, a, a, 90.0, 90.0, 90.0)
+    if system == "tetragonal":
+        return (a, a, p["c"], 90.0, 90.0, 90.0)
+    if system in ("hexagonal", "trigonal"):
+        return (a, a, p["c"], 90.0, 90.0, 120.0)
+    if system == "orthorhombic":
+        return (a, p["b"], p["c"], 90.0, 90.0, 90.0)
+    if system == "monoclinic":
+        return (a, p["b"], p["c"], 90.0, p["beta"], 90.0)
+    return (a, p["b"], p["c"], p["alpha"], p["beta"], p["gamma"])
+
+
 def full_cell(space_group: str, a_A, c_A=None, b_A=None, beta_deg=None, alpha_deg=None, gamma_deg=None):
     """The six cell parameters (a, b, c, α, β, γ) implied by the crystal system's free ones.
 
     >>> full_cell("Fm-3m", 4.0495)
     (4.0495, 4.0495, 4.0495, 90.0, 90.0, 90.0)
     """
-    system = crystal_system(space_group)
-    if system == "cubic":
-        return (a_A, a_A, a_A, 90.0, 90.0, 90.0)
-    if system == "tetragonal":
-        return (a_A, a_A, c_A, 90.0, 90.0, 90.0)
-    if system == "hexagonal":
-        return (a_A, a_A, c_A, 90.0, 90.0, 120.0)
-    if system == "orthorhombic":
-        return (a_A, b_A, c_A, 90.0, 90.0, 90.0)
-    if system == "monoclinic":
-        return (a_A, b_A, c_A, 90.0, beta_deg, 90.0)
-    return (a_A, b_A, c_A, alpha_deg, beta_deg, gamma_deg)
+    return system_cell(crystal_system(space_group), {"a": a_A, "b": b_A, "c": c_A, "alpha": alpha_deg,
+                                                     "beta": beta_deg, "gamma": gamma_deg})
 
 
 def d_from_cell(h, k, l, cell):

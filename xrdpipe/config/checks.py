@@ -4,8 +4,6 @@ reflections, refinement phases and CIF files, plot windows), each with its key p
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from .base import did_you_mean
 from .fitting import PhaseSpec
 
@@ -80,10 +78,8 @@ def _refinement_problems(exp, phases: dict[str, PhaseSpec]) -> list[tuple[str, s
             problems.append((f"refinement.phases.{i}.structure",
                              f"no built-in structure for {kind!r} (templates: {', '.join(TEMPLATES)}); "
                              "give a CIF file: structure = \"file.cif\""))
-        if rp.structure != "template":
-            path = Path(rp.structure)
-            if not path.is_absolute() and exp.source is not None:
-                path = exp.source.parent / path
+        path = exp.structure_file(rp.structure)
+        if path is not None:
             if not path.exists():
                 problems.append((f"refinement.phases.{i}.structure", f"no such CIF file: {path}"))
     for i, m in enumerate(ref.models):

@@ -58,6 +58,14 @@ class Experiment(Spec):
         """The radial unit of the run's patterns (and of every window range)."""
         return self.patterns.radial_unit if self.patterns is not None else self.integration.unit
 
+    def structure_file(self, structure: str) -> Path | None:
+        """The CIF file a ``[[refinement.phases]] structure`` names (relative to the experiment
+        file), or None for ``"template"``."""
+        if structure == "template":
+            return None
+        path = Path(structure)
+        return path if path.is_absolute() or self.source is None else self.source.parent / path
+
 
 def parse_experiment(data: dict[str, Any], *, base: Path | str = ".", source: str = "<experiment>", live: bool = False,
                      text: str = "") -> Experiment:

@@ -15,16 +15,6 @@ ABSENT_CHI2 = 3.0             # a Le Bail phase lowering χ² by less than this 
 ABSENT_REL = 0.05             # ... or than this fraction of χ² is absent
 
 
-def shares(calc, theta: np.ndarray, I: np.ndarray | None) -> np.ndarray:
-    """Each phase's share of the calculated intensity inside the range."""
-    st = calc.reflection_state(theta, I)
-    inside = (st["pos"] >= calc.lo) & (st["pos"] <= calc.hi)
-    tot = np.array([float(np.sum(np.maximum(st["I"][a:b], 0.0)[inside[a:b]]))
-                    for a, b in zip(calc.offsets[:-1], calc.offsets[1:])])
-    s = tot.sum()
-    return tot / s if s > 0 and np.isfinite(s) else np.full(tot.size, np.nan)
-
-
 def find_absent(calc, theta: np.ndarray, I: np.ndarray, y: np.ndarray, wt: np.ndarray) -> list[int]:
     """Le Bail phases that do not improve the fit: with their intensities removed and the other
     phases' re-extracted, χ² rises by less than ABSENT_CHI2 per reflection (at least 25) or than

@@ -10,10 +10,11 @@ from dataclasses import replace
 
 import numpy as np
 
+from ..crystallography import system_cell
 from ..errors import RefinementError
 from .layout import Layout
 from .lebail import extract
-from .model import RefinementModel, cell_parameters, full_cell
+from .model import RefinementModel, cell_parameters
 from .structures import (
     Reflections,
     Structure,
@@ -104,7 +105,7 @@ class Calculator:
             v = dict(self.base_cell[p])
             for k, i in self.cell_keys[p]:
                 v[k] = theta[i]
-            cell = full_cell(self.systems[p], v)
+            cell = system_cell(self.systems[p], v)
         n = len(refl.hkl)
         out = {k: np.empty(n) for k in ("pos", "fwhm", "eta", "tan", "cos")}
         U, V, W, X, Y = (float(v) for v in theta[self.profile_index[p]])
@@ -144,6 +145,15 @@ class Calculator:
                     I[int(self.offsets[p]):int(self.offsets[p + 1])] = q["I"]
             out["I"] = I
         return out
+
+    def shares(self, theta: np.ndarray, I: np.ndarray | None) -> np.ndarray:
+        """Each phase's share of the calculated intensity inside the range (NaN when there is none)."""
+        st = self.reflection_state(theta, I)
+        inside = (st["pos"] >= self.lo) & (st["pos"] <= self.hi)
+        tot = np.array([float(np.sum(np.maximum(st["I"][a:b], 0.0)[inside[a:b]]))
+                        for a, b in zip(self.offsets[:-1], self.offsets[1:])])
+        s = tot.sum()
+        return tot / s if s > 0 and np.isfinite(s) else np.full(tot.size, np.nan)
 
     # the pattern ---------------------------------------------------------------------------
     def _windows(self, pos: np.ndarray, fwhm: np.ndarray, eta: np.ndarray,
@@ -343,8 +353,8 @@ def _overlap_groups(model: RefinementModel, refl: list[Reflections], sizes: list
         cell = dict(zip(("a", "b", "c", "alpha", "beta", "gamma"), ph.structure.cell))
         moved = {k: (v * (1 + bumps[k]) if k in ("a", "b", "c") else v + bumps[k]) for k, v in cell.items()
                  if k in cell_parameters(ph.system)}
-        d1 = d_spacings(r.hkl, full_cell(ph.system, cell))
-        d2 = d_spacings(r.hkl, full_cell(ph.system, {**cell, **moved}))
+        d1 = d_spacings(r.hkl, system_cell(ph.system, cell))
+        d2 = d_spacings(r.hkl, system_cell(ph.system, {**cell, **moved}))
         order = np.lexsort((d2, d1))
         new = np.ones(order.size, bool)
         new[1:] = (np.abs(np.diff(d1[order])) > 1e-9 * d1[order][1:]) | (np.abs(np.diff(d2[order])) > 1e-9 * d2[order][1:])

@@ -8,8 +8,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ..crystallography import system_cell
 from ..errors import RefinementError
-from .model import PhaseModel, RefinementModel, cell_parameters, full_cell
+from .model import PhaseModel, RefinementModel, cell_parameters
 from .structures import Structure, site_multiplicity, space_group_ops
 
 SHIFT_BOUND_DEG = 1.0         # the zero shift and the displacement term stay within ±1°
@@ -133,7 +134,7 @@ class Layout:
             for free, (last, m_last), total in self.constraints[p]:
                 occ[last] = (total - sum(m * occ[self._atom_of(p, k)] for k, m in free)) / m_last
             atoms = [replace(a, xyz=tuple(xyz[i]), occupancy=occ[i], b_iso=b[i]) for i, a in enumerate(atoms)]
-        return replace(st, cell=full_cell(ph.system, {**dict(zip(("a", "b", "c", "alpha", "beta", "gamma"), st.cell)),
+        return replace(st, cell=system_cell(ph.system, {**dict(zip(("a", "b", "c", "alpha", "beta", "gamma"), st.cell)),
                                                       **vals}), atoms=tuple(atoms))
 
     def _atom_of(self, p: int, k: int) -> int:

@@ -23,21 +23,6 @@ def cell_parameters(system: str) -> tuple[str, ...]:
     return CELL_PARAMETERS[system]
 
 
-def full_cell(system: str, p: dict[str, float]) -> tuple[float, ...]:
-    a = p["a"]
-    if system == "cubic":
-        return (a, a, a, 90.0, 90.0, 90.0)
-    if system == "tetragonal":
-        return (a, a, p["c"], 90.0, 90.0, 90.0)
-    if system in ("hexagonal", "trigonal"):
-        return (a, a, p["c"], 90.0, 90.0, 120.0)
-    if system == "orthorhombic":
-        return (a, p["b"], p["c"], 90.0, 90.0, 90.0)
-    if system == "monoclinic":
-        return (a, p["b"], p["c"], 90.0, p["beta"], 90.0)
-    return (a, p["b"], p["c"], p["alpha"], p["beta"], p["gamma"])
-
-
 @dataclass(frozen=True)
 class OccupancyConstraint:
     """The atoms ``atoms`` (labels) of one phase keep their number per cell: ``per_cell``, or

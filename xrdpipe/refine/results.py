@@ -9,7 +9,6 @@ import math
 
 import numpy as np
 
-from .absence import shares
 from .calculator import Calculator
 from .least_squares import pawley_solve
 from .model import RefinementResult
@@ -56,7 +55,7 @@ def make_result(calc, y, wt, valid, theta, I, free, n_iter, converged, absent, b
     ticks = [st["pos"][calc.offsets[p]:calc.offsets[p + 1]] for p in range(len(model.phases))]
     refined = np.zeros(theta.size, bool)
     refined[free] = True
-    share = shares(calc, theta, I)
+    share = calc.shares(theta, I)
     res = RefinementResult(list(L.names), theta.copy(), esd, refined, rwp, rexp, gof, n_valid, n_p, n_iter,
                            converged, "", calc.x, np.where(valid, y, np.nan), yc, bkg, parts, ticks,
                            None if I is None else I.copy(), [ph.name for ph in model.phases], theta=theta.copy(),

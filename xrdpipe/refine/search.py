@@ -10,9 +10,10 @@ from typing import Sequence
 
 import numpy as np
 
+from ..crystallography import system_cell
 from .calculator import LN2, Calculator
 from .least_squares import linear_fit
-from .model import cell_parameters, full_cell
+from .model import cell_parameters
 
 FOLLOW = 0.5                  # a phase followed from the previous frame: half its searched range around it
 
@@ -207,7 +208,7 @@ def _match(calc, p: int, theta: np.ndarray, resid: np.ndarray, sig: np.ndarray, 
         chunk = trials[s0:s0 + 4000]
         v = {k: np.full(len(chunk), float(val)) for k, val in base.items()}
         v.update({k: chunk[:, j] for j, k in enumerate(keys)})
-        gstar = np.linalg.inv(_metrics(np.array(np.broadcast_arrays(*full_cell(ph.system, v))).T))
+        gstar = np.linalg.inv(_metrics(np.array(np.broadcast_arrays(*system_cell(ph.system, v))).T))
         q2 = np.einsum("ni,tij,nj->tn", hkl, gstar, hkl)
         sin_t = np.clip(lam * np.sqrt(np.maximum(q2, 0)) / 2, 0, 1)
         pos = np.degrees(2 * np.arcsin(sin_t)) + zero

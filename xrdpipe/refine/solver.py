@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import RefinementError
-from .absence import find_absent, find_needed, phase_params, put_back, shares
+from .absence import find_absent, find_needed, phase_params, put_back
 from .calculator import Calculator
 from .least_squares import minimise, pawley_solve
 from .lebail import lebail_start
@@ -33,10 +33,13 @@ def refine_pattern(model: RefinementModel, tth: np.ndarray, y: np.ndarray, sigma
     left out). ``start``: a previous result of the same model (sequential refinement) whose
     values (and Le Bail intensities) are the starting point. To refine many patterns on one
     grid, make a :class:`Refiner` once instead."""
-    tth = np.asarray(tth, float)
+    tth, y = np.asarray(tth, float), np.asarray(y, float)
+    for name, v in (("y", y), ("sigma", sigma)):
+        if v is not None and np.shape(v) != tth.shape:
+            raise RefinementError(f"refine_pattern: {name} has shape {np.shape(v)}, expected that of tth {tth.shape}")
     keep = np.isfinite(tth)
     sig = None if sigma is None else np.asarray(sigma, float)[keep]
-    return Refiner(model, tth[keep]).refine(np.asarray(y, float)[keep], sig, start=start, tol=tol)
+    return Refiner(model, tth[keep]).refine(y[keep], sig, start=start, tol=tol)
 
 
 @lru_cache(maxsize=1)
@@ -72,6 +75,10 @@ class Refiner:
         is returned; :attr:`~RefinementResult.start_from` says which start won (``previous``,
         ``configured`` or ``searched``). ``restart=False``: only the first attempt.
         """
+        n = self.calc.x.size
+        for name, v in (("y", y), ("sigma", sigma)):
+            if v is not None and np.shape(v) != (n,):
+                raise RefinementError(f"{name} has shape {np.shape(v)}; the refiner's 2θ grid has {n} points")
         # small dense matrices: BLAS threads only contend with each other (and with other processes)
         with _blas_controller().limit(limits=1, user_api="blas"):
             return self._refine(y, sigma, start=start, tol=tol, gof_limit=gof_limit, restart=restart)
@@ -302,7 +309,7 @@ def _held_absent(pb: _Problem, theta, I, start):
         # the widths and cells are refined, it looked absent in most frames and was refined
         # back in after (a second refinement); one that is gone is found after convergence
         # (Pawley refines no phase back in: tested here as before)
-        weak = shares(calc, start.theta, start.lebail_I) < WEAK_SHARE
+        weak = calc.shares(start.theta, start.lebail_I) < WEAK_SHARE
         absent = [p for p in absent if p in empty or not weak[p]]
     # judged before the widths and cells are refined, when χ² is mostly their misfit: a weak
     # phase with narrow lines (the Al current collector) may look absent; tested again below

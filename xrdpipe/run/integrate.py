@@ -138,7 +138,9 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
     if ready is not None:
         refs = ready(refs)
     times = frame_times(refs, fspec.times, timezone=fspec.timezone, where=str(exp.source or "experiment"))
-    cal, integ, kept, read_ahead = _integrator(exp, refs, cache, workers=workers, scheduler=scheduler, restart=restart)
+    n_workers = workers or exp.integration.workers or default_workers()
+    cal, integ, kept, read_ahead = _integrator(exp, refs, cache, workers=n_workers, scheduler=scheduler,
+                                               restart=restart)
     try:
         summary = IntegrationSummary(exp.run.run_file, len(refs), setup_seconds=time.perf_counter() - t_start,
                                      cache_hit=kept or integ.cache_hit)
@@ -150,7 +152,6 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
                                          provenance=_provenance(exp, cal, integ), title=exp.run.name,
                                          restart=restart) as run:
             jobs = _jobs(run, refs, times, summary)
-            n_workers = workers or exp.integration.workers or default_workers()
             where_to = _scheduler(exp, scheduler, n_workers, len(jobs))
             # closed before the run file is: on an error (a full disk) no worker still reads a
             # frame while the run file is closed (HDF5 is one library for both)
@@ -166,7 +167,8 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
             read_ahead.close()
 
 
-def _integrator(exp: Experiment, refs: list[FrameRef], cache: dict | None, *, workers, scheduler, restart: bool):
+def _integrator(exp: Experiment, refs: list[FrameRef], cache: dict | None, *, workers: int, scheduler,
+                restart: bool):
     """The calibration and the integrator (from ``cache`` when its set-up is unchanged), whether it
     was kept, and the frames read ahead while it was built (or None)."""
     from ..calibration import load_calibration
@@ -214,14 +216,13 @@ def _scheduler(exp: Experiment, scheduler: str | None, n_workers: int, n_frames:
     return where_to
 
 
-def _read_ahead(exp: Experiment, refs: list[FrameRef], shape, *, workers, scheduler, restart: bool):
+def _read_ahead(exp: Experiment, refs: list[FrameRef], shape, *, workers: int, scheduler, restart: bool):
     """A :class:`~xrdpipe.streaming.FramePrefetch` of the frames, when they will be integrated
     in this process (threads or serial) and all of them are to be integrated (a new run file,
     or a restart); else None."""
     from ..streaming import FramePrefetch
 
-    n_workers = workers or exp.integration.workers or default_workers()
-    in_process = _scheduler(exp, scheduler, n_workers, len(refs)) in ("threads", "serial")
+    in_process = _scheduler(exp, scheduler, workers, len(refs)) in ("threads", "serial")
     if not in_process or not refs or (exp.run.run_file.exists() and not restart):
         return None
     return FramePrefetch(refs, shape)

@@ -109,10 +109,8 @@ def _constraint(c: OccupancySpec, z: int | None, where: str, i: int) -> Occupanc
 
 def _structure(exp: Experiment, rp, ph, sites: list[RefineAtomSpec]) -> Structure:
     extra = [Atom(s.label, s.element, tuple(s.xyz), s.occupancy, s.b_iso) for s in sites]
-    if rp.structure != "template":
-        path = Path(rp.structure)
-        if not path.is_absolute() and exp.source is not None:
-            path = exp.source.parent / path
+    path = exp.structure_file(rp.structure)
+    if path is not None:
         st = read_cif(path)
         return st.with_atoms(list(st.atoms) + extra)
     kind = ph.structure_kind
@@ -268,9 +266,9 @@ def _refine_rows(exp: Experiment, refiner: Refiner, store: RefineStore, todo: np
     for a in range(0, todo.size, 128):
         block = todo[a:a + 128]
         inten, sigma = read_pattern_block(exp.run.run_file, rows=block, columns=cols)
+        inten = np.where(keep, inten, np.nan)
         for row, y, s in zip(block, inten, sigma):
             s = None if not np.isfinite(s).any() else s
-            y = np.where(keep, y, np.nan)
             try:
                 res = _refine_frame(refiner, y, s, prev, prev_row, exp.refinement.gof_jump)
             except (RefinementError, np.linalg.LinAlgError, FloatingPointError, ValueError) as exc:
