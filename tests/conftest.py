@@ -66,3 +66,16 @@ def coincell8(tmp_path):
         return xrdpipe.load_experiment(tmp_path / "exp.toml")
 
     return make
+
+
+@pytest.fixture
+def config_folder(tmp_path):
+    """A folder with the inputs the experiment-file tests name (frames, PONI, mask, scan log)."""
+    (tmp_path / "raw").mkdir()
+    for name in ("f10.h5", "f9.h5", "f1.h5"):
+        (tmp_path / "raw" / name).write_bytes(b"")
+    (tmp_path / "cal").mkdir()
+    (tmp_path / "cal" / "ceo2.poni").write_text("Distance: 0.1\n")
+    (tmp_path / "cal" / "mask.edf").write_bytes(b"")
+    (tmp_path / "scans.csv").write_text("file,start,end\n")
+    return tmp_path
