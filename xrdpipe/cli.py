@@ -314,6 +314,19 @@ def run(experiment: str, force: bool, workers: int | None, scheduler: str | None
            "every stage finished so far is kept, and the interrupted one resumes")
 
 
+@main.command()
+@click.argument("experiment", type=click.Path(dir_okay=False))
+def report(experiment: str) -> None:
+    """Write <output>/report.html for EXPERIMENT from its run file: one self-contained page with
+    the summary (frames, failures and why, phases and their frame and x ranges), every figure,
+    the phase transitions and the provenance (versions, experiment file, PONI, stage keys).
+    `xrdpipe run` writes it as its last step; this rewrites it (e.g. after `xrdpipe plot`)."""
+    from .run.report import report_experiment
+    from .run.workflow import stage_keys
+
+    _stage(experiment, lambda exp: report_experiment(exp, keys=stage_keys(exp)), "nothing is lost")
+
+
 _KIND_HELP = ("contour, lattice, fractions, fit, waterfall or refinement (the last refined frame) "
               "(repeat for several; default: [plots] kinds)")
 
