@@ -113,7 +113,8 @@ class Transition:
 
 @dataclass(frozen=True)
 class Coexistence:
-    """Consecutive frames ``first`` to ``last`` in which the same two or more phases are present."""
+    """Consecutive frames ``first`` to ``last`` in which the same two or more phases are present
+    (a frame missing from the rows, e.g. one that failed, ends a run)."""
 
     first: int
     last: int
@@ -131,7 +132,7 @@ def _span(values, rows) -> tuple[float, float]:
 
 
 def _segments(frames: np.ndarray) -> list[tuple[int, int]]:
-    """Runs of consecutive rows (given as positions) as (first, last) pairs."""
+    """Runs of consecutive frame numbers as (first, last) pairs."""
     out: list[tuple[int, int]] = []
     for f in frames:
         if out and f == out[-1][1] + 1:
@@ -144,14 +145,14 @@ def _segments(frames: np.ndarray) -> list[tuple[int, int]]:
 def phase_ranges(phases: Sequence[str], present, *, frame: Sequence[int] | None = None, x=None,
                  time_s=None) -> list[PhaseRange]:
     """Per phase, the frames (``frame``, default 0, 1, ...) of the rows of ``present`` (row x
-    phase) where it is present, as runs of consecutive rows, with their x and time ranges
+    phase) where it is present, as runs of consecutive frame numbers, with their x and time ranges
     (``x`` and ``time_s`` are indexed by frame)."""
     present = np.asarray(present, bool).reshape(-1, len(phases))
     frame = np.arange(present.shape[0]) if frame is None else np.asarray(frame, int)
     out = []
     for i, name in enumerate(phases):
         rows = np.flatnonzero(present[:, i])
-        segs = [(int(frame[a]), int(frame[b])) for a, b in _segments(rows)]
+        segs = _segments(frame[rows])
         out.append(PhaseRange(str(name), int(rows.size), segs, _span(x, frame[rows]), _span(time_s, frame[rows])))
     return out
 
@@ -175,14 +176,15 @@ def phase_transitions(phases: Sequence[str], present, *, frame: Sequence[int] | 
 
 def coexistence(phases: Sequence[str], present, *, frame: Sequence[int] | None = None, x=None,
                 time_s=None) -> list[Coexistence]:
-    """The runs of consecutive rows in which the same two or more phases are present."""
+    """The runs of consecutive frames in which the same two or more phases are present."""
     present = np.asarray(present, bool).reshape(-1, len(phases))
     frame = np.arange(present.shape[0]) if frame is None else np.asarray(frame, int)
     out: list[Coexistence] = []
     start, current = 0, ()
     for r in range(present.shape[0] + 1):
         here = tuple(str(p) for p, on in zip(phases, present[r]) if on) if r < present.shape[0] else ()
-        if here != current:
+        gap = 0 < r < present.shape[0] and frame[r] != frame[r - 1] + 1
+        if here != current or gap:
             if len(current) >= 2:
                 rows = frame[start:r]
                 out.append(Coexistence(int(rows[0]), int(rows[-1]), tuple(map(str, current)), _span(x, rows),
@@ -202,7 +204,7 @@ table{border-collapse:collapse;margin:.6em 0;font-size:.92em}th,td{border:1px so
 text-align:left;vertical-align:top}th{background:#e8eef7}td.n{text-align:right;font-variant-numeric:tabular-nums}
 .meta{color:#555}.missing{background:#fff4e5;border-left:4px solid #dd6b20;padding:.4em .8em}
 .bad{color:#b00020}.live{background:#e6fffa;border-left:4px solid #319795;padding:.4em .8em}
-figure{margin:1em 0;display:inline-block;max-width:100%}figure img{max-width:100%;height:auto;
+figure{margin:1em 0;display:block;max-width:100%}figure img{max-width:100%;height:auto;
 border:1px solid #ddd}figcaption{color:#555;font-size:.9em}pre{background:#f6f8fa;padding:.6em;overflow-x:auto;
 font-size:.85em;white-space:pre-wrap}dl.nums{display:grid;grid-template-columns:max-content auto;gap:.2em 1em}
 dl.nums dt{font-weight:600}dl.nums dd{margin:0}
@@ -300,7 +302,8 @@ def _phases(d: ReportData) -> str:
     else:
         parts.append("<p>No two phases are present in the same frame.</p>")
     parts.append('<p class="meta">A phase is present in a frame when its cell was refined or its fraction is '
-                 "above zero; transitions compare each frame with the previous one of the lattice table.</p>")
+                 "above zero. Frames that were not integrated are left out: they break a range of frames, and a "
+                 "transition compares a frame with the previous integrated one.</p>")
     return "\n".join(parts)
 
 
