@@ -304,9 +304,9 @@ def watch(experiment: str, interval: float, settle: float, retry: float, stop_af
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def run(experiment: str, force: bool, workers: int | None, scheduler: str | None, quiet: bool) -> None:
     """Run every configured stage of EXPERIMENT in order: integrate, echem, fit, refine, lattice,
-    plots, export. A stage whose inputs have not changed since it last finished is skipped; an
-    interrupted run resumes. Ends with a summary: frames, failures, phases and their x ranges,
-    and where the outputs are."""
+    plots, export; then writes <output>/report.html. A stage whose inputs have not changed since it
+    last finished is skipped; an interrupted run resumes. Ends with a summary: frames, failures,
+    phases and their x ranges, and where the outputs are."""
     from .run.workflow import run_experiment
 
     _stage(experiment, lambda exp: run_experiment(exp, force=force, progress=not quiet, workers=workers,
