@@ -3,6 +3,7 @@ that needs nothing outside itself, and a real headless browser (Debian's chromiu
 without a console message, decodes every image and draws a non-blank page. The browser test
 skips where chromium is missing, but never under CI (``CI`` set): there it fails."""
 
+import html
 import os
 import re
 import shutil
@@ -167,13 +168,7 @@ def test_the_report_says_what_the_run_file_holds(report_run):
                       "lattice": "up to date", "plots": "up to date", "export": "up to date",
                       "refine": "not configured"}
     text = path.read_text()
-    assert html_escape(HOSTILE.strip()) in text and "<b>tags</b>" not in text
-
-
-def html_escape(s: str) -> str:
-    import html
-
-    return html.escape(s, quote=True)
+    assert html.escape(HOSTILE.strip(), quote=True) in text and "<b>tags</b>" not in text
 
 
 def test_the_report_needs_nothing_outside_itself(report_run):
