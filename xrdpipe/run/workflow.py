@@ -169,9 +169,10 @@ def run_experiment(exp: Experiment, *, force: bool = False, progress: bool = Tru
     changed since they last finished (``force`` runs them all). ``echo`` receives a line per
     stage as it goes. ``scheduler`` overrides ``[run] scheduler``; ``ready``, ``retry_s`` and
     ``cache`` are for live processing (see :func:`~xrdpipe.run.integrate.integrate_experiment`), as is
-    ``live_key`` (see :func:`stage_keys`). The report is written last (see the module
-    docstring); ``report_refresh_s`` makes it reload itself in a browser (``xrdpipe watch``). A stage that ran but changed nothing (integrate with no
-    new frame) is ``"checked"``: the stages after it do not run for it.
+    ``live_key`` (see :func:`stage_keys`). A stage that ran but changed nothing (integrate with no
+    new frame) is ``"checked"``: the stages after it do not run for it. The report is written
+    last (see the module docstring); ``report_refresh_s`` makes it reload itself in a browser
+    (``xrdpipe watch``).
 
     The run file is written in one transaction (:mod:`xrdpipe.safeio`): it is published at
     the end of every stage and every ``[run] checkpoint_s`` within one, never half-written.
