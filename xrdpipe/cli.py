@@ -304,14 +304,27 @@ def watch(experiment: str, interval: float, settle: float, retry: float, stop_af
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def run(experiment: str, force: bool, workers: int | None, scheduler: str | None, quiet: bool) -> None:
     """Run every configured stage of EXPERIMENT in order: integrate, echem, fit, refine, lattice,
-    plots, export. A stage whose inputs have not changed since it last finished is skipped; an
-    interrupted run resumes. Ends with a summary: frames, failures, phases and their x ranges,
-    and where the outputs are."""
+    plots, export; then writes <output>/report.html. A stage whose inputs have not changed since it
+    last finished is skipped; an interrupted run resumes. Ends with a summary: frames, failures,
+    phases and their x ranges, and where the outputs are."""
     from .run.workflow import run_experiment
 
     _stage(experiment, lambda exp: run_experiment(exp, force=force, progress=not quiet, workers=workers,
                                                   scheduler=scheduler, echo=click.echo),
            "every stage finished so far is kept, and the interrupted one resumes")
+
+
+@main.command()
+@click.argument("experiment", type=click.Path(dir_okay=False))
+def report(experiment: str) -> None:
+    """Write <output>/report.html for EXPERIMENT from its run file: one self-contained page with
+    the summary (frames, failures and why, phases and their frame and x ranges), every figure,
+    the phase transitions and the provenance (versions, experiment file, PONI, stage keys).
+    `xrdpipe run` writes it as its last step; this rewrites it (e.g. after `xrdpipe plot`)."""
+    from .run.report import report_experiment
+    from .run.workflow import stage_keys
+
+    _stage(experiment, lambda exp: report_experiment(exp, keys=stage_keys(exp)), "nothing is lost")
 
 
 _KIND_HELP = ("contour, lattice, fractions, fit, waterfall or refinement (the last refined frame) "

@@ -10,6 +10,10 @@ It polls (file-system events are not used: network file systems drop them). Ever
 3. runs every configured stage (:func:`~xrdpipe.run.workflow.run_experiment`) on what is new:
    the new frames are integrated and fitted, the lattice, electrochemistry, figures and exports
    are brought up to date. The integrator is built once and kept.
+4. rewrites ``<output>/report.html`` after every poll with new work, as a page that reloads
+   itself (every ``interval_s`` seconds, at least 5), so it can be left open in a browser.
+   When the watch stops (idle or ``max_polls``) the page is written once more without the
+   self-refresh; after Ctrl-C it keeps reloading until ``xrdpipe run`` or ``xrdpipe report``.
 
 The run file is published whole at the end of every stage (a reader, such as a notebook or
 ``xrdpipe plot``, never sees a half-written file) and figures are replaced atomically. A frame
@@ -30,7 +34,8 @@ from typing import Callable, Sequence
 from ..config import load_experiment
 from ..errors import ConfigError, XrdpipeError
 from ..frames import FrameRef, list_frames
-from .workflow import RunSummary, run_experiment
+from .report import report_experiment
+from .workflow import RunSummary, run_experiment, stage_keys
 
 __all__ = ["watch_experiment", "WatchSummary", "ready_frames"]
 
@@ -87,7 +92,8 @@ def watch_experiment(path: Path | str, *, interval_s: float = 2.0, settle_s: flo
     """
     say = echo or (lambda _line: None)
     summary = WatchSummary()
-    poll = _Poller(Path(path), say, dict(scheduler=scheduler, workers=workers, retry_s=retry_s), settle_s)
+    poll = _Poller(Path(path), say, dict(scheduler=scheduler, workers=workers, retry_s=retry_s,
+                                         report_refresh_s=max(5.0, interval_s)), settle_s)
     idle_since = time.monotonic()
     while True:
         summary.polls += 1
@@ -105,9 +111,11 @@ def watch_experiment(path: Path | str, *, interval_s: float = 2.0, settle_s: flo
             on_poll(result)
         if idle_stop_s is not None and time.monotonic() - idle_since >= idle_stop_s:
             summary.stopped = f"no new frame for {idle_stop_s:g} s"
+            poll.final_report()
             return summary
         if max_polls is not None and summary.polls >= max_polls:
             summary.stopped = f"{max_polls} poll(s) done"
+            poll.final_report()
             return summary
         time.sleep(max(0.0, interval_s - (time.monotonic() - t_poll)))
 
@@ -123,6 +131,7 @@ class _Poller:
         self.reported = ""
         self.waiting_for_files = False
         self.retry_poll = False
+        self.last: tuple | None = None         # the experiment and live key of the last run
 
     def once(self, n: int) -> RunSummary | None:
         """Reread the experiment file and run every stage on the complete frames; the run's
@@ -160,8 +169,19 @@ class _Poller:
             self._report(f"{_now()} error (retried at every poll): {exc}", str(exc))
             return None
         self.reported = ""
+        self.last = (current, live_key)
         self.retry_poll = bool(getattr(result.results.get("integrate"), "waiting", 0))
         return result
+
+    def final_report(self) -> None:
+        """The report once more, without the self-refresh (the watch has stopped)."""
+        if self.last is None:
+            return
+        exp, live_key = self.last
+        try:
+            report_experiment(exp, keys=stage_keys(exp, live_key=live_key))
+        except XrdpipeError as exc:
+            self.say(f"{_now()} the report could not be rewritten: {exc}")
 
     def _load(self) -> None:
         try:

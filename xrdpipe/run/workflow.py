@@ -8,6 +8,12 @@ whose output files all exist and none of whose upstream stages ran in this run, 
 stage clears its record when it starts, so an interrupted stage always runs again (and resumes
 where it can), and so do the stages that read its results. ``plot_experiment`` and ``export_experiment`` are
 the last two stages on their own.
+
+The report (``<output>/report.html``, :mod:`xrdpipe.run.report`) is the last step. Its key
+(:func:`report_key`) is kept apart from :func:`stage_keys`, so a run made before the report
+existed has every stage up to date and recomputes nothing: only its report is written. It is
+rewritten when a stage ran, when its key changed (a new version, a stage key, the self-refresh
+of ``xrdpipe watch`` turned on or off) or when the file is missing; it never makes a stage run.
 """
 
 from __future__ import annotations
@@ -33,9 +39,10 @@ from .output import PlotSummary, export_experiment, plot_experiment
 from .paths import ELECTROCHEMISTRY, LATTICE, PEAKS, RunPaths
 from .peakstore import read_peaks
 from .refine import refine_experiment
+from .report import report_experiment, report_path
 from .store import DONE, FAILED, has_group, mark_stage, read_frames, read_stages, read_table
 
-__all__ = ["run_experiment", "RunSummary", "stage_keys", "DEPENDS"]
+__all__ = ["run_experiment", "RunSummary", "stage_keys", "report_key", "DEPENDS", "REPORT"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -49,6 +56,16 @@ def _digest(*parts) -> str:
 DEPENDS = {"integrate": (), "echem": ("integrate",), "fit": ("integrate",), "refine": ("integrate", "echem"),
            "lattice": ("fit", "echem", "refine"), "plots": ("integrate", "echem", "fit", "lattice", "refine"),
            "export": ("integrate", "echem")}
+
+
+#: The record of the report step in ``/entry/process/stages`` (not one of :data:`DEPENDS`).
+REPORT = "report"
+
+
+def report_key(keys: dict[str, str], *, refresh_s: float | None = None) -> str:
+    """The key of the report step: the version, every stage's key and whether the page
+    refreshes itself (``refresh_s``, from ``xrdpipe watch``)."""
+    return _digest(__version__, keys, refresh_s)
 
 
 def stage_keys(exp: Experiment, *, live_key: str | None = None) -> dict[str, str]:
@@ -110,6 +127,7 @@ class RunSummary:
     outputs: dict[str, str] = field(default_factory=dict)
     figures: list[Path] = field(default_factory=list)
     seconds: float = 0.0
+    report: str = ""      # the report step: "ran", "skipped" (up to date) or "" (not reached)
     results: dict[str, object] = field(default_factory=dict, repr=False)   # each stage's own summary
 
     @property
@@ -145,13 +163,16 @@ class RunSummary:
 def run_experiment(exp: Experiment, *, force: bool = False, progress: bool = True, workers: int | None = None,
                    echo: Callable[[str], None] | None = None, scheduler: str | None = None,
                    ready: Callable | None = None, retry_s: float | None = None,
-                   cache: dict | None = None, live_key: str | None = None) -> RunSummary:
+                   cache: dict | None = None, live_key: str | None = None,
+                   report_refresh_s: float | None = None) -> RunSummary:
     """Run every configured stage of ``exp`` in order, skipping those whose inputs have not
     changed since they last finished (``force`` runs them all). ``echo`` receives a line per
     stage as it goes. ``scheduler`` overrides ``[run] scheduler``; ``ready``, ``retry_s`` and
     ``cache`` are for live processing (see :func:`~xrdpipe.run.integrate.integrate_experiment`), as is
     ``live_key`` (see :func:`stage_keys`). A stage that ran but changed nothing (integrate with no
-    new frame) is ``"checked"``: the stages after it do not run for it.
+    new frame) is ``"checked"``: the stages after it do not run for it. The report is written
+    last (see the module docstring); ``report_refresh_s`` makes it reload itself in a browser
+    (``xrdpipe watch``).
 
     The run file is written in one transaction (:mod:`xrdpipe.safeio`): it is published at
     the end of every stage and every ``[run] checkpoint_s`` within one, never half-written.
@@ -191,9 +212,27 @@ def run_experiment(exp: Experiment, *, force: bool = False, progress: bool = Tru
             session.publish()
             summary.stages[stage] = "ran" if getattr(result, "changed", True) else "checked"
             summary.results[stage] = result
+        _report(summary, exp, keys, done, force, report_refresh_s, say)
         _fill_state(summary, exp)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _report(summary: RunSummary, exp: Experiment, keys: dict[str, str], done, force: bool,
+            refresh_s: float | None, say: Callable[[str], None]) -> None:
+    """The last step: write report.html unless it is up to date (see the module docstring)."""
+    key = report_key(keys, refresh_s=refresh_s)
+    prior = done.get(REPORT)
+    target = report_path(exp)
+    if (not force and prior is not None and prior.key == key and target.exists()
+            and not any(v == "ran" for v in summary.stages.values())):
+        summary.report = "skipped"
+        return
+    result = report_experiment(exp, keys=keys, refresh_s=refresh_s)
+    mark_stage(exp.run.run_file, REPORT, key, str(result), outputs=[target])
+    say(str(result))
+    summary.report = "ran"
+    summary.results[REPORT] = result
 
 
 def _refine(exp: Experiment, progress: bool):
@@ -248,3 +287,5 @@ def _fill_state(summary: RunSummary, exp: Experiment) -> None:
         summary.outputs["figures"] = str(paths.figures)
     if "export" in stages:
         summary.outputs["exports"] = str(paths.exports)
+    if summary.report:
+        summary.outputs["report"] = str(report_path(exp))
