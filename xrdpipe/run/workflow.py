@@ -95,8 +95,7 @@ def stage_keys(exp: Experiment, *, live_key: str | None = None) -> dict[str, str
         if exp.phases:
             own["lattice"] = exp.lattice.model_dump(mode="json")
     if exp.refinement is not None:
-        cifs = [Path(p.structure) if Path(p.structure).is_absolute() or exp.source is None
-                else exp.source.parent / p.structure for p in exp.refinement.phases if p.structure != "template"]
+        cifs = [exp.structure_file(p.structure) for p in exp.refinement.phases if p.structure != "template"]
         own["refine"] = [exp.refinement.model_dump(mode="json"), [p.model_dump(mode="json") for p in exp.phases],
                          [file_stat(c) for c in cifs]]
     own["plots"] = exp.plots.model_dump(mode="json")
