@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from xrdpipe import open_dataset, open_results
 from xrdpipe.cli import main
 from xrdpipe.config import ContourSpec, load_experiment
 from xrdpipe.patterns import read_pattern
-from xrdpipe import open_dataset, open_results
 from xrdpipe.plots import PlotError, plot_contour
 from xrdpipe.run.store import mark_stage, open_run, read_stages
 from xrdpipe.run.workflow import run_experiment
