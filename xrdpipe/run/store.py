@@ -16,6 +16,8 @@ Layout (``@default`` chain set so silx view and h5web show the pattern stack as 
       process               NXprocess: program, version, date, experiment text, PONI, package
                             versions, and the fingerprint of the settings the patterns depend on
         stages/<stage>      @key, @finished, @summary of each stage `xrdpipe run` finished
+      results               NXcollection of NXdata views (silx view, h5web): centres, lattice_a,
+                            lattice_c, volume, fractions, voltage (see :func:`put_nxdata`)
 
 ``status`` is 0 (pending), 1 (done) or -1 (failed, ``message`` says why). A rerun reopens the
 file, checks the fingerprint and integrates only the rows that are not done.
