@@ -212,3 +212,12 @@ def test_a_2000_frame_run_opens_in_under_a_second_and_holds_under_50_mb(tmp_path
     assert m["open"] < 50e6, f"open_dataset holds {m['open'] / 1e6:.0f} MB"
     assert m["window_ok"] and m["window"] < 50e6, f"a window of every frame holds {m['window'] / 1e6:.0f} MB"
     assert m["whole"] > 30e6                  # asked for, the stack (32 MB) is in memory: the measure sees it
+
+
+def test_chunks_make_the_stack_a_dask_array(small):
+    pytest.importorskip("dask")
+    path, _ = small
+    ds = xrdpipe.open_dataset(path, chunks={"frame": 16})
+    assert ds.intensity.chunks == ((16, 16, 8), (500,))
+    mean = ds.intensity.mean("frame").compute()                  # NaN of the failed frame skipped
+    np.testing.assert_allclose(mean.values, np.nanmean(open_run(path).intensity, axis=0), rtol=1e-6)

@@ -12,9 +12,10 @@ import numpy as np
 from ..config import Experiment, TimesFromLog
 from ..errors import ConfigError
 from .lattice import lattice_experiment
+from .nexus import Curve, write_nxdata
 from .paths import ECHEM_RECORD, ELECTROCHEMISTRY, LATTICE, RunPaths, h5path
 from .stage import stage
-from .store import Curve, has_group, read_frames, write_nxdata, write_table
+from .store import has_group, read_frames, write_table
 
 __all__ = ["EchemSummary", "echem_experiment"]
 

@@ -12,11 +12,12 @@ import numpy as np
 
 from ..config import Experiment
 from ..errors import ConfigError
+from .nexus import Curve, write_nxdata
 from .paths import ELECTROCHEMISTRY, LATTICE, RunPaths
 from .peakstore import read_peak_table
 from .refinestore import read_weight_fractions
 from .stage import stage
-from .store import Curve, read_run_info, read_table, write_nxdata, write_table
+from .store import read_run_info, read_table, write_table
 
 __all__ = ["LatticeSummary", "lattice_experiment"]
 

@@ -12,8 +12,9 @@ import numpy as np
 
 from ..errors import StoreError
 from ..tables import PEAK_ARRAYS
+from .nexus import Curve, put_nxdata
 from .paths import ENTRY, FRAMES, PATTERNS, PEAKS, h5path
-from .store import Curve, Writer, axis_of, decode, enter_transaction, put_nxdata, reading, str_dtype
+from .store import Writer, axis_of, decode, enter_transaction, reading, str_dtype
 
 __all__ = ["PeakStore", "PHASE_DATASETS", "read_peaks", "read_peak_table"]
 

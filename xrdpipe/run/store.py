@@ -17,7 +17,7 @@ Layout (``@default`` chain set so silx view and h5web show the pattern stack as 
                             versions, and the fingerprint of the settings the patterns depend on
         stages/<stage>      @key, @finished, @summary of each stage `xrdpipe run` finished
       results               NXcollection of NXdata views (silx view, h5web): centres, lattice_a,
-                            lattice_c, volume, fractions, voltage (see :func:`put_nxdata`)
+                            lattice_c, volume, fractions, voltage (:mod:`xrdpipe.run.nexus`)
 
 ``status`` is 0 (pending), 1 (done) or -1 (failed, ``message`` says why). A rerun reopens the
 file, checks the fingerprint and integrates only the rows that are not done.
@@ -49,15 +49,13 @@ from .paths import (
     PATTERNS,
     PEAKS,
     PROCESS,
-    RESULTS,
     STAGES,
     h5path,
 )
 
 __all__ = ["RunFile", "open_run", "PENDING", "DONE", "FAILED", "Patterns", "RunInfo", "FrameTable", "StageRecord",
            "read_run_info", "read_frames", "write_table", "read_table", "has_group", "read_stages",
-           "mark_stage", "read_pattern_block", "Writer", "enter_transaction", "reading", "str_dtype", "decode",
-           "Curve", "put_nxdata", "write_nxdata"]
+           "mark_stage", "read_pattern_block", "Writer", "enter_transaction", "reading", "str_dtype", "decode"]
 
 PENDING, DONE, FAILED = 0, 1, -1
 _AXIS_NAME = {"2th_deg": "tth", "q_A^-1": "q"}
@@ -572,58 +570,3 @@ def read_pattern_block(path: Path | str, rows: Sequence[int] | np.ndarray | None
         uniq, inverse = np.unique(rows, return_inverse=True)     # h5py reads increasing rows only
         return pat["intensity"][uniq, columns][inverse], pat["intensity_errors"][uniq, columns][inverse]
 
-
-# ----------------------------------------------------------------------------------------------
-# /entry/results: NXdata views of the results a user would plot (silx view, h5web)
-
-@dataclass(frozen=True)
-class Curve:
-    """One curve of an NXdata view: its name, values (or the path of a dataset of the run file to
-    link to) and esds (the same), in ``units``."""
-
-    name: str
-    values: np.ndarray | str
-    errors: np.ndarray | str | None = None
-
-
-def put_nxdata(entry, name: str, curves: Sequence[Curve], *, axis: tuple[str, np.ndarray | str, str],
-               units: str, long_name: str) -> None:
-    """Replace ``/entry/results/<name>`` with an NXdata of ``curves`` (the first the signal, the
-    others its auxiliary signals, each with ``<name>_errors``) against ``axis`` ((name, values or
-    a path to link to, units)); a path becomes an h5py SoftLink, so nothing is stored twice.
-    ``entry``: the ``/entry`` group of a run file open for writing."""
-    import h5py
-
-    results = entry.require_group(RESULTS)
-    results.attrs["NX_class"] = "NXcollection"
-    if name in results:
-        del results[name]
-    g = results.create_group(name)
-
-    def put(key: str, value, attrs: dict[str, str]) -> None:
-        if isinstance(value, str):
-            g[key] = h5py.SoftLink(value)
-            target = g.file[value]
-            if "units" in attrs and "units" not in target.attrs:   # silx reads them on the target
-                target.attrs["units"] = attrs["units"]
-        else:
-            g.create_dataset(key, data=np.asarray(value)).attrs.update(attrs)
-
-    names = [c.name.replace("/", "_") for c in curves]
-    for c, key in zip(curves, names):
-        put(key, c.values, {"units": units, "long_name": f"{long_name} {c.name}".strip()})
-        if c.errors is not None:
-            put(f"{key}_errors", c.errors, {"units": units})
-    axis_name, axis_values, axis_units = axis
-    put(axis_name, axis_values, {"units": axis_units} if axis_units else {})
-    g.attrs.update({"NX_class": "NXdata", "signal": names[0], "axes": [axis_name], "title": long_name})
-    if len(names) > 1:
-        g.attrs["auxiliary_signals"] = names[1:]
-
-
-def write_nxdata(path: Path | str, name: str, curves: Sequence[Curve], **options) -> None:
-    """:func:`put_nxdata` in a transaction on the run file ``path``."""
-    from ..safeio import transaction
-
-    with transaction(path) as session:
-        put_nxdata(session.writable()[ENTRY], name, curves, **options)
