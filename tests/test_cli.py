@@ -16,14 +16,16 @@ def test_public_api_is_curated():
         "Integrator", "PatternReadError", "StoreError", "WindowModel", "XrdpipeError", "fit_experiment", "fit_peaks", "fit_phases",
         "integrate_experiment", "load_calibration", "load_experiment", "open_run", "CyclerReadError",
         "echem_experiment", "read_cycler", "run_experiment", "plot_experiment", "export_experiment",
-        "PlotError", "RefinementError", "StructureError", "WindowSetupError", "lmfit_model"])
+        "PlotError", "RefinementError", "StructureError", "WindowSetupError", "lmfit_model",
+        "open_dataset", "open_results"])
     for name in xrdpipe.__all__:
         assert hasattr(xrdpipe, name)
 
 
 def test_help_does_not_import_pyfai():
     code = ("import sys; from xrdpipe.cli import main; "
-            "assert 'pyFAI' not in sys.modules and 'lmfit' not in sys.modules; print('ok')")
+            "assert 'pyFAI' not in sys.modules and 'lmfit' not in sys.modules and 'xarray' not in sys.modules; "
+            "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 

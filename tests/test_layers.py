@@ -20,9 +20,9 @@ RANK = {"errors": 0, "crystallography": 0, "lineshapes": 0, "batchfit": 0, "phas
         "testing": 8, "cli": 9, "__main__": 10}
 
 #: Stage modules that still read the run file themselves (through ``xrdpipe.run.store``): they
-#: belong to the output layer of run/ until their reading moves there. Nothing else outside
-#: run/ but the modules above it (rank >= 8) may import run/.
-READS_RUN_FILE = {"plots"}
+#: would belong to the output layer of run/. None is left: nothing outside run/ but the modules
+#: above it (rank >= 8) may import run/.
+READS_RUN_FILE: set[str] = set()
 
 
 def _modules() -> dict[str, Path]:

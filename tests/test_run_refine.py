@@ -52,8 +52,9 @@ def test_sequential_refinement_tracks_the_cell_in_every_frame(tmp_path):
     assert "refined 0 frame(s)" in res.output and "8 already done" in res.output
     # the refinement figure: observed, calculated, difference and tick marks
     from xrdpipe.plots import plot_refinement
+    from xrdpipe.run.refinestore import read_refined_frame
 
-    fig = plot_refinement(tmp_path / "out" / "seq.nxs", frame=5)
+    fig = plot_refinement(read_refined_frame(tmp_path / "out" / "seq.nxs", 5))
     assert len(fig.axes) == 2
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from xrdpipe import open_dataset, open_results
 from xrdpipe.cli import main
 from xrdpipe.config import ContourSpec, load_experiment
 from xrdpipe.patterns import read_pattern
@@ -181,16 +182,23 @@ def test_only_the_stages_downstream_of_a_change_run_again(whole_run, tmp_path):
     assert "fit" in read_stages(exp.run.run_file)
 
 
+def _contour(run_file, **options):
+    """A contour map as ``xrdpipe plot`` draws it: from the run file's Datasets."""
+    res = open_results(run_file)
+    return plot_contour(open_dataset(run_file), peaks=res.peaks, record=res.record, **options)
+
+
 def test_a_map_against_x_of_a_charge_and_discharge_is_refused(whole_run):
     _, exp, summary, _ = whole_run
     with pytest.raises(PlotError, match="x goes down and up again"):
-        plot_contour(exp.run.run_file, windows=[("003", 6.0, 7.1)], spec=ContourSpec(vertical="x"))
-    fig = plot_contour(exp.run.run_file, windows=[("003", 6.0, 7.1)], spec=ContourSpec(vertical="frame", scale="log"))
+        _contour(exp.run.run_file, windows=[("003", 6.0, 7.1)], spec=ContourSpec(vertical="x"))
+    fig = _contour(exp.run.run_file, windows=[("003", 6.0, 7.1)],
+                   spec=ContourSpec(vertical="frame", scale="log"))
     assert len(fig.axes) == 3        # map, voltage panel, colour bar
     # within the first charge x only falls: the map is drawn, the first frame (highest x) at the top
     frames = {int(r["frame"]): r for r in csv.DictReader(open(exp.run.output / "frames.csv"))}
     charge = [f for f, r in frames.items() if r["segment"] == "charge"]
-    fig = plot_contour(exp.run.run_file, windows=[("003", 6.0, 7.1)],
+    fig = _contour(exp.run.run_file, windows=[("003", 6.0, 7.1)],
                        spec=ContourSpec(vertical="x", frame_range=(min(charge), max(charge))))
     bottom, top = fig.axes[0].get_ylim()
     assert top > bottom and top >= float(frames[min(charge)]["x"]) > float(frames[max(charge)]["x"]) >= bottom
@@ -199,26 +207,26 @@ def test_a_map_against_x_of_a_charge_and_discharge_is_refused(whole_run):
 
 
 def test_a_map_of_more_frames_than_pixel_rows_shows_their_means_and_keeps_pauses_blank(whole_run):
-    from xrdpipe.plots import _binned_image, _pixel_rows
+    from xrdpipe.plots.contour import binned_image, pixel_rows
     from xrdpipe.run.store import read_pattern_block
 
     # 7 frames, a pause (-1), 3 frames; at most 4 image rows: frames go in runs of 3, the pause stays alone
     frame_rows = np.array([0, 1, 2, 3, 4, 5, 6, -1, 7, 8, 9])
-    group, edges = _pixel_rows(frame_rows, np.arange(12.0), max_rows=4)
+    group, edges = pixel_rows(frame_rows, np.arange(12.0), max_rows=4)
     assert group.tolist() == [0, 0, 0, 1, 1, 1, 2, 3, 4, 4, 4]
     assert edges.tolist() == [0, 3, 6, 7, 8, 11]
     _, exp, _, _ = whole_run
     cols = slice(200, 260)
-    z = _binned_image(exp.run.run_file, frame_rows, group, 5, cols, chunk=4)    # chunks cut across rows
+    z = binned_image(open_dataset(exp.run.run_file).intensity, frame_rows, group, 5, cols, chunk=4)    # chunks cut across rows
     inten, _ = read_pattern_block(exp.run.run_file, rows=np.arange(10), columns=cols)
     np.testing.assert_allclose(z[0], inten[0:3].mean(axis=0), rtol=1e-6)
     np.testing.assert_allclose(z[2], inten[6], rtol=1e-6)
     np.testing.assert_allclose(z[4], inten[7:10].mean(axis=0), rtol=1e-6)
     assert np.isnan(z[3]).all()
     # in a figure: no more image rows than pixel rows (48 frames, 25 px high), the same extent
-    fig = plot_contour(exp.run.run_file, windows=[("003", 6.0, 7.1)],
+    fig = _contour(exp.run.run_file, windows=[("003", 6.0, 7.1)],
                        spec=ContourSpec(vertical="frame", voltage=False, height_mm=25.4), dpi=25)
-    full = plot_contour(exp.run.run_file, windows=[("003", 6.0, 7.1)],
+    full = _contour(exp.run.run_file, windows=[("003", 6.0, 7.1)],
                         spec=ContourSpec(vertical="frame", voltage=False, height_mm=25.4), dpi=300)
     rows = fig.axes[0].collections[0].get_array().shape[0]
     assert rows <= 25 < full.axes[0].collections[0].get_array().shape[0] == 48

@@ -6,6 +6,7 @@ The public API is small; everything else lives in private-by-convention stage mo
 >>> exp = xrdpipe.load_experiment("experiment.toml")       # doctest: +SKIP
 >>> summary = xrdpipe.integrate_experiment(exp)             # doctest: +SKIP
 >>> patterns = xrdpipe.open_run(exp.run.run_file)           # doctest: +SKIP
+>>> ds = xrdpipe.open_dataset(exp.run.run_file)             # labelled, lazy  # doctest: +SKIP
 >>> peaks = xrdpipe.fit_experiment(exp)                     # doctest: +SKIP
 >>> states = xrdpipe.echem_experiment(exp)                  # doctest: +SKIP
 >>> print(xrdpipe.run_experiment(exp))                      # doctest: +SKIP
@@ -29,7 +30,7 @@ _HOME = {
     "Integrator": "integration",
     "WindowModel": "peaks", "fit_peaks": "peaks", "lmfit_model": "lmfit_models", "fit_phases": "phasefit",
     "echem_experiment": "run.echem", "fit_experiment": "run.fit", "integrate_experiment": "run.integrate",
-    "open_run": "run.store",
+    "open_run": "run.store", "open_dataset": "run.dataset", "open_results": "run.dataset",
     "export_experiment": "run.output", "plot_experiment": "run.output", "run_experiment": "run.workflow",
 }
 
@@ -78,6 +79,8 @@ __all__ = [
     "load_experiment",
     "lmfit_model",
     "open_run",
+    "open_dataset",
+    "open_results",
     "read_cycler",
     "run_experiment",
     "plot_experiment",

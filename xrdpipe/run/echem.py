@@ -12,7 +12,8 @@ import numpy as np
 from ..config import Experiment, TimesFromLog
 from ..errors import ConfigError
 from .lattice import lattice_experiment
-from .paths import ELECTROCHEMISTRY, LATTICE, RunPaths
+from .nexus import Curve, write_nxdata
+from .paths import ECHEM_RECORD, ELECTROCHEMISTRY, LATTICE, RunPaths, h5path
 from .stage import stage
 from .store import has_group, read_frames, write_table
 
@@ -121,6 +122,10 @@ def echem_experiment(exp: Experiment, *, update_lattice: bool = True) -> EchemSu
     with stage(exp, "echem"):
         write_table(exp.run.run_file, ELECTROCHEMISTRY, {**per_frame, "record": _record(rec, ec, t_first)},
                     _attrs(spec, rec, ec, loss, notes))
+        # the cycler's voltage against time, as NXdata (links into the record)
+        record = h5path(ECHEM_RECORD)
+        write_nxdata(exp.run.run_file, "voltage", [Curve("voltage", f"{record}/voltage_V")],
+                     axis=("time_s", f"{record}/time_s", "s"), units="V", long_name="cell voltage")
     csv_file = states.write_csv(RunPaths.of(exp).frames_csv)
     xs = states.x[np.isfinite(states.x)]
     summary = EchemSummary(exp.run.run_file, csv_file, spec.file, len(rec), rec.start.isoformat(), rec.end.isoformat(),

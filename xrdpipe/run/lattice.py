@@ -12,6 +12,7 @@ import numpy as np
 
 from ..config import Experiment
 from ..errors import ConfigError
+from .nexus import Curve, write_nxdata
 from .paths import ELECTROCHEMISTRY, LATTICE, RunPaths
 from .peakstore import read_peak_table
 from .refinestore import read_weight_fractions
@@ -58,6 +59,7 @@ def lattice_experiment(exp: Experiment) -> LatticeSummary:
             arrays[name] = getattr(lat, name)
     with stage(exp, "lattice"):
         write_table(exp.run.run_file, LATTICE, arrays, {"correction": exp.lattice.correction})
+        _write_views(exp.run.run_file, lat)
     states = read_table(exp.run.run_file, ELECTROCHEMISTRY)
     if states is not None:
         lat.voltage_V, lat.x = states["voltage_V"][lat.frame], states["x"][lat.frame]
@@ -70,3 +72,19 @@ def lattice_experiment(exp: Experiment) -> LatticeSummary:
     return summary
 
 
+
+
+#: the NXdata views of the lattice in ``/entry/results``: name, field, esd, units, title
+_VIEWS = (("lattice_a", "a_A", "a_err_A", "angstrom", "a"), ("lattice_c", "c_A", "c_err_A", "angstrom", "c"),
+          ("volume", "volume_A3", "volume_err_A3", "angstrom^3", "V"),
+          ("fractions", "fraction", "fraction_err", "", "fraction"))
+
+
+def _write_views(run_file: Path, lat) -> None:
+    """a, c, V and the fractions of every phase against the frame, as NXdata (one curve per
+    phase) that silx view and h5web plot at once."""
+    frames = np.asarray(lat.frame)
+    for name, field_, err, units, title in _VIEWS:
+        curves = [Curve(ph, lat.values[field_][:, i], lat.values[err][:, i]) for i, ph in enumerate(lat.phases)]
+        if curves:
+            write_nxdata(run_file, name, curves, axis=("frame", frames, ""), units=units, long_name=title)

@@ -1,19 +1,20 @@
-"""The last two stages on an experiment: figures drawn from the run file (``plot_experiment``) and
+"""The last two stages on an experiment: figures drawn from the run file's Datasets
+(``plot_experiment``: the run file is opened here and :mod:`xrdpipe.plots` draws from arrays) and
 patterns exported for other programs (``export_experiment``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from ..config import PLOT_KINDS, Experiment, PlotsSpec
 from ..config.base import did_you_mean
-from ..errors import XrdpipeError
+from ..errors import PlotError, XrdpipeError
 from .paths import ELECTROCHEMISTRY, LATTICE, PEAKS, REFINEMENT, RunPaths
-from .refinestore import FLAGGED, OK, read_refinement
+from .refinestore import FLAGGED, OK, read_refined_frame, read_refinement
 from .store import DONE, has_group, read_frames, read_pattern_block, read_run_info, read_table
 
 __all__ = ["plot_experiment", "PlotSummary", "export_experiment", "export_run_file"]
@@ -55,8 +56,6 @@ def _possible_kinds(exp: Experiment, run_file: Path) -> list[str]:
 
 def _last_refined(run_file: Path) -> int:
     """The last frame whose refinement succeeded (the refinement figure's default)."""
-    from ..plots import PlotError
-
     d = read_table(run_file, REFINEMENT, names=("status",))
     ok = np.flatnonzero(d["status"] == OK) if d is not None else np.zeros(0, int)
     if not ok.size:
@@ -65,8 +64,6 @@ def _last_refined(run_file: Path) -> int:
 
 
 def _contour_windows(exp: Experiment, spec, radial: np.ndarray) -> list[tuple[str, float, float]]:
-    from ..plots import PlotError
-
     named = {w.name: w.range for w in exp.windows}
     unit = "°" if exp.radial_unit == "2th_deg" else " Å$^{-1}$"
     chosen = spec.windows or list(named)
@@ -89,36 +86,20 @@ def plot_experiment(exp: Experiment, *, kinds: Sequence[str] | None = None, plot
     """Draw the figures of ``kinds`` (default: ``[plots] kinds``, else every kind the run file
     can give) from the run file, as ``<output>/<folder>/<run>_<kind>.<format>``.
 
-    With ``strict`` (the default when ``kinds`` are named) a figure that cannot be drawn is an
-    error; otherwise it is skipped and the reason kept.
+    The run file is opened here (:func:`~xrdpipe.run.dataset.open_dataset`, lazily, and
+    :func:`~xrdpipe.run.dataset.open_results`) and the figures draw from those Datasets. With
+    ``strict`` (the default when ``kinds`` are named) a figure that cannot be drawn is an error;
+    otherwise it is skipped and the reason kept.
     """
-    from ..plots import (
-        plot_contour,
-        plot_fit_check,
-        plot_fractions,
-        plot_lattice,
-        plot_refinement,
-        plot_waterfall,
-        save_figure,
-    )
+    from ..plots import save_figure
 
     spec = plots or exp.plots
     run_file = exp.run.run_file
-    info = read_run_info(run_file)
     wanted = list(kinds or spec.kinds or _possible_kinds(exp, run_file))
     strict = bool(kinds) if strict is None else strict
     folder = exp.run.output / spec.folder     # `plots` may name another [plots]
     summary = PlotSummary(folder)
-    common = dict(dpi=spec.dpi, font_size=spec.font_size)
-    makers: dict[str, Callable] = {
-        "contour": lambda: plot_contour(run_file, windows=_contour_windows(exp, spec.contour, info.radial),
-                                        spec=spec.contour, **common),
-        "lattice": lambda: plot_lattice(run_file, spec=spec.lattice, **common),
-        "fractions": lambda: plot_fractions(run_file, spec=spec.fractions, **common),
-        "fit": lambda: plot_fit_check(run_file, phases=exp.phases, windows=exp.windows, spec=spec.fit, **common),
-        "waterfall": lambda: plot_waterfall(run_file, spec=spec.waterfall, **common),
-        "refinement": lambda: plot_refinement(run_file, _last_refined(run_file), **common),
-    }
+    makers = _makers(exp, spec, run_file)
     for kind in wanted:
         try:
             fig = makers[kind]()
@@ -130,6 +111,52 @@ def plot_experiment(exp: Experiment, *, kinds: Sequence[str] | None = None, plot
         target = Path(stem) if stem is not None and len(wanted) == 1 else RunPaths.of(exp).figure(kind, folder)
         summary.files[kind] = save_figure(fig, target, formats=spec.formats, dpi=spec.dpi)
     return summary
+
+
+def _makers(exp: Experiment, spec: PlotsSpec, run_file: Path) -> dict[str, Callable]:
+    """Each kind of figure, drawn from the run file's Datasets (opened once, when first needed)."""
+    from ..plots import (
+        plot_contour,
+        plot_fit_check,
+        plot_fractions,
+        plot_lattice,
+        plot_refinement,
+        plot_waterfall,
+    )
+    from .dataset import open_dataset, open_results
+
+    opened: dict[str, Any] = {}
+
+    def patterns():
+        if "patterns" not in opened:
+            opened["patterns"] = open_dataset(run_file)
+        return opened["patterns"]
+
+    def results():
+        if "results" not in opened:
+            opened["results"] = open_results(run_file)
+        return opened["results"]
+
+    def lattice():
+        if results().lattice is None:
+            raise PlotError(f"{run_file} holds no lattice parameters yet; run 'xrdpipe lattice' (after 'xrdpipe fit')")
+        return results().lattice
+
+    common = dict(dpi=spec.dpi, font_size=spec.font_size)
+    return {
+        "contour": lambda: plot_contour(patterns(), windows=_contour_windows(exp, spec.contour, _radial(patterns())),
+                                        spec=spec.contour, peaks=results().peaks, record=results().record, **common),
+        "lattice": lambda: plot_lattice(lattice(), spec=spec.lattice, **common),
+        "fractions": lambda: plot_fractions(lattice(), spec=spec.fractions, **common),
+        "fit": lambda: plot_fit_check(patterns(), results().peaks, phases=exp.phases, windows=exp.windows,
+                                      spec=spec.fit, **common),
+        "waterfall": lambda: plot_waterfall(patterns(), spec=spec.waterfall, **common),
+        "refinement": lambda: plot_refinement(read_refined_frame(run_file, _last_refined(run_file)), **common),
+    }
+
+
+def _radial(ds) -> np.ndarray:
+    return np.asarray(ds["tth" if ds.attrs["radial_unit"] == "2th_deg" else "q"].values)
 
 
 def export_experiment(exp: Experiment, *, formats: Sequence[str] | None = None, frames: Sequence[int] | None = None,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["RunPaths", "h5path", "FORMAT", "ENTRY", "PATTERNS", "FRAMES", "PEAKS", "LATTICE", "ELECTROCHEMISTRY",
-           "ECHEM_RECORD", "REFINEMENT", "PROCESS", "STAGES", "FINGERPRINT", "INSTRUMENT", "WAVELENGTH"]
+           "ECHEM_RECORD", "REFINEMENT", "RESULTS", "PROCESS", "STAGES", "FINGERPRINT", "INSTRUMENT", "WAVELENGTH"]
 
 #: the ``@format`` of a run file's root
 FORMAT = "xrdpipe-run-1"
@@ -30,6 +30,7 @@ REFINEMENT = "refinement"                # whole-pattern results, frame x parame
 PROCESS = "process"                      # NXprocess: provenance, fingerprint, stages
 STAGES = "process/stages"                # what each stage of `xrdpipe run` last finished
 FINGERPRINT = "process/fingerprint"      # the settings the patterns depend on
+RESULTS = "results"                      # NXdata views for silx view and h5web: centres, lattice, ...
 INSTRUMENT = "instrument"
 WAVELENGTH = "instrument/monochromator/wavelength"
 

@@ -12,8 +12,9 @@ import numpy as np
 
 from ..errors import StoreError
 from ..tables import PEAK_ARRAYS
+from .nexus import Curve, put_nxdata
 from .paths import ENTRY, FRAMES, PATTERNS, PEAKS, h5path
-from .store import Writer, decode, enter_transaction, reading, str_dtype
+from .store import Writer, axis_of, decode, enter_transaction, reading, str_dtype
 
 __all__ = ["PeakStore", "PHASE_DATASETS", "read_peaks", "read_peak_table"]
 
@@ -64,6 +65,10 @@ class PeakStore(Writer):
         except BaseException:
             stack.close()
             raise
+
+    def _on_close(self) -> None:
+        if self._h5.id.valid:
+            _put_centres(self._h5)
 
     def _grow(self, n: int) -> None:
         g = self._g
@@ -123,6 +128,24 @@ class PeakStore(Writer):
         g["message"][sel] = message.astype(str).astype(object)
         g["done"][sel] = 1  # last: a row is done only once its results are in
         self.maybe_flush()
+
+
+def _put_centres(h5) -> None:
+    """``/entry/results/centres``: the fitted centre of every component per frame (NaN where it
+    is absent or its fit failed), with esds, an NXdata that silx view and h5web plot at once."""
+    g = h5[h5path(PEAKS)]
+    phase, hkl, window = (decode(g[k][()]) for k in ("peak_phase", "peak_hkl", "peak_window"))
+    if not len(phase):
+        return
+    shown = g["present"][()].astype(bool) & g["done"][()].astype(bool)[:, None]
+    center = np.where(shown, g["center"][()], np.nan)
+    err = np.where(shown, g["center_err"][()], np.nan)
+    labels = [f"{p} {k}" for p, k in zip(phase, hkl)]
+    labels = [f"{lab} [{w}]" if labels.count(lab) > 1 else lab for lab, w in zip(labels, window)]
+    axis, _, _ = axis_of(h5)
+    units = h5[h5path(f"{PATTERNS}/{axis}")].attrs.get("units", "")
+    put_nxdata(h5[ENTRY], "centres", [Curve(lab, center[:, j], err[:, j]) for j, lab in enumerate(labels)],
+               axis=("frame", np.arange(center.shape[0]), ""), units=units, long_name="fitted centre")
 
 
 #: The phase model's per-frame datasets in ``/entry/peaks`` (frame x phase [x window or cell]).

@@ -11,7 +11,7 @@ from ..refine import RefinementResult
 from .paths import ENTRY, REFINEMENT, h5path
 from .store import Writer, enter_transaction, read_table, str_dtype
 
-__all__ = ["RefineStore", "read_refinement", "read_weight_fractions", "OK", "FAILED", "FLAGGED", "STATUS"]
+__all__ = ["RefineStore", "read_refinement", "read_weight_fractions", "read_refined_frame", "OK", "FAILED", "FLAGGED", "STATUS"]
 
 #: ``status`` of a refined frame (0: not refined)
 OK, FAILED, FLAGGED = 1, 2, 3
@@ -165,3 +165,37 @@ def read_weight_fractions(run_file: Path | str):
     ok = np.isin(d["status"], (OK, FLAGGED))[:, None]
     return WeightFractions(tuple(d["phase"]), np.where(ok, d["weight_fraction"], np.nan),
                            np.where(ok, d["weight_fraction_err"], np.nan))
+
+
+def read_refined_frame(run_file: Path | str, frame: int):
+    """One refined frame as a :class:`~xrdpipe.plots.RefinedFrame` (observed, calculated,
+    background, reflection ticks, Rwp, GOF) for :func:`~xrdpipe.plots.plot_refinement`.
+
+    Raises
+    ------
+    PlotError
+        The run file holds no refinement, or ``frame`` was not refined successfully (the
+        refined frames are named).
+    """
+    from ..errors import PlotError
+    from ..plots import RefinedFrame
+    from .store import read_pattern_block, reading
+
+    d = read_table(run_file, REFINEMENT, names=("tth", "status", "message", "rwp", "gof", "phase", "tick_phase"))
+    if d is None:
+        raise PlotError(f"{run_file} holds no refinement yet; run 'xrdpipe refine' first")
+    n = d["status"].size
+    if not 0 <= frame < n or d["status"][frame] != OK:
+        ok = np.flatnonzero(d["status"] == OK)
+        why = f"its refinement failed: {d['message'][frame]}" if 0 <= frame < n and d["status"][frame] == FAILED else (
+            "it was not refined")
+        raise PlotError(f"frame {frame} of {run_file}: {why} (refined frames: "
+                        f"{', '.join(map(str, ok[:10])) or 'none'}{' ...' if ok.size > 10 else ''})")
+    with reading(run_file) as h5:
+        g = h5[h5path(REFINEMENT)]
+        calc, bkg, ticks = g["calculated"][frame], g["background"][frame], g["ticks"][frame]
+    tth = d["tth"]
+    lo = int(d["attrs"]["first_column"])
+    obs, _ = read_pattern_block(run_file, rows=[frame], columns=slice(lo, lo + tth.size))
+    return RefinedFrame(int(frame), tth, obs[0], calc, bkg, ticks, d["tick_phase"], tuple(d["phase"]),
+                        float(d["rwp"][frame]), float(d["gof"][frame]))

@@ -16,6 +16,8 @@ Layout (``@default`` chain set so silx view and h5web show the pattern stack as 
       process               NXprocess: program, version, date, experiment text, PONI, package
                             versions, and the fingerprint of the settings the patterns depend on
         stages/<stage>      @key, @finished, @summary of each stage `xrdpipe run` finished
+      results               NXcollection of NXdata views (silx view, h5web): centres, lattice_a,
+                            lattice_c, volume, fractions, voltage (:mod:`xrdpipe.run.nexus`)
 
 ``status`` is 0 (pending), 1 (done) or -1 (failed, ``message`` says why). A rerun reopens the
 file, checks the fingerprint and integrates only the rows that are not done.
@@ -52,7 +54,7 @@ from .paths import (
 )
 
 __all__ = ["RunFile", "open_run", "PENDING", "DONE", "FAILED", "Patterns", "RunInfo", "FrameTable", "StageRecord",
-           "read_run_info", "open_run_info", "read_frames", "write_table", "read_table", "has_group", "read_stages",
+           "read_run_info", "read_frames", "write_table", "read_table", "has_group", "read_stages",
            "mark_stage", "read_pattern_block", "Writer", "enter_transaction", "reading", "str_dtype", "decode"]
 
 PENDING, DONE, FAILED = 0, 1, -1
@@ -436,14 +438,6 @@ def read_run_info(path: Path | str) -> RunInfo:
                        json.loads(h5[h5path(FINGERPRINT)][()]), PEAKS in h5[ENTRY])
 
 
-def open_run_info(path: Path | str) -> dict[str, Any]:
-    """:func:`read_run_info` as a dict (``radial``, ``unit``, ``wavelength_A``, ``status``,
-    ``message``, ``time_s``, ``fingerprint``, ``had_peaks``), for :mod:`xrdpipe.plots` and
-    :mod:`xrdpipe.export`, which read the run file themselves (yet)."""
-    info = read_run_info(path)
-    return {name: getattr(info, name) for name in info.__dataclass_fields__}
-
-
 def write_table(path: Path | str, group: str, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
     """Replace ``/entry/<group>`` of a run file with the given arrays (an NXcollection); a dict
     value becomes a subgroup (``{"arrays": {...}, "attrs": {...}}``)."""
@@ -575,3 +569,4 @@ def read_pattern_block(path: Path | str, rows: Sequence[int] | np.ndarray | None
             raise StoreError(f"{path} has frames 0 to {n - 1}; there is no frame {int(bad[0])}")
         uniq, inverse = np.unique(rows, return_inverse=True)     # h5py reads increasing rows only
         return pat["intensity"][uniq, columns][inverse], pat["intensity_errors"][uniq, columns][inverse]
+
