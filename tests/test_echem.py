@@ -224,3 +224,38 @@ def test_the_readme_electrochemistry_example_is_valid(tmp_path):
     e = xrdpipe.load_experiment(tmp_path / "e.toml").electrochemistry
     assert e.columns["current"] == "I/mA" and e.timezone == "Asia/Shanghai" and e.x0 == 1.0
     assert e.start == datetime(2025, 7, 2, 11, 0, tzinfo=timezone.utc) and e.inventory_loss_mAh_g == 12.5
+
+
+def test_frames_integrated_after_echem_have_no_state_and_break_nothing(tmp_path):
+    """Frames integrated after `xrdpipe echem` ran (the electrochemistry table is shorter than the
+    frame table): the lattice, the export and the run summary give them no state of charge (NaN)
+    and say so, instead of an IndexError."""
+    from xrdpipe.run.lattice import lattice_experiment
+    from xrdpipe.run.store import read_electrochemistry
+    from xrdpipe.run.workflow import RunSummary, _fill_state
+
+    syn = make_experiment(tmp_path / "syn", n_frames=10, frame_format="xye", seed=3)
+    later = sorted(syn.frame_files)[7:]
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    for f in later:
+        f.rename(aside / f.name)
+    exp = xrdpipe.load_experiment(syn.experiment_file)
+    xrdpipe.integrate_experiment(exp, progress=False)
+    xrdpipe.echem_experiment(exp)
+    for f in later:
+        (aside / f.name).rename(f)
+    exp = xrdpipe.load_experiment(syn.experiment_file)      # the glob finds 3 frames more
+    xrdpipe.integrate_experiment(exp, progress=False)       # echem not run again
+    xrdpipe.fit_experiment(exp, progress=False)
+    lattice_experiment(exp)
+    ec = read_electrochemistry(exp.run.run_file)
+    assert ec["frames_without"] == 3 and ec["x"].shape == (10,)
+    assert np.isfinite(ec["x"][:7]).all() and np.isnan(ec["x"][7:]).all() and list(ec["half_cycle"][7:]) == [-1] * 3
+    lat = list(csv.DictReader(open(exp.run.output / "lattice.csv")))
+    assert {r["x"] for r in lat if int(r["frame"]) >= 7} == {""} and all(r["x"] for r in lat if int(r["frame"]) < 7)
+    xrdpipe.export_experiment(exp, formats=["xye"])
+    summary = RunSummary(exp.run.run_file)
+    _fill_state(summary, exp)
+    assert summary.frames_without_echem == 3
+    assert "3 frame(s) have no state of charge yet" in str(summary)

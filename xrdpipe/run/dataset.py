@@ -27,7 +27,7 @@ from xarray.core import indexing
 
 from ..tables import PEAK_ARRAYS
 from .paths import ECHEM_RECORD, ELECTROCHEMISTRY, ENTRY, LATTICE, PATTERNS, PEAKS, h5path
-from .store import DONE, FAILED, PENDING, axis_of, decode, reading
+from .store import DONE, FAILED, PENDING, axis_of, decode, per_frame, reading, text
 
 __all__ = ["open_dataset", "open_results", "Results"]
 
@@ -82,18 +82,6 @@ class _StackArray(BackendArray):
             return np.take(block, inverse.ravel(), axis=axis)
 
 
-def _per_frame(values: np.ndarray | None, n: int, fill) -> np.ndarray:
-    """A per-frame column cut or padded (with ``fill``) to the run file's ``n`` frames (a table
-    written before more frames came in is shorter)."""
-    if values is None:
-        return np.full(n, fill, dtype=object) if isinstance(fill, str) else np.full(n, fill)
-    values = np.asarray(values)
-    if values.shape[0] >= n:
-        return values[:n]
-    pad = np.full((n - values.shape[0], *values.shape[1:]), fill, dtype=values.dtype)
-    return np.concatenate([values, pad])
-
-
 def _datetimes(posix_s: np.ndarray) -> np.ndarray:
     """POSIX seconds (UTC, NaN if unknown) as datetime64[ns] (NaT if unknown)."""
     out = np.full(posix_s.shape, np.datetime64("NaT"), dtype="datetime64[ns]")
@@ -128,7 +116,7 @@ def _frame_coords(h5, n: int) -> dict[str, Any]:
     }
     ec = _table(h5, ELECTROCHEMISTRY, names={col for col, _ in _ECHEM.values()})
     for name, (col, fill) in _ECHEM.items():
-        values = _per_frame(None if ec is None else ec.get(col), n, fill)
+        values = per_frame(None if ec is None else ec.get(col), n, fill)
         attrs = {"long_name": _LONG.get(name, name)}
         if name in _UNITS:
             attrs["units"] = _UNITS[name]
@@ -182,7 +170,7 @@ def open_dataset(run_file: Path | str, *, chunks: dict | str | None = None) -> x
     data = {name: xr.Variable(("frame", axis), indexing.LazilyIndexedArray(_StackArray(path, name, shape, dtype)),
                               {"units": "counts", "long_name": _LONG[name]})
             for name in ("intensity", "intensity_errors")}
-    attrs = {"run_file": str(path), "radial_unit": unit, "title": title.decode() if isinstance(title, bytes) else str(title)}
+    attrs = {"run_file": str(path), "radial_unit": unit, "title": text(title)}
     if wl:
         attrs["wavelength_A"] = float(wl)
     ds = xr.Dataset(data, coords=coords, attrs=attrs)
@@ -245,14 +233,14 @@ def _peaks(h5, n: int, coords: dict, axis: str) -> xr.Dataset:
     for name in PEAK_ARRAYS:
         unit = _PEAK_UNITS.get(name, "")
         unit = {"radial": _UNITS[axis], "counts x radial": f"counts x {_UNITS[axis]}"}.get(unit, unit)
-        data[name] = (("frame", "component"), _per_frame(g[name][()], n, np.nan), {"units": unit} if unit else {})
-    data["present"] = (("frame", "component"), _per_frame(g["present"][()], n, 0).astype(bool))
+        data[name] = (("frame", "component"), per_frame(g[name][()], n, np.nan), {"units": unit} if unit else {})
+    data["present"] = (("frame", "component"), per_frame(g["present"][()], n, 0).astype(bool))
     for name, fill in (("success", 0), ("redchi", np.nan)):
-        per_window = _per_frame(g[name][()], n, fill)
+        per_window = per_frame(g[name][()], n, fill)
         data[name] = (("frame", "component"), per_window[:, of_window].astype(bool if name == "success" else float))
-    message = _per_frame(decode(g["message"][()]), n, "")
+    message = per_frame(decode(g["message"][()]), n, "")
     data["message"] = (("frame", "component"), message[:, of_window] if of_window.size else message[:, :0])
-    data["done"] = ("frame", _per_frame(g["done"][()], n, 0).astype(bool))
+    data["done"] = ("frame", per_frame(g["done"][()], n, 0).astype(bool))
     comp = {"component": _component_labels(labels["peak_phase"], labels["peak_hkl"], labels["peak_window"]),
             "window": ("component", labels["peak_window"]), "phase": ("component", labels["peak_phase"]),
             "hkl": ("component", labels["peak_hkl"]), "profile": ("component", labels["peak_profile"])}
@@ -274,7 +262,7 @@ def _lattice(h5, coords: dict) -> xr.Dataset:
     sub = {k: ("frame", np.asarray(v[1])[frames], v[2]) for k, v in coords.items() if k != "frame"}
     sub["frame"] = ("frame", frames, {"long_name": "frame"})
     sub["phase"] = ("phase", np.array(phases, dtype=object))
-    attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in h5[h5path(LATTICE)].attrs.items()
+    attrs = {k: (text(v) if isinstance(v, bytes) else v) for k, v in h5[h5path(LATTICE)].attrs.items()
              if k != "NX_class"}
     return xr.Dataset(data, coords=sub, attrs=attrs)
 

@@ -13,11 +13,11 @@ import numpy as np
 from ..config import Experiment
 from ..errors import ConfigError
 from .nexus import Curve, write_nxdata
-from .paths import ELECTROCHEMISTRY, LATTICE, RunPaths
+from .paths import LATTICE, RunPaths
 from .peakstore import read_peak_table
 from .refinestore import read_weight_fractions
 from .stage import stage
-from .store import read_run_info, read_table, write_table
+from .store import read_electrochemistry, read_run_info, write_table
 
 __all__ = ["LatticeSummary", "lattice_experiment"]
 
@@ -60,7 +60,7 @@ def lattice_experiment(exp: Experiment) -> LatticeSummary:
     with stage(exp, "lattice"):
         write_table(exp.run.run_file, LATTICE, arrays, {"correction": exp.lattice.correction})
         _write_views(exp.run.run_file, lat)
-    states = read_table(exp.run.run_file, ELECTROCHEMISTRY)
+    states = read_electrochemistry(exp.run.run_file)
     if states is not None:
         lat.voltage_V, lat.x = states["voltage_V"][lat.frame], states["x"][lat.frame]
     summary = LatticeSummary(exp.run.run_file, lat.write_csv(RunPaths.of(exp).lattice_csv), len(lat.frame))

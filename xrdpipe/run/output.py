@@ -13,9 +13,17 @@ import numpy as np
 from ..config import PLOT_KINDS, Experiment, PlotsSpec
 from ..config.base import did_you_mean
 from ..errors import PlotError, XrdpipeError
-from .paths import ELECTROCHEMISTRY, LATTICE, PEAKS, REFINEMENT, RunPaths
+from .paths import LATTICE, PEAKS, REFINEMENT, RunPaths
 from .refinestore import FLAGGED, OK, read_refined_frame, read_refinement
-from .store import DONE, has_group, read_frames, read_pattern_block, read_run_info, read_table
+from .store import (
+    DONE,
+    has_group,
+    read_electrochemistry,
+    read_frames,
+    read_pattern_block,
+    read_run_info,
+    read_table,
+)
 
 __all__ = ["plot_experiment", "PlotSummary", "export_experiment", "export_run_file"]
 
@@ -181,7 +189,7 @@ def export_run_file(run_file: Path | str, folder: Path | str, **options):
     run_file = Path(run_file)
     info = read_run_info(run_file)
     fr = read_frames(run_file)
-    ec = read_table(run_file, ELECTROCHEMISTRY)
+    ec = read_electrochemistry(run_file)
     unknown = np.full(info.frame_count, np.nan)
     source = ExportSource(run_file.stem, info.radial, info.unit, info.wavelength_A, info.status == DONE,
                           info.time_s, fr.key, fr.start, fr.end, ec["x"] if ec is not None else unknown,

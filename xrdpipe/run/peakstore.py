@@ -201,10 +201,14 @@ def read_peaks(path: Path | str, arrays: Sequence[str] | None = None) -> dict[st
             raise StoreError(f"{path} holds no fitted peaks yet; run 'xrdpipe fit' first")
         g = h5[h5path(PEAKS)]
         wanted = (*PEAK_ARRAYS, "present", "success", "redchi", "done", "message") if arrays is None else arrays
+        unknown = [a for a in wanted if a not in g or not hasattr(g[a], "dtype")]
+        if unknown:
+            known = sorted(k for k, v in g.items() if hasattr(v, "dtype"))
+            raise StoreError(f"{path}: /entry/peaks holds no {', '.join(map(repr, unknown))} "
+                             f"(it holds {', '.join(known)})")
         out: dict[str, Any] = {name: g[name][()] for name in wanted if name != "message"}
         if "message" in wanted:
-            out["message"] = np.array([[v.decode() if isinstance(v, bytes) else v for v in row]
-                                       for row in g["message"][()]], dtype=object).reshape(g["message"].shape)
+            out["message"] = decode(g["message"][()])
         for name in ("window", "peak_window", "peak_phase", "peak_hkl", "peak_profile"):
             out[name] = tuple(decode(g[name][()]))
         if "phase" in g and (arrays is None or any(a in PHASE_DATASETS for a in wanted)):

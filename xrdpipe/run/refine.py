@@ -35,10 +35,18 @@ from ..refine import (
 from ..refine.structures import Atom, Structure, StructureError, read_cif, template
 from ..safeio import atomic_output
 from .lattice import lattice_experiment
-from .paths import ELECTROCHEMISTRY, LATTICE, REFINEMENT, RunPaths
+from .paths import LATTICE, REFINEMENT, RunPaths
 from .refinestore import FLAGGED, OK, STATUS, RefineStore
 from .stage import stage
-from .store import DONE, RunInfo, has_group, read_pattern_block, read_run_info, read_table
+from .store import (
+    DONE,
+    RunInfo,
+    has_group,
+    read_electrochemistry,
+    read_pattern_block,
+    read_run_info,
+    read_table,
+)
 
 __all__ = ["build_model", "refine_experiment", "compare_models", "RefineSummary", "REFINE_COLUMNS",
            "write_refine_csv"]
@@ -312,7 +320,7 @@ def write_refine_csv(exp: Experiment) -> Path | None:
         return None
     absent = d.get("absent")    # (None in a run file refined before absent phases were recorded)
     info = read_run_info(exp.run.run_file)
-    ec = read_table(exp.run.run_file, ELECTROCHEMISTRY, names=("x", "voltage_V"))
+    ec = read_electrochemistry(exp.run.run_file, names=("x", "voltage_V"))
     names = list(d["parameter"])
     phases = list(d["phase"])
     specs = {p.name: p for p in exp.phases}

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..refine import RefinementResult
 from .paths import ENTRY, REFINEMENT, h5path
-from .store import Writer, enter_transaction, read_table, str_dtype
+from .store import Writer, decode, enter_transaction, read_table, str_dtype, text
 
 __all__ = ["RefineStore", "read_refinement", "read_weight_fractions", "read_refined_frame", "OK", "FAILED", "FLAGGED", "STATUS"]
 
@@ -91,8 +91,8 @@ class RefineStore(Writer):
         theta = self._g["values"][r]
         I = self._g["lebail_intensity"][r]
         g = self._g
-        names = [v.decode() if isinstance(v, bytes) else v for v in g["parameter"][()]]
-        phases = [v.decode() if isinstance(v, bytes) else v for v in g["phase"][()]]
+        names = list(decode(g["parameter"][()]))
+        phases = list(decode(g["phase"][()]))
         gone = [ph for ph, a in zip(phases, g["absent"][r]) if a] if "absent" in g else []
         return RefinementResult(names, theta, np.full(theta.size, np.nan), np.zeros(theta.size, bool),
                                 float(g["rwp"][r]), float(g["rexp"][r]), float(g["gof"][r]), 0, 0, 0, True, "",
@@ -137,7 +137,7 @@ class RefineStore(Writer):
         out = [int(r) for r in done if st[r] == OK and rwp[r] > factor * med]
         for r in out:
             msg = g["message"][r]
-            msg = msg.decode() if isinstance(msg, bytes) else msg
+            msg = text(msg)
             g["message"][r] = ((msg + "; ") if msg else "") + (
                 f"Rwp {100 * rwp[r]:.2f} % above {factor:g} x the run's median ({100 * med:.2f} %)")
             g["status"][r] = FLAGGED

@@ -20,8 +20,17 @@ from .. import __version__
 from ..config import Experiment
 from ..report import Figure, ReportData, StageRow, build_report
 from ..safeio import write_text_atomic
-from .paths import ELECTROCHEMISTRY, LATTICE, PROCESS, RunPaths, h5path
-from .store import DONE, FAILED, read_frames, read_stages, read_table, reading
+from .paths import LATTICE, PROCESS, RunPaths, h5path
+from .store import (
+    DONE,
+    FAILED,
+    read_electrochemistry,
+    read_frames,
+    read_stages,
+    read_table,
+    reading,
+    text,
+)
 
 __all__ = ["report_experiment", "ReportSummary", "report_path"]
 
@@ -68,7 +77,7 @@ def report_experiment(exp: Experiment, *, keys: dict[str, str] | None = None,
     fr = read_frames(run_file)        # a clear error when there is no run file
     status = np.where(fr.status == DONE, "done", np.where(fr.status == FAILED, "failed", "pending"))
     missing: list[str] = []
-    ec = read_table(run_file, ELECTROCHEMISTRY, names=("x",))
+    ec = read_electrochemistry(run_file, names=("x",))
     x = np.asarray(ec["x"], float) if ec is not None and "x" in ec else None
     if ec is None:
         missing.append("electrochemistry: the echem stage has not run"
@@ -159,7 +168,7 @@ def _provenance(run_file: Path) -> dict[str, str]:
         for name, item in g.items():
             if hasattr(item, "shape") and item.shape == ():
                 v = item[()]
-                out[name] = v.decode() if isinstance(v, bytes) else str(v)
+                out[name] = text(v)
     return out
 
 

@@ -41,6 +41,7 @@ from ..crystallography import convert_radial
 from ..errors import StoreError
 from ..frames import FrameRef, FrameTime, iso_seconds, utc_seconds
 from .paths import (
+    ELECTROCHEMISTRY,
     ENTRY,
     FINGERPRINT,
     FORMAT,
@@ -55,7 +56,7 @@ from .paths import (
 
 __all__ = ["RunFile", "open_run", "PENDING", "DONE", "FAILED", "Patterns", "RunInfo", "FrameTable", "StageRecord",
            "read_run_info", "read_frames", "write_table", "read_table", "has_group", "read_stages",
-           "mark_stage", "read_pattern_block", "Writer", "enter_transaction", "reading", "str_dtype", "decode"]
+           "mark_stage", "read_pattern_block", "Writer", "enter_transaction", "reading", "str_dtype", "decode", "text", "per_frame", "read_electrochemistry"]
 
 PENDING, DONE, FAILED = 0, 1, -1
 _AXIS_NAME = {"2th_deg": "tth", "q_A^-1": "q"}
@@ -141,7 +142,7 @@ class RunFile(Writer):
     def __init__(self, session, stack, path: Path):
         super().__init__(session, stack, path)
         self._keys: dict[str, int] = {
-            k.decode() if isinstance(k, bytes) else k: i
+            text(k): i
             for i, k in enumerate(self._h5[h5path(f"{FRAMES}/key")][()])
         }
 
@@ -323,6 +324,11 @@ def _create_frames(entry) -> None:
     fr["status"].attrs["long_name"] = "0 pending, 1 done, -1 failed"
 
 
+def text(v) -> str:
+    """One string of a run file (a dataset's value or an attribute) as str (h5py hands back bytes)."""
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
 def decode(arr) -> np.ndarray:
     """Strings of any shape as str objects (h5py hands back bytes)."""
     arr = np.asarray(arr)
@@ -405,7 +411,7 @@ def reading(path: Path | str):
 def axis_of(h5) -> tuple[str, str, float | None]:
     """The pattern axis dataset name, its radial unit and the wavelength (Å) of a run file."""
     axis = h5[h5path(PATTERNS)].attrs["axes"][1]
-    axis = axis.decode() if isinstance(axis, bytes) else str(axis)
+    axis = text(axis)
     wl = h5[h5path("instrument/monochromator")].get("wavelength")
     return axis, "2th_deg" if axis == "tth" else "q_A^-1", float(wl[()]) if wl is not None else None
 
@@ -488,8 +494,43 @@ def read_table(path: Path | str, group: str, names: Sequence[str] | None = None)
         for name, item in g.items():
             if hasattr(item, "dtype") and (names is None or name in names):
                 v = item[()]
-                out[name] = decode(v) if v.dtype.kind in "OS" else v
+                if item.shape == ():                     # a scalar: a string (bytes) or a number
+                    out[name] = text(v) if isinstance(v, (bytes, str)) else v
+                else:
+                    out[name] = decode(v) if v.dtype.kind in "OS" else v
         return out
+
+
+def per_frame(values: np.ndarray | None, n: int, fill) -> np.ndarray:
+    """A per-frame column cut or padded (with ``fill``) to ``n`` frames (a table written before
+    more frames came in is shorter)."""
+    if values is None:
+        return np.full(n, fill, dtype=object) if isinstance(fill, str) else np.full(n, fill)
+    values = np.asarray(values)
+    if values.shape[0] >= n:
+        return values[:n]
+    pad = np.full((n - values.shape[0], *values.shape[1:]), fill, dtype=values.dtype)
+    return np.concatenate([values, pad])
+
+
+def read_electrochemistry(path: Path | str, names: Sequence[str] | None = None) -> dict[str, Any] | None:
+    """``/entry/electrochemistry`` (the cell's state per frame) with one row per frame of the run
+    file, or None when the echem stage has not run. Frames integrated after echem last ran have
+    no state yet: their rows are NaN (numbers), -1 (integers) or "" (strings), and
+    ``"frames_without"`` counts them (run ``xrdpipe echem`` again)."""
+    ec = read_table(path, ELECTROCHEMISTRY, names)
+    if ec is None:
+        return None
+    with reading(path) as h5:
+        n = int(h5[h5path(f"{FRAMES}/status")].shape[0])
+    rows = max((len(v) for k, v in ec.items() if k != "attrs" and np.ndim(v) >= 1), default=n)
+    for k, v in list(ec.items()):
+        if k != "attrs" and np.ndim(v) >= 1 and len(v) != n:
+            kind = np.asarray(v).dtype.kind
+            ec[k] = per_frame(np.asarray(v, float) if kind == "f" else v, n,
+                              np.nan if kind == "f" else -1 if kind in "iu" else False if kind == "b" else "")
+    ec["frames_without"] = max(n - rows, 0)
+    return ec
 
 
 def has_group(path: Path | str, group: str) -> bool:
@@ -526,7 +567,7 @@ def read_stages(path: Path | str) -> dict[str, StageRecord]:
             return {}
         out = {}
         for name, sub in g.items():
-            a = {k: (v.decode() if isinstance(v, bytes) else str(v)) for k, v in sub.attrs.items()}
+            a = {k: text(v) for k, v in sub.attrs.items()}
             out[name] = StageRecord(a.get("key", ""), a.get("finished", ""), a.get("summary", ""),
                                     tuple(json.loads(a.get("outputs") or "[]")))
         return out

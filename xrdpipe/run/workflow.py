@@ -36,11 +36,20 @@ from .fit import fit_experiment
 from .integrate import integrate_experiment
 from .lattice import lattice_experiment
 from .output import PlotSummary, export_experiment, plot_experiment
-from .paths import ELECTROCHEMISTRY, LATTICE, PEAKS, RunPaths
+from .paths import LATTICE, PEAKS, RunPaths
 from .peakstore import read_peaks
 from .refine import refine_experiment
 from .report import report_experiment, report_path
-from .store import DONE, FAILED, has_group, mark_stage, read_frames, read_stages, read_table
+from .store import (
+    DONE,
+    FAILED,
+    has_group,
+    mark_stage,
+    read_electrochemistry,
+    read_frames,
+    read_stages,
+    read_table,
+)
 
 __all__ = ["run_experiment", "RunSummary", "stage_keys", "report_key", "DEPENDS", "REPORT"]
 
@@ -126,6 +135,7 @@ class RunSummary:
     outputs: dict[str, str] = field(default_factory=dict)
     figures: list[Path] = field(default_factory=list)
     seconds: float = 0.0
+    frames_without_echem: int = 0   # frames integrated after the echem stage last ran
     report: str = ""      # the report step: "ran", "skipped" (up to date) or "" (not reached)
     results: dict[str, object] = field(default_factory=dict, repr=False)   # each stage's own summary
 
@@ -147,6 +157,9 @@ class RunSummary:
                         if self.failed_frames else ""))
         if self.window_fits:
             lines.append(f"window fits: {self.window_fits}, failed {self.failed_fits}")
+        if self.frames_without_echem:
+            lines.append(f"{self.frames_without_echem} frame(s) have no state of charge yet (integrated after "
+                         "the echem stage ran): run 'xrdpipe echem' again")
         for name, (count, lo, hi, over) in self.phases.items():
             span = f"{over} {lo:.3f} to {hi:.3f}" if np.isfinite(lo) else "no state of charge"
             lines.append(f"phase {name}: in {count} frame(s), {span}")
@@ -261,14 +274,15 @@ def _fill_state(summary: RunSummary, exp: Experiment) -> None:
     summary.failed_frames = [str(k) for k in fr.key[status == FAILED]]
     summary.outputs["run file"] = str(run_file)
     if has_group(run_file, PEAKS):
-        d = read_peaks(run_file)
+        d = read_peaks(run_file, arrays=("done", "success"))
         usable = d["done"].astype(bool) & (status == DONE)
         summary.window_fits = int(usable.sum() * len(d["window"]))
         summary.failed_fits = int((~d["success"].astype(bool))[usable].sum())
         summary.outputs["peaks"] = str(paths.peaks_csv)
-    ec = read_table(run_file, ELECTROCHEMISTRY)
+    ec = read_electrochemistry(run_file)
     if ec is not None:
         summary.outputs["frames"] = str(paths.frames_csv)
+        summary.frames_without_echem = ec["frames_without"]
     lat = read_table(run_file, LATTICE)
     if lat is not None:
         summary.outputs["lattice"] = str(paths.lattice_csv)
