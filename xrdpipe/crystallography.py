@@ -40,6 +40,7 @@ __all__ = [
     "SPACE_GROUPS",
     "CELL_PARAMETERS",
     "full_cell",
+    "RadialAxis",
     "system_cell",
     "d_from_cell",
     "space_group_name",
@@ -96,6 +97,25 @@ def convert_radial(values, from_unit: str, to_unit: str, wavelength_A: float | N
     if (from_unit, to_unit) == ("q_A^-1", "2th_deg"):
         return np.asarray(tth_from_q(values, wavelength_A))
     raise ValueError(f"cannot convert {from_unit!r} to {to_unit!r}; units are '2th_deg' and 'q_A^-1'")
+
+
+class RadialAxis:
+    """``tth_deg`` and ``q_invA`` of anything with a ``radial`` axis in ``unit`` and a
+    ``wavelength_A`` (the integrator, a pattern stack)."""
+
+    radial: np.ndarray
+    unit: str
+    wavelength_A: float | None
+
+    @property
+    def tth_deg(self) -> np.ndarray:
+        """The radial axis as 2θ (degrees)."""
+        return convert_radial(self.radial, self.unit, "2th_deg", self.wavelength_A)
+
+    @property
+    def q_invA(self) -> np.ndarray:
+        """The radial axis as Q (Å⁻¹)."""
+        return convert_radial(self.radial, self.unit, "q_A^-1", self.wavelength_A)
 
 
 def d_hexagonal(h, k, l, a_A, c_A):

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .calibration import Calibration
-from .crystallography import convert_radial
+from .crystallography import RadialAxis
 from .integrator_cache import default_cache_dir, digest_array, entry_path, load_entry, save_entry
 
 __all__ = ["Integrator"]
@@ -41,7 +41,7 @@ def _flag_value(frame: np.ndarray) -> int | None:
 
 
 
-class Integrator:
+class Integrator(RadialAxis):
     """One integrator bound to a detector shape and the integration settings.
 
     The pixel-to-bin matrix of pyFAI's full (or bbox, or no) pixel splitting is built once, from
@@ -368,16 +368,6 @@ class Integrator:
         """The smallest and largest 2θ (degrees) of the detector's pixel centres."""
         tth = self._ai.center_array(self.shape, unit="2th_deg")
         return float(np.nanmin(tth)), float(np.nanmax(tth))
-
-    @property
-    def tth_deg(self) -> np.ndarray:
-        """The radial axis as 2θ (degrees)."""
-        return convert_radial(self.radial, self.unit, "2th_deg", self.wavelength_A)
-
-    @property
-    def q_invA(self) -> np.ndarray:
-        """The radial axis as Q (Å⁻¹)."""
-        return convert_radial(self.radial, self.unit, "q_A^-1", self.wavelength_A)
 
     def _read_buffers(self) -> dict:
         """This thread's arrays that frames are read into (see :func:`~xrdpipe.frames.read_frame`)."""

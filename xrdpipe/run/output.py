@@ -201,12 +201,9 @@ def export_run_file(run_file: Path | str, folder: Path | str, **options):
 def _refined_profile(exp: Experiment) -> tuple[dict[str, float] | None, float]:
     """U, V, W, X, Y of the first phase and the zero shift of the last successfully refined
     frame, where ``xrdpipe refine`` has run (else None and 0)."""
-    try:
-        d = read_refinement(exp.run.run_file) if Path(exp.run.run_file).exists() else None
-    except Exception:          # noqa: BLE001 - no usable refinement: GSAS-II's defaults
-        d = None
-    if d is None:
-        return None, 0.0
+    d = read_refinement(exp.run.run_file) if Path(exp.run.run_file).exists() else None
+    if d is None or not {"status", "parameter", "phase", "values"} <= d.keys() or not len(d["phase"]):
+        return None, 0.0               # no usable refinement: GSAS-II's defaults
     good = np.flatnonzero(np.isin(d["status"], (OK, FLAGGED)))
     if not good.size:
         return None, 0.0

@@ -37,7 +37,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..crystallography import convert_radial
+from ..crystallography import RadialAxis, convert_radial
 from ..errors import StoreError
 from ..frames import FrameRef, FrameTime, iso_seconds, utc_seconds
 from .paths import (
@@ -70,7 +70,7 @@ def str_dtype():
 
 
 @dataclass(frozen=True)
-class Patterns:
+class Patterns(RadialAxis):
     """The pattern stack read back from a run file (labelled: frame x radial)."""
 
     radial: np.ndarray
@@ -79,14 +79,6 @@ class Patterns:
     intensity: np.ndarray
     sigma: np.ndarray
     frames: dict[str, np.ndarray]
-
-    @property
-    def tth_deg(self) -> np.ndarray:
-        return convert_radial(self.radial, self.unit, "2th_deg", self.wavelength_A)
-
-    @property
-    def q_invA(self) -> np.ndarray:
-        return convert_radial(self.radial, self.unit, "q_A^-1", self.wavelength_A)
 
 
 class Writer:
