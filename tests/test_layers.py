@@ -19,12 +19,6 @@ RANK = {"errors": 0, "crystallography": 0, "lineshapes": 0, "batchfit": 0, "phas
         # above the run layer: they drive it
         "testing": 8, "cli": 9, "__main__": 10}
 
-#: Stage modules that still read the run file themselves (through ``xrdpipe.run.store``): they
-#: would belong to the output layer of run/. None is left: nothing outside run/ but the modules
-#: above it (rank >= 8) may import run/.
-READS_RUN_FILE: set[str] = set()
-
-
 def _modules() -> dict[str, Path]:
     """Every module of the package by dotted name relative to ``xrdpipe`` (``run.store``)."""
     out = {}
@@ -101,11 +95,6 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
-def _layer(name: str) -> str:
-    """The node of the layer graph: run/ and what belongs to it are one, a package is one."""
-    return "run" if _top(name) == "run" or _top(name) in READS_RUN_FILE else _top(name)
-
-
 def test_no_import_cycle_between_modules():
     assert _cycles(GRAPH) == []
 
@@ -115,7 +104,7 @@ def test_no_import_cycle_between_layers():
     stages -> core, and back never."""
     layers: dict[str, set[str]] = {}
     for name, deps in GRAPH.items():
-        layers.setdefault(_layer(name), set()).update(_layer(d) for d in deps if _layer(d) != _layer(name))
+        layers.setdefault(_top(name), set()).update(_top(d) for d in deps if _top(d) != _top(name))
     assert _cycles(layers) == []
 
 
@@ -137,15 +126,11 @@ def test_imports_go_one_way():
             continue
         for target in deps:
             if _top(target) == "run":
-                assert top in READS_RUN_FILE or RANK[top] >= 8, f"{name} imports {target}: only run/ knows the run file"
+                # the stage modules never import the store or the run layer: only the modules
+                # above it (testing, cli: rank >= 8) do
+                assert RANK[top] >= 8, f"{name} imports {target}: only run/ knows the run file"
             else:
                 assert RANK[_top(target)] <= RANK[top], f"{name} imports {target}"
-
-
-def test_stage_modules_never_import_the_store_or_the_run_layer():
-    users = {_top(name) for name, deps in GRAPH.items()
-             if _top(name) != "run" and any(_top(d) == "run" for d in deps)}
-    assert users <= READS_RUN_FILE | {"testing", "cli"}
 
 
 def test_the_run_layer_imports_only_itself_and_below():
