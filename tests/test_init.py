@@ -4,6 +4,7 @@ input gets one-line errors naming what is wrong."""
 
 import csv
 import tomllib
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -103,3 +104,25 @@ def test_clear_errors(demo, tmp_path):
         scaffold(str(folder / "raw"), poni=bad, phases=["O3"], out=tmp_path / "e.toml")
     assert str(err.value).startswith(f"cannot read the PONI file {bad}: ")
     assert "\n" not in str(err.value)
+
+
+def test_a_cycler_file_with_relative_times_asks_for_its_start(demo, tmp_path):
+    from datetime import datetime, timezone
+
+    from xrdpipe.scaffold import init_experiment
+
+    folder = demo.folder
+    mpt = tmp_path / "cell.mpt"
+    mpt.write_bytes((Path(__file__).parent / "data" / "cyclers" / "pyprobe" / "biologic"
+                     / "Sample_data_biologic_no_header.mpt").read_bytes())
+    kw = dict(poni=folder / "demo.poni", phases=["O3", "P3"], mask=folder / "mask.edf", cycler=mpt)
+    out, s = init_experiment(str(folder / "raw"), out=tmp_path / "a.toml", **kw)
+    text = out.read_text()
+    assert s.cycler.needs == "start" and s.cycler.format == "biologic" and s.cycler.rows == 13
+    assert "# CHECK: the file has relative times only: give when its time 0 was" in text
+    assert '# [electrochemistry]\n# file = "cell.mpt"\n# format = "biologic"\n' in text
+    assert load_experiment(out).electrochemistry is None          # valid, echem left to the user
+    start = datetime(2025, 7, 2, 11, 0, tzinfo=timezone.utc)
+    out, s = init_experiment(str(folder / "raw"), out=tmp_path / "b.toml", cycler_start=start, **kw)
+    exp = load_experiment(out)
+    assert exp.electrochemistry.format == "biologic" and exp.electrochemistry.start == start

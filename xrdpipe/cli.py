@@ -530,8 +530,8 @@ def init(frames: str, poni: str, mask: str | None, cycler: str | None, phases: s
         _fail(exc)
     f = found.frames
     click.echo(f"wrote {path}: {f.frames} {'frame' if f.kind == 'frames' else 'pattern'}(s) ({f.suffix}), "
-               f"times {'from the headers' if f.times else 'not found (see CHECK)'}, 2θ {found.detector.tth[0]:.2f}-"
-               f"{found.detector.tth[1]:.2f}°, {len(found.windows)} window(s) for {', '.join(found.phases)}"
+               f"times {'from the headers' if f.times else 'not found (see CHECK)'}, 2θ {found.tth[0]:.2f}-"
+               f"{found.tth[1]:.2f}°, {len(found.windows)} window(s) for {', '.join(found.phases)}"
                + (f", cycler {found.cycler.format}" + (f" (needs {found.cycler.needs}: see CHECK)" if found.cycler.needs else "")
                   if found.cycler else ""))
     click.echo(f"next: xrdpipe validate {path} && xrdpipe run {path}")

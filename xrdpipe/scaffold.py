@@ -111,6 +111,8 @@ class Scaffold:
     cycler: FoundCycler | None
     timezone: str | None = None
     notes: tuple[str, ...] = field(default=())
+    #: the 2θ range the windows were chosen in (the detector's, or the 1D patterns')
+    tth: tuple[float, float] = (0.0, 180.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,13 +418,13 @@ def scaffold(frames: str, *, poni: Path | str, phases: Sequence[str], mask: Path
     det = find_detector(Path(poni), Path(mask) if mask else None, base, found.shape)
     tth = det.tth
     notes = []
-    if found.kind == "patterns" and found.radial is not None:
-        tth = (max(tth[0], found.radial[0]), min(tth[1], found.radial[1])) if found.radial[1] < 180 else tth
+    if found.kind == "patterns" and found.radial is not None and found.radial[1] < 180:
+        tth = found.radial              # 1D patterns: their own range (read as 2θ)
     windows, wnotes = choose_windows(phases, det.wavelength_A, tth)
     notes += wnotes
     cyc = find_cycler(Path(cycler), base, timezone=timezone, start=cycler_start) if cycler else None
     return Scaffold(name or _run_name(found, str(frames)), found, det, tuple(phases), tuple(windows), cyc,
-                    timezone, tuple(notes))
+                    timezone, tuple(notes), (round(tth[0], 4), round(tth[1], 4)))
 
 
 def _q(tth: float, wavelength_A: float) -> float:
@@ -491,7 +493,7 @@ def experiment_text(s: Scaffold) -> str:
         cell = ", ".join(f"{k} = {getattr(ph, k)}" for k in ("a", "b", "c", "beta") if getattr(ph, k) is not None)
         extra = "; not in the phase fractions" if not ph.fraction else ""
         lines += ["[[phases]]", f'name = "{name}"   # {ph.space_group}, {cell}{extra}', ""]
-    lo, hi = d.tth
+    lo, hi = s.tth
     lines += [f"# Windows (2θ degrees) around the strongest reflections inside {lo:.2f}-{hi:.2f}°: basal first;",
               "# each reflection of every phase in one window, wide enough for the cell search.",
               "# The phase model fits every allowed reflection of every phase inside a window."]
