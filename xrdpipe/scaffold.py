@@ -232,7 +232,7 @@ def find_cycler(path: Path, base: Path, *, timezone: str | None, start: datetime
     except CyclerReadError as exc:
         if "relative times only" in exc.reason:
             needs = "start"
-        elif "local times without a UTC offset" in exc.reason or "local time" in exc.reason and timezone is None:
+        elif "local times without a UTC offset" in exc.reason:
             needs = "timezone"
         else:
             raise InitError(str(exc)) from None
@@ -445,7 +445,7 @@ def experiment_text(s: Scaffold) -> str:
         "",
     ]
     if f.kind == "frames":
-        fmt = {".cbf": "CBF", ".edf": "EDF", ".tif": "TIFF", ".tiff": "TIFF"}.get(f.suffix, "HDF5/NeXus stacks")
+        fmt = {".cbf": "CBF", ".edf": "EDF", ".tif": "TIFF", ".tiff": "TIFF"}.get(f.suffix, "HDF5/NeXus")
         lines += [f"# {f.frames} frame(s) in {f.files} {fmt} file(s)" + (f", {f.shape[0]} x {f.shape[1]} pixels" if f.shape else "")
                   + (f"; {f.note}" if f.note else "")]
         if f.dataset:
