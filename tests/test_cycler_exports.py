@@ -182,3 +182,18 @@ def test_truncated_exports_get_one_line_errors(tmp_path):
     assert str(err.value) == (f"{novonix}: not a complete novonix export: no header row with run time, "
                               "potential/voltage and current columns in the first 5000 rows (is the file truncated?)")
     assert "\n" not in str(err.value)
+
+
+def test_maccor_mode_column_signs_the_current(tmp_path):
+    # a Maccor export of the kind that writes the current unsigned beside a mode column
+    rows = [("1", "0.0", "0.000", "R", "3.70"), ("2", "10.0", "0.500", "C", "3.80"), ("3", "20.0", "0.500", "D", "3.60")]
+    f = tmp_path / "maccor.txt"
+    f.write_text("Today's Date\t28-Nov-23\nDate of Test:\t23-Nov-23 3:56:08 PM\n"
+                 "Rec\tCycle P\tTest Time (sec)\tAmps\tMD\tVolts\n" + "\n".join("\t".join((r[0], "1", *r[1:3], r[3], r[4])) for r in rows))
+    assert detect_format(f) == "maccor"
+    rec = read_cycler(f, timezone="Europe/London")
+    np.testing.assert_array_equal(rec.current_mA, [0.0, 500.0, -500.0])
+    np.testing.assert_array_equal(rec.voltage_V, [3.7, 3.8, 3.6])
+    # no date-time column: the "Date of Test" of the header is the time 0 (GMT in November)
+    assert rec.start == datetime(2023, 11, 23, 15, 56, 8, tzinfo=timezone.utc)
+    np.testing.assert_array_equal(rec.time - rec.time[0], [0.0, 10.0, 20.0])

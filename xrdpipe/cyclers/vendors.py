@@ -16,6 +16,8 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
+
 from ..errors import CyclerReadError
 from .raw import Raw
 from .tables import _norm, _table_blocks, parse_datetime, read_table
@@ -110,9 +112,26 @@ def read_vendor_table(path: Path, fmt: str, columns: Mapping[str, str], units: M
             eff_units[role] = unit
     raw = read_table(path, fmt, named, eff_units, sheet, blocks=blocks, limit=limit)
     raw.notes.insert(0, f"{fmt} export")
+    if fmt == "maccor":
+        _maccor_sign(raw, rows, k)
     if raw.abs_s is None and "start" in spec:
         raw.origin = _header_start(path, rows[:k], spec)
     return raw
+
+
+def _maccor_sign(raw: Raw, rows: list[list[Any]], k: int) -> None:
+    """Maccor exports with a mode column (``MD``: C charge, D discharge, R rest...) write the
+    current unsigned: discharge is made negative."""
+    bare = [_bare(c) for c in rows[k]]
+    if "md" not in bare:
+        return
+    j = bare.index("md")
+    data = [r for r in rows[k + 1:] if any(c not in (None, "") for c in r)]
+    mode = np.array([str(r[j]).strip().upper() if j < len(r) and r[j] is not None else "" for r in data])
+    if mode.size != raw.current_mA.size or np.nanmin(raw.current_mA) < 0:
+        return                               # already signed
+    raw.current_mA = np.where(mode == "D", -np.abs(raw.current_mA), raw.current_mA)
+    raw.notes.append("current signed from the MD column (D: discharge, negative)")
 
 
 def _header_start(path: Path, lines: list[list[Any]], spec: Mapping[str, Any]):
