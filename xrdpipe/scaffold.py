@@ -36,7 +36,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import XrdpipeError
+from .errors import InitError
 
 __all__ = ["InitError", "Scaffold", "scaffold", "experiment_text", "init_experiment"]
 
@@ -47,10 +47,6 @@ _SEARCH = {"a": 0.015, "c": 0.03}
 #: most windows written, most peaks listed in one window (WindowSpec allows 8)
 MAX_WINDOWS = 6
 MAX_PEAKS = 8
-
-
-class InitError(XrdpipeError):
-    """``xrdpipe init`` cannot write the experiment: the message says what is missing."""
 
 
 @dataclass(frozen=True)
