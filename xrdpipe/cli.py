@@ -503,6 +503,54 @@ def check_calibration(image: str, poni: str, calibrant: str, tolerance_deg: floa
 
 
 @main.command()
+@click.argument("frames")
+@click.option("--poni", required=True, type=click.Path(dir_okay=False), help="The PONI file of the detector geometry.")
+@click.option("--mask", type=click.Path(dir_okay=False), default=None, help="The mask image (non-zero = excluded).")
+@click.option("--cycler", type=click.Path(dir_okay=False), default=None, help="The cycler file of the cell.")
+@click.option("--phases", required=True, help="Library phases to follow, comma-separated: O3,P3 (add Al for the current collector).")
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default="experiment.toml", show_default=True,
+              help="The experiment file to write (paths in it are relative to its folder).")
+@click.option("--name", default=None, help="The run's name (default: from the frame files' names).")
+@click.option("--timezone", default=None,
+              help="IANA zone of local times without UTC offset (cycler computer, frame headers), e.g. Europe/London.")
+@click.option("--cycler-start", default=None,
+              help="When the cycler file's time 0 was, for a file with relative times only: 2025-07-02T19:00:00+08:00.")
+@click.option("--force", is_flag=True, help="Overwrite the experiment file if it exists.")
+def init(frames: str, poni: str, mask: str | None, cycler: str | None, phases: str, out: str, name: str | None,
+         timezone: str | None, cycler_start: str | None, force: bool) -> None:
+    """Write a commented experiment file from FRAMES (a folder or a glob of frames or 1D patterns),
+    the PONI, the cycler file and the phases: frame format, count and times, the detector's 2θ
+    range, windows around the phases' strongest reflections in it, the cycler's columns and clock.
+    Then `xrdpipe validate` and `xrdpipe run` it."""
+    from datetime import datetime
+
+    from .errors import XrdpipeError
+    from .scaffold import init_experiment
+
+    start = None
+    if cycler_start:
+        try:
+            start = datetime.fromisoformat(cycler_start)
+        except ValueError:
+            _fail(ValueError(f"--cycler-start: expected a date and time such as 2025-07-02T19:00:00+08:00, got {cycler_start!r}"))
+        if start.tzinfo is None and timezone is None:
+            _fail(ValueError("--cycler-start has no UTC offset: write it as 2025-07-02T19:00:00+08:00 or give --timezone"))
+    names = [p.strip() for p in phases.split(",") if p.strip()]
+    try:
+        path, found = init_experiment(frames, poni=poni, phases=names, out=out, mask=mask, cycler=cycler, name=name,
+                                      timezone=timezone, cycler_start=start, force=force)
+    except XrdpipeError as exc:
+        _fail(exc)
+    f = found.frames
+    click.echo(f"wrote {path}: {f.frames} {'frame' if f.kind == 'frames' else 'pattern'}(s) ({f.suffix}), "
+               f"times {'from the headers' if f.times else 'not found (see CHECK)'}, 2θ {found.tth[0]:.2f}-"
+               f"{found.tth[1]:.2f}°, {len(found.windows)} window(s) for {', '.join(found.phases)}"
+               + (f", cycler {found.cycler.format}" + (f" (needs {found.cycler.needs}: see CHECK)" if found.cycler.needs else "")
+                  if found.cycler else ""))
+    click.echo(f"next: xrdpipe validate {path} && xrdpipe run {path}")
+
+
+@main.command()
 @click.argument("out", type=click.Path(file_okay=False), default="xrdpipe-demo")
 @click.option("--frames", "n_frames", type=click.IntRange(5, 100_000), default=120, show_default=True,
               help="Number of frames to simulate.")

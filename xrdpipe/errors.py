@@ -15,6 +15,7 @@ clean line. The hierarchy::
      ├── StructureError     a crystal structure cannot be built or read (CIF, space group, element)
      ├── RefinementError    a whole-pattern refinement cannot be set up or did not converge
      ├── PlotError          a figure cannot be drawn from this run file (and which command makes it)
+     ├── InitError          `xrdpipe init` cannot write the experiment file (no frames, PONI, phase)
      └── StoreError         the run file is missing, foreign or incompatible with the request,
                             or a file cannot be written (full disk, no permission: named)
 
@@ -36,6 +37,7 @@ __all__ = [
     "StructureError",
     "RefinementError",
     "PlotError",
+    "InitError",
     "StoreError",
 ]
 
@@ -115,6 +117,11 @@ class RefinementError(XrdpipeError):
 
 class PlotError(XrdpipeError):
     """A figure cannot be drawn from this run file (what is missing, and which command makes it)."""
+
+
+class InitError(XrdpipeError):
+    """``xrdpipe init`` cannot write the experiment file: no frames matched, the PONI cannot be
+    read, a phase is not in the library..."""
 
 
 class StoreError(XrdpipeError):

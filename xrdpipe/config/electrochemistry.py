@@ -18,8 +18,9 @@ _UNIT_NAMES = {"time": ("s", "ms", "min", "h", "d"), "voltage": ("V", "mV"), "cu
 class ElectrochemistrySpec(Spec):
     """``[electrochemistry]``: the cycler file of the cell and what is needed for x.
 
-    ``format`` is ``auto`` (from the extension and content) or one of ``csv`` (any CSV/TSV/Excel
-    table; name its ``columns``), ``biologic``, ``neware``, ``arbin``, ``land``. ``start`` is
+    ``format`` is ``auto`` (from the file's content) or one of ``csv`` (any CSV/TSV/Excel
+    table; name its ``columns``), ``biologic``, ``neware``, ``arbin``, ``land``, ``maccor``,
+    ``basytec``, ``novonix``. ``start`` is
     when the file's time 0 was, for files with relative times only (it also overrides a file's
     own clock); ``timezone`` places local times stored without UTC offset (default: the
     timezone of the frame times). ``x`` is ``x0 - Q M / (F m)`` with ``Q`` the net charge
@@ -30,7 +31,7 @@ class ElectrochemistrySpec(Spec):
     """
 
     file: ResolvedPath
-    format: Literal["auto", "csv", "biologic", "neware", "arbin", "land"] = "auto"
+    format: Literal["auto", "csv", "biologic", "neware", "arbin", "land", "maccor", "basytec", "novonix"] = "auto"
     columns: dict[Literal["time", "voltage", "current", "datetime"], str] = {}
     units: dict[Literal["time", "voltage", "current"], str] = {}
     sheet: str | None = None

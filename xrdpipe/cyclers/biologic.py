@@ -1,4 +1,6 @@
-"""BioLogic EC-Lab files: .mpr binaries (galvani, the optional extra ``biologic``) and .mpt text."""
+"""BioLogic EC-Lab / BT-Lab files: .mpr binaries (galvani, the optional extra ``biologic``) and
+their text exports (.mpt/.txt, with or without the header block; ``time/s`` holding seconds or,
+in BT-Lab's "absolute time" export, date-times)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import numpy as np
 
 from ..errors import CyclerReadError
 from .raw import Raw, missing_extra
-from .tables import numbers, parse_datetime
+from .sniff import decode
+from .tables import _time_values, numbers, parse_datetime
 
 
 def read_mpr(path: Path) -> Raw:
@@ -33,8 +36,11 @@ def read_mpr(path: Path) -> Raw:
     return raw
 
 
-def _biologic_columns(path: Path, cols: dict[str, np.ndarray]) -> Raw:
-    """Time, voltage and current from EC-Lab's column names (.mpr and .mpt alike)."""
+def _biologic_columns(path: Path, cols: dict[str, np.ndarray], abs_s: np.ndarray | None = None) -> Raw:
+    """Time, voltage and current from EC-Lab's column names (.mpr and .mpt alike); ``abs_s``:
+    the rows' date-times (wall clock read as UTC) when ``time/s`` holds them."""
+    if abs_s is not None:
+        cols = {**cols, "time/s": abs_s}
     if "time/s" not in cols:
         raise CyclerReadError(path, f"no time/s column (columns: {', '.join(cols)})")
     t = cols["time/s"]
@@ -64,13 +70,17 @@ def _biologic_columns(path: Path, cols: dict[str, np.ndarray]) -> Raw:
     counter = cols.get("(Q-Qo)/mA.h")
     if counter is None and "dq/mA.h" in cols:
         counter = np.cumsum(cols["dq/mA.h"])
+    if abs_s is not None:
+        notes.append("time/s holds date-times (the cycler computer's local time)")
+        return Raw(volt, cur, abs_s=abs_s, naive=True, step=step, notes=notes, counter_mAh=counter)
     return Raw(volt, cur, rel_s=t, step=step, notes=notes, counter_mAh=counter)
 
 
 def read_mpt(path: Path) -> Raw:
-    """An EC-Lab text export (.mpt): header block, then a tab-separated table."""
+    """An EC-Lab/BT-Lab text export (.mpt, .txt): an optional header block ("Nb header lines"),
+    then a tab-separated table whose first row names the columns."""
     try:
-        text = path.read_text(encoding="latin-1")
+        text = decode(path.read_bytes())
     except OSError as exc:
         raise CyclerReadError(path, f"cannot read the file: {exc}") from None
     lines = text.splitlines()
@@ -86,10 +96,15 @@ def read_mpt(path: Path) -> Raw:
             if origin is None:
                 raise CyclerReadError(path, f"cannot read the acquisition start {m.group(1).strip()!r}")
     if n_header < 1 or n_header > len(lines):
-        raise CyclerReadError(path, f"'Nb header lines' says {n_header}, the file has {len(lines)} lines")
+        raise CyclerReadError(path, f"truncated: 'Nb header lines' says {n_header} but the file ends after "
+                                    f"{len(lines)} lines (expected the column names on line {n_header})")
     header = [h.strip() for h in lines[n_header - 1].split("\t")]
+    if "time/s" not in header:
+        raise CyclerReadError(path, f"line {n_header} (after the header block) should name the columns "
+                                    f"(time/s, Ewe/V or Ecell/V, I/mA); it reads {lines[n_header - 1][:80]!r}")
     body = [ln.split("\t") for ln in lines[n_header:] if ln.strip()]
     cols: dict[str, np.ndarray] = {}
+    abs_s = None
     for j, name in enumerate(header):
         if not name:
             continue
@@ -97,7 +112,15 @@ def read_mpt(path: Path) -> Raw:
         arr = numbers(vals)
         if arr is not None:
             cols[name] = arr
-    raw = _biologic_columns(path, cols)
+        elif name == "time/s" and vals:
+            kind, stamps = _time_values(path, vals, name)
+            if kind == "naive":
+                abs_s = stamps
+            else:
+                raise CyclerReadError(path, f"column time/s holds neither seconds nor date-times ({vals[0]!r})")
+    raw = _biologic_columns(path, cols, abs_s)
+    if abs_s is not None:
+        return raw
     raw.origin = origin
     if origin is None:
         raw.notes.append("no 'Acquisition started on' line: relative times only")

@@ -10,7 +10,18 @@ from ..errors import CyclerReadError
 from .raw import Raw, accumulate, missing_extra
 
 
-def read_neware_binary(path: Path) -> Raw:
+def read_neware_binary(path: Path, kind: str | None = None) -> Raw:
+    """A Neware binary; ``kind`` ("nda" or "ndax", from the content) when the file's name does
+    not end with it (NewareNDA chooses its reader by the extension: it reads a link so named)."""
+    if kind is not None and path.suffix.lower() != f".{kind}":
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            link = Path(tmp) / f"record.{kind}"
+            link.symlink_to(path.resolve())
+            raw = read_neware_binary(link)
+        raw.notes.append(f"read as a Neware .{kind} (by its content)")
+        return raw
     try:
         import NewareNDA
     except ImportError:

@@ -16,9 +16,11 @@ from .arbin import read_arbin_res
 from .biologic import read_mpr, read_mpt
 from .neware import read_neware_binary
 from .raw import Raw
-from .tables import EXCEL, TEXT, read_table, sheet_names
+from .sniff import container, sniff_text
+from .tables import read_table, sheet_names
+from .vendors import VENDORS, read_vendor_table
 
-FORMATS = ("auto", "csv", "biologic", "neware", "arbin", "land")
+FORMATS = ("auto", "csv", "biologic", "neware", "arbin", "land", "maccor", "basytec", "novonix")
 
 
 @dataclass(frozen=True)
@@ -55,23 +57,19 @@ class CyclerRecord:
 
 
 def detect_format(path: Path | str) -> str:
-    """The cycler format of a file from its extension (and, for Excel, its sheet names)."""
+    """The cycler format of a file from its content (the first kilobytes: a vendor binary's
+    signature, a spreadsheet's sheet names, a text export's header lines), whatever its name."""
     path = Path(path)
-    ext = path.suffix.lower()
-    if ext in (".mpr", ".mpt"):
+    if not path.is_file():
+        raise CyclerReadError(path, "no such cycler file")
+    kind = container(path)
+    if kind == "mpr":
         return "biologic"
-    if ext in (".nda", ".ndax"):
+    if kind in ("nda", "ndax"):
         return "neware"
-    if ext == ".res":
+    if kind == "res":
         return "arbin"
-    if ext in TEXT:
-        try:
-            with open(path, "rb") as fh:
-                head = fh.read(64)
-        except OSError as exc:
-            raise CyclerReadError(path, f"cannot read the file: {exc}") from None
-        return "biologic" if head.lstrip().upper().startswith(b"EC-LAB") else "csv"
-    if ext in EXCEL:
+    if kind == "excel":
         names = sheet_names(path)
         if "record" in names:                      # Neware: 'record' beside 'unit', 'test', 'cycle'...
             return "neware"
@@ -80,8 +78,11 @@ def detect_format(path: Path | str) -> str:
         if any(n.lower().startswith("record") for n in names):    # LAND: 'Record', 'Record1'...
             return "land"
         return "csv"
-    raise CyclerReadError(path, f"cannot tell the cycler format from the extension {ext or '(none)'!r}; "
-                                f"set [electrochemistry] format to one of {', '.join(FORMATS[1:])}")
+    if kind == "text":
+        return sniff_text(path) or "csv"
+    raise CyclerReadError(path, "not a cycler file this reader knows: neither text nor a BioLogic .mpr, "
+                                "Neware .nda/.ndax, Arbin .res or Excel workbook; set [electrochemistry] "
+                                f"format to one of {', '.join(FORMATS[1:])} if it is one")
 
 
 def read_cycler(path: Path | str, *, format: str = "auto", columns: Mapping[str, str] | None = None,
@@ -92,8 +93,9 @@ def read_cycler(path: Path | str, *, format: str = "auto", columns: Mapping[str,
     Parameters
     ----------
     path : the cycler file
-    format : ``"auto"`` (from the extension and content), ``"csv"`` (any CSV/TSV/Excel table
-        with ``columns``), ``"biologic"``, ``"neware"``, ``"arbin"`` or ``"land"``
+    format : ``"auto"`` (from the content), ``"csv"`` (any CSV/TSV/Excel table with
+        ``columns``), ``"biologic"``, ``"neware"``, ``"arbin"``, ``"land"``, ``"maccor"``,
+        ``"basytec"`` or ``"novonix"``
     columns : for tables: ``{"time": ..., "voltage": ..., "current": ...}`` and optionally
         ``"datetime"`` (an absolute time column); unnamed ones are recognised from common names
     units : units of the table columns when their headers do not say (``{"current": "A"}``)
@@ -114,13 +116,15 @@ def read_cycler(path: Path | str, *, format: str = "auto", columns: Mapping[str,
     fmt = detect_format(path) if format == "auto" else format
     if fmt not in FORMATS[1:]:
         raise CyclerReadError(path, f"unknown cycler format {format!r}; expected one of {', '.join(FORMATS)}")
-    ext = path.suffix.lower()
-    if fmt == "biologic":
-        raw = read_mpr(path) if ext == ".mpr" else read_mpt(path)
-    elif fmt == "neware" and ext in (".nda", ".ndax"):
-        raw = read_neware_binary(path)
-    elif fmt == "arbin" and ext == ".res":
+    kind = container(path)
+    if fmt == "biologic" and kind in ("mpr", "text"):
+        raw = read_mpr(path) if kind == "mpr" else read_mpt(path)
+    elif fmt == "neware" and kind in ("nda", "ndax"):
+        raw = read_neware_binary(path, kind)
+    elif fmt == "arbin" and kind == "res":
         raw = read_arbin_res(path)
+    elif fmt in VENDORS and not (fmt == "arbin" and kind == "excel"):
+        raw = read_vendor_table(path, fmt, columns or {}, units or {}, sheet)
     else:
         raw = read_table(path, fmt, columns or {}, units or {}, sheet)
     return _finish(path, fmt, raw, start=start, tz=timezone)

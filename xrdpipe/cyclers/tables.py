@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import CyclerReadError
 from .raw import Raw
+from .sniff import container, decode
 
 EXCEL = (".xlsx", ".xlsm", ".xls", ".xlsb", ".ods")
 TEXT = (".csv", ".tsv", ".txt", ".dat")
@@ -66,8 +67,7 @@ def sheet_names(path: Path) -> list[str]:
 
 def _table_blocks(path: Path, fmt: str, sheet: str | None) -> list[tuple[str, list[list[Any]]]]:
     """(label, rows) of the sheets or text table that hold the record."""
-    ext = path.suffix.lower()
-    if ext not in EXCEL:
+    if container(path) != "excel":
         return [(path.name, _text_rows(path))]
     from python_calamine import CalamineWorkbook
 
@@ -95,12 +95,7 @@ def _text_rows(path: Path) -> list[list[str]]:
         raw = path.read_bytes()
     except OSError as exc:
         raise CyclerReadError(path, f"cannot read the file: {exc}") from None
-    for enc in ("utf-8-sig", "latin-1"):
-        try:
-            text = raw.decode(enc)
-            break
-        except UnicodeDecodeError:
-            continue
+    text = decode(raw)
     lines = text.splitlines()
     sample = "\n".join(lines[:200])
     counts = {d: sample.count(d) for d in ("\t", ";", ",")}
@@ -109,11 +104,11 @@ def _text_rows(path: Path) -> list[list[str]]:
     return [row for row in csv.reader(io.StringIO(text), delimiter=delim)]
 
 
-def _find_header(rows: list[list[Any]], wanted: Mapping[str, str]) -> int | None:
-    """Index of the header row: the first row naming every mapped column, or (without a mapping)
-    a known voltage, current and time column."""
+def _find_header(rows: list[list[Any]], wanted: Mapping[str, str], limit: int = 60) -> int | None:
+    """Index of the header row: the first row (of the first ``limit``) naming every mapped
+    column, or (without a mapping) a known voltage, current and time column."""
     want = {_norm(v) for v in wanted.values()}
-    for k, row in enumerate(rows[:60]):
+    for k, row in enumerate(rows[:limit]):
         names = {_norm(c) for c in row if c not in (None, "")}
         if want:
             if want <= names:
@@ -125,15 +120,17 @@ def _find_header(rows: list[list[Any]], wanted: Mapping[str, str]) -> int | None
     return None
 
 
-def _header_and_rows(path: Path, fmt: str, columns: Mapping[str, str], sheet: str | None
+def _header_and_rows(path: Path, fmt: str, columns: Mapping[str, str], sheet: str | None,
+                     blocks: list[tuple[str, list[list[Any]]]] | None = None, limit: int = 60
                      ) -> tuple[list[str], list[list[Any]], str]:
     """The header row (found by the named or the usual column names), the data rows after it
     (continuation sheets with or without their own header joined) and where it was found."""
     header: list[Any] | None = None
     data: list[list[Any]] = []
     label = ""
-    for name, rows in _table_blocks(path, fmt, sheet):
-        k = _find_header(rows, columns)
+    blocks = _table_blocks(path, fmt, sheet) if blocks is None else blocks
+    for name, rows in blocks:
+        k = _find_header(rows, columns, limit)
         if header is None:
             if k is None:
                 continue
@@ -144,10 +141,22 @@ def _header_and_rows(path: Path, fmt: str, columns: Mapping[str, str], sheet: st
         elif k is None:
             data.extend(rows)                  # a continuation sheet without a header
     if header is None:
+        _not_data(path, blocks)
         want = ", ".join(f"{r} = {c!r}" for r, c in columns.items()) or "time, voltage and current columns"
-        raise CyclerReadError(path, f"cannot find a header row with {want} in the first 60 rows; "
+        raise CyclerReadError(path, f"cannot find a header row with {want} in the first {limit} rows; "
                                     "set [electrochemistry] columns = { time = ..., voltage = ..., current = ... }")
     return header, data, label
+
+
+def _not_data(path: Path, blocks: list[tuple[str, list[list[Any]]]]) -> None:
+    """Raise a clear error for a file that is known not to be a cycler record."""
+    for label, rows in blocks:
+        first = {_norm(c) for c in (rows[0] if rows else []) if c not in (None, "")}
+        if "name" in first and first & {"chemistry", "start date", "nominal capacity [ah]"}:
+            raise CyclerReadError(path, f"{label!r} is an experiment record (one row per cell: "
+                                        f"{', '.join(str(c) for c in rows[0] if c not in (None, ''))}), "
+                                        "not cycler data; give the cycler's data export of the cell "
+                                        "(.nda/.ndax, .mpr/.mpt, or a CSV/Excel of time, voltage and current)")
 
 
 def _column_indices(path: Path, header: list[str], label: str, columns: Mapping[str, str]
@@ -184,13 +193,15 @@ def _column_indices(path: Path, header: list[str], label: str, columns: Mapping[
 
 
 def read_table(path: Path, fmt: str, columns: Mapping[str, str], units: Mapping[str, str],
-               sheet: str | None) -> Raw:
+               sheet: str | None, *, blocks: list[tuple[str, list[list[Any]]]] | None = None,
+               limit: int = 60) -> Raw:
     """The rows of a table (CSV/TSV/text or Excel, continuation sheets joined) as a :class:`Raw`:
-    voltage and current scaled to V and mA, times relative, absolute or local."""
+    voltage and current scaled to V and mA, times relative, absolute or local. ``blocks``: the
+    (label, rows) already read; ``limit``: the rows searched for the header."""
     bad = set(columns) - {"time", "voltage", "current", "datetime"}
     if bad:
         raise CyclerReadError(path, f"unknown column role(s) {sorted(bad)}; expected time, voltage, current, datetime")
-    header, data, label = _header_and_rows(path, fmt, columns, sheet)
+    header, data, label = _header_and_rows(path, fmt, columns, sheet, blocks, limit)
     c_time, c_abs, c_volt, c_cur = _column_indices(path, header, label, columns)
     rows = [r for r in data if any(c not in (None, "") for c in r)]
 
@@ -307,7 +318,8 @@ def _duration(s: str) -> float | None:
 
 
 _DT_FORMATS = ("%Y-%m-%d %H:%M:%S.%f", "%Y-%m-%d %H:%M:%S", "%Y/%m/%d %H:%M:%S.%f", "%Y/%m/%d %H:%M:%S",
-               "%Y-%m-%d %H:%M", "%Y/%m/%d %H:%M", "%d.%m.%Y %H:%M:%S.%f", "%d.%m.%Y %H:%M:%S")
+               "%Y-%m-%d %H:%M", "%Y/%m/%d %H:%M", "%d.%m.%Y %H:%M:%S.%f", "%d.%m.%Y %H:%M:%S",
+               "%d-%b-%y %I:%M:%S %p", "%d-%b-%Y %I:%M:%S %p", "%d-%b-%y %H:%M:%S", "%d-%b-%Y %H:%M:%S")
 
 
 def parse_datetime(s: str, *, day_first: bool | None = None) -> datetime | None:
