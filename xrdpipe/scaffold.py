@@ -300,38 +300,32 @@ def _label(ph_name: str, hkl) -> str:
     return f"{ph_name} {' '.join(str(x) for x in hkl)}"
 
 
-def choose_windows(names: Sequence[str], wavelength_A: float, tth: tuple[float, float]) -> tuple[list[Window], list[str]]:
-    """Windows around the strongest reflections of the phases ``names`` inside ``tth`` (2θ degrees)."""
+def _reflections_in_range(ph, wavelength_A: float, d_min: float, lo: float, hi: float) -> list[tuple]:
+    """A phase's reflections as (hkl, 2θ, relative intensity, (2θ low, 2θ high)) whose whole
+    travel lies inside ``lo``-``hi``: where the reflection goes while the cell moves through half
+    the phase model's search range (a phase's own cell moves less than that over a cycle)."""
     from .crystallography import d_spacing, tth_from_d
 
-    specs = _phase_specs(names)
-    lo, hi = tth
-    d_min = wavelength_A / (2 * math.sin(math.radians(hi / 2)))
-    notes = []
-    refl = {}          # phase -> list of (hkl, tth, rel. intensity, (tth_lo, tth_hi))
-    for ph in specs:
-        hkl, d, inten = _intensities(ph, wavelength_A, d_min)
-        rows = []
-        search = {**_SEARCH, **dict(ph.search)}
-        for h, dd, ii in zip(hkl, d, inten):
-            h = _nice_hkl(ph, h)
-            t = float(tth_from_d(dd, wavelength_A))
-            # where the reflection goes while the cell moves through half the phase model's
-            # search range (a phase's own cell moves less than that over a cycle)
-            corners = []
-            for fa in (1 - search.get("a", 0.015) / 2, 1 + search.get("a", 0.015) / 2):
-                for fc in (1 - search.get("c", 0.03) / 2, 1 + search.get("c", 0.03) / 2):
-                    c = ph.c * fc if ph.c else None
-                    b = ph.b * fa if ph.b else None
-                    corners.append(float(tth_from_d(d_spacing(ph.space_group, *h, ph.a * fa, c, b, ph.beta), wavelength_A)))
-            rows.append((h, t, float(ii), (min(corners), max(corners))))
-        refl[ph.name] = [r for r in rows if lo <= r[3][0] and r[3][1] <= hi]
-        if not refl[ph.name]:
-            notes.append(f"no reflection of {ph.name} falls inside the detector's range {lo:.2f}-{hi:.2f}°")
-    cathode = [ph for ph in specs if ph.fraction]
-    # a reflection's score: its weakest relative intensity over the cathode phases that have it
-    # in range (coexisting phases are told apart where every one of them shows); the two
-    # strongest basal (00l) reflections first, then the three strongest others
+    hkl, d, inten = _intensities(ph, wavelength_A, d_min)
+    search = {**_SEARCH, **dict(ph.search)}
+    rows = []
+    for h, dd, ii in zip(hkl, d, inten):
+        h = _nice_hkl(ph, h)
+        corners = []
+        for fa in (1 - search.get("a", 0.015) / 2, 1 + search.get("a", 0.015) / 2):
+            for fc in (1 - search.get("c", 0.03) / 2, 1 + search.get("c", 0.03) / 2):
+                c = ph.c * fc if ph.c else None
+                b = ph.b * fa if ph.b else None
+                corners.append(float(tth_from_d(d_spacing(ph.space_group, *h, ph.a * fa, c, b, ph.beta), wavelength_A)))
+        rows.append((h, float(tth_from_d(dd, wavelength_A)), float(ii), (min(corners), max(corners))))
+    return [r for r in rows if lo <= r[3][0] and r[3][1] <= hi]
+
+
+def _picks(refl: dict[str, list[tuple]], cathode) -> list[tuple[int, int, int]]:
+    """The reflections windows are made for. A reflection's score is its weakest relative
+    intensity over the cathode phases that have it in range (coexisting phases are told apart
+    where every one of them shows): the two strongest basal (00l) reflections first, then the
+    three strongest others."""
     score: dict[tuple[int, int, int], float] = {}
     for ph in cathode:
         for r in refl[ph.name]:
@@ -339,14 +333,18 @@ def choose_windows(names: Sequence[str], wavelength_A: float, tth: tuple[float, 
     ranked = sorted(score, key=lambda h: -score[h])
     basal = [h for h in ranked if h[0] == h[1] == 0 and score[h] >= 0.02][:2]
     other = [h for h in ranked if not h[0] == h[1] == 0 and score[h] >= 0.02][:3]
-    picks = basal + other
-    # one window per picked reflection, spanning it in every phase; overlapping windows merged
+    return basal + other
+
+
+def _spans(refl: dict[str, list[tuple]], cathode, picks) -> list[list]:
+    """One span per picked reflection, covering it in every cathode phase (0.1° more on each
+    side); overlapping spans merged: [low, high, [hkl, ...]], by low."""
+    names = {ph.name for ph in cathode}
     spans = []
     for h in picks:
-        rows = [r for name in refl for r in refl[name] if r[0] == h and any(ph.name == name for ph in cathode)]
+        rows = [r for name in refl if name in names for r in refl[name] if r[0] == h]
         if rows:
-            pad = 0.1
-            spans.append([min(r[3][0] for r in rows) - pad, max(r[3][1] for r in rows) + pad, h])
+            spans.append([min(r[3][0] for r in rows) - 0.1, max(r[3][1] for r in rows) + 0.1, h])
     spans.sort(key=lambda s: s[0])
     merged: list[list] = []
     for s in spans:
@@ -355,17 +353,36 @@ def choose_windows(names: Sequence[str], wavelength_A: float, tth: tuple[float, 
             merged[-1][2].append(s[2])
         else:
             merged.append([s[0], s[1], [s[2]]])
-    windows = []
-    for w_lo, w_hi, hkls in merged:
-        w_lo, w_hi = max(w_lo, lo), min(w_hi, hi)
-        inside = [(name, r) for name in refl for r in refl[name] if w_lo <= r[1] <= w_hi and r[2] >= 0.02]
-        inside.sort(key=lambda nr: (nr[1][0] not in hkls, -nr[1][2]))
-        labels = [_label(name, r[0]) for name, r in inside][:MAX_PEAKS]
-        if len(inside) > MAX_PEAKS:
-            notes.append(f"window at {w_lo:.2f}-{w_hi:.2f}° lists the {MAX_PEAKS} strongest of its {len(inside)} reflections")
-        name = "".join(str(x) for x in hkls[0]) if all(0 <= x <= 9 for x in hkls[0]) else "_".join(map(str, hkls[0]))
-        windows.append((hkls[0], Window(name, (round(w_lo, 2), round(w_hi, 2)), tuple(labels))))
-    # basal windows first, then by the strength of their first pick; at most MAX_WINDOWS
+    return merged
+
+
+def _window(refl: dict[str, list[tuple]], w_lo: float, w_hi: float, hkls: list, notes: list[str]) -> Window:
+    """The window of a merged span: named after its first pick, listing the strongest
+    reflections of every phase inside it (its picks first)."""
+    inside = [(name, r) for name in refl for r in refl[name] if w_lo <= r[1] <= w_hi and r[2] >= 0.02]
+    inside.sort(key=lambda nr: (nr[1][0] not in hkls, -nr[1][2]))
+    labels = [_label(name, r[0]) for name, r in inside][:MAX_PEAKS]
+    if len(inside) > MAX_PEAKS:
+        notes.append(f"window at {w_lo:.2f}-{w_hi:.2f}° lists the {MAX_PEAKS} strongest of its {len(inside)} reflections")
+    name = "".join(str(x) for x in hkls[0]) if all(0 <= x <= 9 for x in hkls[0]) else "_".join(map(str, hkls[0]))
+    return Window(name, (round(w_lo, 2), round(w_hi, 2)), tuple(labels))
+
+
+def choose_windows(names: Sequence[str], wavelength_A: float, tth: tuple[float, float]) -> tuple[list[Window], list[str]]:
+    """Windows around the strongest reflections of the phases ``names`` inside ``tth`` (2θ degrees):
+    basal windows first, then by the strength of their first pick; at most MAX_WINDOWS, in 2θ order,
+    with unique names. Returns the windows and notes on what was left out."""
+    specs = _phase_specs(names)
+    lo, hi = tth
+    d_min = wavelength_A / (2 * math.sin(math.radians(hi / 2)))
+    notes: list[str] = []
+    refl = {ph.name: _reflections_in_range(ph, wavelength_A, d_min, lo, hi) for ph in specs}
+    notes += [f"no reflection of {name} falls inside the detector's range {lo:.2f}-{hi:.2f}°"
+              for name, rows in refl.items() if not rows]
+    cathode = [ph for ph in specs if ph.fraction]
+    picks = _picks(refl, cathode)
+    windows = [(hkls[0], _window(refl, max(w_lo, lo), min(w_hi, hi), hkls, notes))
+               for w_lo, w_hi, hkls in _spans(refl, cathode, picks)]
     order = {h: i for i, h in enumerate(picks)}
     windows.sort(key=lambda hw: order[hw[0]])
     if len(windows) > MAX_WINDOWS:
@@ -429,7 +446,6 @@ def _q(tth: float, wavelength_A: float) -> float:
 
 def experiment_text(s: Scaffold) -> str:
     """The experiment.toml of a :class:`Scaffold`: every key valid, every finding in a comment."""
-    f, d = s.frames, s.detector
     lines = [
         "# Experiment file written by `xrdpipe init`: check the lines marked CHECK, then",
         "#   xrdpipe validate <this file>   and   xrdpipe run <this file>",
@@ -440,68 +456,88 @@ def experiment_text(s: Scaffold) -> str:
         'output = "results"',
         "",
     ]
-    if f.kind == "frames":
-        fmt = {".cbf": "CBF", ".edf": "EDF", ".tif": "TIFF", ".tiff": "TIFF"}.get(f.suffix, "HDF5/NeXus")
-        lines += [f"# {f.frames} frame(s) in {f.files} {fmt} file(s)" + (f", {f.shape[0]} x {f.shape[1]} pixels" if f.shape else "")
-                  + (f"; {f.note}" if f.note else "")]
-        if f.dataset:
-            lines += [f"# the frames are the dataset {f.dataset} of each file"]
-        lines += ["[frames]", f'files = "{f.pattern}"']
-        if f.dataset:
-            lines += [f'dataset = "{f.dataset}"']
-        if f.times == "header":
-            lines += [f"# times from the file headers: first frame {f.first.isoformat()}, last ends {f.last.isoformat()}",
-                      'times = "header"']
-            if f.first.tzinfo is None:
-                if s.timezone:
-                    lines += [f'timezone = "{s.timezone}"   # the header times have no UTC offset']
-                else:
-                    lines += ["# CHECK: the header times have no UTC offset: set the zone of the beamline's clock",
-                              '# timezone = "Europe/Paris"']
-        else:
-            lines += ["# CHECK: the headers give no frame times; set one of",
-                      '# times = { start = "2025-07-02T19:05:59+08:00", period_s = 20.0, exposure_s = 19.5 }',
-                      '# times = { log = "scans.csv" }    # one row per frame: file, start, end']
-        lines += ["", "[calibration]", f'poni = "{d.poni}"']
-        if d.mask:
-            lines += [f'mask = "{d.mask}"']
-        lo, hi = d.tth
-        lines += ["",
-                  f"# the detector covers 2θ {lo:.2f}-{hi:.2f}° (Q {_q(lo, d.wavelength_A):.3f}-{_q(hi, d.wavelength_A):.3f} 1/Å) "
-                  f"at {d.wavelength_A:.5g} Å, {d.distance_mm:.1f} mm",
-                  "[integration]", f"npt = {d.npt}            # about 3 points per pixel at the beam centre",
-                  'unit = "2th_deg"', 'error_model = "poisson"', ""]
-    else:
-        lines += [f"# {f.frames} 1D pattern(s) ({f.suffix}), x from {f.radial[0]:.3f} to {f.radial[1]:.3f}"
-                  + (f"; {f.note}" if f.note else ""),
-                  "[patterns]", f'files = "{f.pattern}"',
-                  'radial_unit = "2th_deg"   # CHECK: or "q_A^-1" if the patterns are in Q',
-                  f"wavelength_A = {d.wavelength_A:.6g}   # from {d.poni}",
-                  "# CHECK: 1D patterns carry no times; set one of",
-                  '# times = { start = "2025-07-02T19:05:59+08:00", period_s = 20.0 }',
-                  '# times = { log = "scans.csv" }', ""]
+    lines += _frames_lines(s) if s.frames.kind == "frames" else _patterns_lines(s)
     lines += _cycler_lines(s.cycler)
-    lines += ["# Phases from the library (space group and start cell; any key given here wins):"]
+    lines += _phase_lines(s.phases)
+    lines += _window_lines(s)
+    return "\n".join(lines)
+
+
+def _frames_lines(s: Scaffold) -> list[str]:
+    """[frames], [calibration] and [integration] of 2D frames."""
+    f, d = s.frames, s.detector
+    fmt = {".cbf": "CBF", ".edf": "EDF", ".tif": "TIFF", ".tiff": "TIFF"}.get(f.suffix, "HDF5/NeXus")
+    lines = [f"# {f.frames} frame(s) in {f.files} {fmt} file(s)" + (f", {f.shape[0]} x {f.shape[1]} pixels" if f.shape else "")
+             + (f"; {f.note}" if f.note else "")]
+    if f.dataset:
+        lines += [f"# the frames are the dataset {f.dataset} of each file"]
+    lines += ["[frames]", f'files = "{f.pattern}"']
+    if f.dataset:
+        lines += [f'dataset = "{f.dataset}"']
+    if f.times == "header":
+        lines += [f"# times from the file headers: first frame {f.first.isoformat()}, last ends {f.last.isoformat()}",
+                  'times = "header"']
+        if f.first.tzinfo is None:
+            if s.timezone:
+                lines += [f'timezone = "{s.timezone}"   # the header times have no UTC offset']
+            else:
+                lines += ["# CHECK: the header times have no UTC offset: set the zone of the beamline's clock",
+                          '# timezone = "Europe/Paris"']
+    else:
+        lines += ["# CHECK: the headers give no frame times; set one of",
+                  '# times = { start = "2025-07-02T19:05:59+08:00", period_s = 20.0, exposure_s = 19.5 }',
+                  '# times = { log = "scans.csv" }    # one row per frame: file, start, end']
+    lines += ["", "[calibration]", f'poni = "{d.poni}"']
+    if d.mask:
+        lines += [f'mask = "{d.mask}"']
+    lo, hi = d.tth
+    return lines + ["",
+                    f"# the detector covers 2θ {lo:.2f}-{hi:.2f}° (Q {_q(lo, d.wavelength_A):.3f}-{_q(hi, d.wavelength_A):.3f} 1/Å) "
+                    f"at {d.wavelength_A:.5g} Å, {d.distance_mm:.1f} mm",
+                    "[integration]", f"npt = {d.npt}            # about 3 points per pixel at the beam centre",
+                    'unit = "2th_deg"', 'error_model = "poisson"', ""]
+
+
+def _patterns_lines(s: Scaffold) -> list[str]:
+    """[patterns] of 1D patterns."""
+    f, d = s.frames, s.detector
+    return [f"# {f.frames} 1D pattern(s) ({f.suffix}), x from {f.radial[0]:.3f} to {f.radial[1]:.3f}"
+            + (f"; {f.note}" if f.note else ""),
+            "[patterns]", f'files = "{f.pattern}"',
+            'radial_unit = "2th_deg"   # CHECK: or "q_A^-1" if the patterns are in Q',
+            f"wavelength_A = {d.wavelength_A:.6g}   # from {d.poni}",
+            "# CHECK: 1D patterns carry no times; set one of",
+            '# times = { start = "2025-07-02T19:05:59+08:00", period_s = 20.0 }',
+            '# times = { log = "scans.csv" }', ""]
+
+
+def _phase_lines(phases: Sequence[str]) -> list[str]:
+    """[[phases]] of the library phases, their space group and start cell in a comment."""
     from .config import PhaseSpec
 
-    for name in s.phases:
+    lines = ["# Phases from the library (space group and start cell; any key given here wins):"]
+    for name in phases:
         ph = PhaseSpec(name=name)
         cell = ", ".join(f"{k} = {getattr(ph, k)}" for k in ("a", "b", "c", "beta") if getattr(ph, k) is not None)
         extra = "; not in the phase fractions" if not ph.fraction else ""
         lines += ["[[phases]]", f'name = "{name}"   # {ph.space_group}, {cell}{extra}', ""]
+    return lines
+
+
+def _window_lines(s: Scaffold) -> list[str]:
+    """[[windows]] and the contour map's windows."""
     lo, hi = s.tth
-    lines += [f"# Windows (2θ degrees) around the strongest reflections inside {lo:.2f}-{hi:.2f}°: basal first;",
-              "# each reflection of every phase in one window, wide enough for the cell search.",
-              "# The phase model fits every allowed reflection of every phase inside a window."]
-    for note in s.notes:
-        lines += [f"# note: {note}"]
+    lines = [f"# Windows (2θ degrees) around the strongest reflections inside {lo:.2f}-{hi:.2f}°: basal first;",
+             "# each reflection of every phase in one window, wide enough for the cell search.",
+             "# The phase model fits every allowed reflection of every phase inside a window."]
+    lines += [f"# note: {note}" for note in s.notes]
     for w in s.windows:
         peaks = ", ".join(f'"{p}"' for p in w.peaks)
         lines += ["[[windows]]", f'name = "{w.name}"', f"range = [{w.range[0]}, {w.range[1]}]", f"peaks = [{peaks}]", ""]
     if s.windows:
         names = ", ".join(f'"{w.name}"' for w in s.windows[:3])
         lines += ["[plots.contour]", f"windows = [{names}]", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def _cycler_lines(c: FoundCycler | None) -> list[str]:
