@@ -246,3 +246,27 @@ name = "O3"
     assert rows[2]["status"] == "flagged" and "above 2.5 x the run's median" in rows[2]["message"]
     assert rows[2]["a_A"] != ""                                    # flagged: the values are kept
     assert all(rows[i]["status"] == "ok" for i in (0, 1, 3, 4))
+
+
+def test_a_resumed_refinement_carries_the_cells_trend_on_as_an_unbroken_one(tmp_path):
+    """Refined in two calls (frames 0-5, then the rest), the series gives the same values to the
+    bit as in one call: the resumed frame starts from the last success with its cells moved on
+    by their change since the success before it (frame 3 is dead, so frame 5's start is frame 4
+    moved by frame 4 - frame 2), and that change is read back from the run file."""
+    from xrdpipe.run.refine import refine_experiment
+    from xrdpipe.run.store import read_table
+
+    runs = {}
+    for name in ("whole", "resumed"):
+        folder = tmp_path / name
+        folder.mkdir()
+        o3_series_in(folder)
+        exp = load_experiment(folder / "exp.toml")
+        CliRunner().invoke(main, ["integrate", str(folder / "exp.toml"), "-q"])
+        if name == "resumed":
+            refine_experiment(exp, progress=False, frames=(0, 5))
+        refine_experiment(exp, progress=False)
+        runs[name] = read_table(exp.run.run_file, "refinement", names=("values", "status", "start_from"))
+    assert list(runs["whole"]["start_from"][[4, 5, 6, 7]]) == ["previous"] * 4
+    np.testing.assert_array_equal(runs["resumed"]["status"], runs["whole"]["status"])
+    np.testing.assert_array_equal(runs["resumed"]["values"], runs["whole"]["values"])

@@ -270,7 +270,9 @@ def _refine_rows(exp: Experiment, refiner: Refiner, store: RefineStore, todo: np
                  keep: np.ndarray, summary: RefineSummary, bar) -> None:
     """Refine ``todo`` in order, each frame from the last successful one (a failure is recorded
     and the next frame starts from the last success), 128 patterns read at a time."""
-    prev, prev_row = store.last_success(before=int(todo[0]) if todo.size else store.done().size)
+    calc = refiner.calc
+    trend = calc.is_cell if calc.any_extracted and not calc.pawley else None     # as Refiner.refine keeps it
+    prev, prev_row = store.last_success(before=int(todo[0]) if todo.size else store.done().size, is_cell=trend)
     for a in range(0, todo.size, 128):
         block = todo[a:a + 128]
         inten, sigma = read_pattern_block(exp.run.run_file, rows=block, columns=cols)

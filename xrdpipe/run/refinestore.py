@@ -57,6 +57,9 @@ class RefineStore(Writer):
                 g.create_dataset("weight_fraction_err", shape=(n, len(phases)), maxshape=(None, len(phases)),
                                  dtype="f8", fillvalue=np.nan)
                 g.create_dataset("absent", shape=(n, len(phases)), maxshape=(None, len(phases)), dtype="i1")
+                # which start won (previous, configured, searched): a resumed run carries the
+                # cells' trend on from a frame refined from the one before, as an unbroken run does
+                g.create_dataset("start_from", shape=(n,), maxshape=(None,), dtype=str_dtype())
                 for name in ("rwp", "rexp", "gof"):
                     g.create_dataset(name, shape=(n,), maxshape=(None,), dtype="f8", fillvalue=np.nan)
                 g.create_dataset("n_iter", shape=(n,), maxshape=(None,), dtype="i4")
@@ -80,25 +83,36 @@ class RefineStore(Writer):
     def done(self) -> np.ndarray:
         return self._g["status"][()] > 0
 
-    def last_success(self, before: int) -> tuple[RefinementResult | None, int | None]:
-        """The last successful row before ``before`` as a start (values, Le Bail intensities
-        and GOF) and its row; (None, None) when there is none."""
+    def last_success(self, before: int, is_cell: np.ndarray | None = None) -> tuple[RefinementResult | None, int | None]:
+        """The last successful row before ``before`` as a start (values, esds, Le Bail intensities
+        and GOF) and its row; (None, None) when there is none. With ``is_cell`` (which parameters
+        are cell parameters; Le Bail), the cells' trend is restored as the refinement left it: the
+        change since the success before it, where this row was refined from that one with the
+        same phases absent."""
         st = self._g["status"][:before]
         ok = np.flatnonzero((st == OK) | (st == FLAGGED))
         if not ok.size:
             return None, None
         r = int(ok[-1])
-        theta = self._g["values"][r]
-        I = self._g["lebail_intensity"][r]
         g = self._g
+        theta = g["values"][r]
+        I = g["lebail_intensity"][r]
         names = list(decode(g["parameter"][()]))
         phases = list(decode(g["phase"][()]))
-        gone = [ph for ph, a in zip(phases, g["absent"][r]) if a] if "absent" in g else []
-        return RefinementResult(names, theta, np.full(theta.size, np.nan), np.zeros(theta.size, bool),
+        absent = g["absent"][r] if "absent" in g else np.zeros(len(phases), bool)
+        start_from = text(g["start_from"][r]) if "start_from" in g else ""
+        trend = None
+        if is_cell is not None and start_from == "previous" and ok.size >= 2:
+            q = int(ok[-2])                   # the success row r was refined from
+            if np.array_equal(g["absent"][q] if "absent" in g else absent, absent):
+                trend = np.where(is_cell, theta - g["values"][q], 0.0)
+        return RefinementResult(names, theta, g["esds"][r], np.zeros(theta.size, bool),
                                 float(g["rwp"][r]), float(g["rexp"][r]), float(g["gof"][r]), 0, 0, 0, True, "",
                                 np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0), [], [],
                                 None if np.isnan(I).all() else I, phases, theta=theta,
-                                status="flagged" if st[r] == FLAGGED else "ok", absent=gone), r
+                                status="flagged" if st[r] == FLAGGED else "ok",
+                                absent=[ph for ph, a in zip(phases, absent) if a], start_from=start_from,
+                                cell_trend=trend), r
 
     def write(self, row: int, res: RefinementResult) -> None:
         g = self._g
@@ -121,6 +135,8 @@ class RefineStore(Writer):
         g["message"][row] = res.message[:500]
         if "absent" in g:
             g["absent"][row] = [name in res.absent for name in res.phase_names]
+        if "start_from" in g:
+            g["start_from"][row] = res.start_from
         g["status"][row] = FLAGGED if res.status == "flagged" else OK     # last: a row counts once its results are in
         self.maybe_flush()
 
