@@ -39,7 +39,7 @@ from .fractions import WeightFractions, choose_fractions, peak_fractions, phase_
 from .phases import GEOMETRY_KEYS, layer_geometry
 from .tables import csv_number, write_csv
 
-__all__ = ["LatticeTable", "WeightFractions", "refine_lattice", "trend", "LATTICE_COLUMNS", "LATTICE_FIELDS"]
+__all__ = ["LatticeTable", "WeightFractions", "refine_lattice", "trend", "phase_present", "LATTICE_COLUMNS", "LATTICE_FIELDS"]
 
 #: The columns of lattice.csv (a public interface: extend, never rename).
 LATTICE_COLUMNS = ("frame", "time_s", "voltage_V", "x", "phase", "a_A", "a_err_A", "c_A", "c_err_A", "volume_A3",
@@ -347,6 +347,16 @@ def _volume(vals, r, i, spec: PhaseSpec, cell, idx, cov) -> None:
         vals["volume_err_A3"][r, i] = float(np.sqrt(g @ sub @ g))
 
 
+
+
+def phase_present(a_A, c_A, fraction) -> np.ndarray:
+    """Where a phase is present in a lattice table (frames x phases): a cell parameter refined
+    (a for a cubic phase such as Al, c for a layered one) or a fraction above zero.
+
+    >>> phase_present([[4.05, np.nan]], [[np.nan, np.nan]], [[np.nan, 0.2]]).tolist()
+    [[True, True]]
+    """
+    return np.isfinite(a_A) | np.isfinite(c_A) | (np.nan_to_num(np.asarray(fraction, float)) > 0)
 
 
 def trend(x, y, y_err=None, *, x_range: tuple[float, float] | None = None) -> dict[str, float]:

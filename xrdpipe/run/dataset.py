@@ -16,6 +16,7 @@ reductions over the whole stack.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from xarray.core import indexing
 
 from ..tables import PEAK_ARRAYS
 from .paths import ECHEM_RECORD, ELECTROCHEMISTRY, ENTRY, LATTICE, PATTERNS, PEAKS, h5path
-from .store import DONE, FAILED, PENDING, axis_of, decode, per_frame, reading, text
+from .store import DONE, FAILED, PENDING, axis_of, decode, group_arrays, per_frame, reading, text
 
 __all__ = ["open_dataset", "open_results", "Results"]
 
@@ -90,18 +91,6 @@ def _datetimes(posix_s: np.ndarray) -> np.ndarray:
     return out
 
 
-def _table(h5, group: str, names=None) -> dict[str, np.ndarray] | None:
-    if group not in h5[ENTRY]:
-        return None
-    g = h5[h5path(group)]
-    out = {}
-    for name, item in g.items():
-        if hasattr(item, "dtype") and (names is None or name in names):
-            v = item[()]
-            out[name] = decode(v) if v.dtype.kind in "OS" else v
-    return out
-
-
 def _frame_coords(h5, n: int) -> dict[str, Any]:
     """The per-frame coordinates: the frame table's and, where echem has run, the cell's."""
     fr = h5[h5path("frames")]
@@ -114,7 +103,7 @@ def _frame_coords(h5, n: int) -> dict[str, Any]:
         "frame_message": ("frame", decode(fr["message"][:n]), {"long_name": "why a frame failed, or a remark"}),
         "key": ("frame", decode(fr["key"][:n]), {"long_name": "file[:index] of the frame"}),
     }
-    ec = _table(h5, ELECTROCHEMISTRY, names={col for col, _ in _ECHEM.values()})
+    ec = group_arrays(h5, ELECTROCHEMISTRY, names={col for col, _ in _ECHEM.values()})
     for name, (col, fill) in _ECHEM.items():
         values = per_frame(None if ec is None else ec.get(col), n, fill)
         attrs = {"long_name": _LONG.get(name, name)}
@@ -134,7 +123,7 @@ def _directions(half_cycle: np.ndarray, segment: np.ndarray) -> np.ndarray:
         sel = half_cycle == h
         moving = [s for s in segment[sel] if s in _MOVING]
         if moving:
-            out[sel] = max(set(moving), key=moving.count)
+            out[sel] = Counter(moving).most_common(1)[0][0]     # a tie: the first seen
     return out
 
 
@@ -248,7 +237,8 @@ def _peaks(h5, n: int, coords: dict, axis: str) -> xr.Dataset:
 
 
 def _lattice(h5, coords: dict) -> xr.Dataset:
-    t = _table(h5, LATTICE)
+    t = group_arrays(h5, LATTICE)
+    stored = t.pop("attrs")
     frames = np.asarray(t.pop("frame"), int)
     phases = list(t.pop("phase"))
     t.pop("time_s", None)
@@ -262,8 +252,7 @@ def _lattice(h5, coords: dict) -> xr.Dataset:
     sub = {k: ("frame", np.asarray(v[1])[frames], v[2]) for k, v in coords.items() if k != "frame"}
     sub["frame"] = ("frame", frames, {"long_name": "frame"})
     sub["phase"] = ("phase", np.array(phases, dtype=object))
-    attrs = {k: (text(v) if isinstance(v, bytes) else v) for k, v in h5[h5path(LATTICE)].attrs.items()
-             if k != "NX_class"}
+    attrs = {k: (text(v) if isinstance(v, bytes) else v) for k, v in stored.items() if k != "NX_class"}
     return xr.Dataset(data, coords=sub, attrs=attrs)
 
 
@@ -278,7 +267,7 @@ def _lattice_attrs(name: str) -> dict[str, str]:
 
 
 def _record(h5) -> xr.Dataset | None:
-    t = _table(h5, ECHEM_RECORD)
+    t = group_arrays(h5, ECHEM_RECORD)
     if t is None:
         return None
     n = t["time_s"].size

@@ -18,6 +18,7 @@ import numpy as np
 
 from .. import __version__
 from ..config import Experiment
+from ..lattice import phase_present
 from ..report import Figure, ReportData, StageRow, build_report
 from ..safeio import write_text_atomic
 from .paths import LATTICE, PROCESS, RunPaths, h5path
@@ -79,14 +80,17 @@ def report_experiment(exp: Experiment, *, keys: dict[str, str] | None = None,
     missing: list[str] = []
     ec = read_electrochemistry(run_file, names=("x",))
     x = np.asarray(ec["x"], float) if ec is not None and "x" in ec else None
+    if ec is not None and ec["frames_without"]:
+        missing.append(f"electrochemistry: {ec['frames_without']} frame(s) were integrated after the echem stage "
+                       "ran and have no x yet (run 'xrdpipe echem' again)")
     if ec is None:
         missing.append("electrochemistry: the echem stage has not run"
                        + ("" if exp.electrochemistry is not None else " (no [electrochemistry] section)")
                        + "; no x per frame")
-    lat = read_table(run_file, LATTICE, names=("frame", "phase", "c_A", "fraction"))
+    lat = read_table(run_file, LATTICE, names=("frame", "phase", "a_A", "c_A", "fraction"))
     phases = frames_l = present = None
     if lat is not None:
-        seen = np.isfinite(lat["c_A"]) | (np.nan_to_num(lat["fraction"]) > 0)
+        seen = phase_present(lat["a_A"], lat["c_A"], lat["fraction"])
         keep = np.asarray(fr.status)[lat["frame"]] == DONE        # frames not integrated are not compared
         phases, frames_l, present = [str(p) for p in lat["phase"]], lat["frame"][keep], seen[keep]
     else:

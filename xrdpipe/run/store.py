@@ -56,7 +56,7 @@ from .paths import (
 
 __all__ = ["RunFile", "open_run", "PENDING", "DONE", "FAILED", "Patterns", "RunInfo", "FrameTable", "StageRecord",
            "read_run_info", "read_frames", "write_table", "read_table", "has_group", "read_stages",
-           "mark_stage", "read_pattern_block", "Writer", "enter_transaction", "reading", "str_dtype", "decode", "text", "per_frame", "read_electrochemistry"]
+           "mark_stage", "read_pattern_block", "Writer", "enter_transaction", "reading", "str_dtype", "decode", "text", "per_frame", "read_electrochemistry", "group_arrays"]
 
 PENDING, DONE, FAILED = 0, 1, -1
 _AXIS_NAME = {"2th_deg": "tth", "q_A^-1": "q"}
@@ -479,18 +479,23 @@ def read_table(path: Path | str, group: str, names: Sequence[str] | None = None)
     """``/entry/<group>`` of a run file as arrays (strings decoded) with its attributes under
     ``"attrs"``; only the arrays in ``names`` when given; None when the run file has no such group."""
     with reading(path) as h5:
-        if group not in h5[ENTRY]:
-            return None
-        g = h5[ENTRY][group]
-        out: dict[str, Any] = {"attrs": dict(g.attrs)}
-        for name, item in g.items():
-            if hasattr(item, "dtype") and (names is None or name in names):
-                v = item[()]
-                if item.shape == ():                     # a scalar: a string (bytes) or a number
-                    out[name] = text(v) if isinstance(v, (bytes, str)) else v
-                else:
-                    out[name] = decode(v) if v.dtype.kind in "OS" else v
-        return out
+        return group_arrays(h5, group, names)
+
+
+def group_arrays(h5, group: str, names: Sequence[str] | None = None) -> dict[str, Any] | None:
+    """:func:`read_table` on a run file open for reading (``h5``)."""
+    if group not in h5[ENTRY]:
+        return None
+    g = h5[ENTRY][group]
+    out: dict[str, Any] = {"attrs": dict(g.attrs)}
+    for name, item in g.items():
+        if hasattr(item, "dtype") and (names is None or name in names):
+            v = item[()]
+            if item.shape == ():                     # a scalar: a string (bytes) or a number
+                out[name] = text(v) if isinstance(v, (bytes, str)) else v
+            else:
+                out[name] = decode(v) if v.dtype.kind in "OS" else v
+    return out
 
 
 def per_frame(values: np.ndarray | None, n: int, fill) -> np.ndarray:

@@ -29,6 +29,7 @@ import numpy as np
 
 from .. import __version__
 from ..config import Experiment, TimesFromLog
+from ..lattice import phase_present
 from ..parallel import stop_if_interrupted
 from ..safeio import file_stat, transaction
 from .echem import echem_experiment
@@ -287,8 +288,9 @@ def _fill_state(summary: RunSummary, exp: Experiment) -> None:
     if lat is not None:
         summary.outputs["lattice"] = str(paths.lattice_csv)
         x = ec["x"][lat["frame"]] if ec is not None else None
+        present = phase_present(lat["a_A"], lat["c_A"], lat["fraction"])
         for i, name in enumerate(lat["phase"]):
-            seen = np.isfinite(lat["c_A"][:, i]) | (np.nan_to_num(lat["fraction"][:, i]) > 0)
+            seen = present[:, i]
             xs = x[seen] if x is not None else np.array([])
             xs = xs[np.isfinite(xs)]
             if seen.any():
