@@ -303,7 +303,7 @@ def test_maccor_mode_column_across_continuation_sheets(tmp_path):
     wb = openpyxl.Workbook()
     ws = wb.active
     ws.title = "Sheet1"
-    ws.append(["Date of Test:", "11/05/2023 11:59:55 AM"])
+    ws.append(["Date of Test:", "11/25/2023 11:59:55"])          # read alike before and after the date fixes
     ws.append(["Rec", "Cycle C", "Test Time (sec)", "Current", "Voltage", "MD"])
     ws.append([1, 1, 0.0, 0.5, 3.70, "C"])
     ws.append([2, 1, 1.0, 0.5, 3.60, "D"])
@@ -315,7 +315,7 @@ def test_maccor_mode_column_across_continuation_sheets(tmp_path):
     rec = read_cycler(f, format="maccor", timezone="UTC")
     np.testing.assert_array_equal(rec.current_mA, [500.0, -500.0, -500.0, 0.0])
     np.testing.assert_array_equal(rec.voltage_V, [3.70, 3.60, 3.55, 3.58])
-    assert rec.start == datetime(2023, 11, 5, 11, 59, 55, tzinfo=UTC)
+    assert rec.start == datetime(2023, 11, 25, 11, 59, 55, tzinfo=UTC)
 
 
 def test_neware_binaries_under_any_name(tmp_path):
