@@ -351,12 +351,12 @@ def parse_datetime(s: str, *, day_first: bool | None = None) -> datetime | None:
     if day_first is None:
         m = _SLASH.match(s)
         day_first = bool(m) and int(m.group(1)) > 12
-    date = "%d/%m/%Y" if day_first else "%m/%d/%Y"
-    for tail in _SLASH_TAILS:
-        try:
-            return datetime.strptime(s.upper() if "%p" in tail else s, date + tail)
-        except ValueError:
-            continue
+    for date in (("%d/%m/%Y", "%d/%m/%y") if day_first else ("%m/%d/%Y", "%m/%d/%y")):
+        for tail in _SLASH_TAILS:
+            try:
+                return datetime.strptime(s.upper() if "%p" in tail else s, date + tail)
+            except ValueError:
+                continue
     return None
 
 
