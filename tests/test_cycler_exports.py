@@ -244,6 +244,11 @@ def test_a_date_column_is_read_in_one_order(tmp_path):
     np.testing.assert_allclose(rec.time, [datetime(2024, 5, 11, 10, tzinfo=UTC).timestamp(),
                                           datetime(2024, 6, 11, 10, tzinfo=UTC).timestamp()], rtol=0, atol=1e-6)
     assert "column 'Date Time': no slash date has a field above 12; read month first (the vendor's order)" in rec.notes
+    # a two-digit year and a 12-hour clock, day first told by the second row
+    f.write_text("Date Time,Voltage (V),Current (mA)\n05/11/24 11:59:59 PM,3.7,0.5\n13/11/24 12:00:01 AM,3.8,0.5\n")
+    rec = read_cycler(f, timezone="UTC")
+    np.testing.assert_allclose(rec.time, [datetime(2024, 11, 5, 23, 59, 59, tzinfo=UTC).timestamp(),
+                                          datetime(2024, 11, 13, 0, 0, 1, tzinfo=UTC).timestamp()], rtol=0, atol=1e-6)
     # both orders in one column is an error
     f.write_text("Date Time,Voltage (V),Current (mA)\n13/11/2024 10:00:00,3.7,0.5\n11/14/2024 10:00:00,3.8,0.5\n")
     with pytest.raises(CyclerReadError) as err:
