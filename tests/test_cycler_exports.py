@@ -197,3 +197,150 @@ def test_maccor_mode_column_signs_the_current(tmp_path):
     # no date-time column: the "Date of Test" of the header is the time 0 (GMT in November)
     assert rec.start == datetime(2023, 11, 23, 15, 56, 8, tzinfo=timezone.utc)
     np.testing.assert_array_equal(rec.time - rec.time[0], [0.0, 10.0, 20.0])
+
+
+# ---- hand-made files (tests/data/cyclers/handmade/README.md) --------------------------------
+HANDMADE = PYPROBE.parent / "handmade"
+UTC = timezone.utc
+
+
+def test_us_maccor_dates_are_month_first_with_am_pm(tmp_path):
+    path = HANDMADE / "maccor_us.csv"
+    rec = read_cycler(path, timezone="Europe/London")          # GMT on 5 November 2023
+    assert rec.format == "maccor"
+    first = datetime(2023, 11, 5, 11, 59, 58, tzinfo=UTC).timestamp()
+    np.testing.assert_allclose(rec.time, first + np.array([0.0, 1.0, 2.0, 3.0, 4.0]), rtol=0, atol=1e-6)
+    assert datetime(2023, 11, 5, 12, 0, 0, tzinfo=UTC).timestamp() == rec.time[2]      # 12:00:00 PM is noon
+    np.testing.assert_array_equal(rec.current_mA, [0.0, 0.0, 500.0, 500.0, -500.0])  # MD D: discharge
+    # without the rows' DPT Time, the header's "Date of Test" is time 0, also month first
+    lines = path.read_text().splitlines()
+    no_dpt = tmp_path / "no_dpt.csv"
+    no_dpt.write_text("\n".join(lines[:2] + [ln.rsplit(",", 1)[0] for ln in lines[2:]]))
+    rec = read_cycler(no_dpt, timezone="Europe/London")
+    assert rec.start == datetime(2023, 11, 5, 11, 59, 55, tzinfo=UTC)
+    # a date that cannot be read names the file, the column and the row
+    bad = tmp_path / "bad.csv"
+    bad.write_text("\n".join(lines[:5] + [lines[5].replace("12:00:00 PM", "12:00:00 XM")] + lines[6:]))
+    with pytest.raises(CyclerReadError) as err:
+        read_cycler(bad, timezone="Europe/London")
+    assert str(err.value) == f"{bad}: column 'DPT Time', row 3: cannot read '11/05/2023 12:00:00 XM' as a date and time"
+    bad.write_text("\n".join(lines[:3] + [lines[3].replace("11:59:58 AM", "11:59:58 XM")] + lines[4:]))
+    with pytest.raises(CyclerReadError) as err:
+        read_cycler(bad, timezone="Europe/London")
+    assert str(err.value) == f"{bad}: column 'DPT Time', row 1: cannot read '11/05/2023 11:59:58 XM' as a date and time"
+
+
+def test_a_date_column_is_read_in_one_order(tmp_path):
+    rec = read_cycler(HANDMADE / "day_first_dates.csv", timezone="UTC")
+    t0 = datetime(2024, 11, 5, 10, 0, 0, tzinfo=UTC).timestamp()
+    t1 = datetime(2024, 11, 13, 10, 0, 0, tzinfo=UTC).timestamp()
+    np.testing.assert_allclose(rec.time, [t0, t0 + 10.0, t1, t1 + 10.0], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(rec.voltage_V, [3.70, 3.71, 4.20, 4.19])     # in the file's order
+    assert not any("sorted" in n for n in rec.notes)
+    # no field above 12: the vendor's order (month first for a generic table), said in the notes
+    f = tmp_path / "ambiguous.csv"
+    f.write_text("Date Time,Voltage (V),Current (mA)\n05/11/2024 10:00:00,3.7,0.5\n06/11/2024 10:00:00,3.8,0.5\n")
+    rec = read_cycler(f, timezone="UTC")
+    np.testing.assert_allclose(rec.time, [datetime(2024, 5, 11, 10, tzinfo=UTC).timestamp(),
+                                          datetime(2024, 6, 11, 10, tzinfo=UTC).timestamp()], rtol=0, atol=1e-6)
+    assert "column 'Date Time': no slash date has a field above 12; read month first (the vendor's order)" in rec.notes
+    # a two-digit year and a 12-hour clock, day first told by the second row
+    f.write_text("Date Time,Voltage (V),Current (mA)\n05/11/24 11:59:59 PM,3.7,0.5\n13/11/24 12:00:01 AM,3.8,0.5\n")
+    rec = read_cycler(f, timezone="UTC")
+    np.testing.assert_allclose(rec.time, [datetime(2024, 11, 5, 23, 59, 59, tzinfo=UTC).timestamp(),
+                                          datetime(2024, 11, 13, 0, 0, 1, tzinfo=UTC).timestamp()], rtol=0, atol=1e-6)
+    # both orders in one column is an error
+    f.write_text("Date Time,Voltage (V),Current (mA)\n13/11/2024 10:00:00,3.7,0.5\n11/14/2024 10:00:00,3.8,0.5\n")
+    with pytest.raises(CyclerReadError) as err:
+        read_cycler(f, timezone="UTC")
+    assert str(err.value) == (f"{f}: column 'Date Time' mixes day-first ('13/11/2024 10:00:00') and "
+                              "month-first ('11/14/2024 10:00:00') dates")
+
+
+def test_eclab_table_with_time_first_is_biologic():
+    path = HANDMADE / "eclab_time_first.txt"
+    assert detect_format(path) == "biologic"
+    start = datetime(2024, 3, 1, 9, 0, tzinfo=UTC)
+    rec = read_cycler(path, start=start)
+    assert rec.format == "biologic"
+    np.testing.assert_allclose(rec.time, start.timestamp() + np.array([0.0, 10.0, 20.0]), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(rec.voltage_V, [3.70, 3.71, 3.72])
+
+
+def test_biologic_time_column_with_utc_offsets_or_durations(tmp_path):
+    f = tmp_path / "aware.txt"
+    f.write_text("time/s\tEcell/V\tI/mA\n2024-03-01T09:00:00+01:00\t3.70\t0.5\n2024-03-01T09:00:10+01:00\t3.71\t0.5\n")
+    rec = read_cycler(f)                         # no timezone needed: the stamps carry their offset
+    t0 = datetime(2024, 3, 1, 8, 0, 0, tzinfo=UTC).timestamp()
+    np.testing.assert_allclose(rec.time, [t0, t0 + 10.0], rtol=0, atol=1e-6)
+    assert "time/s holds date-times with a UTC offset" in rec.notes
+    f = tmp_path / "durations.txt"
+    f.write_text("time/s\tEcell/V\tI/mA\n0:00:00\t3.70\t0.5\n0:01:30\t3.71\t0.5\n1:00:00\t3.72\t0.5\n")
+    start = datetime(2024, 3, 1, 9, 0, tzinfo=UTC)
+    rec = read_cycler(f, start=start)
+    np.testing.assert_allclose(rec.time, start.timestamp() + np.array([0.0, 90.0, 3600.0]), rtol=0, atol=1e-6)
+    assert "time/s holds durations (h:mm:ss), read as seconds" in rec.notes
+
+
+def test_whole_files_keep_their_last_latin1_character():
+    from xrdpipe.cyclers.sniff import decode
+
+    data = "Spannung;Strom\n3,7;0,5 gr\xfc\xdf".encode("latin-1")       # the only non-UTF-8 bytes at the end
+    assert decode(data, partial=False) == "Spannung;Strom\n3,7;0,5 gr\xfc\xdf"
+    # a head read may cut a UTF-8 character: the cut one is dropped
+    head = "Spannung;Strom in \xb5A".encode("utf-8")[:-2]
+    assert decode(head, partial=True) == "Spannung;Strom in "
+
+
+def test_user_columns_find_a_renamed_maccor_header(tmp_path):
+    lines = (HANDMADE / "maccor_us.csv").read_text().splitlines()
+    f = tmp_path / "renamed.csv"
+    f.write_text("\n".join(lines[:2] + [lines[2].replace(",Voltage,", ",Cell V,")] + lines[3:]))
+    with pytest.raises(CyclerReadError, match="not a complete maccor export"):
+        read_cycler(f, timezone="Europe/London")
+    rec = read_cycler(f, columns={"voltage": "Cell V"}, timezone="Europe/London")
+    np.testing.assert_array_equal(rec.voltage_V, [3.668, 3.669, 3.709, 3.713, 3.650])
+    np.testing.assert_array_equal(rec.current_mA, [0.0, 0.0, 500.0, 500.0, -500.0])
+
+
+def test_maccor_mode_column_across_continuation_sheets(tmp_path):
+    openpyxl = pytest.importorskip("openpyxl")
+    wb = openpyxl.Workbook()
+    ws = wb.active
+    ws.title = "Sheet1"
+    ws.append(["Date of Test:", "11/25/2023 11:59:55"])          # read alike before and after the date fixes
+    ws.append(["Rec", "Cycle C", "Test Time (sec)", "Current", "Voltage", "MD"])
+    ws.append([1, 1, 0.0, 0.5, 3.70, "C"])
+    ws.append([2, 1, 1.0, 0.5, 3.60, "D"])
+    ws2 = wb.create_sheet("Sheet2")             # a continuation sheet without its header
+    ws2.append([3, 1, 2.0, 0.5, 3.55, "D"])
+    ws2.append([4, 1, 3.0, 0.0, 3.58, "R"])
+    f = tmp_path / "maccor.xlsx"
+    wb.save(f)
+    rec = read_cycler(f, format="maccor", timezone="UTC")
+    np.testing.assert_array_equal(rec.current_mA, [500.0, -500.0, -500.0, 0.0])
+    np.testing.assert_array_equal(rec.voltage_V, [3.70, 3.60, 3.55, 3.58])
+    assert rec.start == datetime(2023, 11, 25, 11, 59, 55, tzinfo=UTC)
+
+
+def test_neware_binaries_under_any_name(tmp_path):
+    navani = PYPROBE.parent / "navani"
+    for src, names in (("test.nda", ("UPPER.NDA", "renamed.bin")), ("test.ndax", ("UPPER.NDAX", "renamed.zip"))):
+        a = read_cycler(navani / src, timezone="UTC")
+        for name in names:
+            wrong = tmp_path / name
+            shutil.copy(navani / src, wrong)
+            b = read_cycler(wrong, timezone="UTC")
+            assert b.format == "neware" and len(b) == len(a) > 0
+            np.testing.assert_array_equal(a.time, b.time)
+            np.testing.assert_array_equal(a.voltage_V, b.voltage_V)
+            np.testing.assert_array_equal(a.current_mA, b.current_mA)
+
+
+def test_the_format_list_is_the_config_one():
+    import typing
+
+    from xrdpipe.config.electrochemistry import ElectrochemistrySpec
+    from xrdpipe.cyclers import FORMATS
+
+    assert typing.get_args(ElectrochemistrySpec.model_fields["format"].annotation) == FORMATS

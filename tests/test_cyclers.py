@@ -14,7 +14,7 @@ from xrdpipe.echem import analyse_record
 from xrdpipe.errors import CyclerReadError
 
 CYCLERS = Path(__file__).parent / "data" / "cyclers"
-VENDOR_FILES = sorted(p for p in CYCLERS.glob("*/*") if p.is_file() and p.parent.name != "pyprobe" and p.name != "LICENSE")
+VENDOR_FILES = sorted(p for p in CYCLERS.glob("*/*") if p.is_file() and p.parent.name not in ("pyprobe", "handmade") and p.name != "LICENSE")
 
 
 def _net_mAh(rec):

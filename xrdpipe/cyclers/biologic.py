@@ -36,9 +36,11 @@ def read_mpr(path: Path) -> Raw:
     return raw
 
 
-def _biologic_columns(path: Path, cols: dict[str, np.ndarray], abs_s: np.ndarray | None = None) -> Raw:
+def _biologic_columns(path: Path, cols: dict[str, np.ndarray], abs_s: np.ndarray | None = None,
+                      naive: bool = True) -> Raw:
     """Time, voltage and current from EC-Lab's column names (.mpr and .mpt alike); ``abs_s``:
-    the rows' date-times (wall clock read as UTC) when ``time/s`` holds them."""
+    the rows' date-times when ``time/s`` holds them (``naive``: wall clock read as UTC, else
+    POSIX seconds from stamps with a UTC offset)."""
     if abs_s is not None:
         cols = {**cols, "time/s": abs_s}
     if "time/s" not in cols:
@@ -71,8 +73,9 @@ def _biologic_columns(path: Path, cols: dict[str, np.ndarray], abs_s: np.ndarray
     if counter is None and "dq/mA.h" in cols:
         counter = np.cumsum(cols["dq/mA.h"])
     if abs_s is not None:
-        notes.append("time/s holds date-times (the cycler computer's local time)")
-        return Raw(volt, cur, abs_s=abs_s, naive=True, step=step, notes=notes, counter_mAh=counter)
+        notes.append("time/s holds date-times " + ("(the cycler computer's local time)" if naive
+                                                   else "with a UTC offset"))
+        return Raw(volt, cur, abs_s=abs_s, naive=naive, step=step, notes=notes, counter_mAh=counter)
     return Raw(volt, cur, rel_s=t, step=step, notes=notes, counter_mAh=counter)
 
 
@@ -80,7 +83,7 @@ def read_mpt(path: Path) -> Raw:
     """An EC-Lab/BT-Lab text export (.mpt, .txt): an optional header block ("Nb header lines"),
     then a tab-separated table whose first row names the columns."""
     try:
-        text = decode(path.read_bytes())
+        text = decode(path.read_bytes(), partial=False)
     except OSError as exc:
         raise CyclerReadError(path, f"cannot read the file: {exc}") from None
     lines = text.splitlines()
@@ -104,7 +107,7 @@ def read_mpt(path: Path) -> Raw:
                                     f"(time/s, Ewe/V or Ecell/V, I/mA); it reads {lines[n_header - 1][:80]!r}")
     body = [ln.split("\t") for ln in lines[n_header:] if ln.strip()]
     cols: dict[str, np.ndarray] = {}
-    abs_s = None
+    abs_s, naive, notes = None, True, []
     for j, name in enumerate(header):
         if not name:
             continue
@@ -113,12 +116,17 @@ def read_mpt(path: Path) -> Raw:
         if arr is not None:
             cols[name] = arr
         elif name == "time/s" and vals:
-            kind, stamps = _time_values(path, vals, name)
-            if kind == "naive":
-                abs_s = stamps
+            kind, stamps = _time_values(path, vals, name, notes=notes)
+            if kind in ("naive", "aware"):
+                abs_s, naive = stamps, kind == "naive"
+            elif kind == "duration":
+                cols[name] = stamps
+                notes.append("time/s holds durations (h:mm:ss), read as seconds")
             else:
-                raise CyclerReadError(path, f"column time/s holds neither seconds nor date-times ({vals[0]!r})")
-    raw = _biologic_columns(path, cols, abs_s)
+                raise CyclerReadError(path, f"column time/s holds {kind} values ({vals[0]!r}) that are "
+                                            "neither seconds, durations nor date-times")
+    raw = _biologic_columns(path, cols, abs_s, naive)
+    raw.notes.extend(notes)
     if abs_s is not None:
         return raw
     raw.origin = origin

@@ -21,7 +21,7 @@ _TEXT_SIGNS: tuple[tuple[str, re.Pattern], ...] = (
     ("biologic", re.compile(r"^\s*(EC-Lab|BT-Lab|EC-Lab Express)\s+ASCII\s+FILE", re.I | re.M)),
     ("biologic", re.compile(r"^\s*Nb header lines\s*:", re.I | re.M)),
     # an EC-Lab table without its header block: tab-separated, EC-Lab's column names
-    ("biologic", re.compile(r"^(?=[^\n]*\ttime/s\t)(?=[^\n]*\t(?:<?Ewe>?|Ecell)/V)[^\n]*$", re.M)),
+    ("biologic", re.compile(r"^(?=[^\n]*(?:^|\t)time/s\t)(?=[^\n]*(?:^|\t)(?:<?Ewe>?|Ecell)/V(?:\t|$))[^\n]*$", re.M)),
     ("basytec", re.compile(r"^~\s*Resultfile from Basytec", re.I | re.M)),
     ("basytec", re.compile(r"^~\s*Time\[[a-z]+\]\s*\t", re.I | re.M)),
     ("novonix", re.compile(r"^\[Summary\]\s*$(?s:.*)^Novonix", re.I | re.M)),
@@ -69,21 +69,22 @@ def container(path: Path) -> str:
     return "text"
 
 
-def decode(data: bytes) -> str:
-    """Text from the bytes of an export: UTF-16 with a byte order mark, UTF-8, else Latin-1."""
+def decode(data: bytes, *, partial: bool) -> str:
+    """Text from the bytes of an export: UTF-16 with a byte order mark, UTF-8, else Latin-1.
+    ``partial``: the bytes are the head of the file (a UTF-8 character may be cut at its end)."""
     if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
         return data.decode("utf-16", errors="replace")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        if exc.start >= len(data) - 3:          # a multi-byte character cut by the head read
+        if partial and exc.start >= len(data) - 3 and exc.reason == "unexpected end of data":
             return data[:exc.start].decode("utf-8-sig")
         return data.decode("latin-1")
 
 
 def sniff_text(path: Path) -> str | None:
     """The vendor of a text export from its header lines, or None (a generic table)."""
-    text = decode(head(path)).replace("\r\n", "\n").replace("\r", "\n")
+    text = decode(head(path), partial=True).replace("\r\n", "\n").replace("\r", "\n")
     for fmt, sign in _TEXT_SIGNS:
         if sign.search(text):
             return fmt

@@ -19,9 +19,6 @@ from ..errors import CyclerReadError
 from .raw import Raw
 from .sniff import container, decode
 
-EXCEL = (".xlsx", ".xlsm", ".xls", ".xlsb", ".ods")
-TEXT = (".csv", ".tsv", ".txt", ".dat")
-
 # --------------------------------------------------------------------------------------------
 # tables: CSV/TSV/text and Excel, generic or vendor exports
 
@@ -95,7 +92,7 @@ def _text_rows(path: Path) -> list[list[str]]:
         raw = path.read_bytes()
     except OSError as exc:
         raise CyclerReadError(path, f"cannot read the file: {exc}") from None
-    text = decode(raw)
+    text = decode(raw, partial=False)
     lines = text.splitlines()
     sample = "\n".join(lines[:200])
     counts = {d: sample.count(d) for d in ("\t", ";", ",")}
@@ -218,7 +215,8 @@ def read_table(path: Path, fmt: str, columns: Mapping[str, str], units: Mapping[
     raw = Raw(volt, cur, notes=notes)
     rel = None
     if c_time is not None:
-        kind, vals = _time_values(path, column(c_time), header[c_time])
+        kind, vals = _time_values(path, column(c_time), header[c_time], day_first=DAY_FIRST.get(fmt, False),
+                                  notes=notes)
         if kind == "relative":
             rel = _scaled(path, vals, "time", header[c_time], units, default="s" if fmt != "csv" else None,
                           notes=notes)
@@ -227,7 +225,8 @@ def read_table(path: Path, fmt: str, columns: Mapping[str, str], units: Mapping[
         else:
             raw.abs_s, raw.naive = vals, kind == "naive"
     if c_abs is not None and raw.abs_s is None:
-        kind, vals = _time_values(path, column(c_abs), header[c_abs], absolute=True)
+        kind, vals = _time_values(path, column(c_abs), header[c_abs], absolute=True,
+                                  day_first=DAY_FIRST.get(fmt, False), notes=notes)
         if kind in ("relative", "duration"):
             raise CyclerReadError(path, f"column {header[c_abs]!r} does not hold date and time")
         raw.abs_s, raw.naive, raw.rel_s = vals, kind == "naive", rel
@@ -320,12 +319,22 @@ def _duration(s: str) -> float | None:
 _DT_FORMATS = ("%Y-%m-%d %H:%M:%S.%f", "%Y-%m-%d %H:%M:%S", "%Y/%m/%d %H:%M:%S.%f", "%Y/%m/%d %H:%M:%S",
                "%Y-%m-%d %H:%M", "%Y/%m/%d %H:%M", "%d.%m.%Y %H:%M:%S.%f", "%d.%m.%Y %H:%M:%S",
                "%d-%b-%y %I:%M:%S %p", "%d-%b-%Y %I:%M:%S %p", "%d-%b-%y %H:%M:%S", "%d-%b-%Y %H:%M:%S")
+# the times after a slash date (day/month/year or month/day/year), 24 h or 12 h with AM/PM
+_SLASH_TAILS = (" %H:%M:%S.%f", " %H:%M:%S", " %H:%M", " %I:%M:%S.%f %p", " %I:%M:%S %p", " %I:%M %p")
+_SLASH = re.compile(r"^\s*(\d{1,2})/(\d{1,2})/(\d{2,4})(?:\s|$)")
+# a cell that looks like a date (digits and separators, or a month name), read or not
+_DATE_LIKE = re.compile(r"^\s*(?:\d{1,4}[-/.]\d{1,2}[-/.]\d{1,4}|\d{1,2}-[A-Za-z]{3}-\d{2,4})(?:[ T]|$)")
+
+#: the order of slash dates a vendor writes when a column cannot tell (no field above 12):
+#: month first for the US vendors (Maccor, Arbin) and EC-Lab, day first for Basytec (German)
+DAY_FIRST = {"basytec": True}
 
 
 def parse_datetime(s: str, *, day_first: bool | None = None) -> datetime | None:
     """A date and time in ISO or a common cycler form; None if it is not one.
 
-    Slash dates with the year last are read month first (EC-Lab's form) unless ``day_first``.
+    Slash dates with the year last are read in the order ``day_first`` says; without it, in the
+    order the value itself tells (a first field above 12: day first), else month first.
     """
     s = s.strip()
     if not s or not any(ch.isdigit() for ch in s[:4]):
@@ -339,20 +348,49 @@ def parse_datetime(s: str, *, day_first: bool | None = None) -> datetime | None:
             return datetime.strptime(s, fmt)
         except ValueError:
             continue
-    first = ("%d/%m/%Y", "%m/%d/%Y") if day_first else ("%m/%d/%Y", "%d/%m/%Y")
-    for date in first:
-        for tail in (" %H:%M:%S.%f", " %H:%M:%S", " %H:%M"):
+    if day_first is None:
+        m = _SLASH.match(s)
+        day_first = bool(m) and int(m.group(1)) > 12
+    for date in (("%d/%m/%Y", "%d/%m/%y") if day_first else ("%m/%d/%Y", "%m/%d/%y")):
+        for tail in _SLASH_TAILS:
             try:
-                return datetime.strptime(s, date + tail)
+                return datetime.strptime(s.upper() if "%p" in tail else s, date + tail)
             except ValueError:
                 continue
     return None
 
 
-def _time_values(path: Path, values: Sequence[Any], header: str, *, absolute: bool = False
-                 ) -> tuple[str, np.ndarray]:
+def slash_order(path: Path, values: Sequence[Any], header: str, default_day_first: bool,
+                notes: list[str] | None = None) -> bool:
+    """The one order of the slash dates of a column, True for day first: a first field above
+    12 says day first, a second field above 12 month first; when no field tells, the vendor's
+    ``default_day_first`` (said in ``notes``). Both in one column is an error."""
+    day = month = None
+    for v in values:
+        m = _SLASH.match(v) if isinstance(v, str) else None
+        if m is None:
+            continue
+        a, b = int(m.group(1)), int(m.group(2))
+        if a > 12 and day is None:
+            day = v
+        if b > 12 and month is None:
+            month = v
+    if day is not None and month is not None:
+        raise CyclerReadError(path, f"column {header!r} mixes day-first ({day.strip()!r}) and month-first "
+                                    f"({month.strip()!r}) dates")
+    if day is not None or month is not None:
+        return day is not None
+    if notes is not None and any(isinstance(v, str) and _SLASH.match(v) for v in values):
+        notes.append(f"column {header!r}: no slash date has a field above 12; read "
+                     f"{'day' if default_day_first else 'month'} first (the vendor's order)")
+    return default_day_first
+
+
+def _time_values(path: Path, values: Sequence[Any], header: str, *, absolute: bool = False,
+                 day_first: bool = False, notes: list[str] | None = None) -> tuple[str, np.ndarray]:
     """('relative', numbers in the column's unit), ('duration', seconds from h:mm:ss) or
-    ('naive'|'aware', POSIX seconds; naive ones read as if UTC)."""
+    ('naive'|'aware', POSIX seconds; naive ones read as if UTC). Slash dates are read in one
+    order for the whole column (:func:`slash_order`; ``day_first``: the vendor's order)."""
     first = next((v for v in values if v not in (None, "")), None)
     if first is None:
         raise CyclerReadError(path, f"the time column {header!r} is empty")
@@ -360,8 +398,9 @@ def _time_values(path: Path, values: Sequence[Any], header: str, *, absolute: bo
         return "duration", np.array([v.total_seconds() if isinstance(v, timedelta) else np.nan for v in values])
     if isinstance(first, datetime) or (isinstance(first, str) and parse_datetime(first) is not None
                                        and _duration(first) is None and not _is_number_column([first])):
-        stamps = [v if isinstance(v, datetime) else (parse_datetime(str(v)) if v not in (None, "") else None)
-                  for v in values]
+        order = slash_order(path, values, header, day_first, notes)
+        stamps = [v if isinstance(v, datetime) else (parse_datetime(str(v), day_first=order)
+                                                     if v not in (None, "") else None) for v in values]
         bad = next((k for k, v in enumerate(stamps) if v is None and values[k] not in (None, "")), None)
         if bad is not None:
             raise CyclerReadError(path, f"column {header!r}, row {bad + 1}: cannot read {values[bad]!r} as a date and time")
@@ -371,6 +410,10 @@ def _time_values(path: Path, values: Sequence[Any], header: str, *, absolute: bo
         if all(aware):
             return "aware", np.array([v.timestamp() if v else np.nan for v in stamps])
         return "naive", np.array([v.replace(tzinfo=timezone.utc).timestamp() if v else np.nan for v in stamps])
+    if isinstance(first, str) and _DATE_LIKE.match(first) and _duration(first) is None \
+            and not _is_number_column([first]):
+        k = next(k for k, v in enumerate(values) if v not in (None, ""))
+        raise CyclerReadError(path, f"column {header!r}, row {k + 1}: cannot read {first!r} as a date and time")
     if isinstance(first, str) and _duration(first) is not None:
         out = np.array([_duration(str(v)) if v not in (None, "") else np.nan for v in values], dtype=float)
         if np.isnan(out[[k for k, v in enumerate(values) if v not in (None, "")]]).any():
