@@ -13,7 +13,6 @@ from xrdpipe.run.paths import ELECTROCHEMISTRY, LATTICE
 from xrdpipe.run.store import DONE, FAILED, RunFile, open_run, read_frames, write_table
 
 xr = pytest.importorskip("xarray")
-psutil = pytest.importorskip("psutil")
 
 T0 = datetime(2025, 7, 2, 11, 0, 0, tzinfo=timezone.utc)
 EXPOSURE_S, STEP_S = 10.0, 20.0
@@ -198,6 +197,7 @@ def test_a_2000_frame_run_opens_in_under_a_second_and_holds_under_50_mb(tmp_path
     """2,000 frames x 4,000 points (2 x 32 MB of float32 in the file), measured in a fresh
     process: opening reads the coordinates only; the stack is read when asked for (and then
     costs its size)."""
+    pytest.importorskip("psutil")
     import json
     import subprocess
     import sys

@@ -39,8 +39,10 @@ class Figure:
 
 @dataclass(frozen=True)
 class StageRow:
-    """A stage of the run: its state (``up to date``, ``out of date``, ``not run yet``,
-    ``not configured``), its key, when it last finished and its summary."""
+    """A stage of the run: its state (``up to date``, ``out of date (settings or inputs
+    changed)``, ``not run yet``, ``not configured``, ``not configured now`` (run before, no longer
+    configured) or, without the current keys, ``finished``), its key, when it last finished and
+    its summary."""
 
     stage: str
     state: str

@@ -15,6 +15,7 @@ from ..config import ContourSpec
 from ..errors import PlotError
 from .style import (
     AXIS_LABEL,
+    DONE,
     VERTICAL_LABEL,
     States,
     edges,
@@ -30,7 +31,6 @@ from .style import (
 
 __all__ = ["plot_contour"]
 
-DONE = 1      # a frame's status once integrated (xrdpipe.open_dataset's ``status``)
 
 
 def with_gaps(v: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -15,6 +15,7 @@ from ..windows import WindowModel
 from .style import (
     AGAINST_LABEL,
     AXIS_LABEL,
+    DONE,
     States,
     axis_label,
     figure,
@@ -30,7 +31,6 @@ from .style import (
 __all__ = ["plot_fit_check", "default_fit_frames", "plot_waterfall", "RefinedFrame", "plot_refinement",
            "plot_calibration"]
 
-DONE = 1      # a frame's status once integrated (xrdpipe.open_dataset's ``status``)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -39,6 +39,10 @@ def style(font_size: float = 7.0):
         yield
 
 
+#: A frame's status once integrated (``status`` of :func:`xrdpipe.open_dataset`).
+DONE = 1
+
+
 def figure(width_mm: float, height_mm: float, dpi: int = 300):
     from matplotlib.figure import Figure
 

@@ -131,6 +131,7 @@ def _makers(exp: Experiment, spec: PlotsSpec, run_file: Path) -> dict[str, Calla
         plot_refinement,
         plot_waterfall,
     )
+    from ..plots.style import radial_of
     from .dataset import open_dataset, open_results
 
     opened: dict[str, Any] = {}
@@ -152,7 +153,7 @@ def _makers(exp: Experiment, spec: PlotsSpec, run_file: Path) -> dict[str, Calla
 
     common = dict(dpi=spec.dpi, font_size=spec.font_size)
     return {
-        "contour": lambda: plot_contour(patterns(), windows=_contour_windows(exp, spec.contour, _radial(patterns())),
+        "contour": lambda: plot_contour(patterns(), windows=_contour_windows(exp, spec.contour, radial_of(patterns())[0]),
                                         spec=spec.contour, peaks=results().peaks, record=results().record, **common),
         "lattice": lambda: plot_lattice(lattice(), spec=spec.lattice, **common),
         "fractions": lambda: plot_fractions(lattice(), spec=spec.fractions, **common),
@@ -161,10 +162,6 @@ def _makers(exp: Experiment, spec: PlotsSpec, run_file: Path) -> dict[str, Calla
         "waterfall": lambda: plot_waterfall(patterns(), spec=spec.waterfall, **common),
         "refinement": lambda: plot_refinement(read_refined_frame(run_file, _last_refined(run_file)), **common),
     }
-
-
-def _radial(ds) -> np.ndarray:
-    return np.asarray(ds["tth" if ds.attrs["radial_unit"] == "2th_deg" else "q"].values)
 
 
 def export_experiment(exp: Experiment, *, formats: Sequence[str] | None = None, frames: Sequence[int] | None = None,

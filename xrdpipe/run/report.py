@@ -22,6 +22,7 @@ from ..lattice import phase_present
 from ..report import Figure, ReportData, StageRow, build_report
 from ..safeio import write_text_atomic
 from .paths import LATTICE, PROCESS, RunPaths, h5path
+from .stage import DEPENDS
 from .store import (
     DONE,
     FAILED,
@@ -36,7 +37,6 @@ from .store import (
 __all__ = ["report_experiment", "ReportSummary", "report_path"]
 
 _MIME = {".png": "image/png", ".svg": "image/svg+xml"}
-_ORDER = ("integrate", "echem", "fit", "refine", "lattice", "plots", "export")
 
 
 @dataclass
@@ -107,7 +107,8 @@ def report_experiment(exp: Experiment, *, keys: dict[str, str] | None = None,
         x=x, phases=phases, lattice_frame=frames_l, present=present, figures=figures, figure_notes=notes,
         stages=_stages(records, keys), missing=missing, refresh_s=refresh_s,
         experiment_text=prov.get("experiment", "") or (exp.text or ""),
-        experiment_file=prov.get("experiment_file", "") or str(exp.source or ""),
+        experiment_file=prov.get("experiment_file", "") or (f"{exp.source or 'the experiment'} (the current file: "
+                                                            "the run file recorded none)"),
         poni_text=prov.get("poni", ""), poni_file=prov.get("poni_file", ""), method=prov.get("method", ""),
         packages=_packages(prov.get("packages", "")))
     target = report_path(exp)
@@ -146,7 +147,7 @@ def _figures(exp: Experiment, records, paths: RunPaths) -> tuple[list[Figure], l
 
 
 def _stages(records, keys: dict[str, str] | None) -> list[StageRow]:
-    names = [s for s in _ORDER if (keys is not None and s in keys) or s in records]
+    names = [s for s in DEPENDS if (keys is not None and s in keys) or s in records]
     rows = []
     for s in names:
         rec = records.get(s)
@@ -160,7 +161,7 @@ def _stages(records, keys: dict[str, str] | None) -> list[StageRow]:
             state = "up to date" if rec.key == keys[s] else "out of date (settings or inputs changed)"
         rows.append(StageRow(s, state, rec.key if rec else "", rec.finished if rec else "", rec.summary if rec else ""))
     if keys is not None:
-        rows += [StageRow(s, "not configured") for s in _ORDER if s not in names]
+        rows += [StageRow(s, "not configured") for s in DEPENDS if s not in names]
     return rows
 
 

@@ -12,7 +12,13 @@ from typing import Any, Iterator
 from ..safeio import transaction
 from .store import mark_stage
 
-__all__ = ["stage", "Stage", "progress_bar"]
+__all__ = ["stage", "Stage", "progress_bar", "DEPENDS"]
+
+#: The stages of a run in their order, each with the stages whose results it reads (a stage runs
+#: again when one of those ran; see :mod:`xrdpipe.run.workflow`).
+DEPENDS = {"integrate": (), "echem": ("integrate",), "fit": ("integrate",), "refine": ("integrate", "echem"),
+           "lattice": ("fit", "echem", "refine"), "plots": ("integrate", "echem", "fit", "lattice", "refine"),
+           "export": ("integrate", "echem")}
 
 
 def progress_bar(total: int, desc: str, enabled: bool):

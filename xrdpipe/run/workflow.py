@@ -23,7 +23,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -41,6 +41,7 @@ from .paths import LATTICE, PEAKS, RunPaths
 from .peakstore import read_peaks
 from .refine import refine_experiment
 from .report import report_experiment, report_path
+from .stage import DEPENDS
 from .store import (
     DONE,
     FAILED,
@@ -62,20 +63,15 @@ def _digest(*parts) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-#: The stages each stage reads the results of (a stage reruns when one of them ran).
-DEPENDS = {"integrate": (), "echem": ("integrate",), "fit": ("integrate",), "refine": ("integrate", "echem"),
-           "lattice": ("fit", "echem", "refine"), "plots": ("integrate", "echem", "fit", "lattice", "refine"),
-           "export": ("integrate", "echem")}
-
-
 #: The record of the report step in ``/entry/process/stages`` (not one of :data:`DEPENDS`).
 REPORT = "report"
 
 
-def report_key(keys: dict[str, str], *, refresh_s: float | None = None) -> str:
-    """The key of the report step: the version, every stage's key and whether the page
-    refreshes itself (``refresh_s``, from ``xrdpipe watch``)."""
-    return _digest(__version__, keys, refresh_s)
+def report_key(keys: dict[str, str], *, refresh_s: float | None = None, figures: Sequence[Path | str] = ()) -> str:
+    """The key of the report step: the version, every stage's key, whether the page refreshes
+    itself (``refresh_s``, from ``xrdpipe watch``) and the size and time of the ``figures`` it
+    embeds (``xrdpipe plot`` redraws them without the plots stage)."""
+    return _digest(__version__, keys, refresh_s, [file_stat(f) for f in figures])
 
 
 def stage_keys(exp: Experiment, *, live_key: str | None = None) -> dict[str, str]:
@@ -225,17 +221,19 @@ def run_experiment(exp: Experiment, *, force: bool = False, progress: bool = Tru
             session.publish()
             summary.stages[stage] = "ran" if getattr(result, "changed", True) else "checked"
             summary.results[stage] = result
-        _report(summary, exp, keys, done, force, report_refresh_s, say)
+        _report(summary, exp, keys, force, report_refresh_s, say)
         _fill_state(summary, exp)
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
-def _report(summary: RunSummary, exp: Experiment, keys: dict[str, str], done, force: bool,
+def _report(summary: RunSummary, exp: Experiment, keys: dict[str, str], force: bool,
             refresh_s: float | None, say: Callable[[str], None]) -> None:
     """The last step: write report.html unless it is up to date (see the module docstring)."""
-    key = report_key(keys, refresh_s=refresh_s)
-    prior = done.get(REPORT)
+    records = read_stages(exp.run.run_file)           # as the stages of this run left them
+    figures = records["plots"].outputs if "plots" in records else ()
+    key = report_key(keys, refresh_s=refresh_s, figures=figures)
+    prior = records.get(REPORT)
     target = report_path(exp)
     if (not force and prior is not None and prior.key == key and target.exists()
             and not any(v == "ran" for v in summary.stages.values())):
