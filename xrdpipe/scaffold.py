@@ -167,27 +167,28 @@ def _matches(pattern: str, base: Path) -> set[Path]:
     return {Path(p).resolve() for p in glob.glob(os.path.normpath(base.resolve() / pattern)) if Path(p).is_file()}
 
 
-def _written_glob(spec: str, is_dir: bool, chosen: list[Path], masters: bool, base: Path) -> str:
+def _written_glob(spec: str, is_dir: bool, chosen: list[Path], stem: str, base: Path) -> str:
     """The glob written to the file (relative to ``base``): the first of the user's glob, the
-    user's glob narrowed to the chosen suffix (and to the EIGER master files), and the chosen
-    files' folder with that suffix, that matches exactly the chosen files."""
+    user's glob narrowed to ``stem`` + the chosen suffix (``*``, ``*_master``, ``*_data_*``), and
+    the chosen files' folder with that, that matches exactly the chosen files."""
     want = {p.resolve() for p in chosen}
     ext = chosen[0].suffix
-    tail = ("*_master" if masters else "*") + ext
+    tail = stem + ext
     cands = []
     if not is_dir:
         cands.append(_rel_glob(spec, base))
-        stem = spec[:-len(ext)] if spec.lower().endswith(ext.lower()) else spec
-        if stem.endswith("*"):
-            cands.append(_rel_glob(stem + ("_master" if masters else "") + ext, base))
+        head = spec[:-len(ext)] if spec.lower().endswith(ext.lower()) else spec
+        if head.endswith("*"):
+            cands.append(_rel_glob(head + tail[1:], base))
     folders = {p.parent for p in chosen}
     if len(folders) == 1:
         cands.append(_rel(folders.pop(), base) + "/" + tail)
-    for cand in cands:
+    for cand in dict.fromkeys(cands):
         if _matches(cand, base) == want:
             return cand
     raise InitError(f"no glob found that matches only the {len(chosen)} {ext} file(s) of {spec!r} "
-                    f"(tried {', '.join(map(repr, cands))}); give a glob of the frames alone, e.g. raw/{tail}")
+                    f"(tried {', '.join(map(repr, dict.fromkeys(cands)))}); give a glob of the frames alone, "
+                    f"e.g. raw/{tail}")
 
 
 def _pattern_unit(path: Path) -> str | None:
@@ -252,13 +253,22 @@ def find_frames(spec: str, base: Path, *, timezone: str | None = None) -> FoundF
         by_suffix.setdefault(p.suffix.lower(), []).append(p)
     suffix = max(by_suffix, key=lambda s: (len(by_suffix[s]), s in FRAME_SUFFIXES))
     group = by_suffix[suffix]
-    masters = [p for p in group if p.stem.endswith("_master")] if suffix in HDF5_SUFFIXES else []
-    chosen = natsorted(masters or group, key=str)
-    pattern = _written_glob(spec, path.is_dir(), chosen, bool(masters), base)
     notes = []
-    if masters and len(group) > len(masters):
-        notes.append(f"{len(group) - len(masters)} other {suffix} file(s) (EIGER data files) read through "
-                     f"the {len(masters)} *_master{suffix} file(s)")
+    stem = "*"
+    chosen = natsorted(group, key=str)
+    masters = [p for p in chosen if p.stem.endswith("_master")] if suffix in HDF5_SUFFIXES else []
+    if masters and len(masters) < len(group):
+        refs = list_frames(masters[:1])
+        try:
+            read_frame(refs[0])
+            chosen, stem = masters, "*_master"
+            notes.append(f"{len(group) - len(masters)} other {suffix} file(s) (EIGER data files) read through "
+                         f"the {len(masters)} *_master{suffix} file(s)")
+        except FrameReadError as exc:      # a master xrdpipe cannot read through: its data files
+            chosen, stem = [p for p in chosen if re.search(r"_data_\d+$", p.stem)], "*_data_*"
+            notes.append(f"the EIGER master files are not read ({exc.reason}): their {len(chosen)} data "
+                         "file(s) are (CHECK the frame times)")
+    pattern = _written_glob(spec, path.is_dir(), chosen, stem, base)
     skipped = len(listed) - len(group)
     if skipped:
         notes.append(f"{skipped} other file(s) left out ({', '.join(sorted(set(by_suffix) - {suffix}) + others)})")
@@ -602,7 +612,7 @@ def scaffold(frames: str, *, poni: Path | str, phases: Sequence[str], mask: Path
             notes.append(f"the mask {mask} is not used: 1D patterns are integrated already")
     else:
         unit, source = radial_unit or "2th_deg", "--radial-unit" if radial_unit else None
-        det = find_detector(Path(poni), Path(mask) if mask else None, base, found.shape, found.pattern)
+        det = find_detector(Path(poni), Path(mask) if mask else None, base, found.shape, str(frames))
         tth = det.tth
         radial = tth if unit == "2th_deg" else (_q(tth[0], det.wavelength_A), _q(tth[1], det.wavelength_A))
     windows, wnotes = choose_windows(phases, det.wavelength_A, radial, unit=unit)
