@@ -515,9 +515,12 @@ def check_calibration(image: str, poni: str, calibrant: str, tolerance_deg: floa
               help="IANA zone of local times without UTC offset (cycler computer, frame headers), e.g. Europe/London.")
 @click.option("--cycler-start", default=None,
               help="When the cycler file's time 0 was, for a file with relative times only: 2025-07-02T19:00:00+08:00.")
+@click.option("--radial-unit", type=click.Choice(["2th_deg", "q_A^-1"]), default=None,
+              help="Radial unit of the integration, or of the 1D patterns (default: what their header names, "
+                   "else 2th_deg); the windows are written in it.")
 @click.option("--force", is_flag=True, help="Overwrite the experiment file if it exists.")
 def init(frames: str, poni: str, mask: str | None, cycler: str | None, phases: str, out: str, name: str | None,
-         timezone: str | None, cycler_start: str | None, force: bool) -> None:
+         timezone: str | None, cycler_start: str | None, radial_unit: str | None, force: bool) -> None:
     """Write a commented experiment file from FRAMES (a folder or a glob of frames or 1D patterns),
     the PONI, the cycler file and the phases: frame format, count and times, the detector's 2θ
     range, windows around the phases' strongest reflections in it, the cycler's columns and clock.
@@ -538,7 +541,7 @@ def init(frames: str, poni: str, mask: str | None, cycler: str | None, phases: s
     names = [p.strip() for p in phases.split(",") if p.strip()]
     try:
         path, found = init_experiment(frames, poni=poni, phases=names, out=out, mask=mask, cycler=cycler, name=name,
-                                      timezone=timezone, cycler_start=start, force=force)
+                                      timezone=timezone, cycler_start=start, radial_unit=radial_unit, force=force)
     except XrdpipeError as exc:
         _fail(exc)
     f = found.frames
@@ -547,6 +550,8 @@ def init(frames: str, poni: str, mask: str | None, cycler: str | None, phases: s
                f"{found.tth[1]:.2f}°, {len(found.windows)} window(s) for {', '.join(found.phases)}"
                + (f", cycler {found.cycler.format}" + (f" (needs {found.cycler.needs}: see CHECK)" if found.cycler.needs else "")
                   if found.cycler else ""))
+    for note in found.notes:
+        click.echo(f"note: {note}")
     click.echo(f"next: xrdpipe validate {path} && xrdpipe run {path}")
 
 
