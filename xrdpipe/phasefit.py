@@ -618,9 +618,18 @@ class _Frame:
         #: names two similar phases
         self.tracked = np.asarray(state.present, bool) & np.all(np.isfinite(state.cell), axis=1)
         self.before = state.cell.copy()
+        self._width_guess: dict[int, float] = {}     # width_guess per window (the data's, fixed)
 
     # -- start widths from the data ----------------------------------------------------------
     def width_guess(self, w: int) -> float:
+        """A start width for window ``w`` from its data (its configured ``fwhm`` if given):
+        the points above half the highest net value; computed once per frame."""
+        got = self._width_guess.get(w)
+        if got is None:
+            got = self._width_guess[w] = self._guess_width(w)
+        return got
+
+    def _guess_width(self, w: int) -> float:
         spec = self.m.specs[w]
         if spec.fwhm is not None:
             return float(spec.fwhm)
@@ -773,7 +782,10 @@ class _Frame:
                     tails = np.concatenate([np.zeros(mine.size, bool), np.ones(fixed[w].size, bool)])
                     cen = np.concatenate([cen_p, cen_f], axis=1)
                     fw0 = theta[m.fwhm_col[m.r_phase[refl], w]] if refl.size else np.zeros(0)
-                    c2 = np.stack([self._window_solve(w, refl, cen, theta, tails, f * fw0)[1] for f in factors])
+                    # every width factor's trials in one compiled call (rows: factor-major)
+                    fw = np.broadcast_to(factors[:, None, None] * fw0, (factors.size,) + cen.shape)
+                    c2 = self._window_solve(w, refl, np.tile(cen, (factors.size, 1)), theta, tails,
+                                            fw.reshape(factors.size * values.size, refl.size))[1].reshape(factors.size, values.size)
                     chi2 += c2
                     per_w[w] = c2
                 # the widths of the lines there may have changed in this frame (a two-phase
