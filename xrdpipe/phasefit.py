@@ -284,6 +284,7 @@ class PhaseModel:
     def _layout(self) -> None:
         """Free-parameter columns of a frame's vector."""
         self._lines = None                  # the compiled model's layout, made when first needed
+        self._normal = None                 # ... and that of its normal equations
         names: list[str] = []
         self.cell_cols: list[list[int]] = []
         for p, spec in enumerate(self.phases):
@@ -491,6 +492,39 @@ class PhaseModel:
         r = theta.shape[0]
         f = np.zeros((r, self.n_points))
         jac = np.zeros((r, self.k, self.n_points))
+        cen, dval = self._centre_derivs(theta, base)
+        for w, win in enumerate(self.windows):
+            sl = win.points
+            for d in range(win.degree + 1):
+                td = win.t ** d
+                f[:, sl] += theta[:, self.bg_col[w][d]][:, None] * td
+                jac[:, self.bg_col[w][d], sl] = td
+        # the lines, compiled: every line's value and Jacobian columns in one pass
+        lo, hi, fw_col, eta_col, a_col, dcol, _ = self._line_layout()
+        kernels.phase_value_jac(self.x_all, lo, hi, cen, np.ascontiguousarray(theta, dtype=float),
+                                fw_col, eta_col, a_col, dcol, dval, f, jac)
+        return f, jac
+
+    def normal(self, theta: np.ndarray, base: np.ndarray, y: np.ndarray, w: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """chi² (r,), JᵀW²J (r, k, k) and JᵀW²(y - f) (r, k) of parameter rows ``theta`` (r, k)
+        against one frame's data ``y`` and weights ``w`` (M,): what :meth:`value_jac` gives the
+        least squares, summed window by window over the columns each window depends on
+        (:func:`xrdpipe.kernels.phase_normal`) instead of over a dense (r, k, M) Jacobian."""
+        r = theta.shape[0]
+        cen, dval = self._centre_derivs(theta, base)
+        _, _, fw_col, eta_col, a_col, _, _ = self._line_layout()
+        lay = self._normal_layout()
+        chi2, hess, grad = np.zeros(r), np.zeros((r, self.k, self.k)), np.zeros((r, self.k))
+        kernels.phase_normal(self.x_all, np.ascontiguousarray(y, dtype=float), np.ascontiguousarray(w, dtype=float),
+                             *lay[:9], cen, np.ascontiguousarray(theta, dtype=float), fw_col, eta_col, a_col,
+                             *lay[9:], dval, chi2, hess, grad)
+        return chi2, hess, grad
+
+    def _centre_derivs(self, theta: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every line's centre (r, R) for parameter rows ``theta`` (r, k) and its derivatives (r,
+        R, width) by the columns that move it (:meth:`_line_layout`'s ``dcol``)."""
+        r = theta.shape[0]
         zero = theta[:, self.zero_col]
         # d centre / d (cell parameter, zero) by central differences on the tiny parameter
         # vector: every shifted row's centres in one call (rows: as given, then +h and -h for
@@ -510,21 +544,52 @@ class PhaseModel:
         cen = all_cen[0]
         dcell = (all_cen[1:1 + 2 * len(cols):2] - all_cen[2:2 + 2 * len(cols):2]) / (2 * np.array(steps))[:, None, None]
         dzero = (all_cen[-2] - all_cen[-1]) / (2 * hz)
-        for w, win in enumerate(self.windows):
-            sl = win.points
-            for d in range(win.degree + 1):
-                td = win.t ** d
-                f[:, sl] += theta[:, self.bg_col[w][d]][:, None] * td
-                jac[:, self.bg_col[w][d], sl] = td
-        # the lines, compiled: the centres' derivatives per cell column of the line's phase and
-        # per zero shift, then every line's value and Jacobian columns in one pass
-        lo, hi, fw_col, eta_col, a_col, dcol, (line, slot, which) = self._line_layout()
+        # the centres' derivatives per cell column of the line's phase and per zero shift
+        _, _, _, _, _, dcol, (line, slot, which) = self._line_layout()
         dval = np.zeros((r, self.R, dcol.shape[1]))
         dval[:, line, slot] = dcell[which, :, line].T
         dval[:, :, -1] = dzero
-        kernels.phase_value_jac(self.x_all, lo, hi, np.ascontiguousarray(cen), np.ascontiguousarray(theta, dtype=float),
-                                fw_col, eta_col, a_col, dcol, dval, f, jac)
-        return f, jac
+        return np.ascontiguousarray(cen), dval
+
+    def _normal_layout(self):
+        """For :meth:`normal`: per window its points, its columns (background, then its lines'
+        areas, widths, eta and the columns that move their centres, sorted), its background's
+        local columns and values, its lines; per line the local columns of its area, width, eta
+        and centre derivatives."""
+        if self._normal is None:
+            lo, hi, fw_col, eta_col, a_col, dcol, _ = self._line_layout()
+            W = self.W
+            win_lo = np.array([w.points.start for w in self.windows], np.int64)
+            win_hi = np.array([w.points.stop for w in self.windows], np.int64)
+            n_deg = max([w.degree + 1 for w in self.windows], default=1)
+            tpow = np.zeros((self.n_points, n_deg))
+            nbg = np.zeros(W, np.int64)
+            lbg = np.zeros((W, n_deg), np.int64)
+            wcols, ptr, lines, line_ptr = [], [0], [], [0]
+            la, lf, le = (np.zeros(self.R, np.int64) for _ in range(3))
+            ld = np.full(dcol.shape, -1, np.int64)
+            for w, win in enumerate(self.windows):
+                mine = np.flatnonzero(self.r_window == w)
+                cols = set(int(c) for c in self.bg_col[w])
+                for i in mine:
+                    cols |= {int(a_col[i]), int(fw_col[i]), int(eta_col[i])} | {int(c) for c in dcol[i] if c >= 0}
+                cols = sorted(cols)
+                local = {c: n for n, c in enumerate(cols)}
+                for d in range(win.degree + 1):
+                    tpow[win.points, d] = win.t ** d
+                    lbg[w, d] = local[int(self.bg_col[w][d])]
+                nbg[w] = win.degree + 1
+                for i in mine:
+                    la[i], lf[i], le[i] = local[int(a_col[i])], local[int(fw_col[i])], local[int(eta_col[i])]
+                    ld[i] = [local[int(c)] if c >= 0 else -1 for c in dcol[i]]
+                wcols += cols
+                ptr.append(len(wcols))
+                lines += [int(i) for i in mine]
+                line_ptr.append(len(lines))
+            as64 = lambda v: np.asarray(v, np.int64)     # noqa: E731
+            self._normal = (tpow, win_lo, win_hi, as64(ptr), as64(wcols), nbg, lbg, as64(line_ptr), as64(lines),
+                            la, lf, le, ld)
+        return self._normal
 
     def _line_layout(self):
         """For the compiled model: each line's points (start, stop) on the concatenated
@@ -552,6 +617,14 @@ class PhaseModel:
             self._lines = (lo, hi, fw_col, eta_col, a_col, dcol,
                            tuple(np.array(v, np.int64) for v in (line, slot, which)))
         return self._lines
+
+
+def _median(values: list) -> float:
+    """``np.median`` of a short list of finite numbers (the same value, without NumPy's overhead
+    on a few elements)."""
+    s = sorted(float(v) for v in values)
+    k = len(s) // 2
+    return s[k] if len(s) % 2 else (s[k - 1] + s[k]) / 2.0
 
 
 def _polish(value: float, step: float, evaluate, scored) -> tuple[float, np.ndarray, float, float]:
@@ -652,7 +725,7 @@ class _Frame:
             return float(v)
         others = [self.state.fwhm[q, w] for q in range(self.m.P) if self.state.present[q] and q != p
                   and np.isfinite(self.state.fwhm[q, w])]
-        return float(np.median(others)) if others else self.width_guess(w)
+        return _median(others) if others else self.width_guess(w)
 
     # -- linear solve of areas + background in every window at given nonlinear values ---------
     def linear(self, cells: np.ndarray, phases: Sequence[int], zero: float) -> tuple[np.ndarray, np.ndarray]:
@@ -1515,7 +1588,8 @@ def _fit_rows(m: PhaseModel, fr: "_Frame", rows: list[tuple[int, ...]], fit: Fit
     def run(theta, hold_rows):
         return least_squares_batch(lambda t: m.value_jac(t, base), theta, np.broadcast_to(fr.y0, theta.shape[:1] + fr.y0.shape),
                                    np.broadcast_to(fr.w, theta.shape[:1] + fr.w.shape), lower=lower, upper=upper,
-                                   fixed=hold_rows, max_iter=fit.max_iter, amplitudes=amps, weak_z=2.0)
+                                   fixed=hold_rows, max_iter=fit.max_iter, amplitudes=amps, weak_z=2.0,
+                                   normal=lambda t, _y, _w: m.normal(t, base, fr.y0, fr.w))
 
     res = run(theta0, hold)
     res.chi2 = np.where(res.status >= 0, res.chi2, np.inf)
@@ -1954,7 +2028,8 @@ class PhaseFitter:
             lo, hi = m.lower.copy(), m.upper.copy()
             lo[m.zero_col], hi[m.zero_col] = -0.5, 0.5
             again = least_squares_batch(lambda t: m.value_jac(t, res.state.cell), theta[None], fr.y0[None],
-                                        fr.w[None], lower=lo, upper=hi, fixed=hold[None], max_iter=self.fit.max_iter)
+                                        fr.w[None], lower=lo, upper=hi, fixed=hold[None], max_iter=self.fit.max_iter,
+                                        normal=lambda t, _y, _w: m.normal(t, res.state.cell, fr.y0, fr.w))
             if again.success[0] and abs(again.p[0, m.zero_col]) < 0.5:
                 zeros.append(float(again.p[0, m.zero_col]))
         return float(np.median(zeros)) if zeros else 0.0
