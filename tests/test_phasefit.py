@@ -197,7 +197,9 @@ def test_backward_pass_replaces_a_frame_where_the_forward_pass_missed_a_phase():
     the first frame where that phase is strong, and the better solution (BIC) replaces it, with
     the phase's cell and fraction near the truth; frames far from the onset are left alone."""
     from xrdpipe.peaks import PeakTable
-    from xrdpipe.phasefit import PhaseFitter, _fit_frame_once, _replace_rows, _stored_state
+    from xrdpipe.phasefit import PhaseFitter
+    from xrdpipe.phasefit.decide import _fit_frame_once
+    from xrdpipe.phasefit.fitter import _replace_rows, _stored_state
 
     dif = _hard(1, 1.5)
     series = pattern_series(40, scenario="nfm", counts=0.05, background=2000.0, seed=5, difficulty=dif)
@@ -245,7 +247,7 @@ def test_steady_frames_skip_the_searches_and_give_the_searched_answer(monkeypatc
     and its cells are those the full search gives, well within their esds."""
     import dataclasses
 
-    import xrdpipe.phasefit as phasefit
+    import xrdpipe.phasefit.decide as decide
 
     dif = _hard(1, 1.1)
     series = pattern_series(40, scenario="nfm", counts=0.05, background=2000.0, seed=5, difficulty=dif)
@@ -254,16 +256,16 @@ def test_steady_frames_skip_the_searches_and_give_the_searched_answer(monkeypatc
     patterns = dataclasses.replace(full_run, intensity=full_run.intensity[:12], sigma=full_run.sigma[:12],
                                    frames={k: v[:12] for k, v in full_run.frames.items()})   # O3 alone
     taken = []
-    steady = phasefit._fit_steady
+    steady = decide._fit_steady
 
     def counting(*args):
         out = steady(*args)
         taken.append(out is not None)
         return out
 
-    monkeypatch.setattr(phasefit, "_fit_steady", counting)
+    monkeypatch.setattr(decide, "_fit_steady", counting)
     fast = fit_phases(patterns, phases, windows, FitSpec(backward=False))
-    monkeypatch.setattr(phasefit, "_fit_steady", lambda *args: None)
+    monkeypatch.setattr(decide, "_fit_steady", lambda *args: None)
     full = fit_phases(patterns, phases, windows, FitSpec(backward=False))
     assert sum(taken) >= 9, taken                       # frame 0 has nothing to follow
     np.testing.assert_array_equal(fast.phase["phase_present"], full.phase["phase_present"])
@@ -285,7 +287,8 @@ def test_the_compiled_model_and_its_jacobian():
     :mod:`xrdpipe.lineshapes` summed line by line, and its Jacobian against central differences
     of the model in every column (cells, zero shift, widths, eta, areas, background)."""
     from xrdpipe.lineshapes import pseudo_voigt
-    from xrdpipe.phasefit import _Frame, initial_state
+    from xrdpipe.phasefit.frame import _Frame
+    from xrdpipe.phasefit.solve import initial_state
 
     dif = _hard(1, 1.1)
     series = pattern_series(2, scenario="nfm", counts=0.05, background=2000.0, seed=3, difficulty=dif)

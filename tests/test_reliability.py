@@ -235,7 +235,7 @@ def test_3_a_kernel_whose_compiled_code_cannot_be_written_still_runs(monkeypatch
 
     from numba.core.caching import FunctionCache
 
-    from xrdpipe.kernels import _kernel
+    from xrdpipe.kernels.base import _kernel
 
     def full(self, sig, data):
         raise OSError(errno.EFBIG, "File too large")

@@ -47,7 +47,9 @@ def least_squares_batch(fun: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray
                         fixed: np.ndarray | None = None, max_iter: int = 200, ftol: float = 1e-8,
                         xtol: float = 1e-8, stat_tol: float = 1e-3,
                         amplitudes: list[tuple[int, tuple[int, ...]]] | None = None,
-                        weak_z: float = 2.0) -> BatchResult:
+                        weak_z: float = 2.0,
+                        normal: Callable[[np.ndarray, np.ndarray, np.ndarray],
+                                         tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None) -> BatchResult:
     """Minimise ``sum(w**2 * (y - f(p))**2)`` row by row.
 
     Parameters
@@ -69,6 +71,9 @@ def least_squares_batch(fun: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray
         its shape parameters held, so that a nearly empty peak stops wandering after noise; its
         amplitude stays free (this is what makes a batch of mostly absent peaks converge in a few
         steps)
+    normal : ``normal(p, y, w)`` returns chi², JᵀW²J and JᵀW²r (r,), (r, k, k), (r, k) directly,
+        in place of ``fun`` and the products of its dense Jacobian (a model whose Jacobian is
+        mostly zeros sums only what is not)
 
     Example
     -------
@@ -89,8 +94,13 @@ def least_squares_batch(fun: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray
     n_points = np.count_nonzero(w > 0, axis=1)
     stop = np.maximum(ftol, stat_tol / np.maximum(n_points, 1))
 
-    f, jac = fun(p)
-    chi2, hess, grad = _normal(y, w, f, jac)
+    def normal_eq(p, y, w):
+        if normal is not None:
+            return normal(p, y, w)
+        f, jac = fun(p)
+        return _normal(y, w, f, jac)
+
+    chi2, hess, grad = normal_eq(p, y, w)
     lam = np.full(n, 1e-3)
     status = np.full(n, MAX_ITER, np.int8)
     status[~np.isfinite(chi2)] = NOT_FINITE
@@ -129,8 +139,7 @@ def least_squares_batch(fun: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray
             diag = diag[keep]
             if active.size == 0:
                 break
-        f_t, jac_t = fun(trial)
-        chi2_t, hess_t, grad_t = _normal(y[active], w[active], f_t, jac_t)
+        chi2_t, hess_t, grad_t = normal_eq(trial, y[active], w[active])
         n_iter[active] += 1
         old = chi2[active]
         better = np.isfinite(chi2_t) & (chi2_t < old)

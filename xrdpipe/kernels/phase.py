@@ -1,0 +1,292 @@
+"""The phase model's kernels (:mod:`xrdpipe.phasefit`): its lines' values and Jacobian
+(:func:`phase_value_jac`) or its normal equations straight from the lines (:func:`phase_normal`),
+the linear solve of one window at many trial centres (:func:`window_trials`) and reflection
+positions from cells (:func:`radial_positions`)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import _CG, _CL, _LN2, _kernel
+
+
+@_kernel
+def phase_value_jac(x, lo, hi, cen, theta, fw_col, eta_col, a_col, dcol, dval, f, jac):  # pragma: no cover - compiled
+    """Add the phase model's lines to ``f`` (r, M) and their derivatives to ``jac`` (r, k, M).
+
+    Line ``i`` (area-normalised pseudo-Voigt times its area) lies on points ``lo[i]:hi[i]`` of
+    the abscissa ``x``, at centre ``cen[r, i]``, with its width, eta and area in columns
+    ``fw_col[i]``, ``eta_col[i]``, ``a_col[i]`` of ``theta`` (r, k); its centre moves by
+    ``dval[r, i, q]`` per unit of column ``dcol[i, q]`` (-1: none), the cell and zero columns."""
+    for r in range(theta.shape[0]):
+        for i in range(cen.shape[1]):
+            c = cen[r, i]
+            inv_f = 1.0 / theta[r, fw_col[i]]
+            area = theta[r, a_col[i]]
+            eta = theta[r, eta_col[i]]
+            g_unit = (1.0 - eta) * _CG * inv_f
+            l_unit = eta * _CL * inv_f
+            for j in range(lo[i], hi[i]):
+                u = (x[j] - c) * inv_f
+                u2 = u * u
+                gauss = np.exp(u2 * (-4.0 * _LN2))
+                lor = 1.0 / (1.0 + 4.0 * u2)
+                t1 = area * g_unit * gauss
+                t2 = area * l_unit * lor
+                val = t1 + t2
+                d_c = 8.0 * inv_f * u * (_LN2 * t1 + t2 * lor)
+                f[r, j] += val
+                jac[r, a_col[i], j] += g_unit * gauss + l_unit * lor
+                jac[r, fw_col[i], j] += inv_f * (8.0 * u2 * (_LN2 * t1 + t2 * lor) - val)
+                jac[r, eta_col[i], j] += area * inv_f * (_CL * lor - _CG * gauss)
+                for q in range(dcol.shape[1]):
+                    if dcol[i, q] >= 0:
+                        jac[r, dcol[i, q], j] += d_c * dval[r, i, q]
+
+
+@_kernel
+def phase_normal(x, y, wt, tpow, win_lo, win_hi, wcol_ptr, wcols, nbg, lbg, line_ptr, lines, cen, theta,
+                 fw_col, eta_col, a_col, la, lf, le, ld, dval, chi2, hess, grad):  # pragma: no cover - compiled
+    """The normal equations of the phase model straight from its lines, window by window:
+    ``chi2`` (r,), ``hess`` = JᵀW²J (r, k, k) and ``grad`` = JᵀW²(y - f) (r, k) for parameter
+    rows ``theta`` (r, k), without the dense Jacobian (r, k, M) that :func:`phase_value_jac`
+    fills (most of it zeros: a point depends only on its window's columns).
+
+    Window ``w`` covers points ``win_lo[w]:win_hi[w]`` and the columns ``wcols[wcol_ptr[w]:
+    wcol_ptr[w + 1]]``; its background has ``nbg[w]`` columns (local ``lbg[w, d]``, values
+    ``tpow[j, d]``), its lines are ``lines[line_ptr[w]:line_ptr[w + 1]]``. Line ``i`` is the
+    area-normalised pseudo-Voigt of :func:`phase_value_jac` (global columns ``fw_col``, ``eta_col``,
+    ``a_col`` for its values, local ``lf``, ``le``, ``la`` for its derivatives; its centre moves by
+    ``dval[r, i, q]`` per unit of local column ``ld[i, q]``, -1: none)."""
+    n_win = win_lo.size
+    kmax = 0
+    for w in range(n_win):
+        kmax = max(kmax, wcol_ptr[w + 1] - wcol_ptr[w])
+    h = np.zeros((kmax, kmax))
+    g = np.zeros(kmax)
+    jrow = np.zeros(kmax)
+    for r in range(theta.shape[0]):
+        c2 = 0.0
+        for w in range(n_win):
+            c0 = wcol_ptr[w]
+            kw = wcol_ptr[w + 1] - c0
+            for a in range(kw):
+                g[a] = 0.0
+                for b in range(kw):
+                    h[a, b] = 0.0
+            for j in range(win_lo[w], win_hi[w]):
+                for a in range(kw):
+                    jrow[a] = 0.0
+                f = 0.0
+                for d in range(nbg[w]):
+                    f += theta[r, wcols[c0 + lbg[w, d]]] * tpow[j, d]
+                    jrow[lbg[w, d]] = tpow[j, d]
+                for n in range(line_ptr[w], line_ptr[w + 1]):
+                    i = lines[n]
+                    inv_f = 1.0 / theta[r, fw_col[i]]
+                    area = theta[r, a_col[i]]
+                    eta = theta[r, eta_col[i]]
+                    g_unit = (1.0 - eta) * _CG * inv_f
+                    l_unit = eta * _CL * inv_f
+                    u = (x[j] - cen[r, i]) * inv_f
+                    u2 = u * u
+                    gauss = np.exp(u2 * (-4.0 * _LN2))
+                    lor = 1.0 / (1.0 + 4.0 * u2)
+                    t1 = area * g_unit * gauss
+                    t2 = area * l_unit * lor
+                    val = t1 + t2
+                    d_c = 8.0 * inv_f * u * (_LN2 * t1 + t2 * lor)
+                    f += val
+                    jrow[la[i]] += g_unit * gauss + l_unit * lor
+                    jrow[lf[i]] += inv_f * (8.0 * u2 * (_LN2 * t1 + t2 * lor) - val)
+                    jrow[le[i]] += area * inv_f * (_CL * lor - _CG * gauss)
+                    for q in range(ld.shape[1]):
+                        if ld[i, q] >= 0:
+                            jrow[ld[i, q]] += d_c * dval[r, i, q]
+                ww = wt[j]
+                if ww == 0.0:
+                    continue
+                res = ww * (y[j] - f)
+                c2 += res * res
+                for a in range(kw):
+                    ja = jrow[a] * ww
+                    if ja != 0.0:
+                        g[a] += ja * res
+                        for b in range(a, kw):
+                            h[a, b] += ja * (jrow[b] * ww)
+            for a in range(kw):
+                ca = wcols[c0 + a]
+                grad[r, ca] += g[a]
+                hess[r, ca, ca] += h[a, a]
+                for b in range(a + 1, kw):
+                    cb = wcols[c0 + b]
+                    hess[r, ca, cb] += h[a, b]
+                    hess[r, cb, ca] += h[a, b]
+        chi2[r] = c2
+
+
+@_kernel
+def _spd_solve(a, b):  # pragma: no cover - compiled
+    """``a x = b`` for a symmetric positive (semi-)definite ``a`` with unit diagonal, by
+    Cholesky; where a pivot vanishes (a singular system), with a ridge of 1e-10 added, then ten
+    times more until it goes through."""
+    k = b.size
+    low = np.zeros((k, k))
+    ridge = 0.0
+    while True:
+        ok = True
+        for i in range(k):
+            for j in range(i + 1):
+                s = a[i, j] + (ridge if i == j else 0.0)
+                for q in range(j):
+                    s -= low[i, q] * low[j, q]
+                if i == j:
+                    if s <= 1e-12:
+                        ok = False
+                        break
+                    low[i, i] = np.sqrt(s)
+                else:
+                    low[i, j] = s / low[j, j]
+            if not ok:
+                break
+        if ok:
+            break
+        ridge = 1e-10 if ridge == 0.0 else ridge * 10.0
+    z = np.zeros(k)
+    for i in range(k):
+        s = b[i]
+        for q in range(i):
+            s -= low[i, q] * z[q]
+        z[i] = s / low[i, i]
+    for i in range(k - 1, -1, -1):
+        s = z[i]
+        for q in range(i + 1, k):
+            s -= low[q, i] * z[q]
+        z[i] = s / low[i, i]
+    return z
+
+
+@_kernel
+def window_trials(x, bg, y, w, cen, fw, eta, keep, coef, chi2):  # pragma: no cover - compiled
+    """Weighted least squares of one window at many trials, the areas not negative.
+
+    Trial ``t`` fits ``y`` (m,) with weights ``w`` (m,) by the area-normalised pseudo-Voigt lines
+    at ``cen[t]`` (n,) with widths ``fw[t]`` (n,) and ``eta`` (n,) (a line not ``keep[t, i]``
+    has an empty column) and the background columns ``bg`` (m, nb). Negative areas are dropped
+    and the system solved again (twice); the normal equations are scaled to unit diagonal (a
+    singular system gets a ridge of 1e-10 of the diagonal: two equal lines share their area).
+    Writes the coefficients ``coef[t]`` (n + nb) and ``chi2[t]``."""
+    m = x.size
+    n = cen.shape[1]
+    nb = bg.shape[1]
+    k = n + nb
+    a = np.zeros((m, k))
+    b = y * w
+    on = np.zeros(k, np.bool_)
+    h = np.zeros((k, k))
+    hs = np.zeros((k, k))
+    r = np.zeros(k)
+    rs = np.zeros(k)
+    diag = np.zeros(k)
+    for d in range(nb):
+        for j in range(m):
+            a[j, n + d] = w[j] * bg[j, d]
+    for t in range(cen.shape[0]):
+        for i in range(n):
+            f = fw[t, i]
+            g_unit = (1.0 - eta[i]) * _CG / f
+            l_unit = eta[i] * _CL / f
+            for j in range(m):
+                if keep[t, i]:
+                    u = (x[j] - cen[t, i]) / f
+                    a[j, i] = w[j] * (l_unit / (1.0 + 4.0 * u * u) + g_unit * np.exp(-4.0 * _LN2 * u * u))
+                else:
+                    a[j, i] = 0.0
+        for i in range(k):
+            on[i] = False
+            for j in range(m):
+                if a[j, i] != 0.0:
+                    on[i] = True
+                    break
+        # the normal equations once (a dropped column is masked below, not recomputed)
+        for i in range(k):
+            s = 0.0
+            if on[i]:
+                for j in range(m):
+                    s += a[j, i] * b[j]
+            r[i] = s
+            for q in range(i, k):
+                s = 0.0
+                if on[i] and on[q]:
+                    for j in range(m):
+                        s += a[j, i] * a[j, q]
+                h[i, q] = s
+                h[q, i] = s
+        for _ in range(3):
+            for i in range(k):
+                diag[i] = np.sqrt(max(h[i, i], 1e-300)) if on[i] else 1.0
+            for i in range(k):
+                rs[i] = r[i] / diag[i] if on[i] else 0.0
+                for q in range(k):
+                    if on[i] and on[q]:
+                        hs[i, q] = h[i, q] / (diag[i] * diag[q])
+                    else:
+                        hs[i, q] = 1.0 if i == q else 0.0
+            z = _spd_solve(hs, rs)
+            negative = False
+            for i in range(k):
+                coef[t, i] = z[i] / diag[i] if on[i] else 0.0
+                if i < n and coef[t, i] < 0:
+                    negative = True
+            if not negative:
+                break
+            for i in range(n):
+                if coef[t, i] < 0:
+                    on[i] = False
+        total = 0.0
+        for i in range(n):
+            coef[t, i] = max(coef[t, i], 0.0)
+        for j in range(m):
+            v = b[j]
+            for i in range(k):
+                v -= a[j, i] * coef[t, i]
+            total += v * v
+        chi2[t] = total
+
+
+@_kernel
+def radial_positions(hkl, cell, zero, wavelength, unit, displacement, out):  # pragma: no cover - compiled
+    """Positions ``out`` (T, n) of reflections ``hkl`` (n, 3) in cells ``cell`` (T, n, 6), or
+    (T, 1, 6) one per trial (a, b, c in Å, α, β, γ in degrees), with zero shifts ``zero`` (T,):
+    the d-spacing from the reciprocal metric tensor (as
+    :func:`xrdpipe.crystallography.d_from_cell`), then 2θ (degrees) at ``wavelength`` (NaN where
+    λ > 2d, and everywhere without a wavelength, ``wavelength`` 0), plus the zero shift (times
+    cos θ with ``displacement``); with ``unit`` 1, Q (Å⁻¹) of that 2θ, or 2π/d without a
+    wavelength."""
+    rad = np.pi / 180.0
+    each = cell.shape[1] > 1
+    for t in range(out.shape[0]):
+        for n in range(hkl.shape[0]):
+            e = n if each else 0
+            h, k, l = hkl[n, 0], hkl[n, 1], hkl[n, 2]
+            a, b, c = cell[t, e, 0], cell[t, e, 1], cell[t, e, 2]
+            ca, cb, cg = np.cos(cell[t, e, 3] * rad), np.cos(cell[t, e, 4] * rad), np.cos(cell[t, e, 5] * rad)
+            sa, sb, sg = np.sin(cell[t, e, 3] * rad), np.sin(cell[t, e, 4] * rad), np.sin(cell[t, e, 5] * rad)
+            vol2 = 1 - ca**2 - cb**2 - cg**2 + 2 * ca * cb * cg
+            inv_d2 = (h * h * sa**2 / a**2 + k * k * sb**2 / b**2 + l * l * sg**2 / c**2
+                      + 2 * k * l * (cb * cg - ca) / (b * c) + 2 * h * l * (cg * ca - cb) / (a * c)
+                      + 2 * h * k * (ca * cb - cg) / (a * b)) / vol2
+            d = 1.0 / np.sqrt(inv_d2) if inv_d2 > 0 else (np.inf if inv_d2 == 0 else np.nan)
+            tth = np.nan
+            if wavelength > 0:
+                s = wavelength / (2.0 * d)
+                if np.abs(s) <= 1:
+                    tth = 2.0 * np.arcsin(s) / rad
+                if displacement:
+                    tth += zero[t] * np.cos(tth * rad / 2)
+                else:
+                    tth += zero[t]
+            if unit == 1:
+                out[t, n] = 4.0 * np.pi * np.sin(tth * rad / 2.0) / wavelength if wavelength > 0 else 2 * np.pi / d
+            else:
+                out[t, n] = tth

@@ -1,0 +1,411 @@
+"""The decisions of one frame (:func:`fit_frame`): the steady path (the phases of the frame before
+followed by least squares alone), else searches, fits and the tests that decide each phase's
+presence (ΔBIC, lines shown, area share, reach, order, relative intensities), recorded per
+phase."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from ..config import FitSpec
+from .frame import FrameResult, _Frame
+from .model import _CELL_INDEX, _TRACK_FWHM, _UNLIKE, PhaseModel, PhaseState
+from .solve import _at_bound, _at_edge, _failed, _fit_rows, _fwhm_table, _result
+
+
+def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state: PhaseState,
+              fit: FitSpec, centre: np.ndarray | None = None) -> FrameResult:
+    """Fit one frame (``y`` on the concatenated windows) starting from the previous ``state``.
+
+    A frame like the one before (:func:`_fit_steady`: its phases followed by least squares alone
+    explain it to its Poisson noise) is done; else see :func:`_fit_frame_once`. A phase that may
+    not be what it claims to be (dropped because its listed lines are empty, or present with
+    areas unlike its own relative intensities) may have misled the searches of the others while
+    it was there: the frame is then fitted again without it, and the better of the two (BIC) is
+    kept."""
+    steady = _fit_steady(model, y, sigma, state, fit)
+    if steady is not None:
+        return steady
+    first = _fit_frame_once(model, y, sigma, state, fit, frozenset(), centre)
+    impostors = frozenset(p for p, d in enumerate(first.decision)
+                          if d.startswith("absent: no line at") or "unlike those it had alone" in d)
+    if not impostors or not first.success:
+        return first
+    second = _fit_frame_once(model, y, sigma, state, fit, impostors, centre)
+    gain = _bic(model, first) - _bic(model, second)
+    if not second.success or gain <= 0:
+        return first
+    for p in impostors:
+        d = first.decision[p]
+        second.decision[p] = (d if d.startswith("absent") else
+                              "absent: " + d.split("; ", 1)[-1] + f"; the frame fits better without it (ΔBIC {gain:.0f})")
+    return second
+
+
+def _fit_steady(m: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state: PhaseState,
+                fit: FitSpec) -> FrameResult | None:
+    """The frame fitted as a continuation of the one before, without any search: the phases
+    present there, from their cells, widths and eta, in one batch of least squares (all of
+    them, and without each). Accepted only if the frame is then explained to its Poisson noise
+    (χ² - ν below 3 √(2ν) plus what any phase would have to explain to pass the BIC test: no
+    absent phase can be there, no other cell can do much better) and every present phase passes
+    every test of :func:`_fit_frame_once` at once (ΔBIC, lines shown, area share, cell inside its
+    reach, order kept, areas like its own); otherwise None, and the frame gets the full search.
+    Never taken without esds (nothing to measure "explained" against) or where two phases that
+    could be confused are both present (their shared lines need the joint search)."""
+    fr = _Frame(m, y, sigma, state)
+    st = fr.state
+    present = [p for p in range(m.P) if st.present[p] and np.all(np.isfinite(st.cell[p]))]
+    n_valid = int(np.count_nonzero(fr.w > 0))
+    if not fr.has_errors or not present or n_valid < m.k // 2 + 2:
+        return None
+    if any(p in present and q in present for p, q, _, _ in m.order):
+        # two similar phases side by side share lines: least squares from where they were can
+        # leave a parameter of the weaker one where its line is hidden under the other's (the
+        # joint search splits them)
+        return None
+    for p in range(m.P):
+        if not np.all(np.isfinite(st.cell[p])):
+            st.cell[p] = m.cell0[p]
+    rows = [tuple(present)] + [tuple(q for q in present if q != p) for p in present]
+    res = _fit_rows(m, fr, rows, fit)
+    if res is None or res.status[0] != 1:
+        return None
+    chi2 = float(res.chi2[0])
+    least = min(_n_params(m, p) for p in range(m.P)) * np.log(max(n_valid, 2)) + fit.bic_threshold
+    if chi2 - n_valid - 3 * np.sqrt(2 * n_valid) >= least:
+        return None
+    held: set[int] = set()
+    gains, fails, passed, areas, inner = _judge(m, fr, res, present, held, set(), fit, n_valid)
+    if fails or held or any("unlike those it had alone" in d for d in passed.values()):
+        return None
+    decision = [""] * m.P
+    for p in range(m.P):
+        decision[p] = passed.get(p, f"absent: nothing left to explain (χ²/ν {chi2 / max(n_valid, 1):.2f})")
+    return _finish(m, fr, res, present, decision, held, fit, areas, inner)
+
+
+def _bic(m: PhaseModel, res: FrameResult) -> float:
+    """The BIC of a frame's solution: its chi-square and the parameters of its phases."""
+    n = max(int(res.n_window.sum()), 2)
+    k = sum(_n_params(m, p) for p in range(m.P) if res.present[p])
+    return n * np.log(max(float(res.chi2_window.sum()), 1e-300) / n) + k * np.log(n)
+
+
+def _fit_frame_once(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state: PhaseState,
+                    fit: FitSpec, banned: frozenset, centre: np.ndarray | None = None) -> FrameResult:
+    """One attempt at a frame (``banned`` phases left out), from the previous ``state``.
+
+    1. Phases present in the previous frame: a local cell search around their last cell, then a
+       fit of those phases alone (the null model for what follows).
+    2. Every other phase: a grid search over its search range against that null model; the one
+       that improves the fit most plausibly (BIC, then nearest its configured cell) joins, and
+       the others are searched again beside it.
+    3. One fit of all candidate phases at once, with, in the same batch, the fits without each
+       of them; a phase whose removal does not raise the BIC by ``bic_threshold``, or with less
+       than ``min_fraction`` of the area where it has reflections, or whose cell ends at the
+       edge of its reach, is dropped (the weakest first) and the rest fitted again.
+    """
+    m = model
+    fr = _Frame(m, y, sigma, state)
+    n_valid = int(np.count_nonzero(fr.w > 0))
+    decision = [""] * m.P
+    if n_valid < m.k // 2 + 2:
+        return _failed(m, state, f"only {n_valid} valid points in the windows")
+    st = fr.state
+    present = [p for p in range(m.P) if st.present[p] and np.all(np.isfinite(st.cell[p])) and p not in banned]
+    for p in range(m.P):                # an absent phase keeps its last cell (the prior of its search)
+        if not np.all(np.isfinite(st.cell[p])):
+            st.cell[p] = m.cell0[p]
+    n_log = np.log(max(n_valid, 2))
+    before = _fwhm_table(m, fr)            # the widths of the frame before, for the pair searches
+    # where each phase is looked for: around its configured cell (a last cell from a frame where
+    # it was wrongly there would lead the search astray for good)
+    fr.centre = m.cell0.copy() if centre is None else np.where(np.isfinite(centre), centre, m.cell0)
+    if present:
+        for p in present:
+            st.cell[p], _, _ = fr.search(p, present, around=st.cell[p], halves=fr.track_halves(p, _TRACK_FWHM))
+        _pair_searches(m, fr, present, before, tracked=True)
+        sol = _fit_rows(m, fr, [tuple(present)], fit)
+        if sol is not None and np.isfinite(sol.chi2[0]):
+            _adopt(m, st, sol.p[0], present)
+            # a cell that runs to the end of its step has jumped, or is chasing another phase:
+            # search for it afresh
+            for p in [q for q in present if _at_edge(m, sol, q)]:
+                present.remove(p)
+    absent = [p for p in range(m.P) if p not in present and p not in banned]
+    found_now: set[int] = set()
+    joined: list[int] = []
+    null_chi2 = float(fr.linear(st.cell, present, st.zero)[1].sum()) if present else np.inf
+    while absent:
+        found = []
+        for p in absent:
+            if fr.has_errors and null_chi2 - n_valid - 3 * np.sqrt(2 * n_valid) < _n_params(m, p) * n_log + fit.bic_threshold:
+                # with Poisson esds, the fit without it leaves too little misfit for any phase to
+                # pass the test: no need to search
+                decision[p] = f"absent: nothing left to explain (χ²/ν {null_chi2 / max(n_valid, 1):.2f})"
+                continue
+            cell, chi2_with, chi2_without = fr.search(p, present, around=fr.centre[p])
+            gain = n_valid * np.log(max(chi2_without, 1e-300) / max(chi2_with, 1e-300)) - _n_params(m, p) * n_log
+            if gain > fit.bic_threshold:
+                free = [_CELL_INDEX[n] for n in m.free[p]]
+                dist = np.sqrt(np.mean(((cell - st.cell[p])[free] / m.box[p][free]) ** 2))
+                found.append((dist, p, cell, chi2_with))
+            else:
+                decision[p] = f"absent: not found over the search range (ΔBIC {gain:.1f})"
+        if not found:
+            break
+        # the phase that explains the most joins first; between phases that explain the lines
+        # equally well within the noise (similar structures), the one whose cell (its last one,
+        # else the configured one) is nearer
+        best = min(c for _, _, _, c in found)
+        tie = best + 2 * np.sqrt(2 * n_valid) + fit.bic_threshold
+        _, p, cell, _ = min((t for t in found if t[3] <= tie), key=lambda t: t[0])
+        st.cell[p] = cell
+        present.append(p)
+        absent.remove(p)
+        found_now.add(p)
+        joined.append(p)
+        null_chi2 = np.inf
+    if len(joined) > 1:
+        # phases found one after another in this frame: the first was placed before the others
+        # explained their own lines (an Al line, a second phase), and may sit on an alias. Each
+        # is searched again in the order they joined, beside the phases there before, those it
+        # cannot be confused with, and those already placed again
+        settled = [q for q in present if q not in found_now]
+        for p in joined:
+            similar = {b for a, b, _, _ in m.order if a == p}
+            beside = settled + [q for q in joined if q != p and q not in similar and q not in settled]
+            st.cell[p], _, _ = fr.search(p, beside, around=fr.centre[p])
+            settled.append(p)
+    present.sort()
+    if found_now:
+        widths = np.where(np.isfinite(before), before, _fwhm_table(m, fr))
+        _pair_searches(m, fr, present, widths)
+        if any(q in found_now for a, q, _, _ in m.order if a in present):
+            # a new phase beside one it is like: the joint search split their shared line in
+            # the parameter it listens to first (c); the new phase's other parameters were
+            # searched before that split, beside a line not yet split: searched again, over its
+            # whole range, and the pair split again from there
+            # (kept only if the frame is explained better: a phase that may be an impostor must
+            # not be given a second chance to take the other's lines)
+            kept = (st.cell.copy(), st.fwhm.copy(), float(fr.linear(st.cell, present, st.zero)[1].sum()))
+            for p in joined:
+                st.cell[p], _, _ = fr.search(p, present, around=fr.centre[p])
+            _pair_searches(m, fr, present, widths)
+            if float(fr.linear(st.cell, present, st.zero)[1].sum()) >= kept[2]:
+                st.cell[:], st.fwhm[:] = kept[0], kept[1]
+    held: set[int] = set()      # cell columns the data do not determine, held where the search put them
+    areas = inner = None
+    while present:
+        rows = [tuple(present)] + [tuple(q for q in present if q != p) for p in present]
+        res = _fit_rows(m, fr, rows, fit, found_now, held)
+        if res is None:
+            return _failed(m, state, "fit diverged (non-finite chi-square)")
+        gains, fails, passed, areas, inner = _judge(m, fr, res, present, held, found_now, fit, n_valid)
+        for p, text in passed.items():
+            decision[p] = text
+        if not fails:
+            break
+        if "refit" in fails.values():
+            # what is held stays where this fit put it (not where the search started it)
+            _adopt(m, st, res.p[0], present)
+            continue
+        worst = min(fails, key=lambda q: gains[q])
+        redundant = [(a, b) for a, b, _, _ in m.order if a < b and fails.get(a, "").startswith("absent: ΔBIC")
+                     and fails.get(b, "").startswith("absent: ΔBIC")]
+        if redundant:
+            # two phases that could be confused, each redundant beside the other (one line
+            # left, both can fit it): the one that stays where it was in the frame before is
+            # kept, the other would have to jump onto its line (no label swap)
+            a, b = redundant[0]
+            worst = b if _moved(m, res, present, st, state, keep=a, drop=b) <= \
+                _moved(m, res, present, st, state, keep=b, drop=a) else a
+        decision[worst] = fails[worst]
+        present.remove(worst)
+        held.clear()            # what was held against the dropped phase is free again
+    if not present:
+        theta, _ = fr.linear(st.cell, [], st.zero)
+        return _result(m, fr, theta, np.full((m.k, m.k), np.nan), np.zeros(m.P, bool), decision, True,
+                       "no phase present")
+    return _finish(m, fr, res, present, decision, held, fit, areas, inner)
+
+
+def _judge(m: PhaseModel, fr: "_Frame", res, present: list[int], held: set[int], found_now: set[int],
+           fit: FitSpec, n_valid: int):
+    """The verdict on each present phase from a fit of the frame (``res``: row 0 with every
+    phase of ``present``, then one row without each). Returns the gains (ΔBIC of leaving each
+    out), the failures (a phase's "absent: ..." reason, or "refit" where a cell column was added
+    to ``held``), the decisions of the phases that pass, and the line areas with the mask of
+    lines inside the windows (row 0)."""
+    st = fr.state
+    n_log = np.log(max(n_valid, 2))
+    chi2 = res.chi2
+    # shares of the area of the lines inside the windows (a tail's area is not a line's)
+    cells_now = m.cells(res.p[:1], st.cell)[0]
+    inner = m.inside(cells_now, st.zero, _fwhm_table(m, fr))
+    areas = np.where(inner, res.p[0, m.area_col], 0.0)
+    total_area = np.array([areas[m.r_window == w].sum() for w in range(m.W)])
+    gains, fails, passed = {}, {}, {}
+
+    def lines_missing(p: int) -> str:
+        # a phase that is there shows its listed reflections: one that explains a line of
+        # another phase with one reflection while its listed ones (its basal line) stay
+        # empty is not the phase the user named
+        # (a listed line that left its window, or sits on its edge, counts as not shown)
+        listed = np.flatnonzero(m.r_listed & (m.r_phase == p) & m.r_has_data)
+        shown = int(np.count_nonzero((areas[listed] > 0) & inner[listed]))
+        if listed.size >= 2 and shown < (listed.size + 1) // 2:
+            return f"absent: no line at {listed.size - shown} of its {listed.size} listed reflections"
+        return ""
+
+    def unlike(p: int) -> str:
+        # a phase seen alone before has its relative intensities: one whose areas over the
+        # windows are far from a multiple of them explains fragments of other phases' lines
+        # (areas are free per line) and is not that phase
+        ref = None if st.ref_area is None else st.ref_area[p]
+        if ref is None or not m.phases[p].fraction:
+            return ""
+        mine = np.array([areas[(m.r_phase == p) & (m.r_window == w)].sum() for w in range(m.W)])
+        use = np.isfinite(ref) & (ref > 0) & np.array([bool(((m.r_phase == p) & (m.r_window == w) & inner).any())
+                                                       for w in range(m.W)])
+        if use.sum() < 2 or mine[use].sum() <= 0:
+            return ""
+        r, a = ref[use], mine[use]
+        s = float(a @ r) / float(r @ r)
+        left = float(np.sum((a - s * r) ** 2)) / float(a @ a)
+        if left > _UNLIKE:
+            return (f"its areas are unlike those it had alone ({100 * (1 - left):.0f} % explained by its "
+                    f"own intensities)")
+        return ""
+
+    for i, p in enumerate(present):
+        gain = n_valid * np.log(max(chi2[i + 1], 1e-300) / max(chi2[0], 1e-300)) - _n_params(m, p) * n_log
+        mine = areas[m.r_phase == p].sum()
+        touched = total_area[np.unique(m.r_window[(m.r_phase == p) & inner])].sum()
+        share = mine / touched if touched > 0 else 0.0
+        at_edge = _at_edge(m, res, p)
+        pressed = [c for c in m.cell_cols[p] if c in res.order_cols and c not in held and _at_bound(res, c)]
+        cells = cells_now
+        crossed = [(q, j) for a, q, j, _ in m.order
+                   if a == p and q in present and res.signs[a, q, j]
+                   and np.sign(cells[p, j] - cells[q, j]) != res.signs[a, q, j]]
+        swapped = [m.phases[q].name for q, _ in crossed]
+        gains[p] = gain
+        if gain <= fit.bic_threshold:
+            fails[p] = f"absent: ΔBIC {gain:.1f} <= {fit.bic_threshold:g}"
+        elif missing := lines_missing(p):
+            fails[p] = missing
+        elif share < fit.min_fraction and m.phases[p].fraction:
+            # (a phase kept out of the fractions, the current collector, is there when the
+            # data say so: its lines are narrow and weak, and left out they pull others')
+            fails[p] = f"absent: {100 * share:.2g} % of the area < min_fraction"
+        elif pressed and len(pressed) < len(m.cell_cols[p]):
+            # pressed against another phase it could be confused with: the lines do not tell
+            # them apart in this parameter; hold it and fit again
+            held.update(pressed)
+            fails[p] = "refit"
+        elif at_edge:
+            edge = [c for c in m.cell_cols[p] if c not in held and _at_bound(res, c)]
+            if edge and len(edge) < len(m.cell_cols[p]):
+                # the phase is there, but a cell parameter runs away (its lines lie under
+                # another phase's): hold it and fit again
+                held.update(edge)
+                fails[p] = "refit"
+            else:
+                fails[p] = "absent: cell at the edge of its reach"
+        elif swapped and (p in found_now or gain < min(gains.get(q, np.inf) for q in range(m.P)
+                                                       if m.phases[q].name in swapped)):
+            cols = [m.cell_cols[p][m.free[p].index(n)] for n in m.free[p]
+                    if _CELL_INDEX[n] in {j for _, j in crossed}]
+            cols = [c for c in cols if c not in held]
+            if cols and len(cols) < len(m.cell_cols[p]):
+                # a parameter of a minor phase crossed another phase's (its lines lie
+                # under the other's): hold it where the search put it and fit again
+                held.update(cols)
+                fails[p] = "refit"
+            else:
+                fails[p] = f"absent: would take the place of {', '.join(swapped)}"
+        else:
+            passed[p] = f"present: ΔBIC {gain:.0f}" + (", found by the cell search" if p in found_now else "")
+            # (a phase whose areas are unlike its own is a suspect: the frame is fitted
+            # again without it, and the better of the two kept, in fit_frame)
+            if suspect := unlike(p):
+                passed[p] += "; " + suspect
+    return gains, fails, passed, areas, inner
+
+
+def _finish(m: PhaseModel, fr: "_Frame", res, present: list[int], decision: list[str], held: set[int],
+            fit: FitSpec, areas: np.ndarray, inner: np.ndarray) -> FrameResult:
+    """The frame's result from its final fit (row 0 of ``res``, the phases ``present``); a
+    phase alone (with a fraction) leaves its areas as its relative intensities."""
+    keep = np.zeros(m.P, bool)
+    keep[present] = True
+    for c in held:
+        p = next(q for q in range(m.P) if c in m.cell_cols[q])
+        if keep[p]:
+            decision[p] += f"; {m.names[c].split('.')[-1]} not determined (held)"
+    ok = bool(res.status[0] != -1)
+    message = "" if res.status[0] == 1 else f"no convergence in {fit.max_iter} iterations"
+    out = _result(m, fr, res.p[0], res.cov[0], keep, decision, ok, message)
+    alone = [p for p in present if m.phases[p].fraction]
+    if ok and len(alone) == 1:
+        # the only phase (with a fraction) present: its areas are its own relative intensities
+        p = alone[0]
+        ref = np.full(m.W, np.nan)
+        for w in range(m.W):
+            rows = np.flatnonzero((m.r_phase == p) & (m.r_window == w) & inner)
+            if rows.size:
+                ref[w] = areas[rows].sum()
+        if out.state.ref_area is None:
+            out.state.ref_area = np.full((m.P, m.W), np.nan)
+        out.state.ref_area[p] = ref
+    return out
+
+
+def _pair_searches(m: PhaseModel, fr: "_Frame", present: Sequence[int], widths: np.ndarray,
+                   tracked: bool = False) -> None:
+    """Joint searches of every present pair of phases that could be confused, over each
+    parameter in which their configured cells differ (``tracked``: both were there in the
+    frame before, a narrower search)."""
+    done = set()
+    for p, q, _, _ in m.order:
+        if p in present and q in present and (q, p) not in done and (p, q) not in done:
+            ordered = {jj for a, b, jj, _ in m.order if a == p and b == q}
+            first = True
+            for name in m.search_order[p]:          # c before a, as in the search
+                if _CELL_INDEX[name] in ordered:
+                    fr.pair_search(p, q, _CELL_INDEX[name], present, widths, tracked, pure=first)
+                    first = False
+            done.add((p, q))
+
+
+def _moved(m: PhaseModel, res, present: Sequence[int], st: PhaseState, before: PhaseState, *, keep: int,
+           drop: int) -> float:
+    """How far (in search half-ranges, rms) phase ``keep`` moves from its cell in the frame
+    before when ``drop`` is left out of the fit; infinite if it was not there."""
+    row = 1 + present.index(drop)
+    cell = m.cells(res.p[row:row + 1], st.cell)[0][keep]
+    prev = before.cell[keep]
+    free = [_CELL_INDEX[n] for n in m.free[keep]]
+    if not (before.present[keep] and np.all(np.isfinite(prev[free]))):
+        return np.inf
+    return float(np.sqrt(np.mean(((cell - prev)[free] / m.box[keep][free]) ** 2)))
+
+
+def _n_params(m: PhaseModel, p: int) -> int:
+    """Parameters a phase adds: its free cell, widths per window, eta and areas."""
+    return len(m.free[p]) + int(m.has[p].sum()) + 1 + int(np.count_nonzero(m.r_phase == p))
+
+
+def _adopt(m: PhaseModel, st: PhaseState, theta: np.ndarray, phases: Sequence[int]) -> None:
+    """Take the cells, widths and eta of ``phases`` from a solution into the working state."""
+    cells = m.cells(theta[None], st.cell)[0]
+    for p in phases:
+        st.cell[p] = cells[p]
+        for w in range(m.W):
+            if m.fwhm_col[p, w] >= 0 and theta[m.area_col[m._refl_of[p][w]]].sum() > 0:
+                st.fwhm[p, w] = theta[m.fwhm_col[p, w]]
+        st.eta[p] = theta[m.eta_col[p]]

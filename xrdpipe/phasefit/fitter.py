@@ -1,0 +1,382 @@
+"""Frame after frame (:class:`PhaseFitter`): the state carried between frames, the peak table
+and the phase arrays of a block of frames, the backward pass from frames where a phase that
+appeared is strong, and :func:`fit_phases` for an in-memory pattern stack."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from ..batchfit import least_squares_batch
+from ..config import FitSpec, LatticeSpec, PhaseSpec, WindowSpec
+from ..crystallography import (
+    parse_hkl,
+)
+from ..peaks import PEAK_FIELDS, PeakTable, WindowSetupError, concat_tables
+from .decide import _bic, fit_frame
+from .frame import FrameResult, _Frame
+from .model import _BACKWARD_MAX, _CELL_INDEX, PhaseModel, PhaseState
+from .solve import _held, _volume, centre_esd, d_of, initial_state
+
+# ----------------------------------------------------------------------------------------------
+# every frame of a block, in order, into a peak table
+
+class PhaseFitter:
+    """Fits the phase model frame after frame, carrying the state from each frame to the next;
+    ``fit_block`` returns a :class:`~xrdpipe.peaks.PeakTable` whose listed peaks (the windows'
+    ``peaks``) are read off the phase model, with the phase results in ``table.phase``.
+
+    ``state`` is the whole memory between frames; :meth:`resume` sets it from stored results.
+    """
+
+    def __init__(self, phases: Sequence[PhaseSpec], windows: Sequence[WindowSpec], fit: FitSpec = FitSpec(),
+                 lattice: LatticeSpec = LatticeSpec(), *, radial: np.ndarray, unit: str, wavelength_A: float | None):
+        self.fit = fit
+        try:
+            self.model = PhaseModel(phases, windows, fit, lattice, radial=radial, unit=unit, wavelength_A=wavelength_A)
+        except ValueError as exc:
+            raise WindowSetupError([(0, str(exc))]) from None
+        m = self.model
+        self.windows = tuple(w.name for w in windows)
+        problems, comps, peaks = [], [], []
+        for wi, w in enumerate(windows):
+            for label in w.peaks:
+                phase, hkl = label.split(" ", 1)
+                try:
+                    comps.append(m.label_index(wi, phase, hkl))
+                except ValueError as exc:
+                    problems.append((wi, f"window {w.name!r}: {exc}"))
+                    continue
+                h = parse_hkl(hkl)
+                peaks.append((w.name, phase, " ".join(map(str, h)) if max(map(abs, h)) > 9 else "".join(map(str, h)),
+                              "pseudo_voigt"))
+        if problems:
+            raise WindowSetupError(problems)
+        self.components = np.array(comps, int)
+        self.peaks = tuple(peaks)
+        self.comp_window = np.array([self.windows.index(p[0]) for p in peaks], int)
+        self.phase_names = tuple(p.name for p in phases)
+        self.state = initial_state(m)
+        self._zero_known = lattice.correction == "none"
+
+    def resume(self, stored: dict | None) -> None:
+        """Take the state after the last stored row (``stored`` holds the phase arrays of rows
+        before the ones to fit), or start afresh."""
+        m = self.model
+        self.state = initial_state(m)
+        self._zero_known = self.model.correction == "none"
+        if not stored or "phase_cell" not in stored or not len(stored["phase_cell"]):
+            return
+        done = np.flatnonzero(stored["done"])
+        if not done.size:
+            return
+        r = done[-1]
+        self.state = _stored_state(m, stored, r, forward=True)
+        self._zero_known = self._zero_known or bool(np.isfinite(stored["zero"][r]))
+
+    def fit_block(self, intensity: np.ndarray, sigma: np.ndarray | None, *, frame: np.ndarray,
+                  time_s: np.ndarray | None = None, usable: np.ndarray | None = None,
+                  reasons: Sequence[str] | None = None, progress=None):
+        """Fit frames ``intensity`` (n, npt) in order (``sigma`` alike or None); rows not
+        ``usable`` are recorded as failures with their ``reasons`` and change nothing."""
+        m = self.model
+        n = intensity.shape[0]
+        usable = np.ones(n, bool) if usable is None else np.asarray(usable, bool)
+        cols = m.columns
+        values, present, success, redchi, message, ph = self._arrays(n)
+        if not self._zero_known and usable.any():
+            self.state.zero = self._estimate_zero(intensity[usable][:8][:, cols],
+                                                  None if sigma is None else sigma[usable][:8][:, cols])
+            self._zero_known = True
+        with threadpool_limits(1):        # small matrices: BLAS threads only get in each other's way
+            for i in range(n):
+                if usable[i]:
+                    res = fit_frame(m, intensity[i, cols], None if sigma is None else sigma[i, cols], self.state,
+                                    self.fit)
+                    self._record(i, res, values, present, success, redchi, message, ph)
+                    self.state = res.state
+                else:
+                    message[i, :] = (reasons[i] if reasons is not None and reasons[i] else "frame not integrated")
+                self._store_state(i, ph)
+                if progress is not None:
+                    progress.update(1)
+        table = PeakTable(np.asarray(frame), np.full(n, np.nan) if time_s is None else np.asarray(time_s, float),
+                          self.windows, self.peaks, values, present, success, redchi, message)
+        table.phase = ph
+        table.phase_names = self.phase_names
+        return table
+
+    def _arrays(self, n: int):
+        """Empty result arrays for ``n`` frames: peak values, present, success, redchi, message
+        and the phase arrays."""
+        m = self.model
+        n_c, P, W = len(self.peaks), m.P, m.W
+        values = {k: np.full((n, n_c), np.nan) for k in PEAK_FIELDS}
+        ph = {"phase_cell": np.full((n, P, 6), np.nan), "phase_cell_err": np.full((n, P, 6), np.nan),
+              "phase_present": np.zeros((n, P), bool), "phase_area": np.full((n, P, W), np.nan),
+              "phase_area_err": np.full((n, P, W), np.nan), "phase_fwhm": np.full((n, P, W), np.nan),
+              "phase_eta": np.full((n, P), np.nan), "zero": np.full(n, np.nan),
+              "phase_decision": np.full((n, P), "", dtype=object), "phase_volume": np.full((n, P), np.nan),
+              "phase_volume_err": np.full((n, P), np.nan), "phase_ref_area": np.full((n, P, W), np.nan),
+              "phase_bic": np.full(n, np.nan), "forward_cell": np.full((n, P, 6), np.nan),
+              "forward_present": np.full((n, P), np.nan), "forward_fwhm": np.full((n, P, W), np.nan),
+              "forward_eta": np.full((n, P), np.nan), "forward_ref_area": np.full((n, P, W), np.nan)}
+        return (values, np.zeros((n, n_c), bool), np.zeros((n, W), bool), np.full((n, W), np.nan),
+                np.full((n, W), "", dtype=object), ph)
+
+    def _store_state(self, i: int, ph: dict, state: PhaseState | None = None) -> None:
+        st = self.state if state is None else state
+        ph["phase_cell"][i] = st.cell
+        ph["phase_present"][i] = st.present
+        ph["phase_fwhm"][i] = st.fwhm
+        ph["phase_eta"][i] = st.eta
+        ph["zero"][i] = st.zero
+        if st.ref_area is not None:
+            ph["phase_ref_area"][i] = st.ref_area
+
+    def _record(self, i, res: FrameResult, values, present, success, redchi, message, ph) -> None:
+        m = self.model
+        success[i, :] = res.success
+        message[i, :] = res.message
+        for w, win in enumerate(m.windows):
+            if not win.x.size:      # a window beyond the data: failed, the others go on
+                success[i, w] = False
+                message[i, w] = (f"window {win.name!r} {list(m.specs[w].range)} has no data points "
+                                 f"(the data span {m.data_span[0]:g} to {m.data_span[1]:g} {m.unit})")
+        ph["phase_decision"][i] = res.decision
+        if not res.success:
+            return
+        ph["phase_bic"][i] = _bic(m, res)
+        with np.errstate(all="ignore"):
+            redchi[i] = res.chi2_window / np.maximum(res.n_window - res.nvary_window, 1)
+        theta, err, cov = res.theta, res.err, res.cov
+        cen, cen_err = centre_esd(m, theta, cov, res.state.cell)
+        d, d_err = d_of(m, cen, cen_err)
+        fw_table = np.where(m.fwhm_col >= 0, theta[np.maximum(m.fwhm_col, 0)], np.nan)
+        inner = m.inside(m.cells(theta[None], res.state.cell)[0], theta[m.zero_col], fw_table)
+        for p in range(m.P):
+            if not res.present[p]:
+                continue
+            for n, col in zip(m.free[p], m.cell_cols[p]):
+                ph["phase_cell_err"][i, p, _CELL_INDEX[n]] = err[col]
+            ph["phase_volume"][i, p], ph["phase_volume_err"][i, p] = _volume(m, p, theta, cov, res.state.cell)
+            for w in range(m.W):
+                rows = m._refl_of[p][w]
+                rows = rows[inner[rows]]          # lines in the window; a tail's area is not one
+                if not rows.size:
+                    continue
+                a_cols = m.area_col[rows]
+                ph["phase_area"][i, p, w] = theta[a_cols].sum()
+                sub = np.nan_to_num(cov[np.ix_(a_cols, a_cols)])
+                ph["phase_area_err"][i, p, w] = np.sqrt(max(float(sub.sum()), 0.0))
+        for j, r in enumerate(self.components):
+            p, w = m.r_phase[r], m.r_window[r]
+            if not m.windows[w].x.size:
+                continue
+            area = theta[m.area_col[r]]
+            if not res.present[p]:
+                values["area"][i, j] = 0.0
+                values["height"][i, j] = 0.0
+                continue
+            fw_col = m.fwhm_col[p, w]
+            fw, eta = theta[fw_col], theta[m.eta_col[p]]
+            present[i, j] = area > 0
+            values["center"][i, j], values["center_err"][i, j] = cen[r], cen_err[r]
+            values["fwhm"][i, j], values["fwhm_err"][i, j] = fw, err[fw_col]
+            values["fwhm_left"][i, j] = values["fwhm_right"][i, j] = fw
+            values["shape"][i, j], values["shape_err"][i, j] = eta, err[m.eta_col[p]]
+            values["area"][i, j], values["area_err"][i, j] = area, err[m.area_col[r]]
+            values["height"][i, j] = area / fw * (eta * 2 / np.pi + (1 - eta) * np.sqrt(4 * np.log(2) / np.pi))
+            values["d_A"][i, j], values["d_err_A"][i, j] = d[r], d_err[r]
+
+    def backward(self, stored: dict, read, *, progress=None):
+        """The backward pass: decisions over the whole series.
+
+        A phase that appears is found, in the forward pass, by a search beside phases whose
+        lines it shares, in the frames where it is weakest. From the first frame where it holds
+        ``[fit] backward_share`` of the area (its cell well determined), the frames before it
+        are fitted again going back, each starting from the one after it (every phase followed
+        from there, an absent one searched for around its cell in the forward pass), until the
+        phase is absent in both passes for two frames; every frame keeps the solution with the
+        lower BIC (by more than 2) and says so in its decisions, unless it swaps a phase for one
+        it could be confused with (one gone, the other come: the same lines under another name).
+
+        ``stored``: the phase arrays of rows ``0:n`` (``phase_bic`` included, ``done``);
+        ``read(start, stop)``: the intensity and esd (NaN if none) of those rows on the run's
+        radial axis. Returns the revised rows (ascending) and their results as a
+        :class:`~xrdpipe.peaks.PeakTable` (``table.phase`` holds their phase arrays), or
+        ``None`` if no frame changed.
+        """
+        m, fit = self.model, self.fit
+        if "phase_bic" not in stored or not len(stored["phase_bic"]):
+            return None
+        n = len(stored["phase_bic"])
+        done = np.asarray(stored.get("done", np.ones(n, bool)), bool)
+        bic = np.where(done, np.asarray(stored["phase_bic"], float), np.nan)
+        usable = np.isfinite(bic)
+        present = np.asarray(stored["phase_present"], bool) & usable[:, None]
+        cell = np.array(stored["phase_cell"], float)
+        area = np.nan_to_num(np.asarray(stored["phase_area"], float)).sum(axis=2)
+        counted = np.array([p.fraction for p in m.phases], bool)
+        total = (area * (present & counted)).sum(axis=1)
+        share = np.where(total[:, None] > 0, area / np.where(total[:, None] > 0, total[:, None], 1.0), 0.0)
+        cols = m.columns
+        starts: dict[int, list[int]] = {}
+        for p in np.flatnonzero(counted):
+            onsets = np.flatnonzero(present[1:, p] & ~present[:-1, p]) + 1
+            for e in onsets:
+                strong = np.flatnonzero(present[e:, p] & (share[e:, p] >= fit.backward_share))
+                if strong.size:
+                    starts.setdefault(int(e + strong[0]), []).append(int(p))
+        if not starts:
+            return None
+        revised: dict[int, FrameResult] = {}
+        states: dict[int, PhaseState] = {}
+        bar = progress
+        if bar is not None:         # at most this many frames fitted again
+            bar.reset(total=sum(min(_BACKWARD_MAX, s) for s in starts))
+
+        def hint(j: int) -> np.ndarray:
+            # where an absent phase is looked for: its cell in the nearest frame that has it
+            out = np.full((m.P, 6), np.nan)
+            for p in range(m.P):
+                have = np.flatnonzero(present[:, p])
+                if have.size:
+                    out[p] = cell[have[np.argmin(np.abs(have - j))], p]
+            return out
+
+        with threadpool_limits(1):
+            for s_row in sorted(starts):
+                # the rows this start may revisit, read at once
+                lo = max(0, s_row - _BACKWARD_MAX)
+                intensity, sigma = read(lo, s_row)
+                carry = states.get(s_row) or _stored_state(m, stored, s_row)
+                gone = 0
+                for j in range(s_row - 1, lo - 1, -1):
+                    if not usable[j]:
+                        continue
+                    y = intensity[j - lo, cols]
+                    e = sigma[j - lo, cols]
+                    res = fit_frame(m, y, e if np.isfinite(e).any() else None, carry, fit, hint(j))
+                    new_bic = _bic(m, res) if res.success else np.inf
+                    # a phase that takes the place of one it could be confused with (the one
+                    # there going forward gone, the other come) is a label swap, not a better
+                    # solution: the two explain the same lines
+                    swap = any(res.present[q] and not present[j, q] and present[j, p] and not res.present[p]
+                               for p, q, _, _ in m.order)
+                    if new_bic < bic[j] - 2.0 and not swap:
+                        res.decision = [d + f" (going back from frame {s_row})" if d else d for d in res.decision]
+                        revised[j], states[j] = res, res.state
+                        bic[j], present[j] = new_bic, res.present & usable[j]
+                        cell[j] = np.where(res.present[:, None], res.state.cell, cell[j])
+                        carry = res.state
+                    else:
+                        carry = states.get(j) or _stored_state(m, stored, j)
+                    if bar is not None:
+                        bar.update(1)
+                    followed = starts[s_row]
+                    if not any(res.present[p] or present[j, p] for p in followed):
+                        gone += 1
+                        if gone >= 2:
+                            break
+                    else:
+                        gone = 0
+        if not revised:
+            return None
+        rows = np.array(sorted(revised))
+        values, pres, success, redchi, message, ph = self._arrays(rows.size)
+        for k, j in enumerate(rows):
+            self._record(k, revised[j], values, pres, success, redchi, message, ph)
+            self._store_state(k, ph, revised[j].state)
+            # what the forward pass carried on from this frame: an interrupted fit that resumes
+            # after it goes on as the forward pass did
+            fwd = _stored_state(m, stored, j, forward=True)
+            ph["forward_cell"][k], ph["forward_present"][k] = fwd.cell, fwd.present
+            ph["forward_fwhm"][k], ph["forward_eta"][k] = fwd.fwhm, fwd.eta
+            ph["forward_ref_area"][k] = fwd.ref_area if fwd.ref_area is not None else np.nan
+        time_s = stored.get("time_s")
+        table = PeakTable(rows, np.full(rows.size, np.nan) if time_s is None else np.asarray(time_s, float)[rows],
+                          self.windows, self.peaks, values, pres, success, redchi, message)
+        table.phase = ph
+        table.phase_names = self.phase_names
+        return rows, table
+
+    def _estimate_zero(self, y: np.ndarray, sigma: np.ndarray | None) -> float:
+        """The run's zero shift (or displacement): the median over the first frames of a fit in
+        which it is free, each frame started afresh."""
+        m = self.model
+        zeros = []
+        for i in range(y.shape[0]):
+            state = initial_state(m)
+            res = fit_frame(m, y[i], None if sigma is None else sigma[i], state, self.fit)
+            if not res.success or not res.present.any():
+                continue
+            fr = _Frame(m, y[i], None if sigma is None else sigma[i], res.state)
+            present = tuple(np.flatnonzero(res.present))
+            theta = res.theta.copy()
+            hold = _held(m, present)
+            hold[m.zero_col] = False
+            hold[m.area_col[~m.inside(res.state.cell, 0.0)]] = True
+            lo, hi = m.lower.copy(), m.upper.copy()
+            lo[m.zero_col], hi[m.zero_col] = -0.5, 0.5
+            again = least_squares_batch(lambda t: m.value_jac(t, res.state.cell), theta[None], fr.y0[None],
+                                        fr.w[None], lower=lo, upper=hi, fixed=hold[None], max_iter=self.fit.max_iter,
+                                        normal=lambda t, _y, _w: m.normal(t, res.state.cell, fr.y0, fr.w))
+            if again.success[0] and abs(again.p[0, m.zero_col]) < 0.5:
+                zeros.append(float(again.p[0, m.zero_col]))
+        return float(np.median(zeros)) if zeros else 0.0
+
+
+def _stored_state(m: PhaseModel, stored: dict, r: int, forward: bool = False) -> PhaseState:
+    """The state after row ``r`` of stored phase arrays (``forward``: the one the forward pass
+    carried on from that row, where the backward pass replaced its solution)."""
+    if forward and "forward_cell" in stored and np.isfinite(stored["forward_present"][r]).all():
+        return PhaseState(np.array(stored["forward_cell"][r], float), np.array(stored["forward_present"][r]) > 0,
+                          np.array(stored["forward_fwhm"][r], float), np.array(stored["forward_eta"][r], float),
+                          float(stored["zero"][r]) if np.isfinite(stored["zero"][r]) else 0.0,
+                          np.array(stored["forward_ref_area"][r], float))
+    return PhaseState(np.array(stored["phase_cell"][r], float), np.array(stored["phase_present"][r], bool),
+                      np.array(stored["phase_fwhm"][r], float), np.array(stored["phase_eta"][r], float),
+                      float(stored["zero"][r]) if np.isfinite(stored["zero"][r]) else 0.0,
+                      np.array(stored["phase_ref_area"][r], float) if "phase_ref_area" in stored
+                      else np.full((m.P, m.W), np.nan))
+
+
+def fit_phases(patterns, phases: Sequence[PhaseSpec], windows: Sequence[WindowSpec], fit: FitSpec = FitSpec(),
+               lattice: LatticeSpec = LatticeSpec()) -> PeakTable:
+    """The phase model in every frame of an in-memory :class:`~xrdpipe.run.store.Patterns` stack,
+    frame after frame; frames that failed integration are kept as failed rows. For a run file
+    on disk (streamed, resumable) use :func:`xrdpipe.run.fit.fit_experiment`.
+
+    Example
+    -------
+    >>> table = fit_phases(series.as_patterns(), phases, windows)          # doctest: +SKIP
+    >>> table.phase["phase_cell"][:, 0, 2]                                  # doctest: +SKIP
+    """
+    n = patterns.intensity.shape[0]
+    status = np.asarray(patterns.frames.get("status", np.ones(n)))
+    fitter = PhaseFitter(phases, windows, fit, lattice, radial=patterns.radial, unit=patterns.unit,
+                         wavelength_A=patterns.wavelength_A)
+    usable = status == 1
+    reasons = [("frame not integrated: " + str(msg)) if not u else "" for u, msg in
+               zip(usable, patterns.frames.get("message", [""] * n))]
+    table = fitter.fit_block(patterns.intensity, patterns.sigma, frame=np.arange(n),
+                             time_s=patterns.frames.get("time_s", np.full(n, np.nan)), usable=usable, reasons=reasons)
+    if fit.backward:
+        sigma = patterns.sigma if patterns.sigma is not None else np.full(patterns.intensity.shape, np.nan)
+        back = fitter.backward(table.phase, lambda a, b: (patterns.intensity[a:b], sigma[a:b]))
+        if back is not None:
+            _replace_rows(table, *back)
+    return concat_tables([table])
+
+
+def _replace_rows(table: PeakTable, rows: np.ndarray, new: PeakTable) -> None:
+    """Put the results of ``new`` (rows ``rows`` of ``table``) into ``table``."""
+    for name in table.values:
+        table.values[name][rows] = new.values[name]
+    for name in ("present", "success", "redchi", "message"):
+        getattr(table, name)[rows] = getattr(new, name)
+    for name in table.phase:
+        table.phase[name][rows] = new.phase[name]

@@ -1,0 +1,534 @@
+"""One frame's data against the phase model from a carried state (:class:`_Frame`): start widths,
+the linear solve of areas and backgrounds in every window at fixed cells (variable projection),
+the grid search of a phase's cell and the joint search of two coexisting similar phases; and a
+frame's result (:class:`FrameResult`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .. import kernels
+from .model import (
+    _CELL_INDEX,
+    _JOINT,
+    _PRIOR,
+    _STEP,
+    _TAIL_FWHM,
+    _TRACK_FWHM,
+    _WIDTH_FACTORS,
+    _WIDTH_FACTORS_SEARCH,
+    PhaseModel,
+    PhaseState,
+)
+
+
+def _median(values: list) -> float:
+    """``np.median`` of a short list of finite numbers (the same value, without NumPy's overhead
+    on a few elements)."""
+    s = sorted(float(v) for v in values)
+    k = len(s) // 2
+    return s[k] if len(s) % 2 else (s[k - 1] + s[k]) / 2.0
+
+
+def _polish(value: float, step: float, evaluate, scored) -> tuple[float, np.ndarray, float, float]:
+    """The minimum of a search score near grid point ``value`` (grid ``step``): five finer
+    points over ± one step, then the vertex of the parabola through the best and its
+    neighbours, kept if it scores better. Returns (value, trial cell (6,), chi², score)."""
+    if step <= 0:
+        trial, chi2 = evaluate(np.array([value]))
+        return value, trial[0], float(chi2[0]), float(scored(trial, chi2)[0])
+    values = value + step * np.linspace(-1, 1, 9)
+    trial, chi2 = evaluate(values)
+    score = scored(trial, chi2)
+    k = int(np.argmin(score))
+    best = (float(values[k]), trial[k], float(chi2[k]), float(score[k]))
+    if 0 < k < values.size - 1 and np.all(np.isfinite(score[k - 1:k + 2])):
+        s0, s1, s2 = score[k - 1:k + 2]
+        curv = s0 - 2 * s1 + s2
+        if curv > 0:
+            h = values[1] - values[0]
+            v = float(values[k] + 0.5 * h * (s0 - s2) / curv)
+            t, c = evaluate(np.array([v]))
+            s = float(scored(t, c)[0])
+            if s < best[3]:
+                best = (v, t[0], float(c[0]), s)
+    return best
+
+
+@dataclass
+class FrameResult:
+    """One frame's phase-model solution."""
+
+    success: bool
+    message: str
+    theta: np.ndarray            # (k,) final parameters
+    err: np.ndarray              # (k,) esds (NaN where held or at a bound)
+    cov: np.ndarray              # (k, k)
+    present: np.ndarray          # (P,)
+    decision: list[str]          # per phase: how presence was decided
+    chi2_window: np.ndarray      # (W,)
+    n_window: np.ndarray         # (W,) valid points
+    nvary_window: np.ndarray     # (W,) parameters that touch the window
+    state: PhaseState
+
+
+class _Frame:
+    """The fit of one frame (data on the concatenated windows) from a carried state."""
+
+    def __init__(self, model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state: PhaseState):
+        self.m = model
+        self.y = y
+        valid = np.isfinite(y)
+        if sigma is not None and np.isfinite(sigma).any():
+            valid &= np.isfinite(sigma) & (sigma > 0)
+            self.w = np.where(valid, 1.0 / np.where(valid, sigma, 1.0), 0.0)
+            self.has_errors = True
+        else:
+            self.w = valid.astype(float)
+            self.has_errors = False
+        self.y0 = np.where(valid, y, 0.0)
+        self.valid = valid
+        self.state = state.copy()
+        self.centre = self.state.cell.copy()   # where absent phases are searched for (fit_frame sets it)
+        #: phases present in the frame before (with their cells there): the continuity that
+        #: names two similar phases
+        self.tracked = np.asarray(state.present, bool) & np.all(np.isfinite(state.cell), axis=1)
+        self.before = state.cell.copy()
+        self._width_guess: dict[int, float] = {}     # width_guess per window (the data's, fixed)
+
+    # -- start widths from the data ----------------------------------------------------------
+    def width_guess(self, w: int) -> float:
+        """A start width for window ``w`` from its data (its configured ``fwhm`` if given):
+        the points above half the highest net value; computed once per frame."""
+        got = self._width_guess.get(w)
+        if got is None:
+            got = self._width_guess[w] = self._guess_width(w)
+        return got
+
+    def _guess_width(self, w: int) -> float:
+        spec = self.m.specs[w]
+        if spec.fwhm is not None:
+            return float(spec.fwhm)
+        win = self.m.windows[w]
+        y = self.y0[win.points]
+        v = self.valid[win.points]
+        if not v.any():
+            return 5 * self.m.step
+        edge = max(2, y.size // 10)
+        base = np.median(np.concatenate([y[:edge][v[:edge]], y[-edge:][v[-edge:]]]) if v[:edge].any() else y[v])
+        net = np.where(v, y - base, 0.0)
+        top = net.max()
+        above = np.count_nonzero(net > top / 2)
+        width = spec.range[1] - spec.range[0]
+        return float(np.clip(above * self.m.step, 2 * self.m.step, width / 6))
+
+    def fwhm_of(self, p: int, w: int) -> float:
+        v = self.state.fwhm[p, w]
+        if np.isfinite(v) and v > 0:
+            return float(v)
+        others = [self.state.fwhm[q, w] for q in range(self.m.P) if self.state.present[q] and q != p
+                  and np.isfinite(self.state.fwhm[q, w])]
+        return _median(others) if others else self.width_guess(w)
+
+    # -- linear solve of areas + background in every window at given nonlinear values ---------
+    def linear(self, cells: np.ndarray, phases: Sequence[int], zero: float) -> tuple[np.ndarray, np.ndarray]:
+        """Areas and backgrounds (as a full parameter row) at fixed cells (P, 6) for ``phases``;
+        returns the row and the chi² of every window."""
+        m = self.m
+        theta = np.zeros(m.k)
+        self.fill_nonlinear(theta, cells, zero)
+        cen = m.centres(cells[None], np.array([zero]))[0]
+        chi2 = np.zeros(m.W)
+        on = np.isin(m.r_phase, list(phases))
+        for w, win in enumerate(m.windows):
+            refl = np.flatnonzero(on & (m.r_window == w))
+            coef, c2 = self._window_solve(w, refl, cen[refl][None], theta, np.ones(refl.size, bool))
+            theta[m.area_col[refl]] = coef[0, :refl.size]
+            theta[m.bg_col[w]] = coef[0, refl.size:]
+            chi2[w] = float(c2[0])
+        return theta, chi2
+
+    def _window_solve(self, w: int, refl: np.ndarray, cen: np.ndarray, theta: np.ndarray,
+                      tails: np.ndarray | None = None, fw: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Areas of ``refl`` (not negative) and background of window ``w`` at trial centres
+        ``cen`` (T, len(refl)), and the window's chi² per trial: coefficients (T, len(refl) +
+        degree + 1) and (T,), by :func:`xrdpipe.kernels.window_trials`. Widths ``fw``
+        (len(refl),) or (T, len(refl)), default the frame's.
+
+        A reflection whose centre lies outside the window, or within half a width of its edge, is
+        not fitted there (a line cut by the edge cannot be placed): its column is empty. Where
+        ``tails`` (len(refl),) allows it, a line of a phase already placed by its other lines keeps
+        its tail within :data:`_TAIL_FWHM` widths of the window (it is in the data)."""
+        m = self.m
+        win = m.windows[w]
+        n_trials = cen.shape[0]
+        k = refl.size + win.degree + 1
+        if not win.x.size:                      # a window beyond the data
+            return np.zeros((n_trials, k)), np.zeros(n_trials)
+        if fw is None:
+            fw = theta[m.fwhm_col[m.r_phase[refl], w]] if refl.size else np.zeros(0)
+        fw = np.array(np.broadcast_to(fw, cen.shape), dtype=float)       # (a writable copy: one compiled signature)
+        eta = np.ascontiguousarray(theta[m.eta_col[m.r_phase[refl]]] if refl.size else np.zeros(0), dtype=float)
+        keep = (cen >= win.x[0] + fw / 2) & (cen <= win.x[-1] - fw / 2)
+        if tails is not None and refl.size:
+            near = (cen >= win.x[0] - _TAIL_FWHM * fw) & (cen <= win.x[-1] + _TAIL_FWHM * fw)
+            keep |= near & tails
+        coef, chi2 = np.zeros((n_trials, k)), np.zeros(n_trials)
+        kernels.window_trials(win.x, m.bg_columns[w], self.y0[win.points], self.w[win.points],
+                              np.ascontiguousarray(cen, dtype=float), fw, eta, np.ascontiguousarray(keep), coef, chi2)
+        return coef, chi2
+
+    def fill_nonlinear(self, theta: np.ndarray, cells: np.ndarray, zero: float) -> None:
+        m = self.m
+        for p in range(m.P):
+            for n, col in zip(m.free[p], m.cell_cols[p]):
+                theta[col] = cells[p, _CELL_INDEX[n]]
+            for w in range(m.W):
+                if m.fwhm_col[p, w] >= 0:
+                    theta[m.fwhm_col[p, w]] = self.fwhm_of(p, w)
+            eta = self.state.eta[p]
+            theta[m.eta_col[p]] = eta if np.isfinite(eta) else 0.5
+        theta[m.zero_col] = zero
+
+    # -- the search for a phase not present --------------------------------------------------
+    def search(self, p: int, present: Sequence[int], *, around: np.ndarray | None = None,
+               scale: float = 1.0, halves: np.ndarray | None = None) -> tuple[np.ndarray, float, float]:
+        """Grid search of phase ``p``'s cell (coordinate by coordinate, twice) with the phases
+        ``present`` (p excluded) held at their state: over ``scale`` times its search range around
+        ``around`` (default the configured cell). Returns the best cell (6,), the chi² with p
+        there and the chi² without p."""
+        m = self.m
+        others = [q for q in present if q != p]
+        cells = self.state.cell.copy()
+        prior_at = self.state.cell[p].copy()          # the phase's last cell (or the configured one)
+        centre = m.cell0[p] if around is None else np.asarray(around, float)
+        cells[p] = centre
+        zero = self.state.zero
+        theta, chi2_w = self.linear(cells, others, zero)
+        chi2_without = float(chi2_w.sum())
+        cen_all = m.centres(cells[None], np.array([zero]))[0]
+        windows = [w for w in range(m.W) if m._refl_of[p][w].size]
+        if not windows:
+            return cells[p], chi2_without, chi2_without
+        rest = float(chi2_w[[w for w in range(m.W) if w not in windows]].sum())
+        fixed = {w: np.flatnonzero(np.isin(m.r_phase, others) & (m.r_window == w)) for w in windows}
+        best_cell, best = centre.copy(), np.inf
+        # a phase looked for beside others (not followed from the frame before): with their
+        # widths and its own scaled together
+        factors = np.array(_WIDTH_FACTORS_SEARCH if others and halves is None else (1.0,))
+        # half-width steps over the range, parameter by parameter, twice (the first round
+        # listening only to the windows placed by the parameters searched so far), then
+        # fifth-width steps around the best
+        order = m.search_order[p]
+        schedule = ([(n, 0.5, None, True) for n in order] + [(n, 0.5, None, False) for n in order]
+                    + [(n, 0.2, 1.5, False) for n in order])
+        coarse: dict[str, float] = {}
+        known: set[int] = set()
+        for name, frac, around_best, first in schedule:
+            i = _CELL_INDEX[name]
+            known.add(i)
+            use = windows
+            if first:
+                # the first round listens only to the windows whose reflections of p depend on
+                # nothing but the parameters searched so far (the 00l lines for c): a strong
+                # line placed by a parameter not yet searched must not pull this one astray
+                unknown = [_CELL_INDEX[n] for n in m.free[p] if _CELL_INDEX[n] not in known]
+                pure = [w for w in windows if not m.r_dep[np.ix_(m._refl_of[p][w], unknown)].any()]
+                use = pure or windows
+            if around_best is None:
+                half = m.box[p, i] * scale if halves is None else halves[i]
+                grid, coarse[name] = self._grid(p, name, theta, centre[i], half, frac, use)
+            else:
+                grid, _ = self._grid(p, name, theta, best_cell[i], around_best * coarse[name], frac, use)
+                # the fine pass stays within the range searched (a phase is not found outside it)
+                span = m.box[p, i] * scale if halves is None else halves[i]
+                grid = np.unique(np.clip(grid, centre[i] - span, centre[i] + span))
+            free = [_CELL_INDEX[n] for n in m.free[p]]
+
+            def evaluate(values: np.ndarray, base=best_cell, i=i, use=use) -> tuple[np.ndarray, np.ndarray]:
+                trial = m.trial_cells(p, base, i, values)
+                chi2 = np.zeros((factors.size, values.size))
+                per_w.clear()
+                for w in use:
+                    mine = m._refl_of[p][w]
+                    hkl = m.r_hkl[mine]
+                    cen_p = m.positions(hkl, trial[:, None, :], zero)                     # (T, n_mine)
+                    cen_f = np.broadcast_to(cen_all[fixed[w]], (values.size, fixed[w].size))
+                    refl = np.concatenate([mine, fixed[w]])
+                    tails = np.concatenate([np.zeros(mine.size, bool), np.ones(fixed[w].size, bool)])
+                    cen = np.concatenate([cen_p, cen_f], axis=1)
+                    fw0 = theta[m.fwhm_col[m.r_phase[refl], w]] if refl.size else np.zeros(0)
+                    # every width factor's trials in one compiled call (rows: factor-major)
+                    fw = np.broadcast_to(factors[:, None, None] * fw0, (factors.size,) + cen.shape)
+                    c2 = self._window_solve(w, refl, np.tile(cen, (factors.size, 1)), theta, tails,
+                                            fw.reshape(factors.size * values.size, refl.size))[1].reshape(factors.size, values.size)
+                    chi2 += c2
+                    per_w[w] = c2
+                # the widths of the lines there may have changed in this frame (a two-phase
+                # region broadens them): each trial at the width factor that suits it best
+                k = np.argmin(chi2, axis=0)
+                for w in per_w:
+                    per_w[w] = per_w[w][k, np.arange(values.size)]
+                return trial, chi2[k, np.arange(values.size)]
+
+            per_w: dict[int, np.ndarray] = {}
+            trial, chi2 = evaluate(grid)
+            # a weak pull to the phase's last cell (the configured one until it is seen), in
+            # proportion to what the phase explains in the windows whose lines this parameter
+            # moves: where two cells explain the lines equally (another reflection of the same
+            # phase on the line, areas being free) the nearer one names them
+            moved = [w for w in use if m.r_dep[m._refl_of[p][w], i].any()] or list(use)
+            in_moved = np.sum([per_w[w] for w in moved], axis=0)
+            explained = max(float(chi2_w[moved].sum()) - float(np.min(in_moved)), 0.0)
+
+            def scored(trial: np.ndarray, chi2: np.ndarray) -> np.ndarray:
+                rel = (trial[:, free] - prior_at[free]) / m.box[p, free]
+                prior = _PRIOR * explained * np.sum(rel ** 2, axis=1)
+                # the order is kept in the parameter searched now (the others' start values may
+                # not keep it yet: P3's configured a above the O3 a tracked so far)
+                return np.where(self._ordered(p, trial, others, theta, only=i), chi2 + prior, np.inf)
+
+            score = scored(trial, chi2)
+            # at high counts a basin of chi-square is narrower than a grid step, and which basin
+            # looks best on the grid depends on where its points happen to fall: the best few
+            # local minima are each searched finely before one is chosen
+            step = float(np.median(np.diff(grid))) if grid.size > 1 else 0.0
+            cands = [j for j in np.argsort(score)[:8] if np.isfinite(score[j])
+                     and (j == 0 or score[j] <= score[j - 1]) and (j == grid.size - 1 or score[j] <= score[j + 1])]
+            # a minimum on the edge of the range is a basin cut by it (its bottom is outside, or
+            # it is the slope of one): an interior one is preferred
+            inner_c = [j for j in cands if 0 < j < grid.size - 1]
+            cands = inner_c or cands
+            best_s = np.inf
+            for j in cands[:3]:
+                if halves is not None:
+                    # tracking: the grid only has to find the basin; the least squares that
+                    # follows finds its bottom
+                    best_cell, best_s = trial[j], score[j]
+                    best = float(chi2[j]) + float(chi2_w[[w for w in windows if w not in use]].sum())
+                    break
+                v, t1, c1, s1 = _polish(grid[j], step, evaluate, scored)
+                if s1 < best_s:
+                    best_s, best_cell = s1, t1
+                    best = c1 + float(chi2_w[[w for w in windows if w not in use]].sum())
+        return best_cell, best + rest, chi2_without
+
+    def track_halves(self, p: int, limit: float) -> np.ndarray:
+        """(6,) how far each cell parameter of a tracked phase may move in one frame: ``limit``
+        FWHM at its most sensitive line in a window with data, at most its tracking share of
+        the search range (a larger move is a jump: the phase is searched for afresh)."""
+        m = self.m
+        out = m.box[p] * _STEP
+        rows = np.flatnonzero((m.r_phase == p) & np.array([m.windows[w].x.size > 0 for w in m.r_window], bool))
+        if not rows.size:
+            return out
+        fw = np.array([self.fwhm_of(p, w) for w in m.r_window[rows]])
+        hkl = m.r_hkl[rows]
+        for n in m.free[p]:
+            i = _CELL_INDEX[n]
+            ratio = np.nanmax(m.shift_per_unit(p, self.state.cell[p], i, hkl) / fw)
+            if ratio > 0:
+                out[i] = min(out[i], limit / ratio)
+        return out
+
+    def pair_search(self, p: int, q: int, j: int, present: Sequence[int], widths: np.ndarray,
+                    tracked: bool = False, pure: bool = False) -> None:
+        """A joint grid over cell parameter ``j`` of two present phases whose lines overlap
+        (coexisting similar structures): one at a time, each can only settle between the two
+        true positions; together they split the lines. The state's cells are updated.
+
+        Over :data:`_JOINT` search ranges around each (a pair that was already split in the
+        frame before, ``tracked``: over three tracking steps), with a common factor on both
+        widths; coarse steps first (0.7 of a width at the most sensitive line), then finer ones
+        around the best few basins. With ``pure``, only the windows whose lines of both depend on
+        nothing but parameter ``j`` are listened to (the 00l lines for c), where there are such:
+        lines placed by another parameter, not yet right, would pull this one astray; and those
+        lines, split, stay half a width apart (in another parameter, as a of P2 and P''2, the
+        two may be nearly equal)."""
+        m = self.m
+        others = [r for r in present if r not in (p, q)]
+        zero = self.state.zero
+        theta = np.zeros(m.k)
+        self.fill_nonlinear(theta, self.state.cell, zero)
+        cen_all = m.centres(self.state.cell[None], np.array([zero]))[0]
+        name = {v: k for k, v in _CELL_INDEX.items()}[j]
+        windows = [w for w in range(m.W) if m._refl_of[p][w].size and m._refl_of[q][w].size]
+        if not windows or name not in m.free[p] or name not in m.free[q]:
+            return
+        if pure:
+            rest = [i for i in range(6) if i != j]
+            windows = [w for w in windows if not m.r_dep[np.ix_(np.concatenate([m._refl_of[p][w], m._refl_of[q][w]]),
+                                                                rest)].any()] or windows
+        halves = []
+        for r in (p, q):
+            half = _JOINT * m.box[r, j]
+            if tracked:
+                half = min(half, 3 * self.track_halves(r, _TRACK_FWHM)[j])
+            halves.append(half)
+        sign = self.sign(p, q, j)
+        # coarse: the whole span and every width factor
+        grids, steps = [], []
+        for r, half in zip((p, q), halves):
+            g, step = self._grid(r, name, theta, self.state.cell[r, j], half, 0.7, windows)
+            grids.append(g)
+            steps.append(step)
+        start = self.state.cell[[p, q], j].copy()
+        # (the pull to where the two were holds for a pair followed from the frame before; a
+        # phase just found was placed by a search beside the other, not by the data of both)
+        cands, weight = self._pair_trials(p, q, j, grids, np.array(_WIDTH_FACTORS), windows, others, widths, theta,
+                                          cen_all, sign, start, None if tracked else 0.0, pure)
+        if not cands:
+            return
+        # then finer and finer steps (0.2, 0.07, 0.025 of a width) around each of the best few
+        # basins, the neighbouring width factors: at beamline counts a basin is narrower than a
+        # coarse step, and the best coarse point need not lie in the deepest basin
+        best = None
+        for vp, vq, s, score in cands[:3]:
+            k = _WIDTH_FACTORS.index(s)
+            factors = np.array(_WIDTH_FACTORS[max(k - 1, 0):k + 2])
+            span = list(steps)
+            for frac in (0.2, 0.07, 0.025):
+                fine = []
+                for i, (r, v, half) in enumerate(zip((p, q), (vp, vq), halves)):
+                    g, span[i] = self._grid(r, name, theta, v, span[i], frac, windows)
+                    fine.append(np.clip(g, self.state.cell[r, j] - half, self.state.cell[r, j] + half))
+                found, _ = self._pair_trials(p, q, j, fine, factors, windows, others, widths, theta, cen_all, sign,
+                                             start, weight, pure)
+                if not found:
+                    break
+                vp, vq, s, score = found[0]
+                factors = np.array([s])
+            if best is None or score < best[3]:
+                best = (vp, vq, s, score)
+        vp, vq, s, _ = best
+        self.state.cell[p] = m.trial_cells(p, self.state.cell[p], j, np.array([vp]))[0]
+        self.state.cell[q] = m.trial_cells(q, self.state.cell[q], j, np.array([vq]))[0]
+        for r in (p, q):
+            self.state.fwhm[r, windows] = s * widths[r, windows]
+
+    def _pair_trials(self, p: int, q: int, j: int, grids: list[np.ndarray], factors: np.ndarray,
+                     windows: Sequence[int], others: Sequence[int], widths: np.ndarray, theta: np.ndarray,
+                     cen_all: np.ndarray, sign: float, start: np.ndarray, weight: float | None = None,
+                     apart: bool = False):
+        """The local minima (value of p, value of q, width factor, score) over the joint grid,
+        best first (an empty list if no trial keeps the order), and the weight of the pull to the
+        ``start`` values: where two splits explain the lines equally (one line left, either phase
+        can take it) the phases stay where they were. ``apart``: the lines the parameter places
+        (the pair's shared lines) stay half a width apart."""
+        m = self.m
+        zero = self.state.zero
+        name = {v: k for k, v in _CELL_INDEX.items()}[j]
+        shape = (grids[0].size, grids[1].size, factors.size)
+        gp, gq, gs = (v.ravel() for v in np.meshgrid(*grids, factors, indexing="ij"))
+        ok = np.sign(gp - gq) == sign if sign else np.ones(gp.size, bool)
+        if apart:
+            # two phases on one line is not a split of it (a second component there only follows
+            # the noise or the profile's shape): their lines stay half a width apart at least
+            ok &= np.abs(gp - gq) >= 0.5 * min(self._width(p, name, theta, windows),
+                                               self._width(q, name, theta, windows))
+        if not ok.any():
+            return [], weight
+        chi2 = np.full(gp.size, np.inf)
+        sel = np.flatnonzero(ok)
+        trials = {p: m.trial_cells(p, self.state.cell[p], j, gp[sel]), q: m.trial_cells(q, self.state.cell[q], j, gq[sel])}
+        part = np.zeros(sel.size)
+        for w in windows:
+            cens, refl = [], []
+            for r in (p, q):
+                mine = m._refl_of[r][w]
+                hkl = m.r_hkl[mine]
+                cens.append(m.positions(hkl, trials[r][:, None, :], zero))
+                refl.append(mine)
+            fixed = np.flatnonzero(np.isin(m.r_phase, others) & (m.r_window == w))
+            cens.append(np.broadcast_to(cen_all[fixed], (sel.size, fixed.size)))
+            pair = np.concatenate(refl)
+            refl = np.concatenate(refl + [fixed])
+            fw = np.concatenate([np.outer(gs[sel], widths[m.r_phase[pair], w]),
+                                 np.broadcast_to(theta[m.fwhm_col[m.r_phase[fixed], w]], (sel.size, fixed.size))], axis=1)
+            tails = np.ones(refl.size, bool)
+            _, c2 = self._window_solve(w, refl, np.concatenate(cens, axis=1), theta, tails, fw)
+            part += c2
+        chi2[sel] = part
+        if weight is None:
+            weight = _PRIOR * float(np.ptp(part)) if np.all(np.isfinite(part)) else 0.0
+        rel = ((gp - start[0]) / m.box[p, j]) ** 2 + ((gq - start[1]) / m.box[q, j]) ** 2
+        score = (chi2 + weight * rel).reshape(shape)
+        best_s = np.argmin(score, axis=2)
+        plane = np.min(score, axis=2)
+        # local minima of the (p, q) plane, each at its best width factor
+        padded = np.pad(plane, 1, constant_values=np.inf)
+        n_p, n_q = plane.shape
+        low = np.isfinite(plane)
+        for dp in (-1, 0, 1):
+            for dq in (-1, 0, 1):
+                if dp or dq:
+                    low &= plane <= padded[1 + dp:1 + dp + n_p, 1 + dq:1 + dq + n_q]
+        out = [(float(grids[0][a]), float(grids[1][b]), float(factors[best_s[a, b]]), float(plane[a, b]))
+               for a, b in zip(*np.nonzero(low))]
+        return sorted(out, key=lambda t: t[3]), weight
+
+    def _width(self, p: int, name: str, theta: np.ndarray, windows: Sequence[int]) -> float:
+        """How far cell parameter ``name`` of phase ``p`` moves its most sensitive reflection (in
+        ``windows``) by one width (infinite if it moves none)."""
+        m = self.m
+        i = _CELL_INDEX[name]
+        rows = np.flatnonzero((m.r_phase == p) & np.isin(m.r_window, list(windows)))
+        cell = self.state.cell[p] if np.all(np.isfinite(self.state.cell[p])) else m.cell0[p]
+        shift = m.shift_per_unit(p, cell, i, m.r_hkl[rows], follow=False)
+        fw = theta[m.fwhm_col[p, m.r_window[rows]]]
+        ratio = np.nanmax(shift / fw) if rows.size else 0.0
+        return 1.0 / ratio if ratio > 0 else np.inf
+
+    def _grid(self, p: int, name: str, theta: np.ndarray, centre: float, half: float,
+              frac: float, windows: Sequence[int]) -> tuple[np.ndarray, float]:
+        """Trial values of one cell parameter over ``centre ± half``: steps that move the most
+        sensitive reflection (in ``windows``) by ``frac`` of its width. Returns the values and
+        the step."""
+        if half <= 0:
+            return np.array([centre]), 0.0
+        step = frac * self._width(p, name, theta, windows)
+        step = step if np.isfinite(step) else half
+        n = int(min(400, max(2, np.ceil(half / step))))
+        return centre + np.linspace(-half, half, 2 * n + 1), half / n
+
+    def sign(self, p: int, q: int, j: int) -> float:
+        """The order of phases ``p`` and ``q`` (that could be confused) in cell parameter ``j``,
+        from the data where they give it: both present in the frame before, the order of their
+        cells there; one of them only, in the parameter that alone places their shared lines (c
+        for 00l), the order of their cells now (the newcomer was placed beside the tracked one's
+        lines, on whichever side the data put it); otherwise the order of the configured cells
+        (both appear in this frame, or a parameter no line tells apart alone: a of two layered
+        phases, nearly equal, where a newcomer's alias would otherwise pass)."""
+        configured = self.m.order_sign.get((p, q, j), 0.0)
+        if self.tracked[p] and self.tracked[q]:
+            cells = self.before
+        elif (self.tracked[p] or self.tracked[q]) and self.m.pure_windows.get((p, q, j)):
+            cells = self.state.cell
+        else:
+            return configured
+        s = float(np.sign(cells[p, j] - cells[q, j]))
+        return s or configured
+
+    def _ordered(self, p: int, trial: np.ndarray, present: Sequence[int], theta: np.ndarray,
+                 only: int | None = None) -> np.ndarray:
+        """Trials that keep the order (:meth:`sign`) of ``p`` against every present phase it
+        could be confused with (in cell parameter ``only``, or in all). A newcomer beside a
+        phase tracked from the frame before is not held to an order in the parameter that alone
+        places their shared lines (c for 00l) but kept off the tracked phase's lines there: at
+        least half a line width away from it, on either side."""
+        m = self.m
+        ok = np.ones(trial.shape[0], bool)
+        for a, b, j, _ in m.order:
+            if a != p or b not in present or (only is not None and j != only):
+                continue
+            windows = m.pure_windows.get((p, b, j))
+            if self.tracked[b] and not self.tracked[p] and windows:
+                name = {v: k for k, v in _CELL_INDEX.items()}[j]
+                gap = 0.5 * self._width(b, name, theta, windows)
+                ok &= np.abs(trial[:, j] - self.state.cell[b, j]) >= gap
+                continue
+            ok &= np.sign(trial[:, j] - self.state.cell[b, j]) == self.sign(p, b, j)
+        return ok

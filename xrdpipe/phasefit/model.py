@@ -1,0 +1,578 @@
+"""The phase model's layout: which reflections of which phase fall in which window, the columns
+of a frame's parameter vector (cells, zero shift, widths, eta, areas, backgrounds) and their
+bounds, and the model's value, Jacobian and normal equations for parameter rows
+(:class:`PhaseModel`); the state carried from frame to frame (:class:`PhaseState`) and the
+constants of the tracking. See :mod:`xrdpipe.phasefit` for the whole method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .. import kernels
+from ..config import FitSpec, LatticeSpec, PhaseSpec, WindowSpec
+from ..crystallography import (
+    CELL_PARAMETERS,
+    crystal_system,
+    d_from_cell,
+    full_cell,
+    parse_hkl,
+    q_from_tth,
+    reflections,
+    tth_from_d,
+)
+
+#: Default search half-ranges: relative for lengths, degrees for angles.
+DEFAULT_SEARCH = {"a": 0.015, "b": 0.015, "c": 0.03, "alpha": 2.0, "beta": 2.0, "gamma": 2.0}
+_CELL_INDEX = {"a": 0, "b": 1, "c": 2, "alpha": 3, "beta": 4, "gamma": 5}
+_ANGLES = ("alpha", "beta", "gamma")
+#: How far a tracked phase may move in one frame, at its most sensitive line, in FWHM (twice:
+#: the local search, then the least squares); a larger move is a jump, searched for afresh.
+_TRACK_FWHM = 0.6
+#: A line of a placed phase outside a window but within this many FWHM of it is fitted by its
+#: tail; reflections are listed for a window within this share of its width beyond its edges.
+_TAIL_FWHM = 4.0
+_TAIL_REACH = 0.25
+#: Weight of the pull to the configured cell in the search, relative to the chi-square the phase
+#: explains, per search half-range squared.
+_PRIOR = 0.02
+#: The joint search of two coexisting similar phases, in search half-ranges around each.
+_JOINT = 0.3
+_WIDTH_FACTORS = (0.8, 1.0, 1.25, 1.6, 2.0)
+#: Width factors of a search for a phase beside others (the widths they had alone, or before).
+_WIDTH_FACTORS_SEARCH = (0.625, 0.8, 1.0, 1.25, 1.6)
+#: How far a cell may move within one frame's least squares from where the search put it, in
+#: search half-ranges (a larger move is another phase, or a jump the search must confirm).
+_STEP = 0.15
+#: How far a tracked cell may move from the configured one, in search half-ranges: a phase is
+#: found within its search range and then followed wherever it goes within this reach.
+_REACH = 3.0
+#: Per (frame, phase[, window]) arrays the phase model stores beside the peaks.
+PHASE_ARRAYS = ("phase_cell", "phase_cell_err", "phase_present", "phase_area", "phase_area_err", "phase_fwhm",
+                "phase_eta", "zero", "phase_decision", "phase_volume", "phase_volume_err", "phase_ref_area",
+                "phase_bic", "forward_cell", "forward_present", "forward_fwhm", "forward_eta", "forward_ref_area")
+#: How many frames the backward pass goes back from a frame where a phase that appeared is
+#: strong, at most.
+_BACKWARD_MAX = 60
+#: A phase whose areas over the windows leave more than this share (of their sum of squares)
+#: unexplained by the relative intensities it had alone is not that phase.
+_UNLIKE = 0.5
+
+
+@dataclass
+class PhaseState:
+    """What one frame hands to the next: per phase its cell (P, 6), presence (P,), FWHM per
+    window (P, W) and eta (P,); the run's zero shift; per phase and window the area of its
+    lines in the last frame where it was the only phase (of those with fractions) present,
+    ``ref_area`` (P, W), NaN until then: its own relative intensities, learned from the data."""
+
+    cell: np.ndarray
+    present: np.ndarray
+    fwhm: np.ndarray
+    eta: np.ndarray
+    zero: float = 0.0
+    ref_area: np.ndarray | None = None
+
+    def copy(self) -> "PhaseState":
+        return PhaseState(self.cell.copy(), self.present.copy(), self.fwhm.copy(), self.eta.copy(), self.zero,
+                          None if self.ref_area is None else self.ref_area.copy())
+
+
+@dataclass(frozen=True)
+class _Window:
+    name: str
+    columns: slice
+    x: np.ndarray
+    t: np.ndarray
+    degree: int
+    points: slice      # its part of the concatenated abscissa
+
+
+class PhaseModel:
+    """Phases x windows on a run's radial grid: reflections, parameter layout, model, search.
+
+    Parameters
+    ----------
+    phases, windows : the experiment's ``[[phases]]`` and ``[[windows]]``
+    fit, lattice : ``[fit]`` (presence test, iterations) and ``[lattice]`` (zero correction)
+    radial, unit, wavelength_A : the run's radial axis
+    """
+
+    def __init__(self, phases: Sequence[PhaseSpec], windows: Sequence[WindowSpec], fit: FitSpec = FitSpec(),
+                 lattice: LatticeSpec = LatticeSpec(), *, radial: np.ndarray, unit: str, wavelength_A: float | None):
+        if unit == "2th_deg" and not wavelength_A:
+            raise ValueError("the phase model needs the wavelength of a 2θ axis")
+        self.phases = tuple(phases)
+        self.fit = fit
+        self.correction = lattice.correction
+        self.unit, self.wavelength_A = unit, wavelength_A
+        radial = np.asarray(radial, float)
+        self.step = float(np.median(np.abs(np.diff(radial)))) if radial.size > 1 else 1.0
+        self.data_span = (float(radial.min()), float(radial.max())) if radial.size else (np.nan, np.nan)
+        wins, start = [], 0
+        for w in windows:
+            idx = np.flatnonzero((radial >= w.range[0]) & (radial <= w.range[1]))
+            cols = slice(int(idx[0]), int(idx[-1]) + 1) if idx.size else slice(0, 0)
+            x = radial[cols]
+            mid, half = (w.range[0] + w.range[1]) / 2, (w.range[1] - w.range[0]) / 2
+            wins.append(_Window(w.name, cols, x, (x - mid) / half, w.background_degree, slice(start, start + x.size)))
+            start += x.size
+        self.windows = tuple(wins)
+        self.specs = tuple(windows)
+        self.n_points = start
+        self.P, self.W = len(self.phases), len(self.windows)
+        self.system = [crystal_system(p.space_group) for p in self.phases]
+        self.free = [CELL_PARAMETERS[s] for s in self.system]
+        self.cell0 = np.array([p.cell for p in self.phases], float).reshape(self.P, 6)
+        self.box = np.array([[self._half_range(p, name) for name in ("a", "b", "c", "alpha", "beta", "gamma")]
+                             for p in self.phases], float).reshape(self.P, 6)
+        self._reflections()
+        self._layout()
+        self._cell_map()
+        self._order_pairs()
+        self._search_order()
+        self._pure_windows()
+        #: (R,) reflections in a window that has data points
+        self.r_has_data = np.array([self.windows[w].x.size > 0 for w in self.r_window], bool)
+        #: (R,) reflections listed as a window's peaks ("phase hkl")
+        self.r_listed = np.zeros(self.R, bool)
+        names = [p.name for p in self.phases]
+        for wi, w in enumerate(self.specs):
+            for label in w.peaks:
+                phase, _, hkl = label.partition(" ")
+                if phase in names:
+                    try:
+                        self.r_listed[self.label_index(wi, phase, hkl)] = True
+                    except ValueError:
+                        pass                # reported by the fitter that lists the peaks
+
+    # -- set-up -------------------------------------------------------------------------------
+    def _half_range(self, phase: PhaseSpec, name: str) -> float:
+        v = phase.search.get(name, DEFAULT_SEARCH[name])
+        if name in _ANGLES:
+            return float(v)
+        return float(v) * float(phase.cell[_CELL_INDEX[name]])
+
+    def radial_of_d(self, d: np.ndarray, zero: float = 0.0) -> np.ndarray:
+        """Position on the run's axis of d-spacings (with the zero shift or displacement, 2θ deg)."""
+        tth = tth_from_d(d, self.wavelength_A) if self.wavelength_A else np.full(np.shape(d), np.nan)
+        if self.correction == "displacement":
+            tth = tth + zero * np.cos(np.radians(tth) / 2)
+        else:
+            tth = tth + zero
+        if self.unit == "q_A^-1":
+            return q_from_tth(tth, self.wavelength_A) if self.wavelength_A else 2 * np.pi / np.asarray(d)
+        return tth
+
+    def _reflections(self) -> None:
+        """Every allowed reflection of every phase whose position over the search box reaches a
+        window; reflections at the same d for every cell (e.g. 1 0 1 and 0 1 1 in P-3m1) merged."""
+        hi_all = max(w.range[1] for w in self.specs) if self.specs else np.nan
+        phase, window, hkl, mult = [], [], [], []
+        for p, spec in enumerate(self.phases):
+            grow = np.array(self.cell0[p])
+            for i in range(3):
+                grow[i] += self.box[p, i] * 1.05 * _REACH
+            d_min = self._d_of_radial(hi_all) * 0.98
+            if not np.isfinite(d_min):
+                continue
+            # list at the largest cell the fit can reach so that no reflection it can bring into
+            # a window is missed
+            listed = reflections(spec.space_group, grow[0], grow[2], d_min, b_A=grow[1], beta_deg=grow[4],
+                                 alpha_deg=grow[3], gamma_deg=grow[5])
+            seen: dict[tuple, int] = {}
+            for h, k, l, _, m in listed:
+                key = tuple(np.round([self._d(p, (h, k, l), self.cell0[p]),
+                                      self._d(p, (h, k, l), self.cell0[p] * [1.01, 1.02, 0.99, 1, 1, 1])], 10))
+                lo_d, hi_d = self._d_range(p, (h, k, l))
+                r_lo, r_hi = sorted(np.atleast_1d(self.radial_of_d(np.array([hi_d, lo_d]))))
+                for wi, w in enumerate(self.windows):
+                    lo_w, hi_w = self.specs[wi].range          # the window as configured,
+                    reach = _TAIL_REACH * (hi_w - lo_w)           # whether the data reach it or not
+                    if r_hi < lo_w - reach or r_lo > hi_w + reach:
+                        continue
+                    if (key, wi) in seen:
+                        mult[seen[(key, wi)]] += m
+                        continue
+                    seen[(key, wi)] = len(phase)
+                    phase.append(p)
+                    window.append(wi)
+                    hkl.append((h, k, l))
+                    mult.append(m)
+        self.r_phase = np.array(phase, int)
+        self.r_window = np.array(window, int)
+        self.r_hkl = np.array(hkl, int).reshape(-1, 3)
+        self.r_mult = np.array(mult, int)
+        self.R = len(phase)
+
+    def _d_of_radial(self, v: float) -> float:
+        if self.unit == "q_A^-1":
+            return 2 * np.pi / v
+        return float(self.wavelength_A / (2 * np.sin(np.radians(v) / 2)))
+
+    def _d(self, p: int, hkl, cell) -> float:
+        return float(d_from_cell(hkl[0], hkl[1], hkl[2], cell))
+
+    def _d_range(self, p: int, hkl) -> tuple[float, float]:
+        """Smallest and largest d of (hkl) over the phase's search box (corners)."""
+        names = self.free[p]
+        corners = np.array(np.meshgrid(*[[-1.0, 1.0]] * len(names))).reshape(len(names), -1).T
+        ds = []
+        for c in corners:
+            cell = self._cell_from(p, {n: self.cell0[p, _CELL_INDEX[n]] + s * self.box[p, _CELL_INDEX[n]] * _REACH
+                                       for n, s in zip(names, c)})
+            ds.append(self._d(p, hkl, cell))
+        return min(ds), max(ds)
+
+    def trial_cells(self, p: int, base: np.ndarray, i: int, values: np.ndarray) -> np.ndarray:
+        """(T, 6) full cells of phase ``p``: ``base`` with cell parameter ``i`` set to each of
+        ``values``, the dependent ones (b = a, ...) following by its crystal system."""
+        t = np.broadcast_to(base, (values.size, 6)).copy()
+        t[:, i] = values
+        return np.stack([np.asarray(v, float) * np.ones(values.size) for v in full_cell(
+            self.phases[p].space_group, *[t[:, _CELL_INDEX[n]] if n in self.free[p] else None
+                                          for n in ("a", "c", "b", "beta", "alpha", "gamma")])], axis=1)
+
+    def _cell_from(self, p: int, values: dict) -> np.ndarray:
+        sg = self.phases[p].space_group
+        v = {n: values.get(n) for n in ("a", "b", "c", "alpha", "beta", "gamma")}
+        return np.array(full_cell(sg, v["a"], v["c"], v["b"], v["beta"], v["alpha"], v["gamma"]), float)
+
+    def _layout(self) -> None:
+        """Free-parameter columns of a frame's vector."""
+        self._lines = None                  # the compiled model's layout, made when first needed
+        self._normal = None                 # ... and that of its normal equations
+        names: list[str] = []
+        self.cell_cols: list[list[int]] = []
+        for p, spec in enumerate(self.phases):
+            cols = []
+            for n in self.free[p]:
+                cols.append(len(names))
+                names.append(f"{spec.name}.{n}")
+            self.cell_cols.append(cols)
+        self.zero_col = len(names)
+        names.append("zero")
+        self.has = np.zeros((self.P, self.W), bool)
+        self.has[self.r_phase, self.r_window] = True
+        self.fwhm_col = np.full((self.P, self.W), -1)
+        for p in range(self.P):
+            for w in range(self.W):
+                if self.has[p, w]:
+                    self.fwhm_col[p, w] = len(names)
+                    names.append(f"{self.phases[p].name}.fwhm.{self.windows[w].name}")
+        self.eta_col = np.arange(self.P) + len(names)
+        names += [f"{p.name}.eta" for p in self.phases]
+        self.area_col = np.arange(self.R) + len(names)
+        names += [f"{self.phases[p].name}.{''.join(map(str, h))}.{self.windows[w].name}"
+                  for p, h, w in zip(self.r_phase, self.r_hkl, self.r_window)]
+        self.bg_col = []
+        for w in self.windows:
+            self.bg_col.append(np.arange(w.degree + 1) + len(names))
+            names += [f"bg.{w.name}.{d}" for d in range(w.degree + 1)]
+        self.names = tuple(names)
+        self.k = len(names)
+        # bounds of the nonlinear parameters
+        self.lower = np.full(self.k, -np.inf)
+        self.upper = np.full(self.k, np.inf)
+        for p in range(self.P):
+            for n, col in zip(self.free[p], self.cell_cols[p]):
+                i = _CELL_INDEX[n]
+                self.lower[col] = self.cell0[p, i] - _REACH * self.box[p, i]
+                self.upper[col] = self.cell0[p, i] + _REACH * self.box[p, i]
+        for w, spec in enumerate(self.specs):
+            width = spec.range[1] - spec.range[0]
+            lo, hi = (spec.fwhm_range if spec.fwhm_range is not None else (self.step, width / 3))
+            for p in range(self.P):
+                if self.fwhm_col[p, w] >= 0:
+                    self.lower[self.fwhm_col[p, w]], self.upper[self.fwhm_col[p, w]] = lo, hi
+        self.lower[self.eta_col], self.upper[self.eta_col] = 0.0, 1.0
+        self.lower[self.area_col] = 0.0
+        self.x_all = np.concatenate([w.x for w in self.windows]) if self.W else np.zeros(0)
+        #: per window, its background's columns (points, degree + 1): powers of the reduced abscissa
+        self.bg_columns = [np.stack([w.t ** d for d in range(w.degree + 1)], axis=1) for w in self.windows]
+        #: (M,) the columns of the run's radial axis that make the concatenated windows
+        self.columns = (np.concatenate([np.arange(w.columns.start, w.columns.stop) for w in self.windows])
+                        if self.W else np.zeros(0, int))
+        self.point_window = np.concatenate([np.full(w.x.size, i) for i, w in enumerate(self.windows)]) \
+            if self.W else np.zeros(0, int)
+        self._refl_of = [[np.flatnonzero((self.r_phase == p) & (self.r_window == w)) for w in range(self.W)]
+                         for p in range(self.P)]
+
+    def _search_order(self) -> None:
+        """Per phase, its cell parameters in the order the search takes them: first the one that
+        alone places the most reflections (c for 00l lines), so that the first pass is not
+        misled by the others' start values."""
+        self.search_order = []
+        self.undetermined: dict[int, tuple[str, ...]] = {}
+        #: (R, 6): whether a reflection's position depends on each cell parameter
+        self.r_dep = np.zeros((self.R, 6), bool)
+        for p in range(self.P):
+            rows = np.flatnonzero(self.r_phase == p)
+            hkl = self.r_hkl[rows]
+            dep = []
+            for n in self.free[p]:
+                i = _CELL_INDEX[n]
+                up = self._cell_from(p, {k: self.cell0[p, _CELL_INDEX[k]] * (1 + 1e-4 * (k == n)) for k in self.free[p]})
+                dep.append(np.abs(d_from_cell(hkl[:, 0], hkl[:, 1], hkl[:, 2], up)
+                                  - d_from_cell(hkl[:, 0], hkl[:, 1], hkl[:, 2], self.cell0[p])) > 1e-12)
+                self.r_dep[rows, i] = dep[-1]
+            dep = np.array(dep).reshape(len(self.free[p]), -1)
+            # parameters no line in a window with data depends on (a, with 00l lines only)
+            seen = np.array([self.windows[w].x.size > 0 for w in self.r_window[rows]], bool)
+            self.undetermined[p] = tuple(n for n, d in zip(self.free[p], dep) if not (d & seen).any())
+            alone = [(int(np.sum(dep[j] & (dep.sum(axis=0) == 1))), -j) for j in range(len(self.free[p]))]
+            order = tuple(self.free[p][-j] for _, j in sorted(alone, reverse=True))
+            self.search_order.append(tuple(n for n in order if n not in self.undetermined[p]))
+
+    def _order_pairs(self) -> None:
+        """Pairs of phases of one crystal system whose reaches overlap: each parameter in which
+        their configured cells differ by more than a quarter of the search range (else the one
+        where they differ most), and the sign of that difference."""
+        self.order: list[tuple[int, int, int, float]] = []
+        for p in range(self.P):
+            for q in range(self.P):
+                if p == q or self.system[p] != self.system[q]:
+                    continue
+                idx = [_CELL_INDEX[n] for n in self.free[p]]
+                gap = np.abs(self.cell0[p, idx] - self.cell0[q, idx])
+                reach = _REACH * (self.box[p, idx] + self.box[q, idx])
+                if np.all(gap < reach):
+                    # every parameter in which the configured cells differ clearly keeps its order
+                    rel = gap / np.maximum(self.box[p, idx], 1e-12)
+                    for j in [i for i, r in zip(idx, rel) if r > 0.25] or [idx[int(np.argmax(rel))]]:
+                        sign = np.sign(self.cell0[p, j] - self.cell0[q, j])
+                        if sign != 0:
+                            self.order.append((p, q, j, float(sign)))
+        #: the configured order of each pair and parameter
+        self.order_sign = {(p, q, j): s for p, q, j, s in self.order}
+
+    def _pure_windows(self) -> None:
+        """Per ordered pair and parameter ``j``, the windows with data in which both phases have
+        lines and all of them depend on nothing but ``j`` (their 00l lines for c): where a
+        newcomer is kept off a tracked phase's lines."""
+        self.pure_windows: dict[tuple[int, int, int], list[int]] = {}
+        for p, q, j, _ in self.order:
+            rest = [i for i in range(6) if i != j]
+            self.pure_windows[p, q, j] = [
+                w for w in range(self.W) if self.windows[w].x.size and self._refl_of[p][w].size
+                and self._refl_of[q][w].size
+                and not self.r_dep[np.ix_(np.concatenate([self._refl_of[p][w], self._refl_of[q][w]]), rest)].any()]
+
+    def inside(self, cells: np.ndarray, zero: float, fwhm: np.ndarray | None = None, tails: bool = False) -> np.ndarray:
+        """(R,) reflections whose centre at ``cells`` (P, 6) lies inside their window, at least
+        half a FWHM (``fwhm`` (P, W)) from its edges: a line cut by the edge cannot be fitted;
+        with ``tails``, also those within :data:`_TAIL_FWHM` widths outside it."""
+        cen = self.centres(cells[None], np.array([zero]))[0]
+        margin = 0.0 if fwhm is None else np.nan_to_num(0.5 * fwhm[self.r_phase, self.r_window])
+        if tails and fwhm is not None:
+            margin = -_TAIL_FWHM * np.nan_to_num(fwhm[self.r_phase, self.r_window])
+        lo = np.array([w.x[0] if w.x.size else np.inf for w in self.windows])[self.r_window]
+        hi = np.array([w.x[-1] if w.x.size else -np.inf for w in self.windows])[self.r_window]
+        return (cen >= lo + margin) & (cen <= hi - margin)
+
+    def label_index(self, window: int, phase_name: str, hkl_text: str) -> int:
+        """The reflection of a listed ``"phase hkl"`` in a window (an equivalent one counts)."""
+        p = [s.name for s in self.phases].index(phase_name)
+        h = parse_hkl(hkl_text)
+        probe = [self.cell0[p], self.cell0[p] * [1.01, 1.02, 0.99, 1, 1, 1]]
+        want = [self._d(p, h, c) for c in probe]
+        for r in self._refl_of[p][window]:
+            if all(abs(self._d(p, self.r_hkl[r], c) - v) < 1e-9 * v for c, v in zip(probe, want)):
+                return int(r)
+        spec = self.phases[p]
+        where = float(self.radial_of_d(np.array(spec.d_spacing(*h))))
+        at = f"{where:.4g} {self.unit}" if np.isfinite(where) else "nowhere (beyond the reach of the wavelength)"
+        raise ValueError(f"{phase_name} {hkl_text} of a = {spec.a}, c = {spec.c} Å lies at {at}, outside the window's "
+                         f"range {list(self.specs[window].range)}, and no cell within the phase's search range "
+                         f"brings it in; check the cell, the window or the wavelength")
+
+    # -- the model ----------------------------------------------------------------------------
+    def positions(self, hkl: np.ndarray, cells: np.ndarray, zero=0.0) -> np.ndarray:
+        """Positions on the run's axis of reflections ``hkl`` (n, 3) in full cells: (T, n, 6) one
+        per reflection and trial, (T, 1, 6) one per trial, or (6,) one for all (then (n,) out),
+        with zero shifts (T,) or one; (T, n) out. Compiled (:func:`kernels.radial_positions`):
+        the values of :meth:`radial_of_d` of :func:`d_from_cell`."""
+        single = np.ndim(cells) == 1
+        cells = np.asarray(cells, dtype=float).reshape(1, 1, 6) if single else np.asarray(cells, dtype=float)
+        zero = np.asarray(zero, dtype=float).reshape(-1)
+        if zero.size == 1:
+            zero = np.full(cells.shape[0], zero[0])
+        hkl = np.asarray(hkl, dtype=float)
+        out = np.empty((cells.shape[0], hkl.shape[0]))
+        kernels.radial_positions(hkl, cells, zero, float(self.wavelength_A or 0.0), int(self.unit == "q_A^-1"),
+                                 self.correction == "displacement", out)
+        return out[0] if single else out
+
+    def shift_per_unit(self, p: int, cell: np.ndarray, i: int, hkl: np.ndarray, follow: bool = True) -> np.ndarray:
+        """How far reflections ``hkl`` (n, 3) of phase ``p`` move on the run's axis per unit of
+        cell parameter ``i`` at ``cell`` (6,), by central differences; with ``follow`` the
+        parameters its crystal system ties to it move too (b = a in the hexagonal system)."""
+        h = 1e-4 * max(abs(cell[i]), 1.0)
+        up, dn = np.array(cell, float), np.array(cell, float)
+        up[i] += h
+        dn[i] -= h
+        if follow:
+            up = self._cell_from(p, {k: up[_CELL_INDEX[k]] for k in self.free[p]})
+            dn = self._cell_from(p, {k: dn[_CELL_INDEX[k]] for k in self.free[p]})
+        return np.abs(self.positions(hkl, up) - self.positions(hkl, dn)) / (2 * h)
+
+    def _cell_map(self) -> None:
+        """Where each of a phase's six cell parameters comes from: a free column (b = a follows a
+        in the hexagonal system), a constant of its crystal system (γ = 120°), or the base cell."""
+        self._cell_src = np.full((self.P, 6), -1)
+        self._cell_const = np.full((self.P, 6), np.nan)
+        for p in range(self.P):
+            probe = {n: 1000.0 + j for j, n in enumerate(self.free[p])}
+            full = full_cell(self.phases[p].space_group, *[probe.get(n) for n in ("a", "c", "b", "beta", "alpha", "gamma")])
+            for i, v in enumerate(full):
+                if v is not None and float(v) >= 1000.0:
+                    self._cell_src[p, i] = self.cell_cols[p][int(float(v) - 1000.0)]
+                elif v is not None:
+                    self._cell_const[p, i] = float(v)
+        self._src_at = np.nonzero(self._cell_src >= 0)
+        self._const_at = np.nonzero(np.isfinite(self._cell_const))
+
+    def cells(self, theta: np.ndarray, base: np.ndarray) -> np.ndarray:
+        """Full cells (r, P, 6) from parameter rows (r, k); ``base`` (P, 6) fills fixed values."""
+        out = np.broadcast_to(base, (theta.shape[0], self.P, 6)).copy()
+        out[:, self._const_at[0], self._const_at[1]] = self._cell_const[self._const_at]
+        out[:, self._src_at[0], self._src_at[1]] = theta[:, self._cell_src[self._src_at]]
+        return out
+
+    def centres(self, cells: np.ndarray, zero: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """Centres (r, R) of every reflection for cells (r, P, 6) and zero shifts (r,)."""
+        r_sel = np.arange(self.R) if rows is None else rows
+        return self.positions(self.r_hkl[r_sel], cells[:, self.r_phase[r_sel], :], zero)
+
+    def value_jac(self, theta: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Model (r, M) on the concatenated windows and its Jacobian (r, k, M)."""
+        r = theta.shape[0]
+        f = np.zeros((r, self.n_points))
+        jac = np.zeros((r, self.k, self.n_points))
+        cen, dval = self._centre_derivs(theta, base)
+        for w, win in enumerate(self.windows):
+            sl = win.points
+            for d in range(win.degree + 1):
+                td = win.t ** d
+                f[:, sl] += theta[:, self.bg_col[w][d]][:, None] * td
+                jac[:, self.bg_col[w][d], sl] = td
+        # the lines, compiled: every line's value and Jacobian columns in one pass
+        lo, hi, fw_col, eta_col, a_col, dcol, _ = self._line_layout()
+        kernels.phase_value_jac(self.x_all, lo, hi, cen, np.ascontiguousarray(theta, dtype=float),
+                                fw_col, eta_col, a_col, dcol, dval, f, jac)
+        return f, jac
+
+    def normal(self, theta: np.ndarray, base: np.ndarray, y: np.ndarray, w: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """chi² (r,), JᵀW²J (r, k, k) and JᵀW²(y - f) (r, k) of parameter rows ``theta`` (r, k)
+        against one frame's data ``y`` and weights ``w`` (M,): what :meth:`value_jac` gives the
+        least squares, summed window by window over the columns each window depends on
+        (:func:`xrdpipe.kernels.phase_normal`) instead of over a dense (r, k, M) Jacobian."""
+        r = theta.shape[0]
+        cen, dval = self._centre_derivs(theta, base)
+        _, _, fw_col, eta_col, a_col, _, _ = self._line_layout()
+        lay = self._normal_layout()
+        chi2, hess, grad = np.zeros(r), np.zeros((r, self.k, self.k)), np.zeros((r, self.k))
+        kernels.phase_normal(self.x_all, np.ascontiguousarray(y, dtype=float), np.ascontiguousarray(w, dtype=float),
+                             *lay[:9], cen, np.ascontiguousarray(theta, dtype=float), fw_col, eta_col, a_col,
+                             *lay[9:], dval, chi2, hess, grad)
+        return chi2, hess, grad
+
+    def _centre_derivs(self, theta: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every line's centre (r, R) for parameter rows ``theta`` (r, k) and its derivatives (r,
+        R, width) by the columns that move it (:meth:`_line_layout`'s ``dcol``)."""
+        r = theta.shape[0]
+        zero = theta[:, self.zero_col]
+        # d centre / d (cell parameter, zero) by central differences on the tiny parameter
+        # vector: every shifted row's centres in one call (rows: as given, then +h and -h for
+        # each cell column, then the zero shifted by +-hz)
+        cols = [c for cc in self.cell_cols for c in cc]
+        steps = [1e-6 * max(abs(float(np.nanmax(np.abs(theta[:, c])))), 1.0) for c in cols]
+        shifted = [theta]
+        for c, h in zip(cols, steps):
+            for sign in (1.0, -1.0):
+                t = theta.copy()
+                t[:, c] += sign * h
+                shifted.append(t)
+        hz = 1e-4
+        stack = np.concatenate(shifted + [theta, theta])
+        zeros = np.concatenate([np.tile(zero, 1 + 2 * len(cols)), zero + hz, zero - hz])
+        all_cen = self.centres(self.cells(stack, base), zeros).reshape(-1, r, self.R)
+        cen = all_cen[0]
+        dcell = (all_cen[1:1 + 2 * len(cols):2] - all_cen[2:2 + 2 * len(cols):2]) / (2 * np.array(steps))[:, None, None]
+        dzero = (all_cen[-2] - all_cen[-1]) / (2 * hz)
+        # the centres' derivatives per cell column of the line's phase and per zero shift
+        _, _, _, _, _, dcol, (line, slot, which) = self._line_layout()
+        dval = np.zeros((r, self.R, dcol.shape[1]))
+        dval[:, line, slot] = dcell[which, :, line].T
+        dval[:, :, -1] = dzero
+        return np.ascontiguousarray(cen), dval
+
+    def _normal_layout(self):
+        """For :meth:`normal`: per window its points, its columns (background, then its lines'
+        areas, widths, eta and the columns that move their centres, sorted), its background's
+        local columns and values, its lines; per line the local columns of its area, width, eta
+        and centre derivatives."""
+        if self._normal is None:
+            lo, hi, fw_col, eta_col, a_col, dcol, _ = self._line_layout()
+            W = self.W
+            win_lo = np.array([w.points.start for w in self.windows], np.int64)
+            win_hi = np.array([w.points.stop for w in self.windows], np.int64)
+            n_deg = max([w.degree + 1 for w in self.windows], default=1)
+            tpow = np.zeros((self.n_points, n_deg))
+            nbg = np.zeros(W, np.int64)
+            lbg = np.zeros((W, n_deg), np.int64)
+            wcols, ptr, lines, line_ptr = [], [0], [], [0]
+            la, lf, le = (np.zeros(self.R, np.int64) for _ in range(3))
+            ld = np.full(dcol.shape, -1, np.int64)
+            for w, win in enumerate(self.windows):
+                mine = np.flatnonzero(self.r_window == w)
+                cols = set(int(c) for c in self.bg_col[w])
+                for i in mine:
+                    cols |= {int(a_col[i]), int(fw_col[i]), int(eta_col[i])} | {int(c) for c in dcol[i] if c >= 0}
+                cols = sorted(cols)
+                local = {c: n for n, c in enumerate(cols)}
+                for d in range(win.degree + 1):
+                    tpow[win.points, d] = win.t ** d
+                    lbg[w, d] = local[int(self.bg_col[w][d])]
+                nbg[w] = win.degree + 1
+                for i in mine:
+                    la[i], lf[i], le[i] = local[int(a_col[i])], local[int(fw_col[i])], local[int(eta_col[i])]
+                    ld[i] = [local[int(c)] if c >= 0 else -1 for c in dcol[i]]
+                wcols += cols
+                ptr.append(len(wcols))
+                lines += [int(i) for i in mine]
+                line_ptr.append(len(lines))
+            as64 = lambda v: np.asarray(v, np.int64)     # noqa: E731
+            self._normal = (tpow, win_lo, win_hi, as64(ptr), as64(wcols), nbg, lbg, as64(line_ptr), as64(lines),
+                            la, lf, le, ld)
+        return self._normal
+
+    def _line_layout(self):
+        """For the compiled model: each line's points (start, stop) on the concatenated
+        abscissa, its width, eta and area columns, and the columns that move its centre (its
+        phase's cell columns, padded with -1, then the zero shift), and where each line's cell
+        derivatives come from (line, slot, index of the cell column among all phases' cell
+        columns in order)."""
+        if self._lines is None:
+            lo = np.array([self.windows[w].points.start for w in self.r_window], np.int64)
+            hi = np.array([self.windows[w].points.stop for w in self.r_window], np.int64)
+            fw_col = np.array([self.fwhm_col[p, w] for p, w in zip(self.r_phase, self.r_window)], np.int64)
+            eta_col = np.array([self.eta_col[p] for p in self.r_phase], np.int64)
+            a_col = np.asarray(self.area_col, np.int64)
+            width = max(len(c) for c in self.cell_cols) + 1
+            dcol = np.full((self.R, width), -1, np.int64)
+            first = np.cumsum([0] + [len(c) for c in self.cell_cols])
+            line, slot, which = [], [], []
+            for i, p in enumerate(self.r_phase):
+                dcol[i, :len(self.cell_cols[p])] = self.cell_cols[p]
+                dcol[i, -1] = self.zero_col
+                for q in range(len(self.cell_cols[p])):
+                    line.append(i)
+                    slot.append(q)
+                    which.append(first[p] + q)
+            self._lines = (lo, hi, fw_col, eta_col, a_col, dcol,
+                           tuple(np.array(v, np.int64) for v in (line, slot, which)))
+        return self._lines

@@ -1,0 +1,217 @@
+"""The least squares of a frame (:func:`_fit_rows`: every phase subset in one batch, within the
+reach and order of the phases), the columns held for a subset, and a frame's result with its
+derived quantities (centres, d-spacings, volumes and their esds)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from ..batchfit import least_squares_batch
+from ..config import FitSpec
+from ..windows import d_from_radial
+from .frame import FrameResult, _Frame
+from .model import _CELL_INDEX, _TRACK_FWHM, PhaseModel, PhaseState
+
+
+def _fwhm_table(m: PhaseModel, fr: "_Frame") -> np.ndarray:
+    """(P, W) the widths the frame's fit starts from."""
+    return np.array([[fr.fwhm_of(p, w) if m.has[p, w] else np.nan for w in range(m.W)] for p in range(m.P)])
+
+
+def _at_bound(res, c: int, row: int = 0) -> bool:
+    return bool(res.p[row, c] <= res.lower[c] + 1e-9 * abs(res.lower[c])
+                or res.p[row, c] >= res.upper[c] - 1e-9 * abs(res.upper[c]))
+
+
+def _fit_rows(m: PhaseModel, fr: "_Frame", rows: list[tuple[int, ...]], fit: FitSpec, found: set[int] = frozenset(),
+              held: set[int] = frozenset()):
+    """Least squares of the frame for each phase subset in ``rows`` at once (one batch), from
+    the working state's cells, areas and background solved linearly. The first row is the
+    largest model: if it ends above a nested one (a local minimum), it is started again from
+    that one. None if the first row diverged."""
+    st = fr.state
+    outside = ~m.inside(st.cell, st.zero, _fwhm_table(m, fr), tails=True)
+    starts, holds = [], []
+    for subset in rows:
+        theta, _ = fr.linear(st.cell, subset, st.zero)
+        hold = _held(m, subset)
+        hold[list(held)] = True
+        hold[m.area_col[outside]] = True
+        theta[m.area_col[outside]] = 0.0
+        starts.append(theta)
+        holds.append(hold)
+    theta0, hold = np.array(starts), np.array(holds)
+    amps = [(int(m.area_col[r]), (int(m.fwhm_col[m.r_phase[r], m.r_window[r]]),)) for r in range(m.R)
+            if len(m._refl_of[m.r_phase[r]][m.r_window[r]]) == 1]
+    base = st.cell.copy()
+    lower, upper = m.lower.copy(), m.upper.copy()
+    for p in range(m.P):
+        # a phase just found stays within the range it was searched over; a tracked one moves
+        # a line width or so
+        steps = fr.track_halves(p, _TRACK_FWHM)
+        for n, col in zip(m.free[p], m.cell_cols[p]):
+            i = _CELL_INDEX[n]
+            if p in found:
+                lower[col] = max(lower[col], fr.centre[p, i] - m.box[p, i])
+                upper[col] = min(upper[col], fr.centre[p, i] + m.box[p, i])
+            else:
+                lower[col] = max(lower[col], st.cell[p, i] - steps[i])
+                upper[col] = min(upper[col], st.cell[p, i] + steps[i])
+    # two phases that could be confused do not cross in the least squares either: each stays on
+    # its side of the midpoint between their start values
+    order_cols: set[int] = set()
+    signs = {}
+    for p, q, j, _ in m.order:
+        n = {v: k for k, v in _CELL_INDEX.items()}[j]
+        sign = signs[p, q, j] = fr.sign(p, q, j)
+        if n in m.free[p] and sign and p in rows[0] and q in rows[0]:
+            col = m.cell_cols[p][m.free[p].index(n)]
+            mid = 0.5 * (st.cell[p, j] + st.cell[q, j])
+            if sign > 0 and mid > lower[col]:
+                lower[col] = min(mid, upper[col])
+                order_cols.add(col)
+            elif sign < 0 and mid < upper[col]:
+                upper[col] = max(mid, lower[col])
+                order_cols.add(col)
+
+    def run(theta, hold_rows):
+        return least_squares_batch(lambda t: m.value_jac(t, base), theta, np.broadcast_to(fr.y0, theta.shape[:1] + fr.y0.shape),
+                                   np.broadcast_to(fr.w, theta.shape[:1] + fr.w.shape), lower=lower, upper=upper,
+                                   fixed=hold_rows, max_iter=fit.max_iter, amplitudes=amps, weak_z=2.0,
+                                   normal=lambda t, _y, _w: m.normal(t, base, fr.y0, fr.w))
+
+    res = run(theta0, hold)
+    res.chi2 = np.where(res.status >= 0, res.chi2, np.inf)
+    if len(rows) > 1 and np.isfinite(res.chi2[1:]).any() and res.chi2[1:].min() < res.chi2[0]:
+        j = 1 + int(np.argmin(res.chi2[1:]))
+        theta = res.p[j].copy()
+        lin, _ = fr.linear(m.cells(theta[None], base)[0], rows[0], st.zero)
+        dropped = ~np.isin(m.r_phase, rows[j])
+        theta[m.area_col[dropped]] = np.where(outside[dropped], 0.0, lin[m.area_col[dropped]])
+        again = run(theta[None], hold[:1])
+        if again.status[0] >= 0 and again.chi2[0] < res.chi2[0]:
+            for name in ("p", "cov", "chi2", "status"):
+                getattr(res, name)[0] = getattr(again, name)[0]
+    if not np.isfinite(res.chi2[0]):
+        return None
+    res.lower, res.upper, res.order_cols, res.signs = lower, upper, order_cols, signs
+    return res
+
+
+def _at_edge(m: PhaseModel, res, p: int, row: int = 0) -> bool:
+    """Whether a phase's cell ended on the bound of its reach in a frame's fit (a bound that
+    keeps it from crossing another phase is not its reach)."""
+    return any(_at_bound(res, c, row) for c in m.cell_cols[p] if c not in res.order_cols)
+
+
+def _held(m: PhaseModel, subset: Sequence[int]) -> np.ndarray:
+    """Columns held for a fit of the phases ``subset``: the others' cells, widths and areas, and
+    the zero shift (estimated once per run, not per frame)."""
+    hold = np.zeros(m.k, bool)
+    hold[m.zero_col] = True
+    for p in range(m.P):
+        for n in m.undetermined.get(p, ()):
+            hold[m.cell_cols[p][m.free[p].index(n)]] = True
+        if p in subset:
+            continue
+        hold[m.cell_cols[p]] = True
+        hold[m.fwhm_col[p][m.fwhm_col[p] >= 0]] = True
+        hold[m.eta_col[p]] = True
+        hold[m.area_col[m.r_phase == p]] = True
+    return hold
+
+
+def _failed(m: PhaseModel, state: PhaseState, message: str) -> FrameResult:
+    nan = np.full(m.k, np.nan)
+    return FrameResult(False, message, nan, nan, np.full((m.k, m.k), np.nan), np.zeros(m.P, bool), [""] * m.P,
+                       np.full(m.W, np.nan), np.zeros(m.W, int), np.zeros(m.W, int), state.copy())
+
+
+def _result(m: PhaseModel, fr: _Frame, theta: np.ndarray, cov: np.ndarray, present: np.ndarray, decision, ok: bool,
+            message: str) -> FrameResult:
+    f, jac = m.value_jac(theta[None], fr.state.cell)
+    resid = (fr.y0 - f[0]) * fr.w
+    chi2_w = np.array([float(resid[w.points] @ resid[w.points]) for w in m.windows])
+    n_w = np.array([int(np.count_nonzero(fr.w[w.points] > 0)) for w in m.windows])
+    touched = np.abs(jac[0]) * (fr.w > 0) > 0
+    free = np.isfinite(np.diagonal(cov))
+    nv = np.array([int(np.count_nonzero(free & touched[:, w.points].any(axis=1))) for w in m.windows])
+    with np.errstate(invalid="ignore"):
+        err = np.sqrt(np.diagonal(cov))
+    # esds scaled by the reduced chi-square: always without data esds or with esd_scale =
+    # "redchi"; with Poisson esds ("auto") when it exceeds 1, so that a misfit the model cannot
+    # remove (background shape, profile) widens them rather than being ignored
+    redchi = chi2_w.sum() / max(n_w.sum() - int(free.sum()), 1)
+    if not fr.has_errors or m.fit.esd_scale == "redchi" or redchi > 1:
+        cov = cov * redchi
+        err = err * np.sqrt(redchi)
+    new = fr.state.copy()
+    cells = m.cells(theta[None], fr.state.cell)[0]
+    for p in range(m.P):
+        if present[p]:
+            new.cell[p] = cells[p]
+            for w in range(m.W):
+                if m.fwhm_col[p, w] >= 0 and theta[m.area_col[m._refl_of[p][w]]].sum() > 0:
+                    new.fwhm[p, w] = theta[m.fwhm_col[p, w]]
+            new.eta[p] = theta[m.eta_col[p]]
+    new.present = present.copy()
+    if not ok:
+        new = fr.state.copy()
+    return FrameResult(ok, message, theta, err, cov, present, decision, chi2_w, n_w, nv, new)
+
+
+def initial_state(m: PhaseModel, zero: float = 0.0) -> PhaseState:
+    """The state before the first frame: configured cells, nothing present, widths unknown."""
+    return PhaseState(m.cell0.copy(), np.zeros(m.P, bool), np.full((m.P, m.W), np.nan), np.full(m.P, np.nan), zero,
+                      np.full((m.P, m.W), np.nan))
+
+
+def _volume(m: PhaseModel, p: int, theta: np.ndarray, cov: np.ndarray, base: np.ndarray) -> tuple[float, float]:
+    """A phase's cell volume and its esd (gradient by central differences, full covariance)."""
+    from ..crystallography import cell_volume
+
+    def vol(t):
+        c = m.cells(t[None], base)[0, p]
+        return float(cell_volume("P1", c[0], c[2], c[1], c[4], c[3], c[5]))
+
+    cols = m.cell_cols[p]
+    grad = np.zeros(len(cols))
+    for j, col in enumerate(cols):
+        h = 1e-6 * max(abs(theta[col]), 1.0)
+        up, dn = theta.copy(), theta.copy()
+        up[col] += h
+        dn[col] -= h
+        grad[j] = (vol(up) - vol(dn)) / (2 * h)
+    with np.errstate(invalid="ignore"):
+        return vol(theta), float(np.sqrt(grad @ cov[np.ix_(cols, cols)] @ grad))
+
+
+def centre_esd(m: PhaseModel, theta: np.ndarray, cov: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Centres (R,) of every reflection and their esds from the cell covariance."""
+    cells = m.cells(theta[None], base)
+    zero = np.array([theta[m.zero_col]])
+    cen = m.centres(cells, zero)[0]
+    err = np.full(m.R, np.nan)
+    for p in range(m.P):
+        cols = m.cell_cols[p]
+        rows = np.flatnonzero(m.r_phase == p)
+        if not rows.size:
+            continue
+        jac = np.zeros((rows.size, len(cols)))
+        for j, col in enumerate(cols):
+            h = 1e-6 * max(abs(theta[col]), 1.0)
+            up, dn = theta.copy(), theta.copy()
+            up[col] += h
+            dn[col] -= h
+            jac[:, j] = (m.centres(m.cells(up[None], base), zero, rows)[0]
+                         - m.centres(m.cells(dn[None], base), zero, rows)[0]) / (2 * h)
+        sub = cov[np.ix_(cols, cols)]
+        with np.errstate(invalid="ignore"):
+            err[rows] = np.sqrt(np.einsum("ri,ij,rj->r", jac, sub, jac))
+    return cen, err
+
+
+def d_of(m: PhaseModel, cen: np.ndarray, err: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return d_from_radial(cen, err, m.unit, m.wavelength_A)
