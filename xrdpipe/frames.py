@@ -57,6 +57,9 @@ class FrameRef:
     index: int = 0
     dataset: str | None = None
     error: str | None = None
+    #: the index (in the file's series) of the first frame of ``dataset``: an EIGER master links
+    #: one data file per ``/entry/data/data_NNNNNN``, and ``index`` counts across all of them
+    first: int = 0
 
     @property
     def key(self) -> str:
@@ -206,21 +209,68 @@ def _find_dataset(h5, dataset: str | None, path: Path):
     )
 
 
+_EIGER_DATA = re.compile(r"data_\d{6}")
+
+
+def _eiger_links(h5) -> list[str]:
+    """The ``/entry/data/data_NNNNNN`` entries of an EIGER master file, in order (none elsewhere)."""
+    group = h5["/entry/data"] if "/entry/data" in h5 else None
+    if not hasattr(group, "keys"):
+        return []
+    return sorted(f"/entry/data/{k}" for k in group.keys() if _EIGER_DATA.fullmatch(k))
+
+
+def _hdf5_refs(path: Path, h5, dataset: str | None) -> list[FrameRef]:
+    """The frames of an open HDF5 file: one dataset's, or (an EIGER master file, no ``dataset``
+    named) every linked data file's in turn, counted across the series. A data file that cannot
+    be opened while a later one can is one failed reference holding the place of as many frames
+    as the data file before it (the detector writes the same number per file), so the frames
+    after it keep their numbers; missing data files at the end are frames not written yet."""
+    links = _eiger_links(h5) if dataset is None else []
+    if not links:
+        ds = _find_dataset(h5, dataset, path)
+        name = dataset if dataset is not None else next((n for n in DEFAULT_DATASETS if n in h5), ds.name)
+        return _dataset_refs(path, ds, name, 0)
+    opened: list[tuple[str, object]] = []
+    for name in links:
+        try:
+            opened.append((name, h5[name]))
+        except (KeyError, OSError) as exc:      # an external data file missing or unreadable
+            opened.append((name, exc))
+    while opened and isinstance(opened[-1][1], Exception):
+        opened.pop()                            # not written yet
+    refs: list[FrameRef] = []
+    count, per_file = 0, 1
+    for name, ds in opened:
+        if isinstance(ds, Exception):
+            refs.append(FrameRef(path, count, name, error=f"cannot open the data file linked at {name}: {ds}",
+                                 first=count))
+            count += per_file
+            continue
+        refs += _dataset_refs(path, ds, name, count)
+        per_file = ds.shape[0] if ds.ndim == 3 else 1
+        count += per_file
+    return refs
+
+
+def _dataset_refs(path: Path, ds, name: str, first: int) -> list[FrameRef]:
+    if ds.ndim == 2:
+        return [FrameRef(path, first, name, first=first)]
+    if ds.ndim == 3:
+        return [FrameRef(path, first + i, name, first=first) for i in range(ds.shape[0])]
+    raise FrameReadError(str(path), None, f"dataset {name} has {ds.ndim} dimensions, expected 2 or 3")
+
+
 def list_frames(files: Sequence[Path], *, dataset: str | None = None) -> list[FrameRef]:
-    """Every frame of every file, in order. Unlistable files give one failed reference."""
+    """Every frame of every file, in order. Unlistable files give one failed reference. The
+    frames of an EIGER master file are those of every data file it links, in turn."""
     refs: list[FrameRef] = []
     for path in files:
         path = Path(path)
         if _is_hdf5(path):
             try:
                 with _open_hdf5(path) as h5:
-                    ds = _find_dataset(h5, dataset, path)
-                    if ds.ndim == 2:
-                        refs.append(FrameRef(path, 0, ds.name))
-                    elif ds.ndim == 3:
-                        refs.extend(FrameRef(path, i, ds.name) for i in range(ds.shape[0]))
-                    else:
-                        raise FrameReadError(str(path), None, f"dataset {ds.name} has {ds.ndim} dimensions, expected 2 or 3")
+                    refs.extend(_hdf5_refs(path, h5, dataset))
             except FrameReadError as exc:
                 refs.append(FrameRef(path, 0, dataset, error=exc.reason))
             except (OSError, KeyError, ValueError) as exc:
@@ -261,15 +311,16 @@ def read_frame(ref: FrameRef, *, shape: tuple[int, int] | None = None,
         if _is_hdf5(ref.file):
             with _open_hdf5(ref.file) as h5:
                 ds = _find_dataset(h5, ref.dataset, ref.file)
+                local = ref.index - ref.first       # the frame's place in its dataset
                 try:    # one chunk per frame: read once, checked, decoded outside HDF5's lock
-                    data = _decode_bitshuffle_lz4(ds, ref.index, reuse)
+                    data = _decode_bitshuffle_lz4(ds, local, reuse)
                 except ChunkDecodeError as exc:
                     raise FrameReadError(str(ref.file), ref.index, str(exc)) from None
                 if data is None:
-                    problem = check_chunks(ds, ref.index if ds.ndim == 3 else None)
+                    problem = check_chunks(ds, local if ds.ndim == 3 else None)
                     if problem:
                         raise FrameReadError(str(ref.file), ref.index, problem)
-                    data = ds[ref.index] if ds.ndim == 3 else ds[()]
+                    data = ds[local] if ds.ndim == 3 else ds[()]
         else:
             import fabio
 
