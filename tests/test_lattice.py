@@ -265,3 +265,14 @@ def test_window_scales_combine_robustly():
     v1[1, 0] = 1e-4
     s, v = combine_ratios(one, v1)
     assert np.isnan(s[0]) and s[1] == pytest.approx(0.4) and v[1] == pytest.approx(1e-4)
+
+
+def test_a_cubic_phase_is_present_where_its_a_is_refined():
+    """Al (Fm-3m) has no c: present where a is refined or a fraction is above zero (the report
+    and the run summary never showed it)."""
+    from xrdpipe.lattice import phase_present
+
+    a = np.array([[4.0495, 2.98], [np.nan, 2.97], [np.nan, np.nan]])
+    c = np.array([[np.nan, 16.0], [np.nan, 16.1], [np.nan, np.nan]])
+    fraction = np.array([[np.nan, 1.0], [0.0, 1.0], [np.nan, 0.2]])
+    assert phase_present(a, c, fraction).tolist() == [[True, True], [False, True], [False, True]]
