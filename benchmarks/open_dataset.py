@@ -47,8 +47,9 @@ print(f"{time.perf_counter() - t:.3f} {(proc.memory_info().rss - rss0) / 1e6:.1f
 
 
 def write(path: Path, n: int, p: int) -> None:
-    from xrdpipe.frames import FrameRef, FrameTime
+    from xrdpipe.frames import FrameRef
     from xrdpipe.run.store import RunFile
+    from xrdpipe.timing import FrameTime
 
     t0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
     refs = [FrameRef(path.parent / "f.h5", i) for i in range(n)]

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 import xrdpipe
-from xrdpipe.frames import FrameRef, FrameTime
+from xrdpipe.frames import FrameRef
 from xrdpipe.run.dataset import Results
 from xrdpipe.run.paths import ELECTROCHEMISTRY, LATTICE
 from xrdpipe.run.store import DONE, FAILED, RunFile, open_run, read_frames, write_table
+from xrdpipe.timing import FrameTime
 
 xr = pytest.importorskip("xarray")
 

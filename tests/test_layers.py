@@ -12,7 +12,7 @@ PKG = Path(xrdpipe.__file__).parent
 RANK = {"errors": 0, "crystallography": 0, "lineshapes": 0, "batchfit": 0, "phases": 0, "composition": 0, "safeio": 0,
         "parallel": 0, "integrator_cache": 0, "kernels": 0, "tables": 0, "lmfit_models": 1,
         "refine": 1, "config": 1, "cyclers": 1,
-        "frames": 2, "patterns": 2, "calibration": 2,
+        "frames": 2, "timing": 2, "patterns": 2, "calibration": 2,
         "echem": 3, "scaffold": 3, "integration": 3, "streaming": 3, "windows": 3, "peaks": 3, "phasefit": 3,
         "fractions": 3, "lattice": 3,
         "plots": 4, "export": 4, "report": 4, "geometry_fit": 5, "_forkserver": 4,

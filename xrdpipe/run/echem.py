@@ -99,7 +99,7 @@ def echem_experiment(exp: Experiment, *, update_lattice: bool = True) -> EchemSu
     ``<output>/frames.csv``. Recomputed whole; it takes seconds. With ``update_lattice`` (and a
     lattice table in the run file) the lattice is recomputed to carry the new voltage and x."""
     from ..echem import frame_states
-    from ..frames import iso_seconds
+    from ..timing import iso_seconds
 
     spec = exp.electrochemistry
     if spec is None:

@@ -16,9 +16,10 @@ import numpy as np
 
 from ..config import Experiment
 from ..errors import CalibrationError, ConfigError, FrameReadError, PatternReadError
-from ..frames import FrameRef, frame_times, list_frames, read_frame
+from ..frames import FrameRef, list_frames, read_frame
 from ..parallel import default_workers
 from ..safeio import file_stat
+from ..timing import frame_times
 from .stage import stage
 from .store import DONE, RunFile
 

@@ -39,7 +39,8 @@ import numpy as np
 
 from ..crystallography import RadialAxis, convert_radial
 from ..errors import StoreError
-from ..frames import FrameRef, FrameTime, iso_seconds, utc_seconds
+from ..frames import FrameRef
+from ..timing import FrameTime, iso_seconds, utc_seconds
 from .paths import (
     ELECTROCHEMISTRY,
     ENTRY,

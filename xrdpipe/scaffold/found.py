@@ -25,8 +25,9 @@ from ..errors import (
     InitError,
     PatternReadError,
 )
-from ..frames import frame_times, list_frames, read_frame
+from ..frames import list_frames, read_frame
 from ..patterns import read_pattern
+from ..timing import frame_times
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".nxs", ".nx5", ".nexus")
 FRAME_SUFFIXES = HDF5_SUFFIXES + (".cbf", ".edf", ".tif", ".tiff")
