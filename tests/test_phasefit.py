@@ -57,6 +57,20 @@ def test_phases_cells_and_fractions_from_typical_start_cells(scenario, sign, sep
         assert np.all(np.isnan(lat.values["fraction"][:, al]))
 
 
+def test_a_fading_phase_does_not_take_the_line_of_the_phase_it_coexisted_with():
+    """P2 -> P''2 1.1 FWHM apart, both typed 1 % (a) and 2 % (c) above, 120 frames: at the end of
+    the coexistence P2's line fades, and the nearest line for P2 was P''2's (0.3 FWHM of the
+    most sensitive line away): P2 took it and P''2 was pushed onto an alias, names swapped for
+    the rest of the run (presence 0.54). A phase tracked beside a similar one now stays a line
+    width off its lines too, as a newcomer does."""
+    series, table, lat, s = _run("mcm", _hard(1, 1.1, seed=3), n=120, seed=3)
+    assert s["presence"] >= 0.98, s
+    assert s["fraction_mae"] <= 0.02 and s["basal_rms_deg"] <= 0.002, s
+    end = max(i for i, st in enumerate(series.states()) if "P2" in st)
+    p2 = lat.phases.index("P2")
+    assert np.all(np.isnan(lat.values["c_A"][end + 1:, p2])), "P2 named on P''2's line after its end"
+
+
 @pytest.mark.parametrize("scenario, separation, seed", [("nfm", 1.1, 43), ("mcm", 2.4, 42), ("mcm", 1.2, 41)])
 def test_names_follow_continuity_when_the_typed_cells_invert_the_order(scenario, separation, seed):
     """The first phase's cell typed 1 % (a) and 2 % (c) above where it first appears, the

@@ -119,24 +119,45 @@ def _fit_frame_once(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, 
     for p in range(m.P):                # an absent phase keeps its last cell (the prior of its search)
         if not np.all(np.isfinite(st.cell[p])):
             st.cell[p] = m.cell0[p]
-    n_log = np.log(max(n_valid, 2))
     before = _fwhm_table(m, fr)            # the widths of the frame before, for the pair searches
     # where each phase is looked for: around its configured cell (a last cell from a frame where
     # it was wrongly there would lead the search astray for good)
     fr.centre = m.cell0.copy() if centre is None else np.where(np.isfinite(centre), centre, m.cell0)
     if present:
-        for p in present:
-            st.cell[p], _, _ = fr.search(p, present, around=st.cell[p], halves=fr.track_halves(p, _TRACK_FWHM))
-        _pair_searches(m, fr, present, before, tracked=True)
-        sol = _fit_rows(m, fr, [tuple(present)], fit)
-        if sol is not None and np.isfinite(sol.chi2[0]):
-            _adopt(m, st, sol.p[0], present)
-            # a cell that runs to the end of its step has jumped, or is chasing another phase:
-            # search for it afresh
-            for p in [q for q in present if _at_edge(m, sol, q)]:
-                present.remove(p)
+        _track(m, fr, present, before, fit)
     absent = [p for p in range(m.P) if p not in present and p not in banned]
-    found_now: set[int] = set()
+    joined = _join(m, fr, present, absent, decision, fit, n_valid)
+    if len(joined) > 1:
+        _place_again(m, fr, present, joined)
+    present.sort()
+    if joined:
+        _split_pairs(m, fr, present, joined, before)
+    return _decide(m, fr, state, present, set(joined), decision, fit, n_valid)
+
+
+def _track(m: PhaseModel, fr: "_Frame", present: list[int], before: np.ndarray, fit: FitSpec) -> None:
+    """Step 1: the phases of the frame before, each searched around its last cell (and similar
+    pairs jointly), then fitted alone; a cell that runs to the end of its step has jumped, or is
+    chasing another phase: it leaves ``present`` to be searched for afresh."""
+    st = fr.state
+    for p in present:
+        st.cell[p], _, _ = fr.search(p, present, around=st.cell[p], halves=fr.track_halves(p, _TRACK_FWHM))
+    _pair_searches(m, fr, present, before, tracked=True)
+    sol = _fit_rows(m, fr, [tuple(present)], fit)
+    if sol is not None and np.isfinite(sol.chi2[0]):
+        _adopt(m, st, sol.p[0], present)
+        for p in [q for q in present if _at_edge(m, sol, q)]:
+            present.remove(p)
+
+
+def _join(m: PhaseModel, fr: "_Frame", present: list[int], absent: list[int], decision: list[str],
+          fit: FitSpec, n_valid: int) -> list[int]:
+    """Step 2: every other phase searched over its range against what is present; the one that
+    improves the fit most plausibly (BIC, then nearest its last cell) joins, and the others are
+    searched again beside it. Returns the phases that joined, in order (``present`` grows,
+    ``absent`` shrinks, ``decision`` says why a phase stayed out)."""
+    st = fr.state
+    n_log = np.log(max(n_valid, 2))
     joined: list[int] = []
     null_chi2 = float(fr.linear(st.cell, present, st.zero)[1].sum()) if present else np.inf
     while absent:
@@ -166,37 +187,49 @@ def _fit_frame_once(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, 
         st.cell[p] = cell
         present.append(p)
         absent.remove(p)
-        found_now.add(p)
         joined.append(p)
         null_chi2 = np.inf
-    if len(joined) > 1:
-        # phases found one after another in this frame: the first was placed before the others
-        # explained their own lines (an Al line, a second phase), and may sit on an alias. Each
-        # is searched again in the order they joined, beside the phases there before, those it
-        # cannot be confused with, and those already placed again
-        settled = [q for q in present if q not in found_now]
+    return joined
+
+
+def _place_again(m: PhaseModel, fr: "_Frame", present: list[int], joined: list[int]) -> None:
+    """Phases found one after another in this frame: the first was placed before the others
+    explained their own lines (an Al line, a second phase), and may sit on an alias. Each is
+    searched again in the order they joined, beside the phases there before, those it cannot be
+    confused with, and those already placed again."""
+    st = fr.state
+    settled = [q for q in present if q not in joined]
+    for p in joined:
+        similar = {b for a, b, _, _ in m.order if a == p}
+        beside = settled + [q for q in joined if q != p and q not in similar and q not in settled]
+        st.cell[p], _, _ = fr.search(p, beside, around=fr.centre[p])
+        settled.append(p)
+
+
+def _split_pairs(m: PhaseModel, fr: "_Frame", present: list[int], joined: list[int], before: np.ndarray) -> None:
+    """Similar pairs split jointly where a phase joined in this frame. A new phase beside one it
+    is like: the joint search split their shared line in the parameter it listens to first (c);
+    the new phase's other parameters were searched before that split, beside a line not yet
+    split: searched again, over its whole range, and the pair split again from there (kept only
+    if the frame is explained better: a phase that may be an impostor must not be given a second
+    chance to take the other's lines)."""
+    st = fr.state
+    widths = np.where(np.isfinite(before), before, _fwhm_table(m, fr))
+    _pair_searches(m, fr, present, widths)
+    if any(q in joined for a, q, _, _ in m.order if a in present):
+        kept = (st.cell.copy(), st.fwhm.copy(), float(fr.linear(st.cell, present, st.zero)[1].sum()))
         for p in joined:
-            similar = {b for a, b, _, _ in m.order if a == p}
-            beside = settled + [q for q in joined if q != p and q not in similar and q not in settled]
-            st.cell[p], _, _ = fr.search(p, beside, around=fr.centre[p])
-            settled.append(p)
-    present.sort()
-    if found_now:
-        widths = np.where(np.isfinite(before), before, _fwhm_table(m, fr))
+            st.cell[p], _, _ = fr.search(p, present, around=fr.centre[p])
         _pair_searches(m, fr, present, widths)
-        if any(q in found_now for a, q, _, _ in m.order if a in present):
-            # a new phase beside one it is like: the joint search split their shared line in
-            # the parameter it listens to first (c); the new phase's other parameters were
-            # searched before that split, beside a line not yet split: searched again, over its
-            # whole range, and the pair split again from there
-            # (kept only if the frame is explained better: a phase that may be an impostor must
-            # not be given a second chance to take the other's lines)
-            kept = (st.cell.copy(), st.fwhm.copy(), float(fr.linear(st.cell, present, st.zero)[1].sum()))
-            for p in joined:
-                st.cell[p], _, _ = fr.search(p, present, around=fr.centre[p])
-            _pair_searches(m, fr, present, widths)
-            if float(fr.linear(st.cell, present, st.zero)[1].sum()) >= kept[2]:
-                st.cell[:], st.fwhm[:] = kept[0], kept[1]
+        if float(fr.linear(st.cell, present, st.zero)[1].sum()) >= kept[2]:
+            st.cell[:], st.fwhm[:] = kept[0], kept[1]
+
+
+def _decide(m: PhaseModel, fr: "_Frame", state: PhaseState, present: list[int], found_now: set[int],
+            decision: list[str], fit: FitSpec, n_valid: int) -> FrameResult:
+    """Step 3: all candidates fitted at once, with, in the same batch, the fits without each of
+    them; the weakest that fails (:func:`_judge`) is dropped and the rest fitted again."""
+    st = fr.state
     held: set[int] = set()      # cell columns the data do not determine, held where the search put them
     areas = inner = None
     while present:
@@ -250,37 +283,6 @@ def _judge(m: PhaseModel, fr: "_Frame", res, present: list[int], held: set[int],
     total_area = np.array([areas[m.r_window == w].sum() for w in range(m.W)])
     gains, fails, passed = {}, {}, {}
 
-    def lines_missing(p: int) -> str:
-        # a phase that is there shows its listed reflections: one that explains a line of
-        # another phase with one reflection while its listed ones (its basal line) stay
-        # empty is not the phase the user named
-        # (a listed line that left its window, or sits on its edge, counts as not shown)
-        listed = np.flatnonzero(m.r_listed & (m.r_phase == p) & m.r_has_data)
-        shown = int(np.count_nonzero((areas[listed] > 0) & inner[listed]))
-        if listed.size >= 2 and shown < (listed.size + 1) // 2:
-            return f"absent: no line at {listed.size - shown} of its {listed.size} listed reflections"
-        return ""
-
-    def unlike(p: int) -> str:
-        # a phase seen alone before has its relative intensities: one whose areas over the
-        # windows are far from a multiple of them explains fragments of other phases' lines
-        # (areas are free per line) and is not that phase
-        ref = None if st.ref_area is None else st.ref_area[p]
-        if ref is None or not m.phases[p].fraction:
-            return ""
-        mine = np.array([areas[(m.r_phase == p) & (m.r_window == w)].sum() for w in range(m.W)])
-        use = np.isfinite(ref) & (ref > 0) & np.array([bool(((m.r_phase == p) & (m.r_window == w) & inner).any())
-                                                       for w in range(m.W)])
-        if use.sum() < 2 or mine[use].sum() <= 0:
-            return ""
-        r, a = ref[use], mine[use]
-        s = float(a @ r) / float(r @ r)
-        left = float(np.sum((a - s * r) ** 2)) / float(a @ a)
-        if left > _UNLIKE:
-            return (f"its areas are unlike those it had alone ({100 * (1 - left):.0f} % explained by its "
-                    f"own intensities)")
-        return ""
-
     for i, p in enumerate(present):
         gain = n_valid * np.log(max(chi2[i + 1], 1e-300) / max(chi2[0], 1e-300)) - _n_params(m, p) * n_log
         mine = areas[m.r_phase == p].sum()
@@ -296,7 +298,7 @@ def _judge(m: PhaseModel, fr: "_Frame", res, present: list[int], held: set[int],
         gains[p] = gain
         if gain <= fit.bic_threshold:
             fails[p] = f"absent: ΔBIC {gain:.1f} <= {fit.bic_threshold:g}"
-        elif missing := lines_missing(p):
+        elif missing := _lines_missing(m, areas, inner, p):
             fails[p] = missing
         elif share < fit.min_fraction and m.phases[p].fraction:
             # (a phase kept out of the fractions, the current collector, is there when the
@@ -332,9 +334,42 @@ def _judge(m: PhaseModel, fr: "_Frame", res, present: list[int], held: set[int],
             passed[p] = f"present: ΔBIC {gain:.0f}" + (", found by the cell search" if p in found_now else "")
             # (a phase whose areas are unlike its own is a suspect: the frame is fitted
             # again without it, and the better of the two kept, in fit_frame)
-            if suspect := unlike(p):
+            if suspect := _unlike(m, st, areas, inner, p):
                 passed[p] += "; " + suspect
     return gains, fails, passed, areas, inner
+
+
+def _lines_missing(m: PhaseModel, areas: np.ndarray, inner: np.ndarray, p: int) -> str:
+    """Why phase ``p`` is not the phase the user named, or "": a phase that is there shows its
+    listed reflections; one that explains a line of another phase with one reflection while its
+    listed ones (its basal line) stay empty is not it (a listed line that left its window, or
+    sits on its edge, counts as not shown)."""
+    listed = np.flatnonzero(m.r_listed & (m.r_phase == p) & m.r_has_data)
+    shown = int(np.count_nonzero((areas[listed] > 0) & inner[listed]))
+    if listed.size >= 2 and shown < (listed.size + 1) // 2:
+        return f"absent: no line at {listed.size - shown} of its {listed.size} listed reflections"
+    return ""
+
+
+def _unlike(m: PhaseModel, st: PhaseState, areas: np.ndarray, inner: np.ndarray, p: int) -> str:
+    """Why phase ``p`` is a suspect, or "": a phase seen alone before has its relative
+    intensities; one whose areas over the windows are far from a multiple of them explains
+    fragments of other phases' lines (areas are free per line) and is not that phase."""
+    ref = None if st.ref_area is None else st.ref_area[p]
+    if ref is None or not m.phases[p].fraction:
+        return ""
+    mine = np.array([areas[(m.r_phase == p) & (m.r_window == w)].sum() for w in range(m.W)])
+    use = np.isfinite(ref) & (ref > 0) & np.array([bool(((m.r_phase == p) & (m.r_window == w) & inner).any())
+                                                   for w in range(m.W)])
+    if use.sum() < 2 or mine[use].sum() <= 0:
+        return ""
+    r, a = ref[use], mine[use]
+    s = float(a @ r) / float(r @ r)
+    left = float(np.sum((a - s * r) ** 2)) / float(a @ a)
+    if left > _UNLIKE:
+        return (f"its areas are unlike those it had alone ({100 * (1 - left):.0f} % explained by its "
+                f"own intensities)")
+    return ""
 
 
 def _finish(m: PhaseModel, fr: "_Frame", res, present: list[int], decision: list[str], held: set[int],

@@ -518,17 +518,24 @@ class _Frame:
         could be confused with (in cell parameter ``only``, or in all). A newcomer beside a
         phase tracked from the frame before is not held to an order in the parameter that alone
         places their shared lines (c for 00l) but kept off the tracked phase's lines there: at
-        least half a line width away from it, on either side."""
+        least half a line width away from it, on either side. Two phases both tracked keep their
+        order and that distance too."""
         m = self.m
         ok = np.ones(trial.shape[0], bool)
         for a, b, j, _ in m.order:
             if a != p or b not in present or (only is not None and j != only):
                 continue
             windows = m.pure_windows.get((p, b, j))
-            if self.tracked[b] and not self.tracked[p] and windows:
+            gap = 0.0
+            if windows and self.tracked[b]:
                 name = {v: k for k, v in _CELL_INDEX.items()}[j]
                 gap = 0.5 * self._width(b, name, theta, windows)
+            if gap and not self.tracked[p]:
                 ok &= np.abs(trial[:, j] - self.state.cell[b, j]) >= gap
                 continue
             ok &= np.sign(trial[:, j] - self.state.cell[b, j]) == self.sign(p, b, j)
+            # both tracked: p's lines may not move onto b's either, within a width of them
+            # (where p's own line fades at the end of a coexistence, the nearest line is the
+            # other phase's: no label swap)
+            ok &= np.abs(trial[:, j] - self.state.cell[b, j]) >= 2 * gap
         return ok
