@@ -218,80 +218,71 @@ class PhaseFitter:
         usable = np.isfinite(bic)
         present = np.asarray(stored["phase_present"], bool) & usable[:, None]
         cell = np.array(stored["phase_cell"], float)
-        area = np.nan_to_num(np.asarray(stored["phase_area"], float)).sum(axis=2)
-        counted = np.array([p.fraction for p in m.phases], bool)
-        total = (area * (present & counted)).sum(axis=1)
-        share = np.where(total[:, None] > 0, area / np.where(total[:, None] > 0, total[:, None], 1.0), 0.0)
-        cols = m.columns
-        starts: dict[int, list[int]] = {}
-        for p in np.flatnonzero(counted):
-            onsets = np.flatnonzero(present[1:, p] & ~present[:-1, p]) + 1
-            for e in onsets:
-                strong = np.flatnonzero(present[e:, p] & (share[e:, p] >= fit.backward_share))
-                if strong.size:
-                    starts.setdefault(int(e + strong[0]), []).append(int(p))
+        starts = _backward_starts(m, fit, stored, present)
         if not starts:
             return None
         revised: dict[int, FrameResult] = {}
         states: dict[int, PhaseState] = {}
-        bar = progress
-        if bar is not None:         # at most this many frames fitted again
-            bar.reset(total=sum(min(_BACKWARD_MAX, s) for s in starts))
-
-        def hint(j: int) -> np.ndarray:
-            # where an absent phase is looked for: its cell in the nearest frame that has it
-            out = np.full((m.P, 6), np.nan)
-            for p in range(m.P):
-                have = np.flatnonzero(present[:, p])
-                if have.size:
-                    out[p] = cell[have[np.argmin(np.abs(have - j))], p]
-            return out
-
+        if progress is not None:         # at most this many frames fitted again
+            progress.reset(total=sum(min(_BACKWARD_MAX, s) for s in starts))
         with threadpool_limits(1):
             for s_row in sorted(starts):
-                # the rows this start may revisit, read at once
-                lo = max(0, s_row - _BACKWARD_MAX)
-                intensity, sigma = read(lo, s_row)
-                carry = states.get(s_row) or _stored_state(m, stored, s_row)
-                gone = 0
-                for j in range(s_row - 1, lo - 1, -1):
-                    if not usable[j]:
-                        continue
-                    y = intensity[j - lo, cols]
-                    e = sigma[j - lo, cols]
-                    res = fit_frame(m, y, e if np.isfinite(e).any() else None, carry, fit, hint(j))
-                    new_bic = _bic(m, res) if res.success else np.inf
-                    # a phase that takes the place of one it could be confused with (the one
-                    # there going forward gone, the other come) is a label swap, not a better
-                    # solution: the two explain the same lines
-                    swap = any(res.present[q] and not present[j, q] and present[j, p] and not res.present[p]
-                               for p, q, _, _ in m.order)
-                    if new_bic < bic[j] - 2.0 and not swap:
-                        res.decision = [d + f" (going back from frame {s_row})" if d else d for d in res.decision]
-                        revised[j], states[j] = res, res.state
-                        bic[j], present[j] = new_bic, res.present & usable[j]
-                        cell[j] = np.where(res.present[:, None], res.state.cell, cell[j])
-                        carry = res.state
-                    else:
-                        carry = states.get(j) or _stored_state(m, stored, j)
-                    if bar is not None:
-                        bar.update(1)
-                    followed = starts[s_row]
-                    if not any(res.present[p] or present[j, p] for p in followed):
-                        gone += 1
-                        if gone >= 2:
-                            break
-                    else:
-                        gone = 0
+                self._walk_back(s_row, starts[s_row], read, stored, bic, usable, present, cell, revised, states,
+                                progress)
         if not revised:
             return None
+        return self._revised_table(revised, stored)
+
+    def _walk_back(self, s_row: int, followed: list[int], read, stored: dict, bic: np.ndarray, usable: np.ndarray,
+                   present: np.ndarray, cell: np.ndarray, revised: dict, states: dict, bar) -> None:
+        """The frames before ``s_row`` fitted again going back, each from the one after it, until
+        the ``followed`` phases are absent in both passes for two frames; a frame keeps the new
+        solution where its BIC is lower by more than 2 and it swaps no phase for one it could be
+        confused with (``bic``, ``present``, ``cell``, ``revised`` and ``states`` updated)."""
+        m, fit, cols = self.model, self.fit, self.model.columns
+        lo = max(0, s_row - _BACKWARD_MAX)        # the rows this start may revisit, read at once
+        intensity, sigma = read(lo, s_row)
+        carry = states.get(s_row) or _stored_state(m, stored, s_row)
+        gone = 0
+        for j in range(s_row - 1, lo - 1, -1):
+            if not usable[j]:
+                continue
+            y = intensity[j - lo, cols]
+            e = sigma[j - lo, cols]
+            res = fit_frame(m, y, e if np.isfinite(e).any() else None, carry, fit, _nearest_cells(present, cell, j))
+            new_bic = _bic(m, res) if res.success else np.inf
+            # a phase that takes the place of one it could be confused with (the one there
+            # going forward gone, the other come) is a label swap, not a better solution: the
+            # two explain the same lines
+            swap = any(res.present[q] and not present[j, q] and present[j, p] and not res.present[p]
+                       for p, q, _, _ in m.order)
+            if new_bic < bic[j] - 2.0 and not swap:
+                res.decision = [d + f" (going back from frame {s_row})" if d else d for d in res.decision]
+                revised[j], states[j] = res, res.state
+                bic[j], present[j] = new_bic, res.present & usable[j]
+                cell[j] = np.where(res.present[:, None], res.state.cell, cell[j])
+                carry = res.state
+            else:
+                carry = states.get(j) or _stored_state(m, stored, j)
+            if bar is not None:
+                bar.update(1)
+            if not any(res.present[p] or present[j, p] for p in followed):
+                gone += 1
+                if gone >= 2:
+                    break
+            else:
+                gone = 0
+
+    def _revised_table(self, revised: dict, stored: dict):
+        """The revised rows (ascending) and their results as a PeakTable with phase arrays, and
+        for each what the forward pass carried on from it (an interrupted fit that resumes after
+        it goes on as the forward pass did)."""
+        m = self.model
         rows = np.array(sorted(revised))
         values, pres, success, redchi, message, ph = self._arrays(rows.size)
         for k, j in enumerate(rows):
             self._record(k, revised[j], values, pres, success, redchi, message, ph)
             self._store_state(k, ph, revised[j].state)
-            # what the forward pass carried on from this frame: an interrupted fit that resumes
-            # after it goes on as the forward pass did
             fwd = _stored_state(m, stored, j, forward=True)
             ph["forward_cell"][k], ph["forward_present"][k] = fwd.cell, fwd.present
             ph["forward_fwhm"][k], ph["forward_eta"][k] = fwd.fwhm, fwd.eta
@@ -327,6 +318,33 @@ class PhaseFitter:
             if again.success[0] and abs(again.p[0, m.zero_col]) < 0.5:
                 zeros.append(float(again.p[0, m.zero_col]))
         return float(np.median(zeros)) if zeros else 0.0
+
+
+def _backward_starts(m: PhaseModel, fit: FitSpec, stored: dict, present: np.ndarray) -> dict[int, list[int]]:
+    """Where the backward pass starts: for each phase counted in the fractions, at every onset,
+    the first frame from which it holds ``[fit] backward_share`` of the area (row -> phases)."""
+    area = np.nan_to_num(np.asarray(stored["phase_area"], float)).sum(axis=2)
+    counted = np.array([p.fraction for p in m.phases], bool)
+    total = (area * (present & counted)).sum(axis=1)
+    share = np.where(total[:, None] > 0, area / np.where(total[:, None] > 0, total[:, None], 1.0), 0.0)
+    starts: dict[int, list[int]] = {}
+    for p in np.flatnonzero(counted):
+        onsets = np.flatnonzero(present[1:, p] & ~present[:-1, p]) + 1
+        for e in onsets:
+            strong = np.flatnonzero(present[e:, p] & (share[e:, p] >= fit.backward_share))
+            if strong.size:
+                starts.setdefault(int(e + strong[0]), []).append(int(p))
+    return starts
+
+
+def _nearest_cells(present: np.ndarray, cell: np.ndarray, j: int) -> np.ndarray:
+    """Where an absent phase is looked for in row ``j``: its cell in the nearest row that has it."""
+    out = np.full((cell.shape[1], 6), np.nan)
+    for p in range(cell.shape[1]):
+        have = np.flatnonzero(present[:, p])
+        if have.size:
+            out[p] = cell[have[np.argmin(np.abs(have - j))], p]
+    return out
 
 
 def _stored_state(m: PhaseModel, stored: dict, r: int, forward: bool = False) -> PhaseState:
