@@ -75,6 +75,18 @@ class FrameResult:
     state: PhaseState
 
 
+def _minima(score: np.ndarray) -> list[int]:
+    """The best few local minima of a search's scores over its grid (at most 8 looked at), an
+    interior one preferred: a minimum on the edge of the range is a basin cut by it (its bottom
+    is outside, or it is the slope of one). At high counts a basin of chi-square is narrower
+    than a grid step, and which basin looks best on the grid depends on where its points happen
+    to fall: each is then searched finely before one is chosen."""
+    n = score.size
+    cands = [j for j in np.argsort(score)[:8] if np.isfinite(score[j])
+             and (j == 0 or score[j] <= score[j - 1]) and (j == n - 1 or score[j] <= score[j + 1])]
+    return [j for j in cands if 0 < j < n - 1] or cands
+
+
 class _Frame:
     """The fit of one frame (data on the concatenated windows) from a carried state."""
 
@@ -238,41 +250,13 @@ class _Frame:
                 unknown = [_CELL_INDEX[n] for n in m.free[p] if _CELL_INDEX[n] not in known]
                 pure = [w for w in windows if not m.r_dep[np.ix_(m._refl_of[p][w], unknown)].any()]
                 use = pure or windows
-            if around_best is None:
-                half = m.box[p, i] * scale if halves is None else halves[i]
-                grid, coarse[name] = self._grid(p, name, theta, centre[i], half, frac, use)
-            else:
-                grid, _ = self._grid(p, name, theta, best_cell[i], around_best * coarse[name], frac, use)
-                # the fine pass stays within the range searched (a phase is not found outside it)
-                span = m.box[p, i] * scale if halves is None else halves[i]
-                grid = np.unique(np.clip(grid, centre[i] - span, centre[i] + span))
+            span = m.box[p, i] * scale if halves is None else halves[i]
+            grid = self._round_grid(p, name, theta, centre[i], best_cell[i], span, frac, around_best, coarse, use)
             free = [_CELL_INDEX[n] for n in m.free[p]]
 
             def evaluate(values: np.ndarray, base=best_cell, i=i, use=use) -> tuple[np.ndarray, np.ndarray]:
                 trial = m.trial_cells(p, base, i, values)
-                chi2 = np.zeros((factors.size, values.size))
-                per_w.clear()
-                for w in use:
-                    mine = m._refl_of[p][w]
-                    hkl = m.r_hkl[mine]
-                    cen_p = m.positions(hkl, trial[:, None, :], zero)                     # (T, n_mine)
-                    cen_f = np.broadcast_to(cen_all[fixed[w]], (values.size, fixed[w].size))
-                    refl = np.concatenate([mine, fixed[w]])
-                    tails = np.concatenate([np.zeros(mine.size, bool), np.ones(fixed[w].size, bool)])
-                    cen = np.concatenate([cen_p, cen_f], axis=1)
-                    fw0 = theta[m.fwhm_col[m.r_phase[refl], w]] if refl.size else np.zeros(0)
-                    # every width factor's trials in one compiled call (rows: factor-major)
-                    fw = np.broadcast_to(factors[:, None, None] * fw0, (factors.size,) + cen.shape)
-                    c2 = self._window_solve(w, refl, np.tile(cen, (factors.size, 1)), theta, tails,
-                                            fw.reshape(factors.size * values.size, refl.size))[1].reshape(factors.size, values.size)
-                    chi2 += c2
-                    per_w[w] = c2
-                # the widths of the lines there may have changed in this frame (a two-phase
-                # region broadens them): each trial at the width factor that suits it best
-                k = np.argmin(chi2, axis=0)
-                for w in per_w:
-                    per_w[w] = per_w[w][k, np.arange(values.size)]
-                return trial, chi2[k, np.arange(values.size)]
+                return trial, self._trial_chi2(p, trial, use, fixed, cen_all, theta, factors, per_w)
 
             per_w: dict[int, np.ndarray] = {}
             trial, chi2 = evaluate(grid)
@@ -296,14 +280,8 @@ class _Frame:
             # looks best on the grid depends on where its points happen to fall: the best few
             # local minima are each searched finely before one is chosen
             step = float(np.median(np.diff(grid))) if grid.size > 1 else 0.0
-            cands = [j for j in np.argsort(score)[:8] if np.isfinite(score[j])
-                     and (j == 0 or score[j] <= score[j - 1]) and (j == grid.size - 1 or score[j] <= score[j + 1])]
-            # a minimum on the edge of the range is a basin cut by it (its bottom is outside, or
-            # it is the slope of one): an interior one is preferred
-            inner_c = [j for j in cands if 0 < j < grid.size - 1]
-            cands = inner_c or cands
             best_s = np.inf
-            for j in cands[:3]:
+            for j in _minima(score)[:3]:
                 if halves is not None:
                     # tracking: the grid only has to find the basin; the least squares that
                     # follows finds its bottom
@@ -315,6 +293,47 @@ class _Frame:
                     best_s, best_cell = s1, t1
                     best = c1 + float(chi2_w[[w for w in windows if w not in use]].sum())
         return best_cell, best + rest, chi2_without
+
+    def _round_grid(self, p: int, name: str, theta: np.ndarray, centre: float, best: float, span: float,
+                    frac: float, around_best: float | None, coarse: dict[str, float], use: Sequence[int]) -> np.ndarray:
+        """The trial values of one round of a search: steps of ``frac`` of a line width over
+        ``centre ± span`` (the coarse rounds; their step is kept in ``coarse``), or around the
+        best so far (the fine round), kept within the range searched (a phase is not found
+        outside it)."""
+        if around_best is None:
+            grid, coarse[name] = self._grid(p, name, theta, centre, span, frac, use)
+            return grid
+        grid, _ = self._grid(p, name, theta, best, around_best * coarse[name], frac, use)
+        return np.unique(np.clip(grid, centre - span, centre + span))
+
+    def _trial_chi2(self, p: int, trial: np.ndarray, use: Sequence[int], fixed: dict, cen_all: np.ndarray,
+                    theta: np.ndarray, factors: np.ndarray, per_w: dict) -> np.ndarray:
+        """χ² over the windows ``use`` of each trial cell of phase ``p`` (the lines of the phases
+        ``fixed`` per window held at ``cen_all``), each trial at the width factor that suits it
+        best (a two-phase region broadens the lines in this frame); ``per_w`` gets each window's
+        share."""
+        m, zero = self.m, self.state.zero
+        n = trial.shape[0]
+        chi2 = np.zeros((factors.size, n))
+        per_w.clear()
+        for w in use:
+            mine = m._refl_of[p][w]
+            cen_p = m.positions(m.r_hkl[mine], trial[:, None, :], zero)                 # (T, n_mine)
+            cen_f = np.broadcast_to(cen_all[fixed[w]], (n, fixed[w].size))
+            refl = np.concatenate([mine, fixed[w]])
+            tails = np.concatenate([np.zeros(mine.size, bool), np.ones(fixed[w].size, bool)])
+            cen = np.concatenate([cen_p, cen_f], axis=1)
+            fw0 = theta[m.fwhm_col[m.r_phase[refl], w]] if refl.size else np.zeros(0)
+            # every width factor's trials in one compiled call (rows: factor-major)
+            fw = np.broadcast_to(factors[:, None, None] * fw0, (factors.size,) + cen.shape)
+            c2 = self._window_solve(w, refl, np.tile(cen, (factors.size, 1)), theta, tails,
+                                    fw.reshape(factors.size * n, refl.size))[1].reshape(factors.size, n)
+            chi2 += c2
+            per_w[w] = c2
+        k = np.argmin(chi2, axis=0)
+        for w in per_w:
+            per_w[w] = per_w[w][k, np.arange(n)]
+        return chi2[k, np.arange(n)]
 
     def track_halves(self, p: int, limit: float) -> np.ndarray:
         """(6,) how far each cell parameter of a tracked phase may move in one frame: ``limit``
