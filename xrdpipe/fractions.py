@@ -63,6 +63,24 @@ def combine_ratios(ratio: np.ndarray, var: np.ndarray, *, cut: float = 4.0) -> t
     return out_s, out_v
 
 
+def _scale_to_alone(area: np.ndarray, var: np.ndarray, sd: np.ndarray, alone: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A phase's scale in every frame (n,) and its variance: each window's area (n, W) against
+    the same window's in the nearest frame ``alone`` where the phase was the only one present,
+    combined robustly over the windows (a window where the phase's lines are swallowed by
+    another phase's disagrees with the rest and is left out; one where its area rests at 0
+    without an esd has no say)."""
+    n = area.shape[0]
+    pos = np.clip(np.searchsorted(alone, np.arange(n)), 0, alone.size - 1)
+    prev = alone[np.maximum(pos - 1, 0)]
+    near = np.where(np.abs(alone[pos] - np.arange(n)) <= np.abs(prev - np.arange(n)), alone[pos], prev)
+    ref = area[near, :]                                        # (n, W)
+    with np.errstate(all="ignore"):
+        ratio = area / ref
+        r_var = var / ref**2
+        good = (ref > 0) & np.isfinite(sd) & (sd > 0) & np.isfinite(ratio)
+    return combine_ratios(np.where(good, ratio, np.nan), np.where(good, r_var, np.nan))
+
+
 def phase_fractions(table, phases: Sequence[PhaseSpec], spec: LatticeSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Phase fractions (n, P), their esds and the method, from the phase model's areas.
 
@@ -96,18 +114,7 @@ def phase_fractions(table, phases: Sequence[PhaseSpec], spec: LatticeSpec) -> tu
     for k in range(len(part)):
         alone = np.flatnonzero(present[:, k] & (present.sum(axis=1) == 1))
         if alone.size:
-            pos = np.clip(np.searchsorted(alone, np.arange(n)), 0, alone.size - 1)
-            prev = alone[np.maximum(pos - 1, 0)]
-            near = np.where(np.abs(alone[pos] - np.arange(n)) <= np.abs(prev - np.arange(n)), alone[pos], prev)
-            ref = area[near, k, :]                                   # (n, W)
-            # each window's ratio to the reference, combined robustly (a window where the
-            # phase's lines are swallowed by another phase's disagrees with the rest and is
-            # left out; one where its area rests at 0 without an esd has no say)
-            with np.errstate(all="ignore"):
-                ratio = area[:, k, :] / ref
-                r_var = var[:, k, :] / ref**2
-                good = (ref > 0) & np.isfinite(sd[:, k, :]) & (sd[:, k, :] > 0) & np.isfinite(ratio)
-            scale[:, k], scale_var[:, k] = combine_ratios(np.where(good, ratio, np.nan), np.where(good, r_var, np.nan))
+            scale[:, k], scale_var[:, k] = _scale_to_alone(area[:, k, :], var[:, k, :], sd[:, k, :], alone)
             # the reference frame itself has ratio 1 and no spread: it is its own scale
             single = present[:, k] & (present.sum(axis=1) == 1)
             scale[single, k], scale_var[single, k] = 1.0, 0.0
