@@ -7,7 +7,6 @@ import pytest
 
 import xrdpipe
 from xrdpipe.config import load_experiment
-from xrdpipe.testing import make_experiment
 
 h5py = pytest.importorskip("h5py")
 nxdata = pytest.importorskip("silx.io.nxdata")
@@ -24,9 +23,10 @@ VIEWS = {  # group: (signal units, axis, axis units)
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    syn = make_experiment(tmp_path_factory.mktemp("nx") / "exp", n_frames=10, counts=0.002, background=100.0,
-                          seed=5, run_name="nx")
+def run(tmp_path_factory, quick_experiment):
+    # light figures (one contour PNG at 60 dpi): the views are what is tested, not the figures
+    syn = quick_experiment(tmp_path_factory.mktemp("nx") / "exp", n_frames=10, counts=0.002, background=100.0,
+                           seed=5, run_name="nx")
     exp = load_experiment(syn.experiment_file)
     xrdpipe.run_experiment(exp, progress=False)
     return exp
