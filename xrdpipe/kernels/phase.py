@@ -189,11 +189,19 @@ def window_trials(x, bg, y, w, cen, fw, eta, keep, coef, chi2):  # pragma: no co
     r = np.zeros(k)
     rs = np.zeros(k)
     diag = np.zeros(k)
+    changed = np.ones(k, np.bool_)      # columns that differ from the trial before
     for d in range(nb):
         for j in range(m):
             a[j, n + d] = w[j] * bg[j, d]
     for t in range(cen.shape[0]):
+        # a line at the same centre, width and keep as in the trial before keeps its column and
+        # its sums (most trials move one phase's lines; the others' and the background stay):
+        # the same numbers, computed once
         for i in range(n):
+            changed[i] = (t == 0 or cen[t, i] != cen[t - 1, i] or fw[t, i] != fw[t - 1, i]
+                          or keep[t, i] != keep[t - 1, i])
+            if not changed[i]:
+                continue
             f = fw[t, i]
             g_unit = (1.0 - eta[i]) * _CG / f
             l_unit = eta[i] * _CL / f
@@ -203,26 +211,28 @@ def window_trials(x, bg, y, w, cen, fw, eta, keep, coef, chi2):  # pragma: no co
                     a[j, i] = w[j] * (l_unit / (1.0 + 4.0 * u * u) + g_unit * np.exp(-4.0 * _LN2 * u * u))
                 else:
                     a[j, i] = 0.0
+        for i in range(n, k):
+            changed[i] = t == 0
         for i in range(k):
             on[i] = False
             for j in range(m):
                 if a[j, i] != 0.0:
                     on[i] = True
                     break
-        # the normal equations once (a dropped column is masked below, not recomputed)
+        # the normal equations (sums of columns that changed; a dropped column is masked below)
         for i in range(k):
-            s = 0.0
-            if on[i]:
+            if changed[i]:
+                s = 0.0
                 for j in range(m):
                     s += a[j, i] * b[j]
-            r[i] = s
+                r[i] = s
             for q in range(i, k):
-                s = 0.0
-                if on[i] and on[q]:
+                if changed[i] or changed[q]:
+                    s = 0.0
                     for j in range(m):
                         s += a[j, i] * a[j, q]
-                h[i, q] = s
-                h[q, i] = s
+                    h[i, q] = s
+                    h[q, i] = s
         for _ in range(3):
             for i in range(k):
                 diag[i] = np.sqrt(max(h[i, i], 1e-300)) if on[i] else 1.0

@@ -154,7 +154,7 @@ class _Frame:
         self.fill_nonlinear(theta, cells, zero)
         cen = m.centres(cells[None], np.array([zero]))[0]
         chi2 = np.zeros(m.W)
-        on = np.isin(m.r_phase, list(phases))
+        on = m.of_phases(phases)
         for w, win in enumerate(m.windows):
             refl = np.flatnonzero(on & (m.r_window == w))
             coef, c2 = self._window_solve(w, refl, cen[refl][None], theta, np.ones(refl.size, bool))
@@ -182,7 +182,8 @@ class _Frame:
             return np.zeros((n_trials, k)), np.zeros(n_trials)
         if fw is None:
             fw = theta[m.fwhm_col[m.r_phase[refl], w]] if refl.size else np.zeros(0)
-        fw = np.array(np.broadcast_to(fw, cen.shape), dtype=float)       # (a writable copy: one compiled signature)
+        fw_in, fw = fw, np.empty(cen.shape)       # (a writable copy: one compiled signature)
+        fw[...] = fw_in
         eta = np.ascontiguousarray(theta[m.eta_col[m.r_phase[refl]]] if refl.size else np.zeros(0), dtype=float)
         keep = (cen >= win.x[0] + fw / 2) & (cen <= win.x[-1] - fw / 2)
         if tails is not None and refl.size:
@@ -226,7 +227,7 @@ class _Frame:
         if not windows:
             return cells[p], chi2_without, chi2_without
         rest = float(chi2_w[[w for w in range(m.W) if w not in windows]].sum())
-        fixed = {w: np.flatnonzero(np.isin(m.r_phase, others) & (m.r_window == w)) for w in windows}
+        fixed = {w: np.flatnonzero(m.of_phases(others) & (m.r_window == w)) for w in windows}
         best_cell, best = centre.copy(), np.inf
         # a phase looked for beside others (not followed from the frame before): with their
         # widths and its own scaled together
@@ -461,7 +462,7 @@ class _Frame:
                 hkl = m.r_hkl[mine]
                 cens.append(m.positions(hkl, trials[r][:, None, :], zero))
                 refl.append(mine)
-            fixed = np.flatnonzero(np.isin(m.r_phase, others) & (m.r_window == w))
+            fixed = np.flatnonzero(m.of_phases(others) & (m.r_window == w))
             cens.append(np.broadcast_to(cen_all[fixed], (sel.size, fixed.size)))
             pair = np.concatenate(refl)
             refl = np.concatenate(refl + [fixed])

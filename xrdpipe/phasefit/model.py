@@ -360,6 +360,12 @@ class PhaseModel:
                 and self._refl_of[q][w].size
                 and not self.r_dep[np.ix_(np.concatenate([self._refl_of[p][w], self._refl_of[q][w]]), rest)].any()]
 
+    def of_phases(self, phases) -> np.ndarray:
+        """(R,) which reflections belong to one of ``phases`` (np.isin's answer, by look-up)."""
+        mask = np.zeros(self.P, bool)
+        mask[list(phases)] = True
+        return mask[self.r_phase]
+
     def inside(self, cells: np.ndarray, zero: float, fwhm: np.ndarray | None = None, tails: bool = False) -> np.ndarray:
         """(R,) reflections whose centre at ``cells`` (P, 6) lies inside their window, at least
         half a FWHM (``fwhm`` (P, W)) from its edges: a line cut by the edge cannot be fitted;

@@ -88,7 +88,7 @@ def _fit_rows(m: PhaseModel, fr: "_Frame", rows: list[tuple[int, ...]], fit: Fit
         j = 1 + int(np.argmin(res.chi2[1:]))
         theta = res.p[j].copy()
         lin, _ = fr.linear(m.cells(theta[None], base)[0], rows[0], st.zero)
-        dropped = ~np.isin(m.r_phase, rows[j])
+        dropped = ~m.of_phases(rows[j])
         theta[m.area_col[dropped]] = np.where(outside[dropped], 0.0, lin[m.area_col[dropped]])
         again = run(theta[None], hold[:1])
         if again.status[0] >= 0 and again.chi2[0] < res.chi2[0]:
@@ -168,48 +168,50 @@ def initial_state(m: PhaseModel, zero: float = 0.0) -> PhaseState:
                       np.full((m.P, m.W), np.nan))
 
 
+def _shifted(m: PhaseModel, theta: np.ndarray, cols: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``theta`` shifted by ``+h`` then ``-h`` in each column of ``cols`` in turn (2 n,
+    k), and the steps ``h`` (n,): central differences of every column in one evaluation."""
+    cols = np.asarray(cols, dtype=int)
+    h = 1e-6 * np.maximum(np.abs(theta[cols]), 1.0)
+    rows = np.repeat(theta[None], 2 * cols.size, axis=0)
+    idx = np.arange(cols.size)
+    rows[2 * idx, cols] += h
+    rows[2 * idx + 1, cols] -= h
+    return rows, h
+
+
 def _volume(m: PhaseModel, p: int, theta: np.ndarray, cov: np.ndarray, base: np.ndarray) -> tuple[float, float]:
     """A phase's cell volume and its esd (gradient by central differences, full covariance)."""
     from ..crystallography import cell_volume
 
-    def vol(t):
-        c = m.cells(t[None], base)[0, p]
-        return float(cell_volume("P1", c[0], c[2], c[1], c[4], c[3], c[5]))
-
     cols = m.cell_cols[p]
-    grad = np.zeros(len(cols))
-    for j, col in enumerate(cols):
-        h = 1e-6 * max(abs(theta[col]), 1.0)
-        up, dn = theta.copy(), theta.copy()
-        up[col] += h
-        dn[col] -= h
-        grad[j] = (vol(up) - vol(dn)) / (2 * h)
+    rows, h = _shifted(m, theta, cols)
+    c = m.cells(np.concatenate([theta[None], rows]), base)[:, p]
+    vol = cell_volume("P1", c[:, 0], c[:, 2], c[:, 1], c[:, 4], c[:, 3], c[:, 5])
+    grad = (vol[1::2] - vol[2::2]) / (2 * h)
     with np.errstate(invalid="ignore"):
-        return vol(theta), float(np.sqrt(grad @ cov[np.ix_(cols, cols)] @ grad))
+        return float(vol[0]), float(np.sqrt(grad @ cov[np.ix_(cols, cols)] @ grad))
 
 
 def centre_esd(m: PhaseModel, theta: np.ndarray, cov: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Centres (R,) of every reflection and their esds from the cell covariance."""
-    cells = m.cells(theta[None], base)
-    zero = np.array([theta[m.zero_col]])
-    cen = m.centres(cells, zero)[0]
+    cols = [c for cc in m.cell_cols for c in cc]
+    rows, h = _shifted(m, theta, cols)
+    stack = np.concatenate([theta[None], rows])
+    every = m.centres(m.cells(stack, base), np.full(stack.shape[0], theta[m.zero_col]))
+    cen = every[0]
     err = np.full(m.R, np.nan)
+    at = {c: j for j, c in enumerate(cols)}
     for p in range(m.P):
-        cols = m.cell_cols[p]
-        rows = np.flatnonzero(m.r_phase == p)
-        if not rows.size:
+        refl = np.flatnonzero(m.r_phase == p)
+        if not refl.size:
             continue
-        jac = np.zeros((rows.size, len(cols)))
-        for j, col in enumerate(cols):
-            h = 1e-6 * max(abs(theta[col]), 1.0)
-            up, dn = theta.copy(), theta.copy()
-            up[col] += h
-            dn[col] -= h
-            jac[:, j] = (m.centres(m.cells(up[None], base), zero, rows)[0]
-                         - m.centres(m.cells(dn[None], base), zero, rows)[0]) / (2 * h)
-        sub = cov[np.ix_(cols, cols)]
+        js = [at[c] for c in m.cell_cols[p]]
+        jac = ((every[1 + 2 * np.array(js, dtype=int)][:, refl] - every[2 + 2 * np.array(js, dtype=int)][:, refl])
+               / (2 * h[js])[:, None]).T
+        sub = cov[np.ix_(m.cell_cols[p], m.cell_cols[p])]
         with np.errstate(invalid="ignore"):
-            err[rows] = np.sqrt(np.einsum("ri,ij,rj->r", jac, sub, jac))
+            err[refl] = np.sqrt(np.einsum("ri,ij,rj->r", jac, sub, jac))
     return cen, err
 
 
