@@ -11,7 +11,7 @@ import numpy as np
 
 from ..config import FitSpec
 from .frame import FrameResult, _Frame
-from .model import _CELL_INDEX, _TRACK_FWHM, _UNLIKE, PhaseModel, PhaseState
+from .model import _CELL_INDEX, _SHOWN_Z, _TRACK_FWHM, _UNLIKE, PhaseModel, PhaseState
 from .solve import _at_bound, _at_edge, _failed, _fit_rows, _fwhm_table, _result
 
 
@@ -280,6 +280,7 @@ def _judge(m: PhaseModel, fr: "_Frame", res, present: list[int], held: set[int],
     cells_now = m.cells(res.p[:1], st.cell)[0]
     inner = m.inside(cells_now, st.zero, _fwhm_table(m, fr))
     areas = np.where(inner, res.p[0, m.area_col], 0.0)
+    area_err = _area_esds(m, fr, res, n_valid)
     total_area = np.array([areas[m.r_window == w].sum() for w in range(m.W)])
     gains, fails, passed = {}, {}, {}
 
@@ -298,7 +299,7 @@ def _judge(m: PhaseModel, fr: "_Frame", res, present: list[int], held: set[int],
         gains[p] = gain
         if gain <= fit.bic_threshold:
             fails[p] = f"absent: ΔBIC {gain:.1f} <= {fit.bic_threshold:g}"
-        elif missing := _lines_missing(m, areas, inner, p):
+        elif missing := _lines_missing(m, areas, inner, p, area_err):
             fails[p] = missing
         elif share < fit.min_fraction and m.phases[p].fraction:
             # (a phase kept out of the fractions, the current collector, is there when the
@@ -339,13 +340,29 @@ def _judge(m: PhaseModel, fr: "_Frame", res, present: list[int], held: set[int],
     return gains, fails, passed, areas, inner
 
 
-def _lines_missing(m: PhaseModel, areas: np.ndarray, inner: np.ndarray, p: int) -> str:
+def _area_esds(m: PhaseModel, fr: "_Frame", res, n_valid: int) -> np.ndarray:
+    """(R,) the esds of the line areas of a frame's fit (row 0), scaled as the frame's result
+    scales them (:func:`~xrdpipe.phasefit.solve._result`); NaN for an area at its bound."""
+    with np.errstate(invalid="ignore"):
+        err = np.sqrt(np.diagonal(res.cov[0]))[m.area_col]
+    free = int(np.count_nonzero(np.isfinite(np.diagonal(res.cov[0]))))
+    redchi = float(res.chi2[0]) / max(n_valid - free, 1)
+    if not fr.has_errors or m.fit.esd_scale == "redchi" or redchi > 1:
+        err = err * np.sqrt(redchi)
+    return err
+
+
+def _lines_missing(m: PhaseModel, areas: np.ndarray, inner: np.ndarray, p: int, area_err: np.ndarray) -> str:
     """Why phase ``p`` is not the phase the user named, or "": a phase that is there shows its
     listed reflections; one that explains a line of another phase with one reflection while its
     listed ones (its basal line) stay empty is not it (a listed line that left its window, or
-    sits on its edge, counts as not shown)."""
+    sits on its edge, counts as not shown). A line is shown when its area exceeds
+    :data:`_SHOWN_Z` esds: the areas are not negative, and an empty line's noise leaves it above
+    zero half the time."""
     listed = np.flatnonzero(m.r_listed & (m.r_phase == p) & m.r_has_data)
-    shown = int(np.count_nonzero((areas[listed] > 0) & inner[listed]))
+    err = area_err[listed]
+    above = np.where(np.isfinite(err), areas[listed] > _SHOWN_Z * err, areas[listed] > 0)
+    shown = int(np.count_nonzero(above & inner[listed]))
     if listed.size >= 2 and shown < (listed.size + 1) // 2:
         return f"absent: no line at {listed.size - shown} of its {listed.size} listed reflections"
     return ""

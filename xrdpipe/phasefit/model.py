@@ -59,6 +59,9 @@ _BACKWARD_MAX = 60
 #: A phase whose areas over the windows leave more than this share (of their sum of squares)
 #: unexplained by the relative intensities it had alone is not that phase.
 _UNLIKE = 0.5
+#: A listed line is shown (:func:`decide._lines_missing`) when its area exceeds this many esds
+#: (an empty line's area, never negative, is above zero half the time and above 1 esd one time in six).
+_SHOWN_Z = 3.0
 
 
 @dataclass
