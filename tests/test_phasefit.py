@@ -86,6 +86,22 @@ def test_a_phase_whose_listed_lines_are_empty_is_not_found_after_it_has_gone():
     assert np.all(np.isnan(lat.values["c_A"][end + 1:, p2])), "P2 found again after its end"
 
 
+def test_a_name_chosen_between_two_typed_cells_says_why():
+    """P2's first line at (2.852, 11.19) Å, P''2 typed (+1 %, -2 %) of its own cell lands nearer
+    it (0.14 of the search range) than P2 typed (-0.5 %, -1 %) does (0.34): the lines are
+    either phase's, and the name goes to the nearer typed cell. The data cannot tell (the two
+    share their reflections); the decision says so, with both distances, for the user to
+    correct the experiment file's cells."""
+    dif = Difficulty(start_error=((-0.005, -0.01), (0.01, -0.02)), separation_fwhm=1.0, broadening=1.6,
+                     intensity_jitter=0.3, hard_windows=True, seed=76)
+    series = pattern_series(1, scenario="mcm", counts=0.05, background=2000.0, seed=86, difficulty=dif)
+    phases, windows = fit_config("mcm", dif)
+    table = fit_phases(series.as_patterns(), phases, windows, FitSpec())
+    names = [p.name for p in phases]
+    said = table.phase["phase_decision"][0][names.index("P''2")]
+    assert said.startswith("present") and "named P''2, not P2: its typed cell is nearer (0.14 against 0.34" in said
+
+
 @pytest.mark.parametrize("scenario, separation, seed", [("nfm", 1.1, 43), ("mcm", 2.4, 42), ("mcm", 1.2, 41)])
 def test_names_follow_continuity_when_the_typed_cells_invert_the_order(scenario, separation, seed):
     """The first phase's cell typed 1 % (a) and 2 % (c) above where it first appears, the

@@ -183,7 +183,12 @@ def _join(m: PhaseModel, fr: "_Frame", present: list[int], absent: list[int], de
         # else the configured one) is nearer
         best = min(c for _, _, _, c in found)
         tie = best + 2 * np.sqrt(2 * n_valid) + fit.bic_threshold
-        _, p, cell, _ = min((t for t in found if t[3] <= tie), key=lambda t: t[0])
+        tied = sorted((t for t in found if t[3] <= tie), key=lambda t: t[0])
+        dist, p, cell, _ = tied[0]
+        similar = {b for a, b, _, _ in m.order if a == p}
+        rival = next((t for t in tied[1:] if t[1] in similar), None)
+        if rival is not None:
+            fr.named[p] = (rival[1], dist, rival[0])
         st.cell[p] = cell
         present.append(p)
         absent.remove(p)
@@ -333,6 +338,11 @@ def _judge(m: PhaseModel, fr: "_Frame", res, present: list[int], held: set[int],
                 fails[p] = f"absent: would take the place of {', '.join(swapped)}"
         else:
             passed[p] = f"present: ΔBIC {gain:.0f}" + (", found by the cell search" if p in found_now else "")
+            if p in found_now and p in fr.named:
+                # the lines could have been either phase's: say why they carry this name
+                q, d_p, d_q = fr.named[p]
+                passed[p] += (f"; named {m.phases[p].name}, not {m.phases[q].name}: its typed cell is nearer "
+                              f"({d_p:.2f} against {d_q:.2f} of the search range)")
             # (a phase whose areas are unlike its own is a suspect: the frame is fitted
             # again without it, and the better of the two kept, in fit_frame)
             if suspect := _unlike(m, st, areas, inner, p):
