@@ -341,10 +341,7 @@ def find_cycler(path: Path, base: Path, *, timezone: str | None, start: datetime
                 continue
         if rec is None:
             raise InitError(str(exc)) from None
-    columns: dict[str, str] = {}
-    if fmt == "csv":        # the columns the table reader chose (it tells them only in its note)
-        table = next((n for n in rec.notes if n.startswith("table ")), "")
-        columns = dict(re.findall(r"(time|datetime|voltage|current) = '([^']*)'", table))
+    columns = dict(rec.columns) if fmt == "csv" else {}     # the columns the table reader chose
     return FoundCycler(_rel(path, base), fmt, columns, len(rec), None if needs else rec.start,
                        None if needs else rec.end, needs, timezone, start, tuple(rec.notes))
 
