@@ -171,6 +171,10 @@ def test_peaks_as_a_dataset_equal_the_peak_table(tmp_path):
     first = peaks.component.values[0]
     assert first == f"{d.peak_phase[0]} {d.peak_hkl[0]}"
     np.testing.assert_array_equal(peaks.center.sel(component=first).values, d.values["center"][:, 0])
+    some = read_peaks(exp.run.run_file, arrays=("done", "area"))          # only what a figure draws
+    assert list(some.values) == ["area"] and some.present is None and some.message is None
+    np.testing.assert_array_equal(some.done, d.done)
+    assert some.peaks == tuple(zip(d.peak_window, d.peak_phase, d.peak_hkl, d.peak_profile))
 
 
 MEASURE = r"""

@@ -252,6 +252,9 @@ def test_frames_integrated_after_echem_have_no_state_and_break_nothing(tmp_path)
     ec = read_electrochemistry(exp.run.run_file)
     assert ec.frames_without == 3 and ec.x.shape == (10,)
     assert np.isfinite(ec.x[:7]).all() and np.isnan(ec.x[7:]).all() and list(ec.half_cycle[7:]) == [-1] * 3
+    only_x = read_electrochemistry(exp.run.run_file, names=("x",))       # the columns asked for alone
+    assert only_x.voltage_V is None and only_x.frames_without == 3
+    np.testing.assert_array_equal(only_x.x, ec.x)
     lat = list(csv.DictReader(open(exp.run.output / "lattice.csv")))
     assert {r["x"] for r in lat if int(r["frame"]) >= 7} == {""} and all(r["x"] for r in lat if int(r["frame"]) < 7)
     xrdpipe.export_experiment(exp, formats=["xye"])
