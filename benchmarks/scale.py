@@ -89,7 +89,7 @@ def latency(base: Path, n_frames: int, period_s: float, shape) -> None:
             return
         now = time.time()
         fr, pk = read_frames(run_file), read_peaks(run_file)
-        for key, st, fitted in zip(fr.key, fr.status, pk["done"]):
+        for key, st, fitted in zip(fr.key, fr.status, pk.done):
             if st == 1 and fitted and key not in done:
                 done[key] = now
 

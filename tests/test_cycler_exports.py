@@ -301,6 +301,8 @@ def test_user_columns_find_a_renamed_maccor_header(tmp_path):
     rec = read_cycler(f, columns={"voltage": "Cell V"}, timezone="Europe/London")
     np.testing.assert_array_equal(rec.voltage_V, [3.668, 3.669, 3.709, 3.713, 3.650])
     np.testing.assert_array_equal(rec.current_mA, [0.0, 0.0, 500.0, 500.0, -500.0])
+    assert rec.columns == {"time": "Test Time (sec)", "datetime": "DPT Time", "voltage": "Cell V",
+                           "current": "Current"}           # the columns read, as the header spells them
 
 
 def test_maccor_mode_column_across_continuation_sheets(tmp_path):

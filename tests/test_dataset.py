@@ -9,8 +9,9 @@ import pytest
 import xrdpipe
 from xrdpipe.frames import FrameRef
 from xrdpipe.run.dataset import Results
+from xrdpipe.run.groups import write_table
 from xrdpipe.run.paths import ELECTROCHEMISTRY, LATTICE
-from xrdpipe.run.store import DONE, FAILED, RunFile, open_run, read_frames, write_table
+from xrdpipe.run.store import DONE, FAILED, RunFile, open_run, read_frames
 from xrdpipe.timing import FrameTime
 
 xr = pytest.importorskip("xarray")
@@ -159,17 +160,21 @@ def test_peaks_as_a_dataset_equal_the_peak_table(tmp_path):
     peaks = xrdpipe.open_results(exp.run.run_file).peaks
     d = read_peaks(exp.run.run_file)
     assert peaks.center.dims == ("frame", "component") and peaks.sizes["frame"] == 6
-    assert peaks.phase.values.tolist() == list(d["peak_phase"]) and peaks.hkl.values.tolist() == list(d["peak_hkl"])
-    assert peaks.window.values.tolist() == list(d["peak_window"])
+    assert peaks.phase.values.tolist() == list(d.peak_phase) and peaks.hkl.values.tolist() == list(d.peak_hkl)
+    assert peaks.window.values.tolist() == list(d.peak_window)
     for name in ("center", "center_err", "fwhm", "area", "area_err", "d_A"):
-        np.testing.assert_array_equal(peaks[name].values, d[name])
-    np.testing.assert_array_equal(peaks.present.values, d["present"].astype(bool))
-    of_window = [list(d["window"]).index(w) for w in d["peak_window"]]
-    np.testing.assert_array_equal(peaks.success.values, d["success"][:, of_window].astype(bool))
+        np.testing.assert_array_equal(peaks[name].values, d.values[name])
+    np.testing.assert_array_equal(peaks.present.values, d.present.astype(bool))
+    of_window = [list(d.window).index(w) for w in d.peak_window]
+    np.testing.assert_array_equal(peaks.success.values, d.success[:, of_window].astype(bool))
     assert peaks.center.attrs["units"] == "degree"
     first = peaks.component.values[0]
-    assert first == f"{d['peak_phase'][0]} {d['peak_hkl'][0]}"
-    np.testing.assert_array_equal(peaks.center.sel(component=first).values, d["center"][:, 0])
+    assert first == f"{d.peak_phase[0]} {d.peak_hkl[0]}"
+    np.testing.assert_array_equal(peaks.center.sel(component=first).values, d.values["center"][:, 0])
+    some = read_peaks(exp.run.run_file, arrays=("done", "area"))          # only what a figure draws
+    assert list(some.values) == ["area"] and some.present is None and some.message is None
+    np.testing.assert_array_equal(some.done, d.done)
+    assert some.peaks == tuple(zip(d.peak_window, d.peak_phase, d.peak_hkl, d.peak_profile))
 
 
 MEASURE = r"""

@@ -153,7 +153,7 @@ def test_synthetic_experiment_x_within_0p002_and_lattice_gets_voltage_and_x(tmp_
     for r in lat:
         assert r["x"] == by_frame[int(r["frame"])]["x"] and r["voltage_V"] == by_frame[int(r["frame"])]["voltage_V"]
     # the run file keeps the per-frame states and the whole record
-    from xrdpipe.run.store import read_table
+    from xrdpipe.run.groups import read_table
 
     stored = read_table(exp.run.run_file, "electrochemistry")
     np.testing.assert_allclose(stored["x"], x, rtol=1e-8)
@@ -230,8 +230,8 @@ def test_frames_integrated_after_echem_have_no_state_and_break_nothing(tmp_path)
     """Frames integrated after `xrdpipe echem` ran (the electrochemistry table is shorter than the
     frame table): the lattice, the export and the run summary give them no state of charge (NaN)
     and say so, instead of an IndexError."""
+    from xrdpipe.run.groups import read_electrochemistry
     from xrdpipe.run.lattice import lattice_experiment
-    from xrdpipe.run.store import read_electrochemistry
     from xrdpipe.run.workflow import RunSummary, _fill_state
 
     syn = make_experiment(tmp_path / "syn", n_frames=10, frame_format="xye", seed=3)
@@ -250,8 +250,11 @@ def test_frames_integrated_after_echem_have_no_state_and_break_nothing(tmp_path)
     xrdpipe.fit_experiment(exp, progress=False)
     lattice_experiment(exp)
     ec = read_electrochemistry(exp.run.run_file)
-    assert ec["frames_without"] == 3 and ec["x"].shape == (10,)
-    assert np.isfinite(ec["x"][:7]).all() and np.isnan(ec["x"][7:]).all() and list(ec["half_cycle"][7:]) == [-1] * 3
+    assert ec.frames_without == 3 and ec.x.shape == (10,)
+    assert np.isfinite(ec.x[:7]).all() and np.isnan(ec.x[7:]).all() and list(ec.half_cycle[7:]) == [-1] * 3
+    only_x = read_electrochemistry(exp.run.run_file, names=("x",))       # the columns asked for alone
+    assert only_x.voltage_V is None and only_x.frames_without == 3
+    np.testing.assert_array_equal(only_x.x, ec.x)
     lat = list(csv.DictReader(open(exp.run.output / "lattice.csv")))
     assert {r["x"] for r in lat if int(r["frame"]) >= 7} == {""} and all(r["x"] for r in lat if int(r["frame"]) < 7)
     xrdpipe.export_experiment(exp, formats=["xye"])

@@ -253,8 +253,8 @@ def test_a_resumed_refinement_carries_the_cells_trend_on_as_an_unbroken_one(tmp_
     bit as in one call: the resumed frame starts from the last success with its cells moved on
     by their change since the success before it (frame 3 is dead, so frame 5's start is frame 4
     moved by frame 4 - frame 2), and that change is read back from the run file."""
+    from xrdpipe.run.groups import read_table
     from xrdpipe.run.refine import refine_experiment
-    from xrdpipe.run.store import read_table
 
     runs = {}
     for name in ("whole", "resumed"):

@@ -75,7 +75,7 @@ def _watch(syn, *, idle_stop_s: float):
         peaks = read_peaks(exp.run.run_file)
         now = time.time()
         assert figure.exists() or (fr.status == 1).sum() < 2, str(result.results.get("plots"))
-        for key, st, fitted in zip(fr.key, fr.status, peaks["done"]):
+        for key, st, fitted in zip(fr.key, fr.status, peaks.done):
             if st == 1 and fitted and key not in processed:
                 processed[key] = now
 

@@ -15,7 +15,8 @@ from xrdpipe.cli import main
 from xrdpipe.config import ContourSpec, load_experiment
 from xrdpipe.patterns import read_pattern
 from xrdpipe.plots import PlotError, plot_contour
-from xrdpipe.run.store import mark_stage, open_run, read_stages
+from xrdpipe.run.stagelog import mark_stage, read_stages
+from xrdpipe.run.store import open_run
 from xrdpipe.run.workflow import run_experiment
 from xrdpipe.testing import make_experiment
 

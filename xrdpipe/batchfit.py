@@ -94,39 +94,43 @@ def least_squares_batch(fun: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray
     n_points = np.count_nonzero(w > 0, axis=1)
     stop = np.maximum(ftol, stat_tol / np.maximum(n_points, 1))
 
+    normal_eq = _normal_equations(fun, normal)
+    chi2, hess, n_iter, status = _iterate(normal_eq, p, y, w, lower, upper, fixed, stop, max_iter=max_iter,
+                                          xtol=xtol, amplitudes=amplitudes, weak_z=weak_z)
+    at_bound = (p <= lower) | (p >= upper) | fixed
+    return BatchResult(p, _covariance(hess, at_bound), chi2, n_points, n_iter, status, at_bound)
+
+
+def _normal_equations(fun, normal):
+    """``normal_eq(p, y, w)`` -> chi², JᵀW²J, JᵀW²r: ``normal`` itself, or the products of the
+    dense Jacobian of ``fun``."""
+    if normal is not None:
+        return normal
+
     def normal_eq(p, y, w):
-        if normal is not None:
-            return normal(p, y, w)
         f, jac = fun(p)
         return _normal(y, w, f, jac)
+    return normal_eq
 
+
+def _iterate(normal_eq, p, y, w, lower, upper, fixed, stop, *, max_iter, xtol, amplitudes, weak_z):
+    """The damped Gauss-Newton iterations of every row, ``p`` updated in place; returns chi²,
+    JᵀW²J, the iterations and the status per row."""
     chi2, hess, grad = normal_eq(p, y, w)
+    n = len(p)
     lam = np.full(n, 1e-3)
     status = np.full(n, MAX_ITER, np.int8)
     status[~np.isfinite(chi2)] = NOT_FINITE
     n_iter = np.zeros(n, np.int32)
     active = np.flatnonzero(status == MAX_ITER)
-    eye = np.eye(k)
+    eye = np.eye(p.shape[1])
 
     for it in range(max_iter):
         if active.size == 0:
             break
-        g = grad[active]
-        pa = p[active]
-        lo_a, hi_a = lower[active], upper[active]
-        hold = fixed[active] | ((pa <= lo_a) & (g < 0)) | ((pa >= hi_a) & (g > 0))
-        h = hess[active]
-        diag = np.diagonal(h, axis1=1, axis2=2)
-        if amplitudes and it >= 2:
-            for amp, shape in amplitudes:
-                weak = np.abs(pa[:, amp]) * np.sqrt(np.maximum(diag[:, amp], 0)) < weak_z
-                hold[:, list(shape)] |= weak[:, None]
-        scale = np.where(diag > 0, diag, 1.0)  # Marquardt's scaling; parameters span many decades
-        free = ~hold
-        damped = (h + (lam[active, None] * scale)[:, :, None] * eye) * (free[:, :, None] & free[:, None, :])
-        damped += eye * hold[:, :, None]
-        step = _solve(damped, np.where(hold, 0.0, g))
-        trial = np.clip(pa + step, lo_a, hi_a)
+        g, pa, h, diag, trial = _damped_step(p[active], grad[active], hess[active], lam[active],
+                                             lower[active], upper[active], fixed[active], eye,
+                                             amplitudes if it >= 2 else None, weak_z)
         # a nearly undamped step that promises (Gauss-Newton) less than the tolerance: done,
         # without spending an evaluation to confirm it
         d = trial - pa
@@ -135,32 +139,54 @@ def least_squares_batch(fun: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray
         if settled.any():
             status[active[settled]] = CONVERGED
             keep = ~settled
-            active, g, pa, h, trial = active[keep], g[keep], pa[keep], h[keep], trial[keep]
-            diag = diag[keep]
+            active, pa, trial, diag = active[keep], pa[keep], trial[keep], diag[keep]
             if active.size == 0:
                 break
-        chi2_t, hess_t, grad_t = normal_eq(trial, y[active], w[active])
         n_iter[active] += 1
-        old = chi2[active]
-        better = np.isfinite(chi2_t) & (chi2_t < old)
-        acc = active[better]
-        small_step = np.all(np.abs(trial - pa) <= xtol * (np.abs(pa) + xtol), axis=1)
-        small_drop = (old - chi2_t) <= stop[active] * old
-        # ... or every parameter moved by less than 1 % of its (conditional) standard error
-        tiny = np.all(np.abs(trial - pa) * np.sqrt(np.maximum(diag, 0)) <= 0.01, axis=1) & (lam[active] <= 1e-2)
-        if acc.size:
-            p[acc] = trial[better]
-            chi2[acc] = chi2_t[better]
-            hess[acc] = hess_t[better]
-            grad[acc] = grad_t[better]
-            lam[acc] = np.maximum(lam[acc] * 0.1, 1e-12)
-        lam[active[~better]] *= 10.0
-        done = (better & (small_drop | small_step | tiny)) | (~better & (small_step | (lam[active] > 1e12)))
+        done = _take_step(active, pa, trial, diag, normal_eq(trial, y[active], w[active]),
+                          p, chi2, hess, grad, lam, stop[active], xtol)
         status[active[done]] = CONVERGED
         active = active[~done]
+    return chi2, hess, n_iter, status
 
-    at_bound = (p <= lower) | (p >= upper) | fixed
-    return BatchResult(p, _covariance(hess, at_bound), chi2, n_points, n_iter, status, at_bound)
+
+def _damped_step(pa, g, h, lam, lo, hi, fixed, eye, amplitudes, weak_z):
+    """The Levenberg-Marquardt trial point of the active rows: parameters at a bound that the
+    gradient pushes out, fixed ones and (with ``amplitudes``) the shape of weak peaks are held.
+    Returns the gradient, parameters, curvature, its diagonal and the trial point."""
+    hold = fixed | ((pa <= lo) & (g < 0)) | ((pa >= hi) & (g > 0))
+    diag = np.diagonal(h, axis1=1, axis2=2)
+    if amplitudes:
+        for amp, shape in amplitudes:
+            weak = np.abs(pa[:, amp]) * np.sqrt(np.maximum(diag[:, amp], 0)) < weak_z
+            hold[:, list(shape)] |= weak[:, None]
+    scale = np.where(diag > 0, diag, 1.0)  # Marquardt's scaling; parameters span many decades
+    free = ~hold
+    damped = (h + (lam[:, None] * scale)[:, :, None] * eye) * (free[:, :, None] & free[:, None, :])
+    damped += eye * hold[:, :, None]
+    step = _solve(damped, np.where(hold, 0.0, g))
+    return g, pa, h, diag, np.clip(pa + step, lo, hi)
+
+
+def _take_step(active, pa, trial, diag, evaluated, p, chi2, hess, grad, lam, stop, xtol):
+    """Accept the trial points that lower chi² (in place in ``p``, ``chi2``, ``hess``, ``grad``),
+    adapt the damping ``lam`` and return which active rows have converged."""
+    chi2_t, hess_t, grad_t = evaluated
+    old = chi2[active]
+    better = np.isfinite(chi2_t) & (chi2_t < old)
+    acc = active[better]
+    small_step = np.all(np.abs(trial - pa) <= xtol * (np.abs(pa) + xtol), axis=1)
+    small_drop = (old - chi2_t) <= stop * old
+    # ... or every parameter moved by less than 1 % of its (conditional) standard error
+    tiny = np.all(np.abs(trial - pa) * np.sqrt(np.maximum(diag, 0)) <= 0.01, axis=1) & (lam[active] <= 1e-2)
+    if acc.size:
+        p[acc] = trial[better]
+        chi2[acc] = chi2_t[better]
+        hess[acc] = hess_t[better]
+        grad[acc] = grad_t[better]
+        lam[acc] = np.maximum(lam[acc] * 0.1, 1e-12)
+    lam[active[~better]] *= 10.0
+    return (better & (small_drop | small_step | tiny)) | (~better & (small_step | (lam[active] > 1e12)))
 
 
 def _normal(y, w, f, jac):

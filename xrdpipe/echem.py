@@ -136,72 +136,18 @@ def analyse_record(record: CyclerRecord, *, active_mass_mg: float | None = None,
     rest = float(rest_current_mA) if rest_current_mA is not None else max(1e-3 * peak, 1e-12)
     direction = _direction(cur, sign, rest)
     notes = []
-    same = direction[1:] == direction[:-1]
-    if record.step is not None:
-        same &= record.step[1:] == record.step[:-1]
-    dt = np.diff(t)
-    i_eff = sign * cur
-    dq = np.where(same, 0.5 * (i_eff[1:] + i_eff[:-1]), i_eff[:-1]) * dt
-    charge_mAs = np.concatenate([[0.0], np.cumsum(dq)])
-    counter = record.counter_mAh
-    if counter is not None and t.size > 1:
-        throughput = float(np.sum(np.abs(dq))) / 3600.0
-        gap = float(np.max(np.abs(charge_mAs / 3600.0 - counter)))
-        if throughput > 0 and gap > 0.02 * throughput:
-            notes.append(f"the integrated current differs from the cycler's own charge count by up to {gap:.4g} mAh "
-                         f"({100 * gap / throughput:.0f} % of the charge passed): the record is too sparse for its "
-                         "current (pulses?); capacity_source = \"cycler\" uses the cycler's count")
+    same, charge_mAs = _charge(record, direction, sign, notes)
     counted = capacity_source == "cycler"
     if counted:
-        if counter is None:
+        if record.counter_mAh is None:
             raise ValueError(f"{record.file}: capacity_source = 'cycler', but this file keeps no charge counter")
-        charge_mAs = counter * 3600.0
+        charge_mAs = record.counter_mAh * 3600.0
     mass_g = active_mass_mg * 1e-3 if active_mass_mg else None
     cap = charge_mAs / 3600.0 / mass_g if mass_g else np.full(t.size, np.nan)
     if not mass_g:
         notes.append("no active_mass_mg: capacity per gram and x are not computed")
-
-    # half-cycles: a change of direction between active rows starts a new one
-    active = direction != 0
-    hc = np.zeros(t.size, dtype=np.int32)
-    if active.any():
-        act_dir = direction[active]
-        starts = np.concatenate([[True], act_dir[1:] != act_dir[:-1]])
-        hc_active = np.cumsum(starts)
-        idx = np.flatnonzero(active)
-        hc[idx] = hc_active
-        # rests inherit the half-cycle before them (0 before the first)
-        filled = np.maximum.accumulate(np.where(active, np.arange(t.size), -1))
-        hc = np.where(filled >= 0, hc[np.maximum(filled, 0)], 0).astype(np.int32)
-        hc_dir = {int(h): int(d) for h, d in zip(hc_active[starts], act_dir[starts])}
-    else:
-        hc_dir = {}
-    cycle_of = np.ones(len(hc_dir) + 1, dtype=np.int32)        # half-cycle -> cycle
-    prev = None
-    for h in sorted(hc_dir):
-        cycle_of[h] = cycle_of[h - 1] + (1 if hc_dir[h] > 0 and prev is not None and prev < 0 else 0)
-        prev = hc_dir[h]
-    cycle = cycle_of[hc]
-
-    # labels per cycler row as references to three shared strings (8 bytes a row, not a string each)
-    segment = np.array(["discharge", "rest", "charge"], dtype=object)[np.sign(direction).astype(int) + 1]
-    mode = np.array(["rest", "CC"], dtype=object)[active.astype(int)]
-    hcap = np.zeros(t.size)
-    hc_start = np.full(len(hc_dir) + 1, -1, dtype=np.int64)
-    volt = record.voltage_V
-    for h, d in hc_dir.items():
-        rows = np.arange(np.searchsorted(hc, h, side="left"), np.searchsorted(hc, h, side="right"))  # hc ascends
-        act = rows[active[rows]]
-        first = hc_start[h] = act[0]
-        hcap[rows] = d * (cap[rows] - cap[first]) if mass_g else np.nan
-        i_ref = np.percentile(np.abs(cur[act]), 95)
-        v_lim = volt[act].max() if d > 0 else volt[act].min()
-        tol = max(3e-3, 1e-3 * abs(v_lim))
-        cv = (np.abs(cur[act]) < 0.97 * i_ref) & (np.abs(volt[act] - v_lim) <= tol)
-        mode[act[cv]] = "CV"
-    if not mass_g:
-        hcap[:] = np.nan
-
+    hc, hc_dir, cycle = _half_cycles(direction)
+    segment, mode, hcap, hc_start = _segments(record, direction, hc, hc_dir, cap if mass_g else None)
     x = np.full(t.size, np.nan)
     mm = theo = per_x = None
     x_loss = 0.0
@@ -219,6 +165,81 @@ def analyse_record(record: CyclerRecord, *, active_mass_mg: float | None = None,
     return Electrochemistry(record, cap, charge_mAs, segment, mode, hc, cycle, hcap, x, active_mass_mg, formula,
                             ion, mm, theo, x0, inventory_loss_mAh_g, x_loss, rest, sign, ~same, tuple(notes), counted,
                             hc_start, per_x)
+
+
+def _charge(record: CyclerRecord, direction: np.ndarray, sign: int, notes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Whether each row continues the half-cycle and step of the one before (n - 1,) and the
+    charge passed since the first row (mAs, by the trapezoid rule inside a half-cycle or step);
+    a note where it disagrees with the cycler's own counter."""
+    t, cur = record.time, record.current_mA
+    same = direction[1:] == direction[:-1]
+    if record.step is not None:
+        same &= record.step[1:] == record.step[:-1]
+    dt = np.diff(t)
+    i_eff = sign * cur
+    dq = np.where(same, 0.5 * (i_eff[1:] + i_eff[:-1]), i_eff[:-1]) * dt
+    charge_mAs = np.concatenate([[0.0], np.cumsum(dq)])
+    counter = record.counter_mAh
+    if counter is not None and t.size > 1:
+        throughput = float(np.sum(np.abs(dq))) / 3600.0
+        gap = float(np.max(np.abs(charge_mAs / 3600.0 - counter)))
+        if throughput > 0 and gap > 0.02 * throughput:
+            notes.append(f"the integrated current differs from the cycler's own charge count by up to {gap:.4g} mAh "
+                         f"({100 * gap / throughput:.0f} % of the charge passed): the record is too sparse for its "
+                         "current (pulses?); capacity_source = \"cycler\" uses the cycler's count")
+    return same, charge_mAs
+
+
+def _half_cycles(direction: np.ndarray) -> tuple[np.ndarray, dict[int, int], np.ndarray]:
+    """The half-cycle of each row (a change of direction between active rows starts a new one;
+    rests inherit the one before them, 0 before the first), each half-cycle's direction and the
+    cycle of each row (a charge after a discharge starts a new one)."""
+    n = direction.size
+    active = direction != 0
+    hc = np.zeros(n, dtype=np.int32)
+    if active.any():
+        act_dir = direction[active]
+        starts = np.concatenate([[True], act_dir[1:] != act_dir[:-1]])
+        hc_active = np.cumsum(starts)
+        idx = np.flatnonzero(active)
+        hc[idx] = hc_active
+        filled = np.maximum.accumulate(np.where(active, np.arange(n), -1))
+        hc = np.where(filled >= 0, hc[np.maximum(filled, 0)], 0).astype(np.int32)
+        hc_dir = {int(h): int(d) for h, d in zip(hc_active[starts], act_dir[starts])}
+    else:
+        hc_dir = {}
+    cycle_of = np.ones(len(hc_dir) + 1, dtype=np.int32)        # half-cycle -> cycle
+    prev = None
+    for h in sorted(hc_dir):
+        cycle_of[h] = cycle_of[h - 1] + (1 if hc_dir[h] > 0 and prev is not None and prev < 0 else 0)
+        prev = hc_dir[h]
+    return hc, hc_dir, cycle_of[hc]
+
+
+def _segments(record: CyclerRecord, direction: np.ndarray, hc: np.ndarray, hc_dir: dict[int, int],
+              cap: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per row the segment (charge/discharge/rest), the mode (CC/CV/rest) and the capacity
+    since its half-cycle began (NaN without ``cap``); the first active row of each half-cycle."""
+    n, cur, volt = direction.size, record.current_mA, record.voltage_V
+    active = direction != 0
+    # labels per cycler row as references to three shared strings (8 bytes a row, not a string each)
+    segment = np.array(["discharge", "rest", "charge"], dtype=object)[np.sign(direction).astype(int) + 1]
+    mode = np.array(["rest", "CC"], dtype=object)[active.astype(int)]
+    hcap = np.zeros(n)
+    hc_start = np.full(len(hc_dir) + 1, -1, dtype=np.int64)
+    for h, d in hc_dir.items():
+        rows = np.arange(np.searchsorted(hc, h, side="left"), np.searchsorted(hc, h, side="right"))  # hc ascends
+        act = rows[active[rows]]
+        first = hc_start[h] = act[0]
+        hcap[rows] = d * (cap[rows] - cap[first]) if cap is not None else np.nan
+        i_ref = np.percentile(np.abs(cur[act]), 95)
+        v_lim = volt[act].max() if d > 0 else volt[act].min()
+        tol = max(3e-3, 1e-3 * abs(v_lim))
+        cv = (np.abs(cur[act]) < 0.97 * i_ref) & (np.abs(volt[act] - v_lim) <= tol)
+        mode[act[cv]] = "CV"
+    if cap is None:
+        hcap[:] = np.nan
+    return segment, mode, hcap, hc_start
 
 
 def inventory_loss(records: Sequence[CyclerRecord], *, active_mass_mg: float,
@@ -333,6 +354,26 @@ def _mean_over(t: np.ndarray, fn, a: float, b: float) -> float:
     return float(np.sum(w * (left + 4 * m + right) / 6.0) / (b - a))
 
 
+def _exposure_means(ec: Electrochemistry, a: float, b: float) -> dict[str, float]:
+    """Voltage, current and (with a mass) capacity and x averaged over [a, b] (POSIX seconds,
+    inside the record)."""
+    t = ec.time
+    mass = ec.active_mass_mg * 1e-3 if ec.active_mass_mg else None
+    per_x = ec.capacity_per_x_mAh_g if mass else None
+    out = {"voltage_V": _mean_over(t, lambda q: _at(t, ec.voltage_V, q, ec.hold), a, b)}
+    if b > a:
+        q = _charge_at(ec, np.array([a, b]))
+        out["current_mA"] = ec.sign * (q[1] - q[0]) / (b - a)
+    else:
+        out["current_mA"] = float(_at(t, ec.current_mA, np.array([a]), ec.hold)[0])
+    if mass:
+        q_mean = _mean_over(t, lambda q: _charge_at(ec, q), a, b)
+        out["capacity_mAh_g"] = q_mean / 3600.0 / mass
+        if per_x is not None:
+            out["x"] = ec.x0 - ec.x_loss - out["capacity_mAh_g"] / per_x
+    return out
+
+
 def frame_states(ec: Electrochemistry, start_s: np.ndarray, end_s: np.ndarray, *,
                  start: Sequence[str] | None = None, end: Sequence[str] | None = None,
                  keys: Sequence[str] | None = None) -> FrameStates:
@@ -353,8 +394,6 @@ def frame_states(ec: Electrochemistry, start_s: np.ndarray, end_s: np.ndarray, *
     half = np.full(n, -1, dtype=np.int32)
     cyc = np.full(n, -1, dtype=np.int32)
     mass = ec.active_mass_mg * 1e-3 if ec.active_mass_mg else None
-    per_x = ec.capacity_per_x_mAh_g if mass else None
-    volt = ec.voltage_V
     for r in np.flatnonzero(timed):
         a, b, m = start_s[r], end_s[r], mid[r]
         if m < t0:
@@ -367,17 +406,8 @@ def frame_states(ec: Electrochemistry, start_s: np.ndarray, end_s: np.ndarray, *
         if a < t0 or b > t1:
             status[r] = "partly_outside_record"
             a, b = max(a, t0), min(b, t1)
-        out["voltage_V"][r] = _mean_over(t, lambda q: _at(t, volt, q, ec.hold), a, b)
-        if b > a:
-            q = _charge_at(ec, np.array([a, b]))
-            out["current_mA"][r] = ec.sign * (q[1] - q[0]) / (b - a)
-        else:
-            out["current_mA"][r] = float(_at(t, ec.current_mA, np.array([a]), ec.hold)[0])
-        if mass:
-            q_mean = _mean_over(t, lambda q: _charge_at(ec, q), a, b)
-            out["capacity_mAh_g"][r] = q_mean / 3600.0 / mass
-            if per_x is not None:
-                out["x"][r] = ec.x0 - ec.x_loss - out["capacity_mAh_g"][r] / per_x
+        for name, v in _exposure_means(ec, a, b).items():
+            out[name][r] = v
         k = int(np.clip(np.searchsorted(t, m, side="right") - 1, 0, t.size - 1))
         segment[r], mode[r] = ec.segment[k], ec.mode[k]
         half[r], cyc[r] = ec.half_cycle[k], ec.cycle[k]

@@ -81,6 +81,28 @@ def _scale_to_alone(area: np.ndarray, var: np.ndarray, sd: np.ndarray, alone: np
     return combine_ratios(np.where(good, ratio, np.nan), np.where(good, r_var, np.nan))
 
 
+def _phase_scales(present: np.ndarray, area: np.ndarray, var: np.ndarray,
+                  sd: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each phase's scale and its variance (n, K) from its areas (n, K, W), and how (K,):
+    ``"scale"`` relative to the frames where it is alone, ``"area"`` (raw sum) if never alone."""
+    n, n_k = present.shape
+    scale = np.zeros((n, n_k))
+    scale_var = np.zeros((n, n_k))
+    how = np.full(n_k, "scale", dtype=object)
+    for k in range(n_k):
+        alone = np.flatnonzero(present[:, k] & (present.sum(axis=1) == 1))
+        if alone.size:
+            scale[:, k], scale_var[:, k] = _scale_to_alone(area[:, k, :], var[:, k, :], sd[:, k, :], alone)
+            # the reference frame itself has ratio 1 and no spread: it is its own scale
+            single = present[:, k] & (present.sum(axis=1) == 1)
+            scale[single, k], scale_var[single, k] = 1.0, 0.0
+        else:
+            how[k] = "area"
+            scale[:, k] = area[:, k, :].sum(axis=1)
+            scale_var[:, k] = var[:, k, :].sum(axis=1)
+    return scale, scale_var, how
+
+
 def phase_fractions(table, phases: Sequence[PhaseSpec], spec: LatticeSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Phase fractions (n, P), their esds and the method, from the phase model's areas.
 
@@ -108,20 +130,7 @@ def phase_fractions(table, phases: Sequence[PhaseSpec], spec: LatticeSpec) -> tu
     area = np.where(use_w[None, None, :], np.nan_to_num(ph["phase_area"][:, cols]), 0.0)
     sd = np.where(use_w[None, None, :], ph["phase_area_err"][:, cols], np.nan)
     var = np.nan_to_num(sd) ** 2
-    scale = np.zeros((n, len(part)))
-    scale_var = np.zeros((n, len(part)))
-    how = np.full(len(part), "scale", dtype=object)
-    for k in range(len(part)):
-        alone = np.flatnonzero(present[:, k] & (present.sum(axis=1) == 1))
-        if alone.size:
-            scale[:, k], scale_var[:, k] = _scale_to_alone(area[:, k, :], var[:, k, :], sd[:, k, :], alone)
-            # the reference frame itself has ratio 1 and no spread: it is its own scale
-            single = present[:, k] & (present.sum(axis=1) == 1)
-            scale[single, k], scale_var[single, k] = 1.0, 0.0
-        else:
-            how[k] = "area"
-            scale[:, k] = area[:, k, :].sum(axis=1)
-            scale_var[:, k] = var[:, k, :].sum(axis=1)
+    scale, scale_var, how = _phase_scales(present, area, var, sd)
     # one method per frame: where a present phase was never seen alone, every phase of that
     # frame takes its raw area sum (a scale and an area cannot be normalised together)
     raw = (present & (how == "area")[None, :]).any(axis=1)
@@ -193,6 +202,36 @@ def choose_fractions(vals, frames: np.ndarray, names: Sequence[str], weights: We
     return source
 
 
+def _reference_frame_fractions(table, names: Sequence[str], spec: LatticeSpec, frac: np.ndarray,
+                               err: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Fractions (into ``frac``, ``err``) as each phase's area in ``spec.fraction_window``
+    relative to the window's total area in ``spec.reference_frame``."""
+    area, aerr, present = table.values["area"], table.values["area_err"], table.present
+    col_phase = [ph for _, ph, _, _ in table.peaks]
+    cols = [i for i, (w, _, _, _) in enumerate(table.peaks) if w == spec.fraction_window]
+    ref = int(np.searchsorted(table.frame, spec.reference_frame))
+    total_ref = np.nansum(area[ref, cols]) if ref < len(table.frame) else np.nan
+    for p, name in enumerate(names):
+        mine = [i for i in cols if col_phase[i] == name]
+        if mine and total_ref > 0:
+            frac[:, p] = np.nansum(np.where(present[:, mine], area[:, mine], 0.0), axis=1) / total_ref
+            err[:, p] = np.sqrt(np.nansum(np.where(present[:, mine], aerr[:, mine], 0.0) ** 2, axis=1)) / total_ref
+    return frac, err
+
+
+def _scale_to_nearest_alone(a: np.ndarray, e: np.ndarray, present: np.ndarray) -> None:
+    """The same reflection is not equally strong in two phases: scale (in place) each column's
+    area ``a`` and esd ``e`` (n, J) by its area in the nearest frame where it was alone in the
+    window (if there is one)."""
+    n = len(a)
+    for j in range(a.shape[1]):
+        alone = np.flatnonzero(present[:, j] & (present.sum(axis=1) == 1) & np.isfinite(a[:, j]))
+        if alone.size:
+            pos = np.clip(np.searchsorted(alone, np.arange(n)), 0, alone.size - 1)
+            prev = alone[np.maximum(pos - 1, 0)]
+            near = np.where(np.abs(alone[pos] - np.arange(n)) <= np.abs(prev - np.arange(n)), alone[pos], prev)
+            ref = a[near, j]
+            a[:, j], e[:, j] = a[:, j] / ref, e[:, j] / ref
 
 
 def peak_fractions(table, phases: Sequence[PhaseSpec], spec: LatticeSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -204,15 +243,7 @@ def peak_fractions(table, phases: Sequence[PhaseSpec], spec: LatticeSpec) -> tup
     col_phase = [ph for _, ph, _, _ in table.peaks]
     col_window = [w for w, _, _, _ in table.peaks]
     if spec.fraction_window is not None:
-        cols = [i for i, w in enumerate(col_window) if w == spec.fraction_window]
-        ref = int(np.searchsorted(table.frame, spec.reference_frame))
-        total_ref = np.nansum(area[ref, cols]) if ref < n else np.nan
-        for p, name in enumerate(names):
-            mine = [i for i in cols if col_phase[i] == name]
-            if mine and total_ref > 0:
-                frac[:, p] = np.nansum(np.where(present[:, mine], area[:, mine], 0.0), axis=1) / total_ref
-                err[:, p] = np.sqrt(np.nansum(np.where(present[:, mine], aerr[:, mine], 0.0) ** 2, axis=1)) / total_ref
-        return frac, err
+        return _reference_frame_fractions(table, names, spec, frac, err)
     # (i) areas of corresponding peaks of coexisting phases, window by window
     num = np.zeros((n, len(names)))
     wsum = np.zeros((n, len(names)))
@@ -223,16 +254,7 @@ def peak_fractions(table, phases: Sequence[PhaseSpec], spec: LatticeSpec) -> tup
             continue
         a = np.where(present[:, cols], area[:, cols], 0.0)
         e = np.where(present[:, cols], aerr[:, cols], 0.0)
-        # the same reflection is not equally strong in two phases: scale each phase's area by
-        # its area in the nearest frame where it was alone in the window (if there is one)
-        for j in range(len(cols)):
-            alone = np.flatnonzero(present[:, cols[j]] & (present[:, cols].sum(axis=1) == 1) & np.isfinite(a[:, j]))
-            if alone.size:
-                pos = np.clip(np.searchsorted(alone, np.arange(n)), 0, alone.size - 1)
-                prev = alone[np.maximum(pos - 1, 0)]
-                near = np.where(np.abs(alone[pos] - np.arange(n)) <= np.abs(prev - np.arange(n)), alone[pos], prev)
-                ref = a[near, j]
-                a[:, j], e[:, j] = a[:, j] / ref, e[:, j] / ref
+        _scale_to_nearest_alone(a, e, present[:, cols])
         tot = a.sum(axis=1)
         ok = (tot > 0) & np.all(np.isfinite(a), axis=1) & np.all(np.isfinite(e) | (a == 0), axis=1)
         for j, i in enumerate(cols):

@@ -41,6 +41,66 @@ def _flag_value(frame: np.ndarray) -> int | None:
 
 
 
+def _geometry(calibration: Calibration, shape: tuple[int, ...]):
+    """A copy of the calibration's pyFAI geometry (the calibration stays untouched) with the
+    detector's shape and the calibration's mask set once on the detector (pyFAI folds it into
+    the sparse matrix)."""
+    ai = copy.deepcopy(calibration.geometry)
+    if ai.detector.max_shape is None:
+        ai.detector.max_shape = shape
+    if calibration.mask is not None:
+        ai.detector.mask = calibration.mask.astype(np.int8)
+    return ai
+
+
+def _band_extent(pos: np.ndarray, cmask: np.ndarray | None, a: int, b: int) -> tuple[float, float] | None:
+    """pyFAI's radial boundaries over the rows ``a:b`` (calc_boundaries: corners of unmasked
+    pixels); None where every pixel of the band is masked."""
+    cols = pos.shape[1]
+    corners = [pos[a:b, :, k, 0] for k in range(4)]
+    low = np.minimum(np.minimum(corners[0], corners[1]), np.minimum(corners[2], corners[3]))
+    high = np.maximum(np.maximum(corners[0], corners[1]), np.maximum(corners[2], corners[3]))
+    if cmask is None:
+        return float(low.min()), float(high.max())
+    valid = (cmask[a * cols:b * cols] == 0).reshape(b - a, cols)
+    if not valid.any():
+        return None
+    return (float(np.min(low, where=valid, initial=np.inf)),
+            float(np.max(high, where=valid, initial=-np.inf)))
+
+
+def _split_matrix(pool, flat: np.ndarray, cmask: np.ndarray | None, geometry: tuple,
+                  starts: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The full-splitting matrix (CSC data, indices, indptr) of the pixel corners ``flat``
+    (n_pix, 4, 2), counted then filled band by band (pixels ``starts[i]:starts[i + 1]``)."""
+    from . import kernels
+
+    n_pix, n_bands = len(flat), len(starts) - 1
+    counts = np.empty(n_pix, np.int64)
+    no_mask = np.zeros(1, np.int8)
+
+    def count(i: int):
+        a, b = starts[i], starts[i + 1]
+        kernels.split_count(flat[a:b], no_mask if cmask is None else cmask[a:b], cmask is not None, *geometry,
+                            counts[a:b])
+
+    list(pool.map(count, range(n_bands)))
+    indptr = np.zeros(n_pix + 1, np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    if indptr[-1] <= np.iinfo(np.int32).max:
+        indptr = indptr.astype(np.int32)
+    data = np.empty(int(indptr[-1]), np.float32)
+    indices = np.empty(int(indptr[-1]), np.int32)
+
+    def fill(i: int):
+        a, b = starts[i], starts[i + 1]
+        lo, hi = int(indptr[a]), int(indptr[b])
+        kernels.split_fill(flat[a:b], *geometry, indptr[a:b + 1], data[lo:hi], indices[lo:hi])
+
+    list(pool.map(fill, range(n_bands)))
+    return data, indices, indptr
+
+
 class Integrator(RadialAxis):
     """One integrator bound to a detector shape and the integration settings.
 
@@ -102,13 +162,7 @@ class Integrator(RadialAxis):
         self.splitting = splitting
         self.cache_hit = False
         self._cache_file: Path | None = None
-        ai = copy.deepcopy(calibration.geometry)  # the calibration stays untouched
-        if ai.detector.max_shape is None:
-            ai.detector.max_shape = self.shape
-        if calibration.mask is not None:
-            # set once on the detector: pyFAI folds it into the sparse matrix
-            ai.detector.mask = calibration.mask.astype(np.int8)
-        self._ai = ai
+        ai = self._ai = _geometry(calibration, self.shape)
         self.method = (splitting, "csr", "cython")
         self._kwargs = dict(
             unit=unit,
@@ -131,29 +185,37 @@ class Integrator(RadialAxis):
         self._dark = None if calibration.dark is None else np.ascontiguousarray(calibration.dark, np.float32).ravel()
         mask = ai.detector.mask            # the calibration's, else the detector's own (gaps)
         if engine == "pyfai":
-            probe = ai.integrate1d(np.zeros(self.shape, np.float32), self.npt, **self._kwargs)
-            self.radial = np.asarray(probe.radial, dtype=np.float64)
+            self._probe_radial()
         else:
-            folder = _cache_folder(cache)
-            key = self._key = self._cache_key(mask, polarization_factor, solid_angle) if folder is not None else None
-            arrays = load_entry(folder, key) if folder is not None else None
-            if arrays is not None:
-                self.cache_hit = True
-                self._cache_file = entry_path(folder, key)
-            else:
-                arrays = self._build(mask, polarization_factor, solid_angle)
-                if arrays is not None and folder is not None:
-                    # written in the background while the first frames are integrated
-                    self._saving = threading.Thread(target=self._save, args=(folder, key, arrays),
-                                                    name="xrdpipe-cache-write")
-                    self._saving.start()
-            if arrays is None:  # an unexpected pyFAI: its own per-frame path
-                self.engine = "pyfai"
-                probe = ai.integrate1d(np.zeros(self.shape, np.float32), self.npt, **self._kwargs)
-                self.radial = np.asarray(probe.radial, dtype=np.float64)
-            else:
-                self._adopt(arrays)
+            self._set_up_matrix(_cache_folder(cache), mask, polarization_factor, solid_angle)
         self.setup_seconds = time.perf_counter() - t_start
+
+    def _probe_radial(self) -> None:
+        """The radial axis from pyFAI's own integration of an empty frame (its per-frame path)."""
+        probe = self._ai.integrate1d(np.zeros(self.shape, np.float32), self.npt, **self._kwargs)
+        self.radial = np.asarray(probe.radial, dtype=np.float64)
+
+    def _set_up_matrix(self, folder: Path | None, mask, polarization_factor, solid_angle) -> None:
+        """The engine's sparse matrix and corrections: from the cache ``folder`` (None: no
+        cache), else built (and written to the cache in the background); an unexpected pyFAI
+        falls back to its own per-frame path."""
+        key = self._key = self._cache_key(mask, polarization_factor, solid_angle) if folder is not None else None
+        arrays = load_entry(folder, key) if folder is not None else None
+        if arrays is not None:
+            self.cache_hit = True
+            self._cache_file = entry_path(folder, key)
+        else:
+            arrays = self._build(mask, polarization_factor, solid_angle)
+            if arrays is not None and folder is not None:
+                # written in the background while the first frames are integrated
+                self._saving = threading.Thread(target=self._save, args=(folder, key, arrays),
+                                                name="xrdpipe-cache-write")
+                self._saving.start()
+        if arrays is None:  # an unexpected pyFAI: its own per-frame path
+            self.engine = "pyfai"
+            self._probe_radial()
+        else:
+            self._adopt(arrays)
 
     def _save(self, folder: Path, key: dict, arrays: dict) -> None:
         self._cache_file = save_entry(folder, key, arrays)
@@ -221,8 +283,6 @@ class Integrator(RadialAxis):
         :func:`xrdpipe.kernels.split_count` and :func:`~xrdpipe.kernels.split_fill`."""
         from pyFAI import units
 
-        from . import kernels
-
         ai = self._ai
         unit = units.to_unit(self.unit)
         pos0_range = ai._normalize_range(self._kwargs["radial_range"], unit)
@@ -232,23 +292,9 @@ class Integrator(RadialAxis):
         rows, cols = self.shape
         n_bands = max(workers, -(-rows * cols // _BAND_PIX))      # bands of ~2 Mpixel: memory stays small
         cuts = [rows * i // n_bands for i in range(n_bands + 1)]
-
-        def extent(i: int):
-            """pyFAI's radial boundaries over a band (calc_boundaries: corners of unmasked pixels)."""
-            a, b = cuts[i], cuts[i + 1]
-            corners = [pos[a:b, :, k, 0] for k in range(4)]
-            low = np.minimum(np.minimum(corners[0], corners[1]), np.minimum(corners[2], corners[3]))
-            high = np.maximum(np.maximum(corners[0], corners[1]), np.maximum(corners[2], corners[3]))
-            if cmask is None:
-                return float(low.min()), float(high.max())
-            valid = (cmask[a * cols:b * cols] == 0).reshape(b - a, cols)
-            if not valid.any():
-                return None
-            return (float(np.min(low, where=valid, initial=np.inf)),
-                    float(np.max(high, where=valid, initial=-np.inf)))
-
         if pos0_range is None:
-            found = [e for e in pool.map(extent, range(n_bands)) if e is not None]
+            found = [e for e in pool.map(lambda i: _band_extent(pos, cmask, cuts[i], cuts[i + 1]), range(n_bands))
+                     if e is not None]
             if not found:
                 return None
             low, high = min(e[0] for e in found), max(e[1] for e in found)
@@ -264,35 +310,12 @@ class Integrator(RadialAxis):
         hi0 = top * eps if top > 0 else top / eps
         delta = (hi0 - lo0) / self.npt
         radial = np.linspace(lo0 + 0.5 * delta, hi0 - 0.5 * delta, self.npt) * unit.scale
-        flat = pos.reshape(-1, 4, 2)
-        n_pix = rows * cols
-        starts = [cuts[i] * cols for i in range(n_bands + 1)]
         azim = (pos1_range is not None, float(min(pos1_range)) if pos1_range is not None else 0.0,
                 float(max(pos1_range)) if pos1_range is not None else 0.0)
         geometry = (lo0, delta, self.npt, *azim, bool(ai.chiDiscAtPi),
                     -1.0 if int(ai.detector.orientation) in (2, 4) else 1.0)
-        counts = np.empty(n_pix, np.int64)
-        no_mask = np.zeros(1, np.int8)
-
-        def count(i: int):
-            a, b = starts[i], starts[i + 1]
-            kernels.split_count(flat[a:b], no_mask if cmask is None else cmask[a:b], cmask is not None, *geometry,
-                                counts[a:b])
-
-        list(pool.map(count, range(n_bands)))
-        indptr = np.zeros(n_pix + 1, np.int64)
-        np.cumsum(counts, out=indptr[1:])
-        if indptr[-1] <= np.iinfo(np.int32).max:
-            indptr = indptr.astype(np.int32)
-        data = np.empty(int(indptr[-1]), np.float32)
-        indices = np.empty(int(indptr[-1]), np.int32)
-
-        def fill(i: int):
-            a, b = starts[i], starts[i + 1]
-            lo, hi = int(indptr[a]), int(indptr[b])
-            kernels.split_fill(flat[a:b], *geometry, indptr[a:b + 1], data[lo:hi], indices[lo:hi])
-
-        list(pool.map(fill, range(n_bands)))
+        data, indices, indptr = _split_matrix(pool, pos.reshape(-1, 4, 2), cmask, geometry,
+                                              [c * cols for c in cuts])
         return data, indices, indptr, radial
 
     def _probe_matrix(self):

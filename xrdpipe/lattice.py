@@ -138,6 +138,30 @@ def _identifiable(system: str, hkl: np.ndarray) -> list[str]:
     return out
 
 
+def _positions(specs: Sequence[PhaseSpec], obs, cells: list[dict], shift: float | None, *, unit: str,
+               wavelength_A: float | None, correction: str) -> np.ndarray:
+    """The peak positions (run's radial unit) of the observed reflections of every phase for the
+    cells ``cells`` and (not None) the zero or displacement correction ``shift`` in degrees."""
+    to_tth = unit == "2th_deg"
+    out = []
+    for p, spec in enumerate(specs):
+        hkl = obs[p][0]
+        if not len(hkl):
+            continue
+        cp = cells[p]
+        d = d_spacing(spec.space_group, hkl[:, 0], hkl[:, 1], hkl[:, 2], cp["a"], cp["c"], cp.get("b"),
+                      cp.get("beta"), cp.get("alpha"), cp.get("gamma"))
+        if shift is not None:
+            tth = tth_from_d(d, wavelength_A)
+            tth = tth + shift * (np.cos(np.radians(tth) / 2) if correction == "displacement" else 1.0)
+            out.append(tth if to_tth else q_from_tth(tth, wavelength_A))
+        elif to_tth:
+            out.append(tth_from_d(d, wavelength_A))
+        else:
+            out.append(q_from_d(d))
+    return np.concatenate(out)
+
+
 def _refine_frame(obs, specs: Sequence[PhaseSpec], start: dict, *, unit: str, wavelength_A: float | None,
                   correction: str):
     """Joint least squares of the phases' cells (and one correction) in a frame.
@@ -145,14 +169,9 @@ def _refine_frame(obs, specs: Sequence[PhaseSpec], start: dict, *, unit: str, wa
     ``obs[p]`` = (hkl, centre, esd) in the run's radial unit. Returns, per phase, the refined
     parameters, their esds, the covariance block and a message; and the correction (value, esd).
     """
-    to_tth = unit == "2th_deg"
     use_corr = correction != "none" and wavelength_A
-    layout: list[tuple[int, str]] = []
-    for p, spec in enumerate(specs):
-        hkl = obs[p][0]
-        if len(hkl):
-            for name in _identifiable(crystal_system(spec.space_group), hkl):
-                layout.append((p, name))
+    layout = [(p, name) for p, spec in enumerate(specs) if len(obs[p][0])
+              for name in _identifiable(crystal_system(spec.space_group), obs[p][0])]
     n_obs = sum(len(o[0]) for o in obs)
     n_par = len(layout) + (1 if use_corr else 0)
     if not layout or n_obs < n_par:
@@ -166,25 +185,8 @@ def _refine_frame(obs, specs: Sequence[PhaseSpec], start: dict, *, unit: str, wa
         return cur
 
     def model(x):
-        out = []
-        cur = cells(x)
-        for p, spec in enumerate(specs):
-            hkl = obs[p][0]
-            if not len(hkl):
-                continue
-            cp = cur[p]
-            d = d_spacing(spec.space_group, hkl[:, 0], hkl[:, 1], hkl[:, 2], cp["a"], cp["c"], cp.get("b"),
-                          cp.get("beta"), cp.get("alpha"), cp.get("gamma"))
-            if use_corr:
-                tth = tth_from_d(d, wavelength_A)
-                shift = x[-1] * (np.cos(np.radians(tth) / 2) if correction == "displacement" else 1.0)
-                tth = tth + shift
-                out.append(tth if to_tth else q_from_tth(tth, wavelength_A))
-            elif to_tth:
-                out.append(tth_from_d(d, wavelength_A))
-            else:
-                out.append(q_from_d(d))
-        return np.concatenate(out)
+        return _positions(specs, obs, cells(x), x[-1] if use_corr else None, unit=unit,
+                          wavelength_A=wavelength_A, correction=correction)
 
     centres = np.concatenate([o[1] for o in obs if len(o[0])])
     errs = np.concatenate([o[2] for o in obs if len(o[0])])

@@ -161,32 +161,51 @@ def _stream(submit: Callable, jobs: Iterable, prefetch: int) -> Iterator:
 
 def _processes(fn, jobs, context, workers: int, prefetch: int, on_crash: Callable | None = None) -> Iterator:
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
 
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     ctx = multiprocessing.get_context(method)
     if method == "forkserver":
         ctx.set_forkserver_preload(["xrdpipe._forkserver"])
-    blob = pickle.dumps(context, protocol=pickle.HIGHEST_PROTOCOL)
+    pool = _CrashTolerantPool(fn, ctx, workers, pickle.dumps(context, protocol=pickle.HIGHEST_PROTOCOL), on_crash)
+    try:
+        for job in jobs:
+            stop_if_interrupted()
+            pool.pending.append((job, pool.submit(job)))
+            if len(pool.pending) >= prefetch:
+                yield pool.next_result()
+        while pool.pending:
+            stop_if_interrupted()
+            yield pool.next_result()
+    finally:
+        pool.close()
 
-    def start() -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(blob,))
 
-    pool = start()
-    pending: deque = deque()                       # (job, future), in job order
-    it = iter(jobs)
+class _CrashTolerantPool:
+    """A process pool whose jobs' results come back in job order; a worker that dies takes only
+    its own job with it (``on_crash(job)`` gives its result), the others are sent again."""
 
-    def restart() -> None:
-        nonlocal pool
-        pool.shutdown(wait=True, cancel_futures=True)
-        pool = start()
+    def __init__(self, fn, ctx, workers: int, blob: bytes, on_crash: Callable | None):
+        self.fn, self.ctx, self.workers, self.blob, self.on_crash = fn, ctx, workers, blob, on_crash
+        self.pending: deque = deque()                       # (job, future), in job order
+        self.pool = self._start()
 
-    def submit(job):
+    def _start(self):
+        from concurrent.futures import ProcessPoolExecutor
+
+        return ProcessPoolExecutor(max_workers=self.workers, mp_context=self.ctx, initializer=_init_worker,
+                                   initargs=(self.blob,))
+
+    def _restart(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pool = self._start()
+
+    def submit(self, job):
         """The job's future; if the pool broke meanwhile (a worker died before this job was
         sent), a future holding that error, handled when its turn comes."""
+        from concurrent.futures.process import BrokenProcessPool
+
         try:
-            return pool.submit(_call, fn, job)
+            return self.pool.submit(_call, self.fn, job)
         except BrokenProcessPool as exc:
             from concurrent.futures import Future
 
@@ -194,38 +213,31 @@ def _processes(fn, jobs, context, workers: int, prefetch: int, on_crash: Callabl
             fut.set_exception(exc)
             return fut
 
-    def next_result():
-        job, fut = pending.popleft()
+    def next_result(self):
+        from concurrent.futures.process import BrokenProcessPool
+
+        job, fut = self.pending.popleft()
         try:
             return fut.result()
         except BrokenProcessPool:
-            if on_crash is None:
+            if self.on_crash is None:
                 raise
         # a worker died: run this job alone in a new pool; if it kills that one too, it is the
         # culprit. The jobs behind it were lost with the pool: they are sent again.
-        restart()
+        self._restart()
         try:
-            result = pool.submit(_call, fn, job).result()
+            result = self.pool.submit(_call, self.fn, job).result()
         except BrokenProcessPool:
-            restart()
-            result = on_crash(job)
-        for k, (other, _) in enumerate(pending):
-            pending[k] = (other, submit(other))
+            self._restart()
+            result = self.on_crash(job)
+        for k, (other, _) in enumerate(self.pending):
+            self.pending[k] = (other, self.submit(other))
         return result
 
-    try:
-        for job in it:
-            stop_if_interrupted()
-            pending.append((job, submit(job)))
-            if len(pending) >= prefetch:
-                yield next_result()
-        while pending:
-            stop_if_interrupted()
-            yield next_result()
-    finally:
-        for _, fut in pending:
+    def close(self) -> None:
+        for _, fut in self.pending:
             fut.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _dask(fn, jobs, context, scheduler, prefetch: int) -> Iterator:

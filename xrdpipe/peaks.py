@@ -155,17 +155,10 @@ def fit_window(model: WindowModel, y: np.ndarray, sigma: np.ndarray | None, *, s
     n, m = y.shape
     k_comp = len(model.components)
     usable = np.ones(n, bool) if usable is None else np.asarray(usable, bool)
-    has_errors = sigma is not None and bool(np.isfinite(sigma[usable]).any())
-    valid = np.isfinite(y)
-    if has_errors:
-        valid &= np.isfinite(sigma) & (sigma > 0)
-        w = np.where(valid, 1.0 / np.where(valid, sigma, 1.0), 0.0)
-    else:
-        w = valid.astype(float)
+    has_errors, valid, w = _weights(y, sigma, usable)
     y0 = np.where(valid, y, 0.0)
     theta, lo, hi = model.start(y, valid, seeds)
-    n_valid = valid.sum(axis=1)
-    message = np.full(n, "", dtype=object)
+    message, rows = _fittable(model, usable, valid.sum(axis=1), m)
     success = np.zeros(n, bool)
     present = np.zeros((n, k_comp), bool)
     final = np.full((n, model.n_free), np.nan)
@@ -173,15 +166,6 @@ def fit_window(model: WindowModel, y: np.ndarray, sigma: np.ndarray | None, *, s
     chi2 = np.full(n, np.nan)
     npts = np.zeros(n, int)
     nvary = np.zeros(n, int)
-    if m == 0:
-        message[usable] = (f"window {model.name!r} {list(model.spec.range)} has no data points "
-                           f"(the data span {model.data_span[0]:g} to {model.data_span[1]:g} {model.unit})")
-        rows = np.zeros(0, int)
-    else:
-        few = usable & (n_valid < model.n_free + 2)
-        message[few] = [f"only {v} valid points in the window (NaN or no esd); {model.n_free + 2} needed"
-                        for v in n_valid[few]]
-        rows = np.flatnonzero(usable & ~few)
     opt = _ENGINES[fit.engine]
     presence = model.spec.presence or fit.presence
     # a component too weak to pass the presence test even at its best stops moving (batched path;
@@ -189,9 +173,8 @@ def fit_window(model: WindowModel, y: np.ndarray, sigma: np.ndarray | None, *, s
     k_own = max((len(own) + 1 for _, own in model.amplitudes), default=1)
     weak_z = {"bic": np.sqrt(fit.bic_threshold + k_own * np.log(max(m, 2))), "ftest": 2.0, "always": 0.0}[presence]
     kw = dict(max_iter=fit.max_iter, has_errors=has_errors, weak_z=weak_z)
-    no_hold = np.zeros(model.n_free, bool)
     if rows.size:
-        full = opt(model, theta[rows], lo[rows], hi[rows], no_hold, y0[rows], w[rows], **kw)
+        full = opt(model, theta[rows], lo[rows], hi[rows], np.zeros(model.n_free, bool), y0[rows], w[rows], **kw)
         message[rows] = full.message
         good = rows[full.ok]
         fg = full.take(full.ok)
@@ -202,34 +185,8 @@ def fit_window(model: WindowModel, y: np.ndarray, sigma: np.ndarray | None, *, s
             for j in range(k_comp):
                 decided[:, j], reduced[j] = _test_component(model, j, fg, lo[good], hi[good], y0[good], w[good],
                                                             opt, kw, presence, fit, veto[:, j])
-        # final parameters: the full fit, or the fit without the absent components
-        sol_p, sol_cov, sol_chi2, sol_nv = fg.p.copy(), fg.cov.copy(), fg.chi2.copy(), np.full(good.size, fg.n_vary)
-        absent_sets = [tuple(np.flatnonzero(~r)) for r in decided]
-        for pattern in set(absent_sets):
-            if not pattern:
-                continue
-            sel = np.array([s == pattern for s in absent_sets])
-            if len(pattern) == 1 and pattern[0] in reduced:
-                red = reduced[pattern[0]]
-                use = sel & red.ok
-                sol_p[use], sol_cov[use], sol_chi2[use], sol_nv[use] = red.p[use], red.cov[use], red.chi2[use], red.n_vary
-                sel &= ~use
-            hold = model.drop_mask(pattern)
-            # where every absent component already rests at area 0, the full fit is the fit
-            # without them: nothing to refit
-            empty = sel & np.all([fg.p[:, model.index(j, "area")] <= 0 for j in pattern], axis=0)
-            sol_nv[empty] = fg.n_vary - int(np.count_nonzero(hold))
-            sel &= ~empty
-            if not sel.any():
-                continue
-            start = fg.p[sel].copy()
-            for j in pattern:
-                start[:, model.index(j, "area")] = 0.0
-            red = opt(model, start, lo[good[sel]], hi[good[sel]], hold, y0[good[sel]], w[good[sel]], **kw)
-            idx = np.flatnonzero(sel)
-            use = idx[red.ok]
-            sol_p[use], sol_cov[use], sol_chi2[use], sol_nv[use] = red.p[red.ok], red.cov[red.ok], red.chi2[red.ok], red.n_vary
-        final[good], final_cov[good], chi2[good], nvary[good] = sol_p, sol_cov, sol_chi2, sol_nv
+        final[good], final_cov[good], chi2[good], nvary[good] = _without_absent(
+            model, fg, decided, reduced, lo[good], hi[good], y0[good], w[good], opt, kw)
         npts[good] = fg.n_points
         present[good] = decided
         success[good] = True
@@ -241,6 +198,64 @@ def fit_window(model: WindowModel, y: np.ndarray, sigma: np.ndarray | None, *, s
         final_cov = final_cov * redchi[:, None, None]
     values = _component_values(model, final, final_cov, present, success)
     return WindowResult(values, present, success, redchi, message, final)
+
+
+def _weights(y: np.ndarray, sigma: np.ndarray | None, usable: np.ndarray) -> tuple[bool, np.ndarray, np.ndarray]:
+    """Whether the data have esds, the valid points and the weights (1/sigma, or 1; 0 where not valid)."""
+    has_errors = sigma is not None and bool(np.isfinite(sigma[usable]).any())
+    valid = np.isfinite(y)
+    if has_errors:
+        valid &= np.isfinite(sigma) & (sigma > 0)
+        w = np.where(valid, 1.0 / np.where(valid, sigma, 1.0), 0.0)
+    else:
+        w = valid.astype(float)
+    return has_errors, valid, w
+
+
+def _fittable(model: WindowModel, usable: np.ndarray, n_valid: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """The message of each frame (n,; why a usable frame cannot be fitted) and the rows to fit."""
+    message = np.full(len(usable), "", dtype=object)
+    if m == 0:
+        message[usable] = (f"window {model.name!r} {list(model.spec.range)} has no data points "
+                           f"(the data span {model.data_span[0]:g} to {model.data_span[1]:g} {model.unit})")
+        return message, np.zeros(0, int)
+    few = usable & (n_valid < model.n_free + 2)
+    message[few] = [f"only {v} valid points in the window (NaN or no esd); {model.n_free + 2} needed"
+                    for v in n_valid[few]]
+    return message, np.flatnonzero(usable & ~few)
+
+
+def _without_absent(model: WindowModel, fg: _Fit, decided: np.ndarray, reduced: dict[int, _Fit],
+                    lo: np.ndarray, hi: np.ndarray, y0: np.ndarray, w: np.ndarray, opt, kw: dict):
+    """Final parameters, covariances, chi² and number varied of the fitted rows: the full fit
+    ``fg``, or the fit without the components ``decided`` absent (the reduced fit of the
+    presence test where one component is, a refit with them at area 0 otherwise)."""
+    sol_p, sol_cov, sol_chi2, sol_nv = fg.p.copy(), fg.cov.copy(), fg.chi2.copy(), np.full(len(fg.p), fg.n_vary)
+    absent_sets = [tuple(np.flatnonzero(~r)) for r in decided]
+    for pattern in set(absent_sets):
+        if not pattern:
+            continue
+        sel = np.array([s == pattern for s in absent_sets])
+        if len(pattern) == 1 and pattern[0] in reduced:
+            red = reduced[pattern[0]]
+            use = sel & red.ok
+            sol_p[use], sol_cov[use], sol_chi2[use], sol_nv[use] = red.p[use], red.cov[use], red.chi2[use], red.n_vary
+            sel &= ~use
+        hold = model.drop_mask(pattern)
+        # where every absent component already rests at area 0, the full fit is the fit
+        # without them: nothing to refit
+        empty = sel & np.all([fg.p[:, model.index(j, "area")] <= 0 for j in pattern], axis=0)
+        sol_nv[empty] = fg.n_vary - int(np.count_nonzero(hold))
+        sel &= ~empty
+        if not sel.any():
+            continue
+        start = fg.p[sel].copy()
+        for j in pattern:
+            start[:, model.index(j, "area")] = 0.0
+        red = opt(model, start, lo[sel], hi[sel], hold, y0[sel], w[sel], **kw)
+        use = np.flatnonzero(sel)[red.ok]
+        sol_p[use], sol_cov[use], sol_chi2[use], sol_nv[use] = red.p[red.ok], red.cov[red.ok], red.chi2[red.ok], red.n_vary
+    return sol_p, sol_cov, sol_chi2, sol_nv
 
 
 def _vetoed(model: WindowModel, p: np.ndarray, lo: np.ndarray, hi: np.ndarray, min_fraction: float) -> np.ndarray:

@@ -196,20 +196,28 @@ def frame_times(refs: Sequence[FrameRef], times, *, timezone: str | None = None,
             out.append(FrameTime(s, s + timedelta(seconds=exposure)))
         return out
     if isinstance(times, TimesFromLog):
-        log = read_scan_log(times.log, timezone=times.timezone or timezone)
-        per_file: dict[Path, list[FrameRef]] = {}
-        for r in refs:
-            per_file.setdefault(r.file, []).append(r)
-        out = []
-        for r in refs:
-            hit = None
-            if len(per_file[r.file]) > 1:  # a stack: rows named file:index or one row per frame
-                hit = _match_log(f"{r.file.name}:{r.index}", log)
-            if hit is None and len(per_file[r.file]) == 1:
-                hit = _match_log(r.file.name, log)
-            out.append(FrameTime(*hit) if hit else None)
-        return out
-    # "header"
+        return _log_times(refs, read_scan_log(times.log, timezone=times.timezone or timezone))
+    return _header_times(refs, timezone, where)
+
+
+def _log_times(refs: Sequence[FrameRef], log) -> list[FrameTime | None]:
+    """Each frame's row of a scan log (a stack's frames by file:index), None where it has none."""
+    per_file: dict[Path, list[FrameRef]] = {}
+    for r in refs:
+        per_file.setdefault(r.file, []).append(r)
+    out = []
+    for r in refs:
+        hit = None
+        if len(per_file[r.file]) > 1:  # a stack: rows named file:index or one row per frame
+            hit = _match_log(f"{r.file.name}:{r.index}", log)
+        if hit is None and len(per_file[r.file]) == 1:
+            hit = _match_log(r.file.name, log)
+        out.append(FrameTime(*hit) if hit else None)
+    return out
+
+
+def _header_times(refs: Sequence[FrameRef], timezone: str | None, where: str) -> list[FrameTime | None]:
+    """Each frame's time from its file's header (None where unreadable); ConfigError where none is."""
     out: list[FrameTime | None] = []
     first_problem = None
     cache: dict[Path, tuple[datetime, float, float]] = {}

@@ -215,84 +215,24 @@ class WindowModel:
         """
         n, m = y.shape
         k = len(self.components)
-        edge = max(2, m // 10)
-        yv = np.where(valid, y, np.nan)
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN frames fail later, with a message
-            left = np.nanmedian(yv[:, :edge], axis=1) if m else np.zeros(n)
-            right = np.nanmedian(yv[:, -edge:], axis=1) if m else np.zeros(n)
-        left = np.where(np.isfinite(left), left, 0.0)
-        right = np.where(np.isfinite(right), right, left)
-        bg = left[:, None] + (right - left)[:, None] * (self.t + 1) / 2 if m else np.zeros((n, 0))
-        net = np.where(valid, y - bg, 0.0)
-        width = self.spec.range[1] - self.spec.range[0]
-        fw_guess = np.full(n, self.spec.fwhm if self.spec.fwhm else np.nan)
-        if self.spec.fwhm is None and m:
-            top = net.max(axis=1)
-            above = np.count_nonzero(net > top[:, None] / 2, axis=1)
-            fw_guess = np.clip(above * abs(self.step), 2 * abs(self.step), width / 4)
-        if self.spec.fwhm_range is not None:
-            fw_lo, fw_hi = (np.full(n, v) for v in self.spec.fwhm_range)
-            fw_guess = np.clip(fw_guess, fw_lo, fw_hi)
-        else:
-            # narrower than a bin is noise; far broader than the window's main peak is background
-            fw_lo = np.full(n, abs(self.step))
-            fw_hi = np.minimum(width / 3, 4 * fw_guess)
-        smooth, peak_top = net.copy(), np.zeros_like(net, bool)
-        if m:
-            # smoothing and peak-top search on each frame's own width: a frame's start values never
-            # depend on the other frames of its block (live, resumed and straight runs agree)
-            bins = np.where(np.isfinite(fw_guess), fw_guess, width / 10) / abs(self.step)
-            size = np.maximum(1, np.round(0.3 * bins)).astype(int)
-            reach = 2 * np.maximum(1, np.round(0.5 * bins)).astype(int) + 1
-            for sz, rc in set(zip(size.tolist(), reach.tolist())):
-                rows = np.flatnonzero((size == sz) & (reach == rc))
-                if sz > 1:
-                    smooth[rows] = uniform_filter1d(net[rows], sz, axis=1, mode="nearest")
-                peak_top[rows] = (maximum_filter1d(smooth[rows], rc, axis=1, mode="nearest") == smooth[rows]) \
-                    & (smooth[rows] > 0)
-            peak_top[:, [0, -1]] = False  # a window edge is not a peak top
+        left, right, net = self._net(y, valid)
+        fw_guess, fw_lo, fw_hi = self._widths(net)
+        smooth, peak_top = self._peak_tops(net, fw_guess)
         theta = np.zeros((n, self.n_free))
         lo = np.full((n, self.n_free), -np.inf)
         hi = np.full((n, self.n_free), np.inf)
         names = PROFILES[self.profile][2]
-        s_lo, s_hi = _SHAPE_BOUNDS[self.profile]
         seeds = np.full((k, self.block), np.nan) if seeds is None else np.asarray(seeds, float)
         c_seeds = np.array([c if np.isfinite(c) and lim[0] < c < lim[1] else comp.center0
                             for c, lim, comp in zip(seeds[:, 0], self.limits, self.components)])
         boxes = self.boxes(c_seeds)
-        for j, comp in enumerate(self.components):
+        for j in range(k):
             sd = dict(zip(names, seeds[j]))
-            c_seed = c_seeds[j]
             c_lo, c_hi = boxes[j]
-            c_start = np.full(n, min(max(c_seed, c_lo), c_hi))
+            c_start = np.full(n, min(max(c_seeds[j], c_lo), c_hi))
             if m:
-                # start at the tallest local maximum in the component's box (the flank of a
-                # neighbour is not one) unless the seed still sits on a peak at least half as
-                # tall (a peak that moved since the seed was taken); no maximum: the seed
-                inbox = (self.x >= c_lo) & (self.x <= c_hi)
-                cand = np.where(inbox & peak_top, smooth, -np.inf)
-                best = cand.argmax(axis=1)
-                rows = np.arange(n)
-                found = np.isfinite(cand[rows, best])
-                at_seed = np.clip(np.searchsorted(self.x, c_start), 0, m - 1)
-                keep = ~found | (np.isfinite(sd["center"]) & (smooth[rows, at_seed] >= 0.5 * cand[rows, best]))
-                c_start = np.where(keep, c_start, self.x[best])
-            for name in names:
-                col = self.index(j, name)
-                if name == "center":
-                    theta[:, col], lo[:, col], hi[:, col] = c_start, c_lo, c_hi
-                elif name.startswith("fwhm"):
-                    v = sd[name]
-                    use = np.isfinite(v) & (fw_lo < v) & (v < fw_hi)
-                    theta[:, col] = np.where(use, v, fw_guess)
-                    lo[:, col], hi[:, col] = fw_lo, fw_hi
-                elif name == "area":
-                    lo[:, col] = 0.0
-                else:
-                    v = sd[name]
-                    theta[:, col] = v if (np.isfinite(v) and s_lo < v < s_hi) else _SHAPE_START[self.profile]
-                    lo[:, col], hi[:, col] = s_lo, s_hi
+                c_start = self._centre_start(c_start, (c_lo, c_hi), smooth, peak_top, np.isfinite(sd["center"]))
+            self._fill_component(j, sd, c_start, (c_lo, c_hi), (fw_guess, fw_lo, fw_hi), theta, lo, hi)
             # area from the net height at the start centre
             if m:
                 at = np.clip(np.searchsorted(self.x, c_start), 0, m - 1)
@@ -307,6 +247,97 @@ class WindowModel:
                 theta[:, base + 1] = (right - left) / 2
         np.clip(theta, lo, hi, out=theta)
         return theta, lo, hi
+
+    def _net(self, y: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The background levels at the left and right edge of each frame (n,) and the data net
+        of the straight line between them (n, m), 0 where not valid."""
+        n, m = y.shape
+        edge = max(2, m // 10)
+        yv = np.where(valid, y, np.nan)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN frames fail later, with a message
+            left = np.nanmedian(yv[:, :edge], axis=1) if m else np.zeros(n)
+            right = np.nanmedian(yv[:, -edge:], axis=1) if m else np.zeros(n)
+        left = np.where(np.isfinite(left), left, 0.0)
+        right = np.where(np.isfinite(right), right, left)
+        bg = left[:, None] + (right - left)[:, None] * (self.t + 1) / 2 if m else np.zeros((n, 0))
+        return left, right, np.where(valid, y - bg, 0.0)
+
+    def _widths(self, net: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Start FWHM of each frame and its bounds (n,): the spec's, or from the net data."""
+        n, m = net.shape
+        width = self.spec.range[1] - self.spec.range[0]
+        fw_guess = np.full(n, self.spec.fwhm if self.spec.fwhm else np.nan)
+        if self.spec.fwhm is None and m:
+            top = net.max(axis=1)
+            above = np.count_nonzero(net > top[:, None] / 2, axis=1)
+            fw_guess = np.clip(above * abs(self.step), 2 * abs(self.step), width / 4)
+        if self.spec.fwhm_range is not None:
+            fw_lo, fw_hi = (np.full(n, v) for v in self.spec.fwhm_range)
+            fw_guess = np.clip(fw_guess, fw_lo, fw_hi)
+        else:
+            # narrower than a bin is noise; far broader than the window's main peak is background
+            fw_lo = np.full(n, abs(self.step))
+            fw_hi = np.minimum(width / 3, 4 * fw_guess)
+        return fw_guess, fw_lo, fw_hi
+
+    def _peak_tops(self, net: np.ndarray, fw_guess: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The net data smoothed over a third of each frame's width and its local maxima (n, m)."""
+        m = net.shape[1]
+        width = self.spec.range[1] - self.spec.range[0]
+        smooth, peak_top = net.copy(), np.zeros_like(net, bool)
+        if m:
+            # smoothing and peak-top search on each frame's own width: a frame's start values never
+            # depend on the other frames of its block (live, resumed and straight runs agree)
+            bins = np.where(np.isfinite(fw_guess), fw_guess, width / 10) / abs(self.step)
+            size = np.maximum(1, np.round(0.3 * bins)).astype(int)
+            reach = 2 * np.maximum(1, np.round(0.5 * bins)).astype(int) + 1
+            for sz, rc in set(zip(size.tolist(), reach.tolist())):
+                rows = np.flatnonzero((size == sz) & (reach == rc))
+                if sz > 1:
+                    smooth[rows] = uniform_filter1d(net[rows], sz, axis=1, mode="nearest")
+                peak_top[rows] = (maximum_filter1d(smooth[rows], rc, axis=1, mode="nearest") == smooth[rows]) \
+                    & (smooth[rows] > 0)
+            peak_top[:, [0, -1]] = False  # a window edge is not a peak top
+        return smooth, peak_top
+
+    def _centre_start(self, c_start: np.ndarray, box: tuple[float, float], smooth: np.ndarray,
+                      peak_top: np.ndarray, seeded: bool) -> np.ndarray:
+        """Start at the tallest local maximum in the component's box (the flank of a neighbour
+        is not one) unless the seed still sits on a peak at least half as tall (a peak that
+        moved since the seed was taken); no maximum: the seed."""
+        n, m = smooth.shape
+        inbox = (self.x >= box[0]) & (self.x <= box[1])
+        cand = np.where(inbox & peak_top, smooth, -np.inf)
+        best = cand.argmax(axis=1)
+        rows = np.arange(n)
+        found = np.isfinite(cand[rows, best])
+        at_seed = np.clip(np.searchsorted(self.x, c_start), 0, m - 1)
+        keep = ~found | (seeded & (smooth[rows, at_seed] >= 0.5 * cand[rows, best]))
+        return np.where(keep, c_start, self.x[best])
+
+    def _fill_component(self, j: int, sd: dict[str, float], c_start: np.ndarray, box: tuple[float, float],
+                        widths: tuple[np.ndarray, np.ndarray, np.ndarray], theta: np.ndarray,
+                        lo: np.ndarray, hi: np.ndarray) -> None:
+        """Start values and bounds of component ``j`` into ``theta``, ``lo``, ``hi`` (the area's
+        start value is set by the caller): carried values ``sd`` where inside their bounds."""
+        fw_guess, fw_lo, fw_hi = widths
+        s_lo, s_hi = _SHAPE_BOUNDS[self.profile]
+        for name in PROFILES[self.profile][2]:
+            col = self.index(j, name)
+            if name == "center":
+                theta[:, col], lo[:, col], hi[:, col] = c_start, box[0], box[1]
+            elif name.startswith("fwhm"):
+                v = sd[name]
+                use = np.isfinite(v) & (fw_lo < v) & (v < fw_hi)
+                theta[:, col] = np.where(use, v, fw_guess)
+                lo[:, col], hi[:, col] = fw_lo, fw_hi
+            elif name == "area":
+                lo[:, col] = 0.0
+            else:
+                v = sd[name]
+                theta[:, col] = v if (np.isfinite(v) and s_lo < v < s_hi) else _SHAPE_START[self.profile]
+                lo[:, col], hi[:, col] = s_lo, s_hi
 
     # -- lmfit, the reference and the user-facing definition -------------------------------------
     def lmfit_model(self):

@@ -33,6 +33,7 @@ class Raw:
     step: np.ndarray | None = None
     notes: list[str] = field(default_factory=list)
     counter_mAh: np.ndarray | None = None
+    columns: dict[str, str] = field(default_factory=dict)   # role (time, datetime, voltage, current) -> header
 
 
 def accumulate(counter: np.ndarray, segment: np.ndarray) -> np.ndarray:

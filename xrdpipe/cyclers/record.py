@@ -3,7 +3,7 @@ a reader's raw times (relative, local or absolute) to POSIX seconds."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Mapping
@@ -43,6 +43,9 @@ class CyclerRecord:
     step: np.ndarray | None = None
     notes: tuple[str, ...] = ()
     counter_mAh: np.ndarray | None = None
+    #: the table columns read, by role (``time``, ``datetime``, ``voltage``, ``current``: the
+    #: header as written); empty for the binary formats, whose fields have fixed names
+    columns: dict[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.time.size)
@@ -141,7 +144,7 @@ def _finish(path: Path, fmt: str, raw: Raw, *, start: datetime | None, tz: str |
                                            np.asarray(raw.current_mA, float), raw.step, raw.counter_mAh], notes)
     if counter is not None:
         counter = counter - counter[0]
-    return CyclerRecord(path, fmt, t, v, i, step, tuple(notes), counter)
+    return CyclerRecord(path, fmt, t, v, i, step, tuple(notes), counter, dict(raw.columns))
 
 
 def _absolute_times(path: Path, raw: Raw, start: datetime | None, tz: str | None, notes: list[str]) -> np.ndarray:

@@ -205,14 +205,14 @@ def read_table(path: Path, fmt: str, columns: Mapping[str, str], units: Mapping[
     def column(j: int) -> list[Any]:
         return [r[j] if j < len(r) else None for r in rows]
 
-    notes = [f"table {label}: " + ", ".join(
-        f"{role} = {header[j]!r}" for role, j in (("time", c_time), ("datetime", c_abs), ("voltage", c_volt),
-                                                  ("current", c_cur)) if j is not None)]
+    used = {role: header[j] for role, j in (("time", c_time), ("datetime", c_abs), ("voltage", c_volt),
+                                            ("current", c_cur)) if j is not None}
+    notes = [f"table {label}: " + ", ".join(f"{role} = {name!r}" for role, name in used.items())]
     volt = _scaled(path, numbers(column(c_volt), strict=True, where=header[c_volt], path=path), "voltage",
                    header[c_volt], units, default="v", notes=notes)
     cur = _scaled(path, numbers(column(c_cur), strict=True, where=header[c_cur], path=path), "current",
                   header[c_cur], units, default="ma" if fmt == "land" else None, notes=notes)
-    raw = Raw(volt, cur, notes=notes)
+    raw = Raw(volt, cur, notes=notes, columns=used)
     rel = None
     if c_time is not None:
         kind, vals = _time_values(path, column(c_time), header[c_time], day_first=DAY_FIRST.get(fmt, False),

@@ -59,6 +59,39 @@ def _lm_step(calc, theta, I, free, As, gs, dscale, wt, y, chi2_now, lam, bounds)
     return None, theta, lam, chi2_now
 
 
+def _evaluate(calc, theta, I, free, y, wt, *, extracting: bool, follow: bool):
+    """The intensities, weighted residual and Jacobian and χ² at ``theta``. Extracting from a
+    previous frame (cells close), the extraction runs to its fixed point at every step
+    (accelerated), so overlapping phases no longer creep there step by step; from far starts a
+    few plain cycles, whose partial extraction keeps a wrong phase from fitting another's
+    misplaced peaks."""
+    if extracting and follow:            # (the profiles are computed once for both)
+        I = lebail_cycle(calc, theta, I, y, cycles=LEBAIL_CYCLES_FOLLOW, tol=LEBAIL_CYCLE_TOL)
+    yc, J, I_used = calc.jacobian(theta, I, free, extract_from=y if extracting and not follow else None,
+                                  cycles=LEBAIL_CYCLES)
+    if extracting:
+        I = I_used
+    r = (y - yc) * wt
+    return I, r, J * wt[:, None], float(r @ r)
+
+
+class _FixedPointWatch:
+    """From a previous frame: where χ² after the re-extraction rose in two steps in a row, the
+    least-squares step and the extraction pull apart (the background and the intensities of
+    overlapping lines creep together, half an esd a step, for ever): the best state met
+    (``best`` = (χ², θ, I)) is the Le Bail fixed point."""
+
+    def __init__(self):
+        self.best, self.last, self.rises = None, np.inf, 0
+
+    def pulled_apart(self, chi2, theta, I) -> bool:
+        self.rises = self.rises + 1 if self.best is not None and chi2 > self.last else 0
+        self.last = chi2
+        if self.best is None or chi2 < self.best[0]:
+            self.best = (chi2, theta, I)
+        return self.rises >= 2
+
+
 def _lm(calc, y, wt, theta, I, free, *, max_iter, tol, hold, n_valid, bounds, follow=False):
     """Levenberg-Marquardt over the parameters ``free`` (Le Bail: intensities re-extracted at
     every step, or first held at ``I`` with ``hold``). A parameter at a bound that the gradient
@@ -71,37 +104,16 @@ def _lm(calc, y, wt, theta, I, free, *, max_iter, tol, hold, n_valid, bounds, fo
     chi2 = None
     held = 0
     outer = 0
-    best, last, rises = None, np.inf, 0
+    watch = _FixedPointWatch()
     if free.size == 0:
         return theta, I, True, 0
     while outer < max_iter:
         extracting = lebail and not hold
-        # from a previous frame (cells close), the extraction runs to its fixed point at every
-        # step (accelerated), so overlapping phases no longer creep there step by step; from far
-        # starts a few plain cycles, whose partial extraction keeps a wrong phase from fitting
-        # another's misplaced peaks
-        if extracting and follow:            # (the profiles are computed once for both)
-            I = lebail_cycle(calc, theta, I, y, cycles=LEBAIL_CYCLES_FOLLOW, tol=LEBAIL_CYCLE_TOL)
-        yc, J, I_used = calc.jacobian(theta, I, free, extract_from=y if extracting and not follow else None,
-                                      cycles=LEBAIL_CYCLES)
-        if extracting:
-            I = I_used
-        r = (y - yc) * wt
-        Jw = J * wt[:, None]
-        chi2_now = float(r @ r)
-        if extracting and follow:
-            # from a previous frame: where χ² after the re-extraction rose in two steps in a row,
-            # the least-squares step and the extraction pull apart (the background and the
-            # intensities of overlapping lines creep together, half an esd a step, for ever):
-            # the best state met is the Le Bail fixed point
-            rises = rises + 1 if best is not None and chi2_now > last else 0
-            last = chi2_now
-            if best is None or chi2_now < best[0]:
-                best = (chi2_now, theta, I)
-            if rises >= 2:
-                _, theta, I = best
-                converged = True
-                break
+        I, r, Jw, chi2_now = _evaluate(calc, theta, I, free, y, wt, extracting=extracting, follow=follow)
+        if extracting and follow and watch.pulled_apart(chi2_now, theta, I):
+            _, theta, I = watch.best
+            converged = True
+            break
         if hold:
             if held >= HOLD_ITERATIONS or (chi2 is not None and chi2 - chi2_now <= HOLD_TOL * chi2_now):
                 hold, chi2, lam = False, None, 1e-3     # the held stage is done: now extract

@@ -122,32 +122,41 @@ class Refiner:
             r = _refine(calc, y, sigma, None, tol, staged=staged)
             r.start_from = "configured"
         else:
-            # the search compares the configured cells with its own best trials (linear fits)
-            centre, followed = None, []
-            if start is not None and start.theta is not None:
-                # around the previous frame's cells (the configured ones for phases it lacked)
-                centre = calc.layout.start()
-                gone = set(start.absent)
-                for p, ph in enumerate(model.phases):
-                    if ph.name not in gone:
-                        followed.append(p)
-                        for i in cell_idx(calc, p, angles=True):
-                            centre[i] = start.theta[i]
-            theta0, I0, source = search_cells(calc, y, sigma, centre, followed)
-            r = _refine(calc, y, sigma, None, tol, staged=staged, theta0=theta0, I0=I0, centre=centre,
-                        followed=followed)
-            r.start_from = source
-            if followed and len(followed) < len(model.phases) and not good(r):
-                # the phases followed held at their previous cells, the others searched: the
-                # grid may put a weak followed phase (Al) on a new phase's lines, where its cell
-                # then stays (a frame where P3 appears: Al 0.01 Å off, GOF 2.96 against 1.33)
-                tried.append(r)
-                theta0, I0, _ = search_cells(calc, y, sigma, centre, followed, hold=followed)
-                r = _refine(calc, y, sigma, None, tol, staged=staged, theta0=theta0, I0=I0, centre=centre,
-                            followed=followed)
-                r.start_from = "previous"
+            r = self._searched(y, sigma, start=start, tol=tol, good=good, tried=tried)
         tried.append(r)
         return _best(tried, gof_limit)
+
+    def _searched(self, y, sigma, *, start, tol, good, tried: list) -> RefinementResult:
+        """A refinement from the cell search, which compares the configured cells with its own
+        best trials (linear fits), around the previous frame's cells where there is one; a
+        failed result that only followed some phases is kept in ``tried`` and the search run
+        again with those phases held."""
+        calc, model = self.calc, self.model
+        staged = model.strategy == "staged"
+        centre, followed = None, []
+        if start is not None and start.theta is not None:
+            # around the previous frame's cells (the configured ones for phases it lacked)
+            centre = calc.layout.start()
+            gone = set(start.absent)
+            for p, ph in enumerate(model.phases):
+                if ph.name not in gone:
+                    followed.append(p)
+                    for i in cell_idx(calc, p, angles=True):
+                        centre[i] = start.theta[i]
+        theta0, I0, source = search_cells(calc, y, sigma, centre, followed)
+        r = _refine(calc, y, sigma, None, tol, staged=staged, theta0=theta0, I0=I0, centre=centre,
+                    followed=followed)
+        r.start_from = source
+        if followed and len(followed) < len(model.phases) and not good(r):
+            # the phases followed held at their previous cells, the others searched: the
+            # grid may put a weak followed phase (Al) on a new phase's lines, where its cell
+            # then stays (a frame where P3 appears: Al 0.01 Å off, GOF 2.96 against 1.33)
+            tried.append(r)
+            theta0, I0, _ = search_cells(calc, y, sigma, centre, followed, hold=followed)
+            r = _refine(calc, y, sigma, None, tol, staged=staged, theta0=theta0, I0=I0, centre=centre,
+                        followed=followed)
+            r.start_from = "previous"
+        return r
 
 
 def _best(tried: list[RefinementResult], gof_limit: float | None) -> RefinementResult:

@@ -7,7 +7,10 @@ is up to date.
 
     run/
       paths.py        RunPaths: every output file, and every group of the run file, named once
-      store.py        the run file: layout, RunFile (patterns), typed readers, tables, stage records
+      access.py       opening the run file: reading() (read-only, checked), Writer (in a transaction), strings
+      store.py        the run file's layout, RunFile (patterns, frame table) and their typed readers
+      groups.py       result groups written whole (write_table), read back (read_table; typed: electrochemistry)
+      stagelog.py     /entry/process/stages: which stage finished, from which inputs (mark_stage, read_stages)
       peakstore.py    /entry/peaks: the fit's results, written block by block, read back
       refinestore.py  /entry/refinement: the refinement's results, one row per frame
       stage.py        what every runner shares: stage() (transaction, record, timer, bar)

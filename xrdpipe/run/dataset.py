@@ -27,8 +27,10 @@ from xarray.backends import BackendArray
 from xarray.core import indexing
 
 from ..tables import PEAK_ARRAYS
+from .access import axis_of, decode, reading, text
+from .groups import group_arrays, per_frame
 from .paths import ECHEM_RECORD, ELECTROCHEMISTRY, ENTRY, LATTICE, PATTERNS, PEAKS, h5path
-from .store import DONE, FAILED, PENDING, axis_of, decode, group_arrays, per_frame, reading, text
+from .store import DONE, FAILED, PENDING
 
 __all__ = ["open_dataset", "open_results", "Results"]
 

@@ -11,11 +11,12 @@ import numpy as np
 
 from ..config import Experiment, TimesFromLog
 from ..errors import ConfigError
+from .groups import ECHEM_COLUMNS, has_group, write_table
 from .lattice import lattice_experiment
 from .nexus import Curve, write_nxdata
 from .paths import ECHEM_RECORD, ELECTROCHEMISTRY, LATTICE, RunPaths, h5path
 from .stage import stage
-from .store import has_group, read_frames, write_table
+from .store import read_frames
 
 __all__ = ["EchemSummary", "echem_experiment"]
 
@@ -116,9 +117,7 @@ def echem_experiment(exp: Experiment, *, update_lattice: bool = True) -> EchemSu
     warnings += _implausible(states, ec, spec)
     timed = np.isfinite(start_s)
     t_first = float(np.nanmin(start_s)) if timed.any() else float(rec.time[0])
-    per_frame = {name: getattr(states, name) for name in (
-        "time_s", "start_s", "end_s", "voltage_V", "current_mA", "capacity_mAh_g", "x", "segment", "status",
-        "half_cycle", "cycle", "mode", "half_cycle_capacity_mAh_g")}
+    per_frame = {name: getattr(states, name) for name in ECHEM_COLUMNS}
     with stage(exp, "echem"):
         write_table(exp.run.run_file, ELECTROCHEMISTRY, {**per_frame, "record": _record(rec, ec, t_first)},
                     _attrs(spec, rec, ec, loss, notes))

@@ -12,12 +12,13 @@ import numpy as np
 
 from ..config import Experiment
 from ..errors import ConfigError
+from .groups import read_electrochemistry, write_table
 from .nexus import Curve, write_nxdata
 from .paths import LATTICE, RunPaths
 from .peakstore import read_peak_table
 from .refinestore import read_weight_fractions
 from .stage import stage
-from .store import read_electrochemistry, read_run_info, write_table
+from .store import read_run_info
 
 __all__ = ["LatticeSummary", "lattice_experiment"]
 
@@ -62,7 +63,7 @@ def lattice_experiment(exp: Experiment) -> LatticeSummary:
         _write_views(exp.run.run_file, lat)
     states = read_electrochemistry(exp.run.run_file)
     if states is not None:
-        lat.voltage_V, lat.x = states["voltage_V"][lat.frame], states["x"][lat.frame]
+        lat.voltage_V, lat.x = states.voltage_V[lat.frame], states.x[lat.frame]
     summary = LatticeSummary(exp.run.run_file, lat.write_csv(RunPaths.of(exp).lattice_csv), len(lat.frame))
     for i, name in enumerate(lat.phases):
         summary.cells[name] = int(np.isfinite(lat.values["c_A"][:, i]).sum())

@@ -13,17 +13,10 @@ import numpy as np
 from ..config import PLOT_KINDS, Experiment, PlotsSpec
 from ..config.base import did_you_mean
 from ..errors import PlotError, XrdpipeError
+from .groups import has_group, read_electrochemistry, read_table
 from .paths import LATTICE, PEAKS, REFINEMENT, RunPaths
 from .refinestore import FLAGGED, OK, read_refined_frame, read_refinement
-from .store import (
-    DONE,
-    has_group,
-    read_electrochemistry,
-    read_frames,
-    read_pattern_block,
-    read_run_info,
-    read_table,
-)
+from .store import DONE, read_frames, read_pattern_block, read_run_info
 
 __all__ = ["plot_experiment", "PlotSummary", "export_experiment", "export_run_file"]
 
@@ -189,8 +182,8 @@ def export_run_file(run_file: Path | str, folder: Path | str, **options):
     ec = read_electrochemistry(run_file)
     unknown = np.full(info.frame_count, np.nan)
     source = ExportSource(run_file.stem, info.radial, info.unit, info.wavelength_A, info.status == DONE,
-                          info.time_s, fr.key, fr.start, fr.end, ec["x"] if ec is not None else unknown,
-                          ec["voltage_V"] if ec is not None else unknown, info.fingerprint,
+                          info.time_s, fr.key, fr.start, fr.end, ec.x if ec is not None and ec.x is not None else unknown,
+                          ec.voltage_V if ec is not None and ec.voltage_V is not None else unknown, info.fingerprint,
                           lambda rows: read_pattern_block(run_file, rows), where=str(run_file))
     return export_patterns(source, folder, **options)
 

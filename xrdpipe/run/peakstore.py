@@ -1,10 +1,11 @@
 """``/entry/peaks`` of the run file: fitted peaks (frame x peak) and the phase model's per-frame
-arrays, written block by block (resumable), and read back (:func:`read_peaks`,
-:func:`read_peak_table`)."""
+arrays, written block by block (resumable), and read back (:func:`read_peaks` -> :class:`PeakArrays`
+as stored, :func:`read_peak_table` -> :class:`~xrdpipe.peaks.PeakTable` of the done frames)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -12,11 +13,11 @@ import numpy as np
 
 from ..errors import StoreError
 from ..tables import PEAK_ARRAYS
+from .access import Writer, axis_of, decode, enter_transaction, reading, str_dtype
 from .nexus import Curve, put_nxdata
 from .paths import ENTRY, FRAMES, PATTERNS, PEAKS, h5path
-from .store import Writer, axis_of, decode, enter_transaction, reading, str_dtype
 
-__all__ = ["PeakStore", "PHASE_DATASETS", "read_peaks", "read_peak_table"]
+__all__ = ["PeakStore", "PHASE_DATASETS", "PeakArrays", "read_peaks", "read_peak_table"]
 
 _PEAK_UNITS = {"d_A": "angstrom", "d_err_A": "angstrom", "area": "counts x radial unit",
                "area_err": "counts x radial unit", "height": "counts"}
@@ -192,36 +193,68 @@ def _create_peaks(entry, n: int, windows, peaks, fingerprint: str, phases=None) 
         g["zero"].attrs["units"] = "degree (2theta)"
 
 
-def read_peaks(path: Path | str, arrays: Sequence[str] | None = None) -> dict[str, Any]:
-    """``/entry/peaks`` of a run file as arrays (see :class:`PeakStore`), with ``time_s``;
-    ``arrays`` names the per-frame arrays wanted (default all, ``message`` included), so that a
-    figure of thousands of frames reads only what it draws."""
+#: The per-frame arrays of ``/entry/peaks`` besides the per-peak quantities (fields of :class:`PeakArrays`).
+_ROW_ARRAYS = ("present", "success", "redchi", "done", "message")
+
+
+@dataclass(frozen=True)
+class PeakArrays:
+    """``/entry/peaks`` of a run file as stored (every frame, done or not; see :class:`PeakStore`).
+
+    ``values`` holds the per-peak quantities read (:data:`~xrdpipe.tables.PEAK_ARRAYS`, frame x
+    peak), ``phase_arrays`` the phase model's arrays read (:data:`PHASE_DATASETS`; empty for
+    independent peaks); an array not asked for is None (or left out of those dicts).
+    """
+
+    window: tuple[str, ...]                    # the windows (columns of success, redchi, message)
+    peak_window: tuple[str, ...]               # per peak: its window, phase, hkl and profile
+    peak_phase: tuple[str, ...]
+    peak_hkl: tuple[str, ...]
+    peak_profile: tuple[str, ...]
+    time_s: np.ndarray                         # per frame, seconds since the earliest frame's start
+    fingerprint: dict[str, Any]                # the settings of the fit
+    values: dict[str, np.ndarray] = field(default_factory=dict)
+    present: np.ndarray | None = None          # (frame, peak) int8
+    success: np.ndarray | None = None          # (frame, window) int8
+    redchi: np.ndarray | None = None           # (frame, window)
+    done: np.ndarray | None = None             # (frame,) int8: 1 once a frame's results are in
+    message: np.ndarray | None = None          # (frame, window) str
+    phase: tuple[str, ...] | None = None       # the phase model's phases (None: independent peaks)
+    phase_arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def peaks(self) -> tuple[tuple[str, str, str, str], ...]:
+        """(window, phase, hkl, profile) per peak, as :class:`~xrdpipe.peaks.PeakTable` has them."""
+        return tuple(zip(self.peak_window, self.peak_phase, self.peak_hkl, self.peak_profile))
+
+
+def read_peaks(path: Path | str, arrays: Sequence[str] | None = None) -> PeakArrays:
+    """``/entry/peaks`` of a run file (see :class:`PeakStore`), with ``time_s``; ``arrays`` names
+    the per-frame arrays wanted (default all, ``message`` included), so that a figure of
+    thousands of frames reads only what it draws."""
     with reading(path) as h5:
         if PEAKS not in h5[ENTRY]:
             raise StoreError(f"{path} holds no fitted peaks yet; run 'xrdpipe fit' first")
         g = h5[h5path(PEAKS)]
-        wanted = (*PEAK_ARRAYS, "present", "success", "redchi", "done", "message") if arrays is None else arrays
+        wanted = (*PEAK_ARRAYS, *_ROW_ARRAYS) if arrays is None else arrays
         unknown = [a for a in wanted if a not in g or not hasattr(g[a], "dtype")]
         if unknown:
             known = sorted(k for k, v in g.items() if hasattr(v, "dtype"))
             raise StoreError(f"{path}: /entry/peaks holds no {', '.join(map(repr, unknown))} "
                              f"(it holds {', '.join(known)})")
-        out: dict[str, Any] = {name: g[name][()] for name in wanted if name != "message"}
-        if "message" in wanted:
-            out["message"] = decode(g["message"][()])
-        for name in ("window", "peak_window", "peak_phase", "peak_hkl", "peak_profile"):
-            out[name] = tuple(decode(g[name][()]))
+        rows = {name: decode(g[name][()]) if name == "message" else g[name][()]
+                for name in wanted if name in _ROW_ARRAYS}
+        labels = {name: tuple(decode(g[name][()])) for name in ("window", "peak_window", "peak_phase", "peak_hkl",
+                                                                 "peak_profile")}
+        phase, phase_arrays = None, {}
         if "phase" in g and (arrays is None or any(a in PHASE_DATASETS for a in wanted)):
-            out["phase"] = tuple(decode(g["phase"][()]))
-            for name in PHASE_DATASETS:
-                if arrays is not None and name not in arrays:
-                    continue
-                out[name] = decode(g[name][()]) if name == "phase_decision" else g[name][()]
-        out["time_s"] = h5[h5path(f"{PATTERNS}/time_s")][()]
-        out["fingerprint"] = json.loads(g.attrs["fingerprint"])
-    return out
-
-
+            phase = tuple(decode(g["phase"][()]))
+            phase_arrays = {name: decode(g[name][()]) if name == "phase_decision" else g[name][()]
+                            for name in PHASE_DATASETS if arrays is None or name in arrays}
+        return PeakArrays(**labels, time_s=h5[h5path(f"{PATTERNS}/time_s")][()],
+                          fingerprint=json.loads(g.attrs["fingerprint"]),
+                          values={name: g[name][()] for name in wanted if name in PEAK_ARRAYS}, **rows,
+                          phase=phase, phase_arrays=phase_arrays)
 
 
 def read_peak_table(run_file: Path | str):
@@ -229,9 +262,8 @@ def read_peak_table(run_file: Path | str):
     from ..peaks import PeakTable
 
     d = read_peaks(run_file)
-    rows = np.flatnonzero(d["done"])
-    peaks = tuple(zip(d["peak_window"], d["peak_phase"], d["peak_hkl"], d["peak_profile"]))
-    phase = {k: d[k][rows] for k in PHASE_DATASETS} if "phase" in d else None
-    return PeakTable(rows, d["time_s"][rows], d["window"], peaks, {k: d[k][rows] for k in PEAK_ARRAYS},
-                     d["present"][rows].astype(bool), d["success"][rows].astype(bool), d["redchi"][rows],
-                     d["message"][rows], phase, d.get("phase"))
+    rows = np.flatnonzero(d.done)
+    phase = {k: v[rows] for k, v in d.phase_arrays.items()} if d.phase is not None else None
+    return PeakTable(rows, d.time_s[rows], d.window, d.peaks, {k: v[rows] for k, v in d.values.items()},
+                     d.present[rows].astype(bool), d.success[rows].astype(bool), d.redchi[rows],
+                     d.message[rows], phase, d.phase)

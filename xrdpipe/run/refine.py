@@ -34,19 +34,12 @@ from ..refine import (
 )
 from ..refine.structures import Atom, Structure, StructureError, read_cif, template
 from ..safeio import atomic_output
+from .groups import FrameElectrochemistry, has_group, read_electrochemistry, read_table
 from .lattice import lattice_experiment
 from .paths import LATTICE, REFINEMENT, RunPaths
 from .refinestore import FLAGGED, OK, STATUS, RefineStore
 from .stage import stage
-from .store import (
-    DONE,
-    RunInfo,
-    has_group,
-    read_electrochemistry,
-    read_pattern_block,
-    read_run_info,
-    read_table,
-)
+from .store import DONE, RunInfo, read_pattern_block, read_run_info
 
 __all__ = ["build_model", "refine_experiment", "compare_models", "RefineSummary", "REFINE_COLUMNS",
            "write_refine_csv"]
@@ -345,7 +338,7 @@ def _fmt(v) -> str:
     return "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.8g}"
 
 
-def _csv_rows(d: dict, absent, time_s: np.ndarray, ec: dict | None, systems: dict[str, str], struct_cols: list[str]):
+def _csv_rows(d: dict, absent, time_s: np.ndarray, ec: FrameElectrochemistry | None, systems: dict[str, str], struct_cols: list[str]):
     """The rows of refine.csv: one per refined frame and phase (values and esds; none for a frame
     that failed, no cell for a phase absent from it)."""
     idx = {nm: i for i, nm in enumerate(d["parameter"])}
@@ -366,8 +359,8 @@ def _csv_rows(d: dict, absent, time_s: np.ndarray, ec: dict | None, systems: dic
             cell = {k: None if gone else get(f"{ph}.{k}") for k in ("a", "b", "c", "beta")}
             cerr = {k: None if gone else get(f"{ph}.{k}", True) for k in ("a", "b", "c", "beta")}
             vol, verr = _volume(systems[ph], cell, cerr)
-            row = [int(r), fmt(float(time_s[r])), fmt(float(ec["voltage_V"][r]) if ec else None),
-                   fmt(float(ec["x"][r]) if ec else None), ph, STATUS.get(int(d["status"][r]), "failed"), d["message"][r],
+            row = [int(r), fmt(float(time_s[r])), fmt(float(ec.voltage_V[r]) if ec is not None and ec.voltage_V is not None else None),
+                   fmt(float(ec.x[r]) if ec is not None and ec.x is not None else None), ph, STATUS.get(int(d["status"][r]), "failed"), d["message"][r],
                    fmt(float(d["rwp"][r])), fmt(float(d["rexp"][r])), fmt(float(d["gof"][r])), int(d["n_iter"][r]),
                    fmt(cell["a"]), fmt(cerr["a"]), fmt(cell["b"]), fmt(cerr["b"]), fmt(cell["c"]), fmt(cerr["c"]),
                    fmt(cell["beta"]), fmt(cerr["beta"]), fmt(vol), fmt(verr),

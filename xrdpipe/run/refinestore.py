@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from ..refine import RefinementResult
+from .access import Writer, decode, enter_transaction, str_dtype, text
+from .groups import read_table
 from .paths import ENTRY, REFINEMENT, h5path
-from .store import Writer, decode, enter_transaction, read_table, str_dtype, text
 
 __all__ = ["RefineStore", "read_refinement", "read_weight_fractions", "read_refined_frame", "OK", "FAILED", "FLAGGED", "STATUS"]
 
@@ -195,7 +196,8 @@ def read_refined_frame(run_file: Path | str, frame: int):
     """
     from ..errors import PlotError
     from ..plots import RefinedFrame
-    from .store import read_pattern_block, reading
+    from .access import reading
+    from .store import read_pattern_block
 
     d = read_table(run_file, REFINEMENT, names=("tth", "status", "message", "rwp", "gof", "phase", "tick_phase"))
     if d is None:

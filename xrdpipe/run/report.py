@@ -21,18 +21,12 @@ from ..config import Experiment
 from ..lattice import phase_present
 from ..report import Figure, ReportData, StageRow, build_report
 from ..safeio import write_text_atomic
+from .access import reading, text
+from .groups import read_electrochemistry, read_table
 from .paths import LATTICE, PROCESS, RunPaths, h5path
 from .stage import DEPENDS
-from .store import (
-    DONE,
-    FAILED,
-    read_electrochemistry,
-    read_frames,
-    read_stages,
-    read_table,
-    reading,
-    text,
-)
+from .stagelog import read_stages
+from .store import DONE, FAILED, read_frames
 
 __all__ = ["report_experiment", "ReportSummary", "report_path"]
 
@@ -79,9 +73,9 @@ def report_experiment(exp: Experiment, *, keys: dict[str, str] | None = None,
     status = np.where(fr.status == DONE, "done", np.where(fr.status == FAILED, "failed", "pending"))
     missing: list[str] = []
     ec = read_electrochemistry(run_file, names=("x",))
-    x = np.asarray(ec["x"], float) if ec is not None and "x" in ec else None
-    if ec is not None and ec["frames_without"]:
-        missing.append(f"electrochemistry: {ec['frames_without']} frame(s) were integrated after the echem stage "
+    x = np.asarray(ec.x, float) if ec is not None and ec.x is not None else None
+    if ec is not None and ec.frames_without:
+        missing.append(f"electrochemistry: {ec.frames_without} frame(s) were integrated after the echem stage "
                        "ran and have no x yet (run 'xrdpipe echem' again)")
     if ec is None:
         missing.append("electrochemistry: the echem stage has not run"

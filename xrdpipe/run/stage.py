@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from ..safeio import transaction
-from .store import mark_stage
+from .stagelog import mark_stage
 
 __all__ = ["stage", "Stage", "progress_bar", "DEPENDS"]
 

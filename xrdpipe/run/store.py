@@ -24,12 +24,15 @@ file, checks the fingerprint and integrates only the rows that are not done.
 
 Every write goes through a :func:`~xrdpipe.safeio.transaction` (copy-on-write): the file itself
 is only ever replaced whole, so readers never see it half-written and ``kill -9`` cannot damage it.
+
+This module writes and reads the patterns and the frame table; how the file is opened is
+:mod:`xrdpipe.run.access`, the result groups :mod:`xrdpipe.run.groups`, the stage records
+:mod:`xrdpipe.run.stagelog`, the fitted peaks :mod:`xrdpipe.run.peakstore`.
 """
 
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,33 +44,14 @@ from ..crystallography import RadialAxis, convert_radial
 from ..errors import StoreError
 from ..frames import FrameRef
 from ..timing import FrameTime, iso_seconds, utc_seconds
-from .paths import (
-    ELECTROCHEMISTRY,
-    ENTRY,
-    FINGERPRINT,
-    FORMAT,
-    FRAMES,
-    INSTRUMENT,
-    PATTERNS,
-    PEAKS,
-    PROCESS,
-    STAGES,
-    h5path,
-)
+from .access import Writer, axis_of, decode, enter_transaction, reading, str_dtype, text
+from .paths import ENTRY, FINGERPRINT, FORMAT, FRAMES, INSTRUMENT, PATTERNS, PEAKS, PROCESS, h5path
 
-__all__ = ["RunFile", "open_run", "PENDING", "DONE", "FAILED", "Patterns", "RunInfo", "FrameTable", "StageRecord",
-           "read_run_info", "read_frames", "write_table", "read_table", "has_group", "read_stages",
-           "mark_stage", "read_pattern_block", "Writer", "enter_transaction", "reading", "str_dtype", "decode", "text", "per_frame", "read_electrochemistry", "group_arrays"]
+__all__ = ["RunFile", "open_run", "PENDING", "DONE", "FAILED", "Patterns", "RunInfo", "FrameTable",
+           "read_run_info", "read_frames", "read_pattern_block"]
 
 PENDING, DONE, FAILED = 0, 1, -1
 _AXIS_NAME = {"2th_deg": "tth", "q_A^-1": "q"}
-
-
-def str_dtype():
-    """The HDF5 dtype of the run file's strings (UTF-8, variable length)."""
-    import h5py
-
-    return h5py.string_dtype("utf-8")
 
 
 @dataclass(frozen=True)
@@ -80,49 +64,6 @@ class Patterns(RadialAxis):
     intensity: np.ndarray
     sigma: np.ndarray
     frames: dict[str, np.ndarray]
-
-
-class Writer:
-    """The base of every writer of a part of the run file (:class:`RunFile`, the peak and
-    refinement stores). A run file open for writing inside a :func:`~xrdpipe.safeio.transaction`: results are
-    published every ``checkpoint_s`` and when it closes (also on Ctrl-C), so nothing written is
-    lost; the published file is never half-written (see :mod:`xrdpipe.safeio`)."""
-
-    def __init__(self, session, stack, path: Path):
-        self._session = session
-        self._stack = stack
-        self._h5 = session.writable()
-        self.path = path
-
-    def maybe_flush(self) -> None:
-        self._session.maybe_publish()
-
-    def flush(self) -> None:
-        self._session.publish()
-
-    def _on_close(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self._on_close()
-        self._stack.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._on_close()
-        self._stack.__exit__(*exc)
-
-
-def enter_transaction(path: Path):
-    """A transaction on ``path``, entered on an ExitStack the writer owns."""
-    from contextlib import ExitStack
-
-    from ..safeio import transaction
-
-    stack = ExitStack()
-    return stack, stack.enter_context(transaction(path))
 
 
 class RunFile(Writer):
@@ -317,19 +258,6 @@ def _create_frames(entry) -> None:
     fr["status"].attrs["long_name"] = "0 pending, 1 done, -1 failed"
 
 
-def text(v) -> str:
-    """One string of a run file (a dataset's value or an attribute) as str (h5py hands back bytes)."""
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
-def decode(arr) -> np.ndarray:
-    """Strings of any shape as str objects (h5py hands back bytes)."""
-    arr = np.asarray(arr)
-    out = np.empty(arr.shape, dtype=object)
-    out.ravel()[:] = [v.decode() if isinstance(v, bytes) else v for v in arr.ravel()]
-    return out
-
-
 def open_run(path: Path | str) -> Patterns:
     """Read the pattern stack and frame table of a run file (read-only).
 
@@ -377,38 +305,6 @@ def _frames(h5) -> FrameTable:
                       h5[h5path(f"{PATTERNS}/time_s")][()])
 
 
-@contextmanager
-def reading(path: Path | str):
-    """A run file open read-only, checked; errors name the file."""
-    import h5py
-
-    from ..safeio import active
-
-    path = Path(path)
-    session = active(path)
-    if session is not None and session.readable() is not None:   # our own work in progress
-        yield session.readable()
-        return
-    if not path.exists():
-        raise StoreError(f"run file {path} does not exist; run 'xrdpipe integrate' first")
-    try:
-        h5 = h5py.File(path, "r")
-    except OSError as exc:
-        raise StoreError(f"cannot read run file {path}: {exc}") from None
-    with h5:
-        if h5.attrs.get("format") != FORMAT:
-            raise StoreError(f"{path} is not an xrdpipe run file")
-        yield h5
-
-
-def axis_of(h5) -> tuple[str, str, float | None]:
-    """The pattern axis dataset name, its radial unit and the wavelength (Å) of a run file."""
-    axis = h5[h5path(PATTERNS)].attrs["axes"][1]
-    axis = text(axis)
-    wl = h5[h5path("instrument/monochromator")].get("wavelength")
-    return axis, "2th_deg" if axis == "tth" else "q_A^-1", float(wl[()]) if wl is not None else None
-
-
 @dataclass(frozen=True)
 class RunInfo:
     """Everything about a run file's patterns but the pattern stack itself."""
@@ -435,162 +331,6 @@ def read_run_info(path: Path | str) -> RunInfo:
         return RunInfo(pat[axis][()], unit, wl, h5[h5path(f"{FRAMES}/status")][()],
                        decode(h5[h5path(f"{FRAMES}/message")][()]), pat["time_s"][()],
                        json.loads(h5[h5path(FINGERPRINT)][()]), PEAKS in h5[ENTRY])
-
-
-def write_table(path: Path | str, group: str, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
-    """Replace ``/entry/<group>`` of a run file with the given arrays (an NXcollection); a dict
-    value becomes a subgroup (``{"arrays": {...}, "attrs": {...}}``)."""
-    from ..safeio import transaction
-
-    with transaction(path) as session:
-        entry = session.writable()[ENTRY]
-        session.check_room(_nbytes(arrays))
-        if group in entry:
-            del entry[group]
-        _fill(entry.create_group(group), arrays, attrs)
-
-
-def _nbytes(arrays: dict[str, Any]) -> int:
-    """Roughly the bytes a table takes (strings counted at 64 bytes), for the room check."""
-    total = 0
-    for v in arrays.values():
-        if isinstance(v, dict):
-            total += _nbytes(v.get("arrays", {}))
-            continue
-        a = np.asarray(v)
-        total += a.size * 64 if a.dtype == object or a.dtype.kind in "US" else a.nbytes
-    return total
-
-
-def _fill(g, arrays: dict[str, Any], attrs: dict[str, Any]) -> None:
-    g.attrs.update({"NX_class": "NXcollection", **attrs})
-    for name, value in arrays.items():
-        if isinstance(value, dict):       # a subgroup: {"arrays": {...}, "attrs": {...}} or plain arrays
-            sub = value if "arrays" not in value else value["arrays"]
-            _fill(g.create_group(name), sub, value.get("attrs", {}) if "arrays" in value else {})
-            continue
-        value = np.asarray(value)
-        if value.dtype.kind in "OU":
-            g.create_dataset(name, data=value.astype(object), dtype=str_dtype())
-        else:
-            g.create_dataset(name, data=value)
-
-
-def read_table(path: Path | str, group: str, names: Sequence[str] | None = None) -> dict[str, Any] | None:
-    """``/entry/<group>`` of a run file as arrays (strings decoded) with its attributes under
-    ``"attrs"``; only the arrays in ``names`` when given; None when the run file has no such group."""
-    with reading(path) as h5:
-        return group_arrays(h5, group, names)
-
-
-def group_arrays(h5, group: str, names: Sequence[str] | None = None) -> dict[str, Any] | None:
-    """:func:`read_table` on a run file open for reading (``h5``)."""
-    if group not in h5[ENTRY]:
-        return None
-    g = h5[ENTRY][group]
-    out: dict[str, Any] = {"attrs": dict(g.attrs)}
-    for name, item in g.items():
-        if hasattr(item, "dtype") and (names is None or name in names):
-            v = item[()]
-            if item.shape == ():                     # a scalar: a string (bytes) or a number
-                out[name] = text(v) if isinstance(v, (bytes, str)) else v
-            else:
-                out[name] = decode(v) if v.dtype.kind in "OS" else v
-    return out
-
-
-def per_frame(values: np.ndarray | None, n: int, fill) -> np.ndarray:
-    """A per-frame column cut or padded (with ``fill``) to ``n`` frames (a table written before
-    more frames came in is shorter)."""
-    if values is None:
-        return np.full(n, fill, dtype=object) if isinstance(fill, str) else np.full(n, fill)
-    values = np.asarray(values)
-    if values.shape[0] >= n:
-        return values[:n]
-    pad = np.full((n - values.shape[0], *values.shape[1:]), fill, dtype=values.dtype)
-    return np.concatenate([values, pad])
-
-
-def read_electrochemistry(path: Path | str, names: Sequence[str] | None = None) -> dict[str, Any] | None:
-    """``/entry/electrochemistry`` (the cell's state per frame) with one row per frame of the run
-    file, or None when the echem stage has not run. Frames integrated after echem last ran have
-    no state yet: their rows are NaN (numbers), -1 (integers) or "" (strings), and
-    ``"frames_without"`` counts them (run ``xrdpipe echem`` again)."""
-    ec = read_table(path, ELECTROCHEMISTRY, names)
-    if ec is None:
-        return None
-    with reading(path) as h5:
-        n = int(h5[h5path(f"{FRAMES}/status")].shape[0])
-    rows = max((len(v) for k, v in ec.items() if k != "attrs" and np.ndim(v) >= 1), default=n)
-    for k, v in list(ec.items()):
-        if k != "attrs" and np.ndim(v) >= 1 and len(v) != n:
-            kind = np.asarray(v).dtype.kind
-            ec[k] = per_frame(np.asarray(v, float) if kind == "f" else v, n,
-                              np.nan if kind == "f" else -1 if kind in "iu" else False if kind == "b" else "")
-    ec["frames_without"] = max(n - rows, 0)
-    return ec
-
-
-def has_group(path: Path | str, group: str) -> bool:
-    """Whether the run file holds ``/entry/<group>``."""
-    with reading(path) as h5:
-        return group in h5[ENTRY]
-
-
-# ----------------------------------------------------------------------------------------------
-# /entry/process/stages: what each stage of `xrdpipe run` last finished, from which inputs
-
-@dataclass(frozen=True)
-class StageRecord:
-    """What a stage of ``xrdpipe run`` last finished: from which inputs (``key``), when, its
-    summary and the files it wrote."""
-
-    key: str
-    finished: str = ""
-    summary: str = ""
-    outputs: tuple[str, ...] = ()
-
-
-def read_stages(path: Path | str) -> dict[str, StageRecord]:
-    """The finished stages of a run file. A stage appears only once it has finished; empty for a
-    run file that does not exist yet."""
-    from ..safeio import active
-
-    session = active(path)
-    if not Path(path).exists() and (session is None or session.readable() is None):
-        return {}
-    with reading(path) as h5:
-        g = h5[ENTRY].get(STAGES)
-        if g is None:
-            return {}
-        out = {}
-        for name, sub in g.items():
-            a = {k: text(v) for k, v in sub.attrs.items()}
-            out[name] = StageRecord(a.get("key", ""), a.get("finished", ""), a.get("summary", ""),
-                                    tuple(json.loads(a.get("outputs") or "[]")))
-        return out
-
-
-def mark_stage(path: Path | str, stage: str, key: str | None, summary: str = "",
-               outputs: Sequence[Path | str] = ()) -> None:
-    """Record that ``stage`` finished from inputs ``key``, writing ``outputs`` (or, with None,
-    forget it: the stage has started and its outputs are in flux until it finishes)."""
-    from ..safeio import active, transaction
-
-    session = active(path)
-    if not Path(path).exists() and (session is None or session.readable() is None):
-        return
-    with transaction(path) as session:
-        h5 = session.writable()
-        if h5.attrs.get("format") != FORMAT or h5path(PROCESS) not in h5:
-            return                       # not a run file: whoever opens it next says so
-        g = h5[ENTRY].require_group(STAGES)
-        if stage in g:
-            del g[stage]
-        if key is not None:
-            sub = g.create_group(stage)
-            sub.attrs.update({"key": key, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                              "summary": summary, "outputs": json.dumps([str(p) for p in outputs])})
 
 
 def read_pattern_block(path: Path | str, rows: Sequence[int] | np.ndarray | None = None,

@@ -34,6 +34,7 @@ from ..parallel import stop_if_interrupted
 from ..safeio import file_stat, transaction
 from .echem import echem_experiment
 from .fit import fit_experiment
+from .groups import has_group, read_electrochemistry, read_table
 from .integrate import integrate_experiment
 from .lattice import lattice_experiment
 from .output import PlotSummary, export_experiment, plot_experiment
@@ -42,16 +43,8 @@ from .peakstore import read_peaks
 from .refine import refine_experiment
 from .report import report_experiment, report_path
 from .stage import DEPENDS
-from .store import (
-    DONE,
-    FAILED,
-    has_group,
-    mark_stage,
-    read_electrochemistry,
-    read_frames,
-    read_stages,
-    read_table,
-)
+from .stagelog import mark_stage, read_stages
+from .store import DONE, FAILED, read_frames
 
 __all__ = ["run_experiment", "RunSummary", "stage_keys", "report_key", "DEPENDS", "REPORT"]
 
@@ -274,18 +267,18 @@ def _fill_state(summary: RunSummary, exp: Experiment) -> None:
     summary.outputs["run file"] = str(run_file)
     if has_group(run_file, PEAKS):
         d = read_peaks(run_file, arrays=("done", "success"))
-        usable = d["done"].astype(bool) & (status == DONE)
-        summary.window_fits = int(usable.sum() * len(d["window"]))
-        summary.failed_fits = int((~d["success"].astype(bool))[usable].sum())
+        usable = d.done.astype(bool) & (status == DONE)
+        summary.window_fits = int(usable.sum() * len(d.window))
+        summary.failed_fits = int((~d.success.astype(bool))[usable].sum())
         summary.outputs["peaks"] = str(paths.peaks_csv)
     ec = read_electrochemistry(run_file)
     if ec is not None:
         summary.outputs["frames"] = str(paths.frames_csv)
-        summary.frames_without_echem = ec["frames_without"]
+        summary.frames_without_echem = ec.frames_without
     lat = read_table(run_file, LATTICE)
     if lat is not None:
         summary.outputs["lattice"] = str(paths.lattice_csv)
-        x = ec["x"][lat["frame"]] if ec is not None else None
+        x = ec.x[lat["frame"]] if ec is not None and ec.x is not None else None
         present = phase_present(lat["a_A"], lat["c_A"], lat["fraction"])
         for i, name in enumerate(lat["phase"]):
             seen = present[:, i]

@@ -191,11 +191,9 @@ def _header_times(good: list, timezone: str | None) -> tuple[str | None, datetim
     return "header", ends[0].start, ends[-1].end, ""
 
 
-def find_frames(spec: str, base: Path, *, timezone: str | None = None) -> FoundFrames:
-    """The frames (or 1D patterns) of ``spec`` (a folder or a glob): their format, count and times.
-    Only files of the known frame and pattern suffixes count; of the most common suffix, the EIGER
-    ``*_master`` files alone when there are any (their data files are read through them)."""
-    path = Path(spec)
+def _listed(spec: str, path: Path) -> tuple[list[Path], str, dict[str, list[Path]], list[str]]:
+    """The files of ``spec`` (a folder or a glob), how to name it, its frame and pattern files
+    by suffix and the other suffixes found; InitError when there is no frame or pattern file."""
     if path.is_dir():
         listed = [p for p in path.iterdir() if p.is_file()]
         where = f"folder {spec}"
@@ -211,23 +209,38 @@ def find_frames(spec: str, base: Path, *, timezone: str | None = None) -> FoundF
     by_suffix: dict[str, list[Path]] = {}
     for p in files:
         by_suffix.setdefault(p.suffix.lower(), []).append(p)
-    suffix = max(by_suffix, key=lambda s: (len(by_suffix[s]), s in FRAME_SUFFIXES))
-    group = by_suffix[suffix]
-    notes = []
-    stem = "*"
-    chosen = natsorted(group, key=str)
-    masters = [p for p in chosen if p.stem.endswith("_master")] if suffix in HDF5_SUFFIXES else []
+    return listed, where, by_suffix, others
+
+
+def _through_masters(group: list[Path], suffix: str, notes: list[str]) -> tuple[list[Path], str]:
+    """The files to read of a (sorted) group and their glob stem: the EIGER ``*_master`` files
+    alone where there are any and they can be read, their ``*_data_*`` files where not."""
+    masters = [p for p in group if p.stem.endswith("_master")] if suffix in HDF5_SUFFIXES else []
     if masters and len(masters) < len(group):
         refs = list_frames(masters[:1])
         try:
             read_frame(refs[0])
-            chosen, stem = masters, "*_master"
             notes.append(f"{len(group) - len(masters)} other {suffix} file(s) (EIGER data files) read through "
                          f"the {len(masters)} *_master{suffix} file(s)")
+            return masters, "*_master"
         except FrameReadError as exc:      # a master xrdpipe cannot read through: its data files
-            chosen, stem = [p for p in chosen if re.search(r"_data_\d+$", p.stem)], "*_data_*"
+            chosen = [p for p in group if re.search(r"_data_\d+$", p.stem)]
             notes.append(f"the EIGER master files are not read ({exc.reason}): their {len(chosen)} data "
                          "file(s) are (CHECK the frame times)")
+            return chosen, "*_data_*"
+    return group, "*"
+
+
+def find_frames(spec: str, base: Path, *, timezone: str | None = None) -> FoundFrames:
+    """The frames (or 1D patterns) of ``spec`` (a folder or a glob): their format, count and times.
+    Only files of the known frame and pattern suffixes count; of the most common suffix, the EIGER
+    ``*_master`` files alone when there are any (their data files are read through them)."""
+    path = Path(spec)
+    listed, where, by_suffix, others = _listed(spec, path)
+    suffix = max(by_suffix, key=lambda s: (len(by_suffix[s]), s in FRAME_SUFFIXES))
+    group = by_suffix[suffix]
+    notes = []
+    chosen, stem = _through_masters(natsorted(group, key=str), suffix, notes)
     pattern = _written_glob(spec, path.is_dir(), chosen, stem, base)
     skipped = len(listed) - len(group)
     if skipped:
@@ -328,10 +341,7 @@ def find_cycler(path: Path, base: Path, *, timezone: str | None, start: datetime
                 continue
         if rec is None:
             raise InitError(str(exc)) from None
-    columns: dict[str, str] = {}
-    if fmt == "csv":        # the columns the table reader chose (it tells them only in its note)
-        table = next((n for n in rec.notes if n.startswith("table ")), "")
-        columns = dict(re.findall(r"(time|datetime|voltage|current) = '([^']*)'", table))
+    columns = dict(rec.columns) if fmt == "csv" else {}     # the columns the table reader chose
     return FoundCycler(_rel(path, base), fmt, columns, len(rec), None if needs else rec.start,
                        None if needs else rec.end, needs, timezone, start, tuple(rec.notes))
 

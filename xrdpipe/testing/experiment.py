@@ -71,6 +71,26 @@ def _schedule(n_frames: int, n_rest: int, frac_charge: float) -> tuple[int, int]
     return n_ch, n_dis
 
 
+def _write_frames(writer, camera, sc: Scenario, xs: np.ndarray, times: list, *, period_s: float, exposure_s: float,
+                  counts: float, background: float | None, difficulty: Difficulty | None,
+                  rng: np.random.Generator) -> tuple[list[dict], list[dict]]:
+    """Write every frame (the phases' state at its x, Poisson counts) and return the truth rows
+    (frame, time, x, phase, a, c, fraction) and the peak rows (frame, phase, hkl, d, 2θ, area)."""
+    truth_rows, peak_rows = [], []
+    for i in range(len(xs)):
+        states = phase_state(sc, float(xs[i]))
+        peaks = peak_list(states, sc.wavelength_A, camera.tth_range, scale=counts * 3000.0, difficulty=difficulty)
+        for p in peaks:
+            peak_rows.append({"frame": i, **{k: p[k] for k in ("phase", "hkl", "d_A", "tth_deg", "area")}})
+        for ph, a, c, frac in states:
+            truth_rows.append({"frame": i, "time": (times[i][0] + (times[i][1] - times[i][0]) / 2).isoformat(),
+                               "time_s": i * period_s + exposure_s / 2, "x": float(xs[i]), "phase": ph.name,
+                               "a": a, "c": c, "fraction": frac})
+        y1 = pattern_1d(camera.grid, peaks, background=40.0 * counts if background is None else background)
+        writer.write(i, camera.grid, camera.counts(y1, rng), times[i][0])
+    return truth_rows, peak_rows
+
+
 def make_experiment(folder: Path | str, *, scenario: Scenario | str = "nfm", n_frames: int = 50,
                     shape: tuple[int, int] = (512, 512), frame_format: str = "h5",
                     frames_per_file: int = 25, period_s: float = 20.0, exposure_s: float | None = None,
@@ -116,19 +136,9 @@ def make_experiment(folder: Path | str, *, scenario: Scenario | str = "nfm", n_f
     camera = _Camera(sc, frame_format, shape, npt)
     writer = _FrameWriter(folder / ("raw" if camera.is_2d else "patterns"), run_name, frame_format, frames_per_file,
                           n_frames, period_s, exposure_s, shape, sc.wavelength_A)
-    truth_rows, peak_rows = [], []
     try:
-        for i in range(n_frames):
-            states = phase_state(sc, float(xs[i]))
-            peaks = peak_list(states, sc.wavelength_A, camera.tth_range, scale=counts * 3000.0, difficulty=difficulty)
-            for p in peaks:
-                peak_rows.append({"frame": i, **{k: p[k] for k in ("phase", "hkl", "d_A", "tth_deg", "area")}})
-            for ph, a, c, frac in states:
-                truth_rows.append({"frame": i, "time": (times[i][0] + (times[i][1] - times[i][0]) / 2).isoformat(),
-                                   "time_s": i * period_s + exposure_s / 2, "x": float(xs[i]), "phase": ph.name,
-                                   "a": a, "c": c, "fraction": frac})
-            y1 = pattern_1d(camera.grid, peaks, background=40.0 * counts if background is None else background)
-            writer.write(i, camera.grid, camera.counts(y1, rng), times[i][0])
+        truth_rows, peak_rows = _write_frames(writer, camera, sc, xs, times, period_s=period_s, exposure_s=exposure_s,
+                                              counts=counts, background=background, difficulty=difficulty, rng=rng)
     finally:
         writer.close()
     poni_file, mask_file = camera.write_calibration(folder)
