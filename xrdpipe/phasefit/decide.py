@@ -24,10 +24,18 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
     not be what it claims to be (dropped because its listed lines are empty, or present with
     areas unlike its own relative intensities) may have misled the searches of the others while
     it was there: the frame is then fitted again without it, and the better of the two (BIC) is
-    kept."""
+    kept. A phase on an alias of its cell (another of its reflections on its listed line) is
+    moved off it (:func:`_unaliased`)."""
     steady = _fit_steady(model, y, sigma, state, fit)
     if steady is not None:
-        return steady
+        return _unaliased(model, y, sigma, steady, fit)
+    return _unaliased(model, y, sigma, _fit_frame_searched(model, y, sigma, state, fit, centre), fit)
+
+
+def _fit_frame_searched(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state: PhaseState,
+                        fit: FitSpec, centre: np.ndarray | None = None) -> FrameResult:
+    """The frame with the searches (:func:`_fit_frame_once`), and again without a phase that
+    may not be what it claims to be (see :func:`fit_frame`)."""
     first = _fit_frame_once(model, y, sigma, state, fit, frozenset(), centre)
     impostors = frozenset(p for p, d in enumerate(first.decision)
                           if d.startswith("absent: no line at") or "unlike those it had alone" in d)
@@ -42,6 +50,70 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
         second.decision[p] = (d if d.startswith("absent") else
                               "absent: " + d.split("; ", 1)[-1] + f"; the frame fits better without it (ΔBIC {gain:.0f})")
     return second
+
+
+def _unaliased(m: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, res: FrameResult,
+               fit: FitSpec) -> FrameResult:
+    """The frame's solution, or that with a phase moved off an alias of its cell. A listed line
+    empty (below :data:`_SHOWN_Z` esds) while another reflection of the same phase holds the
+    line in that window is an alias: a P''2 a 2.3 % high puts its (101) where its (100) belongs
+    (areas are free per reflection, and the two explain the line equally). The phase's cell is
+    moved so that its listed line sits where that reflection is, the frame fitted again from
+    there, and the result kept unless its BIC is worse by ``bic_threshold``: the user's listed
+    line names the line."""
+    if not res.success:
+        return res
+    for p, i, value, hkl, other in _aliases(m, res):
+        start = res.state.copy()
+        start.cell[p] = m.trial_cells(p, start.cell[p], i, np.array([value]))[0]
+        alt = _fit_frame_searched(m, y, sigma, start, fit)
+        if not (alt.success and alt.present[p] and np.array_equal(alt.present, res.present)):
+            continue
+        if _bic(m, alt) > _bic(m, res) + fit.bic_threshold or (p, i) in {(q, j) for q, j, *_ in _aliases(m, alt)}:
+            continue
+        name = {v: k for k, v in _CELL_INDEX.items()}[i]
+        alt.decision[p] += (f"; its listed {hkl} line was held by its {other}: moved off that alias to "
+                            f"{name} = {alt.state.cell[p, i]:.5g} (ΔBIC {_bic(m, res) - _bic(m, alt):.0f})")
+        return alt
+    return res
+
+
+def _aliases(m: PhaseModel, res: FrameResult) -> list[tuple[int, int, float, str, str]]:
+    """Phases of a frame's solution whose listed line in a window is empty while another of
+    their reflections there holds a line, a listed line that moves with one cell parameter only:
+    (phase, that parameter, the value that puts the listed line on the other's centre, the two
+    reflections' names)."""
+    theta, err = res.theta, res.err
+    cells = m.cells(theta[None], res.state.cell)[0]
+    zero = float(theta[m.zero_col])
+    fw = np.where(m.fwhm_col >= 0, theta[np.maximum(m.fwhm_col, 0)], np.nan)
+    inner = m.inside(cells, zero, fw)
+    area = theta[m.area_col]
+    shown = inner & (area > _SHOWN_Z * np.where(np.isfinite(err[m.area_col]), err[m.area_col], 0.0))
+    out = []
+    for p in np.flatnonzero(res.present):
+        free = [_CELL_INDEX[n] for n in m.free[p]]
+        for w in range(m.W):
+            rows = m._refl_of[p][w]
+            listed = [r for r in rows if m.r_listed[r] and inner[r] and not shown[r]]
+            holders = [r for r in rows if not m.r_listed[r] and shown[r]]
+            if not listed or not holders:
+                continue
+            r, h = listed[0], max(holders, key=lambda q: area[q])
+            deps = [i for i in free if m.r_dep[r, i]]
+            if len(deps) != 1:
+                continue
+            i = deps[0]
+            col = m.cell_cols[p][m.free[p].index({v: k for k, v in _CELL_INDEX.items()}[i])]
+            values = np.linspace(m.lower[col], m.upper[col], 2001)
+            pos = m.positions(m.r_hkl[[r]], m.trial_cells(p, cells[p], i, values)[:, None, :], zero)[:, 0]
+            target = m.centres(cells[None], np.array([zero]), np.array([h]))[0, 0]
+            k = int(np.argmin(np.abs(pos - target)))
+            if abs(pos[k] - target) > 0.25 * fw[p, w]:
+                continue            # no cell within its reach puts the listed line there
+            hkl = lambda q: "(" + "".join(str(int(v)) for v in m.r_hkl[q]) + ")"   # noqa: E731
+            out.append((int(p), i, float(values[k]), hkl(r), hkl(h)))
+    return out
 
 
 def _fit_steady(m: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state: PhaseState,
