@@ -366,13 +366,6 @@ def _judge(m: PhaseModel, fr: "_Frame", res, present: list[int], held: set[int],
         mine = areas[m.r_phase == p].sum()
         touched = total_area[np.unique(m.r_window[(m.r_phase == p) & inner])].sum()
         share = mine / touched if touched > 0 else 0.0
-        at_edge = _at_edge(m, res, p)
-        pressed = [c for c in m.cell_cols[p] if c in res.order_cols and c not in held and _at_bound(res, c)]
-        cells = cells_now
-        crossed = [(q, j) for a, q, j, _ in m.order
-                   if a == p and q in present and res.signs[a, q, j]
-                   and np.sign(cells[p, j] - cells[q, j]) != res.signs[a, q, j]]
-        swapped = [m.phases[q].name for q, _ in crossed]
         gains[p] = gain
         if gain <= fit.bic_threshold:
             fails[p] = f"absent: ΔBIC {gain:.1f} <= {fit.bic_threshold:g}"
@@ -382,44 +375,66 @@ def _judge(m: PhaseModel, fr: "_Frame", res, present: list[int], held: set[int],
             # (a phase kept out of the fractions, the current collector, is there when the
             # data say so: its lines are narrow and weak, and left out they pull others')
             fails[p] = f"absent: {100 * share:.2g} % of the area < min_fraction"
-        elif pressed and len(pressed) < len(m.cell_cols[p]):
-            # pressed against another phase it could be confused with: the lines do not tell
-            # them apart in this parameter; hold it and fit again
-            held.update(pressed)
-            fails[p] = "refit"
-        elif at_edge:
-            edge = [c for c in m.cell_cols[p] if c not in held and _at_bound(res, c)]
-            if edge and len(edge) < len(m.cell_cols[p]):
-                # the phase is there, but a cell parameter runs away (its lines lie under
-                # another phase's): hold it and fit again
-                held.update(edge)
-                fails[p] = "refit"
-            else:
-                fails[p] = "absent: cell at the edge of its reach"
-        elif swapped and (p in found_now or gain < min(gains.get(q, np.inf) for q in range(m.P)
-                                                       if m.phases[q].name in swapped)):
-            cols = [m.cell_cols[p][m.free[p].index(n)] for n in m.free[p]
-                    if _CELL_INDEX[n] in {j for _, j in crossed}]
-            cols = [c for c in cols if c not in held]
-            if cols and len(cols) < len(m.cell_cols[p]):
-                # a parameter of a minor phase crossed another phase's (its lines lie
-                # under the other's): hold it where the search put it and fit again
-                held.update(cols)
-                fails[p] = "refit"
-            else:
-                fails[p] = f"absent: would take the place of {', '.join(swapped)}"
+        elif trouble := _cell_trouble(m, res, p, present, held, found_now, gains, cells_now):
+            fails[p] = trouble
         else:
-            passed[p] = f"present: ΔBIC {gain:.0f}" + (", found by the cell search" if p in found_now else "")
-            if p in found_now and p in fr.named:
-                # the lines could have been either phase's: say why they carry this name
-                q, d_p, d_q = fr.named[p]
-                passed[p] += (f"; named {m.phases[p].name}, not {m.phases[q].name}: its typed cell is nearer "
-                              f"({d_p:.2f} against {d_q:.2f} of the search range)")
-            # (a phase whose areas are unlike its own is a suspect: the frame is fitted
-            # again without it, and the better of the two kept, in fit_frame)
-            if suspect := _unlike(m, st, areas, inner, p):
-                passed[p] += "; " + suspect
+            passed[p] = _present_text(m, fr, p, gain, found_now, areas, inner)
     return gains, fails, passed, areas, inner
+
+
+def _cell_trouble(m: PhaseModel, res, p: int, present: list[int], held: set[int], found_now: set[int],
+                  gains: dict, cells: np.ndarray) -> str:
+    """What is wrong with a phase's cell in a frame's fit, or "": "refit" where a cell column
+    was added to ``held`` (pressed against a phase it could be confused with, run to the edge of
+    its reach while its other parameters are not, or crossed another phase's where it is the
+    minor one or new), else its "absent: ..." reason."""
+    pressed = [c for c in m.cell_cols[p] if c in res.order_cols and c not in held and _at_bound(res, c)]
+    crossed = [(q, j) for a, q, j, _ in m.order
+               if a == p and q in present and res.signs[a, q, j]
+               and np.sign(cells[p, j] - cells[q, j]) != res.signs[a, q, j]]
+    swapped = [m.phases[q].name for q, _ in crossed]
+    if pressed and len(pressed) < len(m.cell_cols[p]):
+        # pressed against another phase it could be confused with: the lines do not tell
+        # them apart in this parameter; hold it and fit again
+        held.update(pressed)
+        return "refit"
+    if _at_edge(m, res, p):
+        edge = [c for c in m.cell_cols[p] if c not in held and _at_bound(res, c)]
+        if edge and len(edge) < len(m.cell_cols[p]):
+            # the phase is there, but a cell parameter runs away (its lines lie under
+            # another phase's): hold it and fit again
+            held.update(edge)
+            return "refit"
+        return "absent: cell at the edge of its reach"
+    if swapped and (p in found_now or gains[p] < min(gains.get(q, np.inf) for q in range(m.P)
+                                                     if m.phases[q].name in swapped)):
+        cols = [m.cell_cols[p][m.free[p].index(n)] for n in m.free[p]
+                if _CELL_INDEX[n] in {j for _, j in crossed}]
+        cols = [c for c in cols if c not in held]
+        if cols and len(cols) < len(m.cell_cols[p]):
+            # a parameter of a minor phase crossed another phase's (its lines lie
+            # under the other's): hold it where the search put it and fit again
+            held.update(cols)
+            return "refit"
+        return f"absent: would take the place of {', '.join(swapped)}"
+    return ""
+
+
+def _present_text(m: PhaseModel, fr: "_Frame", p: int, gain: float, found_now: set[int], areas: np.ndarray,
+                  inner: np.ndarray) -> str:
+    """The decision of a phase that passes every test: its ΔBIC, how it was found and named, and
+    whether its areas make it a suspect."""
+    text = f"present: ΔBIC {gain:.0f}" + (", found by the cell search" if p in found_now else "")
+    if p in found_now and p in fr.named:
+        # the lines could have been either phase's: say why they carry this name
+        q, d_p, d_q = fr.named[p]
+        text += (f"; named {m.phases[p].name}, not {m.phases[q].name}: its typed cell is nearer "
+                 f"({d_p:.2f} against {d_q:.2f} of the search range)")
+    # (a phase whose areas are unlike its own is a suspect: the frame is fitted again without
+    # it, and the better of the two kept, in fit_frame)
+    if suspect := _unlike(m, fr.state, areas, inner, p):
+        text += "; " + suspect
+    return text
 
 
 def _area_esds(m: PhaseModel, fr: "_Frame", res, n_valid: int) -> np.ndarray:

@@ -75,6 +75,26 @@ class FrameResult:
     state: PhaseState
 
 
+def _best_basin(grid: np.ndarray, trial: np.ndarray, chi2: np.ndarray, score: np.ndarray, evaluate, scored,
+                tracking: bool, unheard: float, best_cell: np.ndarray, best: float) -> tuple[np.ndarray, float]:
+    """The cell and chi-square a search round ends at (``best_cell``, ``best`` if it finds no
+    basin): at high counts a basin of chi-square is narrower than a grid step, and which basin
+    looks best on the grid depends on where its points happen to fall, so the best few local
+    minima of ``score`` are each searched finely (:func:`_polish`) before one is chosen; when
+    ``tracking``, the first basin is enough (the least squares that follows finds its bottom).
+    ``unheard``: the chi-square of the windows the round did not listen to."""
+    step = float(np.median(np.diff(grid))) if grid.size > 1 else 0.0
+    best_s = np.inf
+    for j in _minima(score)[:3]:
+        if tracking:
+            return trial[j], float(chi2[j]) + unheard
+        _, t1, c1, s1 = _polish(grid[j], step, evaluate, scored)
+        if s1 < best_s:
+            best_s, best_cell = s1, t1
+            best = c1 + unheard
+    return best_cell, best
+
+
 def _minima(score: np.ndarray) -> list[int]:
     """The best few local minima of a search's scores over its grid (at most 8 looked at), an
     interior one preferred: a minimum on the edge of the range is a basin cut by it (its bottom
@@ -246,14 +266,7 @@ class _Frame:
         for name, frac, around_best, first in schedule:
             i = _CELL_INDEX[name]
             known.add(i)
-            use = windows
-            if first:
-                # the first round listens only to the windows whose reflections of p depend on
-                # nothing but the parameters searched so far (the 00l lines for c): a strong
-                # line placed by a parameter not yet searched must not pull this one astray
-                unknown = [_CELL_INDEX[n] for n in m.free[p] if _CELL_INDEX[n] not in known]
-                pure = [w for w in windows if not m.r_dep[np.ix_(m._refl_of[p][w], unknown)].any()]
-                use = pure or windows
+            use = self._round_windows(p, windows, known) if first else windows
             span = m.box[p, i] * scale if halves is None else halves[i]
             grid = self._round_grid(p, name, theta, centre[i], best_cell[i], span, frac, around_best, coarse, use)
             free = [_CELL_INDEX[n] for n in m.free[p]]
@@ -264,13 +277,7 @@ class _Frame:
 
             per_w: dict[int, np.ndarray] = {}
             trial, chi2 = evaluate(grid)
-            # a weak pull to the phase's last cell (the configured one until it is seen), in
-            # proportion to what the phase explains in the windows whose lines this parameter
-            # moves: where two cells explain the lines equally (another reflection of the same
-            # phase on the line, areas being free) the nearer one names them
-            moved = [w for w in use if m.r_dep[m._refl_of[p][w], i].any()] or list(use)
-            in_moved = np.sum([per_w[w] for w in moved], axis=0)
-            explained = max(float(chi2_w[moved].sum()) - float(np.min(in_moved)), 0.0)
+            explained = self._explained(p, i, use, per_w, chi2_w)
 
             def scored(trial: np.ndarray, chi2: np.ndarray) -> np.ndarray:
                 rel = (trial[:, free] - prior_at[free]) / m.box[p, free]
@@ -280,23 +287,30 @@ class _Frame:
                 return np.where(self._ordered(p, trial, others, theta, only=i), chi2 + prior, np.inf)
 
             score = scored(trial, chi2)
-            # at high counts a basin of chi-square is narrower than a grid step, and which basin
-            # looks best on the grid depends on where its points happen to fall: the best few
-            # local minima are each searched finely before one is chosen
-            step = float(np.median(np.diff(grid))) if grid.size > 1 else 0.0
-            best_s = np.inf
-            for j in _minima(score)[:3]:
-                if halves is not None:
-                    # tracking: the grid only has to find the basin; the least squares that
-                    # follows finds its bottom
-                    best_cell, best_s = trial[j], score[j]
-                    best = float(chi2[j]) + float(chi2_w[[w for w in windows if w not in use]].sum())
-                    break
-                v, t1, c1, s1 = _polish(grid[j], step, evaluate, scored)
-                if s1 < best_s:
-                    best_s, best_cell = s1, t1
-                    best = c1 + float(chi2_w[[w for w in windows if w not in use]].sum())
+            unheard = float(chi2_w[[w for w in windows if w not in use]].sum())
+            best_cell, best = _best_basin(grid, trial, chi2, score, evaluate, scored, halves is not None, unheard,
+                                          best_cell, best)
         return best_cell, best + rest, chi2_without
+
+    def _explained(self, p: int, i: int, use: Sequence[int], per_w: dict, chi2_w: np.ndarray) -> float:
+        """How much of the chi-square phase ``p`` explains at best over a search round's grid in
+        the windows whose lines parameter ``i`` moves: the weight of the weak pull to the phase's
+        last cell (the configured one until it is seen), so that where two cells explain the
+        lines equally (another reflection of the same phase on the line, areas being free) the
+        nearer one names them."""
+        m = self.m
+        moved = [w for w in use if m.r_dep[m._refl_of[p][w], i].any()] or list(use)
+        in_moved = np.sum([per_w[w] for w in moved], axis=0)
+        return max(float(chi2_w[moved].sum()) - float(np.min(in_moved)), 0.0)
+
+    def _round_windows(self, p: int, windows: Sequence[int], known: set[int]) -> list[int]:
+        """The windows a first round of a search listens to: those whose reflections of ``p``
+        depend on nothing but the parameters searched so far (``known``; the 00l lines for c): a
+        strong line placed by a parameter not yet searched must not pull this one astray."""
+        m = self.m
+        unknown = [_CELL_INDEX[n] for n in m.free[p] if _CELL_INDEX[n] not in known]
+        pure = [w for w in windows if not m.r_dep[np.ix_(m._refl_of[p][w], unknown)].any()]
+        return pure or list(windows)
 
     def _round_grid(self, p: int, name: str, theta: np.ndarray, centre: float, best: float, span: float,
                     frac: float, around_best: float | None, coarse: dict[str, float], use: Sequence[int]) -> np.ndarray:
@@ -405,6 +419,18 @@ class _Frame:
                                           cen_all, sign, start, None if tracked else 0.0, pure)
         if not cands:
             return
+        vp, vq, s, _ = self._pair_polish(p, q, j, name, cands, steps, halves, windows, others, widths, theta,
+                                         cen_all, sign, start, weight, pure)
+        self.state.cell[p] = m.trial_cells(p, self.state.cell[p], j, np.array([vp]))[0]
+        self.state.cell[q] = m.trial_cells(q, self.state.cell[q], j, np.array([vq]))[0]
+        for r in (p, q):
+            self.state.fwhm[r, windows] = s * widths[r, windows]
+
+    def _pair_polish(self, p: int, q: int, j: int, name: str, cands: list, steps: list, halves: list,
+                     windows: list[int], others: list[int], widths: np.ndarray, theta: np.ndarray, cen_all: np.ndarray,
+                     sign: int, start: np.ndarray, weight, pure: bool) -> tuple:
+        """The best of a joint search's coarse candidates ``cands`` (the pair's values, width
+        factor, score), each searched finely (see :meth:`pair_search`)."""
         # then finer and finer steps (0.2, 0.07, 0.025 of a width) around each of the best few
         # basins, the neighbouring width factors: at beamline counts a basin is narrower than a
         # coarse step, and the best coarse point need not lie in the deepest basin
@@ -426,11 +452,7 @@ class _Frame:
                 factors = np.array([s])
             if best is None or score < best[3]:
                 best = (vp, vq, s, score)
-        vp, vq, s, _ = best
-        self.state.cell[p] = m.trial_cells(p, self.state.cell[p], j, np.array([vp]))[0]
-        self.state.cell[q] = m.trial_cells(q, self.state.cell[q], j, np.array([vq]))[0]
-        for r in (p, q):
-            self.state.fwhm[r, windows] = s * widths[r, windows]
+        return best
 
     def _pair_trials(self, p: int, q: int, j: int, grids: list[np.ndarray], factors: np.ndarray,
                      windows: Sequence[int], others: Sequence[int], widths: np.ndarray, theta: np.ndarray,

@@ -46,35 +46,7 @@ def _fit_rows(m: PhaseModel, fr: "_Frame", rows: list[tuple[int, ...]], fit: Fit
     amps = [(int(m.area_col[r]), (int(m.fwhm_col[m.r_phase[r], m.r_window[r]]),)) for r in range(m.R)
             if len(m._refl_of[m.r_phase[r]][m.r_window[r]]) == 1]
     base = st.cell.copy()
-    lower, upper = m.lower.copy(), m.upper.copy()
-    for p in range(m.P):
-        # a phase just found stays within the range it was searched over; a tracked one moves
-        # a line width or so
-        steps = fr.track_halves(p, _TRACK_FWHM)
-        for n, col in zip(m.free[p], m.cell_cols[p]):
-            i = _CELL_INDEX[n]
-            if p in found:
-                lower[col] = max(lower[col], fr.centre[p, i] - m.box[p, i])
-                upper[col] = min(upper[col], fr.centre[p, i] + m.box[p, i])
-            else:
-                lower[col] = max(lower[col], st.cell[p, i] - steps[i])
-                upper[col] = min(upper[col], st.cell[p, i] + steps[i])
-    # two phases that could be confused do not cross in the least squares either: each stays on
-    # its side of the midpoint between their start values
-    order_cols: set[int] = set()
-    signs = {}
-    for p, q, j, _ in m.order:
-        n = {v: k for k, v in _CELL_INDEX.items()}[j]
-        sign = signs[p, q, j] = fr.sign(p, q, j)
-        if n in m.free[p] and sign and p in rows[0] and q in rows[0]:
-            col = m.cell_cols[p][m.free[p].index(n)]
-            mid = 0.5 * (st.cell[p, j] + st.cell[q, j])
-            if sign > 0 and mid > lower[col]:
-                lower[col] = min(mid, upper[col])
-                order_cols.add(col)
-            elif sign < 0 and mid < upper[col]:
-                upper[col] = max(mid, lower[col])
-                order_cols.add(col)
+    lower, upper, order_cols, signs = _bounds(m, fr, rows[0], found)
 
     def run(theta, hold_rows):
         return least_squares_batch(lambda t: m.value_jac(t, base), theta, np.broadcast_to(fr.y0, theta.shape[:1] + fr.y0.shape),
@@ -98,6 +70,45 @@ def _fit_rows(m: PhaseModel, fr: "_Frame", rows: list[tuple[int, ...]], fit: Fit
         return None
     res.lower, res.upper, res.order_cols, res.signs = lower, upper, order_cols, signs
     return res
+
+
+def _bounds(m: PhaseModel, fr: "_Frame", largest: Sequence[int], found: set[int]):
+    """The bounds of a frame's least squares: a phase just found (``found``) stays within the
+    range it was searched over, a tracked one moves a line width or so, and two phases that could
+    be confused (both in ``largest``, the first row's subset) stay each on its side of the
+    midpoint between their start values. Returns lower, upper (k,), the columns bounded by that
+    order, and the signs of the order (:meth:`_Frame.sign`) per pair and parameter."""
+    st = fr.state
+    lower, upper = m.lower.copy(), m.upper.copy()
+    for p in range(m.P):
+        # a phase just found stays within the range it was searched over; a tracked one moves
+        # a line width or so
+        steps = fr.track_halves(p, _TRACK_FWHM)
+        for n, col in zip(m.free[p], m.cell_cols[p]):
+            i = _CELL_INDEX[n]
+            if p in found:
+                lower[col] = max(lower[col], fr.centre[p, i] - m.box[p, i])
+                upper[col] = min(upper[col], fr.centre[p, i] + m.box[p, i])
+            else:
+                lower[col] = max(lower[col], st.cell[p, i] - steps[i])
+                upper[col] = min(upper[col], st.cell[p, i] + steps[i])
+    # two phases that could be confused do not cross in the least squares either: each stays on
+    # its side of the midpoint between their start values
+    order_cols: set[int] = set()
+    signs = {}
+    for p, q, j, _ in m.order:
+        n = {v: k for k, v in _CELL_INDEX.items()}[j]
+        sign = signs[p, q, j] = fr.sign(p, q, j)
+        if n in m.free[p] and sign and p in largest and q in largest:
+            col = m.cell_cols[p][m.free[p].index(n)]
+            mid = 0.5 * (st.cell[p, j] + st.cell[q, j])
+            if sign > 0 and mid > lower[col]:
+                lower[col] = min(mid, upper[col])
+                order_cols.add(col)
+            elif sign < 0 and mid < upper[col]:
+                upper[col] = max(mid, lower[col])
+                order_cols.add(col)
+    return lower, upper, order_cols, signs
 
 
 def _at_edge(m: PhaseModel, res, p: int, row: int = 0) -> bool:
