@@ -233,36 +233,45 @@ def window_trials(x, bg, y, w, cen, fw, eta, keep, coef, chi2):  # pragma: no co
                         s += a[j, i] * a[j, q]
                     h[i, q] = s
                     h[q, i] = s
-        for _ in range(3):
-            for i in range(k):
-                diag[i] = np.sqrt(max(h[i, i], 1e-300)) if on[i] else 1.0
-            for i in range(k):
-                rs[i] = r[i] / diag[i] if on[i] else 0.0
-                for q in range(k):
-                    if on[i] and on[q]:
-                        hs[i, q] = h[i, q] / (diag[i] * diag[q])
-                    else:
-                        hs[i, q] = 1.0 if i == q else 0.0
-            z = _spd_solve(hs, rs)
-            negative = False
-            for i in range(k):
-                coef[t, i] = z[i] / diag[i] if on[i] else 0.0
-                if i < n and coef[t, i] < 0:
-                    negative = True
-            if not negative:
-                break
-            for i in range(n):
-                if coef[t, i] < 0:
-                    on[i] = False
+        _nonnegative_solve(h, r, on, n, diag, hs, rs, coef[t])
         total = 0.0
-        for i in range(n):
-            coef[t, i] = max(coef[t, i], 0.0)
         for j in range(m):
             v = b[j]
             for i in range(k):
                 v -= a[j, i] * coef[t, i]
             total += v * v
         chi2[t] = total
+
+
+@njit(inline="always", nogil=True)
+def _nonnegative_solve(h, r, on, n, diag, hs, rs, out):  # pragma: no cover - compiled
+    """``h out = r`` over the columns ``on`` (the others 0), the first ``n`` not negative: a
+    negative one is dropped and the system solved again (twice), then clipped at 0. The system
+    is scaled to unit diagonal (:func:`_spd_solve`). ``diag``, ``hs``, ``rs``: work arrays."""
+    k = r.size
+    for _ in range(3):
+        for i in range(k):
+            diag[i] = np.sqrt(max(h[i, i], 1e-300)) if on[i] else 1.0
+        for i in range(k):
+            rs[i] = r[i] / diag[i] if on[i] else 0.0
+            for q in range(k):
+                if on[i] and on[q]:
+                    hs[i, q] = h[i, q] / (diag[i] * diag[q])
+                else:
+                    hs[i, q] = 1.0 if i == q else 0.0
+        z = _spd_solve(hs, rs)
+        negative = False
+        for i in range(k):
+            out[i] = z[i] / diag[i] if on[i] else 0.0
+            if i < n and out[i] < 0:
+                negative = True
+        if not negative:
+            break
+        for i in range(n):
+            if out[i] < 0:
+                on[i] = False
+    for i in range(n):
+        out[i] = max(out[i], 0.0)
 
 
 @_kernel
