@@ -55,6 +55,11 @@ def test_init_then_run_gives_the_demos_cells_and_fractions(demo):
                                "-o", str(out)])
     assert res.exit_code == 2 and res.output.strip() == f"error: {out} exists; give another -o or --force to overwrite it"
 
+    # the figures are not what is checked here: one contour map (of the windows init chose) as a
+    # 60 dpi PNG, instead of five figures as PNG and PDF at 300 dpi
+    assert text.count("[plots.contour]\n") == 1
+    out.write_text(text.replace("[plots.contour]\n", '[plots]\nkinds = ["contour"]\nformats = ["png"]\ndpi = 60\n'
+                                "[plots.contour]\n"))
     res = runner.invoke(main, ["run", str(out), "--workers", "1", "--scheduler", "serial"])
     assert res.exit_code == 0, res.output
     exp = load_experiment(out)

@@ -99,7 +99,7 @@ def test_1_an_empty_frame_is_recorded_and_every_export_skips_an_empty_pattern(ba
     with h5py.File(raw, "r+") as h5:                   # frame 1: every pixel at the integer maximum
         ds = h5["/entry/data/data"]
         ds[1] = np.iinfo(ds.dtype).max
-    proc = _cli("integrate", exp_file, "-q")
+    proc = _run("integrate", exp_file, "-q")
     assert proc.returncode == 0, proc.stderr
     assert "failed rel_data_000001.h5:1: empty pattern: no valid pixel (every pixel is masked, NaN or at the " \
            "integer maximum, which marks gaps and overflows)" in proc.stdout
@@ -107,7 +107,7 @@ def test_1_an_empty_frame_is_recorded_and_every_export_skips_an_empty_pattern(ba
     fr = open_run(exp.run.run_file).frames
     assert fr["status"][1] == -1 and fr["message"][1].startswith("empty pattern: no valid pixel")
     _good_frames_equal(exp.run.run_file, base[1], {1})
-    proc = _cli("export", exp_file, "--format", "xye", "--format", "fxye", "--format", "topas", "-q")
+    proc = _run("export", exp_file, "--format", "xye", "--format", "fxye", "--format", "topas", "-q")
     assert proc.returncode == 0, proc.stderr
     assert "exported 7 pattern(s) as 7 xye, 7 fxye, 7 topas" in proc.stdout
 
@@ -124,7 +124,7 @@ def test_1_an_empty_frame_is_recorded_and_every_export_skips_an_empty_pattern(ba
 def test_1_a_range_beyond_the_detector_and_a_mask_of_every_pixel_are_errors(base, tmp_path):
     exp_file = _copy(base, tmp_path / "e")
     _edit(exp_file, 'npt = 400\n', 'npt = 400\nrange = [80.0, 90.0]\n')
-    line = _error_line(_cli("integrate", exp_file, "-q"))
+    line = _error_line(_run("integrate", exp_file, "-q"))
     assert "integration.range: [80.0, 90.0]° holds no pixel of the detector, whose 2θ span is " in line
     span = [float(v) for v in line.split("span is ")[1].rstrip("°").split(" to ")]
     assert 0 <= span[0] < span[1] < 80
@@ -155,7 +155,7 @@ def _corrupt_chunk(path: Path, index: int) -> None:
 def test_2_a_corrupt_compressed_frame_is_recorded_and_the_run_goes_on(base, tmp_path, scheduler):
     exp_file = _copy(base, tmp_path / "e")
     _corrupt_chunk(sorted((tmp_path / "e" / "raw").glob("*.h5"))[1], 2)      # frame 6
-    proc = _cli("integrate", exp_file, "-q", *scheduler)
+    proc = _run("integrate", exp_file, "-q", *scheduler)
     assert proc.returncode == 0, proc.stderr
     assert ("failed rel_data_000002.h5:2: cannot decompress chunk [2, 0, 0] of /entry/data/data "
             "(bitshuffle-LZ4): block ") in proc.stdout
@@ -222,7 +222,7 @@ def test_3_a_full_disk_is_one_line_early_and_late_and_a_rerun_gives_the_clean_re
                                "was reached)"), line
         assert not list(run_file.parent.glob("*.work")) and not list(run_file.parent.glob("*.part"))
         assert not run_file.exists()                         # nothing was ever published (checkpoint_s 30)
-    proc = _cli("integrate", exp_file, "-q", *scheduler)     # with room again: the clean result
+    proc = _run("integrate", exp_file, "-q", *scheduler)     # with room again: the clean result
     assert proc.returncode == 0, proc.stderr
     assert_same_results(clean, run_file)
     # (a published run file is left as it was, byte for byte: test_scale.py checks it)
@@ -288,7 +288,7 @@ def test_4_ctrl_c_during_integration_stops_at_once_and_a_rerun_resumes(long_run,
     run_file = load_experiment(exp_file).run.run_file
     if run_file.exists():
         assert (open_run(run_file).frames["status"] == 1).sum() < 48       # stopped before the end
-    proc = _cli("integrate", exp_file, "-q", *scheduler)
+    proc = _run("integrate", exp_file, "-q", *scheduler)
     assert proc.returncode == 0, proc.stderr
     assert_same_results(clean, run_file)
 
