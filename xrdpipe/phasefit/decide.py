@@ -11,7 +11,16 @@ import numpy as np
 
 from ..config import FitSpec
 from .frame import FrameResult, _Frame
-from .model import _CELL_INDEX, _SHOWN_Z, _TRACK_FWHM, _UNLIKE, PhaseModel, PhaseState
+from .model import (
+    _BROADENED,
+    _CELL_INDEX,
+    _DRAWN,
+    _SHOWN_Z,
+    _TRACK_FWHM,
+    _UNLIKE,
+    PhaseModel,
+    PhaseState,
+)
 from .solve import _at_bound, _at_edge, _failed, _fit_rows, _fwhm_table, _result
 
 
@@ -28,8 +37,8 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
     moved off it (:func:`_unaliased`)."""
     steady = _fit_steady(model, y, sigma, state, fit)
     if steady is not None:
-        return _unaliased(model, y, sigma, steady, fit)
-    return _unaliased(model, y, sigma, _fit_frame_searched(model, y, sigma, state, fit, centre), fit)
+        return _unaliased(model, y, sigma, steady, fit, centre)
+    return _unaliased(model, y, sigma, _fit_frame_searched(model, y, sigma, state, fit, centre), fit, centre)
 
 
 def _fit_frame_searched(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state: PhaseState,
@@ -47,33 +56,47 @@ def _fit_frame_searched(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | No
         return first
     for p in impostors:
         d = first.decision[p]
+        why = next((part for part in d.split("; ") if part.startswith("its areas are unlike")), "suspect")
         second.decision[p] = (d if d.startswith("absent") else
-                              "absent: " + d.split("; ", 1)[-1] + f"; the frame fits better without it (ΔBIC {gain:.0f})")
+                              f"absent: {why}; the frame fits better without it (ΔBIC {gain:.0f})")
     return second
 
 
 def _unaliased(m: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, res: FrameResult,
-               fit: FitSpec) -> FrameResult:
+               fit: FitSpec, centre: np.ndarray | None = None) -> FrameResult:
     """The frame's solution, or that with a phase moved off an alias of its cell. A listed line
     empty (below :data:`_SHOWN_Z` esds) while another reflection of the same phase holds the
     line in that window is an alias: a P''2 a 2.3 % high puts its (101) where its (100) belongs
     (areas are free per reflection, and the two explain the line equally). The phase's cell is
     moved so that its listed line sits where that reflection is, the frame fitted again from
     there, and the result kept unless its BIC is worse by ``bic_threshold``: the user's listed
-    line names the line."""
+    line names the line. The frame is fitted again as if this frame's solution, with the cell
+    moved, were the frame before: the order of two similar phases then comes from the moved cell
+    (the alias may have reversed it)."""
     if not res.success:
         return res
+    tried = set()
     for p, i, value, hkl, other in _aliases(m, res):
+        if (p, i) in tried:
+            continue
+        tried.add((p, i))
         start = res.state.copy()
         start.cell[p] = m.trial_cells(p, start.cell[p], i, np.array([value]))[0]
-        alt = _fit_frame_searched(m, y, sigma, start, fit)
+        alt = _fit_frame_searched(m, y, sigma, start, fit, centre)
         if not (alt.success and alt.present[p] and np.array_equal(alt.present, res.present)):
             continue
         if _bic(m, alt) > _bic(m, res) + fit.bic_threshold or (p, i) in {(q, j) for q, j, *_ in _aliases(m, alt)}:
             continue
         name = {v: k for k, v in _CELL_INDEX.items()}[i]
+        before = res.decision[p].split("; ")[0]
+        # how the phase was found and named in this frame stays said
+        found = [part for part in res.decision[p].split("; ")[1:] if part.startswith("named ")]
+        head, *rest = alt.decision[p].split("; ")
+        if ", found by the cell search" in before and ", found by the cell search" not in head:
+            head += ", found by the cell search"
+        alt.decision[p] = "; ".join([head] + found + rest)
         alt.decision[p] += (f"; its listed {hkl} line was held by its {other}: moved off that alias to "
-                            f"{name} = {alt.state.cell[p, i]:.5g} (ΔBIC {_bic(m, res) - _bic(m, alt):.0f})")
+                            f"{name} = {alt.state.cell[p, i]:.5g} (ΔBIC {_bic(m, res) - _bic(m, alt):+.1f})")
         return alt
     return res
 
@@ -111,9 +134,15 @@ def _aliases(m: PhaseModel, res: FrameResult) -> list[tuple[int, int, float, str
             k = int(np.argmin(np.abs(pos - target)))
             if abs(pos[k] - target) > 0.25 * fw[p, w]:
                 continue            # no cell within its reach puts the listed line there
-            hkl = lambda q: "(" + "".join(str(int(v)) for v in m.r_hkl[q]) + ")"   # noqa: E731
-            out.append((int(p), i, float(values[k]), hkl(r), hkl(h)))
+            out.append((int(p), i, float(values[k]), _hkl_text(m.r_hkl[r]), _hkl_text(m.r_hkl[h])))
     return out
+
+
+def _hkl_text(hkl) -> str:
+    """(101), or (1 -2 10) where an index is negative or has two digits."""
+    idx = [int(v) for v in hkl]
+    sep = "" if all(0 <= v < 10 for v in idx) else " "
+    return "(" + sep.join(str(v) for v in idx) + ")"
 
 
 def _fit_steady(m: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state: PhaseState,
@@ -242,6 +271,16 @@ def _join(m: PhaseModel, fr: "_Frame", present: list[int], absent: list[int], de
                 continue
             cell, chi2_with, chi2_without = fr.search(p, present, around=fr.centre[p])
             gain = n_valid * np.log(max(chi2_without, 1e-300) / max(chi2_with, 1e-300)) - _n_params(m, p) * n_log
+            if gain <= fit.bic_threshold and (drawn := _drawn_towards(m, fr, p, present)):
+                # a similar phase followed from the frame before moved toward where p would be:
+                # it may have taken p's line (half-way between the two); p is searched again
+                # beside it where it was, and the joint search splits them
+                kept = st.cell.copy()
+                st.cell[drawn] = fr.before[drawn]
+                cell, chi2_with, chi2_without = fr.search(p, present, around=fr.centre[p])
+                gain = n_valid * np.log(max(chi2_without, 1e-300) / max(chi2_with, 1e-300)) - _n_params(m, p) * n_log
+                if gain <= fit.bic_threshold:
+                    st.cell[:] = kept
             if gain > fit.bic_threshold:
                 free = [_CELL_INDEX[n] for n in m.free[p]]
                 dist = np.sqrt(np.mean(((cell - st.cell[p])[free] / m.box[p][free]) ** 2))
@@ -260,13 +299,34 @@ def _join(m: PhaseModel, fr: "_Frame", present: list[int], absent: list[int], de
         similar = {b for a, b, _, _ in m.order if a == p}
         rival = next((t for t in tied[1:] if t[1] in similar), None)
         if rival is not None:
-            fr.named[p] = (rival[1], dist, rival[0])
+            # (distances from each phase's last cell: the typed one until the phase is seen)
+            typed = all(np.array_equal(st.cell[r], m.cell0[r]) for r in (p, rival[1]))
+            fr.named[p] = (rival[1], dist, rival[0], "typed" if typed else "last")
         st.cell[p] = cell
         present.append(p)
         absent.remove(p)
         joined.append(p)
         null_chi2 = np.inf
     return joined
+
+
+def _drawn_towards(m: PhaseModel, fr: "_Frame", p: int, present: list[int]) -> list[int]:
+    """The present phases similar to the absent phase ``p``, followed from the frame before, that
+    moved toward ``p``'s search centre by more than :data:`_DRAWN` of the distance between them
+    in a parameter that orders the pair, or broadened by more than :data:`_BROADENED`: a newcomer's
+    line half-way taken by the phase beside it (fast changes between frames)."""
+    st = fr.state
+    out = []
+    for a, r, j, _ in m.order:
+        if a != p or r not in present or not fr.tracked[r]:
+            continue
+        gap = fr.centre[p, j] - fr.before[r, j]
+        moved = (st.cell[r, j] - fr.before[r, j]) * np.sign(gap)
+        with np.errstate(invalid="ignore"):
+            broader = np.nanmax(st.fwhm[r] / fr.before_fwhm[r]) if np.isfinite(fr.before_fwhm[r]).any() else 0.0
+        if (abs(gap) > 0 and moved > _DRAWN * abs(gap)) or broader > _BROADENED:
+            out.append(r)
+    return sorted(set(out))
 
 
 def _place_again(m: PhaseModel, fr: "_Frame", present: list[int], joined: list[int]) -> None:
@@ -427,8 +487,8 @@ def _present_text(m: PhaseModel, fr: "_Frame", p: int, gain: float, found_now: s
     text = f"present: ΔBIC {gain:.0f}" + (", found by the cell search" if p in found_now else "")
     if p in found_now and p in fr.named:
         # the lines could have been either phase's: say why they carry this name
-        q, d_p, d_q = fr.named[p]
-        text += (f"; named {m.phases[p].name}, not {m.phases[q].name}: its typed cell is nearer "
+        q, d_p, d_q, which = fr.named[p]
+        text += (f"; named {m.phases[p].name}, not {m.phases[q].name}: its {which} cell is nearer "
                  f"({d_p:.2f} against {d_q:.2f} of the search range)")
     # (a phase whose areas are unlike its own is a suspect: the frame is fitted again without
     # it, and the better of the two kept, in fit_frame)

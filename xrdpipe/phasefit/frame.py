@@ -129,9 +129,11 @@ class _Frame:
         #: names two similar phases
         self.tracked = np.asarray(state.present, bool) & np.all(np.isfinite(state.cell), axis=1)
         self.before = state.cell.copy()
+        self.before_fwhm = state.fwhm.copy()
         #: a phase named by the nearer typed cell where a similar phase could have taken its
-        #: lines: phase -> (the other, their distances in search half-ranges)
-        self.named: dict[int, tuple[int, float, float]] = {}
+        #: lines: phase -> (the other, their distances in search half-ranges, "typed" or "last":
+        #: from which cells)
+        self.named: dict[int, tuple[int, float, float, str]] = {}
         self._width_guess: dict[int, float] = {}     # width_guess per window (the data's, fixed)
 
     # -- start widths from the data ----------------------------------------------------------

@@ -62,6 +62,11 @@ _UNLIKE = 0.5
 #: A listed line is shown (:func:`decide._lines_missing`) when its area exceeds this many esds
 #: (an empty line's area, never negative, is above zero half the time and above 1 esd one time in six).
 _SHOWN_Z = 3.0
+#: A phase followed from the frame before that moved this share of the way toward an absent
+#: similar phase's search centre, or broadened by this factor, may have taken its line: the
+#: absent phase is searched again beside it where it was (:func:`decide._drawn_towards`).
+_DRAWN = 0.2
+_BROADENED = 1.2
 
 
 @dataclass
