@@ -224,6 +224,7 @@ def _fit_frame_once(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, 
     # where each phase is looked for: around its configured cell (a last cell from a frame where
     # it was wrongly there would lead the search astray for good)
     fr.centre = m.cell0.copy() if centre is None else np.where(np.isfinite(centre), centre, m.cell0)
+    fr.going_back = centre is not None
     if present:
         _track(m, fr, present, before, fit)
     absent = [p for p in range(m.P) if p not in present and p not in banned]
@@ -271,7 +272,7 @@ def _join(m: PhaseModel, fr: "_Frame", present: list[int], absent: list[int], de
                 continue
             cell, chi2_with, chi2_without = fr.search(p, present, around=fr.centre[p])
             gain = n_valid * np.log(max(chi2_without, 1e-300) / max(chi2_with, 1e-300)) - _n_params(m, p) * n_log
-            if gain <= fit.bic_threshold and (drawn := _drawn_towards(m, fr, p, present)):
+            if gain <= fit.bic_threshold and not fr.going_back and (drawn := _drawn_towards(m, fr, p, present)):
                 # a similar phase followed from the frame before moved toward where p would be:
                 # it may have taken p's line (half-way between the two); p is searched again
                 # beside it where it was, and the joint search splits them

@@ -130,6 +130,7 @@ class _Frame:
         self.tracked = np.asarray(state.present, bool) & np.all(np.isfinite(state.cell), axis=1)
         self.before = state.cell.copy()
         self.before_fwhm = state.fwhm.copy()
+        self.going_back = False                # the backward pass (fit_frame given centres)
         #: a phase named by the nearer typed cell where a similar phase could have taken its
         #: lines: phase -> (the other, their distances in search half-ranges, "typed" or "last":
         #: from which cells)
