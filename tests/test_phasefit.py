@@ -105,16 +105,18 @@ def test_a_phase_is_moved_off_an_alias_of_its_cell_onto_its_listed_line():
     assert any("its listed (100) line was held by its (101): moved off that alias" in d for d in said)
 
 
-@pytest.mark.parametrize("n", [12, 24])
-def test_a_newcomer_is_found_beside_a_phase_that_half_took_its_line(n):
+@pytest.mark.parametrize("n, typed", [(12, 0.0), (24, 0.0), (24, 1.0), (12, -0.5)])
+def test_a_newcomer_is_found_beside_a_phase_that_half_took_its_line(n, typed):
     """The plain P2 -> P''2 series (exact cells) in 12 or 24 frames: the change between frames is
     fast, and in the first frames of the reaction the followed P2 moved half-way to P''2's line
     (c 11.278 then 11.307 between 11.26 and 11.34), so that P''2 searched beside it was "not found"
     (ΔBIC -16, -61); then P2 took P''2's line for the rest of the run (presence 0.46-0.50). A
     newcomer is now searched again beside a similar phase that moved toward it, where that phase
-    was in the frame before."""
-    series = pattern_series(n, scenario="mcm", counts=0.05, background=2000.0, seed=5)
-    phases, windows = fit_config("mcm")
+    was in the frame before. Also from cells typed off as a user types them (``typed`` % in a,
+    twice that in c, both phases)."""
+    dif = Difficulty(start_error=((0.01 * typed, 0.02 * typed), (0.01 * typed, 0.02 * typed))) if typed else None
+    series = pattern_series(n, scenario="mcm", counts=0.05, background=2000.0, seed=5, difficulty=dif)
+    phases, windows = fit_config("mcm", dif)
     table = fit_phases(series.as_patterns(), phases, windows, FitSpec())
     lat = refine_lattice(table, phases, LatticeSpec(), unit="2th_deg", wavelength_A=series.scenario.wavelength_A)
     s = score_phases(lat, table, series.states(), series.peaks)

@@ -14,6 +14,7 @@ from .frame import FrameResult, _Frame
 from .model import (
     _BROADENED,
     _CELL_INDEX,
+    _CELL_NAME,
     _DRAWN,
     _SHOWN_Z,
     _TRACK_FWHM,
@@ -21,7 +22,7 @@ from .model import (
     PhaseModel,
     PhaseState,
 )
-from .solve import _at_bound, _at_edge, _failed, _fit_rows, _fwhm_table, _result
+from .solve import _at_bound, _at_edge, _failed, _fit_rows, _fwhm_table, _result, esd_scale
 
 
 def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state: PhaseState,
@@ -87,7 +88,7 @@ def _unaliased(m: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, res: Fram
             continue
         if _bic(m, alt) > _bic(m, res) + fit.bic_threshold or (p, i) in {(q, j) for q, j, *_ in _aliases(m, alt)}:
             continue
-        name = {v: k for k, v in _CELL_INDEX.items()}[i]
+        name = _CELL_NAME[i]
         before = res.decision[p].split("; ")[0]
         # how the phase was found and named in this frame stays said
         found = [part for part in res.decision[p].split("; ")[1:] if part.startswith("named ")]
@@ -109,7 +110,7 @@ def _aliases(m: PhaseModel, res: FrameResult) -> list[tuple[int, int, float, str
     theta, err = res.theta, res.err
     cells = m.cells(theta[None], res.state.cell)[0]
     zero = float(theta[m.zero_col])
-    fw = np.where(m.fwhm_col >= 0, theta[np.maximum(m.fwhm_col, 0)], np.nan)
+    fw = m.fwhm_table(theta)
     inner = m.inside(cells, zero, fw)
     area = theta[m.area_col]
     shown = inner & (area > _SHOWN_Z * np.where(np.isfinite(err[m.area_col]), err[m.area_col], 0.0))
@@ -127,7 +128,7 @@ def _aliases(m: PhaseModel, res: FrameResult) -> list[tuple[int, int, float, str
             if len(deps) != 1:
                 continue
             i = deps[0]
-            col = m.cell_cols[p][m.free[p].index({v: k for k, v in _CELL_INDEX.items()}[i])]
+            col = m.cell_cols[p][m.free[p].index(_CELL_NAME[i])]
             values = np.linspace(m.lower[col], m.upper[col], 2001)
             pos = m.positions(m.r_hkl[[r]], m.trial_cells(p, cells[p], i, values)[:, None, :], zero)[:, 0]
             target = m.centres(cells[None], np.array([zero]), np.array([h]))[0, 0]
@@ -504,10 +505,7 @@ def _area_esds(m: PhaseModel, fr: "_Frame", res, n_valid: int) -> np.ndarray:
     with np.errstate(invalid="ignore"):
         err = np.sqrt(np.diagonal(res.cov[0]))[m.area_col]
     free = int(np.count_nonzero(np.isfinite(np.diagonal(res.cov[0]))))
-    redchi = float(res.chi2[0]) / max(n_valid - free, 1)
-    if not fr.has_errors or m.fit.esd_scale == "redchi" or redchi > 1:
-        err = err * np.sqrt(redchi)
-    return err
+    return err * np.sqrt(esd_scale(m, fr, float(res.chi2[0]) / max(n_valid - free, 1)))
 
 
 def _lines_missing(m: PhaseModel, areas: np.ndarray, inner: np.ndarray, p: int, area_err: np.ndarray) -> str:

@@ -154,7 +154,7 @@ class PhaseFitter:
         theta, err, cov = res.theta, res.err, res.cov
         cen, cen_err = centre_esd(m, theta, cov, res.state.cell)
         d, d_err = d_of(m, cen, cen_err)
-        fw_table = np.where(m.fwhm_col >= 0, theta[np.maximum(m.fwhm_col, 0)], np.nan)
+        fw_table = m.fwhm_table(theta)
         inner = m.inside(m.cells(theta[None], res.state.cell)[0], theta[m.zero_col], fw_table)
         for p in range(m.P):
             if not res.present[p]:

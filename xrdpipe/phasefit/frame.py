@@ -13,6 +13,7 @@ import numpy as np
 from .. import kernels
 from .model import (
     _CELL_INDEX,
+    _CELL_NAME,
     _JOINT,
     _PRIOR,
     _STEP,
@@ -394,7 +395,7 @@ class _Frame:
         theta = np.zeros(m.k)
         self.fill_nonlinear(theta, self.state.cell, zero)
         cen_all = m.centres(self.state.cell[None], np.array([zero]))[0]
-        name = {v: k for k, v in _CELL_INDEX.items()}[j]
+        name = _CELL_NAME[j]
         windows = [w for w in range(m.W) if m._refl_of[p][w].size and m._refl_of[q][w].size]
         if not windows or name not in m.free[p] or name not in m.free[q]:
             return
@@ -468,7 +469,7 @@ class _Frame:
         (the pair's shared lines) stay half a width apart."""
         m = self.m
         zero = self.state.zero
-        name = {v: k for k, v in _CELL_INDEX.items()}[j]
+        name = _CELL_NAME[j]
         shape = (grids[0].size, grids[1].size, factors.size)
         gp, gq, gs = (v.ravel() for v in np.meshgrid(*grids, factors, indexing="ij"))
         ok = np.sign(gp - gq) == sign if sign else np.ones(gp.size, bool)
@@ -576,7 +577,7 @@ class _Frame:
             windows = m.pure_windows.get((p, b, j))
             gap = 0.0
             if windows and self.tracked[b]:
-                name = {v: k for k, v in _CELL_INDEX.items()}[j]
+                name = _CELL_NAME[j]
                 gap = 0.5 * self._width(b, name, theta, windows)
             if gap and not self.tracked[p]:
                 ok &= np.abs(trial[:, j] - self.state.cell[b, j]) >= gap

@@ -27,6 +27,7 @@ from ..crystallography import (
 #: Default search half-ranges: relative for lengths, degrees for angles.
 DEFAULT_SEARCH = {"a": 0.015, "b": 0.015, "c": 0.03, "alpha": 2.0, "beta": 2.0, "gamma": 2.0}
 _CELL_INDEX = {"a": 0, "b": 1, "c": 2, "alpha": 3, "beta": 4, "gamma": 5}
+_CELL_NAME = {v: k for k, v in _CELL_INDEX.items()}
 _ANGLES = ("alpha", "beta", "gamma")
 #: How far a tracked phase may move in one frame, at its most sensitive line, in FWHM (twice:
 #: the local search, then the least squares); a larger move is a jump, searched for afresh.
@@ -447,6 +448,11 @@ class PhaseModel:
                     self._cell_const[p, i] = float(v)
         self._src_at = np.nonzero(self._cell_src >= 0)
         self._const_at = np.nonzero(np.isfinite(self._cell_const))
+
+    def fwhm_table(self, theta: np.ndarray) -> np.ndarray:
+        """(P, W) each phase's width per window in a parameter row ``theta`` (k,); NaN where it
+        has no line."""
+        return np.where(self.fwhm_col >= 0, theta[np.maximum(self.fwhm_col, 0)], np.nan)
 
     def cells(self, theta: np.ndarray, base: np.ndarray) -> np.ndarray:
         """Full cells (r, P, 6) from parameter rows (r, k); ``base`` (P, 6) fills fixed values."""

@@ -12,7 +12,7 @@ from ..batchfit import least_squares_batch
 from ..config import FitSpec
 from ..windows import d_from_radial
 from .frame import FrameResult, _Frame
-from .model import _CELL_INDEX, _TRACK_FWHM, PhaseModel, PhaseState
+from .model import _CELL_INDEX, _CELL_NAME, _TRACK_FWHM, PhaseModel, PhaseState
 
 
 def _fwhm_table(m: PhaseModel, fr: "_Frame") -> np.ndarray:
@@ -97,7 +97,7 @@ def _bounds(m: PhaseModel, fr: "_Frame", largest: Sequence[int], found: set[int]
     order_cols: set[int] = set()
     signs = {}
     for p, q, j, _ in m.order:
-        n = {v: k for k, v in _CELL_INDEX.items()}[j]
+        n = _CELL_NAME[j]
         sign = signs[p, q, j] = fr.sign(p, q, j)
         if n in m.free[p] and sign and p in largest and q in largest:
             col = m.cell_cols[p][m.free[p].index(n)]
@@ -140,6 +140,15 @@ def _failed(m: PhaseModel, state: PhaseState, message: str) -> FrameResult:
                        np.full(m.W, np.nan), np.zeros(m.W, int), np.zeros(m.W, int), state.copy())
 
 
+def esd_scale(m: PhaseModel, fr: _Frame, redchi: float) -> float:
+    """The factor on a frame's covariance: its reduced chi-square always without data esds or with
+    esd_scale = "redchi"; with Poisson esds ("auto") when it exceeds 1, so that a misfit the model
+    cannot remove (background shape, profile) widens them rather than being ignored; else 1."""
+    if not fr.has_errors or m.fit.esd_scale == "redchi" or redchi > 1:
+        return redchi
+    return 1.0
+
+
 def _result(m: PhaseModel, fr: _Frame, theta: np.ndarray, cov: np.ndarray, present: np.ndarray, decision, ok: bool,
             message: str) -> FrameResult:
     f, jac = m.value_jac(theta[None], fr.state.cell)
@@ -151,13 +160,10 @@ def _result(m: PhaseModel, fr: _Frame, theta: np.ndarray, cov: np.ndarray, prese
     nv = np.array([int(np.count_nonzero(free & touched[:, w.points].any(axis=1))) for w in m.windows])
     with np.errstate(invalid="ignore"):
         err = np.sqrt(np.diagonal(cov))
-    # esds scaled by the reduced chi-square: always without data esds or with esd_scale =
-    # "redchi"; with Poisson esds ("auto") when it exceeds 1, so that a misfit the model cannot
-    # remove (background shape, profile) widens them rather than being ignored
-    redchi = chi2_w.sum() / max(n_w.sum() - int(free.sum()), 1)
-    if not fr.has_errors or m.fit.esd_scale == "redchi" or redchi > 1:
-        cov = cov * redchi
-        err = err * np.sqrt(redchi)
+    scale = esd_scale(m, fr, chi2_w.sum() / max(n_w.sum() - int(free.sum()), 1))
+    if scale != 1.0:
+        cov = cov * scale
+        err = err * np.sqrt(scale)
     new = fr.state.copy()
     cells = m.cells(theta[None], fr.state.cell)[0]
     for p in range(m.P):
