@@ -15,6 +15,10 @@ Side by side in the same run:
 
 * ``phase model @ COMMIT`` (with ``--baseline COMMIT``): the same, with the ``xrdpipe`` package
   of that commit of this repository (``git archive``), in a child process, side by side.
+* ``phase model, bins averaged`` (with ``--instrument-sd SD``): the same with every line averaged
+  over an instrument triangle of standard deviation SD (what 2D frames integrated by xrdpipe
+  get, ``[fit] instrument``): its cost. The series' points are point samples, so its accuracy
+  columns are left out (a model of bins fitted to points).
 
 Printed: frames per second (end to end, one process, after a warm-up on five frames that loads
 or compiles the Numba kernels), the ratio to the lmfit loop, and the accuracy against the truth
@@ -45,6 +49,8 @@ def main() -> None:
     ap.add_argument("--loop-frames", type=int, default=40)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--baseline", default=None, help="a commit of this repository whose phase model runs side by side")
+    ap.add_argument("--instrument-sd", type=float, default=None,
+                    help="also time the phase model with lines averaged over this instrument sd (degrees)")
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)   # (the baseline's child process)
     args = ap.parse_args()
     if args.json:
@@ -52,10 +58,11 @@ def main() -> None:
         print(json.dumps({"rate": rate, "score": score}))
         return
 
-    compare(args.frames, args.loop_frames, args.seed, args.baseline)
+    compare(args.frames, args.loop_frames, args.seed, args.baseline, args.instrument_sd)
 
 
-def compare(frames: int, loop_frames: int, seed: int, baseline: str | None = None) -> None:
+def compare(frames: int, loop_frames: int, seed: int, baseline: str | None = None,
+            instrument_sd: float | None = None) -> None:
     """The table: the phase model (and that of ``baseline``), independent peaks and the lmfit loop
     on the hard series of ``frames`` frames (the loop on ``loop_frames`` of them)."""
     from xrdpipe.config import FitSpec, LatticeSpec
@@ -71,6 +78,8 @@ def compare(frames: int, loop_frames: int, seed: int, baseline: str | None = Non
     if baseline:
         rows.append((f"phase model @ {baseline}", *_baseline(baseline, frames, seed)))
     rows.append(("phase model", *_phase_model(frames, seed)))
+    if instrument_sd is not None:
+        rows.append(("phase model, bins averaged", _phase_model(frames, seed, instrument_sd)[0], {}))
 
     t0 = time.perf_counter()
     table = fit_peaks(pat, phases, windows, FitSpec(model="peaks"))
@@ -101,8 +110,9 @@ def _series(frames: int, seed: int):
     return pattern_series(frames, scenario="nfm", counts=0.05, background=2000.0, seed=seed, difficulty=dif), dif
 
 
-def _phase_model(frames: int, seed: int) -> tuple[float, dict]:
-    """The phase model end to end (fit_phases, then the cells and fractions): frames/s, score."""
+def _phase_model(frames: int, seed: int, instrument_sd: float | None = None) -> tuple[float, dict]:
+    """The phase model end to end (fit_phases, then the cells and fractions): frames/s, score.
+    With ``instrument_sd``, every line averaged over that instrument sd."""
     from xrdpipe.config import FitSpec, LatticeSpec
     from xrdpipe.lattice import refine_lattice
     from xrdpipe.phasefit import fit_phases
@@ -115,9 +125,10 @@ def _phase_model(frames: int, seed: int) -> tuple[float, dict]:
     # package is new (the baseline's, unpacked afresh, has no disk cache of its own)
     first = dataclasses.replace(pat, intensity=pat.intensity[:5], sigma=pat.sigma[:5],
                                 frames={k: v[:5] for k, v in pat.frames.items()})
-    fit_phases(first, phases, windows, FitSpec())
+    spec = FitSpec() if instrument_sd is None else FitSpec(instrument_sd=instrument_sd)
+    fit_phases(first, phases, windows, spec)
     t0 = time.perf_counter()
-    table = fit_phases(pat, phases, windows, FitSpec())
+    table = fit_phases(pat, phases, windows, spec)
     lat = refine_lattice(table, phases, LatticeSpec(), unit="2th_deg", wavelength_A=series.scenario.wavelength_A)
     dt = time.perf_counter() - t0
     score = {k: float(v) for k, v in score_phases(lat, table, series.states(), series.peaks).items()}

@@ -364,10 +364,25 @@ def test_steady_frames_skip_the_searches_and_give_the_searched_answer(monkeypatc
     assert any(d.startswith("absent: nothing left to explain") for d in decided)
 
 
-def test_the_compiled_model_and_its_jacobian():
+def _triangle_average(profile, x, half_width, n=801):
+    """``profile`` (a function of the abscissa) averaged over a triangle of ``half_width``
+    centred on each ``x``, by the trapezoid rule on ``2 n + 1`` nodes (plain NumPy)."""
+    if half_width == 0:
+        return profile(x)
+    s = np.linspace(-half_width, half_width, 2 * n + 1)
+    wt = 1 - np.abs(s) / half_width
+    wt[[0, -1]] = 0.0
+    vals = np.stack([profile(x + si) for si in s])
+    return np.tensordot(wt, vals, axes=1) / wt.sum()
+
+
+@pytest.mark.parametrize("sd", [None, 0.013])
+def test_the_compiled_model_and_its_jacobian(sd):
     """The phase model's lines (compiled kernel) against the pseudo-Voigt of
-    :mod:`xrdpipe.lineshapes` summed line by line, and its Jacobian against central differences
-    of the model in every column (cells, zero shift, widths, eta, areas, background)."""
+    :mod:`xrdpipe.lineshapes` summed line by line - point samples, and averaged over the
+    instrument's triangle of standard deviation ``sd`` (0.013°: pixels of ~0.4 FWHM split into
+    bins) by quadrature - and its Jacobian against central differences of the model in every
+    column (cells, zero shift, widths, eta, areas, background)."""
     from xrdpipe.lineshapes import pseudo_voigt
     from xrdpipe.phasefit.frame import _Frame
     from xrdpipe.phasefit.solve import initial_state
@@ -376,8 +391,10 @@ def test_the_compiled_model_and_its_jacobian():
     series = pattern_series(2, scenario="nfm", counts=0.05, background=2000.0, seed=3, difficulty=dif)
     phases, windows = fit_config("nfm", dif)
     pat = series.as_patterns()
-    m = PhaseModel(phases, windows, FitSpec(), radial=pat.radial, unit="2th_deg",
+    m = PhaseModel(phases, windows, FitSpec(instrument_sd=sd), radial=pat.radial, unit="2th_deg",
                    wavelength_A=series.scenario.wavelength_A)
+    hw = 0.0 if sd is None else np.sqrt(6) * sd
+    assert np.all(m.hw_all == hw)
     st = initial_state(m)
     fr = _Frame(m, pat.intensity[0][m.columns], pat.sigma[0][m.columns], st)
     theta0, _ = fr.linear(st.cell, range(m.P), 0.0)
@@ -392,9 +409,11 @@ def test_the_compiled_model_and_its_jacobian():
             want[win.points] += sum(theta[r, m.bg_col[w][d]] * win.t ** d for d in range(win.degree + 1))
         for i in range(m.R):
             p, w = m.r_phase[i], m.r_window[i]
-            want[m.windows[w].points] += pseudo_voigt(m.windows[w].x, cen[r, i], theta[r, m.fwhm_col[p, w]],
-                                                      theta[r, m.area_col[i]], theta[r, m.eta_col[p]])
-        np.testing.assert_allclose(f[r], want, rtol=1e-12, atol=1e-9 * np.abs(want).max())
+            want[m.windows[w].points] += _triangle_average(
+                lambda v: pseudo_voigt(v, cen[r, i], theta[r, m.fwhm_col[p, w]], theta[r, m.area_col[i]],
+                                       theta[r, m.eta_col[p]]), m.windows[w].x, hw)
+        rtol = 1e-12 if sd is None else 1e-6                    # (the quadrature's own error)
+        np.testing.assert_allclose(f[r], want, rtol=rtol, atol=rtol * 1e3 * np.abs(want).max())
     for c in range(m.k):
         h = 1e-6 * max(abs(theta[0, c]), 1.0)
         up, dn = theta.copy(), theta.copy()
@@ -406,13 +425,17 @@ def test_the_compiled_model_and_its_jacobian():
         assert np.abs(jac[:, c] - numeric).max() <= tol, m.names[c]
 
 
-def _reference_trials(x, bg, y, w, cen, fw, eta, keep, n_area):
-    """The window solve in plain NumPy: profiles, weighted normal equations scaled to unit
-    diagonal, negative areas dropped and solved again (twice)."""
-    u = (x[None, :, None] - cen[:, None, :]) / fw[:, None, :]
-    g = np.sqrt(4 * np.log(2) / np.pi) * np.exp(-4 * np.log(2) * u * u)
-    lo = (2 / np.pi) / (1 + 4 * u * u)
-    prof = (eta * lo + (1 - eta) * g) / fw[:, None, :] * keep[:, None, :]
+def _reference_trials(x, bg, y, w, cen, fw, eta, keep, n_area, half_width=0.0):
+    """The window solve in plain NumPy: profiles (averaged over a triangle of ``half_width``),
+    weighted normal equations scaled to unit diagonal, negative areas dropped and solved again
+    (twice)."""
+    def profiles(v):
+        u = (v[None, :, None] - cen[:, None, :]) / fw[:, None, :]
+        g = np.sqrt(4 * np.log(2) / np.pi) * np.exp(-4 * np.log(2) * u * u)
+        lo = (2 / np.pi) / (1 + 4 * u * u)
+        return (eta * lo + (1 - eta) * g) / fw[:, None, :]
+
+    prof = _triangle_average(profiles, x, half_width) * keep[:, None, :]
     a = np.concatenate([prof, np.broadcast_to(bg, (cen.shape[0], *bg.shape))], axis=2)
     aw, bw = a * w[None, :, None], y * w
     t, m, k = a.shape
@@ -453,7 +476,7 @@ def test_the_compiled_window_solve():
     eta = np.array([0.5, 0.3, 0.5])
     keep = (cen >= x[0] + fw / 2) & (cen <= x[-1] - fw / 2)
     coef, chi2 = np.zeros((cen.shape[0], 5)), np.zeros(cen.shape[0])
-    window_trials(x, bg, y, w, cen, fw, eta, keep, coef, chi2)
+    window_trials(x, np.zeros_like(x), bg, y, w, cen, fw, eta, keep, coef, chi2)
     want_coef, want_chi2 = _reference_trials(x, bg, y, w, cen, fw, eta, keep, 3)
     assert np.all(coef[:, :3] >= 0)
     np.testing.assert_allclose(chi2, want_chi2, rtol=1e-9)
@@ -462,6 +485,13 @@ def test_the_compiled_window_solve():
     assert abs(coef[2, 0] + coef[2, 1] - want_coef[2, 0] - want_coef[2, 1]) < 1e-6 * want_coef[2, :2].sum()
     assert coef[3, 0] == 0 and abs(coef[0, 0] / 300 - 1) < 0.05    # a line outside: no area; the line: its area
     assert coef[1, :2].min() == 0                                    # two lines on one: one kept
+    # averaged over the instrument's triangle (half-width 0.03, ~0.6 FWHM): the same solve of
+    # the averaged columns
+    hw = np.full_like(x, 0.03)
+    window_trials(x, hw, bg, y, w, cen, fw, eta, keep, coef, chi2)
+    want_coef, want_chi2 = _reference_trials(x, bg, y, w, cen, fw, eta, keep, 3, half_width=0.03)
+    np.testing.assert_allclose(chi2, want_chi2, rtol=2e-5)          # (the quadrature's own error)
+    np.testing.assert_allclose(coef[ok], want_coef[ok], rtol=1e-5, atol=1e-6 * np.abs(want_coef).max())
 
 
 def test_compiled_positions_equal_the_crystallography_functions():
@@ -505,3 +535,44 @@ def test_compiled_positions_equal_the_crystallography_functions():
             v = {n: theta[r, col] for n, col in zip(m.free[p], m.cell_cols[p])}
             np.testing.assert_array_equal(got[r, p], full_cell(spec.space_group, v["a"], v.get("c")))
 
+
+
+def test_each_window_scales_the_esds_of_what_it_determines():
+    """Per-window scaling of the covariance (solve.window_scaled), against the analytic answer
+    of a linear least squares: parameter 0 is fixed by window A alone, parameter 1 by window B
+    alone, parameter 2 by both. Window B fits 100 times worse than its noise: the esd of
+    parameter 1 grows 10 times, that of parameter 0 not at all, and parameter 2's follows
+    C (Σ s_w H_w) C; windows that fit to their noise leave the covariance as it is."""
+    from types import SimpleNamespace
+
+    from xrdpipe.phasefit.solve import window_scaled
+
+    n = 50
+    t = np.linspace(-1, 1, n)
+    jac = np.zeros((3, 2 * n))
+    jac[0, :n] = 1.0                      # window A
+    jac[1, n:] = t                        # window B
+    jac[2, :n] = t ** 2                   # both
+    jac[2, n:] = 1.0
+    w = np.full(2 * n, 0.5)
+    m = SimpleNamespace(windows=[SimpleNamespace(points=slice(0, n)), SimpleNamespace(points=slice(n, 2 * n))])
+    jw = jac * w
+    cov = np.linalg.inv(jw @ jw.T)
+    np.testing.assert_array_equal(window_scaled(m, w, jac, cov, np.array([0.7, 1.0])), cov)
+    out = window_scaled(m, w, jac, cov, np.array([1.0, 100.0]))
+    h_a, h_b = jw[:, :n] @ jw[:, :n].T, jw[:, n:] @ jw[:, n:].T
+    np.testing.assert_allclose(out, cov @ (h_a + 100 * h_b) @ cov, rtol=1e-10, atol=1e-12 * np.abs(out).max())
+    # without parameter 2, each of the others is fixed by one window alone
+    jac2 = np.zeros((2, 2 * n))
+    jac2[0, :n], jac2[1, n:] = 1.0, t
+    cov2 = np.linalg.inv((jac2 * w) @ (jac2 * w).T)
+    out2 = window_scaled(m, w, jac2, cov2, np.array([1.0, 100.0]))
+    np.testing.assert_allclose(np.sqrt(np.diag(out2)), np.sqrt(np.diag(cov2)) * [1.0, 10.0], rtol=1e-12)
+    # a parameter held (NaN in the covariance) stays NaN and leaves the others alone
+    held = cov2.copy()
+    big = np.full((3, 3), np.nan)
+    big[:2, :2] = held
+    jac3 = np.vstack([jac2, np.zeros((1, 2 * n))])
+    out3 = window_scaled(m, w, jac3, big, np.array([1.0, 100.0]))
+    assert np.isnan(out3[2]).all() and np.isnan(out3[:, 2]).all()
+    np.testing.assert_allclose(out3[:2, :2], out2, rtol=1e-12)

@@ -208,6 +208,13 @@ class FitSpec(Spec):
     ``backward = true`` (default; the phase model) goes back over the frames before each frame
     where a phase that appeared holds ``backward_share`` of the area, following the phases from
     there, and keeps in every frame the solution with the lower BIC.
+    ``instrument = "auto"`` (default; the phase model) averages each line over the radial spread
+    that an integrated bin averages over (its pixels' area, their splitting and the bin, recorded
+    by the integration as ``instrument_sd``), so that strong lines of 2D frames are not misfit
+    by their own blur; patterns without that record (imported 1D patterns) are point samples.
+    ``instrument_sd`` (radial unit) gives a constant one instead of the record (e.g. for imported
+    patterns of a known detector). ``"none"`` point samples always (the line's FWHM then includes
+    the instrument's blur).
     """
 
     model: Literal["phases", "peaks"] = "phases"
@@ -222,6 +229,8 @@ class FitSpec(Spec):
     max_iter: int = Field(default=200, ge=5, le=10_000)
     backward: bool = True
     backward_share: float = Field(default=0.3, gt=0, le=1)
+    instrument: Literal["auto", "none"] = "auto"
+    instrument_sd: float | None = Field(default=None, ge=0)
 
 
 class LatticeSpec(Spec):

@@ -5,10 +5,16 @@ positions from cells (:func:`radial_positions`)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit
 
 from .base import _CG, _CL, _LN2, _kernel
+
+_K = 1.6651092223153954          # 2 sqrt(ln 2): a Gaussian of FWHM f is exp(-(K (x - c) / f)²)
+_INV_K_SQRT_PI = 0.33883037580155256  # 1 / (K sqrt(π))
+_POINT_BELOW = 1e-3              # an instrument half-width below this share of the FWHM: a point sample
 
 
 @njit(inline="always", nogil=True)
@@ -31,12 +37,62 @@ def _pv_terms(xj, c, inv_f, area, eta):  # pragma: no cover - compiled
     return val, d_area, d_fwhm, d_eta, d_c
 
 
+@njit(inline="always", nogil=True)
+def _antiderivatives(t, f, inv_f):  # pragma: no cover - compiled
+    """At ``t`` = x - c from the centre of an area-normalised Gaussian and Lorentzian of FWHM ``f``:
+    their cumulative distributions ``F`` and the antiderivatives ``H`` of those (``H' = F``)."""
+    u = t * inv_f
+    ku = _K * u
+    tail = math.erfc(-ku)                           # 1 + erf(ku), exact on the far left
+    f_g = 0.5 * tail
+    h_g = 0.5 * f * (u * tail + math.exp(-ku * ku) * _INV_K_SQRT_PI)
+    at = math.atan(2.0 * u)
+    f_l = 0.5 + at / math.pi
+    h_l = f * (0.5 * u + (u * at - 0.25 * math.log1p(4.0 * u * u)) / math.pi)
+    return f_g, f_l, h_g, h_l
+
+
+@njit(inline="always", nogil=True)
+def _line_terms(xj, c, inv_f, area, eta, b):  # pragma: no cover - compiled
+    """One line at point ``xj`` as an integrated bin sees it: the area-normalised pseudo-Voigt
+    averaged over a triangle of half-width ``b`` centred on ``xj`` (the pixels' area, their
+    splitting and the bin: :attr:`xrdpipe.integration.Integrator.instrument_sd` is the triangle's
+    standard deviation, b = sqrt(6) sd), times its area. Its value and derivatives in area, FWHM,
+    eta and centre, as :func:`_pv_terms` (which it is when ``b`` is below a thousandth of the
+    FWHM: a point sample).
+
+    The triangle average of a profile whose antiderivative of the distribution is ``H`` is the
+    second difference (H(t + b) - 2 H(t) + H(t - b)) / b², exact; with ``H`` of f: d/dc = -F,
+    d/df = (H - t F) / f."""
+    if b * inv_f < _POINT_BELOW:
+        return _pv_terms(xj, c, inv_f, area, eta)
+    f = 1.0 / inv_f
+    s_f = 0.0
+    s_h = 0.0
+    s_hf = 0.0
+    s_e = 0.0
+    for q in range(3):
+        t = xj - c + (q - 1) * b
+        wq = -2.0 if q == 1 else 1.0
+        f_g, f_l, h_g, h_l = _antiderivatives(t, f, inv_f)
+        cdf = f_g + eta * (f_l - f_g)
+        h = h_g + eta * (h_l - h_g)
+        s_f += wq * cdf
+        s_h += wq * h
+        s_hf += wq * (h - t * cdf)
+        s_e += wq * (h_l - h_g)
+    inv_b2 = 1.0 / (b * b)
+    shape = s_h * inv_b2
+    return area * shape, shape, area * s_hf * inv_b2 * inv_f, area * s_e * inv_b2, -area * s_f * inv_b2
+
+
 @_kernel
-def phase_value_jac(x, lo, hi, cen, theta, fw_col, eta_col, a_col, dcol, dval, f, jac):  # pragma: no cover - compiled
+def phase_value_jac(x, hw, lo, hi, cen, theta, fw_col, eta_col, a_col, dcol, dval, f, jac):  # pragma: no cover - compiled
     """Add the phase model's lines to ``f`` (r, M) and their derivatives to ``jac`` (r, k, M).
 
-    Line ``i`` (area-normalised pseudo-Voigt times its area) lies on points ``lo[i]:hi[i]`` of
-    the abscissa ``x``, at centre ``cen[r, i]``, with its width, eta and area in columns
+    Line ``i`` (area-normalised pseudo-Voigt times its area, averaged over the instrument's
+    triangle of half-width ``hw[j]`` at point ``j``: :func:`_line_terms`) lies on points
+    ``lo[i]:hi[i]`` of the abscissa ``x``, at centre ``cen[r, i]``, with its width, eta and area in columns
     ``fw_col[i]``, ``eta_col[i]``, ``a_col[i]`` of ``theta`` (r, k); its centre moves by
     ``dval[r, i, q]`` per unit of column ``dcol[i, q]`` (-1: none), the cell and zero columns."""
     for r in range(theta.shape[0]):
@@ -46,7 +102,7 @@ def phase_value_jac(x, lo, hi, cen, theta, fw_col, eta_col, a_col, dcol, dval, f
             area = theta[r, a_col[i]]
             eta = theta[r, eta_col[i]]
             for j in range(lo[i], hi[i]):
-                val, d_area, d_fwhm, d_eta, d_c = _pv_terms(x[j], c, inv_f, area, eta)
+                val, d_area, d_fwhm, d_eta, d_c = _line_terms(x[j], c, inv_f, area, eta, hw[j])
                 f[r, j] += val
                 jac[r, a_col[i], j] += d_area
                 jac[r, fw_col[i], j] += d_fwhm
@@ -57,7 +113,7 @@ def phase_value_jac(x, lo, hi, cen, theta, fw_col, eta_col, a_col, dcol, dval, f
 
 
 @_kernel
-def phase_normal(x, y, wt, tpow, win_lo, win_hi, wcol_ptr, wcols, nbg, lbg, line_ptr, lines, cen, theta,
+def phase_normal(x, hw, y, wt, tpow, win_lo, win_hi, wcol_ptr, wcols, nbg, lbg, line_ptr, lines, cen, theta,
                  fw_col, eta_col, a_col, la, lf, le, ld, dval, chi2, hess, grad):  # pragma: no cover - compiled
     """The normal equations of the phase model straight from its lines, window by window:
     ``chi2`` (r,), ``hess`` = JᵀW²J (r, k, k) and ``grad`` = JᵀW²(y - f) (r, k) for parameter
@@ -67,7 +123,7 @@ def phase_normal(x, y, wt, tpow, win_lo, win_hi, wcol_ptr, wcols, nbg, lbg, line
     Window ``w`` covers points ``win_lo[w]:win_hi[w]`` and the columns ``wcols[wcol_ptr[w]:
     wcol_ptr[w + 1]]``; its background has ``nbg[w]`` columns (local ``lbg[w, d]``, values
     ``tpow[j, d]``), its lines are ``lines[line_ptr[w]:line_ptr[w + 1]]``. Line ``i`` is the
-    area-normalised pseudo-Voigt of :func:`phase_value_jac` (global columns ``fw_col``, ``eta_col``,
+    line of :func:`phase_value_jac` (instrument half-widths ``hw``) (global columns ``fw_col``, ``eta_col``,
     ``a_col`` for its values, local ``lf``, ``le``, ``la`` for its derivatives; its centre moves by
     ``dval[r, i, q]`` per unit of local column ``ld[i, q]``, -1: none)."""
     n_win = win_lo.size
@@ -95,8 +151,8 @@ def phase_normal(x, y, wt, tpow, win_lo, win_hi, wcol_ptr, wcols, nbg, lbg, line
                     jrow[lbg[w, d]] = tpow[j, d]
                 for n in range(line_ptr[w], line_ptr[w + 1]):
                     i = lines[n]
-                    val, d_area, d_fwhm, d_eta, d_c = _pv_terms(x[j], cen[r, i], 1.0 / theta[r, fw_col[i]],
-                                                               theta[r, a_col[i]], theta[r, eta_col[i]])
+                    val, d_area, d_fwhm, d_eta, d_c = _line_terms(x[j], cen[r, i], 1.0 / theta[r, fw_col[i]],
+                                                                 theta[r, a_col[i]], theta[r, eta_col[i]], hw[j])
                     f += val
                     jrow[la[i]] += d_area
                     jrow[lf[i]] += d_fwhm
@@ -168,11 +224,11 @@ def _spd_solve(a, b):  # pragma: no cover - compiled
 
 
 @_kernel
-def window_trials(x, bg, y, w, cen, fw, eta, keep, coef, chi2):  # pragma: no cover - compiled
+def window_trials(x, hw, bg, y, w, cen, fw, eta, keep, coef, chi2):  # pragma: no cover - compiled
     """Weighted least squares of one window at many trials, the areas not negative.
 
-    Trial ``t`` fits ``y`` (m,) with weights ``w`` (m,) by the area-normalised pseudo-Voigt lines
-    at ``cen[t]`` (n,) with widths ``fw[t]`` (n,) and ``eta`` (n,) (a line not ``keep[t, i]``
+    Trial ``t`` fits ``y`` (m,) with weights ``w`` (m,) by the lines of :func:`_line_terms`
+    (instrument half-widths ``hw`` (m,)) at ``cen[t]`` (n,) with widths ``fw[t]`` (n,) and ``eta`` (n,) (a line not ``keep[t, i]``
     has an empty column) and the background columns ``bg`` (m, nb). Negative areas are dropped
     and the system solved again (twice); the normal equations are scaled to unit diagonal (a
     singular system gets a ridge of 1e-10 of the diagonal: two equal lines share their area).
@@ -206,11 +262,13 @@ def window_trials(x, bg, y, w, cen, fw, eta, keep, coef, chi2):  # pragma: no co
             g_unit = (1.0 - eta[i]) * _CG / f
             l_unit = eta[i] * _CL / f
             for j in range(m):
-                if keep[t, i]:
+                if not keep[t, i]:
+                    a[j, i] = 0.0
+                elif hw[j] < _POINT_BELOW * f:
                     u = (x[j] - cen[t, i]) / f
                     a[j, i] = w[j] * (l_unit / (1.0 + 4.0 * u * u) + g_unit * np.exp(-4.0 * _LN2 * u * u))
                 else:
-                    a[j, i] = 0.0
+                    a[j, i] = w[j] * _line_terms(x[j], cen[t, i], 1.0 / f, 1.0, eta[i], hw[j])[1]
         for i in range(n, k):
             changed[i] = t == 0
         for i in range(k):

@@ -500,8 +500,11 @@ def _present_text(m: PhaseModel, fr: "_Frame", p: int, gain: float, found_now: s
 
 
 def _area_esds(m: PhaseModel, fr: "_Frame", res, n_valid: int) -> np.ndarray:
-    """(R,) the esds of the line areas of a frame's fit (row 0), scaled as the frame's result
-    scales them (:func:`~xrdpipe.phasefit.solve._result`); NaN for an area at its bound."""
+    """(R,) the esds of the line areas of a frame's fit (row 0), scaled by the frame's reduced
+    chi-square where it exceeds 1 (:func:`~xrdpipe.phasefit.solve.esd_scale`); NaN for an area
+    at its bound. Deliberately the frame-wide factor, not the per-window one of the recorded
+    esds (:func:`~xrdpipe.phasefit.solve.window_scaled`): the line test stays as cautious in a
+    window that fits well as in the worst one."""
     with np.errstate(invalid="ignore"):
         err = np.sqrt(np.diagonal(res.cov[0]))[m.area_col]
     free = int(np.count_nonzero(np.isfinite(np.diagonal(res.cov[0]))))

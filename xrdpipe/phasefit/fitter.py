@@ -32,10 +32,12 @@ class PhaseFitter:
     """
 
     def __init__(self, phases: Sequence[PhaseSpec], windows: Sequence[WindowSpec], fit: FitSpec = FitSpec(),
-                 lattice: LatticeSpec = LatticeSpec(), *, radial: np.ndarray, unit: str, wavelength_A: float | None):
+                 lattice: LatticeSpec = LatticeSpec(), *, radial: np.ndarray, unit: str, wavelength_A: float | None,
+                 instrument_sd: np.ndarray | None = None, instrument_offset: np.ndarray | None = None):
         self.fit = fit
         try:
-            self.model = PhaseModel(phases, windows, fit, lattice, radial=radial, unit=unit, wavelength_A=wavelength_A)
+            self.model = PhaseModel(phases, windows, fit, lattice, radial=radial, unit=unit, wavelength_A=wavelength_A,
+                                    instrument_sd=instrument_sd, instrument_offset=instrument_offset)
         except ValueError as exc:
             raise WindowSetupError([(0, str(exc))]) from None
         m = self.model
@@ -376,7 +378,8 @@ def fit_phases(patterns, phases: Sequence[PhaseSpec], windows: Sequence[WindowSp
     n = patterns.intensity.shape[0]
     status = np.asarray(patterns.frames.get("status", np.ones(n)))
     fitter = PhaseFitter(phases, windows, fit, lattice, radial=patterns.radial, unit=patterns.unit,
-                         wavelength_A=patterns.wavelength_A)
+                         wavelength_A=patterns.wavelength_A, instrument_sd=getattr(patterns, "instrument_sd", None),
+                         instrument_offset=getattr(patterns, "instrument_offset", None))
     usable = status == 1
     reasons = [("frame not integrated: " + str(msg)) if not u else "" for u, msg in
                zip(usable, patterns.frames.get("message", [""] * n))]

@@ -217,7 +217,7 @@ class _Frame:
             near = (cen >= win.x[0] - _TAIL_FWHM * fw) & (cen <= win.x[-1] + _TAIL_FWHM * fw)
             keep |= near & tails
         coef, chi2 = np.zeros((n_trials, k)), np.zeros(n_trials)
-        kernels.window_trials(win.x, m.bg_columns[w], self.y0[win.points], self.w[win.points],
+        kernels.window_trials(win.x, win.hw, m.bg_columns[w], self.y0[win.points], self.w[win.points],
                               np.ascontiguousarray(cen, dtype=float), fw, eta, np.ascontiguousarray(keep), coef, chi2)
         return coef, chi2
 

@@ -97,6 +97,42 @@ class _Window:
     t: np.ndarray
     degree: int
     points: slice      # its part of the concatenated abscissa
+    hw: np.ndarray     # the instrument's half-width at each point (0: a point sample)
+
+
+def instrument_profile(fit: FitSpec, radial: np.ndarray, instrument_sd: np.ndarray | None,
+                       instrument_offset: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Where each point of ``radial`` is, and the half-width of the triangle each line is
+    averaged over there (:func:`xrdpipe.kernels.phase._line_terms`): (M,) and (M,).
+
+    With ``[fit] instrument = "auto"`` a point is the mean of the radial positions it averages
+    over (``radial + instrument_offset``: an integrated bin's pixels are not spread evenly about
+    its centre) and the half-width is sqrt(6) times their standard deviation
+    (``instrument_sd``, or the constant ``[fit] instrument_sd`` where given). Without a record,
+    with ``instrument = "none"``, or where a value is not finite: the radial value and 0, a
+    point sample."""
+    radial = np.asarray(radial, float)
+    point = (radial, np.zeros(radial.size))
+    if fit.instrument == "none":
+        return point
+    where = radial
+    if instrument_offset is not None:
+        off = _per_point(instrument_offset, radial, "instrument_offset")
+        where = radial + np.where(np.isfinite(off), off, 0.0)
+    if fit.instrument_sd is not None:
+        sd = np.full(radial.size, float(fit.instrument_sd))
+    elif instrument_sd is None:
+        return where, point[1]
+    else:
+        sd = _per_point(instrument_sd, radial, "instrument_sd")
+    return where, np.where(np.isfinite(sd) & (sd > 0), np.sqrt(6.0) * sd, 0.0)
+
+
+def _per_point(values, radial: np.ndarray, name: str) -> np.ndarray:
+    out = np.asarray(values, float)
+    if out.shape != radial.shape:
+        raise ValueError(f"{name} has {out.size} points; the radial axis has {radial.size}")
+    return out
 
 
 class PhaseModel:
@@ -107,10 +143,15 @@ class PhaseModel:
     phases, windows : the experiment's ``[[phases]]`` and ``[[windows]]``
     fit, lattice : ``[fit]`` (presence test, iterations) and ``[lattice]`` (zero correction)
     radial, unit, wavelength_A : the run's radial axis
+    instrument_sd, instrument_offset : (radial points,) the standard deviation of the radial
+        positions each point averages over, and their mean less the point's radial value (the run
+        file's records), or None: point samples at the radial values (see
+        :func:`instrument_profile`)
     """
 
     def __init__(self, phases: Sequence[PhaseSpec], windows: Sequence[WindowSpec], fit: FitSpec = FitSpec(),
-                 lattice: LatticeSpec = LatticeSpec(), *, radial: np.ndarray, unit: str, wavelength_A: float | None):
+                 lattice: LatticeSpec = LatticeSpec(), *, radial: np.ndarray, unit: str, wavelength_A: float | None,
+                 instrument_sd: np.ndarray | None = None, instrument_offset: np.ndarray | None = None):
         if unit == "2th_deg" and not wavelength_A:
             raise ValueError("the phase model needs the wavelength of a 2θ axis")
         self.phases = tuple(phases)
@@ -120,13 +161,15 @@ class PhaseModel:
         radial = np.asarray(radial, float)
         self.step = float(np.median(np.abs(np.diff(radial)))) if radial.size > 1 else 1.0
         self.data_span = (float(radial.min()), float(radial.max())) if radial.size else (np.nan, np.nan)
+        radial_eff, hw = instrument_profile(fit, radial, instrument_sd, instrument_offset)
         wins, start = [], 0
         for w in windows:
             idx = np.flatnonzero((radial >= w.range[0]) & (radial <= w.range[1]))
             cols = slice(int(idx[0]), int(idx[-1]) + 1) if idx.size else slice(0, 0)
-            x = radial[cols]
+            x = radial_eff[cols]
             mid, half = (w.range[0] + w.range[1]) / 2, (w.range[1] - w.range[0]) / 2
-            wins.append(_Window(w.name, cols, x, (x - mid) / half, w.background_degree, slice(start, start + x.size)))
+            wins.append(_Window(w.name, cols, x, (x - mid) / half, w.background_degree, slice(start, start + x.size),
+                                hw[cols]))
             start += x.size
         self.windows = tuple(wins)
         self.specs = tuple(windows)
@@ -299,6 +342,8 @@ class PhaseModel:
         self.lower[self.eta_col], self.upper[self.eta_col] = 0.0, 1.0
         self.lower[self.area_col] = 0.0
         self.x_all = np.concatenate([w.x for w in self.windows]) if self.W else np.zeros(0)
+        #: (M,) the instrument's half-width at each point of :attr:`x_all` (0: a point sample)
+        self.hw_all = np.concatenate([w.hw for w in self.windows]) if self.W else np.zeros(0)
         #: per window, its background's columns (points, degree + 1): powers of the reduced abscissa
         self.bg_columns = [np.stack([w.t ** d for d in range(w.degree + 1)], axis=1) for w in self.windows]
         #: (M,) the columns of the run's radial axis that make the concatenated windows
@@ -480,7 +525,7 @@ class PhaseModel:
                 jac[:, self.bg_col[w][d], sl] = td
         # the lines, compiled: every line's value and Jacobian columns in one pass
         lo, hi, fw_col, eta_col, a_col, dcol, _ = self._line_layout()
-        kernels.phase_value_jac(self.x_all, lo, hi, cen, np.ascontiguousarray(theta, dtype=float),
+        kernels.phase_value_jac(self.x_all, self.hw_all, lo, hi, cen, np.ascontiguousarray(theta, dtype=float),
                                 fw_col, eta_col, a_col, dcol, dval, f, jac)
         return f, jac
 
@@ -495,7 +540,7 @@ class PhaseModel:
         _, _, fw_col, eta_col, a_col, _, _ = self._line_layout()
         lay = self._normal_layout()
         chi2, hess, grad = np.zeros(r), np.zeros((r, self.k, self.k)), np.zeros((r, self.k))
-        kernels.phase_normal(self.x_all, np.ascontiguousarray(y, dtype=float), np.ascontiguousarray(w, dtype=float),
+        kernels.phase_normal(self.x_all, self.hw_all, np.ascontiguousarray(y, dtype=float), np.ascontiguousarray(w, dtype=float),
                              *lay[:9], cen, np.ascontiguousarray(theta, dtype=float), fw_col, eta_col, a_col,
                              *lay[9:], dval, chi2, hess, grad)
         return chi2, hess, grad

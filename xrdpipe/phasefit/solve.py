@@ -149,6 +149,34 @@ def esd_scale(m: PhaseModel, fr: _Frame, redchi: float) -> float:
     return 1.0
 
 
+def window_scaled(m: PhaseModel, w: np.ndarray, jac: np.ndarray, cov: np.ndarray, redchi_w: np.ndarray) -> np.ndarray:
+    """The covariance ``cov`` = (JᵀW²J)⁻¹ (k, k; NaN where not free) with each window's
+    information scaled by its reduced chi-square where that exceeds 1: C (Σ_w s_w J_wᵀW²J_w) C,
+    s_w = max(redchi_w, 1), with J_w the Jacobian ``jac`` (k, M) on window w's points.
+
+    A misfit the model cannot remove (a neighbour's tail under a window's background, a shape
+    the profile lacks) then widens the esds of what that window determines, and not those of
+    the parameters other windows fix: one frame-wide factor spreads the worst window's misfit
+    over every cell parameter. Equal to ``cov`` where every window fits to its noise."""
+    scale = np.maximum(np.nan_to_num(redchi_w, nan=1.0), 1.0)
+    free = np.isfinite(np.diagonal(cov))
+    if not free.any() or np.all(scale == 1.0):
+        return cov
+    sub = cov[np.ix_(free, free)]
+    d = np.sqrt(np.diagonal(sub))
+    d = np.where(d > 0, d, 1.0)
+    jw = jac[free] * w * d[:, None]                 # scaled to the esds: a well-conditioned product
+    meat = np.zeros((d.size, d.size))
+    for i, win in enumerate(m.windows):
+        if scale[i] != 1.0:
+            jp = jw[:, win.points]
+            meat += (scale[i] - 1.0) * (jp @ jp.T)
+    unit = sub / np.outer(d, d)
+    out = cov.copy()
+    out[np.ix_(free, free)] = (unit + unit @ meat @ unit) * np.outer(d, d)
+    return out
+
+
 def _result(m: PhaseModel, fr: _Frame, theta: np.ndarray, cov: np.ndarray, present: np.ndarray, decision, ok: bool,
             message: str) -> FrameResult:
     f, jac = m.value_jac(theta[None], fr.state.cell)
@@ -160,10 +188,15 @@ def _result(m: PhaseModel, fr: _Frame, theta: np.ndarray, cov: np.ndarray, prese
     nv = np.array([int(np.count_nonzero(free & touched[:, w.points].any(axis=1))) for w in m.windows])
     with np.errstate(invalid="ignore"):
         err = np.sqrt(np.diagonal(cov))
-    scale = esd_scale(m, fr, chi2_w.sum() / max(n_w.sum() - int(free.sum()), 1))
-    if scale != 1.0:
-        cov = cov * scale
-        err = err * np.sqrt(scale)
+    if fr.has_errors and m.fit.esd_scale == "auto":
+        cov = window_scaled(m, fr.w, jac[0], cov, chi2_w / np.maximum(n_w - nv, 1))
+        with np.errstate(invalid="ignore"):
+            err = np.sqrt(np.diagonal(cov))
+    else:
+        scale = esd_scale(m, fr, chi2_w.sum() / max(n_w.sum() - int(free.sum()), 1))
+        if scale != 1.0:
+            cov = cov * scale
+            err = err * np.sqrt(scale)
     new = fr.state.copy()
     cells = m.cells(theta[None], fr.state.cell)[0]
     for p in range(m.P):

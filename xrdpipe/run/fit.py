@@ -116,7 +116,9 @@ def _fitter(exp: Experiment, fit, info: RunInfo):
     axis = dict(radial=info.radial, unit=info.unit, wavelength_A=info.wavelength_A)
     try:
         if fit.model == "phases":
-            return PhaseFitter(exp.phases, exp.windows, fit, exp.lattice, **axis)
+            return PhaseFitter(exp.phases, exp.windows, fit, exp.lattice, **axis,
+                               instrument_sd=getattr(info, "instrument_sd", None),
+                               instrument_offset=getattr(info, "instrument_offset", None))
         return PeakFitter(exp.phases, exp.windows, fit, **axis)
     except WindowSetupError as exc:
         raise ConfigError(str(exp.source or "experiment"),
