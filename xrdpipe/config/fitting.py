@@ -202,8 +202,10 @@ class FitSpec(Spec):
     ``fraction = false``, the current collector, whose presence the BIC alone decides),
     and so is any whose centre ends on the edge of its allowed range. ``esd_scale = "auto"``
     scales the esds by the reduced chi-square only when the data carry no errors (the phase
-    model: also when it exceeds 1, a misfit the model cannot remove); ``"redchi"`` always does
-    (as lmfit does by default), for data whose errors understate the misfit. The phase model
+    model: each window's share of the information by its own reduced chi-square where that
+    exceeds 1, a misfit the model cannot remove; without data errors, the covariance from the
+    residuals point by point, HC1); ``"redchi"`` always scales by the reduced chi-square of the
+    whole fit (as lmfit does by default), for data whose errors understate the misfit. The phase model
     uses ``presence`` "bic" (the F-test and "always" apply to independent peaks only).
     ``backward = true`` (default; the phase model) goes back over the frames before each frame
     where a phase that appeared holds ``backward_share`` of the area, following the phases from

@@ -177,6 +177,26 @@ def window_scaled(m: PhaseModel, w: np.ndarray, jac: np.ndarray, cov: np.ndarray
     return out
 
 
+def residual_scaled(w: np.ndarray, jac: np.ndarray, cov: np.ndarray, resid: np.ndarray, n: int) -> np.ndarray:
+    """The covariance of a fit without data esds (``cov`` = (JᵀW²J)⁻¹, k x k, NaN where not
+    free) from its own residuals ``resid`` (M,, weighted): C (Σ_j r_j² W_j² J_j J_jᵀ) C · n/(n - k),
+    the heteroscedasticity-consistent estimate (HC1). Counts are noisier on a line than beside
+    it, so one variance for every point (the reduced chi-square) makes the esds of what the
+    lines determine too small."""
+    free = np.isfinite(np.diagonal(cov))
+    k = int(free.sum())
+    if not k or n <= k:
+        return cov
+    sub = cov[np.ix_(free, free)]
+    d = np.sqrt(np.diagonal(sub))
+    d = np.where(d > 0, d, 1.0)
+    jr = jac[free] * (w * resid) * d[:, None]
+    unit = sub / np.outer(d, d)
+    out = cov.copy()
+    out[np.ix_(free, free)] = unit @ (jr @ jr.T) @ unit * np.outer(d, d) * (n / (n - k))
+    return out
+
+
 def _result(m: PhaseModel, fr: _Frame, theta: np.ndarray, cov: np.ndarray, present: np.ndarray, decision, ok: bool,
             message: str) -> FrameResult:
     f, jac = m.value_jac(theta[None], fr.state.cell)
@@ -190,6 +210,10 @@ def _result(m: PhaseModel, fr: _Frame, theta: np.ndarray, cov: np.ndarray, prese
         err = np.sqrt(np.diagonal(cov))
     if fr.has_errors and m.fit.esd_scale == "auto":
         cov = window_scaled(m, fr.w, jac[0], cov, chi2_w / np.maximum(n_w - nv, 1))
+        with np.errstate(invalid="ignore"):
+            err = np.sqrt(np.diagonal(cov))
+    elif m.fit.esd_scale == "auto":
+        cov = residual_scaled(fr.w, jac[0], cov, resid, n_w.sum())
         with np.errstate(invalid="ignore"):
             err = np.sqrt(np.diagonal(cov))
     else:
