@@ -127,6 +127,23 @@ class Integrator(RadialAxis):
     (:mod:`xrdpipe.integrator_cache`) and memory-mapped from it. :attr:`setup_seconds` says how
     long the set-up took and :attr:`cache_hit` whether it came from the cache.
 
+    :attr:`instrument_sd` (float64, one value per bin, in the radial unit: degrees for
+    ``2th_deg``, 1/Å for ``q_A^-1``) is, for each bin, the standard deviation of the radial
+    positions its value averages over: an integrated bin is not a point sample of the pattern.
+    Each pixel integrates the intensity over its area (centre ``m``, own radial variance
+    ``(D1² + D2²)/12`` with ``D1``, ``D2`` the radial differences along its two edges, from
+    pyFAI's corners) and the splitting shares it among bins; with weights ``w = c n`` (those of
+    the denominator above) a bin's kernel is the mixture of its pixels' footprints::
+
+        mean = Σ w m / Σ w        var = Σ w (var_pixel + (m - mean)²) / Σ w
+
+    and ``instrument_sd = sqrt(var)`` (NaN for a bin no pixel reaches). On a flat detector with
+    full splitting and bins much narrower than a pixel this is ``sqrt(2) × p / sqrt(12)`` (``p``:
+    the pixel's radial extent: its own area, then its spread by the splitting); with ``"no"``
+    splitting ``sqrt((p² + bin²) / 12)``. It is built with the matrix and cached with it. With
+    ``engine="pyfai"`` it is the same number from pyFAI's own CSR matrix (all NaN if pyFAI
+    shows none).
+
     Parameters
     ----------
     calibration : Calibration
@@ -191,9 +208,16 @@ class Integrator(RadialAxis):
         self.setup_seconds = time.perf_counter() - t_start
 
     def _probe_radial(self) -> None:
-        """The radial axis from pyFAI's own integration of an empty frame (its per-frame path)."""
+        """The radial axis from pyFAI's own integration of an empty frame (its per-frame path),
+        and :attr:`instrument_sd` from pyFAI's own matrix (all NaN if pyFAI shows none)."""
         probe = self._ai.integrate1d(np.zeros(self.shape, np.float32), self.npt, **self._kwargs)
         self.radial = np.asarray(probe.radial, dtype=np.float64)
+        self.instrument_sd = np.full(len(self.radial), np.nan)
+        matrix = self._probe_matrix()
+        if matrix is not None and len(matrix[3]) == len(self.radial):
+            norm = _normalisation(copy.deepcopy(self._ai), self.shape, bool(self._kwargs["correctSolidAngle"]),
+                                  self._kwargs["polarization_factor"], self.calibration.flat)
+            self.instrument_sd = _instrument_sd(self._ai, self.shape, self.unit, matrix[:3], norm, self.radial)
 
     def _set_up_matrix(self, folder: Path | None, mask, polarization_factor, solid_angle) -> None:
         """The engine's sparse matrix and corrections: from the cache ``folder`` (None: no
@@ -238,7 +262,7 @@ class Integrator(RadialAxis):
         cal = self.calibration
         geometry = self._ai.get_config()
         return {
-            "kind": "xrdpipe integrator", "layout": "csc float32 v2",
+            "kind": "xrdpipe integrator", "layout": "csc float32 v3",
             "xrdpipe": _xrdpipe_version(), "pyFAI": str(pyFAI.version),
             "geometry": geometry, "shape": list(self.shape),
             "mask": digest_array(None if mask is None else np.asarray(mask) != 0),
@@ -274,6 +298,8 @@ class Integrator(RadialAxis):
         data, indices, indptr, radial = matrix
         arrays = {"data": data, "indices": indices, "indptr": indptr, "radial": radial, "norm": norm}
         arrays["den"] = _product(_blocks(data, indices, indptr, len(radial)), norm)
+        arrays["instrument_sd"] = _instrument_sd(self._ai, self.shape, self.unit, (data, indices, indptr),
+                                                 norm, radial)
         return arrays
 
     def _full_split(self, mask, pool, workers: int):
@@ -348,7 +374,9 @@ class Integrator(RadialAxis):
         self._matrix = (data, indices, indptr)
         self._norm = np.asarray(arrays["norm"])
         self._den = np.array(arrays["den"], dtype=np.float64)
-        self._arrays = {k: arrays[k] for k in ("data", "indices", "indptr", "radial", "norm", "den")}
+        self.instrument_sd = np.array(arrays["instrument_sd"], dtype=np.float64)
+        self._arrays = {k: arrays[k] for k in ("data", "indices", "indptr", "radial", "norm", "den",
+                                               "instrument_sd")}
 
     # ---------------------------------------------------------------- pickling (worker processes)
 
@@ -360,7 +388,7 @@ class Integrator(RadialAxis):
             return {"_rebuild": self._args}
         cache_file = self.cache_file
         keep = ("shape", "unit", "npt", "wavelength_A", "error_model", "splitting", "method", "engine",
-                "_dark", "cache_hit", "_cache_file", "_key", "setup_seconds")
+                "_dark", "cache_hit", "_cache_file", "_key", "setup_seconds")   # instrument_sd: with the arrays
         state = {k: self.__dict__[k] for k in keep}
         if cache_file is not None:
             state["_cache_ref"] = (cache_file, self._key)
@@ -498,6 +526,39 @@ def _product(blocks: list, vector: np.ndarray) -> np.ndarray:
     for a, b, m in blocks:
         out += m @ vector[a:b]
     return out
+
+
+def _instrument_sd(ai, shape: tuple[int, int], unit: str, matrix: tuple, norm: np.ndarray,
+                   radial: np.ndarray) -> np.ndarray:
+    """Per bin, the standard deviation of the radial positions (in ``unit``) its value averages
+    over: the mixture of its pixels' footprints (see :attr:`Integrator.instrument_sd`), from the
+    CSC ``matrix`` (one column per pixel) and the per-pixel normalisation ``norm``; NaN where
+    no pixel reaches a bin."""
+    from pyFAI import units
+
+    scale = float(units.to_unit(unit).scale)
+    centre = np.asarray(ai.center_array(shape, unit=unit, scale=True), np.float64).ravel()
+    corners = ai.array_from_unit(shape, "corner", unit, scale=False)[..., 0]     # (rows, cols, 4), internal unit
+    d1 = (corners[..., 1] - corners[..., 0]).astype(np.float64).ravel() * scale
+    d2 = (corners[..., 3] - corners[..., 0]).astype(np.float64).ravel() * scale
+    own = (d1 * d1 + d2 * d2) / 12.0                # a pixel's own area, projected on the radial axis
+    data, indices, indptr = matrix
+    n_bins, n_pix = len(radial), len(indptr) - 1
+    s0, s1, s2 = (np.zeros(n_bins) for _ in range(3))
+    for a in range(0, n_pix, _BLOCK_PIX):           # blocks of pixels: memory stays small
+        b = min(n_pix, a + _BLOCK_PIX)
+        lo, hi = int(indptr[a]), int(indptr[b])
+        pix = np.repeat(np.arange(a, b), np.diff(np.asarray(indptr[a:b + 1], np.int64)))
+        rows = np.asarray(indices[lo:hi])
+        w = np.asarray(data[lo:hi], np.float64) * norm[pix]
+        dev = centre[pix] - radial[rows]            # about the bin's centre: no cancellation
+        s0 += np.bincount(rows, w, n_bins)
+        s1 += np.bincount(rows, w * dev, n_bins)
+        s2 += np.bincount(rows, w * (own[pix] + dev * dev), n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = s1 / s0
+        var = s2 / s0 - mean * mean
+    return np.where(s0 > 0, np.sqrt(np.clip(var, 0, None)), np.nan)
 
 
 def _normalisation(ai, shape, solid_angle: bool, polarization_factor, flat) -> np.ndarray:
