@@ -53,6 +53,18 @@ def test_full_splitting_narrow_bins_is_twice_the_pixel_variance(flat_calibration
     assert np.mean(integ.instrument_sd[near] / analytic[near]) == pytest.approx(1.0, abs=0.01)
 
 
+def test_q_unit_is_the_same_profile_in_q(flat_calibration):
+    # in Q (1/Å) the same footprint scaled by dQ/d2θ = 2π cos θ / λ (per radian)
+    tth = 20.0
+    q0 = 4 * np.pi * np.sin(np.radians(tth / 2)) / WAVELENGTH_A
+    in_q = Integrator(flat_calibration, flat_calibration.shape, npt=250, unit="q_A^-1",
+                      radial_range=(q0 - 0.09, q0 + 0.09), splitting="full")
+    dq_dtth = 2 * np.pi * np.cos(np.radians(tth / 2)) / WAVELENGTH_A * np.pi / 180
+    near = np.abs(in_q.radial - q0) < 0.018
+    analytic = np.sqrt(2 * _pixel_extent_deg(tth) ** 2 / 12) * dq_dtth
+    assert np.mean(in_q.instrument_sd[near]) == pytest.approx(analytic, rel=0.01)
+
+
 @pytest.mark.parametrize("tth", [10.0, 20.0])
 def test_no_splitting_is_pixel_and_bin(flat_calibration, tth):
     # whole pixels into the bin of their centre: the pixel's area and the centres spread
