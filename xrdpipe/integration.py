@@ -537,21 +537,22 @@ def _instrument_sd(ai, shape: tuple[int, int], unit: str, matrix: tuple, norm: n
     from pyFAI import units
 
     scale = float(units.to_unit(unit).scale)
-    centre = np.asarray(ai.center_array(shape, unit=unit, scale=True), np.float64).ravel()
-    corners = ai.array_from_unit(shape, "corner", unit, scale=False)[..., 0]     # (rows, cols, 4), internal unit
-    d1 = (corners[..., 1] - corners[..., 0]).astype(np.float64).ravel() * scale
-    d2 = (corners[..., 3] - corners[..., 0]).astype(np.float64).ravel() * scale
-    own = (d1 * d1 + d2 * d2) / 12.0                # a pixel's own area, projected on the radial axis
+    centre = np.asarray(ai.center_array(shape, unit=unit, scale=True)).reshape(-1)
+    corners = ai.array_from_unit(shape, "corner", unit, scale=False).reshape(-1, 4, 2)   # internal unit
     data, indices, indptr = matrix
     n_bins, n_pix = len(radial), len(indptr) - 1
     s0, s1, s2 = (np.zeros(n_bins) for _ in range(3))
     for a in range(0, n_pix, _BLOCK_PIX):           # blocks of pixels: memory stays small
         b = min(n_pix, a + _BLOCK_PIX)
         lo, hi = int(indptr[a]), int(indptr[b])
-        pix = np.repeat(np.arange(a, b), np.diff(np.asarray(indptr[a:b + 1], np.int64)))
+        r = corners[a:b, :, 0]
+        d1 = (r[:, 1] - r[:, 0]).astype(np.float64) * scale
+        d2 = (r[:, 3] - r[:, 0]).astype(np.float64) * scale
+        own = (d1 * d1 + d2 * d2) / 12.0            # a pixel's own area, projected on the radial axis
+        pix = np.repeat(np.arange(b - a), np.diff(np.asarray(indptr[a:b + 1], np.int64)))
         rows = np.asarray(indices[lo:hi])
-        w = np.asarray(data[lo:hi], np.float64) * norm[pix]
-        dev = centre[pix] - radial[rows]            # about the bin's centre: no cancellation
+        w = np.asarray(data[lo:hi], np.float64) * norm[a:b][pix]
+        dev = centre[a:b].astype(np.float64)[pix] - radial[rows]    # about the bin's centre: no cancellation
         s0 += np.bincount(rows, w, n_bins)
         s1 += np.bincount(rows, w * dev, n_bins)
         s2 += np.bincount(rows, w * (own[pix] + dev * dev), n_bins)

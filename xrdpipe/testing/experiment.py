@@ -214,6 +214,8 @@ class PixelAverage:
     """
 
     def __init__(self, ai, shape: tuple[int, int], grid: np.ndarray, n_sub: int = 4):
+        import scipy.sparse as sp
+
         rows, cols = (int(s) for s in shape)
         step = (float(grid[-1]) - float(grid[0])) / (len(grid) - 1)
         if not np.allclose(np.diff(grid), step, rtol=1e-6, atol=0):
@@ -223,8 +225,6 @@ class PixelAverage:
         d1 = (np.arange(rows)[:, None] + offsets[None, :]).ravel()
         d2 = (np.arange(cols)[:, None] + offsets[None, :]).ravel()
         tth = np.degrees(ai.tth(*np.meshgrid(d1, d2, indexing="ij")))       # (rows n, cols n)
-        import scipy.sparse as sp
-
         u = np.clip((tth - float(grid[0])) / step, 0.0, len(grid) - 1.0).ravel()
         index = np.minimum(u.astype(np.int32), len(grid) - 2)
         frac = u - index
