@@ -120,6 +120,19 @@ def test_integrated_line_width_is_line_plus_instrument(demo_camera, demo_integra
     assert second_moment != pytest.approx(sigma_line**2, rel=0.10)   # the line alone is too narrow
 
 
+def test_cached_and_pickled_integrators_keep_it(demo_camera, tmp_path):
+    import pickle
+
+    cal = Calibration(None, demo_camera.ai, WAVELENGTH_A, (512, 512))
+    built = Integrator(cal, (512, 512), npt=500, cache=tmp_path)
+    assert built.cache_file is not None and not built.cache_hit
+    hit = Integrator(cal, (512, 512), npt=500, cache=tmp_path)
+    assert hit.cache_hit
+    assert np.isfinite(built.instrument_sd).sum() > 400
+    np.testing.assert_array_equal(hit.instrument_sd, built.instrument_sd)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(hit)).instrument_sd, built.instrument_sd)
+
+
 def test_run_file_round_trip(tmp_path):
     syn = make_experiment(tmp_path / "two_d", n_frames=2, shape=(192, 192), seed=3, npt=400)
     exp = xrdpipe.load_experiment(syn.experiment_file)

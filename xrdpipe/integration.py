@@ -293,13 +293,14 @@ class Integrator(RadialAxis):
             if matrix is None:
                 matrix = self._probe_matrix()
             norm = norm_future.result()
-        if matrix is None:
-            return None
-        data, indices, indptr, radial = matrix
+            if matrix is None:
+                return None
+            data, indices, indptr, radial = matrix
+            instrument_sd = _instrument_sd(self._ai, self.shape, self.unit, (data, indices, indptr), norm, radial,
+                                           pool=pool)
         arrays = {"data": data, "indices": indices, "indptr": indptr, "radial": radial, "norm": norm}
         arrays["den"] = _product(_blocks(data, indices, indptr, len(radial)), norm)
-        arrays["instrument_sd"] = _instrument_sd(self._ai, self.shape, self.unit, (data, indices, indptr),
-                                                 norm, radial)
+        arrays["instrument_sd"] = instrument_sd
         return arrays
 
     def _full_split(self, mask, pool, workers: int):
@@ -529,27 +530,35 @@ def _product(blocks: list, vector: np.ndarray) -> np.ndarray:
 
 
 def _instrument_sd(ai, shape: tuple[int, int], unit: str, matrix: tuple, norm: np.ndarray,
-                   radial: np.ndarray) -> np.ndarray:
+                   radial: np.ndarray, *, pool=None) -> np.ndarray:
     """Per bin, the standard deviation of the radial positions (in ``unit``) its value averages
     over: the mixture of its pixels' footprints (see :attr:`Integrator.instrument_sd`), from the
     CSC ``matrix`` (one column per pixel) and the per-pixel normalisation ``norm``; NaN where
-    no pixel reaches a bin."""
+    no pixel reaches a bin. Blocks of pixels go to the threads of ``pool`` if given."""
     from pyFAI import units
 
     scale = float(units.to_unit(unit).scale)
-    centre = np.asarray(ai.center_array(shape, unit=unit, scale=True)).reshape(-1)
-    corners = ai.array_from_unit(shape, "corner", unit, scale=False).reshape(-1, 4, 2)   # internal unit
-    sums = np.zeros((len(radial), 3))
+    # pyFAI's corners (those of the splitting, cached by pyFAI; internal unit, e.g. radians)
+    corners = ai.array_from_unit(shape, "corner", unit, scale=False).reshape(-1, 4, 2)
     # Σ w, Σ w m and Σ w (var_pixel + m²) per bin: one float64 product per block of pixels (the
     # variance is taken about the mean at the end: in float64 the cancellation costs ~1e-8)
-    for a, b, m in _blocks(*matrix, len(radial)):
-        r = corners[a:b, :, 0]
-        d1 = (r[:, 1] - r[:, 0]).astype(np.float64) * scale
-        d2 = (r[:, 3] - r[:, 0]).astype(np.float64) * scale
-        mid = centre[a:b].astype(np.float64)
-        n = norm[a:b].astype(np.float64)
-        own = (d1 * d1 + d2 * d2) / 12.0            # a pixel's own area, projected on the radial axis
-        sums += m.astype(np.float64) @ np.column_stack([n, n * mid, n * (own + mid * mid)])
+
+    def block_sums(block) -> np.ndarray:
+        a, b, m = block
+        c0, c1, c2, c3 = (corners[a:b, k, 0].astype(np.float64) for k in range(4))
+        d1, d2 = (c1 - c0) * scale, (c3 - c0) * scale
+        v = np.empty((b - a, 3))
+        v[:, 0] = norm[a:b]
+        mid = (c0 + c1 + c2 + c3) * (0.25 * scale)  # the pixel's centre (within 4e-5° of pyFAI's on the demo detector)
+        v[:, 1] = v[:, 0] * mid
+        # a pixel's own area projected on the radial axis: (D1² + D2²)/12
+        v[:, 2] = v[:, 0] * ((d1 * d1 + d2 * d2) * (1.0 / 12.0) + mid * mid)
+        return m.astype(np.float64) @ v
+
+    blocks = _blocks(*matrix, len(radial))
+    sums = np.zeros((len(radial), 3))
+    for part in (pool.map(block_sums, blocks) if pool is not None else map(block_sums, blocks)):
+        sums += part
     s0, s1, s2 = sums.T
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = s1 / s0
