@@ -130,9 +130,9 @@ class Integrator(RadialAxis):
     :attr:`instrument_sd` (float64, one value per bin, in the radial unit: degrees for
     ``2th_deg``, 1/Å for ``q_A^-1``) is, for each bin, the standard deviation of the radial
     positions its value averages over: an integrated bin is not a point sample of the pattern.
-    Each pixel integrates the intensity over its area (centre ``m``, own radial variance
-    ``(D1² + D2²)/12`` with ``D1``, ``D2`` the radial differences along its two edges, from
-    pyFAI's corners) and the splitting shares it among bins; with weights ``w = c n`` (those of
+    Each pixel integrates the intensity over its area (centre ``m``, the mean of its corners;
+    own radial variance ``(D1² + D2²)/12`` with ``D1``, ``D2`` the radial differences along its
+    two edges: pyFAI's corners 1-0 and 3-0) and the splitting shares it among bins; with weights ``w = c n`` (those of
     the denominator above) a bin's kernel is the mixture of its pixels' footprints::
 
         mean = Σ w m / Σ w        var = Σ w (var_pixel + (m - mean)²) / Σ w
@@ -140,7 +140,8 @@ class Integrator(RadialAxis):
     and ``instrument_sd = sqrt(var)`` (NaN for a bin no pixel reaches). On a flat detector with
     full splitting and bins much narrower than a pixel this is ``sqrt(2) × p / sqrt(12)`` (``p``:
     the pixel's radial extent: its own area, then its spread by the splitting); with ``"no"``
-    splitting ``sqrt((p² + bin²) / 12)``. It is built with the matrix and cached with it. With
+    splitting ``sqrt((p² + bin²) / 12)``. It is built with the matrix (~0.3 s at 2048 x 2048 on
+two cores) and cached with it. With
     ``engine="pyfai"`` it is the same number from pyFAI's own CSR matrix (all NaN if pyFAI
     shows none).
 
