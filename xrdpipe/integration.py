@@ -127,6 +127,24 @@ class Integrator(RadialAxis):
     (:mod:`xrdpipe.integrator_cache`) and memory-mapped from it. :attr:`setup_seconds` says how
     long the set-up took and :attr:`cache_hit` whether it came from the cache.
 
+    :attr:`instrument_sd` (float64, one value per bin, in the radial unit: degrees for
+    ``2th_deg``, 1/Å for ``q_A^-1``) is, for each bin, the standard deviation of the radial
+    positions its value averages over: an integrated bin is not a point sample of the pattern.
+    Each pixel integrates the intensity over its area (centre ``m``, the mean of its corners;
+    own radial variance ``(D1² + D2²)/12`` with ``D1``, ``D2`` the radial differences along its
+    two edges: pyFAI's corners 1-0 and 3-0) and the splitting shares it among bins; with weights ``w = c n`` (those of
+    the denominator above) a bin's kernel is the mixture of its pixels' footprints::
+
+        mean = Σ w m / Σ w        var = Σ w (var_pixel + (m - mean)²) / Σ w
+
+    and ``instrument_sd = sqrt(var)`` (NaN for a bin no pixel reaches). On a flat detector with
+    full splitting and bins much narrower than a pixel this is ``sqrt(2) × p / sqrt(12)`` (``p``:
+    the pixel's radial extent: its own area, then its spread by the splitting); with ``"no"``
+    splitting ``sqrt((p² + bin²) / 12)``. It is built with the matrix (~0.3 s at 2048 x 2048 on
+two cores) and cached with it. With
+    ``engine="pyfai"`` it is the same number from pyFAI's own CSR matrix (all NaN if pyFAI
+    shows none).
+
     Parameters
     ----------
     calibration : Calibration
@@ -191,9 +209,16 @@ class Integrator(RadialAxis):
         self.setup_seconds = time.perf_counter() - t_start
 
     def _probe_radial(self) -> None:
-        """The radial axis from pyFAI's own integration of an empty frame (its per-frame path)."""
+        """The radial axis from pyFAI's own integration of an empty frame (its per-frame path),
+        and :attr:`instrument_sd` from pyFAI's own matrix (all NaN if pyFAI shows none)."""
         probe = self._ai.integrate1d(np.zeros(self.shape, np.float32), self.npt, **self._kwargs)
         self.radial = np.asarray(probe.radial, dtype=np.float64)
+        self.instrument_sd = np.full(len(self.radial), np.nan)
+        matrix = self._probe_matrix()
+        if matrix is not None and len(matrix[3]) == len(self.radial):
+            norm = _normalisation(copy.deepcopy(self._ai), self.shape, bool(self._kwargs["correctSolidAngle"]),
+                                  self._kwargs["polarization_factor"], self.calibration.flat)
+            self.instrument_sd = _instrument_sd(self._ai, self.shape, self.unit, matrix[:3], norm, self.radial)
 
     def _set_up_matrix(self, folder: Path | None, mask, polarization_factor, solid_angle) -> None:
         """The engine's sparse matrix and corrections: from the cache ``folder`` (None: no
@@ -238,7 +263,7 @@ class Integrator(RadialAxis):
         cal = self.calibration
         geometry = self._ai.get_config()
         return {
-            "kind": "xrdpipe integrator", "layout": "csc float32 v2",
+            "kind": "xrdpipe integrator", "layout": "csc float32 v3",
             "xrdpipe": _xrdpipe_version(), "pyFAI": str(pyFAI.version),
             "geometry": geometry, "shape": list(self.shape),
             "mask": digest_array(None if mask is None else np.asarray(mask) != 0),
@@ -269,11 +294,14 @@ class Integrator(RadialAxis):
             if matrix is None:
                 matrix = self._probe_matrix()
             norm = norm_future.result()
-        if matrix is None:
-            return None
-        data, indices, indptr, radial = matrix
+            if matrix is None:
+                return None
+            data, indices, indptr, radial = matrix
+            instrument_sd = _instrument_sd(self._ai, self.shape, self.unit, (data, indices, indptr), norm, radial,
+                                           pool=pool)
         arrays = {"data": data, "indices": indices, "indptr": indptr, "radial": radial, "norm": norm}
         arrays["den"] = _product(_blocks(data, indices, indptr, len(radial)), norm)
+        arrays["instrument_sd"] = instrument_sd
         return arrays
 
     def _full_split(self, mask, pool, workers: int):
@@ -348,7 +376,9 @@ class Integrator(RadialAxis):
         self._matrix = (data, indices, indptr)
         self._norm = np.asarray(arrays["norm"])
         self._den = np.array(arrays["den"], dtype=np.float64)
-        self._arrays = {k: arrays[k] for k in ("data", "indices", "indptr", "radial", "norm", "den")}
+        self.instrument_sd = np.array(arrays["instrument_sd"], dtype=np.float64)
+        self._arrays = {k: arrays[k] for k in ("data", "indices", "indptr", "radial", "norm", "den",
+                                               "instrument_sd")}
 
     # ---------------------------------------------------------------- pickling (worker processes)
 
@@ -360,7 +390,7 @@ class Integrator(RadialAxis):
             return {"_rebuild": self._args}
         cache_file = self.cache_file
         keep = ("shape", "unit", "npt", "wavelength_A", "error_model", "splitting", "method", "engine",
-                "_dark", "cache_hit", "_cache_file", "_key", "setup_seconds")
+                "_dark", "cache_hit", "_cache_file", "_key", "setup_seconds")   # instrument_sd: with the arrays
         state = {k: self.__dict__[k] for k in keep}
         if cache_file is not None:
             state["_cache_ref"] = (cache_file, self._key)
@@ -498,6 +528,43 @@ def _product(blocks: list, vector: np.ndarray) -> np.ndarray:
     for a, b, m in blocks:
         out += m @ vector[a:b]
     return out
+
+
+def _instrument_sd(ai, shape: tuple[int, int], unit: str, matrix: tuple, norm: np.ndarray,
+                   radial: np.ndarray, *, pool=None) -> np.ndarray:
+    """Per bin, the standard deviation of the radial positions (in ``unit``) its value averages
+    over: the mixture of its pixels' footprints (see :attr:`Integrator.instrument_sd`), from the
+    CSC ``matrix`` (one column per pixel) and the per-pixel normalisation ``norm``; NaN where
+    no pixel reaches a bin. Blocks of pixels go to the threads of ``pool`` if given."""
+    from pyFAI import units
+
+    scale = float(units.to_unit(unit).scale)
+    # pyFAI's corners (those of the splitting, cached by pyFAI; internal unit, e.g. radians)
+    corners = ai.array_from_unit(shape, "corner", unit, scale=False).reshape(-1, 4, 2)
+    # Σ w, Σ w m and Σ w (var_pixel + m²) per bin: one float64 product per block of pixels (the
+    # variance is taken about the mean at the end: in float64 the cancellation costs ~1e-8)
+
+    def block_sums(block) -> np.ndarray:
+        a, b, m = block
+        c0, c1, c2, c3 = (corners[a:b, k, 0].astype(np.float64) for k in range(4))
+        d1, d2 = (c1 - c0) * scale, (c3 - c0) * scale
+        v = np.empty((b - a, 3))
+        v[:, 0] = norm[a:b]
+        mid = (c0 + c1 + c2 + c3) * (0.25 * scale)  # the pixel's centre (within 4e-5° of pyFAI's on the demo detector)
+        v[:, 1] = v[:, 0] * mid
+        # a pixel's own area projected on the radial axis: (D1² + D2²)/12
+        v[:, 2] = v[:, 0] * ((d1 * d1 + d2 * d2) * (1.0 / 12.0) + mid * mid)
+        return m.astype(np.float64) @ v
+
+    blocks = _blocks(*matrix, len(radial))
+    sums = np.zeros((len(radial), 3))
+    for part in (pool.map(block_sums, blocks) if pool is not None else map(block_sums, blocks)):
+        sums += part
+    s0, s1, s2 = sums.T
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = s1 / s0
+        var = s2 / s0 - mean * mean
+    return np.where(s0 > 0, np.sqrt(np.clip(var, 0, None)), np.nan)
 
 
 def _normalisation(ai, shape, solid_angle: bool, polarization_factor, flat) -> np.ndarray:

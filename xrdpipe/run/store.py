@@ -9,6 +9,9 @@ Layout (``@default`` chain set so silx view and h5web show the pattern stack as 
         intensity_errors    (frame, radial) float32 (Poisson esd)
         frame               (frame,)  row number
         tth, q              (radial,) 2θ in degrees and Q in 1/Å (one is the primary axis)
+        instrument_sd       (radial,) float64 in the radial unit: per bin, the standard deviation
+                                      of the radial positions its value averages over (pixel
+                                      area, splitting, bin); absent for imported 1D patterns
         time_s              (frame,)  middle of the exposure, seconds since the earliest frame's
                                       start (NaN if untimed)
       frames                NXcollection: key, file, index, start, end, timestamp, status, message
@@ -64,6 +67,8 @@ class Patterns(RadialAxis):
     intensity: np.ndarray
     sigma: np.ndarray
     frames: dict[str, np.ndarray]
+    #: per bin, the sd of the radial positions it averages over (``unit``); None if not stored
+    instrument_sd: np.ndarray | None = None
 
 
 class RunFile(Writer):
@@ -84,8 +89,13 @@ class RunFile(Writer):
     @classmethod
     def open_for_writing(cls, path: Path | str, *, radial: np.ndarray, unit: str,
                          wavelength_A: float | None, fingerprint: dict[str, Any],
-                         provenance: dict[str, str], title: str = "", restart: bool = False) -> "RunFile":
+                         provenance: dict[str, str], title: str = "", restart: bool = False,
+                         instrument_sd: np.ndarray | None = None) -> "RunFile":
         """Create the run file, or reopen it to resume.
+
+        ``instrument_sd`` (per bin, in ``unit``: see
+        :attr:`~xrdpipe.integration.Integrator.instrument_sd`) is written once, when the file
+        is created, as ``/entry/patterns/instrument_sd``; a resumed file keeps what it has.
 
         Raises
         ------
@@ -110,7 +120,8 @@ class RunFile(Writer):
             else:
                 session.create(lambda h5: _create_layout(
                     h5, radial=np.asarray(radial, float), unit=unit, wavelength_A=wavelength_A,
-                    fingerprint=fingerprint, provenance=provenance, title=title))
+                    fingerprint=fingerprint, provenance=provenance, title=title,
+                    instrument_sd=None if instrument_sd is None else np.asarray(instrument_sd, np.float64)))
             return cls(session, stack, path)
         except BaseException:
             stack.close()
@@ -187,7 +198,7 @@ class RunFile(Writer):
             self._h5.attrs["file_update_time"] = datetime.now(timezone.utc).isoformat()
 
 
-def _create_layout(h5, *, radial, unit, wavelength_A, fingerprint, provenance, title) -> None:
+def _create_layout(h5, *, radial, unit, wavelength_A, fingerprint, provenance, title, instrument_sd=None) -> None:
     import h5py
 
     from .. import __version__
@@ -221,6 +232,12 @@ def _create_layout(h5, *, radial, unit, wavelength_A, fingerprint, provenance, t
     a.attrs.update({"units": "degree", "long_name": "2θ (degrees)"})
     b = pat.create_dataset("q", data=np.asarray(q, float))
     b.attrs.update({"units": "1/angstrom", "long_name": "Q (1/Å)"})
+    if instrument_sd is not None:
+        if instrument_sd.shape != (npt,):
+            raise ValueError(f"instrument_sd has shape {instrument_sd.shape}, expected ({npt},) like the radial axis")
+        s = pat.create_dataset("instrument_sd", data=instrument_sd)
+        s.attrs.update({"units": unit, "long_name": "standard deviation of the radial positions a bin averages "
+                                                    "over (pixel area, splitting, bin)"})
 
     _create_frames(entry)
 
@@ -271,7 +288,7 @@ def open_run(path: Path | str) -> Patterns:
         pat = h5[h5path(PATTERNS)]
         axis, unit, wl = axis_of(h5)
         return Patterns(pat[axis][()], unit, wl, pat["intensity"][()], pat["intensity_errors"][()],
-                        _frames(h5).as_dict())
+                        _frames(h5).as_dict(), _instrument_sd(pat))
 
 
 @dataclass(frozen=True)
@@ -317,6 +334,7 @@ class RunInfo:
     time_s: np.ndarray             # per frame, seconds since the earliest frame's start
     fingerprint: dict[str, Any]    # the settings the patterns depend on
     had_peaks: bool                # whether ``/entry/peaks`` exists
+    instrument_sd: np.ndarray | None = None   # per bin (``unit``); None if not stored
 
     @property
     def frame_count(self) -> int:
@@ -330,7 +348,12 @@ def read_run_info(path: Path | str) -> RunInfo:
         axis, unit, wl = axis_of(h5)
         return RunInfo(pat[axis][()], unit, wl, h5[h5path(f"{FRAMES}/status")][()],
                        decode(h5[h5path(f"{FRAMES}/message")][()]), pat["time_s"][()],
-                       json.loads(h5[h5path(FINGERPRINT)][()]), PEAKS in h5[ENTRY])
+                       json.loads(h5[h5path(FINGERPRINT)][()]), PEAKS in h5[ENTRY], _instrument_sd(pat))
+
+
+def _instrument_sd(pat) -> np.ndarray | None:
+    """``instrument_sd`` of the patterns group, or None (imported 1D patterns, older run files)."""
+    return pat["instrument_sd"][()].astype(np.float64) if "instrument_sd" in pat else None
 
 
 def read_pattern_block(path: Path | str, rows: Sequence[int] | np.ndarray | None = None,
