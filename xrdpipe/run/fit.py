@@ -117,8 +117,7 @@ def _fitter(exp: Experiment, fit, info: RunInfo):
     try:
         if fit.model == "phases":
             return PhaseFitter(exp.phases, exp.windows, fit, exp.lattice, **axis,
-                               instrument_sd=getattr(info, "instrument_sd", None),
-                               instrument_offset=getattr(info, "instrument_offset", None))
+                               instrument_sd=info.instrument_sd, instrument_offset=info.instrument_offset)
         return PeakFitter(exp.phases, exp.windows, fit, **axis)
     except WindowSetupError as exc:
         raise ConfigError(str(exp.source or "experiment"),

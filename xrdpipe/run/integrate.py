@@ -151,7 +151,8 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
                 RunFile.open_for_writing(exp.run.run_file, radial=integ.radial, unit=exp.integration.unit,
                                          wavelength_A=cal.wavelength_A, fingerprint=_fingerprint(exp, cal),
                                          provenance=_provenance(exp, cal, integ), title=exp.run.name,
-                                         restart=restart, instrument_sd=integ.instrument_sd) as run:
+                                         restart=restart, instrument_sd=integ.instrument_sd,
+                                         instrument_offset=integ.instrument_offset) as run:
             jobs = _jobs(run, refs, times, summary)
             where_to = _scheduler(exp, scheduler, n_workers, len(jobs))
             # closed before the run file is: on an error (a full disk) no worker still reads a

@@ -12,6 +12,7 @@ Layout (``@default`` chain set so silx view and h5web show the pattern stack as 
         instrument_sd       (radial,) float64 in the radial unit: per bin, the standard deviation
                                       of the radial positions its value averages over (pixel
                                       area, splitting, bin); absent for imported 1D patterns
+        instrument_offset   (radial,) float64: their mean less the bin's radial value
         time_s              (frame,)  middle of the exposure, seconds since the earliest frame's
                                       start (NaN if untimed)
       frames                NXcollection: key, file, index, start, end, timestamp, status, message
@@ -69,6 +70,8 @@ class Patterns(RadialAxis):
     frames: dict[str, np.ndarray]
     #: per bin, the sd of the radial positions it averages over (``unit``); None if not stored
     instrument_sd: np.ndarray | None = None
+    #: per bin, the mean of those positions less the bin's radial value; None if not stored
+    instrument_offset: np.ndarray | None = None
 
 
 class RunFile(Writer):
@@ -90,12 +93,14 @@ class RunFile(Writer):
     def open_for_writing(cls, path: Path | str, *, radial: np.ndarray, unit: str,
                          wavelength_A: float | None, fingerprint: dict[str, Any],
                          provenance: dict[str, str], title: str = "", restart: bool = False,
-                         instrument_sd: np.ndarray | None = None) -> "RunFile":
+                         instrument_sd: np.ndarray | None = None,
+                         instrument_offset: np.ndarray | None = None) -> "RunFile":
         """Create the run file, or reopen it to resume.
 
         ``instrument_sd`` (per bin, in ``unit``: see
         :attr:`~xrdpipe.integration.Integrator.instrument_sd`) is written once, when the file
-        is created, as ``/entry/patterns/instrument_sd``; a resumed file keeps what it has.
+        is created, as ``/entry/patterns/instrument_sd``, and ``instrument_offset`` (the mean of
+        those positions less the bin's radial value) beside it; a resumed file keeps what it has.
 
         Raises
         ------
@@ -121,7 +126,8 @@ class RunFile(Writer):
                 session.create(lambda h5: _create_layout(
                     h5, radial=np.asarray(radial, float), unit=unit, wavelength_A=wavelength_A,
                     fingerprint=fingerprint, provenance=provenance, title=title,
-                    instrument_sd=None if instrument_sd is None else np.asarray(instrument_sd, np.float64)))
+                    instrument_sd=None if instrument_sd is None else np.asarray(instrument_sd, np.float64),
+                    instrument_offset=None if instrument_offset is None else np.asarray(instrument_offset, np.float64)))
             return cls(session, stack, path)
         except BaseException:
             stack.close()
@@ -198,7 +204,8 @@ class RunFile(Writer):
             self._h5.attrs["file_update_time"] = datetime.now(timezone.utc).isoformat()
 
 
-def _create_layout(h5, *, radial, unit, wavelength_A, fingerprint, provenance, title, instrument_sd=None) -> None:
+def _create_layout(h5, *, radial, unit, wavelength_A, fingerprint, provenance, title, instrument_sd=None,
+                   instrument_offset=None) -> None:
     import h5py
 
     from .. import __version__
@@ -232,12 +239,16 @@ def _create_layout(h5, *, radial, unit, wavelength_A, fingerprint, provenance, t
     a.attrs.update({"units": "degree", "long_name": "2θ (degrees)"})
     b = pat.create_dataset("q", data=np.asarray(q, float))
     b.attrs.update({"units": "1/angstrom", "long_name": "Q (1/Å)"})
-    if instrument_sd is not None:
-        if instrument_sd.shape != (npt,):
-            raise ValueError(f"instrument_sd has shape {instrument_sd.shape}, expected ({npt},) like the radial axis")
-        s = pat.create_dataset("instrument_sd", data=instrument_sd)
-        s.attrs.update({"units": unit, "long_name": "standard deviation of the radial positions a bin averages "
-                                                    "over (pixel area, splitting, bin)"})
+    for name, values, long_name in (
+            ("instrument_sd", instrument_sd,
+             "standard deviation of the radial positions a bin averages over (pixel area, splitting, bin)"),
+            ("instrument_offset", instrument_offset,
+             "mean of the radial positions a bin averages over, less the bin's radial value")):
+        if values is not None:
+            if values.shape != (npt,):
+                raise ValueError(f"{name} has shape {values.shape}, expected ({npt},) like the radial axis")
+            ds = pat.create_dataset(name, data=values)
+            ds.attrs.update({"units": unit, "long_name": long_name})
 
     _create_frames(entry)
 
@@ -288,7 +299,7 @@ def open_run(path: Path | str) -> Patterns:
         pat = h5[h5path(PATTERNS)]
         axis, unit, wl = axis_of(h5)
         return Patterns(pat[axis][()], unit, wl, pat["intensity"][()], pat["intensity_errors"][()],
-                        _frames(h5).as_dict(), _instrument_sd(pat))
+                        _frames(h5).as_dict(), *_instrument(pat))
 
 
 @dataclass(frozen=True)
@@ -335,6 +346,7 @@ class RunInfo:
     fingerprint: dict[str, Any]    # the settings the patterns depend on
     had_peaks: bool                # whether ``/entry/peaks`` exists
     instrument_sd: np.ndarray | None = None   # per bin (``unit``); None if not stored
+    instrument_offset: np.ndarray | None = None
 
     @property
     def frame_count(self) -> int:
@@ -348,12 +360,14 @@ def read_run_info(path: Path | str) -> RunInfo:
         axis, unit, wl = axis_of(h5)
         return RunInfo(pat[axis][()], unit, wl, h5[h5path(f"{FRAMES}/status")][()],
                        decode(h5[h5path(f"{FRAMES}/message")][()]), pat["time_s"][()],
-                       json.loads(h5[h5path(FINGERPRINT)][()]), PEAKS in h5[ENTRY], _instrument_sd(pat))
+                       json.loads(h5[h5path(FINGERPRINT)][()]), PEAKS in h5[ENTRY], *_instrument(pat))
 
 
-def _instrument_sd(pat) -> np.ndarray | None:
-    """``instrument_sd`` of the patterns group, or None (imported 1D patterns, older run files)."""
-    return pat["instrument_sd"][()].astype(np.float64) if "instrument_sd" in pat else None
+def _instrument(pat) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``instrument_sd`` and ``instrument_offset`` of the patterns group, each None where it is
+    not stored (imported 1D patterns, older run files)."""
+    return tuple(pat[name][()].astype(np.float64) if name in pat else None
+                 for name in ("instrument_sd", "instrument_offset"))
 
 
 def read_pattern_block(path: Path | str, rows: Sequence[int] | np.ndarray | None = None,
