@@ -43,9 +43,16 @@ def _antiderivatives(t, f, inv_f):  # pragma: no cover - compiled
     their cumulative distributions ``F`` and the antiderivatives ``H`` of those (``H' = F``)."""
     u = t * inv_f
     ku = _K * u
-    tail = math.erfc(-ku)                           # 1 + erf(ku), exact on the far left
-    f_g = 0.5 * tail
-    h_g = 0.5 * f * (u * tail + math.exp(-ku * ku) * _INV_K_SQRT_PI)
+    if ku > 6.5:                                    # erfc(6.5) < 4e-20: the Gaussian is all behind
+        f_g = 1.0
+        h_g = t
+    elif ku < -6.5:                                 # ... or all ahead
+        f_g = 0.0
+        h_g = 0.0
+    else:
+        tail = math.erfc(-ku)                       # 1 + erf(ku), exact on the far left
+        f_g = 0.5 * tail
+        h_g = 0.5 * f * (u * tail + math.exp(-ku * ku) * _INV_K_SQRT_PI)
     at = math.atan(2.0 * u)
     f_l = 0.5 + at / math.pi
     h_l = f * (0.5 * u + (u * at - 0.25 * math.log1p(4.0 * u * u)) / math.pi)
