@@ -16,6 +16,7 @@ from .model import (
     _CELL_INDEX,
     _CELL_NAME,
     _DRAWN,
+    _SAME_LINE,
     _SHOWN_Z,
     _TRACK_FWHM,
     _UNLIKE,
@@ -283,6 +284,9 @@ def _join(m: PhaseModel, fr: "_Frame", present: list[int], absent: list[int], de
                 gain = n_valid * np.log(max(chi2_without, 1e-300) / max(chi2_with, 1e-300)) - _n_params(m, p) * n_log
                 if gain <= fit.bic_threshold:
                     st.cell[:] = kept
+            if gain > fit.bic_threshold and (on := _on_lines_of(m, fr, p, cell, present)):
+                decision[p] = f"absent: on the lines of {m.phases[on[0]].name} ({on[1]:.2f} FWHM apart): one line, not two phases"
+                continue
             if gain > fit.bic_threshold:
                 free = [_CELL_INDEX[n] for n in m.free[p]]
                 dist = np.sqrt(np.mean(((cell - st.cell[p])[free] / m.box[p][free]) ** 2))
@@ -310,6 +314,30 @@ def _join(m: PhaseModel, fr: "_Frame", present: list[int], absent: list[int], de
         joined.append(p)
         null_chi2 = np.inf
     return joined
+
+
+def _on_lines_of(m: PhaseModel, fr: "_Frame", p: int, cell: np.ndarray, present: list[int]) -> tuple[int, float] | None:
+    """(q, distance) when phase ``p`` at ``cell`` puts every listed line within :data:`_SAME_LINE`
+    FWHM of the same reflection of a similar phase ``q`` present and followed from the frame
+    before (the largest distance, in q's widths); else None."""
+    st = fr.state
+    cells = st.cell.copy()
+    cells[p] = cell
+    cen = m.centres(cells[None], np.array([st.zero]))[0]
+    mine = np.flatnonzero(m.r_listed & (m.r_phase == p) & m.r_has_data)
+    for a, q, _, _ in m.order:
+        if a != p or q not in present or not fr.tracked[q] or not mine.size:
+            continue
+        far = 0.0
+        for i in mine:
+            twin = np.flatnonzero((m.r_phase == q) & (m.r_window == m.r_window[i]) & np.all(m.r_hkl == m.r_hkl[i], axis=1))
+            if not twin.size:
+                far = np.inf
+                break
+            far = max(far, abs(cen[i] - cen[twin[0]]) / fr.fwhm_of(q, int(m.r_window[i])))
+        if far <= _SAME_LINE:
+            return q, far
+    return None
 
 
 def _drawn_towards(m: PhaseModel, fr: "_Frame", p: int, present: list[int]) -> list[int]:

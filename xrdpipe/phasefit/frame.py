@@ -162,7 +162,13 @@ class _Frame:
         top = net.max()
         above = np.count_nonzero(net > top / 2)
         width = spec.range[1] - spec.range[0]
-        return float(np.clip(above * self.m.step, 2 * self.m.step, width / 6))
+        seen = above * self.m.step
+        # the lines' own width: what the data show less the instrument's blur, in quadrature
+        # (a Gaussian's FWHM is 2 sqrt(2 ln 2) = 2.355 standard deviations; the triangle's
+        # standard deviation is hw / sqrt(6))
+        blur = 2.3548 * float(np.median(win.hw)) / np.sqrt(6.0) if win.hw.size else 0.0
+        own = np.sqrt(max(seen * seen - blur * blur, 0.25 * seen * seen))
+        return float(np.clip(own, 2 * self.m.step, width / 6))
 
     def fwhm_of(self, p: int, w: int) -> float:
         v = self.state.fwhm[p, w]

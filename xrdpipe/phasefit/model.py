@@ -68,6 +68,10 @@ _SHOWN_Z = 3.0
 #: absent phase is searched again beside it where it was (:func:`decide._drawn_towards`).
 _DRAWN = 0.2
 _BROADENED = 1.2
+#: A phase found with every listed line within this many FWHM of the same reflection of a
+#: similar phase followed from the frame before explains that phase's lines (the rest a
+#: search left, e.g. a line a little off), not lines of its own: one line, not two phases.
+_SAME_LINE = 0.75
 
 
 @dataclass
