@@ -17,8 +17,9 @@ Side by side in the same run:
   of that commit of this repository (``git archive``), in a child process, side by side.
 * ``phase model, bins averaged`` (with ``--instrument-sd SD``): the same with every line averaged
   over an instrument triangle of standard deviation SD (what 2D frames integrated by xrdpipe
-  get, ``[fit] instrument``): its cost. The series' points are point samples, so its accuracy
-  columns are left out (a model of bins fitted to points).
+  get, ``[fit] instrument``): its cost, an upper bound. The series' points are point samples,
+  so a model of bins misfits them and more frames take the searches; its accuracy columns are
+  left out.
 
 Printed: frames per second (end to end, one process, after a warm-up on five frames that loads
 or compiles the Numba kernels), the ratio to the lmfit loop, and the accuracy against the truth

@@ -319,7 +319,8 @@ def _join(m: PhaseModel, fr: "_Frame", present: list[int], absent: list[int], de
 def _on_lines_of(m: PhaseModel, fr: "_Frame", p: int, cell: np.ndarray, present: list[int]) -> tuple[int, float] | None:
     """(q, distance) when phase ``p`` at ``cell`` puts every listed line within :data:`_SAME_LINE`
     FWHM of the same reflection of a similar phase ``q`` present and followed from the frame
-    before (the largest distance, in q's widths); else None."""
+    before (the largest distance, in q's narrower width of this frame and the one before); else
+    None."""
     st = fr.state
     cells = st.cell.copy()
     cells[p] = cell
@@ -334,7 +335,12 @@ def _on_lines_of(m: PhaseModel, fr: "_Frame", p: int, cell: np.ndarray, present:
             if not twin.size:
                 far = np.inf
                 break
-            far = max(far, abs(cen[i] - cen[twin[0]]) / fr.fwhm_of(q, int(m.r_window[i])))
+            w = int(m.r_window[i])
+            # in q's narrower width, now or in the frame before (q broadens where a newcomer
+            # grows beside it: two lines 1 FWHM apart are not one)
+            width = min(fr.fwhm_of(q, w), fr.before_fwhm[q, w]) if np.isfinite(fr.before_fwhm[q, w]) \
+                else fr.fwhm_of(q, w)
+            far = max(far, abs(cen[i] - cen[twin[0]]) / width)
         if far <= _SAME_LINE:
             return q, far
     return None
