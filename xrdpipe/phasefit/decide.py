@@ -12,17 +12,15 @@ import numpy as np
 from ..config import FitSpec
 from .frame import FrameResult, _Frame
 from .model import (
-    _BROADENED,
     _CELL_INDEX,
     _CELL_NAME,
-    _DRAWN,
-    _SAME_LINE,
     _SHOWN_Z,
     _TRACK_FWHM,
     _UNLIKE,
     PhaseModel,
     PhaseState,
 )
+from .neighbours import _drawn_towards, _on_lines_of
 from .solve import _at_bound, _at_edge, _failed, _fit_rows, _fwhm_table, _result, esd_scale
 
 
@@ -314,55 +312,6 @@ def _join(m: PhaseModel, fr: "_Frame", present: list[int], absent: list[int], de
         joined.append(p)
         null_chi2 = np.inf
     return joined
-
-
-def _on_lines_of(m: PhaseModel, fr: "_Frame", p: int, cell: np.ndarray, present: list[int]) -> tuple[int, float] | None:
-    """(q, distance) when phase ``p`` at ``cell`` puts every listed line within :data:`_SAME_LINE`
-    FWHM of the same reflection of a similar phase ``q`` present and followed from the frame
-    before (the largest distance, in q's narrower width of this frame and the one before); else
-    None."""
-    st = fr.state
-    cells = st.cell.copy()
-    cells[p] = cell
-    cen = m.centres(cells[None], np.array([st.zero]))[0]
-    mine = np.flatnonzero(m.r_listed & (m.r_phase == p) & m.r_has_data)
-    for a, q, _, _ in m.order:
-        if a != p or q not in present or not fr.tracked[q] or not mine.size:
-            continue
-        far = 0.0
-        for i in mine:
-            twin = np.flatnonzero((m.r_phase == q) & (m.r_window == m.r_window[i]) & np.all(m.r_hkl == m.r_hkl[i], axis=1))
-            if not twin.size:
-                far = np.inf
-                break
-            w = int(m.r_window[i])
-            # in q's narrower width, now or in the frame before (q broadens where a newcomer
-            # grows beside it: two lines 1 FWHM apart are not one)
-            width = min(fr.fwhm_of(q, w), fr.before_fwhm[q, w]) if np.isfinite(fr.before_fwhm[q, w]) \
-                else fr.fwhm_of(q, w)
-            far = max(far, abs(cen[i] - cen[twin[0]]) / width)
-        if far <= _SAME_LINE:
-            return q, far
-    return None
-
-
-def _drawn_towards(m: PhaseModel, fr: "_Frame", p: int, present: list[int]) -> list[int]:
-    """The present phases similar to the absent phase ``p``, followed from the frame before, that
-    moved toward ``p``'s search centre by more than :data:`_DRAWN` of the distance between them
-    in a parameter that orders the pair, or broadened by more than :data:`_BROADENED`: a newcomer's
-    line half-way taken by the phase beside it (fast changes between frames)."""
-    st = fr.state
-    out = []
-    for a, r, j, _ in m.order:
-        if a != p or r not in present or not fr.tracked[r]:
-            continue
-        gap = fr.centre[p, j] - fr.before[r, j]
-        moved = (st.cell[r, j] - fr.before[r, j]) * np.sign(gap)
-        with np.errstate(invalid="ignore"):
-            broader = np.nanmax(st.fwhm[r] / fr.before_fwhm[r]) if np.isfinite(fr.before_fwhm[r]).any() else 0.0
-        if (abs(gap) > 0 and moved > _DRAWN * abs(gap)) or broader > _BROADENED:
-            out.append(r)
-    return sorted(set(out))
 
 
 def _place_again(m: PhaseModel, fr: "_Frame", present: list[int], joined: list[int]) -> None:

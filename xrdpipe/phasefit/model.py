@@ -23,6 +23,7 @@ from ..crystallography import (
     reflections,
     tth_from_d,
 )
+from .instrument import instrument_profile
 
 #: Default search half-ranges: relative for lengths, degrees for angles.
 DEFAULT_SEARCH = {"a": 0.015, "b": 0.015, "c": 0.03, "alpha": 2.0, "beta": 2.0, "gamma": 2.0}
@@ -104,41 +105,6 @@ class _Window:
     hw: np.ndarray     # the instrument's half-width at each point (0: a point sample)
 
 
-def instrument_profile(fit: FitSpec, radial: np.ndarray, instrument_sd: np.ndarray | None,
-                       instrument_offset: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Where each point of ``radial`` is, and the half-width of the triangle each line is
-    averaged over there (:func:`xrdpipe.kernels.phase._line_terms`): (M,) and (M,).
-
-    With ``[fit] instrument = "auto"`` a point is the mean of the radial positions it averages
-    over (``radial + instrument_offset``: an integrated bin's pixels are not spread evenly about
-    its centre) and the half-width is sqrt(6) times their standard deviation
-    (``instrument_sd``, or the constant ``[fit] instrument_sd`` where given). Without a record,
-    with ``instrument = "none"``, or where a value is not finite: the radial value and 0, a
-    point sample."""
-    radial = np.asarray(radial, float)
-    point = (radial, np.zeros(radial.size))
-    if fit.instrument == "none":
-        return point
-    where = radial
-    if instrument_offset is not None:
-        off = _per_point(instrument_offset, radial, "instrument_offset")
-        where = radial + np.where(np.isfinite(off), off, 0.0)
-    if fit.instrument_sd is not None:
-        sd = np.full(radial.size, float(fit.instrument_sd))
-    elif instrument_sd is None:
-        return where, point[1]
-    else:
-        sd = _per_point(instrument_sd, radial, "instrument_sd")
-    return where, np.where(np.isfinite(sd) & (sd > 0), np.sqrt(6.0) * sd, 0.0)
-
-
-def _per_point(values, radial: np.ndarray, name: str) -> np.ndarray:
-    out = np.asarray(values, float)
-    if out.shape != radial.shape:
-        raise ValueError(f"{name} has {out.size} points; the radial axis has {radial.size}")
-    return out
-
-
 class PhaseModel:
     """Phases x windows on a run's radial grid: reflections, parameter layout, model, search.
 
@@ -150,7 +116,7 @@ class PhaseModel:
     instrument_sd, instrument_offset : (radial points,) the standard deviation of the radial
         positions each point averages over, and their mean less the point's radial value (the run
         file's records), or None: point samples at the radial values (see
-        :func:`instrument_profile`)
+        :func:`~xrdpipe.phasefit.instrument.instrument_profile`)
     """
 
     def __init__(self, phases: Sequence[PhaseSpec], windows: Sequence[WindowSpec], fit: FitSpec = FitSpec(),
