@@ -178,3 +178,33 @@ def test_imported_patterns_have_no_instrument_sd(tmp_path):
     assert read_run_info(exp.run.run_file).instrument_sd is None
     assert open_run(exp.run.run_file).instrument_sd is None
     assert open_run(exp.run.run_file).instrument_offset is None
+
+
+def test_the_fit_check_draws_the_lines_as_the_phase_model_fitted_them(tmp_path, monkeypatch):
+    """The fit-check figure of a 2D run rebuilds each line averaged over what each bin averages
+    over, as the phase model fitted it: its residual is the fit's own (the window's reduced χ²).
+    Drawn as point samples with the same (instrument-free) widths it is 20 times larger."""
+    from xrdpipe.config import FitCheckSpec
+    from xrdpipe.plots import fits
+
+    syn = make_experiment(tmp_path / "exp", scenario="nfm", n_frames=2, n_rest=0, seed=5)
+    exp = xrdpipe.load_experiment(syn.experiment_file)
+    xrdpipe.integrate_experiment(exp, progress=False)
+    xrdpipe.fit_experiment(exp, progress=False)
+    patterns, res = xrdpipe.open_dataset(exp.run.run_file), xrdpipe.open_results(exp.run.run_file)
+    assert res.peaks.attrs["instrument"] == "auto" and "instrument_offset" in patterns
+    spec = FitCheckSpec(frames=[1], windows=[exp.windows[0].name])
+
+    def residual_rms() -> float:
+        fig = fits.plot_fit_check(patterns, res.peaks, phases=exp.phases, windows=exp.windows, spec=spec)
+        resid = fig.axes[1].lines[0].get_ydata()
+        return float(np.sqrt(np.nanmean(np.square(resid))))
+
+    binned = residual_rms()
+    monkeypatch.setattr(fits, "_instrument", lambda *a: None)
+    point = residual_rms()
+    # the figure's residual is the fit's own misfit (these demo lines peak at ~1e5 σ per bin)...
+    redchi = float(res.peaks.redchi.sel(frame=1).where(res.peaks.window == exp.windows[0].name, drop=True).max())
+    assert binned < 1.5 * np.sqrt(redchi), (binned, redchi)
+    # ... and drawn as point samples it is not
+    assert point > 10 * binned, (point, binned)

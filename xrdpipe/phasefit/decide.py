@@ -272,6 +272,7 @@ def _join(m: PhaseModel, fr: "_Frame", present: list[int], absent: list[int], de
                 continue
             cell, chi2_with, chi2_without = fr.search(p, present, around=fr.centre[p])
             gain = n_valid * np.log(max(chi2_without, 1e-300) / max(chi2_with, 1e-300)) - _n_params(m, p) * n_log
+            kept = None
             if gain <= fit.bic_threshold and not fr.going_back and (drawn := _drawn_towards(m, fr, p, present)):
                 # a similar phase followed from the frame before moved toward where p would be:
                 # it may have taken p's line (half-way between the two); p is searched again
@@ -284,6 +285,8 @@ def _join(m: PhaseModel, fr: "_Frame", present: list[int], absent: list[int], de
                     st.cell[:] = kept
             if gain > fit.bic_threshold and (on := _on_lines_of(m, fr, p, cell, present)):
                 decision[p] = f"absent: on the lines of {m.phases[on[0]].name} ({on[1]:.2f} FWHM apart): one line, not two phases"
+                if kept is not None:        # the drawn phase back where this frame's search put it
+                    st.cell[:] = kept
                 continue
             if gain > fit.bic_threshold:
                 free = [_CELL_INDEX[n] for n in m.free[p]]
@@ -484,7 +487,7 @@ def _present_text(m: PhaseModel, fr: "_Frame", p: int, gain: float, found_now: s
 
 def _area_esds(m: PhaseModel, fr: "_Frame", res, n_valid: int) -> np.ndarray:
     """(R,) the esds of the line areas of a frame's fit (row 0), scaled by the frame's reduced
-    chi-square where it exceeds 1 (:func:`~xrdpipe.phasefit.solve.esd_scale`); NaN for an area
+    chi-square (with data esds only where it exceeds 1: :func:`~xrdpipe.phasefit.solve.esd_scale`); NaN for an area
     at its bound. Deliberately the frame-wide factor, not the per-window one of the recorded
     esds (:func:`~xrdpipe.phasefit.solve.window_scaled`): the line test stays as cautious in a
     window that fits well as in the worst one."""

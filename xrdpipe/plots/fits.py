@@ -81,6 +81,7 @@ def plot_fit_check(patterns, peaks, *, phases: Sequence[PhaseSpec], windows: Seq
     st = states(patterns)
     phase_map = {p.name: p for p in phases}
     phase_order = list(dict.fromkeys(d["peak_phase"]))
+    inst = _instrument(patterns, peaks, radial)
     inten = np.asarray(patterns["intensity"][frames].values)
     sigma = np.asarray(patterns["intensity_errors"][frames].values)
     with style(font_size):
@@ -100,7 +101,8 @@ def plot_fit_check(patterns, peaks, *, phases: Sequence[PhaseSpec], windows: Seq
                 axr = fig.add_subplot(inner[1], sharex=ax)
                 y = inten[r, model.columns].astype(float)
                 s = sigma[r, model.columns].astype(float)
-                _fit_cell(ax, axr, model, y, s, d, f, cols, phase_order)
+                _fit_cell(ax, axr, model, y, s, d, f, cols, phase_order,
+                          None if inst is None else (inst[0][model.columns], inst[1][model.columns]))
                 if r == 0:
                     ax.set_title(window_title(w.name), pad=2)
                 if c == 0:
@@ -134,7 +136,27 @@ def _frame_label(f: int, st: States) -> str:
     return label + "\nIntensity"
 
 
-def _fit_cell(ax, axr, model: WindowModel, y, s, d, f, cols, phase_order) -> None:
+def _instrument(patterns, peaks, radial: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Where each point is and the instrument's half-width there, for a phase-model fit that
+    averaged its lines over what each bin averages over (``[fit] instrument``); None for point
+    samples."""
+    if peaks.attrs.get("instrument", "none") != "auto":
+        return None
+    from ..config import FitSpec
+    from ..phasefit.instrument import instrument_profile
+
+    sd = peaks.attrs.get("instrument_sd", float("nan"))
+    spec = FitSpec(instrument_sd=float(sd) if np.isfinite(sd) else None)
+    sd_rec, off_rec = (np.asarray(patterns[name].values, float) if name in patterns else None
+                       for name in ("instrument_sd", "instrument_offset"))
+    where, hw = instrument_profile(spec, radial, sd_rec, off_rec)
+    return (where, hw) if hw.any() or np.any(where != radial) else None
+
+
+def _fit_cell(ax, axr, model: WindowModel, y, s, d, f, cols, phase_order, inst=None) -> None:
+    """One window of one frame: data, fit, background, each present component, residual.
+    ``inst``: (where each point is, the instrument's half-width) for lines averaged as the phase
+    model averaged them, or None."""
     x = model.x
     ok = np.isfinite(y)
     has_sigma = np.isfinite(s).any() and np.nanmax(s) > 0
@@ -151,7 +173,13 @@ def _fit_cell(ax, axr, model: WindowModel, y, s, d, f, cols, phase_order) -> Non
     for col in cols:
         if not d["present"][f, col]:
             continue
-        comp = fn(x, *[d[src.get(name, name)][f, col] for name in names])
+        if inst is not None and model.profile == "pseudo_voigt":
+            from ..phasefit.instrument import binned_lines
+
+            comp = binned_lines(inst[0], inst[1], d["center"][f, col], d["fwhm"][f, col], d["area"][f, col],
+                                d["shape"][f, col])[0]
+        else:
+            comp = fn(x, *[d[src.get(name, name)][f, col] for name in names])
         peaks_sum += comp
         parts.append((d["peak_phase"][col], d["peak_hkl"][col], comp))
     basis = np.vstack([model.t ** k for k in range(model.degree + 1)]).T

@@ -16,6 +16,7 @@ reductions over the whole stack.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,7 +133,8 @@ def _directions(half_cycle: np.ndarray, segment: np.ndarray) -> np.ndarray:
 def open_dataset(run_file: Path | str, *, chunks: dict | str | None = None) -> xr.Dataset:
     """The pattern stack of a run file as an :class:`xarray.Dataset` (dims ``frame`` and the
     run's radial axis, ``tth`` or ``q``; the other axis a coordinate too when the wavelength is
-    known), ``intensity`` and ``intensity_errors`` read lazily.
+    known), ``intensity`` and ``intensity_errors`` read lazily, and per bin (2D frames integrated
+    by xrdpipe) ``instrument_sd`` and ``instrument_offset`` (what each bin averages over).
 
     Coordinates per frame: ``time`` (datetime64, UTC), ``time_s``, ``status`` (1 integrated,
     0 pending, -1 failed), ``frame_message``, ``key``, and from the electrochemistry (NaN, -1 or "" until
@@ -158,9 +160,13 @@ def open_dataset(run_file: Path | str, *, chunks: dict | str | None = None) -> x
         if wl:
             coords[other] = (axis, pat[other][()], {"units": _UNITS[other], "long_name": _LONG[other]})
         title = h5[ENTRY]["title"][()] if "title" in h5[ENTRY] else b""
+        instrument = {name: xr.Variable((axis,), pat[name][()].astype(np.float64),
+                                        {"units": _UNITS[axis], "long_name": text(pat[name].attrs.get("long_name", ""))})
+                      for name in ("instrument_sd", "instrument_offset") if name in pat}
     data = {name: xr.Variable(("frame", axis), indexing.LazilyIndexedArray(_StackArray(path, name, shape, dtype)),
                               {"units": "counts", "long_name": _LONG[name]})
             for name in ("intensity", "intensity_errors")}
+    data.update(instrument)
     attrs = {"run_file": str(path), "radial_unit": unit, "title": text(title)}
     if wl:
         attrs["wavelength_A"] = float(wl)
@@ -235,7 +241,12 @@ def _peaks(h5, n: int, coords: dict, axis: str) -> xr.Dataset:
     comp = {"component": _component_labels(labels["peak_phase"], labels["peak_hkl"], labels["peak_window"]),
             "window": ("component", labels["peak_window"]), "phase": ("component", labels["peak_phase"]),
             "hkl": ("component", labels["peak_hkl"]), "profile": ("component", labels["peak_profile"])}
-    return xr.Dataset(data, coords={**coords, **comp}, attrs={"windows": windows})
+    fit = json.loads(g.attrs["fingerprint"]).get("fit", {}) if "fingerprint" in g.attrs else {}
+    binned = fit.get("model", "phases") == "phases" and fit.get("instrument", "none") == "auto"
+    sd = fit.get("instrument_sd")
+    return xr.Dataset(data, coords={**coords, **comp},
+                      attrs={"windows": windows, "instrument": "auto" if binned else "none",
+                             "instrument_sd": float(sd) if binned and sd is not None else float("nan")})
 
 
 def _lattice(h5, coords: dict) -> xr.Dataset:
