@@ -72,3 +72,15 @@ def test_the_readme_lattice_example_is_valid(config_folder):
     exp = load_experiment(write(config_folder, text))
     assert [p.name for p in exp.phases] == ["O3", "P3", "P2-Mg"] and exp.phases[1].c == 16.7
     assert exp.phases[2].space_group == "P63/mmc" and exp.lattice.fraction_window == "104"
+
+
+def test_fit_keys_added_later_leave_old_runs_up_to_date():
+    """[fit] instrument / instrument_sd at their defaults are not part of the stage and run-file
+    keys (a run made before them is not refitted); set, they are."""
+    from xrdpipe.config import FitSpec
+
+    old = FitSpec().model_dump(mode="json", exclude={"workers"})
+    old = {k: v for k, v in old.items() if k not in ("instrument", "instrument_sd")}
+    assert FitSpec().key(exclude={"workers"}) == old
+    assert FitSpec(instrument="none").key(exclude={"workers"})["instrument"] == "none"
+    assert FitSpec(instrument_sd=0.013).key(exclude={"workers"})["instrument_sd"] == 0.013

@@ -183,6 +183,10 @@ class WindowSpec(Spec):
         return phase, parse_hkl(hkl)
 
 
+#: [fit] keys added after runs existed, with their defaults (:meth:`FitSpec.key`)
+_ADDED_LATER = {"instrument": "auto", "instrument_sd": None}
+
+
 class FitSpec(Spec):
     """``[fit]``: how every window is fitted in every frame.
 
@@ -233,6 +237,16 @@ class FitSpec(Spec):
     backward_share: float = Field(default=0.3, gt=0, le=1)
     instrument: Literal["auto", "none"] = "auto"
     instrument_sd: float | None = Field(default=None, ge=0)
+
+    def key(self, exclude: set[str] = frozenset()) -> dict:
+        """The settings as the keys of stages and run files see them: keys added after runs
+        existed are left out while at their defaults, so a run made before them stays up to
+        date (its fits are not redone for a key it could not have set)."""
+        out = self.model_dump(mode="json", exclude=set(exclude))
+        for name, default in _ADDED_LATER.items():
+            if name in out and out[name] == default:
+                del out[name]
+        return out
 
 
 class LatticeSpec(Spec):

@@ -242,7 +242,8 @@ def _peaks(h5, n: int, coords: dict, axis: str) -> xr.Dataset:
             "window": ("component", labels["peak_window"]), "phase": ("component", labels["peak_phase"]),
             "hkl": ("component", labels["peak_hkl"]), "profile": ("component", labels["peak_profile"])}
     fit = json.loads(g.attrs["fingerprint"]).get("fit", {}) if "fingerprint" in g.attrs else {}
-    binned = fit.get("model", "phases") == "phases" and fit.get("instrument", "none") == "auto"
+    # (a key at its default is left out of the fingerprint: FitSpec.key)
+    binned = fit.get("model", "phases") == "phases" and fit.get("instrument", "auto") == "auto"
     sd = fit.get("instrument_sd")
     return xr.Dataset(data, coords={**coords, **comp},
                       attrs={"windows": windows, "instrument": "auto" if binned else "none",

@@ -128,7 +128,7 @@ def _fingerprint(exp: Experiment, fit, info: RunInfo, block: int) -> dict:
     """The settings the fitted peaks depend on (others start ``/entry/peaks`` again)."""
     out = {"xrdpipe": __version__, "phases": [p.model_dump(mode="json") for p in exp.phases],
            "windows": [w.model_dump(mode="json") for w in exp.windows],
-           "fit": fit.model_dump(mode="json", exclude={"workers", "block_frames"}),
+           "fit": fit.key(exclude={"workers", "block_frames"}),
            "block": block, "patterns": info.fingerprint}
     if fit.model == "phases":   # frames carry their state one to the next: the block plays no part
         out.update(block=None, correction=exp.lattice.correction)

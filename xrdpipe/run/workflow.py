@@ -90,7 +90,7 @@ def stage_keys(exp: Experiment, *, live_key: str | None = None) -> dict[str, str
         own["echem"] = [e.model_dump(mode="json"), file_stat(e.file), [file_stat(p) for p in e.inventory_loss_from]]
     if exp.windows:
         own["fit"] = [[p.model_dump(mode="json") for p in exp.phases], [w.model_dump(mode="json") for w in exp.windows],
-                      exp.fit.model_dump(mode="json", exclude={"workers"})]
+                      exp.fit.key(exclude={"workers"})]
         if exp.phases:
             own["lattice"] = exp.lattice.model_dump(mode="json")
     if exp.refinement is not None:
