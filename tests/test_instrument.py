@@ -208,3 +208,20 @@ def test_the_fit_check_draws_the_lines_as_the_phase_model_fitted_them(tmp_path, 
     assert binned < 1.5 * np.sqrt(redchi), (binned, redchi)
     # ... and drawn as point samples it is not
     assert point > 10 * binned, (point, binned)
+
+
+def test_a_damaged_instrument_record_names_the_file(tmp_path):
+    from xrdpipe.errors import StoreError
+    from xrdpipe.run.store import RunFile
+
+    path = tmp_path / "run.nxs"
+    radial = np.linspace(5.0, 6.0, 11)
+    with RunFile.open_for_writing(path, radial=radial, unit="2th_deg", wavelength_A=0.62, fingerprint={},
+                                  provenance={}, instrument_sd=np.full(11, 0.01), instrument_offset=np.zeros(11)):
+        pass
+    np.testing.assert_array_equal(read_run_info(path).instrument_sd, np.full(11, 0.01))
+    with h5py.File(path, "r+") as h5:
+        del h5["/entry/patterns/instrument_sd"]
+        h5["/entry/patterns/instrument_sd"] = np.full(7, 0.01)
+    with pytest.raises(StoreError, match=r"run\.nxs: /entry/patterns/instrument_sd has 7 values, the radial axis 11"):
+        read_run_info(path)

@@ -164,9 +164,7 @@ class _Frame:
         width = spec.range[1] - spec.range[0]
         seen = above * self.m.step
         # the lines' own width: what the data show less the instrument's blur, in quadrature
-        # (a Gaussian's FWHM is 2 sqrt(2 ln 2) = 2.355 standard deviations; the triangle's
-        # standard deviation is hw / sqrt(6))
-        blur = 2.3548 * float(np.median(win.hw)) / np.sqrt(6.0) if win.hw.size else 0.0
+        blur = self.m.blur[w]
         own = np.sqrt(max(seen * seen - blur * blur, 0.25 * seen * seen))
         return float(np.clip(own, 2 * self.m.step, width / 6))
 

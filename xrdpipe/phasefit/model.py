@@ -142,6 +142,9 @@ class PhaseModel:
                                 hw[cols]))
             start += x.size
         self.windows = tuple(wins)
+        #: (W,) the instrument's FWHM in each window, as a Gaussian's of the same standard
+        #: deviation (2 sqrt(2 ln 2) of them; the triangle's is hw / sqrt(6)), median over its points
+        self.blur = np.array([2.3548 * float(np.median(w.hw)) / np.sqrt(6.0) if w.hw.size else 0.0 for w in wins])
         self.specs = tuple(windows)
         self.n_points = start
         self.P, self.W = len(self.phases), len(self.windows)

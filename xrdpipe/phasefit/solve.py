@@ -149,6 +149,15 @@ def esd_scale(m: PhaseModel, fr: _Frame, redchi: float) -> float:
     return 1.0
 
 
+def _unit_covariance(cov: np.ndarray, free: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The free block of ``cov`` scaled to unit diagonal, and the esds ``d`` it was scaled by (1
+    where 0): the sandwiches below are formed in these units (well conditioned), then scaled back."""
+    sub = cov[np.ix_(free, free)]
+    d = np.sqrt(np.diagonal(sub))
+    d = np.where(d > 0, d, 1.0)
+    return sub / np.outer(d, d), d
+
+
 def window_scaled(m: PhaseModel, w: np.ndarray, jac: np.ndarray, cov: np.ndarray, redchi_w: np.ndarray) -> np.ndarray:
     """The covariance ``cov`` = (JᵀW²J)⁻¹ (k, k; NaN where not free) with each window's
     information scaled by its reduced chi-square where that exceeds 1: C (Σ_w s_w J_wᵀW²J_w) C,
@@ -162,16 +171,13 @@ def window_scaled(m: PhaseModel, w: np.ndarray, jac: np.ndarray, cov: np.ndarray
     free = np.isfinite(np.diagonal(cov))
     if not free.any() or np.all(scale == 1.0):
         return cov
-    sub = cov[np.ix_(free, free)]
-    d = np.sqrt(np.diagonal(sub))
-    d = np.where(d > 0, d, 1.0)
+    unit, d = _unit_covariance(cov, free)
     jw = jac[free] * w * d[:, None]                 # scaled to the esds: a well-conditioned product
     meat = np.zeros((d.size, d.size))
     for i, win in enumerate(m.windows):
         if scale[i] != 1.0:
             jp = jw[:, win.points]
             meat += (scale[i] - 1.0) * (jp @ jp.T)
-    unit = sub / np.outer(d, d)
     out = cov.copy()
     out[np.ix_(free, free)] = (unit + unit @ meat @ unit) * np.outer(d, d)
     return out
@@ -187,11 +193,8 @@ def residual_scaled(w: np.ndarray, jac: np.ndarray, cov: np.ndarray, resid: np.n
     k = int(free.sum())
     if not k or n <= k:
         return cov
-    sub = cov[np.ix_(free, free)]
-    d = np.sqrt(np.diagonal(sub))
-    d = np.where(d > 0, d, 1.0)
+    unit, d = _unit_covariance(cov, free)
     jr = jac[free] * (w * resid) * d[:, None]
-    unit = sub / np.outer(d, d)
     out = cov.copy()
     out[np.ix_(free, free)] = unit @ (jr @ jr.T) @ unit * np.outer(d, d) * (n / (n - k))
     return out

@@ -299,7 +299,7 @@ def open_run(path: Path | str) -> Patterns:
         pat = h5[h5path(PATTERNS)]
         axis, unit, wl = axis_of(h5)
         return Patterns(pat[axis][()], unit, wl, pat["intensity"][()], pat["intensity_errors"][()],
-                        _frames(h5).as_dict(), *_instrument(pat))
+                        _frames(h5).as_dict(), *_instrument(pat, axis, path))
 
 
 @dataclass(frozen=True)
@@ -360,14 +360,20 @@ def read_run_info(path: Path | str) -> RunInfo:
         axis, unit, wl = axis_of(h5)
         return RunInfo(pat[axis][()], unit, wl, h5[h5path(f"{FRAMES}/status")][()],
                        decode(h5[h5path(f"{FRAMES}/message")][()]), pat["time_s"][()],
-                       json.loads(h5[h5path(FINGERPRINT)][()]), PEAKS in h5[ENTRY], *_instrument(pat))
+                       json.loads(h5[h5path(FINGERPRINT)][()]), PEAKS in h5[ENTRY], *_instrument(pat, axis, path))
 
 
-def _instrument(pat) -> tuple[np.ndarray | None, np.ndarray | None]:
+def _instrument(pat, axis: str, path) -> tuple[np.ndarray | None, np.ndarray | None]:
     """``instrument_sd`` and ``instrument_offset`` of the patterns group, each None where it is
     not stored (imported 1D patterns, older run files)."""
-    return tuple(pat[name][()].astype(np.float64) if name in pat else None
-                 for name in ("instrument_sd", "instrument_offset"))
+    out = []
+    for name in ("instrument_sd", "instrument_offset"):
+        values = pat[name][()].astype(np.float64) if name in pat else None
+        if values is not None and values.shape != pat[axis].shape:
+            raise StoreError(f"{path}: /entry/patterns/{name} has {values.size} values, the radial axis "
+                             f"{pat[axis].size}; integrate again with --restart")
+        out.append(values)
+    return tuple(out)
 
 
 def read_pattern_block(path: Path | str, rows: Sequence[int] | np.ndarray | None = None,
