@@ -87,22 +87,30 @@ def test_a_phase_whose_listed_lines_are_empty_is_not_found_after_it_has_gone():
 
 
 def test_a_phase_is_moved_off_an_alias_of_its_cell_onto_its_listed_line():
-    """P2 -> P''2 2.5 FWHM apart, P''2 typed 1 % (a) and 2 % (c) above: where P''2 appears its
-    (100) line lies under P2's, and an a 2.3 % high puts its (101) where its (100) belongs (the
-    two explain the line equally, areas being free): P''2 was followed on that alias to the end,
-    median |Δa| 0.064 Å. A listed line left empty while another reflection of the phase holds
-    the line in its window now moves the cell so that the listed line holds it."""
+    """P''2 typed with an a 2.3 % high (and c 0.2 %): there its (101) line lies where its (100)
+    belongs, and the two explain the line equally (areas being free), so the cell search settles
+    on that alias (a P''2 followed on it to the end of a series had a median |Δa| of 0.064 Å).
+    A listed line left empty while another reflection of the phase holds the line in its window
+    moves the cell so that the listed line holds it, and the decision says so. (In the 40-frame
+    P2 -> P''2 series that first showed it, the engine no longer reaches the alias since lines'
+    tails are modelled in the next window: this starts on it.)"""
+    import dataclasses
+
     dif = Difficulty(start_error=((0.005, 0.01), (0.01, 0.02)), separation_fwhm=2.5, broadening=1.6,
                      intensity_jitter=0.3, hard_windows=True, seed=107)
-    series, table, lat, s = _run("mcm", dif, n=40, seed=117)
-    assert s["presence"] >= 0.98 and s["median_da"] <= 3e-4 and s["fraction_mae"] <= 0.02, s
-    q = lat.phases.index("P''2")
-    truth = np.array([st["P''2"][0] if st.get("P''2", (0, 0, 0))[2] >= 0.3 else np.nan for st in series.states()])
-    strong = np.isfinite(truth)
-    assert strong.sum() >= 10
-    assert np.nanmax(np.abs(lat.values["a_A"][strong, q] - truth[strong])) < 2e-3
-    said = [d for row in table.phase["phase_decision"] for d in row]
-    assert any("its listed (100) line was held by its (101): moved off that alias" in d for d in said)
+    series = pattern_series(24, scenario="mcm", counts=0.05, background=2000.0, seed=117, difficulty=dif)
+    phases, windows = fit_config("mcm", dif)
+    k = [i for i, st in enumerate(series.states()) if st.get("P''2", (0, 0, 0))[2] >= 0.99][0]
+    a_true, c_true = series.states()[k]["P''2"][:2]
+    phases = [p.model_copy(update={"a": a_true * 1.023, "c": c_true * 1.002}) if p.name == "P''2" else p
+              for p in phases]
+    pat = series.as_patterns()
+    pat = dataclasses.replace(pat, intensity=pat.intensity[k:k + 2], sigma=pat.sigma[k:k + 2],
+                              frames={n: v[k:k + 2] for n, v in pat.frames.items()})
+    table = fit_phases(pat, phases, windows, FitSpec())
+    q = [p.name for p in phases].index("P''2")
+    assert abs(table.phase["phase_cell"][0, q, 0] - a_true) < 2e-3, table.phase["phase_cell"][0, q]
+    assert "its listed (100) line was held by its (101): moved off that alias" in table.phase["phase_decision"][0, q]
 
 
 @pytest.mark.parametrize("n, typed", [(12, 0.0), (24, 0.0), (24, 1.0), (12, -0.5)])
@@ -219,6 +227,35 @@ def test_every_reflection_in_a_window_is_in_the_model():
     have = {(m.phases[p].name, "".join(map(str, h)), m.windows[w].name) for p, h, w in zip(m.r_phase, m.r_hkl, m.r_window)}
     assert {("P3", "104", "104"), ("O3", "015", "015"), ("P3", "015", "015"), ("Al", "200", "015"),
             ("O3", "003", "003"), ("P3", "003", "003")} <= have
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_strong_lines_tail_in_the_next_window_is_drawn_with_its_own_area(monkeypatch, tied):
+    """O3 (104) holds 25 times the area of (015); the 015 window starts 11 FWHM above it, and
+    across the window the (104) line's Lorentzian tail falls from 7,600 to 1,400 counts: most of
+    the window's background, and curved. A linear background cannot follow it: χ²/ν ~20 there
+    and the cell's esds widened for nothing. The tail drawn with the (104) line's own area, centre and width (no parameter)
+    explains the window to its noise (χ²/ν ~1), from start cells 1 % / 2 % off; without it
+    (``tied=False``: the reach set to none) the test sees the misfit."""
+    from xrdpipe.phasefit import tails
+
+    if not tied:
+        monkeypatch.setattr(tails, "_TIED_REACH", -1.0)
+    dif = Difficulty(start_error=((0.01, 0.02), (-0.01, -0.02)), separation_fwhm=1.5, broadening=1.6,
+                     intensity_jitter=0.3, hard_windows=True, seed=3)
+    series = pattern_series(6, scenario="nfm", x_range=(1.0, 0.97), counts=1.0, background=300.0, seed=5,
+                            difficulty=dif)
+    phases, windows = fit_config("nfm", dif)
+    table = fit_phases(series.as_patterns(), phases, windows, FitSpec(backward=False))
+    w015 = [w.name for w in windows].index("015")
+    redchi = table.redchi[1:, w015]
+    if not tied:
+        assert np.all(redchi > 8), redchi
+        return
+    assert np.all(redchi < 1.5), redchi
+    true = np.array([[st["O3"][0], st["O3"][1]] for st in series.states()])
+    err = table.phase["phase_cell_err"][:, 0][:, [0, 2]]
+    assert np.all(np.abs(table.phase["phase_cell"][:, 0][:, [0, 2]] - true) < 4 * err)
 
 
 @pytest.mark.parametrize("scenario, sign", [("nfm", 1), ("mcm", -1)])
@@ -384,7 +421,8 @@ def test_the_compiled_model_and_its_jacobian(sd):
     :mod:`xrdpipe.lineshapes` summed line by line - point samples, and averaged over the
     instrument's triangle of standard deviation ``sd`` (0.013°: pixels of ~0.4 FWHM split into
     bins) by quadrature - and its Jacobian against central differences of the model in every
-    column (cells, zero shift, widths, eta, areas, background)."""
+    column (cells, zero shift, widths, eta, areas, background). A line's tail in a neighbouring
+    window (:mod:`xrdpipe.phasefit.tails`) is its own line, drawn there too."""
     from xrdpipe.lineshapes import pseudo_voigt
     from xrdpipe.phasefit.frame import _Frame
     from xrdpipe.phasefit.solve import initial_state
@@ -413,6 +451,11 @@ def test_the_compiled_model_and_its_jacobian(sd):
             p, w = m.r_phase[i], m.r_window[i]
             want[m.windows[w].points] += _triangle_average(
                 lambda v: pseudo_voigt(v, cen[r, i], theta[r, m.fwhm_col[p, w]], theta[r, m.area_col[i]],
+                                       theta[r, m.eta_col[p]]), m.windows[w].x, hw)
+        for i, w in zip(m.tail_src, m.tail_window):          # the tied tails: row i's line in window w
+            p, home = m.r_phase[i], m.r_window[i]
+            want[m.windows[w].points] += _triangle_average(
+                lambda v: pseudo_voigt(v, cen[r, i], theta[r, m.fwhm_col[p, home]], theta[r, m.area_col[i]],
                                        theta[r, m.eta_col[p]]), m.windows[w].x, hw)
         rtol = 1e-12 if sd is None else 1e-6                    # (the quadrature's own error)
         np.testing.assert_allclose(f[r], want, rtol=rtol, atol=rtol * 1e3 * np.abs(want).max())
