@@ -235,8 +235,10 @@ def test_a_strong_lines_tail_in_the_next_window_is_drawn_with_its_own_area(monke
     across the window the (104) line's Lorentzian tail falls from 7,600 to 1,400 counts: most of
     the window's background, and curved. A linear background cannot follow it: χ²/ν ~20 there
     and the cell's esds widened for nothing. The tail drawn with the (104) line's own area, centre and width (no parameter)
-    explains the window to its noise (χ²/ν ~1), from start cells 1 % / 2 % off; without it
-    (``tied=False``: the reach set to none) the test sees the misfit."""
+    explains the window to its noise (χ²/ν ~1), from start cells 1 % / 2 % off, in the first
+    frame too (where the Al (200) line under that window was missed, searched for beside an O3
+    not yet fitted: χ²/ν 311); without it (``tied=False``: the reach set to none) the test sees
+    the misfit."""
     from xrdpipe.phasefit import tails
 
     if not tied:
@@ -248,7 +250,7 @@ def test_a_strong_lines_tail_in_the_next_window_is_drawn_with_its_own_area(monke
     phases, windows = fit_config("nfm", dif)
     table = fit_phases(series.as_patterns(), phases, windows, FitSpec(backward=False))
     w015 = [w.name for w in windows].index("015")
-    redchi = table.redchi[1:, w015]
+    redchi = table.redchi[:, w015]
     if not tied:
         assert np.all(redchi > 8), redchi
         return
