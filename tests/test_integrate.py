@@ -14,7 +14,6 @@ from xrdpipe.frames import list_frames, read_frame
 from xrdpipe.run.store import DONE, FAILED, RunFile
 from xrdpipe.testing import make_experiment
 
-
 #: a small detector (2θ 3.6-12.4°, the 003 and 006 lines) for the tests of frame formats and
 #: their failures, where the size of the image does not matter
 SMALL = dict(shape=(192, 192), npt=800)
