@@ -122,7 +122,8 @@ def test_inventory_loss_shifts_x():
 
 
 def test_synthetic_experiment_x_within_0p002_and_lattice_gets_voltage_and_x(tmp_path):
-    syn = make_experiment(tmp_path / "syn", n_frames=30, frame_format="xye", seed=3)
+    n = 12              # 3 at rest, 5 charging, 4 discharging: every segment, every x estimate checked
+    syn = make_experiment(tmp_path / "syn", n_frames=n, frame_format="xye", seed=3)
     exp = xrdpipe.load_experiment(syn.experiment_file)
     xrdpipe.integrate_experiment(exp, progress=False)
     xrdpipe.fit_experiment(exp, progress=False)
@@ -130,7 +131,7 @@ def test_synthetic_experiment_x_within_0p002_and_lattice_gets_voltage_and_x(tmp_
 
     lattice_experiment(exp)
     summary = xrdpipe.echem_experiment(exp)
-    assert summary.status == {"ok": 30} and summary.lattice_updated
+    assert summary.status == {"ok": n} and summary.lattice_updated
     rows = list(csv.DictReader(open(summary.csv_file)))
     assert list(rows[0])[:10] == list(FRAME_COLUMNS[:10])
     assert list(FRAME_COLUMNS[:10]) == ["frame", "time_s", "start", "end", "voltage_V", "current_mA",
@@ -139,10 +140,10 @@ def test_synthetic_experiment_x_within_0p002_and_lattice_gets_voltage_and_x(tmp_
     for r in csv.DictReader(open(syn.truth_file)):
         truth[int(r["frame"])] = r
     x = np.array([float(r["x"]) for r in rows])
-    x_true = np.array([float(truth[i]["x"]) for i in range(30)])
+    x_true = np.array([float(truth[i]["x"]) for i in range(n)])
     assert np.max(np.abs(x - x_true)) < 0.002
     t_s = np.array([float(r["time_s"]) for r in rows])
-    np.testing.assert_allclose(t_s, [float(truth[i]["time_s"]) for i in range(30)], atol=1e-3)
+    np.testing.assert_allclose(t_s, [float(truth[i]["time_s"]) for i in range(n)], atol=1e-3)
     segs = [r["segment"] for r in rows]
     assert segs[:3] == ["rest"] * 3 and "charge" in segs and segs[-1] == "discharge"
     # absolute times are kept with the frames' own offset

@@ -1,6 +1,7 @@
 """Calibration from calibrant images rendered with known geometries (pyFAI draws the rings;
 xrdpipe must find them from a guess 5 % off in distance and 20 pixels off in centre)."""
 
+import functools
 import math
 
 import numpy as np
@@ -20,10 +21,18 @@ CASES = {
 }
 
 
+@functools.cache
+def _rendered(det: str):
+    """The calibrant image of a case and its true geometry, rendered once for the module (a
+    megapixel image takes pyFAI seconds): no test changes the image, and the one that changes
+    the geometry puts it back."""
+    return calibrant_image(det, seed=1, **CASES[det])
+
+
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request):
     det = request.param
-    img, truth = calibrant_image(det, seed=1, **CASES[det])
+    img, truth = _rendered(det)
     return det, CASES[det]["calibrant"], img, truth
 
 
@@ -72,7 +81,7 @@ def test_check_calibration_passes_the_truth_and_flags_a_distance_one_percent_off
 def test_the_commands_write_the_poni_and_give_a_verdict_by_exit_status(tmp_path):
     import fabio
 
-    img, truth = calibrant_image("eiger2_1m", seed=2, **CASES["eiger2_1m"])
+    img, truth = _rendered("eiger2_1m")      # the commands start from a guess of their own
     fabio.edfimage.EdfImage(data=img.astype(np.int32)).write(str(tmp_path / "ceo2.edf"))
     row, col = _beam_centre(truth)
     runner = CliRunner()

@@ -14,6 +14,10 @@ from xrdpipe.frames import list_frames, read_frame
 from xrdpipe.run.store import DONE, FAILED, RunFile
 from xrdpipe.testing import make_experiment
 
+#: a small detector (2θ 3.6-12.4°, the 003 and 006 lines) for the tests of frame formats and
+#: their failures, where the size of the image does not matter
+SMALL = dict(shape=(192, 192), npt=800)
+
 
 def _copy(syn, tmp_path):
     dst = tmp_path / "exp"
@@ -156,7 +160,7 @@ def test_bad_frames_are_recorded_and_the_run_goes_on(synthetic_h5, tmp_path):
 
 
 def test_unreadable_cbf_frame(tmp_path):
-    syn = make_experiment(tmp_path / "cbf", n_frames=4, frame_format="cbf", seed=2)
+    syn = make_experiment(tmp_path / "cbf", n_frames=4, frame_format="cbf", seed=2, **SMALL)
     bad = syn.frame_files[2]
     bad.write_bytes(bad.read_bytes()[:2000])
     exp = xrdpipe.load_experiment(syn.experiment_file)  # times from the CBF headers
@@ -167,7 +171,7 @@ def test_unreadable_cbf_frame(tmp_path):
 
 
 def test_header_times_missing_everywhere_is_a_config_error(tmp_path):
-    syn = make_experiment(tmp_path / "tif", n_frames=2, frame_format="tiff", seed=2)
+    syn = make_experiment(tmp_path / "tif", n_frames=2, frame_format="tiff", seed=2, **SMALL)
     toml = syn.experiment_file
     toml.write_text(toml.read_text().replace("times = {", 'times = "header"\n#times = {'))
     exp = xrdpipe.load_experiment(toml)
@@ -177,7 +181,7 @@ def test_header_times_missing_everywhere_is_a_config_error(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["cbf", "edf", "tiff"])
 def test_fabio_formats_and_their_times(fmt, tmp_path):
-    syn = make_experiment(tmp_path / fmt, n_frames=3, frame_format=fmt, seed=4)
+    syn = make_experiment(tmp_path / fmt, n_frames=3, frame_format=fmt, seed=4, **SMALL)
     exp = xrdpipe.load_experiment(syn.experiment_file)
     summary = xrdpipe.integrate_experiment(exp, progress=False)
     assert summary.integrated == 3 and not summary.failed
