@@ -198,6 +198,7 @@ def _refine_geometry(coarse, img: np.ndarray, bad: np.ndarray, det, cal, wavelen
     gr = GeometryRefinement(coarse.points, dist=coarse.distance_px * det.pixel1, poni1=(coarse.c1 + 0.5) * det.pixel1,
                             poni2=(coarse.c2 + 0.5) * det.pixel2, detector=det, wavelength=wavelength_A * 1e-10,
                             calibrant=cal)
+    gr.auto_gc = False      # (pyFAI's own switch: no full garbage collection at every geometry reset)
     fix = ["rot3"] + ([] if refine_wavelength else ["wavelength"])
     quiet = logging.getLogger("pyFAI")
     level = quiet.level
