@@ -137,6 +137,10 @@ class _Frame:
         #: from which cells)
         self.named: dict[int, tuple[int, float, float, str]] = {}
         self._width_guess: dict[int, float] = {}     # width_guess per window (the data's, fixed)
+        # track_halves and _width by their arguments and the state they read (the searches ask
+        # for the same ones again and again)
+        self._halves: dict[tuple, np.ndarray] = {}
+        self._widths: dict[tuple, float] = {}
 
     # -- start widths from the data ----------------------------------------------------------
     def width_guess(self, w: int) -> float:
@@ -365,9 +369,17 @@ class _Frame:
         """(6,) how far each cell parameter of a tracked phase may move in one frame: ``limit``
         FWHM at its most sensitive line in a window with data, at most its tracking share of
         the search range (a larger move is a jump: the phase is searched for afresh)."""
+        st = self.state
+        key = (p, limit, st.cell[p].tobytes(), st.fwhm.tobytes(), st.present.tobytes())
+        got = self._halves.get(key)
+        if got is None:
+            got = self._halves[key] = self._track_halves(p, limit)
+        return got.copy()
+
+    def _track_halves(self, p: int, limit: float) -> np.ndarray:
         m = self.m
         out = m.box[p] * _STEP
-        rows = np.flatnonzero((m.r_phase == p) & np.array([m.windows[w].x.size > 0 for w in m.r_window], bool))
+        rows = np.flatnonzero((m.r_phase == p) & m.r_has_data)
         if not rows.size:
             return out
         fw = np.array([self.fwhm_of(p, w) for w in m.r_window[rows]])
@@ -527,8 +539,18 @@ class _Frame:
         """How far cell parameter ``name`` of phase ``p`` moves its most sensitive reflection (in
         ``windows``) by one width (infinite if it moves none)."""
         m = self.m
+        key = (p, name, tuple(windows), self.state.cell[p].tobytes(), theta[m.fwhm_col[p]].tobytes())
+        got = self._widths.get(key)
+        if got is None:
+            got = self._widths[key] = self._width_of(p, name, theta, windows)
+        return got
+
+    def _width_of(self, p: int, name: str, theta: np.ndarray, windows: Sequence[int]) -> float:
+        m = self.m
         i = _CELL_INDEX[name]
-        rows = np.flatnonzero((m.r_phase == p) & np.isin(m.r_window, list(windows)))
+        chosen = np.zeros(m.W, bool)
+        chosen[list(windows)] = True
+        rows = np.flatnonzero((m.r_phase == p) & chosen[m.r_window])
         cell = self.state.cell[p] if np.all(np.isfinite(self.state.cell[p])) else m.cell0[p]
         shift = m.shift_per_unit(p, cell, i, m.r_hkl[rows], follow=False)
         fw = theta[m.fwhm_col[p, m.r_window[rows]]]
