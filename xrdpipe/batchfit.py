@@ -124,6 +124,7 @@ def _iterate(normal_eq, p, y, w, lower, upper, fixed, stop, *, max_iter, xtol, a
     n_iter = np.zeros(n, np.int32)
     active = np.flatnonzero(status == MAX_ITER)
     eye = np.eye(p.shape[1])
+    amplitudes = _amplitude_map(amplitudes, p.shape[1])
 
     for it in range(max_iter):
         if active.size == 0:
@@ -156,16 +157,28 @@ def _damped_step(pa, g, h, lam, lo, hi, fixed, eye, amplitudes, weak_z):
     Returns the gradient, parameters, curvature, its diagonal and the trial point."""
     hold = fixed | ((pa <= lo) & (g < 0)) | ((pa >= hi) & (g > 0))
     diag = np.diagonal(h, axis1=1, axis2=2)
-    if amplitudes:
-        for amp, shape in amplitudes:
-            weak = np.abs(pa[:, amp]) * np.sqrt(np.maximum(diag[:, amp], 0)) < weak_z
-            hold[:, list(shape)] |= weak[:, None]
+    if amplitudes is not None:
+        cols, spread = amplitudes
+        weak = np.abs(pa[:, cols]) * np.sqrt(np.maximum(diag[:, cols], 0)) < weak_z
+        hold |= (weak.astype(float) @ spread) > 0
     scale = np.where(diag > 0, diag, 1.0)  # Marquardt's scaling; parameters span many decades
     free = ~hold
     damped = (h + (lam[:, None] * scale)[:, :, None] * eye) * (free[:, :, None] & free[:, None, :])
     damped += eye * hold[:, :, None]
     step = _solve(damped, np.where(hold, 0.0, g))
     return g, pa, h, diag, np.clip(pa + step, lo, hi)
+
+
+def _amplitude_map(amplitudes, k: int):
+    """``(amplitude column, shape columns)`` pairs as the amplitude columns (A,) and which shape
+    columns each holds (A, k) as 0/1, or None if there are none."""
+    if not amplitudes:
+        return None
+    cols = np.array([a for a, _ in amplitudes], int)
+    spread = np.zeros((cols.size, k))
+    for j, (_, shape) in enumerate(amplitudes):
+        spread[j, list(shape)] = 1.0
+    return cols, spread
 
 
 def _take_step(active, pa, trial, diag, evaluated, p, chi2, hess, grad, lam, stop, xtol):

@@ -177,13 +177,16 @@ def _fit_steady(m: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state: P
         return None
     chi2 = float(res.chi2[0])
     least = min(_n_params(m, p) for p in range(m.P)) * np.log(max(n_valid, 2)) + fit.bic_threshold
-    if chi2 - n_valid - 3 * np.sqrt(2 * n_valid) >= least:
+    explained = chi2 - n_valid - 3 * np.sqrt(2 * n_valid) < least
+    if not explained and not (paired and len(present) == m.P):
         return None
     held: set[int] = set()
     gains, fails, passed, areas, inner = _judge(m, fr, res, present, held, set(), fit, n_valid)
     if fails or held or any("unlike those it had alone" in d for d in passed.values()):
         return None
     if paired and _pair_trouble(m, fr, res, present, areas, inner, n_valid):
+        return None
+    if not explained and not _pair_settled(m, fr, res, present):
         return None
     decision = [""] * m.P
     for p in range(m.P):
@@ -244,6 +247,34 @@ def _pair_trouble(m: PhaseModel, fr: "_Frame", res, present: list[int], areas: n
     return ""
 
 
+def _pair_settled(m: PhaseModel, fr: "_Frame", res, present: list[int]) -> bool:
+    """Whether the joint search of every pair of similar phases, over its tracking span around
+    the steady fit's cells (``res``, row 0) and at its widths, finds its best coarse point
+    within one coarse step of them (:meth:`_Frame.pair_search` with ``check``): no other split
+    of their shared lines to be found. The working state is left as it was."""
+    st = fr.state
+    saved = st.cell.copy(), st.fwhm.copy()
+    st.cell[:] = m.cells(res.p[:1], st.cell)[0]
+    widths = m.fwhm_table(res.p[0])
+    st.fwhm[:] = np.where(np.isfinite(widths), widths, st.fwhm)
+    try:
+        done = set()
+        for p, q, _, _ in m.order:
+            if p not in present or q not in present or (q, p) in done or (p, q) in done:
+                continue
+            done.add((p, q))
+            ordered = {jj for a, b, jj, _ in m.order if a == p and b == q}
+            first = True
+            for name in m.search_order[p]:          # c before a, as in the search
+                if _CELL_INDEX[name] in ordered:
+                    if not fr.pair_search(p, q, _CELL_INDEX[name], present, widths, True, pure=first, check=True):
+                        return False
+                    first = False
+        return True
+    finally:
+        st.cell[:], st.fwhm[:] = saved
+
+
 def _bic(m: PhaseModel, res: FrameResult) -> float:
     """The BIC of a frame's solution: its chi-square and the parameters of its phases."""
     n = max(int(res.n_window.sum()), 2)
@@ -298,6 +329,8 @@ def _track(m: PhaseModel, fr: "_Frame", present: list[int], before: np.ndarray, 
     pairs jointly), then fitted alone; a cell that runs to the end of its step has jumped, or is
     chasing another phase: it leaves ``present`` to be searched for afresh."""
     st = fr.state
+    if _followed(m, fr, present, fit):
+        return
     for p in present:
         st.cell[p], _, _ = fr.search(p, present, around=st.cell[p], halves=fr.track_halves(p, _TRACK_FWHM))
     _pair_searches(m, fr, present, before, tracked=True)
@@ -306,6 +339,28 @@ def _track(m: PhaseModel, fr: "_Frame", present: list[int], before: np.ndarray, 
         _adopt(m, st, sol.p[0], present)
         for p in [q for q in present if _at_edge(m, sol, q)]:
             present.remove(p)
+
+
+def _followed(m: PhaseModel, fr: "_Frame", present: list[int], fit: FitSpec) -> bool:
+    """Two similar phases of the frame before, side by side, followed by least squares alone (the
+    searches of :func:`_track` skipped): taken (the working state set from that fit) only where
+    the fit converged with no cell at the end of its reach or pressed against the other's, each
+    of the two shows its own lines clearly and moved little (:func:`_pair_trouble`), and the
+    joint search would find no other split of their lines (:func:`_pair_settled`)."""
+    if not any(p in present and q in present for p, q, _, _ in m.order):
+        return False
+    sol = _fit_rows(m, fr, [tuple(present)], fit)
+    if sol is None or sol.status[0] != 1 or any(_at_edge(m, sol, p) for p in present) \
+            or any(_at_bound(sol, c) for c in sol.order_cols):
+        return False
+    st = fr.state
+    n_valid = int(np.count_nonzero(fr.w > 0))
+    inner = m.inside(m.cells(sol.p[:1], st.cell)[0], st.zero, _fwhm_table(m, fr))
+    areas = np.where(inner, sol.p[0, m.area_col], 0.0)
+    if _pair_trouble(m, fr, sol, present, areas, inner, n_valid) or not _pair_settled(m, fr, sol, present):
+        return False
+    _adopt(m, st, sol.p[0], present)
+    return True
 
 
 def _join(m: PhaseModel, fr: "_Frame", present: list[int], absent: list[int], decision: list[str],

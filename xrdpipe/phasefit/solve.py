@@ -34,8 +34,7 @@ def _fit_rows(m: PhaseModel, fr: "_Frame", rows: list[tuple[int, ...]], fit: Fit
     st = fr.state
     outside = ~m.inside(st.cell, st.zero, _fwhm_table(m, fr), tails=True)
     starts, holds = [], []
-    for subset in rows:
-        theta, _ = fr.linear(st.cell, subset, st.zero)
+    for subset, theta in zip(rows, fr.linear_rows(st.cell, rows, st.zero)):
         hold = _held(m, subset)
         hold[list(held)] = True
         hold[m.area_col[outside]] = True
