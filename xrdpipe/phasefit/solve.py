@@ -51,6 +51,7 @@ def _fit_rows(m: PhaseModel, fr: "_Frame", rows: list[tuple[int, ...]], fit: Fit
         return least_squares_batch(lambda t: m.value_jac(t, base), theta, np.broadcast_to(fr.y0, theta.shape[:1] + fr.y0.shape),
                                    np.broadcast_to(fr.w, theta.shape[:1] + fr.w.shape), lower=lower, upper=upper,
                                    fixed=hold_rows, max_iter=fit.max_iter, amplitudes=amps, weak_z=2.0,
+                                   must_move=np.arange(theta.shape[0]) == 0,
                                    normal=lambda t, _y, _w: m.normal(t, base, fr.y0, fr.w))
 
     res = run(theta0, hold)
