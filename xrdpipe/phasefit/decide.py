@@ -333,8 +333,6 @@ def _track(m: PhaseModel, fr: "_Frame", present: list[int], before: np.ndarray, 
     pairs jointly), then fitted alone; a cell that runs to the end of its step has jumped, or is
     chasing another phase: it leaves ``present`` to be searched for afresh."""
     st = fr.state
-    if _followed(m, fr, present, fit):
-        return
     for p in present:
         st.cell[p], _, _ = fr.search(p, present, around=st.cell[p], halves=fr.track_halves(p, _TRACK_FWHM))
     _pair_searches(m, fr, present, before, tracked=True)
@@ -343,28 +341,6 @@ def _track(m: PhaseModel, fr: "_Frame", present: list[int], before: np.ndarray, 
         _adopt(m, st, sol.p[0], present)
         for p in [q for q in present if _at_edge(m, sol, q)]:
             present.remove(p)
-
-
-def _followed(m: PhaseModel, fr: "_Frame", present: list[int], fit: FitSpec) -> bool:
-    """Two similar phases of the frame before, side by side, followed by least squares alone (the
-    searches of :func:`_track` skipped): taken (the working state set from that fit) only where
-    the fit converged with no cell at the end of its reach or pressed against the other's, each
-    of the two shows its own lines clearly and moved little (:func:`_pair_trouble`), and the
-    joint search would find no other split of their lines (:func:`_pair_settled`)."""
-    if not any(p in present and q in present for p, q, _, _ in m.order):
-        return False
-    sol = _fit_rows(m, fr, [tuple(present)], fit)
-    if sol is None or sol.status[0] != 1 or any(_at_edge(m, sol, p) for p in present) \
-            or any(_at_bound(sol, c) for c in sol.order_cols):
-        return False
-    st = fr.state
-    n_valid = int(np.count_nonzero(fr.w > 0))
-    inner = m.inside(m.cells(sol.p[:1], st.cell)[0], st.zero, _fwhm_table(m, fr))
-    areas = np.where(inner, sol.p[0, m.area_col], 0.0)
-    if _pair_trouble(m, fr, sol, present, areas, inner, n_valid) or not _pair_settled(m, fr, sol, present):
-        return False
-    _adopt(m, st, sol.p[0], present)
-    return True
 
 
 def _join(m: PhaseModel, fr: "_Frame", present: list[int], absent: list[int], decision: list[str],
