@@ -172,8 +172,8 @@ class PhaseFitter:
                     continue
                 a_cols = m.area_col[rows]
                 ph["phase_area"][i, p, w] = theta[a_cols].sum()
-                sub = cov0[np.ix_(a_cols, a_cols)]
-                ph["phase_area_err"][i, p, w] = np.sqrt(max(float(sub.sum()), 0.0))
+                total = float(cov0[a_cols[0], a_cols[0]]) if a_cols.size == 1 else float(cov0[np.ix_(a_cols, a_cols)].sum())
+                ph["phase_area_err"][i, p, w] = np.sqrt(max(total, 0.0))
         for j, r in enumerate(self.components):
             p, w = m.r_phase[r], m.r_window[r]
             if not m.windows[w].x.size:

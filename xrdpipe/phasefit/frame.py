@@ -405,20 +405,25 @@ class _Frame:
         rows = np.flatnonzero((m.r_phase == p) & m.r_has_data)
         if not rows.size:
             return out
-        fw = np.array([self.fwhm_of(p, w) for w in m.r_window[rows]])
-        # every free parameter's central differences in one evaluation of the positions (the
-        # numbers of PhaseModel.shift_per_unit)
+        widths = {w: self.fwhm_of(p, w) for w in set(m.r_window[rows].tolist())}
+        fw = np.array([widths[w] for w in m.r_window[rows]])
+        # every free parameter's central differences in one evaluation of the positions, the
+        # cells made by the model's index map (the numbers of PhaseModel.shift_per_unit)
         cell = self.state.cell[p]
         idx = [_CELL_INDEX[n] for n in m.free[p]]
         h = np.array([1e-4 * max(abs(cell[i]), 1.0) for i in idx])
-        cells = np.concatenate([m.trial_cells(p, cell, i, np.array([cell[i] + hi, cell[i] - hi]))
-                                for i, hi in zip(idx, h)])
+        theta = np.zeros((2 * len(idx), m.k))
+        theta[:, m.cell_cols[p]] = cell[idx]
+        for k, (col, i, hi) in enumerate(zip(m.cell_cols[p], idx, h)):
+            theta[2 * k, col] = cell[i] + hi
+            theta[2 * k + 1, col] = cell[i] - hi
+        cells = m.cells(theta, self.state.cell)[:, p]
         pos = m.positions(m.r_hkl[rows], cells[:, None, :], 0.0)
         shift = np.abs(pos[0::2] - pos[1::2]) / (2 * h[:, None])
+        ratios = np.fmax.reduce(shift / fw, axis=1)         # (nanmax without its overhead)
         for k, i in enumerate(idx):
-            ratio = np.nanmax(shift[k] / fw)
-            if ratio > 0:
-                out[i] = min(out[i], limit / ratio)
+            if ratios[k] > 0:
+                out[i] = min(out[i], limit / ratios[k])
         return out
 
     def pair_search(self, p: int, q: int, j: int, present: Sequence[int], widths: np.ndarray,
