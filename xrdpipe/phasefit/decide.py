@@ -29,7 +29,8 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
     """Fit one frame (``y`` on the concatenated windows) starting from the previous ``state``.
 
     A frame like the one before (:func:`_fit_steady`: its phases followed by least squares alone
-    explain it to its Poisson noise) is done; else see :func:`_fit_frame_once`. A phase that may
+    explain it to its Poisson noise, or two similar phases side by side keep their split) is
+    done; else see :func:`_fit_frame_once`. A phase that may
     not be what it claims to be (dropped because its listed lines are empty, or present with
     areas unlike its own relative intensities) may have misled the searches of the others while
     it was there: the frame is then fitted again without it, and the better of the two (BIC) is
@@ -154,10 +155,13 @@ def _fit_steady(m: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state: P
     absent phase can be there, no other cell can do much better) and every present phase passes
     every test of :func:`_fit_frame_once` at once (ΔBIC, lines shown, area share, cell inside its
     reach, order kept, areas like its own); otherwise None, and the frame gets the full search.
-    Never taken without esds (nothing to measure "explained" against) or where two phases that
-    could be confused are both present unless each shows its own lines clearly, apart from the
-    other's, and moved little (:func:`_pair_trouble`; else their shared lines need the joint
-    search)."""
+    Never taken without esds (nothing to measure "explained" against). Two phases that could be
+    confused, both present, share lines: taken for them only where each shows its own lines
+    clearly, apart from the other's, and moved little (:func:`_pair_trouble`), else their
+    shared lines need the joint search. A frame of such a pair not explained to its noise (a
+    two-phase region broadens lines beyond the model) is taken only with every phase present
+    (none absent that could be there) and the joint search's coarse grid finding no other split
+    of their lines (:func:`_pair_settled`)."""
     fr = _Frame(m, y, sigma, state)
     st = fr.state
     present = [p for p in range(m.P) if st.present[p] and np.all(np.isfinite(st.cell[p]))]
