@@ -47,7 +47,7 @@ def least_squares_batch(fun: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray
                         fixed: np.ndarray | None = None, max_iter: int = 200, ftol: float = 1e-8,
                         xtol: float = 1e-8, stat_tol: float = 1e-3,
                         amplitudes: list[tuple[int, tuple[int, ...]]] | None = None,
-                        weak_z: float = 2.0,
+                        weak_z: float = 2.0, must_move: np.ndarray | None = None,
                         normal: Callable[[np.ndarray, np.ndarray, np.ndarray],
                                          tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None) -> BatchResult:
     """Minimise ``sum(w**2 * (y - f(p))**2)`` row by row.
@@ -71,6 +71,9 @@ def least_squares_batch(fun: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray
         its shape parameters held, so that a nearly empty peak stops wandering after noise; its
         amplitude stays free (this is what makes a batch of mostly absent peaks converge in a few
         steps)
+    must_move : (n,) booleans: rows that are not taken as converged before they have taken a
+        step where the step (cut by the bounds) promises a rise of chi²; by default a row whose
+        lightly damped step promises less than the tolerance is done, even at its start
     normal : ``normal(p, y, w)`` returns chi², JᵀW²J and JᵀW²r (r,), (r, k, k), (r, k) directly,
         in place of ``fun`` and the products of its dense Jacobian (a model whose Jacobian is
         mostly zeros sums only what is not)
@@ -96,7 +99,8 @@ def least_squares_batch(fun: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray
 
     normal_eq = _normal_equations(fun, normal)
     chi2, hess, n_iter, status = _iterate(normal_eq, p, y, w, lower, upper, fixed, stop, max_iter=max_iter,
-                                          xtol=xtol, amplitudes=amplitudes, weak_z=weak_z)
+                                          xtol=xtol, amplitudes=amplitudes, weak_z=weak_z,
+                                          must_move=must_move)
     at_bound = (p <= lower) | (p >= upper) | fixed
     return BatchResult(p, _covariance(hess, at_bound), chi2, n_points, n_iter, status, at_bound)
 
@@ -113,7 +117,8 @@ def _normal_equations(fun, normal):
     return normal_eq
 
 
-def _iterate(normal_eq, p, y, w, lower, upper, fixed, stop, *, max_iter, xtol, amplitudes, weak_z):
+def _iterate(normal_eq, p, y, w, lower, upper, fixed, stop, *, max_iter, xtol, amplitudes, weak_z,
+             must_move=None):
     """The damped Gauss-Newton iterations of every row, ``p`` updated in place; returns chi²,
     JᵀW²J, the iterations and the status per row."""
     chi2, hess, grad = normal_eq(p, y, w)
@@ -122,8 +127,11 @@ def _iterate(normal_eq, p, y, w, lower, upper, fixed, stop, *, max_iter, xtol, a
     status = np.full(n, MAX_ITER, np.int8)
     status[~np.isfinite(chi2)] = NOT_FINITE
     n_iter = np.zeros(n, np.int32)
+    # rows that have taken a step (or need not have, to be done)
+    moved = np.ones(n, bool) if must_move is None else ~np.asarray(must_move, bool)
     active = np.flatnonzero(status == MAX_ITER)
     eye = np.eye(p.shape[1])
+    amplitudes = _amplitude_map(amplitudes, p.shape[1])
 
     for it in range(max_iter):
         if active.size == 0:
@@ -132,10 +140,13 @@ def _iterate(normal_eq, p, y, w, lower, upper, fixed, stop, *, max_iter, xtol, a
                                              lower[active], upper[active], fixed[active], eye,
                                              amplitudes if it >= 2 else None, weak_z)
         # a nearly undamped step that promises (Gauss-Newton) less than the tolerance: done,
-        # without spending an evaluation to confirm it
+        # without spending an evaluation to confirm it (with ``must_move``, not a row that has
+        # not moved yet and whose step, cut by the bounds, promises a rise: the quadratic model
+        # says nothing there)
         d = trial - pa
         promise = 2 * np.einsum("rk,rk->r", d, g) - np.einsum("rk,rkl,rl->r", d, h, d)
-        settled = (lam[active] <= 1e-2) & (promise <= stop[active] * chi2[active]) & (it > 0)
+        settled = ((lam[active] <= 1e-2) & (promise <= stop[active] * chi2[active]) & (it > 0)
+                   & (moved[active] | (promise >= 0)))
         if settled.any():
             status[active[settled]] = CONVERGED
             keep = ~settled
@@ -143,8 +154,10 @@ def _iterate(normal_eq, p, y, w, lower, upper, fixed, stop, *, max_iter, xtol, a
             if active.size == 0:
                 break
         n_iter[active] += 1
+        before = chi2[active]
         done = _take_step(active, pa, trial, diag, normal_eq(trial, y[active], w[active]),
                           p, chi2, hess, grad, lam, stop[active], xtol)
+        moved[active[chi2[active] < before]] = True
         status[active[done]] = CONVERGED
         active = active[~done]
     return chi2, hess, n_iter, status
@@ -156,16 +169,28 @@ def _damped_step(pa, g, h, lam, lo, hi, fixed, eye, amplitudes, weak_z):
     Returns the gradient, parameters, curvature, its diagonal and the trial point."""
     hold = fixed | ((pa <= lo) & (g < 0)) | ((pa >= hi) & (g > 0))
     diag = np.diagonal(h, axis1=1, axis2=2)
-    if amplitudes:
-        for amp, shape in amplitudes:
-            weak = np.abs(pa[:, amp]) * np.sqrt(np.maximum(diag[:, amp], 0)) < weak_z
-            hold[:, list(shape)] |= weak[:, None]
+    if amplitudes is not None:
+        cols, spread = amplitudes
+        weak = np.abs(pa[:, cols]) * np.sqrt(np.maximum(diag[:, cols], 0)) < weak_z
+        hold |= (weak.astype(float) @ spread) > 0
     scale = np.where(diag > 0, diag, 1.0)  # Marquardt's scaling; parameters span many decades
     free = ~hold
     damped = (h + (lam[:, None] * scale)[:, :, None] * eye) * (free[:, :, None] & free[:, None, :])
     damped += eye * hold[:, :, None]
     step = _solve(damped, np.where(hold, 0.0, g))
     return g, pa, h, diag, np.clip(pa + step, lo, hi)
+
+
+def _amplitude_map(amplitudes, k: int):
+    """``(amplitude column, shape columns)`` pairs as the amplitude columns (A,) and which shape
+    columns each holds (A, k) as 0/1, or None if there are none."""
+    if not amplitudes:
+        return None
+    cols = np.array([a for a, _ in amplitudes], int)
+    spread = np.zeros((cols.size, k))
+    for j, (_, shape) in enumerate(amplitudes):
+        spread[j, list(shape)] = 1.0
+    return cols, spread
 
 
 def _take_step(active, pa, trial, diag, evaluated, p, chi2, hess, grad, lam, stop, xtol):

@@ -29,7 +29,8 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
     """Fit one frame (``y`` on the concatenated windows) starting from the previous ``state``.
 
     A frame like the one before (:func:`_fit_steady`: its phases followed by least squares alone
-    explain it to its Poisson noise) is done; else see :func:`_fit_frame_once`. A phase that may
+    explain it to its Poisson noise, or two similar phases side by side keep their split) is
+    done; else see :func:`_fit_frame_once`. A phase that may
     not be what it claims to be (dropped because its listed lines are empty, or present with
     areas unlike its own relative intensities) may have misled the searches of the others while
     it was there: the frame is then fitted again without it, and the better of the two (BIC) is
@@ -154,19 +155,23 @@ def _fit_steady(m: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state: P
     absent phase can be there, no other cell can do much better) and every present phase passes
     every test of :func:`_fit_frame_once` at once (ΔBIC, lines shown, area share, cell inside its
     reach, order kept, areas like its own); otherwise None, and the frame gets the full search.
-    Never taken without esds (nothing to measure "explained" against) or where two phases that
-    could be confused are both present (their shared lines need the joint search)."""
+    Never taken without esds (nothing to measure "explained" against). Two phases that could be
+    confused, both present, share lines: taken for them only where each shows its own lines
+    clearly, apart from the other's, and moved little (:func:`_pair_trouble`), else their
+    shared lines need the joint search. A frame of such a pair not explained to its noise (a
+    two-phase region broadens lines beyond the model) is taken only with every phase present
+    (none absent that could be there) and the joint search's coarse grid finding no other split
+    of their lines (:func:`_pair_settled`)."""
     fr = _Frame(m, y, sigma, state)
     st = fr.state
     present = [p for p in range(m.P) if st.present[p] and np.all(np.isfinite(st.cell[p]))]
     n_valid = int(np.count_nonzero(fr.w > 0))
     if not fr.has_errors or not present or n_valid < m.k // 2 + 2:
         return None
-    if any(p in present and q in present for p, q, _, _ in m.order):
-        # two similar phases side by side share lines: least squares from where they were can
-        # leave a parameter of the weaker one where its line is hidden under the other's (the
-        # joint search splits them)
-        return None
+    # two similar phases side by side share lines: least squares from where they were can leave
+    # a parameter of the weaker one where its line is hidden under the other's (the joint search
+    # splits them); followed here only where each shows its own lines clearly (_pair_trouble)
+    paired = any(p in present and q in present for p, q, _, _ in m.order)
     for p in range(m.P):
         if not np.all(np.isfinite(st.cell[p])):
             st.cell[p] = m.cell0[p]
@@ -176,16 +181,106 @@ def _fit_steady(m: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state: P
         return None
     chi2 = float(res.chi2[0])
     least = min(_n_params(m, p) for p in range(m.P)) * np.log(max(n_valid, 2)) + fit.bic_threshold
-    if chi2 - n_valid - 3 * np.sqrt(2 * n_valid) >= least:
+    explained = chi2 - n_valid - 3 * np.sqrt(2 * n_valid) < least
+    if not explained and not (paired and len(present) == m.P):
         return None
     held: set[int] = set()
     gains, fails, passed, areas, inner = _judge(m, fr, res, present, held, set(), fit, n_valid)
     if fails or held or any("unlike those it had alone" in d for d in passed.values()):
         return None
+    if paired and _pair_trouble(m, fr, res, present, areas, inner, n_valid):
+        return None
+    if not explained and not _pair_settled(m, fr, res, present):
+        return None
     decision = [""] * m.P
     for p in range(m.P):
         decision[p] = passed.get(p, f"absent: nothing left to explain (χ²/ν {chi2 / max(n_valid, 1):.2f})")
     return _finish(m, fr, res, present, decision, held, fit, areas, inner)
+
+
+#: Two similar phases followed side by side without a search (:func:`_pair_trouble`): most
+#: of their listed lines shown above this many esds, each cell parameter placed by a line of its own at
+#: least this many FWHM from the other phase's lines, and moved at most this many FWHM at its
+#: most sensitive line since the frame before.
+_PAIR_Z = 2 * _SHOWN_Z
+_PAIR_APART = 0.5
+_PAIR_MOVE = 0.25
+
+
+def _pair_trouble(m: PhaseModel, fr: "_Frame", res, present: list[int], areas: np.ndarray, inner: np.ndarray,
+                  n_valid: int) -> str:
+    """Why the steady fit (``res``, row 0) of two phases that could be confused, both present,
+    cannot stand for the joint search, or "": the failure it must exclude is a parameter of the
+    weaker one left where its line is hidden under the other's. So each of the two must show
+    most of its listed lines clearly (:data:`_PAIR_Z` esds), have every cell parameter placed
+    by a line of its own that is clearly shown and at least :data:`_PAIR_APART` FWHM from every
+    line of the other in its window, and have moved less than :data:`_PAIR_MOVE` FWHM's worth
+    since the frame before (a larger move is what the joint search is for)."""
+    st = fr.state
+    cells = m.cells(res.p[:1], st.cell)[0]
+    if np.array_equal(cells[present], st.cell[present]):
+        # no step taken (least squares may stop where a step cut by the bounds promises a rise):
+        # that is not a fit of this frame
+        return "no step from the cells of the frame before"
+    fw = m.fwhm_table(res.p[0])
+    cen = m.centres(cells[None], np.array([st.zero]))[0]
+    err = _area_esds(m, fr, res, n_valid)
+    shown = inner & np.isfinite(err) & (areas > _PAIR_Z * np.where(np.isfinite(err), err, 0.0))
+    done = set()
+    for p, q, _, _ in m.order:
+        if p not in present or q not in present or (q, p) in done:
+            continue
+        done.add((p, q))
+        for a, b in ((p, q), (q, p)):
+            name = m.phases[a].name
+            listed = np.flatnonzero(m.r_listed & (m.r_phase == a) & m.r_has_data)
+            if np.count_nonzero(shown[listed]) < (listed.size + 1) // 2:
+                return f"{name}: most of its listed lines not above {_PAIR_Z:g} esds"
+            theirs = np.flatnonzero((m.r_phase == b) & inner)
+            mine = np.flatnonzero((m.r_phase == a) & shown)
+            gap = np.full(mine.size, np.inf)
+            for k, r in enumerate(mine):
+                other = theirs[m.r_window[theirs] == m.r_window[r]]
+                if other.size:
+                    gap[k] = np.min(np.abs(cen[other] - cen[r])) / fw[a, m.r_window[r]]
+            steps = fr.track_halves(a, _PAIR_MOVE)
+            for n in m.free[a]:
+                i = _CELL_INDEX[n]
+                if n in m.undetermined[a]:
+                    continue
+                if not np.any(m.r_dep[mine, i] & (gap >= _PAIR_APART)):
+                    return f"{name}: no line of its own apart from {m.phases[b].name}'s places {n}"
+                if abs(cells[a, i] - fr.before[a, i]) > steps[i]:
+                    return f"{name}: {n} moved more than {_PAIR_MOVE:g} FWHM"
+    return ""
+
+
+def _pair_settled(m: PhaseModel, fr: "_Frame", res, present: list[int]) -> bool:
+    """Whether the joint search of every pair of similar phases, over its tracking span around
+    the steady fit's cells (``res``, row 0) and at its widths, finds its best coarse point
+    within one coarse step of them (:meth:`_Frame.pair_search` with ``check``): no other split
+    of their shared lines to be found. The working state is left as it was."""
+    st = fr.state
+    saved = st.cell.copy(), st.fwhm.copy()
+    st.cell[:] = m.cells(res.p[:1], st.cell)[0]
+    widths = m.fwhm_table(res.p[0])
+    st.fwhm[:] = np.where(np.isfinite(widths), widths, st.fwhm)
+    try:
+        done = set()
+        for p, q, _, _ in m.order:
+            if p not in present or q not in present or (q, p) in done or (p, q) in done:
+                continue
+            done.add((p, q))
+            ordered = {jj for a, b, jj, _ in m.order if a == p and b == q}
+            first = True
+            for name in m.search_order[p]:          # c before a, as in the search
+                if _CELL_INDEX[name] in ordered:
+                    if not fr.pair_search(p, q, _CELL_INDEX[name], present, widths, True, pure=first, check=True):
+                        return False
+                    first = False
+        return True
+    finally:
+        st.cell[:], st.fwhm[:] = saved
 
 
 def _bic(m: PhaseModel, res: FrameResult) -> float:

@@ -158,6 +158,7 @@ class PhaseFitter:
         d, d_err = d_of(m, cen, cen_err)
         fw_table = m.fwhm_table(theta)
         inner = m.inside(m.cells(theta[None], res.state.cell)[0], theta[m.zero_col], fw_table)
+        cov0 = np.nan_to_num(cov)
         for p in range(m.P):
             if not res.present[p]:
                 continue
@@ -171,8 +172,8 @@ class PhaseFitter:
                     continue
                 a_cols = m.area_col[rows]
                 ph["phase_area"][i, p, w] = theta[a_cols].sum()
-                sub = np.nan_to_num(cov[np.ix_(a_cols, a_cols)])
-                ph["phase_area_err"][i, p, w] = np.sqrt(max(float(sub.sum()), 0.0))
+                total = float(cov0[a_cols[0], a_cols[0]]) if a_cols.size == 1 else float(cov0[np.ix_(a_cols, a_cols)].sum())
+                ph["phase_area_err"][i, p, w] = np.sqrt(max(total, 0.0))
         for j, r in enumerate(self.components):
             p, w = m.r_phase[r], m.r_window[r]
             if not m.windows[w].x.size:

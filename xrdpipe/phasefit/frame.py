@@ -137,6 +137,10 @@ class _Frame:
         #: from which cells)
         self.named: dict[int, tuple[int, float, float, str]] = {}
         self._width_guess: dict[int, float] = {}     # width_guess per window (the data's, fixed)
+        # track_halves and _width by their arguments and the state they read (the searches ask
+        # for the same ones again and again)
+        self._halves: dict[tuple, np.ndarray] = {}
+        self._widths: dict[tuple, float] = {}
 
     # -- start widths from the data ----------------------------------------------------------
     def width_guess(self, w: int) -> float:
@@ -194,8 +198,28 @@ class _Frame:
             chi2[w] = float(c2[0])
         return theta, chi2
 
+    def linear_rows(self, cells: np.ndarray, subsets: Sequence[Sequence[int]], zero: float) -> np.ndarray:
+        """:meth:`linear` for each phase subset of ``subsets`` at once (one compiled call per
+        window, a line of a phase not in a row's subset an empty column there): the rows
+        (len(subsets), k)."""
+        m = self.m
+        theta = np.zeros(m.k)
+        self.fill_nonlinear(theta, cells, zero)
+        out = np.repeat(theta[None], len(subsets), axis=0)
+        cen = m.centres(cells[None], np.array([zero]))[0]
+        on = np.array([m.of_phases(s) for s in subsets])
+        every = on.any(axis=0)
+        for w in range(m.W):
+            refl = np.flatnonzero(every & (m.r_window == w))
+            coef, _ = self._window_solve(w, refl, np.repeat(cen[refl][None], len(subsets), axis=0), theta,
+                                         np.ones(refl.size, bool), use=on[:, refl])
+            out[:, m.area_col[refl]] = coef[:, :refl.size]
+            out[:, m.bg_col[w]] = coef[:, refl.size:]
+        return out
+
     def _window_solve(self, w: int, refl: np.ndarray, cen: np.ndarray, theta: np.ndarray,
-                      tails: np.ndarray | None = None, fw: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                      tails: np.ndarray | None = None, fw: np.ndarray | None = None,
+                      use: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Areas of ``refl`` (not negative) and background of window ``w`` at trial centres
         ``cen`` (T, len(refl)), and the window's chi² per trial: coefficients (T, len(refl) +
         degree + 1) and (T,), by :func:`xrdpipe.kernels.window_trials`. Widths ``fw``
@@ -204,7 +228,8 @@ class _Frame:
         A reflection whose centre lies outside the window, or within half a width of its edge, is
         not fitted there (a line cut by the edge cannot be placed): its column is empty. Where
         ``tails`` (len(refl),) allows it, a line of a phase already placed by its other lines keeps
-        its tail within :data:`_TAIL_FWHM` widths of the window (it is in the data)."""
+        its tail within :data:`_TAIL_FWHM` widths of the window (it is in the data). ``use``
+        (T, len(refl)): lines fitted in each trial (the others' columns empty)."""
         m = self.m
         win = m.windows[w]
         n_trials = cen.shape[0]
@@ -220,6 +245,8 @@ class _Frame:
         if tails is not None and refl.size:
             near = (cen >= win.x[0] - _TAIL_FWHM * fw) & (cen <= win.x[-1] + _TAIL_FWHM * fw)
             keep |= near & tails
+        if use is not None:
+            keep &= use
         coef, chi2 = np.zeros((n_trials, k)), np.zeros(n_trials)
         kernels.window_trials(win.x, win.hw, m.bg_columns[w], self.y0[win.points], self.w[win.points],
                               np.ascontiguousarray(cen, dtype=float), fw, eta, np.ascontiguousarray(keep), coef, chi2)
@@ -365,22 +392,42 @@ class _Frame:
         """(6,) how far each cell parameter of a tracked phase may move in one frame: ``limit``
         FWHM at its most sensitive line in a window with data, at most its tracking share of
         the search range (a larger move is a jump: the phase is searched for afresh)."""
+        st = self.state
+        key = (p, limit, st.cell[p].tobytes(), st.fwhm.tobytes(), st.present.tobytes())
+        got = self._halves.get(key)
+        if got is None:
+            got = self._halves[key] = self._track_halves(p, limit)
+        return got.copy()
+
+    def _track_halves(self, p: int, limit: float) -> np.ndarray:
         m = self.m
         out = m.box[p] * _STEP
-        rows = np.flatnonzero((m.r_phase == p) & np.array([m.windows[w].x.size > 0 for w in m.r_window], bool))
+        rows = np.flatnonzero((m.r_phase == p) & m.r_has_data)
         if not rows.size:
             return out
-        fw = np.array([self.fwhm_of(p, w) for w in m.r_window[rows]])
-        hkl = m.r_hkl[rows]
-        for n in m.free[p]:
-            i = _CELL_INDEX[n]
-            ratio = np.nanmax(m.shift_per_unit(p, self.state.cell[p], i, hkl) / fw)
-            if ratio > 0:
-                out[i] = min(out[i], limit / ratio)
+        widths = {w: self.fwhm_of(p, w) for w in set(m.r_window[rows].tolist())}
+        fw = np.array([widths[w] for w in m.r_window[rows]])
+        # every free parameter's central differences in one evaluation of the positions, the
+        # cells made by the model's index map (the numbers of PhaseModel.shift_per_unit)
+        cell = self.state.cell[p]
+        idx = [_CELL_INDEX[n] for n in m.free[p]]
+        h = np.array([1e-4 * max(abs(cell[i]), 1.0) for i in idx])
+        theta = np.zeros((2 * len(idx), m.k))
+        theta[:, m.cell_cols[p]] = cell[idx]
+        for k, (col, i, hi) in enumerate(zip(m.cell_cols[p], idx, h)):
+            theta[2 * k, col] = cell[i] + hi
+            theta[2 * k + 1, col] = cell[i] - hi
+        cells = m.cells(theta, self.state.cell)[:, p]
+        pos = m.positions(m.r_hkl[rows], cells[:, None, :], 0.0)
+        shift = np.abs(pos[0::2] - pos[1::2]) / (2 * h[:, None])
+        ratios = np.fmax.reduce(shift / fw, axis=1)         # (nanmax without its overhead)
+        for k, i in enumerate(idx):
+            if ratios[k] > 0:
+                out[i] = min(out[i], limit / ratios[k])
         return out
 
     def pair_search(self, p: int, q: int, j: int, present: Sequence[int], widths: np.ndarray,
-                    tracked: bool = False, pure: bool = False) -> None:
+                    tracked: bool = False, pure: bool = False, check: bool = False) -> bool | None:
         """A joint grid over cell parameter ``j`` of two present phases whose lines overlap
         (coexisting similar structures): one at a time, each can only settle between the two
         true positions; together they split the lines. The state's cells are updated.
@@ -392,7 +439,11 @@ class _Frame:
         nothing but parameter ``j`` are listened to (the 00l lines for c), where there are such:
         lines placed by another parameter, not yet right, would pull this one astray; and those
         lines, split, stay half a width apart (in another parameter, as a of P2 and P''2, the
-        two may be nearly equal)."""
+        two may be nearly equal).
+
+        With ``check``, nothing is updated: returns whether the best of the coarse grid lies
+        within one coarse step of the state's cells for both phases (no other split of the lines
+        to be found there)."""
         m = self.m
         others = [r for r in present if r not in (p, q)]
         zero = self.state.zero
@@ -402,7 +453,7 @@ class _Frame:
         name = _CELL_NAME[j]
         windows = [w for w in range(m.W) if m._refl_of[p][w].size and m._refl_of[q][w].size]
         if not windows or name not in m.free[p] or name not in m.free[q]:
-            return
+            return True if check else None
         if pure:
             rest = [i for i in range(6) if i != j]
             windows = [w for w in windows if not m.r_dep[np.ix_(np.concatenate([m._refl_of[p][w], m._refl_of[q][w]]),
@@ -425,6 +476,8 @@ class _Frame:
         # phase just found was placed by a search beside the other, not by the data of both)
         cands, weight = self._pair_trials(p, q, j, grids, np.array(_WIDTH_FACTORS), windows, others, widths, theta,
                                           cen_all, sign, start, None if tracked else 0.0, pure)
+        if check:
+            return bool(cands) and all(abs(v - c) <= 1.0001 * step for v, c, step in zip(cands[0][:2], start, steps))
         if not cands:
             return
         vp, vq, s, _ = self._pair_polish(p, q, j, name, cands, steps, halves, windows, others, widths, theta,
@@ -527,8 +580,18 @@ class _Frame:
         """How far cell parameter ``name`` of phase ``p`` moves its most sensitive reflection (in
         ``windows``) by one width (infinite if it moves none)."""
         m = self.m
+        key = (p, name, tuple(windows), self.state.cell[p].tobytes(), theta[m.fwhm_col[p]].tobytes())
+        got = self._widths.get(key)
+        if got is None:
+            got = self._widths[key] = self._width_of(p, name, theta, windows)
+        return got
+
+    def _width_of(self, p: int, name: str, theta: np.ndarray, windows: Sequence[int]) -> float:
+        m = self.m
         i = _CELL_INDEX[name]
-        rows = np.flatnonzero((m.r_phase == p) & np.isin(m.r_window, list(windows)))
+        chosen = np.zeros(m.W, bool)
+        chosen[list(windows)] = True
+        rows = np.flatnonzero((m.r_phase == p) & chosen[m.r_window])
         cell = self.state.cell[p] if np.all(np.isfinite(self.state.cell[p])) else m.cell0[p]
         shift = m.shift_per_unit(p, cell, i, m.r_hkl[rows], follow=False)
         fw = theta[m.fwhm_col[p, m.r_window[rows]]]

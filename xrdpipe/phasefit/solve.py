@@ -38,8 +38,7 @@ def _fit_rows(m: PhaseModel, fr: "_Frame", rows: list[tuple[int, ...]], fit: Fit
     # a line drawn in a window by its tied tail is not fitted there again (:mod:`.tails`)
     outside |= held_twins(m, m.inside(st.cell, st.zero, fw), ~outside)
     starts, holds = [], []
-    for subset in rows:
-        theta, _ = fr.linear(st.cell, subset, st.zero)
+    for subset, theta in zip(rows, fr.linear_rows(st.cell, rows, st.zero)):
         hold = _held(m, subset)
         hold[list(held)] = True
         hold[m.area_col[outside]] = True
@@ -56,6 +55,7 @@ def _fit_rows(m: PhaseModel, fr: "_Frame", rows: list[tuple[int, ...]], fit: Fit
         return least_squares_batch(lambda t: m.value_jac(t, base), theta, np.broadcast_to(fr.y0, theta.shape[:1] + fr.y0.shape),
                                    np.broadcast_to(fr.w, theta.shape[:1] + fr.w.shape), lower=lower, upper=upper,
                                    fixed=hold_rows, max_iter=fit.max_iter, amplitudes=amps, weak_z=2.0,
+                                   must_move=np.arange(theta.shape[0]) == 0,
                                    normal=lambda t, _y, _w: m.normal(t, base, fr.y0, fr.w))
 
     res = run(theta0, hold)

@@ -1,0 +1,170 @@
+"""The faster paths of the phase model against the truth: two similar phases side by side
+followed by least squares alone where they show their own lines (and refused where they do
+not), and the least squares that may not stop before its first step."""
+
+import numpy as np
+
+from xrdpipe.batchfit import least_squares_batch
+from xrdpipe.config import FitSpec, LatticeSpec
+from xrdpipe.lattice import refine_lattice
+from xrdpipe.phasefit import fit_phases
+from xrdpipe.testing import Difficulty, fit_config, pattern_series, score_phases
+
+
+def _coexistence(x_range, n, seed):
+    """An O3 + P3 series inside the coexistence (basal lines 1.1 FWHM apart, lines 1.6x broader,
+    per-phase intensities, Al lines, Poisson noise over 2,000 counts), the start cells those of
+    the coexistence 0.5 % (a) and 1 % (c) off."""
+    dif = Difficulty(separation_fwhm=1.1, broadening=1.6, intensity_jitter=0.3, hard_windows=True, seed=seed)
+    series = pattern_series(n, scenario="nfm", x_range=x_range, counts=0.05, background=2000.0, seed=seed,
+                            difficulty=dif)
+    phases, windows = fit_config("nfm", dif)
+    truth = series.states()[-1]            # (both phases there)
+    off = {"O3": (1.005, 1.01), "P3": (0.995, 0.99)}
+    phases = [p.model_copy(update={"a": truth[p.name][0] * off[p.name][0], "c": truth[p.name][1] * off[p.name][1]})
+              if p.name in off else p for p in phases]
+    return series, phases, windows
+
+
+_SERIES = {}
+
+
+def _series():
+    """O3 alone, then P3 appearing and growing to 75 % (14 frames), fitted with every path and
+    with the searches in every frame."""
+    if not _SERIES:
+        _SERIES["data"] = _coexistence((0.69, 0.65), 14, 3)
+    return _SERIES["data"]
+
+
+def _score(series, table, phases):
+    lat = refine_lattice(table, phases, LatticeSpec(), unit="2th_deg", wavelength_A=series.scenario.wavelength_A)
+    return score_phases(lat, table, series.states(), series.peaks)
+
+
+def test_coexisting_pair_followed_by_least_squares(monkeypatch):
+    """Once P3 shows its own lines beside O3, the steady path follows the pair in most frames
+    (least squares alone from the frame before); its cells and fractions are right, and those
+    the searches in every frame give."""
+    import xrdpipe.phasefit.decide as decide
+
+    series, phases, windows = _series()
+    taken = []
+    steady = decide._fit_steady
+
+    def counting(m, y, sigma, state, fit):
+        out = steady(m, y, sigma, state, fit)
+        if all(state.present[[p, q]].all() for p, q, _, _ in m.order):
+            taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(decide, "_fit_steady", counting)
+    fast = fit_phases(series.as_patterns(), phases, windows, FitSpec(backward=False))
+    assert len(taken) >= 8 and sum(taken) >= len(taken) - 2, taken
+    score = _score(series, fast, phases)
+    assert score["presence"] == 1.0 and score["n_coexistence"] >= 9, score
+    assert score["median_da"] < 1e-4 and score["median_dc"] < 5e-4 and score["max_dc"] < 3e-3, score
+    assert score["basal_rms_deg"] < 5e-4, score
+    # the searches in every frame: the same phases, cells within half an esd, the same fractions
+    monkeypatch.setattr(decide, "_fit_steady", lambda *args: None)
+    full = fit_phases(series.as_patterns(), phases, windows, FitSpec(backward=False))
+    np.testing.assert_array_equal(fast.phase["phase_present"], full.phase["phase_present"])
+    both = fast.phase["phase_present"][:, :2]
+    for j in (0, 2):
+        diff = np.abs(fast.phase["phase_cell"][:, :2, j] - full.phase["phase_cell"][:, :2, j])[both]
+        esd = full.phase["phase_cell_err"][:, :2, j][both]
+        assert np.all(diff < 0.5 * esd), (j, diff / esd)
+    assert score["fraction_mae"] < 0.08
+    assert abs(score["fraction_mae"] - _score(series, full, phases)["fraction_mae"]) < 0.005
+
+
+def test_pair_refused_where_a_cell_moved(monkeypatch):
+    """A frame of the pair whose P3 c, in the frame before, sat half a FWHM's worth off: least
+    squares from there moves it more than a quarter of a FWHM, so the steady path refuses the
+    frame (it is what the joint search is for), and the searches put c back on the truth."""
+    import xrdpipe.phasefit.decide as decide
+    from xrdpipe.phasefit.fitter import _stored_state
+    from xrdpipe.phasefit.frame import _Frame
+
+    series, pat, fitter, table = _fitted()
+    m, i = fitter.model, 10
+    p3 = fitter.phase_names.index("P3")
+    before = _stored_state(m, table.phase, i - 1)
+    assert before.present[:2].all()
+    y, sigma = pat.intensity[i, m.columns], pat.sigma[i, m.columns]
+    assert decide._fit_steady(m, y, sigma, before, fitter.fit) is not None      # as it was: taken
+    before.cell[p3, 2] += _Frame(m, y, sigma, before).track_halves(p3, 0.5)[2]
+    reasons = []
+    trouble = decide._pair_trouble
+    monkeypatch.setattr(decide, "_pair_trouble", lambda *args: reasons.append(trouble(*args)) or reasons[-1])
+    assert decide._fit_steady(m, y, sigma, before, fitter.fit) is None
+    assert reasons[0] == "P3: c moved more than 0.25 FWHM", reasons
+    res = decide.fit_frame(m, y, sigma, before, fitter.fit)
+    c_true = series.states()[i]["P3"][1]
+    assert res.present[p3] and abs(res.state.cell[p3, 2] - c_true) < 1e-3, (res.state.cell[p3], c_true)
+    assert abs(res.state.cell[p3, 2] - table.phase["phase_cell"][i, p3, 2]) < 0.5 * table.phase["phase_cell_err"][i, p3, 2]
+
+
+def _fitted():
+    """The series fitted frame after frame (no backward pass): the series, its patterns, the
+    fitter and the table."""
+    if "fitted" not in _SERIES:
+        from xrdpipe.phasefit.fitter import PhaseFitter
+
+        series, phases, windows = _series()
+        pat = series.as_patterns()
+        fitter = PhaseFitter(phases, windows, FitSpec(backward=False), radial=pat.radial, unit=pat.unit,
+                             wavelength_A=pat.wavelength_A)
+        table = fitter.fit_block(pat.intensity, pat.sigma, frame=np.arange(pat.intensity.shape[0]))
+        _SERIES["fitted"] = series, pat, fitter, table
+    return _SERIES["fitted"]
+
+
+def test_pair_settled_only_at_the_split_of_the_lines():
+    """The check that lets a pair not explained to its noise continue by least squares alone:
+    at the fit of a frame of the pair, the coarse joint grid finds its best split there; with
+    P3's c put 1.5 FWHM's worth further off the truth, it finds a better split elsewhere."""
+    import xrdpipe.phasefit.decide as decide
+    from xrdpipe.phasefit.fitter import _stored_state
+    from xrdpipe.phasefit.frame import _Frame
+    from xrdpipe.phasefit.solve import _fit_rows
+
+    series, pat, fitter, table = _fitted()
+    m, i = fitter.model, 9
+    p3 = fitter.phase_names.index("P3")
+    fr = _Frame(m, pat.intensity[i, m.columns], pat.sigma[i, m.columns], _stored_state(m, table.phase, i - 1))
+    present = [p for p in range(m.P) if fr.state.present[p]]
+    res = _fit_rows(m, fr, [tuple(present)], fitter.fit)
+    c_true = series.states()[i]["P3"][1]
+    col = m.cell_cols[p3][m.free[p3].index("c")]
+    assert abs(res.p[0, col] - c_true) < 1e-3
+    cells = fr.state.cell.copy()
+    assert decide._pair_settled(m, fr, res, present)
+    np.testing.assert_array_equal(fr.state.cell, cells)                 # left as it was
+    res.p[0, col] += fr.track_halves(p3, 1.5)[2]
+    assert not decide._pair_settled(m, fr, res, present)
+
+
+def test_least_squares_must_move_from_its_start():
+    """A line fitted from far along its valley, the intercept's step cut by its bound: the
+    lightly damped step promises a rise, and by default the fit stops where it started; a row
+    that must move goes on to the constrained optimum (the intercept on its bound, the slope
+    the least-squares one there)."""
+    x = np.linspace(10, 11, 21)
+
+    def line(p):
+        jac = np.stack([np.ones((len(p), x.size)), np.broadcast_to(x, (len(p), x.size))], 1)
+        return p[:, :1] + p[:, 1:] * x, jac.copy()
+
+    y = 1.0 + 1.0 * x
+    start = np.array([[-17.273, 2.7719]])
+    lower, upper = np.full(2, -np.inf), np.array([-17.223, np.inf])
+    stuck = least_squares_batch(line, start, y[None], np.ones((1, x.size)), lower=lower, upper=upper)
+    np.testing.assert_array_equal(stuck.p, start)
+    moved = least_squares_batch(line, start, y[None], np.ones((1, x.size)), lower=lower, upper=upper,
+                                must_move=np.array([True]))
+    slope = np.sum((y + 17.223) * x) / np.sum(x * x)
+    assert moved.success[0]
+    assert moved.p[0, 0] == -17.223
+    assert abs(moved.p[0, 1] - slope) < 1e-5
+    assert moved.chi2[0] < 0.7 * stuck.chi2[0]
