@@ -24,7 +24,6 @@ from ..crystallography import (
     tth_from_d,
 )
 from .instrument import instrument_profile
-from .tails import tied_tails
 
 #: Default search half-ranges: relative for lengths, degrees for angles.
 DEFAULT_SEARCH = {"a": 0.015, "b": 0.015, "c": 0.03, "alpha": 2.0, "beta": 2.0, "gamma": 2.0}
@@ -35,11 +34,8 @@ _ANGLES = ("alpha", "beta", "gamma")
 #: the local search, then the least squares); a larger move is a jump, searched for afresh.
 _TRACK_FWHM = 0.6
 #: A line of a placed phase outside a window but within this many FWHM of it is fitted by its
-#: tail (free area; a line fitted in a window of its own draws its tail in the others instead:
-#: :mod:`.tails`); reflections are listed for a window within this share of its width beyond its
-#: edges. (At 4 FWHM the tail of P''2 (102) 4.5 FWHM above the 100 window went unmodelled and a
-#: P2 cell was found to explain it; beyond ~6 a free tail trades off against the phase's width.)
-_TAIL_FWHM = 5.0
+#: tail; reflections are listed for a window within this share of its width beyond its edges.
+_TAIL_FWHM = 4.0
 _TAIL_REACH = 0.25
 #: Weight of the pull to the configured cell in the search, relative to the chi-square the phase
 #: explains, per search half-range squared.
@@ -159,9 +155,6 @@ class PhaseModel:
                              for p in self.phases], float).reshape(self.P, 6)
         self._reflections()
         self._layout()
-        #: the tied tails (:mod:`.tails`): per tail its source row, the window it is drawn in and
-        #: the row of the same reflection listed there (-1: none)
-        self.tail_src, self.tail_window, self.tail_twin = tied_tails(self)
         self._cell_map()
         self._order_pairs()
         self._search_order()
@@ -202,8 +195,7 @@ class PhaseModel:
         """Every allowed reflection of every phase whose position over the search box reaches a
         window; reflections at the same d for every cell (e.g. 1 0 1 and 0 1 1 in P-3m1) merged."""
         hi_all = max(w.range[1] for w in self.specs) if self.specs else np.nan
-        phase, window, hkl, mult, reach_of, key_of = [], [], [], [], [], []
-        keys: dict[tuple, int] = {}
+        phase, window, hkl, mult = [], [], [], []
         for p, spec in enumerate(self.phases):
             grow = np.array(self.cell0[p])
             for i in range(3):
@@ -234,16 +226,10 @@ class PhaseModel:
                     window.append(wi)
                     hkl.append((h, k, l))
                     mult.append(m)
-                    reach_of.append((r_lo, r_hi))
-                    key_of.append(keys.setdefault((p, key), len(keys)))
         self.r_phase = np.array(phase, int)
         self.r_window = np.array(window, int)
         self.r_hkl = np.array(hkl, int).reshape(-1, 3)
         self.r_mult = np.array(mult, int)
-        #: (R, 2) where each reflection can go on the run's axis over the cells the fit can reach
-        self.r_reach = np.array(reach_of, float).reshape(-1, 2)
-        #: (R,) one number per reflection of a phase: rows of the same reflection in two windows share it
-        self.r_key = np.array(key_of, int)
         self.R = len(phase)
 
     def _d_of_radial(self, v: float) -> float:
@@ -533,9 +519,8 @@ class PhaseModel:
         return chi2, hess, grad
 
     def _centre_derivs(self, theta: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Every line's centre (r, L) for parameter rows ``theta`` (r, k) and its derivatives (r,
-        L, width) by the columns that move it (:meth:`_line_layout`'s ``dcol``): the R
-        reflections' rows, then the tied tails (those of their source rows)."""
+        """Every line's centre (r, R) for parameter rows ``theta`` (r, k) and its derivatives (r,
+        R, width) by the columns that move it (:meth:`_line_layout`'s ``dcol``)."""
         r = theta.shape[0]
         zero = theta[:, self.zero_col]
         # d centre / d (cell parameter, zero) by central differences on the tiny parameter
@@ -558,11 +543,10 @@ class PhaseModel:
         dzero = (all_cen[-2] - all_cen[-1]) / (2 * hz)
         # the centres' derivatives per cell column of the line's phase and per zero shift
         _, _, _, _, _, dcol, (line, slot, which) = self._line_layout()
-        src = self._line_source
-        dval = np.zeros((r, src.size, dcol.shape[1]))
-        dval[:, line, slot] = dcell[which, :, src[line]].T
-        dval[:, :, -1] = dzero[:, src]
-        return np.ascontiguousarray(cen[:, src]), dval
+        dval = np.zeros((r, self.R, dcol.shape[1]))
+        dval[:, line, slot] = dcell[which, :, line].T
+        dval[:, :, -1] = dzero
+        return np.ascontiguousarray(cen), dval
 
     def _normal_layout(self):
         """For :meth:`normal`: per window its points, its columns (background, then its lines'
@@ -579,11 +563,10 @@ class PhaseModel:
             nbg = np.zeros(W, np.int64)
             lbg = np.zeros((W, n_deg), np.int64)
             wcols, ptr, lines, line_ptr = [], [0], [], [0]
-            line_window = np.concatenate([self.r_window, self.tail_window])
-            la, lf, le = (np.zeros(line_window.size, np.int64) for _ in range(3))
+            la, lf, le = (np.zeros(self.R, np.int64) for _ in range(3))
             ld = np.full(dcol.shape, -1, np.int64)
             for w, win in enumerate(self.windows):
-                mine = np.flatnonzero(line_window == w)
+                mine = np.flatnonzero(self.r_window == w)
                 cols = set(int(c) for c in self.bg_col[w])
                 for i in mine:
                     cols |= {int(a_col[i]), int(fw_col[i]), int(eta_col[i])} | {int(c) for c in dcol[i] if c >= 0}
@@ -610,22 +593,18 @@ class PhaseModel:
         abscissa, its width, eta and area columns, and the columns that move its centre (its
         phase's cell columns, padded with -1, then the zero shift), and where each line's cell
         derivatives come from (line, slot, index of the cell column among all phases' cell
-        columns in order). The lines are the R reflections' rows, then the tied tails
-        (:mod:`.tails`): a tail lies on the points of the window it is drawn in, with its source
-        row's area, width, eta and centre (``_line_source``: each line's row)."""
+        columns in order)."""
         if self._lines is None:
-            src = self._line_source = np.concatenate([np.arange(self.R), self.tail_src]).astype(np.int64)
-            on = np.concatenate([self.r_window, self.tail_window])
-            lo = np.array([self.windows[w].points.start for w in on], np.int64)
-            hi = np.array([self.windows[w].points.stop for w in on], np.int64)
-            fw_col = np.array([self.fwhm_col[self.r_phase[r], self.r_window[r]] for r in src], np.int64)
-            eta_col = np.array([self.eta_col[self.r_phase[r]] for r in src], np.int64)
-            a_col = np.asarray(self.area_col[src], np.int64)
+            lo = np.array([self.windows[w].points.start for w in self.r_window], np.int64)
+            hi = np.array([self.windows[w].points.stop for w in self.r_window], np.int64)
+            fw_col = np.array([self.fwhm_col[p, w] for p, w in zip(self.r_phase, self.r_window)], np.int64)
+            eta_col = np.array([self.eta_col[p] for p in self.r_phase], np.int64)
+            a_col = np.asarray(self.area_col, np.int64)
             width = max(len(c) for c in self.cell_cols) + 1
-            dcol = np.full((src.size, width), -1, np.int64)
+            dcol = np.full((self.R, width), -1, np.int64)
             first = np.cumsum([0] + [len(c) for c in self.cell_cols])
             line, slot, which = [], [], []
-            for i, p in enumerate(self.r_phase[src]):
+            for i, p in enumerate(self.r_phase):
                 dcol[i, :len(self.cell_cols[p])] = self.cell_cols[p]
                 dcol[i, -1] = self.zero_col
                 for q in range(len(self.cell_cols[p])):

@@ -13,7 +13,6 @@ from ..config import FitSpec
 from ..windows import d_from_radial
 from .frame import FrameResult, _Frame
 from .model import _CELL_INDEX, _CELL_NAME, _TRACK_FWHM, PhaseModel, PhaseState
-from .tails import held_twins
 
 
 def _fwhm_table(m: PhaseModel, fr: "_Frame") -> np.ndarray:
@@ -33,10 +32,7 @@ def _fit_rows(m: PhaseModel, fr: "_Frame", rows: list[tuple[int, ...]], fit: Fit
     largest model: if it ends above a nested one (a local minimum), it is started again from
     that one. None if the first row diverged."""
     st = fr.state
-    fw = _fwhm_table(m, fr)
-    outside = ~m.inside(st.cell, st.zero, fw, tails=True)
-    # a line drawn in a window by its tied tail is not fitted there again (:mod:`.tails`)
-    outside |= held_twins(m, m.inside(st.cell, st.zero, fw), ~outside)
+    outside = ~m.inside(st.cell, st.zero, _fwhm_table(m, fr), tails=True)
     starts, holds = [], []
     for subset, theta in zip(rows, fr.linear_rows(st.cell, rows, st.zero)):
         hold = _held(m, subset)

@@ -95,7 +95,6 @@ def plot_fit_check(patterns, peaks, *, phases: Sequence[PhaseSpec], windows: Seq
             except (ValueError, KeyError) as exc:
                 raise PlotError(f"fit check of window {w.name!r}: {exc}") from None
             cols = [i for i, pw in enumerate(d["peak_window"]) if pw == w.name]
-            tails = _tail_sources(peaks, d, windows, w) if peaks.attrs.get("model", "phases") == "phases" else []
             for r, f in enumerate(frames):
                 inner = outer[r, c].subgridspec(2, 1, height_ratios=[3, 1], hspace=0.0)
                 ax = fig.add_subplot(inner[0])
@@ -103,7 +102,7 @@ def plot_fit_check(patterns, peaks, *, phases: Sequence[PhaseSpec], windows: Seq
                 y = inten[r, model.columns].astype(float)
                 s = sigma[r, model.columns].astype(float)
                 _fit_cell(ax, axr, model, y, s, d, f, cols, phase_order,
-                          None if inst is None else (inst[0][model.columns], inst[1][model.columns]), tails)
+                          None if inst is None else (inst[0][model.columns], inst[1][model.columns]))
                 if r == 0:
                     ax.set_title(window_title(w.name), pad=2)
                 if c == 0:
@@ -154,22 +153,10 @@ def _instrument(patterns, peaks, radial: np.ndarray) -> tuple[np.ndarray, np.nda
     return (where, hw) if hw.any() or np.any(where != radial) else None
 
 
-def _tail_sources(peaks, d, windows: Sequence[WindowSpec], w: WindowSpec) -> list[int]:
-    """The listed peaks of the other windows whose tails the phase model drew in window ``w``
-    (:mod:`xrdpipe.phasefit.tails`: windows within its reach, not overlapping ``w``)."""
-    from ..phasefit.tails import _TIED_REACH
-
-    lo, hi = w.range
-    near = {o.name for o in windows if o.name != w.name and not (o.range[0] < hi and lo < o.range[1])
-            and max(o.range[0] - hi, lo - o.range[1]) <= _TIED_REACH * (hi - lo)}
-    return [i for i, pw in enumerate(d["peak_window"]) if pw in near]
-
-
-def _fit_cell(ax, axr, model: WindowModel, y, s, d, f, cols, phase_order, inst=None, tails=()) -> None:
+def _fit_cell(ax, axr, model: WindowModel, y, s, d, f, cols, phase_order, inst=None) -> None:
     """One window of one frame: data, fit, background, each present component, residual.
     ``inst``: (where each point is, the instrument's half-width) for lines averaged as the phase
-    model averaged them, or None; ``tails``: the peaks of other windows whose tails the fit drew
-    here (part of the fit curve, not drawn as components)."""
+    model averaged them, or None."""
     x = model.x
     ok = np.isfinite(y)
     has_sigma = np.isfinite(s).any() and np.nanmax(s) > 0
@@ -181,25 +168,20 @@ def _fit_cell(ax, axr, model: WindowModel, y, s, d, f, cols, phase_order, inst=N
         return
     fn, _, names = PROFILES[model.profile]
     src = {"eta": "shape", "m": "shape"}
-
-    def line(col):
-        if inst is not None and model.profile == "pseudo_voigt":
-            from ..phasefit.instrument import binned_lines
-
-            return binned_lines(inst[0], inst[1], d["center"][f, col], d["fwhm"][f, col], d["area"][f, col],
-                                d["shape"][f, col])[0]
-        return fn(x, *[d[src.get(name, name)][f, col] for name in names])
-
     peaks_sum = np.zeros_like(x)
     parts = []
     for col in cols:
-        if d["present"][f, col]:
-            comp = line(col)
-            peaks_sum += comp
-            parts.append((d["peak_phase"][col], d["peak_hkl"][col], comp))
-    for col in tails:
-        if d["present"][f, col] and np.isfinite(d["center"][f, col]):
-            peaks_sum += line(col)
+        if not d["present"][f, col]:
+            continue
+        if inst is not None and model.profile == "pseudo_voigt":
+            from ..phasefit.instrument import binned_lines
+
+            comp = binned_lines(inst[0], inst[1], d["center"][f, col], d["fwhm"][f, col], d["area"][f, col],
+                                d["shape"][f, col])[0]
+        else:
+            comp = fn(x, *[d[src.get(name, name)][f, col] for name in names])
+        peaks_sum += comp
+        parts.append((d["peak_phase"][col], d["peak_hkl"][col], comp))
     basis = np.vstack([model.t ** k for k in range(model.degree + 1)]).T
     coef = np.linalg.lstsq(basis[ok] * w[ok, None], (y[ok] - peaks_sum[ok]) * w[ok], rcond=None)[0]
     bg = basis @ coef

@@ -246,8 +246,7 @@ def _peaks(h5, n: int, coords: dict, axis: str) -> xr.Dataset:
     binned = fit.get("model", "phases") == "phases" and fit.get("instrument", "auto") == "auto"
     sd = fit.get("instrument_sd")
     return xr.Dataset(data, coords={**coords, **comp},
-                      attrs={"windows": windows, "model": fit.get("model", "phases"),
-                             "instrument": "auto" if binned else "none",
+                      attrs={"windows": windows, "instrument": "auto" if binned else "none",
                              "instrument_sd": float(sd) if binned and sd is not None else float("nan")})
 
 
