@@ -7,8 +7,8 @@ A forward model of a sodium layered-oxide cathode in an operando cell:
 * reflections from the space group (allowed hkl, multiplicities) and the cell; intensities from
   a simple structure-factor model (atoms with Z-scaled form factors, Na occupancy = x), a Lorentz
   factor and a Debye-Waller term: rough but plausible;
-* Caglioti peak widths (pseudo-Voigt, each line's Lorentzian tail over the whole pattern, as a
-  real line's), a background with an amorphous hump, aluminium current-collector rings;
+* Caglioti peak widths (pseudo-Voigt), a background with an amorphous hump, aluminium
+  current-collector rings;
 * 2D frames rendered through a real pyFAI geometry (tilted detector, polarization, solid angle,
   module gaps flagged like an EIGER, Poisson noise), written as EIGER-like HDF5 stacks with
   bitshuffle-LZ4, or as CBF / TIFF / EDF, or 1D .xye patterns;
