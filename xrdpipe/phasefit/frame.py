@@ -407,21 +407,9 @@ class _Frame:
             return out
         widths = {w: self.fwhm_of(p, w) for w in set(m.r_window[rows].tolist())}
         fw = np.array([widths[w] for w in m.r_window[rows]])
-        # every free parameter's central differences in one evaluation of the positions, the
-        # cells made by the model's index map (the numbers of PhaseModel.shift_per_unit)
-        cell = self.state.cell[p]
-        idx = [_CELL_INDEX[n] for n in m.free[p]]
-        h = np.array([1e-4 * max(abs(cell[i]), 1.0) for i in idx])
-        theta = np.zeros((2 * len(idx), m.k))
-        theta[:, m.cell_cols[p]] = cell[idx]
-        for k, (col, i, hi) in enumerate(zip(m.cell_cols[p], idx, h)):
-            theta[2 * k, col] = cell[i] + hi
-            theta[2 * k + 1, col] = cell[i] - hi
-        cells = m.cells(theta, self.state.cell)[:, p]
-        pos = m.positions(m.r_hkl[rows], cells[:, None, :], 0.0)
-        shift = np.abs(pos[0::2] - pos[1::2]) / (2 * h[:, None])
+        shift = m.free_shifts(p, self.state.cell[p], m.r_hkl[rows])
         ratios = np.fmax.reduce(shift / fw, axis=1)         # (nanmax without its overhead)
-        for k, i in enumerate(idx):
+        for k, i in enumerate(_CELL_INDEX[n] for n in m.free[p]):
             if ratios[k] > 0:
                 out[i] = min(out[i], limit / ratios[k])
         return out
@@ -593,7 +581,7 @@ class _Frame:
         chosen[list(windows)] = True
         rows = np.flatnonzero((m.r_phase == p) & chosen[m.r_window])
         cell = self.state.cell[p] if np.all(np.isfinite(self.state.cell[p])) else m.cell0[p]
-        shift = m.shift_per_unit(p, cell, i, m.r_hkl[rows], follow=False)
+        shift = m.shift_per_unit(p, cell, i, m.r_hkl[rows])
         fw = theta[m.fwhm_col[p, m.r_window[rows]]]
         ratio = np.nanmax(shift / fw) if rows.size else 0.0
         return 1.0 / ratio if ratio > 0 else np.inf

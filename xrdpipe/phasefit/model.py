@@ -438,18 +438,32 @@ class PhaseModel:
                                  self.correction == "displacement", out)
         return out[0] if single else out
 
-    def shift_per_unit(self, p: int, cell: np.ndarray, i: int, hkl: np.ndarray, follow: bool = True) -> np.ndarray:
+    def shift_per_unit(self, p: int, cell: np.ndarray, i: int, hkl: np.ndarray) -> np.ndarray:
         """How far reflections ``hkl`` (n, 3) of phase ``p`` move on the run's axis per unit of
-        cell parameter ``i`` at ``cell`` (6,), by central differences; with ``follow`` the
-        parameters its crystal system ties to it move too (b = a in the hexagonal system)."""
+        cell parameter ``i`` alone at ``cell`` (6,), by central differences (the parameters its
+        crystal system ties to it held: :meth:`free_shifts` moves them too)."""
         h = 1e-4 * max(abs(cell[i]), 1.0)
         up, dn = np.array(cell, float), np.array(cell, float)
         up[i] += h
         dn[i] -= h
-        if follow:
-            up = self._cell_from(p, {k: up[_CELL_INDEX[k]] for k in self.free[p]})
-            dn = self._cell_from(p, {k: dn[_CELL_INDEX[k]] for k in self.free[p]})
         return np.abs(self.positions(hkl, up) - self.positions(hkl, dn)) / (2 * h)
+
+    def free_shifts(self, p: int, cell: np.ndarray, hkl: np.ndarray) -> np.ndarray:
+        """(len(free[p]), n) how far reflections ``hkl`` (n, 3) of phase ``p`` move on the run's
+        axis per unit of each of its free cell parameters at ``cell`` (6,), the parameters its
+        crystal system ties to each moving with it (b = a in the hexagonal system): central
+        differences, every parameter's in one evaluation of the positions."""
+        idx = [_CELL_INDEX[n] for n in self.free[p]]
+        h = np.array([1e-4 * max(abs(cell[i]), 1.0) for i in idx])
+        theta = np.zeros((2 * len(idx), self.k))
+        theta[:, self.cell_cols[p]] = cell[idx]
+        for k, (col, i, hi) in enumerate(zip(self.cell_cols[p], idx, h)):
+            theta[2 * k, col] = cell[i] + hi
+            theta[2 * k + 1, col] = cell[i] - hi
+        base = np.broadcast_to(np.asarray(cell, float), (self.P, 6))
+        cells = self.cells(theta, base)[:, p]
+        pos = self.positions(hkl, cells[:, None, :], 0.0)
+        return np.abs(pos[0::2] - pos[1::2]) / (2 * h[:, None])
 
     def _cell_map(self) -> None:
         """Where each of a phase's six cell parameters comes from: a free column (b = a follows a
