@@ -35,7 +35,9 @@ def _run(scenario: str, dif: Difficulty, n: int = 48, seed: int = 5):
 @pytest.mark.parametrize("scenario, sign, separation, windows", [
     ("nfm", 1, 1.1, True), ("nfm", -1, 1.0, True),
     # P2 -> P''2: the Al 111 line inside the 100 window (P2's a once settled on an alias there),
-    # typed cells 2 % below both phases (nearer the other phase's truth), and 1 FWHM apart
+    # typed cells 2 % below both phases (nearer the other phase's truth), and 1 FWHM apart; with
+    # whole line tails P''2's a was followed onto an alias while its (100) hid under P2's, and
+    # stayed there, its window at χ²/ν 2233, until a misfit window had its phases searched afresh
     ("mcm", -1, 2.4, True), ("mcm", 1, 1.0, True),
     # P3 appears at 11 % 1.2 FWHM from O3's broadened line, in a series of 40 frames: the pair
     # must be split in c first (00l lines), P3's a searched again beside the split pair
@@ -69,6 +71,24 @@ def test_a_fading_phase_does_not_take_the_line_of_the_phase_it_coexisted_with():
     end = max(i for i, st in enumerate(series.states()) if "P2" in st)
     p2 = lat.phases.index("P2")
     assert np.all(np.isnan(lat.values["c_A"][end + 1:, p2])), "P2 named on P''2's line after its end"
+
+
+def test_a_phase_that_vanishes_does_not_take_the_line_its_neighbour_held():
+    """P2 -> P''2 1.1 FWHM apart, typed cells 0.4-1 % below: when P2 vanished, its local search
+    and least squares walked it 1 FWHM onto P''2's line, P''2 was pushed aside and then found
+    to have "no line" at its listed reflections, and the frame refitted without it named
+    P''2's line P2 for the rest of the run (presence 0.53). A phase whose lines now sit where a
+    similar phase's were in the frame before, nearer than to its own, took that phase's place:
+    it is dropped instead, and the decision says so."""
+    dif = Difficulty(start_error=((-0.0041, -0.0100), (-0.0092, -0.0096)), separation_fwhm=1.1, broadening=1.6,
+                     intensity_jitter=0.3, hard_windows=True, seed=11)
+    series, table, lat, s = _run("mcm", dif, n=40, seed=21)
+    assert s["presence"] >= 0.98 and s["fraction_mae"] <= 0.02 and s["median_da"] <= 3e-4, s
+    end = max(i for i, st in enumerate(series.states()) if "P2" in st)
+    p2 = lat.phases.index("P2")
+    assert np.all(np.isnan(lat.values["c_A"][end + 1:, p2])), "P2 named on P''2's line after its end"
+    said = table.phase["phase_decision"][end + 1, p2]
+    assert said.startswith("absent: took the place that P''2 held"), said
 
 
 def test_a_phase_whose_listed_lines_are_empty_is_not_found_after_it_has_gone():

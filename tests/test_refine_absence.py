@@ -41,7 +41,9 @@ def test_a_weak_phase_judged_absent_in_a_sequence_comes_back():
     assert max(gof) < 1.3, gof                   # 1.55-1.62 while Al was left out; 1.25-1.67 in frames 19-30
     assert {i for i, _ in steps} >= set(range(2, 46)), steps     # each of them from the frame before
     assert all(n <= 3 for i, n in steps if 2 <= i <= 45), steps
-    assert max(n for _, n in steps) <= 10, steps
+    # (the creep ran to the 60-step limit; frame 50, three frames after P3's restart, takes 12
+    # on lines with whole Lorentzian tails, 6 on lines cut at 25 FWHM)
+    assert max(n for _, n in steps) <= 12, steps
 
 
 def test_a_phase_left_absent_by_the_previous_frame_comes_back_when_the_fit_worsens():

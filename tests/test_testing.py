@@ -48,3 +48,26 @@ def test_truth_file_has_the_promised_columns(synthetic_h5):
     with open(synthetic_h5.truth_file) as fh:
         header = next(csv.reader(fh))
     assert header[:2] == ["frame", "time"] and {"x", "phase", "a", "c", "fraction"} <= set(header)
+
+
+def test_synthetic_lines_keep_their_whole_lorentzian_tails():
+    """A detector records every line's tail over the whole pattern: the simulator once cut each
+    pseudo-Voigt at 25 FWHM, a step no real pattern has and a background that flattered the
+    engine (lines outside the windows left no tail in them). Far from a line the pattern less
+    its background is the Lorentzian tail, eta * area * FWHM / (2 pi d^2), and smooth."""
+    from xrdpipe.testing import ProfileModel, pattern_1d
+
+    prof = ProfileModel()
+    tth = np.linspace(3.0, 24.0, 21001)
+    line = {"tth_deg": 10.0, "area": 1000.0}
+    net = pattern_1d(tth, [line], profile=prof) - pattern_1d(tth, [], profile=prof)
+    fw = float(prof.fwhm(10.0))
+    for d in (30 * fw, 60 * fw, 12.0):
+        x = 10.0 + d
+        got = np.interp(x, tth, net)
+        tail = prof.eta * line["area"] * fw / (2 * np.pi * d * d)     # 1 / (1 + 4 u^2) ~ 1 / (4 u^2)
+        assert got == pytest.approx(tail, rel=0.01)
+    # no step anywhere (the cut left one of ~0.7 counts at 25 FWHM): neighbouring points 0.001° apart
+    # differ by what the tail's slope gives, a few thousandths
+    far = np.abs(tth - 10.0) > 20 * fw
+    assert np.max(np.abs(np.diff(net)[far[:-1] & far[1:]])) < 1e-2

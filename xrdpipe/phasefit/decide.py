@@ -14,13 +14,15 @@ from .frame import FrameResult, _Frame
 from .model import (
     _CELL_INDEX,
     _CELL_NAME,
+    _MISFIT,
+    _MISFIT_RISE,
     _SHOWN_Z,
     _TRACK_FWHM,
     _UNLIKE,
     PhaseModel,
     PhaseState,
 )
-from .neighbours import _drawn_towards, _on_lines_of
+from .neighbours import _drawn_towards, _in_place_of, _on_lines_of
 from .solve import _at_bound, _at_edge, _failed, _fit_rows, _fwhm_table, _result, esd_scale
 
 
@@ -35,11 +37,59 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
     areas unlike its own relative intensities) may have misled the searches of the others while
     it was there: the frame is then fitted again without it, and the better of the two (BIC) is
     kept. A phase on an alias of its cell (another of its reflections on its listed line) is
-    moved off it (:func:`_unaliased`)."""
+    moved off it (:func:`_unaliased`). A window left far from its noise where it fitted before
+    has its phases searched for afresh (:func:`_searched_afresh`)."""
     steady = _fit_steady(model, y, sigma, state, fit)
     if steady is not None:
-        return _unaliased(model, y, sigma, steady, fit, centre)
-    return _unaliased(model, y, sigma, _fit_frame_searched(model, y, sigma, state, fit, centre), fit, centre)
+        res = _unaliased(model, y, sigma, steady, fit, centre)
+    else:
+        res = _unaliased(model, y, sigma, _fit_frame_searched(model, y, sigma, state, fit, centre), fit, centre)
+    res = _searched_afresh(model, y, sigma, state, res, fit, centre)
+    if res.success:
+        res.state.redchi = _window_redchi(res)
+    return res
+
+
+def _window_redchi(res: FrameResult) -> np.ndarray:
+    """(W,) each window's reduced chi-square in a frame's solution."""
+    return res.chi2_window / np.maximum(res.n_window - res.nvary_window, 1)
+
+
+def _searched_afresh(m: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state: PhaseState,
+                     res: FrameResult, fit: FitSpec, centre: np.ndarray | None = None) -> FrameResult:
+    """The frame's solution, or a better one with a phase searched for afresh. A window left
+    above :data:`_MISFIT` reduced chi-square (with Poisson esds), and :data:`_MISFIT_RISE` times
+    above what it had in the frame before, holds a line the phases as followed do not explain:
+    a phase followed onto an alias while its lines were hidden under another's (P''2's (100)
+    under P2's, its cell then held on the Al line) and left there when the other went (the
+    window at χ²/ν 2233, frame after frame). Each present phase with lines in such a window is
+    taken as absent and searched over its whole range (around its configured cell); the best
+    frame that is better by ``bic_threshold`` is kept, and its decision says so."""
+    if not res.success or sigma is None or not np.isfinite(sigma).any():
+        return res
+    now = _window_redchi(res)
+    before = state.redchi if state.redchi is not None else np.zeros(m.W)
+    bad = np.flatnonzero((now > _MISFIT) & (now > _MISFIT_RISE * before))
+    if not bad.size:
+        return res
+    best, best_bic, tried = res, _bic(m, res) - fit.bic_threshold, None
+    for p in np.flatnonzero(res.present):
+        if not any(m._refl_of[p][w].size for w in bad) or not m.free[p]:
+            continue
+        start = res.state.copy()
+        start.present[p] = False
+        start.cell[p] = m.cell0[p]
+        alt = _fit_frame_searched(m, y, sigma, start, fit, centre)
+        if alt.success and alt.present[p] and (b := _bic(m, alt)) < best_bic:
+            best, best_bic, tried = alt, b, p
+    if tried is None:
+        return res
+    names = ", ".join(m.windows[w].name for w in bad)
+    worst = float(now[bad].max())
+    best.decision[tried] += (f"; searched for afresh: window{'s' if bad.size > 1 else ''} {names} left at "
+                             f"χ²/ν {worst:.3g} as followed "
+                             f"(ΔBIC {_bic(m, res) - _bic(m, best):+.0f})")
+    return best
 
 
 def _fit_frame_searched(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state: PhaseState,
@@ -283,6 +333,10 @@ def _pair_settled(m: PhaseModel, fr: "_Frame", res, present: list[int]) -> bool:
         st.cell[:], st.fwhm[:] = saved
 
 
+#: The start of the decision of a phase that took the place of a similar one (a label swap).
+_SWAP = "absent: took the place that"
+
+
 def _bic(m: PhaseModel, res: FrameResult) -> float:
     """The BIC of a frame's solution: its chi-square and the parameters of its phases."""
     n = max(int(res.n_window.sum()), 2)
@@ -474,7 +528,10 @@ def _decide(m: PhaseModel, fr: "_Frame", state: PhaseState, present: list[int], 
             # what is held stays where this fit put it (not where the search started it)
             _adopt(m, st, res.p[0], present)
             continue
-        worst = min(fails, key=lambda q: gains[q])
+        # a phase that took another's place goes first: the other's failure (pushed off its
+        # lines) follows from it
+        swaps = [q for q, text in fails.items() if text.startswith(_SWAP)]
+        worst = min(swaps or fails, key=lambda q: gains[q])
         redundant = [(a, b) for a, b, _, _ in m.order if a < b and fails.get(a, "").startswith("absent: ΔBIC")
                      and fails.get(b, "").startswith("absent: ΔBIC")]
         if redundant:
@@ -526,6 +583,8 @@ def _judge(m: PhaseModel, fr: "_Frame", res, present: list[int], held: set[int],
             # (a phase kept out of the fractions, the current collector, is there when the
             # data say so: its lines are narrow and weak, and left out they pull others')
             fails[p] = f"absent: {100 * share:.2g} % of the area < min_fraction"
+        elif took := _in_place_of(m, fr, p, cells_now):
+            fails[p] = f"{_SWAP} {m.phases[took[0]].name} held in the frame before ({took[1]:.2f} FWHM from its lines there)"
         elif trouble := _cell_trouble(m, res, p, present, held, found_now, gains, cells_now):
             fails[p] = trouble
         else:

@@ -68,6 +68,12 @@ _SHOWN_Z = 3.0
 #: similar phase's search centre, or broadened by this factor, may have taken its line: the
 #: absent phase is searched again beside it where it was (:func:`decide._drawn_towards`).
 _DRAWN = 0.2
+#: A window the frame's solution leaves at a reduced chi-square above this (with Poisson esds),
+#: and above :data:`_MISFIT_RISE` times what it had in the frame before, holds lines the phases
+#: followed from there do not explain: each phase with lines there is searched for afresh
+#: (:func:`decide._searched_afresh`).
+_MISFIT = 10.0
+_MISFIT_RISE = 4.0
 _BROADENED = 1.2
 #: A phase found with every listed line within this many FWHM of the same reflection of a
 #: similar phase followed from the frame before explains that phase's lines (the rest a
@@ -80,7 +86,9 @@ class PhaseState:
     """What one frame hands to the next: per phase its cell (P, 6), presence (P,), FWHM per
     window (P, W) and eta (P,); the run's zero shift; per phase and window the area of its
     lines in the last frame where it was the only phase (of those with fractions) present,
-    ``ref_area`` (P, W), NaN until then: its own relative intensities, learned from the data."""
+    ``ref_area`` (P, W), NaN until then: its own relative intensities, learned from the data;
+    ``redchi`` (W,), the reduced chi-square of each window in the frame that handed it over
+    (None where unknown: the first frame, a resumed or stored state)."""
 
     cell: np.ndarray
     present: np.ndarray
@@ -88,10 +96,12 @@ class PhaseState:
     eta: np.ndarray
     zero: float = 0.0
     ref_area: np.ndarray | None = None
+    redchi: np.ndarray | None = None
 
     def copy(self) -> "PhaseState":
         return PhaseState(self.cell.copy(), self.present.copy(), self.fwhm.copy(), self.eta.copy(), self.zero,
-                          None if self.ref_area is None else self.ref_area.copy())
+                          None if self.ref_area is None else self.ref_area.copy(),
+                          None if self.redchi is None else self.redchi.copy())
 
 
 @dataclass(frozen=True)

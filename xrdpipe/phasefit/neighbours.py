@@ -1,6 +1,6 @@
 """Rules about a similar phase beside the one searched (:mod:`xrdpipe.phasefit.decide`): a
-followed phase drawn toward a newcomer's line, and a newcomer that lands on a followed phase's
-lines."""
+followed phase drawn toward a newcomer's line, a newcomer that lands on a followed phase's
+lines, and a phase that took the place another held in the frame before."""
 
 from __future__ import annotations
 
@@ -41,6 +41,41 @@ def _on_lines_of(m: PhaseModel, fr: "_Frame", p: int, cell: np.ndarray, present:
             far = max(far, abs(cen[i] - cen[twin[0]]) / width)
         if far <= _SAME_LINE:
             return q, far
+    return None
+
+
+def _in_place_of(m: PhaseModel, fr: "_Frame", p: int, cells: np.ndarray) -> tuple[int, float] | None:
+    """(q, distance) when phase ``p``, present in the frame before, at ``cells[p]`` puts at
+    least half its listed lines within :data:`_SAME_LINE` FWHM of the same reflection of a
+    similar phase ``q`` where ``q`` was in the frame before (present there), each nearer to it
+    than to where ``p``'s own line was: ``p`` took ``q``'s place, a label swap (the largest of
+    those distances, in q's narrower width of this frame and the one before); else None. A phase
+    that vanished beside a similar one 1 FWHM away reaches the other's line with its local
+    search, or is found there by the cell search (its a on an alias: its 00l lines on the
+    other's, its (100) elsewhere), while the other is pushed aside and then found to have no
+    lines: P2 named on P''2's line for the rest of a run."""
+    if not fr.tracked[p]:
+        return None             # a newcomer on a followed phase's lines: _on_lines_of
+    zero = np.array([fr.state.zero])
+    now = m.centres(cells[None], zero)[0]
+    was = m.centres(np.where(np.isfinite(fr.before), fr.before, cells)[None], zero)[0]
+    mine = np.flatnonzero(m.r_listed & (m.r_phase == p) & m.r_has_data)
+    for a, q, _, _ in m.order:
+        if a != p or not fr.tracked[q] or not mine.size:
+            continue
+        taken = []
+        for i in mine:
+            twin = np.flatnonzero((m.r_phase == q) & (m.r_window == m.r_window[i]) & np.all(m.r_hkl == m.r_hkl[i], axis=1))
+            if not twin.size:
+                continue
+            w = int(m.r_window[i])
+            width = min(fr.fwhm_of(q, w), fr.before_fwhm[q, w]) if np.isfinite(fr.before_fwhm[q, w]) \
+                else fr.fwhm_of(q, w)
+            far, own = abs(now[i] - was[twin[0]]) / width, abs(now[i] - was[i]) / width
+            if far <= _SAME_LINE and far < own:
+                taken.append(far)
+        if taken and 2 * len(taken) >= mine.size:
+            return q, max(taken)
     return None
 
 
