@@ -24,6 +24,7 @@ from .model import (
 )
 from .neighbours import _drawn_towards, _in_place_of, _on_lines_of
 from .solve import _at_bound, _at_edge, _failed, _fit_rows, _fwhm_table, _result, esd_scale
+from .tails import without_far_tails
 
 
 def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state: PhaseState,
@@ -38,15 +39,21 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
     it was there: the frame is then fitted again without it, and the better of the two (BIC) is
     kept. A phase on an alias of its cell (another of its reflections on its listed line) is
     moved off it (:func:`_unaliased`). A window left far from its noise where it fitted before
-    has its phases searched for afresh (:func:`_searched_afresh`)."""
+    has its phases searched for afresh (:func:`_searched_afresh`). Last, the far tails of the
+    frame's lines in the other windows are subtracted and the frame fitted again by least squares
+    (:func:`~xrdpipe.phasefit.tails.without_far_tails`)."""
     steady = _fit_steady(model, y, sigma, state, fit)
     if steady is not None:
         res = _unaliased(model, y, sigma, steady, fit, centre)
     else:
         res = _unaliased(model, y, sigma, _fit_frame_searched(model, y, sigma, state, fit, centre), fit, centre)
     res = _searched_afresh(model, y, sigma, state, res, fit, centre)
-    if res.success:
-        res.state.redchi = _window_redchi(res)
+    if not res.success:
+        return res
+    # (the misfit the next frame compares with is that of the fit the decisions were made on)
+    redchi = _window_redchi(res)
+    res = without_far_tails(model, y, sigma, res, fit)
+    res.state.redchi = redchi
     return res
 
 

@@ -72,6 +72,11 @@ def _fit_rows(m: PhaseModel, fr: "_Frame", rows: list[tuple[int, ...]], fit: Fit
     return res
 
 
+#: A phase's width in a window is kept above this share of its median width in its other windows
+#: (anisotropic broadening of layered oxides, 00l against h0l, stays well within it).
+_WIDTH_FLOOR = 1.0 / 3.0
+
+
 def _bounds(m: PhaseModel, fr: "_Frame", largest: Sequence[int], found: set[int]):
     """The bounds of a frame's least squares: a phase just found (``found``) stays within the
     range it was searched over, a tracked one moves a line width or so, and two phases that could
@@ -92,6 +97,17 @@ def _bounds(m: PhaseModel, fr: "_Frame", largest: Sequence[int], found: set[int]
             else:
                 lower[col] = max(lower[col], st.cell[p, i] - steps[i])
                 upper[col] = min(upper[col], st.cell[p, i] + steps[i])
+    # a phase's width in one window stays above a third of its median width in the others: a
+    # weak line beside a similar phase's strong one otherwise collapses onto the lower bound
+    # (one radial step), fitting the other's profile (P3's (104) at its onset beside O3's)
+    for p in range(m.P):
+        cols = [(w, int(m.fwhm_col[p, w])) for w in range(m.W) if m.fwhm_col[p, w] >= 0]
+        widths = np.array([st.fwhm[p, w] for w, _ in cols])
+        if np.count_nonzero(np.isfinite(widths)) >= 3:
+            for k, (w, col) in enumerate(cols):
+                others = np.delete(widths, k)
+                floor = _WIDTH_FLOOR * float(np.nanmedian(others))
+                lower[col] = min(max(lower[col], floor), upper[col])
     # two phases that could be confused do not cross in the least squares either: each stays on
     # its side of the midpoint between their start values
     order_cols: set[int] = set()

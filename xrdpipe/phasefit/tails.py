@@ -1,0 +1,97 @@
+"""The far tails of a frame's lines in the other windows (:func:`far_tails`), and the frame
+fitted again with them subtracted (:func:`without_far_tails`).
+
+A window's model holds the reflections within its reach: its lines, and the tails of lines
+within :data:`~xrdpipe.phasefit.model._TAIL_FWHM` widths of its edges (a reflection farther out
+has its area held at 0 there). A strong line farther away still reaches the window with its
+Lorentzian tail, eta * area * FWHM / (2 pi d^2) at a distance d: on 2D frames O3's (104) line,
+11 FWHM below the 015 window, put ~530 counts on its lower edge and ~100 on its upper one (bins
+with esds of ~1 count), a curvature its linear background could not take: the window fitted to a
+reduced chi-square of ~600, which widened the esds of everything it determines.
+
+The tails are drawn from the frame's own solution (each line's area, centre, width and eta in
+the window where it is a line) and subtracted from the data of the windows where the model does
+not fit that reflection; those are then fitted again by least squares from that solution, with
+the same phases. The decisions (which phases, found how) are those of the frame's first fit, made
+without the tails by the searches and the least squares alike (a model whose searches and least
+squares see different tails misplaced a phase at its onset); the second fit only moves the
+parameters (cells, areas, widths, backgrounds) to what the data less the tails say.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..lineshapes import pseudo_voigt
+
+if TYPE_CHECKING:
+    from ..config import FitSpec
+    from .frame import FrameResult
+    from .model import PhaseModel
+
+#: Tails are subtracted where they reach this share of an esd at some point of a window (less
+#: changes nothing a reader would see, and costs a least-squares fit).
+_FAR_TAIL_ESD = 0.5
+
+
+def far_tails(m: PhaseModel, theta: np.ndarray, base: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """(M,) on the concatenated windows: the sum, over the lines of the ``present`` phases of a
+    solution ``theta`` (cells from ``base``), of each line's profile in the windows whose model
+    does not fit that reflection (not listed there, or listed beyond the zone where its tail is
+    fitted, its area held at 0). A line is a reflection inside its window (its area measured
+    there, not a tail's); its profile is its pseudo-Voigt (its phase's FWHM there, and eta)."""
+    cells = m.cells(theta[None], base)[0]
+    zero = float(theta[m.zero_col])
+    fw = m.fwhm_table(theta)
+    inner = m.inside(cells, zero, fw)
+    fitted = m.inside(cells, zero, fw, tails=True)       # lines and the tails fitted as such
+    area = theta[m.area_col]
+    cen = m.centres(cells[None], np.array([zero]))[0]
+    out = np.zeros(m.n_points)
+    for r in np.flatnonzero(inner & (area > 0) & present[m.r_phase]):
+        p, w0 = int(m.r_phase[r]), int(m.r_window[r])
+        width, eta = float(fw[p, w0]), float(theta[m.eta_col[p]])
+        if not (np.isfinite(width) and width > 0 and np.isfinite(eta)):
+            continue
+        same = (m.r_phase == p) & np.all(m.r_hkl == m.r_hkl[r], axis=1)
+        modelled = set(m.r_window[same & fitted].tolist())
+        for w, win in enumerate(m.windows):
+            if w not in modelled and win.x.size:
+                out[win.points] += pseudo_voigt(win.x, cen[r], width, area[r], eta)
+    return out
+
+
+def without_far_tails(m: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, res: FrameResult,
+                      fit: FitSpec) -> FrameResult:
+    """The frame ``res`` fitted again by least squares, from its solution and with its phases,
+    on the data less the far tails of its own lines (:func:`far_tails`); ``res`` itself where
+    the tails stay below :data:`_FAR_TAIL_ESD` of an esd everywhere (or, without esds, below
+    that share of the data's scatter), or the second fit fails. The decisions are ``res``'s,
+    each present phase's ending with the largest tail subtracted."""
+    from .frame import _Frame
+    from .solve import _fit_rows, _result
+
+    if not res.success or not res.present.any():
+        return res
+    tails = far_tails(m, res.theta, res.state.cell, res.present)
+    fr = _Frame(m, y - tails, sigma, res.state)
+    if fr.has_errors:
+        reach = float(np.max(np.abs(tails) * fr.w))
+    else:
+        resid = (fr.y0 - m.value_jac(res.theta[None], res.state.cell)[0][0]) * fr.w
+        scatter = float(np.sqrt(np.mean(resid[fr.valid] ** 2))) if fr.valid.any() else 0.0
+        reach = float(np.max(np.abs(tails))) / scatter if scatter > 0 else 0.0
+    if reach < _FAR_TAIL_ESD:
+        return res
+    present = [int(p) for p in np.flatnonzero(res.present)]
+    held = {int(c) for p in present for c in m.cell_cols[p] if not np.isfinite(res.err[c])}
+    sol = _fit_rows(m, fr, [tuple(present)], fit, frozenset(), held)
+    if sol is None or not np.isfinite(sol.chi2[0]) or sol.status[0] == -1:
+        return res
+    unit = "esd" if fr.has_errors else "of the scatter"
+    decision = [d + (f"; far tails of other windows' lines subtracted (up to {reach:.3g} {unit})" if res.present[p]
+                     else "") for p, d in enumerate(res.decision)]
+    message = res.message if sol.status[0] == 1 else f"no convergence in {fit.max_iter} iterations"
+    return _result(m, fr, sol.p[0], sol.cov[0], res.present.copy(), decision, True, message)
