@@ -48,7 +48,7 @@ def least_squares_batch(fun: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray
                         xtol: float = 1e-8, stat_tol: float = 1e-3,
                         amplitudes: list[tuple[int, tuple[int, ...]]] | None = None,
                         weak_z: float = 2.0, must_move: np.ndarray | None = None,
-                        normal: Callable[[np.ndarray, np.ndarray, np.ndarray],
+                        normal: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
                                          tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None) -> BatchResult:
     """Minimise ``sum(w**2 * (y - f(p))**2)`` row by row.
 
@@ -74,9 +74,11 @@ def least_squares_batch(fun: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray
     must_move : (n,) booleans: rows that are not taken as converged before they have taken a
         step where the step (cut by the bounds) promises a rise of chi²; by default a row whose
         lightly damped step promises less than the tolerance is done, even at its start
-    normal : ``normal(p, y, w)`` returns chi², JᵀW²J and JᵀW²r (r,), (r, k, k), (r, k) directly,
-        in place of ``fun`` and the products of its dense Jacobian (a model whose Jacobian is
-        mostly zeros sums only what is not)
+    normal : ``normal(p, y, w, held)`` returns chi², JᵀW²J and JᵀW²r (r,), (r, k, k), (r, k)
+        directly, in place of ``fun`` and the products of its dense Jacobian (a model whose
+        Jacobian is mostly zeros sums only what is not); ``held`` (r, k) are the rows' ``fixed``
+        columns, whose entries are not used but for the curvature's diagonal where the parameter
+        is not 0 (so a part of the model that only a parameter held at 0 moves may be left out)
 
     Example
     -------
@@ -106,12 +108,12 @@ def least_squares_batch(fun: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray
 
 
 def _normal_equations(fun, normal):
-    """``normal_eq(p, y, w)`` -> chi², JᵀW²J, JᵀW²r: ``normal`` itself, or the products of the
-    dense Jacobian of ``fun``."""
+    """``normal_eq(p, y, w, held)`` -> chi², JᵀW²J, JᵀW²r: ``normal`` itself, or the products of
+    the dense Jacobian of ``fun``."""
     if normal is not None:
         return normal
 
-    def normal_eq(p, y, w):
+    def normal_eq(p, y, w, _held):
         f, jac = fun(p)
         return _normal(y, w, f, jac)
     return normal_eq
@@ -121,7 +123,7 @@ def _iterate(normal_eq, p, y, w, lower, upper, fixed, stop, *, max_iter, xtol, a
              must_move=None):
     """The damped Gauss-Newton iterations of every row, ``p`` updated in place; returns chi²,
     JᵀW²J, the iterations and the status per row."""
-    chi2, hess, grad = normal_eq(p, y, w)
+    chi2, hess, grad = normal_eq(p, y, w, fixed)
     n = len(p)
     lam = np.full(n, 1e-3)
     status = np.full(n, MAX_ITER, np.int8)
@@ -155,7 +157,7 @@ def _iterate(normal_eq, p, y, w, lower, upper, fixed, stop, *, max_iter, xtol, a
                 break
         n_iter[active] += 1
         before = chi2[active]
-        done = _take_step(active, pa, trial, diag, normal_eq(trial, y[active], w[active]),
+        done = _take_step(active, pa, trial, diag, normal_eq(trial, y[active], w[active], fixed[active]),
                           p, chi2, hess, grad, lam, stop[active], xtol)
         moved[active[chi2[active] < before]] = True
         status[active[done]] = CONVERGED

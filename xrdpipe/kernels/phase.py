@@ -121,7 +121,7 @@ def phase_value_jac(x, hw, lo, hi, cen, theta, fw_col, eta_col, a_col, dcol, dva
 
 @_kernel
 def phase_normal(x, hw, y, wt, tpow, win_lo, win_hi, wcol_ptr, wcols, nbg, lbg, line_ptr, lines, cen, theta,
-                 fw_col, eta_col, a_col, la, lf, le, ld, dval, chi2, hess, grad):  # pragma: no cover - compiled
+                 fw_col, eta_col, a_col, la, lf, le, ld, dval, skip, chi2, hess, grad):  # pragma: no cover - compiled
     """The normal equations of the phase model straight from its lines, window by window:
     ``chi2`` (r,), ``hess`` = JᵀW²J (r, k, k) and ``grad`` = JᵀW²(y - f) (r, k) for parameter
     rows ``theta`` (r, k), without the dense Jacobian (r, k, M) that :func:`phase_value_jac`
@@ -132,7 +132,13 @@ def phase_normal(x, hw, y, wt, tpow, win_lo, win_hi, wcol_ptr, wcols, nbg, lbg, 
     ``tpow[j, d]``), its lines are ``lines[line_ptr[w]:line_ptr[w + 1]]``. Line ``i`` is the
     line of :func:`phase_value_jac` (instrument half-widths ``hw``) (global columns ``fw_col``, ``eta_col``,
     ``a_col`` for its values, local ``lf``, ``le``, ``la`` for its derivatives; its centre moves by
-    ``dval[r, i, q]`` per unit of local column ``ld[i, q]``, -1: none)."""
+    ``dval[r, i, q]`` per unit of local column ``ld[i, q]``, -1: none).
+
+    A line ``skip[r, i]`` is left out of row ``r`` (give it only for a line of area 0 held at 0:
+    it adds nothing to the model, and its area's column, held, needs no curvature). The sums run
+    over the window's columns that some line left in (or the background) moves, a rank-one update
+    per point over those alone: every entry gets the same terms in the same order as over all
+    the window's columns, less exact zeros, so the sums are the same to the last bit."""
     n_win = win_lo.size
     kmax = 0
     for w in range(n_win):
@@ -140,50 +146,78 @@ def phase_normal(x, hw, y, wt, tpow, win_lo, win_hi, wcol_ptr, wcols, nbg, lbg, 
     h = np.zeros((kmax, kmax))
     g = np.zeros(kmax)
     jrow = np.zeros(kmax)
+    pos = np.zeros(kmax, np.int64)        # local column -> place among the columns in use (-1: none)
+    used = np.zeros(kmax, np.int64)       # place -> local column
     for r in range(theta.shape[0]):
         c2 = 0.0
         for w in range(n_win):
             c0 = wcol_ptr[w]
             kw = wcol_ptr[w + 1] - c0
+            # the columns in use: the background's and those of the lines left in, in local order
+            # (so that a <= b among them is a <= b among the window's columns)
             for a in range(kw):
+                pos[a] = -1
+            for d in range(nbg[w]):
+                pos[lbg[w, d]] = 0
+            for n in range(line_ptr[w], line_ptr[w + 1]):
+                i = lines[n]
+                if skip[r, i]:
+                    continue
+                pos[la[i]] = 0
+                pos[lf[i]] = 0
+                pos[le[i]] = 0
+                for q in range(ld.shape[1]):
+                    if ld[i, q] >= 0:
+                        pos[ld[i, q]] = 0
+            nu = 0
+            for a in range(kw):
+                if pos[a] == 0:
+                    pos[a] = nu
+                    used[nu] = a
+                    nu += 1
+            for a in range(nu):
                 g[a] = 0.0
-                for b in range(kw):
+                for b in range(nu):
                     h[a, b] = 0.0
             for j in range(win_lo[w], win_hi[w]):
-                for a in range(kw):
+                for a in range(nu):
                     jrow[a] = 0.0
                 f = 0.0
                 for d in range(nbg[w]):
                     f += theta[r, wcols[c0 + lbg[w, d]]] * tpow[j, d]
-                    jrow[lbg[w, d]] = tpow[j, d]
+                    jrow[pos[lbg[w, d]]] = tpow[j, d]
                 for n in range(line_ptr[w], line_ptr[w + 1]):
                     i = lines[n]
+                    if skip[r, i]:
+                        continue
                     val, d_area, d_fwhm, d_eta, d_c = _line_terms(x[j], cen[r, i], 1.0 / theta[r, fw_col[i]],
                                                                  theta[r, a_col[i]], theta[r, eta_col[i]], hw[j])
                     f += val
-                    jrow[la[i]] += d_area
-                    jrow[lf[i]] += d_fwhm
-                    jrow[le[i]] += d_eta
+                    jrow[pos[la[i]]] += d_area
+                    jrow[pos[lf[i]]] += d_fwhm
+                    jrow[pos[le[i]]] += d_eta
                     for q in range(ld.shape[1]):
                         if ld[i, q] >= 0:
-                            jrow[ld[i, q]] += d_c * dval[r, i, q]
+                            jrow[pos[ld[i, q]]] += d_c * dval[r, i, q]
                 ww = wt[j]
                 if ww == 0.0:
                     continue
                 res = ww * (y[j] - f)
                 c2 += res * res
-                for a in range(kw):
-                    ja = jrow[a] * ww
+                for a in range(nu):
+                    jrow[a] *= ww
+                for a in range(nu):
+                    ja = jrow[a]
                     if ja != 0.0:
                         g[a] += ja * res
-                        for b in range(a, kw):
-                            h[a, b] += ja * (jrow[b] * ww)
-            for a in range(kw):
-                ca = wcols[c0 + a]
+                        for b in range(a, nu):
+                            h[a, b] += ja * jrow[b]
+            for a in range(nu):
+                ca = wcols[c0 + used[a]]
                 grad[r, ca] += g[a]
                 hess[r, ca, ca] += h[a, a]
-                for b in range(a + 1, kw):
-                    cb = wcols[c0 + b]
+                for b in range(a + 1, nu):
+                    cb = wcols[c0 + used[b]]
                     hess[r, ca, cb] += h[a, b]
                     hess[r, cb, ca] += h[a, b]
         chi2[r] = c2

@@ -317,7 +317,7 @@ class PhaseFitter:
             lo[m.zero_col], hi[m.zero_col] = -0.5, 0.5
             again = least_squares_batch(lambda t: m.value_jac(t, res.state.cell), theta[None], fr.y0[None],
                                         fr.w[None], lower=lo, upper=hi, fixed=hold[None], max_iter=self.fit.max_iter,
-                                        normal=lambda t, _y, _w: m.normal(t, res.state.cell, fr.y0, fr.w))
+                                        normal=lambda t, _y, _w, held: m.normal(t, res.state.cell, fr.y0, fr.w, held))
             if again.success[0] and abs(again.p[0, m.zero_col]) < 0.5:
                 zeros.append(float(again.p[0, m.zero_col]))
         return float(np.median(zeros)) if zeros else 0.0

@@ -516,20 +516,27 @@ class PhaseModel:
                                 fw_col, eta_col, a_col, dcol, dval, f, jac)
         return f, jac
 
-    def normal(self, theta: np.ndarray, base: np.ndarray, y: np.ndarray, w: np.ndarray
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def normal(self, theta: np.ndarray, base: np.ndarray, y: np.ndarray, w: np.ndarray,
+               held: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """chi² (r,), JᵀW²J (r, k, k) and JᵀW²(y - f) (r, k) of parameter rows ``theta`` (r, k)
         against one frame's data ``y`` and weights ``w`` (M,): what :meth:`value_jac` gives the
         least squares, summed window by window over the columns each window depends on
-        (:func:`xrdpipe.kernels.phase_normal`) instead of over a dense (r, k, M) Jacobian."""
+        (:func:`xrdpipe.kernels.phase_normal`) instead of over a dense (r, k, M) Jacobian.
+
+        ``held`` (r, k): the columns the least squares holds in each row. A line whose area is
+        held at 0 (a phase left out of the row, a line outside its window) adds nothing to the
+        model and every derivative of it but its area's is 0: it is left out, and its area's
+        entries are 0 (the least squares does not use a held column's)."""
         r = theta.shape[0]
         cen, dval = self._centre_derivs(theta, base)
         _, _, fw_col, eta_col, a_col, _, _ = self._line_layout()
         lay = self._normal_layout()
+        theta = np.ascontiguousarray(theta, dtype=float)
+        skip = (np.zeros((r, self.R), bool) if held is None
+                else held[:, self.area_col] & (theta[:, self.area_col] == 0.0))
         chi2, hess, grad = np.zeros(r), np.zeros((r, self.k, self.k)), np.zeros((r, self.k))
         kernels.phase_normal(self.x_all, self.hw_all, np.ascontiguousarray(y, dtype=float), np.ascontiguousarray(w, dtype=float),
-                             *lay[:9], cen, np.ascontiguousarray(theta, dtype=float), fw_col, eta_col, a_col,
-                             *lay[9:], dval, chi2, hess, grad)
+                             *lay[:9], cen, theta, fw_col, eta_col, a_col, *lay[9:], dval, skip, chi2, hess, grad)
         return chi2, hess, grad
 
     def _centre_derivs(self, theta: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

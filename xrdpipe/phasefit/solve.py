@@ -52,7 +52,7 @@ def _fit_rows(m: PhaseModel, fr: "_Frame", rows: list[tuple[int, ...]], fit: Fit
                                    np.broadcast_to(fr.w, theta.shape[:1] + fr.w.shape), lower=lower, upper=upper,
                                    fixed=hold_rows, max_iter=fit.max_iter, amplitudes=amps, weak_z=2.0,
                                    must_move=np.arange(theta.shape[0]) == 0,
-                                   normal=lambda t, _y, _w: m.normal(t, base, fr.y0, fr.w))
+                                   normal=lambda t, _y, _w, held: m.normal(t, base, fr.y0, fr.w, held))
 
     res = run(theta0, hold)
     res.chi2 = np.where(res.status >= 0, res.chi2, np.inf)
