@@ -1,7 +1,8 @@
 """The phase model's kernels (:mod:`xrdpipe.phasefit`): its lines' values and Jacobian
 (:func:`phase_value_jac`) or its normal equations straight from the lines (:func:`phase_normal`),
-the linear solve of one window at many trial centres (:func:`window_trials`) and reflection
-positions from cells (:func:`radial_positions`)."""
+the linear solve of one window at many trial centres (:func:`window_trials`), reflection
+positions from cells (:func:`radial_positions`) and the lines' centres with their derivatives by
+the cell and zero columns (:func:`centre_derivs`)."""
 
 from __future__ import annotations
 
@@ -373,6 +374,31 @@ def _nonnegative_solve(h, r, on, n, diag, hs, rs, out):  # pragma: no cover - co
         out[i] = max(out[i], 0.0)
 
 
+@njit(inline="always", nogil=True)
+def _radial_position(h, k, l, a, b, c, alpha, beta, gamma, zero, wavelength, unit, displacement):  # pragma: no cover - compiled
+    """One reflection's position (see :func:`radial_positions`)."""
+    rad = np.pi / 180.0
+    ca, cb, cg = np.cos(alpha * rad), np.cos(beta * rad), np.cos(gamma * rad)
+    sa, sb, sg = np.sin(alpha * rad), np.sin(beta * rad), np.sin(gamma * rad)
+    vol2 = 1 - ca**2 - cb**2 - cg**2 + 2 * ca * cb * cg
+    inv_d2 = (h * h * sa**2 / a**2 + k * k * sb**2 / b**2 + l * l * sg**2 / c**2
+              + 2 * k * l * (cb * cg - ca) / (b * c) + 2 * h * l * (cg * ca - cb) / (a * c)
+              + 2 * h * k * (ca * cb - cg) / (a * b)) / vol2
+    d = 1.0 / np.sqrt(inv_d2) if inv_d2 > 0 else (np.inf if inv_d2 == 0 else np.nan)
+    tth = np.nan
+    if wavelength > 0:
+        s = wavelength / (2.0 * d)
+        if np.abs(s) <= 1:
+            tth = 2.0 * np.arcsin(s) / rad
+        if displacement:
+            tth += zero * np.cos(tth * rad / 2)
+        else:
+            tth += zero
+    if unit == 1:
+        return 4.0 * np.pi * np.sin(tth * rad / 2.0) / wavelength if wavelength > 0 else 2 * np.pi / d
+    return tth
+
+
 @_kernel
 def radial_positions(hkl, cell, zero, wavelength, unit, displacement, out):  # pragma: no cover - compiled
     """Positions ``out`` (T, n) of reflections ``hkl`` (n, 3) in cells ``cell`` (T, n, 6), or
@@ -382,30 +408,71 @@ def radial_positions(hkl, cell, zero, wavelength, unit, displacement, out):  # p
     λ > 2d, and everywhere without a wavelength, ``wavelength`` 0), plus the zero shift (times
     cos θ with ``displacement``); with ``unit`` 1, Q (Å⁻¹) of that 2θ, or 2π/d without a
     wavelength."""
-    rad = np.pi / 180.0
     each = cell.shape[1] > 1
     for t in range(out.shape[0]):
         for n in range(hkl.shape[0]):
             e = n if each else 0
-            h, k, l = hkl[n, 0], hkl[n, 1], hkl[n, 2]
-            a, b, c = cell[t, e, 0], cell[t, e, 1], cell[t, e, 2]
-            ca, cb, cg = np.cos(cell[t, e, 3] * rad), np.cos(cell[t, e, 4] * rad), np.cos(cell[t, e, 5] * rad)
-            sa, sb, sg = np.sin(cell[t, e, 3] * rad), np.sin(cell[t, e, 4] * rad), np.sin(cell[t, e, 5] * rad)
-            vol2 = 1 - ca**2 - cb**2 - cg**2 + 2 * ca * cb * cg
-            inv_d2 = (h * h * sa**2 / a**2 + k * k * sb**2 / b**2 + l * l * sg**2 / c**2
-                      + 2 * k * l * (cb * cg - ca) / (b * c) + 2 * h * l * (cg * ca - cb) / (a * c)
-                      + 2 * h * k * (ca * cb - cg) / (a * b)) / vol2
-            d = 1.0 / np.sqrt(inv_d2) if inv_d2 > 0 else (np.inf if inv_d2 == 0 else np.nan)
-            tth = np.nan
-            if wavelength > 0:
-                s = wavelength / (2.0 * d)
-                if np.abs(s) <= 1:
-                    tth = 2.0 * np.arcsin(s) / rad
-                if displacement:
-                    tth += zero[t] * np.cos(tth * rad / 2)
-                else:
-                    tth += zero[t]
-            if unit == 1:
-                out[t, n] = 4.0 * np.pi * np.sin(tth * rad / 2.0) / wavelength if wavelength > 0 else 2 * np.pi / d
-            else:
-                out[t, n] = tth
+            out[t, n] = _radial_position(hkl[n, 0], hkl[n, 1], hkl[n, 2], cell[t, e, 0], cell[t, e, 1], cell[t, e, 2],
+                                         cell[t, e, 3], cell[t, e, 4], cell[t, e, 5], zero[t], wavelength, unit,
+                                         displacement)
+
+
+@_kernel
+def centre_derivs(hkl, r_phase, cell_src, base, theta, dcol, zero_col, wavelength, unit, displacement,
+                  cen, dval):  # pragma: no cover - compiled
+    """Every line's centre ``cen`` (r, R) for parameter rows ``theta`` (r, k) and its derivatives
+    ``dval`` (r, R, width) by the columns ``dcol`` (R, width) that move it: its phase's cell
+    columns (-1: none), then the zero shift (last). Line ``i`` is reflection ``hkl[i]`` of phase
+    ``r_phase[i]``, whose cell parameter ``j`` is column ``cell_src[p, j]`` of a row, or
+    ``base[p, j]`` where that is -1; positions as :func:`radial_positions`.
+
+    The derivatives are central differences: by a cell column ``c``, with the step 1e-6 times
+    the largest ``|theta[:, c]|`` of the rows (at least 1e-6; the same step for every row), by
+    the zero shift with the step 1e-4."""
+    n_rows, n_lines = cen.shape
+    width = dcol.shape[1]
+    steps = np.zeros(theta.shape[1])
+    for i in range(n_lines):
+        for q in range(width - 1):
+            col = dcol[i, q]
+            if col < 0 or steps[col] != 0.0:
+                continue
+            big = np.nan                          # the largest |value| of the rows, NaN ignored
+            for r in range(n_rows):
+                v = abs(theta[r, col])
+                if v == v and (big != big or v > big):
+                    big = v
+            steps[col] = 1e-6 * (1.0 if 1.0 > big else big)
+    hz = 1e-4
+    cell = np.zeros(6)
+    pos = np.zeros(2)
+    for r in range(n_rows):
+        zero = theta[r, zero_col]
+        for i in range(n_lines):
+            p = r_phase[i]
+            h0, k0, l0 = hkl[i, 0], hkl[i, 1], hkl[i, 2]
+            for j in range(6):
+                cell[j] = theta[r, cell_src[p, j]] if cell_src[p, j] >= 0 else base[p, j]
+            cen[r, i] = _radial_position(h0, k0, l0, cell[0], cell[1], cell[2], cell[3], cell[4], cell[5], zero,
+                                         wavelength, unit, displacement)
+            up = _radial_position(h0, k0, l0, cell[0], cell[1], cell[2], cell[3], cell[4], cell[5], zero + hz,
+                                  wavelength, unit, displacement)
+            dn = _radial_position(h0, k0, l0, cell[0], cell[1], cell[2], cell[3], cell[4], cell[5], zero - hz,
+                                  wavelength, unit, displacement)
+            dval[r, i, width - 1] = (up - dn) / (2.0 * hz)
+            for q in range(width - 1):
+                col = dcol[i, q]
+                if col < 0:
+                    continue
+                h = steps[col]
+                for side in range(2):
+                    moved = theta[r, col] + h if side == 0 else theta[r, col] - h
+                    for j in range(6):
+                        if cell_src[p, j] == col:
+                            cell[j] = moved
+                    pos[side] = _radial_position(h0, k0, l0, cell[0], cell[1], cell[2], cell[3], cell[4], cell[5],
+                                                 zero, wavelength, unit, displacement)
+                for j in range(6):
+                    if cell_src[p, j] == col:
+                        cell[j] = theta[r, col]
+                dval[r, i, q] = (pos[0] - pos[1]) / (2.0 * h)

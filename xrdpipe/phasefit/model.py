@@ -229,6 +229,7 @@ class PhaseModel:
         self.r_phase = np.array(phase, int)
         self.r_window = np.array(window, int)
         self.r_hkl = np.array(hkl, int).reshape(-1, 3)
+        self._hkl_float = self.r_hkl.astype(float)      # (as the compiled positions take them)
         self.r_mult = np.array(mult, int)
         self.R = len(phase)
 
@@ -511,7 +512,7 @@ class PhaseModel:
                 f[:, sl] += theta[:, self.bg_col[w][d]][:, None] * td
                 jac[:, self.bg_col[w][d], sl] = td
         # the lines, compiled: every line's value and Jacobian columns in one pass
-        lo, hi, fw_col, eta_col, a_col, dcol, _ = self._line_layout()
+        lo, hi, fw_col, eta_col, a_col, dcol = self._line_layout()
         kernels.phase_value_jac(self.x_all, self.hw_all, lo, hi, cen, np.ascontiguousarray(theta, dtype=float),
                                 fw_col, eta_col, a_col, dcol, dval, f, jac)
         return f, jac
@@ -529,7 +530,7 @@ class PhaseModel:
         entries are 0 (the least squares does not use a held column's)."""
         r = theta.shape[0]
         cen, dval = self._centre_derivs(theta, base)
-        _, _, fw_col, eta_col, a_col, _, _ = self._line_layout()
+        _, _, fw_col, eta_col, a_col, _ = self._line_layout()
         lay = self._normal_layout()
         theta = np.ascontiguousarray(theta, dtype=float)
         skip = (np.zeros((r, self.R), bool) if held is None
@@ -541,33 +542,17 @@ class PhaseModel:
 
     def _centre_derivs(self, theta: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Every line's centre (r, R) for parameter rows ``theta`` (r, k) and its derivatives (r,
-        R, width) by the columns that move it (:meth:`_line_layout`'s ``dcol``)."""
-        r = theta.shape[0]
-        zero = theta[:, self.zero_col]
-        # d centre / d (cell parameter, zero) by central differences on the tiny parameter
-        # vector: every shifted row's centres in one call (rows: as given, then +h and -h for
-        # each cell column, then the zero shifted by +-hz)
-        cols = [c for cc in self.cell_cols for c in cc]
-        steps = [1e-6 * max(abs(float(np.nanmax(np.abs(theta[:, c])))), 1.0) for c in cols]
-        shifted = [theta]
-        for c, h in zip(cols, steps):
-            for sign in (1.0, -1.0):
-                t = theta.copy()
-                t[:, c] += sign * h
-                shifted.append(t)
-        hz = 1e-4
-        stack = np.concatenate(shifted + [theta, theta])
-        zeros = np.concatenate([np.tile(zero, 1 + 2 * len(cols)), zero + hz, zero - hz])
-        all_cen = self.centres(self.cells(stack, base), zeros).reshape(-1, r, self.R)
-        cen = all_cen[0]
-        dcell = (all_cen[1:1 + 2 * len(cols):2] - all_cen[2:2 + 2 * len(cols):2]) / (2 * np.array(steps))[:, None, None]
-        dzero = (all_cen[-2] - all_cen[-1]) / (2 * hz)
-        # the centres' derivatives per cell column of the line's phase and per zero shift
-        _, _, _, _, _, dcol, (line, slot, which) = self._line_layout()
-        dval = np.zeros((r, self.R, dcol.shape[1]))
-        dval[:, line, slot] = dcell[which, :, line].T
-        dval[:, :, -1] = dzero
-        return np.ascontiguousarray(cen), dval
+        R, width) by the columns that move it (:meth:`_line_layout`'s ``dcol``): central
+        differences on the tiny parameter vector, compiled (:func:`kernels.centre_derivs`)."""
+        dcol = self._line_layout()[5]
+        theta = np.ascontiguousarray(theta, dtype=float)
+        cen = np.empty((theta.shape[0], self.R))
+        dval = np.zeros((theta.shape[0], self.R, dcol.shape[1]))
+        kernels.centre_derivs(self._hkl_float, self.r_phase, self._cell_src,
+                              np.where(np.isfinite(self._cell_const), self._cell_const, base), theta, dcol,
+                              self.zero_col, float(self.wavelength_A or 0.0), int(self.unit == "q_A^-1"),
+                              self.correction == "displacement", cen, dval)
+        return cen, dval
 
     def _normal_layout(self):
         """For :meth:`normal`: per window its points, its columns (background, then its lines'
@@ -575,7 +560,7 @@ class PhaseModel:
         local columns and values, its lines; per line the local columns of its area, width, eta
         and centre derivatives."""
         if self._normal is None:
-            lo, hi, fw_col, eta_col, a_col, dcol, _ = self._line_layout()
+            lo, hi, fw_col, eta_col, a_col, dcol = self._line_layout()
             W = self.W
             win_lo = np.array([w.points.start for w in self.windows], np.int64)
             win_hi = np.array([w.points.stop for w in self.windows], np.int64)
@@ -612,9 +597,7 @@ class PhaseModel:
     def _line_layout(self):
         """For the compiled model: each line's points (start, stop) on the concatenated
         abscissa, its width, eta and area columns, and the columns that move its centre (its
-        phase's cell columns, padded with -1, then the zero shift), and where each line's cell
-        derivatives come from (line, slot, index of the cell column among all phases' cell
-        columns in order)."""
+        phase's cell columns, padded with -1, then the zero shift)."""
         if self._lines is None:
             lo = np.array([self.windows[w].points.start for w in self.r_window], np.int64)
             hi = np.array([self.windows[w].points.stop for w in self.r_window], np.int64)
@@ -623,15 +606,8 @@ class PhaseModel:
             a_col = np.asarray(self.area_col, np.int64)
             width = max(len(c) for c in self.cell_cols) + 1
             dcol = np.full((self.R, width), -1, np.int64)
-            first = np.cumsum([0] + [len(c) for c in self.cell_cols])
-            line, slot, which = [], [], []
             for i, p in enumerate(self.r_phase):
                 dcol[i, :len(self.cell_cols[p])] = self.cell_cols[p]
                 dcol[i, -1] = self.zero_col
-                for q in range(len(self.cell_cols[p])):
-                    line.append(i)
-                    slot.append(q)
-                    which.append(first[p] + q)
-            self._lines = (lo, hi, fw_col, eta_col, a_col, dcol,
-                           tuple(np.array(v, np.int64) for v in (line, slot, which)))
+            self._lines = (lo, hi, fw_col, eta_col, a_col, dcol)
         return self._lines
