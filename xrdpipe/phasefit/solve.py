@@ -30,7 +30,8 @@ def _fit_rows(m: PhaseModel, fr: "_Frame", rows: list[tuple[int, ...]], fit: Fit
     """Least squares of the frame for each phase subset in ``rows`` at once (one batch), from
     the working state's cells, areas and background solved linearly. The first row is the
     largest model: if it ends above a nested one (a local minimum), it is started again from
-    that one. None if the first row diverged."""
+    that one; its covariance is the only one computed (the nested rows serve the tests of
+    presence by their chi-square). None if the first row diverged."""
     st = fr.state
     outside = ~m.inside(st.cell, st.zero, _fwhm_table(m, fr), tails=True)
     starts, holds = [], []
@@ -51,7 +52,7 @@ def _fit_rows(m: PhaseModel, fr: "_Frame", rows: list[tuple[int, ...]], fit: Fit
         return least_squares_batch(lambda t: m.value_jac(t, base), theta, np.broadcast_to(fr.y0, theta.shape[:1] + fr.y0.shape),
                                    np.broadcast_to(fr.w, theta.shape[:1] + fr.w.shape), lower=lower, upper=upper,
                                    fixed=hold_rows, max_iter=fit.max_iter, amplitudes=amps, weak_z=2.0,
-                                   must_move=np.arange(theta.shape[0]) == 0,
+                                   must_move=np.arange(theta.shape[0]) == 0, covariance=[0],
                                    normal=lambda t, _y, _w, held: m.normal(t, base, fr.y0, fr.w, held))
 
     res = run(theta0, hold)

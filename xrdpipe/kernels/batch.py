@@ -1,0 +1,50 @@
+"""The batched least squares' kernels (:mod:`xrdpipe.batchfit`): the damped system of every
+active row (:func:`damped_systems`), element for element what its NumPy form computes."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import _kernel
+
+
+@_kernel
+def damped_systems(h, g, pa, lo, hi, fixed, lam, amp_cols, amp_shape, weak_z, damped, rhs):  # pragma: no cover - compiled
+    """The Levenberg-Marquardt systems ``damped`` (r, k, k) and right-hand sides ``rhs`` (r, k) of
+    rows with curvature ``h`` (r, k, k), gradient ``g`` and parameters ``pa`` (r, k) within
+    ``lo``, ``hi``, damping ``lam`` (r,).
+
+    Held: the ``fixed`` parameters, those at a bound that the gradient pushes out, and the shape
+    columns ``amp_shape[j]`` (-1: none) of a weak peak, whose amplitude ``pa[:, amp_cols[j]]`` is
+    below ``weak_z`` times its conditional standard error (no peaks: ``amp_cols`` empty). A held
+    parameter's row and column are those of the identity, its right-hand side 0. The damping
+    adds ``lam`` times the diagonal (Marquardt's scaling, 1 where it is not positive).
+
+    Every entry gets the operations of the NumPy expressions it replaces, in their order: the
+    damping's product with the identity's 0 off the diagonal, the mask by a product with 0 or 1
+    and the identity's sum (an entry's sign of zero included)."""
+    n, k = pa.shape
+    hold = np.zeros(k, np.bool_)
+    scale = np.zeros(k)
+    for r in range(n):
+        for c in range(k):
+            hold[c] = fixed[r, c] or (pa[r, c] <= lo[r, c] and g[r, c] < 0) or (pa[r, c] >= hi[r, c] and g[r, c] > 0)
+        for j in range(amp_cols.size):
+            a = amp_cols[j]
+            d = h[r, a, a]
+            if d < 0:
+                d = 0.0
+            if abs(pa[r, a]) * np.sqrt(d) < weak_z:
+                for s in range(amp_shape.shape[1]):
+                    if amp_shape[j, s] >= 0:
+                        hold[amp_shape[j, s]] = True
+        for c in range(k):
+            d = h[r, c, c]
+            scale[c] = d if d > 0 else 1.0
+        for a in range(k):
+            t = lam[r] * scale[a]
+            for b in range(k):
+                v = h[r, a, b] + t * (1.0 if a == b else 0.0)
+                v = v * (0.0 if hold[a] or hold[b] else 1.0)
+                damped[r, a, b] = v + (1.0 if a == b and hold[a] else 0.0)
+            rhs[r, a] = 0.0 if hold[a] else g[r, a]
