@@ -456,13 +456,7 @@ class PhaseModel:
         differences, every parameter's in one evaluation of the positions."""
         idx = [_CELL_INDEX[n] for n in self.free[p]]
         h = np.array([1e-4 * max(abs(cell[i]), 1.0) for i in idx])
-        theta = np.zeros((2 * len(idx), self.k))
-        theta[:, self.cell_cols[p]] = cell[idx]
-        for k, (col, i, hi) in enumerate(zip(self.cell_cols[p], idx, h)):
-            theta[2 * k, col] = cell[i] + hi
-            theta[2 * k + 1, col] = cell[i] - hi
-        base = np.broadcast_to(np.asarray(cell, float), (self.P, 6))
-        cells = self.cells(theta, base)[:, p]
+        cells = self.shifted_cells(p, cell[idx], h, np.asarray(cell, float))[1:]
         pos = self.positions(hkl, cells[:, None, :], 0.0)
         return np.abs(pos[0::2] - pos[1::2]) / (2 * h[:, None])
 
@@ -481,6 +475,20 @@ class PhaseModel:
                     self._cell_const[p, i] = float(v)
         self._src_at = np.nonzero(self._cell_src >= 0)
         self._const_at = np.nonzero(np.isfinite(self._cell_const))
+
+    def shifted_cells(self, p: int, values: np.ndarray, h: np.ndarray, base: np.ndarray) -> np.ndarray:
+        """(1 + 2 n, 6) full cells of phase ``p`` with its n free cell parameters at ``values``
+        (n,), then each moved by ``+h`` and ``-h`` in turn (the parameters its crystal system ties
+        to it moving with it); ``base`` (6,) fills the others: :meth:`cells` of those parameter
+        rows, for this phase alone."""
+        row = np.where(np.isfinite(self._cell_const[p]), self._cell_const[p], base)
+        out = np.repeat(row[None], 1 + 2 * len(values), axis=0)
+        for k, col in enumerate(self.cell_cols[p]):
+            tied = self._cell_src[p] == col
+            out[:, tied] = values[k]
+            out[1 + 2 * k, tied] = values[k] + h[k]
+            out[2 + 2 * k, tied] = values[k] - h[k]
+        return out
 
     def fwhm_table(self, theta: np.ndarray) -> np.ndarray:
         """(P, W) each phase's width per window in a parameter row ``theta`` (k,); NaN where it

@@ -207,9 +207,11 @@ def _result(m: PhaseModel, fr: _Frame, theta: np.ndarray, cov: np.ndarray, prese
     resid = (fr.y0 - f[0]) * fr.w
     chi2_w = np.array([float(resid[w.points] @ resid[w.points]) for w in m.windows])
     n_w = np.array([int(np.count_nonzero(fr.w[w.points] > 0)) for w in m.windows])
-    touched = np.abs(jac[0]) * (fr.w > 0) > 0
     free = np.isfinite(np.diagonal(cov))
-    nv = np.array([int(np.count_nonzero(free & touched[:, w.points].any(axis=1))) for w in m.windows])
+    # the free parameters that move a valid point of each window
+    touched = np.abs(jac[0, free]) > 0
+    valid = fr.w > 0
+    nv = np.array([int(np.count_nonzero(touched[:, w.points][:, valid[w.points]].any(axis=1))) for w in m.windows])
     with np.errstate(invalid="ignore"):
         err = np.sqrt(np.diagonal(cov))
     if fr.has_errors and m.fit.esd_scale == "auto":
@@ -246,25 +248,13 @@ def initial_state(m: PhaseModel, zero: float = 0.0) -> PhaseState:
                       np.full((m.P, m.W), np.nan))
 
 
-def _shifted(m: PhaseModel, theta: np.ndarray, cols: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of ``theta`` shifted by ``+h`` then ``-h`` in each column of ``cols`` in turn (2 n,
-    k), and the steps ``h`` (n,): central differences of every column in one evaluation."""
-    cols = np.asarray(cols, dtype=int)
-    h = 1e-6 * np.maximum(np.abs(theta[cols]), 1.0)
-    rows = np.repeat(theta[None], 2 * cols.size, axis=0)
-    idx = np.arange(cols.size)
-    rows[2 * idx, cols] += h
-    rows[2 * idx + 1, cols] -= h
-    return rows, h
-
-
 def _volume(m: PhaseModel, p: int, theta: np.ndarray, cov: np.ndarray, base: np.ndarray) -> tuple[float, float]:
     """A phase's cell volume and its esd (gradient by central differences, full covariance)."""
     from ..crystallography import cell_volume
 
     cols = m.cell_cols[p]
-    rows, h = _shifted(m, theta, cols)
-    c = m.cells(np.concatenate([theta[None], rows]), base)[:, p]
+    h = 1e-6 * np.maximum(np.abs(theta[cols]), 1.0)
+    c = m.shifted_cells(p, theta[cols], h, base[p])
     vol = cell_volume("P1", c[:, 0], c[:, 2], c[:, 1], c[:, 4], c[:, 3], c[:, 5])
     grad = (vol[1::2] - vol[2::2]) / (2 * h)
     with np.errstate(invalid="ignore"):
@@ -272,25 +262,22 @@ def _volume(m: PhaseModel, p: int, theta: np.ndarray, cov: np.ndarray, base: np.
 
 
 def centre_esd(m: PhaseModel, theta: np.ndarray, cov: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Centres (R,) of every reflection and their esds from the cell covariance."""
-    cols = [c for cc in m.cell_cols for c in cc]
-    rows, h = _shifted(m, theta, cols)
-    stack = np.concatenate([theta[None], rows])
-    every = m.centres(m.cells(stack, base), np.full(stack.shape[0], theta[m.zero_col]))
-    cen = every[0]
+    """Centres (R,) of every reflection and their esds from the cell covariance (the centres'
+    derivatives by central differences, :meth:`PhaseModel._centre_derivs`)."""
+    cen, dval = m._centre_derivs(theta[None], base)
     err = np.full(m.R, np.nan)
-    at = {c: j for j, c in enumerate(cols)}
     for p in range(m.P):
         refl = np.flatnonzero(m.r_phase == p)
         if not refl.size:
             continue
-        js = [at[c] for c in m.cell_cols[p]]
-        jac = ((every[1 + 2 * np.array(js, dtype=int)][:, refl] - every[2 + 2 * np.array(js, dtype=int)][:, refl])
-               / (2 * h[js])[:, None]).T
-        sub = cov[np.ix_(m.cell_cols[p], m.cell_cols[p])]
+        cols = m.cell_cols[p]
+        # (lines, cell columns) laid out as the einsum has always been given it: the product's
+        # order of summation follows the layout
+        jac = np.ascontiguousarray(dval[0][refl][:, :len(cols)].T).T
+        sub = cov[np.ix_(cols, cols)]
         with np.errstate(invalid="ignore"):
             err[refl] = np.sqrt(np.einsum("ri,ij,rj->r", jac, sub, jac))
-    return cen, err
+    return cen[0], err
 
 
 def d_of(m: PhaseModel, cen: np.ndarray, err: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
