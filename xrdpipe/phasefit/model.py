@@ -161,6 +161,13 @@ class PhaseModel:
         self._pure_windows()
         #: (R,) reflections in a window that has data points
         self.r_has_data = np.array([self.windows[w].x.size > 0 for w in self.r_window], bool)
+        # (R,) the first and last point of each reflection's window (none: nothing is inside)
+        self._r_lo = np.array([w.x[0] if w.x.size else np.inf for w in self.windows])[self.r_window]
+        self._r_hi = np.array([w.x[-1] if w.x.size else -np.inf for w in self.windows])[self.r_window]
+        #: (area column, (width column,)) of each line alone in its window for its phase: the
+        #: peaks whose shape the least squares holds while they are weak (``amplitudes``)
+        self.lone_lines = [(int(self.area_col[r]), (int(self.fwhm_col[self.r_phase[r], self.r_window[r]]),))
+                           for r in range(self.R) if len(self._refl_of[self.r_phase[r]][self.r_window[r]]) == 1]
         #: (R,) reflections listed as a window's peaks ("phase hkl")
         self.r_listed = np.zeros(self.R, bool)
         names = [p.name for p in self.phases]
@@ -399,12 +406,12 @@ class PhaseModel:
         half a FWHM (``fwhm`` (P, W)) from its edges: a line cut by the edge cannot be fitted;
         with ``tails``, also those within :data:`_TAIL_FWHM` widths outside it."""
         cen = self.centres(cells[None], np.array([zero]))[0]
-        margin = 0.0 if fwhm is None else np.nan_to_num(0.5 * fwhm[self.r_phase, self.r_window])
-        if tails and fwhm is not None:
-            margin = -_TAIL_FWHM * np.nan_to_num(fwhm[self.r_phase, self.r_window])
-        lo = np.array([w.x[0] if w.x.size else np.inf for w in self.windows])[self.r_window]
-        hi = np.array([w.x[-1] if w.x.size else -np.inf for w in self.windows])[self.r_window]
-        return (cen >= lo + margin) & (cen <= hi - margin)
+        margin = 0.0
+        if fwhm is not None:
+            fw = fwhm[self.r_phase, self.r_window]
+            fw = np.where(np.isnan(fw), 0.0, fw)        # (no line there: no margin; widths are finite)
+            margin = -_TAIL_FWHM * fw if tails else 0.5 * fw
+        return (cen >= self._r_lo + margin) & (cen <= self._r_hi - margin)
 
     def label_index(self, window: int, phase_name: str, hkl_text: str) -> int:
         """The reflection of a listed ``"phase hkl"`` in a window (an equivalent one counts)."""
@@ -504,8 +511,9 @@ class PhaseModel:
 
     def centres(self, cells: np.ndarray, zero: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         """Centres (r, R) of every reflection for cells (r, P, 6) and zero shifts (r,)."""
-        r_sel = np.arange(self.R) if rows is None else rows
-        return self.positions(self.r_hkl[r_sel], cells[:, self.r_phase[r_sel], :], zero)
+        if rows is None:
+            return self.positions(self._hkl_float, cells[:, self.r_phase, :], zero)
+        return self.positions(self._hkl_float[rows], cells[:, self.r_phase[rows], :], zero)
 
     def value_jac(self, theta: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Model (r, M) on the concatenated windows and its Jacobian (r, k, M)."""

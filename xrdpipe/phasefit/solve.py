@@ -43,15 +43,13 @@ def _fit_rows(m: PhaseModel, fr: "_Frame", rows: list[tuple[int, ...]], fit: Fit
         starts.append(theta)
         holds.append(hold)
     theta0, hold = np.array(starts), np.array(holds)
-    amps = [(int(m.area_col[r]), (int(m.fwhm_col[m.r_phase[r], m.r_window[r]]),)) for r in range(m.R)
-            if len(m._refl_of[m.r_phase[r]][m.r_window[r]]) == 1]
     base = st.cell.copy()
     lower, upper, order_cols, signs = _bounds(m, fr, rows[0], found)
 
     def run(theta, hold_rows):
         return least_squares_batch(lambda t: m.value_jac(t, base), theta, np.broadcast_to(fr.y0, theta.shape[:1] + fr.y0.shape),
                                    np.broadcast_to(fr.w, theta.shape[:1] + fr.w.shape), lower=lower, upper=upper,
-                                   fixed=hold_rows, max_iter=fit.max_iter, amplitudes=amps, weak_z=2.0,
+                                   fixed=hold_rows, max_iter=fit.max_iter, amplitudes=m.lone_lines, weak_z=2.0,
                                    must_move=np.arange(theta.shape[0]) == 0, covariance=[0],
                                    normal=lambda t, _y, _w, held: m.normal(t, base, fr.y0, fr.w, held))
 
