@@ -515,8 +515,11 @@ class PhaseModel:
             return self.positions(self._hkl_float, cells[:, self.r_phase, :], zero)
         return self.positions(self._hkl_float[rows], cells[:, self.r_phase[rows], :], zero)
 
-    def value_jac(self, theta: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Model (r, M) on the concatenated windows and its Jacobian (r, k, M)."""
+    def value_jac(self, theta: np.ndarray, base: np.ndarray, lines: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """Model (r, M) on the concatenated windows and its Jacobian (r, k, M). With ``lines``
+        (indices), only those lines are evaluated: leave out only lines of area 0 whose area's
+        column is not wanted (such a line adds nothing to the model, nor to any other column)."""
         r = theta.shape[0]
         f = np.zeros((r, self.n_points))
         jac = np.zeros((r, self.k, self.n_points))
@@ -524,11 +527,14 @@ class PhaseModel:
         for w, win in enumerate(self.windows):
             sl = win.points
             for d in range(win.degree + 1):
-                td = win.t ** d
+                td = self.bg_columns[w][:, d]
                 f[:, sl] += theta[:, self.bg_col[w][d]][:, None] * td
                 jac[:, self.bg_col[w][d], sl] = td
         # the lines, compiled: every line's value and Jacobian columns in one pass
         lo, hi, fw_col, eta_col, a_col, dcol = self._line_layout()
+        if lines is not None:
+            lo, hi, fw_col, eta_col, a_col, dcol = (v[lines] for v in (lo, hi, fw_col, eta_col, a_col, dcol))
+            cen, dval = np.ascontiguousarray(cen[:, lines]), np.ascontiguousarray(dval[:, lines])
         kernels.phase_value_jac(self.x_all, self.hw_all, lo, hi, cen, np.ascontiguousarray(theta, dtype=float),
                                 fw_col, eta_col, a_col, dcol, dval, f, jac)
         return f, jac

@@ -201,11 +201,13 @@ def residual_scaled(w: np.ndarray, jac: np.ndarray, cov: np.ndarray, resid: np.n
 
 def _result(m: PhaseModel, fr: _Frame, theta: np.ndarray, cov: np.ndarray, present: np.ndarray, decision, ok: bool,
             message: str) -> FrameResult:
-    f, jac = m.value_jac(theta[None], fr.state.cell)
+    free = np.isfinite(np.diagonal(cov))
+    # (the Jacobian is wanted in the free columns only: an empty line of an area not free, a
+    # phase left out, adds nothing there)
+    f, jac = m.value_jac(theta[None], fr.state.cell, np.flatnonzero((theta[m.area_col] != 0) | free[m.area_col]))
     resid = (fr.y0 - f[0]) * fr.w
     chi2_w = np.array([float(resid[w.points] @ resid[w.points]) for w in m.windows])
     n_w = np.array([int(np.count_nonzero(fr.w[w.points] > 0)) for w in m.windows])
-    free = np.isfinite(np.diagonal(cov))
     # the free parameters that move a valid point of each window
     touched = np.abs(jac[0, free]) > 0
     valid = fr.w > 0
