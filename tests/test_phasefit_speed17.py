@@ -1,7 +1,7 @@
 """The compiled and trimmed pieces of the phase model's steady path against the NumPy they
 replace, bit for bit where they promise it: the normal equations with the lines of area held at
-0 left out, the centres' central differences, a phase's shifted cells, the damped systems of the
-batched least squares and its covariance of chosen rows."""
+0 left out, the centres' central differences, a phase's shifted cells, the damped systems and
+the acceptance of trial points of the batched least squares, and its covariance of chosen rows."""
 
 import numpy as np
 import pytest
@@ -154,3 +154,39 @@ def test_covariance_of_chosen_rows_only():
     np.testing.assert_array_equal(first.cov[0], every.cov[0])
     assert np.isnan(first.cov[1:]).all() and np.isfinite(every.cov[1:]).all()
     np.testing.assert_array_equal(_covariance(np.zeros((1, 2, 2)), np.zeros((1, 2), bool)), np.full((1, 2, 2), np.nan))
+
+
+def test_take_steps_are_the_numpy_ones():
+    """The compiled acceptance of trial points is that of the NumPy expressions: rows accepted
+    (parameters, chi², curvature and gradient replaced, damping down) or refused (damping up),
+    and which are done."""
+    rng = np.random.default_rng(11)
+    n, k = 6, 4
+    active = np.array([0, 2, 3, 5])
+    p, chi2 = rng.normal(size=(n, k)), rng.uniform(1, 2, n)
+    hess, grad, lam = rng.normal(size=(n, k, k)), rng.normal(size=(n, k)), np.array([1e-3, 1, 1e-2, 1e12, 1e-5, 1])
+    pa = p[active]
+    trial = pa + np.array([[1e-9] * k, [0.1] * k, [1e-3] * k, [1e-10] * k]) * np.array([1, 1, -1, 1])[:, None]
+    diag = np.abs(rng.normal(size=(4, k)))
+    chi2_t = chi2[active] * np.array([0.9, 1.1, 1 - 1e-12, np.nan])
+    hess_t, grad_t = rng.normal(size=(4, k, k)), rng.normal(size=(4, k))
+    stop, xtol = np.full(4, 1e-8), 1e-8
+
+    want_p, want_chi2, want_hess, want_grad, want_lam = p.copy(), chi2.copy(), hess.copy(), grad.copy(), lam.copy()
+    old = want_chi2[active]
+    better = np.isfinite(chi2_t) & (chi2_t < old)
+    acc = active[better]
+    small_step = np.all(np.abs(trial - pa) <= xtol * (np.abs(pa) + xtol), axis=1)
+    small_drop = (old - chi2_t) <= stop * old
+    tiny = np.all(np.abs(trial - pa) * np.sqrt(np.maximum(diag, 0)) <= 0.01, axis=1) & (want_lam[active] <= 1e-2)
+    want_p[acc], want_chi2[acc], want_hess[acc], want_grad[acc] = trial[better], chi2_t[better], hess_t[better], grad_t[better]
+    want_lam[acc] = np.maximum(want_lam[acc] * 0.1, 1e-12)
+    want_lam[active[~better]] *= 10.0
+    want_done = (better & (small_drop | small_step | tiny)) | (~better & (small_step | (want_lam[active] > 1e12)))
+
+    done = np.zeros(4, bool)
+    kernels.take_steps(active, pa, trial, diag, chi2_t, hess_t, grad_t, p, chi2, hess, grad, lam, stop, xtol, done)
+    assert better.any() and not better.all() and want_done.any() and not want_done.all()
+    for got, want in ((p, want_p), (chi2, want_chi2), (hess, want_hess), (grad, want_grad), (lam, want_lam),
+                      (done, want_done)):
+        np.testing.assert_array_equal(got, want)

@@ -205,23 +205,13 @@ def _amplitude_map(amplitudes):
 
 def _take_step(active, pa, trial, diag, evaluated, p, chi2, hess, grad, lam, stop, xtol):
     """Accept the trial points that lower chi² (in place in ``p``, ``chi2``, ``hess``, ``grad``),
-    adapt the damping ``lam`` and return which active rows have converged."""
+    adapt the damping ``lam`` and return which active rows have converged
+    (:func:`xrdpipe.kernels.take_steps`)."""
     chi2_t, hess_t, grad_t = evaluated
-    old = chi2[active]
-    better = np.isfinite(chi2_t) & (chi2_t < old)
-    acc = active[better]
-    small_step = np.all(np.abs(trial - pa) <= xtol * (np.abs(pa) + xtol), axis=1)
-    small_drop = (old - chi2_t) <= stop * old
-    # ... or every parameter moved by less than 1 % of its (conditional) standard error
-    tiny = np.all(np.abs(trial - pa) * np.sqrt(np.maximum(diag, 0)) <= 0.01, axis=1) & (lam[active] <= 1e-2)
-    if acc.size:
-        p[acc] = trial[better]
-        chi2[acc] = chi2_t[better]
-        hess[acc] = hess_t[better]
-        grad[acc] = grad_t[better]
-        lam[acc] = np.maximum(lam[acc] * 0.1, 1e-12)
-    lam[active[~better]] *= 10.0
-    return (better & (small_drop | small_step | tiny)) | (~better & (small_step | (lam[active] > 1e12)))
+    done = np.zeros(active.size, bool)
+    kernels.take_steps(active, pa, trial, np.ascontiguousarray(diag), chi2_t, hess_t, grad_t, p, chi2, hess, grad, lam,
+                       stop, float(xtol), done)
+    return done
 
 
 def _normal(y, w, f, jac):

@@ -1,5 +1,6 @@
 """The batched least squares' kernels (:mod:`xrdpipe.batchfit`): the damped system of every
-active row (:func:`damped_systems`), element for element what its NumPy form computes."""
+active row (:func:`damped_systems`) and the acceptance of its trial point (:func:`take_steps`),
+element for element what their NumPy forms compute."""
 
 from __future__ import annotations
 
@@ -48,3 +49,44 @@ def damped_systems(h, g, pa, lo, hi, fixed, lam, amp_cols, amp_shape, weak_z, da
                 v = v * (0.0 if hold[a] or hold[b] else 1.0)
                 damped[r, a, b] = v + (1.0 if a == b and hold[a] else 0.0)
             rhs[r, a] = 0.0 if hold[a] else g[r, a]
+
+
+@_kernel
+def take_steps(active, pa, trial, diag, chi2_t, hess_t, grad_t, p, chi2, hess, grad, lam, stop, xtol, done):  # pragma: no cover - compiled
+    """Accept the trial points ``trial`` of the rows ``active`` (parameters ``pa``, curvature
+    diagonal ``diag`` there) that lower chi²: their ``chi2_t``, ``hess_t``, ``grad_t`` replace
+    the rows of ``p``, ``chi2``, ``hess``, ``grad``; the damping ``lam`` falls tenfold (to 1e-12
+    at least) where accepted and rises tenfold where not. ``done`` (active,): a row accepted
+    whose chi² fell by at most ``stop`` relative, or that moved every parameter by at most
+    ``xtol`` relative, or by at most 1 % of its conditional esd with little damping; or a row
+    refused whose step was that small or whose damping passed 1e12."""
+    k = pa.shape[1]
+    for i in range(active.size):
+        a = active[i]
+        old = chi2[a]
+        better = np.isfinite(chi2_t[i]) and chi2_t[i] < old
+        small_step = True
+        tiny = True
+        for c in range(k):
+            move = abs(trial[i, c] - pa[i, c])
+            if not move <= xtol * (abs(pa[i, c]) + xtol):
+                small_step = False
+            d = diag[i, c]
+            if d < 0:
+                d = 0.0
+            if not move * np.sqrt(d) <= 0.01:
+                tiny = False
+        tiny = tiny and lam[a] <= 1e-2
+        small_drop = (old - chi2_t[i]) <= stop[i] * old
+        if better:
+            for c in range(k):
+                p[a, c] = trial[i, c]
+                grad[a, c] = grad_t[i, c]
+                for q in range(k):
+                    hess[a, c, q] = hess_t[i, c, q]
+            chi2[a] = chi2_t[i]
+            lam[a] = max(lam[a] * 0.1, 1e-12)
+            done[i] = small_drop or small_step or tiny
+        else:
+            lam[a] *= 10.0
+            done[i] = small_step or lam[a] > 1e12
