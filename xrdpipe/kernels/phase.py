@@ -374,9 +374,10 @@ def _nonnegative_solve(h, r, on, n, diag, hs, rs, out):  # pragma: no cover - co
         out[i] = max(out[i], 0.0)
 
 
-@njit(inline="always", nogil=True)
+@njit(nogil=True)
 def _radial_position(h, k, l, a, b, c, alpha, beta, gamma, zero, wavelength, unit, displacement):  # pragma: no cover - compiled
-    """One reflection's position (see :func:`radial_positions`)."""
+    """One reflection's position (see :func:`radial_positions`); a function of its own, not
+    inlined: :func:`centre_derivs` calls it five times, and inlined it would compile five times."""
     rad = np.pi / 180.0
     ca, cb, cg = np.cos(alpha * rad), np.cos(beta * rad), np.cos(gamma * rad)
     sa, sb, sg = np.sin(alpha * rad), np.sin(beta * rad), np.sin(gamma * rad)

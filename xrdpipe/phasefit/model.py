@@ -555,8 +555,8 @@ class PhaseModel:
         _, _, fw_col, eta_col, a_col, _ = self._line_layout()
         lay = self._normal_layout()
         theta = np.ascontiguousarray(theta, dtype=float)
-        skip = (np.zeros((r, self.R), bool) if held is None
-                else held[:, self.area_col] & (theta[:, self.area_col] == 0.0))
+        skip = (np.zeros((r, self.R), bool) if held is None        # (C order: one compiled signature)
+                else np.ascontiguousarray(held[:, self.area_col] & (theta[:, self.area_col] == 0.0)))
         chi2, hess, grad = np.zeros(r), np.zeros((r, self.k, self.k)), np.zeros((r, self.k))
         kernels.phase_normal(self.x_all, self.hw_all, np.ascontiguousarray(y, dtype=float), np.ascontiguousarray(w, dtype=float),
                              *lay[:9], cen, theta, fw_col, eta_col, a_col, *lay[9:], dval, skip, chi2, hess, grad)
