@@ -171,11 +171,10 @@ def window_scaled(m: PhaseModel, w: np.ndarray, jac: np.ndarray, cov: np.ndarray
     if not free.any() or np.all(scale == 1.0):
         return cov
     unit, d = _unit_covariance(cov, free)
-    jw = jac[free] * w * d[:, None]                 # scaled to the esds: a well-conditioned product
     meat = np.zeros((d.size, d.size))
     for i, win in enumerate(m.windows):
         if scale[i] != 1.0:
-            jp = jw[:, win.points]
+            jp = jac[:, win.points][free] * w[win.points] * d[:, None]   # scaled to the esds: well conditioned
             meat += (scale[i] - 1.0) * (jp @ jp.T)
     out = cov.copy()
     out[np.ix_(free, free)] = (unit + unit @ meat @ unit) * np.outer(d, d)
