@@ -1,7 +1,8 @@
 """The compiled and trimmed pieces of the phase model's steady path against the NumPy they
 replace, bit for bit where they promise it: the normal equations with the lines of area held at
-0 left out, the centres' central differences, a phase's shifted cells, the damped systems and
-the acceptance of trial points of the batched least squares, and its covariance of chosen rows."""
+0 left out, the model's Jacobian without its empty lines, the centres' central differences, a
+phase's shifted cells, the damped systems and the acceptance of trial points of the batched
+least squares, and its covariance of chosen rows."""
 
 import numpy as np
 import pytest
@@ -190,3 +191,19 @@ def test_take_steps_are_the_numpy_ones():
     for got, want in ((p, want_p), (chi2, want_chi2), (hess, want_hess), (grad, want_grad), (lam, want_lam),
                       (done, want_done)):
         np.testing.assert_array_equal(got, want)
+
+
+def test_value_jac_without_empty_lines_in_the_columns_wanted(frame):
+    """The model and Jacobian of :meth:`PhaseModel.value_jac` evaluated over some lines only,
+    the others of area 0: the same model, and the same Jacobian in every column but those
+    lines' areas, to the last bit."""
+    m, _, st, theta, _ = frame
+    row = theta[1:2]                                     # Al alone: O3's and P3's areas 0
+    empty = row[0, m.area_col] == 0
+    assert empty.any() and not empty.all()
+    f, jac = m.value_jac(row, st.cell)
+    f_some, jac_some = m.value_jac(row, st.cell, np.flatnonzero(~empty))
+    np.testing.assert_array_equal(f_some, f)
+    wanted = np.setdiff1d(np.arange(m.k), m.area_col[empty])
+    np.testing.assert_array_equal(jac_some[:, wanted], jac[:, wanted])
+    assert not jac_some[:, m.area_col[empty]].any()
