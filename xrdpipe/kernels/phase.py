@@ -409,17 +409,28 @@ def _nonnegative_solve(h, r, on, n, diag, hs, rs, out):  # pragma: no cover - co
 
 
 @njit(nogil=True)
-def _radial_position(h, k, l, a, b, c, alpha, beta, gamma, zero, wavelength, unit, displacement):  # pragma: no cover - compiled
-    """One reflection's position (see :func:`radial_positions`); a function of its own, not
-    inlined: :func:`centre_derivs` calls it five times, and inlined it would compile five times."""
+def _angle_terms(alpha, beta, gamma):  # pragma: no cover - compiled
+    """The cosines and sines of a cell's angles (degrees) and 1 - cos²α - cos²β - cos²γ + 2 cos α
+    cos β cos γ: what the reciprocal metric takes from the angles (see :func:`_d_spacing`)."""
     rad = np.pi / 180.0
     ca, cb, cg = np.cos(alpha * rad), np.cos(beta * rad), np.cos(gamma * rad)
     sa, sb, sg = np.sin(alpha * rad), np.sin(beta * rad), np.sin(gamma * rad)
-    vol2 = 1 - ca**2 - cb**2 - cg**2 + 2 * ca * cb * cg
+    return ca, cb, cg, sa, sb, sg, 1 - ca**2 - cb**2 - cg**2 + 2 * ca * cb * cg
+
+
+@njit(nogil=True)
+def _d_spacing(h, k, l, a, b, c, ca, cb, cg, sa, sb, sg, vol2):  # pragma: no cover - compiled
+    """The d-spacing of (hkl) from the reciprocal metric tensor, the angles' terms given."""
     inv_d2 = (h * h * sa**2 / a**2 + k * k * sb**2 / b**2 + l * l * sg**2 / c**2
               + 2 * k * l * (cb * cg - ca) / (b * c) + 2 * h * l * (cg * ca - cb) / (a * c)
               + 2 * h * k * (ca * cb - cg) / (a * b)) / vol2
-    d = 1.0 / np.sqrt(inv_d2) if inv_d2 > 0 else (np.inf if inv_d2 == 0 else np.nan)
+    return 1.0 / np.sqrt(inv_d2) if inv_d2 > 0 else (np.inf if inv_d2 == 0 else np.nan)
+
+
+@njit(nogil=True)
+def _position_of_d(d, zero, wavelength, unit, displacement):  # pragma: no cover - compiled
+    """A d-spacing's position on the run's axis (see :func:`radial_positions`)."""
+    rad = np.pi / 180.0
     tth = np.nan
     if wavelength > 0:
         s = wavelength / (2.0 * d)
@@ -447,9 +458,10 @@ def radial_positions(hkl, cell, zero, wavelength, unit, displacement, out):  # p
     for t in range(out.shape[0]):
         for n in range(hkl.shape[0]):
             e = n if each else 0
-            out[t, n] = _radial_position(hkl[n, 0], hkl[n, 1], hkl[n, 2], cell[t, e, 0], cell[t, e, 1], cell[t, e, 2],
-                                         cell[t, e, 3], cell[t, e, 4], cell[t, e, 5], zero[t], wavelength, unit,
-                                         displacement)
+            ca, cb, cg, sa, sb, sg, vol2 = _angle_terms(cell[t, e, 3], cell[t, e, 4], cell[t, e, 5])
+            d = _d_spacing(hkl[n, 0], hkl[n, 1], hkl[n, 2], cell[t, e, 0], cell[t, e, 1], cell[t, e, 2],
+                           ca, cb, cg, sa, sb, sg, vol2)
+            out[t, n] = _position_of_d(d, zero[t], wavelength, unit, displacement)
 
 
 @_kernel
@@ -488,25 +500,33 @@ def centre_derivs(hkl, r_phase, cell_src, base, theta, dcol, zero_col, wavelengt
             h0, k0, l0 = hkl[i, 0], hkl[i, 1], hkl[i, 2]
             for j in range(6):
                 cell[j] = theta[r, cell_src[p, j]] if cell_src[p, j] >= 0 else base[p, j]
-            cen[r, i] = _radial_position(h0, k0, l0, cell[0], cell[1], cell[2], cell[3], cell[4], cell[5], zero,
-                                         wavelength, unit, displacement)
-            up = _radial_position(h0, k0, l0, cell[0], cell[1], cell[2], cell[3], cell[4], cell[5], zero + hz,
-                                  wavelength, unit, displacement)
-            dn = _radial_position(h0, k0, l0, cell[0], cell[1], cell[2], cell[3], cell[4], cell[5], zero - hz,
-                                  wavelength, unit, displacement)
+            # (the angles' terms and the d-spacing, computed once where a step does not move them)
+            ca, cb, cg, sa, sb, sg, vol2 = _angle_terms(cell[3], cell[4], cell[5])
+            d = _d_spacing(h0, k0, l0, cell[0], cell[1], cell[2], ca, cb, cg, sa, sb, sg, vol2)
+            cen[r, i] = _position_of_d(d, zero, wavelength, unit, displacement)
+            up = _position_of_d(d, zero + hz, wavelength, unit, displacement)
+            dn = _position_of_d(d, zero - hz, wavelength, unit, displacement)
             dval[r, i, width - 1] = (up - dn) / (2.0 * hz)
             for q in range(width - 1):
                 col = dcol[i, q]
                 if col < 0:
                     continue
                 h = steps[col]
+                angle = False
+                for j in range(6):
+                    if cell_src[p, j] == col and j >= 3:
+                        angle = True
                 for side in range(2):
                     moved = theta[r, col] + h if side == 0 else theta[r, col] - h
                     for j in range(6):
                         if cell_src[p, j] == col:
                             cell[j] = moved
-                    pos[side] = _radial_position(h0, k0, l0, cell[0], cell[1], cell[2], cell[3], cell[4], cell[5],
-                                                 zero, wavelength, unit, displacement)
+                    if angle:
+                        mca, mcb, mcg, msa, msb, msg, mvol2 = _angle_terms(cell[3], cell[4], cell[5])
+                    else:
+                        mca, mcb, mcg, msa, msb, msg, mvol2 = ca, cb, cg, sa, sb, sg, vol2
+                    dm = _d_spacing(h0, k0, l0, cell[0], cell[1], cell[2], mca, mcb, mcg, msa, msb, msg, mvol2)
+                    pos[side] = _position_of_d(dm, zero, wavelength, unit, displacement)
                 for j in range(6):
                     if cell_src[p, j] == col:
                         cell[j] = theta[r, col]
