@@ -482,6 +482,8 @@ class PhaseModel:
                     self._cell_const[p, i] = float(v)
         self._src_at = np.nonzero(self._cell_src >= 0)
         self._const_at = np.nonzero(np.isfinite(self._cell_const))
+        # per phase, the cell parameters each of its free columns sets (b with a: hexagonal)
+        self._tied = [[np.flatnonzero(self._cell_src[p] == col) for col in self.cell_cols[p]] for p in range(self.P)]
 
     def shifted_cells(self, p: int, values: np.ndarray, h: np.ndarray, base: np.ndarray) -> np.ndarray:
         """(1 + 2 n, 6) full cells of phase ``p`` with its n free cell parameters at ``values``
@@ -490,8 +492,7 @@ class PhaseModel:
         rows, for this phase alone."""
         row = np.where(np.isfinite(self._cell_const[p]), self._cell_const[p], base)
         out = np.repeat(row[None], 1 + 2 * len(values), axis=0)
-        for k, col in enumerate(self.cell_cols[p]):
-            tied = self._cell_src[p] == col
+        for k, tied in enumerate(self._tied[p]):
             out[:, tied] = values[k]
             out[1 + 2 * k, tied] = values[k] + h[k]
             out[2 + 2 * k, tied] = values[k] - h[k]
