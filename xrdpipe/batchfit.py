@@ -1,5 +1,5 @@
-"""Levenberg-Marquardt for many small least-squares problems at once (NumPy, the damped systems
-compiled).
+"""Levenberg-Marquardt for many small least-squares problems at once (NumPy; each iteration's
+damped systems and the acceptance of its steps compiled, :mod:`xrdpipe.kernels.batch`).
 
 Each row of a batch is one problem: the same model and the same abscissa, its own data, weights,
 start values and bounds. Every iteration works on the rows that have not converged yet, with one
