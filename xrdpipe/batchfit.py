@@ -1,4 +1,5 @@
-"""Levenberg-Marquardt for many small least-squares problems at once (pure NumPy).
+"""Levenberg-Marquardt for many small least-squares problems at once (NumPy; each iteration's
+damped systems and the acceptance of its steps compiled, :mod:`xrdpipe.kernels.batch`).
 
 Each row of a batch is one problem: the same model and the same abscissa, its own data, weights,
 start values and bounds. Every iteration works on the rows that have not converged yet, with one
@@ -17,6 +18,8 @@ from typing import Callable
 
 import numpy as np
 
+from . import kernels
+
 __all__ = ["BatchResult", "least_squares_batch"]
 
 # Why a row stopped (``BatchResult.status``).
@@ -26,7 +29,8 @@ CONVERGED, MAX_ITER, NOT_FINITE = 1, 0, -1
 @dataclass
 class BatchResult:
     """Solutions of a batch: parameters ``p`` (n, k), unscaled covariance ``cov`` (n, k, k)
-    (NaN for parameters at a bound or without influence), ``chi2`` (n,), valid points ``n_points``
+    (NaN for parameters at a bound or without influence, and in rows whose covariance was not
+    asked for), ``chi2`` (n,), valid points ``n_points``
     (n,), iterations ``n_iter`` (n,), ``status`` (n,) and ``at_bound`` (n, k)."""
 
     p: np.ndarray
@@ -48,7 +52,8 @@ def least_squares_batch(fun: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray
                         xtol: float = 1e-8, stat_tol: float = 1e-3,
                         amplitudes: list[tuple[int, tuple[int, ...]]] | None = None,
                         weak_z: float = 2.0, must_move: np.ndarray | None = None,
-                        normal: Callable[[np.ndarray, np.ndarray, np.ndarray],
+                        covariance: np.ndarray | None = None,
+                        normal: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
                                          tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None) -> BatchResult:
     """Minimise ``sum(w**2 * (y - f(p))**2)`` row by row.
 
@@ -74,9 +79,13 @@ def least_squares_batch(fun: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray
     must_move : (n,) booleans: rows that are not taken as converged before they have taken a
         step where the step (cut by the bounds) promises a rise of chi²; by default a row whose
         lightly damped step promises less than the tolerance is done, even at its start
-    normal : ``normal(p, y, w)`` returns chi², JᵀW²J and JᵀW²r (r,), (r, k, k), (r, k) directly,
-        in place of ``fun`` and the products of its dense Jacobian (a model whose Jacobian is
-        mostly zeros sums only what is not)
+    covariance : the rows whose covariance is wanted (indices or booleans; default all): an
+        inverse per row, of which a caller that uses one row's needs no other
+    normal : ``normal(p, y, w, held)`` returns chi², JᵀW²J and JᵀW²r (r,), (r, k, k), (r, k)
+        directly, in place of ``fun`` and the products of its dense Jacobian (a model whose
+        Jacobian is mostly zeros sums only what is not); ``held`` (r, k) are the rows' ``fixed``
+        columns, whose entries are not used but for the curvature's diagonal where the parameter
+        is not 0 (so a part of the model that only a parameter held at 0 moves may be left out)
 
     Example
     -------
@@ -102,16 +111,21 @@ def least_squares_batch(fun: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray
                                           xtol=xtol, amplitudes=amplitudes, weak_z=weak_z,
                                           must_move=must_move)
     at_bound = (p <= lower) | (p >= upper) | fixed
-    return BatchResult(p, _covariance(hess, at_bound), chi2, n_points, n_iter, status, at_bound)
+    if covariance is None:
+        cov = _covariance(hess, at_bound)
+    else:
+        cov = np.full(hess.shape, np.nan)
+        cov[covariance] = _covariance(hess[covariance], at_bound[covariance])
+    return BatchResult(p, cov, chi2, n_points, n_iter, status, at_bound)
 
 
 def _normal_equations(fun, normal):
-    """``normal_eq(p, y, w)`` -> chi², JᵀW²J, JᵀW²r: ``normal`` itself, or the products of the
-    dense Jacobian of ``fun``."""
+    """``normal_eq(p, y, w, held)`` -> chi², JᵀW²J, JᵀW²r: ``normal`` itself, or the products of
+    the dense Jacobian of ``fun``."""
     if normal is not None:
         return normal
 
-    def normal_eq(p, y, w):
+    def normal_eq(p, y, w, _held):
         f, jac = fun(p)
         return _normal(y, w, f, jac)
     return normal_eq
@@ -121,7 +135,7 @@ def _iterate(normal_eq, p, y, w, lower, upper, fixed, stop, *, max_iter, xtol, a
              must_move=None):
     """The damped Gauss-Newton iterations of every row, ``p`` updated in place; returns chi²,
     JᵀW²J, the iterations and the status per row."""
-    chi2, hess, grad = normal_eq(p, y, w)
+    chi2, hess, grad = normal_eq(p, y, w, fixed)
     n = len(p)
     lam = np.full(n, 1e-3)
     status = np.full(n, MAX_ITER, np.int8)
@@ -130,14 +144,13 @@ def _iterate(normal_eq, p, y, w, lower, upper, fixed, stop, *, max_iter, xtol, a
     # rows that have taken a step (or need not have, to be done)
     moved = np.ones(n, bool) if must_move is None else ~np.asarray(must_move, bool)
     active = np.flatnonzero(status == MAX_ITER)
-    eye = np.eye(p.shape[1])
-    amplitudes = _amplitude_map(amplitudes, p.shape[1])
+    amplitudes = _amplitude_map(amplitudes)
 
     for it in range(max_iter):
         if active.size == 0:
             break
         g, pa, h, diag, trial = _damped_step(p[active], grad[active], hess[active], lam[active],
-                                             lower[active], upper[active], fixed[active], eye,
+                                             lower[active], upper[active], fixed[active],
                                              amplitudes if it >= 2 else None, weak_z)
         # a nearly undamped step that promises (Gauss-Newton) less than the tolerance: done,
         # without spending an evaluation to confirm it (with ``must_move``, not a row that has
@@ -155,7 +168,7 @@ def _iterate(normal_eq, p, y, w, lower, upper, fixed, stop, *, max_iter, xtol, a
                 break
         n_iter[active] += 1
         before = chi2[active]
-        done = _take_step(active, pa, trial, diag, normal_eq(trial, y[active], w[active]),
+        done = _take_step(active, pa, trial, diag, normal_eq(trial, y[active], w[active], fixed[active]),
                           p, chi2, hess, grad, lam, stop[active], xtol)
         moved[active[chi2[active] < before]] = True
         status[active[done]] = CONVERGED
@@ -163,55 +176,42 @@ def _iterate(normal_eq, p, y, w, lower, upper, fixed, stop, *, max_iter, xtol, a
     return chi2, hess, n_iter, status
 
 
-def _damped_step(pa, g, h, lam, lo, hi, fixed, eye, amplitudes, weak_z):
+def _damped_step(pa, g, h, lam, lo, hi, fixed, amplitudes, weak_z):
     """The Levenberg-Marquardt trial point of the active rows: parameters at a bound that the
-    gradient pushes out, fixed ones and (with ``amplitudes``) the shape of weak peaks are held.
-    Returns the gradient, parameters, curvature, its diagonal and the trial point."""
-    hold = fixed | ((pa <= lo) & (g < 0)) | ((pa >= hi) & (g > 0))
-    diag = np.diagonal(h, axis1=1, axis2=2)
-    if amplitudes is not None:
-        cols, spread = amplitudes
-        weak = np.abs(pa[:, cols]) * np.sqrt(np.maximum(diag[:, cols], 0)) < weak_z
-        hold |= (weak.astype(float) @ spread) > 0
-    scale = np.where(diag > 0, diag, 1.0)  # Marquardt's scaling; parameters span many decades
-    free = ~hold
-    damped = (h + (lam[:, None] * scale)[:, :, None] * eye) * (free[:, :, None] & free[:, None, :])
-    damped += eye * hold[:, :, None]
-    step = _solve(damped, np.where(hold, 0.0, g))
-    return g, pa, h, diag, np.clip(pa + step, lo, hi)
+    gradient pushes out, fixed ones and (with ``amplitudes``) the shape of weak peaks are held
+    (:func:`xrdpipe.kernels.damped_systems`). Returns the gradient, parameters, curvature, its
+    diagonal and the trial point."""
+    damped, rhs = np.empty_like(h), np.empty_like(g)
+    cols, shape = amplitudes if amplitudes is not None else _NO_PEAKS
+    kernels.damped_systems(h, g, pa, lo, hi, fixed, lam, cols, shape, float(weak_z), damped, rhs)
+    step = _solve(damped, rhs)
+    return g, pa, h, np.diagonal(h, axis1=1, axis2=2), np.clip(pa + step, lo, hi)
 
 
-def _amplitude_map(amplitudes, k: int):
-    """``(amplitude column, shape columns)`` pairs as the amplitude columns (A,) and which shape
-    columns each holds (A, k) as 0/1, or None if there are none."""
+_NO_PEAKS = (np.zeros(0, np.int64), np.zeros((0, 1), np.int64))
+
+
+def _amplitude_map(amplitudes):
+    """``(amplitude column, shape columns)`` pairs as the amplitude columns (A,) and the shape
+    columns each holds (A, most), padded with -1, or None if there are none."""
     if not amplitudes:
         return None
-    cols = np.array([a for a, _ in amplitudes], int)
-    spread = np.zeros((cols.size, k))
-    for j, (_, shape) in enumerate(amplitudes):
-        spread[j, list(shape)] = 1.0
-    return cols, spread
+    cols = np.array([a for a, _ in amplitudes], np.int64)
+    shape = np.full((cols.size, max(len(s) for _, s in amplitudes)), -1, np.int64)
+    for j, (_, held) in enumerate(amplitudes):
+        shape[j, :len(held)] = held
+    return cols, shape
 
 
 def _take_step(active, pa, trial, diag, evaluated, p, chi2, hess, grad, lam, stop, xtol):
     """Accept the trial points that lower chi² (in place in ``p``, ``chi2``, ``hess``, ``grad``),
-    adapt the damping ``lam`` and return which active rows have converged."""
+    adapt the damping ``lam`` and return which active rows have converged
+    (:func:`xrdpipe.kernels.take_steps`)."""
     chi2_t, hess_t, grad_t = evaluated
-    old = chi2[active]
-    better = np.isfinite(chi2_t) & (chi2_t < old)
-    acc = active[better]
-    small_step = np.all(np.abs(trial - pa) <= xtol * (np.abs(pa) + xtol), axis=1)
-    small_drop = (old - chi2_t) <= stop * old
-    # ... or every parameter moved by less than 1 % of its (conditional) standard error
-    tiny = np.all(np.abs(trial - pa) * np.sqrt(np.maximum(diag, 0)) <= 0.01, axis=1) & (lam[active] <= 1e-2)
-    if acc.size:
-        p[acc] = trial[better]
-        chi2[acc] = chi2_t[better]
-        hess[acc] = hess_t[better]
-        grad[acc] = grad_t[better]
-        lam[acc] = np.maximum(lam[acc] * 0.1, 1e-12)
-    lam[active[~better]] *= 10.0
-    return (better & (small_drop | small_step | tiny)) | (~better & (small_step | (lam[active] > 1e12)))
+    done = np.zeros(active.size, bool)
+    kernels.take_steps(active, pa, trial, np.ascontiguousarray(diag), chi2_t, hess_t, grad_t, p, chi2, hess, grad, lam,
+                       stop, float(xtol), done)
+    return done
 
 
 def _normal(y, w, f, jac):

@@ -2,14 +2,17 @@
 
 * :mod:`.integration`: the integrator's pixel-to-bin sums and its full-pixel-splitting matrix;
 * :mod:`.refine`: the whole-pattern refinement's profiles, tails, products and Le Bail cycle;
-* :mod:`.phase`: the phase model's lines, normal equations, window solves and positions;
+* :mod:`.phase`: the phase model's lines, normal equations, window solves, positions and
+  centres with their derivatives;
+* :mod:`.batch`: the batched least squares' damped systems and steps;
 * :mod:`.lz4`: the check of bitshuffle-LZ4 chunks before they are decompressed;
 * :mod:`.base`: the compile decorator with its best-effort disk cache.
 """
 
+from .batch import damped_systems, take_steps
 from .integration import csc_sums, split_count, split_fill
 from .lz4 import LZ4_REASONS, lz4_blocks_problem
-from .phase import phase_normal, phase_value_jac, radial_positions, window_trials
+from .phase import centre_derivs, phase_normal, phase_value_jac, radial_positions, window_trials
 from .refine import (
     lebail_cycle,
     profile_columns,
@@ -26,4 +29,4 @@ from .refine import (
 __all__ = ["csc_sums", "pv_profiles", "profile_columns", "tail_matvec", "tail_rmatvec", "tail_columns",
            "reflection_geometry", "tch_widths", "profile_matvec", "profile_rmatvec", "lebail_cycle",
            "lz4_blocks_problem", "LZ4_REASONS", "split_count", "split_fill", "phase_value_jac", "phase_normal", "window_trials",
-           "radial_positions"]
+           "radial_positions", "centre_derivs", "damped_systems", "take_steps"]

@@ -1,7 +1,8 @@
 """The phase model's kernels (:mod:`xrdpipe.phasefit`): its lines' values and Jacobian
 (:func:`phase_value_jac`) or its normal equations straight from the lines (:func:`phase_normal`),
-the linear solve of one window at many trial centres (:func:`window_trials`) and reflection
-positions from cells (:func:`radial_positions`)."""
+the linear solve of one window at many trial centres (:func:`window_trials`), reflection
+positions from cells (:func:`radial_positions`) and the lines' centres with their derivatives by
+the cell and zero columns (:func:`centre_derivs`)."""
 
 from __future__ import annotations
 
@@ -121,7 +122,7 @@ def phase_value_jac(x, hw, lo, hi, cen, theta, fw_col, eta_col, a_col, dcol, dva
 
 @_kernel
 def phase_normal(x, hw, y, wt, tpow, win_lo, win_hi, wcol_ptr, wcols, nbg, lbg, line_ptr, lines, cen, theta,
-                 fw_col, eta_col, a_col, la, lf, le, ld, dval, chi2, hess, grad):  # pragma: no cover - compiled
+                 fw_col, eta_col, a_col, la, lf, le, ld, dval, skip, chi2, hess, grad):  # pragma: no cover - compiled
     """The normal equations of the phase model straight from its lines, window by window:
     ``chi2`` (r,), ``hess`` = JᵀW²J (r, k, k) and ``grad`` = JᵀW²(y - f) (r, k) for parameter
     rows ``theta`` (r, k), without the dense Jacobian (r, k, M) that :func:`phase_value_jac`
@@ -132,7 +133,15 @@ def phase_normal(x, hw, y, wt, tpow, win_lo, win_hi, wcol_ptr, wcols, nbg, lbg, 
     ``tpow[j, d]``), its lines are ``lines[line_ptr[w]:line_ptr[w + 1]]``. Line ``i`` is the
     line of :func:`phase_value_jac` (instrument half-widths ``hw``) (global columns ``fw_col``, ``eta_col``,
     ``a_col`` for its values, local ``lf``, ``le``, ``la`` for its derivatives; its centre moves by
-    ``dval[r, i, q]`` per unit of local column ``ld[i, q]``, -1: none)."""
+    ``dval[r, i, q]`` per unit of local column ``ld[i, q]``, -1: none).
+
+    A line ``skip[r, i]`` is left out of row ``r`` (give it only for a line of area 0 held at 0:
+    it adds nothing to the model, and its area's column, held, needs no curvature). The sums run
+    over the window's columns that some line left in (or the background) moves, a rank-one update
+    per point over those alone: every entry gets the same terms in the same order as over all
+    the window's columns, less exact zeros, so the sums are the same to the last bit. Each
+    line's constants (centre, 1 / FWHM, area, eta, places) are read once per window, not at
+    every point."""
     n_win = win_lo.size
     kmax = 0
     for w in range(n_win):
@@ -140,50 +149,110 @@ def phase_normal(x, hw, y, wt, tpow, win_lo, win_hi, wcol_ptr, wcols, nbg, lbg, 
     h = np.zeros((kmax, kmax))
     g = np.zeros(kmax)
     jrow = np.zeros(kmax)
+    pos = np.zeros(kmax, np.int64)        # local column -> place among the columns in use (-1: none)
+    used = np.zeros(kmax, np.int64)       # place -> local column
+    n_max = 0
+    for w in range(n_win):
+        n_max = max(n_max, line_ptr[w + 1] - line_ptr[w])
+    width = ld.shape[1]
+    # the window's lines left in, with their constants and places (the same numbers the point
+    # loop would read through the indices at every point)
+    l_cen = np.zeros(n_max)
+    l_inv = np.zeros(n_max)
+    l_area = np.zeros(n_max)
+    l_eta = np.zeros(n_max)
+    l_pa = np.zeros(n_max, np.int64)
+    l_pf = np.zeros(n_max, np.int64)
+    l_pe = np.zeros(n_max, np.int64)
+    l_pd = np.zeros((n_max, width), np.int64)
+    l_dv = np.zeros((n_max, width))
+    b_pos = np.zeros(tpow.shape[1], np.int64)
+    b_val = np.zeros(tpow.shape[1])
     for r in range(theta.shape[0]):
         c2 = 0.0
         for w in range(n_win):
             c0 = wcol_ptr[w]
             kw = wcol_ptr[w + 1] - c0
+            # the columns in use: the background's and those of the lines left in, in local order
+            # (so that a <= b among them is a <= b among the window's columns)
             for a in range(kw):
+                pos[a] = -1
+            for d in range(nbg[w]):
+                pos[lbg[w, d]] = 0
+            for n in range(line_ptr[w], line_ptr[w + 1]):
+                i = lines[n]
+                if skip[r, i]:
+                    continue
+                pos[la[i]] = 0
+                pos[lf[i]] = 0
+                pos[le[i]] = 0
+                for q in range(ld.shape[1]):
+                    if ld[i, q] >= 0:
+                        pos[ld[i, q]] = 0
+            nu = 0
+            for a in range(kw):
+                if pos[a] == 0:
+                    pos[a] = nu
+                    used[nu] = a
+                    nu += 1
+            for a in range(nu):
                 g[a] = 0.0
-                for b in range(kw):
+                for b in range(nu):
                     h[a, b] = 0.0
+            nl = 0
+            for n in range(line_ptr[w], line_ptr[w + 1]):
+                i = lines[n]
+                if skip[r, i]:
+                    continue
+                l_cen[nl] = cen[r, i]
+                l_inv[nl] = 1.0 / theta[r, fw_col[i]]
+                l_area[nl] = theta[r, a_col[i]]
+                l_eta[nl] = theta[r, eta_col[i]]
+                l_pa[nl] = pos[la[i]]
+                l_pf[nl] = pos[lf[i]]
+                l_pe[nl] = pos[le[i]]
+                for q in range(width):
+                    l_pd[nl, q] = pos[ld[i, q]] if ld[i, q] >= 0 else -1
+                    l_dv[nl, q] = dval[r, i, q]
+                nl += 1
+            for d in range(nbg[w]):
+                b_pos[d] = pos[lbg[w, d]]
+                b_val[d] = theta[r, wcols[c0 + lbg[w, d]]]
             for j in range(win_lo[w], win_hi[w]):
-                for a in range(kw):
+                for a in range(nu):
                     jrow[a] = 0.0
                 f = 0.0
                 for d in range(nbg[w]):
-                    f += theta[r, wcols[c0 + lbg[w, d]]] * tpow[j, d]
-                    jrow[lbg[w, d]] = tpow[j, d]
-                for n in range(line_ptr[w], line_ptr[w + 1]):
-                    i = lines[n]
-                    val, d_area, d_fwhm, d_eta, d_c = _line_terms(x[j], cen[r, i], 1.0 / theta[r, fw_col[i]],
-                                                                 theta[r, a_col[i]], theta[r, eta_col[i]], hw[j])
+                    f += b_val[d] * tpow[j, d]
+                    jrow[b_pos[d]] = tpow[j, d]
+                for n in range(nl):
+                    val, d_area, d_fwhm, d_eta, d_c = _line_terms(x[j], l_cen[n], l_inv[n], l_area[n], l_eta[n], hw[j])
                     f += val
-                    jrow[la[i]] += d_area
-                    jrow[lf[i]] += d_fwhm
-                    jrow[le[i]] += d_eta
-                    for q in range(ld.shape[1]):
-                        if ld[i, q] >= 0:
-                            jrow[ld[i, q]] += d_c * dval[r, i, q]
+                    jrow[l_pa[n]] += d_area
+                    jrow[l_pf[n]] += d_fwhm
+                    jrow[l_pe[n]] += d_eta
+                    for q in range(width):
+                        if l_pd[n, q] >= 0:
+                            jrow[l_pd[n, q]] += d_c * l_dv[n, q]
                 ww = wt[j]
                 if ww == 0.0:
                     continue
                 res = ww * (y[j] - f)
                 c2 += res * res
-                for a in range(kw):
-                    ja = jrow[a] * ww
+                for a in range(nu):
+                    jrow[a] *= ww
+                for a in range(nu):
+                    ja = jrow[a]
                     if ja != 0.0:
                         g[a] += ja * res
-                        for b in range(a, kw):
-                            h[a, b] += ja * (jrow[b] * ww)
-            for a in range(kw):
-                ca = wcols[c0 + a]
+                        for b in range(a, nu):
+                            h[a, b] += ja * jrow[b]
+            for a in range(nu):
+                ca = wcols[c0 + used[a]]
                 grad[r, ca] += g[a]
                 hess[r, ca, ca] += h[a, a]
-                for b in range(a + 1, kw):
-                    cb = wcols[c0 + b]
+                for b in range(a + 1, nu):
+                    cb = wcols[c0 + used[b]]
                     hess[r, ca, cb] += h[a, b]
                     hess[r, cb, ca] += h[a, b]
         chi2[r] = c2
@@ -339,6 +408,43 @@ def _nonnegative_solve(h, r, on, n, diag, hs, rs, out):  # pragma: no cover - co
         out[i] = max(out[i], 0.0)
 
 
+@njit(nogil=True)
+def _angle_terms(alpha, beta, gamma):  # pragma: no cover - compiled
+    """The cosines and sines of a cell's angles (degrees) and 1 - cos²α - cos²β - cos²γ + 2 cos α
+    cos β cos γ: what the reciprocal metric takes from the angles (see :func:`_d_spacing`)."""
+    rad = np.pi / 180.0
+    ca, cb, cg = np.cos(alpha * rad), np.cos(beta * rad), np.cos(gamma * rad)
+    sa, sb, sg = np.sin(alpha * rad), np.sin(beta * rad), np.sin(gamma * rad)
+    return ca, cb, cg, sa, sb, sg, 1 - ca**2 - cb**2 - cg**2 + 2 * ca * cb * cg
+
+
+@njit(nogil=True)
+def _d_spacing(h, k, l, a, b, c, ca, cb, cg, sa, sb, sg, vol2):  # pragma: no cover - compiled
+    """The d-spacing of (hkl) from the reciprocal metric tensor, the angles' terms given."""
+    inv_d2 = (h * h * sa**2 / a**2 + k * k * sb**2 / b**2 + l * l * sg**2 / c**2
+              + 2 * k * l * (cb * cg - ca) / (b * c) + 2 * h * l * (cg * ca - cb) / (a * c)
+              + 2 * h * k * (ca * cb - cg) / (a * b)) / vol2
+    return 1.0 / np.sqrt(inv_d2) if inv_d2 > 0 else (np.inf if inv_d2 == 0 else np.nan)
+
+
+@njit(nogil=True)
+def _position_of_d(d, zero, wavelength, unit, displacement):  # pragma: no cover - compiled
+    """A d-spacing's position on the run's axis (see :func:`radial_positions`)."""
+    rad = np.pi / 180.0
+    tth = np.nan
+    if wavelength > 0:
+        s = wavelength / (2.0 * d)
+        if np.abs(s) <= 1:
+            tth = 2.0 * np.arcsin(s) / rad
+        if displacement:
+            tth += zero * np.cos(tth * rad / 2)
+        else:
+            tth += zero
+    if unit == 1:
+        return 4.0 * np.pi * np.sin(tth * rad / 2.0) / wavelength if wavelength > 0 else 2 * np.pi / d
+    return tth
+
+
 @_kernel
 def radial_positions(hkl, cell, zero, wavelength, unit, displacement, out):  # pragma: no cover - compiled
     """Positions ``out`` (T, n) of reflections ``hkl`` (n, 3) in cells ``cell`` (T, n, 6), or
@@ -348,30 +454,80 @@ def radial_positions(hkl, cell, zero, wavelength, unit, displacement, out):  # p
     λ > 2d, and everywhere without a wavelength, ``wavelength`` 0), plus the zero shift (times
     cos θ with ``displacement``); with ``unit`` 1, Q (Å⁻¹) of that 2θ, or 2π/d without a
     wavelength."""
-    rad = np.pi / 180.0
     each = cell.shape[1] > 1
     for t in range(out.shape[0]):
         for n in range(hkl.shape[0]):
             e = n if each else 0
-            h, k, l = hkl[n, 0], hkl[n, 1], hkl[n, 2]
-            a, b, c = cell[t, e, 0], cell[t, e, 1], cell[t, e, 2]
-            ca, cb, cg = np.cos(cell[t, e, 3] * rad), np.cos(cell[t, e, 4] * rad), np.cos(cell[t, e, 5] * rad)
-            sa, sb, sg = np.sin(cell[t, e, 3] * rad), np.sin(cell[t, e, 4] * rad), np.sin(cell[t, e, 5] * rad)
-            vol2 = 1 - ca**2 - cb**2 - cg**2 + 2 * ca * cb * cg
-            inv_d2 = (h * h * sa**2 / a**2 + k * k * sb**2 / b**2 + l * l * sg**2 / c**2
-                      + 2 * k * l * (cb * cg - ca) / (b * c) + 2 * h * l * (cg * ca - cb) / (a * c)
-                      + 2 * h * k * (ca * cb - cg) / (a * b)) / vol2
-            d = 1.0 / np.sqrt(inv_d2) if inv_d2 > 0 else (np.inf if inv_d2 == 0 else np.nan)
-            tth = np.nan
-            if wavelength > 0:
-                s = wavelength / (2.0 * d)
-                if np.abs(s) <= 1:
-                    tth = 2.0 * np.arcsin(s) / rad
-                if displacement:
-                    tth += zero[t] * np.cos(tth * rad / 2)
-                else:
-                    tth += zero[t]
-            if unit == 1:
-                out[t, n] = 4.0 * np.pi * np.sin(tth * rad / 2.0) / wavelength if wavelength > 0 else 2 * np.pi / d
-            else:
-                out[t, n] = tth
+            ca, cb, cg, sa, sb, sg, vol2 = _angle_terms(cell[t, e, 3], cell[t, e, 4], cell[t, e, 5])
+            d = _d_spacing(hkl[n, 0], hkl[n, 1], hkl[n, 2], cell[t, e, 0], cell[t, e, 1], cell[t, e, 2],
+                           ca, cb, cg, sa, sb, sg, vol2)
+            out[t, n] = _position_of_d(d, zero[t], wavelength, unit, displacement)
+
+
+@_kernel
+def centre_derivs(hkl, r_phase, cell_src, base, theta, dcol, zero_col, wavelength, unit, displacement,
+                  cen, dval):  # pragma: no cover - compiled
+    """Every line's centre ``cen`` (r, R) for parameter rows ``theta`` (r, k) and its derivatives
+    ``dval`` (r, R, width) by the columns ``dcol`` (R, width) that move it: its phase's cell
+    columns (-1: none), then the zero shift (last). Line ``i`` is reflection ``hkl[i]`` of phase
+    ``r_phase[i]``, whose cell parameter ``j`` is column ``cell_src[p, j]`` of a row, or
+    ``base[p, j]`` where that is -1; positions as :func:`radial_positions`.
+
+    The derivatives are central differences: by a cell column ``c``, with the step 1e-6 times
+    the largest ``|theta[:, c]|`` of the rows (at least 1e-6; the same step for every row), by
+    the zero shift with the step 1e-4."""
+    n_rows, n_lines = cen.shape
+    width = dcol.shape[1]
+    steps = np.zeros(theta.shape[1])
+    for i in range(n_lines):
+        for q in range(width - 1):
+            col = dcol[i, q]
+            if col < 0 or steps[col] != 0.0:
+                continue
+            big = np.nan                          # the largest |value| of the rows, NaN ignored
+            for r in range(n_rows):
+                v = abs(theta[r, col])
+                if v == v and (big != big or v > big):
+                    big = v
+            steps[col] = 1e-6 * (1.0 if 1.0 > big else big)
+    hz = 1e-4
+    cell = np.zeros(6)
+    pos = np.zeros(2)
+    for r in range(n_rows):
+        zero = theta[r, zero_col]
+        for i in range(n_lines):
+            p = r_phase[i]
+            h0, k0, l0 = hkl[i, 0], hkl[i, 1], hkl[i, 2]
+            for j in range(6):
+                cell[j] = theta[r, cell_src[p, j]] if cell_src[p, j] >= 0 else base[p, j]
+            # (the angles' terms and the d-spacing, computed once where a step does not move them)
+            ca, cb, cg, sa, sb, sg, vol2 = _angle_terms(cell[3], cell[4], cell[5])
+            d = _d_spacing(h0, k0, l0, cell[0], cell[1], cell[2], ca, cb, cg, sa, sb, sg, vol2)
+            cen[r, i] = _position_of_d(d, zero, wavelength, unit, displacement)
+            up = _position_of_d(d, zero + hz, wavelength, unit, displacement)
+            dn = _position_of_d(d, zero - hz, wavelength, unit, displacement)
+            dval[r, i, width - 1] = (up - dn) / (2.0 * hz)
+            for q in range(width - 1):
+                col = dcol[i, q]
+                if col < 0:
+                    continue
+                h = steps[col]
+                angle = False
+                for j in range(6):
+                    if cell_src[p, j] == col and j >= 3:
+                        angle = True
+                for side in range(2):
+                    moved = theta[r, col] + h if side == 0 else theta[r, col] - h
+                    for j in range(6):
+                        if cell_src[p, j] == col:
+                            cell[j] = moved
+                    if angle:
+                        mca, mcb, mcg, msa, msb, msg, mvol2 = _angle_terms(cell[3], cell[4], cell[5])
+                    else:
+                        mca, mcb, mcg, msa, msb, msg, mvol2 = ca, cb, cg, sa, sb, sg, vol2
+                    dm = _d_spacing(h0, k0, l0, cell[0], cell[1], cell[2], mca, mcb, mcg, msa, msb, msg, mvol2)
+                    pos[side] = _position_of_d(dm, zero, wavelength, unit, displacement)
+                for j in range(6):
+                    if cell_src[p, j] == col:
+                        cell[j] = theta[r, col]
+                dval[r, i, q] = (pos[0] - pos[1]) / (2.0 * h)

@@ -174,25 +174,25 @@ class PhaseFitter:
                 ph["phase_area"][i, p, w] = theta[a_cols].sum()
                 total = float(cov0[a_cols[0], a_cols[0]]) if a_cols.size == 1 else float(cov0[np.ix_(a_cols, a_cols)].sum())
                 ph["phase_area_err"][i, p, w] = np.sqrt(max(total, 0.0))
-        for j, r in enumerate(self.components):
-            p, w = m.r_phase[r], m.r_window[r]
-            if not m.windows[w].x.size:
-                continue
-            area = theta[m.area_col[r]]
-            if not res.present[p]:
-                values["area"][i, j] = 0.0
-                values["height"][i, j] = 0.0
-                continue
-            fw_col = m.fwhm_col[p, w]
-            fw, eta = theta[fw_col], theta[m.eta_col[p]]
-            present[i, j] = area > 0
-            values["center"][i, j], values["center_err"][i, j] = cen[r], cen_err[r]
-            values["fwhm"][i, j], values["fwhm_err"][i, j] = fw, err[fw_col]
-            values["fwhm_left"][i, j] = values["fwhm_right"][i, j] = fw
-            values["shape"][i, j], values["shape_err"][i, j] = eta, err[m.eta_col[p]]
-            values["area"][i, j], values["area_err"][i, j] = area, err[m.area_col[r]]
-            values["height"][i, j] = area / fw * (eta * 2 / np.pi + (1 - eta) * np.sqrt(4 * np.log(2) / np.pi))
-            values["d_A"][i, j], values["d_err_A"][i, j] = d[r], d_err[r]
+        # the listed peaks, all at once: those of an absent phase empty, in a window with data
+        comps = self.components
+        p_of = m.r_phase[comps]
+        shown = m.r_has_data[comps]
+        gone = shown & ~res.present[p_of]
+        values["area"][i, gone] = 0.0
+        values["height"][i, gone] = 0.0
+        j = np.flatnonzero(shown & res.present[p_of])
+        r, p = comps[j], p_of[j]
+        fw_col, eta_col, a_col = m.fwhm_col[p, m.r_window[r]], m.eta_col[p], m.area_col[r]
+        area, fw, eta = theta[a_col], theta[fw_col], theta[eta_col]
+        present[i, j] = area > 0
+        values["center"][i, j], values["center_err"][i, j] = cen[r], cen_err[r]
+        values["fwhm"][i, j], values["fwhm_err"][i, j] = fw, err[fw_col]
+        values["fwhm_left"][i, j] = values["fwhm_right"][i, j] = fw
+        values["shape"][i, j], values["shape_err"][i, j] = eta, err[eta_col]
+        values["area"][i, j], values["area_err"][i, j] = area, err[a_col]
+        values["height"][i, j] = area / fw * (eta * 2 / np.pi + (1 - eta) * np.sqrt(4 * np.log(2) / np.pi))
+        values["d_A"][i, j], values["d_err_A"][i, j] = d[r], d_err[r]
 
     def backward(self, stored: dict, read, *, progress=None):
         """The backward pass: decisions over the whole series.
@@ -317,7 +317,7 @@ class PhaseFitter:
             lo[m.zero_col], hi[m.zero_col] = -0.5, 0.5
             again = least_squares_batch(lambda t: m.value_jac(t, res.state.cell), theta[None], fr.y0[None],
                                         fr.w[None], lower=lo, upper=hi, fixed=hold[None], max_iter=self.fit.max_iter,
-                                        normal=lambda t, _y, _w: m.normal(t, res.state.cell, fr.y0, fr.w))
+                                        normal=lambda t, _y, _w, held: m.normal(t, res.state.cell, fr.y0, fr.w, held))
             if again.success[0] and abs(again.p[0, m.zero_col]) < 0.5:
                 zeros.append(float(again.p[0, m.zero_col]))
         return float(np.median(zeros)) if zeros else 0.0

@@ -171,6 +171,13 @@ class PhaseModel:
         self._pure_windows()
         #: (R,) reflections in a window that has data points
         self.r_has_data = np.array([self.windows[w].x.size > 0 for w in self.r_window], bool)
+        # (R,) the first and last point of each reflection's window (none: nothing is inside)
+        self._r_lo = np.array([w.x[0] if w.x.size else np.inf for w in self.windows])[self.r_window]
+        self._r_hi = np.array([w.x[-1] if w.x.size else -np.inf for w in self.windows])[self.r_window]
+        #: (area column, (width column,)) of each line alone in its window for its phase: the
+        #: peaks whose shape the least squares holds while they are weak (``amplitudes``)
+        self.lone_lines = [(int(self.area_col[r]), (int(self.fwhm_col[self.r_phase[r], self.r_window[r]]),))
+                           for r in range(self.R) if len(self._refl_of[self.r_phase[r]][self.r_window[r]]) == 1]
         #: (R,) reflections listed as a window's peaks ("phase hkl")
         self.r_listed = np.zeros(self.R, bool)
         names = [p.name for p in self.phases]
@@ -239,6 +246,7 @@ class PhaseModel:
         self.r_phase = np.array(phase, int)
         self.r_window = np.array(window, int)
         self.r_hkl = np.array(hkl, int).reshape(-1, 3)
+        self._hkl_float = self.r_hkl.astype(float)      # (as the compiled positions take them)
         self.r_mult = np.array(mult, int)
         self.R = len(phase)
 
@@ -408,12 +416,12 @@ class PhaseModel:
         half a FWHM (``fwhm`` (P, W)) from its edges: a line cut by the edge cannot be fitted;
         with ``tails``, also those within :data:`_TAIL_FWHM` widths outside it."""
         cen = self.centres(cells[None], np.array([zero]))[0]
-        margin = 0.0 if fwhm is None else np.nan_to_num(0.5 * fwhm[self.r_phase, self.r_window])
-        if tails and fwhm is not None:
-            margin = -_TAIL_FWHM * np.nan_to_num(fwhm[self.r_phase, self.r_window])
-        lo = np.array([w.x[0] if w.x.size else np.inf for w in self.windows])[self.r_window]
-        hi = np.array([w.x[-1] if w.x.size else -np.inf for w in self.windows])[self.r_window]
-        return (cen >= lo + margin) & (cen <= hi - margin)
+        margin = 0.0
+        if fwhm is not None:
+            fw = fwhm[self.r_phase, self.r_window]
+            fw = np.where(np.isnan(fw), 0.0, fw)        # (no line there: no margin; widths are finite)
+            margin = -_TAIL_FWHM * fw if tails else 0.5 * fw
+        return (cen >= self._r_lo + margin) & (cen <= self._r_hi - margin)
 
     def label_index(self, window: int, phase_name: str, hkl_text: str) -> int:
         """The reflection of a listed ``"phase hkl"`` in a window (an equivalent one counts)."""
@@ -465,13 +473,7 @@ class PhaseModel:
         differences, every parameter's in one evaluation of the positions."""
         idx = [_CELL_INDEX[n] for n in self.free[p]]
         h = np.array([1e-4 * max(abs(cell[i]), 1.0) for i in idx])
-        theta = np.zeros((2 * len(idx), self.k))
-        theta[:, self.cell_cols[p]] = cell[idx]
-        for k, (col, i, hi) in enumerate(zip(self.cell_cols[p], idx, h)):
-            theta[2 * k, col] = cell[i] + hi
-            theta[2 * k + 1, col] = cell[i] - hi
-        base = np.broadcast_to(np.asarray(cell, float), (self.P, 6))
-        cells = self.cells(theta, base)[:, p]
+        cells = self.shifted_cells(p, cell[idx], h, np.asarray(cell, float))[1:]
         pos = self.positions(hkl, cells[:, None, :], 0.0)
         return np.abs(pos[0::2] - pos[1::2]) / (2 * h[:, None])
 
@@ -490,6 +492,21 @@ class PhaseModel:
                     self._cell_const[p, i] = float(v)
         self._src_at = np.nonzero(self._cell_src >= 0)
         self._const_at = np.nonzero(np.isfinite(self._cell_const))
+        # per phase, the cell parameters each of its free columns sets (b with a: hexagonal)
+        self._tied = [[np.flatnonzero(self._cell_src[p] == col) for col in self.cell_cols[p]] for p in range(self.P)]
+
+    def shifted_cells(self, p: int, values: np.ndarray, h: np.ndarray, base: np.ndarray) -> np.ndarray:
+        """(1 + 2 n, 6) full cells of phase ``p`` with its n free cell parameters at ``values``
+        (n,), then each moved by ``+h`` and ``-h`` in turn (the parameters its crystal system ties
+        to it moving with it); ``base`` (6,) fills the others: :meth:`cells` of those parameter
+        rows, for this phase alone."""
+        row = np.where(np.isfinite(self._cell_const[p]), self._cell_const[p], base)
+        out = np.repeat(row[None], 1 + 2 * len(values), axis=0)
+        for k, tied in enumerate(self._tied[p]):
+            out[:, tied] = values[k]
+            out[1 + 2 * k, tied] = values[k] + h[k]
+            out[2 + 2 * k, tied] = values[k] - h[k]
+        return out
 
     def fwhm_table(self, theta: np.ndarray) -> np.ndarray:
         """(P, W) each phase's width per window in a parameter row ``theta`` (k,); NaN where it
@@ -505,11 +522,15 @@ class PhaseModel:
 
     def centres(self, cells: np.ndarray, zero: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         """Centres (r, R) of every reflection for cells (r, P, 6) and zero shifts (r,)."""
-        r_sel = np.arange(self.R) if rows is None else rows
-        return self.positions(self.r_hkl[r_sel], cells[:, self.r_phase[r_sel], :], zero)
+        if rows is None:
+            return self.positions(self._hkl_float, cells[:, self.r_phase, :], zero)
+        return self.positions(self._hkl_float[rows], cells[:, self.r_phase[rows], :], zero)
 
-    def value_jac(self, theta: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Model (r, M) on the concatenated windows and its Jacobian (r, k, M)."""
+    def value_jac(self, theta: np.ndarray, base: np.ndarray, lines: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """Model (r, M) on the concatenated windows and its Jacobian (r, k, M). With ``lines``
+        (indices), only those lines are evaluated: leave out only lines of area 0 whose area's
+        column is not wanted (such a line adds nothing to the model, nor to any other column)."""
         r = theta.shape[0]
         f = np.zeros((r, self.n_points))
         jac = np.zeros((r, self.k, self.n_points))
@@ -517,60 +538,54 @@ class PhaseModel:
         for w, win in enumerate(self.windows):
             sl = win.points
             for d in range(win.degree + 1):
-                td = win.t ** d
+                td = self.bg_columns[w][:, d]
                 f[:, sl] += theta[:, self.bg_col[w][d]][:, None] * td
                 jac[:, self.bg_col[w][d], sl] = td
         # the lines, compiled: every line's value and Jacobian columns in one pass
-        lo, hi, fw_col, eta_col, a_col, dcol, _ = self._line_layout()
+        lo, hi, fw_col, eta_col, a_col, dcol = self._line_layout()
+        if lines is not None:
+            lo, hi, fw_col, eta_col, a_col, dcol = (v[lines] for v in (lo, hi, fw_col, eta_col, a_col, dcol))
+            cen, dval = np.ascontiguousarray(cen[:, lines]), np.ascontiguousarray(dval[:, lines])
         kernels.phase_value_jac(self.x_all, self.hw_all, lo, hi, cen, np.ascontiguousarray(theta, dtype=float),
                                 fw_col, eta_col, a_col, dcol, dval, f, jac)
         return f, jac
 
-    def normal(self, theta: np.ndarray, base: np.ndarray, y: np.ndarray, w: np.ndarray
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def normal(self, theta: np.ndarray, base: np.ndarray, y: np.ndarray, w: np.ndarray,
+               held: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """chi² (r,), JᵀW²J (r, k, k) and JᵀW²(y - f) (r, k) of parameter rows ``theta`` (r, k)
         against one frame's data ``y`` and weights ``w`` (M,): what :meth:`value_jac` gives the
         least squares, summed window by window over the columns each window depends on
-        (:func:`xrdpipe.kernels.phase_normal`) instead of over a dense (r, k, M) Jacobian."""
+        (:func:`xrdpipe.kernels.phase_normal`) instead of over a dense (r, k, M) Jacobian.
+
+        ``held`` (r, k): the columns the least squares holds in each row. A line whose area is
+        held at 0 (a phase left out of the row, a line outside its window) adds nothing to the
+        model and every derivative of it but its area's is 0: it is left out, and its area's
+        entries are 0 (the least squares does not use a held column's)."""
         r = theta.shape[0]
         cen, dval = self._centre_derivs(theta, base)
-        _, _, fw_col, eta_col, a_col, _, _ = self._line_layout()
+        _, _, fw_col, eta_col, a_col, _ = self._line_layout()
         lay = self._normal_layout()
+        theta = np.ascontiguousarray(theta, dtype=float)
+        skip = (np.zeros((r, self.R), bool) if held is None        # (C order: one compiled signature)
+                else np.ascontiguousarray(held[:, self.area_col] & (theta[:, self.area_col] == 0.0)))
         chi2, hess, grad = np.zeros(r), np.zeros((r, self.k, self.k)), np.zeros((r, self.k))
         kernels.phase_normal(self.x_all, self.hw_all, np.ascontiguousarray(y, dtype=float), np.ascontiguousarray(w, dtype=float),
-                             *lay[:9], cen, np.ascontiguousarray(theta, dtype=float), fw_col, eta_col, a_col,
-                             *lay[9:], dval, chi2, hess, grad)
+                             *lay[:9], cen, theta, fw_col, eta_col, a_col, *lay[9:], dval, skip, chi2, hess, grad)
         return chi2, hess, grad
 
     def _centre_derivs(self, theta: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Every line's centre (r, R) for parameter rows ``theta`` (r, k) and its derivatives (r,
-        R, width) by the columns that move it (:meth:`_line_layout`'s ``dcol``)."""
-        r = theta.shape[0]
-        zero = theta[:, self.zero_col]
-        # d centre / d (cell parameter, zero) by central differences on the tiny parameter
-        # vector: every shifted row's centres in one call (rows: as given, then +h and -h for
-        # each cell column, then the zero shifted by +-hz)
-        cols = [c for cc in self.cell_cols for c in cc]
-        steps = [1e-6 * max(abs(float(np.nanmax(np.abs(theta[:, c])))), 1.0) for c in cols]
-        shifted = [theta]
-        for c, h in zip(cols, steps):
-            for sign in (1.0, -1.0):
-                t = theta.copy()
-                t[:, c] += sign * h
-                shifted.append(t)
-        hz = 1e-4
-        stack = np.concatenate(shifted + [theta, theta])
-        zeros = np.concatenate([np.tile(zero, 1 + 2 * len(cols)), zero + hz, zero - hz])
-        all_cen = self.centres(self.cells(stack, base), zeros).reshape(-1, r, self.R)
-        cen = all_cen[0]
-        dcell = (all_cen[1:1 + 2 * len(cols):2] - all_cen[2:2 + 2 * len(cols):2]) / (2 * np.array(steps))[:, None, None]
-        dzero = (all_cen[-2] - all_cen[-1]) / (2 * hz)
-        # the centres' derivatives per cell column of the line's phase and per zero shift
-        _, _, _, _, _, dcol, (line, slot, which) = self._line_layout()
-        dval = np.zeros((r, self.R, dcol.shape[1]))
-        dval[:, line, slot] = dcell[which, :, line].T
-        dval[:, :, -1] = dzero
-        return np.ascontiguousarray(cen), dval
+        R, width) by the columns that move it (:meth:`_line_layout`'s ``dcol``): central
+        differences on the tiny parameter vector, compiled (:func:`kernels.centre_derivs`)."""
+        dcol = self._line_layout()[5]
+        theta = np.ascontiguousarray(theta, dtype=float)
+        cen = np.empty((theta.shape[0], self.R))
+        dval = np.zeros((theta.shape[0], self.R, dcol.shape[1]))
+        kernels.centre_derivs(self._hkl_float, self.r_phase, self._cell_src,
+                              np.where(np.isfinite(self._cell_const), self._cell_const, base), theta, dcol,
+                              self.zero_col, float(self.wavelength_A or 0.0), int(self.unit == "q_A^-1"),
+                              self.correction == "displacement", cen, dval)
+        return cen, dval
 
     def _normal_layout(self):
         """For :meth:`normal`: per window its points, its columns (background, then its lines'
@@ -578,7 +593,7 @@ class PhaseModel:
         local columns and values, its lines; per line the local columns of its area, width, eta
         and centre derivatives."""
         if self._normal is None:
-            lo, hi, fw_col, eta_col, a_col, dcol, _ = self._line_layout()
+            lo, hi, fw_col, eta_col, a_col, dcol = self._line_layout()
             W = self.W
             win_lo = np.array([w.points.start for w in self.windows], np.int64)
             win_hi = np.array([w.points.stop for w in self.windows], np.int64)
@@ -615,9 +630,7 @@ class PhaseModel:
     def _line_layout(self):
         """For the compiled model: each line's points (start, stop) on the concatenated
         abscissa, its width, eta and area columns, and the columns that move its centre (its
-        phase's cell columns, padded with -1, then the zero shift), and where each line's cell
-        derivatives come from (line, slot, index of the cell column among all phases' cell
-        columns in order)."""
+        phase's cell columns, padded with -1, then the zero shift)."""
         if self._lines is None:
             lo = np.array([self.windows[w].points.start for w in self.r_window], np.int64)
             hi = np.array([self.windows[w].points.stop for w in self.r_window], np.int64)
@@ -626,15 +639,8 @@ class PhaseModel:
             a_col = np.asarray(self.area_col, np.int64)
             width = max(len(c) for c in self.cell_cols) + 1
             dcol = np.full((self.R, width), -1, np.int64)
-            first = np.cumsum([0] + [len(c) for c in self.cell_cols])
-            line, slot, which = [], [], []
             for i, p in enumerate(self.r_phase):
                 dcol[i, :len(self.cell_cols[p])] = self.cell_cols[p]
                 dcol[i, -1] = self.zero_col
-                for q in range(len(self.cell_cols[p])):
-                    line.append(i)
-                    slot.append(q)
-                    which.append(first[p] + q)
-            self._lines = (lo, hi, fw_col, eta_col, a_col, dcol,
-                           tuple(np.array(v, np.int64) for v in (line, slot, which)))
+            self._lines = (lo, hi, fw_col, eta_col, a_col, dcol)
         return self._lines

@@ -30,7 +30,8 @@ def _fit_rows(m: PhaseModel, fr: "_Frame", rows: list[tuple[int, ...]], fit: Fit
     """Least squares of the frame for each phase subset in ``rows`` at once (one batch), from
     the working state's cells, areas and background solved linearly. The first row is the
     largest model: if it ends above a nested one (a local minimum), it is started again from
-    that one. None if the first row diverged."""
+    that one; its covariance is the only one computed (the nested rows serve the tests of
+    presence by their chi-square). None if the first row diverged."""
     st = fr.state
     outside = ~m.inside(st.cell, st.zero, _fwhm_table(m, fr), tails=True)
     starts, holds = [], []
@@ -42,17 +43,15 @@ def _fit_rows(m: PhaseModel, fr: "_Frame", rows: list[tuple[int, ...]], fit: Fit
         starts.append(theta)
         holds.append(hold)
     theta0, hold = np.array(starts), np.array(holds)
-    amps = [(int(m.area_col[r]), (int(m.fwhm_col[m.r_phase[r], m.r_window[r]]),)) for r in range(m.R)
-            if len(m._refl_of[m.r_phase[r]][m.r_window[r]]) == 1]
     base = st.cell.copy()
     lower, upper, order_cols, signs = _bounds(m, fr, rows[0], found)
 
     def run(theta, hold_rows):
         return least_squares_batch(lambda t: m.value_jac(t, base), theta, np.broadcast_to(fr.y0, theta.shape[:1] + fr.y0.shape),
                                    np.broadcast_to(fr.w, theta.shape[:1] + fr.w.shape), lower=lower, upper=upper,
-                                   fixed=hold_rows, max_iter=fit.max_iter, amplitudes=amps, weak_z=2.0,
-                                   must_move=np.arange(theta.shape[0]) == 0,
-                                   normal=lambda t, _y, _w: m.normal(t, base, fr.y0, fr.w))
+                                   fixed=hold_rows, max_iter=fit.max_iter, amplitudes=m.lone_lines, weak_z=2.0,
+                                   must_move=np.arange(theta.shape[0]) == 0, covariance=[0],
+                                   normal=lambda t, _y, _w, held: m.normal(t, base, fr.y0, fr.w, held))
 
     res = run(theta0, hold)
     res.chi2 = np.where(res.status >= 0, res.chi2, np.inf)
@@ -188,11 +187,10 @@ def window_scaled(m: PhaseModel, w: np.ndarray, jac: np.ndarray, cov: np.ndarray
     if not free.any() or np.all(scale == 1.0):
         return cov
     unit, d = _unit_covariance(cov, free)
-    jw = jac[free] * w * d[:, None]                 # scaled to the esds: a well-conditioned product
     meat = np.zeros((d.size, d.size))
     for i, win in enumerate(m.windows):
         if scale[i] != 1.0:
-            jp = jw[:, win.points]
+            jp = jac[:, win.points][free] * w[win.points] * d[:, None]   # scaled to the esds: well conditioned
             meat += (scale[i] - 1.0) * (jp @ jp.T)
     out = cov.copy()
     out[np.ix_(free, free)] = (unit + unit @ meat @ unit) * np.outer(d, d)
@@ -218,13 +216,17 @@ def residual_scaled(w: np.ndarray, jac: np.ndarray, cov: np.ndarray, resid: np.n
 
 def _result(m: PhaseModel, fr: _Frame, theta: np.ndarray, cov: np.ndarray, present: np.ndarray, decision, ok: bool,
             message: str) -> FrameResult:
-    f, jac = m.value_jac(theta[None], fr.state.cell)
+    free = np.isfinite(np.diagonal(cov))
+    # (the Jacobian is wanted in the free columns only: an empty line of an area not free, a
+    # phase left out, adds nothing there)
+    f, jac = m.value_jac(theta[None], fr.state.cell, np.flatnonzero((theta[m.area_col] != 0) | free[m.area_col]))
     resid = (fr.y0 - f[0]) * fr.w
     chi2_w = np.array([float(resid[w.points] @ resid[w.points]) for w in m.windows])
     n_w = np.array([int(np.count_nonzero(fr.w[w.points] > 0)) for w in m.windows])
-    touched = np.abs(jac[0]) * (fr.w > 0) > 0
-    free = np.isfinite(np.diagonal(cov))
-    nv = np.array([int(np.count_nonzero(free & touched[:, w.points].any(axis=1))) for w in m.windows])
+    # the free parameters that move a valid point of each window
+    touched = np.abs(jac[0, free]) > 0
+    valid = fr.w > 0
+    nv = np.array([int(np.count_nonzero(touched[:, w.points][:, valid[w.points]].any(axis=1))) for w in m.windows])
     with np.errstate(invalid="ignore"):
         err = np.sqrt(np.diagonal(cov))
     if fr.has_errors and m.fit.esd_scale == "auto":
@@ -261,25 +263,13 @@ def initial_state(m: PhaseModel, zero: float = 0.0) -> PhaseState:
                       np.full((m.P, m.W), np.nan))
 
 
-def _shifted(m: PhaseModel, theta: np.ndarray, cols: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of ``theta`` shifted by ``+h`` then ``-h`` in each column of ``cols`` in turn (2 n,
-    k), and the steps ``h`` (n,): central differences of every column in one evaluation."""
-    cols = np.asarray(cols, dtype=int)
-    h = 1e-6 * np.maximum(np.abs(theta[cols]), 1.0)
-    rows = np.repeat(theta[None], 2 * cols.size, axis=0)
-    idx = np.arange(cols.size)
-    rows[2 * idx, cols] += h
-    rows[2 * idx + 1, cols] -= h
-    return rows, h
-
-
 def _volume(m: PhaseModel, p: int, theta: np.ndarray, cov: np.ndarray, base: np.ndarray) -> tuple[float, float]:
     """A phase's cell volume and its esd (gradient by central differences, full covariance)."""
     from ..crystallography import cell_volume
 
     cols = m.cell_cols[p]
-    rows, h = _shifted(m, theta, cols)
-    c = m.cells(np.concatenate([theta[None], rows]), base)[:, p]
+    h = 1e-6 * np.maximum(np.abs(theta[cols]), 1.0)
+    c = m.shifted_cells(p, theta[cols], h, base[p])
     vol = cell_volume("P1", c[:, 0], c[:, 2], c[:, 1], c[:, 4], c[:, 3], c[:, 5])
     grad = (vol[1::2] - vol[2::2]) / (2 * h)
     with np.errstate(invalid="ignore"):
@@ -287,25 +277,22 @@ def _volume(m: PhaseModel, p: int, theta: np.ndarray, cov: np.ndarray, base: np.
 
 
 def centre_esd(m: PhaseModel, theta: np.ndarray, cov: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Centres (R,) of every reflection and their esds from the cell covariance."""
-    cols = [c for cc in m.cell_cols for c in cc]
-    rows, h = _shifted(m, theta, cols)
-    stack = np.concatenate([theta[None], rows])
-    every = m.centres(m.cells(stack, base), np.full(stack.shape[0], theta[m.zero_col]))
-    cen = every[0]
+    """Centres (R,) of every reflection and their esds from the cell covariance (the centres'
+    derivatives by central differences, :meth:`PhaseModel._centre_derivs`)."""
+    cen, dval = m._centre_derivs(theta[None], base)
     err = np.full(m.R, np.nan)
-    at = {c: j for j, c in enumerate(cols)}
     for p in range(m.P):
         refl = np.flatnonzero(m.r_phase == p)
         if not refl.size:
             continue
-        js = [at[c] for c in m.cell_cols[p]]
-        jac = ((every[1 + 2 * np.array(js, dtype=int)][:, refl] - every[2 + 2 * np.array(js, dtype=int)][:, refl])
-               / (2 * h[js])[:, None]).T
-        sub = cov[np.ix_(m.cell_cols[p], m.cell_cols[p])]
+        cols = m.cell_cols[p]
+        # (lines, cell columns) laid out as the einsum has always been given it: the product's
+        # order of summation follows the layout
+        jac = np.ascontiguousarray(dval[0][refl][:, :len(cols)].T).T
+        sub = cov[np.ix_(cols, cols)]
         with np.errstate(invalid="ignore"):
             err[refl] = np.sqrt(np.einsum("ri,ij,rj->r", jac, sub, jac))
-    return cen, err
+    return cen[0], err
 
 
 def d_of(m: PhaseModel, cen: np.ndarray, err: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
