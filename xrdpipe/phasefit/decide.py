@@ -548,6 +548,9 @@ def _decide(m: PhaseModel, fr: "_Frame", state: PhaseState, present: list[int], 
             a, b = redundant[0]
             worst = b if _moved(m, res, present, st, state, keep=a, drop=b) <= \
                 _moved(m, res, present, st, state, keep=b, drop=a) else a
+        if worst in swaps and (took := _in_place_of(m, fr, worst, m.cells(res.p[:1], st.cell)[0])):
+            # the phase it pushed aside starts again where it was in the frame before
+            st.cell[took[0]] = fr.before[took[0]]
         decision[worst] = fails[worst]
         present.remove(worst)
         held.clear()            # what was held against the dropped phase is free again
