@@ -105,8 +105,9 @@ def _bounds(m: PhaseModel, fr: "_Frame", largest: Sequence[int], found: set[int]
         if np.count_nonzero(np.isfinite(widths)) >= 3:
             for k, (w, col) in enumerate(cols):
                 others = np.delete(widths, k)
-                floor = _WIDTH_FLOOR * float(np.nanmedian(others))
-                lower[col] = min(max(lower[col], floor), upper[col])
+                if np.isfinite(others).any():
+                    floor = _WIDTH_FLOOR * float(np.nanmedian(others))
+                    lower[col] = min(max(lower[col], floor), upper[col])
     # two phases that could be confused do not cross in the least squares either: each stays on
     # its side of the midpoint between their start values
     order_cols: set[int] = set()
