@@ -582,7 +582,6 @@ def test_compiled_positions_equal_the_crystallography_functions():
             np.testing.assert_array_equal(got[r, p], full_cell(spec.space_group, v["a"], v.get("c")))
 
 
-
 def test_each_window_scales_the_esds_of_what_it_determines():
     """Per-window scaling of the covariance (solve.window_scaled), against the analytic answer
     of a linear least squares: parameter 0 is fixed by window A alone, parameter 1 by window B
@@ -681,7 +680,7 @@ def test_far_tails_of_strong_lines_are_subtracted_from_the_other_windows(monkeyp
     assert np.median(plain.redchi[:, w015]) > 5, plain.redchi
 
 
-def test_a_weak_line_beside_a_similar_phases_strong_one_keeps_a_line_width(monkeypatch):
+def test_a_weak_line_beside_a_similar_phases_strong_one_keeps_a_line_width():
     """O3 -> P3 1.1 FWHM apart, typed cells 0.6-2 % below: where P3 appears (11 %) its (104)
     line sits on the flank of O3's, and its width there collapsed onto the lower bound (one
     radial step, 0.004° against 0.11° in its other windows), a spike fitting O3's profile; P3's
