@@ -29,19 +29,28 @@ def _on_lines_of(m: PhaseModel, fr: "_Frame", p: int, cell: np.ndarray, present:
             continue
         far = 0.0
         for i in mine:
-            twin = np.flatnonzero((m.r_phase == q) & (m.r_window == m.r_window[i]) & np.all(m.r_hkl == m.r_hkl[i], axis=1))
-            if not twin.size:
+            twin = _twin(m, q, i)
+            if twin is None:
                 far = np.inf
                 break
-            w = int(m.r_window[i])
-            # in q's narrower width, now or in the frame before (q broadens where a newcomer
-            # grows beside it: two lines 1 FWHM apart are not one)
-            width = min(fr.fwhm_of(q, w), fr.before_fwhm[q, w]) if np.isfinite(fr.before_fwhm[q, w]) \
-                else fr.fwhm_of(q, w)
-            far = max(far, abs(cen[i] - cen[twin[0]]) / width)
+            far = max(far, abs(cen[i] - cen[twin]) / _narrower_width(fr, q, int(m.r_window[i])))
         if far <= _SAME_LINE:
             return q, far
     return None
+
+
+def _twin(m: PhaseModel, q: int, i: int) -> int | None:
+    """Phase ``q``'s row of reflection ``i``'s hkl in the same window, or None."""
+    twin = np.flatnonzero((m.r_phase == q) & (m.r_window == m.r_window[i]) & np.all(m.r_hkl == m.r_hkl[i], axis=1))
+    return int(twin[0]) if twin.size else None
+
+
+def _narrower_width(fr: "_Frame", q: int, w: int) -> float:
+    """Phase ``q``'s narrower FWHM in window ``w``, now or in the frame before: the unit of the
+    rules of one line (q broadens where a newcomer grows beside it: two lines 1 FWHM apart are
+    not one)."""
+    now = fr.fwhm_of(q, w)
+    return min(now, fr.before_fwhm[q, w]) if np.isfinite(fr.before_fwhm[q, w]) else now
 
 
 def _in_place_of(m: PhaseModel, fr: "_Frame", p: int, cells: np.ndarray) -> tuple[int, float] | None:
@@ -65,13 +74,11 @@ def _in_place_of(m: PhaseModel, fr: "_Frame", p: int, cells: np.ndarray) -> tupl
             continue
         taken = []
         for i in mine:
-            twin = np.flatnonzero((m.r_phase == q) & (m.r_window == m.r_window[i]) & np.all(m.r_hkl == m.r_hkl[i], axis=1))
-            if not twin.size:
+            twin = _twin(m, q, i)
+            if twin is None:
                 continue
-            w = int(m.r_window[i])
-            width = min(fr.fwhm_of(q, w), fr.before_fwhm[q, w]) if np.isfinite(fr.before_fwhm[q, w]) \
-                else fr.fwhm_of(q, w)
-            far, own = abs(now[i] - was[twin[0]]) / width, abs(now[i] - was[i]) / width
+            width = _narrower_width(fr, q, int(m.r_window[i]))
+            far, own = abs(now[i] - was[twin]) / width, abs(now[i] - was[i]) / width
             if far <= _SAME_LINE and far < own:
                 taken.append(far)
         if taken and 2 * len(taken) >= mine.size:

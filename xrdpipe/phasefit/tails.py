@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..lineshapes import pseudo_voigt
+from .frame import FrameResult, _Frame
+from .solve import _fit_rows, _result
 
 if TYPE_CHECKING:
     from ..config import FitSpec
-    from .frame import FrameResult
     from .model import PhaseModel
 
 #: Tails are subtracted where they reach this share of an esd at some point of a window (less
@@ -70,9 +71,6 @@ def without_far_tails(m: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, re
     the tails stay below :data:`_FAR_TAIL_ESD` of an esd everywhere (or, without esds, below
     that share of the data's scatter), or the second fit fails. The decisions are ``res``'s,
     each present phase's ending with the largest tail subtracted."""
-    from .frame import _Frame
-    from .solve import _fit_rows, _result
-
     if not res.success or not res.present.any():
         return res
     tails = far_tails(m, res.theta, res.state.cell, res.present)
