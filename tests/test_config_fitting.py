@@ -75,12 +75,13 @@ def test_the_readme_lattice_example_is_valid(config_folder):
 
 
 def test_fit_keys_added_later_leave_old_runs_up_to_date():
-    """[fit] instrument / instrument_sd at their defaults are not part of the stage and run-file
-    keys (a run made before them is not refitted); set, they are."""
+    """[fit] instrument / instrument_sd / naming at their defaults are not part of the stage and
+    run-file keys (a run made before them is not refitted); set, they are."""
     from xrdpipe.config import FitSpec
 
     old = FitSpec().model_dump(mode="json", exclude={"workers"})
-    old = {k: v for k, v in old.items() if k not in ("instrument", "instrument_sd")}
+    old = {k: v for k, v in old.items() if k not in ("instrument", "instrument_sd", "naming")}
     assert FitSpec().key(exclude={"workers"}) == old
     assert FitSpec(instrument="none").key(exclude={"workers"})["instrument"] == "none"
     assert FitSpec(instrument_sd=0.013).key(exclude={"workers"})["instrument_sd"] == 0.013
+    assert FitSpec(naming="frame").key(exclude={"workers"})["naming"] == "frame"

@@ -184,7 +184,7 @@ class WindowSpec(Spec):
 
 
 #: [fit] keys added after runs existed, with their defaults (:meth:`FitSpec.key`)
-_ADDED_LATER = {"instrument": "auto", "instrument_sd": None}
+_ADDED_LATER = {"instrument": "auto", "instrument_sd": None, "naming": "series"}
 
 
 class FitSpec(Spec):
@@ -221,6 +221,10 @@ class FitSpec(Spec):
     ``instrument_sd`` (radial unit) gives a constant one instead of the record (e.g. for imported
     patterns of a known detector). ``"none"`` point samples always (the line's FWHM then includes
     the instrument's blur).
+    ``naming = "series"`` (default; the phase model): where the first lines of two similar phases
+    (P2 and P''2, O3 and P3) are named by the nearer typed cell, the series is fitted again with
+    the other name and the run that fits the whole series better (summed BIC, by a margin) is
+    kept; ``"frame"`` keeps the first frame's choice.
     """
 
     model: Literal["phases", "peaks"] = "phases"
@@ -237,6 +241,7 @@ class FitSpec(Spec):
     backward_share: float = Field(default=0.3, gt=0, le=1)
     instrument: Literal["auto", "none"] = "auto"
     instrument_sd: float | None = Field(default=None, ge=0)
+    naming: Literal["series", "frame"] = "series"
 
     def key(self, exclude: set[str] = frozenset()) -> dict:
         """The settings as the keys of stages and run files see them: keys added after runs

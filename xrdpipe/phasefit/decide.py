@@ -43,17 +43,23 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
     frame's lines in the other windows are subtracted and the frame fitted again by least squares
     (:func:`~xrdpipe.phasefit.tails.without_far_tails`)."""
     steady = _fit_steady(model, y, sigma, state, fit)
-    if steady is not None:
-        res = _unaliased(model, y, sigma, steady, fit, centre)
-    else:
-        res = _unaliased(model, y, sigma, _fit_frame_searched(model, y, sigma, state, fit, centre), fit, centre)
-    res = _searched_afresh(model, y, sigma, state, res, fit, centre)
+    first = steady if steady is not None else _fit_frame_searched(model, y, sigma, state, fit, centre)
+    res = _named_as(_unaliased(model, y, sigma, first, fit, centre), first)
+    res = _named_as(_searched_afresh(model, y, sigma, state, res, fit, centre), res)
     if not res.success:
         return res
     # (the misfit the next frame compares with is that of the fit the decisions were made on)
     redchi = _window_redchi(res)
-    res = without_far_tails(model, y, sigma, res, fit)
+    res = _named_as(without_far_tails(model, y, sigma, res, fit), res)
     res.state.redchi = redchi
+    return res
+
+
+def _named_as(res: FrameResult, before: FrameResult) -> FrameResult:
+    """``res`` (a frame's solution worked on from ``before``) still saying how ``before`` named
+    a phase by the typed cells (``FrameResult.named``), where that phase is still present."""
+    if res is not before and res.named is None and before.named is not None and res.present[before.named[0]]:
+        res.named = before.named
     return res
 
 
@@ -108,7 +114,7 @@ def _fit_frame_searched(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | No
                           if d.startswith("absent: no line at") or "unlike those it had alone" in d)
     if not impostors or not first.success:
         return first
-    second = _fit_frame_once(model, y, sigma, state, fit, impostors, centre)
+    second = _named_as(_fit_frame_once(model, y, sigma, state, fit, impostors, centre), first)
     gain = _bic(model, first) - _bic(model, second)
     if not second.success or gain <= 0:
         return first
@@ -461,10 +467,25 @@ def _join(m: PhaseModel, fr: "_Frame", present: list[int], absent: list[int], de
         dist, p, cell, _ = tied[0]
         similar = {b for a, b, _, _ in m.order if a == p}
         rival = next((t for t in tied[1:] if t[1] in similar), None)
+        unseen = [r for r in range(m.P) if np.array_equal(st.cell[r], m.cell0[r])]
+        which = "typed"
+        if rival is None and p in unseen:
+            # lines no phase searched so far explains (another phase's, the current
+            # collector's) inflate the chi-square of every search alike: two similar phases
+            # fitted to the same lines then differ by more than the noise. Within the tie scaled
+            # by the misfit left, the other stays a rival for the whole-series naming check
+            loose = best + (2 * np.sqrt(2 * n_valid) + fit.bic_threshold) * max(1.0, best / max(n_valid, 1))
+            rival = next((t for t in found if t[1] in similar and t[1] != p and t[3] <= loose), None)
+            which = "fit"
         if rival is not None:
             # (distances from each phase's last cell: the typed one until the phase is seen)
-            typed = all(np.array_equal(st.cell[r], m.cell0[r]) for r in (p, rival[1]))
-            fr.named[p] = (rival[1], dist, rival[0], "typed" if typed else "last")
+            typed = p in unseen and rival[1] in unseen
+            if typed and m.naming.get(frozenset((p, rival[1]))) == rival[1]:
+                # the whole-series naming check's other run: the other name, whatever is nearer
+                (dist, p, cell, _), rival = rival, (dist, p, cell, _)
+                fr.named[p] = (rival[1], dist, rival[0], "series")
+            else:
+                fr.named[p] = (rival[1], dist, rival[0], which if typed else "last")
         st.cell[p] = cell
         present.append(p)
         absent.remove(p)
@@ -648,8 +669,15 @@ def _present_text(m: PhaseModel, fr: "_Frame", p: int, gain: float, found_now: s
     if p in found_now and p in fr.named:
         # the lines could have been either phase's: say why they carry this name
         q, d_p, d_q, which = fr.named[p]
-        text += (f"; named {m.phases[p].name}, not {m.phases[q].name}: its {which} cell is nearer "
-                 f"({d_p:.2f} against {d_q:.2f} of the search range)")
+        if which == "series":
+            text += (f"; named {m.phases[p].name}, not {m.phases[q].name}, by the whole-series naming check "
+                     f"(typed cells {d_p:.2f} against {d_q:.2f} of the search range)")
+        elif which == "fit":
+            text += (f"; named {m.phases[p].name}, not {m.phases[q].name}: its search fits the lines a little "
+                     f"better (typed cells {d_p:.2f} against {d_q:.2f} of the search range)")
+        else:
+            text += (f"; named {m.phases[p].name}, not {m.phases[q].name}: its {which} cell is nearer "
+                     f"({d_p:.2f} against {d_q:.2f} of the search range)")
     # (a phase whose areas are unlike its own is a suspect: the frame is fitted again without
     # it, and the better of the two kept, in fit_frame)
     if suspect := _unlike(m, fr.state, areas, inner, p):
@@ -719,6 +747,7 @@ def _finish(m: PhaseModel, fr: "_Frame", res, present: list[int], decision: list
     ok = bool(res.status[0] != -1)
     message = "" if res.status[0] == 1 else f"no convergence in {fit.max_iter} iterations"
     out = _result(m, fr, res.p[0], res.cov[0], keep, decision, ok, message)
+    out.named = next(((p, q) for p, (q, _, _, which) in fr.named.items() if keep[p] and which != "last"), None)
     alone = [p for p in present if m.phases[p].fraction]
     if ok and len(alone) == 1:
         # the only phase (with a fraction) present: its areas are its own relative intensities

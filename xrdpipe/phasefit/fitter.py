@@ -4,6 +4,7 @@ appeared is strong, and :func:`fit_phases` for an in-memory pattern stack."""
 
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import numpy as np
@@ -124,7 +125,8 @@ class PhaseFitter:
               "phase_volume_err": np.full((n, P), np.nan), "phase_ref_area": np.full((n, P, W), np.nan),
               "phase_bic": np.full(n, np.nan), "forward_cell": np.full((n, P, 6), np.nan),
               "forward_present": np.full((n, P), np.nan), "forward_fwhm": np.full((n, P, W), np.nan),
-              "forward_eta": np.full((n, P), np.nan), "forward_ref_area": np.full((n, P, W), np.nan)}
+              "forward_eta": np.full((n, P), np.nan), "forward_ref_area": np.full((n, P, W), np.nan),
+              "phase_named": np.full((n, P), np.nan)}
         return (values, np.zeros((n, n_c), bool), np.zeros((n, W), bool), np.full((n, W), np.nan),
                 np.full((n, W), "", dtype=object), ph)
 
@@ -150,6 +152,8 @@ class PhaseFitter:
         ph["phase_decision"][i] = res.decision
         if not res.success:
             return
+        if res.named is not None:
+            ph["phase_named"][i, res.named[0]] = res.named[1]
         ph["phase_bic"][i] = _bic(m, res)
         with np.errstate(all="ignore"):
             redchi[i] = res.chi2_window / np.maximum(res.n_window - res.nvary_window, 1)
@@ -290,12 +294,26 @@ class PhaseFitter:
             ph["forward_cell"][k], ph["forward_present"][k] = fwd.cell, fwd.present
             ph["forward_fwhm"][k], ph["forward_eta"][k] = fwd.fwhm, fwd.eta
             ph["forward_ref_area"][k] = fwd.ref_area if fwd.ref_area is not None else np.nan
+            if "phase_named" in stored:     # how the forward pass named the phases stays known
+                ph["phase_named"][k] = np.where(np.isnan(ph["phase_named"][k]), stored["phase_named"][j],
+                                                ph["phase_named"][k])
         time_s = stored.get("time_s")
         table = PeakTable(rows, np.full(rows.size, np.nan) if time_s is None else np.asarray(time_s, float)[rows],
                           self.windows, self.peaks, values, pres, success, redchi, message)
         table.phase = ph
         table.phase_names = self.phase_names
         return rows, table
+
+    def other_naming(self, p: int, q: int) -> "PhaseFitter":
+        """A fitter for the whole-series naming check: like this one, started afresh, except that
+        where lines either of the similar phases ``p`` and ``q`` could carry are named by their
+        typed cells (neither seen yet), ``q`` takes them (see :func:`naming_verdict`)."""
+        other = copy.copy(self)
+        other.model = copy.copy(self.model)
+        other.model.naming = {**self.model.naming, frozenset((p, q)): q}
+        other.state = initial_state(other.model)
+        other._zero_known = other.model.correction == "none"
+        return other
 
     def _estimate_zero(self, y: np.ndarray, sigma: np.ndarray | None) -> float:
         """The run's zero shift (or displacement): the median over the first frames of a fit in
@@ -321,6 +339,47 @@ class PhaseFitter:
             if again.success[0] and abs(again.p[0, m.zero_col]) < 0.5:
                 zeros.append(float(again.p[0, m.zero_col]))
         return float(np.median(zeros)) if zeros else 0.0
+
+
+def first_tie(named: np.ndarray) -> tuple[int, int, int] | None:
+    """(row, p, q): the first frame where phase ``p`` was named by the typed cells while the
+    similar phase ``q`` could have carried its lines (``phase_named``, (frame, phase): the index
+    of that other phase, NaN elsewhere), or None."""
+    named = np.asarray(named, float)
+    rows, ps = np.nonzero(np.isfinite(named))
+    if not rows.size:
+        return None
+    return int(rows[0]), int(ps[0]), int(named[rows[0], ps[0]])
+
+
+def naming_verdict(bic: np.ndarray, other: np.ndarray, fit: FitSpec) -> tuple[bool, float, float]:
+    """Whether the series fitted again with the other name (:meth:`PhaseFitter.other_naming`;
+    per-frame BIC ``other``) is to be kept instead of the first (``bic``); the difference of
+    their summed BIC (other minus first, over the frames both fitted) and the margin it must
+    beat.
+
+    Two similar phases (P2 and P''2, O3 and P3) typed a percent or two off can each be nearer the
+    first lines seen: the first frame cannot tell which phase they are; the whole series can
+    (the other phase appears later, within its own search range, with its own intensities). The
+    other run is kept if it fits the series better by ``max(bic_threshold, 10 √n)`` (n frames
+    fitted): between two runs that differ by noise alone (a clean tie) the summed BIC wanders by
+    a few units per √frame, so this margin leaves the first frame's choice in place unless the
+    series disagrees with it. A run that fails in a frame the first one fitted is never kept."""
+    bic, other = np.asarray(bic, float), np.asarray(other, float)
+    both = np.isfinite(bic) & np.isfinite(other)
+    delta = float(np.sum(other[both] - bic[both]))
+    margin = max(fit.bic_threshold, 10.0 * np.sqrt(max(int(both.sum()), 1)))
+    lost = bool(np.any(np.isfinite(bic) & ~np.isfinite(other)))
+    return (delta < -margin and not lost), delta, margin
+
+
+def naming_note(names: Sequence[str], p: int, q: int, taken: bool, delta: float, margin: float) -> str:
+    """What the naming check adds to the decision of the phase at the first frame's tie: ``p``
+    was named by its nearer typed cell, ``q`` the other name; ``taken``: the run with ``q`` kept."""
+    if taken:
+        return f"; the whole series named {names[p]} here fits worse by ΔBIC {-delta:.0f}"
+    return (f"; the whole series named {names[q]} here fits no better (ΔBIC {delta:+.0f}; "
+            f"{-margin:.0f} or lower needed)")
 
 
 def _backward_starts(m: PhaseModel, fit: FitSpec, stored: dict, present: np.ndarray) -> dict[int, list[int]]:
@@ -368,8 +427,10 @@ def _stored_state(m: PhaseModel, stored: dict, r: int, forward: bool = False) ->
 def fit_phases(patterns, phases: Sequence[PhaseSpec], windows: Sequence[WindowSpec], fit: FitSpec = FitSpec(),
                lattice: LatticeSpec = LatticeSpec()) -> PeakTable:
     """The phase model in every frame of an in-memory :class:`~xrdpipe.run.store.Patterns` stack,
-    frame after frame; frames that failed integration are kept as failed rows. For a run file
-    on disk (streamed, resumable) use :func:`xrdpipe.run.fit.fit_experiment`.
+    frame after frame; frames that failed integration are kept as failed rows. Then the backward
+    pass (``fit.backward``) and the whole-series naming check (``fit.naming``,
+    :func:`naming_verdict`). For a run file on disk (streamed, resumable) use
+    :func:`xrdpipe.run.fit.fit_experiment`.
 
     Example
     -------
@@ -384,13 +445,26 @@ def fit_phases(patterns, phases: Sequence[PhaseSpec], windows: Sequence[WindowSp
     usable = status == 1
     reasons = [("frame not integrated: " + str(msg)) if not u else "" for u, msg in
                zip(usable, patterns.frames.get("message", [""] * n))]
-    table = fitter.fit_block(patterns.intensity, patterns.sigma, frame=np.arange(n),
-                             time_s=patterns.frames.get("time_s", np.full(n, np.nan)), usable=usable, reasons=reasons)
-    if fit.backward:
-        sigma = patterns.sigma if patterns.sigma is not None else np.full(patterns.intensity.shape, np.nan)
-        back = fitter.backward(table.phase, lambda a, b: (patterns.intensity[a:b], sigma[a:b]))
-        if back is not None:
-            _replace_rows(table, *back)
+    sigma = patterns.sigma if patterns.sigma is not None else np.full(patterns.intensity.shape, np.nan)
+
+    def series(fitter: PhaseFitter) -> PeakTable:
+        table = fitter.fit_block(patterns.intensity, patterns.sigma, frame=np.arange(n),
+                                 time_s=patterns.frames.get("time_s", np.full(n, np.nan)), usable=usable,
+                                 reasons=reasons)
+        if fit.backward:
+            back = fitter.backward(table.phase, lambda a, b: (patterns.intensity[a:b], sigma[a:b]))
+            if back is not None:
+                _replace_rows(table, *back)
+        return table
+
+    table = series(fitter)
+    tie = first_tie(table.phase["phase_named"]) if fit.naming == "series" else None
+    if tie is not None:
+        row, p, q = tie
+        other = series(fitter.other_naming(p, q))
+        taken, delta, margin = naming_verdict(table.phase["phase_bic"], other.phase["phase_bic"], fit)
+        table, named = (other, q) if taken else (table, p)
+        table.phase["phase_decision"][row, named] += naming_note(fitter.phase_names, p, q, taken, delta, margin)
     return concat_tables([table])
 
 

@@ -54,7 +54,8 @@ _REACH = 3.0
 #: Per (frame, phase[, window]) arrays the phase model stores beside the peaks.
 PHASE_ARRAYS = ("phase_cell", "phase_cell_err", "phase_present", "phase_area", "phase_area_err", "phase_fwhm",
                 "phase_eta", "zero", "phase_decision", "phase_volume", "phase_volume_err", "phase_ref_area",
-                "phase_bic", "forward_cell", "forward_present", "forward_fwhm", "forward_eta", "forward_ref_area")
+                "phase_bic", "forward_cell", "forward_present", "forward_fwhm", "forward_eta", "forward_ref_area",
+                "phase_named")
 #: How many frames the backward pass goes back from a frame where a phase that appeared is
 #: strong, at most.
 _BACKWARD_MAX = 60
@@ -136,6 +137,10 @@ class PhaseModel:
             raise ValueError("the phase model needs the wavelength of a 2θ axis")
         self.phases = tuple(phases)
         self.fit = fit
+        #: the whole-series naming check's other run (:func:`~xrdpipe.phasefit.fitter.other_naming`):
+        #: {frozenset((p, q)): r}, where lines that either of two similar phases could carry are
+        #: named by their typed cells (neither seen yet), phase r takes them whichever cell is nearer
+        self.naming: dict[frozenset, int] = {}
         self.correction = lattice.correction
         self.unit, self.wavelength_A = unit, wavelength_A
         radial = np.asarray(radial, float)

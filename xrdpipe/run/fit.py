@@ -38,6 +38,8 @@ class FitSummary:
     phases: dict[str, int] = field(default_factory=dict)
     #: frames whose solution the phase model's backward pass replaced
     revised: int = 0
+    #: what the phase model's whole-series naming check found ("" if it did not run)
+    naming: str = ""
 
     def __str__(self) -> str:
         lines = [f"{self.total} frame(s): {self.fitted} fitted now, {self.skipped} already done"
@@ -46,6 +48,8 @@ class FitSummary:
         if self.revised:
             lines.append(f"backward pass: {self.revised} frame(s) fitted better going back from where a phase "
                          "that appeared is strong")
+        if self.naming:
+            lines.append(f"naming check: {self.naming}")
         if self.restarted:
             lines.append("the fit settings changed since the last run: every frame was fitted again")
         if self.phases:
@@ -98,12 +102,16 @@ def fit_experiment(exp: Experiment, *, restart: bool = False, progress: bool = T
             summary.waiting = int((~done & (np.arange(n) >= reach)).sum())
             if phase_model and rows.size:
                 store.backward_through = 0      # the backward pass goes over the series again
+                store.named_through = 0         # and so does the naming check
             summary.fitted = _forward(fitter, store, info, rows, block, st.bar(int(rows.size)), phase_model)
             if phase_model and fit.backward and reach == n and store.backward_through < n:
                 # every frame is there: the backward pass over the whole series (once; again
                 # when frames were added)
                 summary.revised = _backward(fitter, store, st.bar(n, "fit (backward pass)"))
                 store.backward_through = n
+            if phase_model and fit.naming == "series" and reach == n and store.named_through < n:
+                summary.naming = _naming(fitter, store, info, block, st, _fingerprint(exp, fit, info, block))
+                store.named_through = n
         _count(summary, read_peak_table(exp.run.run_file), RunPaths.of(exp))
     return summary
 
@@ -168,6 +176,45 @@ def _backward(fitter, store: PeakStore, bar) -> int:
     store.write(rows, revised.values, revised.present, revised.success, revised.redchi, revised.message,
                 revised.phase)
     return int(rows.size)
+
+
+def _naming(fitter, store: PeakStore, info: RunInfo, block: int, st, fingerprint: dict) -> str:
+    """The phase model's whole-series naming check (:func:`~xrdpipe.phasefit.fitter.naming_verdict`):
+    where the first frame's lines were named by the nearer of two similar phases' typed cells,
+    the series fitted again with the other name in ``/entry/peaks_other_naming`` (resumable;
+    frames added later extend it), and that run's results taken into ``/entry/peaks`` if it fits
+    the series better. What it found, for the summary ("" if there was no such frame)."""
+    from ..phasefit.fitter import first_tie, naming_note, naming_verdict
+
+    n = store.done.size
+    stored = store.stored(n)
+    tie = first_tie(stored["phase_named"]) if "phase_named" in stored else None   # (an older run file)
+    if tie is None:
+        return ""
+    row, p, q = tie
+    names = fitter.phase_names
+    pair = sorted((p, q))
+
+    def other_fingerprint(named: int) -> dict:
+        return {**fingerprint, "naming": {"phases": [names[i] for i in pair], "named": names[named]}}
+
+    other_fitter = fitter.other_naming(p, q)
+    other = store.other_naming(other_fingerprint(q))
+    rows = np.flatnonzero(~other.done)
+    _forward(other_fitter, other, info, rows, block, st.bar(int(rows.size), "fit (naming check)"), True)
+    if other_fitter.fit.backward and other.backward_through < n:
+        _backward(other_fitter, other, st.bar(n, "fit (naming check, backward pass)"))
+        other.backward_through = n
+    taken, delta, margin = naming_verdict(stored["phase_bic"], other.stored(n)["phase_bic"], fitter.fit)
+    if taken:
+        store.take(other, other_fingerprint(p))
+    named = q if taken else p
+    store.add_decision(row, named, naming_note(names, p, q, taken, delta, margin))
+    if taken:
+        return (f"the lines first seen in frame {row} are {names[q]}'s, not {names[p]}'s (whose typed cell is "
+                f"nearer): the series fits better so (ΔBIC {delta:.0f})")
+    return (f"the lines first seen in frame {row} stay {names[p]}'s (its typed cell nearer): as {names[q]}'s "
+            f"the series fits no better (ΔBIC {delta:+.0f})")
 
 
 def _count(summary: FitSummary, table, paths: RunPaths) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["RunPaths", "h5path", "FORMAT", "ENTRY", "PATTERNS", "FRAMES", "PEAKS", "LATTICE", "ELECTROCHEMISTRY",
+__all__ = ["RunPaths", "h5path", "FORMAT", "ENTRY", "PATTERNS", "FRAMES", "PEAKS", "PEAKS_OTHER", "LATTICE", "ELECTROCHEMISTRY",
            "ECHEM_RECORD", "REFINEMENT", "RESULTS", "PROCESS", "STAGES", "FINGERPRINT", "INSTRUMENT", "WAVELENGTH"]
 
 #: the ``@format`` of a run file's root
@@ -23,6 +23,7 @@ ENTRY = "/entry"
 PATTERNS = "patterns"                    # NXdata: intensity (frame x radial), its esd, axes
 FRAMES = "frames"                        # NXcollection: key, file, index, start, end, ..., status
 PEAKS = "peaks"                          # fitted peaks, frame x peak (xrdpipe fit)
+PEAKS_OTHER = "peaks_other_naming"       # the phase model's naming check: the run with the other name
 LATTICE = "lattice"                      # cells and fractions, frame x phase (xrdpipe lattice)
 ELECTROCHEMISTRY = "electrochemistry"    # per-frame voltage, x ... (xrdpipe echem)
 ECHEM_RECORD = "electrochemistry/record"  # the whole cycler record

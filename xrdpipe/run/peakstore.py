@@ -15,7 +15,7 @@ from ..errors import StoreError
 from ..tables import PEAK_ARRAYS
 from .access import Writer, axis_of, decode, enter_transaction, reading, str_dtype
 from .nexus import Curve, put_nxdata
-from .paths import ENTRY, FRAMES, PATTERNS, PEAKS, h5path
+from .paths import ENTRY, FRAMES, PATTERNS, PEAKS, PEAKS_OTHER, h5path
 
 __all__ = ["PeakStore", "PHASE_DATASETS", "PeakArrays", "read_peaks", "read_peak_table"]
 
@@ -33,9 +33,11 @@ class PeakStore(Writer):
     holds the settings; other settings start the group again.
     """
 
-    def __init__(self, session, stack, path: Path):
+    def __init__(self, session, stack, path: Path, group: str = PEAKS):
         super().__init__(session, stack, path)
-        self._g = self._h5[h5path(PEAKS)]
+        self._group = group
+        self._g = self._h5[h5path(group)]
+        self._layout: tuple = ()
 
     @classmethod
     def open(cls, path: Path | str, *, windows: Sequence[str], peaks: Sequence[tuple[str, str, str, str]],
@@ -59,8 +61,11 @@ class PeakStore(Writer):
                 else:
                     del entry[PEAKS]
             if not kept:
+                if PEAKS_OTHER in entry:        # the naming check's other run of those results
+                    del entry[PEAKS_OTHER]
                 _create_peaks(entry, n, windows, peaks, text, phases)
             store = cls(session, stack, path)
+            store._layout = (tuple(windows), tuple(peaks), None if phases is None else tuple(phases))
             store._grow(n)
             return store, kept
         except BaseException:
@@ -68,8 +73,45 @@ class PeakStore(Writer):
             raise
 
     def _on_close(self) -> None:
-        if self._h5.id.valid:
+        if self._group == PEAKS and self._h5.id.valid:
             _put_centres(self._h5)
+
+    def other_naming(self, fingerprint: dict[str, Any]) -> "PeakStore":
+        """``/entry/peaks_other_naming``, in the same transaction: the phase model's naming
+        check fits the series again there with the other name of the first frame's phase (see
+        :func:`xrdpipe.phasefit.fitter.naming_verdict`). Its results are kept while
+        ``fingerprint`` stays the same, so that frames added later extend that run (and an
+        interrupted check resumes) instead of fitting it again."""
+        entry = self._h5[ENTRY]
+        text = json.dumps(fingerprint, sort_keys=True)
+        if PEAKS_OTHER in entry and entry[PEAKS_OTHER].attrs.get("fingerprint") != text:
+            del entry[PEAKS_OTHER]
+        if PEAKS_OTHER not in entry:
+            windows, peaks, phases = self._layout
+            _create_peaks(entry, self.done.size, windows, peaks, text, phases, group=PEAKS_OTHER)
+        other = PeakStore(self._session, None, self.path, PEAKS_OTHER)
+        other._grow(self.done.size)
+        return other
+
+    def take(self, other: "PeakStore", other_fingerprint: dict[str, Any]) -> None:
+        """The results of ``other`` (:meth:`other_naming`) become this group's, and this
+        group's become ``other``'s (whose fingerprint is then ``other_fingerprint``: the name it
+        now holds). Each group keeps its own passes over the series (``backward_through``)."""
+        entry = self._h5[ENTRY]
+        mine = self._g.attrs["fingerprint"]
+        entry.move(PEAKS, "peaks_swapping")
+        entry.move(PEAKS_OTHER, PEAKS)
+        entry.move("peaks_swapping", PEAKS_OTHER)
+        self._g, other._g = entry[PEAKS], entry[PEAKS_OTHER]
+        self._g.attrs["fingerprint"] = mine
+        other._g.attrs["fingerprint"] = json.dumps(other_fingerprint, sort_keys=True)
+        self.maybe_flush()
+
+    def add_decision(self, row: int, phase: int, text: str) -> None:
+        """Append ``text`` to how the phase model decided on ``phase`` in frame ``row``."""
+        d = self._g["phase_decision"]
+        old = d[row, phase]
+        d[row, phase] = (old.decode() if isinstance(old, bytes) else str(old)) + text
 
     def _grow(self, n: int) -> None:
         g = self._g
@@ -90,6 +132,15 @@ class PeakStore(Writer):
     @backward_through.setter
     def backward_through(self, n: int) -> None:
         self._g.attrs["backward_through"] = int(n)
+
+    @property
+    def named_through(self) -> int:
+        """Rows ``0:n`` the phase model's whole-series naming check has been over (0: none yet)."""
+        return int(self._g.attrs.get("named_through", 0))
+
+    @named_through.setter
+    def named_through(self, n: int) -> None:
+        self._g.attrs["named_through"] = int(n)
 
     def read_patterns(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """Rows ``start:stop`` of the pattern stack: intensity and its esd (NaN if none)."""
@@ -152,12 +203,13 @@ def _put_centres(h5) -> None:
 #: The phase model's per-frame datasets in ``/entry/peaks`` (frame x phase [x window or cell]).
 PHASE_DATASETS = ("phase_cell", "phase_cell_err", "phase_present", "phase_area", "phase_area_err", "phase_fwhm",
                   "phase_eta", "zero", "phase_decision", "phase_volume", "phase_volume_err", "phase_ref_area",
-                  "phase_bic", "forward_cell", "forward_present", "forward_fwhm", "forward_eta", "forward_ref_area")
+                  "phase_bic", "forward_cell", "forward_present", "forward_fwhm", "forward_eta", "forward_ref_area",
+                  "phase_named")
 
 
-def _create_peaks(entry, n: int, windows, peaks, fingerprint: str, phases=None) -> None:
+def _create_peaks(entry, n: int, windows, peaks, fingerprint: str, phases=None, group: str = PEAKS) -> None:
     s = str_dtype()
-    g = entry.create_group(PEAKS)
+    g = entry.create_group(group)
     g.attrs.update({"NX_class": "NXcollection", "fingerprint": fingerprint})
     p, w = len(peaks), len(windows)
     for name in PEAK_ARRAYS:
@@ -183,7 +235,9 @@ def _create_peaks(entry, n: int, windows, peaks, fingerprint: str, phases=None) 
                   # a frame the backward pass replaced: the state the forward pass carried on from
                   # it (NaN elsewhere), where an interrupted fit resumes
                   "forward_cell": (q, 6), "forward_present": (q,), "forward_fwhm": (q, w), "forward_eta": (q,),
-                  "forward_ref_area": (q, w)}
+                  "forward_ref_area": (q, w),
+                  # the phase another could have been named instead, by the typed cells (its index)
+                  "phase_named": (q,)}
         for name, shape in shapes.items():
             kind = {"phase_present": "i1", "phase_decision": s}.get(name, "f8")
             extra = {} if kind != "f8" else {"fillvalue": np.nan}
@@ -250,7 +304,7 @@ def read_peaks(path: Path | str, arrays: Sequence[str] | None = None) -> PeakArr
         if "phase" in g and (arrays is None or any(a in PHASE_DATASETS for a in wanted)):
             phase = tuple(decode(g["phase"][()]))
             phase_arrays = {name: decode(g[name][()]) if name == "phase_decision" else g[name][()]
-                            for name in PHASE_DATASETS if arrays is None or name in arrays}
+                            for name in PHASE_DATASETS if name in g and (arrays is None or name in arrays)}
         return PeakArrays(**labels, time_s=h5[h5path(f"{PATTERNS}/time_s")][()],
                           fingerprint=json.loads(g.attrs["fingerprint"]),
                           values={name: g[name][()] for name in wanted if name in PEAK_ARRAYS}, **rows,
