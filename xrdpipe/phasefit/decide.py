@@ -482,7 +482,7 @@ def _join(m: PhaseModel, fr: "_Frame", present: list[int], absent: list[int], de
             typed = p in unseen and rival[1] in unseen
             if typed and m.naming.get(frozenset((p, rival[1]))) == rival[1]:
                 # the whole-series naming check's other run: the other name, whatever is nearer
-                (dist, p, cell, _), rival = rival, (dist, p, cell, _)
+                (dist, p, cell, _), rival = rival, tied[0]
                 fr.named[p] = (rival[1], dist, rival[0], "series")
             else:
                 fr.named[p] = (rival[1], dist, rival[0], which if typed else "last")

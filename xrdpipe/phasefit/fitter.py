@@ -373,13 +373,21 @@ def naming_verdict(bic: np.ndarray, other: np.ndarray, fit: FitSpec) -> tuple[bo
     return (delta < -margin and not lost), delta, margin
 
 
-def naming_note(names: Sequence[str], p: int, q: int, taken: bool, delta: float, margin: float) -> str:
-    """What the naming check adds to the decision of the phase at the first frame's tie: ``p``
-    was named by its nearer typed cell, ``q`` the other name; ``taken``: the run with ``q`` kept."""
-    if taken:
-        return f"; the whole series named {names[p]} here fits worse by ΔBIC {-delta:.0f}"
-    return (f"; the whole series named {names[q]} here fits no better (ΔBIC {delta:+.0f}; "
-            f"{-margin:.0f} or lower needed)")
+#: How every note of the naming check in a frame's decision begins (:func:`naming_note`).
+NAMING_NOTE = "; the whole series named "
+
+
+def naming_note(names: Sequence[str], other: int, worse: float, margin: float) -> str:
+    """What the naming check adds to the decision of the phase that keeps the first frame's
+    lines: the series named ``other`` there has a summed BIC higher by ``worse`` (the same words
+    whichever run was fitted first: a live run's checks end as a straight run's)."""
+    if abs(worse) < 1.0:    # crossed typed cells: each name's run is the other's with the names swapped
+        return (f"{NAMING_NOTE}{names[other]} here fits it as well (ΔBIC {worse:+.1f}): the data cannot tell "
+                "the two names apart, the first frame's stays")
+    if worse >= 0:
+        return f"{NAMING_NOTE}{names[other]} here fits worse by ΔBIC {worse:.0f}"
+    return (f"{NAMING_NOTE}{names[other]} here fits a little better (ΔBIC {worse:.0f}), by less than the "
+            f"margin of {margin:.0f}: the first frame's name stays")
 
 
 def _backward_starts(m: PhaseModel, fit: FitSpec, stored: dict, present: np.ndarray) -> dict[int, list[int]]:
@@ -463,8 +471,8 @@ def fit_phases(patterns, phases: Sequence[PhaseSpec], windows: Sequence[WindowSp
         row, p, q = tie
         other = series(fitter.other_naming(p, q))
         taken, delta, margin = naming_verdict(table.phase["phase_bic"], other.phase["phase_bic"], fit)
-        table, named = (other, q) if taken else (table, p)
-        table.phase["phase_decision"][row, named] += naming_note(fitter.phase_names, p, q, taken, delta, margin)
+        table, named, worse = (other, q, -delta) if taken else (table, p, delta)
+        table.phase["phase_decision"][row, named] += naming_note(fitter.phase_names, p + q - named, worse, margin)
     return concat_tables([table])
 
 

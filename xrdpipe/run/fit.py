@@ -184,7 +184,7 @@ def _naming(fitter, store: PeakStore, info: RunInfo, block: int, st, fingerprint
     the series fitted again with the other name in ``/entry/peaks_other_naming`` (resumable;
     frames added later extend it), and that run's results taken into ``/entry/peaks`` if it fits
     the series better. What it found, for the summary ("" if there was no such frame)."""
-    from ..phasefit.fitter import first_tie, naming_note, naming_verdict
+    from ..phasefit.fitter import NAMING_NOTE, first_tie, naming_note, naming_verdict
 
     n = store.done.size
     stored = store.stored(n)
@@ -208,13 +208,14 @@ def _naming(fitter, store: PeakStore, info: RunInfo, block: int, st, fingerprint
     taken, delta, margin = naming_verdict(stored["phase_bic"], other.stored(n)["phase_bic"], fitter.fit)
     if taken:
         store.take(other, other_fingerprint(p))
-    named = q if taken else p
-    store.add_decision(row, named, naming_note(names, p, q, taken, delta, margin))
+    named, worse = (q, -delta) if taken else (p, delta)
+    # (a live run checks again as frames come: the note of the last check only)
+    store.add_decision(row, named, naming_note(names, p + q - named, worse, margin), replacing=NAMING_NOTE)
     if taken:
-        return (f"the lines first seen in frame {row} are {names[q]}'s, not {names[p]}'s (whose typed cell is "
-                f"nearer): the series fits better so (ΔBIC {delta:.0f})")
-    return (f"the lines first seen in frame {row} stay {names[p]}'s (its typed cell nearer): as {names[q]}'s "
-            f"the series fits no better (ΔBIC {delta:+.0f})")
+        return (f"the lines first seen in frame {row} are now {names[q]}'s, not {names[p]}'s: the series fits "
+                f"better so (ΔBIC {delta:.0f})")
+    return (f"the lines first seen in frame {row} stay {names[p]}'s: as {names[q]}'s the series fits no better "
+            f"(ΔBIC {delta:+.0f})")
 
 
 def _count(summary: FitSummary, table, paths: RunPaths) -> None:

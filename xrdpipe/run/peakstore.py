@@ -107,11 +107,15 @@ class PeakStore(Writer):
         other._g.attrs["fingerprint"] = json.dumps(other_fingerprint, sort_keys=True)
         self.maybe_flush()
 
-    def add_decision(self, row: int, phase: int, text: str) -> None:
-        """Append ``text`` to how the phase model decided on ``phase`` in frame ``row``."""
+    def add_decision(self, row: int, phase: int, text: str, *, replacing: str | None = None) -> None:
+        """Append ``text`` to how the phase model decided on ``phase`` in frame ``row`` (in place
+        of what an earlier call added, from ``replacing`` on)."""
         d = self._g["phase_decision"]
         old = d[row, phase]
-        d[row, phase] = (old.decode() if isinstance(old, bytes) else str(old)) + text
+        old = old.decode() if isinstance(old, bytes) else str(old)
+        if replacing is not None and replacing in old:
+            old = old[:old.index(replacing)]
+        d[row, phase] = old + text
 
     def _grow(self, n: int) -> None:
         g = self._g
