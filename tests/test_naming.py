@@ -10,6 +10,7 @@ whole line tails) on which the first frame's name was wrong: without the check p
 
 import h5py
 import numpy as np
+import pytest
 
 from xrdpipe.config import FitSpec, LatticeSpec
 from xrdpipe.lattice import refine_lattice
@@ -40,34 +41,87 @@ def test_the_series_names_the_lines_the_first_frame_named_wrong():
     assert 0.5 <= s["within_1esd"] <= 0.85, s
     said = table.phase["phase_decision"][0][names.index("P2")]
     assert "named P2, not P''2, by the whole-series naming check" in said, said
-    assert "the whole series named P''2 here fits worse by ΔBIC" in said, said
+    assert "the whole series named P''2 here fits worse (summed n·ln χ²" in said, said
     # the first frame alone names them P''2 (the check is what puts it right)
     _, first, s_first = _series(errors, separation, seed, "frame")
     assert s_first["presence"] < 0.7 and s_first["fraction_mae"] > 0.3, s_first
     assert first_tie(first.phase["phase_named"]) == (0, names.index("P''2"), names.index("P2"))
 
 
+def test_a_run_named_wrong_that_puts_itself_right_by_a_jump_is_not_kept():
+    """O3 <-> P3, P3 typed (+1 %, -1.7 %) of where it appears: its typed c (16.26 Å) is nearer O3's
+    last lines (16.21 Å) than its own (16.55 Å). Named P3 in the first frame, the series puts
+    itself right where P3 appears: the name P3 jumps to the new lines and O3 takes the old ones.
+    That run fits as well as O3 from the start (its BIC was even 160 lower: one reflection fewer
+    in the windows, 7.6 a frame for 23 frames, which took it until the misfit alone was compared)
+    and its names are nearer their typed cells at their nearest approach, but it jumped: the
+    first frame's O3 stays (presence 100 %, 0.425 with the other)."""
+    dif = Difficulty(start_error=((-0.0065, 0.0147), (0.0098, -0.0173)), separation_fwhm=1.9, broadening=1.6,
+                     intensity_jitter=0.3, hard_windows=True, seed=345)
+    series = pattern_series(40, scenario="nfm", counts=0.05, background=2000.0, seed=355, difficulty=dif)
+    phases, windows = fit_config("nfm", dif)
+    table = fit_phases(series.as_patterns(), phases, windows, FitSpec())
+    lat = refine_lattice(table, phases, LatticeSpec(), unit="2th_deg", wavelength_A=series.scenario.wavelength_A)
+    s = score_phases(lat, table, series.states(), series.peaks)
+    assert s["presence"] >= 0.98 and s["fraction_mae"] <= 0.02, s
+    said = table.phase["phase_decision"][0][0]
+    assert "the whole series named P3 here fits it as well" in said and "its names jump" in said, said
+
+
 def test_a_series_named_right_keeps_its_names_when_the_other_fits_it_no_better():
     """The first lines are P2's and named so by a hair (typed cells 0.46 against 0.49 of the search
-    range); with P''2 there instead the series fits 30 lower in BIC: noise, below the margin
-    (10 sqrt(40 frames)), so the first name stays and the decision says why."""
+    range); with P''2 there instead the series fits 30 lower in summed n ln χ²: noise, below the
+    margin (10 sqrt(40 frames)). Then the cells decide: P2's name puts both phases nearer their
+    typed cells (0.36 against 0.59 of the search range), so it stays and the decision says why."""
     names, table, s = _series((0.0086, 0.0093, 0.0038, -0.0087), 2.2, 3, "series")
     assert s["presence"] >= 0.98 and s["fraction_mae"] <= 0.02, s
     said = table.phase["phase_decision"][0][names.index("P2")]
     assert "named P2, not P''2: its typed cell is nearer" in said, said
-    assert "the whole series named P''2 here fits a little better (ΔBIC -30), by less than the margin of 63" in said, said
+    assert ("the whole series named P''2 here fits it as well (summed n·ln χ² -30, within 63) but puts the two "
+            "phases farther from their typed cells (0.59 against 0.36 of the search range)") in said, said
 
 
 def test_the_naming_verdict():
+    """The fit decides beyond its margin, the cells within it; a run that lost a frame is never
+    kept; the note reads the same whichever run came first."""
+    from types import SimpleNamespace
+
     fit = FitSpec()
-    bic = np.full(100, 1000.0)
-    assert naming_verdict(bic, bic - 1.01, fit)[0]                  # 101 lower than a margin of 100
-    assert not naming_verdict(bic, bic - 0.99, fit)[0]
-    taken, delta, margin = naming_verdict(bic[:4], bic[:4] - 20, fit)   # margin max(bic_threshold, 10 sqrt(n))
-    assert taken and delta == -80 and margin == 20
-    other = bic - 50.0
-    other[7] = np.nan                                               # the other run lost a frame the first fitted
-    assert not naming_verdict(bic, other, fit)[0]
+    # two hexagonal phases, typed at c = 10 and 11 (search half-range 0.3 in c, 0.03 in a)
+    m = SimpleNamespace(free=[("a", "c"), ("a", "c")], cell0=np.array([[3, 3, 10, 90, 90, 120], [3, 3, 11, 90, 90, 120]], float),
+                        box=np.array([[0.03, 0.03, 0.3, 1, 1, 1]] * 2))
+    n = 100
+    cell = np.repeat(m.cell0[None], n, axis=0)
+    present = np.zeros((n, 2), bool)
+    present[:60, 0] = present[40:, 1] = True
+
+    def run(misfit, shift=0.0):
+        c = cell.copy()
+        c[:, :, 2] += shift
+        return {"phase_misfit": misfit, "phase_cell": c, "phase_present": present}
+
+    base = np.full(n, 1000.0)
+    first = run(base)
+    assert naming_verdict(m, first, run(base - 1.01), (0, 1), fit).taken           # 101 lower than a margin of 100
+    v = naming_verdict(m, first, run(base - 0.99), (0, 1), fit)
+    assert not v.taken and not v.by_fit and v.margin == 100                         # within: the cells, the same
+    near = naming_verdict(m, run(base, shift=0.15), run(base - 0.5), (0, 1), fit)
+    assert near.taken and not near.by_fit and near.distance == pytest.approx((np.sqrt(0.25 / 2), 0.0))
+    # within the margin a run whose names jump to the other phase's lines loses, however near
+    # its typed cells: phase 0 on phase 1's typed cell until frame 40, then on its own
+    jumping = run(base - 0.5)
+    jumping["phase_cell"][:40, 0, 2] = 11.0
+    v = naming_verdict(m, run(base, shift=0.15), jumping, (0, 1), fit)
+    assert v.jumps == (0, 1) and not v.taken
+    assert "its names jump from one phase's lines to the other's (1 against 0 times)" in v.note(("P2", "P''2"), 0)
+    lost = base - 5.0
+    lost[7] = np.nan                                                              # lost a frame the first fitted
+    assert not naming_verdict(m, first, run(lost), (0, 1), fit).taken
+    # the note names the name not kept, with the same numbers whichever run came first
+    names = ("P2", "P''2")
+    a = naming_verdict(m, run(base, shift=0.15), run(base - 0.5), (0, 1), fit).note(names, 0)
+    b = naming_verdict(m, run(base - 0.5), run(base, shift=0.15), (0, 1), fit).note(names, 0)
+    assert a == b and "farther from their typed cells (0.35 against 0.00" in a, a
     assert first_tie(np.full((5, 3), np.nan)) is None
 
 

@@ -5,6 +5,7 @@ appeared is strong, and :func:`fit_phases` for an in-memory pattern stack."""
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -16,7 +17,7 @@ from ..crystallography import (
     parse_hkl,
 )
 from ..peaks import PEAK_FIELDS, PeakTable, WindowSetupError, concat_tables
-from .decide import _bic, fit_frame
+from .decide import _bic, _misfit, fit_frame
 from .frame import FrameResult, _Frame
 from .model import _BACKWARD_MAX, _CELL_INDEX, PhaseModel, PhaseState
 from .solve import _held, _volume, centre_esd, d_of, initial_state
@@ -126,7 +127,7 @@ class PhaseFitter:
               "phase_bic": np.full(n, np.nan), "forward_cell": np.full((n, P, 6), np.nan),
               "forward_present": np.full((n, P), np.nan), "forward_fwhm": np.full((n, P, W), np.nan),
               "forward_eta": np.full((n, P), np.nan), "forward_ref_area": np.full((n, P, W), np.nan),
-              "phase_named": np.full((n, P), np.nan)}
+              "phase_named": np.full((n, P), np.nan), "phase_misfit": np.full(n, np.nan)}
         return (values, np.zeros((n, n_c), bool), np.zeros((n, W), bool), np.full((n, W), np.nan),
                 np.full((n, W), "", dtype=object), ph)
 
@@ -155,6 +156,7 @@ class PhaseFitter:
         if res.named is not None:
             ph["phase_named"][i, res.named[0]] = res.named[1]
         ph["phase_bic"][i] = _bic(m, res)
+        ph["phase_misfit"][i] = _misfit(res)
         with np.errstate(all="ignore"):
             redchi[i] = res.chi2_window / np.maximum(res.n_window - res.nvary_window, 1)
         theta, err, cov = res.theta, res.err, res.cov
@@ -352,42 +354,127 @@ def first_tie(named: np.ndarray) -> tuple[int, int, int] | None:
     return int(rows[0]), int(ps[0]), int(named[rows[0], ps[0]])
 
 
-def naming_verdict(bic: np.ndarray, other: np.ndarray, fit: FitSpec) -> tuple[bool, float, float]:
-    """Whether the series fitted again with the other name (:meth:`PhaseFitter.other_naming`;
-    per-frame BIC ``other``) is to be kept instead of the first (``bic``); the difference of
-    their summed BIC (other minus first, over the frames both fitted) and the margin it must
-    beat.
+#: Typed-cell distances (:func:`typed_distance`, in search half-ranges) closer than this are
+#: the same: the first frame's name stays.
+_NAMING_DISTANCE = 0.05
+#: A phase's cell that moves more than this between two consecutive frames where it is present
+#: (rms over its free parameters, in search half-ranges) has jumped to other lines
+#: (:func:`name_jumps`); a reaction moves a cell a few hundredths of that a frame.
+_NAMING_JUMP = 0.3
+
+
+@dataclass(frozen=True)
+class NamingVerdict:
+    """What the whole-series naming check found (:func:`naming_verdict`)."""
+
+    taken: bool                   # the run with the other name is kept
+    delta: float                  # summed misfit n ln(χ²/n), other run minus first, over frames both fitted
+    margin: float                 # what |delta| must exceed for the fit to decide
+    distance: tuple[float, float]  # how far each run puts the two phases from their typed cells
+    jumps: tuple[int, int] = (0, 0)  # how often each run's names jump from one set of lines to another
+
+    @property
+    def by_fit(self) -> bool:
+        return abs(self.delta) > self.margin
+
+    def note(self, names: Sequence[str], other: int) -> str:
+        """What the check adds to the decision of the phase that keeps the first frame's lines,
+        ``other`` the name it did not keep (the same words whichever run was fitted first: a live
+        run's checks end as a straight run's)."""
+        worse = -self.delta if self.taken else self.delta
+        d_kept, d_other = self.distance[::-1] if self.taken else self.distance
+        head = f"{NAMING_NOTE}{names[other]} here"
+        if self.by_fit:
+            return f"{head} fits worse (summed n·ln χ² {worse:.0f} higher)"
+        j_kept, j_other = self.jumps[::-1] if self.taken else self.jumps
+        if j_other != j_kept:
+            return (f"{head} fits it as well (summed n·ln χ² {worse:+.0f}, within {self.margin:.0f}) but its names "
+                    f"jump from one phase's lines to the other's ({j_other} against {j_kept} times)")
+        cells = f"({d_other:.2f} against {d_kept:.2f} of the search range)"
+        if abs(d_other - d_kept) < _NAMING_DISTANCE:
+            return (f"{head} fits it as well (summed n·ln χ² {worse:+.0f}, within {self.margin:.0f}) with the two "
+                    f"phases as near their typed cells {cells}: the data cannot tell the names apart, the "
+                    "first frame's stays")
+        return (f"{head} fits it as well (summed n·ln χ² {worse:+.0f}, within {self.margin:.0f}) but puts the two "
+                f"phases farther from their typed cells {cells}")
+
+
+def typed_distance(m: PhaseModel, cell: np.ndarray, present: np.ndarray, phases: Sequence[int]) -> float:
+    """How far a run puts ``phases`` from their typed cells: the rms over them of each one's
+    nearest approach (a typed cell is the phase's cell somewhere in the run), in search
+    half-ranges (rms over its free parameters); a phase never present counts 0."""
+    total = []
+    for p in phases:
+        rows = np.flatnonzero(np.asarray(present, bool)[:, p] & np.all(np.isfinite(cell[:, p]), axis=1))
+        if not rows.size:
+            total.append(0.0)
+            continue
+        free = [_CELL_INDEX[n] for n in m.free[p]]
+        d = (cell[rows][:, p][:, free] - m.cell0[p, free]) / m.box[p, free]
+        total.append(float(np.min(np.mean(d ** 2, axis=1))))
+    return float(np.sqrt(np.mean(total))) if total else 0.0
+
+
+def name_jumps(m: PhaseModel, cell: np.ndarray, present: np.ndarray, phases: Sequence[int]) -> int:
+    """How often a run's ``phases`` jump: a cell that moves more than :data:`_NAMING_JUMP` of its
+    search range between consecutive frames where the phase is present (the name carried from
+    one phase's lines to the other's, as a run named wrong in its first frame does where the
+    other phase appears)."""
+    count = 0
+    for p in phases:
+        rows = np.flatnonzero(np.asarray(present, bool)[:, p] & np.all(np.isfinite(cell[:, p]), axis=1))
+        if rows.size < 2:
+            continue
+        free = [_CELL_INDEX[n] for n in m.free[p]]
+        step = np.diff(cell[rows][:, p][:, free], axis=0) / m.box[p, free]
+        together = np.diff(rows) == 1
+        count += int(np.count_nonzero(together & (np.sqrt(np.mean(step ** 2, axis=1)) > _NAMING_JUMP)))
+    return count
+
+
+def naming_verdict(m: PhaseModel, first: dict, other: dict, pair: Sequence[int], fit: FitSpec) -> NamingVerdict:
+    """Whether the series fitted again with the other name (:meth:`PhaseFitter.other_naming`) is
+    kept instead of the first run; ``first`` and ``other`` are their phase arrays
+    (``phase_misfit``, else ``phase_bic`` from a run file made before it; ``phase_cell``,
+    ``phase_present``), ``pair`` the two similar phases.
 
     Two similar phases (P2 and P''2, O3 and P3) typed a percent or two off can each be nearer the
-    first lines seen: the first frame cannot tell which phase they are; the whole series can
-    (the other phase appears later, within its own search range, with its own intensities). The
-    other run is kept if it fits the series better by ``max(bic_threshold, 10 √n)`` (n frames
-    fitted): between two runs that differ by noise alone (a clean tie) the summed BIC wanders by
-    a few units per √frame, so this margin leaves the first frame's choice in place unless the
-    series disagrees with it. A run that fails in a frame the first one fitted is never kept."""
-    bic, other = np.asarray(bic, float), np.asarray(other, float)
-    both = np.isfinite(bic) & np.isfinite(other)
-    delta = float(np.sum(other[both] - bic[both]))
+    first lines seen: the first frame cannot tell which phase they are. The whole series can in
+    two ways. (1) The fit: the other phase appears later, within its own search range, with its
+    own intensities; one name may then fit the series better. The runs are compared by their
+    summed misfit n ln(χ²/n), not their BIC: the two phases' models can hold different numbers of
+    reflections (O3's and P3's in the same windows), and the BIC's parameter term would then
+    decide by the reflection count (7.6 a frame, 160 over 23 frames: measured, the wrong name
+    taken). The other run is kept if it is lower by ``max(bic_threshold, 10 √n)`` (n frames):
+    runs that differ by noise wander by a few units per √frame. (2) Within that margin,
+    continuity: the run whose names jump less often from one phase's lines to the other's
+    (:func:`name_jumps`; a run named wrong where it began puts it right by such a jump where the
+    other phase appears, and then fits as well). (3) Then the cells: the run that puts both phases
+    nearer their typed cells (each at its nearest approach, :func:`typed_distance`), by more than
+    0.05 of the search range; the first frame's name knew only the first phase. A run that fails
+    in a frame the first one fitted is never kept."""
+    key = "phase_misfit" if "phase_misfit" in first and "phase_misfit" in other else "phase_bic"
+    a, b = np.asarray(first[key], float), np.asarray(other[key], float)
+    both = np.isfinite(a) & np.isfinite(b)
+    delta = float(np.sum(b[both] - a[both]))
     margin = max(fit.bic_threshold, 10.0 * np.sqrt(max(int(both.sum()), 1)))
-    lost = bool(np.any(np.isfinite(bic) & ~np.isfinite(other)))
-    return (delta < -margin and not lost), delta, margin
+    lost = bool(np.any(np.isfinite(a) & ~np.isfinite(b)))
+    runs = [(np.asarray(r["phase_cell"], float), np.asarray(r["phase_present"], bool)) for r in (first, other)]
+    distance = tuple(typed_distance(m, c, pr, pair) for c, pr in runs)
+    jumps = tuple(name_jumps(m, c, pr, pair) for c, pr in runs)
+    if lost:
+        taken = False
+    elif abs(delta) > margin:
+        taken = delta < 0
+    elif jumps[0] != jumps[1]:
+        taken = jumps[1] < jumps[0]
+    else:
+        taken = distance[1] < distance[0] - _NAMING_DISTANCE
+    return NamingVerdict(taken, delta, margin, distance, jumps)
 
 
-#: How every note of the naming check in a frame's decision begins (:func:`naming_note`).
+#: How every note of the naming check in a frame's decision begins (:meth:`NamingVerdict.note`).
 NAMING_NOTE = "; the whole series named "
-
-
-def naming_note(names: Sequence[str], other: int, worse: float, margin: float) -> str:
-    """What the naming check adds to the decision of the phase that keeps the first frame's
-    lines: the series named ``other`` there has a summed BIC higher by ``worse`` (the same words
-    whichever run was fitted first: a live run's checks end as a straight run's)."""
-    if abs(worse) < 1.0:    # crossed typed cells: each name's run is the other's with the names swapped
-        return (f"{NAMING_NOTE}{names[other]} here fits it as well (ΔBIC {worse:+.1f}): the data cannot tell "
-                "the two names apart, the first frame's stays")
-    if worse >= 0:
-        return f"{NAMING_NOTE}{names[other]} here fits worse by ΔBIC {worse:.0f}"
-    return (f"{NAMING_NOTE}{names[other]} here fits a little better (ΔBIC {worse:.0f}), by less than the "
-            f"margin of {margin:.0f}: the first frame's name stays")
 
 
 def _backward_starts(m: PhaseModel, fit: FitSpec, stored: dict, present: np.ndarray) -> dict[int, list[int]]:
@@ -470,9 +557,9 @@ def fit_phases(patterns, phases: Sequence[PhaseSpec], windows: Sequence[WindowSp
     if tie is not None:
         row, p, q = tie
         other = series(fitter.other_naming(p, q))
-        taken, delta, margin = naming_verdict(table.phase["phase_bic"], other.phase["phase_bic"], fit)
-        table, named, worse = (other, q, -delta) if taken else (table, p, delta)
-        table.phase["phase_decision"][row, named] += naming_note(fitter.phase_names, p + q - named, worse, margin)
+        verdict = naming_verdict(fitter.model, table.phase, other.phase, (p, q), fit)
+        table, named = (other, q) if verdict.taken else (table, p)
+        table.phase["phase_decision"][row, named] += verdict.note(fitter.phase_names, p + q - named)
     return concat_tables([table])
 
 

@@ -55,7 +55,7 @@ _REACH = 3.0
 PHASE_ARRAYS = ("phase_cell", "phase_cell_err", "phase_present", "phase_area", "phase_area_err", "phase_fwhm",
                 "phase_eta", "zero", "phase_decision", "phase_volume", "phase_volume_err", "phase_ref_area",
                 "phase_bic", "forward_cell", "forward_present", "forward_fwhm", "forward_eta", "forward_ref_area",
-                "phase_named")
+                "phase_named", "phase_misfit")
 #: How many frames the backward pass goes back from a frame where a phase that appeared is
 #: strong, at most.
 _BACKWARD_MAX = 60

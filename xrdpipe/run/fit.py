@@ -184,7 +184,7 @@ def _naming(fitter, store: PeakStore, info: RunInfo, block: int, st, fingerprint
     the series fitted again with the other name in ``/entry/peaks_other_naming`` (resumable;
     frames added later extend it), and that run's results taken into ``/entry/peaks`` if it fits
     the series better. What it found, for the summary ("" if there was no such frame)."""
-    from ..phasefit.fitter import NAMING_NOTE, first_tie, naming_note, naming_verdict
+    from ..phasefit.fitter import NAMING_NOTE, first_tie, naming_verdict
 
     n = store.done.size
     stored = store.stored(n)
@@ -205,17 +205,21 @@ def _naming(fitter, store: PeakStore, info: RunInfo, block: int, st, fingerprint
     if other_fitter.fit.backward and other.backward_through < n:
         _backward(other_fitter, other, st.bar(n, "fit (naming check, backward pass)"))
         other.backward_through = n
-    taken, delta, margin = naming_verdict(stored["phase_bic"], other.stored(n)["phase_bic"], fitter.fit)
-    if taken:
+    verdict = naming_verdict(fitter.model, stored, other.stored(n), (p, q), fitter.fit)
+    if verdict.taken:
         store.take(other, other_fingerprint(p))
-    named, worse = (q, -delta) if taken else (p, delta)
+    named = q if verdict.taken else p
     # (a live run checks again as frames come: the note of the last check only)
-    store.add_decision(row, named, naming_note(names, p + q - named, worse, margin), replacing=NAMING_NOTE)
-    if taken:
-        return (f"the lines first seen in frame {row} are now {names[q]}'s, not {names[p]}'s: the series fits "
-                f"better so (ΔBIC {delta:.0f})")
-    return (f"the lines first seen in frame {row} stay {names[p]}'s: as {names[q]}'s the series fits no better "
-            f"(ΔBIC {delta:+.0f})")
+    store.add_decision(row, named, verdict.note(names, p + q - named), replacing=NAMING_NOTE)
+    why = ("fits the series better" if verdict.by_fit else
+           f"fits it as well, with both phases nearer their typed cells ({min(verdict.distance):.2f} against "
+           f"{max(verdict.distance):.2f} of the search range)")
+    if verdict.taken:
+        return (f"the lines first seen in frame {row} are now {names[q]}'s, not {names[p]}'s: that name {why} "
+                f"(summed n·ln χ² {verdict.delta:+.0f})")
+    return (f"the lines first seen in frame {row} stay {names[p]}'s (as {names[q]}'s: summed n·ln χ² "
+            f"{verdict.delta:+.0f}, search-range distance {verdict.distance[1]:.2f} against "
+            f"{verdict.distance[0]:.2f})")
 
 
 def _count(summary: FitSummary, table, paths: RunPaths) -> None:

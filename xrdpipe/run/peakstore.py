@@ -208,7 +208,7 @@ def _put_centres(h5) -> None:
 PHASE_DATASETS = ("phase_cell", "phase_cell_err", "phase_present", "phase_area", "phase_area_err", "phase_fwhm",
                   "phase_eta", "zero", "phase_decision", "phase_volume", "phase_volume_err", "phase_ref_area",
                   "phase_bic", "forward_cell", "forward_present", "forward_fwhm", "forward_eta", "forward_ref_area",
-                  "phase_named")
+                  "phase_named", "phase_misfit")
 
 
 def _create_peaks(entry, n: int, windows, peaks, fingerprint: str, phases=None, group: str = PEAKS) -> None:
@@ -241,7 +241,9 @@ def _create_peaks(entry, n: int, windows, peaks, fingerprint: str, phases=None, 
                   "forward_cell": (q, 6), "forward_present": (q,), "forward_fwhm": (q, w), "forward_eta": (q,),
                   "forward_ref_area": (q, w),
                   # the phase another could have been named instead, by the typed cells (its index)
-                  "phase_named": (q,)}
+                  "phase_named": (q,),
+                  # the misfit term of phase_bic, n ln(chi-square / n): what the naming check compares
+                  "phase_misfit": ()}
         for name, shape in shapes.items():
             kind = {"phase_present": "i1", "phase_decision": s}.get(name, "f8")
             extra = {} if kind != "f8" else {"fillvalue": np.nan}
