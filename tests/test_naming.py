@@ -88,17 +88,19 @@ def test_the_naming_verdict():
 
     fit = FitSpec()
     # two hexagonal phases, typed at c = 10 and 11 (search half-range 0.3 in c, 0.03 in a)
-    m = SimpleNamespace(free=[("a", "c"), ("a", "c")], cell0=np.array([[3, 3, 10, 90, 90, 120], [3, 3, 11, 90, 90, 120]], float),
-                        box=np.array([[0.03, 0.03, 0.3, 1, 1, 1]] * 2))
+    # (and an Al current collector, cubic)
+    m = SimpleNamespace(P=3, free=[("a", "c"), ("a", "c"), ("a",)],
+                        cell0=np.array([[3, 3, 10, 90, 90, 120], [3, 3, 11, 90, 90, 120], [4.05, 4.05, 4.05, 90, 90, 90]]),
+                        box=np.array([[0.03, 0.03, 0.3, 1, 1, 1]] * 2 + [[0.012, 0.012, 0.012, 1, 1, 1]]))
     n = 100
     cell = np.repeat(m.cell0[None], n, axis=0)
-    present = np.zeros((n, 2), bool)
-    present[:60, 0] = present[40:, 1] = True
+    present = np.zeros((n, 3), bool)
+    present[:60, 0] = present[40:, 1] = present[:, 2] = True
 
     def run(misfit, shift=0.0):
         c = cell.copy()
-        c[:, :, 2] += shift
-        return {"phase_misfit": misfit, "phase_cell": c, "phase_present": present}
+        c[:, :2, 2] += shift
+        return {"phase_misfit": misfit, "phase_cell": c, "phase_present": present.copy()}
 
     base = np.full(n, 1000.0)
     first = run(base)
@@ -114,6 +116,12 @@ def test_the_naming_verdict():
     v = naming_verdict(m, run(base, shift=0.15), jumping, (0, 1), fit)
     assert v.jumps == (0, 1) and not v.taken
     assert "its names jump from one phase's lines to the other's (1 against 0 times)" in v.note(("P2", "P''2"), 0)
+    # frames where the runs differ in Al (lost in one of them) are left out of the sums
+    al_lost = run(base)
+    al_lost["phase_present"][50:53, 2] = False
+    al_lost["phase_misfit"][50:53] += 600.0
+    v = naming_verdict(m, al_lost, run(base), (0, 1), fit)
+    assert not v.by_fit and v.delta == 0 and v.margin == 10 * np.sqrt(97)
     lost = base - 5.0
     lost[7] = np.nan                                                              # lost a frame the first fitted
     assert not naming_verdict(m, first, run(lost), (0, 1), fit).taken
@@ -193,7 +201,7 @@ def test_frames_added_later_extend_both_runs_as_a_straight_run_would(tmp_path):
     exp = load_experiment(syn.experiment_file)
     integrate_experiment(exp, progress=False)
     second = fit_experiment(exp, progress=False)
-    assert second.fitted == 20 and "stay P2's: as P''2's the series fits no better" in second.naming, second
+    assert second.fitted == 20 and "stay P2's (as P''2's: summed n·ln χ²" in second.naming, second
     with h5py.File(exp.run.run_file, "r") as h5:
         assert h5["/entry/peaks_other_naming/done"][()].all()
     said = read_peaks(exp.run.run_file).phase_arrays["phase_decision"][0]

@@ -452,10 +452,17 @@ def naming_verdict(m: PhaseModel, first: dict, other: dict, pair: Sequence[int],
     other phase appears, and then fits as well). (3) Then the cells: the run that puts both phases
     nearer their typed cells (each at its nearest approach, :func:`typed_distance`), by more than
     0.05 of the search range; the first frame's name knew only the first phase. A run that fails
-    in a frame the first one fitted is never kept."""
+    in a frame the first one fitted is never kept. Frames where the runs differ in a phase outside
+    the pair (the Al current collector lost beside the newcomer in one run only: n ln χ² 200-650
+    a frame, measured, enough to take the wrong name) are left out of the sums."""
     key = "phase_misfit" if "phase_misfit" in first and "phase_misfit" in other else "phase_bic"
     a, b = np.asarray(first[key], float), np.asarray(other[key], float)
-    both = np.isfinite(a) & np.isfinite(b)
+    # frames where the runs differ in a phase outside the pair are left out: a current collector
+    # lost in one run and not the other (a fault of its own) would decide the names
+    rest = [r for r in range(m.P) if r not in pair]
+    same = np.all(np.asarray(first["phase_present"], bool)[:, rest] == np.asarray(other["phase_present"], bool)[:, rest],
+                  axis=1)
+    both = np.isfinite(a) & np.isfinite(b) & same
     delta = float(np.sum(b[both] - a[both]))
     margin = max(fit.bic_threshold, 10.0 * np.sqrt(max(int(both.sum()), 1)))
     lost = bool(np.any(np.isfinite(a) & ~np.isfinite(b)))
