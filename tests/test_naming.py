@@ -100,7 +100,7 @@ def test_the_naming_verdict():
     def run(misfit, shift=0.0):
         c = cell.copy()
         c[:, :2, 2] += shift
-        return {"phase_misfit": misfit, "phase_cell": c, "phase_present": present.copy()}
+        return {"phase_misfit": np.array(misfit, float), "phase_cell": c, "phase_present": present.copy()}
 
     base = np.full(n, 1000.0)
     first = run(base)
@@ -122,6 +122,10 @@ def test_the_naming_verdict():
     al_lost["phase_misfit"][50:53] += 600.0
     v = naming_verdict(m, al_lost, run(base), (0, 1), fit)
     assert not v.by_fit and v.delta == 0 and v.margin == 10 * np.sqrt(97)
+    # ... unless the pair differs there too (a run that lost phase 0 and Al is worse)
+    al_lost["phase_present"][50:53, 0] = False
+    v = naming_verdict(m, al_lost, run(base), (0, 1), fit)
+    assert v.by_fit and v.taken and v.delta == -1800
     lost = base - 5.0
     lost[7] = np.nan                                                              # lost a frame the first fitted
     assert not naming_verdict(m, first, run(lost), (0, 1), fit).taken

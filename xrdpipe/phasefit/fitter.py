@@ -454,15 +454,17 @@ def naming_verdict(m: PhaseModel, first: dict, other: dict, pair: Sequence[int],
     0.05 of the search range; the first frame's name knew only the first phase. A run that fails
     in a frame the first one fitted is never kept. Frames where the runs differ in a phase outside
     the pair (the Al current collector lost beside the newcomer in one run only: n ln χ² 200-650
-    a frame, measured, enough to take the wrong name) are left out of the sums."""
+    a frame, measured, enough to take the wrong name) are left out of the sums, unless they also
+    hold different numbers of the pair (a run that lost O3 and Al where P3 appeared is worse)."""
     key = "phase_misfit" if "phase_misfit" in first and "phase_misfit" in other else "phase_bic"
     a, b = np.asarray(first[key], float), np.asarray(other[key], float)
-    # frames where the runs differ in a phase outside the pair are left out: a current collector
-    # lost in one run and not the other (a fault of its own) would decide the names
+    # frames where the runs hold as many of the pair but differ in a phase outside it are left
+    # out: a current collector lost in one run and not the other (a fault of its own) would
+    # decide the names
     rest = [r for r in range(m.P) if r not in pair]
-    same = np.all(np.asarray(first["phase_present"], bool)[:, rest] == np.asarray(other["phase_present"], bool)[:, rest],
-                  axis=1)
-    both = np.isfinite(a) & np.isfinite(b) & same
+    pa, pb = np.asarray(first["phase_present"], bool), np.asarray(other["phase_present"], bool)
+    aside = np.any(pa[:, rest] != pb[:, rest], axis=1) & (pa[:, list(pair)].sum(1) == pb[:, list(pair)].sum(1))
+    both = np.isfinite(a) & np.isfinite(b) & ~aside
     delta = float(np.sum(b[both] - a[both]))
     margin = max(fit.bic_threshold, 10.0 * np.sqrt(max(int(both.sum()), 1)))
     lost = bool(np.any(np.isfinite(a) & ~np.isfinite(b)))
