@@ -109,6 +109,11 @@ def test_the_naming_verdict():
     assert not v.taken and not v.by_fit and v.margin == 100                         # within: the cells, the same
     near = naming_verdict(m, run(base, shift=0.15), run(base - 0.5), (0, 1), fit)
     assert near.taken and not near.by_fit and near.distance == pytest.approx((np.sqrt(0.25 / 2), 0.0))
+    # ... where both runs show both phases: a series of one phase knows no more than its first frame
+    one = run(base - 0.5)
+    one["phase_present"][:, 1] = False
+    v = naming_verdict(m, run(base, shift=0.15), one, (0, 1), fit)
+    assert not v.taken and not v.both_seen and "the series shows one of them" in v.note(("P2", "P''2"), 0)
     # within the margin a run whose names jump to the other phase's lines loses, however near
     # its typed cells: phase 0 on phase 1's typed cell until frame 40, then on its own
     jumping = run(base - 0.5)

@@ -372,6 +372,7 @@ class NamingVerdict:
     margin: float                 # what |delta| must exceed for the fit to decide
     distance: tuple[float, float]  # how far each run puts the two phases from their typed cells
     jumps: tuple[int, int] = (0, 0)  # how often each run's names jump from one set of lines to another
+    both_seen: bool = True        # both runs show both phases somewhere (else the cells cannot decide)
 
     @property
     def by_fit(self) -> bool:
@@ -391,10 +392,10 @@ class NamingVerdict:
             return (f"{head} fits it as well (summed n·ln χ² {worse:+.0f}, within {self.margin:.0f}) but its names "
                     f"jump from one phase's lines to the other's ({j_other} against {j_kept} times)")
         cells = f"({d_other:.2f} against {d_kept:.2f} of the search range)"
-        if abs(d_other - d_kept) < _NAMING_DISTANCE:
-            return (f"{head} fits it as well (summed n·ln χ² {worse:+.0f}, within {self.margin:.0f}) with the two "
-                    f"phases as near their typed cells {cells}: the data cannot tell the names apart, the "
-                    "first frame's stays")
+        if abs(d_other - d_kept) < _NAMING_DISTANCE or not self.both_seen:
+            near = "the series shows one of them" if not self.both_seen else f"the two phases as near their typed cells {cells}"
+            return (f"{head} fits it as well (summed n·ln χ² {worse:+.0f}, within {self.margin:.0f}), {near}: the "
+                    "data cannot tell the names apart, the first frame's stays")
         return (f"{head} fits it as well (summed n·ln χ² {worse:+.0f}, within {self.margin:.0f}) but puts the two "
                 f"phases farther from their typed cells {cells}")
 
@@ -451,7 +452,8 @@ def naming_verdict(m: PhaseModel, first: dict, other: dict, pair: Sequence[int],
     (:func:`name_jumps`; a run named wrong where it began puts it right by such a jump where the
     other phase appears, and then fits as well). (3) Then the cells: the run that puts both phases
     nearer their typed cells (each at its nearest approach, :func:`typed_distance`), by more than
-    0.05 of the search range; the first frame's name knew only the first phase. A run that fails
+    0.05 of the search range, where both runs show both phases (the first frame's name knew only
+    the first phase; a series of one phase knows no more). A run that fails
     in a frame the first one fitted is never kept. Frames where the runs differ in a phase outside
     the pair (the Al current collector lost beside the newcomer in one run only: n ln χ² 200-650
     a frame, measured, enough to take the wrong name) are left out of the sums, unless they also
@@ -471,6 +473,9 @@ def naming_verdict(m: PhaseModel, first: dict, other: dict, pair: Sequence[int],
     runs = [(np.asarray(r["phase_cell"], float), np.asarray(r["phase_present"], bool)) for r in (first, other)]
     distance = tuple(typed_distance(m, c, pr, pair) for c, pr in runs)
     jumps = tuple(name_jumps(m, c, pr, pair) for c, pr in runs)
+    # (the cells decide only where the series shows both phases: with one it knows no more than
+    # its first frame)
+    seen = all(pr[:, list(pair)].any(axis=0).all() for _, pr in runs)
     if lost:
         taken = False
     elif abs(delta) > margin:
@@ -478,8 +483,8 @@ def naming_verdict(m: PhaseModel, first: dict, other: dict, pair: Sequence[int],
     elif jumps[0] != jumps[1]:
         taken = jumps[1] < jumps[0]
     else:
-        taken = distance[1] < distance[0] - _NAMING_DISTANCE
-    return NamingVerdict(taken, delta, margin, distance, jumps)
+        taken = seen and distance[1] < distance[0] - _NAMING_DISTANCE
+    return NamingVerdict(taken, delta, margin, distance, jumps, seen)
 
 
 #: How every note of the naming check in a frame's decision begins (:meth:`NamingVerdict.note`).
