@@ -440,8 +440,8 @@ def naming_verdict(m: PhaseModel, first: dict, other: dict, pair: Sequence[int],
     ``phase_present``), ``pair`` the two similar phases.
 
     Two similar phases (P2 and P''2, O3 and P3) typed a percent or two off can each be nearer the
-    first lines seen: the first frame cannot tell which phase they are. The whole series can in
-    two ways. (1) The fit: the other phase appears later, within its own search range, with its
+    first lines seen: the first frame cannot tell which phase they are. The whole series can, in
+    three ways taken in turn. (1) The fit: the other phase appears later, within its own search range, with its
     own intensities; one name may then fit the series better. The runs are compared by their
     summed misfit n ln(χ²/n), not their BIC: the two phases' models can hold different numbers of
     reflections (O3's and P3's in the same windows), and the BIC's parameter term would then
