@@ -223,8 +223,10 @@ class FitSpec(Spec):
     the instrument's blur).
     ``naming = "series"`` (default; the phase model): where the first lines of two similar phases
     (P2 and P''2, O3 and P3) are named by the nearer typed cell, the series is fitted again with
-    the other name and the run that fits the whole series better (summed BIC, by a margin) is
-    kept; ``"frame"`` keeps the first frame's choice.
+    the other name, and the run kept that fits the whole series better (summed n ln χ², by a
+    margin), else whose names do not jump between the phases' lines, else that puts both phases
+    nearer their typed cells (:func:`xrdpipe.phasefit.fitter.naming_verdict`); ``"frame"`` keeps
+    the first frame's choice.
     """
 
     model: Literal["phases", "peaks"] = "phases"
