@@ -14,7 +14,7 @@ import pytest
 
 from xrdpipe.config import FitSpec, LatticeSpec
 from xrdpipe.lattice import refine_lattice
-from xrdpipe.phasefit import fit_phases
+from xrdpipe.phasefit import PhaseModel, fit_phases
 from xrdpipe.phasefit.fitter import first_tie, naming_verdict
 from xrdpipe.testing import Difficulty, fit_config, pattern_series, score_phases
 
@@ -92,6 +92,7 @@ def test_the_naming_verdict():
     m = SimpleNamespace(P=3, free=[("a", "c"), ("a", "c"), ("a",)],
                         cell0=np.array([[3, 3, 10, 90, 90, 120], [3, 3, 11, 90, 90, 120], [4.05, 4.05, 4.05, 90, 90, 90]]),
                         box=np.array([[0.03, 0.03, 0.3, 1, 1, 1]] * 2 + [[0.012, 0.012, 0.012, 1, 1, 1]]))
+    m.range_distance = lambda p, a, b: PhaseModel.range_distance(m, p, a, b)
     n = 100
     cell = np.repeat(m.cell0[None], n, axis=0)
     present = np.zeros((n, 3), bool)

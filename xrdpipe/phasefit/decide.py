@@ -460,8 +460,7 @@ def _join(m: PhaseModel, fr: "_Frame", present: list[int], absent: list[int], de
                     st.cell[:] = kept
                 continue
             if gain > fit.bic_threshold:
-                free = [_CELL_INDEX[n] for n in m.free[p]]
-                dist = np.sqrt(np.mean(((cell - st.cell[p])[free] / m.box[p][free]) ** 2))
+                dist = float(m.range_distance(p, cell, st.cell[p]))
                 found.append((dist, p, cell, chi2_with))
             else:
                 decision[p] = f"absent: not found over the search range (ΔBIC {gain:.1f})"
@@ -796,10 +795,9 @@ def _moved(m: PhaseModel, res, present: Sequence[int], st: PhaseState, before: P
     row = 1 + present.index(drop)
     cell = m.cells(res.p[row:row + 1], st.cell)[0][keep]
     prev = before.cell[keep]
-    free = [_CELL_INDEX[n] for n in m.free[keep]]
-    if not (before.present[keep] and np.all(np.isfinite(prev[free]))):
+    if not (before.present[keep] and np.isfinite(m.range_distance(keep, prev, prev))):
         return np.inf
-    return float(np.sqrt(np.mean(((cell - prev)[free] / m.box[keep][free]) ** 2)))
+    return float(m.range_distance(keep, cell, prev))
 
 
 def _n_params(m: PhaseModel, p: int) -> int:

@@ -406,13 +406,8 @@ def typed_distance(m: PhaseModel, cell: np.ndarray, present: np.ndarray, phases:
     half-ranges (rms over its free parameters); a phase never present counts 0."""
     total = []
     for p in phases:
-        rows = np.flatnonzero(np.asarray(present, bool)[:, p] & np.all(np.isfinite(cell[:, p]), axis=1))
-        if not rows.size:
-            total.append(0.0)
-            continue
-        free = [_CELL_INDEX[n] for n in m.free[p]]
-        d = (cell[rows][:, p][:, free] - m.cell0[p, free]) / m.box[p, free]
-        total.append(float(np.min(np.mean(d ** 2, axis=1))))
+        rows = _rows_with(cell, present, p)
+        total.append(float(np.min(m.range_distance(p, cell[rows, p], m.cell0[p])) ** 2) if rows.size else 0.0)
     return float(np.sqrt(np.mean(total))) if total else 0.0
 
 
@@ -423,14 +418,17 @@ def name_jumps(m: PhaseModel, cell: np.ndarray, present: np.ndarray, phases: Seq
     other phase appears)."""
     count = 0
     for p in phases:
-        rows = np.flatnonzero(np.asarray(present, bool)[:, p] & np.all(np.isfinite(cell[:, p]), axis=1))
+        rows = _rows_with(cell, present, p)
         if rows.size < 2:
             continue
-        free = [_CELL_INDEX[n] for n in m.free[p]]
-        step = np.diff(cell[rows][:, p][:, free], axis=0) / m.box[p, free]
-        together = np.diff(rows) == 1
-        count += int(np.count_nonzero(together & (np.sqrt(np.mean(step ** 2, axis=1)) > _NAMING_JUMP)))
+        step = m.range_distance(p, cell[rows[1:], p], cell[rows[:-1], p])
+        count += int(np.count_nonzero((np.diff(rows) == 1) & (step > _NAMING_JUMP)))
     return count
+
+
+def _rows_with(cell: np.ndarray, present: np.ndarray, p: int) -> np.ndarray:
+    """The frames where phase ``p`` is present with a cell."""
+    return np.flatnonzero(np.asarray(present, bool)[:, p] & np.all(np.isfinite(cell[:, p]), axis=1))
 
 
 def naming_verdict(m: PhaseModel, first: dict, other: dict, pair: Sequence[int], fit: FitSpec) -> NamingVerdict:

@@ -76,7 +76,7 @@ class FrameResult:
     state: PhaseState
     #: (p, q): in this frame phase p was named by the typed cells where the similar phase q
     #: could have carried its lines (neither seen before), or None; the whole-series naming
-    #: check fits the series again with q there (:func:`~xrdpipe.phasefit.fitter.other_naming`)
+    #: check fits the series again with q there (:meth:`~xrdpipe.phasefit.fitter.PhaseFitter.other_naming`)
     named: tuple[int, int] | None = None
 
 
@@ -138,7 +138,8 @@ class _Frame:
         self.going_back = False                # the backward pass (fit_frame given centres)
         #: a phase named by the nearer typed cell where a similar phase could have taken its
         #: lines: phase -> (the other, their distances in search half-ranges, "typed" or "last":
-        #: from which cells, or "series": the whole-series naming check's other name)
+        #: from which cells, "fit": its search fitted a little better (typed cells), or
+        #: "series": the whole-series naming check's other name)
         self.named: dict[int, tuple[int, float, float, str]] = {}
         self._width_guess: dict[int, float] = {}     # width_guess per window (the data's, fixed)
         # track_halves and _width by their arguments and the state they read (the searches ask

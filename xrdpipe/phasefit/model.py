@@ -137,7 +137,7 @@ class PhaseModel:
             raise ValueError("the phase model needs the wavelength of a 2θ axis")
         self.phases = tuple(phases)
         self.fit = fit
-        #: the whole-series naming check's other run (:func:`~xrdpipe.phasefit.fitter.other_naming`):
+        #: the whole-series naming check's other run (:meth:`~xrdpipe.phasefit.fitter.PhaseFitter.other_naming`):
         #: {frozenset((p, q)): r}, where lines that either of two similar phases could carry are
         #: named by their typed cells (neither seen yet), phase r takes them whichever cell is nearer
         self.naming: dict[frozenset, int] = {}
@@ -194,6 +194,13 @@ class PhaseModel:
                         self.r_listed[self.label_index(wi, phase, hkl)] = True
                     except ValueError:
                         pass                # reported by the fitter that lists the peaks
+
+    def range_distance(self, p: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """How far cells ``a`` are from ``b`` (``(..., 6)``, broadcast) for phase ``p``: the rms over
+        its free parameters of the differences in search half-ranges."""
+        free = [_CELL_INDEX[n] for n in self.free[p]]
+        d = (np.asarray(a, float)[..., free] - np.asarray(b, float)[..., free]) / self.box[p, free]
+        return np.sqrt(np.mean(d ** 2, axis=-1))
 
     # -- set-up -------------------------------------------------------------------------------
     def _half_range(self, phase: PhaseSpec, name: str) -> float:
