@@ -236,7 +236,7 @@ def refine_lattice(table, phases: Sequence[PhaseSpec], spec: LatticeSpec | None 
         obs = [_observations(table, r, cols, hkl) for cols, hkl in columns]
         for i, o in enumerate(obs):
             vals["n_reflections"][r, i] = len(o[0])
-        out = _refine_frame(obs, phases, start, unit=unit, wavelength_A=wavelength_A, correction=spec.correction)
+        out = _refine_frame(obs, phases, start, unit=unit, wavelength_A=wavelength_A, correction=spec.peaks_correction)
         if isinstance(out, str):
             msg[r, [i for i, o in enumerate(obs) if len(o[0])]] = out
             continue
@@ -308,6 +308,8 @@ def _from_phase_model(table, phases: Sequence[PhaseSpec], spec: LatticeSpec, val
             vals["volume_A3"][here, i] = ph["phase_volume"][here, j]
             vals["volume_err_A3"][here, i] = ph["phase_volume_err"][here, j]
         vals["correction_deg"][here, i] = ph["zero"][here]
+        if "zero_err" in ph:
+            vals["correction_err_deg"][here, i] = ph["zero_err"][here]
         cols = [c for c, (_, name, _, _) in enumerate(table.peaks) if name == spec_i.name]
         vals["n_reflections"][:, i] = np.asarray(table.present)[:, cols].sum(axis=1) if cols else 0
         if spec_i.z_o is not None and crystal_system(spec_i.space_group) == "hexagonal" \

@@ -260,7 +260,10 @@ class LatticeSpec(Spec):
     """``[lattice]``: how cells and phase fractions come from the fitted peaks.
 
     ``correction`` adds a 2θ zero shift (``"zero"``) or a sample-displacement term
-    (``"displacement"``, ∝ cos θ) shared by the phases of a frame. Peak-area fractions come from
+    (``"displacement"``, ∝ cos θ) shared by the phases of a frame; ``"auto"`` (default): the
+    phase model estimates one zero shift for the run (a cell in the PONI's calibration is never
+    exactly the sample's position), independent peaks refine none (a free zero per frame trades
+    off against c where two phases coexist); ``"none"``: no correction. Peak-area fractions come from
     the areas of corresponding peaks of coexisting phases, or, with ``fraction_window``, from that
     window's area of each phase against the whole window in ``reference_frame``. ``fractions``
     says which fraction the ``fraction`` column holds: ``"auto"`` (default) the Rietveld weight
@@ -268,7 +271,17 @@ class LatticeSpec(Spec):
     ``"refinement"`` weight fractions only; ``"peaks"`` peak areas only.
     """
 
-    correction: Literal["none", "zero", "displacement"] = "none"
+    correction: Literal["auto", "none", "zero", "displacement"] = "auto"
     fractions: Literal["auto", "refinement", "peaks"] = "auto"
     fraction_window: str | None = None
     reference_frame: int = Field(default=0, ge=0)
+
+    @property
+    def phase_correction(self) -> str:
+        """The correction of the phase model: ``"auto"`` is one zero shift for the run."""
+        return "zero" if self.correction == "auto" else self.correction
+
+    @property
+    def peaks_correction(self) -> str:
+        """The correction of the cells refined from independent peaks: ``"auto"`` is none."""
+        return "none" if self.correction == "auto" else self.correction

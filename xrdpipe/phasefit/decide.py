@@ -22,7 +22,7 @@ from .model import (
     PhaseModel,
     PhaseState,
 )
-from .neighbours import _drawn_towards, _in_place_of, _on_lines_of
+from .neighbours import _coincident, _drawn_towards, _in_place_of, _on_lines_of
 from .solve import _at_bound, _at_edge, _failed, _fit_rows, _fwhm_table, _result, esd_scale
 from .tails import without_far_tails
 
@@ -454,7 +454,7 @@ def _join(m: PhaseModel, fr: "_Frame", present: list[int], absent: list[int], de
                 gain = n_valid * np.log(max(chi2_without, 1e-300) / max(chi2_with, 1e-300)) - _n_params(m, p) * n_log
                 if gain <= fit.bic_threshold:
                     st.cell[:] = kept
-            if gain > fit.bic_threshold and (on := _on_lines_of(m, fr, p, cell, present)):
+            if gain > fit.bic_threshold and (on := _on_lines_of(m, fr, p, cell, present, joined)):
                 decision[p] = f"absent: on the lines of {m.phases[on[0]].name} ({on[1]:.2f} FWHM apart): one line, not two phases"
                 if kept is not None:        # the drawn phase back where this frame's search put it
                     st.cell[:] = kept
@@ -607,9 +607,12 @@ def _judge(m: PhaseModel, fr: "_Frame", res, present: list[int], held: set[int],
     area_err = _area_esds(m, fr, res, n_valid)
     total_area = np.array([areas[m.r_window == w].sum() for w in range(m.W)])
     gains, fails, passed = {}, {}, {}
+    widths = m.fwhm_table(res.p[0])
+    for i, p in enumerate(present):
+        gains[p] = n_valid * np.log(max(chi2[i + 1], 1e-300) / max(chi2[0], 1e-300)) - _n_params(m, p) * n_log
 
     for i, p in enumerate(present):
-        gain = n_valid * np.log(max(chi2[i + 1], 1e-300) / max(chi2[0], 1e-300)) - _n_params(m, p) * n_log
+        gain = gains[p]
         mine = areas[m.r_phase == p].sum()
         touched = total_area[np.unique(m.r_window[(m.r_phase == p) & inner])].sum()
         share = mine / touched if touched > 0 else 0.0
@@ -622,6 +625,9 @@ def _judge(m: PhaseModel, fr: "_Frame", res, present: list[int], held: set[int],
             # (a phase kept out of the fractions, the current collector, is there when the
             # data say so: its lines are narrow and weak, and left out they pull others')
             fails[p] = f"absent: {100 * share:.2g} % of the area < min_fraction"
+        elif (same := _coincident(m, fr, p, cells_now, widths, present)) and _goes(fr, p, same[0], gains):
+            fails[p] = (f"absent: on the lines of {m.phases[same[0]].name} ({same[1]:.2f} FWHM apart): "
+                        f"one line, not two phases")
         elif took := _in_place_of(m, fr, p, cells_now):
             fails[p] = f"{_SWAP} {m.phases[took[0]].name} held in the frame before ({took[1]:.2f} FWHM from its lines there)"
         elif trouble := _cell_trouble(m, res, p, present, held, found_now, gains, cells_now):
@@ -629,6 +635,15 @@ def _judge(m: PhaseModel, fr: "_Frame", res, present: list[int], held: set[int],
         else:
             passed[p] = _present_text(m, fr, p, gain, found_now, areas, inner)
     return gains, fails, passed, areas, inner
+
+
+def _goes(fr: "_Frame", p: int, q: int, gains: dict) -> bool:
+    """Of two phases on one set of lines (:func:`~xrdpipe.phasefit.neighbours._coincident`),
+    whether ``p`` is the one that goes: the one not followed from the frame before where the
+    other is, else the one whose absence costs less (ΔBIC; ``q`` first on a tie)."""
+    if fr.tracked[p] != fr.tracked[q]:
+        return not fr.tracked[p]
+    return gains[p] < gains.get(q, np.inf) or (gains[p] == gains.get(q, np.inf) and p > q)
 
 
 def _cell_trouble(m: PhaseModel, res, p: int, present: list[int], held: set[int], found_now: set[int],

@@ -21,6 +21,7 @@ from .decide import _bic, _misfit, fit_frame
 from .frame import FrameResult, _Frame
 from .model import _BACKWARD_MAX, _CELL_INDEX, PhaseModel, PhaseState
 from .solve import _held, _volume, centre_esd, d_of, initial_state
+from .tails import far_tails
 
 # ----------------------------------------------------------------------------------------------
 # every frame of a block, in order, into a peak table
@@ -31,6 +32,9 @@ class PhaseFitter:
     ``peaks``) are read off the phase model, with the phase results in ``table.phase``.
 
     ``state`` is the whole memory between frames; :meth:`resume` sets it from stored results.
+    Where ``[lattice] correction`` asks for one, the run's zero shift is estimated once
+    (:meth:`estimate_zero` on the run's first usable frames, before the first is fitted) and
+    held; a resumed run takes it from its stored rows.
     """
 
     def __init__(self, phases: Sequence[PhaseSpec], windows: Sequence[WindowSpec], fit: FitSpec = FitSpec(),
@@ -62,15 +66,34 @@ class PhaseFitter:
         self.peaks = tuple(peaks)
         self.comp_window = np.array([self.windows.index(p[0]) for p in peaks], int)
         self.phase_names = tuple(p.name for p in phases)
-        self.state = initial_state(m)
-        self._zero_known = lattice.correction == "none"
+        #: the run's zero shift and its esd, once known ((0, NaN) without a correction)
+        self.zero: tuple[float, float] | None = (0.0, np.nan) if m.correction == "none" else None
+        self.state = self._fresh_state()
+
+    @property
+    def needs_zero(self) -> bool:
+        """Whether the run's zero shift is still to be estimated (:meth:`estimate_zero`)."""
+        return self.zero is None
+
+    def _fresh_state(self) -> PhaseState:
+        st = initial_state(self.model, self.zero[0] if self.zero else 0.0)
+        st.zero_err = self.zero[1] if self.zero else np.nan
+        return st
+
+    def estimate_zero(self, intensity: np.ndarray, sigma: np.ndarray | None) -> tuple[float, float]:
+        """Estimate the run's zero shift on frames ``intensity`` (n, npt; the run's first
+        :data:`ZERO_FRAMES` usable ones, in order) and hold it for every frame
+        (:meth:`_estimate_zero`); returns it with its esd."""
+        cols = self.model.columns
+        self.zero = self._estimate_zero(intensity[:, cols], None if sigma is None else sigma[:, cols])
+        self.state.zero, self.state.zero_err = self.zero
+        return self.zero
 
     def resume(self, stored: dict | None) -> None:
         """Take the state after the last stored row (``stored`` holds the phase arrays of rows
         before the ones to fit), or start afresh."""
         m = self.model
-        self.state = initial_state(m)
-        self._zero_known = self.model.correction == "none"
+        self.state = self._fresh_state()
         if not stored or "phase_cell" not in stored or not len(stored["phase_cell"]):
             return
         done = np.flatnonzero(stored["done"])
@@ -78,7 +101,8 @@ class PhaseFitter:
             return
         r = done[-1]
         self.state = _stored_state(m, stored, r, forward=True)
-        self._zero_known = self._zero_known or bool(np.isfinite(stored["zero"][r]))
+        if self.zero is None and np.isfinite(stored["zero"][r]):
+            self.zero = (float(stored["zero"][r]), _zero_err(stored, r))
 
     def fit_block(self, intensity: np.ndarray, sigma: np.ndarray | None, *, frame: np.ndarray,
                   time_s: np.ndarray | None = None, usable: np.ndarray | None = None,
@@ -90,10 +114,11 @@ class PhaseFitter:
         usable = np.ones(n, bool) if usable is None else np.asarray(usable, bool)
         cols = m.columns
         values, present, success, redchi, message, ph = self._arrays(n)
-        if not self._zero_known and usable.any():
-            self.state.zero = self._estimate_zero(intensity[usable][:8][:, cols],
-                                                  None if sigma is None else sigma[usable][:8][:, cols])
-            self._zero_known = True
+        if self.needs_zero and usable.any():
+            # (not estimated on the run's first frames beforehand, as fit_phases and the run's
+            # fit stage do: on this block's)
+            some = np.flatnonzero(usable)[:ZERO_FRAMES]
+            self.estimate_zero(intensity[some], None if sigma is None else sigma[some])
         with threadpool_limits(1):        # small matrices: BLAS threads only get in each other's way
             for i in range(n):
                 if usable[i]:
@@ -127,7 +152,8 @@ class PhaseFitter:
               "phase_bic": np.full(n, np.nan), "forward_cell": np.full((n, P, 6), np.nan),
               "forward_present": np.full((n, P), np.nan), "forward_fwhm": np.full((n, P, W), np.nan),
               "forward_eta": np.full((n, P), np.nan), "forward_ref_area": np.full((n, P, W), np.nan),
-              "phase_named": np.full((n, P), np.nan), "phase_misfit": np.full(n, np.nan)}
+              "phase_named": np.full((n, P), np.nan), "phase_misfit": np.full(n, np.nan),
+              "zero_err": np.full(n, np.nan)}
         return (values, np.zeros((n, n_c), bool), np.zeros((n, W), bool), np.full((n, W), np.nan),
                 np.full((n, W), "", dtype=object), ph)
 
@@ -138,6 +164,7 @@ class PhaseFitter:
         ph["phase_fwhm"][i] = st.fwhm
         ph["phase_eta"][i] = st.eta
         ph["zero"][i] = st.zero
+        ph["zero_err"][i] = st.zero_err
         if st.ref_area is not None:
             ph["phase_ref_area"][i] = st.ref_area
 
@@ -313,21 +340,29 @@ class PhaseFitter:
         other = copy.copy(self)
         other.model = copy.copy(self.model)
         other.model.naming = {**self.model.naming, frozenset((p, q)): q}
-        other.state = initial_state(other.model)
-        other._zero_known = other.model.correction == "none"
+        other.state = other._fresh_state()      # (the run's zero shift: the same)
         return other
 
-    def _estimate_zero(self, y: np.ndarray, sigma: np.ndarray | None) -> float:
-        """The run's zero shift (or displacement): the median over the first frames of a fit in
-        which it is free, each frame started afresh."""
+    def _estimate_zero(self, y: np.ndarray, sigma: np.ndarray | None) -> tuple[float, float]:
+        """The run's zero shift (or displacement) and its esd: the median over the first frames
+        of a fit in which it is free, from each frame's solution with the zero held (the frames
+        fitted one after the other, as the run fits them, from a first one found afresh). The esd is that of a median
+        (1.2533 times that of a mean) of estimates as far apart as these are (robustly), and at
+        least as large as their own esds say (unscaled: a misfit of the profile's shape, many
+        esds on a strong line at beamline counts, moves no line); (0, NaN) where no frame gave
+        one."""
         m = self.model
-        zeros = []
+        zeros, errs = [], []
+        state = initial_state(m)
         for i in range(y.shape[0]):
-            state = initial_state(m)
             res = fit_frame(m, y[i], None if sigma is None else sigma[i], state, self.fit)
             if not res.success or not res.present.any():
                 continue
-            fr = _Frame(m, y[i], None if sigma is None else sigma[i], res.state)
+            state = res.state
+            # (on the data less the far tails of the frame's lines, as the frame's own fit was:
+            # a strong line's tail across a window is a slope that moves the zero)
+            tails = far_tails(m, res.theta, res.state.cell, res.present)
+            fr = _Frame(m, y[i] - tails, None if sigma is None else sigma[i], res.state)
             present = tuple(np.flatnonzero(res.present))
             theta = res.theta.copy()
             hold = _held(m, present)
@@ -340,7 +375,21 @@ class PhaseFitter:
                                         normal=lambda t, _y, _w, held: m.normal(t, res.state.cell, fr.y0, fr.w, held))
             if again.success[0] and abs(again.p[0, m.zero_col]) < 0.5:
                 zeros.append(float(again.p[0, m.zero_col]))
-        return float(np.median(zeros)) if zeros else 0.0
+                errs.append(float(np.sqrt(again.cov[0, m.zero_col, m.zero_col])))
+        if not zeros:
+            return 0.0, np.nan
+        errs = np.array(errs)
+        errs = errs[np.isfinite(errs) & (errs > 0)]
+        # (the frames share what the model misses, a line's shape or a tail, which no number of
+        # frames averages away: at most _ZERO_INDEPENDENT of them count as independent)
+        used = min(len(zeros), _ZERO_INDEPENDENT)
+        own = float(np.median(errs)) / np.sqrt(used) if errs.size else 0.0
+        # (their spread robustly, as 1.4826 median absolute deviations: a frame whose fit took
+        # another solution must not set the esd of the run's zero)
+        mad = float(np.median(np.abs(np.asarray(zeros) - np.median(zeros))))
+        spread = 1.4826 * mad / np.sqrt(used) if len(zeros) > 2 else 0.0
+        err = 1.2533 * max(own, spread)
+        return float(np.median(zeros)), (err if err > 0 else np.nan)
 
 
 def first_tie(named: np.ndarray) -> tuple[int, int, int] | None:
@@ -523,12 +572,24 @@ def _stored_state(m: PhaseModel, stored: dict, r: int, forward: bool = False) ->
         return PhaseState(np.array(stored["forward_cell"][r], float), np.array(stored["forward_present"][r]) > 0,
                           np.array(stored["forward_fwhm"][r], float), np.array(stored["forward_eta"][r], float),
                           float(stored["zero"][r]) if np.isfinite(stored["zero"][r]) else 0.0,
-                          np.array(stored["forward_ref_area"][r], float))
+                          np.array(stored["forward_ref_area"][r], float), zero_err=_zero_err(stored, r))
     return PhaseState(np.array(stored["phase_cell"][r], float), np.array(stored["phase_present"][r], bool),
                       np.array(stored["phase_fwhm"][r], float), np.array(stored["phase_eta"][r], float),
                       float(stored["zero"][r]) if np.isfinite(stored["zero"][r]) else 0.0,
                       np.array(stored["phase_ref_area"][r], float) if "phase_ref_area" in stored
-                      else np.full((m.P, m.W), np.nan))
+                      else np.full((m.P, m.W), np.nan), zero_err=_zero_err(stored, r))
+
+
+def _zero_err(stored: dict, r: int) -> float:
+    """The stored esd of the run's zero shift at row ``r`` (NaN in a run file made before it)."""
+    return float(stored["zero_err"][r]) if "zero_err" in stored else np.nan
+
+
+#: How many of the first usable frames estimate the run's zero shift (:meth:`PhaseFitter._estimate_zero`):
+#: its error is common to every frame's cells, so it is measured on many.
+ZERO_FRAMES = 16
+#: ... of which at most this many count as independent in its esd.
+_ZERO_INDEPENDENT = 8
 
 
 def fit_phases(patterns, phases: Sequence[PhaseSpec], windows: Sequence[WindowSpec], fit: FitSpec = FitSpec(),
@@ -564,6 +625,9 @@ def fit_phases(patterns, phases: Sequence[PhaseSpec], windows: Sequence[WindowSp
                 _replace_rows(table, *back)
         return table
 
+    if fitter.needs_zero and usable.any():
+        some = np.flatnonzero(usable)[:ZERO_FRAMES]
+        fitter.estimate_zero(patterns.intensity[some], None if patterns.sigma is None else patterns.sigma[some])
     table = series(fitter)
     tie = first_tie(table.phase["phase_named"]) if fit.naming == "series" else None
     if tie is not None:

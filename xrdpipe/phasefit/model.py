@@ -55,7 +55,7 @@ _REACH = 3.0
 PHASE_ARRAYS = ("phase_cell", "phase_cell_err", "phase_present", "phase_area", "phase_area_err", "phase_fwhm",
                 "phase_eta", "zero", "phase_decision", "phase_volume", "phase_volume_err", "phase_ref_area",
                 "phase_bic", "forward_cell", "forward_present", "forward_fwhm", "forward_eta", "forward_ref_area",
-                "phase_named", "phase_misfit")
+                "phase_named", "phase_misfit", "zero_err")
 #: How many frames the backward pass goes back from a frame where a phase that appeared is
 #: strong, at most.
 _BACKWARD_MAX = 60
@@ -80,6 +80,12 @@ _BROADENED = 1.2
 #: similar phase followed from the frame before explains that phase's lines (the rest a
 #: search left, e.g. a line a little off), not lines of its own: one line, not two phases.
 _SAME_LINE = 0.75
+#: Two similar phases of one fit whose listed lines all lie within this many FWHM of each
+#: other's are one set of lines (:func:`~xrdpipe.phasefit.neighbours._coincident`): the second
+#: explains the rest a profile of the wrong shape leaves (at beamline counts, many esds). Well
+#: below the closest coexisting lines the model must split (1 FWHM apart, the two-phase
+#: region broadening them 1.6x: 0.6 of their FWHM there).
+_ONE_LINE = 0.35
 
 
 @dataclass
@@ -89,7 +95,8 @@ class PhaseState:
     lines in the last frame where it was the only phase (of those with fractions) present,
     ``ref_area`` (P, W), NaN until then: its own relative intensities, learned from the data;
     ``redchi`` (W,), the reduced chi-square of each window in the frame that handed it over
-    (None where unknown: the first frame, a resumed or stored state)."""
+    (None where unknown: the first frame, a resumed or stored state); ``zero_err``, the esd of
+    the run's zero shift where it was estimated (NaN: none, or held at a given value)."""
 
     cell: np.ndarray
     present: np.ndarray
@@ -98,11 +105,12 @@ class PhaseState:
     zero: float = 0.0
     ref_area: np.ndarray | None = None
     redchi: np.ndarray | None = None
+    zero_err: float = np.nan
 
     def copy(self) -> "PhaseState":
         return PhaseState(self.cell.copy(), self.present.copy(), self.fwhm.copy(), self.eta.copy(), self.zero,
                           None if self.ref_area is None else self.ref_area.copy(),
-                          None if self.redchi is None else self.redchi.copy())
+                          None if self.redchi is None else self.redchi.copy(), self.zero_err)
 
 
 @dataclass(frozen=True)
@@ -141,7 +149,7 @@ class PhaseModel:
         #: {frozenset((p, q)): r}, where lines that either of two similar phases could carry are
         #: named by their typed cells (neither seen yet), phase r takes them whichever cell is nearer
         self.naming: dict[frozenset, int] = {}
-        self.correction = lattice.correction
+        self.correction = lattice.phase_correction
         self.unit, self.wavelength_A = unit, wavelength_A
         radial = np.asarray(radial, float)
         self.step = float(np.median(np.abs(np.diff(radial)))) if radial.size > 1 else 1.0

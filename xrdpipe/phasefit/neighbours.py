@@ -4,28 +4,30 @@ lines, and a phase that took the place another held in the frame before."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from .model import _BROADENED, _DRAWN, _SAME_LINE, PhaseModel
+from .model import _BROADENED, _DRAWN, _ONE_LINE, _SAME_LINE, PhaseModel
 
 if TYPE_CHECKING:
     from .frame import _Frame
 
 
-def _on_lines_of(m: PhaseModel, fr: "_Frame", p: int, cell: np.ndarray, present: list[int]) -> tuple[int, float] | None:
+def _on_lines_of(m: PhaseModel, fr: "_Frame", p: int, cell: np.ndarray, present: list[int],
+                 placed: Sequence[int] = ()) -> tuple[int, float] | None:
     """(q, distance) when phase ``p`` at ``cell`` puts every listed line within :data:`_SAME_LINE`
     FWHM of the same reflection of a similar phase ``q`` present and followed from the frame
-    before (the largest distance, in q's narrower width of this frame and the one before); else
-    None."""
+    before, or within :data:`_ONE_LINE` FWHM of those of one ``placed`` (found) in this frame
+    before ``p`` (the largest distance, in q's narrower width of this frame and the one
+    before); else None."""
     st = fr.state
     cells = st.cell.copy()
     cells[p] = cell
     cen = m.centres(cells[None], np.array([st.zero]))[0]
     mine = np.flatnonzero(m.r_listed & (m.r_phase == p) & m.r_has_data)
     for a, q, _, _ in m.order:
-        if a != p or q not in present or not fr.tracked[q] or not mine.size:
+        if a != p or q not in present or not (fr.tracked[q] or q in placed) or not mine.size:
             continue
         far = 0.0
         for i in mine:
@@ -34,7 +36,36 @@ def _on_lines_of(m: PhaseModel, fr: "_Frame", p: int, cell: np.ndarray, present:
                 far = np.inf
                 break
             far = max(far, abs(cen[i] - cen[twin]) / _narrower_width(fr, q, int(m.r_window[i])))
-        if far <= _SAME_LINE:
+        if far <= (_SAME_LINE if fr.tracked[q] else _ONE_LINE):
+            return q, far
+    return None
+
+
+def _coincident(m: PhaseModel, fr: "_Frame", p: int, cells: np.ndarray, widths: np.ndarray,
+                present: list[int]) -> tuple[int, float] | None:
+    """(q, distance) when phases ``p`` and ``q``, both present in a fit with ``cells`` and FWHM
+    ``widths`` (P, W), are similar and every listed line of ``p`` lies within
+    :data:`_ONE_LINE` FWHM (the narrower of the two phases' widths there) of ``q``'s same
+    reflection: one set of lines, not two phases (the second one explains what the profile
+    leaves of the first: a real line is not exactly the model's pseudo-Voigt, and at beamline
+    counts the rest is many esds). The largest distance; else None."""
+    cen = m.centres(cells[None], np.array([fr.state.zero]))[0]
+    mine = np.flatnonzero(m.r_listed & (m.r_phase == p) & m.r_has_data)
+    if not mine.size:
+        return None
+    for a, q, _, _ in m.order:
+        if a != p or q not in present:
+            continue
+        far = 0.0
+        for i in mine:
+            twin = _twin(m, q, i)
+            w = int(m.r_window[i])
+            width = np.nanmin([widths[p, w], widths[q, w]])
+            if twin is None or not np.isfinite(width) or width <= 0:
+                far = np.inf
+                break
+            far = max(far, abs(cen[i] - cen[twin]) / width)
+        if far <= _ONE_LINE:
             return q, far
     return None
 

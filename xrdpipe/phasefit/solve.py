@@ -174,27 +174,88 @@ def _unit_covariance(cov: np.ndarray, free: np.ndarray) -> tuple[np.ndarray, np.
     return sub / np.outer(d, d), d
 
 
-def window_scaled(m: PhaseModel, w: np.ndarray, jac: np.ndarray, cov: np.ndarray, redchi_w: np.ndarray) -> np.ndarray:
-    """The covariance ``cov`` = (JᵀW²J)⁻¹ (k, k; NaN where not free) with each window's
-    information scaled by its reduced chi-square where that exceeds 1: C (Σ_w s_w J_wᵀW²J_w) C,
-    s_w = max(redchi_w, 1), with J_w the Jacobian ``jac`` (k, M) on window w's points.
+def window_scaled(m: PhaseModel, w: np.ndarray, jac: np.ndarray, cov: np.ndarray, redchi_w: np.ndarray,
+                  position_w: np.ndarray | None = None) -> np.ndarray:
+    """The covariance ``cov`` = (JᵀW²J)⁻¹ = C (k, k; NaN where not free) with each window's
+    information scaled by its reduced chi-square where that exceeds 1: C (Σ_w s_w H_w) C,
+    s_w = max(redchi_w, 1), H_w = J_wᵀW²J_w with J_w the Jacobian ``jac`` (k, M) on window w's
+    points. With ``position_w`` (W,), the misfit beyond the noise is counted per column:
+    C (H + Σ_w D_w H_w D_w) C, D_w diagonal, sqrt(s_w - 1) on most columns and sqrt(p_w - 1) on
+    those that place the lines (cells, zero), p_w = ``position_w`` clipped to [1, s_w] (see
+    :func:`position_redchi`); the same as the first where p_w = s_w.
 
     A misfit the model cannot remove (a neighbour's tail under a window's background, a shape
     the profile lacks) then widens the esds of what that window determines, and not those of
     the parameters other windows fix: one frame-wide factor spreads the worst window's misfit
     over every cell parameter. Equal to ``cov`` where every window fits to its noise."""
     scale = np.maximum(np.nan_to_num(redchi_w, nan=1.0), 1.0)
+    pos = scale if position_w is None else np.clip(np.nan_to_num(position_w, nan=1.0), 1.0, scale)
     free = np.isfinite(np.diagonal(cov))
     if not free.any() or np.all(scale == 1.0):
         return cov
+    placing = np.zeros(cov.shape[0], bool)
+    if position_w is not None:
+        placing[[c for cols in m.cell_cols for c in cols] + [m.zero_col]] = True
+    placing = placing[free]
     unit, d = _unit_covariance(cov, free)
     meat = np.zeros((d.size, d.size))
     for i, win in enumerate(m.windows):
         if scale[i] != 1.0:
             jp = jac[:, win.points][free] * w[win.points] * d[:, None]   # scaled to the esds: well conditioned
-            meat += (scale[i] - 1.0) * (jp @ jp.T)
+            jp *= np.sqrt(np.where(placing, pos[i], scale[i]) - 1.0)[:, None]
+            meat += jp @ jp.T
     out = cov.copy()
     out[np.ix_(free, free)] = (unit + unit @ meat @ unit) * np.outer(d, d)
+    return out
+
+
+def position_redchi(m: PhaseModel, fr: _Frame, theta: np.ndarray, resid: np.ndarray, reach: float = 2.5) -> np.ndarray:
+    """(W,) each window's reduced chi-square of the part of its residual that is odd about its
+    lines: what moves a line's centre. A profile the model lacks in shape only (a Voigt fitted
+    by a pseudo-Voigt, a line averaged over bins) leaves an even misfit, many esds at beamline
+    counts, that no centre can take up: scaling the cells' esds by the whole window's reduced
+    chi-square (15 on a strong basal line) made them 4x too large. A tail of a line the model
+    lacks, an asymmetry, a shifted shoulder is odd about the line and counts here.
+
+    For every line inside the window holding at least a tenth of its largest area, the weighted
+    residual at the points within ``reach`` FWHM above its centre less the residual mirrored
+    below it (linear interpolation), halved; each squared over its variance for unit
+    independent noise, (1 + t² + (1 - t)²) / 4 with t the interpolation weight; summed over the
+    lines and divided by their number of points. NaN where a window has no such line."""
+    out = np.full(m.W, np.nan)
+    cells = m.cells(theta[None], fr.state.cell)[0]
+    zero = float(theta[m.zero_col])
+    fw = m.fwhm_table(theta)
+    inner = m.inside(cells, zero, fw)
+    cen = m.centres(cells[None], np.array([zero]))[0]
+    area = theta[m.area_col]
+    for i, win in enumerate(m.windows):
+        lines = np.flatnonzero(inner & (m.r_window == i) & (area > 0))
+        if not lines.size or win.x.size < 3:
+            continue
+        lines = lines[area[lines] >= 0.1 * area[lines].max()]
+        r, valid = resid[win.points], fr.w[win.points] > 0
+        x = win.x
+        chi2 = count = 0.0
+        for k in lines:
+            width = fw[m.r_phase[k], i]
+            if not (np.isfinite(width) and width > 0):
+                continue
+            up = np.flatnonzero(valid & (x > cen[k]) & (x <= cen[k] + reach * width))
+            mirror = 2 * cen[k] - x[up]
+            j = np.searchsorted(x, mirror) - 1
+            ok = (j >= 0) & (j + 1 < up)        # (the mirrored value not drawn from the point itself)
+            up, mirror, j = up[ok], mirror[ok], j[ok]
+            ok = valid[j] & valid[j + 1]
+            up, mirror, j = up[ok], mirror[ok], j[ok]
+            if not up.size:
+                continue
+            t = (mirror - x[j]) / (x[j + 1] - x[j])
+            odd = (r[up] - ((1 - t) * r[j] + t * r[j + 1])) / 2
+            chi2 += float(np.sum(odd ** 2 / ((1 + t ** 2 + (1 - t) ** 2) / 4)))
+            count += up.size
+        if count:
+            out[i] = chi2 / count
     return out
 
 
@@ -230,8 +291,17 @@ def _result(m: PhaseModel, fr: _Frame, theta: np.ndarray, cov: np.ndarray, prese
     nv = np.array([int(np.count_nonzero(touched[:, w.points][:, valid[w.points]].any(axis=1))) for w in m.windows])
     with np.errstate(invalid="ignore"):
         err = np.sqrt(np.diagonal(cov))
+    # the run's zero shift, held at its estimate, moves the cells by its own error: how much
+    # (least squares' response to a unit zero shift) for the covariance below
+    zero_err = float(fr.state.zero_err)
+    lever = None
+    if np.isfinite(zero_err) and zero_err > 0 and not free[m.zero_col] and free.any():
+        jz = jac[0, m.zero_col] * fr.w
+        lever = -np.nan_to_num(cov[np.ix_(free, free)]) @ ((jac[0][free] * fr.w) @ jz)
     if fr.has_errors and m.fit.esd_scale == "auto":
-        cov = window_scaled(m, fr.w, jac[0], cov, chi2_w / np.maximum(n_w - nv, 1))
+        redchi_w = chi2_w / np.maximum(n_w - nv, 1)
+        position = position_redchi(m, fr, theta, resid) if np.any(redchi_w > 1) else None
+        cov = window_scaled(m, fr.w, jac[0], cov, redchi_w, position)
         with np.errstate(invalid="ignore"):
             err = np.sqrt(np.diagonal(cov))
     elif m.fit.esd_scale == "auto":
@@ -243,6 +313,11 @@ def _result(m: PhaseModel, fr: _Frame, theta: np.ndarray, cov: np.ndarray, prese
         if scale != 1.0:
             cov = cov * scale
             err = err * np.sqrt(scale)
+    if lever is not None:
+        cov = cov.copy()
+        cov[np.ix_(free, free)] += np.outer(lever, lever) * zero_err ** 2
+        with np.errstate(invalid="ignore"):
+            err = np.sqrt(np.diagonal(cov))
     new = fr.state.copy()
     cells = m.cells(theta[None], fr.state.cell)[0]
     for p in range(m.P):

@@ -40,6 +40,8 @@ class FitSummary:
     revised: int = 0
     #: what the phase model's whole-series naming check found ("" if it did not run)
     naming: str = ""
+    #: the run's zero shift the phase model holds, and how it was found ("" without one)
+    zero: str = ""
 
     def __str__(self) -> str:
         lines = [f"{self.total} frame(s): {self.fitted} fitted now, {self.skipped} already done"
@@ -50,6 +52,8 @@ class FitSummary:
                          "that appeared is strong")
         if self.naming:
             lines.append(f"naming check: {self.naming}")
+        if self.zero:
+            lines.append(f"zero shift: {self.zero}")
         if self.restarted:
             lines.append("the fit settings changed since the last run: every frame was fitted again")
         if self.phases:
@@ -100,6 +104,8 @@ def fit_experiment(exp: Experiment, *, restart: bool = False, progress: bool = T
             rows = np.flatnonzero(~done & (np.arange(n) < reach))
             summary.skipped = int(done.sum())
             summary.waiting = int((~done & (np.arange(n) >= reach)).sum())
+            if phase_model:
+                rows = _with_zero(fitter, store, info, rows, reach, summary)
             if phase_model and rows.size:
                 store.backward_through = 0      # the backward pass goes over the series again
                 store.named_through = 0         # and so does the naming check
@@ -141,6 +147,37 @@ def _fingerprint(exp: Experiment, fit, info: RunInfo, block: int) -> dict:
     if fit.model == "phases":   # frames carry their state one to the next: the block plays no part
         out.update(block=None, correction=exp.lattice.correction)
     return out
+
+
+def _with_zero(fitter, store: PeakStore, info: RunInfo, rows: np.ndarray, reach: int, summary: FitSummary) -> np.ndarray:
+    """The rows to fit, once the phase model's zero shift for the run is known: estimated on
+    the run's first :data:`~xrdpipe.phasefit.fitter.ZERO_FRAMES` integrated frames, the same
+    frames whenever the run is fitted. A run that had fewer of them (a live one) has it
+    estimated again when more are there, and every frame fitted again with it, so that it ends
+    as a straight run would (at most ``ZERO_FRAMES`` times). ``summary.zero`` says which."""
+    from ..phasefit.fitter import ZERO_FRAMES
+
+    if not fitter.needs_zero:           # (no correction)
+        return rows
+    n = info.status.size
+    some = np.flatnonzero((np.arange(n) < reach) & (info.status != FAILED))[:ZERO_FRAMES]
+    got = store.zero_estimate
+    if got is not None and got[2] >= some.size:
+        fitter.zero = got[:2]
+        summary.zero = f"{got[0]:+.6f}° ± {got[1]:.2g}° (2θ), estimated on the first {got[2]} integrated frames"
+        return rows
+    if not some.size:
+        return rows
+    frames = [store.read_patterns(int(r), int(r) + 1) for r in some]
+    zero, err = fitter.estimate_zero(np.concatenate([f[0] for f in frames]), np.concatenate([f[1] for f in frames]))
+    store.zero_estimate = (zero, err, int(some.size))
+    summary.zero = f"{zero:+.6f}° ± {err:.2g}° (2θ), estimated on the first {some.size} integrated frames"
+    if store.done.any():
+        store.forget()
+        summary.zero += " (again, on more frames: every frame fitted again)"
+        summary.skipped = 0
+        rows = np.flatnonzero(np.arange(n) < reach)
+    return rows
 
 
 def _forward(fitter, store: PeakStore, info: RunInfo, rows: np.ndarray, block: int, bar, phase_model: bool) -> int:

@@ -104,6 +104,9 @@ class PeakStore(Writer):
         entry.move("peaks_swapping", PEAKS_OTHER)
         self._g, other._g = entry[PEAKS], entry[PEAKS_OTHER]
         self._g.attrs["fingerprint"] = mine
+        for attr in ("zero_estimate",):        # (both runs held the same zero shift)
+            if attr in other._g.attrs and attr not in self._g.attrs:
+                self._g.attrs[attr] = other._g.attrs[attr]
         other._g.attrs["fingerprint"] = json.dumps(other_fingerprint, sort_keys=True)
         self.maybe_flush()
 
@@ -136,6 +139,28 @@ class PeakStore(Writer):
     @backward_through.setter
     def backward_through(self, n: int) -> None:
         self._g.attrs["backward_through"] = int(n)
+
+    @property
+    def zero_estimate(self) -> tuple[float, float, int] | None:
+        """The phase model's zero shift for the run, its esd and the number of frames it was
+        estimated on (None: not estimated)."""
+        got = self._g.attrs.get("zero_estimate")
+        return None if got is None else (float(got[0]), float(got[1]), int(got[2]))
+
+    @zero_estimate.setter
+    def zero_estimate(self, value: tuple[float, float, int]) -> None:
+        self._g.attrs["zero_estimate"] = np.array(value, float)
+
+    def forget(self) -> None:
+        """Every row to be fitted again (and the naming check's other run with them): what they
+        were fitted with (the run's zero shift) has changed."""
+        self._g["done"][:] = 0
+        self.backward_through = 0
+        self.named_through = 0
+        entry = self._h5[ENTRY]
+        if self._group == PEAKS and PEAKS_OTHER in entry:
+            del entry[PEAKS_OTHER]
+        self.maybe_flush()
 
     @property
     def named_through(self) -> int:
@@ -208,7 +233,7 @@ def _put_centres(h5) -> None:
 PHASE_DATASETS = ("phase_cell", "phase_cell_err", "phase_present", "phase_area", "phase_area_err", "phase_fwhm",
                   "phase_eta", "zero", "phase_decision", "phase_volume", "phase_volume_err", "phase_ref_area",
                   "phase_bic", "forward_cell", "forward_present", "forward_fwhm", "forward_eta", "forward_ref_area",
-                  "phase_named", "phase_misfit")
+                  "phase_named", "phase_misfit", "zero_err")
 
 
 def _create_peaks(entry, n: int, windows, peaks, fingerprint: str, phases=None, group: str = PEAKS) -> None:
@@ -243,7 +268,9 @@ def _create_peaks(entry, n: int, windows, peaks, fingerprint: str, phases=None, 
                   # the phase another could have been named instead, by the typed cells (its index)
                   "phase_named": (q,),
                   # the misfit term of phase_bic, n ln(chi-square / n): what the naming check compares
-                  "phase_misfit": ()}
+                  "phase_misfit": (),
+                  # the esd of the run's zero shift where the phase model estimated it
+                  "zero_err": ()}
         for name, shape in shapes.items():
             kind = {"phase_present": "i1", "phase_decision": s}.get(name, "f8")
             extra = {} if kind != "f8" else {"fillvalue": np.nan}
@@ -251,6 +278,7 @@ def _create_peaks(entry, n: int, windows, peaks, fingerprint: str, phases=None, 
                              chunks=(min(max(n, 1), 1024), *[max(v, 1) for v in shape]), **extra)
         g["phase_cell"].attrs["columns"] = "a b c (angstrom) alpha beta gamma (degrees)"
         g["zero"].attrs["units"] = "degree (2theta)"
+        g["zero_err"].attrs["units"] = "degree (2theta)"
 
 
 #: The per-frame arrays of ``/entry/peaks`` besides the per-peak quantities (fields of :class:`PeakArrays`).

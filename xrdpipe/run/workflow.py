@@ -91,6 +91,10 @@ def stage_keys(exp: Experiment, *, live_key: str | None = None) -> dict[str, str
     if exp.windows:
         own["fit"] = [[p.model_dump(mode="json") for p in exp.phases], [w.model_dump(mode="json") for w in exp.windows],
                       exp.fit.key(exclude={"workers"})]
+        if exp.fit.model == "phases" and exp.lattice.phase_correction != "none":
+            # the phase model fits with the run's zero shift (left out where there is none, as
+            # in the keys of runs made before it counted here)
+            own["fit"].append({"correction": exp.lattice.phase_correction})
         if exp.phases:
             own["lattice"] = exp.lattice.model_dump(mode="json")
     if exp.refinement is not None:

@@ -1,0 +1,234 @@
+"""Operando series simulated without :mod:`xrdpipe.testing`, on purpose: a check of the phase
+model against data its own simulator does not make.
+
+What differs from ``xrdpipe.testing`` (whose series share the fitting model's conventions):
+
+* lines are **Voigt** profiles (``scipy.special.voigt_profile``: Gaussian width from Caglioti
+  U, V, W, Lorentzian X / cos θ + Y tan θ), not pseudo-Voigts, each phase with its own size
+  broadening, 1.5x more in the two-phase region;
+* reflections from the space groups' conditions written out here (R-3m / R3m obverse,
+  P6₃/mmc, Fm-3m), each phase's intensities drawn at random once (basal line strongest), with
+  Lorentz-polarisation and a Debye-Waller fall-off;
+* a **zero shift** of the 2θ axis (0.006°, a sixth of a FWHM);
+* a **curved background**: a decay toward low angle and a broad amorphous hump (electrolyte,
+  separator), changing a little from frame to frame;
+* the cells move linearly with x in the one-phase regions and **stay put in the two-phase
+  region** (the fractions follow the lever rule), the newcomer's cell 0.4-1.1 % from the
+  library cell a user types;
+* aluminium current-collector lines, one under a window.
+
+The experiment's ``[[phases]]`` are the library's typical cells (what a user types first) and
+its ``[[windows]]`` are chosen as a user would: around the lines of both phases, ±0.35°.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import voigt_profile
+
+AL_A = 4.0495
+ZERO_DEG = 0.006
+
+_CAGLIOTI = (0.008, -0.0006, 0.00035)   # U, V, W (deg²), Gaussian FWHM
+_LORENTZ = (0.010, 0.004)               # X, Y (deg): Lorentzian FWHM X / cos θ + Y tan θ
+_AL_LINES = {(1, 1, 1): 100.0, (2, 0, 0): 47.0, (2, 2, 0): 22.0, (3, 1, 1): 24.0, (2, 2, 2): 7.0}
+
+
+def _allowed(sg: str, h: int, k: int, l: int) -> bool:
+    if sg in ("R-3m", "R3m"):          # hexagonal axes, obverse setting
+        return (-h + k + l) % 3 == 0
+    if sg == "P63/mmc":                # hh(-2h)l and 000l: l even
+        if h == k or k == -2 * h or h == -2 * k:
+            return l % 2 == 0
+        return True
+    raise ValueError(sg)
+
+
+def _inv_d2(a: float, c: float, hkl) -> float:
+    h, k, l = hkl
+    return 4 / 3 * (h * h + h * k + k * k) / a ** 2 + l * l / c ** 2
+
+
+@dataclass
+class _Phase:
+    name: str
+    sg: str
+    broad: float
+    lines: list          # [(hkl, intensity)]
+
+
+def _phase(name: str, sg: str, a: float, c: float, basal: int, broad: float, lam: float, tmax: float,
+           rng) -> _Phase:
+    families: dict[float, list] = {}
+    for h in range(-12, 13):
+        for k in range(-12, 13):
+            for l in range(0, 40):
+                if (h, k, l) == (0, 0, 0) or not _allowed(sg, h, k, l):
+                    continue
+                inv = _inv_d2(a, c, (h, k, l))
+                s = lam * np.sqrt(inv) / 2
+                if s < 1 and 2 * np.degrees(np.arcsin(s)) <= tmax:
+                    families.setdefault(round(inv, 9), []).append((h, k, l))
+    lines = []
+    for _, hkls in sorted(families.items()):
+        rep = max(hkls, key=lambda t: (t[0] >= 0 and t[1] >= 0, -abs(t[0]) - abs(t[1]), t[0]))
+        if rep[0] == rep[1] == 0:
+            inten = 100.0 if rep[2] == basal else 25.0 * np.exp(0.6 * rng.standard_normal())
+        else:
+            inten = 12.0 * np.sqrt(len(hkls)) * np.exp(0.6 * rng.standard_normal())
+        lines.append((rep, float(inten)))
+    return _Phase(name, sg, broad, lines)
+
+
+def _voigt(x, t0, tth_deg, area, broad):
+    th = np.radians(tth_deg / 2)
+    u, v, w = _CAGLIOTI
+    hg = np.sqrt(u * np.tan(th) ** 2 + v * np.tan(th) + w) * broad
+    hl = (_LORENTZ[0] / np.cos(th) + _LORENTZ[1] * np.tan(th)) * broad
+    return area * voigt_profile(x - t0, hg / 2.35482, hl / 2)
+
+
+def _lp(tth_deg):
+    th = np.radians(tth_deg / 2)
+    return (1 + np.cos(2 * th) ** 2) / (np.sin(th) ** 2 * np.cos(th))
+
+
+@dataclass
+class ForeignSeries:
+    """A simulated series: patterns ``intensity`` (n, N) with Poisson ``sigma`` on ``tth_deg``,
+    the truth ``states`` per frame ({phase: (a, c, fraction)}), the experiment's ``typed``
+    cells, its ``windows`` [(name, (lo, hi), peaks)], the wavelength and the zero shift."""
+
+    tth_deg: np.ndarray
+    intensity: np.ndarray
+    sigma: np.ndarray
+    states: list
+    typed: dict
+    windows: list
+    wavelength_A: float
+    zero_deg: float
+
+    def config(self):
+        """``[[phases]]`` (typed cells, and Al) and ``[[windows]]`` as specs."""
+        from xrdpipe.config import PhaseSpec, WindowSpec
+
+        phases = [PhaseSpec(name=n, a=a, c=c) for n, (a, c) in self.typed.items()] + [PhaseSpec(name="Al")]
+        return phases, [WindowSpec(name=n, range=list(r), peaks=list(p)) for n, r, p in self.windows]
+
+    def patterns(self):
+        from xrdpipe.run.store import Patterns
+
+        n = self.intensity.shape[0]
+        frames = {"status": np.ones(n, int), "message": np.array([""] * n, dtype=object),
+                  "time_s": np.arange(n) * 20.0 + 10.0}
+        return Patterns(self.tth_deg, "2th_deg", self.wavelength_A, self.intensity, self.sigma, frames)
+
+
+def foreign_series(scenario: str, n: int = 40, seed: int = 1, counts: float = 0.2) -> ForeignSeries:
+    """O3 → P3 (``"nfm"``, λ = 0.6209 Å) or P2 → P''2 (``"mcm"``, λ = 0.6884 Å) on charge, ``n``
+    frames; peaks of the strongest line ~5e5 counts over a background of ~2000 at ``counts=0.2``."""
+    rng = np.random.default_rng(seed)
+    tmax = 24.0
+    if scenario == "nfm":
+        lam, basal = 0.6209, 3
+        hi = _phase("O3", "R-3m", 2.97, 16.1, basal, 1.0, lam, tmax + 1, rng)
+        lo = _phase("P3", "R3m", 2.92, 16.6, basal, 1.4, lam, tmax + 1, rng)
+        xs, (x1, x2) = np.linspace(0.95, 0.42, n), (0.62, 0.70)
+
+        def cell_hi(x):
+            return 2.978 - 0.10 * (0.95 - x), 16.03 + 0.55 * (0.95 - x)
+
+        def cell_lo(x):
+            return 2.918 - 0.06 * (0.62 - x), 16.55 + 0.30 * (0.62 - x)
+        typed = {"O3": (2.985, 16.00), "P3": (2.93, 16.70)}
+        listed = [(0, 0, 3), (1, 0, 4), (0, 1, 5), (1, 0, 7), (0, 1, 8)]
+    elif scenario == "mcm":
+        lam, basal = 0.6884, 2
+        hi = _phase("P2", "P63/mmc", 2.87, 11.2, basal, 1.0, lam, tmax + 1, rng)
+        lo = _phase("P''2", "P63/mmc", 2.83, 11.4, basal, 1.3, lam, tmax + 1, rng)
+        xs, (x1, x2) = np.linspace(0.80, 0.30, n), (0.40, 0.46)
+
+        def cell_hi(x):
+            return 2.874 - 0.08 * (0.80 - x), 11.14 + 0.40 * (0.80 - x)
+
+        def cell_lo(x):
+            return 2.828 - 0.02 * (0.40 - x), 11.42 + 0.15 * (0.40 - x)
+        typed = {"P2": (2.85, 11.20), "P''2": (2.83, 11.35)}
+        listed = [(0, 0, 2), (0, 0, 4), (1, 0, 0), (1, 0, 2), (1, 0, 3)]
+    else:
+        raise ValueError(scenario)
+    tth = np.arange(3.0, tmax, 0.004)
+    scale = 2.0e3 * counts
+    states, frames = [], []
+    for i, x in enumerate(xs):
+        f_hi = 1.0 if x >= x2 else 0.0 if x <= x1 else (x - x1) / (x2 - x1)
+        st = {}
+        if f_hi > 0:
+            st[hi.name] = (*cell_hi(max(x, x2)), f_hi)
+        if f_hi < 1:
+            st[lo.name] = (*cell_lo(min(x, x1)), 1 - f_hi)
+        both = len(st) == 2
+        y = np.zeros_like(tth)
+        for ph in (hi, lo):
+            if ph.name not in st:
+                continue
+            a, c, f = st[ph.name]
+            for hkl, inten in ph.lines:
+                s = lam * np.sqrt(_inv_d2(a, c, hkl)) / 2
+                if s >= 1:
+                    continue
+                t0 = 2 * np.degrees(np.arcsin(s)) + ZERO_DEG
+                area = scale * f * inten * _lp(t0) * np.exp(-1.6 * (s / lam) ** 2) * 1e-3
+                y += _voigt(tth, t0, t0, area, ph.broad * (1.5 if both else 1.0))
+        for hkl, inten in _AL_LINES.items():
+            t0 = 2 * np.degrees(np.arcsin(lam * np.sqrt(sum(v * v for v in hkl)) / (2 * AL_A))) + ZERO_DEG
+            y += _voigt(tth, t0, t0, scale * 0.25 * inten * _lp(t0) * 1e-3, 0.8)
+        bg = 1500 * counts * (1 + 0.8 * np.exp(-(tth - 3) / 3.0)) \
+            + 900 * counts * np.exp(-0.5 * ((tth - 9.0) / 2.2) ** 2) * (1 + 0.05 * np.sin(i / 7))
+        frames.append(rng.poisson(y + bg).astype(float))
+        states.append(st)
+    intensity = np.array(frames)
+    windows = []
+    for hkl in listed:
+        label = "".join(str(v) for v in hkl)
+        at = [2 * np.degrees(np.arcsin(lam * np.sqrt(_inv_d2(*typed[p.name], hkl)) / 2)) for p in (hi, lo)]
+        lo_edge, hi_edge = min(at) - 0.35, max(at) + 0.35
+        peaks = [f"{hi.name} {label}", f"{lo.name} {label}"]
+        for al in ((1, 1, 1), (2, 0, 0), (2, 2, 0), (3, 1, 1)):
+            t_al = 2 * np.degrees(np.arcsin(lam * np.sqrt(sum(v * v for v in al)) / (2 * AL_A)))
+            if lo_edge - 0.1 < t_al < hi_edge + 0.1:
+                peaks.append("Al " + "".join(map(str, al)))
+                lo_edge, hi_edge = min(lo_edge, t_al - 0.3), max(hi_edge, t_al + 0.3)
+        windows.append((label, (round(lo_edge, 2), round(hi_edge, 2)), peaks))
+    return ForeignSeries(tth, intensity, np.sqrt(np.maximum(intensity, 1.0)), states, typed, windows, lam, ZERO_DEG)
+
+
+def score(series: ForeignSeries, lat, threshold: float = 0.05, major: float = 0.3) -> dict:
+    """Presence right (a phase counts as present from ``threshold`` of fraction), median |Δa|,
+    |Δc| where a phase holds ``major``, the coexistence fraction MAE and the share of cell errors
+    within one esd, computed here from the truth (not with ``xrdpipe.testing.score_phases``)."""
+    names = list(series.typed)
+    right = total = 0
+    da, dc, z, fe = [], [], [], []
+    for r, frame in enumerate(np.asarray(lat.frame)):
+        st = series.states[frame]
+        for name in names:
+            i = lat.phases.index(name)
+            a, c, f = st.get(name, (np.nan, np.nan, 0.0))
+            found = bool(np.isfinite(lat.values["c_A"][r, i]))
+            if 0 < f < threshold:
+                continue
+            total += 1
+            right += found == (f >= threshold)
+            if found and f >= major:
+                da.append(lat.values["a_A"][r, i] - a)
+                dc.append(lat.values["c_A"][r, i] - c)
+                z += [abs(da[-1]) / lat.values["a_err_A"][r, i], abs(dc[-1]) / lat.values["c_err_A"][r, i]]
+        if len(st) == 2:
+            fe += [abs(lat.values["fraction"][r, lat.phases.index(nm)] - st[nm][2]) for nm in names]
+    z = np.asarray(z, float)
+    return {"presence": right / max(total, 1), "median_da": float(np.median(np.abs(da))),
+            "median_dc": float(np.median(np.abs(dc))), "fraction_mae": float(np.mean(fe)),
+            "n_coexistence": len(fe) // 2, "within_1esd": float(np.mean(z[np.isfinite(z)] < 1))}
