@@ -10,7 +10,6 @@ esd."""
 
 import numpy as np
 import pytest
-
 from foreign_series import ZERO_DEG, foreign_series, score
 
 
