@@ -621,16 +621,20 @@ def test_each_window_scales_the_esds_of_what_it_determines():
     out3 = window_scaled(m, w, jac3, big, np.array([1.0, 100.0]))
     assert np.isnan(out3[2]).all() and np.isnan(out3[:, 2]).all()
     np.testing.assert_allclose(out3[:2, :2], out2, rtol=1e-12)
-    # with the odd part of window B's misfit at 4 (solve.position_redchi), the column that
-    # places lines (1, a cell parameter here) scales by it and the others by the whole misfit:
-    # C (Σ_w S_w H_w S_w) C with S_B = diag(10, 2) over columns (0, 1)
-    m.cell_cols, m.zero_col = [[1]], 2
-    out4 = window_scaled(m, w, jac3, big, np.array([1.0, 100.0]), np.array([np.nan, 4.0]))
-    s_b = np.diag([10.0, 2.0])
-    hb2 = (jac2 * w)[:, n:] @ (jac2 * w)[:, n:].T
-    ha2 = (jac2 * w)[:, :n] @ (jac2 * w)[:, :n].T
-    np.testing.assert_allclose(out4[:2, :2], cov2 @ (ha2 + s_b @ hb2 @ s_b) @ cov2, rtol=1e-10)
-    np.testing.assert_allclose(np.sqrt(np.diag(out4[:2, :2])), np.sqrt(np.diag(cov2)) * [1.0, 2.0], rtol=1e-12)
+    # with the odd part of window B's misfit at 4 (solve.position_redchi), the esd of a column
+    # that places lines (2 here, as a cell parameter) is that of C (H_A + 4 H_B) C, the others'
+    # as with the whole misfit, and the correlations stay those of C (H_A + 100 H_B) C
+    m.cell_cols, m.zero_col = [[2]], 3
+    jac4 = np.vstack([jac, np.zeros((1, 2 * n))])
+    cov4 = np.full((4, 4), np.nan)
+    cov4[:3, :3] = cov
+    out5 = window_scaled(m, w, jac4, cov4, np.array([1.0, 100.0]), np.array([np.nan, 4.0]))[:3, :3]
+    whole, odd = cov @ (h_a + 100 * h_b) @ cov, cov @ (h_a + 4 * h_b) @ cov
+    esd = np.sqrt(np.diag(out5))
+    np.testing.assert_allclose(esd, [np.sqrt(whole[0, 0]), np.sqrt(whole[1, 1]), np.sqrt(odd[2, 2])], rtol=1e-10)
+    np.testing.assert_allclose(out5 / np.outer(esd, esd), whole / np.sqrt(np.outer(np.diag(whole), np.diag(whole))),
+                               rtol=1e-10, atol=1e-12)
+    assert np.sqrt(odd[2, 2]) < 0.5 * np.sqrt(whole[2, 2])
 
 
 def test_esds_without_data_errors_follow_the_noise_of_the_lines():

@@ -589,7 +589,7 @@ def _zero_err(stored: dict, r: int) -> float:
 #: its error is common to every frame's cells, so it is measured on many.
 ZERO_FRAMES = 16
 #: ... of which at most this many count as independent in its esd.
-_ZERO_INDEPENDENT = 8
+_ZERO_INDEPENDENT = 16
 
 
 def fit_phases(patterns, phases: Sequence[PhaseSpec], windows: Sequence[WindowSpec], fit: FitSpec = FitSpec(),

@@ -179,33 +179,45 @@ def window_scaled(m: PhaseModel, w: np.ndarray, jac: np.ndarray, cov: np.ndarray
     """The covariance ``cov`` = (JᵀW²J)⁻¹ = C (k, k; NaN where not free) with each window's
     information scaled by its reduced chi-square where that exceeds 1: C (Σ_w s_w H_w) C,
     s_w = max(redchi_w, 1), H_w = J_wᵀW²J_w with J_w the Jacobian ``jac`` (k, M) on window w's
-    points. With ``position_w`` (W,), the misfit beyond the noise is counted per column:
-    C (H + Σ_w D_w H_w D_w) C, D_w diagonal, sqrt(s_w - 1) on most columns and sqrt(p_w - 1) on
-    those that place the lines (cells, zero), p_w = ``position_w`` clipped to [1, s_w] (see
-    :func:`position_redchi`); the same as the first where p_w = s_w.
+    points.
 
     A misfit the model cannot remove (a neighbour's tail under a window's background, a shape
     the profile lacks) then widens the esds of what that window determines, and not those of
     the parameters other windows fix: one frame-wide factor spreads the worst window's misfit
-    over every cell parameter. Equal to ``cov`` where every window fits to its noise."""
+    over every cell parameter. Equal to ``cov`` where every window fits to its noise.
+
+    With ``position_w`` (W,), the esds of the columns that place the lines (cells, zero) are
+    those of C (Σ_w p_w H_w) C instead, p_w = ``position_w`` clipped to [1, s_w] (the part of
+    the misfit that moves a centre, :func:`position_redchi`), their correlations with every
+    column as above (the matrix stays positive semi-definite; every other esd is unchanged)."""
     scale = np.maximum(np.nan_to_num(redchi_w, nan=1.0), 1.0)
-    pos = scale if position_w is None else np.clip(np.nan_to_num(position_w, nan=1.0), 1.0, scale)
     free = np.isfinite(np.diagonal(cov))
     if not free.any() or np.all(scale == 1.0):
         return cov
-    placing = np.zeros(cov.shape[0], bool)
-    if position_w is not None:
-        placing[[c for cols in m.cell_cols for c in cols] + [m.zero_col]] = True
-    placing = placing[free]
     unit, d = _unit_covariance(cov, free)
-    meat = np.zeros((d.size, d.size))
-    for i, win in enumerate(m.windows):
-        if scale[i] != 1.0:
-            jp = jac[:, win.points][free] * w[win.points] * d[:, None]   # scaled to the esds: well conditioned
-            jp *= np.sqrt(np.where(placing, pos[i], scale[i]) - 1.0)[:, None]
-            meat += jp @ jp.T
+
+    def sandwich(s: np.ndarray) -> np.ndarray:
+        meat = np.zeros((d.size, d.size))
+        for i, win in enumerate(m.windows):
+            if s[i] != 1.0:
+                jp = jac[:, win.points][free] * w[win.points] * d[:, None]   # scaled to the esds: well conditioned
+                meat += (s[i] - 1.0) * (jp @ jp.T)
+        return unit + unit @ meat @ unit
+
+    whole = sandwich(scale)
+    if position_w is not None:
+        pos = np.clip(np.nan_to_num(position_w, nan=1.0), 1.0, scale)
+        placing = np.zeros(cov.shape[0], bool)
+        placing[[c for cols in m.cell_cols for c in cols] + [m.zero_col]] = True
+        placing = placing[free]
+        if placing.any() and not np.array_equal(pos, scale):
+            ratio = np.ones(d.size)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                ratio[placing] = np.sqrt(np.diagonal(sandwich(pos))[placing] / np.diagonal(whole)[placing])
+            ratio = np.where(np.isfinite(ratio), ratio, 1.0)
+            whole = whole * np.outer(ratio, ratio)
     out = cov.copy()
-    out[np.ix_(free, free)] = (unit + unit @ meat @ unit) * np.outer(d, d)
+    out[np.ix_(free, free)] = whole * np.outer(d, d)
     return out
 
 
@@ -237,6 +249,7 @@ def position_redchi(m: PhaseModel, fr: _Frame, theta: np.ndarray, resid: np.ndar
         r, valid = resid[win.points], fr.w[win.points] > 0
         x = win.x
         chi2 = count = 0.0
+        pairs = []          # consecutive normalised odd values, for their correlation
         for k in lines:
             width = fw[m.r_phase[k], i]
             if not (np.isfinite(width) and width > 0):
@@ -251,11 +264,22 @@ def position_redchi(m: PhaseModel, fr: _Frame, theta: np.ndarray, resid: np.ndar
             if not up.size:
                 continue
             t = (mirror - x[j]) / (x[j + 1] - x[j])
-            odd = (r[up] - ((1 - t) * r[j] + t * r[j + 1])) / 2
-            chi2 += float(np.sum(odd ** 2 / ((1 + t ** 2 + (1 - t) ** 2) / 4)))
+            odd = (r[up] - ((1 - t) * r[j] + t * r[j + 1])) / 2 / np.sqrt((1 + t ** 2 + (1 - t) ** 2) / 4)
+            chi2 += float(np.sum(odd ** 2))
             count += up.size
+            if up.size > 1:
+                pairs.append((odd[:-1], odd[1:]))
         if count:
-            out[i] = chi2 / count
+            # neighbouring bins that share pixels (a 2D frame's integration) carry correlated
+            # noise: a sum over a line's points varies (1 + ρ) / (1 - ρ) times as much as their
+            # count says, ρ the lag-one correlation of the odd part (not of the whole residual,
+            # whose even misfit is as smooth as a line)
+            rho = 0.0
+            if pairs:
+                a, b = np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
+                den = float(np.sqrt((a @ a) * (b @ b)))
+                rho = float(np.clip((a @ b) / den, 0.0, 0.9)) if den > 0 else 0.0
+            out[i] = chi2 / count * (1 + rho) / (1 - rho)
     return out
 
 
