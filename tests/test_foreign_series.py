@@ -50,3 +50,45 @@ def test_without_the_zero_shift_the_cells_are_off():
     series = foreign_series("mcm", n=40, seed=1)
     _, lat = _fit(series, correction="none")
     assert score(series, lat)["median_dc"] > 5e-3
+
+
+def test_a_live_run_estimates_the_zero_again_and_ends_as_a_straight_run(tmp_path):
+    """1D patterns arriving in two parts: the first 6 frames get a zero shift estimated on 6;
+    when the other 18 are there it is estimated again on the run's first 16 and every frame is
+    fitted again with it, so the run ends bit for bit as a straight run of the 24 frames."""
+    import shutil
+
+    from xrdpipe.config import load_experiment
+    from xrdpipe.run.fit import fit_experiment
+    from xrdpipe.run.integrate import integrate_experiment
+    from xrdpipe.run.peakstore import read_peaks
+    from xrdpipe.testing import assert_same_results, make_experiment
+
+    syn = make_experiment(tmp_path / "exp", scenario="nfm", n_frames=24, n_rest=0, frac_charge=1.0, counts=0.05,
+                          background=300.0, seed=5, frame_format="xye")
+    later = tmp_path / "later"
+    later.mkdir()
+    files = sorted(syn.frame_files)
+    for f in files[6:]:
+        shutil.move(f, later / f.name)
+    exp = load_experiment(syn.experiment_file)
+    integrate_experiment(exp, progress=False)
+    first = fit_experiment(exp, progress=False)
+    assert first.fitted == 6 and "estimated on the first 6 integrated frames" in first.zero, first
+    for f in files[6:]:
+        shutil.move(later / f.name, f)
+    exp = load_experiment(syn.experiment_file)
+    integrate_experiment(exp, progress=False)
+    second = fit_experiment(exp, progress=False)
+    assert second.fitted == 24 and "first 16 integrated frames (again" in second.zero, second
+    third = fit_experiment(exp, progress=False)
+    assert third.fitted == 0 and "first 16" in third.zero, third
+    batch = syn.experiment_file.with_name("batch.toml")
+    batch.write_text(syn.experiment_file.read_text().replace('output = "results"', 'output = "batch"'))
+    straight = load_experiment(batch)
+    integrate_experiment(straight, progress=False)
+    fit_experiment(straight, progress=False)
+    assert_same_results(straight.run.run_file, exp.run.run_file)
+    a, b = (read_peaks(f).phase_arrays for f in (straight.run.run_file, exp.run.run_file))
+    for name in ("phase_cell", "phase_cell_err", "zero", "zero_err", "phase_decision"):
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)

@@ -346,11 +346,11 @@ class PhaseFitter:
     def _estimate_zero(self, y: np.ndarray, sigma: np.ndarray | None) -> tuple[float, float]:
         """The run's zero shift (or displacement) and its esd: the median over the first frames
         of a fit in which it is free, from each frame's solution with the zero held (the frames
-        fitted one after the other, as the run fits them, from a first one found afresh). The esd is that of a median
-        (1.2533 times that of a mean) of estimates as far apart as these are (robustly), and at
-        least as large as their own esds say (unscaled: a misfit of the profile's shape, many
-        esds on a strong line at beamline counts, moves no line); (0, NaN) where no frame gave
-        one."""
+        fitted one after the other, as the run fits them, from a first one found afresh). The
+        esd is that of a median (1.2533 times that of a mean) of estimates as far apart as these
+        are (robustly), and at least as large as their own esds say (unscaled: a misfit of the
+        profile's shape, many esds on a strong line at beamline counts, moves no line); (0, NaN)
+        where no frame gave one."""
         m = self.model
         zeros, errs = [], []
         state = initial_state(m)
@@ -380,9 +380,7 @@ class PhaseFitter:
             return 0.0, np.nan
         errs = np.array(errs)
         errs = errs[np.isfinite(errs) & (errs > 0)]
-        # (the frames share what the model misses, a line's shape or a tail, which no number of
-        # frames averages away: at most _ZERO_INDEPENDENT of them count as independent)
-        used = min(len(zeros), _ZERO_INDEPENDENT)
+        used = len(zeros)
         own = float(np.median(errs)) / np.sqrt(used) if errs.size else 0.0
         # (their spread robustly, as 1.4826 median absolute deviations: a frame whose fit took
         # another solution must not set the esd of the run's zero)
@@ -588,8 +586,6 @@ def _zero_err(stored: dict, r: int) -> float:
 #: How many of the first usable frames estimate the run's zero shift (:meth:`PhaseFitter._estimate_zero`):
 #: its error is common to every frame's cells, so it is measured on many.
 ZERO_FRAMES = 16
-#: ... of which at most this many count as independent in its esd.
-_ZERO_INDEPENDENT = 16
 
 
 def fit_phases(patterns, phases: Sequence[PhaseSpec], windows: Sequence[WindowSpec], fit: FitSpec = FitSpec(),
