@@ -126,39 +126,42 @@ class ForeignSeries:
         return Patterns(self.tth_deg, "2th_deg", self.wavelength_A, self.intensity, self.sigma, frames)
 
 
+#: The two studies: wavelength, basal l, the high and low phase (name, space group, cell the
+#: reflections are listed at, size broadening), x from start to end, the two-phase region, each
+#: phase's cell (a, da/dx, c, dc/dx going down in x from the start, resp. from where the low
+#: phase appears), the typed (library) cells and the listed reflections.
+_SCENARIOS = {
+    "nfm": {"lam": 0.6209, "basal": 3, "hi": ("O3", "R-3m", 2.97, 16.1, 1.0), "lo": ("P3", "R3m", 2.92, 16.6, 1.4),
+            "x": (0.95, 0.42), "coexistence": (0.62, 0.70), "hi_cell": (2.978, -0.10, 16.03, 0.55),
+            "lo_cell": (2.918, -0.06, 16.55, 0.30), "typed": {"O3": (2.985, 16.00), "P3": (2.93, 16.70)},
+            "listed": [(0, 0, 3), (1, 0, 4), (0, 1, 5), (1, 0, 7), (0, 1, 8)]},
+    "mcm": {"lam": 0.6884, "basal": 2, "hi": ("P2", "P63/mmc", 2.87, 11.2, 1.0),
+            "lo": ("P''2", "P63/mmc", 2.83, 11.4, 1.3), "x": (0.80, 0.30), "coexistence": (0.40, 0.46),
+            "hi_cell": (2.874, -0.08, 11.14, 0.40), "lo_cell": (2.828, -0.02, 11.42, 0.15),
+            "typed": {"P2": (2.85, 11.20), "P''2": (2.83, 11.35)},
+            "listed": [(0, 0, 2), (0, 0, 4), (1, 0, 0), (1, 0, 2), (1, 0, 3)]},
+}
+
+
 def foreign_series(scenario: str, n: int = 40, seed: int = 1, counts: float = 0.2) -> ForeignSeries:
     """O3 → P3 (``"nfm"``, λ = 0.6209 Å) or P2 → P''2 (``"mcm"``, λ = 0.6884 Å) on charge, ``n``
     frames; peaks of the strongest line ~5e5 counts over a background of ~2000 at ``counts=0.2``."""
+    if scenario not in _SCENARIOS:
+        raise ValueError(scenario)
+    sc = _SCENARIOS[scenario]
     rng = np.random.default_rng(seed)
     tmax = 24.0
-    if scenario == "nfm":
-        lam, basal = 0.6209, 3
-        hi = _phase("O3", "R-3m", 2.97, 16.1, basal, 1.0, lam, tmax + 1, rng)
-        lo = _phase("P3", "R3m", 2.92, 16.6, basal, 1.4, lam, tmax + 1, rng)
-        xs, (x1, x2) = np.linspace(0.95, 0.42, n), (0.62, 0.70)
+    lam, basal, typed, listed = sc["lam"], sc["basal"], sc["typed"], sc["listed"]
+    hi, lo = (_phase(*sc[k][:4], basal, sc[k][4], lam, tmax + 1, rng) for k in ("hi", "lo"))
+    xs, (x1, x2) = np.linspace(*sc["x"], n), sc["coexistence"]
 
-        def cell_hi(x):
-            return 2.978 - 0.10 * (0.95 - x), 16.03 + 0.55 * (0.95 - x)
+    def cell_hi(x):
+        a0, da, c0, dc = sc["hi_cell"]
+        return a0 + da * (sc["x"][0] - x), c0 + dc * (sc["x"][0] - x)
 
-        def cell_lo(x):
-            return 2.918 - 0.06 * (0.62 - x), 16.55 + 0.30 * (0.62 - x)
-        typed = {"O3": (2.985, 16.00), "P3": (2.93, 16.70)}
-        listed = [(0, 0, 3), (1, 0, 4), (0, 1, 5), (1, 0, 7), (0, 1, 8)]
-    elif scenario == "mcm":
-        lam, basal = 0.6884, 2
-        hi = _phase("P2", "P63/mmc", 2.87, 11.2, basal, 1.0, lam, tmax + 1, rng)
-        lo = _phase("P''2", "P63/mmc", 2.83, 11.4, basal, 1.3, lam, tmax + 1, rng)
-        xs, (x1, x2) = np.linspace(0.80, 0.30, n), (0.40, 0.46)
-
-        def cell_hi(x):
-            return 2.874 - 0.08 * (0.80 - x), 11.14 + 0.40 * (0.80 - x)
-
-        def cell_lo(x):
-            return 2.828 - 0.02 * (0.40 - x), 11.42 + 0.15 * (0.40 - x)
-        typed = {"P2": (2.85, 11.20), "P''2": (2.83, 11.35)}
-        listed = [(0, 0, 2), (0, 0, 4), (1, 0, 0), (1, 0, 2), (1, 0, 3)]
-    else:
-        raise ValueError(scenario)
+    def cell_lo(x):
+        a0, da, c0, dc = sc["lo_cell"]
+        return a0 + da * (x1 - x), c0 + dc * (x1 - x)
     tth = np.arange(3.0, tmax, 0.004)
     scale = 2.0e3 * counts
     states, frames = [], []

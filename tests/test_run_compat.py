@@ -66,4 +66,4 @@ def test_a_run_made_before_the_move_does_not_recompute(old_run):
     assert keys["fit"] != record["stage_keys"]["fit"] and keys["lattice"] != record["stage_keys"]["lattice"]
     assert keys["integrate"] == record["stage_keys"]["integrate"] and keys["echem"] == record["stage_keys"]["echem"]
     fit = xrdpipe.fit_experiment(now, progress=False)
-    assert (fit.fitted, fit.restarted) == (6, True) and "estimated on the first 6 integrated frames" in fit.zero, fit
+    assert (fit.fitted, fit.restarted) == (6, True) and "on the first 6 integrated frames" in fit.zero, fit

@@ -82,12 +82,19 @@ class PhaseFitter:
 
     def estimate_zero(self, intensity: np.ndarray, sigma: np.ndarray | None) -> tuple[float, float]:
         """Estimate the run's zero shift on frames ``intensity`` (n, npt; the run's first
-        :data:`ZERO_FRAMES` usable ones, in order) and hold it for every frame
-        (:meth:`_estimate_zero`); returns it with its esd."""
+        :data:`ZERO_FRAMES` usable ones, in order; :meth:`_estimate_zero`) and hold it for every
+        frame, with its esd; or hold the calibration's (0, no esd) where the estimate lies within
+        :data:`ZERO_AGREES` esds of it. Returns the estimate and its esd.
+
+        The zero's error is common to every frame of the run: where the first frames place it
+        poorly (lines at few angles), its esd can outweigh a frame's own in the cells' esds, and a
+        series' share of errors within one esd then follows one draw. Data that do not
+        contradict the calibration keep it."""
         cols = self.model.columns
-        self.zero = self._estimate_zero(intensity[:, cols], None if sigma is None else sigma[:, cols])
+        found = self._estimate_zero(intensity[:, cols], None if sigma is None else sigma[:, cols])
+        self.zero = found if not abs(found[0]) <= ZERO_AGREES * found[1] else (0.0, np.nan)
         self.state.zero, self.state.zero_err = self.zero
-        return self.zero
+        return found
 
     def resume(self, stored: dict | None) -> None:
         """Take the state after the last stored row (``stored`` holds the phase arrays of rows
@@ -586,6 +593,8 @@ def _zero_err(stored: dict, r: int) -> float:
 #: How many of the first usable frames estimate the run's zero shift (:meth:`PhaseFitter._estimate_zero`):
 #: its error is common to every frame's cells, so it is measured on many.
 ZERO_FRAMES = 16
+#: An estimated zero shift within this many of its esds of 0 leaves the calibration's zero (0).
+ZERO_AGREES = 3.0
 
 
 def fit_phases(patterns, phases: Sequence[PhaseSpec], windows: Sequence[WindowSpec], fit: FitSpec = FitSpec(),

@@ -164,20 +164,32 @@ def _with_zero(fitter, store: PeakStore, info: RunInfo, rows: np.ndarray, reach:
     got = store.zero_estimate
     if got is not None and got[2] >= some.size:
         fitter.zero = got[:2]
-        summary.zero = f"{got[0]:+.6f}° ± {got[1]:.2g}° (2θ), estimated on the first {got[2]} integrated frames"
+        summary.zero = _zero_text(fitter, got[3:], got[2])
         return rows
     if not some.size:
         return rows
     frames = [store.read_patterns(int(r), int(r) + 1) for r in some]
-    zero, err = fitter.estimate_zero(np.concatenate([f[0] for f in frames]), np.concatenate([f[1] for f in frames]))
-    store.zero_estimate = (zero, err, int(some.size))
-    summary.zero = f"{zero:+.6f}° ± {err:.2g}° (2θ), estimated on the first {some.size} integrated frames"
+    found = fitter.estimate_zero(np.concatenate([f[0] for f in frames]), np.concatenate([f[1] for f in frames]))
+    store.zero_estimate = (*fitter.zero, int(some.size), *found)
+    summary.zero = _zero_text(fitter, found, some.size)
     if store.done.any():
         store.forget()
         summary.zero += " (again, on more frames: every frame fitted again)"
         summary.skipped = 0
         rows = np.flatnonzero(np.arange(n) < reach)
     return rows
+
+
+def _zero_text(fitter, found: tuple[float, float], frames: int) -> str:
+    """What ``xrdpipe fit`` says of the run's zero shift: held at the estimate ``found`` (value,
+    esd) on the first ``frames`` frames, or the calibration's kept."""
+    from ..phasefit.fitter import ZERO_AGREES
+
+    unit = "°" if fitter.model.unit == "2th_deg" else " " + str(fitter.model.unit)
+    est = f"{found[0]:+.6f}{unit} ± {found[1]:.2g}{unit} on the first {frames} integrated frames"
+    if fitter.zero is not None and np.isnan(fitter.zero[1]):
+        return f"the calibration's (0) kept: estimated at {est}, within {ZERO_AGREES:g} esds of it"
+    return f"{found[0]:+.6f}{unit} ± {found[1]:.2g}{unit}, estimated on the first {frames} integrated frames"
 
 
 def _forward(fitter, store: PeakStore, info: RunInfo, rows: np.ndarray, block: int, bar, phase_model: bool) -> int:

@@ -141,14 +141,17 @@ class PeakStore(Writer):
         self._g.attrs["backward_through"] = int(n)
 
     @property
-    def zero_estimate(self) -> tuple[float, float, int] | None:
-        """The phase model's zero shift for the run, its esd and the number of frames it was
-        estimated on (None: not estimated)."""
+    def zero_estimate(self) -> tuple[float, float, int, float, float] | None:
+        """The phase model's zero shift held for the run and its esd (NaN: the calibration's),
+        the number of frames it was estimated on, and that estimate with its esd (None: not
+        estimated)."""
         got = self._g.attrs.get("zero_estimate")
-        return None if got is None else (float(got[0]), float(got[1]), int(got[2]))
+        if got is None or len(got) < 5:
+            return None
+        return float(got[0]), float(got[1]), int(got[2]), float(got[3]), float(got[4])
 
     @zero_estimate.setter
-    def zero_estimate(self, value: tuple[float, float, int]) -> None:
+    def zero_estimate(self, value: tuple[float, float, int, float, float]) -> None:
         self._g.attrs["zero_estimate"] = np.array(value, float)
 
     def forget(self) -> None:
