@@ -195,25 +195,24 @@ def window_scaled(m: PhaseModel, w: np.ndarray, jac: np.ndarray, cov: np.ndarray
     if not free.any() or np.all(scale == 1.0):
         return cov
     unit, d = _unit_covariance(cov, free)
-
-    def sandwich(s: np.ndarray) -> np.ndarray:
-        meat = np.zeros((d.size, d.size))
-        for i, win in enumerate(m.windows):
-            if s[i] != 1.0:
-                jp = jac[:, win.points][free] * w[win.points] * d[:, None]   # scaled to the esds: well conditioned
-                meat += (s[i] - 1.0) * (jp @ jp.T)
-        return unit + unit @ meat @ unit
-
-    whole = sandwich(scale)
-    if position_w is not None:
-        pos = np.clip(np.nan_to_num(position_w, nan=1.0), 1.0, scale)
+    pos = scale if position_w is None else np.clip(np.nan_to_num(position_w, nan=1.0), 1.0, scale)
+    meat, meat_pos = np.zeros((d.size, d.size)), np.zeros((d.size, d.size))
+    for i, win in enumerate(m.windows):
+        if scale[i] != 1.0:
+            jp = jac[:, win.points][free] * w[win.points] * d[:, None]   # scaled to the esds: well conditioned
+            h = jp @ jp.T
+            meat += (scale[i] - 1.0) * h
+            meat_pos += (pos[i] - 1.0) * h
+    whole = unit + unit @ meat @ unit
+    if position_w is not None and not np.array_equal(pos, scale):
         placing = np.zeros(cov.shape[0], bool)
         placing[[c for cols in m.cell_cols for c in cols] + [m.zero_col]] = True
         placing = placing[free]
-        if placing.any() and not np.array_equal(pos, scale):
+        if placing.any():
             ratio = np.ones(d.size)
             with np.errstate(invalid="ignore", divide="ignore"):
-                ratio[placing] = np.sqrt(np.diagonal(sandwich(pos))[placing] / np.diagonal(whole)[placing])
+                odd = np.einsum("ij,jk,ki->i", unit[placing], meat_pos, unit[:, placing]) + np.diagonal(unit)[placing]
+                ratio[placing] = np.sqrt(odd / np.diagonal(whole)[placing])
             ratio = np.where(np.isfinite(ratio), ratio, 1.0)
             whole = whole * np.outer(ratio, ratio)
     out = cov.copy()
@@ -221,7 +220,8 @@ def window_scaled(m: PhaseModel, w: np.ndarray, jac: np.ndarray, cov: np.ndarray
     return out
 
 
-def position_redchi(m: PhaseModel, fr: _Frame, theta: np.ndarray, resid: np.ndarray, reach: float = 2.5) -> np.ndarray:
+def position_redchi(m: PhaseModel, fr: _Frame, theta: np.ndarray, resid: np.ndarray, reach: float = 2.5,
+                    windows: np.ndarray | None = None) -> np.ndarray:
     """(W,) each window's reduced chi-square of the part of its residual that is odd about its
     lines: what moves a line's centre. A profile the model lacks in shape only (a Voigt fitted
     by a pseudo-Voigt, a line averaged over bins) leaves an even misfit, many esds at beamline
@@ -233,7 +233,10 @@ def position_redchi(m: PhaseModel, fr: _Frame, theta: np.ndarray, resid: np.ndar
     residual at the points within ``reach`` FWHM above its centre less the residual mirrored
     below it (linear interpolation), halved; each squared over its variance for unit
     independent noise, (1 + t² + (1 - t)²) / 4 with t the interpolation weight; summed over the
-    lines and divided by their number of points. NaN where a window has no such line."""
+    lines and divided by their number of points; times (1 + ρ) / (1 - ρ), ρ the lag-one
+    correlation of those odd values (clipped to [0, 0.9]), for noise correlated between
+    neighbouring bins. NaN where a window has no such line, or is not among ``windows``
+    (indices; None: all)."""
     out = np.full(m.W, np.nan)
     cells = m.cells(theta[None], fr.state.cell)[0]
     zero = float(theta[m.zero_col])
@@ -241,7 +244,8 @@ def position_redchi(m: PhaseModel, fr: _Frame, theta: np.ndarray, resid: np.ndar
     inner = m.inside(cells, zero, fw)
     cen = m.centres(cells[None], np.array([zero]))[0]
     area = theta[m.area_col]
-    for i, win in enumerate(m.windows):
+    for i in (range(m.W) if windows is None else windows):
+        win = m.windows[i]
         lines = np.flatnonzero(inner & (m.r_window == i) & (area > 0))
         if not lines.size or win.x.size < 3:
             continue
@@ -324,7 +328,9 @@ def _result(m: PhaseModel, fr: _Frame, theta: np.ndarray, cov: np.ndarray, prese
         lever = -np.nan_to_num(cov[np.ix_(free, free)]) @ ((jac[0][free] * fr.w) @ jz)
     if fr.has_errors and m.fit.esd_scale == "auto":
         redchi_w = chi2_w / np.maximum(n_w - nv, 1)
-        position = position_redchi(m, fr, theta, resid) if np.any(redchi_w > 1) else None
+        # (only where the whole misfit would scale: elsewhere the odd part changes nothing)
+        over = np.flatnonzero(redchi_w > 1)
+        position = position_redchi(m, fr, theta, resid, windows=over) if over.size else None
         cov = window_scaled(m, fr.w, jac[0], cov, redchi_w, position)
         with np.errstate(invalid="ignore"):
             err = np.sqrt(np.diagonal(cov))
