@@ -1,8 +1,8 @@
 """The phase model on series simulated without xrdpipe.testing (tests/foreign_series.py: Voigt
 lines, a zero shift, a curved background with an amorphous hump, cells that stay put where two
 phases coexist), from the library's typical cells, scored against that simulation's truth by
-its own score. Before the run's zero shift was estimated by default, a phase's name sat on the
-other's lines (presence 0.67-0.71) and c was 0.009-0.015 Å off; before two similar phases on
+its own score. Before the run's zero shift was estimated by default, c was 0.009-0.015 Å off
+and P3 was named on O3's lines (presence 0.67); before two similar phases on
 one set of lines were taken as one, the second explained what the pseudo-Voigt leaves of a
 Voigt line (P''2 at 90 % on P2's lines in P2's first frames); before the cells' esds were
 scaled by the odd part of a window's misfit only, 86-94 % of the cell errors were within one
