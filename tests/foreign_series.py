@@ -43,7 +43,7 @@ def _allowed(sg: str, h: int, k: int, l: int) -> bool:
         if h == k or k == -2 * h or h == -2 * k:
             return l % 2 == 0
         return True
-    raise ValueError(sg)
+    raise ValueError(f"no reflection conditions written here for space group {sg!r}")
 
 
 def _inv_d2(a: float, c: float, hkl) -> float:
@@ -147,7 +147,7 @@ def foreign_series(scenario: str, n: int = 40, seed: int = 1, counts: float = 0.
     """O3 → P3 (``"nfm"``, λ = 0.6209 Å) or P2 → P''2 (``"mcm"``, λ = 0.6884 Å) on charge, ``n``
     frames; peaks of the strongest line ~5e5 counts over a background of ~2000 at ``counts=0.2``."""
     if scenario not in _SCENARIOS:
-        raise ValueError(scenario)
+        raise ValueError(f"unknown scenario {scenario!r}: one of {', '.join(map(repr, _SCENARIOS))}")
     sc = _SCENARIOS[scenario]
     rng = np.random.default_rng(seed)
     tmax = 24.0

@@ -64,7 +64,7 @@ def test_a_live_run_estimates_the_zero_again_and_ends_as_a_straight_run(tmp_path
     from xrdpipe.run.fit import fit_experiment
     from xrdpipe.run.integrate import integrate_experiment
     from xrdpipe.run.peakstore import read_peaks
-    from xrdpipe.testing import assert_same_results, make_experiment
+    from xrdpipe.testing import assert_same_results, make_experiment, straight_run
 
     syn = make_experiment(tmp_path / "exp", scenario="nfm", n_frames=24, n_rest=0, frac_charge=1.0, counts=0.05,
                           background=300.0, seed=5, frame_format="xye")
@@ -85,12 +85,8 @@ def test_a_live_run_estimates_the_zero_again_and_ends_as_a_straight_run(tmp_path
     assert second.fitted == 24 and "on the first 16 integrated frames" in second.zero and "(again" in second.zero, second
     third = fit_experiment(exp, progress=False)
     assert third.fitted == 0 and "first 16" in third.zero, third
-    batch = syn.experiment_file.with_name("batch.toml")
-    batch.write_text(syn.experiment_file.read_text().replace('output = "results"', 'output = "batch"'))
-    straight = load_experiment(batch)
-    integrate_experiment(straight, progress=False)
-    fit_experiment(straight, progress=False)
-    assert_same_results(straight.run.run_file, exp.run.run_file)
-    a, b = (read_peaks(f).phase_arrays for f in (straight.run.run_file, exp.run.run_file))
+    straight = straight_run(syn.experiment_file)
+    assert_same_results(straight, exp.run.run_file)
+    a, b = (read_peaks(f).phase_arrays for f in (straight, exp.run.run_file))
     for name in ("phase_cell", "phase_cell_err", "zero", "zero_err", "phase_decision"):
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)

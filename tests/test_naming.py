@@ -192,7 +192,7 @@ def test_frames_added_later_extend_both_runs_as_a_straight_run_would(tmp_path):
     from xrdpipe.run.fit import fit_experiment
     from xrdpipe.run.integrate import integrate_experiment
     from xrdpipe.run.peakstore import read_peaks
-    from xrdpipe.testing import assert_same_results, make_experiment
+    from xrdpipe.testing import assert_same_results, make_experiment, straight_run
 
     dif = Difficulty(start_error=((-0.01, -0.02), (-0.005, -0.01)), separation_fwhm=1.0, broadening=1.6,
                      intensity_jitter=0.3, hard_windows=True, seed=202)
@@ -217,12 +217,8 @@ def test_frames_added_later_extend_both_runs_as_a_straight_run_would(tmp_path):
     said = read_peaks(exp.run.run_file).phase_arrays["phase_decision"][0]
     assert sum(d.count("; the whole series named") for d in said) == 1, said
     # the same frames in one go
-    batch = syn.experiment_file.with_name("batch.toml")
-    batch.write_text(syn.experiment_file.read_text().replace('output = "results"', 'output = "batch"'))
-    straight = load_experiment(batch)
-    integrate_experiment(straight, progress=False)
-    fit_experiment(straight, progress=False)
-    assert_same_results(straight.run.run_file, exp.run.run_file)
-    a, b = (read_peaks(f).phase_arrays for f in (straight.run.run_file, exp.run.run_file))
+    straight = straight_run(syn.experiment_file)
+    assert_same_results(straight, exp.run.run_file)
+    a, b = (read_peaks(f).phase_arrays for f in (straight, exp.run.run_file))
     for name in ("phase_cell", "phase_present", "phase_bic", "phase_decision"):
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)

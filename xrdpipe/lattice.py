@@ -4,7 +4,7 @@ For every frame and phase, the cell (a, c; also b, β for orthorhombic and monoc
 refined by weighted least squares from the centres of all the phase's reflections found in that
 frame, each weighted by its esd; the esds of the cell follow from the centre esds (not
 rescaled). ``correction = "zero"`` adds a 2θ zero shift, ``"displacement"`` a sample-displacement
-term (∝ cos θ), shared by the phases of the frame. A cell parameter that no reflection sees (a,
+term (∝ cos θ), shared by the phases of the frame (``"auto"``, the default, adds none here). A cell parameter that no reflection sees (a,
 when a phase shows only 00l peaks) is not refined: it is reported as NaN and flagged.
 
 Phase fractions (``fraction``, ``area_fraction``, ``weight_fraction``, ``fraction_source``) come

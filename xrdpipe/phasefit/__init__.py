@@ -5,9 +5,10 @@ Where :mod:`xrdpipe.peaks` fits one free peak per listed ``"phase hkl"``, the ph
 
 * every allowed reflection of every ``[[phases]]`` phase that falls in a window (listed or not:
   a weak line of one phase under another's window is explained by its own phase), its centre
-  computed from the phase's cell (the parameters its crystal system leaves free) and one zero
-  shift shared by the frame (held: 0 unless ``[lattice] correction`` asks for one, then
-  estimated once on the first frames and held for the run);
+  computed from the phase's cell (the parameters its crystal system leaves free) and the run's
+  zero shift (``[lattice] correction = "auto"``, the default: estimated once on the run's first
+  16 frames and held, its esd carried into the cells'; the calibration's 0 kept where the
+  estimate lies within 3 esds of it; ``"none"``: 0);
 * a free area per reflection (>= 0), a FWHM per phase and window, an eta per phase;
 * a polynomial background per window.
 

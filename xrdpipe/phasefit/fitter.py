@@ -92,7 +92,8 @@ class PhaseFitter:
         contradict the calibration keep it."""
         cols = self.model.columns
         found = self._estimate_zero(intensity[:, cols], None if sigma is None else sigma[:, cols])
-        self.zero = found if not abs(found[0]) <= ZERO_AGREES * found[1] else (0.0, np.nan)
+        agrees = abs(found[0]) <= ZERO_AGREES * found[1]         # (False without an esd)
+        self.zero = (0.0, np.nan) if agrees else found
         self.state.zero, self.state.zero_err = self.zero
         return found
 

@@ -32,7 +32,7 @@ PosixPath('demo/experiment.toml')
 from __future__ import annotations
 
 from .calibrant import calibrant_image
-from .compare import assert_same_results
+from .compare import assert_same_results, straight_run
 from .configs import fit_config
 from .experiment import SyntheticExperiment, demo_geometry, demo_mask, make_experiment
 from .scenarios import (
@@ -56,6 +56,7 @@ from .series import (
 
 __all__ = [
     "assert_same_results",
+    "straight_run",
     "calibrant_image",
     "SyntheticSites",
     "SyntheticPhase",

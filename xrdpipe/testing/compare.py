@@ -36,3 +36,22 @@ def assert_same_results(a: Path | str, b: Path | str) -> None:
                 np.testing.assert_array_equal(value, tb[name], err_msg=f"{group}/{name}")
 
 
+def straight_run(experiment_file: Path | str, output: str = "batch") -> Path:
+    """The run file of the same experiment run straight (integrated and fitted in one go) into
+    another output folder beside it (``[run] output = "results"`` becomes ``output``): what a
+    resumed or live run must end as (:func:`assert_same_results`)."""
+    from ..config import load_experiment
+    from ..run.fit import fit_experiment
+    from ..run.integrate import integrate_experiment
+
+    experiment_file = Path(experiment_file)
+    text = experiment_file.read_text()
+    if 'output = "results"' not in text:
+        raise ValueError(f'{experiment_file}: straight_run needs [run] output = "results" to redirect')
+    copy = experiment_file.with_name(f"{output}.toml")
+    copy.write_text(text.replace('output = "results"', f'output = "{output}"'))
+    exp = load_experiment(copy)
+    integrate_experiment(exp, progress=False)
+    fit_experiment(exp, progress=False)
+    return exp.run.run_file
+
