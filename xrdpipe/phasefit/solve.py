@@ -11,7 +11,7 @@ import numpy as np
 from ..batchfit import least_squares_batch
 from ..config import FitSpec
 from ..windows import d_from_radial
-from .frame import FrameResult, _Frame
+from .frame import FrameResult, _Frame, _median
 from .model import _CELL_INDEX, _CELL_NAME, _TRACK_FWHM, PhaseModel, PhaseState
 
 
@@ -101,13 +101,12 @@ def _bounds(m: PhaseModel, fr: "_Frame", largest: Sequence[int], found: set[int]
     # (one radial step), fitting the other's profile (P3's (104) at its onset beside O3's)
     for p in range(m.P):
         cols = [(w, int(m.fwhm_col[p, w])) for w in range(m.W) if m.fwhm_col[p, w] >= 0]
-        widths = np.array([st.fwhm[p, w] for w, _ in cols])
-        if np.count_nonzero(np.isfinite(widths)) >= 3:
+        widths = [float(st.fwhm[p, w]) for w, _ in cols]
+        if sum(np.isfinite(v) for v in widths) >= 3:
             for k, (w, col) in enumerate(cols):
-                others = np.delete(widths, k)
-                if np.isfinite(others).any():
-                    floor = _WIDTH_FLOOR * float(np.nanmedian(others))
-                    lower[col] = min(max(lower[col], floor), upper[col])
+                others = [v for j, v in enumerate(widths) if j != k and np.isfinite(v)]
+                floor = _WIDTH_FLOOR * _median(others)
+                lower[col] = min(max(lower[col], floor), upper[col])
     # two phases that could be confused do not cross in the least squares either: each stays on
     # its side of the midpoint between their start values
     order_cols: set[int] = set()
