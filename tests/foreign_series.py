@@ -15,7 +15,9 @@ What differs from ``xrdpipe.testing`` (whose series share the fitting model's co
 * the cells move linearly with x in the one-phase regions and **stay put in the two-phase
   region** (the fractions follow the lever rule), the newcomer's cell 0.4-1.1 % from the
   library cell a user types;
-* aluminium current-collector lines, one under a window.
+* aluminium current-collector lines, one under a window;
+* as 2D frames (:func:`foreign_experiment`), another detector, another way of averaging a
+  pattern over a pixel, and an experiment file written here.
 
 The experiment's ``[[phases]]`` are the library's typical cells (what a user types first) and
 its ``[[windows]]`` are chosen as a user would: around the lines of both phases, ±0.35°.
@@ -146,35 +148,49 @@ _SCENARIOS = {
 def foreign_series(scenario: str, n: int = 40, seed: int = 1, counts: float = 0.2) -> ForeignSeries:
     """O3 → P3 (``"nfm"``, λ = 0.6209 Å) or P2 → P''2 (``"mcm"``, λ = 0.6884 Å) on charge, ``n``
     frames; peaks of the strongest line ~5e5 counts over a background of ~2000 at ``counts=0.2``."""
-    if scenario not in _SCENARIOS:
-        raise ValueError(f"unknown scenario {scenario!r}: one of {', '.join(map(repr, _SCENARIOS))}")
-    sc = _SCENARIOS[scenario]
-    rng = np.random.default_rng(seed)
-    tmax = 24.0
-    lam, basal, typed, listed = sc["lam"], sc["basal"], sc["typed"], sc["listed"]
-    hi, lo = (_phase(*sc[k][:4], basal, sc[k][4], lam, tmax + 1, rng) for k in ("hi", "lo"))
-    xs, (x1, x2) = np.linspace(*sc["x"], n), sc["coexistence"]
+    study = _Study(scenario, n, seed, counts)
+    tth = np.arange(3.0, _TMAX, 0.004)
+    intensity = np.array([study.rng.poisson(study.mean(i, tth)).astype(float) for i in range(n)])
+    return ForeignSeries(tth, intensity, np.sqrt(np.maximum(intensity, 1.0)), study.states, study.typed,
+                         study.windows(), study.lam, ZERO_DEG)
 
-    def cell_hi(x):
-        a0, da, c0, dc = sc["hi_cell"]
-        return a0 + da * (sc["x"][0] - x), c0 + dc * (sc["x"][0] - x)
 
-    def cell_lo(x):
-        a0, da, c0, dc = sc["lo_cell"]
-        return a0 + da * (x1 - x), c0 + dc * (x1 - x)
-    tth = np.arange(3.0, tmax, 0.004)
-    scale = 2.0e3 * counts
-    states, frames = [], []
-    for i, x in enumerate(xs):
-        f_hi = 1.0 if x >= x2 else 0.0 if x <= x1 else (x - x1) / (x2 - x1)
-        st = {}
-        if f_hi > 0:
-            st[hi.name] = (*cell_hi(max(x, x2)), f_hi)
-        if f_hi < 1:
-            st[lo.name] = (*cell_lo(min(x, x1)), 1 - f_hi)
+_TMAX = 24.0
+
+
+class _Study:
+    """One simulated charge: its two phases (intensities drawn once), its frames' truth
+    (``states``) and each frame's noise-free pattern (:meth:`mean`, counts per 0.004°)."""
+
+    def __init__(self, scenario: str, n: int, seed: int, counts: float):
+        if scenario not in _SCENARIOS:
+            raise ValueError(f"unknown scenario {scenario!r}: one of {', '.join(map(repr, _SCENARIOS))}")
+        sc = self.sc = _SCENARIOS[scenario]
+        self.rng = np.random.default_rng(seed)
+        self.lam, self.basal, self.typed, self.listed = sc["lam"], sc["basal"], sc["typed"], sc["listed"]
+        self.hi, self.lo = (_phase(*sc[k][:4], self.basal, sc[k][4], self.lam, _TMAX + 1, self.rng)
+                            for k in ("hi", "lo"))
+        xs, (x1, x2) = np.linspace(*sc["x"], n), sc["coexistence"]
+        self.scale = 2.0e3 * counts
+        self.counts = counts
+        self.states = []
+        for x in xs:
+            f_hi = 1.0 if x >= x2 else 0.0 if x <= x1 else (x - x1) / (x2 - x1)
+            st = {}
+            if f_hi > 0:
+                a0, da, c0, dc = sc["hi_cell"]
+                st[self.hi.name] = (a0 + da * (sc["x"][0] - max(x, x2)), c0 + dc * (sc["x"][0] - max(x, x2)), f_hi)
+            if f_hi < 1:
+                a0, da, c0, dc = sc["lo_cell"]
+                st[self.lo.name] = (a0 + da * (x1 - min(x, x1)), c0 + dc * (x1 - min(x, x1)), 1 - f_hi)
+            self.states.append(st)
+
+    def mean(self, i: int, tth: np.ndarray) -> np.ndarray:
+        """Frame ``i``'s pattern without noise at ``tth`` (degrees), counts per 0.004°."""
+        lam, st = self.lam, self.states[i]
         both = len(st) == 2
         y = np.zeros_like(tth)
-        for ph in (hi, lo):
+        for ph in (self.hi, self.lo):
             if ph.name not in st:
                 continue
             a, c, f = st[ph.name]
@@ -183,29 +199,130 @@ def foreign_series(scenario: str, n: int = 40, seed: int = 1, counts: float = 0.
                 if s >= 1:
                     continue
                 t0 = 2 * np.degrees(np.arcsin(s)) + ZERO_DEG
-                area = scale * f * inten * _lp(t0) * np.exp(-1.6 * (s / lam) ** 2) * 1e-3
+                area = self.scale * f * inten * _lp(t0) * np.exp(-1.6 * (s / lam) ** 2) * 1e-3
                 y += _voigt(tth, t0, t0, area, ph.broad * (1.5 if both else 1.0))
         for hkl, inten in _AL_LINES.items():
             t0 = 2 * np.degrees(np.arcsin(lam * np.sqrt(sum(v * v for v in hkl)) / (2 * AL_A))) + ZERO_DEG
-            y += _voigt(tth, t0, t0, scale * 0.25 * inten * _lp(t0) * 1e-3, 0.8)
-        bg = 1500 * counts * (1 + 0.8 * np.exp(-(tth - 3) / 3.0)) \
+            y += _voigt(tth, t0, t0, self.scale * 0.25 * inten * _lp(t0) * 1e-3, 0.8)
+        return y + self.background(i, tth)
+
+    def background(self, i: int, tth):
+        """Frame ``i``'s background: a decay toward low angle and an amorphous hump at 9°."""
+        counts = self.counts
+        return 1500 * counts * (1 + 0.8 * np.exp(-(tth - 3) / 3.0)) \
             + 900 * counts * np.exp(-0.5 * ((tth - 9.0) / 2.2) ** 2) * (1 + 0.05 * np.sin(i / 7))
-        frames.append(rng.poisson(y + bg).astype(float))
-        states.append(st)
-    intensity = np.array(frames)
-    windows = []
-    for hkl in listed:
-        label = "".join(str(v) for v in hkl)
-        at = [2 * np.degrees(np.arcsin(lam * np.sqrt(_inv_d2(*typed[p.name], hkl)) / 2)) for p in (hi, lo)]
-        lo_edge, hi_edge = min(at) - 0.35, max(at) + 0.35
-        peaks = [f"{hi.name} {label}", f"{lo.name} {label}"]
-        for al in ((1, 1, 1), (2, 0, 0), (2, 2, 0), (3, 1, 1)):
-            t_al = 2 * np.degrees(np.arcsin(lam * np.sqrt(sum(v * v for v in al)) / (2 * AL_A)))
-            if lo_edge - 0.1 < t_al < hi_edge + 0.1:
-                peaks.append("Al " + "".join(map(str, al)))
-                lo_edge, hi_edge = min(lo_edge, t_al - 0.3), max(hi_edge, t_al + 0.3)
-        windows.append((label, (round(lo_edge, 2), round(hi_edge, 2)), peaks))
-    return ForeignSeries(tth, intensity, np.sqrt(np.maximum(intensity, 1.0)), states, typed, windows, lam, ZERO_DEG)
+
+    def windows(self) -> list:
+        """The ``[[windows]]`` a user draws: ±0.35° around both phases' typed lines, widened to
+        an Al line within 0.1° of them."""
+        lam, typed = self.lam, self.typed
+        windows = []
+        for hkl in self.listed:
+            label = "".join(str(v) for v in hkl)
+            at = [2 * np.degrees(np.arcsin(lam * np.sqrt(_inv_d2(*typed[p.name], hkl)) / 2)) for p in (self.hi, self.lo)]
+            lo_edge, hi_edge = min(at) - 0.35, max(at) + 0.35
+            peaks = [f"{self.hi.name} {label}", f"{self.lo.name} {label}"]
+            for al in ((1, 1, 1), (2, 0, 0), (2, 2, 0), (3, 1, 1)):
+                t_al = 2 * np.degrees(np.arcsin(lam * np.sqrt(sum(v * v for v in al)) / (2 * AL_A)))
+                if lo_edge - 0.1 < t_al < hi_edge + 0.1:
+                    peaks.append("Al " + "".join(map(str, al)))
+                    lo_edge, hi_edge = min(lo_edge, t_al - 0.3), max(hi_edge, t_al + 0.3)
+            windows.append((label, (round(lo_edge, 2), round(hi_edge, 2)), peaks))
+        return windows
+
+
+@dataclass
+class ForeignExperiment:
+    """A simulated series written as 2D frames with its experiment file (:func:`foreign_experiment`):
+    the truth ``states`` per frame, the ``typed`` cells, the wavelength and the zero shift."""
+
+    experiment_file: object
+    states: list
+    typed: dict
+    wavelength_A: float
+    zero_deg: float
+
+
+#: The strip detector of :func:`foreign_experiment`: rows, columns, pixel (m), distance (m),
+#: beam position from the detector's corner (m: 12 mm below and 12 mm to the left of it), tilts
+#: (rad). The rings cross the strip obliquely, so the pixels that share a bin sit at every
+#: phase of the pixel grid. With the beam level with the strip (poni1 = 6 mm) the rings run
+#: along its columns and every bin sees the same few pixel phases: the lines' centres then move
+#: with the grid as the cells change (the run's zero estimated frame by frame drifted by 2e-4°
+#: over 16 frames, 20 of a frame's esds), what no bin model built from two moments can follow.
+_STRIP = {"shape": (160, 1300), "pixel": 75e-6, "dist": 0.250, "poni1": -0.012, "poni2": -0.012,
+          "rot1": 0.012, "rot2": -0.006}
+
+
+def foreign_experiment(folder, scenario: str, n: int = 40, seed: int = 1, counts: float = 0.2,
+                       background_per_pixel: float = 60.0) -> ForeignExperiment:
+    """The series of :func:`foreign_series` (the same phases, cells and fractions per frame) as
+    2D frames on a strip detector written here, with its experiment file, in ``folder``.
+
+    Unlike ``xrdpipe.testing``'s frames (512 x 512 pixels of 0.033°, 4 x 4 sub-pixels each):
+    a 160 x 1300 strip of 75 µm pixels 250 mm away (0.017° a pixel), tilted, the beam off its
+    corner (:data:`_STRIP`), 2θ 4-24°, binned at 0.014° (1400 bins). Each pixel records the pattern averaged over its area exactly for a 2θ that
+    varies linearly across it: over the sum of two boxes, the pixel's 2θ extents along its rows
+    and columns (from the second antiderivative of the pattern on a 0.001° grid), times the
+    polarization (0.99) and solid angle of pyFAI, scaled to ``background_per_pixel`` counts of
+    background where 2θ is 10°; Poisson counts; module gaps (a 10-row band and a 10-column band
+    away from the windows) and 0.1 % dead pixels masked. TIFF frames, 20 s apart."""
+    from pathlib import Path
+
+    import fabio
+    import pyFAI
+    from pyFAI.detectors import Detector
+    from scipy.interpolate import CubicHermiteSpline
+
+    folder = Path(folder)
+    (folder / "raw").mkdir(parents=True, exist_ok=True)
+    study = _Study(scenario, n, seed, counts)
+    g = _STRIP
+    shape = g["shape"]
+    det = Detector(pixel1=g["pixel"], pixel2=g["pixel"], max_shape=shape)
+    ai = pyFAI.load({"detector": det, "dist": g["dist"], "poni1": g["poni1"], "poni2": g["poni2"], "rot1": g["rot1"],
+                     "rot2": g["rot2"], "rot3": 0.0, "wavelength": study.lam * 1e-10})
+    ai.write(str(folder / "strip.poni"))
+    mask = np.zeros(shape, bool)
+    mask[75:85, :] = True
+    mask[:, 330:340] = True
+    mask |= np.random.default_rng(seed + 1000).random(shape) < 1e-3
+    fabio.edfimage.EdfImage(data=mask.astype(np.int8)).write(str(folder / "mask.edf"))
+    tth = ai.center_array(shape, unit="2th_deg")
+    along_rows, along_cols = np.gradient(tth)
+    wide, narrow = np.maximum(np.abs(along_rows), np.abs(along_cols)), np.minimum(np.abs(along_rows), np.abs(along_cols))
+    box = narrow > 0.02 * wide           # (else one box: the other's share is below 1e-4)
+    weight = ai.polarization(shape, 0.99) * ai.solidAngleArray(shape)
+    grid = np.arange(np.floor(tth.min()) - 0.5, np.ceil(tth.max()) + 0.5, 0.001)
+    scale = background_per_pixel / float(study.background(0, 10.0)) / float(np.median(weight))
+    for i in range(n):
+        f = study.mean(i, grid)
+        f1 = np.concatenate([[0.0], np.cumsum((f[1:] + f[:-1]) / 2) * 0.001])
+        f2 = np.concatenate([[0.0], np.cumsum((f1[1:] + f1[:-1]) / 2) * 0.001])
+        F1 = np.interp
+        F2 = CubicHermiteSpline(grid, f2, f1)
+        s, d = (wide + narrow) / 2, (wide - narrow) / 2
+        two = (F2(tth + s) - F2(tth + d) - F2(tth - d) + F2(tth - s)) / np.where(box, wide * narrow, 1.0)
+        one = (F1(tth + wide / 2, grid, f1) - F1(tth - wide / 2, grid, f1)) / wide
+        mean = np.where(box, two, one) * weight * scale
+        image = study.rng.poisson(np.maximum(mean, 0.0)).astype(np.int32)
+        image[mask] = 0
+        fabio.tifimage.TifImage(data=image).write(str(folder / "raw" / f"frame_{i:04d}.tif"))
+    lines = ["schema_version = 1", "", "[run]", f'name = "foreign-{scenario}"', 'output = "results"', "",
+             "[frames]", 'files = "raw/*.tif"',
+             'times = { start = "2026-01-01T00:00:00+00:00", period_s = 20.0, exposure_s = 20.0 }', "",
+             "[calibration]", 'poni = "strip.poni"', 'mask = "mask.edf"', "",
+             "[integration]", "npt = 1400", 'unit = "2th_deg"', "polarization_factor = 0.99",
+             'error_model = "poisson"', 'splitting = "full"', ""]
+    for name, (a, c) in study.typed.items():
+        lines += ["[[phases]]", f'name = "{name}"', f"a = {a}", f"c = {c}", ""]
+    lines += ["[[phases]]", 'name = "Al"', ""]
+    for name, (lo, hi), peaks in study.windows():
+        lines += ["[[windows]]", f'name = "{name}"', f"range = [{lo}, {hi}]",
+                  "peaks = [" + ", ".join('"' + p.replace('"', '\\"') + '"' for p in peaks) + "]", ""]
+    exp_file = folder / "experiment.toml"
+    exp_file.write_text("\n".join(lines))
+    return ForeignExperiment(exp_file, study.states, study.typed, study.lam, ZERO_DEG)
 
 
 def score(series: ForeignSeries, lat, threshold: float = 0.05, major: float = 0.3) -> dict:
