@@ -14,7 +14,10 @@ Side by side in the same run:
   peak + ``LinearModel``, started from the configured cells, on ``--loop-frames`` frames.
 
 * ``phase model @ COMMIT`` (with ``--baseline COMMIT``): the same, with the ``xrdpipe`` package
-  of that commit of this repository (``git archive``), in a child process, side by side.
+  of that commit of this repository (``git archive``), in a child process, side by side: the two
+  run alternately ``--repeat`` times (default 3), and the table gives their median rates, then
+  the median of the paired ratios and their range (this machine's speed drifts by 10-20 % from
+  one minute to the next: one pair can say 0.9x or 1.3x for the same change).
 * ``phase model, bins averaged`` (with ``--instrument-sd SD``): the same with every line averaged
   over an instrument triangle of standard deviation SD (what 2D frames integrated by xrdpipe
   get, ``[fit] instrument``): its cost, an upper bound. The series' points are point samples,
@@ -50,6 +53,8 @@ def main() -> None:
     ap.add_argument("--loop-frames", type=int, default=40)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--baseline", default=None, help="a commit of this repository whose phase model runs side by side")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="with --baseline: how many times each runs, alternately (medians and paired ratios)")
     ap.add_argument("--instrument-sd", type=float, default=None,
                     help="also time the phase model with lines averaged over this instrument sd (degrees)")
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)   # (the baseline's child process)
@@ -59,13 +64,14 @@ def main() -> None:
         print(json.dumps({"rate": rate, "score": score}))
         return
 
-    compare(args.frames, args.loop_frames, args.seed, args.baseline, args.instrument_sd)
+    compare(args.frames, args.loop_frames, args.seed, args.baseline, args.instrument_sd, max(args.repeat, 1))
 
 
 def compare(frames: int, loop_frames: int, seed: int, baseline: str | None = None,
-            instrument_sd: float | None = None) -> None:
-    """The table: the phase model (and that of ``baseline``), independent peaks and the lmfit loop
-    on the hard series of ``frames`` frames (the loop on ``loop_frames`` of them)."""
+            instrument_sd: float | None = None, repeat: int = 3) -> None:
+    """The table: the phase model (and that of ``baseline``, the two run alternately ``repeat``
+    times, their median rates and paired ratios), independent peaks and the lmfit loop on the
+    hard series of ``frames`` frames (the loop on ``loop_frames`` of them)."""
     from xrdpipe.config import FitSpec, LatticeSpec
     from xrdpipe.lattice import refine_lattice
     from xrdpipe.peaks import fit_peaks
@@ -76,9 +82,22 @@ def compare(frames: int, loop_frames: int, seed: int, baseline: str | None = Non
     pat = series.as_patterns()
     lam = series.scenario.wavelength_A
     rows = []
+    ratio = ""
     if baseline:
-        rows.append((f"phase model @ {baseline}", *_baseline(baseline, frames, seed)))
-    rows.append(("phase model", *_phase_model(frames, seed)))
+        # side by side, alternately, ``repeat`` times: the speed of this machine drifts by 10-20 %
+        # from one minute to the next (the same code measured 59-88 frames/s), so one pair of
+        # runs can say 0.9x or 1.3x for the same change; the medians and the paired ratios say more
+        base, here = [], []
+        for _ in range(repeat):
+            base.append(_baseline(baseline, frames, seed))
+            here.append(_phase_model(frames, seed))
+        ratios = sorted(h[0] / b[0] for b, h in zip(base, here))
+        rows.append((f"phase model @ {baseline}", float(np.median([b[0] for b in base])), base[0][1]))
+        rows.append(("phase model", float(np.median([h[0] for h in here])), here[0][1]))
+        ratio = (f"phase model / phase model @ {baseline}: {np.median(ratios):.2f}x (median of {repeat} pairs run "
+                 f"alternately, {ratios[0]:.2f}-{ratios[-1]:.2f})")
+    else:
+        rows.append(("phase model", *_phase_model(frames, seed)))
     if instrument_sd is not None:
         rows.append(("phase model, bins averaged", _phase_model(frames, seed, instrument_sd)[0], {}))
 
@@ -101,6 +120,8 @@ def compare(frames: int, loop_frames: int, seed: int, baseline: str | None = Non
             return format(v, fmt) if np.isfinite(v) else "-"
         print(f"{name:30s} {rate:9.2f} {rate / loop_rate:8.2f} {f('presence', '9.3f')} {f('basal_rms_deg', '10.2e')} "
               f"{f('median_da', '9.1e')} {f('median_dc', '9.1e')} {f('fraction_mae', '9.4f')} {f('within_1esd', '8.2f')}")
+    if ratio:
+        print(ratio)
 
 
 def _series(frames: int, seed: int):
