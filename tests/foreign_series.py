@@ -231,6 +231,26 @@ class _Study:
         return windows
 
 
+class _OnGrid:
+    """Points ``x`` on a uniform grid (``start``, ``step``): the cubic Hermite interpolation of a
+    function from its values and derivatives there, and the linear one of a function's values,
+    the weights worked out once for every frame."""
+
+    def __init__(self, x: np.ndarray, start: float, step: float):
+        u = (np.asarray(x, float) - start) / step
+        self.i = np.floor(u).astype(np.int64)
+        t = u - self.i
+        self.t, self.step = t, step
+        self.h = (2 * t**3 - 3 * t**2 + 1, (t**3 - 2 * t**2 + t) * step, -2 * t**3 + 3 * t**2, (t**3 - t**2) * step)
+
+    def hermite(self, values: np.ndarray, slopes: np.ndarray) -> np.ndarray:
+        i, (h00, h10, h01, h11) = self.i, self.h
+        return h00 * values[i] + h10 * slopes[i] + h01 * values[i + 1] + h11 * slopes[i + 1]
+
+    def linear(self, values: np.ndarray) -> np.ndarray:
+        return (1 - self.t) * values[self.i] + self.t * values[self.i + 1]
+
+
 @dataclass
 class ForeignExperiment:
     """A simulated series written as 2D frames with its experiment file (:func:`foreign_experiment`):
@@ -272,7 +292,6 @@ def foreign_experiment(folder, scenario: str, n: int = 40, seed: int = 1, counts
     import fabio
     import pyFAI
     from pyFAI.detectors import Detector
-    from scipy.interpolate import CubicHermiteSpline
 
     folder = Path(folder)
     (folder / "raw").mkdir(parents=True, exist_ok=True)
@@ -295,15 +314,16 @@ def foreign_experiment(folder, scenario: str, n: int = 40, seed: int = 1, counts
     weight = ai.polarization(shape, 0.99) * ai.solidAngleArray(shape)
     grid = np.arange(np.floor(tth.min()) - 0.5, np.ceil(tth.max()) + 0.5, 0.001)
     scale = background_per_pixel / float(study.background(0, 10.0)) / float(np.median(weight))
+    s, d = (wide + narrow) / 2, (wide - narrow) / 2
+    at = {name: _OnGrid(x, grid[0], 0.001) for name, x in
+          (("+s", tth + s), ("+d", tth + d), ("-d", tth - d), ("-s", tth - s), ("+w", tth + wide / 2), ("-w", tth - wide / 2))}
     for i in range(n):
         f = study.mean(i, grid)
         f1 = np.concatenate([[0.0], np.cumsum((f[1:] + f[:-1]) / 2) * 0.001])
         f2 = np.concatenate([[0.0], np.cumsum((f1[1:] + f1[:-1]) / 2) * 0.001])
-        F1 = np.interp
-        F2 = CubicHermiteSpline(grid, f2, f1)
-        s, d = (wide + narrow) / 2, (wide - narrow) / 2
-        two = (F2(tth + s) - F2(tth + d) - F2(tth - d) + F2(tth - s)) / np.where(box, wide * narrow, 1.0)
-        one = (F1(tth + wide / 2, grid, f1) - F1(tth - wide / 2, grid, f1)) / wide
+        two = (at["+s"].hermite(f2, f1) - at["+d"].hermite(f2, f1) - at["-d"].hermite(f2, f1)
+               + at["-s"].hermite(f2, f1)) / np.where(box, wide * narrow, 1.0)
+        one = (at["+w"].linear(f1) - at["-w"].linear(f1)) / wide
         mean = np.where(box, two, one) * weight * scale
         image = study.rng.poisson(np.maximum(mean, 0.0)).astype(np.int32)
         image[mask] = 0

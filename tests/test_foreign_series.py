@@ -25,16 +25,21 @@ def _fit(series, **lattice):
     return table, lat
 
 
-@pytest.mark.parametrize("scenario, seed", [("nfm", 2), ("mcm", 1)])
-def test_phase_model_on_a_series_its_own_simulator_did_not_make(scenario, seed):
-    series = foreign_series(scenario, n=40, seed=seed)
-    table, lat = _fit(series)
-    s = score(series, lat)
+def _meets_the_issue(s: dict, within: tuple[float, float] = (0.5, 0.85)) -> None:
+    """The thresholds of issue 18 on a score (presence, |Δa|, |Δc|, fraction MAE over at least
+    four coexistence frames, the share of cell errors within one esd in ``within``)."""
     assert s["n_coexistence"] >= 4, s
     assert s["presence"] >= 0.98, s
     assert s["median_da"] <= 3e-4 and s["median_dc"] <= 1e-3, s
     assert s["fraction_mae"] <= 0.02, s
-    assert 0.5 <= s["within_1esd"] <= 0.85, s
+    assert within[0] <= s["within_1esd"] <= within[1], s
+
+
+@pytest.mark.parametrize("scenario, seed", [("nfm", 2), ("mcm", 1)])
+def test_phase_model_on_a_series_its_own_simulator_did_not_make(scenario, seed):
+    series = foreign_series(scenario, n=40, seed=seed)
+    table, lat = _fit(series)
+    _meets_the_issue(score(series, lat))
     # the run's zero shift, estimated on its first frames and held, with an esd that covers it
     zero, err = table.phase["zero"][0], table.phase["zero_err"][0]
     assert np.all(table.phase["zero"] == zero) and 0 < err < 5e-5, (zero, err)
@@ -111,15 +116,11 @@ def test_the_same_series_as_2d_frames_of_another_detector(tmp_path, scenario, se
     fit_experiment(exp, progress=False)
     table = read_peak_table(exp.run.run_file)
     lat = refine_lattice(table, exp.phases, exp.lattice, unit="2th_deg", wavelength_A=fx.wavelength_A)
-    s = score(fx, lat)
-    assert s["n_coexistence"] >= 4, s
-    assert s["presence"] >= 0.98, s
-    assert s["median_da"] <= 3e-4 and s["median_dc"] <= 1e-3, s
-    assert s["fraction_mae"] <= 0.02, s
-    # esds that cover the truth, on the cautious side on these frames: the odd part of a misfit
-    # is measured by mirroring the residual about each line, which at 3 bins a FWHM follows the
-    # sharp even misfit of a Voigt line poorly (measured 75-92 % within one esd over six series,
-    # against 58-83 % on 1D patterns; the issue's band is 50-85 %)
-    assert 0.5 <= s["within_1esd"] <= 0.95, s
+    # esds that cover the truth, on the cautious side on these frames (measured 75-92 % within one
+    # esd over six series, 58-85 % on 1D patterns; the issue asks 50-85 %): the odd part of the
+    # misfit, found by mirroring the residual about each line, and its correlation between bins,
+    # summed as a geometric series of the lag-one correlation, both come out large at 3 bins a
+    # FWHM (README, *Known limits*)
+    _meets_the_issue(score(fx, lat), within=(0.5, 0.95))
     zero, err = table.phase["zero"][0], table.phase["zero_err"][0]
     assert abs(zero - ZERO_DEG) < 3 * err, (zero, err)
