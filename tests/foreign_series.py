@@ -26,6 +26,7 @@ its ``[[windows]]`` are chosen as a user would: around the lines of both phases,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from scipy.special import voigt_profile
@@ -256,7 +257,7 @@ class ForeignExperiment:
     """A simulated series written as 2D frames with its experiment file (:func:`foreign_experiment`):
     the truth ``states`` per frame, the ``typed`` cells, the wavelength and the zero shift."""
 
-    experiment_file: object
+    experiment_file: Path
     states: list
     typed: dict
     wavelength_A: float
@@ -287,8 +288,6 @@ def foreign_experiment(folder, scenario: str, n: int = 40, seed: int = 1, counts
     polarization (0.99) and solid angle of pyFAI, scaled to ``background_per_pixel`` counts of
     background where 2θ is 10°; Poisson counts; module gaps (a 10-row band and a 10-column band
     away from the windows) and 0.1 % dead pixels masked. TIFF frames, 20 s apart."""
-    from pathlib import Path
-
     import fabio
     import pyFAI
     from pyFAI.detectors import Detector
