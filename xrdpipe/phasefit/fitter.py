@@ -11,7 +11,6 @@ from typing import Sequence
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from ..batchfit import least_squares_batch
 from ..config import FitSpec, LatticeSpec, PhaseSpec, WindowSpec
 from ..crystallography import (
     parse_hkl,
@@ -20,7 +19,7 @@ from ..peaks import PEAK_FIELDS, PeakTable, WindowSetupError, concat_tables
 from .decide import _bic, _misfit, fit_frame
 from .frame import FrameResult, _Frame
 from .model import _BACKWARD_MAX, _CELL_INDEX, PhaseModel, PhaseState
-from .solve import _held, _volume, centre_esd, d_of, initial_state
+from .solve import _held, _volume, centre_esd, d_of, initial_state, least_squares
 from .tails import far_tails
 
 # ----------------------------------------------------------------------------------------------
@@ -378,9 +377,7 @@ class PhaseFitter:
             hold[m.area_col[~m.inside(res.state.cell, 0.0)]] = True
             lo, hi = m.lower.copy(), m.upper.copy()
             lo[m.zero_col], hi[m.zero_col] = -0.5, 0.5
-            again = least_squares_batch(lambda t: m.value_jac(t, res.state.cell), theta[None], fr.y0[None],
-                                        fr.w[None], lower=lo, upper=hi, fixed=hold[None], max_iter=self.fit.max_iter,
-                                        normal=lambda t, _y, _w, held: m.normal(t, res.state.cell, fr.y0, fr.w, held))
+            again = least_squares(m, fr, res.state.cell, theta[None], hold[None], lo, hi, self.fit.max_iter)
             if again.success[0] and abs(again.p[0, m.zero_col]) < 0.5:
                 zeros.append(float(again.p[0, m.zero_col]))
                 errs.append(float(np.sqrt(again.cov[0, m.zero_col, m.zero_col])))

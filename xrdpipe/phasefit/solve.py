@@ -47,11 +47,8 @@ def _fit_rows(m: PhaseModel, fr: "_Frame", rows: list[tuple[int, ...]], fit: Fit
     lower, upper, order_cols, signs = _bounds(m, fr, rows[0], found)
 
     def run(theta, hold_rows):
-        return least_squares_batch(lambda t: m.value_jac(t, base), theta, np.broadcast_to(fr.y0, theta.shape[:1] + fr.y0.shape),
-                                   np.broadcast_to(fr.w, theta.shape[:1] + fr.w.shape), lower=lower, upper=upper,
-                                   fixed=hold_rows, max_iter=fit.max_iter, amplitudes=m.lone_lines, weak_z=2.0,
-                                   must_move=np.arange(theta.shape[0]) == 0, covariance=[0],
-                                   normal=lambda t, _y, _w, held: m.normal(t, base, fr.y0, fr.w, held))
+        return least_squares(m, fr, base, theta, hold_rows, lower, upper, fit.max_iter, amplitudes=m.lone_lines,
+                             weak_z=2.0, must_move=np.arange(theta.shape[0]) == 0, covariance=[0])
 
     res = run(theta0, hold)
     res.chi2 = np.where(res.status >= 0, res.chi2, np.inf)
@@ -69,6 +66,19 @@ def _fit_rows(m: PhaseModel, fr: "_Frame", rows: list[tuple[int, ...]], fit: Fit
         return None
     res.lower, res.upper, res.order_cols, res.signs = lower, upper, order_cols, signs
     return res
+
+
+def least_squares(m: PhaseModel, fr: "_Frame", base: np.ndarray, theta: np.ndarray, fixed: np.ndarray,
+                  lower: np.ndarray, upper: np.ndarray, max_iter: int, **options):
+    """:func:`~xrdpipe.batchfit.least_squares_batch` of parameter rows ``theta`` (r, k) of the
+    phase model against the frame's data (``fr``), cells not in a row from ``base``, its normal
+    equations straight from the model's lines (:meth:`PhaseModel.normal`); ``options`` go to
+    the batch (amplitudes, must_move, covariance...)."""
+    rows = theta.shape[:1]
+    return least_squares_batch(lambda t: m.value_jac(t, base), theta, np.broadcast_to(fr.y0, rows + fr.y0.shape),
+                               np.broadcast_to(fr.w, rows + fr.w.shape), lower=lower, upper=upper, fixed=fixed,
+                               max_iter=max_iter, normal=lambda t, _y, _w, held: m.normal(t, base, fr.y0, fr.w, held),
+                               **options)
 
 
 #: A phase's width in a window is kept above this share of its median width in its other windows

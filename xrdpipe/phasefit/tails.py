@@ -24,10 +24,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..batchfit import least_squares_batch
 from ..lineshapes import pseudo_voigt
 from .frame import FrameResult, _Frame
-from .solve import _fit_rows, _fwhm_table, _held, _result
+from .solve import _fit_rows, _fwhm_table, _held, _result, least_squares
 
 if TYPE_CHECKING:
     from ..config import FitSpec
@@ -117,7 +116,5 @@ def _refit(m: PhaseModel, fr: _Frame, theta: np.ndarray, present: list[int], hel
     start = theta.copy()
     start[m.area_col[outside]] = 0.0
     base = st.cell.copy()
-    return least_squares_batch(lambda t: m.value_jac(t, base), start[None], fr.y0[None], fr.w[None], lower=m.lower,
-                               upper=m.upper, fixed=hold[None], max_iter=fit.max_iter, amplitudes=m.lone_lines,
-                               weak_z=2.0, covariance=[0],
-                               normal=lambda t, _y, _w, h: m.normal(t, base, fr.y0, fr.w, h))
+    return least_squares(m, fr, base, start[None], hold[None], m.lower, m.upper, fit.max_iter,
+                         amplitudes=m.lone_lines, weak_z=2.0, covariance=[0])

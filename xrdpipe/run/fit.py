@@ -186,10 +186,10 @@ def _zero_text(fitter, found: tuple[float, float], frames: int) -> str:
     from ..phasefit.fitter import ZERO_AGREES
 
     unit = "°" if fitter.model.unit == "2th_deg" else " " + str(fitter.model.unit)
-    est = f"{found[0]:+.6f}{unit} ± {found[1]:.2g}{unit} on the first {frames} integrated frames"
+    value, where = f"{found[0]:+.6f}{unit} ± {found[1]:.2g}{unit}", f"on the first {frames} integrated frames"
     if fitter.zero is not None and np.isnan(fitter.zero[1]):
-        return f"the calibration's (0) kept: estimated at {est}, within {ZERO_AGREES:g} esds of it"
-    return f"{found[0]:+.6f}{unit} ± {found[1]:.2g}{unit}, estimated on the first {frames} integrated frames"
+        return f"the calibration's (0) kept: estimated at {value} {where}, within {ZERO_AGREES:g} esds of it"
+    return f"{value}, estimated {where}"
 
 
 def _forward(fitter, store: PeakStore, info: RunInfo, rows: np.ndarray, block: int, bar, phase_model: bool) -> int:
