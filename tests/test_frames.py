@@ -46,3 +46,33 @@ def test_data_files_not_written_yet_are_not_frames_yet(tmp_path):
     """Live: the master links data files the detector has not written yet."""
     master, stacks = _eiger_series(tmp_path, counts=(2, 2, 2), missing=(2, 3))
     assert [r.key for r in list_frames([master])] == ["s_master.h5:0", "s_master.h5:1"]
+
+
+def test_a_cbf_or_edf_cut_short_or_corrupt_is_a_read_error_not_a_zero_padded_frame(tmp_path):
+    """fabio reads these as images (zero-padded, or with half the pixels wrong) and only logs;
+    a frame from them would be integrated as if whole."""
+    import pytest
+    from fabio.cbfimage import CbfImage
+    from fabio.edfimage import EdfImage
+
+    from xrdpipe.errors import FrameReadError
+    from xrdpipe.frames import FrameRef
+
+    data = np.random.default_rng(0).poisson(50, (64, 80)).astype(np.int32)
+    CbfImage(data=data, header={}).write(str(tmp_path / "whole.cbf"))
+    EdfImage(data=data).write(str(tmp_path / "whole.edf"))
+    cbf = (tmp_path / "whole.cbf").read_bytes()
+    edf = (tmp_path / "whole.edf").read_bytes()
+    (tmp_path / "half.cbf").write_bytes(cbf[: len(cbf) // 2])
+    flipped = bytearray(cbf)
+    flipped[-len(cbf) // 4] ^= 0x55                           # one byte inside the binary section
+    (tmp_path / "flipped.cbf").write_bytes(bytes(flipped))
+    (tmp_path / "short.edf").write_bytes(edf[:-100])
+
+    for name in ("whole.cbf", "whole.edf"):
+        assert np.array_equal(read_frame(FrameRef(tmp_path / name, 0)), data)
+    for name, reason in [("half.cbf", r"truncated: \d+ of the \d+ bytes of binary data its header gives"),
+                         ("flipped.cbf", "corrupt: the binary data do not match the header's Content-MD5"),
+                         ("short.edf", "truncated: the file ends inside this frame's data")]:
+        with pytest.raises(FrameReadError, match=f"{name} frame 0: {reason}"):
+            read_frame(FrameRef(tmp_path / name, 0))

@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from xrdpipe.config import load_experiment
@@ -128,6 +129,37 @@ def test_frames_written_into_a_folder_are_processed_live(tmp_path, live_experime
     batch.write_text(batch_text)
     run_experiment(load_experiment(batch), progress=False)
     assert_same_results(load_experiment(batch).run.run_file, exp.run.run_file)
+
+
+def test_a_frame_whose_header_was_unreadable_when_the_times_were_read_gets_its_time(tmp_path, live_experiment,
+                                                                                   monkeypatch):
+    """The race of a live run: the times are read while a frame's file is half written (its
+    header gives no time), and the writer finishes before the frame itself is read. The frame is
+    integrated, and its time is read again then, in the same poll: no frame is done but untimed."""
+    import xrdpipe.run.integrate as integrate
+    from xrdpipe.run.integrate import integrate_experiment
+
+    syn, staging = live_experiment(tmp_path / "exp", "cbf", 3)
+    files = sorted(staging.glob("*.cbf"))
+    for f in files:
+        shutil.copy(f, syn.folder / "raw" / f.name)
+    slow = syn.folder / "raw" / files[1].name
+    slow.write_bytes(files[1].read_bytes()[:4000])
+    real = integrate.frame_times
+
+    def times_then_the_writer_finishes(refs, *args, **kw):
+        out = real(refs, *args, **kw)
+        shutil.copy(files[1], slow)
+        return out
+
+    monkeypatch.setattr(integrate, "frame_times", times_then_the_writer_finishes)
+    exp = load_experiment(syn.experiment_file, live=True)
+    summary = integrate_experiment(exp, progress=False, ready=lambda refs: refs, retry_s=20.0)
+    fr = read_frames(exp.run.run_file)
+    assert (fr.status == 1).all(), fr.message
+    assert summary.untimed == 0
+    assert np.all(np.isfinite(fr.time_s)), fr.time_s
+    assert np.allclose(np.diff(fr.time_s), fr.time_s[1] - fr.time_s[0]) and fr.time_s[1] > 0
 
 
 WRITER = """

@@ -298,8 +298,13 @@ def read_frame(ref: FrameRef, *, shape: tuple[int, int] | None = None,
         else:
             import fabio
 
+            problem = _cbf_problem(ref.file) if ref.file.suffix.lower() == ".cbf" else None
+            if problem:
+                raise FrameReadError(str(ref.file), ref.index, problem)
             with fabio.open(str(ref.file)) as img:
                 data = img.data if ref.index == 0 else img.getframe(ref.index).data
+                if _edf_incomplete(img, ref.index):
+                    raise FrameReadError(str(ref.file), ref.index, "truncated: the file ends inside this frame's data")
     except FrameReadError as exc:
         raise FrameReadError(str(ref.file), ref.index, exc.reason) from None
     except Exception as exc:
@@ -312,6 +317,48 @@ def read_frame(ref: FrameRef, *, shape: tuple[int, int] | None = None,
             f"shape {data.shape[0]} x {data.shape[1]} is not the detector's {shape[0]} x {shape[1]}",
         )
     return data
+
+
+_CBF_BINARY = b"\x0c\x1a\x04\xd5"          # the start of a CBF's binary section
+
+
+def _cbf_problem(path: Path) -> str | None:
+    """Why the CBF ``path`` is not whole (its binary section is shorter than its header's
+    ``X-Binary-Size``, or does not match its ``Content-MD5``), or None.
+
+    fabio reads such a file (a frame cut short by a transfer, a bad disk block, a detector still
+    writing it) as an image, zero-padded or partly wrong, and only logs the mismatch; xrdpipe
+    records the frame as failed instead (or, live, tries it again once it is written)."""
+    import base64
+    import hashlib
+
+    raw = path.read_bytes()
+    start = raw.find(_CBF_BINARY)
+    if start < 0:
+        return None if b"X-Binary-Size" not in raw else "truncated: no binary data after the header"
+    head = raw[:start]
+    sizes = re.findall(rb"X-Binary-Size:\s*(\d+)", head)
+    sums = re.findall(rb"Content-MD5:\s*(\S+)", head)
+    begin = start + len(_CBF_BINARY)
+    if not sizes:
+        return None                                   # fabio says what is wrong
+    size = int(sizes[-1])
+    if len(raw) - begin < size:
+        return f"truncated: {len(raw) - begin} of the {size} bytes of binary data its header gives"
+    if sums and base64.b64encode(hashlib.md5(raw[begin:begin + size]).digest()) != sums[-1]:
+        return "corrupt: the binary data do not match the header's Content-MD5"
+    return None
+
+
+def _edf_incomplete(img, index: int) -> bool:
+    """Whether fabio read frame ``index`` of an EDF file from a file that ends inside its data
+    (fabio pads it with zeros and logs it)."""
+    if not getattr(img, "incomplete_file", False):
+        return False
+    frames = getattr(img, "_frames", None)
+    if not frames or index >= len(frames):
+        return True
+    return bool(getattr(frames[index], "incomplete_data", True))
 
 
 # --------------------------------------------------------------------------------------------

@@ -162,6 +162,8 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
                 read_ahead = None
             _integrate_frames(run, jobs, integ, summary, st.bar(len(jobs)), workers=n_workers, scheduler=where_to,
                               read_ahead=read_ahead, dark=cal.dark is not None, retry_s=retry_s)
+            if fspec.times == "header":
+                summary.untimed -= _late_times(run, jobs, times, refs, fspec, str(exp.source or "experiment"))
             summary.cache_file = getattr(integ, "cache_file", None)   # a new entry is written meanwhile
         return summary
     finally:
@@ -278,6 +280,23 @@ def _integrate_frames(run: RunFile, jobs, integ, summary: IntegrationSummary, ba
                 run.write_failure(res.position, error)
                 summary.failed.append((res.ref.key, error))
             bar.update(1)
+
+
+def _late_times(run: RunFile, jobs, times, refs, fspec, where: str) -> int:
+    """Read again the header time of each frame integrated here whose header could not be read
+    when the times were (its file was still being written: `watch` found it settled in a pause
+    of the writer, and it was whole by the time its frame was read). Returns how many got one."""
+    status = run.status
+    untimed = {r.key for r, t in zip(refs, times) if t is None and not r.error}
+    late = [r for row, r in jobs if r.key in untimed and status[row] == DONE]
+    if not late:
+        return 0
+    try:
+        found = frame_times(late, fspec.times, timezone=fspec.timezone, where=where)
+    except ConfigError:                      # still none readable: they stay untimed, as reported
+        return 0
+    run.add_frames(late, found)
+    return sum(t is not None for t in found)
 
 
 def _time_order(refs, times, source) -> list[str]:
