@@ -24,12 +24,20 @@ Side by side in the same run:
   so a model of bins misfits them and more frames take the searches; its accuracy columns are
   left out.
 
+* ``--two-d``: the same series rendered as 2D EIGER-like frames (pixel splitting, polarization,
+  module gaps; a background of 300 counts) and integrated, then the phase model through the run
+  file (``xrdpipe fit``: the run's zero estimate, forward and backward passes) and the cells and
+  fractions; only the phase model (with ``--baseline``, side by side as above). Integrated bins
+  are averages over their pixels, which the model's point profiles misfit (χ²/ν 4-30 in the
+  strong windows): the frames that take the searches, and the speed, differ from the 1D series'.
+
 Printed: frames per second (end to end, one process, after a warm-up on a dozen frames spread
 over the series that loads or compiles the Numba kernels), the ratio to the lmfit loop, and the accuracy against the truth
 (:func:`xrdpipe.testing.score_phases`).
 
     python benchmarks/phases.py                   # 200 frames
     python benchmarks/phases.py --frames 1000 --baseline e7aa8d1
+    python benchmarks/phases.py --two-d --frames 200 --baseline 7cba979
 """
 
 from __future__ import annotations
@@ -57,11 +65,16 @@ def main() -> None:
                     help="with --baseline: how many times each runs, alternately (medians and paired ratios)")
     ap.add_argument("--instrument-sd", type=float, default=None,
                     help="also time the phase model with lines averaged over this instrument sd (degrees)")
+    ap.add_argument("--two-d", action="store_true",
+                    help="the series as 2D frames, integrated, then fitted through the run file (phase model only)")
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)   # (the baseline's child process)
     args = ap.parse_args()
     if args.json:
-        rate, score = _phase_model(args.frames, args.seed)
+        rate, score = (_phase_model_2d if args.two_d else _phase_model)(args.frames, args.seed)
         print(json.dumps({"rate": rate, "score": score}))
+        return
+    if args.two_d:
+        compare_2d(args.frames, args.seed, args.baseline, max(args.repeat, 1))
         return
 
     compare(args.frames, args.loop_frames, args.seed, args.baseline, args.instrument_sd, max(args.repeat, 1))
@@ -112,24 +125,86 @@ def compare(frames: int, loop_frames: int, seed: int, baseline: str | None = Non
     rows.append(("lmfit loop (baseline)", loop_rate, {"basal_rms_deg": loop_rms}))
 
     print(f"{frames} frames, {len(windows)} windows, phases {', '.join(p.name for p in phases)}")
-    print(f"{'engine':30s} {'frames/s':>9s} {'vs loop':>8s} {'presence':>9s} {'basal rms':>10s} "
-          f"{'|da| med':>9s} {'|dc| med':>9s} {'frac MAE':>9s} {'in 1 esd':>8s}")
+    _print_table(rows, loop_rate, ratio)
+
+
+def _print_table(rows, loop_rate: float | None, ratio: str) -> None:
+    head = f"{'engine':30s} {'frames/s':>9s} " + (f"{'vs loop':>8s} " if loop_rate else "")
+    print(head + f"{'presence':>9s} {'basal rms':>10s} {'|da| med':>9s} {'|dc| med':>9s} {'frac MAE':>9s} "
+          f"{'in 1 esd':>8s}")
     for name, rate, s in rows:
         def f(key, fmt):
             v = s.get(key, np.nan)
             return format(v, fmt) if np.isfinite(v) else "-"
-        print(f"{name:30s} {rate:9.2f} {rate / loop_rate:8.2f} {f('presence', '9.3f')} {f('basal_rms_deg', '10.2e')} "
-              f"{f('median_da', '9.1e')} {f('median_dc', '9.1e')} {f('fraction_mae', '9.4f')} {f('within_1esd', '8.2f')}")
+        print(f"{name:30s} {rate:9.2f} " + (f"{rate / loop_rate:8.2f} " if loop_rate else "")
+              + f"{f('presence', '9.3f')} {f('basal_rms_deg', '10.2e')} {f('median_da', '9.1e')} "
+              f"{f('median_dc', '9.1e')} {f('fraction_mae', '9.4f')} {f('within_1esd', '8.2f')}")
     if ratio:
         print(ratio)
 
 
-def _series(frames: int, seed: int):
-    from xrdpipe.testing import Difficulty, pattern_series
+def compare_2d(frames: int, seed: int, baseline: str | None = None, repeat: int = 3) -> None:
+    """The table of ``--two-d``: the phase model on the series as 2D frames (and that of
+    ``baseline``, the two run alternately ``repeat`` times)."""
+    rows, ratio = [], ""
+    if baseline:
+        base, here = [], []
+        for _ in range(repeat):
+            base.append(_baseline(baseline, frames, seed, two_d=True))
+            here.append(_phase_model_2d(frames, seed))
+        ratios = sorted(h[0] / b[0] for b, h in zip(base, here))
+        rows.append((f"phase model @ {baseline}", float(np.median([b[0] for b in base])), base[0][1]))
+        rows.append(("phase model", float(np.median([h[0] for h in here])), here[0][1]))
+        ratio = (f"phase model / phase model @ {baseline}: {np.median(ratios):.2f}x (median of {repeat} pairs run "
+                 f"alternately, {ratios[0]:.2f}-{ratios[-1]:.2f})")
+    else:
+        rows.append(("phase model", *_phase_model_2d(frames, seed)))
+    print(f"{frames} 2D frames (integrated), the phase model through the run file")
+    _print_table(rows, None, ratio)
 
-    dif = Difficulty(start_error=((0.01, 0.02), (0.01, 0.02)), separation_fwhm=1.1, broadening=1.6,
-                     intensity_jitter=0.3, hard_windows=True, seed=seed)
+
+def _difficulty(seed: int):
+    from xrdpipe.testing import Difficulty
+
+    return Difficulty(start_error=((0.01, 0.02), (0.01, 0.02)), separation_fwhm=1.1, broadening=1.6,
+                      intensity_jitter=0.3, hard_windows=True, seed=seed)
+
+
+def _series(frames: int, seed: int):
+    from xrdpipe.testing import pattern_series
+
+    dif = _difficulty(seed)
     return pattern_series(frames, scenario="nfm", counts=0.05, background=2000.0, seed=seed, difficulty=dif), dif
+
+
+def _phase_model_2d(frames: int, seed: int) -> tuple[float, dict]:
+    """The series as 2D frames, integrated (not timed), then the phase model through the run
+    file and the cells and fractions: frames/s, score. A warm-up on a 6-frame experiment first
+    (not timed) loads or compiles the kernels."""
+    from xrdpipe.config import load_experiment
+    from xrdpipe.lattice import refine_lattice
+    from xrdpipe.run.fit import fit_experiment
+    from xrdpipe.run.integrate import integrate_experiment
+    from xrdpipe.run.peakstore import read_peak_table
+    from xrdpipe.testing import make_experiment, score_phases
+
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = []
+        for name, n in (("warm", 6), ("timed", frames)):
+            syn = make_experiment(Path(tmp) / name, scenario="nfm", n_frames=n, n_rest=0, frac_charge=1.0, counts=0.05,
+                                  background=300.0, seed=seed + 10, difficulty=_difficulty(seed))
+            exp = load_experiment(syn.experiment_file)
+            integrate_experiment(exp, progress=False)
+            runs.append((syn, exp))
+        fit_experiment(runs[0][1], progress=False)
+        syn, exp = runs[1]
+        t0 = time.perf_counter()
+        fit_experiment(exp, progress=False)
+        table = read_peak_table(exp.run.run_file)
+        lat = refine_lattice(table, exp.phases, exp.lattice, unit="2th_deg", wavelength_A=syn.scenario.wavelength_A)
+        dt = time.perf_counter() - t0
+        score = {k: float(v) for k, v in score_phases(lat, table, syn.states(), syn.peaks).items()}
+    return frames / dt, score
 
 
 def _phase_model(frames: int, seed: int, instrument_sd: float | None = None) -> tuple[float, dict]:
@@ -159,8 +234,9 @@ def _phase_model(frames: int, seed: int, instrument_sd: float | None = None) -> 
     return frames / dt, score
 
 
-def _baseline(commit: str, frames: int, seed: int) -> tuple[float, dict]:
-    """:func:`_phase_model` with the ``xrdpipe`` package of ``commit``, in a child process."""
+def _baseline(commit: str, frames: int, seed: int, two_d: bool = False) -> tuple[float, dict]:
+    """:func:`_phase_model` (or :func:`_phase_model_2d`) with the ``xrdpipe`` package of
+    ``commit``, in a child process."""
     repo = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as tmp:
         archive = subprocess.run(["git", "-C", str(repo), "archive", commit, "xrdpipe"], capture_output=True)
@@ -169,8 +245,8 @@ def _baseline(commit: str, frames: int, seed: int) -> tuple[float, dict]:
                      f"({archive.stderr.decode(errors='replace').strip()})")
         subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
         env = dict(os.environ, PYTHONPATH=tmp)
-        run = subprocess.run([sys.executable, __file__, "--frames", str(frames), "--seed", str(seed), "--json"],
-                             env=env, capture_output=True, text=True)
+        run = subprocess.run([sys.executable, __file__, "--frames", str(frames), "--seed", str(seed), "--json"]
+                             + (["--two-d"] if two_d else []), env=env, capture_output=True, text=True)
     if run.returncode:
         sys.exit(f"--baseline {commit}: its phase model failed:\n{run.stderr.strip()[-2000:]}")
     got = json.loads(run.stdout.strip().splitlines()[-1])

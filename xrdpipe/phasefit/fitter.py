@@ -90,7 +90,16 @@ class PhaseFitter:
         series' share of errors within one esd then follows one draw. Data that do not
         contradict the calibration keep it."""
         cols = self.model.columns
-        found = self._estimate_zero(intensity[:, cols], None if sigma is None else sigma[:, cols])
+        y, e = intensity[:, cols], None if sigma is None else sigma[:, cols]
+        found = self._estimate_zero(y, e)
+        if np.isfinite(found[1]) and abs(found[0]) > ZERO_AGREES * found[1]:
+            # the frames were decided with the calibration's zero, which the data contradict:
+            # decided again with the zero found, the estimate is taken from those decisions (a
+            # first frame decided wrong for want of 0.006°, a second phase on the first's lines
+            # and the Al line lost, was followed by the frames after it; their zeros scattered
+            # 12x their own esds)
+            again = self._estimate_zero(y, e, found[0])
+            found = again if np.isfinite(again[1]) else found
         agrees = abs(found[0]) <= ZERO_AGREES * found[1]         # (False without an esd)
         self.zero = (0.0, np.nan) if agrees else found
         self.state.zero, self.state.zero_err = self.zero
@@ -160,7 +169,8 @@ class PhaseFitter:
               "forward_present": np.full((n, P), np.nan), "forward_fwhm": np.full((n, P, W), np.nan),
               "forward_eta": np.full((n, P), np.nan), "forward_ref_area": np.full((n, P, W), np.nan),
               "phase_named": np.full((n, P), np.nan), "phase_misfit": np.full(n, np.nan),
-              "zero_err": np.full(n, np.nan)}
+              "zero_err": np.full(n, np.nan), "misfit_ref": np.full((n, W), np.nan),
+              "misfit_ref_run": np.full(n, np.nan)}
         return (values, np.zeros((n, n_c), bool), np.zeros((n, W), bool), np.full((n, W), np.nan),
                 np.full((n, W), "", dtype=object), ph)
 
@@ -174,6 +184,9 @@ class PhaseFitter:
         ph["zero_err"][i] = st.zero_err
         if st.ref_area is not None:
             ph["phase_ref_area"][i] = st.ref_area
+        if st.misfit_ref is not None:
+            ph["misfit_ref"][i] = st.misfit_ref
+            ph["misfit_ref_run"][i] = st.as_before_run
 
     def _record(self, i, res: FrameResult, values, present, success, redchi, message, ph) -> None:
         m = self.model
@@ -330,6 +343,9 @@ class PhaseFitter:
             ph["forward_cell"][k], ph["forward_present"][k] = fwd.cell, fwd.present
             ph["forward_fwhm"][k], ph["forward_eta"][k] = fwd.fwhm, fwd.eta
             ph["forward_ref_area"][k] = fwd.ref_area if fwd.ref_area is not None else np.nan
+            for name in ("misfit_ref", "misfit_ref_run"):      # (the forward pass's, carried on)
+                if name in stored:
+                    ph[name][k] = stored[name][j]
             if "phase_named" in stored:     # how the forward pass named the phases stays known
                 ph["phase_named"][k] = np.where(np.isnan(ph["phase_named"][k]), stored["phase_named"][j],
                                                 ph["phase_named"][k])
@@ -350,22 +366,26 @@ class PhaseFitter:
         other.state = other._fresh_state()      # (the run's zero shift: the same)
         return other
 
-    def _estimate_zero(self, y: np.ndarray, sigma: np.ndarray | None) -> tuple[float, float]:
+    def _estimate_zero(self, y: np.ndarray, sigma: np.ndarray | None, start: float = 0.0) -> tuple[float, float]:
         """The run's zero shift (or displacement) and its esd: the median over the first frames
-        of a fit in which it is free, from each frame's solution with the zero held (the frames
-        fitted one after the other, as the run fits them, from a first one found afresh). The
+        of a fit in which it is free, from each frame's solution with the zero held at ``start``
+        (the frames fitted one after the other, as the run fits them, from a first one found
+        afresh). The
         esd is that of a median (1.2533 times that of a mean) of estimates as far apart as these
         are (robustly), and at least as large as their own esds say (unscaled: a misfit of the
         profile's shape, many esds on a strong line at beamline counts, moves no line); (0, NaN)
         where no frame gave one."""
         m = self.model
         zeros, errs = [], []
-        state = initial_state(m)
+        state = initial_state(m, start)
         for i in range(y.shape[0]):
             res = fit_frame(m, y[i], None if sigma is None else sigma[i], state, self.fit)
             if not res.success or not res.present.any():
                 continue
             state = res.state
+            # (every frame of the estimate decided as a frame explained to its noise or by the
+            # searches: one wrong decision is then one frame's, not that of the frames after it)
+            state.misfit_ref = None
             # (on the data less the far tails of the frame's lines, as the frame's own fit was:
             # a strong line's tail across a window is a slope that moves the zero)
             tails = far_tails(m, res.theta, res.state.cell, res.present)
@@ -571,6 +591,18 @@ def _nearest_cells(present: np.ndarray, cell: np.ndarray, j: int) -> np.ndarray:
 def _stored_state(m: PhaseModel, stored: dict, r: int, forward: bool = False) -> PhaseState:
     """The state after row ``r`` of stored phase arrays (``forward``: the one the forward pass
     carried on from that row, where the backward pass replaced its solution)."""
+    st = _stored_solution(m, stored, r, forward)
+    # the steady path's reference misfit (that of the forward pass: kept where the backward pass
+    # replaced a row); none in a run file made before it was stored
+    ref = stored["misfit_ref"][r] if "misfit_ref" in stored else None
+    if ref is not None and not np.isnan(ref).all():
+        st.misfit_ref = np.array(ref, float)
+        st.as_before_run = int(stored["misfit_ref_run"][r])
+    return st
+
+
+def _stored_solution(m: PhaseModel, stored: dict, r: int, forward: bool) -> PhaseState:
+    """:func:`_stored_state` without the steady path's reference misfit."""
     if forward and "forward_cell" in stored and np.isfinite(stored["forward_present"][r]).all():
         return PhaseState(np.array(stored["forward_cell"][r], float), np.array(stored["forward_present"][r]) > 0,
                           np.array(stored["forward_fwhm"][r], float), np.array(stored["forward_eta"][r], float),

@@ -78,6 +78,9 @@ class FrameResult:
     #: could have carried its lines (neither seen before), or None; the whole-series naming
     #: check fits the series again with q there (:meth:`~xrdpipe.phasefit.fitter.PhaseFitter.other_naming`)
     named: tuple[int, int] | None = None
+    #: followed by the steady path because its misfit is as in the frame last searched
+    #: (:func:`~xrdpipe.phasefit.decide._misfit_as_before`), not because it fits to its noise
+    as_before: bool = False
 
 
 def _best_basin(grid: np.ndarray, trial: np.ndarray, chi2: np.ndarray, score: np.ndarray, evaluate, scored,

@@ -96,7 +96,12 @@ class PhaseState:
     ``ref_area`` (P, W), NaN until then: its own relative intensities, learned from the data;
     ``redchi`` (W,), the reduced chi-square of each window in the frame that handed it over
     (None where unknown: the first frame, a resumed or stored state); ``zero_err``, the esd of
-    the run's zero shift where it was estimated (NaN: none, or held at a given value)."""
+    the run's zero shift where it was estimated (NaN: none, or held at a given value);
+    ``misfit_ref`` (W,), each window's chi-square per point (on its data less the far tails) in
+    the last frame not followed for its misfit being as before (searched, or explained to its
+    noise), what the steady path compares a frame's misfit with (None where unknown: the first
+    frame; stored with each frame, so a resumed run has it); ``as_before_run``, how many frames
+    in a row since that one were followed by the steady path because their misfit was as there."""
 
     cell: np.ndarray
     present: np.ndarray
@@ -106,11 +111,14 @@ class PhaseState:
     ref_area: np.ndarray | None = None
     redchi: np.ndarray | None = None
     zero_err: float = np.nan
+    misfit_ref: np.ndarray | None = None
+    as_before_run: int = 0
 
     def copy(self) -> "PhaseState":
         return PhaseState(self.cell.copy(), self.present.copy(), self.fwhm.copy(), self.eta.copy(), self.zero,
                           None if self.ref_area is None else self.ref_area.copy(),
-                          None if self.redchi is None else self.redchi.copy(), self.zero_err)
+                          None if self.redchi is None else self.redchi.copy(), self.zero_err,
+                          None if self.misfit_ref is None else self.misfit_ref.copy(), self.as_before_run)
 
 
 @dataclass(frozen=True)

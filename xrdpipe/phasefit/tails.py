@@ -65,27 +65,37 @@ def far_tails(m: PhaseModel, theta: np.ndarray, base: np.ndarray, present: np.nd
 
 
 def without_far_tails(m: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, res: FrameResult,
-                      fit: FitSpec) -> FrameResult:
+                      fit: FitSpec, subtracted: np.ndarray | None = None) -> FrameResult:
     """The frame ``res`` fitted again by least squares, from its solution and with its phases,
     on the data less the far tails of its own lines (:func:`far_tails`); ``res`` itself where
     the tails stay below :data:`_FAR_TAIL_ESD` of an esd everywhere (or, without esds, below
-    that share of the data's scatter), or the second fit fails. The decisions are ``res``'s,
-    each present phase's ending with the largest tail subtracted."""
+    that share of the data's scatter), where ``res`` was fitted on data less ``subtracted``
+    (its tails as the frame before left them, the steady path's) that differ from them by less
+    than that, or where the second fit fails. The decisions are ``res``'s, each present phase's
+    ending with the largest tail subtracted."""
     if not res.success or not res.present.any():
         return res
     tails = far_tails(m, res.theta, res.state.cell, res.present)
     fr = _Frame(m, y - tails, sigma, res.state)
+    before = np.zeros_like(tails) if subtracted is None else subtracted
     if fr.has_errors:
         reach = float(np.max(np.abs(tails) * fr.w))
+        moved = float(np.max(np.abs(tails - before) * fr.w))
     else:
         resid = (fr.y0 - m.value_jac(res.theta[None], res.state.cell)[0][0]) * fr.w
         scatter = float(np.sqrt(np.mean(resid[fr.valid] ** 2))) if fr.valid.any() else 0.0
         reach = float(np.max(np.abs(tails))) / scatter if scatter > 0 else 0.0
-    if reach < _FAR_TAIL_ESD:
+        moved = float(np.max(np.abs(tails - before))) / scatter if scatter > 0 else 0.0
+    if reach < _FAR_TAIL_ESD and subtracted is None:
         return res
     unit = "esd" if fr.has_errors else "of the scatter"
     decision = [d + (f"; far tails of other windows' lines subtracted (up to {reach:.3g} {unit})" if res.present[p]
                      else "") for p, d in enumerate(res.decision)]
+    if moved < _FAR_TAIL_ESD:
+        # (its decisions and least squares saw the data less its tails as the frame before
+        # left them, within half an esd of its own: nothing to fit again)
+        res.decision = decision
+        return res
     present = [int(p) for p in np.flatnonzero(res.present)]
     held = {int(c) for p in present for c in m.cell_cols[p] if not np.isfinite(res.err[c])}
     if any(res.present[p] and res.present[q] for p, q, _, _ in m.order):

@@ -236,7 +236,7 @@ def _put_centres(h5) -> None:
 PHASE_DATASETS = ("phase_cell", "phase_cell_err", "phase_present", "phase_area", "phase_area_err", "phase_fwhm",
                   "phase_eta", "zero", "phase_decision", "phase_volume", "phase_volume_err", "phase_ref_area",
                   "phase_bic", "forward_cell", "forward_present", "forward_fwhm", "forward_eta", "forward_ref_area",
-                  "phase_named", "phase_misfit", "zero_err")
+                  "phase_named", "phase_misfit", "zero_err", "misfit_ref", "misfit_ref_run")
 
 
 def _create_peaks(entry, n: int, windows, peaks, fingerprint: str, phases=None, group: str = PEAKS) -> None:
@@ -273,7 +273,11 @@ def _create_peaks(entry, n: int, windows, peaks, fingerprint: str, phases=None, 
                   # the misfit term of phase_bic, n ln(chi-square / n): what the naming check compares
                   "phase_misfit": (),
                   # the esd of the run's zero shift where the phase model estimated it
-                  "zero_err": ()}
+                  "zero_err": (),
+                  # the steady path's reference: each window's chi-square per point in the last
+                  # frame searched (or explained to its noise), and how many frames since were
+                  # followed for their misfit being as there (what the next frame starts from)
+                  "misfit_ref": (w,), "misfit_ref_run": ()}
         for name, shape in shapes.items():
             kind = {"phase_present": "i1", "phase_decision": s}.get(name, "f8")
             extra = {} if kind != "f8" else {"fillvalue": np.nan}
