@@ -100,15 +100,8 @@ def compare(frames: int, loop_frames: int, seed: int, baseline: str | None = Non
         # side by side, alternately, ``repeat`` times: the speed of this machine drifts by 10-20 %
         # from one minute to the next (the same code measured 59-88 frames/s), so one pair of
         # runs can say 0.9x or 1.3x for the same change; the medians and the paired ratios say more
-        base, here = [], []
-        for _ in range(repeat):
-            base.append(_baseline(baseline, frames, seed))
-            here.append(_phase_model(frames, seed))
-        ratios = sorted(h[0] / b[0] for b, h in zip(base, here))
-        rows.append((f"phase model @ {baseline}", float(np.median([b[0] for b in base])), base[0][1]))
-        rows.append(("phase model", float(np.median([h[0] for h in here])), here[0][1]))
-        ratio = (f"phase model / phase model @ {baseline}: {np.median(ratios):.2f}x (median of {repeat} pairs run "
-                 f"alternately, {ratios[0]:.2f}-{ratios[-1]:.2f})")
+        ratio = _side_by_side(rows, baseline, repeat, lambda: _baseline(baseline, frames, seed),
+                              lambda: _phase_model(frames, seed))
     else:
         rows.append(("phase model", *_phase_model(frames, seed)))
     if instrument_sd is not None:
@@ -126,6 +119,21 @@ def compare(frames: int, loop_frames: int, seed: int, baseline: str | None = Non
 
     print(f"{frames} frames, {len(windows)} windows, phases {', '.join(p.name for p in phases)}")
     _print_table(rows, loop_rate, ratio)
+
+
+def _side_by_side(rows: list, baseline: str, repeat: int, run_base, run_here) -> str:
+    """Run ``run_base`` and ``run_here`` (each returning frames/s and a score) alternately
+    ``repeat`` times; append the two rows (median rates, the first runs' scores) to ``rows``
+    and return the line of the median paired ratio and its range."""
+    base, here = [], []
+    for _ in range(repeat):
+        base.append(run_base())
+        here.append(run_here())
+    ratios = sorted(h[0] / b[0] for b, h in zip(base, here))
+    rows.append((f"phase model @ {baseline}", float(np.median([b[0] for b in base])), base[0][1]))
+    rows.append(("phase model", float(np.median([h[0] for h in here])), here[0][1]))
+    return (f"phase model / phase model @ {baseline}: {np.median(ratios):.2f}x (median of {repeat} pairs run "
+            f"alternately, {ratios[0]:.2f}-{ratios[-1]:.2f})")
 
 
 def _print_table(rows, loop_rate: float | None, ratio: str) -> None:
@@ -148,15 +156,8 @@ def compare_2d(frames: int, seed: int, baseline: str | None = None, repeat: int 
     ``baseline``, the two run alternately ``repeat`` times)."""
     rows, ratio = [], ""
     if baseline:
-        base, here = [], []
-        for _ in range(repeat):
-            base.append(_baseline(baseline, frames, seed, two_d=True))
-            here.append(_phase_model_2d(frames, seed))
-        ratios = sorted(h[0] / b[0] for b, h in zip(base, here))
-        rows.append((f"phase model @ {baseline}", float(np.median([b[0] for b in base])), base[0][1]))
-        rows.append(("phase model", float(np.median([h[0] for h in here])), here[0][1]))
-        ratio = (f"phase model / phase model @ {baseline}: {np.median(ratios):.2f}x (median of {repeat} pairs run "
-                 f"alternately, {ratios[0]:.2f}-{ratios[-1]:.2f})")
+        ratio = _side_by_side(rows, baseline, repeat, lambda: _baseline(baseline, frames, seed, two_d=True),
+                              lambda: _phase_model_2d(frames, seed))
     else:
         rows.append(("phase model", *_phase_model_2d(frames, seed)))
     print(f"{frames} 2D frames (integrated), the phase model through the run file")
