@@ -345,8 +345,11 @@ def _tails_before(m: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
 #: Frames followed in a row because their misfit is as in the frame last searched
 #: (:func:`_misfit_as_before`) at most; the next one takes the searches. A searched frame that
 #: decided wrong (a second phase on the first's lines, the Al line lost, in the first frame of
-#: a foreign P2 -> P''2 series) is otherwise followed as it was, frame after frame, its misfit
-#: the reference: the run's zero, estimated on those frames, came out 0.0029 ± 0.0004° for 0.006°.
+#: a foreign P2 -> P''2 series) would otherwise be followed as it was, frame after frame, its
+#: own misfit the reference (in a first version, which also carried that frame's tails into the
+#: next frames' decisions, the run's zero estimated on them came out 0.0029 ± 0.0004° for
+#: 0.006°); the searches every third frame give such a frame's successors a chance to put it
+#: right, and cost ~2x on 2D frames against following them all.
 _AS_BEFORE_RUN = 2
 
 
