@@ -96,8 +96,8 @@ class PhaseFitter:
             # the frames were decided with the calibration's zero, which the data contradict:
             # decided again with the zero found, the estimate is taken from those decisions (a
             # first frame decided wrong for want of 0.006°, a second phase on the first's lines
-            # and the Al line lost, was followed by the frames after it: 0.0059 ± 0.00014°, an
-            # esd 14x that of the run decided again, 0.00600 ± 0.00001°)
+            # and the Al line lost, is followed by the next five; where they did not put it
+            # right, 0.0059 ± 0.00014°, an esd 14x that of the run decided again)
             again = self._estimate_zero(y, e, found[0])
             found = again if np.isfinite(again[1]) else found
         agrees = abs(found[0]) <= ZERO_AGREES * found[1]         # (False without an esd)
