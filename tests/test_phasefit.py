@@ -327,13 +327,7 @@ def test_a_two_phase_onset_in_a_long_series_is_searched_where_the_lines_broaden(
     then known near its lines when it shows. Followed there by least squares on the data less
     the far tails (explained to its noise), the frame after searched P3 from its typed cell and
     placed it off its lines, O3's areas unlike its own: fraction MAE 0.21, c 0.1 Å off."""
-    dif = Difficulty(start_error=((0.01, 0.02), (0.01, 0.02)), separation_fwhm=1.1, broadening=1.6,
-                     intensity_jitter=0.3, hard_windows=True, seed=1)
-    series = pattern_series(300, scenario="nfm", counts=0.05, background=2000.0, seed=1, difficulty=dif)
-    phases, windows = fit_config("nfm", dif)
-    table = fit_phases(series.as_patterns(), phases, windows, FitSpec())
-    lat = refine_lattice(table, phases, LatticeSpec(), unit="2th_deg", wavelength_A=series.scenario.wavelength_A)
-    s = score_phases(lat, table, series.states(), series.peaks)
+    _, _, _, s = _run("nfm", _hard(1, 1.1, seed=1), n=300, seed=1)
     assert s["presence"] >= 0.98, s
     assert s["fraction_mae"] <= 0.02 and s["max_dc"] <= 0.005, s
     assert s["basal_rms_deg"] <= 0.002, s

@@ -24,7 +24,16 @@ from .model import (
     PhaseState,
 )
 from .neighbours import _coincident, _drawn_towards, _in_place_of, _on_lines_of
-from .solve import _at_bound, _at_edge, _failed, _fit_rows, _fwhm_table, _result, esd_scale
+from .solve import (
+    _at_bound,
+    _at_edge,
+    _failed,
+    _fit_rows,
+    _fwhm_table,
+    _result,
+    esd_scale,
+    window_chi2,
+)
 from .tails import _FAR_TAIL_ESD, far_tails, without_far_tails
 
 
@@ -77,8 +86,7 @@ def _redchi_on(m: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, res: Fram
     """(W,) each window's reduced chi-square of the solution ``res`` against the data ``y``."""
     fr = _Frame(m, y, sigma, res.state)
     resid = (fr.y0 - m.value_jac(res.theta[None], res.state.cell)[0][0]) * fr.w
-    chi2 = np.array([float(resid[win.points] @ resid[win.points]) for win in m.windows])
-    return chi2 / np.maximum(res.n_window - res.nvary_window, 1)
+    return window_chi2(m, resid) / np.maximum(res.n_window - res.nvary_window, 1)
 
 
 def _named_as(res: FrameResult, before: FrameResult) -> FrameResult:
@@ -365,14 +373,14 @@ def _misfit_as_before(m: PhaseModel, fr: "_Frame", res, ref: np.ndarray, least: 
     point varies 2 + 4 m as much as a point's. The reference stays that of the last searched
     frame (not the frame before), so a misfit cannot creep up frame after frame unsearched."""
     f = m.value_jac(res.p[:1], fr.state.cell)[0][0]
-    resid = (fr.y0 - f) * fr.w
+    chi2 = window_chi2(m, (fr.y0 - f) * fr.w)
     total = allowed = var = 0.0
     for w, win in enumerate(m.windows):
         n = int(np.count_nonzero(fr.w[win.points] > 0))
         if not n:
             continue
         r = max(float(ref[w]), 1.0) if np.isfinite(ref[w]) else 1.0
-        c2 = float(resid[win.points] @ resid[win.points])
+        c2 = float(chi2[w])
         v = n * (2.0 + 4.0 * (r - 1.0))
         if c2 - r * n - 3.0 * np.sqrt(v) >= least:
             return False

@@ -313,6 +313,12 @@ def residual_scaled(w: np.ndarray, jac: np.ndarray, cov: np.ndarray, resid: np.n
     return out
 
 
+def window_chi2(m: PhaseModel, resid: np.ndarray) -> np.ndarray:
+    """(W,) each window's chi-square of a weighted residual ``resid`` (M,) on the concatenated
+    windows."""
+    return np.array([float(resid[w.points] @ resid[w.points]) for w in m.windows])
+
+
 def _result(m: PhaseModel, fr: _Frame, theta: np.ndarray, cov: np.ndarray, present: np.ndarray, decision, ok: bool,
             message: str) -> FrameResult:
     free = np.isfinite(np.diagonal(cov))
@@ -320,7 +326,7 @@ def _result(m: PhaseModel, fr: _Frame, theta: np.ndarray, cov: np.ndarray, prese
     # phase left out, adds nothing there)
     f, jac = m.value_jac(theta[None], fr.state.cell, np.flatnonzero((theta[m.area_col] != 0) | free[m.area_col]))
     resid = (fr.y0 - f[0]) * fr.w
-    chi2_w = np.array([float(resid[w.points] @ resid[w.points]) for w in m.windows])
+    chi2_w = window_chi2(m, resid)
     n_w = np.array([int(np.count_nonzero(fr.w[w.points] > 0)) for w in m.windows])
     # the free parameters that move a valid point of each window
     touched = np.abs(jac[0, free]) > 0
