@@ -192,6 +192,12 @@ class PhaseModel:
         self._pure_windows()
         #: (R,) reflections in a window that has data points
         self.r_has_data = np.array([self.windows[w].x.size > 0 for w in self.r_window], bool)
+        #: (W,) windows that have data points
+        self.window_has_data = np.array([w.x.size > 0 for w in self.windows], bool)
+        #: (R,) one number per reflection of a phase (its rows in every window it reaches share it)
+        _, self.r_group = np.unique(np.column_stack([self.r_phase, self.r_hkl]), axis=0, return_inverse=True) \
+            if self.R else (None, np.zeros(0, int))
+        self.r_group = self.r_group.reshape(-1)
         # (R,) the first and last point of each reflection's window (none: nothing is inside)
         self._r_lo = np.array([w.x[0] if w.x.size else np.inf for w in self.windows])[self.r_window]
         self._r_hi = np.array([w.x[-1] if w.x.size else -np.inf for w in self.windows])[self.r_window]

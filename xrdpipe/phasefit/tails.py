@@ -50,17 +50,22 @@ def far_tails(m: PhaseModel, theta: np.ndarray, base: np.ndarray, present: np.nd
     fitted = m.inside(cells, zero, fw, tails=True)       # lines and the tails fitted as such
     area = theta[m.area_col]
     cen = m.centres(cells[None], np.array([zero]))[0]
+    width = fw[m.r_phase, m.r_window]                    # each line's width where it is a line
+    eta = theta[m.eta_col[m.r_phase]]
     out = np.zeros(m.n_points)
-    for r in np.flatnonzero(inner & (area > 0) & present[m.r_phase]):
-        p, w0 = int(m.r_phase[r]), int(m.r_window[r])
-        width, eta = float(fw[p, w0]), float(theta[m.eta_col[p]])
-        if not (np.isfinite(width) and width > 0 and np.isfinite(eta)):
-            continue
-        same = (m.r_phase == p) & np.all(m.r_hkl == m.r_hkl[r], axis=1)
-        modelled = set(m.r_window[same & fitted].tolist())
-        for w, win in enumerate(m.windows):
-            if w not in modelled and win.x.size:
-                out[win.points] += pseudo_voigt(win.x, cen[r], width, area[r], eta)
+    with np.errstate(invalid="ignore"):
+        lines = np.flatnonzero(inner & (area > 0) & present[m.r_phase] & np.isfinite(width) & (width > 0)
+                               & np.isfinite(eta))
+    if not lines.size:
+        return out
+    # the windows whose model fits a reflection (as a line or a tail), per reflection of a phase
+    modelled = np.zeros((int(m.r_group.max()) + 1, m.W), bool)
+    modelled[m.r_group[fitted], m.r_window[fitted]] = True
+    reach = ~modelled[m.r_group[lines]] & m.window_has_data[None, :]      # (lines, W)
+    for w in np.flatnonzero(reach.any(axis=0)):
+        sel = lines[reach[:, w]]
+        win = m.windows[w]
+        out[win.points] += pseudo_voigt(win.x[:, None], cen[sel], width[sel], area[sel], eta[sel]).sum(axis=1)
     return out
 
 
