@@ -34,15 +34,18 @@ def _median(values: list) -> float:
     return s[k] if len(s) % 2 else (s[k - 1] + s[k]) / 2.0
 
 
-def _polish(value: float, step: float, evaluate, scored) -> tuple[float, np.ndarray, float, float]:
-    """The minimum of a search score near grid point ``value`` (grid ``step``): five finer
+def _polish(value: float, step: float, evaluate, scored, known=None) -> tuple[float, np.ndarray, float, float]:
+    """The minimum of a search score near grid point ``value`` (grid ``step``): nine finer
     points over ± one step, then the vertex of the parabola through the best and its
-    neighbours, kept if it scores better. Returns (value, trial cell (6,), chi², score)."""
+    neighbours, kept if it scores better. Returns (value, trial cell (6,), chi², score).
+    ``known``: (values, trial cells, chi²) already evaluated (the grid), taken for the points
+    that coincide with them (the grid point itself, and its neighbours one step away) instead
+    of evaluating them again."""
     if step <= 0:
         trial, chi2 = evaluate(np.array([value]))
         return value, trial[0], float(chi2[0]), float(scored(trial, chi2)[0])
     values = value + step * np.linspace(-1, 1, 9)
-    trial, chi2 = evaluate(values)
+    trial, chi2 = _evaluated(values, evaluate, known)
     score = scored(trial, chi2)
     k = int(np.argmin(score))
     best = (float(values[k]), trial[k], float(chi2[k]), float(score[k]))
@@ -57,6 +60,29 @@ def _polish(value: float, step: float, evaluate, scored) -> tuple[float, np.ndar
             if s < best[3]:
                 best = (v, t[0], float(c[0]), s)
     return best
+
+
+def _evaluated(values: np.ndarray, evaluate, known) -> tuple[np.ndarray, np.ndarray]:
+    """``evaluate(values)``, with the values that coincide (to 1e-12 of a step's scale) with
+    ``known`` ones (values, trial cells, chi²) taken from those: a trial's chi-square does not
+    depend on the other trials evaluated with it."""
+    if known is None:
+        return evaluate(values)
+    grid, trials, chi2s = known
+    at = np.clip(np.searchsorted(grid, values), 0, grid.size - 1)
+    near = np.stack([np.clip(at - 1, 0, grid.size - 1), at])
+    k = near[np.argmin(np.abs(grid[near] - values), axis=0), np.arange(values.size)]
+    scale = float(np.max(np.abs(values))) if values.size else 0.0
+    same = np.abs(grid[k] - values) <= 1e-12 * scale
+    if not same.any():
+        return evaluate(values)
+    need = np.flatnonzero(~same)
+    trial = np.empty((values.size,) + trials.shape[1:])
+    chi2 = np.empty(values.size)
+    trial[same], chi2[same] = trials[k[same]], chi2s[k[same]]
+    if need.size:
+        trial[need], chi2[need] = evaluate(values[need])
+    return trial, chi2
 
 
 @dataclass
@@ -96,7 +122,7 @@ def _best_basin(grid: np.ndarray, trial: np.ndarray, chi2: np.ndarray, score: np
     for j in _minima(score)[:3]:
         if tracking:
             return trial[j], float(chi2[j]) + unheard
-        _, t1, c1, s1 = _polish(grid[j], step, evaluate, scored)
+        _, t1, c1, s1 = _polish(grid[j], step, evaluate, scored, (grid, trial, chi2))
         if s1 < best_s:
             best_s, best_cell = s1, t1
             best = c1 + unheard
