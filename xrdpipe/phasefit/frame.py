@@ -63,7 +63,7 @@ def _polish(value: float, step: float, evaluate, scored, known=None) -> tuple[fl
 
 
 def _evaluated(values: np.ndarray, evaluate, known) -> tuple[np.ndarray, np.ndarray]:
-    """``evaluate(values)``, with the values that coincide (to 1e-12 of a step's scale) with
+    """``evaluate(values)``, with the values that coincide (to 1e-12 of their magnitude) with
     ``known`` ones (values, trial cells, chi²) taken from those: a trial's chi-square does not
     depend on the other trials evaluated with it."""
     if known is None:

@@ -195,9 +195,8 @@ class PhaseModel:
         #: (W,) windows that have data points
         self.window_has_data = np.array([w.x.size > 0 for w in self.windows], bool)
         #: (R,) one number per reflection of a phase (its rows in every window it reaches share it)
-        _, self.r_group = np.unique(np.column_stack([self.r_phase, self.r_hkl]), axis=0, return_inverse=True) \
-            if self.R else (None, np.zeros(0, int))
-        self.r_group = self.r_group.reshape(-1)
+        keys = np.column_stack([self.r_phase, self.r_hkl])
+        self.r_group = np.unique(keys, axis=0, return_inverse=True)[1].reshape(-1) if self.R else np.zeros(0, int)
         # (R,) the first and last point of each reflection's window (none: nothing is inside)
         self._r_lo = np.array([w.x[0] if w.x.size else np.inf for w in self.windows])[self.r_window]
         self._r_hi = np.array([w.x[-1] if w.x.size else -np.inf for w in self.windows])[self.r_window]
