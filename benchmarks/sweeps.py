@@ -168,7 +168,14 @@ def main() -> None:
         run, cases_of = KINDS[kind]
         cases = list(enumerate(cases_of(args.draw)))
         if args.only:
-            cases = [cases[int(i)] for i in args.only.split(",")]
+            try:
+                picked = [int(i) for i in args.only.split(",")]
+                if not all(0 <= i < len(cases) for i in picked):
+                    raise ValueError
+                cases = [cases[i] for i in picked]
+            except ValueError:
+                ap.error(f"--only {args.only!r}: expected indices of {kind}'s series, 0 to {len(cases) - 1}, "
+                         "separated by commas")
         passed, t0 = 0, time.time()
         for i, case in cases:
             t = time.time()
