@@ -214,3 +214,39 @@ def test_a_search_basin_polished_takes_its_grid_points_without_evaluating_them_a
     assert abs(reused[0] - alone[0]) <= 1e-12 * abs(alone[0])
     assert abs(reused[2] - alone[2]) <= 1e-9 * abs(alone[2]) and abs(reused[3] - alone[3]) <= 1e-9 * abs(alone[3])
     np.testing.assert_allclose(reused[1], alone[1], rtol=1e-12)
+
+
+def test_search_windows_on_two_threads_give_the_same_numbers(monkeypatch):
+    """The searches solve their windows side by side on ``[fit] workers`` threads: the same
+    tables, bit for bit, as on one thread, and the windows did run on two threads at once."""
+    import threading
+
+    import xrdpipe.kernels as kernels
+
+    series, phases, windows = _series()
+    pat = series.as_patterns()
+    one = fit_phases(pat, phases, windows, FitSpec(workers=1))
+
+    trials = kernels.window_trials
+    lock, running, most = threading.Lock(), [0], [0]
+
+    def counting(*args):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            trials(*args)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    import xrdpipe.phasefit.frame as frame
+
+    monkeypatch.setattr(frame.kernels, "window_trials", counting)
+    two = fit_phases(pat, phases, windows, FitSpec(workers=2))
+    assert most[0] == 2
+    for key in one.values:
+        assert np.asarray(one.values[key]).tobytes() == np.asarray(two.values[key]).tobytes(), key
+    for key, got in one.phase.items():
+        got, other = np.asarray(got), np.asarray(two.phase[key])
+        assert (got.tobytes() == other.tobytes()) if got.dtype != object else np.array_equal(got, other), key

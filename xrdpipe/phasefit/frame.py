@@ -5,8 +5,9 @@ frame's result (:class:`FrameResult`)."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -24,6 +25,24 @@ from .model import (
     PhaseModel,
     PhaseState,
 )
+
+#: thread pools by size, made once per process: the searches' windows are solved side by side
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def per_window(threads: int, windows: Sequence[int], solve: Callable[[int], object]) -> list:
+    """``[solve(w) for w in windows]``, on up to ``threads`` threads at once where there are two
+    windows or more. The windows' solves are independent (each its own compiled call, which runs
+    without the GIL, on arrays of its own), so the results are the same numbers in the same order
+    whatever the threads: the caller sums them in that order."""
+    windows = list(windows)
+    threads = min(threads, len(windows))
+    if threads < 2:
+        return [solve(w) for w in windows]
+    pool = _POOLS.get(threads)
+    if pool is None:
+        pool = _POOLS[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="xrdpipe-windows")
+    return list(pool.map(solve, windows))
 
 
 def _median(values: list) -> float:
@@ -403,7 +422,8 @@ class _Frame:
         n = trial.shape[0]
         chi2 = np.zeros((factors.size, n))
         per_w.clear()
-        for w in use:
+
+        def solve(w: int) -> np.ndarray:
             mine = m._refl_of[p][w]
             cen_p = m.positions(m.r_hkl[mine], trial[:, None, :], zero)                 # (T, n_mine)
             cen_f = np.broadcast_to(cen_all[fixed[w]], (n, fixed[w].size))
@@ -413,8 +433,10 @@ class _Frame:
             fw0 = theta[m.fwhm_col[m.r_phase[refl], w]] if refl.size else np.zeros(0)
             # every width factor's trials in one compiled call (rows: factor-major)
             fw = np.broadcast_to(factors[:, None, None] * fw0, (factors.size,) + cen.shape)
-            c2 = self._window_solve(w, refl, np.tile(cen, (factors.size, 1)), theta, tails,
-                                    fw.reshape(factors.size * n, refl.size))[1].reshape(factors.size, n)
+            return self._window_solve(w, refl, np.tile(cen, (factors.size, 1)), theta, tails,
+                                      fw.reshape(factors.size * n, refl.size))[1].reshape(factors.size, n)
+
+        for w, c2 in zip(use, per_window(m.threads, use, solve)):
             chi2 += c2
             per_w[w] = c2
         k = np.argmin(chi2, axis=0)
@@ -563,7 +585,8 @@ class _Frame:
         sel = np.flatnonzero(ok)
         trials = {p: m.trial_cells(p, self.state.cell[p], j, gp[sel]), q: m.trial_cells(q, self.state.cell[q], j, gq[sel])}
         part = np.zeros(sel.size)
-        for w in windows:
+
+        def solve(w: int) -> np.ndarray:
             cens, refl = [], []
             for r in (p, q):
                 mine = m._refl_of[r][w]
@@ -577,7 +600,9 @@ class _Frame:
             fw = np.concatenate([np.outer(gs[sel], widths[m.r_phase[pair], w]),
                                  np.broadcast_to(theta[m.fwhm_col[m.r_phase[fixed], w]], (sel.size, fixed.size))], axis=1)
             tails = np.ones(refl.size, bool)
-            _, c2 = self._window_solve(w, refl, np.concatenate(cens, axis=1), theta, tails, fw)
+            return self._window_solve(w, refl, np.concatenate(cens, axis=1), theta, tails, fw)[1]
+
+        for c2 in per_window(m.threads, windows, solve):
             part += c2
         chi2[sel] = part
         if weight is None:
