@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -29,20 +29,41 @@ from .model import (
 #: thread pools by size, made once per process: the searches' windows are solved side by side
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 
+#: Lines x points x trials below which a search round's windows are solved on one thread (at
+#: ~100 ns each, a millisecond: handing the windows to the threads costs more than they save).
+_THREAD_WORK = 10_000
 
-def per_window(threads: int, windows: Sequence[int], solve: Callable[[int], object]) -> list:
-    """``[solve(w) for w in windows]``, on up to ``threads`` threads at once where there are two
-    windows or more. The windows' solves are independent (each its own compiled call, which runs
-    without the GIL, on arrays of its own), so the results are the same numbers in the same order
-    whatever the threads: the caller sums them in that order."""
-    windows = list(windows)
-    threads = min(threads, len(windows))
-    if threads < 2:
-        return [solve(w) for w in windows]
+
+@dataclass
+class _WindowCall:
+    """One window's linear solves at many trials, ready for :func:`kernels.window_trials`: its
+    arguments (None: a window beyond the data) and the arrays it writes, ``coef`` and ``chi2``."""
+    args: tuple | None
+    coef: np.ndarray
+    chi2: np.ndarray
+    work: int
+
+
+def _run(call: _WindowCall) -> None:
+    kernels.window_trials(*call.args, call.coef, call.chi2)
+
+
+def solve_windows(threads: int, calls: Sequence[_WindowCall]) -> None:
+    """Run the windows' compiled solves ``calls``, on up to ``threads`` threads at once where
+    there are two or more and enough work. Each call runs without the GIL on arrays of its own
+    (everything else was prepared before, on this thread), so the results are the same numbers
+    whatever the threads; the callers add them up in their own order."""
+    todo = [c for c in calls if c.args is not None]
+    threads = min(threads, len(todo))
+    if threads < 2 or sum(c.work for c in todo) < _THREAD_WORK:
+        for c in todo:
+            _run(c)
+        return
     pool = _POOLS.get(threads)
     if pool is None:
         pool = _POOLS[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="xrdpipe-windows")
-    return list(pool.map(solve, windows))
+    # (the largest first: the threads finish together)
+    list(pool.map(_run, sorted(todo, key=lambda c: -c.work)))
 
 
 def _median(values: list) -> float:
@@ -273,6 +294,13 @@ class _Frame:
     def _window_solve(self, w: int, refl: np.ndarray, cen: np.ndarray, theta: np.ndarray,
                       tails: np.ndarray | None = None, fw: np.ndarray | None = None,
                       use: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        call = self._window_call(w, refl, cen, theta, tails, fw, use)
+        solve_windows(1, [call])
+        return call.coef, call.chi2
+
+    def _window_call(self, w: int, refl: np.ndarray, cen: np.ndarray, theta: np.ndarray,
+                     tails: np.ndarray | None = None, fw: np.ndarray | None = None,
+                     use: np.ndarray | None = None) -> _WindowCall:
         """Areas of ``refl`` (not negative) and background of window ``w`` at trial centres
         ``cen`` (T, len(refl)), and the window's chi² per trial: coefficients (T, len(refl) +
         degree + 1) and (T,), by :func:`xrdpipe.kernels.window_trials`. Widths ``fw``
@@ -282,13 +310,16 @@ class _Frame:
         not fitted there (a line cut by the edge cannot be placed): its column is empty. Where
         ``tails`` (len(refl),) allows it, a line of a phase already placed by its other lines keeps
         its tail within :data:`_TAIL_FWHM` widths of the window (it is in the data). ``use``
-        (T, len(refl)): lines fitted in each trial (the others' columns empty)."""
+        (T, len(refl)): lines fitted in each trial (the others' columns empty).
+
+        :meth:`_window_call` prepares the solve (:class:`_WindowCall`, run by
+        :func:`solve_windows`); :meth:`_window_solve` runs it at once."""
         m = self.m
         win = m.windows[w]
         n_trials = cen.shape[0]
         k = refl.size + win.degree + 1
         if not win.x.size:                      # a window beyond the data
-            return np.zeros((n_trials, k)), np.zeros(n_trials)
+            return _WindowCall(None, np.zeros((n_trials, k)), np.zeros(n_trials), 0)
         if fw is None:
             fw = theta[m.fwhm_col[m.r_phase[refl], w]] if refl.size else np.zeros(0)
         fw_in, fw = fw, np.empty(cen.shape)       # (a writable copy: one compiled signature)
@@ -300,10 +331,9 @@ class _Frame:
             keep |= near & tails
         if use is not None:
             keep &= use
-        coef, chi2 = np.zeros((n_trials, k)), np.zeros(n_trials)
-        kernels.window_trials(win.x, win.hw, m.bg_columns[w], self.y0[win.points], self.w[win.points],
-                              np.ascontiguousarray(cen, dtype=float), fw, eta, np.ascontiguousarray(keep), coef, chi2)
-        return coef, chi2
+        args = (win.x, win.hw, m.bg_columns[w], self.y0[win.points], self.w[win.points],
+                np.ascontiguousarray(cen, dtype=float), fw, eta, np.ascontiguousarray(keep))
+        return _WindowCall(args, np.zeros((n_trials, k)), np.zeros(n_trials), win.x.size * n_trials * max(refl.size, 1))
 
     def fill_nonlinear(self, theta: np.ndarray, cells: np.ndarray, zero: float) -> None:
         m = self.m
@@ -423,7 +453,7 @@ class _Frame:
         chi2 = np.zeros((factors.size, n))
         per_w.clear()
 
-        def solve(w: int) -> np.ndarray:
+        def call(w: int) -> _WindowCall:
             mine = m._refl_of[p][w]
             cen_p = m.positions(m.r_hkl[mine], trial[:, None, :], zero)                 # (T, n_mine)
             cen_f = np.broadcast_to(cen_all[fixed[w]], (n, fixed[w].size))
@@ -433,10 +463,13 @@ class _Frame:
             fw0 = theta[m.fwhm_col[m.r_phase[refl], w]] if refl.size else np.zeros(0)
             # every width factor's trials in one compiled call (rows: factor-major)
             fw = np.broadcast_to(factors[:, None, None] * fw0, (factors.size,) + cen.shape)
-            return self._window_solve(w, refl, np.tile(cen, (factors.size, 1)), theta, tails,
-                                      fw.reshape(factors.size * n, refl.size))[1].reshape(factors.size, n)
+            return self._window_call(w, refl, np.tile(cen, (factors.size, 1)), theta, tails,
+                                     fw.reshape(factors.size * n, refl.size))
 
-        for w, c2 in zip(use, per_window(m.threads, use, solve)):
+        calls = [call(w) for w in use]
+        solve_windows(m.threads, calls)
+        for w, c in zip(use, calls):
+            c2 = c.chi2.reshape(factors.size, n)
             chi2 += c2
             per_w[w] = c2
         k = np.argmin(chi2, axis=0)
@@ -586,7 +619,7 @@ class _Frame:
         trials = {p: m.trial_cells(p, self.state.cell[p], j, gp[sel]), q: m.trial_cells(q, self.state.cell[q], j, gq[sel])}
         part = np.zeros(sel.size)
 
-        def solve(w: int) -> np.ndarray:
+        def call(w: int) -> _WindowCall:
             cens, refl = [], []
             for r in (p, q):
                 mine = m._refl_of[r][w]
@@ -600,10 +633,12 @@ class _Frame:
             fw = np.concatenate([np.outer(gs[sel], widths[m.r_phase[pair], w]),
                                  np.broadcast_to(theta[m.fwhm_col[m.r_phase[fixed], w]], (sel.size, fixed.size))], axis=1)
             tails = np.ones(refl.size, bool)
-            return self._window_solve(w, refl, np.concatenate(cens, axis=1), theta, tails, fw)[1]
+            return self._window_call(w, refl, np.concatenate(cens, axis=1), theta, tails, fw)
 
-        for c2 in per_window(m.threads, windows, solve):
-            part += c2
+        calls = [call(w) for w in windows]
+        solve_windows(m.threads, calls)
+        for c in calls:
+            part += c.chi2
         chi2[sel] = part
         if weight is None:
             weight = _PRIOR * float(np.ptp(part)) if np.all(np.isfinite(part)) else 0.0
