@@ -218,15 +218,23 @@ def test_a_search_basin_polished_takes_its_grid_points_without_evaluating_them_a
 
 def test_search_windows_on_two_threads_give_the_same_numbers(monkeypatch):
     """The searches solve their windows side by side on ``[fit] workers`` threads: the same
-    tables, bit for bit, as on one thread, and the windows did run on two threads at once."""
+    tables, bit for bit, as on one thread (the first eight frames of the coexistence series:
+    the run's zero estimate, P3 found and the pair split by the joint search), and the windows
+    did run on two threads at once."""
     import threading
 
     import xrdpipe.kernels as kernels
+    from xrdpipe.phasefit.fitter import PhaseFitter
 
     series, phases, windows = _series()
     pat = series.as_patterns()
-    one = fit_phases(pat, phases, windows, FitSpec(workers=1))
 
+    def fit(workers):
+        fitter = PhaseFitter(phases, windows, FitSpec(backward=False, workers=workers), radial=pat.radial,
+                             unit=pat.unit, wavelength_A=pat.wavelength_A)
+        return fitter.fit_block(pat.intensity[:8], pat.sigma[:8], frame=np.arange(8))
+
+    one = fit(1)
     trials = kernels.window_trials
     lock, running, most = threading.Lock(), [0], [0]
 
@@ -240,11 +248,10 @@ def test_search_windows_on_two_threads_give_the_same_numbers(monkeypatch):
             with lock:
                 running[0] -= 1
 
-    import xrdpipe.phasefit.frame as frame
-
-    monkeypatch.setattr(frame.kernels, "window_trials", counting)
-    two = fit_phases(pat, phases, windows, FitSpec(workers=2))
+    monkeypatch.setattr(kernels, "window_trials", counting)
+    two = fit(2)
     assert most[0] == 2
+    assert one.phase["phase_present"][:, phases.index(next(p for p in phases if p.name == "P3"))].any()
     for key in one.values:
         assert np.asarray(one.values[key]).tobytes() == np.asarray(two.values[key]).tobytes(), key
     for key, got in one.phase.items():
