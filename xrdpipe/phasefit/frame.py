@@ -5,6 +5,7 @@ frame's result (:class:`FrameResult`)."""
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
@@ -26,8 +27,9 @@ from .model import (
     PhaseState,
 )
 
-#: thread pools by size, made once per process: the searches' windows are solved side by side
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+#: thread pools by process and size, made once: the searches' windows are solved side by side
+#: (a child forked from a process that had one has none of its threads: it makes its own)
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
 #: Lines x points x trials below which a search round's windows are solved on one thread (at
 #: ~100 ns each, a millisecond: handing the windows to the threads costs more than they save).
@@ -59,9 +61,10 @@ def solve_windows(threads: int, calls: Sequence[_WindowCall]) -> None:
         for c in todo:
             _run(c)
         return
-    pool = _POOLS.get(threads)
+    key = (os.getpid(), threads)
+    pool = _POOLS.get(key)
     if pool is None:
-        pool = _POOLS[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="xrdpipe-windows")
+        pool = _POOLS[key] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="xrdpipe-windows")
     # (the largest first: the threads finish together)
     list(pool.map(_run, sorted(todo, key=lambda c: -c.work)))
 
