@@ -227,7 +227,7 @@ class FitSpec(Spec):
     margin), else whose names do not jump between the phases' lines, else that puts both phases
     nearer their typed cells (:func:`xrdpipe.phasefit.fitter.naming_verdict`); ``"frame"`` keeps
     the first frame's choice.
-    ``workers`` (default: the cores this process may use): threads. The batched independent
+    ``workers`` (default: every core): threads. The batched independent
     peaks fit blocks of frames on them; the phase model's searches solve their windows on them
     side by side (the same numbers as on one thread; the frames themselves are fitted in order).
     """
