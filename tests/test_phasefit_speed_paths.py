@@ -224,6 +224,7 @@ def test_search_windows_on_two_threads_give_the_same_numbers(monkeypatch):
     import threading
 
     import xrdpipe.kernels as kernels
+    import xrdpipe.phasefit.frame as frame
     from xrdpipe.phasefit.fitter import PhaseFitter
 
     series, phases, windows = _series()
@@ -247,8 +248,6 @@ def test_search_windows_on_two_threads_give_the_same_numbers(monkeypatch):
         finally:
             with lock:
                 running[0] -= 1
-
-    import xrdpipe.phasefit.frame as frame
 
     joint = frame._Frame.pair_search
     pairs = []

@@ -6,7 +6,6 @@ constants of the tracking. See :mod:`xrdpipe.phasefit` for the whole method."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -24,6 +23,7 @@ from ..crystallography import (
     reflections,
     tth_from_d,
 )
+from ..parallel import default_workers
 from .instrument import instrument_profile
 
 #: Default search half-ranges: relative for lengths, degrees for angles.
@@ -133,17 +133,6 @@ class _Window:
     hw: np.ndarray     # the instrument's half-width at each point (0: a point sample)
 
 
-def search_threads(workers: int | None) -> int:
-    """How many threads solve a search's windows side by side: ``[fit] workers``, else the cores
-    this process may run on."""
-    if workers:
-        return int(workers)
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:          # (not on every platform)
-        return os.cpu_count() or 1
-
-
 class PhaseModel:
     """Phases x windows on a run's radial grid: reflections, parameter layout, model, search.
 
@@ -166,7 +155,7 @@ class PhaseModel:
         self.phases = tuple(phases)
         self.fit = fit
         #: threads that solve a search's windows side by side (``[fit] workers``, else the cores)
-        self.threads = search_threads(fit.workers)
+        self.threads = fit.workers or default_workers()
         #: the whole-series naming check's other run (:meth:`~xrdpipe.phasefit.fitter.PhaseFitter.other_naming`):
         #: {frozenset((p, q)): r}, where lines that either of two similar phases could carry are
         #: named by their typed cells (neither seen yet), phase r takes them whichever cell is nearer
