@@ -508,6 +508,74 @@ def test_the_compiled_model_and_its_jacobian(sd):
         assert np.abs(jac[:, c] - numeric).max() <= tol, m.names[c]
 
 
+def _exact_line_terms(t, f, eta, b, digits=40):
+    """One unit-area pseudo-Voigt (FWHM ``f``, ``eta``) averaged over a triangle of half-width
+    ``b`` at ``t`` = x - c, with mpmath to ``digits`` digits: the second difference of the
+    antiderivative of its distribution, (H(t + b) - 2 H(t) + H(t - b)) / b², and its derivatives
+    in the centre (-F's) and the FWHM ((H - t F) / f's); (value, d/dc, d/df, d/deta)."""
+    import mpmath as mp
+
+    mp.mp.dps = digits
+    t, f, eta, b = (mp.mpf(v) for v in (t, f, eta, b))
+    k = 2 * mp.sqrt(mp.log(2))
+
+    def parts(s):
+        u = s / f
+        fg = mp.erfc(-k * u) / 2
+        hg = f / 2 * (u * mp.erfc(-k * u) + mp.exp(-(k * u) ** 2) / (k * mp.sqrt(mp.pi)))
+        at = mp.atan(2 * u)
+        fl = mp.mpf(1) / 2 + at / mp.pi
+        hl = f * (u / 2 + (u * at - mp.log(1 + 4 * u * u) / 4) / mp.pi)
+        return fg, hg, fl, hl
+
+    sums = [mp.mpf(0)] * 6
+    for wq, s in ((1, t - b), (-2, t), (1, t + b)):
+        fg, hg, fl, hl = parts(s)
+        for i, v in enumerate((hg, fg, hg - s * fg, hl, fl, hl - s * fl)):
+            sums[i] += wq * v
+    hg, fg, hfg, hl, fl, hfl = (v / b ** 2 for v in sums)
+    value = hg + eta * (hl - hg)
+    d_c = -(fg + eta * (fl - fg))
+    d_f = (hfg + eta * (hfl - hfg)) / f
+    return tuple(float(v) for v in (value, d_c, d_f, hl - hg))
+
+
+def test_lines_averaged_over_a_bin_to_the_last_digits_near_and_far():
+    """A line averaged over the instrument's triangle (kernels' ``_line_terms``: what every
+    bin of an integrated 2D frame is fitted with) against the exact second difference in 40
+    digits, value and derivatives, each to ~2e-12 of itself (not of the line's peak): on the
+    line, in its wings and 60 FWHM out, where a Lorentzian tail under a far window is all the
+    model has. The second difference in double precision cancels there (values of ~t/b² for a
+    result ~b² smaller) and was ~1e-10 off 30 FWHM out; the Lorentzian's series in the triangle
+    is used there instead."""
+    from xrdpipe.kernels.phase import _line_terms
+
+    f = 0.05
+    worst = 0.0
+    offsets = np.array([0.0, 0.13, -0.5, 0.9, 1.7, -2.9, 4.1, 6.5, -11.0, 30.0, -60.0]) * f
+    for ratio in (0.01, 0.2, 0.45, 1.0, 2.5):           # b / FWHM: a fine bin to a bin wider than the line
+        b = ratio * f
+        for eta in (0.0, 0.37, 1.0):
+            want = np.array([_exact_line_terms(t, f, eta, b) for t in offsets])
+            got = np.array([_line_terms(0.75 + t, 0.75, 1.0 / f, 2.0, eta, b) for t in offsets])
+            # (value, d/darea, d/dfwhm, d/deta, d/dc) for an area of 2
+            have = np.stack([got[:, 1], got[:, 4] / 2.0, got[:, 2] / 2.0, got[:, 3] / 2.0], axis=1)
+            # (a bin much finer than the line: the Gaussian's second difference near the line
+            # keeps its cancellation, ~1e-16 (f / b)²; a Gaussian beyond 6.5 / (2 sqrt(ln 2))
+            # FWHM, below 1e-18 of its peak, is 0)
+            tol = 2e-12 + 1e-14 / ratio ** 2
+            scale = np.abs(want).max(axis=0)
+            # (the centre's derivative on the line itself is 0: there, to its rounding, a
+            # difference of distributions of ~1 over b²)
+            zero = np.abs(want) < 1e-30 * scale
+            assert np.all(np.abs(have[zero]) < 1e-14 / b ** 2), (ratio, eta, have[zero])
+            err = np.abs(have - want) / np.maximum(np.abs(want), 1e-18 * scale / tol)
+            err[zero] = 0.0
+            worst = max(worst, float(np.max(err / tol)))
+            assert np.all(err < tol), (ratio, eta, np.argwhere(err >= tol), have, want)
+    assert worst < 1.0
+
+
 def _reference_trials(x, bg, y, w, cen, fw, eta, keep, n_area, half_width=0.0):
     """The window solve in plain NumPy: profiles (averaged over a triangle of ``half_width``),
     weighted normal equations scaled to unit diagonal, negative areas dropped and solved again
