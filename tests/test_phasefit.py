@@ -61,6 +61,46 @@ def test_phases_cells_and_fractions_from_typical_start_cells(scenario, sign, sep
         assert np.all(np.isnan(lat.values["fraction"][:, al]))
 
 
+def test_a_frame_with_no_frame_before_is_not_searched_afresh_and_a_resumed_run_knows_the_one_before(monkeypatch):
+    """A window left far above its misfit in the frame before has its phases searched for
+    afresh (``_searched_afresh``); a frame with no frame before (a pass's first, from no phase:
+    every phase was just searched for) is not: on 2D frames every strong window has χ²/ν 4-30
+    from the bins' shape, and each pass's first frame was searched again phase by phase, ~1 s
+    each, measured to find nothing better. The misfit each frame hands on is stored with it
+    (``state_redchi``), so a resumed run, and the backward pass from a stored frame, compare with
+    it as the straight run does."""
+    import dataclasses
+
+    import xrdpipe.phasefit.decide as decide
+    from xrdpipe.phasefit.fitter import PhaseFitter
+    from xrdpipe.phasefit.solve import initial_state
+
+    dif = _hard(1, 1.1)
+    series = pattern_series(6, scenario="nfm", counts=0.05, background=2000.0, seed=3, difficulty=dif)
+    phases, windows = fit_config("nfm", dif)
+    pat = series.as_patterns()
+    table = fit_phases(pat, phases, windows, FitSpec())
+    handed = table.phase["state_redchi"]
+    assert np.isfinite(handed).all() and np.all(handed > 0)
+    fitter = PhaseFitter(phases, windows, FitSpec(), radial=pat.radial, unit=pat.unit, wavelength_A=pat.wavelength_A)
+    fitter.resume({**table.phase, "done": np.ones(6, bool)})
+    np.testing.assert_array_equal(fitter.state.redchi, handed[-1])
+    # a first frame whose windows misfit 1000-fold: not searched again without a frame before,
+    # searched again with one whose misfit was 1
+    m = fitter.model
+    y, e = pat.intensity[0][m.columns], pat.sigma[0][m.columns]
+    first = decide.fit_frame(m, y, e, initial_state(m), FitSpec())
+    assert first.success and first.present.any()
+    bad = dataclasses.replace(first, chi2_window=first.chi2_window * 1000 + 1e6)
+    searched = []
+    monkeypatch.setattr(decide, "_fit_frame_searched", lambda *a, **k: searched.append(a) or first)
+    assert decide._searched_afresh(m, y, e, initial_state(m), bad, FitSpec()) is bad
+    assert not searched
+    before = initial_state(m)
+    before.redchi = np.ones(m.W)
+    decide._searched_afresh(m, y, e, before, bad, FitSpec())
+    assert len(searched) == int(first.present.sum())
+
 def test_a_fading_phase_does_not_take_the_line_of_the_phase_it_coexisted_with():
     """P2 -> P''2 1.1 FWHM apart, both typed 1 % (a) and 2 % (c) above, 120 frames: at the end of
     the coexistence P2's line fades, and the nearest line for P2 was P''2's (0.3 FWHM of the
@@ -317,7 +357,7 @@ def test_hard_series_as_2d_frames_through_the_run_file(tmp_path, scenario, sign)
     fit_experiment(exp, progress=False)
     assert_same_results(straight, exp.run.run_file)
     again = read_peak_table(exp.run.run_file)
-    for name in ("phase_cell", "phase_cell_err", "phase_present", "misfit_ref", "misfit_ref_run"):
+    for name in ("phase_cell", "phase_cell_err", "phase_present", "misfit_ref", "misfit_ref_run", "state_redchi"):
         np.testing.assert_array_equal(again.phase[name], table.phase[name], err_msg=name)
 
 

@@ -111,12 +111,16 @@ def _searched_afresh(m: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, sta
     under P2's, its cell then held on the Al line) and left there when the other went (the
     window at χ²/ν 2233, frame after frame). Each present phase with lines in such a window is
     taken as absent and searched over its whole range (around its configured cell); the best
-    frame that is better by ``bic_threshold`` is kept, and its decision says so."""
-    if not res.success or sigma is None or not np.isfinite(sigma).any():
+    frame that is better by ``bic_threshold`` is kept, and its decision says so. A frame with no
+    frame before it (``state.redchi`` None: a pass's first frame, from no phase) was searched
+    for every phase already."""
+    if not res.success or sigma is None or not np.isfinite(sigma).any() or state.redchi is None:
+        # (no frame before it, a run's first: its phases were searched for, not followed; on 2D
+        # frames every strong window has χ²/ν 4-30 from the bins' shape, and each first frame
+        # of a pass was searched again phase by phase, ~1 s each, to find nothing better)
         return res
     now = _window_redchi(res)
-    before = state.redchi if state.redchi is not None else np.zeros(m.W)
-    bad = np.flatnonzero((now > _MISFIT) & (now > _MISFIT_RISE * before))
+    bad = np.flatnonzero((now > _MISFIT) & (now > _MISFIT_RISE * state.redchi))
     if not bad.size:
         return res
     best, best_bic, tried = res, _bic(m, res) - fit.bic_threshold, None
