@@ -266,3 +266,50 @@ def test_search_windows_on_two_threads_give_the_same_numbers(monkeypatch):
     for key, got in one.phase.items():
         got, other = np.asarray(got), np.asarray(two.phase[key])
         assert (got.tobytes() == other.tobytes()) if got.dtype != object else np.array_equal(got, other), key
+
+
+def _same_tables(one, two):
+    for key in one.values:
+        assert np.asarray(one.values[key]).tobytes() == np.asarray(two.values[key]).tobytes(), key
+    for key, got in one.phase.items():
+        got, other = np.asarray(got), np.asarray(two.phase[key])
+        assert (got.tobytes() == other.tobytes()) if got.dtype != object else np.array_equal(got, other), key
+
+
+def test_compiled_least_squares_iterations_take_the_same_steps(monkeypatch):
+    """The phase model's least squares iterate in one compiled call (``PhaseModel.iterate``)
+    instead of NumPy calls per iteration (``batchfit._iterate``): the same steps, so the same
+    tables bit for bit, on the coexistence series' first eight frames (the zero estimate, P3
+    found, the pair split) as point samples and as bins averaged over the instrument; and the
+    compiled iterations did run, as far as the steps that hold weak lines' shapes (from the
+    third iteration)."""
+    import xrdpipe.kernels as kernels
+    from xrdpipe.phasefit import PhaseModel
+    from xrdpipe.phasefit.fitter import PhaseFitter
+
+    series, phases, windows = _series()
+    pat = series.as_patterns()
+    calls = []
+    lm = kernels.phase_lm
+
+    def counting(*args):
+        lm(*args)
+        calls.append(int(args[-2].max()))       # (the most iterations of a row)
+
+    monkeypatch.setattr(kernels, "phase_lm", counting)
+    for sd in (None, 0.02):
+        def fit():
+            fitter = PhaseFitter(phases, windows, FitSpec(backward=False, instrument_sd=sd), radial=pat.radial,
+                                 unit=pat.unit, wavelength_A=pat.wavelength_A)
+            return fitter.fit_block(pat.intensity[:8], pat.sigma[:8], frame=np.arange(8))
+
+        calls.clear()
+        compiled = fit()
+        assert len(calls) >= 8 and max(calls) >= 3, calls
+        monkeypatch.setattr(PhaseModel, "compiled_iterations", False)
+        calls.clear()
+        plain = fit()
+        assert not calls
+        monkeypatch.setattr(PhaseModel, "compiled_iterations", True)
+        assert compiled.phase["phase_present"][:, [p.name for p in phases].index("P3")].any()
+        _same_tables(compiled, plain)

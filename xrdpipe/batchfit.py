@@ -54,7 +54,8 @@ def least_squares_batch(fun: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray
                         weak_z: float = 2.0, must_move: np.ndarray | None = None,
                         covariance: np.ndarray | None = None,
                         normal: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
-                                         tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None) -> BatchResult:
+                                         tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
+                        iterate: Callable | None = None) -> BatchResult:
     """Minimise ``sum(w**2 * (y - f(p))**2)`` row by row.
 
     Parameters
@@ -86,6 +87,10 @@ def least_squares_batch(fun: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray
         Jacobian is mostly zeros sums only what is not); ``held`` (r, k) are the rows' ``fixed``
         columns, whose entries are not used but for the curvature's diagonal where the parameter
         is not 0 (so a part of the model that only a parameter held at 0 moves may be left out)
+    iterate : the iterations themselves, compiled for one model: called as :func:`_iterate`
+        (without its first argument; ``amplitudes`` mapped to columns by :func:`_amplitude_map`),
+        returns chi², JᵀW²J, the iterations and the status per row, ``p`` updated in place; it
+        must take the same steps (:meth:`xrdpipe.phasefit.PhaseModel.iterate`)
 
     Example
     -------
@@ -106,10 +111,15 @@ def least_squares_batch(fun: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray
     n_points = np.count_nonzero(w > 0, axis=1)
     stop = np.maximum(ftol, stat_tol / np.maximum(n_points, 1))
 
-    normal_eq = _normal_equations(fun, normal)
-    chi2, hess, n_iter, status = _iterate(normal_eq, p, y, w, lower, upper, fixed, stop, max_iter=max_iter,
-                                          xtol=xtol, amplitudes=amplitudes, weak_z=weak_z,
-                                          must_move=must_move)
+    if iterate is not None:
+        chi2, hess, n_iter, status = iterate(p, y, w, lower, upper, fixed, stop, max_iter=max_iter, xtol=xtol,
+                                             amplitudes=_amplitude_map(amplitudes), weak_z=weak_z,
+                                             must_move=must_move)
+    else:
+        normal_eq = _normal_equations(fun, normal)
+        chi2, hess, n_iter, status = _iterate(normal_eq, p, y, w, lower, upper, fixed, stop, max_iter=max_iter,
+                                              xtol=xtol, amplitudes=amplitudes, weak_z=weak_z,
+                                              must_move=must_move)
     at_bound = (p <= lower) | (p >= upper) | fixed
     if covariance is None:
         cov = _covariance(hess, at_bound)

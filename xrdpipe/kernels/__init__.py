@@ -12,7 +12,14 @@
 from .batch import damped_systems, take_steps
 from .integration import csc_sums, split_count, split_fill
 from .lz4 import LZ4_REASONS, lz4_blocks_problem
-from .phase import centre_derivs, phase_normal, phase_value_jac, radial_positions, window_trials
+from .phase import (
+    centre_derivs,
+    phase_lm,
+    phase_normal,
+    phase_value_jac,
+    radial_positions,
+    window_trials,
+)
 from .refine import (
     lebail_cycle,
     profile_columns,
@@ -28,5 +35,5 @@ from .refine import (
 
 __all__ = ["csc_sums", "pv_profiles", "profile_columns", "tail_matvec", "tail_rmatvec", "tail_columns",
            "reflection_geometry", "tch_widths", "profile_matvec", "profile_rmatvec", "lebail_cycle",
-           "lz4_blocks_problem", "LZ4_REASONS", "split_count", "split_fill", "phase_value_jac", "phase_normal", "window_trials",
+           "lz4_blocks_problem", "LZ4_REASONS", "split_count", "split_fill", "phase_value_jac", "phase_normal", "phase_lm", "window_trials",
            "radial_positions", "centre_derivs", "damped_systems", "take_steps"]

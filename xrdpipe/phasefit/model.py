@@ -147,6 +147,10 @@ class PhaseModel:
         :func:`~xrdpipe.phasefit.instrument.instrument_profile`)
     """
 
+    #: The least squares' iterations compiled (:meth:`iterate`); off, they run in NumPy
+    #: (:func:`xrdpipe.batchfit._iterate`), the same steps (a test compares the two).
+    compiled_iterations = True
+
     def __init__(self, phases: Sequence[PhaseSpec], windows: Sequence[WindowSpec], fit: FitSpec = FitSpec(),
                  lattice: LatticeSpec = LatticeSpec(), *, radial: np.ndarray, unit: str, wavelength_A: float | None,
                  instrument_sd: np.ndarray | None = None, instrument_offset: np.ndarray | None = None):
@@ -608,6 +612,33 @@ class PhaseModel:
         kernels.phase_normal(self.x_all, self.hw_all, np.ascontiguousarray(y, dtype=float), np.ascontiguousarray(w, dtype=float),
                              *lay[:9], cen, theta, fw_col, eta_col, a_col, *lay[9:], dval, skip, chi2, hess, grad)
         return chi2, hess, grad
+
+    def iterate(self, base: np.ndarray, y: np.ndarray, w: np.ndarray):
+        """The least squares' iterations against one frame's data ``y`` and weights ``w`` (M,),
+        cells not in a row from ``base`` (P, 6), compiled (:func:`xrdpipe.kernels.phase_lm`): the
+        ``iterate`` of :func:`~xrdpipe.batchfit.least_squares_batch`, the steps of its
+        :func:`~xrdpipe.batchfit._iterate` with :meth:`normal`, without the Python of each."""
+        _, _, fw_col, eta_col, a_col, dcol = self._line_layout()
+        lay = self._normal_layout()
+        y = np.ascontiguousarray(y, dtype=float)
+        w = np.ascontiguousarray(w, dtype=float)
+        full = np.where(np.isfinite(self._cell_const), self._cell_const, base)
+        geometry = (self._hkl_float, self.r_phase, self._cell_src, full, dcol, self.zero_col,
+                    float(self.wavelength_A or 0.0), int(self.unit == "q_A^-1"), self.correction == "displacement")
+        no_peaks = (np.zeros(0, np.int64), np.zeros((0, 1), np.int64))
+
+        def run(p, _y, _w, lower, upper, fixed, stop, *, max_iter, xtol, amplitudes, weak_z, must_move):
+            n, k = p.shape
+            cols, shape = amplitudes if amplitudes is not None else no_peaks
+            moved = np.ones(n, bool) if must_move is None else ~np.asarray(must_move, bool)
+            chi2, hess = np.zeros(n), np.zeros((n, k, k))
+            n_iter, status = np.zeros(n, np.int32), np.zeros(n, np.int8)
+            kernels.phase_lm(self.x_all, self.hw_all, y, w, *lay[:9], fw_col, eta_col, a_col, *lay[9:], *geometry,
+                             p, np.ascontiguousarray(lower), np.ascontiguousarray(upper), np.ascontiguousarray(fixed),
+                             np.ascontiguousarray(stop, dtype=float), int(max_iter), float(xtol), cols, shape,
+                             float(weak_z), moved, chi2, hess, n_iter, status)
+            return chi2, hess, n_iter, status
+        return run
 
     def _centre_derivs(self, theta: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Every line's centre (r, R) for parameter rows ``theta`` (r, k) and its derivatives (r,

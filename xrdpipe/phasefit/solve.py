@@ -73,12 +73,13 @@ def least_squares(m: PhaseModel, fr: "_Frame", base: np.ndarray, theta: np.ndarr
     """:func:`~xrdpipe.batchfit.least_squares_batch` of parameter rows ``theta`` (r, k) of the
     phase model against the frame's data (``fr``), cells not in a row from ``base``, its normal
     equations straight from the model's lines (:meth:`PhaseModel.normal`); ``options`` go to
-    the batch (amplitudes, must_move, covariance...)."""
+    the batch (amplitudes, must_move, covariance...). The iterations are compiled
+    (:meth:`PhaseModel.iterate`) unless ``m.compiled_iterations`` is off (the same numbers)."""
     rows = theta.shape[:1]
     return least_squares_batch(lambda t: m.value_jac(t, base), theta, np.broadcast_to(fr.y0, rows + fr.y0.shape),
                                np.broadcast_to(fr.w, rows + fr.w.shape), lower=lower, upper=upper, fixed=fixed,
                                max_iter=max_iter, normal=lambda t, _y, _w, held: m.normal(t, base, fr.y0, fr.w, held),
-                               **options)
+                               iterate=m.iterate(base, fr.y0, fr.w) if m.compiled_iterations else None, **options)
 
 
 #: A phase's width in a window is kept above this share of its median width in its other windows
