@@ -13,6 +13,7 @@ from .batch import damped_systems, take_steps
 from .integration import csc_sums, split_count, split_fill
 from .lz4 import LZ4_REASONS, lz4_blocks_problem
 from .phase import (
+    add_lines,
     centre_derivs,
     phase_lm,
     phase_normal,
@@ -35,5 +36,5 @@ from .refine import (
 
 __all__ = ["csc_sums", "pv_profiles", "profile_columns", "tail_matvec", "tail_rmatvec", "tail_columns",
            "reflection_geometry", "tch_widths", "profile_matvec", "profile_rmatvec", "lebail_cycle",
-           "lz4_blocks_problem", "LZ4_REASONS", "split_count", "split_fill", "phase_value_jac", "phase_normal", "phase_lm", "window_trials",
+           "lz4_blocks_problem", "LZ4_REASONS", "split_count", "split_fill", "phase_value_jac", "phase_normal", "phase_lm", "add_lines", "window_trials",
            "radial_positions", "centre_derivs", "damped_systems", "take_steps"]
