@@ -150,6 +150,9 @@ class FrameResult:
     #: followed by the steady path because its misfit is as in the frame last searched
     #: (:func:`~xrdpipe.phasefit.decide._misfit_as_before`), not because it fits to its noise
     as_before: bool = False
+    #: (M,) the model at ``theta`` on the concatenated windows, where the result was made from
+    #: it (:func:`~xrdpipe.phasefit.solve._result`), or None
+    fitted: np.ndarray | None = None
 
 
 def _best_basin(grid: np.ndarray, trial: np.ndarray, chi2: np.ndarray, score: np.ndarray, evaluate, scored,

@@ -376,7 +376,7 @@ def _result(m: PhaseModel, fr: _Frame, theta: np.ndarray, cov: np.ndarray, prese
     new.present = present.copy()
     if not ok:
         new = fr.state.copy()
-    return FrameResult(ok, message, theta, err, cov, present, decision, chi2_w, n_w, nv, new)
+    return FrameResult(ok, message, theta, err, cov, present, decision, chi2_w, n_w, nv, new, fitted=f[0])
 
 
 def initial_state(m: PhaseModel, zero: float = 0.0) -> PhaseState:
