@@ -61,9 +61,9 @@ _ERF_P = (3.05326634961232344e-1, 3.60344899949804439e-1, 1.25781726111229246e-1
 _ERF_Q = (2.56852019228982242e00, 1.87295284992346047e00, 5.27905102951428412e-1, 6.05183413124413191e-2,
           2.33520497626869185e-3)
 _SQRT_PI_INV = 5.6418958354775628695e-1
-#: exp(-(k/16)²) for k = 0..255: exp(-x²) = exp(-h²) exp(-(x - h)(x + h)) with h = x to 1/16 below,
+#: exp(-(k/16)²) for k = 0..432 (x to 27, where erfc underflows): exp(-x²) = exp(-h²) exp(-(x - h)(x + h)), h = x to 1/16 below,
 #: each factor to its last bit (one exp of -x² rounds x² first: 5e-15 relative at x = 6.5)
-_EXP_HEAD = np.array([math.exp(-(k / 16.0) ** 2) for k in range(256)])
+_EXP_HEAD = np.array([math.exp(-(k / 16.0) ** 2) for k in range(433)])
 
 
 @njit(inline="always", nogil=True)
