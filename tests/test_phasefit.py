@@ -616,23 +616,6 @@ def test_lines_averaged_over_a_bin_to_the_last_digits_near_and_far():
     assert worst < 1.0
 
 
-def test_erfc_and_its_gaussian_at_one_exp_to_the_last_bits():
-    """erfc(x) and exp(-x²) as the bins' Gaussian takes them (kernels' ``_erfc_and_gauss``:
-    Cody's rational approximations sharing one exp) against mpmath in 40 digits, over the range
-    a line's antiderivatives reach and at the joins of the approximations: ~1e-15 of each
-    value (the C library's erfc: 3e-16)."""
-    import mpmath as mp
-
-    from xrdpipe.kernels.phase import _erfc_and_gauss
-
-    mp.mp.dps = 40
-    xs = np.concatenate([np.linspace(-7.0, 11.0, 721), [0.46875, -0.46875, 4.0, -4.0, 0.0, 1e-300, 15.99, 16.01, 26.5]])
-    for x in xs:
-        c, e = _erfc_and_gauss(float(x))
-        want_c, want_e = mp.erfc(mp.mpf(float(x))), mp.exp(-mp.mpf(float(x)) ** 2)
-        assert abs(c - float(want_c)) <= 2e-15 * float(want_c), (x, c, want_c)
-        assert abs(e - float(want_e)) <= 1e-15 * float(want_e), (x, e, want_e)
-
 def _reference_trials(x, bg, y, w, cen, fw, eta, keep, n_area, half_width=0.0):
     """The window solve in plain NumPy: profiles (averaged over a triangle of ``half_width``),
     weighted normal equations scaled to unit diagonal, negative areas dropped and solved again

@@ -45,67 +45,6 @@ def _pv_terms(xj, c, inv_f, area, eta):  # pragma: no cover - compiled
     return val, d_area, d_fwhm, d_eta, d_c
 
 
-# W. J. Cody, "Rational Chebyshev approximations for the error function", Math. Comp. 23
-# (1969) 631-638 (SPECFUN's CALERF): erf on |x| <= 0.46875, exp(x²) erfc(x) on [0.46875, 4]
-# and beyond 4 (x P(1/x²) / Q(1/x²) there), each to ~1e-16 relative.
-_ERF_A = (3.16112374387056560e00, 1.13864154151050156e02, 3.77485237685302021e02, 3.20937758913846947e03,
-          1.85777706184603153e-1)
-_ERF_B = (2.36012909523441209e01, 2.44024637934444173e02, 1.28261652607737228e03, 2.84423683343917062e03)
-_ERF_C = (5.64188496988670089e-1, 8.88314979438837594e00, 6.61191906371416295e01, 2.98635138197400131e02,
-          8.81952221241769090e02, 1.71204761263407058e03, 2.05107837782607147e03, 1.23033935479799725e03,
-          2.15311535474403846e-8)
-_ERF_D = (1.57449261107098347e01, 1.17693950891312499e02, 5.37181101862009858e02, 1.62138957456669019e03,
-          3.29079923573345963e03, 4.36261909014324716e03, 3.43936767414372164e03, 1.23033935480374942e03)
-_ERF_P = (3.05326634961232344e-1, 3.60344899949804439e-1, 1.25781726111229246e-1, 1.60837851487422766e-2,
-          6.58749161529837803e-4, 1.63153871373020978e-2)
-_ERF_Q = (2.56852019228982242e00, 1.87295284992346047e00, 5.27905102951428412e-1, 6.05183413124413191e-2,
-          2.33520497626869185e-3)
-_SQRT_PI_INV = 5.6418958354775628695e-1
-#: exp(-(k/16)²) for k = 0..432 (x to 27, where erfc underflows): exp(-x²) = exp(-h²) exp(-(x - h)(x + h)), h = x to 1/16 below,
-#: each factor to its last bit (one exp of -x² rounds x² first: 5e-15 relative at x = 6.5)
-_EXP_HEAD = np.array([math.exp(-(k / 16.0) ** 2) for k in range(433)])
-
-
-@njit(inline="always", nogil=True)
-def _erfc_and_gauss(x):  # pragma: no cover - compiled
-    """erfc(x) and exp(-x²), sharing the one exp (Cody's CALERF; exp(-x²) as the product of a
-    tabulated exp(-h²), h = x to 1/16 below, and exp(-(x - h)(x + h)), which keeps its last
-    bits at large x): what a Gaussian's antiderivatives take at a point, at one exp where the C
-    library's erfc and an exp took three."""
-    y = abs(x)
-    if y <= 0.46875:
-        ysq = y * y
-        num = _ERF_A[4] * ysq
-        den = ysq
-        for i in range(3):
-            num = (num + _ERF_A[i]) * ysq
-            den = (den + _ERF_B[i]) * ysq
-        return 1.0 - x * (num + _ERF_A[3]) / (den + _ERF_B[3]), math.exp(-x * x)
-    if y <= 4.0:
-        num = _ERF_C[8] * y
-        den = y
-        for i in range(7):
-            num = (num + _ERF_C[i]) * y
-            den = (den + _ERF_D[i]) * y
-        r = (num + _ERF_C[7]) / (den + _ERF_D[7])
-    else:
-        ysq = 1.0 / (y * y)
-        num = _ERF_P[5] * ysq
-        den = ysq
-        for i in range(4):
-            num = (num + _ERF_P[i]) * ysq
-            den = (den + _ERF_Q[i]) * ysq
-        r = (_SQRT_PI_INV - ysq * (num + _ERF_P[4]) / (den + _ERF_Q[4])) / y
-    k = int(16.0 * y)
-    if k < _EXP_HEAD.size:
-        head = k / 16.0
-        e = _EXP_HEAD[k] * math.exp(-(y - head) * (y + head))
-    else:
-        e = math.exp(-y * y)
-    c = e * r
-    return (c if x > 0.0 else 2.0 - c), e
-
-
 @njit(inline="always", nogil=True)
 def _gauss_antiderivatives(t, f, inv_f):  # pragma: no cover - compiled
     """At ``t`` = x - c from the centre of an area-normalised Gaussian of FWHM ``f``: its
@@ -116,8 +55,8 @@ def _gauss_antiderivatives(t, f, inv_f):  # pragma: no cover - compiled
         return 1.0, t
     if ku < -_G_REACH:                              # ... or all ahead
         return 0.0, 0.0
-    tail, e = _erfc_and_gauss(-ku)                  # 1 + erf(ku), exact on the far left
-    return 0.5 * tail, 0.5 * f * (u * tail + e * _INV_K_SQRT_PI)
+    tail = math.erfc(-ku)                           # 1 + erf(ku), exact on the far left
+    return 0.5 * tail, 0.5 * f * (u * tail + math.exp(-ku * ku) * _INV_K_SQRT_PI)
 
 
 @njit(inline="always", nogil=True)
