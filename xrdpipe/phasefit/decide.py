@@ -118,7 +118,7 @@ def _searched_afresh(m: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, sta
     frame before it (``state.redchi`` None: a pass's first frame, from no phase) was searched
     for every phase already."""
     if not res.success or sigma is None or not np.isfinite(sigma).any() or state.redchi is None:
-        # (no frame before it, a run's first: its phases were searched for, not followed; on 2D
+        # (no frame before it, a pass's first: its phases were searched for, not followed; on 2D
         # frames every strong window has χ²/ν 4-30 from the bins' shape, and each first frame
         # of a pass was searched again phase by phase, ~1 s each, to find nothing better)
         return res

@@ -96,8 +96,9 @@ class PhaseState:
     lines in the last frame where it was the only phase (of those with fractions) present,
     ``ref_area`` (P, W), NaN until then: its own relative intensities, learned from the data;
     ``redchi`` (W,), the reduced chi-square of each window in the frame that handed it over
-    (None where unknown: the first frame, or a state stored by a version before it was); ``zero_err``, the esd of
-    the run's zero shift where it was estimated (NaN: none, or held at a given value);
+    (None where unknown: a pass's first frame, or a state stored before it was stored);
+    ``zero_err``, the esd of the run's zero shift where it was estimated (NaN: none, or held
+    at a given value);
     ``misfit_ref`` (W,), each window's chi-square per point (on its data less the far tails) in
     the last frame not followed for its misfit being as before (searched, or explained to its
     noise), what the steady path compares a frame's misfit with (None where unknown: the first

@@ -66,7 +66,7 @@ def far_tails(m: PhaseModel, theta: np.ndarray, base: np.ndarray, present: np.nd
     for w in np.flatnonzero(reach.any(axis=0)):
         sel = lines[reach[:, w]]
         win = m.windows[w]
-        if sel.size <= 128:        # (compiled: the same numbers as below, ~10x faster)
+        if sel.size <= 128:        # (compiled: the same numbers as below)
             kernels.add_lines(win.x, cen[sel], width[sel], area[sel], eta[sel], out[win.points])
         else:
             out[win.points] += pseudo_voigt(win.x[:, None], cen[sel], width[sel], area[sel], eta[sel]).sum(axis=1)
