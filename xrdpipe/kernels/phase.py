@@ -680,22 +680,8 @@ def phase_lm(x, hw, y, wt, tpow, win_lo, win_hi, wcol_ptr, wcols, nbg, lbg, line
     for it in range(max_iter):
         if na == 0:
             break
-        pa = np.empty((na, k))
-        ga = np.empty((na, k))
-        ha = np.empty((na, k, k))
-        lo = np.empty((na, k))
-        hi = np.empty((na, k))
-        fx = np.empty((na, k), np.bool_)
-        la_ = np.empty(na)
-        for i in range(na):
-            a = active[i]
-            pa[i] = p[a]
-            ga[i] = grad[a]
-            ha[i] = hess[a]
-            lo[i] = lower[a]
-            hi[i] = upper[a]
-            fx[i] = fixed[a]
-            la_[i] = lam[a]
+        rows = active[:na]
+        pa, ga, ha, lo, hi, fx, la_ = p[rows], grad[rows], hess[rows], lower[rows], upper[rows], fixed[rows], lam[rows]
         damped = np.empty((na, k, k))
         rhs = np.empty((na, k))
         if it >= 2:
@@ -710,7 +696,7 @@ def phase_lm(x, hw, y, wt, tpow, win_lo, win_hi, wcol_ptr, wcols, nbg, lbg, line
             step = _lm_solve(damped[i], rhs[i])
             for c in range(k):
                 v = pa[i, c] + step[c]
-                trial[i, c] = min(max(v, lo[i, c]), hi[i, c])
+                trial[i, c] = v if v != v else min(max(v, lo[i, c]), hi[i, c])     # (np.clip's NaN kept)
                 diag[i, c] = ha[i, c, c]
             # a nearly undamped step that promises less than the tolerance: done (see _iterate)
             dg = 0.0
@@ -727,33 +713,15 @@ def phase_lm(x, hw, y, wt, tpow, win_lo, win_hi, wcol_ptr, wcols, nbg, lbg, line
             if (lam[a] <= 1e-2 and promise <= stop[a] * chi2[a] and it > 0 and (moved[a] or promise >= 0)):
                 status[a] = 1
                 keep[i] = False
-        m_ = 0
-        for i in range(na):
-            if keep[i]:
-                m_ += 1
+        sel = np.flatnonzero(keep)
+        m_ = sel.size
         if m_ == 0:
             na = 0
             break
-        act = np.empty(m_, np.int64)
-        pa2 = np.empty((m_, k))
-        tr2 = np.empty((m_, k))
-        dg2 = np.empty((m_, k))
-        fx2 = np.empty((m_, k), np.bool_)
-        st2 = np.empty(m_)
-        before = np.empty(m_)
-        j = 0
-        for i in range(na):
-            if keep[i]:
-                a = active[i]
-                act[j] = a
-                pa2[j] = pa[i]
-                tr2[j] = trial[i]
-                dg2[j] = diag[i]
-                fx2[j] = fx[i]
-                st2[j] = stop[a]
-                before[j] = chi2[a]
-                n_iter[a] += 1
-                j += 1
+        act = rows[sel]
+        pa2, tr2, dg2, fx2, st2, before = pa[sel], trial[sel], diag[sel], fx[sel], stop[act], chi2[act]
+        for a in act:
+            n_iter[a] += 1
         chi2_t = np.empty(m_)
         hess_t = np.empty((m_, k, k))
         grad_t = np.empty((m_, k))
