@@ -101,6 +101,7 @@ def test_a_frame_with_no_frame_before_is_not_searched_afresh_and_a_resumed_run_k
     decide._searched_afresh(m, y, e, before, bad, FitSpec())
     assert len(searched) == int(first.present.sum())
 
+
 def test_a_fading_phase_does_not_take_the_line_of_the_phase_it_coexisted_with():
     """P2 -> P''2 1.1 FWHM apart, both typed 1 % (a) and 2 % (c) above, 120 frames: at the end of
     the coexistence P2's line fades, and the nearest line for P2 was P''2's (0.3 FWHM of the

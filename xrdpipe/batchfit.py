@@ -88,7 +88,8 @@ def least_squares_batch(fun: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray
         columns, whose entries are not used but for the curvature's diagonal where the parameter
         is not 0 (so a part of the model that only a parameter held at 0 moves may be left out)
     iterate : the iterations themselves, compiled for one model: called as :func:`_iterate`
-        (without its first argument; ``amplitudes`` mapped to columns by :func:`_amplitude_map`),
+        (without its first argument; ``amplitudes`` as the pair of :func:`_amplitude_map`, empty
+        arrays where there are none),
         returns chi², JᵀW²J, the iterations and the status per row, ``p`` updated in place; it
         must take the same steps (:meth:`xrdpipe.phasefit.PhaseModel.iterate`)
 
@@ -113,7 +114,7 @@ def least_squares_batch(fun: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray
 
     if iterate is not None:
         chi2, hess, n_iter, status = iterate(p, y, w, lower, upper, fixed, stop, max_iter=max_iter, xtol=xtol,
-                                             amplitudes=_amplitude_map(amplitudes), weak_z=weak_z,
+                                             amplitudes=_amplitude_map(amplitudes) or _NO_PEAKS, weak_z=weak_z,
                                              must_move=must_move)
     else:
         normal_eq = _normal_equations(fun, normal)

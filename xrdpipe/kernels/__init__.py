@@ -17,6 +17,7 @@ from .phase import (
     centre_derivs,
     phase_lm,
     phase_normal,
+    phase_normal_rows,
     phase_value_jac,
     radial_positions,
     window_trials,
@@ -36,5 +37,5 @@ from .refine import (
 
 __all__ = ["csc_sums", "pv_profiles", "profile_columns", "tail_matvec", "tail_rmatvec", "tail_columns",
            "reflection_geometry", "tch_widths", "profile_matvec", "profile_rmatvec", "lebail_cycle",
-           "lz4_blocks_problem", "LZ4_REASONS", "split_count", "split_fill", "phase_value_jac", "phase_normal", "phase_lm", "add_lines", "window_trials",
+           "lz4_blocks_problem", "LZ4_REASONS", "split_count", "split_fill", "phase_value_jac", "phase_normal", "phase_normal_rows", "phase_lm", "add_lines", "window_trials",
            "radial_positions", "centre_derivs", "damped_systems", "take_steps"]

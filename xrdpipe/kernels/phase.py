@@ -620,8 +620,8 @@ def centre_derivs(hkl, r_phase, cell_src, base, theta, dcol, zero_col, wavelengt
                 dval[r, i, q] = (pos[0] - pos[1]) / (2.0 * h)
 
 
-@njit(nogil=True)
-def _phase_normal_rows(x, hw, y, wt, tpow, win_lo, win_hi, wcol_ptr, wcols, nbg, lbg, line_ptr, lines, fw_col, eta_col,
+@_kernel
+def phase_normal_rows(x, hw, y, wt, tpow, win_lo, win_hi, wcol_ptr, wcols, nbg, lbg, line_ptr, lines, fw_col, eta_col,
                        a_col, la, lf, le, ld, hkl, r_phase, cell_src, base, dcol, zero_col, wavelength, unit,
                        displacement, theta, held, chi2, hess, grad):  # pragma: no cover - compiled
     """chi², JᵀW²J and JᵀW²r of parameter rows ``theta`` (r, k), the rows' ``held`` columns
@@ -651,7 +651,7 @@ def phase_lm(x, hw, y, wt, tpow, win_lo, win_hi, wcol_ptr, wcols, nbg, lbg, line
              chi2, hess, n_iter, status):  # pragma: no cover - compiled
     """The Levenberg-Marquardt iterations of :func:`xrdpipe.batchfit._iterate` for rows ``p``
     (n, k) of the phase model against one frame's data ``y``, weights ``wt`` (the lines of
-    :func:`_phase_normal_rows`), compiled: the same steps in the same order on the same rows
+    :func:`phase_normal_rows`), compiled: the same steps in the same order on the same rows
     at once (the active ones), with the same kernels (:func:`~xrdpipe.kernels.batch.damped_systems`,
     :func:`~xrdpipe.kernels.batch.take_steps`) and LAPACK's solve, so the same numbers, without
     the ~0.8 ms of NumPy calls an iteration took in Python. ``p`` is updated in place; writes
@@ -661,7 +661,7 @@ def phase_lm(x, hw, y, wt, tpow, win_lo, win_hi, wcol_ptr, wcols, nbg, lbg, line
     iteration on."""
     n, k = p.shape
     grad = np.zeros((n, k))
-    _phase_normal_rows(x, hw, y, wt, tpow, win_lo, win_hi, wcol_ptr, wcols, nbg, lbg, line_ptr, lines, fw_col, eta_col,
+    phase_normal_rows(x, hw, y, wt, tpow, win_lo, win_hi, wcol_ptr, wcols, nbg, lbg, line_ptr, lines, fw_col, eta_col,
                        a_col, la, lf, le, ld, hkl, r_phase, cell_src, base, dcol, zero_col, wavelength, unit,
                        displacement, p, fixed, chi2, hess, grad)
     lam = np.full(n, 1e-3)
@@ -725,7 +725,7 @@ def phase_lm(x, hw, y, wt, tpow, win_lo, win_hi, wcol_ptr, wcols, nbg, lbg, line
         chi2_t = np.empty(m_)
         hess_t = np.empty((m_, k, k))
         grad_t = np.empty((m_, k))
-        _phase_normal_rows(x, hw, y, wt, tpow, win_lo, win_hi, wcol_ptr, wcols, nbg, lbg, line_ptr, lines, fw_col,
+        phase_normal_rows(x, hw, y, wt, tpow, win_lo, win_hi, wcol_ptr, wcols, nbg, lbg, line_ptr, lines, fw_col,
                            eta_col, a_col, la, lf, le, ld, hkl, r_phase, cell_src, base, dcol, zero_col, wavelength,
                            unit, displacement, tr2, fx2, chi2_t, hess_t, grad_t)
         done = np.zeros(m_, np.bool_)

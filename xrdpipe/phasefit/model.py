@@ -596,22 +596,22 @@ class PhaseModel:
         """chi² (r,), JᵀW²J (r, k, k) and JᵀW²(y - f) (r, k) of parameter rows ``theta`` (r, k)
         against one frame's data ``y`` and weights ``w`` (M,): what :meth:`value_jac` gives the
         least squares, summed window by window over the columns each window depends on
-        (:func:`xrdpipe.kernels.phase_normal`) instead of over a dense (r, k, M) Jacobian.
+        (:func:`xrdpipe.kernels.phase_normal_rows`, the compiled iterations' own) instead of over
+        a dense (r, k, M) Jacobian.
 
         ``held`` (r, k): the columns the least squares holds in each row. A line whose area is
         held at 0 (a phase left out of the row, a line outside its window) adds nothing to the
         model and every derivative of it but its area's is 0: it is left out, and its area's
         entries are 0 (the least squares does not use a held column's)."""
         r = theta.shape[0]
-        cen, dval = self._centre_derivs(theta, base)
         _, _, fw_col, eta_col, a_col, _ = self._line_layout()
         lay = self._normal_layout()
         theta = np.ascontiguousarray(theta, dtype=float)
-        skip = (np.zeros((r, self.R), bool) if held is None        # (C order: one compiled signature)
-                else np.ascontiguousarray(held[:, self.area_col] & (theta[:, self.area_col] == 0.0)))
+        held = np.zeros(theta.shape, bool) if held is None else np.ascontiguousarray(held, dtype=bool)
         chi2, hess, grad = np.zeros(r), np.zeros((r, self.k, self.k)), np.zeros((r, self.k))
-        kernels.phase_normal(self.x_all, self.hw_all, np.ascontiguousarray(y, dtype=float), np.ascontiguousarray(w, dtype=float),
-                             *lay[:9], cen, theta, fw_col, eta_col, a_col, *lay[9:], dval, skip, chi2, hess, grad)
+        kernels.phase_normal_rows(self.x_all, self.hw_all, np.ascontiguousarray(y, dtype=float),
+                                  np.ascontiguousarray(w, dtype=float), *lay[:9], fw_col, eta_col, a_col, *lay[9:],
+                                  *self._geometry(base), theta, held, chi2, hess, grad)
         return chi2, hess, grad
 
     def iterate(self, base: np.ndarray, y: np.ndarray, w: np.ndarray):
@@ -619,18 +619,15 @@ class PhaseModel:
         cells not in a row from ``base`` (P, 6), compiled (:func:`xrdpipe.kernels.phase_lm`): the
         ``iterate`` of :func:`~xrdpipe.batchfit.least_squares_batch`, the steps of its
         :func:`~xrdpipe.batchfit._iterate` with :meth:`normal`, without the Python of each."""
-        _, _, fw_col, eta_col, a_col, dcol = self._line_layout()
+        _, _, fw_col, eta_col, a_col, _ = self._line_layout()
         lay = self._normal_layout()
         y = np.ascontiguousarray(y, dtype=float)
         w = np.ascontiguousarray(w, dtype=float)
-        full = np.where(np.isfinite(self._cell_const), self._cell_const, base)
-        geometry = (self._hkl_float, self.r_phase, self._cell_src, full, dcol, self.zero_col,
-                    float(self.wavelength_A or 0.0), int(self.unit == "q_A^-1"), self.correction == "displacement")
-        no_peaks = (np.zeros(0, np.int64), np.zeros((0, 1), np.int64))
+        geometry = self._geometry(base)
 
         def run(p, _y, _w, lower, upper, fixed, stop, *, max_iter, xtol, amplitudes, weak_z, must_move):
             n, k = p.shape
-            cols, shape = amplitudes if amplitudes is not None else no_peaks
+            cols, shape = amplitudes
             moved = np.ones(n, bool) if must_move is None else ~np.asarray(must_move, bool)
             chi2, hess = np.zeros(n), np.zeros((n, k, k))
             n_iter, status = np.zeros(n, np.int32), np.zeros(n, np.int8)
@@ -645,15 +642,22 @@ class PhaseModel:
         """Every line's centre (r, R) for parameter rows ``theta`` (r, k) and its derivatives (r,
         R, width) by the columns that move it (:meth:`_line_layout`'s ``dcol``): central
         differences on the tiny parameter vector, compiled (:func:`kernels.centre_derivs`)."""
-        dcol = self._line_layout()[5]
+        geometry = self._geometry(base)
         theta = np.ascontiguousarray(theta, dtype=float)
         cen = np.empty((theta.shape[0], self.R))
-        dval = np.zeros((theta.shape[0], self.R, dcol.shape[1]))
-        kernels.centre_derivs(self._hkl_float, self.r_phase, self._cell_src,
-                              np.where(np.isfinite(self._cell_const), self._cell_const, base), theta, dcol,
-                              self.zero_col, float(self.wavelength_A or 0.0), int(self.unit == "q_A^-1"),
-                              self.correction == "displacement", cen, dval)
+        dval = np.zeros((theta.shape[0], self.R, geometry[4].shape[1]))
+        kernels.centre_derivs(*geometry[:4], theta, *geometry[4:], cen, dval)
         return cen, dval
+
+    def _geometry(self, base: np.ndarray) -> tuple:
+        """What the compiled kernels take to place the lines (:func:`kernels.centre_derivs`), the
+        parameter rows aside: reflections, their phases, where each cell parameter comes from,
+        the full cells with ``base`` (P, 6) where a row does not set them, the columns that move
+        each line, the zero's column, the wavelength, the unit (1: Q) and the correction."""
+        return (self._hkl_float, self.r_phase, self._cell_src,
+                np.where(np.isfinite(self._cell_const), self._cell_const, base), self._line_layout()[5],
+                self.zero_col, float(self.wavelength_A or 0.0), int(self.unit == "q_A^-1"),
+                self.correction == "displacement")
 
     def _normal_layout(self):
         """For :meth:`normal`: per window its points, its columns (background, then its lines'
