@@ -353,3 +353,134 @@ def test_the_far_tails_kernel_sums_lines_as_numpy_does():
         got = base.copy()
         add_lines(x, cen, fw, area, eta, got)
         np.testing.assert_allclose(got, want, rtol=1e-14, atol=1e-12 * np.abs(want).max(), err_msg=str(n))
+
+
+def _frames_to_solve(instrument_sd):
+    """Frames 4-7 of the coexistence series (O3 alone, then P3 appearing) with the state the
+    fit left before each, and cells as a user types them (O3 +1 % a, -2 % c; P3 -1 %, +1.5 %),
+    as point samples or (``instrument_sd``) as bins."""
+    from xrdpipe.phasefit.fitter import PhaseFitter, _stored_state
+    from xrdpipe.phasefit.frame import _Frame
+
+    series, phases, windows = _series()
+    pat = series.as_patterns()
+    fitter = PhaseFitter(phases, windows, FitSpec(backward=False, instrument_sd=instrument_sd), radial=pat.radial,
+                         unit=pat.unit, wavelength_A=pat.wavelength_A)
+    table = fitter.fit_block(pat.intensity[:8], pat.sigma[:8], frame=np.arange(8))
+    m = fitter.model
+    out = []
+    for r in range(4, 8):
+        state = _stored_state(m, table.phase, r - 1)
+        typed = state.cell.copy()
+        typed[:, 0] *= np.array([1.01, 0.99, 1.0])[:m.P]
+        typed[:, 2] *= np.array([0.98, 1.015, 1.0])[:m.P]
+        out.append((m, _Frame(m, pat.intensity[r, m.columns], pat.sigma[r, m.columns], state), typed, table, r))
+    return out
+
+
+def test_every_window_solved_in_one_call_as_one_by_one():
+    """The areas and backgrounds of every window at given cells come from one compiled call
+    (``kernels.windows_linear``) where each window had its own (``_Frame._window_solve``): the
+    same numbers bit for bit, for phase subsets with a phase left out, at the fit's cells and at
+    cells typed 1-2 % off (lines moved toward and past the windows' edges), as point samples and
+    as bins."""
+    for sd in (None, 0.013):
+        for m, fr, typed, _, _ in _frames_to_solve(sd):
+            subsets = [tuple(range(m.P)), (0,), tuple(range(1, m.P)), ()]
+            for cells in (fr.state.cell, typed):
+                theta = np.zeros(m.k)
+                fr.fill_nonlinear(theta, cells, fr.state.zero)
+                want = np.repeat(theta[None], len(subsets), axis=0)
+                want_chi2 = np.zeros((len(subsets), m.W))
+                cen = m.centres(cells[None], np.array([fr.state.zero]))[0]
+                on = np.array([m.of_phases(s) for s in subsets])
+                for w in range(m.W):
+                    refl = np.flatnonzero(on.any(axis=0) & (m.r_window == w))
+                    coef, c2 = fr._window_solve(w, refl, np.repeat(cen[refl][None], len(subsets), axis=0), theta,
+                                                np.ones(refl.size, bool), use=on[:, refl])
+                    want[:, m.area_col[refl]] = coef[:, :refl.size]
+                    want[:, m.bg_col[w]] = coef[:, refl.size:]
+                    want_chi2[:, w] = c2
+                got = fr.linear_rows(cells, subsets, fr.state.zero)
+                assert got.tobytes() == want.tobytes(), np.abs(got - want).max()
+                for s, subset in enumerate(subsets):
+                    row, chi2 = fr.linear(cells, subset, fr.state.zero)
+                    assert row.tobytes() == want[s].tobytes() and chi2.tobytes() == want_chi2[s].tobytes()
+                    assert (row[m.area_col[~m.of_phases(subset)]] == 0).all()
+
+
+def _position_redchi_numpy(m, fr, theta, resid, reach=2.5):
+    """``position_redchi`` as it was written in NumPy (before its compiled kernel)."""
+    out = np.full(m.W, np.nan)
+    cells = m.cells(theta[None], fr.state.cell)[0]
+    zero = float(theta[m.zero_col])
+    fw = m.fwhm_table(theta)
+    inner = m.inside(cells, zero, fw)
+    cen = m.centres(cells[None], np.array([zero]))[0]
+    area = theta[m.area_col]
+    for i in range(m.W):
+        win = m.windows[i]
+        lines = np.flatnonzero(inner & (m.r_window == i) & (area > 0))
+        if not lines.size or win.x.size < 3:
+            continue
+        lines = lines[area[lines] >= 0.1 * area[lines].max()]
+        r, valid, x = resid[win.points], fr.w[win.points] > 0, win.x
+        chi2 = count = 0.0
+        pairs = []
+        for k in lines:
+            width = fw[m.r_phase[k], i]
+            if not (np.isfinite(width) and width > 0):
+                continue
+            up = np.flatnonzero(valid & (x > cen[k]) & (x <= cen[k] + reach * width))
+            mirror = 2 * cen[k] - x[up]
+            j = np.searchsorted(x, mirror) - 1
+            ok = (j >= 0) & (j + 1 < up)
+            up, mirror, j = up[ok], mirror[ok], j[ok]
+            ok = valid[j] & valid[j + 1]
+            up, mirror, j = up[ok], mirror[ok], j[ok]
+            if not up.size:
+                continue
+            t = (mirror - x[j]) / (x[j + 1] - x[j])
+            odd = (r[up] - ((1 - t) * r[j] + t * r[j + 1])) / 2 / np.sqrt((1 + t ** 2 + (1 - t) ** 2) / 4)
+            chi2 += float(np.sum(odd ** 2))
+            count += up.size
+            if up.size > 1:
+                pairs.append((odd[:-1], odd[1:]))
+        if count:
+            rho = 0.0
+            if pairs:
+                a, b = np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
+                den = float(np.sqrt((a @ a) * (b @ b)))
+                rho = float(np.clip((a @ b) / den, 0.0, 0.9)) if den > 0 else 0.0
+            out[i] = chi2 / count * (1 + rho) / (1 - rho)
+    return out
+
+
+def test_the_odd_part_of_a_windows_misfit_as_numpy_took_it():
+    """The misfit odd about each line (what scales the cells' esds, ``position_redchi``) comes
+    from a compiled kernel: the same numbers bit for bit as the NumPy it replaced, on the
+    residuals of the fitted frames (point samples fitted to their noise, and bins whose strong
+    windows a point-sample model misfits), with a few points taken out (a masked pixel's bin),
+    and at cells typed 1-2 % off (lines near the windows' edges). The reduced chi-squares are
+    > 1 where the misfit is odd, so the comparison is not of empty windows."""
+    from xrdpipe.phasefit.solve import position_redchi
+
+    seen = []
+    for sd in (None, 0.013):
+        for m, fr, typed, table, r in _frames_to_solve(sd):
+            theta = fr.linear(fr.state.cell, np.flatnonzero(fr.state.present), fr.state.zero)[0]
+            for cells in (fr.state.cell, typed):
+                theta_c = theta.copy()
+                fr.fill_nonlinear(theta_c, cells, fr.state.zero)
+                f = m.value_jac(theta_c[None], fr.state.cell)[0][0]
+                resid = (fr.y0 - f) * fr.w
+                got = position_redchi(m, fr, theta_c, resid)
+                want = _position_redchi_numpy(m, fr, theta_c, resid)
+                assert got.tobytes() == want.tobytes(), (got, want)
+                seen.append(got)
+            fr.w[::7] = 0.0
+            got = position_redchi(m, fr, theta, (fr.y0 - m.value_jac(theta[None], fr.state.cell)[0][0]) * fr.w)
+            assert got.tobytes() == _position_redchi_numpy(m, fr, theta, (fr.y0 - m.value_jac(
+                theta[None], fr.state.cell)[0][0]) * fr.w).tobytes()
+    seen = np.array(seen)
+    assert np.isfinite(seen).mean() > 0.5 and np.nanmax(seen) > 10

@@ -15,12 +15,14 @@ from .lz4 import LZ4_REASONS, lz4_blocks_problem
 from .phase import (
     add_lines,
     centre_derivs,
+    odd_about_lines,
     phase_lm,
     phase_normal,
     phase_normal_rows,
     phase_value_jac,
     radial_positions,
     window_trials,
+    windows_linear,
 )
 from .refine import (
     lebail_cycle,

@@ -388,6 +388,60 @@ def _spd_solve(a, b):  # pragma: no cover - compiled
 
 @_kernel
 def window_trials(x, hw, bg, y, w, cen, fw, eta, keep, coef, chi2):  # pragma: no cover - compiled
+    """Weighted least squares of one window at many trials, the areas not negative
+    (:func:`_window_trials`)."""
+    _window_trials(x, hw, bg, y, w, cen, fw, eta, keep, coef, chi2)
+
+
+@_kernel
+def windows_linear(x, hw, tpow, nbg, y, wt, win_lo, win_hi, line_lo, line_hi, cen, fw, eta, use, tail,
+                   areas, bg, bg_lo, chi2):  # pragma: no cover - compiled
+    """:func:`_window_trials` of every window at once, each at the trials ``cen`` (T, L) of its
+    lines (``line_lo[w]:line_hi[w]`` of the L, in window order; points ``win_lo[w]:win_hi[w]``
+    of ``x``, ``hw``, ``y``, ``wt``; background columns ``tpow[:, :nbg[w]]``), widths ``fw``
+    (L,) and ``eta`` (L,). A line is fitted in a trial where ``use[t]`` has it and its centre
+    lies within the window less half its width, or within ``tail`` widths of it (its tail is in
+    the data); as ``xrdpipe.phasefit.frame._Frame._window_call`` keeps it, with every line's tail
+    allowed. Writes its areas ``areas`` (T, L), each window's background ``bg`` (T, ...) from
+    ``bg_lo[w]`` and its χ² ``chi2`` (T, W); a window without points gets zeros."""
+    n_trials = cen.shape[0]
+    for v in range(win_lo.size):
+        lo, hi, a0, a1, nb = win_lo[v], win_hi[v], line_lo[v], line_hi[v], nbg[v]
+        n = a1 - a0
+        if hi == lo:
+            for t in range(n_trials):
+                for i in range(a0, a1):
+                    areas[t, i] = 0.0
+                for d in range(nb):
+                    bg[t, bg_lo[v] + d] = 0.0
+                chi2[t, v] = 0.0
+            continue
+        x0, x1 = x[lo], x[hi - 1]
+        cw = np.empty((n_trials, n))
+        fww = np.empty((n_trials, n))
+        keep = np.empty((n_trials, n), np.bool_)
+        for t in range(n_trials):
+            for i in range(n):
+                c, f = cen[t, a0 + i], fw[a0 + i]
+                cw[t, i] = c
+                fww[t, i] = f
+                inner = c >= x0 + f / 2 and c <= x1 - f / 2
+                near = c >= x0 - tail * f and c <= x1 + tail * f
+                keep[t, i] = (inner or near) and use[t, a0 + i]
+        coef = np.zeros((n_trials, n + nb))
+        c2 = np.zeros(n_trials)
+        _window_trials(x[lo:hi], hw[lo:hi], tpow[lo:hi, :nb], y[lo:hi], wt[lo:hi], cw, fww, eta[a0:a1].copy(), keep,
+                       coef, c2)
+        for t in range(n_trials):
+            for i in range(n):
+                areas[t, a0 + i] = coef[t, i]
+            for d in range(nb):
+                bg[t, bg_lo[v] + d] = coef[t, n + d]
+            chi2[t, v] = c2[t]
+
+
+@njit(inline="always", nogil=True)
+def _window_trials(x, hw, bg, y, w, cen, fw, eta, keep, coef, chi2):  # pragma: no cover - compiled
     """Weighted least squares of one window at many trials, the areas not negative.
 
     Trial ``t`` fits ``y`` (m,) with weights ``w`` (m,) by the lines of :func:`_line_terms`
@@ -799,3 +853,36 @@ def _row_sum(v):  # pragma: no cover - compiled
         s += v[i]
         i += 1
     return s
+
+
+@_kernel
+def odd_about_lines(x, r, valid, cen, width, reach, out, counts):  # pragma: no cover - compiled
+    """The part of a residual ``r`` (on the sorted points ``x``, ``valid`` where weighted) odd
+    about each line: for line k (centre ``cen[k]``, FWHM ``width[k]``), at every valid point
+    above the centre within ``reach`` FWHM, half the residual less the residual mirrored below
+    the centre (linear interpolation between two valid points, neither the point itself),
+    normalised to unit variance for unit independent noise, (1 + t² + (1 - t)²) / 4 with t the
+    interpolation weight. Written one line after the other into ``out``, ``counts[k]`` values
+    for line k (0 where its width is not a positive number). The same operations in the same
+    order as the NumPy expressions of :func:`xrdpipe.phasefit.solve.position_redchi` had (the
+    same bits)."""
+    n = x.size
+    pos = 0
+    for k in range(cen.size):
+        counts[k] = 0
+        c, wd = cen[k], width[k]
+        if not (np.isfinite(wd) and wd > 0):
+            continue
+        top = c + reach * wd
+        for u in range(n):
+            if not (valid[u] and x[u] > c and x[u] <= top):
+                continue
+            mirror = 2 * c - x[u]
+            j = np.searchsorted(x, mirror) - 1
+            if j < 0 or j + 1 >= u or not (valid[j] and valid[j + 1]):
+                continue
+            t = (mirror - x[j]) / (x[j + 1] - x[j])
+            s = 1 - t
+            out[pos] = (r[u] - (s * r[j] + t * r[j + 1])) / 2 / math.sqrt((1 + t * t + s * s) / 4)
+            pos += 1
+            counts[k] += 1

@@ -264,38 +264,41 @@ class _Frame:
     def linear(self, cells: np.ndarray, phases: Sequence[int], zero: float) -> tuple[np.ndarray, np.ndarray]:
         """Areas and backgrounds (as a full parameter row) at fixed cells (P, 6) for ``phases``;
         returns the row and the chi² of every window."""
-        m = self.m
-        theta = np.zeros(m.k)
+        theta = np.zeros(self.m.k)
         self.fill_nonlinear(theta, cells, zero)
-        cen = m.centres(cells[None], np.array([zero]))[0]
-        chi2 = np.zeros(m.W)
-        on = m.of_phases(phases)
-        for w, win in enumerate(m.windows):
-            refl = np.flatnonzero(on & (m.r_window == w))
-            coef, c2 = self._window_solve(w, refl, cen[refl][None], theta, np.ones(refl.size, bool))
-            theta[m.area_col[refl]] = coef[0, :refl.size]
-            theta[m.bg_col[w]] = coef[0, refl.size:]
-            chi2[w] = float(c2[0])
-        return theta, chi2
+        rows, chi2 = self._linear_rows(theta, cells, zero, self.m.of_phases(phases)[None])
+        return rows[0], chi2[0]
 
     def linear_rows(self, cells: np.ndarray, subsets: Sequence[Sequence[int]], zero: float) -> np.ndarray:
-        """:meth:`linear` for each phase subset of ``subsets`` at once (one compiled call per
-        window, a line of a phase not in a row's subset an empty column there): the rows
-        (len(subsets), k)."""
-        m = self.m
-        theta = np.zeros(m.k)
+        """:meth:`linear` for each phase subset of ``subsets`` at once (a line of a phase not in a
+        row's subset an empty column there): the rows (len(subsets), k)."""
+        theta = np.zeros(self.m.k)
         self.fill_nonlinear(theta, cells, zero)
-        out = np.repeat(theta[None], len(subsets), axis=0)
+        return self._linear_rows(theta, cells, zero, np.array([self.m.of_phases(s) for s in subsets]))[0]
+
+    def _linear_rows(self, theta: np.ndarray, cells: np.ndarray, zero: float, on: np.ndarray):
+        """Rows of ``theta`` (its widths, eta, cells and zero) with the areas and backgrounds
+        solved in every window, row r with the lines ``on[r]`` (R,); and each row's χ² per
+        window. One compiled call (:func:`xrdpipe.kernels.windows_linear`): each window as
+        :meth:`_window_solve` solves it, every line's tail allowed."""
+        m = self.m
+        n_rows = on.shape[0]
+        out = np.repeat(theta[None], n_rows, axis=0)
         cen = m.centres(cells[None], np.array([zero]))[0]
-        on = np.array([m.of_phases(s) for s in subsets])
-        every = on.any(axis=0)
-        for w in range(m.W):
-            refl = np.flatnonzero(every & (m.r_window == w))
-            coef, _ = self._window_solve(w, refl, np.repeat(cen[refl][None], len(subsets), axis=0), theta,
-                                         np.ones(refl.size, bool), use=on[:, refl])
-            out[:, m.area_col[refl]] = coef[:, :refl.size]
-            out[:, m.bg_col[w]] = coef[:, refl.size:]
-        return out
+        lines = np.flatnonzero(on.any(axis=0))
+        lines = lines[np.argsort(m.r_window[lines], kind="stable")]         # window by window
+        bounds = np.searchsorted(m.r_window[lines], np.arange(m.W + 1))
+        tpow, win_lo, win_hi, nbg = m.linear_layout()
+        fw = theta[m.fwhm_col[m.r_phase[lines], m.r_window[lines]]]
+        eta = theta[m.eta_col[m.r_phase[lines]]]
+        areas, bg, chi2 = np.zeros((n_rows, lines.size)), np.zeros((n_rows, m.bg_cols.size)), np.zeros((n_rows, m.W))
+        kernels.windows_linear(m.x_all, m.hw_all, tpow, nbg, self.y0, self.w, win_lo, win_hi, bounds[:-1], bounds[1:],
+                               np.ascontiguousarray(np.repeat(cen[lines][None], n_rows, axis=0)),
+                               np.ascontiguousarray(fw, dtype=float), np.ascontiguousarray(eta, dtype=float),
+                               np.ascontiguousarray(on[:, lines]), float(_TAIL_FWHM), areas, bg, m.bg_lo, chi2)
+        out[:, m.area_col[lines]] = areas
+        out[:, m.bg_cols] = bg
+        return out, chi2
 
     def _window_solve(self, w: int, refl: np.ndarray, cen: np.ndarray, theta: np.ndarray,
                       tails: np.ndarray | None = None, fw: np.ndarray | None = None,

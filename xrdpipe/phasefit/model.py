@@ -355,6 +355,9 @@ class PhaseModel:
         for w in self.windows:
             self.bg_col.append(np.arange(w.degree + 1) + len(names))
             names += [f"bg.{w.name}.{d}" for d in range(w.degree + 1)]
+        #: every window's background columns, window after window, and where each window's start
+        self.bg_cols = np.concatenate(self.bg_col).astype(np.int64) if self.bg_col else np.zeros(0, np.int64)
+        self.bg_lo = np.cumsum([0] + [c.size for c in self.bg_col[:-1]]).astype(np.int64)
         self.names = tuple(names)
         self.k = len(names)
         # bounds of the nonlinear parameters
@@ -658,6 +661,13 @@ class PhaseModel:
                 np.where(np.isfinite(self._cell_const), self._cell_const, base), self._line_layout()[5],
                 self.zero_col, float(self.wavelength_A or 0.0), int(self.unit == "q_A^-1"),
                 self.correction == "displacement")
+
+    def linear_layout(self):
+        """For the windows' linear solves (:func:`xrdpipe.kernels.windows_linear`): the powers
+        of each window's reduced abscissa, the windows' points (start, stop) and their numbers of
+        background columns."""
+        lay = self._normal_layout()
+        return lay[0], lay[1], lay[2], lay[5]
 
     def _normal_layout(self):
         """For :meth:`normal`: per window its points, its columns (background, then its lines'

@@ -8,6 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .. import kernels
 from ..batchfit import least_squares_batch
 from ..config import FitSpec
 from ..windows import d_from_radial
@@ -261,28 +262,19 @@ def position_redchi(m: PhaseModel, fr: _Frame, theta: np.ndarray, resid: np.ndar
             continue
         lines = lines[area[lines] >= 0.1 * area[lines].max()]
         r, valid = resid[win.points], fr.w[win.points] > 0
-        x = win.x
+        odd = np.empty(win.x.size * lines.size)
+        counts = np.empty(lines.size, np.int64)
+        kernels.odd_about_lines(win.x, r, valid, cen[lines], fw[m.r_phase[lines], i], float(reach), odd, counts)
         chi2 = count = 0.0
         pairs = []          # consecutive normalised odd values, for their correlation
-        for k in lines:
-            width = fw[m.r_phase[k], i]
-            if not (np.isfinite(width) and width > 0):
-                continue
-            up = np.flatnonzero(valid & (x > cen[k]) & (x <= cen[k] + reach * width))
-            mirror = 2 * cen[k] - x[up]
-            j = np.searchsorted(x, mirror) - 1
-            ok = (j >= 0) & (j + 1 < up)        # (the mirrored value not drawn from the point itself)
-            up, mirror, j = up[ok], mirror[ok], j[ok]
-            ok = valid[j] & valid[j + 1]
-            up, mirror, j = up[ok], mirror[ok], j[ok]
-            if not up.size:
-                continue
-            t = (mirror - x[j]) / (x[j + 1] - x[j])
-            odd = (r[up] - ((1 - t) * r[j] + t * r[j + 1])) / 2 / np.sqrt((1 + t ** 2 + (1 - t) ** 2) / 4)
-            chi2 += float(np.sum(odd ** 2))
-            count += up.size
-            if up.size > 1:
-                pairs.append((odd[:-1], odd[1:]))
+        start = 0
+        for used in counts[counts > 0].tolist():
+            part = odd[start:start + used]
+            start += used
+            chi2 += float(np.sum(part ** 2))
+            count += used
+            if used > 1:
+                pairs.append((part[:-1], part[1:]))
         if count:
             # neighbouring bins that share pixels (a 2D frame's integration) carry correlated
             # noise: a sum over a line's points varies (1 + ρ) / (1 - ρ) times as much as their
