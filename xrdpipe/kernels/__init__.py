@@ -40,4 +40,4 @@ from .refine import (
 __all__ = ["csc_sums", "pv_profiles", "profile_columns", "tail_matvec", "tail_rmatvec", "tail_columns",
            "reflection_geometry", "tch_widths", "profile_matvec", "profile_rmatvec", "lebail_cycle",
            "lz4_blocks_problem", "LZ4_REASONS", "split_count", "split_fill", "phase_value_jac", "phase_normal", "phase_normal_rows", "phase_lm", "add_lines", "window_trials",
-           "radial_positions", "centre_derivs", "damped_systems", "take_steps"]
+           "radial_positions", "centre_derivs", "damped_systems", "take_steps", "odd_about_lines", "windows_linear"]
