@@ -165,11 +165,26 @@ def _best_basin(grid: np.ndarray, trial: np.ndarray, chi2: np.ndarray, score: np
     ``unheard``: the chi-square of the windows the round did not listen to."""
     step = float(np.median(np.diff(grid))) if grid.size > 1 else 0.0
     best_s = np.inf
+    basin = False               # an interior minimum of chi-square itself, not only of the score
     for j in _minima(score)[:3]:
         if tracking:
             return trial[j], float(chi2[j]) + unheard
+        basin |= 0 < j < grid.size - 1 and chi2[j] < min(chi2[j - 1], chi2[j + 1])
         _, t1, c1, s1 = _polish(grid[j], step, evaluate, scored, (grid, trial, chi2))
         if s1 < best_s:
+            best_s, best_cell = s1, t1
+            best = c1 + unheard
+    # no interior basin of chi-square, only the weak pull to the typed cell on flat chi-square,
+    # and an end of the range scoring below it: a basin narrower than a grid step whose bottom
+    # lies between the end and its neighbour (a monoclinic a typed 1.2 % off, its line's basin
+    # just inside the ±1.5 % range); kept only if the fine search about the end finds a bottom
+    # inside the range, not the slope of something beyond it
+    for j in (0, grid.size - 1):
+        if tracking or basin or grid.size < 3 or not score[j] < best_s:
+            continue
+        v1, t1, c1, s1 = _polish(grid[j], step, evaluate, scored, (grid, trial, chi2))
+        inside = grid[0] <= v1 <= grid[-1]
+        if inside and s1 < best_s:
             best_s, best_cell = s1, t1
             best = c1 + unheard
     return best_cell, best
@@ -393,14 +408,14 @@ class _Frame:
         for name, frac, around_best, first in schedule:
             i = _CELL_INDEX[name]
             known.add(i)
-            use = self._round_windows(p, windows, known) if first else windows
+            use, lines = self._round_windows(p, windows, known, i) if first else (windows, None)
             span = m.box[p, i] * scale if halves is None else halves[i]
             grid = self._round_grid(p, name, theta, centre[i], best_cell[i], span, frac, around_best, coarse, use)
             free = [_CELL_INDEX[n] for n in m.free[p]]
 
-            def evaluate(values: np.ndarray, base=best_cell, i=i, use=use) -> tuple[np.ndarray, np.ndarray]:
+            def evaluate(values: np.ndarray, base=best_cell, i=i, use=use, lines=lines) -> tuple[np.ndarray, np.ndarray]:
                 trial = m.trial_cells(p, base, i, values)
-                return trial, self._trial_chi2(p, trial, use, fixed, cen_all, theta, factors, per_w)
+                return trial, self._trial_chi2(p, trial, use, fixed, cen_all, theta, factors, per_w, lines)
 
             per_w: dict[int, np.ndarray] = {}
             trial, chi2 = evaluate(grid)
@@ -430,14 +445,32 @@ class _Frame:
         in_moved = np.sum([per_w[w] for w in moved], axis=0)
         return max(float(chi2_w[moved].sum()) - float(np.min(in_moved)), 0.0)
 
-    def _round_windows(self, p: int, windows: Sequence[int], known: set[int]) -> list[int]:
-        """The windows a first round of a search listens to: those whose reflections of ``p``
-        depend on nothing but the parameters searched so far (``known``; the 00l lines for c): a
-        strong line placed by a parameter not yet searched must not pull this one astray."""
+    def _round_windows(self, p: int, windows: Sequence[int], known: set[int],
+                       i: int) -> tuple[list[int], dict[int, np.ndarray] | None]:
+        """The windows a first round of a search (of parameter ``i``) listens to: those whose
+        reflections of ``p`` depend on nothing but the parameters searched so far (``known``;
+        the 00l lines for c): a strong line placed by a parameter not yet searched must not pull
+        this one astray. Where none of those has a line that ``i`` moves (a monoclinic a after c:
+        every window with a line of a (200) has one of β too (-201)), the windows with such a
+        line, each with only its lines that depend on nothing else unknown (the others left out
+        of the round's model, their data unexplained alike at every trial): the second
+        parameter's round otherwise listened to the 00l window alone, moved nothing, and β was
+        searched with a still 1 % off. Returns the windows and, in that case, the lines of ``p``
+        each keeps (else None: all)."""
         m = self.m
         unknown = [_CELL_INDEX[n] for n in m.free[p] if _CELL_INDEX[n] not in known]
         pure = [w for w in windows if not m.r_dep[np.ix_(m._refl_of[p][w], unknown)].any()]
-        return pure or list(windows)
+        if not pure or any(m.r_dep[m._refl_of[p][w], i].any() for w in pure):
+            return pure or list(windows), None
+        lines = {}
+        for w in windows:
+            mine = m._refl_of[p][w]
+            mine = mine[~m.r_dep[np.ix_(mine, unknown)].any(axis=1)]
+            if m.r_dep[mine, i].any():
+                lines[w] = mine
+        if not lines:
+            return pure, None
+        return list(lines), lines
 
     def _round_grid(self, p: int, name: str, theta: np.ndarray, centre: float, best: float, span: float,
                     frac: float, around_best: float | None, coarse: dict[str, float], use: Sequence[int]) -> np.ndarray:
@@ -452,18 +485,19 @@ class _Frame:
         return np.unique(np.clip(grid, centre - span, centre + span))
 
     def _trial_chi2(self, p: int, trial: np.ndarray, use: Sequence[int], fixed: dict, cen_all: np.ndarray,
-                    theta: np.ndarray, factors: np.ndarray, per_w: dict) -> np.ndarray:
+                    theta: np.ndarray, factors: np.ndarray, per_w: dict,
+                    lines: dict[int, np.ndarray] | None = None) -> np.ndarray:
         """χ² over the windows ``use`` of each trial cell of phase ``p`` (the lines of the phases
         ``fixed`` per window held at ``cen_all``), each trial at the width factor that suits it
         best (a two-phase region broadens the lines in this frame); ``per_w`` gets each window's
-        share."""
+        share. ``lines``: per window the lines of ``p`` modelled (None: all)."""
         m, zero = self.m, self.state.zero
         n = trial.shape[0]
         chi2 = np.zeros((factors.size, n))
         per_w.clear()
 
         def call(w: int) -> _WindowCall:
-            mine = m._refl_of[p][w]
+            mine = m._refl_of[p][w] if lines is None else lines[w]
             cen_p = m.positions(m.r_hkl[mine], trial[:, None, :], zero)                 # (T, n_mine)
             cen_f = np.broadcast_to(cen_all[fixed[w]], (n, fixed[w].size))
             refl = np.concatenate([mine, fixed[w]])
