@@ -314,16 +314,20 @@ class PhaseModel:
         """(T, 6) full cells of phase ``p``: ``base`` with cell parameter ``i`` set to each of
         ``values``, the dependent ones (b = a, ...) following by its crystal system.
 
-        A free angle (β of a monoclinic cell, the triclinic ones) moves with the reciprocal axes
-        held (:func:`_holding_reciprocal_axes`): the (100), (010) and (001) spacings stay, so the
-        00l, h00 and 0k0 lines stay where a, b and c put them and the angle moves only the lines
-        that mix them. In direct axes a step of β moves every h0l line (d(001) = c sin β), and the
-        search, one parameter at a time, could not undo a start 1 % off in a and 0.4° in β (a
-        C2/m cell found 2 % off in a, its χ² 400 times the true one's)."""
-        t = np.broadcast_to(base, (values.size, 6)).copy()
-        t[:, i] = values
+        A free angle (β of a monoclinic cell, the triclinic ones) moves as a reciprocal angle, the
+        reciprocal axes and the other reciprocal angles held (:func:`_moving_angle`): the (100),
+        (010) and (001) spacings stay, so the 00l, h00 and 0k0 lines stay where a, b and c put
+        them and the angle moves only the lines that mix the two axes it lies between. In direct
+        axes a step of β moves every h0l line (d(001) = c sin β), and the search, one parameter at
+        a time, could not undo a start 1 % off in a and 0.4° in β (a C2/m cell found 2 % off in a,
+        its χ² 400 times the true one's); a triclinic angle moved with only the reciprocal axes
+        held moved all three reciprocal angles, and 4 of 8 P-1 cells typed 0.5-1 % and 0.1-0.4°
+        off were found elsewhere."""
         if i >= 3:
-            t[:, :3] = _holding_reciprocal_axes(np.asarray(base, float), t[:, 3:])
+            t = _moving_angle(np.asarray(base, float), i, values)
+        else:
+            t = np.broadcast_to(base, (values.size, 6)).copy()
+            t[:, i] = values
         return np.stack([np.asarray(v, float) * np.ones(values.size) for v in full_cell(
             self.phases[p].space_group, *[t[:, _CELL_INDEX[n]] if n in self.free[p] else None
                                           for n in ("a", "c", "b", "beta", "alpha", "gamma")])], axis=1)
@@ -412,7 +416,7 @@ class PhaseModel:
             dep = []
             for n in self.free[p]:
                 i = _CELL_INDEX[n]
-                # (as the search moves it: an angle with the reciprocal axes held, trial_cells)
+                # (as the search moves it: an angle as a reciprocal one, trial_cells)
                 up = self.trial_cells(p, self.cell0[p], i, np.array([self.cell0[p, i] * (1 + 1e-4)]))[0]
                 dep.append(np.abs(d_from_cell(hkl[:, 0], hkl[:, 1], hkl[:, 2], up)
                                   - d_from_cell(hkl[:, 0], hkl[:, 1], hkl[:, 2], self.cell0[p])) > 1e-12)
@@ -514,13 +518,13 @@ class PhaseModel:
         """How far reflections ``hkl`` (n, 3) of phase ``p`` move on the run's axis per unit of
         cell parameter ``i`` alone at ``cell`` (6,), by central differences (the parameters its
         crystal system ties to it held: :meth:`free_shifts` moves them too); an angle as the
-        search moves it (:meth:`trial_cells`: the reciprocal axes held)."""
+        search moves it (:meth:`trial_cells`: as a reciprocal angle)."""
         h = 1e-4 * max(abs(cell[i]), 1.0)
         up, dn = np.array(cell, float), np.array(cell, float)
         up[i] += h
         dn[i] -= h
         if i >= 3:
-            up[:3], dn[:3] = _holding_reciprocal_axes(np.asarray(cell, float), np.array([up[3:], dn[3:]]))
+            up, dn = _moving_angle(np.asarray(cell, float), i, np.array([up[i], dn[i]]))
         return np.abs(self.positions(hkl, up) - self.positions(hkl, dn)) / (2 * h)
 
     def free_shifts(self, p: int, cell: np.ndarray, hkl: np.ndarray) -> np.ndarray:
@@ -741,18 +745,30 @@ class PhaseModel:
         return self._lines
 
 
-def _holding_reciprocal_axes(base: np.ndarray, angles: np.ndarray) -> np.ndarray:
-    """(T, 3) the cell lengths a, b, c that keep the reciprocal axes a*, b*, c* of the cell
-    ``base`` (6,) at the angles ``angles`` (T, 3; α, β, γ in degrees): a = sin α / (a* ω) and
-    likewise, ω² = 1 - cos²α - cos²β - cos²γ + 2 cos α cos β cos γ (V = abc ω, a* = bc sin α / V).
-    For a monoclinic cell (α = γ = 90°): a sin β and c sin β held, b unchanged."""
-    def parts(ang):
-        rad = np.radians(ang)
-        cos, sin = np.cos(rad), np.sin(rad)
-        omega = np.sqrt(1 - np.sum(cos ** 2, axis=-1) + 2 * np.prod(cos, axis=-1))
-        return sin, omega
+def _moving_angle(base: np.ndarray, i: int, values: np.ndarray) -> np.ndarray:
+    """(T, 6) the cells ``base`` (6,) with angle ``i`` (3-5: α, β, γ) moved to about each of
+    ``values`` (degrees) as a reciprocal angle: its reciprocal counterpart moved by the opposite
+    step, the reciprocal axes a*, b*, c* and the other two reciprocal angles held. Only the lines
+    that mix the two axes the angle lies between move (α: the 0kl lines with k, l ≠ 0); 00l, h00
+    and 0k0 stay where a, b and c put them. A monoclinic β is then exactly ``values`` (β* = 180° -
+    β), a and c following with a sin β and c sin β held; a triclinic angle is ``values`` to first
+    order (moving a direct angle with the reciprocal axes held moves all three reciprocal angles,
+    and with them every line but the axial ones)."""
+    star = _reciprocal_cell(np.asarray(base, float)[None])[0]
+    t = np.broadcast_to(star, (np.size(values), 6)).copy()
+    t[:, i] = star[i] - (np.asarray(values, float) - base[i])
+    return _reciprocal_cell(t)
 
-    sin0, omega0 = parts(np.asarray(base[3:], float))
-    sin, omega = parts(np.atleast_2d(angles))
-    # a* = sin α0 / (a0 ω0): a = sin α / (a* ω) = a0 (sin α / sin α0) (ω0 / ω)
-    return np.asarray(base[:3], float) * (sin / sin0) * (omega0 / omega)[:, None]
+
+def _reciprocal_cell(cells: np.ndarray) -> np.ndarray:
+    """(T, 6) the reciprocal cells of ``cells`` (T, 6; a, b, c in Å, angles in degrees), or the
+    direct cells of reciprocal ones (the map is its own inverse): a* = bc sin α / V, cos α* =
+    (cos β cos γ - cos α) / (sin β sin γ), and likewise."""
+    lengths, rad = cells[:, :3], np.radians(cells[:, 3:])
+    cos, sin = np.cos(rad), np.sin(rad)
+    omega = np.sqrt(1 - np.sum(cos ** 2, axis=1) + 2 * np.prod(cos, axis=1))       # V / (abc)
+    out = np.empty_like(cells, dtype=float)
+    out[:, :3] = sin / (lengths * omega[:, None])
+    for j, (k, m) in enumerate(((1, 2), (0, 2), (0, 1))):
+        out[:, 3 + j] = np.degrees(np.arccos(np.clip((cos[:, k] * cos[:, m] - cos[:, j]) / (sin[:, k] * sin[:, m]), -1, 1)))
+    return out
