@@ -612,6 +612,20 @@ def _join(m: PhaseModel, fr: "_Frame", present: list[int], absent: list[int], de
         tie = best + 2 * np.sqrt(2 * n_valid) + fit.bic_threshold
         tied = sorted((t for t in found if t[3] <= tie), key=lambda t: t[0])
         dist, p, cell, _ = tied[0]
+        # a phase of lower symmetry that can take the lines of one of higher symmetry (P'2,
+        # orthorhombic, P2's: its (11l) on P2's (10l), its own (02l) left empty; O'3 and O3):
+        # where both explain them within the noise, the one with fewer cell parameters is named
+        # (the other's extra lines, free areas, fit nothing the data show); once the distortion
+        # splits the lines, the simpler one no longer explains them within the tie (scaled, as
+        # below, by the misfit left: lines no phase searched so far explains, the current
+        # collector's, are taken up a little better by the one with more lines and free areas)
+        loose = best + (2 * np.sqrt(2 * n_valid) + fit.bic_threshold) * max(1.0, best / max(n_valid, 1))
+        simpler = [t for t in found if t[1] != p and t[3] <= loose and (p, t[1]) in m.confusable
+                   and len(m.free[t[1]]) < len(m.free[p])]
+        if simpler:
+            other = tied[0]
+            dist, p, cell, _ = min(simpler, key=lambda t: (len(m.free[t[1]]), t[0]))
+            fr.named[p] = (other[1], dist, other[0], "simpler")
         similar = {b for a, b, _, _ in m.order if a == p}
         rival = next((t for t in tied[1:] if t[1] in similar), None)
         unseen = [r for r in range(m.P) if np.array_equal(st.cell[r], m.cell0[r])]
@@ -621,10 +635,9 @@ def _join(m: PhaseModel, fr: "_Frame", present: list[int], absent: list[int], de
             # collector's) inflate the chi-square of every search alike: two similar phases
             # fitted to the same lines then differ by more than the noise. Within the tie scaled
             # by the misfit left, the other stays a rival for the whole-series naming check
-            loose = best + (2 * np.sqrt(2 * n_valid) + fit.bic_threshold) * max(1.0, best / max(n_valid, 1))
             rival = next((t for t in found if t[1] in similar and t[1] != p and t[3] <= loose), None)
             which = "fit"
-        if rival is not None:
+        if rival is not None and not simpler:
             # (distances from each phase's last cell: the typed one until the phase is seen)
             typed = p in unseen and rival[1] in unseen
             if typed and m.naming.get(frozenset((p, rival[1]))) == rival[1]:
@@ -831,7 +844,10 @@ def _present_text(m: PhaseModel, fr: "_Frame", p: int, gain: float, found_now: s
     if p in found_now and p in fr.named:
         # the lines could have been either phase's: say why they carry this name
         q, d_p, d_q, which = fr.named[p]
-        if which == "series":
+        if which == "simpler":
+            text += (f"; named {m.phases[p].name}, not {m.phases[q].name}: fewer cell parameters explain its lines "
+                     f"within the noise (typed cells {d_p:.2f} against {d_q:.2f} of the search range)")
+        elif which == "series":
             text += (f"; named {m.phases[p].name}, not {m.phases[q].name}, by the whole-series naming check "
                      f"(typed cells {d_p:.2f} against {d_q:.2f} of the search range)")
         elif which == "fit":
@@ -909,7 +925,7 @@ def _finish(m: PhaseModel, fr: "_Frame", res, present: list[int], decision: list
     ok = bool(res.status[0] != -1)
     message = "" if res.status[0] == 1 else f"no convergence in {fit.max_iter} iterations"
     out = _result(m, fr, res.p[0], res.cov[0], keep, decision, ok, message)
-    out.named = next(((p, q) for p, (q, _, _, which) in fr.named.items() if keep[p] and which != "last"), None)
+    out.named = next(((p, q) for p, (q, _, _, which) in fr.named.items() if keep[p] and which not in ("last", "simpler")), None)
     alone = [p for p in present if m.phases[p].fraction]
     if ok and len(alone) == 1:
         # the only phase (with a fraction) present: its areas are its own relative intensities

@@ -259,7 +259,8 @@ class PhaseFitter:
         from there, an absent one searched for around its cell in the forward pass), until the
         phase is absent in both passes for two frames; every frame keeps the solution with the
         lower BIC (by more than 2) and says so in its decisions, unless it swaps a phase for one
-        it could be confused with (one gone, the other come: the same lines under another name).
+        it could be confused with (one gone, the other come: the same lines under another name;
+        ``PhaseModel.confusable``, phases of any crystal systems with lines in one window).
 
         ``stored``: the phase arrays of rows ``0:n`` (``phase_bic`` included, ``done``);
         ``read(start, stop)``: the intensity and esd (NaN if none) of those rows on the run's
@@ -313,7 +314,7 @@ class PhaseFitter:
             # going forward gone, the other come) is a label swap, not a better solution: the
             # two explain the same lines
             swap = any(res.present[q] and not present[j, q] and present[j, p] and not res.present[p]
-                       for p, q, _, _ in m.order)
+                       for p, q in m.confusable)
             if new_bic < bic[j] - 2.0 and not swap:
                 res.decision = [d + f" (going back from frame {s_row})" if d else d for d in res.decision]
                 revised[j], states[j] = res, res.state

@@ -450,6 +450,13 @@ class PhaseModel:
                             self.order.append((p, q, j, float(sign)))
         #: the configured order of each pair and parameter
         self.order_sign = {(p, q, j): s for p, q, j, s in self.order}
+        #: pairs of phases that can take each other's lines: a pair above, or two with lines in
+        #: one window (of any crystal systems: a monoclinic O'3 can put lines on each of an O3's
+        #: in the windows a user draws around both)
+        share = [{w for w in range(self.W) if self.windows[w].x.size and self._refl_of[p][w].size}
+                 for p in range(self.P)]
+        self.confusable = {(p, q) for p, q, _, _ in self.order} | {
+            (p, q) for p in range(self.P) for q in range(self.P) if p != q and share[p] & share[q]}
 
     def _pure_windows(self) -> None:
         """Per ordered pair and parameter ``j``, the windows with data in which both phases have
