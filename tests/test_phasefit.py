@@ -353,6 +353,31 @@ def test_any_crystal_system_triclinic_from_typed_cells(error):
     assert np.all(np.abs(err[:3]) < 3e-4) and np.all(np.abs(err[3:]) < 0.01), err
 
 
+def _parent_to_distorted(rng, lam: float, frac: np.ndarray, parent: tuple, distorted: tuple):
+    """A 1D series (5-20° 2θ) in which ``parent`` turns into ``distorted`` (each ``(name, frame
+    -> reflections)``), the latter's fraction ``frac`` per frame: every reflection's area drawn
+    once per phase (30-300 times its multiplicity), lines 1.6x broader where the two coexist, Al
+    lines, Poisson noise over a background of 800 counts."""
+    from xrdpipe.crystallography import reflections, tth_from_d
+    from xrdpipe.run.store import Patterns
+    from xrdpipe.testing import pattern_1d
+
+    n, tth = frac.size, np.linspace(5, 20, 5000)
+    areas: dict = {}
+    y = []
+    for i in range(n):
+        wide = 1.6 if 0 < frac[i] < 1 else 1.0
+        peaks = [{"tth_deg": float(tth_from_d(d, lam)), "fwhm_scale": wide,
+                  "area": areas.setdefault((name, h, k, l), rng.uniform(30, 300) * mult) * share * 3}
+                 for (name, lines), share in ((parent, 1 - frac[i]), (distorted, frac[i]))
+                 for h, k, l, d, mult in lines(i)]
+        peaks += [{"tth_deg": float(tth_from_d(d, lam)), "area": 400.0} for *_, d, _ in reflections("Fm-3m", 4.0495, None, 2.0)]
+        y.append(rng.poisson(pattern_1d(tth, peaks, background=800.0)).astype(float))
+    y = np.array(y)
+    return Patterns(tth, "2th_deg", lam, y, np.sqrt(np.maximum(y, 1)),
+                    {"status": np.ones(n, int), "message": np.array([""] * n, dtype=object), "time_s": np.arange(n) * 20.0})
+
+
 def test_monoclinic_phase_beside_its_hexagonal_parent_over_a_series():
     """O3 (R-3m) -> O'3 (C2/m, its monoclinic distortion) over 30 frames, both cells typed off
     (O3 1 % in a and 2 % in c, O'3 0.7-1.1 % and 0.3° in β), basal lines 1.3 % apart, 1.6x
@@ -362,9 +387,7 @@ def test_monoclinic_phase_beside_its_hexagonal_parent_over_a_series():
     on each of O3's in these windows: in this series (1 of 8 drawn alike) the backward pass
     replaced O3 by O'3 in the last O3-only frame (a lower BIC), because only phases of one
     crystal system counted as ones that could take each other's lines."""
-    from xrdpipe.crystallography import reflections, tth_from_d
-    from xrdpipe.run.store import Patterns
-    from xrdpipe.testing import pattern_1d
+    from xrdpipe.crystallography import reflections
 
     lam, n = 0.6884, 30
     rng = np.random.default_rng(1)
@@ -375,23 +398,9 @@ def test_monoclinic_phase_beside_its_hexagonal_parent_over_a_series():
     mono_cells = np.column_stack([mono[0] * (1 + 0.003 * late), mono[1] * (1 - 0.003 * late),
                                   np.full(n, mono[2]), mono[3] + 0.2 * late])
     frac = np.clip((np.arange(n) - 8) / 14, 0, 1)           # O'3's
-    tth = np.linspace(5, 20, 5000)
-    areas: dict = {}
-    y = []
-    for i in range(n):
-        wide = 1.6 if 0 < frac[i] < 1 else 1.0
-        peaks = [{"tth_deg": float(tth_from_d(d, lam)), "fwhm_scale": wide,
-                  "area": areas.setdefault(("O3", h, k, l), rng.uniform(30, 300) * mult) * (1 - frac[i]) * 3}
-                 for h, k, l, d, mult in reflections("R-3m", *hex_cells[i], 2.0)]
-        a, b, c, beta = mono_cells[i]
-        peaks += [{"tth_deg": float(tth_from_d(d, lam)), "fwhm_scale": wide,
-                   "area": areas.setdefault(("O'3", h, k, l), rng.uniform(30, 300) * mult) * frac[i] * 3}
-                  for h, k, l, d, mult in reflections("C2/m", a, c, 2.0, b_A=b, beta_deg=beta)]
-        peaks += [{"tth_deg": float(tth_from_d(d, lam)), "area": 400.0} for *_, d, _ in reflections("Fm-3m", 4.0495, None, 2.0)]
-        y.append(rng.poisson(pattern_1d(tth, peaks, background=800.0)).astype(float))
-    y = np.array(y)
-    pat = Patterns(tth, "2th_deg", lam, y, np.sqrt(np.maximum(y, 1)),
-                   {"status": np.ones(n, int), "message": np.array([""] * n, dtype=object), "time_s": np.arange(n) * 20.0})
+    pat = _parent_to_distorted(rng, lam, frac, ("O3", lambda i: reflections("R-3m", *hex_cells[i], 2.0)),
+                               ("O'3", lambda i: reflections("C2/m", mono_cells[i, 0], mono_cells[i, 2], 2.0,
+                                                             b_A=mono_cells[i, 1], beta_deg=mono_cells[i, 3])))
     windows = [WindowSpec(name=f"w{i}", range=r, peaks=lab) for i, (r, lab) in enumerate([
         ((7.104566320228605, 7.686850175765497), ["O3 003", "O'3 001"]),
         ((13.832480069751744, 14.332480069751744), ["O'3 -201"]),
@@ -428,8 +437,6 @@ def test_orthorhombic_phase_does_not_take_the_lines_of_its_hexagonal_parent():
     Å (c), P'2's within 3e-4 Å (a, b) and 1e-3 Å (c) (medians where a phase holds 30 %),
     fractions within 0.02 (mean) where they coexist."""
     from xrdpipe.crystallography import reflections, tth_from_d
-    from xrdpipe.run.store import Patterns
-    from xrdpipe.testing import pattern_1d
 
     lam, n = 0.6884, 30
     rng = np.random.default_rng(1)
@@ -438,22 +445,8 @@ def test_orthorhombic_phase_does_not_take_the_lines_of_its_hexagonal_parent():
     p2 = np.column_stack([2.90 * (1 - 0.004 * early), 11.15 * (1 + 0.003 * early)])                   # a, c
     o2 = np.column_stack([2.86 * (1 + 0.003 * late), 5.30 * (1 - 0.003 * late), np.full(n, 11.25)])   # a, b, c
     frac = np.clip((np.arange(n) - 8) / 14, 0, 1)            # P'2's
-    tth = np.linspace(5, 20, 5000)
-    areas: dict = {}
-    y = []
-    for i in range(n):
-        wide = 1.6 if 0 < frac[i] < 1 else 1.0
-        peaks = [{"tth_deg": float(tth_from_d(d, lam)), "fwhm_scale": wide,
-                  "area": areas.setdefault(("P2", h, k, l), rng.uniform(30, 300) * mult) * (1 - frac[i]) * 3}
-                 for h, k, l, d, mult in reflections("P6_3/mmc", *p2[i], 2.0)]
-        peaks += [{"tth_deg": float(tth_from_d(d, lam)), "fwhm_scale": wide,
-                   "area": areas.setdefault(("P'2", h, k, l), rng.uniform(30, 300) * mult) * frac[i] * 3}
-                  for h, k, l, d, mult in reflections("Cmcm", o2[i, 0], o2[i, 2], 2.0, b_A=o2[i, 1])]
-        peaks += [{"tth_deg": float(tth_from_d(d, lam)), "area": 400.0} for *_, d, _ in reflections("Fm-3m", 4.0495, None, 2.0)]
-        y.append(rng.poisson(pattern_1d(tth, peaks, background=800.0)).astype(float))
-    y = np.array(y)
-    pat = Patterns(tth, "2th_deg", lam, y, np.sqrt(np.maximum(y, 1)),
-                   {"status": np.ones(n, int), "message": np.array([""] * n, dtype=object), "time_s": np.arange(n) * 20.0})
+    pat = _parent_to_distorted(rng, lam, frac, ("P2", lambda i: reflections("P6_3/mmc", *p2[i], 2.0)),
+                               ("P'2", lambda i: reflections("Cmcm", o2[i, 0], o2[i, 2], 2.0, b_A=o2[i, 1])))
     # windows as a user draws them: 0.25° beyond each group of lines of both phases
     lines = sorted([(float(tth_from_d(d, lam)), f"P2 {h}{k}{l}") for h, k, l, d, _ in reflections("P6_3/mmc", *p2[0], 2.2)]
                    + [(float(tth_from_d(d, lam)), f"P'2 {h}{k}{l}")
