@@ -620,8 +620,10 @@ def _join(m: PhaseModel, fr: "_Frame", present: list[int], absent: list[int], de
         # below, by the misfit left: lines no phase searched so far explains, the current
         # collector's, are taken up a little better by the one with more lines and free areas)
         loose = best + (2 * np.sqrt(2 * n_valid) + fit.bic_threshold) * max(1.0, best / max(n_valid, 1))
+        # (phases of the electrode: the current collector's lines are its own, and it joins in
+        # its turn)
         simpler = [t for t in found if t[1] != p and t[3] <= loose and (p, t[1]) in m.confusable
-                   and len(m.free[t[1]]) < len(m.free[p])]
+                   and m.phases[p].fraction and m.phases[t[1]].fraction and len(m.free[t[1]]) < len(m.free[p])]
         if simpler:
             other = tied[0]
             dist, p, cell, _ = min(simpler, key=lambda t: (len(m.free[t[1]]), t[0]))
