@@ -484,3 +484,27 @@ def test_the_odd_part_of_a_windows_misfit_as_numpy_took_it():
                 theta[None], fr.state.cell)[0][0]) * fr.w).tobytes()
     seen = np.array(seen)
     assert np.isfinite(seen).mean() > 0.5 and np.nanmax(seen) > 10
+
+
+def test_compiled_solve_of_a_non_finite_system_gives_nan_not_a_crash():
+    """A least-squares step whose normal equations hold a NaN or an infinity (a model value
+    overflowed in one trial row): NaN, as NumPy's solve gives, which the iterations take as a
+    failed step. Numba's solve raises there, and the least-squares fallback raised again inside
+    the handler: "Unreachable condition reached (op code RERAISE executed)" stopped the whole
+    fit of the series (seen on a P'2 -> P2 series while trying a search rule)."""
+    from xrdpipe.kernels.phase import _lm_solve
+
+    assert np.all(np.isnan(_lm_solve(np.full((3, 3), np.nan), np.ones(3))))
+    assert np.all(np.isnan(_lm_solve(np.eye(2), np.array([np.inf, 1.0]))))
+    np.testing.assert_array_equal(_lm_solve(np.array([[2.0, 0.0], [0.0, 4.0]]), np.ones(2)), [0.5, 0.25])
+    np.testing.assert_array_equal(_lm_solve(np.array([[1.0, 0.0], [0.0, 0.0]]), np.ones(2)), [1.0, 0.0])   # singular
+
+
+def test_a_kernel_divides_by_zero_as_numpy_does():
+    """A line of zero width (a trial row at its lower bound): inf or NaN in that row, as NumPy
+    gives, not a ZeroDivisionError out of the compiled kernel that ends the whole fit."""
+    from xrdpipe.kernels.phase import add_lines
+
+    out = np.zeros(3)
+    add_lines(np.array([0.9, 1.0, 1.1]), np.array([1.0]), np.array([0.0]), np.array([1.0]), np.array([0.5]), out)
+    assert not np.all(np.isfinite(out))

@@ -1,4 +1,4 @@
-"""Numba's ``njit(nogil=True)`` with a best-effort on-disk cache (:func:`_kernel`), and the
+"""Numba's ``njit(nogil=True)`` with NumPy's division rules and a best-effort on-disk cache (:func:`_kernel`), and the
 pseudo-Voigt constants the kernels share."""
 
 from __future__ import annotations
@@ -20,8 +20,11 @@ class _BestEffortCache(FunctionCache):
 
 
 def _kernel(fn):
-    """``njit(nogil=True)`` with the best-effort disk cache."""
-    compiled = njit(nogil=True)(fn)
+    """``njit(nogil=True)`` with the best-effort disk cache, and NumPy's rules for a division by
+    zero (inf or NaN, which the callers treat as a failed row or step; Numba's default raises
+    ZeroDivisionError out of the kernel, and one trial row's zero width stopped a whole series'
+    fit)."""
+    compiled = njit(nogil=True, error_model="numpy")(fn)
     try:
         compiled._cache = _BestEffortCache(compiled.py_func)   # what cache=True sets, guarded
     except RuntimeError:       # no writable cache location at all: compiled at every start

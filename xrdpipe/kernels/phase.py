@@ -25,7 +25,7 @@ _SERIES_C0 = np.array([2.0 / ((2 * n + 1) * (2 * n + 2)) for n in range(19)])   
 _SERIES_C1 = np.array([1.0 / (n + 1) for n in range(19)])                       # (2n + 1) times those
 
 
-@njit(inline="always", nogil=True)
+@njit(inline="always", nogil=True, error_model="numpy")
 def _pv_terms(xj, c, inv_f, area, eta):  # pragma: no cover - compiled
     """One line (area-normalised pseudo-Voigt times its area) at one point: its value and its
     derivatives in area, FWHM, eta and centre."""
@@ -45,7 +45,7 @@ def _pv_terms(xj, c, inv_f, area, eta):  # pragma: no cover - compiled
     return val, d_area, d_fwhm, d_eta, d_c
 
 
-@njit(inline="always", nogil=True)
+@njit(inline="always", nogil=True, error_model="numpy")
 def _gauss_antiderivatives(t, f, inv_f):  # pragma: no cover - compiled
     """At ``t`` = x - c from the centre of an area-normalised Gaussian of FWHM ``f``: its
     cumulative distribution ``F`` and the antiderivative ``H`` of that (``H' = F``)."""
@@ -59,7 +59,7 @@ def _gauss_antiderivatives(t, f, inv_f):  # pragma: no cover - compiled
     return 0.5 * tail, 0.5 * f * (u * tail + math.exp(-ku * ku) * _INV_K_SQRT_PI)
 
 
-@njit(inline="always", nogil=True)
+@njit(inline="always", nogil=True, error_model="numpy")
 def _lorentz_antiderivatives(t, f, inv_f):  # pragma: no cover - compiled
     """:func:`_gauss_antiderivatives` of an area-normalised Lorentzian of FWHM ``f``."""
     u = t * inv_f
@@ -67,7 +67,7 @@ def _lorentz_antiderivatives(t, f, inv_f):  # pragma: no cover - compiled
     return 0.5 + at / math.pi, f * (0.5 * u + (u * at - 0.25 * math.log1p(4.0 * u * u)) / math.pi)
 
 
-@njit(inline="always", nogil=True)
+@njit(inline="always", nogil=True, error_model="numpy")
 def _lorentz_series(t, gam, b):  # pragma: no cover - compiled
     """An area-normalised Lorentzian of half-width ``gam`` averaged over a triangle of half-width
     ``b`` at ``t`` = x - c, where |t - i gam| > 3 b: the average and its derivatives in the
@@ -116,7 +116,7 @@ def _lorentz_series(t, gam, b):  # pragma: no cover - compiled
     return (zr * s0i + zi * s0r) / math.pi, wi / math.pi, 0.5 * wr / math.pi
 
 
-@njit(inline="always", nogil=True)
+@njit(inline="always", nogil=True, error_model="numpy")
 def _second_difference(t0, b, f, inv_f, lorentz):  # pragma: no cover - compiled
     """The Gaussian's (or, ``lorentz``, the Lorentzian's) average over the triangle of
     half-width ``b`` at ``t0``, and its derivatives in the centre and the FWHM: the second
@@ -138,7 +138,7 @@ def _second_difference(t0, b, f, inv_f, lorentz):  # pragma: no cover - compiled
     return s_h * inv_b2, -s_f * inv_b2, s_hf * inv_b2 * inv_f
 
 
-@njit(inline="always", nogil=True)
+@njit(inline="always", nogil=True, error_model="numpy")
 def _line_terms(xj, c, inv_f, area, eta, b):  # pragma: no cover - compiled
     """One line at point ``xj`` as an integrated bin sees it: the area-normalised pseudo-Voigt
     averaged over a triangle of half-width ``b`` centred on ``xj`` (the pixels' area, their
@@ -440,7 +440,7 @@ def windows_linear(x, hw, tpow, nbg, y, wt, win_lo, win_hi, line_lo, line_hi, ce
             chi2[t, v] = c2[t]
 
 
-@njit(inline="always", nogil=True)
+@njit(inline="always", nogil=True, error_model="numpy")
 def _window_trials(x, hw, bg, y, w, cen, fw, eta, keep, coef, chi2):  # pragma: no cover - compiled
     """Weighted least squares of one window at many trials, the areas not negative.
 
@@ -518,7 +518,7 @@ def _window_trials(x, hw, bg, y, w, cen, fw, eta, keep, coef, chi2):  # pragma: 
         chi2[t] = total
 
 
-@njit(inline="always", nogil=True)
+@njit(inline="always", nogil=True, error_model="numpy")
 def _nonnegative_solve(h, r, on, n, diag, hs, rs, out):  # pragma: no cover - compiled
     """``h out = r`` over the columns ``on`` (the others 0), the first ``n`` not negative: a
     negative one is dropped and the system solved again (twice), then clipped at 0. The system
@@ -549,7 +549,7 @@ def _nonnegative_solve(h, r, on, n, diag, hs, rs, out):  # pragma: no cover - co
         out[i] = max(out[i], 0.0)
 
 
-@njit(nogil=True)
+@njit(nogil=True, error_model="numpy")
 def _angle_terms(alpha, beta, gamma):  # pragma: no cover - compiled
     """The cosines and sines of a cell's angles (degrees) and 1 - cos²α - cos²β - cos²γ + 2 cos α
     cos β cos γ: what the reciprocal metric takes from the angles (see :func:`_d_spacing`)."""
@@ -559,7 +559,7 @@ def _angle_terms(alpha, beta, gamma):  # pragma: no cover - compiled
     return ca, cb, cg, sa, sb, sg, 1 - ca**2 - cb**2 - cg**2 + 2 * ca * cb * cg
 
 
-@njit(nogil=True)
+@njit(nogil=True, error_model="numpy")
 def _d_spacing(h, k, l, a, b, c, ca, cb, cg, sa, sb, sg, vol2):  # pragma: no cover - compiled
     """The d-spacing of (hkl) from the reciprocal metric tensor, the angles' terms given."""
     inv_d2 = (h * h * sa**2 / a**2 + k * k * sb**2 / b**2 + l * l * sg**2 / c**2
@@ -568,7 +568,7 @@ def _d_spacing(h, k, l, a, b, c, ca, cb, cg, sa, sb, sg, vol2):  # pragma: no co
     return 1.0 / np.sqrt(inv_d2) if inv_d2 > 0 else (np.inf if inv_d2 == 0 else np.nan)
 
 
-@njit(nogil=True)
+@njit(nogil=True, error_model="numpy")
 def _position_of_d(d, zero, wavelength, unit, displacement):  # pragma: no cover - compiled
     """A d-spacing's position on the run's axis (see :func:`radial_positions`)."""
     rad = np.pi / 180.0
@@ -796,10 +796,14 @@ def phase_lm(x, hw, y, wt, tpow, win_lo, win_hi, wcol_ptr, wcols, nbg, lbg, line
                 na += 1
 
 
-@njit(nogil=True)
+@njit(nogil=True, error_model="numpy")
 def _lm_solve(a, b):  # pragma: no cover - compiled
     """``a x = b`` by LAPACK (as ``np.linalg.solve``), by least squares where it is singular
-    (NumPy's default cut of small singular values: machine epsilon times the larger size)."""
+    (NumPy's default cut of small singular values: machine epsilon times the larger size); NaN
+    where ``a`` or ``b`` is not finite, as NumPy's solve gives (Numba's raises, and an exception
+    raised again in the handler stopped the whole run with "Unreachable condition reached")."""
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        return np.full(b.shape[0], np.nan)
     try:
         return np.linalg.solve(a, b)
     except Exception:
@@ -825,7 +829,7 @@ def add_lines(x, cen, fw, area, eta, out):  # pragma: no cover - compiled
         out[j] += _row_sum(v)
 
 
-@njit(inline="always", nogil=True)
+@njit(inline="always", nogil=True, error_model="numpy")
 def _row_sum(v):  # pragma: no cover - compiled
     """``v.sum()`` for a short contiguous row as NumPy's pairwise sum takes it (up to 128
     terms: sequential below eight; else eight running sums over the first multiple of eight,
