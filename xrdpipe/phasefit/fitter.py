@@ -19,7 +19,7 @@ from ..peaks import PEAK_FIELDS, PeakTable, WindowSetupError, concat_tables
 from .decide import _bic, _misfit, fit_frame
 from .frame import FrameResult, _Frame
 from .model import _BACKWARD_MAX, _CELL_INDEX, PhaseModel, PhaseState
-from .solve import _held, _volume, centre_esd, d_of, initial_state, least_squares
+from .solve import _failed, _held, _volume, centre_esd, d_of, initial_state, least_squares
 from .tails import far_tails
 
 # ----------------------------------------------------------------------------------------------
@@ -138,8 +138,8 @@ class PhaseFitter:
         with threadpool_limits(1):        # small matrices: BLAS threads only get in each other's way
             for i in range(n):
                 if usable[i]:
-                    res = fit_frame(m, intensity[i, cols], None if sigma is None else sigma[i, cols], self.state,
-                                    self.fit)
+                    res = _guarded(m, intensity[i, cols], None if sigma is None else sigma[i, cols], self.state,
+                                   self.fit, f"frame {int(np.asarray(frame)[i])}")
                     self._record(i, res, values, present, success, redchi, message, ph)
                     self.state = res.state
                 else:
@@ -308,7 +308,8 @@ class PhaseFitter:
                 continue
             y = intensity[j - lo, cols]
             e = sigma[j - lo, cols]
-            res = fit_frame(m, y, e if np.isfinite(e).any() else None, carry, fit, _nearest_cells(present, cell, j))
+            res = _guarded(m, y, e if np.isfinite(e).any() else None, carry, fit, f"row {j} going back",
+                           _nearest_cells(present, cell, j))
             new_bic = _bic(m, res) if res.success else np.inf
             # a phase that takes the place of one it could be confused with (the one there
             # going forward gone, the other come) is a label swap, not a better solution: the
@@ -382,7 +383,8 @@ class PhaseFitter:
         zeros, errs = [], []
         state = initial_state(m, start)
         for i in range(y.shape[0]):
-            res = fit_frame(m, y[i], None if sigma is None else sigma[i], state, self.fit)
+            res = _guarded(m, y[i], None if sigma is None else sigma[i], state, self.fit,
+                           f"the zero shift's estimate, its frame {i}")
             if not res.success or not res.present.any():
                 continue
             state = res.state
@@ -562,6 +564,25 @@ def naming_verdict(m: PhaseModel, first: dict, other: dict, pair: Sequence[int],
 
 #: How every note of the naming check in a frame's decision begins (:meth:`NamingVerdict.note`).
 NAMING_NOTE = "; the whole series named "
+
+
+def _guarded(m: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state: PhaseState, fit: FitSpec, where: str,
+             centre: np.ndarray | None = None) -> FrameResult:
+    """:func:`fit_frame`, with an error raised inside it (a bug, a numerical corner no test
+    reached) recorded as that frame's failure, its message naming the error, and the series
+    going on from the state before it: one frame never ends a 5,000-frame fit. (An interrupt,
+    Ctrl-C, is not caught.)"""
+    try:
+        return fit_frame(m, y, sigma, state, fit, centre)
+    except Exception as exc:            # noqa: BLE001 - recorded as the frame's failure, see above
+        import warnings
+
+        text = f"fit failed: {type(exc).__name__}: {exc}".strip()
+        warnings.warn(f"phase model, {where}: {text}; recorded as a failed frame, the fit goes on",
+                      RuntimeWarning, stacklevel=2)
+        res = _failed(m, state, text)
+        res.decision = [text] * m.P
+        return res
 
 
 def _backward_starts(m: PhaseModel, fit: FitSpec, stored: dict, present: np.ndarray) -> dict[int, list[int]]:
