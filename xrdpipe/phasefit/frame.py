@@ -483,7 +483,8 @@ class _Frame:
         reflections of ``p`` depend on nothing but the parameters searched so far (``known``;
         the 00l lines for c): a strong line placed by a parameter not yet searched must not pull
         this one astray. Where none of those has a line that ``i`` moves (a monoclinic a after c:
-        every window with a line of a (200) has one of β too (-201)), the windows with such a
+        every window with a line of a (200) has one of β too (-201)), or there is none of those
+        (an orthorhombic a first: every window mixes its h00 with hkl lines), the windows with such a
         line, each with only its lines that depend on nothing else unknown (the others left out
         of the round's model, their data unexplained alike at every trial): the second
         parameter's round otherwise listened to the 00l window alone, moved nothing, and β was
