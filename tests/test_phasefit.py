@@ -248,26 +248,37 @@ def test_fractions_in_coexistence_have_esds_and_a_method():
     assert all(str(d).startswith(("present", "absent")) for d in lat.presence[:, i])
 
 
+def _as_patterns(tth: np.ndarray, lam: float, y: np.ndarray):
+    """Frames ``y`` (n, points) of counts on ``tth`` as a run's patterns, Poisson esds, 20 s apart."""
+    from xrdpipe.run.store import Patterns
+
+    n = y.shape[0]
+    return Patterns(tth, "2th_deg", lam, y, np.sqrt(np.maximum(y, 1)),
+                    {"status": np.ones(n, int), "message": np.array([""] * n, dtype=object), "time_s": np.arange(n) * 20.0})
+
+
+def _one_frame(tth: np.ndarray, lam: float, refl, rng, al_d_min: float | None = None):
+    """One frame of the reflections ``refl`` ((h, k, l, d, multiplicity) rows), each area drawn
+    (20-200 times its multiplicity), with the Al collector's lines down to ``al_d_min`` (area
+    300; None: none), over a background of 500 counts, Poisson noise."""
+    from xrdpipe.crystallography import reflections, tth_from_d
+    from xrdpipe.testing import pattern_1d
+
+    peaks = [{"tth_deg": float(tth_from_d(d, lam)), "area": float(mult * rng.uniform(20, 200))} for *_, d, mult in refl]
+    if al_d_min is not None:
+        peaks += [{"tth_deg": float(tth_from_d(d, lam)), "area": 300.0} for *_, d, _ in reflections("Fm-3m", 4.0495, None, al_d_min)]
+    return _as_patterns(tth, lam, rng.poisson(pattern_1d(tth, peaks, background=500.0)).astype(float)[None])
+
+
 def _lfp_beside_al() -> tuple:
     """One 1D frame of an orthorhombic (Pnma, LiFePO4-like) phase beside the cubic Al collector
     (λ 0.6209 Å), every reflection's area drawn, and five windows of several lines each: the
     true cell (a, b, c), the pattern and the windows."""
-    from xrdpipe.crystallography import reflections, tth_from_d
-    from xrdpipe.run.store import Patterns
-    from xrdpipe.testing import pattern_1d
+    from xrdpipe.crystallography import reflections
 
     lam, true = 0.6209, (10.33, 6.01, 4.69)
-    rng = np.random.default_rng(3)
-    peaks = []
-    for h, k, l, d, mult in reflections("Pnma", true[0], true[2], 1.2, b_A=true[1]):
-        tth = tth_from_d(d, lam)
-        peaks.append({"tth_deg": float(tth), "area": float(mult * rng.uniform(20, 200))})
-    for h, k, l, d, mult in reflections("Fm-3m", 4.0495, None, 1.2):
-        peaks.append({"tth_deg": float(tth_from_d(d, lam)), "area": 300.0})
-    tth = np.linspace(5, 30, 6000)
-    y = rng.poisson(pattern_1d(tth, peaks, background=500.0)).astype(float)
-    pat = Patterns(tth, "2th_deg", lam, y[None], np.sqrt(np.maximum(y, 1))[None],
-                   {"status": np.ones(1, int), "message": np.array([""], dtype=object), "time_s": np.zeros(1)})
+    pat = _one_frame(np.linspace(5, 30, 6000), lam, reflections("Pnma", true[0], true[2], 1.2, b_A=true[1]),
+                     np.random.default_rng(3), al_d_min=1.2)
     windows = [WindowSpec(name=f"w{i}", range=r, peaks=lab) for i, (r, lab) in enumerate([
         ((6.4, 9.4), ["LFP 200", "LFP 101"]), ((9.4, 12.4), ["LFP 211"]), ((12.5, 14.35), ["LFP 311"]),
         ((14.8, 15.5), ["LFP 002", "Al 111"]), ((17.3, 18.0), ["LFP 212", "Al 200"])])]
@@ -319,19 +330,11 @@ def test_any_crystal_system_monoclinic_from_typed_cells(error):
     fifth, until an end of a search range scoring below every interior basin was searched
     finely (a's basin just inside the range, the interior "minimum" only the pull to the typed
     cell). Of 64 random starts of this kind 13 failed before, none after."""
-    from xrdpipe.crystallography import reflections, tth_from_d
-    from xrdpipe.run.store import Patterns
-    from xrdpipe.testing import pattern_1d
+    from xrdpipe.crystallography import reflections
 
     lam, true = 0.6884, np.array([5.63, 2.86, 5.77, 112.9])
-    rng = np.random.default_rng(7)
-    peaks = [{"tth_deg": float(tth_from_d(d, lam)), "area": float(mult * rng.uniform(20, 200))}
-             for h, k, l, d, mult in reflections("C2/m", true[0], true[2], 1.3, b_A=true[1], beta_deg=true[3])]
-    peaks += [{"tth_deg": float(tth_from_d(d, lam)), "area": 300.0} for *_, d, _ in reflections("Fm-3m", 4.0495, None, 1.3)]
-    tth = np.linspace(5, 32, 7000)
-    y = rng.poisson(pattern_1d(tth, peaks, background=500.0)).astype(float)
-    pat = Patterns(tth, "2th_deg", lam, y[None], np.sqrt(np.maximum(y, 1))[None],
-                   {"status": np.ones(1, int), "message": np.array([""], dtype=object), "time_s": np.zeros(1)})
+    pat = _one_frame(np.linspace(5, 32, 7000), lam, reflections("C2/m", true[0], true[2], 1.3, b_A=true[1], beta_deg=true[3]),
+                     np.random.default_rng(7), al_d_min=1.3)
     ea, eb, ec, ebeta = error
     phases = [PhaseSpec(name="O'3", space_group="C2/m", a=true[0] * (1 + ea), b=true[1] * (1 + eb),
                         c=true[2] * (1 + ec), beta=true[3] + ebeta), PhaseSpec(name="Al")]
@@ -355,18 +358,11 @@ def test_any_crystal_system_triclinic_from_typed_cells(error):
     and 0.01°. Before an angle moved as a reciprocal one (the other reciprocal angles held),
     each of these was found elsewhere (a 0.4-3 % off); 8 of 38 random starts of this kind
     failed then, none since."""
-    from xrdpipe.crystallography import reflections, tth_from_d
-    from xrdpipe.run.store import Patterns
-    from xrdpipe.testing import pattern_1d
+    from xrdpipe.crystallography import reflections
 
     lam, true = 0.6884, np.array([5.10, 6.30, 7.20, 98.0, 104.0, 88.0])
-    rng = np.random.default_rng(7)
     refl = reflections("P-1", true[0], true[2], 2.4, b_A=true[1], alpha_deg=true[3], beta_deg=true[4], gamma_deg=true[5])
-    peaks = [{"tth_deg": float(tth_from_d(d, lam)), "area": float(mult * rng.uniform(20, 200))} for *_, d, mult in refl]
-    tth = np.linspace(4, 16, 4500)
-    y = rng.poisson(pattern_1d(tth, peaks, background=500.0)).astype(float)
-    pat = Patterns(tth, "2th_deg", lam, y[None], np.sqrt(np.maximum(y, 1))[None],
-                   {"status": np.ones(1, int), "message": np.array([""], dtype=object), "time_s": np.zeros(1)})
+    pat = _one_frame(np.linspace(4, 16, 4500), lam, refl, np.random.default_rng(7))
     start = np.concatenate([true[:3] * (1 + np.array(error[:3])), true[3:] + np.array(error[3:])])
     phases = [PhaseSpec(name="T", space_group="P-1", **dict(zip(("a", "b", "c", "alpha", "beta", "gamma"), start)))]
     windows = [WindowSpec(name=f"w{i}", range=r, peaks=[f"T {h}" for h in lab]) for i, (r, lab) in enumerate([
@@ -385,7 +381,6 @@ def _parent_to_distorted(rng, lam: float, frac: np.ndarray, parent: tuple, disto
     once per phase (30-300 times its multiplicity), lines 1.6x broader where the two coexist, Al
     lines, Poisson noise over a background of 800 counts."""
     from xrdpipe.crystallography import reflections, tth_from_d
-    from xrdpipe.run.store import Patterns
     from xrdpipe.testing import pattern_1d
 
     n, tth = frac.size, np.linspace(5, 20, 5000)
@@ -399,9 +394,7 @@ def _parent_to_distorted(rng, lam: float, frac: np.ndarray, parent: tuple, disto
                  for h, k, l, d, mult in lines(i)]
         peaks += [{"tth_deg": float(tth_from_d(d, lam)), "area": 400.0} for *_, d, _ in reflections("Fm-3m", 4.0495, None, 2.0)]
         y.append(rng.poisson(pattern_1d(tth, peaks, background=800.0)).astype(float))
-    y = np.array(y)
-    return Patterns(tth, "2th_deg", lam, y, np.sqrt(np.maximum(y, 1)),
-                    {"status": np.ones(n, int), "message": np.array([""] * n, dtype=object), "time_s": np.arange(n) * 20.0})
+    return _as_patterns(tth, lam, np.array(y))
 
 
 def test_monoclinic_phase_beside_its_hexagonal_parent_over_a_series():

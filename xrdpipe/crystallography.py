@@ -43,6 +43,7 @@ __all__ = [
     "RadialAxis",
     "system_cell",
     "d_from_cell",
+    "reciprocal_cell",
     "space_group_name",
 ]
 
@@ -227,6 +228,24 @@ def d_from_cell(h, k, l, cell):
     with np.errstate(divide="ignore", invalid="ignore"):
         out = np.asarray(1.0 / np.sqrt(inv_d2))
     return out if out.ndim else float(out)
+
+
+def reciprocal_cell(cells: np.ndarray) -> np.ndarray:
+    """(T, 6) the reciprocal cells of ``cells`` (T, 6; a, b, c in Å, angles in degrees), or the
+    direct cells of reciprocal ones (the map is its own inverse): a* = bc sin α / V, cos α* =
+    (cos β cos γ - cos α) / (sin β sin γ), and likewise.
+
+    >>> np.round(reciprocal_cell(np.array([[5.0, 3.0, 6.0, 90.0, 120.0, 90.0]]))[0], 4)
+    array([ 0.2309,  0.3333,  0.1925, 90.    , 60.    , 90.    ])
+    """
+    lengths, rad = cells[:, :3], np.radians(cells[:, 3:])
+    cos, sin = np.cos(rad), np.sin(rad)
+    omega = np.sqrt(1 - np.sum(cos ** 2, axis=1) + 2 * np.prod(cos, axis=1))       # V / (abc)
+    out = np.empty_like(cells, dtype=float)
+    out[:, :3] = sin / (lengths * omega[:, None])
+    for j, (k, m) in enumerate(((1, 2), (0, 2), (0, 1))):
+        out[:, 3 + j] = np.degrees(np.arccos(np.clip((cos[:, k] * cos[:, m] - cos[:, j]) / (sin[:, k] * sin[:, m]), -1, 1)))
+    return out
 
 
 def hexagonal_volume(a_A, c_A):

@@ -5,6 +5,7 @@ appeared is strong, and :func:`fit_phases` for an in-memory pattern stack."""
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -135,11 +136,12 @@ class PhaseFitter:
             # fit stage do: on this block's)
             some = np.flatnonzero(usable)[:ZERO_FRAMES]
             self.estimate_zero(intensity[some], None if sigma is None else sigma[some])
+        numbers = np.asarray(frame)
         with threadpool_limits(1):        # small matrices: BLAS threads only get in each other's way
             for i in range(n):
                 if usable[i]:
                     res = _guarded(m, intensity[i, cols], None if sigma is None else sigma[i, cols], self.state,
-                                   self.fit, f"frame {int(np.asarray(frame)[i])}")
+                                   self.fit, f"frame {int(numbers[i])}")
                     self._record(i, res, values, present, success, redchi, message, ph)
                     self.state = res.state
                 else:
@@ -575,8 +577,6 @@ def _guarded(m: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state: Phas
     try:
         return fit_frame(m, y, sigma, state, fit, centre)
     except Exception as exc:            # noqa: BLE001 - recorded as the frame's failure, see above
-        import warnings
-
         text = f"fit failed: {type(exc).__name__}: {exc}".strip()
         warnings.warn(f"phase model, {where}: {text}; recorded as a failed frame, the fit goes on",
                       RuntimeWarning, stacklevel=2)

@@ -20,6 +20,7 @@ from ..crystallography import (
     full_cell,
     parse_hkl,
     q_from_tth,
+    reciprocal_cell,
     reflections,
     tth_from_d,
 )
@@ -761,21 +762,7 @@ def _moving_angle(base: np.ndarray, i: int, values: np.ndarray) -> np.ndarray:
     β), a and c following with a sin β and c sin β held; a triclinic angle is ``values`` to first
     order (moving a direct angle with the reciprocal axes held moves all three reciprocal angles,
     and with them every line but the axial ones)."""
-    star = _reciprocal_cell(np.asarray(base, float)[None])[0]
+    star = reciprocal_cell(np.asarray(base, float)[None])[0]
     t = np.broadcast_to(star, (np.size(values), 6)).copy()
     t[:, i] = star[i] - (np.asarray(values, float) - base[i])
-    return _reciprocal_cell(t)
-
-
-def _reciprocal_cell(cells: np.ndarray) -> np.ndarray:
-    """(T, 6) the reciprocal cells of ``cells`` (T, 6; a, b, c in Å, angles in degrees), or the
-    direct cells of reciprocal ones (the map is its own inverse): a* = bc sin α / V, cos α* =
-    (cos β cos γ - cos α) / (sin β sin γ), and likewise."""
-    lengths, rad = cells[:, :3], np.radians(cells[:, 3:])
-    cos, sin = np.cos(rad), np.sin(rad)
-    omega = np.sqrt(1 - np.sum(cos ** 2, axis=1) + 2 * np.prod(cos, axis=1))       # V / (abc)
-    out = np.empty_like(cells, dtype=float)
-    out[:, :3] = sin / (lengths * omega[:, None])
-    for j, (k, m) in enumerate(((1, 2), (0, 2), (0, 1))):
-        out[:, 3 + j] = np.degrees(np.arccos(np.clip((cos[:, k] * cos[:, m] - cos[:, j]) / (sin[:, k] * sin[:, m]), -1, 1)))
-    return out
+    return reciprocal_cell(t)
