@@ -103,3 +103,8 @@ def test_phase_of_any_crystal_system_needs_only_its_parameters():
         PhaseSpec(name="T", space_group="I4/mmm", a=3.9)
     with pytest.raises(ValueError, match="unknown space group 'Fm-3x'"):
         PhaseSpec(name="X", space_group="Fm-3x", a=4.0)
+    # angles of no cell (140 x 3 add up to 420°; 100 > 65 + 33): named, not NaN cells later on
+    for angles in ((140.0, 140.0, 140.0), (100.0, 65.0, 33.0)):
+        with pytest.raises(ValueError, match=r"phase 'T1': alpha = .* make no cell"):
+            PhaseSpec(name="T1", space_group="P-1", a=5.0, b=6.0, c=7.0, **dict(zip(("alpha", "beta", "gamma"), angles)))
+    assert PhaseSpec(name="T2", space_group="P-1", a=5.0, b=6.0, c=7.0, alpha=100.0, beta=110.0, gamma=95.0).alpha == 100.0

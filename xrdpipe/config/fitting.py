@@ -74,6 +74,16 @@ class PhaseSpec(Spec):
         missing = [f"{k} ({units[k]})" for k in CELL_PARAMETERS[system] if getattr(self, k) is None]
         if missing:
             raise ValueError(f"{self.space_group} is {system}: give {', '.join(missing)}")
+        if system == "triclinic":
+            import math
+
+            cos = [math.cos(math.radians(v)) for v in (self.alpha, self.beta, self.gamma)]
+            omega2 = 1 - sum(c * c for c in cos) + 2 * cos[0] * cos[1] * cos[2]     # (V / abc)²
+            if omega2 <= 1e-6:
+                raise ValueError(
+                    f"phase {self.name!r}: alpha = {self.alpha:g}°, beta = {self.beta:g}°, gamma = {self.gamma:g}° "
+                    f"make no cell (each angle must be less than the sum of the other two and the three "
+                    f"must add up to less than 360°; 1 - cos²α - cos²β - cos²γ + 2 cosα cosβ cosγ = {omega2:.3g})")
         return self
 
     @property
