@@ -560,11 +560,13 @@ def test_hard_series_as_2d_frames_through_the_run_file(tmp_path, scenario, sign)
     # a misfit the model cannot remove (the bins' shape: χ²/ν 4-30 in the strong windows) is in
     # every frame alike: most frames are followed by least squares alone, not searched (each was,
     # 3 frames/s, before the steady path compared a frame's misfit with the last searched one's
-    # and fitted the data less the far tails as the frame before left them); at most eight in a
-    # row, the ninth searched (20-21 of these 40 frames were followed so when the third was)
+    # and fitted the data less the far tails as the frame before left them); eight in a row at
+    # first, the ninth searched, twice as many after each such search that found what following
+    # found (20-21 of these 40 frames were followed so when the third was)
     steady = sum(any("as in the frame last searched" in d for d in row) for row in table.phase["phase_decision"])
     assert steady >= 24, steady
-    assert np.nanmax(table.phase["misfit_ref_run"]) <= 8
+    run, confirmed = table.phase["misfit_ref_run"], table.phase["misfit_ref_confirmed"]
+    assert np.all(np.isnan(run[1:]) | (run[1:] <= np.minimum(8 * 2.0 ** confirmed[:-1], 64))), (run, confirmed)
     # resumed after a frame so followed (the reference misfit carried from the run file), the
     # run ends as the straight one, bit for bit
     straight = tmp_path / "straight.nxs"
@@ -575,7 +577,8 @@ def test_hard_series_as_2d_frames_through_the_run_file(tmp_path, scenario, sign)
     fit_experiment(exp, progress=False)
     assert_same_results(straight, exp.run.run_file)
     again = read_peak_table(exp.run.run_file)
-    for name in ("phase_cell", "phase_cell_err", "phase_present", "misfit_ref", "misfit_ref_run", "state_redchi"):
+    for name in ("phase_cell", "phase_cell_err", "phase_present", "misfit_ref", "misfit_ref_run", "misfit_ref_confirmed",
+                 "state_redchi"):
         np.testing.assert_array_equal(again.phase[name], table.phase[name], err_msg=name)
 
 

@@ -172,7 +172,8 @@ class PhaseFitter:
               "forward_eta": np.full((n, P), np.nan), "forward_ref_area": np.full((n, P, W), np.nan),
               "phase_named": np.full((n, P), np.nan), "phase_misfit": np.full(n, np.nan),
               "zero_err": np.full(n, np.nan), "misfit_ref": np.full((n, W), np.nan),
-              "misfit_ref_run": np.full(n, np.nan), "state_redchi": np.full((n, W), np.nan)}
+              "misfit_ref_run": np.full(n, np.nan), "misfit_ref_confirmed": np.full(n, np.nan),
+              "state_redchi": np.full((n, W), np.nan)}
         return (values, np.zeros((n, n_c), bool), np.zeros((n, W), bool), np.full((n, W), np.nan),
                 np.full((n, W), "", dtype=object), ph)
 
@@ -189,6 +190,7 @@ class PhaseFitter:
         if st.misfit_ref is not None:
             ph["misfit_ref"][i] = st.misfit_ref
             ph["misfit_ref_run"][i] = st.as_before_run
+            ph["misfit_ref_confirmed"][i] = st.as_before_confirmed
         if st.redchi is not None:
             ph["state_redchi"][i] = st.redchi
 
@@ -349,7 +351,7 @@ class PhaseFitter:
             ph["forward_cell"][k], ph["forward_present"][k] = fwd.cell, fwd.present
             ph["forward_fwhm"][k], ph["forward_eta"][k] = fwd.fwhm, fwd.eta
             ph["forward_ref_area"][k] = fwd.ref_area if fwd.ref_area is not None else np.nan
-            for name in ("misfit_ref", "misfit_ref_run", "state_redchi"):      # (the forward pass's, carried on)
+            for name in ("misfit_ref", "misfit_ref_run", "misfit_ref_confirmed", "state_redchi"):  # (the forward pass's)
                 if name in stored:
                     ph[name][k] = stored[name][j]
             if "phase_named" in stored:     # how the forward pass named the phases stays known
@@ -622,6 +624,9 @@ def _stored_state(m: PhaseModel, stored: dict, r: int, forward: bool = False) ->
     if ref is not None and not np.isnan(ref).all():
         st.misfit_ref = np.array(ref, float)
         st.as_before_run = int(stored["misfit_ref_run"][r])
+        # (a run file stored before it was: the allowance starts again from its shortest)
+        confirmed = stored["misfit_ref_confirmed"][r] if "misfit_ref_confirmed" in stored else np.nan
+        st.as_before_confirmed = int(confirmed) if np.isfinite(confirmed) else 0
     # each window's misfit there, what the next frame's search afresh compares with (stored
     # since 2026-12-01: a state stored before has none, and the next frame is not searched afresh)
     redchi = stored["state_redchi"][r] if "state_redchi" in stored else None

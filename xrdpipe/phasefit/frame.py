@@ -150,6 +150,11 @@ class FrameResult:
     #: followed by the steady path because its misfit is as in the frame last searched
     #: (:func:`~xrdpipe.phasefit.decide._misfit_as_before`), not because it fits to its noise
     as_before: bool = False
+    #: the steady path's solution of a frame that would have been followed for its misfit being
+    #: as before, had the frames so followed in a row not reached their allowance: the frame is
+    #: searched, and the search's solution compared with this one
+    #: (:func:`~xrdpipe.phasefit.decide._as_before_allowance`)
+    search_due: bool = False
     #: (M,) the model at ``theta`` on the concatenated windows, where the result was made from
     #: it (:func:`~xrdpipe.phasefit.solve._result`), or None
     fitted: np.ndarray | None = None

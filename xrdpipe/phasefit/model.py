@@ -104,7 +104,10 @@ class PhaseState:
     the last frame not followed for its misfit being as before (searched, or explained to its
     noise), what the steady path compares a frame's misfit with (None where unknown: the first
     frame; stored with each frame, so a resumed run has it); ``as_before_run``, how many frames
-    in a row since that one were followed by the steady path because their misfit was as there."""
+    in a row since that one were followed by the steady path because their misfit was as there;
+    ``as_before_confirmed``, how many searches in a row, each made only because that many frames
+    had been followed so (:func:`~xrdpipe.phasefit.decide._as_before_allowance`), found what
+    following would have found: each doubles the frames followed before the next."""
 
     cell: np.ndarray
     present: np.ndarray
@@ -116,12 +119,14 @@ class PhaseState:
     zero_err: float = np.nan
     misfit_ref: np.ndarray | None = None
     as_before_run: int = 0
+    as_before_confirmed: int = 0
 
     def copy(self) -> "PhaseState":
         return PhaseState(self.cell.copy(), self.present.copy(), self.fwhm.copy(), self.eta.copy(), self.zero,
                           None if self.ref_area is None else self.ref_area.copy(),
                           None if self.redchi is None else self.redchi.copy(), self.zero_err,
-                          None if self.misfit_ref is None else self.misfit_ref.copy(), self.as_before_run)
+                          None if self.misfit_ref is None else self.misfit_ref.copy(), self.as_before_run,
+                          self.as_before_confirmed)
 
 
 @dataclass(frozen=True)

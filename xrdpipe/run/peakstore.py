@@ -236,7 +236,8 @@ def _put_centres(h5) -> None:
 PHASE_DATASETS = ("phase_cell", "phase_cell_err", "phase_present", "phase_area", "phase_area_err", "phase_fwhm",
                   "phase_eta", "zero", "phase_decision", "phase_volume", "phase_volume_err", "phase_ref_area",
                   "phase_bic", "forward_cell", "forward_present", "forward_fwhm", "forward_eta", "forward_ref_area",
-                  "phase_named", "phase_misfit", "zero_err", "misfit_ref", "misfit_ref_run", "state_redchi")
+                  "phase_named", "phase_misfit", "zero_err", "misfit_ref", "misfit_ref_run", "misfit_ref_confirmed",
+                  "state_redchi")
 
 
 def _create_peaks(entry, n: int, windows, peaks, fingerprint: str, phases=None, group: str = PEAKS) -> None:
@@ -276,8 +277,10 @@ def _create_peaks(entry, n: int, windows, peaks, fingerprint: str, phases=None, 
                   "zero_err": (),
                   # the steady path's reference: each window's chi-square per point in the last
                   # frame searched (or explained to its noise), and how many frames since were
-                  # followed for their misfit being as there (what the next frame starts from)
-                  "misfit_ref": (w,), "misfit_ref_run": (),
+                  # followed for their misfit being as there (what the next frame starts from),
+                  # and how many searches in a row made for that run's length alone confirmed
+                  # it (each doubles the next run allowed)
+                  "misfit_ref": (w,), "misfit_ref_run": (), "misfit_ref_confirmed": (),
                   # each window's reduced chi-square handed to the next frame (against the data
                   # its decisions were made on), what a window's rise is measured from
                   "state_redchi": (w,)}
