@@ -344,6 +344,20 @@ def foreign_experiment(folder, scenario: str, n: int = 40, seed: int = 1, counts
     return ForeignExperiment(exp_file, study.states, study.typed, study.lam, ZERO_DEG)
 
 
+def voigt_frame(tth: np.ndarray, lines, rng: np.random.Generator) -> np.ndarray:
+    """One frame of counts at ``tth`` (degrees) of the ``lines`` ((2θ in degrees, area) pairs)
+    as Voigt profiles, mostly Gaussian as a synchrotron's instrument makes them (Gaussian FWHM
+    0.075-0.09° from Caglioti terms, Lorentzian 0.012-0.02°: a pseudo-Voigt fit wants η ≈ 0.1),
+    over a decaying background with a broad amorphous hump at 9°, Poisson noise."""
+    y = 500.0 * (1 + 0.8 * np.exp(-tth / 6)) + 300.0 * np.exp(-0.5 * ((tth - 9.0) / 2.5) ** 2)
+    for t0, area in lines:
+        th = np.radians(t0 / 2)
+        hg = np.sqrt(0.004 - 0.0006 * np.tan(th) + 0.0012 * np.tan(th) ** 2 + 0.0015)
+        hl = 0.012 / np.cos(th) + 0.01 * np.tan(th)
+        y = y + area * voigt_profile(tth - t0, hg / 2.35482, hl / 2)
+    return rng.poisson(y).astype(float)
+
+
 def score(series: ForeignSeries, lat, threshold: float = 0.05, major: float = 0.3) -> dict:
     """Presence right (a phase counts as present from ``threshold`` of fraction), median |Δa|,
     |Δc| where a phase holds ``major``, the coexistence fraction MAE and the share of cell errors

@@ -134,6 +134,31 @@ def test_a_phase_that_vanishes_does_not_take_the_line_its_neighbour_held():
     assert said.startswith("absent: took the place that P''2 held"), said
 
 
+def test_a_phase_on_the_lines_a_similar_one_held_in_the_frame_before_took_its_place():
+    """The guard of the test above: P2 and P''2 both followed, then P2's cell put on P''2's lines
+    of the frame before is named as having taken P''2's place (so it is dropped, not named on
+    P''2's line for the rest of the run); P2 where it was, or moved less than a line width toward
+    P''2, is not."""
+    from xrdpipe.phasefit.frame import _Frame
+    from xrdpipe.phasefit.neighbours import _SAME_LINE, _in_place_of
+    from xrdpipe.phasefit.solve import initial_state
+
+    phases, windows = fit_config("mcm", _hard(1, 1.1, seed=3))
+    m = PhaseModel(phases, windows, radial=np.linspace(3, 24, 5000), unit="2th_deg", wavelength_A=0.6884)
+    p2, pp2 = (m.phases.index(next(p for p in m.phases if p.name == n)) for n in ("P2", "P''2"))
+    st = initial_state(m)
+    st.present[[p2, pp2]] = True
+    st.fwhm[:] = 0.05
+    fr = _Frame(m, np.ones(m.n_points), np.ones(m.n_points), st)
+    cells = st.cell.copy()
+    cells[p2] = st.cell[pp2]
+    took = _in_place_of(m, fr, p2, cells)
+    assert took is not None and took[0] == pp2 and took[1] <= _SAME_LINE, took
+    assert _in_place_of(m, fr, p2, st.cell) is None
+    cells[p2] = st.cell[p2] + 0.1 * (st.cell[pp2] - st.cell[p2])
+    assert _in_place_of(m, fr, p2, cells) is None
+
+
 def test_a_phase_whose_listed_lines_are_empty_is_not_found_after_it_has_gone():
     """P2 -> P''2 1 FWHM apart, P2 typed 1 % (a) and 2 % (c) above, P''2 1 % below: after P2
     has gone, the search found "P2" 2.7 % in c above where it left, explaining a P''2 line with
@@ -314,6 +339,34 @@ def test_any_crystal_system_orthorhombic_from_typed_cells(error):
                         c=true[2] * (1 + error[2])), PhaseSpec(name="Al")]
     table = fit_phases(pat, phases, windows, FitSpec(backward=False))
     assert table.phase["phase_present"][0, 0], table.phase["phase_decision"][0]
+    err = table.phase["phase_cell"][0, 0, :3] - true
+    assert np.all(np.abs(err) < 3e-4), err
+
+
+@pytest.mark.parametrize("error", [(-0.0117, -0.0111, -0.008), (-0.0115, 0.0108, -0.0091), (-0.0116, -0.011, 0.0055)])
+def test_any_crystal_system_orthorhombic_on_voigt_lines(error):
+    """The LiFePO4-like phase beside Al on lines the model does not share (Voigt, mostly
+    Gaussian, 0.08° wide; a curved background with an amorphous hump), typed 0.5-1.2 % off: its
+    cell to 3e-4 Å. Its a heard through the h00 lines alone (weak in this frame) had no basin
+    where the phase is: the search placed a 1.4 % low and b and c to suit it (the first two), or
+    Al on a line of the phase and a cell 8e-4 Å off (the third); 5 of 40 random starts of this
+    kind on two frames failed so, none since the search is run again with b and with c first
+    (the best end kept)."""
+    from foreign_series import voigt_frame
+
+    from xrdpipe.crystallography import reflections, tth_from_d
+
+    true, _, windows = _lfp_beside_al()
+    lam, tth = 0.6209, np.linspace(5, 30, 6000)
+    rng = np.random.default_rng(5 if error[2] < 0 else 3)
+    lines = [(float(tth_from_d(d, lam)), mult * rng.uniform(20, 200))
+             for *_, d, mult in reflections("Pnma", true[0], true[2], 1.2, b_A=true[1])]
+    lines += [(float(tth_from_d(d, lam)), 300.0) for *_, d, _ in reflections("Fm-3m", 4.0495, None, 1.2)]
+    pat = _as_patterns(tth, lam, voigt_frame(tth, lines, rng)[None])
+    phases = [PhaseSpec(name="LFP", space_group="Pnma", **dict(zip("abc", true * (1 + np.array(error))))),
+              PhaseSpec(name="Al")]
+    table = fit_phases(pat, phases, windows, FitSpec(backward=False))
+    assert table.phase["phase_present"][0].all(), table.phase["phase_decision"][0]
     err = table.phase["phase_cell"][0, 0, :3] - true
     assert np.all(np.abs(err) < 3e-4), err
 

@@ -31,6 +31,11 @@ from .model import (
 #: (a child forked from a process that had one has none of its threads: it makes its own)
 _POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
+#: How many orders of its cell parameters a search runs where the first parameter's first round
+#: hears only some of the phase's lines (:meth:`_Frame.search`): the configured order and the
+#: next ones rotated to the front.
+_FIRST_ORDERS = 3
+
 #: Lines x points x trials below which a search round's windows are solved on one thread (at
 #: ~100 ns each, a millisecond: handing the windows to the threads costs more than they save).
 _THREAD_WORK = 10_000
@@ -405,15 +410,21 @@ class _Frame:
         # half-width steps over the range, parameter by parameter, twice (the first round
         # listening only to the windows placed by the parameters searched so far), then
         # fifth-width steps around the best
-        order = m.search_order[p]
-        schedule = ([(n, 0.5, None, True) for n in order] + [(n, 0.5, None, False) for n in order]
+        def schedule_of(order: tuple) -> list:
+            return ([(n, 0.5, None, True) for n in order] + [(n, 0.5, None, False) for n in order]
                     + [(n, 0.2, 1.5, False) for n in order])
+
+        order = m.search_order[p]
+        schedule = schedule_of(order)
         free = [_CELL_INDEX[n] for n in m.free[p]]
+
+        heard_some: list[bool] = []          # (the first round heard some lines only)
 
         def one_round(step: tuple, best_cell: np.ndarray, best: float, coarse: dict, known: set,
                       others_too: bool = False) -> tuple[np.ndarray, float, list]:
             """A round of the schedule from ``best_cell``; with ``others_too``, also the other
-            basins of its grid (polished: (cell, chi-square)) where it listened to some lines only."""
+            basins of its grid (polished: (cell, chi-square)) where it listened to some lines
+            only (and then ``heard_some`` says so)."""
             name, frac, around_best, first = step
             i = _CELL_INDEX[name]
             known.add(i)
@@ -445,6 +456,7 @@ class _Frame:
                                           best_cell, best)
             extra = []
             if others_too and lines is not None and halves is None:
+                heard_some.append(True)
                 step_size = float(np.median(np.diff(grid))) if grid.size > 1 else 0.0
                 for j in _minima(score)[:3]:
                     _, t1, c1, _ = _polish(grid[j], step_size, evaluate, scored, (grid, trial, chi2))
@@ -468,6 +480,17 @@ class _Frame:
         ends = [rounds(schedule[1:], best_cell, best, dict(coarse), set(known))]
         for cell, chi2_alt in extra[:2]:
             ends.append(rounds(schedule[1:], cell, chi2_alt, dict(coarse), set(known)))
+        if heard_some:
+            # ... and the whole schedule again with each of the next parameters first (up to
+            # _FIRST_ORDERS orders in all): the first parameter's lines heard alone may have no
+            # basin at all where the phase is (LiFePO4's h00 lines, weak in a frame of Gaussian
+            # lines 0.08° wide: one basin, 1.4 % low in a, and b and c then placed to suit it)
+            for k in range(1, min(len(order), _FIRST_ORDERS)):
+                again = schedule_of(order[k:] + order[:k])
+                coarse_k: dict[str, float] = {}
+                known_k: set[int] = set()
+                cell, chi2_k, _ = one_round(again[0], centre.copy(), np.inf, coarse_k, known_k)
+                ends.append(rounds(again[1:], cell, chi2_k, coarse_k, known_k))
         best_cell, best = min(ends, key=lambda e: e[1])
         return best_cell, best + rest, chi2_without
 
