@@ -403,6 +403,36 @@ def test_any_crystal_system_monoclinic_from_typed_cells(error):
     assert np.all(np.abs(got[:3] - true[:3]) < 3e-4) and abs(got[3] - true[3]) < 0.01, got - true
 
 
+@pytest.mark.parametrize("error", [(0.0113, -0.0069, -0.0183, 0.41), (-0.0081, 0.0107, 0.0146, -0.27)])
+def test_any_crystal_system_monoclinic_on_voigt_lines(error):
+    """The C2/m phase beside Al on lines the model does not share (Voigt, mostly Gaussian, a
+    curved background with an amorphous hump: tests/foreign_series.voigt_frame), typed 0.7-1.1 %
+    off in a and b, 1.5-1.8 % in c and 0.3-0.4° in β: a, b, c to 3e-4 Å and β to 0.01° (40 of 40
+    random starts of this kind on two frames, 2026-12-02)."""
+    from foreign_series import voigt_frame
+
+    from xrdpipe.crystallography import reflections, tth_from_d
+
+    lam, true, tth = 0.6884, np.array([5.63, 2.86, 5.77, 112.9]), np.linspace(5, 32, 7000)
+    rng = np.random.default_rng(7)
+    lines = [(float(tth_from_d(d, lam)), mult * rng.uniform(20, 200))
+             for *_, d, mult in reflections("C2/m", true[0], true[2], 1.3, b_A=true[1], beta_deg=true[3])]
+    lines += [(float(tth_from_d(d, lam)), 300.0) for *_, d, _ in reflections("Fm-3m", 4.0495, None, 1.3)]
+    pat = _as_patterns(tth, lam, voigt_frame(tth, lines, rng)[None])
+    ea, eb, ec, ebeta = error
+    phases = [PhaseSpec(name="O'3", space_group="C2/m", a=true[0] * (1 + ea), b=true[1] * (1 + eb),
+                        c=true[2] * (1 + ec), beta=true[3] + ebeta), PhaseSpec(name="Al")]
+    windows = [WindowSpec(name=f"w{i}", range=r, peaks=lab) for i, (r, lab) in enumerate([
+        ((7.0, 7.9), ["O'3 001"]), ((13.8, 15.55), ["O'3 -201", "O'3 002", "O'3 200"]),
+        ((15.55, 17.0), ["O'3 110", "O'3 -111", "O'3 -202"]), ((18.4, 19.9), ["O'3 111", "O'3 201", "O'3 -112"]),
+        ((22.0, 22.8), ["O'3 003"])])]
+    table = fit_phases(pat, phases, windows, FitSpec(backward=False))
+    assert table.phase["phase_present"][0].all(), table.phase["phase_decision"][0]
+    cell = table.phase["phase_cell"][0, 0]
+    got = np.array([cell[0], cell[1], cell[2], cell[4]])
+    assert np.all(np.abs(got[:3] - true[:3]) < 3e-4) and abs(got[3] - true[3]) < 0.01, got - true
+
+
 @pytest.mark.parametrize("error", [(0.01, 0.006, 0.0093, -0.31, 0.17, 0.16), (0.0082, -0.0051, -0.0082, 0.39, 0.31, -0.12),
                                    (-0.0095, -0.009, 0.0056, -0.34, -0.10, 0.14), (-0.0072, -0.0079, -0.0087, -0.39, 0.19, 0.29)])
 def test_any_crystal_system_triclinic_from_typed_cells(error):
