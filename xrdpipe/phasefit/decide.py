@@ -437,8 +437,10 @@ _MISFIT_DRIFT = 1.0
 def _misfit_as_before(m: PhaseModel, fr: "_Frame", res, ref: np.ndarray, least: float) -> bool:
     """Whether the steady fit (``res``, row 0) leaves no more to explain than the frame last
     decided by the searches (``ref``, its windows' chi-squares per point) did: in every window
-    and over all, the chi-square exceeds ``ref`` times the points by less than three standard
-    deviations plus ``least`` (what any phase must explain to pass the BIC test). A misfit the
+    and over all, the chi-square exceeds ``ref`` times the points (the part of ``ref`` beyond the
+    noise grown by :data:`_MISFIT_DRIFT`: on 2D frames each window's moves by 0.6-1.8x from frame
+    to frame as lines cross the bins) by less than three standard deviations plus ``least`` (what
+    any phase must explain to pass the BIC test). A misfit the
     model cannot remove (a profile's shape: a Voigt line fitted by a pseudo-Voigt, a bin not
     quite the mixture of its pixels' footprints; reduced chi-squares of 4-30 on 2D frames) is
     in every frame alike; it kept the frames of a 2D series from being explained to their
