@@ -108,3 +108,16 @@ def test_phase_of_any_crystal_system_needs_only_its_parameters():
         with pytest.raises(ValueError, match=r"phase 'T1': alpha = .* make no cell"):
             PhaseSpec(name="T1", space_group="P-1", a=5.0, b=6.0, c=7.0, **dict(zip(("alpha", "beta", "gamma"), angles)))
     assert PhaseSpec(name="T2", space_group="P-1", a=5.0, b=6.0, c=7.0, alpha=100.0, beta=110.0, gamma=95.0).alpha == 100.0
+    # nor a search of the angles (±2° by default) that reaches such angles: a narrower one is named
+    near = dict(name="T3", space_group="P-1", a=5.0, b=6.0, c=7.0, alpha=100.0, beta=65.0, gamma=36.5)
+    with pytest.raises(ValueError, match=r"the search of its angles .* reaches 98°, 63°, 34.5°, which make no cell: "
+                                         r"give a narrower one, e.g. search = \{ alpha = 0.44"):
+        PhaseSpec(**near)
+    assert PhaseSpec(**near, search={"alpha": 0.4, "beta": 0.4, "gamma": 0.4}).gamma == 36.5
+    # an angle's search range is in degrees (the default, 2°, can be typed), a length's relative
+    mono = dict(name="M", space_group="C2/m", a=5.63, b=2.86, c=5.77, beta=112.9)
+    assert PhaseSpec(**mono, search={"beta": 2.0, "a": 0.02}).search == {"beta": 2.0, "a": 0.02}
+    with pytest.raises(ValueError, match=r"search.a = 0.3: at most 0.2 \(relative"):
+        PhaseSpec(**mono, search={"a": 0.3})
+    with pytest.raises(ValueError, match=r"search.beta = 12: at most 10 \(degrees"):
+        PhaseSpec(**mono, search={"beta": 12.0})

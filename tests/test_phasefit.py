@@ -649,7 +649,7 @@ def test_hard_series_as_2d_frames_through_the_run_file(tmp_path, scenario, sign)
     steady = sum(any("as in the frame last searched" in d for d in row) for row in table.phase["phase_decision"])
     assert steady >= 24, steady
     run, confirmed = table.phase["misfit_ref_run"], table.phase["misfit_ref_confirmed"]
-    assert np.all(np.isnan(run[1:]) | (run[1:] <= np.minimum(8 * 2.0 ** confirmed[:-1], 64))), (run, confirmed)
+    assert np.all(np.isnan(run[1:]) | (run[1:] <= np.minimum(8 * 2.0 ** confirmed[:-1], 32))), (run, confirmed)
     # resumed after a frame so followed (the reference misfit carried from the run file), the
     # run ends as the straight one, bit for bit
     straight = tmp_path / "straight.nxs"

@@ -9,6 +9,10 @@ from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from .base import Spec, did_you_mean
 
+#: How far (±) the phase model's search looks for a phase's cell around the typed one where its
+#: ``search`` does not say: lengths relative, angles in degrees.
+DEFAULT_SEARCH = {"a": 0.015, "b": 0.015, "c": 0.03, "alpha": 2.0, "beta": 2.0, "gamma": 2.0}
+
 
 class PhaseSpec(Spec):
     """``[[phases]]``: a phase to follow, with its cell (Å, degrees) as the starting point.
@@ -21,7 +25,8 @@ class PhaseSpec(Spec):
     geometry of O3/P3/P2. ``kind`` names the structure type of a phase with another name
     (``kind = "P2"``). ``search`` is how far (relative, ±) the phase-model fit looks for the
     phase's cell around the configured one before calling it absent: ``{ a = 0.015, c = 0.03 }``
-    by default (b as a, angles ±2°; the library's Al: ``{ a = 0.003 }``). ``fraction = false``
+    by default (b as a, angles ±2°; the library's Al: ``{ a = 0.003 }``); lengths relative (at
+    most 0.2), angles in degrees (at most 10). ``fraction = false``
     keeps a phase out of the phase fractions (the library's Al current collector, an internal
     standard).
     """
@@ -37,7 +42,7 @@ class PhaseSpec(Spec):
     z_o: float | None = Field(default=None, gt=-1, lt=1)
     kind: str | None = None
     fraction: bool = True
-    search: dict[Literal["a", "b", "c", "alpha", "beta", "gamma"], Annotated[float, Field(ge=0, le=0.2)]] = {}
+    search: dict[Literal["a", "b", "c", "alpha", "beta", "gamma"], Annotated[float, Field(ge=0)]] = {}
 
     @model_validator(mode="before")
     @classmethod
@@ -65,6 +70,17 @@ class PhaseSpec(Spec):
                              f"'R-3m', 'P63/mmc', 'Fm-3m', 'Pnma' or 'C2/m')") from None
         return v
 
+    @field_validator("search")
+    @classmethod
+    def _search(cls, v: dict) -> dict:
+        # lengths relative (at most ±20 %), angles in degrees (at most ±10°)
+        for key, value in v.items():
+            top, unit = (10.0, "degrees") if key in ("alpha", "beta", "gamma") else (0.2, "relative")
+            if value > top:
+                raise ValueError(f"search.{key} = {value:g}: at most {top:g} ({unit}: "
+                                 f"{'±' + format(top, 'g') + '°' if unit == 'degrees' else '±20 %'} around the typed cell)")
+        return v
+
     @model_validator(mode="after")
     def _cell(self) -> "PhaseSpec":
         from ..crystallography import CELL_PARAMETERS, crystal_system
@@ -84,6 +100,33 @@ class PhaseSpec(Spec):
                     f"phase {self.name!r}: alpha = {self.alpha:g}°, beta = {self.beta:g}°, gamma = {self.gamma:g}° "
                     f"make no cell (each angle must be less than the sum of the other two and the three "
                     f"must add up to less than 360°; 1 - cos²α - cos²β - cos²γ + 2 cosα cosβ cosγ = {omega2:.3g})")
+            # ... nor may the phase-model search around them reach such angles
+            from itertools import product
+
+            angles = (self.alpha, self.beta, self.gamma)
+
+            def flat_corner(spans) -> list | None:
+                for signs in product((-1, 1), repeat=3):
+                    corner = [v + sg * d for v, sg, d in zip(angles, signs, spans)]
+                    c = [math.cos(math.radians(v)) for v in corner]
+                    if 1 - sum(x * x for x in c) + 2 * c[0] * c[1] * c[2] <= 1e-6:
+                        return corner
+                return None
+
+            spans = [self.search.get(k, DEFAULT_SEARCH[k]) for k in ("alpha", "beta", "gamma")]
+            corner = flat_corner(spans)
+            if corner is not None:
+                lo, hi = 0.0, max(spans)          # the widest equal search that keeps a cell
+                for _ in range(30):
+                    mid = 0.5 * (lo + hi)
+                    lo, hi = (mid, hi) if flat_corner([mid] * 3) is None else (lo, mid)
+                ok = math.floor(lo * 0.9 * 100) / 100
+                raise ValueError(
+                    f"phase {self.name!r}: the search of its angles (±{spans[0]:g}°, ±{spans[1]:g}°, ±{spans[2]:g}° "
+                    f"around alpha = {self.alpha:g}°, beta = {self.beta:g}°, gamma = {self.gamma:g}°) reaches "
+                    f"{corner[0]:g}°, {corner[1]:g}°, {corner[2]:g}°, which make no cell: give a narrower one, "
+                    + (f"e.g. search = {{ alpha = {ok:g}, beta = {ok:g}, gamma = {ok:g} }}" if ok > 0 else
+                       "or angles farther from a flat cell"))
         return self
 
     @property

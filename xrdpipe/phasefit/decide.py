@@ -73,6 +73,7 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
     # against the data themselves: the next frame may be searched on them)
     redchi = _window_redchi(res) if subtracted is None else _redchi_on(model, y, sigma, res)
     kept = res is steady and steady.as_before
+    decided = res
     res = _named_as(without_far_tails(model, y, sigma, res, fit, subtracted), res)
     res.state.redchi = redchi
     # the steady path's reference misfit: that of the last frame not followed for its misfit
@@ -83,13 +84,14 @@ def fit_frame(model: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
         res.state.misfit_ref = res.chi2_window / np.maximum(res.n_window, 1)
         res.state.as_before_run = 0
     # a search made only because the allowance of frames followed as before was reached, that
-    # found what following found, lengthens the next allowance; a search made for another
-    # reason that found the phases where the frame before had them leaves it as it was, as does
-    # a frame explained to its noise; any other search shortens it again
+    # decided what following found, lengthens the next allowance; a frame the steady path took
+    # as it was (explained to its noise, or as before) leaves it as it was, and so does a frame
+    # otherwise decided (searched, or the steady path's solution moved off an alias or searched
+    # afresh) with the phases where the frame before had them; any other shortens it again
     if checked is not None:
         res.state.as_before_confirmed = (state.as_before_confirmed + 1
-                                         if _same_solution(model, y, sigma, checked.state, first) else 0)
-    elif steady is not None or _same_solution(model, y, sigma, state, first):
+                                         if _same_solution(model, y, sigma, checked.state, decided) else 0)
+    elif decided is steady or _same_solution(model, y, sigma, state, decided):
         res.state.as_before_confirmed = state.as_before_confirmed
     else:
         res.state.as_before_confirmed = 0
@@ -395,7 +397,7 @@ def _tails_before(m: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state:
 #: (:func:`_misfit_as_before`) at most, at first; the next one takes the searches
 #: (:func:`_as_before_allowance` lengthens it where the searches keep confirming). A searched frame that
 #: decided wrong would otherwise be followed as it was, frame after frame, its own misfit the
-#: reference; the searches every ninth frame give its successors a chance to put it right (and
+#: reference; the searches after each such run give its successors a chance to put it right (and
 #: find a phase whose first lines explain less than a window's misfit varies: the bins' misfit
 #: on 2D frames moves by several of its standard deviations from frame to frame, as lines cross
 #: the bins). The frames of the run's zero estimate take no reference, each explained to its
@@ -410,8 +412,9 @@ _AS_BEFORE_RUN = 8
 #: The most frames followed in a row for their misfit being as before, however many searches
 #: confirmed them. A phase whose first lines explain less than the windows' misfit varies is
 #: then found at most this many frames late by the forward pass, and the backward pass
-#: (:meth:`~xrdpipe.phasefit.fitter.PhaseFitter.backward`) goes back from where it is strong.
-_AS_BEFORE_MAX = 64
+#: (:meth:`~xrdpipe.phasefit.fitter.PhaseFitter.backward`) goes back from where it is strong,
+#: at most :data:`~xrdpipe.phasefit.model._BACKWARD_MAX` (60) frames: well within its reach.
+_AS_BEFORE_MAX = 32
 
 #: How far (FWHM at a parameter's most sensitive line) a search's cell may lie from the
 #: followed one and still confirm it (:func:`_same_solution`): another basin is a line width

@@ -13,6 +13,7 @@ import numpy as np
 
 from .. import kernels
 from ..config import FitSpec, LatticeSpec, PhaseSpec, WindowSpec
+from ..config.fitting import DEFAULT_SEARCH
 from ..crystallography import (
     CELL_PARAMETERS,
     crystal_system,
@@ -27,8 +28,6 @@ from ..crystallography import (
 from ..parallel import default_workers
 from .instrument import instrument_profile
 
-#: Default search half-ranges: relative for lengths, degrees for angles.
-DEFAULT_SEARCH = {"a": 0.015, "b": 0.015, "c": 0.03, "alpha": 2.0, "beta": 2.0, "gamma": 2.0}
 _CELL_INDEX = {"a": 0, "b": 1, "c": 2, "alpha": 3, "beta": 4, "gamma": 5}
 _CELL_NAME = {v: k for k, v in _CELL_INDEX.items()}
 _ANGLES = ("alpha", "beta", "gamma")
