@@ -23,7 +23,7 @@ class PhaseSpec(Spec):
     hexagonal and trigonal in hexagonal axes), ``a``, ``b``, ``c`` (orthorhombic), also ``beta``
     (monoclinic, unique axis b), all six (triclinic). ``z_o`` (oxygen z) enables the layer
     geometry of O3/P3/P2. ``kind`` names the structure type of a phase with another name
-    (``kind = "P2"``). ``search`` is how far (relative, ±) the phase-model fit looks for the
+    (``kind = "P2"``). ``search`` is how far (±) the phase-model fit looks for the
     phase's cell around the configured one before calling it absent: ``{ a = 0.015, c = 0.03 }``
     by default (b as a, angles ±2°; the library's Al: ``{ a = 0.003 }``); lengths relative (at
     most 0.2), angles in degrees (at most 10). ``fraction = false``
