@@ -282,17 +282,53 @@ def _as_patterns(tth: np.ndarray, lam: float, y: np.ndarray):
                     {"status": np.ones(n, int), "message": np.array([""] * n, dtype=object), "time_s": np.arange(n) * 20.0})
 
 
-def _one_frame(tth: np.ndarray, lam: float, refl, rng, al_d_min: float | None = None):
-    """One frame of the reflections ``refl`` ((h, k, l, d, multiplicity) rows), each area drawn
-    (20-200 times its multiplicity), with the Al collector's lines down to ``al_d_min`` (area
-    300; None: none), over a background of 500 counts, Poisson noise."""
+def _drawn_lines(lam: float, refl, rng, al_d_min: float | None = None) -> list[tuple[float, float]]:
+    """(2θ, area) of the reflections ``refl`` ((h, k, l, d, multiplicity) rows), each area drawn
+    (20-200 times its multiplicity), and of the Al collector's lines down to ``al_d_min`` (area
+    300; None: none)."""
     from xrdpipe.crystallography import reflections, tth_from_d
+
+    lines = [(float(tth_from_d(d, lam)), float(mult * rng.uniform(20, 200))) for *_, d, mult in refl]
+    if al_d_min is not None:
+        lines += [(float(tth_from_d(d, lam)), 300.0) for *_, d, _ in reflections("Fm-3m", 4.0495, None, al_d_min)]
+    return lines
+
+
+def _one_frame(tth: np.ndarray, lam: float, refl, rng, al_d_min: float | None = None):
+    """One frame of :func:`_drawn_lines` (the model's own profile) over a background of 500
+    counts, Poisson noise."""
     from xrdpipe.testing import pattern_1d
 
-    peaks = [{"tth_deg": float(tth_from_d(d, lam)), "area": float(mult * rng.uniform(20, 200))} for *_, d, mult in refl]
-    if al_d_min is not None:
-        peaks += [{"tth_deg": float(tth_from_d(d, lam)), "area": 300.0} for *_, d, _ in reflections("Fm-3m", 4.0495, None, al_d_min)]
+    peaks = [{"tth_deg": t, "area": a} for t, a in _drawn_lines(lam, refl, rng, al_d_min)]
     return _as_patterns(tth, lam, rng.poisson(pattern_1d(tth, peaks, background=500.0)).astype(float)[None])
+
+
+def _voigt_one_frame(tth: np.ndarray, lam: float, refl, rng, al_d_min: float | None = None):
+    """One frame of :func:`_drawn_lines` on lines the model does not share
+    (:func:`foreign_series.voigt_frame`: Voigt, mostly Gaussian, a curved background with an
+    amorphous hump), Poisson noise."""
+    from foreign_series import voigt_frame
+
+    return _as_patterns(tth, lam, voigt_frame(tth, _drawn_lines(lam, refl, rng, al_d_min), rng)[None])
+
+
+#: The C2/m (O'3-NaMnO2-like) phase of the monoclinic tests: λ, its cell (a, b, c, β), and the
+#: windows of several lines a user draws around its reflections.
+_C2M_LAM, _C2M = 0.6884, np.array([5.63, 2.86, 5.77, 112.9])
+_C2M_WINDOWS = [((7.0, 7.9), ["O'3 001"]), ((13.8, 15.55), ["O'3 -201", "O'3 002", "O'3 200"]),
+                ((15.55, 17.0), ["O'3 110", "O'3 -111", "O'3 -202"]), ((18.4, 19.9), ["O'3 111", "O'3 201", "O'3 -112"]),
+                ((22.0, 22.8), ["O'3 003"])]
+
+
+def _c2m_typed(error) -> tuple[list, list]:
+    """The C2/m phase typed ``error`` off (relative in a, b, c; degrees in β) beside Al, and its
+    windows."""
+    ea, eb, ec, ebeta = error
+    true = _C2M
+    phases = [PhaseSpec(name="O'3", space_group="C2/m", a=true[0] * (1 + ea), b=true[1] * (1 + eb),
+                        c=true[2] * (1 + ec), beta=true[3] + ebeta), PhaseSpec(name="Al")]
+    windows = [WindowSpec(name=f"w{i}", range=r, peaks=lab) for i, (r, lab) in enumerate(_C2M_WINDOWS)]
+    return phases, windows
 
 
 def _lfp_beside_al() -> tuple:
@@ -352,17 +388,12 @@ def test_any_crystal_system_orthorhombic_on_voigt_lines(error):
     Al on a line of the phase and a cell 8e-4 Å off (the third); 5 of 40 random starts of this
     kind on two frames failed so, none since the search is run again with b and with c first
     (the best end kept)."""
-    from foreign_series import voigt_frame
-
-    from xrdpipe.crystallography import reflections, tth_from_d
+    from xrdpipe.crystallography import reflections
 
     true, _, windows = _lfp_beside_al()
-    lam, tth = 0.6209, np.linspace(5, 30, 6000)
-    rng = np.random.default_rng(5 if error[2] < 0 else 3)
-    lines = [(float(tth_from_d(d, lam)), mult * rng.uniform(20, 200))
-             for *_, d, mult in reflections("Pnma", true[0], true[2], 1.2, b_A=true[1])]
-    lines += [(float(tth_from_d(d, lam)), 300.0) for *_, d, _ in reflections("Fm-3m", 4.0495, None, 1.2)]
-    pat = _as_patterns(tth, lam, voigt_frame(tth, lines, rng)[None])
+    lam = 0.6209
+    pat = _voigt_one_frame(np.linspace(5, 30, 6000), lam, reflections("Pnma", true[0], true[2], 1.2, b_A=true[1]),
+                           np.random.default_rng(5 if error[2] < 0 else 3), al_d_min=1.2)
     phases = [PhaseSpec(name="LFP", space_group="Pnma", **dict(zip("abc", true * (1 + np.array(error))))),
               PhaseSpec(name="Al")]
     table = fit_phases(pat, phases, windows, FitSpec(backward=False))
@@ -385,16 +416,10 @@ def test_any_crystal_system_monoclinic_from_typed_cells(error):
     cell). Of 64 random starts of this kind 13 failed before, none after."""
     from xrdpipe.crystallography import reflections
 
-    lam, true = 0.6884, np.array([5.63, 2.86, 5.77, 112.9])
+    lam, true = _C2M_LAM, _C2M
     pat = _one_frame(np.linspace(5, 32, 7000), lam, reflections("C2/m", true[0], true[2], 1.3, b_A=true[1], beta_deg=true[3]),
                      np.random.default_rng(7), al_d_min=1.3)
-    ea, eb, ec, ebeta = error
-    phases = [PhaseSpec(name="O'3", space_group="C2/m", a=true[0] * (1 + ea), b=true[1] * (1 + eb),
-                        c=true[2] * (1 + ec), beta=true[3] + ebeta), PhaseSpec(name="Al")]
-    windows = [WindowSpec(name=f"w{i}", range=r, peaks=lab) for i, (r, lab) in enumerate([
-        ((7.0, 7.9), ["O'3 001"]), ((13.8, 15.55), ["O'3 -201", "O'3 002", "O'3 200"]),
-        ((15.55, 17.0), ["O'3 110", "O'3 -111", "O'3 -202"]), ((18.4, 19.9), ["O'3 111", "O'3 201", "O'3 -112"]),
-        ((22.0, 22.8), ["O'3 003"])])]
+    phases, windows = _c2m_typed(error)
     table = fit_phases(pat, phases, windows, FitSpec(backward=False))
     assert table.phase["phase_present"][0].all(), table.phase["phase_decision"][0]
     lat = refine_lattice(table, phases, LatticeSpec(), unit="2th_deg", wavelength_A=lam)
@@ -409,23 +434,13 @@ def test_any_crystal_system_monoclinic_on_voigt_lines(error):
     curved background with an amorphous hump: tests/foreign_series.voigt_frame), typed 0.7-1.1 %
     off in a and b, 1.5-1.8 % in c and 0.3-0.4° in β: a, b, c to 3e-4 Å and β to 0.01° (40 of 40
     random starts of this kind on two frames, 2026-12-02)."""
-    from foreign_series import voigt_frame
+    from xrdpipe.crystallography import reflections
 
-    from xrdpipe.crystallography import reflections, tth_from_d
-
-    lam, true, tth = 0.6884, np.array([5.63, 2.86, 5.77, 112.9]), np.linspace(5, 32, 7000)
-    rng = np.random.default_rng(7)
-    lines = [(float(tth_from_d(d, lam)), mult * rng.uniform(20, 200))
-             for *_, d, mult in reflections("C2/m", true[0], true[2], 1.3, b_A=true[1], beta_deg=true[3])]
-    lines += [(float(tth_from_d(d, lam)), 300.0) for *_, d, _ in reflections("Fm-3m", 4.0495, None, 1.3)]
-    pat = _as_patterns(tth, lam, voigt_frame(tth, lines, rng)[None])
-    ea, eb, ec, ebeta = error
-    phases = [PhaseSpec(name="O'3", space_group="C2/m", a=true[0] * (1 + ea), b=true[1] * (1 + eb),
-                        c=true[2] * (1 + ec), beta=true[3] + ebeta), PhaseSpec(name="Al")]
-    windows = [WindowSpec(name=f"w{i}", range=r, peaks=lab) for i, (r, lab) in enumerate([
-        ((7.0, 7.9), ["O'3 001"]), ((13.8, 15.55), ["O'3 -201", "O'3 002", "O'3 200"]),
-        ((15.55, 17.0), ["O'3 110", "O'3 -111", "O'3 -202"]), ((18.4, 19.9), ["O'3 111", "O'3 201", "O'3 -112"]),
-        ((22.0, 22.8), ["O'3 003"])])]
+    lam, true = _C2M_LAM, _C2M
+    pat = _voigt_one_frame(np.linspace(5, 32, 7000), lam,
+                           reflections("C2/m", true[0], true[2], 1.3, b_A=true[1], beta_deg=true[3]),
+                           np.random.default_rng(7), al_d_min=1.3)
+    phases, windows = _c2m_typed(error)
     table = fit_phases(pat, phases, windows, FitSpec(backward=False))
     assert table.phase["phase_present"][0].all(), table.phase["phase_decision"][0]
     cell = table.phase["phase_cell"][0, 0]

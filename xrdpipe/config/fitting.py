@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+from itertools import product
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
@@ -91,8 +93,6 @@ class PhaseSpec(Spec):
         if missing:
             raise ValueError(f"{self.space_group} is {system}: give {', '.join(missing)}")
         if system == "triclinic":
-            import math
-
             cos = [math.cos(math.radians(v)) for v in (self.alpha, self.beta, self.gamma)]
             omega2 = 1 - sum(c * c for c in cos) + 2 * cos[0] * cos[1] * cos[2]     # (V / abc)²
             if omega2 <= 1e-6:
@@ -101,8 +101,6 @@ class PhaseSpec(Spec):
                     f"make no cell (each angle must be less than the sum of the other two and the three "
                     f"must add up to less than 360°; 1 - cos²α - cos²β - cos²γ + 2 cosα cosβ cosγ = {omega2:.3g})")
             # ... nor may the phase-model search around them reach such angles
-            from itertools import product
-
             angles = (self.alpha, self.beta, self.gamma)
 
             def flat_corner(spans) -> list | None:
