@@ -52,6 +52,7 @@ def least_squares_batch(fun: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray
                         xtol: float = 1e-8, stat_tol: float = 1e-3,
                         amplitudes: list[tuple[int, tuple[int, ...]]] | None = None,
                         weak_z: float = 2.0, must_move: np.ndarray | None = None,
+                        must_descend: np.ndarray | None = None,
                         covariance: np.ndarray | None = None,
                         normal: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
                                          tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
@@ -80,6 +81,10 @@ def least_squares_batch(fun: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray
     must_move : (n,) booleans: rows that are not taken as converged before they have taken a
         step where the step (cut by the bounds) promises a rise of chi²; by default a row whose
         lightly damped step promises less than the tolerance is done, even at its start
+    must_descend : (n,) booleans: rows never taken as converged on a step that promises a rise
+        (a step cut by the bounds: the quadratic model says nothing there), at any iteration;
+        such a step is tried and damped like any other, and the row ends where a step promises a
+        fall below the tolerance or the step sizes and chi² stop moving
     covariance : the rows whose covariance is wanted (indices or booleans; default all): an
         inverse per row, of which a caller that uses one row's needs no other
     normal : ``normal(p, y, w, held)`` returns chi², JᵀW²J and JᵀW²r (r,), (r, k, k), (r, k)
@@ -115,12 +120,12 @@ def least_squares_batch(fun: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray
     if iterate is not None:
         chi2, hess, n_iter, status = iterate(p, y, w, lower, upper, fixed, stop, max_iter=max_iter, xtol=xtol,
                                              amplitudes=_amplitude_map(amplitudes) or _NO_PEAKS, weak_z=weak_z,
-                                             must_move=must_move)
+                                             must_move=must_move, must_descend=must_descend)
     else:
         normal_eq = _normal_equations(fun, normal)
         chi2, hess, n_iter, status = _iterate(normal_eq, p, y, w, lower, upper, fixed, stop, max_iter=max_iter,
                                               xtol=xtol, amplitudes=amplitudes, weak_z=weak_z,
-                                              must_move=must_move)
+                                              must_move=must_move, must_descend=must_descend)
     at_bound = (p <= lower) | (p >= upper) | fixed
     if covariance is None:
         cov = _covariance(hess, at_bound)
@@ -143,7 +148,7 @@ def _normal_equations(fun, normal):
 
 
 def _iterate(normal_eq, p, y, w, lower, upper, fixed, stop, *, max_iter, xtol, amplitudes, weak_z,
-             must_move=None):
+             must_move=None, must_descend=None):
     """The damped Gauss-Newton iterations of every row, ``p`` updated in place; returns chi²,
     JᵀW²J, the iterations and the status per row."""
     chi2, hess, grad = normal_eq(p, y, w, fixed)
@@ -154,6 +159,8 @@ def _iterate(normal_eq, p, y, w, lower, upper, fixed, stop, *, max_iter, xtol, a
     n_iter = np.zeros(n, np.int32)
     # rows that have taken a step (or need not have, to be done)
     moved = np.ones(n, bool) if must_move is None else ~np.asarray(must_move, bool)
+    # rows that may end on a step promising a rise once they have moved (not ``must_descend``)
+    rise_ends = np.ones(n, bool) if must_descend is None else ~np.asarray(must_descend, bool)
     active = np.flatnonzero(status == MAX_ITER)
     amplitudes = _amplitude_map(amplitudes)
 
@@ -170,7 +177,7 @@ def _iterate(normal_eq, p, y, w, lower, upper, fixed, stop, *, max_iter, xtol, a
         d = trial - pa
         promise = 2 * np.einsum("rk,rk->r", d, g) - np.einsum("rk,rkl,rl->r", d, h, d)
         settled = ((lam[active] <= 1e-2) & (promise <= stop[active] * chi2[active]) & (it > 0)
-                   & (moved[active] | (promise >= 0)))
+                   & ((moved[active] & rise_ends[active]) | (promise >= 0)))
         if settled.any():
             status[active[settled]] = CONVERGED
             keep = ~settled

@@ -702,7 +702,7 @@ def phase_normal_rows(x, hw, y, wt, tpow, win_lo, win_hi, wcol_ptr, wcols, nbg, 
 def phase_lm(x, hw, y, wt, tpow, win_lo, win_hi, wcol_ptr, wcols, nbg, lbg, line_ptr, lines, fw_col, eta_col, a_col,
              la, lf, le, ld, hkl, r_phase, cell_src, base, dcol, zero_col, wavelength, unit, displacement,
              p, lower, upper, fixed, stop, max_iter, xtol, amp_cols, amp_shape, weak_z, moved,
-             chi2, hess, n_iter, status):  # pragma: no cover - compiled
+             rise_ends, chi2, hess, n_iter, status):  # pragma: no cover - compiled
     """The Levenberg-Marquardt iterations of :func:`xrdpipe.batchfit._iterate` for rows ``p``
     (n, k) of the phase model against one frame's data ``y``, weights ``wt`` (the lines of
     :func:`phase_normal_rows`), compiled: the same steps in the same order on the same rows
@@ -711,7 +711,8 @@ def phase_lm(x, hw, y, wt, tpow, win_lo, win_hi, wcol_ptr, wcols, nbg, lbg, line
     the ~0.8 ms of NumPy calls an iteration took in Python. ``p`` is updated in place; writes
     ``chi2`` (n,), ``hess`` (n, k, k), ``n_iter`` and ``status`` (1 converged, 0 out of
     iterations, -1 not finite); ``moved`` (n,): rows that need not take a step to be done
-    (updated). ``amp_cols``, ``amp_shape``: the weak-peak map (empty: none), used from the third
+    (updated); ``rise_ends`` (n,): rows that may end, once moved, on a step that promises a rise
+    (:func:`~xrdpipe.batchfit.least_squares_batch`'s ``must_descend`` negated). ``amp_cols``, ``amp_shape``: the weak-peak map (empty: none), used from the third
     iteration on."""
     n, k = p.shape
     grad = np.zeros((n, k))
@@ -764,7 +765,8 @@ def phase_lm(x, hw, y, wt, tpow, win_lo, win_hi, wcol_ptr, wcols, nbg, lbg, line
                     s += ha[i, c, q] * (trial[i, q] - pa[i, q])
                 dhd += dc * s
             promise = 2 * dg - dhd
-            if (lam[a] <= 1e-2 and promise <= stop[a] * chi2[a] and it > 0 and (moved[a] or promise >= 0)):
+            if (lam[a] <= 1e-2 and promise <= stop[a] * chi2[a] and it > 0
+                    and ((moved[a] and rise_ends[a]) or promise >= 0)):
                 status[a] = 1
                 keep[i] = False
         sel = np.flatnonzero(keep)

@@ -657,16 +657,18 @@ class PhaseModel:
         w = np.ascontiguousarray(w, dtype=float)
         geometry = self._geometry(base)
 
-        def run(p, _y, _w, lower, upper, fixed, stop, *, max_iter, xtol, amplitudes, weak_z, must_move):
+        def run(p, _y, _w, lower, upper, fixed, stop, *, max_iter, xtol, amplitudes, weak_z, must_move,
+                must_descend=None):
             n, k = p.shape
             cols, shape = amplitudes
             moved = np.ones(n, bool) if must_move is None else ~np.asarray(must_move, bool)
+            rise_ends = np.ones(n, bool) if must_descend is None else ~np.asarray(must_descend, bool)
             chi2, hess = np.zeros(n), np.zeros((n, k, k))
             n_iter, status = np.zeros(n, np.int32), np.zeros(n, np.int8)
             kernels.phase_lm(self.x_all, self.hw_all, y, w, *lay[:9], fw_col, eta_col, a_col, *lay[9:], *geometry,
                              p, np.ascontiguousarray(lower), np.ascontiguousarray(upper), np.ascontiguousarray(fixed),
                              np.ascontiguousarray(stop, dtype=float), int(max_iter), float(xtol), cols, shape,
-                             float(weak_z), moved, chi2, hess, n_iter, status)
+                             float(weak_z), moved, rise_ends, chi2, hess, n_iter, status)
             return chi2, hess, n_iter, status
         return run
 

@@ -47,9 +47,16 @@ def _fit_rows(m: PhaseModel, fr: "_Frame", rows: list[tuple[int, ...]], fit: Fit
     base = st.cell.copy()
     lower, upper, order_cols, signs = _bounds(m, fr, rows[0], found)
 
+    # a frame that follows no phase (a pass's first, or after frames with none) starts from
+    # the searches' cells, not from a converged solution: its fits end only where a step
+    # promises no more than the tolerance (see least_squares_batch's ``must_descend``)
+    fresh = not fr.tracked.any()
+
     def run(theta, hold_rows):
+        n = theta.shape[0]
         return least_squares(m, fr, base, theta, hold_rows, lower, upper, fit.max_iter, amplitudes=m.lone_lines,
-                             weak_z=2.0, must_move=np.arange(theta.shape[0]) == 0, covariance=[0])
+                             weak_z=2.0, must_move=np.arange(n) == 0, must_descend=np.full(n, fresh),
+                             covariance=[0])
 
     res = run(theta0, hold)
     res.chi2 = np.where(res.status >= 0, res.chi2, np.inf)
