@@ -184,6 +184,43 @@ def test_least_squares_must_move_from_its_start():
     assert moved.chi2[0] < 0.7 * stuck.chi2[0]
 
 
+def test_least_squares_must_descend_past_a_step_cut_by_a_bound():
+    """A Gaussian fitted with its width's upper bound below the data's (0.1 for 0.15): from a
+    start near that bound the lightly damped step, cut by it, promises a rise, and by default
+    the fit ends where it started, 21 % above the constrained optimum in chi-square; a row that
+    must descend goes on to that optimum (the width on its bound), the one SciPy's bounded
+    least squares finds."""
+    from scipy.optimize import least_squares
+
+    x = np.linspace(0, 1, 60)
+
+    def gauss(p):
+        g = np.exp(-((x - p[:, 1:2]) / p[:, 2:3]) ** 2)
+        d_cen = p[:, :1] * g * 2 * (x - p[:, 1:2]) / p[:, 2:3] ** 2
+        d_wid = p[:, :1] * g * 2 * (x - p[:, 1:2]) ** 2 / p[:, 2:3] ** 3
+        return p[:, :1] * g, np.stack([g, d_cen, d_wid], 1)
+
+    rng = np.random.default_rng(735)
+    y = gauss(np.array([[2.0, 0.5, 0.15]]))[0][0] + rng.normal(0, 0.01, x.size)
+    start = np.array([2.0, 0.5, 0.15]) * (1 + rng.normal(0, 0.3, 3))
+    lower, upper = np.array([0.0, 0.2, 0.03]), np.array([5.0, 0.8, 0.1])
+    w = np.full((1, x.size), 100.0)
+    stuck = least_squares_batch(gauss, start[None], y[None], w, lower=lower, upper=upper)
+    np.testing.assert_allclose(stuck.p[0], start, rtol=1e-3)
+    done = least_squares_batch(gauss, start[None], y[None], w, lower=lower, upper=upper,
+                               must_descend=np.array([True]))
+    ref = least_squares(lambda p: 100.0 * (gauss(p[None])[0][0] - y), start, bounds=(lower, upper),
+                        xtol=1e-12, ftol=1e-12, gtol=1e-12)
+    assert done.success[0]
+    assert done.p[0, 2] == 0.1
+    # within the tolerance of chi-square (1e-3 of its value per point) of SciPy's optimum, and
+    # a twentieth of an esd (scaled by the reduced chi-square, ~570: the width is held short)
+    assert done.chi2[0] - 2 * ref.cost < 1e-3 * done.chi2[0] / x.size
+    err = np.sqrt(np.diagonal(done.cov[0]) * done.chi2[0] / (x.size - 2))   # (the width's, on its bound: NaN)
+    assert np.all(np.abs(done.p[0, :2] - ref.x[:2]) < 0.05 * err[:2])
+    assert stuck.chi2[0] > 1.2 * done.chi2[0]
+
+
 def test_a_search_basin_polished_takes_its_grid_points_without_evaluating_them_again():
     """The fine points of a search basin (:func:`xrdpipe.phasefit.frame._polish`) that fall on
     the grid (the basin's point and its neighbours one step away) are taken from the grid's

@@ -314,7 +314,7 @@ def _fit_steady(m: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state: P
         if not np.all(np.isfinite(st.cell[p])):
             st.cell[p] = m.cell0[p]
     rows = [tuple(present)] + [tuple(q for q in present if q != p) for p in present]
-    res = _fit_rows(m, fr, rows, fit)
+    res = _fit_rows(m, fr, rows, fit, descend=True)
     if res is None or res.status[0] != 1 or _rewidened(m, res.p[0], res.cov[0], st, present):
         return None
     chi2 = float(res.chi2[0])

@@ -27,7 +27,7 @@ def _at_bound(res, c: int, row: int = 0) -> bool:
 
 
 def _fit_rows(m: PhaseModel, fr: "_Frame", rows: list[tuple[int, ...]], fit: FitSpec, found: set[int] = frozenset(),
-              held: set[int] = frozenset()):
+              held: set[int] = frozenset(), descend: bool = False):
     """Least squares of the frame for each phase subset in ``rows`` at once (one batch), from
     the working state's cells, areas and background solved linearly. The first row is the
     largest model: if it ends above a nested one (a local minimum), it is started again from
@@ -55,7 +55,8 @@ def _fit_rows(m: PhaseModel, fr: "_Frame", rows: list[tuple[int, ...]], fit: Fit
     def run(theta, hold_rows):
         n = theta.shape[0]
         return least_squares(m, fr, base, theta, hold_rows, lower, upper, fit.max_iter, amplitudes=m.lone_lines,
-                             weak_z=2.0, must_move=np.arange(n) == 0, must_descend=np.full(n, fresh),
+                             weak_z=2.0, must_move=np.arange(n) == 0,
+                             must_descend=np.full(n, fresh) | ((np.arange(n) == 0) & descend),
                              covariance=[0])
 
     res = run(theta0, hold)
