@@ -712,8 +712,8 @@ def phase_lm(x, hw, y, wt, tpow, win_lo, win_hi, wcol_ptr, wcols, nbg, lbg, line
     ``chi2`` (n,), ``hess`` (n, k, k), ``n_iter`` and ``status`` (1 converged, 0 out of
     iterations, -1 not finite); ``moved`` (n,): rows that need not take a step to be done
     (updated); ``rise_ends`` (n,): rows that may end, once moved, on a step that promises a rise
-    (:func:`~xrdpipe.batchfit.least_squares_batch`'s ``must_descend`` negated). ``amp_cols``, ``amp_shape``: the weak-peak map (empty: none), used from the third
-    iteration on."""
+    (:func:`~xrdpipe.batchfit.least_squares_batch`'s ``must_descend`` negated). ``amp_cols``,
+    ``amp_shape``: the weak-peak map (empty: none), used from the third iteration on."""
     n, k = p.shape
     grad = np.zeros((n, k))
     phase_normal_rows(x, hw, y, wt, tpow, win_lo, win_hi, wcol_ptr, wcols, nbg, lbg, line_ptr, lines, fw_col, eta_col,

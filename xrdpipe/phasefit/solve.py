@@ -32,7 +32,10 @@ def _fit_rows(m: PhaseModel, fr: "_Frame", rows: list[tuple[int, ...]], fit: Fit
     the working state's cells, areas and background solved linearly. The first row is the
     largest model: if it ends above a nested one (a local minimum), it is started again from
     that one; its covariance is the only one computed (the nested rows serve the tests of
-    presence by their chi-square). None if the first row diverged."""
+    presence by their chi-square). None if the first row diverged. With ``descend`` the first
+    row ends only where a step promises no more than the tolerance (never on a step cut by the
+    bounds that promises a rise: ``must_descend``), as every row does in a frame that follows no
+    phase."""
     st = fr.state
     outside = ~m.inside(st.cell, st.zero, _fwhm_table(m, fr), tails=True)
     starts, holds = [], []
