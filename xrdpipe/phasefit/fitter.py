@@ -589,7 +589,9 @@ def _guarded(m: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state: Phas
 
 def _backward_starts(m: PhaseModel, fit: FitSpec, stored: dict, present: np.ndarray) -> dict[int, list[int]]:
     """Where the backward pass starts: for each phase counted in the fractions, at every onset,
-    the first frame from which it holds ``[fit] backward_share`` of the area (row -> phases)."""
+    the first frame from which it holds ``[fit] backward_share`` of the area, and every frame
+    within :data:`~xrdpipe.phasefit.model._BACKWARD_MAX` of an onset where its lines jumped more
+    than :data:`_JUMP_FWHM` widths from the frame before (:func:`cell_jumps`) (row -> phases)."""
     area = np.nan_to_num(np.asarray(stored["phase_area"], float)).sum(axis=2)
     counted = np.array([p.fraction for p in m.phases], bool)
     total = (area * (present & counted)).sum(axis=1)
@@ -601,7 +603,51 @@ def _backward_starts(m: PhaseModel, fit: FitSpec, stored: dict, present: np.ndar
             strong = np.flatnonzero(present[e:, p] & (share[e:, p] >= fit.backward_share))
             if strong.size:
                 starts.setdefault(int(e + strong[0]), []).append(int(p))
+    # and from every frame where a phase that appeared (within the backward pass's reach of its
+    # onset) jumped from where the frame before had its lines: the frames since its onset were
+    # followed on other lines (a newcomer found at its onset in a wrong basin can hold the
+    # share there already: the start above then comes too early to revisit them). (A phase there
+    # from the first frame that jumps is a question of names: the whole-series naming check's.)
+    if "phase_fwhm" not in stored:          # (a run file stored before the widths were)
+        return starts
+    jumps = cell_jumps(m, np.asarray(stored["phase_cell"], float), np.asarray(stored["phase_fwhm"], float), present)
+    for j, p in np.argwhere(np.nan_to_num(jumps) > _JUMP_FWHM):
+        onsets = np.flatnonzero(present[1:, p] & ~present[:-1, p]) + 1
+        near = np.any((onsets < j) & (j <= onsets + _BACKWARD_MAX))
+        if counted[p] and near and int(p) not in starts.get(int(j), []):
+            starts.setdefault(int(j), []).append(int(p))
     return starts
+
+
+#: A phase's lines that move more than this many widths (of its most sensitive line) from one
+#: frame to the next have jumped (:func:`cell_jumps`): the backward pass goes back from there. A
+#: reaction moves them 0.02-0.05 widths a frame (the benchmark's 200-frame charge).
+_JUMP_FWHM = 0.3
+
+
+def cell_jumps(m: PhaseModel, cell: np.ndarray, fwhm: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """(n, P) how far each phase's lines moved from the frame before (``cell`` (n, P, 6),
+    ``fwhm`` (n, P, W), ``present`` (n, P)), in widths of its most sensitive line with data: the
+    largest over its free cell parameters of the change times that line's shift per unit, over
+    its width in the frame. NaN where the phase is not present in both frames. A reaction moves
+    a line a few hundredths of its width a frame; a chain that found the phase on other lines,
+    and then its own, moves it a good part of one."""
+    n = cell.shape[0]
+    out = np.full((n, m.P), np.nan)
+    for p in range(m.P):
+        rows = np.flatnonzero((m.r_phase == p) & m.r_has_data)
+        if not rows.size or not m.free[p]:
+            continue
+        idx = [_CELL_INDEX[name] for name in m.free[p]]
+        for j in np.flatnonzero(present[1:, p] & present[:-1, p]) + 1:
+            fw = fwhm[j, p, m.r_window[rows]]
+            if not (np.all(np.isfinite(cell[j, p])) and np.all(np.isfinite(cell[j - 1, p]))):
+                continue
+            with np.errstate(invalid="ignore", divide="ignore"):
+                per_width = np.fmax.reduce(m.free_shifts(p, cell[j, p], m.r_hkl[rows]) / fw, axis=1)
+            move = np.abs(cell[j, p, idx] - cell[j - 1, p, idx]) * per_width
+            out[j, p] = float(np.nanmax(move)) if np.isfinite(move).any() else np.nan
+    return out
 
 
 def _nearest_cells(present: np.ndarray, cell: np.ndarray, j: int) -> np.ndarray:
