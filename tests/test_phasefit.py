@@ -833,11 +833,11 @@ def test_backward_pass_starts_where_a_newcomer_jumped_to_its_own_lines():
 def test_a_200_frame_charge_whose_newcomer_appears_on_a_wrong_basin():
     """The benchmark's charge over 200 frames, seed 2 (typed cells 1 % and 2 % off, basal lines
     1.1 FWHM apart, 1.6x broader in the two-phase region, Al in a window): P3 is found at its
-    onset (1.5 %) in a wrong basin and jumps to its own lines within three frames. With the fits
-    converged (the refit on the data less the far tails taken to its minimum) the wrong P3 held
-    the share at its onset, so the backward pass started there and never revisited the frames
-    on the wrong basin (P3's fraction MAE 0.034, Al lost in three frames); going back from each
-    jump as well, every threshold of the phase model holds."""
+    onset (1.5 %) in a wrong basin and reaches its own lines within a few frames; the backward
+    pass puts those frames right and every threshold of the phase model holds. The series that
+    broke each attempt to take more fits to their minimum (a converged far-tail refit left the
+    wrong P3 holding the share at its onset, the backward pass started there: fraction MAE
+    0.034, Al lost in three frames, until it also went back from the newcomer's jump)."""
     from xrdpipe.testing import Difficulty, score_phases
 
     dif = Difficulty(start_error=((0.01, 0.02), (0.01, 0.02)), separation_fwhm=1.1, broadening=1.6,

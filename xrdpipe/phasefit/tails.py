@@ -109,7 +109,7 @@ def without_far_tails(m: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, re
     held = {int(c) for p in present for c in m.cell_cols[p] if not np.isfinite(res.err[c])}
     if any(res.present[p] and res.present[q] for p, q, _, _ in m.order):
         # two similar phases share lines: the split of them may move, from areas solved afresh
-        sol = _fit_rows(m, fr, [tuple(present)], fit, frozenset(), held, descend=True)
+        sol = _fit_rows(m, fr, [tuple(present)], fit, frozenset(), held)
     else:
         sol = _refit(m, fr, res.theta, present, held, fit)
     if sol is None or not np.isfinite(sol.chi2[0]) or sol.status[0] == -1:
@@ -136,4 +136,4 @@ def _refit(m: PhaseModel, fr: _Frame, theta: np.ndarray, present: list[int], hel
     start[m.area_col[outside]] = 0.0
     base = st.cell.copy()
     return least_squares(m, fr, base, start[None], hold[None], m.lower, m.upper, fit.max_iter,
-                         amplitudes=m.lone_lines, weak_z=2.0, must_descend=np.ones(1, bool), covariance=[0])
+                         amplitudes=m.lone_lines, weak_z=2.0, covariance=[0])
