@@ -792,10 +792,10 @@ def test_backward_pass_replaces_a_frame_where_the_forward_pass_missed_a_phase():
 
 def test_backward_pass_starts_where_a_newcomer_jumped_to_its_own_lines():
     """A phase that appeared on a wrong basin and jumped to its own lines a few frames later
-    (its lines moved 0.4 and 1.4 widths from one frame to the next, where a reaction moves them
-    0.02-0.05) has the backward pass start from each jump, besides the first frame where it
-    holds the share; a phase there from the first frame that jumps (a question of names) and a
-    reaction's steady moves start nothing."""
+    (in the benchmark's 200-frame charge its lines moved 0.5 and 1.4 widths from one frame to
+    the next, where a reaction moves them 0.02-0.05) has the backward pass start from the jump,
+    besides the first frame where it holds the share; a phase there from the first frame that
+    jumps (a question of names) and a reaction's steady moves start nothing."""
     from xrdpipe.phasefit import PhaseFitter
     from xrdpipe.phasefit.fitter import _JUMP_FWHM, _backward_starts, cell_jumps
 

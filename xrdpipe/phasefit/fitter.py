@@ -612,9 +612,11 @@ def _backward_starts(m: PhaseModel, fit: FitSpec, stored: dict, present: np.ndar
         return starts
     jumps = cell_jumps(m, np.asarray(stored["phase_cell"], float), np.asarray(stored["phase_fwhm"], float), present)
     for j, p in np.argwhere(np.nan_to_num(jumps) > _JUMP_FWHM):
+        if not counted[p]:
+            continue
         onsets = np.flatnonzero(present[1:, p] & ~present[:-1, p]) + 1
         near = np.any((onsets < j) & (j <= onsets + _BACKWARD_MAX))
-        if counted[p] and near and int(p) not in starts.get(int(j), []):
+        if near and int(p) not in starts.get(int(j), []):
             starts.setdefault(int(j), []).append(int(p))
     return starts
 
