@@ -838,15 +838,8 @@ def test_a_200_frame_charge_whose_newcomer_appears_on_a_wrong_basin():
     broke each attempt to take more fits to their minimum (a converged far-tail refit left the
     wrong P3 holding the share at its onset, the backward pass started there: fraction MAE
     0.034, Al lost in three frames, until it also went back from the newcomer's jump)."""
-    from xrdpipe.testing import Difficulty, score_phases
-
-    dif = Difficulty(start_error=((0.01, 0.02), (0.01, 0.02)), separation_fwhm=1.1, broadening=1.6,
-                     intensity_jitter=0.3, hard_windows=True, seed=2)
-    series = pattern_series(200, scenario="nfm", counts=0.05, background=2000.0, seed=2, difficulty=dif)
-    phases, windows = fit_config("nfm", dif)
-    table = fit_phases(series.as_patterns(), phases, windows, FitSpec())
-    lat = refine_lattice(table, phases, LatticeSpec(), unit="2th_deg", wavelength_A=series.scenario.wavelength_A)
-    s = score_phases(lat, table, series.states(), series.peaks)
+    # (the benchmark's difficulty: typed cells 1 % (a) and 2 % (c) above, seed 2)
+    *_, s = _run("nfm", _hard(1, 1.1, seed=2), n=200, seed=2)
     assert s["presence"] >= 0.98, s
     assert s["fraction_mae"] <= 0.02 and s["max_dc"] <= 0.005, s
     assert s["median_da"] <= 3e-4 and s["median_dc"] <= 1e-3, s

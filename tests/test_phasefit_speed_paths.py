@@ -3,6 +3,7 @@ followed by least squares alone where they show their own lines (and refused whe
 not), and the least squares that may not stop before its first step."""
 
 import numpy as np
+import pytest
 
 from xrdpipe.batchfit import least_squares_batch
 from xrdpipe.config import FitSpec, LatticeSpec
@@ -219,6 +220,20 @@ def test_least_squares_must_descend_past_a_step_cut_by_a_bound():
     err = np.sqrt(np.diagonal(done.cov[0]) * done.chi2[0] / (x.size - 2))   # (the width's, on its bound: NaN)
     assert np.all(np.abs(done.p[0, :2] - ref.x[:2]) < 0.05 * err[:2])
     assert stuck.chi2[0] > 1.2 * done.chi2[0]
+
+
+def test_least_squares_row_flags_of_the_wrong_shape_are_refused_by_name():
+    """must_move and must_descend take one boolean per row: another shape is an error that
+    names the option and the shape wanted."""
+    x = np.linspace(0, 1, 5)
+
+    def line(p):
+        return p[:, :1] + p[:, 1:] * x, np.stack(np.broadcast_arrays(np.ones((len(p), 5)), p[:, 1:] * 0 + x), 1)
+
+    for name in ("must_move", "must_descend"):
+        with pytest.raises(ValueError, match=rf"{name} must be one boolean per row, shape \(2,\); got shape \(3,\)"):
+            least_squares_batch(line, np.zeros((2, 2)), np.ones((2, 5)), np.ones((2, 5)), lower=np.full(2, -np.inf),
+                                upper=np.full(2, np.inf), **{name: np.ones(3, bool)})
 
 
 def test_a_search_basin_polished_takes_its_grid_points_without_evaluating_them_again():

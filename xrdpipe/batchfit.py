@@ -111,6 +111,10 @@ def least_squares_batch(fun: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray
     lower = np.broadcast_to(np.asarray(lower, float), (n, k))
     upper = np.broadcast_to(np.asarray(upper, float), (n, k))
     fixed = np.zeros((n, k), bool) if fixed is None else np.broadcast_to(np.asarray(fixed, bool), (n, k))
+    for name, rows in (("must_move", must_move), ("must_descend", must_descend)):
+        if rows is not None and np.shape(rows) != (n,):
+            raise ValueError(f"least_squares_batch: {name} must be one boolean per row, shape ({n},); "
+                             f"got shape {np.shape(rows)}")
     p = np.clip(np.asarray(p0, float), lower, upper)
     y = np.asarray(y, float)
     w = np.asarray(w, float)
