@@ -67,8 +67,9 @@ def test_normal_equations_leave_out_only_lines_of_area_held_at_0(frame):
 
 def test_compiled_centre_derivatives_are_the_central_differences(frame):
     """The compiled centres and their derivatives are the positions of the parameter rows moved
-    by ±h in each cell column (h = 1e-6 of the rows' largest value, at least 1e-6) and of the
-    zero shift moved by ±1e-4, to the last bit."""
+    by ±h in each cell column (h = 1e-6 of the row's own value, at least 1e-6) and of the zero
+    shift moved by ±1e-4, to the last bit; each row's the same alone as beside the others (a
+    batch split over threads gives the numbers it gives whole)."""
     m, _, st, theta, _ = frame
     theta = theta.copy()
     theta[:, m.zero_col] = [0.01, -0.02, 0.0]
@@ -77,16 +78,20 @@ def test_compiled_centre_derivatives_are_the_central_differences(frame):
     for p in range(m.P):
         refl = m.r_phase == p
         for q, col in enumerate(m.cell_cols[p]):
-            h = 1e-6 * max(float(np.nanmax(np.abs(theta[:, col]))), 1.0)
+            h = 1e-6 * np.maximum(np.abs(theta[:, col]), 1.0)
             moved = []
             for sign in (1.0, -1.0):
                 t = theta.copy()
                 t[:, col] += sign * h
                 moved.append(m.centres(m.cells(t, st.cell), theta[:, m.zero_col])[:, refl])
-            np.testing.assert_array_equal(dval[:, refl, q], (moved[0] - moved[1]) / (2 * h))
+            np.testing.assert_array_equal(dval[:, refl, q], (moved[0] - moved[1]) / (2 * h[:, None]))
     zero = theta[:, m.zero_col]
     up, dn = (m.centres(m.cells(theta, st.cell), zero + s) for s in (1e-4, -1e-4))
     np.testing.assert_array_equal(dval[:, :, -1], (up - dn) / (2 * 1e-4))
+    for r in range(theta.shape[0]):
+        alone = m._centre_derivs(theta[r:r + 1], st.cell)
+        np.testing.assert_array_equal(alone[0][0], cen[r])
+        np.testing.assert_array_equal(alone[1][0], dval[r])
 
 
 def test_shifted_cells_are_the_cells_of_shifted_rows(frame):

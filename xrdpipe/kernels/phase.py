@@ -615,22 +615,16 @@ def centre_derivs(hkl, r_phase, cell_src, base, theta, dcol, zero_col, wavelengt
     ``base[p, j]`` where that is -1; positions as :func:`radial_positions`.
 
     The derivatives are central differences: by a cell column ``c``, with the step 1e-6 times
-    the largest ``|theta[:, c]|`` of the rows (at least 1e-6; the same step for every row), by
-    the zero shift with the step 1e-4."""
+    the row's ``|theta[r, c]|`` (at least 1e-6; NaN where that is NaN), so that a row's centres
+    and derivatives are the same numbers whatever other rows it is evaluated with (a batch
+    split over threads gives what it gives whole); by the zero shift with the step 1e-4."""
     n_rows, n_lines = cen.shape
     width = dcol.shape[1]
-    steps = np.zeros(theta.shape[1])
-    for i in range(n_lines):
-        for q in range(width - 1):
-            col = dcol[i, q]
-            if col < 0 or steps[col] != 0.0:
-                continue
-            big = np.nan                          # the largest |value| of the rows, NaN ignored
-            for r in range(n_rows):
-                v = abs(theta[r, col])
-                if v == v and (big != big or v > big):
-                    big = v
-            steps[col] = 1e-6 * (1.0 if 1.0 > big else big)
+    steps = np.zeros((n_rows, theta.shape[1]))
+    for r in range(n_rows):
+        for c in range(theta.shape[1]):
+            v = abs(theta[r, c])
+            steps[r, c] = 1e-6 * (1.0 if 1.0 > v else v)
     hz = 1e-4
     cell = np.zeros(6)
     pos = np.zeros(2)
@@ -652,7 +646,7 @@ def centre_derivs(hkl, r_phase, cell_src, base, theta, dcol, zero_col, wavelengt
                 col = dcol[i, q]
                 if col < 0:
                     continue
-                h = steps[col]
+                h = steps[r, col]
                 angle = False
                 for j in range(6):
                     if cell_src[p, j] == col and j >= 3:
@@ -679,8 +673,8 @@ def phase_normal_rows(x, hw, y, wt, tpow, win_lo, win_hi, wcol_ptr, wcols, nbg, 
                        a_col, la, lf, le, ld, hkl, r_phase, cell_src, base, dcol, zero_col, wavelength, unit,
                        displacement, theta, held, chi2, hess, grad):  # pragma: no cover - compiled
     """chi², JᵀW²J and JᵀW²r of parameter rows ``theta`` (r, k), the rows' ``held`` columns
-    (r, k) given: the lines' centres and their derivatives (:func:`centre_derivs`, the rows
-    together: its step is the largest value of the rows'), a line whose area is held at 0 left
+    (r, k) given: the lines' centres and their derivatives (:func:`centre_derivs`, each
+    row's with its own steps), a line whose area is held at 0 left
     out, then :func:`phase_normal` (what :meth:`xrdpipe.phasefit.PhaseModel.normal` does)."""
     n = theta.shape[0]
     n_lines = hkl.shape[0]
