@@ -12,6 +12,10 @@ import numpy as np
 from numba import njit
 
 from .base import _CG, _CL, _LN2, _kernel
+
+#: (u / FWHM)² beyond which a Gaussian's exp(-4 ln 2 u²) is exactly 0.0 in double precision
+#: (exp(-776); the smallest subnormal number is exp(-744.4)).
+_GAUSS_GONE = 280.0
 from .batch import damped_systems, take_steps
 
 _K = 1.6651092223153954          # 2 sqrt(ln 2): a Gaussian of FWHM f is exp(-(K (x - c) / f)²)
@@ -819,7 +823,9 @@ def add_lines(x, cen, fw, area, eta, out):  # pragma: no cover - compiled
     for j in range(x.size):
         for i in range(n):
             u = (x[j] - cen[i]) / fw[i]
-            g = _CG * np.exp(-4 * _LN2 * u * u)
+            # (beyond 16.7 FWHM the Gaussian's exp underflows to 0.0: not called, the same bits;
+            # NaN still goes through it)
+            g = 0.0 if u * u >= _GAUSS_GONE else _CG * np.exp(-4 * _LN2 * u * u)
             lo = _CL / (1 + 4 * u * u)
             v[i] = area[i] / fw[i] * (eta[i] * lo + (1 - eta[i]) * g)
         out[j] += _row_sum(v)
