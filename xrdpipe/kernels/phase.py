@@ -12,11 +12,11 @@ import numpy as np
 from numba import njit
 
 from .base import _CG, _CL, _LN2, _kernel
+from .batch import damped_systems, take_steps
 
 #: (u / FWHM)² beyond which a Gaussian's exp(-4 ln 2 u²) is exactly 0.0 in double precision
 #: (exp(-776); the smallest subnormal number is exp(-744.4)).
 _GAUSS_GONE = 280.0
-from .batch import damped_systems, take_steps
 
 _K = 1.6651092223153954          # 2 sqrt(ln 2): a Gaussian of FWHM f is exp(-(K (x - c) / f)²)
 _INV_K_SQRT_PI = 0.33883037580155256  # 1 / (K sqrt(π))
