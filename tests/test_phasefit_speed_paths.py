@@ -269,10 +269,11 @@ def test_a_search_basin_polished_takes_its_grid_points_without_evaluating_them_a
 
 
 def test_search_windows_on_two_threads_give_the_same_numbers(monkeypatch):
-    """The searches solve their windows side by side on ``[fit] workers`` threads: the same
-    tables, bit for bit, as on one thread (the first eight frames of the coexistence series:
+    """The searches solve their windows side by side on ``[fit] workers`` threads, and a batch of
+    least squares runs its nested rows (the presence tests') on a thread beside its first: the
+    same tables, bit for bit, as on one thread (the first eight frames of the coexistence series:
     the run's zero estimate, P3 found and the pair split by the joint search), and the windows
-    did run on two threads at once."""
+    did run on two threads at once, the nested rows on their own."""
     import threading
 
     import xrdpipe.kernels as kernels
@@ -308,10 +309,19 @@ def test_search_windows_on_two_threads_give_the_same_numbers(monkeypatch):
         pairs.append(args[:2])
         return joint(self, *args, **kwargs)
 
+    lm = kernels.phase_lm
+    lm_threads = []
+
+    def naming_threads(*args):
+        lm_threads.append((threading.current_thread().name.split("_")[0], args[29].shape[0]))
+        lm(*args)
+
     monkeypatch.setattr(kernels, "window_trials", counting)
+    monkeypatch.setattr(kernels, "phase_lm", naming_threads)
     monkeypatch.setattr(frame._Frame, "pair_search", counting_pairs)
     two = fit(2)
     assert most[0] == 2 and len(pairs) >= 4, (most, pairs)
+    assert ("xrdpipe-rows", 2) in lm_threads and ("MainThread", 1) in lm_threads, set(lm_threads)
     assert one.phase["phase_present"][:, [p.name for p in phases].index("P3")].any()
     _same_tables(one, two)
 

@@ -6,6 +6,8 @@ constants of the tracking. See :mod:`xrdpipe.phasefit` for the whole method."""
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -137,6 +139,19 @@ class _Window:
     degree: int
     points: slice      # its part of the concatenated abscissa
     hw: np.ndarray     # the instrument's half-width at each point (0: a point sample)
+
+
+#: A thread per process (made once) that runs the nested rows of a batch of least squares
+#: beside the first (:meth:`PhaseModel.iterate`); a child forked from a process that had one
+#: makes its own.
+_ROW_THREADS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _row_thread() -> ThreadPoolExecutor:
+    pool = _ROW_THREADS.get(os.getpid())
+    if pool is None:
+        pool = _ROW_THREADS[os.getpid()] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xrdpipe-rows")
+    return pool
 
 
 #: How many cells (and zero shifts) :meth:`PhaseModel.centres` keeps the centres of.
@@ -682,10 +697,30 @@ class PhaseModel:
             rise_ends = np.ones(n, bool) if must_descend is None else ~np.asarray(must_descend, bool)
             chi2, hess = np.zeros(n), np.zeros((n, k, k))
             n_iter, status = np.zeros(n, np.int32), np.zeros(n, np.int8)
-            kernels.phase_lm(self.x_all, self.hw_all, y, w, *lay[:9], fw_col, eta_col, a_col, *lay[9:], *geometry,
-                             p, np.ascontiguousarray(lower), np.ascontiguousarray(upper), np.ascontiguousarray(fixed),
-                             np.ascontiguousarray(stop, dtype=float), int(max_iter), float(xtol), cols, shape,
-                             float(weak_z), moved, rise_ends, chi2, hess, n_iter, status)
+            lower, upper = np.ascontiguousarray(lower), np.ascontiguousarray(upper)
+            fixed, stop = np.ascontiguousarray(fixed), np.ascontiguousarray(stop, dtype=float)
+
+            def rows(sl: slice) -> None:
+                # (each row's steps are its own, so rows run apart give the numbers they give
+                # together; the kernel updates its own copies, written back here)
+                part = [np.ascontiguousarray(v[sl]) for v in (p, lower, upper, fixed, stop)]
+                flags = [np.ascontiguousarray(v[sl]) for v in (moved, rise_ends)]
+                out = [np.ascontiguousarray(v[sl]) for v in (chi2, hess, n_iter, status)]
+                kernels.phase_lm(self.x_all, self.hw_all, y, w, *lay[:9], fw_col, eta_col, a_col, *lay[9:],
+                                 *geometry, *part, int(max_iter), float(xtol), cols, shape, float(weak_z),
+                                 *flags, *out)
+                p[sl], moved[sl] = part[0], flags[0]
+                for whole, got in zip((chi2, hess, n_iter, status), out):
+                    whole[sl] = got
+
+            if n >= 2 and self.threads >= 2:
+                # the nested rows (the presence tests') on a second core beside the first row: the
+                # kernel runs without the GIL
+                nested = _row_thread().submit(rows, slice(1, n))
+                rows(slice(0, 1))
+                nested.result()
+            else:
+                rows(slice(0, n))
             return chi2, hess, n_iter, status
         return run
 
