@@ -38,6 +38,11 @@ presence = "ftest"
     ('peaks = ["O3 003"]\nbackground = "cubic"', "windows.0.background",
      "expected 'constant', 'linear' or 'quadratic', got 'cubic'"),
     ('peaks = ["O3 003"]\nbackground = 3', "windows.0.background", "{ polynomial = 0 to 4 }"),
+    ('peaks = ["O3 003"]\nfree_peaks = [7.5]', "windows.0.free_peaks",
+     "a free peak's centre must lie inside the window's range [6.2, 7.2], got 7.5"),
+    ('peaks = ["O3 003"]\nfree_peaks = [6.5, 6.5]', "windows.0.free_peaks", "a free peak is listed twice"),
+    ('peaks = ["O3 003"]\nfree_peaks = [6.5]\n[fit]\nmodel = "peaks"', "windows.0.free_peaks",
+     'free peaks (lines of no phase) are fitted by the phase model; set [fit] model = "phases"'),
 ])
 def test_window_errors_name_the_key(config_folder, window, key, words):
     text = GOOD.format(times='"header"') + PHASES + f'\n[[windows]]\nname = "003"\nrange = [6.2, 7.2]\n{window}\n'

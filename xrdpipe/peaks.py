@@ -450,6 +450,10 @@ class PeakFitter:
         self.fit = fit
         self.models, problems = [], []
         for i, w in enumerate(windows):
+            if w.free_peaks:
+                problems.append((i, f"window {w.name!r}: free peaks (lines of no phase) are fitted by the phase "
+                                    f'model ([fit] model = "phases"), not by independent peaks'))
+                continue
             try:
                 self.models.append(WindowModel(w, phase_map, radial, unit, wavelength_A))
             except (ValueError, KeyError) as exc:

@@ -193,6 +193,9 @@ class WindowSpec(Spec):
     max_shift: float | None = Field(default=None, gt=0)
     center_bounds: dict[str, tuple[float, float]] = {}
     presence: Literal["bic", "ftest", "always"] | None = None
+    #: lines of no phase (an impurity's, a cell component's, an unknown one): their centres, in
+    #: the run's radial unit; the phase model fits each as an independent line beside the phases
+    free_peaks: list[float] = Field(default=[], max_length=4)
 
     @field_validator("range", "fwhm_range")
     @classmethod
@@ -220,11 +223,27 @@ class WindowSpec(Spec):
             raise ValueError(f"a peak is listed twice in {v}")
         return out
 
+    @field_validator("free_peaks")
+    @classmethod
+    def _free_inside(cls, v: list[float], info) -> list[float]:
+        lo, hi = info.data.get("range", (-math.inf, math.inf))
+        for c in v:
+            if not lo < c < hi:
+                raise ValueError(f"a free peak's centre must lie inside the window's range {[lo, hi]}, got {c:g}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"a free peak is listed twice in {v}")
+        return [float(c) for c in v]
+
     @property
     def background_degree(self) -> int:
         if isinstance(self.background, PolynomialBackground):
             return self.background.polynomial
         return {"constant": 0, "linear": 1, "quadratic": 2}[self.background]
+
+    def key(self) -> dict:
+        """The window as the run's fingerprints hold it: ``free_peaks`` only where given, so that
+        runs made before the key existed keep their fingerprints."""
+        return self.model_dump(mode="json", exclude=set() if self.free_peaks else {"free_peaks"})
 
     def split_peak(self, label: str) -> tuple[str, tuple[int, int, int]]:
         """``"O3 003"`` -> ``("O3", (0, 0, 3))``."""

@@ -62,10 +62,14 @@ class PhaseFitter:
                               "pseudo_voigt"))
         if problems:
             raise WindowSetupError(problems)
+        # the lines of no phase (free peaks): each its phase's one line, "free <centre>" in peaks.csv
+        for p, wi in m.free_line.items():
+            comps.append(int(np.flatnonzero(m.r_phase == p)[0]))
+            peaks.append((windows[wi].name, "free", m.phases[p].name.split(" ", 1)[1], "pseudo_voigt"))
         self.components = np.array(comps, int)
         self.peaks = tuple(peaks)
         self.comp_window = np.array([self.windows.index(p[0]) for p in peaks], int)
-        self.phase_names = tuple(p.name for p in phases)
+        self.phase_names = tuple(p.name for p in m.phases)
         #: the run's zero shift and its esd, once known ((0, NaN) without a correction)
         self.zero: tuple[float, float] | None = (0.0, np.nan) if m.correction == "none" else None
         self.state = self._fresh_state()

@@ -154,6 +154,32 @@ def _row_thread() -> ThreadPoolExecutor:
     return pool
 
 
+#: How far a line of no phase (``[[windows]] free_peaks``) may move from its configured centre,
+#: as a share of its window's width.
+FREE_LINE_REACH = 0.1
+
+
+def _free_line_phase(window: WindowSpec, centre: float, unit: str, wavelength_A: float | None,
+                     taken: Sequence[str]) -> PhaseSpec:
+    """A line of no phase at ``centre`` (the run's radial unit) of ``window`` as a phase the
+    model can carry: a cubic cell whose a is the line's d-spacing, its one line (100), searched
+    and moved within :data:`FREE_LINE_REACH` of the window's width of the centre, its own
+    width, eta and area, kept out of the fractions. Named ``free <centre>`` (and the window's
+    name where that is taken)."""
+    def d_of(v: float) -> float:
+        if unit == "q_A^-1":
+            return 2 * np.pi / v
+        return float(wavelength_A / (2 * np.sin(np.radians(v) / 2)))
+
+    reach = FREE_LINE_REACH * (window.range[1] - window.range[0])
+    d = d_of(centre)
+    near, far = d_of(centre + reach), d_of(max(centre - reach, 1e-3))
+    name = f"free {centre:g}"
+    if name in taken:
+        name += f" ({window.name})"
+    return PhaseSpec(name=name, space_group="Pm-3m", a=d, fraction=False, search={"a": (far - near) / 2 / d})
+
+
 #: How many cells (and zero shifts) :meth:`PhaseModel.centres` keeps the centres of.
 _CENTRES_KEPT = 16
 
@@ -192,6 +218,15 @@ class PhaseModel:
         self.naming: dict[frozenset, int] = {}
         self.correction = lattice.phase_correction
         self.unit, self.wavelength_A = unit, wavelength_A
+        #: lines of no phase (``[[windows]] free_peaks``), each a phase of its own after the
+        #: configured ones (:func:`_free_line_phase`): phase index -> its window
+        self.free_line: dict[int, int] = {}
+        extra: list[PhaseSpec] = []
+        for wi, w in enumerate(windows):
+            for centre in w.free_peaks:
+                self.free_line[len(self.phases) + len(extra)] = wi
+                extra.append(_free_line_phase(w, centre, unit, wavelength_A, [p.name for p in self.phases + tuple(extra)]))
+        self.phases += tuple(extra)
         radial = np.asarray(radial, float)
         self.step = float(np.median(np.abs(np.diff(radial)))) if radial.size > 1 else 1.0
         self.data_span = (float(radial.min()), float(radial.max())) if radial.size else (np.nan, np.nan)
@@ -237,8 +272,8 @@ class PhaseModel:
         #: peaks whose shape the least squares holds while they are weak (``amplitudes``)
         self.lone_lines = [(int(self.area_col[r]), (int(self.fwhm_col[self.r_phase[r], self.r_window[r]]),))
                            for r in range(self.R) if len(self._refl_of[self.r_phase[r]][self.r_window[r]]) == 1]
-        #: (R,) reflections listed as a window's peaks ("phase hkl")
-        self.r_listed = np.zeros(self.R, bool)
+        #: (R,) reflections listed as a window's peaks ("phase hkl", and the free peaks' lines)
+        self.r_listed = np.isin(self.r_phase, list(self.free_line))
         names = [p.name for p in self.phases]
         for wi, w in enumerate(self.specs):
             for label in w.peaks:
@@ -280,6 +315,12 @@ class PhaseModel:
         hi_all = max(w.range[1] for w in self.specs) if self.specs else np.nan
         phase, window, hkl, mult = [], [], [], []
         for p, spec in enumerate(self.phases):
+            if p in self.free_line:             # a line of no phase: its one line, in its window
+                phase.append(p)
+                window.append(self.free_line[p])
+                hkl.append((1, 0, 0))
+                mult.append(1)
+                continue
             grow = np.array(self.cell0[p])
             for i in range(3):
                 grow[i] += self.box[p, i] * 1.05 * _REACH
@@ -717,8 +758,10 @@ class PhaseModel:
                 # the nested rows (the presence tests') on a second core beside the first row: the
                 # kernel runs without the GIL
                 nested = _row_thread().submit(rows, slice(1, n))
-                rows(slice(0, 1))
-                nested.result()
+                try:
+                    rows(slice(0, 1))
+                finally:
+                    nested.result()         # (never left writing into a call that raised)
             else:
                 rows(slice(0, n))
             return chi2, hess, n_iter, status

@@ -93,7 +93,7 @@ def fit_experiment(exp: Experiment, *, restart: bool = False, progress: bool = T
     with stage(exp, "fit", progress=progress, started=t_start, summary=summary) as st:
         store, kept = PeakStore.open(exp.run.run_file, windows=fitter.windows, peaks=fitter.peaks,
                                      fingerprint=_fingerprint(exp, fit, info, block), restart=restart,
-                                     phases=[p.name for p in exp.phases] if phase_model else None)
+                                     phases=list(fitter.phase_names) if phase_model else None)
         summary.restarted = not kept and not restart and info.had_peaks
         with store:
             done = store.done
@@ -141,7 +141,7 @@ def _fitter(exp: Experiment, fit, info: RunInfo):
 def _fingerprint(exp: Experiment, fit, info: RunInfo, block: int) -> dict:
     """The settings the fitted peaks depend on (others start ``/entry/peaks`` again)."""
     out = {"xrdpipe": __version__, "phases": [p.model_dump(mode="json") for p in exp.phases],
-           "windows": [w.model_dump(mode="json") for w in exp.windows],
+           "windows": [w.key() for w in exp.windows],
            "fit": fit.key(exclude={"workers", "block_frames"}),
            "block": block, "patterns": info.fingerprint}
     if fit.model == "phases":   # frames carry their state one to the next: the block plays no part

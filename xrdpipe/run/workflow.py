@@ -89,7 +89,7 @@ def stage_keys(exp: Experiment, *, live_key: str | None = None) -> dict[str, str
         e = exp.electrochemistry
         own["echem"] = [e.model_dump(mode="json"), file_stat(e.file), [file_stat(p) for p in e.inventory_loss_from]]
     if exp.windows:
-        own["fit"] = [[p.model_dump(mode="json") for p in exp.phases], [w.model_dump(mode="json") for w in exp.windows],
+        own["fit"] = [[p.model_dump(mode="json") for p in exp.phases], [w.key() for w in exp.windows],
                       exp.fit.key(exclude={"workers"})]
         if exp.fit.model == "phases" and exp.lattice.phase_correction != "none":
             # the phase model fits with the run's zero shift (left out where there is none, as

@@ -42,6 +42,10 @@ class Difficulty:
     hard_windows : write windows that hold a weak reflection of the other phase and an Al line
         (with Al as a phase, ``fraction = false``) instead of the demo's basal-only set
     seed : seed of the intensity factors
+    free_lines : lines of no phase (an impurity's, a cell part's), in every frame: (2θ in
+        degrees, strength on the Al lines' scale (an Al (111) line of ``al_scale`` 0.15 is
+        0.15), FWHM as a multiple of the phases' at that angle, eta); in the truth's peak lists
+        as phase ``free``, hkl the centre
     """
 
     start_error: tuple[tuple[float, float], tuple[float, float]] = ((0.0, 0.0), (0.0, 0.0))
@@ -51,6 +55,7 @@ class Difficulty:
     al_scale: float = 0.15
     hard_windows: bool = False
     seed: int = 0
+    free_lines: tuple[tuple[float, float, float, float], ...] = ()
 
     def intensity_factor(self, phase: str, hkl: tuple[int, int, int]) -> float:
         if self.intensity_jitter <= 0:
@@ -114,6 +119,10 @@ def peak_list(states, wavelength_A: float, tth_range: tuple[float, float], *, sc
             if np.isfinite(tth):
                 peaks.append({"phase": "Al", "hkl": f"{h}{k}{l}", "h": h, "k": k, "l": l, "d_A": float(d),
                               "tth_deg": float(tth), "area": float(scale * al_scale * rel * 0.05)})
+    for tth, strength, width, eta in dif.free_lines:
+        peaks.append({"phase": "free", "hkl": f"{tth:g}", "h": 0, "k": 0, "l": 0,
+                      "d_A": float(wavelength_A / (2 * np.sin(np.radians(tth) / 2))), "tth_deg": float(tth),
+                      "area": float(scale * strength * 100.0 * 0.05), "fwhm_scale": float(width), "eta": float(eta)})
     return peaks
 
 
@@ -124,7 +133,7 @@ def pattern_1d(tth_deg: np.ndarray, peaks, *, profile: ProfileModel = ProfileMod
     y = background * (1.0 + 0.8 * np.exp(-tth / 6.0)) + 0.6 * background * np.exp(-0.5 * ((tth - 5.5) / 1.8) ** 2)
     for p in peaks:
         fw = float(profile.fwhm(p["tth_deg"])) * p.get("fwhm_scale", 1.0)
-        y += p["area"] * pseudo_voigt(tth, p["tth_deg"], fw, 1.0, profile.eta)
+        y += p["area"] * pseudo_voigt(tth, p["tth_deg"], fw, 1.0, p.get("eta", profile.eta))
     return y
 
 
