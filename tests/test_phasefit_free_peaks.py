@@ -111,3 +111,32 @@ def test_a_line_of_no_phase_in_2d_frames_through_the_run_file(tmp_path):
     assert s["presence"] >= 0.98 and s["median_da"] <= 3e-4 and s["median_dc"] <= 1e-3, s
     assert s["fraction_mae"] <= 0.02, s
     _check_line(table, typed, "104", *_truth(syn.peaks, line))
+
+
+def test_several_lines_of_no_phase_one_window_and_one_not_there():
+    """Three free peaks in the 107 window (two lines 1.6 FWHM apart, typed 0.01° off either way,
+    and one typed where there is none) and one in the 104 window: each real line found in every
+    frame at its centre and area, the missing one absent in every frame, and the phases as good
+    as with one line."""
+    lines = ((20.50, 0.33, 1.15, 0.6), (20.62, 0.2, 1.0, 0.4), (16.558, 0.53, 0.85, 0.3))
+    dif = Difficulty(start_error=((0.01, 0.02), (-0.01, -0.015)), separation_fwhm=1.5, broadening=1.6,
+                     intensity_jitter=0.3, hard_windows=True, seed=3, free_lines=lines)
+    series = pattern_series(40, scenario="nfm", counts=0.05, background=2000.0, seed=3, difficulty=dif)
+    phases, windows = fit_config("nfm", dif)
+    typed = {"107": [20.49, 20.63, 20.95], "104": [16.565]}
+    wins = [w.model_copy(update={"free_peaks": typed.get(w.name, [])}) for w in windows]
+    table = fit_phases(series.as_patterns(), phases, wins, FitSpec())
+    lat = refine_lattice(table, phases, LatticeSpec(), unit="2th_deg", wavelength_A=series.scenario.wavelength_A)
+    score = score_phases(lat, table, series.states(), series.peaks)
+    assert score["presence"] >= 0.98 and score["median_da"] <= 2e-5 and score["median_dc"] <= 1e-4, score
+    assert score["fraction_mae"] <= 0.005, score
+    truth = {p["hkl"]: p["area"] for p in series.peaks[0] if p["phase"] == "free"}
+    found = {p[2]: i for i, p in enumerate(table.peaks) if p[1] == "free"}
+    assert sorted(found) == ["16.565", "20.49", "20.63", "20.95"]
+    for hkl, (centre, want) in {"20.49": (20.50, truth["20.5"]), "20.63": (20.62, truth["20.62"]),
+                                "16.565": (16.558, truth["16.558"])}.items():
+        j = found[hkl]
+        assert table.present[:, j].all(), hkl
+        assert abs(np.nanmedian(table.values["center"][:, j]) - centre) <= 0.002, hkl
+        assert abs(np.nanmedian(table.values["area"][:, j]) / want - 1) <= 0.05, hkl
+    assert not table.present[:, found["20.95"]].any()
