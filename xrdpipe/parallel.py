@@ -30,10 +30,11 @@ import pickle
 import re
 import threading
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator
 
 __all__ = ["LOCAL_SCHEDULERS", "check_scheduler", "map_ordered", "default_workers", "catch_interrupts",
-           "interrupted", "stop_if_interrupted", "forget_interrupt"]
+           "interrupted", "stop_if_interrupted", "forget_interrupt", "lasting_pool"]
 
 LOCAL_SCHEDULERS = ("processes", "threads", "serial")
 _ADDRESS = re.compile(r"^(tcp|tls|ucx|inproc|ws|wss)://\S+$")
@@ -93,6 +94,22 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+#: thread pools that last the process, by (process, threads, name): made once, so that a call
+#: in a loop over frames does not start threads (a child forked from a process that had one has
+#: none of its threads: it makes its own)
+_LASTING: dict[tuple[int, int, str], ThreadPoolExecutor] = {}
+
+
+def lasting_pool(threads: int, name: str) -> ThreadPoolExecutor:
+    """A pool of ``threads`` threads named ``name``, made the first time it is asked for in this
+    process and kept (for compiled work that runs without the GIL, handed over call by call)."""
+    key = (os.getpid(), threads, name)
+    pool = _LASTING.get(key)
+    if pool is None:
+        pool = _LASTING[key] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+    return pool
+
+
 def _init_worker(blob: bytes) -> None:
     import signal
 
@@ -131,8 +148,6 @@ def map_ordered(fn: Callable[[Any, Any], Any], jobs: Iterable, *, context: Any =
                 yield fn(job, context)
             return
         if scheduler == "threads":
-            from concurrent.futures import ThreadPoolExecutor
-
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xrdpipe") as pool:
                 yield from _stream(lambda job: pool.submit(fn, job, context), jobs, prefetch)
             return

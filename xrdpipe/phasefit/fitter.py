@@ -63,9 +63,9 @@ class PhaseFitter:
         if problems:
             raise WindowSetupError(problems)
         # the lines of no phase (free peaks): each its phase's one line, "free <centre>" in peaks.csv
-        for p, wi in m.free_line.items():
+        for p, (wi, centre) in m.free_line.items():
             comps.append(int(np.flatnonzero(m.r_phase == p)[0]))
-            peaks.append((windows[wi].name, "free", m.phases[p].name.split(" ", 1)[1], "pseudo_voigt"))
+            peaks.append((windows[wi].name, "free", f"{centre:g}", "pseudo_voigt"))
         self.components = np.array(comps, int)
         self.peaks = tuple(peaks)
         self.comp_window = np.array([self.windows.index(p[0]) for p in peaks], int)

@@ -5,14 +5,13 @@ frame's result (:class:`FrameResult`)."""
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from .. import kernels
+from ..parallel import lasting_pool
 from .model import (
     _CELL_INDEX,
     _CELL_NAME,
@@ -26,10 +25,6 @@ from .model import (
     PhaseModel,
     PhaseState,
 )
-
-#: thread pools by process and size, made once: the searches' windows are solved side by side
-#: (a child forked from a process that had one has none of its threads: it makes its own)
-_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
 #: How many orders of its cell parameters a search runs where the first parameter's first round
 #: hears only some of the phase's lines (:meth:`_Frame.search`): the configured order and the
@@ -66,12 +61,8 @@ def solve_windows(threads: int, calls: Sequence[_WindowCall]) -> None:
         for c in todo:
             _run(c)
         return
-    key = (os.getpid(), threads)
-    pool = _POOLS.get(key)
-    if pool is None:
-        pool = _POOLS[key] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="xrdpipe-windows")
     # (the largest first: the threads finish together)
-    list(pool.map(_run, sorted(todo, key=lambda c: -c.work)))
+    list(lasting_pool(threads, "xrdpipe-windows").map(_run, sorted(todo, key=lambda c: -c.work)))
 
 
 def _median(values: list) -> float:

@@ -6,8 +6,6 @@ constants of the tracking. See :mod:`xrdpipe.phasefit` for the whole method."""
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -20,6 +18,8 @@ from ..crystallography import (
     CELL_PARAMETERS,
     crystal_system,
     d_from_cell,
+    d_from_q,
+    d_from_tth,
     full_cell,
     parse_hkl,
     q_from_tth,
@@ -27,7 +27,7 @@ from ..crystallography import (
     reflections,
     tth_from_d,
 )
-from ..parallel import default_workers
+from ..parallel import default_workers, lasting_pool
 from .instrument import instrument_profile
 
 _CELL_INDEX = {"a": 0, "b": 1, "c": 2, "alpha": 3, "beta": 4, "gamma": 5}
@@ -141,19 +141,6 @@ class _Window:
     hw: np.ndarray     # the instrument's half-width at each point (0: a point sample)
 
 
-#: A thread per process (made once) that runs the nested rows of a batch of least squares
-#: beside the first (:meth:`PhaseModel.iterate`); a child forked from a process that had one
-#: makes its own.
-_ROW_THREADS: dict[int, ThreadPoolExecutor] = {}
-
-
-def _row_thread() -> ThreadPoolExecutor:
-    pool = _ROW_THREADS.get(os.getpid())
-    if pool is None:
-        pool = _ROW_THREADS[os.getpid()] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xrdpipe-rows")
-    return pool
-
-
 #: How far a line of no phase (``[[windows]] free_peaks``) may move from its configured centre,
 #: as a share of its window's width.
 FREE_LINE_REACH = 0.1
@@ -167,9 +154,7 @@ def _free_line_phase(window: WindowSpec, centre: float, unit: str, wavelength_A:
     width, eta and area, kept out of the fractions. Named ``free <centre>`` (and the window's
     name where that is taken)."""
     def d_of(v: float) -> float:
-        if unit == "q_A^-1":
-            return 2 * np.pi / v
-        return float(wavelength_A / (2 * np.sin(np.radians(v) / 2)))
+        return float(d_from_q(v) if unit == "q_A^-1" else d_from_tth(v, wavelength_A))
 
     reach = FREE_LINE_REACH * (window.range[1] - window.range[0])
     d = d_of(centre)
@@ -219,12 +204,12 @@ class PhaseModel:
         self.correction = lattice.phase_correction
         self.unit, self.wavelength_A = unit, wavelength_A
         #: lines of no phase (``[[windows]] free_peaks``), each a phase of its own after the
-        #: configured ones (:func:`_free_line_phase`): phase index -> its window
-        self.free_line: dict[int, int] = {}
+        #: configured ones (:func:`_free_line_phase`): phase index -> (its window, typed centre)
+        self.free_line: dict[int, tuple[int, float]] = {}
         extra: list[PhaseSpec] = []
         for wi, w in enumerate(windows):
             for centre in w.free_peaks:
-                self.free_line[len(self.phases) + len(extra)] = wi
+                self.free_line[len(self.phases) + len(extra)] = (wi, centre)
                 extra.append(_free_line_phase(w, centre, unit, wavelength_A, [p.name for p in self.phases + tuple(extra)]))
         self.phases += tuple(extra)
         radial = np.asarray(radial, float)
@@ -317,7 +302,7 @@ class PhaseModel:
         for p, spec in enumerate(self.phases):
             if p in self.free_line:             # a line of no phase: its one line, in its window
                 phase.append(p)
-                window.append(self.free_line[p])
+                window.append(self.free_line[p][0])
                 hkl.append((1, 0, 0))
                 mult.append(1)
                 continue
@@ -757,7 +742,7 @@ class PhaseModel:
             if n >= 2 and self.threads >= 2:
                 # the nested rows (the presence tests') on a second core beside the first row: the
                 # kernel runs without the GIL
-                nested = _row_thread().submit(rows, slice(1, n))
+                nested = lasting_pool(1, "xrdpipe-rows").submit(rows, slice(1, n))
                 try:
                     rows(slice(0, 1))
                 finally:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..crystallography import reflections, tth_from_d
+from ..crystallography import d_from_tth, reflections, tth_from_d
 from ..lineshapes import pseudo_voigt
 from .scenarios import Scenario, mcm_scenario, nfm_scenario, phase_state
 
@@ -121,7 +121,7 @@ def peak_list(states, wavelength_A: float, tth_range: tuple[float, float], *, sc
                               "tth_deg": float(tth), "area": float(scale * al_scale * rel * 0.05)})
     for tth, strength, width, eta in dif.free_lines:
         peaks.append({"phase": "free", "hkl": f"{tth:g}", "h": 0, "k": 0, "l": 0,
-                      "d_A": float(wavelength_A / (2 * np.sin(np.radians(tth) / 2))), "tth_deg": float(tth),
+                      "d_A": float(d_from_tth(tth, wavelength_A)), "tth_deg": float(tth),
                       "area": float(scale * strength * 100.0 * 0.05), "fwhm_scale": float(width), "eta": float(eta)})
     return peaks
 
