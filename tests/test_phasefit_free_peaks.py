@@ -141,3 +141,30 @@ def test_several_lines_of_no_phase_one_window_and_one_not_there():
         assert abs(np.nanmedian(table.values["center"][:, j]) - centre) <= 0.002, hkl
         assert abs(np.nanmedian(table.values["area"][:, j]) / want - 1) <= 0.05, hkl
     assert not table.present[:, found["20.95"]].any()
+
+
+def test_a_free_peak_beyond_a_cells_reach_is_refused_by_its_key():
+    """A free peak at 0.3° 2θ (d ≈ 119 Å at 0.6209 Å), beyond the 100 Å of the cell that carries
+    it, is refused as ``windows.<i>.free_peaks`` of its window, with its d, not as a problem of
+    window 0's peaks."""
+    from types import SimpleNamespace
+
+    from xrdpipe.errors import ConfigError, WindowSetupError
+    from xrdpipe.phasefit import PhaseFitter
+    from xrdpipe.run.fit import _fitter
+
+    phases, windows = fit_config("nfm", Difficulty())
+    basal = next(w for w in windows if w.name == "003")     # the low-angle window, put last
+    windows = [w for w in windows if w is not basal]
+    windows.append(basal.model_copy(update={"range": (0.2, basal.range[1]), "free_peaks": [0.3]}))
+    i = len(windows) - 1
+    radial = np.linspace(0.1, 25.0, 6000)
+    axis = dict(radial=radial, unit="2th_deg", wavelength_A=0.6209)
+    with pytest.raises(WindowSetupError, match=r"free peak at 0.3 2th_deg has d = 118\.\d Å") as got:
+        PhaseFitter(phases, windows, FitSpec(), LatticeSpec(), **axis)
+    assert got.value.key == "free_peaks" and [k for k, _ in got.value.problems] == [i]
+    exp = SimpleNamespace(phases=phases, windows=windows, lattice=LatticeSpec(), source="exp.toml")
+    info = SimpleNamespace(**axis, instrument_sd=None, instrument_offset=None)
+    with pytest.raises(ConfigError) as err:
+        _fitter(exp, FitSpec(), info)
+    assert [k for k, _ in err.value.problems] == [f"windows.{i}.free_peaks"]

@@ -100,11 +100,12 @@ class ChunkDecodeError(XrdpipeError):
 class WindowSetupError(XrdpipeError):
     """Windows that cannot be set up on this run's data: ``problems`` is [(window index, why)],
     each ``why`` naming the window; the run layer turns it into a :class:`ConfigError` on
-    ``windows.<i>.peaks``."""
+    ``windows.<i>.<key>`` (``peaks`` unless the problem is another key's)."""
 
-    def __init__(self, problems: list[tuple[int, str]]):
+    def __init__(self, problems: list[tuple[int, str]], key: str = "peaks"):
         super().__init__("; ".join(f"window {i}: {m}" for i, m in problems))
         self.problems = problems
+        self.key = key
 
 
 class StructureError(XrdpipeError):

@@ -641,16 +641,14 @@ def cell_jumps(m: PhaseModel, cell: np.ndarray, fwhm: np.ndarray, present: np.nd
     n = cell.shape[0]
     out = np.full((n, m.P), np.nan)
     for p in range(m.P):
-        rows = np.flatnonzero((m.r_phase == p) & m.r_has_data)
-        if not rows.size or not m.free[p]:
+        if not m.free[p] or not ((m.r_phase == p) & m.r_has_data).any():
             continue
         idx = [_CELL_INDEX[name] for name in m.free[p]]
         for j in np.flatnonzero(present[1:, p] & present[:-1, p]) + 1:
-            fw = fwhm[j, p, m.r_window[rows]]
             if not (np.all(np.isfinite(cell[j, p])) and np.all(np.isfinite(cell[j - 1, p]))):
                 continue
             with np.errstate(invalid="ignore", divide="ignore"):
-                per_width = np.fmax.reduce(m.free_shifts(p, cell[j, p], m.r_hkl[rows]) / fw, axis=1)
+                per_width = m.shift_per_width(p, cell[j, p], lambda w: fwhm[j, p, w])
             move = np.abs(cell[j, p, idx] - cell[j - 1, p, idx]) * per_width
             out[j, p] = float(np.nanmax(move)) if np.isfinite(move).any() else np.nan
     return out

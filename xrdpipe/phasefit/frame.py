@@ -586,14 +586,8 @@ class _Frame:
     def _track_halves(self, p: int, limit: float) -> np.ndarray:
         m = self.m
         out = m.box[p] * _STEP
-        rows = np.flatnonzero((m.r_phase == p) & m.r_has_data)
-        if not rows.size:
-            return out
-        widths = {w: self.fwhm_of(p, w) for w in set(m.r_window[rows].tolist())}
-        fw = np.array([widths[w] for w in m.r_window[rows]])
-        shift = m.free_shifts(p, self.state.cell[p], m.r_hkl[rows])
-        ratios = np.fmax.reduce(shift / fw, axis=1)         # (nanmax without its overhead)
-        for k, i in enumerate(_CELL_INDEX[n] for n in m.free[p]):
+        ratios = m.shift_per_width(p, self.state.cell[p], lambda w: self.fwhm_of(p, w))
+        for k, i in zip(range(ratios.size), (_CELL_INDEX[n] for n in m.free[p])):
             if ratios[k] > 0:
                 out[i] = min(out[i], limit / ratios[k])
         return out

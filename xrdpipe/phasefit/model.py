@@ -27,6 +27,7 @@ from ..crystallography import (
     reflections,
     tth_from_d,
 )
+from ..errors import WindowSetupError
 from ..parallel import default_workers, lasting_pool
 from .instrument import instrument_profile
 
@@ -210,7 +211,15 @@ class PhaseModel:
         for wi, w in enumerate(windows):
             for centre in w.free_peaks:
                 self.free_line[len(self.phases) + len(extra)] = (wi, centre)
-                extra.append(_free_line_phase(w, centre, unit, wavelength_A, [p.name for p in self.phases + tuple(extra)]))
+                try:
+                    extra.append(_free_line_phase(w, centre, unit, wavelength_A,
+                                                  [p.name for p in self.phases + tuple(extra)]))
+                except ValueError:   # the cell's checks: a line of d beyond a cell's 100 Å
+                    d = d_from_q(centre) if unit == "q_A^-1" else d_from_tth(centre, wavelength_A)
+                    raise WindowSetupError([(wi, f"the free peak at {centre:g} {unit} has d = {float(d):.4g} Å; "
+                                                 "a line of no phase is carried as a cubic cell of a = d, which "
+                                                 "expects d below 100 Å (a centre further out on the axis)")],
+                                           key="free_peaks") from None
         self.phases += tuple(extra)
         radial = np.asarray(radial, float)
         self.step = float(np.median(np.abs(np.diff(radial)))) if radial.size > 1 else 1.0
@@ -595,6 +604,17 @@ class PhaseModel:
         cells = self.shifted_cells(p, cell[idx], h, np.asarray(cell, float))[1:]
         pos = self.positions(hkl, cells[:, None, :], 0.0)
         return np.abs(pos[0::2] - pos[1::2]) / (2 * h[:, None])
+
+    def shift_per_width(self, p: int, cell: np.ndarray, fwhm_of) -> np.ndarray:
+        """(len(free[p]),) how many widths phase ``p``'s most sensitive line with data moves per
+        unit of each free cell parameter at ``cell`` (6,); ``fwhm_of(w)`` is the phase's FWHM
+        in window ``w`` (asked once per window with such a line). Empty: no line with data."""
+        rows = np.flatnonzero((self.r_phase == p) & self.r_has_data)
+        if not rows.size:
+            return np.empty(0)
+        widths = {w: fwhm_of(w) for w in dict.fromkeys(self.r_window[rows].tolist())}
+        fw = np.array([widths[w] for w in self.r_window[rows].tolist()])
+        return np.fmax.reduce(self.free_shifts(p, cell, self.r_hkl[rows]) / fw, axis=1)   # (nanmax, no overhead)
 
     def _cell_map(self) -> None:
         """Where each of a phase's six cell parameters comes from: a free column (b = a follows a

@@ -135,7 +135,7 @@ def _fitter(exp: Experiment, fit, info: RunInfo):
         return PeakFitter(exp.phases, exp.windows, fit, **axis)
     except WindowSetupError as exc:
         raise ConfigError(str(exp.source or "experiment"),
-                          [(f"windows.{i}.peaks", msg) for i, msg in exc.problems]) from None
+                          [(f"windows.{i}.{exc.key}", msg) for i, msg in exc.problems]) from None
 
 
 def _fingerprint(exp: Experiment, fit, info: RunInfo, block: int) -> dict:
