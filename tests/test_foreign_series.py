@@ -13,12 +13,13 @@ import pytest
 from foreign_series import ZERO_DEG, foreign_experiment, foreign_series, score
 
 
-def _fit(series, **lattice):
+def _fit(series, windows=None, **lattice):
     from xrdpipe.config import FitSpec, LatticeSpec
     from xrdpipe.lattice import refine_lattice
     from xrdpipe.phasefit import fit_phases
 
-    phases, windows = series.config()
+    phases, configured = series.config()
+    windows = configured if windows is None else windows
     spec = LatticeSpec(**lattice)
     table = fit_phases(series.patterns(), phases, windows, FitSpec(), spec)
     lat = refine_lattice(table, phases, spec, unit="2th_deg", wavelength_A=series.wavelength_A)
@@ -29,7 +30,7 @@ def _meets_the_issue(s: dict, within: tuple[float, float] = (0.5, 0.85)) -> None
     """The thresholds of issue 18 on a score (presence, |Δa|, |Δc|, fraction MAE over at least
     four coexistence frames, the share of cell errors within one esd in ``within``)."""
     assert s["n_coexistence"] >= 4, s
-    assert s["presence"] >= 0.98, s
+    assert s["presence"] >= 0.98 and s["n_held"] == 0, s
     assert s["median_da"] <= 3e-4 and s["median_dc"] <= 1e-3, s
     assert s["fraction_mae"] <= 0.02, s
     assert within[0] <= s["within_1esd"] <= within[1], s
@@ -151,3 +152,39 @@ def test_the_same_series_as_2d_frames_of_another_detector(tmp_path, scenario, se
     _meets_the_issue(score(fx, lat), within=(0.5, 0.95))
     zero, err = table.phase["zero"][0], table.phase["zero_err"][0]
     assert abs(zero - ZERO_DEG) < 3 * err, (zero, err)
+
+
+@pytest.mark.parametrize("scenario, line, typed, window", [
+    # between P3's (107) and O3's (107) (2-3 FWHM from each), 1.2x their Caglioti width,
+    # typed 0.004° high
+    ("nfm", (20.80, 6.0, 1.2), 20.81, "107"),
+    # between P2's and P''2's (100), 8 and 3 FWHM from them, within P''2's search: without the
+    # declared line's claim to it first, P''2 was named on it (its c held) in P2's first 16
+    # frames; typed 0.016° low
+    ("mcm", (16.09, 8.0, 0.9), 16.08, "100"),
+])
+def test_a_voigt_line_of_no_phase_declared_as_a_free_peak(scenario, line, typed, window):
+    """An impurity's Voigt line (``lines``; a width of its own) in every frame, declared as a
+    free peak typed 0.004-0.016° off: the phases meet the issue's thresholds, the line is found
+    in every frame at its centre (with the zero shift), FWHM and area; left out, its counts
+    pull the cells and fractions (measured: |Δc| 8x and 14x, fraction MAE 6x and 10x, 21-27 %
+    within one esd) and in P2 → P''2 P''2 is named on it (presence 0.80)."""
+    series = foreign_series(scenario, n=40, seed=2, lines=(line,))
+    phases, windows = series.config()
+    declared = [w.model_copy(update={"free_peaks": [typed]}) if w.name == window else w for w in windows]
+    table, lat = _fit(series, windows=declared)
+    s = score(series, lat)
+    _meets_the_issue(s)
+    (centre, area, fwhm), = series.free_lines
+    j, = [i for i, p in enumerate(table.peaks) if p[1] == "free"]
+    assert table.peaks[j][:3] == (window, "free", f"{typed:g}")
+    v = table.values
+    assert table.present[:, j].all()
+    assert np.sqrt(np.mean((v["center"][:, j] - centre) ** 2)) <= 5e-4
+    assert np.all(np.abs(v["area"][:, j] / area - 1) <= 0.05)
+    assert abs(np.median(v["fwhm"][:, j]) / fwhm - 1) <= 0.05
+    _, lat = _fit(series)
+    without = score(series, lat)
+    assert without["median_dc"] >= 4 * s["median_dc"] and without["within_1esd"] < 0.35, without
+    if scenario == "mcm":
+        assert without["presence"] < 0.9, without

@@ -679,6 +679,12 @@ def _join(m: PhaseModel, fr: "_Frame", present: list[int], absent: list[int], de
         tie = best + 2 * np.sqrt(2 * n_valid) + fit.bic_threshold
         tied = sorted((t for t in found if t[3] <= tie), key=lambda t: t[0])
         dist, p, cell, _ = tied[0]
+        if (line := _declared_instead(m, fr, p, found, present, fit, n_valid)) is not None:
+            # a line of no phase the experiment declares, found too, explains what made the
+            # phase look present: the declared line joins first, and the phase is searched again
+            # beside it (P''2 named on an impurity line by its (100), its c held)
+            dist, p, cell, _ = line
+            tied = [line]
         # a phase of lower symmetry that can take the lines of one of higher symmetry (P'2,
         # orthorhombic, P2's: its (11l) on P2's (10l), its own (02l) left empty; O'3 and O3):
         # where both explain them within the noise, the one with fewer cell parameters is named
@@ -729,6 +735,28 @@ def _join(m: PhaseModel, fr: "_Frame", present: list[int], absent: list[int], de
             if sol is not None and np.isfinite(sol.chi2[0]):
                 _adopt(m, st, sol.p[0], present)
     return joined
+
+
+def _declared_instead(m: PhaseModel, fr: "_Frame", p: int, found: list, present: list[int], fit: FitSpec,
+                      n_valid: int) -> tuple | None:
+    """The found line of no phase (``[[windows]] free_peaks``: a (dist, phase, cell, chi²) of
+    ``found``) to join instead of phase ``p``, where ``p`` no longer passes the presence test
+    when searched again beside it; None where ``p`` is such a line, no such line was found, or
+    ``p`` explains more than the line does."""
+    lines = [t for t in found if t[1] in m.free_line and t[1] != p]
+    if p in m.free_line or not lines:
+        return None
+    st = fr.state
+    kept = st.cell.copy()
+    n_log = np.log(max(n_valid, 2))
+    for line in sorted(lines, key=lambda t: t[3]):
+        st.cell[line[1]] = line[2]
+        _, chi2_with, chi2_without = fr.search(p, present + [line[1]], around=fr.centre[p])
+        st.cell[:] = kept
+        gain = n_valid * np.log(max(chi2_without, 1e-300) / max(chi2_with, 1e-300)) - _n_params(m, p) * n_log
+        if gain <= fit.bic_threshold:
+            return line
+    return None
 
 
 def _place_again(m: PhaseModel, fr: "_Frame", present: list[int], joined: list[int]) -> None:
