@@ -167,8 +167,9 @@ def test_a_voigt_line_of_no_phase_declared_as_a_free_peak(scenario, line, typed,
     """An impurity's Voigt line (``lines``; a width of its own) in every frame, declared as a
     free peak typed 0.004-0.016° off: the phases meet the issue's thresholds, the line is found
     in every frame at its centre (with the zero shift), FWHM and area; left out, its counts
-    pull the cells and fractions (measured: |Δc| 8x and 14x, fraction MAE 6x and 10x, 21-27 %
-    within one esd) and in P2 → P''2 P''2 is named on it (presence 0.80)."""
+    pull the cells (O3 ↔ P3: |Δc| 8x measured, 4x asserted, 27 % within one esd) or the
+    fractions (P2 → P''2: MAE 10x measured, 4x asserted: once P2 is gone P2 is named on it with
+    P''2's c, README *Lines of no phase*); it is not P''2's before P''2 appears."""
     series = foreign_series(scenario, n=40, seed=2, lines=(line,))
     phases, windows = series.config()
     declared = [w.model_copy(update={"free_peaks": [typed]}) if w.name == window else w for w in windows]
@@ -185,6 +186,12 @@ def test_a_voigt_line_of_no_phase_declared_as_a_free_peak(scenario, line, typed,
     assert abs(np.median(v["fwhm"][:, j]) / fwhm - 1) <= 0.05
     _, lat = _fit(series)
     without = score(series, lat)
-    assert without["median_dc"] >= 4 * s["median_dc"] and without["within_1esd"] < 0.35, without
-    if scenario == "mcm":
-        assert without["presence"] < 0.9, without
+    if scenario == "nfm":
+        assert without["median_dc"] >= 4 * s["median_dc"] and without["within_1esd"] < 0.35, without
+    else:
+        assert without["fraction_mae"] >= 4 * s["fraction_mae"], without
+        # undeclared, the line is not taken for P''2 before P''2 appears: P''2 there had its (100)
+        # on it and its c held, its (002) and (004) "shown" by P2's Voigt tails (27 frames)
+        only_p2 = [r for r, st in enumerate(series.states) if "P''2" not in st]
+        assert len(only_p2) == 27
+        assert not np.isfinite(lat.values["a_A"][only_p2, lat.phases.index("P''2")]).any()

@@ -868,7 +868,7 @@ def _judge(m: PhaseModel, fr: "_Frame", res, present: list[int], held: set[int],
         gains[p] = gain
         if gain <= fit.bic_threshold:
             fails[p] = f"absent: ΔBIC {gain:.1f} <= {fit.bic_threshold:g}"
-        elif missing := _lines_missing(m, areas, inner, p, area_err):
+        elif missing := _lines_missing(m, areas, inner, p, area_err, held):
             fails[p] = missing
         elif share < fit.min_fraction and m.phases[p].fraction:
             # (a phase kept out of the fractions, the current collector, is there when the
@@ -972,16 +972,24 @@ def _area_esds(m: PhaseModel, fr: "_Frame", res, n_valid: int) -> np.ndarray:
     return err * np.sqrt(esd_scale(m, fr, float(res.chi2[0]) / max(n_valid - free, 1)))
 
 
-def _lines_missing(m: PhaseModel, areas: np.ndarray, inner: np.ndarray, p: int, area_err: np.ndarray) -> str:
+def _lines_missing(m: PhaseModel, areas: np.ndarray, inner: np.ndarray, p: int, area_err: np.ndarray,
+                   held: set[int] = frozenset()) -> str:
     """Why phase ``p`` is not the phase the user named, or "": a phase that is there shows its
     listed reflections; one that explains a line of another phase with one reflection while its
     listed ones (its basal line) stay empty is not it (a listed line that left its window, or
     sits on its edge, counts as not shown). A line is shown when its area exceeds
     :data:`_SHOWN_Z` esds: the areas are not negative, and an empty line's noise leaves it above
-    zero half the time."""
+    zero half the time. A line placed by held cell parameters only (``held``: columns the data
+    did not determine) is not shown either: where the data do not place it, its area is
+    whatever lies there (another phase's Voigt tail under P''2's (002) while its (100) took an
+    impurity's line)."""
     listed = np.flatnonzero(m.r_listed & (m.r_phase == p) & m.r_has_data)
     err = area_err[listed]
     above = np.where(np.isfinite(err), areas[listed] > _SHOWN_Z * err, areas[listed] > 0)
+    fixed = [_CELL_INDEX[n] for n, c in zip(m.free[p], m.cell_cols[p]) if c in held]
+    if fixed:
+        moving = [_CELL_INDEX[n] for n, c in zip(m.free[p], m.cell_cols[p]) if c not in held]
+        above &= m.r_dep[np.ix_(listed, moving)].any(axis=1) if moving else False
     shown = int(np.count_nonzero(above & inner[listed]))
     if listed.size >= 2 and shown < (listed.size + 1) // 2:
         return f"absent: no line at {listed.size - shown} of its {listed.size} listed reflections"
