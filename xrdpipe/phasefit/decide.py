@@ -826,7 +826,7 @@ def _decide(m: PhaseModel, fr: "_Frame", state: PhaseState, present: list[int], 
             a, b = redundant[0]
             worst = b if _moved(m, res, present, st, state, keep=a, drop=b) <= \
                 _moved(m, res, present, st, state, keep=b, drop=a) else a
-        if worst in swaps and (took := _in_place_of(m, fr, worst, m.cells(res.p[:1], st.cell)[0])):
+        if worst in swaps and (took := fr.took.get(worst)):
             # the phase it pushed aside starts again where it was in the frame before
             st.cell[took[0]] = fr.before[took[0]]
         decision[worst] = fails[worst]
@@ -877,7 +877,8 @@ def _judge(m: PhaseModel, fr: "_Frame", res, present: list[int], held: set[int],
         elif (same := _coincident(m, fr, p, cells_now, widths, present)) and _goes(fr, p, same[0], gains):
             fails[p] = (f"absent: on the lines of {m.phases[same[0]].name} ({same[1]:.2f} FWHM apart): "
                         f"one line, not two phases")
-        elif took := _in_place_of(m, fr, p, cells_now):
+        elif took := _in_place_of(m, fr, p, cells_now, _shown(m, areas, inner, p, area_err, held)):
+            fr.took[p] = took
             fails[p] = f"{_SWAP} {m.phases[took[0]].name} held in the frame before ({took[1]:.2f} FWHM from its lines there)"
         elif trouble := _cell_trouble(m, res, p, present, held, found_now, gains, cells_now):
             fails[p] = trouble
@@ -984,16 +985,27 @@ def _lines_missing(m: PhaseModel, areas: np.ndarray, inner: np.ndarray, p: int, 
     whatever lies there (another phase's Voigt tail under P''2's (002) while its (100) took an
     impurity's line)."""
     listed = np.flatnonzero(m.r_listed & (m.r_phase == p) & m.r_has_data)
+    shown = int(np.count_nonzero(_shown(m, areas, inner, p, area_err, held)[listed]))
+    if listed.size >= 2 and shown < (listed.size + 1) // 2:
+        return f"absent: no line at {listed.size - shown} of its {listed.size} listed reflections"
+    return ""
+
+
+def _shown(m: PhaseModel, areas: np.ndarray, inner: np.ndarray, p: int, area_err: np.ndarray,
+           held: set[int] = frozenset()) -> np.ndarray:
+    """(R,) the listed lines of phase ``p`` (with data) shown in a fit (:func:`_lines_missing`):
+    inside their window, an area above :data:`_SHOWN_Z` esds (above 0 where it has none), and
+    placed by a cell parameter not ``held``."""
+    listed = np.flatnonzero(m.r_listed & (m.r_phase == p) & m.r_has_data)
     err = area_err[listed]
     above = np.where(np.isfinite(err), areas[listed] > _SHOWN_Z * err, areas[listed] > 0)
     fixed = [_CELL_INDEX[n] for n, c in zip(m.free[p], m.cell_cols[p]) if c in held]
     if fixed:
         moving = [_CELL_INDEX[n] for n, c in zip(m.free[p], m.cell_cols[p]) if c not in held]
         above &= m.r_dep[np.ix_(listed, moving)].any(axis=1) if moving else False
-    shown = int(np.count_nonzero(above & inner[listed]))
-    if listed.size >= 2 and shown < (listed.size + 1) // 2:
-        return f"absent: no line at {listed.size - shown} of its {listed.size} listed reflections"
-    return ""
+    out = np.zeros(m.R, bool)
+    out[listed] = above & inner[listed]
+    return out
 
 
 def _unlike(m: PhaseModel, st: PhaseState, areas: np.ndarray, inner: np.ndarray, p: int) -> str:

@@ -226,6 +226,9 @@ class _Frame:
         self.tracked = np.asarray(state.present, bool) & np.all(np.isfinite(state.cell), axis=1)
         self.before = state.cell.copy()
         self.before_fwhm = state.fwhm.copy()
+        #: phases that took the place of a similar one (decide._judge): phase -> (the other,
+        #: distance), for the other to start again where it was
+        self.took: dict[int, tuple[int, float]] = {}
         self.going_back = False                # the backward pass (fit_frame given centres)
         #: a phase named by the nearer typed cell where a similar phase could have taken its
         #: lines: phase -> (the other, their distances in search half-ranges, "typed" or "last":

@@ -84,36 +84,50 @@ def _narrower_width(fr: "_Frame", q: int, w: int) -> float:
     return min(now, fr.before_fwhm[q, w]) if np.isfinite(fr.before_fwhm[q, w]) else now
 
 
-def _in_place_of(m: PhaseModel, fr: "_Frame", p: int, cells: np.ndarray) -> tuple[int, float] | None:
-    """(q, distance) when phase ``p``, present in the frame before, at ``cells[p]`` puts at
-    least half its listed lines within :data:`_SAME_LINE` FWHM of the same reflection of a
-    similar phase ``q`` where ``q`` was in the frame before (present there), each nearer to it
-    than to where ``p``'s own line was: ``p`` took ``q``'s place, a label swap (the largest of
-    those distances, in q's narrower width of this frame and the one before); else None. A phase
-    that vanished beside a similar one 1 FWHM away reaches the other's line with its local
-    search, or is found there by the cell search (its a on an alias: its 00l lines on the
-    other's, its (100) elsewhere), while the other is pushed aside and then found to have no
-    lines: P2 named on P''2's line for the rest of a run."""
-    if not fr.tracked[p]:
-        return None             # a newcomer on a followed phase's lines: _on_lines_of
+def _in_place_of(m: PhaseModel, fr: "_Frame", p: int, cells: np.ndarray,
+                 shown: np.ndarray | None = None) -> tuple[int, float] | None:
+    """(q, distance) when phase ``p`` at ``cells[p]`` took the place of a similar phase ``q``
+    followed from the frame before, a label swap (the largest of the distances below, in q's
+    narrower width of this frame and the one before); else None. Either
+
+    * ``p``, present in the frame before, puts at least half its listed lines within
+      :data:`_SAME_LINE` FWHM of q's same reflections where q was, each nearer to it than to
+      where ``p``'s own line was. A phase that vanished beside a similar one 1 FWHM away reaches
+      the other's line with its local search, or is found there by the cell search (its a on an
+      alias: its 00l lines on the other's, its (100) elsewhere), while the other is pushed aside
+      and then found to have no lines: P2 named on P''2's line for the rest of a run; or
+    * of its lines ``shown`` (R,) in the fit (:func:`~xrdpipe.phasefit.decide._shown`), at least
+      two, and more than half, lie within :data:`_ONE_LINE` FWHM of q's same reflections where q
+      was (and, for a phase present in the frame before, nearer to them than to its own): P2,
+      gone, found again with its 00l lines on P''2's (c as P''2's within 0.0014 Å) and its (100)
+      on an impurity's line, its other lines empty, P''2 pushed aside with its c held.
+
+    A newcomer with every listed line on a followed phase's is :func:`_on_lines_of`'s."""
+    if not fr.tracked[p] and shown is None:
+        return None
     zero = np.array([fr.state.zero])
     now = m.centres(cells[None], zero)[0]
     was = m.centres(np.where(np.isfinite(fr.before), fr.before, cells)[None], zero)[0]
     mine = np.flatnonzero(m.r_listed & (m.r_phase == p) & m.r_has_data)
+    seen = np.zeros(0, int) if shown is None else np.flatnonzero(shown[mine])
     for a, q, _, _ in m.order:
         if a != p or not fr.tracked[q] or not mine.size:
             continue
-        taken = []
-        for i in mine:
+        far = np.full(mine.size, np.inf)
+        own = np.full(mine.size, np.inf)
+        for k, i in enumerate(mine):
             twin = _twin(m, q, i)
-            if twin is None:
-                continue
-            width = _narrower_width(fr, q, int(m.r_window[i]))
-            far, own = abs(now[i] - was[twin]) / width, abs(now[i] - was[i]) / width
-            if far <= _SAME_LINE and far < own:
-                taken.append(far)
-        if taken and 2 * len(taken) >= mine.size:
-            return q, max(taken)
+            if twin is not None:
+                width = _narrower_width(fr, q, int(m.r_window[i]))
+                far[k] = abs(now[i] - was[twin]) / width
+                own[k] = abs(now[i] - was[i]) / width if fr.tracked[p] else np.inf
+        nearer = far < own
+        taken = np.flatnonzero(nearer & (far <= _SAME_LINE))
+        if fr.tracked[p] and taken.size and 2 * taken.size >= mine.size:
+            return q, float(far[taken].max())
+        on = seen[nearer[seen] & (far[seen] <= _ONE_LINE)]
+        if on.size >= 2 and 2 * on.size > seen.size:
+            return q, float(far[on].max())
     return None
 
 
