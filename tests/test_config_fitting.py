@@ -41,8 +41,6 @@ presence = "ftest"
     ('peaks = ["O3 003"]\nfree_peaks = [7.5]', "windows.0.free_peaks",
      "a free peak's centre must lie inside the window's range [6.2, 7.2], got 7.5"),
     ('peaks = ["O3 003"]\nfree_peaks = [6.5, 6.5]', "windows.0.free_peaks", "a free peak is listed twice"),
-    ('peaks = ["O3 003"]\nfree_peaks = [6.5]\n[fit]\nmodel = "peaks"', "windows.0.free_peaks",
-     'free peaks (lines of no phase) are fitted by the phase model; set [fit] model = "phases"'),
 ])
 def test_window_errors_name_the_key(config_folder, window, key, words):
     text = GOOD.format(times='"header"') + PHASES + f'\n[[windows]]\nname = "003"\nrange = [6.2, 7.2]\n{window}\n'
@@ -50,6 +48,14 @@ def test_window_errors_name_the_key(config_folder, window, key, words):
     keys = [k for k, _ in err.problems]
     assert key in keys, err.problems
     assert words in dict(err.problems)[key]
+
+
+@pytest.mark.parametrize("model", ["phases", "peaks"])
+def test_free_peaks_are_read_for_either_engine(config_folder, model):
+    text = (GOOD.format(times='"header"') + PHASES + '\n[[windows]]\nname = "003"\nrange = [6.2, 7.2]\n'
+            f'peaks = ["O3 003"]\nfree_peaks = [6.5, 6.95]\n[fit]\nmodel = "{model}"\n')
+    exp = load_experiment(write(config_folder, text))
+    assert exp.windows[0].free_peaks == [6.5, 6.95] and exp.fit.model == model
 
 
 def test_unknown_space_group_suggests_one(config_folder):

@@ -208,7 +208,7 @@ def _reference_frame_fractions(table, names: Sequence[str], spec: LatticeSpec, f
     relative to the window's total area in ``spec.reference_frame``."""
     area, aerr, present = table.values["area"], table.values["area_err"], table.present
     col_phase = [ph for _, ph, _, _ in table.peaks]
-    cols = [i for i, (w, _, _, _) in enumerate(table.peaks) if w == spec.fraction_window]
+    cols = [i for i, (w, ph, _, _) in enumerate(table.peaks) if w == spec.fraction_window and ph in names]
     ref = int(np.searchsorted(table.frame, spec.reference_frame))
     total_ref = np.nansum(area[ref, cols]) if ref < len(table.frame) else np.nan
     for p, name in enumerate(names):
@@ -248,7 +248,8 @@ def peak_fractions(table, phases: Sequence[PhaseSpec], spec: LatticeSpec) -> tup
     num = np.zeros((n, len(names)))
     wsum = np.zeros((n, len(names)))
     for window in dict.fromkeys(col_window):
-        cols = [i for i, w in enumerate(col_window) if w == window]
+        # (the phases' lines: a line of no phase, free_peaks, is no phase's share)
+        cols = [i for i, w in enumerate(col_window) if w == window and col_phase[i] in names]
         phs = [col_phase[i] for i in cols]
         if len(set(phs)) < 2:
             continue

@@ -260,9 +260,9 @@ def _without_absent(model: WindowModel, fg: _Fit, decided: np.ndarray, reduced: 
 
 def _vetoed(model: WindowModel, p: np.ndarray, lo: np.ndarray, hi: np.ndarray, min_fraction: float) -> np.ndarray:
     """(n, K): components that are not peaks whatever the statistics say: the centre ended on a
-    hard limit (``center_bounds``, the ``max_shift`` box) or within half a FWHM of the window's
-    edge (it is chasing something outside the window), or, beside other components, the area is
-    below ``min_fraction`` of the window's peak area. A centre pressed against the territory of
+    hard limit (``center_bounds``, the ``max_shift`` box, a free line's reach) or within half a
+    FWHM of the window's edge (it is chasing something outside the window), or, beside other
+    components, a phase's area is below ``min_fraction`` of the window's peak area. A centre pressed against the territory of
     a neighbour is not vetoed: overlapping peaks legitimately sit there."""
     k = len(model.components)
     areas = np.stack([p[:, model.index(j, "area")] for j in range(k)], axis=1)
@@ -279,7 +279,7 @@ def _vetoed(model: WindowModel, p: np.ndarray, lo: np.ndarray, hi: np.ndarray, m
         edge = np.maximum(0.5 * p[:, model.index(j, PROFILES[model.profile][2][1])], 2 * abs(model.step))
         out[:, j] = ((p[:, c] <= hard_lo + tol) | (p[:, c] >= hard_hi - tol)
                      | (p[:, c] < w_lo + edge) | (p[:, c] > w_hi - edge))
-        if k > 1:
+        if k > 1 and model.components[j].hkl is not None:     # (a line of no phase: by statistics)
             with np.errstate(all="ignore"):
                 out[:, j] |= areas[:, j] < min_fraction * total[:, 0]
     return out
@@ -450,10 +450,6 @@ class PeakFitter:
         self.fit = fit
         self.models, problems = [], []
         for i, w in enumerate(windows):
-            if w.free_peaks:
-                problems.append((i, f"window {w.name!r}: free peaks (lines of no phase) are fitted by the phase "
-                                    f'model ([fit] model = "phases"), not by independent peaks'))
-                continue
             try:
                 self.models.append(WindowModel(w, phase_map, radial, unit, wavelength_A))
             except (ValueError, KeyError) as exc:
@@ -461,8 +457,7 @@ class PeakFitter:
         if problems:
             raise WindowSetupError(problems)
         self.windows = tuple(m.name for m in self.models)
-        self.peaks = tuple((m.name, c.phase, " ".join(map(str, c.hkl)) if max(map(abs, c.hkl)) > 9 else
-                            "".join(map(str, c.hkl)), m.profile) for m in self.models for c in m.components)
+        self.peaks = tuple((m.name, c.phase, c.hkl_text, m.profile) for m in self.models for c in m.components)
         self.seeds = [np.full((len(m.components), m.block), np.nan) for m in self.models]
 
     def fit_block(self, intensity: np.ndarray, sigma: np.ndarray | None, *, frame: np.ndarray,

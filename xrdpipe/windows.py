@@ -18,6 +18,7 @@ import numpy as np
 from scipy.ndimage import maximum_filter1d, uniform_filter1d
 
 from .config import PhaseSpec, WindowSpec
+from .config.fitting import FREE_PEAK_REACH
 from .crystallography import d_from_q, d_from_tth, q_from_d, tth_from_d
 from .lineshapes import PROFILES
 
@@ -29,12 +30,20 @@ _SHAPE_BOUNDS = {"pseudo_voigt": (0.0, 1.0), "pearson7": (0.6, 30.0), "split_pse
 
 @dataclass(frozen=True)
 class Component:
-    """One peak of a window: ``label`` ``"O3 003"``, its phase, hkl and start centre."""
+    """One peak of a window: ``label`` ``"O3 003"``, its phase, hkl and start centre; a line of
+    no phase (``free_peaks``) is ``"free <centre>"`` of phase ``"free"``, hkl None."""
 
     label: str
     phase: str
-    hkl: tuple[int, int, int]
+    hkl: tuple[int, int, int] | None
     center0: float
+
+    @property
+    def hkl_text(self) -> str:
+        """The peak table's ``hkl``: "104", "1 0 10"; a line of no phase's typed centre."""
+        if self.hkl is None:
+            return f"{self.center0:g}"
+        return " ".join(map(str, self.hkl)) if max(map(abs, self.hkl)) > 9 else "".join(map(str, self.hkl))
 
 
 def radial_from_d(d_A, unit: str, wavelength_A: float | None):
@@ -67,7 +76,9 @@ class WindowModel:
     The parameters of component ``j`` are ``p{j}_center, p{j}_fwhm (or _fwhm_left, _fwhm_right),
     p{j}_area, p{j}_eta (or _m)``; the background is ``bg_c0 ... bg_cN`` in the reduced
     abscissa ``t = (x - x_mid) / half`` (-1 to 1 across the window). ``share = ["fwhm"]`` ties the
-    widths of all components to component 0's, ``"shape"`` the eta or m.
+    widths of all components to component 0's, ``"shape"`` the eta or m; the lines of no phase
+    (``free_peaks``, after the listed peaks) keep their own, each centre within
+    :data:`~xrdpipe.config.fitting.FREE_PEAK_REACH` of the window's width of its typed one.
     """
 
     def __init__(self, spec: WindowSpec, phases: Mapping[str, PhaseSpec], radial: np.ndarray, unit: str,
@@ -97,6 +108,7 @@ class WindowModel:
                 raise ValueError(f"{label} of a = {ph.a}, c = {ph.c} Å lies at {where}, outside the window's range "
                                  f"{list(spec.range)}; check the cell, the window or the wavelength")
             comps.append(Component(label, phase, hkl, c0))
+        comps += [Component(f"free {c:g}", "free", None, c) for c in spec.free_peaks]
         self.components = tuple(comps)
         shape_names = PROFILES[self.profile][2]
         self.block = len(shape_names)
@@ -108,7 +120,7 @@ class WindowModel:
             for name in shape_names:
                 full.append(f"p{j}_{name}")
                 kind = "shape" if name in ("eta", "m") else ("fwhm" if name.startswith("fwhm") else name)
-                if kind in spec.share and j > 0:
+                if kind in spec.share and j > 0 and comps[j].hkl is not None:   # (a free line: its own)
                     tie.append(first[name])
                     continue
                 first.setdefault(name, len(free_names))
@@ -126,8 +138,11 @@ class WindowModel:
         self.n_free = len(free_names)
         # hard limits per component: the window and any center_bounds
         lo_w, hi_w = spec.range
-        self.limits = np.array([[max(lo_w, spec.center_bounds.get(k.label, (lo_w, hi_w))[0]),
-                                 min(hi_w, spec.center_bounds.get(k.label, (lo_w, hi_w))[1])] for k in comps])
+        reach = FREE_PEAK_REACH * (hi_w - lo_w)
+        bounds = {k.label: (k.center0 - reach, k.center0 + reach) for k in comps if k.hkl is None}
+        bounds.update(spec.center_bounds)
+        self.limits = np.array([[max(lo_w, bounds.get(k.label, (lo_w, hi_w))[0]),
+                                 min(hi_w, bounds.get(k.label, (lo_w, hi_w))[1])] for k in comps])
 
     def boxes(self, centers: np.ndarray) -> np.ndarray:
         """(K, 2) centre bounds for the seed ``centers``. By default each component keeps to its

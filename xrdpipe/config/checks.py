@@ -39,10 +39,6 @@ def cross_check(exp) -> list[tuple[str, str]]:
                 problems.append((f"windows.{i}.peaks",
                                  f"window {w.name!r}: ({h} {k} {l}) is not allowed in {phases[name].space_group} "
                                  f"(phase {name})"))
-        if w.free_peaks and exp.fit.model != "phases":
-            problems.append((f"windows.{i}.free_peaks",
-                             f"window {w.name!r}: free peaks (lines of no phase) are fitted by the phase model; "
-                             f'set [fit] model = "phases" or list only "phase hkl" peaks'))
         for label, (lo, hi) in w.center_bounds.items():
             if label not in w.peaks:
                 problems.append((f"windows.{i}.center_bounds",

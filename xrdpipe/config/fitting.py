@@ -161,6 +161,11 @@ class PhaseSpec(Spec):
 PROFILE_NAMES = ("pseudo_voigt", "pearson7", "split_pseudo_voigt")
 
 
+#: How far a line of no phase (``[[windows]] free_peaks``) may move from its configured centre,
+#: as a share of its window's width (both engines).
+FREE_PEAK_REACH = 0.1
+
+
 class PolynomialBackground(Spec):
     """``background = { polynomial = 2 }``."""
 
@@ -194,7 +199,8 @@ class WindowSpec(Spec):
     center_bounds: dict[str, tuple[float, float]] = {}
     presence: Literal["bic", "ftest", "always"] | None = None
     #: lines of no phase (an impurity's, a cell component's, an unknown one): their centres, in
-    #: the run's radial unit; the phase model fits each as an independent line beside the phases
+    #: the run's radial unit; fitted as independent lines beside the phases' (each within
+    #: :data:`FREE_PEAK_REACH` of the window's width of its centre)
     free_peaks: list[float] = Field(default=[], max_length=4)
 
     @field_validator("range", "fwhm_range")

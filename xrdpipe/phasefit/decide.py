@@ -877,7 +877,7 @@ def _judge(m: PhaseModel, fr: "_Frame", res, present: list[int], held: set[int],
         elif (same := _coincident(m, fr, p, cells_now, widths, present)) and _goes(fr, p, same[0], gains):
             fails[p] = (f"absent: on the lines of {m.phases[same[0]].name} ({same[1]:.2f} FWHM apart): "
                         f"one line, not two phases")
-        elif took := _in_place_of(m, fr, p, cells_now, _shown(m, areas, inner, p, area_err, held)):
+        elif took := _in_place_of(m, fr, p, cells_now, lambda p=p: _shown(m, areas, inner, p, area_err, held)):
             fr.took[p] = took
             fails[p] = f"{_SWAP} {m.phases[took[0]].name} held in the frame before ({took[1]:.2f} FWHM from its lines there)"
         elif trouble := _cell_trouble(m, res, p, present, held, found_now, gains, cells_now):

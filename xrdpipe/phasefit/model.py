@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import kernels
 from ..config import FitSpec, LatticeSpec, PhaseSpec, WindowSpec
-from ..config.fitting import DEFAULT_SEARCH
+from ..config.fitting import DEFAULT_SEARCH, FREE_PEAK_REACH
 from ..crystallography import (
     CELL_PARAMETERS,
     crystal_system,
@@ -142,22 +142,17 @@ class _Window:
     hw: np.ndarray     # the instrument's half-width at each point (0: a point sample)
 
 
-#: How far a line of no phase (``[[windows]] free_peaks``) may move from its configured centre,
-#: as a share of its window's width.
-FREE_LINE_REACH = 0.1
-
-
 def _free_line_phase(window: WindowSpec, centre: float, unit: str, wavelength_A: float | None,
                      taken: Sequence[str]) -> PhaseSpec:
     """A line of no phase at ``centre`` (the run's radial unit) of ``window`` as a phase the
     model can carry: a cubic cell whose a is the line's d-spacing, its one line (100), searched
-    and moved within :data:`FREE_LINE_REACH` of the window's width of the centre, its own
+    and moved within :data:`~xrdpipe.config.fitting.FREE_PEAK_REACH` of the window's width of the centre, its own
     width, eta and area, kept out of the fractions. Named ``free <centre>`` (and the window's
     name where that is taken)."""
     def d_of(v: float) -> float:
         return float(d_from_q(v) if unit == "q_A^-1" else d_from_tth(v, wavelength_A))
 
-    reach = FREE_LINE_REACH * (window.range[1] - window.range[0])
+    reach = FREE_PEAK_REACH * (window.range[1] - window.range[0])
     d = d_of(centre)
     near, far = d_of(centre + reach), d_of(max(centre - reach, 1e-3))
     name = f"free {centre:g}"

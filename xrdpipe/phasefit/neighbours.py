@@ -4,7 +4,7 @@ lines, and a phase that took the place another held in the frame before."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -85,7 +85,7 @@ def _narrower_width(fr: "_Frame", q: int, w: int) -> float:
 
 
 def _in_place_of(m: PhaseModel, fr: "_Frame", p: int, cells: np.ndarray,
-                 shown: np.ndarray | None = None) -> tuple[int, float] | None:
+                 shown: Callable[[], np.ndarray] | None = None) -> tuple[int, float] | None:
     """(q, distance) when phase ``p`` at ``cells[p]`` took the place of a similar phase ``q``
     followed from the frame before, a label swap (the largest of the distances below, in q's
     narrower width of this frame and the one before); else None. Either
@@ -96,23 +96,22 @@ def _in_place_of(m: PhaseModel, fr: "_Frame", p: int, cells: np.ndarray,
       the other's line with its local search, or is found there by the cell search (its a on an
       alias: its 00l lines on the other's, its (100) elsewhere), while the other is pushed aside
       and then found to have no lines: P2 named on P''2's line for the rest of a run; or
-    * of its lines ``shown`` (R,) in the fit (:func:`~xrdpipe.phasefit.decide._shown`), at least
+    * of its lines ``shown()`` (R,) in the fit (:func:`~xrdpipe.phasefit.decide._shown`), at least
       two, and more than half, lie within :data:`_ONE_LINE` FWHM of q's same reflections where q
       was (and, for a phase present in the frame before, nearer to them than to its own): P2,
       gone, found again with its 00l lines on P''2's (c as P''2's within 0.0014 Å) and its (100)
       on an impurity's line, its other lines empty, P''2 pushed aside with its c held.
 
     A newcomer with every listed line on a followed phase's is :func:`_on_lines_of`'s."""
-    if not fr.tracked[p] and shown is None:
+    others = [q for a, q, _, _ in m.order if a == p and fr.tracked[q]]
+    mine = np.flatnonzero(m.r_listed & (m.r_phase == p) & m.r_has_data)
+    if not others or not mine.size or (not fr.tracked[p] and shown is None):
         return None
     zero = np.array([fr.state.zero])
     now = m.centres(cells[None], zero)[0]
     was = m.centres(np.where(np.isfinite(fr.before), fr.before, cells)[None], zero)[0]
-    mine = np.flatnonzero(m.r_listed & (m.r_phase == p) & m.r_has_data)
-    seen = np.zeros(0, int) if shown is None else np.flatnonzero(shown[mine])
-    for a, q, _, _ in m.order:
-        if a != p or not fr.tracked[q] or not mine.size:
-            continue
+    seen = np.zeros(0, int) if shown is None else np.flatnonzero(shown()[mine])
+    for q in others:
         far = np.full(mine.size, np.inf)
         own = np.full(mine.size, np.inf)
         for k, i in enumerate(mine):
