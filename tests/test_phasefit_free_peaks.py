@@ -112,6 +112,14 @@ def test_a_line_of_no_phase_in_2d_frames_through_the_run_file(tmp_path):
     assert s["presence"] >= 0.98 and s["median_da"] <= 3e-4 and s["median_dc"] <= 1e-3, s
     assert s["fraction_mae"] <= 0.02, s
     _check_line(table, typed, "104", *_truth(syn.peaks, line))
+    # the run's summary counts the frames with the line
+    from xrdpipe.run.workflow import RunSummary, _fill_state
+
+    summary = RunSummary(exp.run.run_file)
+    _fill_state(summary, exp)
+    found = int(table.present[:, [i for i, p in enumerate(table.peaks) if p[1] == "free"][0]].sum())
+    assert summary.free_peaks == {f"{typed:g} (window 104)": found}
+    assert f"free peak {typed:g} (window 104): in {found} frame(s)" in str(summary)
 
 
 def test_several_lines_of_no_phase_one_window_and_one_not_there():

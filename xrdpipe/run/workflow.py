@@ -126,6 +126,8 @@ class RunSummary:
     failed_fits: int = 0
     window_fits: int = 0
     phases: dict[str, tuple[int, float, float, str]] = field(default_factory=dict)  # frames, lo, hi, over
+    #: lines of no phase (``free_peaks``): "<centre> (window <name>)" -> frames where present
+    free_peaks: dict[str, int] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
     figures: list[Path] = field(default_factory=list)
     seconds: float = 0.0
@@ -157,6 +159,8 @@ class RunSummary:
         for name, (count, lo, hi, over) in self.phases.items():
             span = f"{over} {lo:.3f} to {hi:.3f}" if np.isfinite(lo) else "no state of charge"
             lines.append(f"phase {name}: in {count} frame(s), {span}")
+        for name, count in self.free_peaks.items():
+            lines.append(f"free peak {name}: in {count} frame(s)")
         for what, where in self.outputs.items():
             lines.append(f"{what}: {where}")
         for p in self.figures:
@@ -270,10 +274,13 @@ def _fill_state(summary: RunSummary, exp: Experiment) -> None:
     summary.failed_frames = [str(k) for k in fr.key[status == FAILED]]
     summary.outputs["run file"] = str(run_file)
     if has_group(run_file, PEAKS):
-        d = read_peaks(run_file, arrays=("done", "success"))
+        d = read_peaks(run_file, arrays=("done", "success", "present"))
         usable = d.done.astype(bool) & (status == DONE)
         summary.window_fits = int(usable.sum() * len(d.window))
         summary.failed_fits = int((~d.success.astype(bool))[usable].sum())
+        for j, (window, phase, hkl) in enumerate(zip(d.peak_window, d.peak_phase, d.peak_hkl)):
+            if phase == "free":
+                summary.free_peaks[f"{hkl} (window {window})"] = int((d.present[:, j].astype(bool) & usable).sum())
         summary.outputs["peaks"] = str(paths.peaks_csv)
     ec = read_electrochemistry(run_file)
     if ec is not None:
