@@ -262,8 +262,9 @@ def _vetoed(model: WindowModel, p: np.ndarray, lo: np.ndarray, hi: np.ndarray, m
     """(n, K): components that are not peaks whatever the statistics say: the centre ended on a
     hard limit (``center_bounds``, the ``max_shift`` box, a free line's reach) or within half a
     FWHM of the window's edge (it is chasing something outside the window), or, beside other
-    components, a phase's area is below ``min_fraction`` of the window's peak area. A centre pressed against the territory of
-    a neighbour is not vetoed: overlapping peaks legitimately sit there."""
+    components, a phase's area is below ``min_fraction`` of the window's peak area. A centre
+    pressed against the territory of a neighbour is not vetoed: overlapping peaks legitimately
+    sit there."""
     k = len(model.components)
     areas = np.stack([p[:, model.index(j, "area")] for j in range(k)], axis=1)
     total = areas.sum(axis=1, keepdims=True)

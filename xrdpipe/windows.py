@@ -136,7 +136,7 @@ class WindowModel:
         self._t_matrix = np.zeros((len(full), len(free_names)))
         self._t_matrix[np.arange(len(full)), self.tie] = 1.0
         self.n_free = len(free_names)
-        # hard limits per component: the window and any center_bounds
+        # hard limits per component: the window, any center_bounds, a free line's reach
         lo_w, hi_w = spec.range
         reach = FREE_PEAK_REACH * (hi_w - lo_w)
         bounds = {k.label: (k.center0 - reach, k.center0 + reach) for k in comps if k.hkl is None}

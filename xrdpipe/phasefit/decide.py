@@ -740,9 +740,9 @@ def _join(m: PhaseModel, fr: "_Frame", present: list[int], absent: list[int], de
 def _declared_instead(m: PhaseModel, fr: "_Frame", p: int, found: list, present: list[int], fit: FitSpec,
                       n_valid: int) -> tuple | None:
     """The found line of no phase (``[[windows]] free_peaks``: a (dist, phase, cell, chi²) of
-    ``found``) to join instead of phase ``p``, where ``p`` no longer passes the presence test
-    when searched again beside it; None where ``p`` is such a line, no such line was found, or
-    ``p`` explains more than the line does."""
+    ``found``) to join instead of phase ``p``: the first (best fitting) beside which ``p``,
+    searched again, no longer passes the presence test. None where ``p`` is such a line, none
+    was found, or ``p`` passes beside each."""
     lines = [t for t in found if t[1] in m.free_line and t[1] != p]
     if p in m.free_line or not lines:
         return None

@@ -146,9 +146,9 @@ def _free_line_phase(window: WindowSpec, centre: float, unit: str, wavelength_A:
                      taken: Sequence[str]) -> PhaseSpec:
     """A line of no phase at ``centre`` (the run's radial unit) of ``window`` as a phase the
     model can carry: a cubic cell whose a is the line's d-spacing, its one line (100), searched
-    and moved within :data:`~xrdpipe.config.fitting.FREE_PEAK_REACH` of the window's width of the centre, its own
-    width, eta and area, kept out of the fractions. Named ``free <centre>`` (and the window's
-    name where that is taken)."""
+    and moved within :data:`~xrdpipe.config.fitting.FREE_PEAK_REACH` of the window's width of
+    the centre, its own width, eta and area, kept out of the fractions. Named ``free <centre>``
+    (and the window's name where that is taken)."""
     def d_of(v: float) -> float:
         return float(d_from_q(v) if unit == "q_A^-1" else d_from_tth(v, wavelength_A))
 
