@@ -180,8 +180,9 @@ def test_a_free_peak_beyond_a_cells_reach_is_refused_by_its_key():
 
 def test_a_line_of_no_phase_with_independent_peaks():
     """``[fit] model = "peaks"``: the free peak is one more component of its window, its own
-    width (not tied by ``share``), within a tenth of the window's width of its typed centre
-    (typed 0.012° low), exempt from ``min_fraction``, out of the fractions. On the easy O3 ↔ P3
+    width, within a tenth of the window's width of its typed centre (typed 0.012° low), out of
+    the fractions (its own width beside ``share`` and its exemption from ``min_fraction`` are
+    not exercised here: these windows share nothing and the line is well above 1 %). On the easy O3 ↔ P3
     charge (the independent-peak engine's ground: typed cells near the truth) a line below P3's
     (107), broader and more Lorentzian: found in every frame at its centre and area, the phases
     right; left out, its territory's component (P3's (107)) takes it before P3 is there

@@ -259,9 +259,7 @@ def peak_fractions(table, phases: Sequence[PhaseSpec], spec: LatticeSpec) -> tup
         tot = a.sum(axis=1)
         ok = (tot > 0) & np.all(np.isfinite(a), axis=1) & np.all(np.isfinite(e) | (a == 0), axis=1)
         for j, i in enumerate(cols):
-            p = names.index(col_phase[i]) if col_phase[i] in names else None
-            if p is None:
-                continue
+            p = names.index(col_phase[i])
             with np.errstate(all="ignore"):
                 f = a[:, j] / tot
                 # d f_j / d a_k = (δjk tot - a_j) / tot²

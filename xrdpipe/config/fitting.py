@@ -161,8 +161,9 @@ class PhaseSpec(Spec):
 PROFILE_NAMES = ("pseudo_voigt", "pearson7", "split_pseudo_voigt")
 
 
-#: How far a line of no phase (``[[windows]] free_peaks``) may move from its configured centre,
-#: as a share of its window's width (both engines).
+#: How far a line of no phase (``[[windows]] free_peaks``) is searched for (phase model) or may
+#: move (independent peaks) from its configured centre, as a share of its window's width (the
+#: phase model's least squares then keep it within its cell's own bounds, which are wider).
 FREE_PEAK_REACH = 0.1
 
 
