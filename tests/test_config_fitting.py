@@ -96,3 +96,13 @@ def test_fit_keys_added_later_leave_old_runs_up_to_date():
     assert FitSpec(instrument="none").key(exclude={"workers"})["instrument"] == "none"
     assert FitSpec(instrument_sd=0.013).key(exclude={"workers"})["instrument_sd"] == 0.013
     assert FitSpec(naming="frame").key(exclude={"workers"})["naming"] == "frame"
+
+
+def test_a_phase_named_free_is_refused(config_folder):
+    """"free" is the peak tables' phase of the lines of no phase: a phase of that name would be
+    taken for one (no fraction, no cell), so it is refused by its key."""
+    text = (GOOD.format(times='"header"') + PHASES + '\n[[phases]]\nname = "free"\nspace_group = "Fm-3m"\na = 4.05\n'
+            '\n[[windows]]\nname = "003"\nrange = [6.2, 7.2]\npeaks = ["O3 003"]\n')
+    err = errors_of(write(config_folder, text))
+    (key, words), = [(k, w) for k, w in err.problems if k.endswith(".name")]
+    assert key.startswith("phases.") and "'free' is reserved" in words and "free_peaks" in words

@@ -178,6 +178,22 @@ def test_a_free_peak_beyond_a_cells_reach_is_refused_by_its_key():
     assert [k for k, _ in err.value.problems] == [f"windows.{i}.free_peaks"]
 
 
+def test_a_free_peak_in_a_wide_low_angle_window_is_searched_within_a_cells_reach():
+    """A free peak at 5° 2θ of a window 18° wide at 1.54 Å: a tenth of the window (1.8°) is
+    ±36 % in d, beyond a phase search's ±20 %; the line is carried (searched ±20 % in d), not
+    refused for a d (17.65 Å) that is well within a cell's reach."""
+    from xrdpipe.config import PhaseSpec
+    from xrdpipe.config.fitting import WindowSpec
+    from xrdpipe.phasefit.model import PhaseModel
+
+    wide = WindowSpec(name="wide", range=(2.0, 20.0), peaks=["O3 003"], free_peaks=[5.0])
+    model = PhaseModel([PhaseSpec(name="O3")], [wide], FitSpec(), LatticeSpec(), radial=np.linspace(1, 25, 4000),
+                       unit="2th_deg", wavelength_A=1.54)
+    line = model.phases[-1]
+    assert line.name == "free 5" and abs(line.a - 1.54 / (2 * np.sin(np.radians(2.5)))) < 1e-9
+    assert line.search == {"a": 0.2}
+
+
 def test_a_line_of_no_phase_with_independent_peaks():
     """``[fit] model = "peaks"``: the free peak is one more component of its window, its own
     width, within a tenth of the window's width of its typed centre (typed 0.012° low), out of

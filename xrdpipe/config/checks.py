@@ -18,6 +18,9 @@ def cross_check(exp) -> list[tuple[str, str]]:
     for i, ph in enumerate(exp.phases):
         if ph.name in phases:
             problems.append((f"phases.{i}.name", f"phase {ph.name!r} is defined twice"))
+        if ph.name.strip().lower() == "free":
+            problems.append((f"phases.{i}.name", f"{ph.name!r} is reserved: the peak tables' phase of the lines of no "
+                                                 "phase ([[windows]] free_peaks); give the phase another name"))
         phases[ph.name] = ph
     seen: set[str] = set()
     top = 180.0 if exp.radial_unit == "2th_deg" else 40.0

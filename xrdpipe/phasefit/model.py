@@ -154,11 +154,22 @@ def _free_line_phase(window: WindowSpec, centre: float, unit: str, wavelength_A:
 
     reach = FREE_PEAK_REACH * (window.range[1] - window.range[0])
     d = d_of(centre)
+    if not d < _MAX_FREE_D:
+        raise ValueError(f"the free peak at {centre:g} {unit} has d = {d:.4g} Å; a line of no phase is carried as a "
+                         f"cubic cell of a = d, which expects d below {_MAX_FREE_D:g} Å (a centre further out on the axis)")
     near, far = d_of(centre + reach), d_of(max(centre - reach, 1e-3))
     name = f"free {centre:g}"
     if name in taken:
         name += f" ({window.name})"
-    return PhaseSpec(name=name, space_group="Pm-3m", a=d, fraction=False, search={"a": (far - near) / 2 / d})
+    # the reach in d, at most the search's ±20 % (a wide window at low angle reaches further)
+    return PhaseSpec(name=name, space_group="Pm-3m", a=d, fraction=False,
+                     search={"a": min((far - near) / 2 / d, _MAX_FREE_SEARCH)})
+
+
+#: The longest d (Å) a line of no phase may have: a cell's a is below 100 Å.
+_MAX_FREE_D = 100.0
+#: The widest search of a line of no phase's d (relative): a phase's search is at most ±20 %.
+_MAX_FREE_SEARCH = 0.2
 
 
 #: How many cells (and zero shifts) :meth:`PhaseModel.centres` keeps the centres of.
@@ -209,12 +220,8 @@ class PhaseModel:
                 try:
                     extra.append(_free_line_phase(w, centre, unit, wavelength_A,
                                                   [p.name for p in self.phases + tuple(extra)]))
-                except ValueError:   # the cell's checks: a line of d beyond a cell's 100 Å
-                    d = d_from_q(centre) if unit == "q_A^-1" else d_from_tth(centre, wavelength_A)
-                    raise WindowSetupError([(wi, f"the free peak at {centre:g} {unit} has d = {float(d):.4g} Å; "
-                                                 "a line of no phase is carried as a cubic cell of a = d, which "
-                                                 "expects d below 100 Å (a centre further out on the axis)")],
-                                           key="free_peaks") from None
+                except ValueError as exc:   # its d, or the stand-in cell's own checks
+                    raise WindowSetupError([(wi, str(exc))], key="free_peaks") from None
         self.phases += tuple(extra)
         radial = np.asarray(radial, float)
         self.step = float(np.median(np.abs(np.diff(radial)))) if radial.size > 1 else 1.0
