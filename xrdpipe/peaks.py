@@ -262,12 +262,13 @@ def _vetoed(model: WindowModel, p: np.ndarray, lo: np.ndarray, hi: np.ndarray, m
     """(n, K): components that are not peaks whatever the statistics say: the centre ended on a
     hard limit (``center_bounds``, the ``max_shift`` box, a free line's reach) or within half a
     FWHM of the window's edge (it is chasing something outside the window), or, beside other
-    components, a phase's area is below ``min_fraction`` of the window's peak area. A centre
-    pressed against the territory of a neighbour is not vetoed: overlapping peaks legitimately
-    sit there."""
+    components, a phase's area is below ``min_fraction`` of the phases' peak area in the window
+    (a line of no phase is neither held to it nor counted in it). A centre pressed against the
+    territory of a neighbour is not vetoed: overlapping peaks legitimately sit there."""
     k = len(model.components)
     areas = np.stack([p[:, model.index(j, "area")] for j in range(k)], axis=1)
-    total = areas.sum(axis=1, keepdims=True)
+    of_phase = np.array([c.hkl is not None for c in model.components], bool)
+    total = areas[:, of_phase].sum(axis=1, keepdims=True)
     out = np.zeros(areas.shape, bool)
     w_lo, w_hi = model.spec.range
     for j in range(k):
@@ -280,7 +281,7 @@ def _vetoed(model: WindowModel, p: np.ndarray, lo: np.ndarray, hi: np.ndarray, m
         edge = np.maximum(0.5 * p[:, model.index(j, PROFILES[model.profile][2][1])], 2 * abs(model.step))
         out[:, j] = ((p[:, c] <= hard_lo + tol) | (p[:, c] >= hard_hi - tol)
                      | (p[:, c] < w_lo + edge) | (p[:, c] > w_hi - edge))
-        if k > 1 and model.components[j].hkl is not None:     # (a line of no phase: by statistics)
+        if of_phase.sum() > 1 and of_phase[j]:     # (a line of no phase: by statistics)
             with np.errstate(all="ignore"):
                 out[:, j] |= areas[:, j] < min_fraction * total[:, 0]
     return out
