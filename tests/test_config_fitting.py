@@ -41,6 +41,8 @@ presence = "ftest"
     ('peaks = ["O3 003"]\nfree_peaks = [7.5]', "windows.0.free_peaks",
      "a free peak's centre must lie inside the window's range [6.2, 7.2], got 7.5"),
     ('peaks = ["O3 003"]\nfree_peaks = [6.5, 6.5]', "windows.0.free_peaks", "a free peak is listed twice"),
+    ('peaks = ["O3 003"]\nfree_peaks = [6.512341, 6.512344]', "windows.0.free_peaks",
+     "closer than 6 significant figures"),
 ])
 def test_window_errors_name_the_key(config_folder, window, key, words):
     text = GOOD.format(times='"header"') + PHASES + f'\n[[windows]]\nname = "003"\nrange = [6.2, 7.2]\n{window}\n'

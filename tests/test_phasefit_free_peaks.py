@@ -194,25 +194,25 @@ def test_a_free_peak_in_a_wide_low_angle_window_is_searched_within_a_cells_reach
     assert line.search == {"a": 0.2}
 
 
-def test_a_line_of_no_phase_with_independent_peaks():
+@pytest.mark.parametrize("share, engine", [([], "batched"), (["fwhm", "shape"], "batched"), ([], "lmfit")])
+def test_a_line_of_no_phase_with_independent_peaks(share, engine):
     """``[fit] model = "peaks"``: the free peak is one more component of its window, its own
-    width, within a tenth of the window's width of its typed centre (typed 0.012° low), out of
-    the fractions (its own width beside ``share`` and its exemption from ``min_fraction`` are
-    not exercised here: these windows share nothing and the line is well above 1 %). On the easy O3 ↔ P3
-    charge (the independent-peak engine's ground: typed cells near the truth) a line below P3's
-    (107), broader and more Lorentzian: found in every frame at its centre and area, the phases
-    right; left out, its territory's component (P3's (107)) takes it before P3 is there
-    (measured: presence 0.71, fraction MAE 0.46)."""
+    width and shape (also where the window's phases ``share`` theirs), within a tenth of the
+    window's width of its typed centre (typed 0.012° low), out of the fractions, on either
+    engine. On the easy O3 ↔ P3 charge (the independent-peak engine's ground: typed cells near
+    the truth) a line below P3's (107), broader and more Lorentzian: found in every frame at its
+    centre, FWHM and area, the phases right; left out, its territory's component (P3's (107))
+    takes it before P3 is there (measured: presence 0.71, fraction MAE 0.46)."""
     from xrdpipe.peaks import fit_peaks
 
     line, typed = (20.50, 0.33, 1.15, 0.6), 20.488
     dif = Difficulty(free_lines=(line,))
     series = pattern_series(40, scenario="nfm", counts=0.05, background=2000.0, seed=3, difficulty=dif)
     phases, windows = fit_config("nfm", dif)
-    declared = [w.model_copy(update={"free_peaks": [typed]}) if w.name == "107" else w for w in windows]
+    declared = [w.model_copy(update={"free_peaks": [typed], "share": share}) if w.name == "107" else w for w in windows]
 
     def fit(wins):
-        table = fit_peaks(series.as_patterns(), phases, wins, FitSpec(model="peaks"))
+        table = fit_peaks(series.as_patterns(), phases, wins, FitSpec(model="peaks", engine=engine))
         lat = refine_lattice(table, phases, LatticeSpec(), unit="2th_deg", wavelength_A=series.scenario.wavelength_A)
         return table, lat, score_phases(lat, table, series.states(), series.peaks)
 
@@ -221,5 +221,14 @@ def test_a_line_of_no_phase_with_independent_peaks():
     assert score["fraction_mae"] <= 0.005, score
     _check_line(table, typed, "107", *_truth(series.peaks, line))
     assert list(lat.phases) == [p.name for p in phases]
+    if share:   # the phases' lines one width, the free line its own (1.15x, eta 0.6 against 0.5)
+        o3, p3, free = ([i for i, p in enumerate(table.peaks) if p[0] == "107" and p[1] == ph][0]
+                        for ph in ("O3", "P3", "free"))
+        both = table.present[:, o3] & table.present[:, p3]
+        assert both.any() and np.array_equal(table.values["fwhm"][both, o3], table.values["fwhm"][both, p3])
+        ratio = np.nanmedian(table.values["fwhm"][:, free] / table.values["fwhm"][:, o3])
+        assert abs(ratio - 1.15) <= 0.1, ratio
+    if share or engine != "batched":
+        return
     _, _, without = fit(windows)
     assert without["presence"] < 0.9 and without["fraction_mae"] > 0.1, without

@@ -239,6 +239,11 @@ class WindowSpec(Spec):
                 raise ValueError(f"a free peak's centre must lie inside the window's range {[lo, hi]}, got {c:g}")
         if len(set(v)) != len(v):
             raise ValueError(f"a free peak is listed twice in {v}")
+        # each is named by its centre to 6 figures (peaks.csv's hkl, the run file's phase)
+        names = [f"{c:g}" for c in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"free peaks closer than 6 significant figures in {v}: each is named by its centre "
+                             f"({', '.join(names)}); give them as one, or further apart")
         return [float(c) for c in v]
 
     @property
