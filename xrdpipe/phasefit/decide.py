@@ -685,6 +685,12 @@ def _join(m: PhaseModel, fr: "_Frame", present: list[int], absent: list[int], de
             # beside it (P''2 named on an impurity line by its (100), its c held)
             dist, p, cell, _ = line
             tied = [line]
+        elif (nearer := _nearer_instead(m, fr, p, dist, found, present, fit, n_valid)) is not None:
+            # another kind of phase found nearer its cell explains, once fitted, all that made
+            # this one look present (FePO4 searched 2 % from its typed cell onto the Al
+            # collector's lines and the misfit beside LiFePO4, Al then left out): it joins first
+            dist, p, cell, _ = nearer
+            tied = [nearer]
         # a phase of lower symmetry that can take the lines of one of higher symmetry (P'2,
         # orthorhombic, P2's: its (11l) on P2's (10l), its own (02l) left empty; O'3 and O3):
         # where both explain them within the noise, the one with fewer cell parameters is named
@@ -735,6 +741,38 @@ def _join(m: PhaseModel, fr: "_Frame", present: list[int], absent: list[int], de
             if sol is not None and np.isfinite(sol.chi2[0]):
                 _adopt(m, st, sol.p[0], present)
     return joined
+
+
+def _nearer_instead(m: PhaseModel, fr: "_Frame", p: int, dist: float, found: list, present: list[int],
+                    fit: FitSpec, n_valid: int) -> tuple | None:
+    """The found phase (a (dist, phase, cell, chi²) of ``found``) to join instead of phase ``p``:
+    the first (best fitting) of another kind (not a similar pair of ``m.order``, whose naming has
+    its own rules; not a line of no phase) found nearer its cell than ``p`` (``dist``, in search
+    half-ranges) beside which, fitted by least squares with what is present, ``p`` searched
+    again no longer passes the presence test. A search's chi-square compares the candidates
+    beside what is present as the search left it: a phase with many lines and free areas
+    takes up that misfit too and can outscore the phase whose lines are there. None where no
+    such phase was found; the working state is as it was."""
+    similar = {b for a, b, _, _ in m.order if a == p} | {a for a, b, _, _ in m.order if b == p}
+    others = [t for t in found if t[1] != p and t[1] not in similar and t[1] not in m.free_line and t[0] < dist]
+    if p in m.free_line or not others:
+        return None
+    st = fr.state
+    kept = st.cell.copy(), st.fwhm.copy(), st.eta.copy()
+    n_log = np.log(max(n_valid, 2))
+    for other in sorted(others, key=lambda t: t[3]):
+        q = other[1]
+        st.cell[q] = other[2]
+        sol = _fit_rows(m, fr, [tuple(sorted(present + [q]))], fit)
+        gain = np.inf
+        if sol is not None and np.isfinite(sol.chi2[0]):
+            _adopt(m, st, sol.p[0], present + [q])
+            _, chi2_with, chi2_without = fr.search(p, present + [q], around=fr.centre[p])
+            gain = n_valid * np.log(max(chi2_without, 1e-300) / max(chi2_with, 1e-300)) - _n_params(m, p) * n_log
+        st.cell[:], st.fwhm[:], st.eta[:] = kept
+        if gain <= fit.bic_threshold:
+            return other
+    return None
 
 
 def _declared_instead(m: PhaseModel, fr: "_Frame", p: int, found: list, present: list[int], fit: FitSpec,
