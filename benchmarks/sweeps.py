@@ -14,13 +14,15 @@ Kinds (each prints one line per series, then ``KIND: passed/series``):
   for each phase and parameter), basal lines 1.0-2.5 FWHM apart, 1.6x broader in the two-phase
   region, per-phase intensities, Al lines in a window, Poisson noise over 2,000 counts;
 * ``own2d``: every fourth of those as 2D EIGER-like frames (8 series);
+* ``cycle``: the 32 draws of ``own1d`` as a charge then a discharge (24 + 24 frames,
+  :func:`xrdpipe.testing.cycle_series`): the phase that left comes back where it left;
 * ``f1d`` / ``f2d``: the series simulated without ``xrdpipe.testing`` (``tests/foreign_series.py``:
   Voigt lines, a zero shift, a curved background), seeds 1-8 of both studies in 1D, seeds 1-3
   of MCM and 2-4 of NFM as 2D frames of another detector;
 * ``long``: the benchmark's charge (``benchmarks/phases.py``) over 200, 300 and 500 frames (seeds
   1-3) and 1,000 frames (seed 1), with max |Δc| ≤ 0.005 Å besides.
 
-About 3 (own1d), 4 (own2d), 5 (f1d), 3 (f2d) and 4 (long) minutes on one core.
+About 3 (own1d), 4 (own2d), 3 (cycle), 5 (f1d), 3 (f2d) and 4 (long) minutes on one core.
 
     python benchmarks/sweeps.py own1d
     python benchmarks/sweeps.py own2d f2d --only 0,3
@@ -90,6 +92,19 @@ def own1d(case, tmp):
     return score_phases(lat, table, series.states(), series.peaks), meets
 
 
+def cycle(case, tmp):
+    from xrdpipe.config import FitSpec, LatticeSpec
+    from xrdpipe.phasefit import fit_phases
+    from xrdpipe.testing import cycle_series, fit_config, score_phases
+
+    scenario, dif = case[0], _difficulty(case)
+    series = cycle_series(24, scenario=scenario, counts=0.05, background=2000.0, seed=case[4], difficulty=dif)
+    phases, windows = fit_config(scenario, dif)
+    table = fit_phases(series.as_patterns(), phases, windows, FitSpec())
+    lat = _refined(table, phases, LatticeSpec(), series.scenario.wavelength_A)
+    return score_phases(lat, table, series.states(), series.peaks), lambda s: meets(s, coexistence=4)
+
+
 def _through_the_run_file(experiment_file):
     from xrdpipe.config import load_experiment
     from xrdpipe.run.fit import fit_experiment
@@ -152,6 +167,7 @@ def long(case, tmp):
 KINDS = {
     "own1d": (own1d, lambda draw: own_cases(draw)),
     "own2d": (own2d, lambda draw: own_cases(draw)[::4]),
+    "cycle": (cycle, lambda draw: own_cases(draw)),
     "f1d": (f1d, lambda draw: [(s, k) for s in ("nfm", "mcm") for k in range(1, 9)]),
     "f2d": (f2d, lambda draw: [("mcm", k) for k in (1, 2, 3)] + [("nfm", k) for k in (2, 3, 4)]),
     "long": (long, lambda draw: [(n, s) for n in (200, 300, 500) for s in (1, 2, 3)] + [(1000, 1)]),

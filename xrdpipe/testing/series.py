@@ -201,6 +201,19 @@ def pattern_series(n_frames: int, *, scenario: Scenario | str = "nfm", x_range: 
     return PatternSeries(grid, out, np.sqrt(np.maximum(out, 1.0)), xs, peaks, sc)
 
 
+def cycle_series(n_frames: int, *, scenario: Scenario | str = "nfm", seed: int = 0, **options) -> PatternSeries:
+    """A charge then a discharge: ``n_frames`` of :func:`pattern_series` from the scenario's start
+    to its end, then ``n_frames`` back (their own noise, ``seed + 1``), as one series. The phase
+    that leaves on the charge comes back on the discharge where it left. ``options`` go to both
+    halves (``counts``, ``background``, ``difficulty``...)."""
+    charge = pattern_series(n_frames, scenario=scenario, seed=seed, **options)
+    sc = charge.scenario
+    back = pattern_series(n_frames, scenario=scenario, x_range=(sc.x_min, sc.x0), seed=seed + 1, **options)
+    return PatternSeries(charge.tth_deg, np.vstack([charge.intensity, back.intensity]),
+                         np.vstack([charge.sigma, back.sigma]), np.concatenate([charge.x, back.x]),
+                         charge.peaks + back.peaks, sc)
+
+
 def score_phases(lattice, table, states, peaks, *, threshold: float = 0.05, major: float = 0.3) -> dict[str, float]:
     """How well a fit recovered a synthetic series: ``lattice`` (a LatticeTable) and ``table``
     (the PeakTable) against the true ``states`` (:meth:`PatternSeries.states`) and ``peaks``.
