@@ -267,6 +267,30 @@ def test_window_scales_combine_robustly():
     assert np.isnan(s[0]) and s[1] == pytest.approx(0.4) and v[1] == pytest.approx(1e-4)
 
 
+def test_a_phase_never_alone_learns_its_intensities_beside_one_that_was():
+    """A run that starts in a two-phase region: phase 0 is never the only one present, phase 1
+    is alone at the end. Phase 0's own intensities per window (2, 1 and 0.5 per unit of phase)
+    differ from phase 1's (2, 6 and 0.4): its raw areas gave fractions of diffracted intensity
+    (up to 0.2 off here). Learned in the frames where phase 1's scale leaves it 20 % or
+    more of the sum of 1, they give the true fractions (1 % noise on each area)."""
+    from xrdpipe.fractions import _phase_scales
+
+    rng = np.random.default_rng(0)
+    f0 = np.clip(np.linspace(0.7, -0.3, 30), 0, 1)         # phase 0's fraction: 0.7 down to 0
+    per_unit = np.array([[2.0, 1.0, 0.5], [2.0, 6.0, 0.4]])
+    present = np.stack([f0 > 0, np.ones(30, bool)], axis=1)
+    area = np.stack([f0, 1 - f0], axis=1)[:, :, None] * per_unit[None] * (1 + rng.normal(0, 0.01, (30, 2, 3)))
+    area = np.where(present[:, :, None], area, 0.0)
+    sd = np.where(present[:, :, None], 0.01 * area + 1e-3, np.nan)
+    scale, scale_var, how = _phase_scales(present, area, np.nan_to_num(sd) ** 2, sd)
+    assert list(how) == ["scale-sum", "scale"]
+    both = present.all(axis=1)
+    frac = scale[both, 0] / scale[both].sum(axis=1)
+    assert np.abs(frac - f0[both]).max() < 0.01, frac - f0[both]
+    raw = area[both, 0].sum(axis=1) / area[both].sum(axis=(1, 2))
+    assert np.abs(raw - f0[both]).max() > 0.15               # what the raw areas said
+
+
 def test_a_cubic_phase_is_present_where_its_a_is_refined():
     """Al (Fm-3m) has no c: present where a is refined or a fraction is above zero (the report
     and the run summary never showed it)."""
