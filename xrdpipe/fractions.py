@@ -135,7 +135,9 @@ def _scale_beside(k: int, present: np.ndarray, area: np.ndarray, var: np.ndarray
     with np.errstate(all="ignore"):
         alone = area[teach, k, :] / share[teach, None]
         ok = np.isfinite(sd[teach, k, :]) & (sd[teach, k, :] > 0) & (alone > 0)
-        ref = np.nanmedian(np.where(ok, alone, np.nan), axis=0)               # (W,)
+        taught = ok.any(axis=0)                       # (a window where it never has a line: none)
+        ref = np.full(area.shape[2], np.nan)
+        ref[taught] = np.nanmedian(np.where(ok, alone, np.nan)[:, taught], axis=0)     # (W,)
         ratio = area[:, k, :] / ref[None, :]
         r_var = var[:, k, :] / ref[None, :] ** 2
         good = (ref[None, :] > 0) & np.isfinite(sd[:, k, :]) & (sd[:, k, :] > 0) & np.isfinite(ratio)
