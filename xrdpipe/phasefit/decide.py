@@ -757,10 +757,13 @@ _LAST_SEEN_APART = 0.5
 
 
 def _last_seen(m: PhaseModel, fr: "_Frame", p: int) -> np.ndarray | None:
-    """The cell an absent phase had where it was last present in this pass (what the working
-    state keeps for it), where the forward pass searches for it around its typed cell and that
-    cell lies :data:`_LAST_SEEN_APART` or more from it; else None. (Going back, the search is
-    already around the nearest cell the forward pass found for it.)"""
+    """The cell the working state keeps for an absent phase (where it was last present in this
+    pass, or where a search last placed it before the frame's tests dropped it), where the
+    forward pass searches for it around its typed cell and that cell lies
+    :data:`_LAST_SEEN_APART` or more from it; else None. Searched around as well as the typed
+    cell, the better kept: a last cell where the phase was wrongly placed leads no search astray
+    on its own. (Going back, the search is already around the nearest cell the forward pass
+    found for it.)"""
     if fr.going_back or np.array_equal(fr.state.cell[p], m.cell0[p]):
         return None
     last = fr.state.cell[p]
