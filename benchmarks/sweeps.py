@@ -79,30 +79,34 @@ def _refined(table, phases, lattice, wavelength):
     return refine_lattice(table, phases, lattice, unit="2th_deg", wavelength_A=wavelength)
 
 
-def own1d(case, tmp):
+def _fitted_1d(case, make):
+    """A 1D series of an own case (``make(scenario, difficulty, seed)``) fitted as a user would
+    (``fit_phases``, then the cells and fractions), scored against its truth."""
     from xrdpipe.config import FitSpec, LatticeSpec
     from xrdpipe.phasefit import fit_phases
-    from xrdpipe.testing import fit_config, pattern_series, score_phases
+    from xrdpipe.testing import fit_config, score_phases
 
     scenario, dif = case[0], _difficulty(case)
-    series = pattern_series(40, scenario=scenario, counts=0.05, background=2000.0, seed=case[4], difficulty=dif)
+    series = make(scenario, dif, case[4])
     phases, windows = fit_config(scenario, dif)
     table = fit_phases(series.as_patterns(), phases, windows, FitSpec())
     lat = _refined(table, phases, LatticeSpec(), series.scenario.wavelength_A)
-    return score_phases(lat, table, series.states(), series.peaks), meets
+    return score_phases(lat, table, series.states(), series.peaks)
+
+
+def own1d(case, tmp):
+    from xrdpipe.testing import pattern_series
+
+    return _fitted_1d(case, lambda sc, dif, seed: pattern_series(40, scenario=sc, counts=0.05, background=2000.0,
+                                                                  seed=seed, difficulty=dif)), meets
 
 
 def cycle(case, tmp):
-    from xrdpipe.config import FitSpec, LatticeSpec
-    from xrdpipe.phasefit import fit_phases
-    from xrdpipe.testing import cycle_series, fit_config, score_phases
+    from xrdpipe.testing import cycle_series
 
-    scenario, dif = case[0], _difficulty(case)
-    series = cycle_series(24, scenario=scenario, counts=0.05, background=2000.0, seed=case[4], difficulty=dif)
-    phases, windows = fit_config(scenario, dif)
-    table = fit_phases(series.as_patterns(), phases, windows, FitSpec())
-    lat = _refined(table, phases, LatticeSpec(), series.scenario.wavelength_A)
-    return score_phases(lat, table, series.states(), series.peaks), lambda s: meets(s, coexistence=4)
+    return (_fitted_1d(case, lambda sc, dif, seed: cycle_series(24, scenario=sc, counts=0.05, background=2000.0,
+                                                                 seed=seed, difficulty=dif)),
+            lambda s: meets(s, coexistence=4))
 
 
 def _through_the_run_file(experiment_file):
