@@ -90,3 +90,27 @@ def test_bounds_hold_and_a_held_parameter_has_no_esd():
     assert res.p[0, 1] == 0.0 and res.at_bound[0, 1]
     assert res.p[0, 0] == pytest.approx(1.0, abs=1e-5)  # far below its esd (0.14)
     assert np.isnan(res.cov[0, 1, 1]) and np.isfinite(res.cov[0, 0, 0])
+
+
+def test_two_columns_of_one_line_lose_their_esds_and_no_other():
+    """Two parameters that move the model alike (two areas of one line: only their sum is
+    determined) make the normal matrix singular: they have no esd, and the others keep theirs,
+    those of the model with the two merged (before, every esd of the row was NaN)."""
+    x = np.linspace(-1, 1, 60)
+    shape = np.exp(-x ** 2 / 0.1)
+
+    def fun(p):
+        f = p[:, :1] + p[:, 1:2] * x + (p[:, 2:3] + p[:, 3:4]) * shape
+        jac = np.stack([np.ones_like(f), np.broadcast_to(x, f.shape), np.broadcast_to(shape, f.shape),
+                        np.broadcast_to(shape, f.shape)], axis=1)
+        return f, jac
+
+    rng = np.random.default_rng(2)
+    y = (1.0 + 0.2 * x + 3.0 * shape + rng.normal(0, 0.05, x.size))[None]
+    w = np.full((1, x.size), 1 / 0.05)
+    res = least_squares_batch(fun, np.array([[0.5, 0.0, 1.0, 1.0]]), y, w, lower=[-np.inf] * 4, upper=[np.inf] * 4)
+    assert res.p[0, 2] + res.p[0, 3] == pytest.approx(3.0, abs=0.05)
+    assert np.isnan(res.cov[0, 2, 2]) and np.isnan(res.cov[0, 3, 3])
+    merged = np.column_stack([np.ones_like(x), x, shape]) / 0.05
+    want = np.linalg.inv(merged.T @ merged)
+    np.testing.assert_allclose(res.cov[0][np.ix_([0, 1], [0, 1])], want[:2, :2], rtol=1e-6, atol=1e-12)

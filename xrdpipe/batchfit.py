@@ -270,6 +270,7 @@ def _covariance(hess: np.ndarray, held: np.ndarray) -> np.ndarray:
     # scale to unit diagonal before inverting: the parameters span many orders of magnitude
     d = np.sqrt(np.diagonal(h, axis1=1, axis2=2))
     hs = h / (d[:, :, None] * d[:, None, :])
+    singular = np.zeros(n, bool)
     try:
         inv = np.linalg.inv(hs)
     except np.linalg.LinAlgError:     # row by row, so one singular row leaves the others alone
@@ -278,9 +279,25 @@ def _covariance(hess: np.ndarray, held: np.ndarray) -> np.ndarray:
             try:
                 inv[i] = np.linalg.inv(hs[i:i + 1])[0]
             except np.linalg.LinAlgError:
-                inv[i] = np.linalg.pinv(hs[i])
+                singular[i] = True
     cov = inv / (d[:, :, None] * d[:, None, :])
-    bad = ~np.isfinite(cov).all(axis=(1, 2)) | (np.diagonal(cov, axis1=1, axis2=2) < 0).any(axis=1)
-    cov[bad] = np.nan
+    bad = singular | ~np.isfinite(cov).all(axis=(1, 2)) | (np.diagonal(cov, axis1=1, axis2=2) < 0).any(axis=1)
+    for i in np.flatnonzero(bad):
+        cov[i] = _estimable_covariance(hs[i]) / np.outer(d[i], d[i])
     mask = live[:, :, None] & live[:, None, :]
     return np.where(mask, cov, np.nan)
+
+
+def _estimable_covariance(hs: np.ndarray) -> np.ndarray:
+    """The covariance of a singular (unit-diagonal) normal matrix ``hs`` (k, k): NaN for every
+    parameter that takes part in a direction the data do not determine (two areas of one line:
+    only their sum is known), the pseudo-inverse's elsewhere, which is the covariance of what
+    the data do determine (a cell beside those two areas). Before, one such pair took every
+    esd of the frame with it."""
+    w, v = np.linalg.eigh(hs)
+    keep = w > max(float(w.max()), 0.0) * hs.shape[0] * 1e-12
+    out = (v[:, keep] / w[keep]) @ v[:, keep].T
+    loose = (np.abs(v[:, ~keep]) > 1e-6).any(axis=1)
+    out[loose, :] = np.nan
+    out[:, loose] = np.nan
+    return out
