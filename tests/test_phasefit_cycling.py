@@ -38,8 +38,8 @@ def test_a_phase_that_left_comes_back_where_it_left(error, separation, dseed, se
     assert score["median_da"] < 3e-4 and score["median_dc"] < 1e-3, score
     assert 0.5 <= score["within_1esd"] <= 0.85, score
     # the discharge's O3, in the frames where it is alone again, is O3 (not P3 on its lines)
-    names = list(lat.phases)
-    end = [s for s in range(len(series.x)) if series.states()[s].keys() == {"O3"} and s >= len(series.x) // 2]
+    names, states = list(lat.phases), series.states()
+    end = [s for s in range(len(states)) if states[s].keys() == {"O3"} and s >= len(states) // 2]
     assert lat.values["fraction"][end, names.index("O3")].min() == 1.0
 
 

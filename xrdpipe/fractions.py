@@ -73,7 +73,13 @@ def _scale_to_alone(area: np.ndarray, var: np.ndarray, sd: np.ndarray, alone: np
     pos = np.clip(np.searchsorted(alone, np.arange(n)), 0, alone.size - 1)
     prev = alone[np.maximum(pos - 1, 0)]
     near = np.where(np.abs(alone[pos] - np.arange(n)) <= np.abs(prev - np.arange(n)), alone[pos], prev)
-    ref = area[near, :]                                        # (n, W)
+    return _scale_to(area, var, sd, area[near, :])
+
+
+def _scale_to(area: np.ndarray, var: np.ndarray, sd: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A phase's scale (n,) and its variance: its areas per window (n, W) over the reference
+    areas ``ref`` (n, W, or (1, W) for one reference), combined over the windows
+    (:func:`combine_ratios`); a window without a reference or an esd has no say."""
     with np.errstate(all="ignore"):
         ratio = area / ref
         r_var = var / ref**2
@@ -138,12 +144,9 @@ def _scale_beside(k: int, present: np.ndarray, area: np.ndarray, var: np.ndarray
         taught = ok.any(axis=0)                       # (a window where it never has a line: none)
         ref = np.full(area.shape[2], np.nan)
         ref[taught] = np.nanmedian(np.where(ok, alone, np.nan)[:, taught], axis=0)     # (W,)
-        ratio = area[:, k, :] / ref[None, :]
-        r_var = var[:, k, :] / ref[None, :] ** 2
-        good = (ref[None, :] > 0) & np.isfinite(sd[:, k, :]) & (sd[:, k, :] > 0) & np.isfinite(ratio)
-    if not good.any():
+    if not (taught & (ref > 0)).any():
         return None
-    return combine_ratios(np.where(good, ratio, np.nan), np.where(good, r_var, np.nan))
+    return _scale_to(area[:, k, :], var[:, k, :], sd[:, k, :], ref[None, :])
 
 
 def phase_fractions(table, phases: Sequence[PhaseSpec], spec: LatticeSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

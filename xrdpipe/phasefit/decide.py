@@ -656,7 +656,7 @@ def _join(m: PhaseModel, fr: "_Frame", present: list[int], absent: list[int], de
                 again = fr.search(p, present, around=last)
                 if again[1] < chi2_with:
                     (cell, chi2_with, chi2_without), fr.centre[p] = again, last
-            gain = n_valid * np.log(max(chi2_without, 1e-300) / max(chi2_with, 1e-300)) - _n_params(m, p) * n_log
+            gain = _gain(m, p, chi2_with, chi2_without, n_valid)
             kept = None
             if gain <= fit.bic_threshold and not fr.going_back and (drawn := _drawn_towards(m, fr, p, present)):
                 # a similar phase followed from the frame before moved toward where p would be:
@@ -665,7 +665,7 @@ def _join(m: PhaseModel, fr: "_Frame", present: list[int], absent: list[int], de
                 kept = st.cell.copy()
                 st.cell[drawn] = fr.before[drawn]
                 cell, chi2_with, chi2_without = fr.search(p, present, around=fr.centre[p])
-                gain = n_valid * np.log(max(chi2_without, 1e-300) / max(chi2_with, 1e-300)) - _n_params(m, p) * n_log
+                gain = _gain(m, p, chi2_with, chi2_without, n_valid)
                 if gain <= fit.bic_threshold:
                     st.cell[:] = kept
             if gain > fit.bic_threshold and (on := _on_lines_of(m, fr, p, cell, present, joined)):
@@ -788,7 +788,6 @@ def _nearer_instead(m: PhaseModel, fr: "_Frame", p: int, dist: float, found: lis
         return None
     st = fr.state
     kept = st.cell.copy(), st.fwhm.copy(), st.eta.copy()
-    n_log = np.log(max(n_valid, 2))
     for other in sorted(others, key=lambda t: t[3]):
         q = other[1]
         st.cell[q] = other[2]
@@ -797,7 +796,7 @@ def _nearer_instead(m: PhaseModel, fr: "_Frame", p: int, dist: float, found: lis
         if sol is not None and np.isfinite(sol.chi2[0]):
             _adopt(m, st, sol.p[0], present + [q])
             _, chi2_with, chi2_without = fr.search(p, present + [q], around=fr.centre[p])
-            gain = n_valid * np.log(max(chi2_without, 1e-300) / max(chi2_with, 1e-300)) - _n_params(m, p) * n_log
+            gain = _gain(m, p, chi2_with, chi2_without, n_valid)
         st.cell[:], st.fwhm[:], st.eta[:] = kept
         if gain <= fit.bic_threshold:
             return other
@@ -815,12 +814,11 @@ def _declared_instead(m: PhaseModel, fr: "_Frame", p: int, found: list, present:
         return None
     st = fr.state
     kept = st.cell.copy()
-    n_log = np.log(max(n_valid, 2))
     for line in sorted(lines, key=lambda t: t[3]):
         st.cell[line[1]] = line[2]
         _, chi2_with, chi2_without = fr.search(p, present + [line[1]], around=fr.centre[p])
         st.cell[:] = kept
-        gain = n_valid * np.log(max(chi2_without, 1e-300) / max(chi2_with, 1e-300)) - _n_params(m, p) * n_log
+        gain = _gain(m, p, chi2_with, chi2_without, n_valid)
         if gain <= fit.bic_threshold:
             return line
     return None
@@ -1152,6 +1150,12 @@ def _moved(m: PhaseModel, res, present: Sequence[int], st: PhaseState, before: P
     if not (before.present[keep] and np.isfinite(m.range_distance(keep, prev, prev))):
         return np.inf
     return float(m.range_distance(keep, cell, prev))
+
+
+def _gain(m: PhaseModel, p: int, chi2_with: float, chi2_without: float, n_valid: int) -> float:
+    """The presence test's ΔBIC of phase ``p`` from a search: what its place lowers the misfit
+    (``chi2_without`` to ``chi2_with`` over ``n_valid`` points) less what its parameters cost."""
+    return n_valid * np.log(max(chi2_without, 1e-300) / max(chi2_with, 1e-300)) - _n_params(m, p) * np.log(max(n_valid, 2))
 
 
 def _n_params(m: PhaseModel, p: int) -> int:
