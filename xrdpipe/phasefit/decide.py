@@ -293,7 +293,9 @@ def _fit_steady(m: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state: P
     absent phase can be there, no other cell can do much better) and every present phase passes
     every test of :func:`_fit_frame_once` at once (ΔBIC, lines shown, area share, cell inside its
     reach, order kept, areas like its own); otherwise None, and the frame gets the full search.
-    Never taken without esds (nothing to measure "explained" against). Two phases that could be
+    Never taken without esds (nothing to measure "explained" against), nor where a line's width
+    moved as at a two-phase region's onset (:func:`_rewidened`) or became a hump on its bound
+    (:func:`_hump`). Two phases that could be
     confused, both present, share lines: taken for them only where each shows its own lines
     clearly, apart from the other's, and moved little (:func:`_pair_trouble`), else their
     shared lines need the joint search. A frame of such a pair not explained to its noise (a
@@ -316,6 +318,8 @@ def _fit_steady(m: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state: P
     rows = [tuple(present)] + [tuple(q for q in present if q != p) for p in present]
     res = _fit_rows(m, fr, rows, fit, descend=True)
     if res is None or res.status[0] != 1 or _rewidened(m, res.p[0], res.cov[0], st, present):
+        return None
+    if _hump(m, res, present):
         return None
     chi2 = float(res.chi2[0])
     least = min(_n_params(m, p) for p in range(m.P)) * np.log(max(n_valid, 2)) + fit.bic_threshold
@@ -345,6 +349,44 @@ def _fit_steady(m: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, state: P
     return out
 
 
+#: How many esds of the difference between two frames' widths (√2 times this frame's esd: the
+#: frame before measured the same line as well) a width must move to be "rewidened"
+#: (:func:`_rewidened`), besides :data:`~xrdpipe.phasefit.model._BROADENED`. A frame has ten or
+#: more widths and a run thousands of frames: a family-wise test, not one of a single width. At 3
+#: esds of this frame alone (before 2026-12-03) the Al (200) line of the benchmark's series (area
+#: ~50 beside O3's 1,300; its width 0.07° ± 0.004°, eta between 0 and 0.8) sent 31 of its 1,000
+#: frames to the searches (~40 ms each, a fifth of the run's time) for nothing; at 3 esds of the
+#: difference, 8. A two-phase region's onset moves the strong lines' widths by 100 esds or more.
+_REWIDEN_Z = 5.0
+
+
+#: A line whose width sits on its window's upper bound (a third of the window) and more than this
+#: many times its phase's median width in its other windows is a hump, not a line (:func:`_hump`).
+_HUMP = 2.0
+
+
+def _hump(m: PhaseModel, res, present: list[int]) -> bool:
+    """Whether the steady fit (``res``, row 0) made a line of a present phase a hump: its width on
+    its window's upper bound and above :data:`_HUMP` times the phase's median width in its other
+    windows (three or more). Not a frame to follow: the bound, not the data, holds that width.
+    At P3's onset in the benchmark's O3 -> P3 series the (015) window holds O3's and P3's (015)
+    lines and Al's (200): O3's (015) widened onto its bound (0.333° beside 0.11° elsewhere),
+    its area taking part of P3's, and least squares followed it so for 40 frames (the fraction MAE
+    of the 1,000-frame series 0.0033; searched there, 0.11° and 0.0012)."""
+    widths = m.fwhm_table(res.p[0])
+    for p in present:
+        cols = m.fwhm_col[p]
+        have = np.flatnonzero((cols >= 0) & np.isfinite(widths[p]))
+        if len(have) < 3:
+            continue
+        for w in have:
+            c = int(cols[w])
+            others = widths[p, have[have != w]]
+            if res.p[0, c] >= res.upper[c] * (1.0 - 1e-9) and widths[p, w] > _HUMP * float(np.median(others)):
+                return True
+    return False
+
+
 def _rewidened(m: PhaseModel, theta: np.ndarray, cov: np.ndarray, st: PhaseState, present: list[int]) -> bool:
     """Whether a phase's lines in some window are more than :data:`_BROADENED` times broader
     (or narrower) in the solution ``theta`` (covariance ``cov``) than in the frame before
@@ -352,8 +394,9 @@ def _rewidened(m: PhaseModel, theta: np.ndarray, cov: np.ndarray, st: PhaseState
     region's onset broadens the lines a frame before the newcomer shows (O3's 0.070 → 0.112°
     where P3 held 0.2 %); followed there by least squares alone, the frame after searched P3
     from its typed cell, 2 % off, and placed it off its lines (the fraction MAE of a 300-frame
-    series 0.21), where searching that frame placed it near them. (A weak line's width, a few
-    esds wide, may move so from frame to frame: no sign of anything.)"""
+    series 0.21), where searching that frame placed it near them. (A weak line's width may move
+    by that share from frame to frame: no sign of anything; hence a change beyond
+    :data:`_REWIDEN_Z` esds of the difference of two frames' widths as well.)"""
     cols = m.fwhm_col[present]
     now = m.fwhm_table(theta)[present]
     err = np.sqrt(np.abs(np.diagonal(cov)))[np.maximum(cols, 0)]
@@ -361,7 +404,7 @@ def _rewidened(m: PhaseModel, theta: np.ndarray, cov: np.ndarray, st: PhaseState
     with np.errstate(invalid="ignore"):
         changed = ((cols >= 0) & np.isfinite(now) & np.isfinite(before) & (before > 0) & (now > 0)
                    & ((now > _BROADENED * before) | (now * _BROADENED < before))
-                   & (np.abs(now - before) > 3.0 * err))
+                   & (np.abs(now - before) > _REWIDEN_Z * np.sqrt(2.0) * err))
     return bool(changed.any())
 
 
