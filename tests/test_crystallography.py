@@ -121,3 +121,23 @@ def test_phase_of_any_crystal_system_needs_only_its_parameters():
         PhaseSpec(**mono, search={"a": 0.3})
     with pytest.raises(ValueError, match=r"search.beta = 12: at most 10 \(degrees"):
         PhaseSpec(**mono, search={"beta": 12.0})
+
+
+def test_coincident_groups_are_the_lines_no_cell_of_the_system_can_split():
+    """Reflections at one d for every cell of the crystal system are one line (a spinel's (511)
+    and (333), a cubic (300) and (221), a tetragonal (hk0) and (kh0), a hexagonal (hkl) and (khl)
+    where the Laue class does not make them equivalent); ones that merely coincide at the typed
+    cell (a tetragonal (110) and (002) where c = √2 a) are not."""
+    from xrdpipe.crystallography import coincident_groups
+
+    spinel = (8.24, 8.24, 8.24, 90.0, 90.0, 90.0)
+    assert coincident_groups([(5, 1, 1), (3, 3, 3), (4, 4, 0), (3, 0, 0), (2, 2, 1)], "cubic",
+                             spinel).tolist() == [0, 0, 1, 2, 2]
+    tet = (4.0, 4.0, 4.0 * np.sqrt(2.0), 90.0, 90.0, 90.0)
+    # (1 1 0) and (0 0 2) at one d at this cell only (d = a/√2 = c/2): two lines
+    assert coincident_groups([(2, 1, 0), (1, 2, 0), (1, 1, 0), (0, 0, 2)], "tetragonal", tet).tolist() == [0, 0, 1, 2]
+    hexa = (2.9, 2.9, 16.5, 90.0, 90.0, 120.0)
+    assert coincident_groups([(2, 1, 3), (1, 2, 3), (3, -1, 2), (1, 0, 1)], "hexagonal", hexa).tolist() == [0, 0, 1, 2]
+    mono = (5.2, 2.9, 5.6, 90.0, 104.0, 90.0)
+    assert coincident_groups([(1, 0, 1), (-1, 0, 1), (1, 1, 0), (1, -1, 0)], "monoclinic", mono).tolist() == [0, 1, 2, 2]
+    assert coincident_groups(np.zeros((0, 3)), "cubic", spinel).size == 0

@@ -11,7 +11,7 @@ typed as a user would (off by a fraction of a percent to a percent, signs drawn)
 
 import numpy as np
 import pytest
-from test_phasefit import _as_patterns, _drawn_lines  # the other phase-model tests' frames
+from drawn_frames import _as_patterns, _drawn_lines
 
 from xrdpipe.config import FitSpec, LatticeSpec, PhaseSpec, WindowSpec
 from xrdpipe.crystallography import reflections

@@ -204,6 +204,54 @@ def system_cell(system: str, p) -> tuple:
     return (a, p["b"], p["c"], p["alpha"], p["beta"], p["gamma"])
 
 
+#: How far each free cell parameter moves in the probe cells of :func:`coincident_groups`
+#: (lengths as a share, angles in degrees): different amounts, so that no two reflections of
+#: different d at some cell of the system keep one d at all three probes by accident.
+_PROBE_MOVES = {"a": 0.0131, "b": 0.0217, "c": -0.0173, "alpha": 0.71, "beta": 1.13, "gamma": -0.89}
+
+
+def probe_cells(system: str, cell) -> list[tuple]:
+    """The cell (a, b, c, α, β, γ) and two cells of its crystal ``system`` moved from it in every
+    free parameter by different amounts (:data:`_PROBE_MOVES`, then -0.6 times them), the
+    dependent ones following (b = a in a cubic cell). Two reflections with one d at all three
+    have one d at every cell of the system."""
+    names = ("a", "b", "c", "alpha", "beta", "gamma")
+    base = dict(zip(names, (float(v) for v in cell)))
+    out = [tuple(float(v) for v in system_cell(system, base))]
+    for sign in (1.0, -0.6):
+        moved = {n: base[n] + sign * _PROBE_MOVES[n] if n in ("alpha", "beta", "gamma")
+                 else base[n] * (1 + sign * _PROBE_MOVES[n]) for n in CELL_PARAMETERS[system]}
+        out.append(tuple(float(v) for v in system_cell(system, {**base, **moved})))
+    return out
+
+
+def coincident_groups(hkl, system: str, cell) -> np.ndarray:
+    """(n,) a group number for each reflection of ``hkl`` (n, 3) of a phase of crystal
+    ``system``: reflections at one d for every cell of the system (:func:`probe_cells`; a
+    spinel's (511) and (333), a hexagonal hkl and khl where not equivalent) share one, numbered
+    from 0 in order of first appearance. No cell of the phase can split them: in a fit they are
+    one line (one area), however their intensities differ.
+
+    >>> coincident_groups([(5, 1, 1), (3, 3, 3), (4, 4, 0)], "cubic", (8.24, 8.24, 8.24, 90, 90, 90)).tolist()
+    [0, 0, 1]
+    """
+    hkl = np.asarray(hkl, float).reshape(-1, 3)
+    if not len(hkl):
+        return np.zeros(0, int)
+    d = np.array([d_from_cell(hkl[:, 0], hkl[:, 1], hkl[:, 2], c) for c in probe_cells(system, cell)])
+    order = np.lexsort(d[::-1])
+    new = np.ones(order.size, bool)
+    ds = d[:, order]
+    new[1:] = (np.abs(np.diff(ds, axis=1)) > 1e-9 * ds[:, 1:]).any(axis=0)
+    group = np.empty(order.size, int)
+    group[order] = np.cumsum(new) - 1
+    # numbered in order of first appearance
+    _, first = np.unique(group, return_index=True)
+    rank = np.empty(first.size, int)
+    rank[np.argsort(first)] = np.arange(first.size)
+    return rank[group]
+
+
 def full_cell(space_group: str, a_A, c_A=None, b_A=None, beta_deg=None, alpha_deg=None, gamma_deg=None):
     """The six cell parameters (a, b, c, α, β, γ) implied by the crystal system's free ones.
 

@@ -16,6 +16,7 @@ from ..config import FitSpec, LatticeSpec, PhaseSpec, WindowSpec
 from ..config.fitting import DEFAULT_SEARCH, FREE_PEAK_REACH
 from ..crystallography import (
     CELL_PARAMETERS,
+    coincident_groups,
     crystal_system,
     d_from_cell,
     d_from_q,
@@ -327,10 +328,13 @@ class PhaseModel:
             # a window is missed
             listed = reflections(spec.space_group, grow[0], grow[2], d_min, b_A=grow[1], beta_deg=grow[4],
                                  alpha_deg=grow[3], gamma_deg=grow[5])
+            # reflections at one d for every cell of the crystal system are one line: moving the
+            # cell outside its system (a ≠ b in a cubic one) kept apart lines no cell of the
+            # phase can split, (511) and (333) of a spinel: two area columns of one line, a
+            # singular fit, and no esd at all for the frame
             seen: dict[tuple, int] = {}
-            probes = self._merge_probes(p)
-            for h, k, l, _, m in listed:
-                key = tuple(np.round([self._d(p, (h, k, l), cell) for cell in probes], 10))
+            group = coincident_groups([row[:3] for row in listed], self.system[p], self.cell0[p])
+            for (h, k, l, _, m), key in zip(listed, group):
                 lo_d, hi_d = self._d_range(p, (h, k, l))
                 r_lo, r_hi = sorted(np.atleast_1d(self.radial_of_d(np.array([hi_d, lo_d]))))
                 for wi, w in enumerate(self.windows):
@@ -352,23 +356,6 @@ class PhaseModel:
         self._hkl_float = self.r_hkl.astype(float)      # (as the compiled positions take them)
         self.r_mult = np.array(mult, int)
         self.R = len(phase)
-
-    def _merge_probes(self, p: int) -> list[np.ndarray]:
-        """Cells of phase ``p`` at which two reflections with the same d are the same line for
-        every cell its crystal system allows: the configured one and two moved in each free
-        parameter by a different amount (the dependent ones following, b = a in a cubic cell).
-        Moving the cell outside its system (a ≠ b in a cubic one) kept apart lines no cell of
-        the phase can split, (511) and (333) of a spinel: two area columns of one line, a
-        singular fit, and no esd at all for the frame."""
-        moves = {"a": 0.0131, "b": 0.0217, "c": -0.0173, "alpha": 0.71, "beta": 1.13, "gamma": -0.89}
-        probes = [self.cell0[p]]
-        for sign in (1.0, -0.6):
-            values = {}
-            for n in self.free[p]:
-                v = self.cell0[p, _CELL_INDEX[n]]
-                values[n] = v + sign * moves[n] if n in _ANGLES else v * (1 + sign * moves[n])
-            probes.append(self._cell_from(p, values))
-        return probes
 
     def _d_of_radial(self, v: float) -> float:
         if self.unit == "q_A^-1":
@@ -571,10 +558,10 @@ class PhaseModel:
         """The reflection of a listed ``"phase hkl"`` in a window (an equivalent one counts)."""
         p = [s.name for s in self.phases].index(phase_name)
         h = parse_hkl(hkl_text)
-        probe = self._merge_probes(p)
-        want = [self._d(p, h, c) for c in probe]
-        for r in self._refl_of[p][window]:
-            if all(abs(self._d(p, self.r_hkl[r], c) - v) < 1e-9 * v for c, v in zip(probe, want)):
+        rows = self._refl_of[p][window]
+        group = coincident_groups([h, *self.r_hkl[rows]], self.system[p], self.cell0[p])
+        for r, g in zip(rows, group[1:]):
+            if g == group[0]:
                 return int(r)
         spec = self.phases[p]
         where = float(self.radial_of_d(np.array(spec.d_spacing(*h))))

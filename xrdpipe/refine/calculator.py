@@ -10,15 +10,14 @@ from dataclasses import replace
 
 import numpy as np
 
-from ..crystallography import system_cell
+from ..crystallography import coincident_groups, system_cell
 from ..errors import RefinementError
 from .layout import Layout
 from .lebail import extract
-from .model import RefinementModel, cell_parameters
+from .model import RefinementModel
 from .structures import (
     Reflections,
     Structure,
-    d_spacings,
     expand_sites,
     reflections,
     space_group_ops,
@@ -342,30 +341,21 @@ def _moved(ex, st: Structure):
 
 def _overlap_groups(model: RefinementModel, refl: list[Reflections], sizes: list[int]):
     """Pawley: reflections of one phase at the same position for every cell of its crystal
-    system (cubic 333 and 511, hexagonal hkl and khl where they are not equivalent) cannot be
-    told apart; they share one intensity, split by multiplicity. Returns (the group of each
-    reflection, its share of the group's intensity, the number of groups)."""
+    system (cubic 333 and 511, hexagonal hkl and khl where they are not equivalent:
+    :func:`~xrdpipe.crystallography.coincident_groups`) cannot be told apart; they share one
+    intensity, split by multiplicity. Returns (the group of each reflection, its share of the
+    group's intensity, the number of groups)."""
     gidx = np.empty(int(sum(sizes)), int)
     share = np.empty(gidx.size)
     n, off = 0, 0
-    bumps = {"a": 0.0123, "b": -0.0171, "c": 0.0311, "alpha": 0.7, "beta": -0.9, "gamma": 1.3}
     for ph, r in zip(model.phases, refl):
-        cell = dict(zip(("a", "b", "c", "alpha", "beta", "gamma"), ph.structure.cell))
-        moved = {k: (v * (1 + bumps[k]) if k in ("a", "b", "c") else v + bumps[k]) for k, v in cell.items()
-                 if k in cell_parameters(ph.system)}
-        d1 = d_spacings(r.hkl, system_cell(ph.system, cell))
-        d2 = d_spacings(r.hkl, system_cell(ph.system, {**cell, **moved}))
-        order = np.lexsort((d2, d1))
-        new = np.ones(order.size, bool)
-        new[1:] = (np.abs(np.diff(d1[order])) > 1e-9 * d1[order][1:]) | (np.abs(np.diff(d2[order])) > 1e-9 * d2[order][1:])
-        g = np.empty(order.size, int)
-        g[order] = np.cumsum(new) - 1
+        g = coincident_groups(r.hkl, ph.system, ph.structure.cell)
         m = r.multiplicity.astype(float)
         tot = np.bincount(g, weights=m)
-        gidx[off:off + order.size] = g + n
-        share[off:off + order.size] = m / tot[g]
+        gidx[off:off + g.size] = g + n
+        share[off:off + g.size] = m / tot[g]
         n += int(g.max()) + 1 if g.size else 0
-        off += order.size
+        off += g.size
     return gidx, share, n
 
 
