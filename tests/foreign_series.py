@@ -166,6 +166,18 @@ def foreign_series(scenario: str, n: int = 40, seed: int = 1, counts: float = 0.
 _TMAX = 24.0
 
 
+def foreign_cycle(scenario: str, n: int = 24, seed: int = 1, counts: float = 0.2) -> ForeignSeries:
+    """A charge then a discharge: the ``n`` frames of :func:`foreign_series`, then the same
+    states back in reverse order with noise of their own (``2n`` frames): the phase that left on
+    the charge comes back where it left, with its own intensities and cells."""
+    study = _Study(scenario, n, seed, counts)
+    tth = np.arange(3.0, _TMAX, 0.004)
+    order = list(range(n)) + list(range(n - 1, -1, -1))
+    intensity = np.array([study.rng.poisson(study.mean(i, tth)).astype(float) for i in order])
+    return ForeignSeries(tth, intensity, np.sqrt(np.maximum(intensity, 1.0)), [study.states[i] for i in order],
+                         study.typed, study.windows(), study.lam, ZERO_DEG, study.free_truth())
+
+
 class _Study:
     """One simulated charge: its two phases (intensities drawn once), its frames' truth
     (``states``) and each frame's noise-free pattern (:meth:`mean`, counts per 0.004°)."""

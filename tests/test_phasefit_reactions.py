@@ -32,18 +32,26 @@ SPINEL_WINDOWS = [WindowSpec(name=f"w{i}", range=r, peaks=lab) for i, (r, lab) i
 
 
 def _reaction(seed: int, share: np.ndarray, space_group: str, cells, tth: np.ndarray, d_min: float,
-              error=None):
+              error=None, voigt: bool = False):
     """Frames of a two-phase reaction at the second phase's fractions ``share`` (of the two
     phases' intensity), the Al lines beside them: the patterns, and the two phases' typed cells
     (``cells`` (2, 3): a, b, c of each; None where the crystal system has none) each off by
-    ``error`` (2, 3, relative; default drawn 0.6-1 % with its sign)."""
+    ``error`` (2, 3, relative; default drawn 0.6-1 % with its sign). With ``voigt``, lines the
+    model does not share (:func:`foreign_series.voigt_frame`: Voigt, mostly Gaussian, widths
+    growing with angle, a curved background with an amorphous hump)."""
+    from foreign_series import voigt_frame
+
     rng = np.random.default_rng(seed)
     own = [_drawn_lines(LAM, reflections(space_group, c[0], c[2], d_min, b_A=c[1]), rng) for c in cells]
     al = _drawn_lines(LAM, [], rng, al_d_min=d_min)
     counts = []
     for f in share:
-        peaks = [{"tth_deg": t, "area": a * part} for part, ls in zip((1 - f, f), own) if part > 0 for t, a in ls]
-        counts.append(rng.poisson(pattern_1d(tth, peaks + [{"tth_deg": t, "area": a} for t, a in al], background=500.0)))
+        lines = [(t, a * part) for part, ls in zip((1 - f, f), own) if part > 0 for t, a in ls] + al
+        if voigt:
+            counts.append(voigt_frame(tth, lines, rng))
+            continue
+        peaks = [{"tth_deg": t, "area": a} for t, a in lines]
+        counts.append(rng.poisson(pattern_1d(tth, peaks, background=500.0)))
     pat = _as_patterns(tth, LAM, np.array(counts, float))
     if error is None:
         error = rng.uniform(0.006, 0.01, (2, 3)) * rng.choice([-1, 1], (2, 3))
@@ -163,4 +171,27 @@ def test_spinel_two_phase_reaction_beside_al():
     assert errors.max() < 1e-4, errors
     assert np.isfinite(z).all() and z.max() < 4, z
     assert 0.5 <= np.mean(z < 1) <= 0.85, np.mean(z < 1)
+    assert np.all(np.abs(table.phase["phase_cell"][:, 2, 0] - AL) < 1e-4)
+
+
+def test_spinel_two_phase_reaction_on_voigt_lines():
+    """The spinel reaction above on lines the model does not share (Voigt, mostly Gaussian,
+    widths growing with angle, a background falling with angle under an amorphous hump), the
+    typed cells 0.46 % below and 0.63 % above: presence right, Al in every frame, fractions
+    within 0.005, a within 1e-4 Å with esds that cover it. Measured on six draws whose typed
+    cells keep the phases' order (seeds 2-7, outside the tests): fraction MAE 0.0009-0.0014,
+    median |Δa| 8e-6-1.2e-5 Å, 46-73 % within one esd; a draw with the typed cells crossed
+    (LMO's typed below MO's) names the first frame's phase by the nearer typed cell (README
+    *Known limits*)."""
+    truth = np.clip(np.linspace(-0.15, 1.15, 20), 0, 1)
+    error = np.array([[-0.0046, 0, 0], [0.0063, 0, 0]])
+    pat, typed = _reaction(2, truth, "Fd-3m", ((LMO, None, None), (MO, None, None)), np.linspace(5, 27, 7000), 1.3,
+                           error=error, voigt=True)
+    phases = [PhaseSpec(name="LMO", space_group="Fd-3m", **typed[0]), PhaseSpec(name="MO", space_group="Fd-3m", **typed[1]),
+              PhaseSpec(name="Al")]
+    table = fit_phases(pat, phases, SPINEL_WINDOWS)
+    frac_err, errors, z = _scores(table, phases, truth, (np.array([LMO, np.nan, np.nan]), np.array([MO, np.nan, np.nan])))
+    assert frac_err.max() < 0.005 and frac_err.mean() < 0.002, frac_err
+    assert np.median(errors) < 3e-5 and errors.max() < 1e-4, errors
+    assert np.isfinite(z).all() and 0.5 <= np.mean(z < 1) <= 0.85, z
     assert np.all(np.abs(table.phase["phase_cell"][:, 2, 0] - AL) < 1e-4)
