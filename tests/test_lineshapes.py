@@ -114,3 +114,31 @@ def test_two_columns_of_one_line_lose_their_esds_and_no_other():
     merged = np.column_stack([np.ones_like(x), x, shape]) / 0.05
     want = np.linalg.inv(merged.T @ merged)
     np.testing.assert_allclose(res.cov[0][np.ix_([0, 1], [0, 1])], want[:2, :2], rtol=1e-6, atol=1e-12)
+
+
+def test_covariance_inverts_each_rows_free_block():
+    """Rows of a batch with different parameters held (or without influence): each row's
+    covariance is the inverse of its own free block, NaN in every row and column of the others;
+    rows with the same free set are inverted together, a singular one alone."""
+    from xrdpipe.batchfit import _covariance
+
+    rng = np.random.default_rng(5)
+    k = 9
+    a = rng.normal(size=(40, k))
+    hess = np.repeat((a.T @ a)[None], 4, axis=0)
+    held = np.zeros((4, k), bool)
+    held[1, [0, 4]] = True
+    held[2, [0, 4]] = True
+    hess[3, 6, :] = hess[3, :, 6] = 0.0           # (no influence)
+    hess[2, 2] = hess[2, 3]                         # row 2: columns 2 and 3 the same
+    hess[2, :, 2] = hess[2, :, 3]
+    cov = _covariance(hess, held)
+    for r, free in enumerate([np.arange(k), np.delete(np.arange(k), [0, 4]), None, np.delete(np.arange(k), 6)]):
+        if free is None:
+            continue
+        np.testing.assert_allclose(cov[r][np.ix_(free, free)], np.linalg.inv(hess[r][np.ix_(free, free)]), rtol=1e-9)
+        dead = np.setdiff1d(np.arange(k), free)
+        assert np.isnan(cov[r][dead]).all() and np.isnan(cov[r][:, dead]).all()
+    # the singular row: no esd for the two columns of one direction, the others' finite
+    assert np.isnan(cov[2][2, 2]) and np.isnan(cov[2][3, 3])
+    assert np.isfinite(np.diagonal(cov[2])[[1, 5, 6, 7, 8]]).all() and np.isnan(cov[2][[0, 4]]).all()
