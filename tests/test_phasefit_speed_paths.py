@@ -582,8 +582,7 @@ def test_a_weak_lines_width_moving_within_its_noise_sends_no_frame_to_the_search
     moves 20 % at 3 esds of this frame alone was taken for the onset of a two-phase region
     (``_rewidened``) in ~3 % of the frames, each then sent to the searches (~40 ms against ~4 ms)
     for nothing: 4 of these 160 frames. Now a width must move 5 esds of the difference of the
-    two frames' widths: none is, and every frame after the first is followed by least squares
-    alone; O3 and Al are still found in every frame."""
+    two frames' widths: none is; O3 and Al are still found in every frame, P3 in none."""
     import xrdpipe.phasefit.decide as decide
 
     dif = Difficulty(start_error=((0.01, 0.02), (0.01, 0.02)), separation_fwhm=1.1, broadening=1.6,
