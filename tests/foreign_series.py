@@ -157,10 +157,15 @@ def foreign_series(scenario: str, n: int = 40, seed: int = 1, counts: float = 0.
     ``lines``: ((2θ, strength, broadening), ...) lines of no phase in every frame (strength on
     the phases' intensity scale, the basal line's being 100; broadening of the Caglioti width)."""
     study = _Study(scenario, n, seed, counts, lines)
+    return _sampled(study, list(range(n)))
+
+
+def _sampled(study: "_Study", order: list) -> ForeignSeries:
+    """The study's frames ``order`` (indices into its states), each with Poisson noise of its own."""
     tth = np.arange(3.0, _TMAX, 0.004)
-    intensity = np.array([study.rng.poisson(study.mean(i, tth)).astype(float) for i in range(n)])
-    return ForeignSeries(tth, intensity, np.sqrt(np.maximum(intensity, 1.0)), study.states, study.typed,
-                         study.windows(), study.lam, ZERO_DEG, study.free_truth())
+    intensity = np.array([study.rng.poisson(study.mean(i, tth)).astype(float) for i in order])
+    return ForeignSeries(tth, intensity, np.sqrt(np.maximum(intensity, 1.0)), [study.states[i] for i in order],
+                         study.typed, study.windows(), study.lam, ZERO_DEG, study.free_truth())
 
 
 _TMAX = 24.0
@@ -170,12 +175,7 @@ def foreign_cycle(scenario: str, n: int = 24, seed: int = 1, counts: float = 0.2
     """A charge then a discharge: the ``n`` frames of :func:`foreign_series`, then the same
     states back in reverse order with noise of their own (``2n`` frames): the phase that left on
     the charge comes back where it left, with its own intensities and cells."""
-    study = _Study(scenario, n, seed, counts)
-    tth = np.arange(3.0, _TMAX, 0.004)
-    order = list(range(n)) + list(range(n - 1, -1, -1))
-    intensity = np.array([study.rng.poisson(study.mean(i, tth)).astype(float) for i in order])
-    return ForeignSeries(tth, intensity, np.sqrt(np.maximum(intensity, 1.0)), [study.states[i] for i in order],
-                         study.typed, study.windows(), study.lam, ZERO_DEG, study.free_truth())
+    return _sampled(_Study(scenario, n, seed, counts), list(range(n)) + list(range(n - 1, -1, -1)))
 
 
 class _Study:

@@ -661,11 +661,7 @@ def test_the_runs_first_frame_is_fitted_once_for_the_zero_estimate_and_the_run(m
     calls.clear()
     twice = fit_phases(pat, phases, windows, FitSpec())
     assert len(calls) == n_once + 1
-    for key in twice.phase:
-        a, b = np.asarray(once.phase[key]), np.asarray(twice.phase[key])
-        assert np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), key
-    for key in twice.values:
-        np.testing.assert_array_equal(once.values[key], twice.values[key], err_msg=key)
+    _same_tables(once, twice)
 
     monkeypatch.undo()
     fitter = PhaseFitter(phases, windows, FitSpec(), radial=pat.radial, unit=pat.unit, wavelength_A=pat.wavelength_A)

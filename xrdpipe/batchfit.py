@@ -277,7 +277,8 @@ def _covariance(hess: np.ndarray, held: np.ndarray) -> np.ndarray:
         idx = np.flatnonzero(mask)
         if not idx.size:
             continue
-        h = hess[rows][:, idx][:, :, idx]
+        block = np.ix_(rows, idx, idx)
+        h = hess[block]
         # scale to unit diagonal before inverting: the parameters span many orders of magnitude
         d = np.sqrt(np.diagonal(h, axis1=1, axis2=2))
         hs = h / (d[:, :, None] * d[:, None, :])
@@ -295,7 +296,7 @@ def _covariance(hess: np.ndarray, held: np.ndarray) -> np.ndarray:
         bad = singular | ~np.isfinite(c).all(axis=(1, 2)) | (np.diagonal(c, axis1=1, axis2=2) < 0).any(axis=1)
         for i in np.flatnonzero(bad):
             c[i] = _estimable_covariance(hs[i]) / np.outer(d[i], d[i])
-        cov[rows[:, None, None], idx[None, :, None], idx[None, None, :]] = c
+        cov[block] = c
     return cov
 
 

@@ -215,6 +215,9 @@ def probe_cells(system: str, cell) -> list[tuple]:
     free parameter by different amounts (:data:`_PROBE_MOVES`, then -0.6 times them), the
     dependent ones following (b = a in a cubic cell). Two reflections with one d at all three
     have one d at every cell of the system."""
+    system = "hexagonal" if system == "trigonal" else system
+    if system not in CELL_PARAMETERS:
+        raise ValueError(f"crystal system {system!r}: expected one of {', '.join(CELL_PARAMETERS)} (or trigonal)")
     names = ("a", "b", "c", "alpha", "beta", "gamma")
     base = dict(zip(names, (float(v) for v in cell)))
     out = [tuple(float(v) for v in system_cell(system, base))]

@@ -373,17 +373,16 @@ def _hump(m: PhaseModel, res, present: list[int]) -> bool:
     lines and Al's (200): O3's (015) widened onto its bound (0.333° beside 0.11° elsewhere),
     its area taking part of P3's, and least squares followed it so for 40 frames (the fraction MAE
     of the 1,000-frame series 0.0033; searched there, 0.11° and 0.0012)."""
-    widths = m.fwhm_table(res.p[0])
-    for p in present:
-        cols = m.fwhm_col[p]
-        have = np.flatnonzero((cols >= 0) & np.isfinite(widths[p]))
-        if len(have) < 3:
-            continue
-        for w in have:
-            c = int(cols[w])
-            others = widths[p, have[have != w]]
-            if res.p[0, c] >= res.upper[c] * (1.0 - 1e-9) and widths[p, w] > _HUMP * float(np.median(others)):
-                return True
+    cols = m.fwhm_col[present]
+    on_bound = (cols >= 0) & (res.p[0, np.maximum(cols, 0)] >= res.upper[np.maximum(cols, 0)] * (1.0 - 1e-9))
+    if not on_bound.any():               # (nearly every frame)
+        return False
+    widths = m.fwhm_table(res.p[0])[present]
+    have = (cols >= 0) & np.isfinite(widths)
+    for i, w in zip(*np.nonzero(on_bound & have)):
+        others = widths[i, have[i] & (np.arange(m.W) != w)]
+        if others.size >= 2 and widths[i, w] > _HUMP * float(np.median(others)):
+            return True
     return False
 
 
