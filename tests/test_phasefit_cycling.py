@@ -2,7 +2,8 @@
 :mod:`xrdpipe.testing` (typed cells off, basal lines apart by 1.3-2 FWHM and 1.6x broader where
 the phases coexist, per-phase intensities, Al, Poisson noise over 2,000 counts): a charge then a
 discharge (the phase that left comes back, O3 → P3 → O3), and a run that starts in the
-two-phase region (the first phase never alone)."""
+two-phase region (the first phase never alone). And a strong line in no window just above one
+(MCM's (102) above the "100" window), whose tail the window fits whatever the lines' width."""
 
 import numpy as np
 import pytest
@@ -82,3 +83,75 @@ def test_a_run_that_starts_in_the_two_phase_region():
     assert score["fraction_mae"] < 0.005, score
     both = np.array([len(s) == 2 for s in series.states()])
     assert set(lat.fraction_method[both, list(lat.phases).index("P2")]) == {"scale-sum"}
+
+
+def test_a_strong_line_in_no_window_is_fitted_by_its_tail_whatever_its_width():
+    """MCM's P2 (102) lies in no window, ~0.28° above the "100" window (a third of its
+    width): 4.0 FWHM of P2's narrow lines, 2.5 FWHM of the lines broadened 1.6x where P2 and
+    P''2 coexist. Its tail was fitted only within 4 FWHM, a reach that moved with the width:
+    where the two-phase region ended and the lines narrowed, the (102) (area ~3x the (100))
+    dropped out, its tail left on the window's edge (Al's eta pushed to 0, the window at
+    χ²/ν 3.6 for 0.9). A line in no window is now fitted by its tail as far out as it is
+    listed, whatever its width."""
+    from xrdpipe.phasefit.model import _TAIL_FWHM, _TAIL_REACH, PhaseModel
+
+    dif = Difficulty(start_error=((0.008, 0.010), (0.009, -0.015)), separation_fwhm=1.15, broadening=1.6,
+                     intensity_jitter=0.3, hard_windows=True, seed=3)
+    pat = pattern_series(2, scenario="mcm", counts=0.05, background=2000.0, seed=1, difficulty=dif).as_patterns()
+    phases, windows = fit_config("mcm", dif)
+    m = PhaseModel(phases, windows, FitSpec(), LatticeSpec(), radial=pat.radial, unit=pat.unit,
+                   wavelength_A=pat.wavelength_A)
+    w = [s.name for s in windows].index("100")
+    r = int(np.flatnonzero((m.r_phase == 0) & (m.r_window == w) & np.all(m.r_hkl == (1, 0, 2), axis=1))[0])
+    cells = m.cell0.copy()
+    cells[0, 0], cells[0, 2] = 2.8383, 11.2585
+    beyond = m.centres(cells[None], np.array([0.0]))[0][r] - m.windows[w].x[-1]
+    assert 0.26 < beyond < _TAIL_REACH * np.ptp(windows[w].range)
+    for fwhm in (0.04, 0.069, 0.111):
+        assert beyond > _TAIL_FWHM * fwhm or fwhm == 0.111
+        assert m.inside(cells, 0.0, np.full((m.P, m.W), fwhm), tails=True)[r]
+        assert not m.inside(cells, 0.0, np.full((m.P, m.W), fwhm))[r]
+
+
+@pytest.mark.parametrize("dseed, seed", [(28, 203), (5, 7)])
+def test_the_window_beside_a_line_in_no_window_fits_to_its_noise(dseed, seed):
+    """P2 -> P''2 (40 frames, P2 typed -0.6 %/+1.3 % (a/c), P''2 -0.5 %/+1.9 %): where P''2 is
+    alone (19 frames) its (102), in no window 4.2 FWHM above the "100" window, was left out of
+    the window's model; its tail sat on the window's upper edge, the window at χ²/ν 1.5-1.75 and
+    the Al line's eta pressed to 0 taking up what it could. (On the same reaction as 2D frames,
+    the window's χ²/ν was ~900 and the 002/004 windows' ~10, through the shared cells.) Now the
+    window fits to its noise and Al's eta is its own (~0.4)."""
+    dif = Difficulty(start_error=((-0.006, 0.013), (-0.005, 0.019)), separation_fwhm=1.0, broadening=1.6,
+                     intensity_jitter=0.3, hard_windows=True, seed=dseed)
+    series = pattern_series(40, scenario="mcm", counts=0.05, background=2000.0, seed=seed, difficulty=dif)
+    phases, windows = fit_config("mcm", dif)
+    table = fit_phases(series.as_patterns(), phases, windows, FitSpec())
+    states = series.states()
+    alone = [r for r in range(len(states)) if list(states[r]) == ["P''2"]]
+    assert len(alone) >= 15
+    w = list(table.windows).index("100")
+    assert np.median(table.redchi[alone, w]) < 1.2 and np.max(table.redchi[alone, w]) < 1.4, table.redchi[alone, w]
+    al = [p.name for p in phases].index("Al")
+    assert np.nanmedian(table.phase["phase_eta"][alone, al]) > 0.2
+
+
+def test_a_cycle_whose_two_phase_region_ends_beside_a_line_in_no_window():
+    """P2 -> P''2 -> P2 (24 + 24 frames) with P2 typed 1 % above in c and P''2 1.5 % below: the
+    first frame's lines (P2's, c 11.19 Å) lie nearer P''2's typed cell, and the naming check
+    fits the series with both names. Where the discharge's two-phase region ended, the run
+    named right lost P2's (102) tail above the "100" window (previous test): +1,300 in summed
+    n·ln χ² over frames 38-39, the wrong name kept (presence 0.125, fraction MAE 0.49). Now the
+    right name fits the series better by ~490."""
+    dif = Difficulty(start_error=((0.008021761537284755, 0.010156783190028416),
+                                  (0.00889559550806468, -0.015331920585695717)),
+                     separation_fwhm=1.152528635623245, broadening=1.6, intensity_jitter=0.3, hard_windows=True, seed=3)
+    series = cycle_series(24, scenario="mcm", counts=0.05, background=2000.0, seed=353, difficulty=dif)
+    phases, windows = fit_config("mcm", dif)
+    table = fit_phases(series.as_patterns(), phases, windows, FitSpec())
+    lat = refine_lattice(table, phases, LatticeSpec(), unit="2th_deg", wavelength_A=series.scenario.wavelength_A)
+    score = score_phases(lat, table, series.states(), series.peaks)
+    assert score["n_coexistence"] >= 4
+    assert score["presence"] == 1.0, score
+    assert score["fraction_mae"] < 0.005 and score["basal_rms_deg"] < 1e-4, score
+    assert score["median_da"] < 3e-4 and score["median_dc"] < 1e-3, score
+    assert 0.5 <= score["within_1esd"] <= 0.85, score

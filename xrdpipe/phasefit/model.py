@@ -265,6 +265,11 @@ class PhaseModel:
         # (R,) the first and last point of each reflection's window (none: nothing is inside)
         self._r_lo = np.array([w.x[0] if w.x.size else np.inf for w in self.windows])[self.r_window]
         self._r_hi = np.array([w.x[-1] if w.x.size else -np.inf for w in self.windows])[self.r_window]
+        self.n_groups = int(self.r_group.max()) + 1 if self.R else 0
+        #: (R,) how far beyond its window's edges a reflection is listed (:data:`_TAIL_REACH` of
+        #: the window's configured width): the reach of the tails of a line in no window
+        self._r_reach = np.array([_TAIL_REACH * (s.range[1] - s.range[0]) for s in self.specs])[self.r_window] \
+            if self.R else np.zeros(0)
         #: (area column, (width column,)) of each line alone in its window for its phase: the
         #: peaks whose shape the least squares holds while they are weak (``amplitudes``)
         self.lone_lines = [(int(self.area_col[r]), (int(self.fwhm_col[self.r_phase[r], self.r_window[r]]),))
@@ -545,14 +550,28 @@ class PhaseModel:
     def inside(self, cells: np.ndarray, zero: float, fwhm: np.ndarray | None = None, tails: bool = False) -> np.ndarray:
         """(R,) reflections whose centre at ``cells`` (P, 6) lies inside their window, at least
         half a FWHM (``fwhm`` (P, W)) from its edges: a line cut by the edge cannot be fitted;
-        with ``tails``, also those within :data:`_TAIL_FWHM` widths outside it."""
+        with ``tails``, also those within :data:`_TAIL_FWHM` widths outside it, and a reflection
+        that is a line in no window within the reach it is listed at (:data:`_TAIL_REACH` of the
+        window's width), whatever its width: its tail is the only measure of its area, and a
+        reach that moved with the width left MCM's (102), ~4 FWHM above the 100 window, out as
+        the lines narrowed (the window at χ²/ν ~900 on 2D frames). (The searches' trials still
+        fit tails within :data:`_TAIL_FWHM` widths only; the least squares after them, this
+        reach.)"""
         cen = self.centres(cells[None], np.array([zero]))[0]
-        margin = 0.0
-        if fwhm is not None:
-            fw = fwhm[self.r_phase, self.r_window]
-            fw = np.where(np.isnan(fw), 0.0, fw)        # (no line there: no margin; widths are finite)
-            margin = -_TAIL_FWHM * fw if tails else 0.5 * fw
-        return (cen >= self._r_lo + margin) & (cen <= self._r_hi - margin)
+        if fwhm is None:
+            return (cen >= self._r_lo) & (cen <= self._r_hi)
+        fw = fwhm[self.r_phase, self.r_window]
+        fw = np.where(np.isnan(fw), 0.0, fw)        # (no line there: no margin; widths are finite)
+        inner = (cen >= self._r_lo + 0.5 * fw) & (cen <= self._r_hi - 0.5 * fw)
+        if not tails:
+            return inner
+        # a reflection that is a line in no window is seen by its tails alone: fitted by them as
+        # far out as it is listed (its area is measured nowhere else, and the far tails of
+        # :mod:`~xrdpipe.phasefit.tails` come from lines only)
+        line = np.zeros(self.n_groups, bool)
+        line[self.r_group[inner]] = True
+        reach = np.where(line[self.r_group], _TAIL_FWHM * fw, np.maximum(_TAIL_FWHM * fw, self._r_reach))
+        return (cen >= self._r_lo - reach) & (cen <= self._r_hi + reach)
 
     def label_index(self, window: int, phase_name: str, hkl_text: str) -> int:
         """The reflection of a listed ``"phase hkl"`` in a window (an equivalent one counts)."""

@@ -2,8 +2,10 @@
 fitted again with them subtracted (:func:`without_far_tails`).
 
 A window's model holds the reflections within its reach: its lines, and the tails of lines
-within :data:`~xrdpipe.phasefit.model._TAIL_FWHM` widths of its edges (a reflection farther out
-has its area held at 0 there). A strong line farther away still reaches the window with its
+within :data:`~xrdpipe.phasefit.model._TAIL_FWHM` widths of its edges, or, for a reflection that
+is a line in no window (seen by its tail alone), as far out as it is listed
+(:meth:`~xrdpipe.phasefit.model.PhaseModel.inside`); a reflection farther out has its area held
+at 0 there. A strong line farther away still reaches the window with its
 Lorentzian tail, eta * area * FWHM / (2 pi d^2) at a distance d: on 2D frames O3's (104) line,
 11 FWHM below the 015 window, put ~530 counts on its lower edge and ~100 on its upper one (bins
 with esds of ~1 count), a curvature its linear background could not take: the window fitted to a
