@@ -147,6 +147,32 @@ def test_the_naming_verdict():
     assert first_tie(np.full((5, 3), np.nan)) is None
 
 
+def test_a_fitter_for_the_other_naming_fits_the_first_frame_itself():
+    """The zero estimate fits the run's first frame, and the forward pass takes that result
+    where it starts from the same state (``PhaseFitter._first_frame``). A fitter for the other
+    naming starts from that same fresh state, but its first frame must be named the other way:
+    made before the first fitter's forward pass, it took the first naming's result (P''2 on P2's
+    lines, the name it exists to try)."""
+    from xrdpipe.phasefit import PhaseFitter
+    from xrdpipe.phasefit.fitter import ZERO_FRAMES
+
+    dif = Difficulty(start_error=((0.0032, -0.0125), (0.0070, -0.0133)), separation_fwhm=1.5, broadening=1.6,
+                     intensity_jitter=0.3, hard_windows=True, seed=57)
+    series = pattern_series(40, scenario="mcm", counts=0.05, background=2000.0, seed=67, difficulty=dif)
+    phases, windows = fit_config("mcm", dif)
+    names = [p.name for p in phases]
+    pat = series.as_patterns()
+    fitter = PhaseFitter(phases, windows, FitSpec(backward=False), radial=pat.radial, unit=pat.unit,
+                         wavelength_A=pat.wavelength_A)
+    fitter.estimate_zero(pat.intensity[:ZERO_FRAMES], pat.sigma[:ZERO_FRAMES])
+    other = fitter.other_naming(names.index("P''2"), names.index("P2"))
+    got = other.fit_block(pat.intensity[:2], pat.sigma[:2], frame=np.arange(2))
+    first = fitter.fit_block(pat.intensity[:2], pat.sigma[:2], frame=np.arange(2))
+    p2, pp2 = names.index("P2"), names.index("P''2")
+    assert first.phase["phase_present"][0, pp2] and not first.phase["phase_present"][0, p2]
+    assert got.phase["phase_present"][0, p2] and not got.phase["phase_present"][0, pp2]
+
+
 def test_the_naming_check_through_the_run_file(tmp_path):
     """2D frames, through the run file: P2's first lines fit P''2's search a little better than
     P2's (the Al line not yet explained inflates both chi-squares: 6,245,618 against 6,247,083),

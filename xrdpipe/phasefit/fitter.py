@@ -395,6 +395,8 @@ class PhaseFitter:
         other.model = copy.copy(self.model)
         other.model.naming = {**self.model.naming, frozenset((p, q)): q}
         other.state = other._fresh_state()      # (the run's zero shift: the same)
+        # (the zero estimate's first frame was named the first way: not this fitter's result)
+        other._first = None
         return other
 
     def _estimate_zero(self, y: np.ndarray, sigma: np.ndarray | None, start: float = 0.0) -> tuple[float, float]:
