@@ -266,7 +266,7 @@ def _covariance(hess: np.ndarray, held: np.ndarray) -> np.ndarray:
     took three times as long to invert."""
     n, k, _ = hess.shape
     diag = np.diagonal(hess, axis1=1, axis2=2)
-    live = ~(held | ~(diag > 0))
+    live = ~held & (diag > 0)
     cov = np.full((n, k, k), np.nan)
     if n == 1 or (live == live[0]).all():
         groups = [(live[0], np.arange(n))]

@@ -268,8 +268,7 @@ class PhaseModel:
         self.n_groups = int(self.r_group.max()) + 1 if self.R else 0
         #: (R,) how far beyond its window's edges a reflection is listed (:data:`_TAIL_REACH` of
         #: the window's configured width): the reach of the tails of a line in no window
-        self._r_reach = np.array([_TAIL_REACH * (s.range[1] - s.range[0]) for s in self.specs])[self.r_window] \
-            if self.R else np.zeros(0)
+        self._r_reach = self._listing_reach()[self.r_window] if self.R else np.zeros(0)
         #: (area column, (width column,)) of each line alone in its window for its phase: the
         #: peaks whose shape the least squares holds while they are weak (``amplitudes``)
         self.lone_lines = [(int(self.area_col[r]), (int(self.fwhm_col[self.r_phase[r], self.r_window[r]]),))
@@ -316,6 +315,7 @@ class PhaseModel:
         window; reflections at the same d for every cell (e.g. 1 0 1 and 0 1 1 in P-3m1) merged."""
         hi_all = max(w.range[1] for w in self.specs) if self.specs else np.nan
         phase, window, hkl, mult = [], [], [], []
+        listing = self._listing_reach()
         for p, spec in enumerate(self.phases):
             if p in self.free_line:             # a line of no phase: its one line, in its window
                 phase.append(p)
@@ -342,9 +342,8 @@ class PhaseModel:
             for (h, k, l, _, m), key in zip(listed, group):
                 lo_d, hi_d = self._d_range(p, (h, k, l))
                 r_lo, r_hi = sorted(np.atleast_1d(self.radial_of_d(np.array([hi_d, lo_d]))))
-                for wi, w in enumerate(self.windows):
+                for wi, reach in enumerate(listing):
                     lo_w, hi_w = self.specs[wi].range          # the window as configured,
-                    reach = _TAIL_REACH * (hi_w - lo_w)           # whether the data reach it or not
                     if r_hi < lo_w - reach or r_lo > hi_w + reach:
                         continue
                     if (key, wi) in seen:
@@ -361,6 +360,11 @@ class PhaseModel:
         self._hkl_float = self.r_hkl.astype(float)      # (as the compiled positions take them)
         self.r_mult = np.array(mult, int)
         self.R = len(phase)
+
+    def _listing_reach(self) -> np.ndarray:
+        """(W,) how far beyond its configured edges a window lists reflections (whether the data
+        reach it or not): :data:`_TAIL_REACH` of its width."""
+        return np.array([_TAIL_REACH * (w.range[1] - w.range[0]) for w in self.specs], float)
 
     def _d_of_radial(self, v: float) -> float:
         if self.unit == "q_A^-1":
