@@ -24,6 +24,11 @@ Side by side in the same run:
   so a model of bins misfits them and more frames take the searches; its accuracy columns are
   left out.
 
+* ``--series mcm-tie``: instead, a P2 -> P''2 charge (the MCM study, λ = 0.6884 Å) whose first
+  lines are nearer P''2's typed cell than P2's (typed cells 1.25-1.33 % below in c): the
+  whole-series naming check fits it a second time with the other name, beside the first on a
+  second core where it can (``xrdpipe/phasefit/ahead.py``).
+
 * ``--two-d``: the same series rendered as 2D EIGER-like frames (pixel splitting, polarization,
   module gaps; a background of 300 counts) and integrated, then the phase model through the run
   file (``xrdpipe fit``: the run's zero estimate, forward and backward passes) and the cells and
@@ -38,6 +43,7 @@ over the series that loads or compiles the Numba kernels), the ratio to the lmfi
     python benchmarks/phases.py                   # 200 frames
     python benchmarks/phases.py --frames 1000 --baseline e7aa8d1
     python benchmarks/phases.py --two-d --frames 200 --baseline 7cba979
+    python benchmarks/phases.py --series mcm-tie --frames 400 --baseline 6fcbe52
 """
 
 from __future__ import annotations
@@ -60,6 +66,9 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=200)
     ap.add_argument("--loop-frames", type=int, default=40)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--series", choices=sorted(SERIES), default="nfm",
+                    help="the hard O3 <-> P3 charge (default), or a P2 -> P''2 charge whose first lines the "
+                         "naming check names again (mcm-tie)")
     ap.add_argument("--baseline", default=None, help="a commit of this repository whose phase model runs side by side")
     ap.add_argument("--repeat", type=int, default=3,
                     help="with --baseline: how many times each runs, alternately (medians and paired ratios)")
@@ -70,18 +79,20 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)   # (the baseline's child process)
     args = ap.parse_args()
     if args.json:
-        rate, score = (_phase_model_2d if args.two_d else _phase_model)(args.frames, args.seed)
+        rate, score = (_phase_model_2d(args.frames, args.seed) if args.two_d
+                       else _phase_model(args.frames, args.seed, kind=args.series))
         print(json.dumps({"rate": rate, "score": score}))
         return
     if args.two_d:
         compare_2d(args.frames, args.seed, args.baseline, max(args.repeat, 1))
         return
 
-    compare(args.frames, args.loop_frames, args.seed, args.baseline, args.instrument_sd, max(args.repeat, 1))
+    compare(args.frames, args.loop_frames, args.seed, args.baseline, args.instrument_sd, max(args.repeat, 1),
+            args.series)
 
 
 def compare(frames: int, loop_frames: int, seed: int, baseline: str | None = None,
-            instrument_sd: float | None = None, repeat: int = 3) -> None:
+            instrument_sd: float | None = None, repeat: int = 3, kind: str = "nfm") -> None:
     """The table: the phase model (and that of ``baseline``, the two run alternately ``repeat``
     times, their median rates and paired ratios), independent peaks and the lmfit loop on the
     hard series of ``frames`` frames (the loop on ``loop_frames`` of them)."""
@@ -90,8 +101,8 @@ def compare(frames: int, loop_frames: int, seed: int, baseline: str | None = Non
     from xrdpipe.peaks import fit_peaks
     from xrdpipe.testing import fit_config, score_phases
 
-    series, dif = _series(frames, seed)
-    phases, windows = fit_config("nfm", dif)
+    series, dif = _series(frames, seed, kind)
+    phases, windows = fit_config(SERIES[kind][0], dif)
     pat = series.as_patterns()
     lam = series.scenario.wavelength_A
     rows = []
@@ -100,12 +111,12 @@ def compare(frames: int, loop_frames: int, seed: int, baseline: str | None = Non
         # side by side, alternately, ``repeat`` times: the speed of this machine drifts by 10-20 %
         # from one minute to the next (the same code measured 59-88 frames/s), so one pair of
         # runs can say 0.9x or 1.3x for the same change; the medians and the paired ratios say more
-        ratio = _side_by_side(rows, baseline, repeat, lambda: _baseline(baseline, frames, seed),
-                              lambda: _phase_model(frames, seed))
+        ratio = _side_by_side(rows, baseline, repeat, lambda: _baseline(baseline, frames, seed, kind=kind),
+                              lambda: _phase_model(frames, seed, kind=kind))
     else:
-        rows.append(("phase model", *_phase_model(frames, seed)))
+        rows.append(("phase model", *_phase_model(frames, seed, kind=kind)))
     if instrument_sd is not None:
-        rows.append(("phase model, bins averaged", _phase_model(frames, seed, instrument_sd)[0], {}))
+        rows.append(("phase model, bins averaged", _phase_model(frames, seed, instrument_sd, kind)[0], {}))
 
     t0 = time.perf_counter()
     table = fit_peaks(pat, phases, windows, FitSpec(model="peaks"))
@@ -164,18 +175,28 @@ def compare_2d(frames: int, seed: int, baseline: str | None = None, repeat: int 
     _print_table(rows, None, ratio)
 
 
-def _difficulty(seed: int):
+#: The series (``--series``): scenario, the typed cells' errors ((a, c) of each phase), the
+#: coexisting basal lines' separation (FWHM), and the seed of the difficulty's draws (None: the
+#: series' seed). ``mcm-tie``: the draw of tests/test_naming.py whose first frame, named by the
+#: typed cells, is named wrong (the check fits the series again and takes that run).
+SERIES = {"nfm": ("nfm", ((0.01, 0.02), (0.01, 0.02)), 1.1, None),
+          "mcm-tie": ("mcm", ((0.0032, -0.0125), (0.0070, -0.0133)), 1.5, 57)}
+
+
+def _difficulty(seed: int, kind: str = "nfm"):
     from xrdpipe.testing import Difficulty
 
-    return Difficulty(start_error=((0.01, 0.02), (0.01, 0.02)), separation_fwhm=1.1, broadening=1.6,
-                      intensity_jitter=0.3, hard_windows=True, seed=seed)
+    _, errors, separation, drawn = SERIES[kind]
+    return Difficulty(start_error=errors, separation_fwhm=separation, broadening=1.6,
+                      intensity_jitter=0.3, hard_windows=True, seed=seed if drawn is None else drawn)
 
 
-def _series(frames: int, seed: int):
+def _series(frames: int, seed: int, kind: str = "nfm"):
     from xrdpipe.testing import pattern_series
 
-    dif = _difficulty(seed)
-    return pattern_series(frames, scenario="nfm", counts=0.05, background=2000.0, seed=seed, difficulty=dif), dif
+    dif = _difficulty(seed, kind)
+    return pattern_series(frames, scenario=SERIES[kind][0], counts=0.05, background=2000.0, seed=seed,
+                          difficulty=dif), dif
 
 
 def _phase_model_2d(frames: int, seed: int) -> tuple[float, dict]:
@@ -208,7 +229,7 @@ def _phase_model_2d(frames: int, seed: int) -> tuple[float, dict]:
     return frames / dt, score
 
 
-def _phase_model(frames: int, seed: int, instrument_sd: float | None = None) -> tuple[float, dict]:
+def _phase_model(frames: int, seed: int, instrument_sd: float | None = None, kind: str = "nfm") -> tuple[float, dict]:
     """The phase model end to end (fit_phases, then the cells and fractions): frames/s, score.
     With ``instrument_sd``, every line averaged over that instrument sd."""
     from xrdpipe.config import FitSpec, LatticeSpec
@@ -216,8 +237,8 @@ def _phase_model(frames: int, seed: int, instrument_sd: float | None = None) -> 
     from xrdpipe.phasefit import fit_phases
     from xrdpipe.testing import fit_config, score_phases
 
-    series, dif = _series(frames, seed)
-    phases, windows = fit_config("nfm", dif)
+    series, dif = _series(frames, seed, kind)
+    phases, windows = fit_config(SERIES[kind][0], dif)
     pat = series.as_patterns()
     # warm-up on a dozen frames spread over the series (the searches, the two-phase region and
     # the backward pass among them), not timed: the compiled kernels loaded, or compiled where the
@@ -235,7 +256,7 @@ def _phase_model(frames: int, seed: int, instrument_sd: float | None = None) -> 
     return frames / dt, score
 
 
-def _baseline(commit: str, frames: int, seed: int, two_d: bool = False) -> tuple[float, dict]:
+def _baseline(commit: str, frames: int, seed: int, two_d: bool = False, kind: str = "nfm") -> tuple[float, dict]:
     """:func:`_phase_model` (or :func:`_phase_model_2d`) with the ``xrdpipe`` package of
     ``commit``, in a child process."""
     repo = Path(__file__).resolve().parents[1]
@@ -247,7 +268,8 @@ def _baseline(commit: str, frames: int, seed: int, two_d: bool = False) -> tuple
         subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
         env = dict(os.environ, PYTHONPATH=tmp)
         run = subprocess.run([sys.executable, __file__, "--frames", str(frames), "--seed", str(seed), "--json"]
-                             + (["--two-d"] if two_d else []), env=env, capture_output=True, text=True)
+                             + (["--two-d"] if two_d else []) + (["--series", kind] if kind != "nfm" else []),
+                             env=env, capture_output=True, text=True)
     if run.returncode:
         sys.exit(f"--baseline {commit}: its phase model failed:\n{run.stderr.strip()[-2000:]}")
     got = json.loads(run.stdout.strip().splitlines()[-1])

@@ -252,3 +252,78 @@ def test_frames_added_later_extend_both_runs_as_a_straight_run_would(tmp_path):
     a, b = (read_peaks(f).phase_arrays for f in (straight, exp.run.run_file))
     for name in ("phase_cell", "phase_present", "phase_bic", "phase_decision"):
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def _tables_equal(a, b) -> None:
+    """Two peak tables equal array by array, bit for bit (NaN equal to NaN)."""
+    for name in a.values:
+        np.testing.assert_array_equal(a.values[name], b.values[name], err_msg=name)
+    for name in ("present", "success", "redchi", "message"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    assert a.phase.keys() == b.phase.keys()
+    for name in a.phase:
+        np.testing.assert_array_equal(a.phase[name], b.phase[name], err_msg=name)
+
+
+def test_the_second_naming_fitted_beside_the_first_gives_the_same_table(monkeypatch):
+    """The naming check's second run, forked where the forward pass names the first lines and
+    fitted beside the first run (``phasefit/ahead.py``), is taken, and the table is the one the
+    second run fitted afterwards gives, bit for bit (here the check takes the second run: the
+    first frame named P''2 on P2's lines)."""
+    from xrdpipe.phasefit import ahead, fitter
+
+    dif = Difficulty(start_error=((0.0032, -0.0125), (0.0070, -0.0133)), separation_fwhm=1.5, broadening=1.6,
+                     intensity_jitter=0.3, hard_windows=True, seed=57)
+    series = pattern_series(40, scenario="mcm", counts=0.05, background=2000.0, seed=67, difficulty=dif)
+    phases, windows = fit_config("mcm", dif)
+    names = [p.name for p in phases]
+    taken = []
+    result = ahead.AheadRun.result
+
+    def spied(self, p, q):
+        got = result(self, p, q)
+        taken.append((self.pair, got is not None, self.missed))
+        return got
+
+    monkeypatch.setattr(ahead.AheadRun, "result", spied)
+    monkeypatch.setattr(fitter, "ahead_available", lambda workers: True)
+    beside = fit_phases(series.as_patterns(), phases, windows, FitSpec(workers=2))
+    assert taken == [((names.index("P''2"), names.index("P2")), True, "")], taken
+    monkeypatch.setattr(fitter, "ahead_available", lambda workers: False)
+    after = fit_phases(series.as_patterns(), phases, windows, FitSpec(workers=2))
+    assert len(taken) == 1
+    assert "by the whole-series naming check" in after.phase["phase_decision"][0][names.index("P2")]
+    _tables_equal(beside, after)
+
+
+def _pair_sum(p, q):
+    return p + q
+
+
+def _fails(p, q):
+    raise RuntimeError(f"no fit for {p}, {q}")
+
+
+def _dies(p, q):
+    import os
+    os._exit(3)
+
+
+@pytest.mark.parametrize("compute, asked, expect, missed", [
+    (_pair_sum, (1, 2), 3, ""),
+    (_pair_sum, (2, 1), None, "started for phases (1, 2), the check is of (2, 1)"),
+    (_fails, (1, 2), None, "the second process failed: RuntimeError: no fit for 1, 2"),
+    (_dies, (1, 2), None, "the second process ended without a result (exit code 3"),
+])
+def test_a_second_run_beside_the_first_is_taken_only_for_its_pair_and_when_it_succeeded(compute, asked, expect, missed):
+    from xrdpipe.phasefit.ahead import AheadRun, available
+
+    if not available(2):
+        pytest.skip("no fork here")
+    with AheadRun(compute) as run:
+        run.start(1, 2)
+        run.start(3, 4)                 # (once: the first pair stays)
+        assert run.pair == (1, 2)
+        assert run.result(*asked) == expect
+        assert run.missed.startswith(missed), run.missed
+    assert AheadRun(_pair_sum).result(1, 2) is None        # never started

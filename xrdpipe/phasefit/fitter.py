@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass, fields
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -17,6 +17,8 @@ from ..crystallography import (
     parse_hkl,
 )
 from ..peaks import PEAK_FIELDS, PeakTable, WindowSetupError, concat_tables
+from .ahead import AheadRun
+from .ahead import available as ahead_available
 from .decide import _bic, _misfit, fit_frame
 from .frame import FrameResult, _Frame
 from .model import _BACKWARD_MAX, _CELL_INDEX, PhaseModel, PhaseState
@@ -130,9 +132,13 @@ class PhaseFitter:
 
     def fit_block(self, intensity: np.ndarray, sigma: np.ndarray | None, *, frame: np.ndarray,
                   time_s: np.ndarray | None = None, usable: np.ndarray | None = None,
-                  reasons: Sequence[str] | None = None, progress=None):
+                  reasons: Sequence[str] | None = None, progress=None,
+                  on_named: Callable[[int, int], None] | None = None):
         """Fit frames ``intensity`` (n, npt) in order (``sigma`` alike or None); rows not
-        ``usable`` are recorded as failures with their ``reasons`` and change nothing."""
+        ``usable`` are recorded as failures with their ``reasons`` and change nothing.
+        ``on_named(p, q)`` is called for each frame whose lines phase ``p`` took by its typed
+        cell where the similar phase ``q`` could have (``phase_named``), once the frame is
+        recorded."""
         m = self.model
         n = intensity.shape[0]
         usable = np.ones(n, bool) if usable is None else np.asarray(usable, bool)
@@ -153,6 +159,8 @@ class PhaseFitter:
                         res = _guarded(m, y, e, self.state, self.fit, f"frame {int(numbers[i])}")
                     self._record(i, res, values, present, success, redchi, message, ph)
                     self.state = res.state
+                    if on_named is not None and res.success and res.named is not None:
+                        on_named(*res.named)
                 else:
                     message[i, :] = (reasons[i] if reasons is not None and reasons[i] else "frame not integrated")
                 self._store_state(i, ph)
@@ -771,10 +779,10 @@ def fit_phases(patterns, phases: Sequence[PhaseSpec], windows: Sequence[WindowSp
                zip(usable, patterns.frames.get("message", [""] * n))]
     sigma = patterns.sigma if patterns.sigma is not None else np.full(patterns.intensity.shape, np.nan)
 
-    def series(fitter: PhaseFitter) -> PeakTable:
+    def series(fitter: PhaseFitter, on_named=None) -> PeakTable:
         table = fitter.fit_block(patterns.intensity, patterns.sigma, frame=np.arange(n),
                                  time_s=patterns.frames.get("time_s", np.full(n, np.nan)), usable=usable,
-                                 reasons=reasons)
+                                 reasons=reasons, on_named=on_named)
         if fit.backward:
             back = fitter.backward(table.phase, lambda a, b: (patterns.intensity[a:b], sigma[a:b]))
             if back is not None:
@@ -784,14 +792,21 @@ def fit_phases(patterns, phases: Sequence[PhaseSpec], windows: Sequence[WindowSp
     if fitter.needs_zero and usable.any():
         some = np.flatnonzero(usable)[:ZERO_FRAMES]
         fitter.estimate_zero(patterns.intensity[some], None if patterns.sigma is None else patterns.sigma[some])
-    table = series(fitter)
-    tie = first_tie(table.phase["phase_named"]) if fit.naming == "series" else None
-    if tie is not None:
-        row, p, q = tie
-        other = series(fitter.other_naming(p, q))
-        verdict = naming_verdict(fitter.model, table.phase, other.phase, (p, q), fit)
-        table, named = (other, q) if verdict.taken else (table, p)
-        table.phase["phase_decision"][row, named] += verdict.note(fitter.phase_names, p + q - named)
+    checked = fit.naming == "series"
+    # the naming check's second run needs only the pair the forward pass names first: fitted
+    # from then on beside this run, on a second core (ahead.py; the same numbers)
+    with AheadRun(lambda p, q: series(fitter.other_naming(p, q))) as ahead:
+        early = ahead.start if checked and ahead_available(fitter.model.threads) else None
+        table = series(fitter, early)
+        tie = first_tie(table.phase["phase_named"]) if checked else None
+        if tie is not None:
+            row, p, q = tie
+            other = ahead.result(p, q) if early is not None else None
+            if other is None:
+                other = series(fitter.other_naming(p, q))
+            verdict = naming_verdict(fitter.model, table.phase, other.phase, (p, q), fit)
+            table, named = (other, q) if verdict.taken else (table, p)
+            table.phase["phase_decision"][row, named] += verdict.note(fitter.phase_names, p + q - named)
     return concat_tables([table])
 
 
