@@ -85,6 +85,7 @@ class AheadRun:
             try:
                 status, payload = self._conn.recv()
             except (EOFError, OSError) as exc:
+                self._proc.join(10)          # (its pipe closes as it ends: its exit code follows)
                 self.missed = f"the second process ended without a result (exit code {self._proc.exitcode}, {exc!r})"
                 return None
             if status != "ok":
