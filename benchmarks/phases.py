@@ -27,7 +27,7 @@ Side by side in the same run:
 * ``--series mcm-tie``: instead, a P2 -> P''2 charge (the MCM study, λ = 0.6884 Å) whose first
   lines are nearer P''2's typed cell than P2's (typed cells 1.25-1.33 % below in c): the
   whole-series naming check fits it a second time with the other name, beside the first on a
-  second core where it can (``xrdpipe/phasefit/ahead.py``).
+  second core where it can (``xrdpipe/phasefit/ahead.py``); with ``--two-d`` too.
 
 * ``--two-d``: the same series rendered as 2D EIGER-like frames (pixel splitting, polarization,
   module gaps; a background of 300 counts) and integrated, then the phase model through the run
@@ -44,6 +44,7 @@ over the series that loads or compiles the Numba kernels), the ratio to the lmfi
     python benchmarks/phases.py --frames 1000 --baseline e7aa8d1
     python benchmarks/phases.py --two-d --frames 200 --baseline 7cba979
     python benchmarks/phases.py --series mcm-tie --frames 400 --baseline 6fcbe52
+    python benchmarks/phases.py --series mcm-tie --two-d --frames 200 --baseline 6fcbe52
 """
 
 from __future__ import annotations
@@ -79,12 +80,12 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)   # (the baseline's child process)
     args = ap.parse_args()
     if args.json:
-        rate, score = (_phase_model_2d(args.frames, args.seed) if args.two_d
+        rate, score = (_phase_model_2d(args.frames, args.seed, args.series) if args.two_d
                        else _phase_model(args.frames, args.seed, kind=args.series))
         print(json.dumps({"rate": rate, "score": score}))
         return
     if args.two_d:
-        compare_2d(args.frames, args.seed, args.baseline, max(args.repeat, 1))
+        compare_2d(args.frames, args.seed, args.baseline, max(args.repeat, 1), args.series)
         return
 
     compare(args.frames, args.loop_frames, args.seed, args.baseline, args.instrument_sd, max(args.repeat, 1),
@@ -162,15 +163,15 @@ def _print_table(rows, loop_rate: float | None, ratio: str) -> None:
         print(ratio)
 
 
-def compare_2d(frames: int, seed: int, baseline: str | None = None, repeat: int = 3) -> None:
+def compare_2d(frames: int, seed: int, baseline: str | None = None, repeat: int = 3, kind: str = "nfm") -> None:
     """The table of ``--two-d``: the phase model on the series as 2D frames (and that of
     ``baseline``, the two run alternately ``repeat`` times)."""
     rows, ratio = [], ""
     if baseline:
-        ratio = _side_by_side(rows, baseline, repeat, lambda: _baseline(baseline, frames, seed, two_d=True),
-                              lambda: _phase_model_2d(frames, seed))
+        ratio = _side_by_side(rows, baseline, repeat, lambda: _baseline(baseline, frames, seed, two_d=True, kind=kind),
+                              lambda: _phase_model_2d(frames, seed, kind))
     else:
-        rows.append(("phase model", *_phase_model_2d(frames, seed)))
+        rows.append(("phase model", *_phase_model_2d(frames, seed, kind)))
     print(f"{frames} 2D frames (integrated), the phase model through the run file")
     _print_table(rows, None, ratio)
 
@@ -199,7 +200,7 @@ def _series(frames: int, seed: int, kind: str = "nfm"):
                           difficulty=dif), dif
 
 
-def _phase_model_2d(frames: int, seed: int) -> tuple[float, dict]:
+def _phase_model_2d(frames: int, seed: int, kind: str = "nfm") -> tuple[float, dict]:
     """The series as 2D frames, integrated (not timed), then the phase model through the run
     file and the cells and fractions: frames/s, score. A warm-up on a 6-frame experiment first
     (not timed) loads or compiles the kernels."""
@@ -213,8 +214,8 @@ def _phase_model_2d(frames: int, seed: int) -> tuple[float, dict]:
     with tempfile.TemporaryDirectory() as tmp:
         runs = []
         for name, n in (("warm", 6), ("timed", frames)):
-            syn = make_experiment(Path(tmp) / name, scenario="nfm", n_frames=n, n_rest=0, frac_charge=1.0, counts=0.05,
-                                  background=300.0, seed=seed + 10, difficulty=_difficulty(seed))
+            syn = make_experiment(Path(tmp) / name, scenario=SERIES[kind][0], n_frames=n, n_rest=0, frac_charge=1.0,
+                                  counts=0.05, background=300.0, seed=seed + 10, difficulty=_difficulty(seed, kind))
             exp = load_experiment(syn.experiment_file)
             integrate_experiment(exp, progress=False)
             runs.append((syn, exp))

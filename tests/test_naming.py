@@ -211,6 +211,75 @@ def test_the_naming_check_through_the_run_file(tmp_path):
         np.testing.assert_array_equal(h5["/entry/peaks/phase_cell"][()], before)
 
 
+def test_the_second_naming_fitted_beside_the_first_through_the_run_file(tmp_path, monkeypatch):
+    """``xrdpipe fit``: the naming check's second run, forked where the first run's forward pass
+    names the first frame and fed the blocks that pass reads (``run/fit.py``, _NamingBeside),
+    leaves the run file as the second run fitted afterwards does, both groups bit for bit; and
+    a second process that fails leaves the rest to be fitted afterwards, to the same end."""
+    import shutil
+
+    from xrdpipe.config import load_experiment
+    from xrdpipe.phasefit import ahead
+    from xrdpipe.run.fit import fit_experiment
+    from xrdpipe.run.integrate import integrate_experiment
+    from xrdpipe.testing import make_experiment
+
+    dif = Difficulty(start_error=((-0.01, -0.02), (-0.005, -0.01)), separation_fwhm=1.0, broadening=1.6,
+                     intensity_jitter=0.3, hard_windows=True, seed=202)
+    syn = make_experiment(tmp_path / "exp", scenario="mcm", n_frames=24, n_rest=0, frac_charge=1.0, counts=0.05,
+                          background=300.0, seed=212, difficulty=dif)
+    exp = load_experiment(syn.experiment_file)
+    integrate_experiment(exp, progress=False)
+    run = exp.run.run_file
+    integrated = tmp_path / "integrated.nxs"
+    shutil.copy(run, integrated)
+    started, start, runs = [], ahead.StreamedRun.start, []
+    monkeypatch.setattr(ahead.StreamedRun, "start",
+                        lambda self, *a: runs.append(self) or started.append(start(self, *a)) or started[-1])
+    from xrdpipe.run import fit as fit_stage
+
+    written, write = [], fit_stage._NamingBeside._write
+    monkeypatch.setattr(fit_stage._NamingBeside, "_write",
+                        lambda self, tables: written.extend(int(f[0]) for f, _ in tables) or write(self, tables))
+
+    def fitted(**fit) -> dict:
+        shutil.copy(integrated, run)
+        summary = fit_experiment(exp.model_copy(update={"fit": exp.fit.model_copy(update=fit)}), progress=False)
+        assert "are now P2's, not P''2's" in summary.naming, summary.naming
+        with h5py.File(run, "r") as h5:
+            return {f"{g}/{k}": h5["entry"][g][k][()] for g in ("peaks", "peaks_other_naming") for k in h5["entry"][g]}
+
+    monkeypatch.setattr(ahead, "available", lambda workers: True)
+    beside = fitted(block_frames=16)
+    assert started == [True] and written == [0, 16] and runs[0].missed == "", (written, runs[0].missed)
+    monkeypatch.setattr(ahead, "available", lambda workers: False)
+    after = fitted(block_frames=16)
+    assert started == [True]
+    assert beside.keys() == after.keys()
+    for name in beside:
+        np.testing.assert_array_equal(beside[name], after[name], err_msg=name)
+    # a second process that fails in its second block: its first block's table is kept, the
+    # rest fitted afterwards, to the same end
+    import os
+
+    from xrdpipe.phasefit import PhaseFitter
+
+    monkeypatch.setattr(ahead, "available", lambda workers: True)
+    fit_block, parent = PhaseFitter.fit_block, os.getpid()
+
+    def fails_in_a_second_process_after_its_first_block(self, intensity, sigma, *, frame, **kw):
+        if os.getpid() != parent and frame[0] > 0:
+            raise RuntimeError("a crash")
+        return fit_block(self, intensity, sigma, frame=frame, **kw)
+
+    monkeypatch.setattr(PhaseFitter, "fit_block", fails_in_a_second_process_after_its_first_block)
+    crashed = fitted(block_frames=16)
+    assert started == [True, True] and written == [0, 16, 0], written
+    assert runs[-1].missed == "the second process failed: RuntimeError: a crash", runs[-1].missed
+    for name in beside:
+        np.testing.assert_array_equal(crashed[name], after[name], err_msg=name)
+
+
 def test_frames_added_later_extend_both_runs_as_a_straight_run_would(tmp_path):
     """A run whose last frames arrive later (a live run): the first 20 frames fitted and checked
     (P2 taken), then the other 20: both runs are extended, not fitted again (the other run now

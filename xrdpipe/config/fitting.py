@@ -312,9 +312,8 @@ class FitSpec(Spec):
     ``workers`` (default: every core): threads. The batched independent
     peaks fit blocks of frames on them; the phase model's searches solve their windows on them
     side by side (the same numbers as on one thread; the frames themselves are fitted in order).
-    With two or more, :func:`~xrdpipe.phasefit.fit_phases` (an in-memory stack, on Linux) fits
-    the naming check's second run in a second process beside the first, from the frame the
-    first names (the same numbers; the run file's ``xrdpipe fit`` fits it afterwards).
+    With two or more (on Linux), the naming check's second run is fitted in a second process
+    beside the first, from the frame the first names (the same numbers as fitted afterwards).
     """
 
     model: Literal["phases", "peaks"] = "phases"

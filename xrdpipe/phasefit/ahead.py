@@ -12,9 +12,14 @@ computation as the one made afterwards, on the same inputs: the same numbers, bi
 (tested). Anything else (another pair, no tie after the backward pass, a child that failed or was
 killed) and the second run is fitted afterwards as before.
 
+Through a run file (``xrdpipe fit``), :class:`StreamedRun`: the child never opens the run file
+(HDF5 is not safe across a fork); the parent hands it each block of frames it reads for itself,
+and writes what comes back (:class:`xrdpipe.run.fit._NamingBeside`).
+
 Only where a process can be forked cheaply and safely: Linux, two or more workers (``[fit]
 workers``). The child fits in memory what the parent holds in memory (the patterns are shared
-by the fork, copy on write); it ignores Ctrl-C, which the parent handles by ending it.
+by the fork, copy on write); it ignores Ctrl-C, which the parent handles by ending it. (The
+parent's threads are idle between frames when it forks, and the child makes its own.)
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ from __future__ import annotations
 import multiprocessing
 import signal
 import sys
+import threading
+import warnings
 from typing import Any, Callable
 
-__all__ = ["AheadRun", "available"]
+__all__ = ["AheadRun", "StreamedRun", "available"]
 
 
 def available(workers: int) -> bool:
@@ -63,7 +70,7 @@ class AheadRun:
         proc = ctx.Process(target=_child, args=(self._compute, self.pair, send), daemon=True,
                            name="xrdpipe-naming")
         try:
-            proc.start()
+            _fork(proc)
         except OSError as exc:          # (no memory or process left: fitted afterwards instead)
             receive.close()
             self.missed = f"could not start a second process: {exc}"
@@ -113,6 +120,14 @@ class AheadRun:
         self.close()
 
 
+def _fork(proc) -> None:
+    # (Python 3.12+ warns at any fork of a process with threads: this one's are idle then, and
+    # the child uses none of them)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*multi-threaded.*fork", category=DeprecationWarning)
+        proc.start()
+
+
 def _child(compute: Callable[[int, int], Any], pair: tuple[int, int], conn) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # (the parent's to handle: it ends this one)
     try:
@@ -125,3 +140,144 @@ def _child(compute: Callable[[int, int], Any], pair: tuple[int, int], conn) -> N
         conn.send(("error", f"its result could not be sent: {type(exc).__name__}: {exc}"))
     finally:
         conn.close()
+
+
+class StreamedRun:
+    """A fitter's forward pass over blocks of frames handed over one after the other, in a child
+    process forked with the fitter (:meth:`start`, with the first block): the run file's
+    counterpart of :class:`AheadRun`. The child never opens the run file (HDF5 is not safe across
+    a fork): the parent sends each block it read (:meth:`send`), and a thread of the parent's
+    takes each block's table as it comes back (:meth:`tables`). Each block starts from the state
+    stored with the last row of the block before, as :func:`xrdpipe.run.fit._forward` resumes
+    it from the run file: the same numbers as the blocks fitted there one after the other."""
+
+    def __init__(self):
+        self._proc = None
+        self._send = None
+        self._receiver = None
+        self._got: list = []
+        self._lock = threading.Lock()
+        self._ended = False
+        #: why the child gave no more tables ("" while it gives them)
+        self.missed = ""
+
+    def start(self, fitter, block: tuple) -> bool:
+        """Fork the child with ``fitter`` and its first ``block`` (frames, intensity, sigma,
+        time_s, usable, reasons); False where no process could be started (:attr:`missed`)."""
+        ctx = multiprocessing.get_context("fork")
+        to_child, from_parent = ctx.Pipe(duplex=False)[::-1]
+        from_child, to_parent = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_fit_blocks, args=(fitter, block, from_parent, to_parent, (to_child, from_child)),
+                           daemon=True, name="xrdpipe-naming")
+        try:
+            _fork(proc)
+        except OSError as exc:
+            for c in (to_child, from_parent, from_child, to_parent):
+                c.close()
+            self.missed = f"could not start a second process: {exc}"
+            return False
+        from_parent.close()
+        to_parent.close()
+        self._proc, self._send = proc, to_child
+        self._receiver = threading.Thread(target=self._receive, args=(from_child, proc), daemon=True,
+                                          name="xrdpipe-naming-tables")
+        self._receiver.start()
+        return True
+
+    def _receive(self, conn, proc) -> None:
+        try:
+            while True:
+                try:
+                    kind, frames, table = conn.recv()
+                except (EOFError, OSError) as exc:
+                    proc.join(10)
+                    self._missed(f"the second process ended without a result (exit code {proc.exitcode}, {exc!r})")
+                    return
+                if kind != "table":
+                    if kind == "error":
+                        self._missed(f"the second process failed: {frames}")
+                    return
+                with self._lock:
+                    self._got.append((frames, table))
+        finally:
+            conn.close()
+
+    def _missed(self, why: str) -> None:
+        with self._lock:
+            self.missed = self.missed or why
+
+    def send(self, block: tuple) -> None:
+        """The next block, in order (waits while the child is busy with the one before)."""
+        if self._send is None or self.missed:
+            return
+        try:
+            self._send.send(block)
+        except (OSError, ValueError) as exc:      # (the child is gone: its tables say how far it got)
+            self._missed(f"the second process stopped taking frames: {exc!r}")
+
+    def end(self) -> None:
+        """No more blocks: the child sends its last table and ends."""
+        if self._send is not None and not self._ended:
+            self._ended = True
+            try:
+                self._send.send(None)
+            except (OSError, ValueError):
+                pass
+
+    def tables(self, wait: bool = False) -> list:
+        """The (frames, table) that came back since the last call, in order; with ``wait``,
+        every one still to come (after :meth:`end`), and the child ended."""
+        if wait and self._receiver is not None:
+            self.end()
+            self._receiver.join()
+            self.close()
+        with self._lock:
+            got, self._got = self._got, []
+        return got
+
+    def close(self) -> None:
+        """End the child (if still running)."""
+        send, proc, receiver = self._send, self._proc, self._receiver
+        self._send = self._proc = self._receiver = None
+        if send is not None:
+            send.close()
+        if proc is not None:
+            if proc.is_alive():
+                proc.terminate()
+            proc.join()
+        if receiver is not None:
+            receiver.join(10)
+        if proc is not None:
+            proc.close()
+
+    def __enter__(self) -> "StreamedRun":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _fit_blocks(fitter, block, conn_in, conn_out, parents) -> None:
+    import numpy as np
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for c in parents:            # (the parent's ends, copied by the fork: closed, so that the
+        c.close()                # parent's end is seen here as the end of the blocks)
+    try:
+        stored = None
+        while block is not None:
+            frames, intensity, sigma, time_s, usable, reasons = block
+            fitter.resume(stored)
+            table = fitter.fit_block(intensity, sigma, frame=frames, time_s=time_s, usable=usable, reasons=reasons)
+            conn_out.send(("table", frames, table))
+            stored = {**table.phase, "done": np.ones(len(frames), bool)}
+            block = conn_in.recv()
+        conn_out.send(("end", None, None))
+    except BaseException as exc:                     # noqa: BLE001 (reported to the parent)
+        try:
+            conn_out.send(("error", f"{type(exc).__name__}: {exc}", None))
+        except Exception:
+            pass
+    finally:
+        conn_out.close()
+        conn_in.close()

@@ -109,13 +109,18 @@ def fit_experiment(exp: Experiment, *, restart: bool = False, progress: bool = T
             if phase_model and rows.size:
                 store.backward_through = 0      # the backward pass goes over the series again
                 store.named_through = 0         # and so does the naming check
-            summary.fitted = _forward(fitter, store, info, rows, block, st.bar(int(rows.size)), phase_model)
-            if phase_model and fit.backward and reach == n and store.backward_through < n:
-                # every frame is there: the backward pass over the whole series (once; again
-                # when frames were added)
-                summary.revised = _backward(fitter, store, st.bar(n, "fit (backward pass)"))
-                store.backward_through = n
-            if phase_model and fit.naming == "series" and reach == n and store.named_through < n:
+            checked = phase_model and fit.naming == "series" and reach == n
+            with _NamingBeside(fitter, store, info, rows, _fingerprint(exp, fit, info, block), checked) as beside:
+                summary.fitted = _forward(fitter, store, info, rows, block, st.bar(int(rows.size)), phase_model,
+                                          beside)
+                beside.end()
+                if phase_model and fit.backward and reach == n and store.backward_through < n:
+                    # every frame is there: the backward pass over the whole series (once; again
+                    # when frames were added)
+                    summary.revised = _backward(fitter, store, st.bar(n, "fit (backward pass)"))
+                    store.backward_through = n
+                beside.collect()
+            if checked and store.named_through < n:
                 summary.naming = _naming(fitter, store, info, block, st, _fingerprint(exp, fit, info, block))
                 store.named_through = n
         _count(summary, read_peak_table(exp.run.run_file), RunPaths.of(exp))
@@ -192,26 +197,110 @@ def _zero_text(fitter, found: tuple[float, float], frames: int) -> str:
     return f"{value}, estimated {where}"
 
 
-def _forward(fitter, store: PeakStore, info: RunInfo, rows: np.ndarray, block: int, bar, phase_model: bool) -> int:
-    """Fit ``rows`` in order, block by block, into the store; the number of frames fitted."""
-    status, fitted = info.status, 0
+def _forward(fitter, store: PeakStore, info: RunInfo, rows: np.ndarray, block: int, bar, phase_model: bool,
+             beside: "_NamingBeside | None" = None) -> int:
+    """Fit ``rows`` in order, block by block, into the store; the number of frames fitted.
+    ``beside``: the naming check's second run, fitted beside this one where it starts."""
+    fitted = 0
     for start, chunk in _blocks(rows, block):
         # start values come from the results before the block's fixed start only (the
         # phase model: from the frame before the first one to fit), so a resumed,
         # interrupted or live run fits every frame exactly as one straight run
         fitter.resume(store.stored(int(chunk[0]) if phase_model else start))
-        a, b = int(chunk[0]), int(chunk[-1]) + 1
-        intensity, sigma = store.read_patterns(a, b)
-        pick = chunk - a
-        reasons = [("frame not integrated: " + str(info.message[r])) if status[r] == FAILED else "" for r in chunk]
+        inputs = _block_inputs(store, info, chunk)
         kw = {"progress": bar} if phase_model else {}
-        table = fitter.fit_block(intensity[pick], sigma[pick], frame=chunk, time_s=info.time_s[chunk],
-                                 usable=status[chunk] != FAILED, reasons=reasons, **kw)
+        if beside is not None and beside.wanted:
+            kw["on_named"] = lambda p, q: beside.named(p, q, inputs)
+        table = fitter.fit_block(inputs[1], inputs[2], frame=chunk, time_s=inputs[3], usable=inputs[4],
+                                 reasons=inputs[5], **kw)
         store.write(chunk, table.values, table.present, table.success, table.redchi, table.message, table.phase)
+        if beside is not None:
+            beside.after(inputs)
         fitted += chunk.size
         if not phase_model:
             bar.update(chunk.size)
     return fitted
+
+
+def _block_inputs(store: PeakStore, info: RunInfo, chunk: np.ndarray) -> tuple:
+    """What a block of rows ``chunk`` is fitted from: (frames, intensity, sigma, time_s, usable,
+    reasons)."""
+    status = info.status
+    a, b = int(chunk[0]), int(chunk[-1]) + 1
+    intensity, sigma = store.read_patterns(a, b)
+    pick = chunk - a
+    reasons = [("frame not integrated: " + str(info.message[r])) if status[r] == FAILED else "" for r in chunk]
+    return chunk, intensity[pick], sigma[pick], info.time_s[chunk], status[chunk] != FAILED, reasons
+
+
+class _NamingBeside:
+    """The naming check's second run (:func:`_naming`), fitted beside the first one's forward
+    pass on a second core: where that pass, started at the run's first frame, names lines by
+    the typed cells in its first block (``fit_block``'s ``on_named``), a child forked then
+    (:class:`~xrdpipe.phasefit.ahead.StreamedRun`) fits the series with the other name, block by
+    block as this process reads them, and its tables go into ``/entry/peaks_other_naming``
+    under the settings :func:`_naming` would give that group. :func:`_naming` then finds those
+    rows done and goes on from there (its backward pass, its verdict); where it asks for
+    another pair, the group is started again, as before. The same numbers as the second run
+    fitted afterwards (tested). Not where the check is not to run now, on one worker, or on a
+    run resumed past its first frame (the second run is then fitted afterwards)."""
+
+    def __init__(self, fitter, store: PeakStore, info: RunInfo, rows: np.ndarray, fingerprint: dict, checked: bool):
+        from ..phasefit.ahead import StreamedRun, available
+
+        self.fitter, self.store, self.fingerprint = fitter, store, fingerprint
+        self.wanted = bool(checked and rows.size and rows[0] == 0 and available(fitter.model.threads)
+                           and np.array_equal(rows, np.arange(rows.size)))
+        self.run = StreamedRun()
+        self.other: PeakStore | None = None
+        self._first_block: np.ndarray | None = None
+
+    def named(self, p: int, q: int, inputs: tuple) -> None:
+        """``on_named`` of the first run's forward pass: fork the second run at the first frame
+        named, if it is in the run's first block."""
+        if not self.wanted:
+            return
+        self.wanted = False
+        if inputs[0][0] != 0:
+            return
+        other = self.store.other_naming(_other_fingerprint(self.fingerprint, self.fitter.phase_names, p, q, q))
+        if other.done.any():            # (a check under way: it resumes afterwards)
+            return
+        if self.run.start(self.fitter.other_naming(p, q), inputs):
+            self.other, self._first_block = other, inputs[0]
+
+    def after(self, inputs: tuple) -> None:
+        """After each block of the first run: the block to the second run (the one it was forked
+        with aside), and what came back into the store."""
+        if self.other is None:
+            return
+        if inputs[0] is not self._first_block:
+            self.run.send(inputs)
+        self._write(self.run.tables())
+
+    def end(self) -> None:
+        if self.other is not None:
+            self.run.end()
+
+    def collect(self) -> None:
+        """Every table still to come, into the store; the child ended."""
+        if self.other is not None:
+            self._write(self.run.tables(wait=True))
+
+    def _write(self, tables) -> None:
+        for frames, t in tables:
+            self.other.write(frames, t.values, t.present, t.success, t.redchi, t.message, t.phase)
+
+    def __enter__(self) -> "_NamingBeside":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.run.close()
+
+
+def _other_fingerprint(fingerprint: dict, names, p: int, q: int, named: int) -> dict:
+    """The settings of ``/entry/peaks_other_naming`` for the pair ``p``, ``q`` with ``named``'s name."""
+    return {**fingerprint, "naming": {"phases": [names[i] for i in sorted((p, q))], "named": names[named]}}
 
 
 def _backward(fitter, store: PeakStore, bar) -> int:
@@ -242,10 +331,9 @@ def _naming(fitter, store: PeakStore, info: RunInfo, block: int, st, fingerprint
         return ""
     row, p, q = tie
     names = fitter.phase_names
-    pair = sorted((p, q))
 
     def other_fingerprint(named: int) -> dict:
-        return {**fingerprint, "naming": {"phases": [names[i] for i in pair], "named": names[named]}}
+        return _other_fingerprint(fingerprint, names, p, q, named)
 
     other_fitter = fitter.other_naming(p, q)
     other = store.other_naming(other_fingerprint(q))
