@@ -396,3 +396,27 @@ def test_a_second_run_beside_the_first_is_taken_only_for_its_pair_and_when_it_su
         assert run.result(*asked) == expect
         assert run.missed.startswith(missed), run.missed
     assert AheadRun(_pair_sum).result(1, 2) is None        # never started
+
+
+def _available_here(queue):
+    from xrdpipe.phasefit.ahead import available
+
+    queue.put(available(2))
+
+
+def test_no_second_run_inside_a_pool_worker():
+    """A daemonic process (a pool's worker: a user may fit series in one) may have no children:
+    the second run is then fitted afterwards, not forked."""
+    import multiprocessing
+
+    from xrdpipe.phasefit.ahead import available
+
+    if not available(2):
+        pytest.skip("no fork here")
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    worker = ctx.Process(target=_available_here, args=(queue,), daemon=True)
+    worker.start()
+    assert queue.get(timeout=60) is False
+    worker.join()
+    assert not available(1)

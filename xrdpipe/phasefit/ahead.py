@@ -35,8 +35,10 @@ __all__ = ["AheadRun", "StreamedRun", "available"]
 
 
 def available(workers: int) -> bool:
-    """Whether a second run can be fitted beside the first: Linux (fork), ``workers`` >= 2."""
-    return workers >= 2 and sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+    """Whether a second run can be fitted beside the first: Linux (fork), ``workers`` >= 2, and
+    not inside a daemonic process (a pool's worker), which may have no children."""
+    return (workers >= 2 and sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+            and not multiprocessing.current_process().daemon)
 
 
 class AheadRun:
