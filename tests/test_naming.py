@@ -173,24 +173,32 @@ def test_a_fitter_for_the_other_naming_fits_the_first_frame_itself():
     assert got.phase["phase_present"][0, p2] and not got.phase["phase_present"][0, pp2]
 
 
+def _tie_experiment(folder, n_frames: int):
+    """A P2 -> P''2 charge of ``n_frames`` 2D frames, integrated, whose first lines P''2's search
+    fits a little better than P2's (the experiment and its synthetic truth)."""
+    from xrdpipe.config import load_experiment
+    from xrdpipe.run.integrate import integrate_experiment
+    from xrdpipe.testing import make_experiment
+
+    dif = Difficulty(start_error=((-0.01, -0.02), (-0.005, -0.01)), separation_fwhm=1.0, broadening=1.6,
+                     intensity_jitter=0.3, hard_windows=True, seed=202)
+    syn = make_experiment(folder / "exp", scenario="mcm", n_frames=n_frames, n_rest=0, frac_charge=1.0, counts=0.05,
+                          background=300.0, seed=212, difficulty=dif)
+    exp = load_experiment(syn.experiment_file)
+    integrate_experiment(exp, progress=False)
+    return syn, exp
+
+
 def test_the_naming_check_through_the_run_file(tmp_path):
     """2D frames, through the run file: P2's first lines fit P''2's search a little better than
     P2's (the Al line not yet explained inflates both chi-squares: 6,245,618 against 6,247,083),
     so P''2 took them with no tie seen, and kept them until P2's end (presence 0.55). The check
     fits the series again with P2 there in ``/entry/peaks_other_naming`` and takes that run; the
     group's settings stay the run's, so a second ``xrdpipe fit`` does nothing again."""
-    from xrdpipe.config import load_experiment
     from xrdpipe.run.fit import fit_experiment
-    from xrdpipe.run.integrate import integrate_experiment
     from xrdpipe.run.peakstore import read_peak_table
-    from xrdpipe.testing import make_experiment
 
-    dif = Difficulty(start_error=((-0.01, -0.02), (-0.005, -0.01)), separation_fwhm=1.0, broadening=1.6,
-                     intensity_jitter=0.3, hard_windows=True, seed=202)
-    syn = make_experiment(tmp_path / "exp", scenario="mcm", n_frames=40, n_rest=0, frac_charge=1.0, counts=0.05,
-                          background=300.0, seed=212, difficulty=dif)
-    exp = load_experiment(syn.experiment_file)
-    integrate_experiment(exp, progress=False)
+    syn, exp = _tie_experiment(tmp_path, 40)
     summary = fit_experiment(exp, progress=False)
     assert "are now P2's, not P''2's" in summary.naming, summary.naming
     table = read_peak_table(exp.run.run_file)
@@ -218,18 +226,10 @@ def test_the_second_naming_fitted_beside_the_first_through_the_run_file(tmp_path
     a second process that fails leaves the rest to be fitted afterwards, to the same end."""
     import shutil
 
-    from xrdpipe.config import load_experiment
     from xrdpipe.phasefit import ahead
     from xrdpipe.run.fit import fit_experiment
-    from xrdpipe.run.integrate import integrate_experiment
-    from xrdpipe.testing import make_experiment
 
-    dif = Difficulty(start_error=((-0.01, -0.02), (-0.005, -0.01)), separation_fwhm=1.0, broadening=1.6,
-                     intensity_jitter=0.3, hard_windows=True, seed=202)
-    syn = make_experiment(tmp_path / "exp", scenario="mcm", n_frames=24, n_rest=0, frac_charge=1.0, counts=0.05,
-                          background=300.0, seed=212, difficulty=dif)
-    exp = load_experiment(syn.experiment_file)
-    integrate_experiment(exp, progress=False)
+    syn, exp = _tie_experiment(tmp_path, 24)
     run = exp.run.run_file
     integrated = tmp_path / "integrated.nxs"
     shutil.copy(run, integrated)

@@ -110,9 +110,7 @@ class AheadRun:
         if conn is not None:
             conn.close()
         if proc is not None:
-            if proc.is_alive():
-                proc.terminate()
-            proc.join()
+            _end(proc)
             proc.close()
 
     def __enter__(self) -> "AheadRun":
@@ -128,6 +126,13 @@ def _fork(proc) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*multi-threaded.*fork", category=DeprecationWarning)
         proc.start()
+
+
+def _end(proc) -> None:
+    """A child ended: stopped if still running (its result no longer wanted), then reaped."""
+    if proc.is_alive():
+        proc.terminate()
+    proc.join()
 
 
 def _child(compute: Callable[[int, int], Any], pair: tuple[int, int], conn) -> None:
@@ -244,9 +249,7 @@ class StreamedRun:
         if send is not None:
             send.close()
         if proc is not None:
-            if proc.is_alive():
-                proc.terminate()
-            proc.join()
+            _end(proc)
         if receiver is not None:
             receiver.join(10)
         if proc is not None:
