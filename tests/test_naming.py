@@ -278,6 +278,18 @@ def test_the_second_naming_fitted_beside_the_first_through_the_run_file(tmp_path
     assert runs[-1].missed == "the second process failed: RuntimeError: a crash", runs[-1].missed
     for name in beside:
         np.testing.assert_array_equal(crashed[name], after[name], err_msg=name)
+    # a check that, after the backward pass, has nothing to check: the group fitted beside is
+    # not left in the run file (fitted afterwards, there would be none)
+    monkeypatch.setattr(PhaseFitter, "fit_block", fit_block)
+    from xrdpipe.phasefit import fitter as phase_fitter
+
+    monkeypatch.setattr(phase_fitter, "first_tie", lambda named: None)
+    shutil.copy(integrated, run)
+    assert fit_experiment(exp.model_copy(update={"fit": exp.fit.model_copy(update={"block_frames": 16})}),
+                          progress=False).naming == ""
+    assert started == [True, True, True] and written[-2:] == [0, 16], written
+    with h5py.File(run, "r") as h5:
+        assert "peaks_other_naming" not in h5["entry"] and h5["entry/peaks"].attrs["named_through"] == 24
 
 
 def test_frames_added_later_extend_both_runs_as_a_straight_run_would(tmp_path):
@@ -349,8 +361,8 @@ def test_the_second_naming_fitted_beside_the_first_gives_the_same_table(monkeypa
     taken = []
     result = ahead.AheadRun.result
 
-    def spied(self, p, q):
-        got = result(self, p, q)
+    def spied(self, p, q, wait_s=None):
+        got = result(self, p, q, wait_s)
         taken.append((self.pair, got is not None, self.missed))
         return got
 
@@ -378,24 +390,138 @@ def _dies(p, q):
     os._exit(3)
 
 
+def _hangs(p, q):
+    import time
+    time.sleep(600)
+
+
+def _warns(p, q):
+    import warnings
+    warnings.warn(f"frame {p}: a fit that failed", RuntimeWarning)
+    return p * q
+
+
 @pytest.mark.parametrize("compute, asked, expect, missed", [
     (_pair_sum, (1, 2), 3, ""),
     (_pair_sum, (2, 1), None, "started for phases (1, 2), the check is of (2, 1)"),
     (_fails, (1, 2), None, "the second process failed: RuntimeError: no fit for 1, 2"),
     (_dies, (1, 2), None, "the second process ended without a result (exit code 3"),
+    (_hangs, (1, 2), None, "the second process gave no result within 2 s: ended"),
 ])
 def test_a_second_run_beside_the_first_is_taken_only_for_its_pair_and_when_it_succeeded(compute, asked, expect, missed):
+    import time
+
     from xrdpipe.phasefit.ahead import AheadRun, available
 
     if not available(2):
         pytest.skip("no fork here")
+    t0 = time.monotonic()
     with AheadRun(compute) as run:
         run.start(1, 2)
         run.start(3, 4)                 # (once: the first pair stays)
         assert run.pair == (1, 2)
-        assert run.result(*asked) == expect
+        assert run.result(*asked, wait_s=2.0) == expect
         assert run.missed.startswith(missed), run.missed
+    assert time.monotonic() - t0 < 20   # (a child that hangs is waited for 2 s, then ended)
     assert AheadRun(_pair_sum).result(1, 2) is None        # never started
+
+
+def test_the_warnings_of_a_second_run_are_given_by_the_first():
+    """A warning of the second run (a frame that failed) reaches the caller as if the run had
+    been fitted in the caller's process: its filters and captures see it."""
+    from xrdpipe.phasefit.ahead import AheadRun, available
+
+    if not available(2):
+        pytest.skip("no fork here")
+    with AheadRun(_warns) as run:
+        run.start(3, 4)
+        with pytest.warns(RuntimeWarning, match="frame 3: a fit that failed"):
+            assert run.result(3, 4) == 12
+
+
+def test_a_second_run_ends_with_its_parent(tmp_path):
+    """The parent killed (SIGKILL: nothing of its own runs), the child forked for the second run
+    ends too, rather than fitting on alone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from xrdpipe.phasefit.ahead import available
+
+    if not available(2):
+        pytest.skip("no fork here")
+    script = tmp_path / "parent.py"
+    script.write_text("import time\n"
+                      "from xrdpipe.phasefit.ahead import AheadRun\n"
+                      "def slow(p, q):\n"
+                      "    time.sleep(600)\n"
+                      "run = AheadRun(slow)\n"
+                      "run.start(1, 2)\n"
+                      "print(run._proc.pid, flush=True)\n"
+                      "time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    os.kill(child, 0)                   # (running)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait(30)
+    for _ in range(100):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the child outlived its parent")
+
+
+class _SlowFitter:
+    """A stand-in fitter for :class:`~xrdpipe.phasefit.ahead.StreamedRun`: fits its first block,
+    then hangs."""
+
+    def resume(self, stored):
+        pass
+
+    def fit_block(self, intensity, sigma, *, frame, **kw):
+        import time
+
+        from xrdpipe.peaks import PeakTable
+
+        if frame[0] > 0:
+            time.sleep(600)
+        n = len(frame)
+        table = PeakTable(frame, np.zeros(n), ("w",), (), {}, np.zeros((n, 0), bool), np.ones((n, 1), bool),
+                          np.ones((n, 1)), np.full((n, 1), "", object))
+        table.phase = {"phase_cell": np.zeros((n, 1, 6))}
+        return table
+
+
+def test_a_second_run_through_the_run_file_that_hangs_is_ended():
+    """The run file's second run (StreamedRun) whose child stops taking frames: the parent waits
+    at most the time it is given, ends the child, keeps the tables that came back, and goes on."""
+    import time
+
+    from xrdpipe.phasefit.ahead import StreamedRun, available
+
+    if not available(2):
+        pytest.skip("no fork here")
+
+    def block(start: int):
+        frames = np.arange(start, start + 4)
+        big = np.ones((4, 40_000))                     # (more than a pipe holds)
+        return frames, big, big, np.zeros(4), np.ones(4, bool), [""] * 4
+
+    t0 = time.monotonic()
+    with StreamedRun() as run:
+        assert run.start(_SlowFitter(), block(0))
+        run.send(block(4), wait_s=2.0)                 # (taken: the child reads it, then hangs on it)
+        run.send(block(8), wait_s=2.0)                 # (not taken: ended)
+        assert run.missed == "the second process took no frames within 2 s: ended", run.missed
+        got = run.tables(2.0, wait=True)
+    assert [int(frames[0]) for frames, _ in got] == [0]
+    assert time.monotonic() - t0 < 30
 
 
 def _available_here(queue):

@@ -17,14 +17,21 @@ Through a run file (``xrdpipe fit``), :class:`StreamedRun`: the child never open
 and writes what comes back (:class:`xrdpipe.run.fit._NamingBeside`).
 
 Only where a process can be forked cheaply and safely: Linux, two or more workers (``[fit]
-workers``). The child fits in memory what the parent holds in memory (the patterns are shared
-by the fork, copy on write); it ignores Ctrl-C, which the parent handles by ending it. (The
-parent's threads are idle between frames when it forks, and the child makes its own.)
+workers``), not inside a daemonic process. The child fits in memory what the parent holds in
+memory (the patterns are shared by the fork, copy on write); it ignores Ctrl-C, which the parent
+handles by ending it, and it ends with the parent whatever ends that (``PR_SET_PDEATHSIG``). The
+warnings it gives are given again by the parent, where a caller's filters and captures see them.
+xrdpipe's own threads are idle between frames when it forks (the child makes its own); a host
+with threads of its own (a notebook, a GUI) could, in principle, have one holding a lock the
+child then waits for forever: so the parent never waits for the child without a limit (a
+minute and ten times its own work), and a child that has not answered by then is ended and its
+run fitted afterwards, to the same numbers.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 import sys
 import threading
@@ -39,6 +46,12 @@ def available(workers: int) -> bool:
     not inside a daemonic process (a pool's worker), which may have no children."""
     return (workers >= 2 and sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
             and not multiprocessing.current_process().daemon)
+
+
+def patience(own_seconds: float) -> float:
+    """How long the parent waits for the child (seconds), having itself spent ``own_seconds`` on
+    the like: a minute, and ten times that (the second run can take twice the first's time)."""
+    return 60.0 + 10.0 * max(float(own_seconds), 0.0)
 
 
 class AheadRun:
@@ -69,21 +82,21 @@ class AheadRun:
         self.pair = (int(p), int(q))
         ctx = multiprocessing.get_context("fork")
         receive, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_child, args=(self._compute, self.pair, send), daemon=True,
-                           name="xrdpipe-naming")
+        self._proc = ctx.Process(target=_child, args=(self._compute, self.pair, send, os.getpid()), daemon=True,
+                                 name="xrdpipe-naming")
+        self._conn = receive
         try:
-            _fork(proc)
+            self._proc.start()
         except OSError as exc:          # (no memory or process left: fitted afterwards instead)
-            receive.close()
             self.missed = f"could not start a second process: {exc}"
-            return
+            self.close()
         finally:
             send.close()
-        self._proc, self._conn = proc, receive
 
-    def result(self, p: int, q: int) -> Any | None:
-        """The child's ``compute(p, q)``; None where it was not started for this pair, or
-        failed (:attr:`missed` says why). Ends the child either way."""
+    def result(self, p: int, q: int, wait_s: float | None = None) -> Any | None:
+        """The child's ``compute(p, q)``, waiting at most ``wait_s`` seconds (None: as long as
+        it takes); None where it was not started for this pair, failed or did not answer in
+        time (:attr:`missed` says why). Ends the child either way."""
         try:
             if self._proc is None:
                 self.missed = self.missed or "not started"
@@ -91,12 +104,16 @@ class AheadRun:
             if self.pair != (int(p), int(q)):
                 self.missed = f"started for phases {self.pair}, the check is of {(int(p), int(q))}"
                 return None
+            if wait_s is not None and not self._conn.poll(wait_s):
+                self.missed = f"the second process gave no result within {wait_s:.0f} s: ended"
+                return None
             try:
-                status, payload = self._conn.recv()
+                status, payload, said = self._conn.recv()
             except (EOFError, OSError) as exc:
                 self._proc.join(10)          # (its pipe closes as it ends: its exit code follows)
                 self.missed = f"the second process ended without a result (exit code {self._proc.exitcode}, {exc!r})"
                 return None
+            _say_again(said)
             if status != "ok":
                 self.missed = f"the second process failed: {payload}"
                 return None
@@ -109,9 +126,7 @@ class AheadRun:
         proc, conn, self._proc, self._conn = self._proc, self._conn, None, None
         if conn is not None:
             conn.close()
-        if proc is not None:
-            _end(proc)
-            proc.close()
+        _end(proc)
 
     def __enter__(self) -> "AheadRun":
         return self
@@ -120,31 +135,64 @@ class AheadRun:
         self.close()
 
 
-def _fork(proc) -> None:
-    # (Python 3.12+ warns at any fork of a process with threads: this one's are idle then, and
-    # the child uses none of them)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*multi-threaded.*fork", category=DeprecationWarning)
-        proc.start()
-
-
 def _end(proc) -> None:
-    """A child ended: stopped if still running (its result no longer wanted), then reaped."""
-    if proc.is_alive():
-        proc.terminate()
-    proc.join()
+    """A child ended: stopped if still running (its result no longer wanted), then reaped (one
+    interrupted before it started has nothing to end)."""
+    if proc is None:
+        return
+    try:
+        if proc.is_alive():
+            proc.terminate()
+        proc.join()
+    except (AssertionError, ValueError):    # (never started)
+        return
+    proc.close()
 
 
-def _child(compute: Callable[[int, int], Any], pair: tuple[int, int], conn) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)     # (the parent's to handle: it ends this one)
+def _as_child(parent: int) -> None:
+    """What a child does first: Ctrl-C is the parent's to handle (it ends this one), and it
+    ends with the parent whatever ends that (SIGTERM from the kernel: Linux's
+    ``PR_SET_PDEATHSIG``; a parent already gone, at once)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)    # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _recorded():
+    """Warnings recorded in the child, to be given again by the parent (:func:`_say_again`)."""
+    box = warnings.catch_warnings(record=True)
+    return box, box.__enter__()
+
+
+def _said(caught) -> list:
+    return [(str(w.message), w.category, w.filename, w.lineno) for w in caught]
+
+
+def _say_again(said) -> None:
+    """The child's warnings, given again here (where the caller's filters and captures see them)."""
+    for message, category, filename, lineno in said or ():
+        warnings.warn_explicit(message, category, filename, lineno)
+
+
+def _child(compute: Callable[[int, int], Any], pair: tuple[int, int], conn, parent: int) -> None:
+    _as_child(parent)
+    box, caught = _recorded()
     try:
         out = ("ok", compute(*pair))
     except BaseException as exc:                     # noqa: BLE001 (reported to the parent)
         out = ("error", f"{type(exc).__name__}: {exc}")
+    box.__exit__(None, None, None)
     try:
-        conn.send(out)
+        conn.send((*out, _said(caught)))
     except Exception as exc:                         # (a result that cannot be pickled)
-        conn.send(("error", f"its result could not be sent: {type(exc).__name__}: {exc}"))
+        conn.send(("error", f"its result could not be sent: {type(exc).__name__}: {exc}", []))
     finally:
         conn.close()
 
@@ -165,6 +213,7 @@ class StreamedRun:
         self._got: list = []
         self._lock = threading.Lock()
         self._ended = False
+        self._eof = ""
         #: why the child gave no more tables ("" while it gives them)
         self.missed = ""
 
@@ -174,38 +223,38 @@ class StreamedRun:
         ctx = multiprocessing.get_context("fork")
         to_child, from_parent = ctx.Pipe(duplex=False)[::-1]
         from_child, to_parent = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_fit_blocks, args=(fitter, block, from_parent, to_parent, (to_child, from_child)),
-                           daemon=True, name="xrdpipe-naming")
+        self._proc = ctx.Process(target=_fit_blocks, daemon=True, name="xrdpipe-naming",
+                                 args=(fitter, block, from_parent, to_parent, (to_child, from_child), os.getpid()))
+        self._send = to_child
         try:
-            _fork(proc)
+            self._proc.start()
         except OSError as exc:
-            for c in (to_child, from_parent, from_child, to_parent):
-                c.close()
+            from_child.close()
             self.missed = f"could not start a second process: {exc}"
+            self.close()
             return False
-        from_parent.close()
-        to_parent.close()
-        self._proc, self._send = proc, to_child
-        self._receiver = threading.Thread(target=self._receive, args=(from_child, proc), daemon=True,
+        finally:
+            from_parent.close()
+            to_parent.close()
+        self._receiver = threading.Thread(target=self._receive, args=(from_child,), daemon=True,
                                           name="xrdpipe-naming-tables")
         self._receiver.start()
         return True
 
-    def _receive(self, conn, proc) -> None:
+    def _receive(self, conn) -> None:
         try:
             while True:
                 try:
-                    kind, frames, table = conn.recv()
+                    kind, frames, table, said = conn.recv()
                 except (EOFError, OSError) as exc:
-                    proc.join(10)
-                    self._missed(f"the second process ended without a result (exit code {proc.exitcode}, {exc!r})")
+                    self._eof = repr(exc)        # (its exit code is read once it is reaped: close)
                     return
-                if kind != "table":
-                    if kind == "error":
-                        self._missed(f"the second process failed: {frames}")
-                    return
+                if kind == "error":
+                    self._missed(f"the second process failed: {frames}")
                 with self._lock:
-                    self._got.append((frames, table))
+                    self._got.append((frames, table, said))
+                if kind != "table":
+                    return
         finally:
             conn.close()
 
@@ -213,46 +262,80 @@ class StreamedRun:
         with self._lock:
             self.missed = self.missed or why
 
-    def send(self, block: tuple) -> None:
-        """The next block, in order (waits while the child is busy with the one before)."""
+    def send(self, block: tuple, wait_s: float | None = None) -> None:
+        """The next block, in order: waits while the child is busy with the one before, at most
+        ``wait_s`` seconds (None: as long as it takes), after which the child is ended."""
         if self._send is None or self.missed:
             return
-        try:
-            self._send.send(block)
-        except (OSError, ValueError) as exc:      # (the child is gone: its tables say how far it got)
-            self._missed(f"the second process stopped taking frames: {exc!r}")
+        conn, failed = self._send, []
 
-    def end(self) -> None:
-        """No more blocks: the child sends its last table and ends."""
+        def put() -> None:
+            try:
+                conn.send(block)
+            except (OSError, ValueError, TypeError) as exc:    # (the child is gone: its tables say how far it got)
+                failed.append(exc)
+
+        sender = threading.Thread(target=put, daemon=True, name="xrdpipe-naming-frames")
+        sender.start()
+        sender.join(wait_s)
+        if sender.is_alive():
+            self._missed(f"the second process took no frames within {wait_s:.0f} s: ended")
+            self._stop()             # (its end of the pipe gone, the write fails: then closed)
+            sender.join()
+            self.close()
+        elif failed:
+            self._missed(f"the second process stopped taking frames: {failed[0]!r}")
+
+    def end(self, wait_s: float | None = None) -> None:
+        """No more blocks: the child sends its last table and ends (``wait_s``: as :meth:`send`)."""
         if self._send is not None and not self._ended:
             self._ended = True
-            try:
-                self._send.send(None)
-            except (OSError, ValueError):
-                pass
+            self.send(None, wait_s)
 
-    def tables(self, wait: bool = False) -> list:
-        """The (frames, table) that came back since the last call, in order; with ``wait``,
-        every one still to come (after :meth:`end`), and the child ended."""
+    def tables(self, wait_s: float | None = None, *, wait: bool = False) -> list:
+        """The (frames, table) that came back since the last call, in order (the child's
+        warnings given again here); with ``wait``, every one still to come (after :meth:`end`),
+        waiting at most ``wait_s`` seconds for them, and the child ended."""
         if wait and self._receiver is not None:
-            self.end()
-            self._receiver.join()
+            self.end(wait_s)
+            self._receiver.join(wait_s)
+            if self._receiver.is_alive():
+                self._missed(f"the second process gave no more tables within {wait_s:.0f} s: ended")
             self.close()
         with self._lock:
             got, self._got = self._got, []
-        return got
+        out = []
+        for frames, table, said in got:
+            _say_again(said)
+            if table is not None:
+                out.append((frames, table))
+        return out
+
+    def _stop(self) -> int | None:
+        """The child stopped if still running, and reaped: its exit code (None: never started)."""
+        proc = self._proc
+        if proc is None:
+            return None
+        try:
+            if proc.is_alive():
+                proc.terminate()
+            proc.join()
+        except (AssertionError, ValueError):    # (never started)
+            return None
+        return proc.exitcode
 
     def close(self) -> None:
         """End the child (if still running)."""
+        code = self._stop()
         send, proc, receiver = self._send, self._proc, self._receiver
         self._send = self._proc = self._receiver = None
         if send is not None:
             send.close()
-        if proc is not None:
-            _end(proc)
         if receiver is not None:
             receiver.join(10)
-        if proc is not None:
+        if self._eof:
+            self._missed(f"the second process ended without a result (exit code {code}, {self._eof})")
+        if proc is not None and code is not None:
             proc.close()
 
     def __enter__(self) -> "StreamedRun":
@@ -262,27 +345,30 @@ class StreamedRun:
         self.close()
 
 
-def _fit_blocks(fitter, block, conn_in, conn_out, parents) -> None:
+def _fit_blocks(fitter, block, conn_in, conn_out, parents, parent: int) -> None:
     import numpy as np
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _as_child(parent)
     for c in parents:            # (the parent's ends, copied by the fork: closed, so that the
         c.close()                # parent's end is seen here as the end of the blocks)
+    box, caught = _recorded()
     try:
         stored = None
         while block is not None:
             frames, intensity, sigma, time_s, usable, reasons = block
             fitter.resume(stored)
             table = fitter.fit_block(intensity, sigma, frame=frames, time_s=time_s, usable=usable, reasons=reasons)
-            conn_out.send(("table", frames, table))
+            conn_out.send(("table", frames, table, _said(caught)))
+            caught.clear()
             stored = {**table.phase, "done": np.ones(len(frames), bool)}
             block = conn_in.recv()
-        conn_out.send(("end", None, None))
+        conn_out.send(("end", None, None, _said(caught)))
     except BaseException as exc:                     # noqa: BLE001 (reported to the parent)
         try:
-            conn_out.send(("error", f"{type(exc).__name__}: {exc}", None))
+            conn_out.send(("error", f"{type(exc).__name__}: {exc}", None, _said(caught)))
         except Exception:
             pass
     finally:
+        box.__exit__(None, None, None)
         conn_out.close()
         conn_in.close()

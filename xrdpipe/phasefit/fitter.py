@@ -5,6 +5,7 @@ appeared is strong, and :func:`fit_phases` for an in-memory pattern stack."""
 from __future__ import annotations
 
 import copy
+import time
 import warnings
 from dataclasses import dataclass, fields
 from typing import Callable, Sequence
@@ -17,7 +18,7 @@ from ..crystallography import (
     parse_hkl,
 )
 from ..peaks import PEAK_FIELDS, PeakTable, WindowSetupError, concat_tables
-from .ahead import AheadRun
+from .ahead import AheadRun, patience
 from .ahead import available as ahead_available
 from .decide import _bic, _misfit, fit_frame
 from .frame import FrameResult, _Frame
@@ -797,11 +798,12 @@ def fit_phases(patterns, phases: Sequence[PhaseSpec], windows: Sequence[WindowSp
     # from then on beside this run, on a second core (ahead.py; the same numbers)
     with AheadRun(lambda p, q: series(fitter.other_naming(p, q))) as ahead:
         early = ahead.start if checked and ahead_available(fitter.model.threads) else None
+        t0 = time.monotonic()
         table = series(fitter, early)
         tie = first_tie(table.phase["phase_named"]) if checked else None
         if tie is not None:
             row, p, q = tie
-            other = ahead.result(p, q) if early is not None else None
+            other = ahead.result(p, q, patience(time.monotonic() - t0)) if early is not None else None
             if other is None:
                 other = series(fitter.other_naming(p, q))
             verdict = naming_verdict(fitter.model, table.phase, other.phase, (p, q), fit)

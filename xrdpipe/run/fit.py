@@ -123,6 +123,8 @@ def fit_experiment(exp: Experiment, *, restart: bool = False, progress: bool = T
             if checked and store.named_through < n:
                 summary.naming = _naming(fitter, store, info, block, st, _fingerprint(exp, fit, info, block))
                 store.named_through = n
+                if not summary.naming and beside.other is not None:
+                    store.drop_other_naming()   # (fitted beside, for a check that found nothing to check)
         _count(summary, read_peak_table(exp.run.run_file), RunPaths.of(exp))
     return summary
 
@@ -246,9 +248,12 @@ class _NamingBeside:
     run resumed past its first frame (the second run is then fitted afterwards)."""
 
     def __init__(self, fitter, store: PeakStore, info: RunInfo, rows: np.ndarray, fingerprint: dict, checked: bool):
-        from ..phasefit.ahead import StreamedRun, available
+        from ..phasefit.ahead import StreamedRun, available, patience
 
         self.fitter, self.store, self.fingerprint = fitter, store, fingerprint
+        self._patience = patience
+        #: when the last block of the first run ended, and the longest it took for one
+        self._since, self._block_s = 0.0, 0.0
         self.wanted = bool(checked and rows.size and rows[0] == 0 and available(fitter.model.threads)
                            and np.array_equal(rows, np.arange(rows.size)))
         self.run = StreamedRun()
@@ -268,24 +273,28 @@ class _NamingBeside:
             return
         if self.run.start(self.fitter.other_naming(p, q), inputs):
             self.other, self._first_block = other, inputs[0]
+            self._since = time.monotonic()
 
     def after(self, inputs: tuple) -> None:
         """After each block of the first run: the block to the second run (the one it was forked
-        with aside), and what came back into the store."""
+        with aside), and what came back into the store. The child is waited for at most
+        :func:`~xrdpipe.phasefit.ahead.patience` of the time this run took for its block."""
         if self.other is None:
             return
+        now = time.monotonic()
+        self._block_s, self._since = max(self._block_s, now - self._since), now
         if inputs[0] is not self._first_block:
-            self.run.send(inputs)
+            self.run.send(inputs, self._patience(self._block_s))
         self._write(self.run.tables())
 
     def end(self) -> None:
         if self.other is not None:
-            self.run.end()
+            self.run.end(self._patience(self._block_s))
 
     def collect(self) -> None:
         """Every table still to come, into the store; the child ended."""
         if self.other is not None:
-            self._write(self.run.tables(wait=True))
+            self._write(self.run.tables(self._patience(2 * self._block_s), wait=True))
 
     def _write(self, tables) -> None:
         for frames, t in tables:

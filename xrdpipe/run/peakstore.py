@@ -93,6 +93,14 @@ class PeakStore(Writer):
         other._grow(self.done.size)
         return other
 
+    def drop_other_naming(self) -> None:
+        """``/entry/peaks_other_naming`` removed (a second run fitted for a check that, in the
+        end, had nothing to check)."""
+        entry = self._h5[ENTRY]
+        if PEAKS_OTHER in entry:
+            del entry[PEAKS_OTHER]
+        self.maybe_flush()
+
     def take(self, other: "PeakStore", other_fingerprint: dict[str, Any]) -> None:
         """The results of ``other`` (:meth:`other_naming`) become this group's, and this
         group's become ``other``'s (whose fingerprint is then ``other_fingerprint``: the name it
