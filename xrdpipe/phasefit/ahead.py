@@ -38,7 +38,7 @@ import threading
 import warnings
 from typing import Any, Callable
 
-__all__ = ["AheadRun", "StreamedRun", "available"]
+__all__ = ["AheadRun", "StreamedRun", "available", "patience"]
 
 
 def available(workers: int) -> bool:
