@@ -274,6 +274,8 @@ class _NamingBeside:
         if self.run.start(self.fitter.other_naming(p, q), inputs):
             self.other, self._first_block = other, inputs[0]
             self._since = time.monotonic()
+        else:                           # (no process to be had: the group is made afterwards if needed)
+            self.store.drop_other_naming()
 
     def after(self, inputs: tuple) -> None:
         """After each block of the first run: the block to the second run (the one it was forked
