@@ -11,6 +11,7 @@ whole line tails) on which the first frame's name was wrong: without the check p
 import h5py
 import numpy as np
 import pytest
+from table_checks import same_tables
 
 from xrdpipe.config import FitSpec, LatticeSpec
 from xrdpipe.lattice import refine_lattice
@@ -335,17 +336,6 @@ def test_frames_added_later_extend_both_runs_as_a_straight_run_would(tmp_path):
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
-def _tables_equal(a, b) -> None:
-    """Two peak tables equal array by array, bit for bit (NaN equal to NaN)."""
-    for name in a.values:
-        np.testing.assert_array_equal(a.values[name], b.values[name], err_msg=name)
-    for name in ("present", "success", "redchi", "message"):
-        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
-    assert a.phase.keys() == b.phase.keys()
-    for name in a.phase:
-        np.testing.assert_array_equal(a.phase[name], b.phase[name], err_msg=name)
-
-
 def test_the_second_naming_fitted_beside_the_first_gives_the_same_table(monkeypatch):
     """The naming check's second run, forked where the forward pass names the first lines and
     fitted beside the first run (``phasefit/ahead.py``), is taken, and the table is the one the
@@ -374,7 +364,7 @@ def test_the_second_naming_fitted_beside_the_first_gives_the_same_table(monkeypa
     after = fit_phases(series.as_patterns(), phases, windows, FitSpec(workers=2))
     assert len(taken) == 1
     assert "by the whole-series naming check" in after.phase["phase_decision"][0][names.index("P2")]
-    _tables_equal(beside, after)
+    same_tables(beside, after, rows=True)
 
 
 def _pair_sum(p, q):

@@ -4,6 +4,7 @@ not), and the least squares that may not stop before its first step."""
 
 import numpy as np
 import pytest
+from table_checks import same_tables
 
 from xrdpipe.batchfit import least_squares_batch
 from xrdpipe.config import FitSpec, LatticeSpec
@@ -326,22 +327,7 @@ def test_search_windows_on_two_threads_give_the_same_numbers(monkeypatch):
     assert most[0] == 2 and len(pairs) >= 4, (most, pairs)
     assert ("xrdpipe-rows", 2) in lm_threads and ("MainThread", 1) in lm_threads, set(lm_threads)
     assert one.phase["phase_present"][:, [p.name for p in phases].index("P3")].any()
-    _same_tables(one, two)
-
-
-def _same_tables(one, two, rtol=0.0):
-    """The two tables' arrays equal bit for bit (``rtol`` 0), or their numbers to ``rtol`` and
-    everything else equal."""
-    def same(a, b, key):
-        a, b = np.asarray(a), np.asarray(b)
-        if a.dtype == object or not rtol or a.dtype.kind not in "fc":
-            assert (a.tobytes() == b.tobytes()) if a.dtype != object else np.array_equal(a, b), key
-        else:
-            np.testing.assert_allclose(a, b, rtol=rtol, atol=0, equal_nan=True, err_msg=key)
-    for key in one.values:
-        same(one.values[key], two.values[key], key)
-    for key, got in one.phase.items():
-        same(got, two.phase[key], key)
+    same_tables(one, two)
 
 
 def test_compiled_least_squares_iterations_take_the_same_steps(monkeypatch):
@@ -385,7 +371,7 @@ def test_compiled_least_squares_iterations_take_the_same_steps(monkeypatch):
         # Bit for bit until 2026-12-03, where NumPy's and the compiled kernels' LAPACK solved
         # alike; on a fresh install that day (NumPy 2.4.6, Numba 0.68.1, SciPy 1.17.1) they part
         # by 1e-14 a step, and the tables by up to 7.5e-9 (esds of widths, bins averaged)
-        _same_tables(compiled, plain, rtol=1e-7)
+        same_tables(compiled, plain, rtol=1e-7)
 
 
 def test_the_far_tails_kernel_sums_lines_as_numpy_does():
@@ -649,7 +635,7 @@ def test_the_runs_first_frame_is_fitted_once_for_the_zero_estimate_and_the_run(m
     calls.clear()
     twice = fit_phases(pat, phases, windows, FitSpec())
     assert len(calls) == n_once + 1
-    _same_tables(once, twice)
+    same_tables(once, twice)
 
     monkeypatch.undo()
     fitter = PhaseFitter(phases, windows, FitSpec(), radial=pat.radial, unit=pat.unit, wavelength_A=pat.wavelength_A)

@@ -135,18 +135,24 @@ class AheadRun:
         self.close()
 
 
-def _end(proc) -> None:
-    """A child ended: stopped if still running (its result no longer wanted), then reaped (one
-    interrupted before it started has nothing to end)."""
+def _stop(proc) -> int | None:
+    """A child stopped if still running (its result no longer wanted) and reaped: its exit
+    code (None: no child, or one interrupted before it started)."""
     if proc is None:
-        return
+        return None
     try:
         if proc.is_alive():
             proc.terminate()
         proc.join()
     except (AssertionError, ValueError):    # (never started)
-        return
-    proc.close()
+        return None
+    return proc.exitcode
+
+
+def _end(proc) -> None:
+    """A child stopped (:func:`_stop`) and its resources freed."""
+    if _stop(proc) is not None:
+        proc.close()
 
 
 def _as_child(parent: int) -> None:
@@ -165,12 +171,6 @@ def _as_child(parent: int) -> None:
         os._exit(1)
 
 
-def _recorded():
-    """Warnings recorded in the child, to be given again by the parent (:func:`_say_again`)."""
-    box = warnings.catch_warnings(record=True)
-    return box, box.__enter__()
-
-
 def _said(caught) -> list:
     return [(str(w.message), w.category, w.filename, w.lineno) for w in caught]
 
@@ -183,12 +183,11 @@ def _say_again(said) -> None:
 
 def _child(compute: Callable[[int, int], Any], pair: tuple[int, int], conn, parent: int) -> None:
     _as_child(parent)
-    box, caught = _recorded()
-    try:
-        out = ("ok", compute(*pair))
-    except BaseException as exc:                     # noqa: BLE001 (reported to the parent)
-        out = ("error", f"{type(exc).__name__}: {exc}")
-    box.__exit__(None, None, None)
+    with warnings.catch_warnings(record=True) as caught:     # (given again by the parent)
+        try:
+            out = ("ok", compute(*pair))
+        except BaseException as exc:                 # noqa: BLE001 (reported to the parent)
+            out = ("error", f"{type(exc).__name__}: {exc}")
     try:
         conn.send((*out, _said(caught)))
     except Exception as exc:                         # (a result that cannot be pickled)
@@ -280,7 +279,7 @@ class StreamedRun:
         sender.join(wait_s)
         if sender.is_alive():
             self._missed(f"the second process took no frames within {wait_s:.0f} s: ended")
-            self._stop()             # (its end of the pipe gone, the write fails: then closed)
+            _stop(self._proc)        # (its end of the pipe gone, the write fails: then closed)
             sender.join()
             self.close()
         elif failed:
@@ -311,22 +310,9 @@ class StreamedRun:
                 out.append((frames, table))
         return out
 
-    def _stop(self) -> int | None:
-        """The child stopped if still running, and reaped: its exit code (None: never started)."""
-        proc = self._proc
-        if proc is None:
-            return None
-        try:
-            if proc.is_alive():
-                proc.terminate()
-            proc.join()
-        except (AssertionError, ValueError):    # (never started)
-            return None
-        return proc.exitcode
-
     def close(self) -> None:
         """End the child (if still running)."""
-        code = self._stop()
+        code = _stop(self._proc)
         send, proc, receiver = self._send, self._proc, self._receiver
         self._send = self._proc = self._receiver = None
         if send is not None:
@@ -351,24 +337,24 @@ def _fit_blocks(fitter, block, conn_in, conn_out, parents, parent: int) -> None:
     _as_child(parent)
     for c in parents:            # (the parent's ends, copied by the fork: closed, so that the
         c.close()                # parent's end is seen here as the end of the blocks)
-    box, caught = _recorded()
-    try:
-        stored = None
-        while block is not None:
-            frames, intensity, sigma, time_s, usable, reasons = block
-            fitter.resume(stored)
-            table = fitter.fit_block(intensity, sigma, frame=frames, time_s=time_s, usable=usable, reasons=reasons)
-            conn_out.send(("table", frames, table, _said(caught)))
-            caught.clear()
-            stored = {**table.phase, "done": np.ones(len(frames), bool)}
-            block = conn_in.recv()
-        conn_out.send(("end", None, None, _said(caught)))
-    except BaseException as exc:                     # noqa: BLE001 (reported to the parent)
+    with warnings.catch_warnings(record=True) as caught:     # (given again by the parent)
         try:
-            conn_out.send(("error", f"{type(exc).__name__}: {exc}", None, _said(caught)))
-        except Exception:
-            pass
-    finally:
-        box.__exit__(None, None, None)
-        conn_out.close()
-        conn_in.close()
+            stored = None
+            while block is not None:
+                frames, intensity, sigma, time_s, usable, reasons = block
+                fitter.resume(stored)
+                table = fitter.fit_block(intensity, sigma, frame=frames, time_s=time_s, usable=usable,
+                                         reasons=reasons)
+                conn_out.send(("table", frames, table, _said(caught)))
+                caught.clear()
+                stored = {**table.phase, "done": np.ones(len(frames), bool)}
+                block = conn_in.recv()
+            conn_out.send(("end", None, None, _said(caught)))
+        except BaseException as exc:                 # noqa: BLE001 (reported to the parent)
+            try:
+                conn_out.send(("error", f"{type(exc).__name__}: {exc}", None, _said(caught)))
+            except Exception:
+                pass
+        finally:
+            conn_out.close()
+            conn_in.close()
