@@ -14,7 +14,9 @@ from .integration import csc_sums, split_count, split_fill
 from .lz4 import LZ4_REASONS, lz4_blocks_problem
 from .phase import (
     add_lines,
+    add_lines_reach,
     centre_derivs,
+    free_shifts,
     odd_about_lines,
     phase_lm,
     phase_normal,
@@ -39,5 +41,5 @@ from .refine import (
 
 __all__ = ["csc_sums", "pv_profiles", "profile_columns", "tail_matvec", "tail_rmatvec", "tail_columns",
            "reflection_geometry", "tch_widths", "profile_matvec", "profile_rmatvec", "lebail_cycle",
-           "lz4_blocks_problem", "LZ4_REASONS", "split_count", "split_fill", "phase_value_jac", "phase_normal", "phase_normal_rows", "phase_lm", "add_lines", "window_trials",
-           "radial_positions", "centre_derivs", "damped_systems", "take_steps", "odd_about_lines", "windows_linear"]
+           "lz4_blocks_problem", "LZ4_REASONS", "split_count", "split_fill", "phase_value_jac", "phase_normal", "phase_normal_rows", "phase_lm", "add_lines", "add_lines_reach", "window_trials",
+           "radial_positions", "centre_derivs", "free_shifts", "damped_systems", "take_steps", "odd_about_lines", "windows_linear"]

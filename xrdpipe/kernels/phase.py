@@ -892,3 +892,58 @@ def odd_about_lines(x, r, valid, cen, width, reach, out, counts):  # pragma: no 
             out[pos] = (r[u] - (s * r[j] + t * r[j + 1])) / 2 / math.sqrt((1 + t * t + s * s) / 4)
             pos += 1
             counts[k] += 1
+
+
+@_kernel
+def free_shifts(hkl, row, tied, values, wavelength, unit, displacement, out):  # pragma: no cover - compiled
+    """How far reflections ``hkl`` (n, 3) of one phase move on the run's axis per unit of each
+    of its free cell parameters, ``out`` (f, n): central differences with the step 1e-4 times
+    the parameter (at least 1e-4), the parameters its crystal system ties to each (``tied``
+    (f, 6)) moving with it. ``row`` (6,): the full cell with the system's constants; the free
+    parameters at ``values`` (f,). The numbers of
+    :meth:`xrdpipe.phasefit.PhaseModel.shifted_cells` placed by :func:`radial_positions`
+    (zero shift 0), then ``abs(up - down) / (2 h)``."""
+    f = values.size
+    cell = np.empty(6)
+    for k in range(f):
+        a = abs(values[k])
+        h = 1e-4 * (1.0 if 1.0 > a else a)
+        for n in range(hkl.shape[0]):
+            pos_up = 0.0
+            pos_dn = 0.0
+            for side in range(2):
+                for j in range(6):
+                    cell[j] = row[j]
+                    for q in range(f):
+                        if tied[q, j]:
+                            cell[j] = values[q]
+                    if tied[k, j]:
+                        cell[j] = values[k] + h if side == 0 else values[k] - h
+                ca, cb, cg, sa, sb, sg, vol2 = _angle_terms(cell[3], cell[4], cell[5])
+                d = _d_spacing(hkl[n, 0], hkl[n, 1], hkl[n, 2], cell[0], cell[1], cell[2], ca, cb, cg, sa, sb, sg, vol2)
+                pos = _position_of_d(d, 0.0, wavelength, unit, displacement)
+                if side == 0:
+                    pos_up = pos
+                else:
+                    pos_dn = pos
+            out[k, n] = abs(pos_up - pos_dn) / (2 * h)
+
+
+@_kernel
+def add_lines_reach(x, win_lo, win_hi, reach, cen, fw, area, eta, out):  # pragma: no cover - compiled
+    """:func:`add_lines` in every window ``w`` (points ``win_lo[w]:win_hi[w]`` of ``x`` and
+    ``out``, the concatenated windows) of the lines ``reach[:, w]`` (L, W) picks, in their order:
+    one call for what a call per window does (the same numbers)."""
+    n_lines = cen.size
+    sel_c = np.empty(n_lines)
+    sel_f = np.empty(n_lines)
+    sel_a = np.empty(n_lines)
+    sel_e = np.empty(n_lines)
+    for w in range(win_lo.size):
+        n = 0
+        for i in range(n_lines):
+            if reach[i, w]:
+                sel_c[n], sel_f[n], sel_a[n], sel_e[n] = cen[i], fw[i], area[i], eta[i]
+                n += 1
+        if n:
+            add_lines(x[win_lo[w]:win_hi[w]], sel_c[:n], sel_f[:n], sel_a[:n], sel_e[:n], out[win_lo[w]:win_hi[w]])

@@ -1091,7 +1091,7 @@ def _lines_missing(m: PhaseModel, areas: np.ndarray, inner: np.ndarray, p: int, 
     did not determine) is not shown either: where the data do not place it, its area is
     whatever lies there (another phase's Voigt tail under P''2's (002) while its (100) took an
     impurity's line)."""
-    listed = np.flatnonzero(m.r_listed & (m.r_phase == p) & m.r_has_data)
+    listed = m.listed_of[p]
     shown = int(np.count_nonzero(_shown(m, areas, inner, p, area_err, held)[listed]))
     if listed.size >= 2 and shown < (listed.size + 1) // 2:
         return f"absent: no line at {listed.size - shown} of its {listed.size} listed reflections"
@@ -1103,7 +1103,7 @@ def _shown(m: PhaseModel, areas: np.ndarray, inner: np.ndarray, p: int, area_err
     """(R,) the listed lines of phase ``p`` (with data) shown in a fit (:func:`_lines_missing`):
     inside their window, an area above :data:`_SHOWN_Z` esds (above 0 where it has none), and
     placed by a cell parameter not ``held``."""
-    listed = np.flatnonzero(m.r_listed & (m.r_phase == p) & m.r_has_data)
+    listed = m.listed_of[p]
     err = area_err[listed]
     above = np.where(np.isfinite(err), areas[listed] > _SHOWN_Z * err, areas[listed] > 0)
     fixed = [_CELL_INDEX[n] for n, c in zip(m.free[p], m.cell_cols[p]) if c in held]
@@ -1122,7 +1122,7 @@ def _unlike(m: PhaseModel, st: PhaseState, areas: np.ndarray, inner: np.ndarray,
     ref = None if st.ref_area is None else st.ref_area[p]
     if ref is None or not m.phases[p].fraction:
         return ""
-    mine = np.array([areas[(m.r_phase == p) & (m.r_window == w)].sum() for w in range(m.W)])
+    mine = np.array([areas[m._refl_of[p][w]].sum() for w in range(m.W)])
     use = np.isfinite(ref) & (ref > 0) & np.array([bool(((m.r_phase == p) & (m.r_window == w) & inner).any())
                                                    for w in range(m.W)])
     if use.sum() < 2 or mine[use].sum() <= 0:
@@ -1202,7 +1202,7 @@ def _gain(m: PhaseModel, p: int, chi2_with: float, chi2_without: float, n_valid:
 
 def _n_params(m: PhaseModel, p: int) -> int:
     """Parameters a phase adds: its free cell, widths per window, eta and areas."""
-    return len(m.free[p]) + int(m.has[p].sum()) + 1 + int(np.count_nonzero(m.r_phase == p))
+    return m.n_params[p]
 
 
 def _adopt(m: PhaseModel, st: PhaseState, theta: np.ndarray, phases: Sequence[int]) -> None:

@@ -151,22 +151,51 @@ class PhaseFitter:
             some = np.flatnonzero(usable)[:ZERO_FRAMES]
             self.estimate_zero(intensity[some], None if sigma is None else sigma[some])
         numbers = np.asarray(frame)
+        # a frame's record (its centres, d-spacings, volumes and their esds: what nothing after
+        # it reads) is made while the next frame's least squares run in two other threads
+        # (PhaseModel.idle), else before that frame is recorded: the same numbers, in the same
+        # rows, off the path from one frame to the next
+        pending: list[tuple[int, FrameResult]] = []
+        failed: list[Exception] = []
+
+        def record() -> None:
+            while pending:
+                self._record(*pending.pop(), values, present, success, redchi, message, ph)
+
+        def record_aside() -> None:
+            try:
+                record()
+            except Exception as exc:        # (raised again below, where the record would have)
+                failed.append(exc)
+
         with threadpool_limits(1):        # small matrices: BLAS threads only get in each other's way
-            for i in range(n):
-                if usable[i]:
-                    y, e = intensity[i, cols], None if sigma is None else sigma[i, cols]
-                    res = self._first_frame(y, e)
-                    if res is None:
-                        res = _guarded(m, y, e, self.state, self.fit, f"frame {int(numbers[i])}")
-                    self._record(i, res, values, present, success, redchi, message, ph)
-                    self.state = res.state
-                    if on_named is not None and res.success and res.named is not None:
-                        on_named(*res.named)
-                else:
-                    message[i, :] = (reasons[i] if reasons is not None and reasons[i] else "frame not integrated")
-                self._store_state(i, ph)
-                if progress is not None:
-                    progress.update(1)
+            try:
+                for i in range(n):
+                    if usable[i]:
+                        y, e = intensity[i, cols], None if sigma is None else sigma[i, cols]
+                        m.idle = record_aside if pending else None
+                        try:
+                            res = self._first_frame(y, e)
+                            if res is None:
+                                res = _guarded(m, y, e, self.state, self.fit, f"frame {int(numbers[i])}")
+                        finally:
+                            m.idle = None
+                        if failed:
+                            raise failed.pop()
+                        record()
+                        pending.append((i, res))
+                        self.state = res.state
+                        if on_named is not None and res.success and res.named is not None:
+                            record()
+                            on_named(*res.named)
+                    else:
+                        message[i, :] = (reasons[i] if reasons is not None and reasons[i] else "frame not integrated")
+                    self._store_state(i, ph)
+                    if progress is not None:
+                        progress.update(1)
+                record()
+            finally:
+                m.idle = None
         table = PeakTable(np.asarray(frame), np.full(n, np.nan) if time_s is None else np.asarray(time_s, float),
                           self.windows, self.peaks, values, present, success, redchi, message)
         table.phase = ph

@@ -5,6 +5,7 @@ frame's result (:class:`FrameResult`)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -272,9 +273,9 @@ class _Frame:
         return float(np.clip(own, 2 * self.m.step, width / 6))
 
     def fwhm_of(self, p: int, w: int) -> float:
-        v = self.state.fwhm[p, w]
-        if np.isfinite(v) and v > 0:
-            return float(v)
+        v = float(self.state.fwhm[p, w])
+        if math.isfinite(v) and v > 0:
+            return v
         others = [self.state.fwhm[q, w] for q in range(self.m.P) if self.state.present[q] and q != p
                   and np.isfinite(self.state.fwhm[q, w])]
         return _median(others) if others else self.width_guess(w)
@@ -365,14 +366,12 @@ class _Frame:
 
     def fill_nonlinear(self, theta: np.ndarray, cells: np.ndarray, zero: float) -> None:
         m = self.m
+        theta[m._free_cols] = cells[m._free_at]
+        for p, w, col in m._fwhm_slots:
+            theta[col] = self.fwhm_of(p, w)
         for p in range(m.P):
-            for n, col in zip(m.free[p], m.cell_cols[p]):
-                theta[col] = cells[p, _CELL_INDEX[n]]
-            for w in range(m.W):
-                if m.fwhm_col[p, w] >= 0:
-                    theta[m.fwhm_col[p, w]] = self.fwhm_of(p, w)
-            eta = self.state.eta[p]
-            theta[m.eta_col[p]] = eta if np.isfinite(eta) else 0.5
+            eta = float(self.state.eta[p])
+            theta[m.eta_col[p]] = eta if math.isfinite(eta) else 0.5
         theta[m.zero_col] = zero
 
     # -- the search for a phase not present --------------------------------------------------

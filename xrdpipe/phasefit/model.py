@@ -6,6 +6,8 @@ constants of the tracking. See :mod:`xrdpipe.phasefit` for the whole method."""
 
 from __future__ import annotations
 
+import threading
+from concurrent import futures
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -205,6 +207,9 @@ class PhaseModel:
         self._centres_kept: dict[bytes, np.ndarray] = {}
         #: threads that solve a search's windows side by side (``[fit] workers``, else the cores)
         self.threads = fit.workers or default_workers()
+        #: work (a callable) the next least squares with nested rows does in this thread while
+        #: its rows run in two others (:meth:`iterate`): the record of the frame before; taken once
+        self.idle = None
         #: the whole-series naming check's other run (:meth:`~xrdpipe.phasefit.fitter.PhaseFitter.other_naming`):
         #: {frozenset((p, q)): r}, where lines that either of two similar phases could carry are
         #: named by their typed cells (neither seen yet), phase r takes them whichever cell is nearer
@@ -257,6 +262,8 @@ class PhaseModel:
         self._pure_windows()
         #: (R,) reflections in a window that has data points
         self.r_has_data = np.array([self.windows[w].x.size > 0 for w in self.r_window], bool)
+        #: phase q's row of reflection i's hkl in the same window, by (q, i) (:func:`~.neighbours._twin`)
+        self.twins: dict[tuple[int, int], int | None] = {}
         #: (W,) windows that have data points
         self.window_has_data = np.array([w.x.size > 0 for w in self.windows], bool)
         #: (R,) one number per reflection of a phase (its rows in every window it reaches share it)
@@ -284,6 +291,8 @@ class PhaseModel:
                         self.r_listed[self.label_index(wi, phase, hkl)] = True
                     except ValueError:
                         pass                # reported by the fitter that lists the peaks
+        #: per phase, its listed reflections in windows with data
+        self.listed_of = [np.flatnonzero(self.r_listed & (self.r_phase == p) & self.r_has_data) for p in range(self.P)]
 
     def range_distance(self, p: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """How far cells ``a`` are from ``b`` (``(..., 6)``, broadcast) for phase ``p``: the rms over
@@ -476,6 +485,26 @@ class PhaseModel:
             if self.W else np.zeros(0, int)
         self._refl_of = [[np.flatnonzero((self.r_phase == p) & (self.r_window == w)) for w in range(self.W)]
                          for p in range(self.P)]
+        #: per phase, its reflections, and the index of its cell columns' block of a covariance
+        #: (what a frame's record asks for again and again: NumPy's np.ix_ of a list costs more than
+        #: the product it indexes)
+        self._refl_of_phase = [np.flatnonzero(self.r_phase == p) for p in range(self.P)]
+        # (every phase's free cell columns and where in a (P, 6) table of cells they are; every
+        # (phase, window, width column) of a phase with a line there)
+        self._free_cols = np.array([c for cols in self.cell_cols for c in cols], np.intp)
+        at = [(p, _CELL_INDEX[n]) for p in range(self.P) for n in self.free[p]]
+        self._free_at = (np.array([a[0] for a in at], np.intp), np.array([a[1] for a in at], np.intp))
+        self._fwhm_slots = [(p, w, int(self.fwhm_col[p, w])) for p in range(self.P) for w in range(self.W)
+                            if self.fwhm_col[p, w] >= 0]
+        #: per phase, the indices (into a full cell) of its free cell parameters
+        self._free_index = [[_CELL_INDEX[n] for n in self.free[p]] for p in range(self.P)]
+        #: per phase, its reflections in windows with data (shift_per_width's, made when first asked)
+        self._with_data: dict[int, tuple] = {}
+        self._cell_block = [np.ix_(np.asarray(c, np.intp), np.asarray(c, np.intp)) for c in self.cell_cols]
+        #: per phase, the parameters it adds to a frame's model: its free cell, widths per window,
+        #: eta and areas (the presence tests' and the BIC's count)
+        self.n_params = [len(self.free[p]) + int(self.has[p].sum()) + 1 + int(np.count_nonzero(self.r_phase == p))
+                         for p in range(self.P)]
 
     def _search_order(self) -> None:
         """Per phase, its cell parameters in the order the search takes them: first the one that
@@ -564,11 +593,21 @@ class PhaseModel:
         cen = self.centres(cells[None], np.array([zero]))[0]
         if fwhm is None:
             return (cen >= self._r_lo) & (cen <= self._r_hi)
+        inner, fw = self._inner(cen, fwhm)
+        return self._fitted(cen, inner, fw) if tails else inner
+
+    def inside_both(self, cells: np.ndarray, zero: float, fwhm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`inside` without and with ``tails``, the centres placed once."""
+        cen = self.centres(cells[None], np.array([zero]))[0]
+        inner, fw = self._inner(cen, fwhm)
+        return inner, self._fitted(cen, inner, fw)
+
+    def _inner(self, cen: np.ndarray, fwhm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         fw = fwhm[self.r_phase, self.r_window]
         fw = np.where(np.isnan(fw), 0.0, fw)        # (no line there: no margin; widths are finite)
-        inner = (cen >= self._r_lo + 0.5 * fw) & (cen <= self._r_hi - 0.5 * fw)
-        if not tails:
-            return inner
+        return (cen >= self._r_lo + 0.5 * fw) & (cen <= self._r_hi - 0.5 * fw), fw
+
+    def _fitted(self, cen: np.ndarray, inner: np.ndarray, fw: np.ndarray) -> np.ndarray:
         # a reflection that is a line in no window is seen by its tails alone: fitted by them as
         # far out as it is listed (its area is measured nowhere else, and the far tails of
         # :mod:`~xrdpipe.phasefit.tails` come from lines only)
@@ -628,22 +667,28 @@ class PhaseModel:
         axis per unit of each of its free cell parameters at ``cell`` (6,), the parameters its
         crystal system ties to each moving with it (b = a in the hexagonal system): central
         differences, every parameter's in one evaluation of the positions."""
-        idx = [_CELL_INDEX[n] for n in self.free[p]]
-        h = np.array([1e-4 * max(abs(cell[i]), 1.0) for i in idx])
-        cells = self.shifted_cells(p, cell[idx], h, np.asarray(cell, float))[1:]
-        pos = self.positions(hkl, cells[:, None, :], 0.0)
-        return np.abs(pos[0::2] - pos[1::2]) / (2 * h[:, None])
+        cell = np.asarray(cell, float)
+        out = np.empty((len(self.free[p]), hkl.shape[0]))
+        kernels.free_shifts(np.asarray(hkl, float), np.where(self._has_const[p], self._cell_const[p], cell),
+                            self._tied_mask[p], cell[self._free_index[p]], float(self.wavelength_A or 0.0),
+                            int(self.unit == "q_A^-1"), self.correction == "displacement", out)
+        return out
 
     def shift_per_width(self, p: int, cell: np.ndarray, fwhm_of) -> np.ndarray:
         """(len(free[p]),) how many widths phase ``p``'s most sensitive line with data moves per
         unit of each free cell parameter at ``cell`` (6,); ``fwhm_of(w)`` is the phase's FWHM
         in window ``w`` (asked once per window with such a line). Empty: no line with data."""
-        rows = np.flatnonzero((self.r_phase == p) & self.r_has_data)
-        if not rows.size:
+        got = self._with_data.get(p)
+        if got is None:
+            rows = np.flatnonzero((self.r_phase == p) & self.r_has_data)
+            windows = self.r_window[rows].tolist()
+            got = self._with_data[p] = (rows.size, self.r_hkl[rows].astype(float), list(dict.fromkeys(windows)), windows)
+        n, hkl, distinct, windows = got
+        if not n:
             return np.empty(0)
-        widths = {w: fwhm_of(w) for w in dict.fromkeys(self.r_window[rows].tolist())}
-        fw = np.array([widths[w] for w in self.r_window[rows].tolist()])
-        return np.fmax.reduce(self.free_shifts(p, cell, self.r_hkl[rows]) / fw, axis=1)   # (nanmax, no overhead)
+        widths = {w: fwhm_of(w) for w in distinct}
+        fw = np.array([widths[w] for w in windows])
+        return np.fmax.reduce(self.free_shifts(p, cell, hkl) / fw, axis=1)   # (nanmax, no overhead)
 
     def _cell_map(self) -> None:
         """Where each of a phase's six cell parameters comes from: a free column (b = a follows a
@@ -662,6 +707,14 @@ class PhaseModel:
         self._const_at = np.nonzero(np.isfinite(self._cell_const))
         # per phase, the cell parameters each of its free columns sets (b with a: hexagonal)
         self._tied = [[np.flatnonzero(self._cell_src[p] == col) for col in self.cell_cols[p]] for p in range(self.P)]
+        self._tied_mask = [np.array([self._cell_src[p] == col for col in self.cell_cols[p]], bool).reshape(-1, 6)
+                           for p in range(self.P)]
+        self._has_const = np.isfinite(self._cell_const)
+        # (cells' indices into a flat (P * 6) row, and what goes there)
+        self._const_flat = self._const_at[0] * 6 + self._const_at[1]
+        self._const_values = self._cell_const[self._const_at]
+        self._src_flat = self._src_at[0] * 6 + self._src_at[1]
+        self._src_cols = self._cell_src[self._src_at]
 
     def shifted_cells(self, p: int, values: np.ndarray, h: np.ndarray, base: np.ndarray) -> np.ndarray:
         """(1 + 2 n, 6) full cells of phase ``p`` with its n free cell parameters at ``values``
@@ -684,8 +737,9 @@ class PhaseModel:
     def cells(self, theta: np.ndarray, base: np.ndarray) -> np.ndarray:
         """Full cells (r, P, 6) from parameter rows (r, k); ``base`` (P, 6) fills fixed values."""
         out = np.broadcast_to(base, (theta.shape[0], self.P, 6)).copy()
-        out[:, self._const_at[0], self._const_at[1]] = self._cell_const[self._const_at]
-        out[:, self._src_at[0], self._src_at[1]] = theta[:, self._cell_src[self._src_at]]
+        flat = out.reshape(theta.shape[0], self.P * 6)
+        flat[:, self._const_flat] = self._const_values
+        flat[:, self._src_flat] = theta[:, self._src_cols]
         return out
 
     def centres(self, cells: np.ndarray, zero: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
@@ -775,12 +829,14 @@ class PhaseModel:
             lower, upper = np.ascontiguousarray(lower), np.ascontiguousarray(upper)
             fixed, stop = np.ascontiguousarray(fixed), np.ascontiguousarray(stop, dtype=float)
 
-            def rows(sl: slice) -> None:
+            def rows(sl: slice, started: threading.Event | None = None) -> None:
                 # (each row's steps are its own, so rows run apart give the numbers they give
                 # together; the kernel updates its own copies, written back here)
                 part = [np.ascontiguousarray(v[sl]) for v in (p, lower, upper, fixed, stop)]
                 flags = [np.ascontiguousarray(v[sl]) for v in (moved, rise_ends)]
                 out = [np.ascontiguousarray(v[sl]) for v in (chi2, hess, n_iter, status)]
+                if started is not None:
+                    started.set()
                 kernels.phase_lm(self.x_all, self.hw_all, y, w, *lay[:9], fw_col, eta_col, a_col, *lay[9:],
                                  *geometry, *part, int(max_iter), float(xtol), cols, shape, float(weak_z),
                                  *flags, *out)
@@ -791,11 +847,28 @@ class PhaseModel:
             if n >= 2 and self.threads >= 2:
                 # the nested rows (the presence tests') on a second core beside the first row: the
                 # kernel runs without the GIL
-                nested = lasting_pool(1, "xrdpipe-rows").submit(rows, slice(1, n))
-                try:
-                    rows(slice(0, 1))
-                finally:
-                    nested.result()         # (never left writing into a call that raised)
+                pool = lasting_pool(2, "xrdpipe-rows")
+                work, self.idle = self.idle, None
+                if work is None:
+                    nested = pool.submit(rows, slice(1, n))
+                    try:
+                        rows(slice(0, 1))
+                    finally:
+                        nested.result()         # (never left writing into a call that raised)
+                else:
+                    # both in threads, and this one does the work it was left while they run
+                    # (Python: once each is in its kernel, which runs without the GIL)
+                    started = [threading.Event(), threading.Event()]
+                    calls = [pool.submit(rows, slice(0, 1), started[0]), pool.submit(rows, slice(1, n), started[1])]
+                    try:
+                        for call, flag in zip(calls, started):
+                            while not flag.wait(0.05) and not call.done():
+                                pass
+                        work()
+                    finally:
+                        futures.wait(calls)      # (never left writing into a call that raised)
+                    for call in calls:
+                        call.result()
             else:
                 rows(slice(0, n))
             return chi2, hess, n_iter, status

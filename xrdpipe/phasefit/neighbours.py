@@ -25,7 +25,7 @@ def _on_lines_of(m: PhaseModel, fr: "_Frame", p: int, cell: np.ndarray, present:
     cells = st.cell.copy()
     cells[p] = cell
     cen = m.centres(cells[None], np.array([st.zero]))[0]
-    mine = np.flatnonzero(m.r_listed & (m.r_phase == p) & m.r_has_data)
+    mine = m.listed_of[p]
     for a, q, _, _ in m.order:
         if a != p or q not in present or not (fr.tracked[q] or q in placed) or not mine.size:
             continue
@@ -50,7 +50,7 @@ def _coincident(m: PhaseModel, fr: "_Frame", p: int, cells: np.ndarray, widths: 
     leaves of the first: a real line is not exactly the model's pseudo-Voigt, and at beamline
     counts the rest is many esds). The largest distance; else None."""
     cen = m.centres(cells[None], np.array([fr.state.zero]))[0]
-    mine = np.flatnonzero(m.r_listed & (m.r_phase == p) & m.r_has_data)
+    mine = m.listed_of[p]
     if not mine.size:
         return None
     for a, q, _, _ in m.order:
@@ -60,7 +60,7 @@ def _coincident(m: PhaseModel, fr: "_Frame", p: int, cells: np.ndarray, widths: 
         for i in mine:
             twin = _twin(m, q, i)
             w = int(m.r_window[i])
-            width = np.nanmin([widths[p, w], widths[q, w]])
+            width = _nanmin2(float(widths[p, w]), float(widths[q, w]))
             if twin is None or not np.isfinite(width) or width <= 0:
                 far = np.inf
                 break
@@ -70,10 +70,22 @@ def _coincident(m: PhaseModel, fr: "_Frame", p: int, cells: np.ndarray, widths: 
     return None
 
 
+def _nanmin2(a: float, b: float) -> float:
+    """``np.nanmin([a, b])`` of two floats (NaN where both are), without its overhead."""
+    if a != a:
+        return b
+    if b != b:
+        return a
+    return b if b < a else a
+
+
 def _twin(m: PhaseModel, q: int, i: int) -> int | None:
     """Phase ``q``'s row of reflection ``i``'s hkl in the same window, or None."""
-    twin = np.flatnonzero((m.r_phase == q) & (m.r_window == m.r_window[i]) & np.all(m.r_hkl == m.r_hkl[i], axis=1))
-    return int(twin[0]) if twin.size else None
+    key = (int(q), int(i))
+    if key not in m.twins:
+        twin = np.flatnonzero((m.r_phase == q) & (m.r_window == m.r_window[i]) & np.all(m.r_hkl == m.r_hkl[i], axis=1))
+        m.twins[key] = int(twin[0]) if twin.size else None
+    return m.twins[key]
 
 
 def _narrower_width(fr: "_Frame", q: int, w: int) -> float:
@@ -104,7 +116,7 @@ def _in_place_of(m: PhaseModel, fr: "_Frame", p: int, cells: np.ndarray,
 
     A newcomer with every listed line on a followed phase's is :func:`_on_lines_of`'s."""
     others = [q for a, q, _, _ in m.order if a == p and fr.tracked[q]]
-    mine = np.flatnonzero(m.r_listed & (m.r_phase == p) & m.r_has_data)
+    mine = m.listed_of[p]
     if not others or not mine.size or (not fr.tracked[p] and shown is None):
         return None
     zero = np.array([fr.state.zero])

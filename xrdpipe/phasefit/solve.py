@@ -190,7 +190,8 @@ def esd_scale(m: PhaseModel, fr: _Frame, redchi: float) -> float:
 def _unit_covariance(cov: np.ndarray, free: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The free block of ``cov`` scaled to unit diagonal, and the esds ``d`` it was scaled by (1
     where 0): the sandwiches below are formed in these units (well conditioned), then scaled back."""
-    sub = cov[np.ix_(free, free)]
+    idx = np.flatnonzero(free)
+    sub = cov[idx[:, None], idx]
     d = np.sqrt(np.diagonal(sub))
     d = np.where(d > 0, d, 1.0)
     return sub / np.outer(d, d), d
@@ -219,9 +220,10 @@ def window_scaled(m: PhaseModel, w: np.ndarray, jac: np.ndarray, cov: np.ndarray
     unit, d = _unit_covariance(cov, free)
     pos = scale if position_w is None else np.clip(np.nan_to_num(position_w, nan=1.0), 1.0, scale)
     meat, meat_pos = np.zeros((d.size, d.size)), np.zeros((d.size, d.size))
+    jf = jac[free]
     for i, win in enumerate(m.windows):
         if scale[i] != 1.0:
-            jp = jac[:, win.points][free] * w[win.points] * d[:, None]   # scaled to the esds: well conditioned
+            jp = jf[:, win.points] * w[win.points] * d[:, None]   # scaled to the esds: well conditioned
             h = jp @ jp.T
             meat += (scale[i] - 1.0) * h
             meat_pos += (pos[i] - 1.0) * h
@@ -238,7 +240,8 @@ def window_scaled(m: PhaseModel, w: np.ndarray, jac: np.ndarray, cov: np.ndarray
             ratio = np.where(np.isfinite(ratio), ratio, 1.0)
             whole = whole * np.outer(ratio, ratio)
     out = cov.copy()
-    out[np.ix_(free, free)] = whole * np.outer(d, d)
+    idx = np.flatnonzero(free)
+    out[idx[:, None], idx] = whole * np.outer(d, d)
     return out
 
 
@@ -390,15 +393,20 @@ def initial_state(m: PhaseModel, zero: float = 0.0) -> PhaseState:
 
 def _volume(m: PhaseModel, p: int, theta: np.ndarray, cov: np.ndarray, base: np.ndarray) -> tuple[float, float]:
     """A phase's cell volume and its esd (gradient by central differences, full covariance)."""
-    from ..crystallography import cell_volume
-
     cols = m.cell_cols[p]
     h = 1e-6 * np.maximum(np.abs(theta[cols]), 1.0)
     c = m.shifted_cells(p, theta[cols], h, base[p])
-    vol = cell_volume("P1", c[:, 0], c[:, 2], c[:, 1], c[:, 4], c[:, 3], c[:, 5])
+    vol = _cell_volumes(c)
     grad = (vol[1::2] - vol[2::2]) / (2 * h)
     with np.errstate(invalid="ignore"):
-        return float(vol[0]), float(np.sqrt(grad @ cov[np.ix_(cols, cols)] @ grad))
+        return float(vol[0]), float(np.sqrt(grad @ cov[m._cell_block[p]] @ grad))
+
+
+def _cell_volumes(cells: np.ndarray) -> np.ndarray:
+    """(n,) volumes (Å³) of full cells (n, 6): :func:`~xrdpipe.crystallography.cell_volume` of
+    a triclinic cell, its operations in its order (the same numbers, without its look-ups)."""
+    ca, cb, cg = (np.cos(np.radians(cells[:, j])) for j in (3, 4, 5))
+    return cells[:, 0] * cells[:, 1] * cells[:, 2] * np.sqrt(np.maximum(1 - ca**2 - cb**2 - cg**2 + 2 * ca * cb * cg, 0.0))
 
 
 def centre_esd(m: PhaseModel, theta: np.ndarray, cov: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -407,16 +415,14 @@ def centre_esd(m: PhaseModel, theta: np.ndarray, cov: np.ndarray, base: np.ndarr
     cen, dval = m._centre_derivs(theta[None], base)
     err = np.full(m.R, np.nan)
     for p in range(m.P):
-        refl = np.flatnonzero(m.r_phase == p)
+        refl = m._refl_of_phase[p]
         if not refl.size:
             continue
-        cols = m.cell_cols[p]
         # (lines, cell columns) laid out as the einsum has always been given it: the product's
         # order of summation follows the layout
-        jac = np.ascontiguousarray(dval[0][refl][:, :len(cols)].T).T
-        sub = cov[np.ix_(cols, cols)]
+        jac = np.ascontiguousarray(dval[0][refl][:, :len(m.cell_cols[p])].T).T
         with np.errstate(invalid="ignore"):
-            err[refl] = np.sqrt(np.einsum("ri,ij,rj->r", jac, sub, jac))
+            err[refl] = np.sqrt(np.einsum("ri,ij,rj->r", jac, cov[m._cell_block[p]], jac))
     return cen[0], err
 
 

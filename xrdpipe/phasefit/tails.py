@@ -49,8 +49,7 @@ def far_tails(m: PhaseModel, theta: np.ndarray, base: np.ndarray, present: np.nd
     cells = m.cells(theta[None], base)[0]
     zero = float(theta[m.zero_col])
     fw = m.fwhm_table(theta)
-    inner = m.inside(cells, zero, fw)
-    fitted = m.inside(cells, zero, fw, tails=True)       # lines and the tails fitted as such
+    inner, fitted = m.inside_both(cells, zero, fw)        # lines; and the tails fitted as such
     area = theta[m.area_col]
     cen = m.centres(cells[None], np.array([zero]))[0]
     width = fw[m.r_phase, m.r_window]                    # each line's width where it is a line
@@ -65,6 +64,11 @@ def far_tails(m: PhaseModel, theta: np.ndarray, base: np.ndarray, present: np.nd
     modelled = np.zeros((int(m.r_group.max()) + 1, m.W), bool)
     modelled[m.r_group[fitted], m.r_window[fitted]] = True
     reach = ~modelled[m.r_group[lines]] & m.window_has_data[None, :]      # (lines, W)
+    if lines.size <= 128:          # (compiled, every window in one call: the same numbers as below)
+        tpow, win_lo, win_hi, nbg = m.linear_layout()
+        kernels.add_lines_reach(m.x_all, win_lo, win_hi, np.ascontiguousarray(reach), cen[lines], width[lines],
+                                area[lines], eta[lines], out)
+        return out
     for w in np.flatnonzero(reach.any(axis=0)):
         sel = lines[reach[:, w]]
         win = m.windows[w]
