@@ -245,13 +245,18 @@ def _aliases(m: PhaseModel, res: FrameResult) -> list[tuple[int, int, float, str
     their reflections there holds a line, a listed line that moves with one cell parameter only:
     (phase, that parameter, the value that puts the listed line on the other's centre, the two
     reflections' names)."""
-    theta, err = res.theta, res.err
+    theta = res.theta
     cells = m.cells(theta[None], res.state.cell)[0]
     zero = float(theta[m.zero_col])
     fw = m.fwhm_table(theta)
     inner = m.inside(cells, zero, fw)
     area = theta[m.area_col]
-    shown = inner & (area > _SHOWN_Z * np.where(np.isfinite(err[m.area_col]), err[m.area_col], 0.0))
+    # (from bounds on the esds where they settle it, without making them: see WindowEsds)
+    above = None if res.esds is None else res.esds.area_shown(area, _SHOWN_Z)
+    if above is None:
+        err = res.err
+        above = area > _SHOWN_Z * np.where(np.isfinite(err[m.area_col]), err[m.area_col], 0.0)
+    shown = inner & above
     out = []
     for p in np.flatnonzero(res.present):
         free = [_CELL_INDEX[n] for n in m.free[p]]

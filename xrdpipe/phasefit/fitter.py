@@ -455,6 +455,7 @@ class PhaseFitter:
             res = _guarded(m, y[i], None if sigma is None else sigma[i], state, self.fit,
                            f"the zero shift's estimate, its frame {i}")
             if before is not None:
+                res.err         # (its esds made: what a deep copy takes is the result's, not a frame's)
                 self._first = (before, y[0], None if sigma is None else sigma[0], copy.deepcopy(res))
             if not res.success or not res.present.any():
                 continue

@@ -132,8 +132,8 @@ class FrameResult:
     success: bool
     message: str
     theta: np.ndarray            # (k,) final parameters
-    err: np.ndarray              # (k,) esds (NaN where held or at a bound)
-    cov: np.ndarray              # (k, k)
+    _err: np.ndarray | None      # (k,) esds (NaN where held or at a bound): ``err``
+    _cov: np.ndarray | None      # (k, k): ``cov``
     present: np.ndarray          # (P,)
     decision: list[str]          # per phase: how presence was decided
     chi2_window: np.ndarray      # (W,)
@@ -155,6 +155,24 @@ class FrameResult:
     #: (M,) the model at ``theta`` on the concatenated windows, where the result was made from
     #: it (:func:`~xrdpipe.phasefit.solve._result`), or None
     fitted: np.ndarray | None = None
+    #: what computes ``err`` and ``cov`` when first asked for (``_err`` and ``_cov`` None), or
+    #: None: :class:`~xrdpipe.phasefit.solve.WindowEsds`, whose numbers only the record and a
+    #: few decisions read (in the fitter, the record is made beside the next frame's least squares)
+    esds: object | None = None
+
+    @property
+    def err(self) -> np.ndarray:
+        if self._err is None:
+            self._err, self._cov = self.esds.done()
+            self.esds = None
+        return self._err
+
+    @property
+    def cov(self) -> np.ndarray:
+        if self._cov is None:
+            self._err, self._cov = self.esds.done()
+            self.esds = None
+        return self._cov
 
 
 def _best_basin(grid: np.ndarray, trial: np.ndarray, chi2: np.ndarray, score: np.ndarray, evaluate, scored,

@@ -6,7 +6,6 @@ constants of the tracking. See :mod:`xrdpipe.phasefit` for the whole method."""
 
 from __future__ import annotations
 
-import threading
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Sequence
@@ -829,14 +828,12 @@ class PhaseModel:
             lower, upper = np.ascontiguousarray(lower), np.ascontiguousarray(upper)
             fixed, stop = np.ascontiguousarray(fixed), np.ascontiguousarray(stop, dtype=float)
 
-            def rows(sl: slice, started: threading.Event | None = None) -> None:
+            def rows(sl: slice) -> None:
                 # (each row's steps are its own, so rows run apart give the numbers they give
                 # together; the kernel updates its own copies, written back here)
                 part = [np.ascontiguousarray(v[sl]) for v in (p, lower, upper, fixed, stop)]
                 flags = [np.ascontiguousarray(v[sl]) for v in (moved, rise_ends)]
                 out = [np.ascontiguousarray(v[sl]) for v in (chi2, hess, n_iter, status)]
-                if started is not None:
-                    started.set()
                 kernels.phase_lm(self.x_all, self.hw_all, y, w, *lay[:9], fw_col, eta_col, a_col, *lay[9:],
                                  *geometry, *part, int(max_iter), float(xtol), cols, shape, float(weak_z),
                                  *flags, *out)
@@ -856,19 +853,16 @@ class PhaseModel:
                     finally:
                         nested.result()         # (never left writing into a call that raised)
                 else:
-                    # both in threads, and this one does the work it was left while they run
-                    # (Python: once each is in its kernel, which runs without the GIL)
-                    started = [threading.Event(), threading.Event()]
-                    calls = [pool.submit(rows, slice(0, 1), started[0]), pool.submit(rows, slice(1, n), started[1])]
+                    # every row here, and the work left for this call in a second thread: its
+                    # Python runs while the rows are in their kernel, which runs without the GIL
+                    # (two busy threads on two cores, not three; this thread's Python meanwhile
+                    # only writes back the rows' own arrays)
+                    call = pool.submit(work)
                     try:
-                        for call, flag in zip(calls, started):
-                            while not flag.wait(0.05) and not call.done():
-                                pass
-                        work()
+                        rows(slice(0, n))
                     finally:
-                        futures.wait(calls)      # (never left writing into a call that raised)
-                    for call in calls:
-                        call.result()
+                        futures.wait([call])
+                    call.result()
             else:
                 rows(slice(0, n))
             return chi2, hess, n_iter, status

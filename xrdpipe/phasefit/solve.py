@@ -348,28 +348,24 @@ def _result(m: PhaseModel, fr: _Frame, theta: np.ndarray, cov: np.ndarray, prese
     if np.isfinite(zero_err) and zero_err > 0 and not free[m.zero_col] and free.any():
         jz = jac[0, m.zero_col] * fr.w
         lever = -np.nan_to_num(cov[np.ix_(free, free)]) @ ((jac[0][free] * fr.w) @ jz)
+    esds = None
     if fr.has_errors and m.fit.esd_scale == "auto":
-        redchi_w = chi2_w / np.maximum(n_w - nv, 1)
-        # (only where the whole misfit would scale: elsewhere the odd part changes nothing)
-        over = np.flatnonzero(redchi_w > 1)
-        position = position_redchi(m, fr, theta, resid, windows=over) if over.size else None
-        cov = window_scaled(m, fr.w, jac[0], cov, redchi_w, position)
-        with np.errstate(invalid="ignore"):
-            err = np.sqrt(np.diagonal(cov))
-    elif m.fit.esd_scale == "auto":
-        cov = residual_scaled(fr.w, jac[0], cov, resid, n_w.sum())
-        with np.errstate(invalid="ignore"):
-            err = np.sqrt(np.diagonal(cov))
+        # (made when first asked for: the record, made beside the next frame's least squares)
+        esds = WindowEsds(m, fr.state.cell.copy(), fr.w, theta, resid, jac[0], cov, chi2_w / np.maximum(n_w - nv, 1),
+                          free, lever, zero_err, err)
+        err = cov = None
     else:
-        scale = esd_scale(m, fr, chi2_w.sum() / max(n_w.sum() - int(free.sum()), 1))
-        if scale != 1.0:
-            cov = cov * scale
-            err = err * np.sqrt(scale)
-    if lever is not None:
-        cov = cov.copy()
-        cov[np.ix_(free, free)] += np.outer(lever, lever) * zero_err ** 2
-        with np.errstate(invalid="ignore"):
-            err = np.sqrt(np.diagonal(cov))
+        if m.fit.esd_scale == "auto":
+            cov = residual_scaled(fr.w, jac[0], cov, resid, n_w.sum())
+            with np.errstate(invalid="ignore"):
+                err = np.sqrt(np.diagonal(cov))
+        else:
+            scale = esd_scale(m, fr, chi2_w.sum() / max(n_w.sum() - int(free.sum()), 1))
+            if scale != 1.0:
+                cov = cov * scale
+                err = err * np.sqrt(scale)
+        if lever is not None:
+            cov, err = _with_lever(cov, free, lever, zero_err)
     new = fr.state.copy()
     cells = m.cells(theta[None], fr.state.cell)[0]
     for p in range(m.P):
@@ -382,7 +378,87 @@ def _result(m: PhaseModel, fr: _Frame, theta: np.ndarray, cov: np.ndarray, prese
     new.present = present.copy()
     if not ok:
         new = fr.state.copy()
-    return FrameResult(ok, message, theta, err, cov, present, decision, chi2_w, n_w, nv, new, fitted=f[0])
+    return FrameResult(ok, message, theta, err, cov, present, decision, chi2_w, n_w, nv, new, fitted=f[0], esds=esds)
+
+
+def _with_lever(cov: np.ndarray, free: np.ndarray, lever: np.ndarray, zero_err: float) -> tuple[np.ndarray, np.ndarray]:
+    """``cov`` with the run's zero shift's error carried into the free columns through ``lever``
+    (their response to a unit zero shift), and its esds."""
+    cov = cov.copy()
+    cov[np.ix_(free, free)] += np.outer(lever, lever) * zero_err ** 2
+    with np.errstate(invalid="ignore"):
+        return cov, np.sqrt(np.diagonal(cov))
+
+
+class WindowEsds:
+    """A frame's esds with data esds (``esd_scale = "auto"``), made when first asked for
+    (:meth:`done`): each window's information scaled by its reduced chi-square
+    (:func:`window_scaled`, the cells' by the part of the misfit odd about the lines,
+    :func:`position_redchi`), then the run's zero shift's error carried in (``lever``). Holds
+    copies of what it reads of the frame (``cell``: its working cells; the weights ``w`` are
+    never changed in place).
+
+    :meth:`area_shown` says which lines' areas stand above a multiple of their esds from bounds
+    on those esds, without making them, where the bounds settle it: the information only grows
+    (each window's scale is at least 1, and the zero's share is added), so an esd is at least
+    that of the least squares (``raw``), and at most that times the root of the largest scale,
+    with the zero's share."""
+
+    def __init__(self, m: PhaseModel, cell: np.ndarray, w: np.ndarray, theta: np.ndarray, resid: np.ndarray,
+                 jac: np.ndarray, cov: np.ndarray, redchi_w: np.ndarray, free: np.ndarray, lever: np.ndarray | None,
+                 zero_err: float, raw: np.ndarray):
+        self.m, self.cell, self.w, self.theta, self.resid, self.jac = m, cell, w, theta, resid, jac
+        self.cov, self.redchi_w, self.free, self.lever, self.zero_err, self.raw = (cov, redchi_w, free, lever,
+                                                                                    zero_err, raw)
+
+    def done(self) -> tuple[np.ndarray, np.ndarray]:
+        """The esds (k,) and the covariance (k, k)."""
+        m, redchi_w = self.m, self.redchi_w
+        # (only where the whole misfit would scale: elsewhere the odd part changes nothing)
+        over = np.flatnonzero(redchi_w > 1)
+        frame = _Seen(self.cell, self.w)
+        position = position_redchi(m, frame, self.theta, self.resid, windows=over) if over.size else None
+        cov = window_scaled(m, self.w, self.jac, self.cov, redchi_w, position)
+        with np.errstate(invalid="ignore"):
+            err = np.sqrt(np.diagonal(cov))
+        if self.lever is not None:
+            cov, err = _with_lever(cov, self.free, self.lever, self.zero_err)
+        return err, cov
+
+    def area_shown(self, area: np.ndarray, z: float) -> np.ndarray | None:
+        """(R,) whether each line's area (``area``) exceeds ``z`` times its esd (0 where the
+        esd is not finite), where the bounds on the esds settle every line; else None."""
+        m = self.m
+        raw = self.raw[m.area_col]
+        scale = float(np.max(np.maximum(np.nan_to_num(self.redchi_w, nan=1.0), 1.0), initial=1.0))
+        with np.errstate(invalid="ignore"):
+            top = raw ** 2 * scale
+            if self.lever is not None:
+                extra = np.zeros(m.k)
+                extra[self.free] = self.lever ** 2 * self.zero_err ** 2
+                top = top + extra[m.area_col]
+            top = np.sqrt(top)
+        finite = np.isfinite(raw)
+        # (margins: for the rounding of the sums the esds are made of, and for a covariance that
+        # is not the plain inverse of the information, where a frame's is singular)
+        above = area > z * np.where(finite, top * 2.0, 0.0)
+        below = area <= z * np.where(finite, raw * 0.99, 0.0)
+        if not np.all(above | below) or not np.all(np.isfinite(top[finite])):
+            return None
+        return above
+
+
+class _Seen:
+    """What :func:`position_redchi` reads of a frame: its working cells and its weights."""
+
+    def __init__(self, cell: np.ndarray, w: np.ndarray):
+        self.state = _Cells(cell)
+        self.w = w
+
+
+class _Cells:
+    def __init__(self, cell: np.ndarray):
+        self.cell = cell
 
 
 def initial_state(m: PhaseModel, zero: float = 0.0) -> PhaseState:
