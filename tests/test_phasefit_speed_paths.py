@@ -649,3 +649,140 @@ def test_the_runs_first_frame_is_fitted_once_for_the_zero_estimate_and_the_run(m
     fitter.estimate_zero(pat.intensity[:3], pat.sigma[:3])
     fitter.state = fitter._fresh_state()
     assert fitter._first_frame(y, e).success
+
+
+def test_a_frames_record_made_beside_the_next_frames_least_squares_is_the_same(monkeypatch):
+    """A frame's record (centres, d-spacings, volumes and their esds, and the window-scaled
+    esds it asks for, made then: ``WindowEsds``) is made in a second thread while the next
+    frame's least squares run (``PhaseModel.idle``): the same table, bit for bit, as each frame
+    recorded before the next is fitted; it was made beside in most frames; and a record that
+    fails stops the fit as it would have, not the next frame's fit as a failed frame."""
+    import threading
+
+    from xrdpipe.phasefit.fitter import PhaseFitter
+    from xrdpipe.phasefit.model import PhaseModel
+
+    series, phases, windows = _series()
+    pat = series.as_patterns()
+
+    def fit():
+        fitter = PhaseFitter(phases, windows, FitSpec(backward=False, workers=2), radial=pat.radial,
+                             unit=pat.unit, wavelength_A=pat.wavelength_A)
+        return fitter.fit_block(pat.intensity[:10], pat.sigma[:10], frame=np.arange(10))
+
+    record = PhaseFitter._record
+    threads = []
+
+    def noting(self, *args):
+        threads.append(threading.current_thread().name.split("_")[0])
+        return record(self, *args)
+
+    monkeypatch.setattr(PhaseFitter, "_record", noting)
+    beside = fit()
+    assert threads.count("xrdpipe-rows") >= 5 and len(threads) == 10, threads
+    with monkeypatch.context() as inline:            # (no work is ever left for a least squares)
+        inline.setattr(PhaseModel, "idle", property(lambda self: None, lambda self, value: None), raising=False)
+        threads.clear()
+        one_by_one = fit()
+        assert threads == ["MainThread"] * 10
+    same_tables(beside, one_by_one, rows=True)
+
+    def failing(self, i, *args):
+        if i == 6:
+            raise RuntimeError("the record of frame 6")
+        return record(self, i, *args)
+
+    monkeypatch.setattr(PhaseFitter, "_record", failing)
+    with pytest.raises(RuntimeError, match="the record of frame 6"):
+        fit()
+
+
+def test_window_scaled_esds_made_when_asked_for_and_the_alias_checks_bounds():
+    """``WindowEsds``: the esds made when first asked for are those made at once (the window
+    scaling with the odd part of the misfit, then the zero's share), and where its bounds on the
+    area esds settle which lines stand above a multiple of their esds, they say what the esds
+    say (frames 4-7 of the coexistence series, each fitted from the state before it)."""
+    from xrdpipe.phasefit.solve import (
+        _fit_rows,
+        _result,
+        _with_lever,
+        position_redchi,
+        window_scaled,
+    )
+
+    settled = unsettled = 0
+    for m, fr, _typed, _table, _r in _frames_to_solve(None):
+        present = [int(p) for p in np.flatnonzero(fr.state.present)]
+        sol = _fit_rows(m, fr, [tuple(present)], FitSpec())
+        theta, raw = sol.p[0], sol.cov[0]
+        res = _result(m, fr, theta, raw, fr.state.present.copy(), [""] * m.P, True, "")
+        esds = res.esds
+        assert esds is not None and res._err is None
+        # made at once, as before they were put off
+        free = np.isfinite(np.diagonal(raw))
+        f, jac = m.value_jac(theta[None], fr.state.cell, np.flatnonzero((theta[m.area_col] != 0) | free[m.area_col]))
+        resid = (fr.y0 - f[0]) * fr.w
+        over = np.flatnonzero(esds.redchi_w > 1)
+        pos = position_redchi(m, fr, theta, resid, windows=over) if over.size else None
+        cov = window_scaled(m, fr.w, jac[0], raw, esds.redchi_w, pos)
+        err = np.sqrt(np.diagonal(cov))
+        if esds.lever is not None:
+            cov, err = _with_lever(cov, free, esds.lever, esds.zero_err)
+        area, e = theta[m.area_col], err[m.area_col]
+        for z in (0.5, 3.0, 30.0, 300.0):
+            shown = esds.area_shown(area, z)
+            if shown is None:
+                unsettled += 1
+                continue
+            settled += 1
+            np.testing.assert_array_equal(shown, area > z * np.where(np.isfinite(e), e, 0.0))
+        np.testing.assert_array_equal(res.err, err)
+        np.testing.assert_array_equal(res.cov, cov)
+        assert res.esds is None
+    assert settled >= 4, (settled, unsettled)
+
+
+def test_compiled_free_shifts_and_far_tails_as_numpy_placed_them():
+    """How far each reflection moves per unit of each free cell parameter (``kernels.free_shifts``,
+    the tracking bounds' and the searches' unit) is the central difference NumPy took through
+    the cells and positions of the model (a hexagonal, a cubic and a monoclinic phase); the far
+    tails summed in every window in one call (``kernels.add_lines_reach``) are those summed
+    window by window (``kernels.add_lines``): the same numbers, bit for bit."""
+    from xrdpipe import kernels
+    from xrdpipe.config import PhaseSpec, WindowSpec
+    from xrdpipe.phasefit.model import _CELL_INDEX, PhaseModel
+
+    phases = [PhaseSpec(name="O3", space_group="R-3m", a=2.96, c=16.1),
+              PhaseSpec(name="Al", space_group="Fm-3m", a=4.0495, fraction=False),
+              PhaseSpec(name="M", space_group="C2/m", a=5.2, b=2.9, c=5.6, beta=105.0)]
+    windows = [WindowSpec(name="w1", range=(6.0, 9.0), peaks=["O3 003"]),
+               WindowSpec(name="w2", range=(14.0, 17.5), peaks=["O3 104"])]
+    radial = np.linspace(4.0, 20.0, 1601)
+    m = PhaseModel(phases, windows, FitSpec(), radial=radial, unit="2th_deg", wavelength_A=0.6209)
+    rng = np.random.default_rng(4)
+    for p in range(m.P):
+        hkl = m.r_hkl[m.r_phase == p]
+        if not hkl.size:
+            continue
+        for scale in (0.97, 1.0, 1.02):
+            cell = m.cell0[p] * np.array([scale, scale, scale, 1, 1, 1])
+            idx = [_CELL_INDEX[n] for n in m.free[p]]
+            h = np.array([1e-4 * max(abs(cell[i]), 1.0) for i in idx])
+            cells = m.shifted_cells(p, cell[idx], h, cell)[1:]
+            pos = m.positions(hkl, cells[:, None, :], 0.0)
+            want = np.abs(pos[0::2] - pos[1::2]) / (2 * h[:, None])
+            np.testing.assert_array_equal(m.free_shifts(p, cell, hkl), want, err_msg=f"{phases[p].name} {scale}")
+    x = np.linspace(5.0, 9.0, 400)
+    lo, hi = np.array([0, 120, 250], np.int64), np.array([120, 250, 400], np.int64)
+    for n in (1, 5, 9, 40):
+        cen, fw = rng.uniform(4, 10, n), rng.uniform(0.02, 0.2, n)
+        area, eta = rng.uniform(0, 1e4, n), rng.uniform(0, 1, n)
+        reach = rng.random((n, 3)) < 0.6
+        want = rng.normal(size=x.size)
+        got = want.copy()
+        for w in range(3):
+            sel = np.flatnonzero(reach[:, w])
+            if sel.size:
+                kernels.add_lines(x[lo[w]:hi[w]], cen[sel], fw[sel], area[sel], eta[sel], want[lo[w]:hi[w]])
+        kernels.add_lines_reach(x, lo, hi, np.ascontiguousarray(reach), cen, fw, area, eta, got)
+        np.testing.assert_array_equal(got, want, err_msg=str(n))
