@@ -259,6 +259,21 @@ def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return out
 
 
+def _block_covariance(h: np.ndarray) -> np.ndarray:
+    """inv(h) of one free block (k, k) as :func:`_covariance` makes it: scaled to unit diagonal,
+    inverted, scaled back; the estimable part where it is singular or not a covariance."""
+    d = np.sqrt(np.diagonal(h))
+    scale = d[:, None] * d[None, :]
+    hs = h / scale
+    try:
+        c = np.linalg.inv(hs) / scale
+    except np.linalg.LinAlgError:
+        return _estimable_covariance(hs) / np.outer(d, d)
+    if not np.isfinite(c).all() or (np.diagonal(c) < 0).any():
+        return _estimable_covariance(hs) / np.outer(d, d)
+    return c
+
+
 def _covariance(hess: np.ndarray, held: np.ndarray) -> np.ndarray:
     """inv(JᵀWJ) over the parameters that are free and have influence; NaN elsewhere. Only that
     block is inverted (rows with the same such parameters together): a frame of the phase model
@@ -268,6 +283,11 @@ def _covariance(hess: np.ndarray, held: np.ndarray) -> np.ndarray:
     diag = np.diagonal(hess, axis1=1, axis2=2)
     live = ~held & (diag > 0)
     cov = np.full((n, k, k), np.nan)
+    if n == 1:        # (one row, the phase model's frames: its block as a matrix, the same numbers)
+        idx = np.flatnonzero(live[0])
+        if idx.size:
+            cov[0][idx[:, None], idx] = _block_covariance(hess[0][idx[:, None], idx])
+        return cov
     if n == 1 or (live == live[0]).all():
         groups = [(live[0], np.arange(n))]
     else:

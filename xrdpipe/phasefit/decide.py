@@ -1161,7 +1161,8 @@ def _finish(m: PhaseModel, fr: "_Frame", res, present: list[int], decision: list
         p = alone[0]
         ref = np.full(m.W, np.nan)
         for w in range(m.W):
-            rows = np.flatnonzero((m.r_phase == p) & (m.r_window == w) & inner)
+            rows = m._refl_of[p][w]
+            rows = rows[inner[rows]]
             if rows.size:
                 ref[w] = areas[rows].sum()
         if out.state.ref_area is None:

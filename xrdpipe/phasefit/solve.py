@@ -336,9 +336,8 @@ def _result(m: PhaseModel, fr: _Frame, theta: np.ndarray, cov: np.ndarray, prese
     chi2_w = window_chi2(m, resid)
     n_w = np.array([int(np.count_nonzero(fr.w[w.points] > 0)) for w in m.windows])
     # the free parameters that move a valid point of each window
-    touched = np.abs(jac[0, free]) > 0
-    valid = fr.w > 0
-    nv = np.array([int(np.count_nonzero(touched[:, w.points][:, valid[w.points]].any(axis=1))) for w in m.windows])
+    touched = (np.abs(jac[0, free]) > 0) & (fr.w > 0)          # (at a valid point)
+    nv = np.array([int(np.count_nonzero(touched[:, w.points].any(axis=1))) for w in m.windows])
     with np.errstate(invalid="ignore"):
         err = np.sqrt(np.diagonal(cov))
     # the run's zero shift, held at its estimate, moves the cells by its own error: how much
@@ -410,6 +409,7 @@ class WindowEsds:
         self.m, self.cell, self.w, self.theta, self.resid, self.jac = m, cell, w, theta, resid, jac
         self.cov, self.redchi_w, self.free, self.lever, self.zero_err, self.raw = (cov, redchi_w, free, lever,
                                                                                     zero_err, raw)
+        self._top = None            # (area_shown's upper bounds, made when first asked for)
 
     def done(self) -> tuple[np.ndarray, np.ndarray]:
         """The esds (k,) and the covariance (k, k)."""
@@ -428,24 +428,27 @@ class WindowEsds:
     def area_shown(self, area: np.ndarray, z: float) -> np.ndarray | None:
         """(R,) whether each line's area (``area``) exceeds ``z`` times its esd (0 where the
         esd is not finite), where the bounds on the esds settle every line; else None."""
-        m = self.m
-        raw = self.raw[m.area_col]
-        scale = float(np.max(np.maximum(np.nan_to_num(self.redchi_w, nan=1.0), 1.0), initial=1.0))
-        with np.errstate(invalid="ignore"):
-            top = raw ** 2 * scale
-            if self.lever is not None:
-                extra = np.zeros(m.k)
-                extra[self.free] = self.lever ** 2 * self.zero_err ** 2
-                top = top + extra[m.area_col]
-            top = np.sqrt(top)
-        finite = np.isfinite(raw)
-        # (margins: for the rounding of the sums the esds are made of, and for a covariance that
-        # is not the plain inverse of the information, where a frame's is singular)
-        above = area > z * np.where(finite, top * 2.0, 0.0)
-        below = area <= z * np.where(finite, raw * 0.99, 0.0)
-        if not np.all(above | below) or not np.all(np.isfinite(top[finite])):
+        if self._top is None:
+            m = self.m
+            raw = self.raw[m.area_col]
+            scale = float(np.max(np.maximum(np.nan_to_num(self.redchi_w, nan=1.0), 1.0), initial=1.0))
+            with np.errstate(invalid="ignore"):
+                top = raw ** 2 * scale
+                if self.lever is not None:
+                    extra = np.zeros(m.k)
+                    extra[self.free] = self.lever ** 2 * self.zero_err ** 2
+                    top = top + extra[m.area_col]
+                top = np.sqrt(top)
+            finite = np.isfinite(raw)
+            # (margins: for the rounding of the sums the esds are made of, and for a covariance
+            # that is not the plain inverse of the information, where a frame's is singular)
+            self._top = (np.where(finite, top * 2.0, 0.0), np.where(finite, raw * 0.99, 0.0),
+                         bool(np.all(np.isfinite(top[finite]))))
+        top, low, bounded = self._top
+        if not bounded:
             return None
-        return above
+        above = area > z * top
+        return above if np.all(above | (area <= z * low)) else None
 
 
 class _Seen:
