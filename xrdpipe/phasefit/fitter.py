@@ -152,9 +152,9 @@ class PhaseFitter:
             self.estimate_zero(intensity[some], None if sigma is None else sigma[some])
         numbers = np.asarray(frame)
         # a frame's record (its centres, d-spacings, volumes and their esds: what nothing after
-        # it reads) is made while the next frame's least squares run in two other threads
-        # (PhaseModel.idle), else before that frame is recorded: the same numbers, in the same
-        # rows, off the path from one frame to the next
+        # it reads) is made in a second thread while the next frame's least squares run in this
+        # one (PhaseModel.idle), else before that frame is recorded: the same numbers, in the
+        # same rows, off the path from one frame to the next
         pending: list[tuple[int, FrameResult]] = []
         failed: list[Exception] = []
 

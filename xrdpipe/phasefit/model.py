@@ -206,8 +206,9 @@ class PhaseModel:
         self._centres_kept: dict[bytes, np.ndarray] = {}
         #: threads that solve a search's windows side by side (``[fit] workers``, else the cores)
         self.threads = fit.workers or default_workers()
-        #: work (a callable) the next least squares with nested rows does in this thread while
-        #: its rows run in two others (:meth:`iterate`): the record of the frame before; taken once
+        #: work (a callable) the next least squares with nested rows hands to a second thread
+        #: while its rows run in this one (:meth:`iterate`): the record of the frame before; taken
+        #: once
         self.idle = None
         #: the whole-series naming check's other run (:meth:`~xrdpipe.phasefit.fitter.PhaseFitter.other_naming`):
         #: {frozenset((p, q)): r}, where lines that either of two similar phases could carry are
@@ -844,7 +845,7 @@ class PhaseModel:
             if n >= 2 and self.threads >= 2:
                 # the nested rows (the presence tests') on a second core beside the first row: the
                 # kernel runs without the GIL
-                pool = lasting_pool(2, "xrdpipe-rows")
+                pool = lasting_pool(1, "xrdpipe-rows")
                 work, self.idle = self.idle, None
                 if work is None:
                     nested = pool.submit(rows, slice(1, n))

@@ -406,9 +406,11 @@ class WindowEsds:
     def __init__(self, m: PhaseModel, cell: np.ndarray, w: np.ndarray, theta: np.ndarray, resid: np.ndarray,
                  jac: np.ndarray, cov: np.ndarray, redchi_w: np.ndarray, free: np.ndarray, lever: np.ndarray | None,
                  zero_err: float, raw: np.ndarray):
-        self.m, self.cell, self.w, self.theta, self.resid, self.jac = m, cell, w, theta, resid, jac
+        # (the solution's rows are views of its least squares' arrays: copied)
+        self.m, self.cell, self.w, self.theta, self.resid, self.jac = m, cell, w, theta.copy(), resid, jac
         self.cov, self.redchi_w, self.free, self.lever, self.zero_err, self.raw = (cov, redchi_w, free, lever,
                                                                                     zero_err, raw)
+        self.cov = cov.copy()
         self._top = None            # (area_shown's upper bounds, made when first asked for)
 
     def done(self) -> tuple[np.ndarray, np.ndarray]:
