@@ -786,3 +786,27 @@ def test_compiled_free_shifts_and_far_tails_as_numpy_placed_them():
                 kernels.add_lines(x[lo[w]:hi[w]], cen[sel], fw[sel], area[sel], eta[sel], want[lo[w]:hi[w]])
         kernels.add_lines_reach(x, lo, hi, np.ascontiguousarray(reach), cen, fw, area, eta, got)
         np.testing.assert_array_equal(got, want, err_msg=str(n))
+
+
+def test_one_rows_covariance_is_that_of_a_batch():
+    """A single row's covariance, inverted as one matrix (the phase model's frames), is what the
+    same row gives in a batch of rows (its free block, scaled to unit diagonal and back), and a
+    singular row's is its estimable part in both."""
+    from xrdpipe.batchfit import _covariance
+
+    rng = np.random.default_rng(7)
+    k = 12
+    jac = rng.normal(size=(3, 40, k)) * np.logspace(-3, 3, k)
+    hess = np.einsum("rmi,rmj->rij", jac, jac)
+    hess[2, :, 6] = hess[2, :, 7]
+    hess[2, 6, :] = hess[2, 7, :]                  # (columns 6 and 7 the same: singular)
+    held = np.zeros((3, k), bool)
+    held[:, 3] = True
+    stacked = _covariance(hess[:2], held[:2])       # (inverted as one stack)
+    one_by_one = _covariance(hess, held)           # (the singular row: each row apart)
+    for r in range(3):
+        one = _covariance(hess[r:r + 1], held[r:r + 1])[0]
+        np.testing.assert_array_equal(one, one_by_one[r], err_msg=str(r))
+        if r < 2:
+            np.testing.assert_array_equal(one, stacked[r], err_msg=str(r))
+    assert np.isnan(stacked[0, 3]).all() and np.isfinite(stacked[0, 0, 0]) and np.isfinite(one_by_one[2, 6, 6])
