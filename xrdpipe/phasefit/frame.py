@@ -162,17 +162,17 @@ class FrameResult:
 
     @property
     def err(self) -> np.ndarray:
-        if self._err is None:
-            self._err, self._cov = self.esds.done()
-            self.esds = None
-        return self._err
+        return self._made()[0]
 
     @property
     def cov(self) -> np.ndarray:
-        if self._cov is None:
+        return self._made()[1]
+
+    def _made(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.esds is not None:
             self._err, self._cov = self.esds.done()
             self.esds = None
-        return self._cov
+        return self._err, self._cov
 
 
 def _best_basin(grid: np.ndarray, trial: np.ndarray, chi2: np.ndarray, score: np.ndarray, evaluate, scored,
