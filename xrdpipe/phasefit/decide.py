@@ -966,7 +966,7 @@ def _judge(m: PhaseModel, fr: "_Frame", res, present: list[int], held: set[int],
     inner = m.inside(cells_now, st.zero, _fwhm_table(m, fr))
     areas = np.where(inner, res.p[0, m.area_col], 0.0)
     area_err = _area_esds(m, fr, res, n_valid)
-    total_area = np.array([areas[m.r_window == w].sum() for w in range(m.W)])
+    total_area = np.array([areas[m.in_window[w]].sum() for w in range(m.W)])
     gains, fails, passed = {}, {}, {}
     widths = m.fwhm_table(res.p[0])
     for i, p in enumerate(present):
@@ -974,8 +974,10 @@ def _judge(m: PhaseModel, fr: "_Frame", res, present: list[int], held: set[int],
 
     for i, p in enumerate(present):
         gain = gains[p]
-        mine = areas[m.r_phase == p].sum()
-        touched = total_area[np.unique(m.r_window[(m.r_phase == p) & inner])].sum()
+        mine = areas[m._refl_of_phase[p]].sum()
+        windows = np.zeros(m.W, bool)             # (the windows of its lines, in order)
+        windows[m.r_window[m._refl_of_phase[p][inner[m._refl_of_phase[p]]]]] = True
+        touched = total_area[windows].sum()
         share = mine / touched if touched > 0 else 0.0
         gains[p] = gain
         if gain <= fit.bic_threshold:

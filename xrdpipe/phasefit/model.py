@@ -489,6 +489,8 @@ class PhaseModel:
         #: (what a frame's record asks for again and again: NumPy's np.ix_ of a list costs more than
         #: the product it indexes)
         self._refl_of_phase = [np.flatnonzero(self.r_phase == p) for p in range(self.P)]
+        #: per window, its reflections
+        self.in_window = [np.flatnonzero(self.r_window == w) for w in range(self.W)]
         # (every phase's free cell columns and where in a (P, 6) table of cells they are; every
         # (phase, window, width column) of a phase with a line there)
         self._free_cols = np.array([c for cols in self.cell_cols for c in cols], np.intp)

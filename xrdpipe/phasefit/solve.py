@@ -18,6 +18,9 @@ from .model import _CELL_INDEX, _CELL_NAME, _TRACK_FWHM, PhaseModel, PhaseState
 
 def _fwhm_table(m: PhaseModel, fr: "_Frame") -> np.ndarray:
     """(P, W) the widths the frame's fit starts from."""
+    known = fr.state.fwhm
+    if np.all((np.isfinite(known) & (known > 0))[m.has]):     # (each the state's own: fwhm_of's)
+        return np.where(m.has, known, np.nan)
     return np.array([[fr.fwhm_of(p, w) if m.has[p, w] else np.nan for w in range(m.W)] for p in range(m.P)])
 
 
