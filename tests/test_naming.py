@@ -546,3 +546,43 @@ def test_no_second_run_inside_a_pool_worker():
     assert queue.get(timeout=60) is False
     worker.join()
     assert not available(1)
+
+
+class _FailingFitter(_SlowFitter):
+    """A stand-in fitter for :class:`~xrdpipe.phasefit.ahead.StreamedRun`: fits its first block,
+    then fails."""
+
+    def fit_block(self, intensity, sigma, *, frame, **kw):
+        if frame[0] > 0:
+            raise RuntimeError("a crash")
+        return super().fit_block(intensity, sigma, frame=frame, **kw)
+
+
+def test_a_second_run_that_failed_says_why_though_a_write_found_it_gone(monkeypatch):
+    """The run file's second run whose child failed: the reason recorded is the child's own
+    (its last message), even where the parent's next block found the child gone before that
+    message was read (the parent's reading thread held back here)."""
+    import time
+
+    from xrdpipe.phasefit.ahead import StreamedRun, available
+
+    if not available(2):
+        pytest.skip("no fork here")
+    receive = StreamedRun._receive
+    monkeypatch.setattr(StreamedRun, "_receive", lambda self, conn: (time.sleep(3.0), receive(self, conn)))
+
+    def block(start: int):
+        frames = np.arange(start, start + 4)
+        return frames, np.ones((4, 10)), np.ones((4, 10)), np.zeros(4), np.ones(4, bool), [""] * 4
+
+    with StreamedRun() as run:
+        assert run.start(_FailingFitter(), block(0))
+        run.send(block(4), wait_s=60.0)                # (taken: the child fails on it and ends)
+        t0 = time.monotonic()
+        while run._proc.is_alive() and time.monotonic() - t0 < 20:
+            time.sleep(0.01)
+        assert time.monotonic() - t0 < 2.5, "the child took too long to end: the test proves nothing"
+        run.send(block(8), wait_s=60.0)                # (the child gone: the write fails)
+        assert run.missed == "the second process failed: RuntimeError: a crash", run.missed
+        got = run.tables(10.0, wait=True)
+    assert [int(frames[0]) for frames, _ in got] == [0]

@@ -196,6 +196,10 @@ def _child(compute: Callable[[int, int], Any], pair: tuple[int, int], conn, pare
         conn.close()
 
 
+#: How long a write that found the child gone waits for the child's last message (its reason).
+_REASON_S = 5.0
+
+
 class StreamedRun:
     """A fitter's forward pass over blocks of frames handed over one after the other, in a child
     process forked with the fitter (:meth:`start`, with the first block): the run file's
@@ -283,6 +287,10 @@ class StreamedRun:
             sender.join()
             self.close()
         elif failed:
+            # (a child that failed said why before it went: its last message is read first,
+            # else a write racing its end would be all the reason recorded)
+            if self._receiver is not None:
+                self._receiver.join(_REASON_S)
             self._missed(f"the second process stopped taking frames: {failed[0]!r}")
 
     def end(self, wait_s: float | None = None) -> None:

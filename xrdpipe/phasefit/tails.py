@@ -65,7 +65,7 @@ def far_tails(m: PhaseModel, theta: np.ndarray, base: np.ndarray, present: np.nd
     modelled[m.r_group[fitted], m.r_window[fitted]] = True
     reach = ~modelled[m.r_group[lines]] & m.window_has_data[None, :]      # (lines, W)
     if lines.size <= 128:          # (compiled, every window in one call: the same numbers as below)
-        tpow, win_lo, win_hi, nbg = m.linear_layout()
+        _, win_lo, win_hi, _ = m.linear_layout()
         kernels.add_lines_reach(m.x_all, win_lo, win_hi, np.ascontiguousarray(reach), cen[lines], width[lines],
                                 area[lines], eta[lines], out)
         return out
