@@ -564,12 +564,13 @@ def test_a_second_run_that_failed_says_why_though_a_write_found_it_gone(monkeypa
     message was read (the parent's reading thread held back here)."""
     import time
 
-    from xrdpipe.phasefit.ahead import StreamedRun, available
+    from xrdpipe.phasefit.ahead import _REASON_S, StreamedRun, available
 
     if not available(2):
         pytest.skip("no fork here")
     receive = StreamedRun._receive
-    monkeypatch.setattr(StreamedRun, "_receive", lambda self, conn: (time.sleep(3.0), receive(self, conn)))
+    held = _REASON_S - 1.0                             # (less than a failed write waits for it)
+    monkeypatch.setattr(StreamedRun, "_receive", lambda self, conn: (time.sleep(held), receive(self, conn)))
 
     def block(start: int):
         frames = np.arange(start, start + 4)
@@ -581,7 +582,7 @@ def test_a_second_run_that_failed_says_why_though_a_write_found_it_gone(monkeypa
         t0 = time.monotonic()
         while run._proc.is_alive() and time.monotonic() - t0 < 20:
             time.sleep(0.01)
-        assert time.monotonic() - t0 < 2.5, "the child took too long to end: the test proves nothing"
+        assert time.monotonic() - t0 < held - 0.5, "the child took too long to end: the test proves nothing"
         run.send(block(8), wait_s=60.0)                # (the child gone: the write fails)
         assert run.missed == "the second process failed: RuntimeError: a crash", run.missed
         got = run.tables(10.0, wait=True)

@@ -513,12 +513,12 @@ def test_the_odd_part_of_a_windows_misfit_as_numpy_took_it():
                 fr.fill_nonlinear(theta_c, cells, fr.state.zero)
                 f = m.value_jac(theta_c[None], fr.state.cell)[0][0]
                 resid = (fr.y0 - f) * fr.w
-                got = position_redchi(m, fr, theta_c, resid)
+                got = position_redchi(m, fr.state.cell, fr.w, theta_c, resid)
                 want = _position_redchi_numpy(m, fr, theta_c, resid)
                 assert got.tobytes() == want.tobytes(), (got, want)
                 seen.append(got)
             fr.w[::7] = 0.0
-            got = position_redchi(m, fr, theta, (fr.y0 - m.value_jac(theta[None], fr.state.cell)[0][0]) * fr.w)
+            got = position_redchi(m, fr.state.cell, fr.w, theta, (fr.y0 - m.value_jac(theta[None], fr.state.cell)[0][0]) * fr.w)
             assert got.tobytes() == _position_redchi_numpy(m, fr, theta, (fr.y0 - m.value_jac(
                 theta[None], fr.state.cell)[0][0]) * fr.w).tobytes()
     seen = np.array(seen)
@@ -723,7 +723,7 @@ def test_window_scaled_esds_made_when_asked_for_and_the_alias_checks_bounds():
         f, jac = m.value_jac(theta[None], fr.state.cell, np.flatnonzero((theta[m.area_col] != 0) | free[m.area_col]))
         resid = (fr.y0 - f[0]) * fr.w
         over = np.flatnonzero(esds.redchi_w > 1)
-        pos = position_redchi(m, fr, theta, resid, windows=over) if over.size else None
+        pos = position_redchi(m, fr.state.cell, fr.w, theta, resid, windows=over) if over.size else None
         cov = window_scaled(m, fr.w, jac[0], raw, esds.redchi_w, pos)
         err = np.sqrt(np.diagonal(cov))
         if esds.lever is not None:

@@ -262,8 +262,21 @@ class PhaseModel:
         self._pure_windows()
         #: (R,) reflections in a window that has data points
         self.r_has_data = np.array([self.windows[w].x.size > 0 for w in self.r_window], bool)
-        #: phase q's row of reflection i's hkl in the same window, by (q, i) (:func:`~.neighbours._twin`)
-        self.twins: dict[tuple[int, int], int | None] = {}
+        #: (P, R) phase q's row of reflection i's hkl in the same window, or -1 (:func:`~.neighbours._twin`)
+        self.twins = np.full((self.P, self.R), -1)
+        for q in range(self.P):
+            for i in range(self.R):
+                twin = np.flatnonzero((self.r_phase == q) & (self.r_window == self.r_window[i])
+                                      & np.all(self.r_hkl == self.r_hkl[i], axis=1))
+                if twin.size:
+                    self.twins[q, i] = twin[0]
+        # per phase, its reflections in windows with data: how many, their hkl, their windows
+        # (each once, in order) and each one's window (shift_per_width's)
+        self._with_data = []
+        for p in range(self.P):
+            rows = np.flatnonzero((self.r_phase == p) & self.r_has_data)
+            windows = self.r_window[rows].tolist()
+            self._with_data.append((rows.size, self.r_hkl[rows].astype(float), list(dict.fromkeys(windows)), windows))
         #: (W,) windows that have data points
         self.window_has_data = np.array([w.x.size > 0 for w in self.windows], bool)
         #: (R,) one number per reflection of a phase (its rows in every window it reaches share it)
@@ -500,8 +513,6 @@ class PhaseModel:
                             if self.fwhm_col[p, w] >= 0]
         #: per phase, the indices (into a full cell) of its free cell parameters
         self._free_index = [[_CELL_INDEX[n] for n in self.free[p]] for p in range(self.P)]
-        #: per phase, its reflections in windows with data (shift_per_width's, made when first asked)
-        self._with_data: dict[int, tuple] = {}
         self._cell_block = [np.ix_(np.asarray(c, np.intp), np.asarray(c, np.intp)) for c in self.cell_cols]
         #: per phase, the parameters it adds to a frame's model: its free cell, widths per window,
         #: eta and areas (the presence tests' and the BIC's count)
@@ -680,12 +691,7 @@ class PhaseModel:
         """(len(free[p]),) how many widths phase ``p``'s most sensitive line with data moves per
         unit of each free cell parameter at ``cell`` (6,); ``fwhm_of(w)`` is the phase's FWHM
         in window ``w`` (asked once per window with such a line). Empty: no line with data."""
-        got = self._with_data.get(p)
-        if got is None:
-            rows = np.flatnonzero((self.r_phase == p) & self.r_has_data)
-            windows = self.r_window[rows].tolist()
-            got = self._with_data[p] = (rows.size, self.r_hkl[rows].astype(float), list(dict.fromkeys(windows)), windows)
-        n, hkl, distinct, windows = got
+        n, hkl, distinct, windows = self._with_data[p]
         if not n:
             return np.empty(0)
         widths = {w: fwhm_of(w) for w in distinct}

@@ -81,11 +81,8 @@ def _nanmin2(a: float, b: float) -> float:
 
 def _twin(m: PhaseModel, q: int, i: int) -> int | None:
     """Phase ``q``'s row of reflection ``i``'s hkl in the same window, or None."""
-    key = (int(q), int(i))
-    if key not in m.twins:
-        twin = np.flatnonzero((m.r_phase == q) & (m.r_window == m.r_window[i]) & np.all(m.r_hkl == m.r_hkl[i], axis=1))
-        m.twins[key] = int(twin[0]) if twin.size else None
-    return m.twins[key]
+    twin = int(m.twins[q, i])
+    return twin if twin >= 0 else None
 
 
 def _narrower_width(fr: "_Frame", q: int, w: int) -> float:

@@ -248,8 +248,8 @@ def window_scaled(m: PhaseModel, w: np.ndarray, jac: np.ndarray, cov: np.ndarray
     return out
 
 
-def position_redchi(m: PhaseModel, fr: _Frame, theta: np.ndarray, resid: np.ndarray, reach: float = 2.5,
-                    windows: np.ndarray | None = None) -> np.ndarray:
+def position_redchi(m: PhaseModel, cell: np.ndarray, w: np.ndarray, theta: np.ndarray, resid: np.ndarray,
+                    reach: float = 2.5, windows: np.ndarray | None = None) -> np.ndarray:
     """(W,) each window's reduced chi-square of the part of its residual that is odd about its
     lines: what moves a line's centre. A profile the model lacks in shape only (a Voigt fitted
     by a pseudo-Voigt, a line averaged over bins) leaves an even misfit, many esds at beamline
@@ -264,9 +264,10 @@ def position_redchi(m: PhaseModel, fr: _Frame, theta: np.ndarray, resid: np.ndar
     lines and divided by their number of points; times (1 + ρ) / (1 - ρ), ρ the lag-one
     correlation of those odd values (clipped to [0, 0.9]), for noise correlated between
     neighbouring bins. NaN where a window has no such line, or is not among ``windows``
-    (indices; None: all)."""
+    (indices; None: all). ``cell`` (P, 6): the cells a row does not set (a frame's working
+    cells); ``w`` (M,): the frame's weights."""
     out = np.full(m.W, np.nan)
-    cells = m.cells(theta[None], fr.state.cell)[0]
+    cells = m.cells(theta[None], cell)[0]
     zero = float(theta[m.zero_col])
     fw = m.fwhm_table(theta)
     inner = m.inside(cells, zero, fw)
@@ -278,7 +279,7 @@ def position_redchi(m: PhaseModel, fr: _Frame, theta: np.ndarray, resid: np.ndar
         if not lines.size or win.x.size < 3:
             continue
         lines = lines[area[lines] >= 0.1 * area[lines].max()]
-        r, valid = resid[win.points], fr.w[win.points] > 0
+        r, valid = resid[win.points], w[win.points] > 0
         odd = np.empty(win.x.size * lines.size)
         counts = np.empty(lines.size, np.int64)
         kernels.odd_about_lines(win.x, r, valid, cen[lines], fw[m.r_phase[lines], i], float(reach), odd, counts)
@@ -421,8 +422,7 @@ class WindowEsds:
         m, redchi_w = self.m, self.redchi_w
         # (only where the whole misfit would scale: elsewhere the odd part changes nothing)
         over = np.flatnonzero(redchi_w > 1)
-        frame = _Seen(self.cell, self.w)
-        position = position_redchi(m, frame, self.theta, self.resid, windows=over) if over.size else None
+        position = position_redchi(m, self.cell, self.w, self.theta, self.resid, windows=over) if over.size else None
         cov = window_scaled(m, self.w, self.jac, self.cov, redchi_w, position)
         with np.errstate(invalid="ignore"):
             err = np.sqrt(np.diagonal(cov))
@@ -455,18 +455,6 @@ class WindowEsds:
         above = area > z * top
         return above if np.all(above | (area <= z * low)) else None
 
-
-class _Seen:
-    """What :func:`position_redchi` reads of a frame: its working cells and its weights."""
-
-    def __init__(self, cell: np.ndarray, w: np.ndarray):
-        self.state = _Cells(cell)
-        self.w = w
-
-
-class _Cells:
-    def __init__(self, cell: np.ndarray):
-        self.cell = cell
 
 
 def initial_state(m: PhaseModel, zero: float = 0.0) -> PhaseState:
