@@ -195,6 +195,36 @@ def test_2_a_worker_that_dies_before_the_next_job_is_sent():
     assert out == ["crashed in raise_signal"] + [signal.SIGSEGV] * 3
 
 
+
+
+_SCRIPT = """import operator, sys
+from xrdpipe.parallel import map_ordered
+{guard}print("RESULT", list(map_ordered(operator.add, range(4), context=10, scheduler="processes", workers=2,
+{indent}                              prefetch=4, on_crash=lambda job: "crashed")))
+"""
+
+
+@pytest.mark.parametrize("guarded", [False, True], ids=["top-level", "under-main-guard"])
+def test_2_a_script_whose_workers_die_as_they_start_is_told_why(tmp_path, guarded):
+    """A pool's workers start by running the caller's script again: one that calls xrdpipe at its
+    top level (no ``if __name__ == "__main__":``) kills every worker as it starts. That is one
+    error naming the script and the guard, not every job recorded as the one that killed its
+    worker (each run alone twice, and the script's work done again in every worker); under the
+    guard the same script gets its results."""
+    script = tmp_path / "my_analysis.py"
+    script.write_text(_SCRIPT.format(guard='if __name__ == "__main__":\n    ' if guarded else "",
+                                     indent="    " if guarded else ""))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    if guarded:
+        assert proc.returncode == 0, proc.stderr
+        assert "RESULT [10, 11, 12, 13]" in proc.stdout
+        return
+    assert proc.returncode == 1 and "RESULT" not in proc.stdout
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("xrdpipe.errors.XrdpipeError: the worker processes of the \"processes\" scheduler died "
+                           "as they started, before any frame")
+    assert f"Python starts each worker by running {script} again" in last
+    assert 'under `if __name__ == "__main__":`' in last and '[run] scheduler = "threads"' in last
 # -- 3. a full disk ----------------------------------------------------------------------------
 
 def _limited(limit: int):

@@ -122,6 +122,36 @@ def _call(fn: Callable, job) -> Any:
     return fn(job, _CONTEXT)
 
 
+def _ready() -> bool:
+    """A started worker's answer (:meth:`_CrashTolerantPool._check_start`)."""
+    return True
+
+
+def _cannot_start(exc: BaseException) -> str:
+    """Why the pool's workers died before their first job, as far as can be told from here.
+
+    Python starts each worker of a "processes" pool (a fork server, or spawn) by running the
+    caller's main script again, as ``__mp_main__``: a script that calls xrdpipe at its top level,
+    not under ``if __name__ == "__main__":``, runs its work again in every worker, which fails
+    there as the worker starts (a worker may not start processes of its own while it starts)."""
+    import sys
+
+    main = sys.modules.get("__main__")
+    script = getattr(main, "__file__", None)
+    spec_name = getattr(getattr(main, "__spec__", None), "name", None) or ""
+    text = (f"the worker processes of the \"processes\" scheduler died as they started, before any frame "
+            f"({type(exc).__name__}: {exc}).")
+    # (the main module is run again in a worker where it is a script, or a module run by name
+    # that is not a package's __main__)
+    rerun = (spec_name and spec_name != "__main__" and not spec_name.endswith(".__main__")) or (not spec_name and script)
+    if rerun and not (spec_name or os.path.basename(str(script))).startswith("xrdpipe"):
+        text += (f" Python starts each worker by running {script or spec_name} again: if it calls xrdpipe at its "
+                 f"top level, put those calls under `if __name__ == \"__main__\":` (else every worker runs "
+                 f"them again, and dies there).")
+    return text + (" Or integrate without worker processes: [run] scheduler = \"threads\" (or --scheduler "
+                   "threads, or --workers 1).")
+
+
 def map_ordered(fn: Callable[[Any, Any], Any], jobs: Iterable, *, context: Any = None,
                 scheduler: str | Any = "processes", workers: int | None = None,
                 prefetch: int | None = None, on_crash: Callable[[Any], Any] | None = None) -> Iterator:
@@ -203,6 +233,22 @@ class _CrashTolerantPool:
         self.fn, self.ctx, self.workers, self.blob, self.on_crash = fn, ctx, workers, blob, on_crash
         self.pending: deque = deque()                       # (job, future), in job order
         self.pool = self._start()
+        self._check_start()
+
+    def _check_start(self) -> None:
+        """A worker that dies as it starts (before any job) would take every job with it, each
+        then run alone twice and recorded as the job that killed it; so one worker is asked to
+        answer first, and a pool whose workers cannot start is an error saying why they may not
+        (:func:`_cannot_start`)."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            self.pool.submit(_ready).result()
+        except BrokenProcessPool as exc:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            from .errors import XrdpipeError
+
+            raise XrdpipeError(_cannot_start(exc)) from None
 
     def _start(self):
         from concurrent.futures import ProcessPoolExecutor
