@@ -133,6 +133,57 @@ def test_changed_settings_refuse_to_mix(synthetic_h5, tmp_path):
     assert xrdpipe.open_run(exp2.run.run_file).intensity.shape == (12, 1500)
 
 
+def test_a_poni_saved_again_with_its_geometry_resumes_and_another_geometry_refuses(synthetic_h5, tmp_path):
+    """pyFAI writes the date of each save in a comment ("# Calibration done on ..."): a PONI saved
+    again with the same geometry, or with comments and blank lines changed, resumes the run (it
+    was "changed: poni", every frame to integrate again); a run file of an earlier version, which
+    stored the digest of the whole text, resumes too; a changed distance still refuses to mix."""
+    import json
+
+    from xrdpipe.run.integrate import _digest
+    from xrdpipe.run.paths import FINGERPRINT, h5path
+
+    folder = _copy(synthetic_h5, tmp_path)
+    exp = xrdpipe.load_experiment(folder / "experiment.toml")
+    assert xrdpipe.integrate_experiment(exp, progress=False).integrated == 12
+    poni = folder / "demo.poni"
+    text = poni.read_text()
+    assert "# Calibration done" in text
+    poni.write_text("# Calibration done on Thu Dec  3 21:00:00 2026\n\n"
+                    + "\n".join(f"  {line}" for line in text.splitlines() if not line.startswith("#")) + "\n")
+    again = xrdpipe.integrate_experiment(xrdpipe.load_experiment(folder / "experiment.toml"), progress=False)
+    assert again.integrated == 0 and again.skipped == 12
+    # a run file that stored the digest of the whole PONI text (before 2026-12-03)
+    with h5py.File(exp.run.run_file, "r+") as h5:
+        stored = json.loads(h5[h5path(FINGERPRINT)][()])
+        stored["poni"] = _digest(poni.read_text())
+        del h5[h5path(FINGERPRINT)]
+        h5[h5path(FINGERPRINT)] = json.dumps(stored)
+    again = xrdpipe.integrate_experiment(xrdpipe.load_experiment(folder / "experiment.toml"), progress=False)
+    assert again.integrated == 0 and again.skipped == 12
+    lines = poni.read_text().splitlines()
+    k = next(i for i, line in enumerate(lines) if line.strip().startswith("Distance:"))
+    lines[k] = f"Distance: {float(lines[k].split(':')[1]) * 1.001!r}"
+    poni.write_text("\n".join(lines) + "\n")
+    with pytest.raises(StoreError, match=r"changed: poni\); to discard them and integrate again: xrdpipe "
+                                         r"integrate EXPERIMENT.toml --restart \(from Python: "
+                                         r"integrate_experiment\(exp, restart=True\)\)"):
+        xrdpipe.integrate_experiment(xrdpipe.load_experiment(folder / "experiment.toml"), progress=False)
+
+
+def test_a_synthetic_experiment_made_again_in_its_folder_resumes(tmp_path):
+    """make_experiment into the folder it made before (a script run twice): the PONI is written
+    anew, not added to (pyFAI appends to a file that exists), and the run resumes."""
+    kw = dict(scenario="nfm", n_frames=4, n_rest=0, seed=3)
+    first = make_experiment(tmp_path / "exp", **kw)
+    text = first.poni_file.read_text()
+    xrdpipe.integrate_experiment(xrdpipe.load_experiment(first.experiment_file), progress=False)
+    again = make_experiment(tmp_path / "exp", **kw)
+    assert again.poni_file.read_text().count("Distance:") == 1 == text.count("Distance:")
+    summary = xrdpipe.integrate_experiment(xrdpipe.load_experiment(again.experiment_file), progress=False)
+    assert summary.integrated == 0 and summary.skipped == 4
+
+
 def test_bad_frames_are_recorded_and_the_run_goes_on(synthetic_h5, tmp_path):
     folder = _copy(synthetic_h5, tmp_path)
     raw = sorted((folder / "raw").glob("*.h5"))

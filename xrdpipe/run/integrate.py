@@ -152,7 +152,8 @@ def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bo
                                          wavelength_A=cal.wavelength_A, fingerprint=_fingerprint(exp, cal),
                                          provenance=_provenance(exp, cal, integ), title=exp.run.name,
                                          restart=restart, instrument_sd=integ.instrument_sd,
-                                         instrument_offset=integ.instrument_offset) as run:
+                                         instrument_offset=integ.instrument_offset,
+                                         same_as={"poni": _digest(cal.poni_text)}) as run:
             jobs = _jobs(run, refs, times, summary)
             where_to = _scheduler(exp, scheduler, n_workers, len(jobs))
             # closed before the run file is: on an error (a full disk) no worker still reads a
@@ -235,8 +236,17 @@ def _read_ahead(exp: Experiment, refs: list[FrameRef], shape, *, workers: int, s
 def _fingerprint(exp: Experiment, cal) -> dict:
     """The settings the patterns depend on (others refuse the run file, unless restarted)."""
     return {"integration": exp.integration.model_dump(mode="json", exclude={"workers", "engine"}),
-            "poni": _digest(cal.poni_text), "mask": _digest(cal.mask), "dark": _digest(cal.dark),
+            "poni": _poni_digest(cal.poni_text), "mask": _digest(cal.mask), "dark": _digest(cal.dark),
             "flat": _digest(cal.flat), "dataset": exp.frames.dataset}
+
+
+def _poni_digest(text: str) -> str:
+    """The digest of a PONI file's settings: its lines without comments (``#``, as pyFAI writes
+    "Calibration done on ..." with the date of each save) or blank ones, each stripped. A PONI
+    saved again with the same geometry is the same; the fingerprint of earlier versions, the
+    digest of the whole text, is still taken for it (``same_as``)."""
+    lines = (line.strip() for line in text.splitlines())
+    return _digest("\n".join(line for line in lines if line and not line.startswith("#")))
 
 
 def _provenance(exp: Experiment, cal, integ) -> dict[str, str]:

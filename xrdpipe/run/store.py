@@ -94,8 +94,13 @@ class RunFile(Writer):
                          wavelength_A: float | None, fingerprint: dict[str, Any],
                          provenance: dict[str, str], title: str = "", restart: bool = False,
                          instrument_sd: np.ndarray | None = None,
-                         instrument_offset: np.ndarray | None = None) -> "RunFile":
+                         instrument_offset: np.ndarray | None = None,
+                         same_as: dict[str, str] | None = None) -> "RunFile":
         """Create the run file, or reopen it to resume.
+
+        A stored ``fingerprint`` value equal to the new one, or to its earlier form in
+        ``same_as`` (what an earlier version of xrdpipe stored for the same settings), is
+        unchanged.
 
         ``instrument_sd`` (per bin, in ``unit``: see
         :attr:`~xrdpipe.integration.Integrator.instrument_sd`) is written once, when the file
@@ -116,11 +121,14 @@ class RunFile(Writer):
                 if h5.attrs.get("format") != FORMAT or h5path(FINGERPRINT) not in h5:
                     raise StoreError(f"{path} is not an xrdpipe run file; choose another run name or --restart")
                 old = json.loads(h5[h5path(FINGERPRINT)][()])
-                changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+                earlier = same_as or {}
+                changed = sorted(k for k in set(old) | set(fingerprint)
+                                 if old.get(k) != fingerprint.get(k) and (k not in earlier or old.get(k) != earlier[k]))
                 if changed:
                     raise StoreError(
                         f"run file {path} holds patterns made with other settings (changed: {', '.join(changed)}); "
-                        "rerun with --restart to discard them and integrate again"
+                        "to discard them and integrate again: xrdpipe integrate EXPERIMENT.toml --restart (from "
+                        "Python: integrate_experiment(exp, restart=True))"
                     )
             else:
                 session.create(lambda h5: _create_layout(

@@ -288,6 +288,7 @@ class _Camera:
         if not self.is_2d:
             return None, None
         poni_file = folder / "demo.poni"
+        poni_file.unlink(missing_ok=True)           # (pyFAI adds to a PONI file that exists)
         self.ai.write(str(poni_file))
         mask_file = folder / "mask.edf"
         fabio.edfimage.EdfImage(data=self.mask.astype(np.int8),
