@@ -161,6 +161,28 @@ def test_synthetic_experiment_x_within_0p002_and_lattice_gets_voltage_and_x(tmp_
     assert stored["attrs"]["theoretical_capacity_mAh_g"] == pytest.approx(240.4, rel=1e-3)
 
 
+def test_a_cycler_clock_that_misses_every_frame_is_a_warning_naming_both_spans(tmp_path):
+    """A cycler start typed a day off puts every frame before the record: no frame gets a voltage
+    or x. That is a warning giving the frames' span, the record's and the key that set its clock
+    (it was a status count, before_record 4, and a run that finished as if nothing were wrong);
+    a record that covers the frames gives none."""
+    syn = make_experiment(tmp_path / "syn", n_frames=4, n_rest=0, frame_format="xye", seed=3)
+    exp = xrdpipe.load_experiment(syn.experiment_file)
+    xrdpipe.integrate_experiment(exp, progress=False)
+    assert not xrdpipe.echem_experiment(exp).warnings
+    toml = syn.experiment_file
+    toml.write_text(toml.read_text().replace('start = "2025-07-02T19:04:59+08:00"',
+                                             'start = "2025-07-03T19:04:59+08:00"'))
+    summary = xrdpipe.echem_experiment(xrdpipe.load_experiment(toml))
+    assert summary.status == {"before_record": 4}
+    (warning,) = summary.warnings
+    assert warning.startswith("no frame lies within the cycler record (4 before it): the frames run from "
+                              f"{syn.times[0][0].isoformat()} to {syn.times[-1][1].isoformat()}, the record "
+                              "(") and "cycler.csv) from 2025-07-03T11:04:59+00:00 to " in warning
+    assert "[electrochemistry] start = 2025-07-03T19:04:59+08:00 sets the record's clock" in warning
+    assert f"warning: {warning}" in str(summary)
+
+
 def test_datalab_coin_cell_scans_matched_by_absolute_time(data_dir, coincell8):
     src = data_dir / "datalab-coincell8"
     exp = coincell8('[electrochemistry]\nfile = "cc8.ndax"\n')     # local times: the frames' timezone is used

@@ -93,6 +93,23 @@ def _implausible(states, ec, spec) -> list[str]:
             f"(header or units = {{ current = \"A\" }}), active_mass_mg ({spec.active_mass_mg}) and x0"]
 
 
+def _outside_record(states, start_s: np.ndarray, end_s: np.ndarray, start, end, rec, spec) -> list[str]:
+    """A warning where no timed frame lies within the cycler record (every one before or after
+    it): the two clocks disagree, so no frame gets a voltage or x, and the run would otherwise
+    finish as if nothing were wrong."""
+    timed = np.flatnonzero(np.isfinite(start_s) & np.isfinite(end_s))
+    if not timed.size or np.isin(states.status[timed], ("before_record", "after_record")).sum() < timed.size:
+        return []
+    first, last = timed[np.argmin(start_s[timed])], timed[np.argmax(end_s[timed])]
+    side = {"before_record": "before", "after_record": "after"}
+    where = ", ".join(f"{n} {side[k]} it" for k, n in sorted(states.counts().items()) if k in side)
+    told = (f"[electrochemistry] start = {spec.start.isoformat()} sets the record's clock; "
+            if spec.start is not None else "")
+    return [f"no frame lies within the cycler record ({where}): the frames run from {start[first]} to "
+            f"{end[last]}, the record ({spec.file}) from {rec.start.isoformat()} to {rec.end.isoformat()}. "
+            f"{told}check the frames' times ([frames] times, timezone) and the cycler's start and timezone"]
+
+
 def echem_experiment(exp: Experiment, *, update_lattice: bool = True) -> EchemSummary:
     """Read the cycler file of ``[electrochemistry]``, integrate capacity and x, and give every
     frame of the run file its voltage, current, capacity, x and half-cycle (averaged over its
@@ -114,6 +131,7 @@ def echem_experiment(exp: Experiment, *, update_lattice: bool = True) -> EchemSu
     states = frame_states(ec, start_s, end_s, start=fr.start, end=fr.end, keys=fr.key)
     warnings = [n.removeprefix("warning: ") for n in notes if n.startswith("warning: ")]
     notes = [n for n in notes if not n.startswith("warning: ")]
+    warnings += _outside_record(states, start_s, end_s, fr.start, fr.end, rec, spec)
     warnings += _implausible(states, ec, spec)
     timed = np.isfinite(start_s)
     t_first = float(np.nanmin(start_s)) if timed.any() else float(rec.time[0])
