@@ -19,9 +19,29 @@ def test_public_api_is_curated():
         "integrate_experiment", "load_calibration", "load_experiment", "open_run", "CyclerReadError",
         "echem_experiment", "read_cycler", "run_experiment", "plot_experiment", "export_experiment",
         "PlotError", "RefinementError", "StructureError", "WindowSetupError", "lmfit_model",
-        "open_dataset", "open_results"])
+        "open_dataset", "open_results", "lattice_experiment", "refine_experiment", "report_experiment"])
     for name in xrdpipe.__all__:
         assert hasattr(xrdpipe, name)
+
+
+def test_every_stage_takes_an_experiment_or_its_file_and_says_so_for_anything_else(tmp_path):
+    """The stage runners take what load_experiment gives or the experiment file's path (str or
+    Path); anything else is a TypeError naming the runner and what it takes (it was an
+    AttributeError from deep inside: 'str' object has no attribute 'patterns')."""
+    from xrdpipe.testing import make_experiment
+
+    syn = make_experiment(tmp_path / "syn", n_frames=4, n_rest=0, frame_format="xye", seed=3)
+    assert xrdpipe.integrate_experiment(str(syn.experiment_file), progress=False).integrated == 4
+    assert xrdpipe.integrate_experiment(syn.experiment_file, progress=False).skipped == 4
+    assert xrdpipe.echem_experiment(syn.experiment_file).status == {"ok": 4}
+    runners = ("integrate", "fit", "echem", "lattice", "refine", "plot", "export", "report", "run")
+    for name in runners:
+        runner = getattr(xrdpipe, f"{name}_experiment")
+        assert runner.__name__ == f"{name}_experiment" and runner.__doc__ == runner.__wrapped__.__doc__
+        with pytest.raises(TypeError, match=rf"^{name}_experiment takes an Experiment \(xrdpipe.load_experiment"
+                                            r"\(\"experiment.toml\"\)\) or the path of an experiment file, "
+                                            r"not dict$"):
+            runner({"file": "experiment.toml"})
 
 
 def test_help_does_not_import_pyfai():

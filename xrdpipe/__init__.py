@@ -9,6 +9,7 @@ The public API is small; everything else lives in private-by-convention stage mo
 >>> ds = xrdpipe.open_dataset(exp.run.run_file)             # labelled, lazy  # doctest: +SKIP
 >>> peaks = xrdpipe.fit_experiment(exp)                     # doctest: +SKIP
 >>> states = xrdpipe.echem_experiment(exp)                  # doctest: +SKIP
+>>> cells = xrdpipe.lattice_experiment(exp)                 # cells, fractions  # doctest: +SKIP
 >>> print(xrdpipe.run_experiment(exp))                      # doctest: +SKIP
 """
 
@@ -32,6 +33,7 @@ _HOME = {
     "echem_experiment": "run.echem", "fit_experiment": "run.fit", "integrate_experiment": "run.integrate",
     "open_run": "run.store", "open_dataset": "run.dataset", "open_results": "run.dataset",
     "export_experiment": "run.output", "plot_experiment": "run.output", "run_experiment": "run.workflow",
+    "lattice_experiment": "run.lattice", "refine_experiment": "run.refine", "report_experiment": "run.report",
 }
 
 
@@ -85,4 +87,7 @@ __all__ = [
     "run_experiment",
     "plot_experiment",
     "export_experiment",
+    "lattice_experiment",
+    "refine_experiment",
+    "report_experiment",
 ]

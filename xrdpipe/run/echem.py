@@ -15,7 +15,7 @@ from .groups import ECHEM_COLUMNS, has_group, write_table
 from .lattice import lattice_experiment
 from .nexus import Curve, write_nxdata
 from .paths import ECHEM_RECORD, ELECTROCHEMISTRY, LATTICE, RunPaths, h5path
-from .stage import stage
+from .stage import stage, takes_experiment
 from .store import read_frames
 
 __all__ = ["EchemSummary", "echem_experiment"]
@@ -110,6 +110,7 @@ def _outside_record(states, start_s: np.ndarray, end_s: np.ndarray, start, end, 
             f"{told}check the frames' times ([frames] times, timezone) and the cycler's start and timezone"]
 
 
+@takes_experiment
 def echem_experiment(exp: Experiment, *, update_lattice: bool = True) -> EchemSummary:
     """Read the cycler file of ``[electrochemistry]``, integrate capacity and x, and give every
     frame of the run file its voltage, current, capacity, x and half-cycle (averaged over its

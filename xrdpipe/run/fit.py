@@ -15,7 +15,7 @@ from ..config import Experiment
 from ..errors import ConfigError
 from .paths import RunPaths
 from .peakstore import PeakStore, read_peak_table
-from .stage import stage
+from .stage import stage, takes_experiment
 from .store import FAILED, PENDING, RunInfo, read_run_info
 
 __all__ = ["FitSummary", "fit_experiment"]
@@ -70,6 +70,7 @@ class FitSummary:
         return "\n".join(lines)
 
 
+@takes_experiment
 def fit_experiment(exp: Experiment, *, restart: bool = False, progress: bool = True,
                    engine: str | None = None) -> FitSummary:
     """Fit the ``[[windows]]`` of an experiment in every integrated frame of its run file.

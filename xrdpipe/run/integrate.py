@@ -20,7 +20,7 @@ from ..frames import FrameRef, list_frames, read_frame
 from ..parallel import default_workers
 from ..safeio import file_stat
 from ..timing import frame_times
-from .stage import stage
+from .stage import stage, takes_experiment
 from .store import DONE, RunFile
 
 __all__ = ["IntegrationSummary", "integrate_experiment", "package_versions"]
@@ -119,6 +119,7 @@ def _detector_shape(cal, refs: list[FrameRef]) -> tuple[int, int]:
     raise CalibrationError("no frame could be read, so the detector's shape is unknown (and the PONI does not say)")
 
 
+@takes_experiment
 def integrate_experiment(exp: Experiment, *, restart: bool = False, progress: bool = True,
                          workers: int | None = None, scheduler: str | None = None,
                          ready: Callable[[list[FrameRef]], list[FrameRef]] | None = None,

@@ -17,7 +17,7 @@ from .nexus import Curve, write_nxdata
 from .paths import LATTICE, RunPaths
 from .peakstore import read_peak_table
 from .refinestore import read_weight_fractions
-from .stage import stage
+from .stage import stage, takes_experiment
 from .store import read_run_info
 
 __all__ = ["LatticeSummary", "lattice_experiment"]
@@ -42,6 +42,7 @@ class LatticeSummary:
         return "\n".join(lines)
 
 
+@takes_experiment
 def lattice_experiment(exp: Experiment) -> LatticeSummary:
     """Cells, volumes, layer geometry and phase fractions from the fitted peaks of a run file:
     written to ``/entry/lattice`` and ``<output>/lattice.csv`` (recomputed whole; it is quick)."""

@@ -16,6 +16,7 @@ from ..errors import PlotError, XrdpipeError
 from .groups import has_group, read_electrochemistry, read_table
 from .paths import LATTICE, PEAKS, REFINEMENT, RunPaths
 from .refinestore import FLAGGED, OK, read_refined_frame, read_refinement
+from .stage import takes_experiment
 from .store import DONE, read_frames, read_pattern_block, read_run_info
 
 __all__ = ["plot_experiment", "PlotSummary", "export_experiment", "export_run_file"]
@@ -82,6 +83,7 @@ def _contour_windows(exp: Experiment, spec, radial: np.ndarray) -> list[tuple[st
     return out
 
 
+@takes_experiment
 def plot_experiment(exp: Experiment, *, kinds: Sequence[str] | None = None, plots: PlotsSpec | None = None,
                     stem: Path | str | None = None, strict: bool | None = None) -> PlotSummary:
     """Draw the figures of ``kinds`` (default: ``[plots] kinds``, else every kind the run file
@@ -157,6 +159,7 @@ def _makers(exp: Experiment, spec: PlotsSpec, run_file: Path) -> dict[str, Calla
     }
 
 
+@takes_experiment
 def export_experiment(exp: Experiment, *, formats: Sequence[str] | None = None, frames: Sequence[int] | None = None,
                       progress: bool = False):
     """Every integrated pattern (or ``frames``) as ``[export] formats`` in ``<output>/<folder>``;

@@ -38,7 +38,7 @@ from .groups import FrameElectrochemistry, has_group, read_electrochemistry, rea
 from .lattice import lattice_experiment
 from .paths import LATTICE, REFINEMENT, RunPaths
 from .refinestore import FLAGGED, OK, STATUS, RefineStore
-from .stage import stage
+from .stage import stage, takes_experiment
 from .store import DONE, RunInfo, read_pattern_block, read_run_info
 
 __all__ = ["build_model", "refine_experiment", "compare_models", "RefineSummary", "REFINE_COLUMNS",
@@ -214,6 +214,7 @@ def _fingerprint(exp: Experiment, info: RunInfo) -> str:
                        "patterns": info.fingerprint}, sort_keys=True)
 
 
+@takes_experiment
 def refine_experiment(exp: Experiment, *, progress: bool = True, restart: bool = False,
                       frames: tuple[int, int] | None = None, update_lattice: bool = True) -> RefineSummary:
     """Refine every integrated frame of the run (``[refinement] frames`` or ``frames``: first

@@ -24,7 +24,7 @@ from ..safeio import write_text_atomic
 from .access import reading, text
 from .groups import read_electrochemistry, read_table
 from .paths import LATTICE, PROCESS, RunPaths, h5path
-from .stage import DEPENDS
+from .stage import DEPENDS, takes_experiment
 from .stagelog import read_stages
 from .store import DONE, FAILED, read_frames
 
@@ -54,6 +54,7 @@ def report_path(exp: Experiment) -> Path:
     return RunPaths.of(exp).output / "report.html"
 
 
+@takes_experiment
 def report_experiment(exp: Experiment, *, keys: dict[str, str] | None = None,
                       refresh_s: float | None = None) -> ReportSummary:
     """Write ``<output>/report.html`` from the run file of ``exp`` (see the module docstring).

@@ -4,6 +4,8 @@ bars, and puts the time into its summary, also when it fails half way."""
 
 from __future__ import annotations
 
+import functools
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -12,13 +14,33 @@ from typing import Any, Iterator
 from ..safeio import transaction
 from .stagelog import mark_stage
 
-__all__ = ["stage", "Stage", "progress_bar", "DEPENDS"]
+__all__ = ["stage", "Stage", "progress_bar", "DEPENDS", "takes_experiment"]
 
 #: The stages of a run in their order, each with the stages whose results it reads (a stage runs
 #: again when one of those ran; see :mod:`xrdpipe.run.workflow`).
 DEPENDS = {"integrate": (), "echem": ("integrate",), "fit": ("integrate",), "refine": ("integrate", "echem"),
            "lattice": ("fit", "echem", "refine"), "plots": ("integrate", "echem", "fit", "lattice", "refine"),
            "export": ("integrate", "echem")}
+
+
+def takes_experiment(fn):
+    """A stage runner ``fn(exp, ...)`` that also takes the path of an experiment file (``str`` or
+    ``os.PathLike``, read by :func:`~xrdpipe.config.load_experiment`); anything else that is not
+    an :class:`~xrdpipe.config.Experiment` is a TypeError saying what is expected (it was an
+    AttributeError from deep inside the stage)."""
+
+    @functools.wraps(fn)
+    def runner(exp, *args, **kwargs):
+        from ..config import Experiment, load_experiment
+
+        if not isinstance(exp, Experiment):
+            if not isinstance(exp, (str, os.PathLike)):
+                raise TypeError(f"{fn.__name__} takes an Experiment (xrdpipe.load_experiment(\"experiment.toml\")) "
+                                f"or the path of an experiment file, not {type(exp).__name__}")
+            exp = load_experiment(exp)
+        return fn(exp, *args, **kwargs)
+
+    return runner
 
 
 def progress_bar(total: int, desc: str, enabled: bool):

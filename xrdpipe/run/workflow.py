@@ -42,7 +42,7 @@ from .paths import LATTICE, PEAKS, RunPaths
 from .peakstore import read_peaks
 from .refine import refine_experiment
 from .report import report_experiment, report_path
-from .stage import DEPENDS
+from .stage import DEPENDS, takes_experiment
 from .stagelog import mark_stage, read_stages
 from .store import DONE, FAILED, read_frames
 
@@ -170,6 +170,7 @@ class RunSummary:
         return "\n".join(lines)
 
 
+@takes_experiment
 def run_experiment(exp: Experiment, *, force: bool = False, progress: bool = True, workers: int | None = None,
                    echo: Callable[[str], None] | None = None, scheduler: str | None = None,
                    ready: Callable | None = None, retry_s: float | None = None,
