@@ -285,3 +285,29 @@ def test_frames_integrated_after_echem_have_no_state_and_break_nothing(tmp_path)
     _fill_state(summary, exp)
     assert summary.frames_without_echem == 3
     assert "3 frame(s) have no state of charge yet" in str(summary)
+
+
+def test_a_fit_made_again_makes_the_lattice_table_again(tmp_path):
+    """Stage by stage: a lattice table made from the phase model's peaks, then the frames fitted
+    again with independent peaks (``[fit] model = "peaks"``): lattice.csv is made again from the
+    new peaks (it kept the phase model's fractions and presence, describing peaks no longer in
+    the run file); ``run_experiment`` makes it once, as its own stage."""
+    syn = make_experiment(tmp_path / "syn", n_frames=6, n_rest=0, frame_format="xye", seed=3)
+    exp = xrdpipe.load_experiment(syn.experiment_file)
+    xrdpipe.integrate_experiment(exp, progress=False)
+    assert not xrdpipe.fit_experiment(exp, progress=False).lattice_updated      # (no lattice yet)
+    xrdpipe.lattice_experiment(exp)
+    lattice_csv = exp.run.output / "lattice.csv"
+    before = list(csv.DictReader(open(lattice_csv)))
+    assert "scale" in {r["fraction_method"] for r in before}
+    toml = syn.experiment_file
+    toml.write_text(toml.read_text() + '\n[fit]\nmodel = "peaks"\n')
+    exp = xrdpipe.load_experiment(toml)
+    summary = xrdpipe.fit_experiment(exp, progress=False)
+    assert summary.fitted == 6 and summary.lattice_updated
+    assert "(lattice.csv made again from them)" in str(summary)
+    after = list(csv.DictReader(open(lattice_csv)))
+    assert "scale" not in {r["fraction_method"] for r in after}
+    assert not any("cell search" in r["presence"] for r in after)
+    xrdpipe.lattice_experiment(exp)
+    assert list(csv.DictReader(open(lattice_csv))) == after

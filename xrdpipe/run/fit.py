@@ -13,7 +13,8 @@ import numpy as np
 from .. import __version__
 from ..config import Experiment
 from ..errors import ConfigError
-from .paths import RunPaths
+from .groups import has_group
+from .paths import LATTICE, RunPaths
 from .peakstore import PeakStore, read_peak_table
 from .stage import stage, takes_experiment
 from .store import FAILED, PENDING, RunInfo, read_run_info
@@ -42,6 +43,8 @@ class FitSummary:
     naming: str = ""
     #: the run's zero shift the phase model holds, and how it was found ("" without one)
     zero: str = ""
+    #: the lattice table (cells and fractions) was made again from the new peaks
+    lattice_updated: bool = False
 
     def __str__(self) -> str:
         lines = [f"{self.total} frame(s): {self.fitted} fitted now, {self.skipped} already done"
@@ -66,17 +69,21 @@ class FitSummary:
             lines.append(f"  {count} window fit(s) failed: {msg}")
         lines.append(f"run file: {self.run_file}")
         if self.csv_file:
-            lines.append(f"peaks: {self.csv_file}")
+            lines.append(f"peaks: {self.csv_file}" + ("  (lattice.csv made again from them)" if self.lattice_updated
+                                                      else ""))
         return "\n".join(lines)
 
 
 @takes_experiment
 def fit_experiment(exp: Experiment, *, restart: bool = False, progress: bool = True,
-                   engine: str | None = None) -> FitSummary:
+                   engine: str | None = None, update_lattice: bool = True) -> FitSummary:
     """Fit the ``[[windows]]`` of an experiment in every integrated frame of its run file.
 
     Results go into ``/entry/peaks`` block by block (an interrupted fit resumes where it
-    stopped; changed settings start it again) and to ``peaks.csv`` beside the run file.
+    stopped; changed settings start it again) and to ``peaks.csv`` beside the run file. With
+    ``update_lattice``, a lattice table already in the run file (cells and fractions, from the
+    peaks before) is made again from the new peaks, where any frame was fitted now
+    (:func:`~xrdpipe.run.lattice.lattice_experiment`), so that it never describes other peaks.
     """
     t_start = time.perf_counter()
     if not exp.windows:
@@ -127,6 +134,11 @@ def fit_experiment(exp: Experiment, *, restart: bool = False, progress: bool = T
                 if not summary.naming and beside.other is not None:
                     store.drop_other_naming()   # (fitted beside, for a check that found nothing to check)
         _count(summary, read_peak_table(exp.run.run_file), RunPaths.of(exp))
+    if update_lattice and summary.fitted and exp.phases and has_group(exp.run.run_file, LATTICE):
+        from .lattice import lattice_experiment
+
+        lattice_experiment(exp)
+        summary.lattice_updated = True
     return summary
 
 

@@ -197,7 +197,7 @@ def run_experiment(exp: Experiment, *, force: bool = False, progress: bool = Tru
         "integrate": lambda: integrate_experiment(exp, progress=progress, workers=workers, scheduler=scheduler,
                                                   ready=ready, retry_s=retry_s, cache=cache),
         "echem": lambda: echem_experiment(exp, update_lattice=False),
-        "fit": lambda: fit_experiment(exp, progress=progress),
+        "fit": lambda: fit_experiment(exp, progress=progress, update_lattice=False),
         "refine": lambda: _refine(exp, progress),
         "lattice": lambda: lattice_experiment(exp),
         "plots": lambda: plot_experiment(exp, strict=False),
