@@ -281,3 +281,27 @@ def test_the_readme_plots_example_is_valid(tmp_path):
     exp = load_experiment(tmp_path / "e.toml")
     assert exp.plots.contour.windows == ["003", "104", (16.0, 16.8)] and exp.plots.contour.height_mm == 90
     assert exp.plots.fit.frames == [0, 44, 119] and exp.export.formats == ["xye", "fxye", "topas"]
+
+
+def test_the_two_phase_band_covers_each_two_phase_region_and_nothing_between():
+    """Against time, a charge's two-phase region and the discharge's are two grey bands, each over
+    its own frames; the frames of one phase between them are not shaded (one band from the first
+    two-phase frame to the last covered them). Against x the two regions may overlap: each is
+    drawn all the same."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from xrdpipe.plots.series import _shade_x
+
+    t = np.arange(12, dtype=float)                       # hours
+    together = np.zeros(12, bool)
+    together[[2, 3, 4, 8, 9]] = True                     # charge: 2-4; discharge: 8-9
+    fig, ax = plt.subplots()
+    _shade_x(ax, t, together)
+    spans = sorted((p.get_x(), p.get_x() + p.get_width()) for p in ax.patches)
+    assert spans == [(1.5, 4.5), (7.5, 9.5)]
+    for one_phase in (5.0, 6.0, 7.0):
+        assert not any(lo <= one_phase <= hi for lo, hi in spans)
+    plt.close(fig)

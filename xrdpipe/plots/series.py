@@ -77,12 +77,17 @@ def _series(ax, xv, y, err, colour, direction, label: str | None) -> None:
 
 
 def _shade_x(ax, xv: np.ndarray, together: np.ndarray) -> None:
-    """A grey band over the range of the abscissa where two phases were seen at once."""
+    """Grey bands over the abscissa where two phases were seen at once: one per run of
+    consecutive frames (in frame order) that show both, from its least to its greatest abscissa.
+    (One band from the first such frame to the last covered, against time, the frames of one
+    phase between a charge's two-phase region and the discharge's.)"""
     sel = together & np.isfinite(xv)
-    if sel.any():
-        lo, hi = np.min(xv[sel]), np.max(xv[sel])
-        pad = 0.5 * np.nanmedian(np.abs(np.diff(xv[np.isfinite(xv)]))) if np.isfinite(xv).sum() > 1 else 0.0
-        ax.axvspan(lo - pad, hi + pad, color="0.88", lw=0, zorder=0)
+    if not sel.any():
+        return
+    pad = 0.5 * np.nanmedian(np.abs(np.diff(xv[np.isfinite(xv)]))) if np.isfinite(xv).sum() > 1 else 0.0
+    rows = np.flatnonzero(sel)
+    for run in np.split(rows, np.flatnonzero(np.diff(rows) > 1) + 1):
+        ax.axvspan(np.min(xv[run]) - pad, np.max(xv[run]) + pad, color="0.88", lw=0, zorder=0)
 
 
 def _direction_legend(ax, loc: str = "lower right") -> None:
