@@ -737,8 +737,16 @@ def test_backward_pass_replaces_a_frame_where_the_forward_pass_missed_a_phase():
     _replace_rows(table, np.array([onset - lo]), PeakTable(np.array([onset]), np.full(1, np.nan), fitter.windows,
                                                            fitter.peaks, *arrays))
     bic_bad = table.phase["phase_bic"][onset - lo]
-    rows, revised = fitter.backward(table.phase, lambda a, b: (pat.intensity[lo + a:lo + b], pat.sigma[lo + a:lo + b]))
+    import io
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, file=io.StringIO())
+    rows, revised = fitter.backward(table.phase, lambda a, b: (pat.intensity[lo + a:lo + b], pat.sigma[lo + a:lo + b]),
+                                    progress=bar)
     assert onset - lo in rows.tolist() and rows.max() < onset + 1 - lo
+    # the progress bar ends full where the walks ended (its total was their longest reach, 0/338)
+    assert 0 < bar.n == bar.total
     k = rows.tolist().index(onset - lo)
     assert revised.phase["phase_present"][k, p3]
     assert revised.phase["phase_bic"][k] < bic_bad - 10

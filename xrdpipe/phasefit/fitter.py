@@ -353,6 +353,9 @@ class PhaseFitter:
             for s_row in sorted(starts):
                 self._walk_back(s_row, starts[s_row], read, stored, bic, usable, present, cell, revised, states,
                                 progress)
+        if progress is not None:         # (each walk ends where its phases are gone: the bar ends there)
+            progress.total = progress.n
+            progress.refresh()
         if not revised:
             return None
         return self._revised_table(revised, stored)
