@@ -184,6 +184,17 @@ def test_a_synthetic_experiment_made_again_in_its_folder_resumes(tmp_path):
     assert summary.integrated == 0 and summary.skipped == 4
 
 
+def test_a_synthetic_experiment_names_what_it_takes(tmp_path):
+    """A scenario is named in any case; another name, or no frame, is a ValueError saying what it
+    takes (a bare KeyError: 'NFM', and an experiment of no frame, before), and nothing is written."""
+    assert make_experiment(tmp_path / "a", scenario="NFM", n_frames=2, n_rest=0, frame_format="xye").scenario.name == "nfm"
+    with pytest.raises(ValueError, match=r"^scenario 'O3': expected one of 'nfm', 'mcm' or a Scenario$"):
+        make_experiment(tmp_path / "b", scenario="O3", n_frames=2)
+    with pytest.raises(ValueError, match=r"^n_frames = 0: an experiment needs at least one frame$"):
+        make_experiment(tmp_path / "c", n_frames=0)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
 def test_bad_frames_are_recorded_and_the_run_goes_on(synthetic_h5, tmp_path):
     folder = _copy(synthetic_h5, tmp_path)
     raw = sorted((folder / "raw").glob("*.h5"))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .scenarios import Scenario, mcm_scenario, nfm_scenario
+from .scenarios import Scenario, scenario_of
 from .series import Difficulty
 
 _WINDOWS = {
@@ -56,7 +56,7 @@ def fit_config(scenario: Scenario | str, difficulty: Difficulty | None = None):
 
     from ..config import PhaseSpec, WindowSpec
 
-    sc = {"nfm": nfm_scenario, "mcm": mcm_scenario}[scenario]() if isinstance(scenario, str) else scenario
+    sc = scenario_of(scenario)
     if difficulty is not None:
         sc = difficulty.scenario(sc)
     text = fit_toml(sc, difficulty)

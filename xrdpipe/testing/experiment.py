@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .configs import fit_toml
-from .scenarios import FARADAY, Scenario, mcm_scenario, nfm_scenario, phase_state
+from .scenarios import FARADAY, Scenario, phase_state, scenario_of
 from .series import Difficulty, pattern_1d, peak_list
 
 
@@ -118,9 +118,11 @@ def make_experiment(folder: Path | str, *, scenario: Scenario | str = "nfm", n_f
     difficulty : :class:`Difficulty` knobs (start-cell errors in the experiment file, overlap,
         broadening, intensities, Al lines, windows); None: the demo's settings
     """
+    if int(n_frames) < 1:
+        raise ValueError(f"n_frames = {n_frames}: an experiment needs at least one frame")
+    sc = scenario_of(scenario)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    sc = {"nfm": nfm_scenario, "mcm": mcm_scenario}[scenario]() if isinstance(scenario, str) else scenario
     if difficulty is not None:
         sc = difficulty.scenario(sc)
     rng = np.random.default_rng(seed)

@@ -136,6 +136,18 @@ def mcm_scenario() -> Scenario:
                     ((0.8, 2.9), (0.62, 3.6), (0.56, 3.75), (0.35, 4.3)))
 
 
+def scenario_of(scenario: Scenario | str) -> Scenario:
+    """A :class:`Scenario`, or the one named (``"nfm"`` or ``"mcm"``, in any case); another name
+    is a ValueError listing those."""
+    if not isinstance(scenario, str):
+        return scenario
+    known = {"nfm": nfm_scenario, "mcm": mcm_scenario}
+    make = known.get(scenario.lower())
+    if make is None:
+        raise ValueError(f"scenario {scenario!r}: expected one of {', '.join(map(repr, known))} or a Scenario")
+    return make()
+
+
 def phase_state(scenario: Scenario, x: float) -> list[tuple[SyntheticPhase, float, float, float]]:
     """``(phase, a, c, fraction)`` of every phase present at sodium content ``x``."""
     lo, hi = scenario.coexistence

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..crystallography import d_from_tth, reflections, tth_from_d
 from ..lineshapes import pseudo_voigt
-from .scenarios import Scenario, mcm_scenario, nfm_scenario, phase_state
+from .scenarios import Scenario, phase_state, scenario_of
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,7 @@ def pattern_series(n_frames: int, *, scenario: Scenario | str = "nfm", x_range: 
     background level (default ``40 * counts``, a far higher peak-to-background ratio than a
     coin cell gives; a few thousand at ``counts=0.05`` is closer to beamline data).
     ``difficulty`` (:class:`Difficulty`) makes it harder."""
-    sc = {"nfm": nfm_scenario, "mcm": mcm_scenario}[scenario]() if isinstance(scenario, str) else scenario
+    sc = scenario_of(scenario)
     if difficulty is not None:
         sc = difficulty.scenario(sc)
     lo, hi = x_range if x_range is not None else (sc.x0, sc.x_min)
