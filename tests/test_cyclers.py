@@ -237,6 +237,21 @@ def test_land_neware_and_arbin_excel_exports(tmp_path):
     _check(read_cycler(tmp_path / "arbin.xlsx", timezone="Europe/London"))
 
 
+def test_a_csv_table_read_as_biologic_is_told_its_separator(tmp_path):
+    """A comma-separated table named ``format = "biologic"``: the error says the columns it
+    names are separated by commas where BioLogic's are by tabs, and which formats read it (it
+    said the line should name time/s, Ewe/V and I/mA, which it did)."""
+    f = tmp_path / "cycler.csv"
+    f.write_text("datetime,time/s,Ewe/V,I/mA\n2025-07-02T19:04:59+08:00,0.0,2.4,0.0\n")
+    with pytest.raises(CyclerReadError) as err:
+        read_cycler(f, format="biologic")
+    assert str(err.value).endswith("line 1 (after the header block) should name the columns (time/s, Ewe/V or "
+                                   "Ecell/V, I/mA), tab-separated; it reads 'datetime,time/s,Ewe/V,I/mA': a "
+                                   "BioLogic export separates its columns by tabs, this line by ',' (another table: "
+                                   "[electrochemistry] format = \"auto\", or \"csv\" with its columns)")
+    assert str(f) in str(err.value)
+
+
 def test_biologic_text_export(tmp_path):
     t, v, i = _truth()
     lines = ["EC-Lab ASCII FILE", "Nb header lines : 6", "", "Galvanostatic Cycling with Potential Limitation",

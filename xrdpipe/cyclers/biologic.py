@@ -103,8 +103,12 @@ def read_mpt(path: Path) -> Raw:
                                     f"{len(lines)} lines (expected the column names on line {n_header})")
     header = [h.strip() for h in lines[n_header - 1].split("\t")]
     if "time/s" not in header:
+        line = lines[n_header - 1]
+        sep = next((c for c in ",;" if c in line and "\t" not in line), None)
+        hint = (f": a BioLogic export separates its columns by tabs, this line by {sep!r} (another table: "
+                f"[electrochemistry] format = \"auto\", or \"csv\" with its columns)" if sep else "")
         raise CyclerReadError(path, f"line {n_header} (after the header block) should name the columns "
-                                    f"(time/s, Ewe/V or Ecell/V, I/mA); it reads {lines[n_header - 1][:80]!r}")
+                                    f"(time/s, Ewe/V or Ecell/V, I/mA), tab-separated; it reads {line[:80]!r}{hint}")
     body = [ln.split("\t") for ln in lines[n_header:] if ln.strip()]
     cols: dict[str, np.ndarray] = {}
     abs_s, naive, notes = None, True, []
