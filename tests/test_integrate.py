@@ -195,6 +195,20 @@ def test_a_synthetic_experiment_names_what_it_takes(tmp_path):
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
+def test_a_dataset_in_no_file_is_named_not_the_times_read_from_it(synthetic_h5, tmp_path):
+    """A [frames] dataset that no file holds, with times read from the frames' headers: the error
+    names the dataset (it named frames.times: 'no file could be read; use times = { log = ...')."""
+    from xrdpipe.errors import ConfigError
+
+    folder = _copy(synthetic_h5, tmp_path)
+    toml = folder / "experiment.toml"
+    toml.write_text(toml.read_text().replace('dataset = "/entry/data/data"', 'dataset = "/entry/data/dat"'))
+    with pytest.raises(ConfigError) as err:
+        xrdpipe.integrate_experiment(xrdpipe.load_experiment(toml), progress=False)
+    assert err.value.problems == [("frames", f"no frame can be read: {sorted((folder / 'raw').glob('*.h5'))[0]}: "
+                                             "no dataset '/entry/data/dat' in the file (frames.dataset)")]
+
+
 def test_bad_frames_are_recorded_and_the_run_goes_on(synthetic_h5, tmp_path):
     folder = _copy(synthetic_h5, tmp_path)
     raw = sorted((folder / "raw").glob("*.h5"))

@@ -242,6 +242,14 @@ def _header_times(refs: Sequence[FrameRef], timezone: str | None, where: str) ->
             first_problem = first_problem or f"{r.file} gives no frame time ({exc})"
             out.append(None)
     if refs and all(t is None for t in out):
+        listed = next((r for r in refs if r.error), None)
+        if first_problem is None and listed is not None:
+            # no frame could even be listed (a dataset not in the files, files that are not
+            # frames): that is the mistake to name, not the times read from them
+            raise ConfigError(where, [(
+                "frames",
+                f"no frame can be read: {listed.file}: {listed.error}",
+            )])
         raise ConfigError(where, [(
             "frames.times",
             f"times = \"header\" but {first_problem or 'no file could be read'}; "
