@@ -209,6 +209,23 @@ def test_a_dataset_in_no_file_is_named_not_the_times_read_from_it(synthetic_h5, 
                                              "no dataset '/entry/data/dat' in the file (frames.dataset)")]
 
 
+def test_a_run_whose_every_frame_failed_is_made_anew_once_the_setting_is_put_right(synthetic_h5, tmp_path):
+    """Every frame failed (a dataset no file holds, the times given): the file holds no pattern,
+    so the dataset put right integrates every frame (it refused, 'holds patterns made with other
+    settings (changed: dataset)', with none); a file with patterns still refuses to mix."""
+    folder = _copy(synthetic_h5, tmp_path)
+    toml = folder / "experiment.toml"
+    good = toml.read_text().replace('times = "header"', 'times = { start = "2025-07-02T19:05:59+08:00", period_s = 20.0 }')
+    toml.write_text(good.replace('dataset = "/entry/data/data"', 'dataset = "/entry/data/dat"'))
+    failed = xrdpipe.integrate_experiment(xrdpipe.load_experiment(toml), progress=False)
+    assert failed.integrated == 0 and len(failed.failed) == 3          # (one failed listing per file)
+    toml.write_text(good)
+    assert xrdpipe.integrate_experiment(xrdpipe.load_experiment(toml), progress=False).integrated == 12
+    toml.write_text(good.replace("npt = 2000", "npt = 1500"))
+    with pytest.raises(StoreError, match=r"holds patterns made with other settings \(changed: integration\)"):
+        xrdpipe.integrate_experiment(xrdpipe.load_experiment(toml), progress=False)
+
+
 def test_bad_frames_are_recorded_and_the_run_goes_on(synthetic_h5, tmp_path):
     folder = _copy(synthetic_h5, tmp_path)
     raw = sorted((folder / "raw").glob("*.h5"))

@@ -110,13 +110,14 @@ class RunFile(Writer):
         Raises
         ------
         StoreError
-            The existing file was made with other settings (named), unless ``restart`` is True,
-            in which case it is replaced.
+            The existing file holds patterns made with other settings (named), unless
+            ``restart`` is True, in which case it is replaced (as one whose every frame failed is).
         """
         path = Path(path)
         stack, session = enter_transaction(path)
         try:
-            if (path.exists() or session.readable() is not None) and not restart:
+            exists = path.exists() or session.readable() is not None
+            if exists and not restart:
                 h5 = session.writable()
                 if h5.attrs.get("format") != FORMAT or h5path(FINGERPRINT) not in h5:
                     raise StoreError(f"{path} is not an xrdpipe run file; choose another run name or --restart")
@@ -124,13 +125,17 @@ class RunFile(Writer):
                 earlier = same_as or {}
                 changed = sorted(k for k in set(old) | set(fingerprint)
                                  if old.get(k) != fingerprint.get(k) and (k not in earlier or old.get(k) != earlier[k]))
-                if changed:
+                status = h5path(FRAMES) + "/status"
+                if changed and status in h5 and (h5[status][()] == DONE).any():
                     raise StoreError(
                         f"run file {path} holds patterns made with other settings (changed: {', '.join(changed)}); "
                         "to discard them and integrate again: xrdpipe integrate EXPERIMENT.toml --restart (from "
                         "Python: integrate_experiment(exp, restart=True))"
                     )
-            else:
+                # (a file whose every frame failed holds no pattern to mix with: with a dataset or
+                # a mask put right, it is made anew, as with --restart)
+                restart = bool(changed)
+            if restart or not exists:
                 session.create(lambda h5: _create_layout(
                     h5, radial=np.asarray(radial, float), unit=unit, wavelength_A=wavelength_A,
                     fingerprint=fingerprint, provenance=provenance, title=title,
