@@ -75,6 +75,23 @@ def test_demo_then_integrate_resumes_with_nothing_to_do(demo):
     assert res.exit_code == 0 and "0 integrated now, 8 already done" in res.output
 
 
+def test_a_demo_asked_of_another_size_in_its_folder_says_it_is_not_simulated_again(demo, tmp_path):
+    """``xrdpipe demo`` into the folder of a demo of 8 frames with --frames 12: it runs the one
+    there and says that it did not simulate 12 (it only said "already simulated"); the same
+    options as the folder's, or none, say nothing more."""
+    src, res = demo
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "demo"
+    shutil.copytree(src, out)
+    again = CliRunner().invoke(main, ["demo", str(out), "--frames", "12", "--quiet"])
+    assert again.exit_code == 0, again.output
+    assert (f"  not simulated again for --frames 12 (it holds 8): delete {out}/ or give another folder"
+            in again.output.splitlines())
+    for same in (["--frames", "8"], ["--scenario", "nfm"], []):
+        quiet = CliRunner().invoke(main, ["demo", str(out), *same, "--quiet"])
+        assert quiet.exit_code == 0 and "not simulated again" not in quiet.output
+
+
 def test_integrate_reports_calibration_errors_in_one_line(demo, tmp_path):
     runner = CliRunner()
     src, res = demo

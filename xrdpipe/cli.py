@@ -579,6 +579,7 @@ def demo(out: str, n_frames: int, scenario: str, seed: int, quiet: bool) -> None
     exp_file = folder / "experiment.toml"
     if exp_file.exists() and (folder / "truth.csv").exists():
         click.echo(f"using the experiment already simulated in {folder}/ (delete the folder to simulate again)")
+        _demo_differs(folder, exp_file, n_frames, scenario)
     else:
         click.echo(f"simulating {n_frames} frames ({scenario} scenario) in {folder}/ ...")
         syn = make_experiment(folder, scenario=scenario, n_frames=n_frames, seed=seed, counts=0.002,
@@ -593,6 +594,31 @@ def demo(out: str, n_frames: int, scenario: str, seed: int, quiet: bool) -> None
     click.echo(str(summary))
     click.echo(f"experiment file: {exp_file}; the truth is in {folder / 'truth.csv'}")
     click.echo(f"look at the patterns: silx view {summary.run_file}   (or h5web)")
+
+
+def _demo_differs(folder: Path, exp_file: Path, n_frames: int, scenario: str) -> None:
+    """Say so where the options given on the command line ask for another simulation than the
+    one the folder holds (it is used as it is)."""
+    import csv
+
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    given = {name for name in ("n_frames", "scenario") if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
+    if not given:
+        return
+    with open(folder / "truth.csv", newline="") as fh:
+        held = len({row["frame"] for row in csv.DictReader(fh)})
+    from .config import load_experiment
+
+    held_scenario = load_experiment(exp_file).run.name.removeprefix("demo-")
+    differ = []
+    if "n_frames" in given and n_frames != held:
+        differ.append(f"--frames {n_frames} (it holds {held})")
+    if "scenario" in given and scenario != held_scenario:
+        differ.append(f"--scenario {scenario} (it holds {held_scenario})")
+    if differ:
+        click.echo(f"  not simulated again for {' and '.join(differ)}: delete {folder}/ or give another folder")
 
 
 if __name__ == "__main__":  # pragma: no cover
