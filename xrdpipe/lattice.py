@@ -314,9 +314,10 @@ def _from_phase_model(table, phases: Sequence[PhaseSpec], spec: LatticeSpec, val
         vals["n_reflections"][:, i] = np.asarray(table.present)[:, cols].sum(axis=1) if cols else 0
         if spec_i.z_o is not None and crystal_system(spec_i.space_group) == "hexagonal" \
                 and spec_i.structure_kind in ("O3", "P3", "P2"):
-            for r in np.flatnonzero(here):
-                for key, v in layer_geometry(spec_i.structure_kind, cell[r, 0], cell[r, 2], spec_i.z_o).items():
-                    vals[key][r, i] = v
+            rows = np.flatnonzero(here)
+            if rows.size:
+                for key, v in layer_geometry(spec_i.structure_kind, cell[rows, 0], cell[rows, 2], spec_i.z_o).items():
+                    vals[key][rows, i] = v
     frac, err, method = phase_fractions(table, phases, spec)
     vals["area_fraction"], vals["area_fraction_err"] = frac, err
     frames = np.asarray(table.frame)

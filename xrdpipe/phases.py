@@ -74,33 +74,43 @@ def _sites(kind: str, z_o: float) -> dict[str, list[tuple[float, float, float]]]
 
 
 def _cart(frac, a, c):
+    """Cartesian coordinates (Å) of fractional ``frac`` (..., 3) in hexagonal cells ``a``, ``c``
+    (scalars, or arrays (n,) of n cells: then (n, ..., 3))."""
     f = np.asarray(frac, float)
+    a, c = (np.asarray(v, float).reshape(np.shape(v) + (1,) * (f.ndim - 1)) for v in (a, c))
     x = a * (f[..., 0] - 0.5 * f[..., 1])
     y = a * (np.sqrt(3) / 2) * f[..., 1]
     return np.stack([x, y, c * f[..., 2]], axis=-1)
 
 
-def _nearest(frac_a, frac_b, a, c) -> float:
-    """Shortest distance between any site of A and any periodic image of a site of B."""
+def _nearest(frac_a, frac_b, a, c):
+    """Shortest distance between any site of A and any periodic image of a site of B (a float;
+    an array (n,) for cells ``a``, ``c`` given as arrays (n,))."""
     shifts = np.array([(i, j, k) for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)], float)
     pa = _cart(np.asarray(frac_a, float), a, c)
-    pb = _cart(np.asarray(frac_b, float)[:, None, :] + shifts[None, :, :], a, c).reshape(-1, 3)
-    dist = np.linalg.norm(pa[:, None, :] - pb[None, :, :], axis=-1)
-    return float(dist[dist > 1e-9].min())
+    pb = _cart(np.asarray(frac_b, float)[:, None, :] + shifts[None, :, :], a, c)
+    pb = pb.reshape(pb.shape[:-3] + (-1, 3))
+    dist = np.linalg.norm(pa[..., :, None, :] - pb[..., None, :, :], axis=-1)
+    dist = np.where(dist > 1e-9, dist, np.inf).min(axis=(-2, -1))
+    dist = np.where(np.isfinite(dist), dist, np.nan)      # (a cell not known: NaN)
+    return float(dist) if dist.ndim == 0 else dist
 
 
-def _slab(frac_center, frac_o, c) -> float:
-    """Height between the oxygen layers just above and just below a layer of cations."""
+def _slab(frac_center, frac_o, c):
+    """Height between the oxygen layers just above and just below a layer of cations (a float,
+    or an array for ``c`` given as an array)."""
     z0 = frac_center[0][2]
     dz = ((np.array([p[2] for p in frac_o]) - z0 + 0.5) % 1.0) - 0.5
-    return float(c * (dz[dz > 0].min() - dz[dz < 0].max()))
+    span = dz[dz > 0].min() - dz[dz < 0].max()
+    return float(c * span) if np.ndim(c) == 0 else np.asarray(c, float) * span
 
 
 GEOMETRY_KEYS = ("tm_o_A", "na_o_A", "na_tm_A", "tm_slab_A", "na_slab_A")
 
 
-def layer_geometry(kind: str, a_A: float, c_A: float, z_o: float) -> dict[str, float]:
-    """TM-O, Na-O and Na-TM distances and TM / Na slab thicknesses (Å) of an O3, P3 or P2 cell.
+def layer_geometry(kind: str, a_A, c_A, z_o: float) -> dict:
+    """TM-O, Na-O and Na-TM distances and TM / Na slab thicknesses (Å) of an O3, P3 or P2 cell
+    (floats), or of n cells at once (``a_A``, ``c_A`` arrays (n,): arrays (n,)).
 
     ``z_o`` is the oxygen coordinate of the library's setting (O3: O 6c (0,0,z) with Na at 0;
     P3: the shift of O from 1/3 and 2/3; P2: O 4f (1/3,2/3,z)).
