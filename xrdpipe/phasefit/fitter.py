@@ -353,6 +353,7 @@ class PhaseFitter:
             for s_row in sorted(starts):
                 self._walk_back(s_row, starts[s_row], read, stored, bic, usable, present, cell, revised, states,
                                 progress)
+            self._forward_again(read, bic, usable, present, cell, revised, states)
         if progress is not None:         # (each walk ends where its phases are gone: the bar ends there)
             progress.total = progress.n
             progress.refresh()
@@ -400,6 +401,37 @@ class PhaseFitter:
                     break
             else:
                 gone = 0
+
+    def _forward_again(self, read, bic: np.ndarray, usable: np.ndarray, present: np.ndarray, cell: np.ndarray,
+                       revised: dict, states: dict) -> None:
+        """The frames after each frame the backward pass revised, fitted again going forward from
+        it, as long as each is fitted better so (the same test as going back: a BIC lower by more
+        than 2, no phase swapped for one it could be confused with). A walk back that put a frame
+        right may have reached it from a frame after it that it left wrong (P3 alone in the frame
+        it started from, O3 at 19 % beside it searched for and found crossed over P3's line, c
+        0.19 Å off, χ²/ν 33): the forward pass had come to that frame from the one before it as
+        it was then, wrong; from the frame put right it is explained to its noise (BIC 329 for
+        3,418)."""
+        m, fit, cols = self.model, self.fit, self.model.columns
+        n = len(bic)
+        for j in sorted(revised):
+            carry, k = states[j], j + 1
+            while k < n and usable[k]:
+                intensity, sigma = read(k, k + 1)
+                e = sigma[0, cols]
+                res = _guarded(m, intensity[0, cols], e if np.isfinite(e).any() else None, carry, fit,
+                               f"row {k} fitted again going forward")
+                new_bic = _bic(m, res) if res.success else np.inf
+                swap = any(res.present[q] and not present[k, q] and present[k, p] and not res.present[p]
+                           for p, q in m.confusable)
+                if not (new_bic < bic[k] - 2.0) or swap:
+                    break
+                res.decision = [d + f" (fitted again going forward from frame {j}, which the backward pass revised)" if d else d
+                                for d in res.decision]
+                revised[k], states[k] = res, res.state
+                bic[k], present[k] = new_bic, res.present & usable[k]
+                cell[k] = np.where(res.present[:, None], res.state.cell, cell[k])
+                carry, k = res.state, k + 1
 
     def _revised_table(self, revised: dict, stored: dict):
         """The revised rows (ascending) and their results as a PeakTable with phase arrays, and

@@ -159,6 +159,10 @@ class FrameResult:
     #: None: :class:`~xrdpipe.phasefit.solve.WindowEsds`, whose numbers only the record and a
     #: few decisions read (in the fitter, the record is made beside the next frame's least squares)
     esds: object | None = None
+    #: phases followed from the frame before that ran to the end of their step while a similar
+    #: phase was absent (:func:`~xrdpipe.phasefit.decide._track`): the frame is tried again with
+    #: them held where they were (:func:`~xrdpipe.phasefit.decide._fit_frame_searched`)
+    ran_off: tuple = ()
 
     @property
     def err(self) -> np.ndarray:
@@ -249,6 +253,9 @@ class _Frame:
         #: distance), for the other to start again where it was
         self.took: dict[int, tuple[int, float]] = {}
         self.going_back = False                # the backward pass (fit_frame given centres)
+        #: phases followed from the frame before that ran to the end of their step while a
+        #: similar phase was absent (decide._track): drawn toward its line, or a jump
+        self.ran_off: list[int] = []
         #: a phase named by the nearer typed cell where a similar phase could have taken its
         #: lines: phase -> (the other, their distances in search half-ranges, "typed" or "last":
         #: from which cells, "fit": its search fitted a little better (typed cells), or
