@@ -19,10 +19,13 @@ Kinds (each prints one line per series, then ``KIND: passed/series``):
 * ``f1d`` / ``f2d``: the series simulated without ``xrdpipe.testing`` (``tests/foreign_series.py``:
   Voigt lines, a zero shift, a curved background), seeds 1-8 of both studies in 1D, seeds 1-3
   of MCM and 2-4 of NFM as 2D frames of another detector;
+* ``f1dx``: those 1D series (seeds 1-12 of both studies) with the typed cells drawn for each
+  seed as the own series' are (``foreign_series.typed_cells``: a off by 0.3-1 %, c by 0.5-2 %,
+  each sign drawn), the windows drawn around the lines the data show;
 * ``long``: the benchmark's charge (``benchmarks/phases.py``) over 200, 300 and 500 frames (seeds
   1-3) and 1,000 frames (seed 1), with max |Δc| ≤ 0.005 Å besides.
 
-About 3 (own1d), 4 (own2d), 3 (cycle), 5 (f1d), 3 (f2d) and 4 (long) minutes on one core.
+About 3 (own1d), 4 (own2d), 3 (cycle), 5 (f1d), 5 (f1dx), 3 (f2d) and 4 (long) minutes on one core.
 
     python benchmarks/sweeps.py own1d
     python benchmarks/sweeps.py own2d f2d --only 0,3
@@ -144,6 +147,19 @@ def f1d(case, tmp):
     return score(series, lat), lambda s: meets(s, coexistence=4)
 
 
+def f1dx(case, tmp):
+    from foreign_series import foreign_series, score
+
+    from xrdpipe.config import FitSpec, LatticeSpec
+    from xrdpipe.phasefit import fit_phases
+
+    series = foreign_series(case[0], n=40, seed=case[1], typed_error=case[1])
+    phases, windows = series.config()
+    table = fit_phases(series.patterns(), phases, windows, FitSpec(), LatticeSpec())
+    lat = _refined(table, phases, LatticeSpec(), series.wavelength_A)
+    return score(series, lat), lambda s: meets(s, coexistence=4)
+
+
 def f2d(case, tmp):
     from foreign_series import foreign_experiment, score
 
@@ -173,6 +189,7 @@ KINDS = {
     "own2d": (own2d, lambda draw: own_cases(draw)[::4]),
     "cycle": (cycle, lambda draw: own_cases(draw)),
     "f1d": (f1d, lambda draw: [(s, k) for s in ("nfm", "mcm") for k in range(1, 9)]),
+    "f1dx": (f1dx, lambda draw: [(s, k) for s in ("nfm", "mcm") for k in range(1, 13)]),
     "f2d": (f2d, lambda draw: [("mcm", k) for k in (1, 2, 3)] + [("nfm", k) for k in (2, 3, 4)]),
     "long": (long, lambda draw: [(n, s) for n in (200, 300, 500) for s in (1, 2, 3)] + [(1000, 1)]),
 }

@@ -151,12 +151,14 @@ _SCENARIOS = {
 
 
 def foreign_series(scenario: str, n: int = 40, seed: int = 1, counts: float = 0.2,
-                   lines: tuple = ()) -> ForeignSeries:
+                   lines: tuple = (), typed_error: int | None = None) -> ForeignSeries:
     """O3 → P3 (``"nfm"``, λ = 0.6209 Å) or P2 → P''2 (``"mcm"``, λ = 0.6884 Å) on charge, ``n``
     frames; peaks of the strongest line ~5e5 counts over a background of ~2000 at ``counts=0.2``.
     ``lines``: ((2θ, strength, broadening), ...) lines of no phase in every frame (strength on
-    the phases' intensity scale, the basal line's being 100; broadening of the Caglioti width)."""
-    study = _Study(scenario, n, seed, counts, lines)
+    the phases' intensity scale, the basal line's being 100; broadening of the Caglioti width).
+    ``typed_error``: the seed of a draw of the typed cells (:func:`typed_cells`) instead of the
+    study's library cells; the windows are then drawn around the lines the data show."""
+    study = _Study(scenario, n, seed, counts, lines, typed_error)
     return _sampled(study, list(range(n)))
 
 
@@ -171,23 +173,48 @@ def _sampled(study: "_Study", order: list) -> ForeignSeries:
 _TMAX = 24.0
 
 
-def foreign_cycle(scenario: str, n: int = 24, seed: int = 1, counts: float = 0.2) -> ForeignSeries:
+def foreign_cycle(scenario: str, n: int = 24, seed: int = 1, counts: float = 0.2,
+                  typed_error: int | None = None) -> ForeignSeries:
     """A charge then a discharge: the ``n`` frames of :func:`foreign_series`, then the same
     states back in reverse order with noise of their own (``2n`` frames): the phase that left on
     the charge comes back where it left, with its own intensities and cells."""
-    return _sampled(_Study(scenario, n, seed, counts), list(range(n)) + list(range(n - 1, -1, -1)))
+    return _sampled(_Study(scenario, n, seed, counts, (), typed_error), list(range(n)) + list(range(n - 1, -1, -1)))
+
+
+def typed_cells(first: dict, seed: int) -> dict:
+    """Cells a user types, drawn for each phase of ``first`` ({name: (a, c)}, where each phase
+    first appears): a off by 0.3-1 % and c by 0.5-2 %, each sign drawn (the phase-model issue's
+    start cells), rounded as a user types them (4 decimals in a, 3 in c)."""
+    rng = np.random.default_rng([seed, sum(map(ord, "".join(first)))])
+    out = {}
+    for name, (a, c) in first.items():
+        ea, ec = rng.uniform(0.003, 0.01), rng.uniform(0.005, 0.02)
+        sa, sc = rng.choice([-1.0, 1.0], size=2)
+        out[name] = (round(float(a * (1 + sa * ea)), 4), round(float(c * (1 + sc * ec)), 3))
+    return out
 
 
 class _Study:
     """One simulated charge: its two phases (intensities drawn once), its frames' truth
     (``states``) and each frame's noise-free pattern (:meth:`mean`, counts per 0.004°)."""
 
-    def __init__(self, scenario: str, n: int, seed: int, counts: float, lines: tuple = ()):
+    def __init__(self, scenario: str, n: int, seed: int, counts: float, lines: tuple = (),
+                 typed_error: int | None = None):
         if scenario not in _SCENARIOS:
             raise ValueError(f"unknown scenario {scenario!r}: one of {', '.join(map(repr, _SCENARIOS))}")
         sc = self.sc = _SCENARIOS[scenario]
         self.rng = np.random.default_rng(seed)
         self.lam, self.basal, self.typed, self.listed = sc["lam"], sc["basal"], sc["typed"], sc["listed"]
+        # where the windows are drawn: around the typed lines (library cells near the truth), or,
+        # with typed cells drawn far off, around the lines the data show, over the whole run
+        # (each phase's cells where it appears and where the run ends)
+        self.drawn_at = {name: [cell] for name, cell in self.typed.items()}
+        if typed_error is not None:
+            (x0, x_end), (x1, x2) = sc["x"], sc["coexistence"]
+            hi, lo = sc["hi_cell"], sc["lo_cell"]
+            self.drawn_at = {sc["hi"][0]: [(hi[0], hi[2]), (hi[0] + hi[1] * (x0 - x2), hi[2] + hi[3] * (x0 - x2))],
+                             sc["lo"][0]: [(lo[0], lo[2]), (lo[0] + lo[1] * (x1 - x_end), lo[2] + lo[3] * (x1 - x_end))]}
+            self.typed = typed_cells({name: cells[0] for name, cells in self.drawn_at.items()}, typed_error)
         self.hi, self.lo = (_phase(*sc[k][:4], self.basal, sc[k][4], self.lam, _TMAX + 1, self.rng)
                             for k in ("hi", "lo"))
         xs, (x1, x2) = np.linspace(*sc["x"], n), sc["coexistence"]
@@ -255,11 +282,12 @@ class _Study:
     def windows(self) -> list:
         """The ``[[windows]]`` a user draws: ±0.35° around both phases' typed lines, widened to
         an Al line within 0.1° of them."""
-        lam, typed = self.lam, self.typed
+        lam, typed = self.lam, self.drawn_at
         windows = []
         for hkl in self.listed:
             label = "".join(str(v) for v in hkl)
-            at = [2 * np.degrees(np.arcsin(lam * np.sqrt(_inv_d2(*typed[p.name], hkl)) / 2)) for p in (self.hi, self.lo)]
+            at = [2 * np.degrees(np.arcsin(lam * np.sqrt(_inv_d2(*cell, hkl)) / 2))
+                  for p in (self.hi, self.lo) for cell in typed[p.name]]
             lo_edge, hi_edge = min(at) - 0.35, max(at) + 0.35
             peaks = [f"{self.hi.name} {label}", f"{self.lo.name} {label}"]
             for al in ((1, 1, 1), (2, 0, 0), (2, 2, 0), (3, 1, 1)):

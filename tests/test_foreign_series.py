@@ -50,6 +50,25 @@ def test_phase_model_on_a_series_its_own_simulator_did_not_make(scenario, seed):
     assert np.nanmax(lat.values["correction_err_deg"]) == err
 
 
+def test_a_similar_phase_on_a_line_it_shares_is_not_present_by_that_line_and_the_zero_stays_right():
+    """The typed cells drawn as a user types them (``typed_error``: O3 -0.57 % in a and -1.23 % in
+    c, P3 +0.70 % and -1.25 %; the windows drawn around the lines the data show). P3's search
+    range then reaches O3's lines: in the 19 frames of O3 alone P3 was present at ~0.5 % of the
+    003 and 104 windows, and at 80 % of the 015 window, where its (015) lies 0.001° from O3's
+    (areas free, the two split one Voigt line by its shape); the zero shift, estimated on those
+    frames, came out 0.0009° low and every c 0.0025 Å low (2 esds: 7 % of the cell errors within
+    one esd). Counted where its lines are its own, P3's share is below ``min_fraction``."""
+    series = foreign_series("nfm", n=40, seed=5, typed_error=5)
+    assert series.typed["P3"][1] < 16.40           # (its search range reaches O3's c)
+    table, lat = _fit(series)
+    _meets_the_issue(score(series, lat))
+    alone = [i for i, st in enumerate(series.states) if "P3" not in st]
+    p3 = list(table.phase_names).index("P3")
+    assert not np.asarray(table.phase["phase_present"], bool)[alone, p3].any()
+    zero, err = table.phase["zero"][0], table.phase["zero_err"][0]
+    assert abs(zero - ZERO_DEG) < max(3 * err, 1e-4), (zero, err)
+
+
 def test_a_long_series_followed_as_before_is_searched_less_often_and_ends_as_right():
     """160 frames of O3 → P3 on Voigt lines, which a pseudo-Voigt model misfits in every frame
     alike (no frame explained to its noise): the frames are followed for their misfit being as in

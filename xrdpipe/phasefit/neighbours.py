@@ -70,6 +70,39 @@ def _coincident(m: PhaseModel, fr: "_Frame", p: int, cells: np.ndarray, widths: 
     return None
 
 
+def _own_share(m: PhaseModel, fr: "_Frame", p: int, cells: np.ndarray, widths: np.ndarray, present: list[int],
+               areas: np.ndarray, inner: np.ndarray, total_area: np.ndarray) -> tuple[float, int] | None:
+    """(share, q): phase ``p``'s share of the area (``areas`` (R,) of the lines ``inner``,
+    ``total_area`` (W,) per window) counted only over its lines that are its own, not within
+    :data:`_ONE_LINE` FWHM of the same reflection of a similar phase ``q`` present (``cells``
+    (P, 6), FWHM ``widths`` (P, W)): where two such lines coincide their areas are free, and
+    the split between them follows the profile's shape, not the phases. None where none of its
+    lines, or all of them, lie on such a line (the whole set is :func:`_coincident`'s)."""
+    similar = [q for a, q, _, _ in m.order if a == p and q in present]
+    if not similar:
+        return None
+    cen = m.centres(cells[None], np.array([fr.state.zero]))[0]
+    rows = m._refl_of_phase[p]
+    rows = rows[inner[rows]]
+    own, on = [], None
+    for i in rows:
+        w = int(m.r_window[i])
+        for q in similar:
+            twin = _twin(m, q, int(i))
+            width = _nanmin2(float(widths[p, w]), float(widths[q, w]))
+            if twin is not None and inner[twin] and width > 0 and abs(cen[i] - cen[twin]) <= _ONE_LINE * width:
+                on = q
+                break
+        else:
+            own.append(int(i))
+    if on is None or not own:
+        return None
+    windows = np.zeros(m.W, bool)
+    windows[m.r_window[own]] = True
+    touched = float(total_area[windows].sum())
+    return (float(areas[own].sum()) / touched if touched > 0 else 0.0), on
+
+
 def _nanmin2(a: float, b: float) -> float:
     """``np.nanmin([a, b])`` of two floats (NaN where both are), without its overhead."""
     if a != a:
