@@ -212,7 +212,8 @@ def _held_where_it_was(m: PhaseModel, y: np.ndarray, sigma: np.ndarray | None, s
     go, the followed phase was searched for afresh beside nothing, and the two similar phases,
     each fitted alone to both lines, were named by which of them fits the middle better (O3 at
     63 % beside P3 at 37 %: P3 found there first, O3 searched beside it onto P3's own line,
-    the names swapped; measured 2026-12-04 on a charge and discharge of three frames)."""
+    the names swapped; measured 2026-12-04 on charges and discharges whose two-phase region
+    lasts two frames)."""
     alt = _fit_frame_once(m, y, sigma, state, fit, frozenset(), None, hold_drawn=True)
     if not alt.success or not (_bic(m, alt) < _bic(m, first)):
         return first
