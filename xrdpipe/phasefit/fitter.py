@@ -347,13 +347,14 @@ class PhaseFitter:
             return None
         revised: dict[int, FrameResult] = {}
         states: dict[int, PhaseState] = {}
+        walked: dict[int, int] = {}        # a row a walk revised -> the row that walk started from
         if progress is not None:         # at most this many frames fitted again
             progress.reset(total=sum(min(_BACKWARD_MAX, s) for s in starts))
         with threadpool_limits(1):
             for s_row in sorted(starts):
                 self._walk_back(s_row, starts[s_row], read, stored, bic, usable, present, cell, revised, states,
-                                progress)
-            self._forward_again(read, bic, usable, present, cell, revised, states)
+                                progress, walked)
+            self._forward_again(read, bic, usable, present, cell, revised, states, walked)
         if progress is not None:         # (each walk ends where its phases are gone: the bar ends there)
             progress.total = progress.n
             progress.refresh()
@@ -362,7 +363,8 @@ class PhaseFitter:
         return self._revised_table(revised, stored)
 
     def _walk_back(self, s_row: int, followed: list[int], read, stored: dict, bic: np.ndarray, usable: np.ndarray,
-                   present: np.ndarray, cell: np.ndarray, revised: dict, states: dict, bar) -> None:
+                   present: np.ndarray, cell: np.ndarray, revised: dict, states: dict, bar,
+                   walked: dict | None = None) -> None:
         """The frames before ``s_row`` fitted again going back, each from the one after it, until
         the ``followed`` phases are absent in both passes for two frames; a frame keeps the new
         solution where its BIC is lower by more than 2 and it swaps no phase for one it could be
@@ -391,6 +393,8 @@ class PhaseFitter:
                 bic[j], present[j] = new_bic, res.present & usable[j]
                 cell[j] = np.where(res.present[:, None], res.state.cell, cell[j])
                 carry = res.state
+                if walked is not None:
+                    walked[j] = s_row
             else:
                 carry = states.get(j) or _stored_state(m, stored, j)
             if bar is not None:
@@ -403,10 +407,14 @@ class PhaseFitter:
                 gone = 0
 
     def _forward_again(self, read, bic: np.ndarray, usable: np.ndarray, present: np.ndarray, cell: np.ndarray,
-                       revised: dict, states: dict) -> None:
-        """The frames after each frame the backward pass revised, fitted again going forward from
-        it, as long as each is fitted better so (the same test as going back: a BIC lower by more
-        than 2, no phase swapped for one it could be confused with). A walk back that put a frame
+                       revised: dict, states: dict, walked: dict) -> None:
+        """The frames after each frame a walk back revised (``walked``: row -> the row the walk
+        started from), fitted again going forward from it up to the walk's start, as long as each
+        is fitted better so (the same test as going back: a BIC lower by more than 2, no phase
+        swapped for one it could be confused with). (Within the walk's span only, its start
+        excluded: a chain that ran on to the series' last frame stopped where a live run's frames
+        ended, and one that took in the start refitted a frame the walks of frames not yet come
+        revisit: frames added later were then fitted otherwise than in one go.) A walk back that put a frame
         right may have reached it from a frame after it that it left wrong (P3 alone in the frame
         it started from, O3 at 19 % beside it searched for and found crossed over P3's line, c
         0.19 Å off, χ²/ν 33): the forward pass had come to that frame from the one before it as
@@ -414,9 +422,9 @@ class PhaseFitter:
         3,418)."""
         m, fit, cols = self.model, self.fit, self.model.columns
         n = len(bic)
-        for j in sorted(revised):
+        for j in sorted(walked):
             carry, k = states[j], j + 1
-            while k < n and usable[k]:
+            while k < min(n, walked[j]) and usable[k]:
                 intensity, sigma = read(k, k + 1)
                 e = sigma[0, cols]
                 res = _guarded(m, intensity[0, cols], e if np.isfinite(e).any() else None, carry, fit,
