@@ -134,30 +134,27 @@ def own2d(case, tmp):
     return score_phases(lat, table, syn.states(), syn.peaks), lambda s: meets(s, coexistence=2)
 
 
-def f1d(case, tmp):
+def _foreign_1d(scenario: str, seed: int, typed_error: int | None = None):
+    """A foreign 1D series (``tests/foreign_series.py``) fitted as a user would, scored by its
+    own score."""
     from foreign_series import foreign_series, score
 
     from xrdpipe.config import FitSpec, LatticeSpec
     from xrdpipe.phasefit import fit_phases
 
-    series = foreign_series(case[0], n=40, seed=case[1])
+    series = foreign_series(scenario, n=40, seed=seed, typed_error=typed_error)
     phases, windows = series.config()
     table = fit_phases(series.patterns(), phases, windows, FitSpec(), LatticeSpec())
     lat = _refined(table, phases, LatticeSpec(), series.wavelength_A)
     return score(series, lat), lambda s: meets(s, coexistence=4)
+
+
+def f1d(case, tmp):
+    return _foreign_1d(case[0], case[1])
 
 
 def f1dx(case, tmp):
-    from foreign_series import foreign_series, score
-
-    from xrdpipe.config import FitSpec, LatticeSpec
-    from xrdpipe.phasefit import fit_phases
-
-    series = foreign_series(case[0], n=40, seed=case[1], typed_error=case[1])
-    phases, windows = series.config()
-    table = fit_phases(series.patterns(), phases, windows, FitSpec(), LatticeSpec())
-    lat = _refined(table, phases, LatticeSpec(), series.wavelength_A)
-    return score(series, lat), lambda s: meets(s, coexistence=4)
+    return _foreign_1d(case[0], case[1], typed_error=case[1])
 
 
 def f2d(case, tmp):

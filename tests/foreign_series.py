@@ -205,16 +205,6 @@ class _Study:
         sc = self.sc = _SCENARIOS[scenario]
         self.rng = np.random.default_rng(seed)
         self.lam, self.basal, self.typed, self.listed = sc["lam"], sc["basal"], sc["typed"], sc["listed"]
-        # where the windows are drawn: around the typed lines (library cells near the truth), or,
-        # with typed cells drawn far off, around the lines the data show, over the whole run
-        # (each phase's cells where it appears and where the run ends)
-        self.drawn_at = {name: [cell] for name, cell in self.typed.items()}
-        if typed_error is not None:
-            (x0, x_end), (x1, x2) = sc["x"], sc["coexistence"]
-            hi, lo = sc["hi_cell"], sc["lo_cell"]
-            self.drawn_at = {sc["hi"][0]: [(hi[0], hi[2]), (hi[0] + hi[1] * (x0 - x2), hi[2] + hi[3] * (x0 - x2))],
-                             sc["lo"][0]: [(lo[0], lo[2]), (lo[0] + lo[1] * (x1 - x_end), lo[2] + lo[3] * (x1 - x_end))]}
-            self.typed = typed_cells({name: cells[0] for name, cells in self.drawn_at.items()}, typed_error)
         self.hi, self.lo = (_phase(*sc[k][:4], self.basal, sc[k][4], self.lam, _TMAX + 1, self.rng)
                             for k in ("hi", "lo"))
         xs, (x1, x2) = np.linspace(*sc["x"], n), sc["coexistence"]
@@ -232,6 +222,14 @@ class _Study:
                 a0, da, c0, dc = sc["lo_cell"]
                 st[self.lo.name] = (a0 + da * (x1 - min(x, x1)), c0 + dc * (x1 - min(x, x1)), 1 - f_hi)
             self.states.append(st)
+        # where the windows are drawn: around the typed lines (library cells near the truth), or,
+        # with typed cells drawn far off, around the lines the data show, over the whole run
+        # (each phase's cells where it appears and where the run ends)
+        self.drawn_at = {name: [cell] for name, cell in self.typed.items()}
+        if typed_error is not None:
+            seen = {ph.name: [st[ph.name][:2] for st in self.states if ph.name in st] for ph in (self.hi, self.lo)}
+            self.drawn_at = {name: [cells[0], cells[-1]] for name, cells in seen.items()}
+            self.typed = typed_cells({name: cells[0] for name, cells in seen.items()}, typed_error)
 
     def mean(self, i: int, tth: np.ndarray) -> np.ndarray:
         """Frame ``i``'s pattern without noise at ``tth`` (degrees), counts per 0.004°."""

@@ -81,6 +81,12 @@ def test_a_weak_newcomer_beside_a_broadened_phase_is_found_where_that_phase_was(
     assert abs(lat.values["c_A"][onset, p3] - series.states()[onset]["P3"][1]) < 0.01
 
 
+#: The sweeps' draw 1204, series 0 (typed cells to six digits): O3 typed +0.78 %/+1.77 %, P3
+#: +0.41 %/-1.15 %, the basal lines 1.14 FWHM apart (series seed 963).
+_DRAW_1204_0 = Difficulty(start_error=((0.007794, 0.017685), (0.004101, -0.011491)), separation_fwhm=1.1428,
+                          broadening=1.6, intensity_jitter=0.3, hard_windows=True, seed=802)
+
+
 def test_frames_after_one_the_backward_pass_put_right_are_fitted_again_from_it():
     """A draw of the sweeps (``--draw 1204``, series 0: O3 typed +0.78 %/+1.77 %, P3 +0.41 %/
     -1.15 %, 1.14 FWHM apart, a two-phase region of three frames). Going back from P3 alone, the
@@ -89,8 +95,7 @@ def test_frames_after_one_the_backward_pass_put_right_are_fitted_again_from_it()
     and put the frame before it right. Fitted again going forward from that frame, the last one
     is explained to its noise (BIC 329 for 3,418): max |Δc| 0.084 -> 5e-4 Å, and its decision says
     so."""
-    dif = Difficulty(start_error=((0.007794, 0.017685), (0.004101, -0.011491)), separation_fwhm=1.1428,
-                     broadening=1.6, intensity_jitter=0.3, hard_windows=True, seed=802)
+    dif = _DRAW_1204_0
     series, table, lat, s = _run("nfm", dif, n=40, seed=963)
     assert s["presence"] >= 0.98 and s["fraction_mae"] <= 0.02 and s["basal_rms_deg"] <= 0.002, s
     assert s["max_dc"] < 0.005, s
@@ -123,8 +128,9 @@ def test_a_followed_phase_drawn_to_a_newcomer_is_held_where_it_was_and_the_newco
 
 
 def test_frames_fitted_again_forward_are_the_same_when_the_frames_came_in_two_parts():
-    """The series of the test above, its backward pass run as a live run runs it: over the first
-    26 frames (the walks from frames 24 and 25 and the frame fitted again forward end there),
+    """The series of ``test_frames_after_one_the_backward_pass_put_right_are_fitted_again_from_it``,
+    its backward pass run as a live run runs it: over the first 26 frames (the walks from frames
+    23-25 and the frame fitted again forward end there),
     then over all 40 with those revisions stored. The table is the same as the pass over the 40
     at once, bit for bit. (Fitted again forward up to the series' end, the chain stopped at the
     first part's end and was not taken up in the second pass: frames 23-25 differed, BIC
@@ -133,8 +139,7 @@ def test_frames_fitted_again_forward_are_the_same_when_the_frames_came_in_two_pa
 
     from xrdpipe.phasefit.fitter import PhaseFitter, _replace_rows
 
-    dif = Difficulty(start_error=((0.007794, 0.017685), (0.004101, -0.011491)), separation_fwhm=1.1428,
-                     broadening=1.6, intensity_jitter=0.3, hard_windows=True, seed=802)
+    dif = _DRAW_1204_0
     pat = pattern_series(40, scenario="nfm", counts=0.05, background=2000.0, seed=963, difficulty=dif).as_patterns()
     phases, windows = fit_config("nfm", dif)
     fitter = PhaseFitter(phases, windows, FitSpec(naming="frame"), radial=pat.radial, unit=pat.unit,

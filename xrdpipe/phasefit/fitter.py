@@ -364,11 +364,12 @@ class PhaseFitter:
 
     def _walk_back(self, s_row: int, followed: list[int], read, stored: dict, bic: np.ndarray, usable: np.ndarray,
                    present: np.ndarray, cell: np.ndarray, revised: dict, states: dict, bar,
-                   walked: dict | None = None) -> None:
+                   walked: dict) -> None:
         """The frames before ``s_row`` fitted again going back, each from the one after it, until
         the ``followed`` phases are absent in both passes for two frames; a frame keeps the new
         solution where its BIC is lower by more than 2 and it swaps no phase for one it could be
-        confused with (``bic``, ``present``, ``cell``, ``revised`` and ``states`` updated)."""
+        confused with (``bic``, ``present``, ``cell``, ``revised`` and ``states`` updated, and
+        ``walked``: each row it revised -> ``s_row``, for :meth:`_forward_again`)."""
         m, fit, cols = self.model, self.fit, self.model.columns
         lo = max(0, s_row - _BACKWARD_MAX)        # the rows this start may revisit, read at once
         intensity, sigma = read(lo, s_row)
@@ -393,8 +394,7 @@ class PhaseFitter:
                 bic[j], present[j] = new_bic, res.present & usable[j]
                 cell[j] = np.where(res.present[:, None], res.state.cell, cell[j])
                 carry = res.state
-                if walked is not None:
-                    walked[j] = s_row
+                walked[j] = s_row
             else:
                 carry = states.get(j) or _stored_state(m, stored, j)
             if bar is not None:

@@ -58,13 +58,9 @@ def _coincident(m: PhaseModel, fr: "_Frame", p: int, cells: np.ndarray, widths: 
             continue
         far = 0.0
         for i in mine:
-            twin = _twin(m, q, i)
-            w = int(m.r_window[i])
-            width = _nanmin2(float(widths[p, w]), float(widths[q, w]))
-            if twin is None or not np.isfinite(width) or width <= 0:
-                far = np.inf
+            far = max(far, _apart(m, cen, widths, p, q, int(i))[1])
+            if far == np.inf:
                 break
-            far = max(far, abs(cen[i] - cen[twin]) / width)
         if far <= _ONE_LINE:
             return q, far
     return None
@@ -86,11 +82,9 @@ def _own_share(m: PhaseModel, fr: "_Frame", p: int, cells: np.ndarray, widths: n
     rows = rows[inner[rows]]
     own, on = [], None
     for i in rows:
-        w = int(m.r_window[i])
         for q in similar:
-            twin = _twin(m, q, int(i))
-            width = _nanmin2(float(widths[p, w]), float(widths[q, w]))
-            if twin is not None and inner[twin] and width > 0 and abs(cen[i] - cen[twin]) <= _ONE_LINE * width:
+            twin, far = _apart(m, cen, widths, p, q, int(i))
+            if twin is not None and inner[twin] and far <= _ONE_LINE:
                 on = q
                 break
         else:
@@ -101,6 +95,18 @@ def _own_share(m: PhaseModel, fr: "_Frame", p: int, cells: np.ndarray, widths: n
     windows[m.r_window[own]] = True
     touched = float(total_area[windows].sum())
     return (float(areas[own].sum()) / touched if touched > 0 else 0.0), on
+
+
+def _apart(m: PhaseModel, cen: np.ndarray, widths: np.ndarray, p: int, q: int, i: int) -> tuple[int | None, float]:
+    """(q's row of reflection ``i`` of phase ``p``, how far apart their centres ``cen`` (R,)
+    lie in the narrower of the two phases' FWHM ``widths`` (P, W) in its window); the distance
+    is infinite where ``q`` has no such reflection there or no width."""
+    twin = _twin(m, q, i)
+    w = int(m.r_window[i])
+    width = _nanmin2(float(widths[p, w]), float(widths[q, w]))
+    if twin is None or not np.isfinite(width) or width <= 0:
+        return twin, np.inf
+    return twin, abs(cen[i] - cen[twin]) / width
 
 
 def _nanmin2(a: float, b: float) -> float:
