@@ -713,6 +713,36 @@ def test_a_weak_phase_is_found_in_the_first_frame_beside_one_the_search_just_pla
     assert np.all(np.abs(table.phase["phase_cell"][:, al, 0] - 4.0495) < 2e-3)
 
 
+def test_cells_esds_of_2d_frames_cover_the_truth_where_bins_share_their_noise(tmp_path):
+    """A P2 -> P''2 charge as 2D frames (draw 2026, own2d #7 of benchmarks/sweeps.py: typed cells
+    -0.6 %/+1.4 % and -0.5 %/+2.0 % off, basal lines 1.02 FWHM apart), integrated and fitted
+    through the run file. Neighbouring bins share pixels (noise correlated, ρ 0.3-0.7): the
+    cells' esds widen by (1 + ρ)/(1 - ρ) beyond the windows' χ²/ν, which does not see it
+    (solve.noise_correlation). Capped at the χ²/ν, 48 % of the cell errors fell within one esd
+    (the frames of one phase 1.5 esds rms off); now 56 %. (One series' share moves by ~0.05 with
+    its draw: typed cells rounded to 1e-6 gave 56 % and 64 %.)"""
+    from xrdpipe.config import load_experiment
+    from xrdpipe.run.fit import fit_experiment
+    from xrdpipe.run.integrate import integrate_experiment
+    from xrdpipe.run.peakstore import read_peak_table
+    from xrdpipe.testing import make_experiment
+
+    dif = Difficulty(start_error=((-0.005946948951410404, 0.013624992632028318),
+                                  (-0.005175551082427131, 0.019637480205060936)),
+                     separation_fwhm=1.0229086527754736, broadening=1.6, intensity_jitter=0.3, hard_windows=True,
+                     seed=28)
+    syn = make_experiment(tmp_path / "exp", scenario="mcm", n_frames=40, n_rest=0, frac_charge=1.0, counts=0.05,
+                          background=300.0, seed=203, difficulty=dif)
+    exp = load_experiment(syn.experiment_file)
+    integrate_experiment(exp, progress=False)
+    fit_experiment(exp, progress=False)
+    table = read_peak_table(exp.run.run_file)
+    lat = refine_lattice(table, exp.phases, exp.lattice, unit="2th_deg", wavelength_A=syn.scenario.wavelength_A)
+    s = score_phases(lat, table, syn.states(), syn.peaks)
+    assert s["presence"] >= 0.98 and s["median_dc"] <= 1e-3 and s["fraction_mae"] <= 0.02, s
+    assert 0.5 <= s["within_1esd"] <= 0.85, s
+
+
 @pytest.mark.parametrize("scenario, sign", [("nfm", 1), ("mcm", -1)])
 def test_hard_series_as_2d_frames_through_the_run_file(tmp_path, scenario, sign):
     """The same physics rendered as 2D EIGER-like frames (pixel splitting, polarization, module
@@ -1252,6 +1282,45 @@ def test_each_window_scales_the_esds_of_what_it_determines():
     np.testing.assert_allclose(out5 / np.outer(esd, esd), whole / np.sqrt(np.outer(np.diag(whole), np.diag(whole))),
                                rtol=1e-10, atol=1e-12)
     assert np.sqrt(odd[2, 2]) < 0.5 * np.sqrt(whole[2, 2])
+    # window B fitting to its noise (χ²/ν 1) whose bins share their noise (a 2D frame's
+    # integration, (1 + ρ) / (1 - ρ) = 3): the odd part's 2.5 (its correlation in it) is no
+    # longer capped at the window's 1, up to 3; the columns that place no line keep their esds
+    out6 = window_scaled(m, w, jac4, cov4, np.array([1.0, 1.0]), np.array([np.nan, 2.5]), np.array([1.0, 3.0]))[:3, :3]
+    odd = cov @ (h_a + 2.5 * h_b) @ cov
+    np.testing.assert_allclose(np.sqrt(np.diag(out6)), [np.sqrt(cov[0, 0]), np.sqrt(cov[1, 1]), np.sqrt(odd[2, 2])],
+                               rtol=1e-10)
+    capped = window_scaled(m, w, jac4, cov4, np.array([1.0, 1.0]), np.array([np.nan, 5.0]), np.array([1.0, 3.0]))
+    np.testing.assert_allclose(capped[2, 2], (cov @ (h_a + 3.0 * h_b) @ cov)[2, 2], rtol=1e-10)
+    np.testing.assert_array_equal(window_scaled(m, w, jac4, cov4, np.array([1.0, 1.0]), np.array([np.nan, 2.5])),
+                                  cov4)
+
+
+def test_noise_shared_by_neighbouring_bins_is_measured_beside_a_smooth_misfit():
+    """solve.noise_correlation against the analytic answer: unit noise averaged over pairs of
+    neighbouring bins (a pixel split between two bins) has ρ = 0.5, (1 + ρ) / (1 - ρ) = 3;
+    independent bins 1; a smooth misfit of 3 esds (a profile the model lacks) on top changes
+    neither; a bin left out (weight 0) breaks no pair into a false one."""
+    from types import SimpleNamespace
+
+    from xrdpipe.phasefit.solve import noise_correlation
+
+    rng = np.random.default_rng(7)
+    n = 4000
+    e = rng.standard_normal(n + 1)
+    shared = (e[:-1] + e[1:]) / np.sqrt(2.0)
+    independent = rng.standard_normal(n)
+    smooth = 3.0 * np.sin(2 * np.pi * np.arange(n) / 80.0)
+    m = SimpleNamespace(W=2, windows=[SimpleNamespace(points=slice(0, n)), SimpleNamespace(points=slice(n, 2 * n))])
+    w = np.ones(2 * n)
+    k = noise_correlation(m, w, np.concatenate([shared + smooth, independent + smooth]))
+    np.testing.assert_allclose(k, [3.0, 1.0], atol=0.25)
+    w[n // 2] = 0.0                       # a masked bin in window A: its two pairs are not used
+    resid = np.concatenate([shared, independent])
+    resid[n // 2] = 1e3
+    np.testing.assert_allclose(noise_correlation(m, w, resid), [3.0, 1.0], atol=0.25)
+    # too few bins to tell: 1
+    few = SimpleNamespace(W=1, windows=[SimpleNamespace(points=slice(0, 8))])
+    assert noise_correlation(few, np.ones(8), shared[:8])[0] == 1.0
 
 
 def test_esds_without_data_errors_follow_the_noise_of_the_lines():

@@ -699,13 +699,14 @@ def test_a_frames_record_made_beside_the_next_frames_least_squares_is_the_same(m
 
 def test_window_scaled_esds_made_when_asked_for_and_the_alias_checks_bounds():
     """``WindowEsds``: the esds made when first asked for are those made at once (the window
-    scaling with the odd part of the misfit, then the zero's share), and where its bounds on the
+    scaling with the odd part of the misfit and the noise bins share, then the zero's share), and where its bounds on the
     area esds settle which lines stand above a multiple of their esds, they say what the esds
     say (frames 4-7 of the coexistence series, each fitted from the state before it)."""
     from xrdpipe.phasefit.solve import (
         _fit_rows,
         _result,
         _with_lever,
+        noise_correlation,
         position_redchi,
         window_scaled,
     )
@@ -722,9 +723,8 @@ def test_window_scaled_esds_made_when_asked_for_and_the_alias_checks_bounds():
         free = np.isfinite(np.diagonal(raw))
         f, jac = m.value_jac(theta[None], fr.state.cell, np.flatnonzero((theta[m.area_col] != 0) | free[m.area_col]))
         resid = (fr.y0 - f[0]) * fr.w
-        over = np.flatnonzero(esds.redchi_w > 1)
-        pos = position_redchi(m, fr.state.cell, fr.w, theta, resid, windows=over) if over.size else None
-        cov = window_scaled(m, fr.w, jac[0], raw, esds.redchi_w, pos)
+        pos = position_redchi(m, fr.state.cell, fr.w, theta, resid)
+        cov = window_scaled(m, fr.w, jac[0], raw, esds.redchi_w, pos, noise_correlation(m, fr.w, resid))
         err = np.sqrt(np.diagonal(cov))
         if esds.lever is not None:
             cov, err = _with_lever(cov, free, esds.lever, esds.zero_err)

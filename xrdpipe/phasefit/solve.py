@@ -201,7 +201,7 @@ def _unit_covariance(cov: np.ndarray, free: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def window_scaled(m: PhaseModel, w: np.ndarray, jac: np.ndarray, cov: np.ndarray, redchi_w: np.ndarray,
-                  position_w: np.ndarray | None = None) -> np.ndarray:
+                  position_w: np.ndarray | None = None, correlation_w: np.ndarray | None = None) -> np.ndarray:
     """The covariance ``cov`` = (JᵀW²J)⁻¹ = C (k, k; NaN where not free) with each window's
     information scaled by its reduced chi-square where that exceeds 1: C (Σ_w s_w H_w) C,
     s_w = max(redchi_w, 1), H_w = J_wᵀW²J_w with J_w the Jacobian ``jac`` (k, M) on window w's
@@ -213,19 +213,24 @@ def window_scaled(m: PhaseModel, w: np.ndarray, jac: np.ndarray, cov: np.ndarray
     over every cell parameter. Equal to ``cov`` where every window fits to its noise.
 
     With ``position_w`` (W,), the esds of the columns that place the lines (cells, zero) are
-    those of C (Σ_w p_w H_w) C instead, p_w = ``position_w`` clipped to [1, s_w] (the part of
-    the misfit that moves a centre, :func:`position_redchi`), their correlations with every
-    column as above (the matrix stays positive semi-definite; every other esd is unchanged)."""
+    those of C (Σ_w p_w H_w) C instead, p_w = ``position_w`` clipped to [1, s_w k_w] (the part
+    of the misfit that moves a centre, :func:`position_redchi`; k_w = ``correlation_w``, the
+    factor (1 + ρ) / (1 - ρ) by which noise correlated between neighbouring bins widens what a
+    sum over a line's points determines, 1 where None or NaN: a 2D frame's integration shares
+    pixels between bins, so its cells' esds widen by it even where the window's reduced
+    chi-square, blind to the correlation, is 1), their correlations with every column as above
+    (the matrix stays positive semi-definite; every other esd is unchanged)."""
     scale = np.maximum(np.nan_to_num(redchi_w, nan=1.0), 1.0)
     free = np.isfinite(np.diagonal(cov))
-    if not free.any() or np.all(scale == 1.0):
+    corr = np.ones_like(scale) if correlation_w is None else np.maximum(np.nan_to_num(correlation_w, nan=1.0), 1.0)
+    pos = scale if position_w is None else np.clip(np.nan_to_num(position_w, nan=1.0), 1.0, scale * corr)
+    if not free.any() or (np.all(scale == 1.0) and np.all(pos == 1.0)):
         return cov
     unit, d = _unit_covariance(cov, free)
-    pos = scale if position_w is None else np.clip(np.nan_to_num(position_w, nan=1.0), 1.0, scale)
     meat, meat_pos = np.zeros((d.size, d.size)), np.zeros((d.size, d.size))
     jf = jac[free]
     for i, win in enumerate(m.windows):
-        if scale[i] != 1.0:
+        if scale[i] != 1.0 or pos[i] != 1.0:
             jp = jf[:, win.points] * w[win.points] * d[:, None]   # scaled to the esds: well conditioned
             h = jp @ jp.T
             meat += (scale[i] - 1.0) * h
@@ -304,6 +309,27 @@ def position_redchi(m: PhaseModel, cell: np.ndarray, w: np.ndarray, theta: np.nd
                 den = float(np.sqrt((a @ a) * (b @ b)))
                 rho = float(np.clip((a @ b) / den, 0.0, 0.9)) if den > 0 else 0.0
             out[i] = chi2 / count * (1 + rho) / (1 - rho)
+    return out
+
+
+def noise_correlation(m: PhaseModel, w: np.ndarray, resid: np.ndarray) -> np.ndarray:
+    """(W,) each window's (1 + ρ) / (1 - ρ), ρ the correlation of the noise of neighbouring
+    bins, from the differences of the weighted residual ``resid`` (M,) between them: with data
+    esds the noise has unit variance, and a difference of two bins 2 (1 - ρ), whatever smooth
+    misfit the model leaves (it barely changes from one bin to the next; a misfit that does
+    only makes ρ look smaller). A 2D frame's integration shares pixels between neighbouring
+    bins (ρ 0.3-0.7 on the EIGER-like frames of ``xrdpipe.testing``); independent bins give
+    ρ near 0. ρ clipped to [0, 0.9]; 1 where a window has fewer than 10 pairs of valid
+    neighbouring bins. ``w`` (M,): the frame's weights (0 where a bin is not valid)."""
+    out = np.ones(m.W)
+    for i, win in enumerate(m.windows):
+        r, ok = resid[win.points], w[win.points] > 0
+        pair = ok[1:] & ok[:-1]
+        if np.count_nonzero(pair) < 10:
+            continue
+        d = (r[1:] - r[:-1])[pair]
+        rho = min(max(1.0 - float(d @ d) / (2 * d.size), 0.0), 0.9)
+        out[i] = (1 + rho) / (1 - rho)
     return out
 
 
@@ -420,10 +446,8 @@ class WindowEsds:
     def done(self) -> tuple[np.ndarray, np.ndarray]:
         """The esds (k,) and the covariance (k, k)."""
         m, redchi_w = self.m, self.redchi_w
-        # (only where the whole misfit would scale: elsewhere the odd part changes nothing)
-        over = np.flatnonzero(redchi_w > 1)
-        position = position_redchi(m, self.cell, self.w, self.theta, self.resid, windows=over) if over.size else None
-        cov = window_scaled(m, self.w, self.jac, self.cov, redchi_w, position)
+        position = position_redchi(m, self.cell, self.w, self.theta, self.resid)
+        cov = window_scaled(m, self.w, self.jac, self.cov, redchi_w, position, noise_correlation(m, self.w, self.resid))
         with np.errstate(invalid="ignore"):
             err = np.sqrt(np.diagonal(cov))
         if self.lever is not None:
